@@ -1,0 +1,703 @@
+//! Checks a parsed template against the rules AWS and amibake impose, resolving `${...}`
+//! references as it goes, and collects every problem with where it is.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use toml::Spanned;
+
+use super::diagnostic::{explain_unknown_field, nearest, Diagnostic, SourceMap, TemplateErrors};
+use super::interpolate::{interpolate, Commit, Context};
+use super::schema::{BakeSection, BaseSection, ProvisionerEntry, TemplateFile};
+use super::{
+    AmiRef, BakePlan, BasePlan, LoadOptions, Provisioner, ProvisionerAction, SsmPublish, Template,
+};
+
+/// How long `base` waits for SSH when the template does not say: vendor images on small
+/// instance types can take minutes to boot.
+const DEFAULT_SSH_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Parses the TOML into the schema; the first error is reported with its key path.
+pub fn deserialize(map: &SourceMap, text: &str) -> Result<TemplateFile, TemplateErrors> {
+    let deserializer = toml::Deserializer::new(text);
+    serde_path_to_error::deserialize(deserializer).map_err(|err| {
+        let key = key_path(&err.path().to_string());
+        let inner = err.into_inner();
+        let message = inner.message().to_string();
+        let (key, message) = match explain_unknown_field(&message) {
+            Some(explained) => {
+                let field = message.split('`').nth(1).unwrap_or_default();
+                let key = if key.is_empty() || key.ends_with(field) {
+                    key
+                } else {
+                    format!("{key}.{field}")
+                };
+                (key, explained)
+            }
+            None => (key, plain_message(&message)),
+        };
+        let key = match (key.is_empty(), inner.span()) {
+            // A syntax error has no serde path: name the key written on that line instead.
+            (true, Some(span)) => key_at(text, span.start),
+            _ => key,
+        };
+        TemplateErrors(vec![map.at(inner.span(), &key, message)])
+    })
+}
+
+/// The dotted key a line of TOML sets: its table header plus the key before `=`.
+fn key_at(text: &str, offset: usize) -> String {
+    let before = &text[..offset.min(text.len())];
+    let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
+    let line = text[line_start..].lines().next().unwrap_or("");
+    let key = line
+        .split_once('=')
+        .map(|(k, _)| k.trim().trim_matches('"'))
+        .unwrap_or("");
+    let table = before[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string())
+        .unwrap_or_default();
+    [table.as_str(), key]
+        .iter()
+        .filter(|s| !s.is_empty())
+        .copied()
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+/// serde_path_to_error sees toml's span wrappers as map keys; a person never wrote them.
+fn key_path(raw: &str) -> String {
+    if raw == "." {
+        return String::new();
+    }
+    let path: Vec<&str> = raw
+        .split('.')
+        .filter(|seg| !seg.contains("$__serde_spanned") && *seg != "?")
+        .collect();
+    path.join(".").replace(".[", "[")
+}
+
+/// serde's wording, made readable: "missing field `x`" → "missing required key `x`".
+fn plain_message(message: &str) -> String {
+    message
+        .replace("missing field", "missing required key")
+        .trim_end()
+        .to_string()
+}
+
+/// Checks every section and resolves it into a plan.
+/// `options.commit` applies to `[bake]`; `[base]` never has one.
+pub fn resolve(
+    path: &Path,
+    map: &SourceMap,
+    file: TemplateFile,
+    options: &LoadOptions,
+) -> Result<Template, TemplateErrors> {
+    let mut checker = Checker {
+        map,
+        dir: path.parent().unwrap_or(Path::new(".")).to_path_buf(),
+        errors: Vec::new(),
+        ctx: Context {
+            vars: BTreeMap::new(),
+            commit: options.commit.clone(),
+            timestamp: options.timestamp.clone(),
+            build_id: options.build_id.clone(),
+        },
+    };
+    checker.variables(&file.variables, &options.var_overrides);
+    if file.base.is_none() && file.bake.is_none() {
+        checker.error(
+            None,
+            "",
+            "the template has neither a [base] nor a [bake] table".into(),
+        );
+    }
+    let bake = file.bake.map(|s| checker.bake(s));
+    // A base image is not built from a commit, so `${commit}` has no value there.
+    checker.ctx.commit = Commit::NotInThisSection;
+    let base = file.base.map(|s| checker.base(s));
+    if checker.errors.is_empty() {
+        Ok(Template {
+            path: path.to_path_buf(),
+            base,
+            bake,
+        })
+    } else {
+        checker.errors.sort_by_key(|d| (d.line, d.column));
+        Err(TemplateErrors(checker.errors))
+    }
+}
+
+struct Checker<'a> {
+    map: &'a SourceMap<'a>,
+    dir: PathBuf,
+    ctx: Context,
+    errors: Vec<Diagnostic>,
+}
+
+impl Checker<'_> {
+    fn error(&mut self, span: Option<Range<usize>>, key: &str, message: String) {
+        self.errors.push(self.map.at(span, key, message));
+    }
+
+    /// Resolves `${...}` in a string value; on error, records it and returns the raw text.
+    fn text(&mut self, key: &str, value: &Spanned<String>) -> String {
+        match interpolate(value.get_ref(), &self.ctx) {
+            Ok(resolved) => resolved,
+            Err(message) => {
+                self.error(Some(value.span()), key, message);
+                value.get_ref().clone()
+            }
+        }
+    }
+
+    fn opt_text(&mut self, key: &str, value: &Option<Spanned<String>>) -> Option<String> {
+        value.as_ref().map(|v| self.text(key, v))
+    }
+
+    fn variables(
+        &mut self,
+        declared: &BTreeMap<String, Spanned<String>>,
+        overrides: &BTreeMap<String, String>,
+    ) {
+        for (name, value) in declared {
+            if !is_identifier(name) {
+                self.error(
+                    Some(value.span()),
+                    &format!("variables.{name}"),
+                    "variable names use letters, digits and _ and do not start with a digit".into(),
+                );
+            }
+            self.ctx.vars.insert(name.clone(), value.get_ref().clone());
+        }
+        for (name, value) in overrides {
+            if declared.contains_key(name) {
+                self.ctx.vars.insert(name.clone(), value.clone());
+                continue;
+            }
+            let mut message = format!("--var {name}: not declared under [variables]");
+            if let Some(best) = nearest(name, declared.keys().map(String::as_str)) {
+                message.push_str(&format!("; did you mean `{best}`?"));
+            }
+            self.error(None, "variables", message);
+        }
+    }
+
+    fn ami_name(&mut self, key: &str, value: &Spanned<String>) -> String {
+        let errors_before = self.errors.len();
+        let name = self.text(key, value);
+        // A name whose references did not resolve has been reported already.
+        if self.errors.len() > errors_before {
+            return name;
+        }
+        if let Err(message) = check_ami_name(&name) {
+            self.error(Some(value.span()), key, message);
+        }
+        name
+    }
+
+    fn ami_ref(&mut self, key: &str, value: &Spanned<AmiRef>) -> AmiRef {
+        let ctx = &self.ctx;
+        match value.get_ref().interpolated(|s| interpolate(s, ctx)) {
+            Ok(resolved) => resolved,
+            Err(message) => {
+                self.error(Some(value.span()), key, message);
+                value.get_ref().clone()
+            }
+        }
+    }
+
+    fn tags(
+        &mut self,
+        section: &str,
+        tags: &BTreeMap<String, Spanned<String>>,
+    ) -> BTreeMap<String, String> {
+        // AWS's own limits on tag keys and values.
+        const MAX_TAG_KEY: usize = 128;
+        const MAX_TAG_VALUE: usize = 256;
+        let mut out = BTreeMap::new();
+        for (k, v) in tags {
+            let key = format!("{section}.tags.{k}");
+            let value = self.text(&key, v);
+            if k.starts_with("aws:") || k.starts_with("amibake:") || k == "Name" {
+                self.error(
+                    Some(v.span()),
+                    &key,
+                    format!("tag `{k}` is set by AWS or by amibake itself; choose another key"),
+                );
+            } else if k.is_empty() || k.chars().count() > MAX_TAG_KEY {
+                self.error(
+                    Some(v.span()),
+                    &key,
+                    format!("tag keys are 1 to {MAX_TAG_KEY} characters"),
+                );
+            } else if value.chars().count() > MAX_TAG_VALUE {
+                self.error(
+                    Some(v.span()),
+                    &key,
+                    format!("tag values are at most {MAX_TAG_VALUE} characters"),
+                );
+            }
+            out.insert(k.clone(), value);
+        }
+        out
+    }
+
+    fn volume(
+        &mut self,
+        key_prefix: &str,
+        size: &Option<Spanned<i32>>,
+        kind: &Option<Spanned<String>>,
+    ) -> (Option<i32>, Option<String>) {
+        // EBS's own bounds for gp2/gp3 volumes.
+        const MAX_VOLUME_GIB: i32 = 16_384;
+        const VOLUME_TYPES: [&str; 7] = ["gp2", "gp3", "io1", "io2", "st1", "sc1", "standard"];
+        if let Some(s) = size {
+            if !(1..=MAX_VOLUME_GIB).contains(s.get_ref()) {
+                self.error(
+                    Some(s.span()),
+                    &format!("{key_prefix}size_gb"),
+                    format!("a volume is 1 to {MAX_VOLUME_GIB} GiB, not {}", s.get_ref()),
+                );
+            }
+        }
+        let kind_value = kind.as_ref().map(|k| {
+            let v = self.text(&format!("{key_prefix}type"), k);
+            if !VOLUME_TYPES.contains(&v.as_str()) {
+                let mut message = format!(
+                    "`{v}` is not an EBS volume type ({})",
+                    VOLUME_TYPES.join(", ")
+                );
+                if let Some(best) = nearest(&v, VOLUME_TYPES) {
+                    message = format!("`{v}` is not an EBS volume type; did you mean `{best}`?");
+                }
+                self.error(Some(k.span()), &format!("{key_prefix}type"), message);
+            }
+            v
+        });
+        (size.as_ref().map(|s| *s.get_ref()), kind_value)
+    }
+
+    fn provisioners(
+        &mut self,
+        section: &str,
+        entries: &[Spanned<ProvisionerEntry>],
+    ) -> Vec<Provisioner> {
+        entries
+            .iter()
+            .enumerate()
+            .filter_map(|(i, entry)| {
+                self.provisioner(&format!("{section}.provisioner[{i}]"), entry)
+            })
+            .collect()
+    }
+
+    fn provisioner(&mut self, key: &str, entry: &Spanned<ProvisionerEntry>) -> Option<Provisioner> {
+        let span = entry.span();
+        let e = entry.get_ref();
+        let kinds: Vec<&str> = [
+            e.script.as_ref().map(|_| "script"),
+            e.inline.as_ref().map(|_| "inline"),
+            e.file.as_ref().map(|_| "file"),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if kinds.len() != 1 {
+            let message = if kinds.is_empty() {
+                "a provisioner needs one of `script`, `inline` or `file`".to_string()
+            } else {
+                format!("a provisioner does one thing: `{}` cannot be combined; split it into separate [[provisioner]] entries", kinds.join("` and `"))
+            };
+            self.error(Some(span), key, message);
+            return None;
+        }
+        if let (Some(dest), None) = (&e.destination, &e.file) {
+            self.error(
+                Some(dest.span()),
+                &format!("{key}.destination"),
+                "`destination` goes with `file` only".into(),
+            );
+        }
+        let mut env = BTreeMap::new();
+        for (name, value) in &e.env {
+            let env_key = format!("{key}.env.{name}");
+            if !is_identifier(name) {
+                self.error(
+                    Some(value.span()),
+                    &env_key,
+                    format!("`{name}` is not a valid environment variable name"),
+                );
+            }
+            env.insert(name.clone(), self.text(&env_key, value));
+        }
+        let action = if let Some(script) = &e.script {
+            ProvisionerAction::Script(self.local_file(&format!("{key}.script"), script)?)
+        } else if let Some(inline) = &e.inline {
+            if inline.get_ref().is_empty() {
+                self.error(
+                    Some(inline.span()),
+                    &format!("{key}.inline"),
+                    "`inline` needs at least one command".into(),
+                );
+            }
+            let commands = inline
+                .get_ref()
+                .iter()
+                .enumerate()
+                .map(|(i, c)| self.text(&format!("{key}.inline[{i}]"), c))
+                .collect();
+            ProvisionerAction::Inline(commands)
+        } else {
+            let file = e.file.as_ref()?;
+            let source = self.local_file(&format!("{key}.file"), file)?;
+            let Some(dest) = &e.destination else {
+                self.error(
+                    Some(span),
+                    &format!("{key}.destination"),
+                    "`file` needs a `destination` path in the image".into(),
+                );
+                return None;
+            };
+            let destination = self.text(&format!("{key}.destination"), dest);
+            if !destination.starts_with('/') {
+                self.error(
+                    Some(dest.span()),
+                    &format!("{key}.destination"),
+                    format!("`{destination}` must be an absolute path in the image"),
+                );
+            }
+            ProvisionerAction::Upload {
+                source,
+                destination,
+            }
+        };
+        let name = match &e.name {
+            Some(n) => self.text(&format!("{key}.name"), n),
+            None => match &action {
+                ProvisionerAction::Script(p) => p
+                    .file_name()
+                    .map(|f| f.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                ProvisionerAction::Inline(_) => "inline".into(),
+                ProvisionerAction::Upload { destination, .. } => format!("upload {destination}"),
+            },
+        };
+        Some(Provisioner { name, action, env })
+    }
+
+    /// A file the template names, relative to the template's own directory so a build gives
+    /// the same result from any working directory.
+    fn local_file(&mut self, key: &str, value: &Spanned<String>) -> Option<PathBuf> {
+        let raw = self.text(key, value);
+        let path = self.dir.join(&raw);
+        if path.is_file() {
+            Some(path)
+        } else {
+            self.error(
+                Some(value.span()),
+                key,
+                format!("`{raw}` does not exist (looked for {}; paths are relative to the template's directory)", path.display()),
+            );
+            None
+        }
+    }
+
+    fn base(&mut self, s: BaseSection) -> BasePlan {
+        let name = self.ami_name("base.name", &s.name);
+        let description = self.opt_text("base.description", &s.description);
+        let source_ami = self.ami_ref("base.source_ami", &s.source_ami);
+        let instance_type = self.text("base.instance_type", &s.instance_type);
+        if !instance_type.contains('.')
+            || instance_type.starts_with('.')
+            || instance_type.ends_with('.')
+        {
+            self.error(
+                Some(s.instance_type.span()),
+                "base.instance_type",
+                format!("`{instance_type}` is not an instance type like `t3.small`"),
+            );
+        }
+        let ssh_username = self.text("base.ssh_username", &s.ssh_username);
+        if ssh_username.is_empty() {
+            self.error(
+                Some(s.ssh_username.span()),
+                "base.ssh_username",
+                "the SSH user cannot be empty".into(),
+            );
+        }
+        let ssh_timeout = match &s.ssh_timeout_seconds {
+            Some(t) if *t.get_ref() == 0 => {
+                self.error(
+                    Some(t.span()),
+                    "base.ssh_timeout_seconds",
+                    "must be more than 0".into(),
+                );
+                DEFAULT_SSH_TIMEOUT
+            }
+            Some(t) => Duration::from_secs(*t.get_ref()),
+            None => DEFAULT_SSH_TIMEOUT,
+        };
+        if let (Some(cidrs), Some(_)) = (&s.ssh_cidrs, &s.security_group_ids) {
+            self.error(
+                Some(cidrs.span()),
+                "base.ssh_cidrs",
+                "`ssh_cidrs` shapes the temporary security group, which `security_group_ids` replaces: set one of them".into(),
+            );
+        }
+        let ssh_cidrs = s.ssh_cidrs.as_ref().map(|list| {
+            list.get_ref()
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    let key = format!("base.ssh_cidrs[{i}]");
+                    let v = self.text(&key, c);
+                    if !is_ipv4_cidr(&v) {
+                        self.error(
+                            Some(c.span()),
+                            &key,
+                            format!("`{v}` is not an IPv4 CIDR like 203.0.113.7/32"),
+                        );
+                    }
+                    v
+                })
+                .collect()
+        });
+        let security_group_ids = s.security_group_ids.as_ref().map(|list| {
+            list.get_ref()
+                .iter()
+                .enumerate()
+                .map(|(i, g)| self.prefixed_id(&format!("base.security_group_ids[{i}]"), g, "sg-"))
+                .collect()
+        });
+        let subnet_id = s
+            .subnet_id
+            .as_ref()
+            .map(|v| self.prefixed_id("base.subnet_id", v, "subnet-"));
+        let (root_volume_size_gb, root_volume_type) = self.volume(
+            "base.root_volume_",
+            &s.root_volume_size_gb,
+            &s.root_volume_type,
+        );
+        let publish = self.publish(&s.publish_ssm, &s.publish_label);
+        BasePlan {
+            name,
+            description,
+            source_ami,
+            instance_type,
+            ssh_username,
+            ssh_interface: s.ssh_interface.map(|i| *i.get_ref()).unwrap_or_default(),
+            ssh_timeout,
+            ssh_cidrs,
+            subnet_id,
+            security_group_ids,
+            associate_public_ip: s.associate_public_ip,
+            iam_instance_profile: self
+                .opt_text("base.iam_instance_profile", &s.iam_instance_profile),
+            user_data: self.opt_text("base.user_data", &s.user_data),
+            root_volume_size_gb,
+            root_volume_type,
+            publish,
+            tags: self.tags("base", &s.tags),
+            provisioners: self.provisioners("base", &s.provisioners),
+        }
+    }
+
+    fn prefixed_id(&mut self, key: &str, value: &Spanned<String>, prefix: &str) -> String {
+        let v = self.text(key, value);
+        if !v.starts_with(prefix) {
+            self.error(
+                Some(value.span()),
+                key,
+                format!("`{v}` is not an id starting with `{prefix}`"),
+            );
+        }
+        v
+    }
+
+    fn publish(
+        &mut self,
+        parameter: &Option<Spanned<String>>,
+        label: &Option<Spanned<String>>,
+    ) -> Option<SsmPublish> {
+        if let (None, Some(l)) = (parameter, label) {
+            self.error(
+                Some(l.span()),
+                "base.publish_label",
+                "`publish_label` labels a version of `publish_ssm`, which is not set".into(),
+            );
+        }
+        let p = parameter.as_ref()?;
+        let name = self.text("base.publish_ssm", p);
+        if !name.starts_with('/')
+            || name.len() < 2
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "/_.-".contains(c))
+        {
+            self.error(Some(p.span()), "base.publish_ssm", format!("`{name}` is not an SSM parameter name: start with `/`, use letters, digits and / _ . -"));
+        } else if name.starts_with("/aws/") || name.starts_with("/ssm/") {
+            self.error(
+                Some(p.span()),
+                "base.publish_ssm",
+                format!(
+                    "`{name}` is under a prefix AWS reserves; use your own, like /amibake/APP/base"
+                ),
+            );
+        }
+        let label = label.as_ref().map(|l| {
+            let v = self.text("base.publish_label", l);
+            let lower = v.to_ascii_lowercase();
+            if v.is_empty() || v.starts_with(|c: char| c.is_ascii_digit()) || lower.starts_with("aws") || lower.starts_with("ssm") {
+                self.error(Some(l.span()), "base.publish_label", format!("`{v}` is not a valid SSM label: it cannot be empty, start with a digit, or with aws/ssm"));
+            }
+            v
+        });
+        Some(SsmPublish {
+            parameter: name,
+            label,
+        })
+    }
+
+    fn bake(&mut self, s: BakeSection) -> BakePlan {
+        let name = self.ami_name("bake.name", &s.name);
+        let description = self.opt_text("bake.description", &s.description);
+        let base_ami = self.ami_ref("bake.base_ami", &s.base_ami);
+        let dest = self.text("bake.dest", &s.dest);
+        if !dest.starts_with('/') || dest.split('/').any(|part| part == ".." || part == ".") {
+            self.error(
+                Some(s.dest.span()),
+                "bake.dest",
+                format!("`{dest}` must be an absolute path in the image without `.` or `..`"),
+            );
+        } else if dest.trim_end_matches('/').is_empty() {
+            self.error(
+                Some(s.dest.span()),
+                "bake.dest",
+                "`dest` cannot be the image's root: name the application's directory".into(),
+            );
+        }
+        let owner = s.owner.as_ref().map(|o| {
+            let v = self.text("bake.owner", o);
+            let valid =
+                !v.is_empty() && v.split(':').count() <= 2 && v.split(':').all(is_account_name);
+            if !valid {
+                self.error(
+                    Some(o.span()),
+                    "bake.owner",
+                    format!("`{v}` is not `user` or `user:group`"),
+                );
+            }
+            v
+        });
+        // GPT allows 128 partitions; anything above is a typo.
+        const MAX_PARTITION: u32 = 128;
+        if let Some(p) = &s.root_partition {
+            if *p.get_ref() > MAX_PARTITION {
+                self.error(Some(p.span()), "bake.root_partition", format!("partition {} is beyond the {MAX_PARTITION} a disk can have (0 means the whole device)", p.get_ref()));
+            }
+        }
+        let (volume_size_gb, volume_type) =
+            self.volume("bake.volume_", &s.volume_size_gb, &s.volume_type);
+        BakePlan {
+            name,
+            description,
+            base_ami,
+            dest: dest.trim_end_matches('/').to_string(),
+            owner,
+            root_partition: s.root_partition.map(|p| *p.get_ref()),
+            volume_type,
+            volume_size_gb,
+            kms_key_id: self.opt_text("bake.kms_key_id", &s.kms_key_id),
+            tags: self.tags("bake", &s.tags),
+            provisioners: self.provisioners("bake", &s.provisioners),
+        }
+    }
+}
+
+/// EC2's rule for AMI names: 3 to 128 characters of letters, digits and ( ) [ ] space . / - ' @ _
+pub fn check_ami_name(name: &str) -> Result<(), String> {
+    const MIN: usize = 3;
+    const MAX: usize = 128;
+    let len = name.chars().count();
+    if !(MIN..=MAX).contains(&len) {
+        return Err(format!(
+            "AMI names are {MIN} to {MAX} characters; \"{name}\" has {len}"
+        ));
+    }
+    if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || "()[] ./-'@_".contains(*c)))
+    {
+        return Err(format!(
+            "AMI names may not contain `{bad}` (allowed: letters, digits and ( ) [ ] space . / - ' @ _); got \"{name}\""
+        ));
+    }
+    Ok(())
+}
+
+fn is_identifier(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+fn is_account_name(name: &str) -> bool {
+    !name.is_empty()
+        && (name.chars().all(|c| c.is_ascii_digit())
+            || (name.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "_-".contains(c))))
+}
+
+fn is_ipv4_cidr(text: &str) -> bool {
+    let Some((addr, prefix)) = text.split_once('/') else {
+        return false;
+    };
+    addr.parse::<std::net::Ipv4Addr>().is_ok() && prefix.parse::<u8>().is_ok_and(|p| p <= 32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ami_name_rules() {
+        assert!(check_ami_name("shop-abc-20261123 (web) [x] ./'@_").is_ok());
+        assert!(check_ami_name("ab").unwrap_err().contains("3 to 128"));
+        assert!(check_ami_name(&"a".repeat(129)).is_err());
+        assert!(check_ami_name("shop:1").unwrap_err().contains("`:`"));
+    }
+
+    #[test]
+    fn small_validators() {
+        assert!(is_ipv4_cidr("10.0.0.0/8"));
+        assert!(!is_ipv4_cidr("10.0.0.0/33"));
+        assert!(!is_ipv4_cidr("10.0.0.0"));
+        assert!(is_account_name("www-data") && is_account_name("33"));
+        assert!(!is_account_name("Www") && !is_account_name(""));
+        assert!(is_identifier("_a1") && !is_identifier("1a") && !is_identifier("a-b"));
+    }
+
+    #[test]
+    fn syntax_errors_name_the_key_on_their_line() {
+        let text = "[bake]\nname = \"x\nother = 1\n";
+        assert_eq!(key_at(text, text.find("\"x").unwrap()), "bake.name");
+        assert_eq!(key_at("a = [", 4), "a");
+    }
+
+    #[test]
+    fn key_path_drops_span_wrappers() {
+        assert_eq!(
+            key_path("base.$__serde_spanned_private_value.provisioner.[0].script"),
+            "base.provisioner[0].script"
+        );
+    }
+}

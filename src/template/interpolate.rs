@@ -1,0 +1,167 @@
+//! `${...}` references in template strings: `${var.NAME}`, `${env.NAME}`, `${commit}`,
+//! `${timestamp}` and `${build_id}`. `$${` writes a literal `${`.
+
+use std::collections::BTreeMap;
+
+use super::diagnostic::nearest;
+
+/// What `${commit}` stands for in the section being resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Commit {
+    /// A real run that knows its commit.
+    Known(String),
+    /// `validate`: any commit will do, so check the rest of the string with a stand-in.
+    Placeholder,
+    /// A section where no commit exists (`[base]` is not built from a commit).
+    NotInThisSection,
+}
+
+/// The values references resolve to during one run.
+#[derive(Debug, Clone)]
+pub struct Context {
+    pub vars: BTreeMap<String, String>,
+    pub commit: Commit,
+    pub timestamp: String,
+    pub build_id: String,
+}
+
+impl Context {
+    /// Stand-in values for `validate`, shaped like the real ones so name rules are checked.
+    pub fn for_validation(vars: BTreeMap<String, String>) -> Context {
+        Context {
+            vars,
+            commit: Commit::Placeholder,
+            timestamp: "20260101000000".into(),
+            build_id: "ab-20260101000000-0000aaaa".into(),
+        }
+    }
+}
+
+/// Stand-in for `${commit}` while validating: as long as a full git SHA-1.
+const PLACEHOLDER_COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+
+/// Expands every reference in `text`, or says what is wrong with the first bad one.
+pub fn interpolate(text: &str, ctx: &Context) -> Result<String, String> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(pos) = rest.find('$') {
+        out.push_str(&rest[..pos]);
+        let after = &rest[pos..];
+        if let Some(tail) = after.strip_prefix("$${") {
+            out.push_str("${");
+            rest = tail;
+        } else if let Some(tail) = after.strip_prefix("${") {
+            let end = tail
+                .find('}')
+                .ok_or_else(|| format!("`${{` without a closing `}}` in \"{text}\""))?;
+            out.push_str(&resolve_reference(tail[..end].trim(), ctx)?);
+            rest = &tail[end + 1..];
+        } else {
+            out.push('$');
+            rest = &after[1..];
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+fn resolve_reference(reference: &str, ctx: &Context) -> Result<String, String> {
+    if let Some(name) = reference.strip_prefix("var.") {
+        return ctx.vars.get(name).cloned().ok_or_else(|| {
+            let mut msg = format!("unknown variable `{name}`");
+            match nearest(name, ctx.vars.keys().map(String::as_str)) {
+                Some(best) => msg.push_str(&format!("; did you mean `{best}`?")),
+                None => msg.push_str("; declare it under [variables] or pass --var"),
+            }
+            msg
+        });
+    }
+    if let Some(name) = reference.strip_prefix("env.") {
+        return std::env::var(name).map_err(|_| {
+            format!("environment variable `{name}` is not set (used as ${{env.{name}}})")
+        });
+    }
+    match reference {
+        "timestamp" => Ok(ctx.timestamp.clone()),
+        "build_id" => Ok(ctx.build_id.clone()),
+        "commit" => match &ctx.commit {
+            Commit::Known(sha) => Ok(sha.clone()),
+            Commit::Placeholder => Ok(PLACEHOLDER_COMMIT.into()),
+            Commit::NotInThisSection => Err(
+                "`${commit}` exists only in [bake]: a base image is not built from a commit".into(),
+            ),
+        },
+        other => {
+            let known = ["timestamp", "build_id", "commit"];
+            let mut msg = format!(
+                "unknown reference `${{{other}}}`; use ${{var.NAME}}, ${{env.NAME}}, ${{commit}}, ${{timestamp}} or ${{build_id}}"
+            );
+            if let Some(best) = nearest(other, known) {
+                msg = format!("unknown reference `${{{other}}}`; did you mean `${{{best}}}`?");
+            }
+            Err(msg)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx() -> Context {
+        let mut vars = BTreeMap::new();
+        vars.insert("app".to_string(), "shop".to_string());
+        Context {
+            vars,
+            commit: Commit::Known("abc123".into()),
+            timestamp: "20261123150000".into(),
+            build_id: "ab-x".into(),
+        }
+    }
+
+    #[test]
+    fn expands_every_kind_of_reference() {
+        std::env::set_var("AMIBAKE_TEST_INTERP", "blue");
+        let got = interpolate(
+            "${var.app}-${commit}-${timestamp}-${build_id}-${env.AMIBAKE_TEST_INTERP}",
+            &ctx(),
+        );
+        assert_eq!(got.unwrap(), "shop-abc123-20261123150000-ab-x-blue");
+    }
+
+    #[test]
+    fn dollar_escapes_and_lone_dollars_pass_through() {
+        assert_eq!(
+            interpolate("$${HOME} costs $5", &ctx()).unwrap(),
+            "${HOME} costs $5"
+        );
+    }
+
+    #[test]
+    fn unknown_variable_suggests_the_nearest() {
+        let err = interpolate("${var.ap}", &ctx()).unwrap_err();
+        assert_eq!(err, "unknown variable `ap`; did you mean `app`?");
+    }
+
+    #[test]
+    fn unclosed_reference_is_an_error() {
+        assert!(interpolate("x-${var.app", &ctx())
+            .unwrap_err()
+            .contains("without a closing"));
+    }
+
+    #[test]
+    fn commit_is_refused_where_there_is_none() {
+        let mut c = ctx();
+        c.commit = Commit::NotInThisSection;
+        assert!(interpolate("${commit}", &c)
+            .unwrap_err()
+            .contains("only in [bake]"));
+    }
+
+    #[test]
+    fn misspelt_builtin_is_named() {
+        let err = interpolate("${timestmp}", &ctx()).unwrap_err();
+        assert!(err.contains("did you mean `${timestamp}`"), "{err}");
+    }
+}

@@ -1,0 +1,156 @@
+//! Templates: the TOML file a team writes once per application, turned into a checked plan
+//! for `base` and `bake` before any AWS call is made.
+//!
+//! Loading is one pass: parse (serde refuses unknown keys and wrong types), then check and
+//! resolve every value (`${...}` references, AMI references, file paths, AWS naming rules),
+//! collecting every problem with the file, line, column and key it belongs to.
+
+mod ami_ref;
+mod check;
+mod diagnostic;
+mod interpolate;
+mod schema;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Serialize;
+
+pub use ami_ref::{AmiFilter, AmiRef, SsmSelector};
+pub use diagnostic::{Diagnostic, TemplateErrors};
+pub use interpolate::{Commit, Context};
+pub use schema::SshInterface;
+
+/// A template that passed every check, with every reference resolved.
+#[derive(Debug, Clone, Serialize)]
+pub struct Template {
+    pub path: PathBuf,
+    pub base: Option<BasePlan>,
+    pub bake: Option<BakePlan>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BasePlan {
+    pub name: String,
+    pub description: Option<String>,
+    pub source_ami: AmiRef,
+    pub instance_type: String,
+    pub ssh_username: String,
+    pub ssh_interface: SshInterface,
+    pub ssh_timeout: Duration,
+    pub ssh_cidrs: Option<Vec<String>>,
+    pub subnet_id: Option<String>,
+    pub security_group_ids: Option<Vec<String>>,
+    pub associate_public_ip: Option<bool>,
+    pub iam_instance_profile: Option<String>,
+    pub user_data: Option<String>,
+    pub root_volume_size_gb: Option<i32>,
+    pub root_volume_type: Option<String>,
+    pub publish: Option<SsmPublish>,
+    pub tags: BTreeMap<String, String>,
+    pub provisioners: Vec<Provisioner>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BakePlan {
+    pub name: String,
+    pub description: Option<String>,
+    pub base_ami: AmiRef,
+    pub dest: String,
+    pub owner: Option<String>,
+    pub root_partition: Option<u32>,
+    pub volume_type: Option<String>,
+    pub volume_size_gb: Option<i32>,
+    pub kms_key_id: Option<String>,
+    pub tags: BTreeMap<String, String>,
+    pub provisioners: Vec<Provisioner>,
+}
+
+/// Where `base` publishes the new AMI id, so bakes and launch templates can `resolve:ssm:` it.
+#[derive(Debug, Clone, Serialize)]
+pub struct SsmPublish {
+    pub parameter: String,
+    pub label: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Provisioner {
+    /// Shown beside its output: the entry's `name`, or what it runs.
+    pub name: String,
+    pub action: ProvisionerAction,
+    pub env: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProvisionerAction {
+    /// A local script, uploaded and run.
+    Script(PathBuf),
+    /// Commands run one after another; the first to fail stops the build.
+    Inline(Vec<String>),
+    /// A local file copied to `destination` in the image.
+    Upload {
+        source: PathBuf,
+        destination: String,
+    },
+}
+
+/// What a run knows before it reads the template.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// `--var KEY=VALUE`; each must be declared under `[variables]`.
+    pub var_overrides: BTreeMap<String, String>,
+    pub commit: Commit,
+    pub timestamp: String,
+    pub build_id: String,
+}
+
+impl LoadOptions {
+    /// `validate`: stand-in values for what only a run knows.
+    pub fn for_validation(var_overrides: BTreeMap<String, String>) -> LoadOptions {
+        let ctx = Context::for_validation(BTreeMap::new());
+        LoadOptions {
+            var_overrides,
+            commit: ctx.commit,
+            timestamp: ctx.timestamp,
+            build_id: ctx.build_id,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TemplateError {
+    #[error("cannot read template {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Invalid(TemplateErrors),
+}
+
+impl TemplateError {
+    pub fn diagnostics(&self) -> &[Diagnostic] {
+        match self {
+            TemplateError::Invalid(errors) => &errors.0,
+            TemplateError::Read { .. } => &[],
+        }
+    }
+}
+
+/// Reads, checks and resolves one template file.
+pub fn load(path: &Path, options: &LoadOptions) -> Result<Template, TemplateError> {
+    let text = std::fs::read_to_string(path).map_err(|source| TemplateError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse(path, &text, options).map_err(TemplateError::Invalid)
+}
+
+/// Checks and resolves template text; `path` names it in errors and anchors relative paths.
+pub fn parse(path: &Path, text: &str, options: &LoadOptions) -> Result<Template, TemplateErrors> {
+    let map = diagnostic::SourceMap::new(path, text);
+    let file: schema::TemplateFile = check::deserialize(&map, text)?;
+    check::resolve(path, &map, file, options)
+}

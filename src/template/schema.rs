@@ -1,0 +1,90 @@
+//! The TOML file as written: serde structs that refuse unknown keys and keep the source span
+//! of every value a later check may need to point at.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::ami_ref::AmiRef;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateFile {
+    #[serde(default)]
+    pub variables: BTreeMap<String, Spanned<String>>,
+    pub base: Option<BaseSection>,
+    pub bake: Option<BakeSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BaseSection {
+    pub name: Spanned<String>,
+    pub description: Option<Spanned<String>>,
+    pub source_ami: Spanned<AmiRef>,
+    pub instance_type: Spanned<String>,
+    pub ssh_username: Spanned<String>,
+    pub ssh_interface: Option<Spanned<SshInterface>>,
+    pub ssh_timeout_seconds: Option<Spanned<u64>>,
+    /// Who may reach port 22 on the temporary security group. Default: this runner's address.
+    pub ssh_cidrs: Option<Spanned<Vec<Spanned<String>>>>,
+    pub subnet_id: Option<Spanned<String>>,
+    pub security_group_ids: Option<Spanned<Vec<Spanned<String>>>>,
+    pub associate_public_ip: Option<bool>,
+    pub iam_instance_profile: Option<Spanned<String>>,
+    pub user_data: Option<Spanned<String>>,
+    pub root_volume_size_gb: Option<Spanned<i32>>,
+    pub root_volume_type: Option<Spanned<String>>,
+    pub publish_ssm: Option<Spanned<String>>,
+    pub publish_label: Option<Spanned<String>>,
+    #[serde(default)]
+    pub tags: BTreeMap<String, Spanned<String>>,
+    #[serde(default, rename = "provisioner")]
+    pub provisioners: Vec<Spanned<ProvisionerEntry>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BakeSection {
+    pub name: Spanned<String>,
+    pub description: Option<Spanned<String>>,
+    pub base_ami: Spanned<AmiRef>,
+    pub dest: Spanned<String>,
+    /// `user` or `user:group` of the image that will own the extracted files.
+    pub owner: Option<Spanned<String>>,
+    /// Partition that holds the root filesystem; 0 is the whole device. Default: found by
+    /// looking at the volume.
+    pub root_partition: Option<Spanned<u32>>,
+    pub volume_type: Option<Spanned<String>>,
+    pub volume_size_gb: Option<Spanned<i32>>,
+    pub kms_key_id: Option<Spanned<String>>,
+    #[serde(default)]
+    pub tags: BTreeMap<String, Spanned<String>>,
+    #[serde(default, rename = "provisioner")]
+    pub provisioners: Vec<Spanned<ProvisionerEntry>>,
+}
+
+/// One `[[…provisioner]]` table as written; exactly one of `script`, `inline`, `file` is set,
+/// which validation checks so the error can name the entry.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProvisionerEntry {
+    pub name: Option<Spanned<String>>,
+    pub script: Option<Spanned<String>>,
+    pub inline: Option<Spanned<Vec<Spanned<String>>>>,
+    pub file: Option<Spanned<String>>,
+    pub destination: Option<Spanned<String>>,
+    #[serde(default)]
+    pub env: BTreeMap<String, Spanned<String>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SshInterface {
+    #[default]
+    PublicIp,
+    PrivateIp,
+    PublicDns,
+    PrivateDns,
+}
