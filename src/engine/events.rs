@@ -1,0 +1,117 @@
+//! Progress as a stream of events. Library code only emits them; the CLI picks how they are
+//! shown (see `render`).
+
+use std::sync::Arc;
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    RunStarted {
+        mode: String,
+        build_id: String,
+        steps: usize,
+    },
+    StepStarted {
+        step: String,
+        index: usize,
+        total: usize,
+    },
+    /// Measurable progress inside a step: bytes extracted, snapshot percent.
+    Progress {
+        step: String,
+        done: u64,
+        total: Option<u64>,
+        unit: Unit,
+    },
+    /// A line of a provisioner's output, or of another program the step runs.
+    Output {
+        step: String,
+        source: String,
+        line: String,
+    },
+    /// Something a person watching would want to know: "waiting for vol-1 (creating)".
+    Note {
+        step: String,
+        message: String,
+    },
+    StepFinished {
+        step: String,
+        seconds: f64,
+        ok: bool,
+    },
+    Interrupted {
+        signal: String,
+    },
+    UndoStarted {
+        resource: String,
+        action: String,
+    },
+    UndoFinished {
+        resource: String,
+        action: String,
+        error: Option<String>,
+    },
+    RunFinished {
+        outcome: String,
+        seconds: f64,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Unit {
+    Bytes,
+    Files,
+    Percent,
+}
+
+/// Receives every event of a run; the renderers implement it.
+pub trait EventSink: Send + Sync {
+    fn emit(&self, event: &Event);
+}
+
+/// What a step uses to report progress: the sink plus the step's own name.
+#[derive(Clone)]
+pub struct Progress {
+    sink: Arc<dyn EventSink>,
+    step: String,
+}
+
+impl Progress {
+    pub fn new(sink: Arc<dyn EventSink>, step: impl Into<String>) -> Progress {
+        Progress {
+            sink,
+            step: step.into(),
+        }
+    }
+
+    pub fn step(&self) -> &str {
+        &self.step
+    }
+
+    pub fn advance(&self, done: u64, total: Option<u64>, unit: Unit) {
+        self.sink.emit(&Event::Progress {
+            step: self.step.clone(),
+            done,
+            total,
+            unit,
+        });
+    }
+
+    pub fn note(&self, message: impl Into<String>) {
+        self.sink.emit(&Event::Note {
+            step: self.step.clone(),
+            message: message.into(),
+        });
+    }
+
+    pub fn output(&self, source: &str, line: impl Into<String>) {
+        self.sink.emit(&Event::Output {
+            step: self.step.clone(),
+            source: source.into(),
+            line: line.into(),
+        });
+    }
+}

@@ -1,0 +1,238 @@
+//! The engine both modes run on: an ordered list of steps over a typed state. Each step
+//! registers how to undo what it made the moment it exists; on failure, SIGINT or SIGTERM the
+//! engine unwinds in reverse, goes on past undos that fail, and reports by id what is left.
+
+pub mod events;
+pub mod render;
+pub mod undo;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+pub use events::{Event, EventSink, Progress, Unit};
+pub use undo::{error_chain, BoxError, Keep, Leftover, UndoId, UndoStack};
+
+/// How long a step may take, after an interrupt, to reach a point where everything it made
+/// is recorded (an SDK call in flight returns its id). Past this the step is abandoned.
+const INTERRUPT_GRACE: Duration = Duration::from_secs(30);
+
+/// What a step gets besides the shared state.
+pub struct StepContext {
+    pub undo: UndoStack,
+    pub progress: Progress,
+    /// Cancelled on SIGINT/SIGTERM; long waits and loops watch it.
+    pub cancel: CancellationToken,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error("interrupted")]
+    Interrupted,
+    #[error(transparent)]
+    Failed(BoxError),
+}
+
+impl StepError {
+    pub fn failed(err: impl Into<BoxError>) -> StepError {
+        StepError::Failed(err.into())
+    }
+}
+
+/// One thing done against the cloud or the host.
+#[async_trait]
+pub trait Step<S: Send>: Send + Sync {
+    /// Short, lower case, what it does: "create volume".
+    fn name(&self) -> &'static str;
+    async fn run(&self, state: &mut S, ctx: &mut StepContext) -> Result<(), StepError>;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Outcome {
+    Succeeded,
+    Failed { step: String, error: String },
+    Interrupted { step: String },
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StepTime {
+    pub step: String,
+    pub seconds: f64,
+}
+
+/// How a run ended, how long each step took, and what could not be cleaned.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    pub outcome: Outcome,
+    pub steps: Vec<StepTime>,
+    pub leftovers: Vec<Leftover>,
+    pub seconds: f64,
+}
+
+impl RunReport {
+    /// 0 ok, 1 failed (or succeeded but left something behind), 130 interrupted.
+    pub fn exit_code(&self) -> i32 {
+        match (&self.outcome, self.leftovers.is_empty()) {
+            (Outcome::Interrupted { .. }, _) => 130,
+            (Outcome::Succeeded, true) => 0,
+            _ => 1,
+        }
+    }
+}
+
+/// Runs `steps` in order over `state`, then cleans up. Never returns early: whatever happens,
+/// the undo stack is unwound before the report comes back.
+pub async fn run<S: Send>(
+    mode: &str,
+    build_id: &str,
+    steps: &[Box<dyn Step<S>>],
+    state: &mut S,
+    sink: Arc<dyn EventSink>,
+    cancel: CancellationToken,
+) -> RunReport {
+    let started = Instant::now();
+    sink.emit(&Event::RunStarted {
+        mode: mode.into(),
+        build_id: build_id.into(),
+        steps: steps.len(),
+    });
+    let mut ctx = StepContext {
+        undo: UndoStack::default(),
+        progress: Progress::new(sink.clone(), ""),
+        cancel: cancel.clone(),
+    };
+    let mut times = Vec::new();
+    let mut outcome = Outcome::Succeeded;
+    for (index, step) in steps.iter().enumerate() {
+        let name = step.name();
+        if cancel.is_cancelled() {
+            outcome = Outcome::Interrupted { step: name.into() };
+            break;
+        }
+        sink.emit(&Event::StepStarted {
+            step: name.into(),
+            index: index + 1,
+            total: steps.len(),
+        });
+        ctx.progress = Progress::new(sink.clone(), name);
+        let step_started = Instant::now();
+        let result = run_step(step.as_ref(), state, &mut ctx, &cancel).await;
+        let seconds = step_started.elapsed().as_secs_f64();
+        sink.emit(&Event::StepFinished {
+            step: name.into(),
+            seconds,
+            ok: result.is_ok(),
+        });
+        times.push(StepTime {
+            step: name.into(),
+            seconds,
+        });
+        match result {
+            Ok(()) if cancel.is_cancelled() => {
+                outcome = Outcome::Interrupted { step: name.into() };
+                break;
+            }
+            Ok(()) => {}
+            Err(StepError::Interrupted) => {
+                outcome = Outcome::Interrupted { step: name.into() };
+                break;
+            }
+            Err(StepError::Failed(_)) if cancel.is_cancelled() => {
+                // A failure after an interrupt is most likely the interrupt surfacing.
+                outcome = Outcome::Interrupted { step: name.into() };
+                break;
+            }
+            Err(StepError::Failed(e)) => {
+                outcome = Outcome::Failed {
+                    step: name.into(),
+                    error: error_chain(&*e),
+                };
+                break;
+            }
+        }
+    }
+    let succeeded = outcome == Outcome::Succeeded;
+    let leftovers = ctx
+        .undo
+        .unwind(succeeded, |p| match p {
+            undo::UndoProgress::Started { resource, action } => sink.emit(&Event::UndoStarted {
+                resource: resource.into(),
+                action: action.into(),
+            }),
+            undo::UndoProgress::Finished {
+                resource,
+                action,
+                error,
+            } => sink.emit(&Event::UndoFinished {
+                resource: resource.into(),
+                action: action.into(),
+                error: error.map(Into::into),
+            }),
+        })
+        .await;
+    let seconds = started.elapsed().as_secs_f64();
+    let label = match (&outcome, leftovers.is_empty()) {
+        (Outcome::Succeeded, true) => "succeeded",
+        (Outcome::Succeeded, false) => "succeeded, but left resources behind",
+        (Outcome::Failed { .. }, _) => "failed",
+        (Outcome::Interrupted { .. }, _) => "interrupted",
+    };
+    sink.emit(&Event::RunFinished {
+        outcome: label.into(),
+        seconds,
+    });
+    RunReport {
+        outcome,
+        steps: times,
+        leftovers,
+        seconds,
+    }
+}
+
+/// Runs one step; on an interrupt, gives it `INTERRUPT_GRACE` to come back on its own (it
+/// sees the cancelled token) so that what it created is recorded on the undo stack.
+async fn run_step<S: Send>(
+    step: &dyn Step<S>,
+    state: &mut S,
+    ctx: &mut StepContext,
+    cancel: &CancellationToken,
+) -> Result<(), StepError> {
+    let future = step.run(state, ctx);
+    tokio::pin!(future);
+    tokio::select! {
+        result = &mut future => result,
+        _ = cancel.cancelled() => match tokio::time::timeout(INTERRUPT_GRACE, &mut future).await {
+            Ok(result) => result,
+            Err(_) => Err(StepError::Interrupted),
+        },
+    }
+}
+
+/// Cancels `cancel` on the first SIGINT or SIGTERM, and says so through `sink`.
+pub fn cancel_on_signals(
+    cancel: CancellationToken,
+    sink: Arc<dyn EventSink>,
+) -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    tokio::spawn(async move {
+        loop {
+            let name = tokio::select! {
+                _ = interrupt.recv() => "SIGINT",
+                _ = terminate.recv() => "SIGTERM",
+            };
+            sink.emit(&Event::Interrupted {
+                signal: name.into(),
+            });
+            // Further signals are reported but do not cut the cleanup short: a half-run
+            // cleanup is what leaks resources.
+            cancel.cancel();
+        }
+    });
+    Ok(())
+}

@@ -1,0 +1,254 @@
+//! The three ways a run shows its progress: indicatif bars and spinners for a person at a
+//! terminal, plain timestamped lines for CI logs, JSON lines for programs. All go to stderr;
+//! stdout is kept for results.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use super::events::{Event, EventSink, Unit};
+
+fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+fn human_amount(done: u64, unit: Unit) -> String {
+    match unit {
+        Unit::Bytes => indicatif::HumanBytes(done).to_string(),
+        Unit::Files => format!("{done} files"),
+        Unit::Percent => format!("{done}%"),
+    }
+}
+
+/// JSON lines, one object per event with an `event` tag and a `time`.
+pub struct JsonLines {
+    out: Mutex<Box<dyn Write + Send>>,
+}
+
+impl JsonLines {
+    pub fn new(out: Box<dyn Write + Send>) -> JsonLines {
+        JsonLines {
+            out: Mutex::new(out),
+        }
+    }
+}
+
+impl EventSink for JsonLines {
+    fn emit(&self, event: &Event) {
+        let mut value = serde_json::to_value(event).unwrap_or_default();
+        if let Some(map) = value.as_object_mut() {
+            map.insert("time".into(), now_rfc3339().into());
+        }
+        if let Ok(mut out) = self.out.lock() {
+            let _ = writeln!(out, "{value}");
+        }
+    }
+}
+
+/// Plain lines with a UTC timestamp, for logs. Progress is thinned out so a log stays
+/// readable: a line per tenth of a known total, or one every `PLAIN_PROGRESS_EVERY`.
+pub struct PlainLines {
+    out: Mutex<Box<dyn Write + Send>>,
+    last_progress: Mutex<HashMap<String, (u64, Instant)>>,
+}
+
+/// How often plain output reports progress whose total is not known.
+const PLAIN_PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+impl PlainLines {
+    pub fn new(out: Box<dyn Write + Send>) -> PlainLines {
+        PlainLines {
+            out: Mutex::new(out),
+            last_progress: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn line(&self, text: &str) {
+        if let Ok(mut out) = self.out.lock() {
+            let _ = writeln!(out, "{} {text}", now_rfc3339());
+        }
+    }
+
+    fn progress_worth_a_line(&self, step: &str, done: u64, total: Option<u64>) -> bool {
+        let mut last = self.last_progress.lock().unwrap_or_else(|p| p.into_inner());
+        let tenth = |n: u64| total.filter(|t| *t > 0).map(|t| n * 10 / t);
+        let worth = match last.get(step) {
+            None => true,
+            Some((prev, at)) => match total {
+                Some(_) => tenth(done) != tenth(*prev) || Some(done) == total,
+                None => at.elapsed() >= PLAIN_PROGRESS_EVERY,
+            },
+        };
+        if worth {
+            last.insert(step.to_string(), (done, Instant::now()));
+        }
+        worth
+    }
+}
+
+impl EventSink for PlainLines {
+    fn emit(&self, event: &Event) {
+        match event {
+            Event::RunStarted {
+                mode,
+                build_id,
+                steps,
+            } => self.line(&format!("{mode}: build {build_id}, {steps} steps")),
+            Event::StepStarted { step, index, total } => {
+                self.line(&format!("[{index}/{total}] {step}"))
+            }
+            Event::Progress {
+                step,
+                done,
+                total,
+                unit,
+            } => {
+                if self.progress_worth_a_line(step, *done, *total) {
+                    let of = total
+                        .map(|t| format!(" of {}", human_amount(t, *unit)))
+                        .unwrap_or_default();
+                    self.line(&format!("  {step}: {}{of}", human_amount(*done, *unit)));
+                }
+            }
+            Event::Output { source, line, .. } => self.line(&format!("  {source} | {line}")),
+            Event::Note { step, message } => self.line(&format!("  {step}: {message}")),
+            Event::StepFinished { step, seconds, ok } => self.line(&format!(
+                "  {step}: {} in {seconds:.1}s",
+                if *ok { "done" } else { "FAILED" }
+            )),
+            Event::Interrupted { signal } => {
+                self.line(&format!("{signal} received: stopping and cleaning up"))
+            }
+            Event::UndoStarted { resource, action } => {
+                self.line(&format!("cleanup: {action} {resource}"))
+            }
+            Event::UndoFinished {
+                resource,
+                action,
+                error: Some(error),
+            } => self.line(&format!("cleanup: {action} {resource} FAILED: {error}")),
+            Event::UndoFinished { .. } => {}
+            Event::RunFinished { outcome, seconds } => {
+                self.line(&format!("{outcome} in {seconds:.1}s"))
+            }
+        }
+    }
+}
+
+/// Bars and spinners for a person watching a terminal.
+pub struct TerminalBars {
+    multi: MultiProgress,
+    current: Mutex<Option<(String, ProgressBar)>>,
+}
+
+impl TerminalBars {
+    pub fn new() -> TerminalBars {
+        TerminalBars::with_target(ProgressDrawTarget::stderr())
+    }
+
+    /// Draws somewhere else than stderr (tests draw into an in-memory terminal).
+    pub fn with_target(target: ProgressDrawTarget) -> TerminalBars {
+        TerminalBars {
+            multi: MultiProgress::with_draw_target(target),
+            current: Mutex::new(None),
+        }
+    }
+
+    fn println(&self, text: &str) {
+        let _ = self.multi.println(text);
+    }
+}
+
+impl Default for TerminalBars {
+    fn default() -> Self {
+        TerminalBars::new()
+    }
+}
+
+// Tick rate for spinners: fast enough to look alive, slow enough to cost nothing.
+const SPINNER_TICK: Duration = Duration::from_millis(120);
+
+impl EventSink for TerminalBars {
+    fn emit(&self, event: &Event) {
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        match event {
+            Event::RunStarted { mode, build_id, .. } => {
+                self.println(&format!("amibake {mode} · build {build_id}"))
+            }
+            Event::StepStarted { step, index, total } => {
+                let bar = self.multi.add(ProgressBar::new_spinner());
+                bar.set_style(
+                    ProgressStyle::with_template("{spinner} {prefix} {msg} {elapsed}")
+                        .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+                );
+                bar.set_prefix(format!("[{index}/{total}] {step}"));
+                bar.enable_steady_tick(SPINNER_TICK);
+                *current = Some((step.clone(), bar));
+            }
+            Event::Progress {
+                step,
+                done,
+                total,
+                unit,
+            } => {
+                if let Some((_, bar)) = current.as_ref().filter(|(name, _)| name == step) {
+                    match total {
+                        Some(t) => {
+                            if bar.length() != Some(*t) {
+                                let template = match unit {
+                                    Unit::Bytes => "{spinner} {prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {msg}",
+                                    Unit::Files => "{spinner} {prefix} [{bar:30}] {pos}/{len} files {msg}",
+                                    Unit::Percent => "{spinner} {prefix} [{bar:30}] {pos}% {msg}",
+                                };
+                                bar.set_style(
+                                    ProgressStyle::with_template(template)
+                                        .unwrap_or_else(|_| ProgressStyle::default_bar())
+                                        .progress_chars("=> "),
+                                );
+                                bar.set_length(*t);
+                            }
+                            bar.set_position(*done);
+                        }
+                        None => bar.set_message(human_amount(*done, *unit)),
+                    }
+                }
+            }
+            Event::Output { source, line, .. } => self.println(&format!("  {source} | {line}")),
+            Event::Note { message, .. } => {
+                if let Some((_, bar)) = current.as_ref() {
+                    bar.set_message(message.clone());
+                }
+            }
+            Event::StepFinished { step, seconds, ok } => {
+                if let Some((_, bar)) = current.take() {
+                    bar.finish_and_clear();
+                    self.multi.remove(&bar);
+                }
+                self.println(&format!(
+                    "{} {step} ({seconds:.1}s)",
+                    if *ok { "✓" } else { "✗" }
+                ));
+            }
+            Event::Interrupted { signal } => {
+                self.println(&format!("{signal}: stopping and cleaning up…"))
+            }
+            Event::UndoStarted { .. } => {}
+            Event::UndoFinished {
+                resource,
+                action,
+                error,
+            } => match error {
+                None => self.println(&format!("  cleaned: {action} {resource}")),
+                Some(e) => self.println(&format!("  NOT cleaned: {action} {resource}: {e}")),
+            },
+            Event::RunFinished { outcome, seconds } => {
+                self.println(&format!("{outcome} in {seconds:.1}s"))
+            }
+        }
+    }
+}
