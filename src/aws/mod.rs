@@ -1,0 +1,106 @@
+//! Thin typed calls over the AWS SDK: client set-up through aws-config's default chain, the
+//! one wait helper, and one way to render SDK errors.
+
+pub mod wait;
+
+use aws_config::retry::RetryConfig;
+use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
+
+/// Attempts per call before a throttled or failing request gives up. Adaptive mode adds
+/// client-side rate limiting on top, which is what a busy account's API quota needs.
+const MAX_ATTEMPTS: u32 = 8;
+
+/// Where and as whom to talk to AWS; `None` leaves it to the default chain (environment,
+/// profile, SSO, web identity, container and instance credentials; `AWS_ENDPOINT_URL`).
+#[derive(Debug, Clone, Default)]
+pub struct AwsOptions {
+    pub region: Option<String>,
+    pub profile: Option<String>,
+}
+
+/// The clients every mode uses, built once per run from one SDK config.
+#[derive(Clone, Debug)]
+pub struct Clients {
+    pub ec2: aws_sdk_ec2::Client,
+    pub ssm: aws_sdk_ssm::Client,
+    pub region: String,
+}
+
+pub async fn sdk_config(options: &AwsOptions) -> SdkConfig {
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        .retry_config(RetryConfig::adaptive().with_max_attempts(MAX_ATTEMPTS));
+    if let Some(region) = &options.region {
+        loader = loader.region(Region::new(region.clone()));
+    }
+    if let Some(profile) = &options.profile {
+        loader = loader.profile_name(profile);
+    }
+    loader.load().await
+}
+
+impl Clients {
+    pub fn new(config: &SdkConfig) -> Result<Clients, NoRegion> {
+        let region = config.region().ok_or(NoRegion)?.to_string();
+        Ok(Clients {
+            ec2: aws_sdk_ec2::Client::new(config),
+            ssm: aws_sdk_ssm::Client::new(config),
+            region,
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("no AWS region: pass --region, set AWS_REGION, or set one in the profile")]
+pub struct NoRegion;
+
+/// An SDK error as one line: the AWS error code and message and the request id, or what kept
+/// the request from being answered. `{}` on an `SdkError` says only "service error".
+pub fn describe<E, R>(err: &SdkError<E, R>) -> String
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug + Send + Sync + 'static,
+{
+    match err {
+        SdkError::ServiceError(service) => {
+            let e = service.err();
+            let code = e.code().unwrap_or("UnknownError");
+            let message = e.message().unwrap_or("no message");
+            match e
+                .meta()
+                .extra("aws_request_id")
+                .or_else(|| request_id(e.meta()))
+            {
+                Some(id) => format!("{code}: {message} (request id {id})"),
+                None => format!("{code}: {message}"),
+            }
+        }
+        other => crate::engine::error_chain(other),
+    }
+}
+
+fn request_id(meta: &aws_sdk_ec2::error::ErrorMetadata) -> Option<&str> {
+    use aws_sdk_ec2::operation::RequestId;
+    meta.request_id()
+}
+
+/// An SDK call that failed, named by what it was doing.
+#[derive(Debug, thiserror::Error)]
+#[error("{action} failed: {detail}")]
+pub struct AwsError {
+    pub action: String,
+    pub detail: String,
+}
+
+impl AwsError {
+    pub fn new<E, R>(action: impl Into<String>, err: &SdkError<E, R>) -> AwsError
+    where
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+        R: std::fmt::Debug + Send + Sync + 'static,
+    {
+        AwsError {
+            action: action.into(),
+            detail: describe(err),
+        }
+    }
+}

@@ -1,0 +1,227 @@
+//! The one wait helper for every "until available / completed / running" wait.
+//!
+//! The SDK's generated waiters first poll after 15 s and back off to 120 s: a volume ready in
+//! 2 s costs 15 s, and they report no progress. This one polls after a fraction of a second,
+//! backs off to a few seconds, reports progress, stops on interrupt, and when its bound runs
+//! out names what is still pending.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// How a wait paces itself.
+#[derive(Debug, Clone, Copy)]
+pub struct WaitPolicy {
+    pub first_poll: Duration,
+    pub max_interval: Duration,
+    /// Give up after this long; what is pending stays on the undo stack.
+    pub total: Duration,
+}
+
+impl WaitPolicy {
+    /// Volumes, attachments, instances: usually seconds on EC2.
+    pub const SHORT: WaitPolicy = WaitPolicy {
+        first_poll: Duration::from_millis(250),
+        max_interval: Duration::from_secs(3),
+        total: Duration::from_secs(10 * 60),
+    };
+    /// Snapshots and AMIs: minutes for a large first snapshot, so a longer bound.
+    pub const LONG: WaitPolicy = WaitPolicy {
+        first_poll: Duration::from_millis(500),
+        max_interval: Duration::from_secs(5),
+        total: Duration::from_secs(60 * 60),
+    };
+}
+
+/// What one poll saw.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Poll<T> {
+    Ready(T),
+    /// Not there yet: its current state, and a percentage where AWS gives one.
+    Pending {
+        state: String,
+        percent: Option<u8>,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WaitError<E: std::error::Error + 'static> {
+    #[error("gave up waiting for {what} {id} after {}s: still {state}", waited.as_secs())]
+    TimedOut {
+        what: String,
+        id: String,
+        state: String,
+        waited: Duration,
+    },
+    #[error("interrupted while waiting for {what} {id}")]
+    Interrupted { what: String, id: String },
+    #[error(transparent)]
+    Poll(E),
+}
+
+/// Polls until `poll` says Ready, with the growing interval of `policy`. `on_pending` hears
+/// every pending state, for progress display.
+pub async fn wait_for<T, E, F, Fut>(
+    what: &str,
+    id: &str,
+    policy: WaitPolicy,
+    cancel: &CancellationToken,
+    mut on_pending: impl FnMut(&str, Option<u8>),
+    mut poll: F,
+) -> Result<T, WaitError<E>>
+where
+    E: std::error::Error + 'static,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Poll<T>, E>>,
+{
+    // Each interval is this much longer than the one before, up to `max_interval`.
+    const BACKOFF: f64 = 1.5;
+    let started = Instant::now();
+    let mut interval = policy.first_poll;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = cancel.cancelled() => {
+                return Err(WaitError::Interrupted { what: what.into(), id: id.into() });
+            }
+        }
+        let state = match poll().await.map_err(WaitError::Poll)? {
+            Poll::Ready(value) => return Ok(value),
+            Poll::Pending { state, percent } => {
+                on_pending(&state, percent);
+                state
+            }
+        };
+        let waited = started.elapsed();
+        if waited >= policy.total {
+            return Err(WaitError::TimedOut {
+                what: what.into(),
+                id: id.into(),
+                state,
+                waited,
+            });
+        }
+        interval = interval
+            .mul_f64(BACKOFF)
+            .min(policy.max_interval)
+            .min(policy.total - waited);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("describe failed")]
+    struct DescribeFailed;
+
+    #[tokio::test(start_paused = true)]
+    async fn polls_fast_first_then_backs_off_to_the_cap() {
+        let started = Instant::now();
+        let seen = RefCell::new(Vec::new());
+        let result: Result<&str, WaitError<DescribeFailed>> = wait_for(
+            "volume",
+            "vol-1",
+            WaitPolicy::SHORT,
+            &CancellationToken::new(),
+            |_, _| {},
+            || {
+                seen.borrow_mut().push(started.elapsed());
+                let n = seen.borrow().len();
+                async move {
+                    Ok(if n < 12 {
+                        Poll::Pending {
+                            state: "creating".into(),
+                            percent: None,
+                        }
+                    } else {
+                        Poll::Ready("vol-1")
+                    })
+                }
+            },
+        )
+        .await;
+        assert_eq!(result.unwrap(), "vol-1");
+        let at = seen.borrow();
+        assert_eq!(
+            at[0],
+            Duration::from_millis(250),
+            "first poll comes after a fraction of a second"
+        );
+        let gaps: Vec<Duration> = at.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(
+            gaps.windows(2).all(|g| g[1] >= g[0]),
+            "intervals never shrink: {gaps:?}"
+        );
+        assert_eq!(
+            *gaps.last().unwrap(),
+            Duration::from_secs(3),
+            "intervals stop growing at the cap"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn timeout_names_what_is_pending_and_reports_progress() {
+        let policy = WaitPolicy {
+            first_poll: Duration::from_millis(100),
+            max_interval: Duration::from_secs(1),
+            total: Duration::from_secs(10),
+        };
+        let mut percents = Vec::new();
+        let result: Result<(), WaitError<DescribeFailed>> = wait_for(
+            "snapshot",
+            "snap-9",
+            policy,
+            &CancellationToken::new(),
+            |_, p| percents.push(p),
+            || async {
+                Ok(Poll::Pending {
+                    state: "pending".into(),
+                    percent: Some(40),
+                })
+            },
+        )
+        .await;
+        let err = result.unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "gave up waiting for snapshot snap-9 after 10s: still pending"
+        );
+        assert!(!percents.is_empty() && percents.iter().all(|p| *p == Some(40)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn interrupt_ends_the_wait_and_poll_errors_pass_through() {
+        let cancel = CancellationToken::new();
+        cancel.cancel();
+        let r: Result<(), WaitError<DescribeFailed>> = wait_for(
+            "ami",
+            "ami-1",
+            WaitPolicy::LONG,
+            &cancel,
+            |_, _| {},
+            || async {
+                Ok(Poll::Pending {
+                    state: "pending".into(),
+                    percent: None,
+                })
+            },
+        )
+        .await;
+        assert!(matches!(r, Err(WaitError::Interrupted { .. })));
+        let r: Result<(), WaitError<DescribeFailed>> = wait_for(
+            "ami",
+            "ami-1",
+            WaitPolicy::LONG,
+            &CancellationToken::new(),
+            |_, _| {},
+            || async { Err(DescribeFailed) },
+        )
+        .await;
+        assert!(matches!(r, Err(WaitError::Poll(DescribeFailed))));
+    }
+}
