@@ -1,0 +1,122 @@
+//! Command-line arguments. These structs stay in the binary; the library gets plain options.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "amibake",
+    version,
+    about = "Bake Amazon Machine Images: base AMIs over SSH, per-commit deployment AMIs chroot-style",
+    long_about = None,
+    after_help = "Exit codes: 0 ok, 1 build failed, 2 usage or template error, 130 interrupted."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// AWS region; default: AWS_REGION, the profile, or the instance's own region.
+    #[arg(long, global = true)]
+    pub region: Option<String>,
+    /// Named profile from the AWS config files.
+    #[arg(long, global = true)]
+    pub profile: Option<String>,
+    /// Set a template variable declared under [variables] (repeatable).
+    #[arg(long = "var", value_name = "KEY=VALUE", global = true, value_parser = parse_var)]
+    pub vars: Vec<(String, String)>,
+    /// How to report progress and results: for people, or JSON lines for programs.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Human, global = true)]
+    pub output: OutputFormat,
+    /// Show more detail (every AWS wait, every chroot command).
+    #[arg(short, long, global = true)]
+    pub verbose: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Build a base AMI: launch the vendor AMI, provision it over SSH, snapshot it.
+    #[command(after_help = "Example:\n  amibake base templates/shop.toml --var app=shop")]
+    Base(BaseArgs),
+    /// Bake a deployment AMI: put a code tarball into a volume of the base AMI, chroot-style.
+    #[command(
+        after_help = "Example:\n  amibake bake templates/shop.toml --tarball build/shop.tar.gz --commit \"$GITHUB_SHA\""
+    )]
+    Bake(BakeArgs),
+    /// Check templates without calling AWS.
+    #[command(after_help = "Example:\n  amibake validate templates/*.toml")]
+    Validate(ValidateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BaseArgs {
+    /// The template file (TOML) with a [base] table.
+    pub template: PathBuf,
+    /// Build even if an AMI with the same fingerprint exists.
+    #[arg(long)]
+    pub force: bool,
+    /// Also write the result manifest (JSON) to this file.
+    #[arg(long, value_name = "FILE")]
+    pub manifest: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct BakeArgs {
+    /// The template file (TOML) with a [bake] table.
+    pub template: PathBuf,
+    /// The code to bake in: a .tar, .tar.gz or .tar.zst file, or - for standard input.
+    #[arg(long, value_name = "PATH")]
+    pub tarball: PathBuf,
+    /// The commit being baked; default: the CI's commit variable, or `git rev-parse HEAD`.
+    #[arg(long, value_name = "SHA")]
+    pub commit: Option<String>,
+    /// Bake even if an AMI with the same fingerprint exists.
+    #[arg(long)]
+    pub force: bool,
+    /// Also write the result manifest (JSON) to this file.
+    #[arg(long, value_name = "FILE")]
+    pub manifest: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ValidateArgs {
+    /// Template files to check.
+    #[arg(required = true)]
+    pub templates: Vec<PathBuf>,
+}
+
+fn parse_var(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("`{text}` is not KEY=VALUE")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn var_needs_a_key() {
+        assert_eq!(parse_var("a=b=c").unwrap(), ("a".into(), "b=c".into()));
+        assert!(parse_var("=x").is_err());
+        assert!(parse_var("novalue").is_err());
+    }
+}

@@ -1,0 +1,69 @@
+//! The two modes, each an ordered list of engine steps: `base` and `bake`.
+
+pub mod bake;
+pub mod base;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use crate::aws::AwsOptions;
+use crate::template::{self, Commit, LoadOptions, Template, TemplateError};
+
+/// What both modes are told by whoever runs them.
+#[derive(Debug, Clone, Default)]
+pub struct CommonOptions {
+    pub aws: AwsOptions,
+    pub vars: BTreeMap<String, String>,
+    /// Build even if an AMI with the same fingerprint exists.
+    pub force: bool,
+    pub manifest: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModeError {
+    #[error(transparent)]
+    Template(#[from] TemplateError),
+    /// Bad arguments, found before any AWS call.
+    #[error("{0}")]
+    Usage(String),
+    #[error("`amibake {0}` is not built yet: this release only validates its template")]
+    NotBuiltYet(&'static str),
+}
+
+impl ModeError {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ModeError::Template(_) | ModeError::Usage(_) => crate::exit::USAGE,
+            ModeError::NotBuiltYet(_) => crate::exit::BUILD_FAILED,
+        }
+    }
+}
+
+/// Loads the template for a run and insists it has the section the mode needs.
+fn load_for_run(
+    path: &Path,
+    common: &CommonOptions,
+    commit: Commit,
+    section: &str,
+) -> Result<(Template, String), ModeError> {
+    let timestamp = crate::run_id::timestamp_now();
+    let build_id = crate::run_id::new_build_id(&timestamp);
+    let options = LoadOptions {
+        var_overrides: common.vars.clone(),
+        commit,
+        timestamp,
+        build_id: build_id.clone(),
+    };
+    let template = template::load(path, &options)?;
+    let has_section = match section {
+        "base" => template.base.is_some(),
+        _ => template.bake.is_some(),
+    };
+    if !has_section {
+        return Err(ModeError::Usage(format!(
+            "{}: no [{section}] table, so there is nothing for `amibake {section}` to build",
+            path.display()
+        )));
+    }
+    Ok((template, build_id))
+}

@@ -1,0 +1,270 @@
+//! The command line and the template checks, through the real binary.
+
+mod util;
+
+use util::{amibake, amibake_in, repo_root};
+
+#[test]
+fn example_templates_validate() {
+    let run = amibake(&["validate", "templates/shop.toml", "templates/worker.toml"]);
+    run.expect_code(0);
+    assert!(
+        run.stdout()
+            .contains("templates/shop.toml: valid ([base] and [bake])"),
+        "{}",
+        run.dump()
+    );
+    assert!(
+        run.stdout()
+            .contains("templates/worker.toml: valid ([bake])"),
+        "{}",
+        run.dump()
+    );
+}
+
+/// Every file in tests/templates/invalid states on its first line the error it must give:
+/// `# expect: LINE:COL: KEY: MESSAGE`. Each must exit 2 with exactly that, naming the file.
+#[test]
+fn every_malformed_template_is_refused_with_its_location_and_key() {
+    let dir = repo_root().join("tests/templates/invalid");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    assert!(
+        files.len() >= 12,
+        "the corpus holds at least 12 malformed templates"
+    );
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        let expected = text
+            .lines()
+            .next()
+            .and_then(|l| l.strip_prefix("# expect: "))
+            .unwrap_or_else(|| panic!("{} lacks its `# expect:` line", file.display()));
+        let rel = file
+            .strip_prefix(repo_root())
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_string();
+        let run = amibake(&["validate", &rel]);
+        run.expect_code(2);
+        let wanted = format!("error: {rel}:{expected}");
+        assert!(
+            run.stderr().lines().any(|l| l == wanted),
+            "wanted the line\n{wanted}\n{}",
+            run.dump()
+        );
+        assert!(
+            run.stdout().is_empty(),
+            "nothing on stdout for an invalid template\n{}",
+            run.dump()
+        );
+    }
+}
+
+#[test]
+fn json_output_gives_one_object_per_template() {
+    let run = amibake(&[
+        "--output",
+        "json",
+        "validate",
+        "templates/shop.toml",
+        "tests/templates/invalid/unknown_key_typo.toml",
+    ]);
+    run.expect_code(2);
+    let lines: Vec<serde_json::Value> = run
+        .stdout()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{}", run.dump());
+    assert_eq!(lines[0]["errors"].as_array().unwrap().len(), 0);
+    let err = lines[1]["errors"][0].as_str().unwrap();
+    assert!(
+        err.contains("unknown_key_typo.toml:3:1: base.nmae"),
+        "{err}"
+    );
+}
+
+#[test]
+fn several_problems_are_all_reported_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(
+        tmp.path().join("t.toml"),
+        "[bake]\nname = \"x\"\nbase_ami = \"ami-0123456789abcdef0\"\ndest = \"rel\"\nvolume_size_gb = 0\n",
+    )
+    .unwrap();
+    let run = amibake_in(tmp.path(), &["validate", "t.toml"]);
+    run.expect_code(2);
+    let errors: Vec<_> = run
+        .stderr()
+        .lines()
+        .filter(|l| l.starts_with("error: t.toml:"))
+        .map(String::from)
+        .collect();
+    assert_eq!(errors.len(), 3, "{}", run.dump());
+    assert!(
+        errors[0].starts_with("error: t.toml:2:8: bake.name: AMI names are 3 to 128"),
+        "{errors:?}"
+    );
+    assert!(
+        errors[1].starts_with("error: t.toml:4:8: bake.dest:"),
+        "{errors:?}"
+    );
+    assert!(
+        errors[2].starts_with("error: t.toml:5:18: bake.volume_size_gb:"),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn variables_can_be_overridden_but_not_invented() {
+    let ok = amibake(&["validate", "--var", "app=cart", "templates/shop.toml"]);
+    ok.expect_code(0);
+    let bad = amibake(&["validate", "--var", "ap=cart", "templates/shop.toml"]);
+    bad.expect_code(2);
+    assert!(
+        bad.stderr()
+            .contains("--var ap: not declared under [variables]; did you mean `app`?"),
+        "{}",
+        bad.dump()
+    );
+    let malformed = amibake(&["validate", "--var", "novalue", "templates/shop.toml"]);
+    malformed.expect_code(2);
+    assert!(
+        malformed.stderr().contains("`novalue` is not KEY=VALUE"),
+        "{}",
+        malformed.dump()
+    );
+}
+
+#[test]
+fn environment_references_must_be_set() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(
+        tmp.path().join("t.toml"),
+        "[bake]\nname = \"app-${env.AMIBAKE_TEST_UNSET_VAR}\"\nbase_ami = \"ami-0123456789abcdef0\"\ndest = \"/srv/app\"\n",
+    )
+    .unwrap();
+    let run = amibake_in(tmp.path(), &["validate", "t.toml"]);
+    run.expect_code(2);
+    assert!(
+        run.stderr().contains(
+            "t.toml:2:8: bake.name: environment variable `AMIBAKE_TEST_UNSET_VAR` is not set"
+        ),
+        "{}",
+        run.dump()
+    );
+}
+
+#[test]
+fn an_unreadable_template_names_the_file() {
+    let run = amibake(&["validate", "templates/no-such.toml"]);
+    run.expect_code(2);
+    assert!(
+        run.stderr()
+            .contains("cannot read template templates/no-such.toml"),
+        "{}",
+        run.dump()
+    );
+}
+
+#[test]
+fn every_subcommand_help_has_an_example() {
+    for sub in ["base", "bake", "validate"] {
+        let run = amibake(&[sub, "--help"]);
+        run.expect_code(0);
+        assert!(
+            run.stdout().contains("Example:\n  amibake "),
+            "{}",
+            run.dump()
+        );
+    }
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    amibake(&["bake", "templates/shop.toml"]).expect_code(2); // --tarball is required
+    amibake(&["frobnicate"]).expect_code(2);
+    amibake(&["--output", "yaml", "validate", "templates/shop.toml"]).expect_code(2);
+    let run = amibake(&["bake", "templates/shop.toml", "--tarball", "no-such.tar.gz"]);
+    run.expect_code(2);
+    assert!(
+        run.stderr()
+            .contains("--tarball no-such.tar.gz: no such file"),
+        "{}",
+        run.dump()
+    );
+    let run = amibake(&[
+        "bake",
+        "templates/shop.toml",
+        "--tarball",
+        "Cargo.toml",
+        "--commit",
+        "not a sha!",
+    ]);
+    run.expect_code(2);
+    assert!(
+        run.stderr().contains("--commit `not a sha!`"),
+        "{}",
+        run.dump()
+    );
+}
+
+#[test]
+fn a_mode_needs_its_own_section() {
+    let run = amibake(&["base", "templates/worker.toml"]);
+    run.expect_code(2);
+    assert!(
+        run.stderr()
+            .contains("templates/worker.toml: no [base] table"),
+        "{}",
+        run.dump()
+    );
+}
+
+#[test]
+fn bake_refuses_an_invalid_template_with_exit_2() {
+    let run = amibake(&[
+        "bake",
+        "tests/templates/invalid/relative_dest.toml",
+        "--tarball",
+        "Cargo.toml",
+        "--commit",
+        "abc1234",
+    ]);
+    run.expect_code(2);
+    assert!(
+        run.stderr().contains("relative_dest.toml:5:8: bake.dest:"),
+        "{}",
+        run.dump()
+    );
+}
+
+#[test]
+fn unbuilt_modes_say_so_and_exit_1() {
+    let run = amibake(&[
+        "bake",
+        "templates/shop.toml",
+        "--tarball",
+        "Cargo.toml",
+        "--commit",
+        "abc1234",
+    ]);
+    run.expect_code(1);
+    assert!(
+        run.stderr().contains("`amibake bake` is not built yet"),
+        "{}",
+        run.dump()
+    );
+    let run = amibake(&["base", "templates/shop.toml"]);
+    run.expect_code(1);
+    assert!(
+        run.stderr().contains("`amibake base` is not built yet"),
+        "{}",
+        run.dump()
+    );
+}
