@@ -1,0 +1,98 @@
+"""One local cloud per test session, always torn down, and checked to leave nothing behind."""
+
+import json
+import os
+import subprocess
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import boto3
+import pytest
+from botocore.config import Config
+
+HERE = Path(__file__).resolve().parent
+LOCALCLOUD = str(HERE / "localcloud")
+
+
+def localcloud(state, *args, check=True):
+    return subprocess.run([LOCALCLOUD, "--state", str(state), *args], capture_output=True, text=True, check=check)
+
+
+class Cloud:
+    def __init__(self, state: Path, env: dict):
+        self.state = state
+        self.env = env
+        self.info = json.loads((state / "ready.json").read_text())
+
+    def client(self, service, retries=True):
+        config = Config(retries={"max_attempts": 1 if not retries else 5, "mode": "standard"})
+        return boto3.client(service, endpoint_url=self.env["AWS_ENDPOINT_URL"], region_name=self.env["AWS_REGION"],
+                            aws_access_key_id="localcloud", aws_secret_access_key="localcloud", config=config)
+
+    def cli(self, *args, check=True):
+        return localcloud(self.state, *args, check=check)
+
+    def calls(self):
+        return [json.loads(line) for line in self.cli("calls").stdout.splitlines()]
+
+    def ls(self):
+        return json.loads(self.cli("ls").stdout)
+
+
+def start(state: Path, latency="quick") -> Cloud:
+    out = localcloud(state, "up", "--latency", latency)
+    env = dict(line[len("export "):].split("=", 1) for line in out.stdout.splitlines() if line.startswith("export "))
+    return Cloud(state, env)
+
+
+def leftovers(state: Path):
+    """Loop devices backed by the state directory, EBS-style /dev links, the server process."""
+    found = []
+    r = subprocess.run(["losetup", "--json", "--list"], capture_output=True, text=True)
+    if r.stdout.strip():
+        for d in json.loads(r.stdout)["loopdevices"]:
+            if str(state) in (d.get("back-file") or ""):
+                found.append(f"loop {d['name']} -> {d['back-file']}")
+    by_id = Path("/dev/disk/by-id")
+    if by_id.exists():
+        found += [f"link {p}" for p in by_id.glob("nvme-Amazon_Elastic_Block_Store_*")]
+    for name in os.listdir("/dev"):
+        p = Path("/dev") / name
+        if p.is_symlink() and (name.startswith("sd") or name.startswith("xvd")):
+            found.append(f"link {p}")
+    pid_file = state / "server.pid"
+    if pid_file.exists():
+        found.append(f"server pid file {pid_file}")
+    with open("/proc/mounts") as mounts:
+        found += [f"mount {line.split()[1]}" for line in mounts if str(state) in line]
+    return found
+
+
+@pytest.fixture(scope="session")
+def cloud():
+    with tempfile.TemporaryDirectory(prefix="amibake-localcloud-") as tmp:
+        state = Path(tmp)
+        c = start(state)
+        try:
+            yield c
+        finally:
+            localcloud(state, "down", check=False)
+        assert leftovers(state) == []
+
+
+@contextmanager
+def mounted(image: Path, offset=0, readonly=True):
+    """Mounts a raw image (optionally at a partition's byte offset); always undone."""
+    loop = subprocess.run(["losetup", "--find", "--show", *(["--read-only"] if readonly else []), "--offset", str(offset), str(image)],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    target = Path(tempfile.mkdtemp(prefix="amibake-inspect-"))
+    try:
+        subprocess.run(["mount", *(["-o", "ro"] if readonly else []), loop, str(target)], check=True, capture_output=True)
+        try:
+            yield target
+        finally:
+            subprocess.run(["umount", str(target)], check=True)
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=True)
+        target.rmdir()

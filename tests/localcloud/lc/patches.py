@@ -1,0 +1,317 @@
+"""Fidelity patches: where moto falls short of EC2, make it behave as EC2 does.
+
+Each patch wraps a moto method. Data-plane work happens only when the API action being served
+is the one the method belongs to (`current_action`), because moto calls the same methods
+internally: `create_snapshot` about 1,300 times while a region loads its default AMIs, and
+`create_volume`/`attach_volume` inside RunInstances.
+"""
+
+import threading
+import time
+
+from moto.ec2.exceptions import EC2ClientError
+from moto.ec2.models import EC2Backend
+from moto.ec2.models.amis import Ami
+from moto.ec2.models.elastic_block_store import Snapshot, Volume, VolumeAttachment
+from moto.ec2.responses.amis import AmisResponse
+
+_request = threading.local()
+
+
+def current_action():
+    return getattr(_request, "action", None)
+
+
+def set_current_action(action):
+    _request.action = action
+
+
+# Seconds each transitional state lasts. "realistic" keeps EC2's proportions at about a tenth
+# of its times; "quick" is a tenth of that, so tests exercise every waiter in little time.
+PROFILES = {
+    "none": dict(volume_creating=0, attaching=0, detaching=0, snapshot_base=0, snapshot_per_10mb=0, ami_extra=0),
+    "quick": dict(volume_creating=0.3, attaching=0.2, detaching=0.2, snapshot_base=0.5, snapshot_per_10mb=0.1, ami_extra=0.5),
+    "realistic": dict(volume_creating=3, attaching=2, detaching=2, snapshot_base=5, snapshot_per_10mb=1, ami_extra=5),
+}
+
+
+class Timing:
+    """When each resource leaves its transitional state (monotonic seconds)."""
+
+    def __init__(self, profile):
+        self.profile = PROFILES[profile]
+        self.ready_at = {}
+        self.started_at = {}
+        self.detaching = {}  # volume id -> (old attachment, until)
+
+    def start(self, key, seconds):
+        now = time.monotonic()
+        self.started_at[key] = now
+        self.ready_at[key] = now + seconds
+
+    def pending(self, key):
+        return time.monotonic() < self.ready_at.get(key, 0)
+
+    def fraction(self, key):
+        start, end = self.started_at.get(key), self.ready_at.get(key)
+        if start is None or end is None or end <= start:
+            return 1.0
+        return min(1.0, max(0.0, (time.monotonic() - start) / (end - start)))
+
+
+def install(dataplane, timing):
+    """Applies every patch. `dataplane` is a DataPlane; `timing` a Timing."""
+    _patch_states(timing)
+    _patch_volumes(dataplane, timing)
+    _patch_snapshots(dataplane, timing)
+    _patch_images(dataplane, timing)
+
+
+def _error(code, message):
+    return EC2ClientError(code, message)
+
+
+# -- states that take time -----------------------------------------------------------------
+
+
+def _patch_states(timing):
+    def volume_status(self):
+        if timing.pending(("volume", self.id)):
+            return "creating"
+        if self.attachment or self.id in timing.detaching and timing.pending(("detach", self.id)):
+            return "in-use"
+        return "available"
+
+    def volume_attachments(self):
+        if self.attachment:
+            return [self.attachment]
+        old = timing.detaching.get(self.id)
+        if old and timing.pending(("detach", self.id)):
+            return [old]
+        return []
+
+    Volume.status = property(volume_status)
+    Volume.state = property(volume_status)
+    Volume.attachments = property(volume_attachments)
+
+    def attachment_status(self):
+        raw = self.__dict__.get("_status", "attached")
+        if raw == "attached" and timing.pending(("attach", self.volume.id)):
+            return "attaching"
+        if raw == "detached" and timing.pending(("detach", self.volume.id)):
+            return "detaching"
+        return raw
+
+    def set_attachment_status(self, value):
+        self.__dict__["_status"] = value
+
+    VolumeAttachment.status = property(attachment_status, set_attachment_status)
+    VolumeAttachment.state = property(attachment_status)
+
+    def snapshot_status(self):
+        if timing.pending(("snapshot", self.id)):
+            return "pending"
+        return self.__dict__.get("_status", "completed")
+
+    def set_snapshot_status(self, value):
+        self.__dict__["_status"] = value
+
+    def snapshot_progress(self):
+        return f"{int(timing.fraction(('snapshot', self.id)) * 100)}%"
+
+    Snapshot.status = property(snapshot_status, set_snapshot_status)
+    Snapshot.state = property(snapshot_status)
+    Snapshot.progress = property(snapshot_progress)
+
+    def ami_state(self):
+        if timing.pending(("image", self.id)):
+            return "pending"
+        return self.__dict__.get("_state", "available")
+
+    def set_ami_state(self, value):
+        self.__dict__["_state"] = value
+
+    Ami.state = property(ami_state, set_ami_state)
+
+    def ami_mappings(self):
+        # RegisterImage/CreateImage record what EC2 would return; moto's own default is a
+        # hard-coded 15 GiB `standard` volume whatever was registered.
+        stored = self.__dict__.get("_mappings")
+        if stored is not None:
+            return stored
+        return original_ami_mappings.fget(self)
+
+    original_ami_mappings = Ami.block_device_mappings
+    Ami.block_device_mappings = property(ami_mappings)
+
+
+# -- volumes and attachments ---------------------------------------------------------------
+
+
+def _patch_volumes(dataplane, timing):
+    create_volume = EC2Backend.create_volume
+    delete_volume = EC2Backend.delete_volume
+    attach_volume = EC2Backend.attach_volume
+    detach_volume = EC2Backend.detach_volume
+
+    def patched_create_volume(self, *args, **kwargs):
+        volume = create_volume(self, *args, **kwargs)
+        if current_action() == "CreateVolume":
+            dataplane.create_volume(volume.id, volume.size, volume.snapshot_id)
+            timing.start(("volume", volume.id), timing.profile["volume_creating"])
+        return volume
+
+    def patched_delete_volume(self, volume_id):
+        volume = self.volumes.get(volume_id)
+        if volume is not None and volume.id in timing.detaching and timing.pending(("detach", volume_id)):
+            raise _error("VolumeInUse", f"Volume {volume_id} is currently detaching")
+        result = delete_volume(self, volume_id)
+        dataplane.delete_volume(volume_id)
+        timing.detaching.pop(volume_id, None)
+        return result
+
+    def patched_attach_volume(self, volume_id, instance_id, device_path, delete_on_termination=False):
+        if current_action() != "AttachVolume":
+            return attach_volume(self, volume_id, instance_id, device_path, delete_on_termination)
+        volume = self.get_volume(volume_id)
+        if timing.pending(("volume", volume_id)):
+            raise _error("IncorrectState", f"vol '{volume_id}' is not 'available'.")
+        if volume.attachment or volume_id in timing.detaching and timing.pending(("detach", volume_id)):
+            raise _error("VolumeInUse", f"{volume_id} is already attached to an instance")
+        instance = self.get_instance(instance_id)
+        if device_path in instance.block_device_mapping:
+            raise _error("InvalidParameterValue", f"Invalid value '{device_path}' for unixDevice. Attachment point {device_path} is already in use")
+        attachment = attach_volume(self, volume_id, instance_id, device_path, delete_on_termination)
+        try:
+            dataplane.attach(volume_id, device_path)
+        except Exception as e:
+            detach_volume(self, volume_id, instance_id, device_path)
+            raise _error("InternalError", f"local cloud could not attach {volume_id}: {e}")
+        timing.detaching.pop(volume_id, None)
+        timing.start(("attach", volume_id), timing.profile["attaching"])
+        return attachment
+
+    def patched_detach_volume(self, volume_id, instance_id=None, device_path=None):
+        # EC2 accepts DetachVolume without InstanceId; moto answers HTTP 500.
+        volume = self.get_volume(volume_id)
+        if volume.attachment is None:
+            raise _error("IncorrectState", f"Volume '{volume_id}' is in the 'available' state.")
+        instance_id = instance_id or volume.attachment.instance.id
+        old = detach_volume(self, volume_id, instance_id, device_path)
+        if current_action() == "DetachVolume":
+            dataplane.detach(volume_id)
+            timing.detaching[volume_id] = old
+            timing.start(("detach", volume_id), timing.profile["detaching"])
+        return old
+
+    EC2Backend.create_volume = patched_create_volume
+    EC2Backend.delete_volume = patched_delete_volume
+    EC2Backend.attach_volume = patched_attach_volume
+    EC2Backend.detach_volume = patched_detach_volume
+
+
+# -- snapshots --------------------------------------------------------------------------------
+
+
+def _patch_snapshots(dataplane, timing):
+    create_snapshot = EC2Backend.create_snapshot
+    delete_snapshot = EC2Backend.delete_snapshot
+
+    def patched_create_snapshot(self, volume_id, description, owner_id=None, from_ami=None):
+        snapshot = create_snapshot(self, volume_id, description, owner_id, from_ami)
+        if current_action() in ("CreateSnapshot", "CreateImage"):
+            take_snapshot(self, dataplane, timing, snapshot)
+        return snapshot
+
+    def patched_delete_snapshot(self, snapshot_id):
+        for ami in self.amis.values():
+            if any(m.get("Ebs", {}).get("SnapshotId") == snapshot_id for m in ami.__dict__.get("_mappings") or []):
+                raise _error("InvalidSnapshot.InUse", f"The snapshot {snapshot_id} is currently in use by {ami.id}")
+        result = delete_snapshot(self, snapshot_id)
+        dataplane.delete_snapshot(snapshot_id)
+        return result
+
+    EC2Backend.create_snapshot = patched_create_snapshot
+    EC2Backend.delete_snapshot = patched_delete_snapshot
+
+
+def take_snapshot(backend, dataplane, timing, snapshot):
+    volume = snapshot.volume
+    grown = dataplane.create_snapshot(volume.id, snapshot.id, volume.snapshot_id)
+    seconds = timing.profile["snapshot_base"] + timing.profile["snapshot_per_10mb"] * grown / 10e6
+    timing.start(("snapshot", snapshot.id), seconds)
+
+
+# -- images -----------------------------------------------------------------------------------
+
+
+def _mapping_from_params(raw):
+    """A RegisterImage BlockDeviceMapping parameter as DescribeImages returns it."""
+    mapping = {"DeviceName": raw.get("DeviceName")}
+    if "VirtualName" in raw:
+        mapping["VirtualName"] = raw["VirtualName"]
+    if "NoDevice" in raw:
+        mapping["NoDevice"] = ""
+    ebs = raw.get("Ebs")
+    if ebs is not None:
+        out = {}
+        for key in ("SnapshotId", "KmsKeyId"):
+            if ebs.get(key):
+                out[key] = ebs[key]
+        for key in ("VolumeSize", "Iops", "Throughput"):
+            if ebs.get(key) is not None:
+                out[key] = int(ebs[key])
+        out["DeleteOnTermination"] = str(ebs.get("DeleteOnTermination", True)).lower() == "true"
+        out["VolumeType"] = ebs.get("VolumeType", "gp2")
+        out["Encrypted"] = str(ebs.get("Encrypted", False)).lower() == "true"
+        mapping["Ebs"] = out
+    return mapping
+
+
+def _drop_auto_snapshot(backend, ami):
+    # moto's Ami() makes a snapshot of a throwaway 15 GiB volume; EC2 makes none.
+    auto = getattr(ami, "ebs_snapshot", None)
+    if auto is not None:
+        backend.snapshots.pop(auto.id, None)
+
+
+def _image_ready_after(backend, timing, mappings):
+    waits = [timing.ready_at.get(("snapshot", m["Ebs"]["SnapshotId"]), 0) for m in mappings if m.get("Ebs", {}).get("SnapshotId")]
+    return max([0, *waits]) - time.monotonic() + timing.profile["ami_extra"]
+
+
+def _patch_images(dataplane, timing):
+    def register_image(self):
+        self.error_on_dryrun()
+        params = self._get_params()
+        raw_mappings = params.get("BlockDeviceMapping") or params.get("BlockDeviceMappings") or []
+        if isinstance(raw_mappings, dict):
+            raw_mappings = [raw_mappings[k] for k in sorted(raw_mappings, key=int)]
+        mappings = [_mapping_from_params(m) for m in raw_mappings]
+        root = params.get("RootDeviceName") or (mappings[0]["DeviceName"] if mappings else "/dev/xvda")
+        backend = self.ec2_backend
+        for m in mappings:
+            snap_id = m.get("Ebs", {}).get("SnapshotId")
+            if snap_id:
+                snapshot = backend.get_snapshot(snap_id)
+                m["Ebs"].setdefault("VolumeSize", snapshot.volume.size)
+        if not any(m["DeviceName"] == root for m in mappings):
+            raise _error("InvalidBlockDeviceMapping", f"The root device name {root} has no block device mapping")
+        image = backend.register_image(self._get_param("Name"), self._get_param("Description", ""))
+        _drop_auto_snapshot(backend, image)
+        image.__dict__["_mappings"] = mappings
+        image.root_device_name = root
+        image.root_device_type = "ebs"
+        image.architecture = self._get_param("Architecture", "x86_64")
+        image.virtualization_type = self._get_param("VirtualizationType", "hvm")
+        image.boot_mode = self._get_param("BootMode") or None
+        image.ena_support = str(self._get_param("EnaSupport", "false")).lower() == "true"
+        image.sriov_net_support = self._get_param("SriovNetSupport")
+        image.sriov = image.sriov_net_support
+        image.imds_support = self._get_param("ImdsSupport")
+        timing.start(("image", image.id), max(0, _image_ready_after(backend, timing, mappings)))
+        from moto.core.responses import ActionResult
+
+        return ActionResult({"ImageId": image.id})
+
+    AmisResponse.register_image = register_image

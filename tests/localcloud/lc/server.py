@@ -1,0 +1,346 @@
+"""The local cloud's server process: moto with our patches as the EC2/SSM control plane, the
+data plane behind it, IMDSv2 for the build host, and a small control API for tests.
+
+Run by `localcloud up`; it writes `ready.json` into the state directory when it serves, and on
+SIGTERM removes every loop device, link and file it made before exiting.
+"""
+
+import argparse
+import json
+import os
+import random
+import secrets
+import signal
+import sys
+import threading
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from urllib.parse import parse_qs
+
+ACCOUNT = "123456789012"
+REGION = "us-east-1"
+ZONE = "us-east-1a"
+DEBIAN_OWNER = "136693071363"
+DEBIAN_SSM_PARAMETER = "/aws/service/debian/release/12/latest/amd64"
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "localcloud", "AWS_SECRET_ACCESS_KEY": "localcloud"}
+# How long an IMDSv2 token may live, as on EC2.
+MAX_TOKEN_TTL = 21600
+
+os.environ.setdefault("MOTO_ALLOW_NONEXISTENT_REGION", "false")
+# An empty default-AMI list keeps region start-up fast; the vendor AMIs are ours.
+_AMIS_FILE = Path(os.environ.get("TMPDIR", "/tmp")) / "amibake-localcloud-no-default-amis.json"
+_AMIS_FILE.write_text("[]")
+os.environ["MOTO_AMIS_PATH"] = str(_AMIS_FILE)
+for k, v in CREDENTIALS.items():
+    os.environ.setdefault(k, v)
+
+from moto.ec2.models import ec2_backends  # noqa: E402
+from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app  # noqa: E402
+from moto.ssm.models import Parameter, ssm_backends  # noqa: E402
+from werkzeug.serving import make_server  # noqa: E402
+from werkzeug.wrappers import Request, Response  # noqa: E402
+
+from . import images, patches  # noqa: E402
+from .dataplane import DataPlane  # noqa: E402
+
+
+class CallLog:
+    """Every API call: action, the main ids it named, and the result code."""
+
+    ID_PARAMS = ("VolumeId", "InstanceId", "ImageId", "SnapshotId", "SourceSnapshotId", "Name", "KeyName", "GroupId", "Device")
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.calls = []
+
+    def add(self, service, action, params, status, code):
+        ids = {k: v for k, v in params.items() if k in self.ID_PARAMS or k.startswith(("VolumeId.", "InstanceId.", "ImageId.", "SnapshotId."))}
+        with self.lock:
+            self.calls.append({"time": time.time(), "service": service, "action": action, "ids": ids, "status": status, "code": code})
+
+
+class Faults:
+    """Injected failures: the next N calls of an action fail with a code; P% throttled."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.by_action = {}
+        self.throttle_percent = 0.0
+
+    def take(self, action):
+        with self.lock:
+            fault = self.by_action.get(action)
+            if fault and fault["times"] > 0:
+                fault["times"] -= 1
+                return fault["code"]
+            if self.throttle_percent and random.random() * 100 < self.throttle_percent:
+                return "RequestLimitExceeded"
+        return None
+
+
+class LocalCloud:
+    def __init__(self, state_dir: Path, latency: str):
+        self.state_dir = state_dir
+        self.dataplane = DataPlane(state_dir)
+        self.timing = patches.Timing(latency)
+        self.calls = CallLog()
+        self.faults = Faults()
+        self.tokens = {}
+        self.moto = DomainDispatcherApplication(create_backend_app)
+        patches.install(self.dataplane, self.timing)
+        self.ec2 = ec2_backends[ACCOUNT][REGION]
+        self.ssm = ssm_backends[ACCOUNT][REGION]
+
+    # -- set-up ---------------------------------------------------------------------------
+
+    def seed(self):
+        """Vendor AMIs backed by real Debian images, their SSM parameter, the build host."""
+        built = images.ensure_images(log=lambda m: print(m, flush=True))
+        self.vendor_amis = {}
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M")
+        for kind, image in built.items():
+            volume = self.ec2.create_volume(size=images.RECIPE["volume_size_gib"], zone_name=ZONE)
+            snapshot = self.ec2.create_snapshot(volume.id, f"Debian 12 {kind} root")
+            self.ec2.delete_volume(volume.id)
+            snapshot.owner_id = DEBIAN_OWNER
+            self.dataplane.import_snapshot(snapshot.id, image)
+            name = f"debian-12-amd64-{stamp}" if kind == "partitioned" else f"debian-12-amd64-unpartitioned-{stamp}"
+            ami = self.ec2.register_image(name, f"Debian 12 (bookworm), {kind} root disk")
+            patches._drop_auto_snapshot(self.ec2, ami)
+            ami.owner_id = DEBIAN_OWNER
+            ami.launch_permissions.append({"Group": "all"})
+            ami.root_device_name = "/dev/xvda"
+            ami.root_device_type = "ebs"
+            ami.architecture = "x86_64"
+            ami.virtualization_type = "hvm"
+            ami.boot_mode = "uefi-preferred"
+            ami.ena_support = True
+            ami.sriov_net_support = "simple"
+            ami.__dict__["_mappings"] = [
+                {"DeviceName": "/dev/xvda", "Ebs": {"SnapshotId": snapshot.id, "VolumeSize": images.RECIPE["volume_size_gib"], "DeleteOnTermination": True, "VolumeType": "gp3", "Encrypted": False}}
+            ]
+            self.vendor_amis[kind] = ami.id
+        self._put_public_parameter(DEBIAN_SSM_PARAMETER, self.vendor_amis["partitioned"])
+        self.build_host = self._start_build_host()
+
+    def _put_public_parameter(self, name, value):
+        # Names under /aws/ are reserved over the API, so they are put in place directly.
+        params = self.ssm._parameters
+        params[name].append(
+            Parameter(account_id=ACCOUNT, name=name, value=value, parameter_type="String", description=None, allowed_pattern=None,
+                      keyid=None, last_modified_date=datetime.now(timezone.utc), version=1, data_type="aws:ec2:image")
+        )
+
+    def _start_build_host(self):
+        vpc = self.ec2.create_vpc("127.0.0.0/16")
+        self.subnet = self.ec2.create_subnet(vpc_id=vpc.id, cidr_block="127.0.1.0/28", availability_zone=ZONE)
+        reservation = self.ec2.run_instances(
+            self.vendor_amis["partitioned"], 1, None, [], instance_type="t3.small", subnet_id=self.subnet.id, placement=ZONE,
+            tags={"instance": {"Name": "localcloud build host"}}, is_instance_type_default=False, region_name=REGION,
+        )
+        return reservation.instances[0]
+
+    # -- WSGI -----------------------------------------------------------------------------
+
+    def app(self, environ, start_response):
+        request = Request(environ)
+        path = request.path
+        if path.startswith("/latest/"):
+            return self.imds(request)(environ, start_response)
+        if path.startswith("/_localcloud/"):
+            return self.control(request)(environ, start_response)
+        return self.aws(request, environ, start_response)
+
+    def aws(self, request, environ, start_response):
+        body = request.get_data(cache=True)
+        service, action, params = "ec2", None, {}
+        target = request.headers.get("X-Amz-Target", "")
+        if target:
+            service, action = "ssm", target.split(".")[-1]
+            try:
+                params = {k: v for k, v in json.loads(body or b"{}").items() if isinstance(v, str)}
+            except ValueError:
+                params = {}
+        else:
+            form = parse_qs(body.decode("utf-8", "replace"))
+            form.update(parse_qs(request.query_string.decode()))
+            params = {k: v[0] for k, v in form.items()}
+            action = params.get("Action")
+        code = self.faults.take(action) if action else None
+        if code:
+            self.calls.add(service, action, params, 400 if code != "RequestLimitExceeded" else 503, code)
+            return fault_response(service, code, action)(environ, start_response)
+        environ["wsgi.input"] = __import__("io").BytesIO(body)
+        environ["CONTENT_LENGTH"] = str(len(body))
+        status_holder = {}
+
+        def capture(status, headers, exc_info=None):
+            status_holder["status"] = int(status.split()[0])
+            return start_response(status, headers, exc_info)
+
+        patches.set_current_action(action)
+        try:
+            with self.dataplane.lock:
+                chunks = list(self.moto(environ, capture))
+        finally:
+            patches.set_current_action(None)
+        status = status_holder.get("status", 500)
+        result_code = "OK" if status < 400 else error_code(b"".join(chunks))
+        self.calls.add(service, action, params, status, result_code)
+        return chunks
+
+    def imds(self, request):
+        if request.method == "PUT" and request.path == "/latest/api/token":
+            ttl = request.headers.get("X-aws-ec2-metadata-token-ttl-seconds", "")
+            if not ttl.isdigit() or not 1 <= int(ttl) <= MAX_TOKEN_TTL:
+                return Response("", status=400)
+            token = secrets.token_urlsafe(32)
+            self.tokens[token] = time.time() + int(ttl)
+            return Response(token, headers={"X-Aws-Ec2-Metadata-Token-Ttl-Seconds": ttl})
+        token = request.headers.get("X-aws-ec2-metadata-token")
+        if token is not None and self.tokens.get(token, 0) < time.time():
+            return Response("", status=401)
+        host = self.build_host
+        role = "amibake-build-host"
+        expiration = (datetime.now(timezone.utc) + timedelta(hours=6)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        identity = {
+            "accountId": ACCOUNT, "architecture": "x86_64", "availabilityZone": ZONE, "imageId": host.image_id,
+            "instanceId": host.id, "instanceType": host.instance_type, "privateIp": host.private_ip, "region": REGION, "version": "2017-09-30",
+        }
+        tree = {
+            "/latest/meta-data/instance-id": host.id,
+            "/latest/meta-data/instance-type": host.instance_type,
+            "/latest/meta-data/ami-id": host.image_id,
+            "/latest/meta-data/local-ipv4": host.private_ip,
+            "/latest/meta-data/hostname": f"ip-{host.private_ip.replace('.', '-')}.ec2.internal",
+            "/latest/meta-data/placement/availability-zone": ZONE,
+            "/latest/meta-data/placement/region": REGION,
+            "/latest/meta-data/iam/security-credentials/": role,
+            f"/latest/meta-data/iam/security-credentials/{role}": json.dumps({
+                "Code": "Success", "LastUpdated": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "Type": "AWS-HMAC",
+                "AccessKeyId": CREDENTIALS["AWS_ACCESS_KEY_ID"], "SecretAccessKey": CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+                "Token": "localcloud-session", "Expiration": expiration,
+            }),
+            "/latest/dynamic/instance-identity/document": json.dumps(identity),
+        }
+        path = request.path.rstrip("/") if request.path not in tree else request.path
+        if path in tree:
+            return Response(tree[path], content_type="text/plain")
+        children = sorted({p[len(path) + 1:].split("/")[0] + ("/" if "/" in p[len(path) + 1:] else "") for p in tree if p.startswith(path + "/")})
+        if children:
+            return Response("\n".join(children), content_type="text/plain")
+        return Response("", status=404)
+
+    def control(self, request):
+        what = request.path[len("/_localcloud/"):]
+        if what == "calls":
+            with self.calls.lock:
+                return json_response(self.calls.calls)
+        if what == "fault" and request.method == "POST":
+            spec = request.get_json()
+            with self.faults.lock:
+                if "throttle" in spec:
+                    self.faults.throttle_percent = float(spec["throttle"])
+                if spec.get("action"):
+                    self.faults.by_action[spec["action"]] = {"times": int(spec.get("times", 1)), "code": spec.get("code", "InternalError")}
+            return json_response({"ok": True})
+        if what == "ls":
+            return json_response(self.listing())
+        if what == "export-snapshot" and request.method == "POST":
+            spec = request.get_json()
+            try:
+                self.dataplane.export_snapshot(spec["snapshot_id"], Path(spec["file"]))
+            except Exception as e:
+                return json_response({"error": str(e)}, 400)
+            return json_response({"ok": True})
+        return json_response({"error": f"unknown control path {what}"}, 404)
+
+    def listing(self):
+        with self.dataplane.lock:
+            ec2 = self.ec2
+            return {
+                "volumes": [{"id": v.id, "state": v.status, "size": v.size, "snapshot": v.snapshot_id, "attached_to": v.attachment.instance.id if v.attachment else None,
+                             "device": v.attachment.device if v.attachment else None, "loop": self.dataplane.device_of(v.id),
+                             "tags": {t["key"]: t["value"] for t in ec2.describe_tags(filters={"resource-id": [v.id]})}} for v in ec2.volumes.values()],
+                "snapshots": [{"id": s.id, "state": s.status, "volume": s.volume.id, "owner": s.owner_id} for s in ec2.snapshots.values()],
+                "images": [{"id": a.id, "name": a.name, "state": a.state, "owner": a.owner_id} for a in ec2.amis.values()],
+                "instances": [{"id": i.id, "state": i.state, "private_ip": i.private_ip} for i in ec2.all_instances()],
+                "attachments": [{"volume": a.volume_id, "device": a.device, "loops": a.loops, "links": [str(p) for p in a.links]} for a in self.dataplane.attachments.values()],
+                "build_host": self.build_host.id,
+                "vendor_amis": self.vendor_amis,
+            }
+
+
+def json_response(value, status=200):
+    return Response(json.dumps(value, default=str), status=status, content_type="application/json")
+
+
+def fault_response(service, code, action):
+    request_id = str(uuid.uuid4())
+    message = f"injected by the local cloud into {action}"
+    status = 503 if code == "RequestLimitExceeded" else 400
+    if service == "ssm":
+        return Response(json.dumps({"__type": code, "message": message}), status=status, content_type="application/x-amz-json-1.1",
+                        headers={"x-amzn-RequestId": request_id})
+    body = f"<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error><Code>{code}</Code><Message>{message}</Message></Error></Errors><RequestID>{request_id}</RequestID></Response>"
+    return Response(body, status=status, content_type="text/xml")
+
+
+def error_code(body: bytes) -> str:
+    text = body.decode("utf-8", "replace")
+    for start, end in (("<Code>", "</Code>"), ('"__type": "', '"'), ('"__type":"', '"')):
+        if start in text:
+            return text.split(start, 1)[1].split(end, 1)[0].split("#")[-1]
+    return "Error"
+
+
+def serve(state_dir: Path, latency: str):
+    cloud = LocalCloud(state_dir, latency)
+    cloud.seed()
+    api = make_server("127.0.0.1", 0, cloud.app, threaded=True)
+    imds = make_server("127.0.0.1", 0, cloud.app, threaded=True)
+    stop = threading.Event()
+
+    def on_term(*_):
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    for server in (api, imds):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    ready = {
+        "pid": os.getpid(),
+        "endpoint": f"http://127.0.0.1:{api.server_port}",
+        "imds_endpoint": f"http://127.0.0.1:{imds.server_port}",
+        "region": REGION,
+        "build_host": cloud.build_host.id,
+        "vendor_amis": cloud.vendor_amis,
+        "latency": latency,
+    }
+    tmp = state_dir / "ready.json.tmp"
+    tmp.write_text(json.dumps(ready))
+    tmp.rename(state_dir / "ready.json")
+    print(f"serving on {ready['endpoint']}", flush=True)
+    stop.wait()
+    api.shutdown()
+    imds.shutdown()
+    failures = cloud.dataplane.teardown()
+    for f in failures:
+        print(f"teardown: {f}", file=sys.stderr, flush=True)
+    (state_dir / "ready.json").unlink(missing_ok=True)
+    sys.exit(1 if failures else 0)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--state", required=True, type=Path)
+    parser.add_argument("--latency", default="none", choices=sorted(patches.PROFILES))
+    args = parser.parse_args()
+    args.state.mkdir(parents=True, exist_ok=True)
+    serve(args.state, args.latency)
+
+
+if __name__ == "__main__":
+    main()

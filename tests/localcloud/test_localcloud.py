@@ -1,0 +1,298 @@
+"""The local cloud's fidelity, through the real AWS SDK (boto3) and the `localcloud` command."""
+
+import json
+import os
+import struct
+import subprocess
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from botocore.exceptions import ClientError
+
+from conftest import leftovers, localcloud, mounted, start
+
+DEBIAN_PARAMETER = "/aws/service/debian/release/12/latest/amd64"
+PARTITION_1_OFFSET = 2048 * 512
+EXT4_MAGIC_OFFSET = 1024 + 0x38
+
+
+def wait_until(describe, ready, timeout=20.0):
+    """Polls `describe()` until `ready(value)`; returns every value seen."""
+    seen = []
+    deadline = time.monotonic() + timeout
+    while True:
+        value = describe()
+        seen.append(value)
+        if ready(value):
+            return seen
+        assert time.monotonic() < deadline, f"still not ready: {seen[-1]}"
+        time.sleep(0.05)
+
+
+def running(pid):
+    """True while the process exists and is not a zombie waiting for its parent to reap it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def root_snapshot(image):
+    root = [m for m in image["BlockDeviceMappings"] if m["DeviceName"] == image["RootDeviceName"]]
+    return root[0]["Ebs"]["SnapshotId"]
+
+
+def vendor_image(ec2, kind="partitioned"):
+    name = "debian-12-amd64-unpartitioned-*" if kind == "flat" else "debian-12-amd64-2*"
+    images = ec2.describe_images(Owners=["136693071363"], Filters=[{"Name": "name", "Values": [name]}])["Images"]
+    assert len(images) == 1, images
+    return images[0]
+
+
+def new_volume(cloud, ec2, kind="partitioned"):
+    snap = root_snapshot(vendor_image(ec2, kind))
+    vol = ec2.create_volume(SnapshotId=snap, AvailabilityZone="us-east-1a", VolumeType="gp3")
+    wait_until(lambda: ec2.describe_volumes(VolumeIds=[vol["VolumeId"]])["Volumes"][0]["State"], lambda s: s == "available")
+    return vol["VolumeId"]
+
+
+def attach(cloud, ec2, volume_id, device):
+    ec2.attach_volume(VolumeId=volume_id, InstanceId=cloud.info["build_host"], Device=device)
+    return wait_until(
+        lambda: ec2.describe_volumes(VolumeIds=[volume_id])["Volumes"][0]["Attachments"][0]["State"], lambda s: s == "attached"
+    )
+
+
+def detach(ec2, volume_id):
+    ec2.detach_volume(VolumeId=volume_id)
+    wait_until(lambda: ec2.describe_volumes(VolumeIds=[volume_id])["Volumes"][0]["State"], lambda s: s == "available")
+
+
+def test_debian_vendor_ami_is_found_by_its_public_parameter_and_by_filter(cloud):
+    ec2, ssm = cloud.client("ec2"), cloud.client("ssm")
+    parameter = ssm.get_parameter(Name=DEBIAN_PARAMETER)["Parameter"]
+    assert parameter["DataType"] == "aws:ec2:image"
+    image = vendor_image(ec2)
+    assert parameter["Value"] == image["ImageId"]
+    assert image["RootDeviceType"] == "ebs" and image["RootDeviceName"] == "/dev/xvda"
+    assert image["Architecture"] == "x86_64" and image["EnaSupport"] is True
+    assert image["BlockDeviceMappings"][0]["Ebs"]["VolumeSize"] == 8
+
+
+def test_vendor_images_hold_a_real_debian_root(cloud):
+    ec2 = cloud.client("ec2")
+    for kind, offset in (("partitioned", PARTITION_1_OFFSET), ("flat", 0)):
+        snap = root_snapshot(vendor_image(ec2, kind))
+        with tempfile.TemporaryDirectory() as tmp:
+            raw = Path(tmp) / "root.img"
+            cloud.cli("export-snapshot", snap, str(raw))
+            with mounted(raw, offset) as root:
+                assert (root / "etc/debian_version").read_text().startswith("12.")
+                assert "admin:" in (root / "etc/passwd").read_text()
+                assert (root / "usr/sbin/sshd").exists()
+                assert "NOPASSWD" in (root / "etc/sudoers.d/90-cloud-init-users").read_text()
+
+
+def test_register_image_keeps_the_mappings_and_flags_it_was_given(cloud):
+    ec2 = cloud.client("ec2")
+    snap = root_snapshot(vendor_image(ec2))
+    image_id = ec2.register_image(
+        Name="fidelity-register-1", Architecture="arm64", RootDeviceName="/dev/xvda", VirtualizationType="hvm", EnaSupport=True,
+        BootMode="uefi", SriovNetSupport="simple",
+        BlockDeviceMappings=[
+            {"DeviceName": "/dev/xvda", "Ebs": {"SnapshotId": snap, "VolumeSize": 20, "VolumeType": "gp3", "DeleteOnTermination": True}},
+            {"DeviceName": "/dev/xvdb", "VirtualName": "ephemeral0"},
+        ],
+    )["ImageId"]
+    image = ec2.describe_images(ImageIds=[image_id])["Images"][0]
+    assert image["BlockDeviceMappings"] == [
+        {"DeviceName": "/dev/xvda", "Ebs": {"SnapshotId": snap, "VolumeSize": 20, "VolumeType": "gp3", "DeleteOnTermination": True, "Encrypted": False}},
+        {"DeviceName": "/dev/xvdb", "VirtualName": "ephemeral0"},
+    ]
+    assert (image["Architecture"], image["RootDeviceType"], image["RootDeviceName"]) == ("arm64", "ebs", "/dev/xvda")
+    assert (image["BootMode"], image["EnaSupport"], image["SriovNetSupport"]) == ("uefi", True, "simple")
+    # moto makes a snapshot of its own for every image; EC2 does not.
+    assert not [s for s in ec2.describe_snapshots(OwnerIds=["self"])["Snapshots"] if image_id in s.get("Description", "")]
+    with pytest.raises(ClientError) as err:
+        ec2.delete_snapshot(SnapshotId=snap)
+    assert err.value.response["Error"]["Code"] == "InvalidSnapshot.InUse"
+    ec2.deregister_image(ImageId=image_id)
+
+
+def test_register_image_refuses_a_root_without_a_mapping(cloud):
+    ec2 = cloud.client("ec2")
+    snap = root_snapshot(vendor_image(ec2))
+    with pytest.raises(ClientError) as err:
+        ec2.register_image(Name="fidelity-register-2", RootDeviceName="/dev/sda1",
+                           BlockDeviceMappings=[{"DeviceName": "/dev/xvda", "Ebs": {"SnapshotId": snap}}])
+    assert err.value.response["Error"]["Code"] == "InvalidBlockDeviceMapping"
+
+
+def test_volume_states_take_time_and_attach_makes_nitro_device_names(cloud):
+    ec2 = cloud.client("ec2")
+    snap = root_snapshot(vendor_image(ec2))
+    volume_id = ec2.create_volume(SnapshotId=snap, AvailabilityZone="us-east-1a")["VolumeId"]
+    states = wait_until(lambda: ec2.describe_volumes(VolumeIds=[volume_id])["Volumes"][0]["State"], lambda s: s == "available")
+    assert states[0] == "creating"
+    attach_states = attach(cloud, ec2, volume_id, "/dev/sdg")
+    assert attach_states[0] == "attaching"
+
+    serial = volume_id.replace("-", "")
+    by_id = Path(f"/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_{serial}")
+    whole = os.path.realpath(by_id)
+    assert os.path.realpath("/dev/sdg") == whole == os.path.realpath("/dev/xvdg")
+    part = os.path.realpath(f"{by_id}-part1")
+    assert os.path.realpath("/dev/sdg1") == part == os.path.realpath("/dev/xvdg1") != whole
+    with open(part, "rb") as dev:
+        dev.seek(EXT4_MAGIC_OFFSET)
+        assert struct.unpack("<H", dev.read(2))[0] == 0xEF53, "partition 1 holds the ext4 root"
+
+    ec2.detach_volume(VolumeId=volume_id)  # no InstanceId, as EC2 allows
+    detaching = ec2.describe_volumes(VolumeIds=[volume_id])["Volumes"][0]
+    assert detaching["State"] == "in-use" and detaching["Attachments"][0]["State"] == "detaching"
+    wait_until(lambda: ec2.describe_volumes(VolumeIds=[volume_id])["Volumes"][0]["State"], lambda s: s == "available")
+    assert not by_id.exists() and not Path("/dev/sdg").exists() and not Path("/dev/xvdg1").exists()
+    assert subprocess.run(["losetup", whole], capture_output=True).returncode != 0, "the loop device is gone"
+    ec2.delete_volume(VolumeId=volume_id)
+
+
+def test_attach_is_refused_while_creating_and_device_names_are_not_shared(cloud):
+    ec2 = cloud.client("ec2", retries=False)
+    snap = root_snapshot(vendor_image(ec2))
+    volume_id = ec2.create_volume(SnapshotId=snap, AvailabilityZone="us-east-1a")["VolumeId"]
+    with pytest.raises(ClientError) as err:
+        ec2.attach_volume(VolumeId=volume_id, InstanceId=cloud.info["build_host"], Device="/dev/sdh")
+    assert err.value.response["Error"]["Code"] == "IncorrectState"
+    other = new_volume(cloud, ec2)
+    wait_until(lambda: ec2.describe_volumes(VolumeIds=[volume_id])["Volumes"][0]["State"], lambda s: s == "available")
+    attach(cloud, ec2, volume_id, "/dev/sdh")
+    with pytest.raises(ClientError) as err:
+        ec2.attach_volume(VolumeId=other, InstanceId=cloud.info["build_host"], Device="/dev/sdh")
+    assert err.value.response["Error"]["Code"] == "InvalidParameterValue"
+    detach(ec2, volume_id)
+    for v in (volume_id, other):
+        ec2.delete_volume(VolumeId=v)
+
+
+def test_a_snapshot_holds_what_was_written_through_the_device_and_its_progress_moves(cloud):
+    ec2 = cloud.client("ec2")
+    volume_id = new_volume(cloud, ec2, "flat")
+    attach(cloud, ec2, volume_id, "/dev/sdi")
+    with tempfile.TemporaryDirectory() as mnt:
+        subprocess.run(["mount", "/dev/sdi", mnt], check=True)
+        try:
+            Path(mnt, "etc/written-through-the-device").write_bytes(os.urandom(30_000_000))
+            Path(mnt, "etc/marker").write_text("baked\n")
+        finally:
+            subprocess.run(["umount", mnt], check=True)
+    detach(ec2, volume_id)
+    snapshot_id = ec2.create_snapshot(VolumeId=volume_id)["SnapshotId"]
+    seen = wait_until(lambda: ec2.describe_snapshots(SnapshotIds=[snapshot_id])["Snapshots"][0], lambda s: s["State"] == "completed")
+    progress = [int(s["Progress"].rstrip("%")) for s in seen]
+    assert progress[0] < 100 and progress[-1] == 100 and progress == sorted(progress)
+    assert len(set(progress)) >= 3, f"progress moves: {progress}"
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "snap.img"
+        cloud.cli("export-snapshot", snapshot_id, str(raw))
+        with mounted(raw) as root:
+            assert (root / "etc/marker").read_text() == "baked\n"
+            assert (root / "etc/debian_version").exists()
+    ec2.delete_volume(VolumeId=volume_id)
+    ec2.delete_snapshot(SnapshotId=snapshot_id)
+
+
+def test_a_fault_fails_exactly_n_calls_with_the_code_given(cloud):
+    ec2 = cloud.client("ec2", retries=False)
+    cloud.cli("fault", "DescribeVolumes", "--times", "2", "--error", "InsufficientVolumeCapacity")
+    before = len(cloud.calls())
+    codes = []
+    for _ in range(4):
+        try:
+            ec2.describe_volumes()
+            codes.append("OK")
+        except ClientError as e:
+            codes.append(e.response["Error"]["Code"])
+    assert codes == ["InsufficientVolumeCapacity", "InsufficientVolumeCapacity", "OK", "OK"]
+    logged = [(c["action"], c["code"]) for c in cloud.calls()[before:]]
+    assert logged == [("DescribeVolumes", "InsufficientVolumeCapacity")] * 2 + [("DescribeVolumes", "OK")] * 2
+
+
+def test_ssm_faults_use_ssm_error_shapes(cloud):
+    ssm = cloud.client("ssm", retries=False)
+    cloud.cli("fault", "GetParameter", "--error", "ParameterNotFound")
+    with pytest.raises(ClientError) as err:
+        ssm.get_parameter(Name=DEBIAN_PARAMETER)
+    assert err.value.response["Error"]["Code"] == "ParameterNotFound"
+    assert ssm.get_parameter(Name=DEBIAN_PARAMETER)["Parameter"]["Value"].startswith("ami-")
+
+
+def test_throttling_answers_request_limit_exceeded(cloud):
+    ec2 = cloud.client("ec2", retries=False)
+    cloud.cli("fault", "--throttle", "100")
+    try:
+        with pytest.raises(ClientError) as err:
+            ec2.describe_images(Owners=["self"])
+        assert err.value.response["Error"]["Code"] == "RequestLimitExceeded"
+        assert err.value.response["ResponseMetadata"]["HTTPStatusCode"] == 503
+    finally:
+        cloud.cli("fault", "--throttle", "0")
+    ec2.describe_images(Owners=["self"])
+
+
+def test_the_call_log_names_actions_ids_and_results(cloud):
+    ec2 = cloud.client("ec2", retries=False)
+    before = len(cloud.calls())
+    with pytest.raises(ClientError):
+        ec2.delete_volume(VolumeId="vol-00000000000000000")
+    calls = cloud.calls()[before:]
+    assert calls == [{**calls[0], "service": "ec2", "action": "DeleteVolume", "ids": {"VolumeId": "vol-00000000000000000"},
+                      "status": 400, "code": "InvalidVolume.NotFound"}]
+
+
+def test_imds_v2_describes_the_build_host(cloud):
+    imds = cloud.env["AWS_EC2_METADATA_SERVICE_ENDPOINT"]
+    ec2 = cloud.client("ec2")
+    token_req = urllib.request.Request(f"{imds}/latest/api/token", method="PUT", headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"})
+    with urllib.request.urlopen(token_req) as resp:
+        token = resp.read().decode()
+        assert resp.headers["X-Aws-Ec2-Metadata-Token-Ttl-Seconds"] == "60"
+
+    def get(base, path, tok=token):
+        req = urllib.request.Request(f"{base}{path}", headers={"X-aws-ec2-metadata-token": tok} if tok else {})
+        with urllib.request.urlopen(req) as resp:
+            return resp.read().decode()
+
+    instance_id = get(imds, "/latest/meta-data/instance-id")
+    assert instance_id == cloud.info["build_host"]
+    assert ec2.describe_instances(InstanceIds=[instance_id])["Reservations"][0]["Instances"][0]["Placement"]["AvailabilityZone"] == "us-east-1a"
+    assert get(imds, "/latest/meta-data/placement/availability-zone") == "us-east-1a"
+    assert json.loads(get(imds, "/latest/dynamic/instance-identity/document"))["region"] == "us-east-1"
+    # Some clients send metadata requests to the EC2 endpoint itself.
+    assert get(cloud.env["AWS_ENDPOINT_URL"], "/latest/meta-data/instance-id") == instance_id
+    with pytest.raises(urllib.error.HTTPError) as err:
+        get(imds, "/latest/meta-data/instance-id", tok="forged")
+    assert err.value.code == 401
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(urllib.request.Request(f"{imds}/latest/api/token", method="PUT"))
+    assert err.value.code == 400
+
+
+def test_down_removes_every_loop_device_link_and_process():
+    with tempfile.TemporaryDirectory(prefix="amibake-localcloud-down-") as tmp:
+        state = Path(tmp)
+        cloud = start(state, latency="none")
+        try:
+            ec2 = cloud.client("ec2")
+            for device in ("/dev/sdj", "/dev/sdk"):
+                attach(cloud, ec2, new_volume(cloud, ec2, "partitioned"), device)
+            assert len(cloud.ls()["attachments"]) == 2
+            assert leftovers(state), "the attachments are visible to the leftover check"
+            pid = int((state / "server.pid").read_text())
+        finally:
+            localcloud(state, "down")
+        assert leftovers(state) == []
+        assert not running(pid), "the server process has ended"
+        assert not (state / "volumes").exists() and not (state / "snapshots").exists()
