@@ -296,3 +296,101 @@ def test_down_removes_every_loop_device_link_and_process():
         assert leftovers(state) == []
         assert not running(pid), "the server process has ended"
         assert not (state / "volumes").exists() and not (state / "snapshots").exists()
+
+
+# -- instances ----------------------------------------------------------------------------------
+
+
+def ssh(key: Path, ip: str, command: str, check=True):
+    result = subprocess.run(
+        ["ssh", "-i", str(key), "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
+         "-o", "ConnectTimeout=5", "-o", "LogLevel=ERROR", f"admin@{ip}", command],
+        capture_output=True, text=True, timeout=60,
+    )
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def instance_state(ec2, instance_id):
+    return ec2.describe_instances(InstanceIds=[instance_id])["Reservations"][0]["Instances"][0]
+
+
+def launch(cloud, tmp_path, name, **kwargs):
+    ec2, ssm = cloud.client("ec2"), cloud.client("ssm")
+    key = tmp_path / name
+    key.write_text(ec2.create_key_pair(KeyName=name, KeyType="ed25519")["KeyMaterial"])
+    key.chmod(0o600)
+    image_id = ssm.get_parameter(Name=DEBIAN_PARAMETER)["Parameter"]["Value"]
+    instance_id = ec2.run_instances(ImageId=image_id, MinCount=1, MaxCount=1, InstanceType="t3.small", KeyName=name, **kwargs)["Instances"][0]["InstanceId"]
+    states = wait_until(lambda: instance_state(ec2, instance_id)["State"]["Name"], lambda s: s == "running")
+    assert states[0] == "pending"
+    return instance_id, key
+
+
+def test_an_instance_boots_its_image_and_an_image_of_it_holds_what_ssh_wrote(cloud, tmp_path):
+    ec2 = cloud.client("ec2")
+    subnet = ec2.describe_subnets(Filters=[{"Name": "cidr-block", "Values": ["127.0.1.0/24"]}])["Subnets"][0]["SubnetId"]
+    instance_id, key = launch(cloud, tmp_path, "fidelity-image", NetworkInterfaces=[
+        {"DeviceIndex": 0, "SubnetId": subnet, "AssociatePublicIpAddress": True}])
+    instance = instance_state(ec2, instance_id)
+    ip = instance["PrivateIpAddress"]
+    assert ip.startswith("127.0.1.") and instance["PublicIpAddress"] == ip
+    assert instance["RootDeviceName"] == "/dev/xvda"
+    root_volume = instance["BlockDeviceMappings"][0]["Ebs"]["VolumeId"]
+    assert ec2.describe_volumes(VolumeIds=[root_volume])["Volumes"][0]["Size"] == 8
+
+    out = ssh(key, ip, "hostname; sudo sh -c 'echo written over ssh > /etc/written-over-ssh'; cat /etc/debian_version").stdout
+    assert out.splitlines()[0] == "ip-" + ip.replace(".", "-")
+    assert out.splitlines()[1].startswith("12.")
+
+    ec2.stop_instances(InstanceIds=[instance_id])
+    states = wait_until(lambda: instance_state(ec2, instance_id)["State"]["Name"], lambda s: s == "stopped")
+    assert states[0] == "stopping"
+    image_id = ec2.create_image(InstanceId=instance_id, Name="fidelity-from-instance")["ImageId"]
+    images = wait_until(lambda: ec2.describe_images(ImageIds=[image_id])["Images"][0], lambda i: i["State"] == "available")
+    assert images[0]["State"] == "pending"
+    image = images[-1]
+    assert image["RootDeviceName"] == "/dev/xvda" and image["RootDeviceType"] == "ebs" and image["EnaSupport"] is True
+    snapshot_id = root_snapshot(image)
+    assert ec2.describe_snapshots(SnapshotIds=[snapshot_id])["Snapshots"][0]["VolumeId"] == root_volume
+    raw = tmp_path / "image.img"
+    cloud.cli("export-snapshot", snapshot_id, str(raw))
+    with mounted(raw, PARTITION_1_OFFSET) as root:
+        assert (root / "etc/written-over-ssh").read_text() == "written over ssh\n"
+        assert (root / "etc/debian_version").exists()
+
+    ec2.terminate_instances(InstanceIds=[instance_id])
+    with pytest.raises(ClientError):
+        ec2.describe_volumes(VolumeIds=[root_volume])  # DeleteOnTermination from the AMI
+
+
+def test_stop_ends_every_process_of_the_instance_and_start_brings_it_back(cloud, tmp_path):
+    ec2 = cloud.client("ec2")
+    instance_id, key = launch(cloud, tmp_path, "fidelity-stop")
+    ip = instance_state(ec2, instance_id)["PrivateIpAddress"]
+    marker = f"sleep 4242{ip.rsplit('.', 1)[1]}"
+    ssh(key, ip, f"nohup {marker} >/dev/null 2>&1 &")
+    assert subprocess.run(["pgrep", "-f", marker], capture_output=True).returncode == 0, "the daemon runs on the host"
+    ec2.stop_instances(InstanceIds=[instance_id])
+    wait_until(lambda: instance_state(ec2, instance_id)["State"]["Name"], lambda s: s == "stopped")
+    assert subprocess.run(["pgrep", "-f", marker], capture_output=True).returncode == 1, "stop ended the instance's processes"
+    assert ssh(key, ip, "true", check=False).returncode != 0
+    assert not [line for line in open("/proc/mounts") if f"instances/{instance_id}/" in line]
+
+    ec2.start_instances(InstanceIds=[instance_id])
+    wait_until(lambda: instance_state(ec2, instance_id)["State"]["Name"], lambda s: s == "running")
+    assert ssh(key, ip, "cat /etc/hostname").stdout.strip() == "ip-" + ip.replace(".", "-")
+    ec2.terminate_instances(InstanceIds=[instance_id])
+
+
+def test_terminate_keeps_a_root_volume_marked_to_survive(cloud, tmp_path):
+    ec2 = cloud.client("ec2")
+    instance_id, _ = launch(cloud, tmp_path, "fidelity-keep", BlockDeviceMappings=[
+        {"DeviceName": "/dev/xvda", "Ebs": {"VolumeSize": 10, "DeleteOnTermination": False}}])
+    volume = instance_state(ec2, instance_id)["BlockDeviceMappings"][0]["Ebs"]["VolumeId"]
+    assert ec2.describe_volumes(VolumeIds=[volume])["Volumes"][0]["Size"] == 10, "the root was resized"
+    ec2.terminate_instances(InstanceIds=[instance_id])
+    survivor = ec2.describe_volumes(VolumeIds=[volume])["Volumes"][0]
+    assert survivor["State"] == "available" and survivor["SnapshotId"] == root_snapshot(vendor_image(ec2))
+    ec2.delete_volume(VolumeId=volume)

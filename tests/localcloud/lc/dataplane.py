@@ -35,6 +35,13 @@ def sh(*args):
 
 def sparse_copy(src: Path, dst: Path):
     # cp skips holes with SEEK_DATA, so copying an 8 GiB image with 250 MB of data is quick.
+    # What a loop device wrote may still sit in delayed-allocation pages that SEEK_DATA does
+    # not report as data: sync the source first, or the copy silently loses those writes.
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     sh("cp", "--sparse=always", "--reflink=auto", str(src), str(dst))
 
 

@@ -6,6 +6,7 @@ internally: `create_snapshot` about 1,300 times while a region loads its default
 `create_volume`/`attach_volume` inside RunInstances.
 """
 
+import subprocess
 import threading
 import time
 
@@ -29,9 +30,12 @@ def set_current_action(action):
 # Seconds each transitional state lasts. "realistic" keeps EC2's proportions at about a tenth
 # of its times; "quick" is a tenth of that, so tests exercise every waiter in little time.
 PROFILES = {
-    "none": dict(volume_creating=0, attaching=0, detaching=0, snapshot_base=0, snapshot_per_10mb=0, ami_extra=0),
-    "quick": dict(volume_creating=0.3, attaching=0.2, detaching=0.2, snapshot_base=0.5, snapshot_per_10mb=0.1, ami_extra=0.5),
-    "realistic": dict(volume_creating=3, attaching=2, detaching=2, snapshot_base=5, snapshot_per_10mb=1, ami_extra=5),
+    "none": dict(volume_creating=0, attaching=0, detaching=0, snapshot_base=0, snapshot_per_10mb=0, ami_extra=0,
+                 instance_pending=0, instance_stopping=0, shutting_down=0),
+    "quick": dict(volume_creating=0.3, attaching=0.2, detaching=0.2, snapshot_base=0.5, snapshot_per_10mb=0.1, ami_extra=0.5,
+                  instance_pending=0.5, instance_stopping=0.5, shutting_down=0.3),
+    "realistic": dict(volume_creating=3, attaching=2, detaching=2, snapshot_base=5, snapshot_per_10mb=1, ami_extra=5,
+                      instance_pending=5, instance_stopping=5, shutting_down=3),
 }
 
 
@@ -59,12 +63,14 @@ class Timing:
         return min(1.0, max(0.0, (time.monotonic() - start) / (end - start)))
 
 
-def install(dataplane, timing):
-    """Applies every patch. `dataplane` is a DataPlane; `timing` a Timing."""
+def install(dataplane, instances, timing, loopback_subnet):
+    """Applies every patch. `loopback_subnet()` names the subnet instances launch into when
+    the request names none, so every instance gets a loopback address."""
     _patch_states(timing)
     _patch_volumes(dataplane, timing)
     _patch_snapshots(dataplane, timing)
     _patch_images(dataplane, timing)
+    _patch_instances(dataplane, instances, timing, loopback_subnet)
 
 
 def _error(code, message):
@@ -315,3 +321,157 @@ def _patch_images(dataplane, timing):
         return ActionResult({"ImageId": image.id})
 
     AmisResponse.register_image = register_image
+
+
+# -- instances --------------------------------------------------------------------------------
+
+# EC2's instance state codes.
+STATE_CODES = {"pending": 0, "running": 16, "shutting-down": 32, "terminated": 48, "stopping": 64, "stopped": 80}
+
+
+def _set_state(instance, name):
+    instance._state.name = name
+    instance._state.code = STATE_CODES[name]
+
+
+def _after(seconds, action):
+    timer = threading.Timer(seconds, action)
+    timer.daemon = True
+    timer.start()
+
+
+def _image_of(backend, instance):
+    return backend.amis.get(instance.image_id)
+
+
+def _patch_instances(dataplane, instances, timing, loopback_subnet):
+    from moto.ec2.models.instances import Instance
+
+    setup_defaults = Instance.setup_defaults
+    add_block_device = Instance.add_block_device
+    run_instances = EC2Backend.run_instances
+    stop_instances = EC2Backend.stop_instances
+    start_instances = EC2Backend.start_instances
+    terminate_instances = EC2Backend.terminate_instances
+    create_image = EC2Backend.create_image
+
+    def ami_mapping(instance, device):
+        image = _image_of(instance.ec2_backend, instance)
+        for m in (image.__dict__.get("_mappings") or []) if image else []:
+            if m["DeviceName"] == device and "Ebs" in m:
+                return m["Ebs"]
+        return {}
+
+    def patched_setup_defaults(self):
+        # EC2 builds an instance's volumes from its AMI's mappings; moto makes an empty
+        # 8 GiB /dev/sda1 whatever the AMI says.
+        image = _image_of(self.ec2_backend, self)
+        mappings = image.__dict__.get("_mappings") if image else None
+        if not mappings:
+            return setup_defaults(self)
+        for m in mappings:
+            ebs = m.get("Ebs")
+            if ebs:
+                self.add_block_device(ebs.get("VolumeSize"), m["DeviceName"], ebs.get("SnapshotId"), ebs.get("Encrypted", False),
+                                      ebs.get("DeleteOnTermination", True), ebs.get("KmsKeyId"), ebs.get("VolumeType"))
+
+    def patched_add_block_device(self, size, device_path, snapshot_id, encrypted, delete_on_termination, kms_key_id, volume_type):
+        # A request that only resizes the root keeps the AMI's snapshot, as on EC2.
+        from_ami = ami_mapping(self, device_path)
+        snapshot_id = snapshot_id or from_ami.get("SnapshotId")
+        size = size or from_ami.get("VolumeSize")
+        add_block_device(self, size, device_path, snapshot_id, encrypted, delete_on_termination, kms_key_id, volume_type)
+        if current_action() in ("RunInstances",):
+            volume = self.ec2_backend.get_volume(self.block_device_mapping[device_path].volume_id)
+            dataplane.create_volume(volume.id, volume.size, volume.snapshot_id)
+
+    def boot_later(backend, instance, key_name):
+        key = backend.key_pairs.get(key_name) if key_name else None
+        public_key = getattr(key, "material_public", None) if key else None
+        if isinstance(public_key, bytes):
+            public_key = public_key.decode()
+        root = instance.block_device_mapping.get(instance.root_device_name)
+        _set_state(instance, "pending")
+        started = time.monotonic()
+
+        def boot():
+            try:
+                if root is None:
+                    raise RuntimeError(f"{instance.id} has no volume at its root device {instance.root_device_name}")
+                instances.boot(instance.id, root.volume_id, instance.private_ip, public_key)
+            except Exception as e:  # a broken image: the instance runs but never answers
+                print(f"boot of {instance.id} failed: {e}", flush=True)
+            remaining = timing.profile["instance_pending"] - (time.monotonic() - started)
+            _after(max(0.0, remaining), lambda: instance._state.name == "pending" and _set_state(instance, "running"))
+
+        threading.Thread(target=boot, daemon=True).start()
+
+    def patched_run_instances(self, image_id, count, user_data, security_group_names, **kwargs):
+        if current_action() != "RunInstances":
+            return run_instances(self, image_id, count, user_data, security_group_names, **kwargs)
+        if not kwargs.get("subnet_id") and not kwargs.get("nics"):
+            kwargs["subnet_id"] = loopback_subnet().id
+        reservation = run_instances(self, image_id, count, user_data, security_group_names, **kwargs)
+        for instance in reservation.instances:
+            for nic in instance.nics.values():
+                if nic.public_ip:
+                    # On this machine the instance's one address is its loopback address.
+                    nic.public_ip = nic.private_ip_address
+            boot_later(self, instance, kwargs.get("key_name"))
+        return reservation
+
+    def patched_stop_instances(self, instance_ids):
+        result = stop_instances(self, instance_ids)
+        if current_action() == "StopInstances":
+            for instance_id in instance_ids:
+                instance = self.get_instance(instance_id)
+                instances.halt(instance_id)
+                _set_state(instance, "stopping")
+                _after(timing.profile["instance_stopping"], lambda i=instance: i._state.name == "stopping" and _set_state(i, "stopped"))
+        return result
+
+    def patched_start_instances(self, instance_ids):
+        result = start_instances(self, instance_ids)
+        if current_action() == "StartInstances":
+            for instance_id in instance_ids:
+                boot_later(self, self.get_instance(instance_id), self.get_instance(instance_id).key_name)
+        return result
+
+    def patched_terminate_instances(self, instance_ids):
+        for instance_id in instance_ids:
+            instances.halt(instance_id)
+        return terminate_instances(self, instance_ids)
+
+    def patched_create_image(self, instance_id, name, description, tag_specifications):
+        instance = self.get_instance(instance_id)
+        source = _image_of(self, instance)
+        image = create_image(self, instance_id, name, description, tag_specifications)
+        if current_action() != "CreateImage":
+            return image
+        _drop_auto_snapshot(self, image)
+        if instances.is_running(instance_id):
+            subprocess.run(["sync", "-f", str(instances.running[instance_id].root)], capture_output=True)
+        mappings = []
+        for device, block in sorted(instance.block_device_mapping.items()):
+            volume = self.get_volume(block.volume_id)
+            snapshot = self.create_snapshot(volume.id, f"Created by CreateImage({instance_id}) for {image.id}")
+            mappings.append({"DeviceName": device, "Ebs": {"SnapshotId": snapshot.id, "VolumeSize": volume.size,
+                             "DeleteOnTermination": bool(block.delete_on_termination), "VolumeType": volume.volume_type, "Encrypted": bool(volume.encrypted)}})
+        image.__dict__["_mappings"] = mappings
+        image.root_device_name = instance.root_device_name
+        image.root_device_type = "ebs"
+        if source is not None:
+            for attr in ("architecture", "virtualization_type", "boot_mode"):
+                setattr(image, attr, getattr(source, attr, None))
+            image.ena_support = getattr(source, "ena_support", True)
+            image.sriov_net_support = getattr(source, "sriov_net_support", "simple")
+        timing.start(("image", image.id), max(0, _image_ready_after(self, timing, mappings)))
+        return image
+
+    Instance.setup_defaults = patched_setup_defaults
+    Instance.add_block_device = patched_add_block_device
+    EC2Backend.run_instances = patched_run_instances
+    EC2Backend.stop_instances = patched_stop_instances
+    EC2Backend.start_instances = patched_start_instances
+    EC2Backend.terminate_instances = patched_terminate_instances
+    EC2Backend.create_image = patched_create_image

@@ -44,6 +44,7 @@ from werkzeug.wrappers import Request, Response  # noqa: E402
 
 from . import images, patches  # noqa: E402
 from .dataplane import DataPlane  # noqa: E402
+from .instances import Instances  # noqa: E402
 
 
 class CallLog:
@@ -89,7 +90,9 @@ class LocalCloud:
         self.faults = Faults()
         self.tokens = {}
         self.moto = DomainDispatcherApplication(create_backend_app)
-        patches.install(self.dataplane, self.timing)
+        self.instances = Instances(state_dir, self.dataplane)
+        self.subnet = None
+        patches.install(self.dataplane, self.instances, self.timing, lambda: self.subnet)
         self.ec2 = ec2_backends[ACCOUNT][REGION]
         self.ssm = ssm_backends[ACCOUNT][REGION]
 
@@ -135,7 +138,7 @@ class LocalCloud:
 
     def _start_build_host(self):
         vpc = self.ec2.create_vpc("127.0.0.0/16")
-        self.subnet = self.ec2.create_subnet(vpc_id=vpc.id, cidr_block="127.0.1.0/28", availability_zone=ZONE)
+        self.subnet = self.ec2.create_subnet(vpc_id=vpc.id, cidr_block="127.0.1.0/24", availability_zone=ZONE)
         reservation = self.ec2.run_instances(
             self.vendor_amis["partitioned"], 1, None, [], instance_type="t3.small", subnet_id=self.subnet.id, placement=ZONE,
             tags={"instance": {"Name": "localcloud build host"}}, is_instance_type_default=False, region_name=REGION,
@@ -266,7 +269,8 @@ class LocalCloud:
                              "tags": {t["key"]: t["value"] for t in ec2.describe_tags(filters={"resource-id": [v.id]})}} for v in ec2.volumes.values()],
                 "snapshots": [{"id": s.id, "state": s.status, "volume": s.volume.id, "owner": s.owner_id} for s in ec2.snapshots.values()],
                 "images": [{"id": a.id, "name": a.name, "state": a.state, "owner": a.owner_id} for a in ec2.amis.values()],
-                "instances": [{"id": i.id, "state": i.state, "private_ip": i.private_ip} for i in ec2.all_instances()],
+                "instances": [{"id": i.id, "state": i.state, "private_ip": i.private_ip, "public_ip": i.public_ip, "booted": self.instances.is_running(i.id)}
+                              for i in ec2.all_instances()],
                 "attachments": [{"volume": a.volume_id, "device": a.device, "loops": a.loops, "links": [str(p) for p in a.links]} for a in self.dataplane.attachments.values()],
                 "build_host": self.build_host.id,
                 "vendor_amis": self.vendor_amis,
@@ -326,7 +330,7 @@ def serve(state_dir: Path, latency: str):
     stop.wait()
     api.shutdown()
     imds.shutdown()
-    failures = cloud.dataplane.teardown()
+    failures = cloud.instances.teardown() + cloud.dataplane.teardown()
     for f in failures:
         print(f"teardown: {f}", file=sys.stderr, flush=True)
     (state_dir / "ready.json").unlink(missing_ok=True)

@@ -1,0 +1,166 @@
+"""Instances that behave like booted ones.
+
+An instance is its root volume, mounted, with the image's own sshd chrooted into it in new PID
+and UTS namespaces, listening on the instance's loopback address (127.0.1.N:22). Before that,
+what cloud-init does on first boot: host keys, the key pair's public key for the image's
+default user, the hostname, a resolv.conf. Stopping kills the namespace's PID 1, which takes
+every process of the instance with it, then unmounts.
+"""
+
+import ipaddress
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .dataplane import DataPlaneError, partitions, sh
+
+# Users cloud-init would configure, by distribution; the first the image has is used.
+DEFAULT_USERS = ("admin", "ec2-user", "ubuntu", "debian")
+SSH_READY_TIMEOUT = 20
+STOP_TIMEOUT = 10
+UMOUNT_ATTEMPTS = 20
+
+
+@dataclass
+class Running:
+    instance_id: str
+    root: Path
+    loop: str
+    mounts: list = field(default_factory=list)
+    process: subprocess.Popen | None = None
+
+
+class Instances:
+    def __init__(self, state_dir: Path, dataplane):
+        self.dir = state_dir / "instances"
+        self.dataplane = dataplane
+        self.running: dict[str, Running] = {}
+        self.lock = threading.RLock()
+
+    def boot(self, instance_id: str, volume_id: str, private_ip: str, public_key: str | None):
+        if not ipaddress.ip_address(private_ip).is_loopback:
+            raise DataPlaneError(f"{instance_id} has address {private_ip}; the local cloud only boots instances on loopback")
+        with self.lock:
+            if instance_id in self.running:
+                return
+            image = self.dataplane.volume_file(volume_id)
+            parts = partitions(image)
+            offset_args = ["--offset", str(parts[0][1]), "--sizelimit", str(parts[0][2])] if parts else []
+            root = self.dir / instance_id / "root"
+            root.mkdir(parents=True, exist_ok=True)
+            loop = sh("losetup", "--find", "--show", *offset_args, str(image))
+            run = Running(instance_id, root, loop)
+            self.running[instance_id] = run
+            try:
+                self._mount(run, [loop, str(root)])
+                first_boot(root, instance_id, private_ip, public_key)
+                self._mount(run, ["-t", "proc", "proc", str(root / "proc")])
+                self._mount(run, ["-t", "sysfs", "sysfs", str(root / "sys")])
+                self._mount(run, ["--bind", "/dev", str(root / "dev")])
+                sh("mount", "--make-private", str(root / "dev"))
+                self._mount(run, ["-t", "devpts", "-o", "newinstance,ptmxmode=0666", "devpts", str(root / "dev/pts")])
+                self._mount(run, ["--bind", str(root / "dev/pts/ptmx"), str(root / "dev/ptmx")])
+                self._mount(run, ["-t", "tmpfs", "-o", "mode=0755", "tmpfs", str(root / "run")])
+                (root / "run/sshd").mkdir(mode=0o755, exist_ok=True)
+                log = open(self.dir / instance_id / "console.log", "ab")
+                hostname = "ip-" + private_ip.replace(".", "-")
+                run.process = subprocess.Popen(
+                    ["unshare", "--pid", "--uts", "--fork", "--kill-child", "sh", "-c",
+                     'hostname "$1" && exec chroot "$2" /usr/sbin/sshd -D -e -o ListenAddress="$3":22',
+                     "boot", hostname, str(root), private_ip],
+                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                )
+                wait_for_port(private_ip, 22, run.process, SSH_READY_TIMEOUT)
+            except Exception:
+                self.halt(instance_id)
+                raise
+
+    def _mount(self, run: Running, args):
+        sh("mount", *args)
+        run.mounts.append(args[-1])
+
+    def halt(self, instance_id: str):
+        """Ends every process of the instance and unmounts its root volume."""
+        with self.lock:
+            run = self.running.pop(instance_id, None)
+            if run is None:
+                return
+            if run.process and run.process.poll() is None:
+                # The namespace's PID 1 dies with its parent (--kill-child); its children follow.
+                os.killpg(run.process.pid, signal.SIGKILL)
+                run.process.wait(timeout=STOP_TIMEOUT)
+            errors = []
+            for target in reversed(run.mounts):
+                for _ in range(UMOUNT_ATTEMPTS):
+                    if subprocess.run(["umount", target], capture_output=True).returncode == 0:
+                        break
+                    time.sleep(0.1)
+                else:
+                    errors.append(target)
+            subprocess.run(["losetup", "-d", run.loop], capture_output=True)
+            if errors:
+                raise DataPlaneError(f"{instance_id}: could not unmount {', '.join(errors)}")
+
+    def is_running(self, instance_id):
+        return instance_id in self.running
+
+    def teardown(self):
+        failures = []
+        for instance_id in list(self.running):
+            try:
+                self.halt(instance_id)
+            except Exception as e:
+                failures.append(str(e))
+        return failures
+
+
+def default_user(root: Path):
+    users = {line.split(":")[0]: line.split(":")[5] for line in (root / "etc/passwd").read_text().splitlines() if line.count(":") >= 6}
+    for name in DEFAULT_USERS:
+        if name in users:
+            return name, users[name]
+    return "root", "/root"
+
+
+def first_boot(root: Path, instance_id: str, private_ip: str, public_key: str | None):
+    """What cloud-init does: host keys, the key pair's key, hostname, hosts, resolv.conf."""
+    if not list((root / "etc/ssh").glob("ssh_host_*_key")):
+        subprocess.run(["chroot", str(root), "ssh-keygen", "-A"], check=True, capture_output=True)
+    hostname = "ip-" + private_ip.replace(".", "-")
+    (root / "etc/hostname").write_text(hostname + "\n")
+    hosts = root / "etc/hosts"
+    text = hosts.read_text() if hosts.exists() else ""
+    if hostname not in text:
+        hosts.write_text(text + f"{private_ip} {hostname}\n")
+    resolv = root / "etc/resolv.conf"
+    if resolv.is_symlink():
+        resolv.unlink()
+    resolv.write_text(Path("/etc/resolv.conf").read_text())
+    if public_key:
+        user, home = default_user(root)
+        ssh_dir = root / home.lstrip("/") / ".ssh"
+        ssh_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        keys = ssh_dir / "authorized_keys"
+        existing = keys.read_text() if keys.exists() else ""
+        if public_key.strip() not in existing:
+            keys.write_text(existing + public_key.strip() + "\n")
+        keys.chmod(0o600)
+        subprocess.run(["chroot", str(root), "chown", "-R", f"{user}:", home + "/.ssh"], check=True, capture_output=True)
+
+
+def wait_for_port(host, port, process, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise DataPlaneError(f"sshd on {host} exited with {process.returncode} while booting")
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise DataPlaneError(f"sshd on {host}:{port} did not answer within {timeout}s")
