@@ -5,7 +5,9 @@ pub mod wait;
 
 use aws_config::retry::RetryConfig;
 use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_sdk_ec2::config::http::HttpResponse;
 use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_ec2::operation::RequestId;
 
 /// Attempts per call before a throttled or failing request gives up. Adaptive mode adds
 /// client-side rate limiting on top, which is what a busy account's API quota needs.
@@ -56,32 +58,22 @@ pub struct NoRegion;
 
 /// An SDK error as one line: the AWS error code and message and the request id, or what kept
 /// the request from being answered. `{}` on an `SdkError` says only "service error".
-pub fn describe<E, R>(err: &SdkError<E, R>) -> String
+pub fn describe<E>(err: &SdkError<E, HttpResponse>) -> String
 where
-    E: ProvideErrorMetadata + std::error::Error + 'static,
-    R: std::fmt::Debug + Send + Sync + 'static,
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
     match err {
         SdkError::ServiceError(service) => {
             let e = service.err();
             let code = e.code().unwrap_or("UnknownError");
             let message = e.message().unwrap_or("no message");
-            match e
-                .meta()
-                .extra("aws_request_id")
-                .or_else(|| request_id(e.meta()))
-            {
+            match err.request_id().or_else(|| e.meta().request_id()) {
                 Some(id) => format!("{code}: {message} (request id {id})"),
                 None => format!("{code}: {message}"),
             }
         }
         other => crate::engine::error_chain(other),
     }
-}
-
-fn request_id(meta: &aws_sdk_ec2::error::ErrorMetadata) -> Option<&str> {
-    use aws_sdk_ec2::operation::RequestId;
-    meta.request_id()
 }
 
 /// An SDK call that failed, named by what it was doing.
@@ -93,10 +85,9 @@ pub struct AwsError {
 }
 
 impl AwsError {
-    pub fn new<E, R>(action: impl Into<String>, err: &SdkError<E, R>) -> AwsError
+    pub fn new<E>(action: impl Into<String>, err: &SdkError<E, HttpResponse>) -> AwsError
     where
-        E: ProvideErrorMetadata + std::error::Error + 'static,
-        R: std::fmt::Debug + Send + Sync + 'static,
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     {
         AwsError {
             action: action.into(),

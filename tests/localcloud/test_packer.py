@@ -4,11 +4,8 @@ measured against."""
 
 import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
-
-import pytest
 
 from conftest import mounted
 
@@ -16,8 +13,6 @@ HERE = Path(__file__).resolve().parent
 PARTITION_1_OFFSET = 2048 * 512
 # Packer's waiters first poll after 15 s unless told otherwise; the local cloud is quick.
 PACKER_POLL_SECONDS = "1"
-
-pytestmark = pytest.mark.skipif(shutil.which("packer") is None, reason="Debian's packer package is not installed")
 
 
 def packer_build(cloud, tmp_path, template, *variables):

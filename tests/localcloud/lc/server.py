@@ -289,7 +289,7 @@ def fault_response(service, code, action):
         return Response(json.dumps({"__type": code, "message": message}), status=status, content_type="application/x-amz-json-1.1",
                         headers={"x-amzn-RequestId": request_id})
     body = f"<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error><Code>{code}</Code><Message>{message}</Message></Error></Errors><RequestID>{request_id}</RequestID></Response>"
-    return Response(body, status=status, content_type="text/xml")
+    return Response(body, status=status, content_type="text/xml", headers={"x-amzn-RequestId": request_id})
 
 
 def error_code(body: bytes) -> str:

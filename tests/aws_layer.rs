@@ -1,0 +1,152 @@
+//! amibake's AWS layer against the local cloud, through the real Rust SDK: client set-up from
+//! the variables every SDK reads, IMDSv2 through aws-config, the wait helper on real state
+//! changes, error rendering, and throttling absorbed by the SDK's adaptive retries.
+//!
+//! One test, one cloud: the SDK is configured from process environment variables, which a
+//! second test in this binary would have to share.
+
+mod util;
+
+use amibake::aws::wait::{wait_for, Poll, WaitPolicy};
+use amibake::aws::{sdk_config, AwsError, AwsOptions, Clients};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use util::localcloud::LocalCloud;
+
+const DEBIAN_OWNER: &str = "136693071363";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_aws_layer_works_against_the_local_cloud() {
+    let cloud = LocalCloud::start("quick");
+    for (key, value) in &cloud.env {
+        std::env::set_var(key, value);
+    }
+    let clients = Clients::new(&sdk_config(&AwsOptions::default()).await).unwrap();
+    assert_eq!(clients.region, "us-east-1");
+
+    // aws-config's IMDS client speaks IMDSv2 only and needs the token TTL header.
+    let imds = aws_config::imds::Client::builder().build();
+    let instance_id = imds
+        .get("/latest/meta-data/instance-id")
+        .await
+        .expect("IMDSv2 answers");
+    assert_eq!(instance_id.as_ref(), cloud.build_host());
+
+    // The wait helper on a volume that really is `creating` for a while.
+    let images = clients
+        .ec2
+        .describe_images()
+        .owners(DEBIAN_OWNER)
+        .send()
+        .await
+        .unwrap();
+    let image = images
+        .images()
+        .iter()
+        .find(|i| i.name().is_some_and(|n| n.starts_with("debian-12-amd64-2")))
+        .unwrap();
+    let snapshot = image.block_device_mappings()[0]
+        .ebs()
+        .unwrap()
+        .snapshot_id()
+        .unwrap()
+        .to_string();
+    let volume_id = clients
+        .ec2
+        .create_volume()
+        .snapshot_id(&snapshot)
+        .availability_zone("us-east-1a")
+        .send()
+        .await
+        .unwrap()
+        .volume_id()
+        .unwrap()
+        .to_string();
+    let started = Instant::now();
+    let mut pending_states = Vec::new();
+    let ec2 = clients.ec2.clone();
+    let state = wait_for(
+        "volume",
+        &volume_id,
+        WaitPolicy::SHORT,
+        &CancellationToken::new(),
+        |state, _| pending_states.push(state.to_string()),
+        || {
+            let (ec2, id) = (ec2.clone(), volume_id.clone());
+            async move {
+                let out = ec2.describe_volumes().volume_ids(&id).send().await?;
+                let state = out.volumes()[0]
+                    .state()
+                    .map(|s| s.as_str().to_string())
+                    .unwrap_or_default();
+                Ok::<_, aws_sdk_ec2::error::SdkError<_, _>>(if state == "available" {
+                    Poll::Ready(state)
+                } else {
+                    Poll::Pending {
+                        state,
+                        percent: None,
+                    }
+                })
+            }
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(state, "available");
+    assert!(
+        pending_states.iter().any(|s| s == "creating"),
+        "{pending_states:?}"
+    );
+    assert!(
+        started.elapsed().as_secs_f64() < 5.0,
+        "a 0.3 s volume is seen ready in well under the SDK waiter's 15 s"
+    );
+
+    // An AWS error is rendered as code, message and request id.
+    cloud.cli(&[
+        "fault",
+        "DeleteVolume",
+        "--times",
+        "1",
+        "--error",
+        "VolumeInUse",
+    ]);
+    let err = clients
+        .ec2
+        .delete_volume()
+        .volume_id(&volume_id)
+        .send()
+        .await
+        .unwrap_err();
+    let text = AwsError::new(format!("delete volume {volume_id}"), &err).to_string();
+    assert!(
+        text.starts_with(&format!("delete volume {volume_id} failed: VolumeInUse: injected by the local cloud into DeleteVolume (request id ")),
+        "{text}"
+    );
+    clients
+        .ec2
+        .delete_volume()
+        .volume_id(&volume_id)
+        .send()
+        .await
+        .unwrap();
+
+    // Throttling is the SDK's adaptive retry mode's job: every call gets through.
+    cloud.cli(&["fault", "--throttle", "25"]);
+    for _ in 0..6 {
+        clients
+            .ec2
+            .describe_images()
+            .owners(DEBIAN_OWNER)
+            .send()
+            .await
+            .expect("retried past throttling");
+    }
+    cloud.cli(&["fault", "--throttle", "0"]);
+    let throttled = cloud
+        .calls()
+        .iter()
+        .filter(|c| c["code"] == "RequestLimitExceeded")
+        .count();
+    assert!(throttled > 0, "the cloud did throttle some calls");
+}
