@@ -394,3 +394,30 @@ def test_terminate_keeps_a_root_volume_marked_to_survive(cloud, tmp_path):
     survivor = ec2.describe_volumes(VolumeIds=[volume])["Volumes"][0]
     assert survivor["State"] == "available" and survivor["SnapshotId"] == root_snapshot(vendor_image(ec2))
     ec2.delete_volume(VolumeId=volume)
+
+
+def test_eventual_consistency_hides_new_resources_for_a_while(cloud):
+    ec2 = cloud.client("ec2", retries=False)
+    snap = root_snapshot(vendor_image(ec2))
+    cloud.cli("consistency", "1.0")
+    try:
+        volume_id = ec2.create_volume(SnapshotId=snap, AvailabilityZone="us-east-1a")["VolumeId"]
+        with pytest.raises(ClientError) as err:
+            ec2.describe_volumes(VolumeIds=[volume_id])
+        assert err.value.response["Error"]["Code"] == "InvalidVolume.NotFound"
+        assert volume_id in err.value.response["Error"]["Message"]
+        seen = wait_until(lambda: visible(ec2, volume_id), lambda v: v, timeout=5)
+        assert len(seen) > 1
+    finally:
+        cloud.cli("consistency", "0")
+    wait_until(lambda: ec2.describe_volumes(VolumeIds=[volume_id])["Volumes"][0]["State"], lambda s: s == "available")
+    ec2.delete_volume(VolumeId=volume_id)
+
+
+def visible(ec2, volume_id):
+    try:
+        ec2.describe_volumes(VolumeIds=[volume_id])
+        return True
+    except ClientError as e:
+        assert e.response["Error"]["Code"] == "InvalidVolume.NotFound"
+        return False

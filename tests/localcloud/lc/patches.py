@@ -47,6 +47,16 @@ class Timing:
         self.ready_at = {}
         self.started_at = {}
         self.detaching = {}  # volume id -> (old attachment, until)
+        # Eventual consistency: a new resource is NotFound to Describe* for this long.
+        self.consistency_delay = 0.0
+        self.hidden_until = {}
+
+    def created(self, resource_id):
+        if self.consistency_delay > 0:
+            self.hidden_until[resource_id] = time.monotonic() + self.consistency_delay
+
+    def hidden(self, resource_id):
+        return time.monotonic() < self.hidden_until.get(resource_id, 0)
 
     def start(self, key, seconds):
         now = time.monotonic()
@@ -165,6 +175,7 @@ def _patch_volumes(dataplane, timing):
         if current_action() == "CreateVolume":
             dataplane.create_volume(volume.id, volume.size, volume.snapshot_id)
             timing.start(("volume", volume.id), timing.profile["volume_creating"])
+            timing.created(volume.id)
         return volume
 
     def patched_delete_volume(self, volume_id):
@@ -246,6 +257,7 @@ def take_snapshot(backend, dataplane, timing, snapshot):
     grown = dataplane.create_snapshot(volume.id, snapshot.id, volume.snapshot_id)
     seconds = timing.profile["snapshot_base"] + timing.profile["snapshot_per_10mb"] * grown / 10e6
     timing.start(("snapshot", snapshot.id), seconds)
+    timing.created(snapshot.id)
 
 
 # -- images -----------------------------------------------------------------------------------
@@ -316,6 +328,7 @@ def _patch_images(dataplane, timing):
         image.sriov = image.sriov_net_support
         image.imds_support = self._get_param("ImdsSupport")
         timing.start(("image", image.id), max(0, _image_ready_after(backend, timing, mappings)))
+        timing.created(image.id)
         from moto.core.responses import ActionResult
 
         return ActionResult({"ImageId": image.id})
@@ -418,6 +431,7 @@ def _patch_instances(dataplane, instances, timing, loopback_subnet):
                     # On this machine the instance's one address is its loopback address.
                     nic.public_ip = nic.private_ip_address
             boot_later(self, instance, kwargs.get("key_name"))
+            timing.created(instance.id)
         return reservation
 
     def patched_stop_instances(self, instance_ids):
@@ -466,6 +480,7 @@ def _patch_instances(dataplane, instances, timing, loopback_subnet):
             image.ena_support = getattr(source, "ena_support", True)
             image.sriov_net_support = getattr(source, "sriov_net_support", "simple")
         timing.start(("image", image.id), max(0, _image_ready_after(self, timing, mappings)))
+        timing.created(image.id)
         return image
 
     Instance.setup_defaults = patched_setup_defaults

@@ -81,6 +81,15 @@ class Faults:
         return None
 
 
+# What a Describe* answers for a resource it cannot see yet, as EC2 words it.
+NOT_YET_VISIBLE = {
+    "DescribeVolumes": ("VolumeId", "InvalidVolume.NotFound", "The volume '{}' does not exist."),
+    "DescribeSnapshots": ("SnapshotId", "InvalidSnapshot.NotFound", "The snapshot '{}' does not exist."),
+    "DescribeImages": ("ImageId", "InvalidAMIID.NotFound", "The image id '[{}]' does not exist"),
+    "DescribeInstances": ("InstanceId", "InvalidInstanceID.NotFound", "The instance ID '{}' does not exist"),
+}
+
+
 class LocalCloud:
     def __init__(self, state_dir: Path, latency: str):
         self.state_dir = state_dir
@@ -174,7 +183,13 @@ class LocalCloud:
         code = self.faults.take(action) if action else None
         if code:
             self.calls.add(service, action, params, 400 if code != "RequestLimitExceeded" else 503, code)
-            return fault_response(service, code, action)(environ, start_response)
+            return fault_response(service, code, f"injected by the local cloud into {action}")(environ, start_response)
+        if action in NOT_YET_VISIBLE:
+            prefix, code, message = NOT_YET_VISIBLE[action]
+            hidden = [v for k, v in params.items() if k.startswith(prefix + ".") and self.timing.hidden(v)]
+            if hidden:
+                self.calls.add(service, action, params, 400, code)
+                return fault_response(service, code, message.format(hidden[0]))(environ, start_response)
         environ["wsgi.input"] = __import__("io").BytesIO(body)
         environ["CONTENT_LENGTH"] = str(len(body))
         status_holder = {}
@@ -249,6 +264,9 @@ class LocalCloud:
                 if spec.get("action"):
                     self.faults.by_action[spec["action"]] = {"times": int(spec.get("times", 1)), "code": spec.get("code", "InternalError")}
             return json_response({"ok": True})
+        if what == "consistency" and request.method == "POST":
+            self.timing.consistency_delay = float(request.get_json()["seconds"])
+            return json_response({"ok": True})
         if what == "ls":
             return json_response(self.listing())
         if what == "export-snapshot" and request.method == "POST":
@@ -281,9 +299,8 @@ def json_response(value, status=200):
     return Response(json.dumps(value, default=str), status=status, content_type="application/json")
 
 
-def fault_response(service, code, action):
+def fault_response(service, code, message):
     request_id = str(uuid.uuid4())
-    message = f"injected by the local cloud into {action}"
     status = 503 if code == "RequestLimitExceeded" else 400
     if service == "ssm":
         return Response(json.dumps({"__type": code, "message": message}), status=status, content_type="application/x-amz-json-1.1",
