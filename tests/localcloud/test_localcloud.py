@@ -280,7 +280,7 @@ def test_imds_v2_describes_the_build_host(cloud):
     assert err.value.code == 400
 
 
-def test_down_removes_every_loop_device_link_and_process():
+def test_down_removes_every_loop_device_link_mount_and_process(tmp_path):
     with tempfile.TemporaryDirectory(prefix="amibake-localcloud-down-") as tmp:
         state = Path(tmp)
         cloud = start(state, latency="none")
@@ -289,12 +289,17 @@ def test_down_removes_every_loop_device_link_and_process():
             for device in ("/dev/sdj", "/dev/sdk"):
                 attach(cloud, ec2, new_volume(cloud, ec2, "partitioned"), device)
             assert len(cloud.ls()["attachments"]) == 2
-            assert leftovers(state), "the attachments are visible to the leftover check"
+            instance_id, _ = launch(cloud, tmp_path, "fidelity-down")
+            ip = instance_state(ec2, instance_id)["PrivateIpAddress"]
+            sshd = f"ListenAddress={ip}:22"
+            assert subprocess.run(["pgrep", "-f", sshd], capture_output=True).returncode == 0, "the instance runs"
+            assert leftovers(state), "the attachments and the instance are visible to the leftover check"
             pid = int((state / "server.pid").read_text())
         finally:
             localcloud(state, "down")
         assert leftovers(state) == []
         assert not running(pid), "the server process has ended"
+        assert subprocess.run(["pgrep", "-f", sshd], capture_output=True).returncode == 1, "the instance's sshd has ended"
         assert not (state / "volumes").exists() and not (state / "snapshots").exists()
 
 
