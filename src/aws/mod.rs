@@ -1,6 +1,8 @@
 //! Thin typed calls over the AWS SDK: client set-up through aws-config's default chain, the
 //! one wait helper, and one way to render SDK errors.
 
+pub mod ami;
+pub mod host;
 pub mod wait;
 
 use aws_config::retry::RetryConfig;

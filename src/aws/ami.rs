@@ -1,0 +1,188 @@
+//! Finding an AMI from a template's reference, and reading what a new image must copy from it.
+
+use aws_sdk_ec2::types::{
+    ArchitectureValues, BlockDeviceMapping, BootModeValues, Filter, Image, ImageState,
+    VirtualizationType,
+};
+
+use super::{AwsError, Clients};
+use crate::template::{AmiFilter, AmiRef, SsmSelector};
+
+/// A base AMI as `bake` needs it: where its root is, and everything RegisterImage must copy.
+#[derive(Debug, Clone)]
+pub struct BaseImage {
+    pub id: String,
+    pub name: String,
+    pub root_device_name: String,
+    pub root_snapshot_id: String,
+    pub root_volume_size_gb: i32,
+    pub architecture: ArchitectureValues,
+    pub virtualization_type: Option<VirtualizationType>,
+    pub boot_mode: Option<BootModeValues>,
+    pub ena_support: Option<bool>,
+    pub sriov_net_support: Option<String>,
+    /// Every mapping, the root included, as the image has them.
+    pub mappings: Vec<BlockDeviceMapping>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AmiError {
+    #[error(transparent)]
+    Aws(#[from] AwsError),
+    #[error("{reference} names {value}, which is not an AMI id")]
+    NotAnImageId { reference: String, value: String },
+    #[error("no available AMI matches {reference}")]
+    NoMatch { reference: String },
+    #[error("{count} AMIs match {reference} ({ids}); set most_recent = true or narrow the name")]
+    Ambiguous {
+        reference: String,
+        count: usize,
+        ids: String,
+    },
+    #[error("{image} not found")]
+    NotFound { image: String },
+    #[error("{image} is {state}, not available")]
+    NotAvailable { image: String, state: String },
+    #[error("{image} has no EBS snapshot at its root device {device}; only EBS-backed AMIs can be baked")]
+    NotEbsBacked { image: String, device: String },
+    #[error("{image}: DescribeImages did not say its {field}")]
+    MissingField { image: String, field: &'static str },
+}
+
+/// The AMI id a reference names now.
+pub async fn resolve(clients: &Clients, reference: &AmiRef) -> Result<String, AmiError> {
+    match reference {
+        AmiRef::Id(id) => Ok(id.clone()),
+        AmiRef::Ssm {
+            parameter,
+            selector,
+        } => {
+            // GetParameter takes the launch-template form itself: name, name:version, name:label.
+            let name = match selector {
+                None => parameter.clone(),
+                Some(SsmSelector::Version(v)) => format!("{parameter}:{v}"),
+                Some(SsmSelector::Label(l)) => format!("{parameter}:{l}"),
+            };
+            let out = clients
+                .ssm
+                .get_parameter()
+                .name(&name)
+                .send()
+                .await
+                .map_err(|e| AwsError::new(format!("read SSM parameter {name}"), &e))?;
+            let value = out
+                .parameter()
+                .and_then(|p| p.value())
+                .unwrap_or_default()
+                .to_string();
+            if !value.starts_with("ami-") {
+                return Err(AmiError::NotAnImageId {
+                    reference: reference.to_string(),
+                    value,
+                });
+            }
+            Ok(value)
+        }
+        AmiRef::Filter(filter) => newest_matching(clients, reference, filter).await,
+    }
+}
+
+async fn newest_matching(
+    clients: &Clients,
+    reference: &AmiRef,
+    filter: &AmiFilter,
+) -> Result<String, AmiError> {
+    let mut request = clients
+        .ec2
+        .describe_images()
+        .set_owners(Some(filter.owners.clone()))
+        .filters(Filter::builder().name("name").values(&filter.name).build())
+        .filters(Filter::builder().name("state").values("available").build());
+    if let Some(arch) = &filter.architecture {
+        request = request.filters(Filter::builder().name("architecture").values(arch).build());
+    }
+    let out = request
+        .send()
+        .await
+        .map_err(|e| AwsError::new(format!("find {reference}"), &e))?;
+    let mut images: Vec<&Image> = out
+        .images()
+        .iter()
+        .filter(|i| i.image_id().is_some())
+        .collect();
+    // ISO 8601 creation dates sort as text.
+    images.sort_by(|a, b| b.creation_date().cmp(&a.creation_date()));
+    match images.as_slice() {
+        [] => Err(AmiError::NoMatch {
+            reference: reference.to_string(),
+        }),
+        [only] => Ok(only.image_id().unwrap_or_default().to_string()),
+        [newest, ..] if filter.most_recent => Ok(newest.image_id().unwrap_or_default().to_string()),
+        many => Err(AmiError::Ambiguous {
+            reference: reference.to_string(),
+            count: many.len(),
+            ids: many
+                .iter()
+                .filter_map(|i| i.image_id())
+                .collect::<Vec<_>>()
+                .join(", "),
+        }),
+    }
+}
+
+/// Reads an available, EBS-backed AMI's root and the attributes a derived image must keep.
+pub async fn describe(clients: &Clients, image_id: &str) -> Result<BaseImage, AmiError> {
+    let out = clients
+        .ec2
+        .describe_images()
+        .image_ids(image_id)
+        .send()
+        .await
+        .map_err(|e| AwsError::new(format!("describe {image_id}"), &e))?;
+    let image = out.images().first().ok_or_else(|| AmiError::NotFound {
+        image: image_id.into(),
+    })?;
+    let missing = |field| AmiError::MissingField {
+        image: image_id.into(),
+        field,
+    };
+    let state = image.state().ok_or_else(|| missing("state"))?;
+    if *state != ImageState::Available {
+        return Err(AmiError::NotAvailable {
+            image: image_id.into(),
+            state: state.as_str().into(),
+        });
+    }
+    let root_device_name = image
+        .root_device_name()
+        .ok_or_else(|| missing("root device name"))?
+        .to_string();
+    let root = image
+        .block_device_mappings()
+        .iter()
+        .find(|m| m.device_name() == Some(root_device_name.as_str()))
+        .and_then(|m| m.ebs())
+        .filter(|ebs| ebs.snapshot_id().is_some())
+        .ok_or_else(|| AmiError::NotEbsBacked {
+            image: image_id.into(),
+            device: root_device_name.clone(),
+        })?;
+    Ok(BaseImage {
+        id: image_id.to_string(),
+        name: image.name().unwrap_or_default().to_string(),
+        root_snapshot_id: root.snapshot_id().unwrap_or_default().to_string(),
+        root_volume_size_gb: root
+            .volume_size()
+            .ok_or_else(|| missing("root volume size"))?,
+        root_device_name,
+        architecture: image
+            .architecture()
+            .cloned()
+            .ok_or_else(|| missing("architecture"))?,
+        virtualization_type: image.virtualization_type().cloned(),
+        boot_mode: image.boot_mode().cloned(),
+        ena_support: image.ena_support(),
+        sriov_net_support: image.sriov_net_support().map(str::to_string),
+        mappings: image.block_device_mappings().to_vec(),
+    })
+}
