@@ -7,6 +7,7 @@
 
 pub mod aws;
 pub mod engine;
+pub mod host;
 pub mod modes;
 pub mod run_id;
 pub mod template;

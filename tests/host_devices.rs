@@ -1,0 +1,183 @@
+//! Finding an attached volume's block device and root filesystem on the build host, against
+//! the local cloud's real loop devices and Nitro-style names.
+
+mod util;
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use amibake::aws::wait::{wait_for, Poll, WaitPolicy};
+use amibake::aws::{ami, sdk_config, AwsOptions, Clients};
+use amibake::host::device::{
+    claim_free_name, root_filesystem, wait_for_device, DeviceError, DEVICE_APPEAR_TIMEOUT,
+};
+use amibake::template::{AmiFilter, AmiRef};
+use tokio_util::sync::CancellationToken;
+use util::localcloud::LocalCloud;
+
+async fn volume_from(clients: &Clients, name_glob: &str) -> String {
+    let filter = AmiRef::Filter(AmiFilter {
+        owners: vec!["136693071363".into()],
+        name: name_glob.into(),
+        most_recent: true,
+        architecture: None,
+    });
+    let image = ami::describe(clients, &ami::resolve(clients, &filter).await.unwrap())
+        .await
+        .unwrap();
+    let id = clients
+        .ec2
+        .create_volume()
+        .snapshot_id(image.root_snapshot_id)
+        .availability_zone("us-east-1a")
+        .send()
+        .await
+        .unwrap()
+        .volume_id()
+        .unwrap()
+        .to_string();
+    wait_state(clients, &id, "available").await;
+    id
+}
+
+async fn wait_state(clients: &Clients, volume_id: &str, wanted: &'static str) {
+    let ec2 = clients.ec2.clone();
+    wait_for(
+        "volume",
+        volume_id,
+        WaitPolicy::SHORT,
+        &CancellationToken::new(),
+        |_, _| {},
+        || {
+            let (ec2, id) = (ec2.clone(), volume_id.to_string());
+            async move {
+                let out = ec2.describe_volumes().volume_ids(&id).send().await?;
+                let volume = &out.volumes()[0];
+                let attached = volume
+                    .attachments()
+                    .first()
+                    .and_then(|a| a.state())
+                    .map(|s| s.as_str().to_string());
+                let state = attached.unwrap_or_else(|| {
+                    volume
+                        .state()
+                        .map(|s| s.as_str().to_string())
+                        .unwrap_or_default()
+                });
+                Ok::<_, aws_sdk_ec2::error::SdkError<_, _>>(if state == wanted {
+                    Poll::Ready(())
+                } else {
+                    Poll::Pending {
+                        state,
+                        percent: None,
+                    }
+                })
+            }
+        },
+    )
+    .await
+    .unwrap();
+}
+
+/// One test, one cloud: the SDK reads its endpoint from process environment variables.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attached_volumes_are_found_by_volume_id_with_their_root_partition() {
+    let cloud = LocalCloud::start("quick");
+    for (key, value) in &cloud.env {
+        std::env::set_var(key, value);
+    }
+    let clients = Clients::new(&sdk_config(&AwsOptions::default()).await).unwrap();
+    let locks = tempfile::tempdir().unwrap();
+    let host = cloud.build_host().to_string();
+
+    let partitioned = volume_from(&clients, "debian-12-amd64-2*").await;
+    let flat = volume_from(&clients, "debian-12-amd64-unpartitioned-*").await;
+    let first = claim_free_name(locks.path(), &HashSet::new()).unwrap();
+    let second = claim_free_name(locks.path(), &HashSet::new()).unwrap();
+    assert_ne!(
+        first.name, second.name,
+        "two bakes on one host get different names"
+    );
+
+    let mut found = Vec::new();
+    for (volume, name) in [(&partitioned, &first.name), (&flat, &second.name)] {
+        clients
+            .ec2
+            .attach_volume()
+            .volume_id(volume)
+            .instance_id(&host)
+            .device(name)
+            .send()
+            .await
+            .unwrap();
+        wait_state(&clients, volume, "attached").await;
+        let device = wait_for_device(volume, name, DEVICE_APPEAR_TIMEOUT)
+            .await
+            .unwrap();
+        assert_eq!(
+            device,
+            Path::new(&format!(
+                "/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_{}",
+                volume.replace('-', "")
+            ))
+        );
+        found.push(device);
+    }
+
+    let root = root_filesystem(&partitioned, &found[0], None).unwrap();
+    assert!(
+        root.to_string_lossy().ends_with("-part1"),
+        "{}",
+        root.display()
+    );
+    assert_eq!(
+        root_filesystem(&flat, &found[1], None).unwrap(),
+        found[1],
+        "unpartitioned: the whole device"
+    );
+    assert_eq!(
+        root_filesystem(&partitioned, &found[0], Some(0)).unwrap(),
+        found[0]
+    );
+    let err = root_filesystem(&partitioned, &found[0], Some(2)).unwrap_err();
+    assert!(
+        matches!(err, DeviceError::NoPartition { partition: 2, .. }),
+        "{err}"
+    );
+
+    // A name whose device the host already shows is not handed out again, even unlocked.
+    drop(first);
+    let third = claim_free_name(tempfile::tempdir().unwrap().path(), &HashSet::new()).unwrap();
+    assert!(
+        third.name != "/dev/sdf" && third.name != "/dev/sdg",
+        "{}",
+        third.name
+    );
+
+    for volume in [&partitioned, &flat] {
+        clients
+            .ec2
+            .detach_volume()
+            .volume_id(volume)
+            .instance_id(&host)
+            .send()
+            .await
+            .unwrap();
+        wait_state(&clients, volume, "available").await;
+        clients
+            .ec2
+            .delete_volume()
+            .volume_id(volume)
+            .send()
+            .await
+            .unwrap();
+    }
+    let err = wait_for_device(&flat, &second.name, std::time::Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("no block device for it appeared within 0s"),
+        "{err}"
+    );
+}
