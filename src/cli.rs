@@ -57,6 +57,22 @@ pub enum Command {
     /// Check templates without calling AWS.
     #[command(after_help = "Example:\n  amibake validate templates/*.toml")]
     Validate(ValidateArgs),
+    /// Used by `bake` itself: unpack standard input into the image, from inside its chroot.
+    #[command(hide = true)]
+    InternalExtract(InternalExtractArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct InternalExtractArgs {
+    /// The mounted image to chroot into.
+    #[arg(long)]
+    pub root: PathBuf,
+    /// The destination directory, as the image sees it.
+    #[arg(long)]
+    pub dest: String,
+    /// `user` or `user:group` of the image.
+    #[arg(long)]
+    pub owner: Option<String>,
 }
 
 #[derive(Debug, Args)]

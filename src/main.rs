@@ -40,6 +40,19 @@ async fn run(cli: Cli) -> i32 {
     };
     let result = match cli.command {
         Command::Validate(args) => return validate_all(&args.templates, &vars, cli.global.output),
+        Command::InternalExtract(args) => {
+            return match amibake::host::extract::child_main(
+                &args.root,
+                &args.dest,
+                args.owner.as_deref(),
+            ) {
+                Ok(_) => exit::OK,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    exit::BUILD_FAILED
+                }
+            }
+        }
         Command::Base(args) => {
             base::run(&base::BaseOptions {
                 template: args.template,

@@ -1,3 +1,4 @@
 //! The build-host side of `bake`: block devices, mounts and the chroot the code goes into.
 
 pub mod device;
+pub mod extract;

@@ -1,0 +1,462 @@
+//! Putting a code tarball into an image: byte-for-byte where the image resolves the
+//! destination, and never a write on the host, whatever the tarball or the image contains.
+//! Runs the real binary's chrooted child (`amibake internal-extract`) against an image root
+//! made in a temp dir, with a canary on the host that must never change.
+
+mod util;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use amibake::host::extract::{extract_into_image, Tarball};
+use tar::{Builder, EntryType, Header};
+use tokio_util::sync::CancellationToken;
+
+/// A minimal image root: its own users, and an absolute symlink as real images have.
+struct Image {
+    dir: tempfile::TempDir,
+}
+
+impl Image {
+    fn new() -> Image {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        for d in ["etc", "srv/www", "var", "tmp"] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        std::fs::write(
+            root.join("etc/passwd"),
+            "root:x:0:0::/root:/bin/sh\nwww-data:x:33:33::/var/www:/bin/sh\n",
+        )
+        .unwrap();
+        std::fs::write(root.join("etc/group"), "root:x:0:\nwww-data:x:33:\n").unwrap();
+        std::os::unix::fs::symlink("/srv/www", root.join("var/www")).unwrap();
+        Image { dir }
+    }
+    fn root(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// A directory on the host that no extraction may touch.
+struct Canary {
+    dir: tempfile::TempDir,
+}
+
+impl Canary {
+    fn new() -> Canary {
+        let dir = tempfile::Builder::new()
+            .prefix("amibake-canary-")
+            .tempdir()
+            .unwrap();
+        std::fs::write(dir.path().join("canary"), "untouched\n").unwrap();
+        Canary { dir }
+    }
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+    fn file(&self) -> PathBuf {
+        self.dir.path().join("canary")
+    }
+    fn assert_untouched(&self, case: &str) {
+        let names: Vec<_> = std::fs::read_dir(self.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(
+            names,
+            ["canary"],
+            "{case}: nothing new in the canary directory"
+        );
+        assert_eq!(
+            std::fs::read_to_string(self.file()).unwrap(),
+            "untouched\n",
+            "{case}"
+        );
+        assert_eq!(
+            std::fs::metadata(self.file()).unwrap().nlink(),
+            1,
+            "{case}: no hard link to the canary"
+        );
+    }
+}
+
+fn extract(image: &Image, dest: &str, owner: Option<&str>, tarball: &[u8]) -> util::Run {
+    let mut args = vec![
+        "internal-extract".to_string(),
+        "--root".into(),
+        image.root().display().to_string(),
+        "--dest".into(),
+        dest.into(),
+    ];
+    if let Some(o) = owner {
+        args.extend(["--owner".into(), o.into()]);
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_amibake"))
+        .args(&args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Fed from a thread while stdout is drained, as the real parent does: the child reports
+    // progress as it reads. A child that refuses early stops reading; that is its answer.
+    let mut stdin = child.stdin.take().unwrap();
+    let bytes = tarball.to_vec();
+    let feeder = std::thread::spawn(move || {
+        let _ = stdin.write_all(&bytes);
+    });
+    let output = child.wait_with_output().unwrap();
+    feeder.join().unwrap();
+    util::Run {
+        command: format!("amibake {}", args.join(" ")),
+        output,
+    }
+}
+
+fn header(kind: EntryType, size: u64, mode: u32) -> Header {
+    let mut h = Header::new_gnu();
+    h.set_entry_type(kind);
+    h.set_size(size);
+    h.set_mode(mode);
+    h.set_mtime(1_700_000_000);
+    h
+}
+
+/// Appends an entry whose name is written raw, bypassing the builder's own path checks, as
+/// a hostile tarball would be made.
+fn append_raw(
+    b: &mut Builder<Vec<u8>>,
+    kind: EntryType,
+    name: &str,
+    link: Option<&str>,
+    data: &[u8],
+) {
+    let mut h = header(kind, data.len() as u64, 0o644);
+    let raw = h.as_old_mut();
+    raw.name = [0; 100];
+    raw.name[..name.len()].copy_from_slice(name.as_bytes());
+    if let Some(link) = link {
+        raw.linkname = [0; 100];
+        raw.linkname[..link.len()].copy_from_slice(link.as_bytes());
+    }
+    h.set_cksum();
+    b.append(&h, data).unwrap();
+}
+
+fn tarball(build: impl FnOnce(&mut Builder<Vec<u8>>)) -> Vec<u8> {
+    let mut b = Builder::new(Vec::new());
+    build(&mut b);
+    b.into_inner().unwrap()
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+/// What a composer build looks like: thousands of files in nested directories, links of
+/// every kind, empty directories, executables, UTF-8 and long names. Returns the tarball and
+/// the expected regular files (relative path → content).
+fn composer_like() -> (Vec<u8>, BTreeMap<String, Vec<u8>>) {
+    let mut files = BTreeMap::new();
+    let mut b = Builder::new(Vec::new());
+    for pkg in 0..40 {
+        for file in 0..60 {
+            let path = format!("vendor/pkg{pkg}/src/Sub{}/Class{file}.php", file % 4);
+            let body = format!(
+                "<?php // package {pkg} file {file}\n{}",
+                "x".repeat((pkg * 37 + file * 11) % 900)
+            )
+            .into_bytes();
+            files.insert(path, body);
+        }
+    }
+    files.insert(
+        "bin/console".into(),
+        b"#!/usr/bin/env php\n<?php echo 'hi';\n".to_vec(),
+    );
+    files.insert(
+        "résumé/naïve-ünïcode.txt".into(),
+        "héllo wörld\n".as_bytes().to_vec(),
+    );
+    let long = format!("deep/{}/{}.txt", "d".repeat(90), "long-name-".repeat(12));
+    files.insert(
+        long.clone(),
+        b"long names need PAX or GNU headers\n".to_vec(),
+    );
+    for (path, body) in &files {
+        let mode = if path == "bin/console" { 0o755 } else { 0o644 };
+        let mut h = header(EntryType::Regular, body.len() as u64, mode);
+        b.append_data(&mut h, path, body.as_slice()).unwrap();
+    }
+    let mut dir = header(EntryType::Directory, 0, 0o755);
+    b.append_data(&mut dir, "storage/cache/empty", std::io::empty())
+        .unwrap();
+    for (name, target) in [
+        ("vendor/bin/console", "../../bin/console"),
+        ("public/hostname-link", "/etc/hostname"),
+    ] {
+        let mut h = header(EntryType::Symlink, 0, 0o777);
+        b.append_link(&mut h, name, target).unwrap();
+    }
+    let mut hard = header(EntryType::Link, 0, 0o644);
+    b.append_link(&mut hard, "bin/console-hardlink", "bin/console")
+        .unwrap();
+    (b.into_inner().unwrap(), files)
+}
+
+#[test]
+fn a_composer_like_tarball_lands_byte_for_byte_where_the_image_resolves_dest() {
+    let (tar_bytes, files) = composer_like();
+    let zstd_bytes = zstd::encode_all(tar_bytes.as_slice(), 3).unwrap();
+    for (dest, bytes) in [
+        ("/var/www/shop", gzip(&tar_bytes)),
+        ("/var/www/plain", tar_bytes.clone()),
+        ("/opt/zstd", zstd_bytes),
+    ] {
+        let image = Image::new();
+        let canary = Canary::new();
+        extract(&image, dest, Some("www-data"), &bytes).expect_code(0);
+        // The image's /var/www is a link to /srv/www: the files are where the image sees them.
+        let landed = image
+            .root()
+            .join(dest.trim_start_matches('/').replace("var/www", "srv/www"));
+        for (path, body) in &files {
+            assert_eq!(
+                &std::fs::read(landed.join(path)).unwrap(),
+                body,
+                "{dest}: {path}"
+            );
+        }
+        let console = std::fs::metadata(landed.join("bin/console")).unwrap();
+        assert_eq!(console.permissions().mode() & 0o777, 0o755, "exec bit kept");
+        assert_eq!(console.mtime(), 1_700_000_000, "mtime kept");
+        assert_eq!(
+            std::fs::metadata(landed.join("bin/console-hardlink"))
+                .unwrap()
+                .ino(),
+            console.ino(),
+            "hard link kept"
+        );
+        assert_eq!(
+            std::fs::read_link(landed.join("vendor/bin/console")).unwrap(),
+            Path::new("../../bin/console")
+        );
+        assert_eq!(
+            std::fs::read_link(landed.join("public/hostname-link")).unwrap(),
+            Path::new("/etc/hostname")
+        );
+        assert!(
+            landed.join("storage/cache/empty").is_dir(),
+            "empty directory kept"
+        );
+        assert_eq!(
+            std::fs::symlink_metadata(landed.join("vendor/bin/console"))
+                .unwrap()
+                .uid(),
+            33,
+            "owner from the image's passwd"
+        );
+        assert_eq!(
+            std::fs::metadata(landed.join("résumé/naïve-ünïcode.txt"))
+                .unwrap()
+                .gid(),
+            33
+        );
+        canary.assert_untouched(dest);
+    }
+}
+
+#[test]
+fn hostile_and_broken_tarballs_are_refused_or_contained_and_the_host_is_never_touched() {
+    let canary = Canary::new();
+    let canary_dir = canary.path().display().to_string();
+    let canary_file = canary.file().display().to_string();
+    struct Case {
+        name: &'static str,
+        bytes: Vec<u8>,
+        /// None: contained (exit 0); Some(text): refused with this in the error.
+        refused_with: Option<&'static str>,
+    }
+    let mut corrupted = tarball(|b| append_raw(b, EntryType::Regular, "ok.txt", None, b"fine"));
+    corrupted[150] ^= 0xff; // inside the header's checksummed bytes
+    let full = gzip(&composer_like().0);
+    let cases = vec![
+        Case { name: "dot-dot path", bytes: tarball(|b| append_raw(b, EntryType::Regular, "../../escape.txt", None, b"out")), refused_with: Some("tarball entry 1 (../../escape.txt): its path leaves the destination") },
+        Case { name: "absolute path", bytes: tarball(|b| append_raw(b, EntryType::Regular, "/etc/amibake-absolute", None, b"abs")), refused_with: None },
+        Case {
+            name: "symlink out, then a write through it",
+            bytes: tarball(|b| {
+                append_raw(b, EntryType::Symlink, "out", Some(&canary_dir), b"");
+                append_raw(b, EntryType::Regular, "out/pwned", None, b"pwned");
+            }),
+            refused_with: Some("tarball entry 2 (out/pwned)"),
+        },
+        Case {
+            name: "symlink to a directory the image has, then a write through it",
+            bytes: tarball(|b| {
+                append_raw(b, EntryType::Symlink, "etc-link", Some("/etc"), b"");
+                append_raw(b, EntryType::Regular, "etc-link/pwned", None, b"pwned");
+            }),
+            refused_with: Some("tarball entry 2 (etc-link/pwned): trying to unpack outside of destination path: /srv/www/app"),
+        },
+        Case { name: "hard link to a host file", bytes: tarball(|b| append_raw(b, EntryType::Link, "hl", Some(&canary_file), b"")), refused_with: Some("tarball entry 1 (hl)") },
+        Case { name: "device node", bytes: tarball(|b| append_raw(b, EntryType::Char, "dev-null", None, b"")), refused_with: Some("tarball entry 1 (dev-null): device nodes are not allowed") },
+        Case { name: "fifo", bytes: tarball(|b| append_raw(b, EntryType::Fifo, "pipe", None, b"")), refused_with: Some("tarball entry 1 (pipe): FIFOs are not allowed") },
+        Case { name: "truncated gzip", bytes: full[..full.len() / 2].to_vec(), refused_with: Some("tarball") },
+        Case { name: "checksum error", bytes: corrupted, refused_with: Some("damaged or not a tar archive") },
+    ];
+    for case in cases {
+        let image = Image::new();
+        let run = extract(&image, "/srv/www/app", None, &case.bytes);
+        match case.refused_with {
+            Some(text) => {
+                run.expect_code(1);
+                assert!(
+                    run.stderr().contains(text),
+                    "{}: wanted {text:?}\n{}",
+                    case.name,
+                    run.dump()
+                );
+            }
+            None => {
+                run.expect_code(0);
+                assert!(
+                    image
+                        .root()
+                        .join("srv/www/app/etc/amibake-absolute")
+                        .exists(),
+                    "{}: contained in dest",
+                    case.name
+                );
+                assert!(
+                    !Path::new("/etc/amibake-absolute").exists(),
+                    "{}: not on the host",
+                    case.name
+                );
+            }
+        }
+        assert!(
+            !image.root().join("etc/pwned").exists(),
+            "{}: nothing written outside dest in the image either",
+            case.name
+        );
+        canary.assert_untouched(case.name);
+    }
+}
+
+#[test]
+fn a_symlink_already_in_the_image_to_a_host_path_stays_inside_the_image() {
+    let canary = Canary::new();
+    let image = Image::new();
+    std::fs::create_dir_all(image.root().join("srv/www/app")).unwrap();
+    std::os::unix::fs::symlink(canary.path(), image.root().join("srv/www/app/evil")).unwrap();
+    let bytes = tarball(|b| append_raw(b, EntryType::Regular, "evil/pwned", None, b"pwned"));
+    let run = extract(&image, "/srv/www/app", None, &bytes);
+    // Inside the chroot the link names the image's own path: it is made there, or refused.
+    if run.code() == 0 {
+        assert!(
+            image
+                .root()
+                .join(canary.path().strip_prefix("/").unwrap())
+                .join("pwned")
+                .exists(),
+            "{}",
+            run.dump()
+        );
+    } else {
+        assert!(
+            run.stderr().contains("tarball entry 1 (evil/pwned)"),
+            "{}",
+            run.dump()
+        );
+    }
+    canary.assert_untouched("symlink in the image");
+}
+
+#[test]
+fn an_unknown_owner_is_named() {
+    let image = Image::new();
+    let run = extract(&image, "/srv/www/app", Some("deploy"), &tarball(|_| {}));
+    run.expect_code(1);
+    assert!(
+        run.stderr()
+            .contains("owner `deploy`: no user `deploy` in the image's /etc/passwd"),
+        "{}",
+        run.dump()
+    );
+}
+
+#[tokio::test]
+async fn the_parent_side_reports_progress_and_errors() {
+    let (tar_bytes, files) = composer_like();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("app.tar.gz");
+    std::fs::write(&file, gzip(&tar_bytes)).unwrap();
+    let image = Image::new();
+    let exe = Path::new(env!("CARGO_BIN_EXE_amibake"));
+    let mut seen = Vec::new();
+    let done = extract_into_image(
+        exe,
+        image.root(),
+        "/var/www/app",
+        None,
+        &Tarball::File(file),
+        |p| seen.push(p),
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert!(
+        done.files as usize > files.len(),
+        "files, directories and links all count"
+    );
+    assert_eq!(seen.last(), Some(&done));
+    assert!(seen
+        .windows(2)
+        .all(|w| w[1].files > w[0].files && w[1].bytes >= w[0].bytes));
+
+    let err = extract_into_image(
+        exe,
+        image.root(),
+        "/var/www/app",
+        None,
+        &Tarball::File(dir.path().join("missing.tar")),
+        |_| {},
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.starts_with("cannot read the tarball") && err.contains("missing.tar"),
+        "{err}"
+    );
+
+    let bad = dir.path().join("bad.tar");
+    std::fs::write(
+        &bad,
+        tarball(|b| append_raw(b, EntryType::Regular, "../x", None, b"x")),
+    )
+    .unwrap();
+    let err = extract_into_image(
+        exe,
+        image.root(),
+        "/var/www/app",
+        None,
+        &Tarball::File(bad),
+        |_| {},
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "extraction failed: tarball entry 1 (../x): its path leaves the destination (`..`)"
+    );
+}
