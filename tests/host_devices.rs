@@ -11,6 +11,7 @@ use amibake::aws::{ami, sdk_config, AwsOptions, Clients};
 use amibake::host::device::{
     claim_free_name, root_filesystem, wait_for_device, DeviceError, DEVICE_APPEAR_TIMEOUT,
 };
+use amibake::host::mount;
 use amibake::template::{AmiFilter, AmiRef};
 use tokio_util::sync::CancellationToken;
 use util::localcloud::LocalCloud;
@@ -81,7 +82,7 @@ async fn wait_state(clients: &Clients, volume_id: &str, wanted: &'static str) {
 
 /// One test, one cloud: the SDK reads its endpoint from process environment variables.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn attached_volumes_are_found_by_volume_id_with_their_root_partition() {
+async fn attached_volumes_are_found_mounted_as_a_chroot_and_put_back() {
     let cloud = LocalCloud::start("quick");
     for (key, value) in &cloud.env {
         std::env::set_var(key, value);
@@ -144,6 +145,65 @@ async fn attached_volumes_are_found_by_volume_id_with_their_root_partition() {
         matches!(err, DeviceError::NoPartition { partition: 2, .. }),
         "{err}"
     );
+
+    // The unpartitioned root mounted and prepared as a chroot, then put back as it was.
+    let mnt = tempfile::tempdir().unwrap();
+    let image_resolv = "# the image's own resolv.conf\nnameserver 169.254.169.253\n";
+    mount::mount_root(&found[1], mnt.path()).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(mnt.path().join("etc/resolv.conf")).unwrap(),
+        image_resolv
+    );
+    let mut mounted = Vec::new();
+    mount::mount_chroot_filesystems(mnt.path(), &mut mounted).unwrap();
+    let mut files = mount::TemporaryFiles::default();
+    mount::put_chroot_files(mnt.path(), &mut files).unwrap();
+    let inside = std::process::Command::new("chroot")
+        .arg(mnt.path())
+        .args(["/bin/sh", "-c", "cat /etc/resolv.conf; test -d /proc/self && test -c /dev/null && /usr/sbin/policy-rc.d; echo policy=$?"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&inside.stdout);
+    assert!(
+        text.starts_with(&std::fs::read_to_string("/etc/resolv.conf").unwrap()),
+        "{text}"
+    );
+    assert!(
+        text.ends_with("policy=101\n"),
+        "services are kept from starting: {text}"
+    );
+
+    // A process working in the image holds it: the error names it, and the mount stays.
+    let holder = std::process::Command::new("sleep")
+        .arg("60")
+        .current_dir(mnt.path().join("run"))
+        .spawn()
+        .unwrap();
+    let err = mount::unmount(&mnt.path().join("run"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&format!("held by pid {} (sleep)", holder.id())),
+        "{err}"
+    );
+    std::process::Command::new("kill")
+        .arg(holder.id().to_string())
+        .status()
+        .unwrap();
+    let mut holder = holder;
+    holder.wait().unwrap();
+
+    assert!(files.restore().is_empty());
+    assert!(mount::unmount_all(&mut mounted).is_empty());
+    assert!(!mount::is_mount_point(&mnt.path().join("proc")));
+    assert_eq!(
+        std::fs::read_to_string(mnt.path().join("etc/resolv.conf")).unwrap(),
+        image_resolv,
+        "the image's own file is back"
+    );
+    assert!(!mnt.path().join("usr/sbin/policy-rc.d").exists());
+    mount::unmount(mnt.path()).unwrap();
+    assert!(!mount::is_mount_point(mnt.path()));
 
     // A name whose device the host already shows is not handed out again, even unlocked.
     drop(first);
