@@ -6,9 +6,11 @@
 //! structs and already-built SDK clients, so a test can point it at any endpoint.
 
 pub mod aws;
+pub mod communicator;
 pub mod engine;
 pub mod host;
 pub mod modes;
+pub mod provision;
 pub mod run_id;
 pub mod template;
 pub mod validate;

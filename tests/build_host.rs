@@ -1,18 +1,24 @@
-//! Finding an attached volume's block device and root filesystem on the build host, against
-//! the local cloud's real loop devices and Nitro-style names.
+//! The build-host side of `bake`, against the local cloud's real loop devices and Nitro-style
+//! names: finding an attached volume's device and root filesystem, mounting it as a chroot,
+//! running provisioners in it, and putting it all back.
 
 mod util;
 
 use std::collections::HashSet;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use amibake::aws::wait::{wait_for, Poll, WaitPolicy};
 use amibake::aws::{ami, sdk_config, AwsOptions, Clients};
+use amibake::communicator::chroot::Chroot;
+use amibake::engine::{Event, EventSink, Progress};
 use amibake::host::device::{
     claim_free_name, root_filesystem, wait_for_device, DeviceError, DEVICE_APPEAR_TIMEOUT,
 };
 use amibake::host::mount;
+use amibake::provision;
 use amibake::template::{AmiFilter, AmiRef};
+use amibake::template::{Provisioner, ProvisionerAction};
 use tokio_util::sync::CancellationToken;
 use util::localcloud::LocalCloud;
 
@@ -80,9 +86,121 @@ async fn wait_state(clients: &Clients, volume_id: &str, wanted: &'static str) {
     .unwrap();
 }
 
+struct Collect(Mutex<Vec<Event>>);
+impl EventSink for Collect {
+    fn emit(&self, event: &Event) {
+        self.0.lock().unwrap().push(event.clone());
+    }
+}
+
+fn provisioner(name: &str, action: ProvisionerAction, env: &[(&str, &str)]) -> Provisioner {
+    Provisioner {
+        name: name.into(),
+        action,
+        env: env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    }
+}
+
+async fn provision_in_chroot(root: &Path) {
+    let chroot = Chroot::new(root);
+    let sink = Arc::new(Collect(Mutex::new(Vec::new())));
+    let progress = Progress::new(sink.clone(), "provision");
+    let cancel = CancellationToken::new();
+    let upload_source = util::repo_root().join("provisioners/files/php-fpm-pool.conf");
+    let good = [
+        provisioner(
+            "inline",
+            ProvisionerAction::Inline(vec![
+                "echo \"$GREETING\" > /etc/amibake-inline".into(),
+                "id -u; echo to-stderr >&2".into(),
+            ]),
+            &[("GREETING", "hello from the chroot")],
+        ),
+        provisioner(
+            "unit",
+            ProvisionerAction::Script(util::repo_root().join("provisioners/worker-unit.sh")),
+            &[("APP", "worker")],
+        ),
+        provisioner(
+            "pool",
+            ProvisionerAction::Upload {
+                source: upload_source.clone(),
+                destination: "/etc/php/pool.d/www.conf".into(),
+            },
+            &[],
+        ),
+    ];
+    provision::run_all(&chroot, &good, &progress, &cancel)
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(root.join("etc/amibake-inline")).unwrap(),
+        "hello from the chroot\n"
+    );
+    assert!(
+        std::fs::read_to_string(root.join("etc/systemd/system/worker.service"))
+            .unwrap()
+            .contains("ExecStart=/opt/worker/bin/worker")
+    );
+    assert_eq!(
+        std::fs::read(root.join("etc/php/pool.d/www.conf")).unwrap(),
+        std::fs::read(&upload_source).unwrap()
+    );
+    assert!(
+        !std::fs::read_dir(root.join("tmp"))
+            .unwrap()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with("amibake-")),
+        "scripts removed"
+    );
+    let outputs: Vec<(String, String)> = sink
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|e| match e {
+            Event::Output { source, line, .. } => Some((source.clone(), line.clone())),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        outputs.contains(&("inline".into(), "0".into())),
+        "runs as root, output streamed: {outputs:?}"
+    );
+    assert!(
+        outputs.contains(&("inline".into(), "to-stderr".into())),
+        "stderr streamed too: {outputs:?}"
+    );
+
+    let failing = [provisioner(
+        "migrate",
+        ProvisionerAction::Inline(vec![
+            "true".into(),
+            "echo half-done; exit 3".into(),
+            "touch /etc/never".into(),
+        ]),
+        &[],
+    )];
+    let err = provision::run_all(&chroot, &failing, &progress, &cancel)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        err,
+        "provisioner `migrate`: `echo half-done; exit 3` exited with 3; last output:\nhalf-done"
+    );
+    assert!(
+        !root.join("etc/never").exists(),
+        "nothing runs after a failure"
+    );
+}
+
 /// One test, one cloud: the SDK reads its endpoint from process environment variables.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn attached_volumes_are_found_mounted_as_a_chroot_and_put_back() {
+async fn attached_volumes_are_found_mounted_as_a_chroot_provisioned_and_put_back() {
     let cloud = LocalCloud::start("quick");
     for (key, value) in &cloud.env {
         std::env::set_var(key, value);
@@ -172,6 +290,9 @@ async fn attached_volumes_are_found_mounted_as_a_chroot_and_put_back() {
         text.ends_with("policy=101\n"),
         "services are kept from starting: {text}"
     );
+
+    // Provisioners run in the chroot through the same code `base` runs over SSH.
+    provision_in_chroot(mnt.path()).await;
 
     // A process working in the image holds it: the error names it, and the mount stays.
     let holder = std::process::Command::new("sleep")

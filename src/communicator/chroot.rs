@@ -1,0 +1,117 @@
+//! The chroot communicator: commands run inside the mounted image with `chroot`, so every
+//! path they touch is the image's. Files are written from inside the chroot as well, so a
+//! symlink in the image can never send a write to the host.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use async_trait::async_trait;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use super::{CommError, Communicator};
+
+/// The PATH commands see in the chroot: the usual one of a Linux image.
+const CHROOT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+pub struct Chroot {
+    root: PathBuf,
+}
+
+impl Chroot {
+    pub fn new(root: impl Into<PathBuf>) -> Chroot {
+        Chroot { root: root.into() }
+    }
+
+    fn command(&self, env: &BTreeMap<String, String>) -> tokio::process::Command {
+        let mut command = tokio::process::Command::new("chroot");
+        // Nothing of the host's environment leaks in, credentials included.
+        command
+            .arg(&self.root)
+            .env_clear()
+            .env("PATH", CHROOT_PATH)
+            .env("HOME", "/root")
+            .env("LANG", "C.UTF-8");
+        command.envs(env).kill_on_drop(true);
+        command
+    }
+
+    fn failed(&self, action: impl Into<String>, reason: impl ToString) -> CommError {
+        CommError::Failed {
+            target: self.target(),
+            action: action.into(),
+            reason: reason.to_string(),
+        }
+    }
+}
+
+#[async_trait]
+impl Communicator for Chroot {
+    fn target(&self) -> String {
+        format!("chroot {}", self.root.display())
+    }
+
+    async fn run(
+        &self,
+        command: &str,
+        env: &BTreeMap<String, String>,
+        on_line: &mut (dyn for<'l> FnMut(&'l str) + Send),
+    ) -> Result<i32, CommError> {
+        // `exec 2>&1` merges the streams inside the image, keeping their order; the command
+        // itself travels as an argument, so nothing is quoted or pasted into a shell string.
+        let mut child = self
+            .command(env)
+            .args([
+                "/bin/sh",
+                "-c",
+                "exec 2>&1; exec /bin/sh -c \"$1\"",
+                "amibake",
+            ])
+            .arg(command)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| self.failed(format!("run `{command}`"), e))?;
+        let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
+        while let Some(line) = lines
+            .next_line()
+            .await
+            .map_err(|e| self.failed(format!("read the output of `{command}`"), e))?
+        {
+            on_line(&line);
+        }
+        let status = child
+            .wait()
+            .await
+            .map_err(|e| self.failed(format!("run `{command}`"), e))?;
+        // A command killed by a signal has no exit code; report it as the shell would.
+        Ok(status.code().unwrap_or_else(|| {
+            128 + std::os::unix::process::ExitStatusExt::signal(&status).unwrap_or(0)
+        }))
+    }
+
+    async fn upload(&self, source: &Path, destination: &str, mode: u32) -> Result<(), CommError> {
+        let action = || format!("copy {} to {destination}", source.display());
+        let file = std::fs::File::open(source).map_err(|e| self.failed(action(), e))?;
+        let out = self
+            .command(&BTreeMap::new())
+            .args([
+                "/bin/sh",
+                "-c",
+                "mkdir -p \"$(dirname \"$1\")\" && cat > \"$1\" && chmod \"$2\" \"$1\"",
+                "upload",
+            ])
+            .arg(destination)
+            .arg(format!("{mode:o}"))
+            .stdin(Stdio::from(file))
+            .output()
+            .await
+            .map_err(|e| self.failed(action(), e))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(self.failed(action(), String::from_utf8_lossy(&out.stderr).trim()))
+        }
+    }
+}

@@ -1,0 +1,38 @@
+//! How provisioners reach the machine they provision: a chroot on the build host (`bake`) or
+//! SSH to a temporary instance (`base`). The provisioner code runs the same over either.
+
+pub mod chroot;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use async_trait::async_trait;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CommError {
+    #[error("{target}: cannot {action}: {reason}")]
+    Failed {
+        target: String,
+        action: String,
+        reason: String,
+    },
+}
+
+/// Runs commands and places files on the machine being provisioned, as root.
+#[async_trait]
+pub trait Communicator: Send + Sync {
+    /// What it talks to, for messages: "chroot /mnt/ab-1", "ssh admin@127.0.1.5".
+    fn target(&self) -> String;
+
+    /// Runs `command` with `/bin/sh -c` and `env`, passing each line of its output (stdout and
+    /// stderr together) to `on_line`. Returns the exit code.
+    async fn run(
+        &self,
+        command: &str,
+        env: &BTreeMap<String, String>,
+        on_line: &mut (dyn for<'l> FnMut(&'l str) + Send),
+    ) -> Result<i32, CommError>;
+
+    /// Copies the local file `source` to `destination` on the target, with `mode`.
+    async fn upload(&self, source: &Path, destination: &str, mode: u32) -> Result<(), CommError>;
+}
