@@ -5,6 +5,7 @@
 //! The binary only parses arguments and renders outcomes; everything here takes plain option
 //! structs and already-built SDK clients, so a test can point it at any endpoint.
 
+pub mod artifact;
 pub mod aws;
 pub mod communicator;
 pub mod engine;

@@ -9,10 +9,15 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+use std::sync::Arc;
+
 use amibake::aws::AwsOptions;
+use amibake::engine::render::{JsonLines, PlainLines, TerminalBars};
+use amibake::engine::{self, EventSink, Outcome};
 use amibake::modes::{bake, base, CommonOptions, ModeError};
 use amibake::{exit, validate};
 use cli::{Cli, Command, OutputFormat};
+use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -38,14 +43,12 @@ async fn run(cli: Cli) -> i32 {
         force,
         manifest,
     };
-    let result = match cli.command {
-        Command::Validate(args) => return validate_all(&args.templates, &vars, cli.global.output),
+    let output = cli.global.output;
+    match cli.command {
+        Command::Validate(args) => validate_all(&args.templates, &vars, output),
         Command::InternalExtract(args) => {
-            return match amibake::host::extract::child_main(
-                &args.root,
-                &args.dest,
-                args.owner.as_deref(),
-            ) {
+            match amibake::host::extract::child_main(&args.root, &args.dest, args.owner.as_deref())
+            {
                 Ok(_) => exit::OK,
                 Err(e) => {
                     eprintln!("error: {e}");
@@ -54,26 +57,112 @@ async fn run(cli: Cli) -> i32 {
             }
         }
         Command::Base(args) => {
-            base::run(&base::BaseOptions {
+            let options = base::BaseOptions {
                 template: args.template,
                 common: common(args.force, args.manifest),
-            })
-            .await
+            };
+            match base::run(&options).await {
+                Ok(()) => exit::OK,
+                Err(e) => report_error(e),
+            }
         }
         Command::Bake(args) => {
-            bake::run(&bake::BakeOptions {
+            let amibake_exe = match std::env::current_exe() {
+                Ok(exe) => exe,
+                Err(e) => {
+                    eprintln!(
+                        "error: cannot find the amibake binary to run the extraction with: {e}"
+                    );
+                    return exit::BUILD_FAILED;
+                }
+            };
+            let manifest_file = args.manifest.clone();
+            let options = bake::BakeOptions {
                 template: args.template,
                 tarball: args.tarball,
                 commit: args.commit,
                 common: common(args.force, args.manifest),
-            })
-            .await
+                amibake_exe,
+            };
+            let sink = progress_renderer(output);
+            let cancel = CancellationToken::new();
+            if let Err(e) = engine::cancel_on_signals(cancel.clone(), sink.clone()) {
+                eprintln!("error: cannot watch for interrupts: {e}");
+                return exit::BUILD_FAILED;
+            }
+            match bake::run(&options, sink, cancel).await {
+                Ok(result) => report_bake(result, output, manifest_file.as_deref()),
+                Err(e) => report_error(e),
+            }
         }
-    };
-    match result {
-        Ok(()) => exit::OK,
-        Err(e) => report_error(e),
     }
+}
+
+/// Bars on a terminal, timestamped lines in logs, JSON lines for programs; all on stderr.
+fn progress_renderer(output: OutputFormat) -> Arc<dyn EventSink> {
+    match output {
+        OutputFormat::Json => Arc::new(JsonLines::new(Box::new(std::io::stderr()))),
+        OutputFormat::Human
+            if std::io::stdout().is_terminal() && std::io::stderr().is_terminal() =>
+        {
+            Arc::new(TerminalBars::new())
+        }
+        OutputFormat::Human => Arc::new(PlainLines::new(Box::new(std::io::stderr()))),
+    }
+}
+
+/// The bake's outcome, said once: the result on stdout, what went wrong on stderr.
+fn report_bake(
+    result: bake::BakeResult,
+    output: OutputFormat,
+    manifest_file: Option<&std::path::Path>,
+) -> i32 {
+    if let Some(report) = &result.report {
+        match &report.outcome {
+            Outcome::Succeeded => {}
+            Outcome::Failed { step, error } => eprintln!("error: {step}: {error}"),
+            Outcome::Interrupted { step } => {
+                eprintln!("error: interrupted during {step}; cleaned up what it had made")
+            }
+        }
+        for left in &report.leftovers {
+            eprintln!("error: could not clean up {left}");
+        }
+    }
+    let code = result
+        .report
+        .as_ref()
+        .map(|r| r.exit_code())
+        .unwrap_or(exit::OK);
+    let Some(manifest) = result.manifest else {
+        return code;
+    };
+    let json = serde_json::to_string(&manifest).unwrap_or_default();
+    if let Some(path) = manifest_file {
+        if let Err(e) = std::fs::write(path, format!("{json}\n")) {
+            eprintln!(
+                "error: cannot write the manifest to {}: {e}",
+                path.display()
+            );
+            return exit::BUILD_FAILED;
+        }
+    }
+    match output {
+        OutputFormat::Json => println!("{json}"),
+        OutputFormat::Human => {
+            let how = if manifest.reused {
+                "reused (same fingerprint)"
+            } else {
+                "baked"
+            };
+            eprintln!(
+                "{how}: {} \"{}\" in {} from {} at {}",
+                manifest.ami_id, manifest.name, manifest.region, manifest.base_ami, manifest.commit
+            );
+            println!("{}", manifest.ami_id);
+        }
+    }
+    code
 }
 
 /// Prints an error once, from here, with its whole cause chain on one line; a template with

@@ -245,7 +245,7 @@ fn bake_refuses_an_invalid_template_with_exit_2() {
 }
 
 #[test]
-fn unbuilt_modes_say_so_and_exit_1() {
+fn bake_off_a_build_host_says_it_needs_one() {
     let run = amibake(&[
         "bake",
         "templates/shop.toml",
@@ -255,11 +255,12 @@ fn unbuilt_modes_say_so_and_exit_1() {
         "abc1234",
     ]);
     run.expect_code(1);
-    assert!(
-        run.stderr().contains("`amibake bake` is not built yet"),
-        "{}",
-        run.dump()
-    );
+    let wanted = "error: cannot read /latest/meta-data/instance-id from the instance metadata service (IMDSv2); `amibake bake` runs on an EC2 build host";
+    assert!(run.stderr().starts_with(wanted), "{}", run.dump());
+}
+
+#[test]
+fn base_is_not_built_yet_and_says_so() {
     let run = amibake(&["base", "templates/shop.toml"]);
     run.expect_code(1);
     assert!(

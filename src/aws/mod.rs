@@ -3,6 +3,7 @@
 
 pub mod ami;
 pub mod host;
+pub mod resources;
 pub mod wait;
 
 use aws_config::retry::RetryConfig;

@@ -28,13 +28,16 @@ pub enum ModeError {
     Usage(String),
     #[error("`amibake {0}` is not built yet: this release only validates its template")]
     NotBuiltYet(&'static str),
+    /// Failed before anything was created (metadata, AMI lookup, reading inputs).
+    #[error("{0}")]
+    Failed(String),
 }
 
 impl ModeError {
     pub fn exit_code(&self) -> i32 {
         match self {
             ModeError::Template(_) | ModeError::Usage(_) => crate::exit::USAGE,
-            ModeError::NotBuiltYet(_) => crate::exit::BUILD_FAILED,
+            ModeError::NotBuiltYet(_) | ModeError::Failed(_) => crate::exit::BUILD_FAILED,
         }
     }
 }

@@ -43,8 +43,11 @@ impl Run {
     }
 }
 
-/// Runs `amibake ARGS` in `dir` with no AWS settings from the caller's environment, so a test
-/// can never reach a real account by accident.
+/// Where AWS is, for a run with no local cloud: a closed loopback port, so nothing a test runs
+/// can reach a real account or the link-local metadata address.
+pub const NOWHERE: &str = "http://127.0.0.1:9";
+
+/// Runs `amibake ARGS` in `dir` with every AWS endpoint pointed at `NOWHERE`.
 pub fn amibake_in(dir: &Path, args: &[&str]) -> Run {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_amibake"));
     cmd.args(args).current_dir(dir);
@@ -53,6 +56,11 @@ pub fn amibake_in(dir: &Path, args: &[&str]) -> Run {
             cmd.env_remove(key);
         }
     }
+    cmd.env("AWS_ENDPOINT_URL", NOWHERE)
+        .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", NOWHERE)
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test");
     let output = cmd.output().expect("amibake binary runs");
     Run {
         command: format!("amibake {}", args.join(" ")),

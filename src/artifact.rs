@@ -1,0 +1,91 @@
+//! What a built image is known by: its tags, its fingerprint (what it was built from, so an
+//! identical build can be found and reused) and the manifest a pipeline reads.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::Path;
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+pub const TAG_BUILD_ID: &str = "amibake:build-id";
+pub const TAG_FINGERPRINT: &str = "amibake:fingerprint";
+pub const TAG_COMMIT: &str = "amibake:commit";
+pub const TAG_TARBALL_SHA256: &str = "amibake:tarball-sha256";
+pub const TAG_BASE_AMI: &str = "amibake:base-ami";
+
+/// SHA-256 of a file, as lowercase hex.
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex(&hasher.finalize()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The fingerprint of a build: the same inputs give the same fingerprint. `parts` are
+/// (name, value) pairs; each is length-prefixed so no two different inputs can collide by
+/// concatenation.
+pub fn fingerprint(parts: &[(&str, &str)]) -> String {
+    let mut hasher = Sha256::new();
+    for (name, value) in parts {
+        for field in [name, value] {
+            hasher.update((field.len() as u64).to_be_bytes());
+            hasher.update(field.as_bytes());
+        }
+    }
+    hex(&hasher.finalize())
+}
+
+/// What `bake` prints as its result, and writes with `--manifest`.
+#[derive(Debug, Clone, Serialize)]
+pub struct BakeManifest {
+    pub ami_id: String,
+    pub region: String,
+    pub name: String,
+    pub snapshot_id: Option<String>,
+    pub base_ami: String,
+    pub commit: String,
+    pub tarball_sha256: String,
+    pub fingerprint: String,
+    pub build_id: String,
+    /// True when an image with the same fingerprint existed and was reused.
+    pub reused: bool,
+    pub files: u64,
+    pub bytes: u64,
+    pub step_seconds: BTreeMap<String, f64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprints_change_with_any_input_and_do_not_collide_by_concatenation() {
+        let a = fingerprint(&[("base", "ami-1"), ("tarball", "abc")]);
+        assert_eq!(a, fingerprint(&[("base", "ami-1"), ("tarball", "abc")]));
+        assert_ne!(a, fingerprint(&[("base", "ami-2"), ("tarball", "abc")]));
+        assert_ne!(fingerprint(&[("a", "bc")]), fingerprint(&[("ab", "c")]));
+    }
+
+    #[test]
+    fn sha256_of_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, "abc").unwrap();
+        assert_eq!(
+            sha256_file(&path).unwrap(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+}

@@ -1,0 +1,343 @@
+//! `amibake bake`: a deployment AMI from a base AMI and a code tarball, chroot-style.
+//!
+//! First, without creating anything: learn the build host, resolve the base AMI, digest the
+//! tarball and fingerprint the inputs; an available image with that fingerprint is reused.
+//! Then the engine runs the steps below, each undone on failure or interrupt.
+
+mod steps;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use aws_sdk_ec2::types::Filter;
+use tokio_util::sync::CancellationToken;
+
+use super::{load_for_run, CommonOptions, ModeError};
+use crate::artifact::{self, BakeManifest, TAG_FINGERPRINT};
+use crate::aws::ami::{self, BaseImage};
+use crate::aws::host::{self, HostIdentity};
+use crate::aws::{sdk_config, AwsError, Clients};
+use crate::engine::{self, EventSink, RunReport, Step, UndoId};
+use crate::host::device::DeviceName;
+use crate::host::extract::Extracted;
+use crate::template::{BakePlan, Commit, ProvisionerAction};
+
+#[derive(Debug, Clone)]
+pub struct BakeOptions {
+    pub template: PathBuf,
+    /// `-` reads standard input.
+    pub tarball: PathBuf,
+    pub commit: Option<String>,
+    pub common: CommonOptions,
+    /// This binary, which the chrooted extraction runs as (`std::env::current_exe()`).
+    pub amibake_exe: PathBuf,
+}
+
+/// The steps, in order: the bake reads as this list.
+fn steps() -> Vec<Box<dyn Step<BakeState>>> {
+    vec![
+        Box::new(steps::CreateVolume),
+        Box::new(steps::AttachVolume),
+        Box::new(steps::MountImage),
+        Box::new(steps::ExtractTarball),
+        Box::new(steps::RunProvisioners),
+        Box::new(steps::ReleaseVolume),
+        Box::new(steps::SnapshotVolume),
+        Box::new(steps::RegisterImage),
+    ]
+}
+
+/// Everything the steps share, typed.
+pub struct BakeState {
+    clients: Clients,
+    host: HostIdentity,
+    base: BaseImage,
+    plan: BakePlan,
+    name: String,
+    build_id: String,
+    commit: String,
+    tarball: PathBuf,
+    tarball_sha256: String,
+    fingerprint: String,
+    lock_dir: PathBuf,
+    mount_point: PathBuf,
+    amibake_exe: PathBuf,
+    volume_id: Option<String>,
+    device_name: Option<Arc<DeviceName>>,
+    root_device: Option<PathBuf>,
+    detach: Option<UndoId>,
+    unmount_root: Option<UndoId>,
+    unmount_chroot: Option<UndoId>,
+    restore_files: Option<UndoId>,
+    extracted: Extracted,
+    snapshot_id: Option<String>,
+    image_id: Option<String>,
+}
+
+/// How a bake ended: the manifest, and the engine's report when it ran.
+pub struct BakeResult {
+    pub manifest: Option<BakeManifest>,
+    pub report: Option<RunReport>,
+}
+
+/// CI systems' variables for the commit being built, most specific first.
+const COMMIT_VARIABLES: [&str; 5] = [
+    "GITHUB_SHA",
+    "CODEBUILD_RESOLVED_SOURCE_VERSION",
+    "CI_COMMIT_SHA",
+    "GIT_COMMIT",
+    "BUILD_VCS_NUMBER",
+];
+
+pub async fn run(
+    options: &BakeOptions,
+    sink: Arc<dyn EventSink>,
+    cancel: CancellationToken,
+) -> Result<BakeResult, ModeError> {
+    let commit = match &options.commit {
+        Some(sha) => check_commit(sha)?,
+        None => detect_commit().ok_or_else(|| ModeError::Usage("no commit: pass --commit SHA (no CI commit variable is set and this is not a git checkout)".into()))?,
+    };
+    if options.tarball.as_os_str() != "-" && !options.tarball.is_file() {
+        return Err(ModeError::Usage(format!(
+            "--tarball {}: no such file",
+            options.tarball.display()
+        )));
+    }
+    let (template, build_id) = load_for_run(
+        &options.template,
+        &options.common,
+        Commit::Known(commit.clone()),
+        "bake",
+    )?;
+    let plan = template.bake.expect("load_for_run checked the section");
+    let work = tempfile::Builder::new()
+        .prefix(&format!("amibake-{build_id}-"))
+        .tempdir()
+        .map_err(|e| ModeError::Failed(format!("cannot make a work directory: {e}")))?;
+    let tarball = spool_tarball(&options.tarball, work.path())?;
+
+    let clients = Clients::new(&sdk_config(&options.common.aws).await)
+        .map_err(|e| ModeError::Failed(e.to_string()))?;
+    let host = host::identity()
+        .await
+        .map_err(|e| ModeError::Failed(engine::error_chain(&e)))?;
+    let base_id = ami::resolve(&clients, &plan.base_ami)
+        .await
+        .map_err(|e| ModeError::Failed(e.to_string()))?;
+    let base = ami::describe(&clients, &base_id)
+        .await
+        .map_err(|e| ModeError::Failed(e.to_string()))?;
+    let tarball_sha256 = artifact::sha256_file(&tarball).map_err(|e| {
+        ModeError::Failed(format!(
+            "cannot read the tarball {}: {e}",
+            tarball.display()
+        ))
+    })?;
+    let fingerprint = fingerprint(&base.id, &tarball_sha256, &plan)?;
+    let manifest =
+        |ami_id: String, snapshot_id, reused, extracted: Extracted, report: Option<&RunReport>| {
+            BakeManifest {
+                ami_id,
+                region: clients.region.clone(),
+                name: plan.name.clone(),
+                snapshot_id,
+                base_ami: base.id.clone(),
+                commit: commit.clone(),
+                tarball_sha256: tarball_sha256.clone(),
+                fingerprint: fingerprint.clone(),
+                build_id: build_id.clone(),
+                reused,
+                files: extracted.files,
+                bytes: extracted.bytes,
+                step_seconds: report
+                    .map(|r| {
+                        r.steps
+                            .iter()
+                            .map(|s| (s.step.clone(), s.seconds))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            }
+        };
+
+    if !options.common.force {
+        if let Some((id, name)) = baked_already(&clients, &fingerprint)
+            .await
+            .map_err(|e| ModeError::Failed(e.to_string()))?
+        {
+            let reused = BakeManifest {
+                name,
+                ..manifest(id, None, true, Extracted::default(), None)
+            };
+            return Ok(BakeResult {
+                manifest: Some(reused),
+                report: None,
+            });
+        }
+    }
+
+    let mut state = BakeState {
+        clients: clients.clone(),
+        host,
+        base: base.clone(),
+        name: plan.name.clone(),
+        plan: plan.clone(),
+        build_id: build_id.clone(),
+        commit: commit.clone(),
+        tarball,
+        tarball_sha256: tarball_sha256.clone(),
+        fingerprint: fingerprint.clone(),
+        lock_dir: lock_dir(),
+        mount_point: work.path().join("root"),
+        amibake_exe: options.amibake_exe.clone(),
+        volume_id: None,
+        device_name: None,
+        root_device: None,
+        detach: None,
+        unmount_root: None,
+        unmount_chroot: None,
+        restore_files: None,
+        extracted: Extracted::default(),
+        snapshot_id: None,
+        image_id: None,
+    };
+    let report = engine::run("bake", &build_id, &steps(), &mut state, sink, cancel).await;
+    let manifest = match (&report.outcome, &state.image_id) {
+        (engine::Outcome::Succeeded, Some(image)) => Some(manifest(
+            image.clone(),
+            state.snapshot_id.clone(),
+            false,
+            state.extracted,
+            Some(&report),
+        )),
+        _ => None,
+    };
+    Ok(BakeResult {
+        manifest,
+        report: Some(report),
+    })
+}
+
+/// An available image of ours carrying this fingerprint: its id and name.
+async fn baked_already(
+    clients: &Clients,
+    fingerprint: &str,
+) -> Result<Option<(String, String)>, AwsError> {
+    let out = clients
+        .ec2
+        .describe_images()
+        .owners("self")
+        .filters(
+            Filter::builder()
+                .name(format!("tag:{TAG_FINGERPRINT}"))
+                .values(fingerprint)
+                .build(),
+        )
+        .filters(Filter::builder().name("state").values("available").build())
+        .send()
+        .await
+        .map_err(|e| AwsError::new("look for an identical earlier bake", &e))?;
+    Ok(out.images().iter().find_map(|i| {
+        Some((
+            i.image_id()?.to_string(),
+            i.name().unwrap_or_default().to_string(),
+        ))
+    }))
+}
+
+/// What decides the image's content: the base, the code, and how it is put in.
+fn fingerprint(base: &str, tarball_sha256: &str, plan: &BakePlan) -> Result<String, ModeError> {
+    let mut parts: Vec<(String, String)> = vec![
+        ("base_ami".into(), base.into()),
+        ("tarball_sha256".into(), tarball_sha256.into()),
+        ("dest".into(), plan.dest.clone()),
+        ("owner".into(), plan.owner.clone().unwrap_or_default()),
+        (
+            "root_partition".into(),
+            format!("{:?}", plan.root_partition),
+        ),
+        (
+            "volume".into(),
+            format!(
+                "{:?} {:?} {:?}",
+                plan.volume_type, plan.volume_size_gb, plan.kms_key_id
+            ),
+        ),
+    ];
+    for (i, p) in plan.provisioners.iter().enumerate() {
+        let what = match &p.action {
+            ProvisionerAction::Inline(commands) => commands.join("\n"),
+            ProvisionerAction::Script(path) => file_digest(path)?,
+            ProvisionerAction::Upload {
+                source,
+                destination,
+            } => format!("{} {destination}", file_digest(source)?),
+        };
+        parts.push((format!("provisioner {i}"), format!("{what}\n{:?}", p.env)));
+    }
+    let refs: Vec<(&str, &str)> = parts
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    Ok(artifact::fingerprint(&refs))
+}
+
+fn file_digest(path: &Path) -> Result<String, ModeError> {
+    artifact::sha256_file(path)
+        .map_err(|e| ModeError::Failed(format!("cannot read {}: {e}", path.display())))
+}
+
+/// A tarball from standard input is kept in the work directory: it is read twice (digest,
+/// then extraction).
+fn spool_tarball(tarball: &Path, work: &Path) -> Result<PathBuf, ModeError> {
+    if tarball.as_os_str() != "-" {
+        return Ok(tarball.to_path_buf());
+    }
+    let path = work.join("stdin.tar");
+    let mut file = std::fs::File::create(&path)
+        .map_err(|e| ModeError::Failed(format!("cannot keep the tarball from stdin: {e}")))?;
+    std::io::copy(&mut std::io::stdin().lock(), &mut file)
+        .map_err(|e| ModeError::Failed(format!("cannot read the tarball from stdin: {e}")))?;
+    Ok(path)
+}
+
+/// Where device-name locks live: shared by every bake on this host.
+fn lock_dir() -> PathBuf {
+    let run_lock = Path::new("/run/lock");
+    if run_lock.is_dir() {
+        run_lock.join("amibake")
+    } else {
+        std::env::temp_dir().join("amibake-locks")
+    }
+}
+
+fn check_commit(sha: &str) -> Result<String, ModeError> {
+    let ok = (4..=64).contains(&sha.len())
+        && sha
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if ok {
+        Ok(sha.to_string())
+    } else {
+        Err(ModeError::Usage(format!(
+            "--commit `{sha}`: expected a commit id (4 to 64 letters, digits, - _ .)"
+        )))
+    }
+}
+
+/// The commit from the CI's own variables, or from git in the working directory.
+fn detect_commit() -> Option<String> {
+    COMMIT_VARIABLES
+        .iter()
+        .find_map(|v| std::env::var(v).ok().filter(|s| !s.is_empty()))
+        .or_else(|| {
+            let out = std::process::Command::new("git")
+                .args(["rev-parse", "HEAD"])
+                .output()
+                .ok()?;
+            out.status
+                .success()
+                .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+        })
+}

@@ -1,0 +1,583 @@
+//! The steps of a bake. Each registers how to undo what it made the moment it exists.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use aws_sdk_ec2::types::{
+    BlockDeviceMapping, EbsBlockDevice, ResourceType, Tag, TagSpecification, VolumeType,
+};
+
+use super::BakeState;
+use crate::artifact::{
+    TAG_BASE_AMI, TAG_BUILD_ID, TAG_COMMIT, TAG_FINGERPRINT, TAG_TARBALL_SHA256,
+};
+use crate::aws::resources::{wait_image, wait_snapshot, wait_volume, ResourceError};
+use crate::aws::{AwsError, Clients};
+use crate::communicator::chroot::Chroot;
+use crate::engine::{BoxError, Keep, Step, StepContext, StepError, Unit};
+use crate::host::{device, extract, mount};
+use crate::provision;
+
+fn failed(e: impl Into<BoxError>) -> StepError {
+    StepError::failed(e)
+}
+
+fn waited(e: ResourceError) -> StepError {
+    if e.is_interrupt() {
+        StepError::Interrupted
+    } else {
+        failed(e)
+    }
+}
+
+/// A value an earlier step should have set: its absence is a bug, reported as one.
+fn earlier<T: Clone>(value: &Option<T>, what: &str) -> Result<T, StepError> {
+    value
+        .clone()
+        .ok_or_else(|| failed(format!("internal error: no {what} from an earlier step")))
+}
+
+fn tags(pairs: &[(&str, &str)]) -> Vec<Tag> {
+    pairs
+        .iter()
+        .map(|(k, v)| Tag::builder().key(*k).value(*v).build())
+        .collect()
+}
+
+async fn delete_volume(clients: Clients, volume_id: String) -> Result<(), BoxError> {
+    match clients
+        .ec2
+        .delete_volume()
+        .volume_id(&volume_id)
+        .send()
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(e)
+            if e.as_service_error()
+                .and_then(|s| aws_sdk_ec2::error::ProvideErrorMetadata::code(s))
+                == Some("InvalidVolume.NotFound") =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(AwsError::new(format!("delete volume {volume_id}"), &e).into()),
+    }
+}
+
+pub struct CreateVolume;
+
+#[async_trait]
+impl Step<BakeState> for CreateVolume {
+    fn name(&self) -> &'static str {
+        "create volume"
+    }
+    async fn run(&self, s: &mut BakeState, ctx: &mut StepContext) -> Result<(), StepError> {
+        let base = &s.base;
+        let size = s
+            .plan
+            .volume_size_gb
+            .unwrap_or(0)
+            .max(base.root_volume_size_gb);
+        let mut request = s
+            .clients
+            .ec2
+            .create_volume()
+            .snapshot_id(&base.root_snapshot_id)
+            .availability_zone(&s.host.availability_zone)
+            .size(size)
+            .volume_type(VolumeType::from(
+                s.plan.volume_type.as_deref().unwrap_or("gp3"),
+            ))
+            .tag_specifications(
+                TagSpecification::builder()
+                    .resource_type(ResourceType::Volume)
+                    .set_tags(Some(tags(&[
+                        ("Name", &format!("amibake work volume {}", s.build_id)),
+                        (TAG_BUILD_ID, &s.build_id),
+                    ])))
+                    .build(),
+            );
+        if let Some(key) = &s.plan.kms_key_id {
+            request = request.encrypted(true).kms_key_id(key);
+        }
+        let out = request
+            .send()
+            .await
+            .map_err(|e| failed(AwsError::new("create volume", &e)))?;
+        let volume_id = out
+            .volume_id()
+            .ok_or_else(|| failed("CreateVolume returned no volume id"))?
+            .to_string();
+        s.volume_id = Some(volume_id.clone());
+        let clients = s.clients.clone();
+        let id = volume_id.clone();
+        ctx.undo
+            .push(volume_id.clone(), "delete volume", Keep::Never, move || {
+                delete_volume(clients.clone(), id.clone())
+            });
+        wait_volume(
+            &s.clients,
+            &volume_id,
+            "available",
+            &ctx.cancel,
+            &ctx.progress,
+        )
+        .await
+        .map_err(waited)
+    }
+}
+
+pub struct AttachVolume;
+
+#[async_trait]
+impl Step<BakeState> for AttachVolume {
+    fn name(&self) -> &'static str {
+        "attach volume"
+    }
+    async fn run(&self, s: &mut BakeState, ctx: &mut StepContext) -> Result<(), StepError> {
+        let volume_id = earlier(&s.volume_id, "volume")?;
+        let host = s.host.instance_id.clone();
+        let described = s
+            .clients
+            .ec2
+            .describe_instances()
+            .instance_ids(&host)
+            .send()
+            .await
+            .map_err(|e| failed(AwsError::new(format!("describe the build host {host}"), &e)))?;
+        let in_use = described
+            .reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .flat_map(|i| i.block_device_mappings())
+            .filter_map(|m| m.device_name().map(str::to_string))
+            .collect();
+        let name = device::claim_free_name(&s.lock_dir, &in_use).map_err(failed)?;
+        let device_name = name.name.clone();
+        s.clients
+            .ec2
+            .attach_volume()
+            .volume_id(&volume_id)
+            .instance_id(&host)
+            .device(&device_name)
+            .send()
+            .await
+            .map_err(|e| {
+                failed(AwsError::new(
+                    format!("attach {volume_id} to {host} as {device_name}"),
+                    &e,
+                ))
+            })?;
+        s.device_name = Some(Arc::new(name));
+        let (clients, id, instance) = (s.clients.clone(), volume_id.clone(), host.clone());
+        let progress = ctx.progress.clone();
+        s.detach = Some(ctx.undo.push(
+            format!("{volume_id} on {host}"),
+            "detach volume",
+            Keep::Never,
+            move || {
+                let (clients, id, instance, progress) = (
+                    clients.clone(),
+                    id.clone(),
+                    instance.clone(),
+                    progress.clone(),
+                );
+                async move {
+                    // Always with InstanceId: EC2 needs it to know which attachment is meant.
+                    let result = clients
+                        .ec2
+                        .detach_volume()
+                        .volume_id(&id)
+                        .instance_id(&instance)
+                        .send()
+                        .await;
+                    if let Err(e) = result {
+                        let code = e
+                            .as_service_error()
+                            .and_then(|s| aws_sdk_ec2::error::ProvideErrorMetadata::code(s))
+                            .map(str::to_string);
+                        if !matches!(
+                            code.as_deref(),
+                            Some("IncorrectState")
+                                | Some("InvalidAttachment.NotFound")
+                                | Some("InvalidVolume.NotFound")
+                        ) {
+                            return Err(AwsError::new(format!("detach {id}"), &e).into());
+                        }
+                    }
+                    // Its own token: a cleanup after Ctrl-C must still wait for the detach.
+                    wait_volume(
+                        &clients,
+                        &id,
+                        "available",
+                        &tokio_util::sync::CancellationToken::new(),
+                        &progress,
+                    )
+                    .await
+                    .map_err(BoxError::from)
+                }
+            },
+        ));
+        wait_volume(
+            &s.clients,
+            &volume_id,
+            "attached",
+            &ctx.cancel,
+            &ctx.progress,
+        )
+        .await
+        .map_err(waited)?;
+        let found =
+            device::wait_for_device(&volume_id, &device_name, device::DEVICE_APPEAR_TIMEOUT)
+                .await
+                .map_err(failed)?;
+        let root =
+            device::root_filesystem(&volume_id, &found, s.plan.root_partition).map_err(failed)?;
+        ctx.progress.note(format!(
+            "{volume_id} is {}; root filesystem on {}",
+            found.display(),
+            root.display()
+        ));
+        s.root_device = Some(root);
+        Ok(())
+    }
+}
+
+pub struct MountImage;
+
+#[async_trait]
+impl Step<BakeState> for MountImage {
+    fn name(&self) -> &'static str {
+        "mount image"
+    }
+    async fn run(&self, s: &mut BakeState, ctx: &mut StepContext) -> Result<(), StepError> {
+        let device = earlier(&s.root_device, "root device")?;
+        let target = s.mount_point.clone();
+        let t = target.clone();
+        tokio::task::spawn_blocking(move || mount::mount_root(&device, &t))
+            .await
+            .map_err(failed)?
+            .map_err(failed)?;
+        let t = target.clone();
+        s.unmount_root = Some(ctx.undo.push(
+            target.display().to_string(),
+            "unmount",
+            Keep::Never,
+            move || {
+                let t = t.clone();
+                async move {
+                    tokio::task::spawn_blocking(move || {
+                        mount::unmount(&t)?;
+                        let _ = std::fs::remove_dir(&t);
+                        Ok::<_, mount::MountError>(())
+                    })
+                    .await??;
+                    Ok(())
+                }
+            },
+        ));
+
+        let chroot_mounts = Arc::new(Mutex::new(Vec::<PathBuf>::new()));
+        let (m, t) = (chroot_mounts.clone(), target.clone());
+        let mounted = tokio::task::spawn_blocking(move || {
+            let mut list = Vec::new();
+            let result = mount::mount_chroot_filesystems(&t, &mut list);
+            *m.lock().unwrap_or_else(|p| p.into_inner()) = list;
+            result
+        })
+        .await
+        .map_err(failed)?;
+        let m = chroot_mounts.clone();
+        s.unmount_chroot = Some(ctx.undo.push(
+            format!("{}/{{proc,sys,dev,dev/pts,run}}", target.display()),
+            "unmount",
+            Keep::Never,
+            move || {
+                let m = m.clone();
+                async move {
+                    let errors = tokio::task::spawn_blocking(move || {
+                        mount::unmount_all(&mut m.lock().unwrap_or_else(|p| p.into_inner()))
+                    })
+                    .await?;
+                    match errors.into_iter().next() {
+                        None => Ok(()),
+                        Some(e) => Err(e.into()),
+                    }
+                }
+            },
+        ));
+        mounted.map_err(failed)?;
+
+        let files = Arc::new(Mutex::new(mount::TemporaryFiles::default()));
+        let put = mount::put_chroot_files(
+            &target,
+            &mut files.lock().unwrap_or_else(|p| p.into_inner()),
+        );
+        let f = files.clone();
+        s.restore_files = Some(ctx.undo.push(
+            format!("{}/etc/resolv.conf", target.display()),
+            "restore the image's files",
+            Keep::Never,
+            move || {
+                let errors = f.lock().unwrap_or_else(|p| p.into_inner()).restore();
+                async move {
+                    match errors.into_iter().next() {
+                        None => Ok(()),
+                        Some(e) => Err(e.into()),
+                    }
+                }
+            },
+        ));
+        put.map_err(failed)
+    }
+}
+
+pub struct ExtractTarball;
+
+#[async_trait]
+impl Step<BakeState> for ExtractTarball {
+    fn name(&self) -> &'static str {
+        "extract tarball"
+    }
+    async fn run(&self, s: &mut BakeState, ctx: &mut StepContext) -> Result<(), StepError> {
+        let progress = ctx.progress.clone();
+        let done = extract::extract_into_image(
+            &s.amibake_exe,
+            &s.mount_point,
+            &s.plan.dest,
+            s.plan.owner.as_deref(),
+            &extract::Tarball::File(s.tarball.clone()),
+            |p| progress.advance(p.bytes, None, Unit::Bytes),
+            &ctx.cancel,
+        )
+        .await;
+        match done {
+            Ok(done) => {
+                ctx.progress.note(format!(
+                    "{} entries, {} bytes into {}",
+                    done.files, done.bytes, s.plan.dest
+                ));
+                s.extracted = done;
+                Ok(())
+            }
+            Err(_) if ctx.cancel.is_cancelled() => Err(StepError::Interrupted),
+            Err(e) => Err(failed(e)),
+        }
+    }
+}
+
+pub struct RunProvisioners;
+
+#[async_trait]
+impl Step<BakeState> for RunProvisioners {
+    fn name(&self) -> &'static str {
+        "run provisioners"
+    }
+    async fn run(&self, s: &mut BakeState, ctx: &mut StepContext) -> Result<(), StepError> {
+        let chroot = Chroot::new(&s.mount_point);
+        match provision::run_all(&chroot, &s.plan.provisioners, &ctx.progress, &ctx.cancel).await {
+            Ok(()) => Ok(()),
+            Err(provision::ProvisionError::Interrupted { .. }) => Err(StepError::Interrupted),
+            Err(e) => Err(failed(e)),
+        }
+    }
+}
+
+/// Unmounts and detaches before the snapshot, through the same undo entries the cleanup
+/// would run, so they are not run twice.
+pub struct ReleaseVolume;
+
+#[async_trait]
+impl Step<BakeState> for ReleaseVolume {
+    fn name(&self) -> &'static str {
+        "unmount and detach"
+    }
+    async fn run(&self, s: &mut BakeState, ctx: &mut StepContext) -> Result<(), StepError> {
+        for id in [
+            s.restore_files.take(),
+            s.unmount_chroot.take(),
+            s.unmount_root.take(),
+            s.detach.take(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            ctx.undo
+                .release(id)
+                .await
+                .map_err(|left| failed(left.to_string()))?;
+        }
+        s.device_name = None;
+        Ok(())
+    }
+}
+
+pub struct SnapshotVolume;
+
+#[async_trait]
+impl Step<BakeState> for SnapshotVolume {
+    fn name(&self) -> &'static str {
+        "snapshot"
+    }
+    async fn run(&self, s: &mut BakeState, ctx: &mut StepContext) -> Result<(), StepError> {
+        let volume_id = earlier(&s.volume_id, "volume")?;
+        let out = s
+            .clients
+            .ec2
+            .create_snapshot()
+            .volume_id(&volume_id)
+            .description(format!(
+                "{} root, baked by amibake build {}",
+                s.name, s.build_id
+            ))
+            .tag_specifications(
+                TagSpecification::builder()
+                    .resource_type(ResourceType::Snapshot)
+                    .set_tags(Some(s.artifact_tags()))
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| failed(AwsError::new(format!("snapshot {volume_id}"), &e)))?;
+        let snapshot_id = out
+            .snapshot_id()
+            .ok_or_else(|| failed("CreateSnapshot returned no snapshot id"))?
+            .to_string();
+        s.snapshot_id = Some(snapshot_id.clone());
+        let (clients, id) = (s.clients.clone(), snapshot_id.clone());
+        ctx.undo.push(
+            snapshot_id.clone(),
+            "delete snapshot",
+            Keep::OnSuccess,
+            move || {
+                let (clients, id) = (clients.clone(), id.clone());
+                async move {
+                    clients
+                        .ec2
+                        .delete_snapshot()
+                        .snapshot_id(&id)
+                        .send()
+                        .await
+                        .map_err(|e| AwsError::new(format!("delete snapshot {id}"), &e))?;
+                    Ok(())
+                }
+            },
+        );
+        wait_snapshot(&s.clients, &snapshot_id, &ctx.cancel, &ctx.progress)
+            .await
+            .map_err(waited)
+    }
+}
+
+pub struct RegisterImage;
+
+#[async_trait]
+impl Step<BakeState> for RegisterImage {
+    fn name(&self) -> &'static str {
+        "register image"
+    }
+    async fn run(&self, s: &mut BakeState, ctx: &mut StepContext) -> Result<(), StepError> {
+        let snapshot_id = earlier(&s.snapshot_id, "snapshot")?;
+        let base = &s.base;
+        // The base's layout, with only the root's snapshot (and size) changed.
+        let mappings = base.mappings.iter().map(|m| {
+            if m.device_name() != Some(base.root_device_name.as_str()) {
+                return m.clone();
+            }
+            let old = m.ebs();
+            let ebs = EbsBlockDevice::builder()
+                .snapshot_id(&snapshot_id)
+                .volume_size(
+                    s.plan
+                        .volume_size_gb
+                        .unwrap_or(0)
+                        .max(base.root_volume_size_gb),
+                )
+                .set_volume_type(
+                    s.plan
+                        .volume_type
+                        .as_deref()
+                        .map(VolumeType::from)
+                        .or_else(|| old.and_then(|e| e.volume_type().cloned())),
+                )
+                .delete_on_termination(old.and_then(|e| e.delete_on_termination()).unwrap_or(true))
+                .build();
+            BlockDeviceMapping::builder()
+                .device_name(&base.root_device_name)
+                .ebs(ebs)
+                .build()
+        });
+        let out = s
+            .clients
+            .ec2
+            .register_image()
+            .name(&s.name)
+            .set_description(s.plan.description.clone())
+            .architecture(base.architecture.clone())
+            .root_device_name(&base.root_device_name)
+            .set_virtualization_type(
+                base.virtualization_type
+                    .as_ref()
+                    .map(|v| v.as_str().to_string()),
+            )
+            .set_boot_mode(base.boot_mode.clone())
+            .set_ena_support(base.ena_support)
+            .set_sriov_net_support(base.sriov_net_support.clone())
+            .set_block_device_mappings(Some(mappings.collect()))
+            .send()
+            .await
+            .map_err(|e| failed(AwsError::new(format!("register image {}", s.name), &e)))?;
+        let image_id = out
+            .image_id()
+            .ok_or_else(|| failed("RegisterImage returned no image id"))?
+            .to_string();
+        s.image_id = Some(image_id.clone());
+        let (clients, id) = (s.clients.clone(), image_id.clone());
+        ctx.undo.push(
+            image_id.clone(),
+            "deregister image",
+            Keep::OnSuccess,
+            move || {
+                let (clients, id) = (clients.clone(), id.clone());
+                async move {
+                    clients
+                        .ec2
+                        .deregister_image()
+                        .image_id(&id)
+                        .send()
+                        .await
+                        .map_err(|e| AwsError::new(format!("deregister {id}"), &e))?;
+                    Ok(())
+                }
+            },
+        );
+        s.clients
+            .ec2
+            .create_tags()
+            .resources(&image_id)
+            .set_tags(Some(s.artifact_tags()))
+            .send()
+            .await
+            .map_err(|e| failed(AwsError::new(format!("tag {image_id}"), &e)))?;
+        wait_image(&s.clients, &image_id, &ctx.cancel, &ctx.progress)
+            .await
+            .map_err(waited)
+    }
+}
+
+impl BakeState {
+    /// Tags on the image and its snapshot: what it is, what it came from, which build made it.
+    pub fn artifact_tags(&self) -> Vec<Tag> {
+        let mut pairs: Vec<(&str, &str)> = vec![
+            ("Name", &self.name),
+            (TAG_COMMIT, &self.commit),
+            (TAG_TARBALL_SHA256, &self.tarball_sha256),
+            (TAG_BASE_AMI, &self.base.id),
+            (TAG_BUILD_ID, &self.build_id),
+            (TAG_FINGERPRINT, &self.fingerprint),
+        ];
+        pairs.extend(self.plan.tags.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        tags(&pairs)
+    }
+}

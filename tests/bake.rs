@@ -1,0 +1,324 @@
+//! `amibake bake` end to end through the real binary against the local cloud: a deployment AMI
+//! from the Debian vendor AMI and a code tarball, its reuse, and failures that leave nothing.
+
+mod util;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use util::localcloud::LocalCloud;
+use util::Run;
+
+const PARTITION_1_OFFSET: u64 = 2048 * 512;
+
+fn bake(cloud: &LocalCloud, dir: &Path, template: &str, extra: &[&str]) -> Run {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_amibake"));
+    cmd.current_dir(dir)
+        .args([
+            "--output",
+            "json",
+            "bake",
+            template,
+            "--tarball",
+            "app.tar.gz",
+            "--commit",
+            "c0ffee1",
+        ])
+        .args(extra);
+    for (k, v) in &cloud.env {
+        cmd.env(k, v);
+    }
+    let output = cmd.output().unwrap();
+    Run {
+        command: format!("amibake bake {template} {extra:?}"),
+        output,
+    }
+}
+
+fn manifest(run: &Run) -> serde_json::Value {
+    serde_json::from_str(run.stdout().lines().last().expect("a manifest line"))
+        .unwrap_or_else(|e| panic!("{e}\n{}", run.dump()))
+}
+
+fn template(dir: &Path, name: &str, base_ami: &str, provisioner: &str) {
+    let text = format!(
+        "[variables]\napp = \"shop\"\n\n[bake]\nname = \"${{var.app}}-${{commit}}-${{timestamp}}-{name}\"\nbase_ami = {base_ami}\n\
+         dest = \"/var/www/${{var.app}}\"\nowner = \"www-data\"\ntags = {{ team = \"web\" }}\n\n[[bake.provisioner]]\ninline = [{provisioner}]\n"
+    );
+    std::fs::write(dir.join(format!("{name}.toml")), text).unwrap();
+}
+
+/// The app: nested files, an executable, relative and absolute symlinks, a hard link.
+fn app_tarball(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let src = dir.join("app");
+    let mut files = Vec::new();
+    for i in 0..300 {
+        let path = format!("vendor/pkg{}/src/File{i}.php", i % 7);
+        files.push((
+            path,
+            format!("<?php // {i}\n{}", "y".repeat(i * 13 % 700)).into_bytes(),
+        ));
+    }
+    files.push(("bin/console".into(), b"#!/bin/sh\necho console\n".to_vec()));
+    for (path, body) in &files {
+        std::fs::create_dir_all(src.join(path).parent().unwrap()).unwrap();
+        std::fs::write(src.join(path), body).unwrap();
+    }
+    std::fs::set_permissions(
+        src.join("bin/console"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("../bin/console", src.join("vendor/console")).unwrap();
+    std::os::unix::fs::symlink("/etc/hostname", src.join("hostname")).unwrap();
+    std::fs::hard_link(src.join("bin/console"), src.join("bin/console-again")).unwrap();
+    let ok = Command::new("tar")
+        .args(["-czf", "app.tar.gz", "-C", "app", "."])
+        .current_dir(dir)
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    files
+}
+
+fn export_and_mount(
+    cloud: &LocalCloud,
+    snapshot: &str,
+    dir: &Path,
+    offset: u64,
+) -> (PathBuf, String) {
+    let raw = dir.join(format!("{snapshot}.img"));
+    cloud.cli(&["export-snapshot", snapshot, raw.to_str().unwrap()]);
+    let loop_dev = String::from_utf8(
+        Command::new("losetup")
+            .args([
+                "--find",
+                "--show",
+                "--read-only",
+                "--offset",
+                &offset.to_string(),
+            ])
+            .arg(&raw)
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap()
+    .trim()
+    .to_string();
+    let mnt = dir.join(format!("{snapshot}.mnt"));
+    std::fs::create_dir_all(&mnt).unwrap();
+    assert!(Command::new("mount")
+        .args(["-o", "ro", &loop_dev])
+        .arg(&mnt)
+        .status()
+        .unwrap()
+        .success());
+    (mnt, loop_dev)
+}
+
+fn unmount(mnt: &Path, loop_dev: &str) {
+    assert!(Command::new("umount").arg(mnt).status().unwrap().success());
+    assert!(Command::new("losetup")
+        .args(["-d", loop_dev])
+        .status()
+        .unwrap()
+        .success());
+}
+
+/// What a build may leave: nothing but the image and its snapshot on success.
+fn assert_nothing_left(cloud: &LocalCloud, build_host: &str) {
+    let ls: serde_json::Value = serde_json::from_slice(&cloud.cli(&["ls"]).stdout).unwrap();
+    let volumes: Vec<_> = ls["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["attached_to"] != build_host || v["device"] != "/dev/xvda")
+        .collect();
+    assert!(volumes.is_empty(), "work volumes left: {volumes:?}");
+    assert_eq!(ls["attachments"].as_array().unwrap().len(), 0);
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+    assert!(
+        !mounts.lines().any(|l| l.contains("amibake-ab-")),
+        "a bake mount is left:\n{mounts}"
+    );
+}
+
+/// One cloud for the whole story, told in order: the SDK of the binary reads its endpoint
+/// from the environment each run is given.
+#[test]
+fn bake_builds_reuses_and_cleans_up_after_failures() {
+    let cloud = LocalCloud::start("quick");
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let files = app_tarball(dir);
+    let build_host = cloud.build_host().to_string();
+    let debian = "\"resolve:ssm:/aws/service/debian/release/12/latest/amd64\"";
+    template(
+        dir,
+        "good",
+        debian,
+        "\"echo ${commit} > /var/www/${var.app}/REVISION\"",
+    );
+
+    // 1. A bake onto the partitioned Debian vendor AMI.
+    let run = bake(&cloud, dir, "good.toml", &["--manifest", "manifest.json"]);
+    run.expect_code(0);
+    let m = manifest(&run);
+    assert_eq!(
+        m,
+        serde_json::from_str::<serde_json::Value>(
+            &std::fs::read_to_string(dir.join("manifest.json")).unwrap()
+        )
+        .unwrap()
+    );
+    assert_eq!(
+        (m["commit"].as_str(), m["reused"].as_bool()),
+        (Some("c0ffee1"), Some(false))
+    );
+    let ami = m["ami_id"].as_str().unwrap().to_string();
+    let snapshot = m["snapshot_id"].as_str().unwrap().to_string();
+    for step in [
+        "create volume",
+        "attach volume",
+        "extract tarball",
+        "snapshot",
+        "register image",
+    ] {
+        assert!(
+            m["step_seconds"][step].as_f64().is_some(),
+            "per-step time for {step}: {m}"
+        );
+    }
+    let calls = cloud.calls();
+    assert!(calls.iter().any(|c| c["action"] == "DetachVolume" && c["ids"]["InstanceId"] == build_host.as_str()), "detach names the instance");
+    assert_nothing_left(&cloud, &build_host);
+
+    let (mnt, loop_dev) = export_and_mount(&cloud, &snapshot, dir, PARTITION_1_OFFSET);
+    let app = mnt.join("var/www/shop");
+    for (path, body) in &files {
+        assert_eq!(&std::fs::read(app.join(path)).unwrap(), body, "{path}");
+    }
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        std::fs::metadata(app.join("bin/console")).unwrap().mode() & 0o777,
+        0o755
+    );
+    assert_eq!(
+        std::fs::metadata(app.join("bin/console")).unwrap().ino(),
+        std::fs::metadata(app.join("bin/console-again"))
+            .unwrap()
+            .ino()
+    );
+    assert_eq!(
+        std::fs::read_link(app.join("hostname")).unwrap(),
+        Path::new("/etc/hostname")
+    );
+    assert_eq!(
+        std::fs::metadata(app.join("vendor/pkg1/src/File1.php"))
+            .unwrap()
+            .uid(),
+        33,
+        "owned by the image's www-data"
+    );
+    assert_eq!(
+        std::fs::read_to_string(app.join("REVISION")).unwrap(),
+        "c0ffee1\n",
+        "the provisioner ran in the image"
+    );
+    assert!(std::fs::read_to_string(mnt.join("etc/resolv.conf"))
+        .unwrap()
+        .starts_with("# the image's own resolv.conf"));
+    assert!(!mnt.join("usr/sbin/policy-rc.d").exists());
+    assert!(
+        std::fs::read_to_string(mnt.join("etc/debian_version"))
+            .unwrap()
+            .starts_with("12."),
+        "the base is untouched"
+    );
+    unmount(&mnt, &loop_dev);
+
+    // 2. The same inputs again: the image is reused and nothing is created.
+    let before = cloud.calls().len();
+    let again = bake(&cloud, dir, "good.toml", &[]);
+    again.expect_code(0);
+    assert_eq!(
+        (
+            manifest(&again)["ami_id"].as_str(),
+            manifest(&again)["reused"].as_bool()
+        ),
+        (Some(ami.as_str()), Some(true))
+    );
+    let created: Vec<_> = cloud.calls()[before..]
+        .iter()
+        .filter(|c| c["action"].as_str().unwrap().starts_with("Create"))
+        .cloned()
+        .collect();
+    assert!(
+        created.is_empty(),
+        "a reused bake creates nothing: {created:?}"
+    );
+
+    // 3. A provisioner that fails stops the bake, says where, and leaves nothing.
+    template(dir, "failing", debian, "\"echo migrating\", \"exit 3\"");
+    let run = bake(&cloud, dir, "failing.toml", &[]);
+    run.expect_code(1);
+    assert!(
+        run.stderr()
+            .contains("error: run provisioners: provisioner `inline`: `exit 3` exited with 3"),
+        "{}",
+        run.dump()
+    );
+    assert_nothing_left(&cloud, &build_host);
+
+    // 4. A failed AWS call after the snapshot exists: the snapshot is removed too.
+    cloud.cli(&["fault", "RegisterImage", "--error", "InvalidParameterValue"]);
+    template(dir, "unlucky", debian, "\"true\"");
+    let run = bake(&cloud, dir, "unlucky.toml", &[]);
+    run.expect_code(1);
+    assert!(
+        run.stderr()
+            .contains("error: register image: register image shop-c0ffee1-"),
+        "{}",
+        run.dump()
+    );
+    assert!(
+        run.stderr()
+            .contains("InvalidParameterValue: injected by the local cloud into RegisterImage"),
+        "{}",
+        run.dump()
+    );
+    let snapshots: Vec<serde_json::Value> =
+        serde_json::from_slice::<serde_json::Value>(&cloud.cli(&["ls"]).stdout).unwrap()
+            ["snapshots"]
+            .as_array()
+            .unwrap()
+            .clone();
+    assert_eq!(
+        snapshots
+            .iter()
+            .filter(|s| s["owner"] == "123456789012")
+            .count(),
+        1,
+        "only the first bake's snapshot remains: {snapshots:?}"
+    );
+    assert_nothing_left(&cloud, &build_host);
+
+    // 5. An unpartitioned base: the root is the whole device.
+    let flat = "{ owners = [\"136693071363\"], name = \"debian-12-amd64-unpartitioned-*\" }";
+    template(dir, "flat", flat, "\"true\"");
+    let run = bake(&cloud, dir, "flat.toml", &[]);
+    run.expect_code(0);
+    let (mnt, loop_dev) = export_and_mount(
+        &cloud,
+        manifest(&run)["snapshot_id"].as_str().unwrap(),
+        dir,
+        0,
+    );
+    assert_eq!(
+        std::fs::read(mnt.join("var/www/shop/bin/console")).unwrap(),
+        files.last().unwrap().1
+    );
+    unmount(&mnt, &loop_dev);
+    assert_nothing_left(&cloud, &build_host);
+}
