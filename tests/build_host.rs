@@ -8,8 +8,7 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use amibake::aws::wait::{wait_for, Poll, WaitPolicy};
-use amibake::aws::{ami, sdk_config, AwsOptions, Clients};
+use amibake::aws::{ami, resources, sdk_config, AwsOptions, Clients};
 use amibake::communicator::chroot::Chroot;
 use amibake::engine::{Event, EventSink, Progress};
 use amibake::host::device::{
@@ -48,39 +47,13 @@ async fn volume_from(clients: &Clients, name_glob: &str) -> String {
 }
 
 async fn wait_state(clients: &Clients, volume_id: &str, wanted: &'static str) {
-    let ec2 = clients.ec2.clone();
-    wait_for(
-        "volume",
+    let progress = Progress::new(Arc::new(Collect(Mutex::new(Vec::new()))), "wait");
+    resources::wait_volume(
+        clients,
         volume_id,
-        WaitPolicy::SHORT,
+        wanted,
         &CancellationToken::new(),
-        |_, _| {},
-        || {
-            let (ec2, id) = (ec2.clone(), volume_id.to_string());
-            async move {
-                let out = ec2.describe_volumes().volume_ids(&id).send().await?;
-                let volume = &out.volumes()[0];
-                let attached = volume
-                    .attachments()
-                    .first()
-                    .and_then(|a| a.state())
-                    .map(|s| s.as_str().to_string());
-                let state = attached.unwrap_or_else(|| {
-                    volume
-                        .state()
-                        .map(|s| s.as_str().to_string())
-                        .unwrap_or_default()
-                });
-                Ok::<_, aws_sdk_ec2::error::SdkError<_, _>>(if state == wanted {
-                    Poll::Ready(())
-                } else {
-                    Poll::Pending {
-                        state,
-                        percent: None,
-                    }
-                })
-            }
-        },
+        &progress,
     )
     .await
     .unwrap();

@@ -44,6 +44,10 @@ pub enum Poll<T> {
         state: String,
         percent: Option<u8>,
     },
+    /// A state it will not come back from (a snapshot in `error`, an image `failed`).
+    Failed {
+        state: String,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +61,12 @@ pub enum WaitError<E: std::error::Error + 'static> {
     },
     #[error("interrupted while waiting for {what} {id}")]
     Interrupted { what: String, id: String },
+    #[error("{what} {id} failed: it is {state}")]
+    Failed {
+        what: String,
+        id: String,
+        state: String,
+    },
     #[error(transparent)]
     Poll(E),
 }
@@ -89,6 +99,13 @@ where
         }
         let state = match poll().await.map_err(WaitError::Poll)? {
             Poll::Ready(value) => return Ok(value),
+            Poll::Failed { state } => {
+                return Err(WaitError::Failed {
+                    what: what.into(),
+                    id: id.into(),
+                    state,
+                });
+            }
             Poll::Pending { state, percent } => {
                 on_pending(&state, percent);
                 state
@@ -192,6 +209,27 @@ mod tests {
             "gave up waiting for snapshot snap-9 after 10s: still pending"
         );
         assert!(!percents.is_empty() && percents.iter().all(|p| *p == Some(40)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_state_ends_the_wait_at_once() {
+        let r: Result<(), WaitError<DescribeFailed>> = wait_for(
+            "snapshot",
+            "snap-1",
+            WaitPolicy::LONG,
+            &CancellationToken::new(),
+            |_, _| {},
+            || async {
+                Ok(Poll::Failed {
+                    state: "error".into(),
+                })
+            },
+        )
+        .await;
+        assert_eq!(
+            r.unwrap_err().to_string(),
+            "snapshot snap-1 failed: it is error"
+        );
     }
 
     #[tokio::test(start_paused = true)]

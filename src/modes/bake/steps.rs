@@ -1,5 +1,6 @@
 //! The steps of a bake. Each registers how to undo what it made the moment it exists.
 
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -12,10 +13,11 @@ use super::BakeState;
 use crate::artifact::{
     TAG_BASE_AMI, TAG_BUILD_ID, TAG_COMMIT, TAG_FINGERPRINT, TAG_TARBALL_SHA256,
 };
-use crate::aws::resources::{wait_image, wait_snapshot, wait_volume, ResourceError};
+use crate::aws::resources::{self, wait_image, wait_snapshot, wait_volume, ResourceError};
+use crate::aws::wait::WaitError;
 use crate::aws::{AwsError, Clients};
 use crate::communicator::chroot::Chroot;
-use crate::engine::{BoxError, Keep, Step, StepContext, StepError, Unit};
+use crate::engine::{BoxError, Keep, Step, StepContext, StepError, UndoId, Unit};
 use crate::host::{device, extract, mount};
 use crate::provision;
 
@@ -24,7 +26,7 @@ fn failed(e: impl Into<BoxError>) -> StepError {
 }
 
 fn waited(e: ResourceError) -> StepError {
-    if e.is_interrupt() {
+    if matches!(e, WaitError::Interrupted { .. }) {
         StepError::Interrupted
     } else {
         failed(e)
@@ -45,24 +47,26 @@ fn tags(pairs: &[(&str, &str)]) -> Vec<Tag> {
         .collect()
 }
 
-async fn delete_volume(clients: Clients, volume_id: String) -> Result<(), BoxError> {
-    match clients
-        .ec2
-        .delete_volume()
-        .volume_id(&volume_id)
-        .send()
-        .await
-    {
-        Ok(_) => Ok(()),
-        Err(e)
-            if e.as_service_error()
-                .and_then(|s| aws_sdk_ec2::error::ProvideErrorMetadata::code(s))
-                == Some("InvalidVolume.NotFound") =>
-        {
-            Ok(())
-        }
-        Err(e) => Err(AwsError::new(format!("delete volume {volume_id}"), &e).into()),
-    }
+/// Registers an undo that removes `id` with `remove` (one of `aws::resources`' removers).
+fn undo_with<F, Fut, E>(
+    ctx: &mut StepContext,
+    clients: &Clients,
+    resource: String,
+    id: &str,
+    action: &str,
+    keep: Keep,
+    remove: F,
+) -> UndoId
+where
+    F: Fn(Clients, String) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<(), E>> + Send + 'static,
+    E: Into<BoxError>,
+{
+    let (clients, id) = (clients.clone(), id.to_string());
+    ctx.undo.push(resource, action, keep, move || {
+        let removal = remove(clients.clone(), id.clone());
+        async move { removal.await.map_err(Into::into) }
+    })
 }
 
 pub struct CreateVolume;
@@ -110,12 +114,15 @@ impl Step<BakeState> for CreateVolume {
             .ok_or_else(|| failed("CreateVolume returned no volume id"))?
             .to_string();
         s.volume_id = Some(volume_id.clone());
-        let clients = s.clients.clone();
-        let id = volume_id.clone();
-        ctx.undo
-            .push(volume_id.clone(), "delete volume", Keep::Never, move || {
-                delete_volume(clients.clone(), id.clone())
-            });
+        undo_with(
+            ctx,
+            &s.clients,
+            volume_id.clone(),
+            &volume_id,
+            "delete volume",
+            Keep::Never,
+            resources::delete_volume,
+        );
         wait_volume(
             &s.clients,
             &volume_id,
@@ -170,54 +177,18 @@ impl Step<BakeState> for AttachVolume {
                 ))
             })?;
         s.device_name = Some(Arc::new(name));
-        let (clients, id, instance) = (s.clients.clone(), volume_id.clone(), host.clone());
-        let progress = ctx.progress.clone();
-        s.detach = Some(ctx.undo.push(
+        let (instance, progress) = (host.clone(), ctx.progress.clone());
+        let detach = move |clients, id| {
+            resources::detach_volume(clients, id, instance.clone(), progress.clone())
+        };
+        s.detach = Some(undo_with(
+            ctx,
+            &s.clients,
             format!("{volume_id} on {host}"),
+            &volume_id,
             "detach volume",
             Keep::Never,
-            move || {
-                let (clients, id, instance, progress) = (
-                    clients.clone(),
-                    id.clone(),
-                    instance.clone(),
-                    progress.clone(),
-                );
-                async move {
-                    // Always with InstanceId: EC2 needs it to know which attachment is meant.
-                    let result = clients
-                        .ec2
-                        .detach_volume()
-                        .volume_id(&id)
-                        .instance_id(&instance)
-                        .send()
-                        .await;
-                    if let Err(e) = result {
-                        let code = e
-                            .as_service_error()
-                            .and_then(|s| aws_sdk_ec2::error::ProvideErrorMetadata::code(s))
-                            .map(str::to_string);
-                        if !matches!(
-                            code.as_deref(),
-                            Some("IncorrectState")
-                                | Some("InvalidAttachment.NotFound")
-                                | Some("InvalidVolume.NotFound")
-                        ) {
-                            return Err(AwsError::new(format!("detach {id}"), &e).into());
-                        }
-                    }
-                    // Its own token: a cleanup after Ctrl-C must still wait for the detach.
-                    wait_volume(
-                        &clients,
-                        &id,
-                        "available",
-                        &tokio_util::sync::CancellationToken::new(),
-                        &progress,
-                    )
-                    .await
-                    .map_err(BoxError::from)
-                }
-            },
+            detach,
         ));
         wait_volume(
             &s.clients,
@@ -445,24 +416,14 @@ impl Step<BakeState> for SnapshotVolume {
             .ok_or_else(|| failed("CreateSnapshot returned no snapshot id"))?
             .to_string();
         s.snapshot_id = Some(snapshot_id.clone());
-        let (clients, id) = (s.clients.clone(), snapshot_id.clone());
-        ctx.undo.push(
+        undo_with(
+            ctx,
+            &s.clients,
             snapshot_id.clone(),
+            &snapshot_id,
             "delete snapshot",
             Keep::OnSuccess,
-            move || {
-                let (clients, id) = (clients.clone(), id.clone());
-                async move {
-                    clients
-                        .ec2
-                        .delete_snapshot()
-                        .snapshot_id(&id)
-                        .send()
-                        .await
-                        .map_err(|e| AwsError::new(format!("delete snapshot {id}"), &e))?;
-                    Ok(())
-                }
-            },
+            resources::delete_snapshot,
         );
         wait_snapshot(&s.clients, &snapshot_id, &ctx.cancel, &ctx.progress)
             .await
@@ -533,24 +494,14 @@ impl Step<BakeState> for RegisterImage {
             .ok_or_else(|| failed("RegisterImage returned no image id"))?
             .to_string();
         s.image_id = Some(image_id.clone());
-        let (clients, id) = (s.clients.clone(), image_id.clone());
-        ctx.undo.push(
+        undo_with(
+            ctx,
+            &s.clients,
             image_id.clone(),
+            &image_id,
             "deregister image",
             Keep::OnSuccess,
-            move || {
-                let (clients, id) = (clients.clone(), id.clone());
-                async move {
-                    clients
-                        .ec2
-                        .deregister_image()
-                        .image_id(&id)
-                        .send()
-                        .await
-                        .map_err(|e| AwsError::new(format!("deregister {id}"), &e))?;
-                    Ok(())
-                }
-            },
+            resources::deregister_image,
         );
         s.clients
             .ec2
