@@ -43,7 +43,7 @@ async fn run(cli: Cli) -> i32 {
         force,
         manifest,
     };
-    let output = cli.global.output;
+    let (output, verbose) = (cli.global.output, cli.global.verbose);
     match cli.command {
         Command::Validate(args) => validate_all(&args.templates, &vars, output),
         Command::InternalExtract(args) => {
@@ -84,7 +84,7 @@ async fn run(cli: Cli) -> i32 {
                 common: common(args.force, args.manifest),
                 amibake_exe,
             };
-            let sink = progress_renderer(output);
+            let sink = progress_renderer(output, verbose);
             let cancel = CancellationToken::new();
             if let Err(e) = engine::cancel_on_signals(cancel.clone(), sink.clone()) {
                 eprintln!("error: cannot watch for interrupts: {e}");
@@ -99,7 +99,7 @@ async fn run(cli: Cli) -> i32 {
 }
 
 /// Bars on a terminal, timestamped lines in logs, JSON lines for programs; all on stderr.
-fn progress_renderer(output: OutputFormat) -> Arc<dyn EventSink> {
+fn progress_renderer(output: OutputFormat, verbose: bool) -> Arc<dyn EventSink> {
     match output {
         OutputFormat::Json => Arc::new(JsonLines::new(Box::new(std::io::stderr()))),
         OutputFormat::Human
@@ -107,7 +107,7 @@ fn progress_renderer(output: OutputFormat) -> Arc<dyn EventSink> {
         {
             Arc::new(TerminalBars::new())
         }
-        OutputFormat::Human => Arc::new(PlainLines::new(Box::new(std::io::stderr()))),
+        OutputFormat::Human => Arc::new(PlainLines::new(Box::new(std::io::stderr()), verbose)),
     }
 }
 

@@ -55,6 +55,7 @@ impl Step<Journal> for MakeThing {
                 }
             }
         });
+        ctx.progress.note(format!("{} is ready", self.resource));
         ctx.progress.advance(50, Some(100), Unit::Percent);
         ctx.progress
             .output("provisioner", format!("hello from {}", self.name));
@@ -266,7 +267,7 @@ async fn plain_renderer_writes_timestamped_lines() {
     let buf = SharedBuf::default();
     run_steps(
         three_steps(),
-        Arc::new(PlainLines::new(Box::new(buf.clone()))),
+        Arc::new(PlainLines::new(Box::new(buf.clone()), false)),
     )
     .await;
     let text = buf.text();
@@ -280,6 +281,7 @@ async fn plain_renderer_writes_timestamped_lines() {
     ] {
         assert!(text.contains(needle), "missing {needle:?} in\n{text}");
     }
+    assert!(!text.contains("is ready"), "notes only with -v:\n{text}");
     // Every line starts with an RFC 3339 UTC time.
     for line in text.lines() {
         let stamp = line.split(' ').next().unwrap();
@@ -288,6 +290,21 @@ async fn plain_renderer_writes_timestamped_lines() {
             "{line:?}"
         );
     }
+}
+
+#[tokio::test]
+async fn plain_renderer_shows_notes_when_verbose() {
+    let buf = SharedBuf::default();
+    run_steps(
+        three_steps(),
+        Arc::new(PlainLines::new(Box::new(buf.clone()), true)),
+    )
+    .await;
+    assert!(
+        buf.text().contains("create volume: vol-1 is ready"),
+        "{}",
+        buf.text()
+    );
 }
 
 #[tokio::test]

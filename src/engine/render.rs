@@ -55,16 +55,19 @@ impl EventSink for JsonLines {
 pub struct PlainLines {
     out: Mutex<Box<dyn Write + Send>>,
     last_progress: Mutex<HashMap<String, (u64, Instant)>>,
+    /// Also print notes (each wait's state, devices found): `-v`.
+    verbose: bool,
 }
 
 /// How often plain output reports progress whose total is not known.
 const PLAIN_PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
 impl PlainLines {
-    pub fn new(out: Box<dyn Write + Send>) -> PlainLines {
+    pub fn new(out: Box<dyn Write + Send>, verbose: bool) -> PlainLines {
         PlainLines {
             out: Mutex::new(out),
             last_progress: Mutex::new(HashMap::new()),
+            verbose,
         }
     }
 
@@ -116,7 +119,10 @@ impl EventSink for PlainLines {
                 }
             }
             Event::Output { source, line, .. } => self.line(&format!("  {source} | {line}")),
-            Event::Note { step, message } => self.line(&format!("  {step}: {message}")),
+            Event::Note { step, message } if self.verbose => {
+                self.line(&format!("  {step}: {message}"))
+            }
+            Event::Note { .. } => {}
             Event::StepFinished { step, seconds, ok } => self.line(&format!(
                 "  {step}: {} in {seconds:.1}s",
                 if *ok { "done" } else { "FAILED" }
