@@ -171,6 +171,13 @@ async fn provision_in_chroot(root: &Path) {
     );
 }
 
+struct MountDir(std::path::PathBuf);
+impl MountDir {
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
 /// One test, one cloud: the SDK reads its endpoint from process environment variables.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attached_volumes_are_found_mounted_as_a_chroot_provisioned_and_put_back() {
@@ -238,7 +245,9 @@ async fn attached_volumes_are_found_mounted_as_a_chroot_provisioned_and_put_back
     );
 
     // The unpartitioned root mounted and prepared as a chroot, then put back as it was.
-    let mnt = tempfile::tempdir().unwrap();
+    // Kept, not a TempDir: a recursive delete after a failed assertion would walk through
+    // the chroot's bind of /dev into the host's. Removed below once everything is unmounted.
+    let mnt = MountDir(tempfile::tempdir().unwrap().keep());
     let image_resolv = "# the image's own resolv.conf\nnameserver 169.254.169.253\n";
     mount::mount_root(&found[1], mnt.path()).unwrap();
     assert_eq!(
@@ -298,6 +307,7 @@ async fn attached_volumes_are_found_mounted_as_a_chroot_provisioned_and_put_back
     assert!(!mnt.path().join("usr/sbin/policy-rc.d").exists());
     mount::unmount(mnt.path()).unwrap();
     assert!(!mount::is_mount_point(mnt.path()));
+    std::fs::remove_dir(mnt.path()).unwrap();
 
     // A name whose device the host already shows is not handed out again, even unlocked.
     drop(first);

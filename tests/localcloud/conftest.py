@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 from contextlib import contextmanager
@@ -69,10 +70,31 @@ def leftovers(state: Path):
     return found
 
 
+def mounts_under(path: Path):
+    with open("/proc/mounts") as mounts:
+        return [line.split()[1] for line in mounts if line.split()[1].startswith(str(path) + "/")]
+
+
+def remove_state(state: Path):
+    """Removes a cloud's state directory, unless anything is still mounted beneath it: an
+    instance's root holds a bind of /dev, and a recursive delete would walk into the host's."""
+    left = mounts_under(state)
+    assert left == [], f"not removing {state}: still mounted there: {left}"
+    shutil.rmtree(state)
+
+
+@contextmanager
+def state_dir(prefix):
+    state = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield state
+    finally:
+        remove_state(state)
+
+
 @pytest.fixture(scope="session")
 def cloud():
-    with tempfile.TemporaryDirectory(prefix="amibake-localcloud-") as tmp:
-        state = Path(tmp)
+    with state_dir("amibake-localcloud-") as state:
         c = start(state)
         try:
             yield c

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from botocore.exceptions import ClientError
 
-from conftest import leftovers, localcloud, mounted, start
+from conftest import leftovers, localcloud, mounted, start, state_dir
 
 DEBIAN_PARAMETER = "/aws/service/debian/release/12/latest/amd64"
 PARTITION_1_OFFSET = 2048 * 512
@@ -281,8 +281,7 @@ def test_imds_v2_describes_the_build_host(cloud):
 
 
 def test_down_removes_every_loop_device_link_mount_and_process(tmp_path):
-    with tempfile.TemporaryDirectory(prefix="amibake-localcloud-down-") as tmp:
-        state = Path(tmp)
+    with state_dir("amibake-localcloud-down-") as state:
         cloud = start(state, latency="none")
         try:
             ec2 = cloud.client("ec2")

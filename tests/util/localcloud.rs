@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 pub struct LocalCloud {
-    state: tempfile::TempDir,
+    /// Not a TempDir: it is removed only once nothing is mounted beneath it (an instance's
+    /// root holds a bind of /dev, and a recursive delete would walk into the host's).
+    state: PathBuf,
     /// The `export` lines of `localcloud up`: what every AWS SDK reads.
     pub env: Vec<(String, String)>,
     info: serde_json::Value,
@@ -21,8 +23,9 @@ impl LocalCloud {
         let state = tempfile::Builder::new()
             .prefix("amibake-localcloud-")
             .tempdir()
-            .expect("temp dir");
-        let out = run(state.path(), &["up", "--latency", latency]);
+            .expect("temp dir")
+            .keep();
+        let out = run(&state, &["up", "--latency", latency]);
         assert!(
             out.status.success(),
             "localcloud up failed:\n{}",
@@ -34,10 +37,9 @@ impl LocalCloud {
             .filter_map(|l| l.split_once('='))
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        let info = serde_json::from_str(
-            &std::fs::read_to_string(state.path().join("ready.json")).unwrap(),
-        )
-        .unwrap();
+        let info =
+            serde_json::from_str(&std::fs::read_to_string(state.join("ready.json")).unwrap())
+                .unwrap();
         LocalCloud { state, env, info }
     }
 
@@ -46,12 +48,12 @@ impl LocalCloud {
     }
 
     pub fn state_dir(&self) -> &Path {
-        self.state.path()
+        &self.state
     }
 
     /// Runs `localcloud ARGS` against this cloud.
     pub fn cli(&self, args: &[&str]) -> Output {
-        let out = run(self.state.path(), args);
+        let out = run(&self.state, args);
         assert!(
             out.status.success(),
             "localcloud {args:?} failed:\n{}",
@@ -79,12 +81,29 @@ fn run(state: &Path, args: &[&str]) -> Output {
 
 impl Drop for LocalCloud {
     fn drop(&mut self) {
-        let out = run(self.state.path(), &["down"]);
-        if !out.status.success() && !std::thread::panicking() {
-            panic!(
-                "localcloud down failed:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+        let out = run(&self.state, &["down"]);
+        let prefix = format!("{}/", self.state.display());
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+        let still_mounted: Vec<&str> = mounts
+            .lines()
+            .filter_map(|l| l.split(' ').nth(1))
+            .filter(|m| m.starts_with(&prefix))
+            .collect();
+        if still_mounted.is_empty() {
+            let _ = std::fs::remove_dir_all(&self.state);
         }
+        if std::thread::panicking() {
+            return;
+        }
+        assert!(
+            out.status.success(),
+            "localcloud down failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            still_mounted.is_empty(),
+            "not removing {}: still mounted there: {still_mounted:?}",
+            self.state.display()
+        );
     }
 }

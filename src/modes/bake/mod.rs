@@ -111,10 +111,7 @@ pub async fn run(
         "bake",
     )?;
     let plan = template.bake.expect("load_for_run checked the section");
-    let work = tempfile::Builder::new()
-        .prefix(&format!("amibake-{build_id}-"))
-        .tempdir()
-        .map_err(|e| ModeError::Failed(format!("cannot make a work directory: {e}")))?;
+    let work = WorkDir::new(&build_id)?;
     let tarball = spool_tarball(&options.tarball, work.path())?;
 
     let clients = Clients::new(&sdk_config(&options.common.aws).await)
@@ -189,7 +186,7 @@ pub async fn run(
         tarball_sha256: tarball_sha256.clone(),
         fingerprint: fingerprint.clone(),
         lock_dir: lock_dir(),
-        mount_point: work.path().join("root"),
+        mount_point: work.path().join(MOUNT_POINT),
         amibake_exe: options.amibake_exe.clone(),
         volume_id: None,
         device_name: None,
@@ -288,13 +285,45 @@ fn file_digest(path: &Path) -> Result<String, ModeError> {
         .map_err(|e| ModeError::Failed(format!("cannot read {}: {e}", path.display())))
 }
 
+/// The run's work directory: the tarball spooled from stdin, and the image's mount point.
+/// Removed entry by entry on drop, never recursively: were an unmount to have failed, a
+/// recursive delete would walk into the mounted image, and through its bind of /dev into
+/// the host's.
+struct WorkDir(PathBuf);
+
+const STDIN_TARBALL: &str = "stdin.tar";
+const MOUNT_POINT: &str = "root";
+
+impl WorkDir {
+    fn new(build_id: &str) -> Result<WorkDir, ModeError> {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("amibake-{build_id}-"))
+            .tempdir()
+            .map_err(|e| ModeError::Failed(format!("cannot make a work directory: {e}")))?;
+        Ok(WorkDir(dir.keep()))
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(self.0.join(STDIN_TARBALL));
+        // Fails, as it should, while anything is still mounted there.
+        let _ = std::fs::remove_dir(self.0.join(MOUNT_POINT));
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
 /// A tarball from standard input is kept in the work directory: it is read twice (digest,
 /// then extraction).
 fn spool_tarball(tarball: &Path, work: &Path) -> Result<PathBuf, ModeError> {
     if tarball.as_os_str() != "-" {
         return Ok(tarball.to_path_buf());
     }
-    let path = work.join("stdin.tar");
+    let path = work.join(STDIN_TARBALL);
     let mut file = std::fs::File::create(&path)
         .map_err(|e| ModeError::Failed(format!("cannot keep the tarball from stdin: {e}")))?;
     std::io::copy(&mut std::io::stdin().lock(), &mut file)
