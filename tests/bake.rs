@@ -304,7 +304,53 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
     );
     assert_nothing_left(&cloud, &build_host);
 
-    // 5. An unpartitioned base: the root is the whole device.
+    // 5. Two bakes at once on one host: both succeed, on different devices.
+    template(dir, "twin-a", debian, "\"echo a > /etc/twin\"");
+    template(dir, "twin-b", debian, "\"echo b > /etc/twin\"");
+    let before = cloud.calls().len();
+    let spawn = |name: &str| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_amibake"));
+        cmd.current_dir(dir).args([
+            "--output",
+            "json",
+            "bake",
+            &format!("{name}.toml"),
+            "--tarball",
+            "app.tar.gz",
+            "--commit",
+            "c0ffee1",
+        ]);
+        cmd.envs(cloud.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        cmd.stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (spawn("twin-a"), spawn("twin-b"));
+    let runs: Vec<Run> = [a, b]
+        .into_iter()
+        .map(|c| Run {
+            command: "amibake bake twin".into(),
+            output: c.wait_with_output().unwrap(),
+        })
+        .collect();
+    for run in &runs {
+        run.expect_code(0);
+    }
+    assert_ne!(manifest(&runs[0])["ami_id"], manifest(&runs[1])["ami_id"]);
+    let devices: Vec<String> = cloud.calls()[before..]
+        .iter()
+        .filter(|c| c["action"] == "AttachVolume" && c["code"] == "OK")
+        .map(|c| c["ids"]["Device"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(devices.len(), 2, "{devices:?}");
+    assert_ne!(
+        devices[0], devices[1],
+        "two bakes on one host use different device names"
+    );
+    assert_nothing_left(&cloud, &build_host);
+
+    // 6. An unpartitioned base: the root is the whole device.
     let flat = "{ owners = [\"136693071363\"], name = \"debian-12-amd64-unpartitioned-*\" }";
     template(dir, "flat", flat, "\"true\"");
     let run = bake(&cloud, dir, "flat.toml", &[]);
