@@ -58,7 +58,7 @@ pub async fn run_all(
         match &p.action {
             ProvisionerAction::Inline(commands) => {
                 for command in commands {
-                    run_one(comm, p, command, progress).await?;
+                    run_one(comm, p, command, progress, cancel).await?;
                 }
             }
             ProvisionerAction::Script(path) => {
@@ -70,12 +70,14 @@ pub async fn run_all(
                 comm.upload(path, &remote, 0o755)
                     .await
                     .map_err(comm_error)?;
-                let result = run_one(comm, p, &remote, progress).await;
-                // The script is not part of the image.
+                let result = run_one(comm, p, &remote, progress, cancel).await;
+                // The script is not part of the image; removed even after an interrupt.
+                let never = tokio_util::sync::CancellationToken::new();
                 comm.run(
                     &format!("rm -f '{remote}'"),
                     &Default::default(),
                     &mut |_| {},
+                    &never,
                 )
                 .await
                 .map_err(comm_error)?;
@@ -103,6 +105,7 @@ async fn run_one(
     p: &Provisioner,
     command: &str,
     progress: &Progress,
+    cancel: &tokio_util::sync::CancellationToken,
 ) -> Result<(), ProvisionError> {
     let mut tail = VecDeque::with_capacity(TAIL_LINES);
     let mut on_line = |line: &str| {
@@ -112,13 +115,20 @@ async fn run_one(
         }
         tail.push_back(line.to_string());
     };
-    let exit_code = comm
-        .run(command, &p.env, &mut on_line)
-        .await
-        .map_err(|source| ProvisionError::Communicator {
-            provisioner: p.name.clone(),
-            source,
-        })?;
+    let exit_code = match comm.run(command, &p.env, &mut on_line, cancel).await {
+        Ok(code) => code,
+        Err(CommError::Interrupted { .. }) => {
+            return Err(ProvisionError::Interrupted {
+                provisioner: p.name.clone(),
+            });
+        }
+        Err(source) => {
+            return Err(ProvisionError::Communicator {
+                provisioner: p.name.clone(),
+                source,
+            });
+        }
+    };
     if exit_code == 0 {
         return Ok(());
     }

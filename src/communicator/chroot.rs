@@ -8,6 +8,7 @@ use std::process::Stdio;
 
 use async_trait::async_trait;
 use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio_util::sync::CancellationToken;
 
 use super::{CommError, Communicator};
 
@@ -56,6 +57,7 @@ impl Communicator for Chroot {
         command: &str,
         env: &BTreeMap<String, String>,
         on_line: &mut (dyn for<'l> FnMut(&'l str) + Send),
+        cancel: &CancellationToken,
     ) -> Result<i32, CommError> {
         // `exec 2>&1` merges the streams inside the image, keeping their order; the command
         // itself travels as an argument, so nothing is quoted or pasted into a shell string.
@@ -71,15 +73,25 @@ impl Communicator for Chroot {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
+            // Its own process group, so an interrupt can end everything the command started.
+            .process_group(0)
             .spawn()
             .map_err(|e| self.failed(format!("run `{command}`"), e))?;
         let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
-        while let Some(line) = lines
-            .next_line()
-            .await
-            .map_err(|e| self.failed(format!("read the output of `{command}`"), e))?
-        {
-            on_line(&line);
+        loop {
+            tokio::select! {
+                line = lines.next_line() => match line.map_err(|e| self.failed(format!("read the output of `{command}`"), e))? {
+                    Some(line) => on_line(&line),
+                    None => break,
+                },
+                _ = cancel.cancelled() => {
+                    if let Some(pid) = child.id() {
+                        let _ = std::process::Command::new("kill").args(["-KILL", "--", &format!("-{pid}")]).status();
+                    }
+                    let _ = child.wait().await;
+                    return Err(CommError::Interrupted { target: self.target() });
+                }
+            }
         }
         let status = child
             .wait()

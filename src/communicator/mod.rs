@@ -16,6 +16,8 @@ pub enum CommError {
         action: String,
         reason: String,
     },
+    #[error("{target}: interrupted")]
+    Interrupted { target: String },
 }
 
 /// Runs commands and places files on the machine being provisioned, as root.
@@ -25,12 +27,14 @@ pub trait Communicator: Send + Sync {
     fn target(&self) -> String;
 
     /// Runs `command` with `/bin/sh -c` and `env`, passing each line of its output (stdout and
-    /// stderr together) to `on_line`. Returns the exit code.
+    /// stderr together) to `on_line`. Returns the exit code. `cancel` ends the command and
+    /// what it started.
     async fn run(
         &self,
         command: &str,
         env: &BTreeMap<String, String>,
         on_line: &mut (dyn for<'l> FnMut(&'l str) + Send),
+        cancel: &tokio_util::sync::CancellationToken,
     ) -> Result<i32, CommError>;
 
     /// Copies the local file `source` to `destination` on the target, with `mode`.
