@@ -368,6 +368,36 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
     unmount(&mnt, &loop_dev);
     assert_nothing_left(&cloud, &build_host);
 
+    // 8. The tarball on standard input, as `build | amibake bake --tarball -` gives it.
+    template(
+        dir,
+        "piped",
+        debian,
+        "\"test -x /var/www/shop/bin/console\"",
+    );
+    let piped = Command::new("sh")
+        .current_dir(dir)
+        .args([
+            "-c",
+            "\"$0\" --output json bake piped.toml --tarball - --commit c0ffee1 < app.tar.gz",
+            env!("CARGO_BIN_EXE_amibake"),
+        ])
+        .envs(cloud.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .output()
+        .unwrap();
+    let piped = Run {
+        command: "amibake bake piped.toml --tarball - < app.tar.gz".into(),
+        output: piped,
+    };
+    piped.expect_code(0);
+    assert_eq!(
+        manifest(&piped)["tarball_sha256"],
+        m["tarball_sha256"],
+        "the same bytes, the same digest"
+    );
+    assert!(manifest(&piped)["files"].as_u64().unwrap() > files.len() as u64);
+    assert_nothing_left(&cloud, &build_host);
+
     // 7. Ctrl-C while a provisioner runs: the command and what it started end at once, the
     // run cleans up and exits 130.
     template(dir, "slow", debian, "\"echo started-sleeping; sleep 600\"");
