@@ -8,7 +8,7 @@
 mod util;
 
 use amibake::aws::wait::{wait_for, Poll, WaitPolicy};
-use amibake::aws::{sdk_config, AwsError, AwsOptions, Clients};
+use amibake::aws::AwsError;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use util::localcloud::LocalCloud;
@@ -18,10 +18,7 @@ const DEBIAN_OWNER: &str = "136693071363";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_aws_layer_works_against_the_local_cloud() {
     let cloud = LocalCloud::start("quick");
-    for (key, value) in &cloud.env {
-        std::env::set_var(key, value);
-    }
-    let clients = Clients::new(&sdk_config(&AwsOptions::default()).await).unwrap();
+    let clients = cloud.clients().await;
     assert_eq!(clients.region, "us-east-1");
 
     // aws-config's IMDS client speaks IMDSv2 only and needs the token TTL header.

@@ -4,7 +4,7 @@
 mod util;
 
 use amibake::aws::ami::{self, AmiError};
-use amibake::aws::{host, sdk_config, AwsOptions, Clients};
+use amibake::aws::host;
 use amibake::template::{AmiFilter, AmiRef, SsmSelector};
 use aws_sdk_ec2::types::{ArchitectureValues, BootModeValues};
 use aws_sdk_ssm::types::ParameterType;
@@ -32,10 +32,7 @@ fn ssm(parameter: &str, selector: Option<SsmSelector>) -> AmiRef {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_host_and_the_base_image_are_found_every_way_a_template_names_them() {
     let cloud = LocalCloud::start("quick");
-    for (key, value) in &cloud.env {
-        std::env::set_var(key, value);
-    }
-    let clients = Clients::new(&sdk_config(&AwsOptions::default()).await).unwrap();
+    let clients = cloud.clients().await;
 
     let me = host::identity().await.unwrap();
     assert_eq!(me.instance_id, cloud.build_host());

@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use amibake::aws::{ami, resources, sdk_config, AwsOptions, Clients};
+use amibake::aws::{ami, resources, Clients};
 use amibake::communicator::chroot::Chroot;
 use amibake::engine::{Event, EventSink, Progress};
 use amibake::host::device::{
@@ -182,10 +182,7 @@ impl MountDir {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attached_volumes_are_found_mounted_as_a_chroot_provisioned_and_put_back() {
     let cloud = LocalCloud::start("quick");
-    for (key, value) in &cloud.env {
-        std::env::set_var(key, value);
-    }
-    let clients = Clients::new(&sdk_config(&AwsOptions::default()).await).unwrap();
+    let clients = cloud.clients().await;
     let locks = tempfile::tempdir().unwrap();
     let host = cloud.build_host().to_string();
 

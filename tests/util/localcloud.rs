@@ -43,6 +43,17 @@ impl LocalCloud {
         LocalCloud { state, env, info }
     }
 
+    /// amibake's clients for this cloud, configured as a user's would be: from the process
+    /// environment. That environment is the whole test binary's, so a binary that calls this
+    /// holds one test and one cloud.
+    pub async fn clients(&self) -> amibake::aws::Clients {
+        for (key, value) in &self.env {
+            std::env::set_var(key, value);
+        }
+        let config = amibake::aws::sdk_config(&amibake::aws::AwsOptions::default()).await;
+        amibake::aws::Clients::new(&config).expect("the local cloud names a region")
+    }
+
     pub fn build_host(&self) -> &str {
         self.info["build_host"].as_str().unwrap()
     }
