@@ -25,18 +25,6 @@ pub struct Context {
     pub build_id: String,
 }
 
-impl Context {
-    /// Stand-in values for `validate`, shaped like the real ones so name rules are checked.
-    pub fn for_validation(vars: BTreeMap<String, String>) -> Context {
-        Context {
-            vars,
-            commit: Commit::Placeholder,
-            timestamp: "20260101000000".into(),
-            build_id: "ab-20260101000000-0000aaaa".into(),
-        }
-    }
-}
-
 /// Stand-in for `${commit}` while validating: as long as a full git SHA-1.
 const PLACEHOLDER_COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 

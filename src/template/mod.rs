@@ -108,13 +108,13 @@ pub struct LoadOptions {
 
 impl LoadOptions {
     /// `validate`: stand-in values for what only a run knows.
+    /// Shaped like the real values, so AMI-name rules are checked against realistic lengths.
     pub fn for_validation(var_overrides: BTreeMap<String, String>) -> LoadOptions {
-        let ctx = Context::for_validation(BTreeMap::new());
         LoadOptions {
             var_overrides,
-            commit: ctx.commit,
-            timestamp: ctx.timestamp,
-            build_id: ctx.build_id,
+            commit: Commit::Placeholder,
+            timestamp: "20260101000000".into(),
+            build_id: "ab-20260101000000-0000aaaa".into(),
         }
     }
 }

@@ -58,10 +58,6 @@ impl LocalCloud {
         self.info["build_host"].as_str().unwrap()
     }
 
-    pub fn state_dir(&self) -> &Path {
-        &self.state
-    }
-
     /// Runs `localcloud ARGS` against this cloud.
     pub fn cli(&self, args: &[&str]) -> Output {
         let out = run(&self.state, args);

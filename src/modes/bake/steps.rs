@@ -400,7 +400,7 @@ impl Step<BakeState> for SnapshotVolume {
             .volume_id(&volume_id)
             .description(format!(
                 "{} root, baked by amibake build {}",
-                s.name, s.build_id
+                s.plan.name, s.build_id
             ))
             .tag_specifications(
                 TagSpecification::builder()
@@ -473,7 +473,7 @@ impl Step<BakeState> for RegisterImage {
             .clients
             .ec2
             .register_image()
-            .name(&s.name)
+            .name(&s.plan.name)
             .set_description(s.plan.description.clone())
             .architecture(base.architecture.clone())
             .root_device_name(&base.root_device_name)
@@ -488,7 +488,7 @@ impl Step<BakeState> for RegisterImage {
             .set_block_device_mappings(Some(mappings.collect()))
             .send()
             .await
-            .map_err(|e| failed(AwsError::new(format!("register image {}", s.name), &e)))?;
+            .map_err(|e| failed(AwsError::new(format!("register image {}", s.plan.name), &e)))?;
         let image_id = out
             .image_id()
             .ok_or_else(|| failed("RegisterImage returned no image id"))?
@@ -521,7 +521,7 @@ impl BakeState {
     /// Tags on the image and its snapshot: what it is, what it came from, which build made it.
     pub fn artifact_tags(&self) -> Vec<Tag> {
         let mut pairs: Vec<(&str, &str)> = vec![
-            ("Name", &self.name),
+            ("Name", &self.plan.name),
             (TAG_COMMIT, &self.commit),
             (TAG_TARBALL_SHA256, &self.tarball_sha256),
             (TAG_BASE_AMI, &self.base.id),
