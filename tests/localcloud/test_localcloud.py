@@ -220,6 +220,19 @@ def test_a_fault_fails_exactly_n_calls_with_the_code_given(cloud):
     assert logged == [("DescribeVolumes", "InsufficientVolumeCapacity")] * 2 + [("DescribeVolumes", "OK")] * 2
 
 
+def test_a_fault_can_let_calls_pass_first(cloud):
+    ec2 = cloud.client("ec2", retries=False)
+    cloud.cli("fault", "DescribeSnapshots", "--after", "2", "--error", "UnauthorizedOperation")
+    codes = []
+    for _ in range(4):
+        try:
+            ec2.describe_snapshots()
+            codes.append("OK")
+        except ClientError as e:
+            codes.append(e.response["Error"]["Code"])
+    assert codes == ["OK", "OK", "UnauthorizedOperation", "OK"]
+
+
 def test_ssm_faults_use_ssm_error_shapes(cloud):
     ssm = cloud.client("ssm", retries=False)
     cloud.cli("fault", "GetParameter", "--error", "ParameterNotFound")
@@ -367,6 +380,16 @@ def test_an_instance_boots_its_image_and_an_image_of_it_holds_what_ssh_wrote(clo
     ec2.terminate_instances(InstanceIds=[instance_id])
     with pytest.raises(ClientError):
         ec2.describe_volumes(VolumeIds=[root_volume])  # DeleteOnTermination from the AMI
+
+
+def test_an_interface_without_a_subnet_still_lands_on_loopback(cloud, tmp_path):
+    ec2 = cloud.client("ec2")
+    instance_id, key = launch(cloud, tmp_path, "nic-no-subnet", NetworkInterfaces=[
+        {"DeviceIndex": 0, "AssociatePublicIpAddress": True}])
+    instance = instance_state(ec2, instance_id)
+    assert instance["PrivateIpAddress"].startswith("127.0.1.") and instance["PublicIpAddress"] == instance["PrivateIpAddress"]
+    assert ssh(key, instance["PrivateIpAddress"], "true").returncode == 0
+    ec2.terminate_instances(InstanceIds=[instance_id])
 
 
 def test_stop_ends_every_process_of_the_instance_and_start_brings_it_back(cloud, tmp_path):

@@ -6,6 +6,7 @@ internally: `create_snapshot` about 1,300 times while a region loads its default
 `create_volume`/`attach_volume` inside RunInstances.
 """
 
+import ipaddress
 import subprocess
 import threading
 import time
@@ -422,9 +423,20 @@ def _patch_instances(dataplane, instances, timing, loopback_subnet):
     def patched_run_instances(self, image_id, count, user_data, security_group_names, **kwargs):
         if current_action() != "RunInstances":
             return run_instances(self, image_id, count, user_data, security_group_names, **kwargs)
-        if not kwargs.get("subnet_id") and not kwargs.get("nics"):
-            kwargs["subnet_id"] = loopback_subnet().id
+        if not kwargs.get("subnet_id"):
+            # moto gives an instance without a subnet a random 10.x address, also when the
+            # subnet travels in a network interface specification; here it is the NIC's
+            # subnet, else the loopback one.
+            primary = [n for n in kwargs.get("nics") or [] if str(n.get("DeviceIndex")) == "0"]
+            kwargs["subnet_id"] = (primary[0].get("SubnetId") if primary else None) or loopback_subnet().id
+            for nic in primary:
+                nic.setdefault("SubnetId", kwargs["subnet_id"])
         reservation = run_instances(self, image_id, count, user_data, security_group_names, **kwargs)
+        outside = [i for i in reservation.instances if not ipaddress.ip_address(i.private_ip).is_loopback]
+        if outside:
+            # Never hand a client an address it would then try to reach off this machine.
+            terminate_instances(self, [i.id for i in reservation.instances])
+            raise _error("InvalidSubnet", f"the local cloud runs instances only on loopback; {outside[0].private_ip} is not")
         for instance in reservation.instances:
             for nic in instance.nics.values():
                 if nic.public_ip:

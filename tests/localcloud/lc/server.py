@@ -48,7 +48,7 @@ from .instances import Instances  # noqa: E402
 
 
 class CallLog:
-    """Every API call: action, the main ids it named, and the result code."""
+    """Every API call: action, the main ids it named (and any CIDR it opens), the result code."""
 
     ID_PARAMS = ("VolumeId", "InstanceId", "ImageId", "SnapshotId", "SourceSnapshotId", "Name", "KeyName", "GroupId", "Device")
 
@@ -57,13 +57,15 @@ class CallLog:
         self.calls = []
 
     def add(self, service, action, params, status, code):
-        ids = {k: v for k, v in params.items() if k in self.ID_PARAMS or k.startswith(("VolumeId.", "InstanceId.", "ImageId.", "SnapshotId."))}
+        ids = {k: v for k, v in params.items() if k in self.ID_PARAMS or k.startswith(("VolumeId.", "InstanceId.", "ImageId.", "SnapshotId."))
+               or k.endswith(".CidrIp")}
         with self.lock:
             self.calls.append({"time": time.time(), "service": service, "action": action, "ids": ids, "status": status, "code": code})
 
 
 class Faults:
-    """Injected failures: the next N calls of an action fail with a code; P% throttled."""
+    """Injected failures: after M calls of an action pass, the next N fail with a code; P%
+    of all calls throttled."""
 
     def __init__(self):
         self.lock = threading.Lock()
@@ -73,7 +75,9 @@ class Faults:
     def take(self, action):
         with self.lock:
             fault = self.by_action.get(action)
-            if fault and fault["times"] > 0:
+            if fault and fault["after"] > 0:
+                fault["after"] -= 1
+            elif fault and fault["times"] > 0:
                 fault["times"] -= 1
                 return fault["code"]
             if self.throttle_percent and random.random() * 100 < self.throttle_percent:
@@ -262,7 +266,8 @@ class LocalCloud:
                 if "throttle" in spec:
                     self.faults.throttle_percent = float(spec["throttle"])
                 if spec.get("action"):
-                    self.faults.by_action[spec["action"]] = {"times": int(spec.get("times", 1)), "code": spec.get("code", "InternalError")}
+                    self.faults.by_action[spec["action"]] = {"times": int(spec.get("times", 1)), "after": int(spec.get("after", 0)),
+                                                           "code": spec.get("code", "InternalError")}
             return json_response({"ok": True})
         if what == "consistency" and request.method == "POST":
             self.timing.consistency_delay = float(request.get_json()["seconds"])
@@ -289,6 +294,10 @@ class LocalCloud:
                 "images": [{"id": a.id, "name": a.name, "state": a.state, "owner": a.owner_id} for a in ec2.amis.values()],
                 "instances": [{"id": i.id, "state": i.state, "private_ip": i.private_ip, "public_ip": i.public_ip, "booted": self.instances.is_running(i.id)}
                               for i in ec2.all_instances()],
+                "key_pairs": sorted(ec2.key_pairs),
+                "security_groups": [{"id": g.id, "name": g.name, "vpc": g.vpc_id,
+                                     "ingress": sorted(r.cidr_ipv4 for r in g.ingress_rules if r.cidr_ipv4)}
+                                    for g in ec2.describe_security_groups() if g.name != "default"],
                 "attachments": [{"volume": a.volume_id, "device": a.device, "loops": a.loops, "links": [str(p) for p in a.links]} for a in self.dataplane.attachments.values()],
                 "build_host": self.build_host.id,
                 "vendor_amis": self.vendor_amis,
