@@ -13,6 +13,7 @@ pub const TAG_FINGERPRINT: &str = "amibake:fingerprint";
 pub const TAG_COMMIT: &str = "amibake:commit";
 pub const TAG_TARBALL_SHA256: &str = "amibake:tarball-sha256";
 pub const TAG_BASE_AMI: &str = "amibake:base-ami";
+pub const TAG_SOURCE_AMI: &str = "amibake:source-ami";
 
 /// SHA-256 of a file, as lowercase hex.
 pub fn sha256_file(path: &Path) -> std::io::Result<String> {
@@ -47,6 +48,13 @@ pub fn fingerprint(parts: &[(&str, &str)]) -> String {
     hex(&hasher.finalize())
 }
 
+/// What a mode prints as its result, and writes with `--manifest`.
+pub trait Manifest: Serialize {
+    fn ami_id(&self) -> &str;
+    /// One line for a person: what was built or reused, from what.
+    fn summary(&self) -> String;
+}
+
 /// What `bake` prints as its result, and writes with `--manifest`.
 #[derive(Debug, Clone, Serialize)]
 pub struct BakeManifest {
@@ -64,6 +72,62 @@ pub struct BakeManifest {
     pub files: u64,
     pub bytes: u64,
     pub step_seconds: BTreeMap<String, f64>,
+}
+
+impl Manifest for BakeManifest {
+    fn ami_id(&self) -> &str {
+        &self.ami_id
+    }
+    fn summary(&self) -> String {
+        let how = if self.reused {
+            "reused (same fingerprint)"
+        } else {
+            "baked"
+        };
+        format!(
+            "{how}: {} \"{}\" in {} from {} at {}",
+            self.ami_id, self.name, self.region, self.base_ami, self.commit
+        )
+    }
+}
+
+/// What `base` prints as its result, and writes with `--manifest`.
+#[derive(Debug, Clone, Serialize)]
+pub struct BaseManifest {
+    pub ami_id: String,
+    pub region: String,
+    pub name: String,
+    pub snapshot_ids: Vec<String>,
+    pub source_ami: String,
+    pub fingerprint: String,
+    pub build_id: String,
+    /// True when an image with the same fingerprint existed and was reused.
+    pub reused: bool,
+    /// The SSM parameter the id was published to, and the version that holds it.
+    pub ssm_parameter: Option<String>,
+    pub ssm_version: Option<i64>,
+    pub step_seconds: BTreeMap<String, f64>,
+}
+
+impl Manifest for BaseManifest {
+    fn ami_id(&self) -> &str {
+        &self.ami_id
+    }
+    fn summary(&self) -> String {
+        let how = if self.reused {
+            "unchanged, reused (same fingerprint)"
+        } else {
+            "built"
+        };
+        let published = match (&self.ssm_parameter, self.ssm_version) {
+            (Some(p), Some(v)) => format!(", published to {p} version {v}"),
+            _ => String::new(),
+        };
+        format!(
+            "{how}: {} \"{}\" in {} from {}{published}",
+            self.ami_id, self.name, self.region, self.source_ami
+        )
+    }
 }
 
 #[cfg(test)]

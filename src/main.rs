@@ -11,10 +11,11 @@ use clap::Parser;
 
 use std::sync::Arc;
 
+use amibake::artifact::Manifest;
 use amibake::aws::AwsOptions;
 use amibake::engine::render::{JsonLines, PlainLines, TerminalBars};
 use amibake::engine::{self, EventSink, Outcome};
-use amibake::modes::{bake, base, CommonOptions, ModeError};
+use amibake::modes::{bake, base, BuildResult, CommonOptions, ModeError};
 use amibake::{exit, validate};
 use cli::{Cli, Command, OutputFormat};
 use tokio_util::sync::CancellationToken;
@@ -57,12 +58,16 @@ async fn run(cli: Cli) -> i32 {
             }
         }
         Command::Base(args) => {
+            let manifest_file = args.manifest.clone();
             let options = base::BaseOptions {
                 template: args.template,
                 common: common(args.force, args.manifest),
             };
-            match base::run(&options).await {
-                Ok(()) => exit::OK,
+            let Some((sink, cancel)) = watch_run(output, verbose) else {
+                return exit::BUILD_FAILED;
+            };
+            match base::run(&options, sink, cancel).await {
+                Ok(result) => report_build(result, output, manifest_file.as_deref()),
                 Err(e) => report_error(e),
             }
         }
@@ -84,16 +89,29 @@ async fn run(cli: Cli) -> i32 {
                 common: common(args.force, args.manifest),
                 amibake_exe,
             };
-            let sink = progress_renderer(output, verbose);
-            let cancel = CancellationToken::new();
-            if let Err(e) = engine::cancel_on_signals(cancel.clone(), sink.clone()) {
-                eprintln!("error: cannot watch for interrupts: {e}");
+            let Some((sink, cancel)) = watch_run(output, verbose) else {
                 return exit::BUILD_FAILED;
-            }
+            };
             match bake::run(&options, sink, cancel).await {
-                Ok(result) => report_bake(result, output, manifest_file.as_deref()),
+                Ok(result) => report_build(result, output, manifest_file.as_deref()),
                 Err(e) => report_error(e),
             }
+        }
+    }
+}
+
+/// The progress renderer and the token SIGINT/SIGTERM cancel, for a build.
+fn watch_run(
+    output: OutputFormat,
+    verbose: bool,
+) -> Option<(Arc<dyn EventSink>, CancellationToken)> {
+    let sink = progress_renderer(output, verbose);
+    let cancel = CancellationToken::new();
+    match engine::cancel_on_signals(cancel.clone(), sink.clone()) {
+        Ok(()) => Some((sink, cancel)),
+        Err(e) => {
+            eprintln!("error: cannot watch for interrupts: {e}");
+            None
         }
     }
 }
@@ -111,9 +129,9 @@ fn progress_renderer(output: OutputFormat, verbose: bool) -> Arc<dyn EventSink> 
     }
 }
 
-/// The bake's outcome, said once: the result on stdout, what went wrong on stderr.
-fn report_bake(
-    result: bake::BakeResult,
+/// A build's outcome, said once: the result on stdout, what went wrong on stderr.
+fn report_build<M: Manifest>(
+    result: BuildResult<M>,
     output: OutputFormat,
     manifest_file: Option<&std::path::Path>,
 ) -> i32 {
@@ -150,16 +168,8 @@ fn report_bake(
     match output {
         OutputFormat::Json => println!("{json}"),
         OutputFormat::Human => {
-            let how = if manifest.reused {
-                "reused (same fingerprint)"
-            } else {
-                "baked"
-            };
-            eprintln!(
-                "{how}: {} \"{}\" in {} from {} at {}",
-                manifest.ami_id, manifest.name, manifest.region, manifest.base_ami, manifest.commit
-            );
-            println!("{}", manifest.ami_id);
+            eprintln!("{}", manifest.summary());
+            println!("{}", manifest.ami_id());
         }
     }
     code

@@ -3,7 +3,7 @@
 
 mod util;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use util::localcloud::LocalCloud;
@@ -81,54 +81,9 @@ fn app_tarball(dir: &Path) -> Vec<(String, Vec<u8>)> {
     files
 }
 
-fn export_and_mount(
-    cloud: &LocalCloud,
-    snapshot: &str,
-    dir: &Path,
-    offset: u64,
-) -> (PathBuf, String) {
-    let raw = dir.join(format!("{snapshot}.img"));
-    cloud.cli(&["export-snapshot", snapshot, raw.to_str().unwrap()]);
-    let loop_dev = String::from_utf8(
-        Command::new("losetup")
-            .args([
-                "--find",
-                "--show",
-                "--read-only",
-                "--offset",
-                &offset.to_string(),
-            ])
-            .arg(&raw)
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap()
-    .trim()
-    .to_string();
-    let mnt = dir.join(format!("{snapshot}.mnt"));
-    std::fs::create_dir_all(&mnt).unwrap();
-    assert!(Command::new("mount")
-        .args(["-o", "ro", &loop_dev])
-        .arg(&mnt)
-        .status()
-        .unwrap()
-        .success());
-    (mnt, loop_dev)
-}
-
-fn unmount(mnt: &Path, loop_dev: &str) {
-    assert!(Command::new("umount").arg(mnt).status().unwrap().success());
-    assert!(Command::new("losetup")
-        .args(["-d", loop_dev])
-        .status()
-        .unwrap()
-        .success());
-}
-
 /// What a build may leave: nothing but the image and its snapshot on success.
 fn assert_nothing_left(cloud: &LocalCloud, build_host: &str) {
-    let ls: serde_json::Value = serde_json::from_slice(&cloud.cli(&["ls"]).stdout).unwrap();
+    let ls = cloud.ls();
     let volumes: Vec<_> = ls["volumes"]
         .as_array()
         .unwrap()
@@ -194,7 +149,8 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
     assert!(calls.iter().any(|c| c["action"] == "DetachVolume" && c["ids"]["InstanceId"] == build_host.as_str()), "detach names the instance");
     assert_nothing_left(&cloud, &build_host);
 
-    let (mnt, loop_dev) = export_and_mount(&cloud, &snapshot, dir, PARTITION_1_OFFSET);
+    let image = cloud.mount_snapshot(&snapshot, dir, PARTITION_1_OFFSET);
+    let mnt = &image.root;
     let app = mnt.join("var/www/shop");
     for (path, body) in &files {
         assert_eq!(&std::fs::read(app.join(path)).unwrap(), body, "{path}");
@@ -236,7 +192,7 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
             .starts_with("12."),
         "the base is untouched"
     );
-    unmount(&mnt, &loop_dev);
+    drop(image);
 
     // 2. The same inputs again: the image is reused and nothing is created.
     let before = cloud.calls().len();
@@ -355,17 +311,12 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
     template(dir, "flat", flat, "\"true\"");
     let run = bake(&cloud, dir, "flat.toml", &[]);
     run.expect_code(0);
-    let (mnt, loop_dev) = export_and_mount(
-        &cloud,
-        manifest(&run)["snapshot_id"].as_str().unwrap(),
-        dir,
-        0,
-    );
+    let image = cloud.mount_snapshot(manifest(&run)["snapshot_id"].as_str().unwrap(), dir, 0);
     assert_eq!(
-        std::fs::read(mnt.join("var/www/shop/bin/console")).unwrap(),
+        std::fs::read(image.root.join("var/www/shop/bin/console")).unwrap(),
         files.last().unwrap().1
     );
-    unmount(&mnt, &loop_dev);
+    drop(image);
     assert_nothing_left(&cloud, &build_host);
 
     // 8. The tarball on standard input, as `build | amibake bake --tarball -` gives it.

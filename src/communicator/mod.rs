@@ -2,6 +2,7 @@
 //! SSH to a temporary instance (`base`). The provisioner code runs the same over either.
 
 pub mod chroot;
+pub mod ssh;
 
 use std::collections::BTreeMap;
 use std::path::Path;

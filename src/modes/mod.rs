@@ -2,12 +2,24 @@
 
 pub mod bake;
 pub mod base;
+mod support;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use crate::artifact;
 use crate::aws::AwsOptions;
-use crate::template::{self, Commit, LoadOptions, Template, TemplateError};
+use crate::engine::RunReport;
+use crate::template::{
+    self, Commit, LoadOptions, Provisioner, ProvisionerAction, Template, TemplateError,
+};
+
+/// How a run of either mode ended: its manifest when it built or reused an image, and the
+/// engine's report when the engine ran.
+pub struct BuildResult<M> {
+    pub manifest: Option<M>,
+    pub report: Option<RunReport>,
+}
 
 /// What both modes are told by whoever runs them.
 #[derive(Debug, Clone, Default)]
@@ -26,8 +38,6 @@ pub enum ModeError {
     /// Bad arguments, found before any AWS call.
     #[error("{0}")]
     Usage(String),
-    #[error("`amibake {0}` is not built yet: this release only validates its template")]
-    NotBuiltYet(&'static str),
     /// Failed before anything was created (metadata, AMI lookup, reading inputs).
     #[error("{0}")]
     Failed(String),
@@ -37,7 +47,7 @@ impl ModeError {
     pub fn exit_code(&self) -> i32 {
         match self {
             ModeError::Template(_) | ModeError::Usage(_) => crate::exit::USAGE,
-            ModeError::NotBuiltYet(_) | ModeError::Failed(_) => crate::exit::BUILD_FAILED,
+            ModeError::Failed(_) => crate::exit::BUILD_FAILED,
         }
     }
 }
@@ -69,4 +79,28 @@ fn load_for_run(
         )));
     }
     Ok((template, build_id))
+}
+
+/// The part of a fingerprint the provisioners make: commands as written, the bytes of every
+/// script and uploaded file, where files go, and the environment.
+fn provisioner_fingerprint_parts(
+    provisioners: &[Provisioner],
+) -> Result<Vec<(String, String)>, ModeError> {
+    let digest = |path: &Path| {
+        artifact::sha256_file(path)
+            .map_err(|e| ModeError::Failed(format!("cannot read {}: {e}", path.display())))
+    };
+    let mut parts = Vec::new();
+    for (i, p) in provisioners.iter().enumerate() {
+        let what = match &p.action {
+            ProvisionerAction::Inline(commands) => commands.join("\n"),
+            ProvisionerAction::Script(path) => digest(path)?,
+            ProvisionerAction::Upload {
+                source,
+                destination,
+            } => format!("{} {destination}", digest(source)?),
+        };
+        parts.push((format!("provisioner {i}"), format!("{what}\n{:?}", p.env)));
+    }
+    Ok(parts)
 }

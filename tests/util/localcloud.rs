@@ -69,11 +69,56 @@ impl LocalCloud {
         out
     }
 
+    /// `localcloud ls` as JSON.
+    pub fn ls(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.cli(&["ls"]).stdout).unwrap()
+    }
+
+    /// The snapshot's bytes, exported to `dir` and mounted read-only from `offset` (the
+    /// root partition's start) until the returned guard drops.
+    pub fn mount_snapshot(&self, snapshot: &str, dir: &Path, offset: u64) -> MountedSnapshot {
+        let raw = dir.join(format!("{snapshot}.img"));
+        self.cli(&["export-snapshot", snapshot, raw.to_str().unwrap()]);
+        let out = Command::new("losetup")
+            .args(["--find", "--show", "--read-only", "--offset"])
+            .arg(offset.to_string())
+            .arg(&raw)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "losetup {}", raw.display());
+        let loop_dev = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        let root = dir.join(format!("{snapshot}.mnt"));
+        std::fs::create_dir_all(&root).unwrap();
+        let mounted = MountedSnapshot { root, loop_dev };
+        assert!(Command::new("mount")
+            .args(["-o", "ro", &mounted.loop_dev])
+            .arg(&mounted.root)
+            .status()
+            .unwrap()
+            .success());
+        mounted
+    }
+
     pub fn calls(&self) -> Vec<serde_json::Value> {
         String::from_utf8_lossy(&self.cli(&["calls"]).stdout)
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect()
+    }
+}
+
+/// An exported snapshot's filesystem, mounted read-only at `root`.
+pub struct MountedSnapshot {
+    pub root: PathBuf,
+    loop_dev: String,
+}
+
+impl Drop for MountedSnapshot {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.root).status();
+        let _ = Command::new("losetup")
+            .args(["-d", &self.loop_dev])
+            .status();
     }
 }
 

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use aws_sdk_ec2::types::Filter;
 use tokio_util::sync::CancellationToken;
 
-use super::{load_for_run, CommonOptions, ModeError};
+use super::{load_for_run, provisioner_fingerprint_parts, BuildResult, CommonOptions, ModeError};
 use crate::artifact::{self, BakeManifest, TAG_FINGERPRINT};
 use crate::aws::ami::{self, BaseImage};
 use crate::aws::host::{self, HostIdentity};
@@ -20,7 +20,7 @@ use crate::aws::{sdk_config, AwsError, Clients};
 use crate::engine::{self, EventSink, RunReport, Step, UndoId};
 use crate::host::device::DeviceName;
 use crate::host::extract::Extracted;
-use crate::template::{BakePlan, Commit, ProvisionerAction};
+use crate::template::{BakePlan, Commit};
 
 #[derive(Debug, Clone)]
 pub struct BakeOptions {
@@ -73,12 +73,6 @@ pub struct BakeState {
     image_id: Option<String>,
 }
 
-/// How a bake ended: the manifest, and the engine's report when it ran.
-pub struct BakeResult {
-    pub manifest: Option<BakeManifest>,
-    pub report: Option<RunReport>,
-}
-
 /// CI systems' variables for the commit being built, most specific first.
 const COMMIT_VARIABLES: [&str; 5] = [
     "GITHUB_SHA",
@@ -92,7 +86,7 @@ pub async fn run(
     options: &BakeOptions,
     sink: Arc<dyn EventSink>,
     cancel: CancellationToken,
-) -> Result<BakeResult, ModeError> {
+) -> Result<BuildResult<BakeManifest>, ModeError> {
     let commit = match &options.commit {
         Some(sha) => check_commit(sha)?,
         None => detect_commit().ok_or_else(|| ModeError::Usage("no commit: pass --commit SHA (no CI commit variable is set and this is not a git checkout)".into()))?,
@@ -166,7 +160,7 @@ pub async fn run(
                 name,
                 ..manifest(id, None, true, Extracted::default(), None)
             };
-            return Ok(BakeResult {
+            return Ok(BuildResult {
                 manifest: Some(reused),
                 report: None,
             });
@@ -208,7 +202,7 @@ pub async fn run(
         )),
         _ => None,
     };
-    Ok(BakeResult {
+    Ok(BuildResult {
         manifest,
         report: Some(report),
     })
@@ -260,27 +254,12 @@ fn fingerprint(base: &str, tarball_sha256: &str, plan: &BakePlan) -> Result<Stri
             ),
         ),
     ];
-    for (i, p) in plan.provisioners.iter().enumerate() {
-        let what = match &p.action {
-            ProvisionerAction::Inline(commands) => commands.join("\n"),
-            ProvisionerAction::Script(path) => file_digest(path)?,
-            ProvisionerAction::Upload {
-                source,
-                destination,
-            } => format!("{} {destination}", file_digest(source)?),
-        };
-        parts.push((format!("provisioner {i}"), format!("{what}\n{:?}", p.env)));
-    }
+    parts.extend(provisioner_fingerprint_parts(&plan.provisioners)?);
     let refs: Vec<(&str, &str)> = parts
         .iter()
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
     Ok(artifact::fingerprint(&refs))
-}
-
-fn file_digest(path: &Path) -> Result<String, ModeError> {
-    artifact::sha256_file(path)
-        .map_err(|e| ModeError::Failed(format!("cannot read {}: {e}", path.display())))
 }
 
 /// The run's work directory: the tarball spooled from stdin, and the image's mount point.

@@ -1,6 +1,5 @@
 //! The steps of a bake. Each registers how to undo what it made the moment it exists.
 
-use std::future::Future;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -9,65 +8,18 @@ use aws_sdk_ec2::types::{
     BlockDeviceMapping, EbsBlockDevice, ResourceType, Tag, TagSpecification, VolumeType,
 };
 
+use crate::modes::support::{earlier, failed, tags, undo_with, waited};
+
 use super::BakeState;
 use crate::artifact::{
     TAG_BASE_AMI, TAG_BUILD_ID, TAG_COMMIT, TAG_FINGERPRINT, TAG_TARBALL_SHA256,
 };
-use crate::aws::resources::{self, wait_image, wait_snapshot, wait_volume, ResourceError};
-use crate::aws::wait::WaitError;
-use crate::aws::{AwsError, Clients};
+use crate::aws::resources::{self, wait_image, wait_snapshot, wait_volume};
+use crate::aws::AwsError;
 use crate::communicator::chroot::Chroot;
-use crate::engine::{BoxError, Keep, Step, StepContext, StepError, UndoId, Unit};
+use crate::engine::{Keep, Step, StepContext, StepError, Unit};
 use crate::host::{device, extract, mount};
 use crate::provision;
-
-fn failed(e: impl Into<BoxError>) -> StepError {
-    StepError::failed(e)
-}
-
-fn waited(e: ResourceError) -> StepError {
-    if matches!(e, WaitError::Interrupted { .. }) {
-        StepError::Interrupted
-    } else {
-        failed(e)
-    }
-}
-
-/// A value an earlier step should have set: its absence is a bug, reported as one.
-fn earlier<T: Clone>(value: &Option<T>, what: &str) -> Result<T, StepError> {
-    value
-        .clone()
-        .ok_or_else(|| failed(format!("internal error: no {what} from an earlier step")))
-}
-
-fn tags(pairs: &[(&str, &str)]) -> Vec<Tag> {
-    pairs
-        .iter()
-        .map(|(k, v)| Tag::builder().key(*k).value(*v).build())
-        .collect()
-}
-
-/// Registers an undo that removes `id` with `remove` (one of `aws::resources`' removers).
-fn undo_with<F, Fut, E>(
-    ctx: &mut StepContext,
-    clients: &Clients,
-    resource: String,
-    id: &str,
-    action: &str,
-    keep: Keep,
-    remove: F,
-) -> UndoId
-where
-    F: Fn(Clients, String) -> Fut + Send + 'static,
-    Fut: Future<Output = Result<(), E>> + Send + 'static,
-    E: Into<BoxError>,
-{
-    let (clients, id) = (clients.clone(), id.to_string());
-    ctx.undo.push(resource, action, keep, move || {
-        let removal = remove(clients.clone(), id.clone());
-        async move { removal.await.map_err(Into::into) }
-    })
-}
 
 pub struct CreateVolume;
 

@@ -1,9 +1,25 @@
 //! `amibake base`: a base AMI from a vendor AMI, provisioned over SSH.
+//!
+//! First, without creating anything: resolve the source AMI and fingerprint the inputs; an
+//! available image with that fingerprint is reused and nothing is launched. Then the engine
+//! runs the steps below; the instance, key pair and security group are always removed, the
+//! image only when the build fails.
 
-use std::path::PathBuf;
+mod steps;
 
-use super::{load_for_run, CommonOptions, ModeError};
-use crate::template::Commit;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use aws_sdk_ec2::types::Filter;
+use tokio_util::sync::CancellationToken;
+
+use super::{load_for_run, provisioner_fingerprint_parts, BuildResult, CommonOptions, ModeError};
+use crate::artifact::{self, BaseManifest, TAG_FINGERPRINT};
+use crate::aws::ami::{self, BaseImage};
+use crate::aws::{sdk_config, AwsError, Clients};
+use crate::communicator::ssh::{Ssh, SshTarget};
+use crate::engine::{self, EventSink, Step};
+use crate::template::{BasePlan, Commit};
 
 #[derive(Debug, Clone)]
 pub struct BaseOptions {
@@ -11,13 +27,206 @@ pub struct BaseOptions {
     pub common: CommonOptions,
 }
 
-pub async fn run(options: &BaseOptions) -> Result<(), ModeError> {
+/// The steps, in order: the base build reads as this list.
+fn steps() -> Vec<Box<dyn Step<BaseState>>> {
+    vec![
+        Box::new(steps::CreateKeyPair),
+        Box::new(steps::CreateSecurityGroup),
+        Box::new(steps::LaunchInstance),
+        Box::new(steps::WaitForSsh),
+        Box::new(steps::RunProvisioners),
+        Box::new(steps::StopInstance),
+        Box::new(steps::CreateImage),
+        Box::new(steps::PublishSsm),
+    ]
+}
+
+/// Everything the steps share, typed.
+pub struct BaseState {
+    clients: Clients,
+    plan: BasePlan,
+    build_id: String,
+    source: BaseImage,
+    fingerprint: String,
+    /// Private, and removed when the run ends whatever happens: holds the private key.
+    key_dir: PathBuf,
+    key_name: Option<String>,
+    private_key: Option<PathBuf>,
+    security_group_ids: Vec<String>,
+    /// The group this run made, which it opens to the runner once the address is known.
+    temporary_group: Option<String>,
+    instance_id: Option<String>,
+    ssh_target: Option<SshTarget>,
+    ssh: Option<Arc<Ssh>>,
+    image_id: Option<String>,
+    snapshot_ids: Vec<String>,
+    ssm_version: Option<i64>,
+}
+
+pub async fn run(
+    options: &BaseOptions,
+    sink: Arc<dyn EventSink>,
+    cancel: CancellationToken,
+) -> Result<BuildResult<BaseManifest>, ModeError> {
     // [base] never has a commit; a [bake] table beside it is still checked, with a stand-in.
-    load_for_run(
+    let (template, build_id) = load_for_run(
         &options.template,
         &options.common,
         Commit::Placeholder,
         "base",
     )?;
-    Err(ModeError::NotBuiltYet("base"))
+    let plan = template.base.expect("load_for_run checked the section");
+    let clients = Clients::new(&sdk_config(&options.common.aws).await)
+        .map_err(|e| ModeError::Failed(e.to_string()))?;
+    let source_id = ami::resolve(&clients, &plan.source_ami)
+        .await
+        .map_err(|e| ModeError::Failed(e.to_string()))?;
+    let source = ami::describe(&clients, &source_id)
+        .await
+        .map_err(|e| ModeError::Failed(e.to_string()))?;
+    let fingerprint = fingerprint(&source.id, &plan)?;
+    let manifest = |ami_id: String, name: String, reused, state: Option<&BaseState>| BaseManifest {
+        ami_id,
+        region: clients.region.clone(),
+        name,
+        snapshot_ids: state.map(|s| s.snapshot_ids.clone()).unwrap_or_default(),
+        source_ami: source.id.clone(),
+        fingerprint: fingerprint.clone(),
+        build_id: build_id.clone(),
+        reused,
+        ssm_parameter: state
+            .and_then(|s| s.ssm_version)
+            .and(plan.publish.as_ref().map(|p| p.parameter.clone())),
+        ssm_version: state.and_then(|s| s.ssm_version),
+        step_seconds: Default::default(),
+    };
+
+    if !options.common.force {
+        if let Some((id, name)) = built_already(&clients, &fingerprint)
+            .await
+            .map_err(|e| ModeError::Failed(e.to_string()))?
+        {
+            return Ok(BuildResult {
+                manifest: Some(manifest(id, name, true, None)),
+                report: None,
+            });
+        }
+    }
+
+    let key_dir = KeyDir::new(&build_id)?;
+    let mut state = BaseState {
+        clients: clients.clone(),
+        plan: plan.clone(),
+        build_id: build_id.clone(),
+        source: source.clone(),
+        fingerprint: fingerprint.clone(),
+        key_dir: key_dir.path().to_path_buf(),
+        key_name: None,
+        private_key: None,
+        security_group_ids: Vec::new(),
+        temporary_group: None,
+        instance_id: None,
+        ssh_target: None,
+        ssh: None,
+        image_id: None,
+        snapshot_ids: Vec::new(),
+        ssm_version: None,
+    };
+    let report = engine::run("base", &build_id, &steps(), &mut state, sink, cancel).await;
+    drop(key_dir);
+    let manifest = match (&report.outcome, &state.image_id) {
+        (engine::Outcome::Succeeded, Some(image)) => Some(BaseManifest {
+            step_seconds: report
+                .steps
+                .iter()
+                .map(|s| (s.step.clone(), s.seconds))
+                .collect(),
+            ..manifest(image.clone(), plan.name.clone(), false, Some(&state))
+        }),
+        _ => None,
+    };
+    Ok(BuildResult {
+        manifest,
+        report: Some(report),
+    })
+}
+
+/// An available image of ours carrying this fingerprint: its id and name.
+async fn built_already(
+    clients: &Clients,
+    fingerprint: &str,
+) -> Result<Option<(String, String)>, AwsError> {
+    let out = clients
+        .ec2
+        .describe_images()
+        .owners("self")
+        .filters(
+            Filter::builder()
+                .name(format!("tag:{TAG_FINGERPRINT}"))
+                .values(fingerprint)
+                .build(),
+        )
+        .filters(Filter::builder().name("state").values("available").build())
+        .send()
+        .await
+        .map_err(|e| AwsError::new("look for an identical earlier base build", &e))?;
+    Ok(out.images().iter().find_map(|i| {
+        Some((
+            i.image_id()?.to_string(),
+            i.name().unwrap_or_default().to_string(),
+        ))
+    }))
+}
+
+/// What decides the image's content: the source AMI, how the instance is launched, and
+/// every provisioner with the bytes of its script or file. Not the name, description, tags
+/// or where it is published, which change without changing the image.
+fn fingerprint(source: &str, plan: &BasePlan) -> Result<String, ModeError> {
+    let mut parts: Vec<(String, String)> = vec![
+        ("source_ami".into(), source.into()),
+        ("instance_type".into(), plan.instance_type.clone()),
+        ("ssh_username".into(), plan.ssh_username.clone()),
+        (
+            "user_data".into(),
+            plan.user_data.clone().unwrap_or_default(),
+        ),
+        (
+            "root_volume".into(),
+            format!("{:?} {:?}", plan.root_volume_size_gb, plan.root_volume_type),
+        ),
+        (
+            "iam_instance_profile".into(),
+            plan.iam_instance_profile.clone().unwrap_or_default(),
+        ),
+    ];
+    parts.extend(provisioner_fingerprint_parts(&plan.provisioners)?);
+    let refs: Vec<(&str, &str)> = parts
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    Ok(artifact::fingerprint(&refs))
+}
+
+/// A private (0700) directory for the temporary private key, on tmpfs where there is one so
+/// the key never reaches a disk; removed with the key when the run ends.
+struct KeyDir(tempfile::TempDir);
+
+impl KeyDir {
+    fn new(build_id: &str) -> Result<KeyDir, ModeError> {
+        let shm = Path::new("/dev/shm");
+        let parent = if shm.is_dir() {
+            shm.to_path_buf()
+        } else {
+            std::env::temp_dir()
+        };
+        tempfile::Builder::new()
+            .prefix(&format!("amibake-{build_id}-key-"))
+            .tempdir_in(parent)
+            .map(KeyDir)
+            .map_err(|e| ModeError::Failed(format!("cannot make a private key directory: {e}")))
+    }
+
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
 }

@@ -1,0 +1,287 @@
+//! The SSH communicator: commands and files reach a temporary instance over one ssh2 session.
+//!
+//! libssh2 blocks, so every exchange runs on a blocking thread. While a command runs, the
+//! session's timeout is short: each read that times out is a chance to notice an interrupt,
+//! so a Ctrl-C never waits on a command that prints nothing.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use ssh2::{ExtendedData, Session};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::{CommError, Communicator};
+
+/// How often a running command's reader looks at the cancel token.
+const READ_POLL: Duration = Duration::from_millis(200);
+/// Bound on one protocol exchange that is not a running command (open a channel, close it).
+const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(60);
+/// What an instance sees as a command's exit code when a signal ended it, as `ssh` reports.
+const KILLED_BY_SIGNAL: i32 = 255;
+
+/// Where to connect and as whom.
+#[derive(Debug, Clone)]
+pub struct SshTarget {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    /// The private key file; its contents are read by libssh2 only, never by this program.
+    pub private_key: PathBuf,
+}
+
+impl SshTarget {
+    fn describe(&self) -> String {
+        format!("ssh {}@{}:{}", self.user, self.host, self.port)
+    }
+}
+
+pub struct Ssh {
+    target: SshTarget,
+    session: Arc<Mutex<Session>>,
+    /// Commands go through `sudo -n` unless the user is root.
+    sudo: bool,
+    uploads: AtomicU64,
+}
+
+impl Ssh {
+    /// Connects, and authenticates with the key. One attempt, bounded by `timeout`: the
+    /// caller decides how often to retry while an instance boots.
+    ///
+    /// The host key is accepted as offered: the instance was launched moments ago by this
+    /// run, so there is no known key to compare it with.
+    pub fn connect(target: &SshTarget, timeout: Duration) -> Result<Ssh, String> {
+        let address: SocketAddr = (target.host.as_str(), target.port)
+            .to_socket_addrs()
+            .map_err(|e| format!("cannot resolve {}: {e}", target.host))?
+            .next()
+            .ok_or_else(|| format!("{} resolves to no address", target.host))?;
+        let tcp = TcpStream::connect_timeout(&address, timeout).map_err(|e| e.to_string())?;
+        let mut session = Session::new().map_err(|e| e.to_string())?;
+        session.set_timeout(millis(timeout));
+        session.set_tcp_stream(tcp);
+        session
+            .handshake()
+            .map_err(|e| format!("SSH handshake: {e}"))?;
+        session
+            .userauth_pubkey_file(&target.user, None, &target.private_key, None)
+            .map_err(|e| format!("key authentication as {}: {e}", target.user))?;
+        Ok(Ssh {
+            target: target.clone(),
+            session: Arc::new(Mutex::new(session)),
+            sudo: target.user != "root",
+            uploads: AtomicU64::new(0),
+        })
+    }
+
+    fn failed(&self, action: impl Into<String>, reason: impl ToString) -> CommError {
+        CommError::Failed {
+            target: self.target(),
+            action: action.into(),
+            reason: reason.to_string(),
+        }
+    }
+
+    /// The command line sshd's shell runs: `script` in a fresh `sh`, as root.
+    fn as_root(&self, script: &str) -> String {
+        let shell = format!("/bin/sh -c {}", quote(script));
+        if self.sudo {
+            format!("sudo -n -H -- {shell}")
+        } else {
+            shell
+        }
+    }
+
+    /// Runs a command to its end on a blocking thread, without streaming; for housekeeping.
+    async fn run_quietly(&self, script: String) -> Result<(i32, String), CommError> {
+        let session = self.session.clone();
+        let command = self.as_root(&script);
+        tokio::task::spawn_blocking(move || {
+            let session = session.lock().unwrap_or_else(|p| p.into_inner());
+            let mut output = Vec::new();
+            let code = exec(&session, &command, None, |chunk| {
+                output.extend_from_slice(chunk)
+            })?;
+            Ok::<_, std::io::Error>((
+                code.unwrap_or(KILLED_BY_SIGNAL),
+                String::from_utf8_lossy(&output).trim().to_string(),
+            ))
+        })
+        .await
+        .map_err(|e| self.failed(format!("run `{script}`"), e))?
+        .map_err(|e| self.failed(format!("run `{script}`"), e))
+    }
+}
+
+#[async_trait]
+impl Communicator for Ssh {
+    fn target(&self) -> String {
+        self.target.describe()
+    }
+
+    async fn run(
+        &self,
+        command: &str,
+        env: &BTreeMap<String, String>,
+        on_line: &mut (dyn for<'l> FnMut(&'l str) + Send),
+        cancel: &CancellationToken,
+    ) -> Result<i32, CommError> {
+        // sshd passes on only the variables it is told to accept, so they travel as exports.
+        let exports: String = env
+            .iter()
+            .map(|(k, v)| format!("export {k}={}; ", quote(v)))
+            .collect();
+        let remote = self.as_root(&format!("{exports}{command}"));
+        let (lines_tx, mut lines) = mpsc::unbounded_channel::<String>();
+        let (session, token) = (self.session.clone(), cancel.clone());
+        let reader = tokio::task::spawn_blocking(move || {
+            let session = session.lock().unwrap_or_else(|p| p.into_inner());
+            let mut pending = Vec::new();
+            let code = exec(&session, &remote, Some(&token), |chunk| {
+                pending.extend_from_slice(chunk);
+                while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = pending.drain(..=end).collect();
+                    let _ = lines_tx.send(text_line(&line));
+                }
+            });
+            if !pending.is_empty() {
+                let _ = lines_tx.send(text_line(&pending));
+            }
+            code
+        });
+        while let Some(line) = lines.recv().await {
+            on_line(&line);
+        }
+        let code = reader
+            .await
+            .map_err(|e| self.failed(format!("run `{command}`"), e))?
+            .map_err(|e| self.failed(format!("run `{command}`"), e))?;
+        // No exit code means the reader stopped for the interrupt; whatever the command
+        // started ends with the instance, which the interrupt's cleanup terminates.
+        code.ok_or_else(|| CommError::Interrupted {
+            target: self.target(),
+        })
+    }
+
+    async fn upload(&self, source: &Path, destination: &str, mode: u32) -> Result<(), CommError> {
+        let action = || format!("copy {} to {destination}", source.display());
+        let contents = tokio::fs::read(source)
+            .await
+            .map_err(|e| self.failed(action(), e))?;
+        // Written as the SSH user to a fresh private file (noclobber refuses a planted
+        // symlink), then installed as root where it belongs.
+        let staged = format!(
+            "/tmp/amibake-upload-{}-{}",
+            std::process::id(),
+            self.uploads.fetch_add(1, Ordering::Relaxed)
+        );
+        let session = self.session.clone();
+        let write = format!("umask 077; set -C; cat > {}", quote(&staged));
+        let (code, output) = tokio::task::spawn_blocking(move || {
+            let session = session.lock().unwrap_or_else(|p| p.into_inner());
+            send_stdin(&session, &write, &contents)
+        })
+        .await
+        .map_err(|e| self.failed(action(), e))?
+        .map_err(|e| self.failed(action(), e))?;
+        if code != 0 {
+            return Err(self.failed(action(), format!("writing {staged}: {output}")));
+        }
+        let install = format!(
+            "install -D -m {mode:o} {staged} {dest}; status=$?; rm -f {staged}; exit $status",
+            staged = quote(&staged),
+            dest = quote(destination)
+        );
+        match self.run_quietly(install).await? {
+            (0, _) => Ok(()),
+            (_, output) => Err(self.failed(action(), output)),
+        }
+    }
+}
+
+/// Runs `command` on a new channel, passing its output (stdout and stderr merged) to
+/// `on_output`. `None` when `cancel` fired before the command ended.
+fn exec(
+    session: &Session,
+    command: &str,
+    cancel: Option<&CancellationToken>,
+    mut on_output: impl FnMut(&[u8]),
+) -> std::io::Result<Option<i32>> {
+    session.set_timeout(millis(EXCHANGE_TIMEOUT));
+    let mut channel = session.channel_session()?;
+    channel.handle_extended_data(ExtendedData::Merge)?;
+    channel.exec(command)?;
+    if cancel.is_some() {
+        session.set_timeout(millis(READ_POLL));
+    }
+    let mut buffer = [0u8; 16 * 1024];
+    loop {
+        match channel.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(n) => on_output(&buffer[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                if cancel.is_some_and(|c| c.is_cancelled()) {
+                    let _ = channel.close();
+                    return Ok(None);
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    session.set_timeout(millis(EXCHANGE_TIMEOUT));
+    channel.wait_close()?;
+    if channel.exit_signal()?.exit_signal.is_some() {
+        return Ok(Some(KILLED_BY_SIGNAL));
+    }
+    Ok(Some(channel.exit_status()?))
+}
+
+/// Runs `command` with `input` on its standard input; its exit code and output.
+fn send_stdin(session: &Session, command: &str, input: &[u8]) -> std::io::Result<(i32, String)> {
+    session.set_timeout(millis(EXCHANGE_TIMEOUT));
+    let mut channel = session.channel_session()?;
+    channel.handle_extended_data(ExtendedData::Merge)?;
+    channel.exec(command)?;
+    channel.write_all(input)?;
+    channel.send_eof()?;
+    let mut output = String::new();
+    let _ = channel.read_to_string(&mut output);
+    channel.wait_close()?;
+    Ok((channel.exit_status()?, output.trim().to_string()))
+}
+
+fn millis(d: Duration) -> u32 {
+    u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
+}
+
+fn text_line(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    text.trim_end_matches(['\n', '\r']).to_string()
+}
+
+/// `value` as one single-quoted shell word.
+fn quote(value: &str) -> String {
+    format!("'{}'", value.replace('\'', r"'\''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting_survives_quotes_and_metacharacters() {
+        let hostile = r#"it's $(rm -rf /) `x` "y" \z"#;
+        let out = std::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg(format!("printf %s {}", quote(hostile)))
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8(out.stdout).unwrap(), hostile);
+    }
+}

@@ -1,0 +1,639 @@
+//! The steps of a base build. Each registers how to undo what it made the moment it exists.
+
+use std::net::{IpAddr, UdpSocket};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_ec2::types::{
+    BlockDeviceMapping, EbsBlockDevice, HttpTokensState, IamInstanceProfileSpecification,
+    InstanceMetadataEndpointState, InstanceMetadataOptionsRequest,
+    InstanceNetworkInterfaceSpecification, InstanceType, IpPermission, IpRange, KeyType,
+    ResourceType, TagSpecification, VolumeType,
+};
+use aws_sdk_ssm::types::{ParameterTier, ParameterType};
+use tokio::time::Instant;
+
+use super::BaseState;
+use crate::artifact::{TAG_BUILD_ID, TAG_FINGERPRINT, TAG_SOURCE_AMI};
+use crate::aws::resources::{self, wait_image, wait_instance};
+use crate::aws::AwsError;
+use crate::communicator::ssh::{Ssh, SshTarget};
+use crate::engine::{Keep, Step, StepContext, StepError};
+use crate::modes::support::{earlier, failed, tags, undo_with, waited};
+use crate::provision;
+use crate::template::SshInterface;
+
+const SSH_PORT: u16 = 22;
+/// One connection attempt while the instance boots; the step's total is the template's.
+const SSH_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+const SSH_RETRY_PAUSE: Duration = Duration::from_secs(1);
+/// A note about the wait at most this often: retries are otherwise quiet.
+const SSH_NOTE_EVERY: Duration = Duration::from_secs(15);
+const PRIVATE_KEY_FILE: &str = "id_ed25519";
+
+impl BaseState {
+    /// Name and build id, on everything temporary this run makes.
+    fn build_tags(&self, what: &str) -> Vec<aws_sdk_ec2::types::Tag> {
+        tags(&[
+            ("Name", &format!("amibake {what} {}", self.build_id)),
+            (TAG_BUILD_ID, &self.build_id),
+        ])
+    }
+
+    /// Tags on the image and its snapshots: what it is, what it came from, which build.
+    fn artifact_tags(&self) -> Vec<aws_sdk_ec2::types::Tag> {
+        let mut pairs: Vec<(&str, &str)> = vec![
+            ("Name", &self.plan.name),
+            (TAG_SOURCE_AMI, &self.source.id),
+            (TAG_BUILD_ID, &self.build_id),
+            (TAG_FINGERPRINT, &self.fingerprint),
+        ];
+        pairs.extend(self.plan.tags.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        tags(&pairs)
+    }
+
+    fn temporary_name(&self) -> String {
+        format!("amibake-{}", self.build_id)
+    }
+}
+
+pub struct CreateKeyPair;
+
+#[async_trait]
+impl Step<BaseState> for CreateKeyPair {
+    fn name(&self) -> &'static str {
+        "create key pair"
+    }
+    async fn run(&self, s: &mut BaseState, ctx: &mut StepContext) -> Result<(), StepError> {
+        let name = s.temporary_name();
+        let out = s
+            .clients
+            .ec2
+            .create_key_pair()
+            .key_name(&name)
+            .key_type(KeyType::Ed25519)
+            .tag_specifications(
+                TagSpecification::builder()
+                    .resource_type(ResourceType::KeyPair)
+                    .set_tags(Some(s.build_tags("key pair")))
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| failed(AwsError::new(format!("create key pair {name}"), &e)))?;
+        s.key_name = Some(name.clone());
+        undo_with(
+            ctx,
+            &s.clients,
+            name.clone(),
+            &name,
+            "delete key pair",
+            Keep::Never,
+            resources::delete_key_pair,
+        );
+        let material = out
+            .key_material()
+            .ok_or_else(|| failed("CreateKeyPair returned no private key"))?;
+        let path = s.key_dir.join(PRIVATE_KEY_FILE);
+        write_private(&path, material.as_bytes())
+            .map_err(|e| failed(format!("cannot keep the private key: {e}")))?;
+        s.private_key = Some(path);
+        Ok(())
+    }
+}
+
+/// Writes a file only its owner can read, refusing to follow or reuse an existing path.
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(bytes)
+}
+
+pub struct CreateSecurityGroup;
+
+#[async_trait]
+impl Step<BaseState> for CreateSecurityGroup {
+    fn name(&self) -> &'static str {
+        "create security group"
+    }
+    async fn run(&self, s: &mut BaseState, ctx: &mut StepContext) -> Result<(), StepError> {
+        if let Some(groups) = &s.plan.security_group_ids {
+            ctx.progress
+                .note(format!("using the template's groups {}", groups.join(", ")));
+            s.security_group_ids = groups.clone();
+            return Ok(());
+        }
+        // In the subnet's VPC; without a subnet, EC2 uses the default VPC for both.
+        let vpc_id = match &s.plan.subnet_id {
+            Some(subnet) => s
+                .clients
+                .ec2
+                .describe_subnets()
+                .subnet_ids(subnet)
+                .send()
+                .await
+                .map_err(|e| failed(AwsError::new(format!("describe subnet {subnet}"), &e)))?
+                .subnets()
+                .first()
+                .and_then(|n| n.vpc_id().map(str::to_string)),
+            None => None,
+        };
+        let name = s.temporary_name();
+        let out = s
+            .clients
+            .ec2
+            .create_security_group()
+            .group_name(&name)
+            .description(format!("amibake build {}: SSH from the runner", s.build_id))
+            .set_vpc_id(vpc_id)
+            .tag_specifications(
+                TagSpecification::builder()
+                    .resource_type(ResourceType::SecurityGroup)
+                    .set_tags(Some(s.build_tags("security group")))
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| failed(AwsError::new(format!("create security group {name}"), &e)))?;
+        let group_id = out
+            .group_id()
+            .ok_or_else(|| failed("CreateSecurityGroup returned no group id"))?
+            .to_string();
+        undo_with(
+            ctx,
+            &s.clients,
+            group_id.clone(),
+            &group_id,
+            "delete security group",
+            Keep::Never,
+            resources::delete_security_group,
+        );
+        s.security_group_ids = vec![group_id.clone()];
+        s.temporary_group = Some(group_id.clone());
+        // Without CIDRs from the template, the runner's own address is known only once the
+        // instance has its address (see LaunchInstance).
+        if let Some(cidrs) = s.plan.ssh_cidrs.clone() {
+            allow_ssh(s, &group_id, &cidrs).await?;
+        }
+        Ok(())
+    }
+}
+
+async fn allow_ssh(s: &BaseState, group_id: &str, cidrs: &[String]) -> Result<(), StepError> {
+    let ranges = cidrs
+        .iter()
+        .map(|c| {
+            IpRange::builder()
+                .cidr_ip(c)
+                .description(format!("amibake build {}", s.build_id))
+                .build()
+        })
+        .collect();
+    s.clients
+        .ec2
+        .authorize_security_group_ingress()
+        .group_id(group_id)
+        .ip_permissions(
+            IpPermission::builder()
+                .ip_protocol("tcp")
+                .from_port(i32::from(SSH_PORT))
+                .to_port(i32::from(SSH_PORT))
+                .set_ip_ranges(Some(ranges))
+                .build(),
+        )
+        .send()
+        .await
+        .map_err(|e| {
+            failed(AwsError::new(
+                format!("allow SSH into {group_id} from {}", cidrs.join(", ")),
+                &e,
+            ))
+        })?;
+    Ok(())
+}
+
+pub struct LaunchInstance;
+
+#[async_trait]
+impl Step<BaseState> for LaunchInstance {
+    fn name(&self) -> &'static str {
+        "launch instance"
+    }
+    async fn run(&self, s: &mut BaseState, ctx: &mut StepContext) -> Result<(), StepError> {
+        let key_name = earlier(&s.key_name, "key pair")?;
+        let plan = &s.plan;
+        let mut request = s
+            .clients
+            .ec2
+            .run_instances()
+            .image_id(&s.source.id)
+            .instance_type(InstanceType::from(plan.instance_type.as_str()))
+            .min_count(1)
+            .max_count(1)
+            .key_name(&key_name)
+            .metadata_options(
+                InstanceMetadataOptionsRequest::builder()
+                    .http_tokens(HttpTokensState::Required)
+                    .http_endpoint(InstanceMetadataEndpointState::Enabled)
+                    .build(),
+            )
+            .tag_specifications(
+                TagSpecification::builder()
+                    .resource_type(ResourceType::Instance)
+                    .set_tags(Some(s.build_tags("instance")))
+                    .build(),
+            )
+            .tag_specifications(
+                TagSpecification::builder()
+                    .resource_type(ResourceType::Volume)
+                    .set_tags(Some(s.build_tags("instance volume")))
+                    .build(),
+            );
+        request = match plan.associate_public_ip {
+            // Choosing the public address takes a network interface specification.
+            Some(public) => request.network_interfaces(
+                InstanceNetworkInterfaceSpecification::builder()
+                    .device_index(0)
+                    .set_subnet_id(plan.subnet_id.clone())
+                    .set_groups(Some(s.security_group_ids.clone()))
+                    .associate_public_ip_address(public)
+                    .delete_on_termination(true)
+                    .build(),
+            ),
+            None => request
+                .set_subnet_id(plan.subnet_id.clone())
+                .set_security_group_ids(Some(s.security_group_ids.clone())),
+        };
+        if plan.root_volume_size_gb.is_some() || plan.root_volume_type.is_some() {
+            request = request.block_device_mappings(
+                BlockDeviceMapping::builder()
+                    .device_name(&s.source.root_device_name)
+                    .ebs(
+                        EbsBlockDevice::builder()
+                            .set_volume_size(plan.root_volume_size_gb)
+                            .set_volume_type(plan.root_volume_type.as_deref().map(VolumeType::from))
+                            .delete_on_termination(true)
+                            .build(),
+                    )
+                    .build(),
+            );
+        }
+        if let Some(profile) = &plan.iam_instance_profile {
+            let spec = IamInstanceProfileSpecification::builder();
+            let spec = if profile.starts_with("arn:") {
+                spec.arn(profile)
+            } else {
+                spec.name(profile)
+            };
+            request = request.iam_instance_profile(spec.build());
+        }
+        if let Some(user_data) = &plan.user_data {
+            request = request.user_data(aws_smithy_types::base64::encode(user_data));
+        }
+        let out = request.send().await.map_err(|e| {
+            failed(AwsError::new(
+                format!("launch a {} from {}", plan.instance_type, s.source.id),
+                &e,
+            ))
+        })?;
+        let instance_id = out
+            .instances()
+            .first()
+            .and_then(|i| i.instance_id())
+            .ok_or_else(|| failed("RunInstances returned no instance"))?
+            .to_string();
+        s.instance_id = Some(instance_id.clone());
+        let progress = ctx.progress.clone();
+        undo_with(
+            ctx,
+            &s.clients,
+            instance_id.clone(),
+            &instance_id,
+            "terminate instance",
+            Keep::Never,
+            move |clients, id| resources::terminate_instance(clients, id, progress.clone()),
+        );
+        let instance = wait_instance(
+            &s.clients,
+            &instance_id,
+            "running",
+            &ctx.cancel,
+            &ctx.progress,
+        )
+        .await
+        .map_err(waited)?;
+        let host = ssh_address(&instance, s.plan.ssh_interface)
+            .ok_or_else(|| failed(no_address(&instance_id, s.plan.ssh_interface)))?;
+        if let Some(group) = s
+            .temporary_group
+            .clone()
+            .filter(|_| s.plan.ssh_cidrs.is_none())
+        {
+            let runner = runner_address(&host).map_err(|e| {
+                failed(format!(
+                    "cannot tell this runner's address towards {host}: {e}; set `ssh_cidrs` in [base]"
+                ))
+            })?;
+            allow_ssh(s, &group, &[format!("{runner}/32")]).await?;
+        }
+        ctx.progress
+            .note(format!("{instance_id} is running at {host}"));
+        s.ssh_target = Some(SshTarget {
+            host,
+            port: SSH_PORT,
+            user: s.plan.ssh_username.clone(),
+            private_key: earlier(&s.private_key, "private key")?,
+        });
+        Ok(())
+    }
+}
+
+fn ssh_address(instance: &aws_sdk_ec2::types::Instance, interface: SshInterface) -> Option<String> {
+    let address = match interface {
+        SshInterface::PublicIp => instance.public_ip_address(),
+        SshInterface::PrivateIp => instance.private_ip_address(),
+        SshInterface::PublicDns => instance.public_dns_name(),
+        SshInterface::PrivateDns => instance.private_dns_name(),
+    };
+    address.filter(|a| !a.is_empty()).map(str::to_string)
+}
+
+fn no_address(instance_id: &str, interface: SshInterface) -> String {
+    match interface {
+        SshInterface::PublicIp | SshInterface::PublicDns => format!(
+            "{instance_id} has no public address: set `associate_public_ip = true`, or `ssh_interface = \"private_ip\"` when this runner is in the same network"
+        ),
+        SshInterface::PrivateIp | SshInterface::PrivateDns => {
+            format!("{instance_id} has no private address")
+        }
+    }
+}
+
+/// The address this machine's packets to `host` leave from: what the security group must
+/// let in. A connected UDP socket asks the kernel's routing without sending anything.
+/// Behind NAT the instance sees another address; `ssh_cidrs` is for that case.
+fn runner_address(host: &str) -> std::io::Result<IpAddr> {
+    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    socket.connect((host, SSH_PORT))?;
+    Ok(socket.local_addr()?.ip())
+}
+
+pub struct WaitForSsh;
+
+#[async_trait]
+impl Step<BaseState> for WaitForSsh {
+    fn name(&self) -> &'static str {
+        "wait for ssh"
+    }
+    async fn run(&self, s: &mut BaseState, ctx: &mut StepContext) -> Result<(), StepError> {
+        let target = earlier(&s.ssh_target, "SSH address")?;
+        let started = Instant::now();
+        let deadline = started + s.plan.ssh_timeout;
+        let mut last_note = started;
+        loop {
+            let attempt = target.clone();
+            let connected =
+                tokio::task::spawn_blocking(move || Ssh::connect(&attempt, SSH_ATTEMPT_TIMEOUT))
+                    .await
+                    .map_err(failed)?;
+            let error = match connected {
+                Ok(ssh) => {
+                    ctx.progress.note(format!(
+                        "{}@{} answered after {}s",
+                        target.user,
+                        target.host,
+                        started.elapsed().as_secs()
+                    ));
+                    s.ssh = Some(Arc::new(ssh));
+                    return Ok(());
+                }
+                Err(e) => e,
+            };
+            if Instant::now() >= deadline {
+                return Err(failed(format!(
+                    "no SSH answer from {}@{}:{} within {}s (`ssh_timeout_seconds`); last attempt: {error}",
+                    target.user,
+                    target.host,
+                    target.port,
+                    s.plan.ssh_timeout.as_secs()
+                )));
+            }
+            if last_note.elapsed() >= SSH_NOTE_EVERY {
+                ctx.progress
+                    .note(format!("still waiting for SSH on {}: {error}", target.host));
+                last_note = Instant::now();
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(SSH_RETRY_PAUSE) => {}
+                _ = ctx.cancel.cancelled() => return Err(StepError::Interrupted),
+            }
+        }
+    }
+}
+
+pub struct RunProvisioners;
+
+#[async_trait]
+impl Step<BaseState> for RunProvisioners {
+    fn name(&self) -> &'static str {
+        "run provisioners"
+    }
+    async fn run(&self, s: &mut BaseState, ctx: &mut StepContext) -> Result<(), StepError> {
+        let ssh = earlier(&s.ssh, "SSH session")?;
+        match provision::run_all(
+            ssh.as_ref(),
+            &s.plan.provisioners,
+            &ctx.progress,
+            &ctx.cancel,
+        )
+        .await
+        {
+            Ok(()) => Ok(()),
+            Err(provision::ProvisionError::Interrupted { .. }) => Err(StepError::Interrupted),
+            Err(e) => Err(failed(e)),
+        }
+    }
+}
+
+pub struct StopInstance;
+
+#[async_trait]
+impl Step<BaseState> for StopInstance {
+    fn name(&self) -> &'static str {
+        "stop instance"
+    }
+    async fn run(&self, s: &mut BaseState, ctx: &mut StepContext) -> Result<(), StepError> {
+        // The session ends before the machine does.
+        s.ssh = None;
+        let instance_id = earlier(&s.instance_id, "instance")?;
+        s.clients
+            .ec2
+            .stop_instances()
+            .instance_ids(&instance_id)
+            .send()
+            .await
+            .map_err(|e| failed(AwsError::new(format!("stop {instance_id}"), &e)))?;
+        wait_instance(
+            &s.clients,
+            &instance_id,
+            "stopped",
+            &ctx.cancel,
+            &ctx.progress,
+        )
+        .await
+        .map_err(waited)?;
+        Ok(())
+    }
+}
+
+pub struct CreateImage;
+
+#[async_trait]
+impl Step<BaseState> for CreateImage {
+    fn name(&self) -> &'static str {
+        "create image"
+    }
+    async fn run(&self, s: &mut BaseState, ctx: &mut StepContext) -> Result<(), StepError> {
+        let instance_id = earlier(&s.instance_id, "instance")?;
+        let out = s
+            .clients
+            .ec2
+            .create_image()
+            .instance_id(&instance_id)
+            .name(&s.plan.name)
+            .set_description(s.plan.description.clone())
+            .send()
+            .await
+            .map_err(|e| {
+                failed(AwsError::new(
+                    format!("create image {} from {instance_id}", s.plan.name),
+                    &e,
+                ))
+            })?;
+        let image_id = out
+            .image_id()
+            .ok_or_else(|| failed("CreateImage returned no image id"))?
+            .to_string();
+        s.image_id = Some(image_id.clone());
+        // Its snapshots go with it: they are found from the image when it is removed.
+        undo_with(
+            ctx,
+            &s.clients,
+            image_id.clone(),
+            &image_id,
+            "deregister image and delete its snapshots",
+            Keep::OnSuccess,
+            resources::deregister_image_and_snapshots,
+        );
+        wait_image(&s.clients, &image_id, &ctx.cancel, &ctx.progress)
+            .await
+            .map_err(waited)?;
+        let described = s
+            .clients
+            .ec2
+            .describe_images()
+            .image_ids(&image_id)
+            .send()
+            .await
+            .map_err(|e| failed(AwsError::new(format!("describe {image_id}"), &e)))?;
+        s.snapshot_ids = described
+            .images()
+            .iter()
+            .flat_map(|i| i.block_device_mappings())
+            .filter_map(|m| m.ebs().and_then(|e| e.snapshot_id()).map(str::to_string))
+            .collect();
+        let mut resources = vec![image_id.clone()];
+        resources.extend(s.snapshot_ids.iter().cloned());
+        s.clients
+            .ec2
+            .create_tags()
+            .set_resources(Some(resources.clone()))
+            .set_tags(Some(s.artifact_tags()))
+            .send()
+            .await
+            .map_err(|e| failed(AwsError::new(format!("tag {}", resources.join(", ")), &e)))?;
+        Ok(())
+    }
+}
+
+pub struct PublishSsm;
+
+#[async_trait]
+impl Step<BaseState> for PublishSsm {
+    fn name(&self) -> &'static str {
+        "publish to ssm"
+    }
+    async fn run(&self, s: &mut BaseState, ctx: &mut StepContext) -> Result<(), StepError> {
+        let Some(publish) = s.plan.publish.clone() else {
+            ctx.progress
+                .note("no `publish_ssm` in the template: nothing to publish");
+            return Ok(());
+        };
+        let image_id = earlier(&s.image_id, "image")?;
+        let parameter = &publish.parameter;
+        let previous = resources::parameter_value(&s.clients, parameter)
+            .await
+            .map_err(failed)?;
+        let out = s
+            .clients
+            .ssm
+            .put_parameter()
+            .name(parameter)
+            .value(&image_id)
+            .r#type(ParameterType::String)
+            .data_type("aws:ec2:image")
+            .tier(ParameterTier::Standard)
+            .overwrite(true)
+            .description(format!("{} (amibake build {})", s.plan.name, s.build_id))
+            .send()
+            .await
+            .map_err(|e| {
+                failed(AwsError::new(
+                    format!("publish {image_id} to {parameter}"),
+                    &e,
+                ))
+            })?;
+        let version = out.version();
+        s.ssm_version = Some(version);
+        let (clients, name, label) = (s.clients.clone(), parameter.clone(), publish.label.clone());
+        ctx.undo.push(
+            format!("{parameter} version {version}"),
+            "put the parameter back",
+            Keep::OnSuccess,
+            move || {
+                let restore = resources::restore_parameter(
+                    clients.clone(),
+                    name.clone(),
+                    previous.clone(),
+                    label.clone(),
+                );
+                async move { restore.await.map_err(Into::into) }
+            },
+        );
+        if let Some(label) = &publish.label {
+            s.clients
+                .ssm
+                .label_parameter_version()
+                .name(parameter)
+                .parameter_version(version)
+                .labels(label)
+                .send()
+                .await
+                .map_err(|e| {
+                    failed(AwsError::new(
+                        format!("label {parameter} version {version} `{label}`"),
+                        &e,
+                    ))
+                })?;
+        }
+        ctx.progress
+            .note(format!("{parameter} version {version} is {image_id}"));
+        Ok(())
+    }
+}

@@ -1,0 +1,60 @@
+//! Small pieces every step of both modes uses: error shapes, values from earlier steps,
+//! tags, and registering an AWS removal as an undo.
+
+use std::future::Future;
+
+use aws_sdk_ec2::types::Tag;
+
+use crate::aws::resources::ResourceError;
+use crate::aws::wait::WaitError;
+use crate::aws::Clients;
+use crate::engine::{BoxError, Keep, StepContext, StepError, UndoId};
+
+pub fn failed(e: impl Into<BoxError>) -> StepError {
+    StepError::failed(e)
+}
+
+/// A wait's error as a step's: an interrupted wait is the run's interrupt.
+pub fn waited(e: ResourceError) -> StepError {
+    if matches!(e, WaitError::Interrupted { .. }) {
+        StepError::Interrupted
+    } else {
+        failed(e)
+    }
+}
+
+/// A value an earlier step should have set: its absence is a bug, reported as one.
+pub fn earlier<T: Clone>(value: &Option<T>, what: &str) -> Result<T, StepError> {
+    value
+        .clone()
+        .ok_or_else(|| failed(format!("internal error: no {what} from an earlier step")))
+}
+
+pub fn tags(pairs: &[(&str, &str)]) -> Vec<Tag> {
+    pairs
+        .iter()
+        .map(|(k, v)| Tag::builder().key(*k).value(*v).build())
+        .collect()
+}
+
+/// Registers an undo that removes `id` with `remove` (one of `aws::resources`' removers).
+pub fn undo_with<F, Fut, E>(
+    ctx: &mut StepContext,
+    clients: &Clients,
+    resource: String,
+    id: &str,
+    action: &str,
+    keep: Keep,
+    remove: F,
+) -> UndoId
+where
+    F: Fn(Clients, String) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<(), E>> + Send + 'static,
+    E: Into<BoxError>,
+{
+    let (clients, id) = (clients.clone(), id.to_string());
+    ctx.undo.push(resource, action, keep, move || {
+        let removal = remove(clients.clone(), id.clone());
+        async move { removal.await.map_err(Into::into) }
+    })
+}

@@ -1,0 +1,332 @@
+//! `amibake base` end to end through the real binary against the local cloud: a base AMI
+//! from the Debian vendor AMI provisioned over SSH, published to SSM, baked upon, reused when
+//! nothing changed and rebuilt when a script did.
+
+mod util;
+
+use std::path::Path;
+use std::process::Command;
+
+use util::localcloud::LocalCloud;
+use util::Run;
+
+const PARTITION_1_OFFSET: u64 = 2048 * 512;
+const PARAMETER: &str = "/amibake/shop/base";
+
+fn amibake(cloud: &LocalCloud, dir: &Path, args: &[&str]) -> Run {
+    let output = Command::new(env!("CARGO_BIN_EXE_amibake"))
+        .current_dir(dir)
+        .args(["--output", "json"])
+        .args(args)
+        .envs(cloud.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .output()
+        .unwrap();
+    Run {
+        command: format!("amibake {args:?}"),
+        output,
+    }
+}
+
+fn manifest(run: &Run) -> serde_json::Value {
+    serde_json::from_str(run.stdout().lines().last().expect("a manifest line"))
+        .unwrap_or_else(|e| panic!("{e}\n{}", run.dump()))
+}
+
+/// The shop's template, with the repository's provisioner script and pool file copied beside
+/// it so a test can change them.
+fn shop_template(dir: &Path) {
+    let repo = util::repo_root();
+    std::fs::create_dir_all(dir.join("files")).unwrap();
+    std::fs::copy(
+        repo.join("provisioners/app-user.sh"),
+        dir.join("app-user.sh"),
+    )
+    .unwrap();
+    std::fs::copy(
+        repo.join("provisioners/files/php-fpm-pool.conf"),
+        dir.join("files/php-fpm-pool.conf"),
+    )
+    .unwrap();
+    let text = format!(
+        r#"[variables]
+app = "shop"
+
+[base]
+name = "${{var.app}}-base-${{timestamp}}"
+source_ami = "resolve:ssm:/aws/service/debian/release/12/latest/amd64"
+instance_type = "t3.small"
+ssh_username = "admin"
+associate_public_ip = true
+publish_ssm = "{PARAMETER}"
+publish_label = "latest"
+tags = {{ team = "web" }}
+
+[[base.provisioner]]
+script = "app-user.sh"
+env = {{ APP = "${{var.app}}" }}
+
+[[base.provisioner]]
+file = "files/php-fpm-pool.conf"
+destination = "/etc/amibake/php-fpm-pool.conf"
+
+[[base.provisioner]]
+name = "as root"
+inline = ["id -un > /etc/amibake/provisioned-by", "echo \"it's $(hostname)\""]
+
+[bake]
+name = "${{var.app}}-${{commit}}-${{timestamp}}"
+base_ami = "resolve:ssm:{PARAMETER}:latest"
+dest = "/srv/${{var.app}}/current"
+owner = "${{var.app}}"
+"#
+    );
+    std::fs::write(dir.join("shop.toml"), text).unwrap();
+}
+
+/// Nothing temporary of any base build is left: instances terminated, no key pair, no
+/// security group of ours, no private key on this machine.
+fn assert_nothing_temporary(cloud: &LocalCloud, build_host: &str) {
+    let ls = cloud.ls();
+    let alive: Vec<_> = ls["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["id"] != build_host && i["state"] != "terminated")
+        .collect();
+    assert!(alive.is_empty(), "instances left: {alive:?}");
+    assert_eq!(ls["key_pairs"], serde_json::json!([]), "{ls}");
+    assert_eq!(ls["security_groups"], serde_json::json!([]), "{ls}");
+    let keys: Vec<_> = std::fs::read_dir("/dev/shm")
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("amibake-"))
+        .collect();
+    assert!(keys.is_empty(), "private key directories left: {keys:?}");
+}
+
+#[test]
+fn base_builds_publishes_chains_into_bake_and_skips_when_unchanged() {
+    let cloud = LocalCloud::start("quick");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let clients = runtime.block_on(cloud.clients());
+    let build_host = cloud.build_host().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    shop_template(dir);
+
+    // 1. From the Debian vendor AMI found through its public SSM parameter.
+    let run = amibake(&cloud, dir, &["base", "shop.toml", "--manifest", "m.json"]);
+    run.expect_code(0);
+    let m = manifest(&run);
+    let ami = m["ami_id"].as_str().unwrap().to_string();
+    assert_eq!(m["reused"], false);
+    assert_eq!(m["ssm_parameter"], PARAMETER);
+    for step in [
+        "launch instance",
+        "wait for ssh",
+        "run provisioners",
+        "create image",
+    ] {
+        assert!(m["step_seconds"][step].as_f64().is_some(), "{step}: {m}");
+    }
+    let published = runtime
+        .block_on(clients.ssm.get_parameter().name(PARAMETER).send())
+        .unwrap();
+    let parameter = published.parameter().unwrap();
+    assert_eq!(
+        parameter.value(),
+        Some(ami.as_str()),
+        "the newest version is the new AMI"
+    );
+    assert_eq!(parameter.data_type(), Some("aws:ec2:image"));
+    assert_eq!(Some(parameter.version()), m["ssm_version"].as_i64());
+    let labelled = runtime
+        .block_on(
+            clients
+                .ssm
+                .get_parameter()
+                .name(format!("{PARAMETER}:latest"))
+                .send(),
+        )
+        .unwrap();
+    assert_eq!(labelled.parameter().unwrap().value(), Some(ami.as_str()));
+
+    let image = runtime
+        .block_on(clients.ec2.describe_images().image_ids(&ami).send())
+        .unwrap();
+    let image = &image.images()[0];
+    let tag = |key: &str| {
+        image
+            .tags()
+            .iter()
+            .find(|t| t.key() == Some(key))
+            .and_then(|t| t.value())
+            .map(str::to_string)
+    };
+    assert_eq!(
+        tag("amibake:source-ami"),
+        m["source_ami"].as_str().map(String::from)
+    );
+    assert_eq!(
+        tag("amibake:fingerprint"),
+        m["fingerprint"].as_str().map(String::from)
+    );
+    assert_eq!(tag("team").as_deref(), Some("web"));
+    let snapshots: Vec<String> = m["snapshot_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(snapshots.len(), 1, "{m}");
+    let snapshot_tags = runtime
+        .block_on(
+            clients
+                .ec2
+                .describe_snapshots()
+                .snapshot_ids(&snapshots[0])
+                .send(),
+        )
+        .unwrap();
+    assert!(
+        snapshot_tags.snapshots()[0]
+            .tags()
+            .iter()
+            .any(|t| t.key() == Some("amibake:build-id") && t.value() == m["build_id"].as_str()),
+        "the snapshot carries the build id"
+    );
+
+    {
+        let fs = cloud.mount_snapshot(&snapshots[0], dir, PARTITION_1_OFFSET);
+        let root = &fs.root;
+        assert_eq!(
+            std::fs::read_to_string(root.join("etc/amibake/app-user")).unwrap(),
+            "shop\n",
+            "the script ran with its env"
+        );
+        assert!(std::fs::read_to_string(root.join("etc/passwd"))
+            .unwrap()
+            .contains("\nshop:"));
+        assert_eq!(
+            std::fs::read(root.join("etc/amibake/php-fpm-pool.conf")).unwrap(),
+            std::fs::read(dir.join("files/php-fpm-pool.conf")).unwrap(),
+            "the file was uploaded"
+        );
+        assert_eq!(
+            std::fs::read_to_string(root.join("etc/amibake/provisioned-by")).unwrap(),
+            "root\n",
+            "commands run as root through sudo"
+        );
+        assert!(
+            !std::fs::read_dir(root.join("tmp")).unwrap().any(|e| e
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("amibake-")),
+            "uploaded scripts are removed"
+        );
+    }
+    assert!(
+        run.stderr().contains("\"line\":\"user shop ready\""),
+        "output streams with the provisioner's name:\n{}",
+        run.stderr()
+    );
+    let calls = cloud.calls();
+    let opened: Vec<&str> = calls
+        .iter()
+        .filter(|c| c["action"] == "AuthorizeSecurityGroupIngress")
+        .flat_map(|c| c["ids"].as_object().unwrap().iter())
+        .filter(|(k, _)| k.ends_with("CidrIp"))
+        .map(|(_, v)| v.as_str().unwrap())
+        .collect();
+    assert!(
+        !opened.is_empty()
+            && opened
+                .iter()
+                .all(|c| c.ends_with("/32") && *c != "0.0.0.0/0"),
+        "SSH is opened to this runner only: {opened:?}"
+    );
+    let run_instances = calls
+        .iter()
+        .find(|c| c["action"] == "RunInstances")
+        .unwrap();
+    assert_eq!(run_instances["ids"]["ImageId"], m["source_ami"]);
+    assert_nothing_temporary(&cloud, &build_host);
+
+    // 2. A bake on top of it, found through the published parameter's label.
+    std::fs::create_dir_all(dir.join("app")).unwrap();
+    std::fs::write(dir.join("app/index.php"), "<?php echo 'shop';\n").unwrap();
+    assert!(Command::new("tar")
+        .args(["-czf", "app.tar.gz", "-C", "app", "."])
+        .current_dir(dir)
+        .status()
+        .unwrap()
+        .success());
+    let baked = amibake(
+        &cloud,
+        dir,
+        &[
+            "bake",
+            "shop.toml",
+            "--tarball",
+            "app.tar.gz",
+            "--commit",
+            "abc1234",
+        ],
+    );
+    baked.expect_code(0);
+    let bm = manifest(&baked);
+    assert_eq!(
+        bm["base_ami"],
+        ami.as_str(),
+        "the bake resolved the new base"
+    );
+    {
+        let fs = cloud.mount_snapshot(bm["snapshot_id"].as_str().unwrap(), dir, PARTITION_1_OFFSET);
+        assert_eq!(
+            std::fs::read_to_string(fs.root.join("srv/shop/current/index.php")).unwrap(),
+            "<?php echo 'shop';\n"
+        );
+        assert_eq!(
+            std::fs::read_to_string(fs.root.join("etc/amibake/app-user")).unwrap(),
+            "shop\n",
+            "the base's work is under the bake's"
+        );
+    }
+
+    // 3. Nothing changed: a few lookups, nothing launched, nothing re-published.
+    let before = cloud.calls().len();
+    let again = amibake(&cloud, dir, &["base", "shop.toml"]);
+    again.expect_code(0);
+    assert_eq!(
+        (
+            manifest(&again)["ami_id"].as_str(),
+            manifest(&again)["reused"].as_bool()
+        ),
+        (Some(ami.as_str()), Some(true))
+    );
+    let actions: Vec<String> = cloud.calls()[before..]
+        .iter()
+        .map(|c| c["action"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        actions
+            .iter()
+            .all(|a| a.starts_with("Describe") || a == "GetParameter"),
+        "an unchanged base only looks: {actions:?}"
+    );
+
+    // 4. One byte of a script changed: built anew.
+    let script = dir.join("app-user.sh");
+    let mut text = std::fs::read(&script).unwrap();
+    text.push(b'\n');
+    std::fs::write(&script, text).unwrap();
+    let rebuilt = amibake(&cloud, dir, &["base", "shop.toml"]);
+    rebuilt.expect_code(0);
+    let rm = manifest(&rebuilt);
+    assert_eq!(rm["reused"], false);
+    assert_ne!(rm["ami_id"], ami.as_str());
+    assert_ne!(rm["fingerprint"], m["fingerprint"]);
+    assert_eq!(rm["ssm_version"].as_i64(), Some(parameter.version() + 1));
+    assert_nothing_temporary(&cloud, &build_host);
+}
