@@ -1,0 +1,499 @@
+//! `amibake base` when things go wrong, through the real binary against the local cloud: a
+//! failure injected at each AWS call, cleanups that fail, a provisioner that exits 3, an SSH
+//! that never answers, and a SIGINT during each step. After each, nothing temporary is left,
+//! no image of the build remains, the published parameter is as it was, and the error says
+//! what failed where.
+
+mod util;
+
+use std::io::BufRead;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use aws_sdk_ec2::types::{BlockDeviceMapping, EbsBlockDevice};
+use util::localcloud::LocalCloud;
+use util::Run;
+
+const PARAMETER: &str = "/amibake/failures/base";
+const TEMPLATE: &str = r#"[variables]
+command = "true"
+source = "resolve:ssm:/aws/service/debian/release/12/latest/amd64"
+
+[base]
+name = "failures-base-${timestamp}"
+source_ami = "${var.source}"
+instance_type = "t3.small"
+ssh_username = "admin"
+ssh_interface = "private_ip"
+ssh_timeout_seconds = 120
+publish_ssm = "/amibake/failures/base"
+publish_label = "latest"
+
+[[base.provisioner]]
+inline = ["echo provisioning", "${var.command}"]
+"#;
+
+/// `amibake --output json --var VAR=VALUE… base TEMPLATE --force`
+fn base_command(cloud: &LocalCloud, dir: &Path, template: &str, vars: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_amibake"));
+    command
+        .current_dir(dir)
+        .args(["--output", "json"])
+        .envs(cloud.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    for var in vars {
+        command.args(["--var", var]);
+    }
+    command.args(["base", template, "--force"]);
+    command
+}
+
+fn base(cloud: &LocalCloud, dir: &Path, vars: &[&str]) -> Run {
+    base_with(cloud, dir, "failures.toml", vars)
+}
+
+fn base_with(cloud: &LocalCloud, dir: &Path, template: &str, vars: &[&str]) -> Run {
+    Run {
+        command: format!("amibake base {template} --force {vars:?}"),
+        output: base_command(cloud, dir, template, vars).output().unwrap(),
+    }
+}
+
+struct World {
+    cloud: LocalCloud,
+    runtime: tokio::runtime::Runtime,
+    clients: amibake::aws::Clients,
+    build_host: String,
+    /// What the parameter held before any of these builds: it must hold it after each.
+    published: String,
+}
+
+impl World {
+    fn parameter(&self, name: &str) -> Option<String> {
+        self.runtime
+            .block_on(self.clients.ssm.get_parameter().name(name).send())
+            .ok()
+            .and_then(|o| o.parameter().and_then(|p| p.value()).map(String::from))
+    }
+
+    /// Nothing of a failed build: no live instance but the build host, no key pair, no
+    /// security group, no image or snapshot of ours, the parameter and its label unchanged.
+    fn assert_clean(&self, run: &Run) {
+        let ls = self.cloud.ls();
+        let alive: Vec<_> = ls["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|i| i["id"] != self.build_host.as_str() && i["state"] != "terminated")
+            .collect();
+        assert!(
+            alive.is_empty(),
+            "instances left: {alive:?}\n{}",
+            run.dump()
+        );
+        assert_eq!(ls["key_pairs"], serde_json::json!([]), "{}", run.dump());
+        assert_eq!(
+            ls["security_groups"],
+            serde_json::json!([]),
+            "{}",
+            run.dump()
+        );
+        let ours = |kind: &str| -> Vec<serde_json::Value> {
+            ls[kind]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|x| x["owner"] == "123456789012")
+                .cloned()
+                .collect()
+        };
+        assert_eq!(
+            ours("images"),
+            Vec::<serde_json::Value>::new(),
+            "{}",
+            run.dump()
+        );
+        assert_eq!(
+            ours("snapshots"),
+            Vec::<serde_json::Value>::new(),
+            "{}",
+            run.dump()
+        );
+        assert_eq!(
+            self.parameter(PARAMETER).as_ref(),
+            Some(&self.published),
+            "{}",
+            run.dump()
+        );
+        assert_eq!(
+            self.parameter(&format!("{PARAMETER}:latest")).as_ref(),
+            Some(&self.published),
+            "the label is back on the old value\n{}",
+            run.dump()
+        );
+        let keys = std::fs::read_dir("/dev/shm")
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with("amibake-")
+            })
+            .count();
+        assert_eq!(keys, 0, "a private key directory is left");
+    }
+}
+
+fn setup() -> (World, tempfile::TempDir) {
+    let cloud = LocalCloud::start("quick");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let clients = runtime.block_on(cloud.clients());
+    let build_host = cloud.build_host().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("failures.toml"), TEMPLATE).unwrap();
+    std::fs::write(
+        dir.path().join("impatient.toml"),
+        TEMPLATE.replace("ssh_timeout_seconds = 120", "ssh_timeout_seconds = 3"),
+    )
+    .unwrap();
+    // An earlier base is published, as on any day but the first.
+    let published = cloud.ls()["vendor_amis"]["partitioned"]
+        .as_str()
+        .expect("the vendor AMI")
+        .to_string();
+    runtime.block_on(async {
+        let put = clients
+            .ssm
+            .put_parameter()
+            .name(PARAMETER)
+            .value(&published)
+            .r#type(aws_sdk_ssm::types::ParameterType::String)
+            .data_type("aws:ec2:image")
+            .send()
+            .await
+            .unwrap();
+        clients
+            .ssm
+            .label_parameter_version()
+            .name(PARAMETER)
+            .parameter_version(put.version())
+            .labels("latest")
+            .send()
+            .await
+            .unwrap();
+    });
+    let world = World {
+        cloud,
+        runtime,
+        clients,
+        build_host,
+        published,
+    };
+    (world, dir)
+}
+
+#[test]
+fn every_failure_of_a_base_build_cleans_up_and_says_where() {
+    let (world, dir) = setup();
+    let dir = dir.path();
+
+    // A failure at each AWS call the build makes: (call, calls of it let through first,
+    // the step the error names, or none when it fails before the engine starts).
+    let cases: &[(&str, &str, u32, Option<&str>)] = &[
+        ("ec2", "DescribeImages", 0, None),
+        ("ssm", "GetParameter", 0, None),
+        ("ec2", "CreateKeyPair", 0, Some("create key pair")),
+        (
+            "ec2",
+            "CreateSecurityGroup",
+            0,
+            Some("create security group"),
+        ),
+        ("ec2", "RunInstances", 0, Some("launch instance")),
+        ("ec2", "DescribeInstances", 0, Some("launch instance")),
+        (
+            "ec2",
+            "AuthorizeSecurityGroupIngress",
+            0,
+            Some("launch instance"),
+        ),
+        ("ec2", "StopInstances", 0, Some("stop instance")),
+        ("ec2", "CreateImage", 0, Some("create image")),
+        ("ec2", "DescribeImages", 1, Some("create image")),
+        ("ec2", "CreateTags", 0, Some("create image")),
+        ("ssm", "GetParameter", 1, Some("publish to ssm")),
+        ("ssm", "PutParameter", 0, Some("publish to ssm")),
+        ("ssm", "LabelParameterVersion", 0, Some("publish to ssm")),
+    ];
+    for (service, action, after, step) in cases {
+        let code = if *service == "ssm" {
+            "AccessDeniedException"
+        } else {
+            "UnauthorizedOperation"
+        };
+        world.cloud.cli(&[
+            "fault",
+            action,
+            "--after",
+            &after.to_string(),
+            "--error",
+            code,
+        ]);
+        let run = base(&world.cloud, dir, &[]);
+        run.expect_code(1);
+        let injected = format!("{code}: injected by the local cloud into {action}");
+        let stderr = run.stderr();
+        let error = stderr
+            .lines()
+            .find(|l| l.starts_with("error: "))
+            .unwrap_or_else(|| panic!("no error line\n{}", run.dump()));
+        assert!(
+            error.contains(&injected),
+            "{action}: {error}\n{}",
+            run.dump()
+        );
+        if let Some(step) = step {
+            assert!(
+                error.starts_with(&format!("error: {step}: ")),
+                "{action} names its step `{step}`: {error}"
+            );
+        }
+        world.assert_clean(&run);
+    }
+
+    // A provisioner that exits 3: its command, exit code and output are in the error.
+    let run = base(&world.cloud, dir, &["command=echo about to fail; exit 3"]);
+    run.expect_code(1);
+    assert!(
+        run.stderr().contains(
+            "error: run provisioners: provisioner `inline`: `echo about to fail; exit 3` exited with 3; last output:\nabout to fail"
+        ),
+        "{}",
+        run.dump()
+    );
+    world.assert_clean(&run);
+
+    // Cleanups that fail: the run says which ids it could not remove, and exits 1.
+    for (action, what) in [
+        ("TerminateInstances", "terminate instance"),
+        ("DeleteSecurityGroup", "delete security group"),
+        ("DeleteKeyPair", "delete key pair"),
+    ] {
+        world
+            .cloud
+            .cli(&["fault", action, "--error", "UnauthorizedOperation"]);
+        let run = base(&world.cloud, dir, &["command=exit 3"]);
+        run.expect_code(1);
+        let left = run
+            .stderr()
+            .lines()
+            .find(|l| l.starts_with("error: could not clean up "))
+            .unwrap_or_else(|| panic!("no leftover named\n{}", run.dump()))
+            .to_string();
+        assert!(
+            left.contains(what) && left.contains("UnauthorizedOperation"),
+            "{left}"
+        );
+        clean_by_hand(&world);
+        world.assert_clean(&run);
+    }
+
+    // An instance that never answers SSH: a bounded wait, then everything goes.
+    let broken = broken_image(&world);
+    let run = base_with(
+        &world.cloud,
+        dir,
+        "impatient.toml",
+        &[&format!("source={broken}")],
+    );
+    run.expect_code(1);
+    assert!(
+        run.stderr()
+            .contains("error: wait for ssh: no SSH answer from admin@127.0.1."),
+        "{}",
+        run.dump()
+    );
+    assert!(run.stderr().contains("within 3s"), "{}", run.dump());
+    world
+        .runtime
+        .block_on(amibake::aws::resources::deregister_image_and_snapshots(
+            world.clients.clone(),
+            broken,
+        ))
+        .unwrap();
+    world.assert_clean(&run);
+
+    // Ctrl-C during each step: exit 130, and everything made so far is removed. A step
+    // quicker than the signal's delivery is over when it lands; then a later one is named.
+    const STEPS: [&str; 8] = [
+        "create key pair",
+        "create security group",
+        "launch instance",
+        "wait for ssh",
+        "run provisioners",
+        "stop instance",
+        "create image",
+        "publish to ssm",
+    ];
+    for (index, step) in STEPS.iter().enumerate() {
+        let started = format!("\"event\":\"step_started\",\"index\":{}", index + 1);
+        // During the provisioners, the signal lands while a command runs on the instance.
+        let (vars, signal_at): (&[&str], &str) = if *step == "run provisioners" {
+            (
+                &["command=echo sleeping; sleep 600"],
+                "\"line\":\"sleeping\"",
+            )
+        } else {
+            (&[], started.as_str())
+        };
+        let mut child = base_command(&world.cloud, dir, "failures.toml", vars)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut events = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut seen = Vec::new();
+        for line in events.by_ref() {
+            let line = line.unwrap();
+            let now = line.contains(signal_at);
+            seen.push(line);
+            if now {
+                assert!(Command::new("kill")
+                    .args(["-INT", &child.id().to_string()])
+                    .status()
+                    .unwrap()
+                    .success());
+                break;
+            }
+        }
+        seen.extend(events.map(|l| l.unwrap()));
+        let output = child.wait_with_output().unwrap();
+        let run = Run {
+            command: format!("amibake base failures.toml, interrupted during {step}"),
+            output: std::process::Output {
+                stderr: seen.join("\n").into_bytes(),
+                ..output
+            },
+        };
+        run.expect_code(130);
+        let interrupted = run
+            .stderr()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("error: interrupted during ")
+                    .map(String::from)
+            })
+            .unwrap_or_else(|| panic!("no interrupt reported\n{}", run.dump()));
+        let at = STEPS
+            .iter()
+            .position(|s| interrupted.starts_with(&format!("{s};")))
+            .unwrap_or_else(|| panic!("unknown step in `{interrupted}`"));
+        assert!(at >= index, "signalled in {step}, reported {interrupted}");
+        if *step == "run provisioners" {
+            assert_eq!(
+                at, index,
+                "a running command is interrupted, not waited out"
+            );
+        }
+        world.assert_clean(&run);
+    }
+}
+
+/// A registered image whose root volume holds no filesystem: it launches, never boots.
+fn broken_image(world: &World) -> String {
+    let ec2 = &world.clients.ec2;
+    world.runtime.block_on(async {
+        let volume = ec2
+            .create_volume()
+            .availability_zone("us-east-1a")
+            .size(1)
+            .send()
+            .await
+            .unwrap();
+        let volume_id = volume.volume_id().unwrap();
+        let progress = amibake::engine::Progress::new(
+            std::sync::Arc::new(amibake::engine::render::PlainLines::new(
+                Box::new(std::io::sink()),
+                false,
+            )),
+            "",
+        );
+        let never = tokio_util::sync::CancellationToken::new();
+        amibake::aws::resources::wait_volume(
+            &world.clients,
+            volume_id,
+            "available",
+            &never,
+            &progress,
+        )
+        .await
+        .unwrap();
+        let snapshot = ec2
+            .create_snapshot()
+            .volume_id(volume_id)
+            .send()
+            .await
+            .unwrap();
+        let snapshot_id = snapshot.snapshot_id().unwrap().to_string();
+        amibake::aws::resources::wait_snapshot(&world.clients, &snapshot_id, &never, &progress)
+            .await
+            .unwrap();
+        ec2.delete_volume()
+            .volume_id(volume_id)
+            .send()
+            .await
+            .unwrap();
+        let image_id = ec2
+            .register_image()
+            .name("no-filesystem")
+            .root_device_name("/dev/xvda")
+            .architecture(aws_sdk_ec2::types::ArchitectureValues::X8664)
+            .block_device_mappings(
+                BlockDeviceMapping::builder()
+                    .device_name("/dev/xvda")
+                    .ebs(EbsBlockDevice::builder().snapshot_id(&snapshot_id).build())
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap()
+            .image_id()
+            .unwrap()
+            .to_string();
+        amibake::aws::resources::wait_image(&world.clients, &image_id, &never, &progress)
+            .await
+            .unwrap();
+        image_id
+    })
+}
+
+/// Removes what a run with a failed cleanup left, as an operator would with the ids it named.
+fn clean_by_hand(world: &World) {
+    let ls = world.cloud.ls();
+    let ec2 = &world.clients.ec2;
+    world.runtime.block_on(async {
+        for instance in ls["instances"].as_array().unwrap() {
+            if instance["id"] != world.build_host.as_str() && instance["state"] != "terminated" {
+                ec2.terminate_instances()
+                    .instance_ids(instance["id"].as_str().unwrap())
+                    .send()
+                    .await
+                    .unwrap();
+            }
+        }
+        for group in ls["security_groups"].as_array().unwrap() {
+            ec2.delete_security_group()
+                .group_id(group["id"].as_str().unwrap())
+                .send()
+                .await
+                .unwrap();
+        }
+        for key in ls["key_pairs"].as_array().unwrap() {
+            ec2.delete_key_pair()
+                .key_name(key.as_str().unwrap())
+                .send()
+                .await
+                .unwrap();
+        }
+    });
+}
