@@ -329,4 +329,66 @@ fn base_builds_publishes_chains_into_bake_and_skips_when_unchanged() {
     assert_ne!(rm["fingerprint"], m["fingerprint"]);
     assert_eq!(rm["ssm_version"].as_i64(), Some(parameter.version() + 1));
     assert_nothing_temporary(&cloud, &build_host);
+
+    // 5. The template brings its own key pair and who may reach SSH: both are used as given,
+    // and the key pair is not the run's to delete.
+    let material = runtime
+        .block_on(
+            clients
+                .ec2
+                .create_key_pair()
+                .key_name("ops")
+                .key_type(aws_sdk_ec2::types::KeyType::Ed25519)
+                .send(),
+        )
+        .unwrap()
+        .key_material()
+        .unwrap()
+        .to_string();
+    std::fs::write(dir.join("ops.pem"), &material).unwrap();
+    std::fs::set_permissions(
+        dir.join("ops.pem"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let text = std::fs::read_to_string(dir.join("shop.toml")).unwrap().replace(
+        "associate_public_ip = true\n",
+        "associate_public_ip = true\nssh_keypair_name = \"ops\"\nssh_private_key_file = \"ops.pem\"\nssh_cidrs = [\"127.0.0.0/8\"]\n",
+    );
+    std::fs::write(dir.join("own-key.toml"), text).unwrap();
+    let before = cloud.calls().len();
+    let own = amibake(&cloud, dir, &["base", "own-key.toml", "--force"]);
+    own.expect_code(0);
+    let calls = cloud.calls()[before..].to_vec();
+    assert!(!calls
+        .iter()
+        .any(|c| c["action"] == "CreateKeyPair" || c["action"] == "DeleteKeyPair"));
+    let launched = calls
+        .iter()
+        .find(|c| c["action"] == "RunInstances")
+        .unwrap();
+    assert_eq!(launched["ids"]["KeyName"], "ops");
+    let opened: Vec<&serde_json::Value> = calls
+        .iter()
+        .filter(|c| c["action"] == "AuthorizeSecurityGroupIngress")
+        .flat_map(|c| c["ids"].as_object().unwrap().values())
+        .filter(|v| v.as_str().is_some_and(|v| v.contains('/')))
+        .collect();
+    assert_eq!(
+        opened,
+        vec!["127.0.0.0/8"],
+        "the template's CIDRs, and only them"
+    );
+    assert_eq!(cloud.ls()["key_pairs"], serde_json::json!(["ops"]));
+    assert!(
+        dir.join("ops.pem").exists(),
+        "the user's key file is theirs"
+    );
+    for run in [&run, &again, &rebuilt, &own] {
+        assert!(
+            !run.stderr().contains("PRIVATE KEY") && !run.stdout().contains("PRIVATE KEY"),
+            "a private key reached the output:\n{}",
+            run.dump()
+        );
+    }
 }

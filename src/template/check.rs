@@ -12,7 +12,8 @@ use super::diagnostic::{explain_unknown_field, nearest, Diagnostic, SourceMap, T
 use super::interpolate::{interpolate, Commit, Context};
 use super::schema::{BakeSection, BaseSection, ProvisionerEntry, TemplateFile};
 use super::{
-    AmiRef, BakePlan, BasePlan, LoadOptions, Provisioner, ProvisionerAction, SsmPublish, Template,
+    AmiRef, BakePlan, BasePlan, ExistingKeyPair, LoadOptions, Provisioner, ProvisionerAction,
+    SsmPublish, Template,
 };
 
 /// How long `base` waits for SSH when the template does not say: vendor images on small
@@ -444,6 +445,33 @@ impl Checker<'_> {
             Some(t) => Duration::from_secs(*t.get_ref()),
             None => DEFAULT_SSH_TIMEOUT,
         };
+        let ssh_keypair = match (&s.ssh_keypair_name, &s.ssh_private_key_file) {
+            (Some(name), Some(file)) => {
+                let name = self.text("base.ssh_keypair_name", name);
+                self.local_file("base.ssh_private_key_file", file)
+                    .map(|private_key_file| ExistingKeyPair {
+                        name,
+                        private_key_file,
+                    })
+            }
+            (Some(name), None) => {
+                self.error(
+                    Some(name.span()),
+                    "base.ssh_keypair_name",
+                    "an existing key pair needs `ssh_private_key_file`, the private key to log in with".into(),
+                );
+                None
+            }
+            (None, Some(file)) => {
+                self.error(
+                    Some(file.span()),
+                    "base.ssh_private_key_file",
+                    "a private key file goes with `ssh_keypair_name`, the key pair EC2 installs it from".into(),
+                );
+                None
+            }
+            (None, None) => None,
+        };
         if let (Some(cidrs), Some(_)) = (&s.ssh_cidrs, &s.security_group_ids) {
             self.error(
                 Some(cidrs.span()),
@@ -494,6 +522,7 @@ impl Checker<'_> {
             ssh_username,
             ssh_interface: s.ssh_interface.map(|i| *i.get_ref()).unwrap_or_default(),
             ssh_timeout,
+            ssh_keypair,
             ssh_cidrs,
             subnet_id,
             security_group_ids,

@@ -39,6 +39,8 @@ pub struct BasePlan {
     pub ssh_username: String,
     pub ssh_interface: SshInterface,
     pub ssh_timeout: Duration,
+    /// Set when the template names its key pair; otherwise a temporary one is made.
+    pub ssh_keypair: Option<ExistingKeyPair>,
     pub ssh_cidrs: Option<Vec<String>>,
     pub subnet_id: Option<String>,
     pub security_group_ids: Option<Vec<String>>,
@@ -65,6 +67,13 @@ pub struct BakePlan {
     pub kms_key_id: Option<String>,
     pub tags: BTreeMap<String, String>,
     pub provisioners: Vec<Provisioner>,
+}
+
+/// A key pair the template brings: its name in EC2 and the private key on this machine.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExistingKeyPair {
+    pub name: String,
+    pub private_key_file: PathBuf,
 }
 
 /// Where `base` publishes the new AMI id, so bakes and launch templates can `resolve:ssm:` it.

@@ -27,6 +27,9 @@ pub struct BaseSection {
     pub ssh_username: Spanned<String>,
     pub ssh_interface: Option<Spanned<SshInterface>>,
     pub ssh_timeout_seconds: Option<Spanned<u64>>,
+    /// An existing key pair, with its private key file, instead of a temporary one.
+    pub ssh_keypair_name: Option<Spanned<String>>,
+    pub ssh_private_key_file: Option<Spanned<String>>,
     /// Who may reach port 22 on the temporary security group. Default: this runner's address.
     pub ssh_cidrs: Option<Spanned<Vec<Spanned<String>>>>,
     pub subnet_id: Option<Spanned<String>>,

@@ -66,6 +66,13 @@ impl Step<BaseState> for CreateKeyPair {
         "create key pair"
     }
     async fn run(&self, s: &mut BaseState, ctx: &mut StepContext) -> Result<(), StepError> {
+        if let Some(existing) = &s.plan.ssh_keypair {
+            ctx.progress
+                .note(format!("using the template's key pair {}", existing.name));
+            s.key_name = Some(existing.name.clone());
+            s.private_key = Some(existing.private_key_file.clone());
+            return Ok(());
+        }
         let name = s.temporary_name();
         let out = s
             .clients
