@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod localcloud;
+pub mod tarballs;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -1,0 +1,329 @@
+//! `amibake bake` when things go wrong, through the real binary against the local cloud: a
+//! failure injected at each AWS call, cleanups that fail, Ctrl-C in the middle of the
+//! extraction, and hostile tarballs through whole bakes. After each, the cloud holds no
+//! volume, attachment, image or snapshot of the build, the host no mount or loop device,
+//! and the error names the step and the resource.
+
+mod util;
+
+use std::io::{BufRead, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use tar::EntryType;
+use util::localcloud::LocalCloud;
+use util::tarballs::{append_raw, gzip, tarball, Canary};
+use util::Run;
+
+const TEMPLATE: &str = r#"[variables]
+command = "true"
+
+[bake]
+name = "failures-${commit}-${timestamp}"
+base_ami = "resolve:ssm:/aws/service/debian/release/12/latest/amd64"
+dest = "/srv/app"
+
+[[bake.provisioner]]
+inline = ["${var.command}"]
+"#;
+
+fn bake_command(cloud: &LocalCloud, dir: &Path, tarball: &str, vars: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_amibake"));
+    command
+        .current_dir(dir)
+        .args(["--output", "json"])
+        .envs(cloud.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    for var in vars {
+        command.args(["--var", var]);
+    }
+    command.args([
+        "bake",
+        "failures.toml",
+        "--tarball",
+        tarball,
+        "--commit",
+        "fa11ed1",
+        "--force",
+    ]);
+    command
+}
+
+fn bake(cloud: &LocalCloud, dir: &Path, tarball: &str, vars: &[&str]) -> Run {
+    Run {
+        command: format!("amibake bake failures.toml --tarball {tarball} {vars:?}"),
+        output: bake_command(cloud, dir, tarball, vars).output().unwrap(),
+    }
+}
+
+/// Nothing of a failed bake: only the build host's own root volume, no attachment (the local
+/// cloud's loop devices and /dev links exist only for those), no image or snapshot of ours,
+/// nothing mounted for a bake on this machine.
+fn assert_clean(cloud: &LocalCloud, run: &Run) {
+    let ls = cloud.ls();
+    let volumes: Vec<_> = ls["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["attached_to"] != ls["build_host"] || v["device"] != "/dev/xvda")
+        .collect();
+    assert!(
+        volumes.is_empty(),
+        "volumes left: {volumes:?}\n{}",
+        run.dump()
+    );
+    assert_eq!(ls["attachments"], serde_json::json!([]), "{}", run.dump());
+    for kind in ["images", "snapshots"] {
+        let ours: Vec<_> = ls[kind]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|x| x["owner"] == "123456789012")
+            .collect();
+        assert!(ours.is_empty(), "{kind} left: {ours:?}\n{}", run.dump());
+    }
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+    assert!(
+        !mounts.lines().any(|l| l.contains("amibake-ab-")),
+        "a bake mount is left:\n{mounts}"
+    );
+}
+
+fn error_line(run: &Run) -> String {
+    run.stderr()
+        .lines()
+        .find(|l| l.starts_with("error: "))
+        .unwrap_or_else(|| panic!("no error line\n{}", run.dump()))
+        .to_string()
+}
+
+#[test]
+fn every_failure_of_a_bake_cleans_up_and_says_where() {
+    let cloud = LocalCloud::start("quick");
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    std::fs::write(dir.join("failures.toml"), TEMPLATE).unwrap();
+    std::fs::write(
+        dir.join("app.tar.gz"),
+        gzip(&tarball(|b| {
+            append_raw(b, EntryType::Regular, "index.php", None, b"<?php\n")
+        })),
+    )
+    .unwrap();
+
+    // A failure at each AWS call the bake makes: (service, call, calls of it let through
+    // first, the step the error names, or none when it fails before anything is made).
+    let cases: &[(&str, &str, u32, Option<&str>)] = &[
+        ("ssm", "GetParameter", 0, None),
+        ("ec2", "DescribeImages", 0, None),
+        ("ec2", "CreateVolume", 0, Some("create volume")),
+        ("ec2", "DescribeVolumes", 0, Some("create volume")),
+        ("ec2", "DescribeInstances", 0, Some("attach volume")),
+        ("ec2", "AttachVolume", 0, Some("attach volume")),
+        ("ec2", "DetachVolume", 0, Some("unmount and detach")),
+        ("ec2", "CreateSnapshot", 0, Some("snapshot")),
+        ("ec2", "DescribeSnapshots", 0, Some("snapshot")),
+        ("ec2", "RegisterImage", 0, Some("register image")),
+        ("ec2", "CreateTags", 0, Some("register image")),
+        ("ec2", "DescribeImages", 1, Some("register image")),
+    ];
+    for (service, action, after, step) in cases {
+        let code = if *service == "ssm" {
+            "AccessDeniedException"
+        } else {
+            "UnauthorizedOperation"
+        };
+        cloud.cli(&[
+            "fault",
+            action,
+            "--after",
+            &after.to_string(),
+            "--error",
+            code,
+        ]);
+        let run = bake(&cloud, dir, "app.tar.gz", &[]);
+        run.expect_code(1);
+        let error = error_line(&run);
+        assert!(
+            error.contains(&format!(
+                "{code}: injected by the local cloud into {action}"
+            )),
+            "{action}: {error}\n{}",
+            run.dump()
+        );
+        if let Some(step) = step {
+            assert!(
+                error.starts_with(&format!("error: {step}: ")),
+                "{action} names its step `{step}`: {error}"
+            );
+        }
+        assert_clean(&cloud, &run);
+    }
+
+    // Cleanups that fail: the run names what it could not remove, by id.
+    for (action, after_failing, left_kind) in [
+        ("DeleteVolume", "command=exit 3", "vol-"),
+        ("DetachVolume", "command=exit 3", "vol-"),
+    ] {
+        cloud.cli(&["fault", action, "--error", "UnauthorizedOperation"]);
+        let run = bake(&cloud, dir, "app.tar.gz", &[after_failing]);
+        run.expect_code(1);
+        let left = run
+            .stderr()
+            .lines()
+            .find(|l| l.starts_with("error: could not clean up "))
+            .unwrap_or_else(|| panic!("{action}: no leftover named\n{}", run.dump()))
+            .to_string();
+        assert!(
+            left.contains(left_kind) && left.contains("UnauthorizedOperation"),
+            "{left}"
+        );
+        clean_volumes_by_hand(&cloud);
+        assert_clean(&cloud, &run);
+    }
+
+    // Ctrl-C while the tarball is being extracted: the child stops, the volume goes, 130.
+    let big = dir.join("big.tar.zst");
+    big_tarball(&big);
+    let mut child = bake_command(&cloud, dir, "big.tar.zst", &[])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut events = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    for line in events.by_ref() {
+        let line = line.unwrap();
+        let extracting = line.contains("\"event\":\"progress\"")
+            && line.contains("\"step\":\"extract tarball\"");
+        seen.push(line);
+        if extracting {
+            assert!(Command::new("kill")
+                .args(["-INT", &child.id().to_string()])
+                .status()
+                .unwrap()
+                .success());
+            break;
+        }
+    }
+    seen.extend(events.map(|l| l.unwrap()));
+    let output = child.wait_with_output().unwrap();
+    let run = Run {
+        command: "amibake bake big.tar.zst, interrupted while extracting".into(),
+        output: std::process::Output {
+            stderr: seen.join("\n").into_bytes(),
+            ..output
+        },
+    };
+    run.expect_code(130);
+    assert!(
+        run.stderr()
+            .contains("error: interrupted during extract tarball; cleaned up"),
+        "{}",
+        run.dump()
+    );
+    assert_clean(&cloud, &run);
+
+    // Hostile tarballs through whole bakes: refused with the entry named, or contained in
+    // the image; the host's canary never touched.
+    let canary = Canary::new();
+    let canary_dir = canary.path().display().to_string();
+    let canary_file = canary.file().display().to_string();
+    let hostile: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "dot-dot",
+            tarball(|b| append_raw(b, EntryType::Regular, "../../escape", None, b"x")),
+            "tarball entry 1 (../../escape): its path leaves the destination",
+        ),
+        (
+            "symlink-out",
+            tarball(|b| {
+                append_raw(b, EntryType::Symlink, "out", Some(&canary_dir), b"");
+                append_raw(b, EntryType::Regular, "out/pwned", None, b"pwned");
+            }),
+            "tarball entry 2 (out/pwned)",
+        ),
+        (
+            "hard-link",
+            tarball(|b| append_raw(b, EntryType::Link, "hl", Some(&canary_file), b"")),
+            "tarball entry 1 (hl)",
+        ),
+        (
+            "device",
+            tarball(|b| append_raw(b, EntryType::Block, "sda", None, b"")),
+            "tarball entry 1 (sda): device nodes are not allowed",
+        ),
+    ];
+    for (name, bytes, refused_with) in hostile {
+        let file = format!("{name}.tar");
+        std::fs::write(dir.join(&file), bytes).unwrap();
+        let run = bake(&cloud, dir, &file, &[]);
+        run.expect_code(1);
+        let error = error_line(&run);
+        assert!(
+            error.starts_with("error: extract tarball: ") && error.contains(refused_with),
+            "{name}: wanted {refused_with:?} in {error}"
+        );
+        canary.assert_untouched(name);
+        assert_clean(&cloud, &run);
+    }
+}
+
+/// 800 MiB in 1 MiB files, zstd-compressed to almost nothing: quick to make, long enough to
+/// extract that an interrupt lands while it runs.
+fn big_tarball(path: &Path) {
+    let file = std::fs::File::create(path).unwrap();
+    let encoder = zstd::Encoder::new(file, 1).unwrap();
+    let mut builder = tar::Builder::new(encoder);
+    let chunk = vec![0u8; 1 << 20];
+    for i in 0..800 {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(chunk.len() as u64);
+        header.set_mode(0o644);
+        header.set_cksum();
+        builder
+            .append_data(&mut header, format!("blob/{i:04}"), chunk.as_slice())
+            .unwrap();
+    }
+    builder
+        .into_inner()
+        .unwrap()
+        .finish()
+        .unwrap()
+        .flush()
+        .unwrap();
+}
+
+/// Detaches and deletes every work volume, as an operator would with the ids a run named.
+fn clean_volumes_by_hand(cloud: &LocalCloud) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let clients = runtime.block_on(cloud.clients());
+    let ls = cloud.ls();
+    runtime.block_on(async {
+        for volume in ls["volumes"].as_array().unwrap() {
+            if volume["attached_to"] == ls["build_host"] && volume["device"] == "/dev/xvda" {
+                continue;
+            }
+            let id = volume["id"].as_str().unwrap().to_string();
+            if volume["attached_to"].is_string() {
+                let progress = amibake::engine::Progress::new(
+                    std::sync::Arc::new(amibake::engine::render::PlainLines::new(
+                        Box::new(std::io::sink()),
+                        false,
+                    )),
+                    "",
+                );
+                amibake::aws::resources::detach_volume(
+                    clients.clone(),
+                    id.clone(),
+                    volume["attached_to"].as_str().unwrap().to_string(),
+                    progress,
+                )
+                .await
+                .unwrap();
+            }
+            amibake::aws::resources::delete_volume(clients.clone(), id)
+                .await
+                .unwrap();
+        }
+    });
+}
