@@ -349,6 +349,28 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
     assert!(manifest(&piped)["files"].as_u64().unwrap() > files.len() as u64);
     assert_nothing_left(&cloud, &build_host);
 
+    // 9. A provisioner that leaves a daemon running (setsid escapes its process group): the
+    // daemon is ended before the unmount, and the bake succeeds.
+    template(
+        dir,
+        "daemon",
+        debian,
+        "\"setsid sh -c 'exec sleep 777' </dev/null >/dev/null 2>&1 &\"",
+    );
+    let run = bake(&cloud, dir, "daemon.toml", &[]);
+    run.expect_code(0);
+    assert!(
+        run.stderr().contains("ended what was left running in the image: pid "),
+        "{}",
+        run.dump()
+    );
+    let sleeping = Command::new("pgrep")
+        .args(["-f", "sleep 777"])
+        .output()
+        .unwrap();
+    assert!(!sleeping.status.success(), "the daemon is gone");
+    assert_nothing_left(&cloud, &build_host);
+
     // 7. Ctrl-C while a provisioner runs: the command and what it started end at once, the
     // run cleans up and exits 130.
     template(dir, "slow", debian, "\"echo started-sleeping; sleep 600\"");

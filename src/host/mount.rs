@@ -132,6 +132,59 @@ fn unescape_mount_path(field: &str) -> PathBuf {
     )
 }
 
+/// How long processes left running in an image get to exit on SIGTERM before SIGKILL.
+const PROCESS_EXIT_GRACE: Duration = Duration::from_secs(2);
+
+/// Ends every process chrooted into the image at `root`: what a provisioner started and left
+/// running in the background (a daemon that called setsid escapes its process group). They
+/// would hold the mounts, and nothing they do belongs in the image. Returns them, named.
+pub fn end_processes_rooted_in(root: &Path) -> Vec<String> {
+    let Ok(root) = root.canonicalize() else {
+        return Vec::new();
+    };
+    let rooted = || -> Vec<(String, String)> {
+        let Ok(procs) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        procs
+            .flatten()
+            .filter_map(|p| {
+                let pid = p.file_name().to_string_lossy().into_owned();
+                let inside = pid.chars().all(|c| c.is_ascii_digit())
+                    && std::fs::read_link(p.path().join("root"))
+                        .is_ok_and(|r| r.starts_with(&root));
+                inside.then(|| {
+                    let name = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
+                    (pid, name.trim().to_string())
+                })
+            })
+            .collect()
+    };
+    let found = rooted();
+    if found.is_empty() {
+        return Vec::new();
+    }
+    let signal = |name: &str, pids: &[(String, String)]| {
+        let _ = Command::new("kill")
+            .arg(format!("-{name}"))
+            .args(pids.iter().map(|(pid, _)| pid))
+            .output();
+    };
+    signal("TERM", &found);
+    let deadline = std::time::Instant::now() + PROCESS_EXIT_GRACE;
+    while std::time::Instant::now() < deadline && !rooted().is_empty() {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let stubborn = rooted();
+    if !stubborn.is_empty() {
+        signal("KILL", &stubborn);
+    }
+    found
+        .into_iter()
+        .map(|(pid, name)| format!("pid {pid} ({name})"))
+        .collect()
+}
+
 /// Processes whose root, working directory or open files lie under `target`: "pid 42 (php-fpm)".
 fn holders_of(target: &Path) -> Vec<String> {
     let Ok(target) = target.canonicalize() else {

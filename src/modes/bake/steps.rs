@@ -211,15 +211,22 @@ impl Step<BakeState> for MountImage {
         })
         .await
         .map_err(failed)?;
-        let m = chroot_mounts.clone();
+        let (m, t, progress) = (chroot_mounts.clone(), target.clone(), ctx.progress.clone());
         s.unmount_chroot = Some(ctx.undo.push(
             format!("{}/{{proc,sys,dev,dev/pts,run}}", target.display()),
             "unmount",
             Keep::Never,
             move || {
-                let m = m.clone();
+                let (m, t, progress) = (m.clone(), t.clone(), progress.clone());
                 async move {
                     let errors = tokio::task::spawn_blocking(move || {
+                        let ended = mount::end_processes_rooted_in(&t);
+                        if !ended.is_empty() {
+                            progress.note(format!(
+                                "ended what was left running in the image: {}",
+                                ended.join(", ")
+                            ));
+                        }
                         mount::unmount_all(&mut m.lock().unwrap_or_else(|p| p.into_inner()))
                     })
                     .await?;
