@@ -360,7 +360,8 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
     let run = bake(&cloud, dir, "daemon.toml", &[]);
     run.expect_code(0);
     assert!(
-        run.stderr().contains("ended what was left running in the image: pid "),
+        run.stderr()
+            .contains("ended what was left running in the image: pid "),
         "{}",
         run.dump()
     );
@@ -369,6 +370,39 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
         .output()
         .unwrap();
     assert!(!sleeping.status.success(), "the daemon is gone");
+    assert_nothing_left(&cloud, &build_host);
+
+    // 10. A KMS key: the work volume, and so the snapshot and the image, are encrypted with it.
+    let key = "arn:aws:kms:us-east-1:123456789012:key/0b9e4c59-2d3b-4e1a-9f5d-6c1f8e2a7b40";
+    let text = std::fs::read_to_string(dir.join("good.toml"))
+        .unwrap()
+        .replace("[bake]\n", &format!("[bake]\nkms_key_id = \"{key}\"\n"));
+    std::fs::write(dir.join("encrypted.toml"), text).unwrap();
+    let before = cloud.calls().len();
+    let run = bake(&cloud, dir, "encrypted.toml", &[]);
+    run.expect_code(0);
+    let created: Vec<serde_json::Value> = cloud.calls()[before..]
+        .iter()
+        .filter(|c| c["action"] == "CreateVolume")
+        .cloned()
+        .collect();
+    assert_eq!(
+        (
+            created[0]["ids"]["KmsKeyId"].as_str(),
+            created[0]["ids"]["Encrypted"].as_str()
+        ),
+        (Some(key), Some("true")),
+        "{created:?}"
+    );
+    let snapshot = manifest(&run)["snapshot_id"].as_str().unwrap().to_string();
+    let listed = cloud.ls()["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == snapshot.as_str())
+        .cloned()
+        .unwrap();
+    assert_eq!(listed["encrypted"], true, "{listed}");
     assert_nothing_left(&cloud, &build_host);
 
     // 7. Ctrl-C while a provisioner runs: the command and what it started end at once, the

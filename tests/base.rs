@@ -251,6 +251,26 @@ fn base_builds_publishes_chains_into_bake_and_skips_when_unchanged() {
         .find(|c| c["action"] == "RunInstances")
         .unwrap();
     assert_eq!(run_instances["ids"]["ImageId"], m["source_ami"]);
+    let launched = runtime
+        .block_on(
+            clients
+                .ec2
+                .describe_instances()
+                .filters(
+                    aws_sdk_ec2::types::Filter::builder()
+                        .name("tag:amibake:build-id")
+                        .values(m["build_id"].as_str().unwrap())
+                        .build(),
+                )
+                .send(),
+        )
+        .unwrap();
+    let instance = &launched.reservations()[0].instances()[0];
+    assert_eq!(
+        instance.metadata_options().and_then(|o| o.http_tokens()),
+        Some(&aws_sdk_ec2::types::HttpTokensState::Required),
+        "IMDSv2 required on the build instance"
+    );
     assert_nothing_temporary(&cloud, &build_host);
 
     // 2. A bake on top of it, found through the published parameter's label.
@@ -353,7 +373,7 @@ fn base_builds_publishes_chains_into_bake_and_skips_when_unchanged() {
     .unwrap();
     let text = std::fs::read_to_string(dir.join("shop.toml")).unwrap().replace(
         "associate_public_ip = true\n",
-        "associate_public_ip = true\nssh_keypair_name = \"ops\"\nssh_private_key_file = \"ops.pem\"\nssh_cidrs = [\"127.0.0.0/8\"]\n",
+        "associate_public_ip = true\nssh_keypair_name = \"ops\"\nssh_private_key_file = \"ops.pem\"\nssh_cidrs = [\"127.0.0.0/8\"]\nroot_volume_size_gb = 10\n",
     );
     std::fs::write(dir.join("own-key.toml"), text).unwrap();
     let before = cloud.calls().len();
@@ -380,6 +400,22 @@ fn base_builds_publishes_chains_into_bake_and_skips_when_unchanged() {
         "the template's CIDRs, and only them"
     );
     assert_eq!(cloud.ls()["key_pairs"], serde_json::json!(["ops"]));
+    let own_image = runtime
+        .block_on(
+            clients
+                .ec2
+                .describe_images()
+                .image_ids(manifest(&own)["ami_id"].as_str().unwrap())
+                .send(),
+        )
+        .unwrap();
+    assert_eq!(
+        own_image.images()[0].block_device_mappings()[0]
+            .ebs()
+            .and_then(|e| e.volume_size()),
+        Some(10),
+        "the root grown as the template asks"
+    );
     assert!(
         dir.join("ops.pem").exists(),
         "the user's key file is theirs"

@@ -50,7 +50,8 @@ from .instances import Instances  # noqa: E402
 class CallLog:
     """Every API call: action, the main ids it named (and any CIDR it opens), the result code."""
 
-    ID_PARAMS = ("VolumeId", "InstanceId", "ImageId", "SnapshotId", "SourceSnapshotId", "Name", "KeyName", "GroupId", "Device")
+    ID_PARAMS = ("VolumeId", "InstanceId", "ImageId", "SnapshotId", "SourceSnapshotId", "Name", "KeyName", "GroupId", "Device",
+                 "KmsKeyId", "Encrypted")
 
     def __init__(self):
         self.lock = threading.Lock()
@@ -290,7 +291,8 @@ class LocalCloud:
                 "volumes": [{"id": v.id, "state": v.status, "size": v.size, "snapshot": v.snapshot_id, "attached_to": v.attachment.instance.id if v.attachment else None,
                              "device": v.attachment.device if v.attachment else None, "loop": self.dataplane.device_of(v.id),
                              "tags": {t["key"]: t["value"] for t in ec2.describe_tags(filters={"resource-id": [v.id]})}} for v in ec2.volumes.values()],
-                "snapshots": [{"id": s.id, "state": s.status, "volume": s.volume.id, "owner": s.owner_id} for s in ec2.snapshots.values()],
+                "snapshots": [{"id": s.id, "state": s.status, "volume": s.volume.id, "owner": s.owner_id, "encrypted": bool(s.encrypted)}
+                              for s in ec2.snapshots.values()],
                 "images": [{"id": a.id, "name": a.name, "state": a.state, "owner": a.owner_id} for a in ec2.amis.values()],
                 "instances": [{"id": i.id, "state": i.state, "private_ip": i.private_ip, "public_ip": i.public_ip, "booted": self.instances.is_running(i.id)}
                               for i in ec2.all_instances()],
