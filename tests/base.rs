@@ -420,7 +420,50 @@ fn base_builds_publishes_chains_into_bake_and_skips_when_unchanged() {
         dir.join("ops.pem").exists(),
         "the user's key file is theirs"
     );
-    for run in [&run, &again, &rebuilt, &own] {
+    // 6. On a terminal: a line per step with a tick and its time, the AMI id at the end.
+    let shown = Command::new("script")
+        .args(["--quiet", "--return", "--command"])
+        .arg(format!(
+            "{} base own-key.toml --force",
+            env!("CARGO_BIN_EXE_amibake")
+        ))
+        .arg("/dev/null")
+        .current_dir(dir)
+        .envs(cloud.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .output()
+        .unwrap();
+    let terminal = Run {
+        command: "amibake base own-key.toml --force, on a terminal".into(),
+        output: shown,
+    };
+    terminal.expect_code(0);
+    let screen = terminal.stdout();
+    for step in [
+        "create key pair",
+        "launch instance",
+        "run provisioners",
+        "create image",
+    ] {
+        assert!(
+            screen.contains(&format!("✓ {step} (")),
+            "{step} on the terminal:\n{screen}"
+        );
+    }
+    assert!(screen.contains("amibake base · build ab-"), "{screen}");
+    assert!(
+        !screen.contains("{\"event\""),
+        "no JSON on a terminal:\n{screen}"
+    );
+    assert!(
+        screen
+            .trim_end()
+            .lines()
+            .last()
+            .is_some_and(|l| l.trim().starts_with("ami-")),
+        "the AMI id last:\n{screen}"
+    );
+
+    for run in [&run, &again, &rebuilt, &own, &terminal] {
         assert!(
             !run.stderr().contains("PRIVATE KEY") && !run.stdout().contains("PRIVATE KEY"),
             "a private key reached the output:\n{}",
