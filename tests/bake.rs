@@ -408,8 +408,8 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
     // 7. Ctrl-C while a provisioner runs: the command and what it started end at once, the
     // run cleans up and exits 130.
     template(dir, "slow", debian, "\"echo started-sleeping; sleep 600\"");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_amibake"))
-        .current_dir(dir)
+    let mut slow = Command::new(env!("CARGO_BIN_EXE_amibake"));
+    slow.current_dir(dir)
         .args([
             "--output",
             "json",
@@ -420,35 +420,14 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
             "--commit",
             "c0ffee1",
         ])
-        .envs(cloud.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut events = std::io::BufRead::lines(std::io::BufReader::new(child.stderr.take().unwrap()));
-    let mut seen = Vec::new();
-    for line in events.by_ref() {
-        let line = line.unwrap();
-        let started = line.contains("\"line\":\"started-sleeping\"");
-        seen.push(line);
-        if started {
-            break;
-        }
-    }
-    assert!(
-        seen.last().is_some_and(|l| l.contains("started-sleeping")),
-        "the provisioner started: {seen:?}"
-    );
-    assert!(Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success());
-    seen.extend(events.map(|l| l.unwrap()));
-    let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(130), "{seen:#?}");
-    let finished: Vec<serde_json::Value> = seen
-        .iter()
+        .envs(cloud.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    let run = util::interrupt_when(slow, "amibake bake slow.toml, interrupted", |line| {
+        line.contains("\"line\":\"started-sleeping\"")
+    });
+    run.expect_code(130);
+    let finished: Vec<serde_json::Value> = run
+        .stderr()
+        .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|e| e["event"] == "step_finished" && e["step"] == "run provisioners")
         .collect();
@@ -458,8 +437,9 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
         "{finished:?}"
     );
     assert!(
-        seen.iter().any(|l| l.contains("\"event\":\"interrupted\"")),
-        "{seen:#?}"
+        run.stderr().contains("\"event\":\"interrupted\""),
+        "{}",
+        run.dump()
     );
     let sleeping = Command::new("pgrep")
         .args(["-f", "sleep 600"])

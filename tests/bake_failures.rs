@@ -6,9 +6,9 @@
 
 mod util;
 
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use tar::EntryType;
 use util::localcloud::LocalCloud;
@@ -184,36 +184,13 @@ fn every_failure_of_a_bake_cleans_up_and_says_where() {
     // Ctrl-C while the tarball is being extracted: the child stops, the volume goes, 130.
     let big = dir.join("big.tar.zst");
     big_tarball(&big);
-    let mut child = bake_command(&cloud, dir, "big.tar.zst", &[])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut events = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut seen = Vec::new();
-    for line in events.by_ref() {
-        let line = line.unwrap();
-        let extracting = line.contains("\"event\":\"progress\"")
-            && line.contains("\"step\":\"extract tarball\"");
-        seen.push(line);
-        if extracting {
-            assert!(Command::new("kill")
-                .args(["-INT", &child.id().to_string()])
-                .status()
-                .unwrap()
-                .success());
-            break;
-        }
-    }
-    seen.extend(events.map(|l| l.unwrap()));
-    let output = child.wait_with_output().unwrap();
-    let run = Run {
-        command: "amibake bake big.tar.zst, interrupted while extracting".into(),
-        output: std::process::Output {
-            stderr: seen.join("\n").into_bytes(),
-            ..output
+    let run = util::interrupt_when(
+        bake_command(&cloud, dir, "big.tar.zst", &[]),
+        "amibake bake big.tar.zst, interrupted while extracting",
+        |line| {
+            line.contains("\"event\":\"progress\"") && line.contains("\"step\":\"extract tarball\"")
         },
-    };
+    );
     run.expect_code(130);
     assert!(
         run.stderr()

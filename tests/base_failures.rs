@@ -6,9 +6,8 @@
 
 mod util;
 
-use std::io::BufRead;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use aws_sdk_ec2::types::{BlockDeviceMapping, EbsBlockDevice};
 use util::localcloud::LocalCloud;
@@ -346,35 +345,11 @@ fn every_failure_of_a_base_build_cleans_up_and_says_where() {
         } else {
             (&[], started.as_str())
         };
-        let mut child = base_command(&world.cloud, dir, "failures.toml", vars)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut events = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
-        let mut seen = Vec::new();
-        for line in events.by_ref() {
-            let line = line.unwrap();
-            let now = line.contains(signal_at);
-            seen.push(line);
-            if now {
-                assert!(Command::new("kill")
-                    .args(["-INT", &child.id().to_string()])
-                    .status()
-                    .unwrap()
-                    .success());
-                break;
-            }
-        }
-        seen.extend(events.map(|l| l.unwrap()));
-        let output = child.wait_with_output().unwrap();
-        let run = Run {
-            command: format!("amibake base failures.toml, interrupted during {step}"),
-            output: std::process::Output {
-                stderr: seen.join("\n").into_bytes(),
-                ..output
-            },
-        };
+        let run = util::interrupt_when(
+            base_command(&world.cloud, dir, "failures.toml", vars),
+            &format!("amibake base failures.toml, interrupted during {step}"),
+            |line| line.contains(signal_at),
+        );
         run.expect_code(130);
         let interrupted = run
             .stderr()

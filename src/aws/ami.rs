@@ -6,6 +6,7 @@ use aws_sdk_ec2::types::{
 };
 
 use super::{AwsError, Clients};
+use crate::artifact::TAG_FINGERPRINT;
 use crate::template::{AmiFilter, AmiRef, SsmSelector};
 
 /// A base AMI as `bake` needs it: where its root is, and everything RegisterImage must copy.
@@ -185,4 +186,32 @@ pub async fn describe(clients: &Clients, image_id: &str) -> Result<BaseImage, Am
         sriov_net_support: image.sriov_net_support().map(str::to_string),
         mappings: image.block_device_mappings().to_vec(),
     })
+}
+
+/// An available image of this account carrying `fingerprint`: its id and name. How both
+/// modes find an identical earlier build to reuse.
+pub async fn find_by_fingerprint(
+    clients: &Clients,
+    fingerprint: &str,
+) -> Result<Option<(String, String)>, AwsError> {
+    let out = clients
+        .ec2
+        .describe_images()
+        .owners("self")
+        .filters(
+            Filter::builder()
+                .name(format!("tag:{TAG_FINGERPRINT}"))
+                .values(fingerprint)
+                .build(),
+        )
+        .filters(Filter::builder().name("state").values("available").build())
+        .send()
+        .await
+        .map_err(|e| AwsError::new("look for an identical earlier build", &e))?;
+    Ok(out.images().iter().find_map(|i| {
+        Some((
+            i.image_id()?.to_string(),
+            i.name().unwrap_or_default().to_string(),
+        ))
+    }))
 }

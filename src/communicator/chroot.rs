@@ -36,14 +36,6 @@ impl Chroot {
         command.envs(env).kill_on_drop(true);
         command
     }
-
-    fn failed(&self, action: impl Into<String>, reason: impl ToString) -> CommError {
-        CommError::Failed {
-            target: self.target(),
-            action: action.into(),
-            reason: reason.to_string(),
-        }
-    }
 }
 
 #[async_trait]

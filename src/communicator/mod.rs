@@ -40,4 +40,16 @@ pub trait Communicator: Send + Sync {
 
     /// Copies the local file `source` to `destination` on the target, with `mode`.
     async fn upload(&self, source: &Path, destination: &str, mode: u32) -> Result<(), CommError>;
+
+    /// The error for `action` failing on this target.
+    fn failed(&self, action: impl Into<String>, reason: impl ToString) -> CommError
+    where
+        Self: Sized,
+    {
+        CommError::Failed {
+            target: self.target(),
+            action: action.into(),
+            reason: reason.to_string(),
+        }
+    }
 }

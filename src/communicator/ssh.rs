@@ -80,14 +80,6 @@ impl Ssh {
         })
     }
 
-    fn failed(&self, action: impl Into<String>, reason: impl ToString) -> CommError {
-        CommError::Failed {
-            target: self.target(),
-            action: action.into(),
-            reason: reason.to_string(),
-        }
-    }
-
     /// The command line sshd's shell runs: `script` in a fresh `sh`, as root.
     fn as_root(&self, script: &str) -> String {
         let shell = format!("/bin/sh -c {}", quote(script));

@@ -8,7 +8,10 @@ use aws_sdk_ec2::types::Tag;
 use crate::aws::resources::ResourceError;
 use crate::aws::wait::WaitError;
 use crate::aws::Clients;
+use crate::communicator::Communicator;
 use crate::engine::{BoxError, Keep, StepContext, StepError, UndoId};
+use crate::provision::{self, ProvisionError};
+use crate::template::Provisioner;
 
 pub fn failed(e: impl Into<BoxError>) -> StepError {
     StepError::failed(e)
@@ -57,4 +60,17 @@ where
         let removal = remove(clients.clone(), id.clone());
         async move { removal.await.map_err(Into::into) }
     })
+}
+
+/// Runs the provisioners through `comm` as a step does: an interrupt is the run's interrupt.
+pub async fn provision(
+    comm: &dyn Communicator,
+    provisioners: &[Provisioner],
+    ctx: &mut StepContext,
+) -> Result<(), StepError> {
+    match provision::run_all(comm, provisioners, &ctx.progress, &ctx.cancel).await {
+        Ok(()) => Ok(()),
+        Err(ProvisionError::Interrupted { .. }) => Err(StepError::Interrupted),
+        Err(e) => Err(failed(e)),
+    }
 }

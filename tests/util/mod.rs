@@ -72,3 +72,43 @@ pub fn amibake_in(dir: &Path, args: &[&str]) -> Run {
 pub fn amibake(args: &[&str]) -> Run {
     amibake_in(&repo_root(), args)
 }
+
+/// Runs `command` (its progress as JSON lines on stderr) and sends it SIGINT when a line of
+/// its stderr satisfies `when`. The run's stderr holds every line, those before the signal
+/// included. Panics if the run ends before any line does.
+pub fn interrupt_when(mut command: Command, what: &str, when: impl Fn(&str) -> bool) -> Run {
+    use std::io::BufRead;
+    let mut child = command
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("amibake binary runs");
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    let mut signalled = false;
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        let now = when(&line);
+        seen.push(line);
+        if now {
+            let sent = Command::new("kill")
+                .args(["-INT", &child.id().to_string()])
+                .status()
+                .unwrap();
+            assert!(sent.success(), "kill -INT {}", child.id());
+            signalled = true;
+            break;
+        }
+    }
+    seen.extend(lines.map(|l| l.unwrap()));
+    let output = child.wait_with_output().unwrap();
+    let run = Run {
+        command: what.to_string(),
+        output: Output {
+            stderr: seen.join("\n").into_bytes(),
+            ..output
+        },
+    };
+    assert!(signalled, "the awaited line never came\n{}", run.dump());
+    run
+}

@@ -9,14 +9,13 @@ mod steps;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use aws_sdk_ec2::types::Filter;
 use tokio_util::sync::CancellationToken;
 
 use super::{load_for_run, provisioner_fingerprint_parts, BuildResult, CommonOptions, ModeError};
-use crate::artifact::{self, BakeManifest, TAG_FINGERPRINT};
+use crate::artifact::{self, BakeManifest};
 use crate::aws::ami::{self, BaseImage};
 use crate::aws::host::{self, HostIdentity};
-use crate::aws::{sdk_config, AwsError, Clients};
+use crate::aws::{sdk_config, Clients};
 use crate::engine::{self, EventSink, RunReport, Step, UndoId};
 use crate::host::device::DeviceName;
 use crate::host::extract::Extracted;
@@ -152,7 +151,7 @@ pub async fn run(
         };
 
     if !options.common.force {
-        if let Some((id, name)) = baked_already(&clients, &fingerprint)
+        if let Some((id, name)) = ami::find_by_fingerprint(&clients, &fingerprint)
             .await
             .map_err(|e| ModeError::Failed(e.to_string()))?
         {
@@ -206,33 +205,6 @@ pub async fn run(
         manifest,
         report: Some(report),
     })
-}
-
-/// An available image of ours carrying this fingerprint: its id and name.
-async fn baked_already(
-    clients: &Clients,
-    fingerprint: &str,
-) -> Result<Option<(String, String)>, AwsError> {
-    let out = clients
-        .ec2
-        .describe_images()
-        .owners("self")
-        .filters(
-            Filter::builder()
-                .name(format!("tag:{TAG_FINGERPRINT}"))
-                .values(fingerprint)
-                .build(),
-        )
-        .filters(Filter::builder().name("state").values("available").build())
-        .send()
-        .await
-        .map_err(|e| AwsError::new("look for an identical earlier bake", &e))?;
-    Ok(out.images().iter().find_map(|i| {
-        Some((
-            i.image_id()?.to_string(),
-            i.name().unwrap_or_default().to_string(),
-        ))
-    }))
 }
 
 /// What decides the image's content: the base, the code, and how it is put in.

@@ -8,7 +8,7 @@ use aws_sdk_ec2::types::{
     BlockDeviceMapping, EbsBlockDevice, ResourceType, Tag, TagSpecification, VolumeType,
 };
 
-use crate::modes::support::{earlier, failed, tags, undo_with, waited};
+use crate::modes::support::{earlier, failed, provision, tags, undo_with, waited};
 
 use super::BakeState;
 use crate::artifact::{
@@ -19,7 +19,6 @@ use crate::aws::AwsError;
 use crate::communicator::chroot::Chroot;
 use crate::engine::{Keep, Step, StepContext, StepError, Unit};
 use crate::host::{device, extract, mount};
-use crate::provision;
 
 pub struct CreateVolume;
 
@@ -306,11 +305,7 @@ impl Step<BakeState> for RunProvisioners {
     }
     async fn run(&self, s: &mut BakeState, ctx: &mut StepContext) -> Result<(), StepError> {
         let chroot = Chroot::new(&s.mount_point);
-        match provision::run_all(&chroot, &s.plan.provisioners, &ctx.progress, &ctx.cancel).await {
-            Ok(()) => Ok(()),
-            Err(provision::ProvisionError::Interrupted { .. }) => Err(StepError::Interrupted),
-            Err(e) => Err(failed(e)),
-        }
+        provision(&chroot, &s.plan.provisioners, ctx).await
     }
 }
 

@@ -10,13 +10,12 @@ mod steps;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use aws_sdk_ec2::types::Filter;
 use tokio_util::sync::CancellationToken;
 
 use super::{load_for_run, provisioner_fingerprint_parts, BuildResult, CommonOptions, ModeError};
-use crate::artifact::{self, BaseManifest, TAG_FINGERPRINT};
+use crate::artifact::{self, BaseManifest};
 use crate::aws::ami::{self, BaseImage};
-use crate::aws::{sdk_config, AwsError, Clients};
+use crate::aws::{sdk_config, Clients};
 use crate::communicator::ssh::{Ssh, SshTarget};
 use crate::engine::{self, EventSink, Step};
 use crate::template::{BasePlan, Commit};
@@ -102,7 +101,7 @@ pub async fn run(
     };
 
     if !options.common.force {
-        if let Some((id, name)) = built_already(&clients, &fingerprint)
+        if let Some((id, name)) = ami::find_by_fingerprint(&clients, &fingerprint)
             .await
             .map_err(|e| ModeError::Failed(e.to_string()))?
         {
@@ -149,33 +148,6 @@ pub async fn run(
         manifest,
         report: Some(report),
     })
-}
-
-/// An available image of ours carrying this fingerprint: its id and name.
-async fn built_already(
-    clients: &Clients,
-    fingerprint: &str,
-) -> Result<Option<(String, String)>, AwsError> {
-    let out = clients
-        .ec2
-        .describe_images()
-        .owners("self")
-        .filters(
-            Filter::builder()
-                .name(format!("tag:{TAG_FINGERPRINT}"))
-                .values(fingerprint)
-                .build(),
-        )
-        .filters(Filter::builder().name("state").values("available").build())
-        .send()
-        .await
-        .map_err(|e| AwsError::new("look for an identical earlier base build", &e))?;
-    Ok(out.images().iter().find_map(|i| {
-        Some((
-            i.image_id()?.to_string(),
-            i.name().unwrap_or_default().to_string(),
-        ))
-    }))
 }
 
 /// What decides the image's content: the source AMI, how the instance is launched, and

@@ -20,8 +20,7 @@ use crate::aws::resources::{self, wait_image, wait_instance};
 use crate::aws::AwsError;
 use crate::communicator::ssh::{Ssh, SshTarget};
 use crate::engine::{Keep, Step, StepContext, StepError};
-use crate::modes::support::{earlier, failed, tags, undo_with, waited};
-use crate::provision;
+use crate::modes::support::{earlier, failed, provision, tags, undo_with, waited};
 use crate::template::SshInterface;
 
 const SSH_PORT: u16 = 22;
@@ -453,18 +452,7 @@ impl Step<BaseState> for RunProvisioners {
     }
     async fn run(&self, s: &mut BaseState, ctx: &mut StepContext) -> Result<(), StepError> {
         let ssh = earlier(&s.ssh, "SSH session")?;
-        match provision::run_all(
-            ssh.as_ref(),
-            &s.plan.provisioners,
-            &ctx.progress,
-            &ctx.cancel,
-        )
-        .await
-        {
-            Ok(()) => Ok(()),
-            Err(provision::ProvisionError::Interrupted { .. }) => Err(StepError::Interrupted),
-            Err(e) => Err(failed(e)),
-        }
+        provision(ssh.as_ref(), &s.plan.provisioners, ctx).await
     }
 }
 
