@@ -127,35 +127,9 @@ fn every_failure_of_a_bake_cleans_up_and_says_where() {
         ("ec2", "DescribeImages", 1, Some("register image")),
     ];
     for (service, action, after, step) in cases {
-        let code = if *service == "ssm" {
-            "AccessDeniedException"
-        } else {
-            "UnauthorizedOperation"
-        };
-        cloud.cli(&[
-            "fault",
-            action,
-            "--after",
-            &after.to_string(),
-            "--error",
-            code,
-        ]);
+        let injected = cloud.fail_once(service, action, *after);
         let run = bake(&cloud, dir, "app.tar.gz", &[]);
-        run.expect_code(1);
-        let error = error_line(&run);
-        assert!(
-            error.contains(&format!(
-                "{code}: injected by the local cloud into {action}"
-            )),
-            "{action}: {error}\n{}",
-            run.dump()
-        );
-        if let Some(step) = step {
-            assert!(
-                error.starts_with(&format!("error: {step}: ")),
-                "{action} names its step `{step}`: {error}"
-            );
-        }
+        run.expect_failure(&injected, *step);
         assert_clean(&cloud, &run);
     }
 

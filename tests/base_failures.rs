@@ -225,38 +225,9 @@ fn every_failure_of_a_base_build_cleans_up_and_says_where() {
         ("ssm", "LabelParameterVersion", 0, Some("publish to ssm")),
     ];
     for (service, action, after, step) in cases {
-        let code = if *service == "ssm" {
-            "AccessDeniedException"
-        } else {
-            "UnauthorizedOperation"
-        };
-        world.cloud.cli(&[
-            "fault",
-            action,
-            "--after",
-            &after.to_string(),
-            "--error",
-            code,
-        ]);
+        let injected = world.cloud.fail_once(service, action, *after);
         let run = base(&world.cloud, dir, &[]);
-        run.expect_code(1);
-        let injected = format!("{code}: injected by the local cloud into {action}");
-        let stderr = run.stderr();
-        let error = stderr
-            .lines()
-            .find(|l| l.starts_with("error: "))
-            .unwrap_or_else(|| panic!("no error line\n{}", run.dump()));
-        assert!(
-            error.contains(&injected),
-            "{action}: {error}\n{}",
-            run.dump()
-        );
-        if let Some(step) = step {
-            assert!(
-                error.starts_with(&format!("error: {step}: ")),
-                "{action} names its step `{step}`: {error}"
-            );
-        }
+        run.expect_failure(&injected, *step);
         world.assert_clean(&run);
     }
 

@@ -69,6 +69,25 @@ impl LocalCloud {
         out
     }
 
+    /// Makes the next call of `action` (after `after` calls of it pass) fail with an error
+    /// the SDK does not retry. Returns the text a run's error must repeat.
+    pub fn fail_once(&self, service: &str, action: &str, after: u32) -> String {
+        let code = if service == "ssm" {
+            "AccessDeniedException"
+        } else {
+            "UnauthorizedOperation"
+        };
+        self.cli(&[
+            "fault",
+            action,
+            "--after",
+            &after.to_string(),
+            "--error",
+            code,
+        ]);
+        format!("{code}: injected by the local cloud into {action}")
+    }
+
     /// `localcloud ls` as JSON.
     pub fn ls(&self) -> serde_json::Value {
         serde_json::from_slice(&self.cli(&["ls"]).stdout).unwrap()

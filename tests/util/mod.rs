@@ -19,6 +19,29 @@ pub struct Run {
 }
 
 impl Run {
+    /// Asserts the run failed with one `error:` line that repeats `cause` and, when given,
+    /// starts with the step it failed in.
+    pub fn expect_failure(&self, cause: &str, step: Option<&str>) -> &Self {
+        self.expect_code(1);
+        let stderr = self.stderr();
+        let error = stderr
+            .lines()
+            .find(|l| l.starts_with("error: "))
+            .unwrap_or_else(|| panic!("no error line\n{}", self.dump()));
+        assert!(
+            error.contains(cause),
+            "wanted {cause:?} in {error}\n{}",
+            self.dump()
+        );
+        if let Some(step) = step {
+            assert!(
+                error.starts_with(&format!("error: {step}: ")),
+                "the error names its step `{step}`: {error}"
+            );
+        }
+        self
+    }
+
     pub fn code(&self) -> i32 {
         self.output.status.code().unwrap_or(-1)
     }
