@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use amibake::engine::render::{JsonLines, PlainLines, TerminalBars};
-use amibake::engine::{self, EventSink, Keep, Outcome, Step, StepContext, StepError, Unit};
+use amibake::engine::{self, Event, EventSink, Keep, Outcome, Step, StepContext, StepError, Unit};
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
@@ -56,10 +56,10 @@ impl Step<Journal> for MakeThing {
             }
         });
         ctx.progress.note(format!("{} is ready", self.resource));
-        ctx.progress.advance(50, Some(100), Unit::Percent);
+        ctx.progress.advance(50, Some(100), Unit::Percent, None);
         ctx.progress
             .output("provisioner", format!("hello from {}", self.name));
-        ctx.progress.advance(100, Some(100), Unit::Percent);
+        ctx.progress.advance(100, Some(100), Unit::Percent, None);
         Ok(())
     }
 }
@@ -412,4 +412,43 @@ fn sigint_runs_the_undos_and_exits_130() {
     assert_eq!(status.code(), Some(130));
     let log = std::fs::read_to_string(&log_path).unwrap();
     assert_eq!(log, "made vol-1\nremoved /mnt/image\nremoved vol-1");
+}
+
+#[tokio::test]
+async fn extraction_progress_shows_bytes_against_the_tarball_and_files() {
+    let progress_of = |sink: &dyn EventSink| {
+        sink.emit(&Event::StepStarted {
+            step: "extract tarball".into(),
+            index: 4,
+            total: 8,
+        });
+        sink.emit(&Event::Progress {
+            step: "extract tarball".into(),
+            done: 5 << 20,
+            total: Some(10 << 20),
+            unit: Unit::Bytes,
+            files: Some(1204),
+        });
+    };
+    let term = indicatif::InMemoryTerm::new(10, 160);
+    let target = indicatif::ProgressDrawTarget::term_like(Box::new(term.clone()));
+    let bars = TerminalBars::with_target(target);
+    progress_of(&bars);
+    // The bar redraws on its spinner's tick.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let screen = term.contents();
+    assert!(
+        screen.contains("[4/8] extract tarball") && screen.contains("5.00 MiB/10.00 MiB"),
+        "{screen}"
+    );
+    assert!(screen.contains("1204 files"), "{screen}");
+
+    let buf = SharedBuf::default();
+    progress_of(&PlainLines::new(Box::new(buf.clone()), false));
+    assert!(
+        buf.text()
+            .contains("extract tarball: 5.00 MiB of 10.00 MiB, 1204 files"),
+        "{}",
+        buf.text()
+    );
 }

@@ -313,7 +313,8 @@ async fn the_parent_side_reports_progress_and_errors() {
     let (tar_bytes, files) = composer_like();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("app.tar.gz");
-    std::fs::write(&file, gzip(&tar_bytes)).unwrap();
+    let gzipped = gzip(&tar_bytes);
+    std::fs::write(&file, &gzipped).unwrap();
     let image = Image::new();
     let exe = Path::new(env!("CARGO_BIN_EXE_amibake"));
     let mut seen = Vec::new();
@@ -323,7 +324,7 @@ async fn the_parent_side_reports_progress_and_errors() {
         "/var/www/app",
         None,
         &Tarball::File(file),
-        |p| seen.push(p),
+        |p, read| seen.push((p, read)),
         &CancellationToken::new(),
     )
     .await
@@ -332,10 +333,16 @@ async fn the_parent_side_reports_progress_and_errors() {
         done.files as usize > files.len(),
         "files, directories and links all count"
     );
-    assert_eq!(seen.last(), Some(&done));
+    let (last, read) = *seen.last().unwrap();
+    assert_eq!(last, done);
+    assert_eq!(
+        read,
+        gzipped.len() as u64,
+        "the whole tarball was read, counted as given (compressed)"
+    );
     assert!(seen
         .windows(2)
-        .all(|w| w[1].files > w[0].files && w[1].bytes >= w[0].bytes));
+        .all(|w| w[1].0.files > w[0].0.files && w[1].0.bytes >= w[0].0.bytes && w[1].1 >= w[0].1));
 
     let err = extract_into_image(
         exe,
@@ -343,7 +350,7 @@ async fn the_parent_side_reports_progress_and_errors() {
         "/var/www/app",
         None,
         &Tarball::File(dir.path().join("missing.tar")),
-        |_| {},
+        |_, _| {},
         &CancellationToken::new(),
     )
     .await
@@ -366,7 +373,7 @@ async fn the_parent_side_reports_progress_and_errors() {
         "/var/www/app",
         None,
         &Tarball::File(bad),
-        |_| {},
+        |_, _| {},
         &CancellationToken::new(),
     )
     .await

@@ -73,7 +73,7 @@ pub async fn wait_snapshot(
     let ec2 = clients.ec2.clone();
     let report = |_: &str, percent: Option<u8>| {
         if let Some(p) = percent {
-            progress.advance(u64::from(p), Some(100), Unit::Percent);
+            progress.advance(u64::from(p), Some(100), Unit::Percent, None);
         }
     };
     wait_for("snapshot", id, WaitPolicy::LONG, cancel, report, || {

@@ -24,6 +24,9 @@ pub enum Event {
         done: u64,
         total: Option<u64>,
         unit: Unit,
+        /// Files handled so far, where the work is a number of files too.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        files: Option<u64>,
     },
     /// A line of a provisioner's output, or of another program the step runs.
     Output {
@@ -91,12 +94,13 @@ impl Progress {
         &self.step
     }
 
-    pub fn advance(&self, done: u64, total: Option<u64>, unit: Unit) {
+    pub fn advance(&self, done: u64, total: Option<u64>, unit: Unit, files: Option<u64>) {
         self.sink.emit(&Event::Progress {
             step: self.step.clone(),
             done,
             total,
             unit,
+            files,
         });
     }
 

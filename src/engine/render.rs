@@ -25,6 +25,11 @@ fn human_amount(done: u64, unit: Unit) -> String {
     }
 }
 
+/// ", 1204 files" when a progress counts files too.
+fn files_so_far(files: Option<u64>) -> String {
+    files.map(|f| format!(", {f} files")).unwrap_or_default()
+}
+
 /// JSON lines, one object per event with an `event` tag and a `time`.
 pub struct JsonLines {
     out: Mutex<Box<dyn Write + Send>>,
@@ -110,12 +115,17 @@ impl EventSink for PlainLines {
                 done,
                 total,
                 unit,
+                files,
             } => {
                 if self.progress_worth_a_line(step, *done, *total) {
                     let of = total
                         .map(|t| format!(" of {}", human_amount(t, *unit)))
                         .unwrap_or_default();
-                    self.line(&format!("  {step}: {}{of}", human_amount(*done, *unit)));
+                    self.line(&format!(
+                        "  {step}: {}{of}{}",
+                        human_amount(*done, *unit),
+                        files_so_far(*files)
+                    ));
                 }
             }
             Event::Output { source, line, .. } => self.line(&format!("  {source} | {line}")),
@@ -201,6 +211,7 @@ impl EventSink for TerminalBars {
                 done,
                 total,
                 unit,
+                files,
             } => {
                 if let Some((_, bar)) = current.as_ref().filter(|(name, _)| name == step) {
                     match total {
@@ -219,8 +230,17 @@ impl EventSink for TerminalBars {
                                 bar.set_length(*t);
                             }
                             bar.set_position(*done);
+                            if files.is_some() {
+                                bar.set_message(
+                                    files_so_far(*files).trim_start_matches(", ").to_string(),
+                                );
+                            }
                         }
-                        None => bar.set_message(human_amount(*done, *unit)),
+                        None => bar.set_message(format!(
+                            "{}{}",
+                            human_amount(*done, *unit),
+                            files_so_far(*files)
+                        )),
                     }
                 }
             }

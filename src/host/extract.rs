@@ -202,6 +202,22 @@ pub fn resolve_owner(spec: &str, etc: &Path) -> Result<Owner, ExtractError> {
 struct Report {
     files: u64,
     bytes: u64,
+    /// Of the tarball as given (compressed): how far the extraction has read.
+    read: u64,
+}
+
+/// Counts what passes through, so progress can be told against the tarball's size.
+struct Counting<R> {
+    inner: R,
+    read: std::rc::Rc<std::cell::Cell<u64>>,
+}
+
+impl<R: std::io::Read> std::io::Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.read.set(self.read.get() + n as u64);
+        Ok(n)
+    }
 }
 
 /// The child's side (`amibake internal-extract`): enter the image, then unpack standard input
@@ -225,17 +241,23 @@ pub fn child_main(root: &Path, dest: &str, owner: Option<&str>) -> Result<Extrac
     })?;
     let mut out = std::io::stdout().lock();
     let mut last_report = std::time::Instant::now();
+    let read = std::rc::Rc::new(std::cell::Cell::new(0));
     let report = |done: Extracted, out: &mut std::io::StdoutLock| {
         let _ = serde_json::to_writer(
             &mut *out,
             &Report {
                 files: done.files,
                 bytes: done.bytes,
+                read: read.get(),
             },
         );
         let _ = writeln!(out);
     };
-    let done = unpack(std::io::stdin().lock(), Path::new(dest), owner, |done| {
+    let input = Counting {
+        inner: std::io::stdin().lock(),
+        read: read.clone(),
+    };
+    let done = unpack(input, Path::new(dest), owner, |done| {
         if last_report.elapsed() >= PROGRESS_EVERY {
             report(done, &mut out);
             last_report = std::time::Instant::now();
@@ -258,14 +280,15 @@ pub enum Tarball {
 
 /// The parent's side: unpacks `tarball` into `dest` inside the image mounted at `root`,
 /// through a chrooted child run from `amibake_exe` (this binary: `std::env::current_exe()`).
-/// `on_progress` hears the running totals; `cancel` kills the child.
+/// `on_progress` hears the running totals and how many bytes of the tarball (as given,
+/// compressed) have been read; `cancel` kills the child.
 pub async fn extract_into_image(
     amibake_exe: &Path,
     root: &Path,
     dest: &str,
     owner: Option<&str>,
     tarball: &Tarball,
-    mut on_progress: impl FnMut(Extracted),
+    mut on_progress: impl FnMut(Extracted, u64),
     cancel: &tokio_util::sync::CancellationToken,
 ) -> Result<Extracted, ExtractError> {
     use tokio::io::AsyncBufReadExt;
@@ -313,7 +336,7 @@ pub async fn extract_into_image(
                 Ok(Some(line)) => {
                     if let Ok(report) = serde_json::from_str::<Report>(&line) {
                         last = Extracted { files: report.files, bytes: report.bytes };
-                        on_progress(last);
+                        on_progress(last, report.read);
                     }
                 }
                 _ => break,

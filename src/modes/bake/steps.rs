@@ -271,13 +271,15 @@ impl Step<BakeState> for ExtractTarball {
     }
     async fn run(&self, s: &mut BakeState, ctx: &mut StepContext) -> Result<(), StepError> {
         let progress = ctx.progress.clone();
+        // Progress is told in bytes of the tarball read, against its size: a true fraction.
+        let tarball_size = std::fs::metadata(&s.tarball).ok().map(|m| m.len());
         let done = extract::extract_into_image(
             &s.amibake_exe,
             &s.mount_point,
             &s.plan.dest,
             s.plan.owner.as_deref(),
             &extract::Tarball::File(s.tarball.clone()),
-            |p| progress.advance(p.bytes, None, Unit::Bytes),
+            |p, read| progress.advance(read, tarball_size, Unit::Bytes, Some(p.files)),
             &ctx.cancel,
         )
         .await;
