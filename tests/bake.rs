@@ -3,10 +3,12 @@
 
 mod util;
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 
 use util::localcloud::LocalCloud;
+use util::tarballs::{assert_composer_like_at, composer_like, gzip};
 use util::Run;
 
 const PARTITION_1_OFFSET: u64 = 2048 * 512;
@@ -48,36 +50,10 @@ fn template(dir: &Path, name: &str, base_ami: &str, provisioner: &str) {
     std::fs::write(dir.join(format!("{name}.toml")), text).unwrap();
 }
 
-/// The app: nested files, an executable, relative and absolute symlinks, a hard link.
-fn app_tarball(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    let src = dir.join("app");
-    let mut files = Vec::new();
-    for i in 0..300 {
-        let path = format!("vendor/pkg{}/src/File{i}.php", i % 7);
-        files.push((
-            path,
-            format!("<?php // {i}\n{}", "y".repeat(i * 13 % 700)).into_bytes(),
-        ));
-    }
-    files.push(("bin/console".into(), b"#!/bin/sh\necho console\n".to_vec()));
-    for (path, body) in &files {
-        std::fs::create_dir_all(src.join(path).parent().unwrap()).unwrap();
-        std::fs::write(src.join(path), body).unwrap();
-    }
-    std::fs::set_permissions(
-        src.join("bin/console"),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
-    std::os::unix::fs::symlink("../bin/console", src.join("vendor/console")).unwrap();
-    std::os::unix::fs::symlink("/etc/hostname", src.join("hostname")).unwrap();
-    std::fs::hard_link(src.join("bin/console"), src.join("bin/console-again")).unwrap();
-    let ok = Command::new("tar")
-        .args(["-czf", "app.tar.gz", "-C", "app", "."])
-        .current_dir(dir)
-        .status()
-        .unwrap();
-    assert!(ok.success());
+/// The app, as a composer build makes it (see `composer_like`), gzip'd as CI does.
+fn app_tarball(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    let (tar, files) = composer_like();
+    std::fs::write(dir.join("app.tar.gz"), gzip(&tar)).unwrap();
     files
 }
 
@@ -152,31 +128,8 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
     let image = cloud.mount_snapshot(&snapshot, dir, PARTITION_1_OFFSET);
     let mnt = &image.root;
     let app = mnt.join("var/www/shop");
-    for (path, body) in &files {
-        assert_eq!(&std::fs::read(app.join(path)).unwrap(), body, "{path}");
-    }
-    use std::os::unix::fs::MetadataExt;
-    assert_eq!(
-        std::fs::metadata(app.join("bin/console")).unwrap().mode() & 0o777,
-        0o755
-    );
-    assert_eq!(
-        std::fs::metadata(app.join("bin/console")).unwrap().ino(),
-        std::fs::metadata(app.join("bin/console-again"))
-            .unwrap()
-            .ino()
-    );
-    assert_eq!(
-        std::fs::read_link(app.join("hostname")).unwrap(),
-        Path::new("/etc/hostname")
-    );
-    assert_eq!(
-        std::fs::metadata(app.join("vendor/pkg1/src/File1.php"))
-            .unwrap()
-            .uid(),
-        33,
-        "owned by the image's www-data"
-    );
+    // Byte for byte, with modes, mtimes, links, the empty directory, owned by www-data.
+    assert_composer_like_at(&app, &files, 33);
     assert_eq!(
         std::fs::read_to_string(app.join("REVISION")).unwrap(),
         "c0ffee1\n",
@@ -312,10 +265,7 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
     let run = bake(&cloud, dir, "flat.toml", &[]);
     run.expect_code(0);
     let image = cloud.mount_snapshot(manifest(&run)["snapshot_id"].as_str().unwrap(), dir, 0);
-    assert_eq!(
-        std::fs::read(image.root.join("var/www/shop/bin/console")).unwrap(),
-        files.last().unwrap().1
-    );
+    assert_composer_like_at(&image.root.join("var/www/shop"), &files, 33);
     drop(image);
     assert_nothing_left(&cloud, &build_host);
 

@@ -5,16 +5,14 @@
 
 mod util;
 
-use std::collections::BTreeMap;
 use std::io::Write;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
 use amibake::host::extract::{extract_into_image, Tarball};
-use tar::{Builder, EntryType};
+use tar::EntryType;
 use tokio_util::sync::CancellationToken;
-use util::tarballs::{append_raw, gzip, header, tarball, Canary};
+use util::tarballs::{append_raw, assert_composer_like_at, composer_like, gzip, tarball, Canary};
 
 /// A minimal image root: its own users, and an absolute symlink as real images have.
 struct Image {
@@ -75,57 +73,6 @@ fn extract(image: &Image, dest: &str, owner: Option<&str>, tarball: &[u8]) -> ut
     }
 }
 
-/// What a composer build looks like: thousands of files in nested directories, links of
-/// every kind, empty directories, executables, UTF-8 and long names. Returns the tarball and
-/// the expected regular files (relative path → content).
-fn composer_like() -> (Vec<u8>, BTreeMap<String, Vec<u8>>) {
-    let mut files = BTreeMap::new();
-    let mut b = Builder::new(Vec::new());
-    for pkg in 0..40 {
-        for file in 0..60 {
-            let path = format!("vendor/pkg{pkg}/src/Sub{}/Class{file}.php", file % 4);
-            let body = format!(
-                "<?php // package {pkg} file {file}\n{}",
-                "x".repeat((pkg * 37 + file * 11) % 900)
-            )
-            .into_bytes();
-            files.insert(path, body);
-        }
-    }
-    files.insert(
-        "bin/console".into(),
-        b"#!/usr/bin/env php\n<?php echo 'hi';\n".to_vec(),
-    );
-    files.insert(
-        "résumé/naïve-ünïcode.txt".into(),
-        "héllo wörld\n".as_bytes().to_vec(),
-    );
-    let long = format!("deep/{}/{}.txt", "d".repeat(90), "long-name-".repeat(12));
-    files.insert(
-        long.clone(),
-        b"long names need PAX or GNU headers\n".to_vec(),
-    );
-    for (path, body) in &files {
-        let mode = if path == "bin/console" { 0o755 } else { 0o644 };
-        let mut h = header(EntryType::Regular, body.len() as u64, mode);
-        b.append_data(&mut h, path, body.as_slice()).unwrap();
-    }
-    let mut dir = header(EntryType::Directory, 0, 0o755);
-    b.append_data(&mut dir, "storage/cache/empty", std::io::empty())
-        .unwrap();
-    for (name, target) in [
-        ("vendor/bin/console", "../../bin/console"),
-        ("public/hostname-link", "/etc/hostname"),
-    ] {
-        let mut h = header(EntryType::Symlink, 0, 0o777);
-        b.append_link(&mut h, name, target).unwrap();
-    }
-    let mut hard = header(EntryType::Link, 0, 0o644);
-    b.append_link(&mut hard, "bin/console-hardlink", "bin/console")
-        .unwrap();
-    (b.into_inner().unwrap(), files)
-}
-
 #[test]
 fn a_composer_like_tarball_lands_byte_for_byte_where_the_image_resolves_dest() {
     let (tar_bytes, files) = composer_like();
@@ -142,48 +89,7 @@ fn a_composer_like_tarball_lands_byte_for_byte_where_the_image_resolves_dest() {
         let landed = image
             .root()
             .join(dest.trim_start_matches('/').replace("var/www", "srv/www"));
-        for (path, body) in &files {
-            assert_eq!(
-                &std::fs::read(landed.join(path)).unwrap(),
-                body,
-                "{dest}: {path}"
-            );
-        }
-        let console = std::fs::metadata(landed.join("bin/console")).unwrap();
-        assert_eq!(console.permissions().mode() & 0o777, 0o755, "exec bit kept");
-        assert_eq!(console.mtime(), 1_700_000_000, "mtime kept");
-        assert_eq!(
-            std::fs::metadata(landed.join("bin/console-hardlink"))
-                .unwrap()
-                .ino(),
-            console.ino(),
-            "hard link kept"
-        );
-        assert_eq!(
-            std::fs::read_link(landed.join("vendor/bin/console")).unwrap(),
-            Path::new("../../bin/console")
-        );
-        assert_eq!(
-            std::fs::read_link(landed.join("public/hostname-link")).unwrap(),
-            Path::new("/etc/hostname")
-        );
-        assert!(
-            landed.join("storage/cache/empty").is_dir(),
-            "empty directory kept"
-        );
-        assert_eq!(
-            std::fs::symlink_metadata(landed.join("vendor/bin/console"))
-                .unwrap()
-                .uid(),
-            33,
-            "owner from the image's passwd"
-        );
-        assert_eq!(
-            std::fs::metadata(landed.join("résumé/naïve-ünïcode.txt"))
-                .unwrap()
-                .gid(),
-            33
-        );
+        assert_composer_like_at(&landed, &files, 33);
         canary.assert_untouched(dest);
     }
 }

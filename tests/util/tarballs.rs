@@ -1,8 +1,9 @@
 //! Tarballs as an attacker or a broken build makes them, and a canary on the host that no
 //! extraction may touch.
 
+use std::collections::BTreeMap;
 use std::io::Write;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use tar::{Builder, EntryType, Header};
@@ -90,4 +91,98 @@ pub fn gzip(data: &[u8]) -> Vec<u8> {
     let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     e.write_all(data).unwrap();
     e.finish().unwrap()
+}
+
+/// What a composer build looks like: thousands of files in nested directories, links of
+/// every kind, empty directories, executables, UTF-8 and long names. Returns the tarball and
+/// the expected regular files (relative path → content).
+pub fn composer_like() -> (Vec<u8>, BTreeMap<String, Vec<u8>>) {
+    let mut files = BTreeMap::new();
+    let mut b = Builder::new(Vec::new());
+    for pkg in 0..40 {
+        for file in 0..60 {
+            let path = format!("vendor/pkg{pkg}/src/Sub{}/Class{file}.php", file % 4);
+            let body = format!(
+                "<?php // package {pkg} file {file}\n{}",
+                "x".repeat((pkg * 37 + file * 11) % 900)
+            )
+            .into_bytes();
+            files.insert(path, body);
+        }
+    }
+    files.insert(
+        "bin/console".into(),
+        b"#!/usr/bin/env php\n<?php echo 'hi';\n".to_vec(),
+    );
+    files.insert(
+        "résumé/naïve-ünïcode.txt".into(),
+        "héllo wörld\n".as_bytes().to_vec(),
+    );
+    let long = format!("deep/{}/{}.txt", "d".repeat(90), "long-name-".repeat(12));
+    files.insert(
+        long.clone(),
+        b"long names need PAX or GNU headers\n".to_vec(),
+    );
+    for (path, body) in &files {
+        let mode = if path == "bin/console" { 0o755 } else { 0o644 };
+        let mut h = header(EntryType::Regular, body.len() as u64, mode);
+        b.append_data(&mut h, path, body.as_slice()).unwrap();
+    }
+    let mut dir = header(EntryType::Directory, 0, 0o755);
+    b.append_data(&mut dir, "storage/cache/empty", std::io::empty())
+        .unwrap();
+    for (name, target) in [
+        ("vendor/bin/console", "../../bin/console"),
+        ("public/hostname-link", "/etc/hostname"),
+    ] {
+        let mut h = header(EntryType::Symlink, 0, 0o777);
+        b.append_link(&mut h, name, target).unwrap();
+    }
+    let mut hard = header(EntryType::Link, 0, 0o644);
+    b.append_link(&mut hard, "bin/console-hardlink", "bin/console")
+        .unwrap();
+    (b.into_inner().unwrap(), files)
+}
+
+/// Asserts that `composer_like()`'s tree is at `at` as it was made: every file byte for
+/// byte, modes, mtimes, links, the empty directory, owned by `owner_uid`.
+pub fn assert_composer_like_at(at: &Path, files: &BTreeMap<String, Vec<u8>>, owner_uid: u32) {
+    for (path, body) in files {
+        assert_eq!(&std::fs::read(at.join(path)).unwrap(), body, "{path}");
+    }
+    let console = std::fs::metadata(at.join("bin/console")).unwrap();
+    assert_eq!(console.permissions().mode() & 0o777, 0o755, "exec bit kept");
+    assert_eq!(console.mtime(), 1_700_000_000, "mtime kept");
+    assert_eq!(
+        std::fs::metadata(at.join("bin/console-hardlink"))
+            .unwrap()
+            .ino(),
+        console.ino(),
+        "hard link kept"
+    );
+    assert_eq!(
+        std::fs::read_link(at.join("vendor/bin/console")).unwrap(),
+        Path::new("../../bin/console")
+    );
+    assert_eq!(
+        std::fs::read_link(at.join("public/hostname-link")).unwrap(),
+        Path::new("/etc/hostname")
+    );
+    assert!(
+        at.join("storage/cache/empty").is_dir(),
+        "empty directory kept"
+    );
+    assert_eq!(
+        std::fs::symlink_metadata(at.join("vendor/bin/console"))
+            .unwrap()
+            .uid(),
+        owner_uid,
+        "owner from the image's passwd"
+    );
+    assert_eq!(
+        std::fs::metadata(at.join("résumé/naïve-ünïcode.txt"))
+            .unwrap()
+            .gid(),
+        owner_uid
+    );
 }
