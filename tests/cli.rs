@@ -266,3 +266,43 @@ fn base_that_cannot_reach_aws_names_the_lookup_that_failed() {
     let wanted = "error: read SSM parameter /aws/service/debian/release/12/latest/amd64 failed: dispatch failure";
     assert!(run.stderr().starts_with(wanted), "{}", run.dump());
 }
+
+/// The CI examples in templates/ci run commands that exist, with flags that exist, on
+/// templates that validate: an example that drifted from the tool would mislead its reader.
+#[test]
+fn ci_examples_use_real_commands_flags_and_templates() {
+    let dir = util::repo_root().join("templates/ci");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        // A command may continue on the next line after a backslash.
+        let joined = text.replace("\\\n", " ");
+        let commands = joined
+            .lines()
+            .filter(|l| !l.trim_start().starts_with('#') && l.contains("amibake "));
+        for line in commands {
+            let words: Vec<&str> = line[line.find("amibake ").unwrap()..]
+                .split_whitespace()
+                .collect();
+            let Some(mode) = words.iter().find(|w| ["base", "bake"].contains(*w)) else {
+                continue;
+            };
+            let help = amibake(&[mode, "--help"]).stdout() + &amibake(&["--help"]).stdout();
+            for flag in words.iter().filter(|w| w.starts_with("--")) {
+                assert!(
+                    help.contains(*flag),
+                    "{}: `{flag}` is not a flag of amibake {mode}",
+                    path.display()
+                );
+            }
+            let template = words
+                .iter()
+                .find(|w| w.ends_with(".toml"))
+                .unwrap_or_else(|| panic!("{}: no template in `{line}`", path.display()));
+            amibake(&["validate", template]).expect_code(0);
+            checked += 1;
+        }
+    }
+    assert!(checked >= 2, "both examples were read");
+}
