@@ -74,6 +74,14 @@ pub struct RunReport {
 }
 
 impl RunReport {
+    /// Each step's seconds by name, as manifests carry them.
+    pub fn step_seconds(&self) -> std::collections::BTreeMap<String, f64> {
+        self.steps
+            .iter()
+            .map(|s| (s.step.clone(), s.seconds))
+            .collect()
+    }
+
     /// 0 ok, 1 failed (or succeeded but left something behind), 130 interrupted.
     pub fn exit_code(&self) -> i32 {
         match (&self.outcome, self.leftovers.is_empty()) {

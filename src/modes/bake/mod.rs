@@ -139,14 +139,7 @@ pub async fn run(
                 reused,
                 files: extracted.files,
                 bytes: extracted.bytes,
-                step_seconds: report
-                    .map(|r| {
-                        r.steps
-                            .iter()
-                            .map(|s| (s.step.clone(), s.seconds))
-                            .collect()
-                    })
-                    .unwrap_or_default(),
+                step_seconds: report.map(RunReport::step_seconds).unwrap_or_default(),
             }
         };
 

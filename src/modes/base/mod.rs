@@ -135,11 +135,7 @@ pub async fn run(
     drop(key_dir);
     let manifest = match (&report.outcome, &state.image_id) {
         (engine::Outcome::Succeeded, Some(image)) => Some(BaseManifest {
-            step_seconds: report
-                .steps
-                .iter()
-                .map(|s| (s.step.clone(), s.seconds))
-                .collect(),
+            step_seconds: report.step_seconds(),
             ..manifest(image.clone(), plan.name.clone(), false, Some(&state))
         }),
         _ => None,
@@ -200,5 +196,52 @@ impl KeyDir {
 
     fn path(&self) -> &Path {
         self.0.path()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::template::{self, LoadOptions};
+
+    fn plan(dir: &Path, name: &str, tags: &str) -> BasePlan {
+        let text = format!(
+            "[base]\nname = \"{name}-${{timestamp}}\"\nsource_ami = \"ami-0123456789abcdef0\"\n\
+             instance_type = \"t3.small\"\nssh_username = \"admin\"\ntags = {{ {tags} }}\n\
+             publish_ssm = \"/amibake/{name}/base\"\n\n[[base.provisioner]]\nscript = \"setup.sh\"\n"
+        );
+        let path = dir.join("base.toml");
+        std::fs::write(&path, text).unwrap();
+        template::parse(
+            &path,
+            &std::fs::read_to_string(&path).unwrap(),
+            &LoadOptions::for_validation(Default::default()),
+        )
+        .unwrap()
+        .base
+        .unwrap()
+    }
+
+    #[test]
+    fn the_fingerprint_follows_the_image_content_not_its_name_tags_or_publication() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("setup.sh"), "#!/bin/sh\necho one\n").unwrap();
+        let first = fingerprint("ami-1", &plan(dir.path(), "shop", "team = \"web\"")).unwrap();
+        let renamed = fingerprint("ami-1", &plan(dir.path(), "cart", "team = \"ops\"")).unwrap();
+        assert_eq!(
+            first, renamed,
+            "name, tags and parameter do not change the image"
+        );
+        assert_ne!(
+            first,
+            fingerprint("ami-2", &plan(dir.path(), "shop", "team = \"web\"")).unwrap(),
+            "a new source AMI does"
+        );
+        std::fs::write(dir.path().join("setup.sh"), "#!/bin/sh\necho one!\n").unwrap();
+        assert_ne!(
+            first,
+            fingerprint("ami-1", &plan(dir.path(), "shop", "team = \"web\"")).unwrap(),
+            "one byte of a script does"
+        );
     }
 }
