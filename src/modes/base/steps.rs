@@ -11,7 +11,7 @@ use aws_sdk_ec2::types::{
     InstanceNetworkInterfaceSpecification, InstanceType, IpPermission, IpRange, KeyType,
     ResourceType, TagSpecification, VolumeType,
 };
-use aws_sdk_ssm::types::{ParameterTier, ParameterType};
+use aws_sdk_ssm::types::ParameterType;
 use tokio::time::Instant;
 
 use super::BaseState;
@@ -341,12 +341,12 @@ impl Step<BaseState> for LaunchInstance {
             .clone()
             .filter(|_| s.plan.ssh_cidrs.is_none())
         {
-            let runner = runner_address(&host).map_err(|e| {
+            let runner = runner_cidr(&host).map_err(|e| {
                 failed(format!(
                     "cannot tell this runner's address towards {host}: {e}; set `ssh_cidrs` in [base]"
                 ))
             })?;
-            allow_ssh(s, &group, &[format!("{runner}/32")]).await?;
+            allow_ssh(s, &group, &[runner]).await?;
         }
         ctx.progress
             .note(format!("{instance_id} is running at {host}"));
@@ -381,13 +381,19 @@ fn no_address(instance_id: &str, interface: SshInterface) -> String {
     }
 }
 
-/// The address this machine's packets to `host` leave from: what the security group must
-/// let in. A connected UDP socket asks the kernel's routing without sending anything.
-/// Behind NAT the instance sees another address; `ssh_cidrs` is for that case.
-fn runner_address(host: &str) -> std::io::Result<IpAddr> {
-    let socket = UdpSocket::bind("0.0.0.0:0")?;
-    socket.connect((host, SSH_PORT))?;
-    Ok(socket.local_addr()?.ip())
+/// The address this machine's packets to `host` leave from, as a /32: what the security
+/// group must let in. A connected UDP socket asks the kernel's routing without sending
+/// anything. Behind NAT the instance sees another address; `ssh_cidrs` is for that case.
+fn runner_cidr(host: &str) -> Result<String, String> {
+    let route = || -> std::io::Result<IpAddr> {
+        let socket = UdpSocket::bind("0.0.0.0:0")?;
+        socket.connect((host, SSH_PORT))?;
+        Ok(socket.local_addr()?.ip())
+    };
+    match route().map_err(|e| e.to_string())? {
+        IpAddr::V4(address) => Ok(format!("{address}/32")),
+        IpAddr::V6(address) => Err(format!("{address} is IPv6, and the group opens IPv4 only")),
+    }
 }
 
 pub struct WaitForSsh;
@@ -583,7 +589,6 @@ impl Step<BaseState> for PublishSsm {
             .value(&image_id)
             .r#type(ParameterType::String)
             .data_type("aws:ec2:image")
-            .tier(ParameterTier::Standard)
             .overwrite(true)
             .description(format!("{} (amibake build {})", s.plan.name, s.build_id))
             .send()
