@@ -23,6 +23,7 @@ use super::{CommError, Communicator};
 const READ_POLL: Duration = Duration::from_millis(200);
 /// Bound on one protocol exchange that is not a running command (open a channel, close it).
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(60);
+const KEEPALIVE_SECONDS: u32 = 30;
 /// What an instance sees as a command's exit code when a signal ended it, as `ssh` reports.
 const KILLED_BY_SIGNAL: i32 = 255;
 
@@ -69,6 +70,9 @@ impl Ssh {
         session
             .handshake()
             .map_err(|e| format!("SSH handshake: {e}"))?;
+        // A provisioner silent for minutes (a large apt-get) must not lose its connection
+        // to an idle-timeout on the way; the read loop sends these when they are due.
+        session.set_keepalive(false, KEEPALIVE_SECONDS);
         session
             .userauth_pubkey_file(&target.user, None, &target.private_key, None)
             .map_err(|e| format!("key authentication as {}: {e}", target.user))?;
@@ -218,6 +222,7 @@ fn exec(
             Ok(0) => break,
             Ok(n) => on_output(&buffer[..n]),
             Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                let _ = session.keepalive_send();
                 if cancel.is_some_and(|c| c.is_cancelled()) {
                     let _ = channel.close();
                     return Ok(None);
