@@ -57,6 +57,79 @@ fn app_tarball(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     files
 }
 
+/// The image has its base's layout and flags, its root on the new snapshot, and the tags
+/// that say what it is; the snapshot carries the same tags.
+fn assert_layout_and_tags(cloud: &LocalCloud, m: &serde_json::Value) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let clients = runtime.block_on(cloud.clients());
+    let describe = |id: &str| {
+        runtime
+            .block_on(clients.ec2.describe_images().image_ids(id).send())
+            .unwrap()
+            .images()[0]
+            .clone()
+    };
+    let (image, base) = (
+        describe(m["ami_id"].as_str().unwrap()),
+        describe(m["base_ami"].as_str().unwrap()),
+    );
+    assert_eq!(image.root_device_name(), base.root_device_name());
+    assert_eq!(image.architecture(), base.architecture());
+    assert_eq!(image.boot_mode(), base.boot_mode());
+    assert_eq!(image.ena_support(), base.ena_support());
+    assert_eq!(image.sriov_net_support(), base.sriov_net_support());
+    let devices = |i: &aws_sdk_ec2::types::Image| -> Vec<String> {
+        i.block_device_mappings()
+            .iter()
+            .filter_map(|d| d.device_name().map(String::from))
+            .collect()
+    };
+    assert_eq!(
+        devices(&image),
+        devices(&base),
+        "the base's mappings, all of them"
+    );
+    let root = image
+        .block_device_mappings()
+        .iter()
+        .find(|d| d.device_name() == image.root_device_name())
+        .and_then(|d| d.ebs())
+        .unwrap();
+    assert_eq!(root.snapshot_id(), m["snapshot_id"].as_str());
+    let wanted = [
+        ("Name", m["name"].as_str().unwrap()),
+        ("amibake:commit", m["commit"].as_str().unwrap()),
+        (
+            "amibake:tarball-sha256",
+            m["tarball_sha256"].as_str().unwrap(),
+        ),
+        ("amibake:base-ami", m["base_ami"].as_str().unwrap()),
+        ("amibake:build-id", m["build_id"].as_str().unwrap()),
+        ("amibake:fingerprint", m["fingerprint"].as_str().unwrap()),
+        ("team", "web"),
+    ];
+    let snapshot = runtime
+        .block_on(
+            clients
+                .ec2
+                .describe_snapshots()
+                .snapshot_ids(m["snapshot_id"].as_str().unwrap())
+                .send(),
+        )
+        .unwrap()
+        .snapshots()[0]
+        .clone();
+    for (what, tags) in [("image", image.tags()), ("snapshot", snapshot.tags())] {
+        for (key, value) in wanted {
+            assert!(
+                tags.iter()
+                    .any(|t| t.key() == Some(key) && t.value() == Some(value)),
+                "{what} tag {key}={value}: {tags:?}"
+            );
+        }
+    }
+}
+
 /// What a build may leave: nothing but the image and its snapshot on success.
 fn assert_nothing_left(cloud: &LocalCloud, build_host: &str) {
     let ls = cloud.ls();
@@ -123,6 +196,7 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
     }
     let calls = cloud.calls();
     assert!(calls.iter().any(|c| c["action"] == "DetachVolume" && c["ids"]["InstanceId"] == build_host.as_str()), "detach names the instance");
+    assert_layout_and_tags(&cloud, &m);
     assert_nothing_left(&cloud, &build_host);
 
     let image = cloud.mount_snapshot(&snapshot, dir, PARTITION_1_OFFSET);
