@@ -1,6 +1,6 @@
 //! amibake's AWS layer against the local cloud, through the real Rust SDK: client set-up from
 //! the variables every SDK reads, IMDSv2 through aws-config, the wait helper on real state
-//! changes, error rendering, and throttling absorbed by the SDK's adaptive retries.
+//! changes, error rendering, and throttling absorbed by the SDK's retries.
 //!
 //! One test, one cloud: the SDK is configured from process environment variables, which a
 //! second test in this binary would have to share.
@@ -128,7 +128,7 @@ async fn the_aws_layer_works_against_the_local_cloud() {
         .await
         .unwrap();
 
-    // Throttling is the SDK's adaptive retry mode's job: three throttled answers in a row,
+    // Throttling is the SDK's retry mode's job: three throttled answers in a row,
     // and the call still gets through.
     cloud.cli(&[
         "fault",
