@@ -140,17 +140,7 @@ fn every_failure_of_a_bake_cleans_up_and_says_where() {
     ] {
         cloud.cli(&["fault", action, "--error", "UnauthorizedOperation"]);
         let run = bake(&cloud, dir, "app.tar.gz", &[after_failing]);
-        run.expect_code(1);
-        let left = run
-            .stderr()
-            .lines()
-            .find(|l| l.starts_with("error: could not clean up "))
-            .unwrap_or_else(|| panic!("{action}: no leftover named\n{}", run.dump()))
-            .to_string();
-        assert!(
-            left.contains(left_kind) && left.contains("UnauthorizedOperation"),
-            "{left}"
-        );
+        run.expect_leftover(&[left_kind, "UnauthorizedOperation"]);
         clean_volumes_by_hand(&cloud);
         assert_clean(&cloud, &run);
     }

@@ -253,17 +253,7 @@ fn every_failure_of_a_base_build_cleans_up_and_says_where() {
             .cloud
             .cli(&["fault", action, "--error", "UnauthorizedOperation"]);
         let run = base(&world.cloud, dir, &["command=exit 3"]);
-        run.expect_code(1);
-        let left = run
-            .stderr()
-            .lines()
-            .find(|l| l.starts_with("error: could not clean up "))
-            .unwrap_or_else(|| panic!("no leftover named\n{}", run.dump()))
-            .to_string();
-        assert!(
-            left.contains(what) && left.contains("UnauthorizedOperation"),
-            "{left}"
-        );
+        run.expect_leftover(&[what, "UnauthorizedOperation"]);
         clean_by_hand(&world);
         world.assert_clean(&run);
     }

@@ -61,6 +61,19 @@ impl Run {
             self.stderr()
         )
     }
+    /// Asserts the run exited 1 naming, on an `error: could not clean up` line, a resource
+    /// with every one of `parts` in the line.
+    pub fn expect_leftover(&self, parts: &[&str]) -> &Self {
+        self.expect_code(1);
+        let stderr = self.stderr();
+        let named = stderr
+            .lines()
+            .filter(|l| l.starts_with("error: could not clean up "))
+            .any(|l| parts.iter().all(|p| l.contains(p)));
+        assert!(named, "no leftover named with {parts:?}\n{}", self.dump());
+        self
+    }
+
     pub fn expect_code(&self, code: i32) -> &Self {
         assert_eq!(self.code(), code, "unexpected exit code\n{}", self.dump());
         self
