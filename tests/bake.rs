@@ -13,24 +13,25 @@ use util::Run;
 
 const PARTITION_1_OFFSET: u64 = 2048 * 512;
 
+/// `amibake --output json bake TEMPLATE --tarball app.tar.gz --commit c0ffee1`
+fn bake_command(cloud: &LocalCloud, dir: &Path, template: &str) -> Command {
+    let mut command = cloud.amibake(dir);
+    command.args([
+        "bake",
+        template,
+        "--tarball",
+        "app.tar.gz",
+        "--commit",
+        "c0ffee1",
+    ]);
+    command
+}
+
 fn bake(cloud: &LocalCloud, dir: &Path, template: &str, extra: &[&str]) -> Run {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_amibake"));
-    cmd.current_dir(dir)
-        .args([
-            "--output",
-            "json",
-            "bake",
-            template,
-            "--tarball",
-            "app.tar.gz",
-            "--commit",
-            "c0ffee1",
-        ])
-        .args(extra);
-    for (k, v) in &cloud.env {
-        cmd.env(k, v);
-    }
-    let output = cmd.output().unwrap();
+    let output = bake_command(cloud, dir, template)
+        .args(extra)
+        .output()
+        .unwrap();
     Run {
         command: format!("amibake bake {template} {extra:?}"),
         output,
@@ -292,19 +293,8 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
     template(dir, "twin-b", debian, "\"echo b > /etc/twin\"");
     let before = cloud.calls().len();
     let spawn = |name: &str| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_amibake"));
-        cmd.current_dir(dir).args([
-            "--output",
-            "json",
-            "bake",
-            &format!("{name}.toml"),
-            "--tarball",
-            "app.tar.gz",
-            "--commit",
-            "c0ffee1",
-        ]);
-        cmd.envs(cloud.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        cmd.stdout(std::process::Stdio::piped())
+        bake_command(&cloud, dir, &format!("{name}.toml"))
+            .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap()
@@ -432,19 +422,7 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
     // 7. Ctrl-C while a provisioner runs: the command and what it started end at once, the
     // run cleans up and exits 130.
     template(dir, "slow", debian, "\"echo started-sleeping; sleep 600\"");
-    let mut slow = Command::new(env!("CARGO_BIN_EXE_amibake"));
-    slow.current_dir(dir)
-        .args([
-            "--output",
-            "json",
-            "bake",
-            "slow.toml",
-            "--tarball",
-            "app.tar.gz",
-            "--commit",
-            "c0ffee1",
-        ])
-        .envs(cloud.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    let slow = bake_command(&cloud, dir, "slow.toml");
     let run = util::interrupt_when(slow, "amibake bake slow.toml, interrupted", |line| {
         line.contains("\"line\":\"started-sleeping\"")
     });

@@ -28,11 +28,7 @@ inline = ["${var.command}"]
 "#;
 
 fn bake_command(cloud: &LocalCloud, dir: &Path, tarball: &str, vars: &[&str]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_amibake"));
-    command
-        .current_dir(dir)
-        .args(["--output", "json"])
-        .envs(cloud.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    let mut command = cloud.amibake(dir);
     for var in vars {
         command.args(["--var", var]);
     }

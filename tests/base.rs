@@ -14,13 +14,7 @@ const PARTITION_1_OFFSET: u64 = 2048 * 512;
 const PARAMETER: &str = "/amibake/shop/base";
 
 fn amibake(cloud: &LocalCloud, dir: &Path, args: &[&str]) -> Run {
-    let output = Command::new(env!("CARGO_BIN_EXE_amibake"))
-        .current_dir(dir)
-        .args(["--output", "json"])
-        .args(args)
-        .envs(cloud.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .output()
-        .unwrap();
+    let output = cloud.amibake(dir).args(args).output().unwrap();
     Run {
         command: format!("amibake {args:?}"),
         output,

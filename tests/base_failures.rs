@@ -34,11 +34,7 @@ inline = ["echo provisioning", "${var.command}"]
 
 /// `amibake --output json --var VAR=VALUE… base TEMPLATE --force`
 fn base_command(cloud: &LocalCloud, dir: &Path, template: &str, vars: &[&str]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_amibake"));
-    command
-        .current_dir(dir)
-        .args(["--output", "json"])
-        .envs(cloud.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    let mut command = cloud.amibake(dir);
     for var in vars {
         command.args(["--var", var]);
     }

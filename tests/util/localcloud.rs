@@ -69,6 +69,17 @@ impl LocalCloud {
         out
     }
 
+    /// `amibake --output json` run in `dir` against this cloud, found as every SDK finds it:
+    /// through the environment. Add the subcommand and its arguments.
+    pub fn amibake(&self, dir: &Path) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_amibake"));
+        command
+            .current_dir(dir)
+            .args(["--output", "json"])
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        command
+    }
+
     /// Makes the next call of `action` (after `after` calls of it pass) fail with an error
     /// the SDK does not retry. Returns the text a run's error must repeat.
     pub fn fail_once(&self, service: &str, action: &str, after: u32) -> String {
