@@ -57,14 +57,30 @@ pub enum Command {
     /// Check templates without calling AWS.
     #[command(after_help = "Example:\n  amibake validate templates/*.toml")]
     Validate(ValidateArgs),
-    /// Used by `bake` itself: unpack standard input into the image, from inside its chroot.
+    /// Used by `bake` itself: unpack standard input into the image, from inside a sandbox.
     #[command(hide = true)]
     InternalExtract(InternalExtractArgs),
+    /// Used by `bake` itself: run a provisioner's command in the image, inside a sandbox.
+    #[command(hide = true)]
+    InternalSandbox(InternalSandboxArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct InternalSandboxArgs {
+    /// The mounted image to make the root.
+    #[arg(long)]
+    pub root: PathBuf,
+    /// Share the build host's network instead of having none.
+    #[arg(long)]
+    pub network: bool,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
 }
 
 #[derive(Debug, Args)]
 pub struct InternalExtractArgs {
-    /// The mounted image to chroot into.
+    /// The mounted image to extract into.
     #[arg(long)]
     pub root: PathBuf,
     /// The destination directory, as the image sees it.
@@ -73,6 +89,9 @@ pub struct InternalExtractArgs {
     /// `user` or `user:group` of the image.
     #[arg(long)]
     pub owner: Option<String>,
+    /// Keep setuid and setgid bits from the tarball.
+    #[arg(long)]
+    pub keep_setuid: bool,
 }
 
 #[derive(Debug, Args)]

@@ -22,6 +22,12 @@ use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The sandboxed children fork, so they run before any runtime thread exists.
+    match &cli.command {
+        Command::InternalExtract(args) => return ExitCode::from(internal_extract(args) as u8),
+        Command::InternalSandbox(args) => internal_sandbox(args),
+        _ => {}
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -47,15 +53,8 @@ async fn run(cli: Cli) -> i32 {
     let (output, verbose) = (cli.global.output, cli.global.verbose);
     match cli.command {
         Command::Validate(args) => validate_all(&args.templates, &vars, output),
-        Command::InternalExtract(args) => {
-            match amibake::host::extract::child_main(&args.root, &args.dest, args.owner.as_deref())
-            {
-                Ok(_) => exit::OK,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    exit::BUILD_FAILED
-                }
-            }
+        Command::InternalExtract(_) | Command::InternalSandbox(_) => {
+            unreachable!("run before the runtime starts")
         }
         Command::Base(args) => {
             let manifest_file = args.manifest.clone();
@@ -98,6 +97,33 @@ async fn run(cli: Cli) -> i32 {
             }
         }
     }
+}
+
+fn internal_extract(args: &cli::InternalExtractArgs) -> i32 {
+    let spec = amibake::host::extract::ExtractSpec {
+        dest: args.dest.clone(),
+        owner: args.owner.clone(),
+        keep_setuid: args.keep_setuid,
+    };
+    match amibake::host::extract::child_main(&args.root, &spec) {
+        Ok(_) => exit::OK,
+        Err(e) => {
+            eprintln!("error: {e}");
+            exit::BUILD_FAILED
+        }
+    }
+}
+
+fn internal_sandbox(args: &cli::InternalSandboxArgs) -> ! {
+    use amibake::host::sandbox;
+    let purpose = sandbox::Purpose::Provision {
+        network: args.network,
+    };
+    if let Err(e) = sandbox::enter(&args.root, purpose) {
+        eprintln!("error: {e}");
+        std::process::exit(exit::BUILD_FAILED);
+    }
+    sandbox::run_and_exit(&args.command)
 }
 
 /// The progress renderer and the token SIGINT/SIGTERM cancel, for a build.

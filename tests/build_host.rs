@@ -78,7 +78,7 @@ fn provisioner(name: &str, action: ProvisionerAction, env: &[(&str, &str)]) -> P
 }
 
 async fn provision_in_chroot(root: &Path) {
-    let chroot = Chroot::new(root);
+    let chroot = Chroot::new(env!("CARGO_BIN_EXE_amibake"), root);
     let sink = Arc::new(Collect(Mutex::new(Vec::new())));
     let progress = Progress::new(sink.clone(), "provision");
     let cancel = CancellationToken::new();
@@ -242,8 +242,8 @@ async fn attached_volumes_are_found_mounted_as_a_chroot_provisioned_and_put_back
     );
 
     // The unpartitioned root mounted and prepared as a chroot, then put back as it was.
-    // Kept, not a TempDir: a recursive delete after a failed assertion would walk through
-    // the chroot's bind of /dev into the host's. Removed below once everything is unmounted.
+    // Kept, not a TempDir: a recursive delete after a failed assertion would walk into the
+    // mounted image. Removed below once it is unmounted.
     let mnt = MountDir(tempfile::tempdir().unwrap().keep());
     let image_resolv = "# the image's own resolv.conf\nnameserver 169.254.169.253\n";
     mount::mount_root(&found[1], mnt.path()).unwrap();
@@ -251,13 +251,13 @@ async fn attached_volumes_are_found_mounted_as_a_chroot_provisioned_and_put_back
         std::fs::read_to_string(mnt.path().join("etc/resolv.conf")).unwrap(),
         image_resolv
     );
-    let mut mounted = Vec::new();
-    mount::mount_chroot_filesystems(mnt.path(), &mut mounted).unwrap();
-    let mut files = mount::TemporaryFiles::default();
-    mount::put_chroot_files(mnt.path(), &mut files).unwrap();
-    let inside = std::process::Command::new("chroot")
+    let mut files = mount::TemporaryFiles::new(mnt.path());
+    mount::put_chroot_files(&mut files).unwrap();
+    // The kernel filesystems exist only inside the sandbox, in its own namespaces.
+    let inside = std::process::Command::new(env!("CARGO_BIN_EXE_amibake"))
+        .args(["internal-sandbox", "--root"])
         .arg(mnt.path())
-        .args(["/bin/sh", "-c", "cat /etc/resolv.conf; test -d /proc/self && test -c /dev/null && /usr/sbin/policy-rc.d; echo policy=$?"])
+        .args(["--", "/bin/sh", "-c", "cat /etc/resolv.conf; test -d /proc/self && test -c /dev/null && test -d /sys/class && test -d /dev/pts && /usr/sbin/policy-rc.d; echo policy=$?"])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&inside.stdout);
@@ -273,15 +273,18 @@ async fn attached_volumes_are_found_mounted_as_a_chroot_provisioned_and_put_back
     // Provisioners run in the chroot through the same code `base` runs over SSH.
     provision_in_chroot(mnt.path()).await;
 
+    assert!(
+        !mount::is_mount_point(&mnt.path().join("proc")),
+        "nothing of the sandbox is mounted on the host"
+    );
+
     // A process working in the image holds it: the error names it, and the mount stays.
     let holder = std::process::Command::new("sleep")
         .arg("60")
-        .current_dir(mnt.path().join("run"))
+        .current_dir(mnt.path().join("tmp"))
         .spawn()
         .unwrap();
-    let err = mount::unmount(&mnt.path().join("run"))
-        .unwrap_err()
-        .to_string();
+    let err = mount::unmount(mnt.path()).unwrap_err().to_string();
     assert!(
         err.contains(&format!("held by pid {} (sleep)", holder.id())),
         "{err}"
@@ -294,8 +297,6 @@ async fn attached_volumes_are_found_mounted_as_a_chroot_provisioned_and_put_back
     holder.wait().unwrap();
 
     assert!(files.restore().is_empty());
-    assert!(mount::unmount_all(&mut mounted).is_empty());
-    assert!(!mount::is_mount_point(&mnt.path().join("proc")));
     assert_eq!(
         std::fs::read_to_string(mnt.path().join("etc/resolv.conf")).unwrap(),
         image_resolv,

@@ -9,7 +9,7 @@ use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use amibake::host::extract::{extract_into_image, Tarball};
+use amibake::host::extract::{extract_into_image, ExtractSpec, Tarball};
 use tar::EntryType;
 use tokio_util::sync::CancellationToken;
 use util::tarballs::{append_raw, assert_composer_like_at, composer_like, gzip, tarball, Canary};
@@ -40,17 +40,35 @@ impl Image {
     }
 }
 
+fn spec(dest: &str) -> ExtractSpec {
+    ExtractSpec {
+        dest: dest.into(),
+        ..ExtractSpec::default()
+    }
+}
+
 fn extract(image: &Image, dest: &str, owner: Option<&str>, tarball: &[u8]) -> util::Run {
+    extract_at(image.root(), dest, owner, &[], tarball)
+}
+
+fn extract_at(
+    root: &Path,
+    dest: &str,
+    owner: Option<&str>,
+    extra: &[&str],
+    tarball: &[u8],
+) -> util::Run {
     let mut args = vec![
         "internal-extract".to_string(),
         "--root".into(),
-        image.root().display().to_string(),
+        root.display().to_string(),
         "--dest".into(),
         dest.into(),
     ];
     if let Some(o) = owner {
         args.extend(["--owner".into(), o.into()]);
     }
+    args.extend(extra.iter().map(|a| a.to_string()));
     let mut child = Command::new(env!("CARGO_BIN_EXE_amibake"))
         .args(&args)
         .stdin(Stdio::piped())
@@ -125,7 +143,36 @@ fn hostile_and_broken_tarballs_are_refused_or_contained_and_the_host_is_never_to
                 append_raw(b, EntryType::Symlink, "etc-link", Some("/etc"), b"");
                 append_raw(b, EntryType::Regular, "etc-link/pwned", None, b"pwned");
             }),
-            refused_with: Some("tarball entry 2 (etc-link/pwned): trying to unpack outside of destination path: /srv/www/app"),
+            refused_with: Some("tarball entry 2 (etc-link/pwned): its path leaves the destination through a symlink"),
+        },
+        Case {
+            name: "magic link through /proc/<pid>/root to the host, then a write through it",
+            bytes: tarball(|b| {
+                append_raw(b, EntryType::Symlink, "x", Some(&format!("/proc/{}/root{canary_dir}", std::process::id())), b"");
+                append_raw(b, EntryType::Regular, "x/pwned", None, b"pwned");
+            }),
+            refused_with: Some("tarball entry 2 (x/pwned): its path leaves the destination through a symlink"),
+        },
+        Case {
+            name: "magic link through /proc/self/cwd, then a write through it",
+            bytes: tarball(|b| {
+                append_raw(b, EntryType::Symlink, "y", Some("/proc/self/cwd"), b"");
+                append_raw(b, EntryType::Regular, "y/pwned", None, b"pwned");
+            }),
+            refused_with: Some("tarball entry 2 (y/pwned): its path leaves the destination through a symlink"),
+        },
+        Case {
+            name: "relative symlink far up, then a write through it",
+            bytes: tarball(|b| {
+                append_raw(b, EntryType::Symlink, "up", Some("../../../../../../../../.."), b"");
+                append_raw(b, EntryType::Regular, "up/etc/pwned", None, b"pwned");
+            }),
+            refused_with: Some("tarball entry 2 (up/etc/pwned): its path leaves the destination through a symlink"),
+        },
+        Case {
+            name: "hard link through /proc/self/root",
+            bytes: tarball(|b| append_raw(b, EntryType::Link, "hl2", Some(&format!("/proc/self/root{canary_file}")), b"")),
+            refused_with: Some("tarball entry 1 (hl2): its link target"),
         },
         Case { name: "hard link to a host file", bytes: tarball(|b| append_raw(b, EntryType::Link, "hl", Some(&canary_file), b"")), refused_with: Some("tarball entry 1 (hl)") },
         Case { name: "device node", bytes: tarball(|b| append_raw(b, EntryType::Char, "dev-null", None, b"")), refused_with: Some("tarball entry 1 (dev-null): device nodes are not allowed") },
@@ -227,8 +274,7 @@ async fn the_parent_side_reports_progress_and_errors() {
     let done = extract_into_image(
         exe,
         image.root(),
-        "/var/www/app",
-        None,
+        &spec("/var/www/app"),
         &Tarball::File(file),
         |p, read| seen.push((p, read)),
         &CancellationToken::new(),
@@ -253,8 +299,7 @@ async fn the_parent_side_reports_progress_and_errors() {
     let err = extract_into_image(
         exe,
         image.root(),
-        "/var/www/app",
-        None,
+        &spec("/var/www/app"),
         &Tarball::File(dir.path().join("missing.tar")),
         |_, _| {},
         &CancellationToken::new(),
@@ -276,8 +321,7 @@ async fn the_parent_side_reports_progress_and_errors() {
     let err = extract_into_image(
         exe,
         image.root(),
-        "/var/www/app",
-        None,
+        &spec("/var/www/app"),
         &Tarball::File(bad),
         |_, _| {},
         &CancellationToken::new(),
@@ -287,5 +331,330 @@ async fn the_parent_side_reports_progress_and_errors() {
     assert_eq!(
         err.to_string(),
         "extraction failed: tarball entry 1 (../x): its path leaves the destination (`..`)"
+    );
+}
+
+#[test]
+fn dest_root_takes_files_but_magic_links_to_the_host_are_refused() {
+    let canary = Canary::new();
+    let image = Image::new();
+    let target = format!(
+        "/proc/{}/root{}",
+        std::process::id(),
+        canary.path().display()
+    );
+    let bytes = tarball(|b| {
+        append_raw(b, EntryType::Regular, "opt/app/ok", None, b"inside");
+        append_raw(b, EntryType::Symlink, "x", Some(&target), b"");
+        append_raw(b, EntryType::Regular, "x/pwned", None, b"pwned");
+    });
+    let run = extract(&image, "/", None, &bytes);
+    run.expect_code(1);
+    assert!(
+        run.stderr().contains(
+            "tarball entry 3 (x/pwned): its path leaves the destination through a symlink"
+        ),
+        "{}",
+        run.dump()
+    );
+    assert_eq!(
+        std::fs::read(image.root().join("opt/app/ok")).unwrap(),
+        b"inside"
+    );
+    canary.assert_untouched("dest = /");
+}
+
+#[test]
+fn an_image_whose_dest_or_etc_links_to_the_host_keeps_every_write_inside() {
+    let canary = Canary::new();
+    let pid = std::process::id();
+    let magic = format!("/proc/{pid}/root{}", canary.path().display());
+    let bytes = tarball(|b| append_raw(b, EntryType::Regular, "pwned", None, b"pwned"));
+
+    // dest itself is a magic link in the image: read inside the image, where it leads to
+    // the image's own (empty) /proc, so there is nowhere to put the files.
+    let image = Image::new();
+    std::fs::create_dir_all(image.root().join("srv/www")).unwrap();
+    std::os::unix::fs::symlink(&magic, image.root().join("srv/www/app")).unwrap();
+    let run = extract(&image, "/srv/www/app", None, &bytes);
+    run.expect_code(1);
+    assert!(
+        run.stderr()
+            .contains("cannot create /srv/www/app in the image"),
+        "{}",
+        run.dump()
+    );
+    canary.assert_untouched("dest is a magic link");
+
+    // The image's /etc is a link to the host's canary: the owner is looked up in the image.
+    let image = Image::new();
+    std::fs::remove_dir_all(image.root().join("etc")).unwrap();
+    std::os::unix::fs::symlink(canary.path(), image.root().join("etc")).unwrap();
+    let run = extract(&image, "/etc/app", Some("www-data"), &bytes);
+    run.expect_code(1);
+    assert!(
+        run.stderr()
+            .contains("owner `www-data`: cannot read the image's /etc/passwd"),
+        "{}",
+        run.dump()
+    );
+    // Without an owner: the same path inside the image, made there.
+    let inside = image.root().join(canary.path().strip_prefix("/").unwrap());
+    std::fs::create_dir_all(&inside).unwrap();
+    extract(&image, "/etc/app", None, &bytes).expect_code(0);
+    assert_eq!(std::fs::read(inside.join("app/pwned")).unwrap(), b"pwned");
+    canary.assert_untouched("/etc links to the host");
+}
+
+#[test]
+fn setuid_bits_are_dropped_unless_kept_and_the_owner_takes_dest_and_its_new_parents() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let bytes = tarball(|b| {
+        let mut h = util::tarballs::header(EntryType::Regular, 2, 0o4755);
+        b.append_data(&mut h, "bin/su-like", &b"#!"[..]).unwrap();
+        let mut h = util::tarballs::header(EntryType::Regular, 2, 0o2755);
+        b.append_data(&mut h, "bin/sg-like", &b"#!"[..]).unwrap();
+        let mut h = util::tarballs::header(EntryType::Directory, 0, 0o2775);
+        b.append_data(&mut h, "shared", std::io::empty()).unwrap();
+    });
+    let mode = |root: &Path, path: &str| {
+        std::fs::metadata(root.join(path))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777
+    };
+
+    let image = Image::new();
+    let run = extract(&image, "/opt/app/current", Some("www-data"), &bytes);
+    run.expect_code(0);
+    assert!(
+        run.stdout().contains("\"setuid_dropped\":2"),
+        "{}",
+        run.dump()
+    );
+    assert_eq!(mode(image.root(), "opt/app/current/bin/su-like"), 0o755);
+    assert_eq!(mode(image.root(), "opt/app/current/bin/sg-like"), 0o755);
+    assert_eq!(
+        mode(image.root(), "opt/app/current/shared"),
+        0o2775,
+        "a directory's setgid only shares its group"
+    );
+    for dir in ["opt", "opt/app", "opt/app/current", "opt/app/current/bin"] {
+        let meta = std::fs::metadata(image.root().join(dir)).unwrap();
+        assert_eq!(
+            (meta.uid(), meta.gid()),
+            (33, 33),
+            "{dir} belongs to the owner"
+        );
+    }
+
+    let image = Image::new();
+    extract_at(image.root(), "/opt/app", None, &["--keep-setuid"], &bytes).expect_code(0);
+    assert_eq!(mode(image.root(), "opt/app/bin/su-like"), 0o4755);
+    assert_eq!(mode(image.root(), "opt/app/bin/sg-like"), 0o2755);
+}
+
+/// A mount of a small tmpfs, unmounted on drop.
+struct SmallFilesystem(tempfile::TempDir);
+
+impl SmallFilesystem {
+    fn new(size: &str) -> SmallFilesystem {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mount a tmpfs");
+        SmallFilesystem(dir)
+    }
+}
+
+impl Drop for SmallFilesystem {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.0.path()).status();
+    }
+}
+
+#[test]
+fn running_out_of_space_names_the_entry_the_space_needed_and_the_space_free() {
+    let small = SmallFilesystem::new("1m");
+    let big = vec![7u8; 3 << 20];
+    let bytes = tarball(|b| {
+        append_raw(b, EntryType::Regular, "small.txt", None, b"fits");
+        append_raw(b, EntryType::Regular, "assets/big.bin", None, &big);
+    });
+    let run = extract_at(small.0.path(), "/app", None, &[], &bytes);
+    run.expect_code(1);
+    let err = run.stderr();
+    assert!(
+        err.contains("tarball entry 2 (assets/big.bin): no space left in the image: the entry needs 3145728 bytes and ")
+            && err.contains("bytes are free on its filesystem; raise `volume_size_gb`"),
+        "{}",
+        run.dump()
+    );
+}
+
+/// What a tree holds, for comparing a source tree with what a tarball of it unpacked to.
+#[derive(Debug, PartialEq)]
+enum Node {
+    File { bytes: Vec<u8>, executable: bool },
+    Link(std::path::PathBuf),
+    Dir,
+}
+
+fn tree(root: &Path) -> std::collections::BTreeMap<String, Node> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut found = std::collections::BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let rel = path.strip_prefix(root).unwrap().display().to_string();
+            if rel == ".git" {
+                continue;
+            }
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            let node = if meta.file_type().is_symlink() {
+                Node::Link(std::fs::read_link(&path).unwrap())
+            } else if meta.is_dir() {
+                stack.push(path.clone());
+                Node::Dir
+            } else {
+                Node::File {
+                    bytes: std::fs::read(&path).unwrap(),
+                    executable: meta.permissions().mode() & 0o100 != 0,
+                }
+            };
+            found.insert(rel, node);
+        }
+    }
+    found
+}
+
+fn run_ok(command: &mut Command) -> Vec<u8> {
+    let out = command.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{command:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+#[test]
+fn tarballs_as_ci_makes_them_unpack_byte_for_byte() {
+    // A source tree with what real builds have: long and UTF-8 names, links, an
+    // executable, a large sparse file, and names past ustar's limits.
+    let src = tempfile::tempdir().unwrap();
+    let s = src.path();
+    let long_dir = format!("vendor/{}", "long-directory-name-".repeat(7));
+    std::fs::create_dir_all(s.join(&long_dir)).unwrap();
+    std::fs::write(
+        s.join(&long_dir).join(format!("{}.php", "file".repeat(30))),
+        "<?php // far down\n",
+    )
+    .unwrap();
+    std::fs::create_dir_all(s.join("bin")).unwrap();
+    std::fs::write(s.join("bin/console"), "#!/bin/sh\necho hi\n").unwrap();
+    std::fs::set_permissions(
+        s.join("bin/console"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    std::fs::write(s.join("Ünïcödé.txt"), "héllo\n").unwrap();
+    std::os::unix::fs::symlink("bin/console", s.join("console-link")).unwrap();
+    std::os::unix::fs::symlink("/etc/hostname", s.join("hostname-link")).unwrap();
+    // Sparse: 8 MiB with data at two places only.
+    let sparse = std::fs::File::create(s.join("data.sparse")).unwrap();
+    sparse.set_len(8 << 20).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&sparse, b"start", 0).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&sparse, &[9u8; 70_000], 5 << 20).unwrap();
+    drop(sparse);
+    let expected = tree(s);
+
+    let git = |args: &[&str]| {
+        run_ok(
+            Command::new("git")
+                .args([
+                    "-c",
+                    "user.name=amibake",
+                    "-c",
+                    "user.email=ci@amibake.invalid",
+                ])
+                .args(args)
+                .current_dir(s),
+        )
+    };
+    git(&["init", "-q"]);
+    git(&["add", "-A"]);
+    git(&["commit", "-q", "-m", "build"]);
+
+    let gnu_tar = |format: &str| {
+        run_ok(
+            Command::new("tar")
+                .args(["--sparse", &format!("--format={format}"), "-cf", "-", "-C"])
+                .arg(s)
+                .args(["--exclude=.git", "."]),
+        )
+    };
+    let python = |format: &str| {
+        run_ok(Command::new("python3").args([
+            "-c",
+            &format!(
+                "import sys, tarfile\n\
+                 with tarfile.open(fileobj=sys.stdout.buffer, mode='w|', format=tarfile.{format}) as t:\n\
+                 \x20   t.add(sys.argv[1], arcname='.', filter=lambda i: None if i.name.startswith('./.git') else i)"
+            ),
+            &s.display().to_string(),
+        ]))
+    };
+    let flavours: Vec<(&str, Vec<u8>)> = vec![
+        ("git archive", git(&["archive", "--format=tar", "HEAD"])),
+        (
+            "git archive | gzip",
+            git(&["archive", "--format=tar.gz", "HEAD"]),
+        ),
+        ("GNU tar, gnu format", gnu_tar("gnu")),
+        ("GNU tar, posix format", gnu_tar("posix")),
+        ("GNU tar, oldgnu format", gnu_tar("oldgnu")),
+        (
+            "bsdtar",
+            run_ok(
+                Command::new("bsdtar")
+                    .args(["--exclude", ".git", "-cf", "-", "-C"])
+                    .arg(s)
+                    .arg("."),
+            ),
+        ),
+        ("Python tarfile, PAX", python("PAX_FORMAT")),
+        ("Python tarfile, GNU", python("GNU_FORMAT")),
+    ];
+    for (flavour, bytes) in flavours {
+        let image = Image::new();
+        let run = extract(&image, "/srv/app", None, &bytes);
+        run.expect_code(0);
+        let got = tree(&image.root().join("srv/app"));
+        assert_eq!(got, expected, "{flavour}");
+    }
+
+    // ustar cannot hold the long name: GNU tar refuses to write it, so the rest is checked.
+    let short = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(short.path().join("a/b")).unwrap();
+    std::fs::write(short.path().join("a/b/c.txt"), "ustar\n").unwrap();
+    let bytes = run_ok(
+        Command::new("tar")
+            .args(["--format=ustar", "-cf", "-", "-C"])
+            .arg(short.path())
+            .arg("."),
+    );
+    let image = Image::new();
+    extract(&image, "/srv/app", None, &bytes).expect_code(0);
+    assert_eq!(
+        tree(&image.root().join("srv/app")),
+        tree(short.path()),
+        "ustar"
     );
 }

@@ -1,6 +1,8 @@
-//! The chroot communicator: commands run inside the mounted image with `chroot`, so every
-//! path they touch is the image's. Files are written from inside the chroot as well, so a
-//! symlink in the image can never send a write to the host.
+//! The chroot communicator: each command runs inside the mounted image as its root, in a
+//! sandbox of its own (`host::sandbox`: own mount, PID, IPC, UTS and network namespaces, a
+//! fresh /proc, no host device, fewer capabilities), so every path it touches is the image's
+//! and nothing it does reaches the build host. Files are written from inside the sandbox as
+//! well, so a symlink in the image can never send a write to the host.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -16,19 +18,28 @@ use super::{CommError, Communicator};
 const CHROOT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 pub struct Chroot {
+    /// This binary, whose `internal-sandbox` enters the image.
+    amibake_exe: PathBuf,
     root: PathBuf,
 }
 
 impl Chroot {
-    pub fn new(root: impl Into<PathBuf>) -> Chroot {
-        Chroot { root: root.into() }
+    pub fn new(amibake_exe: impl Into<PathBuf>, root: impl Into<PathBuf>) -> Chroot {
+        Chroot {
+            amibake_exe: amibake_exe.into(),
+            root: root.into(),
+        }
     }
 
     fn command(&self, env: &BTreeMap<String, String>) -> tokio::process::Command {
-        let mut command = tokio::process::Command::new("chroot");
+        let mut command = tokio::process::Command::new(&self.amibake_exe);
+        command
+            .arg("internal-sandbox")
+            .arg("--root")
+            .arg(&self.root);
+        command.arg("--");
         // Nothing of the host's environment leaks in, credentials included.
         command
-            .arg(&self.root)
             .env_clear()
             .env("PATH", CHROOT_PATH)
             .env("HOME", "/root")

@@ -1,19 +1,29 @@
-//! Putting the code tarball into the image, resolving every path as the booted image would.
+//! Putting the code tarball into the image, resolving every path as the booted image would
+//! and never reaching the build host.
 //!
-//! The unpacking runs in a child process (this binary, `internal-extract`) that first chroots
-//! into the mounted image. From there on `/`, absolute symlinks and `..` all mean the image's
-//! own: the image's `/var/www -> /srv/www` leads to the image's `/srv/www`, and nothing in the
-//! tarball or already in the image can name a host path. Inside, tar's `unpack_in` also
-//! refuses `..` entries and writes whose canonical parent leaves the destination; device
-//! nodes and FIFOs are refused outright.
+//! The unpacking runs in a child process (this binary, `internal-extract`) that first leaves
+//! the host's namespaces and chroots into the image with only the capabilities to create and
+//! own files (`sandbox`), before any host filesystem is mounted into the image. Inside, every
+//! path goes through `image_root`: `dest` is resolved as the image resolves it (its
+//! `/var/www -> /srv/www` leads to its own `/srv/www`), and each entry is placed below
+//! `dest` with `RESOLVE_BENEATH`, so neither `..`, an absolute path, a symlink from the
+//! tarball or one already in the image, nor a `/proc/<pid>/root` magic link can take a write
+//! anywhere else. Device nodes and FIFOs are refused; setuid and setgid bits are dropped
+//! unless the template keeps them.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::path::{Component, Path, PathBuf};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, Timespec, Timestamps};
+use rustix::io::Errno;
 use serde::{Deserialize, Serialize};
 use tar::EntryType;
+
+use super::image_root::{self, ImageRoot};
+use super::sandbox;
 
 /// A user and group of the image, by number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,6 +37,20 @@ pub struct Owner {
 pub struct Extracted {
     pub files: u64,
     pub bytes: u64,
+    /// Files whose setuid or setgid bit was dropped.
+    #[serde(default)]
+    pub setuid_dropped: u64,
+}
+
+/// How the tarball goes into the image: the template's `dest`, `owner`, `keep_setuid`.
+#[derive(Debug, Clone, Default)]
+pub struct ExtractSpec {
+    /// The destination directory, as the image names it.
+    pub dest: String,
+    /// `user` or `user:group` of the image, for every entry, `dest` and the directories
+    /// made on the way to it.
+    pub owner: Option<String>,
+    pub keep_setuid: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -41,8 +65,8 @@ pub enum ExtractError {
     Corrupt(String),
     #[error("owner `{spec}`: {reason}")]
     Owner { spec: String, reason: String },
-    #[error("cannot enter the image at {root}: {reason}")]
-    Chroot { root: PathBuf, reason: String },
+    #[error(transparent)]
+    Sandbox(#[from] sandbox::SandboxError),
     #[error("cannot create {dest} in the image: {reason}")]
     Dest { dest: String, reason: String },
     #[error("extraction failed: {0}")]
@@ -57,6 +81,11 @@ pub enum ExtractError {
 // Magic numbers at the start of a compressed stream.
 const GZIP_MAGIC: &[u8] = &[0x1f, 0x8b];
 const ZSTD_MAGIC: &[u8] = &[0x28, 0xb5, 0x2f, 0xfd];
+
+/// Mode of the directories made on the way to an entry the tarball does not list itself.
+const IMPLIED_DIR_MODE: u32 = 0o755;
+/// The setuid and setgid bits.
+const SET_ID_BITS: u32 = 0o6000;
 
 /// Wraps `input` in the decompressor its first bytes call for: gzip, zstd, or none.
 fn decompressed<'a>(input: impl Read + 'a) -> Result<Box<dyn Read + 'a>, ExtractError> {
@@ -77,19 +106,39 @@ fn decompressed<'a>(input: impl Read + 'a) -> Result<Box<dyn Read + 'a>, Extract
     })
 }
 
-/// Unpacks a tar stream into `dest` of the current root. Run inside the image's chroot.
-/// `on_progress` hears the running totals after each entry.
+/// Unpacks a tar stream into `spec.dest` of `image`. `on_progress` hears the running totals
+/// after each entry.
 pub fn unpack(
     input: impl Read,
-    dest: &Path,
+    image: &ImageRoot,
+    spec: &ExtractSpec,
     owner: Option<Owner>,
     mut on_progress: impl FnMut(Extracted),
 ) -> Result<Extracted, ExtractError> {
+    let dest_error = |reason: String| ExtractError::Dest {
+        dest: spec.dest.clone(),
+        reason,
+    };
+    let (dest, made) = image
+        .create_dirs(&spec.dest, IMPLIED_DIR_MODE)
+        .map_err(|e| dest_error(e.to_string()))?;
+    if let Some(owner) = owner {
+        // `dest` itself and every directory made on the way to it belong to the owner too.
+        for path in made.iter().map(String::as_str).chain([spec.dest.as_str()]) {
+            let dir = image
+                .open_at(path, OFlags::PATH | OFlags::DIRECTORY, Mode::empty())
+                .map_err(|e| dest_error(format!("{path}: {e}")))?;
+            set_owner(dir.as_fd(), "", owner).map_err(|e| dest_error(format!("{path}: {e}")))?;
+        }
+    }
+    let mut writer = Writer {
+        dest,
+        owner,
+        keep_setuid: spec.keep_setuid,
+        parent: None,
+        dir_times: Vec::new(),
+    };
     let mut archive = tar::Archive::new(decompressed(input)?);
-    archive.set_preserve_permissions(true);
-    archive.set_preserve_mtime(true);
-    archive.set_unpack_xattrs(false);
-    archive.set_overwrite(true);
     let mut done = Extracted::default();
     let entries = archive
         .entries()
@@ -104,65 +153,408 @@ pub fn unpack(
             path: path.clone(),
             reason,
         };
-        match entry.header().entry_type() {
-            EntryType::Regular
-            | EntryType::Continuous
-            | EntryType::Directory
-            | EntryType::Symlink
-            | EntryType::Link => {}
-            EntryType::Char | EntryType::Block => {
-                return Err(refuse(
-                    "device nodes are not allowed in an application tarball".into(),
-                ))
-            }
-            EntryType::Fifo => {
-                return Err(refuse(
-                    "FIFOs are not allowed in an application tarball".into(),
-                ))
-            }
-            other => return Err(refuse(format!("unsupported entry type {other:?}"))),
+        let kind = entry.header().entry_type();
+        if kind == EntryType::XGlobalHeader {
+            // `git archive` puts the commit here; it names no file.
+            continue;
         }
         let size = entry.header().size().unwrap_or(0);
-        let unpacked = entry
-            .unpack_in(dest)
-            .map_err(|e| refuse(crate::engine::error_chain(&e)))?;
-        if !unpacked {
-            return Err(refuse("its path leaves the destination (`..`)".into()));
-        }
-        if let Some(owner) = owner {
-            let target = dest.join(normal_components(&path));
-            std::os::unix::fs::lchown(&target, Some(owner.uid), Some(owner.gid))
-                .map_err(|e| refuse(format!("cannot change its owner: {e}")))?;
-        }
+        let placed = writer.place(&mut entry, &path).map_err(refuse)?;
+        done.setuid_dropped += u64::from(placed.setuid_dropped);
         done.files += 1;
         done.bytes += size;
         on_progress(done);
     }
+    writer.finish().map_err(|e| dest_error(e.to_string()))?;
     Ok(done)
 }
 
-/// The path tar unpacks an entry to, relative to the destination.
-fn normal_components(path: &str) -> PathBuf {
-    Path::new(path)
-        .components()
-        .filter_map(|c| match c {
-            Component::Normal(part) => Some(part),
-            _ => None,
-        })
-        .collect()
+/// What placing one entry did.
+struct Placed {
+    setuid_dropped: bool,
+}
+
+/// Puts entries below `dest`, one at a time.
+struct Writer {
+    dest: OwnedFd,
+    owner: Option<Owner>,
+    keep_setuid: bool,
+    /// The directory of the previous entry: most entries share their neighbour's.
+    parent: Option<(String, OwnedFd)>,
+    /// Directories' modification times, set at the end: their entries would change them.
+    dir_times: Vec<(String, u64)>,
+}
+
+impl Writer {
+    fn place(&mut self, entry: &mut tar::Entry<impl Read>, path: &str) -> Result<Placed, String> {
+        let kind = entry.header().entry_type();
+        match kind {
+            EntryType::Char | EntryType::Block => {
+                return Err("device nodes are not allowed in an application tarball".into())
+            }
+            EntryType::Fifo => return Err("FIFOs are not allowed in an application tarball".into()),
+            EntryType::Regular
+            | EntryType::Continuous
+            | EntryType::GNUSparse
+            | EntryType::Directory
+            | EntryType::Symlink
+            | EntryType::Link => {}
+            other => return Err(format!("unsupported entry type {other:?}")),
+        }
+        let sparse = pax_sparse_map(entry)?;
+        let name = match &sparse {
+            Some(s) => s.name.clone(),
+            None => path.to_string(),
+        };
+        let parts = image_root::normal_parts(&name)
+            .map_err(|_| "its path leaves the destination (`..`)".to_string())?;
+        let Some((leaf, parents)) = parts.split_last() else {
+            // `./`: the destination itself, already made.
+            return Ok(Placed {
+                setuid_dropped: false,
+            });
+        };
+        let parent_path = parents.join("/");
+        self.open_parent(&parent_path)?;
+        let parent = match &self.parent {
+            Some((_, fd)) => fd.as_fd(),
+            None => unreachable!("open_parent sets it"),
+        };
+        let header = entry.header();
+        let mtime = header.mtime().unwrap_or(0);
+        let mut mode = header.mode().map_err(|e| e.to_string())? & 0o7777;
+        let mut setuid_dropped = false;
+        if kind != EntryType::Directory && !self.keep_setuid && mode & SET_ID_BITS != 0 {
+            mode &= !SET_ID_BITS;
+            setuid_dropped = true;
+        }
+        match kind {
+            EntryType::Directory => {
+                make_dir(parent, leaf)?;
+                let dir = open_entry(parent, leaf, OFlags::RDONLY | OFlags::DIRECTORY)?;
+                if let Some(owner) = self.owner {
+                    set_owner(dir.as_fd(), "", owner)
+                        .map_err(|e| format!("cannot change its owner: {e}"))?;
+                }
+                rustix::fs::fchmod(&dir, Mode::from_raw_mode(mode)).map_err(|e| e.to_string())?;
+                let rel = if parent_path.is_empty() {
+                    leaf.to_string()
+                } else {
+                    format!("{parent_path}/{leaf}")
+                };
+                self.dir_times.push((rel, mtime));
+            }
+            EntryType::Symlink => {
+                let target = entry
+                    .link_name_bytes()
+                    .ok_or("a symlink without a target")?
+                    .into_owned();
+                clear_for(parent, leaf)?;
+                rustix::fs::symlinkat(target.as_slice(), parent, *leaf)
+                    .map_err(|e| format!("cannot make the symlink: {e}"))?;
+                if let Some(owner) = self.owner {
+                    set_owner(parent, leaf, owner)
+                        .map_err(|e| format!("cannot change its owner: {e}"))?;
+                }
+                rustix::fs::utimensat(parent, *leaf, &times(mtime), AtFlags::SYMLINK_NOFOLLOW)
+                    .map_err(|e| e.to_string())?;
+            }
+            EntryType::Link => {
+                let target = entry
+                    .link_name_bytes()
+                    .ok_or("a hard link without a target")?;
+                let target = String::from_utf8_lossy(&target).into_owned();
+                let target_parts = image_root::normal_parts(&target)
+                    .map_err(|_| format!("its link target {target} leaves the destination"))?;
+                let (target_leaf, target_parents) = target_parts
+                    .split_last()
+                    .ok_or("a hard link to the destination itself")?;
+                let target_dir = image_root::open_below(
+                    self.dest.as_fd(),
+                    &target_parents.join("/"),
+                    OFlags::PATH | OFlags::DIRECTORY,
+                )
+                .map_err(|e| below_error(&e, &format!("its link target {target}")))?;
+                clear_for(parent, leaf)?;
+                rustix::fs::linkat(&target_dir, *target_leaf, parent, *leaf, AtFlags::empty())
+                    .map_err(|e| match e {
+                        Errno::NOENT => {
+                            format!("its link target {target} is not in the destination")
+                        }
+                        e => format!("cannot make the hard link to {target}: {e}"),
+                    })?;
+            }
+            _ => {
+                clear_for(parent, leaf)?;
+                let fd = rustix::fs::openat(
+                    parent,
+                    *leaf,
+                    OFlags::WRONLY
+                        | OFlags::CREATE
+                        | OFlags::EXCL
+                        | OFlags::NOFOLLOW
+                        | OFlags::CLOEXEC,
+                    Mode::from_raw_mode(0o600),
+                )
+                .map_err(|e| format!("cannot create it: {e}"))?;
+                let mut file = std::fs::File::from(fd);
+                let size = header.size().unwrap_or(0);
+                let written = match sparse {
+                    Some(map) => write_sparse(entry, &mut file, &map),
+                    None => std::io::copy(entry, &mut file).map(|_| ()),
+                };
+                written.map_err(|e| write_error(&e, &file, size))?;
+                if let Some(owner) = self.owner {
+                    // Before the mode: a change of owner clears setuid bits.
+                    set_owner(file.as_fd(), "", owner)
+                        .map_err(|e| format!("cannot change its owner: {e}"))?;
+                }
+                rustix::fs::fchmod(&file, Mode::from_raw_mode(mode)).map_err(|e| e.to_string())?;
+                rustix::fs::futimens(&file, &times(mtime)).map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(Placed { setuid_dropped })
+    }
+
+    /// Opens the directory `relative` below `dest` as `self.parent`, made as needed (owned
+    /// like the entries).
+    fn open_parent(&mut self, relative: &str) -> Result<(), String> {
+        let cached = matches!(&self.parent, Some((path, _)) if path == relative);
+        if !cached {
+            let (dir, made) =
+                image_root::create_dirs_below(self.dest.as_fd(), relative, IMPLIED_DIR_MODE)
+                    .map_err(|e| below_error(&e, "its path"))?;
+            if let Some(owner) = self.owner {
+                for path in &made {
+                    let made_dir = image_root::open_below(
+                        self.dest.as_fd(),
+                        path,
+                        OFlags::PATH | OFlags::DIRECTORY,
+                    )
+                    .map_err(|e| e.to_string())?;
+                    set_owner(made_dir.as_fd(), "", owner)
+                        .map_err(|e| format!("cannot change the owner of {path}: {e}"))?;
+                }
+            }
+            self.parent = Some((relative.to_string(), dir));
+        }
+        Ok(())
+    }
+
+    /// Dates the directories, deepest last-listed first, once nothing more goes into them.
+    fn finish(self) -> std::io::Result<()> {
+        for (path, mtime) in self.dir_times.iter().rev() {
+            let dir = image_root::open_below(
+                self.dest.as_fd(),
+                path,
+                OFlags::RDONLY | OFlags::DIRECTORY,
+            )?;
+            rustix::fs::futimens(&dir, &times(*mtime))?;
+        }
+        Ok(())
+    }
+}
+
+fn below_error(e: &std::io::Error, what: &str) -> String {
+    if image_root::is_escape(e) {
+        format!("{what} leaves the destination through a symlink")
+    } else {
+        format!("{what}: {e}")
+    }
+}
+
+/// Running out of space names what was needed and what was left.
+fn write_error(e: &std::io::Error, file: &std::fs::File, size: u64) -> String {
+    if e.raw_os_error() == Some(Errno::NOSPC.raw_os_error()) {
+        let free = rustix::fs::fstatvfs(file)
+            .map(|s| s.f_bavail * s.f_frsize)
+            .unwrap_or(0);
+        format!(
+            "no space left in the image: the entry needs {size} bytes and {free} bytes are free \
+             on its filesystem; raise `volume_size_gb`"
+        )
+    } else {
+        format!("cannot write it: {e}")
+    }
+}
+
+fn times(mtime: u64) -> Timestamps {
+    let t = Timespec {
+        tv_sec: mtime as i64,
+        tv_nsec: 0,
+    };
+    Timestamps {
+        last_access: t,
+        last_modification: t,
+    }
+}
+
+fn set_owner(dir: BorrowedFd<'_>, name: &str, owner: Owner) -> std::io::Result<()> {
+    let flags = if name.is_empty() {
+        AtFlags::EMPTY_PATH
+    } else {
+        AtFlags::SYMLINK_NOFOLLOW
+    };
+    Ok(rustix::fs::chownat(
+        dir,
+        name,
+        Some(rustix::fs::Uid::from_raw(owner.uid)),
+        Some(rustix::fs::Gid::from_raw(owner.gid)),
+        flags,
+    )?)
+}
+
+fn open_entry(parent: BorrowedFd<'_>, name: &str, flags: OFlags) -> Result<OwnedFd, String> {
+    rustix::fs::openat(
+        parent,
+        name,
+        flags | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| e.to_string())
+}
+
+/// A directory entry over whatever is there: kept if it is a directory, else replaced (as
+/// tar does: a symlink there is removed, never followed).
+fn make_dir(parent: BorrowedFd<'_>, name: &str) -> Result<(), String> {
+    match rustix::fs::mkdirat(parent, name, Mode::from_raw_mode(0o700)) {
+        Ok(()) => Ok(()),
+        Err(Errno::EXIST) => {
+            if kind_of(parent, name)? == Some(FileType::Directory) {
+                return Ok(());
+            }
+            rustix::fs::unlinkat(parent, name, AtFlags::empty()).map_err(|e| e.to_string())?;
+            rustix::fs::mkdirat(parent, name, Mode::from_raw_mode(0o700)).map_err(|e| e.to_string())
+        }
+        Err(e) => Err(format!("cannot make the directory: {e}")),
+    }
+}
+
+/// Makes room for a file, link or symlink: whatever non-directory is there goes.
+fn clear_for(parent: BorrowedFd<'_>, name: &str) -> Result<(), String> {
+    match kind_of(parent, name)? {
+        None => Ok(()),
+        Some(FileType::Directory) => Err("a directory of that name is already there".into()),
+        Some(_) => rustix::fs::unlinkat(parent, name, AtFlags::empty()).map_err(|e| e.to_string()),
+    }
+}
+
+fn kind_of(parent: BorrowedFd<'_>, name: &str) -> Result<Option<FileType>, String> {
+    match rustix::fs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(stat) => Ok(Some(FileType::from_raw_mode(stat.st_mode))),
+        Err(Errno::NOENT) => Ok(None),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A sparse file as GNU tar writes it in the POSIX format (`--sparse --format=posix`,
+/// sparse format 1.0): the real name and size in PAX keys, a map of data regions at the
+/// start of the entry's data.
+struct SparseMap {
+    name: String,
+    real_size: u64,
+}
+
+fn pax_sparse_map(entry: &mut tar::Entry<impl Read>) -> Result<Option<SparseMap>, String> {
+    let Some(extensions) = entry.pax_extensions().map_err(|e| e.to_string())? else {
+        return Ok(None);
+    };
+    let mut keys = HashMap::new();
+    for ext in extensions.flatten() {
+        if let (Ok(k), Ok(v)) = (ext.key(), ext.value()) {
+            if k.starts_with("GNU.sparse.") {
+                keys.insert(k.to_string(), v.to_string());
+            }
+        }
+    }
+    if keys.is_empty() {
+        return Ok(None);
+    }
+    if keys.get("GNU.sparse.major").map(String::as_str) != Some("1") {
+        return Err("a sparse file in GNU's old sparse formats 0.0/0.1; make the tarball with GNU tar 1.28 or later, or without --sparse".into());
+    }
+    let name = keys
+        .get("GNU.sparse.name")
+        .cloned()
+        .ok_or("a sparse file without GNU.sparse.name")?;
+    let real_size = keys
+        .get("GNU.sparse.realsize")
+        .and_then(|s| s.parse().ok())
+        .ok_or("a sparse file without GNU.sparse.realsize")?;
+    Ok(Some(SparseMap { name, real_size }))
+}
+
+/// Writes a sparse 1.0 entry's data regions at their offsets; the holes stay holes.
+fn write_sparse(
+    data: &mut impl Read,
+    file: &mut std::fs::File,
+    map: &SparseMap,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let bad = |what: &str| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("sparse map: {what}"),
+        )
+    };
+    // The map: decimal numbers, one a line (count, then offset and size pairs), padded to
+    // a 512-byte block.
+    let mut consumed = 0u64;
+    let mut line = Vec::new();
+    let mut number = |data: &mut dyn Read, consumed: &mut u64| -> std::io::Result<u64> {
+        line.clear();
+        let mut byte = [0u8];
+        loop {
+            data.read_exact(&mut byte)?;
+            *consumed += 1;
+            if byte[0] == b'\n' {
+                break;
+            }
+            line.push(byte[0]);
+        }
+        std::str::from_utf8(&line)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| bad("not a number"))
+    };
+    let count = number(data, &mut consumed)?;
+    let mut regions = Vec::new();
+    for _ in 0..count {
+        let offset = number(data, &mut consumed)?;
+        let size = number(data, &mut consumed)?;
+        regions.push((offset, size));
+    }
+    let padding = (512 - consumed % 512) % 512;
+    std::io::copy(&mut data.take(padding), &mut std::io::sink())?;
+    let mut buf = vec![0u8; 64 * 1024];
+    for (offset, size) in regions {
+        let mut at = offset;
+        let mut left = size;
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            data.read_exact(&mut buf[..n])?;
+            file.write_all_at(&buf[..n], at)?;
+            at += n as u64;
+            left -= n as u64;
+        }
+    }
+    file.set_len(map.real_size)
 }
 
 /// `user` or `user:group`, by name or number, looked up in the image's own /etc/passwd and
-/// /etc/group (`etc` is that directory as seen from where this runs).
-pub fn resolve_owner(spec: &str, etc: &Path) -> Result<Owner, ExtractError> {
+/// /etc/group, which `read_etc` reads by name.
+pub fn resolve_owner(
+    spec: &str,
+    read_etc: impl Fn(&str) -> std::io::Result<Vec<u8>>,
+) -> Result<Owner, ExtractError> {
     let fail = |reason: String| ExtractError::Owner {
         spec: spec.into(),
         reason,
     };
     let table = |file: &str| -> Result<HashMap<String, (u32, u32)>, ExtractError> {
-        let text = std::fs::read_to_string(etc.join(file))
+        let bytes = read_etc(file)
             .map_err(|e| fail(format!("cannot read the image's /etc/{file}: {e}")))?;
-        Ok(text
+        Ok(String::from_utf8_lossy(&bytes)
             .lines()
             .filter_map(|line| {
                 let fields: Vec<&str> = line.split(':').collect();
@@ -200,8 +592,8 @@ pub fn resolve_owner(spec: &str, etc: &Path) -> Result<Owner, ExtractError> {
 /// One line of the child's progress report on stdout.
 #[derive(Debug, Serialize, Deserialize)]
 struct Report {
-    files: u64,
-    bytes: u64,
+    #[serde(flatten)]
+    done: Extracted,
     /// Of the tarball as given (compressed): how far the extraction has read.
     read: u64,
 }
@@ -220,25 +612,20 @@ impl<R: std::io::Read> std::io::Read for Counting<R> {
     }
 }
 
-/// The child's side (`amibake internal-extract`): enter the image, then unpack standard input
-/// into `dest`, reporting progress as JSON lines on stdout.
-pub fn child_main(root: &Path, dest: &str, owner: Option<&str>) -> Result<Extracted, ExtractError> {
-    std::os::unix::fs::chroot(root).map_err(|e| ExtractError::Chroot {
-        root: root.into(),
+/// The child's side (`amibake internal-extract`): leave the host for a sandbox in the image,
+/// then unpack standard input into `spec.dest`, reporting progress as JSON lines on stdout.
+/// Runs before any async runtime: the sandbox forks.
+pub fn child_main(root: &Path, spec: &ExtractSpec) -> Result<Extracted, ExtractError> {
+    sandbox::enter(root, sandbox::Purpose::Extract)?;
+    let image = ImageRoot::open(Path::new("/")).map_err(|e| ExtractError::Dest {
+        dest: spec.dest.clone(),
         reason: e.to_string(),
     })?;
-    std::env::set_current_dir("/").map_err(|e| ExtractError::Chroot {
-        root: root.into(),
-        reason: e.to_string(),
-    })?;
-    let owner = owner
-        .map(|spec| resolve_owner(spec, Path::new("/etc")))
+    let owner = spec
+        .owner
+        .as_deref()
+        .map(|owner| resolve_owner(owner, |file| image.read(&format!("/etc/{file}"))))
         .transpose()?;
-    // Created inside the chroot, so symlinks on the way resolve as the image resolves them.
-    std::fs::create_dir_all(dest).map_err(|e| ExtractError::Dest {
-        dest: dest.into(),
-        reason: e.to_string(),
-    })?;
     let mut out = std::io::stdout().lock();
     let mut last_report = std::time::Instant::now();
     let read = std::rc::Rc::new(std::cell::Cell::new(0));
@@ -246,8 +633,7 @@ pub fn child_main(root: &Path, dest: &str, owner: Option<&str>) -> Result<Extrac
         let _ = serde_json::to_writer(
             &mut *out,
             &Report {
-                files: done.files,
-                bytes: done.bytes,
+                done,
                 read: read.get(),
             },
         );
@@ -257,7 +643,7 @@ pub fn child_main(root: &Path, dest: &str, owner: Option<&str>) -> Result<Extrac
         inner: std::io::stdin().lock(),
         read: read.clone(),
     };
-    let done = unpack(input, Path::new(dest), owner, |done| {
+    let done = unpack(input, &image, spec, owner, |done| {
         if last_report.elapsed() >= PROGRESS_EVERY {
             report(done, &mut out);
             last_report = std::time::Instant::now();
@@ -278,15 +664,14 @@ pub enum Tarball {
     Stdin,
 }
 
-/// The parent's side: unpacks `tarball` into `dest` inside the image mounted at `root`,
-/// through a chrooted child run from `amibake_exe` (this binary: `std::env::current_exe()`).
+/// The parent's side: unpacks `tarball` as `spec` says inside the image mounted at `root`,
+/// through a sandboxed child run from `amibake_exe` (this binary: `std::env::current_exe()`).
 /// `on_progress` hears the running totals and how many bytes of the tarball (as given,
 /// compressed) have been read; `cancel` kills the child.
 pub async fn extract_into_image(
     amibake_exe: &Path,
     root: &Path,
-    dest: &str,
-    owner: Option<&str>,
+    spec: &ExtractSpec,
     tarball: &Tarball,
     mut on_progress: impl FnMut(Extracted, u64),
     cancel: &tokio_util::sync::CancellationToken,
@@ -299,9 +684,12 @@ pub async fn extract_into_image(
         .arg("--root")
         .arg(root)
         .arg("--dest")
-        .arg(dest);
-    if let Some(owner) = owner {
+        .arg(&spec.dest);
+    if let Some(owner) = &spec.owner {
         command.arg("--owner").arg(owner);
+    }
+    if spec.keep_setuid {
+        command.arg("--keep-setuid");
     }
     // The tarball file, or our own standard input, is the child's standard input.
     let input = match tarball {
@@ -335,7 +723,7 @@ pub async fn extract_into_image(
             line = lines.next_line() => match line {
                 Ok(Some(line)) => {
                     if let Ok(report) = serde_json::from_str::<Report>(&line) {
-                        last = Extracted { files: report.files, bytes: report.bytes };
+                        last = report.done;
                         on_progress(last, report.read);
                     }
                 }
@@ -367,56 +755,53 @@ pub async fn extract_into_image(
 mod tests {
     use super::*;
 
-    fn etc_with(passwd: &str, group: &str) -> tempfile::TempDir {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("passwd"), passwd).unwrap();
-        std::fs::write(dir.path().join("group"), group).unwrap();
-        dir
+    fn etc_with(
+        passwd: &'static str,
+        group: &'static str,
+    ) -> impl Fn(&str) -> std::io::Result<Vec<u8>> + Copy {
+        move |file: &str| match file {
+            "passwd" => Ok(passwd.as_bytes().to_vec()),
+            "group" => Ok(group.as_bytes().to_vec()),
+            _ => Err(std::io::ErrorKind::NotFound.into()),
+        }
     }
 
     #[test]
     fn owners_come_from_the_image_files() {
         let etc = etc_with("root:x:0:0::/root:/bin/sh\nwww-data:x:33:33::/var/www:/bin/sh\napp:x:4242:100::/srv:/bin/sh\n", "users:x:100:\nweb:x:5000:\n");
         assert_eq!(
-            resolve_owner("www-data", etc.path()).unwrap(),
+            resolve_owner("www-data", etc).unwrap(),
             Owner { uid: 33, gid: 33 }
         );
         assert_eq!(
-            resolve_owner("app", etc.path()).unwrap(),
+            resolve_owner("app", etc).unwrap(),
             Owner {
                 uid: 4242,
                 gid: 100
             }
         );
         assert_eq!(
-            resolve_owner("app:web", etc.path()).unwrap(),
+            resolve_owner("app:web", etc).unwrap(),
             Owner {
                 uid: 4242,
                 gid: 5000
             }
         );
         assert_eq!(
-            resolve_owner("1001:1002", etc.path()).unwrap(),
+            resolve_owner("1001:1002", etc).unwrap(),
             Owner {
                 uid: 1001,
                 gid: 1002
             }
         );
-        let err = resolve_owner("nobody-here", etc.path())
-            .unwrap_err()
-            .to_string();
+        let err = resolve_owner("nobody-here", etc).unwrap_err().to_string();
         assert_eq!(
             err,
             "owner `nobody-here`: no user `nobody-here` in the image's /etc/passwd"
         );
-        assert!(resolve_owner("app:nogroup", etc.path())
+        assert!(resolve_owner("app:nogroup", etc)
             .unwrap_err()
             .to_string()
             .contains("no group `nogroup`"));
-    }
-
-    #[test]
-    fn normal_components_drop_roots_and_dots() {
-        assert_eq!(normal_components("/a/./b//c"), PathBuf::from("a/b/c"));
     }
 }

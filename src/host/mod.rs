@@ -1,5 +1,8 @@
-//! The build-host side of `bake`: block devices, mounts and the chroot the code goes into.
+//! The build-host side of `bake`: block devices, mounts, and the sandbox the code and the
+//! provisioners go into the image through.
 
 pub mod device;
 pub mod extract;
+pub mod image_root;
 pub mod mount;
+pub mod sandbox;

@@ -1,10 +1,14 @@
-//! Mounting the image and preparing it as a chroot, and undoing both.
+//! Mounting the image's root filesystem on the build host, and the files amibake puts into
+//! the image while it works there; undoing both.
 //!
-//! While amibake works in the image: the kernel filesystems a package script expects (proc,
-//! sys, dev, devpts, a tmpfs /run), the host's resolv.conf so commands can resolve names, and
-//! on Debian-family images a policy-rc.d that keeps package installs from starting services
-//! inside the chroot. Undoing restores the image's own files exactly and unmounts in reverse,
-//! retrying while busy and naming the processes that hold a mount that will not let go.
+//! Only the root filesystem is ever mounted in the host's namespace: the kernel filesystems
+//! a package script expects are mounted by the sandbox, in its own namespace (`sandbox`).
+//! While amibake works in the image it holds the host's resolv.conf, so commands can resolve
+//! names, and on Debian-family images a policy-rc.d that keeps package installs from
+//! starting services. Both are put and taken back through `image_root`, as the image
+//! resolves their paths and never through a link to the host, restoring the image's own
+//! files exactly. Unmounting retries while busy and names who holds a mount that will not
+//! let go.
 //!
 //! These functions block (they run mount(8) and wait between retries): async callers run them
 //! with `tokio::task::spawn_blocking`.
@@ -12,6 +16,10 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
+
+use rustix::fs::{FileType, Mode, OFlags};
+
+use super::image_root::{ImageRoot, Leaf};
 
 /// How often, and how far apart, an unmount is retried while the mount is busy.
 const UNMOUNT_ATTEMPTS: u32 = 20;
@@ -132,59 +140,6 @@ fn unescape_mount_path(field: &str) -> PathBuf {
     )
 }
 
-/// How long processes left running in an image get to exit on SIGTERM before SIGKILL.
-const PROCESS_EXIT_GRACE: Duration = Duration::from_secs(2);
-
-/// Ends every process chrooted into the image at `root`: what a provisioner started and left
-/// running in the background (a daemon that called setsid escapes its process group). They
-/// would hold the mounts, and nothing they do belongs in the image. Returns them, named.
-pub fn end_processes_rooted_in(root: &Path) -> Vec<String> {
-    let Ok(root) = root.canonicalize() else {
-        return Vec::new();
-    };
-    let rooted = || -> Vec<(String, String)> {
-        let Ok(procs) = std::fs::read_dir("/proc") else {
-            return Vec::new();
-        };
-        procs
-            .flatten()
-            .filter_map(|p| {
-                let pid = p.file_name().to_string_lossy().into_owned();
-                let inside = pid.chars().all(|c| c.is_ascii_digit())
-                    && std::fs::read_link(p.path().join("root"))
-                        .is_ok_and(|r| r.starts_with(&root));
-                inside.then(|| {
-                    let name = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
-                    (pid, name.trim().to_string())
-                })
-            })
-            .collect()
-    };
-    let found = rooted();
-    if found.is_empty() {
-        return Vec::new();
-    }
-    let signal = |name: &str, pids: &[(String, String)]| {
-        let _ = Command::new("kill")
-            .arg(format!("-{name}"))
-            .args(pids.iter().map(|(pid, _)| pid))
-            .output();
-    };
-    signal("TERM", &found);
-    let deadline = std::time::Instant::now() + PROCESS_EXIT_GRACE;
-    while std::time::Instant::now() < deadline && !rooted().is_empty() {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let stubborn = rooted();
-    if !stubborn.is_empty() {
-        signal("KILL", &stubborn);
-    }
-    found
-        .into_iter()
-        .map(|(pid, name)| format!("pid {pid} ({name})"))
-        .collect()
-}
-
 /// Processes whose root, working directory or open files lie under `target`: "pid 42 (php-fpm)".
 fn holders_of(target: &Path) -> Vec<String> {
     let Ok(target) = target.canonicalize() else {
@@ -212,92 +167,77 @@ fn holders_of(target: &Path) -> Vec<String> {
     found
 }
 
-/// The kernel filesystems a chroot needs, in mount order: (what, where under the root, mount args).
-fn chroot_filesystems() -> [(&'static str, &'static str, &'static [&'static str]); 5] {
-    [
-        ("proc", "proc", &["-t", "proc", "proc"]),
-        ("sysfs", "sys", &["-t", "sysfs", "sysfs"]),
-        ("/dev", "dev", &["--bind", "/dev"]),
-        (
-            "devpts",
-            "dev/pts",
-            &["-t", "devpts", "-o", "newinstance,ptmxmode=0666", "devpts"],
-        ),
-        ("tmpfs", "run", &["-t", "tmpfs", "-o", "mode=0755", "tmpfs"]),
-    ]
-}
-
-/// Mounts the chroot filesystems under `root`. Each mount that succeeded is in the returned
-/// list before the next is tried, so a failure part way leaves a list to undo.
-pub fn mount_chroot_filesystems(root: &Path, mounted: &mut Vec<PathBuf>) -> Result<(), MountError> {
-    for (what, under, args) in chroot_filesystems() {
-        let target = root.join(under);
-        std::fs::create_dir_all(&target).map_err(|e| MountError::File {
-            path: target.clone(),
-            reason: e.to_string(),
-        })?;
-        run_mount(args, what, &target)?;
-        mounted.push(target.clone());
-        if under == "dev" {
-            // A bind of the host's /dev must not pass later mounts (devpts) back to the host.
-            run_mount(&["--make-private"], "/dev (private)", &target)?;
-        }
-    }
-    Ok(())
-}
-
-/// Unmounts `mounted` in reverse, going on past failures; returns every failure.
-pub fn unmount_all(mounted: &mut Vec<PathBuf>) -> Vec<MountError> {
-    let mut errors = Vec::new();
-    while let Some(target) = mounted.pop() {
-        if let Err(e) = unmount(&target) {
-            errors.push(e);
-        }
-    }
-    errors
-}
-
-/// Files amibake puts into the image while it works, and what they replaced.
-#[derive(Debug, Default)]
+/// Files amibake puts into the image while it works, and what they replaced. Holds no fd
+/// of the image between calls, which would keep it from unmounting.
+#[derive(Debug)]
 pub struct TemporaryFiles {
-    /// (path in the image, the image's own content, or None if it had none)
-    replaced: Vec<(PathBuf, Option<Saved>)>,
+    root: PathBuf,
+    /// (path as the image names it, the image's own content, or None if it had none)
+    replaced: Vec<(String, Option<Saved>)>,
 }
 
 #[derive(Debug)]
 enum Saved {
-    File(Vec<u8>, std::fs::Permissions),
+    File(Vec<u8>, u32),
     Symlink(PathBuf),
 }
 
 impl TemporaryFiles {
-    /// Puts `content` at `path` (inside the image) until `restore`, remembering what was there.
-    pub fn put(&mut self, path: &Path, content: &[u8], mode: u32) -> Result<(), MountError> {
-        use std::os::unix::fs::PermissionsExt;
-        let err = |e: std::io::Error| MountError::File {
-            path: path.into(),
+    /// For the image mounted at `root`.
+    pub fn new(root: &Path) -> TemporaryFiles {
+        TemporaryFiles {
+            root: root.to_path_buf(),
+            replaced: Vec::new(),
+        }
+    }
+
+    fn error(&self, path: &str, e: impl ToString) -> MountError {
+        MountError::File {
+            path: self.root.join(path.trim_start_matches('/')),
             reason: e.to_string(),
-        };
-        let saved = match std::fs::symlink_metadata(path) {
-            Ok(meta) if meta.file_type().is_symlink() => {
-                Some(Saved::Symlink(std::fs::read_link(path).map_err(err)?))
+        }
+    }
+
+    /// Puts `content` at `path` (as the image names it) until `restore`, remembering what
+    /// was there. A symlink there (resolv.conf often is one) is replaced, never written
+    /// through.
+    pub fn put(&mut self, path: &str, content: &[u8], mode: u32) -> Result<(), MountError> {
+        let err = |e| self.error(path, e);
+        let image = ImageRoot::open(&self.root).map_err(err)?;
+        let parent = Path::new(path)
+            .parent()
+            .and_then(Path::to_str)
+            .unwrap_or("/");
+        image.create_dirs(parent, 0o755).map_err(err)?;
+        let leaf = image.leaf(path).map_err(err)?;
+        let saved = match leaf.file_type().map_err(err)? {
+            None => None,
+            Some(FileType::Symlink) => Some(Saved::Symlink(leaf.read_link().map_err(err)?)),
+            Some(FileType::RegularFile) => {
+                let file = rustix::fs::openat(
+                    &leaf.dir,
+                    leaf.name.as_str(),
+                    OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(|e| err(e.into()))?;
+                let stat = rustix::fs::fstat(&file).map_err(|e| err(e.into()))?;
+                let mut bytes = Vec::new();
+                std::io::Read::read_to_end(&mut std::fs::File::from(file), &mut bytes)
+                    .map_err(err)?;
+                Some(Saved::File(bytes, stat.st_mode & 0o7777))
             }
-            Ok(meta) => Some(Saved::File(
-                std::fs::read(path).map_err(err)?,
-                meta.permissions(),
-            )),
-            Err(_) => None,
+            Some(other) => {
+                return Err(err(std::io::Error::other(format!(
+                    "is a {other:?}, not a file amibake can set aside"
+                ))))
+            }
         };
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(err)?;
+        if !leaf.remove_unless_dir().map_err(err)? {
+            return Err(err(std::io::Error::other("is a directory")));
         }
-        // A symlink (resolv.conf often is one) is replaced, never written through.
-        if matches!(saved, Some(Saved::Symlink(_))) {
-            std::fs::remove_file(path).map_err(err)?;
-        }
-        self.replaced.push((path.into(), saved));
-        std::fs::write(path, content).map_err(err)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(err)
+        self.replaced.push((path.to_string(), saved));
+        write_new(&leaf, content, mode).map_err(|e| self.error(path, e))
     }
 
     /// Puts back what the image had, newest first; returns what could not be restored.
@@ -305,42 +245,45 @@ impl TemporaryFiles {
         let mut errors = Vec::new();
         while let Some((path, saved)) = self.replaced.pop() {
             let result = (|| {
-                std::fs::remove_file(&path).or_else(|e| {
-                    if e.kind() == std::io::ErrorKind::NotFound {
-                        Ok(())
-                    } else {
-                        Err(e)
-                    }
-                })?;
+                let leaf = ImageRoot::open(&self.root)?.leaf(&path)?;
+                if !leaf.remove_unless_dir()? {
+                    return Err(std::io::Error::other("a directory is there now"));
+                }
                 match saved {
                     None => Ok(()),
-                    Some(Saved::Symlink(target)) => std::os::unix::fs::symlink(target, &path),
-                    Some(Saved::File(bytes, perms)) => std::fs::write(&path, bytes)
-                        .and_then(|_| std::fs::set_permissions(&path, perms)),
+                    Some(Saved::Symlink(target)) => leaf.symlink(&target),
+                    Some(Saved::File(bytes, mode)) => write_new(&leaf, &bytes, mode),
                 }
             })();
             if let Err(e) = result {
-                errors.push(MountError::File {
-                    path,
-                    reason: e.to_string(),
-                });
+                errors.push(self.error(&path, e));
             }
         }
         errors
     }
 }
 
+/// Creates the file at `leaf` (nothing is there) with `content` and exactly `mode`.
+fn write_new(leaf: &Leaf, content: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut file = leaf.create_file(0o600)?;
+    file.write_all(content)?;
+    rustix::fs::fchmod(&file, Mode::from_raw_mode(mode))?;
+    Ok(())
+}
+
 /// The chroot's temporary files: the host's resolv.conf, and a policy-rc.d on images that
 /// use invoke-rc.d (Debian and its family).
-pub fn put_chroot_files(root: &Path, files: &mut TemporaryFiles) -> Result<(), MountError> {
+pub fn put_chroot_files(files: &mut TemporaryFiles) -> Result<(), MountError> {
     let resolv = std::fs::read("/etc/resolv.conf").unwrap_or_default();
-    files.put(&root.join("etc/resolv.conf"), &resolv, 0o644)?;
-    if root.join("usr/sbin/invoke-rc.d").exists() {
-        files.put(
-            &root.join("usr/sbin/policy-rc.d"),
-            POLICY_RC_D.as_bytes(),
-            0o755,
-        )?;
+    files.put("/etc/resolv.conf", &resolv, 0o644)?;
+    let image = ImageRoot::open(&files.root).map_err(|e| files.error("/", e))?;
+    let debian_family = image
+        .open_at("/usr/sbin/invoke-rc.d", OFlags::PATH, Mode::empty())
+        .is_ok();
+    drop(image);
+    if debian_family {
+        files.put("/usr/sbin/policy-rc.d", POLICY_RC_D.as_bytes(), 0o755)?;
     }
     Ok(())
 }
@@ -348,34 +291,55 @@ pub fn put_chroot_files(root: &Path, files: &mut TemporaryFiles) -> Result<(), M
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
-    fn temporary_files_put_back_files_links_and_absences() {
+    fn temporary_files_put_back_files_links_and_absences_and_never_write_through() {
+        let host = tempfile::tempdir().unwrap();
+        std::fs::write(host.path().join("hosts"), "host's own\n").unwrap();
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("etc/resolv.conf");
         std::fs::create_dir_all(file.parent().unwrap()).unwrap();
         std::fs::write(&file, "nameserver 10.0.0.2\n").unwrap();
+        std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o640))
+            .unwrap();
         let link = dir.path().join("etc/hosts");
-        std::os::unix::fs::symlink("/run/hosts", &link).unwrap();
-        let absent = dir.path().join("usr/sbin/policy-rc.d");
+        let host_hosts = host.path().join("hosts");
+        std::os::unix::fs::symlink(&host_hosts, &link).unwrap();
+        // An image whose /usr is a link to a host directory: resolved inside the image.
+        std::os::unix::fs::symlink(host.path(), dir.path().join("usr")).unwrap();
+        let inside_usr = dir.path().join(host.path().strip_prefix("/").unwrap());
+        std::fs::create_dir_all(&inside_usr).unwrap();
 
-        let mut files = TemporaryFiles::default();
-        files.put(&file, b"host resolver\n", 0o644).unwrap();
-        files.put(&link, b"host hosts\n", 0o644).unwrap();
-        files.put(&absent, POLICY_RC_D.as_bytes(), 0o755).unwrap();
-        assert_eq!(std::fs::read_to_string(&link).unwrap(), "host hosts\n");
-        assert!(
-            std::fs::read_link(Path::new("/run/hosts")).is_err(),
+        let mut files = TemporaryFiles::new(dir.path());
+        files
+            .put("/etc/resolv.conf", b"host resolver\n", 0o644)
+            .unwrap();
+        files.put("/etc/hosts", b"temporary\n", 0o644).unwrap();
+        files
+            .put("/usr/sbin/policy-rc.d", POLICY_RC_D.as_bytes(), 0o755)
+            .unwrap();
+        assert_eq!(std::fs::read_to_string(&link).unwrap(), "temporary\n");
+        assert_eq!(
+            std::fs::read_to_string(&host_hosts).unwrap(),
+            "host's own\n",
             "the link's target was never written"
         );
+        let inside = inside_usr.join("sbin/policy-rc.d");
+        assert!(inside.exists(), "the image's /usr is the image's own");
+        assert!(!host.path().join("sbin").exists());
 
         assert!(files.restore().is_empty());
         assert_eq!(
             std::fs::read_to_string(&file).unwrap(),
             "nameserver 10.0.0.2\n"
         );
-        assert_eq!(std::fs::read_link(&link).unwrap(), Path::new("/run/hosts"));
-        assert!(!absent.exists());
+        assert_eq!(
+            std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+            0o640
+        );
+        assert_eq!(std::fs::read_link(&link).unwrap(), host_hosts);
+        assert!(!inside.exists());
     }
 
     #[test]

@@ -605,12 +605,6 @@ impl Checker<'_> {
                 "bake.dest",
                 format!("`{dest}` must be an absolute path in the image without `.` or `..`"),
             );
-        } else if dest.trim_end_matches('/').is_empty() {
-            self.error(
-                Some(s.dest.span()),
-                "bake.dest",
-                "`dest` cannot be the image's root: name the application's directory".into(),
-            );
         }
         let owner = s.owner.as_ref().map(|o| {
             let v = self.text("bake.owner", o);
@@ -638,8 +632,13 @@ impl Checker<'_> {
             name,
             description,
             base_ami,
-            dest: dest.trim_end_matches('/').to_string(),
+            // `/` stays itself: a tarball may lay files over the whole image.
+            dest: match dest.trim_end_matches('/') {
+                "" => "/".to_string(),
+                trimmed => trimmed.to_string(),
+            },
             owner,
+            keep_setuid: s.keep_setuid.map(|k| *k.get_ref()).unwrap_or(false),
             root_partition: s.root_partition.map(|p| *p.get_ref()),
             volume_type,
             volume_size_gb,

@@ -61,6 +61,7 @@ pub struct BakePlan {
     pub base_ami: AmiRef,
     pub dest: String,
     pub owner: Option<String>,
+    pub keep_setuid: bool,
     pub root_partition: Option<u32>,
     pub volume_type: Option<String>,
     pub volume_size_gb: Option<i32>,

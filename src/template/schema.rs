@@ -56,6 +56,8 @@ pub struct BakeSection {
     pub dest: Spanned<String>,
     /// `user` or `user:group` of the image that will own the extracted files.
     pub owner: Option<Spanned<String>>,
+    /// Keep setuid and setgid bits of the tarball's files (dropped by default).
+    pub keep_setuid: Option<Spanned<bool>>,
     /// Partition that holds the root filesystem; 0 is the whole device. Default: found by
     /// looking at the volume.
     pub root_partition: Option<Spanned<u32>>,

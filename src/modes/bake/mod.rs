@@ -38,7 +38,10 @@ fn steps() -> Vec<Box<dyn Step<BakeState>>> {
         Box::new(steps::CreateVolume),
         Box::new(steps::AttachVolume),
         Box::new(steps::MountImage),
+        // Before anything of the host is mounted into the image, and before provisioners
+        // have had root in it.
         Box::new(steps::ExtractTarball),
+        Box::new(steps::PrepareChroot),
         Box::new(steps::RunProvisioners),
         Box::new(steps::ReleaseVolume),
         Box::new(steps::SnapshotVolume),
@@ -65,7 +68,6 @@ pub struct BakeState {
     root_device: Option<PathBuf>,
     detach: Option<UndoId>,
     unmount_root: Option<UndoId>,
-    unmount_chroot: Option<UndoId>,
     restore_files: Option<UndoId>,
     extracted: Extracted,
     snapshot_id: Option<String>,
@@ -177,7 +179,6 @@ pub async fn run(
         root_device: None,
         detach: None,
         unmount_root: None,
-        unmount_chroot: None,
         restore_files: None,
         extracted: Extracted::default(),
         snapshot_id: None,
@@ -207,6 +208,7 @@ fn fingerprint(base: &str, tarball_sha256: &str, plan: &BakePlan) -> Result<Stri
         ("tarball_sha256".into(), tarball_sha256.into()),
         ("dest".into(), plan.dest.clone()),
         ("owner".into(), plan.owner.clone().unwrap_or_default()),
+        ("keep_setuid".into(), plan.keep_setuid.to_string()),
         (
             "root_partition".into(),
             format!("{:?}", plan.root_partition),

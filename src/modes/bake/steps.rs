@@ -1,6 +1,5 @@
 //! The steps of a bake. Each registers how to undo what it made the moment it exists.
 
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -200,52 +199,25 @@ impl Step<BakeState> for MountImage {
             },
         ));
 
-        let chroot_mounts = Arc::new(Mutex::new(Vec::<PathBuf>::new()));
-        let (m, t) = (chroot_mounts.clone(), target.clone());
-        let mounted = tokio::task::spawn_blocking(move || {
-            let mut list = Vec::new();
-            let result = mount::mount_chroot_filesystems(&t, &mut list);
-            *m.lock().unwrap_or_else(|p| p.into_inner()) = list;
-            result
-        })
-        .await
-        .map_err(failed)?;
-        let (m, t, progress) = (chroot_mounts.clone(), target.clone(), ctx.progress.clone());
-        s.unmount_chroot = Some(ctx.undo.push(
-            format!("{}/{{proc,sys,dev,dev/pts,run}}", target.display()),
-            "unmount",
-            Keep::Never,
-            move || {
-                let (m, t, progress) = (m.clone(), t.clone(), progress.clone());
-                async move {
-                    let errors = tokio::task::spawn_blocking(move || {
-                        let ended = mount::end_processes_rooted_in(&t);
-                        if !ended.is_empty() {
-                            progress.note(format!(
-                                "ended what was left running in the image: {}",
-                                ended.join(", ")
-                            ));
-                        }
-                        mount::unmount_all(&mut m.lock().unwrap_or_else(|p| p.into_inner()))
-                    })
-                    .await?;
-                    match errors.into_iter().next() {
-                        None => Ok(()),
-                        Some(e) => Err(e.into()),
-                    }
-                }
-            },
-        ));
-        mounted.map_err(failed)?;
+        Ok(())
+    }
+}
 
-        let files = Arc::new(Mutex::new(mount::TemporaryFiles::default()));
-        let put = mount::put_chroot_files(
-            &target,
-            &mut files.lock().unwrap_or_else(|p| p.into_inner()),
-        );
+/// Puts the host's resolv.conf and a policy-rc.d into the image for the provisioners, after
+/// the extraction, as the image resolves their paths.
+pub struct PrepareChroot;
+
+#[async_trait]
+impl Step<BakeState> for PrepareChroot {
+    fn name(&self) -> &'static str {
+        "prepare chroot"
+    }
+    async fn run(&self, s: &mut BakeState, ctx: &mut StepContext) -> Result<(), StepError> {
+        let files = Arc::new(Mutex::new(mount::TemporaryFiles::new(&s.mount_point)));
+        let put = mount::put_chroot_files(&mut files.lock().unwrap_or_else(|p| p.into_inner()));
         let f = files.clone();
         s.restore_files = Some(ctx.undo.push(
-            format!("{}/etc/resolv.conf", target.display()),
+            format!("{}/etc/resolv.conf", s.mount_point.display()),
             "restore the image's files",
             Keep::Never,
             move || {
@@ -273,11 +245,15 @@ impl Step<BakeState> for ExtractTarball {
         let progress = ctx.progress.clone();
         // Progress is told in bytes of the tarball read, against its size: a true fraction.
         let tarball_size = std::fs::metadata(&s.tarball).ok().map(|m| m.len());
+        let spec = extract::ExtractSpec {
+            dest: s.plan.dest.clone(),
+            owner: s.plan.owner.clone(),
+            keep_setuid: s.plan.keep_setuid,
+        };
         let done = extract::extract_into_image(
             &s.amibake_exe,
             &s.mount_point,
-            &s.plan.dest,
-            s.plan.owner.as_deref(),
+            &spec,
             &extract::Tarball::File(s.tarball.clone()),
             |p, read| progress.advance(read, tarball_size, Unit::Bytes, Some(p.files)),
             &ctx.cancel,
@@ -289,6 +265,12 @@ impl Step<BakeState> for ExtractTarball {
                     "{} entries, {} bytes into {}",
                     done.files, done.bytes, s.plan.dest
                 ));
+                if done.setuid_dropped > 0 {
+                    ctx.progress.note(format!(
+                        "dropped the setuid/setgid bits of {} files (keep_setuid = true keeps them)",
+                        done.setuid_dropped
+                    ));
+                }
                 s.extracted = done;
                 Ok(())
             }
@@ -306,7 +288,7 @@ impl Step<BakeState> for RunProvisioners {
         "run provisioners"
     }
     async fn run(&self, s: &mut BakeState, ctx: &mut StepContext) -> Result<(), StepError> {
-        let chroot = Chroot::new(&s.mount_point);
+        let chroot = Chroot::new(&s.amibake_exe, &s.mount_point);
         provision(&chroot, &s.plan.provisioners, ctx).await
     }
 }
@@ -323,7 +305,6 @@ impl Step<BakeState> for ReleaseVolume {
     async fn run(&self, s: &mut BakeState, ctx: &mut StepContext) -> Result<(), StepError> {
         for id in [
             s.restore_files.take(),
-            s.unmount_chroot.take(),
             s.unmount_root.take(),
             s.detach.take(),
         ]
