@@ -76,6 +76,7 @@ pub async fn run_all(
                 comm.run(
                     &format!("rm -f '{remote}'"),
                     &Default::default(),
+                    false,
                     &mut |_| {},
                     &never,
                 )
@@ -115,7 +116,10 @@ async fn run_one(
         }
         tail.push_back(line.to_string());
     };
-    let exit_code = match comm.run(command, &p.env, &mut on_line, cancel).await {
+    let exit_code = match comm
+        .run(command, &p.env, p.network, &mut on_line, cancel)
+        .await
+    {
         Ok(code) => code,
         Err(CommError::Interrupted { .. }) => {
             return Err(ProvisionError::Interrupted {

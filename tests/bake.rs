@@ -452,4 +452,45 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
         "the provisioner's command is gone"
     );
     assert_nothing_left(&cloud, &build_host);
+
+    // 11. Provisioners cannot reach the build host: not its instance metadata (and so not
+    // its credentials), not its processes, its disks or its environment. Each check fails
+    // the bake if it can cross; the same connection with `network = true` must succeed,
+    // so the first check is shown to be able to fail.
+    let imds = cloud
+        .env
+        .iter()
+        .find(|(k, _)| k == "AWS_EC2_METADATA_SERVICE_ENDPOINT")
+        .map(|(_, v)| {
+            v.trim_start_matches("http://")
+                .trim_end_matches('/')
+                .to_string()
+        })
+        .expect("the local cloud's IMDS endpoint");
+    let (imds_host, imds_port) = imds.split_once(':').unwrap();
+    let connect = format!("bash -c 'exec 3<>/dev/tcp/{imds_host}/{imds_port}'");
+    let my_pid = std::process::id();
+    let checks = [
+        format!("if {connect} 2>/dev/null; then echo reached the build host IMDS; exit 11; fi"),
+        format!("if test -e /proc/{my_pid}; then echo sees host pid {my_pid}; exit 12; fi"),
+        "if test -e /dev/vda -o -e /dev/loop0 -o -e /dev/sda; then ls /dev; exit 13; fi".into(),
+        "if env | grep -q '^AWS_'; then echo sees AWS variables; exit 14; fi".into(),
+        "test \"$(cat /proc/1/comm)\" = amibake || { echo host init visible; exit 15; }".into(),
+        "if echo x > /proc/sys/kernel/core_pattern 2>/dev/null; then exit 16; fi".into(),
+    ];
+    let quoted: Vec<String> = checks
+        .iter()
+        .map(|c| serde_json::to_string(c).unwrap())
+        .collect();
+    let text = format!(
+        "[bake]\nname = \"contained-${{commit}}-${{timestamp}}\"\nbase_ami = {debian}\ndest = \"/srv/app\"\n\n\
+         [[bake.provisioner]]\ninline = [{}]\n\n\
+         [[bake.provisioner]]\nname = \"with network\"\nnetwork = true\ninline = [{}]\n",
+        quoted.join(", "),
+        serde_json::to_string(&connect).unwrap(),
+    );
+    std::fs::write(dir.join("contained.toml"), text).unwrap();
+    let run = bake(&cloud, dir, "contained.toml", &[]);
+    run.expect_code(0);
+    assert_nothing_left(&cloud, &build_host);
 }

@@ -17,11 +17,12 @@ use util::Run;
 
 const TEMPLATE: &str = r#"[variables]
 command = "true"
+dest = "/srv/app"
 
 [bake]
 name = "failures-${commit}-${timestamp}"
 base_ami = "resolve:ssm:/aws/service/debian/release/12/latest/amd64"
-dest = "/srv/app"
+dest = "${var.dest}"
 
 [[bake.provisioner]]
 inline = ["${var.command}"]
@@ -165,11 +166,38 @@ fn every_failure_of_a_bake_cleans_up_and_says_where() {
     let canary = Canary::new();
     let canary_dir = canary.path().display().to_string();
     let canary_file = canary.file().display().to_string();
-    let hostile: Vec<(&str, Vec<u8>, &str)> = vec![
+    let through_proc_root = format!("/proc/{}/root{canary_dir}", std::process::id());
+    let magic_link = |target: &str| {
+        let target = target.to_string();
+        tarball(move |b| {
+            append_raw(b, EntryType::Symlink, "x", Some(&target), b"");
+            append_raw(b, EntryType::Regular, "x/pwned", None, b"pwned");
+        })
+    };
+    let hostile: Vec<(&str, Vec<u8>, &str, &str)> = vec![
+        (
+            "magic-link-proc-pid-root",
+            magic_link(&through_proc_root),
+            "tarball entry 2 (x/pwned): its path leaves the destination through a symlink",
+            "/srv/app",
+        ),
+        (
+            "magic-link-proc-pid-root-dest-root",
+            magic_link(&through_proc_root),
+            "tarball entry 2 (x/pwned): its path leaves the destination through a symlink",
+            "/",
+        ),
+        (
+            "magic-link-proc-self-cwd",
+            magic_link("/proc/self/cwd"),
+            "tarball entry 2 (x/pwned): its path leaves the destination through a symlink",
+            "/srv/app",
+        ),
         (
             "dot-dot",
             tarball(|b| append_raw(b, EntryType::Regular, "../../escape", None, b"x")),
             "tarball entry 1 (../../escape): its path leaves the destination",
+            "/srv/app",
         ),
         (
             "symlink-out",
@@ -178,22 +206,25 @@ fn every_failure_of_a_bake_cleans_up_and_says_where() {
                 append_raw(b, EntryType::Regular, "out/pwned", None, b"pwned");
             }),
             "tarball entry 2 (out/pwned)",
+            "/srv/app",
         ),
         (
             "hard-link",
             tarball(|b| append_raw(b, EntryType::Link, "hl", Some(&canary_file), b"")),
             "tarball entry 1 (hl)",
+            "/srv/app",
         ),
         (
             "device",
             tarball(|b| append_raw(b, EntryType::Block, "sda", None, b"")),
             "tarball entry 1 (sda): device nodes are not allowed",
+            "/srv/app",
         ),
     ];
-    for (name, bytes, refused_with) in hostile {
+    for (name, bytes, refused_with, dest) in hostile {
         let file = format!("{name}.tar");
         std::fs::write(dir.join(&file), bytes).unwrap();
-        let run = bake(&cloud, dir, &file, &[]);
+        let run = bake(&cloud, dir, &file, &[&format!("dest={dest}")]);
         run.expect_code(1);
         let error = error_line(&run);
         assert!(
@@ -203,6 +234,32 @@ fn every_failure_of_a_bake_cleans_up_and_says_where() {
         canary.assert_untouched(name);
         assert_clean(&cloud, &run);
     }
+
+    // A provisioner that turns the image's own paths into links to the host before amibake
+    // puts its files back: the restore happens inside the image, never through the links.
+    // (It fails after, so the restore runs as cleanup, and cleanly.)
+    let resolv_to_host = format!("command=ln -sf {canary_file} /etc/resolv.conf; exit 3");
+    let run = bake(&cloud, dir, "app.tar.gz", &[&resolv_to_host]);
+    run.expect_code(1);
+    assert!(
+        error_line(&run).starts_with("error: run provisioners: ")
+            && !run.stderr().contains("could not clean up"),
+        "{}",
+        run.dump()
+    );
+    canary.assert_untouched("resolv.conf made a link to the host");
+    assert_clean(&cloud, &run);
+    let etc_to_host = format!("command=mv /etc /etc.image && ln -s {canary_dir} /etc");
+    let run = bake(&cloud, dir, "app.tar.gz", &[&etc_to_host]);
+    run.expect_code(1);
+    assert!(
+        error_line(&run).starts_with("error: unmount and detach: ")
+            && error_line(&run).contains("etc/resolv.conf (restore the image's files failed"),
+        "the restore that cannot happen inside the image is named\n{}",
+        run.dump()
+    );
+    canary.assert_untouched("/etc made a link to the host");
+    assert_clean(&cloud, &run);
 }
 
 /// 800 MiB in 1 MiB files, zstd-compressed to almost nothing: quick to make, long enough to

@@ -74,6 +74,7 @@ fn provisioner(name: &str, action: ProvisionerAction, env: &[(&str, &str)]) -> P
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
+        network: false,
     }
 }
 

@@ -31,12 +31,15 @@ impl Chroot {
         }
     }
 
-    fn command(&self, env: &BTreeMap<String, String>) -> tokio::process::Command {
+    fn command(&self, env: &BTreeMap<String, String>, network: bool) -> tokio::process::Command {
         let mut command = tokio::process::Command::new(&self.amibake_exe);
         command
             .arg("internal-sandbox")
             .arg("--root")
             .arg(&self.root);
+        if network {
+            command.arg("--network");
+        }
         command.arg("--");
         // Nothing of the host's environment leaks in, credentials included.
         command
@@ -59,13 +62,14 @@ impl Communicator for Chroot {
         &self,
         command: &str,
         env: &BTreeMap<String, String>,
+        network: bool,
         on_line: &mut (dyn for<'l> FnMut(&'l str) + Send),
         cancel: &CancellationToken,
     ) -> Result<i32, CommError> {
         // `exec 2>&1` merges the streams inside the image, keeping their order; the command
         // itself travels as an argument, so nothing is quoted or pasted into a shell string.
         let mut child = self
-            .command(env)
+            .command(env, network)
             .args([
                 "/bin/sh",
                 "-c",
@@ -110,7 +114,7 @@ impl Communicator for Chroot {
         let action = || format!("copy {} to {destination}", source.display());
         let file = std::fs::File::open(source).map_err(|e| self.failed(action(), e))?;
         let out = self
-            .command(&BTreeMap::new())
+            .command(&BTreeMap::new(), false)
             .args([
                 "/bin/sh",
                 "-c",

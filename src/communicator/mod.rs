@@ -29,11 +29,13 @@ pub trait Communicator: Send + Sync {
 
     /// Runs `command` with `/bin/sh -c` and `env`, passing each line of its output (stdout and
     /// stderr together) to `on_line`. Returns the exit code. `cancel` ends the command and
-    /// what it started.
+    /// what it started. `network`: whether a sandboxed target gives the command the
+    /// network; a machine of its own (SSH) always has its own.
     async fn run(
         &self,
         command: &str,
         env: &BTreeMap<String, String>,
+        network: bool,
         on_line: &mut (dyn for<'l> FnMut(&'l str) + Send),
         cancel: &tokio_util::sync::CancellationToken,
     ) -> Result<i32, CommError>;

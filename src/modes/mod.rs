@@ -100,7 +100,11 @@ fn provisioner_fingerprint_parts(
                 destination,
             } => format!("{} {destination}", digest(source)?),
         };
-        parts.push((format!("provisioner {i}"), format!("{what}\n{:?}", p.env)));
+        let network = if p.network { "\nnetwork" } else { "" };
+        parts.push((
+            format!("provisioner {i}"),
+            format!("{what}\n{:?}{network}", p.env),
+        ));
     }
     Ok(parts)
 }

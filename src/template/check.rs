@@ -338,6 +338,15 @@ impl Checker<'_> {
             }
             env.insert(name.clone(), self.text(&env_key, value));
         }
+        if let Some(network) = &e.network {
+            if !key.starts_with("bake.") {
+                self.error(
+                    Some(network.span()),
+                    &format!("{key}.network"),
+                    "`network` is for bake provisioners, which have none unless they ask; a base instance has its own".into(),
+                );
+            }
+        }
         let action = if let Some(script) = &e.script {
             ProvisionerAction::Script(self.local_file(&format!("{key}.script"), script)?)
         } else if let Some(inline) = &e.inline {
@@ -390,7 +399,12 @@ impl Checker<'_> {
                 ProvisionerAction::Upload { destination, .. } => format!("upload {destination}"),
             },
         };
-        Some(Provisioner { name, action, env })
+        Some(Provisioner {
+            name,
+            action,
+            env,
+            network: e.network.as_ref().is_some_and(|n| *n.get_ref()),
+        })
     }
 
     /// A file the template names, relative to the template's own directory so a build gives

@@ -90,6 +90,8 @@ pub struct Provisioner {
     pub name: String,
     pub action: ProvisionerAction,
     pub env: BTreeMap<String, String>,
+    /// Bake only: the command shares the build host's network; without it, it has none.
+    pub network: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]

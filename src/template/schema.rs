@@ -82,6 +82,8 @@ pub struct ProvisionerEntry {
     pub destination: Option<Spanned<String>>,
     #[serde(default)]
     pub env: BTreeMap<String, Spanned<String>>,
+    /// Bake only: give the command the build host's network (it has none by default).
+    pub network: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, Default)]

@@ -110,6 +110,8 @@ pub fn composer_like() -> (Vec<u8>, BTreeMap<String, Vec<u8>>) {
             files.insert(path, body);
         }
     }
+    // A setuid root helper, as a careless build can ship: the image must not keep the bit.
+    files.insert("bin/setuid-helper".into(), b"#!/bin/sh\nid -u\n".to_vec());
     files.insert(
         "bin/console".into(),
         b"#!/usr/bin/env php\n<?php echo 'hi';\n".to_vec(),
@@ -124,7 +126,11 @@ pub fn composer_like() -> (Vec<u8>, BTreeMap<String, Vec<u8>>) {
         b"long names need PAX or GNU headers\n".to_vec(),
     );
     for (path, body) in &files {
-        let mode = if path == "bin/console" { 0o755 } else { 0o644 };
+        let mode = match path.as_str() {
+            "bin/console" => 0o755,
+            "bin/setuid-helper" => 0o4755,
+            _ => 0o644,
+        };
         let mut h = header(EntryType::Regular, body.len() as u64, mode);
         b.append_data(&mut h, path, body.as_slice()).unwrap();
     }
@@ -153,6 +159,15 @@ pub fn assert_composer_like_at(at: &Path, files: &BTreeMap<String, Vec<u8>>, own
     let console = std::fs::metadata(at.join("bin/console")).unwrap();
     assert_eq!(console.permissions().mode() & 0o777, 0o755, "exec bit kept");
     assert_eq!(console.mtime(), 1_700_000_000, "mtime kept");
+    assert_eq!(
+        std::fs::metadata(at.join("bin/setuid-helper"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777,
+        0o755,
+        "the setuid bit is dropped"
+    );
     assert_eq!(
         std::fs::metadata(at.join("bin/console-hardlink"))
             .unwrap()
