@@ -21,5 +21,8 @@ pub mod exit {
     pub const OK: i32 = 0;
     pub const BUILD_FAILED: i32 = 1;
     pub const USAGE: i32 = 2;
+    /// Interrupted by SIGINT (Ctrl-C), after cleaning up.
     pub const INTERRUPTED: i32 = 130;
+    /// Interrupted by SIGTERM (a CI system stopping the job), after cleaning up.
+    pub const TERMINATED: i32 = 143;
 }

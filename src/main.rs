@@ -62,11 +62,11 @@ async fn run(cli: Cli) -> i32 {
                 template: args.template,
                 common: common(args.force, args.manifest),
             };
-            let Some((sink, cancel)) = watch_run(output, verbose) else {
+            let Some((sink, cancel, signalled)) = watch_run(output, verbose) else {
                 return exit::BUILD_FAILED;
             };
             match base::run(&options, sink, cancel).await {
-                Ok(result) => report_build(result, output, manifest_file.as_deref()),
+                Ok(result) => report_build(result, output, manifest_file.as_deref(), &signalled),
                 Err(e) => report_error(e),
             }
         }
@@ -88,11 +88,11 @@ async fn run(cli: Cli) -> i32 {
                 common: common(args.force, args.manifest),
                 amibake_exe,
             };
-            let Some((sink, cancel)) = watch_run(output, verbose) else {
+            let Some((sink, cancel, signalled)) = watch_run(output, verbose) else {
                 return exit::BUILD_FAILED;
             };
             match bake::run(&options, sink, cancel).await {
-                Ok(result) => report_build(result, output, manifest_file.as_deref()),
+                Ok(result) => report_build(result, output, manifest_file.as_deref(), &signalled),
                 Err(e) => report_error(e),
             }
         }
@@ -126,15 +126,16 @@ fn internal_sandbox(args: &cli::InternalSandboxArgs) -> ! {
     sandbox::run_and_exit(&args.command)
 }
 
-/// The progress renderer and the token SIGINT/SIGTERM cancel, for a build.
+/// The progress renderer and the token SIGINT/SIGTERM cancel, for a build, with which
+/// signal came.
 fn watch_run(
     output: OutputFormat,
     verbose: bool,
-) -> Option<(Arc<dyn EventSink>, CancellationToken)> {
+) -> Option<(Arc<dyn EventSink>, CancellationToken, engine::Signalled)> {
     let sink = progress_renderer(output, verbose);
     let cancel = CancellationToken::new();
     match engine::cancel_on_signals(cancel.clone(), sink.clone()) {
-        Ok(()) => Some((sink, cancel)),
+        Ok(signalled) => Some((sink, cancel, signalled)),
         Err(e) => {
             eprintln!("error: cannot watch for interrupts: {e}");
             None
@@ -160,6 +161,7 @@ fn report_build<M: Manifest>(
     result: BuildResult<M>,
     output: OutputFormat,
     manifest_file: Option<&std::path::Path>,
+    signalled: &engine::Signalled,
 ) -> i32 {
     if let Some(report) = &result.report {
         match &report.outcome {
@@ -176,7 +178,7 @@ fn report_build<M: Manifest>(
     let code = result
         .report
         .as_ref()
-        .map(|r| r.exit_code())
+        .map(|r| r.exit_code(signalled))
         .unwrap_or(exit::OK);
     let Some(manifest) = result.manifest else {
         return code;

@@ -161,6 +161,119 @@ fn every_failure_of_a_bake_cleans_up_and_says_where() {
     );
     assert_clean(&cloud, &run);
 
+    // SIGTERM, as a CI system stops a job, in each step that waits on something: exit 143
+    // well inside the 10 s such a system gives before it kills, the step named exactly (its
+    // first call is held while the signal lands), and nothing left. (Mounting and preparing
+    // the chroot take milliseconds on this host: a signal then is reported at the next step.)
+    const KILL_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
+    let steps: &[(&str, &str, &[&str], &str)] = &[
+        ("create volume", "CreateVolume", &[], ""),
+        ("attach volume", "DescribeInstances", &[], ""),
+        (
+            "run provisioners",
+            "",
+            &["command=echo sleeping; sleep 600"],
+            "\"line\":\"sleeping\"",
+        ),
+        ("unmount and detach", "DetachVolume", &[], ""),
+        ("snapshot", "CreateSnapshot", &[], ""),
+        ("register image", "RegisterImage", &[], ""),
+    ];
+    for (step, first_call, vars, signal_at) in steps {
+        if !first_call.is_empty() {
+            cloud.cli(&["fault", first_call, "--delay", "2"]);
+        }
+        let this_step = format!("\"step\":\"{step}\"");
+        let (run, after_signal) = util::signal_when(
+            bake_command(&cloud, dir, "app.tar.gz", vars),
+            "-TERM",
+            &format!("amibake bake, terminated during {step}"),
+            |line| match *signal_at {
+                "" => line.contains("\"event\":\"step_started\"") && line.contains(&this_step),
+                output => line.contains(output),
+            },
+        );
+        run.expect_code(143);
+        assert!(
+            run.stderr()
+                .contains(&format!("error: interrupted during {step}; cleaned up")),
+            "signalled in {step}\n{}",
+            run.dump()
+        );
+        assert!(
+            after_signal < KILL_WINDOW,
+            "{step}: cleaned up in {after_signal:?}"
+        );
+        assert_clean(&cloud, &run);
+    }
+
+    // An unmount that fails (a process on the host works in the mounted image): the volume
+    // is never detached under the live filesystem; it stays attached, and both it and the
+    // mount are named.
+    let mut holder = None;
+    // SIGCONT: a signal that changes nothing, sent once the holder is in place.
+    let run = util::signal_when(
+        bake_command(
+            &cloud,
+            dir,
+            "app.tar.gz",
+            &["command=echo holding; sleep 3"],
+        ),
+        "-CONT",
+        "amibake bake, its image held by a host process",
+        |line| {
+            if !line.contains("\"line\":\"holding\"") {
+                return false;
+            }
+            let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+            let root = mounts
+                .lines()
+                .filter_map(|l| l.split(' ').nth(1))
+                .find(|m| m.contains("amibake-ab-") && m.ends_with("/root"))
+                .expect("the bake's mount")
+                .to_string();
+            holder = Some((
+                Command::new("sleep")
+                    .arg("120")
+                    .current_dir(&root)
+                    .spawn()
+                    .unwrap(),
+                root,
+            ));
+            true
+        },
+    )
+    .0;
+    let (mut holder, root) = holder.expect("the holder started");
+    let attached = cloud.ls()["attachments"].as_array().unwrap().len();
+    run.expect_leftover(&[
+        &root,
+        "unmount failed",
+        &format!("held by pid {} (sleep)", holder.id()),
+    ]);
+    run.expect_leftover(&[
+        "detach volume failed: not tried, as",
+        "(unmount) did not succeed first",
+    ]);
+    run.expect_leftover(&["vol-", "delete volume failed: not tried"]);
+    assert_eq!(attached, 1, "the volume is still attached\n{}", run.dump());
+    assert!(
+        std::fs::read_to_string("/proc/mounts")
+            .unwrap()
+            .contains(&root),
+        "and still mounted"
+    );
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    assert!(Command::new("umount")
+        .arg(&root)
+        .status()
+        .unwrap()
+        .success());
+    std::fs::remove_dir(&root).unwrap();
+    clean_volumes_by_hand(&cloud);
+    assert_clean(&cloud, &run);
+
     // Hostile tarballs through whole bakes: refused with the entry named, or contained in
     // the image; the host's canary never touched.
     let canary = Canary::new();

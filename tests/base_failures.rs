@@ -279,19 +279,23 @@ fn every_failure_of_a_base_build_cleans_up_and_says_where() {
         .unwrap();
     world.assert_clean(&run);
 
-    // Ctrl-C during each step: exit 130, and everything made so far is removed. A step
-    // quicker than the signal's delivery is over when it lands; then a later one is named.
-    const STEPS: [&str; 8] = [
-        "create key pair",
-        "create security group",
-        "launch instance",
-        "wait for ssh",
-        "run provisioners",
-        "stop instance",
-        "create image",
-        "publish to ssm",
+    // SIGTERM, as a CI system stops a job, during each step: exit 143 well inside the 10 s
+    // such a system waits before it kills, and everything made so far is removed. Each
+    // step is held in its first call (or its running command) while the signal lands, so
+    // the step named is exactly the one signalled.
+    const STEPS: [(&str, &str); 8] = [
+        ("create key pair", "CreateKeyPair"),
+        ("create security group", "CreateSecurityGroup"),
+        ("launch instance", "RunInstances"),
+        ("wait for ssh", ""),
+        ("run provisioners", ""),
+        ("stop instance", "StopInstances"),
+        ("create image", "CreateImage"),
+        ("publish to ssm", "PutParameter"),
     ];
-    for (index, step) in STEPS.iter().enumerate() {
+    /// The CI's grace between SIGTERM and SIGKILL.
+    const KILL_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
+    for (index, (step, first_call)) in STEPS.iter().enumerate() {
         let started = format!("\"event\":\"step_started\",\"index\":{}", index + 1);
         // During the provisioners, the signal lands while a command runs on the instance.
         let (vars, signal_at): (&[&str], &str) = if *step == "run provisioners" {
@@ -302,45 +306,42 @@ fn every_failure_of_a_base_build_cleans_up_and_says_where() {
         } else {
             (&[], started.as_str())
         };
-        if *step == "publish to ssm" {
-            // The last step has no later one to catch a signal it outran: throttled answers
-            // keep it busy in the SDK's retries while the signal lands.
-            world.cloud.cli(&[
-                "fault",
-                "PutParameter",
-                "--times",
-                "1",
-                "--error",
-                "ThrottlingException",
-            ]);
+        if !first_call.is_empty() {
+            world.cloud.cli(&["fault", first_call, "--delay", "2"]);
         }
-        let run = util::interrupt_when(
+        let (run, after_signal) = util::signal_when(
             base_command(&world.cloud, dir, "failures.toml", vars),
-            &format!("amibake base failures.toml, interrupted during {step}"),
+            "-TERM",
+            &format!("amibake base failures.toml, terminated during {step}"),
             |line| line.contains(signal_at),
         );
-        run.expect_code(130);
-        let interrupted = run
-            .stderr()
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix("error: interrupted during ")
-                    .map(String::from)
-            })
-            .unwrap_or_else(|| panic!("no interrupt reported\n{}", run.dump()));
-        let at = STEPS
-            .iter()
-            .position(|s| interrupted.starts_with(&format!("{s};")))
-            .unwrap_or_else(|| panic!("unknown step in `{interrupted}`"));
-        assert!(at >= index, "signalled in {step}, reported {interrupted}");
-        if *step == "run provisioners" {
-            assert_eq!(
-                at, index,
-                "a running command is interrupted, not waited out"
-            );
-        }
+        run.expect_code(143);
+        assert!(
+            run.stderr()
+                .contains(&format!("error: interrupted during {step}; cleaned up")),
+            "signalled in {step}\n{}",
+            run.dump()
+        );
+        assert!(
+            after_signal < KILL_WINDOW,
+            "{step}: cleaned up in {after_signal:?}"
+        );
         world.assert_clean(&run);
     }
+
+    // Ctrl-C is the same interrupt, with its own exit code.
+    let run = util::interrupt_when(
+        base_command(
+            &world.cloud,
+            dir,
+            "failures.toml",
+            &["command=echo sleeping; sleep 600"],
+        ),
+        "amibake base failures.toml, Ctrl-C during run provisioners",
+        |line| line.contains("\"line\":\"sleeping\""),
+    );
+    run.expect_code(130);
+    world.assert_clean(&run);
 }
 
 /// A registered image whose root volume holds no filesystem: it launches, never boots.

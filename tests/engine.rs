@@ -160,7 +160,7 @@ async fn a_failure_undoes_everything_in_reverse_and_reports_what_stayed() {
     assert_eq!(report.leftovers.len(), 1);
     assert_eq!(report.leftovers[0].resource, "vol-1:/dev/sdf");
     assert!(report.leftovers[0].error.contains("still in use"));
-    assert_eq!(report.exit_code(), 1);
+    assert_eq!(report.exit_code(&engine::Signalled::default()), 1);
     assert_eq!(
         report
             .steps
@@ -191,7 +191,7 @@ async fn success_keeps_the_artifact_and_removes_the_temporary() {
     ];
     let (report, log) = run_steps(steps, Arc::new(Collect(Mutex::new(Vec::new())))).await;
     assert_eq!(report.outcome, Outcome::Succeeded);
-    assert_eq!(report.exit_code(), 0);
+    assert_eq!(report.exit_code(&engine::Signalled::default()), 0);
     assert_eq!(log, ["made vol-1", "made ami-1", "removed vol-1"]);
 }
 
@@ -206,7 +206,7 @@ async fn a_success_that_leaves_a_resource_behind_is_not_exit_0() {
     })];
     let (report, _) = run_steps(steps, Arc::new(Collect(Mutex::new(Vec::new())))).await;
     assert_eq!(report.outcome, Outcome::Succeeded);
-    assert_eq!(report.exit_code(), 1);
+    assert_eq!(report.exit_code(&engine::Signalled::default()), 1);
 }
 
 fn three_steps() -> Vec<Box<dyn Step<Journal>>> {
@@ -328,10 +328,10 @@ async fn terminal_renderer_draws_steps_and_cleanup() {
     }
 }
 
-/// Runs in a child process, started by `sigint_runs_the_undos_and_exits_130`: a run whose
+/// Runs in a child process, started by `sigint_and_sigterm_run_the_undos_and_exit_130_and_143`: a run whose
 /// second step blocks until interrupted. Ignored when the suite runs it directly.
 #[test]
-#[ignore = "child process of sigint_runs_the_undos_and_exits_130"]
+#[ignore = "child process of sigint_and_sigterm_run_the_undos_and_exit_130_and_143"]
 fn sigint_child() {
     let log_path = std::env::var("AMIBAKE_TEST_UNDO_LOG").expect("started by the parent test");
     struct WaitForever;
@@ -361,7 +361,7 @@ fn sigint_child() {
     let code = runtime.block_on(async {
         let sink: Arc<dyn EventSink> = Arc::new(Collect(Mutex::new(Vec::new())));
         let cancel = CancellationToken::new();
-        engine::cancel_on_signals(cancel.clone(), sink.clone()).unwrap();
+        let signalled = engine::cancel_on_signals(cancel.clone(), sink.clone()).unwrap();
         let steps: Vec<Box<dyn Step<Journal>>> =
             vec![step("create volume", "vol-1"), Box::new(WaitForever)];
         let mut journal = Journal::default();
@@ -373,45 +373,47 @@ fn sigint_child() {
                 step: "extract".into()
             }
         );
-        report.exit_code()
+        report.exit_code(&signalled)
     });
     std::process::exit(code);
 }
 
 #[test]
-fn sigint_runs_the_undos_and_exits_130() {
-    let tmp = tempfile::tempdir().unwrap();
-    let log_path = tmp.path().join("undo.log");
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--ignored",
-            "--exact",
-            "sigint_child",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env("AMIBAKE_TEST_UNDO_LOG", &log_path)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    while !line.contains("READY") {
-        line.clear();
-        assert!(
-            std::io::BufRead::read_line(&mut stdout, &mut line).unwrap() > 0,
-            "child ended before it was ready"
-        );
+fn sigint_and_sigterm_run_the_undos_and_exit_130_and_143() {
+    for (signal, code) in [("-INT", 130), ("-TERM", 143)] {
+        let tmp = tempfile::tempdir().unwrap();
+        let log_path = tmp.path().join("undo.log");
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--ignored",
+                "--exact",
+                "sigint_child",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("AMIBAKE_TEST_UNDO_LOG", &log_path)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        while !line.contains("READY") {
+            line.clear();
+            assert!(
+                std::io::BufRead::read_line(&mut stdout, &mut line).unwrap() > 0,
+                "child ended before it was ready"
+            );
+        }
+        let kill = Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(kill.success());
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), Some(code), "{signal}");
+        let log = std::fs::read_to_string(&log_path).unwrap();
+        assert_eq!(log, "made vol-1\nremoved /mnt/image\nremoved vol-1");
     }
-    let kill = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(130));
-    let log = std::fs::read_to_string(&log_path).unwrap();
-    assert_eq!(log, "made vol-1\nremoved /mnt/image\nremoved vol-1");
 }
 
 #[tokio::test]

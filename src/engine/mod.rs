@@ -82,10 +82,11 @@ impl RunReport {
             .collect()
     }
 
-    /// 0 ok, 1 failed (or succeeded but left something behind), 130 interrupted.
-    pub fn exit_code(&self) -> i32 {
+    /// 0 ok, 1 failed (or succeeded but left something behind), 130 interrupted by
+    /// SIGINT, 143 by SIGTERM.
+    pub fn exit_code(&self, signalled: &Signalled) -> i32 {
         match (&self.outcome, self.leftovers.is_empty()) {
-            (Outcome::Interrupted { .. }, _) => 130,
+            (Outcome::Interrupted { .. }, _) => signalled.exit_code(),
             (Outcome::Succeeded, true) => 0,
             _ => 1,
         }
@@ -220,11 +221,29 @@ async fn run_step<S: Send>(
     }
 }
 
-/// Cancels `cancel` on the first SIGINT or SIGTERM, and says so through `sink`.
+/// Which signal interrupted the run, once one has: SIGINT and SIGTERM end a run with
+/// different exit codes, as a shell reports them.
+#[derive(Debug, Clone, Default)]
+pub struct Signalled(Arc<std::sync::OnceLock<&'static str>>);
+
+impl Signalled {
+    /// The exit code of an interrupted run: 143 after SIGTERM, else 130.
+    pub fn exit_code(&self) -> i32 {
+        match self.0.get() {
+            Some(&"SIGTERM") => crate::exit::TERMINATED,
+            _ => crate::exit::INTERRUPTED,
+        }
+    }
+}
+
+/// Cancels `cancel` on the first SIGINT or SIGTERM, and says so through `sink`. The
+/// returned handle tells which one came first.
 pub fn cancel_on_signals(
     cancel: CancellationToken,
     sink: Arc<dyn EventSink>,
-) -> std::io::Result<()> {
+) -> std::io::Result<Signalled> {
+    let signalled = Signalled::default();
+    let first = signalled.0.clone();
     use tokio::signal::unix::{signal, SignalKind};
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
@@ -234,6 +253,7 @@ pub fn cancel_on_signals(
                 _ = interrupt.recv() => "SIGINT",
                 _ = terminate.recv() => "SIGTERM",
             };
+            let _ = first.set(name);
             sink.emit(&Event::Interrupted {
                 signal: name.into(),
             });
@@ -242,5 +262,5 @@ pub fn cancel_on_signals(
             cancel.cancel();
         }
     });
-    Ok(())
+    Ok(signalled)
 }

@@ -3,7 +3,9 @@
 //!
 //! Rules learnt from where other builders leak: an entry leaves the stack only after its undo
 //! succeeded; a failed undo is kept and reported by resource id; undos are idempotent, so an
-//! early release (unmount before snapshot) and the final cleanup share one action.
+//! early release (unmount before snapshot) and the final cleanup share one action; and an
+//! undo that is only safe once another has succeeded (detach a volume once it is
+//! unmounted) is not tried when that one failed, and is named as left with the reason.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -31,6 +33,8 @@ struct Entry {
     action_name: String,
     keep: Keep,
     action: UndoAction,
+    /// Undos that must have succeeded before this one may run.
+    after: Vec<UndoId>,
 }
 
 /// A resource that could not be cleaned, with why.
@@ -78,8 +82,25 @@ impl UndoStack {
             action_name: action_name.into(),
             keep,
             action: Box::new(move || Box::pin(action())),
+            after: Vec::new(),
         });
         id
+    }
+
+    /// Says that `dependent` may only be undone once `prerequisite` has been: a volume is
+    /// detached only once its filesystem is unmounted, never under a live one.
+    pub fn require(&mut self, dependent: UndoId, prerequisite: UndoId) {
+        if let Some(entry) = self.entries.iter_mut().find(|e| e.id == dependent) {
+            entry.after.push(prerequisite);
+        }
+    }
+
+    /// The first prerequisite of `entry` still on the stack (not undone), if any.
+    fn blocking(&self, entry: &Entry) -> Option<&Entry> {
+        entry
+            .after
+            .iter()
+            .find_map(|id| self.entries.iter().find(|e| e.id == *id))
     }
 
     /// Runs one undo now (unmount before snapshotting, say). It leaves the stack only if it
@@ -88,6 +109,14 @@ impl UndoStack {
         let Some(pos) = self.entries.iter().position(|e| e.id == id) else {
             return Ok(());
         };
+        if let Some(blocker) = self.blocking(&self.entries[pos]) {
+            let entry = &self.entries[pos];
+            return Err(Leftover {
+                resource: entry.resource.clone(),
+                action: entry.action_name.clone(),
+                error: not_tried(blocker),
+            });
+        }
         let entry = &mut self.entries[pos];
         match (entry.action)().await {
             Ok(()) => {
@@ -124,8 +153,23 @@ impl UndoStack {
         mut on_each: impl FnMut(UndoProgress<'_>),
     ) -> Vec<Leftover> {
         let mut leftovers = Vec::new();
+        // Failed undos stay listed here, so that what depends on them is not tried.
+        let mut failed: Vec<Entry> = Vec::new();
         while let Some(mut entry) = self.entries.pop() {
             if succeeded && entry.keep == Keep::OnSuccess {
+                continue;
+            }
+            let blocker = entry
+                .after
+                .iter()
+                .find_map(|id| failed.iter().find(|f| f.id == *id));
+            if let Some(blocker) = blocker {
+                leftovers.push(Leftover {
+                    error: not_tried(blocker),
+                    resource: entry.resource.clone(),
+                    action: entry.action_name.clone(),
+                });
+                failed.push(entry);
                 continue;
             }
             on_each(UndoProgress::Started {
@@ -140,10 +184,11 @@ impl UndoStack {
             });
             if let Err(error) = result {
                 leftovers.push(Leftover {
-                    resource: entry.resource,
-                    action: entry.action_name,
+                    resource: entry.resource.clone(),
+                    action: entry.action_name.clone(),
                     error,
                 });
+                failed.push(entry);
             }
         }
         leftovers
@@ -160,6 +205,13 @@ pub enum UndoProgress<'a> {
         action: &'a str,
         error: Option<&'a str>,
     },
+}
+
+fn not_tried(blocker: &Entry) -> String {
+    format!(
+        "not tried, as {} ({}) did not succeed first",
+        blocker.resource, blocker.action_name
+    )
 }
 
 /// An error and its causes as one line: "outer: inner: root".
@@ -214,6 +266,52 @@ mod tests {
         assert_eq!(left[0].resource, "attach");
         assert!(left[0].error.contains("cannot remove attach"));
         assert!(stack.is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_undo_whose_prerequisite_failed_is_not_tried_and_is_named() {
+        let log = Log::default();
+        let mut stack = UndoStack::default();
+        let delete = stack.push(
+            "vol-1",
+            "delete volume",
+            Keep::Never,
+            recording(&log, "delete", false),
+        );
+        let detach = stack.push(
+            "vol-1 on i-1",
+            "detach volume",
+            Keep::Never,
+            recording(&log, "detach", false),
+        );
+        let unmount = stack.push(
+            "/mnt/x",
+            "unmount",
+            Keep::Never,
+            recording(&log, "unmount", true),
+        );
+        stack.require(detach, unmount);
+        stack.require(delete, detach);
+        let err = stack.release(detach).await.unwrap_err();
+        assert_eq!(
+            err.error,
+            "not tried, as /mnt/x (unmount) did not succeed first"
+        );
+        let left = stack.unwind(false, |_| {}).await;
+        assert_eq!(
+            *log.lock().unwrap(),
+            ["unmount"],
+            "nothing after the failed unmount ran"
+        );
+        let named: Vec<String> = left.iter().map(|l| l.to_string()).collect();
+        assert_eq!(
+            named,
+            [
+                "/mnt/x (unmount failed: cannot remove unmount)",
+                "vol-1 on i-1 (detach volume failed: not tried, as /mnt/x (unmount) did not succeed first)",
+                "vol-1 (delete volume failed: not tried, as vol-1 on i-1 (detach volume) did not succeed first)",
+            ]
+        );
     }
 
     #[tokio::test]

@@ -112,7 +112,18 @@ pub fn amibake(args: &[&str]) -> Run {
 /// Runs `command` (its progress as JSON lines on stderr) and sends it SIGINT when a line of
 /// its stderr satisfies `when`. The run's stderr holds every line, those before the signal
 /// included. Panics if the run ends before any line does.
-pub fn interrupt_when(mut command: Command, what: &str, when: impl Fn(&str) -> bool) -> Run {
+pub fn interrupt_when(command: Command, what: &str, when: impl FnMut(&str) -> bool) -> Run {
+    signal_when(command, "-INT", what, when).0
+}
+
+/// Like `interrupt_when`, with `signal` for kill(1) (`-TERM`, `-INT`); also returns how long
+/// the run went on after the signal.
+pub fn signal_when(
+    mut command: Command,
+    signal: &str,
+    what: &str,
+    mut when: impl FnMut(&str) -> bool,
+) -> (Run, std::time::Duration) {
     use std::io::BufRead;
     let mut child = command
         .stdout(std::process::Stdio::piped())
@@ -121,23 +132,24 @@ pub fn interrupt_when(mut command: Command, what: &str, when: impl Fn(&str) -> b
         .expect("amibake binary runs");
     let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
     let mut seen = Vec::new();
-    let mut signalled = false;
+    let mut signalled = None;
     for line in lines.by_ref() {
         let line = line.unwrap();
         let now = when(&line);
         seen.push(line);
         if now {
             let sent = Command::new("kill")
-                .args(["-INT", &child.id().to_string()])
+                .args([signal, &child.id().to_string()])
                 .status()
                 .unwrap();
-            assert!(sent.success(), "kill -INT {}", child.id());
-            signalled = true;
+            assert!(sent.success(), "kill {signal} {}", child.id());
+            signalled = Some(std::time::Instant::now());
             break;
         }
     }
     seen.extend(lines.map(|l| l.unwrap()));
     let output = child.wait_with_output().unwrap();
+    let after_signal = signalled.map(|at| at.elapsed()).unwrap_or_default();
     let run = Run {
         command: what.to_string(),
         output: Output {
@@ -145,6 +157,10 @@ pub fn interrupt_when(mut command: Command, what: &str, when: impl Fn(&str) -> b
             ..output
         },
     };
-    assert!(signalled, "the awaited line never came\n{}", run.dump());
-    run
+    assert!(
+        signalled.is_some(),
+        "the awaited line never came\n{}",
+        run.dump()
+    );
+    (run, after_signal)
 }

@@ -64,7 +64,7 @@ impl Step<BakeState> for CreateVolume {
             .ok_or_else(|| failed("CreateVolume returned no volume id"))?
             .to_string();
         s.volume_id = Some(volume_id.clone());
-        undo_with(
+        s.delete_volume = Some(undo_with(
             ctx,
             &s.clients,
             volume_id.clone(),
@@ -72,7 +72,7 @@ impl Step<BakeState> for CreateVolume {
             "delete volume",
             Keep::Never,
             resources::delete_volume,
-        );
+        ));
         wait_volume(
             &s.clients,
             &volume_id,
@@ -131,7 +131,7 @@ impl Step<BakeState> for AttachVolume {
         let detach = move |clients, id| {
             resources::detach_volume(clients, id, instance.clone(), progress.clone())
         };
-        s.detach = Some(undo_with(
+        let detach = undo_with(
             ctx,
             &s.clients,
             format!("{volume_id} on {host}"),
@@ -139,7 +139,11 @@ impl Step<BakeState> for AttachVolume {
             "detach volume",
             Keep::Never,
             detach,
-        ));
+        );
+        if let Some(delete) = s.delete_volume {
+            ctx.undo.require(delete, detach);
+        }
+        s.detach = Some(detach);
         wait_volume(
             &s.clients,
             &volume_id,
@@ -181,7 +185,7 @@ impl Step<BakeState> for MountImage {
             .map_err(failed)?
             .map_err(failed)?;
         let t = target.clone();
-        s.unmount_root = Some(ctx.undo.push(
+        let unmount_root = ctx.undo.push(
             target.display().to_string(),
             "unmount",
             Keep::Never,
@@ -197,7 +201,13 @@ impl Step<BakeState> for MountImage {
                     Ok(())
                 }
             },
-        ));
+        );
+        // Never detach a volume under a live filesystem: if the unmount fails, the volume
+        // stays attached and is named.
+        if let Some(detach) = s.detach {
+            ctx.undo.require(detach, unmount_root);
+        }
+        s.unmount_root = Some(unmount_root);
 
         Ok(())
     }

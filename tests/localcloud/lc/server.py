@@ -65,8 +65,9 @@ class CallLog:
 
 
 class Faults:
-    """Injected failures: after M calls of an action pass, the next N fail with a code; P%
-    of all calls throttled."""
+    """Injected failures: after M calls of an action pass, the next N fail with a code (or,
+    with a delay, are held that many seconds and then carried out, as a slow answer); P% of
+    all calls throttled."""
 
     def __init__(self):
         self.lock = threading.Lock()
@@ -80,6 +81,8 @@ class Faults:
                 fault["after"] -= 1
             elif fault and fault["times"] > 0:
                 fault["times"] -= 1
+                if fault.get("delay"):
+                    return ("delay", fault["delay"])
                 return fault["code"]
             if self.throttle_percent and random.random() * 100 < self.throttle_percent:
                 return "RequestLimitExceeded"
@@ -186,6 +189,9 @@ class LocalCloud:
             params = {k: v[0] for k, v in form.items()}
             action = params.get("Action")
         code = self.faults.take(action) if action else None
+        if isinstance(code, tuple):
+            time.sleep(code[1])
+            code = None
         if code:
             self.calls.add(service, action, params, 400 if code != "RequestLimitExceeded" else 503, code)
             return fault_response(service, code, f"injected by the local cloud into {action}")(environ, start_response)
@@ -268,7 +274,8 @@ class LocalCloud:
                     self.faults.throttle_percent = float(spec["throttle"])
                 if spec.get("action"):
                     self.faults.by_action[spec["action"]] = {"times": int(spec.get("times", 1)), "after": int(spec.get("after", 0)),
-                                                           "code": spec.get("code", "InternalError")}
+                                                           "code": spec.get("code", "InternalError"),
+                                                           "delay": float(spec.get("delay", 0))}
             return json_response({"ok": True})
         if what == "consistency" and request.method == "POST":
             self.timing.consistency_delay = float(request.get_json()["seconds"])
