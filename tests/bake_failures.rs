@@ -85,6 +85,47 @@ fn assert_clean(cloud: &LocalCloud, run: &Run) {
     );
 }
 
+/// After a bake that succeeded: exactly its image and snapshot are left of it; removes them,
+/// so `assert_clean` can follow.
+fn take_back(cloud: &LocalCloud, run: &Run) {
+    run.expect_code(0);
+    let manifest: serde_json::Value =
+        serde_json::from_str(run.stdout().lines().last().expect("a manifest")).unwrap();
+    let ls = cloud.ls();
+    let ours = |kind: &str| -> Vec<String> {
+        ls[kind]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|x| x["owner"] == "123456789012")
+            .map(|x| x["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(
+        ours("images"),
+        [manifest["ami_id"].as_str().unwrap()],
+        "{}",
+        run.dump()
+    );
+    assert_eq!(
+        ours("snapshots"),
+        [manifest["snapshot_id"].as_str().unwrap()],
+        "no second snapshot\n{}",
+        run.dump()
+    );
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let clients = runtime.block_on(cloud.clients());
+    runtime.block_on(async {
+        amibake::aws::resources::deregister_image_and_snapshots(
+            clients,
+            manifest["ami_id"].as_str().unwrap().into(),
+        )
+        .await
+        .unwrap();
+    });
+    assert_clean(cloud, run);
+}
+
 fn error_line(run: &Run) -> String {
     run.stderr()
         .lines()
@@ -120,7 +161,6 @@ fn every_failure_of_a_bake_cleans_up_and_says_where() {
         ("ec2", "CreateSnapshot", 0, Some("snapshot")),
         ("ec2", "DescribeSnapshots", 0, Some("snapshot")),
         ("ec2", "RegisterImage", 0, Some("register image")),
-        ("ec2", "CreateTags", 0, Some("register image")),
         ("ec2", "DescribeImages", 1, Some("register image")),
     ];
     for (service, action, after, step) in cases {
@@ -128,6 +168,31 @@ fn every_failure_of_a_bake_cleans_up_and_says_where() {
         let run = bake(&cloud, dir, "app.tar.gz", &[]);
         run.expect_failure(&injected, *step);
         assert_clean(&cloud, &run);
+    }
+
+    // EC2's eventual consistency: every new resource NotFound for 2 s. The bake waits it
+    // out and succeeds, leaving only its image and snapshot.
+    cloud.cli(&["consistency", "2"]);
+    take_back(&cloud, &bake(&cloud, dir, "app.tar.gz", &[]));
+    // SIGTERM right after CreateVolume, while the volume is still NotFound: its removal
+    // waits until EC2 knows it, never taking NotFound for "already gone".
+    cloud.cli(&["fault", "CreateVolume", "--delay", "1"]);
+    let (run, _) = util::signal_when(
+        bake_command(&cloud, dir, "app.tar.gz", &[]),
+        "-TERM",
+        "amibake bake, terminated just after CreateVolume",
+        |line| line.contains("\"step_started\"") && line.contains("\"step\":\"create volume\""),
+    );
+    run.expect_code(143);
+    assert_clean(&cloud, &run);
+    cloud.cli(&["consistency", "0"]);
+
+    // A create whose answer is lost (carried out, then HTTP 500: the SDK retries): a client
+    // token makes the retry the same call, an AMI name leads back to the lost attempt's
+    // image, and a second snapshot is found by the build's tag and removed.
+    for action in ["CreateVolume", "CreateSnapshot", "RegisterImage"] {
+        cloud.cli(&["fault", action, "--lose-answer"]);
+        take_back(&cloud, &bake(&cloud, dir, "app.tar.gz", &[]));
     }
 
     // Cleanups that fail: the run names what it could not remove, by id.

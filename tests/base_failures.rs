@@ -63,6 +63,42 @@ struct World {
 }
 
 impl World {
+    /// After a build that succeeded: exactly its image (and that image's snapshots) is left
+    /// of it; removes them and puts the parameter back, so `assert_clean` can follow.
+    fn take_back(&self, run: &Run) {
+        run.expect_code(0);
+        let manifest: serde_json::Value =
+            serde_json::from_str(run.stdout().lines().last().expect("a manifest")).unwrap();
+        let image = manifest["ami_id"].as_str().unwrap().to_string();
+        let images: Vec<_> = self.cloud.ls()["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|x| x["owner"] == "123456789012")
+            .map(|x| x["id"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(
+            images,
+            std::slice::from_ref(&image),
+            "only the build's image\n{}",
+            run.dump()
+        );
+        self.runtime.block_on(async {
+            amibake::aws::resources::deregister_image_and_snapshots(self.clients.clone(), image)
+                .await
+                .unwrap();
+            amibake::aws::resources::restore_parameter(
+                self.clients.clone(),
+                PARAMETER.into(),
+                Some(self.published.clone()),
+                Some("latest".into()),
+            )
+            .await
+            .unwrap();
+        });
+        self.assert_clean(run);
+    }
+
     fn parameter(&self, name: &str) -> Option<String> {
         self.runtime
             .block_on(self.clients.ssm.get_parameter().name(name).send())
@@ -225,6 +261,44 @@ fn every_failure_of_a_base_build_cleans_up_and_says_where() {
         let run = base(&world.cloud, dir, &[]);
         run.expect_failure(&injected, *step);
         world.assert_clean(&run);
+    }
+
+    // EC2's eventual consistency: every new resource NotFound for 2 s. The build waits it
+    // out and succeeds, leaving only its image.
+    world.cloud.cli(&["consistency", "2"]);
+    world.take_back(&base(&world.cloud, dir, &[]));
+    // SIGTERM right after the launch, while the instance is still NotFound: its removal
+    // waits until EC2 knows it, never taking NotFound for "already gone".
+    world.cloud.cli(&["fault", "RunInstances", "--delay", "1"]);
+    let (run, _) = util::signal_when(
+        base_command(&world.cloud, dir, "failures.toml", &[]),
+        "-TERM",
+        "amibake base, terminated just after its launch",
+        |line| line.contains("\"step_started\"") && line.contains("\"step\":\"launch instance\""),
+    );
+    run.expect_code(143);
+    world.assert_clean(&run);
+    world.cloud.cli(&["consistency", "0"]);
+
+    // A create whose answer is lost (carried out, then HTTP 500: the SDK retries). A client
+    // token makes the retry the same call; a name EC2 keeps unique leads back to what the
+    // lost attempt made. A key pair's private key is lost with the answer: that build
+    // fails, and the key pair goes.
+    for (action, succeeds) in [
+        ("CreateKeyPair", false),
+        ("CreateSecurityGroup", true),
+        ("RunInstances", true),
+        ("CreateImage", true),
+        ("PutParameter", true),
+    ] {
+        world.cloud.cli(&["fault", action, "--lose-answer"]);
+        let run = base(&world.cloud, dir, &[]);
+        if succeeds {
+            world.take_back(&run);
+        } else {
+            run.expect_failure("InvalidKeyPair.Duplicate", Some("create key pair"));
+            world.assert_clean(&run);
+        }
     }
 
     // A provisioner that exits 3: its command, exit code and output are in the error.

@@ -1,6 +1,11 @@
 //! EC2 resources the modes make: waiting for their states, each a thin poll over the one wait
-//! helper, and removing them again. Removal treats "already gone" as done, so an undo can
-//! run twice.
+//! helper, and removing them again.
+//!
+//! EC2 is eventually consistent: right after a create, a Describe or a Delete naming the new
+//! id may answer NotFound. Both are read as "not visible yet" and retried, within
+//! `VISIBILITY_BOUND`, never as "already gone": a Ctrl-C just after a create must not report
+//! a clean exit while the resource lives on. What says a resource is truly gone (an image
+//! already deregistered, a volume not attached) counts as done, so an undo can run twice.
 
 use aws_sdk_ec2::error::ProvideErrorMetadata;
 use tokio_util::sync::CancellationToken;
@@ -8,6 +13,8 @@ use tokio_util::sync::CancellationToken;
 use super::wait::{wait_for, Poll, WaitError, WaitPolicy};
 use super::{AwsError, Clients};
 use crate::engine::{Progress, Unit};
+use aws_sdk_ec2::config::http::HttpResponse;
+use aws_sdk_ec2::error::SdkError;
 
 pub type ResourceError = WaitError<AwsError>;
 
@@ -29,12 +36,10 @@ pub async fn wait_volume(
         || {
             let (ec2, id) = (ec2.clone(), id.to_string());
             async move {
-                let out = ec2
-                    .describe_volumes()
-                    .volume_ids(&id)
-                    .send()
-                    .await
-                    .map_err(|e| AwsError::new(format!("describe {id}"), &e))?;
+                let described = ec2.describe_volumes().volume_ids(&id).send().await;
+                let Some(out) = visible(described, "InvalidVolume.NotFound", &id)? else {
+                    return Ok(Poll::NotYetVisible);
+                };
                 let volume = out.volumes().first();
                 // While a volume has an attachment, its state (attaching, attached, detaching) is
                 // the one that matters; without one, the volume's own (creating, available).
@@ -79,12 +84,10 @@ pub async fn wait_snapshot(
     wait_for("snapshot", id, WaitPolicy::LONG, cancel, report, || {
         let (ec2, id) = (ec2.clone(), id.to_string());
         async move {
-            let out = ec2
-                .describe_snapshots()
-                .snapshot_ids(&id)
-                .send()
-                .await
-                .map_err(|e| AwsError::new(format!("describe {id}"), &e))?;
+            let described = ec2.describe_snapshots().snapshot_ids(&id).send().await;
+            let Some(out) = visible(described, "InvalidSnapshot.NotFound", &id)? else {
+                return Ok(Poll::NotYetVisible);
+            };
             let snapshot = out.snapshots().first();
             let state = snapshot
                 .and_then(|s| s.state())
@@ -120,12 +123,10 @@ pub async fn wait_image(
         || {
             let (ec2, id) = (ec2.clone(), id.to_string());
             async move {
-                let out = ec2
-                    .describe_images()
-                    .image_ids(&id)
-                    .send()
-                    .await
-                    .map_err(|e| AwsError::new(format!("describe {id}"), &e))?;
+                let described = ec2.describe_images().image_ids(&id).send().await;
+                let Some(out) = visible(described, "InvalidAMIID.NotFound", &id)? else {
+                    return Ok(Poll::NotYetVisible);
+                };
                 let state = out
                     .images()
                     .first()
@@ -147,50 +148,108 @@ pub async fn wait_image(
 }
 
 /// The AWS error code of a failed call, if the service answered with one.
-fn code<E: ProvideErrorMetadata>(
+pub fn code<E: ProvideErrorMetadata>(
     err: &aws_sdk_ec2::error::SdkError<E, aws_sdk_ec2::config::http::HttpResponse>,
 ) -> Option<&str> {
     err.as_service_error().and_then(|e| e.code())
 }
 
-/// Treats the codes that mean "nothing left to do" as success.
-fn gone_is_done<T, E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static>(
-    result: Result<T, aws_sdk_ec2::error::SdkError<E, aws_sdk_ec2::config::http::HttpResponse>>,
-    action: String,
-    done_codes: &[&str],
-) -> Result<(), AwsError> {
+/// A describe's answer, or None when EC2 does not know `id` (yet).
+fn visible<T, E>(
+    result: Result<T, SdkError<E, HttpResponse>>,
+    not_found: &str,
+    id: &str,
+) -> Result<Option<T>, AwsError>
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
     match result {
-        Ok(_) => Ok(()),
-        Err(e) if code(&e).is_some_and(|c| done_codes.contains(&c)) => Ok(()),
-        Err(e) => Err(AwsError::new(action, &e)),
+        Ok(out) => Ok(Some(out)),
+        Err(e) if code(&e) == Some(not_found) => Ok(None),
+        Err(e) => Err(AwsError::new(format!("describe {id}"), &e)),
     }
 }
 
-pub async fn delete_volume(clients: Clients, id: String) -> Result<(), AwsError> {
-    let result = clients.ec2.delete_volume().volume_id(&id).send().await;
-    gone_is_done(
-        result,
+/// Runs a removal `call` until EC2 knows the resource: its `not_found` code is read as "not
+/// visible yet" and retried through the one wait helper, within `VISIBILITY_BOUND`; the
+/// codes in `done` say there is nothing left to do.
+async fn remove_once_visible<T, E, F, Fut>(
+    what: &str,
+    id: &str,
+    action: String,
+    not_found: &str,
+    done: &[&str],
+    mut call: F,
+) -> Result<(), ResourceError>
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, SdkError<E, HttpResponse>>>,
+{
+    let mut attempt = || {
+        let call = call();
+        let action = action.clone();
+        async move {
+            match call.await {
+                Ok(_) => Ok(Poll::Ready(())),
+                Err(e) if code(&e) == Some(not_found) => Ok(Poll::NotYetVisible),
+                Err(e) if code(&e).is_some_and(|c| done.contains(&c)) => Ok(Poll::Ready(())),
+                Err(e) => Err(AwsError::new(action, &e)),
+            }
+        }
+    };
+    // The first attempt at once; only a resource not yet visible waits.
+    match attempt().await.map_err(WaitError::Poll)? {
+        Poll::NotYetVisible => {}
+        _ => return Ok(()),
+    }
+    // A cleanup runs on after Ctrl-C: its own token, never cancelled.
+    wait_for(
+        what,
+        id,
+        WaitPolicy::SHORT,
+        &CancellationToken::new(),
+        |_, _| {},
+        attempt,
+    )
+    .await
+}
+
+pub async fn delete_volume(clients: Clients, id: String) -> Result<(), ResourceError> {
+    remove_once_visible(
+        "volume",
+        &id,
         format!("delete volume {id}"),
-        &["InvalidVolume.NotFound"],
+        "InvalidVolume.NotFound",
+        &[],
+        || clients.ec2.delete_volume().volume_id(&id).send(),
     )
+    .await
 }
 
-pub async fn delete_snapshot(clients: Clients, id: String) -> Result<(), AwsError> {
-    let result = clients.ec2.delete_snapshot().snapshot_id(&id).send().await;
-    gone_is_done(
-        result,
+pub async fn delete_snapshot(clients: Clients, id: String) -> Result<(), ResourceError> {
+    remove_once_visible(
+        "snapshot",
+        &id,
         format!("delete snapshot {id}"),
-        &["InvalidSnapshot.NotFound"],
+        "InvalidSnapshot.NotFound",
+        &[],
+        || clients.ec2.delete_snapshot().snapshot_id(&id).send(),
     )
+    .await
 }
 
-pub async fn deregister_image(clients: Clients, id: String) -> Result<(), AwsError> {
-    let result = clients.ec2.deregister_image().image_id(&id).send().await;
-    gone_is_done(
-        result,
+pub async fn deregister_image(clients: Clients, id: String) -> Result<(), ResourceError> {
+    remove_once_visible(
+        "image",
+        &id,
         format!("deregister {id}"),
-        &["InvalidAMIID.NotFound", "InvalidAMIID.Unavailable"],
+        "InvalidAMIID.NotFound",
+        // Deregistered already.
+        &["InvalidAMIID.Unavailable"],
+        || clients.ec2.deregister_image().image_id(&id).send(),
     )
+    .await
 }
 
 /// Detaches a volume from `instance` (always naming it: EC2 needs it to know which
@@ -202,23 +261,23 @@ pub async fn detach_volume(
     instance: String,
     progress: Progress,
 ) -> Result<(), ResourceError> {
-    let result = clients
-        .ec2
-        .detach_volume()
-        .volume_id(&id)
-        .instance_id(&instance)
-        .send()
-        .await;
-    gone_is_done(
-        result,
+    remove_once_visible(
+        "volume",
+        &id,
         format!("detach {id} from {instance}"),
-        &[
-            "IncorrectState",
-            "InvalidAttachment.NotFound",
-            "InvalidVolume.NotFound",
-        ],
+        "InvalidVolume.NotFound",
+        // Not attached (any more): nothing to detach.
+        &["IncorrectState", "InvalidAttachment.NotFound"],
+        || {
+            clients
+                .ec2
+                .detach_volume()
+                .volume_id(&id)
+                .instance_id(&instance)
+                .send()
+        },
     )
-    .map_err(WaitError::Poll)?;
+    .await?;
     wait_volume(
         &clients,
         &id,
@@ -248,12 +307,10 @@ pub async fn wait_instance(
         || {
             let (ec2, id) = (ec2.clone(), id.to_string());
             async move {
-                let out = ec2
-                    .describe_instances()
-                    .instance_ids(&id)
-                    .send()
-                    .await
-                    .map_err(|e| AwsError::new(format!("describe {id}"), &e))?;
+                let described = ec2.describe_instances().instance_ids(&id).send().await;
+                let Some(out) = visible(described, "InvalidInstanceID.NotFound", &id)? else {
+                    return Ok(Poll::NotYetVisible);
+                };
                 let instance = out
                     .reservations()
                     .iter()
@@ -290,45 +347,98 @@ pub async fn terminate_instance(
     id: String,
     progress: Progress,
 ) -> Result<(), ResourceError> {
-    let result = clients
-        .ec2
-        .terminate_instances()
-        .instance_ids(&id)
-        .send()
-        .await;
-    gone_is_done(
-        result,
-        format!("terminate {id}"),
-        &["InvalidInstanceID.NotFound"],
-    )
-    .map_err(WaitError::Poll)?;
-    match wait_instance(
-        &clients,
+    remove_once_visible(
+        "instance",
         &id,
-        "terminated",
+        format!("terminate {id}"),
+        "InvalidInstanceID.NotFound",
+        &[],
+        || clients.ec2.terminate_instances().instance_ids(&id).send(),
+    )
+    .await?;
+    // EC2 took the termination, so it knew the instance: NotFound from here on is an
+    // instance terminated long enough to drop out of DescribeInstances.
+    let ec2 = clients.ec2.clone();
+    wait_for(
+        "instance",
+        &id,
+        WaitPolicy::SHORT,
         &CancellationToken::new(),
-        &progress,
+        |state, _| progress.note(format!("{id}: {state}")),
+        || {
+            let (ec2, id) = (ec2.clone(), id.clone());
+            async move {
+                let described = ec2.describe_instances().instance_ids(&id).send().await;
+                let Some(out) = visible(described, "InvalidInstanceID.NotFound", &id)? else {
+                    return Ok(Poll::Ready(()));
+                };
+                let state = out
+                    .reservations()
+                    .iter()
+                    .flat_map(|r| r.instances())
+                    .find_map(|i| i.state().and_then(|s| s.name()))
+                    .map(|s| s.as_str().to_string())
+                    .unwrap_or_else(|| "terminated".into());
+                Ok(match state.as_str() {
+                    "terminated" => Poll::Ready(()),
+                    _ => Poll::Pending {
+                        state,
+                        percent: None,
+                    },
+                })
+            }
+        },
     )
     .await
-    {
-        Ok(_) => Ok(()),
-        // Terminated instances drop out of DescribeInstances after a while.
-        Err(WaitError::Poll(e)) if e.detail.contains("InvalidInstanceID.NotFound") => Ok(()),
-        Err(e) => Err(e),
-    }
 }
 
-pub async fn delete_key_pair(clients: Clients, name: String) -> Result<(), AwsError> {
-    let result = clients.ec2.delete_key_pair().key_name(&name).send().await;
-    gone_is_done(
-        result,
-        format!("delete key pair {name}"),
-        &["InvalidKeyPair.NotFound"],
+/// Deletes a key pair by name. DeleteKeyPair answers success for a name it does not know,
+/// so a key pair that is not visible yet is looked for first.
+pub async fn delete_key_pair(clients: Clients, name: String) -> Result<(), ResourceError> {
+    let ec2 = clients.ec2.clone();
+    let known = wait_for(
+        "key pair",
+        &name,
+        WaitPolicy::SHORT,
+        &CancellationToken::new(),
+        |_, _| {},
+        || {
+            let (ec2, name) = (ec2.clone(), name.clone());
+            async move {
+                let described = ec2.describe_key_pairs().key_names(&name).send().await;
+                Ok(
+                    match visible(described, "InvalidKeyPair.NotFound", &name)? {
+                        Some(_) => Poll::Ready(true),
+                        None => Poll::NotYetVisible,
+                    },
+                )
+            }
+        },
     )
+    .await;
+    match known {
+        Ok(_) | Err(WaitError::NeverVisible { .. }) => {}
+        Err(e) => return Err(e),
+    }
+    clients
+        .ec2
+        .delete_key_pair()
+        .key_name(&name)
+        .send()
+        .await
+        .map(|_| ())
+        .or_else(|e| match code(&e) {
+            Some("InvalidKeyPair.NotFound") => Ok(()),
+            _ => Err(WaitError::Poll(AwsError::new(
+                format!("delete key pair {name}"),
+                &e,
+            ))),
+        })
 }
 
 /// Deletes a security group. An instance that used it can hold it for a few seconds after it
-/// terminated (DependencyViolation), so that is retried for a while.
+/// terminated (DependencyViolation), and a group made a moment ago may not be visible yet
+/// (NotFound): both are retried for a while.
 pub async fn delete_security_group(clients: Clients, id: String) -> Result<(), AwsError> {
     const ATTEMPTS: u32 = 30;
     let mut attempt = 0;
@@ -341,38 +451,129 @@ pub async fn delete_security_group(clients: Clients, id: String) -> Result<(), A
             .send()
             .await;
         match result {
-            Err(e) if code(&e) == Some("DependencyViolation") && attempt < ATTEMPTS => {
+            Err(e)
+                if matches!(
+                    code(&e),
+                    Some("DependencyViolation" | "InvalidGroup.NotFound")
+                ) && attempt < ATTEMPTS =>
+            {
                 tokio::time::sleep(std::time::Duration::from_secs(2)).await;
             }
-            other => {
-                return gone_is_done(
-                    other,
-                    format!("delete security group {id}"),
-                    &["InvalidGroup.NotFound"],
-                )
-            }
+            Ok(_) => return Ok(()),
+            Err(e) => return Err(AwsError::new(format!("delete security group {id}"), &e)),
         }
     }
 }
 
 /// Deregisters an image made by CreateImage and deletes the snapshots it made with it.
-pub async fn deregister_image_and_snapshots(clients: Clients, id: String) -> Result<(), AwsError> {
-    let described = clients.ec2.describe_images().image_ids(&id).send().await;
-    let snapshots: Vec<String> = match &described {
-        Ok(out) => out
-            .images()
-            .iter()
-            .flat_map(|i| i.block_device_mappings())
-            .filter_map(|m| m.ebs().and_then(|e| e.snapshot_id()).map(str::to_string))
-            .collect(),
-        Err(e) if code(e) == Some("InvalidAMIID.NotFound") => Vec::new(),
-        Err(e) => return Err(AwsError::new(format!("describe {id}"), e)),
-    };
+pub async fn deregister_image_and_snapshots(
+    clients: Clients,
+    id: String,
+) -> Result<(), ResourceError> {
+    // Its snapshots are known only while it is registered: an image made a moment ago is
+    // waited for until it is visible, so that none is left behind.
+    let ec2 = clients.ec2.clone();
+    let snapshots: Vec<String> = wait_for(
+        "image",
+        &id,
+        WaitPolicy::SHORT,
+        &CancellationToken::new(),
+        |_, _| {},
+        || {
+            let (ec2, id) = (ec2.clone(), id.clone());
+            async move {
+                let described = ec2.describe_images().image_ids(&id).send().await;
+                let Some(out) = visible(described, "InvalidAMIID.NotFound", &id)? else {
+                    return Ok(Poll::NotYetVisible);
+                };
+                Ok(Poll::Ready(
+                    out.images()
+                        .iter()
+                        .flat_map(|i| i.block_device_mappings())
+                        .filter_map(|m| m.ebs().and_then(|e| e.snapshot_id()).map(str::to_string))
+                        .collect(),
+                ))
+            }
+        },
+    )
+    .await?;
     deregister_image(clients.clone(), id).await?;
     for snapshot in snapshots {
         delete_snapshot(clients.clone(), snapshot).await?;
     }
     Ok(())
+}
+
+/// What this build made under a name EC2 keeps unique (an AMI, a security group), found
+/// after a create whose answer was lost: the SDK's retry of it was refused as a duplicate.
+/// Filters may lag behind a create too, so it is looked for within `VISIBILITY_BOUND`.
+pub async fn made_by_this_build(
+    clients: &Clients,
+    kind: Unique,
+    name: &str,
+    build_id: &str,
+) -> Result<String, ResourceError> {
+    let ec2 = clients.ec2.clone();
+    let filter = |key: &str, value: &str| {
+        aws_sdk_ec2::types::Filter::builder()
+            .name(key)
+            .values(value)
+            .build()
+    };
+    let by_build = filter(&format!("tag:{}", crate::artifact::TAG_BUILD_ID), build_id);
+    wait_for(
+        kind.what(),
+        name,
+        WaitPolicy::SHORT,
+        &CancellationToken::new(),
+        |_, _| {},
+        || {
+            let (ec2, by_build) = (ec2.clone(), by_build.clone());
+            async move {
+                let found: Option<String> = match kind {
+                    Unique::Image => ec2
+                        .describe_images()
+                        .owners("self")
+                        .filters(filter("name", name))
+                        .filters(by_build)
+                        .send()
+                        .await
+                        .map_err(|e| AwsError::new(format!("look for image {name}"), &e))?
+                        .images()
+                        .first()
+                        .and_then(|i| i.image_id().map(str::to_string)),
+                    Unique::SecurityGroup => ec2
+                        .describe_security_groups()
+                        .filters(filter("group-name", name))
+                        .filters(by_build)
+                        .send()
+                        .await
+                        .map_err(|e| AwsError::new(format!("look for security group {name}"), &e))?
+                        .security_groups()
+                        .first()
+                        .and_then(|g| g.group_id().map(str::to_string)),
+                };
+                Ok(found.map_or(Poll::NotYetVisible, Poll::Ready))
+            }
+        },
+    )
+    .await
+}
+
+/// Resources whose names EC2 keeps unique.
+#[derive(Debug, Clone, Copy)]
+pub enum Unique {
+    Image,
+    SecurityGroup,
+}
+
+impl Unique {
+    fn what(self) -> &'static str {
+        match self {
+            Unique::Image => "image",
+            Unique::SecurityGroup => "security group",
+        }
+    }
 }
 
 /// An SSM parameter's value before a run published to it: `None` when it did not exist.

@@ -35,10 +35,17 @@ impl WaitPolicy {
     };
 }
 
+/// How long a resource this run just made may stay NotFound (EC2's eventual consistency)
+/// before that is believed: seconds as a rule, a minute at the very worst.
+pub const VISIBILITY_BOUND: Duration = Duration::from_secs(120);
+
 /// What one poll saw.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Poll<T> {
     Ready(T),
+    /// EC2 answers NotFound for it: made too recently to be seen everywhere. Pending until
+    /// `VISIBILITY_BOUND`, then an error.
+    NotYetVisible,
     /// Not there yet: its current state, and a percentage where AWS gives one.
     Pending {
         state: String,
@@ -61,6 +68,12 @@ pub enum WaitError<E: std::error::Error + 'static> {
     },
     #[error("interrupted while waiting for {what} {id}")]
     Interrupted { what: String, id: String },
+    #[error("{what} {id} is still unknown to EC2 {}s after it was made: it may exist; look for it and remove it", waited.as_secs())]
+    NeverVisible {
+        what: String,
+        id: String,
+        waited: Duration,
+    },
     #[error("{what} {id} failed: it is {state}")]
     Failed {
         what: String,
@@ -109,6 +122,18 @@ where
             Poll::Pending { state, percent } => {
                 on_pending(&state, percent);
                 state
+            }
+            Poll::NotYetVisible => {
+                let waited = started.elapsed();
+                if waited >= VISIBILITY_BOUND.min(policy.total) {
+                    return Err(WaitError::NeverVisible {
+                        what: what.into(),
+                        id: id.into(),
+                        waited,
+                    });
+                }
+                on_pending("not yet visible", None);
+                "not yet visible".to_string()
             }
         };
         let waited = started.elapsed();
@@ -209,6 +234,51 @@ mod tests {
             "gave up waiting for snapshot snap-9 after 10s: still pending"
         );
         assert!(!percents.is_empty() && percents.iter().all(|p| *p == Some(40)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn not_found_right_after_a_create_is_waited_out_within_its_bound() {
+        let polls = RefCell::new(0);
+        let result: Result<&str, WaitError<DescribeFailed>> = wait_for(
+            "volume",
+            "vol-1",
+            WaitPolicy::SHORT,
+            &CancellationToken::new(),
+            |_, _| {},
+            || {
+                *polls.borrow_mut() += 1;
+                let n = *polls.borrow();
+                async move {
+                    Ok(if n < 4 {
+                        Poll::NotYetVisible
+                    } else {
+                        Poll::Ready("available")
+                    })
+                }
+            },
+        )
+        .await;
+        assert_eq!(result.unwrap(), "available");
+
+        let started = Instant::now();
+        let never: Result<(), WaitError<DescribeFailed>> = wait_for(
+            "snapshot",
+            "snap-1",
+            WaitPolicy::LONG,
+            &CancellationToken::new(),
+            |_, _| {},
+            || async { Ok(Poll::NotYetVisible) },
+        )
+        .await;
+        let err = never.unwrap_err();
+        assert!(matches!(err, WaitError::NeverVisible { .. }), "{err}");
+        assert!(started.elapsed() >= VISIBILITY_BOUND);
+        assert!(started.elapsed() < VISIBILITY_BOUND + Duration::from_secs(6));
+        assert!(
+            err.to_string()
+                .starts_with("snapshot snap-1 is still unknown to EC2 120s after it was made"),
+            "{err}"
+        );
     }
 
     #[tokio::test(start_paused = true)]

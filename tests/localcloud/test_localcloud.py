@@ -448,3 +448,83 @@ def visible(ec2, volume_id):
     except ClientError as e:
         assert e.response["Error"]["Code"] == "InvalidVolume.NotFound"
         return False
+
+
+def test_a_new_resource_is_not_found_to_its_remover_too_until_visible(cloud):
+    ec2 = cloud.client("ec2", retries=False)
+    snap = root_snapshot(vendor_image(ec2))
+    cloud.cli("consistency", "1.0")
+    try:
+        volume_id = ec2.create_volume(SnapshotId=snap, AvailabilityZone="us-east-1a")["VolumeId"]
+        with pytest.raises(ClientError) as err:
+            ec2.delete_volume(VolumeId=volume_id)
+        assert err.value.response["Error"]["Code"] == "InvalidVolume.NotFound"
+    finally:
+        cloud.cli("consistency", "0")
+    wait_until(lambda: visible(ec2, volume_id), lambda v: v, timeout=5)
+    wait_until(lambda: ec2.describe_volumes(VolumeIds=[volume_id])["Volumes"][0]["State"], lambda s: s == "available")
+    ec2.delete_volume(VolumeId=volume_id)
+
+
+def test_a_lost_answer_is_carried_out_and_a_client_token_makes_the_retry_safe(cloud):
+    ec2 = cloud.client("ec2")  # retries, as every SDK does on a 500
+    snap = root_snapshot(vendor_image(ec2))
+    existing = lambda: {v["VolumeId"] for v in ec2.describe_volumes()["Volumes"]}
+    before = existing()
+    cloud.cli("fault", "CreateVolume", "--lose-answer")
+    answered = ec2.create_volume(SnapshotId=snap, AvailabilityZone="us-east-1a", ClientToken="tok-1")["VolumeId"]
+    assert existing() - before == {answered}, "the retry got the volume the lost answer made, not a second"
+    assert [c["code"] for c in cloud.calls() if c["action"] == "CreateVolume"][-2:] == ["OK (answer lost)", "OK (same ClientToken)"]
+    # A create that takes no token (the SDK fills CreateVolume's itself): the retry makes a
+    # second snapshot, and the first is nobody's.
+    wait_until(lambda: ec2.describe_volumes(VolumeIds=[answered])["Volumes"][0]["State"], lambda s: s == "available")
+    snapshots = lambda: {s["SnapshotId"] for s in ec2.describe_snapshots(OwnerIds=["self"])["Snapshots"]}
+    before_snapshots = snapshots()
+    cloud.cli("fault", "CreateSnapshot", "--lose-answer")
+    made = ec2.create_snapshot(VolumeId=answered)["SnapshotId"]
+    orphans = snapshots() - before_snapshots - {made}
+    assert len(orphans) == 1, orphans
+    for snapshot_id in [made, *orphans]:
+        wait_until(lambda: ec2.describe_snapshots(SnapshotIds=[snapshot_id])["Snapshots"][0]["State"], lambda s: s == "completed")
+        ec2.delete_snapshot(SnapshotId=snapshot_id)
+    ec2.delete_volume(VolumeId=answered)
+
+
+def test_a_delayed_call_is_held_then_carried_out(cloud):
+    ec2 = cloud.client("ec2", retries=False)
+    cloud.cli("fault", "DescribeKeyPairs", "--delay", "0.5")
+    started = time.monotonic()
+    ec2.describe_key_pairs()
+    assert time.monotonic() - started >= 0.5
+    started = time.monotonic()
+    ec2.describe_key_pairs()
+    assert time.monotonic() - started < 0.5, "only the times asked for"
+
+
+def test_register_image_takes_tags_in_the_call(cloud):
+    ec2 = cloud.client("ec2", retries=False)
+    snap = root_snapshot(vendor_image(ec2))
+    image_id = ec2.register_image(
+        Name="tagged-on-create", RootDeviceName="/dev/xvda", Architecture="x86_64",
+        BlockDeviceMappings=[{"DeviceName": "/dev/xvda", "Ebs": {"SnapshotId": snap}}],
+        TagSpecifications=[{"ResourceType": "image", "Tags": [{"Key": "amibake:build-id", "Value": "ab-1"}]}],
+    )["ImageId"]
+    tags = ec2.describe_images(ImageIds=[image_id])["Images"][0]["Tags"]
+    assert {"Key": "amibake:build-id", "Value": "ab-1"} in tags
+    ec2.deregister_image(ImageId=image_id)
+
+
+def test_ami_names_are_unique_in_the_account(cloud):
+    ec2 = cloud.client("ec2", retries=False)
+    snap = root_snapshot(vendor_image(ec2))
+    register = lambda: ec2.register_image(
+        Name="unique-name", RootDeviceName="/dev/xvda", Architecture="x86_64",
+        BlockDeviceMappings=[{"DeviceName": "/dev/xvda", "Ebs": {"SnapshotId": snap}}],
+    )["ImageId"]
+    image_id = register()
+    with pytest.raises(ClientError) as err:
+        register()
+    assert err.value.response["Error"]["Code"] == "InvalidAMIName.Duplicate"
+    assert image_id in err.value.response["Error"]["Message"]
+    ec2.deregister_image(ImageId=image_id)
+    ec2.deregister_image(ImageId=register())

@@ -39,6 +39,8 @@ impl Step<BakeState> for CreateVolume {
             .create_volume()
             .snapshot_id(&base.root_snapshot_id)
             .availability_zone(&s.host.availability_zone)
+            // A retry of this create (after a lost answer) gets the same volume, not a second.
+            .client_token(format!("{}-volume", s.build_id))
             .size(size)
             .volume_type(VolumeType::from(
                 s.plan.volume_type.as_deref().unwrap_or("gp3"),
@@ -374,8 +376,61 @@ impl Step<BakeState> for SnapshotVolume {
         );
         wait_snapshot(&s.clients, &snapshot_id, &ctx.cancel, &ctx.progress)
             .await
-            .map_err(waited)
+            .map_err(waited)?;
+        remove_lost_snapshots(s, &volume_id, &snapshot_id, ctx).await
     }
+}
+
+/// CreateSnapshot takes no client token: when its answer is lost, the SDK's retry makes a
+/// second snapshot and the first belongs to nobody. Both carry this build's tag from their
+/// create call, so any other snapshot of this build's volume is such an orphan, and goes.
+async fn remove_lost_snapshots(
+    s: &BakeState,
+    volume_id: &str,
+    kept: &str,
+    ctx: &mut StepContext,
+) -> Result<(), StepError> {
+    let filter = |key: &str, value: &str| {
+        aws_sdk_ec2::types::Filter::builder()
+            .name(key)
+            .values(value)
+            .build()
+    };
+    let found = s
+        .clients
+        .ec2
+        .describe_snapshots()
+        .owner_ids("self")
+        .filters(filter(&format!("tag:{TAG_BUILD_ID}"), &s.build_id))
+        .filters(filter("volume-id", volume_id))
+        .send()
+        .await
+        .map_err(|e| {
+            failed(AwsError::new(
+                format!("look for other snapshots of {volume_id}"),
+                &e,
+            ))
+        })?;
+    for orphan in found
+        .snapshots()
+        .iter()
+        .filter_map(|snap| snap.snapshot_id())
+        .filter(|id| *id != kept)
+    {
+        ctx.progress.note(format!(
+            "{orphan}: a second snapshot of {volume_id} from a create whose answer was lost; deleting it"
+        ));
+        undo_with(
+            ctx,
+            &s.clients,
+            orphan.to_string(),
+            orphan,
+            "delete snapshot",
+            Keep::Never,
+            resources::delete_snapshot,
+        );
+    }
+    Ok(())
 }
 
 pub struct RegisterImage;
@@ -433,13 +488,44 @@ impl Step<BakeState> for RegisterImage {
             .set_ena_support(base.ena_support)
             .set_sriov_net_support(base.sriov_net_support.clone())
             .set_block_device_mappings(Some(mappings.collect()))
+            // Tagged in the call itself, so even a run killed right after can be found.
+            .tag_specifications(
+                TagSpecification::builder()
+                    .resource_type(ResourceType::Image)
+                    .set_tags(Some(s.artifact_tags()))
+                    .build(),
+            )
             .send()
-            .await
-            .map_err(|e| failed(AwsError::new(format!("register image {}", s.plan.name), &e)))?;
-        let image_id = out
-            .image_id()
-            .ok_or_else(|| failed("RegisterImage returned no image id"))?
-            .to_string();
+            .await;
+        let image_id = match out {
+            Ok(out) => out
+                .image_id()
+                .ok_or_else(|| failed("RegisterImage returned no image id"))?
+                .to_string(),
+            // The answer to an earlier attempt was lost and the SDK's retry met its image.
+            Err(e) if resources::code(&e) == Some("InvalidAMIName.Duplicate") => {
+                let found = resources::made_by_this_build(
+                    &s.clients,
+                    resources::Unique::Image,
+                    &s.plan.name,
+                    &s.build_id,
+                )
+                .await
+                .map_err(|_| {
+                    failed(AwsError::new(format!("register image {}", s.plan.name), &e))
+                })?;
+                ctx.progress.note(format!(
+                    "{found}: registered by an attempt whose answer was lost"
+                ));
+                found
+            }
+            Err(e) => {
+                return Err(failed(AwsError::new(
+                    format!("register image {}", s.plan.name),
+                    &e,
+                )))
+            }
+        };
         s.image_id = Some(image_id.clone());
         undo_with(
             ctx,
@@ -450,14 +536,6 @@ impl Step<BakeState> for RegisterImage {
             Keep::OnSuccess,
             resources::deregister_image,
         );
-        s.clients
-            .ec2
-            .create_tags()
-            .resources(&image_id)
-            .set_tags(Some(s.artifact_tags()))
-            .send()
-            .await
-            .map_err(|e| failed(AwsError::new(format!("tag {image_id}"), &e)))?;
         wait_image(&s.clients, &image_id, &ctx.cancel, &ctx.progress)
             .await
             .map_err(waited)

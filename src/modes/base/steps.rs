@@ -86,8 +86,26 @@ impl Step<BaseState> for CreateKeyPair {
                     .build(),
             )
             .send()
-            .await
-            .map_err(|e| failed(AwsError::new(format!("create key pair {name}"), &e)))?;
+            .await;
+        let out = match out {
+            Ok(out) => out,
+            Err(e) => {
+                if resources::code(&e) == Some("InvalidKeyPair.Duplicate") {
+                    // The name is this build's own: an attempt whose answer was lost made
+                    // the key pair, and its private key went with the answer. It goes.
+                    undo_with(
+                        ctx,
+                        &s.clients,
+                        name.clone(),
+                        &name,
+                        "delete key pair",
+                        Keep::Never,
+                        resources::delete_key_pair,
+                    );
+                }
+                return Err(failed(AwsError::new(format!("create key pair {name}"), &e)));
+            }
+        };
         s.key_name = Some(name.clone());
         undo_with(
             ctx,
@@ -165,12 +183,33 @@ impl Step<BaseState> for CreateSecurityGroup {
                     .build(),
             )
             .send()
-            .await
-            .map_err(|e| failed(AwsError::new(format!("create security group {name}"), &e)))?;
-        let group_id = out
-            .group_id()
-            .ok_or_else(|| failed("CreateSecurityGroup returned no group id"))?
-            .to_string();
+            .await;
+        let group_id = match out {
+            Ok(out) => out
+                .group_id()
+                .ok_or_else(|| failed("CreateSecurityGroup returned no group id"))?
+                .to_string(),
+            // An attempt whose answer was lost made it; the SDK's retry met it.
+            Err(e) if resources::code(&e) == Some("InvalidGroup.Duplicate") => {
+                let found = resources::made_by_this_build(
+                    &s.clients,
+                    resources::Unique::SecurityGroup,
+                    &name,
+                    &s.build_id,
+                )
+                .await
+                .map_err(|_| failed(AwsError::new(format!("create security group {name}"), &e)))?;
+                ctx.progress
+                    .note(format!("{found}: made by an attempt whose answer was lost"));
+                found
+            }
+            Err(e) => {
+                return Err(failed(AwsError::new(
+                    format!("create security group {name}"),
+                    &e,
+                )))
+            }
+        };
         undo_with(
             ctx,
             &s.clients,
@@ -238,6 +277,8 @@ impl Step<BaseState> for LaunchInstance {
             .clients
             .ec2
             .run_instances()
+            // A retry of this launch (after a lost answer) gets the same instance.
+            .client_token(&s.build_id)
             .image_id(&s.source.id)
             .instance_type(InstanceType::from(plan.instance_type.as_str()))
             .min_count(1)
@@ -509,18 +550,42 @@ impl Step<BaseState> for CreateImage {
             .instance_id(&instance_id)
             .name(&s.plan.name)
             .set_description(s.plan.description.clone())
+            // Tagged in the call itself, so even a run killed right after can be found.
+            .tag_specifications(
+                TagSpecification::builder()
+                    .resource_type(ResourceType::Image)
+                    .set_tags(Some(s.artifact_tags()))
+                    .build(),
+            )
             .send()
-            .await
-            .map_err(|e| {
-                failed(AwsError::new(
-                    format!("create image {} from {instance_id}", s.plan.name),
-                    &e,
-                ))
-            })?;
-        let image_id = out
-            .image_id()
-            .ok_or_else(|| failed("CreateImage returned no image id"))?
-            .to_string();
+            .await;
+        let create_failed = |e| {
+            failed(AwsError::new(
+                format!("create image {} from {instance_id}", s.plan.name),
+                e,
+            ))
+        };
+        let image_id = match out {
+            Ok(out) => out
+                .image_id()
+                .ok_or_else(|| failed("CreateImage returned no image id"))?
+                .to_string(),
+            // An attempt whose answer was lost made it; the SDK's retry met its name.
+            Err(e) if resources::code(&e) == Some("InvalidAMIName.Duplicate") => {
+                let found = resources::made_by_this_build(
+                    &s.clients,
+                    resources::Unique::Image,
+                    &s.plan.name,
+                    &s.build_id,
+                )
+                .await
+                .map_err(|_| create_failed(&e))?;
+                ctx.progress
+                    .note(format!("{found}: made by an attempt whose answer was lost"));
+                found
+            }
+            Err(e) => return Err(create_failed(&e)),
+        };
         s.image_id = Some(image_id.clone());
         // Its snapshots go with it: they are found from the image when it is removed.
         undo_with(

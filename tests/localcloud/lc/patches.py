@@ -299,6 +299,13 @@ def _image_ready_after(backend, timing, mappings):
     return max([0, *waits]) - time.monotonic() + timing.profile["ami_extra"]
 
 
+def refuse_duplicate_name(backend, name):
+    """EC2 keeps AMI names unique per account and region; moto does not."""
+    for ami in backend.amis.values():
+        if ami.name == name and getattr(ami, "owner_id", None) == backend.account_id:
+            raise _error("InvalidAMIName.Duplicate", f"AMI name {name} is already in use by AMI {ami.id}")
+
+
 def _patch_images(dataplane, timing):
     def register_image(self):
         self.error_on_dryrun()
@@ -316,6 +323,7 @@ def _patch_images(dataplane, timing):
                 m["Ebs"].setdefault("VolumeSize", snapshot.volume.size)
         if not any(m["DeviceName"] == root for m in mappings):
             raise _error("InvalidBlockDeviceMapping", f"The root device name {root} has no block device mapping")
+        refuse_duplicate_name(backend, self._get_param("Name"))
         image = backend.register_image(self._get_param("Name"), self._get_param("Description", ""))
         _drop_auto_snapshot(backend, image)
         image.__dict__["_mappings"] = mappings
@@ -328,6 +336,10 @@ def _patch_images(dataplane, timing):
         image.sriov_net_support = self._get_param("SriovNetSupport")
         image.sriov = image.sriov_net_support
         image.imds_support = self._get_param("ImdsSupport")
+        # Tags in the call itself, as EC2 takes them (moto's RegisterImage ignores them).
+        for spec in self._get_param("TagSpecifications", []):
+            if spec.get("ResourceType") == "image":
+                backend.create_tags([image.id], {t["Key"]: t["Value"] for t in spec.get("Tags", [])})
         timing.start(("image", image.id), max(0, _image_ready_after(backend, timing, mappings)))
         timing.created(image.id)
         from moto.core.responses import ActionResult
@@ -471,6 +483,8 @@ def _patch_instances(dataplane, instances, timing, loopback_subnet):
     def patched_create_image(self, instance_id, name, description, tag_specifications):
         instance = self.get_instance(instance_id)
         source = _image_of(self, instance)
+        if current_action() == "CreateImage":
+            refuse_duplicate_name(self, name)
         image = create_image(self, instance_id, name, description, tag_specifications)
         if current_action() != "CreateImage":
             return image

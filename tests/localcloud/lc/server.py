@@ -65,9 +65,10 @@ class CallLog:
 
 
 class Faults:
-    """Injected failures: after M calls of an action pass, the next N fail with a code (or,
-    with a delay, are held that many seconds and then carried out, as a slow answer); P% of
-    all calls throttled."""
+    """Injected failures: after M calls of an action pass, the next N fail with a code; or
+    are held some seconds and then carried out (a slow answer); or are carried out and
+    their answer lost (HTTP 500, as a dropped connection looks to a client, which retries).
+    P% of all calls throttled."""
 
     def __init__(self):
         self.lock = threading.Lock()
@@ -83,19 +84,34 @@ class Faults:
                 fault["times"] -= 1
                 if fault.get("delay"):
                     return ("delay", fault["delay"])
+                if fault.get("lose_answer"):
+                    return ("lose", None)
                 return fault["code"]
             if self.throttle_percent and random.random() * 100 < self.throttle_percent:
                 return "RequestLimitExceeded"
         return None
 
 
-# What a Describe* answers for a resource it cannot see yet, as EC2 words it.
-NOT_YET_VISIBLE = {
-    "DescribeVolumes": ("VolumeId", "InvalidVolume.NotFound", "The volume '{}' does not exist."),
-    "DescribeSnapshots": ("SnapshotId", "InvalidSnapshot.NotFound", "The snapshot '{}' does not exist."),
-    "DescribeImages": ("ImageId", "InvalidAMIID.NotFound", "The image id '[{}]' does not exist"),
-    "DescribeInstances": ("InstanceId", "InvalidInstanceID.NotFound", "The instance ID '{}' does not exist"),
+# What EC2 answers a call naming a resource it cannot see yet (eventual consistency), by the
+# resource's id prefix, as EC2 words it.
+NOT_FOUND = {
+    "vol-": ("InvalidVolume.NotFound", "The volume '{}' does not exist."),
+    "snap-": ("InvalidSnapshot.NotFound", "The snapshot '{}' does not exist."),
+    "ami-": ("InvalidAMIID.NotFound", "The image id '[{}]' does not exist"),
+    "i-": ("InvalidInstanceID.NotFound", "The instance ID '{}' does not exist"),
 }
+# The calls that name an existing resource, and the parameter that names it: Describe* by id,
+# and every call that acts on one (removers included: a resource removed right after it was
+# made may be NotFound to the remover too).
+NAMES_A_RESOURCE = {
+    "DescribeVolumes": "VolumeId", "DescribeSnapshots": "SnapshotId", "DescribeImages": "ImageId",
+    "DescribeInstances": "InstanceId", "AttachVolume": "VolumeId", "DetachVolume": "VolumeId",
+    "DeleteVolume": "VolumeId", "CreateSnapshot": "VolumeId", "DeleteSnapshot": "SnapshotId",
+    "DeregisterImage": "ImageId", "TerminateInstances": "InstanceId", "StopInstances": "InstanceId",
+    "CreateImage": "InstanceId", "CreateTags": "ResourceId",
+}
+# Creates that take a ClientToken: the same token answers the same, without a second resource.
+IDEMPOTENT = {"CreateVolume", "RunInstances"}
 
 
 class LocalCloud:
@@ -106,6 +122,7 @@ class LocalCloud:
         self.calls = CallLog()
         self.faults = Faults()
         self.tokens = {}
+        self.idempotent = {}  # (action, ClientToken) -> (status line, headers, body chunks)
         self.moto = DomainDispatcherApplication(create_backend_app)
         self.instances = Instances(state_dir, self.dataplane)
         self.subnet = None
@@ -189,24 +206,38 @@ class LocalCloud:
             params = {k: v[0] for k, v in form.items()}
             action = params.get("Action")
         code = self.faults.take(action) if action else None
+        lose_answer = False
         if isinstance(code, tuple):
-            time.sleep(code[1])
+            kind, value = code
+            if kind == "delay":
+                time.sleep(value)
+            lose_answer = kind == "lose"
             code = None
         if code:
             self.calls.add(service, action, params, 400 if code != "RequestLimitExceeded" else 503, code)
             return fault_response(service, code, f"injected by the local cloud into {action}")(environ, start_response)
-        if action in NOT_YET_VISIBLE:
-            prefix, code, message = NOT_YET_VISIBLE[action]
-            hidden = [v for k, v in params.items() if k.startswith(prefix + ".") and self.timing.hidden(v)]
+        if action in NAMES_A_RESOURCE:
+            name = NAMES_A_RESOURCE[action]
+            hidden = [v for k, v in params.items() if (k == name or k.startswith(name + ".")) and self.timing.hidden(v)]
             if hidden:
+                code, message = next(m for p, m in NOT_FOUND.items() if hidden[0].startswith(p))
                 self.calls.add(service, action, params, 400, code)
                 return fault_response(service, code, message.format(hidden[0]))(environ, start_response)
+        token = params.get("ClientToken") if action in IDEMPOTENT else None
+        if token and (action, token) in self.idempotent:
+            status_line, headers, chunks = self.idempotent[(action, token)]
+            self.calls.add(service, action, params, int(status_line.split()[0]), "OK (same ClientToken)")
+            start_response(status_line, headers)
+            return chunks
         environ["wsgi.input"] = __import__("io").BytesIO(body)
         environ["CONTENT_LENGTH"] = str(len(body))
         status_holder = {}
 
         def capture(status, headers, exc_info=None):
             status_holder["status"] = int(status.split()[0])
+            status_holder["line"], status_holder["headers"] = status, headers
+            if lose_answer:
+                return lambda data: None
             return start_response(status, headers, exc_info)
 
         patches.set_current_action(action)
@@ -217,6 +248,11 @@ class LocalCloud:
             patches.set_current_action(None)
         status = status_holder.get("status", 500)
         result_code = "OK" if status < 400 else error_code(b"".join(chunks))
+        if token and status < 400:
+            self.idempotent[(action, token)] = (status_holder["line"], status_holder["headers"], chunks)
+        if lose_answer:
+            self.calls.add(service, action, params, status, result_code + " (answer lost)")
+            return fault_response(service, "InternalError", "the answer was lost on its way", 500)(environ, start_response)
         self.calls.add(service, action, params, status, result_code)
         return chunks
 
@@ -275,7 +311,8 @@ class LocalCloud:
                 if spec.get("action"):
                     self.faults.by_action[spec["action"]] = {"times": int(spec.get("times", 1)), "after": int(spec.get("after", 0)),
                                                            "code": spec.get("code", "InternalError"),
-                                                           "delay": float(spec.get("delay", 0))}
+                                                           "delay": float(spec.get("delay", 0)),
+                                                           "lose_answer": bool(spec.get("lose_answer"))}
             return json_response({"ok": True})
         if what == "consistency" and request.method == "POST":
             self.timing.consistency_delay = float(request.get_json()["seconds"])
@@ -317,9 +354,9 @@ def json_response(value, status=200):
     return Response(json.dumps(value, default=str), status=status, content_type="application/json")
 
 
-def fault_response(service, code, message):
+def fault_response(service, code, message, status=None):
     request_id = str(uuid.uuid4())
-    status = 503 if code == "RequestLimitExceeded" else 400
+    status = status or (503 if code == "RequestLimitExceeded" else 400)
     if service == "ssm":
         return Response(json.dumps({"__type": code, "message": message}), status=status, content_type="application/x-amz-json-1.1",
                         headers={"x-amzn-RequestId": request_id})
