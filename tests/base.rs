@@ -457,6 +457,75 @@ fn base_builds_publishes_chains_into_bake_and_skips_when_unchanged() {
         "the AMI id last:\n{screen}"
     );
 
+    // A provisioner's secret from the CI's environment reaches the command, and nothing
+    // else: not the image (sudo there logs every command line it runs, to a file, so a
+    // secret on a command line would be in it) and not amibake's output, where it is
+    // masked.
+    let secret = "s3cr3t-Value-42-do-not-log";
+    let digest = {
+        use sha2::Digest;
+        let hash = sha2::Sha256::digest(secret.as_bytes());
+        hash.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    };
+    std::fs::write(
+        dir.join("secret.toml"),
+        format!(
+            r#"[base]
+name = "secret-base-${{timestamp}}"
+source_ami = "resolve:ssm:/aws/service/debian/release/12/latest/amd64"
+instance_type = "t3.small"
+ssh_username = "admin"
+associate_public_ip = true
+
+[[base.provisioner]]
+inline = ["echo 'Defaults logfile=/var/log/sudo.log' > /etc/sudoers.d/log", "chmod 440 /etc/sudoers.d/log"]
+
+[[base.provisioner]]
+env = {{ TOKEN = "${{env.AMIBAKE_TEST_SECRET}}" }}
+inline = ["test \"$(printf %s \"$TOKEN\" | sha256sum | cut -d' ' -f1)\" = {digest}", "echo \"the token is $TOKEN\""]
+"#
+        ),
+    )
+    .unwrap();
+    let output = cloud
+        .amibake(dir)
+        .args(["base", "secret.toml"])
+        .env("AMIBAKE_TEST_SECRET", secret)
+        .output()
+        .unwrap();
+    let secret_run = Run {
+        command: "amibake base secret.toml".into(),
+        output,
+    };
+    secret_run.expect_code(0);
+    let everything = format!("{}{}", secret_run.stdout(), secret_run.stderr());
+    assert!(!everything.contains(secret), "{}", secret_run.dump());
+    assert!(
+        everything.contains("the token is ***"),
+        "the line is there, masked\n{}",
+        secret_run.dump()
+    );
+    let snapshot = manifest(&secret_run)["snapshot_ids"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let exported = tempfile::tempdir().unwrap();
+    {
+        let image = cloud.mount_snapshot(&snapshot, exported.path(), PARTITION_1_OFFSET);
+        let sudo_log = std::fs::read_to_string(image.root.join("var/log/sudo.log")).unwrap();
+        assert!(sudo_log.contains("COMMAND="), "sudo logged: {sudo_log}");
+        let grep = Command::new("grep")
+            .args(["-r", "-a", "-l", "--no-messages", secret])
+            .arg(&image.root)
+            .output()
+            .unwrap();
+        assert!(
+            grep.stdout.is_empty(),
+            "the secret is in the image: {}",
+            String::from_utf8_lossy(&grep.stdout)
+        );
+    }
+
     for run in [&run, &again, &rebuilt, &own, &terminal] {
         assert!(
             !run.stderr().contains("PRIVATE KEY") && !run.stdout().contains("PRIVATE KEY"),

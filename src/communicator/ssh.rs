@@ -101,7 +101,7 @@ impl Ssh {
         tokio::task::spawn_blocking(move || {
             let session = session.lock().unwrap_or_else(|p| p.into_inner());
             let mut output = Vec::new();
-            let code = exec(&session, &command, None, |chunk| {
+            let code = exec(&session, &command, &[], None, |chunk| {
                 output.extend_from_slice(chunk)
             })?;
             Ok::<_, std::io::Error>((
@@ -129,24 +129,36 @@ impl Communicator for Ssh {
         on_line: &mut (dyn for<'l> FnMut(&'l str) + Send),
         cancel: &CancellationToken,
     ) -> Result<i32, CommError> {
-        // sshd passes on only the variables it is told to accept, so they travel as exports.
-        let exports: String = env
+        // sshd passes on only the variables it is told to accept, and a command line is
+        // seen by every process and logged by sudo: the variables travel on the command's
+        // standard input instead, read by the shell before the command runs.
+        let assignments: String = env
             .iter()
-            .map(|(k, v)| format!("export {k}={}; ", quote(v)))
+            .map(|(k, v)| format!("{k}={}\n", quote(v)))
             .collect();
-        let remote = self.as_root(&format!("{exports}{command}"));
+        let remote = if env.is_empty() {
+            self.as_root(command)
+        } else {
+            self.as_root(&format!("set -a; . /dev/stdin; set +a; {command}"))
+        };
         let (lines_tx, mut lines) = mpsc::unbounded_channel::<String>();
         let (session, token) = (self.session.clone(), cancel.clone());
         let reader = tokio::task::spawn_blocking(move || {
             let session = session.lock().unwrap_or_else(|p| p.into_inner());
             let mut pending = Vec::new();
-            let code = exec(&session, &remote, Some(&token), |chunk| {
-                pending.extend_from_slice(chunk);
-                while let Some(end) = pending.iter().position(|b| *b == b'\n') {
-                    let line: Vec<u8> = pending.drain(..=end).collect();
-                    let _ = lines_tx.send(text_line(&line));
-                }
-            });
+            let code = exec(
+                &session,
+                &remote,
+                assignments.as_bytes(),
+                Some(&token),
+                |chunk| {
+                    pending.extend_from_slice(chunk);
+                    while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+                        let line: Vec<u8> = pending.drain(..=end).collect();
+                        let _ = lines_tx.send(text_line(&line));
+                    }
+                },
+            );
             if !pending.is_empty() {
                 let _ = lines_tx.send(text_line(&pending));
             }
@@ -182,7 +194,14 @@ impl Communicator for Ssh {
         let write = format!("umask 077; set -C; cat > {}", quote(&staged));
         let (code, output) = tokio::task::spawn_blocking(move || {
             let session = session.lock().unwrap_or_else(|p| p.into_inner());
-            send_stdin(&session, &write, &contents)
+            let mut output = Vec::new();
+            let code = exec(&session, &write, &contents, None, |chunk| {
+                output.extend_from_slice(chunk)
+            })?;
+            Ok::<_, std::io::Error>((
+                code.unwrap_or(KILLED_BY_SIGNAL),
+                String::from_utf8_lossy(&output).trim().to_string(),
+            ))
         })
         .await
         .map_err(|e| self.failed(action(), e))?
@@ -202,11 +221,13 @@ impl Communicator for Ssh {
     }
 }
 
-/// Runs `command` on a new channel, passing its output (stdout and stderr merged) to
-/// `on_output`. `None` when `cancel` fired before the command ended.
+/// Runs `command` on a new channel with `input` on its standard input (then end of file),
+/// passing its output (stdout and stderr merged) to `on_output`. `None` when `cancel` fired
+/// before the command ended.
 fn exec(
     session: &Session,
     command: &str,
+    input: &[u8],
     cancel: Option<&CancellationToken>,
     mut on_output: impl FnMut(&[u8]),
 ) -> std::io::Result<Option<i32>> {
@@ -214,6 +235,9 @@ fn exec(
     let mut channel = session.channel_session()?;
     channel.handle_extended_data(ExtendedData::Merge)?;
     channel.exec(command)?;
+    // Then end of file: a command that reads its input finds it, and never waits on it.
+    channel.write_all(input)?;
+    channel.send_eof()?;
     if cancel.is_some() {
         session.set_timeout(millis(READ_POLL));
     }
@@ -238,20 +262,6 @@ fn exec(
         return Ok(Some(KILLED_BY_SIGNAL));
     }
     Ok(Some(channel.exit_status()?))
-}
-
-/// Runs `command` with `input` on its standard input; its exit code and output.
-fn send_stdin(session: &Session, command: &str, input: &[u8]) -> std::io::Result<(i32, String)> {
-    session.set_timeout(millis(EXCHANGE_TIMEOUT));
-    let mut channel = session.channel_session()?;
-    channel.handle_extended_data(ExtendedData::Merge)?;
-    channel.exec(command)?;
-    channel.write_all(input)?;
-    channel.send_eof()?;
-    let mut output = String::new();
-    let _ = channel.read_to_string(&mut output);
-    channel.wait_close()?;
-    Ok((channel.exit_status()?, output.trim().to_string()))
 }
 
 fn millis(d: Duration) -> u32 {

@@ -75,6 +75,61 @@ pub trait EventSink: Send + Sync {
     fn emit(&self, event: &Event);
 }
 
+/// A sink that masks the template's secrets in every text an event carries (a provisioner's
+/// output, notes, what an undo names) before the renderer sees it.
+pub struct Masked {
+    inner: Arc<dyn EventSink>,
+    secrets: crate::template::Secrets,
+}
+
+impl Masked {
+    /// `inner` itself when there is nothing to mask.
+    pub fn wrap(
+        inner: Arc<dyn EventSink>,
+        secrets: &crate::template::Secrets,
+    ) -> Arc<dyn EventSink> {
+        if secrets.is_empty() {
+            return inner;
+        }
+        Arc::new(Masked {
+            inner,
+            secrets: secrets.clone(),
+        })
+    }
+}
+
+impl EventSink for Masked {
+    fn emit(&self, event: &Event) {
+        let mask = |text: &String| self.secrets.mask(text);
+        let masked = match event.clone() {
+            Event::Output { step, source, line } => Event::Output {
+                step,
+                source,
+                line: mask(&line),
+            },
+            Event::Note { step, message } => Event::Note {
+                step,
+                message: mask(&message),
+            },
+            Event::UndoStarted { resource, action } => Event::UndoStarted {
+                resource: mask(&resource),
+                action,
+            },
+            Event::UndoFinished {
+                resource,
+                action,
+                error,
+            } => Event::UndoFinished {
+                resource: mask(&resource),
+                action,
+                error: error.as_ref().map(mask),
+            },
+            other => other,
+        };
+        self.inner.emit(&masked);
+    }
+}
+
 /// What a step uses to report progress: the sink plus the step's own name.
 #[derive(Clone)]
 pub struct Progress {

@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-pub use events::{Event, EventSink, Progress, Unit};
+pub use events::{Event, EventSink, Masked, Progress, Unit};
 pub use undo::{error_chain, BoxError, Keep, Leftover, UndoId, UndoStack};
 
 /// How long a step may take, after an interrupt, to reach a point where everything it made
@@ -74,6 +74,18 @@ pub struct RunReport {
 }
 
 impl RunReport {
+    /// The report with the template's secrets masked in what it says went wrong.
+    pub fn masked(mut self, secrets: &crate::template::Secrets) -> RunReport {
+        if let Outcome::Failed { error, .. } = &mut self.outcome {
+            *error = secrets.mask(error);
+        }
+        for left in &mut self.leftovers {
+            left.resource = secrets.mask(&left.resource);
+            left.error = secrets.mask(&left.error);
+        }
+        self
+    }
+
     /// Each step's seconds by name, as manifests carry them.
     pub fn step_seconds(&self) -> std::collections::BTreeMap<String, f64> {
         self.steps

@@ -128,6 +128,7 @@ pub fn resolve(
             path: path.to_path_buf(),
             base,
             bake,
+            secrets: Default::default(),
         })
     } else {
         checker.errors.sort_by_key(|d| (d.line, d.column));

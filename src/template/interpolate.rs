@@ -28,6 +28,51 @@ pub struct Context {
 /// Stand-in for `${commit}` while validating: as long as a full git SHA-1.
 const PLACEHOLDER_COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 
+/// Values a template takes from the environment (`${env.NAME}`): CI secrets, as a rule.
+/// They are masked wherever amibake prints; values under `MIN_MASKED` characters are
+/// left alone, as masking them would garble every line without hiding anything.
+#[derive(Debug, Clone, Default)]
+pub struct Secrets(Vec<String>);
+
+const MIN_MASKED: usize = 4;
+const MASK: &str = "***";
+
+impl Secrets {
+    /// The values of the `${env.NAME}` references in `text` (a `$${` escape is no reference).
+    pub fn referenced_in(text: &str) -> Secrets {
+        let mut values: Vec<String> = Vec::new();
+        let mut rest = text;
+        while let Some(pos) = rest.find("${env.") {
+            let escaped = rest[..pos].ends_with('$');
+            rest = &rest[pos + "${env.".len()..];
+            let Some(end) = rest.find('}') else { break };
+            if let (false, Ok(value)) = (escaped, std::env::var(&rest[..end])) {
+                if value.len() >= MIN_MASKED && !values.contains(&value) {
+                    values.push(value);
+                }
+            }
+        }
+        // Longest first, so a secret that contains another is masked whole.
+        values.sort_by_key(|v| std::cmp::Reverse(v.len()));
+        Secrets(values)
+    }
+
+    /// `text` with every secret value replaced by `***`.
+    pub fn mask(&self, text: &str) -> String {
+        let mut masked = text.to_string();
+        for value in &self.0 {
+            if masked.contains(value.as_str()) {
+                masked = masked.replace(value.as_str(), MASK);
+            }
+        }
+        masked
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 /// Expands every reference in `text`, or says what is wrong with the first bad one.
 pub fn interpolate(text: &str, ctx: &Context) -> Result<String, String> {
     let mut out = String::with_capacity(text.len());
@@ -95,6 +140,23 @@ fn resolve_reference(reference: &str, ctx: &Context) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn env_values_are_masked_longest_first_and_escapes_and_short_values_are_not() {
+        std::env::set_var("AMIBAKE_TEST_MASK_TOKEN", "tok-123456");
+        std::env::set_var("AMIBAKE_TEST_MASK_LONGER", "tok-123456-and-more");
+        std::env::set_var("AMIBAKE_TEST_MASK_SHORT", "ab");
+        std::env::set_var("AMIBAKE_TEST_MASK_ESCAPED", "not-a-reference");
+        let secrets = Secrets::referenced_in(
+            "a = \"${env.AMIBAKE_TEST_MASK_TOKEN}\"\nb = \"${env.AMIBAKE_TEST_MASK_LONGER}\"\n\
+             c = \"${env.AMIBAKE_TEST_MASK_SHORT}\"\nd = \"$${env.AMIBAKE_TEST_MASK_ESCAPED}\"",
+        );
+        assert_eq!(
+            secrets.mask("x tok-123456-and-more y tok-123456 z ab not-a-reference"),
+            "x *** y *** z ab not-a-reference"
+        );
+        assert!(Secrets::referenced_in("no references").is_empty());
+    }
 
     fn ctx() -> Context {
         let mut vars = BTreeMap::new();

@@ -19,7 +19,7 @@ use serde::Serialize;
 
 pub use ami_ref::{AmiFilter, AmiRef, SsmSelector};
 pub use diagnostic::{Diagnostic, TemplateErrors};
-pub use interpolate::{Commit, Context};
+pub use interpolate::{Commit, Context, Secrets};
 pub use schema::SshInterface;
 
 /// A template that passed every check, with every reference resolved.
@@ -28,6 +28,9 @@ pub struct Template {
     pub path: PathBuf,
     pub base: Option<BasePlan>,
     pub bake: Option<BakePlan>,
+    /// What came from `${env.…}`: masked in everything amibake prints.
+    #[serde(skip)]
+    pub secrets: interpolate::Secrets,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -164,5 +167,7 @@ pub fn load(path: &Path, options: &LoadOptions) -> Result<Template, TemplateErro
 pub fn parse(path: &Path, text: &str, options: &LoadOptions) -> Result<Template, TemplateErrors> {
     let map = diagnostic::SourceMap::new(path, text);
     let file: schema::TemplateFile = check::deserialize(&map, text)?;
-    check::resolve(path, &map, file, options)
+    let mut template = check::resolve(path, &map, file, options)?;
+    template.secrets = interpolate::Secrets::referenced_in(text);
+    Ok(template)
 }

@@ -105,6 +105,7 @@ pub async fn run(
         Commit::Known(commit.clone()),
         "bake",
     )?;
+    let secrets = template.secrets.clone();
     let plan = template.bake.expect("load_for_run checked the section");
     let work = WorkDir::new(&build_id)?;
     let tarball = spool_tarball(&options.tarball, work.path())?;
@@ -186,7 +187,10 @@ pub async fn run(
         snapshot_id: None,
         image_id: None,
     };
-    let report = engine::run("bake", &build_id, &steps(), &mut state, sink, cancel).await;
+    let sink = engine::Masked::wrap(sink, &secrets);
+    let report = engine::run("bake", &build_id, &steps(), &mut state, sink, cancel)
+        .await
+        .masked(&secrets);
     let manifest = match (&report.outcome, &state.image_id) {
         (engine::Outcome::Succeeded, Some(image)) => Some(manifest(
             image.clone(),

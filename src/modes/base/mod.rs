@@ -74,6 +74,7 @@ pub async fn run(
         Commit::Placeholder,
         "base",
     )?;
+    let secrets = template.secrets.clone();
     let plan = template.base.expect("load_for_run checked the section");
     let clients = Clients::new(&sdk_config(&options.common.aws).await)
         .map_err(|e| ModeError::Failed(e.to_string()))?;
@@ -131,7 +132,10 @@ pub async fn run(
         snapshot_ids: Vec::new(),
         ssm_version: None,
     };
-    let report = engine::run("base", &build_id, &steps(), &mut state, sink, cancel).await;
+    let sink = engine::Masked::wrap(sink, &secrets);
+    let report = engine::run("base", &build_id, &steps(), &mut state, sink, cancel)
+        .await
+        .masked(&secrets);
     drop(key_dir);
     let manifest = match (&report.outcome, &state.image_id) {
         (engine::Outcome::Succeeded, Some(image)) => Some(BaseManifest {
