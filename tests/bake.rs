@@ -243,6 +243,44 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
         "a reused bake creates nothing: {created:?}"
     );
 
+    // 2b. One byte of the tarball changed: a new bake, whose image holds the new byte.
+    let (mut tar, _) = composer_like();
+    let at = tar
+        .windows(16)
+        .position(|w| w == b"package 0 file 0")
+        .expect("the first class in the tarball");
+    tar[at + 15] = b'X';
+    std::fs::write(dir.join("app.tar.gz"), gzip(&tar)).unwrap();
+    let changed = bake(&cloud, dir, "good.toml", &[]);
+    changed.expect_code(0);
+    let cm = manifest(&changed);
+    assert_eq!(cm["reused"], false);
+    assert_ne!(cm["ami_id"], ami.as_str());
+    assert_ne!(cm["tarball_sha256"], m["tarball_sha256"]);
+    assert_ne!(cm["fingerprint"], m["fingerprint"]);
+    {
+        let image =
+            cloud.mount_snapshot(cm["snapshot_id"].as_str().unwrap(), dir, PARTITION_1_OFFSET);
+        let class = std::fs::read_to_string(
+            image
+                .root
+                .join("var/www/shop/vendor/pkg0/src/Sub0/Class0.php"),
+        )
+        .unwrap();
+        assert!(class.starts_with("<?php // package 0 file X"), "{class}");
+    }
+    app_tarball(dir);
+    // Removed again: the story below counts the images it makes.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let clients = runtime.block_on(cloud.clients());
+    runtime
+        .block_on(amibake::aws::resources::deregister_image_and_snapshots(
+            clients,
+            cm["ami_id"].as_str().unwrap().into(),
+        ))
+        .unwrap();
+    assert_nothing_left(&cloud, &build_host);
+
     // 3. A provisioner that fails stops the bake, says where, and leaves nothing.
     template(dir, "failing", debian, "\"echo migrating\", \"exit 3\"");
     let run = bake(&cloud, dir, "failing.toml", &[]);
@@ -311,6 +349,15 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
         run.expect_code(0);
     }
     assert_ne!(manifest(&runs[0])["ami_id"], manifest(&runs[1])["ami_id"]);
+    // Each twin's image holds its own provisioner's work, not the other's.
+    for (run, wanted) in runs.iter().zip(["a\n", "b\n"]) {
+        let snapshot = manifest(run)["snapshot_id"].as_str().unwrap().to_string();
+        let image = cloud.mount_snapshot(&snapshot, dir, PARTITION_1_OFFSET);
+        assert_eq!(
+            std::fs::read_to_string(image.root.join("etc/twin")).unwrap(),
+            wanted
+        );
+    }
     let devices: Vec<String> = cloud.calls()[before..]
         .iter()
         .filter(|c| c["action"] == "AttachVolume" && c["code"] == "OK")

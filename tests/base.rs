@@ -330,6 +330,62 @@ fn base_builds_publishes_chains_into_bake_and_skips_when_unchanged() {
         "an unchanged base only looks: {actions:?}"
     );
 
+    // 3b. The channel moved back (someone put another AMI there, its label with it): the
+    // unchanged base is published again, as a new version carrying the label, and nothing
+    // is launched.
+    let other = m["source_ami"].as_str().unwrap();
+    let put = runtime
+        .block_on(
+            clients
+                .ssm
+                .put_parameter()
+                .name(PARAMETER)
+                .value(other)
+                .r#type(aws_sdk_ssm::types::ParameterType::String)
+                .data_type("aws:ec2:image")
+                .overwrite(true)
+                .send(),
+        )
+        .unwrap();
+    runtime
+        .block_on(
+            clients
+                .ssm
+                .label_parameter_version()
+                .name(PARAMETER)
+                .parameter_version(put.version())
+                .labels("latest")
+                .send(),
+        )
+        .unwrap();
+    let before = cloud.calls().len();
+    let republished = amibake(&cloud, dir, &["base", "shop.toml"]);
+    republished.expect_code(0);
+    let rp = manifest(&republished);
+    assert_eq!(
+        (rp["ami_id"].as_str(), rp["reused"].as_bool()),
+        (Some(ami.as_str()), Some(true)),
+        "{}",
+        republished.dump()
+    );
+    assert_eq!(rp["ssm_version"].as_i64(), Some(put.version() + 1));
+    for name in [PARAMETER.to_string(), format!("{PARAMETER}:latest")] {
+        let value = runtime
+            .block_on(clients.ssm.get_parameter().name(&name).send())
+            .unwrap();
+        assert_eq!(
+            value.parameter().unwrap().value(),
+            Some(ami.as_str()),
+            "{name}"
+        );
+    }
+    let launched = cloud.calls()[before..]
+        .iter()
+        .any(|c| c["action"] == "RunInstances");
+    assert!(!launched, "publishing needs no instance");
+    // Parameter versions from here on are counted from this one.
+    let parameter_version = rp["ssm_version"].as_i64().unwrap();
+
     // 4. One byte of a script changed: built anew.
     let script = dir.join("app-user.sh");
     let mut text = std::fs::read(&script).unwrap();
@@ -341,7 +397,7 @@ fn base_builds_publishes_chains_into_bake_and_skips_when_unchanged() {
     assert_eq!(rm["reused"], false);
     assert_ne!(rm["ami_id"], ami.as_str());
     assert_ne!(rm["fingerprint"], m["fingerprint"]);
-    assert_eq!(rm["ssm_version"].as_i64(), Some(parameter.version() + 1));
+    assert_eq!(rm["ssm_version"].as_i64(), Some(parameter_version + 1));
     assert_nothing_temporary(&cloud, &build_host);
 
     // 5. The template brings its own key pair and who may reach SSH: both are used as given,

@@ -27,6 +27,11 @@ pub struct BaseOptions {
 }
 
 /// The steps, in order: the base build reads as this list.
+/// When an earlier build is reused: only its publication, where the channel does not name it.
+fn publish_steps() -> Vec<Box<dyn Step<BaseState>>> {
+    vec![Box::new(steps::PublishSsm)]
+}
+
 fn steps() -> Vec<Box<dyn Step<BaseState>>> {
     vec![
         Box::new(steps::CreateKeyPair),
@@ -101,15 +106,21 @@ pub async fn run(
         step_seconds: Default::default(),
     };
 
+    let mut reused = None;
     if !options.common.force {
         if let Some((id, name)) = ami::find_by_fingerprint(&clients, &fingerprint)
             .await
             .map_err(|e| ModeError::Failed(e.to_string()))?
         {
-            return Ok(BuildResult {
-                manifest: Some(manifest(id, name, true, None)),
-                report: None,
-            });
+            // A channel moved back or away since is published again; one that names the
+            // image already is left alone.
+            if channel_names(&clients, plan.publish.as_ref(), &id).await? {
+                return Ok(BuildResult {
+                    manifest: Some(manifest(id, name, true, None)),
+                    report: None,
+                });
+            }
+            reused = Some((id, name));
         }
     }
 
@@ -128,26 +139,59 @@ pub async fn run(
         instance_id: None,
         ssh_target: None,
         ssh: None,
-        image_id: None,
+        image_id: reused.as_ref().map(|(id, _)| id.clone()),
         snapshot_ids: Vec::new(),
         ssm_version: None,
     };
     let sink = engine::Masked::wrap(sink, &secrets);
-    let report = engine::run("base", &build_id, &steps(), &mut state, sink, cancel)
+    let steps = if reused.is_some() {
+        publish_steps()
+    } else {
+        steps()
+    };
+    let report = engine::run("base", &build_id, &steps, &mut state, sink, cancel)
         .await
         .masked(&secrets);
     drop(key_dir);
     let manifest = match (&report.outcome, &state.image_id) {
-        (engine::Outcome::Succeeded, Some(image)) => Some(BaseManifest {
-            step_seconds: report.step_seconds(),
-            ..manifest(image.clone(), plan.name.clone(), false, Some(&state))
-        }),
+        (engine::Outcome::Succeeded, Some(image)) => {
+            let was_reused = reused.is_some();
+            let name = reused.map_or_else(|| plan.name.clone(), |(_, name)| name);
+            Some(BaseManifest {
+                step_seconds: report.step_seconds(),
+                ..manifest(image.clone(), name, was_reused, Some(&state))
+            })
+        }
         _ => None,
     };
     Ok(BuildResult {
         manifest,
         report: Some(report),
     })
+}
+
+/// Whether the template's channel already names `image`: its newest version, and its
+/// label where it has one. True when there is no channel.
+async fn channel_names(
+    clients: &Clients,
+    publish: Option<&crate::template::SsmPublish>,
+    image: &str,
+) -> Result<bool, ModeError> {
+    let Some(publish) = publish else {
+        return Ok(true);
+    };
+    let mut names = vec![publish.parameter.clone()];
+    if let Some(label) = &publish.label {
+        names.push(format!("{}:{label}", publish.parameter));
+    }
+    for name in names {
+        // A label that names no version yet is a channel to publish to, not an error.
+        let value = crate::aws::resources::parameter_value(clients, &name).await;
+        if !matches!(value, Ok(Some(v)) if v == image) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// What decides the image's content: the source AMI, how the instance is launched, and
