@@ -123,6 +123,19 @@ fn base_builds_publishes_chains_into_bake_and_skips_when_unchanged() {
     ] {
         assert!(m["step_seconds"][step].as_f64().is_some(), "{step}: {m}");
     }
+    // The temporary key pair goes as soon as the instance has it, before the provisioners.
+    let order: Vec<String> = cloud
+        .calls()
+        .iter()
+        .filter(|c| c["code"] == "OK")
+        .map(|c| c["action"].as_str().unwrap().to_string())
+        .collect();
+    let at = |action: &str| order.iter().position(|a| a == action);
+    assert!(
+        at("DeleteKeyPair").is_some() && at("DeleteKeyPair") < at("StopInstances"),
+        "{order:?}"
+    );
+    assert!(at("RunInstances") < at("DeleteKeyPair"), "{order:?}");
     let published = runtime
         .block_on(clients.ssm.get_parameter().name(PARAMETER).send())
         .unwrap();

@@ -55,6 +55,8 @@ pub struct BaseState {
     /// Private, and removed when the run ends whatever happens: holds the private key.
     key_dir: PathBuf,
     key_name: Option<String>,
+    /// The temporary key pair's undo, released once the instance has the key.
+    delete_key_pair: Option<crate::engine::UndoId>,
     private_key: Option<PathBuf>,
     security_group_ids: Vec<String>,
     /// The group this run made, which it opens to the runner once the address is known.
@@ -133,6 +135,7 @@ pub async fn run(
         fingerprint: fingerprint.clone(),
         key_dir: key_dir.path().to_path_buf(),
         key_name: None,
+        delete_key_pair: None,
         private_key: None,
         security_group_ids: Vec::new(),
         temporary_group: None,

@@ -107,7 +107,7 @@ impl Step<BaseState> for CreateKeyPair {
             }
         };
         s.key_name = Some(name.clone());
-        undo_with(
+        s.delete_key_pair = Some(undo_with(
             ctx,
             &s.clients,
             name.clone(),
@@ -115,7 +115,7 @@ impl Step<BaseState> for CreateKeyPair {
             "delete key pair",
             Keep::Never,
             resources::delete_key_pair,
-        );
+        ));
         let material = out
             .key_material()
             .ok_or_else(|| failed("CreateKeyPair returned no private key"))?;
@@ -366,6 +366,17 @@ impl Step<BaseState> for LaunchInstance {
             Keep::Never,
             move |clients, id| resources::terminate_instance(clients, id, progress.clone()),
         );
+        // The instance has the public key from its launch: the temporary key pair is of no
+        // more use, and one less thing a killed run can leave. A failure here is tried
+        // again at the end.
+        if let Some(delete) = s.delete_key_pair.take() {
+            match ctx.undo.release(delete).await {
+                Ok(()) => ctx.progress.note(format!(
+                    "deleted key pair {key_name}: {instance_id} has its public key"
+                )),
+                Err(left) => ctx.progress.note(format!("{left}; tried again at the end")),
+            }
+        }
         let instance = wait_instance(
             &s.clients,
             &instance_id,
