@@ -372,11 +372,23 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
 
     // 6. An unpartitioned base: the root is the whole device.
     let flat = "{ owners = [\"136693071363\"], name = \"debian-12-amd64-unpartitioned-*\" }";
+    // With a larger volume than the base's, the filesystem grows to fill it (the vendor
+    // image's is 2 GiB).
     template(dir, "flat", flat, "\"true\"");
+    let text = std::fs::read_to_string(dir.join("flat.toml"))
+        .unwrap()
+        .replace("[bake]\n", "[bake]\nvolume_size_gb = 10\n");
+    std::fs::write(dir.join("flat.toml"), text).unwrap();
     let run = bake(&cloud, dir, "flat.toml", &[]);
     run.expect_code(0);
     let image = cloud.mount_snapshot(manifest(&run)["snapshot_id"].as_str().unwrap(), dir, 0);
     assert_composer_like_at(&image.root.join("var/www/shop"), &files, 33);
+    let stat = rustix::fs::statvfs(&image.root).unwrap();
+    let size = stat.f_blocks * stat.f_frsize;
+    assert!(
+        size > 9 << 30,
+        "the root filesystem fills the 10 GiB volume: {size} bytes"
+    );
     drop(image);
     assert_nothing_left(&cloud, &build_host);
 

@@ -78,6 +78,61 @@ pub fn mount_root(device: &Path, target: &Path) -> Result<(), MountError> {
     run_mount(&[&device_text], &device_text, target)
 }
 
+/// Grows the root filesystem on `device` to fill it, so a `volume_size_gb` larger than
+/// the base's is room the tarball can use: ext2/3/4 offline before the mount (checked with
+/// e2fsck first, as resize2fs asks; online growing needs CAP_SYS_RESOURCE, which a CI
+/// container may lack), XFS once mounted at `target` (it only grows online). Returns the
+/// filesystem's size in bytes, `target` mounted. A root on a partition grows only as far as
+/// its partition, which this does not change.
+pub fn mount_grown(device: &Path, target: &Path) -> Result<u64, MountError> {
+    let fail = |reason: String| MountError::File {
+        path: device.into(),
+        reason,
+    };
+    let run = |program: &str, args: &[&std::ffi::OsStr], ok_codes: &[i32]| {
+        let out = Command::new(program)
+            .args(args)
+            .output()
+            .map_err(|e| fail(format!("cannot run {program}: {e}")))?;
+        if out.status.code().is_some_and(|c| ok_codes.contains(&c)) {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        } else {
+            Err(fail(format!(
+                "{program} failed: {} {}",
+                String::from_utf8_lossy(&out.stdout).trim(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )))
+        }
+    };
+    let dev = device.as_os_str();
+    let fstype = run(
+        "blkid",
+        &[
+            "-o".as_ref(),
+            "value".as_ref(),
+            "-s".as_ref(),
+            "TYPE".as_ref(),
+            dev,
+        ],
+        &[0],
+    )?;
+    match fstype.as_str() {
+        "ext2" | "ext3" | "ext4" => {
+            // e2fsck -p: 0 clean, 1 errors it corrected.
+            run("e2fsck", &["-f".as_ref(), "-p".as_ref(), dev], &[0, 1])?;
+            run("resize2fs", &[dev], &[0])?;
+            mount_root(device, target)?;
+        }
+        "xfs" => {
+            mount_root(device, target)?;
+            run("xfs_growfs", &[target.as_os_str()], &[0])?;
+        }
+        other => return Err(fail(format!("cannot grow a `{other}` filesystem"))),
+    }
+    let stat = rustix::fs::statvfs(target).map_err(|e| fail(e.to_string()))?;
+    Ok(stat.f_blocks * stat.f_frsize)
+}
+
 /// Unmounts `target`, retrying while it is busy; the last error names who holds it.
 pub fn unmount(target: &Path) -> Result<(), MountError> {
     let mut reason = String::new();

@@ -181,11 +181,22 @@ impl Step<BakeState> for MountImage {
     async fn run(&self, s: &mut BakeState, ctx: &mut StepContext) -> Result<(), StepError> {
         let device = earlier(&s.root_device, "root device")?;
         let target = s.mount_point.clone();
+        // A larger volume than the base's is room for the tarball only once the filesystem
+        // fills it.
+        let grow = s
+            .plan
+            .volume_size_gb
+            .is_some_and(|gb| gb > s.base.root_volume_size_gb);
         let t = target.clone();
-        tokio::task::spawn_blocking(move || mount::mount_root(&device, &t))
-            .await
-            .map_err(failed)?
-            .map_err(failed)?;
+        let grown = tokio::task::spawn_blocking(move || {
+            if grow {
+                mount::mount_grown(&device, &t).map(Some)
+            } else {
+                mount::mount_root(&device, &t).map(|()| None)
+            }
+        })
+        .await
+        .map_err(failed)?;
         let t = target.clone();
         let unmount_root = ctx.undo.push(
             target.display().to_string(),
@@ -210,7 +221,14 @@ impl Step<BakeState> for MountImage {
             ctx.undo.require(detach, unmount_root);
         }
         s.unmount_root = Some(unmount_root);
-
+        // Registered above even when the mount failed: growing an XFS root may fail after
+        // its mount, and an unmount of what is not mounted is nothing.
+        if let Some(size) = grown.map_err(failed)? {
+            ctx.progress.note(format!(
+                "root filesystem grown to {:.1} GiB",
+                size as f64 / f64::from(1u32 << 30)
+            ));
+        }
         Ok(())
     }
 }
