@@ -127,10 +127,56 @@ async fn the_host_and_the_base_image_are_found_every_way_a_template_names_them()
         err.to_string().contains(&debian) && err.to_string().contains(&flat),
         "{err}"
     );
-    let newest = ami::resolve(&clients, &filter("debian-12-amd64-*", true))
-        .await
-        .unwrap();
-    assert!(newest == debian || newest == flat);
+    // most_recent takes the image registered last: two of ours, a second apart.
+    let base = ami::describe(&clients, &debian).await.unwrap();
+    let mut registered = Vec::new();
+    // The newer sorts first by name, so a pick by name would fail.
+    for name in ["newest-test-z-older", "newest-test-a-newer"] {
+        let out = clients
+            .ec2
+            .register_image()
+            .name(name)
+            .root_device_name("/dev/xvda")
+            .architecture(ArchitectureValues::X8664)
+            .block_device_mappings(
+                aws_sdk_ec2::types::BlockDeviceMapping::builder()
+                    .device_name("/dev/xvda")
+                    .ebs(
+                        aws_sdk_ec2::types::EbsBlockDevice::builder()
+                            .snapshot_id(&base.root_snapshot_id)
+                            .build(),
+                    )
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap();
+        registered.push(out.image_id().unwrap().to_string());
+        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    }
+    let ours = |most_recent| {
+        AmiRef::Filter(AmiFilter {
+            owners: vec!["self".into()],
+            name: "newest-test-*".into(),
+            most_recent,
+            architecture: None,
+        })
+    };
+    assert_eq!(
+        ami::resolve(&clients, &ours(true)).await.unwrap(),
+        registered[1],
+        "the newer of the two"
+    );
+    assert!(ami::resolve(&clients, &ours(false)).await.is_err());
+    for id in registered {
+        clients
+            .ec2
+            .deregister_image()
+            .image_id(id)
+            .send()
+            .await
+            .unwrap();
+    }
 
     // What a derived image must copy.
     let base = ami::describe(&clients, &debian).await.unwrap();

@@ -5,11 +5,15 @@ use std::future::Future;
 
 use aws_sdk_ec2::types::Tag;
 
-use crate::aws::resources::ResourceError;
+use aws_sdk_ec2::config::http::HttpResponse;
+use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
+
+use crate::aws::resources::{self, ResourceError, Unique};
 use crate::aws::wait::WaitError;
+use crate::aws::AwsError;
 use crate::aws::Clients;
 use crate::communicator::Communicator;
-use crate::engine::{BoxError, Keep, StepContext, StepError, UndoId};
+use crate::engine::{BoxError, Keep, Progress, StepContext, StepError, UndoId};
 use crate::provision::{self, ProvisionError};
 use crate::template::Provisioner;
 
@@ -31,6 +35,36 @@ pub fn earlier<T: Clone>(value: &Option<T>, what: &str) -> Result<T, StepError> 
     value
         .clone()
         .ok_or_else(|| failed(format!("internal error: no {what} from an earlier step")))
+}
+
+/// The id a create call answered with; or, when the SDK's retry of a create whose answer
+/// was lost met the first attempt's resource under its unique name (`duplicate` is EC2's
+/// code for that), that resource, found by this build's tag. `action` names the call in
+/// errors.
+pub async fn created_or_found<O, E>(
+    answer: Result<O, SdkError<E, HttpResponse>>,
+    id_of: impl FnOnce(&O) -> Option<&str>,
+    action: &str,
+    (duplicate, kind, name): (&str, Unique, &str),
+    (clients, build_id): (&Clients, &str),
+    progress: &Progress,
+) -> Result<String, StepError>
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    match answer {
+        Ok(out) => id_of(&out)
+            .map(str::to_string)
+            .ok_or_else(|| failed(format!("{action}: the answer holds no id"))),
+        Err(e) if resources::code(&e) == Some(duplicate) => {
+            let found = resources::made_by_this_build(clients, kind, name, build_id)
+                .await
+                .map_err(|_| failed(AwsError::new(action, &e)))?;
+            progress.note(format!("{found}: made by an attempt whose answer was lost"));
+            Ok(found)
+        }
+        Err(e) => Err(failed(AwsError::new(action, &e))),
+    }
 }
 
 pub fn tags(pairs: &[(&str, &str)]) -> Vec<Tag> {

@@ -7,7 +7,9 @@ use aws_sdk_ec2::types::{
     BlockDeviceMapping, EbsBlockDevice, ResourceType, Tag, TagSpecification, VolumeType,
 };
 
-use crate::modes::support::{earlier, failed, provision, tags, undo_with, waited};
+use crate::modes::support::{
+    created_or_found, earlier, failed, provision, tags, undo_with, waited,
+};
 
 use super::BakeState;
 use crate::artifact::{
@@ -515,35 +517,19 @@ impl Step<BakeState> for RegisterImage {
             )
             .send()
             .await;
-        let image_id = match out {
-            Ok(out) => out
-                .image_id()
-                .ok_or_else(|| failed("RegisterImage returned no image id"))?
-                .to_string(),
-            // The answer to an earlier attempt was lost and the SDK's retry met its image.
-            Err(e) if resources::code(&e) == Some("InvalidAMIName.Duplicate") => {
-                let found = resources::made_by_this_build(
-                    &s.clients,
-                    resources::Unique::Image,
-                    &s.plan.name,
-                    &s.build_id,
-                )
-                .await
-                .map_err(|_| {
-                    failed(AwsError::new(format!("register image {}", s.plan.name), &e))
-                })?;
-                ctx.progress.note(format!(
-                    "{found}: registered by an attempt whose answer was lost"
-                ));
-                found
-            }
-            Err(e) => {
-                return Err(failed(AwsError::new(
-                    format!("register image {}", s.plan.name),
-                    &e,
-                )))
-            }
-        };
+        let image_id = created_or_found(
+            out,
+            |o| o.image_id(),
+            &format!("register image {}", s.plan.name),
+            (
+                "InvalidAMIName.Duplicate",
+                resources::Unique::Image,
+                &s.plan.name,
+            ),
+            (&s.clients, &s.build_id),
+            &ctx.progress,
+        )
+        .await?;
         s.image_id = Some(image_id.clone());
         undo_with(
             ctx,

@@ -20,7 +20,9 @@ use crate::aws::resources::{self, wait_image, wait_instance};
 use crate::aws::AwsError;
 use crate::communicator::ssh::{Ssh, SshTarget};
 use crate::engine::{Keep, Step, StepContext, StepError};
-use crate::modes::support::{earlier, failed, provision, tags, undo_with, waited};
+use crate::modes::support::{
+    created_or_found, earlier, failed, provision, tags, undo_with, waited,
+};
 use crate::template::SshInterface;
 
 const SSH_PORT: u16 = 22;
@@ -184,32 +186,19 @@ impl Step<BaseState> for CreateSecurityGroup {
             )
             .send()
             .await;
-        let group_id = match out {
-            Ok(out) => out
-                .group_id()
-                .ok_or_else(|| failed("CreateSecurityGroup returned no group id"))?
-                .to_string(),
-            // An attempt whose answer was lost made it; the SDK's retry met it.
-            Err(e) if resources::code(&e) == Some("InvalidGroup.Duplicate") => {
-                let found = resources::made_by_this_build(
-                    &s.clients,
-                    resources::Unique::SecurityGroup,
-                    &name,
-                    &s.build_id,
-                )
-                .await
-                .map_err(|_| failed(AwsError::new(format!("create security group {name}"), &e)))?;
-                ctx.progress
-                    .note(format!("{found}: made by an attempt whose answer was lost"));
-                found
-            }
-            Err(e) => {
-                return Err(failed(AwsError::new(
-                    format!("create security group {name}"),
-                    &e,
-                )))
-            }
-        };
+        let group_id = created_or_found(
+            out,
+            |o| o.group_id(),
+            &format!("create security group {name}"),
+            (
+                "InvalidGroup.Duplicate",
+                resources::Unique::SecurityGroup,
+                &name,
+            ),
+            (&s.clients, &s.build_id),
+            &ctx.progress,
+        )
+        .await?;
         undo_with(
             ctx,
             &s.clients,
@@ -570,33 +559,19 @@ impl Step<BaseState> for CreateImage {
             )
             .send()
             .await;
-        let create_failed = |e| {
-            failed(AwsError::new(
-                format!("create image {} from {instance_id}", s.plan.name),
-                e,
-            ))
-        };
-        let image_id = match out {
-            Ok(out) => out
-                .image_id()
-                .ok_or_else(|| failed("CreateImage returned no image id"))?
-                .to_string(),
-            // An attempt whose answer was lost made it; the SDK's retry met its name.
-            Err(e) if resources::code(&e) == Some("InvalidAMIName.Duplicate") => {
-                let found = resources::made_by_this_build(
-                    &s.clients,
-                    resources::Unique::Image,
-                    &s.plan.name,
-                    &s.build_id,
-                )
-                .await
-                .map_err(|_| create_failed(&e))?;
-                ctx.progress
-                    .note(format!("{found}: made by an attempt whose answer was lost"));
-                found
-            }
-            Err(e) => return Err(create_failed(&e)),
-        };
+        let image_id = created_or_found(
+            out,
+            |o| o.image_id(),
+            &format!("create image {} from {instance_id}", s.plan.name),
+            (
+                "InvalidAMIName.Duplicate",
+                resources::Unique::Image,
+                &s.plan.name,
+            ),
+            (&s.clients, &s.build_id),
+            &ctx.progress,
+        )
+        .await?;
         s.image_id = Some(image_id.clone());
         // Its snapshots go with it: they are found from the image when it is removed.
         undo_with(
