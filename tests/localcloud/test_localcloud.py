@@ -528,3 +528,17 @@ def test_ami_names_are_unique_in_the_account(cloud):
     assert image_id in err.value.response["Error"]["Message"]
     ec2.deregister_image(ImageId=image_id)
     ec2.deregister_image(ImageId=register())
+
+
+def test_a_volume_from_a_snapshot_whose_data_is_missing_is_refused_not_made_empty(cloud):
+    ec2 = cloud.client("ec2", retries=False)
+    volume_id = new_volume(cloud, ec2, "flat")
+    snapshot_id = ec2.create_snapshot(VolumeId=volume_id)["SnapshotId"]
+    wait_until(lambda: ec2.describe_snapshots(SnapshotIds=[snapshot_id])["Snapshots"][0]["State"], lambda s: s == "completed")
+    (cloud.state / "snapshots" / f"{snapshot_id}.img").unlink()
+    before = {v["VolumeId"] for v in ec2.describe_volumes()["Volumes"]}
+    with pytest.raises(ClientError):
+        ec2.create_volume(SnapshotId=snapshot_id, AvailabilityZone="us-east-1a")
+    assert {v["VolumeId"] for v in ec2.describe_volumes()["Volumes"]} == before, "no volume record either"
+    ec2.delete_snapshot(SnapshotId=snapshot_id)
+    ec2.delete_volume(VolumeId=volume_id)

@@ -90,7 +90,10 @@ class DataPlane:
         with self.lock:
             path = self.volume_file(volume_id)
             source = self.snapshot_file(snapshot_id) if snapshot_id else None
-            if source and source.exists():
+            if source and not source.exists():
+                # Never an empty volume in its place: that would hide what went wrong.
+                raise DataPlaneError(f"the data of {snapshot_id} is missing ({source})")
+            if source:
                 sparse_copy(source, path)
             else:
                 path.touch()
@@ -108,10 +111,9 @@ class DataPlane:
             src = self.volume_file(volume_id)
             if not src.exists():
                 return 0
-            if volume_id in self.attachments:
-                # A snapshot of an attached volume sees what reached the device.
-                for loop in self.attachments[volume_id].loops:
-                    subprocess.run(["blockdev", "--flushbufs", loop], capture_output=True)
+            # A snapshot of an attached volume holds what reached the device, as on EC2:
+            # nothing here flushes a filesystem mounted on it (BLKFLSBUF would), so a
+            # client that snapshots a mounted volume without syncing sees it.
             dst = self.snapshot_file(snapshot_id)
             sparse_copy(src, dst)
             parent = self.snapshot_file(parent_snapshot_id) if parent_snapshot_id else None

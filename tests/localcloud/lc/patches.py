@@ -16,6 +16,7 @@ from moto.ec2.models import EC2Backend
 from moto.ec2.models.amis import Ami
 from moto.ec2.models.elastic_block_store import Snapshot, Volume, VolumeAttachment
 from moto.ec2.responses.amis import AmisResponse
+from .dataplane import DataPlaneError
 
 _request = threading.local()
 
@@ -174,7 +175,12 @@ def _patch_volumes(dataplane, timing):
     def patched_create_volume(self, *args, **kwargs):
         volume = create_volume(self, *args, **kwargs)
         if current_action() == "CreateVolume":
-            dataplane.create_volume(volume.id, volume.size, volume.snapshot_id)
+            try:
+                dataplane.create_volume(volume.id, volume.size, volume.snapshot_id)
+            except DataPlaneError as e:
+                delete_volume(self, volume.id)
+                # An answer a client can read, naming the local cloud's own fault.
+                raise _error("InternalError", f"local cloud data plane: {e}")
             timing.start(("volume", volume.id), timing.profile["volume_creating"])
             timing.created(volume.id)
         return volume
