@@ -89,35 +89,26 @@ impl Step<BaseState> for CreateKeyPair {
             )
             .send()
             .await;
-        let out = match out {
-            Ok(out) => out,
-            Err(e) => {
-                if resources::code(&e) == Some("InvalidKeyPair.Duplicate") {
-                    // The name is this build's own: an attempt whose answer was lost made
-                    // the key pair, and its private key went with the answer. It goes.
-                    undo_with(
-                        ctx,
-                        &s.clients,
-                        name.clone(),
-                        &name,
-                        "delete key pair",
-                        Keep::Never,
-                        resources::delete_key_pair,
-                    );
-                }
-                return Err(failed(AwsError::new(format!("create key pair {name}"), &e)));
-            }
+        // It exists when the call answered, and also when the SDK's retry was refused as
+        // a duplicate: the name is this build's own, so an attempt whose answer was lost
+        // made it (and its private key went with that answer). Either way it goes.
+        let made = match &out {
+            Ok(_) => true,
+            Err(e) => resources::code(e) == Some("InvalidKeyPair.Duplicate"),
         };
+        if made {
+            s.delete_key_pair = Some(undo_with(
+                ctx,
+                &s.clients,
+                name.clone(),
+                &name,
+                "delete key pair",
+                Keep::Never,
+                resources::delete_key_pair,
+            ));
+        }
+        let out = out.map_err(|e| failed(AwsError::new(format!("create key pair {name}"), &e)))?;
         s.key_name = Some(name.clone());
-        s.delete_key_pair = Some(undo_with(
-            ctx,
-            &s.clients,
-            name.clone(),
-            &name,
-            "delete key pair",
-            Keep::Never,
-            resources::delete_key_pair,
-        ));
         let material = out
             .key_material()
             .ok_or_else(|| failed("CreateKeyPair returned no private key"))?;
