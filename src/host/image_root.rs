@@ -24,8 +24,6 @@ const BELOW: ResolveFlags = ResolveFlags::BENEATH.union(ResolveFlags::NO_MAGICLI
 #[derive(Debug)]
 pub struct ImageRoot {
     fd: OwnedFd,
-    /// Where it is on the host, for messages only: never used to reach a file.
-    host_path: PathBuf,
 }
 
 /// A path split into the directory that holds it and its last component.
@@ -35,25 +33,18 @@ pub struct Leaf {
 }
 
 impl ImageRoot {
-    /// Opens the image whose root is mounted (or lies) at `host_path`.
+    /// Opens the image whose root is mounted (or lies) at `host_path` on this machine.
     pub fn open(host_path: &Path) -> std::io::Result<ImageRoot> {
         let fd = rustix::fs::open(
             host_path,
             OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
             Mode::empty(),
         )?;
-        Ok(ImageRoot {
-            fd,
-            host_path: host_path.to_path_buf(),
-        })
+        Ok(ImageRoot { fd })
     }
 
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
-    }
-
-    pub fn host_path(&self) -> &Path {
-        &self.host_path
     }
 
     /// Opens `path` (as the image names it) with `flags`, resolved inside the image.

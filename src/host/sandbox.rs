@@ -17,7 +17,7 @@
 //! These functions run in a process that is still single-threaded (before any async
 //! runtime starts): they fork.
 
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsRawFd;
 use std::path::Path;
 
 use rustix::fs::{FileType, Mode};
@@ -338,8 +338,6 @@ fn mount_provisioning_filesystems(root: &Path) -> std::io::Result<()> {
         MountFlags::NOSUID | MountFlags::NODEV,
         Some(c"mode=0755"),
     )?;
-    drop(dev);
-    let _ = image.fd().as_fd();
     Ok(())
 }
 
