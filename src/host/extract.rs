@@ -420,7 +420,8 @@ fn make_dir(parent: BorrowedFd<'_>, name: &str) -> Result<(), String> {
     match rustix::fs::mkdirat(parent, name, Mode::from_raw_mode(0o700)) {
         Ok(()) => Ok(()),
         Err(Errno::EXIST) => {
-            if kind_of(parent, name)? == Some(FileType::Directory) {
+            let there = image_root::file_type_at(parent, name).map_err(|e| e.to_string())?;
+            if there == Some(FileType::Directory) {
                 return Ok(());
             }
             rustix::fs::unlinkat(parent, name, AtFlags::empty()).map_err(|e| e.to_string())?;
@@ -432,17 +433,9 @@ fn make_dir(parent: BorrowedFd<'_>, name: &str) -> Result<(), String> {
 
 /// Makes room for a file, link or symlink: whatever non-directory is there goes.
 fn clear_for(parent: BorrowedFd<'_>, name: &str) -> Result<(), String> {
-    match kind_of(parent, name)? {
-        None => Ok(()),
-        Some(FileType::Directory) => Err("a directory of that name is already there".into()),
-        Some(_) => rustix::fs::unlinkat(parent, name, AtFlags::empty()).map_err(|e| e.to_string()),
-    }
-}
-
-fn kind_of(parent: BorrowedFd<'_>, name: &str) -> Result<Option<FileType>, String> {
-    match rustix::fs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW) {
-        Ok(stat) => Ok(Some(FileType::from_raw_mode(stat.st_mode))),
-        Err(Errno::NOENT) => Ok(None),
+    match image_root::remove_unless_dir_at(parent, name) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err("a directory of that name is already there".into()),
         Err(e) => Err(e.to_string()),
     }
 }

@@ -133,26 +133,37 @@ impl ImageRoot {
     }
 }
 
+/// What `name` in `dir` is, without following it; None if nothing is there.
+pub fn file_type_at(dir: BorrowedFd<'_>, name: &str) -> std::io::Result<Option<FileType>> {
+    match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(stat) => Ok(Some(FileType::from_raw_mode(stat.st_mode))),
+        Err(Errno::NOENT) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Removes `name` in `dir` unless it is a directory (a symlink goes, never followed);
+/// Ok(false) when a directory is there.
+pub fn remove_unless_dir_at(dir: BorrowedFd<'_>, name: &str) -> std::io::Result<bool> {
+    match file_type_at(dir, name)? {
+        None => Ok(true),
+        Some(FileType::Directory) => Ok(false),
+        Some(_) => {
+            rustix::fs::unlinkat(dir, name, AtFlags::empty())?;
+            Ok(true)
+        }
+    }
+}
+
 impl Leaf {
     /// What is there now, without following it; None if nothing is.
     pub fn file_type(&self) -> std::io::Result<Option<FileType>> {
-        match rustix::fs::statat(&self.dir, self.name.as_str(), AtFlags::SYMLINK_NOFOLLOW) {
-            Ok(stat) => Ok(Some(FileType::from_raw_mode(stat.st_mode))),
-            Err(Errno::NOENT) => Ok(None),
-            Err(e) => Err(e.into()),
-        }
+        file_type_at(self.dir.as_fd(), &self.name)
     }
 
     /// Removes what is there unless it is a directory; Ok(false) when a directory is.
     pub fn remove_unless_dir(&self) -> std::io::Result<bool> {
-        match self.file_type()? {
-            None => Ok(true),
-            Some(FileType::Directory) => Ok(false),
-            Some(_) => {
-                rustix::fs::unlinkat(&self.dir, self.name.as_str(), AtFlags::empty())?;
-                Ok(true)
-            }
-        }
+        remove_unless_dir_at(self.dir.as_fd(), &self.name)
     }
 
     /// Creates a new regular file here (nothing may be there) for writing.
