@@ -1,8 +1,7 @@
 //! Finding an AMI from a template's reference, and reading what a new image must copy from it.
 
 use aws_sdk_ec2::types::{
-    ArchitectureValues, BlockDeviceMapping, BootModeValues, Filter, Image, ImageState,
-    VirtualizationType,
+    ArchitectureValues, BlockDeviceMapping, BootModeValues, Image, ImageState, VirtualizationType,
 };
 
 use super::{AwsError, Clients};
@@ -97,10 +96,10 @@ async fn newest_matching(
         .ec2
         .describe_images()
         .set_owners(Some(filter.owners.clone()))
-        .filters(Filter::builder().name("name").values(&filter.name).build())
-        .filters(Filter::builder().name("state").values("available").build());
+        .filters(super::filter("name", &filter.name))
+        .filters(super::filter("state", "available"));
     if let Some(arch) = &filter.architecture {
-        request = request.filters(Filter::builder().name("architecture").values(arch).build());
+        request = request.filters(super::filter("architecture", arch));
     }
     let out = request
         .send()
@@ -198,13 +197,8 @@ pub async fn find_by_fingerprint(
         .ec2
         .describe_images()
         .owners("self")
-        .filters(
-            Filter::builder()
-                .name(format!("tag:{TAG_FINGERPRINT}"))
-                .values(fingerprint)
-                .build(),
-        )
-        .filters(Filter::builder().name("state").values("available").build())
+        .filters(super::filter(format!("tag:{TAG_FINGERPRINT}"), fingerprint))
+        .filters(super::filter("state", "available"))
         .send()
         .await
         .map_err(|e| AwsError::new("look for an identical earlier build", &e))?;

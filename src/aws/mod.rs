@@ -61,6 +61,14 @@ impl Clients {
 #[error("no AWS region: pass --region, set AWS_REGION, or set one in the profile")]
 pub struct NoRegion;
 
+/// A Describe* filter with one value: `filter("volume-id", id)`, `filter("tag:K", v)`.
+pub fn filter(name: impl Into<String>, value: impl Into<String>) -> aws_sdk_ec2::types::Filter {
+    aws_sdk_ec2::types::Filter::builder()
+        .name(name)
+        .values(value)
+        .build()
+}
+
 /// An SDK error as one line: the AWS error code and message and the request id, or what kept
 /// the request from being answered. `{}` on an `SdkError` says only "service error".
 pub fn describe<E>(err: &SdkError<E, HttpResponse>) -> String

@@ -11,7 +11,7 @@ use aws_sdk_ec2::error::ProvideErrorMetadata;
 use tokio_util::sync::CancellationToken;
 
 use super::wait::{wait_for, Poll, WaitError, WaitPolicy};
-use super::{AwsError, Clients};
+use super::{filter, AwsError, Clients};
 use crate::engine::{Progress, Unit};
 use aws_sdk_ec2::config::http::HttpResponse;
 use aws_sdk_ec2::error::SdkError;
@@ -514,13 +514,7 @@ pub async fn made_by_this_build(
     build_id: &str,
 ) -> Result<String, ResourceError> {
     let ec2 = clients.ec2.clone();
-    let filter = |key: &str, value: &str| {
-        aws_sdk_ec2::types::Filter::builder()
-            .name(key)
-            .values(value)
-            .build()
-    };
-    let by_build = filter(&format!("tag:{}", crate::artifact::TAG_BUILD_ID), build_id);
+    let by_build = filter(format!("tag:{}", crate::artifact::TAG_BUILD_ID), build_id);
     wait_for(
         kind.what(),
         name,

@@ -16,7 +16,7 @@ use crate::artifact::{
     TAG_BASE_AMI, TAG_BUILD_ID, TAG_COMMIT, TAG_FINGERPRINT, TAG_TARBALL_SHA256,
 };
 use crate::aws::resources::{self, wait_image, wait_snapshot, wait_volume};
-use crate::aws::AwsError;
+use crate::aws::{filter, AwsError};
 use crate::communicator::chroot::Chroot;
 use crate::engine::{Keep, Step, StepContext, StepError, Unit};
 use crate::host::{device, extract, mount};
@@ -410,18 +410,12 @@ async fn remove_lost_snapshots(
     kept: &str,
     ctx: &mut StepContext,
 ) -> Result<(), StepError> {
-    let filter = |key: &str, value: &str| {
-        aws_sdk_ec2::types::Filter::builder()
-            .name(key)
-            .values(value)
-            .build()
-    };
     let found = s
         .clients
         .ec2
         .describe_snapshots()
         .owner_ids("self")
-        .filters(filter(&format!("tag:{TAG_BUILD_ID}"), &s.build_id))
+        .filters(filter(format!("tag:{TAG_BUILD_ID}"), &s.build_id))
         .filters(filter("volume-id", volume_id))
         .send()
         .await
