@@ -116,7 +116,7 @@ pub async fn run(
         {
             // A channel moved back or away since is published again; one that names the
             // image already is left alone.
-            if channel_names(&clients, plan.publish.as_ref(), &id).await? {
+            if channel_names(&clients, plan.publish.as_ref(), &id).await {
                 return Ok(BuildResult {
                     manifest: Some(manifest(id, name, true, None)),
                     report: None,
@@ -174,14 +174,15 @@ pub async fn run(
 }
 
 /// Whether the template's channel already names `image`: its newest version, and its
-/// label where it has one. True when there is no channel.
+/// label where it has one. True when there is no channel; a lookup that fails counts as
+/// not named, so the publish step runs and reports it.
 async fn channel_names(
     clients: &Clients,
     publish: Option<&crate::template::SsmPublish>,
     image: &str,
-) -> Result<bool, ModeError> {
+) -> bool {
     let Some(publish) = publish else {
-        return Ok(true);
+        return true;
     };
     let mut names = vec![publish.parameter.clone()];
     if let Some(label) = &publish.label {
@@ -191,10 +192,10 @@ async fn channel_names(
         // A label that names no version yet is a channel to publish to, not an error.
         let value = crate::aws::resources::parameter_value(clients, &name).await;
         if !matches!(value, Ok(Some(v)) if v == image) {
-            return Ok(false);
+            return false;
         }
     }
-    Ok(true)
+    true
 }
 
 /// What decides the image's content: the source AMI, how the instance is launched, and
