@@ -73,6 +73,9 @@ pub struct InternalSandboxArgs {
     /// Share the build host's network instead of having none.
     #[arg(long)]
     pub network: bool,
+    /// A cgroup to join first: the one that keeps the command from the host's credentials.
+    #[arg(long)]
+    pub cgroup: Option<PathBuf>,
     /// The command and its arguments.
     #[arg(last = true, required = true)]
     pub command: Vec<String>,

@@ -115,7 +115,14 @@ fn internal_extract(args: &cli::InternalExtractArgs) -> i32 {
 }
 
 fn internal_sandbox(args: &cli::InternalSandboxArgs) -> ! {
-    use amibake::host::sandbox;
+    use amibake::host::{credential_guard, sandbox};
+    // Joined before anything else runs, so nothing the command starts is outside it.
+    if let Some(cgroup) = &args.cgroup {
+        if let Err(e) = credential_guard::join(cgroup) {
+            eprintln!("error: {e}");
+            std::process::exit(exit::BUILD_FAILED);
+        }
+    }
     let purpose = sandbox::Purpose::Provision {
         network: args.network,
     };

@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 
 use crate::communicator::{CommError, Communicator};
 use crate::engine::Progress;
-use crate::template::{Provisioner, ProvisionerAction};
+use crate::template::{Network, Provisioner, ProvisionerAction};
 
 /// Lines of a failing command's output kept for its error message.
 const TAIL_LINES: usize = 20;
@@ -76,7 +76,7 @@ pub async fn run_all(
                 comm.run(
                     &format!("rm -f '{remote}'"),
                     &Default::default(),
-                    false,
+                    Network::None,
                     &mut |_| {},
                     &never,
                 )

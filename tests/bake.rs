@@ -147,6 +147,32 @@ fn assert_nothing_left(cloud: &LocalCloud, build_host: &str) {
         !mounts.lines().any(|l| l.contains("amibake-ab-")),
         "a bake mount is left:\n{mounts}"
     );
+    let cgroups = guard_cgroups_left();
+    assert!(cgroups.is_empty(), "provisioner cgroups left: {cgroups:?}");
+}
+
+/// The credential guard's cgroups (`amibake-provisioner-*`) anywhere in the cgroup2 tree.
+fn guard_cgroups_left() -> Vec<std::path::PathBuf> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let mut left = Vec::new();
+    for line in mountinfo.lines().filter(|l| l.contains(" - cgroup2 ")) {
+        let mut stack = vec![std::path::PathBuf::from(line.split(' ').nth(4).unwrap())];
+        while let Some(dir) = stack.pop() {
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    if entry
+                        .file_name()
+                        .to_string_lossy()
+                        .starts_with("amibake-provisioner-")
+                    {
+                        left.push(entry.path());
+                    }
+                    stack.push(entry.path());
+                }
+            }
+        }
+    }
+    left
 }
 
 /// One cloud for the whole story, told in order: the SDK of the binary reads its endpoint
@@ -514,39 +540,57 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
 
     // 11. Provisioners cannot reach the build host: not its instance metadata (and so not
     // its credentials), not its processes, its disks or its environment. Each check fails
-    // the bake if it can cross; the same connection with `network = true` must succeed,
-    // so the first check is shown to be able to fail.
-    let imds = cloud
-        .env
-        .iter()
-        .find(|(k, _)| k == "AWS_EC2_METADATA_SERVICE_ENDPOINT")
-        .map(|(_, v)| {
-            v.trim_start_matches("http://")
-                .trim_end_matches('/')
-                .to_string()
-        })
-        .expect("the local cloud's IMDS endpoint");
-    let (imds_host, imds_port) = imds.split_once(':').unwrap();
-    let connect = format!("bash -c 'exec 3<>/dev/tcp/{imds_host}/{imds_port}'");
+    // the bake if it can cross. With `network = true` a command reaches the host's network
+    // (the local cloud's EC2 endpoint) but still not the metadata, not even through an IPv6
+    // socket's mapped address; with `allow_imds = true` as well, it reaches the metadata,
+    // so the metadata checks are shown to be able to fail.
+    let address_of = |variable: &str| {
+        let url = &cloud.env.iter().find(|(k, _)| k == variable).unwrap().1;
+        let (host, port) = url
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .split_once(':')
+            .unwrap();
+        (host.to_string(), port.to_string())
+    };
+    let (imds_host, imds_port) = address_of("AWS_EC2_METADATA_SERVICE_ENDPOINT");
+    let (ec2_host, ec2_port) = address_of("AWS_ENDPOINT_URL");
+    let connect = |host: &str, port: &str| format!("bash -c 'exec 3<>/dev/tcp/{host}/{port}'");
+    let imds = connect(&imds_host, &imds_port);
+    let imds_mapped = connect(&format!("::ffff:{imds_host}"), &imds_port);
     let my_pid = std::process::id();
     let checks = [
-        format!("if {connect} 2>/dev/null; then echo reached the build host IMDS; exit 11; fi"),
+        format!("if {imds} 2>/dev/null; then echo reached the build host IMDS; exit 11; fi"),
         format!("if test -e /proc/{my_pid}; then echo sees host pid {my_pid}; exit 12; fi"),
         "if test -e /dev/vda -o -e /dev/loop0 -o -e /dev/sda; then ls /dev; exit 13; fi".into(),
         "if env | grep -q '^AWS_'; then echo sees AWS variables; exit 14; fi".into(),
         "test \"$(cat /proc/1/comm)\" = amibake || { echo host init visible; exit 15; }".into(),
         "if echo x > /proc/sys/kernel/core_pattern 2>/dev/null; then exit 16; fi".into(),
     ];
-    let quoted: Vec<String> = checks
-        .iter()
-        .map(|c| serde_json::to_string(c).unwrap())
-        .collect();
+    let with_network = [
+        format!(
+            "{} || {{ echo no network; exit 21; }}",
+            connect(&ec2_host, &ec2_port)
+        ),
+        format!("if {imds} 2>/dev/null; then echo reached IMDS with network; exit 22; fi"),
+        format!("if {imds_mapped} 2>/dev/null; then echo reached IMDS over IPv6; exit 23; fi"),
+    ];
+    let with_metadata = [imds.clone(), imds_mapped.clone()];
+    let quoted = |commands: &[String]| {
+        commands
+            .iter()
+            .map(|c| serde_json::to_string(c).unwrap())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     let text = format!(
         "[bake]\nname = \"contained-${{commit}}-${{timestamp}}\"\nbase_ami = {debian}\ndest = \"/srv/app\"\n\n\
          [[bake.provisioner]]\ninline = [{}]\n\n\
-         [[bake.provisioner]]\nname = \"with network\"\nnetwork = true\ninline = [{}]\n",
-        quoted.join(", "),
-        serde_json::to_string(&connect).unwrap(),
+         [[bake.provisioner]]\nname = \"with network\"\nnetwork = true\ninline = [{}]\n\n\
+         [[bake.provisioner]]\nname = \"with metadata\"\nnetwork = true\nallow_imds = true\ninline = [{}]\n",
+        quoted(&checks),
+        quoted(&with_network),
+        quoted(&with_metadata),
     );
     std::fs::write(dir.join("contained.toml"), text).unwrap();
     let run = bake(&cloud, dir, "contained.toml", &[]);

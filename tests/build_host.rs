@@ -17,7 +17,7 @@ use amibake::host::device::{
 use amibake::host::mount;
 use amibake::provision;
 use amibake::template::{AmiFilter, AmiRef};
-use amibake::template::{Provisioner, ProvisionerAction};
+use amibake::template::{Network, Provisioner, ProvisionerAction};
 use tokio_util::sync::CancellationToken;
 use util::localcloud::LocalCloud;
 
@@ -74,7 +74,7 @@ fn provisioner(name: &str, action: ProvisionerAction, env: &[(&str, &str)]) -> P
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
-        network: false,
+        network: Network::None,
     }
 }
 

@@ -13,6 +13,8 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio_util::sync::CancellationToken;
 
 use super::{CommError, Communicator};
+use crate::host::credential_guard::{credential_endpoints, CredentialGuard};
+use crate::template::Network;
 
 /// The PATH commands see in the chroot: the usual one of a Linux image.
 const CHROOT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -31,15 +33,31 @@ impl Chroot {
         }
     }
 
-    fn command(&self, env: &BTreeMap<String, String>, network: bool) -> tokio::process::Command {
+    /// The sandboxed command; with the host's network, also the guard that keeps it from the
+    /// host's credentials, which must live until the command has ended.
+    fn command(
+        &self,
+        env: &BTreeMap<String, String>,
+        network: Network,
+    ) -> Result<(tokio::process::Command, Option<CredentialGuard>), CommError> {
         let mut command = tokio::process::Command::new(&self.amibake_exe);
         command
             .arg("internal-sandbox")
             .arg("--root")
             .arg(&self.root);
-        if network {
-            command.arg("--network");
-        }
+        let guard = match network {
+            Network::None => None,
+            Network::HostWithMetadata => {
+                command.arg("--network");
+                None
+            }
+            Network::Host => {
+                let guard = CredentialGuard::new(&credential_endpoints())
+                    .map_err(|e| self.failed("keep the command from the host's credentials", e))?;
+                command.arg("--network").arg("--cgroup").arg(guard.dir());
+                Some(guard)
+            }
+        };
         command.arg("--");
         // Nothing of the host's environment leaks in, credentials included.
         command
@@ -48,7 +66,7 @@ impl Chroot {
             .env("HOME", "/root")
             .env("LANG", "C.UTF-8");
         command.envs(env).kill_on_drop(true);
-        command
+        Ok((command, guard))
     }
 }
 
@@ -62,14 +80,14 @@ impl Communicator for Chroot {
         &self,
         command: &str,
         env: &BTreeMap<String, String>,
-        network: bool,
+        network: Network,
         on_line: &mut (dyn for<'l> FnMut(&'l str) + Send),
         cancel: &CancellationToken,
     ) -> Result<i32, CommError> {
         // `exec 2>&1` merges the streams inside the image, keeping their order; the command
         // itself travels as an argument, so nothing is quoted or pasted into a shell string.
-        let mut child = self
-            .command(env, network)
+        let (mut sandboxed, _guard) = self.command(env, network)?;
+        let mut child = sandboxed
             .args([
                 "/bin/sh",
                 "-c",
@@ -113,8 +131,8 @@ impl Communicator for Chroot {
     async fn upload(&self, source: &Path, destination: &str, mode: u32) -> Result<(), CommError> {
         let action = || format!("copy {} to {destination}", source.display());
         let file = std::fs::File::open(source).map_err(|e| self.failed(action(), e))?;
-        let out = self
-            .command(&BTreeMap::new(), false)
+        let (mut command, _) = self.command(&BTreeMap::new(), Network::None)?;
+        let out = command
             .args([
                 "/bin/sh",
                 "-c",

@@ -9,6 +9,8 @@ use std::path::Path;
 
 use async_trait::async_trait;
 
+use crate::template::Network;
+
 #[derive(Debug, thiserror::Error)]
 pub enum CommError {
     #[error("{target}: cannot {action}: {reason}")]
@@ -35,7 +37,7 @@ pub trait Communicator: Send + Sync {
         &self,
         command: &str,
         env: &BTreeMap<String, String>,
-        network: bool,
+        network: Network,
         on_line: &mut (dyn for<'l> FnMut(&'l str) + Send),
         cancel: &tokio_util::sync::CancellationToken,
     ) -> Result<i32, CommError>;

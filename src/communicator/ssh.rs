@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{CommError, Communicator};
+use crate::template::Network;
 
 /// How often a running command's reader looks at the cancel token.
 const READ_POLL: Duration = Duration::from_millis(200);
@@ -125,7 +126,7 @@ impl Communicator for Ssh {
         &self,
         command: &str,
         env: &BTreeMap<String, String>,
-        _network: bool,
+        _network: Network,
         on_line: &mut (dyn for<'l> FnMut(&'l str) + Send),
         cancel: &CancellationToken,
     ) -> Result<i32, CommError> {

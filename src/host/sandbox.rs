@@ -5,7 +5,8 @@
 //! nothing the host has mounted is followed into the image), its own PID namespace (it sees
 //! only its own processes, and everything it started dies with it), its own IPC and UTS
 //! namespaces, and unless asked for, its own network namespace with no route anywhere (so
-//! the build host's instance metadata, and with it its credentials, is out of reach).
+//! the build host's instance metadata, and with it its credentials, is out of reach; with
+//! the host's network, `credential_guard` keeps them out of reach).
 //!
 //! Provisioners get the image as their root through `pivot_root`, so there is no host tree
 //! left above it to escape to, with a fresh /proc of their own PID namespace (read-only
@@ -39,7 +40,8 @@ pub struct SandboxError {
 pub enum Purpose {
     /// Unpack files: create, own and date them.
     Extract,
-    /// Run a provisioner's command, as root of the image; `network` shares the host's.
+    /// Run a provisioner's command, as root of the image; `network` shares the host's
+    /// (which `credential_guard` keeps from the host's credentials, unless allowed).
     Provision { network: bool },
 }
 

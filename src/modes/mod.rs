@@ -11,7 +11,7 @@ use crate::artifact;
 use crate::aws::AwsOptions;
 use crate::engine::RunReport;
 use crate::template::{
-    self, Commit, LoadOptions, Provisioner, ProvisionerAction, Template, TemplateError,
+    self, Commit, LoadOptions, Network, Provisioner, ProvisionerAction, Template, TemplateError,
 };
 
 /// How a run of either mode ended: its manifest when it built or reused an image, and the
@@ -100,7 +100,11 @@ fn provisioner_fingerprint_parts(
                 destination,
             } => format!("{} {destination}", digest(source)?),
         };
-        let network = if p.network { "\nnetwork" } else { "" };
+        let network = match p.network {
+            Network::None => "",
+            Network::Host => "\nnetwork",
+            Network::HostWithMetadata => "\nnetwork with metadata",
+        };
         parts.push((
             format!("provisioner {i}"),
             format!("{what}\n{:?}{network}", p.env),

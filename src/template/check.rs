@@ -12,8 +12,8 @@ use super::diagnostic::{explain_unknown_field, nearest, Diagnostic, SourceMap, T
 use super::interpolate::{interpolate, Commit, Context};
 use super::schema::{BakeSection, BaseSection, ProvisionerEntry, TemplateFile};
 use super::{
-    AmiRef, BakePlan, BasePlan, ExistingKeyPair, LoadOptions, Provisioner, ProvisionerAction,
-    SsmPublish, Template,
+    AmiRef, BakePlan, BasePlan, ExistingKeyPair, LoadOptions, Network, Provisioner,
+    ProvisionerAction, SsmPublish, Template,
 };
 
 /// How long `base` waits for SSH when the template does not say: vendor images on small
@@ -339,15 +339,7 @@ impl Checker<'_> {
             }
             env.insert(name.clone(), self.text(&env_key, value));
         }
-        if let Some(network) = &e.network {
-            if !key.starts_with("bake.") {
-                self.error(
-                    Some(network.span()),
-                    &format!("{key}.network"),
-                    "`network` is for bake provisioners, which have none unless they ask; a base instance has its own".into(),
-                );
-            }
-        }
+        let network = self.network(key, e);
         let action = if let Some(script) = &e.script {
             ProvisionerAction::Script(self.local_file(&format!("{key}.script"), script)?)
         } else if let Some(inline) = &e.inline {
@@ -404,8 +396,38 @@ impl Checker<'_> {
             name,
             action,
             env,
-            network: e.network.as_ref().is_some_and(|n| *n.get_ref()),
+            network,
         })
+    }
+
+    /// A bake provisioner's `network` and `allow_imds`.
+    fn network(&mut self, key: &str, e: &ProvisionerEntry) -> Network {
+        let on = |flag: &Option<Spanned<bool>>| flag.as_ref().is_some_and(|f| *f.get_ref());
+        for (name, flag) in [("network", &e.network), ("allow_imds", &e.allow_imds)] {
+            if let Some(flag) = flag {
+                if !key.starts_with("bake.") {
+                    self.error(
+                        Some(flag.span()),
+                        &format!("{key}.{name}"),
+                        format!("`{name}` is for bake provisioners, which have no network unless they ask; a base instance has its own"),
+                    );
+                }
+            }
+        }
+        match (on(&e.network), on(&e.allow_imds)) {
+            (false, false) => Network::None,
+            (true, false) => Network::Host,
+            (true, true) => Network::HostWithMetadata,
+            (false, true) => {
+                let span = e.allow_imds.as_ref().map(|f| f.span());
+                self.error(
+                    span,
+                    &format!("{key}.allow_imds"),
+                    "`allow_imds` opens the build host's instance metadata to a command that has the host's network: it needs `network = true`".into(),
+                );
+                Network::None
+            }
+        }
     }
 
     /// A file the template names, relative to the template's own directory so a build gives

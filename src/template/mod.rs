@@ -93,8 +93,22 @@ pub struct Provisioner {
     pub name: String,
     pub action: ProvisionerAction,
     pub env: BTreeMap<String, String>,
-    /// Bake only: the command shares the build host's network; without it, it has none.
-    pub network: bool,
+    /// Bake only: which network the command has.
+    pub network: Network,
+}
+
+/// The network a bake provisioner's command has (a base instance always has its own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Network {
+    /// None at all: the default.
+    #[default]
+    None,
+    /// `network = true`: the build host's, except its instance metadata and the other
+    /// endpoints that hand out the host's credentials.
+    Host,
+    /// `network = true` and `allow_imds = true`: the build host's, metadata included.
+    HostWithMetadata,
 }
 
 #[derive(Debug, Clone, Serialize)]

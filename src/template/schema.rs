@@ -84,6 +84,9 @@ pub struct ProvisionerEntry {
     pub env: BTreeMap<String, Spanned<String>>,
     /// Bake only: give the command the build host's network (it has none by default).
     pub network: Option<Spanned<bool>>,
+    /// Bake only, with `network = true`: let the command reach the build host's instance
+    /// metadata, and with it the host's credentials.
+    pub allow_imds: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, Default)]
