@@ -238,6 +238,13 @@ fn base_builds_publishes_chains_into_bake_and_skips_when_unchanged() {
         "output streams with the provisioner's name:\n{}",
         run.stderr()
     );
+    // The host key was checked against what the instance printed to its console.
+    assert!(
+        run.stderr().lines().any(|l| l.contains("offered host key SHA256:")
+            && l.contains("printed to its console")),
+        "the host key is vouched for by the console:\n{}",
+        run.stderr()
+    );
     let calls = cloud.calls();
     let opened: Vec<&str> = calls
         .iter()

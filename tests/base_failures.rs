@@ -360,6 +360,49 @@ fn every_failure_of_a_base_build_cleans_up_and_says_where() {
         .unwrap();
     world.assert_clean(&run);
 
+    // Another machine answering at the instance's address: its host key is none of those
+    // the instance printed to its console. The build refuses it before authenticating
+    // (the instance's sshd never saw a login) and cleans up.
+    world.cloud.cli(&["impostor"]);
+    let run = base(&world.cloud, dir, &[]);
+    run.expect_code(1);
+    let refusal = run
+        .stderr()
+        .lines()
+        .find(|l| l.starts_with("error: wait for ssh: 127.0.1."))
+        .unwrap_or_else(|| panic!("the refusal\n{}", run.dump()))
+        .to_string();
+    assert!(
+        refusal.contains("offered the SSH host key SHA256:")
+            && refusal.contains("another machine is answering at that address"),
+        "{}",
+        run.dump()
+    );
+    let instance_id = refusal
+        .split_whitespace()
+        .find(|w| w.starts_with("i-"))
+        .expect("the instance named");
+    let console = world
+        .runtime
+        .block_on(
+            world
+                .clients
+                .ec2
+                .get_console_output()
+                .instance_id(instance_id)
+                .send(),
+        )
+        .unwrap();
+    let console =
+        String::from_utf8(aws_smithy_types::base64::decode(console.output().unwrap()).unwrap())
+            .unwrap();
+    assert!(
+        console.contains("BEGIN SSH HOST KEY FINGERPRINTS")
+            && !console.contains("Accepted publickey"),
+        "{console}"
+    );
+    world.assert_clean(&run);
+
     // SIGTERM, as a CI system stops a job, during each step: exit 143 well inside the 10 s
     // such a system waits before it kills, and everything made so far is removed. Each
     // step is held in its first call (or its running command) while the signal lands, so

@@ -2,6 +2,7 @@
 //! one wait helper, and one way to render SDK errors.
 
 pub mod ami;
+pub mod console;
 pub mod host;
 pub mod resources;
 pub mod wait;

@@ -52,13 +52,75 @@ pub struct Ssh {
     uploads: AtomicU64,
 }
 
+/// The host key a server offered in the handshake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostKey {
+    /// `ED25519`, `ECDSA`, `RSA`: as `ssh-keygen -l` names them.
+    pub kind: &'static str,
+    /// The public key blob, base64 as in `known_hosts`.
+    pub blob_base64: String,
+    /// `SHA256:…`, as `ssh-keygen -l` prints it.
+    pub fingerprint: String,
+}
+
+impl HostKey {
+    fn of(blob: &[u8], kind: ssh2::HostKeyType) -> HostKey {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(blob);
+        HostKey {
+            kind: match kind {
+                ssh2::HostKeyType::Rsa => "RSA",
+                ssh2::HostKeyType::Dss => "DSA",
+                ssh2::HostKeyType::Ecdsa256
+                | ssh2::HostKeyType::Ecdsa384
+                | ssh2::HostKeyType::Ecdsa521 => "ECDSA",
+                ssh2::HostKeyType::Ed25519 => "ED25519",
+                _ => "unknown",
+            },
+            blob_base64: aws_smithy_types::base64::encode(blob),
+            fingerprint: format!(
+                "SHA256:{}",
+                aws_smithy_types::base64::encode(digest).trim_end_matches('=')
+            ),
+        }
+    }
+}
+
+/// A connection whose key exchange is done and whose server is not yet trusted: nothing has
+/// been sent to it but the handshake. `authenticate` once its host key is checked.
+pub struct Handshake {
+    target: SshTarget,
+    session: Session,
+    host_key: HostKey,
+}
+
+impl Handshake {
+    pub fn host_key(&self) -> &HostKey {
+        &self.host_key
+    }
+
+    /// Authenticates with the target's key.
+    pub fn authenticate(self) -> Result<Ssh, String> {
+        let Handshake {
+            target, session, ..
+        } = self;
+        session
+            .userauth_pubkey_file(&target.user, None, &target.private_key, None)
+            .map_err(|e| format!("key authentication as {}: {e}", target.user))?;
+        Ok(Ssh {
+            sudo: target.user != "root",
+            target,
+            session: Arc::new(Mutex::new(session)),
+            uploads: AtomicU64::new(0),
+        })
+    }
+}
+
 impl Ssh {
-    /// Connects, and authenticates with the key. One attempt, bounded by `timeout`: the
-    /// caller decides how often to retry while an instance boots.
-    ///
-    /// The host key is accepted as offered: the instance was launched moments ago by this
-    /// run, so there is no known key to compare it with.
-    pub fn connect(target: &SshTarget, timeout: Duration) -> Result<Ssh, String> {
+    /// Connects and exchanges keys. One attempt, bounded by `timeout`: the caller decides
+    /// how often to retry while an instance boots, and whether the host key is the
+    /// instance's before it authenticates.
+    pub fn handshake(target: &SshTarget, timeout: Duration) -> Result<Handshake, String> {
         let address: SocketAddr = (target.host.as_str(), target.port)
             .to_socket_addrs()
             .map_err(|e| format!("cannot resolve {}: {e}", target.host))?
@@ -74,14 +136,14 @@ impl Ssh {
         // A provisioner silent for minutes (a large apt-get) must not lose its connection
         // to an idle-timeout on the way; the read loop sends these when they are due.
         session.set_keepalive(false, KEEPALIVE_SECONDS);
-        session
-            .userauth_pubkey_file(&target.user, None, &target.private_key, None)
-            .map_err(|e| format!("key authentication as {}: {e}", target.user))?;
-        Ok(Ssh {
+        let host_key = session
+            .host_key()
+            .map(|(blob, kind)| HostKey::of(blob, kind))
+            .ok_or("SSH handshake: the server offered no host key")?;
+        Ok(Handshake {
             target: target.clone(),
-            session: Arc::new(Mutex::new(session)),
-            sudo: target.user != "root",
-            uploads: AtomicU64::new(0),
+            session,
+            host_key,
         })
     }
 

@@ -542,3 +542,37 @@ def test_a_volume_from_a_snapshot_whose_data_is_missing_is_refused_not_made_empt
     assert {v["VolumeId"] for v in ec2.describe_volumes()["Volumes"]} == before, "no volume record either"
     ec2.delete_snapshot(SnapshotId=snapshot_id)
     ec2.delete_volume(VolumeId=volume_id)
+
+
+def console_host_keys(ec2, instance_id):
+    """The public keys the instance printed between cloud-init's markers (botocore decodes
+    the base64 Output itself)."""
+    output = ec2.get_console_output(InstanceId=instance_id, Latest=True)["Output"]
+    block = output.split("-----BEGIN SSH HOST KEY KEYS-----\n")[1].split("-----END SSH HOST KEY KEYS-----")[0]
+    fingerprints = output.split("-----BEGIN SSH HOST KEY FINGERPRINTS-----\n")[1].split("-----END")[0]
+    return {" ".join(line.split()[:2]) for line in block.splitlines()}, fingerprints
+
+
+def offered_host_keys(ip):
+    scan = subprocess.run(["ssh-keyscan", "-T", "5", ip], capture_output=True, text=True, check=True).stdout
+    return {" ".join(line.split()[1:3]) for line in scan.splitlines() if line and not line.startswith("#")}
+
+
+def test_the_console_prints_the_host_keys_sshd_offers_unless_an_impostor_answers(cloud, tmp_path):
+    ec2 = cloud.client("ec2")
+    instance_id, key = launch(cloud, tmp_path, "console-keys")
+    ip = instance_state(ec2, instance_id)["PrivateIpAddress"]
+    printed, fingerprints = console_host_keys(ec2, instance_id)
+    assert printed and printed == offered_host_keys(ip)
+    assert fingerprints.count("SHA256:") == len(printed)
+    # sshd logs to the console too: a login shows there.
+    assert "Accepted publickey" not in ec2.get_console_output(InstanceId=instance_id)["Output"]
+    ssh(key, ip, "true")
+    assert "Accepted publickey for admin" in ec2.get_console_output(InstanceId=instance_id)["Output"]
+
+    cloud.cli("impostor")
+    other_id, _ = launch(cloud, tmp_path, "console-impostor")
+    other_ip = instance_state(ec2, other_id)["PrivateIpAddress"]
+    printed, _ = console_host_keys(ec2, other_id)
+    assert printed and not printed & offered_host_keys(other_ip)
+    ec2.terminate_instances(InstanceIds=[instance_id, other_id])

@@ -17,8 +17,8 @@ use tokio::time::Instant;
 use super::BaseState;
 use crate::artifact::{TAG_BUILD_ID, TAG_FINGERPRINT, TAG_SOURCE_AMI};
 use crate::aws::resources::{self, wait_image, wait_instance};
-use crate::aws::AwsError;
-use crate::communicator::ssh::{Ssh, SshTarget};
+use crate::aws::{console, AwsError};
+use crate::communicator::ssh::{HostKey, Ssh, SshTarget};
 use crate::engine::{Keep, Step, StepContext, StepError};
 use crate::modes::support::{
     created_or_found, earlier, failed, provision, tags, undo_with, waited,
@@ -442,20 +442,29 @@ impl Step<BaseState> for WaitForSsh {
         let mut last_note = started;
         loop {
             let attempt = target.clone();
-            let connected =
-                tokio::task::spawn_blocking(move || Ssh::connect(&attempt, SSH_ATTEMPT_TIMEOUT))
+            let handshake =
+                tokio::task::spawn_blocking(move || Ssh::handshake(&attempt, SSH_ATTEMPT_TIMEOUT))
                     .await
                     .map_err(failed)?;
-            let error = match connected {
-                Ok(ssh) => {
-                    ctx.progress.note(format!(
-                        "{}@{} answered after {}s",
-                        target.user,
-                        target.host,
-                        started.elapsed().as_secs()
-                    ));
-                    s.ssh = Some(Arc::new(ssh));
-                    return Ok(());
+            let error = match handshake {
+                Ok(handshake) => {
+                    trust_host_key(s, handshake.host_key(), &target.host, ctx).await?;
+                    match tokio::task::spawn_blocking(move || handshake.authenticate())
+                        .await
+                        .map_err(failed)?
+                    {
+                        Ok(ssh) => {
+                            ctx.progress.note(format!(
+                                "{}@{} answered after {}s",
+                                target.user,
+                                target.host,
+                                started.elapsed().as_secs()
+                            ));
+                            s.ssh = Some(Arc::new(ssh));
+                            return Ok(());
+                        }
+                        Err(e) => e,
+                    }
                 }
                 Err(e) => e,
             };
@@ -479,6 +488,45 @@ impl Step<BaseState> for WaitForSsh {
             }
         }
     }
+}
+
+/// Accepts the host key an instance's SSH server offered only if the instance printed it
+/// to its console, as cloud-init does at first boot; a key it did not print means another
+/// machine answers at that address, and nothing is sent to it. An instance that printed
+/// none (yet) gets its key accepted as offered, and the key is shown.
+async fn trust_host_key(
+    s: &BaseState,
+    offered: &HostKey,
+    host: &str,
+    ctx: &mut StepContext,
+) -> Result<(), StepError> {
+    let instance_id = earlier(&s.instance_id, "instance")?;
+    let key = format!("{} ({})", offered.fingerprint, offered.kind);
+    match console::printed_host_keys(&s.clients, &instance_id).await {
+        Ok(printed) if printed.is_empty() => ctx.progress.note(format!(
+            "{instance_id} has printed no SSH host keys to its console yet: accepting {key} from {host} as offered"
+        )),
+        Ok(printed) if printed.names(&offered.blob_base64, &offered.fingerprint) => ctx
+            .progress
+            .note(format!("{host} offered host key {key}, which {instance_id} printed to its console")),
+        Ok(printed) => {
+            return Err(failed(format!(
+                "{host} offered the SSH host key {key}, which is none of those {instance_id} printed to its console ({}): another machine is answering at that address. Nothing was sent to it; check `ssh_interface` and the network between this runner and the instance",
+                printed
+                    .fingerprints
+                    .iter()
+                    .chain(printed.keys.iter())
+                    .take(4)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )))
+        }
+        Err(e) => ctx.progress.note(format!(
+            "cannot read {instance_id}'s console to check its SSH host key ({e}): accepting {key} from {host} as offered"
+        )),
+    }
+    Ok(())
 }
 
 pub struct RunProvisioners;

@@ -3,8 +3,12 @@
 An instance is its root volume, mounted, with the image's own sshd chrooted into it in new PID
 and UTS namespaces, listening on the instance's loopback address (127.0.1.N:22). Before that,
 what cloud-init does on first boot: host keys, the key pair's public key for the image's
-default user, the hostname, a resolv.conf. Stopping kills the namespace's PID 1, which takes
+default user, the hostname, a resolv.conf, and the host keys' fingerprints printed to the
+console (what GetConsoleOutput returns). Stopping kills the namespace's PID 1, which takes
 every process of the instance with it, then unmounts.
+
+An impostor (`lc impostor`) stands for another machine answering at the instance's address:
+the next instance to boot prints its own keys to the console, but its sshd offers others.
 """
 
 import ipaddress
@@ -22,6 +26,8 @@ from .dataplane import DataPlaneError, partitions, sh
 # Users cloud-init would configure, by distribution; the first the image has is used.
 DEFAULT_USERS = ("admin", "ec2-user", "ubuntu", "debian")
 SSH_READY_TIMEOUT = 20
+# GetConsoleOutput returns the most recent 64 KiB.
+CONSOLE_BYTES = 64 * 1024
 STOP_TIMEOUT = 10
 UMOUNT_ATTEMPTS = 20
 
@@ -41,6 +47,7 @@ class Instances:
         self.dataplane = dataplane
         self.running: dict[str, Running] = {}
         self.lock = threading.RLock()
+        self.impostors = 0
 
     def boot(self, instance_id: str, volume_id: str, private_ip: str, public_key: str | None):
         if not ipaddress.ip_address(private_ip).is_loopback:
@@ -58,7 +65,11 @@ class Instances:
             self.running[instance_id] = run
             try:
                 self._mount(run, [loop, str(root)])
-                first_boot(root, instance_id, private_ip, public_key)
+                console = self.dir / instance_id / "console.log"
+                first_boot(root, instance_id, private_ip, public_key, console)
+                if self.impostors > 0:
+                    self.impostors -= 1
+                    replace_host_keys(root)
                 self._mount(run, ["-t", "proc", "proc", str(root / "proc")])
                 self._mount(run, ["-t", "sysfs", "sysfs", str(root / "sys")])
                 self._mount(run, ["--bind", "/dev", str(root / "dev")])
@@ -67,7 +78,7 @@ class Instances:
                 self._mount(run, ["--bind", str(root / "dev/pts/ptmx"), str(root / "dev/ptmx")])
                 self._mount(run, ["-t", "tmpfs", "-o", "mode=0755", "tmpfs", str(root / "run")])
                 (root / "run/sshd").mkdir(mode=0o755, exist_ok=True)
-                log = open(self.dir / instance_id / "console.log", "ab")
+                log = open(console, "ab")
                 hostname = "ip-" + private_ip.replace(".", "-")
                 run.process = subprocess.Popen(
                     ["unshare", "--pid", "--uts", "--fork", "--kill-child", "sh", "-c",
@@ -106,6 +117,16 @@ class Instances:
             if errors:
                 raise DataPlaneError(f"{instance_id}: could not unmount {', '.join(errors)}")
 
+    def console(self, instance_id) -> str:
+        """What the instance has printed to its console, its last 64 KiB."""
+        try:
+            with open(self.dir / instance_id / "console.log", "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - CONSOLE_BYTES))
+                return f.read().decode("utf-8", "replace")
+        except FileNotFoundError:
+            return ""
+
     def is_running(self, instance_id):
         return instance_id in self.running
 
@@ -127,11 +148,13 @@ def default_user(root: Path):
     return "root", "/root"
 
 
-def first_boot(root: Path, instance_id: str, private_ip: str, public_key: str | None):
-    """What cloud-init does: host keys, the key pair's key, hostname, hosts, resolv.conf."""
+def first_boot(root: Path, instance_id: str, private_ip: str, public_key: str | None, console: Path):
+    """What cloud-init does: host keys, the key pair's key, hostname, hosts, resolv.conf, and
+    the host keys printed to the console."""
     if not list((root / "etc/ssh").glob("ssh_host_*_key")):
         subprocess.run(["chroot", str(root), "ssh-keygen", "-A"], check=True, capture_output=True)
     hostname = "ip-" + private_ip.replace(".", "-")
+    print_host_keys(root, console)
     (root / "etc/hostname").write_text(hostname + "\n")
     hosts = root / "etc/hosts"
     text = hosts.read_text() if hosts.exists() else ""
@@ -151,6 +174,30 @@ def first_boot(root: Path, instance_id: str, private_ip: str, public_key: str | 
             keys.write_text(existing + public_key.strip() + "\n")
         keys.chmod(0o600)
         subprocess.run(["chroot", str(root), "chown", "-R", f"{user}:", home + "/.ssh"], check=True, capture_output=True)
+
+
+def print_host_keys(root: Path, console: Path):
+    """The blocks cloud-init's write-ssh-key-fingerprints prints, as on an EC2 console."""
+    keys = sorted((root / "etc/ssh").glob("ssh_host_*_key.pub"))
+    fingerprints = [sh("ssh-keygen", "-l", "-E", "sha256", "-f", str(k)) for k in keys]
+    lines = ["ec2: #############################################################",
+             "ec2: -----BEGIN SSH HOST KEY FINGERPRINTS-----",
+             *[f"ec2: {f}" for f in fingerprints],
+             "ec2: -----END SSH HOST KEY FINGERPRINTS-----",
+             "ec2: #############################################################",
+             "-----BEGIN SSH HOST KEY KEYS-----",
+             *[k.read_text().strip() for k in keys],
+             "-----END SSH HOST KEY KEYS-----"]
+    with open(console, "a") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def replace_host_keys(root: Path):
+    """Other host keys than the console printed: the keys of a machine that is not the
+    instance."""
+    for key in (root / "etc/ssh").glob("ssh_host_*_key*"):
+        key.unlink()
+    subprocess.run(["chroot", str(root), "ssh-keygen", "-A"], check=True, capture_output=True)
 
 
 def wait_for_port(host, port, process, timeout):

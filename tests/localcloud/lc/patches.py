@@ -6,6 +6,7 @@ internally: `create_snapshot` about 1,300 times while a region loads its default
 `create_volume`/`attach_volume` inside RunInstances.
 """
 
+import base64
 import ipaddress
 import subprocess
 import threading
@@ -83,6 +84,7 @@ def install(dataplane, instances, timing, loopback_subnet):
     _patch_snapshots(dataplane, timing)
     _patch_images(dataplane, timing)
     _patch_instances(dataplane, instances, timing, loopback_subnet)
+    _patch_console(instances)
 
 
 def _error(code, message):
@@ -522,3 +524,25 @@ def _patch_instances(dataplane, instances, timing, loopback_subnet):
     EC2Backend.start_instances = patched_start_instances
     EC2Backend.terminate_instances = patched_terminate_instances
     EC2Backend.create_image = patched_create_image
+
+
+# -- console ---------------------------------------------------------------------------------
+
+
+def _patch_console(instances):
+    """GetConsoleOutput returns what the instance printed (moto's is a fixed Xen boot log),
+    and no Output at all while it has printed nothing, as EC2 does."""
+    from moto.core.responses import ActionResult
+    from moto.core.utils import utcnow
+    from moto.ec2.responses.general import General
+
+    def get_console_output(self):
+        instance = self.ec2_backend.get_instance(self._get_param("InstanceId"))
+        result = {"InstanceId": instance.id, "Timestamp": utcnow()}
+        text = instances.console(instance.id)
+        if text:
+            # EC2 answers the text base64-encoded (botocore decodes it for boto3 users).
+            result["Output"] = base64.b64encode(text.encode()).decode()
+        return ActionResult(result)
+
+    General.get_console_output = get_console_output

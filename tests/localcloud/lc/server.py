@@ -314,6 +314,9 @@ class LocalCloud:
                                                            "delay": float(spec.get("delay", 0)),
                                                            "lose_answer": bool(spec.get("lose_answer"))}
             return json_response({"ok": True})
+        if what == "impostor" and request.method == "POST":
+            self.instances.impostors = int(request.get_json().get("times", 1))
+            return json_response({"ok": True})
         if what == "consistency" and request.method == "POST":
             self.timing.consistency_delay = float(request.get_json()["seconds"])
             return json_response({"ok": True})
