@@ -35,6 +35,8 @@ struct Entry {
     action: UndoAction,
     /// Undos that must have succeeded before this one may run.
     after: Vec<UndoId>,
+    /// Undos that must have been tried, whatever came of it, before this one runs.
+    after_tried: Vec<UndoId>,
 }
 
 /// A resource that could not be cleaned, with why.
@@ -83,6 +85,7 @@ impl UndoStack {
             keep,
             action: Box::new(move || Box::pin(action())),
             after: Vec::new(),
+            after_tried: Vec::new(),
         });
         id
     }
@@ -92,6 +95,16 @@ impl UndoStack {
     pub fn require(&mut self, dependent: UndoId, prerequisite: UndoId) {
         if let Some(entry) = self.entries.iter_mut().find(|e| e.id == dependent) {
             entry.after.push(prerequisite);
+        }
+    }
+
+    /// Says that `later` runs only once `earlier` has been tried, whether or not it
+    /// succeeded: the files lent to an image go back before it is unmounted, and the
+    /// unmount is still worth trying when that fails. (Today's reverse order already
+    /// keeps it; saying it lets cleanup stop depending on that order.)
+    pub fn order(&mut self, later: UndoId, earlier: UndoId) {
+        if let Some(entry) = self.entries.iter_mut().find(|e| e.id == later) {
+            entry.after_tried.push(earlier);
         }
     }
 

@@ -72,6 +72,9 @@ pub struct BakeState {
     restore_files: Option<UndoId>,
     extracted: Extracted,
     snapshot_id: Option<String>,
+    /// The snapshot's undo, which waits for the image's: EC2 refuses to delete a snapshot
+    /// an image still uses.
+    delete_snapshot: Option<UndoId>,
     image_id: Option<String>,
 }
 
@@ -185,6 +188,7 @@ pub async fn run(
         restore_files: None,
         extracted: Extracted::default(),
         snapshot_id: None,
+        delete_snapshot: None,
         image_id: None,
     };
     let sink = engine::Masked::wrap(sink, &secrets);

@@ -262,6 +262,11 @@ impl Step<BakeState> for PrepareChroot {
                 }
             },
         ));
+        // The files go back into the image before it is unmounted (and the unmount is
+        // still tried if they cannot).
+        if let (Some(unmount), Some(restore)) = (s.unmount_root, s.restore_files) {
+            ctx.undo.order(unmount, restore);
+        }
         put.map_err(failed)
     }
 }
@@ -385,7 +390,7 @@ impl Step<BakeState> for SnapshotVolume {
             .ok_or_else(|| failed("CreateSnapshot returned no snapshot id"))?
             .to_string();
         s.snapshot_id = Some(snapshot_id.clone());
-        undo_with(
+        s.delete_snapshot = Some(undo_with(
             ctx,
             &s.clients,
             snapshot_id.clone(),
@@ -393,7 +398,7 @@ impl Step<BakeState> for SnapshotVolume {
             "delete snapshot",
             Keep::OnSuccess,
             resources::delete_snapshot,
-        );
+        ));
         wait_snapshot(&s.clients, &snapshot_id, &ctx.cancel, &ctx.progress)
             .await
             .map_err(waited)?;
@@ -525,7 +530,7 @@ impl Step<BakeState> for RegisterImage {
         )
         .await?;
         s.image_id = Some(image_id.clone());
-        undo_with(
+        let deregister = undo_with(
             ctx,
             &s.clients,
             image_id.clone(),
@@ -534,6 +539,9 @@ impl Step<BakeState> for RegisterImage {
             Keep::OnSuccess,
             resources::deregister_image,
         );
+        if let Some(delete_snapshot) = s.delete_snapshot {
+            ctx.undo.require(delete_snapshot, deregister);
+        }
         wait_image(&s.clients, &image_id, &ctx.cancel, &ctx.progress)
             .await
             .map_err(waited)

@@ -59,6 +59,9 @@ pub struct BaseState {
     delete_key_pair: Option<crate::engine::UndoId>,
     private_key: Option<PathBuf>,
     security_group_ids: Vec<String>,
+    /// The temporary group's undo, which waits for the instance's: a group is in use until
+    /// the instance using it is terminated.
+    delete_security_group: Option<crate::engine::UndoId>,
     /// The group this run made, which it opens to the runner once the address is known.
     temporary_group: Option<String>,
     instance_id: Option<String>,
@@ -138,6 +141,7 @@ pub async fn run(
         delete_key_pair: None,
         private_key: None,
         security_group_ids: Vec::new(),
+        delete_security_group: None,
         temporary_group: None,
         instance_id: None,
         ssh_target: None,

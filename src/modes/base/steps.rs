@@ -190,7 +190,7 @@ impl Step<BaseState> for CreateSecurityGroup {
             &ctx.progress,
         )
         .await?;
-        undo_with(
+        s.delete_security_group = Some(undo_with(
             ctx,
             &s.clients,
             group_id.clone(),
@@ -198,7 +198,7 @@ impl Step<BaseState> for CreateSecurityGroup {
             "delete security group",
             Keep::Never,
             resources::delete_security_group,
-        );
+        ));
         s.security_group_ids = vec![group_id.clone()];
         s.temporary_group = Some(group_id.clone());
         // Without CIDRs from the template, the runner's own address is known only once the
@@ -337,7 +337,7 @@ impl Step<BaseState> for LaunchInstance {
             .to_string();
         s.instance_id = Some(instance_id.clone());
         let progress = ctx.progress.clone();
-        undo_with(
+        let terminate = undo_with(
             ctx,
             &s.clients,
             instance_id.clone(),
@@ -346,6 +346,9 @@ impl Step<BaseState> for LaunchInstance {
             Keep::Never,
             move |clients, id| resources::terminate_instance(clients, id, progress.clone()),
         );
+        if let Some(delete_group) = s.delete_security_group {
+            ctx.undo.require(delete_group, terminate);
+        }
         // The instance has the public key from its launch: the temporary key pair is of no
         // more use, and one less thing a killed run can leave. A failure here is tried
         // again at the end.
