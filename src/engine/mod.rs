@@ -1,6 +1,7 @@
 //! The engine both modes run on: an ordered list of steps over a typed state. Each step
 //! registers how to undo what it made the moment it exists; on failure, SIGINT or SIGTERM the
-//! engine unwinds in reverse, goes on past undos that fail, and reports by id what is left.
+//! engine unwinds (every undo at once, but for those that wait on another), goes on past undos
+//! that fail, and reports by id what is left.
 
 pub mod events;
 pub mod render;

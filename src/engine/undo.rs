@@ -6,6 +6,10 @@
 //! early release (unmount before snapshot) and the final cleanup share one action; and an
 //! undo that is only safe once another has succeeded (detach a volume once it is
 //! unmounted) is not tried when that one failed, and is named as left with the reason.
+//!
+//! The final cleanup starts every undo at once, except those that must wait for another
+//! (`require`, `order`): a CI system that sends SIGTERM kills about 10 s later, and removals
+//! one after another (each with its wait) do not fit in that.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -100,8 +104,7 @@ impl UndoStack {
 
     /// Says that `later` runs only once `earlier` has been tried, whether or not it
     /// succeeded: the files lent to an image go back before it is unmounted, and the
-    /// unmount is still worth trying when that fails. (Today's reverse order already
-    /// keeps it; saying it lets cleanup stop depending on that order.)
+    /// unmount is still worth trying when that fails.
     pub fn order(&mut self, later: UndoId, earlier: UndoId) {
         if let Some(entry) = self.entries.iter_mut().find(|e| e.id == later) {
             entry.after_tried.push(earlier);
@@ -157,39 +160,65 @@ impl UndoStack {
         self.entries.is_empty()
     }
 
-    /// Runs the undos in reverse order of registration, going on past any that fail. On
-    /// success the artifact's entries are skipped (and forgotten). Returns what could not be
-    /// removed; `on_each` hears of every undo before and after it runs.
+    /// Runs the undos, going on past any that fail: each starts as soon as what it waits
+    /// for (`require`, `order`) is done, all the others at once, newest first. On success
+    /// the artifact's entries are skipped (and forgotten). Returns what could not be
+    /// removed; `on_each` hears of every undo as it starts and as it ends.
     pub async fn unwind(
         &mut self,
         succeeded: bool,
         mut on_each: impl FnMut(UndoProgress<'_>),
     ) -> Vec<Leftover> {
-        let mut leftovers = Vec::new();
-        // Failed undos stay listed here, so that what depends on them is not tried.
+        let mut waiting: Vec<Entry> = self
+            .entries
+            .drain(..)
+            .rev()
+            .filter(|e| !(succeeded && e.keep == Keep::OnSuccess))
+            .collect();
+        let mut running: Vec<Entry> = Vec::new();
+        // Failed undos, and those not tried because of one: what requires them is not tried.
         let mut failed: Vec<Entry> = Vec::new();
-        while let Some(mut entry) = self.entries.pop() {
-            if succeeded && entry.keep == Keep::OnSuccess {
-                continue;
-            }
-            let blocker = entry
-                .after
-                .iter()
-                .find_map(|id| failed.iter().find(|f| f.id == *id));
-            if let Some(blocker) = blocker {
-                leftovers.push(Leftover {
-                    error: not_tried(blocker),
-                    resource: entry.resource.clone(),
-                    action: entry.action_name.clone(),
+        let mut leftovers = Vec::new();
+        let mut tasks = tokio::task::JoinSet::new();
+        loop {
+            // Start, or give up on, every entry that no longer waits for another.
+            while let Some(pos) = waiting.iter().position(|e| {
+                let pending =
+                    |id: &UndoId| waiting.iter().chain(running.iter()).any(|w| w.id == *id);
+                let blocked = e.after.iter().any(|id| failed.iter().any(|f| f.id == *id));
+                blocked || !(e.after.iter().any(pending) || e.after_tried.iter().any(pending))
+            }) {
+                let mut entry = waiting.remove(pos);
+                let blocker = entry
+                    .after
+                    .iter()
+                    .find_map(|id| failed.iter().find(|f| f.id == *id));
+                if let Some(blocker) = blocker {
+                    leftovers.push(Leftover {
+                        error: not_tried(blocker),
+                        resource: entry.resource.clone(),
+                        action: entry.action_name.clone(),
+                    });
+                    failed.push(entry);
+                    continue;
+                }
+                on_each(UndoProgress::Started {
+                    resource: &entry.resource,
+                    action: &entry.action_name,
                 });
-                failed.push(entry);
-                continue;
+                let (id, undo) = (entry.id, (entry.action)());
+                tasks.spawn(async move { (id, undo.await.map_err(|e| error_chain(&*e))) });
+                running.push(entry);
             }
-            on_each(UndoProgress::Started {
-                resource: &entry.resource,
-                action: &entry.action_name,
-            });
-            let result = (entry.action)().await.map_err(|e| error_chain(&*e));
+            let Some(joined) = tasks.join_next().await else {
+                break;
+            };
+            let (id, result) = joined.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+            let pos = running
+                .iter()
+                .position(|e| e.id == id)
+                .expect("a running undo");
+            let entry = running.remove(pos);
             on_each(UndoProgress::Finished {
                 resource: &entry.resource,
                 action: &entry.action_name,
@@ -204,6 +233,12 @@ impl UndoStack {
                 failed.push(entry);
             }
         }
+        // Only entries that wait on each other are left: a bug, but never a silent one.
+        leftovers.extend(waiting.into_iter().map(|entry| Leftover {
+            error: "not tried: it waits for an undo that waits for it".into(),
+            resource: entry.resource,
+            action: entry.action_name,
+        }));
         leftovers
     }
 }
@@ -266,19 +301,80 @@ mod tests {
         }
     }
 
+    /// Like `recording`, after a pause: an undo that would log after a quicker one it does
+    /// not wait for.
+    fn slow(log: &Log, name: &str, fail: bool) -> impl FnMut() -> UndoFuture + Send + 'static {
+        let mut inner = recording(log, name, fail);
+        move || {
+            let undo = inner();
+            Box::pin(async move {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                undo.await
+            })
+        }
+    }
+
     #[tokio::test]
-    async fn unwinds_in_reverse_past_failures() {
+    async fn independent_undos_all_start_at_once_and_go_on_past_failures() {
+        // Each undo waits for the other two to have started: one after another, they
+        // would wait for ever (and the timeout fail the test).
+        let started = Arc::new(tokio::sync::Barrier::new(3));
         let log = Log::default();
         let mut stack = UndoStack::default();
-        for (name, fail) in [("vol-1", false), ("attach", true), ("mount", false)] {
-            stack.push(name, "undo", Keep::Never, recording(&log, name, fail));
+        for (name, fail) in [("vol-1", false), ("key-1", true), ("sg-1", false)] {
+            let (started, mut undo) = (started.clone(), recording(&log, name, fail));
+            stack.push(name, "remove", Keep::Never, move || {
+                let (started, undo) = (started.clone(), undo());
+                Box::pin(async move {
+                    started.wait().await;
+                    undo.await
+                }) as UndoFuture
+            });
         }
-        let left = stack.unwind(false, |_| {}).await;
-        assert_eq!(*log.lock().unwrap(), ["mount", "attach", "vol-1"]);
+        let left = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            stack.unwind(false, |_| {}),
+        )
+        .await
+        .expect("the undos ran at once");
+        let mut ran = log.lock().unwrap().clone();
+        ran.sort();
+        assert_eq!(ran, ["key-1", "sg-1", "vol-1"]);
         assert_eq!(left.len(), 1);
-        assert_eq!(left[0].resource, "attach");
-        assert!(left[0].error.contains("cannot remove attach"));
+        assert_eq!(left[0].resource, "key-1");
+        assert!(left[0].error.contains("cannot remove key-1"));
         assert!(stack.is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_undo_waits_for_what_it_requires_or_is_ordered_after() {
+        let log = Log::default();
+        let mut stack = UndoStack::default();
+        let unmount = stack.push(
+            "/mnt/x",
+            "unmount",
+            Keep::Never,
+            recording(&log, "unmount", false),
+        );
+        let restore = stack.push(
+            "/mnt/x/etc/resolv.conf",
+            "restore",
+            Keep::Never,
+            slow(&log, "restore", true),
+        );
+        let detach = stack.push(
+            "vol-1 on i-1",
+            "detach",
+            Keep::Never,
+            recording(&log, "detach", false),
+        );
+        stack.require(detach, unmount);
+        // The restore fails, and the unmount is still tried after it.
+        stack.order(unmount, restore);
+        let left = stack.unwind(false, |_| {}).await;
+        assert_eq!(*log.lock().unwrap(), ["restore", "unmount", "detach"]);
+        assert_eq!(left.len(), 1, "{left:?}");
+        assert_eq!(left[0].resource, "/mnt/x/etc/resolv.conf");
     }
 
     #[tokio::test]
