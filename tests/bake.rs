@@ -471,12 +471,29 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
     assert!(!sleeping.status.success(), "the daemon is gone");
     assert_nothing_left(&cloud, &build_host);
 
-    // 10. A KMS key: the work volume, and so the snapshot and the image, are encrypted with it.
-    let key = "arn:aws:kms:us-east-1:123456789012:key/0b9e4c59-2d3b-4e1a-9f5d-6c1f8e2a7b40";
-    let text = std::fs::read_to_string(dir.join("good.toml"))
-        .unwrap()
-        .replace("[bake]\n", &format!("[bake]\nkms_key_id = \"{key}\"\n"));
-    std::fs::write(dir.join("encrypted.toml"), text).unwrap();
+    // 10. A KMS key of the account: the work volume, and so the snapshot and the image, are
+    // encrypted with it.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let clients = runtime.block_on(cloud.clients());
+    let new_key = || {
+        runtime
+            .block_on(clients.kms.create_key().description("amibake test").send())
+            .unwrap()
+            .key_metadata()
+            .unwrap()
+            .arn()
+            .unwrap()
+            .to_string()
+    };
+    let with_key = |name: &str, key: &str| {
+        let text = std::fs::read_to_string(dir.join("good.toml"))
+            .unwrap()
+            .replace("[bake]\n", &format!("[bake]\nkms_key_id = \"{key}\"\n"));
+        std::fs::write(dir.join(format!("{name}.toml")), text).unwrap();
+    };
+    let key = new_key();
+    let key = key.as_str();
+    with_key("encrypted", key);
     let before = cloud.calls().len();
     let run = bake(&cloud, dir, "encrypted.toml", &[]);
     run.expect_code(0);
@@ -502,7 +519,53 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
         .cloned()
         .unwrap();
     assert_eq!(listed["encrypted"], true, "{listed}");
+    let described = runtime
+        .block_on(
+            clients
+                .ec2
+                .describe_snapshots()
+                .snapshot_ids(&snapshot)
+                .send(),
+        )
+        .unwrap();
+    assert_eq!(described.snapshots()[0].kms_key_id(), Some(key));
     assert_nothing_left(&cloud, &build_host);
+
+    // A key the account does not have, or one that is disabled, is refused before anything
+    // is made, naming the setting: EBS itself would take it, answer `creating`, and drop the
+    // volume a moment later.
+    let disabled = new_key();
+    // By its id: the local cloud's KMS takes no ARN in DisableKey.
+    let disabled_id = disabled.rsplit('/').next().unwrap();
+    runtime
+        .block_on(clients.kms.disable_key().key_id(disabled_id).send())
+        .unwrap();
+    let made_up = "arn:aws:kms:us-east-1:123456789012:key/0b9e4c59-2d3b-4e1a-9f5d-6c1f8e2a7b40";
+    for (key, problem) in [
+        (made_up, "no such KMS key in us-east-1"),
+        (disabled.as_str(), "the key is Disabled"),
+    ] {
+        with_key("bad-key", key);
+        let before = cloud.calls().len();
+        let run = bake(&cloud, dir, "bad-key.toml", &[]);
+        run.expect_code(1);
+        assert!(
+            run.stderr()
+                .contains(&format!("bake.kms_key_id = \"{key}\": {problem}")),
+            "{}",
+            run.dump()
+        );
+        let made: Vec<_> = cloud.calls()[before..]
+            .iter()
+            .filter(|c| {
+                let action = c["action"].as_str().unwrap_or_default();
+                !action.starts_with("Describe") && !action.starts_with("Get")
+            })
+            .cloned()
+            .collect();
+        assert!(made.is_empty(), "nothing is made: {made:?}");
+        assert_nothing_left(&cloud, &build_host);
+    }
 
     // 7. Ctrl-C while a provisioner runs: the command and what it started end at once, the
     // run cleans up and exits 130.

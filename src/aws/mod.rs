@@ -4,6 +4,7 @@
 pub mod ami;
 pub mod console;
 pub mod host;
+pub mod kms;
 pub mod resources;
 pub mod wait;
 
@@ -32,6 +33,7 @@ pub struct AwsOptions {
 pub struct Clients {
     pub ec2: aws_sdk_ec2::Client,
     pub ssm: aws_sdk_ssm::Client,
+    pub kms: aws_sdk_kms::Client,
     pub region: String,
 }
 
@@ -53,6 +55,7 @@ impl Clients {
         Ok(Clients {
             ec2: aws_sdk_ec2::Client::new(config),
             ssm: aws_sdk_ssm::Client::new(config),
+            kms: aws_sdk_kms::Client::new(config),
             region,
         })
     }

@@ -576,3 +576,35 @@ def test_the_console_prints_the_host_keys_sshd_offers_unless_an_impostor_answers
     printed, _ = console_host_keys(ec2, other_id)
     assert printed and not printed & offered_host_keys(other_ip)
     ec2.terminate_instances(InstanceIds=[instance_id, other_id])
+
+
+def test_a_volume_with_a_kms_key_ebs_cannot_use_is_made_then_gone(cloud):
+    ec2, kms = cloud.client("ec2"), cloud.client("kms")
+    snap = root_snapshot(vendor_image(ec2))
+    created = kms.create_key(Description="fidelity")["KeyMetadata"]
+    assert created["KeyUsage"] == "ENCRYPT_DECRYPT" and created["KeySpec"] == "SYMMETRIC_DEFAULT"
+    key = created["Arn"]
+    vol = ec2.create_volume(SnapshotId=snap, AvailabilityZone="us-east-1a", Encrypted=True, KmsKeyId=key)
+    wait_until(lambda: ec2.describe_volumes(VolumeIds=[vol["VolumeId"]])["Volumes"][0]["State"], lambda s: s == "available")
+    assert ec2.describe_volumes(VolumeIds=[vol["VolumeId"]])["Volumes"][0]["KmsKeyId"] == key
+    snapshot = ec2.create_snapshot(VolumeId=vol["VolumeId"])
+    assert snapshot["Encrypted"] is True and snapshot["KmsKeyId"] == key
+    wait_until(lambda: ec2.describe_snapshots(SnapshotIds=[snapshot["SnapshotId"]])["Snapshots"][0]["State"], lambda s: s == "completed")
+    ec2.delete_snapshot(SnapshotId=snapshot["SnapshotId"])
+    ec2.delete_volume(VolumeId=vol["VolumeId"])
+
+    made_up = "arn:aws:kms:us-east-1:123456789012:key/0b9e4c59-2d3b-4e1a-9f5d-6c1f8e2a7b40"
+    disabled = kms.create_key(Description="disabled")["KeyMetadata"]["KeyId"]
+    kms.disable_key(KeyId=disabled)
+    for bad in (made_up, disabled):
+        vol = ec2.create_volume(SnapshotId=snap, AvailabilityZone="us-east-1a", Encrypted=True, KmsKeyId=bad)
+        assert vol["State"] == "creating"
+
+        def state():
+            try:
+                return ec2.describe_volumes(VolumeIds=[vol["VolumeId"]])["Volumes"][0]["State"]
+            except ClientError as e:
+                return e.response["Error"]["Code"]
+        seen = wait_until(state, lambda s: s == "InvalidVolume.NotFound")
+        assert "available" not in seen, seen
+    assert not [v for v in cloud.ls()["volumes"] if v["id"] == vol["VolumeId"]]

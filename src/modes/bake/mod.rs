@@ -15,7 +15,7 @@ use super::{load_for_run, provisioner_fingerprint_parts, BuildResult, CommonOpti
 use crate::artifact::{self, BakeManifest};
 use crate::aws::ami::{self, BaseImage};
 use crate::aws::host::{self, HostIdentity};
-use crate::aws::{sdk_config, Clients};
+use crate::aws::{kms, sdk_config, Clients};
 use crate::engine::{self, EventSink, RunReport, Step, UndoId};
 use crate::host::device::DeviceName;
 use crate::host::extract::Extracted;
@@ -124,6 +124,11 @@ pub async fn run(
     let base = ami::describe(&clients, &base_id)
         .await
         .map_err(|e| ModeError::Failed(e.to_string()))?;
+    if let Some(key) = &plan.kms_key_id {
+        kms::usable_for_ebs(&clients, "bake.kms_key_id", key)
+            .await
+            .map_err(|e| ModeError::Failed(e.to_string()))?;
+    }
     let tarball_sha256 = artifact::sha256_file(&tarball).map_err(|e| {
         ModeError::Failed(format!(
             "cannot read the tarball {}: {e}",

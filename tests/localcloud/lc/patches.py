@@ -85,6 +85,7 @@ def install(dataplane, instances, timing, loopback_subnet):
     _patch_images(dataplane, timing)
     _patch_instances(dataplane, instances, timing, loopback_subnet)
     _patch_console(instances)
+    _patch_kms()
 
 
 def _error(code, message):
@@ -168,6 +169,19 @@ def _patch_states(timing):
 # -- volumes and attachments ---------------------------------------------------------------
 
 
+def _usable_kms_key(backend, key_id):
+    """Whether the account's KMS (moto's, in this region) has `key_id` (id, ARN, alias or
+    alias ARN) as an enabled symmetric key that EBS can encrypt with."""
+    from moto.kms.models import kms_backends
+
+    kms = kms_backends[backend.account_id][backend.region_name]
+    try:
+        key = kms.keys[kms.any_id_to_key_id(key_id)]
+    except (KeyError, TypeError):
+        return False
+    return key.key_state == "Enabled" and key.key_spec == "SYMMETRIC_DEFAULT" and key.key_usage == "ENCRYPT_DECRYPT"
+
+
 def _patch_volumes(dataplane, timing):
     create_volume = EC2Backend.create_volume
     delete_volume = EC2Backend.delete_volume
@@ -185,6 +199,18 @@ def _patch_volumes(dataplane, timing):
                 raise _error("InternalError", f"local cloud data plane: {e}")
             timing.start(("volume", volume.id), timing.profile["volume_creating"])
             timing.created(volume.id)
+            if volume.kms_key_id and not _usable_kms_key(self, volume.kms_key_id):
+                # EBS checks the key only after answering: the volume is `creating` for a
+                # moment, then it is gone, as if it never was.
+                timing.start(("volume", volume.id), 3600)
+
+                def vanish(backend=self, volume_id=volume.id):
+                    with dataplane.lock:
+                        if volume_id in backend.volumes:
+                            delete_volume(backend, volume_id)
+                            dataplane.delete_volume(volume_id)
+
+                _after(max(timing.profile["volume_creating"], 0.1), vanish)
         return volume
 
     def patched_delete_volume(self, volume_id):
@@ -245,6 +271,9 @@ def _patch_snapshots(dataplane, timing):
 
     def patched_create_snapshot(self, volume_id, description, owner_id=None, from_ami=None):
         snapshot = create_snapshot(self, volume_id, description, owner_id, from_ami)
+        # A snapshot of an encrypted volume is encrypted with the volume's key; moto keeps
+        # only the flag.
+        snapshot.kms_key_id = snapshot.volume.kms_key_id
         if current_action() in ("CreateSnapshot", "CreateImage"):
             take_snapshot(self, dataplane, timing, snapshot)
         return snapshot
@@ -546,3 +575,19 @@ def _patch_console(instances):
         return ActionResult(result)
 
     General.get_console_output = get_console_output
+
+
+# -- KMS -------------------------------------------------------------------------------------
+
+
+def _patch_kms():
+    """CreateKey without KeyUsage makes an ENCRYPT_DECRYPT key, as KMS does; moto leaves the
+    usage empty."""
+    from moto.kms.models import Key
+
+    key_init = Key.__init__
+
+    def patched_init(self, policy, key_usage, *args, **kwargs):
+        key_init(self, policy, key_usage or "ENCRYPT_DECRYPT", *args, **kwargs)
+
+    Key.__init__ = patched_init

@@ -195,7 +195,8 @@ class LocalCloud:
         service, action, params = "ec2", None, {}
         target = request.headers.get("X-Amz-Target", "")
         if target:
-            service, action = "ssm", target.split(".")[-1]
+            service = "kms" if target.startswith("TrentService.") else "ssm"
+            action = target.split(".")[-1]
             try:
                 params = {k: v for k, v in json.loads(body or b"{}").items() if isinstance(v, str)}
             except ValueError:
@@ -360,7 +361,7 @@ def json_response(value, status=200):
 def fault_response(service, code, message, status=None):
     request_id = str(uuid.uuid4())
     status = status or (503 if code == "RequestLimitExceeded" else 400)
-    if service == "ssm":
+    if service in ("ssm", "kms"):
         return Response(json.dumps({"__type": code, "message": message}), status=status, content_type="application/x-amz-json-1.1",
                         headers={"x-amzn-RequestId": request_id})
     body = f"<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error><Code>{code}</Code><Message>{message}</Message></Error></Errors><RequestID>{request_id}</RequestID></Response>"
