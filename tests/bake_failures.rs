@@ -157,7 +157,7 @@ fn every_failure_of_a_bake_cleans_up_and_says_where() {
         ("ec2", "DescribeVolumes", 0, Some("create volume")),
         ("ec2", "DescribeInstances", 0, Some("attach volume")),
         ("ec2", "AttachVolume", 0, Some("attach volume")),
-        ("ec2", "DetachVolume", 0, Some("unmount and detach")),
+        ("ec2", "DetachVolume", 0, Some("detach volume")),
         ("ec2", "CreateSnapshot", 0, Some("snapshot")),
         ("ec2", "DescribeSnapshots", 0, Some("snapshot")),
         ("ec2", "RegisterImage", 0, Some("register image")),
@@ -240,7 +240,7 @@ fn every_failure_of_a_bake_cleans_up_and_says_where() {
             &["command=echo sleeping; sleep 600"],
             "\"line\":\"sleeping\"",
         ),
-        ("unmount and detach", "DetachVolume", &[], ""),
+        ("detach volume", "DetachVolume", &[], ""),
         ("snapshot", "CreateSnapshot", &[], ""),
         ("register image", "RegisterImage", &[], ""),
     ];
@@ -431,7 +431,7 @@ fn every_failure_of_a_bake_cleans_up_and_says_where() {
     let run = bake(&cloud, dir, "app.tar.gz", &[&etc_to_host]);
     run.expect_code(1);
     assert!(
-        error_line(&run).starts_with("error: unmount and detach: ")
+        error_line(&run).starts_with("error: unmount image: ")
             && error_line(&run).contains("etc/resolv.conf (restore the image's files failed"),
         "the restore that cannot happen inside the image is named\n{}",
         run.dump()

@@ -2,8 +2,12 @@
 //!
 //! First, without creating anything: learn the build host, resolve the base AMI, digest the
 //! tarball and fingerprint the inputs; an available image with that fingerprint is reused.
-//! Then the engine runs the steps below, each undone on failure or interrupt.
+//! Then the engine runs a backend's list of steps (`attach::steps`), each undone on failure
+//! or interrupt. A backend owns how the image becomes a block device here and how that
+//! becomes a snapshot; the steps in `steps` (mount, extract, provision, unmount, register)
+//! are the same for every backend.
 
+mod attach;
 mod steps;
 
 use std::path::{Path, PathBuf};
@@ -14,10 +18,9 @@ use tokio_util::sync::CancellationToken;
 use super::{load_for_run, provisioner_fingerprint_parts, BuildResult, CommonOptions, ModeError};
 use crate::artifact::{self, BakeManifest};
 use crate::aws::ami::{self, BaseImage};
-use crate::aws::host::{self, HostIdentity};
+use crate::aws::host;
 use crate::aws::{kms, sdk_config, Clients};
-use crate::engine::{self, EventSink, RunReport, Step, UndoId};
-use crate::host::device::DeviceName;
+use crate::engine::{self, EventSink, RunReport, UndoId};
 use crate::host::extract::Extracted;
 use crate::template::{BakePlan, Commit};
 
@@ -32,27 +35,17 @@ pub struct BakeOptions {
     pub amibake_exe: PathBuf,
 }
 
-/// The steps, in order: the bake reads as this list.
-fn steps() -> Vec<Box<dyn Step<BakeState>>> {
-    vec![
-        Box::new(steps::CreateVolume),
-        Box::new(steps::AttachVolume),
-        Box::new(steps::MountImage),
-        // Before anything of the host is mounted into the image, and before provisioners
-        // have had root in it.
-        Box::new(steps::ExtractTarball),
-        Box::new(steps::PrepareChroot),
-        Box::new(steps::RunProvisioners),
-        Box::new(steps::ReleaseVolume),
-        Box::new(steps::SnapshotVolume),
-        Box::new(steps::RegisterImage),
-    ]
+/// What a backend owns beyond the state all bakes share. Neither backend reads the
+/// other's.
+pub trait Backend: Send + Sync + 'static {
+    /// The undo that gives the image's block device back (a volume's detach, a loop
+    /// device's release): it waits for the unmount, never running under a live filesystem.
+    fn device_release(&self) -> Option<UndoId>;
 }
 
-/// Everything the steps share, typed.
-pub struct BakeState {
+/// Everything the steps share, typed; `backend` is what only one backend has.
+pub struct BakeState<B> {
     clients: Clients,
-    host: HostIdentity,
     base: BaseImage,
     plan: BakePlan,
     build_id: String,
@@ -60,14 +53,10 @@ pub struct BakeState {
     tarball: PathBuf,
     tarball_sha256: String,
     fingerprint: String,
-    lock_dir: PathBuf,
     mount_point: PathBuf,
     amibake_exe: PathBuf,
-    volume_id: Option<String>,
-    delete_volume: Option<UndoId>,
-    device_name: Option<Arc<DeviceName>>,
+    /// The block device the image's root filesystem is on, once the backend has one.
     root_device: Option<PathBuf>,
-    detach: Option<UndoId>,
     unmount_root: Option<UndoId>,
     restore_files: Option<UndoId>,
     extracted: Extracted,
@@ -76,6 +65,7 @@ pub struct BakeState {
     /// an image still uses.
     delete_snapshot: Option<UndoId>,
     image_id: Option<String>,
+    backend: B,
 }
 
 /// CI systems' variables for the commit being built, most specific first.
@@ -173,7 +163,6 @@ pub async fn run(
 
     let mut state = BakeState {
         clients: clients.clone(),
-        host,
         base: base.clone(),
         plan: plan.clone(),
         build_id: build_id.clone(),
@@ -181,25 +170,28 @@ pub async fn run(
         tarball,
         tarball_sha256: tarball_sha256.clone(),
         fingerprint: fingerprint.clone(),
-        lock_dir: lock_dir(),
         mount_point: work.path().join(MOUNT_POINT),
         amibake_exe: options.amibake_exe.clone(),
-        volume_id: None,
-        delete_volume: None,
-        device_name: None,
         root_device: None,
-        detach: None,
         unmount_root: None,
         restore_files: None,
         extracted: Extracted::default(),
         snapshot_id: None,
         delete_snapshot: None,
         image_id: None,
+        backend: attach::Attach::new(host, lock_dir()),
     };
     let sink = engine::Masked::wrap(sink, &secrets);
-    let report = engine::run("bake", &build_id, &steps(), &mut state, sink, cancel)
-        .await
-        .masked(&secrets);
+    let report = engine::run(
+        "bake",
+        &build_id,
+        &attach::steps(),
+        &mut state,
+        sink,
+        cancel,
+    )
+    .await
+    .masked(&secrets);
     let manifest = match (&report.outcome, &state.image_id) {
         (engine::Outcome::Succeeded, Some(image)) => Some(manifest(
             image.clone(),

@@ -1,4 +1,7 @@
-//! The steps of a bake. Each registers how to undo what it made the moment it exists.
+//! The steps every bake backend shares: the image, once it is a block device on this
+//! machine, is mounted, filled, provisioned and unmounted the same way, and registered
+//! from its snapshot the same way. Each step registers how to undo what it made the moment
+//! it exists.
 
 use std::sync::{Arc, Mutex};
 
@@ -11,176 +14,23 @@ use crate::modes::support::{
     created_or_found, earlier, failed, provision, tags, undo_with, waited,
 };
 
-use super::BakeState;
+use super::{Backend, BakeState};
 use crate::artifact::{
     TAG_BASE_AMI, TAG_BUILD_ID, TAG_COMMIT, TAG_FINGERPRINT, TAG_TARBALL_SHA256,
 };
-use crate::aws::resources::{self, wait_image, wait_snapshot, wait_volume};
-use crate::aws::{filter, AwsError};
+use crate::aws::resources::{self, wait_image};
 use crate::communicator::chroot::Chroot;
 use crate::engine::{Keep, Step, StepContext, StepError, Unit};
-use crate::host::{device, extract, mount};
-
-pub struct CreateVolume;
-
-#[async_trait]
-impl Step<BakeState> for CreateVolume {
-    fn name(&self) -> &'static str {
-        "create volume"
-    }
-    async fn run(&self, s: &mut BakeState, ctx: &mut StepContext) -> Result<(), StepError> {
-        let base = &s.base;
-        let size = s
-            .plan
-            .volume_size_gb
-            .unwrap_or(0)
-            .max(base.root_volume_size_gb);
-        let mut request = s
-            .clients
-            .ec2
-            .create_volume()
-            .snapshot_id(&base.root_snapshot_id)
-            .availability_zone(&s.host.availability_zone)
-            // A retry of this create (after a lost answer) gets the same volume, not a second.
-            .client_token(format!("{}-volume", s.build_id))
-            .size(size)
-            .volume_type(VolumeType::from(
-                s.plan.volume_type.as_deref().unwrap_or("gp3"),
-            ))
-            .tag_specifications(
-                TagSpecification::builder()
-                    .resource_type(ResourceType::Volume)
-                    .set_tags(Some(tags(&[
-                        ("Name", &format!("amibake work volume {}", s.build_id)),
-                        (TAG_BUILD_ID, &s.build_id),
-                    ])))
-                    .build(),
-            );
-        if let Some(key) = &s.plan.kms_key_id {
-            request = request.encrypted(true).kms_key_id(key);
-        }
-        let out = request
-            .send()
-            .await
-            .map_err(|e| failed(AwsError::new("create volume", &e)))?;
-        let volume_id = out
-            .volume_id()
-            .ok_or_else(|| failed("CreateVolume returned no volume id"))?
-            .to_string();
-        s.volume_id = Some(volume_id.clone());
-        s.delete_volume = Some(undo_with(
-            ctx,
-            &s.clients,
-            volume_id.clone(),
-            &volume_id,
-            "delete volume",
-            Keep::Never,
-            resources::delete_volume,
-        ));
-        wait_volume(
-            &s.clients,
-            &volume_id,
-            "available",
-            &ctx.cancel,
-            &ctx.progress,
-        )
-        .await
-        .map_err(waited)
-    }
-}
-
-pub struct AttachVolume;
-
-#[async_trait]
-impl Step<BakeState> for AttachVolume {
-    fn name(&self) -> &'static str {
-        "attach volume"
-    }
-    async fn run(&self, s: &mut BakeState, ctx: &mut StepContext) -> Result<(), StepError> {
-        let volume_id = earlier(&s.volume_id, "volume")?;
-        let host = s.host.instance_id.clone();
-        let described = s
-            .clients
-            .ec2
-            .describe_instances()
-            .instance_ids(&host)
-            .send()
-            .await
-            .map_err(|e| failed(AwsError::new(format!("describe the build host {host}"), &e)))?;
-        let in_use = described
-            .reservations()
-            .iter()
-            .flat_map(|r| r.instances())
-            .flat_map(|i| i.block_device_mappings())
-            .filter_map(|m| m.device_name().map(str::to_string))
-            .collect();
-        let name = device::claim_free_name(&s.lock_dir, &in_use).map_err(failed)?;
-        let device_name = name.name.clone();
-        s.clients
-            .ec2
-            .attach_volume()
-            .volume_id(&volume_id)
-            .instance_id(&host)
-            .device(&device_name)
-            .send()
-            .await
-            .map_err(|e| {
-                failed(AwsError::new(
-                    format!("attach {volume_id} to {host} as {device_name}"),
-                    &e,
-                ))
-            })?;
-        s.device_name = Some(Arc::new(name));
-        let (instance, progress) = (host.clone(), ctx.progress.clone());
-        let detach = move |clients, id| {
-            resources::detach_volume(clients, id, instance.clone(), progress.clone())
-        };
-        let detach = undo_with(
-            ctx,
-            &s.clients,
-            format!("{volume_id} on {host}"),
-            &volume_id,
-            "detach volume",
-            Keep::Never,
-            detach,
-        );
-        if let Some(delete) = s.delete_volume {
-            ctx.undo.require(delete, detach);
-        }
-        s.detach = Some(detach);
-        wait_volume(
-            &s.clients,
-            &volume_id,
-            "attached",
-            &ctx.cancel,
-            &ctx.progress,
-        )
-        .await
-        .map_err(waited)?;
-        let found =
-            device::wait_for_device(&volume_id, &device_name, device::DEVICE_APPEAR_TIMEOUT)
-                .await
-                .map_err(failed)?;
-        let root =
-            device::root_filesystem(&volume_id, &found, s.plan.root_partition).map_err(failed)?;
-        ctx.progress.note(format!(
-            "{volume_id} is {}; root filesystem on {}",
-            found.display(),
-            root.display()
-        ));
-        s.root_device = Some(root);
-        Ok(())
-    }
-}
+use crate::host::{extract, mount};
 
 pub struct MountImage;
 
 #[async_trait]
-impl Step<BakeState> for MountImage {
+impl<B: Backend> Step<BakeState<B>> for MountImage {
     fn name(&self) -> &'static str {
         "mount image"
     }
-    async fn run(&self, s: &mut BakeState, ctx: &mut StepContext) -> Result<(), StepError> {
+    async fn run(&self, s: &mut BakeState<B>, ctx: &mut StepContext) -> Result<(), StepError> {
         let device = earlier(&s.root_device, "root device")?;
         let target = s.mount_point.clone();
         // A larger volume than the base's is room for the tarball only once the filesystem
@@ -217,10 +67,10 @@ impl Step<BakeState> for MountImage {
                 }
             },
         );
-        // Never detach a volume under a live filesystem: if the unmount fails, the volume
-        // stays attached and is named.
-        if let Some(detach) = s.detach {
-            ctx.undo.require(detach, unmount_root);
+        // Never give the device back under a live filesystem (detach a volume, release a
+        // loop device): if the unmount fails, the device stays and is named.
+        if let Some(release) = s.backend.device_release() {
+            ctx.undo.require(release, unmount_root);
         }
         s.unmount_root = Some(unmount_root);
         // Registered above even when the mount failed: growing an XFS root may fail after
@@ -240,11 +90,11 @@ impl Step<BakeState> for MountImage {
 pub struct PrepareChroot;
 
 #[async_trait]
-impl Step<BakeState> for PrepareChroot {
+impl<B: Backend> Step<BakeState<B>> for PrepareChroot {
     fn name(&self) -> &'static str {
         "prepare chroot"
     }
-    async fn run(&self, s: &mut BakeState, ctx: &mut StepContext) -> Result<(), StepError> {
+    async fn run(&self, s: &mut BakeState<B>, ctx: &mut StepContext) -> Result<(), StepError> {
         let files = Arc::new(Mutex::new(mount::TemporaryFiles::new(&s.mount_point)));
         let put = mount::put_chroot_files(&mut files.lock().unwrap_or_else(|p| p.into_inner()));
         let f = files.clone();
@@ -274,11 +124,11 @@ impl Step<BakeState> for PrepareChroot {
 pub struct ExtractTarball;
 
 #[async_trait]
-impl Step<BakeState> for ExtractTarball {
+impl<B: Backend> Step<BakeState<B>> for ExtractTarball {
     fn name(&self) -> &'static str {
         "extract tarball"
     }
-    async fn run(&self, s: &mut BakeState, ctx: &mut StepContext) -> Result<(), StepError> {
+    async fn run(&self, s: &mut BakeState<B>, ctx: &mut StepContext) -> Result<(), StepError> {
         let progress = ctx.progress.clone();
         // Progress is told in bytes of the tarball read, against its size: a true fraction.
         let tarball_size = std::fs::metadata(&s.tarball).ok().map(|m| m.len());
@@ -320,146 +170,47 @@ impl Step<BakeState> for ExtractTarball {
 pub struct RunProvisioners;
 
 #[async_trait]
-impl Step<BakeState> for RunProvisioners {
+impl<B: Backend> Step<BakeState<B>> for RunProvisioners {
     fn name(&self) -> &'static str {
         "run provisioners"
     }
-    async fn run(&self, s: &mut BakeState, ctx: &mut StepContext) -> Result<(), StepError> {
+    async fn run(&self, s: &mut BakeState<B>, ctx: &mut StepContext) -> Result<(), StepError> {
         let chroot = Chroot::new(&s.amibake_exe, &s.mount_point);
         provision(&chroot, &s.plan.provisioners, ctx).await
     }
 }
 
-/// Unmounts and detaches before the snapshot, through the same undo entries the cleanup
-/// would run, so they are not run twice.
-pub struct ReleaseVolume;
+/// Puts the image's files back and unmounts it before the snapshot, through the same undo
+/// entries the cleanup would run, so they are not run twice.
+pub struct UnmountImage;
 
 #[async_trait]
-impl Step<BakeState> for ReleaseVolume {
+impl<B: Backend> Step<BakeState<B>> for UnmountImage {
     fn name(&self) -> &'static str {
-        "unmount and detach"
+        "unmount image"
     }
-    async fn run(&self, s: &mut BakeState, ctx: &mut StepContext) -> Result<(), StepError> {
-        for id in [
-            s.restore_files.take(),
-            s.unmount_root.take(),
-            s.detach.take(),
-        ]
-        .into_iter()
-        .flatten()
+    async fn run(&self, s: &mut BakeState<B>, ctx: &mut StepContext) -> Result<(), StepError> {
+        for id in [s.restore_files.take(), s.unmount_root.take()]
+            .into_iter()
+            .flatten()
         {
             ctx.undo
                 .release(id)
                 .await
                 .map_err(|left| failed(left.to_string()))?;
         }
-        s.device_name = None;
         Ok(())
     }
-}
-
-pub struct SnapshotVolume;
-
-#[async_trait]
-impl Step<BakeState> for SnapshotVolume {
-    fn name(&self) -> &'static str {
-        "snapshot"
-    }
-    async fn run(&self, s: &mut BakeState, ctx: &mut StepContext) -> Result<(), StepError> {
-        let volume_id = earlier(&s.volume_id, "volume")?;
-        let out = s
-            .clients
-            .ec2
-            .create_snapshot()
-            .volume_id(&volume_id)
-            .description(format!(
-                "{} root, baked by amibake build {}",
-                s.plan.name, s.build_id
-            ))
-            .tag_specifications(
-                TagSpecification::builder()
-                    .resource_type(ResourceType::Snapshot)
-                    .set_tags(Some(s.artifact_tags()))
-                    .build(),
-            )
-            .send()
-            .await
-            .map_err(|e| failed(AwsError::new(format!("snapshot {volume_id}"), &e)))?;
-        let snapshot_id = out
-            .snapshot_id()
-            .ok_or_else(|| failed("CreateSnapshot returned no snapshot id"))?
-            .to_string();
-        s.snapshot_id = Some(snapshot_id.clone());
-        s.delete_snapshot = Some(undo_with(
-            ctx,
-            &s.clients,
-            snapshot_id.clone(),
-            &snapshot_id,
-            "delete snapshot",
-            Keep::OnSuccess,
-            resources::delete_snapshot,
-        ));
-        wait_snapshot(&s.clients, &snapshot_id, &ctx.cancel, &ctx.progress)
-            .await
-            .map_err(waited)?;
-        remove_lost_snapshots(s, &volume_id, &snapshot_id, ctx).await
-    }
-}
-
-/// CreateSnapshot takes no client token: when its answer is lost, the SDK's retry makes a
-/// second snapshot and the first belongs to nobody. Both carry this build's tag from their
-/// create call, so any other snapshot of this build's volume is such an orphan, and goes.
-async fn remove_lost_snapshots(
-    s: &BakeState,
-    volume_id: &str,
-    kept: &str,
-    ctx: &mut StepContext,
-) -> Result<(), StepError> {
-    let found = s
-        .clients
-        .ec2
-        .describe_snapshots()
-        .owner_ids("self")
-        .filters(filter(format!("tag:{TAG_BUILD_ID}"), &s.build_id))
-        .filters(filter("volume-id", volume_id))
-        .send()
-        .await
-        .map_err(|e| {
-            failed(AwsError::new(
-                format!("look for other snapshots of {volume_id}"),
-                &e,
-            ))
-        })?;
-    for orphan in found
-        .snapshots()
-        .iter()
-        .filter_map(|snap| snap.snapshot_id())
-        .filter(|id| *id != kept)
-    {
-        ctx.progress.note(format!(
-            "{orphan}: a second snapshot of {volume_id} from a create whose answer was lost; deleting it"
-        ));
-        undo_with(
-            ctx,
-            &s.clients,
-            orphan.to_string(),
-            orphan,
-            "delete snapshot",
-            Keep::Never,
-            resources::delete_snapshot,
-        );
-    }
-    Ok(())
 }
 
 pub struct RegisterImage;
 
 #[async_trait]
-impl Step<BakeState> for RegisterImage {
+impl<B: Backend> Step<BakeState<B>> for RegisterImage {
     fn name(&self) -> &'static str {
         "register image"
     }
-    async fn run(&self, s: &mut BakeState, ctx: &mut StepContext) -> Result<(), StepError> {
+    async fn run(&self, s: &mut BakeState<B>, ctx: &mut StepContext) -> Result<(), StepError> {
         let snapshot_id = earlier(&s.snapshot_id, "snapshot")?;
         let base = &s.base;
         // The base's layout, with only the root's snapshot (and size) changed.
@@ -548,7 +299,7 @@ impl Step<BakeState> for RegisterImage {
     }
 }
 
-impl BakeState {
+impl<B> BakeState<B> {
     /// Tags on the image and its snapshot: what it is, what it came from, which build made it.
     pub fn artifact_tags(&self) -> Vec<Tag> {
         let mut pairs: Vec<(&str, &str)> = vec![
