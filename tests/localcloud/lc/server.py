@@ -44,6 +44,7 @@ from werkzeug.wrappers import Request, Response  # noqa: E402
 
 from . import images, patches  # noqa: E402
 from .dataplane import DataPlane  # noqa: E402
+from .ebs_direct import EbsDirect, EbsError, error_body  # noqa: E402
 from .instances import Instances  # noqa: E402
 
 
@@ -128,6 +129,7 @@ class LocalCloud:
         self.subnet = None
         patches.install(self.dataplane, self.instances, self.timing, lambda: self.subnet)
         self.ec2 = ec2_backends[ACCOUNT][REGION]
+        self.ebs_direct = EbsDirect(self.dataplane, self.timing, lambda: self.ec2)
         self.ssm = ssm_backends[ACCOUNT][REGION]
 
     # -- set-up ---------------------------------------------------------------------------
@@ -188,7 +190,42 @@ class LocalCloud:
             return self.imds(request)(environ, start_response)
         if path.startswith("/_localcloud/"):
             return self.control(request)(environ, start_response)
+        if path.startswith("/snapshots"):
+            return self.ebs(request)(environ, start_response)
         return self.aws(request, environ, start_response)
+
+    def ebs(self, request):
+        """An EBS direct API call: the same faults, throttling and call log as EC2's."""
+        action, ids = EbsDirect.action_of(request.method, request.path)
+        if action is None:
+            return fault_response("ebs", "ValidationException", f"no EBS direct action at {request.method} {request.path}")
+        code = self.faults.take(action)
+        lose_answer = False
+        if isinstance(code, tuple):
+            kind, value = code
+            if kind == "delay":
+                time.sleep(value)
+            lose_answer = kind == "lose"
+            code = None
+        if code:
+            code = "RequestThrottledException" if code == "RequestLimitExceeded" else code
+            status = 500 if code == "InternalServerException" else 400
+            self.calls.add("ebs", action, ids, status, code)
+            return fault_response("ebs", code, f"injected by the local cloud into {action}", status)
+        try:
+            status, headers, body = self.ebs_direct.handle(action, ids, request)
+        except EbsError as e:
+            self.calls.add("ebs", action, ids, e.status, e.code)
+            return Response(error_body(e), status=e.status, content_type="application/json",
+                            headers={"x-amzn-ErrorType": e.code, "x-amzn-RequestId": str(uuid.uuid4())})
+        if lose_answer:
+            self.calls.add("ebs", action, ids, status, "OK (answer lost)")
+            return fault_response("ebs", "InternalServerException", "the answer was lost on its way", 500)
+        self.calls.add("ebs", action, ids, status, "OK")
+        headers = {**headers, "x-amzn-RequestId": str(uuid.uuid4())}
+        if isinstance(body, dict):
+            return Response(json.dumps(body), status=status, content_type="application/json", headers=headers)
+        return Response(body or b"", status=status, headers=headers)
 
     def aws(self, request, environ, start_response):
         body = request.get_data(cache=True)
@@ -315,6 +352,11 @@ class LocalCloud:
                                                            "delay": float(spec.get("delay", 0)),
                                                            "lose_answer": bool(spec.get("lose_answer"))}
             return json_response({"ok": True})
+        if what == "changed-blocks" and request.method == "POST":
+            spec = request.get_json()
+            with self.dataplane.lock:
+                blocks = self.ebs_direct.differing_blocks(spec["first"], spec["second"])
+            return json_response({"count": len(blocks), "blocks": blocks})
         if what == "impostor" and request.method == "POST":
             self.instances.impostors = int(request.get_json().get("times", 1))
             return json_response({"ok": True})
@@ -361,6 +403,9 @@ def json_response(value, status=200):
 def fault_response(service, code, message, status=None):
     request_id = str(uuid.uuid4())
     status = status or (503 if code == "RequestLimitExceeded" else 400)
+    if service == "ebs":
+        return Response(json.dumps({"message": message}), status=status, content_type="application/json",
+                        headers={"x-amzn-ErrorType": code, "x-amzn-RequestId": request_id})
     if service in ("ssm", "kms"):
         return Response(json.dumps({"__type": code, "message": message}), status=status, content_type="application/x-amz-json-1.1",
                         headers={"x-amzn-RequestId": request_id})

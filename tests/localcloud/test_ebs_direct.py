@@ -1,0 +1,185 @@
+"""The local cloud's EBS direct APIs, through boto3 as any SDK would reach them."""
+
+import base64
+import hashlib
+
+import pytest
+from botocore.exceptions import ClientError
+
+from test_localcloud import root_snapshot, vendor_image, wait_until
+
+BLOCK = 512 * 1024
+
+
+def checksum(data):
+    return base64.b64encode(hashlib.sha256(data).digest()).decode()
+
+
+def linear(blocks):
+    """The aggregated checksum of CompleteSnapshot: SHA-256 over the blocks' digests in
+    index order."""
+    digests = b"".join(hashlib.sha256(blocks[i]).digest() for i in sorted(blocks))
+    return base64.b64encode(hashlib.sha256(digests).digest()).decode()
+
+
+def put(ebs, snapshot_id, index, data):
+    return ebs.put_snapshot_block(SnapshotId=snapshot_id, BlockIndex=index, BlockData=data, DataLength=len(data),
+                                  Checksum=checksum(data), ChecksumAlgorithm="SHA256")
+
+
+def complete(ebs, snapshot_id, blocks):
+    return ebs.complete_snapshot(SnapshotId=snapshot_id, ChangedBlocksCount=len(blocks), Checksum=linear(blocks),
+                                 ChecksumAlgorithm="SHA256", ChecksumAggregationMethod="LINEAR")
+
+
+def snapshot_state(ec2, snapshot_id):
+    return ec2.describe_snapshots(SnapshotIds=[snapshot_id])["Snapshots"][0]["State"]
+
+
+def owned_snapshot(ec2):
+    """A completed snapshot of this account holding the Debian root: EBS direct serves no
+    public snapshot, so a vendor's is copied through a volume first."""
+    vendor = root_snapshot(vendor_image(ec2))
+    vol = ec2.create_volume(SnapshotId=vendor, AvailabilityZone="us-east-1a")["VolumeId"]
+    wait_until(lambda: ec2.describe_volumes(VolumeIds=[vol])["Volumes"][0]["State"], lambda s: s == "available")
+    snap = ec2.create_snapshot(VolumeId=vol)["SnapshotId"]
+    wait_until(lambda: snapshot_state(ec2, snap), lambda s: s == "completed")
+    ec2.delete_volume(VolumeId=vol)
+    return snap
+
+
+def error(call):
+    with pytest.raises(ClientError) as e:
+        call()
+    return e.value.response["Error"]["Code"], e.value.response.get("Reason") or e.value.response["Error"].get("Reason")
+
+
+def test_a_child_holds_its_parents_blocks_and_its_own_and_ec2_sees_the_same_bytes(cloud, tmp_path):
+    ec2, ebs = cloud.client("ec2"), cloud.client("ebs")
+    parent = owned_snapshot(ec2)
+    listed = ebs.list_snapshot_blocks(SnapshotId=parent)
+    assert listed["BlockSize"] == BLOCK and listed["VolumeSize"] == 8
+    blocks = {b["BlockIndex"]: b["BlockToken"] for b in listed["Blocks"]}
+    assert 0 in blocks and len(blocks) > 10
+    first = ebs.get_snapshot_block(SnapshotId=parent, BlockIndex=0, BlockToken=blocks[0])
+    block0 = first["BlockData"].read()
+    assert len(block0) == BLOCK and first["Checksum"] == checksum(block0) and block0 != b"\0" * BLOCK
+    kept = max(blocks)
+    kept_data = ebs.get_snapshot_block(SnapshotId=parent, BlockIndex=kept, BlockToken=blocks[kept])["BlockData"].read()
+
+    started = ebs.start_snapshot(VolumeSize=8, ParentSnapshotId=parent, ClientToken="child-1",
+                                 Tags=[{"Key": "amibake:build-id", "Value": "ab-test"}], Description="child")
+    child = started["SnapshotId"]
+    assert started["Status"] == "pending" and started["ParentSnapshotId"] == parent and started["BlockSize"] == BLOCK
+    assert ebs.start_snapshot(VolumeSize=8, ParentSnapshotId=parent, ClientToken="child-1",
+                              Tags=[{"Key": "amibake:build-id", "Value": "ab-test"}], Description="child")["SnapshotId"] == child
+    described = ec2.describe_snapshots(SnapshotIds=[child])["Snapshots"][0]
+    assert described["State"] == "pending" and described["VolumeId"] == "vol-ffffffff"
+    assert {"Key": "amibake:build-id", "Value": "ab-test"} in described["Tags"]
+
+    changed0 = b"amibake" + block0[7:]
+    # A block the parent never wrote (its last holds the backup GPT).
+    far = next(i for i in range(8 * 2048 - 1, 0, -1) if i not in blocks)
+    written = {0: changed0, far: b"\x5a" * BLOCK}
+    for index, data in written.items():
+        assert put(ebs, child, index, data)["Checksum"] == checksum(data)
+    assert complete(ebs, child, written)["Status"] == "pending"
+    wait_until(lambda: snapshot_state(ec2, child), lambda s: s == "completed")
+
+    changed = ebs.list_changed_blocks(FirstSnapshotId=parent, SecondSnapshotId=child)["ChangedBlocks"]
+    assert [c["BlockIndex"] for c in changed] == [0, far]
+    assert "FirstBlockToken" in changed[0] and "FirstBlockToken" not in changed[1]
+    count = cloud.cli("changed-blocks", parent, child).stdout.strip()
+    assert count == "2"
+    child_blocks = {b["BlockIndex"] for b in ebs.list_snapshot_blocks(SnapshotId=child)["Blocks"]}
+    assert set(blocks) | {far} <= child_blocks, "the child holds its parent's blocks and its own"
+
+    raw = tmp_path / "child.img"
+    cloud.cli("export-snapshot", child, str(raw))
+    with open(raw, "rb") as f:
+        f.seek(0)
+        assert f.read(BLOCK) == changed0
+        f.seek(far * BLOCK)
+        assert f.read(BLOCK) == b"\x5a" * BLOCK
+        f.seek(kept * BLOCK)
+        assert f.read(BLOCK) == kept_data
+    vol = ec2.create_volume(SnapshotId=child, AvailabilityZone="us-east-1a")["VolumeId"]
+    wait_until(lambda: ec2.describe_volumes(VolumeIds=[vol])["Volumes"][0]["State"], lambda s: s == "available")
+    ec2.delete_volume(VolumeId=vol)
+    ec2.delete_snapshot(SnapshotId=child)
+    ec2.delete_snapshot(SnapshotId=parent)
+
+
+def test_requests_ebs_refuses_are_refused_with_its_errors(cloud):
+    ec2, ebs = cloud.client("ec2"), cloud.client("ebs", retries=False)
+    vendor = root_snapshot(vendor_image(ec2))
+    assert error(lambda: ebs.list_snapshot_blocks(SnapshotId=vendor)) == ("AccessDeniedException", "UNAUTHORIZED_ACCOUNT")
+    assert error(lambda: ebs.start_snapshot(VolumeSize=8, ParentSnapshotId=vendor))[0] == "AccessDeniedException"
+    assert error(lambda: ebs.list_snapshot_blocks(SnapshotId="snap-0123456789abcdef0")) == ("ResourceNotFoundException", "SNAPSHOT_NOT_FOUND")
+    parent = owned_snapshot(ec2)
+    assert error(lambda: ebs.start_snapshot(VolumeSize=8, ParentSnapshotId=parent, Encrypted=True))[0] == "ValidationException"
+    assert error(lambda: ebs.start_snapshot(VolumeSize=4, ParentSnapshotId=parent))[1] == "INVALID_VOLUME_SIZE"
+
+    snap = ebs.start_snapshot(VolumeSize=1, ClientToken="validation")["SnapshotId"]
+    assert error(lambda: ebs.start_snapshot(VolumeSize=2, ClientToken="validation"))[0] == "ConflictException"
+    assert error(lambda: ebs.start_snapshot(VolumeSize=8, ParentSnapshotId=snap))[0] == "ValidationException", "a pending parent"
+    data = b"\x01" * BLOCK
+    bad_sum = lambda: ebs.put_snapshot_block(SnapshotId=snap, BlockIndex=0, BlockData=data, DataLength=BLOCK,  # noqa: E731
+                                            Checksum=checksum(b"other"), ChecksumAlgorithm="SHA256")
+    assert error(bad_sum)[0] == "ValidationException"
+    short = b"\x01" * 4096
+    assert error(lambda: put(ebs, snap, 0, short))[0] == "ValidationException"
+    assert error(lambda: put(ebs, snap, 2048, data)) == ("ValidationException", "INVALID_BLOCK"), "1 GiB is blocks 0..2047"
+    assert error(lambda: ebs.list_snapshot_blocks(SnapshotId=snap))[0] == "ValidationException", "not readable while pending"
+    put(ebs, snap, 5, data)
+    assert error(lambda: ebs.complete_snapshot(SnapshotId=snap, ChangedBlocksCount=2))[0] == "ValidationException"
+    wrong = ebs.complete_snapshot
+    assert error(lambda: wrong(SnapshotId=snap, ChangedBlocksCount=1, Checksum=linear({5: b"x" * BLOCK}),
+                               ChecksumAlgorithm="SHA256", ChecksumAggregationMethod="LINEAR"))[0] == "ValidationException"
+    complete(ebs, snap, {5: data})
+    assert error(lambda: put(ebs, snap, 6, data))[0] == "ValidationException", "no put after completion"
+    wait_until(lambda: snapshot_state(ec2, snap), lambda s: s == "completed")
+    token = ebs.list_snapshot_blocks(SnapshotId=snap)["Blocks"][0]["BlockToken"]
+    assert error(lambda: ebs.get_snapshot_block(SnapshotId=snap, BlockIndex=6, BlockToken=token)) == ("ValidationException", "INVALID_BLOCK_TOKEN")
+    assert error(lambda: ebs.list_changed_blocks(FirstSnapshotId=parent, SecondSnapshotId=snap)) == ("ValidationException", "UNRELATED_SNAPSHOTS")
+    ec2.delete_snapshot(SnapshotId=snap)
+    ec2.delete_snapshot(SnapshotId=parent)
+
+
+def test_faults_throttling_and_a_fresh_snapshot_not_found_reach_ebs_clients(cloud):
+    ec2, ebs = cloud.client("ec2"), cloud.client("ebs", retries=False)
+    cloud.cli("consistency", "1")
+    snap = ebs.start_snapshot(VolumeSize=1)["SnapshotId"]
+    assert error(lambda: put(ebs, snap, 0, b"\x02" * BLOCK))[0] == "ResourceNotFoundException", "not visible yet"
+    cloud.cli("consistency", "0")
+    wait_until(lambda: ebs_ok(lambda: put(ebs, snap, 0, b"\x02" * BLOCK)), lambda ok: ok, timeout=5)
+    # Twice: boto3 retries a server error even when told to make one attempt.
+    cloud.cli("fault", "PutSnapshotBlock", "--times", "2", "--error", "InternalServerException")
+    assert error(lambda: put(ebs, snap, 1, b"\x03" * BLOCK))[0] == "InternalServerException"
+    cloud.cli("fault", "--throttle", "100")
+    assert error(lambda: put(ebs, snap, 1, b"\x03" * BLOCK))[0] == "RequestThrottledException"
+    cloud.cli("fault", "--throttle", "0")
+    put(ebs, snap, 1, b"\x03" * BLOCK)
+    complete(ebs, snap, {0: b"\x02" * BLOCK, 1: b"\x03" * BLOCK})
+    calls = [c for c in cloud.calls() if c["service"] == "ebs" and c["ids"].get("SnapshotId") == snap]
+    codes = [c["code"] for c in calls if c["action"] == "PutSnapshotBlock"]
+    assert codes[-1] == "OK" and "InternalServerException" in codes and "RequestThrottledException" in codes, codes
+    wait_until(lambda: snapshot_state(ec2, snap), lambda s: s == "completed")
+    ec2.delete_snapshot(SnapshotId=snap)
+
+
+def ebs_ok(call):
+    try:
+        call()
+        return True
+    except ClientError:
+        return False
+
+
+def test_a_started_snapshot_the_account_deletes_is_gone_to_ebs_too(cloud):
+    ec2, ebs = cloud.client("ec2"), cloud.client("ebs", retries=False)
+    snap = ebs.start_snapshot(VolumeSize=1)["SnapshotId"]
+    ec2.delete_snapshot(SnapshotId=snap)
+    assert error(lambda: put(ebs, snap, 0, b"\x04" * BLOCK))[0] == "ResourceNotFoundException"
+    assert not (cloud.state / "snapshots" / f"{snap}.img").exists()
+
