@@ -551,7 +551,6 @@ name = "secret-base-${{timestamp}}"
 source_ami = "resolve:ssm:/aws/service/debian/release/12/latest/amd64"
 instance_type = "t3.small"
 ssh_username = "admin"
-associate_public_ip = true
 
 [[base.provisioner]]
 inline = ["echo 'Defaults logfile=/var/log/sudo.log' > /etc/sudoers.d/log", "chmod 440 /etc/sudoers.d/log"]
@@ -574,6 +573,17 @@ inline = ["test \"$(printf %s \"$TOKEN\" | sha256sum | cut -d' ' -f1)\" = {diges
         output,
     };
     secret_run.expect_code(0);
+    // No subnet, no `ssh_interface`: the default subnet gave the instance a public address,
+    // and that is the one used, said so.
+    assert!(
+        secret_run
+            .stderr()
+            .lines()
+            .any(|l| l.contains("is running at 127.0.2.")
+                && l.contains("its public address (chosen")),
+        "{}",
+        secret_run.dump()
+    );
     let everything = format!("{}{}", secret_run.stdout(), secret_run.stderr());
     assert!(!everything.contains(secret), "{}", secret_run.dump());
     assert!(

@@ -557,7 +557,7 @@ impl Checker<'_> {
             source_ami,
             instance_type,
             ssh_username,
-            ssh_interface: s.ssh_interface.map(|i| *i.get_ref()).unwrap_or_default(),
+            ssh_interface: s.ssh_interface.map(|i| *i.get_ref()),
             ssh_timeout,
             ssh_keypair,
             ssh_cidrs,

@@ -40,7 +40,8 @@ pub struct BasePlan {
     pub source_ami: AmiRef,
     pub instance_type: String,
     pub ssh_username: String,
-    pub ssh_interface: SshInterface,
+    /// None: the public address when the instance has one, else the private one.
+    pub ssh_interface: Option<SshInterface>,
     pub ssh_timeout: Duration,
     /// Set when the template names its key pair; otherwise a temporary one is made.
     pub ssh_keypair: Option<ExistingKeyPair>,

@@ -89,10 +89,11 @@ pub struct ProvisionerEntry {
     pub allow_imds: Option<Spanned<bool>>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, Default)]
+/// Which of the instance's addresses `base` connects to. Unset: the public address when
+/// the instance has one, else the private one (as Packer does).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SshInterface {
-    #[default]
     PublicIp,
     PrivateIp,
     PublicDns,

@@ -352,7 +352,7 @@ def test_an_instance_boots_its_image_and_an_image_of_it_holds_what_ssh_wrote(clo
         {"DeviceIndex": 0, "SubnetId": subnet, "AssociatePublicIpAddress": True}])
     instance = instance_state(ec2, instance_id)
     ip = instance["PrivateIpAddress"]
-    assert ip.startswith("127.0.1.") and instance["PublicIpAddress"] == ip
+    assert ip.startswith("127.0.1.") and instance["PublicIpAddress"] == "127.0.2." + ip.rsplit(".", 1)[1]
     assert instance["RootDeviceName"] == "/dev/xvda"
     root_volume = instance["BlockDeviceMappings"][0]["Ebs"]["VolumeId"]
     assert ec2.describe_volumes(VolumeIds=[root_volume])["Volumes"][0]["Size"] == 8
@@ -385,10 +385,22 @@ def test_an_instance_boots_its_image_and_an_image_of_it_holds_what_ssh_wrote(clo
 def test_an_interface_without_a_subnet_still_lands_on_loopback(cloud, tmp_path):
     ec2 = cloud.client("ec2")
     instance_id, key = launch(cloud, tmp_path, "nic-no-subnet", NetworkInterfaces=[
-        {"DeviceIndex": 0, "AssociatePublicIpAddress": True}])
+        {"DeviceIndex": 0, "AssociatePublicIpAddress": False}])
     instance = instance_state(ec2, instance_id)
-    assert instance["PrivateIpAddress"].startswith("127.0.1.") and instance["PublicIpAddress"] == instance["PrivateIpAddress"]
+    assert instance["PrivateIpAddress"].startswith("127.0.1.") and "PublicIpAddress" not in instance
     assert ssh(key, instance["PrivateIpAddress"], "true").returncode == 0
+    ec2.terminate_instances(InstanceIds=[instance_id])
+
+
+def test_an_instance_in_the_default_subnet_gets_a_public_address_it_answers_on(cloud, tmp_path):
+    # As in EC2's default subnet, which maps a public IPv4 address on launch: Packer's
+    # amazon-ebs with ssh_interface = public_ip and no subnet relies on it.
+    ec2 = cloud.client("ec2")
+    instance_id, key = launch(cloud, tmp_path, "default-subnet")
+    instance = instance_state(ec2, instance_id)
+    private, public = instance["PrivateIpAddress"], instance["PublicIpAddress"]
+    assert private.startswith("127.0.1.") and public == "127.0.2." + private.rsplit(".", 1)[1]
+    assert ssh(key, public, "hostname").stdout.strip() == ssh(key, private, "hostname").stdout.strip()
     ec2.terminate_instances(InstanceIds=[instance_id])
 
 

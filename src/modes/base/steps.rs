@@ -369,8 +369,16 @@ impl Step<BaseState> for LaunchInstance {
         )
         .await
         .map_err(waited)?;
-        let host = ssh_address(&instance, s.plan.ssh_interface)
-            .ok_or_else(|| failed(no_address(&instance_id, s.plan.ssh_interface)))?;
+        let (host, interface) = match s.plan.ssh_interface {
+            Some(interface) => ssh_address(&instance, interface)
+                .map(|host| (host, interface))
+                .ok_or_else(|| failed(no_address(&instance_id, interface)))?,
+            // As Packer: the public address when the instance has one, else the private.
+            None => [SshInterface::PublicIp, SshInterface::PrivateIp]
+                .into_iter()
+                .find_map(|i| ssh_address(&instance, i).map(|host| (host, i)))
+                .ok_or_else(|| failed(format!("{instance_id} has no address to connect to")))?,
+        };
         if let Some(group) = s
             .temporary_group
             .clone()
@@ -383,8 +391,20 @@ impl Step<BaseState> for LaunchInstance {
             })?;
             allow_ssh(s, &group, &[runner]).await?;
         }
-        ctx.progress
-            .note(format!("{instance_id} is running at {host}"));
+        let which = match interface {
+            SshInterface::PublicIp => "public address",
+            SshInterface::PrivateIp => "private address",
+            SshInterface::PublicDns => "public DNS name",
+            SshInterface::PrivateDns => "private DNS name",
+        };
+        let chosen = if s.plan.ssh_interface.is_none() {
+            " (chosen: set `ssh_interface` to pick another)"
+        } else {
+            ""
+        };
+        ctx.progress.note(format!(
+            "{instance_id} is running at {host}, its {which}{chosen}"
+        ));
         s.ssh_target = Some(SshTarget {
             host,
             port: SSH_PORT,

@@ -49,9 +49,10 @@ class Instances:
         self.lock = threading.RLock()
         self.impostors = 0
 
-    def boot(self, instance_id: str, volume_id: str, private_ip: str, public_key: str | None):
-        if not ipaddress.ip_address(private_ip).is_loopback:
-            raise DataPlaneError(f"{instance_id} has address {private_ip}; the local cloud only boots instances on loopback")
+    def boot(self, instance_id: str, volume_id: str, private_ip: str, public_ip: str | None, public_key: str | None):
+        for address in filter(None, (private_ip, public_ip)):
+            if not ipaddress.ip_address(address).is_loopback:
+                raise DataPlaneError(f"{instance_id} has address {address}; the local cloud only boots instances on loopback")
         with self.lock:
             if instance_id in self.running:
                 return
@@ -80,13 +81,17 @@ class Instances:
                 (root / "run/sshd").mkdir(mode=0o755, exist_ok=True)
                 log = open(console, "ab")
                 hostname = "ip-" + private_ip.replace(".", "-")
+                # sshd answers on the private address and, where the instance has one, the
+                # public one.
+                listen = [f"-oListenAddress={a}:22" for a in filter(None, (private_ip, public_ip))]
                 run.process = subprocess.Popen(
                     ["unshare", "--pid", "--uts", "--fork", "--kill-child", "sh", "-c",
-                     'hostname "$1" && exec chroot "$2" /usr/sbin/sshd -D -e -o ListenAddress="$3":22',
-                     "boot", hostname, str(root), private_ip],
+                     'hostname "$1" && root="$2" && shift 2 && exec chroot "$root" /usr/sbin/sshd -D -e "$@"',
+                     "boot", hostname, str(root), *listen],
                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
                 )
-                wait_for_port(private_ip, 22, run.process, SSH_READY_TIMEOUT)
+                for address in filter(None, (private_ip, public_ip)):
+                    wait_for_port(address, 22, run.process, SSH_READY_TIMEOUT)
             except Exception:
                 self.halt(instance_id)
                 raise

@@ -403,6 +403,11 @@ def _after(seconds, action):
     timer.start()
 
 
+def public_address(private_ip):
+    """127.0.1.N's public address: 127.0.2.N, on loopback too."""
+    return "127.0.2." + private_ip.rsplit(".", 1)[1]
+
+
 def _image_of(backend, instance):
     return backend.amis.get(instance.image_id)
 
@@ -461,7 +466,7 @@ def _patch_instances(dataplane, instances, timing, loopback_subnet):
             try:
                 if root is None:
                     raise RuntimeError(f"{instance.id} has no volume at its root device {instance.root_device_name}")
-                instances.boot(instance.id, root.volume_id, instance.private_ip, public_key)
+                instances.boot(instance.id, root.volume_id, instance.private_ip, instance.public_ip, public_key)
             except Exception as e:  # a broken image: the instance runs but never answers
                 print(f"boot of {instance.id} failed: {e}", flush=True)
             remaining = timing.profile["instance_pending"] - (time.monotonic() - started)
@@ -472,11 +477,11 @@ def _patch_instances(dataplane, instances, timing, loopback_subnet):
     def patched_run_instances(self, image_id, count, user_data, security_group_names, **kwargs):
         if current_action() != "RunInstances":
             return run_instances(self, image_id, count, user_data, security_group_names, **kwargs)
+        primary = [n for n in kwargs.get("nics") or [] if str(n.get("DeviceIndex")) == "0"]
         if not kwargs.get("subnet_id"):
             # moto gives an instance without a subnet a random 10.x address, also when the
             # subnet travels in a network interface specification; here it is the NIC's
             # subnet, else the loopback one.
-            primary = [n for n in kwargs.get("nics") or [] if str(n.get("DeviceIndex")) == "0"]
             kwargs["subnet_id"] = (primary[0].get("SubnetId") if primary else None) or loopback_subnet().id
             for nic in primary:
                 nic.setdefault("SubnetId", kwargs["subnet_id"])
@@ -487,10 +492,14 @@ def _patch_instances(dataplane, instances, timing, loopback_subnet):
             terminate_instances(self, [i.id for i in reservation.instances])
             raise _error("InvalidSubnet", f"the local cloud runs instances only on loopback; {outside[0].private_ip} is not")
         for instance in reservation.instances:
-            for nic in instance.nics.values():
-                if nic.public_ip:
-                    # On this machine the instance's one address is its loopback address.
-                    nic.public_ip = nic.private_ip_address
+            for index, nic in instance.nics.items():
+                # The loopback subnet is the account's default subnet, which maps a public
+                # IPv4 address on launch unless the interface says otherwise. The public
+                # address is another loopback address of the same instance.
+                asked = [n.get("AssociatePublicIpAddress") for n in primary if str(index) == "0"]
+                default_subnet = nic.subnet.id == loopback_subnet().id
+                wanted = str(asked[0]).lower() == "true" if asked and asked[0] is not None else default_subnet or bool(nic.public_ip)
+                nic.public_ip = public_address(nic.private_ip_address) if wanted and str(index) == "0" else None
             boot_later(self, instance, kwargs.get("key_name"))
             timing.created(instance.id)
         return reservation
