@@ -92,6 +92,17 @@ class Faults:
                 return "RequestLimitExceeded"
         return None
 
+    def apply(self, action):
+        """Takes the fault for a call of `action`, holding it if it is a delay. Returns the
+        error code to answer with (or None) and whether the answer is to be lost."""
+        fault = self.take(action) if action else None
+        if isinstance(fault, tuple):
+            kind, value = fault
+            if kind == "delay":
+                time.sleep(value)
+            return None, kind == "lose"
+        return fault, False
+
 
 # What EC2 answers a call naming a resource it cannot see yet (eventual consistency), by the
 # resource's id prefix, as EC2 words it.
@@ -199,14 +210,7 @@ class LocalCloud:
         action, ids = EbsDirect.action_of(request.method, request.path)
         if action is None:
             return fault_response("ebs", "ValidationException", f"no EBS direct action at {request.method} {request.path}")
-        code = self.faults.take(action)
-        lose_answer = False
-        if isinstance(code, tuple):
-            kind, value = code
-            if kind == "delay":
-                time.sleep(value)
-            lose_answer = kind == "lose"
-            code = None
+        code, lose_answer = self.faults.apply(action)
         if code:
             code = "RequestThrottledException" if code == "RequestLimitExceeded" else code
             status = 500 if code == "InternalServerException" else 400
@@ -243,14 +247,7 @@ class LocalCloud:
             form.update(parse_qs(request.query_string.decode()))
             params = {k: v[0] for k, v in form.items()}
             action = params.get("Action")
-        code = self.faults.take(action) if action else None
-        lose_answer = False
-        if isinstance(code, tuple):
-            kind, value = code
-            if kind == "delay":
-                time.sleep(value)
-            lose_answer = kind == "lose"
-            code = None
+        code, lose_answer = self.faults.apply(action)
         if code:
             self.calls.add(service, action, params, 400 if code != "RequestLimitExceeded" else 503, code)
             return fault_response(service, code, f"injected by the local cloud into {action}")(environ, start_response)
