@@ -3,6 +3,7 @@
 
 pub mod ami;
 pub mod console;
+pub mod ebs;
 pub mod host;
 pub mod kms;
 pub mod resources;
@@ -34,6 +35,7 @@ pub struct Clients {
     pub ec2: aws_sdk_ec2::Client,
     pub ssm: aws_sdk_ssm::Client,
     pub kms: aws_sdk_kms::Client,
+    pub ebs: aws_sdk_ebs::Client,
     pub region: String,
 }
 
@@ -56,6 +58,7 @@ impl Clients {
             ec2: aws_sdk_ec2::Client::new(config),
             ssm: aws_sdk_ssm::Client::new(config),
             kms: aws_sdk_kms::Client::new(config),
+            ebs: aws_sdk_ebs::Client::new(config),
             region,
         })
     }

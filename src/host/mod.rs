@@ -4,6 +4,7 @@
 pub mod credential_guard;
 pub mod device;
 pub mod extract;
+pub mod image_cache;
 pub mod image_root;
 pub mod mount;
 pub mod sandbox;

@@ -1,0 +1,221 @@
+//! The `direct` backend's base-image cache, against the local cloud's EBS direct APIs: a
+//! base fetched once and byte for byte, never trusted half-made, fetched again from disk.
+
+mod util;
+
+use std::collections::BTreeSet;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+
+use amibake::host::image_cache::ImageCache;
+use tokio_util::sync::CancellationToken;
+use util::localcloud::LocalCloud;
+
+/// A completed snapshot of this account holding the Debian root: EBS direct reads no
+/// public snapshot, so the vendor's goes through a volume first.
+async fn owned_snapshot(cloud: &LocalCloud, clients: &amibake::aws::Clients) -> String {
+    let ami = cloud.ls()["vendor_amis"]["partitioned"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let image = clients
+        .ec2
+        .describe_images()
+        .image_ids(&ami)
+        .send()
+        .await
+        .unwrap();
+    let vendor = image.images()[0].block_device_mappings()[0]
+        .ebs()
+        .unwrap()
+        .snapshot_id()
+        .unwrap()
+        .to_string();
+    let volume = clients
+        .ec2
+        .create_volume()
+        .snapshot_id(&vendor)
+        .availability_zone("us-east-1a")
+        .send()
+        .await
+        .unwrap();
+    let volume_id = volume.volume_id().unwrap().to_string();
+    let state = |id: String| async move {
+        clients
+            .ec2
+            .describe_volumes()
+            .volume_ids(id)
+            .send()
+            .await
+            .ok()
+            .and_then(|v| {
+                v.volumes()
+                    .first()
+                    .and_then(|v| v.state())
+                    .map(|s| s.as_str().to_string())
+            })
+    };
+    while state(volume_id.clone()).await.as_deref() != Some("available") {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let snapshot = clients
+        .ec2
+        .create_snapshot()
+        .volume_id(&volume_id)
+        .send()
+        .await
+        .unwrap();
+    let snapshot_id = snapshot.snapshot_id().unwrap().to_string();
+    loop {
+        let described = clients
+            .ec2
+            .describe_snapshots()
+            .snapshot_ids(&snapshot_id)
+            .send()
+            .await
+            .unwrap();
+        if described.snapshots()[0].state().map(|s| s.as_str()) == Some("completed") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    clients
+        .ec2
+        .delete_volume()
+        .volume_id(&volume_id)
+        .send()
+        .await
+        .unwrap();
+    snapshot_id
+}
+
+const BLOCK: u64 = 512 * 1024;
+
+/// The 512 KiB blocks of a sparse file that hold data (holes read as zeros in both files
+/// compared, so these are all the blocks that can differ).
+fn allocated_blocks(path: &Path) -> BTreeSet<u64> {
+    let file = std::fs::File::open(path).unwrap();
+    let (fd, size) = (file.as_raw_fd(), file.metadata().unwrap().len() as i64);
+    let mut blocks = BTreeSet::new();
+    let mut offset = 0;
+    while offset < size {
+        // SAFETY: lseek on an open descriptor; no memory is shared.
+        let start = unsafe { libc::lseek(fd, offset, libc::SEEK_DATA) };
+        if start < 0 {
+            break;
+        }
+        let end = unsafe { libc::lseek(fd, start, libc::SEEK_HOLE) };
+        blocks.extend(start as u64 / BLOCK..=(end as u64 - 1) / BLOCK);
+        offset = end;
+    }
+    blocks
+}
+
+fn block(path: &Path, index: u64) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let mut data = vec![0; BLOCK as usize];
+    let read = std::fs::File::open(path)
+        .unwrap()
+        .read_at(&mut data, index * BLOCK)
+        .unwrap();
+    data[read..].fill(0);
+    data
+}
+
+fn gets(cloud: &LocalCloud, since: usize) -> usize {
+    cloud.calls()[since..]
+        .iter()
+        .filter(|c| c["action"] == "GetSnapshotBlock")
+        .count()
+}
+
+#[test]
+fn a_base_is_fetched_once_byte_for_byte_and_never_trusted_half_made() {
+    let cloud = LocalCloud::start("quick");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let clients = runtime.block_on(cloud.clients());
+    let snapshot = runtime.block_on(owned_snapshot(&cloud, &clients));
+    let dir = tempfile::tempdir().unwrap();
+    let cache = ImageCache::new(dir.path().join("cache"));
+    let never = CancellationToken::new();
+    let fetch = || runtime.block_on(cache.fetch(&clients, &snapshot, &|_, _| {}, &never));
+
+    // A block whose read fails (an error the SDK does not retry): the fetch fails naming
+    // the call, and leaves neither an entry nor a partial one.
+    cloud.cli(&[
+        "fault",
+        "GetSnapshotBlock",
+        "--after",
+        "5",
+        "--error",
+        "AccessDeniedException",
+    ]);
+    let failed = fetch().unwrap_err().to_string();
+    assert!(
+        failed.contains(&format!("GetSnapshotBlock {snapshot} block"))
+            && failed.contains("AccessDeniedException"),
+        "{failed}"
+    );
+    assert!(cache.entry(&snapshot).is_none());
+    let left: Vec<_> = std::fs::read_dir(cache.dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(
+        left.is_empty(),
+        "nothing of the failed fetch is left: {left:?}"
+    );
+
+    // What a killed fetch leaves (a partial entry of a process that is gone) is removed,
+    // and an entry without its digests is not trusted.
+    let abandoned = cache.dir().join(format!(".partial-{snapshot}-4000000"));
+    std::fs::create_dir_all(&abandoned).unwrap();
+    std::fs::write(abandoned.join("image"), b"half").unwrap();
+    std::fs::create_dir_all(cache.dir().join("snap-0000000000000000a")).unwrap();
+    assert!(cache.entry("snap-0000000000000000a").is_none());
+
+    // With 30 % of the calls throttled, the fetch still completes (the SDK retries them).
+    cloud.cli(&["fault", "--throttle", "30"]);
+    let before = cloud.calls().len();
+    let entry = fetch().unwrap();
+    cloud.cli(&["fault", "--throttle", "0"]);
+    assert!(!abandoned.exists(), "the abandoned partial entry is gone");
+    let listed = cloud.calls()[before..]
+        .iter()
+        .filter(|c| c["action"] == "GetSnapshotBlock" && c["code"] == "OK")
+        .count();
+    assert_eq!(entry.downloaded, listed, "each block fetched once");
+    assert_eq!(entry.digests.0.len(), entry.downloaded);
+    assert!(entry.downloaded > 10);
+
+    // Byte for byte what EC2 has.
+    let exported = dir.path().join("exported.img");
+    cloud.cli(&["export-snapshot", &snapshot, exported.to_str().unwrap()]);
+    let blocks = allocated_blocks(&entry.image)
+        .union(&allocated_blocks(&exported))
+        .copied()
+        .collect::<Vec<_>>();
+    assert!(blocks.len() >= entry.downloaded);
+    for index in blocks {
+        assert_eq!(
+            block(&entry.image, index),
+            block(&exported, index),
+            "block {index} of the cached image is the snapshot's"
+        );
+    }
+
+    // The next fetch comes from disk: no block is downloaded.
+    let before = cloud.calls().len();
+    let again = fetch().unwrap();
+    assert_eq!(again.downloaded, 0);
+    assert_eq!(gets(&cloud, before), 0, "no GetSnapshotBlock");
+    assert_eq!(again.digests, entry.digests);
+    assert_eq!(
+        cache
+            .list()
+            .iter()
+            .map(|(id, _)| id.as_str())
+            .collect::<Vec<_>>(),
+        [snapshot.as_str()]
+    );
+}
