@@ -7,6 +7,7 @@ use std::collections::BTreeSet;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
+use amibake::aws::resources;
 use amibake::host::image_cache::ImageCache;
 use tokio_util::sync::CancellationToken;
 use util::localcloud::LocalCloud;
@@ -40,24 +41,18 @@ async fn owned_snapshot(cloud: &LocalCloud, clients: &amibake::aws::Clients) -> 
         .await
         .unwrap();
     let volume_id = volume.volume_id().unwrap().to_string();
-    let state = |id: String| async move {
-        clients
-            .ec2
-            .describe_volumes()
-            .volume_ids(id)
-            .send()
-            .await
-            .ok()
-            .and_then(|v| {
-                v.volumes()
-                    .first()
-                    .and_then(|v| v.state())
-                    .map(|s| s.as_str().to_string())
-            })
-    };
-    while state(volume_id.clone()).await.as_deref() != Some("available") {
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    // The project's own waits, quietly.
+    let progress = amibake::engine::Progress::new(
+        std::sync::Arc::new(amibake::engine::render::PlainLines::new(
+            Box::new(std::io::sink()),
+            false,
+        )),
+        "",
+    );
+    let never = CancellationToken::new();
+    resources::wait_volume(clients, &volume_id, "available", &never, &progress)
+        .await
+        .unwrap();
     let snapshot = clients
         .ec2
         .create_snapshot()
@@ -66,19 +61,9 @@ async fn owned_snapshot(cloud: &LocalCloud, clients: &amibake::aws::Clients) -> 
         .await
         .unwrap();
     let snapshot_id = snapshot.snapshot_id().unwrap().to_string();
-    loop {
-        let described = clients
-            .ec2
-            .describe_snapshots()
-            .snapshot_ids(&snapshot_id)
-            .send()
-            .await
-            .unwrap();
-        if described.snapshots()[0].state().map(|s| s.as_str()) == Some("completed") {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    resources::wait_snapshot(clients, &snapshot_id, &never, &progress)
+        .await
+        .unwrap();
     clients
         .ec2
         .delete_volume()
