@@ -119,6 +119,16 @@ class DataPlane:
             parent = self.snapshot_file(parent_snapshot_id) if parent_snapshot_id else None
             return max(0, allocated_bytes(dst) - (allocated_bytes(parent) if parent else 0))
 
+    def copy_snapshot(self, source_id: str, copy_id: str) -> int:
+        """A copy of a snapshot's file; returns the bytes it holds."""
+        with self.lock:
+            src = self.snapshot_file(source_id)
+            if not src.exists():
+                raise DataPlaneError(f"{source_id} has no data to copy")
+            dst = self.snapshot_file(copy_id)
+            sparse_copy(src, dst)
+            return allocated_bytes(dst)
+
     def delete_snapshot(self, snapshot_id: str):
         with self.lock:
             self.snapshot_file(snapshot_id).unlink(missing_ok=True)

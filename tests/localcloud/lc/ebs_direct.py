@@ -316,6 +316,11 @@ class EbsDirect:
             self.by_token[token] = snapshot_id
         return 201, {}, self.describe_started(started)
 
+    def parent_of(self, snapshot_id):
+        """The parent a StartSnapshot named for `snapshot_id`, if it was started here."""
+        started = self.started.get(snapshot_id)
+        return started.parent if started else None
+
     def describe_started(self, started):
         backend = self.ec2()
         snapshot = backend.snapshots.get(started.snapshot_id)

@@ -286,8 +286,23 @@ def _patch_snapshots(dataplane, timing):
         dataplane.delete_snapshot(snapshot_id)
         return result
 
+    copy_snapshot = EC2Backend.copy_snapshot
+
+    def patched_copy_snapshot(self, source_snapshot_id, source_region, description, kms_key_id):
+        # The copy holds the source's blocks, is this account's, and (like CreateSnapshot)
+        # takes a time that follows the data it holds.
+        snapshot = copy_snapshot(self, source_snapshot_id, source_region, description, kms_key_id)
+        source = self.describe_snapshots(snapshot_ids=[source_snapshot_id])[0]
+        snapshot.kms_key_id = kms_key_id or getattr(source, "kms_key_id", None)
+        copied = dataplane.copy_snapshot(source_snapshot_id, snapshot.id)
+        seconds = timing.profile["snapshot_base"] + timing.profile["snapshot_per_10mb"] * copied / 10e6
+        timing.start(("snapshot", snapshot.id), seconds)
+        timing.created(snapshot.id)
+        return snapshot
+
     EC2Backend.create_snapshot = patched_create_snapshot
     EC2Backend.delete_snapshot = patched_delete_snapshot
+    EC2Backend.copy_snapshot = patched_copy_snapshot
 
 
 def take_snapshot(backend, dataplane, timing, snapshot):

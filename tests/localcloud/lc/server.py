@@ -247,6 +247,7 @@ class LocalCloud:
             form.update(parse_qs(request.query_string.decode()))
             params = {k: v[0] for k, v in form.items()}
             action = params.get("Action")
+            service = signed_service(request) or service
         code, lose_answer = self.faults.apply(action)
         if code:
             self.calls.add(service, action, params, 400 if code != "RequestLimitExceeded" else 503, code)
@@ -378,7 +379,9 @@ class LocalCloud:
                 "volumes": [{"id": v.id, "state": v.status, "size": v.size, "snapshot": v.snapshot_id, "attached_to": v.attachment.instance.id if v.attachment else None,
                              "device": v.attachment.device if v.attachment else None, "loop": self.dataplane.device_of(v.id),
                              "tags": {t["key"]: t["value"] for t in ec2.describe_tags(filters={"resource-id": [v.id]})}} for v in ec2.volumes.values()],
-                "snapshots": [{"id": s.id, "state": s.status, "volume": s.volume.id, "owner": s.owner_id, "encrypted": bool(s.encrypted)}
+                "snapshots": [{"id": s.id, "state": s.status, "volume": s.volume.id, "owner": s.owner_id, "encrypted": bool(s.encrypted),
+                               "kms_key_id": getattr(s, "kms_key_id", None), "parent": self.ebs_direct.parent_of(s.id),
+                               "tags": dict(ec2.tags.get(s.id, {}))}
                               for s in ec2.snapshots.values()],
                 "images": [{"id": a.id, "name": a.name, "state": a.state, "owner": a.owner_id} for a in ec2.amis.values()],
                 "instances": [{"id": i.id, "state": i.state, "private_ip": i.private_ip, "public_ip": i.public_ip, "booted": self.instances.is_running(i.id)}
@@ -391,6 +394,14 @@ class LocalCloud:
                 "build_host": self.build_host.id,
                 "vendor_amis": self.vendor_amis,
             }
+
+
+def signed_service(request):
+    """The service a SigV4 request is signed for (`ec2`, `sts`), from its credential scope."""
+    auth = request.headers.get("Authorization", "")
+    scope = auth.split("Credential=", 1)[1].split(",", 1)[0] if "Credential=" in auth else ""
+    parts = scope.split("/")
+    return parts[3] if len(parts) == 5 else None
 
 
 def json_response(value, status=200):
@@ -406,6 +417,9 @@ def fault_response(service, code, message, status=None):
     if service in ("ssm", "kms"):
         return Response(json.dumps({"__type": code, "message": message}), status=status, content_type="application/x-amz-json-1.1",
                         headers={"x-amzn-RequestId": request_id})
+    if service == "sts":
+        body = f"<ErrorResponse><Error><Type>Sender</Type><Code>{code}</Code><Message>{message}</Message></Error><RequestId>{request_id}</RequestId></ErrorResponse>"
+        return Response(body, status=status, content_type="text/xml", headers={"x-amzn-RequestId": request_id})
     body = f"<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error><Code>{code}</Code><Message>{message}</Message></Error></Errors><RequestID>{request_id}</RequestID></Response>"
     return Response(body, status=status, content_type="text/xml", headers={"x-amzn-RequestId": request_id})
 
