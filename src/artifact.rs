@@ -67,6 +67,8 @@ pub struct BakeManifest {
     pub tarball_sha256: String,
     pub fingerprint: String,
     pub build_id: String,
+    /// `attach` or `direct`: which backend made the image (none when it was reused).
+    pub backend: Option<String>,
     /// True when an image with the same fingerprint existed and was reused.
     pub reused: bool,
     pub files: u64,

@@ -57,6 +57,9 @@ pub enum Command {
     /// Check templates without calling AWS.
     #[command(after_help = "Example:\n  amibake validate templates/*.toml")]
     Validate(ValidateArgs),
+    /// See and trim the base images the direct backend keeps on this machine.
+    #[command(subcommand)]
+    Cache(CacheCommand),
     /// Used by `bake` itself: unpack standard input into the image, from inside a sandbox.
     #[command(hide = true)]
     InternalExtract(InternalExtractArgs),
@@ -125,6 +128,52 @@ pub struct BakeArgs {
     /// Also write the result manifest (JSON) to this file.
     #[arg(long, value_name = "FILE")]
     pub manifest: Option<PathBuf>,
+    /// How the image becomes a block device here: a volume attached to this EC2 build
+    /// host, or the EBS direct APIs and a loop device, anywhere. Default: attach on EC2.
+    #[arg(long, value_enum, default_value_t = Backend::Auto)]
+    pub backend: Backend,
+    #[command(flatten)]
+    pub cache: CacheDirArg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Backend {
+    /// attach when the instance metadata service answers, else direct.
+    Auto,
+    Attach,
+    Direct,
+}
+
+#[derive(Debug, Args)]
+pub struct CacheDirArg {
+    /// Where the direct backend keeps base images; default: $XDG_CACHE_HOME/amibake, else
+    /// ~/.cache/amibake.
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CacheCommand {
+    /// List the cached base images: snapshot, size on disk, last use.
+    #[command(after_help = "Example:\n  amibake cache ls")]
+    Ls(CacheDirArg),
+    /// Remove cached base images, all of them or those unused for a while.
+    #[command(after_help = "Example:\n  amibake cache prune --older-than 14d")]
+    Prune(CachePruneArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CachePruneArgs {
+    #[command(flatten)]
+    pub cache: CacheDirArg,
+    /// Remove only the images not used for this long (30m, 12h, 14d); default: every image.
+    #[arg(long, value_name = "AGE", value_parser = parse_age)]
+    pub older_than: Option<std::time::Duration>,
+}
+
+fn parse_age(text: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(text)
+        .map_err(|e| format!("`{text}`: {e} (for example 30m, 12h, 14d)"))
 }
 
 #[derive(Debug, Args)]

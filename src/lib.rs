@@ -1,12 +1,14 @@
 //! amibake bakes Amazon Machine Images. Two modes share one engine: `base` provisions a vendor
 //! AMI over SSH into a base AMI; `bake` puts a code tarball into a volume of that base AMI,
-//! chroot-style, and registers a deployment AMI per commit.
+//! chroot-style (on an EC2 build host, or anywhere through the EBS direct APIs), and registers
+//! a deployment AMI per commit.
 //!
 //! The binary only parses arguments and renders outcomes; everything here takes plain option
 //! structs and already-built SDK clients, so a test can point it at any endpoint.
 
 pub mod artifact;
 pub mod aws;
+pub mod commands;
 pub mod communicator;
 pub mod engine;
 pub mod host;

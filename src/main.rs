@@ -53,6 +53,7 @@ async fn run(cli: Cli) -> i32 {
     let (output, verbose) = (cli.global.output, cli.global.verbose);
     match cli.command {
         Command::Validate(args) => validate_all(&args.templates, &vars, output),
+        Command::Cache(command) => cache(command, output),
         Command::InternalExtract(_) | Command::InternalSandbox(_) => {
             unreachable!("run before the runtime starts")
         }
@@ -87,6 +88,12 @@ async fn run(cli: Cli) -> i32 {
                 commit: args.commit,
                 common: common(args.force, args.manifest),
                 amibake_exe,
+                backend: match args.backend {
+                    cli::Backend::Auto => bake::BackendChoice::Auto,
+                    cli::Backend::Attach => bake::BackendChoice::Attach,
+                    cli::Backend::Direct => bake::BackendChoice::Direct,
+                },
+                cache_dir: args.cache.cache_dir,
             };
             let Some((sink, cancel, signalled)) = watch_run(output, verbose) else {
                 return exit::BUILD_FAILED;
@@ -218,6 +225,38 @@ fn report_error(err: ModeError) -> i32 {
         eprintln!("error: {line}");
     }
     code
+}
+
+fn cache(command: cli::CacheCommand, output: OutputFormat) -> i32 {
+    use amibake::commands::cache;
+    let (dir, older_than) = match &command {
+        cli::CacheCommand::Ls(dir) => (dir.cache_dir.clone(), None),
+        cli::CacheCommand::Prune(args) => (args.cache.cache_dir.clone(), args.older_than),
+    };
+    let opened = cache::open(dir);
+    let printed = opened.and_then(|c| match command {
+        cli::CacheCommand::Ls(_) => {
+            let listing = cache::ls(&c);
+            Ok((serde_json::to_string(&listing), listing.lines()))
+        }
+        cli::CacheCommand::Prune(_) => {
+            let pruned = cache::prune(&c, older_than)?;
+            Ok((serde_json::to_string(&pruned), pruned.lines()))
+        }
+    });
+    match printed {
+        Ok((json, lines)) => {
+            match output {
+                OutputFormat::Json => println!("{}", json.expect("plain data serializes")),
+                OutputFormat::Human => lines.iter().for_each(|l| println!("{l}")),
+            }
+            exit::OK
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            exit::BUILD_FAILED
+        }
+    }
 }
 
 fn validate_all(

@@ -123,7 +123,8 @@ fn a_base_is_fetched_once_byte_for_byte_and_never_trusted_half_made() {
     let dir = tempfile::tempdir().unwrap();
     let cache = ImageCache::new(dir.path().join("cache"));
     let never = CancellationToken::new();
-    let fetch = || runtime.block_on(cache.fetch(&clients, &snapshot, &|_, _| {}, &never));
+    let fetch =
+        || runtime.block_on(cache.fetch(&clients, &snapshot, &snapshot, &|_, _| {}, &never));
 
     // A block whose read fails (an error the SDK does not retry): the fetch fails naming
     // the call, and leaves neither an entry nor a partial one.
@@ -199,7 +200,7 @@ fn a_base_is_fetched_once_byte_for_byte_and_never_trusted_half_made() {
         cache
             .list()
             .iter()
-            .map(|(id, _)| id.as_str())
+            .map(|listed| listed.snapshot_id.as_str())
             .collect::<Vec<_>>(),
         [snapshot.as_str()]
     );

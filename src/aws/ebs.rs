@@ -1,9 +1,86 @@
 //! Thin calls over the EBS direct APIs: a snapshot's blocks listed and read, each read
-//! checked against the checksum EBS sends with it (the block data is not signed).
+//! checked against the checksum EBS sends with it (the block data is not signed); a
+//! snapshot started, written block by block and completed.
+//!
+//! Retries are the SDK's alone (see `client_config`): throttling and server errors as for
+//! every AWS call, plus the "snapshot not found" a put can meet right after StartSnapshot
+//! while the new snapshot is not yet visible everywhere.
 
+use std::time::Duration;
+
+use aws_sdk_ebs::config::interceptors::InterceptorContext;
+use aws_sdk_ebs::config::retry::{ClassifyRetry, RetryAction, RetryPartition, TokenBucket};
+use aws_sdk_ebs::config::timeout::TimeoutConfig;
+use aws_sdk_ebs::operation::complete_snapshot::CompleteSnapshotError;
+use aws_sdk_ebs::operation::put_snapshot_block::PutSnapshotBlockError;
+use aws_sdk_ebs::primitives::ByteStream;
+use aws_sdk_ebs::types::{
+    ChecksumAggregationMethod, ChecksumAlgorithm, ResourceNotFoundExceptionReason, Status, Tag,
+};
 use sha2::{Digest, Sha256};
 
 use super::{AwsError, Clients};
+
+/// One attempt of one block call: 512 KiB from outside EC2 on a slow link, with room.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(60);
+/// One call with all its retries: an upload from outside EC2 never hangs.
+const OPERATION_TIMEOUT: Duration = Duration::from_secs(10 * 60);
+/// Retries a bake may spend across its thousands of block calls. The SDK's default quota
+/// (500 tokens, 5 a throttled retry) is sized for a few calls a run, and would give up on
+/// the third of an upload that EBS throttles.
+const RETRY_QUOTA: usize = 100_000;
+
+/// The EBS client's configuration: the run's, with the timeouts, retry quota and
+/// classifier that block traffic needs.
+pub fn client_config(config: &aws_config::SdkConfig) -> aws_sdk_ebs::Config {
+    aws_sdk_ebs::config::Builder::from(config)
+        .timeout_config(
+            TimeoutConfig::builder()
+                .operation_attempt_timeout(ATTEMPT_TIMEOUT)
+                .operation_timeout(OPERATION_TIMEOUT)
+                .build(),
+        )
+        .retry_partition(
+            RetryPartition::custom("amibake-ebs-blocks")
+                .token_bucket(TokenBucket::builder().capacity(RETRY_QUOTA).build())
+                .build(),
+        )
+        .retry_classifier(StartedSnapshotNotYetVisible)
+        .build()
+}
+
+/// Classifies a put or completion that finds no snapshot as transient: EBS may not yet
+/// know, where the call lands, the snapshot StartSnapshot has just answered with.
+#[derive(Debug)]
+struct StartedSnapshotNotYetVisible;
+
+impl ClassifyRetry for StartedSnapshotNotYetVisible {
+    fn classify_retry(&self, ctx: &InterceptorContext) -> RetryAction {
+        let Some(Err(error)) = ctx.output_or_error() else {
+            return RetryAction::NoActionIndicated;
+        };
+        let Some(error) = error.as_operation_error() else {
+            return RetryAction::NoActionIndicated;
+        };
+        let not_found = match (
+            error.downcast_ref::<PutSnapshotBlockError>(),
+            error.downcast_ref::<CompleteSnapshotError>(),
+        ) {
+            (Some(PutSnapshotBlockError::ResourceNotFoundException(e)), _)
+            | (_, Some(CompleteSnapshotError::ResourceNotFoundException(e))) => e.reason(),
+            _ => None,
+        };
+        if not_found == Some(&ResourceNotFoundExceptionReason::SnapshotNotFound) {
+            RetryAction::transient_error()
+        } else {
+            RetryAction::NoActionIndicated
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        "a snapshot just started, not yet visible"
+    }
+}
 
 /// EBS snapshots are read and written in blocks of 512 KiB.
 pub const BLOCK_SIZE: usize = 512 * 1024;
@@ -96,4 +173,129 @@ pub async fn get_block(
         });
     }
     Ok(data)
+}
+
+/// How a new snapshot is started: from a parent (whose blocks it begins with, and whose
+/// encryption it takes), or from nothing with the given encryption.
+#[derive(Debug, Clone)]
+pub struct NewSnapshot {
+    pub volume_size_gib: u64,
+    pub parent: Option<String>,
+    /// With no parent: the KMS key ARN to encrypt with (`None`: as the account's default).
+    pub kms_key_arn: Option<String>,
+    pub description: String,
+    /// The same token makes a retried start answer with the same snapshot.
+    pub client_token: String,
+    pub tags: Vec<(String, String)>,
+}
+
+/// StartSnapshot: the new snapshot's id.
+pub async fn start_snapshot(clients: &Clients, new: &NewSnapshot) -> Result<String, AwsError> {
+    let action = match &new.parent {
+        Some(parent) => format!("StartSnapshot from {parent}"),
+        None => "StartSnapshot".to_string(),
+    };
+    let mut request = clients
+        .ebs
+        .start_snapshot()
+        .volume_size(new.volume_size_gib as i64)
+        .set_parent_snapshot_id(new.parent.clone())
+        .description(&new.description)
+        .client_token(&new.client_token)
+        .set_tags(Some(
+            new.tags
+                .iter()
+                .map(|(k, v)| Tag::builder().key(k).value(v).build())
+                .collect(),
+        ));
+    // EBS refuses Encrypted with a parent: a child is encrypted as its parent is.
+    if new.parent.is_none() {
+        if let Some(key) = &new.kms_key_arn {
+            request = request.encrypted(true).kms_key_arn(key);
+        }
+    }
+    let out = request
+        .send()
+        .await
+        .map_err(|e| AwsError::new(&action, &e))?;
+    match (out.snapshot_id(), out.status()) {
+        (Some(id), Some(Status::Pending) | None) => Ok(id.to_string()),
+        (Some(id), Some(status)) => Err(AwsError {
+            action,
+            detail: format!("{id} is {}, not pending", status.as_str()),
+        }),
+        (None, _) => Err(AwsError {
+            action,
+            detail: "the answer holds no snapshot id".into(),
+        }),
+    }
+}
+
+/// The SHA-256 of a block, as EBS's checksums are.
+pub fn block_digest(data: &[u8]) -> [u8; 32] {
+    Sha256::digest(data).into()
+}
+
+/// PutSnapshotBlock of one 512 KiB block, with its checksum.
+pub async fn put_block(
+    clients: &Clients,
+    snapshot_id: &str,
+    index: u64,
+    data: Vec<u8>,
+    digest: &[u8; 32],
+) -> Result<(), AwsError> {
+    clients
+        .ebs
+        .put_snapshot_block()
+        .snapshot_id(snapshot_id)
+        .block_index(index as i32)
+        .data_length(BLOCK_SIZE as i32)
+        .checksum(aws_smithy_types::base64::encode(digest))
+        .checksum_algorithm(ChecksumAlgorithm::ChecksumAlgorithmSha256)
+        .block_data(ByteStream::from(data))
+        .send()
+        .await
+        .map(|_| ())
+        .map_err(|e| AwsError::new(format!("PutSnapshotBlock {snapshot_id} block {index}"), &e))
+}
+
+/// The checksum of a whole write, aggregated as EBS's LINEAR method does: the SHA-256 of
+/// the blocks' digests, concatenated in index order.
+pub fn linear_checksum<'a>(digests_in_index_order: impl Iterator<Item = &'a [u8; 32]>) -> [u8; 32] {
+    let mut hasher = Sha256::new();
+    for digest in digests_in_index_order {
+        hasher.update(digest);
+    }
+    hasher.finalize().into()
+}
+
+/// CompleteSnapshot: `changed` blocks were put, whose LINEAR checksum is `checksum`.
+pub async fn complete_snapshot(
+    clients: &Clients,
+    snapshot_id: &str,
+    changed: usize,
+    checksum: &[u8; 32],
+) -> Result<(), AwsError> {
+    let mut request = clients
+        .ebs
+        .complete_snapshot()
+        .snapshot_id(snapshot_id)
+        .changed_blocks_count(changed as i32);
+    if changed > 0 {
+        request = request
+            .checksum(aws_smithy_types::base64::encode(checksum))
+            .checksum_algorithm(ChecksumAlgorithm::ChecksumAlgorithmSha256)
+            .checksum_aggregation_method(ChecksumAggregationMethod::ChecksumAggregationLinear);
+    }
+    let out = request
+        .send()
+        .await
+        .map_err(|e| AwsError::new(format!("CompleteSnapshot {snapshot_id}"), &e))?;
+    match out.status() {
+        Some(Status::Error) => Err(AwsError {
+            action: format!("CompleteSnapshot {snapshot_id}"),
+            detail: "EBS answered that the snapshot is in error".into(),
+        }),
+        _ => Ok(()),
+    }
 }

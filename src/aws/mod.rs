@@ -36,6 +36,7 @@ pub struct Clients {
     pub ssm: aws_sdk_ssm::Client,
     pub kms: aws_sdk_kms::Client,
     pub ebs: aws_sdk_ebs::Client,
+    pub sts: aws_sdk_sts::Client,
     pub region: String,
 }
 
@@ -58,8 +59,25 @@ impl Clients {
             ec2: aws_sdk_ec2::Client::new(config),
             ssm: aws_sdk_ssm::Client::new(config),
             kms: aws_sdk_kms::Client::new(config),
-            ebs: aws_sdk_ebs::Client::new(config),
+            ebs: aws_sdk_ebs::Client::from_conf(ebs::client_config(config)),
+            sts: aws_sdk_sts::Client::new(config),
             region,
+        })
+    }
+}
+
+impl Clients {
+    /// The account these credentials belong to.
+    pub async fn account_id(&self) -> Result<String, AwsError> {
+        let out = self
+            .sts
+            .get_caller_identity()
+            .send()
+            .await
+            .map_err(|e| AwsError::new("GetCallerIdentity", &e))?;
+        out.account().map(str::to_string).ok_or_else(|| AwsError {
+            action: "GetCallerIdentity".into(),
+            detail: "the answer names no account".into(),
         })
     }
 }

@@ -6,7 +6,9 @@
 //! An entry is a directory named by the snapshot id, holding `image` and `digests`. It is
 //! built under a temporary name in the same directory and renamed when complete: a killed
 //! run leaves at most a `.partial-*` directory, which no later run trusts and the next
-//! fetch removes once its process is gone.
+//! fetch removes once its process is gone. A bake works on a copy of an entry in the same
+//! directory (`.work-*`, so the filesystem can share the copy's extents), gone after the
+//! bake, and removed by a later one if its process was killed.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
@@ -18,10 +20,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::aws::ebs::{self, BLOCK_SIZE};
 use crate::aws::{AwsError, Clients};
+use crate::host::disk_image::{copy_sparse, CopiedBy};
 
 const IMAGE: &str = "image";
 const DIGESTS: &str = "digests";
 const PARTIAL: &str = ".partial-";
+const WORK: &str = ".work-";
 /// GetSnapshotBlock calls in flight at once: EBS serves 1,000 a second per snapshot.
 pub const FETCH_CONCURRENCY: usize = 32;
 
@@ -77,6 +81,27 @@ pub struct CachedImage {
     pub downloaded: usize,
 }
 
+/// One complete entry, as `list` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ListedEntry {
+    pub snapshot_id: String,
+    /// Bytes the image takes on disk (its data, not its holes).
+    pub bytes: u64,
+    /// The volume's size.
+    pub volume_bytes: u64,
+    /// Blocks holding data.
+    pub blocks: usize,
+    #[serde(serialize_with = "serialize_time")]
+    pub last_used: std::time::SystemTime,
+}
+
+fn serialize_time<S: serde::Serializer>(
+    t: &std::time::SystemTime,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&humantime::format_rfc3339_seconds(*t).to_string())
+}
+
 pub struct ImageCache {
     dir: PathBuf,
 }
@@ -108,8 +133,24 @@ impl ImageCache {
         }
     }
 
-    /// The complete entry for `snapshot_id`, if there is one.
+    /// The complete entry for `snapshot_id`, if there is one. Reading it marks it used.
     pub fn entry(&self, snapshot_id: &str) -> Option<CachedImage> {
+        let found = self.peek(snapshot_id)?;
+        if let Ok(file) = std::fs::File::options()
+            .append(true)
+            .open(self.used_marker(snapshot_id))
+        {
+            let _ = file.set_modified(std::time::SystemTime::now());
+        }
+        Some(found)
+    }
+
+    /// Its digests file's modification time says when an entry was last used.
+    fn used_marker(&self, snapshot_id: &str) -> PathBuf {
+        self.dir.join(snapshot_id).join(DIGESTS)
+    }
+
+    fn peek(&self, snapshot_id: &str) -> Option<CachedImage> {
         let dir = self.dir.join(snapshot_id);
         let digests = BlockDigests::from_bytes(&std::fs::read(dir.join(DIGESTS)).ok()?)?;
         let image = dir.join(IMAGE);
@@ -121,13 +162,15 @@ impl ImageCache {
         })
     }
 
-    /// The entry for `snapshot_id`, fetched first if it is not here: every allocated block,
+    /// The entry for `snapshot_id`, fetched first if it is not here: every allocated block
+    /// of `read_from` (the snapshot itself, or a copy of it this account can read),
     /// `FETCH_CONCURRENCY` at a time, each checked against its checksum. `on_block` hears
     /// of each block written, for progress.
     pub async fn fetch(
         &self,
         clients: &Clients,
         snapshot_id: &str,
+        read_from: &str,
         on_block: &(dyn Fn(usize, usize) + Send + Sync),
         cancel: &CancellationToken,
     ) -> Result<CachedImage, CacheError> {
@@ -142,7 +185,7 @@ impl ImageCache {
         let _ = std::fs::remove_dir_all(&partial);
         std::fs::create_dir(&partial).map_err(self.io(format!("create {}", partial.display())))?;
         let fetched = self
-            .fetch_into(clients, snapshot_id, &partial, on_block, cancel)
+            .fetch_into(clients, read_from, &partial, on_block, cancel)
             .await;
         let downloaded = match fetched {
             Ok(count) => count,
@@ -239,14 +282,18 @@ impl ImageCache {
         Ok(total)
     }
 
-    /// `.partial-*` directories whose process is gone: what a killed fetch left.
+    /// `.partial-*` directories and `.work-*` copies whose process is gone: what a killed
+    /// fetch or bake left.
     fn remove_abandoned_partials(&self) {
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return;
         };
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(rest) = name.strip_prefix(PARTIAL) else {
+            let Some(rest) = name
+                .strip_prefix(PARTIAL)
+                .or_else(|| name.strip_prefix(WORK))
+            else {
                 continue;
             };
             let alive = rest
@@ -254,30 +301,85 @@ impl ImageCache {
                 .and_then(|(_, pid)| pid.parse::<u32>().ok())
                 .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
             if !alive {
-                let _ = std::fs::remove_dir_all(entry.path());
+                let path = entry.path();
+                let _ = std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
             }
         }
     }
 
-    /// Complete entries, and what each takes on disk.
-    pub fn list(&self) -> Vec<(String, u64)> {
+    /// A copy of `entry`'s image for one bake to write, `len` bytes long (grown when the
+    /// bake's volume is larger than the base's). Its extents are shared with the entry
+    /// where the filesystem can (reflink), else only its data is copied.
+    pub fn working_copy(
+        &self,
+        entry: &CachedImage,
+        build_id: &str,
+        len: u64,
+    ) -> Result<(PathBuf, CopiedBy), CacheError> {
+        self.remove_abandoned_partials();
+        let path = self
+            .dir
+            .join(format!("{WORK}{build_id}-{}", std::process::id()));
+        let copied = copy_sparse(&entry.image, &path, len).map_err(|e| {
+            let _ = std::fs::remove_file(&path);
+            self.io(format!(
+                "copy {} to {}",
+                entry.image.display(),
+                path.display()
+            ))(e)
+        })?;
+        Ok((path, copied))
+    }
+
+    /// Removes the entries not used since `cutoff` (all of them with `None`); answers
+    /// what was removed and the bytes freed.
+    pub fn prune(
+        &self,
+        cutoff: Option<std::time::SystemTime>,
+    ) -> Result<Vec<(String, u64)>, CacheError> {
+        self.remove_abandoned_partials();
+        let mut removed = Vec::new();
+        for listed in self.list() {
+            if cutoff.is_some_and(|cutoff| listed.last_used >= cutoff) {
+                continue;
+            }
+            std::fs::remove_dir_all(self.dir.join(&listed.snapshot_id))
+                .map_err(self.io(format!("remove the entry of {}", listed.snapshot_id)))?;
+            removed.push((listed.snapshot_id, listed.bytes));
+        }
+        Ok(removed)
+    }
+
+    /// Complete entries: what each takes on disk and when it was last used, newest use
+    /// first. Listing does not count as a use.
+    pub fn list(&self) -> Vec<ListedEntry> {
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return Vec::new();
         };
-        let mut listed: Vec<(String, u64)> = entries
+        let mut listed: Vec<ListedEntry> = entries
             .flatten()
             .filter_map(|e| {
                 let name = e.file_name().to_string_lossy().into_owned();
-                self.entry(&name).map(|entry| {
+                self.peek(&name).map(|entry| {
                     use std::os::unix::fs::MetadataExt;
-                    let bytes = std::fs::metadata(&entry.image)
-                        .map(|m| m.blocks() * 512)
-                        .unwrap_or(0);
-                    (name, bytes)
+                    let image = std::fs::metadata(&entry.image).ok();
+                    ListedEntry {
+                        bytes: image.as_ref().map_or(0, |m| m.blocks() * 512),
+                        volume_bytes: image.as_ref().map_or(0, |m| m.len()),
+                        blocks: entry.digests.0.len(),
+                        last_used: std::fs::metadata(self.used_marker(&name))
+                            .and_then(|m| m.modified())
+                            .unwrap_or(std::time::UNIX_EPOCH),
+                        snapshot_id: name,
+                    }
                 })
             })
             .collect();
-        listed.sort();
+        listed.sort_by(|a, b| {
+            b.last_used
+                .cmp(&a.last_used)
+                .then(a.snapshot_id.cmp(&b.snapshot_id))
+        });
         listed
     }
 }

@@ -1,10 +1,13 @@
-//! The build-host side of `bake`: block devices, mounts, and the sandbox the code and the
+//! The machine side of `bake`: block devices (attached volumes, loop devices over cached
+//! images), mounts, and the sandbox the code and the
 //! provisioners go into the image through.
 
 pub mod credential_guard;
 pub mod device;
+pub mod disk_image;
 pub mod extract;
 pub mod image_cache;
 pub mod image_root;
+pub mod loop_device;
 pub mod mount;
 pub mod sandbox;

@@ -1,13 +1,14 @@
 //! `amibake bake`: a deployment AMI from a base AMI and a code tarball, chroot-style.
 //!
-//! First, without creating anything: learn the build host, resolve the base AMI, digest the
+//! First, without creating anything: choose the backend, resolve the base AMI, digest the
 //! tarball and fingerprint the inputs; an available image with that fingerprint is reused.
-//! Then the engine runs a backend's list of steps (`attach::steps`), each undone on failure
-//! or interrupt. A backend owns how the image becomes a block device here and how that
-//! becomes a snapshot; the steps in `steps` (mount, extract, provision, unmount, register)
-//! are the same for every backend.
+//! Then the engine runs the backend's list of steps (`attach::steps` on an EC2 build host,
+//! `direct::steps` anywhere), each undone on failure or interrupt. A backend owns how the
+//! image becomes a block device here and how that becomes a snapshot; the steps in `steps`
+//! (mount, extract, provision, unmount, register) are the same for every backend.
 
 mod attach;
+mod direct;
 mod steps;
 
 use std::path::{Path, PathBuf};
@@ -22,6 +23,7 @@ use crate::aws::host;
 use crate::aws::{kms, sdk_config, Clients};
 use crate::engine::{self, EventSink, RunReport, UndoId};
 use crate::host::extract::Extracted;
+use crate::host::image_cache::ImageCache;
 use crate::template::{BakePlan, Commit};
 
 #[derive(Debug, Clone)]
@@ -33,6 +35,65 @@ pub struct BakeOptions {
     pub common: CommonOptions,
     /// This binary, which the chrooted extraction runs as (`std::env::current_exe()`).
     pub amibake_exe: PathBuf,
+    pub backend: BackendChoice,
+    /// The direct backend's image cache; `None`: `ImageCache::default_dir()`.
+    pub cache_dir: Option<PathBuf>,
+}
+
+/// `--backend`: how the image becomes a block device on this machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BackendChoice {
+    /// `attach` when this machine is an EC2 instance (its metadata service answers), else
+    /// `direct`.
+    #[default]
+    Auto,
+    /// A volume of the base, attached to this EC2 build host.
+    Attach,
+    /// The base's snapshot read and written through the EBS direct APIs, loop-attached here.
+    Direct,
+}
+
+/// The backend chosen for a run, with what only it needs.
+enum Chosen {
+    Attach(host::HostIdentity),
+    Direct,
+}
+
+impl Chosen {
+    fn name(&self) -> &'static str {
+        match self {
+            Chosen::Attach(_) => "attach",
+            Chosen::Direct => "direct",
+        }
+    }
+}
+
+/// Picks the backend before anything is made: the build host's identity for `attach`.
+async fn choose_backend(choice: BackendChoice) -> Result<(Chosen, String), ModeError> {
+    let failed = |e: host::HostError| ModeError::Failed(engine::error_chain(&e));
+    match choice {
+        BackendChoice::Attach => Ok((
+            Chosen::Attach(host::identity().await.map_err(failed)?),
+            "backend attach (--backend attach)".into(),
+        )),
+        BackendChoice::Direct => Ok((Chosen::Direct, "backend direct (--backend direct)".into())),
+        BackendChoice::Auto => match host::probe().await {
+            Some(identity) => {
+                let why = format!(
+                    "backend attach: this machine is EC2 instance {} (--backend direct to bake without a volume)",
+                    identity.instance_id
+                );
+                Ok((Chosen::Attach(identity), why))
+            }
+            None => Ok((
+                Chosen::Direct,
+                format!(
+                    "backend direct: no instance metadata answered within {} ms, so this is not an EC2 build host",
+                    host::PROBE_TIMEOUT.as_millis()
+                ),
+            )),
+        },
+    }
 }
 
 /// What a backend owns beyond the state all bakes share. Neither backend reads the
@@ -105,20 +166,22 @@ pub async fn run(
 
     let clients = Clients::new(&sdk_config(&options.common.aws).await)
         .map_err(|e| ModeError::Failed(e.to_string()))?;
-    let host = host::identity()
-        .await
-        .map_err(|e| ModeError::Failed(engine::error_chain(&e)))?;
+    let (backend, why_backend) = choose_backend(options.backend).await?;
+    let backend_name = backend.name();
     let base_id = ami::resolve(&clients, &plan.base_ami)
         .await
         .map_err(|e| ModeError::Failed(e.to_string()))?;
     let base = ami::describe(&clients, &base_id)
         .await
         .map_err(|e| ModeError::Failed(e.to_string()))?;
-    if let Some(key) = &plan.kms_key_id {
-        kms::usable_for_ebs(&clients, "bake.kms_key_id", key)
-            .await
-            .map_err(|e| ModeError::Failed(e.to_string()))?;
-    }
+    let key_arn = match &plan.kms_key_id {
+        Some(key) => Some(
+            kms::usable_for_ebs(&clients, "bake.kms_key_id", key)
+                .await
+                .map_err(|e| ModeError::Failed(e.to_string()))?,
+        ),
+        None => None,
+    };
     let tarball_sha256 = artifact::sha256_file(&tarball).map_err(|e| {
         ModeError::Failed(format!(
             "cannot read the tarball {}: {e}",
@@ -126,24 +189,28 @@ pub async fn run(
         ))
     })?;
     let fingerprint = fingerprint(&base.id, &tarball_sha256, &plan)?;
-    let manifest =
-        |ami_id: String, snapshot_id, reused, extracted: Extracted, report: Option<&RunReport>| {
-            BakeManifest {
-                ami_id,
-                region: clients.region.clone(),
-                name: plan.name.clone(),
-                snapshot_id,
-                base_ami: base.id.clone(),
-                commit: commit.clone(),
-                tarball_sha256: tarball_sha256.clone(),
-                fingerprint: fingerprint.clone(),
-                build_id: build_id.clone(),
-                reused,
-                files: extracted.files,
-                bytes: extracted.bytes,
-                step_seconds: report.map(RunReport::step_seconds).unwrap_or_default(),
-            }
-        };
+    let manifest = |ami_id: String,
+                    snapshot_id,
+                    reused: bool,
+                    extracted: Extracted,
+                    report: Option<&RunReport>| {
+        BakeManifest {
+            ami_id,
+            region: clients.region.clone(),
+            name: plan.name.clone(),
+            snapshot_id,
+            base_ami: base.id.clone(),
+            commit: commit.clone(),
+            tarball_sha256: tarball_sha256.clone(),
+            fingerprint: fingerprint.clone(),
+            build_id: build_id.clone(),
+            backend: (!reused).then(|| backend_name.to_string()),
+            reused,
+            files: extracted.files,
+            bytes: extracted.bytes,
+            step_seconds: report.map(RunReport::step_seconds).unwrap_or_default(),
+        }
+    };
 
     if !options.common.force {
         if let Some((id, name)) = ami::find_by_fingerprint(&clients, &fingerprint)
@@ -161,7 +228,7 @@ pub async fn run(
         }
     }
 
-    let mut state = BakeState {
+    let shared = BakeState {
         clients: clients.clone(),
         base: base.clone(),
         plan: plan.clone(),
@@ -179,25 +246,42 @@ pub async fn run(
         snapshot_id: None,
         delete_snapshot: None,
         image_id: None,
-        backend: attach::Attach::new(host, lock_dir()),
+        backend: (),
     };
     let sink = engine::Masked::wrap(sink, &secrets);
-    let report = engine::run(
-        "bake",
-        &build_id,
-        &attach::steps(),
-        &mut state,
-        sink,
-        cancel,
-    )
-    .await
-    .masked(&secrets);
-    let manifest = match (&report.outcome, &state.image_id) {
+    sink.emit(&engine::Event::Note {
+        step: String::new(),
+        message: why_backend,
+    });
+    let (report, built) = match backend {
+        Chosen::Attach(host) => {
+            let attach = attach::Attach::new(host, lock_dir());
+            execute(attach::steps(), shared.with_backend(attach), sink, cancel).await
+        }
+        Chosen::Direct => {
+            let cache = match &options.cache_dir {
+                Some(dir) => ImageCache::new(dir),
+                None => ImageCache::new(ImageCache::default_dir().ok_or_else(|| {
+                    ModeError::Usage(
+                        "no cache directory: pass --cache-dir, or set XDG_CACHE_HOME or HOME"
+                            .into(),
+                    )
+                })?),
+            };
+            let upload = direct::plan_upload(&clients, &base, key_arn.as_deref())
+                .await
+                .map_err(|e| ModeError::Failed(e.to_string()))?;
+            let direct = direct::Direct::new(cache, upload);
+            execute(direct::steps(), shared.with_backend(direct), sink, cancel).await
+        }
+    };
+    let report = report.masked(&secrets);
+    let manifest = match (&report.outcome, built.image_id) {
         (engine::Outcome::Succeeded, Some(image)) => Some(manifest(
-            image.clone(),
-            state.snapshot_id.clone(),
+            image,
+            built.snapshot_id,
             false,
-            state.extracted,
+            built.extracted,
             Some(&report),
         )),
         _ => None,
@@ -206,6 +290,55 @@ pub async fn run(
         manifest,
         report: Some(report),
     })
+}
+
+/// What a run of the engine made, whichever backend ran.
+struct Built {
+    image_id: Option<String>,
+    snapshot_id: Option<String>,
+    extracted: Extracted,
+}
+
+async fn execute<B: Backend>(
+    steps: Vec<Box<dyn engine::Step<BakeState<B>>>>,
+    mut state: BakeState<B>,
+    sink: Arc<dyn EventSink>,
+    cancel: CancellationToken,
+) -> (RunReport, Built) {
+    let build_id = state.build_id.clone();
+    let report = engine::run("bake", &build_id, &steps, &mut state, sink, cancel).await;
+    let built = Built {
+        image_id: state.image_id,
+        snapshot_id: state.snapshot_id,
+        extracted: state.extracted,
+    };
+    (report, built)
+}
+
+impl BakeState<()> {
+    /// The shared state, given the backend that will run.
+    fn with_backend<B>(self, backend: B) -> BakeState<B> {
+        BakeState {
+            clients: self.clients,
+            base: self.base,
+            plan: self.plan,
+            build_id: self.build_id,
+            commit: self.commit,
+            tarball: self.tarball,
+            tarball_sha256: self.tarball_sha256,
+            fingerprint: self.fingerprint,
+            mount_point: self.mount_point,
+            amibake_exe: self.amibake_exe,
+            root_device: self.root_device,
+            unmount_root: self.unmount_root,
+            restore_files: self.restore_files,
+            extracted: self.extracted,
+            snapshot_id: self.snapshot_id,
+            delete_snapshot: self.delete_snapshot,
+            image_id: self.image_id,
+            backend,
+        }
+    }
 }
 
 /// What decides the image's content: the base, the code, and how it is put in.

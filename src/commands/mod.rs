@@ -1,0 +1,3 @@
+//! Commands that run no engine steps: each reads or tidies local state and prints it.
+
+pub mod cache;

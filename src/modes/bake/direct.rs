@@ -1,0 +1,525 @@
+//! The `direct` backend: no build host, no volume. The base's root snapshot is read once
+//! through the EBS direct APIs into the image cache; a copy of it is loop-attached and
+//! filled by the shared steps; then only the 512 KiB blocks that differ from the base are
+//! put into a new snapshot whose parent is the base's.
+
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+use aws_sdk_ec2::types::{ResourceType, TagSpecification};
+
+use super::steps::{
+    ExtractTarball, MountImage, PrepareChroot, RegisterImage, RunProvisioners, UnmountImage,
+};
+use super::{Backend, BakeState};
+use crate::artifact::TAG_BUILD_ID;
+use crate::aws::ami::BaseImage;
+use crate::aws::ebs::{self, NewSnapshot, BLOCK_SIZE};
+use crate::aws::resources::{self, wait_snapshot};
+use crate::aws::{AwsError, Clients};
+use crate::engine::{Keep, Step, StepContext, StepError, UndoId, Unit};
+use crate::host::disk_image::{self, CopiedBy};
+use crate::host::image_cache::{CacheError, CachedImage, ImageCache};
+use crate::host::loop_device;
+use crate::modes::support::{earlier, failed, tags, undo_with, waited};
+
+/// PutSnapshotBlock calls in flight at once: EBS serves 1,000 a second per snapshot.
+const PUT_CONCURRENCY: usize = 32;
+
+/// The steps, in order: a bake with no build host reads as this list.
+pub fn steps() -> Vec<Box<dyn Step<BakeState<Direct>>>> {
+    vec![
+        Box::new(FetchBaseImage),
+        Box::new(CopyBaseImage),
+        Box::new(AttachLoopDevice),
+        Box::new(MountImage),
+        // Before anything of the host is mounted into the image, and before provisioners
+        // have had root in it.
+        Box::new(ExtractTarball),
+        Box::new(PrepareChroot),
+        Box::new(RunProvisioners),
+        Box::new(UnmountImage),
+        Box::new(DetachLoopDevice),
+        Box::new(UploadSnapshot),
+        Box::new(RegisterImage),
+    ]
+}
+
+/// How the new snapshot will be written, decided before anything is made.
+#[derive(Debug, Clone)]
+pub struct UploadPlan {
+    /// The base's snapshot, when the new one can start from it.
+    pub parent: Option<String>,
+    /// With no parent: the key to encrypt with.
+    pub kms_key_arn: Option<String>,
+    /// Whether the EBS direct APIs serve the base's snapshot to this account; if not, it
+    /// is read through a copy.
+    pub base_readable: bool,
+    /// Why there is no parent, for the run's notes.
+    pub why_no_parent: Option<String>,
+}
+
+/// Whether the base's snapshot can be the parent: the EBS direct APIs serve only this
+/// account's snapshots, and a child is encrypted exactly as its parent is.
+pub async fn plan_upload(
+    clients: &Clients,
+    base: &BaseImage,
+    template_key_arn: Option<&str>,
+) -> Result<UploadPlan, AwsError> {
+    let snapshot_id = &base.root_snapshot_id;
+    let account = clients.account_id().await?;
+    let described = clients
+        .ec2
+        .describe_snapshots()
+        .snapshot_ids(snapshot_id)
+        .send()
+        .await
+        .map_err(|e| AwsError::new(format!("describe the base's snapshot {snapshot_id}"), &e))?;
+    let snapshot = described.snapshots().first().ok_or_else(|| AwsError {
+        action: format!("describe the base's snapshot {snapshot_id}"),
+        detail: "EC2 answered no snapshot".into(),
+    })?;
+    let full = |readable: bool, why: String| UploadPlan {
+        parent: None,
+        kms_key_arn: template_key_arn.map(str::to_string),
+        base_readable: readable,
+        why_no_parent: Some(why),
+    };
+    let owner = snapshot.owner_id().unwrap_or("another account");
+    if owner != account {
+        return Ok(full(false, format!(
+            "the base's snapshot {snapshot_id} belongs to {owner}, and the EBS direct APIs serve only this account's ({account}): it is read through a copy, and every block is uploaded with no parent"
+        )));
+    }
+    let parent_key = snapshot.kms_key_id();
+    if let Some(key) = template_key_arn {
+        if parent_key != Some(key) {
+            return Ok(full(true, format!(
+                "bake.kms_key_id is not the key of the base's snapshot {snapshot_id} ({}), and a child snapshot is encrypted as its parent: every block is uploaded with no parent, encrypted with {key}",
+                parent_key.unwrap_or("unencrypted")
+            )));
+        }
+    } else if snapshot.encrypted() != Some(true) {
+        let by_default = clients
+            .ec2
+            .get_ebs_encryption_by_default()
+            .send()
+            .await
+            .map_err(|e| AwsError::new("GetEbsEncryptionByDefault", &e))?;
+        if by_default.ebs_encryption_by_default() == Some(true) {
+            return Ok(full(true, format!(
+                "EBS encryption by default is on and the base's snapshot {snapshot_id} is not encrypted, which EBS refuses as a parent: every block is uploaded with no parent, encrypted with the account's default key"
+            )));
+        }
+    }
+    Ok(UploadPlan {
+        parent: Some(snapshot_id.clone()),
+        kms_key_arn: None,
+        base_readable: true,
+        why_no_parent: None,
+    })
+}
+
+/// What only this backend has: the image cache, the working copy and its loop device.
+pub struct Direct {
+    cache: ImageCache,
+    upload: UploadPlan,
+    base_image: Option<CachedImage>,
+    working_copy: Option<PathBuf>,
+    remove_copy: Option<UndoId>,
+    loop_device: Option<PathBuf>,
+    release_loop: Option<UndoId>,
+}
+
+impl Direct {
+    pub fn new(cache: ImageCache, upload: UploadPlan) -> Direct {
+        Direct {
+            cache,
+            upload,
+            base_image: None,
+            working_copy: None,
+            remove_copy: None,
+            loop_device: None,
+            release_loop: None,
+        }
+    }
+}
+
+impl Backend for Direct {
+    fn device_release(&self) -> Option<UndoId> {
+        self.release_loop
+    }
+}
+
+fn size_bytes(s: &BakeState<Direct>) -> u64 {
+    let gib = s
+        .plan
+        .volume_size_gb
+        .unwrap_or(0)
+        .max(s.base.root_volume_size_gb);
+    (gib.max(1) as u64) << 30
+}
+
+fn mib(blocks: usize) -> f64 {
+    (blocks * BLOCK_SIZE) as f64 / f64::from(1u32 << 20)
+}
+
+pub struct FetchBaseImage;
+
+#[async_trait]
+impl Step<BakeState<Direct>> for FetchBaseImage {
+    fn name(&self) -> &'static str {
+        "fetch base image"
+    }
+    async fn run(&self, s: &mut BakeState<Direct>, ctx: &mut StepContext) -> Result<(), StepError> {
+        let snapshot_id = s.base.root_snapshot_id.clone();
+        if let Some(why) = &s.backend.upload.why_no_parent {
+            ctx.progress.note(why.clone());
+        }
+        if let Some(entry) = s.backend.cache.entry(&snapshot_id) {
+            ctx.progress.note(format!(
+                "{snapshot_id} from the cache in {} ({} blocks; none downloaded)",
+                s.backend.cache.dir().display(),
+                entry.digests.0.len()
+            ));
+            s.backend.base_image = Some(entry);
+            return Ok(());
+        }
+        let copy = if s.backend.upload.base_readable {
+            None
+        } else {
+            Some(copy_for_reading(s, &snapshot_id, ctx).await?)
+        };
+        let read_from = copy
+            .as_ref()
+            .map_or(snapshot_id.as_str(), |(id, _)| id.as_str());
+        let progress = ctx.progress.clone();
+        let on_block = move |done: usize, total: usize| {
+            progress.advance(
+                (done * BLOCK_SIZE) as u64,
+                Some((total * BLOCK_SIZE) as u64),
+                Unit::Bytes,
+                None,
+            )
+        };
+        let fetched = s
+            .backend
+            .cache
+            .fetch(&s.clients, &snapshot_id, read_from, &on_block, &ctx.cancel)
+            .await;
+        let entry = match fetched {
+            Ok(entry) => entry,
+            Err(CacheError::Interrupted { .. }) => return Err(StepError::Interrupted),
+            Err(e) => return Err(failed(e)),
+        };
+        ctx.progress.note(format!(
+            "downloaded {} blocks ({:.0} MiB) of {snapshot_id} into the cache in {}",
+            entry.downloaded,
+            mib(entry.downloaded),
+            s.backend.cache.dir().display()
+        ));
+        s.backend.base_image = Some(entry);
+        if let Some((_, delete_copy)) = copy {
+            ctx.undo
+                .release(delete_copy)
+                .await
+                .map_err(|left| failed(left.to_string()))?;
+        }
+        Ok(())
+    }
+}
+
+/// A copy of a snapshot this account does not own, which the EBS direct APIs will serve;
+/// it goes once its blocks are in the cache.
+async fn copy_for_reading(
+    s: &BakeState<Direct>,
+    snapshot_id: &str,
+    ctx: &mut StepContext,
+) -> Result<(String, UndoId), StepError> {
+    let out = s
+        .clients
+        .ec2
+        .copy_snapshot()
+        .source_snapshot_id(snapshot_id)
+        .source_region(&s.clients.region)
+        .description(format!(
+            "amibake build {}: {snapshot_id}, copied to be read",
+            s.build_id
+        ))
+        .tag_specifications(
+            TagSpecification::builder()
+                .resource_type(ResourceType::Snapshot)
+                .set_tags(Some(tags(&[
+                    ("Name", &format!("amibake copy of {snapshot_id}")),
+                    (TAG_BUILD_ID, &s.build_id),
+                ])))
+                .build(),
+        )
+        .send()
+        .await
+        .map_err(|e| failed(AwsError::new(format!("copy {snapshot_id}"), &e)))?;
+    let copy = out
+        .snapshot_id()
+        .ok_or_else(|| failed("CopySnapshot returned no snapshot id"))?
+        .to_string();
+    let delete = undo_with(
+        ctx,
+        &s.clients,
+        copy.clone(),
+        &copy,
+        "delete snapshot",
+        Keep::Never,
+        resources::delete_snapshot,
+    );
+    ctx.progress.note(format!(
+        "{copy}: a copy of {snapshot_id} this account can read"
+    ));
+    wait_snapshot(&s.clients, &copy, &ctx.cancel, &ctx.progress)
+        .await
+        .map_err(waited)?;
+    Ok((copy, delete))
+}
+
+pub struct CopyBaseImage;
+
+#[async_trait]
+impl Step<BakeState<Direct>> for CopyBaseImage {
+    fn name(&self) -> &'static str {
+        "copy base image"
+    }
+    async fn run(&self, s: &mut BakeState<Direct>, ctx: &mut StepContext) -> Result<(), StepError> {
+        let entry = earlier(&s.backend.base_image, "base image")?;
+        let (path, copied) = s
+            .backend
+            .cache
+            .working_copy(&entry, &s.build_id, size_bytes(s))
+            .map_err(failed)?;
+        let p = path.clone();
+        s.backend.remove_copy = Some(ctx.undo.push(
+            path.display().to_string(),
+            "remove the working copy",
+            Keep::Never,
+            move || {
+                let p = p.clone();
+                async move {
+                    match std::fs::remove_file(&p) {
+                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+                        _ => Ok(()),
+                    }
+                }
+            },
+        ));
+        ctx.progress.note(format!(
+            "working copy {} ({})",
+            path.display(),
+            match copied {
+                CopiedBy::Reflink => "its extents shared with the cache's",
+                CopiedBy::Extents => "its data copied, holes kept",
+            }
+        ));
+        s.backend.working_copy = Some(path);
+        Ok(())
+    }
+}
+
+pub struct AttachLoopDevice;
+
+#[async_trait]
+impl Step<BakeState<Direct>> for AttachLoopDevice {
+    fn name(&self) -> &'static str {
+        "attach loop device"
+    }
+    async fn run(&self, s: &mut BakeState<Direct>, ctx: &mut StepContext) -> Result<(), StepError> {
+        let copy = earlier(&s.backend.working_copy, "working copy")?;
+        let wanted = s.plan.root_partition;
+        let c = copy.clone();
+        let extent = tokio::task::spawn_blocking(move || disk_image::root_extent(&c, wanted))
+            .await
+            .map_err(failed)?
+            .map_err(failed)?;
+        let c = copy.clone();
+        let device = tokio::task::spawn_blocking(move || loop_device::attach(&c, extent))
+            .await
+            .map_err(failed)?
+            .map_err(failed)?;
+        let d = device.clone();
+        s.backend.release_loop = Some(ctx.undo.push(
+            device.display().to_string(),
+            "detach loop device",
+            Keep::Never,
+            move || {
+                let d = d.clone();
+                async move {
+                    tokio::task::spawn_blocking(move || loop_device::detach(&d)).await??;
+                    Ok(())
+                }
+            },
+        ));
+        // The copy goes once the kernel has let go of it (and is removed even if not).
+        if let (Some(remove), Some(release)) = (s.backend.remove_copy, s.backend.release_loop) {
+            ctx.undo.order(remove, release);
+        }
+        ctx.progress.note(match extent {
+            Some(e) => format!(
+                "root filesystem on {} (the partition at {} MiB of {})",
+                device.display(),
+                e.offset >> 20,
+                copy.display()
+            ),
+            None => format!(
+                "root filesystem on {} ({})",
+                device.display(),
+                copy.display()
+            ),
+        });
+        s.backend.loop_device = Some(device.clone());
+        s.root_device = Some(device);
+        Ok(())
+    }
+}
+
+/// Detaches the loop device before the upload reads the copy, through the undo entry the
+/// cleanup would run.
+pub struct DetachLoopDevice;
+
+#[async_trait]
+impl Step<BakeState<Direct>> for DetachLoopDevice {
+    fn name(&self) -> &'static str {
+        "detach loop device"
+    }
+    async fn run(&self, s: &mut BakeState<Direct>, ctx: &mut StepContext) -> Result<(), StepError> {
+        if let Some(id) = s.backend.release_loop.take() {
+            ctx.undo
+                .release(id)
+                .await
+                .map_err(|left| failed(left.to_string()))?;
+        }
+        s.backend.loop_device = None;
+        Ok(())
+    }
+}
+
+pub struct UploadSnapshot;
+
+#[async_trait]
+impl Step<BakeState<Direct>> for UploadSnapshot {
+    fn name(&self) -> &'static str {
+        "upload snapshot"
+    }
+    async fn run(&self, s: &mut BakeState<Direct>, ctx: &mut StepContext) -> Result<(), StepError> {
+        let copy = earlier(&s.backend.working_copy, "working copy")?;
+        let base = earlier(&s.backend.base_image, "base image")?;
+        let upload = s.backend.upload.clone();
+        let parent_digests = upload.parent.as_ref().map(|_| base.digests.clone());
+        let c = copy.clone();
+        let changed = tokio::task::spawn_blocking(move || {
+            disk_image::changed_blocks(&c, parent_digests.as_ref())
+        })
+        .await
+        .map_err(failed)?
+        .map_err(|e| failed(format!("read {}: {e}", copy.display())))?;
+        let new = NewSnapshot {
+            volume_size_gib: size_bytes(s) >> 30,
+            parent: upload.parent.clone(),
+            kms_key_arn: upload.kms_key_arn.clone(),
+            description: format!(
+                "{} root, baked by amibake build {}",
+                s.plan.name, s.build_id
+            ),
+            client_token: format!("{}-snapshot", s.build_id),
+            tags: s
+                .artifact_tags()
+                .iter()
+                .map(|t| {
+                    (
+                        t.key().unwrap_or_default().to_string(),
+                        t.value().unwrap_or_default().to_string(),
+                    )
+                })
+                .collect(),
+        };
+        let snapshot_id = ebs::start_snapshot(&s.clients, &new)
+            .await
+            .map_err(failed)?;
+        s.snapshot_id = Some(snapshot_id.clone());
+        s.delete_snapshot = Some(undo_with(
+            ctx,
+            &s.clients,
+            snapshot_id.clone(),
+            &snapshot_id,
+            "delete snapshot",
+            Keep::OnSuccess,
+            resources::delete_snapshot,
+        ));
+        put_blocks(s, &snapshot_id, &copy, &changed, ctx).await?;
+        let checksum = ebs::linear_checksum(changed.iter().map(|c| &c.digest));
+        ebs::complete_snapshot(&s.clients, &snapshot_id, changed.len(), &checksum)
+            .await
+            .map_err(failed)?;
+        ctx.progress.note(match &upload.parent {
+            Some(parent) => format!(
+                "{} blocks ({:.0} MiB) put into {snapshot_id}, the rest of it {parent}'s",
+                changed.len(),
+                mib(changed.len())
+            ),
+            None => format!(
+                "{} blocks ({:.0} MiB) put into {snapshot_id}, every block holding data",
+                changed.len(),
+                mib(changed.len())
+            ),
+        });
+        wait_snapshot(&s.clients, &snapshot_id, &ctx.cancel, &ctx.progress)
+            .await
+            .map_err(waited)
+    }
+}
+
+/// Puts `changed` blocks of `image`, `PUT_CONCURRENCY` at a time, each read when its turn
+/// comes so memory stays flat whatever the image holds.
+async fn put_blocks(
+    s: &BakeState<Direct>,
+    snapshot_id: &str,
+    image: &std::path::Path,
+    changed: &[disk_image::ChangedBlock],
+    ctx: &mut StepContext,
+) -> Result<(), StepError> {
+    let file = std::sync::Arc::new(
+        std::fs::File::open(image).map_err(|e| failed(format!("open {}: {e}", image.display())))?,
+    );
+    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(PUT_CONCURRENCY));
+    let mut tasks = tokio::task::JoinSet::new();
+    for block in changed.iter().copied() {
+        let (clients, snapshot_id) = (s.clients.clone(), snapshot_id.to_string());
+        let (file, permits) = (file.clone(), permits.clone());
+        tasks.spawn(async move {
+            let _permit = permits.acquire_owned().await.expect("never closed");
+            let data = tokio::task::spawn_blocking(move || {
+                let mut buf = vec![0u8; BLOCK_SIZE];
+                disk_image::read_block(&file, block.index, &mut buf).map(|()| buf)
+            })
+            .await
+            .expect("a read does not panic")
+            .map_err(|e| failed(format!("read block {}: {e}", block.index)))?;
+            ebs::put_block(&clients, &snapshot_id, block.index, data, &block.digest)
+                .await
+                .map_err(failed)
+        });
+    }
+    let total = (changed.len() * BLOCK_SIZE) as u64;
+    let mut done = 0u64;
+    loop {
+        let next = tokio::select! {
+            next = tasks.join_next() => next,
+            _ = ctx.cancel.cancelled() => {
+                tasks.abort_all();
+                return Err(StepError::Interrupted);
+            }
+        };
+        let Some(joined) = next else {
+            return Ok(());
+        };
+        joined.map_err(failed)??;
+        done += BLOCK_SIZE as u64;
+        ctx.progress.advance(done, Some(total), Unit::Bytes, None);
+    }
+}

@@ -1,0 +1,483 @@
+//! `amibake bake` with the `direct` backend, end to end through the real binary against the
+//! local cloud's EBS direct APIs: no instance metadata, no volume, only changed blocks put,
+//! the cache, a base this account does not own, and failures that leave nothing.
+
+mod util;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use util::localcloud::LocalCloud;
+use util::tarballs::{assert_composer_like_at, composer_like, gzip};
+use util::Run;
+
+const PARTITION_1_OFFSET: u64 = 2048 * 512;
+/// A port nothing listens on: this machine has no instance metadata.
+const NO_IMDS: &str = "http://127.0.0.1:9";
+
+struct Story {
+    cloud: LocalCloud,
+    dir: tempfile::TempDir,
+    files: BTreeMap<String, Vec<u8>>,
+    runtime: tokio::runtime::Runtime,
+    clients: amibake::aws::Clients,
+}
+
+impl Story {
+    fn new() -> Story {
+        let cloud = LocalCloud::start("quick");
+        let dir = tempfile::tempdir().unwrap();
+        let (tar, files) = composer_like();
+        std::fs::write(dir.path().join("app.tar.gz"), gzip(&tar)).unwrap();
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let clients = runtime.block_on(cloud.clients());
+        Story {
+            cloud,
+            dir,
+            files,
+            runtime,
+            clients,
+        }
+    }
+
+    fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn cache(&self) -> PathBuf {
+        self.dir().join("cache")
+    }
+
+    fn template(&self, name: &str, base_ami: &str) {
+        let text = format!(
+            "[bake]\nname = \"shop-${{commit}}-${{timestamp}}-{name}\"\nbase_ami = \"{base_ami}\"\n\
+             dest = \"/var/www/shop\"\nowner = \"www-data\"\ntags = {{ team = \"web\" }}\n\n\
+             [[bake.provisioner]]\ninline = [\"echo ${{commit}} > /var/www/shop/REVISION\"]\n"
+        );
+        std::fs::write(self.dir().join(format!("{name}.toml")), text).unwrap();
+    }
+
+    /// `amibake bake` on a machine with no instance metadata, caching in `cache()`.
+    fn bake(&self, template: &str, extra: &[&str]) -> Run {
+        let output = self
+            .cloud
+            .amibake(self.dir())
+            .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", NO_IMDS)
+            .env("XDG_CACHE_HOME", self.dir())
+            .args(["bake", template, "--tarball", "app.tar.gz"])
+            .args(extra)
+            .output()
+            .unwrap();
+        Run {
+            command: format!("amibake bake {template} {extra:?}"),
+            output,
+        }
+    }
+
+    fn root_snapshot(&self, ami: &str) -> String {
+        let images = self
+            .runtime
+            .block_on(self.clients.ec2.describe_images().image_ids(ami).send())
+            .unwrap();
+        images.images()[0].block_device_mappings()[0]
+            .ebs()
+            .unwrap()
+            .snapshot_id()
+            .unwrap()
+            .to_string()
+    }
+
+    /// A base AMI of this account (as `amibake base` makes them) from a vendor AMI: the
+    /// vendor's root through a volume into a snapshot of our own, with the vendor's layout.
+    fn owned_base(&self, kind: &str) -> String {
+        let vendor = self.cloud.ls()["vendor_amis"][kind]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let vendor_snapshot = self.root_snapshot(&vendor);
+        let ec2 = &self.clients.ec2;
+        let progress = amibake::engine::Progress::new(
+            std::sync::Arc::new(amibake::engine::render::PlainLines::new(
+                Box::new(std::io::sink()),
+                false,
+            )),
+            "",
+        );
+        let never = tokio_util::sync::CancellationToken::new();
+        self.runtime.block_on(async {
+            let volume = ec2
+                .create_volume()
+                .snapshot_id(&vendor_snapshot)
+                .availability_zone("us-east-1a")
+                .send()
+                .await
+                .unwrap();
+            let volume_id = volume.volume_id().unwrap().to_string();
+            amibake::aws::resources::wait_volume(
+                &self.clients,
+                &volume_id,
+                "available",
+                &never,
+                &progress,
+            )
+            .await
+            .unwrap();
+            let snapshot = ec2
+                .create_snapshot()
+                .volume_id(&volume_id)
+                .send()
+                .await
+                .unwrap();
+            let snapshot_id = snapshot.snapshot_id().unwrap().to_string();
+            amibake::aws::resources::wait_snapshot(&self.clients, &snapshot_id, &never, &progress)
+                .await
+                .unwrap();
+            ec2.delete_volume()
+                .volume_id(&volume_id)
+                .send()
+                .await
+                .unwrap();
+            let ebs = aws_sdk_ec2::types::EbsBlockDevice::builder()
+                .snapshot_id(&snapshot_id)
+                .volume_size(8)
+                .delete_on_termination(true)
+                .build();
+            let image = ec2
+                .register_image()
+                .name(format!("shop-base-{kind}"))
+                .architecture(aws_sdk_ec2::types::ArchitectureValues::X8664)
+                .root_device_name("/dev/xvda")
+                .virtualization_type("hvm")
+                .ena_support(true)
+                .block_device_mappings(
+                    aws_sdk_ec2::types::BlockDeviceMapping::builder()
+                        .device_name("/dev/xvda")
+                        .ebs(ebs)
+                        .build(),
+                )
+                .send()
+                .await
+                .unwrap();
+            let image_id = image.image_id().unwrap().to_string();
+            amibake::aws::resources::wait_image(&self.clients, &image_id, &never, &progress)
+                .await
+                .unwrap();
+            image_id
+        })
+    }
+
+    fn snapshot(&self, id: &str) -> serde_json::Value {
+        self.cloud.ls()["snapshots"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["id"] == id)
+            .cloned()
+            .unwrap_or_else(|| panic!("no snapshot {id}"))
+    }
+
+    fn snapshot_ids(&self) -> BTreeSet<String> {
+        ids(&self.cloud.ls()["snapshots"])
+    }
+
+    fn image_ids(&self) -> BTreeSet<String> {
+        ids(&self.cloud.ls()["images"])
+    }
+
+    /// The baked image holds the tarball byte for byte, and the provisioner's output.
+    fn assert_holds_the_app(&self, snapshot: &str, offset: u64, commit: &str) {
+        let image = self.cloud.mount_snapshot(snapshot, self.dir(), offset);
+        let app = image.root.join("var/www/shop");
+        assert_composer_like_at(&app, &self.files, 33);
+        assert_eq!(
+            std::fs::read_to_string(app.join("REVISION")).unwrap(),
+            format!("{commit}\n")
+        );
+        assert!(
+            std::fs::read_to_string(image.root.join("etc/debian_version"))
+                .unwrap()
+                .starts_with("12."),
+            "the base's files are there too"
+        );
+        drop(image);
+        let _ = std::fs::remove_file(self.dir().join(format!("{snapshot}.img")));
+    }
+
+    /// No loop device over anything of this test, no mount of a bake, nothing half-made in
+    /// the cache.
+    fn assert_nothing_left_here(&self) {
+        let loops = std::process::Command::new("losetup")
+            .args(["--list", "--noheadings", "--output", "BACK-FILE"])
+            .output()
+            .unwrap();
+        let loops = String::from_utf8_lossy(&loops.stdout);
+        let dir = self.dir().to_string_lossy().into_owned();
+        assert!(
+            !loops.lines().any(|l| l.contains(&dir)),
+            "a loop device is left over this test's files:\n{loops}"
+        );
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+        assert!(
+            !mounts.lines().any(|l| l.contains("/amibake-ab-")),
+            "a bake mount is left:\n{mounts}"
+        );
+        for entry in std::fs::read_dir(self.cache().join("amibake"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            assert!(
+                !name.starts_with('.'),
+                "the cache holds {name}: a partial entry or a working copy"
+            );
+        }
+        assert_eq!(
+            self.cloud.ls()["volumes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|v| v["attached_to"] != self.cloud.build_host())
+                .count(),
+            0,
+            "no volume is made"
+        );
+    }
+
+    fn calls_since(&self, before: usize) -> Vec<serde_json::Value> {
+        self.cloud.calls()[before..].to_vec()
+    }
+}
+
+fn ids(list: &serde_json::Value) -> BTreeSet<String> {
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn manifest(run: &Run) -> serde_json::Value {
+    serde_json::from_str(run.stdout().lines().last().expect("a manifest line"))
+        .unwrap_or_else(|e| panic!("{e}\n{}", run.dump()))
+}
+
+fn count(calls: &[serde_json::Value], action: &str) -> usize {
+    calls.iter().filter(|c| c["action"] == action).count()
+}
+
+fn ok_count(calls: &[serde_json::Value], action: &str) -> usize {
+    calls
+        .iter()
+        .filter(|c| c["action"] == action && c["status"].as_u64().is_some_and(|s| s < 300))
+        .count()
+}
+
+#[test]
+fn direct_bakes_without_imds_or_volumes_and_puts_only_changed_blocks() {
+    let story = Story::new();
+    let base = story.owned_base("partitioned");
+    let base_snapshot = story.root_snapshot(&base);
+    story.template("owned", &base);
+
+    // 1. No instance metadata: `direct` is chosen, and a cold cache is filled.
+    let before = story.cloud.calls().len();
+    let run = story.bake("owned.toml", &["--commit", "c0ffee1"]);
+    run.expect_code(0);
+    assert!(
+        run.stderr()
+            .contains("backend direct: no instance metadata"),
+        "the choice is said\n{}",
+        run.dump()
+    );
+    let m = manifest(&run);
+    assert_eq!(m["backend"], "direct");
+    let calls = story.calls_since(before);
+    for action in [
+        "CreateVolume",
+        "AttachVolume",
+        "DetachVolume",
+        "CreateSnapshot",
+    ] {
+        assert_eq!(count(&calls, action), 0, "no {action}: {calls:?}");
+    }
+    assert!(ok_count(&calls, "GetSnapshotBlock") > 0, "the base is read");
+    let snapshot = m["snapshot_id"].as_str().unwrap();
+    let described = story.snapshot(snapshot);
+    assert_eq!(described["parent"], base_snapshot.as_str(), "{described}");
+    assert_eq!(described["tags"]["amibake:build-id"], m["build_id"]);
+    assert_eq!(described["tags"]["team"], "web");
+    let changed: usize = String::from_utf8(
+        story
+            .cloud
+            .cli(&["changed-blocks", &base_snapshot, snapshot])
+            .stdout,
+    )
+    .unwrap()
+    .trim()
+    .parse()
+    .unwrap();
+    let puts = ok_count(&calls, "PutSnapshotBlock");
+    assert!(
+        puts > 0 && puts <= changed,
+        "{puts} blocks put, {changed} blocks differ"
+    );
+    story.assert_holds_the_app(snapshot, PARTITION_1_OFFSET, "c0ffee1");
+    story.assert_nothing_left_here();
+
+    // 2. The next bake on that base downloads nothing.
+    let before = story.cloud.calls().len();
+    let again = story.bake("owned.toml", &["--commit", "c0ffee2"]);
+    again.expect_code(0);
+    let calls = story.calls_since(before);
+    assert_eq!(count(&calls, "GetSnapshotBlock"), 0, "{calls:?}");
+    assert_eq!(count(&calls, "ListSnapshotBlocks"), 0);
+    let m2 = manifest(&again);
+    assert_eq!(
+        story.snapshot(m2["snapshot_id"].as_str().unwrap())["parent"],
+        base_snapshot.as_str()
+    );
+    story.assert_holds_the_app(
+        m2["snapshot_id"].as_str().unwrap(),
+        PARTITION_1_OFFSET,
+        "c0ffee2",
+    );
+
+    // `cache ls` shows the one entry; `cache prune` with an age keeps it, without removes it.
+    let ls = |args: &[&str]| {
+        let out = story
+            .cloud
+            .amibake(story.dir())
+            .env("XDG_CACHE_HOME", story.dir())
+            .args(["cache"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let listed = ls(&["ls"]);
+    assert_eq!(listed["entries"].as_array().unwrap().len(), 1, "{listed}");
+    assert_eq!(listed["entries"][0]["snapshot_id"], base_snapshot.as_str());
+    assert!(listed["entries"][0]["bytes"].as_u64().unwrap() > 1 << 20);
+    assert_eq!(ls(&["prune", "--older-than", "1h"])["kept"], 1);
+    let pruned = ls(&["prune"]);
+    assert_eq!(pruned["removed"][0][0], base_snapshot.as_str(), "{pruned}");
+    assert_eq!(ls(&["ls"])["entries"].as_array().unwrap().len(), 0);
+
+    // 3. An unpartitioned base: the whole disk is the root filesystem.
+    let flat = story.owned_base("flat");
+    story.template("flat", &flat);
+    let run = story.bake("flat.toml", &["--commit", "c0ffee3", "--backend", "direct"]);
+    run.expect_code(0);
+    let m3 = manifest(&run);
+    assert_eq!(
+        story.snapshot(m3["snapshot_id"].as_str().unwrap())["parent"],
+        story.root_snapshot(&flat).as_str()
+    );
+    story.assert_holds_the_app(m3["snapshot_id"].as_str().unwrap(), 0, "c0ffee3");
+    story.assert_nothing_left_here();
+
+    // 4. The vendor's public base, which EBS direct does not serve: read through a copy,
+    //    which goes, and uploaded whole with no parent.
+    let vendor = story.cloud.ls()["vendor_amis"]["partitioned"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    story.template("vendor", &vendor);
+    let snapshots_before = story.snapshot_ids();
+    let before = story.cloud.calls().len();
+    let run = story.bake("vendor.toml", &["--commit", "c0ffee4"]);
+    run.expect_code(0);
+    assert!(
+        run.stderr()
+            .contains("every block is uploaded with no parent"),
+        "{}",
+        run.dump()
+    );
+    let m4 = manifest(&run);
+    let calls = story.calls_since(before);
+    assert_eq!(ok_count(&calls, "CopySnapshot"), 1);
+    let snapshot = m4["snapshot_id"].as_str().unwrap();
+    assert_eq!(story.snapshot(snapshot)["parent"], serde_json::Value::Null);
+    let new: Vec<String> = story
+        .snapshot_ids()
+        .difference(&snapshots_before)
+        .cloned()
+        .collect();
+    assert_eq!(new, [snapshot.to_string()], "the copy is gone");
+    story.assert_holds_the_app(snapshot, PARTITION_1_OFFSET, "c0ffee4");
+    story.assert_nothing_left_here();
+}
+
+#[test]
+fn direct_failures_leave_nothing_and_throttling_is_ridden_out() {
+    let story = Story::new();
+    let base = story.owned_base("partitioned");
+    story.template("owned", &base);
+    // (service, action, calls let through first, step named, whether the cache must be cold)
+    let faults: [(&str, &str, u32, Option<&str>, bool); 8] = [
+        ("sts", "GetCallerIdentity", 0, None, true),
+        ("ec2", "DescribeSnapshots", 0, None, true),
+        (
+            "ebs",
+            "ListSnapshotBlocks",
+            0,
+            Some("fetch base image"),
+            true,
+        ),
+        ("ebs", "GetSnapshotBlock", 5, Some("fetch base image"), true),
+        ("ebs", "StartSnapshot", 0, Some("upload snapshot"), false),
+        ("ebs", "PutSnapshotBlock", 3, Some("upload snapshot"), false),
+        ("ebs", "CompleteSnapshot", 0, Some("upload snapshot"), false),
+        ("ec2", "RegisterImage", 0, Some("register image"), false),
+    ];
+    let mut commit = 0;
+    for (service, action, after, step, cold) in faults {
+        if cold {
+            let _ = std::fs::remove_dir_all(story.cache());
+        }
+        let (snapshots, images) = (story.snapshot_ids(), story.image_ids());
+        let cause = story.cloud.fail_once(service, action, after);
+        commit += 1;
+        let run = story.bake("owned.toml", &["--commit", &format!("bad{commit:04}")]);
+        run.expect_failure(&cause, step);
+        assert_eq!(story.snapshot_ids(), snapshots, "after a fault in {action}");
+        assert_eq!(story.image_ids(), images, "after a fault in {action}");
+        story.assert_nothing_left_here();
+        if step == Some("fetch base image") {
+            let entries = std::fs::read_dir(story.cache().join("amibake"))
+                .map(|d| d.count())
+                .unwrap_or(0);
+            assert_eq!(entries, 0, "a failed fetch leaves no entry");
+        }
+    }
+
+    // A third of every call throttled: the SDK's retries ride it out, cold cache and all.
+    let _ = std::fs::remove_dir_all(story.cache());
+    story.cloud.cli(&["fault", "--throttle", "30"]);
+    let before = story.cloud.calls().len();
+    let run = story.bake("owned.toml", &["--commit", "throttled"]);
+    story.cloud.cli(&["fault", "--throttle", "0"]);
+    run.expect_code(0);
+    let throttled = story
+        .calls_since(before)
+        .iter()
+        .filter(|c| c["code"] == "RequestThrottledException")
+        .count();
+    assert!(
+        throttled > 10,
+        "throttling was on: {throttled} calls throttled"
+    );
+    let m = manifest(&run);
+    story.assert_holds_the_app(
+        m["snapshot_id"].as_str().unwrap(),
+        PARTITION_1_OFFSET,
+        "throttled",
+    );
+    story.assert_nothing_left_here();
+}
