@@ -96,6 +96,15 @@ where
     })
 }
 
+/// Runs an undo entry now, as part of a step (a detach before the snapshot, an unmount),
+/// so the cleanup does not run it again; a failure is the step's.
+pub async fn undo_now(ctx: &mut StepContext, id: UndoId) -> Result<(), StepError> {
+    ctx.undo
+        .release(id)
+        .await
+        .map_err(|left| failed(left.to_string()))
+}
+
 /// Runs the provisioners through `comm` as a step does: an interrupt is the run's interrupt.
 pub async fn provision(
     comm: &dyn Communicator,

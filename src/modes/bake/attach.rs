@@ -17,7 +17,7 @@ use crate::aws::resources::{self, wait_snapshot, wait_volume};
 use crate::aws::{filter, AwsError};
 use crate::engine::{Keep, Step, StepContext, StepError, UndoId};
 use crate::host::device::{self, DeviceName};
-use crate::modes::support::{earlier, failed, tags, undo_with, waited};
+use crate::modes::support::{earlier, failed, tags, undo_now, undo_with, waited};
 
 /// The steps, in order: a bake on a build host reads as this list.
 pub fn steps() -> Vec<Box<dyn Step<BakeState<Attach>>>> {
@@ -228,10 +228,7 @@ impl Step<BakeState<Attach>> for DetachVolume {
     }
     async fn run(&self, s: &mut BakeState<Attach>, ctx: &mut StepContext) -> Result<(), StepError> {
         if let Some(id) = s.backend.detach.take() {
-            ctx.undo
-                .release(id)
-                .await
-                .map_err(|left| failed(left.to_string()))?;
+            undo_now(ctx, id).await?;
         }
         s.backend.device_name = None;
         Ok(())

@@ -21,7 +21,7 @@ use crate::engine::{Keep, Step, StepContext, StepError, UndoId, Unit};
 use crate::host::disk_image::{self, CopiedBy};
 use crate::host::image_cache::{CacheError, CachedImage, ImageCache};
 use crate::host::loop_device;
-use crate::modes::support::{earlier, failed, tags, undo_with, waited};
+use crate::modes::support::{earlier, failed, tags, undo_now, undo_with, waited};
 
 /// PutSnapshotBlock calls in flight at once: EBS serves 1,000 a second per snapshot.
 const PUT_CONCURRENCY: usize = 32;
@@ -127,7 +127,6 @@ pub struct Direct {
     base_image: Option<CachedImage>,
     working_copy: Option<PathBuf>,
     remove_copy: Option<UndoId>,
-    loop_device: Option<PathBuf>,
     release_loop: Option<UndoId>,
 }
 
@@ -139,7 +138,6 @@ impl Direct {
             base_image: None,
             working_copy: None,
             remove_copy: None,
-            loop_device: None,
             release_loop: None,
         }
     }
@@ -220,10 +218,7 @@ impl Step<BakeState<Direct>> for FetchBaseImage {
         ));
         s.backend.base_image = Some(entry);
         if let Some((_, delete_copy)) = copy {
-            ctx.undo
-                .release(delete_copy)
-                .await
-                .map_err(|left| failed(left.to_string()))?;
+            undo_now(ctx, delete_copy).await?;
         }
         Ok(())
     }
@@ -372,7 +367,6 @@ impl Step<BakeState<Direct>> for AttachLoopDevice {
                 copy.display()
             ),
         });
-        s.backend.loop_device = Some(device.clone());
         s.root_device = Some(device);
         Ok(())
     }
@@ -389,12 +383,8 @@ impl Step<BakeState<Direct>> for DetachLoopDevice {
     }
     async fn run(&self, s: &mut BakeState<Direct>, ctx: &mut StepContext) -> Result<(), StepError> {
         if let Some(id) = s.backend.release_loop.take() {
-            ctx.undo
-                .release(id)
-                .await
-                .map_err(|left| failed(left.to_string()))?;
+            undo_now(ctx, id).await?;
         }
-        s.backend.loop_device = None;
         Ok(())
     }
 }

@@ -11,7 +11,7 @@ use aws_sdk_ec2::types::{
 };
 
 use crate::modes::support::{
-    created_or_found, earlier, failed, provision, tags, undo_with, waited,
+    created_or_found, earlier, failed, provision, tags, undo_now, undo_with, waited,
 };
 
 use super::{Backend, BakeState};
@@ -194,10 +194,7 @@ impl<B: Backend> Step<BakeState<B>> for UnmountImage {
             .into_iter()
             .flatten()
         {
-            ctx.undo
-                .release(id)
-                .await
-                .map_err(|left| failed(left.to_string()))?;
+            undo_now(ctx, id).await?;
         }
         Ok(())
     }
