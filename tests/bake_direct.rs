@@ -44,8 +44,10 @@ impl Story {
         self.dir.path()
     }
 
+    /// The cache every bake here uses: `$XDG_CACHE_HOME/amibake`, with XDG_CACHE_HOME the
+    /// test's directory.
     fn cache(&self) -> PathBuf {
-        self.dir().join("cache")
+        self.dir().join("amibake")
     }
 
     fn template(&self, name: &str, base_ami: &str) {
@@ -221,7 +223,7 @@ impl Story {
             !mounts.lines().any(|l| l.contains("/amibake-ab-")),
             "a bake mount is left:\n{mounts}"
         );
-        for entry in std::fs::read_dir(self.cache().join("amibake"))
+        for entry in std::fs::read_dir(self.cache())
             .into_iter()
             .flatten()
             .flatten()
@@ -450,7 +452,7 @@ fn direct_failures_leave_nothing_and_throttling_is_ridden_out() {
         assert_eq!(story.image_ids(), images, "after a fault in {action}");
         story.assert_nothing_left_here();
         if step == Some("fetch base image") {
-            let entries = std::fs::read_dir(story.cache().join("amibake"))
+            let entries = std::fs::read_dir(story.cache())
                 .map(|d| d.count())
                 .unwrap_or(0);
             assert_eq!(entries, 0, "a failed fetch leaves no entry");
