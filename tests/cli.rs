@@ -244,8 +244,29 @@ fn bake_refuses_an_invalid_template_with_exit_2() {
     );
 }
 
+/// `--backend attach` needs an EC2 build host, and says so when this is none.
 #[test]
-fn bake_off_a_build_host_says_it_needs_one() {
+fn bake_attach_off_a_build_host_says_it_needs_one() {
+    let run = amibake(&[
+        "bake",
+        "templates/shop.toml",
+        "--tarball",
+        "Cargo.toml",
+        "--commit",
+        "abc1234",
+        "--backend",
+        "attach",
+    ]);
+    run.expect_code(1);
+    let wanted = "error: cannot read /latest/meta-data/instance-id from the instance metadata service (IMDSv2); `amibake bake` runs on an EC2 build host";
+    assert!(run.stderr().starts_with(wanted), "{}", run.dump());
+}
+
+/// Without `--backend`, a machine whose metadata service does not answer bakes with the
+/// `direct` backend: it asks no build host of IMDS and goes on to resolve the base (which
+/// fails here, with no AWS to reach).
+#[test]
+fn bake_off_a_build_host_goes_on_without_one() {
     let run = amibake(&[
         "bake",
         "templates/shop.toml",
@@ -255,7 +276,7 @@ fn bake_off_a_build_host_says_it_needs_one() {
         "abc1234",
     ]);
     run.expect_code(1);
-    let wanted = "error: cannot read /latest/meta-data/instance-id from the instance metadata service (IMDSv2); `amibake bake` runs on an EC2 build host";
+    let wanted = "error: read SSM parameter /amibake/shop/base failed: dispatch failure";
     assert!(run.stderr().starts_with(wanted), "{}", run.dump());
 }
 
