@@ -44,14 +44,31 @@ impl LocalCloud {
     }
 
     /// amibake's clients for this cloud, configured as a user's would be: from the process
-    /// environment. That environment is the whole test binary's, so a binary that calls this
-    /// holds one test and one cloud.
+    /// environment. That environment is the whole test binary's: the lock keeps two tests'
+    /// clouds from mixing while it is set and read, the clients' construction included (a
+    /// client may read its endpoint then).
     pub async fn clients(&self) -> amibake::aws::Clients {
+        static ENVIRONMENT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _held = ENVIRONMENT.lock().unwrap_or_else(|e| e.into_inner());
         for (key, value) in &self.env {
             std::env::set_var(key, value);
         }
-        let config = amibake::aws::sdk_config(&amibake::aws::AwsOptions::default()).await;
-        amibake::aws::Clients::new(&config).expect("the local cloud names a region")
+        // Built on a thread of its own, so the lock is not held across an await here.
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let config = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .unwrap()
+                        .block_on(amibake::aws::sdk_config(
+                            &amibake::aws::AwsOptions::default(),
+                        ));
+                    amibake::aws::Clients::new(&config).expect("the local cloud names a region")
+                })
+                .join()
+                .unwrap()
+        })
     }
 
     pub fn build_host(&self) -> &str {
@@ -143,12 +160,23 @@ pub struct MountedSnapshot {
     loop_dev: String,
 }
 
+/// How long a detached loop device may take to go: the kernel may finish a detach after
+/// `losetup -d` returns (the last close clears it, in the background).
+const LOOP_GONE_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl Drop for MountedSnapshot {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(&self.root).status();
-        let _ = Command::new("losetup")
-            .args(["-d", &self.loop_dev])
-            .status();
+        let name = self.loop_dev.trim_start_matches("/dev/");
+        let backing = format!("/sys/block/{name}/loop/backing_file");
+        let deadline = std::time::Instant::now() + LOOP_GONE_WITHIN;
+        // Until it is gone, so a test's "nothing left" check that follows sees it gone.
+        while Path::new(&backing).exists() && std::time::Instant::now() < deadline {
+            let _ = Command::new("losetup")
+                .args(["-d", &self.loop_dev])
+                .status();
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
     }
 }
 
