@@ -7,8 +7,9 @@ mod util;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
+use tar::EntryType;
 use util::localcloud::LocalCloud;
-use util::tarballs::{assert_composer_like_at, composer_like, gzip};
+use util::tarballs::{append_raw, assert_composer_like_at, composer_like, gzip, tarball};
 use util::Run;
 
 const PARTITION_1_OFFSET: u64 = 2048 * 512;
@@ -51,28 +52,43 @@ impl Story {
     }
 
     fn template(&self, name: &str, base_ami: &str) {
+        self.template_with(name, base_ami, "");
+    }
+
+    /// `template`, with `bake_lines` added to its [bake] table.
+    fn template_with(&self, name: &str, base_ami: &str, bake_lines: &str) {
         let text = format!(
-            "[bake]\nname = \"shop-${{commit}}-${{timestamp}}-{name}\"\nbase_ami = \"{base_ami}\"\n\
+            "[bake]\n{bake_lines}name = \"shop-${{commit}}-${{timestamp}}-{name}\"\nbase_ami = \"{base_ami}\"\n\
              dest = \"/var/www/shop\"\nowner = \"www-data\"\ntags = {{ team = \"web\" }}\n\n\
              [[bake.provisioner]]\ninline = [\"echo ${{commit}} > /var/www/shop/REVISION\"]\n"
         );
         std::fs::write(self.dir().join(format!("{name}.toml")), text).unwrap();
     }
 
-    /// `amibake bake` on a machine with no instance metadata, caching in `cache()`.
-    fn bake(&self, template: &str, extra: &[&str]) -> Run {
-        let output = self
-            .cloud
-            .amibake(self.dir())
-            .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", NO_IMDS)
+    /// `amibake` against this cloud, caching in `cache()`, its work directories (and so its
+    /// mounts) in this test's directory.
+    fn amibake(&self) -> std::process::Command {
+        let mut command = self.cloud.amibake(self.dir());
+        command
             .env("XDG_CACHE_HOME", self.dir())
+            .env("TMPDIR", self.dir());
+        command
+    }
+
+    /// `amibake bake` on a machine with no instance metadata.
+    fn bake_command(&self, template: &str, extra: &[&str]) -> std::process::Command {
+        let mut command = self.amibake();
+        command
+            .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", NO_IMDS)
             .args(["bake", template, "--tarball", "app.tar.gz"])
-            .args(extra)
-            .output()
-            .unwrap();
+            .args(extra);
+        command
+    }
+
+    fn bake(&self, template: &str, extra: &[&str]) -> Run {
         Run {
             command: format!("amibake bake {template} {extra:?}"),
-            output,
+            output: self.bake_command(template, extra).output().unwrap(),
         }
     }
 
@@ -92,6 +108,11 @@ impl Story {
     /// A base AMI of this account (as `amibake base` makes them) from a vendor AMI: the
     /// vendor's root through a volume into a snapshot of our own, with the vendor's layout.
     fn owned_base(&self, kind: &str) -> String {
+        self.owned_base_encrypted(kind, None)
+    }
+
+    /// `owned_base`, its snapshot encrypted with `key` when there is one.
+    fn owned_base_encrypted(&self, kind: &str, key: Option<&str>) -> String {
         let vendor = self.cloud.ls()["vendor_amis"][kind]
             .as_str()
             .unwrap()
@@ -111,6 +132,8 @@ impl Story {
                 .create_volume()
                 .snapshot_id(&vendor_snapshot)
                 .availability_zone("us-east-1a")
+                .set_encrypted(key.map(|_| true))
+                .set_kms_key_id(key.map(str::to_string))
                 .send()
                 .await
                 .unwrap();
@@ -146,7 +169,10 @@ impl Story {
                 .build();
             let image = ec2
                 .register_image()
-                .name(format!("shop-base-{kind}"))
+                .name(format!(
+                    "shop-base-{kind}{}",
+                    if key.is_some() { "-encrypted" } else { "" }
+                ))
                 .architecture(aws_sdk_ec2::types::ArchitectureValues::X8664)
                 .root_device_name("/dev/xvda")
                 .virtualization_type("hvm")
@@ -205,8 +231,8 @@ impl Story {
         let _ = std::fs::remove_file(self.dir().join(format!("{snapshot}.img")));
     }
 
-    /// No loop device over anything of this test, no mount of a bake, nothing half-made in
-    /// the cache.
+    /// No loop device over anything of this test, no mount of its bakes, nothing half-made
+    /// in the cache.
     fn assert_nothing_left_here(&self) {
         let loops = std::process::Command::new("losetup")
             .args(["--list", "--noheadings", "--output", "BACK-FILE"])
@@ -220,8 +246,8 @@ impl Story {
         );
         let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
         assert!(
-            !mounts.lines().any(|l| l.contains("/amibake-ab-")),
-            "a bake mount is left:\n{mounts}"
+            !mounts.lines().any(|l| l.contains(&dir)),
+            "a mount is left in this test's directory:\n{mounts}"
         );
         for entry in std::fs::read_dir(self.cache())
             .into_iter()
@@ -347,14 +373,7 @@ fn direct_bakes_without_imds_or_volumes_and_puts_only_changed_blocks() {
 
     // `cache ls` shows the one entry; `cache prune` with an age keeps it, without removes it.
     let ls = |args: &[&str]| {
-        let out = story
-            .cloud
-            .amibake(story.dir())
-            .env("XDG_CACHE_HOME", story.dir())
-            .args(["cache"])
-            .args(args)
-            .output()
-            .unwrap();
+        let out = story.amibake().args(["cache"]).args(args).output().unwrap();
         assert!(
             out.status.success(),
             "{}",
@@ -414,6 +433,106 @@ fn direct_bakes_without_imds_or_volumes_and_puts_only_changed_blocks() {
     assert_eq!(new, [snapshot.to_string()], "the copy is gone");
     story.assert_holds_the_app(snapshot, PARTITION_1_OFFSET, "c0ffee4");
     story.assert_nothing_left_here();
+
+    // 5. An encrypted base of the account: with its own key the bake is its child and so
+    //    encrypted with that key; with another key it is uploaded whole, encrypted with the
+    //    template's key, and the run says why.
+    let new_key = || {
+        story
+            .runtime
+            .block_on(story.clients.kms.create_key().send())
+            .unwrap()
+            .key_metadata()
+            .unwrap()
+            .arn()
+            .unwrap()
+            .to_string()
+    };
+    let (base_key, other_key) = (new_key(), new_key());
+    let encrypted = story.owned_base_encrypted("partitioned", Some(&base_key));
+    let encrypted_snapshot = story.root_snapshot(&encrypted);
+    for (name, key, parent, note) in [
+        ("same-key", &base_key, Some(&encrypted_snapshot), None),
+        (
+            "other-key",
+            &other_key,
+            None,
+            Some("bake.kms_key_id is not the key of the base's snapshot"),
+        ),
+    ] {
+        story.template_with(name, &encrypted, &format!("kms_key_id = \"{key}\"\n"));
+        let run = story.bake(&format!("{name}.toml"), &["--commit", "c0ffee5"]);
+        run.expect_code(0);
+        let snapshot = manifest(&run)["snapshot_id"].as_str().unwrap().to_string();
+        let described = story.snapshot(&snapshot);
+        assert_eq!(described["encrypted"], true, "{name}: {described}");
+        assert_eq!(described["kms_key_id"], key.as_str(), "{name}: {described}");
+        assert_eq!(
+            described["parent"].as_str(),
+            parent.map(String::as_str),
+            "{name}: {described}"
+        );
+        if let Some(note) = note {
+            assert!(run.stderr().contains(note), "{name}\n{}", run.dump());
+        }
+        story.assert_holds_the_app(&snapshot, PARTITION_1_OFFSET, "c0ffee5");
+    }
+    story.assert_nothing_left_here();
+
+    // 6. Four bakes at once on this machine, two through the build host's volumes and two
+    //    direct (on a cold cache, which both fill): each image holds its own tarball.
+    let _ = std::fs::remove_dir_all(story.cache());
+    let bakes: Vec<(String, &str)> = (0..4)
+        .map(|i| (format!("twin{i}"), ["attach", "direct"][i % 2]))
+        .collect();
+    let children: Vec<_> = bakes
+        .iter()
+        .map(|(name, backend)| {
+            let tar = tarball(|b| {
+                append_raw(b, EntryType::Regular, "which", None, name.as_bytes());
+                // Its own 3 MiB, so each upload puts blocks of its own.
+                let own: Vec<u8> = (0..3u32 << 20)
+                    .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8 ^ name.as_bytes()[4])
+                    .collect();
+                append_raw(b, EntryType::Regular, "own.bin", None, &own);
+            });
+            std::fs::write(story.dir().join(format!("{name}.tar")), tar).unwrap();
+            story
+                .amibake()
+                .args(["bake", "owned.toml", "--tarball", &format!("{name}.tar")])
+                .args(["--commit", name, "--backend", backend])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for ((name, backend), child) in bakes.iter().zip(children) {
+        let run = Run {
+            command: format!("amibake bake owned.toml --commit {name} --backend {backend}"),
+            output: child.wait_with_output().unwrap(),
+        };
+        run.expect_code(0);
+        let m = manifest(&run);
+        assert_eq!(m["backend"], *backend, "{}", run.dump());
+        let snapshot = m["snapshot_id"].as_str().unwrap();
+        let image = story
+            .cloud
+            .mount_snapshot(snapshot, story.dir(), PARTITION_1_OFFSET);
+        let app = image.root.join("var/www/shop");
+        assert_eq!(
+            std::fs::read_to_string(app.join("which")).unwrap(),
+            *name,
+            "{backend} bake {name} holds its own tarball"
+        );
+        assert_eq!(
+            std::fs::read_to_string(app.join("REVISION")).unwrap(),
+            format!("{name}\n")
+        );
+        drop(image);
+        let _ = std::fs::remove_file(story.dir().join(format!("{snapshot}.img")));
+    }
+    story.assert_nothing_left_here();
 }
 
 #[test]
@@ -421,32 +540,122 @@ fn direct_failures_leave_nothing_and_throttling_is_ridden_out() {
     let story = Story::new();
     let base = story.owned_base("partitioned");
     story.template("owned", &base);
-    // (service, action, calls let through first, step named, whether the cache must be cold)
-    let faults: [(&str, &str, u32, Option<&str>, bool); 8] = [
-        ("sts", "GetCallerIdentity", 0, None, true),
-        ("ec2", "DescribeSnapshots", 0, None, true),
+    let vendor = story.cloud.ls()["vendor_amis"]["partitioned"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    story.template("vendor", &vendor);
+    // A fault at each EC2, STS and EBS direct call of the direct path, in the order a bake
+    // makes them: (template, service, action, calls let through first, step named, whether
+    // the cache must be cold so that the call is made).
+    type Fault = (
+        &'static str,
+        &'static str,
+        &'static str,
+        u32,
+        Option<&'static str>,
+        bool,
+    );
+    let faults: [Fault; 14] = [
+        ("owned", "ec2", "DescribeImages", 0, None, false),
+        ("owned", "sts", "GetCallerIdentity", 0, None, true),
+        ("owned", "ec2", "DescribeSnapshots", 0, None, true),
+        ("owned", "ec2", "GetEbsEncryptionByDefault", 0, None, false),
         (
+            "vendor",
+            "ec2",
+            "CopySnapshot",
+            0,
+            Some("fetch base image"),
+            true,
+        ),
+        // The wait for the copy, after the plan's look at the base's snapshot.
+        (
+            "vendor",
+            "ec2",
+            "DescribeSnapshots",
+            1,
+            Some("fetch base image"),
+            true,
+        ),
+        (
+            "owned",
             "ebs",
             "ListSnapshotBlocks",
             0,
             Some("fetch base image"),
             true,
         ),
-        ("ebs", "GetSnapshotBlock", 5, Some("fetch base image"), true),
-        ("ebs", "StartSnapshot", 0, Some("upload snapshot"), false),
-        ("ebs", "PutSnapshotBlock", 3, Some("upload snapshot"), false),
-        ("ebs", "CompleteSnapshot", 0, Some("upload snapshot"), false),
-        ("ec2", "RegisterImage", 0, Some("register image"), false),
+        (
+            "owned",
+            "ebs",
+            "GetSnapshotBlock",
+            5,
+            Some("fetch base image"),
+            true,
+        ),
+        (
+            "owned",
+            "ebs",
+            "StartSnapshot",
+            0,
+            Some("upload snapshot"),
+            false,
+        ),
+        (
+            "owned",
+            "ebs",
+            "PutSnapshotBlock",
+            3,
+            Some("upload snapshot"),
+            false,
+        ),
+        (
+            "owned",
+            "ebs",
+            "CompleteSnapshot",
+            0,
+            Some("upload snapshot"),
+            false,
+        ),
+        // The wait for the new snapshot, after the plan's look at the base's.
+        (
+            "owned",
+            "ec2",
+            "DescribeSnapshots",
+            1,
+            Some("upload snapshot"),
+            false,
+        ),
+        (
+            "owned",
+            "ec2",
+            "RegisterImage",
+            0,
+            Some("register image"),
+            false,
+        ),
+        // The wait for the image, after the base's description and the fingerprint lookup.
+        (
+            "owned",
+            "ec2",
+            "DescribeImages",
+            2,
+            Some("register image"),
+            false,
+        ),
     ];
     let mut commit = 0;
-    for (service, action, after, step, cold) in faults {
+    for (template, service, action, after, step, cold) in faults {
         if cold {
             let _ = std::fs::remove_dir_all(story.cache());
         }
         let (snapshots, images) = (story.snapshot_ids(), story.image_ids());
-        let cause = story.cloud.fail_once(service, action, after);
         commit += 1;
-        let run = story.bake("owned.toml", &["--commit", &format!("bad{commit:04}")]);
+        let template = format!("{template}.toml");
+        let commit = format!("bad{commit:04}");
+        let cause = story.cloud.fail_once(service, action, after);
+        let run = story.bake(&template, &["--commit", &commit]);
         run.expect_failure(&cause, step);
         assert_eq!(story.snapshot_ids(), snapshots, "after a fault in {action}");
         assert_eq!(story.image_ids(), images, "after a fault in {action}");
@@ -456,6 +665,149 @@ fn direct_failures_leave_nothing_and_throttling_is_ridden_out() {
                 .map(|d| d.count())
                 .unwrap_or(0);
             assert_eq!(entries, 0, "a failed fetch leaves no entry");
+        }
+    }
+
+    // StartSnapshot carried out but its answer lost: the SDK's retry, with the same client
+    // token, answers the snapshot the first attempt started, so the bake makes one snapshot.
+    let snapshots = story.snapshot_ids();
+    story
+        .cloud
+        .cli(&["fault", "StartSnapshot", "--lose-answer"]);
+    let run = story.bake("owned.toml", &["--commit", "lost0001"]);
+    run.expect_code(0);
+    let made: Vec<String> = story
+        .snapshot_ids()
+        .difference(&snapshots)
+        .cloned()
+        .collect();
+    assert_eq!(
+        made,
+        [manifest(&run)["snapshot_id"].as_str().unwrap()],
+        "{}",
+        run.dump()
+    );
+    let ami = manifest(&run)["ami_id"].as_str().unwrap().to_string();
+    story
+        .runtime
+        .block_on(amibake::aws::resources::deregister_image_and_snapshots(
+            story.clients.clone(),
+            ami,
+        ))
+        .unwrap();
+    assert_eq!(story.snapshot_ids(), snapshots);
+
+    // A cleanup that fails: the started snapshot cannot be deleted, and the run names it.
+    story.cloud.cli(&[
+        "fault",
+        "PutSnapshotBlock",
+        "--error",
+        "UnauthorizedOperation",
+    ]);
+    story.cloud.cli(&[
+        "fault",
+        "DeleteSnapshot",
+        "--error",
+        "UnauthorizedOperation",
+    ]);
+    let snapshots = story.snapshot_ids();
+    let run = story.bake("owned.toml", &["--commit", "undone1"]);
+    let left: Vec<String> = story
+        .snapshot_ids()
+        .difference(&snapshots)
+        .cloned()
+        .collect();
+    assert_eq!(
+        left.len(),
+        1,
+        "the started snapshot is left\n{}",
+        run.dump()
+    );
+    run.expect_leftover(&[&left[0], "delete snapshot", "UnauthorizedOperation"]);
+    story
+        .runtime
+        .block_on(
+            story
+                .clients
+                .ec2
+                .delete_snapshot()
+                .snapshot_id(&left[0])
+                .send(),
+        )
+        .unwrap();
+    story.assert_nothing_left_here();
+
+    // Ctrl-C at the start of each step. Where a step waits on the cloud (its first call
+    // held), the interrupt is reported in exactly that step; the others take milliseconds
+    // here, so it may land in a later one. Either way: exit 130, nothing left, no partial
+    // cache entry.
+    let sleepy = std::fs::read_to_string(story.dir().join("owned.toml"))
+        .unwrap()
+        .replace(
+            "echo ${commit} > /var/www/shop/REVISION",
+            "echo sleeping; sleep 600",
+        );
+    std::fs::write(story.dir().join("sleepy.toml"), sleepy).unwrap();
+    let steps: [(&str, &str, &str); 11] = [
+        ("fetch base image", "GetSnapshotBlock", ""),
+        ("copy base image", "", ""),
+        ("attach loop device", "", ""),
+        ("mount image", "", ""),
+        ("extract tarball", "", ""),
+        ("prepare chroot", "", ""),
+        ("run provisioners", "", "\"line\":\"sleeping\""),
+        ("unmount image", "", ""),
+        ("detach loop device", "", ""),
+        ("upload snapshot", "PutSnapshotBlock", ""),
+        ("register image", "RegisterImage", ""),
+    ];
+    let order: Vec<&str> = steps.iter().map(|(step, _, _)| *step).collect();
+    for (step, held_call, signal_at) in steps {
+        if step == "fetch base image" {
+            let _ = std::fs::remove_dir_all(story.cache());
+        }
+        if !held_call.is_empty() {
+            story.cloud.cli(&["fault", held_call, "--delay", "2"]);
+        }
+        // Only the provisioners' step sleeps: a later step would wait behind it.
+        let template = if signal_at.is_empty() {
+            "owned.toml"
+        } else {
+            "sleepy.toml"
+        };
+        let (snapshots, images) = (story.snapshot_ids(), story.image_ids());
+        let command = story.bake_command(template, &["--force", "--commit", "c7r1c"]);
+        let this_step = format!("\"step\":\"{step}\"");
+        let run = util::interrupt_when(
+            command,
+            &format!("amibake bake, Ctrl-C in {step}"),
+            |line| match signal_at {
+                "" => line.contains("\"event\":\"step_started\"") && line.contains(&this_step),
+                output => line.contains(output),
+            },
+        );
+        run.expect_code(130);
+        let reported = order
+            .iter()
+            .position(|s| {
+                run.stderr()
+                    .contains(&format!("error: interrupted during {s}; cleaned up"))
+            })
+            .unwrap_or_else(|| panic!("no interrupted step named\n{}", run.dump()));
+        let signalled = order.iter().position(|s| *s == step).unwrap();
+        if held_call.is_empty() && signal_at.is_empty() {
+            assert!(reported >= signalled, "{step}\n{}", run.dump());
+        } else {
+            assert_eq!(order[reported], step, "{}", run.dump());
+        }
+        assert_eq!(story.snapshot_ids(), snapshots, "after Ctrl-C in {step}");
+        assert_eq!(story.image_ids(), images, "after Ctrl-C in {step}");
+        story.assert_nothing_left_here();
+        if step == "fetch base image" {
+            assert!(
+                !story.cache().exists() || std::fs::read_dir(story.cache()).unwrap().count() == 0,
+                "an interrupted fetch leaves no entry"
+            );
         }
     }
 
