@@ -84,7 +84,16 @@ pub enum WaitError<E: std::error::Error + 'static> {
     Poll(E),
 }
 
-/// Polls until `poll` says Ready, with the growing interval of `policy`. `on_pending` hears
+/// How long until 100 %, at the pace from the start of the wait to `percent` after
+/// `elapsed`; none before there is any progress to go by.
+fn time_left(elapsed: Duration, percent: u8) -> Option<Duration> {
+    (1..100)
+        .contains(&percent)
+        .then(|| elapsed.mul_f64(f64::from(100 - percent) / f64::from(percent)))
+}
+
+/// Polls until `poll` says Ready, with the growing interval of `policy`, polling sooner
+/// when the progress it reports says the end is nearer. `on_pending` hears
 /// every pending state, for progress display.
 pub async fn wait_for<T, E, F, Fut>(
     what: &str,
@@ -103,6 +112,7 @@ where
     const BACKOFF: f64 = 1.5;
     let started = Instant::now();
     let mut interval = policy.first_poll;
+    let mut done_in: Option<Duration> = None;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
@@ -121,6 +131,7 @@ where
             }
             Poll::Pending { state, percent } => {
                 on_pending(&state, percent);
+                done_in = percent.and_then(|p| time_left(started.elapsed(), p));
                 state
             }
             Poll::NotYetVisible => {
@@ -149,6 +160,10 @@ where
             .mul_f64(BACKOFF)
             .min(policy.max_interval)
             .min(policy.total - waited);
+        // Progress says when it will be done: poll then, not up to a whole backoff later.
+        if let Some(eta) = done_in.take() {
+            interval = interval.min(eta.max(policy.first_poll));
+        }
     }
 }
 
@@ -204,6 +219,61 @@ mod tests {
             Duration::from_secs(3),
             "intervals stop growing at the cap"
         );
+    }
+
+    /// A snapshot whose progress grows steadily to 100 % at 21 s: the backoff alone would
+    /// next poll at 25.4 s; the progress brings the poll that sees it done to within a
+    /// first poll's interval of the end.
+    #[tokio::test(start_paused = true)]
+    async fn progress_brings_the_last_poll_close_to_the_end() {
+        const DONE_AT: Duration = Duration::from_secs(21);
+        let started = Instant::now();
+        let polls = RefCell::new(0);
+        let result: Result<(), WaitError<DescribeFailed>> = wait_for(
+            "snapshot",
+            "snap-1",
+            WaitPolicy::LONG,
+            &CancellationToken::new(),
+            |_, _| {},
+            || {
+                *polls.borrow_mut() += 1;
+                let elapsed = started.elapsed();
+                async move {
+                    Ok(if elapsed >= DONE_AT {
+                        Poll::Ready(())
+                    } else {
+                        Poll::Pending {
+                            state: "pending".into(),
+                            percent: Some(
+                                (elapsed.as_secs_f64() / DONE_AT.as_secs_f64() * 100.0) as u8,
+                            ),
+                        }
+                    })
+                }
+            },
+        )
+        .await;
+        result.unwrap();
+        let seen_at = started.elapsed();
+        assert!(
+            seen_at >= DONE_AT && seen_at <= DONE_AT + WaitPolicy::LONG.first_poll,
+            "done at {DONE_AT:?}, seen at {seen_at:?}"
+        );
+        assert!(*polls.borrow() <= 20, "{} polls", polls.borrow());
+    }
+
+    #[test]
+    fn time_left_follows_the_pace_so_far() {
+        assert_eq!(
+            time_left(Duration::from_secs(10), 50),
+            Some(Duration::from_secs(10))
+        );
+        assert_eq!(
+            time_left(Duration::from_secs(6), 75),
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(time_left(Duration::from_secs(6), 0), None, "no pace yet");
+        assert_eq!(time_left(Duration::from_secs(6), 100), None);
     }
 
     #[tokio::test(start_paused = true)]
