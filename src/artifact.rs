@@ -81,10 +81,10 @@ impl Manifest for BakeManifest {
         &self.ami_id
     }
     fn summary(&self) -> String {
-        let how = if self.reused {
-            "reused (same fingerprint)"
-        } else {
-            "baked"
+        let how = match (&self.backend, self.reused) {
+            (_, true) => "reused (same fingerprint)".to_string(),
+            (Some(backend), false) => format!("baked by the {backend} backend"),
+            (None, false) => "baked".to_string(),
         };
         format!(
             "{how}: {} \"{}\" in {} from {} at {}",
@@ -142,6 +142,38 @@ mod tests {
         assert_eq!(a, fingerprint(&[("base", "ami-1"), ("tarball", "abc")]));
         assert_ne!(a, fingerprint(&[("base", "ami-2"), ("tarball", "abc")]));
         assert_ne!(fingerprint(&[("a", "bc")]), fingerprint(&[("ab", "c")]));
+    }
+
+    #[test]
+    fn a_bake_summary_says_which_backend_made_the_image() {
+        let manifest = BakeManifest {
+            ami_id: "ami-1".into(),
+            region: "eu-west-1".into(),
+            name: "shop-abc".into(),
+            snapshot_id: Some("snap-1".into()),
+            base_ami: "ami-0".into(),
+            commit: "abc1234".into(),
+            tarball_sha256: String::new(),
+            fingerprint: String::new(),
+            build_id: "ab-1".into(),
+            backend: Some("direct".into()),
+            reused: false,
+            files: 1,
+            bytes: 1,
+            step_seconds: BTreeMap::new(),
+        };
+        assert_eq!(
+            manifest.summary(),
+            "baked by the direct backend: ami-1 \"shop-abc\" in eu-west-1 from ami-0 at abc1234"
+        );
+        let reused = BakeManifest {
+            backend: None,
+            reused: true,
+            ..manifest
+        };
+        assert!(reused
+            .summary()
+            .starts_with("reused (same fingerprint): ami-1"));
     }
 
     #[test]
