@@ -86,7 +86,7 @@ impl Communicator for Chroot {
     ) -> Result<i32, CommError> {
         // `exec 2>&1` merges the streams inside the image, keeping their order; the command
         // itself travels as an argument, so nothing is quoted or pasted into a shell string.
-        let (mut sandboxed, _guard) = self.command(env, network)?;
+        let (mut sandboxed, guard) = self.command(env, network)?;
         let mut child = sandboxed
             .args([
                 "/bin/sh",
@@ -114,14 +114,18 @@ impl Communicator for Chroot {
                         let _ = std::process::Command::new("kill").args(["-KILL", "--", &format!("-{pid}")]).status();
                     }
                     let _ = child.wait().await;
+                    if let Some(guard) = guard {
+                        guard.remove().await;
+                    }
                     return Err(CommError::Interrupted { target: self.target() });
                 }
             }
         }
-        let status = child
-            .wait()
-            .await
-            .map_err(|e| self.failed(format!("run `{command}`"), e))?;
+        let status = child.wait().await;
+        if let Some(guard) = guard {
+            guard.remove().await;
+        }
+        let status = status.map_err(|e| self.failed(format!("run `{command}`"), e))?;
         // A command killed by a signal has no exit code; report it as the shell would.
         Ok(status.code().unwrap_or_else(|| {
             128 + std::os::unix::process::ExitStatusExt::signal(&status).unwrap_or(0)

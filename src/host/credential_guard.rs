@@ -118,22 +118,38 @@ impl CredentialGuard {
     }
 }
 
-impl Drop for CredentialGuard {
-    fn drop(&mut self) {
-        // The processes of a killed command take a moment to be reaped; the cgroup can be
-        // removed only once it is empty.
-        for _ in 0..50 {
+/// The processes of a killed command take a moment to be reaped, and a cgroup can be
+/// removed only once it is empty: this many tries, this far apart.
+const REMOVE_TRIES: u32 = 50;
+const REMOVE_PAUSE: Duration = Duration::from_millis(20);
+
+impl CredentialGuard {
+    /// Removes the cgroup once the command's processes are gone, waiting without holding a
+    /// runtime thread. Call it when the command has ended; dropping the guard instead tries
+    /// once.
+    pub async fn remove(self) {
+        for _ in 1..REMOVE_TRIES {
             match std::fs::remove_dir(&self.dir) {
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-                    std::thread::sleep(Duration::from_millis(20))
+                    tokio::time::sleep(REMOVE_PAUSE).await
                 }
-                _ => return,
+                _ => break,
             }
         }
-        eprintln!(
-            "amibake: could not remove the provisioners' cgroup {}",
-            self.dir.display()
-        );
+        // The last try, and the word if it fails too.
+        drop(self);
+    }
+}
+
+impl Drop for CredentialGuard {
+    fn drop(&mut self) {
+        match std::fs::remove_dir(&self.dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => eprintln!(
+                "amibake: could not remove the provisioners' cgroup {}: {e}",
+                self.dir.display()
+            ),
+            _ => {}
+        }
     }
 }
 
