@@ -280,6 +280,43 @@ fn bake_off_a_build_host_goes_on_without_one() {
     assert!(run.stderr().starts_with(wanted), "{}", run.dump());
 }
 
+/// A failure before any step runs (here the base's lookup, whose parameter name is built
+/// from a CI secret) is printed masked, as every other line of a run is.
+#[test]
+fn an_error_before_the_steps_masks_the_templates_secrets() {
+    const SECRET: &str = "tok-8c1f2e9a";
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("secret.toml"),
+        "[bake]\nname = \"app-${commit}\"\n\
+         base_ami = \"resolve:ssm:/amibake/${env.AMIBAKE_CLI_TEST_SECRET}/base\"\n\
+         dest = \"/srv/app\"\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("app.tar"), b"").unwrap();
+    // The variable's name is this test's alone; the child inherits it.
+    std::env::set_var("AMIBAKE_CLI_TEST_SECRET", SECRET);
+    let run = amibake_in(
+        dir.path(),
+        &[
+            "bake",
+            "secret.toml",
+            "--tarball",
+            "app.tar",
+            "--commit",
+            "abc1234",
+        ],
+    );
+    run.expect_code(1);
+    assert!(
+        run.stderr()
+            .starts_with("error: read SSM parameter /amibake/***/base failed"),
+        "{}",
+        run.dump()
+    );
+    assert!(!run.stderr().contains(SECRET), "{}", run.dump());
+}
+
 #[test]
 fn base_that_cannot_reach_aws_names_the_lookup_that_failed() {
     let run = amibake(&["base", "templates/shop.toml"]);

@@ -11,7 +11,8 @@ use crate::artifact;
 use crate::aws::AwsOptions;
 use crate::engine::RunReport;
 use crate::template::{
-    self, Commit, LoadOptions, Network, Provisioner, ProvisionerAction, Template, TemplateError,
+    self, Commit, LoadOptions, Network, Provisioner, ProvisionerAction, Secrets, Template,
+    TemplateError,
 };
 
 /// How a run of either mode ended: its manifest when it built or reused an image, and the
@@ -44,6 +45,16 @@ pub enum ModeError {
 }
 
 impl ModeError {
+    /// The error with every secret value of the template masked, as every other line a run
+    /// prints is: a lookup's error may quote a name built from `${env.…}`.
+    fn masked(self, secrets: &Secrets) -> ModeError {
+        match self {
+            ModeError::Usage(text) => ModeError::Usage(secrets.mask(&text)),
+            ModeError::Failed(text) => ModeError::Failed(secrets.mask(&text)),
+            template @ ModeError::Template(_) => template,
+        }
+    }
+
     pub fn exit_code(&self) -> i32 {
         match self {
             ModeError::Template(_) | ModeError::Usage(_) => crate::exit::USAGE,

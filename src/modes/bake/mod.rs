@@ -24,7 +24,7 @@ use crate::aws::{kms, sdk_config, Clients};
 use crate::engine::{self, EventSink, RunReport, UndoId};
 use crate::host::extract::Extracted;
 use crate::host::image_cache::ImageCache;
-use crate::template::{BakePlan, Commit};
+use crate::template::{BakePlan, Commit, Template};
 
 #[derive(Debug, Clone)]
 pub struct BakeOptions {
@@ -159,6 +159,22 @@ pub async fn run(
         Commit::Known(commit.clone()),
         "bake",
     )?;
+    let secrets = template.secrets.clone();
+    run_loaded(options, template, build_id, commit, sink, cancel)
+        .await
+        .map_err(|e| e.masked(&secrets))
+}
+
+/// The run once its template is loaded; the caller masks the template's secrets in its
+/// errors.
+async fn run_loaded(
+    options: &BakeOptions,
+    template: Template,
+    build_id: String,
+    commit: String,
+    sink: Arc<dyn EventSink>,
+    cancel: CancellationToken,
+) -> Result<BuildResult<BakeManifest>, ModeError> {
     let secrets = template.secrets.clone();
     let plan = template.bake.expect("load_for_run checked the section");
     let work = WorkDir::new(&build_id)?;

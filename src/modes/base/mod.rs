@@ -18,7 +18,7 @@ use crate::aws::ami::{self, BaseImage};
 use crate::aws::{sdk_config, Clients};
 use crate::communicator::ssh::{Ssh, SshTarget};
 use crate::engine::{self, EventSink, Step};
-use crate::template::{BasePlan, Commit};
+use crate::template::{BasePlan, Commit, Template};
 
 #[derive(Debug, Clone)]
 pub struct BaseOptions {
@@ -84,6 +84,21 @@ pub async fn run(
         Commit::Placeholder,
         "base",
     )?;
+    let secrets = template.secrets.clone();
+    run_loaded(options, template, build_id, sink, cancel)
+        .await
+        .map_err(|e| e.masked(&secrets))
+}
+
+/// The run once its template is loaded; the caller masks the template's secrets in its
+/// errors.
+async fn run_loaded(
+    options: &BaseOptions,
+    template: Template,
+    build_id: String,
+    sink: Arc<dyn EventSink>,
+    cancel: CancellationToken,
+) -> Result<BuildResult<BaseManifest>, ModeError> {
     let secrets = template.secrets.clone();
     let plan = template.base.expect("load_for_run checked the section");
     let clients = Clients::new(&sdk_config(&options.common.aws).await)
