@@ -110,6 +110,10 @@ pub struct BaseArgs {
     /// Also write the result manifest (JSON) to this file.
     #[arg(long, value_name = "FILE")]
     pub manifest: Option<PathBuf>,
+    /// Let SSH in from this IPv4 CIDR (repeatable), in place of the template's `ssh_cidrs`
+    /// or this runner's own address: behind NAT, the network's public address.
+    #[arg(long = "ssh-cidr", value_name = "CIDR", value_parser = parse_cidr)]
+    pub ssh_cidrs: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -183,6 +187,14 @@ pub struct ValidateArgs {
     pub templates: Vec<PathBuf>,
 }
 
+fn parse_cidr(text: &str) -> Result<String, String> {
+    if amibake::template::is_ipv4_cidr(text) {
+        Ok(text.to_string())
+    } else {
+        Err(format!("`{text}` is not an IPv4 CIDR like 203.0.113.7/32"))
+    }
+}
+
 fn parse_var(text: &str) -> Result<(String, String), String> {
     match text.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
@@ -205,5 +217,12 @@ mod tests {
         assert_eq!(parse_var("a=b=c").unwrap(), ("a".into(), "b=c".into()));
         assert!(parse_var("=x").is_err());
         assert!(parse_var("novalue").is_err());
+    }
+
+    #[test]
+    fn ssh_cidr_must_be_an_ipv4_cidr() {
+        assert_eq!(parse_cidr("203.0.113.7/32").unwrap(), "203.0.113.7/32");
+        assert!(parse_cidr("203.0.113.7").is_err());
+        assert!(parse_cidr("2001:db8::/64").is_err());
     }
 }

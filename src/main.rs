@@ -62,6 +62,7 @@ async fn run(cli: Cli) -> i32 {
             let options = base::BaseOptions {
                 template: args.template,
                 common: common(args.force, args.manifest),
+                ssh_cidrs: args.ssh_cidrs,
             };
             let Some((sink, cancel, signalled)) = watch_run(output, verbose) else {
                 return exit::BUILD_FAILED;

@@ -491,10 +491,13 @@ fn base_builds_publishes_chains_into_bake_and_skips_when_unchanged() {
         "the user's key file is theirs"
     );
     // 6. On a terminal: a line per step with a tick and its time, the AMI id at the end.
+    //    `--ssh-cidr` (as a runner behind NAT passes its public address) takes the place of
+    //    the template's CIDRs.
+    let before = cloud.calls().len();
     let shown = Command::new("script")
         .args(["--quiet", "--return", "--command"])
         .arg(format!(
-            "{} base own-key.toml --force",
+            "{} base own-key.toml --force --ssh-cidr 127.0.0.0/9",
             env!("CARGO_BIN_EXE_amibake")
         ))
         .arg("/dev/null")
@@ -520,6 +523,17 @@ fn base_builds_publishes_chains_into_bake_and_skips_when_unchanged() {
         );
     }
     assert!(screen.contains("amibake base · build ab-"), "{screen}");
+    let opened: Vec<serde_json::Value> = cloud.calls()[before..]
+        .iter()
+        .filter(|c| c["action"] == "AuthorizeSecurityGroupIngress")
+        .flat_map(|c| c["ids"].as_object().unwrap().values().cloned())
+        .filter(|v| v.as_str().is_some_and(|v| v.contains('/')))
+        .collect();
+    assert_eq!(
+        opened,
+        ["127.0.0.0/9"],
+        "--ssh-cidr, in place of the template's"
+    );
     assert!(
         !screen.contains("{\"event\""),
         "no JSON on a terminal:\n{screen}"

@@ -280,6 +280,43 @@ fn bake_off_a_build_host_goes_on_without_one() {
     assert!(run.stderr().starts_with(wanted), "{}", run.dump());
 }
 
+/// `--ssh-cidr` must be an IPv4 CIDR, and cannot shape a group the template does not let
+/// amibake make: both refused before any AWS call, naming the flag.
+#[test]
+fn ssh_cidr_is_checked_before_anything_is_made() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = amibake_in(
+        dir.path(),
+        &["base", "shop.toml", "--ssh-cidr", "203.0.113.7"],
+    );
+    run.expect_code(2);
+    assert!(
+        run.stderr()
+            .contains("`203.0.113.7` is not an IPv4 CIDR like 203.0.113.7/32"),
+        "{}",
+        run.dump()
+    );
+    std::fs::write(
+        dir.path().join("own-group.toml"),
+        "[base]\nname = \"b-${timestamp}\"\nsource_ami = \"ami-0123456789abcdef0\"\n\
+         instance_type = \"t3.small\"\nssh_username = \"admin\"\n\
+         security_group_ids = [\"sg-0123456789abcdef0\"]\n",
+    )
+    .unwrap();
+    let run = amibake_in(
+        dir.path(),
+        &["base", "own-group.toml", "--ssh-cidr", "203.0.113.7/32"],
+    );
+    run.expect_code(2);
+    assert!(
+        run.stderr().starts_with(
+            "error: --ssh-cidr shapes the temporary security group, which `security_group_ids` in own-group.toml replaces"
+        ),
+        "{}",
+        run.dump()
+    );
+}
+
 /// A failure before any step runs (here the base's lookup, whose parameter name is built
 /// from a CI secret) is printed masked, as every other line of a run is.
 #[test]

@@ -722,7 +722,8 @@ fn is_account_name(name: &str) -> bool {
                     .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "_-".contains(c))))
 }
 
-fn is_ipv4_cidr(text: &str) -> bool {
+/// `a.b.c.d/n`, as a security group rule takes it.
+pub fn is_ipv4_cidr(text: &str) -> bool {
     let Some((addr, prefix)) = text.split_once('/') else {
         return false;
     };

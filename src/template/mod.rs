@@ -18,6 +18,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 pub use ami_ref::{AmiFilter, AmiRef, SsmSelector};
+pub use check::is_ipv4_cidr;
 pub use diagnostic::{Diagnostic, TemplateErrors};
 pub use interpolate::{Commit, Context, Secrets};
 pub use schema::SshInterface;

@@ -24,6 +24,8 @@ use crate::template::{BasePlan, Commit, Template};
 pub struct BaseOptions {
     pub template: PathBuf,
     pub common: CommonOptions,
+    /// Who may reach SSH, in place of the template's `ssh_cidrs` (empty: as the template says).
+    pub ssh_cidrs: Vec<String>,
 }
 
 /// The steps, in order: the base build reads as this list.
@@ -100,7 +102,16 @@ async fn run_loaded(
     cancel: CancellationToken,
 ) -> Result<BuildResult<BaseManifest>, ModeError> {
     let secrets = template.secrets.clone();
-    let plan = template.base.expect("load_for_run checked the section");
+    let mut plan = template.base.expect("load_for_run checked the section");
+    if !options.ssh_cidrs.is_empty() {
+        if plan.security_group_ids.is_some() {
+            return Err(ModeError::Usage(format!(
+                "--ssh-cidr shapes the temporary security group, which `security_group_ids` in {} replaces: use one of them",
+                options.template.display()
+            )));
+        }
+        plan.ssh_cidrs = Some(options.ssh_cidrs.clone());
+    }
     let clients = Clients::new(&sdk_config(&options.common.aws).await)
         .map_err(|e| ModeError::Failed(e.to_string()))?;
     let source_id = ami::resolve(&clients, &plan.source_ami)

@@ -1,6 +1,6 @@
 //! The steps of a base build. Each registers how to undo what it made the moment it exists.
 
-use std::net::{IpAddr, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, UdpSocket};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -386,7 +386,7 @@ impl Step<BaseState> for LaunchInstance {
         {
             let runner = runner_cidr(&host).map_err(|e| {
                 failed(format!(
-                    "cannot tell this runner's address towards {host}: {e}; set `ssh_cidrs` in [base]"
+                    "cannot tell this runner's address towards {host}: {e}; set `ssh_cidrs` in [base] or pass --ssh-cidr"
                 ))
             })?;
             allow_ssh(s, &group, &[runner]).await?;
@@ -438,17 +438,34 @@ fn no_address(instance_id: &str, interface: SshInterface) -> String {
 
 /// The address this machine's packets to `host` leave from, as a /32: what the security
 /// group must let in. A connected UDP socket asks the kernel's routing without sending
-/// anything. Behind NAT the instance sees another address; `ssh_cidrs` is for that case.
+/// anything. Behind NAT the instance sees another address, which this machine cannot know:
+/// that is refused, and the caller names `ssh_cidrs` and `--ssh-cidr`.
 fn runner_cidr(host: &str) -> Result<String, String> {
-    let route = || -> std::io::Result<IpAddr> {
+    let route = || -> std::io::Result<(IpAddr, IpAddr)> {
         let socket = UdpSocket::bind("0.0.0.0:0")?;
         socket.connect((host, SSH_PORT))?;
-        Ok(socket.local_addr()?.ip())
+        Ok((socket.local_addr()?.ip(), socket.peer_addr()?.ip()))
     };
     match route().map_err(|e| e.to_string())? {
-        IpAddr::V4(address) => Ok(format!("{address}/32")),
-        IpAddr::V6(address) => Err(format!("{address} is IPv6, and the group opens IPv4 only")),
+        (IpAddr::V4(source), IpAddr::V4(target)) if crosses_nat(source, target) => Err(format!(
+            "this runner's address {source} is private and {target} is public, so the instance sees a NAT's address, not {source} (find it with `curl -fsS https://checkip.amazonaws.com`)"
+        )),
+        (IpAddr::V4(source), _) => Ok(format!("{source}/32")),
+        (IpAddr::V6(source), _) => Err(format!("{source} is IPv6, and the group opens IPv4 only")),
     }
+}
+
+/// Whether packets from `source` to `target` are translated on the way: a private address
+/// (RFC 1918, or the shared range carriers and CI clouds NAT from) reaching a public one.
+fn crosses_nat(source: Ipv4Addr, target: Ipv4Addr) -> bool {
+    let shared = |a: Ipv4Addr| a.octets()[0] == 100 && (a.octets()[1] & 0xc0) == 64;
+    let private = |a: Ipv4Addr| a.is_private() || shared(a);
+    let public = !(private(target)
+        || target.is_loopback()
+        || target.is_link_local()
+        || target.is_unspecified()
+        || target.is_broadcast());
+    private(source) && public
 }
 
 pub struct WaitForSsh;
@@ -748,5 +765,27 @@ impl Step<BaseState> for PublishSsm {
         ctx.progress
             .note(format!("{parameter} version {version} is {image_id}"));
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_private_runner_reaching_a_public_address_crosses_a_nat() {
+        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        // A hosted runner (private, or the carriers' shared range) to a public instance.
+        assert!(crosses_nat(ip("10.1.0.4"), ip("54.12.3.4")));
+        assert!(crosses_nat(ip("172.17.0.2"), ip("3.8.1.1")));
+        assert!(crosses_nat(ip("100.64.3.9"), ip("18.2.2.2")));
+        // A runner in the instance's network, one with a public address, the local cloud.
+        assert!(!crosses_nat(ip("10.1.0.4"), ip("10.1.2.7")));
+        assert!(!crosses_nat(ip("198.51.100.20"), ip("54.12.3.4")));
+        assert!(!crosses_nat(ip("127.0.0.1"), ip("127.0.2.5")));
+        assert!(
+            !crosses_nat(ip("100.128.0.1"), ip("54.12.3.4")),
+            "outside 100.64/10"
+        );
     }
 }
