@@ -475,16 +475,7 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
     // encrypted with it.
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let clients = runtime.block_on(cloud.clients());
-    let new_key = || {
-        runtime
-            .block_on(clients.kms.create_key().description("amibake test").send())
-            .unwrap()
-            .key_metadata()
-            .unwrap()
-            .arn()
-            .unwrap()
-            .to_string()
-    };
+    let new_key = || runtime.block_on(LocalCloud::new_kms_key(&clients));
     let with_key = |name: &str, key: &str| {
         let text = std::fs::read_to_string(dir.join("good.toml"))
             .unwrap()

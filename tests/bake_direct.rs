@@ -440,13 +440,7 @@ fn direct_bakes_without_imds_or_volumes_and_puts_only_changed_blocks() {
     let new_key = || {
         story
             .runtime
-            .block_on(story.clients.kms.create_key().send())
-            .unwrap()
-            .key_metadata()
-            .unwrap()
-            .arn()
-            .unwrap()
-            .to_string()
+            .block_on(LocalCloud::new_kms_key(&story.clients))
     };
     let (base_key, other_key) = (new_key(), new_key());
     let encrypted = story.owned_base_encrypted("partitioned", Some(&base_key));
@@ -545,9 +539,29 @@ fn direct_failures_leave_nothing_and_throttling_is_ridden_out() {
         .unwrap()
         .to_string();
     story.template("vendor", &vendor);
-    // A fault at each EC2, STS and EBS direct call of the direct path, in the order a bake
-    // makes them: (template, service, action, calls let through first, step named, whether
-    // the cache must be cold so that the call is made).
+    // The base found through its channel in SSM, and a template with a KMS key of its own.
+    story
+        .runtime
+        .block_on(
+            story
+                .clients
+                .ssm
+                .put_parameter()
+                .name("/amibake/shop/base")
+                .data_type("aws:ec2:image")
+                .r#type(aws_sdk_ssm::types::ParameterType::String)
+                .value(&base)
+                .send(),
+        )
+        .unwrap();
+    story.template("channel", "resolve:ssm:/amibake/shop/base");
+    let key = story
+        .runtime
+        .block_on(LocalCloud::new_kms_key(&story.clients));
+    story.template_with("keyed", &base, &format!("kms_key_id = \"{key}\"\n"));
+    // A fault at each EC2, SSM, KMS, STS and EBS direct call of the direct path, in the order
+    // a bake makes them: (template, service, action, calls let through first, step named,
+    // whether the cache must be cold so that the call is made).
     type Fault = (
         &'static str,
         &'static str,
@@ -556,8 +570,10 @@ fn direct_failures_leave_nothing_and_throttling_is_ridden_out() {
         Option<&'static str>,
         bool,
     );
-    let faults: [Fault; 14] = [
+    let faults: [Fault; 16] = [
+        ("channel", "ssm", "GetParameter", 0, None, false),
         ("owned", "ec2", "DescribeImages", 0, None, false),
+        ("keyed", "kms", "DescribeKey", 0, None, false),
         ("owned", "sts", "GetCallerIdentity", 0, None, true),
         ("owned", "ec2", "DescribeSnapshots", 0, None, true),
         ("owned", "ec2", "GetEbsEncryptionByDefault", 0, None, false),

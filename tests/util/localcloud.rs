@@ -71,6 +71,22 @@ impl LocalCloud {
         })
     }
 
+    /// A new symmetric KMS key of this cloud's account: its ARN.
+    pub async fn new_kms_key(clients: &amibake::aws::Clients) -> String {
+        clients
+            .kms
+            .create_key()
+            .description("amibake test")
+            .send()
+            .await
+            .unwrap()
+            .key_metadata()
+            .unwrap()
+            .arn()
+            .unwrap()
+            .to_string()
+    }
+
     pub fn build_host(&self) -> &str {
         self.info["build_host"].as_str().unwrap()
     }
