@@ -244,40 +244,35 @@ fn bake_refuses_an_invalid_template_with_exit_2() {
     );
 }
 
-/// `--backend attach` needs an EC2 build host, and says so when this is none.
+/// Off a build host (its metadata service does not answer), `bake` takes the `direct`
+/// backend: it asks nothing of IMDS and goes on to resolve the base, which fails here with
+/// no AWS to reach. `--backend attach` needs a build host, and says so.
 #[test]
-fn bake_attach_off_a_build_host_says_it_needs_one() {
-    let run = amibake(&[
-        "bake",
-        "templates/shop.toml",
-        "--tarball",
-        "Cargo.toml",
-        "--commit",
-        "abc1234",
-        "--backend",
-        "attach",
-    ]);
-    run.expect_code(1);
-    let wanted = "error: cannot read /latest/meta-data/instance-id from the instance metadata service (IMDSv2); `amibake bake` runs on an EC2 build host";
-    assert!(run.stderr().starts_with(wanted), "{}", run.dump());
-}
-
-/// Without `--backend`, a machine whose metadata service does not answer bakes with the
-/// `direct` backend: it asks no build host of IMDS and goes on to resolve the base (which
-/// fails here, with no AWS to reach).
-#[test]
-fn bake_off_a_build_host_goes_on_without_one() {
-    let run = amibake(&[
-        "bake",
-        "templates/shop.toml",
-        "--tarball",
-        "Cargo.toml",
-        "--commit",
-        "abc1234",
-    ]);
-    run.expect_code(1);
-    let wanted = "error: read SSM parameter /amibake/shop/base failed: dispatch failure";
-    assert!(run.stderr().starts_with(wanted), "{}", run.dump());
+fn bake_off_a_build_host_goes_direct_and_attach_says_it_needs_one() {
+    let cases: [(&[&str], &str); 2] = [
+        (
+            &[],
+            "error: read SSM parameter /amibake/shop/base failed: dispatch failure",
+        ),
+        (
+            &["--backend", "attach"],
+            "error: cannot read /latest/meta-data/instance-id from the instance metadata service (IMDSv2); `amibake bake` runs on an EC2 build host",
+        ),
+    ];
+    for (extra, wanted) in cases {
+        let mut args = vec![
+            "bake",
+            "templates/shop.toml",
+            "--tarball",
+            "Cargo.toml",
+            "--commit",
+            "abc1234",
+        ];
+        args.extend(extra);
+        let run = amibake(&args);
+        run.expect_code(1);
+        assert!(run.stderr().starts_with(wanted), "{}", run.dump());
+    }
 }
 
 /// `--ssh-cidr` must be an IPv4 CIDR, and cannot shape a group the template does not let
