@@ -336,6 +336,8 @@ fn every_failure_of_a_bake_cleans_up_and_says_where() {
         .unwrap()
         .success());
     std::fs::remove_dir(&root).unwrap();
+    // And the run's work directory, which could not go while its mount was there.
+    std::fs::remove_dir(Path::new(&root).parent().unwrap()).unwrap();
     clean_volumes_by_hand(&cloud);
     assert_clean(&cloud, &run);
 
