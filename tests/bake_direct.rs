@@ -403,6 +403,38 @@ fn direct_bakes_without_imds_or_volumes_and_puts_only_changed_blocks() {
     story.assert_holds_the_app(m3["snapshot_id"].as_str().unwrap(), 0, "c0ffee3");
     story.assert_nothing_left_here();
 
+    // 3b. A larger volume than the base's on a partitioned base: the root partition grows
+    //     to the end of the disk and its filesystem fills it, so the room is the tarball's.
+    story.template_with("bigger", &base, "volume_size_gb = 10\n");
+    let run = story.bake("bigger.toml", &["--commit", "c0ffee6"]);
+    run.expect_code(0);
+    let snapshot = manifest(&run)["snapshot_id"].as_str().unwrap().to_string();
+    let mounted = story
+        .cloud
+        .mount_snapshot(&snapshot, story.dir(), PARTITION_1_OFFSET);
+    let table = std::process::Command::new("sfdisk")
+        .arg("--json")
+        .arg(story.dir().join(format!("{snapshot}.img")))
+        .output()
+        .unwrap();
+    let table: serde_json::Value = serde_json::from_slice(&table.stdout).unwrap();
+    let partition = &table["partitiontable"]["partitions"][0];
+    let end = (partition["start"].as_u64().unwrap() + partition["size"].as_u64().unwrap()) * 512;
+    assert!(
+        end > (10 << 30) - (1 << 20),
+        "partition 1 reaches the end of the 10 GiB disk: {partition}"
+    );
+    let fs = rustix::fs::statvfs(&mounted.root).unwrap();
+    let fs_bytes = fs.f_blocks * fs.f_frsize;
+    assert!(
+        fs_bytes > 9 << 30,
+        "the root filesystem fills its partition: {fs_bytes} bytes"
+    );
+    assert!(mounted.root.join("var/www/shop/REVISION").is_file());
+    drop(mounted);
+    let _ = std::fs::remove_file(story.dir().join(format!("{snapshot}.img")));
+    story.assert_nothing_left_here();
+
     // 4. The vendor's public base, which EBS direct does not serve: read through a copy,
     //    which goes, and uploaded whole with no parent.
     let vendor = story.cloud.ls()["vendor_amis"]["partitioned"]

@@ -110,6 +110,61 @@ pub enum PartitionError {
         wanted: u32,
         listed: String,
     },
+    #[error("cannot grow partition {partition} of {image}: sfdisk {args}: {reason}")]
+    Grow {
+        image: String,
+        partition: u32,
+        args: String,
+        reason: String,
+    },
+}
+
+/// `root_extent`, after growing the root's partition to the end of the disk: for a copy
+/// made larger than the base (`volume_size_gb`), so that its filesystem can fill it, as
+/// cloud-init's growpart would at first boot. GPT's backup header moves to the new end
+/// first. A partition that has another after it cannot grow, and keeps its size.
+pub fn grow_root_partition(
+    image: &Path,
+    wanted: Option<u32>,
+) -> Result<Option<Extent>, PartitionError> {
+    if root_extent(image, wanted)?.is_none() {
+        return Ok(None);
+    }
+    // root_extent took no number to mean partition 1 of a partitioned disk.
+    let partition = wanted.unwrap_or(1);
+    let sfdisk = |args: &[&str], input: &str| {
+        let fail = |reason: String| PartitionError::Grow {
+            image: image.display().to_string(),
+            partition,
+            args: args.join(" "),
+            reason,
+        };
+        let mut child = std::process::Command::new("sfdisk")
+            .args(["--no-reread", "--no-tell-kernel", "--quiet"])
+            .args(args)
+            .arg(image)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| fail(format!("cannot run it: {e}")))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            std::io::Write::write_all(&mut stdin, input.as_bytes())
+                .map_err(|e| fail(e.to_string()))?;
+        }
+        let out = child.wait_with_output().map_err(|e| fail(e.to_string()))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(fail(
+                String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            ))
+        }
+    };
+    sfdisk(&["--relocate", "gpt-bak-std"], "")?;
+    // `, +`: the same start, as large as the free space after it allows.
+    sfdisk(&["-N", &partition.to_string()], ", +\n")?;
+    root_extent(image, wanted)
 }
 
 /// The extent of the root filesystem in `image`: partition `wanted` (0: the whole disk), or

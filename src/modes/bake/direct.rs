@@ -327,11 +327,20 @@ impl Step<BakeState<Direct>> for AttachLoopDevice {
     async fn run(&self, s: &mut BakeState<Direct>, ctx: &mut StepContext) -> Result<(), StepError> {
         let copy = earlier(&s.backend.working_copy, "working copy")?;
         let wanted = s.plan.root_partition;
+        // The copy is already the volume's size; a root partition grows into it here, and
+        // its filesystem once mounted.
+        let grow = s.root_grows();
         let c = copy.clone();
-        let extent = tokio::task::spawn_blocking(move || disk_image::root_extent(&c, wanted))
-            .await
-            .map_err(failed)?
-            .map_err(failed)?;
+        let extent = tokio::task::spawn_blocking(move || {
+            if grow {
+                disk_image::grow_root_partition(&c, wanted)
+            } else {
+                disk_image::root_extent(&c, wanted)
+            }
+        })
+        .await
+        .map_err(failed)?
+        .map_err(failed)?;
         let c = copy.clone();
         let device = tokio::task::spawn_blocking(move || loop_device::attach(&c, extent))
             .await

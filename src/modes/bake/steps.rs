@@ -35,10 +35,7 @@ impl<B: Backend> Step<BakeState<B>> for MountImage {
         let target = s.mount_point.clone();
         // A larger volume than the base's is room for the tarball only once the filesystem
         // fills it.
-        let grow = s
-            .plan
-            .volume_size_gb
-            .is_some_and(|gb| gb > s.base.root_volume_size_gb);
+        let grow = s.root_grows();
         let t = target.clone();
         let grown = tokio::task::spawn_blocking(move || {
             if grow {
@@ -297,6 +294,14 @@ impl<B: Backend> Step<BakeState<B>> for RegisterImage {
 }
 
 impl<B> BakeState<B> {
+    /// Whether the template asks for a larger volume than the base's: room for the tarball
+    /// once the root (its partition, then its filesystem) is grown to fill it.
+    pub fn root_grows(&self) -> bool {
+        self.plan
+            .volume_size_gb
+            .is_some_and(|gb| gb > self.base.root_volume_size_gb)
+    }
+
     /// Tags on the image and its snapshot: what it is, what it came from, which build made it.
     pub fn artifact_tags(&self) -> Vec<Tag> {
         let mut pairs: Vec<(&str, &str)> = vec![
