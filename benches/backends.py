@@ -1,0 +1,283 @@
+#!/usr/bin/env python3
+"""The same composer-like bake by each way amibake and its peer can make it, on one local cloud:
+
+- `direct` with a cold cache (the base's blocks fetched through the EBS direct APIs first);
+- `direct` with a warm cache (nothing downloaded);
+- `attach` (a volume of the base attached to the build host, as on an EC2 build host);
+- Debian's packer 1.6.6 amazon-chroot, as shipped (its waiters first poll after 15 s) and
+  tuned to poll every second, the fairest setting it has; the tarball goes in with a file
+  provisioner and is unpacked by a shell provisioner, as a Packer user would do it.
+
+For each: the wall time and the peak memory (the largest resident set of any of its processes).
+For `direct`: the 512 KiB blocks it put, against the blocks that differ between the base's
+snapshot and the new one (the local cloud's own count), and against the blocks the extracted
+tree itself occupies (its files' and directories' extents, mapped to 512 KiB blocks of the
+disk). Then `direct` warm again at other tarball sizes: its peak memory must not grow with
+the tarball.
+
+    benches/backends.py [--mib 100] [--memory-sizes 25,400] [--latency realistic]
+
+Run as root (loop devices, mounts). Not a test: it prints figures.
+"""
+
+import argparse
+import array
+import fcntl
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bake import AMIBAKE, PARTITION_1_OFFSET, REPO, allocated, cli, make_tarball, run_measured  # noqa: E402
+
+BLOCK = 512 * 1024
+
+TEMPLATE = """[bake]
+name = "bench-${{commit}}-${{timestamp}}"
+base_ami = "{base}"
+dest = "/srv/app"
+owner = "www-data"
+
+[[bake.provisioner]]
+inline = ["echo ${{commit}} > /srv/app/REVISION"]
+"""
+
+PACKER_CHROOT = {
+    "builders": [{
+        "type": "amazon-chroot", "region": "us-east-1", "custom_endpoint_ec2": "{{user `endpoint`}}",
+        "access_key": "localcloud", "secret_key": "localcloud", "skip_region_validation": True,
+        "source_ami": "{{user `source_ami`}}", "device_path": "/dev/xvdf", "mount_partition": "1",
+        "ami_name": "bench-packer-{{timestamp}}",
+    }],
+    "variables": {"endpoint": "{{env `AWS_ENDPOINT_URL`}}", "source_ami": "", "tarball": ""},
+    "provisioners": [
+        {"type": "file", "source": "{{user `tarball`}}", "destination": "/tmp/app.tar.gz"},
+        {"type": "shell", "inline": [
+            "mkdir -p /srv/app", "tar -xzf /tmp/app.tar.gz -C /srv/app", "chown -R www-data: /srv/app",
+            "rm /tmp/app.tar.gz", "echo packer > /srv/app/REVISION",
+        ]},
+    ],
+}
+
+
+def ec2_client(env):
+    import boto3  # the local cloud's own requirement
+    return boto3.client("ec2", endpoint_url=env["AWS_ENDPOINT_URL"], region_name=env["AWS_REGION"],
+                        aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+
+
+def wait_for(describe, state, what):
+    deadline = time.monotonic() + 300
+    while describe() != state:
+        if time.monotonic() > deadline:
+            sys.exit(f"{what} never became {state}")
+        time.sleep(0.2)
+
+
+def owned_base(ec2, vendor_image) -> str:
+    """A base AMI of this account, as `amibake base` makes them: the vendor's root through a
+    volume into a snapshot of our own, which the EBS direct APIs serve and a bake can be a
+    child of."""
+    vendor = ec2.describe_images(ImageIds=[vendor_image])["Images"][0]
+    volume = ec2.create_volume(SnapshotId=vendor["BlockDeviceMappings"][0]["Ebs"]["SnapshotId"],
+                               AvailabilityZone="us-east-1a")["VolumeId"]
+    wait_for(lambda: ec2.describe_volumes(VolumeIds=[volume])["Volumes"][0]["State"], "available", volume)
+    snapshot = ec2.create_snapshot(VolumeId=volume)["SnapshotId"]
+    wait_for(lambda: ec2.describe_snapshots(SnapshotIds=[snapshot])["Snapshots"][0]["State"], "completed", snapshot)
+    ec2.delete_volume(VolumeId=volume)
+    image = ec2.register_image(
+        Name="bench-base", Architecture="x86_64", RootDeviceName="/dev/xvda", VirtualizationType="hvm",
+        EnaSupport=True, BlockDeviceMappings=[{"DeviceName": "/dev/xvda", "Ebs": {
+            "SnapshotId": snapshot, "VolumeSize": 8, "DeleteOnTermination": True}}])["ImageId"]
+    wait_for(lambda: ec2.describe_images(ImageIds=[image])["Images"][0]["State"], "available", image)
+    return image
+
+
+FS_IOC_FIEMAP = 0xC020660B
+FIEMAP_FLAG_SYNC = 0x1
+FIEMAP_EXTENT_LAST = 0x1
+EXTENTS_PER_CALL = 128
+
+
+def extents(path: Path):
+    """(physical offset, length) of each extent of `path` on its device (FIEMAP)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        start = 0
+        while True:
+            request = bytearray(struct.pack("QQIIII", start, 2**64 - 1 - start, FIEMAP_FLAG_SYNC, 0,
+                                            EXTENTS_PER_CALL, 0) + bytes(56 * EXTENTS_PER_CALL))
+            buf = array.array("B", request)
+            fcntl.ioctl(fd, FS_IOC_FIEMAP, buf, True)
+            mapped = struct.unpack_from("I", buf, 20)[0]
+            if mapped == 0:
+                return
+            for i in range(mapped):
+                logical, physical, length, _, _, flags = struct.unpack_from("QQQQQI", buf, 32 + 56 * i)
+                yield physical, length
+                if flags & FIEMAP_EXTENT_LAST:
+                    return
+                start = logical + length
+    finally:
+        os.close(fd)
+
+
+def blocks_of_tree(root: Path, partition_offset: int) -> int:
+    """The 512 KiB blocks of the disk that the tree's files and directories occupy."""
+    blocks = set()
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [*dirnames, *filenames, "."]:
+            path = Path(dirpath) / name
+            if path.is_symlink():
+                continue
+            for physical, length in extents(path):
+                first = (partition_offset + physical) // BLOCK
+                last = (partition_offset + physical + length - 1) // BLOCK
+                blocks.update(range(first, last + 1))
+    return len(blocks)
+
+
+def tree_blocks_in_snapshot(state, snapshot, scratch) -> int:
+    raw, mnt = scratch / "tree.img", scratch / "tree.mnt"
+    cli(state, "export-snapshot", snapshot, str(raw))
+    mnt.mkdir(exist_ok=True)
+    loop = subprocess.run(["losetup", "--find", "--show", "--read-only", "--offset", str(PARTITION_1_OFFSET), str(raw)],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    try:
+        subprocess.run(["mount", "-o", "ro", loop, str(mnt)], check=True)
+        try:
+            return blocks_of_tree(mnt / "srv/app", PARTITION_1_OFFSET)
+        finally:
+            subprocess.run(["umount", str(mnt)], check=True)
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=True)
+        raw.unlink()
+
+
+def calls_since(state, before):
+    lines = cli(state, "calls").splitlines()
+    return [json.loads(line) for line in lines[before:]]
+
+
+def ok(calls, action):
+    return sum(1 for c in calls if c["action"] == action and (c.get("status") or 500) < 300)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mib", type=int, default=100, help="the tarball's size in MiB (default: %(default)s)")
+    parser.add_argument("--memory-sizes", default="25,400",
+                        help="more tarball sizes for direct warm's peak memory (default: %(default)s; empty: none)")
+    parser.add_argument("--latency", default="realistic", choices=["none", "quick", "realistic"])
+    parser.add_argument("--no-packer", action="store_true", help="leave Packer out (it takes the longest)")
+    args = parser.parse_args()
+
+    subprocess.run(["cargo", "build", "--quiet"], cwd=REPO, check=True)
+    work = Path(tempfile.mkdtemp(prefix="amibake-bench-backends-"))
+    state, cache = work / "localcloud", work / "cache"
+    env = dict(os.environ, HOME=str(work), CHECKPOINT_DISABLE="1", PACKER_CACHE_DIR=str(work / "packer_cache"))
+    try:
+        for line in cli(state, "up", "--latency", args.latency).splitlines():
+            if line.startswith("export "):
+                key, value = line[len("export "):].split("=", 1)
+                env[key] = value
+        ec2 = ec2_client(env)
+        base = owned_base(ec2, json.loads(cli(state, "ls"))["vendor_amis"]["partitioned"])
+        base_snapshot = ec2.describe_images(ImageIds=[base])["Images"][0]["BlockDeviceMappings"][0]["Ebs"]["SnapshotId"]
+        (work / "bench.toml").write_text(TEMPLATE.format(base=base))
+        (work / "chroot.json").write_text(json.dumps(PACKER_CHROOT))
+        tarball = work / "app.tar.gz"
+        files = make_tarball(tarball, args.mib, work)
+
+        def amibake(backend, commit, tar=tarball):
+            command = [str(AMIBAKE), "--output", "json", "bake", str(work / "bench.toml"), "--tarball", str(tar),
+                       "--commit", commit, "--force", "--backend", backend, "--cache-dir", str(cache)]
+            before = len(cli(state, "calls").splitlines())
+            start = time.monotonic()
+            code, peak, stdout, stderr = run_measured(command, env, work)
+            wall = time.monotonic() - start
+            if code != 0:
+                sys.exit(f"bake --backend {backend} failed:\n{stderr[-3000:]}")
+            return wall, peak, json.loads(stdout.splitlines()[-1]), calls_since(state, before)
+
+        def packer(poll):
+            packer_env = dict(env, AWS_POLL_DELAY_SECONDS=poll) if poll else env
+            start = time.monotonic()
+            code, peak, stdout, stderr = run_measured(
+                ["packer", "build", "-machine-readable", f"-var=source_ami={base}", f"-var=tarball={tarball}",
+                 str(work / "chroot.json")], packer_env, work)
+            if code != 0:
+                sys.exit(f"packer amazon-chroot failed:\n{stdout[-3000:]}{stderr[-2000:]}")
+            return time.monotonic() - start, peak
+
+        print(f"latency profile: {args.latency}; tarball: {args.mib} MiB of composer-like files "
+              f"({tarball.stat().st_size / (1 << 20):.0f} MiB gzip'd, {files} files); amibake: debug build, as the tests use")
+        rows = []
+        wall, peak, cold, cold_calls = amibake("direct", "cold")
+        rows.append(("direct, cold cache", wall, peak))
+        wall, peak, warm, warm_calls = amibake("direct", "warm")
+        rows.append(("direct, warm cache", wall, peak))
+        direct_warm = wall
+        wall, peak, attached, _ = amibake("attach", "attach")
+        rows.append(("attach", wall, peak))
+        attach = wall
+        if not args.no_packer:
+            wall, peak = packer(None)
+            rows.append(("packer chroot (as shipped)", wall, peak))
+            packer_stock = wall
+            wall, peak = packer("1")
+            rows.append(("packer chroot (1 s polls)", wall, peak))
+            packer_tuned = wall
+
+        print(f"\n{'bake':<28} {'wall':>8} {'peak memory':>12}")
+        for name, wall, peak in rows:
+            print(f"{name:<28} {wall:7.1f}s {peak / 1024:9.0f} MiB")
+        print(f"\ndirect warm / attach: {direct_warm / attach:.2f} (goal <= 0.75)")
+        if not args.no_packer:
+            print(f"direct warm / packer chroot as shipped: {direct_warm / packer_stock:.2f} (goal <= 0.3); "
+                  f"/ packer tuned: {direct_warm / packer_tuned:.2f}")
+
+        print("\nseconds per step (from each manifest)")
+        runs = (("direct, cold", cold), ("direct, warm", warm), ("attach", attached))
+        steps = []
+        for _, manifest in runs:
+            steps += [step for step in manifest["step_seconds"] if step not in steps]
+        print(f"  {'step':<22}" + "".join(f"{name:>14}" for name, _ in runs))
+        for step in steps:
+            print(f"  {step:<22}" + "".join(
+                f"{m['step_seconds'][step]:13.2f}s" if step in m["step_seconds"] else f"{'':>14}" for _, m in runs))
+
+        print(f"\nblocks (512 KiB)        {'downloaded':>10} {'put':>6} {'differ':>7} {'tree':>6} {'put/tree':>9}")
+        for name, manifest, calls in (("direct, cold cache", cold, cold_calls), ("direct, warm cache", warm, warm_calls)):
+            snapshot = manifest["snapshot_id"]
+            put = ok(calls, "PutSnapshotBlock")
+            differ = int(cli(state, "changed-blocks", base_snapshot, snapshot).strip())
+            tree = tree_blocks_in_snapshot(state, snapshot, work)
+            print(f"{name:<23} {ok(calls, 'GetSnapshotBlock'):>10} {put:>6} {differ:>7} {tree:>6} {put / tree:>9.2f}")
+        print("(put: PutSnapshotBlock calls; differ: blocks the new snapshot differs from the base's in, by the "
+              "local cloud's count; tree: blocks the extracted tree's files and directories occupy; goal put/tree <= 1.1)")
+
+        sizes = [int(s) for s in args.memory_sizes.split(",") if s]
+        if sizes:
+            print(f"\ndirect warm, peak memory by tarball size:")
+            for mib in sizes:
+                other = work / f"app-{mib}.tar.gz"
+                make_tarball(other, mib, work)
+                _, peak, _, _ = amibake("direct", f"mem{mib}", other)
+                print(f"  {mib:>5} MiB: {peak / 1024:6.0f} MiB")
+                other.unlink()
+    finally:
+        subprocess.run([str(REPO / "tests/localcloud/localcloud"), "--state", str(state), "down"], capture_output=True)
+        # Only once nothing is mounted there: a recursive delete must never walk into a mount.
+        if str(work) not in Path("/proc/mounts").read_text():
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
