@@ -92,6 +92,56 @@ impl ClassifyRetry for StartedSnapshotNotYetVisible {
 /// EBS snapshots are read and written in blocks of 512 KiB.
 pub const BLOCK_SIZE: usize = 512 * 1024;
 
+/// Block calls in flight at once: EBS serves 1,000 a second per snapshot.
+pub const BLOCKS_IN_FLIGHT: usize = 32;
+
+/// How a run of block calls ended, when none failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ran {
+    All,
+    Interrupted,
+}
+
+/// Runs `call` on each of `items`, `BLOCKS_IN_FLIGHT` at a time, and hands each result to
+/// `done` as it comes. Only that many calls exist at once (an SDK call's future is large),
+/// so memory stays flat however many blocks there are. Stops at the first error, of a
+/// call or of `done`, and at `cancel`; what is still in flight is aborted.
+pub async fn each_block<I, T, E, Fut>(
+    items: impl IntoIterator<Item = I>,
+    cancel: &tokio_util::sync::CancellationToken,
+    mut call: impl FnMut(I) -> Fut,
+    mut done: impl FnMut(T) -> Result<(), E>,
+) -> Result<Ran, E>
+where
+    Fut: std::future::Future<Output = Result<T, E>> + Send + 'static,
+    T: Send + 'static,
+    E: Send + 'static,
+{
+    let mut items = items.into_iter();
+    let mut in_flight = tokio::task::JoinSet::new();
+    loop {
+        while in_flight.len() < BLOCKS_IN_FLIGHT {
+            let Some(item) = items.next() else { break };
+            in_flight.spawn(call(item));
+        }
+        let next = tokio::select! {
+            next = in_flight.join_next() => next,
+            _ = cancel.cancelled() => {
+                in_flight.abort_all();
+                return Ok(Ran::Interrupted);
+            }
+        };
+        let Some(joined) = next else {
+            return Ok(Ran::All);
+        };
+        match joined {
+            Ok(result) => done(result?)?,
+            // Tasks are only aborted above, and a block call does not panic.
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
+}
+
 /// What ListSnapshotBlocks said of a snapshot: its size and its blocks with their tokens.
 #[derive(Debug, Clone)]
 pub struct BlockListing {

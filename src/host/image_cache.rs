@@ -13,12 +13,12 @@
 use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
-use crate::aws::ebs::{self, BLOCK_SIZE};
+use crate::aws::ebs::{self, Ran, BLOCK_SIZE};
 use crate::aws::{AwsError, Clients};
 use crate::host::disk_image::{copy_sparse, CopiedBy};
 
@@ -26,8 +26,6 @@ const IMAGE: &str = "image";
 const DIGESTS: &str = "digests";
 const PARTIAL: &str = ".partial-";
 const WORK: &str = ".work-";
-/// GetSnapshotBlock calls in flight at once: EBS serves 1,000 a second per snapshot.
-pub const FETCH_CONCURRENCY: usize = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
@@ -164,7 +162,7 @@ impl ImageCache {
 
     /// The entry for `snapshot_id`, fetched first if it is not here: every allocated block
     /// of `read_from` (the snapshot itself, or a copy of it this account can read),
-    /// `FETCH_CONCURRENCY` at a time, each checked against its checksum. `on_block` hears
+    /// `BLOCKS_IN_FLIGHT` at a time, each checked against its checksum. `on_block` hears
     /// of each block written, for progress.
     pub async fn fetch(
         &self,
@@ -230,53 +228,40 @@ impl ImageCache {
             .set_len(listing.volume_size_gib << 30)
             .map_err(self.io("size the image"))?;
         let image = Arc::new(image);
-        let digests = Arc::new(Mutex::new(BlockDigests::default()));
+        let mut digests = BlockDigests::default();
         let total = listing.blocks.len();
-        let permits = Arc::new(tokio::sync::Semaphore::new(FETCH_CONCURRENCY));
-        let mut tasks = tokio::task::JoinSet::new();
-        for (index, token) in listing.blocks {
+        let dir = self.dir.clone();
+        let fetch = |(index, token): (u64, String)| {
             let (clients, snapshot_id) = (clients.clone(), snapshot_id.to_string());
-            let (image, digests, permits) = (image.clone(), digests.clone(), permits.clone());
-            tasks.spawn(async move {
-                let _permit = permits.acquire_owned().await.expect("never closed");
+            let (image, dir) = (image.clone(), dir.clone());
+            async move {
                 let data = ebs::get_block(&clients, &snapshot_id, index, &token).await?;
                 let digest: [u8; 32] = Sha256::digest(&data).into();
-                let written = tokio::task::spawn_blocking(move || {
+                tokio::task::spawn_blocking(move || {
                     image.write_all_at(&data, index * BLOCK_SIZE as u64)
                 })
                 .await
-                .expect("the write does not panic");
-                digests
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .0
-                    .insert(index, digest);
-                Ok::<_, CacheError>(written.map_err(|e| (index, e)))
+                .expect("the write does not panic")
+                .map_err(|source| CacheError::Io {
+                    dir,
+                    action: format!("write block {index}"),
+                    source,
+                })?;
+                Ok::<_, CacheError>((index, digest))
+            }
+        };
+        let ran = ebs::each_block(listing.blocks, cancel, fetch, |(index, digest)| {
+            digests.0.insert(index, digest);
+            on_block(digests.0.len(), total);
+            Ok(())
+        })
+        .await?;
+        if ran == Ran::Interrupted {
+            return Err(CacheError::Interrupted {
+                snapshot_id: snapshot_id.to_string(),
             });
         }
-        let mut done = 0;
-        loop {
-            let next = tokio::select! {
-                next = tasks.join_next() => next,
-                _ = cancel.cancelled() => {
-                    tasks.abort_all();
-                    return Err(CacheError::Interrupted { snapshot_id: snapshot_id.to_string() });
-                }
-            };
-            let Some(joined) = next else { break };
-            match joined.expect("a fetch task does not panic") {
-                Ok(Ok(())) => {
-                    done += 1;
-                    on_block(done, total);
-                }
-                Ok(Err((index, e))) => {
-                    return Err(self.io(format!("write block {index}"))(e));
-                }
-                Err(e) => return Err(e),
-            }
-        }
         image.sync_all().map_err(self.io("sync the image"))?;
-        let digests = digests.lock().unwrap_or_else(|p| p.into_inner()).clone();
         std::fs::write(partial.join(DIGESTS), digests.to_bytes())
             .map_err(self.io("write the digests"))?;
         Ok(total)

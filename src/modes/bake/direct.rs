@@ -14,7 +14,7 @@ use super::steps::{
 use super::{Backend, BakeState};
 use crate::artifact::TAG_BUILD_ID;
 use crate::aws::ami::BaseImage;
-use crate::aws::ebs::{self, NewSnapshot, BLOCK_SIZE};
+use crate::aws::ebs::{self, NewSnapshot, Ran, BLOCK_SIZE};
 use crate::aws::resources::{self, wait_snapshot};
 use crate::aws::{AwsError, Clients};
 use crate::engine::{Keep, Step, StepContext, StepError, UndoId, Unit};
@@ -22,9 +22,6 @@ use crate::host::disk_image::{self, CopiedBy};
 use crate::host::image_cache::{CacheError, CachedImage, ImageCache};
 use crate::host::loop_device;
 use crate::modes::support::{earlier, failed, tags, undo_now, undo_with, waited};
-
-/// PutSnapshotBlock calls in flight at once: EBS serves 1,000 a second per snapshot.
-const PUT_CONCURRENCY: usize = 32;
 
 /// The steps, in order: a bake with no build host reads as this list.
 pub fn steps() -> Vec<Box<dyn Step<BakeState<Direct>>>> {
@@ -473,7 +470,7 @@ impl Step<BakeState<Direct>> for UploadSnapshot {
     }
 }
 
-/// Puts `changed` blocks of `image`, `PUT_CONCURRENCY` at a time, each read when its turn
+/// Puts `changed` blocks of `image`, `BLOCKS_IN_FLIGHT` at a time, each read when its turn
 /// comes so memory stays flat whatever the image holds.
 async fn put_blocks(
     s: &BakeState<Direct>,
@@ -485,13 +482,12 @@ async fn put_blocks(
     let file = std::sync::Arc::new(
         std::fs::File::open(image).map_err(|e| failed(format!("open {}: {e}", image.display())))?,
     );
-    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(PUT_CONCURRENCY));
-    let mut tasks = tokio::task::JoinSet::new();
-    for block in changed.iter().copied() {
+    let total = (changed.len() * BLOCK_SIZE) as u64;
+    let mut done = 0u64;
+    let put = |block: disk_image::ChangedBlock| {
         let (clients, snapshot_id) = (s.clients.clone(), snapshot_id.to_string());
-        let (file, permits) = (file.clone(), permits.clone());
-        tasks.spawn(async move {
-            let _permit = permits.acquire_owned().await.expect("never closed");
+        let file = file.clone();
+        async move {
             let data = tokio::task::spawn_blocking(move || {
                 let mut buf = vec![0u8; BLOCK_SIZE];
                 disk_image::read_block(&file, block.index, &mut buf).map(|()| buf)
@@ -502,23 +498,17 @@ async fn put_blocks(
             ebs::put_block(&clients, &snapshot_id, block.index, data, &block.digest)
                 .await
                 .map_err(failed)
-        });
-    }
-    let total = (changed.len() * BLOCK_SIZE) as u64;
-    let mut done = 0u64;
-    loop {
-        let next = tokio::select! {
-            next = tasks.join_next() => next,
-            _ = ctx.cancel.cancelled() => {
-                tasks.abort_all();
-                return Err(StepError::Interrupted);
-            }
-        };
-        let Some(joined) = next else {
-            return Ok(());
-        };
-        joined.map_err(failed)??;
+        }
+    };
+    let progress = ctx.progress.clone();
+    let ran = ebs::each_block(changed.iter().copied(), &ctx.cancel, put, |()| {
         done += BLOCK_SIZE as u64;
-        ctx.progress.advance(done, Some(total), Unit::Bytes, None);
+        progress.advance(done, Some(total), Unit::Bytes, None);
+        Ok(())
+    })
+    .await?;
+    match ran {
+        Ran::All => Ok(()),
+        Ran::Interrupted => Err(StepError::Interrupted),
     }
 }
