@@ -620,3 +620,66 @@ def test_a_volume_with_a_kms_key_ebs_cannot_use_is_made_then_gone(cloud):
         seen = wait_until(state, lambda s: s == "InvalidVolume.NotFound")
         assert "available" not in seen, seen
     assert not [v for v in cloud.ls()["volumes"] if v["id"] == vol["VolumeId"]]
+
+
+def test_an_image_parameter_keeps_only_versions_naming_an_available_image(cloud):
+    ssm = cloud.client("ssm", retries=False)
+    image_id = ssm.get_parameter(Name=DEBIAN_PARAMETER)["Parameter"]["Value"]
+    put = lambda value: ssm.put_parameter(
+        Name="/lc/channel", Value=value, Type="String", DataType="aws:ec2:image", Overwrite=True)["Version"]
+    assert put(image_id) == 1
+    # Parameter Store answers the put of an unknown AMI, then drops the version.
+    assert put("ami-0000000000000dead") == 2
+    assert ssm.get_parameter(Name="/lc/channel")["Parameter"]["Value"] == image_id
+    with pytest.raises(ClientError) as err:
+        ssm.get_parameter(Name="/lc/channel:2")
+    assert err.value.response["Error"]["Code"] == "ParameterVersionNotFound"
+    # A first version that fails validation leaves no parameter at all.
+    ssm.put_parameter(Name="/lc/never", Value="ami-0000000000000dead", Type="String",
+                      DataType="aws:ec2:image")
+    with pytest.raises(ClientError) as err:
+        ssm.get_parameter(Name="/lc/never")
+    assert err.value.response["Error"]["Code"] == "ParameterNotFound"
+    # Text parameters are kept as written.
+    ssm.put_parameter(Name="/lc/text", Value="ami-0000000000000dead", Type="String")
+    assert ssm.get_parameter(Name="/lc/text")["Parameter"]["Value"] == "ami-0000000000000dead"
+    ssm.delete_parameter(Name="/lc/channel")
+    ssm.delete_parameter(Name="/lc/text")
+
+
+def test_image_lifecycle_and_references_as_ec2_answers_them(cloud):
+    ec2, ssm = cloud.client("ec2", retries=False), cloud.client("ssm", retries=False)
+    snap = root_snapshot(vendor_image(ec2))
+    register = lambda name: ec2.register_image(
+        Name=name, RootDeviceName="/dev/xvda", Architecture="x86_64",
+        BlockDeviceMappings=[{"DeviceName": "/dev/xvda", "Ebs": {"SnapshotId": snap}}])["ImageId"]
+    kept, referenced, plain = register("lc-kept"), register("lc-referenced"), register("lc-plain")
+    wait_until(lambda: [i["State"] for i in ec2.describe_images(ImageIds=[kept, referenced, plain])["Images"]],
+               lambda states: states == ["available"] * 3)
+    # A disabled image is left out unless asked for, and comes back when enabled.
+    ec2.disable_image(ImageId=plain)
+    assert plain not in [i["ImageId"] for i in ec2.describe_images(Owners=["self"])["Images"]]
+    shown = ec2.describe_images(ImageIds=[plain], IncludeDisabled=True)["Images"][0]
+    assert shown["State"] == "disabled"
+    ec2.enable_image(ImageId=plain)
+    assert ec2.describe_images(ImageIds=[plain])["Images"][0]["State"] == "available"
+    # Deprecation is a time on the image.
+    ec2.enable_image_deprecation(ImageId=plain, DeprecateAt="2030-01-01T00:00:00Z")
+    assert ec2.describe_images(ImageIds=[plain])["Images"][0]["DeprecationTime"].startswith("2030-01-01T00:00:00")
+    # References: a launch template's version, an image parameter's current value.
+    ec2.create_launch_template(LaunchTemplateName="lc-web", LaunchTemplateData={"ImageId": referenced})
+    ssm.put_parameter(Name="/lc/deploy", Value=kept, Type="String", DataType="aws:ec2:image")
+    refs = ec2.describe_image_references(ImageIds=[kept, referenced, plain], IncludeAllResourceTypes=True)["ImageReferences"]
+    assert sorted((r["ImageId"], r["ResourceType"]) for r in refs) == sorted(
+        [(kept, "ssm:Parameter"), (referenced, "ec2:LaunchTemplate")])
+    assert any(r["Arn"].endswith(":parameter/lc/deploy") for r in refs)
+    only_instances = ec2.describe_image_references(
+        ImageIds=[kept], ResourceTypes=[{"ResourceType": "ec2:Instance"}])["ImageReferences"]
+    assert only_instances == []
+    with pytest.raises(ClientError) as err:
+        ec2.describe_image_references(ImageIds=["ami-00000000000000bad"], IncludeAllResourceTypes=True)
+    assert err.value.response["Error"]["Code"] == "InvalidAMIID.NotFound"
+    ssm.delete_parameter(Name="/lc/deploy")
+    ec2.delete_launch_template(LaunchTemplateName="lc-web")
+    for image_id in (kept, referenced, plain):
+        ec2.deregister_image(ImageId=image_id)

@@ -86,6 +86,8 @@ def install(dataplane, instances, timing, loopback_subnet):
     _patch_instances(dataplane, instances, timing, loopback_subnet)
     _patch_console(instances)
     _patch_kms()
+    _patch_ssm()
+    _patch_image_lifecycle()
 
 
 def _error(code, message):
@@ -615,3 +617,125 @@ def _patch_kms():
         key_init(self, policy, key_usage or "ENCRYPT_DECRYPT", *args, **kwargs)
 
     Key.__init__ = patched_init
+
+
+# -- SSM -------------------------------------------------------------------------------------
+
+
+def _patch_ssm():
+    """An `aws:ec2:image` value is validated after PutParameter answers, as Parameter Store
+    does: the put answers with its version, and the version is then dropped when the value is
+    not an available AMI of the account in the region. moto keeps every value."""
+    from moto.ec2.models import ec2_backends
+    from moto.ssm.models import SimpleSystemManagerBackend
+
+    put_parameter = SimpleSystemManagerBackend.put_parameter
+
+    def available_image(backend, image_id):
+        ec2 = ec2_backends[backend.account_id][backend.region_name]
+        ami = ec2.amis.get(image_id)
+        return ami is not None and ami.state == "available"
+
+    def patched_put_parameter(self, name, description, value, parameter_type, allowed_pattern, keyid,
+                              overwrite, tags, data_type, tier, policies):
+        new = put_parameter(self, name, description, value, parameter_type, allowed_pattern, keyid,
+                            overwrite, tags, data_type, tier, policies)
+        if data_type == "aws:ec2:image" and not available_image(self, value):
+            versions = self._parameters[name]
+            versions.remove(new)
+            if not versions:
+                del self._parameters[name]
+        return new
+
+    SimpleSystemManagerBackend.put_parameter = patched_put_parameter
+
+
+# -- what EC2 knows of an image's life: disabled, deprecated, referenced -----------------------
+
+# What DescribeImageReferences checks when asked for every resource type, with EC2's
+# defaults: instances in any state but terminated, the 20 newest versions of each launch
+# template, and `aws:ec2:image` parameters by their current value.
+REFERENCING_INSTANCE_STATES = ["pending", "running", "shutting-down", "stopping", "stopped"]
+LAUNCH_TEMPLATE_VERSION_DEPTH = 20
+
+
+def _patch_image_lifecycle():
+    """DisableImage/EnableImage, EnableImageDeprecation/DisableImageDeprecation and
+    DescribeImageReferences as EC2 answers them (moto has none of them), and DescribeImages
+    leaving disabled images out unless asked for them."""
+    from moto.core.responses import ActionResult
+    from moto.ssm.models import ssm_backends
+
+    def image(self):
+        return self.ec2_backend.describe_images(ami_ids=[self._get_param("ImageId")])[0]
+
+    def describe_images(self):
+        self.error_on_dryrun()
+        images = self.ec2_backend.describe_images(
+            ami_ids=self._get_param("ImageIds", []), filters=self._filters_from_querystring(),
+            exec_users=self._get_param("ExecutableUsers", []), owners=self._get_param("Owners", []))
+        if not self._get_param("IncludeDisabled", False):
+            images = [i for i in images if i.state != "disabled"]
+        return ActionResult({"Images": images})
+
+    def disable_image(self):
+        self.error_on_dryrun()
+        image(self).state = "disabled"
+        return ActionResult({"Return": True})
+
+    def enable_image(self):
+        self.error_on_dryrun()
+        found = image(self)
+        if found.state == "disabled":
+            found.state = "available"
+        return ActionResult({"Return": True})
+
+    def enable_image_deprecation(self):
+        self.error_on_dryrun()
+        at = self._get_param("DeprecateAt")
+        image(self).deprecation_time = at if isinstance(at, str) else at.strftime("%Y-%m-%dT%H:%M:%S.000Z")
+        return ActionResult({"Return": True})
+
+    def disable_image_deprecation(self):
+        self.error_on_dryrun()
+        image(self).deprecation_time = None
+        return ActionResult({"Return": True})
+
+    def describe_image_references(self):
+        backend = self.ec2_backend
+        ids = self._get_param("ImageIds", [])
+        backend.describe_images(ami_ids=ids)  # InvalidAMIID.NotFound for an unknown id
+        asked = {t.get("ResourceType"): {o.get("OptionName"): o.get("OptionValues", []) for o in t.get("ResourceTypeOptions", [])}
+                 for t in self._get_param("ResourceTypes", [])}
+        if self._get_param("IncludeAllResourceTypes", False):
+            for kind in ("ec2:Instance", "ec2:LaunchTemplate", "ssm:Parameter"):
+                asked.setdefault(kind, {})
+        prefix = f"arn:aws:ec2:{backend.region_name}:{backend.account_id}"
+        references = []
+        if "ec2:Instance" in asked:
+            states = asked["ec2:Instance"].get("state-name") or REFERENCING_INSTANCE_STATES
+            for instance in backend.all_instances():
+                if instance.image_id in ids and instance.state in states:
+                    references.append({"ImageId": instance.image_id, "ResourceType": "ec2:Instance",
+                                       "Arn": f"{prefix}:instance/{instance.id}"})
+        if "ec2:LaunchTemplate" in asked:
+            depth = int((asked["ec2:LaunchTemplate"].get("version-depth") or [LAUNCH_TEMPLATE_VERSION_DEPTH])[0])
+            for template in backend.launch_templates.values():
+                named = {v.image_id for v in template.versions[-depth:]} & set(ids)
+                for image_id in sorted(named):
+                    references.append({"ImageId": image_id, "ResourceType": "ec2:LaunchTemplate",
+                                       "Arn": f"{prefix}:launch-template/{template.id}"})
+        if "ssm:Parameter" in asked:
+            ssm = ssm_backends[backend.account_id][backend.region_name]
+            for name, versions in list(ssm._parameters.items()):
+                if versions and versions[-1].data_type == "aws:ec2:image" and versions[-1].value in ids:
+                    references.append({"ImageId": versions[-1].value, "ResourceType": "ssm:Parameter",
+                                       "Arn": f"arn:aws:ssm:{backend.region_name}:{backend.account_id}:parameter/{name.lstrip('/')}"})
+        return ActionResult({"ImageReferences": references})
+
+    AmisResponse.describe_images = describe_images
+    AmisResponse.disable_image = disable_image
+    AmisResponse.enable_image = enable_image
+    AmisResponse.enable_image_deprecation = enable_image_deprecation
+    AmisResponse.disable_image_deprecation = disable_image_deprecation
+    AmisResponse.describe_image_references = describe_image_references
