@@ -73,6 +73,9 @@ pub struct BakeManifest {
     pub reused: bool,
     pub files: u64,
     pub bytes: u64,
+    /// The channel and its version naming this image, when the run published it.
+    pub ssm_parameter: Option<String>,
+    pub ssm_version: Option<i64>,
     pub step_seconds: BTreeMap<String, f64>,
 }
 
@@ -87,8 +90,13 @@ impl Manifest for BakeManifest {
             (None, false) => "baked".to_string(),
         };
         format!(
-            "{how}: {} \"{}\" in {} from {} at {}",
-            self.ami_id, self.name, self.region, self.base_ami, self.commit
+            "{how}: {} \"{}\" in {} from {} at {}{}",
+            self.ami_id,
+            self.name,
+            self.region,
+            self.base_ami,
+            self.commit,
+            published(&self.ssm_parameter, self.ssm_version)
         )
     }
 }
@@ -121,14 +129,22 @@ impl Manifest for BaseManifest {
         } else {
             "built"
         };
-        let published = match (&self.ssm_parameter, self.ssm_version) {
-            (Some(p), Some(v)) => format!(", published to {p} version {v}"),
-            _ => String::new(),
-        };
         format!(
-            "{how}: {} \"{}\" in {} from {}{published}",
-            self.ami_id, self.name, self.region, self.source_ami
+            "{how}: {} \"{}\" in {} from {}{}",
+            self.ami_id,
+            self.name,
+            self.region,
+            self.source_ami,
+            published(&self.ssm_parameter, self.ssm_version)
         )
+    }
+}
+
+/// ", published to P version V" when the run published to a channel.
+fn published(parameter: &Option<String>, version: Option<i64>) -> String {
+    match (parameter, version) {
+        (Some(p), Some(v)) => format!(", published to {p} version {v}"),
+        _ => String::new(),
     }
 }
 
@@ -160,6 +176,8 @@ mod tests {
             reused: false,
             files: 1,
             bytes: 1,
+            ssm_parameter: None,
+            ssm_version: None,
             step_seconds: BTreeMap::new(),
         };
         assert_eq!(

@@ -87,7 +87,7 @@ impl World {
             amibake::aws::resources::deregister_image_and_snapshots(self.clients.clone(), image)
                 .await
                 .unwrap();
-            amibake::aws::resources::restore_parameter(
+            amibake::aws::ssm::restore(
                 self.clients.clone(),
                 PARAMETER.into(),
                 Some(self.published.clone()),

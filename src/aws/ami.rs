@@ -209,3 +209,68 @@ pub async fn find_by_fingerprint(
         ))
     }))
 }
+
+/// An image as the commands that operate images judge it: its state and its tags.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ImageFacts {
+    pub id: String,
+    pub name: String,
+    /// `available`, `pending`, `failed`, `disabled`...
+    pub state: String,
+    pub tags: std::collections::BTreeMap<String, String>,
+}
+
+impl ImageFacts {
+    pub fn tag(&self, key: &str) -> Option<&str> {
+        self.tags.get(key).map(String::as_str)
+    }
+}
+
+/// The images among `ids` that EC2 still knows, disabled ones included. A deregistered id
+/// is simply absent: an `image-id` filter, unlike `ImageIds`, does not fail the whole call
+/// for one id EC2 no longer has.
+pub async fn facts(
+    clients: &Clients,
+    ids: &[String],
+) -> Result<std::collections::BTreeMap<String, ImageFacts>, AwsError> {
+    // DescribeImages takes at most 200 values in one filter.
+    const FILTER_VALUES: usize = 200;
+    let mut found = std::collections::BTreeMap::new();
+    let mut unique: Vec<&String> = ids.iter().collect();
+    unique.sort();
+    unique.dedup();
+    for chunk in unique.chunks(FILTER_VALUES) {
+        let filter = aws_sdk_ec2::types::Filter::builder()
+            .name("image-id")
+            .set_values(Some(chunk.iter().map(|id| id.to_string()).collect()))
+            .build();
+        let mut pages = clients
+            .ec2
+            .describe_images()
+            .filters(filter)
+            .include_deprecated(true)
+            .include_disabled(true)
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| AwsError::new("describe the channel's images", &e))?;
+            for image in page.images() {
+                let Some(id) = image.image_id() else { continue };
+                found.insert(
+                    id.to_string(),
+                    ImageFacts {
+                        id: id.to_string(),
+                        name: image.name().unwrap_or_default().to_string(),
+                        state: image.state().map_or("unknown", |s| s.as_str()).to_string(),
+                        tags: image
+                            .tags()
+                            .iter()
+                            .filter_map(|t| Some((t.key()?.to_string(), t.value()?.to_string())))
+                            .collect(),
+                    },
+                );
+            }
+        }
+    }
+    Ok(found)
+}

@@ -101,6 +101,7 @@ pub async fn printed_host_keys(
         return Ok(PrintedHostKeys::default());
     };
     let text = aws_smithy_types::base64::decode(encoded).map_err(|e| AwsError {
+        code: None,
         action: action(),
         detail: format!("the console output is not base64: {e}"),
     })?;

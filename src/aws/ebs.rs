@@ -174,6 +174,7 @@ pub async fn list_blocks(clients: &Clients, snapshot_id: &str) -> Result<BlockLi
             .is_some_and(|size| size as usize != BLOCK_SIZE)
         {
             return Err(AwsError {
+                code: None,
                 action: format!("ListSnapshotBlocks {snapshot_id}"),
                 detail: format!("blocks of {:?} bytes, not {BLOCK_SIZE}", page.block_size()),
             });
@@ -213,6 +214,7 @@ pub async fn get_block(
         .collect()
         .await
         .map_err(|e| AwsError {
+            code: None,
             action: action(),
             detail: format!("reading the block: {e}"),
         })?
@@ -221,6 +223,7 @@ pub async fn get_block(
     let actual = aws_smithy_types::base64::encode(Sha256::digest(&data));
     if expected.as_deref() != Some(actual.as_str()) || data.len() != BLOCK_SIZE {
         return Err(AwsError {
+            code: None,
             action: action(),
             detail: format!(
                 "the {} bytes received do not match the checksum EBS sent ({})",
@@ -278,10 +281,12 @@ pub async fn start_snapshot(clients: &Clients, new: &NewSnapshot) -> Result<Stri
     match (out.snapshot_id(), out.status()) {
         (Some(id), Some(Status::Pending) | None) => Ok(id.to_string()),
         (Some(id), Some(status)) => Err(AwsError {
+            code: None,
             action,
             detail: format!("{id} is {}, not pending", status.as_str()),
         }),
         (None, _) => Err(AwsError {
+            code: None,
             action,
             detail: "the answer holds no snapshot id".into(),
         }),
@@ -350,6 +355,7 @@ pub async fn complete_snapshot(
         .map_err(|e| AwsError::new(format!("CompleteSnapshot {snapshot_id}"), &e))?;
     match out.status() {
         Some(Status::Error) => Err(AwsError {
+            code: None,
             action: format!("CompleteSnapshot {snapshot_id}"),
             detail: "EBS answered that the snapshot is in error".into(),
         }),

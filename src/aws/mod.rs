@@ -7,6 +7,7 @@ pub mod ebs;
 pub mod host;
 pub mod kms;
 pub mod resources;
+pub mod ssm;
 pub mod wait;
 
 use aws_config::retry::RetryConfig;
@@ -76,6 +77,7 @@ impl Clients {
             .await
             .map_err(|e| AwsError::new("GetCallerIdentity", &e))?;
         out.account().map(str::to_string).ok_or_else(|| AwsError {
+            code: None,
             action: "GetCallerIdentity".into(),
             detail: "the answer names no account".into(),
         })
@@ -114,11 +116,13 @@ where
     }
 }
 
-/// An SDK call that failed, named by what it was doing.
+/// An SDK call that failed, named by what it was doing, with AWS's error code when AWS
+/// answered one, so callers tell kinds apart by code, never by text.
 #[derive(Debug, thiserror::Error)]
 #[error("{action} failed: {detail}")]
 pub struct AwsError {
     pub action: String,
+    pub code: Option<String>,
     pub detail: String,
 }
 
@@ -129,7 +133,16 @@ impl AwsError {
     {
         AwsError {
             action: action.into(),
+            code: err
+                .as_service_error()
+                .and_then(|e| e.code())
+                .map(str::to_string),
             detail: describe(err),
         }
+    }
+
+    /// Whether AWS answered with this error code.
+    pub fn is(&self, code: &str) -> bool {
+        self.code.as_deref() == Some(code)
     }
 }

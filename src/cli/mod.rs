@@ -1,8 +1,24 @@
-//! Command-line arguments. These structs stay in the binary; the library gets plain options.
+//! The command line: global flags and one file per command. Each command file holds its
+//! arguments and its `run`, which turns them into the library's plain options, calls it and
+//! prints the outcome once (`report` holds what they print alike). The argument structs stay
+//! in the binary; the library gets plain options.
 
-use std::path::PathBuf;
+pub mod bake;
+pub mod base;
+pub mod cache;
+pub mod history;
+pub mod internal;
+pub mod promote;
+mod report;
+pub mod rollback;
+pub mod validate;
+
+use std::collections::BTreeMap;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use amibake::aws::AwsOptions;
+use amibake::modes::CommonOptions;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -38,6 +54,29 @@ pub struct GlobalArgs {
     pub verbose: bool,
 }
 
+impl GlobalArgs {
+    /// What both build modes are told, from the global flags.
+    pub fn common(&self, force: bool, manifest: Option<std::path::PathBuf>) -> CommonOptions {
+        CommonOptions {
+            aws: self.aws(),
+            vars: self.var_map(),
+            force,
+            manifest,
+        }
+    }
+
+    pub fn aws(&self) -> AwsOptions {
+        AwsOptions {
+            region: self.region.clone(),
+            profile: self.profile.clone(),
+        }
+    }
+
+    pub fn var_map(&self) -> BTreeMap<String, String> {
+        self.vars.iter().cloned().collect()
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum OutputFormat {
     Human,
@@ -48,146 +87,61 @@ pub enum OutputFormat {
 pub enum Command {
     /// Build a base AMI: launch the vendor AMI, provision it over SSH, snapshot it.
     #[command(after_help = "Example:\n  amibake base templates/shop.toml --var app=shop")]
-    Base(BaseArgs),
+    Base(base::BaseArgs),
     /// Bake a deployment AMI: put a code tarball into a volume of the base AMI, chroot-style.
     #[command(
         after_help = "Example:\n  amibake bake templates/shop.toml --tarball build/shop.tar.gz --commit \"$GITHUB_SHA\""
     )]
-    Bake(BakeArgs),
+    Bake(bake::BakeArgs),
     /// Check templates without calling AWS.
     #[command(after_help = "Example:\n  amibake validate templates/*.toml")]
-    Validate(ValidateArgs),
+    Validate(validate::ValidateArgs),
     /// See and trim the base images the direct backend keeps on this machine.
     #[command(subcommand)]
-    Cache(CacheCommand),
+    Cache(cache::CacheCommand),
+    /// Show a channel's versions, newest first: AMI, state, commit, base, labels.
+    #[command(after_help = "Example:\n  amibake history /amibake/shop/deploy --limit 10")]
+    History(history::HistoryArgs),
+    /// Point a channel at an image amibake made (a new version, or a label moved).
+    #[command(
+        after_help = "Example:\n  amibake promote /amibake/shop/deploy ami-0123456789abcdef0 --label prod"
+    )]
+    Promote(promote::PromoteArgs),
+    /// Put an earlier version's image back in a channel.
+    #[command(after_help = "Example:\n  amibake rollback /amibake/shop/deploy --label prod")]
+    Rollback(rollback::RollbackArgs),
     /// Used by `bake` itself: unpack standard input into the image, from inside a sandbox.
     #[command(hide = true)]
-    InternalExtract(InternalExtractArgs),
+    InternalExtract(internal::InternalExtractArgs),
     /// Used by `bake` itself: run a provisioner's command in the image, inside a sandbox.
     #[command(hide = true)]
-    InternalSandbox(InternalSandboxArgs),
+    InternalSandbox(internal::InternalSandboxArgs),
 }
 
-#[derive(Debug, Args)]
-pub struct InternalSandboxArgs {
-    /// The mounted image to make the root.
-    #[arg(long)]
-    pub root: PathBuf,
-    /// Share the build host's network instead of having none.
-    #[arg(long)]
-    pub network: bool,
-    /// A cgroup to join first: the one that keeps the command from the host's credentials.
-    #[arg(long)]
-    pub cgroup: Option<PathBuf>,
-    /// The command and its arguments.
-    #[arg(last = true, required = true)]
-    pub command: Vec<String>,
+/// Runs one command to its exit code. The internal commands never reach here: `main` runs
+/// them before the runtime starts.
+pub async fn dispatch(cli: Cli) -> i32 {
+    let global = &cli.global;
+    match cli.command {
+        Command::Base(args) => base::run(args, global).await,
+        Command::Bake(args) => bake::run(args, global).await,
+        Command::Validate(args) => validate::run(args, &global.var_map(), global.output),
+        Command::Cache(command) => cache::run(command, global.output),
+        Command::History(args) => history::run(args, global).await,
+        Command::Promote(args) => promote::run(args, global).await,
+        Command::Rollback(args) => rollback::run(args, global).await,
+        Command::InternalExtract(_) | Command::InternalSandbox(_) => {
+            unreachable!("run before the runtime starts")
+        }
+    }
 }
 
-#[derive(Debug, Args)]
-pub struct InternalExtractArgs {
-    /// The mounted image to extract into.
-    #[arg(long)]
-    pub root: PathBuf,
-    /// The destination directory, as the image sees it.
-    #[arg(long)]
-    pub dest: String,
-    /// `user` or `user:group` of the image.
-    #[arg(long)]
-    pub owner: Option<String>,
-    /// Keep setuid and setgid bits from the tarball.
-    #[arg(long)]
-    pub keep_setuid: bool,
-}
-
-#[derive(Debug, Args)]
-pub struct BaseArgs {
-    /// The template file (TOML) with a [base] table.
-    pub template: PathBuf,
-    /// Build even if an AMI with the same fingerprint exists.
-    #[arg(long)]
-    pub force: bool,
-    /// Also write the result manifest (JSON) to this file.
-    #[arg(long, value_name = "FILE")]
-    pub manifest: Option<PathBuf>,
-    /// Let SSH in from this IPv4 CIDR (repeatable), in place of the template's `ssh_cidrs`
-    /// or this runner's own address: behind NAT, the network's public address.
-    #[arg(long = "ssh-cidr", value_name = "CIDR", value_parser = parse_cidr)]
-    pub ssh_cidrs: Vec<String>,
-}
-
-#[derive(Debug, Args)]
-pub struct BakeArgs {
-    /// The template file (TOML) with a [bake] table.
-    pub template: PathBuf,
-    /// The code to bake in: a .tar, .tar.gz or .tar.zst file, or - for standard input.
-    #[arg(long, value_name = "PATH")]
-    pub tarball: PathBuf,
-    /// The commit being baked; default: the CI's commit variable, or `git rev-parse HEAD`.
-    #[arg(long, value_name = "SHA")]
-    pub commit: Option<String>,
-    /// Bake even if an AMI with the same fingerprint exists.
-    #[arg(long)]
-    pub force: bool,
-    /// Also write the result manifest (JSON) to this file.
-    #[arg(long, value_name = "FILE")]
-    pub manifest: Option<PathBuf>,
-    /// How the image becomes a block device here: a volume attached to this EC2 build
-    /// host, or the EBS direct APIs and a loop device, anywhere. Default: attach on EC2.
-    #[arg(long, value_enum, default_value_t = Backend::Auto)]
-    pub backend: Backend,
-    #[command(flatten)]
-    pub cache: CacheDirArg,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Backend {
-    /// attach when the instance metadata service answers, else direct.
-    Auto,
-    Attach,
-    Direct,
-}
-
-#[derive(Debug, Args)]
-pub struct CacheDirArg {
-    /// Where the direct backend keeps base images; default: $XDG_CACHE_HOME/amibake, else
-    /// ~/.cache/amibake.
-    #[arg(long, value_name = "DIR")]
-    pub cache_dir: Option<PathBuf>,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum CacheCommand {
-    /// List the cached base images: snapshot, size on disk, last use.
-    #[command(after_help = "Example:\n  amibake cache ls")]
-    Ls(CacheDirArg),
-    /// Remove cached base images, all of them or those unused for a while.
-    #[command(after_help = "Example:\n  amibake cache prune --older-than 14d")]
-    Prune(CachePruneArgs),
-}
-
-#[derive(Debug, Args)]
-pub struct CachePruneArgs {
-    #[command(flatten)]
-    pub cache: CacheDirArg,
-    /// Remove only the images not used for this long (30m, 12h, 14d); default: every image.
-    #[arg(long, value_name = "AGE", value_parser = parse_age)]
-    pub older_than: Option<std::time::Duration>,
-}
-
-fn parse_age(text: &str) -> Result<std::time::Duration, String> {
+pub fn parse_age(text: &str) -> Result<std::time::Duration, String> {
     humantime::parse_duration(text)
         .map_err(|e| format!("`{text}`: {e} (for example 30m, 12h, 14d)"))
 }
 
-#[derive(Debug, Args)]
-pub struct ValidateArgs {
-    /// Template files to check.
-    #[arg(required = true)]
-    pub templates: Vec<PathBuf>,
-}
-
-fn parse_cidr(text: &str) -> Result<String, String> {
+pub fn parse_cidr(text: &str) -> Result<String, String> {
     if amibake::template::is_ipv4_cidr(text) {
         Ok(text.to_string())
     } else {

@@ -1,3 +1,8 @@
-//! Commands that run no engine steps: each reads or tidies local state and prints it.
+//! Commands that run no engine steps: each reads or tidies state, in the cloud or on this
+//! machine, and returns what it found or did for the binary to print.
 
 pub mod cache;
+pub mod channel;
+pub mod history;
+pub mod promote;
+pub mod rollback;

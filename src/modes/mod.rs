@@ -8,7 +8,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use crate::artifact;
-use crate::aws::AwsOptions;
+use crate::aws::ami::AmiError;
+use crate::aws::host::HostError;
+use crate::aws::kms::KeyError;
+use crate::aws::{AwsError, AwsOptions, NoRegion};
 use crate::engine::RunReport;
 use crate::template::{
     self, Commit, LoadOptions, Network, Provisioner, ProvisionerAction, Secrets, Template,
@@ -32,6 +35,7 @@ pub struct CommonOptions {
     pub manifest: Option<PathBuf>,
 }
 
+/// Why a run stopped before its engine ran, typed to where it is printed.
 #[derive(Debug, thiserror::Error)]
 pub enum ModeError {
     #[error(transparent)]
@@ -39,27 +43,88 @@ pub enum ModeError {
     /// Bad arguments, found before any AWS call.
     #[error("{0}")]
     Usage(String),
-    /// Failed before anything was created (metadata, AMI lookup, reading inputs).
-    #[error("{0}")]
-    Failed(String),
+    #[error(transparent)]
+    NoRegion(#[from] NoRegion),
+    /// `--backend attach` where no instance metadata answers.
+    #[error(transparent)]
+    BuildHost(#[from] Box<HostError>),
+    /// The base or source AMI could not be resolved or described.
+    #[error(transparent)]
+    Ami(#[from] AmiError),
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error(transparent)]
+    Aws(#[from] AwsError),
+    /// Local work before the first step: the tarball, a script, a work directory.
+    #[error("{what}")]
+    Local {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl ModeError {
-    /// The error with every secret value of the template masked, as every other line a run
-    /// prints is: a lookup's error may quote a name built from `${env.…}`.
-    fn masked(self, secrets: &Secrets) -> ModeError {
-        match self {
-            ModeError::Usage(text) => ModeError::Usage(secrets.mask(&text)),
-            ModeError::Failed(text) => ModeError::Failed(secrets.mask(&text)),
-            template @ ModeError::Template(_) => template,
-        }
+    pub fn local(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ModeError {
+        let what = what.into();
+        move |source| ModeError::Local { what, source }
     }
 
     pub fn exit_code(&self) -> i32 {
         match self {
             ModeError::Template(_) | ModeError::Usage(_) => crate::exit::USAGE,
-            ModeError::Failed(_) => crate::exit::BUILD_FAILED,
+            _ => crate::exit::BUILD_FAILED,
         }
+    }
+
+    /// The error as it may be printed: every secret value of the template masked, as every
+    /// other line a run prints is (a lookup's error may quote a name built from `${env.…}`).
+    fn masked(self, secrets: &Secrets) -> RunError {
+        RunError {
+            error: self,
+            secrets: secrets.clone(),
+        }
+    }
+}
+
+/// A mode's error with the template's secrets, which its text is masked with. Its text is
+/// the whole cause chain, masked; `error()` is the typed error for whoever must tell kinds
+/// apart.
+pub struct RunError {
+    error: ModeError,
+    secrets: Secrets,
+}
+
+impl RunError {
+    pub fn error(&self) -> &ModeError {
+        &self.error
+    }
+
+    pub fn exit_code(&self) -> i32 {
+        self.error.exit_code()
+    }
+}
+
+impl From<ModeError> for RunError {
+    /// An error from before the template (and its secrets) was read.
+    fn from(error: ModeError) -> RunError {
+        error.masked(&Secrets::default())
+    }
+}
+
+impl std::fmt::Display for RunError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let text = crate::engine::error_chain(&self.error);
+        f.write_str(&self.secrets.mask(&text))
+    }
+}
+
+impl std::error::Error for RunError {}
+
+impl std::fmt::Debug for RunError {
+    /// Never the secrets themselves.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RunError({self})")
     }
 }
 
@@ -92,6 +157,31 @@ fn load_for_run(
     Ok((template, build_id))
 }
 
+/// Whether the template's channel already names `image`: its newest version, and its
+/// label where it has one. True when there is no channel; a lookup that fails counts as
+/// not named, so the publish step runs and reports it.
+async fn channel_names(
+    clients: &crate::aws::Clients,
+    publish: Option<&crate::template::SsmPublish>,
+    image: &str,
+) -> bool {
+    let Some(publish) = publish else {
+        return true;
+    };
+    let mut names = vec![publish.parameter.clone()];
+    if let Some(label) = &publish.label {
+        names.push(format!("{}:{label}", publish.parameter));
+    }
+    for name in names {
+        // A label that names no version yet is a channel to publish to, not an error.
+        let value = crate::aws::ssm::value(clients, &name).await;
+        if !matches!(value, Ok(Some(v)) if v == image) {
+            return false;
+        }
+    }
+    true
+}
+
 /// The part of a fingerprint the provisioners make: commands as written, the bytes of every
 /// script and uploaded file, where files go, and the environment.
 fn provisioner_fingerprint_parts(
@@ -99,7 +189,7 @@ fn provisioner_fingerprint_parts(
 ) -> Result<Vec<(String, String)>, ModeError> {
     let digest = |path: &Path| {
         artifact::sha256_file(path)
-            .map_err(|e| ModeError::Failed(format!("cannot read {}: {e}", path.display())))
+            .map_err(ModeError::local(format!("cannot read {}", path.display())))
     };
     let mut parts = Vec::new();
     for (i, p) in provisioners.iter().enumerate() {

@@ -10,12 +10,11 @@ use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
 
 use crate::aws::resources::{self, ResourceError, Unique};
 use crate::aws::wait::WaitError;
-use crate::aws::AwsError;
-use crate::aws::Clients;
+use crate::aws::{ssm, AwsError, Clients};
 use crate::communicator::Communicator;
 use crate::engine::{BoxError, Keep, Progress, StepContext, StepError, UndoId};
 use crate::provision::{self, ProvisionError};
-use crate::template::Provisioner;
+use crate::template::{Provisioner, SsmPublish};
 
 pub fn failed(e: impl Into<BoxError>) -> StepError {
     StepError::failed(e)
@@ -116,4 +115,61 @@ pub async fn provision(
         Err(ProvisionError::Interrupted { .. }) => Err(StepError::Interrupted),
         Err(e) => Err(failed(e)),
     }
+}
+
+/// A build's publication to its channel, the same for both modes: the image as a new
+/// version (read back once Parameter Store has validated it), then the label onto it. Undone
+/// on failure by putting the parameter back as it was. `None` when the template has no
+/// channel.
+pub async fn publish(
+    clients: &Clients,
+    channel: Option<&SsmPublish>,
+    image_id: &str,
+    description: &str,
+    ctx: &mut StepContext,
+) -> Result<Option<i64>, StepError> {
+    let Some(channel) = channel else {
+        ctx.progress
+            .note("no `publish_ssm` in the template: nothing to publish");
+        return Ok(None);
+    };
+    let parameter = &channel.parameter;
+    let previous = ssm::value(clients, parameter).await.map_err(failed)?;
+    let put = ssm::put_image(clients, parameter, image_id, description, &ctx.cancel).await;
+    // A put refused up front or dropped by validation changed nothing; anything else may
+    // have written a version (an AWS error can hide a put carried out, an interrupt can come
+    // while it is validated), so that is put back too.
+    let wrote_nothing = matches!(
+        put,
+        Err(ssm::SsmError::VersionLimit { .. } | ssm::SsmError::NotAccepted { .. })
+    );
+    if !wrote_nothing {
+        let (clients, name, label) = (clients.clone(), parameter.clone(), channel.label.clone());
+        let what = match &put {
+            Ok(version) => format!("{parameter} version {version}"),
+            Err(_) => parameter.clone(),
+        };
+        ctx.undo
+            .push(what, "put the parameter back", Keep::OnSuccess, move || {
+                let restore = ssm::restore(
+                    clients.clone(),
+                    name.clone(),
+                    previous.clone(),
+                    label.clone(),
+                );
+                async move { restore.await.map_err(Into::into) }
+            });
+    }
+    let version = put.map_err(|e| match e {
+        ssm::SsmError::Interrupted { .. } => StepError::Interrupted,
+        other => failed(other),
+    })?;
+    if let Some(label) = &channel.label {
+        ssm::label(clients, parameter, version, label)
+            .await
+            .map_err(failed)?;
+    }
+    ctx.progress
+        .note(format!("{parameter} version {version} is {image_id}"));
+    Ok(Some(version))
 }

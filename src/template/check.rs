@@ -550,7 +550,7 @@ impl Checker<'_> {
             &s.root_volume_size_gb,
             &s.root_volume_type,
         );
-        let publish = self.publish(&s.publish_ssm, &s.publish_label);
+        let publish = self.publish("base", &s.publish_ssm, &s.publish_label);
         BasePlan {
             name,
             description,
@@ -589,39 +589,40 @@ impl Checker<'_> {
 
     fn publish(
         &mut self,
+        section: &str,
         parameter: &Option<Spanned<String>>,
         label: &Option<Spanned<String>>,
     ) -> Option<SsmPublish> {
         if let (None, Some(l)) = (parameter, label) {
             self.error(
                 Some(l.span()),
-                "base.publish_label",
+                &format!("{section}.publish_label"),
                 "`publish_label` labels a version of `publish_ssm`, which is not set".into(),
             );
         }
         let p = parameter.as_ref()?;
-        let name = self.text("base.publish_ssm", p);
+        let name = self.text(&format!("{section}.publish_ssm"), p);
         if !name.starts_with('/')
             || name.len() < 2
             || !name
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || "/_.-".contains(c))
         {
-            self.error(Some(p.span()), "base.publish_ssm", format!("`{name}` is not an SSM parameter name: start with `/`, use letters, digits and / _ . -"));
+            self.error(Some(p.span()), &format!("{section}.publish_ssm"), format!("`{name}` is not an SSM parameter name: start with `/`, use letters, digits and / _ . -"));
         } else if name.starts_with("/aws/") || name.starts_with("/ssm/") {
             self.error(
                 Some(p.span()),
-                "base.publish_ssm",
+                &format!("{section}.publish_ssm"),
                 format!(
-                    "`{name}` is under a prefix AWS reserves; use your own, like /amibake/APP/base"
+                    "`{name}` is under a prefix AWS reserves; use your own, like /amibake/APP/{section}"
                 ),
             );
         }
         let label = label.as_ref().map(|l| {
-            let v = self.text("base.publish_label", l);
+            let v = self.text(&format!("{section}.publish_label"), l);
             let lower = v.to_ascii_lowercase();
             if v.is_empty() || v.starts_with(|c: char| c.is_ascii_digit()) || lower.starts_with("aws") || lower.starts_with("ssm") {
-                self.error(Some(l.span()), "base.publish_label", format!("`{v}` is not a valid SSM label: it cannot be empty, start with a digit, or with aws/ssm"));
+                self.error(Some(l.span()), &format!("{section}.publish_label"), format!("`{v}` is not a valid SSM label: it cannot be empty, start with a digit, or with aws/ssm"));
             }
             v
         });
@@ -680,6 +681,7 @@ impl Checker<'_> {
             volume_type,
             volume_size_gb,
             kms_key_id: self.opt_text("bake.kms_key_id", &s.kms_key_id),
+            publish: self.publish("bake", &s.publish_ssm, &s.publish_label),
             tags: self.tags("bake", &s.tags),
             provisioners: self.provisioners("bake", &s.provisioners),
         }

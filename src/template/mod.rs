@@ -71,6 +71,7 @@ pub struct BakePlan {
     pub volume_type: Option<String>,
     pub volume_size_gb: Option<i32>,
     pub kms_key_id: Option<String>,
+    pub publish: Option<SsmPublish>,
     pub tags: BTreeMap<String, String>,
     pub provisioners: Vec<Provisioner>,
 }
@@ -82,7 +83,8 @@ pub struct ExistingKeyPair {
     pub private_key_file: PathBuf,
 }
 
-/// Where `base` publishes the new AMI id, so bakes and launch templates can `resolve:ssm:` it.
+/// A channel: the parameter each build writes its AMI id to, so bakes, launch templates and
+/// deployments `resolve:ssm:` it; and the label that marks the version in use, if any.
 #[derive(Debug, Clone, Serialize)]
 pub struct SsmPublish {
     pub parameter: String,

@@ -64,6 +64,9 @@ pub struct BakeSection {
     pub volume_type: Option<Spanned<String>>,
     pub volume_size_gb: Option<Spanned<i32>>,
     pub kms_key_id: Option<Spanned<String>>,
+    /// The deployment channel: each bake writes its AMI as a new version of this parameter.
+    pub publish_ssm: Option<Spanned<String>>,
+    pub publish_label: Option<Spanned<String>>,
     #[serde(default)]
     pub tags: BTreeMap<String, Spanned<String>>,
     #[serde(default, rename = "provisioner")]

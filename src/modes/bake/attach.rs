@@ -8,7 +8,8 @@ use async_trait::async_trait;
 use aws_sdk_ec2::types::{ResourceType, TagSpecification, VolumeType};
 
 use super::steps::{
-    ExtractTarball, MountImage, PrepareChroot, RegisterImage, RunProvisioners, UnmountImage,
+    ExtractTarball, MountImage, PrepareChroot, PublishSsm, RegisterImage, RunProvisioners,
+    UnmountImage,
 };
 use super::{Backend, BakeState};
 use crate::artifact::TAG_BUILD_ID;
@@ -34,6 +35,7 @@ pub fn steps() -> Vec<Box<dyn Step<BakeState<Attach>>>> {
         Box::new(DetachVolume),
         Box::new(SnapshotVolume),
         Box::new(RegisterImage),
+        Box::new(PublishSsm),
     ]
 }
 

@@ -9,7 +9,8 @@ use async_trait::async_trait;
 use aws_sdk_ec2::types::{ResourceType, TagSpecification};
 
 use super::steps::{
-    ExtractTarball, MountImage, PrepareChroot, RegisterImage, RunProvisioners, UnmountImage,
+    ExtractTarball, MountImage, PrepareChroot, PublishSsm, RegisterImage, RunProvisioners,
+    UnmountImage,
 };
 use super::{Backend, BakeState};
 use crate::artifact::TAG_BUILD_ID;
@@ -39,6 +40,7 @@ pub fn steps() -> Vec<Box<dyn Step<BakeState<Direct>>>> {
         Box::new(DetachLoopDevice),
         Box::new(UploadSnapshot),
         Box::new(RegisterImage),
+        Box::new(PublishSsm),
     ]
 }
 
@@ -73,6 +75,7 @@ pub async fn plan_upload(
         .await
         .map_err(|e| AwsError::new(format!("describe the base's snapshot {snapshot_id}"), &e))?;
     let snapshot = described.snapshots().first().ok_or_else(|| AwsError {
+        code: None,
         action: format!("describe the base's snapshot {snapshot_id}"),
         detail: "EC2 answered no snapshot".into(),
     })?;

@@ -16,7 +16,10 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use super::{load_for_run, provisioner_fingerprint_parts, BuildResult, CommonOptions, ModeError};
+use super::{
+    channel_names, load_for_run, provisioner_fingerprint_parts, BuildResult, CommonOptions,
+    ModeError, RunError,
+};
 use crate::artifact::{self, BakeManifest};
 use crate::aws::ami::{self, BaseImage};
 use crate::aws::host;
@@ -70,10 +73,9 @@ impl Chosen {
 
 /// Picks the backend before anything is made: the build host's identity for `attach`.
 async fn choose_backend(choice: BackendChoice) -> Result<(Chosen, String), ModeError> {
-    let failed = |e: host::HostError| ModeError::Failed(engine::error_chain(&e));
     match choice {
         BackendChoice::Attach => Ok((
-            Chosen::Attach(host::identity().await.map_err(failed)?),
+            Chosen::Attach(host::identity().await.map_err(Box::new)?),
             "backend attach (--backend attach)".into(),
         )),
         BackendChoice::Direct => Ok((Chosen::Direct, "backend direct (--backend direct)".into())),
@@ -126,6 +128,8 @@ pub struct BakeState<B> {
     /// an image still uses.
     delete_snapshot: Option<UndoId>,
     image_id: Option<String>,
+    /// The channel's version naming the image, once published.
+    ssm_version: Option<i64>,
     backend: B,
 }
 
@@ -142,7 +146,7 @@ pub async fn run(
     options: &BakeOptions,
     sink: Arc<dyn EventSink>,
     cancel: CancellationToken,
-) -> Result<BuildResult<BakeManifest>, ModeError> {
+) -> Result<BuildResult<BakeManifest>, RunError> {
     let commit = match &options.commit {
         Some(sha) => check_commit(sha)?,
         None => detect_commit().ok_or_else(|| ModeError::Usage("no commit: pass --commit SHA (no CI commit variable is set and this is not a git checkout)".into()))?,
@@ -151,7 +155,8 @@ pub async fn run(
         return Err(ModeError::Usage(format!(
             "--tarball {}: no such file",
             options.tarball.display()
-        )));
+        ))
+        .into());
     }
     let (template, build_id) = load_for_run(
         &options.template,
@@ -180,35 +185,25 @@ async fn run_loaded(
     let work = WorkDir::new(&build_id)?;
     let tarball = spool_tarball(&options.tarball, work.path())?;
 
-    let clients = Clients::new(&sdk_config(&options.common.aws).await)
-        .map_err(|e| ModeError::Failed(e.to_string()))?;
+    let clients = Clients::new(&sdk_config(&options.common.aws).await)?;
     let (backend, why_backend) = choose_backend(options.backend).await?;
     let backend_name = backend.name();
-    let base_id = ami::resolve(&clients, &plan.base_ami)
-        .await
-        .map_err(|e| ModeError::Failed(e.to_string()))?;
-    let base = ami::describe(&clients, &base_id)
-        .await
-        .map_err(|e| ModeError::Failed(e.to_string()))?;
+    let base_id = ami::resolve(&clients, &plan.base_ami).await?;
+    let base = ami::describe(&clients, &base_id).await?;
     let key_arn = match &plan.kms_key_id {
-        Some(key) => Some(
-            kms::usable_for_ebs(&clients, "bake.kms_key_id", key)
-                .await
-                .map_err(|e| ModeError::Failed(e.to_string()))?,
-        ),
+        Some(key) => Some(kms::usable_for_ebs(&clients, "bake.kms_key_id", key).await?),
         None => None,
     };
-    let tarball_sha256 = artifact::sha256_file(&tarball).map_err(|e| {
-        ModeError::Failed(format!(
-            "cannot read the tarball {}: {e}",
-            tarball.display()
-        ))
-    })?;
+    let tarball_sha256 = artifact::sha256_file(&tarball).map_err(ModeError::local(format!(
+        "cannot read the tarball {}",
+        tarball.display()
+    )))?;
     let fingerprint = fingerprint(&base.id, &tarball_sha256, &plan)?;
     let manifest = |ami_id: String,
                     snapshot_id,
                     reused: bool,
                     extracted: Extracted,
+                    ssm_version: Option<i64>,
                     report: Option<&RunReport>| {
         BakeManifest {
             ami_id,
@@ -224,23 +219,28 @@ async fn run_loaded(
             reused,
             files: extracted.files,
             bytes: extracted.bytes,
+            ssm_parameter: ssm_version.and(plan.publish.as_ref().map(|p| p.parameter.clone())),
+            ssm_version,
             step_seconds: report.map(RunReport::step_seconds).unwrap_or_default(),
         }
     };
 
+    let mut reused = None;
     if !options.common.force {
-        if let Some((id, name)) = ami::find_by_fingerprint(&clients, &fingerprint)
-            .await
-            .map_err(|e| ModeError::Failed(e.to_string()))?
-        {
-            let reused = BakeManifest {
-                name,
-                ..manifest(id, None, true, Extracted::default(), None)
-            };
-            return Ok(BuildResult {
-                manifest: Some(reused),
-                report: None,
-            });
+        if let Some((id, name)) = ami::find_by_fingerprint(&clients, &fingerprint).await? {
+            // A channel moved back or away since is published again; one that names the
+            // image already is left alone.
+            if channel_names(&clients, plan.publish.as_ref(), &id).await {
+                let reused = BakeManifest {
+                    name,
+                    ..manifest(id, None, true, Extracted::default(), None, None)
+                };
+                return Ok(BuildResult {
+                    manifest: Some(reused),
+                    report: None,
+                });
+            }
+            reused = Some((id, name));
         }
     }
 
@@ -262,19 +262,31 @@ async fn run_loaded(
         snapshot_id: None,
         delete_snapshot: None,
         image_id: None,
+        ssm_version: None,
         backend: (),
     };
     let sink = engine::Masked::wrap(sink, &secrets);
-    sink.emit(&engine::Event::Note {
-        step: String::new(),
-        message: why_backend,
-    });
-    let (report, built) = match backend {
-        Chosen::Attach(host) => {
+    let (report, built) = match (reused.as_ref(), backend) {
+        (Some((id, _)), _) => {
+            let state = BakeState {
+                image_id: Some(id.clone()),
+                ..shared
+            };
+            execute(vec![Box::new(steps::PublishSsm)], state, sink, cancel).await
+        }
+        (None, Chosen::Attach(host)) => {
+            sink.emit(&engine::Event::Note {
+                step: String::new(),
+                message: why_backend,
+            });
             let attach = attach::Attach::new(host, lock_dir());
             execute(attach::steps(), shared.with_backend(attach), sink, cancel).await
         }
-        Chosen::Direct => {
+        (None, Chosen::Direct) => {
+            sink.emit(&engine::Event::Note {
+                step: String::new(),
+                message: why_backend,
+            });
             let cache = match &options.cache_dir {
                 Some(dir) => ImageCache::new(dir),
                 None => ImageCache::new(ImageCache::default_dir().ok_or_else(|| {
@@ -284,20 +296,30 @@ async fn run_loaded(
                     )
                 })?),
             };
-            let upload = direct::plan_upload(&clients, &base, key_arn.as_deref())
-                .await
-                .map_err(|e| ModeError::Failed(e.to_string()))?;
+            let upload = direct::plan_upload(&clients, &base, key_arn.as_deref()).await?;
             let direct = direct::Direct::new(cache, upload);
             execute(direct::steps(), shared.with_backend(direct), sink, cancel).await
         }
     };
     let report = report.masked(&secrets);
-    let manifest = match (&report.outcome, built.image_id) {
-        (engine::Outcome::Succeeded, Some(image)) => Some(manifest(
+    let manifest = match (&report.outcome, built.image_id, reused) {
+        (engine::Outcome::Succeeded, Some(image), Some((_, name))) => Some(BakeManifest {
+            name,
+            ..manifest(
+                image,
+                None,
+                true,
+                Extracted::default(),
+                built.ssm_version,
+                Some(&report),
+            )
+        }),
+        (engine::Outcome::Succeeded, Some(image), None) => Some(manifest(
             image,
             built.snapshot_id,
             false,
             built.extracted,
+            built.ssm_version,
             Some(&report),
         )),
         _ => None,
@@ -313,9 +335,10 @@ struct Built {
     image_id: Option<String>,
     snapshot_id: Option<String>,
     extracted: Extracted,
+    ssm_version: Option<i64>,
 }
 
-async fn execute<B: Backend>(
+async fn execute<B: Send>(
     steps: Vec<Box<dyn engine::Step<BakeState<B>>>>,
     mut state: BakeState<B>,
     sink: Arc<dyn EventSink>,
@@ -327,6 +350,7 @@ async fn execute<B: Backend>(
         image_id: state.image_id,
         snapshot_id: state.snapshot_id,
         extracted: state.extracted,
+        ssm_version: state.ssm_version,
     };
     (report, built)
 }
@@ -352,6 +376,7 @@ impl BakeState<()> {
             snapshot_id: self.snapshot_id,
             delete_snapshot: self.delete_snapshot,
             image_id: self.image_id,
+            ssm_version: self.ssm_version,
             backend,
         }
     }
@@ -399,7 +424,7 @@ impl WorkDir {
         let dir = tempfile::Builder::new()
             .prefix(&format!("amibake-{build_id}-"))
             .tempdir()
-            .map_err(|e| ModeError::Failed(format!("cannot make a work directory: {e}")))?;
+            .map_err(ModeError::local("cannot make a work directory"))?;
         Ok(WorkDir(dir.keep()))
     }
 
@@ -425,9 +450,9 @@ fn spool_tarball(tarball: &Path, work: &Path) -> Result<PathBuf, ModeError> {
     }
     let path = work.join(STDIN_TARBALL);
     let mut file = std::fs::File::create(&path)
-        .map_err(|e| ModeError::Failed(format!("cannot keep the tarball from stdin: {e}")))?;
+        .map_err(ModeError::local("cannot keep the tarball from stdin"))?;
     std::io::copy(&mut std::io::stdin().lock(), &mut file)
-        .map_err(|e| ModeError::Failed(format!("cannot read the tarball from stdin: {e}")))?;
+        .map_err(ModeError::local("cannot read the tarball from stdin"))?;
     Ok(path)
 }
 

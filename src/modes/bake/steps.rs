@@ -11,7 +11,7 @@ use aws_sdk_ec2::types::{
 };
 
 use crate::modes::support::{
-    created_or_found, earlier, failed, provision, tags, undo_now, undo_with, waited,
+    created_or_found, earlier, failed, provision, publish, tags, undo_now, undo_with, waited,
 };
 
 use super::{Backend, BakeState};
@@ -290,6 +290,32 @@ impl<B: Backend> Step<BakeState<B>> for RegisterImage {
         wait_image(&s.clients, &image_id, &ctx.cancel, &ctx.progress)
             .await
             .map_err(waited)
+    }
+}
+
+/// The new image as the newest version of the template's channel.
+pub struct PublishSsm;
+
+#[async_trait]
+impl<B: Send + Sync> Step<BakeState<B>> for PublishSsm {
+    fn name(&self) -> &'static str {
+        "publish to ssm"
+    }
+    async fn run(&self, s: &mut BakeState<B>, ctx: &mut StepContext) -> Result<(), StepError> {
+        let image_id = earlier(&s.image_id, "image")?;
+        let description = format!(
+            "{} commit {} (amibake build {})",
+            s.plan.name, s.commit, s.build_id
+        );
+        s.ssm_version = publish(
+            &s.clients,
+            s.plan.publish.as_ref(),
+            &image_id,
+            &description,
+            ctx,
+        )
+        .await?;
+        Ok(())
     }
 }
 

@@ -12,7 +12,10 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use super::{load_for_run, provisioner_fingerprint_parts, BuildResult, CommonOptions, ModeError};
+use super::{
+    channel_names, load_for_run, provisioner_fingerprint_parts, BuildResult, CommonOptions,
+    ModeError, RunError,
+};
 use crate::artifact::{self, BaseManifest};
 use crate::aws::ami::{self, BaseImage};
 use crate::aws::{sdk_config, Clients};
@@ -78,7 +81,7 @@ pub async fn run(
     options: &BaseOptions,
     sink: Arc<dyn EventSink>,
     cancel: CancellationToken,
-) -> Result<BuildResult<BaseManifest>, ModeError> {
+) -> Result<BuildResult<BaseManifest>, RunError> {
     // [base] never has a commit; a [bake] table beside it is still checked, with a stand-in.
     let (template, build_id) = load_for_run(
         &options.template,
@@ -112,14 +115,9 @@ async fn run_loaded(
         }
         plan.ssh_cidrs = Some(options.ssh_cidrs.clone());
     }
-    let clients = Clients::new(&sdk_config(&options.common.aws).await)
-        .map_err(|e| ModeError::Failed(e.to_string()))?;
-    let source_id = ami::resolve(&clients, &plan.source_ami)
-        .await
-        .map_err(|e| ModeError::Failed(e.to_string()))?;
-    let source = ami::describe(&clients, &source_id)
-        .await
-        .map_err(|e| ModeError::Failed(e.to_string()))?;
+    let clients = Clients::new(&sdk_config(&options.common.aws).await)?;
+    let source_id = ami::resolve(&clients, &plan.source_ami).await?;
+    let source = ami::describe(&clients, &source_id).await?;
     let fingerprint = fingerprint(&source.id, &plan)?;
     let manifest = |ami_id: String, name: String, reused, state: Option<&BaseState>| BaseManifest {
         ami_id,
@@ -139,10 +137,7 @@ async fn run_loaded(
 
     let mut reused = None;
     if !options.common.force {
-        if let Some((id, name)) = ami::find_by_fingerprint(&clients, &fingerprint)
-            .await
-            .map_err(|e| ModeError::Failed(e.to_string()))?
-        {
+        if let Some((id, name)) = ami::find_by_fingerprint(&clients, &fingerprint).await? {
             // A channel moved back or away since is published again; one that names the
             // image already is left alone.
             if channel_names(&clients, plan.publish.as_ref(), &id).await {
@@ -203,31 +198,6 @@ async fn run_loaded(
     })
 }
 
-/// Whether the template's channel already names `image`: its newest version, and its
-/// label where it has one. True when there is no channel; a lookup that fails counts as
-/// not named, so the publish step runs and reports it.
-async fn channel_names(
-    clients: &Clients,
-    publish: Option<&crate::template::SsmPublish>,
-    image: &str,
-) -> bool {
-    let Some(publish) = publish else {
-        return true;
-    };
-    let mut names = vec![publish.parameter.clone()];
-    if let Some(label) = &publish.label {
-        names.push(format!("{}:{label}", publish.parameter));
-    }
-    for name in names {
-        // A label that names no version yet is a channel to publish to, not an error.
-        let value = crate::aws::resources::parameter_value(clients, &name).await;
-        if !matches!(value, Ok(Some(v)) if v == image) {
-            return false;
-        }
-    }
-    true
-}
-
 /// What decides the image's content: the source AMI, how the instance is launched, and
 /// every provisioner with the bytes of its script or file. Not the name, description, tags
 /// or where it is published, which change without changing the image.
@@ -273,7 +243,7 @@ impl KeyDir {
             .prefix(&format!("amibake-{build_id}-key-"))
             .tempdir_in(parent)
             .map(KeyDir)
-            .map_err(|e| ModeError::Failed(format!("cannot make a private key directory: {e}")))
+            .map_err(ModeError::local("cannot make a private key directory"))
     }
 
     fn path(&self) -> &Path {

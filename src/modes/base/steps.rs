@@ -11,7 +11,6 @@ use aws_sdk_ec2::types::{
     InstanceNetworkInterfaceSpecification, InstanceType, IpPermission, IpRange, KeyType,
     ResourceType, TagSpecification, VolumeType,
 };
-use aws_sdk_ssm::types::ParameterType;
 use tokio::time::Instant;
 
 use super::BaseState;
@@ -21,7 +20,7 @@ use crate::aws::{console, AwsError};
 use crate::communicator::ssh::{HostKey, Ssh, SshTarget};
 use crate::engine::{Keep, Step, StepContext, StepError};
 use crate::modes::support::{
-    created_or_found, earlier, failed, provision, tags, undo_with, waited,
+    created_or_found, earlier, failed, provision, publish, tags, undo_with, waited,
 };
 use crate::template::SshInterface;
 
@@ -701,69 +700,16 @@ impl Step<BaseState> for PublishSsm {
         "publish to ssm"
     }
     async fn run(&self, s: &mut BaseState, ctx: &mut StepContext) -> Result<(), StepError> {
-        let Some(publish) = s.plan.publish.clone() else {
-            ctx.progress
-                .note("no `publish_ssm` in the template: nothing to publish");
-            return Ok(());
-        };
         let image_id = earlier(&s.image_id, "image")?;
-        let parameter = &publish.parameter;
-        let previous = resources::parameter_value(&s.clients, parameter)
-            .await
-            .map_err(failed)?;
-        let out = s
-            .clients
-            .ssm
-            .put_parameter()
-            .name(parameter)
-            .value(&image_id)
-            .r#type(ParameterType::String)
-            .data_type("aws:ec2:image")
-            .overwrite(true)
-            .description(format!("{} (amibake build {})", s.plan.name, s.build_id))
-            .send()
-            .await
-            .map_err(|e| {
-                failed(AwsError::new(
-                    format!("publish {image_id} to {parameter}"),
-                    &e,
-                ))
-            })?;
-        let version = out.version();
-        s.ssm_version = Some(version);
-        let (clients, name, label) = (s.clients.clone(), parameter.clone(), publish.label.clone());
-        ctx.undo.push(
-            format!("{parameter} version {version}"),
-            "put the parameter back",
-            Keep::OnSuccess,
-            move || {
-                let restore = resources::restore_parameter(
-                    clients.clone(),
-                    name.clone(),
-                    previous.clone(),
-                    label.clone(),
-                );
-                async move { restore.await.map_err(Into::into) }
-            },
-        );
-        if let Some(label) = &publish.label {
-            s.clients
-                .ssm
-                .label_parameter_version()
-                .name(parameter)
-                .parameter_version(version)
-                .labels(label)
-                .send()
-                .await
-                .map_err(|e| {
-                    failed(AwsError::new(
-                        format!("label {parameter} version {version} `{label}`"),
-                        &e,
-                    ))
-                })?;
-        }
-        ctx.progress
-            .note(format!("{parameter} version {version} is {image_id}"));
+        let description = format!("{} (amibake build {})", s.plan.name, s.build_id);
+        s.ssm_version = publish(
+            &s.clients,
+            s.plan.publish.as_ref(),
+            &image_id,
+            &description,
+            ctx,
+        )
+        .await?;
         Ok(())
     }
 }

@@ -1,0 +1,79 @@
+//! `amibake bake TEMPLATE --tarball X`: a deployment AMI from the base AMI and a code tarball.
+
+use std::path::PathBuf;
+
+use clap::{Args, ValueEnum};
+
+use amibake::exit;
+use amibake::modes::bake;
+
+use super::cache::CacheDirArg;
+use super::{report, GlobalArgs};
+
+#[derive(Debug, Args)]
+pub struct BakeArgs {
+    /// The template file (TOML) with a [bake] table.
+    pub template: PathBuf,
+    /// The code to bake in: a .tar, .tar.gz or .tar.zst file, or - for standard input.
+    #[arg(long, value_name = "PATH")]
+    pub tarball: PathBuf,
+    /// The commit being baked; default: the CI's commit variable, or `git rev-parse HEAD`.
+    #[arg(long, value_name = "SHA")]
+    pub commit: Option<String>,
+    /// Bake even if an AMI with the same fingerprint exists.
+    #[arg(long)]
+    pub force: bool,
+    /// Also write the result manifest (JSON) to this file.
+    #[arg(long, value_name = "FILE")]
+    pub manifest: Option<PathBuf>,
+    /// How the image becomes a block device here: a volume attached to this EC2 build
+    /// host, or the EBS direct APIs and a loop device, anywhere. Default: attach on EC2.
+    #[arg(long, value_enum, default_value_t = Backend::Auto)]
+    pub backend: Backend,
+    #[command(flatten)]
+    pub cache: CacheDirArg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Backend {
+    /// attach when the instance metadata service answers, else direct.
+    Auto,
+    Attach,
+    Direct,
+}
+
+impl From<Backend> for bake::BackendChoice {
+    fn from(backend: Backend) -> bake::BackendChoice {
+        match backend {
+            Backend::Auto => bake::BackendChoice::Auto,
+            Backend::Attach => bake::BackendChoice::Attach,
+            Backend::Direct => bake::BackendChoice::Direct,
+        }
+    }
+}
+
+pub async fn run(args: BakeArgs, global: &GlobalArgs) -> i32 {
+    let amibake_exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => {
+            eprintln!("error: cannot find the amibake binary to run the extraction with: {e}");
+            return exit::BUILD_FAILED;
+        }
+    };
+    let options = bake::BakeOptions {
+        template: args.template,
+        tarball: args.tarball,
+        commit: args.commit,
+        common: global.common(args.force, args.manifest.clone()),
+        amibake_exe,
+        backend: args.backend.into(),
+        cache_dir: args.cache.cache_dir,
+    };
+    let Some(watch) = report::watch_run(global) else {
+        return exit::BUILD_FAILED;
+    };
+    match bake::run(&options, watch.sink.clone(), watch.cancel.clone()).await {
+        Ok(result) => report::build(result, global.output, args.manifest.as_deref(), &watch),
+        Err(e) => report::error(e),
+    }
+}

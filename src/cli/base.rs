@@ -1,0 +1,40 @@
+//! `amibake base TEMPLATE`: a base AMI from a vendor AMI, provisioned over SSH.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use amibake::modes::base;
+
+use super::{parse_cidr, report, GlobalArgs};
+
+#[derive(Debug, Args)]
+pub struct BaseArgs {
+    /// The template file (TOML) with a [base] table.
+    pub template: PathBuf,
+    /// Build even if an AMI with the same fingerprint exists.
+    #[arg(long)]
+    pub force: bool,
+    /// Also write the result manifest (JSON) to this file.
+    #[arg(long, value_name = "FILE")]
+    pub manifest: Option<PathBuf>,
+    /// Let SSH in from this IPv4 CIDR (repeatable), in place of the template's `ssh_cidrs`
+    /// or this runner's own address: behind NAT, the network's public address.
+    #[arg(long = "ssh-cidr", value_name = "CIDR", value_parser = parse_cidr)]
+    pub ssh_cidrs: Vec<String>,
+}
+
+pub async fn run(args: BaseArgs, global: &GlobalArgs) -> i32 {
+    let options = base::BaseOptions {
+        template: args.template,
+        common: global.common(args.force, args.manifest.clone()),
+        ssh_cidrs: args.ssh_cidrs,
+    };
+    let Some(watch) = report::watch_run(global) else {
+        return amibake::exit::BUILD_FAILED;
+    };
+    match base::run(&options, watch.sink.clone(), watch.cancel.clone()).await {
+        Ok(result) => report::build(result, global.output, args.manifest.as_deref(), &watch),
+        Err(e) => report::error(e),
+    }
+}

@@ -1,0 +1,76 @@
+//! The hidden commands `bake` runs itself as, inside a sandbox. They fork, so `main` runs
+//! them before the async runtime starts.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use amibake::exit;
+use amibake::host::{credential_guard, extract, sandbox};
+
+#[derive(Debug, Args)]
+pub struct InternalSandboxArgs {
+    /// The mounted image to make the root.
+    #[arg(long)]
+    pub root: PathBuf,
+    /// Share the build host's network instead of having none.
+    #[arg(long)]
+    pub network: bool,
+    /// A cgroup to join first: the one that keeps the command from the host's credentials.
+    #[arg(long)]
+    pub cgroup: Option<PathBuf>,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct InternalExtractArgs {
+    /// The mounted image to extract into.
+    #[arg(long)]
+    pub root: PathBuf,
+    /// The destination directory, as the image sees it.
+    #[arg(long)]
+    pub dest: String,
+    /// `user` or `user:group` of the image.
+    #[arg(long)]
+    pub owner: Option<String>,
+    /// Keep setuid and setgid bits from the tarball.
+    #[arg(long)]
+    pub keep_setuid: bool,
+}
+
+/// Unpacks standard input into the image; the exit code is the process's.
+pub fn extract(args: &InternalExtractArgs) -> i32 {
+    let spec = extract::ExtractSpec {
+        dest: args.dest.clone(),
+        owner: args.owner.clone(),
+        keep_setuid: args.keep_setuid,
+    };
+    match extract::child_main(&args.root, &spec) {
+        Ok(_) => exit::OK,
+        Err(e) => {
+            eprintln!("error: {e}");
+            exit::BUILD_FAILED
+        }
+    }
+}
+
+/// Becomes the provisioner's command, confined to the image.
+pub fn sandbox(args: &InternalSandboxArgs) -> ! {
+    // Joined before anything else runs, so nothing the command starts is outside it.
+    if let Some(cgroup) = &args.cgroup {
+        if let Err(e) = credential_guard::join(cgroup) {
+            eprintln!("error: {e}");
+            std::process::exit(exit::BUILD_FAILED);
+        }
+    }
+    let purpose = sandbox::Purpose::Provision {
+        network: args.network,
+    };
+    if let Err(e) = sandbox::enter(&args.root, purpose) {
+        eprintln!("error: {e}");
+        std::process::exit(exit::BUILD_FAILED);
+    }
+    sandbox::run_and_exit(&args.command)
+}
