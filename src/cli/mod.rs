@@ -9,6 +9,7 @@ pub mod cache;
 pub mod history;
 pub mod internal;
 pub mod promote;
+pub mod prune;
 mod report;
 pub mod rollback;
 pub mod validate;
@@ -107,6 +108,11 @@ pub enum Command {
         after_help = "Example:\n  amibake promote /amibake/shop/deploy ami-0123456789abcdef0 --label prod"
     )]
     Promote(promote::PromoteArgs),
+    /// Remove old images amibake made that nothing uses (a dry run unless --apply).
+    #[command(
+        after_help = "Example:\n  amibake prune templates/shop.toml --keep 10 --older-than 30d --apply"
+    )]
+    Prune(prune::PruneArgs),
     /// Put an earlier version's image back in a channel.
     #[command(after_help = "Example:\n  amibake rollback /amibake/shop/deploy --label prod")]
     Rollback(rollback::RollbackArgs),
@@ -130,6 +136,7 @@ pub async fn dispatch(cli: Cli) -> i32 {
         Command::History(args) => history::run(args, global).await,
         Command::Promote(args) => promote::run(args, global).await,
         Command::Rollback(args) => rollback::run(args, global).await,
+        Command::Prune(args) => prune::run(args, global).await,
         Command::InternalExtract(_) | Command::InternalSandbox(_) => {
             unreachable!("run before the runtime starts")
         }

@@ -5,4 +5,5 @@ pub mod cache;
 pub mod channel;
 pub mod history;
 pub mod promote;
+pub mod prune;
 pub mod rollback;

@@ -1,0 +1,282 @@
+//! `amibake prune` through the real binary on the local cloud: ten bakes, of which only
+//! what nothing uses goes, and a dry run that changes nothing.
+
+mod util;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use util::localcloud::LocalCloud;
+use util::tarballs::{gzip, tarball};
+use util::Run;
+
+const CHANNEL: &str = "/amibake/shop/deploy";
+
+fn amibake(cloud: &LocalCloud, dir: &Path, args: &[&str]) -> Run {
+    let output = cloud
+        .amibake(dir)
+        .env("TMPDIR", dir)
+        .args(args)
+        .output()
+        .unwrap();
+    Run {
+        command: format!("amibake {args:?}"),
+        output,
+    }
+}
+
+fn bake(cloud: &LocalCloud, dir: &Path, commit: &str) -> (String, String) {
+    let tar = tarball(|b| {
+        let body = format!("{commit}\n");
+        let mut header = tar::Header::new_gnu();
+        header.set_size(body.len() as u64);
+        header.set_mode(0o644);
+        b.append_data(&mut header, "REVISION", body.as_bytes())
+            .unwrap();
+    });
+    std::fs::write(dir.join("app.tar.gz"), gzip(&tar)).unwrap();
+    let run = amibake(
+        cloud,
+        dir,
+        &[
+            "bake",
+            "shop.toml",
+            "--tarball",
+            "app.tar.gz",
+            "--commit",
+            commit,
+        ],
+    );
+    run.expect_code(0);
+    let manifest: serde_json::Value = serde_json::from_str(run.stdout().trim()).unwrap();
+    (
+        manifest["ami_id"].as_str().unwrap().to_string(),
+        manifest["snapshot_id"].as_str().unwrap().to_string(),
+    )
+}
+
+/// The mutating calls in a stretch of the call log: anything but reads.
+fn mutating(calls: &[serde_json::Value]) -> Vec<String> {
+    calls
+        .iter()
+        .filter_map(|c| c["action"].as_str())
+        .filter(|a| !["Describe", "Get", "List"].iter().any(|p| a.starts_with(p)))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn prune_keeps_what_is_used_and_the_newest_and_removes_the_rest_with_their_snapshots() {
+    let cloud = LocalCloud::start("quick");
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let vendor = cloud.ls()["vendor_amis"]["partitioned"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    std::fs::write(
+        dir.join("shop.toml"),
+        format!(
+            "[bake]\nname = \"shop-${{commit}}-${{timestamp}}\"\nbase_ami = \"{vendor}\"\n\
+             dest = \"/srv/shop\"\npublish_ssm = \"{CHANNEL}\"\n"
+        ),
+    )
+    .unwrap();
+    // Ten bakes, oldest first; a name a different template would make, which prune leaves.
+    let baked: Vec<(String, String)> = (1..=10)
+        .map(|n| bake(&cloud, dir, &format!("c0mm1t{n:02}")))
+        .collect();
+    let ami = |n: usize| baked[n - 1].0.clone();
+    std::fs::write(
+        dir.join("other.toml"),
+        format!(
+            "[bake]\nname = \"other-${{commit}}\"\nbase_ami = \"{vendor}\"\ndest = \"/srv/other\"\n"
+        ),
+    )
+    .unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let clients = runtime.block_on(cloud.clients());
+    // What still uses some of them: a launch template the oldest, a label the fourth, an
+    // instance the fifth.
+    runtime.block_on(async {
+        clients
+            .ec2
+            .create_launch_template()
+            .launch_template_name("shop-web")
+            .launch_template_data(
+                aws_sdk_ec2::types::RequestLaunchTemplateData::builder()
+                    .image_id(ami(1))
+                    .instance_type(aws_sdk_ec2::types::InstanceType::T3Small)
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap();
+        clients
+            .ec2
+            .run_instances()
+            .image_id(ami(5))
+            .instance_type(aws_sdk_ec2::types::InstanceType::T3Small)
+            .min_count(1)
+            .max_count(1)
+            .send()
+            .await
+            .unwrap();
+    });
+    amibake(
+        &cloud,
+        dir,
+        &["promote", CHANNEL, &ami(4), "--label", "prod"],
+    )
+    .expect_code(0);
+
+    // The dry run says what it would do and does nothing.
+    let calls_before = cloud.calls().len();
+    let dry = amibake(&cloud, dir, &["prune", "shop.toml", "--keep", "2"]);
+    dry.expect_code(0);
+    assert_eq!(
+        mutating(&cloud.calls()[calls_before..]),
+        Vec::<String>::new()
+    );
+    let judged: serde_json::Value = serde_json::from_str(dry.stdout().trim()).unwrap();
+    assert_eq!(judged["apply"], false);
+    let images = judged["images"].as_array().unwrap();
+    assert_eq!(images.len(), 10, "only this template's images: {judged}");
+    let decided = |decision: &str| -> BTreeSet<String> {
+        images
+            .iter()
+            .filter(|i| i["decision"] == decision)
+            .map(|i| i["ami_id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let kept: BTreeSet<String> = [1, 4, 5, 9, 10].into_iter().map(ami).collect();
+    let removed: BTreeSet<String> = [2, 3, 6, 7, 8].into_iter().map(ami).collect();
+    assert_eq!(decided("keep"), kept);
+    assert_eq!(decided("remove"), removed);
+    let reasons = |n: usize| -> String {
+        let image = images
+            .iter()
+            .find(|i| i["ami_id"] == ami(n).as_str())
+            .unwrap();
+        image["reasons"].to_string()
+    };
+    assert!(
+        reasons(1).contains("launch template shop-web")
+            || reasons(1).contains("ec2:LaunchTemplate"),
+        "{}",
+        reasons(1)
+    );
+    assert!(reasons(4).contains("label `prod`"), "{}", reasons(4));
+    assert!(reasons(5).contains("ec2:Instance"), "{}", reasons(5));
+    assert!(reasons(10).contains("newest 2"), "{}", reasons(10));
+    assert!(reasons(3).contains("nothing uses it"), "{}", reasons(3));
+    let human = std::process::Command::new(env!("CARGO_BIN_EXE_amibake"))
+        .current_dir(dir)
+        .envs(cloud.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .args(["prune", "shop.toml", "--keep", "2"])
+        .output()
+        .unwrap();
+    let human = String::from_utf8_lossy(&human.stdout).to_string();
+    assert!(
+        human.contains(&format!("would deregister {}", ami(3))),
+        "{human}"
+    );
+    assert!(
+        human.ends_with("dry run: 5 of 10 images would be deregistered; run again with --apply\n"),
+        "{human}"
+    );
+
+    // Applied: exactly those go, with their snapshots; the rest stay whole.
+    let applied = amibake(
+        &cloud,
+        dir,
+        &["prune", "shop.toml", "--keep", "2", "--apply"],
+    );
+    applied.expect_code(0);
+    let listing = cloud.ls();
+    let snapshots: BTreeSet<String> = listing["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap().to_string())
+        .collect();
+    let images: BTreeSet<String> = runtime
+        .block_on(clients.ec2.describe_images().owners("self").send())
+        .unwrap()
+        .images()
+        .iter()
+        .map(|i| i.image_id().unwrap().to_string())
+        .collect();
+    for (n, (image, snapshot)) in baked.iter().enumerate() {
+        let stays = kept.contains(image);
+        assert_eq!(images.contains(image), stays, "image {} ({image})", n + 1);
+        assert_eq!(
+            snapshots.contains(snapshot),
+            stays,
+            "snapshot of {} ({snapshot})",
+            n + 1
+        );
+    }
+
+    // Disable and deprecate instead: with --keep 1 the ninth is no longer kept.
+    let run = amibake(
+        &cloud,
+        dir,
+        &["prune", "shop.toml", "--keep", "1", "--disable", "--apply"],
+    );
+    run.expect_code(0);
+    let state = |id: &str| {
+        runtime
+            .block_on(
+                clients
+                    .ec2
+                    .describe_images()
+                    .image_ids(id)
+                    .include_disabled(true)
+                    .send(),
+            )
+            .unwrap()
+            .images()[0]
+            .clone()
+    };
+    assert_eq!(state(&ami(9)).state().unwrap().as_str(), "disabled");
+    assert_eq!(state(&ami(10)).state().unwrap().as_str(), "available");
+    amibake(
+        &cloud,
+        dir,
+        &[
+            "prune",
+            "shop.toml",
+            "--keep",
+            "1",
+            "--deprecate",
+            "--apply",
+        ],
+    )
+    .expect_code(0);
+    assert!(state(&ami(9)).deprecation_time().is_some());
+    assert!(state(&ami(10)).deprecation_time().is_none());
+
+    // Bad selections are refused before any call.
+    amibake(&cloud, dir, &["prune", "--keep", "2"]).expect_code(2);
+    amibake(
+        &cloud,
+        dir,
+        &[
+            "prune",
+            "shop.toml",
+            "--keep",
+            "2",
+            "--disable",
+            "--deprecate",
+        ],
+    )
+    .expect_code(2);
+    let short = amibake(&cloud, dir, &["prune", "--name-prefix", "s", "--keep", "2"]);
+    short.expect_code(2);
+    assert!(
+        short.stderr().contains("`s` is too short"),
+        "{}",
+        short.dump()
+    );
+}
