@@ -14,6 +14,12 @@ pub const TAG_COMMIT: &str = "amibake:commit";
 pub const TAG_TARBALL_SHA256: &str = "amibake:tarball-sha256";
 pub const TAG_BASE_AMI: &str = "amibake:base-ami";
 pub const TAG_SOURCE_AMI: &str = "amibake:source-ami";
+/// `building` from the create call on, `finished` once the run got past its last step: only
+/// a finished image is an artifact, reused by a later run with its fingerprint and left
+/// alone by `gc`. (Images from before this tag have none, and count as finished.)
+pub const TAG_STATE: &str = "amibake:state";
+pub const STATE_BUILDING: &str = "building";
+pub const STATE_FINISHED: &str = "finished";
 
 /// SHA-256 of a file, as lowercase hex.
 pub fn sha256_file(path: &Path) -> std::io::Result<String> {

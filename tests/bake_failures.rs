@@ -162,6 +162,7 @@ fn every_failure_of_a_bake_cleans_up_and_says_where() {
         ("ec2", "DescribeSnapshots", 0, Some("snapshot")),
         ("ec2", "RegisterImage", 0, Some("register image")),
         ("ec2", "DescribeImages", 1, Some("register image")),
+        ("ec2", "CreateTags", 0, Some("mark finished")),
     ];
     for (service, action, after, step) in cases {
         let injected = cloud.fail_once(service, action, *after);

@@ -251,7 +251,7 @@ fn every_failure_of_a_base_build_cleans_up_and_says_where() {
         ("ec2", "StopInstances", 0, Some("stop instance")),
         ("ec2", "CreateImage", 0, Some("create image")),
         ("ec2", "DescribeImages", 1, Some("create image")),
-        ("ec2", "CreateTags", 0, Some("create image")),
+        ("ec2", "CreateTags", 0, Some("mark finished")),
         ("ssm", "GetParameter", 1, Some("publish to ssm")),
         ("ssm", "PutParameter", 0, Some("publish to ssm")),
         ("ssm", "LabelParameterVersion", 0, Some("publish to ssm")),
@@ -407,7 +407,7 @@ fn every_failure_of_a_base_build_cleans_up_and_says_where() {
     // such a system waits before it kills, and everything made so far is removed. Each
     // step is held in its first call (or its running command) while the signal lands, so
     // the step named is exactly the one signalled.
-    const STEPS: [(&str, &str); 8] = [
+    const STEPS: [(&str, &str); 9] = [
         ("create key pair", "CreateKeyPair"),
         ("create security group", "CreateSecurityGroup"),
         ("launch instance", "RunInstances"),
@@ -415,6 +415,7 @@ fn every_failure_of_a_base_build_cleans_up_and_says_where() {
         ("run provisioners", ""),
         ("stop instance", "StopInstances"),
         ("create image", "CreateImage"),
+        ("mark finished", "CreateTags"),
         ("publish to ssm", "PutParameter"),
     ];
     /// The CI's grace between SIGTERM and SIGKILL.

@@ -5,7 +5,7 @@ use aws_sdk_ec2::types::{
 };
 
 use super::{AwsError, Clients};
-use crate::artifact::TAG_FINGERPRINT;
+use crate::artifact::{STATE_BUILDING, TAG_FINGERPRINT, TAG_STATE};
 use crate::template::{AmiFilter, AmiRef, SsmSelector};
 
 /// A base AMI as `bake` needs it: where its root is, and everything RegisterImage must copy.
@@ -202,7 +202,13 @@ pub async fn find_by_fingerprint(
         .send()
         .await
         .map_err(|e| AwsError::new("look for an identical earlier build", &e))?;
-    Ok(out.images().iter().find_map(|i| {
+    // Only a finished run's image: a killed run's may lack what came after it.
+    let building = |i: &Image| {
+        i.tags()
+            .iter()
+            .any(|t| t.key() == Some(TAG_STATE) && t.value() == Some(STATE_BUILDING))
+    };
+    Ok(out.images().iter().filter(|i| !building(i)).find_map(|i| {
         Some((
             i.image_id()?.to_string(),
             i.name().unwrap_or_default().to_string(),

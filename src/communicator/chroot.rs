@@ -66,6 +66,7 @@ impl Chroot {
             .env("HOME", "/root")
             .env("LANG", "C.UTF-8");
         command.envs(env).kill_on_drop(true);
+        crate::host::sandbox::die_with_parent(&mut command);
         Ok((command, guard))
     }
 }

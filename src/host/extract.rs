@@ -672,6 +672,7 @@ pub async fn extract_into_image(
     use tokio::io::AsyncBufReadExt;
 
     let mut command = tokio::process::Command::new(amibake_exe);
+    super::sandbox::die_with_parent(&mut command);
     command
         .arg("internal-extract")
         .arg("--root")

@@ -10,4 +10,5 @@ pub mod image_cache;
 pub mod image_root;
 pub mod loop_device;
 pub mod mount;
+pub mod run_lock;
 pub mod sandbox;

@@ -199,7 +199,23 @@ fn processes_left() -> Vec<String> {
         .collect()
 }
 
+/// Makes the process `command` starts die with the thread that starts it: a run killed with
+/// SIGKILL takes its sandboxes (and, through their PID 1, all they run) with it, instead of
+/// leaving a provisioner holding the image's mount.
+pub fn die_with_parent(command: &mut tokio::process::Command) {
+    // SAFETY: prctl is async-signal-safe, as code between fork and exec must be.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Forks; the parent waits for the child (PID 1 of the new namespace) and exits as it did.
+/// The child dies with the parent: PID 1 gone, the kernel kills the whole namespace.
 fn wait_in_parent_of_pid_one(root: &Path) -> Result<(), SandboxError> {
     // SAFETY: single-threaded (see the module's note), so the child may run any code.
     let pid = unsafe { libc::fork() };
@@ -211,6 +227,12 @@ fn wait_in_parent_of_pid_one(root: &Path) -> Result<(), SandboxError> {
         });
     }
     if pid == 0 {
+        // SAFETY: a plain prctl call. (Its parent is outside the new PID namespace, so
+        // getppid cannot tell whether it already died: the window is the few instructions
+        // since the fork.)
+        if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } != 0 {
+            std::process::exit(1);
+        }
         return Ok(());
     }
     let mut status = 0;

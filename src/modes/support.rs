@@ -173,3 +173,27 @@ pub async fn publish(
         .note(format!("{parameter} version {version} is {image_id}"));
     Ok(Some(version))
 }
+
+/// Marks the run's image and snapshots finished (`TAG_STATE`): the last step of a build,
+/// after which nothing of the run can fail.
+pub async fn mark_finished(clients: &Clients, resources: Vec<String>) -> Result<(), StepError> {
+    clients
+        .ec2
+        .create_tags()
+        .set_resources(Some(resources.clone()))
+        .tags(
+            Tag::builder()
+                .key(crate::artifact::TAG_STATE)
+                .value(crate::artifact::STATE_FINISHED)
+                .build(),
+        )
+        .send()
+        .await
+        .map_err(|e| {
+            failed(AwsError::new(
+                format!("tag {} finished", resources.join(", ")),
+                &e,
+            ))
+        })?;
+    Ok(())
+}

@@ -9,8 +9,8 @@ use async_trait::async_trait;
 use aws_sdk_ec2::types::{ResourceType, TagSpecification};
 
 use super::steps::{
-    ExtractTarball, MountImage, PrepareChroot, PublishSsm, RegisterImage, RunProvisioners,
-    UnmountImage,
+    ExtractTarball, MarkFinished, MountImage, PrepareChroot, PublishSsm, RegisterImage,
+    RunProvisioners, UnmountImage,
 };
 use super::{Backend, BakeState};
 use crate::artifact::TAG_BUILD_ID;
@@ -40,6 +40,9 @@ pub fn steps() -> Vec<Box<dyn Step<BakeState<Direct>>>> {
         Box::new(DetachLoopDevice),
         Box::new(UploadSnapshot),
         Box::new(RegisterImage),
+        // Finished before it is published: a run killed while publishing leaves a
+        // complete image, which the next run with its fingerprint reuses and publishes.
+        Box::new(MarkFinished),
         Box::new(PublishSsm),
     ]
 }

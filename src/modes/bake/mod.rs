@@ -182,6 +182,12 @@ async fn run_loaded(
 ) -> Result<BuildResult<BakeManifest>, ModeError> {
     let secrets = template.secrets.clone();
     let plan = template.bake.expect("load_for_run checked the section");
+    // Held until the run ends, so `gc` on this machine never takes it for a killed one.
+    let _run_lock =
+        crate::host::run_lock::RunLock::acquire(&build_id).map_err(ModeError::local(format!(
+            "cannot take this run's lock in {}",
+            crate::host::run_lock::lock_root().display()
+        )))?;
     let work = WorkDir::new(&build_id)?;
     let tarball = spool_tarball(&options.tarball, work.path())?;
 
@@ -279,7 +285,7 @@ async fn run_loaded(
                 step: String::new(),
                 message: why_backend,
             });
-            let attach = attach::Attach::new(host, lock_dir());
+            let attach = attach::Attach::new(host, crate::host::run_lock::lock_root());
             execute(attach::steps(), shared.with_backend(attach), sink, cancel).await
         }
         (None, Chosen::Direct) => {
@@ -454,16 +460,6 @@ fn spool_tarball(tarball: &Path, work: &Path) -> Result<PathBuf, ModeError> {
     std::io::copy(&mut std::io::stdin().lock(), &mut file)
         .map_err(ModeError::local("cannot read the tarball from stdin"))?;
     Ok(path)
-}
-
-/// Where device-name locks live: shared by every bake on this host.
-fn lock_dir() -> PathBuf {
-    let run_lock = Path::new("/run/lock");
-    if run_lock.is_dir() {
-        run_lock.join("amibake")
-    } else {
-        std::env::temp_dir().join("amibake-locks")
-    }
 }
 
 fn check_commit(sha: &str) -> Result<String, ModeError> {

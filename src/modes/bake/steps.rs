@@ -11,12 +11,14 @@ use aws_sdk_ec2::types::{
 };
 
 use crate::modes::support::{
-    created_or_found, earlier, failed, provision, publish, tags, undo_now, undo_with, waited,
+    created_or_found, earlier, failed, mark_finished, provision, publish, tags, undo_now,
+    undo_with, waited,
 };
 
 use super::{Backend, BakeState};
 use crate::artifact::{
-    TAG_BASE_AMI, TAG_BUILD_ID, TAG_COMMIT, TAG_FINGERPRINT, TAG_TARBALL_SHA256,
+    STATE_BUILDING, TAG_BASE_AMI, TAG_BUILD_ID, TAG_COMMIT, TAG_FINGERPRINT, TAG_STATE,
+    TAG_TARBALL_SHA256,
 };
 use crate::aws::resources::{self, wait_image};
 use crate::communicator::chroot::Chroot;
@@ -293,6 +295,21 @@ impl<B: Backend> Step<BakeState<B>> for RegisterImage {
     }
 }
 
+/// The image tagged finished, so later bakes may reuse it and `gc` leaves it.
+pub struct MarkFinished;
+
+#[async_trait]
+impl<B: Send + Sync> Step<BakeState<B>> for MarkFinished {
+    fn name(&self) -> &'static str {
+        "mark finished"
+    }
+    async fn run(&self, s: &mut BakeState<B>, _ctx: &mut StepContext) -> Result<(), StepError> {
+        let mut resources = vec![earlier(&s.image_id, "image")?];
+        resources.extend(s.snapshot_id.iter().cloned());
+        mark_finished(&s.clients, resources).await
+    }
+}
+
 /// The new image as the newest version of the template's channel.
 pub struct PublishSsm;
 
@@ -337,6 +354,7 @@ impl<B> BakeState<B> {
             (TAG_BASE_AMI, &self.base.id),
             (TAG_BUILD_ID, &self.build_id),
             (TAG_FINGERPRINT, &self.fingerprint),
+            (TAG_STATE, STATE_BUILDING),
         ];
         pairs.extend(self.plan.tags.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         tags(&pairs)

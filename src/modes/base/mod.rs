@@ -46,6 +46,9 @@ fn steps() -> Vec<Box<dyn Step<BaseState>>> {
         Box::new(steps::RunProvisioners),
         Box::new(steps::StopInstance),
         Box::new(steps::CreateImage),
+        // Finished before it is published: a run killed while publishing leaves a
+        // complete image, which the next run with its fingerprint reuses and publishes.
+        Box::new(steps::MarkFinished),
         Box::new(steps::PublishSsm),
     ]
 }
@@ -105,6 +108,12 @@ async fn run_loaded(
     cancel: CancellationToken,
 ) -> Result<BuildResult<BaseManifest>, ModeError> {
     let secrets = template.secrets.clone();
+    // Held until the run ends, so `gc` on this machine never takes it for a killed one.
+    let _run_lock =
+        crate::host::run_lock::RunLock::acquire(&build_id).map_err(ModeError::local(format!(
+            "cannot take this run's lock in {}",
+            crate::host::run_lock::lock_root().display()
+        )))?;
     let mut plan = template.base.expect("load_for_run checked the section");
     if !options.ssh_cidrs.is_empty() {
         if plan.security_group_ids.is_some() {

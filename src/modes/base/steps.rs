@@ -14,13 +14,13 @@ use aws_sdk_ec2::types::{
 use tokio::time::Instant;
 
 use super::BaseState;
-use crate::artifact::{TAG_BUILD_ID, TAG_FINGERPRINT, TAG_SOURCE_AMI};
+use crate::artifact::{STATE_BUILDING, TAG_BUILD_ID, TAG_FINGERPRINT, TAG_SOURCE_AMI, TAG_STATE};
 use crate::aws::resources::{self, wait_image, wait_instance};
 use crate::aws::{console, AwsError};
 use crate::communicator::ssh::{HostKey, Ssh, SshTarget};
 use crate::engine::{Keep, Step, StepContext, StepError};
 use crate::modes::support::{
-    created_or_found, earlier, failed, provision, publish, tags, undo_with, waited,
+    created_or_found, earlier, failed, mark_finished, provision, publish, tags, undo_with, waited,
 };
 use crate::template::SshInterface;
 
@@ -48,6 +48,7 @@ impl BaseState {
             (TAG_SOURCE_AMI, &self.source.id),
             (TAG_BUILD_ID, &self.build_id),
             (TAG_FINGERPRINT, &self.fingerprint),
+            (TAG_STATE, STATE_BUILDING),
         ];
         pairs.extend(self.plan.tags.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         tags(&pairs)
@@ -628,10 +629,17 @@ impl Step<BaseState> for CreateImage {
             .instance_id(&instance_id)
             .name(&s.plan.name)
             .set_description(s.plan.description.clone())
-            // Tagged in the call itself, so even a run killed right after can be found.
+            // The image and its snapshots tagged in the call itself, so even a run killed
+            // right after can be found.
             .tag_specifications(
                 TagSpecification::builder()
                     .resource_type(ResourceType::Image)
+                    .set_tags(Some(s.artifact_tags()))
+                    .build(),
+            )
+            .tag_specifications(
+                TagSpecification::builder()
+                    .resource_type(ResourceType::Snapshot)
                     .set_tags(Some(s.artifact_tags()))
                     .build(),
             )
@@ -678,17 +686,22 @@ impl Step<BaseState> for CreateImage {
             .flat_map(|i| i.block_device_mappings())
             .filter_map(|m| m.ebs().and_then(|e| e.snapshot_id()).map(str::to_string))
             .collect();
-        let mut resources = vec![image_id.clone()];
-        resources.extend(s.snapshot_ids.iter().cloned());
-        s.clients
-            .ec2
-            .create_tags()
-            .set_resources(Some(resources.clone()))
-            .set_tags(Some(s.artifact_tags()))
-            .send()
-            .await
-            .map_err(|e| failed(AwsError::new(format!("tag {}", resources.join(", ")), &e)))?;
         Ok(())
+    }
+}
+
+/// The image tagged finished, so later runs may reuse it and `gc` leaves it.
+pub struct MarkFinished;
+
+#[async_trait]
+impl Step<BaseState> for MarkFinished {
+    fn name(&self) -> &'static str {
+        "mark finished"
+    }
+    async fn run(&self, s: &mut BaseState, _ctx: &mut StepContext) -> Result<(), StepError> {
+        let mut resources = vec![earlier(&s.image_id, "image")?];
+        resources.extend(s.snapshot_ids.iter().cloned());
+        mark_finished(&s.clients, resources).await
     }
 }
 

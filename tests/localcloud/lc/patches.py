@@ -548,7 +548,9 @@ def _patch_instances(dataplane, instances, timing, loopback_subnet):
         source = _image_of(self, instance)
         if current_action() == "CreateImage":
             refuse_duplicate_name(self, name)
-        image = create_image(self, instance_id, name, description, tag_specifications)
+        # moto refuses snapshot tags (NotImplementedError); they are put on below.
+        image_specs = [spec for spec in tag_specifications or [] if spec.get("ResourceType") != "snapshot"]
+        image = create_image(self, instance_id, name, description, image_specs)
         if current_action() != "CreateImage":
             return image
         _drop_auto_snapshot(self, image)
@@ -558,6 +560,11 @@ def _patch_instances(dataplane, instances, timing, loopback_subnet):
         for device, block in sorted(instance.block_device_mapping.items()):
             volume = self.get_volume(block.volume_id)
             snapshot = self.create_snapshot(volume.id, f"Created by CreateImage({instance_id}) for {image.id}")
+            # Tags for the snapshots in the call itself, as EC2 takes them.
+            snapshot_tags = {t["Key"]: t["Value"] for spec in tag_specifications or []
+                             if spec.get("ResourceType") == "snapshot" for t in spec.get("Tags", [])}
+            if snapshot_tags:
+                self.create_tags([snapshot.id], snapshot_tags)
             mappings.append({"DeviceName": device, "Ebs": {"SnapshotId": snapshot.id, "VolumeSize": volume.size,
                              "DeleteOnTermination": bool(block.delete_on_termination), "VolumeType": volume.volume_type, "Encrypted": bool(volume.encrypted)}})
         image.__dict__["_mappings"] = mappings
