@@ -6,6 +6,7 @@
 pub mod bake;
 pub mod base;
 pub mod cache;
+pub mod gc;
 pub mod history;
 pub mod internal;
 pub mod promote;
@@ -108,14 +109,18 @@ pub enum Command {
         after_help = "Example:\n  amibake promote /amibake/shop/deploy ami-0123456789abcdef0 --label prod"
     )]
     Promote(promote::PromoteArgs),
+    /// Put an earlier version's image back in a channel.
+    #[command(after_help = "Example:\n  amibake rollback /amibake/shop/deploy --label prod")]
+    Rollback(rollback::RollbackArgs),
     /// Remove old images amibake made that nothing uses (a dry run unless --apply).
     #[command(
         after_help = "Example:\n  amibake prune templates/shop.toml --keep 10 --older-than 30d --apply"
     )]
     Prune(prune::PruneArgs),
-    /// Put an earlier version's image back in a channel.
-    #[command(after_help = "Example:\n  amibake rollback /amibake/shop/deploy --label prod")]
-    Rollback(rollback::RollbackArgs),
+    /// Remove what killed runs left, in the cloud and on this machine (a dry run unless
+    /// --apply).
+    #[command(after_help = "Example:\n  amibake gc --older-than 6h --apply")]
+    Gc(gc::GcArgs),
     /// Used by `bake` itself: unpack standard input into the image, from inside a sandbox.
     #[command(hide = true)]
     InternalExtract(internal::InternalExtractArgs),
@@ -137,6 +142,7 @@ pub async fn dispatch(cli: Cli) -> i32 {
         Command::Promote(args) => promote::run(args, global).await,
         Command::Rollback(args) => rollback::run(args, global).await,
         Command::Prune(args) => prune::run(args, global).await,
+        Command::Gc(args) => gc::run(args, global).await,
         Command::InternalExtract(_) | Command::InternalSandbox(_) => {
             unreachable!("run before the runtime starts")
         }

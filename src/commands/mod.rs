@@ -3,6 +3,7 @@
 
 pub mod cache;
 pub mod channel;
+pub mod gc;
 pub mod history;
 pub mod promote;
 pub mod prune;

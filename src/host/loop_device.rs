@@ -53,6 +53,22 @@ pub fn attach(image: &Path, extent: Option<Extent>) -> Result<PathBuf, LoopError
     losetup(&args).map(PathBuf::from)
 }
 
+/// Every loop device set up on this machine, with its backing file.
+pub fn all() -> Vec<(PathBuf, String)> {
+    let Ok(entries) = std::fs::read_dir("/sys/block") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("loop"))
+        .filter_map(|e| {
+            let device = Path::new("/dev").join(e.file_name());
+            let backing = backing_file(&device)?;
+            Some((device, backing))
+        })
+        .collect()
+}
+
 /// The file a loop device is backed by, while it is set up.
 fn backing_file(device: &Path) -> Option<String> {
     let name = device.file_name()?.to_string_lossy().into_owned();

@@ -184,6 +184,18 @@ pub fn is_mount_point(path: &Path) -> bool {
         .unwrap_or(false)
 }
 
+/// Every mount point of this machine's mount namespace, from the kernel's own table.
+pub fn mount_points() -> Vec<PathBuf> {
+    std::fs::read_to_string("/proc/self/mounts")
+        .map(|table| {
+            table
+                .lines()
+                .filter_map(|line| line.split(' ').nth(1).map(unescape_mount_path))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// /proc/mounts writes space, tab, newline and backslash as octal escapes.
 fn unescape_mount_path(field: &str) -> PathBuf {
     PathBuf::from(

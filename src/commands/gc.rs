@@ -1,0 +1,550 @@
+//! `amibake gc`: what runs that are over left behind, in the cloud and on this machine.
+//!
+//! Every resource a run makes carries its build id, tagged in the create call itself, and a
+//! run holds a lock named by its build id on its machine while it lives. A run is over when
+//! no process here holds its lock and it started longer ago than `older_than` (a run on
+//! another machine is judged by its age alone). Of an over run, gc removes the instances,
+//! volumes (unmounted and detached first), key pairs, security groups, snapshots no image
+//! uses, and images still `building` (the run never finished them) or stuck in `failed`,
+//! with their snapshots; on this machine, its mounts, loop devices, work
+//! directories, private-key directories and cache copies. The images a run finished are its
+//! artifacts: prune judges those, never gc.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::channel::{self, ChannelError};
+use crate::artifact::{STATE_BUILDING, TAG_BUILD_ID, TAG_STATE};
+use crate::aws::{filter, resources, AwsError, AwsOptions, Clients};
+use crate::engine::{error_chain, EventSink, Progress};
+use crate::host::{loop_device, mount, run_lock};
+
+#[derive(Debug, Clone)]
+pub struct GcOptions {
+    pub aws: AwsOptions,
+    pub older_than: Duration,
+    pub apply: bool,
+    /// The direct backend's image cache, whose `.work-*` copies a killed bake leaves.
+    pub cache_dir: Option<PathBuf>,
+}
+
+/// One thing a run left.
+#[derive(Debug, Clone, Serialize)]
+pub struct Leftover {
+    pub build_id: String,
+    /// `instance`, `volume`, `key pair`, `security group`, `snapshot`, `image`, `mount`,
+    /// `loop device`, `file`.
+    pub kind: &'static str,
+    pub id: String,
+    /// With `--apply`: `removed`, or why it could not be.
+    pub outcome: Option<String>,
+}
+
+/// A run whose build id was seen but which gc leaves alone, and why.
+#[derive(Debug, Clone, Serialize)]
+pub struct Spared {
+    pub build_id: String,
+    pub why: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Collected {
+    pub region: String,
+    pub apply: bool,
+    pub leftovers: Vec<Leftover>,
+    pub spared: Vec<Spared>,
+    pub failed: Vec<String>,
+}
+
+impl Collected {
+    pub fn lines(&self) -> Vec<String> {
+        let mut lines: Vec<String> = self
+            .leftovers
+            .iter()
+            .map(|l| {
+                let what = match (&l.outcome, self.apply) {
+                    (Some(outcome), _) => outcome.clone(),
+                    (None, false) => "would remove".into(),
+                    (None, true) => "left".into(),
+                };
+                format!("{what:<12} {} {} (run {})", l.kind, l.id, l.build_id)
+            })
+            .collect();
+        lines.extend(
+            self.spared
+                .iter()
+                .map(|s| format!("spared       run {}: {}", s.build_id, s.why)),
+        );
+        lines.push(if self.apply {
+            format!(
+                "{} leftovers of killed runs removed, {} failed",
+                self.leftovers.len() - self.failed.len(),
+                self.failed.len()
+            )
+        } else {
+            format!(
+                "dry run: {} leftovers of killed runs would be removed; run again with --apply",
+                self.leftovers.len()
+            )
+        });
+        lines
+    }
+}
+
+/// Whether a run is over, or why it is spared.
+fn judge(build_id: &str, older_than: Duration) -> Result<(), String> {
+    if run_lock::is_held(build_id) {
+        return Err("running on this machine".into());
+    }
+    match started(build_id) {
+        Some(started) => {
+            let age = time::OffsetDateTime::now_utc() - started;
+            if age < time::Duration::try_from(older_than).unwrap_or(time::Duration::MAX) {
+                Err(format!(
+                    "started {} ago, less than --older-than {}",
+                    humantime::format_duration(Duration::from_secs(
+                        age.whole_seconds().max(0) as u64
+                    )),
+                    humantime::format_duration(older_than)
+                ))
+            } else {
+                Ok(())
+            }
+        }
+        None => Err("its build id does not say when it started".into()),
+    }
+}
+
+/// When a run started, from its build id (`ab-YYYYMMDDHHMMSS-xxxxxxxx`).
+fn started(build_id: &str) -> Option<time::OffsetDateTime> {
+    let stamp = build_id.strip_prefix("ab-")?.split('-').next()?;
+    if stamp.len() != 14 || !stamp.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n = |range: std::ops::Range<usize>| stamp[range].parse::<u32>().ok();
+    let date = time::Date::from_calendar_date(
+        n(0..4)? as i32,
+        time::Month::try_from(n(4..6)? as u8).ok()?,
+        n(6..8)? as u8,
+    )
+    .ok()?;
+    let clock = time::Time::from_hms(n(8..10)? as u8, n(10..12)? as u8, n(12..14)? as u8).ok()?;
+    Some(time::PrimitiveDateTime::new(date, clock).assume_utc())
+}
+
+fn is_build_id(text: &str) -> bool {
+    started(text).is_some()
+        && text
+            .rsplit('-')
+            .next()
+            .is_some_and(|hex| hex.len() == 8 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// The process of a cache's partial entry (`.partial-<snapshot>-<pid>`), when it is gone:
+/// a fetch killed before it could rename its entry complete.
+fn dead_fetcher(name: &str) -> Option<u32> {
+    let pid: u32 = name
+        .strip_prefix(".partial-")?
+        .rsplit('-')
+        .next()?
+        .parse()
+        .ok()?;
+    (!Path::new(&format!("/proc/{pid}")).exists()).then_some(pid)
+}
+
+/// The build id a local path of amibake's names: `amibake-<id>-…` (work and key
+/// directories) or `.work-<id>-<pid>` (a cache copy).
+fn build_id_in(name: &str) -> Option<String> {
+    let rest = name
+        .strip_prefix("amibake-")
+        .or_else(|| name.strip_prefix(".work-"))?;
+    // `ab-` + 14 digits + `-` + 8 hex digits.
+    let id = rest.get(..26)?;
+    is_build_id(id).then(|| id.to_string())
+}
+
+pub async fn gc(
+    options: &GcOptions,
+    sink: std::sync::Arc<dyn EventSink>,
+) -> Result<Collected, ChannelError> {
+    let clients = channel::clients(&options.aws).await?;
+    let progress = Progress::new(sink, "gc");
+    let mut verdicts: BTreeMap<String, Result<(), String>> = BTreeMap::new();
+    let mut leftovers: Vec<Leftover> = Vec::new();
+    // With --apply, another look after each pass: what removing one thing shows (a call
+    // the killed run made that EC2 carried out late, a snapshot its image held), until a
+    // look finds nothing new.
+    for _pass in 0..PASSES {
+        let mut found = machine_leftovers(options.cache_dir.as_deref());
+        found.extend(cloud_leftovers(&clients).await?);
+        for l in &found {
+            // A leftover named by a process rather than a run (a cache fetch's partial
+            // entry) is listed only once that process is gone.
+            verdicts.entry(l.build_id.clone()).or_insert_with(|| {
+                if is_build_id(&l.build_id) {
+                    judge(&l.build_id, options.older_than)
+                } else {
+                    Ok(())
+                }
+            });
+        }
+        // Seen and removed already; what failed is tried again (it may have waited on
+        // something a later look found: a mount a killed run's child made late).
+        let seen: BTreeSet<(String, String)> = leftovers
+            .iter()
+            .filter(|l| l.outcome.as_deref() == Some("removed"))
+            .map(|l| (l.kind.to_string(), l.id.clone()))
+            .collect();
+        let retried: BTreeSet<(String, String)> = leftovers
+            .iter()
+            .filter(|l| l.outcome.as_deref() != Some("removed"))
+            .map(|l| (l.kind.to_string(), l.id.clone()))
+            .collect();
+        let mut new: Vec<Leftover> = found
+            .into_iter()
+            .filter(|l| verdicts.get(&l.build_id).is_some_and(Result::is_ok))
+            .filter(|l| !seen.contains(&(l.kind.to_string(), l.id.clone())))
+            .collect();
+        leftovers.retain(|l| !retried.contains(&(l.kind.to_string(), l.id.clone())));
+        if new.is_empty() || !options.apply {
+            leftovers.append(&mut new);
+            break;
+        }
+        // Machine first (a mounted volume is unmounted before it is detached), then the
+        // cloud in dependency order: instances before their groups, volumes detached
+        // before they are deleted.
+        for kind in ORDER {
+            for l in new.iter_mut().filter(|l| l.kind == *kind) {
+                let removed = remove(&clients, l, &progress).await;
+                l.outcome = Some(match removed {
+                    Ok(()) => "removed".into(),
+                    Err(e) => format!("failed: {e}"),
+                });
+            }
+        }
+        leftovers.append(&mut new);
+    }
+    let spared = verdicts
+        .iter()
+        .filter_map(|(id, v)| {
+            v.as_ref().err().map(|why| Spared {
+                build_id: id.clone(),
+                why: why.clone(),
+            })
+        })
+        .collect();
+    let failed = leftovers
+        .iter()
+        .filter_map(|l| {
+            let why = l.outcome.as_deref()?.strip_prefix("failed: ")?;
+            Some(format!("{} {}: {why}", l.kind, l.id))
+        })
+        .collect();
+    Ok(Collected {
+        region: clients.region.clone(),
+        apply: options.apply,
+        leftovers,
+        spared,
+        failed,
+    })
+}
+
+/// Looks at what is left, at most, with --apply.
+const PASSES: usize = 3;
+
+const ORDER: &[&str] = &[
+    "mount",
+    "loop device",
+    "file",
+    "instance",
+    "volume",
+    "key pair",
+    "security group",
+    "image",
+    "snapshot",
+];
+
+/// Mounts under a run's work directory (deepest first), loop devices over a run's cache
+/// copy, and the run's directories and copies in the temporary and cache directories.
+fn machine_leftovers(cache_dir: Option<&Path>) -> Vec<Leftover> {
+    let mut found = Vec::new();
+    let leftover = |build_id: String, kind, id: String| Leftover {
+        build_id,
+        kind,
+        id,
+        outcome: None,
+    };
+    let mut mounts: Vec<(String, String)> = mount::mount_points()
+        .into_iter()
+        .filter_map(|point| {
+            let text = point.to_string_lossy().into_owned();
+            let id = point
+                .ancestors()
+                .filter_map(|a| a.file_name())
+                .find_map(|n| build_id_in(&n.to_string_lossy()))?;
+            Some((id, text))
+        })
+        .collect();
+    // Deepest first: /…/root/proc before /…/root.
+    mounts.sort_by_key(|(_, point)| std::cmp::Reverse(point.len()));
+    found.extend(mounts.into_iter().map(|(id, p)| leftover(id, "mount", p)));
+    for (device, backing) in loop_device::all() {
+        let name = Path::new(&backing)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if let Some(id) = build_id_in(&name) {
+            found.push(leftover(
+                id,
+                "loop device",
+                device.to_string_lossy().into_owned(),
+            ));
+        }
+    }
+    let mut dirs = vec![std::env::temp_dir(), PathBuf::from("/dev/shm")];
+    dirs.extend(cache_dir.map(Path::to_path_buf));
+    let mut seen = BTreeSet::new();
+    for dir in dirs {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(pid) = dead_fetcher(&name) {
+                found.push(leftover(
+                    format!("pid {pid}"),
+                    "file",
+                    path.to_string_lossy().into_owned(),
+                ));
+                continue;
+            }
+            if let Some(id) = build_id_in(&name) {
+                if seen.insert(path.clone()) {
+                    found.push(leftover(id, "file", path.to_string_lossy().into_owned()));
+                }
+            }
+        }
+    }
+    found
+}
+
+/// Everything tagged with a build id that only a run in progress should have: instances
+/// not terminated, volumes, key pairs, security groups, images in `failed`, snapshots no
+/// image uses.
+async fn cloud_leftovers(clients: &Clients) -> Result<Vec<Leftover>, AwsError> {
+    let tagged = || filter("tag-key", TAG_BUILD_ID);
+    let build_id = |tags: &[aws_sdk_ec2::types::Tag]| {
+        tags.iter()
+            .find(|t| t.key() == Some(TAG_BUILD_ID))
+            .and_then(|t| t.value())
+            .map(str::to_string)
+    };
+    let mut found = Vec::new();
+    let mut add = |id: Option<String>, kind, resource: Option<&str>| {
+        if let (Some(build_id), Some(resource)) = (id, resource) {
+            found.push(Leftover {
+                build_id,
+                kind,
+                id: resource.to_string(),
+                outcome: None,
+            });
+        }
+    };
+    let ec2 = &clients.ec2;
+    let instances = ec2
+        .describe_instances()
+        .filters(tagged())
+        .filters(
+            aws_sdk_ec2::types::Filter::builder()
+                .name("instance-state-name")
+                .set_values(Some(
+                    ["pending", "running", "stopping", "stopped", "shutting-down"]
+                        .map(String::from)
+                        .to_vec(),
+                ))
+                .build(),
+        )
+        .send()
+        .await
+        .map_err(|e| AwsError::new("list the instances of amibake runs", &e))?;
+    for i in instances.reservations().iter().flat_map(|r| r.instances()) {
+        add(build_id(i.tags()), "instance", i.instance_id());
+    }
+    let volumes = ec2
+        .describe_volumes()
+        .filters(tagged())
+        .send()
+        .await
+        .map_err(|e| AwsError::new("list the volumes of amibake runs", &e))?;
+    for v in volumes.volumes() {
+        add(build_id(v.tags()), "volume", v.volume_id());
+    }
+    let keys = ec2
+        .describe_key_pairs()
+        .filters(tagged())
+        .send()
+        .await
+        .map_err(|e| AwsError::new("list the key pairs of amibake runs", &e))?;
+    for k in keys.key_pairs() {
+        add(build_id(k.tags()), "key pair", k.key_name());
+    }
+    let groups = ec2
+        .describe_security_groups()
+        .filters(tagged())
+        .send()
+        .await
+        .map_err(|e| AwsError::new("list the security groups of amibake runs", &e))?;
+    for g in groups.security_groups() {
+        add(build_id(g.tags()), "security group", g.group_id());
+    }
+    let images = ec2
+        .describe_images()
+        .owners("self")
+        .include_disabled(true)
+        .include_deprecated(true)
+        .send()
+        .await
+        .map_err(|e| AwsError::new("list this account's images", &e))?;
+    let mut used = BTreeSet::new();
+    for image in images.images() {
+        used.extend(
+            image
+                .block_device_mappings()
+                .iter()
+                .filter_map(|m| m.ebs()?.snapshot_id().map(str::to_string)),
+        );
+        let failed = image.state().is_some_and(|s| s.as_str() == "failed");
+        let unfinished = image
+            .tags()
+            .iter()
+            .any(|t| t.key() == Some(TAG_STATE) && t.value() == Some(STATE_BUILDING));
+        if failed || unfinished {
+            add(build_id(image.tags()), "image", image.image_id());
+        }
+    }
+    let snapshots = ec2
+        .describe_snapshots()
+        .owner_ids("self")
+        .filters(tagged())
+        .send()
+        .await
+        .map_err(|e| AwsError::new("list the snapshots of amibake runs", &e))?;
+    for s in snapshots.snapshots() {
+        if s.snapshot_id().is_some_and(|id| !used.contains(id)) {
+            add(build_id(s.tags()), "snapshot", s.snapshot_id());
+        }
+    }
+    Ok(found)
+}
+
+async fn remove(clients: &Clients, l: &Leftover, progress: &Progress) -> Result<(), String> {
+    let (c, id) = (clients.clone(), l.id.clone());
+    let text = |e: &(dyn std::error::Error + 'static)| error_chain(e);
+    match l.kind {
+        "mount" => mount::unmount(Path::new(&id)).map_err(|e| text(&e)),
+        "loop device" => loop_device::detach(Path::new(&id)).map_err(|e| text(&e)),
+        "file" => remove_local(Path::new(&id)).map_err(|e| format!("{id}: {e}")),
+        "instance" => resources::terminate_instance(c, id, progress.clone())
+            .await
+            .map_err(|e| text(&e)),
+        "volume" => {
+            let described = clients.ec2.describe_volumes().volume_ids(&id).send().await;
+            // Listed a moment ago, so NotFound now is a volume gone with its instance
+            // (an instance's root is deleted on termination).
+            let described = match described {
+                Err(e) if resources::code(&e) == Some("InvalidVolume.NotFound") => return Ok(()),
+                other => other.map_err(|e| text(&AwsError::new(format!("describe {id}"), &e)))?,
+            };
+            let attached = described
+                .volumes()
+                .iter()
+                .flat_map(|v| v.attachments())
+                .filter_map(|a| a.instance_id().map(str::to_string))
+                .collect::<Vec<_>>();
+            for instance in attached {
+                resources::detach_volume(c.clone(), id.clone(), instance, progress.clone())
+                    .await
+                    .map_err(|e| text(&e))?;
+            }
+            resources::delete_volume(c, id).await.map_err(|e| text(&e))
+        }
+        "key pair" => resources::delete_key_pair(c, id)
+            .await
+            .map_err(|e| text(&e)),
+        "security group" => resources::delete_security_group(c, id)
+            .await
+            .map_err(|e| text(&e)),
+        "image" => resources::deregister_image(c, id)
+            .await
+            .map_err(|e| text(&e)),
+        "snapshot" => resources::delete_snapshot(c, id)
+            .await
+            .map_err(|e| text(&e)),
+        other => Err(format!("no way to remove a {other}")),
+    }
+}
+
+/// A run's directory or file here. A work directory is emptied entry by entry, never
+/// recursively: a mount that could not be undone must stop it, not be walked into. A key
+/// directory holds only the key; a cache copy is a file.
+fn remove_local(path: &Path) -> std::io::Result<()> {
+    let meta = std::fs::symlink_metadata(path)?;
+    if !meta.is_dir() {
+        return std::fs::remove_file(path);
+    }
+    for entry in std::fs::read_dir(path)?.flatten() {
+        let entry_path = entry.path();
+        if mount::is_mount_point(&entry_path) {
+            return Err(std::io::Error::other(format!(
+                "{} is still mounted",
+                entry_path.display()
+            )));
+        }
+        if entry.file_type()?.is_dir() {
+            std::fs::remove_dir(&entry_path)?;
+        } else {
+            std::fs::remove_file(&entry_path)?;
+        }
+    }
+    std::fs::remove_dir(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn build_ids_are_found_in_the_paths_runs_make() {
+        let id = "ab-20261203015529-09e26fd9";
+        assert_eq!(
+            build_id_in(&format!("amibake-{id}-Xy12Ab")).as_deref(),
+            Some(id)
+        );
+        assert_eq!(
+            build_id_in(&format!("amibake-{id}-key-Q1w2e3")).as_deref(),
+            Some(id)
+        );
+        assert_eq!(
+            build_id_in(&format!(".work-{id}-4242")).as_deref(),
+            Some(id)
+        );
+        assert_eq!(build_id_in("amibake-locks"), None);
+        assert_eq!(build_id_in("amibake-ab-2026120301552-09e26fd9x"), None);
+        let when = started(id).unwrap();
+        assert_eq!((when.year(), when.hour(), when.second()), (2026, 1, 29));
+    }
+
+    #[test]
+    fn a_recent_run_is_spared_an_old_one_is_over() {
+        assert!(judge("ab-20261203015529-09e26fd9", Duration::ZERO).is_ok());
+        let now = crate::run_id::timestamp_now();
+        let recent = format!("ab-{now}-00000000");
+        let why = judge(&recent, Duration::from_secs(3600)).unwrap_err();
+        assert!(why.contains("less than --older-than 1h"), "{why}");
+        assert!(judge("ab-notatime-00000000", Duration::ZERO).is_err());
+    }
+}

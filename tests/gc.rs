@@ -1,0 +1,389 @@
+//! `amibake gc` through the real binary on the local cloud: bakes and base builds killed
+//! with SIGKILL at each step (no cleanup of their own can run), then gc finds and removes
+//! everything each left, in the cloud and on this machine, and never touches a run that is
+//! still going.
+
+mod util;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use util::localcloud::LocalCloud;
+use util::tarballs::{composer_like, gzip};
+use util::Run;
+
+/// A port nothing listens on: this machine has no instance metadata, so bakes go direct.
+const NO_IMDS: &str = "http://127.0.0.1:9";
+
+struct World {
+    cloud: LocalCloud,
+    dir: tempfile::TempDir,
+}
+
+impl World {
+    fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn cache(&self) -> PathBuf {
+        self.dir().join("amibake")
+    }
+
+    /// `amibake` with this test's directory as its temporary and cache directories, so
+    /// whatever a killed run leaves on this machine is where gc looks and this test checks.
+    fn amibake(&self) -> Command {
+        let mut command = self.cloud.amibake(self.dir());
+        command
+            .env("TMPDIR", self.dir())
+            .env("XDG_CACHE_HOME", self.dir())
+            .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", NO_IMDS);
+        command
+    }
+
+    fn gc(&self, extra: &[&str]) -> (Run, serde_json::Value) {
+        let output = self
+            .amibake()
+            .args(["gc", "--older-than", "0s"])
+            .args(extra)
+            .output()
+            .unwrap();
+        let run = Run {
+            command: format!("amibake gc --older-than 0s {extra:?}"),
+            output,
+        };
+        let found = serde_json::from_str(run.stdout().trim())
+            .unwrap_or_else(|e| panic!("{e}\n{}", run.dump()));
+        (run, found)
+    }
+
+    /// Nothing of any run here is left: no instance alive, no volume but the build host's,
+    /// no key pair, no group, no image or snapshot of the account; no mount, loop device,
+    /// work or key directory, or cache copy on this machine.
+    fn assert_nothing_left(&self, after: &str) {
+        let ls = self.cloud.ls();
+        let ours = |kind: &str| -> Vec<serde_json::Value> {
+            ls[kind]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|x| x["owner"] == "123456789012")
+                .cloned()
+                .collect()
+        };
+        assert_eq!(ours("images"), Vec::<serde_json::Value>::new(), "{after}");
+        assert_eq!(
+            ours("snapshots"),
+            Vec::<serde_json::Value>::new(),
+            "{after}"
+        );
+        let alive: Vec<&serde_json::Value> = ls["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|i| i["id"] != self.cloud.build_host() && i["state"] != "terminated")
+            .collect();
+        assert!(alive.is_empty(), "{after}: instances {alive:?}");
+        let volumes: Vec<&serde_json::Value> = ls["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|v| v["attached_to"] != self.cloud.build_host())
+            .collect();
+        assert!(volumes.is_empty(), "{after}: volumes {volumes:?}");
+        assert_eq!(ls["key_pairs"], serde_json::json!([]), "{after}");
+        assert_eq!(ls["security_groups"], serde_json::json!([]), "{after}");
+        let dir = self.dir().to_string_lossy().into_owned();
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+        assert!(
+            !mounts.lines().any(|l| l.contains(&dir)),
+            "{after}: a mount is left:\n{mounts}"
+        );
+        let loops = Command::new("losetup")
+            .args(["--list", "--noheadings", "--output", "BACK-FILE"])
+            .output()
+            .unwrap();
+        let loops = String::from_utf8_lossy(&loops.stdout);
+        assert!(
+            !loops.lines().any(|l| l.contains(&dir)),
+            "{after}: a loop device is left:\n{loops}"
+        );
+        for entry in std::fs::read_dir(self.dir()).unwrap().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            assert!(!name.starts_with("amibake-ab-"), "{after}: {name} is left");
+        }
+        for entry in std::fs::read_dir(self.cache())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            assert!(!name.starts_with('.'), "{after}: the cache holds {name}");
+        }
+        // A base build's private key lives on tmpfs.
+        for entry in std::fs::read_dir("/dev/shm")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            assert!(
+                !name.starts_with("amibake-ab-"),
+                "{after}: /dev/shm/{name} is left"
+            );
+        }
+    }
+}
+
+/// Runs `command`, SIGKILLs it when a progress line satisfies `when`, and, where the step
+/// was held in a call, waits until the cloud has carried that call out.
+fn kill_when(command: Command, what: &str, mut when: impl FnMut(&str) -> bool, held: bool) -> Run {
+    // A held call is 2 s long: the kill lands a second into the step, inside it.
+    let (run, _) = util::signal_when(command, "-KILL", what, |line| {
+        let now = when(line);
+        if now && held {
+            std::thread::sleep(std::time::Duration::from_secs(1));
+        }
+        now
+    });
+    assert_eq!(run.output.status.code(), None, "killed: {}", run.dump());
+    if held {
+        std::thread::sleep(std::time::Duration::from_millis(2500));
+    }
+    run
+}
+
+/// gc found at least these kinds of leftover, all of one run, and removed every one.
+fn assert_found(found: &serde_json::Value, kinds: &[&str], step: &str, killed: &Run) {
+    let leftovers = found["leftovers"].as_array().unwrap();
+    let context = || format!("killed in {step}: {found}\n{}", killed.dump());
+    for kind in kinds {
+        assert!(
+            leftovers.iter().any(|l| l["kind"] == *kind),
+            "no {kind} found, {}",
+            context()
+        );
+    }
+    assert!(
+        leftovers.iter().all(|l| l["outcome"] == "removed"),
+        "{}",
+        context()
+    );
+    let runs: std::collections::BTreeSet<&str> = leftovers
+        .iter()
+        .filter_map(|l| l["build_id"].as_str())
+        .filter(|id| id.starts_with("ab-"))
+        .collect();
+    assert_eq!(runs.len(), 1, "{}", context());
+}
+
+#[test]
+fn gc_removes_what_killed_runs_left_and_spares_a_live_one() {
+    let world = World {
+        cloud: LocalCloud::start("quick"),
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let dir = world.dir();
+    let vendor = world.cloud.ls()["vendor_amis"]["partitioned"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (tar, _) = composer_like();
+    std::fs::write(dir.join("app.tar.gz"), gzip(&tar)).unwrap();
+    let bake_template = |name: &str, command: &str| {
+        format!(
+            "[bake]\nname = \"gc-{name}-${{timestamp}}-${{build_id}}\"\nbase_ami = \"{vendor}\"\n\
+             dest = \"/srv/app\"\n\n[[bake.provisioner]]\ninline = [\"{command}\"]\n"
+        )
+    };
+    std::fs::write(dir.join("bake.toml"), bake_template("bake", "true")).unwrap();
+    std::fs::write(
+        dir.join("sleepy.toml"),
+        bake_template("sleepy", "echo sleeping; sleep 600"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("base.toml"),
+        "[variables]\ncommand = \"true\"\n\n[base]\nname = \"gc-base-${timestamp}-${build_id}\"\n\
+         source_ami = \"resolve:ssm:/aws/service/debian/release/12/latest/amd64\"\n\
+         instance_type = \"t3.small\"\nssh_username = \"admin\"\nssh_interface = \"private_ip\"\n\n\
+         [[base.provisioner]]\ninline = [\"echo provisioning\", \"${var.command}\"]\n",
+    )
+    .unwrap();
+
+    // Nothing to do yet: the dry run says so.
+    let (run, found) = world.gc(&[]);
+    run.expect_code(0);
+    assert_eq!(found["leftovers"], serde_json::json!([]));
+
+    // A bake (direct backend, no build host) killed at each step. Where the step waits on
+    // the cloud, the kill lands while its call is held, so the call is carried out for a
+    // process that is gone. The cache is emptied before the first, so a fetch is killed.
+    // (step, the call held while the kill lands, the output line it lands on, what gc must
+    // find at least)
+    type Row<'a> = (&'a str, &'a str, &'a str, &'a [&'a str]);
+    let bake_steps: [Row; 10] = [
+        (
+            "fetch base image",
+            "GetSnapshotBlock",
+            "",
+            &["snapshot", "file"],
+        ),
+        ("copy base image", "", "", &["file"]),
+        ("attach loop device", "", "", &["file"]),
+        ("mount image", "", "", &["loop device", "file"]),
+        ("extract tarball", "", "", &["mount", "loop device", "file"]),
+        ("prepare chroot", "", "", &["mount", "loop device"]),
+        (
+            "run provisioners",
+            "",
+            "\"line\":\"sleeping\"",
+            &["mount", "loop device"],
+        ),
+        // The umount it started may finish after the kill.
+        ("unmount image", "", "", &["loop device"]),
+        ("upload snapshot", "StartSnapshot", "", &["snapshot"]),
+        ("register image", "RegisterImage", "", &["image"]),
+    ];
+    for (step, held_call, signal_at, kinds) in bake_steps {
+        if !held_call.is_empty() {
+            world.cloud.cli(&["fault", held_call, "--delay", "2"]);
+        }
+        let template = if signal_at.is_empty() {
+            "bake.toml"
+        } else {
+            "sleepy.toml"
+        };
+        let mut command = world.amibake();
+        command.args([
+            "bake",
+            template,
+            "--tarball",
+            "app.tar.gz",
+            "--commit",
+            "k1ll3d",
+        ]);
+        let this_step = format!("\"step\":\"{step}\"");
+        let killed = kill_when(
+            command,
+            &format!("amibake bake, killed in {step}"),
+            |line| match signal_at {
+                "" => line.contains("\"event\":\"step_started\"") && line.contains(&this_step),
+                output => line.contains(output),
+            },
+            !held_call.is_empty(),
+        );
+        let (run, found) = world.gc(&["--apply"]);
+        run.expect_code(0);
+        assert_found(&found, kinds, step, &killed);
+        world.assert_nothing_left(&format!("gc after a bake killed in {step}"));
+    }
+
+    // A base build killed at each step: its instance, key pair and group are left, and
+    // from `create image` on an image that never got finished.
+    let base_steps: [Row; 7] = [
+        (
+            "create key pair",
+            "CreateKeyPair",
+            "",
+            &["key pair", "file"],
+        ),
+        (
+            "create security group",
+            "CreateSecurityGroup",
+            "",
+            &["security group"],
+        ),
+        (
+            "launch instance",
+            "RunInstances",
+            "",
+            &["instance", "security group"],
+        ),
+        ("wait for ssh", "", "", &["instance"]),
+        (
+            "run provisioners",
+            "",
+            "\"line\":\"sleeping\"",
+            &["instance"],
+        ),
+        ("stop instance", "StopInstances", "", &["instance"]),
+        ("create image", "CreateImage", "", &["image", "instance"]),
+    ];
+    for (index, (step, held_call, signal_at, kinds)) in base_steps.iter().enumerate() {
+        if !held_call.is_empty() {
+            world.cloud.cli(&["fault", held_call, "--delay", "2"]);
+        }
+        let mut command = world.amibake();
+        if !signal_at.is_empty() {
+            command.args(["--var", "command=echo sleeping; sleep 600"]);
+        }
+        command.args(["base", "base.toml", "--force"]);
+        let started = format!("\"event\":\"step_started\",\"index\":{}", index + 1);
+        let killed = kill_when(
+            command,
+            &format!("amibake base, killed in {step}"),
+            |line| match *signal_at {
+                "" => line.contains(&started),
+                output => line.contains(output),
+            },
+            !held_call.is_empty(),
+        );
+        let (run, found) = world.gc(&["--apply"]);
+        run.expect_code(0);
+        assert_found(&found, kinds, step, &killed);
+        world.assert_nothing_left(&format!("gc after a base killed in {step}"));
+    }
+
+    // A bake still running (its provisioner sleeps) is spared, whatever its age, and
+    // finishes as if nothing happened.
+    std::fs::write(
+        dir.join("slow.toml"),
+        bake_template("slow", "echo sleeping; sleep 4"),
+    )
+    .unwrap();
+    let mut live = world.amibake();
+    live.args([
+        "bake",
+        "slow.toml",
+        "--tarball",
+        "app.tar.gz",
+        "--commit",
+        "l1v3",
+    ])
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped());
+    let mut child = live.spawn().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stderr.take().unwrap()));
+    for line in lines.by_ref() {
+        if line.unwrap().contains("\"line\":\"sleeping\"") {
+            break;
+        }
+    }
+    let (run, found) = world.gc(&["--apply"]);
+    run.expect_code(0);
+    assert_eq!(found["leftovers"], serde_json::json!([]), "{found}");
+    let spared = found["spared"].as_array().unwrap();
+    assert_eq!(spared.len(), 1, "{found}");
+    assert_eq!(spared[0]["why"], "running on this machine");
+    lines.for_each(drop);
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "the live bake finishes: {output:?}"
+    );
+    let manifest: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&output.stdout).trim()).unwrap();
+    // Its image is an artifact: finished, kept by gc, even past any age.
+    let (run, found) = world.gc(&["--apply"]);
+    run.expect_code(0);
+    assert_eq!(found["leftovers"], serde_json::json!([]), "{found}");
+    let images = world.cloud.ls()["images"].clone();
+    assert!(
+        images
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["id"] == manifest["ami_id"]),
+        "{images}"
+    );
+}
