@@ -18,6 +18,8 @@ const NO_IMDS: &str = "http://127.0.0.1:9";
 struct World {
     cloud: LocalCloud,
     dir: tempfile::TempDir,
+    /// The volumes there are before any run: the build host's own.
+    volumes_before: Vec<serde_json::Value>,
 }
 
 impl World {
@@ -87,7 +89,7 @@ impl World {
             .as_array()
             .unwrap()
             .iter()
-            .filter(|v| v["attached_to"] != self.cloud.build_host())
+            .filter(|v| !self.volumes_before.iter().any(|b| b["id"] == v["id"]))
             .collect();
         assert!(volumes.is_empty(), "{after}: volumes {volumes:?}");
         assert_eq!(ls["key_pairs"], serde_json::json!([]), "{after}");
@@ -178,9 +180,12 @@ fn assert_found(found: &serde_json::Value, kinds: &[&str], step: &str, killed: &
 
 #[test]
 fn gc_removes_what_killed_runs_left_and_spares_a_live_one() {
+    let cloud = LocalCloud::start("quick");
+    let volumes_before = cloud.ls()["volumes"].as_array().unwrap().clone();
     let world = World {
-        cloud: LocalCloud::start("quick"),
+        cloud,
         dir: tempfile::tempdir().unwrap(),
+        volumes_before,
     };
     let dir = world.dir();
     let vendor = world.cloud.ls()["vendor_amis"]["partitioned"]
@@ -276,6 +281,68 @@ fn gc_removes_what_killed_runs_left_and_spares_a_live_one() {
         run.expect_code(0);
         assert_found(&found, kinds, step, &killed);
         world.assert_nothing_left(&format!("gc after a bake killed in {step}"));
+    }
+
+    // A bake with the attach backend (this machine as its EC2 build host) killed at each
+    // step: a volume attached here, mounted, then a snapshot and an image of it.
+    let attach_steps: [Row; 8] = [
+        ("create volume", "CreateVolume", "", &["volume"]),
+        ("attach volume", "AttachVolume", "", &["volume"]),
+        ("mount image", "", "", &["volume", "file"]),
+        ("extract tarball", "", "", &["mount", "volume"]),
+        (
+            "run provisioners",
+            "",
+            "\"line\":\"sleeping\"",
+            &["mount", "volume"],
+        ),
+        ("detach volume", "DetachVolume", "", &["volume"]),
+        ("snapshot", "CreateSnapshot", "", &["snapshot"]),
+        ("register image", "RegisterImage", "", &["image"]),
+    ];
+    for (step, held_call, signal_at, kinds) in attach_steps {
+        if !held_call.is_empty() {
+            world.cloud.cli(&["fault", held_call, "--delay", "2"]);
+        }
+        let template = if signal_at.is_empty() {
+            "bake.toml"
+        } else {
+            "sleepy.toml"
+        };
+        let mut command = world.amibake();
+        // The local cloud's instance metadata: this machine is the build host.
+        let imds = world
+            .cloud
+            .env
+            .iter()
+            .find(|(k, _)| k == "AWS_EC2_METADATA_SERVICE_ENDPOINT")
+            .map(|(_, v)| v.clone())
+            .unwrap();
+        command
+            .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds)
+            .args([
+                "bake",
+                template,
+                "--tarball",
+                "app.tar.gz",
+                "--commit",
+                "k1ll3d",
+            ])
+            .args(["--backend", "attach"]);
+        let this_step = format!("\"step\":\"{step}\"");
+        let killed = kill_when(
+            command,
+            &format!("amibake bake --backend attach, killed in {step}"),
+            |line| match signal_at {
+                "" => line.contains("\"event\":\"step_started\"") && line.contains(&this_step),
+                output => line.contains(output),
+            },
+            !held_call.is_empty(),
+        );
+        let (run, found) = world.gc(&["--apply"]);
+        run.expect_code(0);
+        assert_found(&found, kinds, step, &killed);
+        world.assert_nothing_left(&format!("gc after an attach bake killed in {step}"));
     }
 
     // A base build killed at each step: its instance, key pair and group are left, and
