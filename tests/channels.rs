@@ -279,6 +279,41 @@ fn bakes_publish_and_history_promote_rollback_move_the_channel() {
     let unchanged = ch.bake("cccc3333");
     assert_eq!(unchanged["ssm_version"], serde_json::Value::Null);
     assert_eq!(ch.versions().len(), 7);
+
+    // A publication that fails takes the bake's image with it and leaves the channel
+    // naming what it named: refused at the put, or at the label after the put.
+    for (action, after) in [("PutParameter", 0), ("LabelParameterVersion", 0)] {
+        let images_before = ch.cloud.ls()["images"].as_array().unwrap().len();
+        let newest = ch.resolve(CHANNEL);
+        let injected = ch.cloud.fail_once("ssm", action, after);
+        let tar = tarball(|b| {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(6);
+            header.set_mode(0o644);
+            b.append_data(&mut header, "REVISION", &b"nope!\n"[..])
+                .unwrap();
+        });
+        std::fs::write(ch.dir().join("nope.tar.gz"), gzip(&tar)).unwrap();
+        let run = ch.amibake(&[
+            "bake",
+            "shop.toml",
+            "--tarball",
+            "nope.tar.gz",
+            "--commit",
+            "f00dfa11",
+        ]);
+        run.expect_failure(&injected, Some("publish to ssm"));
+        assert_eq!(
+            ch.cloud.ls()["images"].as_array().unwrap().len(),
+            images_before
+        );
+        assert_eq!(ch.resolve(CHANNEL), newest, "after {action} failed");
+        assert_eq!(
+            ch.resolve(&format!("{CHANNEL}:prod")),
+            c_ami,
+            "after {action} failed"
+        );
+    }
 }
 
 #[test]
