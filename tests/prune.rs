@@ -13,16 +13,7 @@ use util::Run;
 const CHANNEL: &str = "/amibake/shop/deploy";
 
 fn amibake(cloud: &LocalCloud, dir: &Path, args: &[&str]) -> Run {
-    let output = cloud
-        .amibake(dir)
-        .env("TMPDIR", dir)
-        .args(args)
-        .output()
-        .unwrap();
-    Run {
-        command: format!("amibake {args:?}"),
-        output,
-    }
+    cloud.run_amibake(dir, args)
 }
 
 fn bake(cloud: &LocalCloud, dir: &Path, commit: &str) -> (String, String) {
@@ -82,11 +73,13 @@ fn prune_keeps_what_is_used_and_the_newest_and_removes_the_rest_with_their_snaps
         ),
     )
     .unwrap();
-    // Ten bakes, oldest first; a name a different template would make, which prune leaves.
+    // Ten bakes, oldest first.
     let baked: Vec<(String, String)> = (1..=10)
         .map(|n| bake(&cloud, dir, &format!("c0mm1t{n:02}")))
         .collect();
     let ami = |n: usize| baked[n - 1].0.clone();
+    // What prune of shop.toml must not count: another template's bake, and a base image
+    // whose name starts as the bakes' do.
     std::fs::write(
         dir.join("other.toml"),
         format!(
@@ -94,6 +87,21 @@ fn prune_keeps_what_is_used_and_the_newest_and_removes_the_rest_with_their_snaps
         ),
     )
     .unwrap();
+    let other = amibake(
+        &cloud,
+        dir,
+        &[
+            "bake",
+            "other.toml",
+            "--tarball",
+            "app.tar.gz",
+            "--commit",
+            "0th3r1",
+        ],
+    );
+    other.expect_code(0);
+    let other: serde_json::Value = serde_json::from_str(other.stdout().trim()).unwrap();
+    let other = other["ami_id"].as_str().unwrap().to_string();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let clients = runtime.block_on(cloud.clients());
     // What still uses some of them: a launch template the oldest, a label the fourth, an
@@ -129,6 +137,37 @@ fn prune_keeps_what_is_used_and_the_newest_and_removes_the_rest_with_their_snaps
         &["promote", CHANNEL, &ami(4), "--label", "prod"],
     )
     .expect_code(0);
+    let base_like = runtime.block_on(async {
+        let tag = |k: &str, v: &str| aws_sdk_ec2::types::Tag::builder().key(k).value(v).build();
+        clients
+            .ec2
+            .register_image()
+            .name("shop-base-20261203000000")
+            .root_device_name("/dev/xvda")
+            .block_device_mappings(
+                aws_sdk_ec2::types::BlockDeviceMapping::builder()
+                    .device_name("/dev/xvda")
+                    .ebs(
+                        aws_sdk_ec2::types::EbsBlockDevice::builder()
+                            .snapshot_id(&baked[0].1)
+                            .build(),
+                    )
+                    .build(),
+            )
+            .tag_specifications(
+                aws_sdk_ec2::types::TagSpecification::builder()
+                    .resource_type(aws_sdk_ec2::types::ResourceType::Image)
+                    .tags(tag("amibake:build-id", "ab-20261203000000-00000000"))
+                    .tags(tag("amibake:source-ami", &vendor))
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap()
+            .image_id()
+            .unwrap()
+            .to_string()
+    });
 
     // The dry run says what it would do and does nothing.
     let calls_before = cloud.calls().len();
@@ -142,6 +181,12 @@ fn prune_keeps_what_is_used_and_the_newest_and_removes_the_rest_with_their_snaps
     assert_eq!(judged["apply"], false);
     let images = judged["images"].as_array().unwrap();
     assert_eq!(images.len(), 10, "only this template's images: {judged}");
+    for stranger in [&other, &base_like] {
+        assert!(
+            !images.iter().any(|i| i["ami_id"] == stranger.as_str()),
+            "{judged}"
+        );
+    }
     let decided = |decision: &str| -> BTreeSet<String> {
         images
             .iter()
@@ -207,6 +252,7 @@ fn prune_keeps_what_is_used_and_the_newest_and_removes_the_rest_with_their_snaps
         .iter()
         .map(|i| i.image_id().unwrap().to_string())
         .collect();
+    assert!(images.contains(&other) && images.contains(&base_like));
     for (n, (image, snapshot)) in baked.iter().enumerate() {
         let stays = kept.contains(image);
         assert_eq!(images.contains(image), stays, "image {} ({image})", n + 1);

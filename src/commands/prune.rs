@@ -16,7 +16,7 @@ use aws_sdk_ec2::types::Image;
 use serde::Serialize;
 
 use super::channel::{self, ChannelError};
-use crate::artifact::{TAG_BASE_AMI, TAG_BUILD_ID};
+use crate::artifact::{TAG_BASE_AMI, TAG_BUILD_ID, TAG_COMMIT, TAG_SOURCE_AMI};
 use crate::aws::ssm::{self, SsmError};
 use crate::aws::{filter, AwsError, AwsOptions, Clients};
 use crate::template::{self, Commit, LoadOptions, TemplateError};
@@ -189,8 +189,26 @@ impl Removal {
     }
 }
 
-/// The name prefixes and channels a selection stands for.
-fn scope(selection: &Selection) -> Result<(Vec<String>, Vec<String>), PruneError> {
+/// Images a prune compares with one another: a name prefix, and for a template's section
+/// the tag only that kind of image has, so a base named `shop-base-…` is never counted
+/// among the deployment images named `shop-…`.
+struct Group {
+    prefix: String,
+    /// `TAG_SOURCE_AMI` for `[base]`, `TAG_COMMIT` for `[bake]`; none for `--name-prefix`.
+    tag: Option<&'static str>,
+}
+
+impl Group {
+    fn holds(&self, image: &Image) -> bool {
+        image.name().unwrap_or_default().starts_with(&self.prefix)
+            && self
+                .tag
+                .is_none_or(|tag| image.tags().iter().any(|t| t.key() == Some(tag)))
+    }
+}
+
+/// The groups and channels a selection stands for.
+fn scope(selection: &Selection) -> Result<(Vec<Group>, Vec<String>), PruneError> {
     match selection {
         Selection::NamePrefix { prefix, channels } => {
             if prefix.len() < 3 {
@@ -198,7 +216,11 @@ fn scope(selection: &Selection) -> Result<(Vec<String>, Vec<String>), PruneError
                     "--name-prefix `{prefix}` is too short to be safe: give at least 3 characters"
                 )));
             }
-            Ok((vec![prefix.clone()], channels.clone()))
+            let group = Group {
+                prefix: prefix.clone(),
+                tag: None,
+            };
+            Ok((vec![group], channels.clone()))
         }
         Selection::Template { path, vars } => {
             // Rendered with a marker for what each run fills in; the name up to the first
@@ -213,37 +235,43 @@ fn scope(selection: &Selection) -> Result<(Vec<String>, Vec<String>), PruneError
                     build_id: MARK.into(),
                 },
             )?;
-            let mut prefixes = Vec::new();
+            let mut groups = Vec::new();
             let mut channels = Vec::new();
-            let names = [
-                loaded.base.as_ref().map(|b| (&b.name, &b.publish)),
-                loaded.bake.as_ref().map(|b| (&b.name, &b.publish)),
+            let sections = [
+                loaded
+                    .base
+                    .as_ref()
+                    .map(|b| (&b.name, &b.publish, TAG_SOURCE_AMI)),
+                loaded
+                    .bake
+                    .as_ref()
+                    .map(|b| (&b.name, &b.publish, TAG_COMMIT)),
             ];
-            for (name, publish) in names.into_iter().flatten() {
-                prefixes.push(name.split(MARK).next().unwrap_or_default().to_string());
+            for (name, publish, tag) in sections.into_iter().flatten() {
+                groups.push(Group {
+                    prefix: name.split(MARK).next().unwrap_or_default().to_string(),
+                    tag: Some(tag),
+                });
                 channels.extend(publish.iter().map(|p| p.parameter.clone()));
             }
-            if let Some(short) = prefixes.iter().find(|p| p.len() < 3) {
+            if let Some(short) = groups.iter().map(|g| &g.prefix).find(|p| p.len() < 3) {
                 return Err(PruneError::Usage(format!(
                     "{}: a name that starts `{short}` before its first ${{commit}} or ${{timestamp}} is too short to tell this template's images apart; use --name-prefix",
                     path.display()
                 )));
             }
-            Ok((prefixes, channels))
+            Ok((groups, channels))
         }
     }
 }
 
 pub async fn prune(options: &PruneOptions) -> Result<Pruned, PruneError> {
-    let (prefixes, channels) = scope(&options.selection)?;
+    let (groups, channels) = scope(&options.selection)?;
     let clients = channel::clients(&options.aws).await?;
     let all = amibake_images(&clients).await?;
     let mut candidates: Vec<&Image> = all
         .iter()
-        .filter(|i| {
-            let name = i.name().unwrap_or_default();
-            prefixes.iter().any(|p| name.starts_with(p.as_str()))
-        })
+        .filter(|i| groups.iter().any(|g| g.holds(i)))
         .collect();
     // Newest first; a name breaks a tie in the second-resolution creation dates.
     candidates.sort_by(|a, b| (b.creation_date(), b.name()).cmp(&(a.creation_date(), a.name())));
@@ -254,15 +282,15 @@ pub async fn prune(options: &PruneOptions) -> Result<Pruned, PruneError> {
 
     let mut keep: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut because = |id: &str, why: String| keep.entry(id.to_string()).or_default().push(why);
-    for prefix in &prefixes {
+    for group in &groups {
         let newest = candidates
             .iter()
-            .filter(|i| i.name().unwrap_or_default().starts_with(prefix.as_str()))
+            .filter(|i| group.holds(i))
             .take(options.keep);
         for image in newest {
             because(
                 image.image_id().unwrap_or_default(),
-                format!("one of the newest {} named {prefix}*", options.keep),
+                format!("one of the newest {} named {}*", options.keep, group.prefix),
             );
         }
     }
@@ -378,7 +406,7 @@ pub async fn prune(options: &PruneOptions) -> Result<Pruned, PruneError> {
         region: clients.region.clone(),
         apply: options.apply,
         removal: options.removal,
-        prefixes,
+        prefixes: groups.into_iter().map(|g| g.prefix).collect(),
         channels,
         images,
         failed,
