@@ -48,17 +48,7 @@ impl Channel {
 
     /// `amibake --output json ARGS`.
     fn amibake(&self, args: &[&str]) -> Run {
-        let output = self
-            .cloud
-            .amibake(self.dir())
-            .env("TMPDIR", self.dir())
-            .args(args)
-            .output()
-            .unwrap();
-        Run {
-            command: format!("amibake {args:?}"),
-            output,
-        }
+        self.cloud.run_amibake(self.dir(), args)
     }
 
     /// `amibake ARGS`, printing for people.

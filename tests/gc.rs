@@ -15,6 +15,10 @@ use util::Run;
 /// A port nothing listens on: this machine has no instance metadata, so bakes go direct.
 const NO_IMDS: &str = "http://127.0.0.1:9";
 
+/// (step, the call held while the kill lands, the output line it lands on (none: the step's
+/// start), the kinds of leftover gc must find at least)
+type Row<'a> = (&'a str, &'a str, &'a str, &'a [&'a str]);
+
 struct World {
     cloud: LocalCloud,
     dir: tempfile::TempDir,
@@ -56,6 +60,31 @@ impl World {
         let found = serde_json::from_str(run.stdout().trim())
             .unwrap_or_else(|e| panic!("{e}\n{}", run.dump()));
         (run, found)
+    }
+
+    /// For each row: runs `command(sleeps)` (`sleeps`: the row waits for a provisioner's
+    /// output, so the run must sleep in it), SIGKILLs it in the row's step, then runs
+    /// `gc --apply` and checks what it found and that nothing is left.
+    fn kill_each_step(&self, what: &str, rows: &[Row], command: impl Fn(bool) -> Command) {
+        for (step, held_call, signal_at, kinds) in rows {
+            if !held_call.is_empty() {
+                self.cloud.cli(&["fault", held_call, "--delay", "2"]);
+            }
+            let this_step = format!("\"step\":\"{step}\"");
+            let killed = kill_when(
+                command(!signal_at.is_empty()),
+                &format!("{what}, killed in {step}"),
+                |line| match *signal_at {
+                    "" => line.contains("\"event\":\"step_started\"") && line.contains(&this_step),
+                    output => line.contains(output),
+                },
+                !held_call.is_empty(),
+            );
+            let (run, found) = self.gc(&["--apply"]);
+            run.expect_code(0);
+            assert_found(&found, kinds, step, &killed);
+            self.assert_nothing_left(&format!("gc after {what} killed in {step}"));
+        }
     }
 
     /// Nothing of any run here is left: no instance alive, no volume but the build host's,
@@ -223,9 +252,6 @@ fn gc_removes_what_killed_runs_left_and_spares_a_live_one() {
     // A bake (direct backend, no build host) killed at each step. Where the step waits on
     // the cloud, the kill lands while its call is held, so the call is carried out for a
     // process that is gone. The cache is emptied before the first, so a fetch is killed.
-    // (step, the call held while the kill lands, the output line it lands on, what gc must
-    // find at least)
-    type Row<'a> = (&'a str, &'a str, &'a str, &'a [&'a str]);
     let bake_steps: [Row; 10] = [
         (
             "fetch base image",
@@ -249,16 +275,9 @@ fn gc_removes_what_killed_runs_left_and_spares_a_live_one() {
         ("upload snapshot", "StartSnapshot", "", &["snapshot"]),
         ("register image", "RegisterImage", "", &["image"]),
     ];
-    for (step, held_call, signal_at, kinds) in bake_steps {
-        if !held_call.is_empty() {
-            world.cloud.cli(&["fault", held_call, "--delay", "2"]);
-        }
-        let template = if signal_at.is_empty() {
-            "bake.toml"
-        } else {
-            "sleepy.toml"
-        };
+    let bake = |sleeps: bool| {
         let mut command = world.amibake();
+        let template = if sleeps { "sleepy.toml" } else { "bake.toml" };
         command.args([
             "bake",
             template,
@@ -267,21 +286,9 @@ fn gc_removes_what_killed_runs_left_and_spares_a_live_one() {
             "--commit",
             "k1ll3d",
         ]);
-        let this_step = format!("\"step\":\"{step}\"");
-        let killed = kill_when(
-            command,
-            &format!("amibake bake, killed in {step}"),
-            |line| match signal_at {
-                "" => line.contains("\"event\":\"step_started\"") && line.contains(&this_step),
-                output => line.contains(output),
-            },
-            !held_call.is_empty(),
-        );
-        let (run, found) = world.gc(&["--apply"]);
-        run.expect_code(0);
-        assert_found(&found, kinds, step, &killed);
-        world.assert_nothing_left(&format!("gc after a bake killed in {step}"));
-    }
+        command
+    };
+    world.kill_each_step("a direct bake", &bake_steps, bake);
 
     // A bake with the attach backend (this machine as its EC2 build host) killed at each
     // step: a volume attached here, mounted, then a snapshot and an image of it.
@@ -300,50 +307,21 @@ fn gc_removes_what_killed_runs_left_and_spares_a_live_one() {
         ("snapshot", "CreateSnapshot", "", &["snapshot"]),
         ("register image", "RegisterImage", "", &["image"]),
     ];
-    for (step, held_call, signal_at, kinds) in attach_steps {
-        if !held_call.is_empty() {
-            world.cloud.cli(&["fault", held_call, "--delay", "2"]);
-        }
-        let template = if signal_at.is_empty() {
-            "bake.toml"
-        } else {
-            "sleepy.toml"
-        };
-        let mut command = world.amibake();
-        // The local cloud's instance metadata: this machine is the build host.
-        let imds = world
-            .cloud
-            .env
-            .iter()
-            .find(|(k, _)| k == "AWS_EC2_METADATA_SERVICE_ENDPOINT")
-            .map(|(_, v)| v.clone())
-            .unwrap();
+    // The local cloud's instance metadata: this machine is the build host.
+    let imds = world
+        .cloud
+        .env
+        .iter()
+        .find(|(k, _)| k == "AWS_EC2_METADATA_SERVICE_ENDPOINT")
+        .map(|(_, v)| v.clone())
+        .unwrap();
+    world.kill_each_step("an attach bake", &attach_steps, |sleeps| {
+        let mut command = bake(sleeps);
         command
-            .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds)
-            .args([
-                "bake",
-                template,
-                "--tarball",
-                "app.tar.gz",
-                "--commit",
-                "k1ll3d",
-            ])
+            .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", &imds)
             .args(["--backend", "attach"]);
-        let this_step = format!("\"step\":\"{step}\"");
-        let killed = kill_when(
-            command,
-            &format!("amibake bake --backend attach, killed in {step}"),
-            |line| match signal_at {
-                "" => line.contains("\"event\":\"step_started\"") && line.contains(&this_step),
-                output => line.contains(output),
-            },
-            !held_call.is_empty(),
-        );
-        let (run, found) = world.gc(&["--apply"]);
-        run.expect_code(0);
-        assert_found(&found, kinds, step, &killed);
-        world.assert_nothing_left(&format!("gc after an attach bake killed in {step}"));
-    }
+        command
+    });
 
     // A base build killed at each step: its instance, key pair and group are left, and
     // from `create image` on an image that never got finished.
@@ -376,30 +354,14 @@ fn gc_removes_what_killed_runs_left_and_spares_a_live_one() {
         ("stop instance", "StopInstances", "", &["instance"]),
         ("create image", "CreateImage", "", &["image", "instance"]),
     ];
-    for (index, (step, held_call, signal_at, kinds)) in base_steps.iter().enumerate() {
-        if !held_call.is_empty() {
-            world.cloud.cli(&["fault", held_call, "--delay", "2"]);
-        }
+    world.kill_each_step("a base build", &base_steps, |sleeps| {
         let mut command = world.amibake();
-        if !signal_at.is_empty() {
+        if sleeps {
             command.args(["--var", "command=echo sleeping; sleep 600"]);
         }
         command.args(["base", "base.toml", "--force"]);
-        let started = format!("\"event\":\"step_started\",\"index\":{}", index + 1);
-        let killed = kill_when(
-            command,
-            &format!("amibake base, killed in {step}"),
-            |line| match *signal_at {
-                "" => line.contains(&started),
-                output => line.contains(output),
-            },
-            !held_call.is_empty(),
-        );
-        let (run, found) = world.gc(&["--apply"]);
-        run.expect_code(0);
-        assert_found(&found, kinds, step, &killed);
-        world.assert_nothing_left(&format!("gc after a base killed in {step}"));
-    }
+        command
+    });
 
     // A bake still running (its provisioner sleeps) is spared, whatever its age, and
     // finishes as if nothing happened.

@@ -113,6 +113,20 @@ impl LocalCloud {
         command
     }
 
+    /// `amibake --output json ARGS` run to its end in `dir`, its work directories there too.
+    pub fn run_amibake(&self, dir: &Path, args: &[&str]) -> super::Run {
+        let output = self
+            .amibake(dir)
+            .env("TMPDIR", dir)
+            .args(args)
+            .output()
+            .unwrap();
+        super::Run {
+            command: format!("amibake {args:?}"),
+            output,
+        }
+    }
+
     /// Makes the next call of `action` (after `after` calls of it pass) fail with an error
     /// the SDK does not retry. Returns the text a run's error must repeat.
     pub fn fail_once(&self, service: &str, action: &str, after: u32) -> String {
