@@ -128,6 +128,15 @@ impl std::fmt::Debug for RunError {
     }
 }
 
+/// The run's lock on this machine, held for as long as the value lives.
+fn hold_run_lock(build_id: &str) -> Result<crate::host::run_lock::RunLock, ModeError> {
+    use crate::host::run_lock::{lock_root, RunLock};
+    RunLock::acquire(build_id).map_err(ModeError::local(format!(
+        "cannot take this run's lock in {}",
+        lock_root().display()
+    )))
+}
+
 /// Loads the template for a run and insists it has the section the mode needs.
 fn load_for_run(
     path: &Path,

@@ -17,8 +17,8 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    channel_names, load_for_run, provisioner_fingerprint_parts, BuildResult, CommonOptions,
-    ModeError, RunError,
+    channel_names, hold_run_lock, load_for_run, provisioner_fingerprint_parts, BuildResult,
+    CommonOptions, ModeError, RunError,
 };
 use crate::artifact::{self, BakeManifest};
 use crate::aws::ami::{self, BaseImage};
@@ -183,11 +183,7 @@ async fn run_loaded(
     let secrets = template.secrets.clone();
     let plan = template.bake.expect("load_for_run checked the section");
     // Held until the run ends, so `gc` on this machine never takes it for a killed one.
-    let _run_lock =
-        crate::host::run_lock::RunLock::acquire(&build_id).map_err(ModeError::local(format!(
-            "cannot take this run's lock in {}",
-            crate::host::run_lock::lock_root().display()
-        )))?;
+    let _run_lock = hold_run_lock(&build_id)?;
     let work = WorkDir::new(&build_id)?;
     let tarball = spool_tarball(&options.tarball, work.path())?;
 
