@@ -147,32 +147,8 @@ fn assert_nothing_left(cloud: &LocalCloud, build_host: &str) {
         !mounts.lines().any(|l| l.contains("amibake-ab-")),
         "a bake mount is left:\n{mounts}"
     );
-    let cgroups = guard_cgroups_left();
+    let cgroups = cloud.guard_cgroups_left();
     assert!(cgroups.is_empty(), "provisioner cgroups left: {cgroups:?}");
-}
-
-/// The credential guard's cgroups (`amibake-provisioner-*`) anywhere in the cgroup2 tree.
-fn guard_cgroups_left() -> Vec<std::path::PathBuf> {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let mut left = Vec::new();
-    for line in mountinfo.lines().filter(|l| l.contains(" - cgroup2 ")) {
-        let mut stack = vec![std::path::PathBuf::from(line.split(' ').nth(4).unwrap())];
-        while let Some(dir) = stack.pop() {
-            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-                if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                    if entry
-                        .file_name()
-                        .to_string_lossy()
-                        .starts_with("amibake-provisioner-")
-                    {
-                        left.push(entry.path());
-                    }
-                    stack.push(entry.path());
-                }
-            }
-        }
-    }
-    left
 }
 
 /// One cloud for the whole story, told in order: the SDK of the binary reads its endpoint

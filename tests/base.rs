@@ -90,11 +90,7 @@ fn assert_nothing_temporary(cloud: &LocalCloud, build_host: &str) {
     assert!(alive.is_empty(), "instances left: {alive:?}");
     assert_eq!(ls["key_pairs"], serde_json::json!([]), "{ls}");
     assert_eq!(ls["security_groups"], serde_json::json!([]), "{ls}");
-    let keys: Vec<_> = std::fs::read_dir("/dev/shm")
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("amibake-"))
-        .collect();
+    let keys = cloud.private_key_dirs_left();
     assert!(keys.is_empty(), "private key directories left: {keys:?}");
 }
 

@@ -161,17 +161,8 @@ impl World {
             "the label is back on the old value\n{}",
             run.dump()
         );
-        let keys = std::fs::read_dir("/dev/shm")
-            .unwrap()
-            .filter(|e| {
-                e.as_ref()
-                    .unwrap()
-                    .file_name()
-                    .to_string_lossy()
-                    .starts_with("amibake-")
-            })
-            .count();
-        assert_eq!(keys, 0, "a private key directory is left");
+        let keys = self.cloud.private_key_dirs_left();
+        assert!(keys.is_empty(), "private key directories left: {keys:?}");
     }
 }
 

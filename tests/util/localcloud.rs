@@ -11,6 +11,46 @@ pub struct LocalCloud {
     /// The `export` lines of `localcloud up`: what every AWS SDK reads.
     pub env: Vec<(String, String)>,
     info: serde_json::Value,
+    /// This machine's private-key directories when the cloud started: what a run killed
+    /// outside this test left is not this test's to judge.
+    key_dirs_before: std::collections::BTreeSet<String>,
+    /// Likewise the credential guard's cgroups.
+    cgroups_before: std::collections::BTreeSet<PathBuf>,
+}
+
+/// A base build keeps its private key on tmpfs, in a directory named for its build.
+fn private_key_dirs() -> std::collections::BTreeSet<String> {
+    std::fs::read_dir("/dev/shm")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("amibake-ab-"))
+        .collect()
+}
+
+/// The credential guard's cgroups (`amibake-provisioner-*`) anywhere in the cgroup2 tree.
+fn guard_cgroups() -> std::collections::BTreeSet<PathBuf> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let mut left = std::collections::BTreeSet::new();
+    for line in mountinfo.lines().filter(|l| l.contains(" - cgroup2 ")) {
+        let mut stack = vec![PathBuf::from(line.split(' ').nth(4).unwrap())];
+        while let Some(dir) = stack.pop() {
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    if entry
+                        .file_name()
+                        .to_string_lossy()
+                        .starts_with("amibake-provisioner-")
+                    {
+                        left.insert(entry.path());
+                    }
+                    stack.push(entry.path());
+                }
+            }
+        }
+    }
+    left
 }
 
 fn localcloud_bin() -> PathBuf {
@@ -40,7 +80,30 @@ impl LocalCloud {
         let info =
             serde_json::from_str(&std::fs::read_to_string(state.join("ready.json")).unwrap())
                 .unwrap();
-        LocalCloud { state, env, info }
+        LocalCloud {
+            state,
+            env,
+            info,
+            key_dirs_before: private_key_dirs(),
+            cgroups_before: guard_cgroups(),
+        }
+    }
+
+    /// The private-key directories (`/dev/shm/amibake-*`) made since this cloud started
+    /// and still there.
+    pub fn private_key_dirs_left(&self) -> Vec<String> {
+        private_key_dirs()
+            .difference(&self.key_dirs_before)
+            .cloned()
+            .collect()
+    }
+
+    /// The credential guard's cgroups made since this cloud started and still there.
+    pub fn guard_cgroups_left(&self) -> Vec<PathBuf> {
+        guard_cgroups()
+            .difference(&self.cgroups_before)
+            .cloned()
+            .collect()
     }
 
     /// amibake's clients for this cloud, configured as a user's would be: from the process

@@ -13,8 +13,8 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    channel_names, load_for_run, provisioner_fingerprint_parts, BuildResult, CommonOptions,
-    ModeError, RunError,
+    channel_names, hold_run_lock, load_for_run, provisioner_fingerprint_parts, BuildResult,
+    CommonOptions, ModeError, RunError,
 };
 use crate::artifact::{self, BaseManifest};
 use crate::aws::ami::{self, BaseImage};
@@ -109,11 +109,7 @@ async fn run_loaded(
 ) -> Result<BuildResult<BaseManifest>, ModeError> {
     let secrets = template.secrets.clone();
     // Held until the run ends, so `gc` on this machine never takes it for a killed one.
-    let _run_lock =
-        crate::host::run_lock::RunLock::acquire(&build_id).map_err(ModeError::local(format!(
-            "cannot take this run's lock in {}",
-            crate::host::run_lock::lock_root().display()
-        )))?;
+    let _run_lock = hold_run_lock(&build_id)?;
     let mut plan = template.base.expect("load_for_run checked the section");
     if !options.ssh_cidrs.is_empty() {
         if plan.security_group_ids.is_some() {
@@ -248,8 +244,11 @@ impl KeyDir {
         } else {
             std::env::temp_dir()
         };
+        // tempfile leaves a directory's mode to the umask: say 0700 outright.
+        use std::os::unix::fs::PermissionsExt;
         tempfile::Builder::new()
             .prefix(&format!("amibake-{build_id}-key-"))
+            .permissions(std::fs::Permissions::from_mode(0o700))
             .tempdir_in(parent)
             .map(KeyDir)
             .map_err(ModeError::local("cannot make a private key directory"))
@@ -281,6 +280,17 @@ mod tests {
         .unwrap()
         .base
         .unwrap()
+    }
+
+    #[test]
+    fn the_private_key_directory_is_the_owners_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = KeyDir::new("ab-20261203000000-0badcafe").unwrap();
+        let mode = std::fs::metadata(dir.path()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700, "{mode:o}");
+        let path = dir.path().to_path_buf();
+        drop(dir);
+        assert!(!path.exists(), "removed with the run");
     }
 
     #[test]
