@@ -26,9 +26,9 @@ class Cloud:
         self.env = env
         self.info = json.loads((state / "ready.json").read_text())
 
-    def client(self, service, retries=True):
+    def client(self, service, retries=True, region=None):
         config = Config(retries={"max_attempts": 1 if not retries else 5, "mode": "standard"})
-        return boto3.client(service, endpoint_url=self.env["AWS_ENDPOINT_URL"], region_name=self.env["AWS_REGION"],
+        return boto3.client(service, endpoint_url=self.env["AWS_ENDPOINT_URL"], region_name=region or self.env["AWS_REGION"],
                             aws_access_key_id="localcloud", aws_secret_access_key="localcloud", config=config)
 
     def cli(self, *args, check=True):

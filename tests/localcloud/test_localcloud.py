@@ -683,3 +683,73 @@ def test_image_lifecycle_and_references_as_ec2_answers_them(cloud):
     ec2.delete_launch_template(LaunchTemplateName="lc-web")
     for image_id in (kept, referenced, plain):
         ec2.deregister_image(ImageId=image_id)
+
+
+def test_copy_image_copies_blocks_across_regions_as_ec2_does(cloud, tmp_path):
+    ec2, kms = cloud.client("ec2", retries=False), cloud.client("kms", region="eu-west-1")
+    west = cloud.client("ec2", retries=False, region="eu-west-1")
+    snap = root_snapshot(vendor_image(ec2, "flat"))
+    source = ec2.register_image(
+        Name="copy-source", RootDeviceName="/dev/xvda", Architecture="x86_64", EnaSupport=True, BootMode="uefi-preferred",
+        ImdsSupport="v2.0", BlockDeviceMappings=[{"DeviceName": "/dev/xvda", "Ebs": {"SnapshotId": snap}}],
+        TagSpecifications=[{"ResourceType": "image", "Tags": [{"Key": "team", "Value": "web"}]}],
+    )["ImageId"]
+    wait_until(lambda: ec2.describe_images(ImageIds=[source])["Images"][0]["State"], lambda s: s == "available")
+    ec2.modify_image_attribute(ImageId=source, LaunchPermission={"Add": [{"UserId": "210987654321"}]})
+    ec2.enable_image_deprecation(ImageId=source, DeprecateAt="2030-01-01T00:00:00Z")
+
+    key = kms.create_key(Description="west")["KeyMetadata"]["Arn"]
+    copy = dict(SourceImageId=source, SourceRegion="us-east-1", Name="copy-west", Encrypted=True, KmsKeyId=key, ClientToken="copy-1",
+                TagSpecifications=[{"ResourceType": "image", "Tags": [{"Key": "amibake:build-id", "Value": "ab-9"}]},
+                                   {"ResourceType": "snapshot", "Tags": [{"Key": "amibake:build-id", "Value": "ab-9"}]}])
+    copy_id = west.copy_image(**copy)["ImageId"]
+    assert west.copy_image(**copy)["ImageId"] == copy_id, "the same client token answers the same copy"
+    seen = wait_until(lambda: west.describe_images(ImageIds=[copy_id])["Images"][0]["State"], lambda s: s == "available")
+    assert seen[0] == "pending", seen
+    image = west.describe_images(ImageIds=[copy_id])["Images"][0]
+    with pytest.raises(ClientError):
+        ec2.describe_images(ImageIds=[copy_id])
+    # The source's layout, flags and IMDS setting; not its tags, permissions or deprecation.
+    assert (image["Architecture"], image["EnaSupport"], image["BootMode"], image["ImdsSupport"]) == ("x86_64", True, "uefi-preferred", "v2.0")
+    assert {t["Key"]: t["Value"] for t in image["Tags"]} == {"amibake:build-id": "ab-9"}
+    assert "DeprecationTime" not in image
+    assert west.describe_image_attribute(ImageId=copy_id, Attribute="launchPermission")["LaunchPermissions"] == []
+    copied = root_snapshot(image)
+    assert copied != snap
+    snapshot = west.describe_snapshots(SnapshotIds=[copied])["Snapshots"][0]
+    assert snapshot["Encrypted"] and snapshot["KmsKeyId"] == key
+    assert {t["Key"]: t["Value"] for t in snapshot["Tags"]} == {"amibake:build-id": "ab-9"}
+    assert cloud.ls()["other_regions"]["eu-west-1"]["images"][0]["id"] == copy_id
+    # The copy's bytes are the source's.
+    cloud.cli("export-snapshot", snap, str(tmp_path / "source.img"))
+    cloud.cli("export-snapshot", copied, str(tmp_path / "copy.img"))
+    assert (tmp_path / "source.img").read_bytes() == (tmp_path / "copy.img").read_bytes()
+
+    # Without a key a copy is encrypted as its source is; a key the region cannot use fails
+    # the copy once started; the name is the region's to keep unique.
+    plain = west.copy_image(SourceImageId=source, SourceRegion="us-east-1", Name="copy-plain")["ImageId"]
+    plain_snap = root_snapshot(west.describe_images(ImageIds=[plain])["Images"][0])
+    assert west.describe_snapshots(SnapshotIds=[plain_snap])["Snapshots"][0]["Encrypted"] is False
+    east_key = cloud.client("kms").create_key(Description="east only")["KeyMetadata"]["Arn"]
+    bad = west.copy_image(SourceImageId=source, SourceRegion="us-east-1", Name="copy-bad", Encrypted=True, KmsKeyId=east_key)["ImageId"]
+    wait_until(lambda: west.describe_images(ImageIds=[bad])["Images"][0]["State"], lambda s: s == "failed")
+    with pytest.raises(ClientError) as err:
+        west.copy_image(SourceImageId=source, SourceRegion="us-east-1", Name="copy-west")
+    assert err.value.response["Error"]["Code"] == "InvalidAMIName.Duplicate"
+    with pytest.raises(ClientError) as err:
+        west.copy_image(SourceImageId=source, SourceRegion="us-east-1", Name="copy-nokey", KmsKeyId=key)
+    assert err.value.response["Error"]["Code"] == "InvalidParameterDependency"
+
+    # IMDSv2-only can be set after the fact, and only that way.
+    west.modify_image_attribute(ImageId=plain, ImdsSupport={"Value": "v2.0"})
+    assert west.describe_images(ImageIds=[plain])["Images"][0]["ImdsSupport"] == "v2.0"
+    with pytest.raises(ClientError):
+        west.modify_image_attribute(ImageId=plain, ImdsSupport={"Value": "v1.0"})
+
+    for region_ec2, image_id in ((west, copy_id), (west, plain), (west, bad), (ec2, source)):
+        snaps = [m["Ebs"]["SnapshotId"] for m in region_ec2.describe_images(ImageIds=[image_id])["Images"][0]["BlockDeviceMappings"]]
+        region_ec2.deregister_image(ImageId=image_id)
+        for s in snaps:
+            if s != snap:
+                region_ec2.delete_snapshot(SnapshotId=s)
+    assert cloud.ls()["other_regions"] == {}

@@ -88,6 +88,7 @@ def install(dataplane, instances, timing, loopback_subnet):
     _patch_kms()
     _patch_ssm()
     _patch_image_lifecycle()
+    _patch_copy_image(timing)
 
 
 def _error(code, message):
@@ -292,10 +293,14 @@ def _patch_snapshots(dataplane, timing):
 
     def patched_copy_snapshot(self, source_snapshot_id, source_region, description, kms_key_id):
         # The copy holds the source's blocks, is this account's, and (like CreateSnapshot)
-        # takes a time that follows the data it holds.
+        # takes a time that follows the data it holds. The source may be in another region.
+        from moto.ec2.models import ec2_backends
+
         snapshot = copy_snapshot(self, source_snapshot_id, source_region, description, kms_key_id)
-        source = self.describe_snapshots(snapshot_ids=[source_snapshot_id])[0]
+        source = ec2_backends[self.account_id][source_region or self.region_name].get_snapshot(source_snapshot_id)
         snapshot.kms_key_id = kms_key_id or getattr(source, "kms_key_id", None)
+        if kms_key_id:
+            snapshot.encrypted = True
         copied = dataplane.copy_snapshot(source_snapshot_id, snapshot.id)
         seconds = timing.profile["snapshot_base"] + timing.profile["snapshot_per_10mb"] * copied / 10e6
         timing.start(("snapshot", snapshot.id), seconds)
@@ -746,3 +751,109 @@ def _patch_image_lifecycle():
     AmisResponse.enable_image_deprecation = enable_image_deprecation
     AmisResponse.disable_image_deprecation = disable_image_deprecation
     AmisResponse.describe_image_references = describe_image_references
+
+
+# -- copies across regions --------------------------------------------------------------------
+
+
+def _default_ebs_key(backend):
+    return f"arn:aws:kms:{backend.region_name}:{backend.account_id}:alias/aws/ebs"
+
+
+def _patch_copy_image(timing):
+    """CopyImage as EC2 carries it out, across regions: each of the source's snapshots is
+    copied (its blocks too) into the destination region, encrypted with `KmsKeyId` when
+    asked, else as the source is (with the region's default key); the copy keeps the
+    source's layout and boot flags and IMDS setting, but not its tags (unless
+    `CopyImageTags`), launch permissions or deprecation time; it takes the call's
+    `TagSpecifications`, and a repeated `ClientToken` answers the first copy. A key the
+    region cannot use fails the copy after it started, as EC2 does: the image ends `failed`.
+    ModifyImageAttribute takes `ImdsSupport` (moto's does not)."""
+    from moto.core.responses import ActionResult, EmptyResult
+    from moto.ec2.models import ec2_backends
+    from moto.ec2.responses.amis import AmisResponse
+
+    def copy_image(self):
+        self.error_on_dryrun()
+        backend = self.ec2_backend
+        token = self._get_param("ClientToken")
+        tokens = backend.__dict__.setdefault("_copy_image_tokens", {})
+        if token and token in tokens:
+            return ActionResult({"ImageId": tokens[token]})
+        source_region = self._get_param("SourceRegion")
+        source_id = self._get_param("SourceImageId")
+        name = self._get_param("Name")
+        if source_region not in ec2_backends[backend.account_id].regions:
+            raise _error("InvalidParameterValue", f"Invalid source region: {source_region}")
+        source_backend = ec2_backends[backend.account_id][source_region]
+        source = source_backend.describe_images(ami_ids=[source_id])[0]
+        if source.state != "available":
+            raise _error("IncorrectState", f"Image {source_id} is not in a valid state: {source.state}")
+        refuse_duplicate_name(backend, name)
+        encrypted = str(self._get_param("Encrypted", "false")).lower() == "true"
+        kms_key_id = self._get_param("KmsKeyId")
+        if kms_key_id and not encrypted:
+            raise _error("InvalidParameterDependency", "The parameter KmsKeyId requires the parameter Encrypted to be set.")
+        image = backend.copy_image(source_id, source_region, name, self._get_param("Description"))
+        _drop_auto_snapshot(backend, image)
+        specs = self._get_param("TagSpecifications", [])
+        snapshot_tags = {t["Key"]: t["Value"] for spec in specs if spec.get("ResourceType") == "snapshot" for t in spec.get("Tags", [])}
+        mappings = []
+        usable = True
+        for m in source.block_device_mappings:
+            m = {**m, "Ebs": dict(m["Ebs"])} if "Ebs" in m else dict(m)
+            snap_id = m.get("Ebs", {}).get("SnapshotId")
+            if snap_id:
+                was_encrypted = bool(source_backend.get_snapshot(snap_id).encrypted)
+                key = kms_key_id or (_default_ebs_key(backend) if (encrypted or was_encrypted) else None)
+                if kms_key_id and not _usable_kms_key(backend, kms_key_id):
+                    usable = False
+                copy = backend.copy_snapshot(snap_id, source_region, f"Copied for DestinationAmi {image.id} from SourceAmi {source_id} for SourceSnapshot {snap_id}", key)
+                copy.encrypted = bool(key)
+                if snapshot_tags:
+                    backend.create_tags([copy.id], snapshot_tags)
+                m["Ebs"]["SnapshotId"] = copy.id
+                m["Ebs"]["Encrypted"] = bool(key)
+                if kms_key_id:
+                    m["Ebs"]["KmsKeyId"] = kms_key_id
+                else:
+                    m["Ebs"].pop("KmsKeyId", None)
+            mappings.append(m)
+        image.__dict__["_mappings"] = mappings
+        for attr in ("root_device_name", "root_device_type", "architecture", "virtualization_type", "boot_mode",
+                     "ena_support", "sriov_net_support", "sriov", "imds_support"):
+            setattr(image, attr, getattr(source, attr, None))
+        image.deprecation_time = None
+        tags = {t["Key"]: t["Value"] for spec in specs if spec.get("ResourceType") == "image" for t in spec.get("Tags", [])}
+        if str(self._get_param("CopyImageTags", "false")).lower() == "true":
+            user = {k: v for k, v in source_backend.tags.get(source_id, {}).items() if not k.startswith("aws:")}
+            tags = {**user, **tags}
+        if tags:
+            backend.create_tags([image.id], tags)
+        if token:
+            tokens[token] = image.id
+        timing.start(("image", image.id), max(0, _image_ready_after(backend, timing, mappings)))
+        timing.created(image.id)
+        if not usable:
+            image.state = "failed"
+            image.state_reason = {"Code": "Client.InvalidKMSKey.InvalidState",
+                                               "Message": f"The KMS key {kms_key_id} cannot be used in {backend.region_name}"}
+        return ActionResult({"ImageId": image.id})
+
+    modify = AmisResponse.modify_image_attribute
+
+    def modify_image_attribute(self):
+        imds = self._get_param("ImdsSupport")
+        if isinstance(imds, dict):
+            imds = imds.get("Value")
+        if imds is None:
+            return modify(self)
+        self.error_on_dryrun()
+        image = self.ec2_backend.describe_images(ami_ids=[self._get_param("ImageId")])[0]
+        if imds != "v2.0":
+            raise _error("InvalidParameterValue", f"Value ({imds}) for parameter imdsSupport is invalid. Valid value is v2.0.")
+        image.imds_support = imds
+        return EmptyResult()
+
+    AmisResponse.copy_image = copy_image
+    AmisResponse.modify_image_attribute = modify_image_attribute

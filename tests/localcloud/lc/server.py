@@ -393,7 +393,23 @@ class LocalCloud:
                 "attachments": [{"volume": a.volume_id, "device": a.device, "loops": a.loops, "links": [str(p) for p in a.links]} for a in self.dataplane.attachments.values()],
                 "build_host": self.build_host.id,
                 "vendor_amis": self.vendor_amis,
+                "other_regions": self.other_regions(),
             }
+
+    def other_regions(self):
+        """Images and snapshots in regions other than the cloud's own (copies), per region.
+        Only regions something has been asked of: listing must not bring every region up."""
+        out = {}
+        for region, backend in dict.items(ec2_backends[ACCOUNT]):
+            if region == REGION or not (backend.amis or backend.snapshots):
+                continue
+            out[region] = {
+                "images": [{"id": a.id, "name": a.name, "state": a.state, "tags": dict(backend.tags.get(a.id, {}))}
+                           for a in backend.amis.values()],
+                "snapshots": [{"id": s.id, "state": s.status, "encrypted": bool(s.encrypted), "kms_key_id": getattr(s, "kms_key_id", None),
+                               "tags": dict(backend.tags.get(s.id, {}))} for s in backend.snapshots.values()],
+            }
+        return out
 
 
 def signed_service(request):
