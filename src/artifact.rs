@@ -54,6 +54,18 @@ pub fn fingerprint(parts: &[(&str, &str)]) -> String {
     hex(&hasher.finalize())
 }
 
+/// A copy of the image in another region, as the manifest lists it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RegionCopy {
+    pub region: String,
+    pub ami_id: String,
+    pub snapshot_ids: Vec<String>,
+    /// True when an earlier run had made it already.
+    pub reused: bool,
+    /// The version of that region's channel naming the copy, when the run published it.
+    pub ssm_version: Option<i64>,
+}
+
 /// What a mode prints as its result, and writes with `--manifest`.
 pub trait Manifest: Serialize {
     fn ami_id(&self) -> &str;
@@ -82,6 +94,8 @@ pub struct BakeManifest {
     /// The channel and its version naming this image, when the run published it.
     pub ssm_parameter: Option<String>,
     pub ssm_version: Option<i64>,
+    /// The image in every other region it was delivered to.
+    pub copies: Vec<RegionCopy>,
     pub step_seconds: BTreeMap<String, f64>,
 }
 
@@ -96,13 +110,14 @@ impl Manifest for BakeManifest {
             (None, false) => "baked".to_string(),
         };
         format!(
-            "{how}: {} \"{}\" in {} from {} at {}{}",
+            "{how}: {} \"{}\" in {} from {} at {}{}{}",
             self.ami_id,
             self.name,
             self.region,
             self.base_ami,
             self.commit,
-            published(&self.ssm_parameter, self.ssm_version)
+            published(&self.ssm_parameter, self.ssm_version),
+            copied(&self.copies)
         )
     }
 }
@@ -122,6 +137,8 @@ pub struct BaseManifest {
     /// The SSM parameter the id was published to, and the version that holds it.
     pub ssm_parameter: Option<String>,
     pub ssm_version: Option<i64>,
+    /// The image in every other region it was delivered to.
+    pub copies: Vec<RegionCopy>,
     pub step_seconds: BTreeMap<String, f64>,
 }
 
@@ -136,12 +153,13 @@ impl Manifest for BaseManifest {
             "built"
         };
         format!(
-            "{how}: {} \"{}\" in {} from {}{}",
+            "{how}: {} \"{}\" in {} from {}{}{}",
             self.ami_id,
             self.name,
             self.region,
             self.source_ami,
-            published(&self.ssm_parameter, self.ssm_version)
+            published(&self.ssm_parameter, self.ssm_version),
+            copied(&self.copies)
         )
     }
 }
@@ -152,6 +170,18 @@ fn published(parameter: &Option<String>, version: Option<i64>) -> String {
         (Some(p), Some(v)) => format!(", published to {p} version {v}"),
         _ => String::new(),
     }
+}
+
+/// "; copies: ami-2 in eu-west-1, ami-3 in us-west-2" when the image went elsewhere too.
+fn copied(copies: &[RegionCopy]) -> String {
+    if copies.is_empty() {
+        return String::new();
+    }
+    let each: Vec<String> = copies
+        .iter()
+        .map(|c| format!("{} in {}", c.ami_id, c.region))
+        .collect();
+    format!("; copies: {}", each.join(", "))
 }
 
 #[cfg(test)]
@@ -184,6 +214,7 @@ mod tests {
             bytes: 1,
             ssm_parameter: None,
             ssm_version: None,
+            copies: Vec::new(),
             step_seconds: BTreeMap::new(),
         };
         assert_eq!(

@@ -27,6 +27,7 @@ ssh_interface = "private_ip"
 ssh_timeout_seconds = 120
 publish_ssm = "/amibake/failures/base"
 publish_label = "latest"
+deprecate_after = "30d"
 
 [[base.provisioner]]
 inline = ["echo provisioning", "${var.command}"]
@@ -242,6 +243,7 @@ fn every_failure_of_a_base_build_cleans_up_and_says_where() {
         ("ec2", "StopInstances", 0, Some("stop instance")),
         ("ec2", "CreateImage", 0, Some("create image")),
         ("ec2", "DescribeImages", 1, Some("create image")),
+        ("ec2", "EnableImageDeprecation", 0, Some("distribute")),
         ("ec2", "CreateTags", 0, Some("mark finished")),
         ("ssm", "GetParameter", 1, Some("publish to ssm")),
         ("ssm", "PutParameter", 0, Some("publish to ssm")),
@@ -398,7 +400,7 @@ fn every_failure_of_a_base_build_cleans_up_and_says_where() {
     // such a system waits before it kills, and everything made so far is removed. Each
     // step is held in its first call (or its running command) while the signal lands, so
     // the step named is exactly the one signalled.
-    const STEPS: [(&str, &str); 9] = [
+    const STEPS: [(&str, &str); 10] = [
         ("create key pair", "CreateKeyPair"),
         ("create security group", "CreateSecurityGroup"),
         ("launch instance", "RunInstances"),
@@ -406,6 +408,7 @@ fn every_failure_of_a_base_build_cleans_up_and_says_where() {
         ("run provisioners", ""),
         ("stop instance", "StopInstances"),
         ("create image", "CreateImage"),
+        ("distribute", "EnableImageDeprecation"),
         ("mark finished", "CreateTags"),
         ("publish to ssm", "PutParameter"),
     ];

@@ -39,6 +39,8 @@ pub struct Clients {
     pub ebs: aws_sdk_ebs::Client,
     pub sts: aws_sdk_sts::Client,
     pub region: String,
+    /// What they were built from: the same credentials reach another region.
+    config: SdkConfig,
 }
 
 pub async fn sdk_config(options: &AwsOptions) -> SdkConfig {
@@ -63,7 +65,18 @@ impl Clients {
             ebs: aws_sdk_ebs::Client::from_conf(ebs::client_config(config)),
             sts: aws_sdk_sts::Client::new(config),
             region,
+            config: config.clone(),
         })
+    }
+
+    /// The same clients, with the same credentials and endpoint, in another region.
+    pub fn in_region(&self, region: &str) -> Clients {
+        let config = self
+            .config
+            .to_builder()
+            .region(Region::new(region.to_string()))
+            .build();
+        Clients::new(&config).expect("a region was just set")
     }
 }
 

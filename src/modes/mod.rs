@@ -2,6 +2,7 @@
 
 pub mod bake;
 pub mod base;
+mod distribute;
 mod support;
 
 use std::collections::BTreeMap;

@@ -135,6 +135,14 @@ pub async fn publish(
     };
     let parameter = &channel.parameter;
     let previous = ssm::value(clients, parameter).await.map_err(failed)?;
+    // A rerun that found its image (and copies) leaves a channel naming it as it is.
+    if previous.as_deref() == Some(image_id)
+        && super::channel_names(clients, Some(channel), image_id).await
+    {
+        ctx.progress
+            .note(format!("{parameter} names {image_id} already"));
+        return Ok(None);
+    }
     let put = ssm::put_image(clients, parameter, image_id, description, &ctx.cancel).await;
     // A put refused up front or dropped by validation changed nothing; anything else may
     // have written a version (an AWS error can hide a put carried out, an interrupt can come

@@ -12,7 +12,7 @@ use super::diagnostic::{explain_unknown_field, nearest, Diagnostic, SourceMap, T
 use super::interpolate::{interpolate, Commit, Context};
 use super::schema::{BakeSection, BaseSection, ProvisionerEntry, TemplateFile};
 use super::{
-    AmiRef, BakePlan, BasePlan, ExistingKeyPair, LoadOptions, Network, Provisioner,
+    AmiRef, BakePlan, BasePlan, Distribution, ExistingKeyPair, LoadOptions, Network, Provisioner,
     ProvisionerAction, SsmPublish, Template,
 };
 
@@ -551,6 +551,16 @@ impl Checker<'_> {
             &s.root_volume_type,
         );
         let publish = self.publish("base", &s.publish_ssm, &s.publish_label);
+        let distribution = self.distribution(
+            "base",
+            DistributionKeys {
+                copy_to_regions: &s.copy_to_regions,
+                share_with_accounts: &s.share_with_accounts,
+                kms_key_ids: &s.kms_key_ids,
+                deprecate_after: &s.deprecate_after,
+                imds_support: &s.imds_support,
+            },
+        );
         BasePlan {
             name,
             description,
@@ -570,6 +580,7 @@ impl Checker<'_> {
             root_volume_size_gb,
             root_volume_type,
             publish,
+            distribution,
             tags: self.tags("base", &s.tags),
             provisioners: self.provisioners("base", &s.provisioners),
         }
@@ -632,6 +643,106 @@ impl Checker<'_> {
         })
     }
 
+    /// Where the image goes beyond its own region and who may launch it; the keys are the
+    /// same in both sections.
+    fn distribution(&mut self, section: &str, keys: DistributionKeys) -> Distribution {
+        let mut copy_to_regions: Vec<String> = Vec::new();
+        for (i, r) in keys
+            .copy_to_regions
+            .iter()
+            .flat_map(|l| l.get_ref().iter().enumerate())
+        {
+            let key = format!("{section}.copy_to_regions[{i}]");
+            let region = self.text(&key, r);
+            if !is_region_name(&region) {
+                self.error(
+                    Some(r.span()),
+                    &key,
+                    format!("`{region}` is not a region name like eu-west-1"),
+                );
+            } else if copy_to_regions.contains(&region) {
+                self.error(Some(r.span()), &key, format!("`{region}` is listed twice"));
+            } else {
+                copy_to_regions.push(region);
+            }
+        }
+        let mut share_with_accounts: Vec<String> = Vec::new();
+        for (i, a) in keys
+            .share_with_accounts
+            .iter()
+            .flat_map(|l| l.get_ref().iter().enumerate())
+        {
+            let key = format!("{section}.share_with_accounts[{i}]");
+            let account = self.text(&key, a);
+            if account.len() != 12 || !account.chars().all(|c| c.is_ascii_digit()) {
+                self.error(
+                    Some(a.span()),
+                    &key,
+                    format!("`{account}` is not an AWS account id (12 digits)"),
+                );
+            } else if share_with_accounts.contains(&account) {
+                self.error(Some(a.span()), &key, format!("`{account}` is listed twice"));
+            } else {
+                share_with_accounts.push(account);
+            }
+        }
+        let mut kms_key_ids = BTreeMap::new();
+        for (region, k) in keys.kms_key_ids {
+            let key = format!("{section}.kms_key_ids.{region}");
+            let value = self.text(&key, k);
+            if !copy_to_regions.contains(region) {
+                self.error(Some(k.span()), &key, format!("`{region}` is not in `{section}.copy_to_regions`: a key here encrypts that region's copy"));
+            } else if value.is_empty() {
+                self.error(Some(k.span()), &key, "a KMS key id, ARN or alias".into());
+            }
+            kms_key_ids.insert(region.clone(), value);
+        }
+        let deprecate_after = keys.deprecate_after.as_ref().and_then(|d| {
+            let key = format!("{section}.deprecate_after");
+            let text = self.text(&key, d);
+            // EC2 takes a deprecation time at most 10 years ahead.
+            const TEN_YEARS: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+            match humantime::parse_duration(&text) {
+                Ok(after) if after >= Duration::from_secs(60) && after <= TEN_YEARS => Some(after),
+                Ok(_) => {
+                    self.error(
+                        Some(d.span()),
+                        &key,
+                        format!("`{text}`: between a minute and 10 years, as EC2 takes it"),
+                    );
+                    None
+                }
+                Err(e) => {
+                    self.error(
+                        Some(d.span()),
+                        &key,
+                        format!("`{text}` is not a duration like 90d or 12w: {e}"),
+                    );
+                    None
+                }
+            }
+        });
+        let imds_v2_only = keys.imds_support.as_ref().is_some_and(|v| {
+            let key = format!("{section}.imds_support");
+            let text = self.text(&key, v);
+            if text != "v2.0" {
+                self.error(
+                    Some(v.span()),
+                    &key,
+                    format!("`{text}`: the one value EC2 takes is \"v2.0\""),
+                );
+            }
+            text == "v2.0"
+        });
+        Distribution {
+            copy_to_regions,
+            share_with_accounts,
+            kms_key_ids,
+            deprecate_after,
+            imds_v2_only,
+        }
+    }
+
     fn bake(&mut self, s: BakeSection) -> BakePlan {
         let name = self.ami_name("bake.name", &s.name);
         let description = self.opt_text("bake.description", &s.description);
@@ -666,6 +777,16 @@ impl Checker<'_> {
         }
         let (volume_size_gb, volume_type) =
             self.volume("bake.volume_", &s.volume_size_gb, &s.volume_type);
+        let distribution = self.distribution(
+            "bake",
+            DistributionKeys {
+                copy_to_regions: &s.copy_to_regions,
+                share_with_accounts: &s.share_with_accounts,
+                kms_key_ids: &s.kms_key_ids,
+                deprecate_after: &s.deprecate_after,
+                imds_support: &s.imds_support,
+            },
+        );
         BakePlan {
             name,
             description,
@@ -682,6 +803,7 @@ impl Checker<'_> {
             volume_size_gb,
             kms_key_id: self.opt_text("bake.kms_key_id", &s.kms_key_id),
             publish: self.publish("bake", &s.publish_ssm, &s.publish_label),
+            distribution,
             tags: self.tags("bake", &s.tags),
             provisioners: self.provisioners("bake", &s.provisioners),
         }
@@ -707,6 +829,25 @@ pub fn check_ami_name(name: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// The distribution keys of a section, as written.
+struct DistributionKeys<'a> {
+    copy_to_regions: &'a Option<Spanned<Vec<Spanned<String>>>>,
+    share_with_accounts: &'a Option<Spanned<Vec<Spanned<String>>>>,
+    kms_key_ids: &'a BTreeMap<String, Spanned<String>>,
+    deprecate_after: &'a Option<Spanned<String>>,
+    imds_support: &'a Option<Spanned<String>>,
+}
+
+/// `eu-west-1`, `us-gov-west-1`, `ap-southeast-4`: lowercase words and a number.
+fn is_region_name(name: &str) -> bool {
+    let parts: Vec<&str> = name.split('-').collect();
+    parts.len() >= 3
+        && parts[..parts.len() - 1]
+            .iter()
+            .all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_lowercase()))
+        && parts[parts.len() - 1].parse::<u8>().is_ok()
 }
 
 fn is_identifier(name: &str) -> bool {
@@ -752,6 +893,10 @@ mod tests {
         assert!(is_account_name("www-data") && is_account_name("33"));
         assert!(!is_account_name("Www") && !is_account_name(""));
         assert!(is_identifier("_a1") && !is_identifier("1a") && !is_identifier("a-b"));
+        assert!(is_region_name("eu-west-1") && is_region_name("us-gov-west-1"));
+        assert!(
+            !is_region_name("eu-west") && !is_region_name("EU-west-1") && !is_region_name("eu--1")
+        );
     }
 
     #[test]

@@ -55,6 +55,7 @@ pub struct BasePlan {
     pub root_volume_size_gb: Option<i32>,
     pub root_volume_type: Option<String>,
     pub publish: Option<SsmPublish>,
+    pub distribution: Distribution,
     pub tags: BTreeMap<String, String>,
     pub provisioners: Vec<Provisioner>,
 }
@@ -72,8 +73,35 @@ pub struct BakePlan {
     pub volume_size_gb: Option<i32>,
     pub kms_key_id: Option<String>,
     pub publish: Option<SsmPublish>,
+    pub distribution: Distribution,
     pub tags: BTreeMap<String, String>,
     pub provisioners: Vec<Provisioner>,
+}
+
+/// Where a finished image goes beyond the region it was made in, and who may launch it.
+/// Applied to the image and to every copy, and checked on each once it is available.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Distribution {
+    /// Each gets a copy, in parallel, with the image's tags and its own channel version.
+    pub copy_to_regions: Vec<String>,
+    pub share_with_accounts: Vec<String>,
+    /// Per copy region: the key its copy is encrypted with. Without one, a copy is
+    /// encrypted as its source is (with that region's default key).
+    pub kms_key_ids: BTreeMap<String, String>,
+    /// Deprecated this long after the build.
+    pub deprecate_after: Option<Duration>,
+    /// `imds_support = "v2.0"`.
+    pub imds_v2_only: bool,
+}
+
+impl Distribution {
+    /// Whether anything beyond the image itself is asked for.
+    pub fn is_empty(&self) -> bool {
+        self.copy_to_regions.is_empty()
+            && self.share_with_accounts.is_empty()
+            && self.deprecate_after.is_none()
+            && !self.imds_v2_only
+    }
 }
 
 /// A key pair the template brings: its name in EC2 and the private key on this machine.

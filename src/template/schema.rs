@@ -41,6 +41,17 @@ pub struct BaseSection {
     pub root_volume_type: Option<Spanned<String>>,
     pub publish_ssm: Option<Spanned<String>>,
     pub publish_label: Option<Spanned<String>>,
+    /// Other regions the image is copied to; each has its own channel version.
+    pub copy_to_regions: Option<Spanned<Vec<Spanned<String>>>>,
+    /// Accounts given launch permission on the image and on every copy.
+    pub share_with_accounts: Option<Spanned<Vec<Spanned<String>>>>,
+    /// A KMS key per copy region, to encrypt that region's copy with.
+    #[serde(default)]
+    pub kms_key_ids: BTreeMap<String, Spanned<String>>,
+    /// How long the image (and every copy) is current: `90d`, `12w`.
+    pub deprecate_after: Option<Spanned<String>>,
+    /// `v2.0`: instances of the image answer only IMDSv2.
+    pub imds_support: Option<Spanned<String>>,
     #[serde(default)]
     pub tags: BTreeMap<String, Spanned<String>>,
     #[serde(default, rename = "provisioner")]
@@ -67,6 +78,17 @@ pub struct BakeSection {
     /// The deployment channel: each bake writes its AMI as a new version of this parameter.
     pub publish_ssm: Option<Spanned<String>>,
     pub publish_label: Option<Spanned<String>>,
+    /// Other regions the image is copied to; each has its own channel version.
+    pub copy_to_regions: Option<Spanned<Vec<Spanned<String>>>>,
+    /// Accounts given launch permission on the image and on every copy.
+    pub share_with_accounts: Option<Spanned<Vec<Spanned<String>>>>,
+    /// A KMS key per copy region, to encrypt that region's copy with.
+    #[serde(default)]
+    pub kms_key_ids: BTreeMap<String, Spanned<String>>,
+    /// How long the image (and every copy) is current: `90d`, `12w`.
+    pub deprecate_after: Option<Spanned<String>>,
+    /// `v2.0`: instances of the image answer only IMDSv2.
+    pub imds_support: Option<Spanned<String>>,
     #[serde(default)]
     pub tags: BTreeMap<String, Spanned<String>>,
     #[serde(default, rename = "provisioner")]

@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use aws_sdk_ec2::types::{ResourceType, TagSpecification, VolumeType};
 
 use super::steps::{
-    ExtractTarball, MarkFinished, MountImage, PrepareChroot, PublishSsm, RegisterImage,
+    Distribute, ExtractTarball, MarkFinished, MountImage, PrepareChroot, PublishSsm, RegisterImage,
     RunProvisioners, UnmountImage,
 };
 use super::{Backend, BakeState};
@@ -35,6 +35,7 @@ pub fn steps() -> Vec<Box<dyn Step<BakeState<Attach>>>> {
         Box::new(DetachVolume),
         Box::new(SnapshotVolume),
         Box::new(RegisterImage),
+        Box::new(Distribute),
         // Finished before it is published: a run killed while publishing leaves a
         // complete image, which the next run with its fingerprint reuses and publishes.
         Box::new(MarkFinished),

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use aws_sdk_ec2::types::{ResourceType, TagSpecification};
 
 use super::steps::{
-    ExtractTarball, MarkFinished, MountImage, PrepareChroot, PublishSsm, RegisterImage,
+    Distribute, ExtractTarball, MarkFinished, MountImage, PrepareChroot, PublishSsm, RegisterImage,
     RunProvisioners, UnmountImage,
 };
 use super::{Backend, BakeState};
@@ -40,6 +40,7 @@ pub fn steps() -> Vec<Box<dyn Step<BakeState<Direct>>>> {
         Box::new(DetachLoopDevice),
         Box::new(UploadSnapshot),
         Box::new(RegisterImage),
+        Box::new(Distribute),
         // Finished before it is published: a run killed while publishing leaves a
         // complete image, which the next run with its fingerprint reuses and publishes.
         Box::new(MarkFinished),

@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
+use super::distribute::{self, RegionImage};
 use super::{
     channel_names, hold_run_lock, load_for_run, provisioner_fingerprint_parts, BuildResult,
     CommonOptions, ModeError, RunError,
@@ -130,6 +131,8 @@ pub struct BakeState<B> {
     image_id: Option<String>,
     /// The channel's version naming the image, once published.
     ssm_version: Option<i64>,
+    /// The image in the template's other regions.
+    copies: Vec<RegionImage>,
     backend: B,
 }
 
@@ -196,6 +199,7 @@ async fn run_loaded(
         Some(key) => Some(kms::usable_for_ebs(&clients, "bake.kms_key_id", key).await?),
         None => None,
     };
+    distribute::check(&clients, &plan.distribution, "bake").await?;
     let tarball_sha256 = artifact::sha256_file(&tarball).map_err(ModeError::local(format!(
         "cannot read the tarball {}",
         tarball.display()
@@ -205,7 +209,7 @@ async fn run_loaded(
                     snapshot_id,
                     reused: bool,
                     extracted: Extracted,
-                    ssm_version: Option<i64>,
+                    (ssm_version, copies): (Option<i64>, Vec<artifact::RegionCopy>),
                     report: Option<&RunReport>| {
         BakeManifest {
             ami_id,
@@ -223,6 +227,7 @@ async fn run_loaded(
             bytes: extracted.bytes,
             ssm_parameter: ssm_version.and(plan.publish.as_ref().map(|p| p.parameter.clone())),
             ssm_version,
+            copies,
             step_seconds: report.map(RunReport::step_seconds).unwrap_or_default(),
         }
     };
@@ -231,11 +236,13 @@ async fn run_loaded(
     if !options.common.force {
         if let Some((id, name)) = ami::find_by_fingerprint(&clients, &fingerprint).await? {
             // A channel moved back or away since is published again; one that names the
-            // image already is left alone.
-            if channel_names(&clients, plan.publish.as_ref(), &id).await {
+            // image already is left alone. Copies are looked for, and made where missing.
+            if plan.distribution.is_empty()
+                && channel_names(&clients, plan.publish.as_ref(), &id).await
+            {
                 let reused = BakeManifest {
                     name,
-                    ..manifest(id, None, true, Extracted::default(), None, None)
+                    ..manifest(id, None, true, Extracted::default(), (None, vec![]), None)
                 };
                 return Ok(BuildResult {
                     manifest: Some(reused),
@@ -265,6 +272,7 @@ async fn run_loaded(
         delete_snapshot: None,
         image_id: None,
         ssm_version: None,
+        copies: Vec::new(),
         backend: (),
     };
     let sink = engine::Masked::wrap(sink, &secrets);
@@ -274,7 +282,7 @@ async fn run_loaded(
                 image_id: Some(id.clone()),
                 ..shared
             };
-            execute(vec![Box::new(steps::PublishSsm)], state, sink, cancel).await
+            execute(steps::reuse(), state, sink, cancel).await
         }
         (None, Chosen::Attach(host)) => {
             sink.emit(&engine::Event::Note {
@@ -312,7 +320,7 @@ async fn run_loaded(
                 None,
                 true,
                 Extracted::default(),
-                built.ssm_version,
+                (built.ssm_version, built.copies),
                 Some(&report),
             )
         }),
@@ -321,7 +329,7 @@ async fn run_loaded(
             built.snapshot_id,
             false,
             built.extracted,
-            built.ssm_version,
+            (built.ssm_version, built.copies),
             Some(&report),
         )),
         _ => None,
@@ -338,6 +346,7 @@ struct Built {
     snapshot_id: Option<String>,
     extracted: Extracted,
     ssm_version: Option<i64>,
+    copies: Vec<artifact::RegionCopy>,
 }
 
 async fn execute<B: Send>(
@@ -353,6 +362,7 @@ async fn execute<B: Send>(
         snapshot_id: state.snapshot_id,
         extracted: state.extracted,
         ssm_version: state.ssm_version,
+        copies: state.copies.iter().map(RegionImage::manifest).collect(),
     };
     (report, built)
 }
@@ -379,6 +389,7 @@ impl BakeState<()> {
             delete_snapshot: self.delete_snapshot,
             image_id: self.image_id,
             ssm_version: self.ssm_version,
+            copies: self.copies,
             backend,
         }
     }

@@ -10,6 +10,7 @@ use aws_sdk_ec2::types::{
     BlockDeviceMapping, EbsBlockDevice, ResourceType, Tag, TagSpecification, VolumeType,
 };
 
+use crate::modes::distribute;
 use crate::modes::support::{
     created_or_found, earlier, failed, mark_finished, provision, publish, tags, undo_now,
     undo_with, waited,
@@ -306,7 +307,51 @@ impl<B: Send + Sync> Step<BakeState<B>> for MarkFinished {
     async fn run(&self, s: &mut BakeState<B>, _ctx: &mut StepContext) -> Result<(), StepError> {
         let mut resources = vec![earlier(&s.image_id, "image")?];
         resources.extend(s.snapshot_id.iter().cloned());
-        mark_finished(&s.clients, resources).await
+        mark_finished(&s.clients, resources).await?;
+        distribute::mark_copies_finished(&s.copies).await
+    }
+}
+
+/// A reused image, delivered and published as a new one would be.
+pub fn reuse<B: Send + Sync + 'static>() -> Vec<Box<dyn Step<BakeState<B>>>> {
+    vec![
+        Box::new(Distribute),
+        Box::new(MarkFinished),
+        Box::new(PublishSsm),
+    ]
+}
+
+/// The image beyond its region and account: copies, deprecation, IMDSv2-only, sharing.
+pub struct Distribute;
+
+#[async_trait]
+impl<B: Send + Sync> Step<BakeState<B>> for Distribute {
+    fn name(&self) -> &'static str {
+        "distribute"
+    }
+    async fn run(&self, s: &mut BakeState<B>, ctx: &mut StepContext) -> Result<(), StepError> {
+        let plan = &s.plan.distribution;
+        if plan.is_empty() {
+            ctx.progress
+                .note("nothing to copy or share in the template");
+            return Ok(());
+        }
+        let image_id = earlier(&s.image_id, "image")?;
+        let source = distribute::Source {
+            clients: &s.clients,
+            image_id: &image_id,
+            name: &s.plan.name,
+            description: s.plan.description.as_deref(),
+            tags: s.artifact_tags(),
+            build_id: &s.build_id,
+            fingerprint: &s.fingerprint,
+            // Only a run that made the image has a snapshot of its own.
+            reused: s.snapshot_id.is_none(),
+        };
+        s.copies = distribute::copy(source, plan, ctx).await?;
+        let mut images = vec![(&s.clients, image_id.as_str())];
+        images.extend(s.copies.iter().map(|c| (&c.clients, c.image_id.as_str())));
+        distribute::settle(&images, plan).await
     }
 }
 
@@ -332,7 +377,7 @@ impl<B: Send + Sync> Step<BakeState<B>> for PublishSsm {
             ctx,
         )
         .await?;
-        Ok(())
+        distribute::publish_copies(&mut s.copies, s.plan.publish.as_ref(), &description, ctx).await
     }
 }
 

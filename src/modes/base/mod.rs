@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
+use super::distribute::{self, RegionImage};
 use super::{
     channel_names, hold_run_lock, load_for_run, provisioner_fingerprint_parts, BuildResult,
     CommonOptions, ModeError, RunError,
@@ -33,8 +34,13 @@ pub struct BaseOptions {
 
 /// The steps, in order: the base build reads as this list.
 /// When an earlier build is reused: only its publication, where the channel does not name it.
+/// A reused image, delivered and published as a new one would be.
 fn publish_steps() -> Vec<Box<dyn Step<BaseState>>> {
-    vec![Box::new(steps::PublishSsm)]
+    vec![
+        Box::new(steps::Distribute),
+        Box::new(steps::MarkFinished),
+        Box::new(steps::PublishSsm),
+    ]
 }
 
 fn steps() -> Vec<Box<dyn Step<BaseState>>> {
@@ -46,6 +52,7 @@ fn steps() -> Vec<Box<dyn Step<BaseState>>> {
         Box::new(steps::RunProvisioners),
         Box::new(steps::StopInstance),
         Box::new(steps::CreateImage),
+        Box::new(steps::Distribute),
         // Finished before it is published: a run killed while publishing leaves a
         // complete image, which the next run with its fingerprint reuses and publishes.
         Box::new(steps::MarkFinished),
@@ -78,6 +85,8 @@ pub struct BaseState {
     image_id: Option<String>,
     snapshot_ids: Vec<String>,
     ssm_version: Option<i64>,
+    /// The image in the template's other regions.
+    copies: Vec<RegionImage>,
 }
 
 pub async fn run(
@@ -124,6 +133,7 @@ async fn run_loaded(
     let source_id = ami::resolve(&clients, &plan.source_ami).await?;
     let source = ami::describe(&clients, &source_id).await?;
     let fingerprint = fingerprint(&source.id, &plan)?;
+    distribute::check(&clients, &plan.distribution, "base").await?;
     let manifest = |ami_id: String, name: String, reused, state: Option<&BaseState>| BaseManifest {
         ami_id,
         region: clients.region.clone(),
@@ -137,6 +147,9 @@ async fn run_loaded(
             .and_then(|s| s.ssm_version)
             .and(plan.publish.as_ref().map(|p| p.parameter.clone())),
         ssm_version: state.and_then(|s| s.ssm_version),
+        copies: state
+            .map(|s| s.copies.iter().map(RegionImage::manifest).collect())
+            .unwrap_or_default(),
         step_seconds: Default::default(),
     };
 
@@ -144,8 +157,10 @@ async fn run_loaded(
     if !options.common.force {
         if let Some((id, name)) = ami::find_by_fingerprint(&clients, &fingerprint).await? {
             // A channel moved back or away since is published again; one that names the
-            // image already is left alone.
-            if channel_names(&clients, plan.publish.as_ref(), &id).await {
+            // image already is left alone. Copies are looked for, and made where missing.
+            if plan.distribution.is_empty()
+                && channel_names(&clients, plan.publish.as_ref(), &id).await
+            {
                 return Ok(BuildResult {
                     manifest: Some(manifest(id, name, true, None)),
                     report: None,
@@ -175,6 +190,7 @@ async fn run_loaded(
         image_id: reused.as_ref().map(|(id, _)| id.clone()),
         snapshot_ids: Vec::new(),
         ssm_version: None,
+        copies: Vec::new(),
     };
     let sink = engine::Masked::wrap(sink, &secrets);
     let steps = if reused.is_some() {

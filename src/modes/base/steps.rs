@@ -19,6 +19,7 @@ use crate::aws::resources::{self, wait_image, wait_instance};
 use crate::aws::{console, AwsError};
 use crate::communicator::ssh::{HostKey, Ssh, SshTarget};
 use crate::engine::{Keep, Step, StepContext, StepError};
+use crate::modes::distribute;
 use crate::modes::support::{
     created_or_found, earlier, failed, mark_finished, provision, publish, tags, undo_with, waited,
 };
@@ -701,7 +702,42 @@ impl Step<BaseState> for MarkFinished {
     async fn run(&self, s: &mut BaseState, _ctx: &mut StepContext) -> Result<(), StepError> {
         let mut resources = vec![earlier(&s.image_id, "image")?];
         resources.extend(s.snapshot_ids.iter().cloned());
-        mark_finished(&s.clients, resources).await
+        mark_finished(&s.clients, resources).await?;
+        distribute::mark_copies_finished(&s.copies).await
+    }
+}
+
+/// The image beyond its region and account: copies, deprecation, IMDSv2-only, sharing.
+pub struct Distribute;
+
+#[async_trait]
+impl Step<BaseState> for Distribute {
+    fn name(&self) -> &'static str {
+        "distribute"
+    }
+    async fn run(&self, s: &mut BaseState, ctx: &mut StepContext) -> Result<(), StepError> {
+        let plan = &s.plan.distribution;
+        if plan.is_empty() {
+            ctx.progress
+                .note("nothing to copy or share in the template");
+            return Ok(());
+        }
+        let image_id = earlier(&s.image_id, "image")?;
+        let source = distribute::Source {
+            clients: &s.clients,
+            image_id: &image_id,
+            name: &s.plan.name,
+            description: s.plan.description.as_deref(),
+            tags: s.artifact_tags(),
+            build_id: &s.build_id,
+            fingerprint: &s.fingerprint,
+            // Only a run that made the image has snapshots of its own.
+            reused: s.snapshot_ids.is_empty(),
+        };
+        s.copies = distribute::copy(source, plan, ctx).await?;
+        let mut images = vec![(&s.clients, image_id.as_str())];
+        images.extend(s.copies.iter().map(|c| (&c.clients, c.image_id.as_str())));
+        distribute::settle(&images, plan).await
     }
 }
 
@@ -723,7 +759,7 @@ impl Step<BaseState> for PublishSsm {
             ctx,
         )
         .await?;
-        Ok(())
+        distribute::publish_copies(&mut s.copies, s.plan.publish.as_ref(), &description, ctx).await
     }
 }
 
