@@ -225,8 +225,12 @@ fn assert_delivered(world: &World, clients: &amibake::aws::Clients, id: &str, bu
 #[test]
 fn a_bake_is_copied_shared_deprecated_and_published_in_every_region() {
     let world = World::new();
-    let west = world.clients.in_region(COPY_REGIONS[0]);
-    let oregon = world.clients.in_region(COPY_REGIONS[1]);
+    let west = world
+        .runtime
+        .block_on(world.cloud.clients_in(Some(COPY_REGIONS[0])));
+    let oregon = world
+        .runtime
+        .block_on(world.cloud.clients_in(Some(COPY_REGIONS[1])));
     let west_key = world.runtime.block_on(LocalCloud::new_kms_key(&west));
     world.template(
         &COPY_REGIONS,
@@ -330,7 +334,7 @@ fn a_copy_that_fails_takes_every_copy_and_publication_with_it() {
     );
     assert_eq!(world.made(), Vec::<String>::new(), "{}", run.dump());
     for region in ["us-east-1", COPY_REGIONS[0], COPY_REGIONS[1]] {
-        let clients = world.clients.in_region(region);
+        let clients = world.runtime.block_on(world.cloud.clients_in(Some(region)));
         assert_eq!(world.parameter(&clients, CHANNEL), None, "{region}");
     }
 

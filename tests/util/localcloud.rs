@@ -111,6 +111,12 @@ impl LocalCloud {
     /// clouds from mixing while it is set and read, the clients' construction included (a
     /// client may read its endpoint then).
     pub async fn clients(&self) -> amibake::aws::Clients {
+        self.clients_in(None).await
+    }
+
+    /// The same in `region` (None: the cloud's own). Built under the same lock: a client
+    /// reads endpoint variables when it is made, and another test may be setting them.
+    pub async fn clients_in(&self, region: Option<&str>) -> amibake::aws::Clients {
         static ENVIRONMENT: std::sync::Mutex<()> = std::sync::Mutex::new(());
         let _held = ENVIRONMENT.lock().unwrap_or_else(|e| e.into_inner());
         for (key, value) in &self.env {
@@ -124,9 +130,10 @@ impl LocalCloud {
                         .enable_all()
                         .build()
                         .unwrap()
-                        .block_on(amibake::aws::sdk_config(
-                            &amibake::aws::AwsOptions::default(),
-                        ));
+                        .block_on(amibake::aws::sdk_config(&amibake::aws::AwsOptions {
+                            region: region.map(str::to_string),
+                            ..Default::default()
+                        }));
                     amibake::aws::Clients::new(&config).expect("the local cloud names a region")
                 })
                 .join()
