@@ -14,6 +14,8 @@ pub const TAG_COMMIT: &str = "amibake:commit";
 pub const TAG_TARBALL_SHA256: &str = "amibake:tarball-sha256";
 pub const TAG_BASE_AMI: &str = "amibake:base-ami";
 pub const TAG_SOURCE_AMI: &str = "amibake:source-ami";
+/// `normal` or `destructive`: which of a template's variants the image is.
+pub const TAG_VARIANT: &str = "amibake:variant";
 /// `building` from the create call on, `finished` once the run got past its last step: only
 /// a finished image is an artifact, reused by a later run with its fingerprint and left
 /// alone by `gc`. (Images from before this tag have none, and count as finished.)
@@ -69,6 +71,7 @@ pub struct RegionCopy {
 /// What a mode prints as its result, and writes with `--manifest`.
 pub trait Manifest: Serialize {
     fn ami_id(&self) -> &str;
+    fn region(&self) -> &str;
     /// One line for a person: what was built or reused, from what.
     fn summary(&self) -> String;
 }
@@ -89,6 +92,8 @@ pub struct BakeManifest {
     pub backend: Option<String>,
     /// True when an image with the same fingerprint existed and was reused.
     pub reused: bool,
+    /// `normal` or `destructive`.
+    pub variant: &'static str,
     pub files: u64,
     pub bytes: u64,
     /// The channel and its version naming this image, when the run published it.
@@ -102,6 +107,9 @@ pub struct BakeManifest {
 impl Manifest for BakeManifest {
     fn ami_id(&self) -> &str {
         &self.ami_id
+    }
+    fn region(&self) -> &str {
+        &self.region
     }
     fn summary(&self) -> String {
         let how = match (&self.backend, self.reused) {
@@ -134,6 +142,8 @@ pub struct BaseManifest {
     pub build_id: String,
     /// True when an image with the same fingerprint existed and was reused.
     pub reused: bool,
+    /// `normal` or `destructive`.
+    pub variant: &'static str,
     /// The SSM parameter the id was published to, and the version that holds it.
     pub ssm_parameter: Option<String>,
     pub ssm_version: Option<i64>,
@@ -145,6 +155,9 @@ pub struct BaseManifest {
 impl Manifest for BaseManifest {
     fn ami_id(&self) -> &str {
         &self.ami_id
+    }
+    fn region(&self) -> &str {
+        &self.region
     }
     fn summary(&self) -> String {
         let how = if self.reused {
@@ -210,6 +223,7 @@ mod tests {
             build_id: "ab-1".into(),
             backend: Some("direct".into()),
             reused: false,
+            variant: "normal",
             files: 1,
             bytes: 1,
             ssm_parameter: None,

@@ -75,6 +75,7 @@ fn provisioner(name: &str, action: ProvisionerAction, env: &[(&str, &str)]) -> P
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
         network: Network::None,
+        when: amibake::template::When::Always,
     }
 }
 

@@ -8,7 +8,7 @@ use amibake::exit;
 use amibake::modes::bake;
 
 use super::cache::CacheDirArg;
-use super::{report, GlobalArgs};
+use super::{report, BuildArgs, GlobalArgs};
 
 #[derive(Debug, Args)]
 pub struct BakeArgs {
@@ -20,12 +20,8 @@ pub struct BakeArgs {
     /// The commit being baked; default: the CI's commit variable, or `git rev-parse HEAD`.
     #[arg(long, value_name = "SHA")]
     pub commit: Option<String>,
-    /// Bake even if an AMI with the same fingerprint exists.
-    #[arg(long)]
-    pub force: bool,
-    /// Also write the result manifest (JSON) to this file.
-    #[arg(long, value_name = "FILE")]
-    pub manifest: Option<PathBuf>,
+    #[command(flatten)]
+    pub build: BuildArgs,
     /// How the image becomes a block device here: a volume attached to this EC2 build
     /// host, or the EBS direct APIs and a loop device, anywhere. Default: attach on EC2.
     #[arg(long, value_enum, default_value_t = Backend::Auto)]
@@ -64,7 +60,7 @@ pub async fn run(args: BakeArgs, global: &GlobalArgs) -> i32 {
         template: args.template,
         tarball: args.tarball,
         commit: args.commit,
-        common: global.common(args.force, args.manifest.clone()),
+        common: global.common(&args.build),
         amibake_exe,
         backend: args.backend.into(),
         cache_dir: args.cache.cache_dir,
@@ -73,7 +69,12 @@ pub async fn run(args: BakeArgs, global: &GlobalArgs) -> i32 {
         return exit::BUILD_FAILED;
     };
     match bake::run(&options, watch.sink.clone(), watch.cancel.clone()).await {
-        Ok(result) => report::build(result, global.output, args.manifest.as_deref(), &watch),
+        Ok(result) => report::build(
+            result,
+            global.output,
+            args.build.manifest.as_deref(),
+            &watch,
+        ),
         Err(e) => report::error(e),
     }
 }

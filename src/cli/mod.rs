@@ -56,14 +56,34 @@ pub struct GlobalArgs {
     pub verbose: bool,
 }
 
+/// The flags `base` and `bake` share.
+#[derive(Debug, clap::Args)]
+pub struct BuildArgs {
+    /// Build even if an AMI with the same fingerprint exists.
+    #[arg(long)]
+    pub force: bool,
+    /// Also write the result manifest (JSON) to this file.
+    #[arg(long, value_name = "FILE")]
+    pub manifest: Option<std::path::PathBuf>,
+    /// The destructive variant: the template's `when = "destructive"` provisioners and
+    /// stage commands instead of its `when = "normal"` ones.
+    #[arg(long)]
+    pub destructive: bool,
+}
+
 impl GlobalArgs {
-    /// What both build modes are told, from the global flags.
-    pub fn common(&self, force: bool, manifest: Option<std::path::PathBuf>) -> CommonOptions {
+    /// What both build modes are told, from the global flags and the build's own.
+    pub fn common(&self, build: &BuildArgs) -> CommonOptions {
         CommonOptions {
             aws: self.aws(),
             vars: self.var_map(),
-            force,
-            manifest,
+            force: build.force,
+            manifest: build.manifest.clone(),
+            variant: if build.destructive {
+                amibake::template::Variant::Destructive
+            } else {
+                amibake::template::Variant::Normal
+            },
         }
     }
 

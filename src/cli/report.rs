@@ -95,6 +95,11 @@ pub fn build<M: Manifest>(
             println!("{}", manifest.ami_id());
         }
     }
+    // After the result: the image exists, and a pipeline may still want its id.
+    if let Some(failure) = &result.post_failed {
+        eprintln!("error: {failure}");
+        return exit::BUILD_FAILED;
+    }
     code
 }
 

@@ -3,20 +3,24 @@
 pub mod bake;
 pub mod base;
 mod distribute;
+mod stages;
 mod support;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
 
 use crate::artifact;
 use crate::aws::ami::AmiError;
 use crate::aws::host::HostError;
 use crate::aws::kms::KeyError;
 use crate::aws::{AwsError, AwsOptions, NoRegion};
-use crate::engine::RunReport;
+use crate::engine::{self, RunReport};
 use crate::template::{
-    self, Commit, LoadOptions, Network, Provisioner, ProvisionerAction, Secrets, Template,
-    TemplateError,
+    self, Commit, LoadOptions, Network, Provisioner, ProvisionerAction, Secrets, StageCommand,
+    Template, TemplateError, Variant,
 };
 
 /// How a run of either mode ended: its manifest when it built or reused an image, and the
@@ -24,6 +28,8 @@ use crate::template::{
 pub struct BuildResult<M> {
     pub manifest: Option<M>,
     pub report: Option<RunReport>,
+    /// A post command's failure, masked: the run fails, and the image it made stays.
+    pub post_failed: Option<String>,
 }
 
 /// What both modes are told by whoever runs them.
@@ -34,6 +40,9 @@ pub struct CommonOptions {
     /// Build even if an AMI with the same fingerprint exists.
     pub force: bool,
     pub manifest: Option<PathBuf>,
+    /// `--destructive`: the template's destructive provisioners and stage commands instead
+    /// of its normal ones.
+    pub variant: Variant,
 }
 
 /// Why a run stopped before its engine ran, typed to where it is printed.
@@ -56,6 +65,9 @@ pub enum ModeError {
     Key(#[from] KeyError),
     #[error(transparent)]
     Aws(#[from] AwsError),
+    /// A pre command failed: nothing was made.
+    #[error(transparent)]
+    Stage(#[from] stages::StageError),
     /// Local work before the first step: the tarball, a script, a work directory.
     #[error("{what}")]
     Local {
@@ -129,6 +141,68 @@ impl std::fmt::Debug for RunError {
     }
 }
 
+/// The template's post commands, once a run has its image: its id, region and manifest (a
+/// file) in their environment. Their failure fails the run, but the image stays: it is
+/// kept in the result for the caller to print with the failure.
+/// Takes the run's own outcome, and masks the template's secrets in any error.
+async fn run_post<M: artifact::Manifest>(
+    built: Result<BuildResult<M>, ModeError>,
+    post: &[StageCommand],
+    variant: Variant,
+    sink: Arc<dyn engine::EventSink>,
+    cancel: &CancellationToken,
+    secrets: &Secrets,
+) -> Result<BuildResult<M>, RunError> {
+    let result = built.map_err(|e| e.masked(secrets))?;
+    post_commands(result, post, variant, sink, cancel, secrets)
+        .await
+        .map_err(|e| e.masked(secrets))
+}
+
+async fn post_commands<M: artifact::Manifest>(
+    mut result: BuildResult<M>,
+    post: &[StageCommand],
+    variant: Variant,
+    sink: Arc<dyn engine::EventSink>,
+    cancel: &CancellationToken,
+    secrets: &Secrets,
+) -> Result<BuildResult<M>, ModeError> {
+    let failed_run = result
+        .report
+        .as_ref()
+        .is_some_and(|r| !matches!(r.outcome, engine::Outcome::Succeeded));
+    let Some(manifest) = result.manifest.as_ref().filter(|_| !failed_run) else {
+        return Ok(result);
+    };
+    if post.is_empty() {
+        return Ok(result);
+    }
+    let file = tempfile::Builder::new()
+        .prefix("amibake-manifest-")
+        .suffix(".json")
+        .tempfile()
+        .map_err(ModeError::local(
+            "cannot write the manifest for the post commands",
+        ))?;
+    let json = serde_json::to_string(manifest).unwrap_or_default();
+    std::fs::write(file.path(), format!("{json}\n")).map_err(ModeError::local(
+        "cannot write the manifest for the post commands",
+    ))?;
+    let vars = [
+        ("AMIBAKE_STAGE", "post".to_string()),
+        ("AMIBAKE_AMI_ID", manifest.ami_id().to_string()),
+        ("AMIBAKE_REGION", manifest.region().to_string()),
+        ("AMIBAKE_MANIFEST", file.path().display().to_string()),
+        ("AMIBAKE_VARIANT", variant.name().to_string()),
+    ];
+    let sink = engine::Masked::wrap(sink, secrets);
+    if let Err(e) = stages::run("post", post, &vars, &sink, cancel).await {
+        let text = secrets.mask(&engine::error_chain(&e));
+        result.post_failed = Some(format!("{text}; {} exists and is kept", manifest.ami_id()));
+    }
+    Ok(result)
+}
+
 /// The run's lock on this machine, held for as long as the value lives.
 fn hold_run_lock(build_id: &str) -> Result<crate::host::run_lock::RunLock, ModeError> {
     use crate::host::run_lock::{lock_root, RunLock};
@@ -153,7 +227,9 @@ fn load_for_run(
         timestamp,
         build_id: build_id.clone(),
     };
-    let template = template::load(path, &options)?;
+    let mut template = template::load(path, &options)?;
+    template.base = template.base.map(|p| p.for_variant(common.variant));
+    template.bake = template.bake.map(|p| p.for_variant(common.variant));
     let has_section = match section {
         "base" => template.base.is_some(),
         _ => template.bake.is_some(),

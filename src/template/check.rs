@@ -10,10 +10,10 @@ use toml::Spanned;
 
 use super::diagnostic::{explain_unknown_field, nearest, Diagnostic, SourceMap, TemplateErrors};
 use super::interpolate::{interpolate, Commit, Context};
-use super::schema::{BakeSection, BaseSection, ProvisionerEntry, TemplateFile};
+use super::schema::{BakeSection, BaseSection, ProvisionerEntry, StageEntry, TemplateFile};
 use super::{
     AmiRef, BakePlan, BasePlan, Distribution, ExistingKeyPair, LoadOptions, Network, Provisioner,
-    ProvisionerAction, SsmPublish, Template,
+    ProvisionerAction, SsmPublish, StageCommand, Template, Variant, When,
 };
 
 /// How long `base` waits for SSH when the template does not say: vendor images on small
@@ -327,18 +327,8 @@ impl Checker<'_> {
                 "`destination` goes with `file` only".into(),
             );
         }
-        let mut env = BTreeMap::new();
-        for (name, value) in &e.env {
-            let env_key = format!("{key}.env.{name}");
-            if !is_identifier(name) {
-                self.error(
-                    Some(value.span()),
-                    &env_key,
-                    format!("`{name}` is not a valid environment variable name"),
-                );
-            }
-            env.insert(name.clone(), self.text(&env_key, value));
-        }
+        let env = self.env(key, &e.env);
+        let when = self.when(key, &e.when);
         let network = self.network(key, e);
         let action = if let Some(script) = &e.script {
             ProvisionerAction::Script(self.local_file(&format!("{key}.script"), script)?)
@@ -397,7 +387,100 @@ impl Checker<'_> {
             action,
             env,
             network,
+            when,
         })
+    }
+
+    /// An `env` table: names a shell would take, values interpolated.
+    fn env(
+        &mut self,
+        key: &str,
+        entries: &BTreeMap<String, Spanned<String>>,
+    ) -> BTreeMap<String, String> {
+        let mut env = BTreeMap::new();
+        for (name, value) in entries {
+            let env_key = format!("{key}.env.{name}");
+            if !is_identifier(name) {
+                self.error(
+                    Some(value.span()),
+                    &env_key,
+                    format!("`{name}` is not a valid environment variable name"),
+                );
+            }
+            env.insert(name.clone(), self.text(&env_key, value));
+        }
+        env
+    }
+
+    /// `when = "normal" | "destructive"`; unset: both variants.
+    fn when(&mut self, key: &str, when: &Option<Spanned<String>>) -> When {
+        let Some(w) = when else {
+            return When::Always;
+        };
+        match w.get_ref().as_str() {
+            "normal" => When::Normal,
+            "destructive" => When::Destructive,
+            other => {
+                self.error(
+                    Some(w.span()),
+                    &format!("{key}.when"),
+                    format!("`{other}`: a variant is \"normal\" or \"destructive\" (leave `when` out to run in both)"),
+                );
+                When::Always
+            }
+        }
+    }
+
+    /// `[[SECTION.pre]]` or `[[SECTION.post]]`: commands run on this machine.
+    fn stage(&mut self, key: &str, entries: &[Spanned<StageEntry>]) -> Vec<StageCommand> {
+        // Long enough for a smoke test or an upload; a hung command is cut.
+        const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
+        let mut commands = Vec::new();
+        for (i, entry) in entries.iter().enumerate() {
+            let key = format!("{key}[{i}]");
+            let e = entry.get_ref();
+            let argv: Vec<String> = e
+                .command
+                .get_ref()
+                .iter()
+                .enumerate()
+                .map(|(j, a)| self.text(&format!("{key}.command[{j}]"), a))
+                .collect();
+            if argv.first().is_none_or(|program| program.is_empty()) {
+                self.error(
+                    Some(e.command.span()),
+                    &format!("{key}.command"),
+                    "a command and its arguments, like [\"./smoke-test.sh\", \"--quick\"]".into(),
+                );
+                continue;
+            }
+            let timeout = match &e.timeout_seconds {
+                Some(t) if *t.get_ref() == 0 => {
+                    self.error(
+                        Some(t.span()),
+                        &format!("{key}.timeout_seconds"),
+                        "at least 1 second".into(),
+                    );
+                    DEFAULT_TIMEOUT
+                }
+                Some(t) => Duration::from_secs(*t.get_ref()),
+                None => DEFAULT_TIMEOUT,
+            };
+            commands.push(StageCommand {
+                name: self
+                    .opt_text(&format!("{key}.name"), &e.name)
+                    .unwrap_or_else(|| argv.join(" ")),
+                env: self.env(&key, &e.env),
+                when: self.when(&key, &e.when),
+                timeout,
+                // Absolute: a template named without a directory has an empty one, which
+                // no command can run in.
+                dir: std::path::absolute(Path::new(".").join(&self.dir))
+                    .unwrap_or_else(|_| self.dir.clone()),
+                argv,
+            });
+        }
+        commands
     }
 
     /// A bake provisioner's `network` and `allow_imds`.
@@ -583,6 +666,9 @@ impl Checker<'_> {
             distribution,
             tags: self.tags("base", &s.tags),
             provisioners: self.provisioners("base", &s.provisioners),
+            pre: self.stage("base.pre", &s.pre),
+            post: self.stage("base.post", &s.post),
+            variant: Variant::default(),
         }
     }
 
@@ -806,6 +892,9 @@ impl Checker<'_> {
             distribution,
             tags: self.tags("bake", &s.tags),
             provisioners: self.provisioners("bake", &s.provisioners),
+            pre: self.stage("bake.pre", &s.pre),
+            post: self.stage("bake.post", &s.post),
+            variant: Variant::default(),
         }
     }
 }

@@ -58,6 +58,10 @@ pub struct BasePlan {
     pub distribution: Distribution,
     pub tags: BTreeMap<String, String>,
     pub provisioners: Vec<Provisioner>,
+    pub pre: Vec<StageCommand>,
+    pub post: Vec<StageCommand>,
+    /// Set by `for_variant`: normal until a run asks for `--destructive`.
+    pub variant: Variant,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -76,6 +80,10 @@ pub struct BakePlan {
     pub distribution: Distribution,
     pub tags: BTreeMap<String, String>,
     pub provisioners: Vec<Provisioner>,
+    pub pre: Vec<StageCommand>,
+    pub post: Vec<StageCommand>,
+    /// Set by `for_variant`: normal until a run asks for `--destructive`.
+    pub variant: Variant,
 }
 
 /// Where a finished image goes beyond the region it was made in, and who may launch it.
@@ -127,6 +135,99 @@ pub struct Provisioner {
     pub env: BTreeMap<String, String>,
     /// Bake only: which network the command has.
     pub network: Network,
+    pub when: When,
+}
+
+/// A command a pipeline stage runs on this machine, as an argument vector (never a shell
+/// string), in the template's directory.
+#[derive(Debug, Clone, Serialize)]
+pub struct StageCommand {
+    /// Shown beside its output: the entry's `name`, or the command.
+    pub name: String,
+    pub argv: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub when: When,
+    pub timeout: Duration,
+    pub dir: PathBuf,
+}
+
+/// Which variant of a build runs a provisioner or stage command: `--destructive` runs the
+/// destructive ones instead of the normal ones; both run those that say nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum When {
+    #[default]
+    Always,
+    Normal,
+    Destructive,
+}
+
+impl When {
+    pub fn runs_in(self, variant: Variant) -> bool {
+        match self {
+            When::Always => true,
+            When::Normal => variant == Variant::Normal,
+            When::Destructive => variant == Variant::Destructive,
+        }
+    }
+}
+
+/// A build's variant: `normal`, or `destructive` (resets data, for first or non-production
+/// environments). Part of the fingerprint and tagged on the image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Variant {
+    #[default]
+    Normal,
+    Destructive,
+}
+
+impl Variant {
+    pub fn name(self) -> &'static str {
+        match self {
+            Variant::Normal => "normal",
+            Variant::Destructive => "destructive",
+        }
+    }
+}
+
+impl BasePlan {
+    /// The plan as `variant` runs it: only its provisioners and stage commands.
+    pub fn for_variant(mut self, variant: Variant) -> BasePlan {
+        keep_variant(
+            variant,
+            &mut self.provisioners,
+            &mut self.pre,
+            &mut self.post,
+        );
+        self.variant = variant;
+        self
+    }
+}
+
+impl BakePlan {
+    /// The plan as `variant` runs it: only its provisioners and stage commands.
+    pub fn for_variant(mut self, variant: Variant) -> BakePlan {
+        keep_variant(
+            variant,
+            &mut self.provisioners,
+            &mut self.pre,
+            &mut self.post,
+        );
+        self.variant = variant;
+        self
+    }
+}
+
+fn keep_variant(
+    variant: Variant,
+    provisioners: &mut Vec<Provisioner>,
+    pre: &mut Vec<StageCommand>,
+    post: &mut Vec<StageCommand>,
+) {
+    provisioners.retain(|p| p.when.runs_in(variant));
+    pre.retain(|c| c.when.runs_in(variant));
+    post.retain(|c| c.when.runs_in(variant));
 }
 
 /// The network a bake provisioner's command has (a base instance always has its own).

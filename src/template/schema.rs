@@ -56,6 +56,12 @@ pub struct BaseSection {
     pub tags: BTreeMap<String, Spanned<String>>,
     #[serde(default, rename = "provisioner")]
     pub provisioners: Vec<Spanned<ProvisionerEntry>>,
+    /// Commands on this machine before anything is made.
+    #[serde(default)]
+    pub pre: Vec<Spanned<StageEntry>>,
+    /// Commands on this machine once the image is registered and published.
+    #[serde(default)]
+    pub post: Vec<Spanned<StageEntry>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -93,6 +99,12 @@ pub struct BakeSection {
     pub tags: BTreeMap<String, Spanned<String>>,
     #[serde(default, rename = "provisioner")]
     pub provisioners: Vec<Spanned<ProvisionerEntry>>,
+    /// Commands on this machine before anything is made.
+    #[serde(default)]
+    pub pre: Vec<Spanned<StageEntry>>,
+    /// Commands on this machine once the image is registered and published.
+    #[serde(default)]
+    pub post: Vec<Spanned<StageEntry>>,
 }
 
 /// One `[[…provisioner]]` table as written; exactly one of `script`, `inline`, `file` is set,
@@ -112,6 +124,20 @@ pub struct ProvisionerEntry {
     /// Bake only, with `network = true`: let the command reach the build host's instance
     /// metadata, and with it the host's credentials.
     pub allow_imds: Option<Spanned<bool>>,
+    /// `normal` or `destructive`: the one variant this provisioner runs in.
+    pub when: Option<Spanned<String>>,
+}
+
+/// One `[[…pre]]` or `[[…post]]` table: a command and its arguments, run without a shell.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageEntry {
+    pub name: Option<Spanned<String>>,
+    pub command: Spanned<Vec<Spanned<String>>>,
+    #[serde(default)]
+    pub env: BTreeMap<String, Spanned<String>>,
+    pub when: Option<Spanned<String>>,
+    pub timeout_seconds: Option<Spanned<u64>>,
 }
 
 /// Which of the instance's addresses `base` connects to. Unset: the public address when

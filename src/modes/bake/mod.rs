@@ -18,8 +18,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::distribute::{self, RegionImage};
 use super::{
-    channel_names, hold_run_lock, load_for_run, provisioner_fingerprint_parts, BuildResult,
-    CommonOptions, ModeError, RunError,
+    channel_names, hold_run_lock, load_for_run, provisioner_fingerprint_parts, run_post, stages,
+    BuildResult, CommonOptions, ModeError, RunError,
 };
 use crate::artifact::{self, BakeManifest};
 use crate::aws::ami::{self, BaseImage};
@@ -168,9 +168,29 @@ pub async fn run(
         "bake",
     )?;
     let secrets = template.secrets.clone();
-    run_loaded(options, template, build_id, commit, sink, cancel)
-        .await
-        .map_err(|e| e.masked(&secrets))
+    let post = template
+        .bake
+        .as_ref()
+        .map(|p| p.post.clone())
+        .unwrap_or_default();
+    let built = run_loaded(
+        options,
+        template,
+        build_id,
+        commit,
+        sink.clone(),
+        cancel.clone(),
+    )
+    .await;
+    run_post(
+        built,
+        &post,
+        options.common.variant,
+        sink,
+        &cancel,
+        &secrets,
+    )
+    .await
 }
 
 /// The run once its template is loaded; the caller masks the template's secrets in its
@@ -223,6 +243,7 @@ async fn run_loaded(
             build_id: build_id.clone(),
             backend: (!reused).then(|| backend_name.to_string()),
             reused,
+            variant: plan.variant.name(),
             files: extracted.files,
             bytes: extracted.bytes,
             ssm_parameter: ssm_version.and(plan.publish.as_ref().map(|p| p.parameter.clone())),
@@ -231,6 +252,19 @@ async fn run_loaded(
             step_seconds: report.map(RunReport::step_seconds).unwrap_or_default(),
         }
     };
+
+    let sink = engine::Masked::wrap(sink, &secrets);
+    let vars = [
+        ("AMIBAKE_STAGE", "pre".to_string()),
+        ("AMIBAKE_BUILD_ID", build_id.clone()),
+        ("AMIBAKE_REGION", clients.region.clone()),
+        ("AMIBAKE_VARIANT", plan.variant.name().to_string()),
+        ("AMIBAKE_COMMIT", commit.clone()),
+        ("AMIBAKE_BASE_AMI", base.id.clone()),
+        ("AMIBAKE_TARBALL_SHA256", tarball_sha256.clone()),
+        ("AMIBAKE_FINGERPRINT", fingerprint.clone()),
+    ];
+    stages::run("pre", &plan.pre, &vars, &sink, &cancel).await?;
 
     let mut reused = None;
     if !options.common.force {
@@ -247,6 +281,7 @@ async fn run_loaded(
                 return Ok(BuildResult {
                     manifest: Some(reused),
                     report: None,
+                    post_failed: None,
                 });
             }
             reused = Some((id, name));
@@ -275,7 +310,6 @@ async fn run_loaded(
         copies: Vec::new(),
         backend: (),
     };
-    let sink = engine::Masked::wrap(sink, &secrets);
     let (report, built) = match (reused.as_ref(), backend) {
         (Some((id, _)), _) => {
             let state = BakeState {
@@ -337,6 +371,7 @@ async fn run_loaded(
     Ok(BuildResult {
         manifest,
         report: Some(report),
+        post_failed: None,
     })
 }
 
@@ -403,6 +438,7 @@ fn fingerprint(base: &str, tarball_sha256: &str, plan: &BakePlan) -> Result<Stri
         ("dest".into(), plan.dest.clone()),
         ("owner".into(), plan.owner.clone().unwrap_or_default()),
         ("keep_setuid".into(), plan.keep_setuid.to_string()),
+        ("variant".into(), plan.variant.name().into()),
         (
             "root_partition".into(),
             format!("{:?}", plan.root_partition),

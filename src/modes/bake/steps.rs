@@ -19,7 +19,7 @@ use crate::modes::support::{
 use super::{Backend, BakeState};
 use crate::artifact::{
     STATE_BUILDING, TAG_BASE_AMI, TAG_BUILD_ID, TAG_COMMIT, TAG_FINGERPRINT, TAG_STATE,
-    TAG_TARBALL_SHA256,
+    TAG_TARBALL_SHA256, TAG_VARIANT,
 };
 use crate::aws::resources::{self, wait_image};
 use crate::communicator::chroot::Chroot;
@@ -400,6 +400,7 @@ impl<B> BakeState<B> {
             (TAG_BUILD_ID, &self.build_id),
             (TAG_FINGERPRINT, &self.fingerprint),
             (TAG_STATE, STATE_BUILDING),
+            (TAG_VARIANT, self.plan.variant.name()),
         ];
         pairs.extend(self.plan.tags.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         tags(&pairs)

@@ -14,8 +14,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::distribute::{self, RegionImage};
 use super::{
-    channel_names, hold_run_lock, load_for_run, provisioner_fingerprint_parts, BuildResult,
-    CommonOptions, ModeError, RunError,
+    channel_names, hold_run_lock, load_for_run, provisioner_fingerprint_parts, run_post, stages,
+    BuildResult, CommonOptions, ModeError, RunError,
 };
 use crate::artifact::{self, BaseManifest};
 use crate::aws::ami::{self, BaseImage};
@@ -102,9 +102,21 @@ pub async fn run(
         "base",
     )?;
     let secrets = template.secrets.clone();
-    run_loaded(options, template, build_id, sink, cancel)
-        .await
-        .map_err(|e| e.masked(&secrets))
+    let post = template
+        .base
+        .as_ref()
+        .map(|p| p.post.clone())
+        .unwrap_or_default();
+    let built = run_loaded(options, template, build_id, sink.clone(), cancel.clone()).await;
+    run_post(
+        built,
+        &post,
+        options.common.variant,
+        sink,
+        &cancel,
+        &secrets,
+    )
+    .await
 }
 
 /// The run once its template is loaded; the caller masks the template's secrets in its
@@ -143,6 +155,7 @@ async fn run_loaded(
         fingerprint: fingerprint.clone(),
         build_id: build_id.clone(),
         reused,
+        variant: plan.variant.name(),
         ssm_parameter: state
             .and_then(|s| s.ssm_version)
             .and(plan.publish.as_ref().map(|p| p.parameter.clone())),
@@ -152,6 +165,17 @@ async fn run_loaded(
             .unwrap_or_default(),
         step_seconds: Default::default(),
     };
+
+    let sink = engine::Masked::wrap(sink, &secrets);
+    let vars = [
+        ("AMIBAKE_STAGE", "pre".to_string()),
+        ("AMIBAKE_BUILD_ID", build_id.clone()),
+        ("AMIBAKE_REGION", clients.region.clone()),
+        ("AMIBAKE_VARIANT", plan.variant.name().to_string()),
+        ("AMIBAKE_SOURCE_AMI", source.id.clone()),
+        ("AMIBAKE_FINGERPRINT", fingerprint.clone()),
+    ];
+    stages::run("pre", &plan.pre, &vars, &sink, &cancel).await?;
 
     let mut reused = None;
     if !options.common.force {
@@ -164,6 +188,7 @@ async fn run_loaded(
                 return Ok(BuildResult {
                     manifest: Some(manifest(id, name, true, None)),
                     report: None,
+                    post_failed: None,
                 });
             }
             reused = Some((id, name));
@@ -192,7 +217,6 @@ async fn run_loaded(
         ssm_version: None,
         copies: Vec::new(),
     };
-    let sink = engine::Masked::wrap(sink, &secrets);
     let steps = if reused.is_some() {
         publish_steps()
     } else {
@@ -216,6 +240,7 @@ async fn run_loaded(
     Ok(BuildResult {
         manifest,
         report: Some(report),
+        post_failed: None,
     })
 }
 
@@ -227,6 +252,7 @@ fn fingerprint(source: &str, plan: &BasePlan) -> Result<String, ModeError> {
         ("source_ami".into(), source.into()),
         ("instance_type".into(), plan.instance_type.clone()),
         ("ssh_username".into(), plan.ssh_username.clone()),
+        ("variant".into(), plan.variant.name().into()),
         (
             "user_data".into(),
             plan.user_data.clone().unwrap_or_default(),

@@ -14,7 +14,9 @@ use aws_sdk_ec2::types::{
 use tokio::time::Instant;
 
 use super::BaseState;
-use crate::artifact::{STATE_BUILDING, TAG_BUILD_ID, TAG_FINGERPRINT, TAG_SOURCE_AMI, TAG_STATE};
+use crate::artifact::{
+    STATE_BUILDING, TAG_BUILD_ID, TAG_FINGERPRINT, TAG_SOURCE_AMI, TAG_STATE, TAG_VARIANT,
+};
 use crate::aws::resources::{self, wait_image, wait_instance};
 use crate::aws::{console, AwsError};
 use crate::communicator::ssh::{HostKey, Ssh, SshTarget};
@@ -50,6 +52,7 @@ impl BaseState {
             (TAG_BUILD_ID, &self.build_id),
             (TAG_FINGERPRINT, &self.fingerprint),
             (TAG_STATE, STATE_BUILDING),
+            (TAG_VARIANT, self.plan.variant.name()),
         ];
         pairs.extend(self.plan.tags.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         tags(&pairs)

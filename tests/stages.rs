@@ -1,0 +1,260 @@
+//! A bake as a pipeline runs it, through the real binary on the local cloud: `pre` commands
+//! on this machine before anything is made, the install stage (provisioners) in the image,
+//! `post` commands once the image is registered and published; normal and destructive
+//! variants of one commit.
+
+mod util;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use util::localcloud::LocalCloud;
+use util::tarballs::{gzip, tarball};
+use util::Run;
+
+/// The partitioned vendor image's root partition starts at sector 2048.
+const PARTITION_1_OFFSET: u64 = 2048 * 512;
+
+struct World {
+    cloud: LocalCloud,
+    dir: tempfile::TempDir,
+}
+
+impl World {
+    fn new() -> World {
+        let world = World {
+            cloud: LocalCloud::start("quick"),
+            dir: tempfile::tempdir().unwrap(),
+        };
+        let tar = tarball(|b| {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(4);
+            header.set_mode(0o644);
+            b.append_data(&mut header, "REVISION", &b"one\n"[..])
+                .unwrap();
+        });
+        std::fs::write(world.dir().join("app.tar.gz"), gzip(&tar)).unwrap();
+        world
+    }
+
+    fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// An executable script beside the template.
+    fn script(&self, name: &str, body: &str) {
+        let path = self.dir().join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
+    /// A [bake] table with `extra` (stage and provisioner tables) after it.
+    fn template(&self, extra: &str) {
+        let vendor = self.cloud.ls()["vendor_amis"]["partitioned"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let text = format!(
+            "[bake]\nname = \"shop-${{commit}}-${{timestamp}}\"\nbase_ami = \"{vendor}\"\n\
+             dest = \"/srv/shop\"\n\n{extra}"
+        );
+        std::fs::write(self.dir().join("shop.toml"), text).unwrap();
+    }
+
+    fn bake(&self, extra: &[&str]) -> Run {
+        let mut args = vec![
+            "bake",
+            "shop.toml",
+            "--tarball",
+            "app.tar.gz",
+            "--commit",
+            "c0ffee1",
+        ];
+        args.extend_from_slice(extra);
+        self.cloud.run_amibake(self.dir(), &args)
+    }
+
+    fn mutating_calls_since(&self, before: usize) -> Vec<String> {
+        self.cloud.calls()[before..]
+            .iter()
+            .map(|c| c["action"].as_str().unwrap().to_string())
+            .filter(|a| !["Describe", "Get", "List"].iter().any(|p| a.starts_with(p)))
+            .collect()
+    }
+
+    fn images(&self) -> Vec<serde_json::Value> {
+        self.cloud.ls()["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|i| i["name"].as_str().unwrap_or_default().starts_with("shop-"))
+            .cloned()
+            .collect()
+    }
+}
+
+fn manifest(run: &Run) -> serde_json::Value {
+    serde_json::from_str(run.stdout().trim()).unwrap_or_else(|e| panic!("{e}\n{}", run.dump()))
+}
+
+#[test]
+fn pre_and_post_commands_run_around_the_bake_with_its_facts() {
+    let world = World::new();
+    world.script(
+        "check.sh",
+        "echo \"checking $AMIBAKE_COMMIT on $AMIBAKE_BASE_AMI\"\n\
+         echo \"$AMIBAKE_STAGE $AMIBAKE_COMMIT $AMIBAKE_BASE_AMI $AMIBAKE_TARBALL_SHA256 $AMIBAKE_VARIANT\" > pre.out\n\
+         exit \"${PRE_EXIT:-0}\"",
+    );
+    world.script(
+        "announce.sh",
+        "echo \"$AMIBAKE_STAGE $AMIBAKE_AMI_ID $AMIBAKE_REGION\" > post.out\n\
+         cp \"$AMIBAKE_MANIFEST\" post-manifest.json\nexit \"$1\"",
+    );
+    let stages = |pre_exit: u32, post_exit: u32| {
+        format!(
+            "[[bake.pre]]\nname = \"check\"\ncommand = [\"./check.sh\"]\n\
+             env = {{ PRE_EXIT = \"{pre_exit}\" }}\n\n\
+             [[bake.post]]\ncommand = [\"./announce.sh\", \"{post_exit}\"]\n"
+        )
+    };
+
+    // A failing pre command stops the run before anything is made.
+    world.template(&stages(3, 0));
+    let before = world.cloud.calls().len();
+    let run = world.bake(&[]);
+    run.expect_failure("pre command `check` exited with status 3", None);
+    assert!(
+        run.stderr().contains("checking c0ffee1 on ami-"),
+        "its output is the run's\n{}",
+        run.dump()
+    );
+    assert_eq!(world.mutating_calls_since(before), Vec::<String>::new());
+    assert!(world.images().is_empty());
+    assert!(!world.dir().join("post.out").exists());
+    let pre = std::fs::read_to_string(world.dir().join("pre.out")).unwrap();
+    let facts: Vec<&str> = pre.split_whitespace().collect();
+    assert_eq!(facts[0], "pre");
+    assert_eq!(facts[1], "c0ffee1");
+    assert!(facts[2].starts_with("ami-"), "{pre}");
+    assert_eq!(facts[3].len(), 64, "the tarball's digest: {pre}");
+    assert_eq!(facts[4], "normal");
+
+    // Both pass: post sees the image and the manifest.
+    world.template(&stages(0, 0));
+    let run = world.bake(&[]);
+    run.expect_code(0);
+    let m = manifest(&run);
+    let ami = m["ami_id"].as_str().unwrap();
+    let post = std::fs::read_to_string(world.dir().join("post.out")).unwrap();
+    assert_eq!(post.trim(), format!("post {ami} us-east-1"));
+    let seen: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(world.dir().join("post-manifest.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(seen["ami_id"], ami);
+    assert_eq!(seen["commit"], "c0ffee1");
+
+    // A failing post command fails the run, and says the image is kept, as it is.
+    world.template(&stages(0, 4));
+    let run = world.bake(&["--force"]);
+    run.expect_failure("post command `./announce.sh 4` exited with status 4", None);
+    let kept = manifest(&run);
+    let kept_ami = kept["ami_id"].as_str().unwrap();
+    assert!(
+        run.stderr()
+            .contains(&format!("{kept_ami} exists and is kept")),
+        "{}",
+        run.dump()
+    );
+    assert!(
+        world
+            .images()
+            .iter()
+            .any(|i| i["id"] == kept_ami && i["state"] == "available"),
+        "{:?}",
+        world.images()
+    );
+
+    // A post command that hangs is cut at its timeout, with what it started.
+    world.template(
+        "[[bake.post]]\ncommand = [\"sh\", \"-c\", \"sleep 300 & echo $! > sleeper.pid; wait\"]\n\
+         timeout_seconds = 1\n",
+    );
+    let run = world.bake(&[]);
+    run.expect_failure("ran past its 1 s timeout", None);
+    let pid = std::fs::read_to_string(world.dir().join("sleeper.pid")).unwrap();
+    // Killed, it may stay a zombie for a moment until init reaps it.
+    let running = || {
+        std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())).is_ok_and(|stat| {
+            !stat
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+    };
+    assert!(!running(), "the command's children are gone too");
+
+    // A program that does not exist is named.
+    world.template("[[bake.pre]]\ncommand = [\"./no-such-check\"]\n");
+    let run = world.bake(&[]);
+    run.expect_failure("could not run", None);
+    assert!(run.stderr().contains("no-such-check"), "{}", run.dump());
+}
+
+#[test]
+fn normal_and_destructive_bakes_of_one_commit_are_two_images() {
+    let world = World::new();
+    world.template(
+        "[[bake.provisioner]]\ninline = [\"echo kept > /etc/variant-normal\"]\nwhen = \"normal\"\n\n\
+         [[bake.provisioner]]\ninline = [\"echo reset > /etc/variant-destructive\"]\nwhen = \"destructive\"\n\n\
+         [[bake.provisioner]]\ninline = [\"echo both > /etc/variant-any\"]\n",
+    );
+    let normal = world.bake(&[]);
+    normal.expect_code(0);
+    let destructive = world.bake(&["--destructive"]);
+    destructive.expect_code(0);
+    let (n, d) = (manifest(&normal), manifest(&destructive));
+    assert_ne!(n["ami_id"], d["ami_id"], "{}", destructive.dump());
+    assert_ne!(n["fingerprint"], d["fingerprint"]);
+    assert_eq!(n["variant"], "normal");
+    assert_eq!(d["variant"], "destructive");
+    for (m, variant, absent) in [(&n, "normal", "destructive"), (&d, "destructive", "normal")] {
+        let snapshot = m["snapshot_id"].as_str().unwrap();
+        let image = world
+            .cloud
+            .mount_snapshot(snapshot, world.dir(), PARTITION_1_OFFSET);
+        let etc = image.root.join("etc");
+        assert!(etc.join(format!("variant-{variant}")).exists(), "{variant}");
+        assert!(!etc.join(format!("variant-{absent}")).exists(), "{variant}");
+        assert_eq!(
+            std::fs::read_to_string(etc.join("variant-any")).unwrap(),
+            "both\n"
+        );
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let clients = runtime.block_on(world.cloud.clients());
+        let image = runtime
+            .block_on(
+                clients
+                    .ec2
+                    .describe_images()
+                    .image_ids(m["ami_id"].as_str().unwrap())
+                    .send(),
+            )
+            .unwrap()
+            .images()[0]
+            .clone();
+        let tagged = image
+            .tags()
+            .iter()
+            .any(|t| t.key() == Some("amibake:variant") && t.value() == Some(variant));
+        assert!(tagged, "{variant}: {:?}", image.tags());
+    }
+    // Each variant finds its own image again.
+    let again = world.bake(&["--destructive"]);
+    again.expect_code(0);
+    assert_eq!(manifest(&again)["ami_id"], d["ami_id"]);
+    assert_eq!(manifest(&again)["reused"], true);
+}
