@@ -7,6 +7,7 @@ SIGTERM removes every loop device, link and file it made before exiting.
 
 import argparse
 import json
+import re
 import os
 import random
 import secrets
@@ -58,11 +59,15 @@ class CallLog:
         self.lock = threading.Lock()
         self.calls = []
 
-    def add(self, service, action, params, status, code):
+    def add(self, service, action, params, status, code, iam=None):
+        """`iam`: what an IAM policy's tag conditions would judge the call by (see
+        `Server.iam_facts`): the region, the tag keys the request carries, and the tag keys
+        each resource it names carried before it."""
         ids = {k: v for k, v in params.items() if k in self.ID_PARAMS or k.startswith(("VolumeId.", "InstanceId.", "ImageId.", "SnapshotId."))
                or k.endswith(".CidrIp")}
         with self.lock:
-            self.calls.append({"time": time.time(), "service": service, "action": action, "ids": ids, "status": status, "code": code})
+            self.calls.append({"time": time.time(), "service": service, "action": action, "ids": ids, "status": status, "code": code,
+                               **(iam or {})})
 
 
 class Faults:
@@ -208,24 +213,25 @@ class LocalCloud:
     def ebs(self, request):
         """An EBS direct API call: the same faults, throttling and call log as EC2's."""
         action, ids = EbsDirect.action_of(request.method, request.path)
+        iam = self.iam_facts(request, ids, ebs_body=request.get_data(cache=True) if action == "StartSnapshot" else None)
         if action is None:
             return fault_response("ebs", "ValidationException", f"no EBS direct action at {request.method} {request.path}")
         code, lose_answer = self.faults.apply(action)
         if code:
             code = "RequestThrottledException" if code == "RequestLimitExceeded" else code
             status = 500 if code == "InternalServerException" else 400
-            self.calls.add("ebs", action, ids, status, code)
+            self.calls.add("ebs", action, ids, status, code, iam)
             return fault_response("ebs", code, f"injected by the local cloud into {action}", status)
         try:
             status, headers, body = self.ebs_direct.handle(action, ids, request)
         except EbsError as e:
-            self.calls.add("ebs", action, ids, e.status, e.code)
+            self.calls.add("ebs", action, ids, e.status, e.code, iam)
             return Response(error_body(e), status=e.status, content_type="application/json",
                             headers={"x-amzn-ErrorType": e.code, "x-amzn-RequestId": str(uuid.uuid4())})
         if lose_answer:
-            self.calls.add("ebs", action, ids, status, "OK (answer lost)")
+            self.calls.add("ebs", action, ids, status, "OK (answer lost)", iam)
             return fault_response("ebs", "InternalServerException", "the answer was lost on its way", 500)
-        self.calls.add("ebs", action, ids, status, "OK")
+        self.calls.add("ebs", action, ids, status, "OK", iam)
         headers = {**headers, "x-amzn-RequestId": str(uuid.uuid4())}
         if isinstance(body, dict):
             return Response(json.dumps(body), status=status, content_type="application/json", headers=headers)
@@ -248,21 +254,22 @@ class LocalCloud:
             params = {k: v[0] for k, v in form.items()}
             action = params.get("Action")
             service = signed_service(request) or service
+        iam = self.iam_facts(request, params)
         code, lose_answer = self.faults.apply(action)
         if code:
-            self.calls.add(service, action, params, 400 if code != "RequestLimitExceeded" else 503, code)
+            self.calls.add(service, action, params, 400 if code != "RequestLimitExceeded" else 503, code, iam)
             return fault_response(service, code, f"injected by the local cloud into {action}")(environ, start_response)
         if action in NAMES_A_RESOURCE:
             name = NAMES_A_RESOURCE[action]
             hidden = [v for k, v in params.items() if (k == name or k.startswith(name + ".")) and self.timing.hidden(v)]
             if hidden:
                 code, message = next(m for p, m in NOT_FOUND.items() if hidden[0].startswith(p))
-                self.calls.add(service, action, params, 400, code)
+                self.calls.add(service, action, params, 400, code, iam)
                 return fault_response(service, code, message.format(hidden[0]))(environ, start_response)
         token = params.get("ClientToken") if action in IDEMPOTENT else None
         if token and (action, token) in self.idempotent:
             status_line, headers, chunks = self.idempotent[(action, token)]
-            self.calls.add(service, action, params, int(status_line.split()[0]), "OK (same ClientToken)")
+            self.calls.add(service, action, params, int(status_line.split()[0]), "OK (same ClientToken)", iam)
             start_response(status_line, headers)
             return chunks
         environ["wsgi.input"] = __import__("io").BytesIO(body)
@@ -287,10 +294,38 @@ class LocalCloud:
         if token and status < 400:
             self.idempotent[(action, token)] = (status_holder["line"], status_holder["headers"], chunks)
         if lose_answer:
-            self.calls.add(service, action, params, status, result_code + " (answer lost)")
+            self.calls.add(service, action, params, status, result_code + " (answer lost)", iam)
             return fault_response(service, "InternalError", "the answer was lost on its way", 500)(environ, start_response)
-        self.calls.add(service, action, params, status, result_code)
+        self.calls.add(service, action, params, status, result_code, iam)
         return chunks
+
+    def iam_facts(self, request, params, ebs_body=None):
+        """What IAM's tag conditions look at: `aws:RequestTag` (the tag keys in the call)
+        and `aws:ResourceTag` (the tag keys of each resource the call names, as they were
+        before it)."""
+        auth = request.headers.get("Authorization", "")
+        scope = auth.split("Credential=", 1)[1].split(",", 1)[0].split("/") if "Credential=" in auth else []
+        region = scope[2] if len(scope) == 5 else REGION
+        request_tags = sorted({v for k, v in params.items() if re.fullmatch(r"(TagSpecification\.\d+\.)?Tag\.\d+\.Key", k)})
+        if ebs_body:
+            try:
+                request_tags = sorted({t["Key"] for t in json.loads(ebs_body).get("Tags", [])})
+            except (ValueError, AttributeError, KeyError, TypeError):
+                pass
+        backend = ec2_backends[ACCOUNT][region]
+        resource_tags = {}
+        with self.dataplane.lock:
+            for key, value in params.items():
+                if not isinstance(value, str):
+                    continue
+                if key == "KeyName" and value in backend.key_pairs:
+                    pair = backend.key_pairs[value]
+                    resource_tags[value] = sorted(backend.tags.get(pair.id, {}))
+                elif value.startswith(("vol-", "i-", "ami-", "snap-", "sg-")) and (key.endswith("Id") or re.search(r"Id\.\d+$", key)):
+                    # CopyImage is called in its destination; its source is in SourceRegion.
+                    owner = ec2_backends[ACCOUNT][params["SourceRegion"]] if key == "SourceImageId" and params.get("SourceRegion") else backend
+                    resource_tags[value] = sorted(owner.tags.get(value, {}))
+        return {"region": region, "request_tags": request_tags, "resource_tags": resource_tags}
 
     def imds(self, request):
         if request.method == "PUT" and request.path == "/latest/api/token":
