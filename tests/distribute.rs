@@ -8,7 +8,7 @@ mod util;
 use std::path::Path;
 
 use util::localcloud::LocalCloud;
-use util::tarballs::{gzip, tarball};
+use util::tarballs::write_revision_tarball;
 use util::Run;
 
 const CHANNEL: &str = "/amibake/shop/deploy";
@@ -33,14 +33,7 @@ impl World {
             runtime,
             clients,
         };
-        let tar = tarball(|b| {
-            let mut header = tar::Header::new_gnu();
-            header.set_size(4);
-            header.set_mode(0o644);
-            b.append_data(&mut header, "REVISION", &b"one\n"[..])
-                .unwrap();
-        });
-        std::fs::write(world.dir().join("app.tar.gz"), gzip(&tar)).unwrap();
+        write_revision_tarball(&world.dir().join("app.tar.gz"), "one\n");
         world
     }
 

@@ -9,7 +9,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use util::localcloud::LocalCloud;
-use util::tarballs::{gzip, tarball};
+use util::tarballs::write_revision_tarball;
 use util::Run;
 
 /// The partitioned vendor image's root partition starts at sector 2048.
@@ -26,14 +26,7 @@ impl World {
             cloud: LocalCloud::start("quick"),
             dir: tempfile::tempdir().unwrap(),
         };
-        let tar = tarball(|b| {
-            let mut header = tar::Header::new_gnu();
-            header.set_size(4);
-            header.set_mode(0o644);
-            b.append_data(&mut header, "REVISION", &b"one\n"[..])
-                .unwrap();
-        });
-        std::fs::write(world.dir().join("app.tar.gz"), gzip(&tar)).unwrap();
+        write_revision_tarball(&world.dir().join("app.tar.gz"), "one\n");
         world
     }
 

@@ -8,6 +8,7 @@ pub mod base;
 pub mod cache;
 pub mod gc;
 pub mod history;
+pub mod iam_policy;
 pub mod internal;
 pub mod promote;
 pub mod prune;
@@ -141,6 +142,11 @@ pub enum Command {
     /// --apply).
     #[command(after_help = "Example:\n  amibake gc --older-than 6h --apply")]
     Gc(gc::GcArgs),
+    /// Print the least-privilege IAM policy (JSON) for running a template.
+    #[command(
+        after_help = "Example:\n  amibake iam-policy templates/shop.toml --mode bake --backend direct"
+    )]
+    IamPolicy(iam_policy::IamPolicyArgs),
     /// Used by `bake` itself: unpack standard input into the image, from inside a sandbox.
     #[command(hide = true)]
     InternalExtract(internal::InternalExtractArgs),
@@ -163,6 +169,7 @@ pub async fn dispatch(cli: Cli) -> i32 {
         Command::Rollback(args) => rollback::run(args, global).await,
         Command::Prune(args) => prune::run(args, global).await,
         Command::Gc(args) => gc::run(args, global).await,
+        Command::IamPolicy(args) => iam_policy::run(args, global),
         Command::InternalExtract(_) | Command::InternalSandbox(_) => {
             unreachable!("run before the runtime starts")
         }

@@ -5,6 +5,7 @@ pub mod cache;
 pub mod channel;
 pub mod gc;
 pub mod history;
+pub mod iam_policy;
 pub mod promote;
 pub mod prune;
 pub mod rollback;

@@ -201,3 +201,16 @@ pub fn assert_composer_like_at(at: &Path, files: &BTreeMap<String, Vec<u8>>, own
         owner_uid
     );
 }
+
+/// A gzipped tarball at `path` holding one file, `REVISION`, with `revision` in it: the
+/// smallest code a bake can put into an image.
+pub fn write_revision_tarball(path: &std::path::Path, revision: &str) {
+    let tar = tarball(|b| {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(revision.len() as u64);
+        header.set_mode(0o644);
+        b.append_data(&mut header, "REVISION", revision.as_bytes())
+            .unwrap();
+    });
+    std::fs::write(path, gzip(&tar)).unwrap();
+}
