@@ -357,14 +357,30 @@ fn base_that_cannot_reach_aws_names_the_lookup_that_failed() {
     assert!(run.stderr().starts_with(wanted), "{}", run.dump());
 }
 
+/// Every file under templates/ci, subdirectories included.
+fn ci_files() -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    let mut dirs = vec![util::repo_root().join("templates/ci")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else {
+                files.push(path);
+            }
+        }
+    }
+    files
+}
+
 /// The CI examples in templates/ci run commands that exist, with flags that exist, on
 /// templates that validate: an example that drifted from the tool would mislead its reader.
 #[test]
 fn ci_examples_use_real_commands_flags_and_templates() {
-    let dir = util::repo_root().join("templates/ci");
+    const COMMANDS: [&str; 4] = ["base", "bake", "validate", "iam-policy"];
     let mut checked = 0;
-    for entry in std::fs::read_dir(&dir).unwrap() {
-        let path = entry.unwrap().path();
+    for path in ci_files() {
         let text = std::fs::read_to_string(&path).unwrap();
         // A command may continue on the next line after a backslash.
         let joined = text.replace("\\\n", " ");
@@ -375,14 +391,26 @@ fn ci_examples_use_real_commands_flags_and_templates() {
             let words: Vec<&str> = line[line.find("amibake ").unwrap()..]
                 .split_whitespace()
                 .collect();
-            let Some(mode) = words.iter().find(|w| ["base", "bake"].contains(*w)) else {
+            // The first word that is not a global flag (or its value) is the command; a
+            // line where that is not one of ours is prose that names the tool.
+            let mut rest = words[1..].iter();
+            let mut command = None;
+            while let Some(word) = rest.next() {
+                if ["--output", "--var", "--region", "--profile"].contains(word) {
+                    rest.next();
+                } else if !word.starts_with('-') {
+                    command = Some(*word);
+                    break;
+                }
+            }
+            let Some(command) = command.filter(|c| COMMANDS.contains(c)) else {
                 continue;
             };
-            let help = amibake(&[mode, "--help"]).stdout() + &amibake(&["--help"]).stdout();
+            let help = amibake(&[command, "--help"]).stdout() + &amibake(&["--help"]).stdout();
             for flag in words.iter().filter(|w| w.starts_with("--")) {
                 assert!(
                     help.contains(*flag),
-                    "{}: `{flag}` is not a flag of amibake {mode}",
+                    "{}: `{flag}` is not a flag of amibake {command}",
                     path.display()
                 );
             }
@@ -394,5 +422,47 @@ fn ci_examples_use_real_commands_flags_and_templates() {
             checked += 1;
         }
     }
-    assert!(checked >= 2, "both examples were read");
+    assert!(checked >= 5, "every example was read: {checked} commands");
+}
+
+/// The pipeline stack gives its bake role the policy `amibake iam-policy` prints today, and
+/// passes cfn-lint; its bake action runs the buildspec beside it.
+#[test]
+fn the_pipeline_stack_carries_the_printed_policy_and_passes_cfn_lint() {
+    let stack = util::repo_root().join("templates/ci/codebuild/pipeline.yml");
+    let text = std::fs::read_to_string(&stack).unwrap();
+    let named = text
+        .find("- PolicyName: amibake")
+        .expect("an amibake policy");
+    let start = named + text[named..].find('{').unwrap();
+    let end = start + text[start..].find("\n\n").unwrap();
+    let embedded: serde_json::Value = serde_json::from_str(&text[start..end]).unwrap();
+    let run = amibake(&[
+        "iam-policy",
+        "templates/shop.toml",
+        "--mode",
+        "bake",
+        "--backend",
+        "direct",
+    ]);
+    run.expect_code(0);
+    let printed: serde_json::Value = serde_json::from_str(&run.stdout()).unwrap();
+    assert_eq!(
+        embedded, printed,
+        "paste what `amibake iam-policy templates/shop.toml --mode bake --backend direct` prints"
+    );
+    assert!(text.contains("BuildSpec: templates/ci/codebuild/buildspec.yml"));
+    assert!(util::repo_root()
+        .join("templates/ci/codebuild/buildspec.yml")
+        .is_file());
+    let lint = std::process::Command::new("cfn-lint")
+        .arg(&stack)
+        .output()
+        .expect("cfn-lint, which tests/install-deps installs");
+    assert!(
+        lint.status.success(),
+        "cfn-lint:\n{}{}",
+        String::from_utf8_lossy(&lint.stdout),
+        String::from_utf8_lossy(&lint.stderr)
+    );
 }
