@@ -105,8 +105,15 @@ pub async fn copy(
     }
     let mut copies = Vec::new();
     let mut problems = Vec::new();
+    // Every answer is taken in before any error returns: a copy made is undone with the rest.
     while let Some(joined) = started.join_next().await {
-        let (clients, copy) = joined.map_err(|e| failed(format!("a copy task ended: {e}")))?;
+        let (clients, copy) = match joined {
+            Ok(answer) => answer,
+            Err(e) => {
+                problems.push(format!("a copy's task ended: {e}"));
+                continue;
+            }
+        };
         match copy {
             Ok((image_id, reused)) => {
                 if !reused {
