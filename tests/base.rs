@@ -55,6 +55,12 @@ publish_ssm = "{PARAMETER}"
 publish_label = "latest"
 tags = {{ team = "web" }}
 
+[[base.pre]]
+command = ["sh", "-c", "echo \"$AMIBAKE_STAGE $AMIBAKE_SOURCE_AMI\" > pre.out"]
+
+[[base.post]]
+command = ["sh", "-c", "echo \"$AMIBAKE_STAGE $AMIBAKE_AMI_ID\" > post.out"]
+
 [[base.provisioner]]
 script = "app-user.sh"
 env = {{ APP = "${{var.app}}" }}
@@ -111,6 +117,13 @@ fn base_builds_publishes_chains_into_bake_and_skips_when_unchanged() {
     let ami = m["ami_id"].as_str().unwrap().to_string();
     assert_eq!(m["reused"], false);
     assert_eq!(m["ssm_parameter"], PARAMETER);
+    // The stages ran around the build, with its facts.
+    let stage = |file: &str| std::fs::read_to_string(dir.join(file)).unwrap();
+    assert_eq!(
+        stage("pre.out").trim(),
+        format!("pre {}", m["source_ami"].as_str().unwrap())
+    );
+    assert_eq!(stage("post.out").trim(), format!("post {ami}"));
     for step in [
         "launch instance",
         "wait for ssh",

@@ -220,7 +220,8 @@ fn gc_removes_what_killed_runs_left_and_spares_a_live_one() {
     let bake_template = |name: &str, command: &str| {
         format!(
             "[bake]\nname = \"gc-{name}-${{timestamp}}-${{build_id}}\"\nbase_ami = \"{vendor}\"\n\
-             dest = \"/srv/app\"\n\n[[bake.provisioner]]\ninline = [\"{command}\"]\n"
+             dest = \"/srv/app\"\ndeprecate_after = \"30d\"\n\n\
+             [[bake.provisioner]]\ninline = [\"{command}\"]\n"
         )
     };
     std::fs::write(dir.join("bake.toml"), bake_template("bake", "true")).unwrap();
@@ -233,7 +234,8 @@ fn gc_removes_what_killed_runs_left_and_spares_a_live_one() {
         dir.join("base.toml"),
         "[variables]\ncommand = \"true\"\n\n[base]\nname = \"gc-base-${timestamp}-${build_id}\"\n\
          source_ami = \"resolve:ssm:/aws/service/debian/release/12/latest/amd64\"\n\
-         instance_type = \"t3.small\"\nssh_username = \"admin\"\nssh_interface = \"private_ip\"\n\n\
+         instance_type = \"t3.small\"\nssh_username = \"admin\"\nssh_interface = \"private_ip\"\n\
+         deprecate_after = \"30d\"\n\n\
          [[base.provisioner]]\ninline = [\"echo provisioning\", \"${var.command}\"]\n",
     )
     .unwrap();
@@ -267,7 +269,9 @@ fn gc_removes_what_killed_runs_left_and_spares_a_live_one() {
     // A bake (direct backend, no build host) killed at each step. Where the step waits on
     // the cloud, the kill lands while its call is held, so the call is carried out for a
     // process that is gone. The cache is emptied before the first, so a fetch is killed.
-    let bake_steps: [Row; 10] = [
+    // (A run killed in "mark finished" or "publish to ssm" has a finished image: an
+    // artifact, which prune judges, not gc.)
+    let bake_steps: [Row; 12] = [
         (
             "fetch base image",
             "GetSnapshotBlock",
@@ -287,8 +291,10 @@ fn gc_removes_what_killed_runs_left_and_spares_a_live_one() {
         ),
         // The umount it started may finish after the kill.
         ("unmount image", "", "", &["loop device"]),
+        ("detach loop device", "", "", &["file"]),
         ("upload snapshot", "StartSnapshot", "", &["snapshot"]),
         ("register image", "RegisterImage", "", &["image"]),
+        ("distribute", "EnableImageDeprecation", "", &["image"]),
     ];
     let bake = |sleeps: bool| {
         let mut command = world.amibake();
@@ -307,20 +313,23 @@ fn gc_removes_what_killed_runs_left_and_spares_a_live_one() {
 
     // A bake with the attach backend (this machine as its EC2 build host) killed at each
     // step: a volume attached here, mounted, then a snapshot and an image of it.
-    let attach_steps: [Row; 8] = [
+    let attach_steps: [Row; 11] = [
         ("create volume", "CreateVolume", "", &["volume"]),
         ("attach volume", "AttachVolume", "", &["volume"]),
         ("mount image", "", "", &["volume", "file"]),
         ("extract tarball", "", "", &["mount", "volume"]),
+        ("prepare chroot", "", "", &["mount", "volume"]),
         (
             "run provisioners",
             "",
             "\"line\":\"sleeping\"",
             &["mount", "volume"],
         ),
+        ("unmount image", "", "", &["volume"]),
         ("detach volume", "DetachVolume", "", &["volume"]),
         ("snapshot", "CreateSnapshot", "", &["snapshot"]),
         ("register image", "RegisterImage", "", &["image"]),
+        ("distribute", "EnableImageDeprecation", "", &["image"]),
     ];
     // The local cloud's instance metadata: this machine is the build host.
     let imds = world
@@ -340,7 +349,7 @@ fn gc_removes_what_killed_runs_left_and_spares_a_live_one() {
 
     // A base build killed at each step: its instance, key pair and group are left, and
     // from `create image` on an image that never got finished.
-    let base_steps: [Row; 7] = [
+    let base_steps: [Row; 8] = [
         (
             "create key pair",
             "CreateKeyPair",
@@ -368,6 +377,12 @@ fn gc_removes_what_killed_runs_left_and_spares_a_live_one() {
         ),
         ("stop instance", "StopInstances", "", &["instance"]),
         ("create image", "CreateImage", "", &["image", "instance"]),
+        (
+            "distribute",
+            "EnableImageDeprecation",
+            "",
+            &["image", "instance"],
+        ),
     ];
     world.kill_each_step("a base build", &base_steps, |sleeps| {
         let mut command = world.amibake();
