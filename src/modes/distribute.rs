@@ -75,10 +75,31 @@ pub async fn check(clients: &Clients, plan: &Distribution, section: &str) -> Res
     Ok(())
 }
 
+/// The run's image delivered as `plan` asks: copied, then deprecation, IMDSv2-only and
+/// launch permissions set and read back on it and every copy. The copies, for the later
+/// steps to mark finished and publish.
+pub async fn deliver(
+    source: Source<'_>,
+    plan: &Distribution,
+    ctx: &mut StepContext,
+) -> Result<Vec<RegionImage>, StepError> {
+    if plan.is_empty() {
+        ctx.progress
+            .note("nothing to copy or share in the template");
+        return Ok(Vec::new());
+    }
+    let (clients, image_id) = (source.clients, source.image_id);
+    let copies = copy(source, plan, ctx).await?;
+    let mut images = vec![(clients, image_id)];
+    images.extend(copies.iter().map(|c| (&c.clients, c.image_id.as_str())));
+    settle(&images, plan).await?;
+    Ok(copies)
+}
+
 /// Copies the image to every region of `plan` at once, then waits for all of them. Each
 /// copy's undo (deregister it, delete its snapshots) is registered as soon as its id is
 /// known, before any wait, so a copy that fails or an interrupt leaves none behind.
-pub async fn copy(
+async fn copy(
     source: Source<'_>,
     plan: &Distribution,
     ctx: &mut StepContext,
@@ -275,7 +296,7 @@ async fn snapshots_of(clients: &Clients, image_id: &str) -> Result<Vec<String>, 
 
 /// Deprecation, IMDSv2-only and launch permissions on each image (the run's own and its
 /// copies), then each read back: a setting EC2 did not keep fails the run.
-pub async fn settle(images: &[(&Clients, &str)], plan: &Distribution) -> Result<(), StepError> {
+async fn settle(images: &[(&Clients, &str)], plan: &Distribution) -> Result<(), StepError> {
     let deprecate_at = plan.deprecate_after.map(deprecation_time);
     for (clients, image_id) in images {
         apply(clients, image_id, plan, deprecate_at).await?;

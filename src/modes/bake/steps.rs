@@ -330,12 +330,6 @@ impl<B: Send + Sync> Step<BakeState<B>> for Distribute {
         "distribute"
     }
     async fn run(&self, s: &mut BakeState<B>, ctx: &mut StepContext) -> Result<(), StepError> {
-        let plan = &s.plan.distribution;
-        if plan.is_empty() {
-            ctx.progress
-                .note("nothing to copy or share in the template");
-            return Ok(());
-        }
         let image_id = earlier(&s.image_id, "image")?;
         let source = distribute::Source {
             clients: &s.clients,
@@ -348,10 +342,8 @@ impl<B: Send + Sync> Step<BakeState<B>> for Distribute {
             // Only a run that made the image has a snapshot of its own.
             reused: s.snapshot_id.is_none(),
         };
-        s.copies = distribute::copy(source, plan, ctx).await?;
-        let mut images = vec![(&s.clients, image_id.as_str())];
-        images.extend(s.copies.iter().map(|c| (&c.clients, c.image_id.as_str())));
-        distribute::settle(&images, plan).await
+        s.copies = distribute::deliver(source, &s.plan.distribution, ctx).await?;
+        Ok(())
     }
 }
 
