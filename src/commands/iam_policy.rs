@@ -168,15 +168,15 @@ fn base(grants: &mut Grants, plan: &BasePlan) {
             "ec2:GetConsoleOutput",
         ],
     );
-    if plan.ssh_keypair.is_none() {
+    if plan.instance.ssh_keypair.is_none() {
         grants.create("ec2:CreateKeyPair", &[KEY_PAIR], &[], &[]);
         grants.allow(Scope::Owned, &[KEY_PAIR], &["ec2:DeleteKeyPair"]);
     }
-    if plan.subnet_id.is_some() {
+    if plan.instance.subnet_id.is_some() {
         // The subnet's VPC, for the temporary group.
         grants.allow(Scope::Any, &["*"], &["ec2:DescribeSubnets"]);
     }
-    if plan.security_group_ids.is_none() {
+    if plan.instance.security_group_ids.is_none() {
         // Read when a create's answer was lost, to find the group it made.
         grants.allow(Scope::Any, &["*"], &["ec2:DescribeSecurityGroups"]);
         grants.create("ec2:CreateSecurityGroup", &[SECURITY_GROUP], &[], &[VPC]);

@@ -10,10 +10,12 @@ use toml::Spanned;
 
 use super::diagnostic::{explain_unknown_field, nearest, Diagnostic, SourceMap, TemplateErrors};
 use super::interpolate::{interpolate, Commit, Context};
-use super::schema::{BakeSection, BaseSection, ProvisionerEntry, StageEntry, TemplateFile};
+use super::schema::{
+    BakeSection, BaseSection, ProvisionerEntry, SshInterface, StageEntry, TemplateFile,
+};
 use super::{
-    AmiRef, BakePlan, BasePlan, Distribution, ExistingKeyPair, LoadOptions, Network, Provisioner,
-    ProvisionerAction, SsmPublish, StageCommand, Template, Variant, When,
+    AmiRef, BakePlan, BasePlan, Distribution, ExistingKeyPair, InstancePlan, LoadOptions, Network,
+    Provisioner, ProvisionerAction, SsmPublish, StageCommand, Template, Variant, When,
 };
 
 /// How long `base` waits for SSH when the template does not say: vendor images on small
@@ -534,104 +536,24 @@ impl Checker<'_> {
         let name = self.ami_name("base.name", &s.name);
         let description = self.opt_text("base.description", &s.description);
         let source_ami = self.ami_ref("base.source_ami", &s.source_ami);
-        let instance_type = self.text("base.instance_type", &s.instance_type);
-        if !instance_type.contains('.')
-            || instance_type.starts_with('.')
-            || instance_type.ends_with('.')
-        {
-            self.error(
-                Some(s.instance_type.span()),
-                "base.instance_type",
-                format!("`{instance_type}` is not an instance type like `t3.small`"),
-            );
-        }
-        let ssh_username = self.text("base.ssh_username", &s.ssh_username);
-        if ssh_username.is_empty() {
-            self.error(
-                Some(s.ssh_username.span()),
-                "base.ssh_username",
-                "the SSH user cannot be empty".into(),
-            );
-        }
-        let ssh_timeout = match &s.ssh_timeout_seconds {
-            Some(t) if *t.get_ref() == 0 => {
-                self.error(
-                    Some(t.span()),
-                    "base.ssh_timeout_seconds",
-                    "must be more than 0".into(),
-                );
-                DEFAULT_SSH_TIMEOUT
-            }
-            Some(t) => Duration::from_secs(*t.get_ref()),
-            None => DEFAULT_SSH_TIMEOUT,
-        };
-        let ssh_keypair = match (&s.ssh_keypair_name, &s.ssh_private_key_file) {
-            (Some(name), Some(file)) => {
-                let name = self.text("base.ssh_keypair_name", name);
-                self.local_file("base.ssh_private_key_file", file)
-                    .map(|private_key_file| ExistingKeyPair {
-                        name,
-                        private_key_file,
-                    })
-            }
-            (Some(name), None) => {
-                self.error(
-                    Some(name.span()),
-                    "base.ssh_keypair_name",
-                    "an existing key pair needs `ssh_private_key_file`, the private key to log in with".into(),
-                );
-                None
-            }
-            (None, Some(file)) => {
-                self.error(
-                    Some(file.span()),
-                    "base.ssh_private_key_file",
-                    "a private key file goes with `ssh_keypair_name`, the key pair EC2 installs it from".into(),
-                );
-                None
-            }
-            (None, None) => None,
-        };
-        if let (Some(cidrs), Some(_)) = (&s.ssh_cidrs, &s.security_group_ids) {
-            self.error(
-                Some(cidrs.span()),
-                "base.ssh_cidrs",
-                "`ssh_cidrs` shapes the temporary security group, which `security_group_ids` replaces: set one of them".into(),
-            );
-        }
-        let ssh_cidrs = s.ssh_cidrs.as_ref().map(|list| {
-            list.get_ref()
-                .iter()
-                .enumerate()
-                .map(|(i, c)| {
-                    let key = format!("base.ssh_cidrs[{i}]");
-                    let v = self.text(&key, c);
-                    if !is_ipv4_cidr(&v) {
-                        self.error(
-                            Some(c.span()),
-                            &key,
-                            format!("`{v}` is not an IPv4 CIDR like 203.0.113.7/32"),
-                        );
-                    }
-                    v
-                })
-                .collect()
-        });
-        let security_group_ids = s.security_group_ids.as_ref().map(|list| {
-            list.get_ref()
-                .iter()
-                .enumerate()
-                .map(|(i, g)| self.prefixed_id(&format!("base.security_group_ids[{i}]"), g, "sg-"))
-                .collect()
-        });
-        let subnet_id = s
-            .subnet_id
-            .as_ref()
-            .map(|v| self.prefixed_id("base.subnet_id", v, "subnet-"));
-        let (root_volume_size_gb, root_volume_type) = self.volume(
-            "base.root_volume_",
-            &s.root_volume_size_gb,
-            &s.root_volume_type,
+        let instance = self.instance(
+            "base",
+            InstanceKeys {
+                instance_type: &s.instance_type,
+                ssh_username: &s.ssh_username,
+                ssh_interface: &s.ssh_interface,
+                ssh_timeout_seconds: &s.ssh_timeout_seconds,
+                ssh_keypair_name: &s.ssh_keypair_name,
+                ssh_private_key_file: &s.ssh_private_key_file,
+                ssh_cidrs: &s.ssh_cidrs,
+                subnet_id: &s.subnet_id,
+                security_group_ids: &s.security_group_ids,
+                associate_public_ip: s.associate_public_ip,
+                iam_instance_profile: &s.iam_instance_profile,
+                user_data: &s.user_data,
+                root_volume_size_gb: &s.root_volume_size_gb,
+                root_volume_type: &s.root_volume_type,
+            },
         );
         let publish = self.publish("base", &s.publish_ssm, &s.publish_label);
         let distribution = self.distribution(
@@ -648,20 +570,7 @@ impl Checker<'_> {
             name,
             description,
             source_ami,
-            instance_type,
-            ssh_username,
-            ssh_interface: s.ssh_interface.map(|i| *i.get_ref()),
-            ssh_timeout,
-            ssh_keypair,
-            ssh_cidrs,
-            subnet_id,
-            security_group_ids,
-            associate_public_ip: s.associate_public_ip,
-            iam_instance_profile: self
-                .opt_text("base.iam_instance_profile", &s.iam_instance_profile),
-            user_data: self.opt_text("base.user_data", &s.user_data),
-            root_volume_size_gb,
-            root_volume_type,
+            instance,
             publish,
             distribution,
             tags: self.tags("base", &s.tags),
@@ -669,6 +578,126 @@ impl Checker<'_> {
             pre: self.stage("base.pre", &s.pre),
             post: self.stage("base.post", &s.post),
             variant: Variant::default(),
+        }
+    }
+
+    /// How a temporary instance is launched and reached; `section` prefixes every key.
+    fn instance(&mut self, section: &str, s: InstanceKeys) -> InstancePlan {
+        let key = |name: &str| format!("{section}.{name}");
+        let instance_type = self.text(&key("instance_type"), s.instance_type);
+        if !instance_type.contains('.')
+            || instance_type.starts_with('.')
+            || instance_type.ends_with('.')
+        {
+            self.error(
+                Some(s.instance_type.span()),
+                &key("instance_type"),
+                format!("`{instance_type}` is not an instance type like `t3.small`"),
+            );
+        }
+        let ssh_username = self.text(&key("ssh_username"), s.ssh_username);
+        if ssh_username.is_empty() {
+            self.error(
+                Some(s.ssh_username.span()),
+                &key("ssh_username"),
+                "the SSH user cannot be empty".into(),
+            );
+        }
+        let ssh_timeout = match s.ssh_timeout_seconds {
+            Some(t) if *t.get_ref() == 0 => {
+                self.error(
+                    Some(t.span()),
+                    &key("ssh_timeout_seconds"),
+                    "must be more than 0".into(),
+                );
+                DEFAULT_SSH_TIMEOUT
+            }
+            Some(t) => Duration::from_secs(*t.get_ref()),
+            None => DEFAULT_SSH_TIMEOUT,
+        };
+        let ssh_keypair = match (s.ssh_keypair_name, s.ssh_private_key_file) {
+            (Some(name), Some(file)) => {
+                let name = self.text(&key("ssh_keypair_name"), name);
+                self.local_file(&key("ssh_private_key_file"), file)
+                    .map(|private_key_file| ExistingKeyPair {
+                        name,
+                        private_key_file,
+                    })
+            }
+            (Some(name), None) => {
+                self.error(
+                    Some(name.span()),
+                    &key("ssh_keypair_name"),
+                    "an existing key pair needs `ssh_private_key_file`, the private key to log in with".into(),
+                );
+                None
+            }
+            (None, Some(file)) => {
+                self.error(
+                    Some(file.span()),
+                    &key("ssh_private_key_file"),
+                    "a private key file goes with `ssh_keypair_name`, the key pair EC2 installs it from".into(),
+                );
+                None
+            }
+            (None, None) => None,
+        };
+        if let (Some(cidrs), Some(_)) = (s.ssh_cidrs, s.security_group_ids) {
+            self.error(
+                Some(cidrs.span()),
+                &key("ssh_cidrs"),
+                "`ssh_cidrs` shapes the temporary security group, which `security_group_ids` replaces: set one of them".into(),
+            );
+        }
+        let ssh_cidrs = s.ssh_cidrs.as_ref().map(|list| {
+            list.get_ref()
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    let key = key(&format!("ssh_cidrs[{i}]"));
+                    let v = self.text(&key, c);
+                    if !is_ipv4_cidr(&v) {
+                        self.error(
+                            Some(c.span()),
+                            &key,
+                            format!("`{v}` is not an IPv4 CIDR like 203.0.113.7/32"),
+                        );
+                    }
+                    v
+                })
+                .collect()
+        });
+        let security_group_ids = s.security_group_ids.as_ref().map(|list| {
+            list.get_ref()
+                .iter()
+                .enumerate()
+                .map(|(i, g)| self.prefixed_id(&key(&format!("security_group_ids[{i}]")), g, "sg-"))
+                .collect()
+        });
+        let subnet_id = s
+            .subnet_id
+            .as_ref()
+            .map(|v| self.prefixed_id(&key("subnet_id"), v, "subnet-"));
+        let (root_volume_size_gb, root_volume_type) = self.volume(
+            &key("root_volume_"),
+            s.root_volume_size_gb,
+            s.root_volume_type,
+        );
+        InstancePlan {
+            instance_type,
+            ssh_username,
+            ssh_interface: s.ssh_interface.as_ref().map(|i| *i.get_ref()),
+            ssh_timeout,
+            ssh_keypair,
+            ssh_cidrs,
+            subnet_id,
+            security_group_ids,
+            associate_public_ip: s.associate_public_ip,
+            iam_instance_profile: self
+                .opt_text(&key("iam_instance_profile"), s.iam_instance_profile),
+            user_data: self.opt_text(&key("user_data"), s.user_data),
+            root_volume_size_gb,
+            root_volume_type,
         }
     }
 
@@ -918,6 +947,24 @@ pub fn check_ami_name(name: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// The keys of a temporary instance, as `[base]` and `[bake.test_instance]` both write them.
+struct InstanceKeys<'a> {
+    instance_type: &'a Spanned<String>,
+    ssh_username: &'a Spanned<String>,
+    ssh_interface: &'a Option<Spanned<SshInterface>>,
+    ssh_timeout_seconds: &'a Option<Spanned<u64>>,
+    ssh_keypair_name: &'a Option<Spanned<String>>,
+    ssh_private_key_file: &'a Option<Spanned<String>>,
+    ssh_cidrs: &'a Option<Spanned<Vec<Spanned<String>>>>,
+    subnet_id: &'a Option<Spanned<String>>,
+    security_group_ids: &'a Option<Spanned<Vec<Spanned<String>>>>,
+    associate_public_ip: Option<bool>,
+    iam_instance_profile: &'a Option<Spanned<String>>,
+    user_data: &'a Option<Spanned<String>>,
+    root_volume_size_gb: &'a Option<Spanned<i32>>,
+    root_volume_type: &'a Option<Spanned<String>>,
 }
 
 /// The distribution keys of a section, as written.

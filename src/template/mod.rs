@@ -39,6 +39,21 @@ pub struct BasePlan {
     pub name: String,
     pub description: Option<String>,
     pub source_ami: AmiRef,
+    /// The instance the base is provisioned on.
+    pub instance: InstancePlan,
+    pub publish: Option<SsmPublish>,
+    pub distribution: Distribution,
+    pub tags: BTreeMap<String, String>,
+    pub provisioners: Vec<Provisioner>,
+    pub pre: Vec<StageCommand>,
+    pub post: Vec<StageCommand>,
+    /// Set by `for_variant`: normal until a run asks for `--destructive`.
+    pub variant: Variant,
+}
+
+/// How a temporary instance is launched and reached over SSH.
+#[derive(Debug, Clone, Serialize)]
+pub struct InstancePlan {
     pub instance_type: String,
     pub ssh_username: String,
     /// None: the public address when the instance has one, else the private one.
@@ -54,14 +69,6 @@ pub struct BasePlan {
     pub user_data: Option<String>,
     pub root_volume_size_gb: Option<i32>,
     pub root_volume_type: Option<String>,
-    pub publish: Option<SsmPublish>,
-    pub distribution: Distribution,
-    pub tags: BTreeMap<String, String>,
-    pub provisioners: Vec<Provisioner>,
-    pub pre: Vec<StageCommand>,
-    pub post: Vec<StageCommand>,
-    /// Set by `for_variant`: normal until a run asks for `--destructive`.
-    pub variant: Variant,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -133,13 +133,13 @@ async fn run_loaded(
     let _run_lock = hold_run_lock(&build_id)?;
     let mut plan = template.base.expect("load_for_run checked the section");
     if !options.ssh_cidrs.is_empty() {
-        if plan.security_group_ids.is_some() {
+        if plan.instance.security_group_ids.is_some() {
             return Err(ModeError::Usage(format!(
                 "--ssh-cidr shapes the temporary security group, which `security_group_ids` in {} replaces: use one of them",
                 options.template.display()
             )));
         }
-        plan.ssh_cidrs = Some(options.ssh_cidrs.clone());
+        plan.instance.ssh_cidrs = Some(options.ssh_cidrs.clone());
     }
     let clients = Clients::new(&sdk_config(&options.common.aws).await)?;
     let source_id = ami::resolve(&clients, &plan.source_ami).await?;
@@ -250,20 +250,26 @@ async fn run_loaded(
 fn fingerprint(source: &str, plan: &BasePlan) -> Result<String, ModeError> {
     let mut parts: Vec<(String, String)> = vec![
         ("source_ami".into(), source.into()),
-        ("instance_type".into(), plan.instance_type.clone()),
-        ("ssh_username".into(), plan.ssh_username.clone()),
+        ("instance_type".into(), plan.instance.instance_type.clone()),
+        ("ssh_username".into(), plan.instance.ssh_username.clone()),
         ("variant".into(), plan.variant.name().into()),
         (
             "user_data".into(),
-            plan.user_data.clone().unwrap_or_default(),
+            plan.instance.user_data.clone().unwrap_or_default(),
         ),
         (
             "root_volume".into(),
-            format!("{:?} {:?}", plan.root_volume_size_gb, plan.root_volume_type),
+            format!(
+                "{:?} {:?}",
+                plan.instance.root_volume_size_gb, plan.instance.root_volume_type
+            ),
         ),
         (
             "iam_instance_profile".into(),
-            plan.iam_instance_profile.clone().unwrap_or_default(),
+            plan.instance
+                .iam_instance_profile
+                .clone()
+                .unwrap_or_default(),
         ),
     ];
     parts.extend(provisioner_fingerprint_parts(&plan.provisioners)?);

@@ -71,7 +71,7 @@ impl Step<BaseState> for CreateKeyPair {
         "create key pair"
     }
     async fn run(&self, s: &mut BaseState, ctx: &mut StepContext) -> Result<(), StepError> {
-        if let Some(existing) = &s.plan.ssh_keypair {
+        if let Some(existing) = &s.plan.instance.ssh_keypair {
             ctx.progress
                 .note(format!("using the template's key pair {}", existing.name));
             s.key_name = Some(existing.name.clone());
@@ -144,14 +144,14 @@ impl Step<BaseState> for CreateSecurityGroup {
         "create security group"
     }
     async fn run(&self, s: &mut BaseState, ctx: &mut StepContext) -> Result<(), StepError> {
-        if let Some(groups) = &s.plan.security_group_ids {
+        if let Some(groups) = &s.plan.instance.security_group_ids {
             ctx.progress
                 .note(format!("using the template's groups {}", groups.join(", ")));
             s.security_group_ids = groups.clone();
             return Ok(());
         }
         // In the subnet's VPC; without a subnet, EC2 uses the default VPC for both.
-        let vpc_id = match &s.plan.subnet_id {
+        let vpc_id = match &s.plan.instance.subnet_id {
             Some(subnet) => s
                 .clients
                 .ec2
@@ -207,7 +207,7 @@ impl Step<BaseState> for CreateSecurityGroup {
         s.temporary_group = Some(group_id.clone());
         // Without CIDRs from the template, the runner's own address is known only once the
         // instance has its address (see LaunchInstance).
-        if let Some(cidrs) = s.plan.ssh_cidrs.clone() {
+        if let Some(cidrs) = s.plan.instance.ssh_cidrs.clone() {
             allow_ssh(s, &group_id, &cidrs).await?;
         }
         Ok(())
@@ -264,7 +264,7 @@ impl Step<BaseState> for LaunchInstance {
             // A retry of this launch (after a lost answer) gets the same instance.
             .client_token(&s.build_id)
             .image_id(&s.source.id)
-            .instance_type(InstanceType::from(plan.instance_type.as_str()))
+            .instance_type(InstanceType::from(plan.instance.instance_type.as_str()))
             .min_count(1)
             .max_count(1)
             .key_name(&key_name)
@@ -286,36 +286,41 @@ impl Step<BaseState> for LaunchInstance {
                     .set_tags(Some(s.build_tags("instance volume")))
                     .build(),
             );
-        request = match plan.associate_public_ip {
+        request = match plan.instance.associate_public_ip {
             // Choosing the public address takes a network interface specification.
             Some(public) => request.network_interfaces(
                 InstanceNetworkInterfaceSpecification::builder()
                     .device_index(0)
-                    .set_subnet_id(plan.subnet_id.clone())
+                    .set_subnet_id(plan.instance.subnet_id.clone())
                     .set_groups(Some(s.security_group_ids.clone()))
                     .associate_public_ip_address(public)
                     .delete_on_termination(true)
                     .build(),
             ),
             None => request
-                .set_subnet_id(plan.subnet_id.clone())
+                .set_subnet_id(plan.instance.subnet_id.clone())
                 .set_security_group_ids(Some(s.security_group_ids.clone())),
         };
-        if plan.root_volume_size_gb.is_some() || plan.root_volume_type.is_some() {
+        if plan.instance.root_volume_size_gb.is_some() || plan.instance.root_volume_type.is_some() {
             request = request.block_device_mappings(
                 BlockDeviceMapping::builder()
                     .device_name(&s.source.root_device_name)
                     .ebs(
                         EbsBlockDevice::builder()
-                            .set_volume_size(plan.root_volume_size_gb)
-                            .set_volume_type(plan.root_volume_type.as_deref().map(VolumeType::from))
+                            .set_volume_size(plan.instance.root_volume_size_gb)
+                            .set_volume_type(
+                                plan.instance
+                                    .root_volume_type
+                                    .as_deref()
+                                    .map(VolumeType::from),
+                            )
                             .delete_on_termination(true)
                             .build(),
                     )
                     .build(),
             );
         }
-        if let Some(profile) = &plan.iam_instance_profile {
+        if let Some(profile) = &plan.instance.iam_instance_profile {
             let spec = IamInstanceProfileSpecification::builder();
             let spec = if profile.starts_with("arn:") {
                 spec.arn(profile)
@@ -324,12 +329,15 @@ impl Step<BaseState> for LaunchInstance {
             };
             request = request.iam_instance_profile(spec.build());
         }
-        if let Some(user_data) = &plan.user_data {
+        if let Some(user_data) = &plan.instance.user_data {
             request = request.user_data(aws_smithy_types::base64::encode(user_data));
         }
         let out = request.send().await.map_err(|e| {
             failed(AwsError::new(
-                format!("launch a {} from {}", plan.instance_type, s.source.id),
+                format!(
+                    "launch a {} from {}",
+                    plan.instance.instance_type, s.source.id
+                ),
                 &e,
             ))
         })?;
@@ -373,7 +381,7 @@ impl Step<BaseState> for LaunchInstance {
         )
         .await
         .map_err(waited)?;
-        let (host, interface) = match s.plan.ssh_interface {
+        let (host, interface) = match s.plan.instance.ssh_interface {
             Some(interface) => ssh_address(&instance, interface)
                 .map(|host| (host, interface))
                 .ok_or_else(|| failed(no_address(&instance_id, interface)))?,
@@ -386,7 +394,7 @@ impl Step<BaseState> for LaunchInstance {
         if let Some(group) = s
             .temporary_group
             .clone()
-            .filter(|_| s.plan.ssh_cidrs.is_none())
+            .filter(|_| s.plan.instance.ssh_cidrs.is_none())
         {
             let runner = runner_cidr(&host).map_err(|e| {
                 failed(format!(
@@ -401,7 +409,7 @@ impl Step<BaseState> for LaunchInstance {
             SshInterface::PublicDns => "public DNS name",
             SshInterface::PrivateDns => "private DNS name",
         };
-        let chosen = if s.plan.ssh_interface.is_none() {
+        let chosen = if s.plan.instance.ssh_interface.is_none() {
             " (chosen: set `ssh_interface` to pick another)"
         } else {
             ""
@@ -412,7 +420,7 @@ impl Step<BaseState> for LaunchInstance {
         s.ssh_target = Some(SshTarget {
             host,
             port: SSH_PORT,
-            user: s.plan.ssh_username.clone(),
+            user: s.plan.instance.ssh_username.clone(),
             private_key: earlier(&s.private_key, "private key")?,
         });
         Ok(())
@@ -482,7 +490,7 @@ impl Step<BaseState> for WaitForSsh {
     async fn run(&self, s: &mut BaseState, ctx: &mut StepContext) -> Result<(), StepError> {
         let target = earlier(&s.ssh_target, "SSH address")?;
         let started = Instant::now();
-        let deadline = started + s.plan.ssh_timeout;
+        let deadline = started + s.plan.instance.ssh_timeout;
         let mut last_note = started;
         loop {
             let attempt = target.clone();
@@ -518,7 +526,7 @@ impl Step<BaseState> for WaitForSsh {
                     target.user,
                     target.host,
                     target.port,
-                    s.plan.ssh_timeout.as_secs()
+                    s.plan.instance.ssh_timeout.as_secs()
                 )));
             }
             if last_note.elapsed() >= SSH_NOTE_EVERY {
