@@ -3,6 +3,7 @@
 pub mod bake;
 pub mod base;
 mod distribute;
+mod instance;
 mod stages;
 mod support;
 

@@ -7,12 +7,13 @@
 
 mod steps;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
 use super::distribute::{self, RegionImage};
+use super::instance::{Launch, Role, TemporaryInstance};
 use super::{
     channel_names, hold_run_lock, load_for_run, provisioner_fingerprint_parts, run_post, stages,
     BuildResult, CommonOptions, ModeError, RunError,
@@ -20,7 +21,6 @@ use super::{
 use crate::artifact::{self, BaseManifest};
 use crate::aws::ami::{self, BaseImage};
 use crate::aws::{sdk_config, Clients};
-use crate::communicator::ssh::{Ssh, SshTarget};
 use crate::engine::{self, EventSink, Step};
 use crate::template::{BasePlan, Commit, Template};
 
@@ -67,21 +67,8 @@ pub struct BaseState {
     build_id: String,
     source: BaseImage,
     fingerprint: String,
-    /// Private, and removed when the run ends whatever happens: holds the private key.
-    key_dir: PathBuf,
-    key_name: Option<String>,
-    /// The temporary key pair's undo, released once the instance has the key.
-    delete_key_pair: Option<crate::engine::UndoId>,
-    private_key: Option<PathBuf>,
-    security_group_ids: Vec<String>,
-    /// The temporary group's undo, which waits for the instance's: a group is in use until
-    /// the instance using it is terminated.
-    delete_security_group: Option<crate::engine::UndoId>,
-    /// The group this run made, which it opens to the runner once the address is known.
-    temporary_group: Option<String>,
-    instance_id: Option<String>,
-    ssh_target: Option<SshTarget>,
-    ssh: Option<Arc<Ssh>>,
+    /// The instance the base is provisioned on.
+    instance: TemporaryInstance,
     image_id: Option<String>,
     snapshot_ids: Vec<String>,
     ssm_version: Option<i64>,
@@ -195,23 +182,23 @@ async fn run_loaded(
         }
     }
 
-    let key_dir = KeyDir::new(&build_id)?;
+    let instance = TemporaryInstance::new(
+        &clients,
+        &build_id,
+        Launch {
+            image_id: source.id.clone(),
+            root_device_name: source.root_device_name.clone(),
+            plan: plan.instance.clone(),
+            role: Role::Build,
+        },
+    )?;
     let mut state = BaseState {
         clients: clients.clone(),
         plan: plan.clone(),
         build_id: build_id.clone(),
         source: source.clone(),
         fingerprint: fingerprint.clone(),
-        key_dir: key_dir.path().to_path_buf(),
-        key_name: None,
-        delete_key_pair: None,
-        private_key: None,
-        security_group_ids: Vec::new(),
-        delete_security_group: None,
-        temporary_group: None,
-        instance_id: None,
-        ssh_target: None,
-        ssh: None,
+        instance,
         image_id: reused.as_ref().map(|(id, _)| id.clone()),
         snapshot_ids: Vec::new(),
         ssm_version: None,
@@ -225,7 +212,6 @@ async fn run_loaded(
     let report = engine::run("base", &build_id, &steps, &mut state, sink, cancel)
         .await
         .masked(&secrets);
-    drop(key_dir);
     let manifest = match (&report.outcome, &state.image_id) {
         (engine::Outcome::Succeeded, Some(image)) => {
             let was_reused = reused.is_some();
@@ -280,37 +266,11 @@ fn fingerprint(source: &str, plan: &BasePlan) -> Result<String, ModeError> {
     Ok(artifact::fingerprint(&refs))
 }
 
-/// A private (0700) directory for the temporary private key, on tmpfs where there is one so
-/// the key never reaches a disk; removed with the key when the run ends.
-struct KeyDir(tempfile::TempDir);
-
-impl KeyDir {
-    fn new(build_id: &str) -> Result<KeyDir, ModeError> {
-        let shm = Path::new("/dev/shm");
-        let parent = if shm.is_dir() {
-            shm.to_path_buf()
-        } else {
-            std::env::temp_dir()
-        };
-        // tempfile leaves a directory's mode to the umask: say 0700 outright.
-        use std::os::unix::fs::PermissionsExt;
-        tempfile::Builder::new()
-            .prefix(&format!("amibake-{build_id}-key-"))
-            .permissions(std::fs::Permissions::from_mode(0o700))
-            .tempdir_in(parent)
-            .map(KeyDir)
-            .map_err(ModeError::local("cannot make a private key directory"))
-    }
-
-    fn path(&self) -> &Path {
-        self.0.path()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::template::{self, LoadOptions};
+    use std::path::Path;
 
     fn plan(dir: &Path, name: &str, tags: &str) -> BasePlan {
         let text = format!(
@@ -328,17 +288,6 @@ mod tests {
         .unwrap()
         .base
         .unwrap()
-    }
-
-    #[test]
-    fn the_private_key_directory_is_the_owners_alone() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = KeyDir::new("ab-20261203000000-0badcafe").unwrap();
-        let mode = std::fs::metadata(dir.path()).unwrap().permissions().mode();
-        assert_eq!(mode & 0o777, 0o700, "{mode:o}");
-        let path = dir.path().to_path_buf();
-        drop(dir);
-        assert!(!path.exists(), "removed with the run");
     }
 
     #[test]

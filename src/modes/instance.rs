@@ -1,0 +1,685 @@
+//! A temporary instance a run launches and reaches over SSH: the one a base is provisioned
+//! on, and the one a new image is booted on to be tested. Its key pair, security group and
+//! the instance itself are the run's own, tagged with its build id, and each one's removal
+//! is registered the moment it exists.
+
+use std::net::{IpAddr, Ipv4Addr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_sdk_ec2::types::{
+    BlockDeviceMapping, EbsBlockDevice, HttpTokensState, IamInstanceProfileSpecification,
+    InstanceMetadataEndpointState, InstanceMetadataOptionsRequest,
+    InstanceNetworkInterfaceSpecification, InstanceType, IpPermission, IpRange, KeyType,
+    ResourceType, TagSpecification, VolumeType,
+};
+use tokio::time::Instant;
+
+use super::support::{created_or_found, earlier, failed, tags, undo_with, waited};
+use super::ModeError;
+use crate::artifact::TAG_BUILD_ID;
+use crate::aws::resources::{self, wait_instance};
+use crate::aws::{console, AwsError, Clients};
+use crate::communicator::ssh::{HostKey, Ssh, SshTarget};
+use crate::engine::{Keep, StepContext, StepError, UndoId};
+use crate::template::{InstancePlan, SshInterface};
+
+const SSH_PORT: u16 = 22;
+/// One connection attempt while the instance boots; the wait's total is the template's.
+const SSH_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+const SSH_RETRY_PAUSE: Duration = Duration::from_secs(1);
+/// A note about the wait at most this often: retries are otherwise quiet.
+const SSH_NOTE_EVERY: Duration = Duration::from_secs(15);
+const PRIVATE_KEY_FILE: &str = "id_ed25519";
+
+/// What an instance is for: it names and tags what is made for it, so a base build's
+/// instance and its test instance never take each other's names or launch tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The instance a base is provisioned on.
+    Build,
+}
+
+/// What to launch and how to reach it.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    pub image_id: String,
+    /// Where the image's root volume goes, for a root size or type from the template.
+    pub root_device_name: String,
+    pub plan: InstancePlan,
+    pub role: Role,
+}
+
+pub struct TemporaryInstance {
+    clients: Clients,
+    build_id: String,
+    launch: Launch,
+    /// Private, and removed with this value whatever happens: holds the private key.
+    key_dir: KeyDir,
+    key_name: Option<String>,
+    /// The temporary key pair's undo, released once the instance has the key.
+    delete_key_pair: Option<UndoId>,
+    private_key: Option<PathBuf>,
+    security_group_ids: Vec<String>,
+    /// The temporary group's undo, which waits for the instance's: a group is in use until
+    /// the instance using it is terminated.
+    delete_security_group: Option<UndoId>,
+    /// The group this run made, which it opens to the runner once the address is known.
+    temporary_group: Option<String>,
+    instance_id: Option<String>,
+    ssh_target: Option<SshTarget>,
+    ssh: Option<Arc<Ssh>>,
+}
+
+impl TemporaryInstance {
+    pub fn new(
+        clients: &Clients,
+        build_id: &str,
+        launch: Launch,
+    ) -> Result<TemporaryInstance, ModeError> {
+        Ok(TemporaryInstance {
+            clients: clients.clone(),
+            build_id: build_id.to_string(),
+            launch,
+            key_dir: KeyDir::new(build_id)?,
+            key_name: None,
+            delete_key_pair: None,
+            private_key: None,
+            security_group_ids: Vec::new(),
+            delete_security_group: None,
+            temporary_group: None,
+            instance_id: None,
+            ssh_target: None,
+            ssh: None,
+        })
+    }
+
+    /// The instance, once launched.
+    pub fn id(&self) -> Result<String, StepError> {
+        earlier(&self.instance_id, "instance")
+    }
+
+    /// The SSH session, once the instance answered.
+    pub fn ssh(&self) -> Result<Arc<Ssh>, StepError> {
+        earlier(&self.ssh, "SSH session")
+    }
+
+    /// Ends the SSH session: before the machine stops or goes.
+    pub fn disconnect(&mut self) {
+        self.ssh = None;
+    }
+
+    /// `amibake-BUILD` for a build instance's key pair and group, `amibake-BUILD-test` for
+    /// a test instance's: unique per run and role, as EC2 wants names to be.
+    fn temporary_name(&self) -> String {
+        match self.launch.role {
+            Role::Build => format!("amibake-{}", self.build_id),
+        }
+    }
+
+    /// Name and build id, on everything this instance needs.
+    fn build_tags(&self, what: &str) -> Vec<aws_sdk_ec2::types::Tag> {
+        tags(&[
+            ("Name", &format!("amibake {what} {}", self.build_id)),
+            (TAG_BUILD_ID, &self.build_id),
+        ])
+    }
+
+    /// The template's key pair, or a temporary one whose private key stays on tmpfs.
+    pub async fn create_key_pair(&mut self, ctx: &mut StepContext) -> Result<(), StepError> {
+        if let Some(existing) = &self.launch.plan.ssh_keypair {
+            ctx.progress
+                .note(format!("using the template's key pair {}", existing.name));
+            self.key_name = Some(existing.name.clone());
+            self.private_key = Some(existing.private_key_file.clone());
+            return Ok(());
+        }
+        let name = self.temporary_name();
+        let out = self
+            .clients
+            .ec2
+            .create_key_pair()
+            .key_name(&name)
+            .key_type(KeyType::Ed25519)
+            .tag_specifications(
+                TagSpecification::builder()
+                    .resource_type(ResourceType::KeyPair)
+                    .set_tags(Some(self.build_tags("key pair")))
+                    .build(),
+            )
+            .send()
+            .await;
+        // It exists when the call answered, and also when the SDK's retry was refused as
+        // a duplicate: the name is this build's own, so an attempt whose answer was lost
+        // made it (and its private key went with that answer). Either way it goes.
+        let made = match &out {
+            Ok(_) => true,
+            Err(e) => resources::code(e) == Some("InvalidKeyPair.Duplicate"),
+        };
+        if made {
+            self.delete_key_pair = Some(undo_with(
+                ctx,
+                &self.clients,
+                name.clone(),
+                &name,
+                "delete key pair",
+                Keep::Never,
+                resources::delete_key_pair,
+            ));
+        }
+        let out = out.map_err(|e| failed(AwsError::new(format!("create key pair {name}"), &e)))?;
+        self.key_name = Some(name.clone());
+        let material = out
+            .key_material()
+            .ok_or_else(|| failed("CreateKeyPair returned no private key"))?;
+        let path = self.key_dir.path().join(PRIVATE_KEY_FILE);
+        write_private(&path, material.as_bytes())
+            .map_err(|e| failed(format!("cannot keep the private key: {e}")))?;
+        self.private_key = Some(path);
+        Ok(())
+    }
+
+    /// The template's groups, or a temporary one that lets SSH in from the runner only.
+    pub async fn create_security_group(&mut self, ctx: &mut StepContext) -> Result<(), StepError> {
+        let plan = &self.launch.plan;
+        if let Some(groups) = &plan.security_group_ids {
+            ctx.progress
+                .note(format!("using the template's groups {}", groups.join(", ")));
+            self.security_group_ids = groups.clone();
+            return Ok(());
+        }
+        // In the subnet's VPC; without a subnet, EC2 uses the default VPC for both.
+        let vpc_id = match &plan.subnet_id {
+            Some(subnet) => self
+                .clients
+                .ec2
+                .describe_subnets()
+                .subnet_ids(subnet)
+                .send()
+                .await
+                .map_err(|e| failed(AwsError::new(format!("describe subnet {subnet}"), &e)))?
+                .subnets()
+                .first()
+                .and_then(|n| n.vpc_id().map(str::to_string)),
+            None => None,
+        };
+        let name = self.temporary_name();
+        let out = self
+            .clients
+            .ec2
+            .create_security_group()
+            .group_name(&name)
+            .description(format!(
+                "amibake build {}: SSH from the runner",
+                self.build_id
+            ))
+            .set_vpc_id(vpc_id)
+            .tag_specifications(
+                TagSpecification::builder()
+                    .resource_type(ResourceType::SecurityGroup)
+                    .set_tags(Some(self.build_tags("security group")))
+                    .build(),
+            )
+            .send()
+            .await;
+        let group_id = created_or_found(
+            out,
+            |o| o.group_id(),
+            &format!("create security group {name}"),
+            (
+                "InvalidGroup.Duplicate",
+                resources::Unique::SecurityGroup,
+                &name,
+            ),
+            (&self.clients, &self.build_id),
+            &ctx.progress,
+        )
+        .await?;
+        self.delete_security_group = Some(undo_with(
+            ctx,
+            &self.clients,
+            group_id.clone(),
+            &group_id,
+            "delete security group",
+            Keep::Never,
+            resources::delete_security_group,
+        ));
+        self.security_group_ids = vec![group_id.clone()];
+        self.temporary_group = Some(group_id.clone());
+        // Without CIDRs from the template, the runner's own address is known only once the
+        // instance has its address (see `launch`).
+        if let Some(cidrs) = self.launch.plan.ssh_cidrs.clone() {
+            self.allow_ssh(&group_id, &cidrs).await?;
+        }
+        Ok(())
+    }
+
+    async fn allow_ssh(&self, group_id: &str, cidrs: &[String]) -> Result<(), StepError> {
+        let ranges = cidrs
+            .iter()
+            .map(|c| {
+                IpRange::builder()
+                    .cidr_ip(c)
+                    .description(format!("amibake build {}", self.build_id))
+                    .build()
+            })
+            .collect();
+        self.clients
+            .ec2
+            .authorize_security_group_ingress()
+            .group_id(group_id)
+            .ip_permissions(
+                IpPermission::builder()
+                    .ip_protocol("tcp")
+                    .from_port(i32::from(SSH_PORT))
+                    .to_port(i32::from(SSH_PORT))
+                    .set_ip_ranges(Some(ranges))
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| {
+                failed(AwsError::new(
+                    format!("allow SSH into {group_id} from {}", cidrs.join(", ")),
+                    &e,
+                ))
+            })?;
+        Ok(())
+    }
+
+    /// Launches the instance, waits until it runs and picks the address to reach it at.
+    pub async fn launch(&mut self, ctx: &mut StepContext) -> Result<(), StepError> {
+        let key_name = earlier(&self.key_name, "key pair")?;
+        let Launch {
+            image_id,
+            root_device_name,
+            plan,
+            role,
+        } = &self.launch;
+        // A retry of this launch (after a lost answer) gets the same instance.
+        let client_token = match role {
+            Role::Build => self.build_id.clone(),
+        };
+        let mut request = self
+            .clients
+            .ec2
+            .run_instances()
+            .client_token(client_token)
+            .image_id(image_id)
+            .instance_type(InstanceType::from(plan.instance_type.as_str()))
+            .min_count(1)
+            .max_count(1)
+            .key_name(&key_name)
+            .metadata_options(
+                InstanceMetadataOptionsRequest::builder()
+                    .http_tokens(HttpTokensState::Required)
+                    .http_endpoint(InstanceMetadataEndpointState::Enabled)
+                    .build(),
+            )
+            .tag_specifications(
+                TagSpecification::builder()
+                    .resource_type(ResourceType::Instance)
+                    .set_tags(Some(self.build_tags("instance")))
+                    .build(),
+            )
+            .tag_specifications(
+                TagSpecification::builder()
+                    .resource_type(ResourceType::Volume)
+                    .set_tags(Some(self.build_tags("instance volume")))
+                    .build(),
+            );
+        request = match plan.associate_public_ip {
+            // Choosing the public address takes a network interface specification.
+            Some(public) => request.network_interfaces(
+                InstanceNetworkInterfaceSpecification::builder()
+                    .device_index(0)
+                    .set_subnet_id(plan.subnet_id.clone())
+                    .set_groups(Some(self.security_group_ids.clone()))
+                    .associate_public_ip_address(public)
+                    .delete_on_termination(true)
+                    .build(),
+            ),
+            None => request
+                .set_subnet_id(plan.subnet_id.clone())
+                .set_security_group_ids(Some(self.security_group_ids.clone())),
+        };
+        if plan.root_volume_size_gb.is_some() || plan.root_volume_type.is_some() {
+            request = request.block_device_mappings(
+                BlockDeviceMapping::builder()
+                    .device_name(root_device_name)
+                    .ebs(
+                        EbsBlockDevice::builder()
+                            .set_volume_size(plan.root_volume_size_gb)
+                            .set_volume_type(plan.root_volume_type.as_deref().map(VolumeType::from))
+                            .delete_on_termination(true)
+                            .build(),
+                    )
+                    .build(),
+            );
+        }
+        if let Some(profile) = &plan.iam_instance_profile {
+            let spec = IamInstanceProfileSpecification::builder();
+            let spec = if profile.starts_with("arn:") {
+                spec.arn(profile)
+            } else {
+                spec.name(profile)
+            };
+            request = request.iam_instance_profile(spec.build());
+        }
+        if let Some(user_data) = &plan.user_data {
+            request = request.user_data(aws_smithy_types::base64::encode(user_data));
+        }
+        let out = request.send().await.map_err(|e| {
+            failed(AwsError::new(
+                format!("launch a {} from {image_id}", plan.instance_type),
+                &e,
+            ))
+        })?;
+        let instance_id = out
+            .instances()
+            .first()
+            .and_then(|i| i.instance_id())
+            .ok_or_else(|| failed("RunInstances returned no instance"))?
+            .to_string();
+        self.instance_id = Some(instance_id.clone());
+        let progress = ctx.progress.clone();
+        let terminate = undo_with(
+            ctx,
+            &self.clients,
+            instance_id.clone(),
+            &instance_id,
+            "terminate instance",
+            Keep::Never,
+            move |clients, id| resources::terminate_instance(clients, id, progress.clone()),
+        );
+        if let Some(delete_group) = self.delete_security_group {
+            ctx.undo.require(delete_group, terminate);
+        }
+        // The instance has the public key from its launch: the temporary key pair is of no
+        // more use, and one less thing a killed run can leave. A failure here is tried
+        // again at the end.
+        if let Some(delete) = self.delete_key_pair.take() {
+            match ctx.undo.release(delete).await {
+                Ok(()) => ctx.progress.note(format!(
+                    "deleted key pair {key_name}: {instance_id} has its public key"
+                )),
+                Err(left) => ctx.progress.note(format!("{left}; tried again at the end")),
+            }
+        }
+        let instance = wait_instance(
+            &self.clients,
+            &instance_id,
+            "running",
+            &ctx.cancel,
+            &ctx.progress,
+        )
+        .await
+        .map_err(waited)?;
+        let plan = &self.launch.plan;
+        let (host, interface) = match plan.ssh_interface {
+            Some(interface) => ssh_address(&instance, interface)
+                .map(|host| (host, interface))
+                .ok_or_else(|| failed(no_address(&instance_id, interface)))?,
+            // As Packer: the public address when the instance has one, else the private.
+            None => [SshInterface::PublicIp, SshInterface::PrivateIp]
+                .into_iter()
+                .find_map(|i| ssh_address(&instance, i).map(|host| (host, i)))
+                .ok_or_else(|| failed(format!("{instance_id} has no address to connect to")))?,
+        };
+        if let Some(group) = self
+            .temporary_group
+            .clone()
+            .filter(|_| plan.ssh_cidrs.is_none())
+        {
+            let runner = runner_cidr(&host).map_err(|e| {
+                failed(format!(
+                    "cannot tell this runner's address towards {host}: {e}; set `ssh_cidrs` in the template or pass --ssh-cidr"
+                ))
+            })?;
+            self.allow_ssh(&group, &[runner]).await?;
+        }
+        let which = match interface {
+            SshInterface::PublicIp => "public address",
+            SshInterface::PrivateIp => "private address",
+            SshInterface::PublicDns => "public DNS name",
+            SshInterface::PrivateDns => "private DNS name",
+        };
+        let chosen = if plan.ssh_interface.is_none() {
+            " (chosen: set `ssh_interface` to pick another)"
+        } else {
+            ""
+        };
+        ctx.progress.note(format!(
+            "{instance_id} is running at {host}, its {which}{chosen}"
+        ));
+        self.ssh_target = Some(SshTarget {
+            host,
+            port: SSH_PORT,
+            user: plan.ssh_username.clone(),
+            private_key: earlier(&self.private_key, "private key")?,
+        });
+        Ok(())
+    }
+
+    /// Connects over SSH once the instance answers, within the template's `ssh_timeout`.
+    pub async fn wait_for_ssh(&mut self, ctx: &mut StepContext) -> Result<(), StepError> {
+        let target = earlier(&self.ssh_target, "SSH address")?;
+        let timeout = self.launch.plan.ssh_timeout;
+        let started = Instant::now();
+        let deadline = started + timeout;
+        let mut last_note = started;
+        loop {
+            let attempt = target.clone();
+            let handshake =
+                tokio::task::spawn_blocking(move || Ssh::handshake(&attempt, SSH_ATTEMPT_TIMEOUT))
+                    .await
+                    .map_err(failed)?;
+            let error = match handshake {
+                Ok(handshake) => {
+                    self.trust_host_key(handshake.host_key(), &target.host, ctx)
+                        .await?;
+                    match tokio::task::spawn_blocking(move || handshake.authenticate())
+                        .await
+                        .map_err(failed)?
+                    {
+                        Ok(ssh) => {
+                            ctx.progress.note(format!(
+                                "{}@{} answered after {}s",
+                                target.user,
+                                target.host,
+                                started.elapsed().as_secs()
+                            ));
+                            self.ssh = Some(Arc::new(ssh));
+                            return Ok(());
+                        }
+                        Err(e) => e,
+                    }
+                }
+                Err(e) => e,
+            };
+            if Instant::now() >= deadline {
+                return Err(failed(format!(
+                    "no SSH answer from {}@{}:{} within {}s (`ssh_timeout_seconds`); last attempt: {error}",
+                    target.user,
+                    target.host,
+                    target.port,
+                    timeout.as_secs()
+                )));
+            }
+            if last_note.elapsed() >= SSH_NOTE_EVERY {
+                ctx.progress
+                    .note(format!("still waiting for SSH on {}: {error}", target.host));
+                last_note = Instant::now();
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(SSH_RETRY_PAUSE) => {}
+                _ = ctx.cancel.cancelled() => return Err(StepError::Interrupted),
+            }
+        }
+    }
+
+    /// Accepts the host key an instance's SSH server offered only if the instance printed
+    /// it to its console, as cloud-init does at first boot; a key it did not print means
+    /// another machine answers at that address, and nothing is sent to it. An instance that
+    /// printed none (yet) gets its key accepted as offered, and the key is shown.
+    async fn trust_host_key(
+        &self,
+        offered: &HostKey,
+        host: &str,
+        ctx: &mut StepContext,
+    ) -> Result<(), StepError> {
+        let instance_id = self.id()?;
+        let key = format!("{} ({})", offered.fingerprint, offered.kind);
+        match console::printed_host_keys(&self.clients, &instance_id).await {
+            Ok(printed) if printed.is_empty() => ctx.progress.note(format!(
+                "{instance_id} has printed no SSH host keys to its console yet: accepting {key} from {host} as offered"
+            )),
+            Ok(printed) if printed.names(&offered.blob_base64, &offered.fingerprint) => ctx
+                .progress
+                .note(format!("{host} offered host key {key}, which {instance_id} printed to its console")),
+            Ok(printed) => {
+                return Err(failed(format!(
+                    "{host} offered the SSH host key {key}, which is none of those {instance_id} printed to its console ({}): another machine is answering at that address. Nothing was sent to it; check `ssh_interface` and the network between this runner and the instance",
+                    printed
+                        .fingerprints
+                        .iter()
+                        .chain(printed.keys.iter())
+                        .take(4)
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )))
+            }
+            Err(e) => ctx.progress.note(format!(
+                "cannot read {instance_id}'s console to check its SSH host key ({e}): accepting {key} from {host} as offered"
+            )),
+        }
+        Ok(())
+    }
+}
+
+/// Writes a file only its owner can read, refusing to follow or reuse an existing path.
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(bytes)
+}
+
+fn ssh_address(instance: &aws_sdk_ec2::types::Instance, interface: SshInterface) -> Option<String> {
+    let address = match interface {
+        SshInterface::PublicIp => instance.public_ip_address(),
+        SshInterface::PrivateIp => instance.private_ip_address(),
+        SshInterface::PublicDns => instance.public_dns_name(),
+        SshInterface::PrivateDns => instance.private_dns_name(),
+    };
+    address.filter(|a| !a.is_empty()).map(str::to_string)
+}
+
+fn no_address(instance_id: &str, interface: SshInterface) -> String {
+    match interface {
+        SshInterface::PublicIp | SshInterface::PublicDns => format!(
+            "{instance_id} has no public address: set `associate_public_ip = true`, or `ssh_interface = \"private_ip\"` when this runner is in the same network"
+        ),
+        SshInterface::PrivateIp | SshInterface::PrivateDns => {
+            format!("{instance_id} has no private address")
+        }
+    }
+}
+
+/// The address this machine's packets to `host` leave from, as a /32: what the security
+/// group must let in. A connected UDP socket asks the kernel's routing without sending
+/// anything. Behind NAT the instance sees another address, which this machine cannot know:
+/// that is refused, and the caller names `ssh_cidrs` and `--ssh-cidr`.
+fn runner_cidr(host: &str) -> Result<String, String> {
+    let route = || -> std::io::Result<(IpAddr, IpAddr)> {
+        let socket = UdpSocket::bind("0.0.0.0:0")?;
+        socket.connect((host, SSH_PORT))?;
+        Ok((socket.local_addr()?.ip(), socket.peer_addr()?.ip()))
+    };
+    match route().map_err(|e| e.to_string())? {
+        (IpAddr::V4(source), IpAddr::V4(target)) if crosses_nat(source, target) => Err(format!(
+            "this runner's address {source} is private and {target} is public, so the instance sees a NAT's address, not {source} (find it with `curl -fsS https://checkip.amazonaws.com`)"
+        )),
+        (IpAddr::V4(source), _) => Ok(format!("{source}/32")),
+        (IpAddr::V6(source), _) => Err(format!("{source} is IPv6, and the group opens IPv4 only")),
+    }
+}
+
+/// Whether packets from `source` to `target` are translated on the way: a private address
+/// (RFC 1918, or the shared range carriers and CI clouds NAT from) reaching a public one.
+fn crosses_nat(source: Ipv4Addr, target: Ipv4Addr) -> bool {
+    let shared = |a: Ipv4Addr| a.octets()[0] == 100 && (a.octets()[1] & 0xc0) == 64;
+    let private = |a: Ipv4Addr| a.is_private() || shared(a);
+    let public = !(private(target)
+        || target.is_loopback()
+        || target.is_link_local()
+        || target.is_unspecified()
+        || target.is_broadcast());
+    private(source) && public
+}
+
+/// A private (0700) directory for the temporary private key, on tmpfs where there is one so
+/// the key never reaches a disk; removed with the key when the value is dropped.
+struct KeyDir(tempfile::TempDir);
+
+impl KeyDir {
+    fn new(build_id: &str) -> Result<KeyDir, ModeError> {
+        let shm = Path::new("/dev/shm");
+        let parent = if shm.is_dir() {
+            shm.to_path_buf()
+        } else {
+            std::env::temp_dir()
+        };
+        // tempfile leaves a directory's mode to the umask: say 0700 outright.
+        use std::os::unix::fs::PermissionsExt;
+        tempfile::Builder::new()
+            .prefix(&format!("amibake-{build_id}-key-"))
+            .permissions(std::fs::Permissions::from_mode(0o700))
+            .tempdir_in(parent)
+            .map(KeyDir)
+            .map_err(ModeError::local("cannot make a private key directory"))
+    }
+
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_private_key_directory_is_the_owners_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = KeyDir::new("ab-20261203000000-0badcafe").unwrap();
+        let mode = std::fs::metadata(dir.path()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700, "{mode:o}");
+        let path = dir.path().to_path_buf();
+        drop(dir);
+        assert!(!path.exists(), "removed with the run");
+    }
+
+    #[test]
+    fn only_a_private_runner_reaching_a_public_address_crosses_a_nat() {
+        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        // A hosted runner (private, or the carriers' shared range) to a public instance.
+        assert!(crosses_nat(ip("10.1.0.4"), ip("54.12.3.4")));
+        assert!(crosses_nat(ip("172.17.0.2"), ip("3.8.1.1")));
+        assert!(crosses_nat(ip("100.64.3.9"), ip("18.2.2.2")));
+        // A runner in the instance's network, one with a public address, the local cloud.
+        assert!(!crosses_nat(ip("10.1.0.4"), ip("10.1.2.7")));
+        assert!(!crosses_nat(ip("198.51.100.20"), ip("54.12.3.4")));
+        assert!(!crosses_nat(ip("127.0.0.1"), ip("127.0.2.5")));
+        assert!(
+            !crosses_nat(ip("100.128.0.1"), ip("54.12.3.4")),
+            "outside 100.64/10"
+        );
+    }
+}
