@@ -602,7 +602,7 @@ inline = ["test \"$(printf %s \"$TOKEN\" | sha256sum | cut -d' ' -f1)\" = {diges
         secret_run
             .stderr()
             .lines()
-            .any(|l| l.contains("is running at 127.0.2.")
+            .any(|l| l.contains("is running at 127.")
                 && l.contains("its public address (chosen")),
         "{}",
         secret_run.dump()

@@ -1,5 +1,6 @@
 """The local cloud's fidelity, through the real AWS SDK (boto3) and the `localcloud` command."""
 
+import re
 import filecmp
 import json
 import os
@@ -346,14 +347,24 @@ def launch(cloud, tmp_path, name, **kwargs):
     return instance_id, key
 
 
+def is_private_loopback(ip):
+    """The cloud's subnet: 127.K.1.0/24, K its own loopback network."""
+    return re.fullmatch(r"127\.\d+\.1\.\d+", ip) is not None
+
+
+def public_of(private):
+    a, k, _, n = private.split(".")
+    return f"{a}.{k}.2.{n}"
+
+
 def test_an_instance_boots_its_image_and_an_image_of_it_holds_what_ssh_wrote(cloud, tmp_path):
     ec2 = cloud.client("ec2")
-    subnet = ec2.describe_subnets(Filters=[{"Name": "cidr-block", "Values": ["127.0.1.0/24"]}])["Subnets"][0]["SubnetId"]
+    subnet = next(n["SubnetId"] for n in ec2.describe_subnets()["Subnets"] if re.fullmatch(r"127\.\d+\.1\.0/24", n["CidrBlock"]))
     instance_id, key = launch(cloud, tmp_path, "fidelity-image", NetworkInterfaces=[
         {"DeviceIndex": 0, "SubnetId": subnet, "AssociatePublicIpAddress": True}])
     instance = instance_state(ec2, instance_id)
     ip = instance["PrivateIpAddress"]
-    assert ip.startswith("127.0.1.") and instance["PublicIpAddress"] == "127.0.2." + ip.rsplit(".", 1)[1]
+    assert is_private_loopback(ip) and instance["PublicIpAddress"] == public_of(ip)
     assert instance["RootDeviceName"] == "/dev/xvda"
     root_volume = instance["BlockDeviceMappings"][0]["Ebs"]["VolumeId"]
     assert ec2.describe_volumes(VolumeIds=[root_volume])["Volumes"][0]["Size"] == 8
@@ -388,7 +399,7 @@ def test_an_interface_without_a_subnet_still_lands_on_loopback(cloud, tmp_path):
     instance_id, key = launch(cloud, tmp_path, "nic-no-subnet", NetworkInterfaces=[
         {"DeviceIndex": 0, "AssociatePublicIpAddress": False}])
     instance = instance_state(ec2, instance_id)
-    assert instance["PrivateIpAddress"].startswith("127.0.1.") and "PublicIpAddress" not in instance
+    assert is_private_loopback(instance["PrivateIpAddress"]) and "PublicIpAddress" not in instance
     assert ssh(key, instance["PrivateIpAddress"], "true").returncode == 0
     ec2.terminate_instances(InstanceIds=[instance_id])
 
@@ -400,7 +411,7 @@ def test_an_instance_in_the_default_subnet_gets_a_public_address_it_answers_on(c
     instance_id, key = launch(cloud, tmp_path, "default-subnet")
     instance = instance_state(ec2, instance_id)
     private, public = instance["PrivateIpAddress"], instance["PublicIpAddress"]
-    assert private.startswith("127.0.1.") and public == "127.0.2." + private.rsplit(".", 1)[1]
+    assert is_private_loopback(private) and public == public_of(private)
     assert ssh(key, public, "hostname").stdout.strip() == ssh(key, private, "hostname").stdout.strip()
     ec2.terminate_instances(InstanceIds=[instance_id])
 
@@ -755,3 +766,20 @@ def test_copy_image_copies_blocks_across_regions_as_ec2_does(cloud, tmp_path):
             if s != snap:
                 region_ec2.delete_snapshot(SnapshotId=s)
     assert cloud.ls()["other_regions"] == {}
+
+
+def test_clouds_side_by_side_give_their_instances_addresses_of_their_own(cloud, tmp_path):
+    # Tests of one binary run their clouds at once: were both subnets the same, an
+    # instance of one would answer for an instance of the other.
+    with state_dir("amibake-localcloud-second-") as state:
+        second = start(state)
+        try:
+            subnets = [
+                {n["CidrBlock"] for n in c.client("ec2").describe_subnets()["Subnets"] if n["CidrBlock"].startswith("127.")}
+                for c in (cloud, second)
+            ]
+            assert len(subnets[0]) == 1 and len(subnets[1]) == 1
+            assert subnets[0] != subnets[1], subnets
+        finally:
+            localcloud(state, "down", check=False)
+        assert leftovers(state) == []

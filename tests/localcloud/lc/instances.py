@@ -1,7 +1,7 @@
 """Instances that behave like booted ones.
 
 An instance is its root volume, mounted, with the image's own sshd chrooted into it in new PID
-and UTS namespaces, listening on the instance's loopback address (127.0.1.N:22). Before that,
+and UTS namespaces, listening on the instance's loopback address (127.K.1.N:22). Before that,
 what cloud-init does on first boot: host keys, the key pair's public key for the image's
 default user, the hostname, a resolv.conf, and the host keys' fingerprints printed to the
 console (what GetConsoleOutput returns). Stopping kills the namespace's PID 1, which takes

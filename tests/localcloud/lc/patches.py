@@ -426,8 +426,9 @@ def _after(seconds, action):
 
 
 def public_address(private_ip):
-    """127.0.1.N's public address: 127.0.2.N, on loopback too."""
-    return "127.0.2." + private_ip.rsplit(".", 1)[1]
+    """127.K.1.N's public address: 127.K.2.N, on loopback too."""
+    a, k, _, n = private_ip.split(".")
+    return f"{a}.{k}.2.{n}"
 
 
 def _image_of(backend, instance):

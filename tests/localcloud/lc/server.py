@@ -189,8 +189,11 @@ class LocalCloud:
         )
 
     def _start_build_host(self):
-        vpc = self.ec2.create_vpc("127.0.0.0/16")
-        self.subnet = self.ec2.create_subnet(vpc_id=vpc.id, cidr_block="127.0.1.0/24", availability_zone=ZONE)
+        # A network of its own on loopback, so clouds running side by side (tests in one
+        # binary) never give two instances one address.
+        net = self.network = take_network()
+        vpc = self.ec2.create_vpc(f"127.{net.index}.0.0/16")
+        self.subnet = self.ec2.create_subnet(vpc_id=vpc.id, cidr_block=f"127.{net.index}.1.0/24", availability_zone=ZONE)
         reservation = self.ec2.run_instances(
             self.vendor_amis["partitioned"], 1, None, [], instance_type="t3.small", subnet_id=self.subnet.id, placement=ZONE,
             tags={"instance": {"Name": "localcloud build host"}}, is_instance_type_default=False, region_name=REGION,
@@ -481,6 +484,26 @@ def error_code(body: bytes) -> str:
         if start in text:
             return text.split(start, 1)[1].split(end, 1)[0].split("#")[-1]
     return "Error"
+
+
+class Network:
+    """127.K.0.0/16, held by this process (an exclusive lock on a file) until it exits."""
+
+    def __init__(self, index, lock):
+        self.index = index
+        self.lock = lock
+
+
+def take_network():
+    import fcntl
+    for index in range(0, 250):
+        lock = open(f"/tmp/localcloud-net-{index}.lock", "w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return Network(index, lock)
+        except BlockingIOError:
+            lock.close()
+    raise RuntimeError("every loopback network 127.0-249.0.0/16 is held by another local cloud")
 
 
 def serve(state_dir: Path, latency: str):
