@@ -1,5 +1,6 @@
 //! Provisioners: the template's `[[provisioner]]` entries, run in order through a
-//! communicator. The same code serves `base` (over SSH) and `bake` (in a chroot).
+//! communicator. The same code serves `base` (over SSH), `bake` (in a chroot) and the
+//! `[[test]]` entries run on an instance of a new image.
 
 use std::collections::VecDeque;
 
@@ -12,29 +13,54 @@ const TAIL_LINES: usize = 20;
 /// Where scripts are put in the target while they run.
 const SCRIPT_DIR: &str = "/tmp";
 
+/// What the entries are, for messages: `provisioner` or `test`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Entries {
+    Provisioners,
+    Tests,
+}
+
+impl std::fmt::Display for Entries {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Entries::Provisioners => "provisioner",
+            Entries::Tests => "test",
+        })
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ProvisionError {
-    #[error(
-        "provisioner `{provisioner}`: `{command}` exited with {exit_code}; last output:\n{tail}"
-    )]
+    #[error("{kind} `{provisioner}`: `{command}` exited with {exit_code}; last output:\n{tail}")]
     CommandFailed {
+        kind: Entries,
         provisioner: String,
         command: String,
         exit_code: i32,
         tail: String,
     },
-    #[error("provisioner `{provisioner}`: {source}")]
+    #[error("{kind} `{provisioner}`: `{command}` was still running after {seconds}s (`timeout_seconds`) and was stopped; last output:\n{tail}")]
+    TimedOut {
+        kind: Entries,
+        provisioner: String,
+        command: String,
+        seconds: u64,
+        tail: String,
+    },
+    #[error("{kind} `{provisioner}`: {source}")]
     Communicator {
+        kind: Entries,
         provisioner: String,
         source: CommError,
     },
-    #[error("provisioner `{provisioner}`: interrupted")]
-    Interrupted { provisioner: String },
+    #[error("{kind} `{provisioner}`: interrupted")]
+    Interrupted { kind: Entries, provisioner: String },
 }
 
 /// Runs every provisioner in order; the first failure stops the rest.
 pub async fn run_all(
     comm: &dyn Communicator,
+    kind: Entries,
     provisioners: &[Provisioner],
     progress: &Progress,
     cancel: &tokio_util::sync::CancellationToken,
@@ -42,23 +68,25 @@ pub async fn run_all(
     for (index, p) in provisioners.iter().enumerate() {
         if cancel.is_cancelled() {
             return Err(ProvisionError::Interrupted {
+                kind,
                 provisioner: p.name.clone(),
             });
         }
         progress.note(format!(
-            "provisioner {} of {}: {}",
+            "{kind} {} of {}: {}",
             index + 1,
             provisioners.len(),
             p.name
         ));
         let comm_error = |source| ProvisionError::Communicator {
+            kind,
             provisioner: p.name.clone(),
             source,
         };
         match &p.action {
             ProvisionerAction::Inline(commands) => {
                 for command in commands {
-                    run_one(comm, p, command, progress, cancel).await?;
+                    run_one(comm, kind, p, command, progress, cancel).await?;
                 }
             }
             ProvisionerAction::Script(path) => {
@@ -70,7 +98,7 @@ pub async fn run_all(
                 comm.upload(path, &remote, 0o755)
                     .await
                     .map_err(comm_error)?;
-                let result = run_one(comm, p, &remote, progress, cancel).await;
+                let result = run_one(comm, kind, p, &remote, progress, cancel).await;
                 // The script is not part of the image; removed even after an interrupt.
                 let never = tokio_util::sync::CancellationToken::new();
                 comm.run(
@@ -103,6 +131,7 @@ pub async fn run_all(
 
 async fn run_one(
     comm: &dyn Communicator,
+    kind: Entries,
     p: &Provisioner,
     command: &str,
     progress: &Progress,
@@ -116,18 +145,43 @@ async fn run_one(
         }
         tail.push_back(line.to_string());
     };
-    let exit_code = match comm
-        .run(command, &p.env, p.network, &mut on_line, cancel)
-        .await
-    {
+    // The command ends at the run's interrupt or at its own timeout, whichever comes
+    // first; the communicator stops it the same way for both.
+    let stop = cancel.child_token();
+    let timer = p.timeout.map(|timeout| {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(timeout).await;
+            stop.cancel();
+        })
+    });
+    let result = comm
+        .run(command, &p.env, p.network, &mut on_line, &stop)
+        .await;
+    if let Some(timer) = timer {
+        timer.abort();
+    }
+    let tail = || tail.iter().cloned().collect::<Vec<_>>().join("\n");
+    let exit_code = match result {
         Ok(code) => code,
+        Err(CommError::Interrupted { .. }) if !cancel.is_cancelled() => {
+            return Err(ProvisionError::TimedOut {
+                kind,
+                provisioner: p.name.clone(),
+                command: command.to_string(),
+                seconds: p.timeout.unwrap_or_default().as_secs(),
+                tail: tail(),
+            });
+        }
         Err(CommError::Interrupted { .. }) => {
             return Err(ProvisionError::Interrupted {
+                kind,
                 provisioner: p.name.clone(),
             });
         }
         Err(source) => {
             return Err(ProvisionError::Communicator {
+                kind,
                 provisioner: p.name.clone(),
                 source,
             });
@@ -137,9 +191,10 @@ async fn run_one(
         return Ok(());
     }
     Err(ProvisionError::CommandFailed {
+        kind,
         provisioner: p.name.clone(),
         command: command.to_string(),
         exit_code,
-        tail: tail.into_iter().collect::<Vec<_>>().join("\n"),
+        tail: tail(),
     })
 }

@@ -73,6 +73,10 @@ destination = "/etc/amibake/php-fpm-pool.conf"
 name = "as root"
 inline = ["id -un > /etc/amibake/provisioned-by", "echo \"it's $(hostname)\""]
 
+[[base.test]]
+name = "app user"
+inline = ["id -u shop", "test \"$(cat /etc/amibake/provisioned-by)\" = root", "echo \"booted $AMIBAKE_AMI_ID from $AMIBAKE_SOURCE_AMI\""]
+
 [bake]
 name = "${{var.app}}-${{commit}}-${{timestamp}}"
 base_ami = "resolve:ssm:{PARAMETER}:latest"
@@ -145,6 +149,29 @@ fn base_builds_publishes_chains_into_bake_and_skips_when_unchanged() {
         "{order:?}"
     );
     assert!(at("RunInstances") < at("DeleteKeyPair"), "{order:?}");
+    // The new image was booted and tested before it was published, on an instance of
+    // its own, gone by the time it was.
+    let launched: Vec<String> = cloud
+        .calls()
+        .iter()
+        .filter(|c| c["action"] == "RunInstances" && c["code"] == "OK")
+        .map(|c| c["ids"]["ImageId"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        launched,
+        vec![m["source_ami"].as_str().unwrap().to_string(), ami.clone()]
+    );
+    assert!(
+        run.stderr().contains(&format!(
+            "booted {ami} from {}",
+            m["source_ami"].as_str().unwrap()
+        )),
+        "{}",
+        run.dump()
+    );
+    // The build instance stays until the run ends: the one terminated first is the test's.
+    assert!(at("TerminateInstances") < at("PutParameter"), "{order:?}");
+    assert!(m["step_seconds"]["test image"].as_f64().is_some(), "{m}");
     let published = runtime
         .block_on(clients.ssm.get_parameter().name(PARAMETER).send())
         .unwrap();
@@ -475,8 +502,8 @@ fn base_builds_publishes_chains_into_bake_and_skips_when_unchanged() {
         .collect();
     assert_eq!(
         opened,
-        vec!["127.0.0.0/8"],
-        "the template's CIDRs, and only them"
+        vec!["127.0.0.0/8"; 2],
+        "the template's CIDRs, and only them, on the build's group and on the test's"
     );
     assert_eq!(cloud.ls()["key_pairs"], serde_json::json!(["ops"]));
     let own_image = runtime
@@ -539,9 +566,8 @@ fn base_builds_publishes_chains_into_bake_and_skips_when_unchanged() {
         .filter(|v| v.as_str().is_some_and(|v| v.contains('/')))
         .collect();
     assert_eq!(
-        opened,
-        ["127.0.0.0/9"],
-        "--ssh-cidr, in place of the template's"
+        opened, ["127.0.0.0/9"; 2],
+        "--ssh-cidr, in place of the template's, on the build's group and on the test's"
     );
     assert!(
         !screen.contains("{\"event\""),
@@ -602,8 +628,7 @@ inline = ["test \"$(printf %s \"$TOKEN\" | sha256sum | cut -d' ' -f1)\" = {diges
         secret_run
             .stderr()
             .lines()
-            .any(|l| l.contains("is running at 127.")
-                && l.contains("its public address (chosen")),
+            .any(|l| l.contains("is running at 127.") && l.contains("its public address (chosen")),
         "{}",
         secret_run.dump()
     );

@@ -31,6 +31,9 @@ deprecate_after = "30d"
 
 [[base.provisioner]]
 inline = ["echo provisioning", "${var.command}"]
+
+[[base.test]]
+inline = ["test \"$(whoami)\" = root"]
 "#;
 
 /// `amibake --output json --var VAR=VALUE… base TEMPLATE --force`
@@ -400,21 +403,24 @@ fn every_failure_of_a_base_build_cleans_up_and_says_where() {
     // such a system waits before it kills, and everything made so far is removed. Each
     // step is held in its first call (or its running command) while the signal lands, so
     // the step named is exactly the one signalled.
-    const STEPS: [(&str, &str); 10] = [
-        ("create key pair", "CreateKeyPair"),
-        ("create security group", "CreateSecurityGroup"),
-        ("launch instance", "RunInstances"),
-        ("wait for ssh", ""),
-        ("run provisioners", ""),
-        ("stop instance", "StopInstances"),
-        ("create image", "CreateImage"),
-        ("distribute", "EnableImageDeprecation"),
-        ("mark finished", "CreateTags"),
-        ("publish to ssm", "PutParameter"),
+    // (step, the call it is held in, how many calls of that action pass first)
+    const STEPS: [(&str, &str, u32); 11] = [
+        ("create key pair", "CreateKeyPair", 0),
+        ("create security group", "CreateSecurityGroup", 0),
+        ("launch instance", "RunInstances", 0),
+        ("wait for ssh", "", 0),
+        ("run provisioners", "", 0),
+        ("stop instance", "StopInstances", 0),
+        ("create image", "CreateImage", 0),
+        // The test instance's launch: the build instance's goes first.
+        ("test image", "RunInstances", 1),
+        ("distribute", "EnableImageDeprecation", 0),
+        ("mark finished", "CreateTags", 0),
+        ("publish to ssm", "PutParameter", 0),
     ];
     /// The CI's grace between SIGTERM and SIGKILL.
     const KILL_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
-    for (index, (step, first_call)) in STEPS.iter().enumerate() {
+    for (index, (step, first_call, after)) in STEPS.iter().enumerate() {
         let started = format!("\"event\":\"step_started\",\"index\":{}", index + 1);
         // During the provisioners, the signal lands while a command runs on the instance.
         let (vars, signal_at): (&[&str], &str) = if *step == "run provisioners" {
@@ -426,7 +432,10 @@ fn every_failure_of_a_base_build_cleans_up_and_says_where() {
             (&[], started.as_str())
         };
         if !first_call.is_empty() {
-            world.cloud.cli(&["fault", first_call, "--delay", "2"]);
+            let after = after.to_string();
+            world
+                .cloud
+                .cli(&["fault", first_call, "--delay", "2", "--after", &after]);
         }
         let (run, after_signal) = util::signal_when(
             base_command(&world.cloud, dir, "failures.toml", vars),

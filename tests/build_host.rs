@@ -15,7 +15,7 @@ use amibake::host::device::{
     claim_free_name, root_filesystem, wait_for_device, DeviceError, DEVICE_APPEAR_TIMEOUT,
 };
 use amibake::host::mount;
-use amibake::provision;
+use amibake::provision::{self, Entries};
 use amibake::template::{AmiFilter, AmiRef};
 use amibake::template::{Network, Provisioner, ProvisionerAction};
 use tokio_util::sync::CancellationToken;
@@ -76,6 +76,7 @@ fn provisioner(name: &str, action: ProvisionerAction, env: &[(&str, &str)]) -> P
             .collect(),
         network: Network::None,
         when: amibake::template::When::Always,
+        timeout: None,
     }
 }
 
@@ -108,7 +109,7 @@ async fn provision_in_chroot(root: &Path) {
             &[],
         ),
     ];
-    provision::run_all(&chroot, &good, &progress, &cancel)
+    provision::run_all(&chroot, Entries::Provisioners, &good, &progress, &cancel)
         .await
         .unwrap();
     assert_eq!(
@@ -159,7 +160,7 @@ async fn provision_in_chroot(root: &Path) {
         ]),
         &[],
     )];
-    let err = provision::run_all(&chroot, &failing, &progress, &cancel)
+    let err = provision::run_all(&chroot, Entries::Provisioners, &failing, &progress, &cancel)
         .await
         .unwrap_err()
         .to_string();
@@ -170,6 +171,39 @@ async fn provision_in_chroot(root: &Path) {
     assert!(
         !root.join("etc/never").exists(),
         "nothing runs after a failure"
+    );
+
+    // A command that hangs is cut at its timeout, with everything it started.
+    let hanging = [Provisioner {
+        timeout: Some(std::time::Duration::from_secs(1)),
+        ..provisioner(
+            "warm cache",
+            ProvisionerAction::Inline(vec![
+                "echo started; (sleep 30; touch /etc/late) & sleep 30".into()
+            ]),
+            &[],
+        )
+    }];
+    let err = provision::run_all(&chroot, Entries::Tests, &hanging, &progress, &cancel)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("test `warm cache`: `echo started; (sleep 30; touch /etc/late) & sleep 30` was still running after 1s (`timeout_seconds`) and was stopped; last output:\nstarted"),
+        "{err}"
+    );
+    assert!(
+        !cancel.is_cancelled(),
+        "a timeout is not the run's interrupt"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let ps = std::process::Command::new("pgrep")
+        .args(["-f", "touch /etc/late"])
+        .output()
+        .unwrap();
+    assert!(
+        ps.stdout.is_empty(),
+        "the background command was stopped too"
     );
 }
 

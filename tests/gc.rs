@@ -221,6 +221,8 @@ fn gc_removes_what_killed_runs_left_and_spares_a_live_one() {
         format!(
             "[bake]\nname = \"gc-{name}-${{timestamp}}-${{build_id}}\"\nbase_ami = \"{vendor}\"\n\
              dest = \"/srv/app\"\ndeprecate_after = \"30d\"\n\n\
+             [bake.test_instance]\ninstance_type = \"t3.micro\"\nssh_username = \"admin\"\n\n\
+             [[bake.test]]\ninline = [\"test -d /srv/app\"]\n\n\
              [[bake.provisioner]]\ninline = [\"{command}\"]\n"
         )
     };
@@ -271,7 +273,7 @@ fn gc_removes_what_killed_runs_left_and_spares_a_live_one() {
     // process that is gone. The cache is emptied before the first, so a fetch is killed.
     // (A run killed in "mark finished" or "publish to ssm" has a finished image: an
     // artifact, which prune judges, not gc.)
-    let bake_steps: [Row; 12] = [
+    let bake_steps: [Row; 13] = [
         (
             "fetch base image",
             "GetSnapshotBlock",
@@ -294,6 +296,13 @@ fn gc_removes_what_killed_runs_left_and_spares_a_live_one() {
         ("detach loop device", "", "", &["file"]),
         ("upload snapshot", "StartSnapshot", "", &["snapshot"]),
         ("register image", "RegisterImage", "", &["image"]),
+        // Its instance launched while the run was gone; its key pair not yet deleted.
+        (
+            "test image",
+            "RunInstances",
+            "",
+            &["image", "instance", "key pair", "security group"],
+        ),
         ("distribute", "EnableImageDeprecation", "", &["image"]),
     ];
     let bake = |sleeps: bool| {

@@ -1,7 +1,7 @@
 //! `amibake iam-policy` held against what runs really call. For base, bake with the attach
-//! backend and bake with the direct backend (delivering a copy, sharing, deprecating), a
-//! run that fails at its last call and undoes everything, then one that succeeds, on the
-//! local cloud. Every call in the cloud's log must be allowed by the printed policy: the
+//! backend and bake with the direct backend (booting a test, delivering a copy, sharing,
+//! deprecating), a run that fails at its last call and undoes everything, then one that
+//! succeeds, on the local cloud. Every call in the cloud's log must be allowed by the printed policy: the
 //! action, the resource types it names, an `aws:RequestTag` condition met by the tags in
 //! the call, an `aws:ResourceTag` condition met by the tags the resource carried before
 //! it, an SSM parameter among the policy's. And every action the policy allows must have
@@ -207,14 +207,16 @@ fn the_attach_policy_allows_exactly_what_an_attach_bake_calls() {
 }
 
 #[test]
-fn the_direct_policy_allows_exactly_what_a_delivering_direct_bake_calls() {
+fn the_direct_policy_allows_exactly_what_a_tested_delivering_direct_bake_calls() {
     prove(
         &format!(
             "[variables]\nbase = \"resolve:ssm:{DEBIAN}\"\n\n\
              [bake]\nname = \"shop-${{commit}}-${{timestamp}}\"\nbase_ami = \"${{var.base}}\"\n\
              dest = \"/srv/shop\"\npublish_ssm = \"/amibake/shop/deploy\"\npublish_label = \"prod\"\n\
              copy_to_regions = [\"eu-west-1\"]\nshare_with_accounts = [\"210987654321\"]\n\
-             deprecate_after = \"90d\"\nimds_support = \"v2.0\"\n"
+             deprecate_after = \"90d\"\nimds_support = \"v2.0\"\n\n\
+             [bake.test_instance]\ninstance_type = \"t3.micro\"\nssh_username = \"admin\"\n\n\
+             [[bake.test]]\ninline = [\"test -s /srv/shop/REVISION\"]\n"
         ),
         &[
             "bake", "t.toml", "--tarball", "app.tar.gz", "--commit", "c0ffee1", "--backend",
@@ -223,7 +225,8 @@ fn the_direct_policy_allows_exactly_what_a_delivering_direct_bake_calls() {
             "--cache-dir", "cache",
         ],
         &["--mode", "bake", "--backend", "direct"],
-        &[],
+        // The test instance's group, found by its tag when the create's answer is lost.
+        &["CreateSecurityGroup"],
         // A base of the account's own (unencrypted) takes the other path: its snapshot is
         // the parent, once EBS encryption by default is known to be off.
         |cloud, dir, manifest| {

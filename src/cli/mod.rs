@@ -70,6 +70,14 @@ pub struct BuildArgs {
     /// stage commands instead of its `when = "normal"` ones.
     #[arg(long)]
     pub destructive: bool,
+    /// Do not boot the new image to run the template's `[[test]]` entries.
+    #[arg(long)]
+    pub no_test: bool,
+    /// Let SSH into a temporary instance (a base build's, a test's) from this IPv4 CIDR
+    /// (repeatable), in place of the template's `ssh_cidrs` or this runner's own address:
+    /// behind NAT, the network's public address.
+    #[arg(long = "ssh-cidr", value_name = "CIDR", value_parser = parse_cidr)]
+    pub ssh_cidrs: Vec<String>,
 }
 
 impl GlobalArgs {
@@ -85,6 +93,8 @@ impl GlobalArgs {
             } else {
                 amibake::template::Variant::Normal
             },
+            skip_tests: build.no_test,
+            ssh_cidrs: build.ssh_cidrs.clone(),
         }
     }
 

@@ -13,7 +13,9 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::artifact::TAG_BUILD_ID;
-use crate::template::{AmiRef, BakePlan, BasePlan, Distribution, SsmPublish, Template};
+use crate::template::{
+    AmiRef, BakePlan, BasePlan, Distribution, InstancePlan, SsmPublish, Template,
+};
 
 /// Which runs the policy is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,6 +161,15 @@ pub fn policy(template: &Template, modes: &[Mode], backends: &[Backend]) -> Poli
 
 fn base(grants: &mut Grants, plan: &BasePlan) {
     ami_ref(grants, &plan.source_ami);
+    temporary_instance(grants, &plan.instance);
+    grants.allow(Scope::Owned, &[INSTANCE], &["ec2:StopInstances"]);
+    grants.create("ec2:CreateImage", &[IMAGE, SNAPSHOT], &[INSTANCE], &[]);
+    publish(grants, plan.publish.as_ref());
+    distribution(grants, &plan.distribution);
+}
+
+/// A temporary instance: a base build's, or the one a new image is tested on.
+fn temporary_instance(grants: &mut Grants, plan: &InstancePlan) {
     grants.allow(
         Scope::Any,
         &["*"],
@@ -168,15 +179,15 @@ fn base(grants: &mut Grants, plan: &BasePlan) {
             "ec2:GetConsoleOutput",
         ],
     );
-    if plan.instance.ssh_keypair.is_none() {
+    if plan.ssh_keypair.is_none() {
         grants.create("ec2:CreateKeyPair", &[KEY_PAIR], &[], &[]);
         grants.allow(Scope::Owned, &[KEY_PAIR], &["ec2:DeleteKeyPair"]);
     }
-    if plan.instance.subnet_id.is_some() {
+    if plan.subnet_id.is_some() {
         // The subnet's VPC, for the temporary group.
         grants.allow(Scope::Any, &["*"], &["ec2:DescribeSubnets"]);
     }
-    if plan.instance.security_group_ids.is_none() {
+    if plan.security_group_ids.is_none() {
         // Read when a create's answer was lost, to find the group it made.
         grants.allow(Scope::Any, &["*"], &["ec2:DescribeSecurityGroups"]);
         grants.create("ec2:CreateSecurityGroup", &[SECURITY_GROUP], &[], &[VPC]);
@@ -195,14 +206,7 @@ fn base(grants: &mut Grants, plan: &BasePlan) {
         &[],
         &[IMAGE, SUBNET, SECURITY_GROUP, KEY_PAIR],
     );
-    grants.allow(
-        Scope::Owned,
-        &[INSTANCE],
-        &["ec2:StopInstances", "ec2:TerminateInstances"],
-    );
-    grants.create("ec2:CreateImage", &[IMAGE, SNAPSHOT], &[INSTANCE], &[]);
-    publish(grants, plan.publish.as_ref());
-    distribution(grants, &plan.distribution);
+    grants.allow(Scope::Owned, &[INSTANCE], &["ec2:TerminateInstances"]);
 }
 
 fn bake(grants: &mut Grants, plan: &BakePlan, backends: &[Backend]) {
@@ -258,6 +262,9 @@ fn bake(grants: &mut Grants, plan: &BakePlan, backends: &[Backend]) {
         }
     }
     grants.create("ec2:RegisterImage", &[IMAGE], &[], &[SNAPSHOT]);
+    if let (false, Some(instance)) = (plan.tests.is_empty(), &plan.test_instance) {
+        temporary_instance(grants, instance);
+    }
     publish(grants, plan.publish.as_ref());
     distribution(grants, &plan.distribution);
 }

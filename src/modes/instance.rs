@@ -39,6 +39,8 @@ const PRIVATE_KEY_FILE: &str = "id_ed25519";
 pub enum Role {
     /// The instance a base is provisioned on.
     Build,
+    /// An instance of the new image, booted to run the template's tests.
+    Test,
 }
 
 /// What to launch and how to reach it.
@@ -68,6 +70,7 @@ pub struct TemporaryInstance {
     /// The group this run made, which it opens to the runner once the address is known.
     temporary_group: Option<String>,
     instance_id: Option<String>,
+    terminate: Option<UndoId>,
     ssh_target: Option<SshTarget>,
     ssh: Option<Arc<Ssh>>,
 }
@@ -90,6 +93,7 @@ impl TemporaryInstance {
             delete_security_group: None,
             temporary_group: None,
             instance_id: None,
+            terminate: None,
             ssh_target: None,
             ssh: None,
         })
@@ -115,13 +119,18 @@ impl TemporaryInstance {
     fn temporary_name(&self) -> String {
         match self.launch.role {
             Role::Build => format!("amibake-{}", self.build_id),
+            Role::Test => format!("amibake-{}-test", self.build_id),
         }
     }
 
     /// Name and build id, on everything this instance needs.
     fn build_tags(&self, what: &str) -> Vec<aws_sdk_ec2::types::Tag> {
+        let role = match self.launch.role {
+            Role::Build => "",
+            Role::Test => "test ",
+        };
         tags(&[
-            ("Name", &format!("amibake {what} {}", self.build_id)),
+            ("Name", &format!("amibake {role}{what} {}", self.build_id)),
             (TAG_BUILD_ID, &self.build_id),
         ])
     }
@@ -300,6 +309,7 @@ impl TemporaryInstance {
         // A retry of this launch (after a lost answer) gets the same instance.
         let client_token = match role {
             Role::Build => self.build_id.clone(),
+            Role::Test => format!("{}-test", self.build_id),
         };
         let mut request = self
             .clients
@@ -393,6 +403,7 @@ impl TemporaryInstance {
             Keep::Never,
             move |clients, id| resources::terminate_instance(clients, id, progress.clone()),
         );
+        self.terminate = Some(terminate);
         if let Some(delete_group) = self.delete_security_group {
             ctx.undo.require(delete_group, terminate);
         }
@@ -554,6 +565,26 @@ impl TemporaryInstance {
             Err(e) => ctx.progress.note(format!(
                 "cannot read {instance_id}'s console to check its SSH host key ({e}): accepting {key} from {host} as offered"
             )),
+        }
+        Ok(())
+    }
+
+    /// Terminates the instance and removes its group and key pair now, as a step's own
+    /// work rather than the cleanup's; what cannot go is left to the cleanup, and named.
+    pub async fn remove(&mut self, ctx: &mut StepContext) -> Result<(), StepError> {
+        self.disconnect();
+        for undo in [
+            self.terminate.take(),
+            self.delete_security_group.take(),
+            self.delete_key_pair.take(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            ctx.undo
+                .release(undo)
+                .await
+                .map_err(|left| failed(left.to_string()))?;
         }
         Ok(())
     }

@@ -3,6 +3,7 @@
 pub mod bake;
 pub mod base;
 mod distribute;
+mod image_test;
 mod instance;
 mod stages;
 mod support;
@@ -44,6 +45,11 @@ pub struct CommonOptions {
     /// `--destructive`: the template's destructive provisioners and stage commands instead
     /// of its normal ones.
     pub variant: Variant,
+    /// `--no-test`: the new image is not booted, and its `[[test]]` entries do not run.
+    pub skip_tests: bool,
+    /// `--ssh-cidr`: who may reach SSH on a temporary instance, in place of the template's
+    /// `ssh_cidrs` (empty: as the template says).
+    pub ssh_cidrs: Vec<String>,
 }
 
 /// Why a run stopped before its engine ran, typed to where it is printed.
@@ -231,15 +237,26 @@ fn load_for_run(
     let mut template = template::load(path, &options)?;
     template.base = template.base.map(|p| p.for_variant(common.variant));
     template.bake = template.bake.map(|p| p.for_variant(common.variant));
-    let has_section = match section {
-        "base" => template.base.is_some(),
-        _ => template.bake.is_some(),
+    // The temporary instances this mode launches: the base's own (which its tests use
+    // too), or the instance a bake's tests boot.
+    let instance = match section {
+        "base" => template.base.as_mut().map(|p| Some(&mut p.instance)),
+        _ => template.bake.as_mut().map(|p| p.test_instance.as_mut()),
     };
-    if !has_section {
+    let Some(instance) = instance else {
         return Err(ModeError::Usage(format!(
             "{}: no [{section}] table, so there is nothing for `amibake {section}` to build",
             path.display()
         )));
+    };
+    if let (Some(instance), false) = (instance, common.ssh_cidrs.is_empty()) {
+        if instance.security_group_ids.is_some() {
+            return Err(ModeError::Usage(format!(
+                "--ssh-cidr shapes the temporary security group, which `security_group_ids` in {} replaces: use one of them",
+                path.display()
+            )));
+        }
+        instance.ssh_cidrs = Some(common.ssh_cidrs.clone());
     }
     Ok((template, build_id))
 }

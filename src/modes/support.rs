@@ -13,7 +13,7 @@ use crate::aws::wait::WaitError;
 use crate::aws::{ssm, AwsError, Clients};
 use crate::communicator::Communicator;
 use crate::engine::{BoxError, Keep, Progress, StepContext, StepError, UndoId};
-use crate::provision::{self, ProvisionError};
+use crate::provision::{self, Entries, ProvisionError};
 use crate::template::{Provisioner, SsmPublish};
 
 pub fn failed(e: impl Into<BoxError>) -> StepError {
@@ -104,13 +104,15 @@ pub async fn undo_now(ctx: &mut StepContext, id: UndoId) -> Result<(), StepError
         .map_err(|left| failed(left.to_string()))
 }
 
-/// Runs the provisioners through `comm` as a step does: an interrupt is the run's interrupt.
+/// Runs provisioners or tests through `comm` as a step does: an interrupt is the run's
+/// interrupt.
 pub async fn provision(
     comm: &dyn Communicator,
+    kind: Entries,
     provisioners: &[Provisioner],
     ctx: &mut StepContext,
 ) -> Result<(), StepError> {
-    match provision::run_all(comm, provisioners, &ctx.progress, &ctx.cancel).await {
+    match provision::run_all(comm, kind, provisioners, &ctx.progress, &ctx.cancel).await {
         Ok(()) => Ok(()),
         Err(ProvisionError::Interrupted { .. }) => Err(StepError::Interrupted),
         Err(e) => Err(failed(e)),

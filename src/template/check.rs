@@ -121,10 +121,26 @@ pub fn resolve(
             "the template has neither a [base] nor a [bake] table".into(),
         );
     }
-    let bake = file.bake.map(|s| checker.bake(s));
+    // Tests without an instance of their own boot the image as `[base]` launches its.
+    let untested_at = file
+        .bake
+        .as_ref()
+        .filter(|b| b.test_instance.is_none())
+        .and_then(|b| b.tests.first().map(|t| t.span()));
+    let mut bake = file.bake.map(|s| checker.bake(s));
     // A base image is not built from a commit, so `${commit}` has no value there.
     checker.ctx.commit = Commit::NotInThisSection;
     let base = file.base.map(|s| checker.base(s));
+    if let (Some(plan), Some(span)) = (bake.as_mut(), untested_at) {
+        match &base {
+            Some(base) => plan.test_instance = Some(base.instance.clone()),
+            None => checker.error(
+                Some(span),
+                "bake.test",
+                "a test runs on an instance of the new image: add [bake.test_instance] with `instance_type` and `ssh_username` (a [base] table's instance is used when there is one)".into(),
+            ),
+        }
+    }
     if checker.errors.is_empty() {
         Ok(Template {
             path: path.to_path_buf(),
@@ -288,16 +304,39 @@ impl Checker<'_> {
         (size.as_ref().map(|s| *s.get_ref()), kind_value)
     }
 
+    /// `[[SECTION.provisioner]]`: what makes the image.
     fn provisioners(
         &mut self,
         section: &str,
         entries: &[Spanned<ProvisionerEntry>],
     ) -> Vec<Provisioner> {
+        self.entries(&format!("{section}.provisioner"), entries, None)
+    }
+
+    /// `[[SECTION.test]]`: what an instance of the new image must pass. Each has a timeout,
+    /// so a test that hangs fails instead of holding the run.
+    fn tests(&mut self, section: &str, entries: &[Spanned<ProvisionerEntry>]) -> Vec<Provisioner> {
+        const DEFAULT_TEST_TIMEOUT: Duration = Duration::from_secs(600);
+        self.entries(
+            &format!("{section}.test"),
+            entries,
+            Some(DEFAULT_TEST_TIMEOUT),
+        )
+    }
+
+    fn entries(
+        &mut self,
+        list_key: &str,
+        entries: &[Spanned<ProvisionerEntry>],
+        default_timeout: Option<Duration>,
+    ) -> Vec<Provisioner> {
         entries
             .iter()
             .enumerate()
             .filter_map(|(i, entry)| {
-                self.provisioner(&format!("{section}.provisioner[{i}]"), entry)
+                let mut p = self.provisioner(&format!("{list_key}[{i}]"), entry)?;
+                p.timeout = p.timeout.or(default_timeout);
+                Some(p)
             })
             .collect()
     }
@@ -332,6 +371,7 @@ impl Checker<'_> {
         let env = self.env(key, &e.env);
         let when = self.when(key, &e.when);
         let network = self.network(key, e);
+        let timeout = self.timeout(key, &e.timeout_seconds);
         let action = if let Some(script) = &e.script {
             ProvisionerAction::Script(self.local_file(&format!("{key}.script"), script)?)
         } else if let Some(inline) = &e.inline {
@@ -390,6 +430,7 @@ impl Checker<'_> {
             env,
             network,
             when,
+            timeout,
         })
     }
 
@@ -412,6 +453,20 @@ impl Checker<'_> {
             env.insert(name.clone(), self.text(&env_key, value));
         }
         env
+    }
+
+    /// An entry's `timeout_seconds`, when it sets a usable one.
+    fn timeout(&mut self, key: &str, value: &Option<Spanned<u64>>) -> Option<Duration> {
+        let t = value.as_ref()?;
+        if *t.get_ref() == 0 {
+            self.error(
+                Some(t.span()),
+                &format!("{key}.timeout_seconds"),
+                "at least 1 second".into(),
+            );
+            return None;
+        }
+        Some(Duration::from_secs(*t.get_ref()))
     }
 
     /// `when = "normal" | "destructive"`; unset: both variants.
@@ -456,18 +511,9 @@ impl Checker<'_> {
                 );
                 continue;
             }
-            let timeout = match &e.timeout_seconds {
-                Some(t) if *t.get_ref() == 0 => {
-                    self.error(
-                        Some(t.span()),
-                        &format!("{key}.timeout_seconds"),
-                        "at least 1 second".into(),
-                    );
-                    DEFAULT_TIMEOUT
-                }
-                Some(t) => Duration::from_secs(*t.get_ref()),
-                None => DEFAULT_TIMEOUT,
-            };
+            let timeout = self
+                .timeout(&key, &e.timeout_seconds)
+                .unwrap_or(DEFAULT_TIMEOUT);
             commands.push(StageCommand {
                 name: self
                     .opt_text(&format!("{key}.name"), &e.name)
@@ -490,11 +536,18 @@ impl Checker<'_> {
         let on = |flag: &Option<Spanned<bool>>| flag.as_ref().is_some_and(|f| *f.get_ref());
         for (name, flag) in [("network", &e.network), ("allow_imds", &e.allow_imds)] {
             if let Some(flag) = flag {
-                if !key.starts_with("bake.") {
+                let holder = if key.starts_with("bake.provisioner[") {
+                    None
+                } else if key.starts_with("base.provisioner[") {
+                    Some("a base instance")
+                } else {
+                    Some("a test's instance")
+                };
+                if let Some(holder) = holder {
                     self.error(
                         Some(flag.span()),
                         &format!("{key}.{name}"),
-                        format!("`{name}` is for bake provisioners, which have no network unless they ask; a base instance has its own"),
+                        format!("`{name}` is for bake provisioners, which have no network unless they ask; {holder} has its own"),
                     );
                 }
             }
@@ -577,6 +630,7 @@ impl Checker<'_> {
             provisioners: self.provisioners("base", &s.provisioners),
             pre: self.stage("base.pre", &s.pre),
             post: self.stage("base.post", &s.post),
+            tests: self.tests("base", &s.tests),
             variant: Variant::default(),
         }
     }
@@ -892,6 +946,27 @@ impl Checker<'_> {
         }
         let (volume_size_gb, volume_type) =
             self.volume("bake.volume_", &s.volume_size_gb, &s.volume_type);
+        let test_instance = s.test_instance.as_ref().map(|t| {
+            self.instance(
+                "bake.test_instance",
+                InstanceKeys {
+                    instance_type: &t.instance_type,
+                    ssh_username: &t.ssh_username,
+                    ssh_interface: &t.ssh_interface,
+                    ssh_timeout_seconds: &t.ssh_timeout_seconds,
+                    ssh_keypair_name: &t.ssh_keypair_name,
+                    ssh_private_key_file: &t.ssh_private_key_file,
+                    ssh_cidrs: &t.ssh_cidrs,
+                    subnet_id: &t.subnet_id,
+                    security_group_ids: &t.security_group_ids,
+                    associate_public_ip: t.associate_public_ip,
+                    iam_instance_profile: &t.iam_instance_profile,
+                    user_data: &t.user_data,
+                    root_volume_size_gb: &t.root_volume_size_gb,
+                    root_volume_type: &t.root_volume_type,
+                },
+            )
+        });
         let distribution = self.distribution(
             "bake",
             DistributionKeys {
@@ -917,12 +992,14 @@ impl Checker<'_> {
             volume_type,
             volume_size_gb,
             kms_key_id: self.opt_text("bake.kms_key_id", &s.kms_key_id),
+            test_instance,
             publish: self.publish("bake", &s.publish_ssm, &s.publish_label),
             distribution,
             tags: self.tags("bake", &s.tags),
             provisioners: self.provisioners("bake", &s.provisioners),
             pre: self.stage("bake.pre", &s.pre),
             post: self.stage("bake.post", &s.post),
+            tests: self.tests("bake", &s.tests),
             variant: Variant::default(),
         }
     }

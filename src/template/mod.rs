@@ -47,6 +47,8 @@ pub struct BasePlan {
     pub provisioners: Vec<Provisioner>,
     pub pre: Vec<StageCommand>,
     pub post: Vec<StageCommand>,
+    /// Run over SSH on an instance of the new image before it is published.
+    pub tests: Vec<Provisioner>,
     /// Set by `for_variant`: normal until a run asks for `--destructive`.
     pub variant: Variant,
 }
@@ -83,12 +85,17 @@ pub struct BakePlan {
     pub volume_type: Option<String>,
     pub volume_size_gb: Option<i32>,
     pub kms_key_id: Option<String>,
+    /// What the image is booted on for its tests: `[bake.test_instance]`, else the
+    /// `[base]` table's instance. Set whenever there are tests.
+    pub test_instance: Option<InstancePlan>,
     pub publish: Option<SsmPublish>,
     pub distribution: Distribution,
     pub tags: BTreeMap<String, String>,
     pub provisioners: Vec<Provisioner>,
     pub pre: Vec<StageCommand>,
     pub post: Vec<StageCommand>,
+    /// Run over SSH on an instance of the new image before it is published.
+    pub tests: Vec<Provisioner>,
     /// Set by `for_variant`: normal until a run asks for `--destructive`.
     pub variant: Variant,
 }
@@ -143,6 +150,8 @@ pub struct Provisioner {
     /// Bake only: which network the command has.
     pub network: Network,
     pub when: When,
+    /// Each command is cut after this long, failing the build. Tests always have one.
+    pub timeout: Option<Duration>,
 }
 
 /// A command a pipeline stage runs on this machine, as an argument vector (never a shell
@@ -203,9 +212,8 @@ impl BasePlan {
     pub fn for_variant(mut self, variant: Variant) -> BasePlan {
         keep_variant(
             variant,
-            &mut self.provisioners,
-            &mut self.pre,
-            &mut self.post,
+            [&mut self.provisioners, &mut self.tests],
+            [&mut self.pre, &mut self.post],
         );
         self.variant = variant;
         self
@@ -217,9 +225,8 @@ impl BakePlan {
     pub fn for_variant(mut self, variant: Variant) -> BakePlan {
         keep_variant(
             variant,
-            &mut self.provisioners,
-            &mut self.pre,
-            &mut self.post,
+            [&mut self.provisioners, &mut self.tests],
+            [&mut self.pre, &mut self.post],
         );
         self.variant = variant;
         self
@@ -228,13 +235,15 @@ impl BakePlan {
 
 fn keep_variant(
     variant: Variant,
-    provisioners: &mut Vec<Provisioner>,
-    pre: &mut Vec<StageCommand>,
-    post: &mut Vec<StageCommand>,
+    provisioners: [&mut Vec<Provisioner>; 2],
+    stages: [&mut Vec<StageCommand>; 2],
 ) {
-    provisioners.retain(|p| p.when.runs_in(variant));
-    pre.retain(|c| c.when.runs_in(variant));
-    post.retain(|c| c.when.runs_in(variant));
+    for list in provisioners {
+        list.retain(|p| p.when.runs_in(variant));
+    }
+    for list in stages {
+        list.retain(|c| c.when.runs_in(variant));
+    }
 }
 
 /// The network a bake provisioner's command has (a base instance always has its own).

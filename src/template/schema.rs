@@ -62,6 +62,10 @@ pub struct BaseSection {
     /// Commands on this machine once the image is registered and published.
     #[serde(default)]
     pub post: Vec<Spanned<StageEntry>>,
+    /// Run over SSH on an instance of the new image before it is published; a failure
+    /// removes the image.
+    #[serde(default, rename = "test")]
+    pub tests: Vec<Spanned<ProvisionerEntry>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -81,6 +85,8 @@ pub struct BakeSection {
     pub volume_type: Option<Spanned<String>>,
     pub volume_size_gb: Option<Spanned<i32>>,
     pub kms_key_id: Option<Spanned<String>>,
+    /// The instance `[[bake.test]]` boots the image on; unset: the `[base]` table's.
+    pub test_instance: Option<TestInstanceSection>,
     /// The deployment channel: each bake writes its AMI as a new version of this parameter.
     pub publish_ssm: Option<Spanned<String>>,
     pub publish_label: Option<Spanned<String>>,
@@ -105,9 +111,34 @@ pub struct BakeSection {
     /// Commands on this machine once the image is registered and published.
     #[serde(default)]
     pub post: Vec<Spanned<StageEntry>>,
+    /// Run over SSH on an instance of the new image before it is published; a failure
+    /// removes the image.
+    #[serde(default, rename = "test")]
+    pub tests: Vec<Spanned<ProvisionerEntry>>,
 }
 
-/// One `[[…provisioner]]` table as written; exactly one of `script`, `inline`, `file` is set,
+/// `[bake.test_instance]`: how the image is booted for its tests, with the keys `[base]`
+/// launches its instance with.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TestInstanceSection {
+    pub instance_type: Spanned<String>,
+    pub ssh_username: Spanned<String>,
+    pub ssh_interface: Option<Spanned<SshInterface>>,
+    pub ssh_timeout_seconds: Option<Spanned<u64>>,
+    pub ssh_keypair_name: Option<Spanned<String>>,
+    pub ssh_private_key_file: Option<Spanned<String>>,
+    pub ssh_cidrs: Option<Spanned<Vec<Spanned<String>>>>,
+    pub subnet_id: Option<Spanned<String>>,
+    pub security_group_ids: Option<Spanned<Vec<Spanned<String>>>>,
+    pub associate_public_ip: Option<bool>,
+    pub iam_instance_profile: Option<Spanned<String>>,
+    pub user_data: Option<Spanned<String>>,
+    pub root_volume_size_gb: Option<Spanned<i32>>,
+    pub root_volume_type: Option<Spanned<String>>,
+}
+
+/// One `[[…provisioner]]` or `[[…test]]` table as written; exactly one of `script`, `inline`, `file` is set,
 /// which validation checks so the error can name the entry.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -126,6 +157,8 @@ pub struct ProvisionerEntry {
     pub allow_imds: Option<Spanned<bool>>,
     /// `normal` or `destructive`: the one variant this provisioner runs in.
     pub when: Option<Spanned<String>>,
+    /// How long each command may run before it is cut and fails the build.
+    pub timeout_seconds: Option<Spanned<u64>>,
 }
 
 /// One `[[…pre]]` or `[[…post]]` table: a command and its arguments, run without a shell.

@@ -42,6 +42,15 @@ impl Run {
         self
     }
 
+    /// The build id the run announced (`--output json`), if its engine started.
+    pub fn build_id(&self) -> Option<String> {
+        self.stderr().lines().find_map(|line| {
+            let event: serde_json::Value = serde_json::from_str(line).ok()?;
+            (event["event"] == "run_started")
+                .then(|| event["build_id"].as_str().map(str::to_string))?
+        })
+    }
+
     pub fn code(&self) -> i32 {
         self.output.status.code().unwrap_or(-1)
     }

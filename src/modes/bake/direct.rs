@@ -10,7 +10,7 @@ use aws_sdk_ec2::types::{ResourceType, TagSpecification};
 
 use super::steps::{
     Distribute, ExtractTarball, MarkFinished, MountImage, PrepareChroot, PublishSsm, RegisterImage,
-    RunProvisioners, UnmountImage,
+    RunProvisioners, TestImage, UnmountImage,
 };
 use super::{Backend, BakeState};
 use crate::artifact::TAG_BUILD_ID;
@@ -40,6 +40,8 @@ pub fn steps() -> Vec<Box<dyn Step<BakeState<Direct>>>> {
         Box::new(DetachLoopDevice),
         Box::new(UploadSnapshot),
         Box::new(RegisterImage),
+        // Before it goes anywhere: an image that fails its tests is removed.
+        Box::new(TestImage),
         Box::new(Distribute),
         // Finished before it is published: a run killed while publishing leaves a
         // complete image, which the next run with its fingerprint reuses and publishes.

@@ -133,6 +133,8 @@ pub struct BakeState<B> {
     ssm_version: Option<i64>,
     /// The image in the template's other regions.
     copies: Vec<RegionImage>,
+    /// `--no-test`.
+    skip_tests: bool,
     backend: B,
 }
 
@@ -308,6 +310,7 @@ async fn run_loaded(
         image_id: None,
         ssm_version: None,
         copies: Vec::new(),
+        skip_tests: options.common.skip_tests,
         backend: (),
     };
     let (report, built) = match (reused.as_ref(), backend) {
@@ -425,6 +428,7 @@ impl BakeState<()> {
             image_id: self.image_id,
             ssm_version: self.ssm_version,
             copies: self.copies,
+            skip_tests: self.skip_tests,
             backend,
         }
     }

@@ -11,6 +11,7 @@ use aws_sdk_ec2::types::{
 };
 
 use crate::modes::distribute;
+use crate::modes::image_test::{self, ImageTest};
 use crate::modes::support::{
     created_or_found, earlier, failed, mark_finished, provision, publish, tags, undo_now,
     undo_with, waited,
@@ -25,6 +26,7 @@ use crate::aws::resources::{self, wait_image};
 use crate::communicator::chroot::Chroot;
 use crate::engine::{Keep, Step, StepContext, StepError, Unit};
 use crate::host::{extract, mount};
+use crate::provision::Entries;
 
 pub struct MountImage;
 
@@ -176,7 +178,7 @@ impl<B: Backend> Step<BakeState<B>> for RunProvisioners {
     }
     async fn run(&self, s: &mut BakeState<B>, ctx: &mut StepContext) -> Result<(), StepError> {
         let chroot = Chroot::new(&s.amibake_exe, &s.mount_point);
-        provision(&chroot, &s.plan.provisioners, ctx).await
+        provision(&chroot, Entries::Provisioners, &s.plan.provisioners, ctx).await
     }
 }
 
@@ -293,6 +295,36 @@ impl<B: Backend> Step<BakeState<B>> for RegisterImage {
         wait_image(&s.clients, &image_id, &ctx.cancel, &ctx.progress)
             .await
             .map_err(waited)
+    }
+}
+
+/// The new image booted and tested, before it is delivered or published.
+pub struct TestImage;
+
+#[async_trait]
+impl<B: Send + Sync> Step<BakeState<B>> for TestImage {
+    fn name(&self) -> &'static str {
+        "test image"
+    }
+    async fn run(&self, s: &mut BakeState<B>, ctx: &mut StepContext) -> Result<(), StepError> {
+        let image_id = earlier(&s.image_id, "image")?;
+        let test = ImageTest {
+            clients: &s.clients,
+            build_id: &s.build_id,
+            image_id: &image_id,
+            root_device_name: &s.base.root_device_name,
+            instance: s.plan.test_instance.as_ref(),
+            tests: &s.plan.tests,
+            skip: s.skip_tests,
+            facts: vec![
+                ("AMIBAKE_BUILD_ID", s.build_id.clone()),
+                ("AMIBAKE_REGION", s.clients.region.clone()),
+                ("AMIBAKE_VARIANT", s.plan.variant.name().to_string()),
+                ("AMIBAKE_COMMIT", s.commit.clone()),
+                ("AMIBAKE_BASE_AMI", s.base.id.clone()),
+            ],
+        };
+        image_test::run(test, ctx).await
     }
 }
 

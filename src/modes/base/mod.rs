@@ -28,8 +28,6 @@ use crate::template::{BasePlan, Commit, Template};
 pub struct BaseOptions {
     pub template: PathBuf,
     pub common: CommonOptions,
-    /// Who may reach SSH, in place of the template's `ssh_cidrs` (empty: as the template says).
-    pub ssh_cidrs: Vec<String>,
 }
 
 /// The steps, in order: the base build reads as this list.
@@ -52,6 +50,8 @@ fn steps() -> Vec<Box<dyn Step<BaseState>>> {
         Box::new(steps::RunProvisioners),
         Box::new(steps::StopInstance),
         Box::new(steps::CreateImage),
+        // Before it goes anywhere: an image that fails its tests is removed.
+        Box::new(steps::TestImage),
         Box::new(steps::Distribute),
         // Finished before it is published: a run killed while publishing leaves a
         // complete image, which the next run with its fingerprint reuses and publishes.
@@ -69,6 +69,8 @@ pub struct BaseState {
     fingerprint: String,
     /// The instance the base is provisioned on.
     instance: TemporaryInstance,
+    /// `--no-test`.
+    skip_tests: bool,
     image_id: Option<String>,
     snapshot_ids: Vec<String>,
     ssm_version: Option<i64>,
@@ -118,16 +120,7 @@ async fn run_loaded(
     let secrets = template.secrets.clone();
     // Held until the run ends, so `gc` on this machine never takes it for a killed one.
     let _run_lock = hold_run_lock(&build_id)?;
-    let mut plan = template.base.expect("load_for_run checked the section");
-    if !options.ssh_cidrs.is_empty() {
-        if plan.instance.security_group_ids.is_some() {
-            return Err(ModeError::Usage(format!(
-                "--ssh-cidr shapes the temporary security group, which `security_group_ids` in {} replaces: use one of them",
-                options.template.display()
-            )));
-        }
-        plan.instance.ssh_cidrs = Some(options.ssh_cidrs.clone());
-    }
+    let plan = template.base.expect("load_for_run checked the section");
     let clients = Clients::new(&sdk_config(&options.common.aws).await)?;
     let source_id = ami::resolve(&clients, &plan.source_ami).await?;
     let source = ami::describe(&clients, &source_id).await?;
@@ -199,6 +192,7 @@ async fn run_loaded(
         source: source.clone(),
         fingerprint: fingerprint.clone(),
         instance,
+        skip_tests: options.common.skip_tests,
         image_id: reused.as_ref().map(|(id, _)| id.clone()),
         snapshot_ids: Vec::new(),
         ssm_version: None,

@@ -11,9 +11,11 @@ use crate::aws::resources::{self, wait_image, wait_instance};
 use crate::aws::AwsError;
 use crate::engine::{Keep, Step, StepContext, StepError};
 use crate::modes::distribute;
+use crate::modes::image_test::{self, ImageTest};
 use crate::modes::support::{
     created_or_found, earlier, failed, mark_finished, provision, publish, tags, undo_with, waited,
 };
+use crate::provision::Entries;
 
 impl BaseState {
     /// Tags on the image and its snapshots: what it is, what it came from, which build.
@@ -88,7 +90,13 @@ impl Step<BaseState> for RunProvisioners {
     }
     async fn run(&self, s: &mut BaseState, ctx: &mut StepContext) -> Result<(), StepError> {
         let ssh = s.instance.ssh()?;
-        provision(ssh.as_ref(), &s.plan.provisioners, ctx).await
+        provision(
+            ssh.as_ref(),
+            Entries::Provisioners,
+            &s.plan.provisioners,
+            ctx,
+        )
+        .await
     }
 }
 
@@ -197,6 +205,36 @@ impl Step<BaseState> for CreateImage {
             .filter_map(|m| m.ebs().and_then(|e| e.snapshot_id()).map(str::to_string))
             .collect();
         Ok(())
+    }
+}
+
+/// The new image booted and tested, before it is delivered or published.
+pub struct TestImage;
+
+#[async_trait]
+impl Step<BaseState> for TestImage {
+    fn name(&self) -> &'static str {
+        "test image"
+    }
+    async fn run(&self, s: &mut BaseState, ctx: &mut StepContext) -> Result<(), StepError> {
+        // The build instance's session is over; its own tests boot a fresh instance.
+        let image_id = earlier(&s.image_id, "image")?;
+        let test = ImageTest {
+            clients: &s.clients,
+            build_id: &s.build_id,
+            image_id: &image_id,
+            root_device_name: &s.source.root_device_name,
+            instance: Some(&s.plan.instance),
+            tests: &s.plan.tests,
+            skip: s.skip_tests,
+            facts: vec![
+                ("AMIBAKE_BUILD_ID", s.build_id.clone()),
+                ("AMIBAKE_REGION", s.clients.region.clone()),
+                ("AMIBAKE_VARIANT", s.plan.variant.name().to_string()),
+                ("AMIBAKE_SOURCE_AMI", s.source.id.clone()),
+            ],
+        };
+        image_test::run(test, ctx).await
     }
 }
 

@@ -1,0 +1,268 @@
+//! The booted test of a new image, through the real binary on the local cloud: each bake
+//! boots an instance of its image (its own key pair and security group, as a base build's)
+//! and runs the template's `[[bake.test]]` entries over SSH before anything is published.
+//! A test that fails or hangs leaves no image, snapshot, instance, key pair or group, and
+//! the channel as it was; one that passes publishes the image.
+
+mod util;
+
+use std::path::Path;
+
+use util::localcloud::LocalCloud;
+use util::tarballs::write_revision_tarball;
+use util::Run;
+
+const CHANNEL: &str = "/amibake/shop/deploy";
+
+struct World {
+    cloud: LocalCloud,
+    dir: tempfile::TempDir,
+    runtime: tokio::runtime::Runtime,
+    clients: amibake::aws::Clients,
+}
+
+impl World {
+    fn new() -> World {
+        let cloud = LocalCloud::start("quick");
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let clients = runtime.block_on(cloud.clients());
+        let world = World {
+            cloud,
+            dir: tempfile::tempdir().unwrap(),
+            runtime,
+            clients,
+        };
+        write_revision_tarball(&world.dir().join("app.tar.gz"), "one\n");
+        world
+    }
+
+    fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A bake of the vendor image that installs a health check exiting with `health_exit`,
+    /// tested by running it; `extra` adds tables after it.
+    fn template(&self, health_exit: u32, extra: &str) {
+        let vendor = self.cloud.ls()["vendor_amis"]["partitioned"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let text = format!(
+            r#"[bake]
+name = "shop-${{commit}}-${{timestamp}}"
+base_ami = "{vendor}"
+dest = "/srv/shop"
+publish_ssm = "{CHANNEL}"
+
+[bake.test_instance]
+instance_type = "t3.micro"
+ssh_username = "admin"
+
+[[bake.provisioner]]
+name = "health check"
+inline = [
+  "printf '#!/bin/sh\necho shop-health: exit {health_exit}\nexit {health_exit}\n' > /usr/local/bin/shop-health",
+  "chmod 755 /usr/local/bin/shop-health",
+]
+
+[[bake.test]]
+name = "code in place"
+inline = ["test \"$(cat /srv/shop/REVISION)\" = one", "echo \"testing $AMIBAKE_AMI_ID of $AMIBAKE_COMMIT on $AMIBAKE_INSTANCE_ID\""]
+
+[[bake.test]]
+name = "health"
+inline = ["/usr/local/bin/shop-health"]
+
+{extra}"#
+        );
+        std::fs::write(self.dir().join("shop.toml"), text).unwrap();
+    }
+
+    fn bake(&self, extra: &[&str]) -> Run {
+        let mut args = vec![
+            "bake",
+            "shop.toml",
+            "--tarball",
+            "app.tar.gz",
+            "--commit",
+            "c0ffee1",
+            "--backend",
+            "direct",
+            "--force",
+        ];
+        args.extend_from_slice(extra);
+        self.cloud.run_amibake(self.dir(), &args)
+    }
+
+    fn images(&self) -> Vec<String> {
+        self.cloud.ls()["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|i| i["name"].as_str().unwrap_or_default().starts_with("shop-"))
+            .map(|i| i["id"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    fn snapshots(&self) -> usize {
+        self.cloud.ls()["snapshots"].as_array().unwrap().len()
+    }
+
+    /// The images the runs since call number `from` launched instances of.
+    fn launched_since(&self, from: usize) -> Vec<String> {
+        self.cloud.calls()[from..]
+            .iter()
+            .filter(|c| c["action"] == "RunInstances" && c["code"] == "OK")
+            .map(|c| c["ids"]["ImageId"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    fn channel(&self) -> Option<String> {
+        let out = self
+            .runtime
+            .block_on(self.clients.ssm.get_parameter().name(CHANNEL).send())
+            .ok()?;
+        out.parameter()?.value().map(str::to_string)
+    }
+
+    /// No test instance, key pair, group or private key is left.
+    fn assert_nothing_temporary(&self, run: &Run) {
+        let ls = self.cloud.ls();
+        let build_host = self.cloud.build_host();
+        let alive: Vec<_> = ls["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|i| {
+                i["id"] != build_host && (i["state"] != "terminated" || i["booted"] == true)
+            })
+            .collect();
+        assert!(
+            alive.is_empty(),
+            "instances left: {alive:?}\n{}",
+            run.dump()
+        );
+        assert_eq!(ls["key_pairs"], serde_json::json!([]), "{}", run.dump());
+        assert_eq!(
+            ls["security_groups"],
+            serde_json::json!([]),
+            "{}",
+            run.dump()
+        );
+        // This run's own: the other test of this binary may hold one right now.
+        let build_id = run.build_id().expect("the run's build id");
+        let keys: Vec<String> = self
+            .cloud
+            .private_key_dirs_left()
+            .into_iter()
+            .filter(|d| d.contains(&build_id))
+            .collect();
+        assert!(keys.is_empty(), "private key directories left: {keys:?}");
+    }
+}
+
+fn manifest(run: &Run) -> serde_json::Value {
+    serde_json::from_str(run.stdout().trim()).unwrap_or_else(|e| panic!("{e}\n{}", run.dump()))
+}
+
+#[test]
+fn an_image_is_published_only_once_an_instance_of_it_passes_its_tests() {
+    let world = World::new();
+
+    // Passing: the image is booted, tested with the run's facts, then published.
+    world.template(0, "");
+    let from = world.cloud.calls().len();
+    let run = world.bake(&[]);
+    run.expect_code(0);
+    let m = manifest(&run);
+    let ami = m["ami_id"].as_str().unwrap().to_string();
+    assert_eq!(
+        world.launched_since(from),
+        vec![ami.clone()],
+        "{}",
+        run.dump()
+    );
+    assert!(
+        run.stderr()
+            .contains(&format!("testing {ami} of c0ffee1 on i-")),
+        "the test ran with the run's facts\n{}",
+        run.dump()
+    );
+    assert!(
+        run.stderr()
+            .contains(&format!("{ami} passed 2 test(s) on i-")),
+        "{}",
+        run.dump()
+    );
+    assert!(m["step_seconds"]["test image"].as_f64().is_some(), "{m}");
+    assert_eq!(world.channel(), Some(ami.clone()));
+    world.assert_nothing_temporary(&run);
+    let published = world.images();
+    let snapshots = world.snapshots();
+
+    // Failing: the service the bake installs does not come up on the booted image.
+    world.template(3, "");
+    let from = world.cloud.calls().len();
+    let run = world.bake(&[]);
+    run.expect_failure("failed its test on i-", Some("test image"));
+    for expected in [
+        "test `health`: `/usr/local/bin/shop-health` exited with 3",
+        "shop-health: exit 3",
+    ] {
+        assert!(
+            run.stderr().contains(expected),
+            "{expected}\n{}",
+            run.dump()
+        );
+    }
+    let launched = world.launched_since(from);
+    assert_eq!(launched.len(), 1, "{}", run.dump());
+    assert!(
+        !world.images().contains(&launched[0]),
+        "the image that failed is deregistered\n{}",
+        run.dump()
+    );
+    assert_eq!(world.images(), published, "only the first image remains");
+    assert_eq!(world.snapshots(), snapshots, "its snapshot is deleted too");
+    assert_eq!(world.channel(), Some(ami.clone()), "nothing was published");
+    world.assert_nothing_temporary(&run);
+
+    // --no-test: the same failing image is not booted, and is published.
+    let from = world.cloud.calls().len();
+    let run = world.bake(&["--no-test"]);
+    run.expect_code(0);
+    assert!(world.launched_since(from).is_empty(), "{}", run.dump());
+    assert!(
+        run.stderr().contains("--no-test: 2 test(s) skipped"),
+        "{}",
+        run.dump()
+    );
+    let untested = manifest(&run)["ami_id"].as_str().unwrap().to_string();
+    assert_eq!(world.channel(), Some(untested));
+    world.assert_nothing_temporary(&run);
+}
+
+#[test]
+fn a_test_that_hangs_is_cut_by_its_timeout_and_leaves_nothing() {
+    let world = World::new();
+    world.template(
+        0,
+        "[[bake.test]]\nname = \"warm-up\"\ntimeout_seconds = 2\ninline = [\"echo waiting for the cache; sleep 600\"]\n",
+    );
+    let images = world.images();
+    let snapshots = world.snapshots();
+    let run = world.bake(&[]);
+    run.expect_failure(
+        "test `warm-up`: `echo waiting for the cache; sleep 600` was still running after 2s (`timeout_seconds`) and was stopped",
+        Some("test image"),
+    );
+    assert!(
+        run.stderr().contains("waiting for the cache"),
+        "{}",
+        run.dump()
+    );
+    assert_eq!(world.images(), images);
+    assert_eq!(world.snapshots(), snapshots);
+    assert_eq!(world.channel(), None, "nothing was published");
+    world.assert_nothing_temporary(&run);
+}
