@@ -16,6 +16,7 @@ use util::Run;
 const PARAMETER: &str = "/amibake/failures/base";
 const TEMPLATE: &str = r#"[variables]
 command = "true"
+check = 'test "$(whoami)" = root'
 source = "resolve:ssm:/aws/service/debian/release/12/latest/amd64"
 
 [base]
@@ -33,7 +34,8 @@ deprecate_after = "30d"
 inline = ["echo provisioning", "${var.command}"]
 
 [[base.test]]
-inline = ["test \"$(whoami)\" = root"]
+name = "check"
+inline = ["${var.check}"]
 "#;
 
 /// `amibake --output json --var VAR=VALUE… base TEMPLATE --force`
@@ -303,6 +305,23 @@ fn every_failure_of_a_base_build_cleans_up_and_says_where() {
     assert!(
         run.stderr().contains(
             "error: run provisioners: provisioner `inline`: `echo about to fail; exit 3` exited with 3; last output:\nabout to fail"
+        ),
+        "{}",
+        run.dump()
+    );
+    world.assert_clean(&run);
+
+    // A test that fails on the booted image: the image goes with its snapshots, the test's
+    // instance, key pair and group with the build's, and the channel stays as it was.
+    let run = base(
+        &world.cloud,
+        dir,
+        &["check=echo php-fpm: bad config; exit 4"],
+    );
+    run.expect_failure("failed its test on i-", Some("test image"));
+    assert!(
+        run.stderr().contains(
+            "test `check`: `echo php-fpm: bad config; exit 4` exited with 4; last output:\nphp-fpm: bad config"
         ),
         "{}",
         run.dump()
