@@ -22,6 +22,11 @@ pub const TAG_VARIANT: &str = "amibake:variant";
 pub const TAG_STATE: &str = "amibake:state";
 pub const STATE_BUILDING: &str = "building";
 pub const STATE_FINISHED: &str = "finished";
+/// `passed` once an instance of the image passed the template's `[[test]]` entries: an
+/// image reused without it (made with `--no-test`, or before the template had tests) is
+/// booted and tested before it is published again.
+pub const TAG_TESTED: &str = "amibake:tested";
+pub const TESTED_PASSED: &str = "passed";
 
 /// SHA-256 of a file, as lowercase hex.
 pub fn sha256_file(path: &Path) -> std::io::Result<String> {

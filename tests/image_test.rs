@@ -88,7 +88,6 @@ inline = ["/usr/local/bin/shop-health"]
             "c0ffee1",
             "--backend",
             "direct",
-            "--force",
         ];
         args.extend_from_slice(extra);
         self.cloud.run_amibake(self.dir(), &args)
@@ -238,7 +237,37 @@ fn an_image_is_published_only_once_an_instance_of_it_passes_its_tests() {
         run.dump()
     );
     let untested = manifest(&run)["ami_id"].as_str().unwrap().to_string();
-    assert_eq!(world.channel(), Some(untested));
+    assert_eq!(world.channel(), Some(untested.clone()));
+    world.assert_nothing_temporary(&run);
+
+    // The first image again (same fingerprint): it passed its tests, so it is reused and
+    // published without a boot.
+    world.template(0, "");
+    let from = world.cloud.calls().len();
+    let run = world.bake(&[]);
+    run.expect_code(0);
+    assert_eq!(manifest(&run)["ami_id"], ami.as_str());
+    assert_eq!(manifest(&run)["reused"], true);
+    assert!(world.launched_since(from).is_empty(), "{}", run.dump());
+    assert_eq!(world.channel(), Some(ami.clone()));
+
+    // The image made with --no-test, found again without it: it is booted and tested
+    // before it could be published, fails, and the channel stays.
+    world.template(3, "");
+    let from = world.cloud.calls().len();
+    let run = world.bake(&[]);
+    run.expect_failure("failed its test on i-", Some("test image"));
+    assert_eq!(
+        world.launched_since(from),
+        vec![untested.clone()],
+        "{}",
+        run.dump()
+    );
+    assert!(
+        world.images().contains(&untested),
+        "an earlier run's image is not this run's to remove"
+    );
+    assert_eq!(world.channel(), Some(ami.clone()));
     world.assert_nothing_temporary(&run);
 }
 

@@ -5,7 +5,7 @@ use aws_sdk_ec2::types::{
 };
 
 use super::{AwsError, Clients};
-use crate::artifact::{STATE_BUILDING, TAG_FINGERPRINT, TAG_STATE};
+use crate::artifact::{STATE_BUILDING, TAG_FINGERPRINT, TAG_STATE, TAG_TESTED, TESTED_PASSED};
 use crate::template::{AmiFilter, AmiRef, SsmSelector};
 
 /// A base AMI as `bake` needs it: where its root is, and everything RegisterImage must copy.
@@ -187,12 +187,21 @@ pub async fn describe(clients: &Clients, image_id: &str) -> Result<BaseImage, Am
     })
 }
 
-/// An available image of this account carrying `fingerprint`: its id and name. How both
-/// modes find an identical earlier build to reuse.
+/// An identical earlier build, found by its fingerprint.
+#[derive(Debug, Clone)]
+pub struct EarlierBuild {
+    pub id: String,
+    pub name: String,
+    /// Whether an instance of it passed the template's tests.
+    pub tested: bool,
+}
+
+/// An available image of this account carrying `fingerprint`. How both modes find an
+/// identical earlier build to reuse.
 pub async fn find_by_fingerprint(
     clients: &Clients,
     fingerprint: &str,
-) -> Result<Option<(String, String)>, AwsError> {
+) -> Result<Option<EarlierBuild>, AwsError> {
     let out = clients
         .ec2
         .describe_images()
@@ -208,11 +217,17 @@ pub async fn find_by_fingerprint(
             .iter()
             .any(|t| t.key() == Some(TAG_STATE) && t.value() == Some(STATE_BUILDING))
     };
+    let tested = |i: &Image| {
+        i.tags()
+            .iter()
+            .any(|t| t.key() == Some(TAG_TESTED) && t.value() == Some(TESTED_PASSED))
+    };
     Ok(out.images().iter().filter(|i| !building(i)).find_map(|i| {
-        Some((
-            i.image_id()?.to_string(),
-            i.name().unwrap_or_default().to_string(),
-        ))
+        Some(EarlierBuild {
+            id: i.image_id()?.to_string(),
+            name: i.name().unwrap_or_default().to_string(),
+            tested: tested(i),
+        })
     }))
 }
 

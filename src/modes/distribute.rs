@@ -236,8 +236,8 @@ impl CopyRequest {
             let found = ami::find_by_fingerprint(clients, &self.fingerprint)
                 .await
                 .map_err(failed)?;
-            if let Some((id, _)) = found {
-                return Ok((id, true));
+            if let Some(earlier) = found {
+                return Ok((earlier.id, true));
             }
         }
         let tagged = |kind| {

@@ -5,7 +5,8 @@
 
 use super::instance::{Launch, Role, TemporaryInstance};
 use super::support::{earlier, failed};
-use crate::aws::Clients;
+use crate::artifact::{TAG_TESTED, TESTED_PASSED};
+use crate::aws::{AwsError, Clients};
 use crate::engine::{StepContext, StepError};
 use crate::provision::{self, Entries, ProvisionError};
 use crate::template::{InstancePlan, Provisioner};
@@ -34,6 +35,23 @@ pub struct TestFailed {
     instance_id: String,
     #[source]
     source: ProvisionError,
+}
+
+async fn mark_tested(clients: &Clients, image_id: &str) -> Result<(), StepError> {
+    clients
+        .ec2
+        .create_tags()
+        .resources(image_id)
+        .tags(
+            aws_sdk_ec2::types::Tag::builder()
+                .key(TAG_TESTED)
+                .value(TESTED_PASSED)
+                .build(),
+        )
+        .send()
+        .await
+        .map_err(|e| failed(AwsError::new(format!("tag {image_id} tested"), &e)))?;
+    Ok(())
 }
 
 pub async fn run(test: ImageTest<'_>, ctx: &mut StepContext) -> Result<(), StepError> {
@@ -95,6 +113,8 @@ pub async fn run(test: ImageTest<'_>, ctx: &mut StepContext) -> Result<(), StepE
                 "{} passed {count} test(s) on {instance_id}",
                 test.image_id
             ));
+            // Said on the image, so a run that reuses it does not boot it again.
+            mark_tested(test.clients, test.image_id).await?;
             // The session ends, then the instance, its group and key pair go now rather
             // than at the end of the run.
             instance.remove(ctx).await

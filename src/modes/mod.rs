@@ -261,6 +261,16 @@ fn load_for_run(
     Ok((template, build_id))
 }
 
+/// Whether an earlier build found by fingerprint must be booted and tested before it is
+/// published again: no instance of it passed a test yet, and this run tests.
+fn untested(
+    earlier: &crate::aws::ami::EarlierBuild,
+    tests: &[Provisioner],
+    common: &CommonOptions,
+) -> bool {
+    !earlier.tested && !tests.is_empty() && !common.skip_tests
+}
+
 /// Whether the template's channel already names `image`: its newest version, and its
 /// label where it has one. True when there is no channel; a lookup that fails counts as
 /// not named, so the publish step runs and reports it.

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use super::distribute::{self, RegionImage};
 use super::{
     channel_names, hold_run_lock, load_for_run, provisioner_fingerprint_parts, run_post, stages,
-    BuildResult, CommonOptions, ModeError, RunError,
+    untested, BuildResult, CommonOptions, ModeError, RunError,
 };
 use crate::artifact::{self, BakeManifest};
 use crate::aws::ami::{self, BaseImage};
@@ -270,15 +270,25 @@ async fn run_loaded(
 
     let mut reused = None;
     if !options.common.force {
-        if let Some((id, name)) = ami::find_by_fingerprint(&clients, &fingerprint).await? {
+        if let Some(earlier) = ami::find_by_fingerprint(&clients, &fingerprint).await? {
             // A channel moved back or away since is published again; one that names the
             // image already is left alone. Copies are looked for, and made where missing.
-            if plan.distribution.is_empty()
-                && channel_names(&clients, plan.publish.as_ref(), &id).await
+            // An image no test has passed on is tested first.
+            let test_first = untested(&earlier, &plan.tests, &options.common);
+            if !test_first
+                && plan.distribution.is_empty()
+                && channel_names(&clients, plan.publish.as_ref(), &earlier.id).await
             {
                 let reused = BakeManifest {
-                    name,
-                    ..manifest(id, None, true, Extracted::default(), (None, vec![]), None)
+                    name: earlier.name,
+                    ..manifest(
+                        earlier.id,
+                        None,
+                        true,
+                        Extracted::default(),
+                        (None, vec![]),
+                        None,
+                    )
                 };
                 return Ok(BuildResult {
                     manifest: Some(reused),
@@ -286,7 +296,7 @@ async fn run_loaded(
                     post_failed: None,
                 });
             }
-            reused = Some((id, name));
+            reused = Some((earlier.id, earlier.name, test_first));
         }
     }
 
@@ -314,12 +324,12 @@ async fn run_loaded(
         backend: (),
     };
     let (report, built) = match (reused.as_ref(), backend) {
-        (Some((id, _)), _) => {
+        (Some((id, _, test_first)), _) => {
             let state = BakeState {
                 image_id: Some(id.clone()),
                 ..shared
             };
-            execute(steps::reuse(), state, sink, cancel).await
+            execute(steps::reuse(*test_first), state, sink, cancel).await
         }
         (None, Chosen::Attach(host)) => {
             sink.emit(&engine::Event::Note {
@@ -350,7 +360,7 @@ async fn run_loaded(
     };
     let report = report.masked(&secrets);
     let manifest = match (&report.outcome, built.image_id, reused) {
-        (engine::Outcome::Succeeded, Some(image), Some((_, name))) => Some(BakeManifest {
+        (engine::Outcome::Succeeded, Some(image), Some((_, name, _))) => Some(BakeManifest {
             name,
             ..manifest(
                 image,

@@ -344,13 +344,17 @@ impl<B: Send + Sync> Step<BakeState<B>> for MarkFinished {
     }
 }
 
-/// A reused image, delivered and published as a new one would be.
-pub fn reuse<B: Send + Sync + 'static>() -> Vec<Box<dyn Step<BakeState<B>>>> {
-    vec![
-        Box::new(Distribute),
-        Box::new(MarkFinished),
-        Box::new(PublishSsm),
-    ]
+/// A reused image, delivered and published as a new one would be; booted and tested
+/// first when no test has passed on it yet.
+pub fn reuse<B: Send + Sync + 'static>(test_first: bool) -> Vec<Box<dyn Step<BakeState<B>>>> {
+    let mut list: Vec<Box<dyn Step<BakeState<B>>>> = Vec::new();
+    if test_first {
+        list.push(Box::new(TestImage));
+    }
+    list.push(Box::new(Distribute));
+    list.push(Box::new(MarkFinished));
+    list.push(Box::new(PublishSsm));
+    list
 }
 
 /// The image beyond its region and account: copies, deprecation, IMDSv2-only, sharing.

@@ -16,7 +16,7 @@ use super::distribute::{self, RegionImage};
 use super::instance::{Launch, Role, TemporaryInstance};
 use super::{
     channel_names, hold_run_lock, load_for_run, provisioner_fingerprint_parts, run_post, stages,
-    BuildResult, CommonOptions, ModeError, RunError,
+    untested, BuildResult, CommonOptions, ModeError, RunError,
 };
 use crate::artifact::{self, BaseManifest};
 use crate::aws::ami::{self, BaseImage};
@@ -30,17 +30,20 @@ pub struct BaseOptions {
     pub common: CommonOptions,
 }
 
-/// The steps, in order: the base build reads as this list.
-/// When an earlier build is reused: only its publication, where the channel does not name it.
-/// A reused image, delivered and published as a new one would be.
-fn publish_steps() -> Vec<Box<dyn Step<BaseState>>> {
-    vec![
-        Box::new(steps::Distribute),
-        Box::new(steps::MarkFinished),
-        Box::new(steps::PublishSsm),
-    ]
+/// A reused image, delivered and published as a new one would be; booted and tested
+/// first when no test has passed on it yet.
+fn publish_steps(test_first: bool) -> Vec<Box<dyn Step<BaseState>>> {
+    let mut list: Vec<Box<dyn Step<BaseState>>> = Vec::new();
+    if test_first {
+        list.push(Box::new(steps::TestImage));
+    }
+    list.push(Box::new(steps::Distribute));
+    list.push(Box::new(steps::MarkFinished));
+    list.push(Box::new(steps::PublishSsm));
+    list
 }
 
+/// The steps, in order: the base build reads as this list.
 fn steps() -> Vec<Box<dyn Step<BaseState>>> {
     vec![
         Box::new(steps::CreateKeyPair),
@@ -159,19 +162,22 @@ async fn run_loaded(
 
     let mut reused = None;
     if !options.common.force {
-        if let Some((id, name)) = ami::find_by_fingerprint(&clients, &fingerprint).await? {
+        if let Some(earlier) = ami::find_by_fingerprint(&clients, &fingerprint).await? {
             // A channel moved back or away since is published again; one that names the
             // image already is left alone. Copies are looked for, and made where missing.
-            if plan.distribution.is_empty()
-                && channel_names(&clients, plan.publish.as_ref(), &id).await
+            // An image no test has passed on is tested first.
+            let test_first = untested(&earlier, &plan.tests, &options.common);
+            if !test_first
+                && plan.distribution.is_empty()
+                && channel_names(&clients, plan.publish.as_ref(), &earlier.id).await
             {
                 return Ok(BuildResult {
-                    manifest: Some(manifest(id, name, true, None)),
+                    manifest: Some(manifest(earlier.id, earlier.name, true, None)),
                     report: None,
                     post_failed: None,
                 });
             }
-            reused = Some((id, name));
+            reused = Some((earlier.id, earlier.name, test_first));
         }
     }
 
@@ -193,15 +199,14 @@ async fn run_loaded(
         fingerprint: fingerprint.clone(),
         instance,
         skip_tests: options.common.skip_tests,
-        image_id: reused.as_ref().map(|(id, _)| id.clone()),
+        image_id: reused.as_ref().map(|(id, _, _)| id.clone()),
         snapshot_ids: Vec::new(),
         ssm_version: None,
         copies: Vec::new(),
     };
-    let steps = if reused.is_some() {
-        publish_steps()
-    } else {
-        steps()
+    let steps = match &reused {
+        Some((_, _, test_first)) => publish_steps(*test_first),
+        None => steps(),
     };
     let report = engine::run("base", &build_id, &steps, &mut state, sink, cancel)
         .await
@@ -209,7 +214,7 @@ async fn run_loaded(
     let manifest = match (&report.outcome, &state.image_id) {
         (engine::Outcome::Succeeded, Some(image)) => {
             let was_reused = reused.is_some();
-            let name = reused.map_or_else(|| plan.name.clone(), |(_, name)| name);
+            let name = reused.map_or_else(|| plan.name.clone(), |(_, name, _)| name);
             Some(BaseManifest {
                 step_seconds: report.step_seconds(),
                 ..manifest(image.clone(), name, was_reused, Some(&state))
