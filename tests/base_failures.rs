@@ -249,7 +249,9 @@ fn every_failure_of_a_base_build_cleans_up_and_says_where() {
         ("ec2", "CreateImage", 0, Some("create image")),
         ("ec2", "DescribeImages", 1, Some("create image")),
         ("ec2", "EnableImageDeprecation", 0, Some("distribute")),
-        ("ec2", "CreateTags", 0, Some("mark finished")),
+        // The passed test is tagged on the image first, then the build is marked finished.
+        ("ec2", "CreateTags", 0, Some("test image")),
+        ("ec2", "CreateTags", 1, Some("mark finished")),
         ("ssm", "GetParameter", 1, Some("publish to ssm")),
         ("ssm", "PutParameter", 0, Some("publish to ssm")),
         ("ssm", "LabelParameterVersion", 0, Some("publish to ssm")),
@@ -434,7 +436,8 @@ fn every_failure_of_a_base_build_cleans_up_and_says_where() {
         // The test instance's launch: the build instance's goes first.
         ("test image", "RunInstances", 1),
         ("distribute", "EnableImageDeprecation", 0),
-        ("mark finished", "CreateTags", 0),
+        // The test's own tag goes first.
+        ("mark finished", "CreateTags", 1),
         ("publish to ssm", "PutParameter", 0),
     ];
     /// The CI's grace between SIGTERM and SIGKILL.
