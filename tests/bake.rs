@@ -7,11 +7,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 
-use util::localcloud::LocalCloud;
+use util::localcloud::{LocalCloud, PARTITION_1_OFFSET};
 use util::tarballs::{assert_composer_like_at, composer_like, gzip};
 use util::Run;
-
-const PARTITION_1_OFFSET: u64 = 2048 * 512;
 
 /// `amibake --output json bake TEMPLATE --tarball app.tar.gz --commit c0ffee1`
 fn bake_command(cloud: &LocalCloud, dir: &Path, template: &str) -> Command {
@@ -149,6 +147,17 @@ fn assert_nothing_left(cloud: &LocalCloud, build_host: &str) {
     );
     let cgroups = cloud.guard_cgroups_left();
     assert!(cgroups.is_empty(), "provisioner cgroups left: {cgroups:?}");
+    // A grown partitioned root is a loop device over the attached volume's device.
+    let over_devices: Vec<String> = std::fs::read_dir("/sys/block")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join("loop/backing_file")).ok())
+        .filter(|backing| backing.starts_with("/dev/"))
+        .collect();
+    assert!(
+        over_devices.is_empty(),
+        "loop devices over a device left: {over_devices:?}"
+    );
 }
 
 /// One cloud for the whole story, told in order: the SDK of the binary reads its endpoint
@@ -392,6 +401,34 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
         "the root filesystem fills the 10 GiB volume: {size} bytes"
     );
     drop(image);
+    assert_nothing_left(&cloud, &build_host);
+
+    // 6b. A larger volume on the partitioned base: the root partition grows to the end of
+    //     the volume and its filesystem fills it, as on the direct backend.
+    template(dir, "bigger", debian, "\"true\"");
+    let text = std::fs::read_to_string(dir.join("bigger.toml"))
+        .unwrap()
+        .replace("[bake]\n", "[bake]\nvolume_size_gb = 10\n");
+    std::fs::write(dir.join("bigger.toml"), text).unwrap();
+    // Failing after the growth first: the loop device goes before the volume's detach.
+    let failing = std::fs::read_to_string(dir.join("bigger.toml"))
+        .unwrap()
+        .replace("inline = [\"true\"]", "inline = [\"false\"]");
+    std::fs::write(dir.join("bigger-failing.toml"), failing).unwrap();
+    bake(&cloud, dir, "bigger-failing.toml", &[]).expect_code(1);
+    assert_nothing_left(&cloud, &build_host);
+    let run = bake(&cloud, dir, "bigger.toml", &[]);
+    run.expect_code(0);
+    assert!(
+        run.stderr().contains("root filesystem grown to"),
+        "{}",
+        run.dump()
+    );
+    let snapshot = manifest(&run)["snapshot_id"].as_str().unwrap().to_string();
+    let image = cloud.mount_grown_root(&snapshot, dir, 10 << 30);
+    assert_composer_like_at(&image.root.join("var/www/shop"), &files, 33);
+    drop(image);
+    let _ = std::fs::remove_file(dir.join(format!("{snapshot}.img")));
     assert_nothing_left(&cloud, &build_host);
 
     // 8. The tarball on standard input, as `build | amibake bake --tarball -` gives it.

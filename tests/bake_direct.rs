@@ -8,11 +8,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use tar::EntryType;
-use util::localcloud::LocalCloud;
+use util::localcloud::{LocalCloud, PARTITION_1_OFFSET};
 use util::tarballs::{append_raw, assert_composer_like_at, composer_like, gzip, tarball};
 use util::Run;
 
-const PARTITION_1_OFFSET: u64 = 2048 * 512;
 /// A port nothing listens on: this machine has no instance metadata.
 const NO_IMDS: &str = "http://127.0.0.1:9";
 
@@ -411,25 +410,7 @@ fn direct_bakes_without_imds_or_volumes_and_puts_only_changed_blocks() {
     let snapshot = manifest(&run)["snapshot_id"].as_str().unwrap().to_string();
     let mounted = story
         .cloud
-        .mount_snapshot(&snapshot, story.dir(), PARTITION_1_OFFSET);
-    let table = std::process::Command::new("sfdisk")
-        .arg("--json")
-        .arg(story.dir().join(format!("{snapshot}.img")))
-        .output()
-        .unwrap();
-    let table: serde_json::Value = serde_json::from_slice(&table.stdout).unwrap();
-    let partition = &table["partitiontable"]["partitions"][0];
-    let end = (partition["start"].as_u64().unwrap() + partition["size"].as_u64().unwrap()) * 512;
-    assert!(
-        end > (10 << 30) - (1 << 20),
-        "partition 1 reaches the end of the 10 GiB disk: {partition}"
-    );
-    let fs = rustix::fs::statvfs(&mounted.root).unwrap();
-    let fs_bytes = fs.f_blocks * fs.f_frsize;
-    assert!(
-        fs_bytes > 9 << 30,
-        "the root filesystem fills its partition: {fs_bytes} bytes"
-    );
+        .mount_grown_root(&snapshot, story.dir(), 10 << 30);
     assert!(mounted.root.join("var/www/shop/REVISION").is_file());
     drop(mounted);
     let _ = std::fs::remove_file(story.dir().join(format!("{snapshot}.img")));

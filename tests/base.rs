@@ -7,10 +7,9 @@ mod util;
 use std::path::Path;
 use std::process::Command;
 
-use util::localcloud::LocalCloud;
+use util::localcloud::{LocalCloud, PARTITION_1_OFFSET};
 use util::Run;
 
-const PARTITION_1_OFFSET: u64 = 2048 * 512;
 const PARAMETER: &str = "/amibake/shop/base";
 
 fn amibake(cloud: &LocalCloud, dir: &Path, args: &[&str]) -> Run {

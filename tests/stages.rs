@@ -8,12 +8,9 @@ mod util;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use util::localcloud::LocalCloud;
+use util::localcloud::{LocalCloud, PARTITION_1_OFFSET};
 use util::tarballs::write_revision_tarball;
 use util::Run;
-
-/// The partitioned vendor image's root partition starts at sector 2048.
-const PARTITION_1_OFFSET: u64 = 2048 * 512;
 
 struct World {
     cloud: LocalCloud,

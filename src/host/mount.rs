@@ -83,7 +83,7 @@ pub fn mount_root(device: &Path, target: &Path) -> Result<(), MountError> {
 /// e2fsck first, as resize2fs asks; online growing needs CAP_SYS_RESOURCE, which a CI
 /// container may lack), XFS once mounted at `target` (it only grows online). Returns the
 /// filesystem's size in bytes, `target` mounted. A root on a partition grows only as far as
-/// its partition, which this does not change (the direct backend grows the partition first).
+/// its partition, which this does not change (a bake grows the partition first: `loop_root`).
 pub fn mount_grown(device: &Path, target: &Path) -> Result<u64, MountError> {
     let fail = |reason: String| MountError::File {
         path: device.into(),

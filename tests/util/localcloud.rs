@@ -4,6 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// Where the vendor image's root partition (partition 1) starts on its disk.
+pub const PARTITION_1_OFFSET: u64 = 2048 * 512;
+
 pub struct LocalCloud {
     /// Not a TempDir: it is removed only once nothing is mounted beneath it (an instance's
     /// root holds a bind of /dev, and a recursive delete would walk into the host's).
@@ -243,6 +246,34 @@ impl LocalCloud {
             .status()
             .unwrap()
             .success());
+        mounted
+    }
+
+    /// Mounts the root of `snapshot`, a partitioned disk of `disk_bytes` whose root a bake
+    /// grew: its partition 1 reaches the end of the disk, and its filesystem fills it.
+    pub fn mount_grown_root(&self, snapshot: &str, dir: &Path, disk_bytes: u64) -> MountedSnapshot {
+        let mounted = self.mount_snapshot(snapshot, dir, PARTITION_1_OFFSET);
+        let table = Command::new("sfdisk")
+            .arg("--json")
+            .arg(dir.join(format!("{snapshot}.img")))
+            .output()
+            .unwrap();
+        let table: serde_json::Value = serde_json::from_slice(&table.stdout).unwrap();
+        let partition = &table["partitiontable"]["partitions"][0];
+        let start = partition["start"].as_u64().unwrap() * 512;
+        let end = start + partition["size"].as_u64().unwrap() * 512;
+        assert_eq!(start, PARTITION_1_OFFSET, "partition 1 keeps its start");
+        assert!(
+            end > disk_bytes - (1 << 20),
+            "partition 1 reaches the end of the {disk_bytes}-byte disk: {partition}"
+        );
+        let fs = rustix::fs::statvfs(&mounted.root).unwrap();
+        let fs_bytes = fs.f_blocks * fs.f_frsize;
+        assert!(
+            fs_bytes > (end - start) * 9 / 10,
+            "the root filesystem fills its {}-byte partition: {fs_bytes} bytes",
+            end - start
+        );
         mounted
     }
 

@@ -8,8 +8,8 @@ use async_trait::async_trait;
 use aws_sdk_ec2::types::{ResourceType, TagSpecification, VolumeType};
 
 use super::steps::{
-    Distribute, ExtractTarball, MarkFinished, MountImage, PrepareChroot, PublishSsm, RegisterImage,
-    RunProvisioners, TestImage, UnmountImage,
+    loop_root, Distribute, ExtractTarball, MarkFinished, MountImage, PrepareChroot, PublishSsm,
+    RegisterImage, RunProvisioners, TestImage, UnmountImage,
 };
 use super::{Backend, BakeState};
 use crate::artifact::TAG_BUILD_ID;
@@ -53,6 +53,8 @@ pub struct Attach {
     delete_volume: Option<UndoId>,
     device_name: Option<Arc<DeviceName>>,
     detach: Option<UndoId>,
+    /// A loop device over the volume, when its root partition grew.
+    release_loop: Option<UndoId>,
 }
 
 impl Attach {
@@ -64,13 +66,14 @@ impl Attach {
             delete_volume: None,
             device_name: None,
             detach: None,
+            release_loop: None,
         }
     }
 }
 
 impl Backend for Attach {
     fn device_release(&self) -> Option<UndoId> {
-        self.detach
+        self.release_loop.or(self.detach)
     }
 }
 
@@ -216,6 +219,21 @@ impl Step<BakeState<Attach>> for AttachVolume {
                 .map_err(failed)?;
         let root =
             device::root_filesystem(&volume_id, &found, s.plan.root_partition).map_err(failed)?;
+        // A root partition of a volume larger than the base's grows to the end of it, as
+        // the direct backend's does. The kernel keeps the partition's old size until it
+        // re-reads the table, which it may refuse for a disk in use, so the grown root is a
+        // loop device over the whole volume instead.
+        if root != found && s.root_grows() {
+            ctx.progress
+                .note(format!("{volume_id} is {}", found.display()));
+            let grown = loop_root(&found, s.plan.root_partition, true, ctx).await?;
+            if let Some(detach) = s.backend.detach {
+                ctx.undo.require(detach, grown.release);
+            }
+            s.backend.release_loop = Some(grown.release);
+            s.root_device = Some(grown.device);
+            return Ok(());
+        }
         ctx.progress.note(format!(
             "{volume_id} is {}; root filesystem on {}",
             found.display(),
@@ -226,7 +244,8 @@ impl Step<BakeState<Attach>> for AttachVolume {
     }
 }
 
-/// Detaches the volume before the snapshot, through the undo entry the cleanup would run.
+/// Detaches the volume (and first the loop device over it, if any) before the snapshot,
+/// through the undo entries the cleanup would run.
 pub struct DetachVolume;
 
 #[async_trait]
@@ -235,7 +254,10 @@ impl Step<BakeState<Attach>> for DetachVolume {
         "detach volume"
     }
     async fn run(&self, s: &mut BakeState<Attach>, ctx: &mut StepContext) -> Result<(), StepError> {
-        if let Some(id) = s.backend.detach.take() {
+        for id in [s.backend.release_loop.take(), s.backend.detach.take()]
+            .into_iter()
+            .flatten()
+        {
             undo_now(ctx, id).await?;
         }
         s.backend.device_name = None;

@@ -9,8 +9,8 @@ use async_trait::async_trait;
 use aws_sdk_ec2::types::{ResourceType, TagSpecification};
 
 use super::steps::{
-    Distribute, ExtractTarball, MarkFinished, MountImage, PrepareChroot, PublishSsm, RegisterImage,
-    RunProvisioners, TestImage, UnmountImage,
+    loop_root, Distribute, ExtractTarball, MarkFinished, MountImage, PrepareChroot, PublishSsm,
+    RegisterImage, RunProvisioners, TestImage, UnmountImage,
 };
 use super::{Backend, BakeState};
 use crate::artifact::TAG_BUILD_ID;
@@ -21,7 +21,6 @@ use crate::aws::{AwsError, Clients};
 use crate::engine::{Keep, Step, StepContext, StepError, UndoId, Unit};
 use crate::host::disk_image::{self, CopiedBy};
 use crate::host::image_cache::{CacheError, CachedImage, ImageCache};
-use crate::host::loop_device;
 use crate::modes::support::{earlier, failed, tags, undo_now, undo_with, waited};
 
 /// The steps, in order: a bake with no build host reads as this list.
@@ -332,57 +331,15 @@ impl Step<BakeState<Direct>> for AttachLoopDevice {
     }
     async fn run(&self, s: &mut BakeState<Direct>, ctx: &mut StepContext) -> Result<(), StepError> {
         let copy = earlier(&s.backend.working_copy, "working copy")?;
-        let wanted = s.plan.root_partition;
         // The copy is already the volume's size; a root partition grows into it here, and
         // its filesystem once mounted.
-        let grow = s.root_grows();
-        let c = copy.clone();
-        let extent = tokio::task::spawn_blocking(move || {
-            if grow {
-                disk_image::grow_root_partition(&c, wanted)
-            } else {
-                disk_image::root_extent(&c, wanted)
-            }
-        })
-        .await
-        .map_err(failed)?
-        .map_err(failed)?;
-        let c = copy.clone();
-        let device = tokio::task::spawn_blocking(move || loop_device::attach(&c, extent))
-            .await
-            .map_err(failed)?
-            .map_err(failed)?;
-        let d = device.clone();
-        s.backend.release_loop = Some(ctx.undo.push(
-            device.display().to_string(),
-            "detach loop device",
-            Keep::Never,
-            move || {
-                let d = d.clone();
-                async move {
-                    tokio::task::spawn_blocking(move || loop_device::detach(&d)).await??;
-                    Ok(())
-                }
-            },
-        ));
+        let root = loop_root(&copy, s.plan.root_partition, s.root_grows(), ctx).await?;
+        s.backend.release_loop = Some(root.release);
         // The copy goes once the kernel has let go of it (and is removed even if not).
-        if let (Some(remove), Some(release)) = (s.backend.remove_copy, s.backend.release_loop) {
-            ctx.undo.order(remove, release);
+        if let Some(remove) = s.backend.remove_copy {
+            ctx.undo.order(remove, root.release);
         }
-        ctx.progress.note(match extent {
-            Some(e) => format!(
-                "root filesystem on {} (the partition at {} MiB of {})",
-                device.display(),
-                e.offset >> 20,
-                copy.display()
-            ),
-            None => format!(
-                "root filesystem on {} ({})",
-                device.display(),
-                copy.display()
-            ),
-        });
-        s.root_device = Some(device);
+        s.root_device = Some(root.device);
         Ok(())
     }
 }

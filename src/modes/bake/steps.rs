@@ -3,6 +3,7 @@
 //! from its snapshot the same way. Each step registers how to undo what it made the moment
 //! it exists.
 
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -24,9 +25,71 @@ use crate::artifact::{
 };
 use crate::aws::resources::{self, wait_image};
 use crate::communicator::chroot::Chroot;
-use crate::engine::{Keep, Step, StepContext, StepError, Unit};
-use crate::host::{extract, mount};
+use crate::engine::{Keep, Step, StepContext, StepError, UndoId, Unit};
+use crate::host::disk_image;
+use crate::host::{extract, loop_device, mount};
 use crate::provision::Entries;
+
+/// The root filesystem of `disk` (a working copy, or an attached volume's whole device) on
+/// a loop device of its own: partition `wanted` of it, or the whole of it. With `grow`, the
+/// root partition first grows to the end of the disk, which is then larger than the base's.
+/// The loop device is ours, so it needs no partition re-read by the kernel (which a loop
+/// device here, or a disk in use, may not do). Registers its release.
+pub struct LoopRoot {
+    pub device: PathBuf,
+    pub release: UndoId,
+}
+
+pub async fn loop_root(
+    disk: &Path,
+    wanted: Option<u32>,
+    grow: bool,
+    ctx: &mut StepContext,
+) -> Result<LoopRoot, StepError> {
+    let d = disk.to_path_buf();
+    let extent = tokio::task::spawn_blocking(move || {
+        if grow {
+            disk_image::grow_root_partition(&d, wanted)
+        } else {
+            disk_image::root_extent(&d, wanted)
+        }
+    })
+    .await
+    .map_err(failed)?
+    .map_err(failed)?;
+    let d = disk.to_path_buf();
+    let device = tokio::task::spawn_blocking(move || loop_device::attach(&d, extent))
+        .await
+        .map_err(failed)?
+        .map_err(failed)?;
+    let l = device.clone();
+    let release = ctx.undo.push(
+        device.display().to_string(),
+        "detach loop device",
+        Keep::Never,
+        move || {
+            let l = l.clone();
+            async move {
+                tokio::task::spawn_blocking(move || loop_device::detach(&l)).await??;
+                Ok(())
+            }
+        },
+    );
+    ctx.progress.note(match extent {
+        Some(e) => format!(
+            "root filesystem on {} (the partition at {} MiB of {})",
+            device.display(),
+            e.offset >> 20,
+            disk.display()
+        ),
+        None => format!(
+            "root filesystem on {} ({})",
+            device.display(),
+            disk.display()
+        ),
+    });
+    Ok(LoopRoot { device, release })
+}
 
 pub struct MountImage;
 
