@@ -315,10 +315,16 @@ pub fn changed_blocks(
 
 /// Block `index` of `file` into `buf`; past the end of the file reads as zeros.
 pub fn read_block(file: &File, index: u64, buf: &mut [u8]) -> io::Result<()> {
+    read_or_zeros(file, buf, index * BLOCK_SIZE as u64)
+}
+
+/// `buf.len()` bytes of `file` at `offset` into `buf`; past the end of the file reads as
+/// zeros.
+pub fn read_or_zeros(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
     buf.fill(0);
     let mut at = 0;
     while at < buf.len() {
-        match file.read_at(&mut buf[at..], index * BLOCK_SIZE as u64 + at as u64)? {
+        match file.read_at(&mut buf[at..], offset + at as u64)? {
             0 => break,
             n => at += n,
         }

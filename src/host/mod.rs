@@ -5,6 +5,7 @@
 pub mod credential_guard;
 pub mod device;
 pub mod disk_image;
+pub mod ext4_journal;
 pub mod extract;
 pub mod image_cache;
 pub mod image_root;

@@ -20,6 +20,7 @@ use crate::aws::resources::{self, wait_snapshot};
 use crate::aws::{AwsError, Clients};
 use crate::engine::{Keep, Step, StepContext, StepError, UndoId, Unit};
 use crate::host::disk_image::{self, CopiedBy};
+use crate::host::ext4_journal;
 use crate::host::image_cache::{CacheError, CachedImage, ImageCache};
 use crate::modes::support::{earlier, failed, tags, undo_now, undo_with, waited};
 
@@ -373,6 +374,16 @@ impl Step<BakeState<Direct>> for UploadSnapshot {
         let base = earlier(&s.backend.base_image, "base image")?;
         let upload = s.backend.upload.clone();
         let parent_digests = upload.parent.as_ref().map(|_| base.digests.clone());
+        if parent_digests.is_some() {
+            let restored = restore_base_journal(&copy, &base.image, s.plan.root_partition).await?;
+            if restored > 0 {
+                ctx.progress.note(format!(
+                    "{} KiB of the journal put back to the base's: it was clean after the \
+                     unmount, and is then the parent's",
+                    restored >> 10
+                ));
+            }
+        }
         let c = copy.clone();
         let changed = tokio::task::spawn_blocking(move || {
             disk_image::changed_blocks(&c, parent_digests.as_ref())
@@ -434,6 +445,34 @@ impl Step<BakeState<Direct>> for UploadSnapshot {
             .await
             .map_err(waited)
     }
+}
+
+/// What the bake's transactions left in an ext4 root's journal is not uploaded: see
+/// `ext4_journal`. Answers the bytes put back.
+async fn restore_base_journal(
+    copy: &std::path::Path,
+    base: &std::path::Path,
+    wanted: Option<u32>,
+) -> Result<u64, StepError> {
+    let (c, b) = (copy.to_path_buf(), base.to_path_buf());
+    tokio::task::spawn_blocking(move || {
+        let offset = disk_image::root_extent(&c, wanted)
+            .map_err(failed)?
+            .map_or(0, |e| e.offset);
+        let io = |what: &std::path::Path| {
+            let what = what.display().to_string();
+            move |e: std::io::Error| failed(format!("put the base's journal back into {what}: {e}"))
+        };
+        let target = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&c)
+            .map_err(io(&c))?;
+        let source = std::fs::File::open(&b).map_err(io(&b))?;
+        ext4_journal::restore_base_journal(&target, &source, offset).map_err(io(&c))
+    })
+    .await
+    .map_err(failed)?
 }
 
 /// Puts `changed` blocks of `image`, `BLOCKS_IN_FLIGHT` at a time, each read when its turn
