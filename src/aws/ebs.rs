@@ -19,6 +19,7 @@ use aws_sdk_ebs::primitives::ByteStream;
 use aws_sdk_ebs::types::{
     ChecksumAggregationMethod, ChecksumAlgorithm, ResourceNotFoundExceptionReason, Status, Tag,
 };
+use futures_util::{Stream, StreamExt};
 use sha2::{Digest, Sha256};
 
 use super::{AwsError, Clients};
@@ -104,10 +105,11 @@ pub enum Ran {
 
 /// Runs `call` on each of `items`, `BLOCKS_IN_FLIGHT` at a time, and hands each result to
 /// `done` as it comes. Only that many calls exist at once (an SDK call's future is large),
-/// so memory stays flat however many blocks there are. Stops at the first error, of a
-/// call or of `done`, and at `cancel`; what is still in flight is aborted.
+/// so memory stays flat however many blocks there are. `items` may come as they are found
+/// (a stream): calls start as soon as an item is there and a place is free. Stops at the
+/// first error, of a call or of `done`, and at `cancel`; what is still in flight is aborted.
 pub async fn each_block<I, T, E, Fut>(
-    items: impl IntoIterator<Item = I>,
+    items: impl Stream<Item = I>,
     cancel: &tokio_util::sync::CancellationToken,
     mut call: impl FnMut(I) -> Fut,
     mut done: impl FnMut(T) -> Result<(), E>,
@@ -117,27 +119,31 @@ where
     T: Send + 'static,
     E: Send + 'static,
 {
-    let mut items = items.into_iter();
+    let mut items = std::pin::pin!(items);
+    let mut no_more_items = false;
     let mut in_flight = tokio::task::JoinSet::new();
     loop {
-        while in_flight.len() < BLOCKS_IN_FLIGHT {
-            let Some(item) = items.next() else { break };
-            in_flight.spawn(call(item));
+        if no_more_items && in_flight.is_empty() {
+            return Ok(Ran::All);
         }
-        let next = tokio::select! {
-            next = in_flight.join_next() => next,
+        tokio::select! {
             _ = cancel.cancelled() => {
                 in_flight.abort_all();
                 return Ok(Ran::Interrupted);
             }
-        };
-        let Some(joined) = next else {
-            return Ok(Ran::All);
-        };
-        match joined {
-            Ok(result) => done(result?)?,
-            // Tasks are only aborted above, and a block call does not panic.
-            Err(e) => std::panic::resume_unwind(e.into_panic()),
+            item = items.next(), if !no_more_items && in_flight.len() < BLOCKS_IN_FLIGHT => {
+                match item {
+                    Some(item) => {
+                        in_flight.spawn(call(item));
+                    }
+                    None => no_more_items = true,
+                }
+            }
+            Some(joined) = in_flight.join_next() => match joined {
+                Ok(result) => done(result?)?,
+                // Tasks are only aborted above, and a block call does not panic.
+                Err(e) => std::panic::resume_unwind(e.into_panic()),
+            },
         }
     }
 }
@@ -360,5 +366,98 @@ pub async fn complete_snapshot(
             detail: "EBS answered that the snapshot is in error".into(),
         }),
         _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tokio_util::sync::CancellationToken;
+
+    /// A call that takes a while and counts how many run at once.
+    fn counting_call(
+        now: Arc<AtomicUsize>,
+        most: Arc<AtomicUsize>,
+    ) -> impl FnMut(
+        u64,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<u64, String>> + Send>,
+    > {
+        move |item| {
+            let (now, most) = (now.clone(), most.clone());
+            Box::pin(async move {
+                let running = now.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(running, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                now.fetch_sub(1, Ordering::SeqCst);
+                if item == 1000 {
+                    return Err(format!("block {item} refused"));
+                }
+                Ok(item)
+            })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn items_from_a_stream_are_called_as_they_come_and_never_too_many_at_once() {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<u64>(4);
+        // Items found slowly, as a reading of the image finds them.
+        let finder = tokio::spawn(async move {
+            for i in 0..200 {
+                tx.send(i).await.unwrap();
+                if i % 50 == 0 {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        });
+        let (now, most) = (Arc::default(), Arc::new(AtomicUsize::new(0)));
+        let mut done = Vec::new();
+        let ran = each_block(
+            futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)),
+            &CancellationToken::new(),
+            counting_call(now, most.clone()),
+            |item| {
+                done.push(item);
+                Ok::<_, String>(())
+            },
+        )
+        .await;
+        finder.await.unwrap();
+        assert_eq!(ran, Ok(Ran::All));
+        done.sort();
+        assert_eq!(done, (0..200).collect::<Vec<_>>());
+        let most = most.load(Ordering::SeqCst);
+        assert!(most > 1 && most <= BLOCKS_IN_FLIGHT, "{most} at once");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_first_error_stops_the_calls_and_an_interrupt_says_so() {
+        let (now, most) = (Arc::new(AtomicUsize::new(0)), Arc::default());
+        let mut done = 0;
+        let ran = each_block(
+            futures_util::stream::iter(990..2000),
+            &CancellationToken::new(),
+            counting_call(now.clone(), most),
+            |_| {
+                done += 1;
+                Ok(())
+            },
+        )
+        .await;
+        assert_eq!(ran, Err("block 1000 refused".to_string()));
+        assert!(done < 100, "{done} calls finished after the error");
+
+        let cancel = CancellationToken::new();
+        cancel.cancel();
+        let ran = each_block(
+            futures_util::stream::pending::<u64>(),
+            &cancel,
+            counting_call(Arc::default(), Arc::default()),
+            |_| Ok(()),
+        )
+        .await;
+        assert_eq!(ran, Ok(Ran::Interrupted), "even while waiting for an item");
     }
 }

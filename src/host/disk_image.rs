@@ -282,35 +282,43 @@ pub struct ChangedBlock {
     pub digest: [u8; 32],
 }
 
-/// The blocks of `image` to put into a new snapshot. Against a parent whose blocks have
-/// `parent` digests: every block whose content differs, a block the bake freed (now a hole,
-/// reading as zeros) included. With no parent (`None`): every block that is not all zeros.
+/// Reads `image` and hands `each` every block to put into a new snapshot, in index order,
+/// with its bytes. Against a parent whose blocks have `parent` digests: every block whose
+/// content differs, a block the bake freed (now a hole, reading as zeros) included. With no
+/// parent (`None`): every block that is not all zeros. Stops early, with what it has
+/// handed on, once `keep_going` says no: it is asked before each block is read.
 pub fn changed_blocks(
     image: &Path,
     parent: Option<&BlockDigests>,
-) -> io::Result<Vec<ChangedBlock>> {
+    keep_going: impl Fn() -> bool,
+    mut each: impl FnMut(ChangedBlock, &[u8]),
+) -> io::Result<()> {
     let file = File::open(image)?;
-    let zero = block_digest(&[0u8; BLOCK_SIZE]);
+    let zeros = vec![0u8; BLOCK_SIZE];
+    let zero = block_digest(&zeros);
     let data = data_blocks(&file)?;
     let mut candidates = data.clone();
     if let Some(parent) = parent {
         candidates.extend(parent.0.keys().copied());
     }
     let mut buf = vec![0u8; BLOCK_SIZE];
-    let mut changed = Vec::new();
     for index in candidates {
-        let digest = if data.contains(&index) {
+        if !keep_going() {
+            break;
+        }
+        let bytes = if data.contains(&index) {
             read_block(&file, index, &mut buf)?;
-            block_digest(&buf)
+            &buf
         } else {
-            zero
+            &zeros
         };
+        let digest = block_digest(bytes);
         let before = parent.map_or(zero, |p| p.0.get(&index).copied().unwrap_or(zero));
         if digest != before {
-            changed.push(ChangedBlock { index, digest });
+            each(ChangedBlock { index, digest }, bytes);
         }
     }
-    Ok(changed)
+    Ok(())
 }
 
 /// Block `index` of `file` into `buf`; past the end of the file reads as zeros.
@@ -411,20 +419,66 @@ mod tests {
             B,
         )
         .unwrap();
-        let changed: Vec<u64> = changed_blocks(&work, Some(&parent))
-            .unwrap()
-            .iter()
-            .map(|c| c.index)
-            .collect();
-        assert_eq!(changed, [0, 5, 7]);
-        let zero = block_digest(&[0u8; BLOCK_SIZE]);
-        let full = changed_blocks(&work, None).unwrap();
+        let changed = all_changed(&work, Some(&parent));
         assert_eq!(
-            full.iter().map(|c| c.index).collect::<Vec<_>>(),
+            changed.iter().map(|(c, _)| c.index).collect::<Vec<_>>(),
+            [0, 5, 7]
+        );
+        for (block, data) in &changed {
+            assert_eq!(
+                block.digest,
+                block_digest(data),
+                "each block with its own bytes"
+            );
+        }
+        assert!(
+            changed[1].1.iter().all(|b| *b == 0),
+            "a freed block is put as zeros"
+        );
+        assert!(changed[2].1.starts_with(b"new"));
+        let zero = block_digest(&[0u8; BLOCK_SIZE]);
+        let full = all_changed(&work, None);
+        assert_eq!(
+            full.iter().map(|(c, _)| c.index).collect::<Vec<_>>(),
             [0, 2, 7],
             "with no parent, every block holding data"
         );
-        assert!(full.iter().all(|c| c.digest != zero));
+        assert!(full.iter().all(|(c, _)| c.digest != zero));
+    }
+
+    fn all_changed(image: &Path, parent: Option<&BlockDigests>) -> Vec<(ChangedBlock, Vec<u8>)> {
+        let mut found = Vec::new();
+        changed_blocks(
+            image,
+            parent,
+            || true,
+            |c, data| found.push((c, data.to_vec())),
+        )
+        .unwrap();
+        found
+    }
+
+    #[test]
+    fn changed_blocks_stop_when_told() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = sparse(
+            dir.path(),
+            8 * B,
+            &[(0, b"a"), (3 * B, b"b"), (6 * B, b"c")],
+        );
+        let mut seen = Vec::new();
+        let asked = std::cell::Cell::new(0);
+        changed_blocks(
+            &image,
+            None,
+            || {
+                asked.set(asked.get() + 1);
+                asked.get() <= 2
+            },
+            |c, _| seen.push(c.index),
+        )
+        .unwrap();
+        assert_eq!(seen, [0, 3], "no block read once told to stop");
     }
 
     fn write_mbr(path: &Path, entries: &[(u8, u32, u32)]) {

@@ -250,11 +250,16 @@ impl ImageCache {
                 Ok::<_, CacheError>((index, digest))
             }
         };
-        let ran = ebs::each_block(listing.blocks, cancel, fetch, |(index, digest)| {
-            digests.0.insert(index, digest);
-            on_block(digests.0.len(), total);
-            Ok(())
-        })
+        let ran = ebs::each_block(
+            futures_util::stream::iter(listing.blocks),
+            cancel,
+            fetch,
+            |(index, digest)| {
+                digests.0.insert(index, digest);
+                on_block(digests.0.len(), total);
+                Ok(())
+            },
+        )
         .await?;
         if ran == Ran::Interrupted {
             return Err(CacheError::Interrupted {

@@ -15,13 +15,13 @@ use super::steps::{
 use super::{Backend, BakeState};
 use crate::artifact::TAG_BUILD_ID;
 use crate::aws::ami::BaseImage;
-use crate::aws::ebs::{self, NewSnapshot, Ran, BLOCK_SIZE};
+use crate::aws::ebs::{self, NewSnapshot, Ran, BLOCKS_IN_FLIGHT, BLOCK_SIZE};
 use crate::aws::resources::{self, wait_snapshot};
 use crate::aws::{AwsError, Clients};
 use crate::engine::{Keep, Step, StepContext, StepError, UndoId, Unit};
 use crate::host::disk_image::{self, CopiedBy};
 use crate::host::ext4_journal;
-use crate::host::image_cache::{CacheError, CachedImage, ImageCache};
+use crate::host::image_cache::{BlockDigests, CacheError, CachedImage, ImageCache};
 use crate::modes::support::{earlier, failed, tags, undo_now, undo_with, waited};
 
 /// The steps, in order: a bake with no build host reads as this list.
@@ -384,13 +384,6 @@ impl Step<BakeState<Direct>> for UploadSnapshot {
                 ));
             }
         }
-        let c = copy.clone();
-        let changed = tokio::task::spawn_blocking(move || {
-            disk_image::changed_blocks(&c, parent_digests.as_ref())
-        })
-        .await
-        .map_err(failed)?
-        .map_err(|e| failed(format!("read {}: {e}", copy.display())))?;
         let new = NewSnapshot {
             volume_size_gib: size_bytes(s) >> 30,
             parent: upload.parent.clone(),
@@ -424,7 +417,7 @@ impl Step<BakeState<Direct>> for UploadSnapshot {
             Keep::OnSuccess,
             resources::delete_snapshot,
         ));
-        put_blocks(s, &snapshot_id, &copy, &changed, ctx).await?;
+        let changed = put_changed_blocks(s, &snapshot_id, &copy, parent_digests, ctx).await?;
         let checksum = ebs::linear_checksum(changed.iter().map(|c| &c.digest));
         ebs::complete_snapshot(&s.clients, &snapshot_id, changed.len(), &checksum)
             .await
@@ -475,45 +468,61 @@ async fn restore_base_journal(
     .map_err(failed)?
 }
 
-/// Puts `changed` blocks of `image`, `BLOCKS_IN_FLIGHT` at a time, each read when its turn
-/// comes so memory stays flat whatever the image holds.
-async fn put_blocks(
+/// Puts the blocks of `image` that differ from the parent's `parent_digests` (every block
+/// holding data with no parent) as the reading finds them, `BLOCKS_IN_FLIGHT` at a time: the
+/// reading and the uploads overlap, and a block's bytes are held only from its read to its
+/// put, so memory stays flat. Answers the blocks put, in index order.
+async fn put_changed_blocks(
     s: &BakeState<Direct>,
     snapshot_id: &str,
     image: &std::path::Path,
-    changed: &[disk_image::ChangedBlock],
+    parent_digests: Option<BlockDigests>,
     ctx: &mut StepContext,
-) -> Result<(), StepError> {
-    let file = std::sync::Arc::new(
-        std::fs::File::open(image).map_err(|e| failed(format!("open {}: {e}", image.display())))?,
-    );
-    let total = (changed.len() * BLOCK_SIZE) as u64;
-    let mut done = 0u64;
-    let put = |block: disk_image::ChangedBlock| {
+) -> Result<Vec<disk_image::ChangedBlock>, StepError> {
+    let (found_tx, mut found) =
+        tokio::sync::mpsc::channel::<(disk_image::ChangedBlock, Vec<u8>)>(BLOCKS_IN_FLIGHT);
+    let path = image.to_path_buf();
+    let reading = tokio::task::spawn_blocking(move || {
+        let mut changed = Vec::new();
+        disk_image::changed_blocks(
+            &path,
+            parent_digests.as_ref(),
+            // The uploads stopped (a failure or an interrupt): so does the reading.
+            || !found_tx.is_closed(),
+            |block, data| {
+                if found_tx.blocking_send((block, data.to_vec())).is_ok() {
+                    changed.push(block);
+                }
+            },
+        )
+        .map(|()| changed)
+        .map_err(|e| failed(format!("read {}: {e}", path.display())))
+    });
+    let put = |(block, data): (disk_image::ChangedBlock, Vec<u8>)| {
         let (clients, snapshot_id) = (s.clients.clone(), snapshot_id.to_string());
-        let file = file.clone();
         async move {
-            let data = tokio::task::spawn_blocking(move || {
-                let mut buf = vec![0u8; BLOCK_SIZE];
-                disk_image::read_block(&file, block.index, &mut buf).map(|()| buf)
-            })
-            .await
-            .expect("a read does not panic")
-            .map_err(|e| failed(format!("read block {}: {e}", block.index)))?;
             ebs::put_block(&clients, &snapshot_id, block.index, data, &block.digest)
                 .await
                 .map_err(failed)
         }
     };
     let progress = ctx.progress.clone();
-    let ran = ebs::each_block(changed.iter().copied(), &ctx.cancel, put, |()| {
-        done += BLOCK_SIZE as u64;
-        progress.advance(done, Some(total), Unit::Bytes, None);
-        Ok(())
-    })
-    .await?;
-    match ran {
-        Ran::All => Ok(()),
+    let mut done = 0u64;
+    let ran = ebs::each_block(
+        futures_util::stream::poll_fn(move |cx| found.poll_recv(cx)),
+        &ctx.cancel,
+        put,
+        |()| {
+            done += BLOCK_SIZE as u64;
+            progress.advance(done, None, Unit::Bytes, None);
+            Ok(())
+        },
+    )
+    .await;
+    // The stream, and with it the receiving end, is gone: the reading ends at its next block.
+    let changed = reading.await.expect("a read does not panic");
+    match ran? {
+        Ran::All => changed,
         Ran::Interrupted => Err(StepError::Interrupted),
     }
 }
