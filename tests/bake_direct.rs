@@ -186,9 +186,15 @@ impl Story {
                 .await
                 .unwrap();
             let image_id = image.image_id().unwrap().to_string();
-            amibake::aws::resources::wait_image(&self.clients, &image_id, &never, &progress)
-                .await
-                .unwrap();
+            amibake::aws::resources::wait_image(
+                &self.clients,
+                &image_id,
+                amibake::aws::wait::WaitPolicy::REGISTERED,
+                &never,
+                &progress,
+            )
+            .await
+            .unwrap();
             image_id
         })
     }

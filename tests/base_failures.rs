@@ -555,9 +555,15 @@ fn broken_image(world: &World) -> String {
             .image_id()
             .unwrap()
             .to_string();
-        amibake::aws::resources::wait_image(&world.clients, &image_id, &never, &progress)
-            .await
-            .unwrap();
+        amibake::aws::resources::wait_image(
+            &world.clients,
+            &image_id,
+            amibake::aws::wait::WaitPolicy::REGISTERED,
+            &never,
+            &progress,
+        )
+        .await
+        .unwrap();
         image_id
     })
 }

@@ -106,10 +106,12 @@ pub async fn wait_snapshot(
     .await
 }
 
-/// Waits until an image is available.
+/// Waits until an image is available, polling as `policy` says: `REGISTERED` for an image
+/// over completed snapshots, `LONG` for one whose snapshots are still being made or copied.
 pub async fn wait_image(
     clients: &Clients,
     id: &str,
+    policy: WaitPolicy,
     cancel: &CancellationToken,
     progress: &Progress,
 ) -> Result<(), ResourceError> {
@@ -117,7 +119,7 @@ pub async fn wait_image(
     wait_for(
         "image",
         id,
-        WaitPolicy::LONG,
+        policy,
         cancel,
         |state, _| progress.note(format!("{id}: {state}")),
         || {

@@ -33,6 +33,14 @@ impl WaitPolicy {
         max_interval: Duration::from_secs(5),
         total: Duration::from_secs(60 * 60),
     };
+    /// An image registered over a snapshot that is already completed: EC2 makes it
+    /// available within seconds and says nothing of its progress, so a poll every second
+    /// (a few calls in all) rather than a backoff that would overshoot the end by seconds.
+    pub const REGISTERED: WaitPolicy = WaitPolicy {
+        first_poll: Duration::from_millis(500),
+        max_interval: Duration::from_secs(1),
+        total: Duration::from_secs(60 * 60),
+    };
 }
 
 /// How long a resource this run just made may stay NotFound (EC2's eventual consistency)
@@ -260,6 +268,62 @@ mod tests {
             "done at {DONE_AT:?}, seen at {seen_at:?}"
         );
         assert!(*polls.borrow() <= 20, "{} polls", polls.borrow());
+    }
+
+    /// When a wait without progress is seen to end, under `policy`, for something ready at
+    /// `done_at`; and how many polls it took.
+    async fn seen_done(policy: WaitPolicy, done_at: Duration) -> (Duration, usize) {
+        let started = Instant::now();
+        let polls = RefCell::new(0);
+        let result: Result<(), WaitError<DescribeFailed>> = wait_for(
+            "image",
+            "ami-1",
+            policy,
+            &CancellationToken::new(),
+            |_, _| {},
+            || {
+                *polls.borrow_mut() += 1;
+                let ready = started.elapsed() >= done_at;
+                async move {
+                    Ok(if ready {
+                        Poll::Ready(())
+                    } else {
+                        Poll::Pending {
+                            state: "pending".into(),
+                            percent: None,
+                        }
+                    })
+                }
+            },
+        )
+        .await;
+        result.unwrap();
+        (started.elapsed(), polls.into_inner())
+    }
+
+    /// A registered image, available 5 s after RegisterImage (EC2 gives no progress): the
+    /// backoff for long waits would see it 1.6 s late; `REGISTERED` within its second.
+    #[tokio::test(start_paused = true)]
+    async fn a_registered_image_is_seen_within_a_second_of_being_available() {
+        const DONE_AT: Duration = Duration::from_secs(5);
+        let (long, _) = seen_done(WaitPolicy::LONG, DONE_AT).await;
+        assert!(
+            long - DONE_AT > Duration::from_secs(1),
+            "LONG saw it at {long:?}"
+        );
+        let (registered, polls) = seen_done(WaitPolicy::REGISTERED, DONE_AT).await;
+        assert!(
+            registered >= DONE_AT && registered - DONE_AT <= Duration::from_secs(1),
+            "available at {DONE_AT:?}, seen at {registered:?}"
+        );
+        assert!(polls <= 7, "{polls} polls");
+        // A slow one: still a poll a second, never more.
+        let (late, polls) = seen_done(WaitPolicy::REGISTERED, Duration::from_secs(60)).await;
+        assert!(
+            late - Duration::from_secs(60) <= Duration::from_secs(1),
+            "seen at {late:?}"
+        );
+        assert!(polls <= 62, "{polls} polls");
     }
 
     #[test]

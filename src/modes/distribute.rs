@@ -16,6 +16,7 @@ use super::support::{created_or_found, failed, mark_finished, publish, undo_with
 use super::ModeError;
 use crate::artifact::{RegionCopy, TAG_BUILD_ID, TAG_FINGERPRINT};
 use crate::aws::resources::{self, Unique};
+use crate::aws::wait::WaitPolicy;
 use crate::aws::{ami, kms, AwsError, Clients};
 use crate::engine::{Keep, StepContext, StepError};
 use crate::template::{Distribution, SsmPublish};
@@ -178,7 +179,8 @@ async fn copy(
         let (clients, id) = (copy.clients.clone(), copy.image_id.clone());
         let (cancel, progress) = (ctx.cancel.clone(), ctx.progress.clone());
         waits.spawn(async move {
-            let waited = resources::wait_image(&clients, &id, &cancel, &progress).await;
+            let waited =
+                resources::wait_image(&clients, &id, WaitPolicy::LONG, &cancel, &progress).await;
             (i, waited)
         });
     }

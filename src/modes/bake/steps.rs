@@ -24,6 +24,7 @@ use crate::artifact::{
     TAG_TARBALL_SHA256, TAG_VARIANT,
 };
 use crate::aws::resources::{self, wait_image};
+use crate::aws::wait::WaitPolicy;
 use crate::communicator::chroot::Chroot;
 use crate::engine::{Keep, Step, StepContext, StepError, UndoId, Unit};
 use crate::host::disk_image;
@@ -355,9 +356,16 @@ impl<B: Backend> Step<BakeState<B>> for RegisterImage {
         if let Some(delete_snapshot) = s.delete_snapshot {
             ctx.undo.require(delete_snapshot, deregister);
         }
-        wait_image(&s.clients, &image_id, &ctx.cancel, &ctx.progress)
-            .await
-            .map_err(waited)
+        // RegisterImage over the snapshot this bake saw completed.
+        wait_image(
+            &s.clients,
+            &image_id,
+            WaitPolicy::REGISTERED,
+            &ctx.cancel,
+            &ctx.progress,
+        )
+        .await
+        .map_err(waited)
     }
 }
 

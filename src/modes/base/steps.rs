@@ -8,6 +8,7 @@ use crate::artifact::{
     STATE_BUILDING, TAG_BUILD_ID, TAG_FINGERPRINT, TAG_SOURCE_AMI, TAG_STATE, TAG_VARIANT,
 };
 use crate::aws::resources::{self, wait_image, wait_instance};
+use crate::aws::wait::WaitPolicy;
 use crate::aws::AwsError;
 use crate::engine::{Keep, Step, StepContext, StepError};
 use crate::modes::distribute;
@@ -187,9 +188,16 @@ impl Step<BaseState> for CreateImage {
             Keep::OnSuccess,
             resources::deregister_image_and_snapshots,
         );
-        wait_image(&s.clients, &image_id, &ctx.cancel, &ctx.progress)
-            .await
-            .map_err(waited)?;
+        // CreateImage: its snapshot is made while it waits.
+        wait_image(
+            &s.clients,
+            &image_id,
+            WaitPolicy::LONG,
+            &ctx.cancel,
+            &ctx.progress,
+        )
+        .await
+        .map_err(waited)?;
         let described = s
             .clients
             .ec2
