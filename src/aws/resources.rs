@@ -108,13 +108,14 @@ pub async fn wait_snapshot(
 
 /// Waits until an image is available, polling as `policy` says: `REGISTERED` for an image
 /// over completed snapshots, `LONG` for one whose snapshots are still being made or copied.
+/// Answers the snapshots it is over, as the available image names them.
 pub async fn wait_image(
     clients: &Clients,
     id: &str,
     policy: WaitPolicy,
     cancel: &CancellationToken,
     progress: &Progress,
-) -> Result<(), ResourceError> {
+) -> Result<Vec<String>, ResourceError> {
     let ec2 = clients.ec2.clone();
     wait_for(
         "image",
@@ -129,14 +130,13 @@ pub async fn wait_image(
                 let Some(out) = visible(described, "InvalidAMIID.NotFound", &id)? else {
                     return Ok(Poll::NotYetVisible);
                 };
-                let state = out
-                    .images()
-                    .first()
+                let image = out.images().first();
+                let state = image
                     .and_then(|i| i.state())
                     .map(|s| s.as_str().to_string())
                     .unwrap_or_else(|| "not yet visible".into());
                 Ok(match state.as_str() {
-                    "available" => Poll::Ready(()),
+                    "available" => Poll::Ready(image.map(snapshot_ids).unwrap_or_default()),
                     "failed" | "error" | "invalid" | "deregistered" => Poll::Failed { state },
                     _ => Poll::Pending {
                         state,
@@ -147,6 +147,15 @@ pub async fn wait_image(
         },
     )
     .await
+}
+
+/// The EBS snapshots an image's block device mappings name.
+pub fn snapshot_ids(image: &aws_sdk_ec2::types::Image) -> Vec<String> {
+    image
+        .block_device_mappings()
+        .iter()
+        .filter_map(|m| m.ebs().and_then(|e| e.snapshot_id()).map(str::to_string))
+        .collect()
 }
 
 /// The AWS error code of a failed call, if the service answered with one.
@@ -489,11 +498,7 @@ pub async fn deregister_image_and_snapshots(
                     return Ok(Poll::NotYetVisible);
                 };
                 Ok(Poll::Ready(
-                    out.images()
-                        .iter()
-                        .flat_map(|i| i.block_device_mappings())
-                        .filter_map(|m| m.ebs().and_then(|e| e.snapshot_id()).map(str::to_string))
-                        .collect(),
+                    out.images().first().map(snapshot_ids).unwrap_or_default(),
                 ))
             }
         },

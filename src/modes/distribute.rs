@@ -187,19 +187,21 @@ async fn copy(
     let mut first_error = None;
     while let Some(joined) = waits.join_next().await {
         let (i, result) = joined.map_err(|e| failed(format!("a copy's wait ended: {e}")))?;
-        if let Err(e) = result {
-            let region = &copies[i].clients.region;
-            first_error.get_or_insert_with(|| match waited(e) {
-                StepError::Interrupted => StepError::Interrupted,
-                other => failed(format!("the copy in {region}: {other}")),
-            });
+        match result {
+            Ok(snapshot_ids) => copies[i].snapshot_ids = snapshot_ids,
+            Err(e) => {
+                let region = &copies[i].clients.region;
+                first_error.get_or_insert_with(|| match waited(e) {
+                    StepError::Interrupted => StepError::Interrupted,
+                    other => failed(format!("the copy in {region}: {other}")),
+                });
+            }
         }
     }
     if let Some(e) = first_error {
         return Err(e);
     }
-    for copy in &mut copies {
-        copy.snapshot_ids = snapshots_of(&copy.clients, &copy.image_id).await?;
+    for copy in &copies {
         ctx.progress.note(format!(
             "{} in {}{}",
             copy.image_id,
@@ -278,22 +280,6 @@ impl CopyRequest {
         progress.note(format!("copying to {}: {id}", clients.region));
         Ok((id, false))
     }
-}
-
-async fn snapshots_of(clients: &Clients, image_id: &str) -> Result<Vec<String>, StepError> {
-    let out = clients
-        .ec2
-        .describe_images()
-        .image_ids(image_id)
-        .send()
-        .await
-        .map_err(|e| failed(AwsError::new(format!("describe {image_id}"), &e)))?;
-    Ok(out
-        .images()
-        .iter()
-        .flat_map(|i| i.block_device_mappings())
-        .filter_map(|m| m.ebs().and_then(|e| e.snapshot_id()).map(str::to_string))
-        .collect())
 }
 
 /// Deprecation, IMDSv2-only and launch permissions on each image (the run's own and its

@@ -365,7 +365,8 @@ impl<B: Backend> Step<BakeState<B>> for RegisterImage {
             &ctx.progress,
         )
         .await
-        .map_err(waited)
+        .map_err(waited)?;
+        Ok(())
     }
 }
 

@@ -189,7 +189,7 @@ impl Step<BaseState> for CreateImage {
             resources::deregister_image_and_snapshots,
         );
         // CreateImage: its snapshot is made while it waits.
-        wait_image(
+        s.snapshot_ids = wait_image(
             &s.clients,
             &image_id,
             WaitPolicy::LONG,
@@ -198,20 +198,6 @@ impl Step<BaseState> for CreateImage {
         )
         .await
         .map_err(waited)?;
-        let described = s
-            .clients
-            .ec2
-            .describe_images()
-            .image_ids(&image_id)
-            .send()
-            .await
-            .map_err(|e| failed(AwsError::new(format!("describe {image_id}"), &e)))?;
-        s.snapshot_ids = described
-            .images()
-            .iter()
-            .flat_map(|i| i.block_device_mappings())
-            .filter_map(|m| m.ebs().and_then(|e| e.snapshot_id()).map(str::to_string))
-            .collect();
         Ok(())
     }
 }
