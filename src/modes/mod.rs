@@ -219,13 +219,22 @@ fn hold_run_lock(build_id: &str) -> Result<crate::host::run_lock::RunLock, ModeE
     )))
 }
 
+/// A template loaded for one run, with what its end needs once the template itself is
+/// handed to the run: the post commands and the secrets to mask in every error.
+struct LoadedRun {
+    template: Template,
+    build_id: String,
+    post: Vec<StageCommand>,
+    secrets: Secrets,
+}
+
 /// Loads the template for a run and insists it has the section the mode needs.
 fn load_for_run(
     path: &Path,
     common: &CommonOptions,
     commit: Commit,
     section: &str,
-) -> Result<(Template, String), ModeError> {
+) -> Result<LoadedRun, ModeError> {
     let timestamp = crate::run_id::timestamp_now();
     let build_id = crate::run_id::new_build_id(&timestamp);
     let options = LoadOptions {
@@ -258,7 +267,16 @@ fn load_for_run(
         }
         instance.ssh_cidrs = Some(common.ssh_cidrs.clone());
     }
-    Ok((template, build_id))
+    let post = match section {
+        "base" => template.base.as_ref().map(|p| p.post.clone()),
+        _ => template.bake.as_ref().map(|p| p.post.clone()),
+    };
+    Ok(LoadedRun {
+        post: post.unwrap_or_default(),
+        secrets: template.secrets.clone(),
+        template,
+        build_id,
+    })
 }
 
 /// Whether an earlier build found by fingerprint must be booted and tested before it is

@@ -163,22 +163,16 @@ pub async fn run(
         ))
         .into());
     }
-    let (template, build_id) = load_for_run(
+    let loaded = load_for_run(
         &options.template,
         &options.common,
         Commit::Known(commit.clone()),
         "bake",
     )?;
-    let secrets = template.secrets.clone();
-    let post = template
-        .bake
-        .as_ref()
-        .map(|p| p.post.clone())
-        .unwrap_or_default();
     let built = run_loaded(
         options,
-        template,
-        build_id,
+        loaded.template,
+        loaded.build_id,
         commit,
         sink.clone(),
         cancel.clone(),
@@ -186,11 +180,11 @@ pub async fn run(
     .await;
     run_post(
         built,
-        &post,
+        &loaded.post,
         options.common.variant,
         sink,
         &cancel,
-        &secrets,
+        &loaded.secrets,
     )
     .await
 }

@@ -87,26 +87,27 @@ pub async fn run(
     cancel: CancellationToken,
 ) -> Result<BuildResult<BaseManifest>, RunError> {
     // [base] never has a commit; a [bake] table beside it is still checked, with a stand-in.
-    let (template, build_id) = load_for_run(
+    let loaded = load_for_run(
         &options.template,
         &options.common,
         Commit::Placeholder,
         "base",
     )?;
-    let secrets = template.secrets.clone();
-    let post = template
-        .base
-        .as_ref()
-        .map(|p| p.post.clone())
-        .unwrap_or_default();
-    let built = run_loaded(options, template, build_id, sink.clone(), cancel.clone()).await;
+    let built = run_loaded(
+        options,
+        loaded.template,
+        loaded.build_id,
+        sink.clone(),
+        cancel.clone(),
+    )
+    .await;
     run_post(
         built,
-        &post,
+        &loaded.post,
         options.common.variant,
         sink,
         &cancel,
-        &secrets,
+        &loaded.secrets,
     )
     .await
 }
