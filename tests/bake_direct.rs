@@ -117,17 +117,14 @@ impl Story {
             .unwrap()
             .to_string();
         let vendor_snapshot = self.root_snapshot(&vendor);
-        let ec2 = &self.clients.ec2;
-        let progress = amibake::engine::Progress::new(
-            std::sync::Arc::new(amibake::engine::render::PlainLines::new(
-                Box::new(std::io::sink()),
-                false,
-            )),
-            "",
+        let name = format!(
+            "shop-base-{kind}{}",
+            if key.is_some() { "-encrypted" } else { "" }
         );
-        let never = tokio_util::sync::CancellationToken::new();
         self.runtime.block_on(async {
-            let volume = ec2
+            let volume = self
+                .clients
+                .ec2
                 .create_volume()
                 .snapshot_id(&vendor_snapshot)
                 .availability_zone("us-east-1a")
@@ -136,66 +133,7 @@ impl Story {
                 .send()
                 .await
                 .unwrap();
-            let volume_id = volume.volume_id().unwrap().to_string();
-            amibake::aws::resources::wait_volume(
-                &self.clients,
-                &volume_id,
-                "available",
-                &never,
-                &progress,
-            )
-            .await
-            .unwrap();
-            let snapshot = ec2
-                .create_snapshot()
-                .volume_id(&volume_id)
-                .send()
-                .await
-                .unwrap();
-            let snapshot_id = snapshot.snapshot_id().unwrap().to_string();
-            amibake::aws::resources::wait_snapshot(&self.clients, &snapshot_id, &never, &progress)
-                .await
-                .unwrap();
-            ec2.delete_volume()
-                .volume_id(&volume_id)
-                .send()
-                .await
-                .unwrap();
-            let ebs = aws_sdk_ec2::types::EbsBlockDevice::builder()
-                .snapshot_id(&snapshot_id)
-                .volume_size(8)
-                .delete_on_termination(true)
-                .build();
-            let image = ec2
-                .register_image()
-                .name(format!(
-                    "shop-base-{kind}{}",
-                    if key.is_some() { "-encrypted" } else { "" }
-                ))
-                .architecture(aws_sdk_ec2::types::ArchitectureValues::X8664)
-                .root_device_name("/dev/xvda")
-                .virtualization_type("hvm")
-                .ena_support(true)
-                .block_device_mappings(
-                    aws_sdk_ec2::types::BlockDeviceMapping::builder()
-                        .device_name("/dev/xvda")
-                        .ebs(ebs)
-                        .build(),
-                )
-                .send()
-                .await
-                .unwrap();
-            let image_id = image.image_id().unwrap().to_string();
-            amibake::aws::resources::wait_image(
-                &self.clients,
-                &image_id,
-                amibake::aws::wait::WaitPolicy::REGISTERED,
-                &never,
-                &progress,
-            )
-            .await
-            .unwrap();
-            image_id
+            LocalCloud::image_of_volume(&self.clients, volume.volume_id().unwrap(), &name).await
         })
     }
 

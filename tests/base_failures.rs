@@ -9,7 +9,6 @@ mod util;
 use std::path::Path;
 use std::process::Command;
 
-use aws_sdk_ec2::types::{BlockDeviceMapping, EbsBlockDevice};
 use util::localcloud::LocalCloud;
 use util::Run;
 
@@ -496,75 +495,18 @@ fn every_failure_of_a_base_build_cleans_up_and_says_where() {
 
 /// A registered image whose root volume holds no filesystem: it launches, never boots.
 fn broken_image(world: &World) -> String {
-    let ec2 = &world.clients.ec2;
     world.runtime.block_on(async {
-        let volume = ec2
+        let volume = world
+            .clients
+            .ec2
             .create_volume()
             .availability_zone("us-east-1a")
             .size(1)
             .send()
             .await
             .unwrap();
-        let volume_id = volume.volume_id().unwrap();
-        let progress = amibake::engine::Progress::new(
-            std::sync::Arc::new(amibake::engine::render::PlainLines::new(
-                Box::new(std::io::sink()),
-                false,
-            )),
-            "",
-        );
-        let never = tokio_util::sync::CancellationToken::new();
-        amibake::aws::resources::wait_volume(
-            &world.clients,
-            volume_id,
-            "available",
-            &never,
-            &progress,
-        )
-        .await
-        .unwrap();
-        let snapshot = ec2
-            .create_snapshot()
-            .volume_id(volume_id)
-            .send()
+        LocalCloud::image_of_volume(&world.clients, volume.volume_id().unwrap(), "no-filesystem")
             .await
-            .unwrap();
-        let snapshot_id = snapshot.snapshot_id().unwrap().to_string();
-        amibake::aws::resources::wait_snapshot(&world.clients, &snapshot_id, &never, &progress)
-            .await
-            .unwrap();
-        ec2.delete_volume()
-            .volume_id(volume_id)
-            .send()
-            .await
-            .unwrap();
-        let image_id = ec2
-            .register_image()
-            .name("no-filesystem")
-            .root_device_name("/dev/xvda")
-            .architecture(aws_sdk_ec2::types::ArchitectureValues::X8664)
-            .block_device_mappings(
-                BlockDeviceMapping::builder()
-                    .device_name("/dev/xvda")
-                    .ebs(EbsBlockDevice::builder().snapshot_id(&snapshot_id).build())
-                    .build(),
-            )
-            .send()
-            .await
-            .unwrap()
-            .image_id()
-            .unwrap()
-            .to_string();
-        amibake::aws::resources::wait_image(
-            &world.clients,
-            &image_id,
-            amibake::aws::wait::WaitPolicy::REGISTERED,
-            &never,
-            &progress,
-        )
-        .await
-        .unwrap();
-        image_id
     })
 }
 

@@ -160,6 +160,76 @@ impl LocalCloud {
             .to_string()
     }
 
+    /// A registered image named `name` whose root (/dev/xvda) is a snapshot of the new
+    /// volume `volume_id`, as a base AMI of the account is made: the volume is waited for,
+    /// snapshotted and deleted. Its id, once it is available.
+    pub async fn image_of_volume(
+        clients: &amibake::aws::Clients,
+        volume_id: &str,
+        name: &str,
+    ) -> String {
+        use amibake::aws::resources;
+        let progress = amibake::engine::Progress::new(
+            std::sync::Arc::new(amibake::engine::render::PlainLines::new(
+                Box::new(std::io::sink()),
+                false,
+            )),
+            "",
+        );
+        let never = tokio_util::sync::CancellationToken::new();
+        let ec2 = &clients.ec2;
+        resources::wait_volume(clients, volume_id, "available", &never, &progress)
+            .await
+            .unwrap();
+        let snapshot = ec2
+            .create_snapshot()
+            .volume_id(volume_id)
+            .send()
+            .await
+            .unwrap();
+        let snapshot_id = snapshot.snapshot_id().unwrap();
+        resources::wait_snapshot(clients, snapshot_id, &never, &progress)
+            .await
+            .unwrap();
+        ec2.delete_volume()
+            .volume_id(volume_id)
+            .send()
+            .await
+            .unwrap();
+        let root = aws_sdk_ec2::types::EbsBlockDevice::builder()
+            .snapshot_id(snapshot_id)
+            .set_volume_size(snapshot.volume_size())
+            .delete_on_termination(true)
+            .build();
+        let image = ec2
+            .register_image()
+            .name(name)
+            .architecture(aws_sdk_ec2::types::ArchitectureValues::X8664)
+            .root_device_name("/dev/xvda")
+            .virtualization_type("hvm")
+            .ena_support(true)
+            .block_device_mappings(
+                aws_sdk_ec2::types::BlockDeviceMapping::builder()
+                    .device_name("/dev/xvda")
+                    .ebs(root)
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap();
+        let image_id = image.image_id().unwrap().to_string();
+        resources::wait_image(
+            clients,
+            &image_id,
+            amibake::aws::wait::WaitPolicy::REGISTERED,
+            &never,
+            &progress,
+        )
+        .await
+        .unwrap();
+        image_id
+    }
+
     pub fn build_host(&self) -> &str {
         self.info["build_host"].as_str().unwrap()
     }
