@@ -381,6 +381,45 @@ fn direct_bakes_without_imds_or_volumes_and_puts_only_changed_blocks() {
     let _ = std::fs::remove_file(story.dir().join(format!("{snapshot}.img")));
     story.assert_nothing_left_here();
 
+    // 3c. What a bake only reads of its base keeps its access time: a base whose files were
+    //     last read long ago (as any base a few days old), baked on, reads /etc/passwd for
+    //     the owner and runs /bin/sh for the provisioner; under the default `relatime`
+    //     each would have its inode rewritten, a changed block with nothing of the bake's.
+    const LONG_AGO: i64 = 978_307_200; // 2001-01-01
+    let read_by_a_bake = ["etc/passwd", "etc/group", "usr/bin/dash"];
+    std::fs::write(
+        story.dir().join("aged.toml"),
+        format!(
+            "[bake]\nname = \"aged-${{commit}}-${{timestamp}}\"\nbase_ami = \"{base}\"\n\
+             dest = \"/srv/aged\"\n\n[[bake.provisioner]]\ninline = [\"touch -a -d @{LONG_AGO} {}\"]\n",
+            read_by_a_bake.map(|f| format!("/{f}")).join(" ")
+        ),
+    )
+    .unwrap();
+    let run = story.bake("aged.toml", &["--commit", "c0ffee7"]);
+    run.expect_code(0);
+    let aged = manifest(&run)["ami_id"].as_str().unwrap().to_string();
+    story.template("on-aged", &aged);
+    let run = story.bake("on-aged.toml", &["--commit", "c0ffee8"]);
+    run.expect_code(0);
+    let snapshot = manifest(&run)["snapshot_id"].as_str().unwrap().to_string();
+    let image = story
+        .cloud
+        .mount_snapshot(&snapshot, story.dir(), PARTITION_1_OFFSET);
+    assert!(image.root.join("var/www/shop/REVISION").is_file());
+    for file in read_by_a_bake {
+        let atime = std::os::unix::fs::MetadataExt::atime(
+            &std::fs::metadata(image.root.join(file)).unwrap(),
+        );
+        assert_eq!(
+            atime, LONG_AGO,
+            "/{file} was read by the bake, and its atime written"
+        );
+    }
+    drop(image);
+    let _ = std::fs::remove_file(story.dir().join(format!("{snapshot}.img")));
+    story.assert_nothing_left_here();
+
     // 4. The vendor's public base, which EBS direct does not serve: read through a copy,
     //    which goes, and uploaded whole with no parent.
     let vendor = story.cloud.ls()["vendor_amis"]["partitioned"]
