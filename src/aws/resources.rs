@@ -150,7 +150,7 @@ pub async fn wait_image(
 }
 
 /// The EBS snapshots an image's block device mappings name.
-pub fn snapshot_ids(image: &aws_sdk_ec2::types::Image) -> Vec<String> {
+fn snapshot_ids(image: &aws_sdk_ec2::types::Image) -> Vec<String> {
     image
         .block_device_mappings()
         .iter()
