@@ -480,18 +480,11 @@ fn clean_volumes_by_hand(cloud: &LocalCloud) {
             }
             let id = volume["id"].as_str().unwrap().to_string();
             if volume["attached_to"].is_string() {
-                let progress = amibake::engine::Progress::new(
-                    std::sync::Arc::new(amibake::engine::render::PlainLines::new(
-                        Box::new(std::io::sink()),
-                        false,
-                    )),
-                    "",
-                );
                 amibake::aws::resources::detach_volume(
                     clients.clone(),
                     id.clone(),
                     volume["attached_to"].as_str().unwrap().to_string(),
-                    progress,
+                    LocalCloud::quiet_progress(),
                 )
                 .await
                 .unwrap();

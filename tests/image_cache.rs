@@ -7,7 +7,6 @@ use std::collections::BTreeSet;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
-use amibake::aws::resources;
 use amibake::host::image_cache::ImageCache;
 use tokio_util::sync::CancellationToken;
 use util::localcloud::LocalCloud;
@@ -40,38 +39,7 @@ async fn owned_snapshot(cloud: &LocalCloud, clients: &amibake::aws::Clients) -> 
         .send()
         .await
         .unwrap();
-    let volume_id = volume.volume_id().unwrap().to_string();
-    // The project's own waits, quietly.
-    let progress = amibake::engine::Progress::new(
-        std::sync::Arc::new(amibake::engine::render::PlainLines::new(
-            Box::new(std::io::sink()),
-            false,
-        )),
-        "",
-    );
-    let never = CancellationToken::new();
-    resources::wait_volume(clients, &volume_id, "available", &never, &progress)
-        .await
-        .unwrap();
-    let snapshot = clients
-        .ec2
-        .create_snapshot()
-        .volume_id(&volume_id)
-        .send()
-        .await
-        .unwrap();
-    let snapshot_id = snapshot.snapshot_id().unwrap().to_string();
-    resources::wait_snapshot(clients, &snapshot_id, &never, &progress)
-        .await
-        .unwrap();
-    clients
-        .ec2
-        .delete_volume()
-        .volume_id(&volume_id)
-        .send()
-        .await
-        .unwrap();
-    snapshot_id
+    LocalCloud::snapshot_of_volume(clients, volume.volume_id().unwrap()).await
 }
 
 const BLOCK: u64 = 512 * 1024;

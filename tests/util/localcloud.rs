@@ -160,48 +160,73 @@ impl LocalCloud {
             .to_string()
     }
 
-    /// A registered image named `name` whose root (/dev/xvda) is a snapshot of the new
-    /// volume `volume_id`, as a base AMI of the account is made: the volume is waited for,
-    /// snapshotted and deleted. Its id, once it is available.
-    pub async fn image_of_volume(
-        clients: &amibake::aws::Clients,
-        volume_id: &str,
-        name: &str,
-    ) -> String {
-        use amibake::aws::resources;
-        let progress = amibake::engine::Progress::new(
+    /// Progress for the project's own waits called from a test: drawn nowhere.
+    pub fn quiet_progress() -> amibake::engine::Progress {
+        amibake::engine::Progress::new(
             std::sync::Arc::new(amibake::engine::render::PlainLines::new(
                 Box::new(std::io::sink()),
                 false,
             )),
             "",
+        )
+    }
+
+    /// A completed snapshot of the new volume `volume_id`, as a base of the account is
+    /// made: the volume is waited for, snapshotted and deleted.
+    pub async fn snapshot_of_volume(clients: &amibake::aws::Clients, volume_id: &str) -> String {
+        use amibake::aws::resources;
+        let (progress, never) = (
+            Self::quiet_progress(),
+            tokio_util::sync::CancellationToken::new(),
         );
-        let never = tokio_util::sync::CancellationToken::new();
-        let ec2 = &clients.ec2;
         resources::wait_volume(clients, volume_id, "available", &never, &progress)
             .await
             .unwrap();
-        let snapshot = ec2
+        let snapshot = clients
+            .ec2
             .create_snapshot()
             .volume_id(volume_id)
             .send()
             .await
             .unwrap();
-        let snapshot_id = snapshot.snapshot_id().unwrap();
-        resources::wait_snapshot(clients, snapshot_id, &never, &progress)
+        let snapshot_id = snapshot.snapshot_id().unwrap().to_string();
+        resources::wait_snapshot(clients, &snapshot_id, &never, &progress)
             .await
             .unwrap();
-        ec2.delete_volume()
+        clients
+            .ec2
+            .delete_volume()
             .volume_id(volume_id)
             .send()
             .await
             .unwrap();
+        snapshot_id
+    }
+
+    /// A registered image named `name` whose root (/dev/xvda) is `snapshot_of_volume`, of
+    /// the snapshot's size. Its id, once it is available.
+    pub async fn image_of_volume(
+        clients: &amibake::aws::Clients,
+        volume_id: &str,
+        name: &str,
+    ) -> String {
+        let size = clients
+            .ec2
+            .describe_volumes()
+            .volume_ids(volume_id)
+            .send()
+            .await
+            .unwrap()
+            .volumes()[0]
+            .size();
+        let snapshot_id = Self::snapshot_of_volume(clients, volume_id).await;
         let root = aws_sdk_ec2::types::EbsBlockDevice::builder()
             .snapshot_id(snapshot_id)
-            .set_volume_size(snapshot.volume_size())
+            .set_volume_size(size)
             .delete_on_termination(true)
             .build();
-        let image = ec2
+        let image = clients
+            .ec2
             .register_image()
             .name(name)
             .architecture(aws_sdk_ec2::types::ArchitectureValues::X8664)
@@ -218,12 +243,12 @@ impl LocalCloud {
             .await
             .unwrap();
         let image_id = image.image_id().unwrap().to_string();
-        resources::wait_image(
+        amibake::aws::resources::wait_image(
             clients,
             &image_id,
             amibake::aws::wait::WaitPolicy::REGISTERED,
-            &never,
-            &progress,
+            &tokio_util::sync::CancellationToken::new(),
+            &Self::quiet_progress(),
         )
         .await
         .unwrap();
