@@ -159,12 +159,23 @@ impl Ssh {
 
     /// Runs a command to its end on a blocking thread, without streaming; for housekeeping.
     async fn run_quietly(&self, script: String) -> Result<(i32, String), CommError> {
+        self.run_collected(self.as_root(&script), Vec::new(), format!("run `{script}`"))
+            .await
+    }
+
+    /// Runs `command` as the SSH user with `input` on its standard input, to its end on a
+    /// blocking thread: its exit code and its output, trimmed. `action` names it in an error.
+    async fn run_collected(
+        &self,
+        command: String,
+        input: Vec<u8>,
+        action: String,
+    ) -> Result<(i32, String), CommError> {
         let session = self.session.clone();
-        let command = self.as_root(&script);
         tokio::task::spawn_blocking(move || {
             let session = session.lock().unwrap_or_else(|p| p.into_inner());
             let mut output = Vec::new();
-            let code = exec(&session, &command, &[], None, |chunk| {
+            let code = exec(&session, &command, &input, None, |chunk| {
                 output.extend_from_slice(chunk)
             })?;
             Ok::<_, std::io::Error>((
@@ -173,8 +184,8 @@ impl Ssh {
             ))
         })
         .await
-        .map_err(|e| self.failed(format!("run `{script}`"), e))?
-        .map_err(|e| self.failed(format!("run `{script}`"), e))
+        .map_err(|e| self.failed(action.clone(), e))?
+        .map_err(|e| self.failed(action, e))
     }
 }
 
@@ -253,22 +264,8 @@ impl Communicator for Ssh {
             std::process::id(),
             self.uploads.fetch_add(1, Ordering::Relaxed)
         );
-        let session = self.session.clone();
         let write = format!("umask 077; set -C; cat > {}", quote(&staged));
-        let (code, output) = tokio::task::spawn_blocking(move || {
-            let session = session.lock().unwrap_or_else(|p| p.into_inner());
-            let mut output = Vec::new();
-            let code = exec(&session, &write, &contents, None, |chunk| {
-                output.extend_from_slice(chunk)
-            })?;
-            Ok::<_, std::io::Error>((
-                code.unwrap_or(KILLED_BY_SIGNAL),
-                String::from_utf8_lossy(&output).trim().to_string(),
-            ))
-        })
-        .await
-        .map_err(|e| self.failed(action(), e))?
-        .map_err(|e| self.failed(action(), e))?;
+        let (code, output) = self.run_collected(write, contents, action()).await?;
         if code != 0 {
             return Err(self.failed(action(), format!("writing {staged}: {output}")));
         }
