@@ -279,14 +279,43 @@ fn load_for_run(
     })
 }
 
-/// Whether an earlier build found by fingerprint must be booted and tested before it is
-/// published again: no instance of it passed a test yet, and this run tests.
-fn untested(
-    earlier: &crate::aws::ami::EarlierBuild,
-    tests: &[Provisioner],
+/// An identical image an earlier run made (the same fingerprint), and what this run still
+/// owes it.
+struct Reuse {
+    earlier: crate::aws::ami::EarlierBuild,
+    /// No instance of it passed a test yet, and this run tests: it is booted and tested
+    /// before it is published again.
+    test_first: bool,
+    /// Nothing is left to do: no test owed, nothing to distribute, and its channel names it.
+    finished: bool,
+}
+
+/// Unless `--force`, the earlier build with `fingerprint`. A channel moved back or away
+/// since is published again; one that names the image already is left alone. Copies are
+/// looked for, and made where missing.
+async fn reusable(
+    clients: &crate::aws::Clients,
+    fingerprint: &str,
     common: &CommonOptions,
-) -> bool {
-    !earlier.tested && !tests.is_empty() && !common.skip_tests
+    tests: &[Provisioner],
+    publish: Option<&crate::template::SsmPublish>,
+    distribution: &crate::template::Distribution,
+) -> Result<Option<Reuse>, ModeError> {
+    if common.force {
+        return Ok(None);
+    }
+    let Some(earlier) = crate::aws::ami::find_by_fingerprint(clients, fingerprint).await? else {
+        return Ok(None);
+    };
+    let test_first = !earlier.tested && !tests.is_empty() && !common.skip_tests;
+    let finished = !test_first
+        && distribution.is_empty()
+        && channel_names(clients, publish, &earlier.id).await;
+    Ok(Some(Reuse {
+        earlier,
+        test_first,
+        finished,
+    }))
 }
 
 /// Whether the template's channel already names `image`: its newest version, and its

@@ -18,8 +18,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::distribute::{self, RegionImage};
 use super::{
-    channel_names, hold_run_lock, load_for_run, provisioner_fingerprint_parts, run_post, stages,
-    untested, BuildResult, CommonOptions, ModeError, RunError,
+    hold_run_lock, load_for_run, provisioner_fingerprint_parts, reusable, run_post, stages,
+    BuildResult, CommonOptions, ModeError, Reuse, RunError,
 };
 use crate::artifact::{self, BakeManifest};
 use crate::aws::ami::{self, BaseImage};
@@ -262,36 +262,32 @@ async fn run_loaded(
     ];
     stages::run("pre", &plan.pre, &vars, &sink, &cancel).await?;
 
-    let mut reused = None;
-    if !options.common.force {
-        if let Some(earlier) = ami::find_by_fingerprint(&clients, &fingerprint).await? {
-            // A channel moved back or away since is published again; one that names the
-            // image already is left alone. Copies are looked for, and made where missing.
-            // An image no test has passed on is tested first.
-            let test_first = untested(&earlier, &plan.tests, &options.common);
-            if !test_first
-                && plan.distribution.is_empty()
-                && channel_names(&clients, plan.publish.as_ref(), &earlier.id).await
-            {
-                let reused = BakeManifest {
-                    name: earlier.name,
-                    ..manifest(
-                        earlier.id,
-                        None,
-                        true,
-                        Extracted::default(),
-                        (None, vec![]),
-                        None,
-                    )
-                };
-                return Ok(BuildResult {
-                    manifest: Some(reused),
-                    report: None,
-                    post_failed: None,
-                });
-            }
-            reused = Some((earlier.id, earlier.name, test_first));
-        }
+    let reused = reusable(
+        &clients,
+        &fingerprint,
+        &options.common,
+        &plan.tests,
+        plan.publish.as_ref(),
+        &plan.distribution,
+    )
+    .await?;
+    if let Some(Reuse { earlier, .. }) = reused.as_ref().filter(|r| r.finished) {
+        let reused = BakeManifest {
+            name: earlier.name.clone(),
+            ..manifest(
+                earlier.id.clone(),
+                None,
+                true,
+                Extracted::default(),
+                (None, vec![]),
+                None,
+            )
+        };
+        return Ok(BuildResult {
+            manifest: Some(reused),
+            report: None,
+            post_failed: None,
+        });
     }
 
     let shared = BakeState {
@@ -318,12 +314,12 @@ async fn run_loaded(
         backend: (),
     };
     let (report, built) = match (reused.as_ref(), backend) {
-        (Some((id, _, test_first)), _) => {
+        (Some(reuse), _) => {
             let state = BakeState {
-                image_id: Some(id.clone()),
+                image_id: Some(reuse.earlier.id.clone()),
                 ..shared
             };
-            execute(steps::reuse(*test_first), state, sink, cancel).await
+            execute(steps::reuse(reuse.test_first), state, sink, cancel).await
         }
         (None, Chosen::Attach(host)) => {
             sink.emit(&engine::Event::Note {
@@ -354,8 +350,8 @@ async fn run_loaded(
     };
     let report = report.masked(&secrets);
     let manifest = match (&report.outcome, built.image_id, reused) {
-        (engine::Outcome::Succeeded, Some(image), Some((_, name, _))) => Some(BakeManifest {
-            name,
+        (engine::Outcome::Succeeded, Some(image), Some(reuse)) => Some(BakeManifest {
+            name: reuse.earlier.name,
             ..manifest(
                 image,
                 None,

@@ -15,8 +15,8 @@ use tokio_util::sync::CancellationToken;
 use super::distribute::{self, RegionImage};
 use super::instance::{Launch, Role, TemporaryInstance};
 use super::{
-    channel_names, hold_run_lock, load_for_run, provisioner_fingerprint_parts, run_post, stages,
-    untested, BuildResult, CommonOptions, ModeError, RunError,
+    hold_run_lock, load_for_run, provisioner_fingerprint_parts, reusable, run_post, stages,
+    BuildResult, CommonOptions, ModeError, Reuse, RunError,
 };
 use crate::artifact::{self, BaseManifest};
 use crate::aws::ami::{self, BaseImage};
@@ -161,25 +161,22 @@ async fn run_loaded(
     ];
     stages::run("pre", &plan.pre, &vars, &sink, &cancel).await?;
 
-    let mut reused = None;
-    if !options.common.force {
-        if let Some(earlier) = ami::find_by_fingerprint(&clients, &fingerprint).await? {
-            // A channel moved back or away since is published again; one that names the
-            // image already is left alone. Copies are looked for, and made where missing.
-            // An image no test has passed on is tested first.
-            let test_first = untested(&earlier, &plan.tests, &options.common);
-            if !test_first
-                && plan.distribution.is_empty()
-                && channel_names(&clients, plan.publish.as_ref(), &earlier.id).await
-            {
-                return Ok(BuildResult {
-                    manifest: Some(manifest(earlier.id, earlier.name, true, None)),
-                    report: None,
-                    post_failed: None,
-                });
-            }
-            reused = Some((earlier.id, earlier.name, test_first));
-        }
+    let reused = reusable(
+        &clients,
+        &fingerprint,
+        &options.common,
+        &plan.tests,
+        plan.publish.as_ref(),
+        &plan.distribution,
+    )
+    .await?;
+    if let Some(Reuse { earlier, .. }) = reused.as_ref().filter(|r| r.finished) {
+        let (id, name) = (earlier.id.clone(), earlier.name.clone());
+        return Ok(BuildResult {
+            manifest: Some(manifest(id, name, true, None)),
+            report: None,
+            post_failed: None,
+        });
     }
 
     let instance = TemporaryInstance::new(
@@ -200,13 +197,13 @@ async fn run_loaded(
         fingerprint: fingerprint.clone(),
         instance,
         skip_tests: options.common.skip_tests,
-        image_id: reused.as_ref().map(|(id, _, _)| id.clone()),
+        image_id: reused.as_ref().map(|r| r.earlier.id.clone()),
         snapshot_ids: Vec::new(),
         ssm_version: None,
         copies: Vec::new(),
     };
     let steps = match &reused {
-        Some((_, _, test_first)) => publish_steps(*test_first),
+        Some(reuse) => publish_steps(reuse.test_first),
         None => steps(),
     };
     let report = engine::run("base", &build_id, &steps, &mut state, sink, cancel)
@@ -215,7 +212,7 @@ async fn run_loaded(
     let manifest = match (&report.outcome, &state.image_id) {
         (engine::Outcome::Succeeded, Some(image)) => {
             let was_reused = reused.is_some();
-            let name = reused.map_or_else(|| plan.name.clone(), |(_, name, _)| name);
+            let name = reused.map_or_else(|| plan.name.clone(), |r| r.earlier.name);
             Some(BaseManifest {
                 step_seconds: report.step_seconds(),
                 ..manifest(image.clone(), name, was_reused, Some(&state))
