@@ -15,7 +15,7 @@ tree itself occupies (its files' and directories' extents, mapped to 512 KiB blo
 disk). Then `direct` warm again at other tarball sizes: its peak memory must not grow with
 the tarball.
 
-    benches/backends.py [--mib 100] [--memory-sizes 25,400] [--latency realistic]
+    benches/backends.py [--mib 100] [--memory-sizes 25,400] [--latency realistic] [--no-packer] [--release]
 
 Run as root (loop devices, mounts). Not a test: it prints figures.
 """
@@ -34,7 +34,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bake import AMIBAKE, PARTITION_1_OFFSET, REPO, allocated, cli, make_tarball, run_measured  # noqa: E402
+from bake import (PARTITION_1_OFFSET, RELEASE_HELP, REPO, allocated, build_amibake, cli,  # noqa: E402
+                  make_tarball, run_measured)
 
 BLOCK = 512 * 1024
 
@@ -176,9 +177,10 @@ def main():
                         help="more tarball sizes for direct warm's peak memory (default: %(default)s; empty: none)")
     parser.add_argument("--latency", default="realistic", choices=["none", "quick", "realistic"])
     parser.add_argument("--no-packer", action="store_true", help="leave Packer out (it takes the longest)")
+    parser.add_argument("--release", action="store_true", help=RELEASE_HELP)
     args = parser.parse_args()
 
-    subprocess.run(["cargo", "build", "--quiet"], cwd=REPO, check=True)
+    amibake_exe, build = build_amibake(args.release)
     work = Path(tempfile.mkdtemp(prefix="amibake-bench-backends-"))
     state, cache = work / "localcloud", work / "cache"
     env = dict(os.environ, HOME=str(work), CHECKPOINT_DISABLE="1", PACKER_CACHE_DIR=str(work / "packer_cache"))
@@ -196,7 +198,7 @@ def main():
         files = make_tarball(tarball, args.mib, work)
 
         def amibake(backend, commit, tar=tarball):
-            command = [str(AMIBAKE), "--output", "json", "bake", str(work / "bench.toml"), "--tarball", str(tar),
+            command = [str(amibake_exe), "--output", "json", "bake", str(work / "bench.toml"), "--tarball", str(tar),
                        "--commit", commit, "--force", "--backend", backend, "--cache-dir", str(cache)]
             before = len(cli(state, "calls").splitlines())
             start = time.monotonic()
@@ -217,7 +219,7 @@ def main():
             return time.monotonic() - start, peak
 
         print(f"latency profile: {args.latency}; tarball: {args.mib} MiB of composer-like files "
-              f"({tarball.stat().st_size / (1 << 20):.0f} MiB gzip'd, {files} files); amibake: debug build, as the tests use")
+              f"({tarball.stat().st_size / (1 << 20):.0f} MiB gzip'd, {files} files); amibake: {build}")
         rows = []
         wall, peak, cold, cold_calls = amibake("direct", "cold")
         rows.append(("direct, cold cache", wall, peak))

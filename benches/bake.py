@@ -10,7 +10,7 @@
 - how much the new snapshot grew over the base's, against the bytes extracted: the
   snapshot's cost follows the blocks written.
 
-    benches/bake.py [--sizes 50,400] [--latency none]      (sizes in MiB)
+    benches/bake.py [--sizes 50,400] [--latency none] [--release]      (sizes in MiB)
 
 Run as root (loop devices, mounts). Not a test: it prints figures.
 """
@@ -28,7 +28,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 LOCALCLOUD = REPO / "tests/localcloud/localcloud"
-AMIBAKE = REPO / "target/debug/amibake"
 PARTITION_1_OFFSET = 2048 * 512
 GNU_TIME = "/usr/bin/time"
 FILE_SIZES = (200, 1500, 6000, 30000)  # bytes: composer trees are mostly small files
@@ -98,10 +97,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="50,400", help="tarball sizes in MiB (default: %(default)s)")
     parser.add_argument("--latency", default="none", choices=["none", "quick", "realistic"])
+    parser.add_argument("--release", action="store_true", help=RELEASE_HELP)
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
 
-    subprocess.run(["cargo", "build", "--quiet"], cwd=REPO, check=True)
+    amibake_exe, build = build_amibake(args.release)
     work = Path(tempfile.mkdtemp(prefix="amibake-bench-bake-"))
     state = work / "localcloud"
     env = dict(os.environ)
@@ -118,14 +118,14 @@ def main():
         base_allocated = allocated(base_raw)
         base_raw.unlink()
 
-        print(f"latency profile: {args.latency}; amibake: {AMIBAKE.relative_to(REPO)} (debug build, as the tests use)")
+        print(f"latency profile: {args.latency}; amibake: {build}")
         rows = []
         for mib in sizes:
             tarball = work / f"app-{mib}.tar.gz"
             files = make_tarball(tarball, mib, work)
             start = time.monotonic()
             code, peak_kib, stdout, stderr = run_measured(
-                [str(AMIBAKE), "--output", "json", "bake", str(work / "bench.toml"), "--tarball", str(tarball),
+                [str(amibake_exe), "--output", "json", "bake", str(work / "bench.toml"), "--tarball", str(tarball),
                  "--commit", f"bench{mib}", "--force"], env, work)
             wall = time.monotonic() - start
             if code != 0:
@@ -159,6 +159,18 @@ def main():
         # Only once nothing is mounted there: a recursive delete must never walk into a mount.
         if str(work) not in Path("/proc/mounts").read_text():
             shutil.rmtree(work, ignore_errors=True)
+
+
+RELEASE_HELP = "measure the release build, which users run, not the debug build the tests use"
+
+
+def build_amibake(release):
+    """Builds amibake as asked: its path, and which build it is, for the figures' heading."""
+    profile = ["--release"] if release else []
+    subprocess.run(["cargo", "build", "--quiet", *profile], cwd=REPO, check=True)
+    if release:
+        return REPO / "target/release/amibake", "target/release/amibake (release build, as users run it)"
+    return REPO / "target/debug/amibake", "target/debug/amibake (debug build, as the tests use)"
 
 
 def run_measured(command, env, work):
