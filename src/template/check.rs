@@ -812,49 +812,49 @@ impl Checker<'_> {
         })
     }
 
+    /// A list of distinct values, each `valid` (else "is not `what`"): an entry that is not,
+    /// or that is listed twice, is an error at its own line and column.
+    fn distinct_list(
+        &mut self,
+        key: &str,
+        list: Option<&Spanned<Vec<Spanned<String>>>>,
+        valid: impl Fn(&str) -> bool,
+        what: &str,
+    ) -> Vec<String> {
+        let mut values: Vec<String> = Vec::new();
+        for (i, entry) in list.iter().flat_map(|l| l.get_ref().iter().enumerate()) {
+            let key = format!("{key}[{i}]");
+            let value = self.text(&key, entry);
+            if !valid(&value) {
+                self.error(Some(entry.span()), &key, format!("`{value}` is not {what}"));
+            } else if values.contains(&value) {
+                self.error(
+                    Some(entry.span()),
+                    &key,
+                    format!("`{value}` is listed twice"),
+                );
+            } else {
+                values.push(value);
+            }
+        }
+        values
+    }
+
     /// Where the image goes beyond its own region and who may launch it; the keys are the
     /// same in both sections.
     fn distribution(&mut self, section: &str, keys: DistributionKeys) -> Distribution {
-        let mut copy_to_regions: Vec<String> = Vec::new();
-        for (i, r) in keys
-            .copy_to_regions
-            .iter()
-            .flat_map(|l| l.get_ref().iter().enumerate())
-        {
-            let key = format!("{section}.copy_to_regions[{i}]");
-            let region = self.text(&key, r);
-            if !is_region_name(&region) {
-                self.error(
-                    Some(r.span()),
-                    &key,
-                    format!("`{region}` is not a region name like eu-west-1"),
-                );
-            } else if copy_to_regions.contains(&region) {
-                self.error(Some(r.span()), &key, format!("`{region}` is listed twice"));
-            } else {
-                copy_to_regions.push(region);
-            }
-        }
-        let mut share_with_accounts: Vec<String> = Vec::new();
-        for (i, a) in keys
-            .share_with_accounts
-            .iter()
-            .flat_map(|l| l.get_ref().iter().enumerate())
-        {
-            let key = format!("{section}.share_with_accounts[{i}]");
-            let account = self.text(&key, a);
-            if account.len() != 12 || !account.chars().all(|c| c.is_ascii_digit()) {
-                self.error(
-                    Some(a.span()),
-                    &key,
-                    format!("`{account}` is not an AWS account id (12 digits)"),
-                );
-            } else if share_with_accounts.contains(&account) {
-                self.error(Some(a.span()), &key, format!("`{account}` is listed twice"));
-            } else {
-                share_with_accounts.push(account);
-            }
-        }
+        let copy_to_regions = self.distinct_list(
+            &format!("{section}.copy_to_regions"),
+            keys.copy_to_regions.as_ref(),
+            is_region_name,
+            "a region name like eu-west-1",
+        );
+        let share_with_accounts = self.distinct_list(
+            &format!("{section}.share_with_accounts"),
+            keys.share_with_accounts.as_ref(),
+            |account| account.len() == 12 && account.chars().all(|c| c.is_ascii_digit()),
+            "an AWS account id (12 digits)",
+        );
         let mut kms_key_ids = BTreeMap::new();
         for (region, k) in keys.kms_key_ids {
             let key = format!("{section}.kms_key_ids.{region}");
