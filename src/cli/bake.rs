@@ -65,16 +65,8 @@ pub async fn run(args: BakeArgs, global: &GlobalArgs) -> i32 {
         backend: args.backend.into(),
         cache_dir: args.cache.cache_dir,
     };
-    let Some(watch) = report::watch_run(global) else {
-        return exit::BUILD_FAILED;
-    };
-    match bake::run(&options, watch.sink.clone(), watch.cancel.clone()).await {
-        Ok(result) => report::build(
-            result,
-            global.output,
-            args.build.manifest.as_deref(),
-            &watch,
-        ),
-        Err(e) => report::error(e),
-    }
+    report::run_build(global, args.build.manifest.as_deref(), |sink, cancel| {
+        bake::run(&options, sink, cancel)
+    })
+    .await
 }

@@ -21,16 +21,8 @@ pub async fn run(args: BaseArgs, global: &GlobalArgs) -> i32 {
         template: args.template,
         common: global.common(&args.build),
     };
-    let Some(watch) = report::watch_run(global) else {
-        return amibake::exit::BUILD_FAILED;
-    };
-    match base::run(&options, watch.sink.clone(), watch.cancel.clone()).await {
-        Ok(result) => report::build(
-            result,
-            global.output,
-            args.build.manifest.as_deref(),
-            &watch,
-        ),
-        Err(e) => report::error(e),
-    }
+    report::run_build(global, args.build.manifest.as_deref(), |sink, cancel| {
+        base::run(&options, sink, cancel)
+    })
+    .await
 }

@@ -51,8 +51,27 @@ fn progress_renderer(output: OutputFormat, verbose: bool) -> Arc<dyn EventSink> 
     }
 }
 
+/// Runs a build of either mode with its progress drawn and SIGINT/SIGTERM watched, then
+/// prints how it ended. Its exit code.
+pub async fn run_build<M: Manifest, F>(
+    global: &GlobalArgs,
+    manifest_file: Option<&Path>,
+    build: impl FnOnce(Arc<dyn EventSink>, CancellationToken) -> F,
+) -> i32
+where
+    F: std::future::Future<Output = Result<BuildResult<M>, RunError>>,
+{
+    let Some(watch) = watch_run(global) else {
+        return exit::BUILD_FAILED;
+    };
+    match build(watch.sink.clone(), watch.cancel.clone()).await {
+        Ok(result) => print_outcome(result, global.output, manifest_file, &watch),
+        Err(e) => error(e),
+    }
+}
+
 /// A build's outcome, said once: the result on stdout, what went wrong on stderr.
-pub fn build<M: Manifest>(
+fn print_outcome<M: Manifest>(
     result: BuildResult<M>,
     output: OutputFormat,
     manifest_file: Option<&Path>,
