@@ -210,16 +210,17 @@ impl LocalCloud {
         volume_id: &str,
         name: &str,
     ) -> String {
+        let snapshot_id = Self::snapshot_of_volume(clients, volume_id).await;
+        // Read once the wait has seen it: a resource just made may not be visible yet.
         let size = clients
             .ec2
-            .describe_volumes()
-            .volume_ids(volume_id)
+            .describe_snapshots()
+            .snapshot_ids(&snapshot_id)
             .send()
             .await
             .unwrap()
-            .volumes()[0]
-            .size();
-        let snapshot_id = Self::snapshot_of_volume(clients, volume_id).await;
+            .snapshots()[0]
+            .volume_size();
         let root = aws_sdk_ec2::types::EbsBlockDevice::builder()
             .snapshot_id(snapshot_id)
             .set_volume_size(size)
