@@ -138,8 +138,28 @@ pub fn unpack(
         parent: None,
         dir_times: Vec::new(),
     };
-    let mut archive = tar::Archive::new(decompressed(input)?);
     let mut done = Extracted::default();
+    each_entry(input, |entry, path| {
+        let size = entry.header().size().unwrap_or(0);
+        let admitted = admit(entry, path)?;
+        let placed = writer.place(entry, admitted)?;
+        done.setuid_dropped += u64::from(placed.setuid_dropped);
+        done.files += 1;
+        done.bytes += size;
+        on_progress(done);
+        Ok(())
+    })?;
+    writer.finish().map_err(|e| dest_error(e.to_string()))?;
+    Ok(done)
+}
+
+/// Reads the tar stream in `input` (compressed or not) entry by entry. `on_entry` gets each
+/// entry and its path; what it refuses is named by the entry's number (from 1) and path.
+fn each_entry<'a>(
+    input: impl Read + 'a,
+    mut on_entry: impl FnMut(&mut tar::Entry<'_, Box<dyn Read + 'a>>, &str) -> Result<(), String>,
+) -> Result<(), ExtractError> {
+    let mut archive = tar::Archive::new(decompressed(input)?);
     let entries = archive
         .entries()
         .map_err(|e| ExtractError::Corrupt(e.to_string()))?;
@@ -147,26 +167,89 @@ pub fn unpack(
         let index = index as u64 + 1;
         let mut entry =
             entry.map_err(|e| ExtractError::Corrupt(format!("at entry {index}: {e}")))?;
-        let path = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
-        let refuse = |reason: String| ExtractError::Entry {
-            index,
-            path: path.clone(),
-            reason,
-        };
-        let kind = entry.header().entry_type();
-        if kind == EntryType::XGlobalHeader {
+        if entry.header().entry_type() == EntryType::XGlobalHeader {
             // `git archive` puts the commit here; it names no file.
             continue;
         }
-        let size = entry.header().size().unwrap_or(0);
-        let placed = writer.place(&mut entry, &path).map_err(refuse)?;
-        done.setuid_dropped += u64::from(placed.setuid_dropped);
-        done.files += 1;
-        done.bytes += size;
-        on_progress(done);
+        let path = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+        on_entry(&mut entry, &path).map_err(|reason| ExtractError::Entry {
+            index,
+            path,
+            reason,
+        })?;
     }
-    writer.finish().map_err(|e| dest_error(e.to_string()))?;
-    Ok(done)
+    Ok(())
+}
+
+/// An entry that passed the checks that need no image.
+struct Admitted {
+    kind: EntryType,
+    /// Where below `dest` it goes, part by part (a sparse file's real name).
+    parts: Vec<String>,
+    sparse: Option<SparseMap>,
+    /// A hard link's target.
+    link_target: Option<LinkTarget>,
+}
+
+/// Where a hard link points below `dest`: its directory and name there, and the target as
+/// the tarball names it, for errors.
+struct LinkTarget {
+    dir: String,
+    leaf: String,
+    named: String,
+}
+
+/// What the tarball alone decides about an entry: its kind is one an application tarball
+/// may hold, and neither its path nor a hard link's target climbs out with `..`.
+fn admit(entry: &mut tar::Entry<impl Read>, path: &str) -> Result<Admitted, String> {
+    let kind = entry.header().entry_type();
+    match kind {
+        EntryType::Char | EntryType::Block => {
+            return Err("device nodes are not allowed in an application tarball".into())
+        }
+        EntryType::Fifo => return Err("FIFOs are not allowed in an application tarball".into()),
+        EntryType::Regular
+        | EntryType::Continuous
+        | EntryType::GNUSparse
+        | EntryType::Directory
+        | EntryType::Symlink
+        | EntryType::Link => {}
+        other => return Err(format!("unsupported entry type {other:?}")),
+    }
+    let sparse = pax_sparse_map(entry)?;
+    let name = sparse.as_ref().map_or(path, |s| s.name.as_str());
+    let parts = owned_parts(name).map_err(|_| "its path leaves the destination (`..`)")?;
+    let link_target = if kind == EntryType::Link {
+        let target = entry
+            .link_name_bytes()
+            .ok_or("a hard link without a target")?;
+        let target = String::from_utf8_lossy(&target).into_owned();
+        let target_parts = owned_parts(&target)
+            .map_err(|_| format!("its link target {target} leaves the destination"))?;
+        let (leaf, dir) = target_parts
+            .split_last()
+            .ok_or("a hard link to the destination itself")?;
+        Some(LinkTarget {
+            dir: dir.join("/"),
+            leaf: leaf.clone(),
+            named: target,
+        })
+    } else {
+        None
+    };
+    Ok(Admitted {
+        kind,
+        parts,
+        sparse,
+        link_target,
+    })
+}
+
+fn owned_parts(path: &str) -> std::io::Result<Vec<String>> {
+    Ok(image_root::normal_parts(path)?
+        .into_iter()
+        .map(str::to_string)
+        .collect())
 }
 
 /// What placing one entry did.
@@ -186,34 +269,24 @@ struct Writer {
 }
 
 impl Writer {
-    fn place(&mut self, entry: &mut tar::Entry<impl Read>, path: &str) -> Result<Placed, String> {
-        let kind = entry.header().entry_type();
-        match kind {
-            EntryType::Char | EntryType::Block => {
-                return Err("device nodes are not allowed in an application tarball".into())
-            }
-            EntryType::Fifo => return Err("FIFOs are not allowed in an application tarball".into()),
-            EntryType::Regular
-            | EntryType::Continuous
-            | EntryType::GNUSparse
-            | EntryType::Directory
-            | EntryType::Symlink
-            | EntryType::Link => {}
-            other => return Err(format!("unsupported entry type {other:?}")),
-        }
-        let sparse = pax_sparse_map(entry)?;
-        let name = match &sparse {
-            Some(s) => s.name.clone(),
-            None => path.to_string(),
-        };
-        let parts = image_root::normal_parts(&name)
-            .map_err(|_| "its path leaves the destination (`..`)".to_string())?;
+    fn place(
+        &mut self,
+        entry: &mut tar::Entry<impl Read>,
+        admitted: Admitted,
+    ) -> Result<Placed, String> {
+        let Admitted {
+            kind,
+            parts,
+            sparse,
+            link_target,
+        } = admitted;
         let Some((leaf, parents)) = parts.split_last() else {
             // `./`: the destination itself, already made.
             return Ok(Placed {
                 setuid_dropped: false,
             });
         };
+        let leaf = leaf.as_str();
         let parent_path = parents.join("/");
         self.open_parent(&parent_path)?;
         let parent = match &self.parent {
@@ -250,45 +323,47 @@ impl Writer {
                     .ok_or("a symlink without a target")?
                     .into_owned();
                 clear_for(parent, leaf)?;
-                rustix::fs::symlinkat(target.as_slice(), parent, *leaf)
+                rustix::fs::symlinkat(target.as_slice(), parent, leaf)
                     .map_err(|e| format!("cannot make the symlink: {e}"))?;
                 if let Some(owner) = self.owner {
                     set_owner(parent, leaf, owner)
                         .map_err(|e| format!("cannot change its owner: {e}"))?;
                 }
-                rustix::fs::utimensat(parent, *leaf, &times(mtime), AtFlags::SYMLINK_NOFOLLOW)
+                rustix::fs::utimensat(parent, leaf, &times(mtime), AtFlags::SYMLINK_NOFOLLOW)
                     .map_err(|e| e.to_string())?;
             }
             EntryType::Link => {
-                let target = entry
-                    .link_name_bytes()
-                    .ok_or("a hard link without a target")?;
-                let target = String::from_utf8_lossy(&target).into_owned();
-                let target_parts = image_root::normal_parts(&target)
-                    .map_err(|_| format!("its link target {target} leaves the destination"))?;
-                let (target_leaf, target_parents) = target_parts
-                    .split_last()
-                    .ok_or("a hard link to the destination itself")?;
+                let LinkTarget {
+                    dir,
+                    leaf: target_leaf,
+                    named: target,
+                } = link_target.expect("admit gives every hard link its target");
                 let target_dir = image_root::open_below(
                     self.dest.as_fd(),
-                    &target_parents.join("/"),
+                    &dir,
                     OFlags::PATH | OFlags::DIRECTORY,
                 )
                 .map_err(|e| below_error(&e, &format!("its link target {target}")))?;
                 clear_for(parent, leaf)?;
-                rustix::fs::linkat(&target_dir, *target_leaf, parent, *leaf, AtFlags::empty())
-                    .map_err(|e| match e {
-                        Errno::NOENT => {
-                            format!("its link target {target} is not in the destination")
-                        }
-                        e => format!("cannot make the hard link to {target}: {e}"),
-                    })?;
+                rustix::fs::linkat(
+                    &target_dir,
+                    target_leaf.as_str(),
+                    parent,
+                    leaf,
+                    AtFlags::empty(),
+                )
+                .map_err(|e| match e {
+                    Errno::NOENT => {
+                        format!("its link target {target} is not in the destination")
+                    }
+                    e => format!("cannot make the hard link to {target}: {e}"),
+                })?;
             }
             _ => {
                 clear_for(parent, leaf)?;
                 let fd = rustix::fs::openat(
                     parent,
-                    *leaf,
+                    leaf,
                     OFlags::WRONLY
                         | OFlags::CREATE
                         | OFlags::EXCL
