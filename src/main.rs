@@ -14,6 +14,9 @@ fn main() -> ExitCode {
     // The sandboxed children fork, so they run before any runtime thread exists.
     match &cli.command {
         Command::InternalExtract(args) => return exit_code(cli::internal::extract(args)),
+        Command::InternalCheckTarball(args) => {
+            return exit_code(cli::internal::check_tarball(args))
+        }
         Command::InternalSandbox(args) => cli::internal::sandbox(args),
         _ => {}
     }

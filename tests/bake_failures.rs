@@ -12,7 +12,7 @@ use std::process::Command;
 
 use tar::EntryType;
 use util::localcloud::LocalCloud;
-use util::tarballs::{append_raw, gzip, tarball, Canary};
+use util::tarballs::{append_raw, composer_like, gzip, tarball, Canary};
 use util::Run;
 
 const TEMPLATE: &str = r#"[variables]
@@ -342,9 +342,61 @@ fn every_failure_of_a_bake_cleans_up_and_says_where() {
     clean_volumes_by_hand(&cloud);
     assert_clean(&cloud, &run);
 
-    // Hostile tarballs through whole bakes: refused with the entry named, or contained in
-    // the image; the host's canary never touched.
+    // What the tarball alone shows is wrong is refused before any AWS call, the entry
+    // named (or where the archive breaks off), with the exit code of bad input.
     let canary = Canary::new();
+    let good = gzip(&composer_like().0);
+    let refused_first: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "dot-dot",
+            tarball(|b| append_raw(b, EntryType::Regular, "../../escape", None, b"x")),
+            "tarball entry 1 (../../escape): its path leaves the destination (`..`)",
+        ),
+        (
+            "device",
+            tarball(|b| append_raw(b, EntryType::Block, "sda", None, b"")),
+            "tarball entry 1 (sda): device nodes are not allowed in an application tarball",
+        ),
+        (
+            "hard-link-dot-dot",
+            tarball(|b| append_raw(b, EntryType::Link, "hl", Some("../../etc/shadow"), b"")),
+            "tarball entry 1 (hl): its link target ../../etc/shadow leaves the destination",
+        ),
+        (
+            "cut-short",
+            good[..good.len() / 2].to_vec(),
+            "tarball is damaged or not a tar archive: at entry ",
+        ),
+        (
+            "empty",
+            Vec::new(),
+            "the tarball holds no entries: an empty file, or only an archive's end",
+        ),
+    ];
+    for (name, bytes, refused_with) in refused_first {
+        let file = format!("{name}.tar");
+        std::fs::write(dir.join(&file), bytes).unwrap();
+        let calls_before = cloud.calls().len();
+        let run = bake(&cloud, dir, &file, &["dest=/srv/app"]);
+        run.expect_code(2);
+        assert!(
+            error_line(&run).starts_with(&format!("error: --tarball {file}: {refused_with}")),
+            "{name}: wanted {refused_with:?}\n{}",
+            run.dump()
+        );
+        assert_eq!(
+            cloud.calls().len(),
+            calls_before,
+            "{name}: no AWS call at all\n{}",
+            run.dump()
+        );
+        canary.assert_untouched(name);
+        assert_clean(&cloud, &run);
+    }
+
+    // Hostile tarballs that only the image can tell from good ones, through whole bakes:
+    // refused in the extraction with the entry named, or contained in the image; the
+    // host's canary never touched.
     let canary_dir = canary.path().display().to_string();
     let canary_file = canary.file().display().to_string();
     let through_proc_root = format!("/proc/{}/root{canary_dir}", std::process::id());
@@ -375,12 +427,6 @@ fn every_failure_of_a_bake_cleans_up_and_says_where() {
             "/srv/app",
         ),
         (
-            "dot-dot",
-            tarball(|b| append_raw(b, EntryType::Regular, "../../escape", None, b"x")),
-            "tarball entry 1 (../../escape): its path leaves the destination",
-            "/srv/app",
-        ),
-        (
             "symlink-out",
             tarball(|b| {
                 append_raw(b, EntryType::Symlink, "out", Some(&canary_dir), b"");
@@ -393,12 +439,6 @@ fn every_failure_of_a_bake_cleans_up_and_says_where() {
             "hard-link",
             tarball(|b| append_raw(b, EntryType::Link, "hl", Some(&canary_file), b"")),
             "tarball entry 1 (hl)",
-            "/srv/app",
-        ),
-        (
-            "device",
-            tarball(|b| append_raw(b, EntryType::Block, "sda", None, b"")),
-            "tarball entry 1 (sda): device nodes are not allowed",
             "/srv/app",
         ),
     ];

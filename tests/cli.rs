@@ -2,7 +2,13 @@
 
 mod util;
 
+use util::tarballs::{append_raw, tarball};
 use util::{amibake, amibake_in, repo_root};
+
+/// A tarball that passes the check before any AWS call, for runs meant to fail after it.
+fn one_file_tarball() -> Vec<u8> {
+    tarball(|b| append_raw(b, tar::EntryType::Regular, "index.php", None, b"<?php\n"))
+}
 
 #[test]
 fn example_templates_validate() {
@@ -212,6 +218,24 @@ fn usage_errors_exit_2() {
         "{}",
         run.dump()
     );
+    // The wrong file given as the tarball: refused, naming it, before any AWS call (none
+    // could answer here, and none was tried).
+    let run = amibake(&[
+        "bake",
+        "templates/shop.toml",
+        "--tarball",
+        "Cargo.toml",
+        "--commit",
+        "abc1234",
+    ]);
+    run.expect_code(2);
+    assert!(
+        run.stderr().starts_with(
+            "error: --tarball Cargo.toml: tarball is damaged or not a tar archive: at entry 1: "
+        ) && run.stderr().lines().count() == 1,
+        "{}",
+        run.dump()
+    );
 }
 
 #[test]
@@ -259,12 +283,15 @@ fn bake_off_a_build_host_goes_direct_and_attach_says_it_needs_one() {
             "error: cannot read /latest/meta-data/instance-id from the instance metadata service (IMDSv2); `amibake bake` runs on an EC2 build host",
         ),
     ];
+    let dir = tempfile::tempdir().unwrap();
+    let app = dir.path().join("app.tar");
+    std::fs::write(&app, one_file_tarball()).unwrap();
     for (extra, wanted) in cases {
         let mut args = vec![
             "bake",
             "templates/shop.toml",
             "--tarball",
-            "Cargo.toml",
+            app.to_str().unwrap(),
             "--commit",
             "abc1234",
         ];
@@ -325,7 +352,7 @@ fn an_error_before_the_steps_masks_the_templates_secrets() {
          dest = \"/srv/app\"\n",
     )
     .unwrap();
-    std::fs::write(dir.path().join("app.tar"), b"").unwrap();
+    std::fs::write(dir.path().join("app.tar"), one_file_tarball()).unwrap();
     // The variable's name is this test's alone; the child inherits it.
     std::env::set_var("AMIBAKE_CLI_TEST_SECRET", SECRET);
     let run = amibake_in(

@@ -9,7 +9,9 @@ use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use amibake::host::extract::{extract_into_image, ExtractSpec, Tarball};
+use amibake::host::extract::{
+    check_tarball, extract_into_image, ExtractError, ExtractSpec, Extracted, Tarball,
+};
 use tar::EntryType;
 use tokio_util::sync::CancellationToken;
 use util::tarballs::{append_raw, assert_composer_like_at, composer_like, gzip, tarball, Canary};
@@ -330,7 +332,7 @@ async fn the_parent_side_reports_progress_and_errors() {
     .unwrap_err();
     assert_eq!(
         err.to_string(),
-        "extraction failed: tarball entry 1 (../x): its path leaves the destination (`..`)"
+        "tarball entry 1 (../x): its path leaves the destination (`..`)"
     );
 }
 
@@ -656,5 +658,169 @@ fn tarballs_as_ci_makes_them_unpack_byte_for_byte() {
         tree(&image.root().join("srv/app")),
         tree(short.path()),
         "ustar"
+    );
+}
+
+/// The tarball's check before any AWS call (`amibake internal-check-tarball`, through its
+/// parent side): writes `bytes` as `name` and checks it.
+async fn check(dir: &Path, name: &str, bytes: &[u8]) -> Result<Extracted, ExtractError> {
+    let empty = dir.join("empty");
+    let _ = std::fs::create_dir(&empty);
+    let file = dir.join(name);
+    std::fs::write(&file, bytes).unwrap();
+    check_tarball(
+        Path::new(env!("CARGO_BIN_EXE_amibake")),
+        &empty,
+        &file,
+        &CancellationToken::new(),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn the_check_refuses_what_the_tarball_alone_shows_and_passes_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let canary = Canary::new();
+    let (tar_bytes, _) = composer_like();
+
+    // A good tarball, however compressed, is read to its end and counted as the
+    // extraction counts it.
+    let image = Image::new();
+    let placed = extract_into_image(
+        Path::new(env!("CARGO_BIN_EXE_amibake")),
+        image.root(),
+        &spec("/srv/www/other"),
+        &Tarball::File({
+            let f = dir.path().join("for-extraction.tar");
+            std::fs::write(&f, &tar_bytes).unwrap();
+            f
+        }),
+        |_, _| {},
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    for (name, bytes) in [
+        ("plain.tar", tar_bytes.clone()),
+        ("app.tar.gz", gzip(&tar_bytes)),
+        (
+            "app.tar.zst",
+            zstd::encode_all(tar_bytes.as_slice(), 3).unwrap(),
+        ),
+    ] {
+        let held = check(dir.path(), name, &bytes)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(
+            (held.files, held.bytes),
+            (placed.files, placed.bytes),
+            "{name}: the entries and bytes the extraction placed"
+        );
+    }
+
+    // What the tarball alone shows is wrong: refused, the entry named as the extraction
+    // names it.
+    let gzipped = gzip(&tar_bytes);
+    let mut bad_header = tarball(|b| append_raw(b, EntryType::Regular, "ok.txt", None, b"fine"));
+    bad_header[150] ^= 0xff;
+    let refused: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "dot-dot",
+            tarball(|b| append_raw(b, EntryType::Regular, "a/../../escape.txt", None, b"out")),
+            "tarball entry 1 (a/../../escape.txt): its path leaves the destination (`..`)",
+        ),
+        (
+            "dot-dot-second",
+            tarball(|b| {
+                append_raw(b, EntryType::Regular, "fine.txt", None, b"fine");
+                append_raw(b, EntryType::Regular, "../escape.txt", None, b"out");
+            }),
+            "tarball entry 2 (../escape.txt): its path leaves the destination (`..`)",
+        ),
+        (
+            "hard-link-dot-dot",
+            tarball(|b| append_raw(b, EntryType::Link, "hl", Some("../../etc/shadow"), b"")),
+            "tarball entry 1 (hl): its link target ../../etc/shadow leaves the destination",
+        ),
+        (
+            "device",
+            tarball(|b| append_raw(b, EntryType::Block, "sda", None, b"")),
+            "tarball entry 1 (sda): device nodes are not allowed in an application tarball",
+        ),
+        (
+            "fifo",
+            tarball(|b| append_raw(b, EntryType::Fifo, "pipe", None, b"")),
+            "tarball entry 1 (pipe): FIFOs are not allowed in an application tarball",
+        ),
+        (
+            "bad-header",
+            bad_header,
+            "tarball is damaged or not a tar archive: at entry 1: ",
+        ),
+        (
+            "not-a-tarball",
+            b"<html><body>404 Not Found</body></html>\n".repeat(40),
+            "tarball is damaged or not a tar archive: at entry 1: ",
+        ),
+        (
+            "empty-file",
+            Vec::new(),
+            "the tarball holds no entries: an empty file, or only an archive's end",
+        ),
+        (
+            "only-the-end",
+            tarball(|_| {}),
+            "the tarball holds no entries: an empty file, or only an archive's end",
+        ),
+        (
+            "cut-short",
+            gzipped[..gzipped.len() / 2].to_vec(),
+            "tarball is damaged or not a tar archive: at entry ",
+        ),
+        (
+            "control-characters",
+            tarball(|b| append_raw(b, EntryType::Regular, "evil\n\x1b[2J/../../x", None, b"x")),
+            "tarball entry 1 (evil\\n\\u{1b}[2J/../../x): its path leaves the destination (`..`)",
+        ),
+    ];
+    for (name, bytes, refused_with) in refused {
+        let err = check(dir.path(), name, &bytes).await.expect_err(name);
+        let said = err.to_string();
+        assert!(
+            matches!(err, ExtractError::Refused(_))
+                && said.starts_with(refused_with)
+                && !said.contains('\n')
+                && !said.contains('\x1b'),
+            "{name}: wanted one line starting {refused_with:?}, got {err:?}"
+        );
+    }
+
+    // What only the image can tell is the extraction's to refuse: the check passes it.
+    let through_a_symlink = tarball(|b| {
+        append_raw(
+            b,
+            EntryType::Symlink,
+            "out",
+            Some(&canary.path().display().to_string()),
+            b"",
+        );
+        append_raw(b, EntryType::Regular, "out/pwned", None, b"pwned");
+    });
+    check(dir.path(), "symlink-out.tar", &through_a_symlink)
+        .await
+        .unwrap();
+    canary.assert_untouched("checked, not extracted");
+
+    let err = check_tarball(
+        Path::new(env!("CARGO_BIN_EXE_amibake")),
+        &dir.path().join("empty"),
+        &dir.path().join("missing.tar"),
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(err, ExtractError::Read { .. }) && err.to_string().contains("missing.tar"),
+        "{err}"
     );
 }

@@ -40,6 +40,30 @@ pub struct InternalExtractArgs {
     pub keep_setuid: bool,
 }
 
+#[derive(Debug, Args)]
+pub struct InternalCheckTarballArgs {
+    /// An empty directory to make the root.
+    #[arg(long)]
+    pub root: PathBuf,
+}
+
+/// Reads the tarball on standard input through every check that needs no image; exits
+/// with `exit::USAGE` where the tarball is at fault.
+pub fn check_tarball(args: &InternalCheckTarballArgs) -> i32 {
+    match extract::check_child_main(&args.root) {
+        Ok(_) => exit::OK,
+        Err(e) => {
+            eprintln!("error: {e}");
+            match e {
+                extract::ExtractError::Entry { .. }
+                | extract::ExtractError::Corrupt(_)
+                | extract::ExtractError::Empty => exit::USAGE,
+                _ => exit::BUILD_FAILED,
+            }
+        }
+    }
+}
+
 /// Unpacks standard input into the image; the exit code is the process's.
 pub fn extract(args: &InternalExtractArgs) -> i32 {
     let spec = extract::ExtractSpec {

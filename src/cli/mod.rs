@@ -160,6 +160,10 @@ pub enum Command {
     /// Used by `bake` itself: unpack standard input into the image, from inside a sandbox.
     #[command(hide = true)]
     InternalExtract(internal::InternalExtractArgs),
+    /// Used by `bake` itself: read the tarball on standard input through every check that
+    /// needs no image, from inside a sandbox, before any AWS call.
+    #[command(hide = true)]
+    InternalCheckTarball(internal::InternalCheckTarballArgs),
     /// Used by `bake` itself: run a provisioner's command in the image, inside a sandbox.
     #[command(hide = true)]
     InternalSandbox(internal::InternalSandboxArgs),
@@ -180,7 +184,9 @@ pub async fn dispatch(cli: Cli) -> i32 {
         Command::Prune(args) => prune::run(args, global).await,
         Command::Gc(args) => gc::run(args, global).await,
         Command::IamPolicy(args) => iam_policy::run(args, global),
-        Command::InternalExtract(_) | Command::InternalSandbox(_) => {
+        Command::InternalExtract(_)
+        | Command::InternalCheckTarball(_)
+        | Command::InternalSandbox(_) => {
             unreachable!("run before the runtime starts")
         }
     }

@@ -63,14 +63,21 @@ pub enum ExtractError {
     },
     #[error("tarball is damaged or not a tar archive: {0}")]
     Corrupt(String),
+    /// No bake means to deliver nothing: an empty artifact is a build that went wrong.
+    #[error("the tarball holds no entries: an empty file, or only an archive's end")]
+    Empty,
     #[error("owner `{spec}`: {reason}")]
     Owner { spec: String, reason: String },
     #[error(transparent)]
     Sandbox(#[from] sandbox::SandboxError),
     #[error("cannot create {dest} in the image: {reason}")]
     Dest { dest: String, reason: String },
-    #[error("extraction failed: {0}")]
+    /// The child could not start, ended on a signal, or failed other than on the tarball.
+    #[error("{0}")]
     Child(String),
+    /// What a child said of a tarball it refused (an entry, or a damaged archive).
+    #[error("{0}")]
+    Refused(String),
     #[error("cannot read the tarball {path}: {source}")]
     Read {
         path: PathBuf,
@@ -153,6 +160,30 @@ pub fn unpack(
     Ok(done)
 }
 
+/// Reads a whole tarball as `unpack` would and writes nothing: every check that needs no
+/// image (`admit`), and every entry's data read to its end, so a damaged or cut-short
+/// tarball is refused too, as is one with no entries. Answers what it holds.
+pub fn check_entries(
+    input: impl Read,
+    on_progress: &mut dyn FnMut(Extracted),
+) -> Result<Extracted, ExtractError> {
+    let mut held = Extracted::default();
+    each_entry(input, |entry, path| {
+        admit(entry, path)?;
+        let size = entry.header().size().unwrap_or(0);
+        std::io::copy(entry, &mut std::io::sink())
+            .map_err(|e| format!("its data cannot be read to its end: {e}"))?;
+        held.files += 1;
+        held.bytes += size;
+        on_progress(held);
+        Ok(())
+    })?;
+    if held.files == 0 {
+        return Err(ExtractError::Empty);
+    }
+    Ok(held)
+}
+
 /// Reads the tar stream in `input` (compressed or not) entry by entry. `on_entry` gets each
 /// entry and its path; what it refuses is named by the entry's number (from 1) and path.
 fn each_entry<'a>(
@@ -162,11 +193,12 @@ fn each_entry<'a>(
     let mut archive = tar::Archive::new(decompressed(input)?);
     let entries = archive
         .entries()
-        .map_err(|e| ExtractError::Corrupt(e.to_string()))?;
+        .map_err(|e| ExtractError::Corrupt(printable(&e.to_string())))?;
     for (index, entry) in entries.enumerate() {
         let index = index as u64 + 1;
-        let mut entry =
-            entry.map_err(|e| ExtractError::Corrupt(format!("at entry {index}: {e}")))?;
+        let mut entry = entry.map_err(|e| {
+            ExtractError::Corrupt(format!("at entry {index}: {}", printable(&e.to_string())))
+        })?;
         if entry.header().entry_type() == EntryType::XGlobalHeader {
             // `git archive` puts the commit here; it names no file.
             continue;
@@ -174,11 +206,25 @@ fn each_entry<'a>(
         let path = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
         on_entry(&mut entry, &path).map_err(|reason| ExtractError::Entry {
             index,
-            path,
-            reason,
+            path: printable(&path),
+            reason: printable(&reason),
         })?;
     }
     Ok(())
+}
+
+/// `text` from a tarball (a path, or a parser's error quoting a header) as one line a
+/// terminal shows as it is: control characters (a newline, an escape sequence) escaped.
+fn printable(text: &str) -> String {
+    let mut shown = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            shown.extend(c.escape_default());
+        } else {
+            shown.push(c);
+        }
+    }
+    shown
 }
 
 /// An entry that passed the checks that need no image.
@@ -694,6 +740,22 @@ pub fn child_main(root: &Path, spec: &ExtractSpec) -> Result<Extracted, ExtractE
         .as_deref()
         .map(|owner| resolve_owner(owner, |file| image.read(&format!("/etc/{file}"))))
         .transpose()?;
+    report_progress(|input, on_progress| unpack(input, &image, spec, owner, on_progress))
+}
+
+/// The child's side of the tarball's check (`amibake internal-check-tarball`): leave the host
+/// for a sandbox rooted in the empty directory `root`, with no capabilities, then read
+/// standard input through `check_entries`, reporting as `child_main` does.
+pub fn check_child_main(root: &Path) -> Result<Extracted, ExtractError> {
+    sandbox::enter(root, sandbox::Purpose::Check)?;
+    report_progress(|input, on_progress| check_entries(input, on_progress))
+}
+
+/// Runs `work` over standard input, reporting its running totals and how much of the input
+/// it has read as JSON lines on stdout, every `PROGRESS_EVERY` and once at the end.
+fn report_progress(
+    work: impl FnOnce(&mut dyn Read, &mut dyn FnMut(Extracted)) -> Result<Extracted, ExtractError>,
+) -> Result<Extracted, ExtractError> {
     let mut out = std::io::stdout().lock();
     let mut last_report = std::time::Instant::now();
     let read = std::rc::Rc::new(std::cell::Cell::new(0));
@@ -707,11 +769,11 @@ pub fn child_main(root: &Path, spec: &ExtractSpec) -> Result<Extracted, ExtractE
         );
         let _ = writeln!(out);
     };
-    let input = Counting {
+    let mut input = Counting {
         inner: std::io::stdin().lock(),
         read: read.clone(),
     };
-    let done = unpack(input, &image, spec, owner, |done| {
+    let done = work(&mut input, &mut |done| {
         if last_report.elapsed() >= PROGRESS_EVERY {
             report(done, &mut out);
             last_report = std::time::Instant::now();
@@ -732,22 +794,19 @@ pub enum Tarball {
     Stdin,
 }
 
-/// The parent's side: unpacks `tarball` as `spec` says inside the image mounted at `root`,
-/// through a sandboxed child run from `amibake_exe` (this binary: `std::env::current_exe()`).
-/// `on_progress` hears the running totals and how many bytes of the tarball (as given,
-/// compressed) have been read; `cancel` kills the child.
+/// The parent's side of the extraction: unpacks `tarball` as `spec` says inside the image
+/// mounted at `root`, through a sandboxed child run from `amibake_exe` (this binary:
+/// `std::env::current_exe()`). `on_progress` hears the running totals and how many bytes of
+/// the tarball (as given, compressed) have been read; `cancel` kills the child.
 pub async fn extract_into_image(
     amibake_exe: &Path,
     root: &Path,
     spec: &ExtractSpec,
     tarball: &Tarball,
-    mut on_progress: impl FnMut(Extracted, u64),
+    on_progress: impl FnMut(Extracted, u64),
     cancel: &tokio_util::sync::CancellationToken,
 ) -> Result<Extracted, ExtractError> {
-    use tokio::io::AsyncBufReadExt;
-
     let mut command = tokio::process::Command::new(amibake_exe);
-    super::sandbox::die_with_parent(&mut command);
     command
         .arg("internal-extract")
         .arg("--root")
@@ -760,6 +819,42 @@ pub async fn extract_into_image(
     if spec.keep_setuid {
         command.arg("--keep-setuid");
     }
+    run_child("the extraction", command, tarball, on_progress, cancel).await
+}
+
+/// The parent's side of the tarball's check, before any AWS call: reads `tarball` through
+/// `check_entries` in a sandboxed child (run from `amibake_exe`) whose root is the empty
+/// directory `empty_root` and which holds no capabilities, so the decompressor and the tar
+/// parser meet a hostile tarball with nothing to reach. Answers what the tarball holds;
+/// `ExtractError::Refused` when the tarball itself is at fault.
+pub async fn check_tarball(
+    amibake_exe: &Path,
+    empty_root: &Path,
+    tarball: &Path,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> Result<Extracted, ExtractError> {
+    let mut command = tokio::process::Command::new(amibake_exe);
+    command
+        .arg("internal-check-tarball")
+        .arg("--root")
+        .arg(empty_root);
+    let tarball = Tarball::File(tarball.to_path_buf());
+    run_child("the tarball's check", command, &tarball, |_, _| {}, cancel).await
+}
+
+/// Runs `what`, a child of this binary that reads `tarball` on its standard input and
+/// reports as `report_progress` does; `cancel` kills it. A child that exits with
+/// `exit::USAGE` refused the tarball (`ExtractError::Refused`).
+async fn run_child(
+    what: &str,
+    mut command: tokio::process::Command,
+    tarball: &Tarball,
+    mut on_progress: impl FnMut(Extracted, u64),
+    cancel: &tokio_util::sync::CancellationToken,
+) -> Result<Extracted, ExtractError> {
+    use tokio::io::AsyncBufReadExt;
+
+    super::sandbox::die_with_parent(&mut command);
     // The tarball file, or our own standard input, is the child's standard input.
     let input = match tarball {
         Tarball::File(path) => {
@@ -778,7 +873,7 @@ pub async fn extract_into_image(
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .map_err(|e| ExtractError::Child(format!("cannot start the extraction: {e}")))?;
+        .map_err(|e| ExtractError::Child(format!("cannot start {what}: {e}")))?;
     let mut stderr = child.stderr.take().expect("piped");
     let errors = tokio::spawn(async move {
         let mut text = String::new();
@@ -800,22 +895,25 @@ pub async fn extract_into_image(
             },
             _ = cancel.cancelled() => {
                 let _ = child.kill().await;
-                return Err(ExtractError::Child("interrupted".into()));
+                return Err(ExtractError::Child(format!("{what} was interrupted")));
             }
         }
     }
     let status = child
         .wait()
         .await
-        .map_err(|e| ExtractError::Child(e.to_string()))?;
+        .map_err(|e| ExtractError::Child(format!("{what}: {e}")))?;
     let message = errors.await.unwrap_or_default();
     if !status.success() {
         let message = message.trim().trim_start_matches("error: ");
-        return Err(ExtractError::Child(if message.is_empty() {
-            format!("the extraction exited with {status}")
+        if message.is_empty() {
+            return Err(ExtractError::Child(format!("{what} exited with {status}")));
+        }
+        return Err(if status.code() == Some(crate::exit::USAGE) {
+            ExtractError::Refused(message.to_string())
         } else {
-            message.to_string()
-        }));
+            ExtractError::Child(message.to_string())
+        });
     }
     Ok(last)
 }

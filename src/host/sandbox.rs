@@ -13,7 +13,8 @@
 //! where the kernel's knobs are), a read-only /sys, a /dev holding only the usual character
 //! devices (no host disk), a devpts of their own and a tmpfs /run; and only the capabilities
 //! a package install needs. The extraction gets no /proc, /sys or /dev at all and only the
-//! capabilities to create files and give them owners.
+//! capabilities to create files and give them owners; the tarball's check before it, an
+//! empty directory as its root and no capabilities at all.
 //!
 //! These functions run in a process that is still single-threaded (before any async
 //! runtime starts): they fork.
@@ -40,6 +41,9 @@ pub struct SandboxError {
 pub enum Purpose {
     /// Unpack files: create, own and date them.
     Extract,
+    /// Read a tarball, and nothing else: the root is an empty directory, and no
+    /// capability is kept.
+    Check,
     /// Run a provisioner's command, as root of the image; `network` shares the host's
     /// (which `credential_guard` keeps from the host's credentials, unless allowed).
     Provision { network: bool },
@@ -122,11 +126,15 @@ pub fn enter(root: &Path, purpose: Purpose) -> Result<(), SandboxError> {
     )
     .map_err(|e| fail("make mounts private")(e.into()))?;
     match purpose {
-        Purpose::Extract => {
+        Purpose::Extract | Purpose::Check => {
             let image = ImageRoot::open(root).map_err(fail("open the image"))?;
             rustix::process::fchdir(image.fd()).map_err(|e| fail("enter the image")(e.into()))?;
             rustix::process::chroot(".").map_err(|e| fail("chroot")(e.into()))?;
-            keep_only(EXTRACT_CAPABILITIES).map_err(fail("drop capabilities"))?;
+            let keep = match purpose {
+                Purpose::Extract => EXTRACT_CAPABILITIES,
+                _ => CapabilitySet::empty(),
+            };
+            keep_only(keep).map_err(fail("drop capabilities"))?;
             rustix::thread::set_no_new_privs(true)
                 .map_err(|e| fail("set no_new_privs")(e.into()))?;
         }

@@ -75,6 +75,14 @@ pub enum ModeError {
     /// A pre command failed: nothing was made.
     #[error(transparent)]
     Stage(#[from] stages::StageError),
+    /// The tarball's check before any AWS call: it refused the tarball
+    /// (`ExtractError::Refused`), or could not run.
+    #[error("--tarball {path}")]
+    Tarball {
+        path: String,
+        #[source]
+        source: crate::host::extract::ExtractError,
+    },
     /// Local work before the first step: the tarball, a script, a work directory.
     #[error("{what}")]
     Local {
@@ -92,7 +100,12 @@ impl ModeError {
 
     pub fn exit_code(&self) -> i32 {
         match self {
-            ModeError::Template(_) | ModeError::Usage(_) => crate::exit::USAGE,
+            ModeError::Template(_)
+            | ModeError::Usage(_)
+            | ModeError::Tarball {
+                source: crate::host::extract::ExtractError::Refused(_),
+                ..
+            } => crate::exit::USAGE,
             _ => crate::exit::BUILD_FAILED,
         }
     }

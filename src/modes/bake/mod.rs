@@ -1,7 +1,8 @@
 //! `amibake bake`: a deployment AMI from a base AMI and a code tarball, chroot-style.
 //!
-//! First, without creating anything: choose the backend, resolve the base AMI, digest the
-//! tarball and fingerprint the inputs; an available image with that fingerprint is reused.
+//! First, before any AWS call: check the tarball (in a sandbox) and digest it. Then, without
+//! creating anything: choose the backend, resolve the base AMI and fingerprint the inputs;
+//! an available image with that fingerprint is reused.
 //! Then the engine runs the backend's list of steps (`attach::steps` on an EC2 build host,
 //! `direct::steps` anywhere), each undone on failure or interrupt. A backend owns how the
 //! image becomes a block device here and how that becomes a snapshot; the steps in `steps`
@@ -26,7 +27,7 @@ use crate::aws::ami::{self, BaseImage};
 use crate::aws::host;
 use crate::aws::{kms, sdk_config, Clients};
 use crate::engine::{self, EventSink, RunReport, UndoId};
-use crate::host::extract::Extracted;
+use crate::host::extract::{self, Extracted};
 use crate::host::image_cache::ImageCache;
 use crate::template::{BakePlan, Commit, Template};
 
@@ -205,6 +206,12 @@ async fn run_loaded(
     let _run_lock = hold_run_lock(&build_id)?;
     let work = WorkDir::new(&build_id)?;
     let tarball = spool_tarball(&options.tarball, work.path())?;
+    let (checked, tarball_sha256) = tokio::join!(
+        check_tarball(&options.amibake_exe, &work, &tarball, &cancel),
+        digest(&tarball)
+    );
+    checked?;
+    let tarball_sha256 = tarball_sha256?;
 
     let clients = Clients::new(&sdk_config(&options.common.aws).await)?;
     let (backend, why_backend) = choose_backend(options.backend).await?;
@@ -216,10 +223,6 @@ async fn run_loaded(
         None => None,
     };
     distribute::check(&clients, &plan.distribution, "bake").await?;
-    let tarball_sha256 = artifact::sha256_file(&tarball).map_err(ModeError::local(format!(
-        "cannot read the tarball {}",
-        tarball.display()
-    )))?;
     let fingerprint = fingerprint(&base.id, &tarball_sha256, &plan)?;
     let manifest = |ami_id: String,
                     snapshot_id,
@@ -463,7 +466,8 @@ fn fingerprint(base: &str, tarball_sha256: &str, plan: &BakePlan) -> Result<Stri
     Ok(artifact::fingerprint(&refs))
 }
 
-/// The run's work directory: the tarball spooled from stdin, and the image's mount point.
+/// The run's work directory: the tarball spooled from stdin, the tarball check's empty root,
+/// and the image's mount point.
 /// Removed entry by entry on drop, never recursively: were an unmount to have failed, a
 /// recursive delete would walk into the mounted image, and through its bind of /dev into
 /// the host's.
@@ -471,6 +475,8 @@ struct WorkDir(PathBuf);
 
 const STDIN_TARBALL: &str = "stdin.tar";
 const MOUNT_POINT: &str = "root";
+/// The empty directory the tarball's check has as its root.
+const CHECK_ROOT: &str = "empty";
 
 impl WorkDir {
     fn new(build_id: &str) -> Result<WorkDir, ModeError> {
@@ -491,12 +497,48 @@ impl Drop for WorkDir {
         let _ = std::fs::remove_file(self.0.join(STDIN_TARBALL));
         // Fails, as it should, while anything is still mounted there.
         let _ = std::fs::remove_dir(self.0.join(MOUNT_POINT));
+        let _ = std::fs::remove_dir(self.0.join(CHECK_ROOT));
         let _ = std::fs::remove_dir(&self.0);
     }
 }
 
-/// A tarball from standard input is kept in the work directory: it is read twice (digest,
-/// then extraction).
+/// Refuses, before any AWS call, what the tarball alone shows is wrong with it: an entry no
+/// bake would place (`..`, a device node), a damaged or cut-short archive. What depends on
+/// the image (a symlink in it, its users, its free space) only the extraction can tell.
+async fn check_tarball(
+    amibake_exe: &Path,
+    work: &WorkDir,
+    tarball: &Path,
+    cancel: &CancellationToken,
+) -> Result<(), ModeError> {
+    let failed = |source| ModeError::Tarball {
+        path: tarball.display().to_string(),
+        source,
+    };
+    let empty_root = work.path().join(CHECK_ROOT);
+    std::fs::create_dir(&empty_root).map_err(ModeError::local(
+        "cannot make a root for the tarball's check",
+    ))?;
+    extract::check_tarball(amibake_exe, &empty_root, tarball, cancel)
+        .await
+        .map(|_| ())
+        .map_err(failed)
+}
+
+/// The tarball's SHA-256, read off the async runtime's threads.
+async fn digest(tarball: &Path) -> Result<String, ModeError> {
+    let path = tarball.to_path_buf();
+    tokio::task::spawn_blocking(move || artifact::sha256_file(&path))
+        .await
+        .expect("a digest does not panic")
+        .map_err(ModeError::local(format!(
+            "cannot read the tarball {}",
+            tarball.display()
+        )))
+}
+
+/// A tarball from standard input is kept in the work directory: it is read more than once
+/// (check and digest, then extraction).
 fn spool_tarball(tarball: &Path, work: &Path) -> Result<PathBuf, ModeError> {
     if tarball.as_os_str() != "-" {
         return Ok(tarball.to_path_buf());
