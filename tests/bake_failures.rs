@@ -12,7 +12,7 @@ use std::process::Command;
 
 use tar::EntryType;
 use util::localcloud::LocalCloud;
-use util::tarballs::{append_raw, composer_like, gzip, tarball, Canary};
+use util::tarballs::{append_raw, gzip, refused_on_their_own, tarball, Canary};
 use util::Run;
 
 const TEMPLATE: &str = r#"[variables]
@@ -345,43 +345,16 @@ fn every_failure_of_a_bake_cleans_up_and_says_where() {
     // What the tarball alone shows is wrong is refused before any AWS call, the entry
     // named (or where the archive breaks off), with the exit code of bad input.
     let canary = Canary::new();
-    let good = gzip(&composer_like().0);
-    let refused_first: Vec<(&str, Vec<u8>, &str)> = vec![
-        (
-            "dot-dot",
-            tarball(|b| append_raw(b, EntryType::Regular, "../../escape", None, b"x")),
-            "tarball entry 1 (../../escape): its path leaves the destination (`..`)",
-        ),
-        (
-            "device",
-            tarball(|b| append_raw(b, EntryType::Block, "sda", None, b"")),
-            "tarball entry 1 (sda): device nodes are not allowed in an application tarball",
-        ),
-        (
-            "hard-link-dot-dot",
-            tarball(|b| append_raw(b, EntryType::Link, "hl", Some("../../etc/shadow"), b"")),
-            "tarball entry 1 (hl): its link target ../../etc/shadow leaves the destination",
-        ),
-        (
-            "cut-short",
-            good[..good.len() / 2].to_vec(),
-            "tarball is damaged or not a tar archive: at entry ",
-        ),
-        (
-            "empty",
-            Vec::new(),
-            "the tarball holds no entries: an empty file, or only an archive's end",
-        ),
-    ];
-    for (name, bytes, refused_with) in refused_first {
+    for (name, bytes, refused_with) in refused_on_their_own() {
         let file = format!("{name}.tar");
         std::fs::write(dir.join(&file), bytes).unwrap();
         let calls_before = cloud.calls().len();
         let run = bake(&cloud, dir, &file, &["dest=/srv/app"]);
         run.expect_code(2);
         assert!(
-            error_line(&run).starts_with(&format!("error: --tarball {file}: {refused_with}")),
-            "{name}: wanted {refused_with:?}\n{}",
+            error_line(&run).starts_with(&format!("error: --tarball {file}: {refused_with}"))
+                && run.stderr().lines().count() == 1,
+            "{name}: wanted {refused_with:?} and nothing else\n{}",
             run.dump()
         );
         assert_eq!(
@@ -393,6 +366,27 @@ fn every_failure_of_a_bake_cleans_up_and_says_where() {
         canary.assert_untouched(name);
         assert_clean(&cloud, &run);
     }
+
+    // From standard input, it is named as given.
+    let (_, bytes, refused_with) = refused_on_their_own().swap_remove(0);
+    let mut child = bake_command(&cloud, dir, "-", &["dest=/srv/app"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(&bytes).unwrap();
+    let run = Run {
+        command: "amibake bake failures.toml --tarball - (a hostile tarball)".into(),
+        output: child.wait_with_output().unwrap(),
+    };
+    run.expect_code(2);
+    assert!(
+        error_line(&run).starts_with(&format!("error: --tarball -: {refused_with}")),
+        "{}",
+        run.dump()
+    );
+    assert_clean(&cloud, &run);
 
     // Hostile tarballs that only the image can tell from good ones, through whole bakes:
     // refused in the extraction with the entry named, or contained in the image; the

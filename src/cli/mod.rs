@@ -29,7 +29,7 @@ use amibake::modes::CommonOptions;
     version,
     about = "Bake Amazon Machine Images: base AMIs over SSH, per-commit deployment AMIs chroot-style",
     long_about = None,
-    after_help = "Exit codes: 0 ok, 1 build failed, 2 usage or template error, 130 interrupted."
+    after_help = "Exit codes: 0 ok, 1 build failed, 2 usage, template or tarball error, 130 interrupted."
 )]
 pub struct Cli {
     #[command(flatten)]

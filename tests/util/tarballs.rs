@@ -150,6 +150,75 @@ pub fn composer_like() -> (Vec<u8>, BTreeMap<String, Vec<u8>>) {
     (b.into_inner().unwrap(), files)
 }
 
+/// Tarballs that are wrong on their own, whatever image they go into, each with the start of
+/// what the check before any AWS call must say of it (the entry, as the extraction names
+/// it): (name, bytes, refusal).
+pub fn refused_on_their_own() -> Vec<(&'static str, Vec<u8>, &'static str)> {
+    let gzipped = gzip(&composer_like().0);
+    let mut bad_header = tarball(|b| append_raw(b, EntryType::Regular, "ok.txt", None, b"fine"));
+    bad_header[150] ^= 0xff; // inside the header's checksummed bytes
+    vec![
+        (
+            "dot-dot",
+            tarball(|b| append_raw(b, EntryType::Regular, "a/../../escape.txt", None, b"out")),
+            "tarball entry 1 (a/../../escape.txt): its path leaves the destination (`..`)",
+        ),
+        (
+            "dot-dot-second",
+            tarball(|b| {
+                append_raw(b, EntryType::Regular, "fine.txt", None, b"fine");
+                append_raw(b, EntryType::Regular, "../escape.txt", None, b"out");
+            }),
+            "tarball entry 2 (../escape.txt): its path leaves the destination (`..`)",
+        ),
+        (
+            "hard-link-dot-dot",
+            tarball(|b| append_raw(b, EntryType::Link, "hl", Some("../../etc/shadow"), b"")),
+            "tarball entry 1 (hl): its link target ../../etc/shadow leaves the destination",
+        ),
+        (
+            "device",
+            tarball(|b| append_raw(b, EntryType::Block, "sda", None, b"")),
+            "tarball entry 1 (sda): device nodes are not allowed in an application tarball",
+        ),
+        (
+            "fifo",
+            tarball(|b| append_raw(b, EntryType::Fifo, "pipe", None, b"")),
+            "tarball entry 1 (pipe): FIFOs are not allowed in an application tarball",
+        ),
+        (
+            "bad-header",
+            bad_header,
+            "tarball is damaged or not a tar archive: at entry 1: ",
+        ),
+        (
+            "not-a-tarball",
+            b"<html><body>404 Not Found</body></html>\n".repeat(40),
+            "tarball is damaged or not a tar archive: at entry 1: ",
+        ),
+        (
+            "empty-file",
+            Vec::new(),
+            "the tarball holds no entries: an empty file, or only an archive's end",
+        ),
+        (
+            "only-the-end",
+            tarball(|_| {}),
+            "the tarball holds no entries: an empty file, or only an archive's end",
+        ),
+        (
+            "cut-short",
+            gzipped[..gzipped.len() / 2].to_vec(),
+            "tarball is damaged or not a tar archive: at entry ",
+        ),
+        (
+            "control-characters",
+            tarball(|b| append_raw(b, EntryType::Regular, "evil\n\x1b[2J/../../x", None, b"x")),
+            "tarball entry 1 (evil\\n\\u{1b}[2J/../../x): its path leaves the destination (`..`)",
+        ),
+    ]
+}
+
 /// Asserts that `composer_like()`'s tree is at `at` as it was made: every file byte for
 /// byte, modes, mtimes, links, the empty directory, owned by `owner_uid`.
 pub fn assert_composer_like_at(at: &Path, files: &BTreeMap<String, Vec<u8>>, owner_uid: u32) {

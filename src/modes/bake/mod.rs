@@ -207,7 +207,13 @@ async fn run_loaded(
     let work = WorkDir::new(&build_id)?;
     let tarball = spool_tarball(&options.tarball, work.path())?;
     let (checked, tarball_sha256) = tokio::join!(
-        check_tarball(&options.amibake_exe, &work, &tarball, &cancel),
+        check_tarball(
+            &options.amibake_exe,
+            &work,
+            &tarball,
+            &options.tarball,
+            &cancel
+        ),
         digest(&tarball)
     );
     checked?;
@@ -503,16 +509,18 @@ impl Drop for WorkDir {
 }
 
 /// Refuses, before any AWS call, what the tarball alone shows is wrong with it: an entry no
-/// bake would place (`..`, a device node), a damaged or cut-short archive. What depends on
-/// the image (a symlink in it, its users, its free space) only the extraction can tell.
+/// bake would place (`..`, a device node), a damaged, cut-short or empty archive. What
+/// depends on the image (a symlink in it, its users, its free space) only the extraction can
+/// tell. Errors name the tarball as it was `given` (`-` for standard input).
 async fn check_tarball(
     amibake_exe: &Path,
     work: &WorkDir,
     tarball: &Path,
+    given: &Path,
     cancel: &CancellationToken,
 ) -> Result<(), ModeError> {
     let failed = |source| ModeError::Tarball {
-        path: tarball.display().to_string(),
+        path: given.display().to_string(),
         source,
     };
     let empty_root = work.path().join(CHECK_ROOT);
