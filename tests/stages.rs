@@ -51,7 +51,8 @@ impl World {
         std::fs::write(self.dir().join("shop.toml"), text).unwrap();
     }
 
-    fn bake(&self, extra: &[&str]) -> Run {
+    /// `bake shop.toml` of app.tar.gz at commit c0ffee1, with `extra` flags.
+    fn bake_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
         let mut args = vec![
             "bake",
             "shop.toml",
@@ -61,7 +62,11 @@ impl World {
             "c0ffee1",
         ];
         args.extend_from_slice(extra);
-        self.cloud.run_amibake(self.dir(), &args)
+        args
+    }
+
+    fn bake(&self, extra: &[&str]) -> Run {
+        self.cloud.run_amibake(self.dir(), &World::bake_args(extra))
     }
 
     fn mutating_calls_since(&self, before: usize) -> Vec<String> {
@@ -247,4 +252,36 @@ fn normal_and_destructive_bakes_of_one_commit_are_two_images() {
     again.expect_code(0);
     assert_eq!(manifest(&again)["ami_id"], d["ami_id"]);
     assert_eq!(manifest(&again)["reused"], true);
+}
+
+/// Ctrl-C, or a CI system's SIGTERM, while a pre command runs: the command is stopped,
+/// nothing was made, and the run exits as a signalled one does.
+#[test]
+fn a_signal_during_a_pre_command_stops_it_and_exits_as_signalled() {
+    let world = World::new();
+    world.script("wait.sh", "echo waiting\nexec sleep 300");
+    // Its own timeout only bounds this test, should the signal never come.
+    world.template(
+        "[[bake.pre]]\nname = \"wait\"\ncommand = [\"./wait.sh\"]\ntimeout_seconds = 120\n",
+    );
+    for (signal, code) in [("-INT", 130), ("-TERM", 143)] {
+        let before = world.cloud.calls().len();
+        let mut command = world.cloud.amibake(world.dir());
+        command.args(World::bake_args(&[]));
+        let (run, _) = util::signal_when(
+            command,
+            signal,
+            &format!("amibake bake, {signal} during a pre command"),
+            |line| line.contains("\"source\":\"wait\"") && line.contains("\"line\":\"waiting\""),
+        );
+        run.expect_code(code);
+        assert!(
+            run.stderr()
+                .contains("error: pre command `wait` was interrupted"),
+            "{}",
+            run.dump()
+        );
+        assert_eq!(world.mutating_calls_since(before), Vec::<String>::new());
+        assert!(world.images().is_empty());
+    }
 }

@@ -66,7 +66,16 @@ where
     };
     match build(watch.sink.clone(), watch.cancel.clone()).await {
         Ok(result) => print_outcome(result, global.output, manifest_file, &watch),
-        Err(e) => error(e),
+        Err(e) => {
+            let code = error(e);
+            // Stopped by a signal before its first step (a pre command, the tarball's
+            // check): it exits as an interrupted run does, whatever the error says.
+            if watch.cancel.is_cancelled() {
+                watch.signalled.exit_code()
+            } else {
+                code
+            }
+        }
     }
 }
 

@@ -75,7 +75,7 @@ pub enum ExtractError {
     /// The child could not start, ended on a signal, or failed other than on the tarball.
     #[error("{0}")]
     Child(String),
-    /// What a child said of a tarball it refused (an entry, or a damaged archive).
+    /// What a child said of a tarball it refused (an entry, a damaged archive, no entries).
     #[error("{0}")]
     Refused(String),
     #[error("cannot read the tarball {path}: {source}")]
