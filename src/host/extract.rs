@@ -230,9 +230,13 @@ fn printable(text: &str) -> String {
 /// An entry that passed the checks that need no image.
 struct Admitted {
     kind: EntryType,
+    /// Its permission bits, as the tarball gives them.
+    mode: u32,
     /// Where below `dest` it goes, part by part (a sparse file's real name).
     parts: Vec<String>,
     sparse: Option<SparseMap>,
+    /// A symlink's target, as the tarball gives it.
+    symlink_target: Option<Vec<u8>>,
     /// A hard link's target.
     link_target: Option<LinkTarget>,
 }
@@ -246,7 +250,8 @@ struct LinkTarget {
 }
 
 /// What the tarball alone decides about an entry: its kind is one an application tarball
-/// may hold, and neither its path nor a hard link's target climbs out with `..`.
+/// may hold, its header can be read, a link has a target, and neither its path nor a hard
+/// link's target climbs out with `..`.
 fn admit(entry: &mut tar::Entry<impl Read>, path: &str) -> Result<Admitted, String> {
     let kind = entry.header().entry_type();
     match kind {
@@ -262,9 +267,18 @@ fn admit(entry: &mut tar::Entry<impl Read>, path: &str) -> Result<Admitted, Stri
         | EntryType::Link => {}
         other => return Err(format!("unsupported entry type {other:?}")),
     }
+    let mode = entry.header().mode().map_err(|e| e.to_string())? & 0o7777;
     let sparse = pax_sparse_map(entry)?;
     let name = sparse.as_ref().map_or(path, |s| s.name.as_str());
     let parts = owned_parts(name).map_err(|_| "its path leaves the destination (`..`)")?;
+    let symlink_target = if kind == EntryType::Symlink {
+        let target = entry
+            .link_name_bytes()
+            .ok_or("a symlink without a target")?;
+        Some(target.into_owned())
+    } else {
+        None
+    };
     let link_target = if kind == EntryType::Link {
         let target = entry
             .link_name_bytes()
@@ -285,8 +299,10 @@ fn admit(entry: &mut tar::Entry<impl Read>, path: &str) -> Result<Admitted, Stri
     };
     Ok(Admitted {
         kind,
+        mode,
         parts,
         sparse,
+        symlink_target,
         link_target,
     })
 }
@@ -322,8 +338,10 @@ impl Writer {
     ) -> Result<Placed, String> {
         let Admitted {
             kind,
+            mut mode,
             parts,
             sparse,
+            symlink_target,
             link_target,
         } = admitted;
         let Some((leaf, parents)) = parts.split_last() else {
@@ -341,7 +359,6 @@ impl Writer {
         };
         let header = entry.header();
         let mtime = header.mtime().unwrap_or(0);
-        let mut mode = header.mode().map_err(|e| e.to_string())? & 0o7777;
         let mut setuid_dropped = false;
         if kind != EntryType::Directory && !self.keep_setuid && mode & SET_ID_BITS != 0 {
             mode &= !SET_ID_BITS;
@@ -364,10 +381,7 @@ impl Writer {
                 self.dir_times.push((rel, mtime));
             }
             EntryType::Symlink => {
-                let target = entry
-                    .link_name_bytes()
-                    .ok_or("a symlink without a target")?
-                    .into_owned();
+                let target = symlink_target.expect("admit gives every symlink its target");
                 clear_for(parent, leaf)?;
                 rustix::fs::symlinkat(target.as_slice(), parent, leaf)
                     .map_err(|e| format!("cannot make the symlink: {e}"))?;

@@ -157,7 +157,24 @@ pub fn refused_on_their_own() -> Vec<(&'static str, Vec<u8>, &'static str)> {
     let gzipped = gzip(&composer_like().0);
     let mut bad_header = tarball(|b| append_raw(b, EntryType::Regular, "ok.txt", None, b"fine"));
     bad_header[150] ^= 0xff; // inside the header's checksummed bytes
+    let bad_mode = tarball(|b| {
+        let mut h = header(EntryType::Regular, 1, 0o644);
+        h.set_path("bad-mode.txt").unwrap();
+        h.as_mut_bytes()[100..108].copy_from_slice(b"9999999\0");
+        h.set_cksum();
+        b.append(&h, &b"x"[..]).unwrap();
+    });
     vec![
+        (
+            "symlink-without-target",
+            tarball(|b| append_raw(b, EntryType::Symlink, "s", None, b"")),
+            "tarball entry 1 (s): a symlink without a target",
+        ),
+        (
+            "bad-mode",
+            bad_mode,
+            "tarball entry 1 (bad-mode.txt): numeric field was not a number: 9999999 when getting mode",
+        ),
         (
             "dot-dot",
             tarball(|b| append_raw(b, EntryType::Regular, "a/../../escape.txt", None, b"out")),
