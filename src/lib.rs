@@ -15,6 +15,7 @@ pub mod host;
 pub mod modes;
 pub mod provision;
 pub mod run_id;
+pub mod sandbox;
 pub mod template;
 pub mod validate;
 

@@ -5,7 +5,7 @@
 use std::net::{Ipv4Addr, TcpListener};
 use std::process::Command;
 
-use amibake::host::credential_guard::{credential_endpoints, CredentialGuard, Endpoint};
+use amibake::sandbox::credential_guard::{credential_endpoints, CredentialGuard, Endpoint};
 
 /// Whether a process in `guard` (or in no guard) can open a TCP connection to `host`/`port`.
 fn connects(guard: Option<&CredentialGuard>, host: &str, port: u16) -> bool {

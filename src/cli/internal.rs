@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use clap::Args;
 
 use amibake::exit;
-use amibake::host::{credential_guard, extract, sandbox};
+use amibake::host::extract;
+use amibake::sandbox::{self, credential_guard};
 
 #[derive(Debug, Args)]
 pub struct InternalSandboxArgs {

@@ -1,5 +1,5 @@
 //! The chroot communicator: each command runs inside the mounted image as its root, in a
-//! sandbox of its own (`host::sandbox`: own mount, PID, IPC, UTS and network namespaces, a
+//! sandbox of its own (`sandbox`: own mount, PID, IPC, UTS and network namespaces, a
 //! fresh /proc, no host device, fewer capabilities), so every path it touches is the image's
 //! and nothing it does reaches the build host. Files are written from inside the sandbox as
 //! well, so a symlink in the image can never send a write to the host.
@@ -13,7 +13,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio_util::sync::CancellationToken;
 
 use super::{CommError, Communicator};
-use crate::host::credential_guard::{credential_endpoints, CredentialGuard};
+use crate::sandbox::credential_guard::{credential_endpoints, CredentialGuard};
 use crate::template::Network;
 
 /// The PATH commands see in the chroot: the usual one of a Linux image.
@@ -66,7 +66,7 @@ impl Chroot {
             .env("HOME", "/root")
             .env("LANG", "C.UTF-8");
         command.envs(env).kill_on_drop(true);
-        crate::host::sandbox::die_with_parent(&mut command);
+        crate::sandbox::die_with_parent(&mut command);
         Ok((command, guard))
     }
 }

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use tar::EntryType;
 
 use super::image_root::{self, ImageRoot};
-use super::sandbox;
+use crate::sandbox;
 
 /// A user and group of the image, by number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -868,7 +868,7 @@ async fn run_child(
 ) -> Result<Extracted, ExtractError> {
     use tokio::io::AsyncBufReadExt;
 
-    super::sandbox::die_with_parent(&mut command);
+    crate::sandbox::die_with_parent(&mut command);
     // The tarball file, or our own standard input, is the child's standard input.
     let input = match tarball {
         Tarball::File(path) => {

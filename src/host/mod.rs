@@ -1,8 +1,6 @@
 //! The machine side of `bake`: block devices (attached volumes, loop devices over cached
-//! images), mounts, and the sandbox the code and the
-//! provisioners go into the image through.
+//! images) and mounts; the code and the provisioners reach the image through `crate::sandbox`.
 
-pub mod credential_guard;
 pub mod device;
 pub mod disk_image;
 pub mod ext4_journal;
@@ -12,4 +10,3 @@ pub mod image_root;
 pub mod loop_device;
 pub mod mount;
 pub mod run_lock;
-pub mod sandbox;

@@ -26,7 +26,9 @@ use rustix::fs::{FileType, Mode};
 use rustix::mount::{MountFlags, MountPropagationFlags, UnmountFlags};
 use rustix::thread::{CapabilitySet, CapabilitySets, UnshareFlags};
 
-use super::image_root::ImageRoot;
+pub mod credential_guard;
+
+use crate::host::image_root::ImageRoot;
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot set up the sandbox in the image at {root}: {action}: {source}")]
