@@ -20,6 +20,55 @@ const IN_IMAGE: ResolveFlags = ResolveFlags::IN_ROOT.union(ResolveFlags::NO_MAGI
 /// below `dest`): `..` or an absolute symlink that would leave it is refused (EXDEV).
 const BELOW: ResolveFlags = ResolveFlags::BENEATH.union(ResolveFlags::NO_MAGICLINKS);
 
+/// The most amibake reads of one file of an image (/etc/passwd, resolv.conf): such files
+/// are small, and a huge one is an image's trap, not data to hold in memory.
+pub const READ_LIMIT: u64 = 1 << 20;
+
+/// Reads the file `fd` is open on, if it is a regular file of at most `limit` bytes. A FIFO
+/// (which would never end), a device (/dev/zero would fill memory), a directory or a larger
+/// file is an error saying which.
+pub fn read_regular(fd: OwnedFd, limit: u64) -> std::io::Result<Vec<u8>> {
+    let stat = rustix::fs::fstat(&fd)?;
+    let kind = FileType::from_raw_mode(stat.st_mode);
+    if kind != FileType::RegularFile {
+        return Err(std::io::Error::other(format!(
+            "is a {}, not a regular file",
+            file_kind(kind)
+        )));
+    }
+    let too_big = || {
+        std::io::Error::other(format!(
+            "is larger than the {limit} bytes amibake reads of such a file"
+        ))
+    };
+    if stat.st_size as u64 > limit {
+        return Err(too_big());
+    }
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(std::fs::File::from(fd), limit + 1),
+        &mut bytes,
+    )?;
+    if bytes.len() as u64 > limit {
+        return Err(too_big());
+    }
+    Ok(bytes)
+}
+
+/// A file type as an error names it.
+pub fn file_kind(kind: FileType) -> &'static str {
+    match kind {
+        FileType::RegularFile => "regular file",
+        FileType::Directory => "directory",
+        FileType::Symlink => "symlink",
+        FileType::Fifo => "FIFO",
+        FileType::Socket => "socket",
+        FileType::CharacterDevice => "character device",
+        FileType::BlockDevice => "block device",
+        FileType::Unknown => "file of unknown type",
+    }
+}
+
 /// The root directory of a mounted image.
 #[derive(Debug)]
 pub struct ImageRoot {
@@ -97,12 +146,12 @@ impl ImageRoot {
         })
     }
 
-    /// Reads the file at `path` as the image sees it.
+    /// Reads the regular file at `path` as the image sees it, of at most `READ_LIMIT`
+    /// bytes (`read_regular`).
     pub fn read(&self, path: &str) -> std::io::Result<Vec<u8>> {
-        let fd = self.open_at(path, OFlags::RDONLY, Mode::empty())?;
-        let mut bytes = Vec::new();
-        std::io::Read::read_to_end(&mut std::fs::File::from(fd), &mut bytes)?;
-        Ok(bytes)
+        // NONBLOCK: opening a FIFO must not wait for a writer that never comes.
+        let fd = self.open_at(path, OFlags::RDONLY | OFlags::NONBLOCK, Mode::empty())?;
+        read_regular(fd, READ_LIMIT)
     }
 
     /// Opens the directory `path` for a mount onto it: it must be a real directory of the

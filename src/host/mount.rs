@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use rustix::fs::{FileType, Mode, OFlags};
 
-use super::image_root::{ImageRoot, Leaf};
+use super::image_root::{file_kind, read_regular, ImageRoot, Leaf, READ_LIMIT};
 
 /// How often, and how far apart, an unmount is retried while the mount is busy.
 const UNMOUNT_ATTEMPTS: u32 = 20;
@@ -287,19 +287,18 @@ impl TemporaryFiles {
                 let file = rustix::fs::openat(
                     &leaf.dir,
                     leaf.name.as_str(),
-                    OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
                     Mode::empty(),
                 )
                 .map_err(|e| err(e.into()))?;
                 let stat = rustix::fs::fstat(&file).map_err(|e| err(e.into()))?;
-                let mut bytes = Vec::new();
-                std::io::Read::read_to_end(&mut std::fs::File::from(file), &mut bytes)
-                    .map_err(err)?;
+                let bytes = read_regular(file, READ_LIMIT).map_err(err)?;
                 Some(Saved::File(bytes, stat.st_mode & 0o7777))
             }
             Some(other) => {
                 return Err(err(std::io::Error::other(format!(
-                    "is a {other:?}, not a file amibake can set aside"
+                    "is a {}, not a file amibake can set aside",
+                    file_kind(other)
                 ))))
             }
         };
