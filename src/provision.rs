@@ -143,7 +143,8 @@ async fn run_one(
         if tail.len() == TAIL_LINES {
             tail.pop_front();
         }
-        tail.push_back(line.to_string());
+        // As the line was shown: escaped, for the error that may quote it on a terminal.
+        tail.push_back(crate::engine::events::printable(line));
     };
     // The command ends at the run's interrupt or at its own timeout, whichever comes
     // first; the communicator stops it the same way for both.

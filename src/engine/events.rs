@@ -166,11 +166,28 @@ impl Progress {
         });
     }
 
-    pub fn output(&self, source: &str, line: impl Into<String>) {
+    /// A line a command printed, its control characters escaped: what runs in an image
+    /// never writes an escape sequence to the operator's terminal or a CI log.
+    pub fn output(&self, source: &str, line: impl AsRef<str>) {
         self.sink.emit(&Event::Output {
             step: self.step.clone(),
             source: source.into(),
-            line: line.into(),
+            line: printable(line.as_ref()),
         });
     }
+}
+
+/// `text` with its control characters (escape sequences, carriage returns, a bell) shown
+/// escaped, Rust-style (`\u{1b}`), tabs kept: text from a tarball, an image or a command
+/// that is safe to print on a terminal.
+pub fn printable(text: &str) -> String {
+    let mut shown = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() && c != '\t' {
+            shown.extend(c.escape_default());
+        } else {
+            shown.push(c);
+        }
+    }
+    shown
 }
