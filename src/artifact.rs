@@ -25,6 +25,9 @@ pub const STATE_FINISHED: &str = "finished";
 /// `passed` once an instance of the image passed the template's `[[test]]` entries: an
 /// image reused without it (made with `--no-test`, or before the template had tests) is
 /// booted and tested before it is published again.
+/// `private` (root in the image was nobody on the build host) or `compat` (it was root,
+/// held by the sandbox's other walls): how the image's provisioners were confined.
+pub const TAG_SANDBOX: &str = "amibake:sandbox";
 pub const TAG_TESTED: &str = "amibake:tested";
 pub const TESTED_PASSED: &str = "passed";
 
@@ -99,6 +102,9 @@ pub struct BakeManifest {
     pub reused: bool,
     /// `normal` or `destructive`.
     pub variant: &'static str,
+    /// `private` or `compat` (`bake.sandbox`): how this run confined the tarball and the
+    /// provisioners; none when it reused an image.
+    pub sandbox: Option<&'static str>,
     pub files: u64,
     pub bytes: u64,
     /// The channel and its version naming this image, when the run published it.
@@ -122,8 +128,13 @@ impl Manifest for BakeManifest {
             (Some(backend), false) => format!("baked by the {backend} backend"),
             (None, false) => "baked".to_string(),
         };
+        let compat = if self.sandbox == Some("compat") {
+            " (sandbox compat: root in the image was root on the build host)"
+        } else {
+            ""
+        };
         format!(
-            "{how}: {} \"{}\" in {} from {} at {}{}{}",
+            "{how}: {} \"{}\" in {} from {} at {}{}{}{compat}",
             self.ami_id,
             self.name,
             self.region,
@@ -229,6 +240,7 @@ mod tests {
             backend: Some("direct".into()),
             reused: false,
             variant: "normal",
+            sandbox: Some("private"),
             files: 1,
             bytes: 1,
             ssm_parameter: None,
@@ -248,6 +260,11 @@ mod tests {
         assert!(reused
             .summary()
             .starts_with("reused (same fingerprint): ami-1"));
+        let compat = BakeManifest {
+            sandbox: Some("compat"),
+            ..reused
+        };
+        assert!(compat.summary().contains("sandbox compat"));
     }
 
     #[test]

@@ -81,7 +81,7 @@ fn provisioner(name: &str, action: ProvisionerAction, env: &[(&str, &str)]) -> P
 }
 
 async fn provision_in_chroot(root: &Path) {
-    let chroot = Chroot::new(env!("CARGO_BIN_EXE_amibake"), root);
+    let chroot = Chroot::new(env!("CARGO_BIN_EXE_amibake"), root, util::isolation());
     let sink = Arc::new(Collect(Mutex::new(Vec::new())));
     let progress = Progress::new(sink.clone(), "provision");
     let cancel = CancellationToken::new();
@@ -293,6 +293,7 @@ async fn attached_volumes_are_found_mounted_as_a_chroot_provisioned_and_put_back
     let inside = std::process::Command::new(env!("CARGO_BIN_EXE_amibake"))
         .args(["internal-sandbox", "--root"])
         .arg(mnt.path())
+        .args(["--isolation", &util::isolation().to_arg()])
         .args(["--", "/bin/sh", "-c", "cat /etc/resolv.conf; test -d /proc/self && test -c /dev/null && test -d /sys/class && test -d /dev/pts && /usr/sbin/policy-rc.d; echo policy=$?"])
         .output()
         .unwrap();

@@ -68,6 +68,8 @@ fn extract_at(
         root.display().to_string(),
         "--dest".into(),
         dest.into(),
+        "--isolation".into(),
+        util::isolation().to_arg(),
     ];
     if let Some(o) = owner {
         args.extend(["--owner".into(), o.into()]);
@@ -280,6 +282,7 @@ async fn the_parent_side_reports_progress_and_errors() {
         image.root(),
         &spec("/var/www/app"),
         &Tarball::File(file),
+        util::isolation(),
         |p, read| seen.push((p, read)),
         &CancellationToken::new(),
     )
@@ -305,6 +308,7 @@ async fn the_parent_side_reports_progress_and_errors() {
         image.root(),
         &spec("/var/www/app"),
         &Tarball::File(dir.path().join("missing.tar")),
+        util::isolation(),
         |_, _| {},
         &CancellationToken::new(),
     )
@@ -327,6 +331,7 @@ async fn the_parent_side_reports_progress_and_errors() {
         image.root(),
         &spec("/var/www/app"),
         &Tarball::File(bad),
+        util::isolation(),
         |_, _| {},
         &CancellationToken::new(),
     )
@@ -674,6 +679,7 @@ async fn check(dir: &Path, name: &str, bytes: &[u8]) -> Result<Extracted, Extrac
         Path::new(env!("CARGO_BIN_EXE_amibake")),
         &empty,
         &file,
+        util::isolation(),
         &CancellationToken::new(),
     )
     .await
@@ -697,6 +703,7 @@ async fn the_check_refuses_what_the_tarball_alone_shows_and_passes_the_rest() {
             std::fs::write(&f, &tar_bytes).unwrap();
             f
         }),
+        util::isolation(),
         |_, _| {},
         &CancellationToken::new(),
     )
@@ -754,6 +761,7 @@ async fn the_check_refuses_what_the_tarball_alone_shows_and_passes_the_rest() {
         Path::new(env!("CARGO_BIN_EXE_amibake")),
         &dir.path().join("empty"),
         &dir.path().join("missing.tar"),
+        util::isolation(),
         &CancellationToken::new(),
     )
     .await

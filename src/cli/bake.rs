@@ -6,6 +6,7 @@ use clap::{Args, ValueEnum};
 
 use amibake::exit;
 use amibake::modes::bake;
+use amibake::template::SandboxMode;
 
 use super::cache::CacheDirArg;
 use super::{report, BuildArgs, GlobalArgs};
@@ -28,6 +29,26 @@ pub struct BakeArgs {
     pub backend: Backend,
     #[command(flatten)]
     pub cache: CacheDirArg,
+    /// How the sandbox confines the tarball and the provisioners, over the template's
+    /// `bake.sandbox`: private (root in the image is nobody here; Linux 5.12 or later) or
+    /// compat (root, held by the other walls: for older kernels only).
+    #[arg(long, value_enum)]
+    pub sandbox: Option<Sandbox>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Sandbox {
+    Private,
+    Compat,
+}
+
+impl From<Sandbox> for SandboxMode {
+    fn from(sandbox: Sandbox) -> SandboxMode {
+        match sandbox {
+            Sandbox::Private => SandboxMode::Private,
+            Sandbox::Compat => SandboxMode::Compat,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -64,6 +85,7 @@ pub async fn run(args: BakeArgs, global: &GlobalArgs) -> i32 {
         amibake_exe,
         backend: args.backend.into(),
         cache_dir: args.cache.cache_dir,
+        sandbox: args.sandbox.map(SandboxMode::from),
     };
     report::run_build(global, args.build.manifest.as_deref(), |sink, cancel| {
         bake::run(&options, sink, cancel)

@@ -7,13 +7,20 @@ use clap::Args;
 
 use amibake::exit;
 use amibake::host::extract;
-use amibake::sandbox::{self, credential_guard};
+use amibake::sandbox::{self, credential_guard, Isolation};
+
+/// `ids:BASE` (root in the sandbox is host id BASE) or `compat` (root).
+fn isolation(arg: &str) -> Result<Isolation, String> {
+    Isolation::from_arg(arg)
+}
 
 #[derive(Debug, Args)]
 pub struct InternalSandboxArgs {
     /// The mounted image to make the root.
     #[arg(long)]
     pub root: PathBuf,
+    #[arg(long, value_parser = isolation)]
+    pub isolation: Isolation,
     /// Share the build host's network instead of having none.
     #[arg(long)]
     pub network: bool,
@@ -30,6 +37,8 @@ pub struct InternalExtractArgs {
     /// The mounted image to extract into.
     #[arg(long)]
     pub root: PathBuf,
+    #[arg(long, value_parser = isolation)]
+    pub isolation: Isolation,
     /// The destination directory, as the image sees it.
     #[arg(long)]
     pub dest: String,
@@ -46,12 +55,14 @@ pub struct InternalCheckTarballArgs {
     /// An empty directory to make the root.
     #[arg(long)]
     pub root: PathBuf,
+    #[arg(long, value_parser = isolation)]
+    pub isolation: Isolation,
 }
 
 /// Reads the tarball on standard input through every check that needs no image; exits
 /// with `exit::USAGE` where the tarball is at fault.
 pub fn check_tarball(args: &InternalCheckTarballArgs) -> i32 {
-    match extract::check_child_main(&args.root) {
+    match extract::check_child_main(&args.root, args.isolation) {
         Ok(_) => exit::OK,
         Err(e) => {
             eprintln!("error: {e}");
@@ -72,7 +83,7 @@ pub fn extract(args: &InternalExtractArgs) -> i32 {
         owner: args.owner.clone(),
         keep_setuid: args.keep_setuid,
     };
-    match extract::child_main(&args.root, &spec) {
+    match extract::child_main(&args.root, &spec, args.isolation) {
         Ok(_) => exit::OK,
         Err(e) => {
             eprintln!("error: {e}");
@@ -93,7 +104,7 @@ pub fn sandbox(args: &InternalSandboxArgs) -> ! {
     let purpose = sandbox::Purpose::Provision {
         network: args.network,
     };
-    if let Err(e) = sandbox::enter(&args.root, purpose) {
+    if let Err(e) = sandbox::enter(&args.root, purpose, args.isolation) {
         eprintln!("error: {e}");
         std::process::exit(exit::BUILD_FAILED);
     }

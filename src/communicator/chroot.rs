@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{CommError, Communicator};
 use crate::sandbox::credential_guard::{credential_endpoints, CredentialGuard};
+use crate::sandbox::Isolation;
 use crate::template::Network;
 
 /// The PATH commands see in the chroot: the usual one of a Linux image.
@@ -23,13 +24,19 @@ pub struct Chroot {
     /// This binary, whose `internal-sandbox` enters the image.
     amibake_exe: PathBuf,
     root: PathBuf,
+    isolation: Isolation,
 }
 
 impl Chroot {
-    pub fn new(amibake_exe: impl Into<PathBuf>, root: impl Into<PathBuf>) -> Chroot {
+    pub fn new(
+        amibake_exe: impl Into<PathBuf>,
+        root: impl Into<PathBuf>,
+        isolation: Isolation,
+    ) -> Chroot {
         Chroot {
             amibake_exe: amibake_exe.into(),
             root: root.into(),
+            isolation,
         }
     }
 
@@ -44,7 +51,9 @@ impl Chroot {
         command
             .arg("internal-sandbox")
             .arg("--root")
-            .arg(&self.root);
+            .arg(&self.root)
+            .arg("--isolation")
+            .arg(self.isolation.to_arg());
         let guard = match network {
             Network::None => None,
             Network::HostWithMetadata => {
@@ -66,7 +75,7 @@ impl Chroot {
             .env("HOME", "/root")
             .env("LANG", "C.UTF-8");
         command.envs(env).kill_on_drop(true);
-        crate::sandbox::die_with_parent(&mut command);
+        crate::sandbox::detach_and_die_with_parent(&mut command);
         Ok((command, guard))
     }
 }
@@ -96,13 +105,14 @@ impl Communicator for Chroot {
                 "amibake",
             ])
             .arg(command)
-            .stdin(Stdio::null())
+            // A pipe, closed at once: never a descriptor of a host file, which the
+            // command could change (its mode, its owner) through /proc/self/fd.
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            // Its own process group, so an interrupt can end everything the command started.
-            .process_group(0)
             .spawn()
             .map_err(|e| self.failed(format!("run `{command}`"), e))?;
+        drop(child.stdin.take());
         let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
         loop {
             tokio::select! {
@@ -111,8 +121,9 @@ impl Communicator for Chroot {
                     None => break,
                 },
                 _ = cancel.cancelled() => {
-                    if let Some(pid) = child.id() {
-                        let _ = std::process::Command::new("kill").args(["-KILL", "--", &format!("-{pid}")]).status();
+                    // Its session, made at its start, is its process group: everything it started.
+                    if let Some(pid) = child.id().and_then(|pid| rustix::process::Pid::from_raw(pid as i32)) {
+                        let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
                     }
                     let _ = child.wait().await;
                     if let Some(guard) = guard {
@@ -135,9 +146,11 @@ impl Communicator for Chroot {
 
     async fn upload(&self, source: &Path, destination: &str, mode: u32) -> Result<(), CommError> {
         let action = || format!("copy {} to {destination}", source.display());
-        let file = std::fs::File::open(source).map_err(|e| self.failed(action(), e))?;
+        let file = tokio::fs::File::open(source)
+            .await
+            .map_err(|e| self.failed(action(), e))?;
         let (mut command, _) = self.command(&BTreeMap::new(), Network::None)?;
-        let out = command
+        let mut child = command
             .args([
                 "/bin/sh",
                 "-c",
@@ -146,14 +159,26 @@ impl Communicator for Chroot {
             ])
             .arg(destination)
             .arg(format!("{mode:o}"))
-            .stdin(Stdio::from(file))
-            .output()
-            .await
+            // The file's bytes through a pipe, never the host's file itself.
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
             .map_err(|e| self.failed(action(), e))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(self.failed(action(), String::from_utf8_lossy(&out.stderr).trim()))
+        let mut stdin = child.stdin.take().expect("piped");
+        let feed = async move {
+            let mut file = file;
+            let copied = tokio::io::copy(&mut file, &mut stdin).await;
+            drop(stdin);
+            copied
+        };
+        let (copied, out) = tokio::join!(feed, child.wait_with_output());
+        let out = out.map_err(|e| self.failed(action(), e))?;
+        // The command's own words first: a command that failed stops reading its input.
+        if !out.status.success() {
+            return Err(self.failed(action(), String::from_utf8_lossy(&out.stderr).trim()));
         }
+        copied.map_err(|e| self.failed(action(), e))?;
+        Ok(())
     }
 }

@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use tar::EntryType;
 
 use super::image_root::{self, ImageRoot};
+use crate::engine::events::printable;
 use crate::sandbox;
 
 /// A user and group of the image, by number.
@@ -211,20 +212,6 @@ fn each_entry<'a>(
         })?;
     }
     Ok(())
-}
-
-/// `text` from a tarball (a path, or a parser's error quoting a header) as one line a
-/// terminal shows as it is: control characters (a newline, an escape sequence) escaped.
-fn printable(text: &str) -> String {
-    let mut shown = String::with_capacity(text.len());
-    for c in text.chars() {
-        if c.is_control() {
-            shown.extend(c.escape_default());
-        } else {
-            shown.push(c);
-        }
-    }
-    shown
 }
 
 /// An entry that passed the checks that need no image.
@@ -743,8 +730,12 @@ impl<R: std::io::Read> std::io::Read for Counting<R> {
 /// The child's side (`amibake internal-extract`): leave the host for a sandbox in the image,
 /// then unpack standard input into `spec.dest`, reporting progress as JSON lines on stdout.
 /// Runs before any async runtime: the sandbox forks.
-pub fn child_main(root: &Path, spec: &ExtractSpec) -> Result<Extracted, ExtractError> {
-    sandbox::enter(root, sandbox::Purpose::Extract)?;
+pub fn child_main(
+    root: &Path,
+    spec: &ExtractSpec,
+    isolation: sandbox::Isolation,
+) -> Result<Extracted, ExtractError> {
+    sandbox::enter(root, sandbox::Purpose::Extract, isolation)?;
     let image = ImageRoot::open(Path::new("/")).map_err(|e| ExtractError::Dest {
         dest: spec.dest.clone(),
         reason: e.to_string(),
@@ -760,8 +751,11 @@ pub fn child_main(root: &Path, spec: &ExtractSpec) -> Result<Extracted, ExtractE
 /// The child's side of the tarball's check (`amibake internal-check-tarball`): leave the host
 /// for a sandbox rooted in the empty directory `root`, with no capabilities, then read
 /// standard input through `check_entries`, reporting as `child_main` does.
-pub fn check_child_main(root: &Path) -> Result<Extracted, ExtractError> {
-    sandbox::enter(root, sandbox::Purpose::Check)?;
+pub fn check_child_main(
+    root: &Path,
+    isolation: sandbox::Isolation,
+) -> Result<Extracted, ExtractError> {
+    sandbox::enter(root, sandbox::Purpose::Check, isolation)?;
     report_progress(|input, on_progress| check_entries(input, on_progress))
 }
 
@@ -817,6 +811,7 @@ pub async fn extract_into_image(
     root: &Path,
     spec: &ExtractSpec,
     tarball: &Tarball,
+    isolation: sandbox::Isolation,
     on_progress: impl FnMut(Extracted, u64),
     cancel: &tokio_util::sync::CancellationToken,
 ) -> Result<Extracted, ExtractError> {
@@ -825,6 +820,8 @@ pub async fn extract_into_image(
         .arg("internal-extract")
         .arg("--root")
         .arg(root)
+        .arg("--isolation")
+        .arg(isolation.to_arg())
         .arg("--dest")
         .arg(&spec.dest);
     if let Some(owner) = &spec.owner {
@@ -845,13 +842,16 @@ pub async fn check_tarball(
     amibake_exe: &Path,
     empty_root: &Path,
     tarball: &Path,
+    isolation: sandbox::Isolation,
     cancel: &tokio_util::sync::CancellationToken,
 ) -> Result<Extracted, ExtractError> {
     let mut command = tokio::process::Command::new(amibake_exe);
     command
         .arg("internal-check-tarball")
         .arg("--root")
-        .arg(empty_root);
+        .arg(empty_root)
+        .arg("--isolation")
+        .arg(isolation.to_arg());
     let tarball = Tarball::File(tarball.to_path_buf());
     run_child("the tarball's check", command, &tarball, |_, _| {}, cancel).await
 }
@@ -868,7 +868,7 @@ async fn run_child(
 ) -> Result<Extracted, ExtractError> {
     use tokio::io::AsyncBufReadExt;
 
-    crate::sandbox::die_with_parent(&mut command);
+    crate::sandbox::detach_and_die_with_parent(&mut command);
     // The tarball file, or our own standard input, is the child's standard input.
     let input = match tarball {
         Tarball::File(path) => {

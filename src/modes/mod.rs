@@ -83,6 +83,9 @@ pub enum ModeError {
         #[source]
         source: crate::host::extract::ExtractError,
     },
+    /// The sandbox cannot be had as the run asks (the kernel, the host's ids).
+    #[error(transparent)]
+    Sandbox(#[from] crate::sandbox::ids::IdsError),
     /// Local work before the first step: the tarball, a script, a work directory.
     #[error("{what}")]
     Local {

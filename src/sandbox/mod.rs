@@ -1,34 +1,49 @@
-//! Running code inside an image without letting it reach the build host.
+//! Where what an image or a tarball holds is run or parsed, holding no privilege on the
+//! build host: the tarball's check, the extraction and the bake's provisioners each run in a
+//! child of this binary that enters such a sandbox before it reads a byte of them.
 //!
-//! Both the extraction and the bake's provisioners run in a child of this binary that first
-//! leaves the host's namespaces: its own mount namespace (nothing it mounts reaches the host,
-//! nothing the host has mounted is followed into the image), its own PID namespace (it sees
-//! only its own processes, and everything it started dies with it), its own IPC and UTS
-//! namespaces, and unless asked for, its own network namespace with no route anywhere (so
-//! the build host's instance metadata, and with it its credentials, is out of reach; with
-//! the host's network, `credential_guard` keeps them out of reach).
+//! The walls, and the attack each one stops:
+//! - **Root in the image is nobody on the host** (`ids`): a user namespace whose ids
+//!   0–65535 are a range of host ids no account uses, picked and locked per run, and the
+//!   image seen through a mount idmapped the same way, so owners on disk stay what the image
+//!   says. Whatever seam nobody listed, the code behind it is an unprivileged user of the
+//!   host: it owns no host file and holds no capability over anything of the host's.
+//! - **A new session, no controlling terminal, no inherited descriptor**: stdio are pipes or
+//!   /dev/null. A program cannot open the operator's terminal (`/dev/tty` answers ENXIO) to
+//!   push a command into it (TIOCSTI) or write escape sequences to it.
+//! - **nodev and nosuid on the image** (`mounts`): a device node the base image holds
+//!   (a host disk's numbers) opens nothing; a set-id bit lifts nobody.
+//! - **A seccomp deny-list** (`seccomp`): what container runtimes deny by default (TIOCSTI,
+//!   keyrings, BPF, modules, mounts, namespaces, ...), answered EPERM.
+//! - **Namespaces of its own**: mounts (nothing it mounts reaches the host, nothing the host
+//!   mounted is followed into the image), PID (it sees only its own processes, and all of
+//!   them die with it), IPC, UTS, and unless asked for, network with no route anywhere (the
+//!   instance metadata, and with it the host's credentials, out of reach; with the host's
+//!   network, `credential_guard` keeps them out of reach).
+//! - **The image as the root** through `pivot_root`, no host tree above it; for
+//!   provisioners a fresh /proc of their own PID namespace (its kernel knobs read-only), a
+//!   read-only /sys, a /dev of the usual character devices only, a devpts of their own and a
+//!   tmpfs /run. The extraction sees no /proc, /sys or /dev; the tarball's check, an empty
+//!   read-only directory.
+//! - **Few capabilities**: a provisioner keeps what a package install needs; the extraction
+//!   what creating and owning files needs; the check none.
 //!
-//! Provisioners get the image as their root through `pivot_root`, so there is no host tree
-//! left above it to escape to, with a fresh /proc of their own PID namespace (read-only
-//! where the kernel's knobs are), a read-only /sys, a /dev holding only the usual character
-//! devices (no host disk), a devpts of their own and a tmpfs /run; and only the capabilities
-//! a package install needs. The extraction gets no /proc, /sys or /dev at all and only the
-//! capabilities to create files and give them owners; the tarball's check before it, an
-//! empty directory as its root and no capabilities at all.
+//! `Isolation::Compat`, for kernels before 5.12, keeps every wall but the first: root in the
+//! sandbox is then root on the host, held by the others. A run says so and records it.
 //!
 //! These functions run in a process that is still single-threaded (before any async
 //! runtime starts): they fork.
 
-use std::os::fd::AsRawFd;
+pub mod credential_guard;
+pub mod ids;
+mod mounts;
+mod seccomp;
+
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 
-use rustix::fs::{FileType, Mode};
-use rustix::mount::{MountFlags, MountPropagationFlags, UnmountFlags};
+use rustix::mount::MountPropagationFlags;
 use rustix::thread::{CapabilitySet, CapabilitySets, UnshareFlags};
-
-pub mod credential_guard;
-
-use crate::host::image_root::ImageRoot;
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot set up the sandbox in the image at {root}: {action}: {source}")]
@@ -51,8 +66,51 @@ pub enum Purpose {
     Provision { network: bool },
 }
 
+/// Who root in the sandbox is on the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isolation {
+    /// Host ids `base..base + ids::IDS`, a range the run holds (`ids::IdRange`): nobody.
+    OwnIds { base: u32 },
+    /// Root, held by the other walls only: `sandbox = "compat"`, for kernels before 5.12.
+    Compat,
+}
+
+impl Isolation {
+    /// How the internal commands are told: `ids:BASE` or `compat`.
+    pub fn to_arg(self) -> String {
+        match self {
+            Isolation::OwnIds { base } => format!("ids:{base}"),
+            Isolation::Compat => "compat".into(),
+        }
+    }
+
+    pub fn from_arg(arg: &str) -> Result<Isolation, String> {
+        match arg.split_once(':') {
+            None if arg == "compat" => Ok(Isolation::Compat),
+            Some(("ids", base)) => base
+                .parse()
+                .map(|base| Isolation::OwnIds { base })
+                .map_err(|e| format!("`{arg}`: {e}")),
+            _ => Err(format!("`{arg}`: expected ids:BASE or compat")),
+        }
+    }
+}
+
+/// The isolation a run gets, decided before it makes anything: its own host ids (the
+/// kernel checked, a free range picked and held until the returned range is dropped), or
+/// root held by the other walls where the run opts in to `compat`.
+pub fn for_run(compat: bool) -> Result<(Isolation, Option<ids::IdRange>), ids::IdsError> {
+    if compat {
+        return Ok((Isolation::Compat, None));
+    }
+    ids::check_kernel()?;
+    let range = ids::IdRange::pick()?;
+    Ok((Isolation::OwnIds { base: range.base() }, Some(range)))
+}
+
 /// Capabilities a provisioner keeps: what a package install uses (Docker's default set),
-/// less MKNOD (no device cgroup here guards what a new node would reach) and NET_RAW.
+/// less MKNOD (no device cgroup here guards what a new node would reach) and NET_RAW. With
+/// `Isolation::OwnIds` they are its user namespace's, over the image's files only.
 const PROVISION_CAPABILITIES: CapabilitySet = CapabilitySet::CHOWN
     .union(CapabilitySet::DAC_OVERRIDE)
     .union(CapabilitySet::FSETID)
@@ -74,32 +132,10 @@ const EXTRACT_CAPABILITIES: CapabilitySet = CapabilitySet::CHOWN
     .union(CapabilitySet::FOWNER)
     .union(CapabilitySet::FSETID);
 
-/// The kernel's knobs under the provisioners' /proc, made read-only: written by a root
-/// process, these act on the whole host (core_pattern runs a program as the host's root).
-const PROC_READ_ONLY: [&str; 5] = ["sys", "sysrq-trigger", "irq", "bus", "fs"];
-/// Files under /proc that tell the host's secrets (kernel memory, keys) or timing: hidden.
-const PROC_HIDDEN: [&str; 3] = ["kcore", "keys", "timer_list"];
-/// The character devices of the provisioners' /dev: (name, major, minor).
-const DEVICES: [(&str, u32, u32); 6] = [
-    ("null", 1, 3),
-    ("zero", 1, 5),
-    ("full", 1, 7),
-    ("random", 1, 8),
-    ("urandom", 1, 9),
-    ("tty", 5, 0),
-];
-const DEV_LINKS: [(&str, &str); 5] = [
-    ("fd", "/proc/self/fd"),
-    ("stdin", "/proc/self/fd/0"),
-    ("stdout", "/proc/self/fd/1"),
-    ("stderr", "/proc/self/fd/2"),
-    ("ptmx", "pts/ptmx"),
-];
-
 /// Leaves the host's namespaces and enters the image at `root`. Returns only in the
 /// sandboxed process (PID 1 of its namespace); the process that called it waits for that
 /// one and exits with its status, so the caller's parent sees one child as before.
-pub fn enter(root: &Path, purpose: Purpose) -> Result<(), SandboxError> {
+pub fn enter(root: &Path, purpose: Purpose, isolation: Isolation) -> Result<(), SandboxError> {
     let fail = |action: &str| {
         let root = root.display().to_string();
         let action = action.to_string();
@@ -109,6 +145,14 @@ pub fn enter(root: &Path, purpose: Purpose) -> Result<(), SandboxError> {
             source,
         }
     };
+    close_inherited_descriptors().map_err(fail("close inherited descriptors"))?;
+    let (userns, owner) = match isolation {
+        Isolation::OwnIds { base } => (
+            Some(ids::user_namespace(base).map_err(fail("make its user namespace"))?),
+            Some(base),
+        ),
+        Isolation::Compat => (None, None),
+    };
     let mut namespaces =
         UnshareFlags::NEWNS | UnshareFlags::NEWPID | UnshareFlags::NEWIPC | UnshareFlags::NEWUTS;
     if !matches!(purpose, Purpose::Provision { network: true }) {
@@ -117,34 +161,59 @@ pub fn enter(root: &Path, purpose: Purpose) -> Result<(), SandboxError> {
     // SAFETY: no other thread exists (see the module's note), and FILES is not unshared.
     unsafe { rustix::thread::unshare_unsafe(namespaces) }
         .map_err(|e| fail("unshare namespaces")(e.into()))?;
-    wait_in_parent_of_pid_one(root)?;
+    let parent = wait_in_parent_of_pid_one(root)?;
 
     // From here on: PID 1 of the new PID namespace.
-    rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
-        .map_err(|e| fail("follow the parent's death")(e.into()))?;
+    rustix::process::setsid().map_err(|e| fail("start a session of its own")(e.into()))?;
     rustix::mount::mount_change(
         "/",
         MountPropagationFlags::PRIVATE | MountPropagationFlags::REC,
     )
     .map_err(|e| fail("make mounts private")(e.into()))?;
-    match purpose {
-        Purpose::Extract | Purpose::Check => {
-            let image = ImageRoot::open(root).map_err(fail("open the image"))?;
-            rustix::process::fchdir(image.fd()).map_err(|e| fail("enter the image")(e.into()))?;
-            rustix::process::chroot(".").map_err(|e| fail("chroot")(e.into()))?;
-            let keep = match purpose {
-                Purpose::Extract => EXTRACT_CAPABILITIES,
-                _ => CapabilitySet::empty(),
-            };
-            keep_only(keep).map_err(fail("drop capabilities"))?;
-            rustix::thread::set_no_new_privs(true)
-                .map_err(|e| fail("set no_new_privs")(e.into()))?;
-        }
-        Purpose::Provision { .. } => {
-            mount_provisioning_filesystems(root).map_err(fail("mount the image's filesystems"))?;
-            pivot_into(root).map_err(fail("make the image the root"))?;
-            keep_only(PROVISION_CAPABILITIES).map_err(fail("drop capabilities"))?;
-        }
+    mounts::make_root(root, purpose, userns.as_ref(), owner)
+        .map_err(fail("make the image the root"))?;
+    if let Some(userns) = userns {
+        ids::become_root_in(&userns).map_err(fail("become root of its user namespace"))?;
+    }
+    // After the change of ids, which clears it; then whether the parent died meanwhile (its
+    // parent is outside the new PID namespace, so getppid cannot tell).
+    rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
+        .map_err(|e| fail("follow the parent's death")(e.into()))?;
+    if parent.as_ref().is_some_and(parent_gone) {
+        std::process::exit(1);
+    }
+    drop(parent);
+    seccomp::apply().map_err(|e| fail("install the seccomp filter")(std::io::Error::other(e)))?;
+    let keep = match purpose {
+        Purpose::Extract => EXTRACT_CAPABILITIES,
+        Purpose::Check => CapabilitySet::empty(),
+        Purpose::Provision { .. } => PROVISION_CAPABILITIES,
+    };
+    keep_only(keep).map_err(fail("drop capabilities"))?;
+    Ok(())
+}
+
+/// Closes every descriptor but stdin, stdout and stderr: whatever this binary's own caller
+/// left open (a terminal, a socket) must not reach the image.
+fn close_inherited_descriptors() -> std::io::Result<()> {
+    // SAFETY: closes descriptors this process owns; none is in use by Rust code here.
+    if unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) } == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() != Some(libc::ENOSYS) {
+        return Err(e);
+    }
+    // Before Linux 5.9: one by one, as /proc lists them (the listing's own included,
+    // which a failed close of skips).
+    let open: Vec<i32> = std::fs::read_dir("/proc/self/fd")?
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
+        .filter(|&fd| fd > 2)
+        .collect();
+    for fd in open {
+        // SAFETY: as above.
+        unsafe { libc::close(fd) };
     }
     Ok(())
 }
@@ -209,14 +278,17 @@ fn processes_left() -> Vec<String> {
         .collect()
 }
 
-/// Makes the process `command` starts die with the thread that starts it: a run killed with
-/// SIGKILL takes its sandboxes (and, through their PID 1, all they run) with it, instead of
-/// leaving a provisioner holding the image's mount.
-pub fn die_with_parent(command: &mut tokio::process::Command) {
-    // SAFETY: prctl is async-signal-safe, as code between fork and exec must be.
+/// Starts the process `command` makes in a session of its own, with no controlling
+/// terminal (so not even this binary's side of the sandbox holds the operator's), and makes
+/// it die with the thread that starts it: a run killed with SIGKILL takes its sandboxes
+/// (and, through their PID 1, all they run) with it, instead of leaving a provisioner
+/// holding the image's mount. Its session is its process group too: killing that group
+/// ends it.
+pub fn detach_and_die_with_parent(command: &mut tokio::process::Command) {
+    // SAFETY: setsid and prctl are async-signal-safe, as code between fork and exec must be.
     unsafe {
         command.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+            if libc::setsid() < 0 || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
@@ -226,7 +298,24 @@ pub fn die_with_parent(command: &mut tokio::process::Command) {
 
 /// Forks; the parent waits for the child (PID 1 of the new namespace) and exits as it did.
 /// The child dies with the parent: PID 1 gone, the kernel kills the whole namespace.
-fn wait_in_parent_of_pid_one(root: &Path) -> Result<(), SandboxError> {
+/// Returns, in the child, a pidfd of the parent: `parent_gone` tells from it whether the
+/// parent died before the child's parent-death signal was (last) set. None on kernels
+/// before 5.3, which have no pidfds (the window is then the few instructions between).
+fn wait_in_parent_of_pid_one(root: &Path) -> Result<Option<OwnedFd>, SandboxError> {
+    let parent = match rustix::process::pidfd_open(
+        rustix::process::getpid(),
+        rustix::process::PidfdFlags::empty(),
+    ) {
+        Ok(fd) => Some(fd),
+        Err(rustix::io::Errno::NOSYS) => None,
+        Err(e) => {
+            return Err(SandboxError {
+                root: root.display().to_string(),
+                action: "open a pidfd of itself".into(),
+                source: e.into(),
+            })
+        }
+    };
     // SAFETY: single-threaded (see the module's note), so the child may run any code.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
@@ -237,14 +326,13 @@ fn wait_in_parent_of_pid_one(root: &Path) -> Result<(), SandboxError> {
         });
     }
     if pid == 0 {
-        // SAFETY: a plain prctl call. (Its parent is outside the new PID namespace, so
-        // getppid cannot tell whether it already died: the window is the few instructions
-        // since the fork.)
+        // SAFETY: a plain prctl call.
         if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } != 0 {
             std::process::exit(1);
         }
-        return Ok(());
+        return Ok(parent);
     }
+    drop(parent);
     let mut status = 0;
     // SAFETY: waits for our own child; `status` is a valid place to write.
     while unsafe { libc::waitpid(pid, &mut status, 0) } < 0 {
@@ -258,6 +346,18 @@ fn wait_in_parent_of_pid_one(root: &Path) -> Result<(), SandboxError> {
         128 + libc::WTERMSIG(status)
     };
     std::process::exit(code)
+}
+
+/// Whether the process `pidfd` names has exited: its pidfd is then readable.
+fn parent_gone(pidfd: &OwnedFd) -> bool {
+    let mut poll = libc::pollfd {
+        fd: pidfd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no wait.
+    let ready = unsafe { libc::poll(&mut poll, 1, 0) };
+    ready > 0
 }
 
 fn exit_code(status: std::process::ExitStatus) -> i32 {
@@ -284,104 +384,5 @@ fn keep_only(keep: CapabilitySet) -> std::io::Result<()> {
             inheritable: CapabilitySet::empty(),
         },
     )?;
-    Ok(())
-}
-
-/// The path through which a mount reaches exactly the directory `fd` was opened on.
-fn fd_path(fd: &impl AsRawFd) -> String {
-    format!("/proc/self/fd/{}", fd.as_raw_fd())
-}
-
-/// The provisioners' /proc, /sys, /dev and /run, mounted in this (private) namespace only.
-/// Each target is checked to be a real directory of the image, and mounted through its fd.
-fn mount_provisioning_filesystems(root: &Path) -> std::io::Result<()> {
-    // A mount point of its own, so it can become the root; the image reopened on it.
-    rustix::mount::mount_bind(root, root)?;
-    let image = ImageRoot::open(root)?;
-    let none = MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
-
-    let proc_dir = image.mount_target("/proc")?;
-    rustix::mount::mount("proc", fd_path(&proc_dir), "proc", none, None)?;
-    // Our own fresh mounts from here on: the kernel's files, no symlinks of the image.
-    let proc = root.join("proc");
-    for knob in PROC_READ_ONLY {
-        let path = proc.join(knob);
-        if path.exists() {
-            rustix::mount::mount_bind(&path, &path)?;
-            rustix::mount::mount_remount(&path, MountFlags::BIND | MountFlags::RDONLY | none, "")?;
-        }
-    }
-    for secret in PROC_HIDDEN {
-        let path = proc.join(secret);
-        if path.exists() {
-            rustix::mount::mount_bind("/dev/null", &path)?;
-        }
-    }
-
-    let sys = image.mount_target("/sys")?;
-    rustix::mount::mount(
-        "sysfs",
-        fd_path(&sys),
-        "sysfs",
-        none | MountFlags::RDONLY,
-        None,
-    )?;
-
-    let dev_dir = image.mount_target("/dev")?;
-    rustix::mount::mount(
-        "tmpfs",
-        fd_path(&dev_dir),
-        "tmpfs",
-        MountFlags::NOSUID | MountFlags::NOEXEC,
-        Some(c"mode=0755"),
-    )?;
-    let dev = ImageRoot::open(&root.join("dev"))?;
-    rustix::process::umask(Mode::empty());
-    for (name, major, minor) in DEVICES {
-        rustix::fs::mknodat(
-            dev.fd(),
-            name,
-            FileType::CharacterDevice,
-            Mode::from_raw_mode(0o666),
-            rustix::fs::makedev(major, minor),
-        )?;
-    }
-    for (name, target) in DEV_LINKS {
-        rustix::fs::symlinkat(target, dev.fd(), name)?;
-    }
-    for dir in ["pts", "shm"] {
-        rustix::fs::mkdirat(dev.fd(), dir, Mode::from_raw_mode(0o755))?;
-    }
-    rustix::process::umask(Mode::from_raw_mode(0o022));
-    let pts = root.join("dev/pts");
-    rustix::mount::mount(
-        "devpts",
-        &pts,
-        "devpts",
-        MountFlags::NOSUID | MountFlags::NOEXEC,
-        Some(c"newinstance,ptmxmode=0666,mode=0620"),
-    )?;
-    let shm = root.join("dev/shm");
-    rustix::mount::mount("tmpfs", &shm, "tmpfs", none, Some(c"mode=1777"))?;
-
-    let run = image.mount_target("/run")?;
-    rustix::mount::mount(
-        "tmpfs",
-        fd_path(&run),
-        "tmpfs",
-        MountFlags::NOSUID | MountFlags::NODEV,
-        Some(c"mode=0755"),
-    )?;
-    Ok(())
-}
-
-/// Makes the mount at `root` this namespace's root and drops the host's tree from it.
-fn pivot_into(root: &Path) -> std::io::Result<()> {
-    std::env::set_current_dir(root)?;
-    // pivot_root(".", ".") stacks the old root on the new one; detaching it leaves only
-    // the image.
-    rustix::process::pivot_root(".", ".")?;
-    rustix::mount::unmount(".", UnmountFlags::DETACH)?;
-    std::env::set_current_dir("/")?;
     Ok(())
 }

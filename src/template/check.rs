@@ -15,7 +15,7 @@ use super::schema::{
 };
 use super::{
     AmiRef, BakePlan, BasePlan, Distribution, ExistingKeyPair, InstancePlan, LoadOptions, Network,
-    Provisioner, ProvisionerAction, SsmPublish, StageCommand, Template, Variant, When,
+    Provisioner, ProvisionerAction, SandboxMode, SsmPublish, StageCommand, Template, Variant, When,
 };
 
 /// How long `base` waits for SSH when the template does not say: vendor images on small
@@ -912,6 +912,25 @@ impl Checker<'_> {
         }
     }
 
+    fn sandbox_mode(&mut self, value: &Option<Spanned<String>>) -> SandboxMode {
+        let Some(value) = value else {
+            return SandboxMode::default();
+        };
+        let text = self.text("bake.sandbox", value);
+        match text.as_str() {
+            "private" => SandboxMode::Private,
+            "compat" => SandboxMode::Compat,
+            _ => {
+                self.error(
+                    Some(value.span()),
+                    "bake.sandbox",
+                    format!("`{text}`: expected \"private\" (the default) or \"compat\""),
+                );
+                SandboxMode::default()
+            }
+        }
+    }
+
     fn bake(&mut self, s: BakeSection) -> BakePlan {
         let name = self.ami_name("bake.name", &s.name);
         let description = self.opt_text("bake.description", &s.description);
@@ -988,6 +1007,7 @@ impl Checker<'_> {
             },
             owner,
             keep_setuid: s.keep_setuid.map(|k| *k.get_ref()).unwrap_or(false),
+            sandbox: self.sandbox_mode(&s.sandbox),
             root_partition: s.root_partition.map(|p| *p.get_ref()),
             volume_type,
             volume_size_gb,

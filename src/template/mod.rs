@@ -73,6 +73,28 @@ pub struct InstancePlan {
     pub root_volume_type: Option<String>,
 }
 
+/// `bake.sandbox`: whether root in the image is nobody on the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SandboxMode {
+    /// Its own user namespace and an idmapped image (Linux 5.12 or later); refused where
+    /// the kernel cannot.
+    #[default]
+    Private,
+    /// Root in the sandbox is root on the host, held by the other walls: an opt-in, said
+    /// in the output and recorded in the manifest and tags.
+    Compat,
+}
+
+impl SandboxMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            SandboxMode::Private => "private",
+            SandboxMode::Compat => "compat",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct BakePlan {
     pub name: String,
@@ -81,6 +103,7 @@ pub struct BakePlan {
     pub dest: String,
     pub owner: Option<String>,
     pub keep_setuid: bool,
+    pub sandbox: SandboxMode,
     pub root_partition: Option<u32>,
     pub volume_type: Option<String>,
     pub volume_size_gb: Option<i32>,

@@ -79,6 +79,8 @@ pub struct BakeSection {
     pub owner: Option<Spanned<String>>,
     /// Keep setuid and setgid bits of the tarball's files (dropped by default).
     pub keep_setuid: Option<Spanned<bool>>,
+    /// `"compat"`: run the sandbox without its own user namespace, on kernels before 5.12.
+    pub sandbox: Option<Spanned<String>>,
     /// Partition that holds the root filesystem; 0 is the whole device. Default: found by
     /// looking at the volume.
     pub root_partition: Option<Spanned<u32>>,

@@ -256,6 +256,51 @@ impl LocalCloud {
         image_id
     }
 
+    /// A base image of this account made from the Debian vendor image with `edit` applied
+    /// to its root filesystem (mounted read-write at the path it is given): what a base an
+    /// attacker or a broken refresh job made would hold. Its id, once it is available.
+    pub async fn edited_base(
+        &self,
+        clients: &amibake::aws::Clients,
+        name: &str,
+        edit: impl FnOnce(&Path),
+    ) -> String {
+        let vendor = self.ls()["vendor_amis"]["partitioned"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let image = clients
+            .ec2
+            .describe_images()
+            .image_ids(&vendor)
+            .send()
+            .await
+            .unwrap()
+            .images()[0]
+            .clone();
+        let snapshot = image.block_device_mappings()[0]
+            .ebs()
+            .and_then(|e| e.snapshot_id())
+            .unwrap()
+            .to_string();
+        let volume = clients
+            .ec2
+            .create_volume()
+            .snapshot_id(snapshot)
+            .availability_zone("us-east-1a")
+            .send()
+            .await
+            .unwrap();
+        let volume_id = volume.volume_id().unwrap();
+        let file = self.state.join("volumes").join(format!("{volume_id}.img"));
+        {
+            let root = tempfile::tempdir().unwrap();
+            let mounted = MountedSnapshot::mount(&file, PARTITION_1_OFFSET, root.path(), "rw");
+            edit(&mounted.root);
+        }
+        Self::image_of_volume(clients, volume_id, name).await
+    }
+
     pub fn build_host(&self) -> &str {
         self.info["build_host"].as_str().unwrap()
     }
@@ -325,24 +370,7 @@ impl LocalCloud {
     pub fn mount_snapshot(&self, snapshot: &str, dir: &Path, offset: u64) -> MountedSnapshot {
         let raw = dir.join(format!("{snapshot}.img"));
         self.cli(&["export-snapshot", snapshot, raw.to_str().unwrap()]);
-        let out = Command::new("losetup")
-            .args(["--find", "--show", "--read-only", "--offset"])
-            .arg(offset.to_string())
-            .arg(&raw)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "losetup {}", raw.display());
-        let loop_dev = String::from_utf8(out.stdout).unwrap().trim().to_string();
-        let root = dir.join(format!("{snapshot}.mnt"));
-        std::fs::create_dir_all(&root).unwrap();
-        let mounted = MountedSnapshot { root, loop_dev };
-        assert!(Command::new("mount")
-            .args(["-o", "ro", &mounted.loop_dev])
-            .arg(&mounted.root)
-            .status()
-            .unwrap()
-            .success());
-        mounted
+        MountedSnapshot::mount(&raw, offset, &dir.join(format!("{snapshot}.mnt")), "ro")
     }
 
     /// Mounts the root of `snapshot`, a partitioned disk of `disk_bytes` whose root a bake
@@ -390,6 +418,35 @@ pub struct MountedSnapshot {
 /// How long a detached loop device may take to go: the kernel may finish a detach after
 /// `losetup -d` returns (the last close clears it, in the background).
 const LOOP_GONE_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl MountedSnapshot {
+    /// The filesystem at `offset` of the disk image `file`, mounted at `root` with `mode`
+    /// (`ro` or `rw`) through a loop device of its own.
+    fn mount(file: &Path, offset: u64, root: &Path, mode: &str) -> MountedSnapshot {
+        let mut losetup = Command::new("losetup");
+        losetup
+            .args(["--find", "--show", "--offset"])
+            .arg(offset.to_string());
+        if mode == "ro" {
+            losetup.arg("--read-only");
+        }
+        let out = losetup.arg(file).output().unwrap();
+        assert!(out.status.success(), "losetup {}", file.display());
+        let loop_dev = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        std::fs::create_dir_all(root).unwrap();
+        let mounted = MountedSnapshot {
+            root: root.to_path_buf(),
+            loop_dev,
+        };
+        assert!(Command::new("mount")
+            .args(["-o", mode, &mounted.loop_dev])
+            .arg(&mounted.root)
+            .status()
+            .unwrap()
+            .success());
+        mounted
+    }
+}
 
 impl Drop for MountedSnapshot {
     fn drop(&mut self) {

@@ -173,3 +173,11 @@ pub fn signal_when(
     );
     (run, after_signal)
 }
+
+/// The sandbox's own host ids for tests that run the sandbox's children directly, as a bake
+/// does: one range, picked and held for the whole test binary.
+pub fn isolation() -> amibake::sandbox::Isolation {
+    static RANGE: std::sync::OnceLock<amibake::sandbox::ids::IdRange> = std::sync::OnceLock::new();
+    let range = RANGE.get_or_init(|| amibake::sandbox::ids::IdRange::pick().expect("host ids"));
+    amibake::sandbox::Isolation::OwnIds { base: range.base() }
+}

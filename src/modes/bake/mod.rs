@@ -1,6 +1,8 @@
 //! `amibake bake`: a deployment AMI from a base AMI and a code tarball, chroot-style.
 //!
-//! First, before any AWS call: check the tarball (in a sandbox) and digest it. Then, without
+//! First, before any AWS call: pick the sandbox's host ids (or refuse a kernel that cannot
+//! give them), copy the tarball once into the run's work directory, then check that copy (in
+//! the sandbox) and digest it. Then, without
 //! creating anything: choose the backend, resolve the base AMI and fingerprint the inputs;
 //! an available image with that fingerprint is reused.
 //! Then the engine runs the backend's list of steps (`attach::steps` on an EC2 build host,
@@ -29,7 +31,8 @@ use crate::aws::{kms, sdk_config, Clients};
 use crate::engine::{self, EventSink, RunReport, UndoId};
 use crate::host::extract::{self, Extracted};
 use crate::host::image_cache::ImageCache;
-use crate::template::{BakePlan, Commit, Template};
+use crate::sandbox::Isolation;
+use crate::template::{BakePlan, Commit, SandboxMode, Template};
 
 #[derive(Debug, Clone)]
 pub struct BakeOptions {
@@ -43,6 +46,8 @@ pub struct BakeOptions {
     pub backend: BackendChoice,
     /// The direct backend's image cache; `None`: `ImageCache::default_dir()`.
     pub cache_dir: Option<PathBuf>,
+    /// `--sandbox`, over the template's `bake.sandbox`.
+    pub sandbox: Option<SandboxMode>,
 }
 
 /// `--backend`: how the image becomes a block device on this machine.
@@ -120,6 +125,9 @@ pub struct BakeState<B> {
     fingerprint: String,
     mount_point: PathBuf,
     amibake_exe: PathBuf,
+    /// Who root in the sandbox is on this host, and which mode the run asked for.
+    isolation: Isolation,
+    sandbox_mode: SandboxMode,
     /// The block device the image's root filesystem is on, once the backend has one.
     root_device: Option<PathBuf>,
     unmount_root: Option<UndoId>,
@@ -204,6 +212,16 @@ async fn run_loaded(
     let plan = template.bake.expect("load_for_run checked the section");
     // Held until the run ends, so `gc` on this machine never takes it for a killed one.
     let _run_lock = hold_run_lock(&build_id)?;
+    // Before the tarball is read: its check already runs in the sandbox. The range of host
+    // ids is held until the run ends.
+    let sandbox_mode = options.sandbox.unwrap_or(plan.sandbox);
+    let (isolation, _ids) = crate::sandbox::for_run(sandbox_mode == SandboxMode::Compat)?;
+    if sandbox_mode == SandboxMode::Compat {
+        sink.emit(&engine::Event::Note {
+            step: String::new(),
+            message: "sandbox compat: root in the image is root on this host, held back by the sandbox's other walls only (bake.sandbox / --sandbox)".into(),
+        });
+    }
     let work = WorkDir::new(&build_id)?;
     let tarball = spool_tarball(&options.tarball, work.path())?;
     let (checked, tarball_sha256) = tokio::join!(
@@ -212,6 +230,7 @@ async fn run_loaded(
             &work,
             &tarball,
             &options.tarball,
+            isolation,
             &cancel
         ),
         digest(&tarball)
@@ -229,7 +248,7 @@ async fn run_loaded(
         None => None,
     };
     distribute::check(&clients, &plan.distribution, "bake").await?;
-    let fingerprint = fingerprint(&base.id, &tarball_sha256, &plan)?;
+    let fingerprint = fingerprint(&base.id, &tarball_sha256, &plan, sandbox_mode)?;
     let manifest = |ami_id: String,
                     snapshot_id,
                     reused: bool,
@@ -249,6 +268,7 @@ async fn run_loaded(
             backend: (!reused).then(|| backend_name.to_string()),
             reused,
             variant: plan.variant.name(),
+            sandbox: (!reused).then(|| sandbox_mode.name()),
             files: extracted.files,
             bytes: extracted.bytes,
             ssm_parameter: ssm_version.and(plan.publish.as_ref().map(|p| p.parameter.clone())),
@@ -310,6 +330,8 @@ async fn run_loaded(
         fingerprint: fingerprint.clone(),
         mount_point: work.path().join(MOUNT_POINT),
         amibake_exe: options.amibake_exe.clone(),
+        isolation,
+        sandbox_mode,
         root_device: None,
         unmount_root: None,
         restore_files: None,
@@ -428,6 +450,8 @@ impl BakeState<()> {
             fingerprint: self.fingerprint,
             mount_point: self.mount_point,
             amibake_exe: self.amibake_exe,
+            isolation: self.isolation,
+            sandbox_mode: self.sandbox_mode,
             root_device: self.root_device,
             unmount_root: self.unmount_root,
             restore_files: self.restore_files,
@@ -444,7 +468,12 @@ impl BakeState<()> {
 }
 
 /// What decides the image's content: the base, the code, and how it is put in.
-fn fingerprint(base: &str, tarball_sha256: &str, plan: &BakePlan) -> Result<String, ModeError> {
+fn fingerprint(
+    base: &str,
+    tarball_sha256: &str,
+    plan: &BakePlan,
+    sandbox: SandboxMode,
+) -> Result<String, ModeError> {
     let mut parts: Vec<(String, String)> = vec![
         ("base_ami".into(), base.into()),
         ("tarball_sha256".into(), tarball_sha256.into()),
@@ -464,6 +493,11 @@ fn fingerprint(base: &str, tarball_sha256: &str, plan: &BakePlan) -> Result<Stri
             ),
         ),
     ];
+    // An image baked with root as root is not the one a private run asked for; private
+    // fingerprints stay what they were.
+    if sandbox == SandboxMode::Compat {
+        parts.push(("sandbox".into(), sandbox.name().into()));
+    }
     parts.extend(provisioner_fingerprint_parts(&plan.provisioners)?);
     let refs: Vec<(&str, &str)> = parts
         .iter()
@@ -472,14 +506,15 @@ fn fingerprint(base: &str, tarball_sha256: &str, plan: &BakePlan) -> Result<Stri
     Ok(artifact::fingerprint(&refs))
 }
 
-/// The run's work directory: the tarball spooled from stdin, the tarball check's empty root,
+/// The run's work directory: the tarball's one copy, the tarball check's empty root,
 /// and the image's mount point.
 /// Removed entry by entry on drop, never recursively: were an unmount to have failed, a
 /// recursive delete would walk into the mounted image, and through its bind of /dev into
 /// the host's.
 struct WorkDir(PathBuf);
 
-const STDIN_TARBALL: &str = "stdin.tar";
+/// The tarball, copied from what was given: the one copy the run reads.
+const SPOOLED_TARBALL: &str = "tarball";
 const MOUNT_POINT: &str = "root";
 /// The empty directory the tarball's check has as its root.
 const CHECK_ROOT: &str = "empty";
@@ -500,7 +535,7 @@ impl WorkDir {
 
 impl Drop for WorkDir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(self.0.join(STDIN_TARBALL));
+        let _ = std::fs::remove_file(self.0.join(SPOOLED_TARBALL));
         // Fails, as it should, while anything is still mounted there.
         let _ = std::fs::remove_dir(self.0.join(MOUNT_POINT));
         let _ = std::fs::remove_dir(self.0.join(CHECK_ROOT));
@@ -517,6 +552,7 @@ async fn check_tarball(
     work: &WorkDir,
     tarball: &Path,
     given: &Path,
+    isolation: Isolation,
     cancel: &CancellationToken,
 ) -> Result<(), ModeError> {
     let failed = |source| ModeError::Tarball {
@@ -527,7 +563,7 @@ async fn check_tarball(
     std::fs::create_dir(&empty_root).map_err(ModeError::local(
         "cannot make a root for the tarball's check",
     ))?;
-    extract::check_tarball(amibake_exe, &empty_root, tarball, cancel)
+    extract::check_tarball(amibake_exe, &empty_root, tarball, isolation, cancel)
         .await
         .map(|_| ())
         .map_err(failed)
@@ -545,17 +581,25 @@ async fn digest(tarball: &Path) -> Result<String, ModeError> {
         )))
 }
 
-/// A tarball from standard input is kept in the work directory: it is read more than once
-/// (check and digest, then extraction).
+/// The tarball as given (a path, or `-` for standard input), opened once and copied into
+/// the work directory, which only this run can write. The check, the digest and the
+/// extraction all read that copy: what is extracted is what was checked, and the digest in
+/// the tags and the fingerprint is of those bytes, whatever becomes of the given file
+/// meanwhile (a `[[bake.pre]]` command rewriting it).
 fn spool_tarball(tarball: &Path, work: &Path) -> Result<PathBuf, ModeError> {
-    if tarball.as_os_str() != "-" {
-        return Ok(tarball.to_path_buf());
-    }
-    let path = work.join(STDIN_TARBALL);
-    let mut file = std::fs::File::create(&path)
-        .map_err(ModeError::local("cannot keep the tarball from stdin"))?;
-    std::io::copy(&mut std::io::stdin().lock(), &mut file)
-        .map_err(ModeError::local("cannot read the tarball from stdin"))?;
+    let path = work.join(SPOOLED_TARBALL);
+    let mut file =
+        std::fs::File::create(&path).map_err(ModeError::local("cannot copy the tarball"))?;
+    let read = if tarball.as_os_str() == "-" {
+        std::io::copy(&mut std::io::stdin().lock(), &mut file)
+    } else {
+        // A file copy the kernel does (copy_file_range), a clone where the filesystem can.
+        std::fs::File::open(tarball).and_then(|mut given| std::io::copy(&mut given, &mut file))
+    };
+    read.map_err(ModeError::local(format!(
+        "cannot read the tarball {}",
+        tarball.display()
+    )))?;
     Ok(path)
 }
 

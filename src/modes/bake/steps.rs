@@ -20,8 +20,8 @@ use crate::modes::support::{
 
 use super::{Backend, BakeState};
 use crate::artifact::{
-    STATE_BUILDING, TAG_BASE_AMI, TAG_BUILD_ID, TAG_COMMIT, TAG_FINGERPRINT, TAG_STATE,
-    TAG_TARBALL_SHA256, TAG_VARIANT,
+    STATE_BUILDING, TAG_BASE_AMI, TAG_BUILD_ID, TAG_COMMIT, TAG_FINGERPRINT, TAG_SANDBOX,
+    TAG_STATE, TAG_TARBALL_SHA256, TAG_VARIANT,
 };
 use crate::aws::resources::{self, wait_image};
 use crate::aws::wait::WaitPolicy;
@@ -208,6 +208,7 @@ impl<B: Backend> Step<BakeState<B>> for ExtractTarball {
             &s.mount_point,
             &spec,
             &extract::Tarball::File(s.tarball.clone()),
+            s.isolation,
             |p, read| progress.advance(read, tarball_size, Unit::Bytes, Some(p.files)),
             &ctx.cancel,
         )
@@ -241,7 +242,7 @@ impl<B: Backend> Step<BakeState<B>> for RunProvisioners {
         "run provisioners"
     }
     async fn run(&self, s: &mut BakeState<B>, ctx: &mut StepContext) -> Result<(), StepError> {
-        let chroot = Chroot::new(&s.amibake_exe, &s.mount_point);
+        let chroot = Chroot::new(&s.amibake_exe, &s.mount_point, s.isolation);
         provision(&chroot, Entries::Provisioners, &s.plan.provisioners, ctx).await
     }
 }
@@ -501,6 +502,7 @@ impl<B> BakeState<B> {
             (TAG_FINGERPRINT, &self.fingerprint),
             (TAG_STATE, STATE_BUILDING),
             (TAG_VARIANT, self.plan.variant.name()),
+            (TAG_SANDBOX, self.sandbox_mode.name()),
         ];
         pairs.extend(self.plan.tags.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         tags(&pairs)
