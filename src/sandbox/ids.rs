@@ -8,7 +8,7 @@
 //! owns nothing and is privileged over nothing.
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
@@ -32,8 +32,8 @@ pub enum IdsError {
 
 /// A range of host ids held for this run; released when dropped (or when the process
 /// ends, however it ends). The lock files stay: removing one could let a run that opened it
-/// a moment before lock a file no later run sees. They are empty, one per range ever used,
-/// on /run, which a reboot clears.
+/// a moment before lock a file no later run sees. They are empty, one per range ever held
+/// at once, on /run, which a reboot clears.
 #[derive(Debug)]
 pub struct IdRange {
     base: u32,
@@ -47,10 +47,10 @@ impl IdRange {
         let used = host_ids_in_use();
         std::fs::create_dir_all(LOCK_DIR)
             .map_err(|e| IdsError::Pick(format!("cannot make {LOCK_DIR}: {e}")))?;
+        // In order from the first: the locks kept are as many as bakes ever ran at once.
         let slots = (LAST_BASE - FIRST_BASE) / IDS;
-        let start = random_u32() % slots;
-        for i in 0..slots.min(1024) {
-            let base = FIRST_BASE + ((start + i) % slots) * IDS;
+        for slot in 0..slots {
+            let base = FIRST_BASE + slot * IDS;
             if used.iter().any(|&(lo, hi)| lo < base + IDS && base < hi) {
                 continue;
             }
@@ -99,18 +99,6 @@ fn host_ids_in_use() -> Vec<(u32, u32)> {
         }
     }
     used
-}
-
-fn random_u32() -> u32 {
-    let mut bytes = [0u8; 4];
-    if File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut bytes))
-        .is_err()
-    {
-        // Any start will do; the locks keep runs apart.
-        return std::process::id();
-    }
-    u32::from_ne_bytes(bytes)
 }
 
 /// Refuses, before a run makes anything, a kernel that cannot give the sandbox its own ids:
