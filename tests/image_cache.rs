@@ -14,32 +14,8 @@ use util::localcloud::LocalCloud;
 /// A completed snapshot of this account holding the Debian root: EBS direct reads no
 /// public snapshot, so the vendor's goes through a volume first.
 async fn owned_snapshot(cloud: &LocalCloud, clients: &amibake::aws::Clients) -> String {
-    let ami = cloud.ls()["vendor_amis"]["partitioned"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let image = clients
-        .ec2
-        .describe_images()
-        .image_ids(&ami)
-        .send()
-        .await
-        .unwrap();
-    let vendor = image.images()[0].block_device_mappings()[0]
-        .ebs()
-        .unwrap()
-        .snapshot_id()
-        .unwrap()
-        .to_string();
-    let volume = clients
-        .ec2
-        .create_volume()
-        .snapshot_id(&vendor)
-        .availability_zone("us-east-1a")
-        .send()
-        .await
-        .unwrap();
-    LocalCloud::snapshot_of_volume(clients, volume.volume_id().unwrap()).await
+    let volume = cloud.vendor_root_volume(clients).await;
+    LocalCloud::snapshot_of_volume(clients, &volume).await
 }
 
 const BLOCK: u64 = 512 * 1024;

@@ -256,15 +256,8 @@ impl LocalCloud {
         image_id
     }
 
-    /// A base image of this account made from the Debian vendor image with `edit` applied
-    /// to its root filesystem (mounted read-write at the path it is given): what a base an
-    /// attacker or a broken refresh job made would hold. Its id, once it is available.
-    pub async fn edited_base(
-        &self,
-        clients: &amibake::aws::Clients,
-        name: &str,
-        edit: impl FnOnce(&Path),
-    ) -> String {
+    /// A new volume, in the cloud's zone, of the Debian vendor image's root snapshot: its id.
+    pub async fn vendor_root_volume(&self, clients: &amibake::aws::Clients) -> String {
         let vendor = self.ls()["vendor_amis"]["partitioned"]
             .as_str()
             .unwrap()
@@ -291,14 +284,26 @@ impl LocalCloud {
             .send()
             .await
             .unwrap();
-        let volume_id = volume.volume_id().unwrap();
+        volume.volume_id().unwrap().to_string()
+    }
+
+    /// A base image of this account made from the Debian vendor image with `edit` applied
+    /// to its root filesystem (mounted read-write at the path it is given): what a base an
+    /// attacker or a broken refresh job made would hold. Its id, once it is available.
+    pub async fn edited_base(
+        &self,
+        clients: &amibake::aws::Clients,
+        name: &str,
+        edit: impl FnOnce(&Path),
+    ) -> String {
+        let volume_id = self.vendor_root_volume(clients).await;
         let file = self.state.join("volumes").join(format!("{volume_id}.img"));
         {
             let root = tempfile::tempdir().unwrap();
             let mounted = MountedSnapshot::mount(&file, PARTITION_1_OFFSET, root.path(), "rw");
             edit(&mounted.root);
         }
-        Self::image_of_volume(clients, volume_id, name).await
+        Self::image_of_volume(clients, &volume_id, name).await
     }
 
     pub fn build_host(&self) -> &str {
