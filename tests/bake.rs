@@ -129,37 +129,6 @@ fn assert_layout_and_tags(cloud: &LocalCloud, m: &serde_json::Value) {
     }
 }
 
-/// What a build may leave: nothing but the image and its snapshot on success.
-fn assert_nothing_left(cloud: &LocalCloud, build_host: &str) {
-    let ls = cloud.ls();
-    let volumes: Vec<_> = ls["volumes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|v| v["attached_to"] != build_host || v["device"] != "/dev/xvda")
-        .collect();
-    assert!(volumes.is_empty(), "work volumes left: {volumes:?}");
-    assert_eq!(ls["attachments"].as_array().unwrap().len(), 0);
-    let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
-    assert!(
-        !mounts.lines().any(|l| l.contains("amibake-ab-")),
-        "a bake mount is left:\n{mounts}"
-    );
-    let cgroups = cloud.guard_cgroups_left();
-    assert!(cgroups.is_empty(), "provisioner cgroups left: {cgroups:?}");
-    // A grown partitioned root is a loop device over the attached volume's device.
-    let over_devices: Vec<String> = std::fs::read_dir("/sys/block")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| std::fs::read_to_string(e.path().join("loop/backing_file")).ok())
-        .filter(|backing| backing.starts_with("/dev/"))
-        .collect();
-    assert!(
-        over_devices.is_empty(),
-        "loop devices over a device left: {over_devices:?}"
-    );
-}
-
 /// One cloud for the whole story, told in order: the SDK of the binary reads its endpoint
 /// from the environment each run is given.
 #[test]
@@ -209,7 +178,7 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
     let calls = cloud.calls();
     assert!(calls.iter().any(|c| c["action"] == "DetachVolume" && c["ids"]["InstanceId"] == build_host.as_str()), "detach names the instance");
     assert_layout_and_tags(&cloud, &m);
-    assert_nothing_left(&cloud, &build_host);
+    cloud.assert_no_bake_left();
 
     let image = cloud.mount_snapshot(&snapshot, dir, PARTITION_1_OFFSET);
     let mnt = &image.root;
@@ -290,7 +259,7 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
             cm["ami_id"].as_str().unwrap().into(),
         ))
         .unwrap();
-    assert_nothing_left(&cloud, &build_host);
+    cloud.assert_no_bake_left();
 
     // 3. A provisioner that fails stops the bake, says where, and leaves nothing.
     template(dir, "failing", debian, "\"echo migrating\", \"exit 3\"");
@@ -302,7 +271,7 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
         "{}",
         run.dump()
     );
-    assert_nothing_left(&cloud, &build_host);
+    cloud.assert_no_bake_left();
 
     // 4. A failed AWS call after the snapshot exists: the snapshot is removed too.
     cloud.cli(&["fault", "RegisterImage", "--error", "InvalidParameterValue"]);
@@ -335,7 +304,7 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
         1,
         "only the first bake's snapshot remains: {snapshots:?}"
     );
-    assert_nothing_left(&cloud, &build_host);
+    cloud.assert_no_bake_left();
 
     // 5. Two bakes at once on one host: both succeed, on different devices.
     template(dir, "twin-a", debian, "\"echo a > /etc/twin\"");
@@ -379,7 +348,7 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
         devices[0], devices[1],
         "two bakes on one host use different device names"
     );
-    assert_nothing_left(&cloud, &build_host);
+    cloud.assert_no_bake_left();
 
     // 6. An unpartitioned base: the root is the whole device.
     let flat = "{ owners = [\"136693071363\"], name = \"debian-12-amd64-unpartitioned-*\" }";
@@ -401,7 +370,7 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
         "the root filesystem fills the 10 GiB volume: {size} bytes"
     );
     drop(image);
-    assert_nothing_left(&cloud, &build_host);
+    cloud.assert_no_bake_left();
 
     // 6b. A larger volume on the partitioned base: the root partition grows to the end of
     //     the volume and its filesystem fills it, as on the direct backend.
@@ -416,7 +385,7 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
         .replace("inline = [\"true\"]", "inline = [\"false\"]");
     std::fs::write(dir.join("bigger-failing.toml"), failing).unwrap();
     bake(&cloud, dir, "bigger-failing.toml", &[]).expect_code(1);
-    assert_nothing_left(&cloud, &build_host);
+    cloud.assert_no_bake_left();
     let run = bake(&cloud, dir, "bigger.toml", &[]);
     run.expect_code(0);
     assert!(
@@ -429,7 +398,7 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
     assert_composer_like_at(&image.root.join("var/www/shop"), &files, 33);
     drop(image);
     let _ = std::fs::remove_file(dir.join(format!("{snapshot}.img")));
-    assert_nothing_left(&cloud, &build_host);
+    cloud.assert_no_bake_left();
 
     // 8. The tarball on standard input, as `build | amibake bake --tarball -` gives it.
     template(
@@ -459,7 +428,7 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
         "the same bytes, the same digest"
     );
     assert!(manifest(&piped)["files"].as_u64().unwrap() > files.len() as u64);
-    assert_nothing_left(&cloud, &build_host);
+    cloud.assert_no_bake_left();
 
     // 9. A provisioner that leaves a daemon running (setsid escapes its process group): the
     // daemon is ended before the unmount, and the bake succeeds.
@@ -482,7 +451,7 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
         .output()
         .unwrap();
     assert!(!sleeping.status.success(), "the daemon is gone");
-    assert_nothing_left(&cloud, &build_host);
+    cloud.assert_no_bake_left();
 
     // 10. A KMS key of the account: the work volume, and so the snapshot and the image, are
     // encrypted with it.
@@ -533,7 +502,7 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
         )
         .unwrap();
     assert_eq!(described.snapshots()[0].kms_key_id(), Some(key));
-    assert_nothing_left(&cloud, &build_host);
+    cloud.assert_no_bake_left();
 
     // A key the account does not have, or one that is disabled, is refused before anything
     // is made, naming the setting: EBS itself would take it, answer `creating`, and drop the
@@ -568,7 +537,7 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
             .cloned()
             .collect();
         assert!(made.is_empty(), "nothing is made: {made:?}");
-        assert_nothing_left(&cloud, &build_host);
+        cloud.assert_no_bake_left();
     }
 
     // 7. Ctrl-C while a provisioner runs: the command and what it started end at once, the
@@ -603,7 +572,7 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
         !sleeping.status.success(),
         "the provisioner's command is gone"
     );
-    assert_nothing_left(&cloud, &build_host);
+    cloud.assert_no_bake_left();
 
     // 11. Provisioners cannot reach the build host: not its instance metadata (and so not
     // its credentials), not its processes, its disks or its environment. Each check fails
@@ -662,5 +631,5 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
     std::fs::write(dir.join("contained.toml"), text).unwrap();
     let run = bake(&cloud, dir, "contained.toml", &[]);
     run.expect_code(0);
-    assert_nothing_left(&cloud, &build_host);
+    cloud.assert_no_bake_left();
 }

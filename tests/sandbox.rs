@@ -246,24 +246,6 @@ fn stat(root: &Path, path: &str) -> (u32, u32, u32) {
     (m.uid(), m.gid(), m.mode() & 0o7777)
 }
 
-/// Nothing of a bake is left: no work volume, attachment, mount or loop device of its own.
-fn assert_nothing_left(cloud: &LocalCloud) {
-    let ls = cloud.ls();
-    let build_host = cloud.build_host();
-    let volumes: Vec<_> = ls["volumes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|v| v["attached_to"] != build_host || v["device"] != "/dev/xvda")
-        .collect();
-    assert!(volumes.is_empty(), "work volumes left: {volumes:?}");
-    let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
-    assert!(
-        !mounts.lines().any(|l| l.contains("amibake-ab-")),
-        "a bake mount is left:\n{mounts}"
-    );
-}
-
 #[test]
 fn a_tarball_program_in_an_operators_terminal_reaches_nothing_of_the_host() {
     let cloud = LocalCloud::start("none");
@@ -401,7 +383,7 @@ fn a_tarball_program_in_an_operators_terminal_reaches_nothing_of_the_host() {
             "the base's node is still there, only powerless"
         );
         drop(image);
-        assert_nothing_left(&cloud);
+        cloud.assert_no_bake_left();
     }
 }
 
@@ -615,6 +597,6 @@ fn a_base_or_a_pre_command_cannot_hang_flood_or_swap_a_bake() {
         );
         run.expect_code(1);
         assert!(run.stderr().contains(said), "{name}: {}", run.dump());
-        assert_nothing_left(&cloud);
+        cloud.assert_no_bake_left();
     }
 }

@@ -306,6 +306,39 @@ impl LocalCloud {
         Self::image_of_volume(clients, &volume_id, name).await
     }
 
+    /// What a bake may leave: nothing but the image and its snapshot. No work volume,
+    /// attachment, mount, provisioner cgroup or loop device over a device.
+    pub fn assert_no_bake_left(&self) {
+        let build_host = self.build_host();
+        let ls = self.ls();
+        let volumes: Vec<_> = ls["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|v| v["attached_to"] != build_host || v["device"] != "/dev/xvda")
+            .collect();
+        assert!(volumes.is_empty(), "work volumes left: {volumes:?}");
+        assert_eq!(ls["attachments"].as_array().unwrap().len(), 0);
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+        assert!(
+            !mounts.lines().any(|l| l.contains("amibake-ab-")),
+            "a bake mount is left:\n{mounts}"
+        );
+        let cgroups = self.guard_cgroups_left();
+        assert!(cgroups.is_empty(), "provisioner cgroups left: {cgroups:?}");
+        // A grown partitioned root is a loop device over the attached volume's device.
+        let over_devices: Vec<String> = std::fs::read_dir("/sys/block")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| std::fs::read_to_string(e.path().join("loop/backing_file")).ok())
+            .filter(|backing| backing.starts_with("/dev/"))
+            .collect();
+        assert!(
+            over_devices.is_empty(),
+            "loop devices over a device left: {over_devices:?}"
+        );
+    }
+
     pub fn build_host(&self) -> &str {
         self.info["build_host"].as_str().unwrap()
     }
