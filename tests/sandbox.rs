@@ -48,6 +48,7 @@ if (open(my $tty, '+<', '/dev/tty')) {
 opendir(my $fds, "/proc/self/fd") or die "no /proc/self/fd: $!";
 for my $fd (grep { /^\d+$/ } readdir($fds)) {
     open(my $fh, "+<&=", $fd) or next;
+    verdict("a terminal on descriptor $fd", -t $fh);
     verdict("TIOCSTI on descriptor $fd", push_into($fh));
 }
 # Escape sequences meant for the terminal: a title, a colour.
@@ -299,13 +300,14 @@ fn a_tarball_program_in_an_operators_terminal_reaches_nothing_of_the_host() {
             let stop = stop.clone();
             move || watch_probes(stop)
         });
-        // The bake, then what an operator's shell would do next: read a line from its
+        // The bake, given the terminal on descriptor 3 as well (as a careless wrapper
+        // script might), then what an operator's shell would do next: read a line from its
         // terminal and run it. A command pushed into the terminal would run there.
         let screen = in_a_terminal(
             &cloud,
             dir,
             &format!(
-                "\"$AMIBAKE\" bake attack.toml --tarball app.tar.gz --commit c0ffee1 \
+                "exec 3<>/dev/tty; \"$AMIBAKE\" bake attack.toml --tarball app.tar.gz --commit c0ffee1 \
                  --backend {backend} --force --manifest {backend}.json; echo \"bake-exit=$?\"\n\
                  if read -t 2 -r line; then eval \"$line\"; fi; echo terminal-done"
             ),
