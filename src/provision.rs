@@ -104,7 +104,7 @@ pub async fn run_all(
                 comm.run(
                     &format!("rm -f '{remote}'"),
                     &Default::default(),
-                    Network::None,
+                    &Network::None,
                     &mut |_| {},
                     &never,
                 )
@@ -157,7 +157,7 @@ async fn run_one(
         })
     });
     let result = comm
-        .run(command, &p.env, p.network, &mut on_line, &stop)
+        .run(command, &p.env, &p.network, &mut on_line, &stop)
         .await;
     if let Some(timer) = timer {
         timer.abort();

@@ -576,10 +576,11 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
 
     // 11. Provisioners cannot reach the build host: not its instance metadata (and so not
     // its credentials), not its processes, its disks or its environment. Each check fails
-    // the bake if it can cross. With `network = true` a command reaches the host's network
-    // (the local cloud's EC2 endpoint) but still not the metadata, not even through an IPv6
-    // socket's mapped address; with `allow_imds = true` as well, it reaches the metadata,
-    // so the metadata checks are shown to be able to fail.
+    // the bake if it can cross. With `network = true` a command reaches the host loopback's
+    // ports it names (the local cloud's EC2 endpoint) but still not the metadata, though its
+    // port is named too, not even through an IPv6 socket's mapped address; with
+    // `allow_imds = true` as well, it reaches the metadata, so the metadata checks are
+    // shown to be able to fail.
     let address_of = |variable: &str| {
         let url = &cloud.env.iter().find(|(k, _)| k == variable).unwrap().1;
         let (host, port) = url
@@ -622,8 +623,10 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
     let text = format!(
         "[bake]\nname = \"contained-${{commit}}-${{timestamp}}\"\nbase_ami = {debian}\ndest = \"/srv/app\"\n\n\
          [[bake.provisioner]]\ninline = [{}]\n\n\
-         [[bake.provisioner]]\nname = \"with network\"\nnetwork = true\ninline = [{}]\n\n\
-         [[bake.provisioner]]\nname = \"with metadata\"\nnetwork = true\nallow_imds = true\ninline = [{}]\n",
+         [[bake.provisioner]]\nname = \"with network\"\nnetwork = true\n\
+         host_ports = [{ec2_port}, {imds_port}]\ninline = [{}]\n\n\
+         [[bake.provisioner]]\nname = \"with metadata\"\nnetwork = true\nallow_imds = true\n\
+         host_ports = [{imds_port}]\ninline = [{}]\n",
         quoted(&checks),
         quoted(&with_network),
         quoted(&with_metadata),

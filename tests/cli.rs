@@ -239,6 +239,46 @@ fn usage_errors_exit_2() {
 }
 
 #[test]
+fn a_provisioner_with_the_outside_needs_pasta_before_anything_is_made() {
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+    std::fs::write(dir.join("app.tar"), one_file_tarball()).unwrap();
+    std::fs::write(
+        dir.join("net.toml"),
+        "[bake]\nname = \"net-${commit}\"\nbase_ami = \"ami-0123456789abcdef0\"\ndest = \"/srv/app\"\n\n\
+         [[bake.provisioner]]\nname = \"composer install\"\nnetwork = true\ninline = [\"true\"]\n",
+    )
+    .unwrap();
+    // A PATH without pasta; the endpoints lead nowhere, so any AWS call would fail otherwise.
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_amibake"))
+        .args([
+            "bake",
+            "net.toml",
+            "--tarball",
+            "app.tar",
+            "--commit",
+            "abc1234",
+        ])
+        .current_dir(dir)
+        .env("PATH", dir)
+        .env("AWS_ENDPOINT_URL", util::NOWHERE)
+        .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", util::NOWHERE)
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(
+            "error: provisioner `composer install`: `network = true` reaches the outside through pasta, which this build host lacks (install the `passt` package"
+        ),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn a_mode_needs_its_own_section() {
     let run = amibake(&["base", "templates/worker.toml"]);
     run.expect_code(2);

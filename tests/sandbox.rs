@@ -1,6 +1,7 @@
 //! The sandbox's walls, attacked through whole bakes on the local cloud, on both backends:
 //! a program from the tarball, run by a provisioner in an operator's terminal, on a base
-//! image that holds a device node naming a host disk, tries every way out it knows; the
+//! image that holds a device node naming a host disk, with no network and with the
+//! outside (`network = true`), tries every way out it knows; the
 //! image it leaves behind still has the owners, modes and package database a provisioner
 //! gave it. Then bases and pre commands that would hang, flood or swap a bake.
 
@@ -61,6 +62,19 @@ socket(my $tcp, PF_INET, SOCK_STREAM, 0) or die;
 verdict("connect to host 127.0.0.1:$ENV{PORT}", connect($tcp, sockaddr_in($ENV{PORT}, inet_aton("127.0.0.1"))));
 socket(my $unix, PF_UNIX, SOCK_STREAM, 0) or die;
 verdict("connect to host abstract socket", connect($unix, pack_sockaddr_un("\0$ENV{ABSTRACT}")));
+# With the outside: the host port it names answers, a name resolves through the host's
+# resolver (on the host's loopback), and the metadata service is refused though its port
+# is named. A failure here is the network missing, which fails the bake too.
+if ($ENV{NAMED_PORT}) {
+    socket(my $named, PF_INET, SOCK_STREAM, 0) or die;
+    connect($named, sockaddr_in($ENV{NAMED_PORT}, inet_aton("127.0.0.1"))) or die "no named port: $!";
+    my $greeting = <$named> // "";
+    print "the named host port said: $greeting";
+    my $address = gethostbyname("probe.test") or die "probe.test does not resolve";
+    print "probe.test is ", inet_ntoa($address), "\n";
+    socket(my $imds, PF_INET, SOCK_STREAM, 0) or die;
+    verdict("connect to the metadata service", connect($imds, sockaddr_in($ENV{IMDS_PORT}, inet_aton("127.0.0.1"))));
+}
 # A device node the base image holds, naming a host loop device.
 if (-e "/opt/d") {
     my $dev;
@@ -218,6 +232,39 @@ fn in_a_terminal(cloud: &LocalCloud, dir: &Path, script: &str) -> Vec<u8> {
     screen
 }
 
+/// A DNS resolver on the host's loopback, as systemd-resolved's is: every A question is
+/// answered 127.0.0.9. Outside the local cloud's addresses (127.0-249.*).
+struct HostResolver {
+    address: std::net::Ipv4Addr,
+}
+
+impl HostResolver {
+    fn start() -> HostResolver {
+        let address = std::net::Ipv4Addr::new(127, 250, 0, 53);
+        let socket = std::net::UdpSocket::bind((address, 53)).unwrap();
+        std::thread::spawn(move || {
+            let mut query = [0u8; 512];
+            while let Ok((len, peer)) = socket.recv_from(&mut query) {
+                // The header (the question's id; a response, recursion available; one
+                // question, one answer), the question as asked, and an A record naming it.
+                let mut end = 12;
+                while end < len && query[end] != 0 {
+                    end += usize::from(query[end]) + 1;
+                }
+                let Some(question) = query.get(12..end + 5) else {
+                    continue;
+                };
+                let mut answer = query[..2].to_vec();
+                answer.extend([0x85, 0x80, 0, 1, 0, 1, 0, 0, 0, 0]);
+                answer.extend(question);
+                answer.extend([0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 127, 0, 0, 9]);
+                let _ = socket.send_to(&answer, peer);
+            }
+        });
+        HostResolver { address }
+    }
+}
+
 /// Host uids of the processes named `amibake-probe` seen until `stop` is set.
 fn watch_probes(stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Vec<u32> {
     let mut uids = Vec::new();
@@ -278,16 +325,47 @@ fn a_tarball_program_in_an_operators_terminal_reaches_nothing_of_the_host() {
     let canary = Canary::new();
     let escaped = dir.join("ESCAPED");
     let env = format!(
-        "env = {{ PORT = \"{port}\", ABSTRACT = \"{abstract_name}\", ESCAPED = \"{}\", CANARY = \"{}\" }}",
+        "PORT = \"{port}\", ABSTRACT = \"{abstract_name}\", ESCAPED = \"{}\", CANARY = \"{}\"",
         escaped.display(),
         canary.path().display()
     );
+    // What the outside offers: a host port the template names, which greets, and a resolver
+    // on the host's loopback, as systemd-resolved's would be; the bakes see it as the host's
+    // resolv.conf, bound over it in a mount namespace of their own.
+    let named = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let named_port = named.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut connection in named.incoming().flatten() {
+            let _ = std::io::Write::write_all(&mut connection, b"amibake-hello\n");
+        }
+    });
+    let resolver = HostResolver::start();
+    std::fs::write(
+        dir.join("resolv.conf"),
+        format!("nameserver {}\n", resolver.address),
+    )
+    .unwrap();
+    let imds_port = cloud
+        .env
+        .iter()
+        .find(|(k, _)| k == "AWS_EC2_METADATA_SERVICE_ENDPOINT")
+        .and_then(|(_, url)| {
+            url.rsplit(':')
+                .next()?
+                .trim_end_matches('/')
+                .parse::<u16>()
+                .ok()
+        })
+        .unwrap();
     std::fs::write(
         dir.join("attack.toml"),
         format!(
             "[bake]\nname = \"attack-${{commit}}-${{timestamp}}\"\nbase_ami = \"{base}\"\ndest = \"/srv/app\"\n\
              keep_setuid = true\n\n\
-             [[bake.provisioner]]\nname = \"attack\"\ninline = [\"/srv/app/bin/attack\"]\n{env}\n\n\
+             [[bake.provisioner]]\nname = \"attack\"\ninline = [\"/srv/app/bin/attack\"]\nenv = {{ {env} }}\n\n\
+             [[bake.provisioner]]\nname = \"attack with network\"\ninline = [\"/srv/app/bin/attack\"]\n\
+             network = true\nhost_ports = [{named_port}, {imds_port}]\n\
+             env = {{ {env}, NAMED_PORT = \"{named_port}\", IMDS_PORT = \"{imds_port}\" }}\n\n\
              [[bake.provisioner]]\nname = \"owners\"\ninline = [{}]\n",
             quoted(&OWNERS)
         ),
@@ -307,7 +385,9 @@ fn a_tarball_program_in_an_operators_terminal_reaches_nothing_of_the_host() {
             &cloud,
             dir,
             &format!(
-                "exec 3<>/dev/tty; \"$AMIBAKE\" bake attack.toml --tarball app.tar.gz --commit c0ffee1 \
+                "exec 3<>/dev/tty; unshare --mount --propagation private -- sh -c \
+                 'mount --bind resolv.conf /etc/resolv.conf && exec \"$@\"' sh \
+                 \"$AMIBAKE\" bake attack.toml --tarball app.tar.gz --commit c0ffee1 \
                  --backend {backend} --force --manifest {backend}.json; echo \"bake-exit=$?\"\n\
                  if read -t 2 -r line; then eval \"$line\"; fi; echo terminal-done"
             ),
@@ -321,6 +401,7 @@ fn a_tarball_program_in_an_operators_terminal_reaches_nothing_of_the_host() {
             !escaped.exists(),
             "{backend}: a pushed command ran: {shown}"
         );
+        // Each wall holds for both attacks: without a network and with the outside.
         for held in [
             "held open /dev/tty: No such device or address",
             "held TIOCSTI on descriptor 0",
@@ -331,7 +412,21 @@ fn a_tarball_program_in_an_operators_terminal_reaches_nothing_of_the_host() {
             "held open /opt/d: Permission denied",
             "held write the host canary",
         ] {
-            assert!(shown.contains(held), "{backend}: not `{held}`: {shown}");
+            assert_eq!(
+                shown.matches(held).count(),
+                2,
+                "{backend}: not twice `{held}`: {shown}"
+            );
+        }
+        for reached in [
+            "the named host port said: amibake-hello",
+            "probe.test is 127.0.0.9",
+            "held connect to the metadata service: Operation not permitted",
+        ] {
+            assert!(
+                shown.contains(reached),
+                "{backend}: not `{reached}`: {shown}"
+            );
         }
         // The program's escape sequences reach the terminal only escaped.
         assert!(

@@ -21,9 +21,12 @@ pub struct InternalSandboxArgs {
     pub root: PathBuf,
     #[arg(long, value_parser = isolation)]
     pub isolation: Isolation,
-    /// Share the build host's network instead of having none.
+    /// Reach the outside (through pasta) instead of having no network.
     #[arg(long)]
     pub network: bool,
+    /// With `--network`: a port of the build host's loopback to reach (repeatable).
+    #[arg(long = "host-port", requires = "network")]
+    pub host_ports: Vec<u16>,
     /// A cgroup to join first: the one that keeps the command from the host's credentials.
     #[arg(long)]
     pub cgroup: Option<PathBuf>,
@@ -102,9 +105,11 @@ pub fn sandbox(args: &InternalSandboxArgs) -> ! {
         }
     }
     let purpose = sandbox::Purpose::Provision {
-        network: args.network,
+        outside: args.network.then(|| sandbox::network::Outside {
+            host_ports: args.host_ports.clone(),
+        }),
     };
-    if let Err(e) = sandbox::enter(&args.root, purpose, args.isolation) {
+    if let Err(e) = sandbox::enter(&args.root, &purpose, args.isolation) {
         eprintln!("error: {e}");
         std::process::exit(exit::BUILD_FAILED);
     }

@@ -45,7 +45,7 @@ impl Chroot {
     fn command(
         &self,
         env: &BTreeMap<String, String>,
-        network: Network,
+        network: &Network,
     ) -> Result<(tokio::process::Command, Option<CredentialGuard>), CommError> {
         let mut command = tokio::process::Command::new(&self.amibake_exe);
         command
@@ -56,15 +56,23 @@ impl Chroot {
             .arg(self.isolation.to_arg());
         let guard = match network {
             Network::None => None,
-            Network::HostWithMetadata => {
+            Network::Outside {
+                metadata,
+                host_ports,
+            } => {
                 command.arg("--network");
-                None
-            }
-            Network::Host => {
-                let guard = CredentialGuard::new(&credential_endpoints())
-                    .map_err(|e| self.failed("keep the command from the host's credentials", e))?;
-                command.arg("--network").arg("--cgroup").arg(guard.dir());
-                Some(guard)
+                for port in host_ports {
+                    command.arg("--host-port").arg(port.to_string());
+                }
+                if *metadata {
+                    None
+                } else {
+                    let guard = CredentialGuard::new(&credential_endpoints()).map_err(|e| {
+                        self.failed("keep the command from the host's credentials", e)
+                    })?;
+                    command.arg("--cgroup").arg(guard.dir());
+                    Some(guard)
+                }
             }
         };
         command.arg("--");
@@ -90,7 +98,7 @@ impl Communicator for Chroot {
         &self,
         command: &str,
         env: &BTreeMap<String, String>,
-        network: Network,
+        network: &Network,
         on_line: &mut (dyn for<'l> FnMut(&'l str) + Send),
         cancel: &CancellationToken,
     ) -> Result<i32, CommError> {
@@ -149,7 +157,7 @@ impl Communicator for Chroot {
         let file = tokio::fs::File::open(source)
             .await
             .map_err(|e| self.failed(action(), e))?;
-        let (mut command, _) = self.command(&BTreeMap::new(), Network::None)?;
+        let (mut command, _) = self.command(&BTreeMap::new(), &Network::None)?;
         let mut child = command
             .args([
                 "/bin/sh",

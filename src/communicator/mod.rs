@@ -37,7 +37,7 @@ pub trait Communicator: Send + Sync {
         &self,
         command: &str,
         env: &BTreeMap<String, String>,
-        network: Network,
+        network: &Network,
         on_line: &mut (dyn for<'l> FnMut(&'l str) + Send),
         cancel: &tokio_util::sync::CancellationToken,
     ) -> Result<i32, CommError>;

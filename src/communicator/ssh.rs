@@ -199,7 +199,7 @@ impl Communicator for Ssh {
         &self,
         command: &str,
         env: &BTreeMap<String, String>,
-        _network: Network,
+        _network: &Network,
         on_line: &mut (dyn for<'l> FnMut(&'l str) + Send),
         cancel: &CancellationToken,
     ) -> Result<i32, CommError> {

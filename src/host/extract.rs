@@ -735,7 +735,7 @@ pub fn child_main(
     spec: &ExtractSpec,
     isolation: sandbox::Isolation,
 ) -> Result<Extracted, ExtractError> {
-    sandbox::enter(root, sandbox::Purpose::Extract, isolation)?;
+    sandbox::enter(root, &sandbox::Purpose::Extract, isolation)?;
     let image = ImageRoot::open(Path::new("/")).map_err(|e| ExtractError::Dest {
         dest: spec.dest.clone(),
         reason: e.to_string(),
@@ -755,7 +755,7 @@ pub fn check_child_main(
     root: &Path,
     isolation: sandbox::Isolation,
 ) -> Result<Extracted, ExtractError> {
-    sandbox::enter(root, sandbox::Purpose::Check, isolation)?;
+    sandbox::enter(root, &sandbox::Purpose::Check, isolation)?;
     report_progress(|input, on_progress| check_entries(input, on_progress))
 }
 

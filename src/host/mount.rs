@@ -341,10 +341,12 @@ fn write_new(leaf: &Leaf, content: &[u8], mode: u32) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The chroot's temporary files: the host's resolv.conf, and a policy-rc.d on images that
+/// The chroot's temporary files: the host's resolv.conf (a resolver on the host's loopback
+/// replaced by the sandbox's way to it), and a policy-rc.d on images that
 /// use invoke-rc.d (Debian and its family).
 pub fn put_chroot_files(files: &mut TemporaryFiles) -> Result<(), MountError> {
     let resolv = std::fs::read("/etc/resolv.conf").unwrap_or_default();
+    let resolv = crate::sandbox::network::resolv_conf_for_sandbox(&resolv);
     files.put("/etc/resolv.conf", &resolv, 0o644)?;
     let image = ImageRoot::open(&files.root).map_err(|e| files.error("/", e))?;
     let debian_family = image

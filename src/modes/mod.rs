@@ -86,6 +86,12 @@ pub enum ModeError {
     /// The sandbox cannot be had as the run asks (the kernel, the host's ids).
     #[error(transparent)]
     Sandbox(#[from] crate::sandbox::ids::IdsError),
+    /// A provisioner asks for the outside, and this host cannot give it.
+    #[error("provisioner `{provisioner}`: {source}")]
+    Network {
+        provisioner: String,
+        source: crate::sandbox::network::NetworkError,
+    },
     /// Local work before the first step: the tarball, a script, a work directory.
     #[error("{what}")]
     Local {
@@ -378,10 +384,21 @@ fn provisioner_fingerprint_parts(
                 destination,
             } => format!("{} {destination}", digest(source)?),
         };
-        let network = match p.network {
-            Network::None => "",
-            Network::Host => "\nnetwork",
-            Network::HostWithMetadata => "\nnetwork with metadata",
+        let network = match &p.network {
+            Network::None => String::new(),
+            Network::Outside {
+                metadata,
+                host_ports,
+            } => {
+                let mut text = "\nnetwork".to_string();
+                if *metadata {
+                    text.push_str(" with metadata");
+                }
+                if !host_ports.is_empty() {
+                    text.push_str(&format!(" host ports {host_ports:?}"));
+                }
+                text
+            }
         };
         parts.push((
             format!("provisioner {i}"),

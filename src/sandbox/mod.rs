@@ -17,9 +17,9 @@
 //!   keyrings, BPF, modules, mounts, namespaces, ...), answered EPERM.
 //! - **Namespaces of its own**: mounts (nothing it mounts reaches the host, nothing the host
 //!   mounted is followed into the image), PID (it sees only its own processes, and all of
-//!   them die with it), IPC, UTS, and unless asked for, network with no route anywhere (the
-//!   instance metadata, and with it the host's credentials, out of reach; with the host's
-//!   network, `credential_guard` keeps them out of reach).
+//!   them die with it), IPC, UTS and network: no route anywhere unless asked for, and then
+//!   the outside through pasta (`network`), never the host's loopback services or abstract
+//!   sockets; the credential endpoints out of reach either way (`credential_guard`).
 //! - **The image as the root** through `pivot_root`, no host tree above it; for
 //!   provisioners a fresh /proc of their own PID namespace (its kernel knobs read-only), a
 //!   read-only /sys, a /dev of the usual character devices only, a devpts of their own and a
@@ -37,6 +37,7 @@
 pub mod credential_guard;
 pub mod ids;
 mod mounts;
+pub mod network;
 mod seccomp;
 
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -54,16 +55,17 @@ pub struct SandboxError {
 }
 
 /// What the sandboxed code may do.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub enum Purpose {
     /// Unpack files: create, own and date them.
     Extract,
     /// Read a tarball, and nothing else: the root is an empty directory, and no
     /// capability is kept.
     Check,
-    /// Run a provisioner's command, as root of the image; `network` shares the host's
-    /// (which `credential_guard` keeps from the host's credentials, unless allowed).
-    Provision { network: bool },
+    /// Run a provisioner's command, as root of the image; with `outside`, its network
+    /// reaches the world through pasta (and `credential_guard`, joined by the caller, keeps
+    /// it from the host's credentials unless allowed).
+    Provision { outside: Option<network::Outside> },
 }
 
 /// Who root in the sandbox is on the host.
@@ -135,7 +137,7 @@ const EXTRACT_CAPABILITIES: CapabilitySet = CapabilitySet::CHOWN
 /// Leaves the host's namespaces and enters the image at `root`. Returns only in the
 /// sandboxed process (PID 1 of its namespace); the process that called it waits for that
 /// one and exits with its status, so the caller's parent sees one child as before.
-pub fn enter(root: &Path, purpose: Purpose, isolation: Isolation) -> Result<(), SandboxError> {
+pub fn enter(root: &Path, purpose: &Purpose, isolation: Isolation) -> Result<(), SandboxError> {
     let fail = |action: &str| {
         let root = root.display().to_string();
         let action = action.to_string();
@@ -153,11 +155,19 @@ pub fn enter(root: &Path, purpose: Purpose, isolation: Isolation) -> Result<(), 
         ),
         Isolation::Compat => (None, None),
     };
-    let mut namespaces =
-        UnshareFlags::NEWNS | UnshareFlags::NEWPID | UnshareFlags::NEWIPC | UnshareFlags::NEWUTS;
-    if !matches!(purpose, Purpose::Provision { network: true }) {
-        namespaces |= UnshareFlags::NEWNET;
-    }
+    // The host's network namespace, where pasta must start.
+    let host_net = match purpose {
+        Purpose::Provision { outside: Some(_) } => Some(OwnedFd::from(
+            std::fs::File::open("/proc/self/ns/net")
+                .map_err(fail("open the host's network namespace"))?,
+        )),
+        _ => None,
+    };
+    let namespaces = UnshareFlags::NEWNS
+        | UnshareFlags::NEWPID
+        | UnshareFlags::NEWIPC
+        | UnshareFlags::NEWUTS
+        | UnshareFlags::NEWNET;
     // SAFETY: no other thread exists (see the module's note), and FILES is not unshared.
     unsafe { rustix::thread::unshare_unsafe(namespaces) }
         .map_err(|e| fail("unshare namespaces")(e.into()))?;
@@ -165,6 +175,17 @@ pub fn enter(root: &Path, purpose: Purpose, isolation: Isolation) -> Result<(), 
 
     // From here on: PID 1 of the new PID namespace.
     rustix::process::setsid().map_err(|e| fail("start a session of its own")(e.into()))?;
+    if let (
+        Purpose::Provision {
+            outside: Some(outside),
+        },
+        Some(host_net),
+    ) = (purpose, host_net)
+    {
+        let pid = network::connect(outside, &host_net)
+            .map_err(|e| fail("reach the outside")(std::io::Error::other(e)))?;
+        let _ = NETWORK_HELPER.set(pid);
+    }
     rustix::mount::mount_change(
         "/",
         MountPropagationFlags::PRIVATE | MountPropagationFlags::REC,
@@ -218,6 +239,10 @@ fn close_inherited_descriptors() -> std::io::Result<()> {
     Ok(())
 }
 
+/// pasta's PID, in a sandbox with the outside: a helper of the sandbox's, never what the
+/// command left running.
+static NETWORK_HELPER: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+
 /// How long what a command left running gets to exit on SIGTERM before the namespace ends
 /// and the kernel kills it.
 const LEFTOVER_EXIT_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
@@ -269,7 +294,8 @@ fn processes_left() -> Vec<String> {
             // "7 (name) S ...": the state follows the name's closing parenthesis.
             let state = stat.rsplit_once(") ")?.1.chars().next()?;
             let name = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
-            (pid != 1 && state != 'Z').then(|| (pid, name.trim().to_string()))
+            let ours = pid == 1 || NETWORK_HELPER.get() == Some(&pid);
+            (!ours && state != 'Z').then(|| (pid, name.trim().to_string()))
         })
         .collect();
     left.sort();

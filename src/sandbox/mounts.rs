@@ -17,7 +17,7 @@ use crate::host::image_root::ImageRoot;
 /// `owner` is the host id the sandbox's root will be, which owns the filesystems made here.
 pub fn make_root(
     root: &Path,
-    purpose: Purpose,
+    purpose: &Purpose,
     userns: Option<&OwnedFd>,
     owner: Option<u32>,
 ) -> std::io::Result<()> {

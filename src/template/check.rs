@@ -531,40 +531,68 @@ impl Checker<'_> {
         commands
     }
 
-    /// A bake provisioner's `network` and `allow_imds`.
+    /// A bake provisioner's `network`, `allow_imds` and `host_ports`.
     fn network(&mut self, key: &str, e: &ProvisionerEntry) -> Network {
         let on = |flag: &Option<Spanned<bool>>| flag.as_ref().is_some_and(|f| *f.get_ref());
-        for (name, flag) in [("network", &e.network), ("allow_imds", &e.allow_imds)] {
-            if let Some(flag) = flag {
-                let holder = if key.starts_with("bake.provisioner[") {
-                    None
-                } else if key.starts_with("base.provisioner[") {
-                    Some("a base instance")
-                } else {
-                    Some("a test's instance")
-                };
-                if let Some(holder) = holder {
+        let holder = if key.starts_with("bake.provisioner[") {
+            None
+        } else if key.starts_with("base.provisioner[") {
+            Some("a base instance")
+        } else {
+            Some("a test's instance")
+        };
+        let given = [
+            ("network", e.network.as_ref().map(|f| f.span())),
+            ("allow_imds", e.allow_imds.as_ref().map(|f| f.span())),
+            ("host_ports", e.host_ports.as_ref().map(|f| f.span())),
+        ];
+        if let Some(holder) = holder {
+            for (name, span) in given {
+                if let Some(span) = span {
                     self.error(
-                        Some(flag.span()),
+                        Some(span),
                         &format!("{key}.{name}"),
                         format!("`{name}` is for bake provisioners, which have no network unless they ask; {holder} has its own"),
                     );
                 }
             }
+            return Network::None;
         }
-        match (on(&e.network), on(&e.allow_imds)) {
-            (false, false) => Network::None,
-            (true, false) => Network::Host,
-            (true, true) => Network::HostWithMetadata,
-            (false, true) => {
-                let span = e.allow_imds.as_ref().map(|f| f.span());
-                self.error(
-                    span,
-                    &format!("{key}.allow_imds"),
-                    "`allow_imds` opens the build host's instance metadata to a command that has the host's network: it needs `network = true`".into(),
-                );
-                Network::None
+        let mut host_ports = Vec::new();
+        for (i, port) in e.host_ports.iter().flat_map(|p| p.get_ref()).enumerate() {
+            match u16::try_from(*port.get_ref()) {
+                Ok(number) if number > 0 => host_ports.push(number),
+                _ => self.error(
+                    Some(port.span()),
+                    &format!("{key}.host_ports[{i}]"),
+                    format!(
+                        "{} is no port: a port of the build host's loopback is 1 to 65535",
+                        port.get_ref()
+                    ),
+                ),
             }
+        }
+        if !on(&e.network) {
+            let needs_network = "that has a network: it needs `network = true`";
+            if on(&e.allow_imds) {
+                self.error(
+                    given[1].1.clone(),
+                    &format!("{key}.allow_imds"),
+                    format!("`allow_imds` opens the build host's instance metadata to a command {needs_network}"),
+                );
+            }
+            if e.host_ports.is_some() {
+                self.error(
+                    given[2].1.clone(),
+                    &format!("{key}.host_ports"),
+                    format!("`host_ports` opens ports of the build host's loopback to a command {needs_network}"),
+                );
+            }
+            return Network::None;
+        }
+        Network::Outside {
+            metadata: on(&e.allow_imds),
+            host_ports,
         }
     }
 

@@ -270,17 +270,19 @@ fn keep_variant(
 }
 
 /// The network a bake provisioner's command has (a base instance always has its own).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Network {
     /// None at all: the default.
     #[default]
     None,
-    /// `network = true`: the build host's, except its instance metadata and the other
+    /// `network = true`: a namespace of its own that reaches the outside, never the build
+    /// host's loopback but `host_ports`, nor (unless `metadata`, `allow_imds = true`) the
     /// endpoints that hand out the host's credentials.
-    Host,
-    /// `network = true` and `allow_imds = true`: the build host's, metadata included.
-    HostWithMetadata,
+    Outside {
+        metadata: bool,
+        host_ports: Vec<u16>,
+    },
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -152,8 +152,12 @@ pub struct ProvisionerEntry {
     pub destination: Option<Spanned<String>>,
     #[serde(default)]
     pub env: BTreeMap<String, Spanned<String>>,
-    /// Bake only: give the command the build host's network (it has none by default).
+    /// Bake only: give the command a network of its own that reaches the outside (it has
+    /// none by default).
     pub network: Option<Spanned<bool>>,
+    /// Bake only, with `network = true`: ports of the build host's loopback the command
+    /// reaches (a package cache, say); it reaches none by default.
+    pub host_ports: Option<Spanned<Vec<Spanned<i64>>>>,
     /// Bake only, with `network = true`: let the command reach the build host's instance
     /// metadata, and with it the host's credentials.
     pub allow_imds: Option<Spanned<bool>>,

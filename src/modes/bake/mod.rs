@@ -32,7 +32,7 @@ use crate::engine::{self, EventSink, RunReport, UndoId};
 use crate::host::extract::{self, Extracted};
 use crate::host::image_cache::ImageCache;
 use crate::sandbox::Isolation;
-use crate::template::{BakePlan, Commit, SandboxMode, Template};
+use crate::template::{BakePlan, Commit, Network, SandboxMode, Template};
 
 #[derive(Debug, Clone)]
 pub struct BakeOptions {
@@ -216,6 +216,16 @@ async fn run_loaded(
     // ids is held until the run ends.
     let sandbox_mode = options.sandbox.unwrap_or(plan.sandbox);
     let (isolation, _ids) = crate::sandbox::for_run(sandbox_mode == SandboxMode::Compat)?;
+    if let Some(p) = plan
+        .provisioners
+        .iter()
+        .find(|p| p.network != Network::None)
+    {
+        crate::sandbox::network::pasta().map_err(|source| ModeError::Network {
+            provisioner: p.name.clone(),
+            source,
+        })?;
+    }
     if sandbox_mode == SandboxMode::Compat {
         sink.emit(&engine::Event::Note {
             step: String::new(),
