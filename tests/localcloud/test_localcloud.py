@@ -267,6 +267,36 @@ def test_the_call_log_names_actions_ids_and_results(cloud):
                       "status": 400, "code": "InvalidVolume.NotFound"}]
 
 
+def test_launch_templates_and_their_versions_come_a_page_at_a_time(cloud):
+    ec2 = cloud.client("ec2")
+    image = cloud.info["vendor_amis"]["partitioned"]
+    ids = []
+    for n in range(3):
+        made = ec2.create_launch_template(LaunchTemplateName=f"paged-{n}", LaunchTemplateData={"ImageId": image})
+        ids.append(made["LaunchTemplate"]["LaunchTemplateId"])
+    for _ in range(4):
+        ec2.create_launch_template_version(LaunchTemplateId=ids[0], LaunchTemplateData={"ImageId": image})
+
+    def every(call, key, **kwargs):
+        pages, token = [], None
+        while True:
+            page = call(**kwargs, **({"NextToken": token} if token else {}))
+            pages.append(page[key])
+            token = page.get("NextToken")
+            if not token:
+                return pages
+
+    templates = every(ec2.describe_launch_templates, "LaunchTemplates", MaxResults=2)
+    assert [len(p) for p in templates] == [2, 1]
+    assert {t["LaunchTemplateId"] for p in templates for t in p} >= set(ids)
+    versions = every(ec2.describe_launch_template_versions, "LaunchTemplateVersions", LaunchTemplateId=ids[0], MaxResults=2)
+    assert [len(p) for p in versions] == [2, 2, 1]
+    assert sorted(v["VersionNumber"] for p in versions for v in p) == [1, 2, 3, 4, 5]
+    with pytest.raises(ClientError) as err:
+        ec2.describe_launch_templates(MaxResults=201)
+    assert err.value.response["Error"]["Code"] == "InvalidParameterValue"
+
+
 def test_imds_v2_describes_the_build_host(cloud):
     imds = cloud.env["AWS_EC2_METADATA_SERVICE_ENDPOINT"]
     ec2 = cloud.client("ec2")

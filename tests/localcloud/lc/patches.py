@@ -88,6 +88,7 @@ def install(dataplane, instances, timing, loopback_subnet):
     _patch_kms()
     _patch_ssm()
     _patch_image_lifecycle()
+    _patch_launch_template_pages()
     _patch_copy_image(timing)
 
 
@@ -752,6 +753,52 @@ def _patch_image_lifecycle():
     AmisResponse.enable_image_deprecation = enable_image_deprecation
     AmisResponse.disable_image_deprecation = disable_image_deprecation
     AmisResponse.describe_image_references = describe_image_references
+
+
+# -- launch templates, a page at a time -------------------------------------------------------
+
+# EC2 pages DescribeLaunchTemplates and DescribeLaunchTemplateVersions (MaxResults 1-200, a
+# NextToken while more remain); moto cuts the list at MaxResults (15 when not given) and says
+# nothing of the rest, so a client reading one page would look complete.
+LAUNCH_TEMPLATE_PAGE = 100
+
+
+def _patch_launch_template_pages():
+    from moto.core.responses import ActionResult
+    from moto.ec2.responses.launch_templates import LaunchTemplates
+
+    def paged(self, key, items):
+        size = self._get_int_param("MaxResults", LAUNCH_TEMPLATE_PAGE)
+        if not 1 <= size <= 200:
+            raise _error("InvalidParameterValue", f"MaxResults {size} is not between 1 and 200")
+        start = int(self._get_param("NextToken") or 0)
+        result = {key: items[start:start + size]}
+        if start + size < len(items):
+            result["NextToken"] = str(start + size)
+        return result
+
+    def unpaged(self, method):
+        """Runs moto's answer with no cut, by asking for more than there can be."""
+        original_get_int = self._get_int_param
+        self._get_int_param = lambda name, default=None: 10**9 if name == "MaxResults" else original_get_int(name, default)
+        try:
+            return method(self)
+        finally:
+            self._get_int_param = original_get_int
+
+    describe_versions = LaunchTemplates.describe_launch_template_versions
+    describe_templates = LaunchTemplates.describe_launch_templates
+
+    def describe_launch_template_versions(self):
+        answer = unpaged(self, describe_versions)
+        return ActionResult(paged(self, "LaunchTemplateVersions", answer.result["LaunchTemplateVersions"]))
+
+    def describe_launch_templates(self):
+        answer = unpaged(self, describe_templates)
+        return ActionResult(paged(self, "LaunchTemplates", answer.result["LaunchTemplates"]))
+
+    LaunchTemplates.describe_launch_template_versions = describe_launch_template_versions
+    LaunchTemplates.describe_launch_templates = describe_launch_templates
 
 
 # -- copies across regions --------------------------------------------------------------------
