@@ -326,3 +326,170 @@ fn prune_keeps_what_is_used_and_the_newest_and_removes_the_rest_with_their_snaps
         short.dump()
     );
 }
+
+/// `prune --name-prefix` alone, told no template and no channel: what keeps an image is found
+/// all the same. Six bakes to a channel; the 1st named only by an old version of a launch
+/// template (below the 20 newest that EC2's references look at), version 2 labelled `prod`,
+/// an instance of the 3rd, the 5th shared with another account, the 6th the newest.
+#[test]
+fn prune_by_name_prefix_alone_removes_only_what_nothing_anywhere_uses() {
+    let cloud = LocalCloud::start("quick");
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let vendor = cloud.ls()["vendor_amis"]["partitioned"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    std::fs::write(
+        dir.join("shop.toml"),
+        format!(
+            "[bake]\nname = \"shop-${{commit}}-${{timestamp}}\"\nbase_ami = \"{vendor}\"\n\
+             dest = \"/srv/shop\"\npublish_ssm = \"{CHANNEL}\"\n"
+        ),
+    )
+    .unwrap();
+    let baked: Vec<(String, String)> = (1..=6)
+        .map(|n| bake(&cloud, dir, &format!("c0mm1t{n:02}")))
+        .collect();
+    let ami = |n: usize| baked[n - 1].0.clone();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let clients = runtime.block_on(cloud.clients());
+    runtime.block_on(async {
+        let data = |image: String| {
+            aws_sdk_ec2::types::RequestLaunchTemplateData::builder()
+                .image_id(image)
+                .instance_type(aws_sdk_ec2::types::InstanceType::T3Small)
+                .build()
+        };
+        let template = clients
+            .ec2
+            .create_launch_template()
+            .launch_template_name("shop-asg")
+            .launch_template_data(data(ami(1)))
+            .send()
+            .await
+            .unwrap();
+        let template_id = template
+            .launch_template()
+            .unwrap()
+            .launch_template_id()
+            .unwrap()
+            .to_string();
+        for _ in 0..21 {
+            clients
+                .ec2
+                .create_launch_template_version()
+                .launch_template_id(&template_id)
+                .launch_template_data(data(ami(6)))
+                .send()
+                .await
+                .unwrap();
+        }
+        clients
+            .ec2
+            .modify_launch_template()
+            .launch_template_id(&template_id)
+            .default_version("22")
+            .send()
+            .await
+            .unwrap();
+        clients
+            .ec2
+            .run_instances()
+            .image_id(ami(3))
+            .instance_type(aws_sdk_ec2::types::InstanceType::T3Small)
+            .min_count(1)
+            .max_count(1)
+            .send()
+            .await
+            .unwrap();
+        clients
+            .ec2
+            .modify_image_attribute()
+            .image_id(ami(5))
+            .launch_permission(
+                aws_sdk_ec2::types::LaunchPermissionModifications::builder()
+                    .add(
+                        aws_sdk_ec2::types::LaunchPermission::builder()
+                            .user_id("111122223333")
+                            .build(),
+                    )
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap();
+    });
+    amibake(
+        &cloud,
+        dir,
+        &["promote", CHANNEL, &ami(2), "--label", "prod"],
+    )
+    .expect_code(0);
+
+    let prune = ["prune", "--name-prefix", "shop-", "--keep", "1"];
+    let calls_before = cloud.calls().len();
+    let dry = amibake(&cloud, dir, &prune);
+    dry.expect_code(0);
+    assert_eq!(
+        mutating(&cloud.calls()[calls_before..]),
+        Vec::<String>::new()
+    );
+    let judged: serde_json::Value = serde_json::from_str(dry.stdout().trim()).unwrap();
+    assert_eq!(judged["channels"], serde_json::json!([CHANNEL]), "{judged}");
+    let images = judged["images"].as_array().unwrap();
+    let reasons = |n: usize| -> String {
+        let image = images
+            .iter()
+            .find(|i| i["ami_id"] == ami(n).as_str())
+            .unwrap_or_else(|| panic!("image {n} judged: {judged}"));
+        format!("{} {}", image["decision"], image["reasons"])
+    };
+    for (n, why) in [
+        (1, "version 1 of launch template shop-asg"),
+        (2, "label `prod` of /amibake/shop/deploy (version 2)"),
+        (3, "used by ec2:Instance"),
+        (5, "shared with account 111122223333"),
+        (6, "one of the newest 1 named shop-*"),
+    ] {
+        assert!(
+            reasons(n).starts_with("\"keep\"") && reasons(n).contains(why),
+            "image {n}: not kept for `{why}`: {}",
+            reasons(n)
+        );
+    }
+    assert!(reasons(4).starts_with("\"remove\""), "{}", reasons(4));
+
+    // Shared images are judged like the others when asked.
+    let including = amibake(&cloud, dir, &[&prune[..], &["--include-shared"]].concat());
+    including.expect_code(0);
+    let including: serde_json::Value = serde_json::from_str(including.stdout().trim()).unwrap();
+    let fifth = including["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["ami_id"] == ami(5).as_str())
+        .unwrap();
+    assert_eq!(fifth["decision"], "remove", "{including}");
+
+    let applied = amibake(&cloud, dir, &[&prune[..], &["--apply"]].concat());
+    applied.expect_code(0);
+    let snapshots: BTreeSet<String> = cloud.ls()["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap().to_string())
+        .collect();
+    let left: BTreeSet<String> = runtime
+        .block_on(clients.ec2.describe_images().owners("self").send())
+        .unwrap()
+        .images()
+        .iter()
+        .map(|i| i.image_id().unwrap().to_string())
+        .collect();
+    for (n, (image, snapshot)) in baked.iter().enumerate() {
+        let stays = n + 1 != 4;
+        assert_eq!(left.contains(image), stays, "image {} ({image})", n + 1);
+        assert_eq!(snapshots.contains(snapshot), stays, "snapshot of {}", n + 1);
+    }
+}

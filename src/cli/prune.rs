@@ -39,6 +39,10 @@ pub struct PruneArgs {
     /// Disable instead of deregistering (an image can be enabled again).
     #[arg(long)]
     pub disable: bool,
+    /// Judge images shared with other accounts or the public like the others; by default
+    /// they are kept, since what those accounts launch cannot be seen from this one.
+    #[arg(long)]
+    pub include_shared: bool,
 }
 
 pub async fn run(args: PruneArgs, global: &GlobalArgs) -> i32 {
@@ -64,6 +68,7 @@ pub async fn run(args: PruneArgs, global: &GlobalArgs) -> i32 {
             _ => Removal::Deregister,
         },
         apply: args.apply,
+        include_shared: args.include_shared,
     };
     match prune::prune(&options).await {
         Ok(pruned) => {

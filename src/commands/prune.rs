@@ -3,10 +3,12 @@
 //! reasons; nothing is changed without `--apply`.
 //!
 //! An image is kept when it is one of the newest `keep` of its name prefix, newer than
-//! `--older-than`, named by one of the newest `keep` versions or by any label of a channel,
+//! `--older-than`, named by one of the newest `keep` versions or by any label of a channel
+//! (those given, the template's, and those the candidates' `amibake:channel` tags name),
 //! referenced by an instance, a launch template or an SSM parameter (EC2's own
-//! DescribeImageReferences), named by a launch template's default or latest version, or the
-//! base of an image that stays.
+//! DescribeImageReferences), named by any version of any launch template, shared with
+//! another account or the public (whose launches this account cannot see; unless
+//! `--include-shared`), or the base of an image that stays.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -16,7 +18,7 @@ use aws_sdk_ec2::types::Image;
 use serde::Serialize;
 
 use super::channel::{self, ChannelError};
-use crate::artifact::{TAG_BASE_AMI, TAG_BUILD_ID, TAG_COMMIT, TAG_SOURCE_AMI};
+use crate::artifact::{TAG_BASE_AMI, TAG_BUILD_ID, TAG_CHANNEL, TAG_COMMIT, TAG_SOURCE_AMI};
 use crate::aws::ssm::{self, SsmError};
 use crate::aws::{filter, AwsError, AwsOptions, Clients};
 use crate::template::{self, Commit, LoadOptions, TemplateError};
@@ -56,6 +58,8 @@ pub struct PruneOptions {
     pub older_than: Option<Duration>,
     pub removal: Removal,
     pub apply: bool,
+    /// Judge images shared with other accounts or the public like any other.
+    pub include_shared: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -266,7 +270,7 @@ fn scope(selection: &Selection) -> Result<(Vec<Group>, Vec<String>), PruneError>
 }
 
 pub async fn prune(options: &PruneOptions) -> Result<Pruned, PruneError> {
-    let (groups, channels) = scope(&options.selection)?;
+    let (groups, mut channels) = scope(&options.selection)?;
     let clients = channel::clients(&options.aws).await?;
     let all = amibake_images(&clients).await?;
     let mut candidates: Vec<&Image> = all
@@ -279,6 +283,15 @@ pub async fn prune(options: &PruneOptions) -> Result<Pruned, PruneError> {
         .iter()
         .filter_map(|i| i.image_id().map(str::to_string))
         .collect();
+    // Every channel an image says it was published to, told or not.
+    channels.extend(candidates.iter().flat_map(|i| {
+        i.tags()
+            .iter()
+            .filter(|t| t.key() == Some(TAG_CHANNEL))
+            .filter_map(|t| t.value().map(str::to_string))
+    }));
+    channels.sort();
+    channels.dedup();
 
     let mut keep: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut because = |id: &str, why: String| keep.entry(id.to_string()).or_default().push(why);
@@ -337,6 +350,16 @@ pub async fn prune(options: &PruneOptions) -> Result<Pruned, PruneError> {
     }
     for (image, why) in launch_template_images(&clients).await? {
         because(&image, why);
+    }
+    if !options.include_shared {
+        let unkept: Vec<&Image> = candidates
+            .iter()
+            .filter(|i| !keep.contains_key(i.image_id().unwrap_or_default()))
+            .copied()
+            .collect();
+        for (image, why) in shared(&clients, &unkept).await? {
+            keep.entry(image).or_default().push(why);
+        }
     }
     // The base of an image that stays stays, and so on down the line.
     loop {
@@ -477,55 +500,126 @@ async fn references(clients: &Clients, ids: &[String]) -> Result<Vec<(String, St
     Ok(found)
 }
 
-/// The images launch templates' default and latest versions name, a `resolve:ssm:` image
-/// resolved to what it names now. EC2's references look only at the newest versions, and
-/// a default version may be older.
+/// The images every version of every launch template names, a `resolve:ssm:` image
+/// resolved to what it names now: an Auto Scaling group or a fleet may launch any version,
+/// and EC2's references look only at the newest 20.
 async fn launch_template_images(clients: &Clients) -> Result<Vec<(String, String)>, ChannelError> {
-    let mut found = Vec::new();
+    let mut templates = Vec::new();
     let mut pages = clients
         .ec2
-        .describe_launch_template_versions()
-        .versions("$Default")
-        .versions("$Latest")
+        .describe_launch_templates()
         .max_results(200)
         .into_paginator()
         .send();
     while let Some(page) = pages.next().await {
-        let page = match page {
-            Ok(page) => page,
-            // Without an id or name, EC2 answers every template's versions; an account with
-            // no template at all may answer that none was found.
-            Err(e)
-                if e.as_service_error()
-                    .and_then(|s| aws_sdk_ec2::error::ProvideErrorMetadata::code(s))
-                    .is_some_and(|c| c.starts_with("InvalidLaunchTemplate")) =>
-            {
-                break
+        let page = page.map_err(|e| AwsError::new("list the launch templates", &e))?;
+        templates.extend(page.launch_templates().iter().filter_map(|t| {
+            Some((
+                t.launch_template_id()?.to_string(),
+                t.launch_template_name().unwrap_or_default().to_string(),
+            ))
+        }));
+    }
+    let mut resolved: BTreeMap<String, Option<String>> = BTreeMap::new();
+    let mut found = Vec::new();
+    for (id, name) in templates {
+        let mut pages = clients
+            .ec2
+            .describe_launch_template_versions()
+            .launch_template_id(&id)
+            .max_results(200)
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page = match page {
+                Ok(page) => page,
+                // Deleted since it was listed: nothing of it launches any more.
+                Err(e)
+                    if e.as_service_error()
+                        .and_then(|s| aws_sdk_ec2::error::ProvideErrorMetadata::code(s))
+                        .is_some_and(|c| c.starts_with("InvalidLaunchTemplate")) =>
+                {
+                    break
+                }
+                Err(e) => {
+                    let what = format!("read the versions of launch template {name}");
+                    return Err(AwsError::new(what, &e).into());
+                }
+            };
+            for v in page.launch_template_versions() {
+                let Some(image) = v.launch_template_data().and_then(|d| d.image_id()) else {
+                    continue;
+                };
+                let image = match image.strip_prefix("resolve:ssm:") {
+                    Some(parameter) => {
+                        if !resolved.contains_key(parameter) {
+                            let value = ssm::value(clients, parameter).await?;
+                            resolved.insert(parameter.to_string(), value);
+                        }
+                        match &resolved[parameter] {
+                            Some(value) => value.clone(),
+                            None => continue,
+                        }
+                    }
+                    None => image.to_string(),
+                };
+                let default = if v.default_version() == Some(true) {
+                    ", its default"
+                } else {
+                    ""
+                };
+                found.push((
+                    image,
+                    format!(
+                        "version {} of launch template {name}{default}",
+                        v.version_number().unwrap_or_default()
+                    ),
+                ));
             }
-            Err(e) => return Err(AwsError::new("read the launch templates", &e).into()),
-        };
-        for v in page.launch_template_versions() {
-            let Some(image) = v.launch_template_data().and_then(|d| d.image_id()) else {
-                continue;
-            };
-            let image = match image.strip_prefix("resolve:ssm:") {
-                Some(parameter) => match ssm::value(clients, parameter).await? {
-                    Some(value) => value,
-                    None => continue,
-                },
-                None => image.to_string(),
-            };
-            let which = if v.default_version() == Some(true) {
-                "default"
-            } else {
-                "latest"
-            };
+        }
+    }
+    Ok(found)
+}
+
+/// Which of `images` other accounts may launch: shared with an account, an organization or
+/// an organizational unit, or public. What those accounts run, this one cannot see.
+async fn shared(clients: &Clients, images: &[&Image]) -> Result<Vec<(String, String)>, AwsError> {
+    let mut found = Vec::new();
+    for image in images {
+        let id = image.image_id().unwrap_or_default();
+        if image.public() == Some(true) {
+            found.push((id.to_string(), "public: any account may launch it".into()));
+            continue;
+        }
+        let attribute = clients
+            .ec2
+            .describe_image_attribute()
+            .image_id(id)
+            .attribute(aws_sdk_ec2::types::ImageAttributeName::LaunchPermission)
+            .send()
+            .await
+            .map_err(|e| AwsError::new(format!("read who may launch {id}"), &e))?;
+        let with: Vec<String> = attribute
+            .launch_permissions()
+            .iter()
+            .filter_map(|p| {
+                if let Some(account) = p.user_id() {
+                    Some(format!("account {account}"))
+                } else if let Some(org) = p.organization_arn() {
+                    Some(format!("organization {org}"))
+                } else if let Some(unit) = p.organizational_unit_arn() {
+                    Some(format!("organizational unit {unit}"))
+                } else {
+                    p.group().map(|_| "everyone".to_string())
+                }
+            })
+            .collect();
+        if !with.is_empty() {
             found.push((
-                image,
+                id.to_string(),
                 format!(
-                    "the {which} version ({}) of launch template {}",
-                    v.version_number().unwrap_or_default(),
-                    v.launch_template_name().unwrap_or_default()
+                    "shared with {} (--include-shared to judge it anyway)",
+                    with.join(", ")
                 ),
             ));
         }

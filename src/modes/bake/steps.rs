@@ -20,8 +20,8 @@ use crate::modes::support::{
 
 use super::{Backend, BakeState};
 use crate::artifact::{
-    STATE_BUILDING, TAG_BASE_AMI, TAG_BUILD_ID, TAG_COMMIT, TAG_FINGERPRINT, TAG_SANDBOX,
-    TAG_STATE, TAG_TARBALL_SHA256, TAG_VARIANT,
+    STATE_BUILDING, TAG_BASE_AMI, TAG_BUILD_ID, TAG_CHANNEL, TAG_COMMIT, TAG_FINGERPRINT,
+    TAG_SANDBOX, TAG_STATE, TAG_TARBALL_SHA256, TAG_VARIANT,
 };
 use crate::aws::resources::{self, wait_image};
 use crate::aws::wait::WaitPolicy;
@@ -504,6 +504,9 @@ impl<B> BakeState<B> {
             (TAG_VARIANT, self.plan.variant.name()),
             (TAG_SANDBOX, self.sandbox_mode.name()),
         ];
+        if let Some(publish) = &self.plan.publish {
+            pairs.push((TAG_CHANNEL, &publish.parameter));
+        }
         pairs.extend(self.plan.tags.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         tags(&pairs)
     }

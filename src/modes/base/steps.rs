@@ -5,7 +5,8 @@ use aws_sdk_ec2::types::{ResourceType, TagSpecification};
 
 use super::BaseState;
 use crate::artifact::{
-    STATE_BUILDING, TAG_BUILD_ID, TAG_FINGERPRINT, TAG_SOURCE_AMI, TAG_STATE, TAG_VARIANT,
+    STATE_BUILDING, TAG_BUILD_ID, TAG_CHANNEL, TAG_FINGERPRINT, TAG_SOURCE_AMI, TAG_STATE,
+    TAG_VARIANT,
 };
 use crate::aws::resources::{self, wait_image, wait_instance};
 use crate::aws::wait::WaitPolicy;
@@ -29,6 +30,9 @@ impl BaseState {
             (TAG_STATE, STATE_BUILDING),
             (TAG_VARIANT, self.plan.variant.name()),
         ];
+        if let Some(publish) = &self.plan.publish {
+            pairs.push((TAG_CHANNEL, &publish.parameter));
+        }
         pairs.extend(self.plan.tags.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         tags(&pairs)
     }
