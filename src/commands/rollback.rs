@@ -35,7 +35,7 @@ pub async fn rollback(
             name: parameter.into(),
         })?,
     };
-    let chosen = choose(parameter, &history, current, target)?;
+    let chosen = choose(parameter, label, &history, current, target)?;
     channel::deployable(&clients, &chosen.value, false).await?;
     let before = Point::of(current);
     let version = match label {
@@ -71,9 +71,11 @@ pub async fn rollback(
     })
 }
 
-/// The version `target` names, older than `current`.
+/// The version `target` names, older than `current` (of the channel, or of its `label`):
+/// rollback only goes back, and `promote` moves forward.
 fn choose<'a>(
     parameter: &str,
+    label: Option<&str>,
     history: &'a [Version],
     current: &Version,
     target: Target,
@@ -81,9 +83,26 @@ fn choose<'a>(
     match target {
         Target::Version(n) => {
             let chosen = ssm::version(parameter, history, n)?;
+            let what = match label {
+                Some(label) => format!("label `{label}` of {parameter}"),
+                None => parameter.to_string(),
+            };
             if chosen.version == current.version {
                 return Err(ChannelError::Usage(format!(
-                    "{parameter} is at version {n} already; name an earlier version"
+                    "{what} is at version {n} already; name an earlier version"
+                )));
+            }
+            if chosen.version > current.version {
+                let promote = match label {
+                    Some(label) => format!(
+                        "amibake promote {parameter} {} --label {label}",
+                        chosen.value
+                    ),
+                    None => format!("amibake promote {parameter} {}", chosen.value),
+                };
+                return Err(ChannelError::Usage(format!(
+                    "{what} is at version {}, and version {n} is newer: rollback only goes back; to move forward, `{promote}`",
+                    current.version
                 )));
             }
             Ok(chosen)
@@ -131,14 +150,18 @@ mod tests {
         let h = history(&["ami-a", "ami-b", "ami-c", "ami-b"]);
         let current = h.last().unwrap();
         assert_eq!(
-            choose("/c", &h, current, Target::Steps(1)).unwrap().value,
+            choose("/c", None, &h, current, Target::Steps(1))
+                .unwrap()
+                .value,
             "ami-c"
         );
         assert_eq!(
-            choose("/c", &h, current, Target::Steps(2)).unwrap().value,
+            choose("/c", None, &h, current, Target::Steps(2))
+                .unwrap()
+                .value,
             "ami-a"
         );
-        let err = choose("/c", &h, current, Target::Steps(3))
+        let err = choose("/c", None, &h, current, Target::Steps(3))
             .unwrap_err()
             .to_string();
         assert!(
@@ -152,10 +175,32 @@ mod tests {
         let h = history(&["ami-a", "ami-b"]);
         let current = h.last().unwrap();
         assert_eq!(
-            choose("/c", &h, current, Target::Version(1)).unwrap().value,
+            choose("/c", None, &h, current, Target::Version(1))
+                .unwrap()
+                .value,
             "ami-a"
         );
-        assert!(choose("/c", &h, current, Target::Version(2)).is_err());
-        assert!(choose("/c", &h, current, Target::Version(9)).is_err());
+        assert!(choose("/c", None, &h, current, Target::Version(2)).is_err());
+        assert!(choose("/c", None, &h, current, Target::Version(9)).is_err());
+    }
+
+    #[test]
+    fn a_label_is_never_rolled_forward() {
+        // `prod` on version 2 of 1:a 2:b 3:c 4:d
+        let h = history(&["ami-a", "ami-b", "ami-c", "ami-d"]);
+        let prod = &h[1];
+        let err = choose("/c", Some("prod"), &h, prod, Target::Version(4))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "label `prod` of /c is at version 2, and version 4 is newer: rollback only goes back; to move forward, `amibake promote /c ami-d --label prod`"
+        );
+        assert_eq!(
+            choose("/c", Some("prod"), &h, prod, Target::Version(1))
+                .unwrap()
+                .value,
+            "ami-a"
+        );
     }
 }
