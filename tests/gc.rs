@@ -150,6 +150,38 @@ impl World {
             let name = entry.file_name().to_string_lossy().into_owned();
             assert!(!name.starts_with('.'), "{after}: the cache holds {name}");
         }
+        // The cgroups that guarded a killed run's provisioners, wherever in the hierarchy.
+        let guards = Command::new("find")
+            .args([
+                "/sys/fs/cgroup",
+                "-type",
+                "d",
+                "-name",
+                "amibake-provisioner-*",
+            ])
+            .output()
+            .unwrap();
+        let guards = String::from_utf8_lossy(&guards.stdout);
+        let orphaned: Vec<&str> = guards
+            .lines()
+            .filter(|dir| {
+                let pid = dir
+                    .rsplit("amibake-provisioner-")
+                    .next()
+                    .unwrap_or_default();
+                let pid = pid.split('-').next().unwrap_or_default();
+                !Path::new(&format!("/proc/{pid}")).exists()
+            })
+            .collect();
+        assert!(orphaned.is_empty(), "{after}: cgroups left: {orphaned:?}");
+        assert!(
+            !Command::new("pgrep")
+                .args(["-f", "pasta --runas 0"])
+                .status()
+                .unwrap()
+                .success(),
+            "{after}: a pasta outlived its sandbox"
+        );
         // A base build's private key lives on tmpfs.
         let keys = self.cloud.private_key_dirs_left();
         assert!(
@@ -217,19 +249,20 @@ fn gc_removes_what_killed_runs_left_and_spares_a_live_one() {
         .to_string();
     let (tar, _) = composer_like();
     std::fs::write(dir.join("app.tar.gz"), gzip(&tar)).unwrap();
-    let bake_template = |name: &str, command: &str| {
+    let bake_template = |name: &str, command: &str, network: &str| {
         format!(
             "[bake]\nname = \"gc-{name}-${{timestamp}}-${{build_id}}\"\nbase_ami = \"{vendor}\"\n\
              dest = \"/srv/app\"\ndeprecate_after = \"30d\"\n\n\
              [bake.test_instance]\ninstance_type = \"t3.micro\"\nssh_username = \"admin\"\n\n\
              [[bake.test]]\ninline = [\"test -d /srv/app\"]\n\n\
-             [[bake.provisioner]]\ninline = [\"{command}\"]\n"
+             [[bake.provisioner]]\ninline = [\"{command}\"]\n{network}"
         )
     };
-    std::fs::write(dir.join("bake.toml"), bake_template("bake", "true")).unwrap();
+    std::fs::write(dir.join("bake.toml"), bake_template("bake", "true", "")).unwrap();
     std::fs::write(
         dir.join("sleepy.toml"),
-        bake_template("sleepy", "echo sleeping; sleep 600"),
+        // With the outside: a guard's cgroup, with its BPF programs, and pasta.
+        bake_template("sleepy", "echo sleeping; sleep 600", "network = true\n"),
     )
     .unwrap();
     std::fs::write(
@@ -289,7 +322,7 @@ fn gc_removes_what_killed_runs_left_and_spares_a_live_one() {
             "run provisioners",
             "",
             "\"line\":\"sleeping\"",
-            &["mount", "loop device"],
+            &["cgroup", "mount", "loop device"],
         ),
         // The umount it started may finish after the kill.
         ("unmount image", "", "", &["loop device"]),
@@ -332,7 +365,7 @@ fn gc_removes_what_killed_runs_left_and_spares_a_live_one() {
             "run provisioners",
             "",
             "\"line\":\"sleeping\"",
-            &["mount", "volume"],
+            &["cgroup", "mount", "volume"],
         ),
         ("unmount image", "", "", &["volume"]),
         ("detach volume", "DetachVolume", "", &["volume"]),
@@ -406,7 +439,7 @@ fn gc_removes_what_killed_runs_left_and_spares_a_live_one() {
     // finishes as if nothing happened.
     std::fs::write(
         dir.join("slow.toml"),
-        bake_template("slow", "echo sleeping; sleep 4"),
+        bake_template("slow", "echo sleeping; sleep 4", ""),
     )
     .unwrap();
     let mut live = world.amibake();

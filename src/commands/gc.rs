@@ -7,7 +7,8 @@
 //! volumes (unmounted and detached first), key pairs, security groups, snapshots no image
 //! uses, and images still `building` (the run never finished them) or stuck in `failed`,
 //! with their snapshots; on this machine, its mounts, loop devices, work
-//! directories, private-key directories and cache copies. The images a run finished are its
+//! directories, private-key directories, cache copies and the cgroups (with their BPF
+//! programs) that kept its provisioners from the host's credentials. The images a run finished are its
 //! artifacts: prune judges those, never gc.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -21,6 +22,7 @@ use crate::artifact::{STATE_BUILDING, TAG_BUILD_ID, TAG_STATE};
 use crate::aws::{filter, resources, AwsError, AwsOptions, Clients};
 use crate::engine::{error_chain, EventSink, Progress};
 use crate::host::{loop_device, mount, run_lock};
+use crate::sandbox::credential_guard;
 
 #[derive(Debug, Clone)]
 pub struct GcOptions {
@@ -36,7 +38,7 @@ pub struct GcOptions {
 pub struct Leftover {
     pub build_id: String,
     /// `instance`, `volume`, `key pair`, `security group`, `snapshot`, `image`, `mount`,
-    /// `loop device`, `file`.
+    /// `loop device`, `file`, `cgroup`.
     pub kind: &'static str,
     pub id: String,
     /// With `--apply`: `removed`, or why it could not be.
@@ -256,6 +258,7 @@ pub async fn gc(
 const PASSES: usize = 3;
 
 const ORDER: &[&str] = &[
+    "cgroup",
     "mount",
     "loop device",
     "file",
@@ -303,6 +306,13 @@ fn machine_leftovers(cache_dir: Option<&Path>) -> Vec<Leftover> {
                 device.to_string_lossy().into_owned(),
             ));
         }
+    }
+    for (pid, dir) in credential_guard::leftover_guards() {
+        found.push(leftover(
+            format!("pid {pid}"),
+            "cgroup",
+            dir.to_string_lossy().into_owned(),
+        ));
     }
     let mut dirs = vec![std::env::temp_dir(), PathBuf::from("/dev/shm")];
     dirs.extend(cache_dir.map(Path::to_path_buf));
@@ -445,6 +455,9 @@ async fn remove(clients: &Clients, l: &Leftover, progress: &Progress) -> Result<
     let (c, id) = (clients.clone(), l.id.clone());
     let text = |e: &(dyn std::error::Error + 'static)| error_chain(e);
     match l.kind {
+        "cgroup" => {
+            credential_guard::remove_leftover(Path::new(&id)).map_err(|e| format!("{id}: {e}"))
+        }
         "mount" => mount::unmount(Path::new(&id)).map_err(|e| text(&e)),
         "loop device" => loop_device::detach(Path::new(&id)).map_err(|e| text(&e)),
         "file" => remove_local(Path::new(&id)).map_err(|e| format!("{id}: {e}")),

@@ -78,6 +78,10 @@ fn addresses_of(url: &str) -> impl Iterator<Item = SocketAddr> {
         .into_iter()
 }
 
+/// What a guard's cgroup is named: this prefix, then the PID of the run that made it and a
+/// sequence number. `gc` finds those whose run is gone.
+const GUARD_PREFIX: &str = "amibake-provisioner-";
+
 /// A cgroup whose processes cannot connect to the credential endpoints. Removed when
 /// dropped, once the processes in it are gone.
 pub struct CredentialGuard {
@@ -90,7 +94,7 @@ impl CredentialGuard {
         static SEQUENCE: AtomicU32 = AtomicU32::new(0);
         let parent = own_cgroup_dir()?;
         let dir = parent.join(format!(
-            "amibake-provisioner-{}-{}",
+            "{GUARD_PREFIX}{}-{}",
             std::process::id(),
             SEQUENCE.fetch_add(1, Ordering::Relaxed)
         ));
@@ -163,8 +167,60 @@ pub fn join(dir: &Path) -> Result<(), GuardError> {
         .map_err(failed(format!("join {}", dir.display())))
 }
 
-/// This process's cgroup in the cgroup2 hierarchy, as a directory of its mount.
-fn own_cgroup_dir() -> Result<PathBuf, GuardError> {
+/// The guards' cgroups a killed run left anywhere in the cgroup2 hierarchy (a run may live
+/// in another cgroup than the one looking): each with the PID of its run, which is gone.
+/// None where this host has no cgroup2 filesystem.
+pub fn leftover_guards() -> Vec<(u32, PathBuf)> {
+    let Ok(root) = cgroup2_mount() else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    let mut dirs = vec![root];
+    while let Some(dir) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let run = name
+                .strip_prefix(GUARD_PREFIX)
+                .and_then(|rest| rest.split('-').next()?.parse::<u32>().ok());
+            match run {
+                Some(pid) if !Path::new(&format!("/proc/{pid}")).exists() => {
+                    found.push((pid, entry.path()))
+                }
+                Some(_) => {}
+                None => dirs.push(entry.path()),
+            }
+        }
+    }
+    found
+}
+
+/// Removes a guard's cgroup a killed run left: ends what is still in it (a process that
+/// outlived its run), then the cgroup, whose BPF programs go with it.
+pub fn remove_leftover(dir: &Path) -> std::io::Result<()> {
+    // cgroup.kill is Linux 5.14 and later; before it, a killed run's processes died with
+    // their sandbox anyway.
+    let _ = std::fs::write(dir.join("cgroup.kill"), "1");
+    let mut tries = REMOVE_TRIES;
+    loop {
+        match std::fs::remove_dir(dir) {
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && tries > 1 => {
+                tries -= 1;
+                std::thread::sleep(REMOVE_PAUSE);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            other => return other,
+        }
+    }
+}
+
+/// Where the cgroup2 filesystem is mounted.
+fn cgroup2_mount() -> Result<PathBuf, GuardError> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
         .map_err(failed("read /proc/self/mountinfo"))?;
     // Fields: id parent major:minor root mount-point options... - fstype source options
@@ -180,13 +236,19 @@ fn own_cgroup_dir() -> Result<PathBuf, GuardError> {
                 "no cgroup2 filesystem is mounted on this host",
             ))
         })?;
+    Ok(PathBuf::from(mount_point))
+}
+
+/// This process's cgroup in the cgroup2 hierarchy, as a directory of its mount.
+fn own_cgroup_dir() -> Result<PathBuf, GuardError> {
+    let mount_point = cgroup2_mount()?;
     let own =
         std::fs::read_to_string("/proc/self/cgroup").map_err(failed("read /proc/self/cgroup"))?;
     let path = own
         .lines()
         .find_map(|l| l.strip_prefix("0::"))
         .unwrap_or("/");
-    Ok(Path::new(mount_point).join(path.trim_start_matches('/')))
+    Ok(mount_point.join(path.trim_start_matches('/')))
 }
 
 #[derive(Debug, Clone, Copy)]
