@@ -62,6 +62,16 @@ socket(my $tcp, PF_INET, SOCK_STREAM, 0) or die;
 verdict("connect to host 127.0.0.1:$ENV{PORT}", connect($tcp, sockaddr_in($ENV{PORT}, inet_aton("127.0.0.1"))));
 socket(my $unix, PF_UNIX, SOCK_STREAM, 0) or die;
 verdict("connect to host abstract socket", connect($unix, pack_sockaddr_un("\0$ENV{ABSTRACT}")));
+# The host's sockets, read through the /proc entry of any process here (pasta lives in the
+# host's network namespace).
+my $seen = 0;
+for my $table (glob("/proc/[0-9]*/net/unix /proc/[0-9]*/task/[0-9]*/net/unix")) {
+    open(my $f, '<', $table) or next;
+    local $/;
+    my $text = <$f>;
+    $seen = 1 if index($text, "\@$ENV{ABSTRACT}") >= 0;
+}
+verdict("see the host's abstract socket through /proc", $seen);
 # With the outside: the host port it names answers, a name resolves through the host's
 # resolver (on the host's loopback), and the metadata service is refused though its port
 # is named. A failure here is the network missing, which fails the bake too.
@@ -409,6 +419,7 @@ fn a_tarball_program_in_an_operators_terminal_reaches_nothing_of_the_host() {
             "held add_key: Operation not permitted",
             &format!("held connect to host 127.0.0.1:{port}"),
             "held connect to host abstract socket",
+            "held see the host's abstract socket through /proc",
             "held open /opt/d: Permission denied",
             "held write the host canary",
         ] {

@@ -24,6 +24,9 @@ pub struct InternalSandboxArgs {
     /// Reach the outside (through pasta) instead of having no network.
     #[arg(long)]
     pub network: bool,
+    /// With `--network`: pasta's absolute path.
+    #[arg(long, requires = "network")]
+    pub pasta: Option<PathBuf>,
     /// With `--network`: a port of the build host's loopback to reach (repeatable).
     #[arg(long = "host-port", requires = "network")]
     pub host_ports: Vec<u16>,
@@ -106,6 +109,7 @@ pub fn sandbox(args: &InternalSandboxArgs) -> ! {
     }
     let purpose = sandbox::Purpose::Provision {
         outside: args.network.then(|| sandbox::network::Outside {
+            pasta: args.pasta.clone().unwrap_or_else(|| "pasta".into()),
             host_ports: args.host_ports.clone(),
         }),
     };

@@ -13,7 +13,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio_util::sync::CancellationToken;
 
 use super::{CommError, Communicator};
-use crate::sandbox::credential_guard::{credential_endpoints, CredentialGuard};
+use crate::sandbox::credential_guard::{credential_endpoints, CredentialGuard, Endpoint};
 use crate::sandbox::Isolation;
 use crate::template::Network;
 
@@ -60,19 +60,24 @@ impl Chroot {
                 metadata,
                 host_ports,
             } => {
-                command.arg("--network");
+                let pasta = crate::sandbox::network::pasta()
+                    .map_err(|e| self.failed("reach the outside", e))?;
+                command.arg("--network").arg("--pasta").arg(pasta);
                 for port in host_ports {
                     command.arg("--host-port").arg(port.to_string());
                 }
-                if *metadata {
-                    None
-                } else {
-                    let guard = CredentialGuard::new(&credential_endpoints()).map_err(|e| {
-                        self.failed("keep the command from the host's credentials", e)
-                    })?;
-                    command.arg("--cgroup").arg(guard.dir());
-                    Some(guard)
+                // The host's own addresses always; its credential endpoints unless allowed.
+                let mut endpoints: Vec<Endpoint> = crate::sandbox::network::host_addresses()
+                    .into_iter()
+                    .map(|ip| Endpoint { ip, port: None })
+                    .collect();
+                if !*metadata {
+                    endpoints.extend(credential_endpoints());
                 }
+                let guard = CredentialGuard::new(&endpoints)
+                    .map_err(|e| self.failed("keep the command from the host's own services", e))?;
+                command.arg("--cgroup").arg(guard.dir());
+                Some(guard)
             }
         };
         command.arg("--");

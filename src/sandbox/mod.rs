@@ -243,6 +243,11 @@ fn close_inherited_descriptors() -> std::io::Result<()> {
 /// command left running.
 static NETWORK_HELPER: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
 
+/// pasta's PID in this sandbox's PID namespace, once it runs.
+fn network_helper() -> Option<u32> {
+    NETWORK_HELPER.get().copied()
+}
+
 /// How long what a command left running gets to exit on SIGTERM before the namespace ends
 /// and the kernel kills it.
 const LEFTOVER_EXIT_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
@@ -294,7 +299,7 @@ fn processes_left() -> Vec<String> {
             // "7 (name) S ...": the state follows the name's closing parenthesis.
             let state = stat.rsplit_once(") ")?.1.chars().next()?;
             let name = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
-            let ours = pid == 1 || NETWORK_HELPER.get() == Some(&pid);
+            let ours = pid == 1 || network_helper() == Some(pid);
             (!ours && state != 'Z').then(|| (pid, name.trim().to_string()))
         })
         .collect();

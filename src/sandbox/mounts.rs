@@ -185,6 +185,21 @@ fn mount_provisioning_filesystems(root: &Path, owner: Option<u32>) -> std::io::R
             rustix::mount::mount_bind("/dev/null", &path)?;
         }
     }
+    // pasta lives in this PID namespace but the host's network namespace: its net/ would
+    // show the host's sockets, routes and abstract socket names. An empty read-only tmpfs
+    // over each of its threads' instead.
+    if let Some(pasta) = super::network_helper() {
+        let mut nets = vec![proc.join(pasta.to_string()).join("net")];
+        let tasks = proc.join(pasta.to_string()).join("task");
+        nets.extend(
+            std::fs::read_dir(tasks)?
+                .flatten()
+                .map(|t| t.path().join("net")),
+        );
+        for net in nets {
+            rustix::mount::mount("none", &net, "tmpfs", none | MountFlags::RDONLY, None)?;
+        }
+    }
 
     let sys = image.mount_target("/sys")?;
     rustix::mount::mount(

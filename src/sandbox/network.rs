@@ -6,16 +6,21 @@
 //! the local metadata mock of a CI runner) and its abstract unix sockets (D-Bus, X11,
 //! systemd's), which live in the host's namespace only. pasta forwards none of the host's
 //! loopback ports but those the template names (`host_ports`, a package cache say), and
-//! does not map the gateway's address to the host's loopback (`--no-map-gw`). Its own
-//! connections are made from the guard's cgroup, so the credential endpoints stay out of
-//! reach (`credential_guard`). DNS goes through pasta's forwarder: a resolver on the host's
-//! loopback (systemd-resolved's 127.0.0.53) would be unreachable otherwise.
+//! does not map the gateway's address to the host's loopback (`--no-map-gw`). The command
+//! and pasta share a guard's cgroup (`credential_guard`) that refuses connections to the
+//! host's own other addresses (a Docker bridge's, a second interface's, where services bound
+//! to every address listen) and, unless `allow_imds`, to the credential endpoints. DNS goes
+//! through pasta's forwarder: a resolver on the host's loopback (systemd-resolved's
+//! 127.0.0.53) would be unreachable otherwise.
 //!
 //! pasta runs as a child of the sandbox's PID 1, in the host's network namespace but the
-//! sandbox's PID namespace: it ends with the sandbox, however the sandbox ends. It keeps host
+//! sandbox's PID namespace: it ends with the sandbox, however the sandbox ends. Its
+//! `/proc/PID/net`, which would show the host's sockets, is covered (`mounts`). It keeps host
 //! root (`--runas 0`) because the sandbox's network namespace belongs to the host's user
 //! namespace, which is what keeps the provisioner's root from reconfiguring it; pasta drops
-//! every capability but the two it needs and confines itself (seccomp, namespaces of its own).
+//! every capability but two (NET_BIND_SERVICE, SYS_ADMIN) and confines itself (seccomp,
+//! namespaces of its own). A namespace owned by the run's id range, with pasta as that
+//! range's root, would take host root from it too.
 
 use std::io::Read;
 use std::net::Ipv4Addr;
@@ -28,6 +33,8 @@ use std::time::{Duration, Instant};
 /// What a provisioner with `network = true` may reach besides the outside.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Outside {
+    /// pasta's absolute path, found by the run (never through the template's PATH).
+    pub pasta: PathBuf,
     /// Ports of the build host's loopback (127.0.0.1 and ::1) it reaches at the same port on
     /// its own loopback.
     pub host_ports: Vec<u16>,
@@ -61,7 +68,7 @@ fn io(action: &'static str) -> impl FnOnce(std::io::Error) -> NetworkError {
     move |source| NetworkError::Io { action, source }
 }
 
-/// pasta's path on this host, from PATH.
+/// pasta's path on this host, from this run's PATH.
 pub fn pasta() -> Result<PathBuf, NetworkError> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
@@ -79,7 +86,6 @@ fn is_executable(path: &Path) -> bool {
 /// the host's namespace `host_net`, and waits until the namespace has its routes. Returns
 /// pasta's PID in this PID namespace; pasta lives until this namespace ends.
 pub fn connect(outside: &Outside, host_net: &OwnedFd) -> Result<u32, NetworkError> {
-    let pasta = pasta()?;
     let own_net = OwnedFd::from(
         std::fs::File::open("/proc/self/ns/net").map_err(io("open its network namespace"))?,
     );
@@ -89,8 +95,15 @@ pub fn connect(outside: &Outside, host_net: &OwnedFd) -> Result<u32, NetworkErro
         let ports: Vec<String> = outside.host_ports.iter().map(u16::to_string).collect();
         ports.join(",")
     };
-    let mut command = Command::new(pasta);
+    // Non-blocking: pasta's messages, unread once it is up, must never stop it on a full
+    // pipe; they are dropped instead.
+    let (said, stderr) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+        .map_err(|e| io("make pasta's stderr")(e.into()))?;
+    rustix::fs::fcntl_setfl(&stderr, rustix::fs::OFlags::NONBLOCK)
+        .map_err(|e| io("make pasta's stderr")(e.into()))?;
+    let mut command = Command::new(&outside.pasta);
     command
+        .env_clear()
         .args(["--runas", "0", "--foreground", "--quiet", "--config-net"])
         // No way to the host's loopback but the named ports.
         .args(["--no-map-gw", "-t", "none", "-u", "none", "-U", "none"])
@@ -104,7 +117,7 @@ pub fn connect(outside: &Outside, host_net: &OwnedFd) -> Result<u32, NetworkErro
         .arg("--no-netns-quit")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+        .stderr(Stdio::from(stderr));
     let (host_fd, own_fd) = (host_net.as_raw_fd(), own_net.as_raw_fd());
     // SAFETY: setns and dup2 are async-signal-safe, as code between fork and exec must be.
     unsafe {
@@ -122,13 +135,12 @@ pub fn connect(outside: &Outside, host_net: &OwnedFd) -> Result<u32, NetworkErro
     let deadline = Instant::now() + READY_WITHIN;
     loop {
         if let Some(status) = child.try_wait().map_err(io("wait for pasta"))? {
-            let mut said = String::new();
-            if let Some(mut stderr) = child.stderr.take() {
-                let _ = stderr.read_to_string(&mut said);
-            }
+            drop(command);
+            let mut text = String::new();
+            let _ = std::fs::File::from(said).read_to_string(&mut text);
             return Err(NetworkError::Pasta(format!(
                 "ended ({status}) before the network was up: {}",
-                crate::engine::events::printable(said.trim())
+                crate::engine::events::printable(text.trim())
             )));
         }
         if is_up(&outside.host_ports).map_err(io("read its routes and sockets"))? {
@@ -145,9 +157,7 @@ pub fn connect(outside: &Outside, host_net: &OwnedFd) -> Result<u32, NetworkErro
         std::thread::sleep(Duration::from_millis(10));
     }
     // pasta's stderr stays open, unread: closing it could end pasta on its next message.
-    if let Some(stderr) = child.stderr.take() {
-        std::mem::forget(stderr);
-    }
+    std::mem::forget(said);
     Ok(child.id())
 }
 
@@ -170,7 +180,11 @@ fn is_up(host_ports: &[u16]) -> std::io::Result<bool> {
     if !routed {
         return Ok(false);
     }
-    let listening = listening_ports(&std::fs::read_to_string("/proc/self/net/tcp")?);
+    // Both tables: on a host without IPv4, pasta listens on ::1 only.
+    let mut listening = listening_ports(&std::fs::read_to_string("/proc/self/net/tcp")?);
+    listening.extend(listening_ports(
+        &std::fs::read_to_string("/proc/self/net/tcp6").unwrap_or_default(),
+    ));
     Ok(host_ports.iter().all(|port| listening.contains(port)))
 }
 
@@ -188,6 +202,43 @@ fn listening_ports(table: &str) -> Vec<u16> {
             (state == "0A").then(|| u16::from_str_radix(port, 16).ok())?
         })
         .collect()
+}
+
+/// The build host's own addresses but loopback (a second interface's, a Docker bridge's):
+/// pasta would connect to them from the host's namespace, and so reach services bound to
+/// every address. The sandbox's loopback is its own, and `host_ports` reach the host's.
+pub fn host_addresses() -> Vec<std::net::IpAddr> {
+    let mut found = Vec::new();
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `list`, freed below; each entry is read only while it lives.
+    unsafe {
+        if libc::getifaddrs(&mut list) != 0 {
+            return found;
+        }
+        let mut entry = list;
+        while !entry.is_null() {
+            let address = (*entry).ifa_addr;
+            if !address.is_null() {
+                match i32::from((*address).sa_family) {
+                    libc::AF_INET => {
+                        let v4 = &*(address as *const libc::sockaddr_in);
+                        found.push(Ipv4Addr::from(u32::from_be(v4.sin_addr.s_addr)).into());
+                    }
+                    libc::AF_INET6 => {
+                        let v6 = &*(address as *const libc::sockaddr_in6);
+                        found.push(std::net::Ipv6Addr::from(v6.sin6_addr.s6_addr).into());
+                    }
+                    _ => {}
+                }
+            }
+            entry = (*entry).ifa_next;
+        }
+        libc::freeifaddrs(list);
+    }
+    found.retain(|a: &std::net::IpAddr| !a.is_loopback());
+    found.sort();
+    found.dedup();
+    found
 }
 
 /// The resolv.conf a sandbox with the outside gets from the host's: a resolver on the host's
