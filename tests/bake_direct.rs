@@ -701,34 +701,39 @@ fn direct_failures_leave_nothing_and_throttling_is_ridden_out() {
         }
     }
 
-    // StartSnapshot carried out but its answer lost: the SDK's retry, with the same client
-    // token, answers the snapshot the first attempt started, so the bake makes one snapshot.
-    let snapshots = story.snapshot_ids();
-    story
-        .cloud
-        .cli(&["fault", "StartSnapshot", "--lose-answer"]);
-    let run = story.bake("owned.toml", &["--commit", "lost0001"]);
-    run.expect_code(0);
-    let made: Vec<String> = story
-        .snapshot_ids()
-        .difference(&snapshots)
-        .cloned()
-        .collect();
-    assert_eq!(
-        made,
-        [manifest(&run)["snapshot_id"].as_str().unwrap()],
-        "{}",
-        run.dump()
-    );
-    let ami = manifest(&run)["ami_id"].as_str().unwrap().to_string();
-    story
-        .runtime
-        .block_on(amibake::aws::resources::deregister_image_and_snapshots(
-            story.clients.clone(),
-            ami,
-        ))
-        .unwrap();
-    assert_eq!(story.snapshot_ids(), snapshots);
+    // A call carried out whose answer is lost (HTTP 500, the SDK retries) costs a retry,
+    // never the build: StartSnapshot's retry, with the same client token, answers the
+    // snapshot the first attempt started; a block put again is the same block; a completion
+    // refused as "no longer pending" is found completing. One snapshot each time.
+    for (n, action) in ["StartSnapshot", "PutSnapshotBlock", "CompleteSnapshot"]
+        .into_iter()
+        .enumerate()
+    {
+        let snapshots = story.snapshot_ids();
+        story.cloud.cli(&["fault", action, "--lose-answer"]);
+        let run = story.bake("owned.toml", &["--commit", &format!("lost000{n}")]);
+        run.expect_code(0);
+        let made: Vec<String> = story
+            .snapshot_ids()
+            .difference(&snapshots)
+            .cloned()
+            .collect();
+        assert_eq!(
+            made,
+            [manifest(&run)["snapshot_id"].as_str().unwrap()],
+            "{action}: {}",
+            run.dump()
+        );
+        let ami = manifest(&run)["ami_id"].as_str().unwrap().to_string();
+        story
+            .runtime
+            .block_on(amibake::aws::resources::deregister_image_and_snapshots(
+                story.clients.clone(),
+                ami,
+            ))
+            .unwrap();
+        assert_eq!(story.snapshot_ids(), snapshots, "{action}");
+    }
 
     // A cleanup that fails: the started snapshot cannot be deleted, and the run names it.
     story.cloud.cli(&[

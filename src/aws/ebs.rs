@@ -355,10 +355,18 @@ pub async fn complete_snapshot(
             .checksum_algorithm(ChecksumAlgorithm::ChecksumAlgorithmSha256)
             .checksum_aggregation_method(ChecksumAggregationMethod::ChecksumAggregationLinear);
     }
-    let out = request
-        .send()
-        .await
-        .map_err(|e| AwsError::new(format!("CompleteSnapshot {snapshot_id}"), &e))?;
+    let out = match request.send().await {
+        Ok(out) => out,
+        // The SDK's retry of a completion EBS carried out but whose answer was lost: the
+        // snapshot is no longer pending. EC2 then tells whether it is completing or failed.
+        Err(e) if no_longer_pending(&e) => {
+            return completed_already(clients, snapshot_id)
+                .await?
+                .then_some(())
+                .ok_or_else(|| AwsError::new(format!("CompleteSnapshot {snapshot_id}"), &e));
+        }
+        Err(e) => return Err(AwsError::new(format!("CompleteSnapshot {snapshot_id}"), &e)),
+    };
     match out.status() {
         Some(Status::Error) => Err(AwsError {
             code: None,
@@ -367,6 +375,34 @@ pub async fn complete_snapshot(
         }),
         _ => Ok(()),
     }
+}
+
+/// Whether CompleteSnapshot was refused because the snapshot is no longer pending.
+fn no_longer_pending<R>(e: &aws_sdk_ebs::error::SdkError<CompleteSnapshotError, R>) -> bool {
+    matches!(
+        e.as_service_error(),
+        Some(CompleteSnapshotError::ValidationException(v))
+            if v.reason() == Some(&aws_sdk_ebs::types::ValidationExceptionReason::InvalidSnapshotId)
+    )
+}
+
+/// Whether EC2 sees `snapshot_id` completed or on its way there (not in error): the
+/// completion an earlier attempt asked for took.
+async fn completed_already(clients: &Clients, snapshot_id: &str) -> Result<bool, AwsError> {
+    let described = clients
+        .ec2
+        .describe_snapshots()
+        .snapshot_ids(snapshot_id)
+        .send()
+        .await
+        .map_err(|e| AwsError::new(format!("describe snapshot {snapshot_id}"), &e))?;
+    Ok(described.snapshots().iter().any(|s| {
+        matches!(
+            s.state(),
+            Some(aws_sdk_ec2::types::SnapshotState::Completed)
+                | Some(aws_sdk_ec2::types::SnapshotState::Pending)
+        )
+    }))
 }
 
 #[cfg(test)]
