@@ -341,6 +341,48 @@ fn a_copy_that_fails_takes_every_copy_and_publication_with_it() {
         assert_eq!(images.len(), 1, "{region}: {images:?}\n{}", run.dump());
     }
 
+    // The calls that deliver, each carried out with its answer lost: the run goes on, and
+    // nothing is made twice (one image per region, one new channel version per region).
+    let regions: Vec<amibake::aws::Clients> = ["us-east-1", COPY_REGIONS[0], COPY_REGIONS[1]]
+        .into_iter()
+        .map(|r| world.runtime.block_on(world.cloud.clients_in(Some(r))))
+        .collect();
+    for (n, action) in [
+        "ModifyImageAttribute",
+        "CreateTags",
+        "PutParameter",
+        "LabelParameterVersion",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let made_before = world.made().len();
+        let versions: Vec<i64> = regions
+            .iter()
+            .map(|c| world.parameter(c, CHANNEL).map_or(0, |p| p.1))
+            .collect();
+        write_revision_tarball(&world.dir().join("app.tar.gz"), &format!("lost {n}\n"));
+        world.cloud.cli(&["fault", action, "--lose-answer"]);
+        let run = world.bake(&format!("10s7a{n}"));
+        run.expect_code(0);
+        assert_eq!(
+            world.made().len(),
+            made_before + 6,
+            "{action}: three images and three snapshots\n{}",
+            run.dump()
+        );
+        for (clients, before) in regions.iter().zip(versions) {
+            let (_, after) = world.parameter(clients, CHANNEL).unwrap();
+            assert_eq!(
+                after,
+                before + 1,
+                "{action}: {}\n{}",
+                clients.region,
+                run.dump()
+            );
+        }
+    }
+
     // Refused before anything is made: a copy into the region the bake runs in, and a
     // copy region's key that region does not have.
     let east_key = world

@@ -195,26 +195,78 @@ pub async fn put_image(
     description: &str,
     cancel: &CancellationToken,
 ) -> Result<i64, SsmError> {
-    match history(clients, name).await {
-        Ok(versions) => check_room(name, &versions)?,
-        Err(SsmError::NoParameter { .. }) => {}
+    let newest_before = match history(clients, name).await {
+        Ok(versions) => {
+            check_room(name, &versions)?;
+            versions.last().map_or(0, |v| v.version)
+        }
+        Err(SsmError::NoParameter { .. }) => 0,
         Err(e) => return Err(e),
-    }
-    let out = clients
-        .ssm
-        .put_parameter()
-        .name(name)
-        .value(image)
-        .r#type(ParameterType::String)
-        .data_type(IMAGE_DATA_TYPE)
-        .overwrite(true)
-        .description(description)
-        .send()
-        .await
-        .map_err(|e| AwsError::new(format!("publish {image} to {name}"), &e))?;
-    let version = out.version();
+    };
+    // Retried here rather than by the SDK: a put carried out whose answer was lost must
+    // not be put again, which would make a second version of the same image.
+    let mut attempt = 0;
+    let version = loop {
+        attempt += 1;
+        let sent = clients
+            .ssm
+            .put_parameter()
+            .name(name)
+            .value(image)
+            .r#type(ParameterType::String)
+            .data_type(IMAGE_DATA_TYPE)
+            .overwrite(true)
+            .description(description)
+            .customize()
+            .config_override(
+                aws_sdk_ssm::config::Config::builder()
+                    .retry_config(aws_config::retry::RetryConfig::disabled()),
+            )
+            .send()
+            .await;
+        match sent {
+            Ok(out) => break out.version(),
+            Err(e) if attempt < super::MAX_ATTEMPTS && transient(&e) => {
+                let put = history(clients, name).await?.into_iter().rev().find(|v| {
+                    v.version > newest_before
+                        && v.value == image
+                        && v.description.as_deref() == Some(description)
+                });
+                if let Some(put) = put {
+                    break put.version;
+                }
+                tokio::time::sleep(PUT_BACKOFF * 2u32.pow(attempt.min(5))).await;
+            }
+            Err(e) => return Err(AwsError::new(format!("publish {image} to {name}"), &e).into()),
+        }
+    };
     read_back(clients, name, version, image, cancel).await?;
     Ok(version)
+}
+
+/// The first pause before a put is tried again, doubled each time.
+const PUT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Whether a call's failure may pass if it is tried again: no answer, a throttle, or a
+/// fault on AWS's side.
+fn transient<E: aws_sdk_ssm::error::ProvideErrorMetadata, R>(
+    e: &aws_sdk_ssm::error::SdkError<E, R>,
+) -> bool {
+    use aws_sdk_ssm::error::SdkError;
+    match e {
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            true
+        }
+        SdkError::ServiceError(service) => {
+            let code = service.err().code().unwrap_or_default();
+            code.contains("Throttl")
+                || code == "TooManyUpdates"
+                || code == "InternalServerError"
+                || code == "InternalError"
+                || code == "ServiceUnavailable"
+        }
+        _ => false,
+    }
 }
 
 /// Waits until version `version` of `name` reads `image`: Parameter Store's validation of
