@@ -705,9 +705,14 @@ fn direct_failures_leave_nothing_and_throttling_is_ridden_out() {
     // never the build: StartSnapshot's retry, with the same client token, answers the
     // snapshot the first attempt started; a block put again is the same block; a completion
     // refused as "no longer pending" is found completing. One snapshot each time.
-    for (n, action) in ["StartSnapshot", "PutSnapshotBlock", "CompleteSnapshot"]
-        .into_iter()
-        .enumerate()
+    for (n, action) in [
+        "StartSnapshot",
+        "PutSnapshotBlock",
+        "CompleteSnapshot",
+        "RegisterImage",
+    ]
+    .into_iter()
+    .enumerate()
     {
         let snapshots = story.snapshot_ids();
         story.cloud.cli(&["fault", action, "--lose-answer"]);

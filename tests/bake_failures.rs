@@ -191,7 +191,12 @@ fn every_failure_of_a_bake_cleans_up_and_says_where() {
     // A create whose answer is lost (carried out, then HTTP 500: the SDK retries): a client
     // token makes the retry the same call, an AMI name leads back to the lost attempt's
     // image, and a second snapshot is found by the build's tag and removed.
-    for action in ["CreateVolume", "CreateSnapshot", "RegisterImage"] {
+    for action in [
+        "CreateVolume",
+        "AttachVolume",
+        "CreateSnapshot",
+        "RegisterImage",
+    ] {
         cloud.cli(&["fault", action, "--lose-answer"]);
         take_back(&cloud, &bake(&cloud, dir, "app.tar.gz", &[]));
     }

@@ -147,6 +147,27 @@ impl Step<BakeState<Attach>> for CreateVolume {
 
 pub struct AttachVolume;
 
+/// Whether `volume_id` is attached (or attaching) to `host` as `device_name`.
+async fn attached_as(
+    clients: &crate::aws::Clients,
+    volume_id: &str,
+    host: &str,
+    device_name: &str,
+) -> Result<bool, StepError> {
+    let described = clients
+        .ec2
+        .describe_volumes()
+        .volume_ids(volume_id)
+        .send()
+        .await
+        .map_err(|e| failed(AwsError::new(format!("describe {volume_id}"), &e)))?;
+    Ok(described
+        .volumes()
+        .iter()
+        .flat_map(|v| v.attachments())
+        .any(|a| a.instance_id() == Some(host) && a.device() == Some(device_name)))
+}
+
 #[async_trait]
 impl Step<BakeState<Attach>> for AttachVolume {
     fn name(&self) -> &'static str {
@@ -172,21 +193,9 @@ impl Step<BakeState<Attach>> for AttachVolume {
             .collect();
         let name = device::claim_free_name(&s.backend.lock_dir, &in_use).map_err(failed)?;
         let device_name = name.name.clone();
-        s.clients
-            .ec2
-            .attach_volume()
-            .volume_id(&volume_id)
-            .instance_id(&host)
-            .device(&device_name)
-            .send()
-            .await
-            .map_err(|e| {
-                failed(AwsError::new(
-                    format!("attach {volume_id} to {host} as {device_name}"),
-                    &e,
-                ))
-            })?;
         s.backend.device_name = Some(Arc::new(name));
+        // Undone from before the call: an attach carried out whose answer is lost is still
+        // detached (a detach of a volume not attached is nothing to do).
         let (instance, progress) = (host.clone(), ctx.progress.clone());
         let detach = move |clients, id| {
             resources::detach_volume(clients, id, instance.clone(), progress.clone())
@@ -204,6 +213,26 @@ impl Step<BakeState<Attach>> for AttachVolume {
             ctx.undo.require(delete, detach);
         }
         s.backend.detach = Some(detach);
+        let sent = s
+            .clients
+            .ec2
+            .attach_volume()
+            .volume_id(&volume_id)
+            .instance_id(&host)
+            .device(&device_name)
+            .send()
+            .await;
+        if let Err(e) = sent {
+            // The SDK's retry of an attach EC2 carried out, whose answer was lost.
+            let lost_answer = resources::code(&e) == Some("VolumeInUse")
+                && attached_as(&s.clients, &volume_id, &host, &device_name).await?;
+            if !lost_answer {
+                return Err(failed(AwsError::new(
+                    format!("attach {volume_id} to {host} as {device_name}"),
+                    &e,
+                )));
+            }
+        }
         wait_volume(
             &s.clients,
             &volume_id,
