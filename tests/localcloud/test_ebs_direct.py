@@ -168,6 +168,27 @@ def test_faults_throttling_and_a_fresh_snapshot_not_found_reach_ebs_clients(clou
     ec2.delete_snapshot(SnapshotId=snap)
 
 
+def test_a_damaged_block_is_refused_on_its_way_in_and_shows_on_its_way_out(cloud):
+    ec2, ebs = cloud.client("ec2"), cloud.client("ebs", retries=False)
+    snap = ebs.start_snapshot(VolumeSize=1)["SnapshotId"]
+    wait_until(lambda: ebs_ok(lambda: put(ebs, snap, 0, b"\x05" * BLOCK)), lambda ok: ok, timeout=5)
+    # Damaged on its way in: EBS checks the data against the checksum sent with it.
+    cloud.cli("fault", "PutSnapshotBlock", "--corrupt")
+    assert error(lambda: put(ebs, snap, 1, b"\x06" * BLOCK)) == ("ValidationException", "INVALID_PARAMETER_VALUE")
+    put(ebs, snap, 1, b"\x06" * BLOCK)
+    complete(ebs, snap, {0: b"\x05" * BLOCK, 1: b"\x06" * BLOCK})
+    wait_until(lambda: snapshot_state(ec2, snap), lambda s: s == "completed")
+    token = {b["BlockIndex"]: b["BlockToken"] for b in ebs.list_snapshot_blocks(SnapshotId=snap)["Blocks"]}
+    # Damaged on its way out: the checksum names the block as stored, the data differs.
+    cloud.cli("fault", "GetSnapshotBlock", "--corrupt")
+    got = ebs.get_snapshot_block(SnapshotId=snap, BlockIndex=1, BlockToken=token[1])
+    data = got["BlockData"].read()
+    assert got["Checksum"] == checksum(b"\x06" * BLOCK) and checksum(data) != got["Checksum"] and len(data) == BLOCK
+    got = ebs.get_snapshot_block(SnapshotId=snap, BlockIndex=1, BlockToken=token[1])
+    assert got["BlockData"].read() == b"\x06" * BLOCK
+    ec2.delete_snapshot(SnapshotId=snap)
+
+
 def ebs_ok(call):
     try:
         call()

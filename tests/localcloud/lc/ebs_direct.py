@@ -360,7 +360,7 @@ class EbsDirect:
             raise invalid("INVALID_BLOCK", f"The block index {ids['BlockIndex']!r} is not a number")
         if not 0 <= index < started.size_gib * BLOCKS_PER_GIB:
             raise invalid("INVALID_BLOCK", f"The block index {index} is outside the snapshot's {started.size_gib * BLOCKS_PER_GIB} blocks")
-        data = request.get_data()
+        data = damaged(request, request.get_data())
         declared = request.headers.get("x-amz-Data-Length")
         if declared is None or int(declared) != BLOCK_SIZE or len(data) != BLOCK_SIZE:
             raise invalid("INVALID_PARAMETER_VALUE", f"A block is {BLOCK_SIZE} bytes; got {len(data)} (x-amz-Data-Length {declared})")
@@ -454,7 +454,15 @@ class EbsDirect:
         headers = {"x-amz-Data-Length": str(len(data)), "x-amz-Checksum-Algorithm": "SHA256",
                    "x-amz-Checksum": base64.b64encode(hashlib.sha256(data).digest()).decode(),
                    "Content-Type": "application/octet-stream"}
-        return 200, headers, data
+        return 200, headers, damaged(request, data)
+
+
+def damaged(request, data):
+    """`data` with its middle byte flipped when the call carries the `corrupt` fault."""
+    if not request.environ.get("localcloud.damaged") or not data:
+        return data
+    middle = len(data) // 2
+    return data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1:]
 
 
 def error_body(error: EbsError):

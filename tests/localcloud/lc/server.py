@@ -92,6 +92,8 @@ class Faults:
                     return ("delay", fault["delay"])
                 if fault.get("lose_answer"):
                     return ("lose", None)
+                if fault.get("corrupt"):
+                    return ("corrupt", None)
                 return fault["code"]
             if self.throttle_percent and random.random() * 100 < self.throttle_percent:
                 return "RequestLimitExceeded"
@@ -99,14 +101,16 @@ class Faults:
 
     def apply(self, action):
         """Takes the fault for a call of `action`, holding it if it is a delay. Returns the
-        error code to answer with (or None) and whether the answer is to be lost."""
+        error code to answer with (or None) and what happens to a call carried out: None,
+        "lose" (its answer is lost) or "corrupt" (its block data is damaged on the way)."""
         fault = self.take(action) if action else None
         if isinstance(fault, tuple):
             kind, value = fault
             if kind == "delay":
                 time.sleep(value)
-            return None, kind == "lose"
-        return fault, False
+                return None, None
+            return None, kind
+        return fault, None
 
 
 # What EC2 answers a call naming a resource it cannot see yet (eventual consistency), by the
@@ -219,7 +223,12 @@ class LocalCloud:
         iam = self.iam_facts(request, ids, ebs_body=request.get_data(cache=True) if action == "StartSnapshot" else None)
         if action is None:
             return fault_response("ebs", "ValidationException", f"no EBS direct action at {request.method} {request.path}")
-        code, lose_answer = self.faults.apply(action)
+        code, effect = self.faults.apply(action)
+        lose_answer = effect == "lose"
+        if effect == "corrupt":
+            # The block's bytes damaged on their way: one byte of the data put, or of the
+            # data got (whose checksum header still names the block as it is stored).
+            request.environ["localcloud.damaged"] = True
         if code:
             code = "RequestThrottledException" if code == "RequestLimitExceeded" else code
             status = 500 if code == "InternalServerException" else 400
@@ -258,7 +267,8 @@ class LocalCloud:
             action = params.get("Action")
             service = signed_service(request) or service
         iam = self.iam_facts(request, params)
-        code, lose_answer = self.faults.apply(action)
+        code, effect = self.faults.apply(action)
+        lose_answer = effect == "lose"
         if code:
             self.calls.add(service, action, params, 400 if code != "RequestLimitExceeded" else 503, code, iam)
             return fault_response(service, code, f"injected by the local cloud into {action}")(environ, start_response)
@@ -386,7 +396,8 @@ class LocalCloud:
                     self.faults.by_action[spec["action"]] = {"times": int(spec.get("times", 1)), "after": int(spec.get("after", 0)),
                                                            "code": spec.get("code", "InternalError"),
                                                            "delay": float(spec.get("delay", 0)),
-                                                           "lose_answer": bool(spec.get("lose_answer"))}
+                                                           "lose_answer": bool(spec.get("lose_answer")),
+                                                           "corrupt": bool(spec.get("corrupt"))}
             return json_response({"ok": True})
         if what == "changed-blocks" and request.method == "POST":
             spec = request.get_json()
