@@ -701,6 +701,61 @@ fn direct_failures_leave_nothing_and_throttling_is_ridden_out() {
         }
     }
 
+    // A block damaged on its way down: fetched again, the bake goes on. Damaged every time:
+    // the run fails naming the block and the snapshot, and nothing of it is cached.
+    let _ = std::fs::remove_dir_all(story.cache());
+    story
+        .cloud
+        .cli(&["fault", "GetSnapshotBlock", "--corrupt", "--after", "3"]);
+    let run = story.bake("owned.toml", &["--commit", "damaged1"]);
+    run.expect_code(0);
+    let ami = manifest(&run)["ami_id"].as_str().unwrap().to_string();
+    story
+        .runtime
+        .block_on(amibake::aws::resources::deregister_image_and_snapshots(
+            story.clients.clone(),
+            ami,
+        ))
+        .unwrap();
+    let _ = std::fs::remove_dir_all(story.cache());
+    let (snapshots, images) = (story.snapshot_ids(), story.image_ids());
+    story.cloud.cli(&[
+        "fault",
+        "GetSnapshotBlock",
+        "--corrupt",
+        "--after",
+        "3",
+        "--times",
+        "1000",
+    ]);
+    let run = story.bake("owned.toml", &["--commit", "damaged2"]);
+    assert_eq!(run.code(), 1, "{}", run.dump());
+    let error = run
+        .stderr()
+        .lines()
+        .find(|l| l.starts_with("error: "))
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        error.contains("fetch base image")
+            && error.contains("GetSnapshotBlock snap-")
+            && error.contains(" block ")
+            && error.contains("do not match the checksum EBS sent")
+            && error.contains("3 times"),
+        "{}",
+        run.dump()
+    );
+    story
+        .cloud
+        .cli(&["fault", "GetSnapshotBlock", "--times", "0"]);
+    assert_eq!(story.snapshot_ids(), snapshots);
+    assert_eq!(story.image_ids(), images);
+    story.assert_nothing_left_here();
+    let entries = std::fs::read_dir(story.cache())
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(entries, 0, "a damaged fetch leaves no entry");
+
     // A call carried out whose answer is lost (HTTP 500, the SDK retries) costs a retry,
     // never the build: StartSnapshot's retry, with the same client token, answers the
     // snapshot the first attempt started; a block put again is the same block; a completion

@@ -197,7 +197,12 @@ pub async fn list_blocks(clients: &Clients, snapshot_id: &str) -> Result<BlockLi
     }
 }
 
-/// The data of one block, checked against the SHA-256 checksum EBS answered with.
+/// Times a block is fetched while what arrives does not match its checksum: a transfer
+/// damaged on its way is fetched again; the same damage every time fails the run.
+const DAMAGED_BLOCK_ATTEMPTS: u32 = 3;
+
+/// The data of one block, checked against the SHA-256 checksum EBS answered with, and
+/// fetched again when it arrives damaged.
 pub async fn get_block(
     clients: &Clients,
     snapshot_id: &str,
@@ -205,40 +210,53 @@ pub async fn get_block(
     token: &str,
 ) -> Result<Vec<u8>, AwsError> {
     let action = || format!("GetSnapshotBlock {snapshot_id} block {index}");
-    let answer = clients
-        .ebs
-        .get_snapshot_block()
-        .snapshot_id(snapshot_id)
-        .block_index(index as i32)
-        .block_token(token)
-        .send()
-        .await
-        .map_err(|e| AwsError::new(action(), &e))?;
-    let expected = answer.checksum().map(str::to_string);
-    let data = answer
-        .block_data
-        .collect()
-        .await
-        .map_err(|e| AwsError {
-            code: None,
-            action: action(),
-            detail: format!("reading the block: {e}"),
-        })?
-        .into_bytes()
-        .to_vec();
-    let actual = aws_smithy_types::base64::encode(Sha256::digest(&data));
-    if expected.as_deref() != Some(actual.as_str()) || data.len() != BLOCK_SIZE {
-        return Err(AwsError {
-            code: None,
-            action: action(),
-            detail: format!(
-                "the {} bytes received do not match the checksum EBS sent ({})",
-                data.len(),
-                expected.as_deref().unwrap_or("none")
-            ),
-        });
+    let mut attempt = 1;
+    loop {
+        let answer = clients
+            .ebs
+            .get_snapshot_block()
+            .snapshot_id(snapshot_id)
+            .block_index(index as i32)
+            .block_token(token)
+            .send()
+            .await
+            .map_err(|e| AwsError::new(action(), &e))?;
+        let expected = answer.checksum().map(str::to_string);
+        let received = answer
+            .block_data
+            .collect()
+            .await
+            .map(|d| d.into_bytes().to_vec());
+        let damage = match &received {
+            Ok(data) => {
+                let actual = aws_smithy_types::base64::encode(Sha256::digest(data));
+                (expected.as_deref() != Some(actual.as_str()) || data.len() != BLOCK_SIZE).then(
+                    || {
+                        format!(
+                            "the {} bytes received do not match the checksum EBS sent ({})",
+                            data.len(),
+                            expected.as_deref().unwrap_or("none")
+                        )
+                    },
+                )
+            }
+            Err(e) => Some(format!("reading the block: {e}")),
+        };
+        match (damage, received) {
+            (None, Ok(data)) => return Ok(data),
+            (Some(_), _) if attempt < DAMAGED_BLOCK_ATTEMPTS => attempt += 1,
+            (damage, _) => {
+                return Err(AwsError {
+                    code: None,
+                    action: action(),
+                    detail: format!(
+                        "{}; fetched {attempt} times",
+                        damage.unwrap_or_else(|| "no data".into())
+                    ),
+                })
+            }
+        }
     }
-    Ok(data)
 }
 
 /// How a new snapshot is started: from a parent (whose blocks it begins with, and whose
