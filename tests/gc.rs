@@ -435,6 +435,68 @@ fn gc_removes_what_killed_runs_left_and_spares_a_live_one() {
         command
     });
 
+    // A bake copying to another region, killed while its copy is made: the copy, still
+    // `building`, is in eu-west-1, beyond a gc of this region; `--all-regions` finds it.
+    std::fs::write(
+        dir.join("copy.toml"),
+        format!(
+            "[bake]\nname = \"gc-copy-${{timestamp}}-${{build_id}}\"\nbase_ami = \"{vendor}\"\n\
+             dest = \"/srv/app\"\ncopy_to_regions = [\"eu-west-1\"]\n"
+        ),
+    )
+    .unwrap();
+    world.cloud.cli(&["fault", "CopyImage", "--delay", "2"]);
+    let mut copying = world.amibake();
+    copying.args([
+        "bake",
+        "copy.toml",
+        "--tarball",
+        "app.tar.gz",
+        "--commit",
+        "c0py",
+    ]);
+    let killed = kill_when(
+        copying,
+        "a bake copying to eu-west-1, killed in distribute",
+        |line| line.contains("\"step_started\"") && line.contains("\"step\":\"distribute\""),
+        true,
+    );
+    let copies = || -> Vec<serde_json::Value> {
+        let ls = world.cloud.ls();
+        ["images", "snapshots"]
+            .iter()
+            .flat_map(|kind| {
+                ls["other_regions"]["eu-west-1"][kind]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .filter(|x| x["tags"].get("amibake:build-id").is_some())
+            .collect()
+    };
+    let (run, _) = world.gc(&["--apply"]);
+    run.expect_code(0);
+    assert_eq!(
+        copies().len(),
+        2,
+        "the copy and its snapshot stay\n{}",
+        killed.dump()
+    );
+    let (run, found) = world.gc(&["--apply", "--all-regions"]);
+    run.expect_code(0);
+    assert!(
+        found["leftovers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l["kind"] == "image"
+                && l["region"] == "eu-west-1"
+                && l["outcome"] == "removed"),
+        "{found}"
+    );
+    assert_eq!(copies(), Vec::<serde_json::Value>::new(), "{found}");
+    world.assert_nothing_left("gc --all-regions after a bake killed while copying");
+
     // A bake still running (its provisioner sleeps) is spared, whatever its age, and
     // finishes as if nothing happened.
     std::fs::write(

@@ -21,6 +21,10 @@ pub struct GcArgs {
     /// Do it; without this, only say what would be removed.
     #[arg(long)]
     pub apply: bool,
+    /// Look in every region the account has enabled, not only this one (a killed bake's
+    /// copies are in the regions it copied to).
+    #[arg(long)]
+    pub all_regions: bool,
     #[command(flatten)]
     pub cache: CacheDirArg,
 }
@@ -30,6 +34,7 @@ pub async fn run(args: GcArgs, global: &GlobalArgs) -> i32 {
         aws: global.aws(),
         older_than: args.older_than,
         apply: args.apply,
+        all_regions: args.all_regions,
         cache_dir: args
             .cache
             .cache_dir

@@ -8,7 +8,9 @@
 //! uses, and images still `building` (the run never finished them) or stuck in `failed`,
 //! with their snapshots; on this machine, its mounts, loop devices, work
 //! directories, private-key directories, cache copies and the cgroups (with their BPF
-//! programs) that kept its provisioners from the host's credentials. The images a run finished are its
+//! programs) that kept its provisioners from the host's credentials.
+//! It looks in the run's region, or with `all_regions` in every region the account has
+//! enabled, where a killed bake's copies are. The images a run finished are its
 //! artifacts: prune judges those, never gc.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -31,6 +33,9 @@ pub struct GcOptions {
     pub apply: bool,
     /// The direct backend's image cache, whose `.work-*` copies a killed bake leaves.
     pub cache_dir: Option<PathBuf>,
+    /// Look in every region the account has enabled, not only the run's: copies a killed
+    /// bake was making live in the regions it copied to.
+    pub all_regions: bool,
 }
 
 /// One thing a run left.
@@ -41,6 +46,8 @@ pub struct Leftover {
     /// `loop device`, `file`, `cgroup`.
     pub kind: &'static str,
     pub id: String,
+    /// The region of a cloud resource; none for what is on this machine.
+    pub region: Option<String>,
     /// With `--apply`: `removed`, or why it could not be.
     pub outcome: Option<String>,
 }
@@ -55,6 +62,8 @@ pub struct Spared {
 #[derive(Debug, Serialize)]
 pub struct Collected {
     pub region: String,
+    /// Every region looked in.
+    pub regions: Vec<String>,
     pub apply: bool,
     pub leftovers: Vec<Leftover>,
     pub spared: Vec<Spared>,
@@ -72,7 +81,12 @@ impl Collected {
                     (None, false) => "would remove".into(),
                     (None, true) => "left".into(),
                 };
-                format!("{what:<12} {} {} (run {})", l.kind, l.id, l.build_id)
+                let place = l
+                    .region
+                    .as_ref()
+                    .map(|r| format!(" in {r}"))
+                    .unwrap_or_default();
+                format!("{what:<12} {} {}{place} (run {})", l.kind, l.id, l.build_id)
             })
             .collect();
         lines.extend(
@@ -173,6 +187,15 @@ pub async fn gc(
     sink: std::sync::Arc<dyn EventSink>,
 ) -> Result<Collected, ChannelError> {
     let clients = channel::clients(&options.aws).await?;
+    let regions = if options.all_regions {
+        enabled_regions(&clients)
+            .await?
+            .iter()
+            .map(|r| clients.in_region(r))
+            .collect()
+    } else {
+        vec![clients.clone()]
+    };
     let progress = Progress::new(sink, "gc");
     let mut verdicts: BTreeMap<String, Result<(), String>> = BTreeMap::new();
     let mut leftovers: Vec<Leftover> = Vec::new();
@@ -181,7 +204,9 @@ pub async fn gc(
     // look finds nothing new.
     for _pass in 0..PASSES {
         let mut found = machine_leftovers(options.cache_dir.as_deref());
-        found.extend(cloud_leftovers(&clients).await?);
+        for clients in &regions {
+            found.extend(cloud_leftovers(clients).await?);
+        }
         for l in &found {
             // A leftover named by a process rather than a run (a cache fetch's partial
             // entry) is listed only once that process is gone.
@@ -220,7 +245,12 @@ pub async fn gc(
         // before they are deleted.
         for kind in ORDER {
             for l in new.iter_mut().filter(|l| l.kind == *kind) {
-                let removed = remove(&clients, l, &progress).await;
+                let home = l
+                    .region
+                    .as_ref()
+                    .and_then(|r| regions.iter().find(|c| &c.region == r))
+                    .unwrap_or(&clients);
+                let removed = remove(home, l, &progress).await;
                 l.outcome = Some(match removed {
                     Ok(()) => "removed".into(),
                     Err(e) => format!("failed: {e}"),
@@ -247,6 +277,7 @@ pub async fn gc(
         .collect();
     Ok(Collected {
         region: clients.region.clone(),
+        regions: regions.iter().map(|c| c.region.clone()).collect(),
         apply: options.apply,
         leftovers,
         spared,
@@ -278,6 +309,7 @@ fn machine_leftovers(cache_dir: Option<&Path>) -> Vec<Leftover> {
         build_id,
         kind,
         id,
+        region: None,
         outcome: None,
     };
     let mut mounts: Vec<(String, String)> = mount::mount_points()
@@ -342,6 +374,23 @@ fn machine_leftovers(cache_dir: Option<&Path>) -> Vec<Leftover> {
     found
 }
 
+/// The regions this account has enabled.
+async fn enabled_regions(clients: &Clients) -> Result<Vec<String>, AwsError> {
+    let out = clients
+        .ec2
+        .describe_regions()
+        .send()
+        .await
+        .map_err(|e| AwsError::new("list the account's regions", &e))?;
+    let mut regions: Vec<String> = out
+        .regions()
+        .iter()
+        .filter_map(|r| r.region_name().map(str::to_string))
+        .collect();
+    regions.sort();
+    Ok(regions)
+}
+
 /// Everything tagged with a build id that only a run in progress should have: instances
 /// not terminated, volumes, key pairs, security groups, images in `failed`, snapshots no
 /// image uses.
@@ -360,6 +409,7 @@ async fn cloud_leftovers(clients: &Clients) -> Result<Vec<Leftover>, AwsError> {
                 build_id,
                 kind,
                 id: resource.to_string(),
+                region: Some(clients.region.clone()),
                 outcome: None,
             });
         }
