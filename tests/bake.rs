@@ -636,3 +636,91 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
     run.expect_code(0);
     cloud.assert_no_bake_left();
 }
+
+/// Eight bakes at once on one machine, four per backend, while half of all EC2, SSM and EBS
+/// direct calls are throttled: every one succeeds, and each image holds its own tarball.
+#[test]
+fn eight_bakes_at_once_under_throttling_each_hold_their_own_tarball() {
+    let cloud = LocalCloud::start("quick");
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+    let vendor = cloud.ls()["vendor_amis"]["partitioned"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    std::fs::write(
+        dir.join("load.toml"),
+        format!(
+            "[bake]\nname = \"load-${{commit}}-${{timestamp}}\"\nbase_ami = \"{vendor}\"\n\
+             dest = \"/srv/app\"\n"
+        ),
+    )
+    .unwrap();
+    let mut digests = BTreeMap::new();
+    for n in 0..8 {
+        let tar = util::tarballs::tarball(|b| {
+            let body = format!("bake {n}\n");
+            let mut header = tar::Header::new_gnu();
+            header.set_size(body.len() as u64);
+            header.set_mode(0o644);
+            b.append_data(&mut header, "REVISION", body.as_bytes())
+                .unwrap();
+        });
+        let bytes = gzip(&tar);
+        let digest =
+            sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(&bytes));
+        digests.insert(n, format!("{digest:x}"));
+        std::fs::write(dir.join(format!("app{n}.tar.gz")), bytes).unwrap();
+    }
+    cloud.cli(&["fault", "--throttle", "50"]);
+    let children: Vec<(usize, std::process::Child)> = (0..8)
+        .map(|n| {
+            let backend = if n % 2 == 0 { "attach" } else { "direct" };
+            let child = cloud
+                .amibake(dir)
+                .env("TMPDIR", dir)
+                .args(["bake", "load.toml", "--tarball"])
+                .arg(format!("app{n}.tar.gz"))
+                .args(["--commit", &format!("10ad{n:04}"), "--backend", backend])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            (n, child)
+        })
+        .collect();
+    let runs: Vec<(usize, Run)> = children
+        .into_iter()
+        .map(|(n, child)| {
+            let output = child.wait_with_output().unwrap();
+            let command = format!("amibake bake load.toml --tarball app{n}.tar.gz");
+            (n, Run { command, output })
+        })
+        .collect();
+    cloud.cli(&["fault", "--throttle", "0"]);
+    let throttled = cloud
+        .calls()
+        .iter()
+        .filter(|c| {
+            let code = c["code"].as_str().unwrap_or_default();
+            code == "RequestLimitExceeded" || code.contains("Throttl")
+        })
+        .count();
+    assert!(
+        throttled > 100,
+        "the load met throttling: {throttled} calls"
+    );
+    for (n, run) in &runs {
+        run.expect_code(0);
+        let m = manifest(run);
+        assert_eq!(m["tarball_sha256"], digests[n].as_str(), "bake {n}");
+        let image =
+            cloud.mount_snapshot(m["snapshot_id"].as_str().unwrap(), dir, PARTITION_1_OFFSET);
+        assert_eq!(
+            std::fs::read_to_string(image.root.join("srv/app/REVISION")).unwrap(),
+            format!("bake {n}\n"),
+            "bake {n} holds its own tarball"
+        );
+    }
+    cloud.assert_no_bake_left();
+}

@@ -22,20 +22,16 @@ use aws_sdk_ebs::types::{
 use futures_util::{Stream, StreamExt};
 use sha2::{Digest, Sha256};
 
-use super::{AwsError, Clients};
+use super::{AwsError, Clients, RETRY_QUOTA};
 
 /// One attempt of one block call: 512 KiB from outside EC2 on a slow link, with room.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(60);
 /// One call with all its retries: an upload from outside EC2 never hangs.
 const OPERATION_TIMEOUT: Duration = Duration::from_secs(10 * 60);
-/// Retries a bake may spend across its thousands of block calls. The SDK's default quota
-/// (500 tokens, 5 a throttled retry) is sized for a few calls a run, and would give up on
-/// the third of an upload that EBS throttles.
-const RETRY_QUOTA: usize = 100_000;
 /// Attempts of one block call. A bake makes thousands, and one that fails fails the bake:
-/// under a sustained 30 % throttle the run's 8 attempts lose one call in 15,000 (one cold
-/// fetch of a small base in 40); 12 lose one in 1.9 million.
-const BLOCK_CALL_ATTEMPTS: u32 = 12;
+/// under a sustained 50 % throttle 12 attempts lose one call in 4,096 (one cold fetch of a
+/// small base in ten); 24 lose one in 16 million.
+const BLOCK_CALL_ATTEMPTS: u32 = 24;
 
 /// The EBS client's configuration: the run's, with the timeouts, attempts, retry quota and
 /// classifier that block traffic needs.
@@ -47,7 +43,13 @@ pub fn client_config(config: &aws_config::SdkConfig) -> aws_sdk_ebs::Config {
                 .operation_timeout(OPERATION_TIMEOUT)
                 .build(),
         )
-        .retry_config(RetryConfig::standard().with_max_attempts(BLOCK_CALL_ATTEMPTS))
+        .retry_config(
+            RetryConfig::standard()
+                .with_max_attempts(BLOCK_CALL_ATTEMPTS)
+                .with_initial_backoff(super::INITIAL_BACKOFF),
+        )
+        // A partition of its own: a throttled upload's thousands of block retries must not
+        // spend the control-plane calls' quota.
         .retry_partition(
             RetryPartition::custom("amibake-ebs-blocks")
                 .token_bucket(TokenBucket::builder().capacity(RETRY_QUOTA).build())

@@ -17,10 +17,23 @@ use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_ec2::operation::RequestId;
 
 /// Attempts per call before a throttled or failing request gives up, with the standard
-/// mode's exponential backoff between them. Not adaptive mode: its client-side rate limiter
-/// learns from too few calls in a run like ours, and after one throttled answer held the
-/// next call back 18 s here (and a Ctrl-C with it).
-const MAX_ATTEMPTS: u32 = 8;
+/// mode's exponential backoff between them (at most 20 s apart). Under EC2's request
+/// throttling of a busy account half the calls may be refused for a while: a run makes
+/// hundreds of calls, and with 8 attempts one in 256 would still fail it; 20 make that one in
+/// a million. Not adaptive mode: its client-side rate limiter learns from too few calls in a
+/// run like ours, and after one throttled answer held the next call back 18 s here (and a
+/// Ctrl-C with it).
+const MAX_ATTEMPTS: u32 = 20;
+
+/// The first pause before a call is tried again, doubled each time up to 20 s, with jitter.
+/// The SDK's 1 s made a run under steady throttling spend most of its time asleep; other
+/// AWS SDKs start at 100 ms (500 ms for a throttle).
+const INITIAL_BACKOFF: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Retries a run may spend on its control-plane calls. The SDK's default quota (500 tokens,
+/// 5 a retry) is spent after 100 retries, and then a throttled call fails at once: eight
+/// bakes throttled together spent it in seconds.
+const RETRY_QUOTA: usize = 100_000;
 
 /// Where and as whom to talk to AWS; `None` leaves it to the default chain (environment,
 /// profile, SSO, web identity, container and instance credentials; `AWS_ENDPOINT_URL`).
@@ -44,8 +57,11 @@ pub struct Clients {
 }
 
 pub async fn sdk_config(options: &AwsOptions) -> SdkConfig {
-    let mut loader = aws_config::defaults(BehaviorVersion::latest())
-        .retry_config(RetryConfig::standard().with_max_attempts(MAX_ATTEMPTS));
+    let mut loader = aws_config::defaults(BehaviorVersion::latest()).retry_config(
+        RetryConfig::standard()
+            .with_max_attempts(MAX_ATTEMPTS)
+            .with_initial_backoff(INITIAL_BACKOFF),
+    );
     if let Some(region) = &options.region {
         loader = loader.region(Region::new(region.clone()));
     }
@@ -58,9 +74,27 @@ pub async fn sdk_config(options: &AwsOptions) -> SdkConfig {
 impl Clients {
     pub fn new(config: &SdkConfig) -> Result<Clients, NoRegion> {
         let region = config.region().ok_or(NoRegion)?.to_string();
+        // One partition, with room for a run's retries, for every control-plane client.
+        let partition = || {
+            aws_sdk_ec2::config::retry::RetryPartition::custom("amibake-control")
+                .token_bucket(
+                    aws_sdk_ec2::config::retry::TokenBucket::builder()
+                        .capacity(RETRY_QUOTA)
+                        .build(),
+                )
+                .build()
+        };
         Ok(Clients {
-            ec2: aws_sdk_ec2::Client::new(config),
-            ssm: aws_sdk_ssm::Client::new(config),
+            ec2: aws_sdk_ec2::Client::from_conf(
+                aws_sdk_ec2::config::Builder::from(config)
+                    .retry_partition(partition())
+                    .build(),
+            ),
+            ssm: aws_sdk_ssm::Client::from_conf(
+                aws_sdk_ssm::config::Builder::from(config)
+                    .retry_partition(partition())
+                    .build(),
+            ),
             kms: aws_sdk_kms::Client::new(config),
             ebs: aws_sdk_ebs::Client::from_conf(ebs::client_config(config)),
             sts: aws_sdk_sts::Client::new(config),
