@@ -26,6 +26,7 @@ use util::tarballs::{gzip, tarball, Canary};
 const ATTACK: &str = r#"#!/usr/bin/perl
 use strict;
 use warnings;
+use POSIX ();
 use Socket;
 my $crossed = 0;
 sub verdict {
@@ -52,6 +53,31 @@ for my $fd (grep { /^\d+$/ } readdir($fds)) {
     verdict("a terminal on descriptor $fd", -t $fh);
     verdict("TIOCSTI on descriptor $fd", push_into($fh));
 }
+# A terminal of its own, made its controlling terminal in a session of its own, where the
+# kernel allows TIOCSTI: seccomp still refuses it.
+pipe(my $verdict_in, my $verdict_out) or die;
+my $child = fork() // die "fork: $!";
+if ($child == 0) {
+    close($verdict_in);
+    POSIX::setsid() or die "setsid: $!";
+    open(my $master, '+<', '/dev/ptmx') or die "ptmx: $!";
+    my $unlock = pack("i", 0);
+    ioctl($master, 0x40045431, $unlock) or die "unlockpt: $!";
+    my $number = pack("i", 0);
+    ioctl($master, 0x80045430, $number) or die "ptsname: $!";
+    open(my $own, '+<', "/dev/pts/" . unpack("i", $number)) or die "pts: $!";
+    my $x = "x";
+    my $pushed = ioctl($own, 0x5412, $x) ? 1 : 0;
+    syswrite($verdict_out, "$pushed $!\n");
+    POSIX::_exit(0);
+}
+close($verdict_out);
+my ($pushed, $why) = split(/ /, scalar(<$verdict_in>) // "0 no answer", 2);
+waitpid($child, 0);
+chomp($why);
+$! = 0;
+if ($pushed) { print "CROSSED TIOCSTI into a terminal of its own\n"; $crossed = 1 }
+else { print "held TIOCSTI into a terminal of its own: $why\n" }
 # Escape sequences meant for the terminal: a title, a colour.
 print "title \e]0;amibake-title\a \e[31mred\e[0m\n";
 # The kernel keyring, which seccomp denies.
@@ -417,6 +443,7 @@ fn a_tarball_program_in_an_operators_terminal_reaches_nothing_of_the_host() {
             "held TIOCSTI on descriptor 0",
             "held TIOCSTI on descriptor 1",
             "held add_key: Operation not permitted",
+            "held TIOCSTI into a terminal of its own: Operation not permitted",
             &format!("held connect to host 127.0.0.1:{port}"),
             "held connect to host abstract socket",
             "held see the host's abstract socket through /proc",
