@@ -519,6 +519,15 @@ fn the_pipeline_stack_carries_the_printed_policy_and_passes_cfn_lint() {
         "paste what `amibake iam-policy templates/shop.toml --mode bake --backend direct` prints"
     );
     assert!(text.contains("BuildSpec: templates/ci/codebuild/buildspec.yml"));
+    // The bake project runs on a host kernel with idmapped mounts, not under `compat`.
+    let bake_project = &text[text
+        .find("PrivilegedMode: true")
+        .expect("the bake project")
+        .saturating_sub(400)..];
+    assert!(
+        bake_project.contains("HostKernel: LINUX_KERNEL_6"),
+        "the bake project selects the Amazon Linux 2023 host kernel"
+    );
     assert!(util::repo_root()
         .join("templates/ci/codebuild/buildspec.yml")
         .is_file());
