@@ -46,6 +46,27 @@ fn bake(cloud: &LocalCloud, dir: &Path, commit: &str) -> (String, String) {
     )
 }
 
+/// `shop.toml` in `dir`, a bake of the vendor image published to `CHANNEL`, and `count`
+/// bakes of it, oldest first: the vendor image, and each bake's image and snapshot.
+fn shop_bakes(cloud: &LocalCloud, dir: &Path, count: usize) -> (String, Vec<(String, String)>) {
+    let vendor = cloud.ls()["vendor_amis"]["partitioned"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    std::fs::write(
+        dir.join("shop.toml"),
+        format!(
+            "[bake]\nname = \"shop-${{commit}}-${{timestamp}}\"\nbase_ami = \"{vendor}\"\n\
+             dest = \"/srv/shop\"\npublish_ssm = \"{CHANNEL}\"\n"
+        ),
+    )
+    .unwrap();
+    let baked = (1..=count)
+        .map(|n| bake(cloud, dir, &format!("c0mm1t{n:02}")))
+        .collect();
+    (vendor, baked)
+}
+
 /// The mutating calls in a stretch of the call log: anything but reads.
 fn mutating(calls: &[serde_json::Value]) -> Vec<String> {
     calls
@@ -61,22 +82,8 @@ fn prune_keeps_what_is_used_and_the_newest_and_removes_the_rest_with_their_snaps
     let cloud = LocalCloud::start("quick");
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
-    let vendor = cloud.ls()["vendor_amis"]["partitioned"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    std::fs::write(
-        dir.join("shop.toml"),
-        format!(
-            "[bake]\nname = \"shop-${{commit}}-${{timestamp}}\"\nbase_ami = \"{vendor}\"\n\
-             dest = \"/srv/shop\"\npublish_ssm = \"{CHANNEL}\"\n"
-        ),
-    )
-    .unwrap();
     // Ten bakes, oldest first.
-    let baked: Vec<(String, String)> = (1..=10)
-        .map(|n| bake(&cloud, dir, &format!("c0mm1t{n:02}")))
-        .collect();
+    let (vendor, baked) = shop_bakes(&cloud, dir, 10);
     let ami = |n: usize| baked[n - 1].0.clone();
     // What prune of shop.toml must not count: another template's bake, and a base image
     // whose name starts as the bakes' do.
@@ -336,21 +343,7 @@ fn prune_by_name_prefix_alone_removes_only_what_nothing_anywhere_uses() {
     let cloud = LocalCloud::start("quick");
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
-    let vendor = cloud.ls()["vendor_amis"]["partitioned"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    std::fs::write(
-        dir.join("shop.toml"),
-        format!(
-            "[bake]\nname = \"shop-${{commit}}-${{timestamp}}\"\nbase_ami = \"{vendor}\"\n\
-             dest = \"/srv/shop\"\npublish_ssm = \"{CHANNEL}\"\n"
-        ),
-    )
-    .unwrap();
-    let baked: Vec<(String, String)> = (1..=6)
-        .map(|n| bake(&cloud, dir, &format!("c0mm1t{n:02}")))
-        .collect();
+    let (_, baked) = shop_bakes(&cloud, dir, 6);
     let ami = |n: usize| baked[n - 1].0.clone();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let clients = runtime.block_on(cloud.clients());
