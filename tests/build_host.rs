@@ -81,7 +81,12 @@ fn provisioner(name: &str, action: ProvisionerAction, env: &[(&str, &str)]) -> P
 }
 
 async fn provision_in_chroot(root: &Path) {
-    let chroot = Chroot::new(env!("CARGO_BIN_EXE_amibake"), root, util::isolation());
+    let chroot = Chroot::new(
+        env!("CARGO_BIN_EXE_amibake"),
+        root,
+        util::isolation(),
+        "ab-20261204000000-0a1b2c3d",
+    );
     let sink = Arc::new(Collect(Mutex::new(Vec::new())));
     let progress = Progress::new(sink.clone(), "provision");
     let cancel = CancellationToken::new();

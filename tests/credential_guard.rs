@@ -46,7 +46,7 @@ fn a_guarded_process_reaches_everything_but_the_credential_endpoints() {
             port: None,
         },
     ]);
-    let guard = CredentialGuard::new(&endpoints).unwrap();
+    let guard = CredentialGuard::new("ab-20261204000000-0a1b2c3d", &endpoints).unwrap();
     let dir = guard.dir().to_path_buf();
 
     // Outside the guard, every listener answers: the probe is able to succeed.

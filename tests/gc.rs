@@ -151,29 +151,8 @@ impl World {
             assert!(!name.starts_with('.'), "{after}: the cache holds {name}");
         }
         // The cgroups that guarded a killed run's provisioners, wherever in the hierarchy.
-        let guards = Command::new("find")
-            .args([
-                "/sys/fs/cgroup",
-                "-type",
-                "d",
-                "-name",
-                "amibake-provisioner-*",
-            ])
-            .output()
-            .unwrap();
-        let guards = String::from_utf8_lossy(&guards.stdout);
-        let orphaned: Vec<&str> = guards
-            .lines()
-            .filter(|dir| {
-                let pid = dir
-                    .rsplit("amibake-provisioner-")
-                    .next()
-                    .unwrap_or_default();
-                let pid = pid.split('-').next().unwrap_or_default();
-                !Path::new(&format!("/proc/{pid}")).exists()
-            })
-            .collect();
-        assert!(orphaned.is_empty(), "{after}: cgroups left: {orphaned:?}");
+        let guards = self.cloud.guard_cgroups_left();
+        assert!(guards.is_empty(), "{after}: cgroups left: {guards:?}");
         assert!(
             !Command::new("pgrep")
                 .args(["-f", "pasta --runas 0"])

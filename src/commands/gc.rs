@@ -97,7 +97,10 @@ impl Collected {
         lines.push(if self.apply {
             format!(
                 "{} leftovers of killed runs removed, {} failed",
-                self.leftovers.len() - self.failed.len(),
+                self.leftovers
+                    .iter()
+                    .filter(|l| l.outcome.as_deref() == Some("removed"))
+                    .count(),
                 self.failed.len()
             )
         } else {
@@ -202,10 +205,19 @@ pub async fn gc(
     // With --apply, another look after each pass: what removing one thing shows (a call
     // the killed run made that EC2 carried out late, a snapshot its image held), until a
     // look finds nothing new.
+    // With --all-regions, a region that cannot be read (an organization's policy denies
+    // it) is named as failed, and the others are still swept.
+    let mut unread: BTreeMap<String, String> = BTreeMap::new();
     for _pass in 0..PASSES {
         let mut found = machine_leftovers(options.cache_dir.as_deref());
         for clients in &regions {
-            found.extend(cloud_leftovers(clients).await?);
+            match cloud_leftovers(clients).await {
+                Ok(more) => found.extend(more),
+                Err(e) if options.all_regions => {
+                    unread.insert(clients.region.clone(), error_chain(&e));
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
         for l in &found {
             // A leftover named by a process rather than a run (a cache fetch's partial
@@ -268,13 +280,18 @@ pub async fn gc(
             })
         })
         .collect();
-    let failed = leftovers
+    let mut failed: Vec<String> = leftovers
         .iter()
         .filter_map(|l| {
             let why = l.outcome.as_deref()?.strip_prefix("failed: ")?;
             Some(format!("{} {}: {why}", l.kind, l.id))
         })
         .collect();
+    failed.extend(
+        unread
+            .into_iter()
+            .map(|(region, why)| format!("what is left in {region} (not read): {why}")),
+    );
     Ok(Collected {
         region: clients.region.clone(),
         regions: regions.iter().map(|c| c.region.clone()).collect(),
@@ -339,12 +356,14 @@ fn machine_leftovers(cache_dir: Option<&Path>) -> Vec<Leftover> {
             ));
         }
     }
-    for (pid, dir) in credential_guard::leftover_guards() {
-        found.push(leftover(
-            format!("pid {pid}"),
-            "cgroup",
-            dir.to_string_lossy().into_owned(),
-        ));
+    for (build_id, dir) in credential_guard::guards() {
+        if is_build_id(&build_id) {
+            found.push(leftover(
+                build_id,
+                "cgroup",
+                dir.to_string_lossy().into_owned(),
+            ));
+        }
     }
     let mut dirs = vec![std::env::temp_dir(), PathBuf::from("/dev/shm")];
     dirs.extend(cache_dir.map(Path::to_path_buf));

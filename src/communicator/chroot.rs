@@ -25,6 +25,8 @@ pub struct Chroot {
     amibake_exe: PathBuf,
     root: PathBuf,
     isolation: Isolation,
+    /// The run's build id, which names the guards' cgroups for `gc`.
+    build_id: String,
 }
 
 impl Chroot {
@@ -32,11 +34,13 @@ impl Chroot {
         amibake_exe: impl Into<PathBuf>,
         root: impl Into<PathBuf>,
         isolation: Isolation,
+        build_id: &str,
     ) -> Chroot {
         Chroot {
             amibake_exe: amibake_exe.into(),
             root: root.into(),
             isolation,
+            build_id: build_id.to_string(),
         }
     }
 
@@ -74,7 +78,7 @@ impl Chroot {
                 if !*metadata {
                     endpoints.extend(credential_endpoints());
                 }
-                let guard = CredentialGuard::new(&endpoints)
+                let guard = CredentialGuard::new(&self.build_id, &endpoints)
                     .map_err(|e| self.failed("keep the command from the host's own services", e))?;
                 command.arg("--cgroup").arg(guard.dir());
                 Some(guard)

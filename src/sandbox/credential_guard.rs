@@ -78,9 +78,10 @@ fn addresses_of(url: &str) -> impl Iterator<Item = SocketAddr> {
         .into_iter()
 }
 
-/// What a guard's cgroup is named: this prefix, then the PID of the run that made it and a
-/// sequence number. `gc` finds those whose run is gone.
-const GUARD_PREFIX: &str = "amibake-provisioner-";
+/// What a guard's cgroup is named: `amibake-<build id>-guard-<pid>-<n>`, so `gc` judges one a
+/// killed run left as it judges the run's other leftovers (its lock, its age), never by a
+/// PID, which another PID namespace may number differently.
+const GUARD_MARK: &str = "-guard-";
 
 /// A cgroup whose processes cannot connect to the credential endpoints. Removed when
 /// dropped, once the processes in it are gone.
@@ -89,12 +90,13 @@ pub struct CredentialGuard {
 }
 
 impl CredentialGuard {
-    /// Makes a new cgroup below this process's own and attaches the filter for `endpoints`.
-    pub fn new(endpoints: &[Endpoint]) -> Result<CredentialGuard, GuardError> {
+    /// Makes a new cgroup of run `build_id` below this process's own and attaches the
+    /// filter for `endpoints`.
+    pub fn new(build_id: &str, endpoints: &[Endpoint]) -> Result<CredentialGuard, GuardError> {
         static SEQUENCE: AtomicU32 = AtomicU32::new(0);
         let parent = own_cgroup_dir()?;
         let dir = parent.join(format!(
-            "{GUARD_PREFIX}{}-{}",
+            "amibake-{build_id}{GUARD_MARK}{}-{}",
             std::process::id(),
             SEQUENCE.fetch_add(1, Ordering::Relaxed)
         ));
@@ -167,10 +169,10 @@ pub fn join(dir: &Path) -> Result<(), GuardError> {
         .map_err(failed(format!("join {}", dir.display())))
 }
 
-/// The guards' cgroups a killed run left anywhere in the cgroup2 hierarchy (a run may live
-/// in another cgroup than the one looking): each with the PID of its run, which is gone.
-/// None where this host has no cgroup2 filesystem.
-pub fn leftover_guards() -> Vec<(u32, PathBuf)> {
+/// The guards' cgroups anywhere in the cgroup2 hierarchy (a run may live in another cgroup
+/// than the one looking), each with the build id of its run, for `gc` to judge. None where
+/// this host has no cgroup2 filesystem.
+pub fn guards() -> Vec<(String, PathBuf)> {
     let Ok(root) = cgroup2_mount() else {
         return Vec::new();
     };
@@ -185,19 +187,19 @@ pub fn leftover_guards() -> Vec<(u32, PathBuf)> {
                 continue;
             }
             let name = entry.file_name().to_string_lossy().into_owned();
-            let run = name
-                .strip_prefix(GUARD_PREFIX)
-                .and_then(|rest| rest.split('-').next()?.parse::<u32>().ok());
-            match run {
-                Some(pid) if !Path::new(&format!("/proc/{pid}")).exists() => {
-                    found.push((pid, entry.path()))
-                }
-                Some(_) => {}
+            match build_id_of_guard(&name) {
+                Some(build_id) => found.push((build_id.to_string(), entry.path())),
                 None => dirs.push(entry.path()),
             }
         }
     }
     found
+}
+
+/// The build id in a guard's cgroup name, `amibake-<build id>-guard-<pid>-<n>`.
+fn build_id_of_guard(name: &str) -> Option<&str> {
+    let (run, _) = name.strip_prefix("amibake-")?.split_once(GUARD_MARK)?;
+    Some(run)
 }
 
 /// Removes a guard's cgroup a killed run left: ends what is still in it (a process that
@@ -478,6 +480,16 @@ mod bpf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_guards_name_carries_its_runs_build_id() {
+        assert_eq!(
+            build_id_of_guard("amibake-ab-20261204221903-0a1b2c3d-guard-4242-0"),
+            Some("ab-20261204221903-0a1b2c3d")
+        );
+        assert_eq!(build_id_of_guard("amibake-provisioner-4242-0"), None);
+        assert_eq!(build_id_of_guard("user.slice"), None);
+    }
 
     #[test]
     fn urls_name_their_address_and_port() {

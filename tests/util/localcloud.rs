@@ -41,11 +41,14 @@ fn guard_cgroups() -> std::collections::BTreeSet<PathBuf> {
         while let Some(dir) = stack.pop() {
             for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
                 if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                    if entry
-                        .file_name()
-                        .to_string_lossy()
-                        .starts_with("amibake-provisioner-")
-                    {
+                    // `amibake-<build id>-guard-<pid>-<n>`; a run still holding its lock (a
+                    // test beside this one) is not done with it.
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    let run = name
+                        .strip_prefix("amibake-")
+                        .and_then(|rest| rest.split_once("-guard-"))
+                        .map(|(run, _)| run.to_string());
+                    if run.is_some_and(|run| !amibake::host::run_lock::is_held(&run)) {
                         left.insert(entry.path());
                     }
                     stack.push(entry.path());

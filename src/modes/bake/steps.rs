@@ -242,7 +242,7 @@ impl<B: Backend> Step<BakeState<B>> for RunProvisioners {
         "run provisioners"
     }
     async fn run(&self, s: &mut BakeState<B>, ctx: &mut StepContext) -> Result<(), StepError> {
-        let chroot = Chroot::new(&s.amibake_exe, &s.mount_point, s.isolation);
+        let chroot = Chroot::new(&s.amibake_exe, &s.mount_point, s.isolation, &s.build_id);
         provision(&chroot, Entries::Provisioners, &s.plan.provisioners, ctx).await
     }
 }
