@@ -227,7 +227,12 @@ pub async fn put_image(
         match sent {
             Ok(out) => break out.version(),
             Err(e) if attempt < super::MAX_ATTEMPTS && transient(&e) => {
-                let put = history(clients, name).await?.into_iter().rev().find(|v| {
+                // A new channel the lost attempt did not make yet has no history at all.
+                let versions = match history(clients, name).await {
+                    Err(SsmError::NoParameter { .. }) => Vec::new(),
+                    other => other?,
+                };
+                let put = versions.into_iter().rev().find(|v| {
                     v.version > newest_before
                         && v.value == image
                         && v.description.as_deref() == Some(description)
