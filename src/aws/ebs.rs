@@ -46,7 +46,8 @@ pub fn client_config(config: &aws_config::SdkConfig) -> aws_sdk_ebs::Config {
         .retry_config(
             RetryConfig::standard()
                 .with_max_attempts(BLOCK_CALL_ATTEMPTS)
-                .with_initial_backoff(super::INITIAL_BACKOFF),
+                .with_initial_backoff(super::INITIAL_BACKOFF)
+                .with_max_backoff(super::MAX_BACKOFF),
         )
         // A partition of its own: a throttled upload's thousands of block retries must not
         // spend the control-plane calls' quota.

@@ -25,10 +25,15 @@ use aws_sdk_ec2::operation::RequestId;
 /// Ctrl-C with it).
 const MAX_ATTEMPTS: u32 = 20;
 
-/// The first pause before a call is tried again, doubled each time up to 20 s, with jitter.
-/// The SDK's 1 s made a run under steady throttling spend most of its time asleep; other
-/// AWS SDKs start at 100 ms (500 ms for a throttle).
+/// The first pause before a call is tried again, doubled each time up to `MAX_BACKOFF`, with
+/// jitter. The SDK's 1 s made a run under steady throttling spend most of its time asleep;
+/// other AWS SDKs start at 100 ms (500 ms for a throttle).
 const INITIAL_BACKOFF: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// The longest pause between attempts. With 20 attempts, a call that keeps failing (a
+/// service error, no network) gives up within about 80 s, as 8 attempts up to the SDK's
+/// 20 s did, and an undo after Ctrl-C is not held for minutes.
+const MAX_BACKOFF: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Retries a run may spend on its control-plane calls. The SDK's default quota (500 tokens,
 /// 5 a retry) is spent after 100 retries, and then a throttled call fails at once: eight
@@ -60,7 +65,8 @@ pub async fn sdk_config(options: &AwsOptions) -> SdkConfig {
     let mut loader = aws_config::defaults(BehaviorVersion::latest()).retry_config(
         RetryConfig::standard()
             .with_max_attempts(MAX_ATTEMPTS)
-            .with_initial_backoff(INITIAL_BACKOFF),
+            .with_initial_backoff(INITIAL_BACKOFF)
+            .with_max_backoff(MAX_BACKOFF),
     );
     if let Some(region) = &options.region {
         loader = loader.region(Region::new(region.clone()));
@@ -74,25 +80,24 @@ pub async fn sdk_config(options: &AwsOptions) -> SdkConfig {
 impl Clients {
     pub fn new(config: &SdkConfig) -> Result<Clients, NoRegion> {
         let region = config.region().ok_or(NoRegion)?.to_string();
-        // One partition, with room for a run's retries, for every control-plane client.
-        let partition = || {
-            aws_sdk_ec2::config::retry::RetryPartition::custom("amibake-control")
-                .token_bucket(
-                    aws_sdk_ec2::config::retry::TokenBucket::builder()
-                        .capacity(RETRY_QUOTA)
-                        .build(),
-                )
-                .build()
-        };
+        // One partition, and one quota with room for a run's retries, for the control-plane
+        // clients.
+        let partition = aws_sdk_ec2::config::retry::RetryPartition::custom("amibake-control")
+            .token_bucket(
+                aws_sdk_ec2::config::retry::TokenBucket::builder()
+                    .capacity(RETRY_QUOTA)
+                    .build(),
+            )
+            .build();
         Ok(Clients {
             ec2: aws_sdk_ec2::Client::from_conf(
                 aws_sdk_ec2::config::Builder::from(config)
-                    .retry_partition(partition())
+                    .retry_partition(partition.clone())
                     .build(),
             ),
             ssm: aws_sdk_ssm::Client::from_conf(
                 aws_sdk_ssm::config::Builder::from(config)
-                    .retry_partition(partition())
+                    .retry_partition(partition)
                     .build(),
             ),
             kms: aws_sdk_kms::Client::new(config),
