@@ -28,9 +28,9 @@ pub const STATE_FINISHED: &str = "finished";
 /// `private` (root in the image was nobody on the build host) or `compat` (it was root,
 /// held by the sandbox's other walls): how the image's provisioners were confined.
 pub const TAG_SANDBOX: &str = "amibake:sandbox";
-/// The channel (SSM parameter) the template publishes the image to, set when it is made: so
-/// `prune` knows every channel whose versions and labels may name an image, even when it is
-/// not told them.
+/// The channels (SSM parameters, space-separated) the image is published to: the template's
+/// when it is made, and each one `promote` puts it in. So `prune` knows every channel whose
+/// versions and labels may name an image, even when it is not told them.
 pub const TAG_CHANNEL: &str = "amibake:channel";
 pub const TAG_TESTED: &str = "amibake:tested";
 pub const TESTED_PASSED: &str = "passed";

@@ -11,6 +11,8 @@ use util::tarballs::{gzip, tarball};
 use util::Run;
 
 const CHANNEL: &str = "/amibake/shop/deploy";
+/// A channel images reach only by `promote`.
+const PROMOTED: &str = "/amibake/shop/live";
 
 fn amibake(cloud: &LocalCloud, dir: &Path, args: &[&str]) -> Run {
     cloud.run_amibake(dir, args)
@@ -419,6 +421,13 @@ fn prune_by_name_prefix_alone_removes_only_what_nothing_anywhere_uses() {
         &["promote", CHANNEL, &ami(2), "--label", "prod"],
     )
     .expect_code(0);
+    // Promoted into a channel of its own, which no template names: the image says so.
+    amibake(
+        &cloud,
+        dir,
+        &["promote", PROMOTED, &ami(1), "--label", "live"],
+    )
+    .expect_code(0);
 
     let prune = ["prune", "--name-prefix", "shop-", "--keep", "1"];
     let calls_before = cloud.calls().len();
@@ -429,7 +438,11 @@ fn prune_by_name_prefix_alone_removes_only_what_nothing_anywhere_uses() {
         Vec::<String>::new()
     );
     let judged: serde_json::Value = serde_json::from_str(dry.stdout().trim()).unwrap();
-    assert_eq!(judged["channels"], serde_json::json!([CHANNEL]), "{judged}");
+    assert_eq!(
+        judged["channels"],
+        serde_json::json!([CHANNEL, PROMOTED]),
+        "{judged}"
+    );
     let images = judged["images"].as_array().unwrap();
     let reasons = |n: usize| -> String {
         let image = images
@@ -440,6 +453,7 @@ fn prune_by_name_prefix_alone_removes_only_what_nothing_anywhere_uses() {
     };
     for (n, why) in [
         (1, "version 1 of launch template shop-asg"),
+        (1, "label `live` of /amibake/shop/live (version 1)"),
         (2, "label `prod` of /amibake/shop/deploy (version 2)"),
         (3, "used by ec2:Instance"),
         (5, "shared with account 111122223333"),

@@ -1,11 +1,14 @@
 //! Finding an AMI from a template's reference, and reading what a new image must copy from it.
 
 use aws_sdk_ec2::types::{
-    ArchitectureValues, BlockDeviceMapping, BootModeValues, Image, ImageState, VirtualizationType,
+    ArchitectureValues, BlockDeviceMapping, BootModeValues, Image, ImageState, Tag,
+    VirtualizationType,
 };
 
 use super::{AwsError, Clients};
-use crate::artifact::{STATE_BUILDING, TAG_FINGERPRINT, TAG_STATE, TAG_TESTED, TESTED_PASSED};
+use crate::artifact::{
+    STATE_BUILDING, TAG_CHANNEL, TAG_FINGERPRINT, TAG_STATE, TAG_TESTED, TESTED_PASSED,
+};
 use crate::template::{AmiFilter, AmiRef, SsmSelector};
 
 /// A base AMI as `bake` needs it: where its root is, and everything RegisterImage must copy.
@@ -198,6 +201,50 @@ pub struct EarlierBuild {
 
 /// An available image of this account carrying `fingerprint`. How both modes find an
 /// identical earlier build to reuse.
+/// Adds `channel` to the channels `image_id`'s `amibake:channel` tag names (space-separated),
+/// so `prune` reads that channel's versions and labels too. A value past EC2's 256
+/// characters is left as it is: the channel's current version still holds the image
+/// through DescribeImageReferences.
+pub async fn add_channel_tag(
+    clients: &Clients,
+    image_id: &str,
+    channel: &str,
+) -> Result<(), AwsError> {
+    let described = clients
+        .ec2
+        .describe_images()
+        .image_ids(image_id)
+        .send()
+        .await
+        .map_err(|e| AwsError::new(format!("describe {image_id}"), &e))?;
+    let now = described
+        .images()
+        .iter()
+        .flat_map(|i| i.tags())
+        .find(|t| t.key() == Some(TAG_CHANNEL))
+        .and_then(|t| t.value())
+        .unwrap_or_default();
+    let mut channels: Vec<&str> = now.split_whitespace().collect();
+    if channels.contains(&channel) {
+        return Ok(());
+    }
+    channels.push(channel);
+    channels.sort();
+    let value = channels.join(" ");
+    if value.len() > 256 {
+        return Ok(());
+    }
+    clients
+        .ec2
+        .create_tags()
+        .resources(image_id)
+        .tags(Tag::builder().key(TAG_CHANNEL).value(value).build())
+        .send()
+        .await
+        .map_err(|e| AwsError::new(format!("tag {image_id} with channel {channel}"), &e))?;
+    Ok(())
+}
+
 pub async fn find_by_fingerprint(
     clients: &Clients,
     fingerprint: &str,

@@ -3,7 +3,7 @@
 use tokio_util::sync::CancellationToken;
 
 use super::channel::{self, ChannelError, Point};
-use crate::aws::{ssm, AwsOptions};
+use crate::aws::{ami, ssm, AwsOptions};
 
 /// What a channel named before a change and names after it.
 #[derive(Debug, serde::Serialize)]
@@ -68,6 +68,8 @@ pub async fn promote(
     if let Some(current) = current.filter(|c| c.value == image) {
         return Ok(moved(Point::of(current), false));
     }
+    // Before the channel moves: an image a channel names always says so, for `prune`.
+    ami::add_channel_tag(&clients, image, parameter).await?;
     let holding = history.iter().rev().find(|v| v.value == image);
     let version = match (label, holding) {
         (Some(_), Some(existing)) => existing.version,

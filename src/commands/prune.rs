@@ -288,7 +288,8 @@ pub async fn prune(options: &PruneOptions) -> Result<Pruned, PruneError> {
         i.tags()
             .iter()
             .filter(|t| t.key() == Some(TAG_CHANNEL))
-            .filter_map(|t| t.value().map(str::to_string))
+            .filter_map(|t| t.value())
+            .flat_map(|v| v.split_whitespace().map(str::to_string))
     }));
     channels.sort();
     channels.dedup();
