@@ -69,6 +69,20 @@ fn shop_bakes(cloud: &LocalCloud, dir: &Path, count: usize) -> (String, Vec<(Str
     (vendor, baked)
 }
 
+/// An instance of `image`, which uses it as long as it is not terminated.
+async fn launch(clients: &amibake::aws::Clients, image: &str) {
+    clients
+        .ec2
+        .run_instances()
+        .image_id(image)
+        .instance_type(aws_sdk_ec2::types::InstanceType::T3Small)
+        .min_count(1)
+        .max_count(1)
+        .send()
+        .await
+        .unwrap();
+}
+
 /// The mutating calls in a stretch of the call log: anything but reads.
 fn mutating(calls: &[serde_json::Value]) -> Vec<String> {
     calls
@@ -129,16 +143,7 @@ fn prune_keeps_what_is_used_and_the_newest_and_removes_the_rest_with_their_snaps
             .send()
             .await
             .unwrap();
-        clients
-            .ec2
-            .run_instances()
-            .image_id(ami(5))
-            .instance_type(aws_sdk_ec2::types::InstanceType::T3Small)
-            .min_count(1)
-            .max_count(1)
-            .send()
-            .await
-            .unwrap();
+        launch(&clients, &ami(5)).await;
     });
     amibake(
         &cloud,
@@ -388,16 +393,7 @@ fn prune_by_name_prefix_alone_removes_only_what_nothing_anywhere_uses() {
             .send()
             .await
             .unwrap();
-        clients
-            .ec2
-            .run_instances()
-            .image_id(ami(3))
-            .instance_type(aws_sdk_ec2::types::InstanceType::T3Small)
-            .min_count(1)
-            .max_count(1)
-            .send()
-            .await
-            .unwrap();
+        launch(&clients, &ami(3)).await;
         clients
             .ec2
             .modify_image_attribute()
