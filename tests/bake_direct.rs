@@ -137,6 +137,17 @@ impl Story {
         })
     }
 
+    /// Removes the image a successful `run` made, with its snapshots.
+    fn take_back(&self, run: &Run) {
+        let ami = manifest(run)["ami_id"].as_str().unwrap().to_string();
+        self.runtime
+            .block_on(amibake::aws::resources::deregister_image_and_snapshots(
+                self.clients.clone(),
+                ami,
+            ))
+            .unwrap();
+    }
+
     fn snapshot(&self, id: &str) -> serde_json::Value {
         self.cloud.ls()["snapshots"]
             .as_array()
@@ -709,14 +720,7 @@ fn direct_failures_leave_nothing_and_throttling_is_ridden_out() {
         .cli(&["fault", "GetSnapshotBlock", "--corrupt", "--after", "3"]);
     let run = story.bake("owned.toml", &["--commit", "damaged1"]);
     run.expect_code(0);
-    let ami = manifest(&run)["ami_id"].as_str().unwrap().to_string();
-    story
-        .runtime
-        .block_on(amibake::aws::resources::deregister_image_and_snapshots(
-            story.clients.clone(),
-            ami,
-        ))
-        .unwrap();
+    story.take_back(&run);
     let _ = std::fs::remove_dir_all(story.cache());
     let (snapshots, images) = (story.snapshot_ids(), story.image_ids());
     story.cloud.cli(&[
@@ -784,14 +788,7 @@ fn direct_failures_leave_nothing_and_throttling_is_ridden_out() {
             "{action}: {}",
             run.dump()
         );
-        let ami = manifest(&run)["ami_id"].as_str().unwrap().to_string();
-        story
-            .runtime
-            .block_on(amibake::aws::resources::deregister_image_and_snapshots(
-                story.clients.clone(),
-                ami,
-            ))
-            .unwrap();
+        story.take_back(&run);
         assert_eq!(story.snapshot_ids(), snapshots, "{action}");
     }
 

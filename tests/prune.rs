@@ -83,6 +83,28 @@ async fn launch(clients: &amibake::aws::Clients, image: &str) {
         .unwrap();
 }
 
+/// The account's images and every snapshot of the cloud, by id.
+fn what_is_left(
+    cloud: &LocalCloud,
+    runtime: &tokio::runtime::Runtime,
+    clients: &amibake::aws::Clients,
+) -> (BTreeSet<String>, BTreeSet<String>) {
+    let images = runtime
+        .block_on(clients.ec2.describe_images().owners("self").send())
+        .unwrap()
+        .images()
+        .iter()
+        .map(|i| i.image_id().unwrap().to_string())
+        .collect();
+    let snapshots = cloud.ls()["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap().to_string())
+        .collect();
+    (images, snapshots)
+}
+
 /// The mutating calls in a stretch of the call log: anything but reads.
 fn mutating(calls: &[serde_json::Value]) -> Vec<String> {
     calls
@@ -252,20 +274,7 @@ fn prune_keeps_what_is_used_and_the_newest_and_removes_the_rest_with_their_snaps
         &["prune", "shop.toml", "--keep", "2", "--apply"],
     );
     applied.expect_code(0);
-    let listing = cloud.ls();
-    let snapshots: BTreeSet<String> = listing["snapshots"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["id"].as_str().unwrap().to_string())
-        .collect();
-    let images: BTreeSet<String> = runtime
-        .block_on(clients.ec2.describe_images().owners("self").send())
-        .unwrap()
-        .images()
-        .iter()
-        .map(|i| i.image_id().unwrap().to_string())
-        .collect();
+    let (images, snapshots) = what_is_left(&cloud, &runtime, &clients);
     assert!(images.contains(&other) && images.contains(&base_like));
     for (n, (image, snapshot)) in baked.iter().enumerate() {
         let stays = kept.contains(image);
@@ -477,19 +486,7 @@ fn prune_by_name_prefix_alone_removes_only_what_nothing_anywhere_uses() {
 
     let applied = amibake(&cloud, dir, &[&prune[..], &["--apply"]].concat());
     applied.expect_code(0);
-    let snapshots: BTreeSet<String> = cloud.ls()["snapshots"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["id"].as_str().unwrap().to_string())
-        .collect();
-    let left: BTreeSet<String> = runtime
-        .block_on(clients.ec2.describe_images().owners("self").send())
-        .unwrap()
-        .images()
-        .iter()
-        .map(|i| i.image_id().unwrap().to_string())
-        .collect();
+    let (left, snapshots) = what_is_left(&cloud, &runtime, &clients);
     for (n, (image, snapshot)) in baked.iter().enumerate() {
         let stays = n + 1 != 4;
         assert_eq!(left.contains(image), stays, "image {} ({image})", n + 1);
