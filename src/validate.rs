@@ -1,17 +1,19 @@
 //! `amibake validate`: check templates without calling AWS.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::template::{self, LoadOptions, TemplateError};
+use crate::template::{self, LoadOptions, TemplateError, VariableInputs};
 
 #[derive(Debug, Serialize)]
 pub struct Checked {
     pub template: PathBuf,
     pub sections: Vec<&'static str>,
     pub errors: Vec<String>,
+    /// `--syntax-only`: what a run must have that the check did without, as `env.NAME`
+    /// (an environment variable) or `var.NAME` (a variable without a value).
+    pub needed_at_run_time: Vec<String>,
 }
 
 impl Checked {
@@ -21,10 +23,15 @@ impl Checked {
 }
 
 /// Checks one template with stand-in values for what only a run knows (commit, time).
-pub fn check(path: &Path, vars: &BTreeMap<String, String>) -> Checked {
-    let options = LoadOptions::for_validation(vars.clone());
+/// `secret_free`: without the environment's secrets (see `LoadOptions::secret_free`).
+pub fn check(path: &Path, variables: &VariableInputs, secret_free: bool) -> Checked {
+    let options = LoadOptions {
+        secret_free,
+        ..LoadOptions::for_validation(variables.clone())
+    };
     match template::load(path, &options) {
         Ok(t) => Checked {
+            needed_at_run_time: t.needed_at_run_time.clone(),
             template: path.to_path_buf(),
             sections: [
                 t.base.as_ref().map(|_| "base"),
@@ -39,11 +46,13 @@ pub fn check(path: &Path, vars: &BTreeMap<String, String>) -> Checked {
             template: path.to_path_buf(),
             sections: Vec::new(),
             errors: errors.0.iter().map(ToString::to_string).collect(),
+            needed_at_run_time: Vec::new(),
         },
         Err(e @ TemplateError::Read { .. }) => Checked {
             template: path.to_path_buf(),
             sections: Vec::new(),
             errors: vec![e.to_string()],
+            needed_at_run_time: Vec::new(),
         },
     }
 }

@@ -30,9 +30,6 @@ inline = ["${var.command}"]
 
 fn bake_command(cloud: &LocalCloud, dir: &Path, tarball: &str, vars: &[&str]) -> Command {
     let mut command = cloud.amibake(dir);
-    for var in vars {
-        command.args(["--var", var]);
-    }
     command.args([
         "bake",
         "failures.toml",
@@ -42,6 +39,9 @@ fn bake_command(cloud: &LocalCloud, dir: &Path, tarball: &str, vars: &[&str]) ->
         "fa11ed1",
         "--force",
     ]);
+    for var in vars {
+        command.args(["--var", var]);
+    }
     command
 }
 
@@ -533,4 +533,105 @@ fn clean_volumes_by_hand(cloud: &LocalCloud) {
                 .unwrap();
         }
     });
+}
+
+/// Variables from the environment, a variables file and the command line, in that order of
+/// strength; a sensitive one reaches the provisioner and appears in nothing the failing
+/// bake prints: not its progress, not the command's own output, not the error, not the
+/// manifest file.
+#[test]
+fn variables_come_from_env_files_and_flags_and_a_sensitive_one_is_never_printed() {
+    const SECRET: &str = "tok-5ens1tive-9f3c";
+    let cloud = LocalCloud::start("quick");
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    std::fs::write(
+        dir.join("vars.toml"),
+        r#"[variables]
+token = { sensitive = true, description = "the deploy token" }
+where = "from-default"
+stop = "false"
+
+[bake]
+name = "vars-${commit}-${timestamp}"
+base_ami = "resolve:ssm:/aws/service/debian/release/12/latest/amd64"
+dest = "/srv/app"
+
+[[bake.pre]]
+command = ["echo", "where=${var.where}"]
+
+[[bake.pre]]
+command = ["${var.stop}"]
+
+[[bake.provisioner]]
+env = { TOKEN = "${var.token}" }
+inline = ["echo \"the token is $TOKEN\"", "echo token ${var.token} >&2; exit 3"]
+"#,
+    )
+    .unwrap();
+    std::fs::write(dir.join("ci.vars.toml"), "where = \"from-file\"\n").unwrap();
+    std::fs::write(
+        dir.join("app.tar.gz"),
+        gzip(&tarball(|b| {
+            append_raw(b, EntryType::Regular, "index.php", None, b"<?php\n")
+        })),
+    )
+    .unwrap();
+    let bake_with = |flags: &[&str]| {
+        let mut command = cloud.amibake(dir);
+        command
+            .args([
+                "bake",
+                "vars.toml",
+                "--tarball",
+                "app.tar.gz",
+                "--commit",
+                "fa11ed2",
+            ])
+            .args(["--force", "--manifest", "manifest.json"])
+            .args(flags)
+            .env("AMIBAKE_VAR_token", SECRET)
+            .env("AMIBAKE_VAR_where", "from-env");
+        Run {
+            command: format!("amibake bake vars.toml {flags:?}"),
+            output: command.output().unwrap(),
+        }
+    };
+
+    // The second pre command is `false` unless told otherwise: these end before AWS.
+    for (flags, expected) in [
+        (&[][..], "where=from-env"),
+        (&["--var-file", "ci.vars.toml"][..], "where=from-file"),
+        (
+            &["--var-file", "ci.vars.toml", "--var", "where=from-flag"][..],
+            "where=from-flag",
+        ),
+    ] {
+        let stopped = bake_with(flags);
+        stopped.expect_code(1);
+        assert!(
+            stopped.stderr().contains(expected),
+            "{expected}\n{}",
+            stopped.dump()
+        );
+    }
+
+    let failed = bake_with(&["--var", "stop=true"]);
+    failed.expect_code(1);
+    let everything = format!("{}{}", failed.stdout(), failed.stderr());
+    assert!(!everything.contains(SECRET), "{}", failed.dump());
+    assert!(
+        everything.contains("the token is ***"),
+        "the command ran with the token, its line masked\n{}",
+        failed.dump()
+    );
+    assert!(
+        error_line(&failed).contains("***"),
+        "the error quotes the command, masked\n{}",
+        failed.dump()
+    );
+    if let Ok(manifest) = std::fs::read_to_string(dir.join("manifest.json")) {
+        assert!(!manifest.contains(SECRET), "{manifest}");
+    }
+    assert_clean(&cloud, &failed);
 }

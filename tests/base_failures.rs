@@ -37,13 +37,13 @@ name = "check"
 inline = ["${var.check}"]
 "#;
 
-/// `amibake --output json --var VAR=VALUE… base TEMPLATE --force`
+/// `amibake --output json base TEMPLATE --force --var VAR=VALUE…`
 fn base_command(cloud: &LocalCloud, dir: &Path, template: &str, vars: &[&str]) -> Command {
     let mut command = cloud.amibake(dir);
+    command.args(["base", template, "--force"]);
     for var in vars {
         command.args(["--var", var]);
     }
-    command.args(["base", template, "--force"]);
     command
 }
 

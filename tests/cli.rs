@@ -147,23 +147,138 @@ fn variables_can_be_overridden_but_not_invented() {
     );
 }
 
+/// An unset `${env.X}` fails the normal check and passes `--syntax-only`, which says a run
+/// needs it; so does a variable that has no value. A value the sample breaks (an account
+/// id from the environment) is not held against the template.
 #[test]
-fn environment_references_must_be_set() {
+fn environment_references_must_be_set_unless_the_check_is_secret_free() {
     let tmp = tempfile::tempdir().unwrap();
     std::fs::write(
         tmp.path().join("t.toml"),
-        "[bake]\nname = \"app-${env.AMIBAKE_TEST_UNSET_VAR}\"\nbase_ami = \"ami-0123456789abcdef0\"\ndest = \"/srv/app\"\n",
+        "[variables]\ntoken = { sensitive = true }\n\n\
+         [bake]\nname = \"app-${env.AMIBAKE_TEST_UNSET_VAR}\"\nbase_ami = \"ami-0123456789abcdef0\"\n\
+         dest = \"/srv/app\"\nshare_with_accounts = [\"${env.AMIBAKE_TEST_UNSET_ACCOUNT}\"]\n\n\
+         [[bake.provisioner]]\nenv = { TOKEN = \"${var.token}\" }\ninline = [\"true\"]\n",
     )
     .unwrap();
     let run = amibake_in(tmp.path(), &["validate", "t.toml"]);
     run.expect_code(2);
-    assert!(
-        run.stderr().contains(
-            "t.toml:2:8: bake.name: environment variable `AMIBAKE_TEST_UNSET_VAR` is not set"
-        ),
+    let stderr = run.stderr();
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("error: "))
+        .collect();
+    assert_eq!(
+        errors,
+        [
+            "error: t.toml:2:9: variables.token: `token` has no default and no value: set it with --var token=…, a --var-file, or AMIBAKE_VAR_token in the environment",
+            "error: t.toml:5:8: bake.name: environment variable `AMIBAKE_TEST_UNSET_VAR` is not set (used as ${env.AMIBAKE_TEST_UNSET_VAR}); `validate --syntax-only` checks a template without it",
+            "error: t.toml:8:24: bake.share_with_accounts[0]: environment variable `AMIBAKE_TEST_UNSET_ACCOUNT` is not set (used as ${env.AMIBAKE_TEST_UNSET_ACCOUNT}); `validate --syntax-only` checks a template without it",
+        ],
         "{}",
         run.dump()
     );
+
+    let lint = amibake_in(tmp.path(), &["validate", "--syntax-only", "t.toml"]);
+    lint.expect_code(0);
+    assert_eq!(
+        lint.stdout(),
+        "t.toml: valid ([bake])\nt.toml: a run needs the environment variable AMIBAKE_TEST_UNSET_ACCOUNT, the environment variable AMIBAKE_TEST_UNSET_VAR, a value for the variable `token`\n",
+        "{}",
+        lint.dump()
+    );
+    let json = amibake_in(
+        tmp.path(),
+        &["--output", "json", "validate", "--syntax-only", "t.toml"],
+    );
+    let checked: serde_json::Value = serde_json::from_str(json.stdout().trim()).unwrap();
+    assert_eq!(
+        checked["needed_at_run_time"],
+        serde_json::json!([
+            "env.AMIBAKE_TEST_UNSET_ACCOUNT",
+            "env.AMIBAKE_TEST_UNSET_VAR",
+            "var.token"
+        ])
+    );
+
+    // Still a check: what is wrong whatever the secrets are is refused.
+    std::fs::write(
+        tmp.path().join("bad.toml"),
+        "[bake]\nname = \"app-${env.AMIBAKE_TEST_UNSET_VAR}\"\nbase_ami = \"ami-0123456789abcdef0\"\ndest = \"srv/app\"\n",
+    )
+    .unwrap();
+    let bad = amibake_in(tmp.path(), &["validate", "--syntax-only", "bad.toml"]);
+    bad.expect_code(2);
+    assert!(
+        bad.stderr().contains("bad.toml:4:8: bake.dest:"),
+        "{}",
+        bad.dump()
+    );
+}
+
+/// `--var-file` and `AMIBAKE_VAR_<name>` set declared variables; a file's undeclared key is
+/// named with its file, line and column; a sensitive variable may not name or tag an image,
+/// where AWS shows it to everyone who can list images.
+#[test]
+fn variables_files_and_the_environment_set_variables_and_sensitive_ones_stay_out_of_names() {
+    let tmp = tempfile::tempdir().unwrap();
+    let template = "[variables]\napp = { description = \"the application\" }\n\
+                    token = { default = \"t0ken-default\", sensitive = true }\n\n\
+                    [bake]\nname = \"${var.app}-${commit}\"\nbase_ami = \"ami-0123456789abcdef0\"\ndest = \"/srv/app\"\n";
+    std::fs::write(tmp.path().join("t.toml"), template).unwrap();
+    std::fs::write(tmp.path().join("ok.toml"), "app = \"shop\"\n").unwrap();
+    std::fs::write(
+        tmp.path().join("typo.toml"),
+        "app = \"shop\"\ntokn = \"x\"\n",
+    )
+    .unwrap();
+
+    let unset = amibake_in(tmp.path(), &["validate", "t.toml"]);
+    unset.expect_code(2);
+    assert!(
+        unset.stderr().contains(
+            "t.toml:2:7: variables.app: `app` (the application) has no default and no value"
+        ),
+        "{}",
+        unset.dump()
+    );
+    amibake_in(tmp.path(), &["validate", "t.toml", "--var-file", "ok.toml"]).expect_code(0);
+    let from_env = std::process::Command::new(env!("CARGO_BIN_EXE_amibake"))
+        .current_dir(tmp.path())
+        .args(["validate", "t.toml"])
+        .env("AMIBAKE_VAR_app", "shop")
+        .env("AMIBAKE_VAR_not_declared_here", "ignored")
+        .status()
+        .unwrap();
+    assert!(from_env.success(), "AMIBAKE_VAR_app sets `app`");
+
+    let typo = amibake_in(
+        tmp.path(),
+        &["validate", "t.toml", "--var-file", "typo.toml"],
+    );
+    typo.expect_code(2);
+    assert!(
+        typo.stderr().contains(
+            "error: typo.toml:2:8: tokn: `tokn` is not declared under [variables] in t.toml; did you mean `token`?"
+        ),
+        "{}",
+        typo.dump()
+    );
+
+    std::fs::write(
+        tmp.path().join("leak.toml"),
+        template.replace("${var.app}-${commit}", "${var.app}-${var.token}"),
+    )
+    .unwrap();
+    let leak = amibake_in(tmp.path(), &["validate", "leak.toml", "--var", "app=shop"]);
+    leak.expect_code(2);
+    assert!(
+        leak.stderr()
+            .contains("leak.toml:6:8: bake.name: `${var.token}` is sensitive"),
+        "{}",
+        leak.dump()
+    );
+    assert!(!leak.stderr().contains("t0ken-default"), "{}", leak.dump());
 }
 
 #[test]
@@ -196,6 +311,9 @@ fn usage_errors_exit_2() {
     amibake(&["bake", "templates/shop.toml"]).expect_code(2); // --tarball is required
     amibake(&["frobnicate"]).expect_code(2);
     amibake(&["--output", "yaml", "validate", "templates/shop.toml"]).expect_code(2);
+    // A flag a command would ignore is refused: validate calls no AWS, gc reads no template.
+    amibake(&["validate", "--region", "eu-west-1", "templates/shop.toml"]).expect_code(2);
+    amibake(&["gc", "--var", "app=shop"]).expect_code(2);
     let run = amibake(&["bake", "templates/shop.toml", "--tarball", "no-such.tar.gz"]);
     run.expect_code(2);
     assert!(
@@ -463,7 +581,7 @@ fn ci_examples_use_real_commands_flags_and_templates() {
             let mut rest = words[1..].iter();
             let mut command = None;
             while let Some(word) = rest.next() {
-                if ["--output", "--var", "--region", "--profile"].contains(word) {
+                if word == &"--output" {
                     rest.next();
                 } else if !word.starts_with('-') {
                     command = Some(*word);

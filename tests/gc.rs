@@ -407,10 +407,10 @@ fn gc_removes_what_killed_runs_left_and_spares_a_live_one() {
     ];
     world.kill_each_step("a base build", &base_steps, |sleeps| {
         let mut command = world.amibake();
+        command.args(["base", "base.toml", "--force"]);
         if sleeps {
             command.args(["--var", "command=echo sleeping; sleep 600"]);
         }
-        command.args(["base", "base.toml", "--force"]);
         command
     });
 

@@ -235,7 +235,7 @@ fn the_direct_policy_allows_exactly_what_a_tested_delivering_direct_bake_calls()
                 .run_amibake(
                     dir,
                     &[
-                        "--var", &own, "bake", "t.toml", "--tarball", "app.tar.gz", "--commit",
+                        "bake", "t.toml", "--var", &own, "--tarball", "app.tar.gz", "--commit",
                         "c0ffee2", "--backend", "direct", "--cache-dir", "cache", "--force",
                     ],
                 )

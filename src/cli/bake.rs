@@ -81,7 +81,7 @@ pub async fn run(args: BakeArgs, global: &GlobalArgs) -> i32 {
         template: args.template,
         tarball: args.tarball,
         commit: args.commit,
-        common: global.common(&args.build),
+        common: args.build.common(),
         amibake_exe,
         backend: args.backend.into(),
         cache_dir: args.cache.cache_dir,

@@ -19,7 +19,7 @@ pub struct BaseArgs {
 pub async fn run(args: BaseArgs, global: &GlobalArgs) -> i32 {
     let options = base::BaseOptions {
         template: args.template,
-        common: global.common(&args.build),
+        common: args.build.common(),
     };
     report::run_build(global, args.build.manifest.as_deref(), |sink, cancel| {
         base::run(&options, sink, cancel)

@@ -7,7 +7,7 @@ use amibake::commands::gc::{self, GcOptions};
 use amibake::exit;
 
 use super::cache::CacheDirArg;
-use super::{parse_age, report, GlobalArgs};
+use super::{parse_age, report, AwsArgs, GlobalArgs};
 
 /// A run that started longer ago than this is surely over, wherever it ran.
 const DEFAULT_OLDER_THAN: &str = "3h";
@@ -27,11 +27,13 @@ pub struct GcArgs {
     pub all_regions: bool,
     #[command(flatten)]
     pub cache: CacheDirArg,
+    #[command(flatten)]
+    pub aws: AwsArgs,
 }
 
 pub async fn run(args: GcArgs, global: &GlobalArgs) -> i32 {
     let options = GcOptions {
-        aws: global.aws(),
+        aws: args.aws.options(),
         older_than: args.older_than,
         apply: args.apply,
         all_regions: args.all_regions,

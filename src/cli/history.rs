@@ -5,7 +5,7 @@ use clap::Args;
 use amibake::commands::history;
 use amibake::exit;
 
-use super::{report, GlobalArgs};
+use super::{report, AwsArgs, GlobalArgs};
 
 #[derive(Debug, Args)]
 pub struct HistoryArgs {
@@ -14,10 +14,12 @@ pub struct HistoryArgs {
     /// Show only the newest N versions.
     #[arg(long, value_name = "N")]
     pub limit: Option<usize>,
+    #[command(flatten)]
+    pub aws: AwsArgs,
 }
 
 pub async fn run(args: HistoryArgs, global: &GlobalArgs) -> i32 {
-    match history::history(&global.aws(), &args.parameter, args.limit).await {
+    match history::history(&args.aws.options(), &args.parameter, args.limit).await {
         Ok(found) => {
             let json = serde_json::to_value(&found).expect("plain data serializes");
             report::listing(global.output, &json, &found.lines());

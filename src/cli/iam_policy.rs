@@ -8,7 +8,7 @@ use amibake::commands::iam_policy::{self, Backend, Mode};
 use amibake::exit;
 use amibake::template::{self, LoadOptions};
 
-use super::{report, GlobalArgs};
+use super::{report, VarArgs};
 
 #[derive(Debug, Args)]
 pub struct IamPolicyArgs {
@@ -20,6 +20,8 @@ pub struct IamPolicyArgs {
     /// The bake backend to allow. Default: both.
     #[arg(long, value_enum)]
     pub backend: Option<BackendArg>,
+    #[command(flatten)]
+    pub vars: VarArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -34,8 +36,8 @@ pub enum BackendArg {
     Direct,
 }
 
-pub fn run(args: IamPolicyArgs, global: &GlobalArgs) -> i32 {
-    let options = LoadOptions::for_validation(global.var_map());
+pub fn run(args: IamPolicyArgs) -> i32 {
+    let options = LoadOptions::for_validation(args.vars.inputs());
     let template = match template::load(&args.template, &options) {
         Ok(t) => t,
         Err(e) => return report::failure(&e, exit::USAGE),

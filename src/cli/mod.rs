@@ -16,12 +16,11 @@ mod report;
 pub mod rollback;
 pub mod validate;
 
-use std::collections::BTreeMap;
-
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use amibake::aws::AwsOptions;
 use amibake::modes::CommonOptions;
+use amibake::template::VariableInputs;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -38,17 +37,9 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// The flags every command takes: how it speaks.
 #[derive(Debug, Args)]
 pub struct GlobalArgs {
-    /// AWS region; default: AWS_REGION, the profile, or the instance's own region.
-    #[arg(long, global = true)]
-    pub region: Option<String>,
-    /// Named profile from the AWS config files.
-    #[arg(long, global = true)]
-    pub profile: Option<String>,
-    /// Set a template variable declared under [variables] (repeatable).
-    #[arg(long = "var", value_name = "KEY=VALUE", global = true, value_parser = parse_var)]
-    pub vars: Vec<(String, String)>,
     /// How to report progress and results: for people, or JSON lines for programs.
     #[arg(long, value_enum, default_value_t = OutputFormat::Human, global = true)]
     pub output: OutputFormat,
@@ -57,9 +48,58 @@ pub struct GlobalArgs {
     pub verbose: bool,
 }
 
+/// Where a command that calls AWS calls it.
+#[derive(Debug, Args)]
+pub struct AwsArgs {
+    /// AWS region; default: AWS_REGION, the profile, or the instance's own region.
+    #[arg(long)]
+    pub region: Option<String>,
+    /// Named profile from the AWS config files.
+    #[arg(long)]
+    pub profile: Option<String>,
+}
+
+impl AwsArgs {
+    pub fn options(&self) -> AwsOptions {
+        AwsOptions {
+            region: self.region.clone(),
+            profile: self.profile.clone(),
+        }
+    }
+}
+
+/// The values of a template's `[variables]`, for the commands that read a template.
+/// Weakest first: the declaration's default, AMIBAKE_VAR_<name>, each --var-file, each --var.
+#[derive(Debug, Args)]
+pub struct VarArgs {
+    /// Set a variable declared under [variables] (repeatable; wins over --var-file and
+    /// AMIBAKE_VAR_<name>). A secret here shows in the process list: prefer a file or
+    /// the environment.
+    #[arg(long = "var", value_name = "NAME=VALUE", value_parser = parse_var)]
+    pub vars: Vec<(String, String)>,
+    /// Set variables from a TOML file of `name = "value"` lines (repeatable; a later file
+    /// wins).
+    #[arg(long = "var-file", value_name = "FILE")]
+    pub var_files: Vec<std::path::PathBuf>,
+}
+
+impl VarArgs {
+    /// The flags' values and this process's AMIBAKE_VAR_<name> ones.
+    pub fn inputs(&self) -> VariableInputs {
+        VariableInputs::with_environment(
+            self.vars.iter().cloned().collect(),
+            self.var_files.clone(),
+        )
+    }
+}
+
 /// The flags `base` and `bake` share.
 #[derive(Debug, clap::Args)]
 pub struct BuildArgs {
+    #[command(flatten)]
+    pub vars: VarArgs,
+    #[command(flatten)]
+    pub aws: AwsArgs,
     /// Build even if an AMI with the same fingerprint exists.
     #[arg(long)]
     pub force: bool,
@@ -80,33 +120,22 @@ pub struct BuildArgs {
     pub ssh_cidrs: Vec<String>,
 }
 
-impl GlobalArgs {
-    /// What both build modes are told, from the global flags and the build's own.
-    pub fn common(&self, build: &BuildArgs) -> CommonOptions {
+impl BuildArgs {
+    /// What both build modes are told.
+    pub fn common(&self) -> CommonOptions {
         CommonOptions {
-            aws: self.aws(),
-            vars: self.var_map(),
-            force: build.force,
-            manifest: build.manifest.clone(),
-            variant: if build.destructive {
+            aws: self.aws.options(),
+            vars: self.vars.inputs(),
+            force: self.force,
+            manifest: self.manifest.clone(),
+            variant: if self.destructive {
                 amibake::template::Variant::Destructive
             } else {
                 amibake::template::Variant::Normal
             },
-            skip_tests: build.no_test,
-            ssh_cidrs: build.ssh_cidrs.clone(),
+            skip_tests: self.no_test,
+            ssh_cidrs: self.ssh_cidrs.clone(),
         }
-    }
-
-    pub fn aws(&self) -> AwsOptions {
-        AwsOptions {
-            region: self.region.clone(),
-            profile: self.profile.clone(),
-        }
-    }
-
-    pub fn var_map(&self) -> BTreeMap<String, String> {
-        self.vars.iter().cloned().collect()
     }
 }
 
@@ -176,14 +205,14 @@ pub async fn dispatch(cli: Cli) -> i32 {
     match cli.command {
         Command::Base(args) => base::run(args, global).await,
         Command::Bake(args) => bake::run(args, global).await,
-        Command::Validate(args) => validate::run(args, &global.var_map(), global.output),
+        Command::Validate(args) => validate::run(args, global.output),
         Command::Cache(command) => cache::run(command, global.output),
         Command::History(args) => history::run(args, global).await,
         Command::Promote(args) => promote::run(args, global).await,
         Command::Rollback(args) => rollback::run(args, global).await,
         Command::Prune(args) => prune::run(args, global).await,
         Command::Gc(args) => gc::run(args, global).await,
-        Command::IamPolicy(args) => iam_policy::run(args, global),
+        Command::IamPolicy(args) => iam_policy::run(args),
         Command::InternalExtract(_)
         | Command::InternalCheckTarball(_)
         | Command::InternalSandbox(_) => {

@@ -5,7 +5,7 @@ use clap::Args;
 use amibake::commands::promote;
 use amibake::exit;
 
-use super::{report, GlobalArgs};
+use super::{report, AwsArgs, GlobalArgs};
 
 #[derive(Debug, Args)]
 pub struct PromoteArgs {
@@ -17,11 +17,13 @@ pub struct PromoteArgs {
     /// of writing it as the newest version.
     #[arg(long, value_name = "LABEL")]
     pub label: Option<String>,
+    #[command(flatten)]
+    pub aws: AwsArgs,
 }
 
 pub async fn run(args: PromoteArgs, global: &GlobalArgs) -> i32 {
     let promoted = promote::promote(
-        &global.aws(),
+        &args.aws.options(),
         &args.parameter,
         &args.ami_id,
         args.label.as_deref(),

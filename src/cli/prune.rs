@@ -8,7 +8,7 @@ use clap::{ArgGroup, Args};
 use amibake::commands::prune::{self, PruneOptions, Removal, Selection};
 use amibake::exit;
 
-use super::{parse_age, report, GlobalArgs};
+use super::{parse_age, report, AwsArgs, GlobalArgs, VarArgs};
 
 #[derive(Debug, Args)]
 #[command(group(ArgGroup::new("images").required(true).args(["template", "name_prefix"])))]
@@ -43,13 +43,17 @@ pub struct PruneArgs {
     /// they are kept, since what those accounts launch cannot be seen from this one.
     #[arg(long)]
     pub include_shared: bool,
+    #[command(flatten)]
+    pub aws: AwsArgs,
+    #[command(flatten)]
+    pub vars: VarArgs,
 }
 
 pub async fn run(args: PruneArgs, global: &GlobalArgs) -> i32 {
     let selection = match (args.template, args.name_prefix) {
         (Some(path), _) => Selection::Template {
             path,
-            vars: global.var_map(),
+            vars: args.vars.inputs(),
         },
         (None, Some(prefix)) => Selection::NamePrefix {
             prefix,
@@ -58,7 +62,7 @@ pub async fn run(args: PruneArgs, global: &GlobalArgs) -> i32 {
         (None, None) => unreachable!("clap requires one of them"),
     };
     let options = PruneOptions {
-        aws: global.aws(),
+        aws: args.aws.options(),
         selection,
         keep: args.keep,
         older_than: args.older_than,

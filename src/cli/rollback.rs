@@ -5,7 +5,7 @@ use clap::Args;
 use amibake::commands::rollback::{self, Target};
 use amibake::exit;
 
-use super::{report, GlobalArgs};
+use super::{report, AwsArgs, GlobalArgs};
 
 #[derive(Debug, Args)]
 pub struct RollbackArgs {
@@ -20,6 +20,8 @@ pub struct RollbackArgs {
     /// Move this label back instead of writing a new version.
     #[arg(long, value_name = "LABEL")]
     pub label: Option<String>,
+    #[command(flatten)]
+    pub aws: AwsArgs,
 }
 
 pub async fn run(args: RollbackArgs, global: &GlobalArgs) -> i32 {
@@ -28,7 +30,7 @@ pub async fn run(args: RollbackArgs, global: &GlobalArgs) -> i32 {
         (None, steps) => Target::Steps(steps.unwrap_or(1) as usize),
     };
     let rolled = rollback::rollback(
-        &global.aws(),
+        &args.aws.options(),
         &args.parameter,
         target,
         args.label.as_deref(),

@@ -29,7 +29,7 @@ pub enum Selection {
     /// The images a template's sections name, and the channels they publish to.
     Template {
         path: PathBuf,
-        vars: BTreeMap<String, String>,
+        vars: template::VariableInputs,
     },
     /// Images whose name starts with this, and the channels given with it.
     NamePrefix {
@@ -233,10 +233,11 @@ fn scope(selection: &Selection) -> Result<(Vec<Group>, Vec<String>), PruneError>
             let loaded = template::load(
                 path,
                 &LoadOptions {
-                    var_overrides: vars.clone(),
+                    variables: vars.clone(),
                     commit: Commit::Known(MARK.into()),
                     timestamp: MARK.into(),
                     build_id: MARK.into(),
+                    secret_free: false,
                 },
             )?;
             let mut groups = Vec::new();

@@ -8,7 +8,6 @@ mod instance;
 mod stages;
 mod support;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -38,7 +37,7 @@ pub struct BuildResult<M> {
 #[derive(Debug, Clone, Default)]
 pub struct CommonOptions {
     pub aws: AwsOptions,
-    pub vars: BTreeMap<String, String>,
+    pub vars: crate::template::VariableInputs,
     /// Build even if an AMI with the same fingerprint exists.
     pub force: bool,
     pub manifest: Option<PathBuf>,
@@ -260,10 +259,11 @@ fn load_for_run(
     let timestamp = crate::run_id::timestamp_now();
     let build_id = crate::run_id::new_build_id(&timestamp);
     let options = LoadOptions {
-        var_overrides: common.vars.clone(),
+        variables: common.vars.clone(),
         commit,
         timestamp,
         build_id: build_id.clone(),
+        secret_free: false,
     };
     let mut template = template::load(path, &options)?;
     template.base = template.base.map(|p| p.for_variant(common.variant));

@@ -1,7 +1,7 @@
 //! Checks a parsed template against the rules AWS and amibake impose, resolving `${...}`
 //! references as it goes, and collects every problem with where it is.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -9,10 +9,11 @@ use std::time::Duration;
 use toml::Spanned;
 
 use super::diagnostic::{explain_unknown_field, nearest, Diagnostic, SourceMap, TemplateErrors};
-use super::interpolate::{interpolate, Commit, Context};
+use super::interpolate::{self, interpolate, Commit, Context, Secrets};
 use super::schema::{
-    BakeSection, BaseSection, ProvisionerEntry, SshInterface, StageEntry, TemplateFile,
+    BakeSection, BaseSection, ProvisionerEntry, SshInterface, StageEntry, TemplateFile, Variable,
 };
+use super::variables::{self, VariableInputs};
 use super::{
     AmiRef, BakePlan, BasePlan, Distribution, ExistingKeyPair, InstancePlan, LoadOptions, Network,
     Provisioner, ProvisionerAction, SandboxMode, SsmPublish, StageCommand, Template, Variant, When,
@@ -111,9 +112,12 @@ pub fn resolve(
             commit: options.commit.clone(),
             timestamp: options.timestamp.clone(),
             build_id: options.build_id.clone(),
+            unset_env: options.secret_free.then(Default::default),
         },
+        sensitive: BTreeSet::new(),
+        without_value: Vec::new(),
     };
-    checker.variables(&file.variables, &options.var_overrides);
+    checker.variables(&file.variables, &options.variables);
     if file.base.is_none() && file.bake.is_none() {
         checker.error(
             None,
@@ -142,11 +146,30 @@ pub fn resolve(
         }
     }
     if checker.errors.is_empty() {
+        let sensitive_values = checker
+            .sensitive
+            .iter()
+            .filter_map(|name| checker.ctx.vars.get(name).cloned());
+        let secrets = Secrets::default().with(sensitive_values);
+        let unset_env = checker
+            .ctx
+            .unset_env
+            .take()
+            .unwrap_or_default()
+            .into_inner();
+        let mut needed_at_run_time: Vec<String> = unset_env
+            .into_iter()
+            .map(|name| format!("env.{name}"))
+            .collect();
+        if options.secret_free {
+            needed_at_run_time.append(&mut checker.without_value);
+        }
         Ok(Template {
             path: path.to_path_buf(),
             base,
             bake,
-            secrets: Default::default(),
+            secrets,
+            needed_at_run_time,
         })
     } else {
         checker.errors.sort_by_key(|d| (d.line, d.column));
@@ -159,11 +182,42 @@ struct Checker<'a> {
     dir: PathBuf,
     ctx: Context,
     errors: Vec<Diagnostic>,
+    /// Variables declared `sensitive = true`.
+    sensitive: BTreeSet<String>,
+    /// Variables with no value, as `var.NAME`: a sample stands in for each.
+    without_value: Vec<String>,
 }
 
 impl Checker<'_> {
     fn error(&mut self, span: Option<Range<usize>>, key: &str, message: String) {
-        self.errors.push(self.map.at(span, key, message));
+        if span.as_ref().is_some_and(|s| self.takes_a_sample(s)) {
+            return;
+        }
+        let found = self.map.at(span, key, message);
+        // A value has one error: what follows from the first (a sample that is no account
+        // id) is noise.
+        if !self
+            .errors
+            .iter()
+            .any(|e| (e.line, e.column) == (found.line, found.column))
+        {
+            self.errors.push(found);
+        }
+    }
+
+    /// Whether the value at `span` takes something the check does not have (a variable
+    /// without a value, said once where it is declared; with `--syntax-only`, an unset
+    /// `${env.…}`), so a sample stood in for it and what the sample breaks says nothing
+    /// of the template.
+    fn takes_a_sample(&self, span: &Range<usize>) -> bool {
+        let unset_env = self.ctx.unset_env.as_ref().map(|u| u.borrow());
+        interpolate::references(self.map.slice(span.clone()))
+            .iter()
+            .any(|r| match r.split_once('.') {
+                Some(("var", _)) => self.without_value.contains(r),
+                Some(("env", name)) => unset_env.as_ref().is_some_and(|u| u.contains(name)),
+                _ => false,
+            })
     }
 
     /// Resolves `${...}` in a string value; on error, records it and returns the raw text.
@@ -181,22 +235,51 @@ impl Checker<'_> {
         value.as_ref().map(|v| self.text(key, v))
     }
 
+    /// Gives every declared variable its value, weakest source first (see `variables`),
+    /// and notes the sensitive ones.
     fn variables(
         &mut self,
-        declared: &BTreeMap<String, Spanned<String>>,
-        overrides: &BTreeMap<String, String>,
+        declared: &BTreeMap<String, Spanned<Variable>>,
+        inputs: &VariableInputs,
     ) {
-        for (name, value) in declared {
+        for (name, decl) in declared {
             if !is_identifier(name) {
                 self.error(
-                    Some(value.span()),
+                    Some(decl.span()),
                     &format!("variables.{name}"),
                     "variable names use letters, digits and _ and do not start with a digit".into(),
                 );
             }
-            self.ctx.vars.insert(name.clone(), value.get_ref().clone());
+            if let Some(default) = &decl.get_ref().0.default {
+                self.ctx.vars.insert(name.clone(), default.clone());
+            }
+            if decl.get_ref().0.sensitive {
+                self.sensitive.insert(name.clone());
+            }
         }
-        for (name, value) in overrides {
+        for (name, value) in &inputs.env {
+            if declared.contains_key(name) {
+                self.ctx.vars.insert(name.clone(), value.clone());
+            }
+        }
+        let (from_files, file_errors) = variables::read_files(&inputs.files);
+        self.errors.extend(file_errors);
+        for set in from_files {
+            if declared.contains_key(&set.name) {
+                self.ctx.vars.insert(set.name, set.value);
+                continue;
+            }
+            let mut message = format!(
+                "`{}` is not declared under [variables] in {}",
+                set.name,
+                self.map.file().display()
+            );
+            if let Some(best) = nearest(&set.name, declared.keys().map(String::as_str)) {
+                message.push_str(&format!("; did you mean `{best}`?"));
+            }
+            self.errors.push(Diagnostic { message, ..set.at });
+        }
+        for (name, value) in &inputs.cli {
             if declared.contains_key(name) {
                 self.ctx.vars.insert(name.clone(), value.clone());
                 continue;
@@ -207,11 +290,57 @@ impl Checker<'_> {
             }
             self.error(None, "variables", message);
         }
+        for (name, decl) in declared {
+            if self.ctx.vars.contains_key(name) {
+                continue;
+            }
+            self.without_value.push(format!("var.{name}"));
+            self.ctx.vars.insert(name.clone(), format!("sample-{name}"));
+            if self.ctx.unset_env.is_none() {
+                let what = match &decl.get_ref().0.description {
+                    Some(description) => format!("`{name}` ({description})"),
+                    None => format!("`{name}`"),
+                };
+                self.error(
+                    Some(decl.span()),
+                    &format!("variables.{name}"),
+                    format!(
+                        "{what} has no default and no value: set it with --var {name}=…, a --var-file, or {}{name} in the environment",
+                        variables::ENV_PREFIX
+                    ),
+                );
+            }
+        }
+    }
+
+    /// The value of a key AWS stores and shows to anyone who can list images (a name, a
+    /// description, a tag): a sensitive variable there would be masked in our output and
+    /// in the clear everywhere else, so it is refused.
+    fn public_text(&mut self, key: &str, value: &Spanned<String>) -> String {
+        let leaked: Vec<String> = interpolate::references(value.get_ref())
+            .into_iter()
+            .filter_map(|r| r.strip_prefix("var.").map(str::to_string))
+            .filter(|name| self.sensitive.contains(name))
+            .collect();
+        for name in leaked {
+            self.error(
+                Some(value.span()),
+                key,
+                format!(
+                    "`${{var.{name}}}` is sensitive, and AWS shows this value to everyone who can list the image; pass it to a provisioner's `env` instead"
+                ),
+            );
+        }
+        self.text(key, value)
+    }
+
+    fn opt_public_text(&mut self, key: &str, value: &Option<Spanned<String>>) -> Option<String> {
+        value.as_ref().map(|v| self.public_text(key, v))
     }
 
     fn ami_name(&mut self, key: &str, value: &Spanned<String>) -> String {
         let errors_before = self.errors.len();
-        let name = self.text(key, value);
+        let name = self.public_text(key, value);
         // A name whose references did not resolve has been reported already.
         if self.errors.len() > errors_before {
             return name;
@@ -244,7 +373,7 @@ impl Checker<'_> {
         let mut out = BTreeMap::new();
         for (k, v) in tags {
             let key = format!("{section}.tags.{k}");
-            let value = self.text(&key, v);
+            let value = self.public_text(&key, v);
             if k.starts_with("aws:") || k.starts_with("amibake:") || k == "Name" {
                 self.error(
                     Some(v.span()),
@@ -615,7 +744,7 @@ impl Checker<'_> {
 
     fn base(&mut self, s: BaseSection) -> BasePlan {
         let name = self.ami_name("base.name", &s.name);
-        let description = self.opt_text("base.description", &s.description);
+        let description = self.opt_public_text("base.description", &s.description);
         let source_ami = self.ami_ref("base.source_ami", &s.source_ami);
         let instance = self.instance(
             "base",
@@ -961,7 +1090,7 @@ impl Checker<'_> {
 
     fn bake(&mut self, s: BakeSection) -> BakePlan {
         let name = self.ami_name("bake.name", &s.name);
-        let description = self.opt_text("bake.description", &s.description);
+        let description = self.opt_public_text("bake.description", &s.description);
         let base_ami = self.ami_ref("bake.base_ami", &s.base_ami);
         let dest = self.text("bake.dest", &s.dest);
         if !dest.starts_with('/') || dest.split('/').any(|part| part == ".." || part == ".") {

@@ -64,6 +64,15 @@ impl<'a> SourceMap<'a> {
         SourceMap { file, text }
     }
 
+    pub fn file(&self) -> &Path {
+        self.file
+    }
+
+    /// The source text at `span`, or "" when it lies outside.
+    pub fn slice(&self, span: Range<usize>) -> &str {
+        self.text.get(span).unwrap_or("")
+    }
+
     pub fn at(&self, span: Option<Range<usize>>, key: &str, message: String) -> Diagnostic {
         let (line, column) = span.map(|s| self.line_column(s.start)).unwrap_or((1, 1));
         Diagnostic {

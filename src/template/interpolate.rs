@@ -23,6 +23,9 @@ pub struct Context {
     pub commit: Commit,
     pub timestamp: String,
     pub build_id: String,
+    /// `validate --syntax-only`: an unset `${env.NAME}` stands for a sample value and is
+    /// noted here, since a pull request's check has none of the pipeline's secrets.
+    pub unset_env: Option<std::cell::RefCell<std::collections::BTreeSet<String>>>,
 }
 
 /// Stand-in for `${commit}` while validating: as long as a full git SHA-1.
@@ -40,21 +43,28 @@ const MASK: &str = "***";
 impl Secrets {
     /// The values of the `${env.NAME}` references in `text` (a `$${` escape is no reference).
     pub fn referenced_in(text: &str) -> Secrets {
-        let mut values: Vec<String> = Vec::new();
-        let mut rest = text;
-        while let Some(pos) = rest.find("${env.") {
-            let escaped = rest[..pos].ends_with('$');
-            rest = &rest[pos + "${env.".len()..];
-            let Some(end) = rest.find('}') else { break };
-            if let (false, Ok(value)) = (escaped, std::env::var(&rest[..end])) {
-                if value.len() >= MIN_MASKED && !values.contains(&value) {
-                    values.push(value);
-                }
+        let values = references(text)
+            .into_iter()
+            .filter_map(|r| r.strip_prefix("env.").map(str::to_string))
+            .filter_map(|name| std::env::var(name).ok());
+        Secrets::default().with(values)
+    }
+
+    /// These secrets and `values` (a sensitive variable's, say).
+    pub fn with(mut self, values: impl IntoIterator<Item = String>) -> Secrets {
+        for value in values {
+            if value.len() >= MIN_MASKED && !self.0.contains(&value) {
+                self.0.push(value);
             }
         }
         // Longest first, so a secret that contains another is masked whole.
-        values.sort_by_key(|v| std::cmp::Reverse(v.len()));
-        Secrets(values)
+        self.0.sort_by_key(|v| std::cmp::Reverse(v.len()));
+        self
+    }
+
+    /// These secrets and `other`'s.
+    pub fn merged(self, other: Secrets) -> Secrets {
+        self.with(other.0)
     }
 
     /// `text` with every secret value replaced by `***`.
@@ -71,6 +81,26 @@ impl Secrets {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+}
+
+/// What each `${...}` in `text` names, trimmed (`var.app`, `env.TOKEN`, `commit`); a `$${`
+/// escape is no reference.
+pub fn references(text: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut rest = text;
+    while let Some(pos) = rest.find('$') {
+        let after = &rest[pos..];
+        if let Some(tail) = after.strip_prefix("$${") {
+            rest = tail;
+        } else if let Some(tail) = after.strip_prefix("${") {
+            let Some(end) = tail.find('}') else { break };
+            found.push(tail[..end].trim().to_string());
+            rest = &tail[end + 1..];
+        } else {
+            rest = &after[1..];
+        }
+    }
+    found
 }
 
 /// Expands every reference in `text`, or says what is wrong with the first bad one.
@@ -110,9 +140,16 @@ fn resolve_reference(reference: &str, ctx: &Context) -> Result<String, String> {
         });
     }
     if let Some(name) = reference.strip_prefix("env.") {
-        return std::env::var(name).map_err(|_| {
-            format!("environment variable `{name}` is not set (used as ${{env.{name}}})")
-        });
+        return match (std::env::var(name), &ctx.unset_env) {
+            (Ok(value), _) => Ok(value),
+            (Err(_), Some(unset)) => {
+                unset.borrow_mut().insert(name.to_string());
+                Ok(format!("sample-{name}"))
+            }
+            (Err(_), None) => Err(format!(
+                "environment variable `{name}` is not set (used as ${{env.{name}}}); `validate --syntax-only` checks a template without it"
+            )),
+        };
     }
     match reference {
         "timestamp" => Ok(ctx.timestamp.clone()),
@@ -166,7 +203,30 @@ mod tests {
             commit: Commit::Known("abc123".into()),
             timestamp: "20261123150000".into(),
             build_id: "ab-x".into(),
+            unset_env: None,
         }
+    }
+
+    #[test]
+    fn references_skip_escapes_and_trim() {
+        assert_eq!(
+            references("$${var.no} ${ var.app }-${commit}$5 ${env.X}"),
+            ["var.app", "commit", "env.X"]
+        );
+    }
+
+    #[test]
+    fn an_unset_env_is_an_error_unless_the_check_is_secret_free() {
+        let mut c = ctx();
+        let err = interpolate("${env.AMIBAKE_TEST_NEVER_SET}", &c).unwrap_err();
+        assert!(err.contains("is not set"), "{err}");
+        c.unset_env = Some(Default::default());
+        assert_eq!(
+            interpolate("${env.AMIBAKE_TEST_NEVER_SET}", &c).unwrap(),
+            "sample-AMIBAKE_TEST_NEVER_SET"
+        );
+        let unset = c.unset_env.unwrap().into_inner();
+        assert!(unset.contains("AMIBAKE_TEST_NEVER_SET"));
     }
 
     #[test]

@@ -10,6 +10,7 @@ mod check;
 mod diagnostic;
 mod interpolate;
 mod schema;
+mod variables;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -22,6 +23,7 @@ pub use check::is_ipv4_cidr;
 pub use diagnostic::{Diagnostic, TemplateErrors};
 pub use interpolate::{Commit, Context, Secrets};
 pub use schema::SshInterface;
+pub use variables::{VariableInputs, ENV_PREFIX as VARIABLE_ENV_PREFIX};
 
 /// A template that passed every check, with every reference resolved.
 #[derive(Debug, Clone, Serialize)]
@@ -29,9 +31,14 @@ pub struct Template {
     pub path: PathBuf,
     pub base: Option<BasePlan>,
     pub bake: Option<BakePlan>,
-    /// What came from `${env.…}`: masked in everything amibake prints.
+    /// What came from `${env.…}` and sensitive variables: masked in everything amibake
+    /// prints.
     #[serde(skip)]
     pub secrets: interpolate::Secrets,
+    /// `validate --syntax-only`: what a run must have that this check did without, as
+    /// `${env.NAME}` or `var.NAME`.
+    #[serde(skip)]
+    pub needed_at_run_time: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -302,22 +309,26 @@ pub enum ProvisionerAction {
 /// What a run knows before it reads the template.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
-    /// `--var KEY=VALUE`; each must be declared under `[variables]`.
-    pub var_overrides: BTreeMap<String, String>,
+    /// Values for the variables declared under `[variables]`.
+    pub variables: VariableInputs,
     pub commit: Commit,
     pub timestamp: String,
     pub build_id: String,
+    /// `validate --syntax-only`: an unset `${env.NAME}` or a variable without a value is
+    /// noted as needed at run time rather than refused.
+    pub secret_free: bool,
 }
 
 impl LoadOptions {
     /// `validate`: stand-in values for what only a run knows.
     /// Shaped like the real values, so AMI-name rules are checked against realistic lengths.
-    pub fn for_validation(var_overrides: BTreeMap<String, String>) -> LoadOptions {
+    pub fn for_validation(variables: VariableInputs) -> LoadOptions {
         LoadOptions {
-            var_overrides,
+            variables,
             commit: Commit::Placeholder,
             timestamp: "20260101000000".into(),
             build_id: "ab-20260101000000-0000aaaa".into(),
+            secret_free: false,
         }
     }
 }
@@ -356,6 +367,7 @@ pub fn parse(path: &Path, text: &str, options: &LoadOptions) -> Result<Template,
     let map = diagnostic::SourceMap::new(path, text);
     let file: schema::TemplateFile = check::deserialize(&map, text)?;
     let mut template = check::resolve(path, &map, file, options)?;
-    template.secrets = interpolate::Secrets::referenced_in(text);
+    template.secrets =
+        std::mem::take(&mut template.secrets).merged(interpolate::Secrets::referenced_in(text));
     Ok(template)
 }

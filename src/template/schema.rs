@@ -12,9 +12,52 @@ use super::ami_ref::AmiRef;
 #[serde(deny_unknown_fields)]
 pub struct TemplateFile {
     #[serde(default)]
-    pub variables: BTreeMap<String, Spanned<String>>,
+    pub variables: BTreeMap<String, Spanned<Variable>>,
     pub base: Option<BaseSection>,
     pub bake: Option<BakeSection>,
+}
+
+/// A `[variables]` entry: `name = "default"`, or a table that says more:
+/// `name = { default = "…", sensitive = true, description = "…" }`. A table without
+/// `default` is a variable each run must set.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VariableDecl {
+    pub default: Option<String>,
+    /// Masked in everything amibake prints, as `${env.…}` values are.
+    #[serde(default)]
+    pub sensitive: bool,
+    pub description: Option<String>,
+}
+
+/// A `[variables]` value in either form. serde's derive cannot take "a string or a table"
+/// without losing its error messages (an untagged enum says only that nothing matched).
+#[derive(Debug)]
+pub struct Variable(pub VariableDecl);
+
+impl<'de> Deserialize<'de> for Variable {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Variable, D::Error> {
+        struct Form;
+        impl<'de> serde::de::Visitor<'de> for Form {
+            type Value = Variable;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(
+                    "a string (its default) or a table with `default`, `sensitive`, `description`",
+                )
+            }
+            fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<Variable, E> {
+                Ok(Variable(VariableDecl {
+                    default: Some(value.to_string()),
+                    ..VariableDecl::default()
+                }))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Variable, A::Error> {
+                VariableDecl::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(Variable)
+            }
+        }
+        deserializer.deserialize_any(Form)
+    }
 }
 
 #[derive(Debug, Deserialize)]
