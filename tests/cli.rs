@@ -126,6 +126,40 @@ fn several_problems_are_all_reported_at_once() {
     );
 }
 
+/// serde stops at the first key of the wrong shape; validate sets each aside and goes on,
+/// so a template's unknown key, wrong type, missing stage program and bad value are all
+/// reported in one run, each with its place, and nothing that only follows from them.
+#[test]
+fn wrong_keys_and_types_are_all_reported_at_once_in_plain_words() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(
+        tmp.path().join("t.toml"),
+        "[bake]\nname = \"x-${commit}\"\nbase_ami = \"ami-0123456789abcdef0\"\n\
+         dest = \"srv/app\"\nvolum_size_gb = 8\n\n\
+         [[bake.provisioner]]\ninline = \"echo hi\"\n\n\
+         [[bake.pre]]\ncommand = [\"./scripts/smoke.sh\"]\n",
+    )
+    .unwrap();
+    let run = amibake_in(tmp.path(), &["validate", "t.toml"]);
+    run.expect_code(2);
+    let stderr = run.stderr();
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("error: "))
+        .collect();
+    assert_eq!(
+        errors,
+        [
+            "error: t.toml:4:8: bake.dest: `srv/app` must be an absolute path in the image without `.` or `..`",
+            "error: t.toml:5:1: bake.volum_size_gb: unknown key `volum_size_gb`; did you mean `volume_size_gb`?",
+            "error: t.toml:8:10: bake.provisioner[0].inline: expected an array, like [\"echo hi\"], not the string \"echo hi\"",
+            "error: t.toml:11:12: bake.pre[0].command[0]: `./scripts/smoke.sh` does not exist (looked for ./scripts/smoke.sh; paths are relative to the template's directory)",
+        ],
+        "{}",
+        run.dump()
+    );
+}
+
 #[test]
 fn variables_can_be_overridden_but_not_invented() {
     let ok = amibake(&["validate", "--var", "app=cart", "templates/shop.toml"]);

@@ -197,11 +197,24 @@ fn pre_and_post_commands_run_around_the_bake_with_its_facts() {
     };
     assert!(!running(), "the command's children are gone too");
 
-    // A program that does not exist is named.
+    // A program that does not exist is named: by the template's check when a path names
+    // it, by the run when the run's PATH has none of that name.
     world.template("[[bake.pre]]\ncommand = [\"./no-such-check\"]\n");
     let run = world.bake(&[]);
+    run.expect_code(2);
+    assert!(
+        run.stderr().contains("`./no-such-check` does not exist"),
+        "{}",
+        run.dump()
+    );
+    world.template("[[bake.pre]]\ncommand = [\"amibake-no-such-check\"]\n");
+    let run = world.bake(&[]);
     run.expect_failure("could not run", None);
-    assert!(run.stderr().contains("no-such-check"), "{}", run.dump());
+    assert!(
+        run.stderr().contains("amibake-no-such-check"),
+        "{}",
+        run.dump()
+    );
 }
 
 #[test]
