@@ -635,3 +635,65 @@ inline = ["echo \"the token is $TOKEN\"", "echo token ${var.token} >&2; exit 3"]
     }
     assert_clean(&cloud, &failed);
 }
+
+/// `--on-error=abort` on a bake: the image stays mounted where the run says, with the
+/// tarball in it, to look at; `gc --build-id` then removes the mount, the volume and all.
+#[test]
+fn on_error_abort_keeps_the_mounted_image_and_gc_build_id_removes_it() {
+    let cloud = LocalCloud::start("quick");
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    std::fs::write(dir.join("failures.toml"), TEMPLATE).unwrap();
+    std::fs::write(
+        dir.join("app.tar.gz"),
+        gzip(&tarball(|b| {
+            append_raw(b, EntryType::Regular, "index.php", None, b"<?php\n")
+        })),
+    )
+    .unwrap();
+    let mut command = bake_command(&cloud, dir, "app.tar.gz", &["command=exit 3"]);
+    command.args(["--on-error", "abort"]);
+    let run = Run {
+        command: "amibake bake failures.toml --on-error abort".into(),
+        output: command.output().unwrap(),
+    };
+    run.expect_code(1);
+    let events: Vec<serde_json::Value> = run
+        .stderr()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let build_id = events
+        .iter()
+        .find_map(|e| e["build_id"].as_str())
+        .unwrap_or_else(|| panic!("no build id\n{}", run.dump()))
+        .to_string();
+    let mounted = events
+        .iter()
+        .filter_map(|e| e["message"].as_str())
+        .find_map(|m| {
+            m.strip_prefix("kept for a look (--on-error=abort): the image is mounted at ")
+        })
+        .and_then(|rest| rest.split(';').next())
+        .unwrap_or_else(|| panic!("no mount named\n{}", run.dump()))
+        .to_string();
+    let index = Path::new(&mounted).join("srv/app/index.php");
+    assert_eq!(
+        std::fs::read_to_string(&index).ok().as_deref(),
+        Some("<?php\n"),
+        "the tarball is in the kept image\n{}",
+        run.dump()
+    );
+
+    let gc = Run {
+        command: format!("amibake gc --build-id {build_id} --apply"),
+        output: cloud
+            .amibake(dir)
+            .args(["gc", "--build-id", &build_id, "--apply"])
+            .output()
+            .unwrap(),
+    };
+    gc.expect_code(0);
+    assert_clean(&cloud, &gc);
+    assert!(!Path::new(&mounted).exists(), "{}", gc.dump());
+}

@@ -494,6 +494,98 @@ fn every_failure_of_a_base_build_cleans_up_and_says_where() {
 }
 
 /// A registered image whose root volume holds no filesystem: it launches, never boots.
+/// `--on-error=abort`: a failed base keeps its instance running, says how to reach it (the
+/// printed ssh command works), and `gc --build-id` then removes all of it however young.
+#[test]
+fn on_error_abort_keeps_the_instance_to_look_at_and_gc_build_id_removes_it() {
+    let (world, dir) = setup();
+    let dir = dir.path();
+    let mut command = base_command(&world.cloud, dir, "failures.toml", &["command=exit 3"]);
+    command.args(["--on-error", "abort"]);
+    let run = Run {
+        command: "amibake base failures.toml --on-error abort".into(),
+        output: command.output().unwrap(),
+    };
+    run.expect_code(1);
+    let stderr = run.stderr();
+    let build_id = stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find_map(|e| e["build_id"].as_str().map(str::to_string))
+        .unwrap_or_else(|| panic!("no build id\n{}", run.dump()));
+    let ssh = stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|e| e["message"].as_str().map(str::to_string))
+        .find_map(|m| {
+            m.split_once("kept (--on-error=abort): ")
+                .map(|(_, c)| c.to_string())
+        })
+        .unwrap_or_else(|| panic!("no way to reach the instance\n{}", run.dump()));
+    assert!(
+        stderr.contains(&format!(
+            "remove what this run kept with: amibake gc --build-id {build_id} --apply"
+        )),
+        "{}",
+        run.dump()
+    );
+    let alive: Vec<_> = world.cloud.ls()["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["id"] != world.build_host.as_str() && i["state"] == "running")
+        .cloned()
+        .collect();
+    assert_eq!(alive.len(), 1, "the instance runs\n{}", run.dump());
+    assert!(
+        stderr.contains(&format!("kept: {}", alive[0]["id"].as_str().unwrap())),
+        "{}",
+        run.dump()
+    );
+
+    // The printed command reaches it: `ssh -i KEY -p PORT USER@HOST`.
+    let words: Vec<&str> = ssh.split_whitespace().collect();
+    assert_eq!((words[0], words[1], words[3]), ("ssh", "-i", "-p"), "{ssh}");
+    let key = Path::new(words[2]);
+    assert!(key.is_file(), "the key is kept: {ssh}");
+    let reached = Command::new("ssh")
+        .args(["-i", words[2], "-p", words[4]])
+        .args([
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+        ])
+        .args([
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "ConnectTimeout=10",
+            words[5],
+            "echo reached",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&reached.stdout).contains("reached"),
+        "{ssh}: {}",
+        String::from_utf8_lossy(&reached.stderr)
+    );
+
+    let gc = Run {
+        command: format!("amibake gc --build-id {build_id} --apply"),
+        output: world
+            .cloud
+            .amibake(dir)
+            .args(["gc", "--build-id", &build_id, "--apply"])
+            .output()
+            .unwrap(),
+    };
+    gc.expect_code(0);
+    world.assert_clean(&gc);
+    assert!(!key.exists(), "gc removed the kept key\n{}", gc.dump());
+}
+
 fn broken_image(world: &World) -> String {
     world.runtime.block_on(async {
         let volume = world

@@ -6,7 +6,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use amibake::engine::render::{JsonLines, PlainLines, TerminalBars};
-use amibake::engine::{self, Event, EventSink, Keep, Outcome, Step, StepContext, StepError, Unit};
+use amibake::engine::{
+    self, Event, EventSink, Keep, OnFailure, Outcome, Step, StepContext, StepError, Unit,
+};
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
@@ -102,6 +104,15 @@ async fn run_steps(
     steps: Vec<Box<dyn Step<Journal>>>,
     sink: Arc<dyn EventSink>,
 ) -> (engine::RunReport, Vec<String>) {
+    run_steps_with(steps, sink, OnFailure::Cleanup, CancellationToken::new()).await
+}
+
+async fn run_steps_with(
+    steps: Vec<Box<dyn Step<Journal>>>,
+    sink: Arc<dyn EventSink>,
+    on_failure: OnFailure,
+    cancel: CancellationToken,
+) -> (engine::RunReport, Vec<String>) {
     let mut journal = Journal::default();
     let report = engine::run(
         "test",
@@ -109,11 +120,54 @@ async fn run_steps(
         &steps,
         &mut journal,
         sink,
-        CancellationToken::new(),
+        cancel,
+        on_failure,
     )
     .await;
     let log = journal.log.lock().unwrap().clone();
     (report, log)
+}
+
+/// `--on-error=abort`: a failed run undoes nothing and names what it kept, oldest first;
+/// a run that succeeds still removes its temporary resources.
+#[tokio::test]
+async fn a_failed_run_told_to_keep_undoes_nothing_and_names_what_it_kept() {
+    let failing = || -> Vec<Box<dyn Step<Journal>>> {
+        vec![
+            step("launch", "i-1"),
+            step("connect", "ssh i-1"),
+            Box::new(MakeThing {
+                name: "provision",
+                resource: "-",
+                undo_fails: false,
+                fail: true,
+                keep: Keep::Never,
+            }),
+        ]
+    };
+    let sink: Arc<dyn EventSink> = Arc::new(Collect(Mutex::new(Vec::new())));
+    let (report, log) = run_steps_with(
+        failing(),
+        sink.clone(),
+        OnFailure::Keep,
+        CancellationToken::new(),
+    )
+    .await;
+    assert_eq!(log, ["made i-1", "made ssh i-1"], "nothing removed");
+    let kept: Vec<&str> = report.kept.iter().map(|k| k.resource.as_str()).collect();
+    assert_eq!(kept, ["i-1", "ssh i-1"]);
+    assert!(report.leftovers.is_empty());
+    assert_eq!(report.exit_code(&Default::default()), 1);
+
+    let (report, log) = run_steps_with(
+        vec![step("launch", "i-2")],
+        sink,
+        OnFailure::Keep,
+        CancellationToken::new(),
+    )
+    .await;
+    assert_eq!(log, ["made i-2", "removed i-2"], "a success cleans up");
+    assert!(report.kept.is_empty());
 }
 
 #[tokio::test]
@@ -365,7 +419,17 @@ fn sigint_child() {
         let steps: Vec<Box<dyn Step<Journal>>> =
             vec![step("create volume", "vol-1"), Box::new(WaitForever)];
         let mut journal = Journal::default();
-        let report = engine::run("test", "ab-1", &steps, &mut journal, sink, cancel).await;
+        // Told to keep what a failure leaves: an interrupt cleans up all the same.
+        let report = engine::run(
+            "test",
+            "ab-1",
+            &steps,
+            &mut journal,
+            sink,
+            cancel,
+            OnFailure::Keep,
+        )
+        .await;
         std::fs::write(&log_path, journal.log.lock().unwrap().join("\n")).unwrap();
         assert_eq!(
             report.outcome,

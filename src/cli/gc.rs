@@ -25,10 +25,24 @@ pub struct GcArgs {
     /// copies are in the regions it copied to).
     #[arg(long)]
     pub all_regions: bool,
+    /// Only this run's leftovers, however recent (a run kept by --on-error=abort); a run
+    /// still going on this machine is still spared.
+    #[arg(long, value_name = "ID", value_parser = parse_build_id, conflicts_with = "older_than")]
+    pub build_id: Option<String>,
     #[command(flatten)]
     pub cache: CacheDirArg,
     #[command(flatten)]
     pub aws: AwsArgs,
+}
+
+fn parse_build_id(text: &str) -> Result<String, String> {
+    if gc::is_build_id(text) {
+        Ok(text.to_string())
+    } else {
+        Err(format!(
+            "`{text}` is not a build id like ab-20261205010103-87a442d0 (the run prints its own)"
+        ))
+    }
 }
 
 pub async fn run(args: GcArgs, global: &GlobalArgs) -> i32 {
@@ -37,6 +51,7 @@ pub async fn run(args: GcArgs, global: &GlobalArgs) -> i32 {
         older_than: args.older_than,
         apply: args.apply,
         all_regions: args.all_regions,
+        build_id: args.build_id,
         cache_dir: args
             .cache
             .cache_dir

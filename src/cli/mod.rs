@@ -118,6 +118,17 @@ pub struct BuildArgs {
     /// behind NAT, the network's public address.
     #[arg(long = "ssh-cidr", value_name = "CIDR", value_parser = parse_cidr)]
     pub ssh_cidrs: Vec<String>,
+    /// What a failed build does with what it made: remove it all, or keep it (the
+    /// instance, the mount) to look at, then `amibake gc --build-id ID --apply`. An
+    /// interrupted build always cleans up.
+    #[arg(long, value_enum, value_name = "WHAT", default_value_t = OnError::Cleanup)]
+    pub on_error: OnError,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnError {
+    Cleanup,
+    Abort,
 }
 
 impl BuildArgs {
@@ -135,6 +146,10 @@ impl BuildArgs {
             },
             skip_tests: self.no_test,
             ssh_cidrs: self.ssh_cidrs.clone(),
+            on_failure: match self.on_error {
+                OnError::Cleanup => amibake::engine::OnFailure::Cleanup,
+                OnError::Abort => amibake::engine::OnFailure::Keep,
+            },
         }
     }
 }

@@ -36,6 +36,9 @@ pub struct GcOptions {
     /// Look in every region the account has enabled, not only the run's: copies a killed
     /// bake was making live in the regions it copied to.
     pub all_regions: bool,
+    /// Only this run's leftovers, whatever its age: a run kept with `--on-error=abort`,
+    /// once its instance or mount has been looked at.
+    pub build_id: Option<String>,
 }
 
 /// One thing a run left.
@@ -154,7 +157,8 @@ fn started(build_id: &str) -> Option<time::OffsetDateTime> {
     Some(time::PrimitiveDateTime::new(date, clock).assume_utc())
 }
 
-fn is_build_id(text: &str) -> bool {
+/// Whether `text` is a build id as runs make them: `ab-YYYYMMDDHHMMSS-xxxxxxxx`.
+pub fn is_build_id(text: &str) -> bool {
     started(text).is_some()
         && text
             .rsplit('-')
@@ -219,14 +223,18 @@ pub async fn gc(
                 Err(e) => return Err(e.into()),
             }
         }
+        if let Some(only) = &options.build_id {
+            found.retain(|l| l.build_id == *only);
+        }
         for l in &found {
             // A leftover named by a process rather than a run (a cache fetch's partial
-            // entry) is listed only once that process is gone.
+            // entry) is listed only once that process is gone. A run named by
+            // --build-id is over once it no longer holds its lock, however young.
             verdicts.entry(l.build_id.clone()).or_insert_with(|| {
-                if is_build_id(&l.build_id) {
-                    judge(&l.build_id, options.older_than)
-                } else {
-                    Ok(())
+                match (is_build_id(&l.build_id), &options.build_id) {
+                    (true, Some(_)) => judge(&l.build_id, Duration::ZERO),
+                    (true, None) => judge(&l.build_id, options.older_than),
+                    (false, _) => Ok(()),
                 }
             });
         }

@@ -15,7 +15,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 pub use events::{Event, EventSink, Masked, Progress, Unit};
-pub use undo::{error_chain, BoxError, Keep, Leftover, UndoId, UndoStack};
+pub use undo::{error_chain, BoxError, Keep, Kept, Leftover, UndoId, UndoStack};
 
 /// How long a step may take, after an interrupt, to reach a point where everything it made
 /// is recorded (an SDK call in flight returns its id). Past this the step is abandoned.
@@ -65,12 +65,26 @@ pub struct StepTime {
     pub seconds: f64,
 }
 
+/// What a failed run does with what it made (`--on-error`). An interrupted run always
+/// cleans up: a signal asks for the run to end, not to be looked at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnFailure {
+    #[default]
+    Cleanup,
+    /// Keep it all (an instance, a mount) for a person to look at; `gc --build-id`
+    /// removes it afterwards.
+    Keep,
+}
+
 /// How a run ended, how long each step took, and what could not be cleaned.
 #[derive(Debug, Clone, Serialize)]
 pub struct RunReport {
+    pub build_id: String,
     pub outcome: Outcome,
     pub steps: Vec<StepTime>,
     pub leftovers: Vec<Leftover>,
+    /// What a failed run kept, asked to (`OnFailure::Keep`).
+    pub kept: Vec<Kept>,
     pub seconds: f64,
 }
 
@@ -84,6 +98,9 @@ impl RunReport {
             left.resource = secrets.mask(&left.resource);
             left.error = secrets.mask(&left.error);
         }
+        for kept in &mut self.kept {
+            kept.resource = secrets.mask(&kept.resource);
+        }
         self
     }
 
@@ -95,10 +112,13 @@ impl RunReport {
             .collect()
     }
 
-    /// 0 ok, 1 failed (or succeeded but left something behind), 130 interrupted by
-    /// SIGINT, 143 by SIGTERM.
+    /// 0 ok, 1 failed (or succeeded but left something behind, or kept what it made),
+    /// 130 interrupted by SIGINT, 143 by SIGTERM.
     pub fn exit_code(&self, signalled: &Signalled) -> i32 {
-        match (&self.outcome, self.leftovers.is_empty()) {
+        match (
+            &self.outcome,
+            self.leftovers.is_empty() && self.kept.is_empty(),
+        ) {
             (Outcome::Interrupted { .. }, _) => signalled.exit_code(),
             (Outcome::Succeeded, true) => 0,
             _ => 1,
@@ -107,7 +127,8 @@ impl RunReport {
 }
 
 /// Runs `steps` in order over `state`, then cleans up. Never returns early: whatever happens,
-/// the undo stack is unwound before the report comes back.
+/// the undo stack is unwound before the report comes back, unless a step failed and
+/// `on_failure` says to keep what the run made.
 pub async fn run<S: Send>(
     mode: &str,
     build_id: &str,
@@ -115,6 +136,7 @@ pub async fn run<S: Send>(
     state: &mut S,
     sink: Arc<dyn EventSink>,
     cancel: CancellationToken,
+    on_failure: OnFailure,
 ) -> RunReport {
     let started = Instant::now();
     sink.emit(&Event::RunStarted {
@@ -178,6 +200,22 @@ pub async fn run<S: Send>(
         }
     }
     let succeeded = outcome == Outcome::Succeeded;
+    if on_failure == OnFailure::Keep && matches!(outcome, Outcome::Failed { .. }) {
+        let kept = ctx.undo.abandon();
+        let seconds = started.elapsed().as_secs_f64();
+        sink.emit(&Event::RunFinished {
+            outcome: "failed, and kept what it made".into(),
+            seconds,
+        });
+        return RunReport {
+            build_id: build_id.into(),
+            outcome,
+            steps: times,
+            leftovers: Vec::new(),
+            kept,
+            seconds,
+        };
+    }
     let leftovers = ctx
         .undo
         .unwind(succeeded, |p| match p {
@@ -208,9 +246,11 @@ pub async fn run<S: Send>(
         seconds,
     });
     RunReport {
+        build_id: build_id.into(),
         outcome,
         steps: times,
         leftovers,
+        kept: Vec::new(),
         seconds,
     }
 }

@@ -61,6 +61,19 @@ impl std::fmt::Display for Leftover {
     }
 }
 
+/// A resource a failed run kept (`--on-error=abort`), and the undo that would remove it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Kept {
+    pub resource: String,
+    pub action: String,
+}
+
+impl std::fmt::Display for Kept {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (not done: {})", self.resource, self.action)
+    }
+}
+
 #[derive(Default)]
 pub struct UndoStack {
     entries: Vec<Entry>,
@@ -92,6 +105,18 @@ impl UndoStack {
             after_tried: Vec::new(),
         });
         id
+    }
+
+    /// Gives up every undo, none run: what a failed run keeps for a person to look at,
+    /// oldest first.
+    pub fn abandon(self) -> Vec<Kept> {
+        self.entries
+            .into_iter()
+            .map(|e| Kept {
+                resource: e.resource,
+                action: e.action_name,
+            })
+            .collect()
     }
 
     /// Says that `dependent` may only be undone once `prerequisite` has been: a volume is

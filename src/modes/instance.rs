@@ -473,6 +473,23 @@ impl TemporaryInstance {
         Ok(())
     }
 
+    /// `--on-error=abort`: keeps the private key past the run and says how to reach the
+    /// instance; None when there is no instance to reach.
+    pub fn keep_for_a_look(&mut self) -> Option<String> {
+        let id = self.instance_id.as_ref()?;
+        self.key_dir.keep();
+        Some(match &self.ssh_target {
+            Some(t) => format!(
+                "instance {id} kept (--on-error=abort): ssh -i {} -p {} {}@{}",
+                t.private_key.display(),
+                t.port,
+                t.user,
+                t.host
+            ),
+            None => format!("instance {id} kept (--on-error=abort); it has no SSH address yet"),
+        })
+    }
+
     /// Connects over SSH once the instance answers, within the template's `ssh_timeout`.
     pub async fn wait_for_ssh(&mut self, ctx: &mut StepContext) -> Result<(), StepError> {
         let target = earlier(&self.ssh_target, "SSH address")?;
@@ -656,8 +673,12 @@ fn crosses_nat(source: Ipv4Addr, target: Ipv4Addr) -> bool {
 }
 
 /// A private (0700) directory for the temporary private key, on tmpfs where there is one so
-/// the key never reaches a disk; removed with the key when the value is dropped.
-struct KeyDir(tempfile::TempDir);
+/// the key never reaches a disk; removed with the key when the value is dropped, unless
+/// kept for a look at a failed run (its name carries the build id, so gc finds it).
+struct KeyDir {
+    dir: Option<tempfile::TempDir>,
+    path: PathBuf,
+}
 
 impl KeyDir {
     fn new(build_id: &str) -> Result<KeyDir, ModeError> {
@@ -673,12 +694,22 @@ impl KeyDir {
             .prefix(&format!("amibake-{build_id}-key-"))
             .permissions(std::fs::Permissions::from_mode(0o700))
             .tempdir_in(parent)
-            .map(KeyDir)
+            .map(|dir| KeyDir {
+                path: dir.path().to_path_buf(),
+                dir: Some(dir),
+            })
             .map_err(ModeError::local("cannot make a private key directory"))
     }
 
     fn path(&self) -> &Path {
-        self.0.path()
+        &self.path
+    }
+
+    /// Leaves the directory when this value goes.
+    fn keep(&mut self) {
+        if let Some(dir) = self.dir.take() {
+            let _ = dir.keep();
+        }
     }
 }
 

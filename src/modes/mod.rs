@@ -49,6 +49,8 @@ pub struct CommonOptions {
     /// `--ssh-cidr`: who may reach SSH on a temporary instance, in place of the template's
     /// `ssh_cidrs` (empty: as the template says).
     pub ssh_cidrs: Vec<String>,
+    /// `--on-error`: whether a failed run removes what it made or keeps it to be looked at.
+    pub on_failure: engine::OnFailure,
 }
 
 /// Why a run stopped before its engine ran, typed to where it is printed.

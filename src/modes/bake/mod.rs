@@ -144,6 +144,8 @@ pub struct BakeState<B> {
     copies: Vec<RegionImage>,
     /// `--no-test`.
     skip_tests: bool,
+    /// `--on-error`.
+    on_failure: engine::OnFailure,
     backend: B,
 }
 
@@ -352,6 +354,7 @@ async fn run_loaded(
         ssm_version: None,
         copies: Vec::new(),
         skip_tests: options.common.skip_tests,
+        on_failure: options.common.on_failure,
         backend: (),
     };
     let (report, built) = match (reused.as_ref(), backend) {
@@ -435,7 +438,27 @@ async fn execute<B: Send>(
     cancel: CancellationToken,
 ) -> (RunReport, Built) {
     let build_id = state.build_id.clone();
-    let report = engine::run("bake", &build_id, &steps, &mut state, sink, cancel).await;
+    let on_failure = state.on_failure;
+    let report = engine::run(
+        "bake",
+        &build_id,
+        &steps,
+        &mut state,
+        sink.clone(),
+        cancel,
+        on_failure,
+    )
+    .await;
+    if !report.kept.is_empty() {
+        sink.emit(&engine::Event::Note {
+            step: String::new(),
+            message: format!(
+                "kept for a look (--on-error=abort): the image is mounted at {}; `sudo chroot {} /bin/sh` to look inside",
+                state.mount_point.display(),
+                state.mount_point.display()
+            ),
+        });
+    }
     let built = Built {
         image_id: state.image_id,
         snapshot_id: state.snapshot_id,
@@ -472,6 +495,7 @@ impl BakeState<()> {
             ssm_version: self.ssm_version,
             copies: self.copies,
             skip_tests: self.skip_tests,
+            on_failure: self.on_failure,
             backend,
         }
     }

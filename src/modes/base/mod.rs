@@ -206,9 +206,25 @@ async fn run_loaded(
         Some(reuse) => publish_steps(reuse.test_first),
         None => steps(),
     };
-    let report = engine::run("base", &build_id, &steps, &mut state, sink, cancel)
-        .await
-        .masked(&secrets);
+    let report = engine::run(
+        "base",
+        &build_id,
+        &steps,
+        &mut state,
+        sink.clone(),
+        cancel,
+        options.common.on_failure,
+    )
+    .await
+    .masked(&secrets);
+    if !report.kept.is_empty() {
+        if let Some(how) = state.instance.keep_for_a_look() {
+            sink.emit(&engine::Event::Note {
+                step: String::new(),
+                message: how,
+            });
+        }
+    }
     let manifest = match (&report.outcome, &state.image_id) {
         (engine::Outcome::Succeeded, Some(image)) => {
             let was_reused = reused.is_some();
