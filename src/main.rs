@@ -7,19 +7,14 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use cli::{Cli, Command};
+use cli::Cli;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
     // The sandboxed children fork, so they run before any runtime thread exists.
-    match &cli.command {
-        Command::InternalExtract(args) => return exit_code(cli::internal::extract(args)),
-        Command::InternalCheckTarball(args) => {
-            return exit_code(cli::internal::check_tarball(args))
-        }
-        Command::InternalSandbox(args) => cli::internal::sandbox(args),
-        _ => {}
+    if cli::internal::requested(std::env::args_os()) {
+        return exit_code(cli::internal::run(cli::internal::Internal::parse()));
     }
+    let cli = Cli::parse();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

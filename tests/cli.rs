@@ -327,9 +327,118 @@ fn an_unreadable_template_names_the_file() {
     );
 }
 
+/// `--version` names the release and the commit the binary was built from.
+#[test]
+fn version_names_the_release_and_the_commit() {
+    let run = amibake(&["--version"]);
+    run.expect_code(0);
+    let head = std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(repo_root())
+        .output()
+        .unwrap();
+    let head = String::from_utf8_lossy(&head.stdout).trim().to_string();
+    assert_eq!(
+        run.stdout(),
+        format!("amibake {} ({head})\n", env!("CARGO_PKG_VERSION")),
+        "{}",
+        run.dump()
+    );
+}
+
+/// The completions load in bash and complete a command, a flag and its values; the
+/// commands `bake` runs itself as are offered nowhere.
+#[test]
+fn bash_completes_commands_flags_and_values_and_never_the_internal_ones() {
+    let run = amibake(&["completions", "bash"]);
+    run.expect_code(0);
+    let tmp = tempfile::tempdir().unwrap();
+    let script = tmp.path().join("amibake.bash");
+    std::fs::write(&script, run.stdout()).unwrap();
+    let complete = |words: &[&str]| -> Vec<String> {
+        let line = words.join(" ");
+        let program = format!(
+            "source {}; COMP_WORDS=({}); COMP_CWORD={}; COMP_LINE='{line}'; COMP_POINT=${{#COMP_LINE}}; \
+             _amibake amibake '{}' '{}'; printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+            script.display(),
+            words.iter().map(|w| format!("'{w}'")).collect::<Vec<_>>().join(" "),
+            words.len() - 1,
+            words[words.len() - 1],
+            words[words.len() - 2],
+        );
+        let out = std::process::Command::new("bash")
+            .args(["-c", &program])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(complete(&["amibake", "ba"]), ["base", "bake"]);
+    assert_eq!(complete(&["amibake", "bake", "--on-e"]), ["--on-error"]);
+    assert_eq!(
+        complete(&["amibake", "bake", "--on-error", ""]),
+        ["cleanup", "abort"]
+    );
+    assert!(complete(&["amibake", "inte"]).is_empty());
+}
+
+/// `amibake man --dir` writes a page for amibake and each command, and each renders.
+#[test]
+fn man_pages_render() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_str().unwrap();
+    amibake(&["man", "--dir", dir]).expect_code(0);
+    for (page, says) in [("amibake.1", "143"), ("amibake-bake.1", "--on-error")] {
+        let out = std::process::Command::new("man")
+            .args(["-l", &format!("{dir}/{page}")])
+            .env("MANWIDTH", "100")
+            .env("MAN_KEEP_FORMATTING", "0")
+            .output()
+            .expect("man, which tests/install-deps installs");
+        assert!(
+            out.status.success(),
+            "{page}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // Bold and underline come as overstrikes (a character, a backspace, another).
+        let mut text = String::new();
+        for c in String::from_utf8_lossy(&out.stdout).chars() {
+            if c == '\u{8}' {
+                text.pop();
+            } else {
+                text.push(c);
+            }
+        }
+        assert!(text.contains(says), "{page} says {says}:\n{text}");
+    }
+    assert!(!std::path::Path::new(dir)
+        .join("amibake-internal-sandbox.1")
+        .exists());
+}
+
 #[test]
 fn every_subcommand_help_has_an_example() {
-    for sub in ["base", "bake", "validate"] {
+    for sub in [
+        "base",
+        "bake",
+        "validate",
+        "history",
+        "promote",
+        "rollback",
+        "prune",
+        "gc",
+        "iam-policy",
+        "completions",
+        "man",
+    ] {
         let run = amibake(&[sub, "--help"]);
         run.expect_code(0);
         assert!(

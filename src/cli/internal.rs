@@ -1,9 +1,42 @@
-//! The hidden commands `bake` runs itself as, inside a sandbox. They fork, so `main` runs
-//! them before the async runtime starts.
+//! The commands `bake` runs itself as, inside a sandbox. They fork, so `main` runs them
+//! before the async runtime starts. They are a command line of their own, apart from the
+//! one people use: no help, completion or man page offers them.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 
-use clap::Args;
+use clap::{Args, Parser};
+
+/// `amibake internal-…`: what `bake` runs itself as.
+#[derive(Debug, Parser)]
+#[command(name = "amibake")]
+pub enum Internal {
+    /// Unpack standard input into the image, from inside a sandbox.
+    #[command(name = "internal-extract")]
+    Extract(InternalExtractArgs),
+    /// Read the tarball on standard input through every check that needs no image, from
+    /// inside a sandbox, before any AWS call.
+    #[command(name = "internal-check-tarball")]
+    CheckTarball(InternalCheckTarballArgs),
+    /// Run a provisioner's command in the image, inside a sandbox.
+    #[command(name = "internal-sandbox")]
+    Sandbox(InternalSandboxArgs),
+}
+
+/// Whether this process is one `bake` started as an internal command.
+pub fn requested(mut args: impl Iterator<Item = OsString>) -> bool {
+    args.nth(1)
+        .is_some_and(|a| a.to_str().is_some_and(|a| a.starts_with("internal-")))
+}
+
+/// Runs an internal command to its exit code (the sandbox's never returns).
+pub fn run(internal: Internal) -> i32 {
+    match internal {
+        Internal::Extract(args) => extract(&args),
+        Internal::CheckTarball(args) => check_tarball(&args),
+        Internal::Sandbox(args) => sandbox(&args),
+    }
+}
 
 use amibake::exit;
 use amibake::host::extract;

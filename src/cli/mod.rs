@@ -6,6 +6,7 @@
 pub mod bake;
 pub mod base;
 pub mod cache;
+pub mod docs;
 pub mod gc;
 pub mod history;
 pub mod iam_policy;
@@ -22,13 +23,19 @@ use amibake::aws::AwsOptions;
 use amibake::modes::CommonOptions;
 use amibake::template::VariableInputs;
 
+/// `amibake --version`: the release and the commit it was built from.
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("AMIBAKE_COMMIT"), ")");
+
+/// Every exit code any command returns, said once.
+const EXIT_CODES: &str = "Exit codes:\n  0    done\n  1    the build or command failed, left something it could not remove, or kept it (--on-error=abort)\n  2    a usage, template or tarball error, found before any AWS call\n  130  interrupted by SIGINT (Ctrl-C), after cleaning up\n  143  terminated by SIGTERM, after cleaning up";
+
 #[derive(Debug, Parser)]
 #[command(
     name = "amibake",
-    version,
+    version = VERSION,
     about = "Bake Amazon Machine Images: base AMIs over SSH, per-commit deployment AMIs chroot-style",
     long_about = None,
-    after_help = "Exit codes: 0 ok, 1 build failed, 2 usage, template or tarball error, 130 interrupted."
+    after_help = EXIT_CODES
 )]
 pub struct Cli {
     #[command(flatten)]
@@ -201,20 +208,17 @@ pub enum Command {
         after_help = "Example:\n  amibake iam-policy templates/shop.toml --mode bake --backend direct"
     )]
     IamPolicy(iam_policy::IamPolicyArgs),
-    /// Used by `bake` itself: unpack standard input into the image, from inside a sandbox.
-    #[command(hide = true)]
-    InternalExtract(internal::InternalExtractArgs),
-    /// Used by `bake` itself: read the tarball on standard input through every check that
-    /// needs no image, from inside a sandbox, before any AWS call.
-    #[command(hide = true)]
-    InternalCheckTarball(internal::InternalCheckTarballArgs),
-    /// Used by `bake` itself: run a provisioner's command in the image, inside a sandbox.
-    #[command(hide = true)]
-    InternalSandbox(internal::InternalSandboxArgs),
+    /// Print shell completions for bash, zsh, fish, elvish or powershell.
+    #[command(
+        after_help = "Example:\n  amibake completions bash > /etc/bash_completion.d/amibake"
+    )]
+    Completions(docs::CompletionsArgs),
+    /// Print the man page (roff), or write one per command into a directory.
+    #[command(after_help = "Example:\n  amibake man --dir /usr/local/share/man/man1")]
+    Man(docs::ManArgs),
 }
 
-/// Runs one command to its exit code. The internal commands never reach here: `main` runs
-/// them before the runtime starts.
+/// Runs one command to its exit code.
 pub async fn dispatch(cli: Cli) -> i32 {
     let global = &cli.global;
     match cli.command {
@@ -228,11 +232,8 @@ pub async fn dispatch(cli: Cli) -> i32 {
         Command::Prune(args) => prune::run(args, global).await,
         Command::Gc(args) => gc::run(args, global).await,
         Command::IamPolicy(args) => iam_policy::run(args),
-        Command::InternalExtract(_)
-        | Command::InternalCheckTarball(_)
-        | Command::InternalSandbox(_) => {
-            unreachable!("run before the runtime starts")
-        }
+        Command::Completions(args) => docs::completions(args),
+        Command::Man(args) => docs::man(args),
     }
 }
 
