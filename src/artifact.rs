@@ -22,7 +22,7 @@ pub const TAG_VARIANT: &str = "amibake:variant";
 pub const TAG_STATE: &str = "amibake:state";
 pub const STATE_BUILDING: &str = "building";
 pub const STATE_FINISHED: &str = "finished";
-/// `passed` once an instance of the image passed the template's `[[test]]` entries: an
+/// `passed` once an instance of the image passed the template's `[[base.test]]` or `[[bake.test]]` entries: an
 /// image reused without it (made with `--no-test`, or before the template had tests) is
 /// booted and tested before it is published again.
 /// `private` (root in the image was nobody on the build host) or `compat` (it was root,

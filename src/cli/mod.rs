@@ -117,7 +117,8 @@ pub struct BuildArgs {
     /// stage commands instead of its `when = "normal"` ones.
     #[arg(long)]
     pub destructive: bool,
-    /// Do not boot the new image to run the template's `[[test]]` entries.
+    /// Do not boot the new image to run the template's `[[base.test]]` or `[[bake.test]]`
+    /// entries.
     #[arg(long)]
     pub no_test: bool,
     /// Let SSH into a temporary instance (a base build's, a test's) from this IPv4 CIDR
@@ -172,7 +173,7 @@ pub enum Command {
     /// Build a base AMI: launch the vendor AMI, provision it over SSH, snapshot it.
     #[command(after_help = "Example:\n  amibake base templates/shop.toml --var app=shop")]
     Base(base::BaseArgs),
-    /// Bake a deployment AMI: put a code tarball into a volume of the base AMI, chroot-style.
+    /// Bake a deployment AMI: put a code tarball into an image of the base AMI, chroot-style.
     #[command(
         after_help = "Example:\n  amibake bake templates/shop.toml --tarball build/shop.tar.gz --commit \"$GITHUB_SHA\""
     )]

@@ -11,6 +11,9 @@ use amibake::exit;
 use super::{parse_age, report, AwsArgs, GlobalArgs, VarArgs};
 
 #[derive(Debug, Args)]
+#[command(
+    override_usage = "amibake prune TEMPLATE --keep N [OPTIONS]\n       amibake prune --name-prefix PREFIX [--channel PARAM]... --keep N [OPTIONS]"
+)]
 #[command(group(ArgGroup::new("images").required(true).args(["template", "name_prefix"])))]
 #[command(group(ArgGroup::new("how").args(["deprecate", "disable"])))]
 pub struct PruneArgs {

@@ -493,7 +493,7 @@ fn write_error(e: &std::io::Error, file: &std::fs::File, size: u64) -> String {
             .unwrap_or(0);
         format!(
             "no space left in the image: the entry needs {size} bytes and {free} bytes are free \
-             on its filesystem; raise `volume_size_gb`"
+             on its filesystem; raise `root_volume_size_gb`"
         )
     } else {
         format!("cannot write it: {e}")

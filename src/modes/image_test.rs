@@ -1,5 +1,5 @@
 //! The booted test of a new image: an instance of it, launched and reached as a base
-//! build's instance is, runs the template's `[[test]]` entries over SSH before the image
+//! build's instance is, runs the template's `[[base.test]]` or `[[bake.test]]` entries over SSH before the image
 //! is delivered or published. A failing test fails the run, whose cleanup removes the
 //! image; the instance, its key pair and its group go either way.
 
@@ -58,7 +58,7 @@ pub async fn run(test: ImageTest<'_>, ctx: &mut StepContext) -> Result<(), StepE
     let count = test.tests.len();
     if count == 0 {
         ctx.progress
-            .note("no [[test]] in the template: the image is not booted");
+            .note("no [[base.test]] or [[bake.test]] in the template: the image is not booted");
         return Ok(());
     }
     if test.skip {

@@ -44,7 +44,7 @@ pub struct CommonOptions {
     /// `--destructive`: the template's destructive provisioners and stage commands instead
     /// of its normal ones.
     pub variant: Variant,
-    /// `--no-test`: the new image is not booted, and its `[[test]]` entries do not run.
+    /// `--no-test`: the new image is not booted, and its `[[base.test]]` or `[[bake.test]]` entries do not run.
     pub skip_tests: bool,
     /// `--ssh-cidr`: who may reach SSH on a temporary instance, in place of the template's
     /// `ssh_cidrs` (empty: as the template says).

@@ -1338,8 +1338,11 @@ impl Checker<'_> {
                 self.error(Some(p.span()), "bake.root_partition", format!("partition {} is beyond the {MAX_PARTITION} a disk can have (0 means the whole device)", p.get_ref()));
             }
         }
-        let (volume_size_gb, volume_type) =
-            self.volume("bake.volume_", &s.volume_size_gb, &s.volume_type);
+        let (root_volume_size_gb, root_volume_type) = self.volume(
+            "bake.root_volume_",
+            &s.root_volume_size_gb,
+            &s.root_volume_type,
+        );
         let test_instance = s.test_instance.as_ref().map(|t| {
             self.instance(
                 "bake.test_instance",
@@ -1384,8 +1387,8 @@ impl Checker<'_> {
             keep_setuid: s.keep_setuid.map(|k| *k.get_ref()).unwrap_or(false),
             sandbox: self.sandbox_mode(&s.sandbox),
             root_partition: s.root_partition.map(|p| *p.get_ref()),
-            volume_type,
-            volume_size_gb,
+            root_volume_type,
+            root_volume_size_gb,
             kms_key_id: self.opt_text("bake.kms_key_id", &s.kms_key_id),
             test_instance,
             publish: self.publish("bake", &s.publish_ssm, &s.publish_label),

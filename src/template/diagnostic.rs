@@ -117,8 +117,19 @@ pub fn explain_unknown_field(message: &str) -> Option<String> {
         .filter(|(i, _)| i % 2 == 1)
         .map(|(_, s)| s)
         .collect();
+    // serde lists an alias beside its key; only the current name is offered.
+    let (old, candidates): (Vec<&str>, Vec<&str>) = candidates
+        .into_iter()
+        .partition(|key| super::schema::OLD_NAMES.iter().any(|(o, _)| o == key));
     let mut text = format!("unknown key `{field}`");
-    match nearest(field, candidates.iter().copied()) {
+    let best = nearest(field, candidates.iter().copied()).or_else(|| {
+        let close = nearest(field, old.iter().copied())?;
+        super::schema::OLD_NAMES
+            .iter()
+            .find(|(o, _)| *o == close)
+            .map(|(_, new)| *new)
+    });
+    match best {
         Some(best) => text.push_str(&format!("; did you mean `{best}`?")),
         None if !candidates.is_empty() => {
             text.push_str(&format!("; valid keys here: {}", candidates.join(", ")))

@@ -112,8 +112,8 @@ pub struct BakePlan {
     pub keep_setuid: bool,
     pub sandbox: SandboxMode,
     pub root_partition: Option<u32>,
-    pub volume_type: Option<String>,
-    pub volume_size_gb: Option<i32>,
+    pub root_volume_type: Option<String>,
+    pub root_volume_size_gb: Option<i32>,
     pub kms_key_id: Option<String>,
     /// What the image is booted on for its tests: `[bake.test_instance]`, else the
     /// `[base]` table's instance. Set whenever there are tests.

@@ -17,6 +17,13 @@ pub struct TemplateFile {
     pub bake: Option<BakeSection>,
 }
 
+/// Keys still read under an older name (serde aliases): a typo of either name is pointed
+/// at the new one.
+pub const OLD_NAMES: [(&str, &str); 2] = [
+    ("volume_type", "root_volume_type"),
+    ("volume_size_gb", "root_volume_size_gb"),
+];
+
 /// A `[variables]` entry: `name = "default"`, or a table that says more:
 /// `name = { default = "…", sensitive = true, description = "…" }`. A table without
 /// `default` is a variable each run must set.
@@ -127,8 +134,12 @@ pub struct BakeSection {
     /// Partition that holds the root filesystem; 0 is the whole device. Default: found by
     /// looking at the volume.
     pub root_partition: Option<Spanned<u32>>,
-    pub volume_type: Option<Spanned<String>>,
-    pub volume_size_gb: Option<Spanned<i32>>,
+    /// The new image's root volume, as `[base]` names it; `volume_type` and
+    /// `volume_size_gb`, the names before, still read.
+    #[serde(alias = "volume_type")]
+    pub root_volume_type: Option<Spanned<String>>,
+    #[serde(alias = "volume_size_gb")]
+    pub root_volume_size_gb: Option<Spanned<i32>>,
     pub kms_key_id: Option<Spanned<String>>,
     /// The instance `[[bake.test]]` boots the image on; unset: the `[base]` table's.
     pub test_instance: Option<TestInstanceSection>,

@@ -88,7 +88,7 @@ impl Step<BakeState<Attach>> for CreateVolume {
         let base = &s.base;
         let size = s
             .plan
-            .volume_size_gb
+            .root_volume_size_gb
             .unwrap_or(0)
             .max(base.root_volume_size_gb);
         let mut request = s
@@ -101,7 +101,7 @@ impl Step<BakeState<Attach>> for CreateVolume {
             .client_token(format!("{}-volume", s.build_id))
             .size(size)
             .volume_type(VolumeType::from(
-                s.plan.volume_type.as_deref().unwrap_or("gp3"),
+                s.plan.root_volume_type.as_deref().unwrap_or("gp3"),
             ))
             .tag_specifications(
                 TagSpecification::builder()

@@ -158,7 +158,7 @@ impl Backend for Direct {
 fn size_bytes(s: &BakeState<Direct>) -> u64 {
     let gib = s
         .plan
-        .volume_size_gb
+        .root_volume_size_gb
         .unwrap_or(0)
         .max(s.base.root_volume_size_gb);
     (gib.max(1) as u64) << 30

@@ -523,7 +523,7 @@ fn fingerprint(
             "volume".into(),
             format!(
                 "{:?} {:?} {:?}",
-                plan.volume_type, plan.volume_size_gb, plan.kms_key_id
+                plan.root_volume_type, plan.root_volume_size_gb, plan.kms_key_id
             ),
         ),
     ];

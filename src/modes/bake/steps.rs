@@ -287,13 +287,13 @@ impl<B: Backend> Step<BakeState<B>> for RegisterImage {
                 .snapshot_id(&snapshot_id)
                 .volume_size(
                     s.plan
-                        .volume_size_gb
+                        .root_volume_size_gb
                         .unwrap_or(0)
                         .max(base.root_volume_size_gb),
                 )
                 .set_volume_type(
                     s.plan
-                        .volume_type
+                        .root_volume_type
                         .as_deref()
                         .map(VolumeType::from)
                         .or_else(|| old.and_then(|e| e.volume_type().cloned())),
@@ -487,7 +487,7 @@ impl<B> BakeState<B> {
     /// once the root (its partition, then its filesystem) is grown to fill it.
     pub fn root_grows(&self) -> bool {
         self.plan
-            .volume_size_gb
+            .root_volume_size_gb
             .is_some_and(|gb| gb > self.base.root_volume_size_gb)
     }
 
