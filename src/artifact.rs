@@ -69,7 +69,7 @@ pub fn fingerprint(parts: &[(&str, &str)]) -> String {
 }
 
 /// A copy of the image in another region, as the manifest lists it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct RegionCopy {
     pub region: String,
     pub ami_id: String,
@@ -89,7 +89,7 @@ pub trait Manifest: Serialize {
 }
 
 /// What `bake` prints as its result, and writes with `--manifest`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct BakeManifest {
     pub ami_id: String,
     pub region: String,
@@ -151,7 +151,7 @@ impl Manifest for BakeManifest {
 }
 
 /// What `base` prints as its result, and writes with `--manifest`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct BaseManifest {
     pub ami_id: String,
     pub region: String,

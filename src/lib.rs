@@ -16,6 +16,7 @@ pub mod modes;
 pub mod provision;
 pub mod run_id;
 pub mod sandbox;
+pub mod schemas;
 pub mod template;
 pub mod validate;
 

@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use crate::template::{self, LoadOptions, TemplateError, VariableInputs};
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, schemars::JsonSchema)]
 pub struct Checked {
     pub template: PathBuf,
     pub sections: Vec<&'static str>,

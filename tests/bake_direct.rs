@@ -354,7 +354,9 @@ fn direct_bakes_without_imds_or_volumes_and_puts_only_changed_blocks() {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+        let answer = serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap();
+        util::schema::assert_valid(&format!("cache-{}", args[0]), &answer);
+        answer
     };
     let listed = ls(&["ls"]);
     assert_eq!(listed["entries"].as_array().unwrap().len(), 1, "{listed}");

@@ -86,6 +86,7 @@ impl Channel {
         let run = self.amibake(&["history", CHANNEL]);
         run.expect_code(0);
         let found: serde_json::Value = serde_json::from_str(run.stdout().trim()).unwrap();
+        util::schema::assert_valid("history", &found);
         assert_eq!(found["parameter"], CHANNEL);
         found["versions"].as_array().unwrap().clone()
     }
@@ -180,6 +181,7 @@ fn bakes_publish_and_history_promote_rollback_move_the_channel() {
     let run = ch.amibake(&["rollback", CHANNEL, "--label", "prod"]);
     run.expect_code(0);
     let moved: serde_json::Value = serde_json::from_str(run.stdout().trim()).unwrap();
+    util::schema::assert_valid("rollback", &moved);
     assert_eq!(moved["before"]["version"], 3);
     assert_eq!(moved["after"]["version"], 2);
     assert_eq!(moved["after"]["ami_id"], b_ami.as_str());
@@ -214,6 +216,7 @@ fn bakes_publish_and_history_promote_rollback_move_the_channel() {
     let again = ch.amibake(&["promote", CHANNEL, &c_ami]);
     again.expect_code(0);
     let again: serde_json::Value = serde_json::from_str(again.stdout().trim()).unwrap();
+    util::schema::assert_valid("promote", &again);
     assert_eq!(again["changed"], false, "{again}");
     assert_eq!(ch.versions().len(), 6);
 

@@ -87,6 +87,9 @@ fn json_output_gives_one_object_per_template() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(lines.len(), 2, "{}", run.dump());
+    for line in &lines {
+        util::schema::assert_valid("validate", line);
+    }
     assert_eq!(lines[0]["errors"].as_array().unwrap().len(), 0);
     let err = lines[1]["errors"][0].as_str().unwrap();
     assert!(
@@ -505,6 +508,45 @@ fn the_readme_help_and_templates_speak_one_vocabulary() {
         let said = readme.matches(&format!("`{old}`")).count();
         assert_eq!(said, 1, "the README names `{old}` once, as the older name");
     }
+}
+
+/// schemas/ holds exactly what `amibake schema NAME` prints for each of its names.
+#[test]
+fn the_schema_files_are_what_amibake_prints() {
+    let listed = amibake(&["schema"]);
+    listed.expect_code(0);
+    let names: Vec<String> = listed
+        .stdout()
+        .lines()
+        .map(|l| l.split_whitespace().next().unwrap().to_string())
+        .collect();
+    assert!(names.len() >= 11, "{}", listed.dump());
+    let dir = repo_root().join("schemas");
+    let mut files: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    let mut expected: Vec<String> = names.iter().map(|n| format!("{n}.schema.json")).collect();
+    expected.sort();
+    assert_eq!(files, expected);
+    for name in &names {
+        let printed = amibake(&["schema", name]);
+        printed.expect_code(0);
+        let file = std::fs::read_to_string(dir.join(format!("{name}.schema.json"))).unwrap();
+        assert_eq!(
+            file,
+            printed.stdout(),
+            "schemas/{name}.schema.json is stale: amibake schema {name} > schemas/{name}.schema.json"
+        );
+    }
+    // A schema refuses what the output never holds.
+    let bake: serde_json::Value = serde_json::json!({"ami_id": "ami-1", "surprise": 1});
+    let schema: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("bake-manifest.schema.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(!jsonschema::is_valid(&schema, &bake));
 }
 
 /// actionlint on `files`: its findings, one block each (empty when clean).

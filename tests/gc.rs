@@ -59,6 +59,8 @@ impl World {
         };
         let found = serde_json::from_str(run.stdout().trim())
             .unwrap_or_else(|e| panic!("{e}\n{}", run.dump()));
+        util::schema::assert_valid("gc", &found);
+        util::schema::assert_events_valid(&run.stderr());
         (run, found)
     }
 

@@ -214,6 +214,7 @@ fn prune_keeps_what_is_used_and_the_newest_and_removes_the_rest_with_their_snaps
         Vec::<String>::new()
     );
     let judged: serde_json::Value = serde_json::from_str(dry.stdout().trim()).unwrap();
+    util::schema::assert_valid("prune", &judged);
     assert_eq!(judged["apply"], false);
     let images = judged["images"].as_array().unwrap();
     assert_eq!(images.len(), 10, "only this template's images: {judged}");
@@ -274,6 +275,10 @@ fn prune_keeps_what_is_used_and_the_newest_and_removes_the_rest_with_their_snaps
         &["prune", "shop.toml", "--keep", "2", "--apply"],
     );
     applied.expect_code(0);
+    util::schema::assert_valid(
+        "prune",
+        &serde_json::from_str(applied.stdout().trim()).unwrap(),
+    );
     let (images, snapshots) = what_is_left(&cloud, &runtime, &clients);
     assert!(images.contains(&other) && images.contains(&base_like));
     for (n, (image, snapshot)) in baked.iter().enumerate() {

@@ -15,6 +15,7 @@ pub mod promote;
 pub mod prune;
 mod report;
 pub mod rollback;
+pub mod schema;
 pub mod validate;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -209,6 +210,9 @@ pub enum Command {
         after_help = "Example:\n  amibake iam-policy templates/shop.toml --mode bake --backend direct"
     )]
     IamPolicy(iam_policy::IamPolicyArgs),
+    /// Print the JSON Schema of a manifest, the progress events or a command's JSON output.
+    #[command(after_help = "Example:\n  amibake schema bake-manifest > bake-manifest.schema.json")]
+    Schema(schema::SchemaArgs),
     /// Print shell completions for bash, zsh, fish, elvish or powershell.
     #[command(
         after_help = "Example:\n  amibake completions bash > /etc/bash_completion.d/amibake"
@@ -233,6 +237,7 @@ pub async fn dispatch(cli: Cli) -> i32 {
         Command::Prune(args) => prune::run(args, global).await,
         Command::Gc(args) => gc::run(args, global).await,
         Command::IamPolicy(args) => iam_policy::run(args),
+        Command::Schema(args) => schema::run(args),
         Command::Completions(args) => docs::completions(args),
         Command::Man(args) => docs::man(args),
     }

@@ -22,7 +22,7 @@ pub fn open(dir: Option<PathBuf>) -> Result<ImageCache, CacheCommandError> {
         .ok_or(CacheCommandError::NoDirectory)
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, schemars::JsonSchema)]
 pub struct Listing {
     pub cache_dir: PathBuf,
     pub entries: Vec<ListedEntry>,
@@ -38,7 +38,7 @@ pub fn ls(cache: &ImageCache) -> Listing {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, schemars::JsonSchema)]
 pub struct Pruned {
     pub cache_dir: PathBuf,
     /// (snapshot id, bytes freed)

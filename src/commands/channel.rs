@@ -47,7 +47,7 @@ pub async fn clients(aws: &AwsOptions) -> Result<Clients, ChannelError> {
 }
 
 /// One version of a channel with what its image says of itself.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, schemars::JsonSchema)]
 pub struct Entry {
     pub version: i64,
     pub ami_id: String,
@@ -63,7 +63,7 @@ pub struct Entry {
 }
 
 /// A version of the channel, as `promote` and `rollback` report before and after.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, schemars::JsonSchema)]
 pub struct Point {
     pub version: i64,
     pub ami_id: String,

@@ -42,7 +42,7 @@ pub struct GcOptions {
 }
 
 /// One thing a run left.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct Leftover {
     pub build_id: String,
     /// `instance`, `volume`, `key pair`, `security group`, `snapshot`, `image`, `mount`,
@@ -56,13 +56,13 @@ pub struct Leftover {
 }
 
 /// A run whose build id was seen but which gc leaves alone, and why.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct Spared {
     pub build_id: String,
     pub why: String,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, schemars::JsonSchema)]
 pub struct Collected {
     pub region: String,
     /// Every region looked in.

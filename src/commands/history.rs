@@ -3,7 +3,7 @@
 use super::channel::{self, ChannelError, Entry};
 use crate::aws::{ssm, AwsOptions};
 
-#[derive(Debug, serde::Serialize)]
+#[derive(Debug, serde::Serialize, schemars::JsonSchema)]
 pub struct History {
     pub parameter: String,
     pub region: String,

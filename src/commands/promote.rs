@@ -6,7 +6,7 @@ use super::channel::{self, ChannelError, Point};
 use crate::aws::{ami, ssm, AwsOptions};
 
 /// What a channel named before a change and names after it.
-#[derive(Debug, serde::Serialize)]
+#[derive(Debug, serde::Serialize, schemars::JsonSchema)]
 pub struct Moved {
     pub parameter: String,
     pub region: String,

@@ -39,7 +39,7 @@ pub enum Selection {
 }
 
 /// What happens to an image that is not kept.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Removal {
     /// Deregistered, with the snapshots no other image uses.
@@ -93,7 +93,7 @@ impl PruneError {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Decision {
     Keep,
@@ -101,7 +101,7 @@ pub enum Decision {
 }
 
 /// One image and what the prune made of it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct Judged {
     pub ami_id: String,
     pub name: String,
@@ -114,7 +114,7 @@ pub struct Judged {
     pub outcome: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, schemars::JsonSchema)]
 pub struct Pruned {
     pub region: String,
     pub apply: bool,

@@ -80,7 +80,7 @@ pub struct CachedImage {
 }
 
 /// One complete entry, as `list` shows it.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, schemars::JsonSchema)]
 pub struct ListedEntry {
     pub snapshot_id: String,
     /// Bytes the image takes on disk (its data, not its holes).
@@ -89,7 +89,9 @@ pub struct ListedEntry {
     pub volume_bytes: u64,
     /// Blocks holding data.
     pub blocks: usize,
+    /// RFC 3339, UTC, to the second.
     #[serde(serialize_with = "serialize_time")]
+    #[schemars(with = "String")]
     pub last_used: std::time::SystemTime,
 }
 

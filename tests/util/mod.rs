@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod localcloud;
+pub mod schema;
 pub mod tarballs;
 
 use std::path::{Path, PathBuf};
