@@ -317,6 +317,18 @@ fn direct_bakes_without_imds_or_volumes_and_puts_only_changed_blocks() {
         puts > 0 && puts <= changed,
         "{puts} blocks put, {changed} blocks differ"
     );
+    // The upload's progress says its total once the reading has found every block: the
+    // last says all of it is put.
+    let upload: Vec<serde_json::Value> = run
+        .stderr()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["event"] == "progress" && e["step"] == "upload snapshot")
+        .filter(|e| e["unit"] == "bytes")
+        .collect();
+    let last = upload.last().unwrap_or_else(|| panic!("{}", run.dump()));
+    assert_eq!(last["done"], (puts as u64 * 512 * 1024), "{last}");
+    assert_eq!(last["total"], last["done"], "{last}");
     // The bake's transactions in the ext4 journal are not among them: the journal was
     // clean after the unmount and is put back to the base's.
     assert!(

@@ -60,8 +60,27 @@ impl EventSink for JsonLines {
 pub struct PlainLines {
     out: Mutex<Box<dyn Write + Send>>,
     last_progress: Mutex<HashMap<String, (u64, Instant)>>,
+    /// Each step's first progress: where its rate is measured from.
+    first_progress: Mutex<HashMap<String, (u64, Instant)>>,
     /// Also print notes (each wait's state, devices found): `-v`.
     verbose: bool,
+}
+
+/// ", 12.5 MiB/s, 40s left": the rate of `moved` bytes over `elapsed`, and the time left at
+/// that rate once the total is known; empty until a rate can be told.
+fn pace(moved: u64, elapsed: Duration, done: u64, total: Option<u64>) -> String {
+    // Shorter than this, a rate is noise.
+    const MEASURED_OVER: Duration = Duration::from_secs(1);
+    if elapsed < MEASURED_OVER || moved == 0 {
+        return String::new();
+    }
+    let per_second = moved as f64 / elapsed.as_secs_f64();
+    let mut text = format!(", {}/s", indicatif::HumanBytes(per_second as u64));
+    if let Some(total) = total.filter(|t| *t > done) {
+        let left = Duration::from_secs(((total - done) as f64 / per_second).ceil() as u64);
+        text.push_str(&format!(", {} left", indicatif::HumanDuration(left)));
+    }
+    text
 }
 
 /// How often plain output reports progress whose total is not known.
@@ -72,6 +91,7 @@ impl PlainLines {
         PlainLines {
             out: Mutex::new(out),
             last_progress: Mutex::new(HashMap::new()),
+            first_progress: Mutex::new(HashMap::new()),
             verbose,
         }
     }
@@ -117,12 +137,24 @@ impl EventSink for PlainLines {
                 unit,
                 files,
             } => {
+                let (from, since) = *self
+                    .first_progress
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .entry(step.clone())
+                    .or_insert((*done, Instant::now()));
                 if self.progress_worth_a_line(step, *done, *total) {
                     let of = total
                         .map(|t| format!(" of {}", human_amount(t, *unit)))
                         .unwrap_or_default();
+                    let pace = match unit {
+                        Unit::Bytes => {
+                            pace(done.saturating_sub(from), since.elapsed(), *done, *total)
+                        }
+                        _ => String::new(),
+                    };
                     self.line(&format!(
-                        "  {step}: {}{of}{}",
+                        "  {step}: {}{of}{}{pace}",
                         human_amount(*done, *unit),
                         files_so_far(*files)
                     ));
@@ -218,7 +250,7 @@ impl EventSink for TerminalBars {
                         Some(t) => {
                             if bar.length() != Some(*t) {
                                 let template = match unit {
-                                    Unit::Bytes => "{spinner} {prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {msg}",
+                                    Unit::Bytes => "{spinner} {prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}, {eta} left {msg}",
                                     Unit::Files => "{spinner} {prefix} [{bar:30}] {pos}/{len} files {msg}",
                                     Unit::Percent => "{spinner} {prefix} [{bar:30}] {pos}% {msg}",
                                 };
@@ -235,6 +267,19 @@ impl EventSink for TerminalBars {
                                     files_so_far(*files).trim_start_matches(", ").to_string(),
                                 );
                             }
+                        }
+                        // Bytes without a total yet (an upload while its blocks are still
+                        // found): how many and how fast.
+                        None if *unit == Unit::Bytes && files.is_none() => {
+                            if bar.position() == 0 {
+                                bar.set_style(
+                                    ProgressStyle::with_template(
+                                        "{spinner} {prefix} {bytes} {bytes_per_sec} {msg}",
+                                    )
+                                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+                                );
+                            }
+                            bar.set_position(*done);
                         }
                         None => bar.set_message(format!(
                             "{}{}",
@@ -276,5 +321,31 @@ impl EventSink for TerminalBars {
                 self.println(&format!("{outcome} in {seconds:.1}s"))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pace_tells_the_rate_and_once_the_total_is_known_the_time_left() {
+        let mib = 1 << 20;
+        assert_eq!(
+            pace(10 * mib, Duration::from_millis(500), 10 * mib, None),
+            ""
+        );
+        assert_eq!(
+            pace(20 * mib, Duration::from_secs(2), 20 * mib, None),
+            ", 10.00 MiB/s"
+        );
+        assert_eq!(
+            pace(20 * mib, Duration::from_secs(2), 20 * mib, Some(420 * mib)),
+            ", 10.00 MiB/s, 40 seconds left"
+        );
+        assert_eq!(
+            pace(20 * mib, Duration::from_secs(2), 20 * mib, Some(20 * mib)),
+            ", 10.00 MiB/s"
+        );
     }
 }

@@ -136,6 +136,39 @@ pub fn mount_grown(device: &Path, target: &Path) -> Result<u64, MountError> {
     Ok(stat.f_blocks * stat.f_frsize)
 }
 
+/// Writes out what the filesystem mounted at `target` still holds in memory (syncfs), so
+/// the unmount after it is quick; meanwhile tells `written(done, total)` how much of what
+/// was waiting to be written, by the kernel's count for the whole machine (Dirty and
+/// Writeback in /proc/meminfo), is out. Blocks.
+pub fn flush(target: &Path, mut written: impl FnMut(u64, u64)) -> std::io::Result<()> {
+    const LOOK_EVERY: Duration = Duration::from_millis(250);
+    let dir = std::fs::File::open(target)?;
+    let waiting = || std::fs::read_to_string("/proc/meminfo").map_or(0, |m| waiting_bytes(&m));
+    let total = waiting();
+    let syncing = std::thread::spawn(move || rustix::fs::syncfs(&dir));
+    while !syncing.is_finished() && total > 0 {
+        written(total.saturating_sub(waiting()), total);
+        std::thread::sleep(LOOK_EVERY);
+    }
+    if total > 0 {
+        written(total, total);
+    }
+    syncing
+        .join()
+        .map_err(|_| std::io::Error::other("syncfs panicked"))?
+        .map_err(std::io::Error::from)
+}
+
+/// Bytes the kernel has yet to write out: Dirty plus Writeback, from /proc/meminfo's text.
+fn waiting_bytes(meminfo: &str) -> u64 {
+    meminfo
+        .lines()
+        .filter(|l| l.starts_with("Dirty:") || l.starts_with("Writeback:"))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum::<u64>()
+        * 1024
+}
+
 /// Unmounts `target`, retrying while it is busy; the last error names who holds it.
 pub fn unmount(target: &Path) -> Result<(), MountError> {
     let mut reason = String::new();
@@ -362,6 +395,13 @@ pub fn put_chroot_files(files: &mut TemporaryFiles) -> Result<(), MountError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_is_waiting_to_be_written_is_dirty_plus_writeback() {
+        let meminfo = "MemTotal:       16384 kB\nDirty:            2048 kB\nWriteback:         512 kB\nWritebackTmp:       9 kB\n";
+        assert_eq!(waiting_bytes(meminfo), (2048 + 512) * 1024);
+        assert_eq!(waiting_bytes(""), 0);
+    }
     use std::os::unix::fs::PermissionsExt;
 
     #[test]

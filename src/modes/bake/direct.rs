@@ -4,6 +4,8 @@
 //! put into a new snapshot whose parent is the base's.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use aws_sdk_ec2::types::{ResourceType, TagSpecification};
@@ -468,6 +470,22 @@ async fn restore_base_journal(
     .map_err(failed)?
 }
 
+/// The changed blocks the reading has found, and whether it has read the whole image.
+#[derive(Default)]
+struct ToPut {
+    blocks: AtomicU64,
+    read_all: AtomicBool,
+}
+
+impl ToPut {
+    /// The upload's bytes, once they are all known.
+    fn total(&self) -> Option<u64> {
+        self.read_all
+            .load(Ordering::Relaxed)
+            .then(|| self.blocks.load(Ordering::Relaxed) * BLOCK_SIZE as u64)
+    }
+}
+
 /// Puts the blocks of `image` that differ from the parent's `parent_digests` (every block
 /// holding data with no parent) as the reading finds them, `BLOCKS_IN_FLIGHT` at a time: the
 /// reading and the uploads overlap, and a block's bytes are held only from its read to its
@@ -482,6 +500,10 @@ async fn put_changed_blocks(
     let (found_tx, mut found) =
         tokio::sync::mpsc::channel::<(disk_image::ChangedBlock, Vec<u8>)>(BLOCKS_IN_FLIGHT);
     let path = image.to_path_buf();
+    // The upload's total is known once the reading has found every changed block; until
+    // then the progress shows what is put and how fast.
+    let to_put = Arc::new(ToPut::default());
+    let counted = to_put.clone();
     let reading = tokio::task::spawn_blocking(move || {
         let mut changed = Vec::new();
         disk_image::changed_blocks(
@@ -492,10 +514,14 @@ async fn put_changed_blocks(
             |block, data| {
                 if found_tx.blocking_send((block, data.to_vec())).is_ok() {
                     changed.push(block);
+                    counted.blocks.fetch_add(1, Ordering::Relaxed);
                 }
             },
         )
-        .map(|()| changed)
+        .map(|()| {
+            counted.read_all.store(true, Ordering::Relaxed);
+            changed
+        })
         .map_err(|e| failed(format!("read {}: {e}", path.display())))
     });
     let put = |(block, data): (disk_image::ChangedBlock, Vec<u8>)| {
@@ -514,7 +540,7 @@ async fn put_changed_blocks(
         put,
         |()| {
             done += BLOCK_SIZE as u64;
-            progress.advance(done, None, Unit::Bytes, None);
+            progress.advance(done, to_put.total(), Unit::Bytes, None);
             Ok(())
         },
     )

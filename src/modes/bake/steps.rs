@@ -257,11 +257,28 @@ impl<B: Backend> Step<BakeState<B>> for UnmountImage {
         "unmount image"
     }
     async fn run(&self, s: &mut BakeState<B>, ctx: &mut StepContext) -> Result<(), StepError> {
-        for id in [s.restore_files.take(), s.unmount_root.take()]
-            .into_iter()
-            .flatten()
-        {
-            undo_now(ctx, id).await?;
+        if let Some(restore) = s.restore_files.take() {
+            undo_now(ctx, restore).await?;
+        }
+        // The unmount waits for every change to reach the disk: written first, with how
+        // much is left to write shown, the unmount itself is quick.
+        if s.unmount_root.is_some() {
+            let (target, progress) = (s.mount_point.clone(), ctx.progress.clone());
+            let flushed = tokio::task::spawn_blocking(move || {
+                mount::flush(&target, |done, total| {
+                    progress.advance(done, Some(total), Unit::Bytes, None)
+                })
+            })
+            .await
+            .map_err(failed)?;
+            if let Err(e) = flushed {
+                ctx.progress.note(format!(
+                    "cannot write the image's changes out ahead of the unmount: {e}"
+                ));
+            }
+        }
+        if let Some(unmount) = s.unmount_root.take() {
+            undo_now(ctx, unmount).await?;
         }
         Ok(())
     }
