@@ -930,6 +930,50 @@ fn an_error_before_the_steps_masks_the_templates_secrets() {
     assert!(!run.stderr().contains(SECRET), "{}", run.dump());
 }
 
+/// A template that fails its checks says what is wrong without the secrets it resolved:
+/// an error quoting a value built from `${env.…}` or a sensitive variable masks them, and a
+/// sensitive value too short to mask is refused.
+#[test]
+fn an_invalid_templates_errors_mask_its_secrets() {
+    const SECRET: &str = "tok-0f5e2d";
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("t.toml"),
+        "[variables]\npin = { default = \"pin-77aa11\", sensitive = true }\nshort = { default = \"abc\", sensitive = true }\n\n\
+         [bake]\nname = \"app-${commit}\"\nbase_ami = \"ami-0123456789abcdef0\"\ndest = \"/srv/app\"\n\
+         publish_ssm = \"/x/${env.AMIBAKE_CLI_TEST_ERR_SECRET}/${var.pin} y\"\n",
+    )
+    .unwrap();
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_amibake"))
+        .current_dir(dir.path())
+        .args(["validate", "t.toml"])
+        .env("AMIBAKE_CLI_TEST_ERR_SECRET", SECRET)
+        .output()
+        .unwrap();
+    let run = util::Run {
+        command: "amibake validate t.toml".into(),
+        output: run,
+    };
+    run.expect_code(2);
+    let stderr = run.stderr();
+    assert!(
+        stderr.contains("bake.publish_ssm: `/x/***/*** y` is not an SSM parameter name"),
+        "{}",
+        run.dump()
+    );
+    assert!(
+        !stderr.contains(SECRET) && !stderr.contains("pin-77aa11"),
+        "{}",
+        run.dump()
+    );
+    assert!(
+        stderr
+            .contains("variables.short: `short` is sensitive, but its value is under 4 characters"),
+        "{}",
+        run.dump()
+    );
+}
+
 #[test]
 fn base_that_cannot_reach_aws_names_the_lookup_that_failed() {
     let run = amibake(&["base", "templates/shop.toml"]);

@@ -97,14 +97,11 @@ fn print_outcome<M: Manifest>(
         for left in &report.leftovers {
             eprintln!("error: could not clean up {left}");
         }
-        if !report.kept.is_empty() {
-            for kept in &report.kept {
-                eprintln!("kept: {kept}");
-            }
-            eprintln!(
-                "remove what this run kept with: amibake gc --build-id {} --apply",
-                report.build_id
-            );
+        for kept in &report.kept {
+            eprintln!("kept (--on-error=abort): {kept}");
+        }
+        for line in &report.to_look {
+            eprintln!("{line}");
         }
     }
     let code = result

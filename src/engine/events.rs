@@ -102,9 +102,10 @@ impl EventSink for Masked {
     fn emit(&self, event: &Event) {
         let mask = |text: &String| self.secrets.mask(text);
         let masked = match event.clone() {
+            // A command without a name is named by what it runs, which may hold a secret.
             Event::Output { step, source, line } => Event::Output {
                 step,
-                source,
+                source: mask(&source),
                 line: mask(&line),
             },
             Event::Note { step, message } => Event::Note {

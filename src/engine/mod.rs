@@ -85,6 +85,9 @@ pub struct RunReport {
     pub leftovers: Vec<Leftover>,
     /// What a failed run kept, asked to (`OnFailure::Keep`).
     pub kept: Vec<Kept>,
+    /// With `kept`: how to reach it and how to remove it, in lines for a person; the mode
+    /// that ran knows them.
+    pub to_look: Vec<String>,
     pub seconds: f64,
 }
 
@@ -100,6 +103,9 @@ impl RunReport {
         }
         for kept in &mut self.kept {
             kept.resource = secrets.mask(&kept.resource);
+        }
+        for line in &mut self.to_look {
+            *line = secrets.mask(line);
         }
         self
     }
@@ -213,6 +219,7 @@ pub async fn run<S: Send>(
             steps: times,
             leftovers: Vec::new(),
             kept,
+            to_look: Vec::new(),
             seconds,
         };
     }
@@ -251,7 +258,18 @@ pub async fn run<S: Send>(
         steps: times,
         leftovers,
         kept: Vec::new(),
+        to_look: Vec::new(),
         seconds,
+    }
+}
+
+impl RunReport {
+    /// The command that removes what this run kept.
+    pub fn gc_kept(&self, region: &str) -> String {
+        format!(
+            "remove what this run kept with: amibake gc --build-id {} --region {region} --apply",
+            self.build_id
+        )
     }
 }
 

@@ -71,6 +71,8 @@ pub struct TemporaryInstance {
     temporary_group: Option<String>,
     instance_id: Option<String>,
     terminate: Option<UndoId>,
+    /// Stopped for its image: what `keep_for_a_look` says.
+    stopped: bool,
     ssh_target: Option<SshTarget>,
     ssh: Option<Arc<Ssh>>,
 }
@@ -94,6 +96,7 @@ impl TemporaryInstance {
             temporary_group: None,
             instance_id: None,
             terminate: None,
+            stopped: false,
             ssh_target: None,
             ssh: None,
         })
@@ -478,16 +481,28 @@ impl TemporaryInstance {
     pub fn keep_for_a_look(&mut self) -> Option<String> {
         let id = self.instance_id.as_ref()?;
         self.key_dir.keep();
-        Some(match &self.ssh_target {
-            Some(t) => format!(
-                "instance {id} kept (--on-error=abort): ssh -i {} -p {} {}@{}",
+        let ssh = self.ssh_target.as_ref().map(|t| {
+            format!(
+                "ssh -i {} -p {} {}@{}",
                 t.private_key.display(),
                 t.port,
                 t.user,
                 t.host
+            )
+        });
+        Some(match (ssh, self.stopped) {
+            (Some(ssh), false) => format!("instance {id} runs: {ssh}"),
+            (Some(ssh), true) => format!(
+                "instance {id} was stopped after provisioning: `aws ec2 start-instances --instance-ids {id}`, then {ssh} (at its new address)"
             ),
-            None => format!("instance {id} kept (--on-error=abort); it has no SSH address yet"),
+            (None, _) => format!("instance {id} has no SSH address yet"),
         })
+    }
+
+    /// Says the instance is being stopped (its image is next): a look at it must start it.
+    pub fn stopping(&mut self) {
+        self.disconnect();
+        self.stopped = true;
     }
 
     /// Connects over SSH once the instance answers, within the template's `ssh_timeout`.

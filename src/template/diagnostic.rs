@@ -68,6 +68,10 @@ impl<'a> SourceMap<'a> {
         self.file
     }
 
+    pub fn text(&self) -> &str {
+        self.text
+    }
+
     /// The source text at `span`, or "" when it lies outside.
     pub fn slice(&self, span: Range<usize>) -> &str {
         self.text.get(span).unwrap_or("")

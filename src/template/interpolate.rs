@@ -37,7 +37,7 @@ const PLACEHOLDER_COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 #[derive(Debug, Clone, Default)]
 pub struct Secrets(Vec<String>);
 
-const MIN_MASKED: usize = 4;
+pub const MIN_MASKED: usize = 4;
 const MASK: &str = "***";
 
 impl Secrets {
@@ -50,21 +50,20 @@ impl Secrets {
         Secrets::default().with(values)
     }
 
-    /// These secrets and `values` (a sensitive variable's, say).
+    /// These secrets and `values` (a sensitive variable's, say). A value of several lines
+    /// (a key, a JSON document) is masked line by line too, as output comes in lines.
     pub fn with(mut self, values: impl IntoIterator<Item = String>) -> Secrets {
         for value in values {
-            if value.len() >= MIN_MASKED && !self.0.contains(&value) {
-                self.0.push(value);
+            let lines: Vec<String> = value.lines().map(|l| l.trim().to_string()).collect();
+            for part in std::iter::once(value).chain(lines) {
+                if part.len() >= MIN_MASKED && !self.0.contains(&part) {
+                    self.0.push(part);
+                }
             }
         }
         // Longest first, so a secret that contains another is masked whole.
         self.0.sort_by_key(|v| std::cmp::Reverse(v.len()));
         self
-    }
-
-    /// These secrets and `other`'s.
-    pub fn merged(self, other: Secrets) -> Secrets {
-        self.with(other.0)
     }
 
     /// `text` with every secret value replaced by `***`.
@@ -193,6 +192,9 @@ mod tests {
             "x *** y *** z ab not-a-reference"
         );
         assert!(Secrets::referenced_in("no references").is_empty());
+        let pem =
+            Secrets::default().with(["-----BEGIN KEY-----\nMIIEabc123\n-----END KEY-----".into()]);
+        assert_eq!(pem.mask("line: MIIEabc123"), "line: ***");
     }
 
     fn ctx() -> Context {

@@ -9,6 +9,7 @@ mod ami_ref;
 mod check;
 mod diagnostic;
 mod interpolate;
+mod read;
 mod schema;
 mod variables;
 
@@ -365,9 +366,6 @@ pub fn load(path: &Path, options: &LoadOptions) -> Result<Template, TemplateErro
 /// Checks and resolves template text; `path` names it in errors and anchors relative paths.
 pub fn parse(path: &Path, text: &str, options: &LoadOptions) -> Result<Template, TemplateErrors> {
     let map = diagnostic::SourceMap::new(path, text);
-    let parsed = check::deserialize(&map, text)?;
-    let mut template = check::resolve(path, &map, parsed, options)?;
-    template.secrets =
-        std::mem::take(&mut template.secrets).merged(interpolate::Secrets::referenced_in(text));
-    Ok(template)
+    let parsed = read::deserialize(&map, text)?;
+    check::resolve(path, &map, parsed, options)
 }

@@ -439,25 +439,18 @@ async fn execute<B: Send>(
 ) -> (RunReport, Built) {
     let build_id = state.build_id.clone();
     let on_failure = state.on_failure;
-    let report = engine::run(
-        "bake",
-        &build_id,
-        &steps,
-        &mut state,
-        sink.clone(),
-        cancel,
-        on_failure,
+    let mut report = engine::run(
+        "bake", &build_id, &steps, &mut state, sink, cancel, on_failure,
     )
     .await;
+    if report.kept.iter().any(|k| k.action == "unmount") {
+        report.to_look.push(format!(
+            "the image is mounted at {0}: `sudo chroot {0} /bin/sh` to look inside",
+            state.mount_point.display()
+        ));
+    }
     if !report.kept.is_empty() {
-        sink.emit(&engine::Event::Note {
-            step: String::new(),
-            message: format!(
-                "kept for a look (--on-error=abort): the image is mounted at {}; `sudo chroot {} /bin/sh` to look inside",
-                state.mount_point.display(),
-                state.mount_point.display()
-            ),
-        });
+        report.to_look.push(report.gc_kept(&state.clients.region));
     }
     let built = Built {
         image_id: state.image_id,

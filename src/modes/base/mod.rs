@@ -206,25 +206,21 @@ async fn run_loaded(
         Some(reuse) => publish_steps(reuse.test_first),
         None => steps(),
     };
-    let report = engine::run(
+    let mut report = engine::run(
         "base",
         &build_id,
         &steps,
         &mut state,
-        sink.clone(),
+        sink,
         cancel,
         options.common.on_failure,
     )
-    .await
-    .masked(&secrets);
+    .await;
     if !report.kept.is_empty() {
-        if let Some(how) = state.instance.keep_for_a_look() {
-            sink.emit(&engine::Event::Note {
-                step: String::new(),
-                message: how,
-            });
-        }
+        report.to_look.extend(state.instance.keep_for_a_look());
+        report.to_look.push(report.gc_kept(&clients.region));
     }
+    let report = report.masked(&secrets);
     let manifest = match (&report.outcome, &state.image_id) {
         (engine::Outcome::Succeeded, Some(image)) => {
             let was_reused = reused.is_some();

@@ -114,7 +114,7 @@ impl Step<BaseState> for StopInstance {
     }
     async fn run(&self, s: &mut BaseState, ctx: &mut StepContext) -> Result<(), StepError> {
         // The session ends before the machine does.
-        s.instance.disconnect();
+        s.instance.stopping();
         let instance_id = s.instance.id()?;
         s.clients
             .ec2

@@ -1,0 +1,481 @@
+//! The sections: `[base]` and `[bake]`, the instance each launches, their channel and
+//! their distribution.
+
+use super::rules::{is_account_name, is_region_name};
+use super::*;
+
+/// How long `base` waits for SSH when the template does not say: vendor images on small
+/// instance types can take minutes to boot.
+const DEFAULT_SSH_TIMEOUT: Duration = Duration::from_secs(300);
+
+impl Checker<'_> {
+    pub(super) fn base(&mut self, s: BaseSection) -> BasePlan {
+        let name = self.ami_name("base.name", &s.name);
+        let description = self.opt_public_text("base.description", &s.description);
+        let source_ami = self.ami_ref("base.source_ami", &s.source_ami);
+        let instance = self.instance(
+            "base",
+            InstanceKeys {
+                instance_type: &s.instance_type,
+                ssh_username: &s.ssh_username,
+                ssh_interface: &s.ssh_interface,
+                ssh_timeout_seconds: &s.ssh_timeout_seconds,
+                ssh_keypair_name: &s.ssh_keypair_name,
+                ssh_private_key_file: &s.ssh_private_key_file,
+                ssh_cidrs: &s.ssh_cidrs,
+                subnet_id: &s.subnet_id,
+                security_group_ids: &s.security_group_ids,
+                associate_public_ip: s.associate_public_ip,
+                iam_instance_profile: &s.iam_instance_profile,
+                user_data: &s.user_data,
+                root_volume_size_gb: &s.root_volume_size_gb,
+                root_volume_type: &s.root_volume_type,
+            },
+        );
+        let publish = self.publish("base", &s.publish_ssm, &s.publish_label);
+        let distribution = self.distribution(
+            "base",
+            DistributionKeys {
+                copy_to_regions: &s.copy_to_regions,
+                share_with_accounts: &s.share_with_accounts,
+                kms_key_ids: &s.kms_key_ids,
+                deprecate_after: &s.deprecate_after,
+                imds_support: &s.imds_support,
+            },
+        );
+        BasePlan {
+            name,
+            description,
+            source_ami,
+            instance,
+            publish,
+            distribution,
+            tags: self.tags("base", &s.tags),
+            provisioners: self.provisioners("base", &s.provisioners),
+            pre: self.stage("base.pre", &s.pre),
+            post: self.stage("base.post", &s.post),
+            tests: self.tests("base", &s.tests),
+            variant: Variant::default(),
+        }
+    }
+
+    /// How a temporary instance is launched and reached; `section` prefixes every key.
+    fn instance(&mut self, section: &str, s: InstanceKeys) -> InstancePlan {
+        let key = |name: &str| format!("{section}.{name}");
+        let instance_type = self.text(&key("instance_type"), s.instance_type);
+        if !instance_type.contains('.')
+            || instance_type.starts_with('.')
+            || instance_type.ends_with('.')
+        {
+            self.error(
+                Some(s.instance_type.span()),
+                &key("instance_type"),
+                format!("`{instance_type}` is not an instance type like `t3.small`"),
+            );
+        }
+        let ssh_username = self.text(&key("ssh_username"), s.ssh_username);
+        if ssh_username.is_empty() {
+            self.error(
+                Some(s.ssh_username.span()),
+                &key("ssh_username"),
+                "the SSH user cannot be empty".into(),
+            );
+        }
+        let ssh_timeout = match s.ssh_timeout_seconds {
+            Some(t) if *t.get_ref() == 0 => {
+                self.error(
+                    Some(t.span()),
+                    &key("ssh_timeout_seconds"),
+                    "must be more than 0".into(),
+                );
+                DEFAULT_SSH_TIMEOUT
+            }
+            Some(t) => Duration::from_secs(*t.get_ref()),
+            None => DEFAULT_SSH_TIMEOUT,
+        };
+        let ssh_keypair = match (s.ssh_keypair_name, s.ssh_private_key_file) {
+            (Some(name), Some(file)) => {
+                let name = self.text(&key("ssh_keypair_name"), name);
+                self.local_file(&key("ssh_private_key_file"), file)
+                    .map(|private_key_file| ExistingKeyPair {
+                        name,
+                        private_key_file,
+                    })
+            }
+            (Some(name), None) => {
+                self.error(
+                    Some(name.span()),
+                    &key("ssh_keypair_name"),
+                    "an existing key pair needs `ssh_private_key_file`, the private key to log in with".into(),
+                );
+                None
+            }
+            (None, Some(file)) => {
+                self.error(
+                    Some(file.span()),
+                    &key("ssh_private_key_file"),
+                    "a private key file goes with `ssh_keypair_name`, the key pair EC2 installs it from".into(),
+                );
+                None
+            }
+            (None, None) => None,
+        };
+        if let (Some(cidrs), Some(_)) = (s.ssh_cidrs, s.security_group_ids) {
+            self.error(
+                Some(cidrs.span()),
+                &key("ssh_cidrs"),
+                "`ssh_cidrs` shapes the temporary security group, which `security_group_ids` replaces: set one of them".into(),
+            );
+        }
+        let ssh_cidrs = s.ssh_cidrs.as_ref().map(|list| {
+            list.get_ref()
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    let key = key(&format!("ssh_cidrs[{i}]"));
+                    let v = self.text(&key, c);
+                    if !is_ipv4_cidr(&v) {
+                        self.error(
+                            Some(c.span()),
+                            &key,
+                            format!("`{v}` is not an IPv4 CIDR like 203.0.113.7/32"),
+                        );
+                    }
+                    v
+                })
+                .collect()
+        });
+        let security_group_ids = s.security_group_ids.as_ref().map(|list| {
+            list.get_ref()
+                .iter()
+                .enumerate()
+                .map(|(i, g)| self.prefixed_id(&key(&format!("security_group_ids[{i}]")), g, "sg-"))
+                .collect()
+        });
+        let subnet_id = s
+            .subnet_id
+            .as_ref()
+            .map(|v| self.prefixed_id(&key("subnet_id"), v, "subnet-"));
+        let (root_volume_size_gb, root_volume_type) = self.volume(
+            &key("root_volume_"),
+            s.root_volume_size_gb,
+            s.root_volume_type,
+        );
+        InstancePlan {
+            instance_type,
+            ssh_username,
+            ssh_interface: s.ssh_interface.as_ref().map(|i| *i.get_ref()),
+            ssh_timeout,
+            ssh_keypair,
+            ssh_cidrs,
+            subnet_id,
+            security_group_ids,
+            associate_public_ip: s.associate_public_ip,
+            iam_instance_profile: self
+                .opt_text(&key("iam_instance_profile"), s.iam_instance_profile),
+            // Anyone who may describe the instance reads its user data.
+            user_data: self.opt_public_text(&key("user_data"), s.user_data),
+            root_volume_size_gb,
+            root_volume_type,
+        }
+    }
+
+    fn prefixed_id(&mut self, key: &str, value: &Spanned<String>, prefix: &str) -> String {
+        let v = self.text(key, value);
+        if !v.starts_with(prefix) {
+            self.error(
+                Some(value.span()),
+                key,
+                format!("`{v}` is not an id starting with `{prefix}`"),
+            );
+        }
+        v
+    }
+
+    fn publish(
+        &mut self,
+        section: &str,
+        parameter: &Option<Spanned<String>>,
+        label: &Option<Spanned<String>>,
+    ) -> Option<SsmPublish> {
+        if let (None, Some(l)) = (parameter, label) {
+            self.error(
+                Some(l.span()),
+                &format!("{section}.publish_label"),
+                "`publish_label` labels a version of `publish_ssm`, which is not set".into(),
+            );
+        }
+        let p = parameter.as_ref()?;
+        let name = self.text(&format!("{section}.publish_ssm"), p);
+        if !name.starts_with('/')
+            || name.len() < 2
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "/_.-".contains(c))
+        {
+            self.error(Some(p.span()), &format!("{section}.publish_ssm"), format!("`{name}` is not an SSM parameter name: start with `/`, use letters, digits and / _ . -"));
+        } else if name.starts_with("/aws/") || name.starts_with("/ssm/") {
+            self.error(
+                Some(p.span()),
+                &format!("{section}.publish_ssm"),
+                format!(
+                    "`{name}` is under a prefix AWS reserves; use your own, like /amibake/APP/{section}"
+                ),
+            );
+        }
+        let label = label.as_ref().map(|l| {
+            let v = self.text(&format!("{section}.publish_label"), l);
+            let lower = v.to_ascii_lowercase();
+            if v.is_empty() || v.starts_with(|c: char| c.is_ascii_digit()) || lower.starts_with("aws") || lower.starts_with("ssm") {
+                self.error(Some(l.span()), &format!("{section}.publish_label"), format!("`{v}` is not a valid SSM label: it cannot be empty, start with a digit, or with aws/ssm"));
+            }
+            v
+        });
+        Some(SsmPublish {
+            parameter: name,
+            label,
+        })
+    }
+
+    /// A list of distinct values, each `valid` (else "is not `what`"): an entry that is not,
+    /// or that is listed twice, is an error at its own line and column.
+    fn distinct_list(
+        &mut self,
+        key: &str,
+        list: Option<&Spanned<Vec<Spanned<String>>>>,
+        valid: impl Fn(&str) -> bool,
+        what: &str,
+    ) -> Vec<String> {
+        let mut values: Vec<String> = Vec::new();
+        for (i, entry) in list.iter().flat_map(|l| l.get_ref().iter().enumerate()) {
+            let key = format!("{key}[{i}]");
+            let value = self.text(&key, entry);
+            if !valid(&value) {
+                self.error(Some(entry.span()), &key, format!("`{value}` is not {what}"));
+            } else if values.contains(&value) {
+                self.error(
+                    Some(entry.span()),
+                    &key,
+                    format!("`{value}` is listed twice"),
+                );
+            } else {
+                values.push(value);
+            }
+        }
+        values
+    }
+
+    /// Where the image goes beyond its own region and who may launch it; the keys are the
+    /// same in both sections.
+    fn distribution(&mut self, section: &str, keys: DistributionKeys) -> Distribution {
+        let copy_to_regions = self.distinct_list(
+            &format!("{section}.copy_to_regions"),
+            keys.copy_to_regions.as_ref(),
+            is_region_name,
+            "a region name like eu-west-1",
+        );
+        let share_with_accounts = self.distinct_list(
+            &format!("{section}.share_with_accounts"),
+            keys.share_with_accounts.as_ref(),
+            |account| account.len() == 12 && account.chars().all(|c| c.is_ascii_digit()),
+            "an AWS account id (12 digits)",
+        );
+        let mut kms_key_ids = BTreeMap::new();
+        for (region, k) in keys.kms_key_ids {
+            let key = format!("{section}.kms_key_ids.{region}");
+            let value = self.text(&key, k);
+            if !copy_to_regions.contains(region) {
+                self.error(Some(k.span()), &key, format!("`{region}` is not in `{section}.copy_to_regions`: a key here encrypts that region's copy"));
+            } else if value.is_empty() {
+                self.error(Some(k.span()), &key, "a KMS key id, ARN or alias".into());
+            }
+            kms_key_ids.insert(region.clone(), value);
+        }
+        let deprecate_after = keys.deprecate_after.as_ref().and_then(|d| {
+            let key = format!("{section}.deprecate_after");
+            let text = self.text(&key, d);
+            // EC2 takes a deprecation time at most 10 years ahead.
+            const TEN_YEARS: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+            match humantime::parse_duration(&text) {
+                Ok(after) if after >= Duration::from_secs(60) && after <= TEN_YEARS => Some(after),
+                Ok(_) => {
+                    self.error(
+                        Some(d.span()),
+                        &key,
+                        format!("`{text}`: between a minute and 10 years, as EC2 takes it"),
+                    );
+                    None
+                }
+                Err(e) => {
+                    self.error(
+                        Some(d.span()),
+                        &key,
+                        format!("`{text}` is not a duration like 90d or 12w: {e}"),
+                    );
+                    None
+                }
+            }
+        });
+        let imds_v2_only = keys.imds_support.as_ref().is_some_and(|v| {
+            let key = format!("{section}.imds_support");
+            let text = self.text(&key, v);
+            if text != "v2.0" {
+                self.error(
+                    Some(v.span()),
+                    &key,
+                    format!("`{text}`: the one value EC2 takes is \"v2.0\""),
+                );
+            }
+            text == "v2.0"
+        });
+        Distribution {
+            copy_to_regions,
+            share_with_accounts,
+            kms_key_ids,
+            deprecate_after,
+            imds_v2_only,
+        }
+    }
+
+    fn sandbox_mode(&mut self, value: &Option<Spanned<String>>) -> SandboxMode {
+        let Some(value) = value else {
+            return SandboxMode::default();
+        };
+        let text = self.text("bake.sandbox", value);
+        match text.as_str() {
+            "private" => SandboxMode::Private,
+            "compat" => SandboxMode::Compat,
+            _ => {
+                self.error(
+                    Some(value.span()),
+                    "bake.sandbox",
+                    format!("`{text}`: expected \"private\" (the default) or \"compat\""),
+                );
+                SandboxMode::default()
+            }
+        }
+    }
+
+    pub(super) fn bake(&mut self, s: BakeSection) -> BakePlan {
+        let name = self.ami_name("bake.name", &s.name);
+        let description = self.opt_public_text("bake.description", &s.description);
+        let base_ami = self.ami_ref("bake.base_ami", &s.base_ami);
+        let dest = self.text("bake.dest", &s.dest);
+        if !dest.starts_with('/') || dest.split('/').any(|part| part == ".." || part == ".") {
+            self.error(
+                Some(s.dest.span()),
+                "bake.dest",
+                format!("`{dest}` must be an absolute path in the image without `.` or `..`"),
+            );
+        }
+        let owner = s.owner.as_ref().map(|o| {
+            let v = self.text("bake.owner", o);
+            let valid =
+                !v.is_empty() && v.split(':').count() <= 2 && v.split(':').all(is_account_name);
+            if !valid {
+                self.error(
+                    Some(o.span()),
+                    "bake.owner",
+                    format!("`{v}` is not `user` or `user:group`"),
+                );
+            }
+            v
+        });
+        // GPT allows 128 partitions; anything above is a typo.
+        const MAX_PARTITION: u32 = 128;
+        if let Some(p) = &s.root_partition {
+            if *p.get_ref() > MAX_PARTITION {
+                self.error(Some(p.span()), "bake.root_partition", format!("partition {} is beyond the {MAX_PARTITION} a disk can have (0 means the whole device)", p.get_ref()));
+            }
+        }
+        let (root_volume_size_gb, root_volume_type) = self.volume(
+            "bake.root_volume_",
+            &s.root_volume_size_gb,
+            &s.root_volume_type,
+        );
+        let test_instance = s.test_instance.as_ref().map(|t| {
+            self.instance(
+                "bake.test_instance",
+                InstanceKeys {
+                    instance_type: &t.instance_type,
+                    ssh_username: &t.ssh_username,
+                    ssh_interface: &t.ssh_interface,
+                    ssh_timeout_seconds: &t.ssh_timeout_seconds,
+                    ssh_keypair_name: &t.ssh_keypair_name,
+                    ssh_private_key_file: &t.ssh_private_key_file,
+                    ssh_cidrs: &t.ssh_cidrs,
+                    subnet_id: &t.subnet_id,
+                    security_group_ids: &t.security_group_ids,
+                    associate_public_ip: t.associate_public_ip,
+                    iam_instance_profile: &t.iam_instance_profile,
+                    user_data: &t.user_data,
+                    root_volume_size_gb: &t.root_volume_size_gb,
+                    root_volume_type: &t.root_volume_type,
+                },
+            )
+        });
+        let distribution = self.distribution(
+            "bake",
+            DistributionKeys {
+                copy_to_regions: &s.copy_to_regions,
+                share_with_accounts: &s.share_with_accounts,
+                kms_key_ids: &s.kms_key_ids,
+                deprecate_after: &s.deprecate_after,
+                imds_support: &s.imds_support,
+            },
+        );
+        BakePlan {
+            name,
+            description,
+            base_ami,
+            // `/` stays itself: a tarball may lay files over the whole image.
+            dest: match dest.trim_end_matches('/') {
+                "" => "/".to_string(),
+                trimmed => trimmed.to_string(),
+            },
+            owner,
+            keep_setuid: s.keep_setuid.map(|k| *k.get_ref()).unwrap_or(false),
+            sandbox: self.sandbox_mode(&s.sandbox),
+            root_partition: s.root_partition.map(|p| *p.get_ref()),
+            root_volume_type,
+            root_volume_size_gb,
+            kms_key_id: self.opt_text("bake.kms_key_id", &s.kms_key_id),
+            test_instance,
+            publish: self.publish("bake", &s.publish_ssm, &s.publish_label),
+            distribution,
+            tags: self.tags("bake", &s.tags),
+            provisioners: self.provisioners("bake", &s.provisioners),
+            pre: self.stage("bake.pre", &s.pre),
+            post: self.stage("bake.post", &s.post),
+            tests: self.tests("bake", &s.tests),
+            variant: Variant::default(),
+        }
+    }
+}
+
+/// The keys of a temporary instance, as `[base]` and `[bake.test_instance]` both write them.
+struct InstanceKeys<'a> {
+    instance_type: &'a Spanned<String>,
+    ssh_username: &'a Spanned<String>,
+    ssh_interface: &'a Option<Spanned<SshInterface>>,
+    ssh_timeout_seconds: &'a Option<Spanned<u64>>,
+    ssh_keypair_name: &'a Option<Spanned<String>>,
+    ssh_private_key_file: &'a Option<Spanned<String>>,
+    ssh_cidrs: &'a Option<Spanned<Vec<Spanned<String>>>>,
+    subnet_id: &'a Option<Spanned<String>>,
+    security_group_ids: &'a Option<Spanned<Vec<Spanned<String>>>>,
+    associate_public_ip: Option<bool>,
+    iam_instance_profile: &'a Option<Spanned<String>>,
+    user_data: &'a Option<Spanned<String>>,
+    root_volume_size_gb: &'a Option<Spanned<i32>>,
+    root_volume_type: &'a Option<Spanned<String>>,
+}
+
+/// The distribution keys of a section, as written.
+struct DistributionKeys<'a> {
+    copy_to_regions: &'a Option<Spanned<Vec<Spanned<String>>>>,
+    share_with_accounts: &'a Option<Spanned<Vec<Spanned<String>>>>,
+    kms_key_ids: &'a BTreeMap<String, Spanned<String>>,
+    deprecate_after: &'a Option<Spanned<String>>,
+    imds_support: &'a Option<Spanned<String>>,
+}
