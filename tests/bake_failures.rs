@@ -134,21 +134,9 @@ fn error_line(run: &Run) -> String {
         .to_string()
 }
 
-/// A run kept with `--on-error=abort` leaves, until its gc, what the other stories here
-/// assert is gone: it runs alone, the others beside each other.
-static KEPT_RUNS: std::sync::RwLock<()> = std::sync::RwLock::new(());
-
-fn beside_others() -> std::sync::RwLockReadGuard<'static, ()> {
-    KEPT_RUNS.read().unwrap_or_else(|e| e.into_inner())
-}
-
-fn alone() -> std::sync::RwLockWriteGuard<'static, ()> {
-    KEPT_RUNS.write().unwrap_or_else(|e| e.into_inner())
-}
-
 #[test]
 fn every_failure_of_a_bake_cleans_up_and_says_where() {
-    let _turn = beside_others();
+    let _turn = util::beside_others();
     let cloud = LocalCloud::start("quick");
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
@@ -554,7 +542,7 @@ fn clean_volumes_by_hand(cloud: &LocalCloud) {
 /// manifest file.
 #[test]
 fn variables_come_from_env_files_and_flags_and_a_sensitive_one_is_never_printed() {
-    let _turn = beside_others();
+    let _turn = util::beside_others();
     const SECRET: &str = "tok-5ens1tive-9f3c";
     let cloud = LocalCloud::start("quick");
     let dir = tempfile::tempdir().unwrap();
@@ -573,6 +561,9 @@ dest = "/srv/app"
 
 [[bake.pre]]
 command = ["echo", "where=${var.where}"]
+
+[[bake.pre]]
+command = ["echo", "pre sees ${var.token}"]
 
 [[bake.pre]]
 command = ["${var.stop}"]
@@ -635,6 +626,12 @@ inline = ["echo \"the token is $TOKEN\"", "echo token ${var.token} >&2; exit 3"]
     let everything = format!("{}{}", failed.stdout(), failed.stderr());
     assert!(!everything.contains(SECRET), "{}", failed.dump());
     assert!(
+        everything.contains("\"line\":\"pre sees ***\"")
+            && everything.contains("\"source\":\"echo pre sees ***\""),
+        "an unnamed command's output and its name, masked\n{}",
+        failed.dump()
+    );
+    assert!(
         everything.contains("the token is ***"),
         "the command ran with the token, its line masked\n{}",
         failed.dump()
@@ -654,7 +651,7 @@ inline = ["echo \"the token is $TOKEN\"", "echo token ${var.token} >&2; exit 3"]
 /// tarball in it, to look at; `gc --build-id` then removes the mount, the volume and all.
 #[test]
 fn on_error_abort_keeps_the_mounted_image_and_gc_build_id_removes_it() {
-    let _turn = alone();
+    let _turn = util::alone();
     let cloud = LocalCloud::start("quick");
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();

@@ -219,21 +219,9 @@ fn setup() -> (World, tempfile::TempDir) {
     (world, dir)
 }
 
-/// A run kept with `--on-error=abort` leaves, until its gc, what the other stories here
-/// assert is gone: it runs alone, the others beside each other.
-static KEPT_RUNS: std::sync::RwLock<()> = std::sync::RwLock::new(());
-
-fn beside_others() -> std::sync::RwLockReadGuard<'static, ()> {
-    KEPT_RUNS.read().unwrap_or_else(|e| e.into_inner())
-}
-
-fn alone() -> std::sync::RwLockWriteGuard<'static, ()> {
-    KEPT_RUNS.write().unwrap_or_else(|e| e.into_inner())
-}
-
 #[test]
 fn every_failure_of_a_base_build_cleans_up_and_says_where() {
-    let _turn = beside_others();
+    let _turn = util::beside_others();
     let (world, dir) = setup();
     let dir = dir.path();
 
@@ -511,7 +499,7 @@ fn every_failure_of_a_base_build_cleans_up_and_says_where() {
 /// printed ssh command works), and `gc --build-id` then removes all of it however young.
 #[test]
 fn on_error_abort_keeps_the_instance_to_look_at_and_gc_build_id_removes_it() {
-    let _turn = alone();
+    let _turn = util::alone();
     let (world, dir) = setup();
     let dir = dir.path();
     let mut command = base_command(&world.cloud, dir, "failures.toml", &["command=exit 3"]);

@@ -9,6 +9,18 @@ pub mod tarballs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// A run kept with `--on-error=abort` leaves, until its gc, what the other stories of its
+/// test binary assert is gone: such a story runs alone, the others beside each other.
+static KEPT_RUNS: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+pub fn beside_others() -> std::sync::RwLockReadGuard<'static, ()> {
+    KEPT_RUNS.read().unwrap_or_else(|e| e.into_inner())
+}
+
+pub fn alone() -> std::sync::RwLockWriteGuard<'static, ()> {
+    KEPT_RUNS.write().unwrap_or_else(|e| e.into_inner())
+}
+
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
