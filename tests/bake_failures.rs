@@ -134,20 +134,26 @@ fn error_line(run: &Run) -> String {
         .to_string()
 }
 
-#[test]
-fn every_failure_of_a_bake_cleans_up_and_says_where() {
-    let _turn = util::beside_others();
-    let cloud = LocalCloud::start("quick");
+/// A story's directory: the failures template and a one-file tarball, app.tar.gz.
+fn story_dir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    let dir = dir.path();
-    std::fs::write(dir.join("failures.toml"), TEMPLATE).unwrap();
+    std::fs::write(dir.path().join("failures.toml"), TEMPLATE).unwrap();
     std::fs::write(
-        dir.join("app.tar.gz"),
+        dir.path().join("app.tar.gz"),
         gzip(&tarball(|b| {
             append_raw(b, EntryType::Regular, "index.php", None, b"<?php\n")
         })),
     )
     .unwrap();
+    dir
+}
+
+#[test]
+fn every_failure_of_a_bake_cleans_up_and_says_where() {
+    let _turn = util::beside_others();
+    let cloud = LocalCloud::start("quick");
+    let dir = story_dir();
+    let dir = dir.path();
 
     // A failure at each AWS call the bake makes: (service, call, calls of it let through
     // first, the step the error names, or none when it fails before anything is made).
@@ -653,16 +659,8 @@ inline = ["echo \"the token is $TOKEN\"", "echo token ${var.token} >&2; exit 3"]
 fn on_error_abort_keeps_the_mounted_image_and_gc_build_id_removes_it() {
     let _turn = util::alone();
     let cloud = LocalCloud::start("quick");
-    let dir = tempfile::tempdir().unwrap();
+    let dir = story_dir();
     let dir = dir.path();
-    std::fs::write(dir.join("failures.toml"), TEMPLATE).unwrap();
-    std::fs::write(
-        dir.join("app.tar.gz"),
-        gzip(&tarball(|b| {
-            append_raw(b, EntryType::Regular, "index.php", None, b"<?php\n")
-        })),
-    )
-    .unwrap();
     let mut command = bake_command(&cloud, dir, "app.tar.gz", &["command=exit 3"]);
     command.args(["--on-error", "abort"]);
     let run = Run {
