@@ -418,19 +418,9 @@ fn sigint_child() {
         let signalled = engine::cancel_on_signals(cancel.clone(), sink.clone()).unwrap();
         let steps: Vec<Box<dyn Step<Journal>>> =
             vec![step("create volume", "vol-1"), Box::new(WaitForever)];
-        let mut journal = Journal::default();
         // Told to keep what a failure leaves: an interrupt cleans up all the same.
-        let report = engine::run(
-            "test",
-            "ab-1",
-            &steps,
-            &mut journal,
-            sink,
-            cancel,
-            OnFailure::Keep,
-        )
-        .await;
-        std::fs::write(&log_path, journal.log.lock().unwrap().join("\n")).unwrap();
+        let (report, log) = run_steps_with(steps, sink, OnFailure::Keep, cancel).await;
+        std::fs::write(&log_path, log.join("\n")).unwrap();
         assert_eq!(
             report.outcome,
             Outcome::Interrupted {

@@ -180,7 +180,7 @@ fn dead_fetcher(name: &str) -> Option<u32> {
 
 /// The build id a local path of amibake's names: `amibake-<id>-…` (work and key
 /// directories) or `.work-<id>-<pid>` (a cache copy).
-fn build_id_in(name: &str) -> Option<String> {
+pub fn build_id_in(name: &str) -> Option<String> {
     let rest = name
         .strip_prefix("amibake-")
         .or_else(|| name.strip_prefix(".work-"))?;

@@ -24,7 +24,7 @@ pub use check::is_ipv4_cidr;
 pub use diagnostic::{Diagnostic, TemplateErrors};
 pub use interpolate::{Commit, Context, Secrets};
 pub use schema::SshInterface;
-pub use variables::{VariableInputs, ENV_PREFIX as VARIABLE_ENV_PREFIX};
+pub use variables::VariableInputs;
 
 /// A template that passed every check, with every reference resolved.
 #[derive(Debug, Clone, Serialize)]

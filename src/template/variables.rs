@@ -34,14 +34,6 @@ impl VariableInputs {
             .collect();
         VariableInputs { env, files, cli }
     }
-
-    /// Only `--var` values: for callers that take nothing from the environment.
-    pub fn flags(cli: BTreeMap<String, String>) -> Self {
-        VariableInputs {
-            cli,
-            ..Default::default()
-        }
-    }
 }
 
 /// One value a variables file sets, with where, for an error about it.

@@ -327,8 +327,10 @@ impl LocalCloud {
         let left: Vec<&str> = mounts
             .lines()
             .filter(|l| {
-                l.split_once("amibake-ab-")
-                    .map(|(_, rest)| format!("ab-{}", rest.get(..23).unwrap_or(rest)))
+                let point = Path::new(l.split(' ').nth(1).unwrap_or_default());
+                point
+                    .iter()
+                    .find_map(|n| amibake::commands::gc::build_id_in(&n.to_string_lossy()))
                     .is_some_and(|run| !amibake::host::run_lock::is_held(&run))
             })
             .collect();
