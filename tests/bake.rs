@@ -258,7 +258,7 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let clients = runtime.block_on(cloud.clients());
     runtime
-        .block_on(amibake::aws::resources::deregister_image_and_snapshots(
+        .block_on(amibake::aws::image::deregister_with_snapshots(
             clients,
             cm["ami_id"].as_str().unwrap().into(),
         ))

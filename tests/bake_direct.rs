@@ -141,7 +141,7 @@ impl Story {
     fn take_back(&self, run: &Run) {
         let ami = manifest(run)["ami_id"].as_str().unwrap().to_string();
         self.runtime
-            .block_on(amibake::aws::resources::deregister_image_and_snapshots(
+            .block_on(amibake::aws::image::deregister_with_snapshots(
                 self.clients.clone(),
                 ami,
             ))

@@ -116,7 +116,7 @@ fn take_back(cloud: &LocalCloud, run: &Run) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let clients = runtime.block_on(cloud.clients());
     runtime.block_on(async {
-        amibake::aws::resources::deregister_image_and_snapshots(
+        amibake::aws::image::deregister_with_snapshots(
             clients,
             manifest["ami_id"].as_str().unwrap().into(),
         )
@@ -526,7 +526,7 @@ fn clean_volumes_by_hand(cloud: &LocalCloud) {
             }
             let id = volume["id"].as_str().unwrap().to_string();
             if volume["attached_to"].is_string() {
-                amibake::aws::resources::detach_volume(
+                amibake::aws::volume::detach(
                     clients.clone(),
                     id.clone(),
                     volume["attached_to"].as_str().unwrap().to_string(),
@@ -535,7 +535,7 @@ fn clean_volumes_by_hand(cloud: &LocalCloud) {
                 .await
                 .unwrap();
             }
-            amibake::aws::resources::delete_volume(clients.clone(), id)
+            amibake::aws::volume::delete(clients.clone(), id)
                 .await
                 .unwrap();
         }

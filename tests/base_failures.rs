@@ -89,7 +89,7 @@ impl World {
             run.dump()
         );
         self.runtime.block_on(async {
-            amibake::aws::resources::deregister_image_and_snapshots(self.clients.clone(), image)
+            amibake::aws::image::deregister_with_snapshots(self.clients.clone(), image)
                 .await
                 .unwrap();
             amibake::aws::ssm::restore(
@@ -370,7 +370,7 @@ fn every_failure_of_a_base_build_cleans_up_and_says_where() {
     assert!(run.stderr().contains("within 3s"), "{}", run.dump());
     world
         .runtime
-        .block_on(amibake::aws::resources::deregister_image_and_snapshots(
+        .block_on(amibake::aws::image::deregister_with_snapshots(
             world.clients.clone(),
             broken,
         ))

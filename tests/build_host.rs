@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use amibake::aws::{ami, resources, Clients};
+use amibake::aws::{ami, Clients};
 use amibake::communicator::chroot::Chroot;
 use amibake::engine::{Event, EventSink, Progress};
 use amibake::host::device::{
@@ -48,7 +48,7 @@ async fn volume_from(clients: &Clients, name_glob: &str) -> String {
 
 async fn wait_state(clients: &Clients, volume_id: &str, wanted: &'static str) {
     let progress = Progress::new(Arc::new(Collect(Mutex::new(Vec::new()))), "wait");
-    resources::wait_volume(
+    amibake::aws::volume::wait(
         clients,
         volume_id,
         wanted,

@@ -5,9 +5,16 @@ pub mod ami;
 pub mod console;
 pub mod ebs;
 pub mod host;
+pub mod image;
+pub mod instance;
+pub mod key_pair;
 pub mod kms;
+pub mod launch_template;
 pub mod resources;
+pub mod security_group;
+pub mod snapshot;
 pub mod ssm;
+pub mod volume;
 pub mod wait;
 
 use aws_config::retry::RetryConfig;
@@ -139,6 +146,23 @@ impl Clients {
 #[derive(Debug, thiserror::Error)]
 #[error("no AWS region: pass --region, set AWS_REGION, or set one in the profile")]
 pub struct NoRegion;
+
+/// The regions this account has enabled.
+pub async fn enabled_regions(clients: &Clients) -> Result<Vec<String>, AwsError> {
+    let out = clients
+        .ec2
+        .describe_regions()
+        .send()
+        .await
+        .map_err(|e| AwsError::new("list the account's regions", &e))?;
+    let mut regions: Vec<String> = out
+        .regions()
+        .iter()
+        .filter_map(|r| r.region_name().map(str::to_string))
+        .collect();
+    regions.sort();
+    Ok(regions)
+}
 
 /// A Describe* filter with one value: `filter("volume-id", id)`, `filter("tag:K", v)`.
 pub fn filter(name: impl Into<String>, value: impl Into<String>) -> aws_sdk_ec2::types::Filter {

@@ -1,5 +1,6 @@
-//! EC2 resources the modes make: waiting for their states, each a thin poll over the one wait
-//! helper, and removing them again.
+//! What every kind of resource shares (`volume`, `snapshot`, `image`, `instance`,
+//! `key_pair`, `security_group`): waiting for its state is a thin poll over the one wait
+//! helper, and removing it again is a call retried until EC2 knows the resource.
 //!
 //! EC2 is eventually consistent: right after a create, a Describe or a Delete naming the new
 //! id may answer NotFound. Both are read as "not visible yet" and retried, within
@@ -7,156 +8,16 @@
 //! a clean exit while the resource lives on. What says a resource is truly gone (an image
 //! already deregistered, a volume not attached) counts as done, so an undo can run twice.
 
-use aws_sdk_ec2::error::ProvideErrorMetadata;
+use aws_sdk_ec2::config::http::HttpResponse;
+use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_ec2::types::{ResourceType, Tag, TagSpecification};
 use tokio_util::sync::CancellationToken;
 
 use super::wait::{wait_for, Poll, WaitError, WaitPolicy};
 use super::{filter, AwsError, Clients};
-use crate::engine::{Progress, Unit};
-use aws_sdk_ec2::config::http::HttpResponse;
-use aws_sdk_ec2::error::SdkError;
+use crate::engine::Progress;
 
 pub type ResourceError = WaitError<AwsError>;
-
-/// Waits until a volume is `wanted` (`available`, or `attached` for its attachment).
-pub async fn wait_volume(
-    clients: &Clients,
-    id: &str,
-    wanted: &str,
-    cancel: &CancellationToken,
-    progress: &Progress,
-) -> Result<(), ResourceError> {
-    let ec2 = clients.ec2.clone();
-    wait_for(
-        "volume",
-        id,
-        WaitPolicy::SHORT,
-        cancel,
-        |state, _| progress.note(format!("{id}: {state}")),
-        || {
-            let (ec2, id) = (ec2.clone(), id.to_string());
-            async move {
-                let described = ec2.describe_volumes().volume_ids(&id).send().await;
-                let Some(out) = visible(described, "InvalidVolume.NotFound", &id)? else {
-                    return Ok(Poll::NotYetVisible);
-                };
-                let volume = out.volumes().first();
-                // While a volume has an attachment, its state (attaching, attached, detaching) is
-                // the one that matters; without one, the volume's own (creating, available).
-                let attachment = volume
-                    .and_then(|v| v.attachments().first())
-                    .and_then(|a| a.state())
-                    .map(|s| s.as_str().to_string());
-                let state = attachment
-                    .or_else(|| {
-                        volume
-                            .and_then(|v| v.state())
-                            .map(|s| s.as_str().to_string())
-                    })
-                    .unwrap_or_else(|| "not yet visible".to_string());
-                Ok(match state.as_str() {
-                    s if s == wanted => Poll::Ready(()),
-                    "error" => Poll::Failed { state },
-                    _ => Poll::Pending {
-                        state,
-                        percent: None,
-                    },
-                })
-            }
-        },
-    )
-    .await
-}
-
-/// Waits until a snapshot is completed, reporting its percentage.
-pub async fn wait_snapshot(
-    clients: &Clients,
-    id: &str,
-    cancel: &CancellationToken,
-    progress: &Progress,
-) -> Result<(), ResourceError> {
-    let ec2 = clients.ec2.clone();
-    let report = |_: &str, percent: Option<u8>| {
-        if let Some(p) = percent {
-            progress.advance(u64::from(p), Some(100), Unit::Percent, None);
-        }
-    };
-    wait_for("snapshot", id, WaitPolicy::LONG, cancel, report, || {
-        let (ec2, id) = (ec2.clone(), id.to_string());
-        async move {
-            let described = ec2.describe_snapshots().snapshot_ids(&id).send().await;
-            let Some(out) = visible(described, "InvalidSnapshot.NotFound", &id)? else {
-                return Ok(Poll::NotYetVisible);
-            };
-            let snapshot = out.snapshots().first();
-            let state = snapshot
-                .and_then(|s| s.state())
-                .map(|s| s.as_str().to_string())
-                .unwrap_or_else(|| "not yet visible".into());
-            let percent = snapshot
-                .and_then(|s| s.progress())
-                .and_then(|p| p.trim_end_matches('%').parse().ok());
-            Ok(match state.as_str() {
-                "completed" => Poll::Ready(()),
-                "error" => Poll::Failed { state },
-                _ => Poll::Pending { state, percent },
-            })
-        }
-    })
-    .await
-}
-
-/// Waits until an image is available, polling as `policy` says: `REGISTERED` for an image
-/// over completed snapshots, `LONG` for one whose snapshots are still being made or copied.
-/// Answers the snapshots it is over, as the available image names them.
-pub async fn wait_image(
-    clients: &Clients,
-    id: &str,
-    policy: WaitPolicy,
-    cancel: &CancellationToken,
-    progress: &Progress,
-) -> Result<Vec<String>, ResourceError> {
-    let ec2 = clients.ec2.clone();
-    wait_for(
-        "image",
-        id,
-        policy,
-        cancel,
-        |state, _| progress.note(format!("{id}: {state}")),
-        || {
-            let (ec2, id) = (ec2.clone(), id.to_string());
-            async move {
-                let described = ec2.describe_images().image_ids(&id).send().await;
-                let Some(out) = visible(described, "InvalidAMIID.NotFound", &id)? else {
-                    return Ok(Poll::NotYetVisible);
-                };
-                let image = out.images().first();
-                let state = image
-                    .and_then(|i| i.state())
-                    .map(|s| s.as_str().to_string())
-                    .unwrap_or_else(|| "not yet visible".into());
-                Ok(match state.as_str() {
-                    "available" => Poll::Ready(image.map(snapshot_ids).unwrap_or_default()),
-                    "failed" | "error" | "invalid" | "deregistered" => Poll::Failed { state },
-                    _ => Poll::Pending {
-                        state,
-                        percent: None,
-                    },
-                })
-            }
-        },
-    )
-    .await
-}
-
-/// The EBS snapshots an image's block device mappings name.
-fn snapshot_ids(image: &aws_sdk_ec2::types::Image) -> Vec<String> {
-    image
-        .block_device_mappings()
-        .iter()
-        .filter_map(|m| m.ebs().and_then(|e| e.snapshot_id()).map(str::to_string))
-        .collect()
-}
 
 /// The AWS error code of a failed call, if the service answered with one.
 pub fn code<E: ProvideErrorMetadata>(
@@ -166,7 +27,7 @@ pub fn code<E: ProvideErrorMetadata>(
 }
 
 /// A describe's answer, or None when EC2 does not know `id` (yet).
-fn visible<T, E>(
+pub(super) fn visible<T, E>(
     result: Result<T, SdkError<E, HttpResponse>>,
     not_found: &str,
     id: &str,
@@ -184,7 +45,7 @@ where
 /// Runs a removal `call` until EC2 knows the resource: its `not_found` code is read as "not
 /// visible yet" and retried through the one wait helper, within `VISIBILITY_BOUND`; the
 /// codes in `done` say there is nothing left to do.
-async fn remove_once_visible<T, E, F, Fut>(
+pub(super) async fn remove_once_visible<T, E, F, Fut>(
     what: &str,
     id: &str,
     action: String,
@@ -226,289 +87,60 @@ where
     .await
 }
 
-pub async fn delete_volume(clients: Clients, id: String) -> Result<(), ResourceError> {
-    remove_once_visible(
-        "volume",
-        &id,
-        format!("delete volume {id}"),
-        "InvalidVolume.NotFound",
-        &[],
-        || clients.ec2.delete_volume().volume_id(&id).send(),
-    )
-    .await
+/// The build id a resource is tagged with.
+pub fn build_id_of(tags: &[Tag]) -> Option<String> {
+    tags.iter()
+        .find(|t| t.key() == Some(crate::artifact::TAG_BUILD_ID))
+        .and_then(|t| t.value())
+        .map(str::to_string)
 }
 
-pub async fn delete_snapshot(clients: Clients, id: String) -> Result<(), ResourceError> {
-    remove_once_visible(
-        "snapshot",
-        &id,
-        format!("delete snapshot {id}"),
-        "InvalidSnapshot.NotFound",
-        &[],
-        || clients.ec2.delete_snapshot().snapshot_id(&id).send(),
-    )
-    .await
+/// The filter for resources that carry a build id: only amibake runs make them.
+pub fn of_runs() -> aws_sdk_ec2::types::Filter {
+    filter("tag-key", crate::artifact::TAG_BUILD_ID)
 }
 
-pub async fn deregister_image(clients: Clients, id: String) -> Result<(), ResourceError> {
-    remove_once_visible(
-        "image",
-        &id,
-        format!("deregister {id}"),
-        "InvalidAMIID.NotFound",
-        // Deregistered already.
-        &["InvalidAMIID.Unavailable"],
-        || clients.ec2.deregister_image().image_id(&id).send(),
-    )
-    .await
+/// Tags for what a create call makes, given in the call itself, so that even a run killed
+/// right after can be found.
+pub fn tagged(kind: ResourceType, tags: &[Tag]) -> TagSpecification {
+    TagSpecification::builder()
+        .resource_type(kind)
+        .set_tags(Some(tags.to_vec()))
+        .build()
 }
 
-/// Detaches a volume from `instance` (always naming it: EC2 needs it to know which
-/// attachment is meant) and waits until the volume is available again. Waits with its own
-/// token: a cleanup after Ctrl-C must still see the detach through.
-pub async fn detach_volume(
-    clients: Clients,
-    id: String,
-    instance: String,
-    progress: Progress,
-) -> Result<(), ResourceError> {
-    remove_once_visible(
-        "volume",
-        &id,
-        format!("detach {id} from {instance}"),
-        "InvalidVolume.NotFound",
-        // Not attached (any more): nothing to detach.
-        &["IncorrectState", "InvalidAttachment.NotFound"],
-        || {
-            clients
-                .ec2
-                .detach_volume()
-                .volume_id(&id)
-                .instance_id(&instance)
-                .send()
-        },
-    )
-    .await?;
-    wait_volume(
-        &clients,
-        &id,
-        "available",
-        &CancellationToken::new(),
-        &progress,
-    )
-    .await
-}
-
-/// Waits until an instance is `wanted` (`running`, `stopped`, `terminated`); returns it as
-/// last described, for its addresses.
-pub async fn wait_instance(
-    clients: &Clients,
-    id: &str,
-    wanted: &str,
-    cancel: &CancellationToken,
+/// The id a create call answered with; or, when the SDK's retry of a create whose answer
+/// was lost met the first attempt's resource under its unique name (`duplicate` is EC2's
+/// code for that), that resource, found by this build's tag. `action` names the call in
+/// errors.
+pub async fn created_or_found<O, E>(
+    answer: Result<O, SdkError<E, HttpResponse>>,
+    id_of: impl FnOnce(&O) -> Option<&str>,
+    action: &str,
+    (duplicate, kind, name): (&str, Unique, &str),
+    (clients, build_id): (&Clients, &str),
     progress: &Progress,
-) -> Result<aws_sdk_ec2::types::Instance, ResourceError> {
-    let ec2 = clients.ec2.clone();
-    wait_for(
-        "instance",
-        id,
-        WaitPolicy::SHORT,
-        cancel,
-        |state, _| progress.note(format!("{id}: {state}")),
-        || {
-            let (ec2, id) = (ec2.clone(), id.to_string());
-            async move {
-                let described = ec2.describe_instances().instance_ids(&id).send().await;
-                let Some(out) = visible(described, "InvalidInstanceID.NotFound", &id)? else {
-                    return Ok(Poll::NotYetVisible);
-                };
-                let instance = out
-                    .reservations()
-                    .iter()
-                    .flat_map(|r| r.instances())
-                    .next()
-                    .cloned();
-                let state = instance
-                    .as_ref()
-                    .and_then(|i| i.state())
-                    .and_then(|s| s.name())
-                    .map(|s| s.as_str().to_string())
-                    .unwrap_or_else(|| "not yet visible".into());
-                Ok(match (state.as_str(), instance) {
-                    (s, Some(instance)) if s == wanted => Poll::Ready(instance),
-                    // Gone while we wait for it to run or stop: it will not come back.
-                    ("shutting-down" | "terminated", _) if wanted != "terminated" => {
-                        Poll::Failed { state }
-                    }
-                    _ => Poll::Pending {
-                        state,
-                        percent: None,
-                    },
-                })
-            }
-        },
-    )
-    .await
-}
-
-/// Terminates an instance and waits until it is gone, so the security group it used can be
-/// deleted after it. Waits with its own token, as a cleanup must.
-pub async fn terminate_instance(
-    clients: Clients,
-    id: String,
-    progress: Progress,
-) -> Result<(), ResourceError> {
-    remove_once_visible(
-        "instance",
-        &id,
-        format!("terminate {id}"),
-        "InvalidInstanceID.NotFound",
-        &[],
-        || clients.ec2.terminate_instances().instance_ids(&id).send(),
-    )
-    .await?;
-    // EC2 took the termination, so it knew the instance: NotFound from here on is an
-    // instance terminated long enough to drop out of DescribeInstances.
-    let ec2 = clients.ec2.clone();
-    wait_for(
-        "instance",
-        &id,
-        WaitPolicy::SHORT,
-        &CancellationToken::new(),
-        |state, _| progress.note(format!("{id}: {state}")),
-        || {
-            let (ec2, id) = (ec2.clone(), id.clone());
-            async move {
-                let described = ec2.describe_instances().instance_ids(&id).send().await;
-                let Some(out) = visible(described, "InvalidInstanceID.NotFound", &id)? else {
-                    return Ok(Poll::Ready(()));
-                };
-                let state = out
-                    .reservations()
-                    .iter()
-                    .flat_map(|r| r.instances())
-                    .find_map(|i| i.state().and_then(|s| s.name()))
-                    .map(|s| s.as_str().to_string())
-                    .unwrap_or_else(|| "terminated".into());
-                Ok(match state.as_str() {
-                    "terminated" => Poll::Ready(()),
-                    _ => Poll::Pending {
-                        state,
-                        percent: None,
-                    },
-                })
-            }
-        },
-    )
-    .await
-}
-
-/// Deletes a key pair by name. DeleteKeyPair answers success for a name it does not know,
-/// so a key pair that is not visible yet is looked for first.
-pub async fn delete_key_pair(clients: Clients, name: String) -> Result<(), ResourceError> {
-    let ec2 = clients.ec2.clone();
-    let known = wait_for(
-        "key pair",
-        &name,
-        WaitPolicy::SHORT,
-        &CancellationToken::new(),
-        |_, _| {},
-        || {
-            let (ec2, name) = (ec2.clone(), name.clone());
-            async move {
-                let described = ec2.describe_key_pairs().key_names(&name).send().await;
-                Ok(
-                    match visible(described, "InvalidKeyPair.NotFound", &name)? {
-                        Some(_) => Poll::Ready(true),
-                        None => Poll::NotYetVisible,
-                    },
-                )
-            }
-        },
-    )
-    .await;
-    match known {
-        Ok(_) | Err(WaitError::NeverVisible { .. }) => {}
-        Err(e) => return Err(e),
-    }
-    clients
-        .ec2
-        .delete_key_pair()
-        .key_name(&name)
-        .send()
-        .await
-        .map(|_| ())
-        .or_else(|e| match code(&e) {
-            Some("InvalidKeyPair.NotFound") => Ok(()),
-            _ => Err(WaitError::Poll(AwsError::new(
-                format!("delete key pair {name}"),
-                &e,
-            ))),
-        })
-}
-
-/// Deletes a security group. An instance that used it can hold it for a few seconds after it
-/// terminated (DependencyViolation), and a group made a moment ago may not be visible yet
-/// (NotFound): both are retried for a while.
-pub async fn delete_security_group(clients: Clients, id: String) -> Result<(), AwsError> {
-    const ATTEMPTS: u32 = 30;
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        let result = clients
-            .ec2
-            .delete_security_group()
-            .group_id(&id)
-            .send()
-            .await;
-        match result {
-            Err(e)
-                if matches!(
-                    code(&e),
-                    Some("DependencyViolation" | "InvalidGroup.NotFound")
-                ) && attempt < ATTEMPTS =>
-            {
-                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-            }
-            Ok(_) => return Ok(()),
-            Err(e) => return Err(AwsError::new(format!("delete security group {id}"), &e)),
+) -> Result<String, ResourceError>
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    match answer {
+        Ok(out) => id_of(&out).map(str::to_string).ok_or_else(|| {
+            WaitError::Poll(AwsError {
+                action: action.to_string(),
+                code: None,
+                detail: "the answer holds no id".into(),
+            })
+        }),
+        Err(e) if code(&e) == Some(duplicate) => {
+            let found = made_by_this_build(clients, kind, name, build_id)
+                .await
+                .map_err(|_| WaitError::Poll(AwsError::new(action, &e)))?;
+            progress.note(format!("{found}: made by an attempt whose answer was lost"));
+            Ok(found)
         }
+        Err(e) => Err(WaitError::Poll(AwsError::new(action, &e))),
     }
-}
-
-/// Deregisters an image made by CreateImage and deletes the snapshots it made with it.
-pub async fn deregister_image_and_snapshots(
-    clients: Clients,
-    id: String,
-) -> Result<(), ResourceError> {
-    // Its snapshots are known only while it is registered: an image made a moment ago is
-    // waited for until it is visible, so that none is left behind.
-    let ec2 = clients.ec2.clone();
-    let snapshots: Vec<String> = wait_for(
-        "image",
-        &id,
-        WaitPolicy::SHORT,
-        &CancellationToken::new(),
-        |_, _| {},
-        || {
-            let (ec2, id) = (ec2.clone(), id.clone());
-            async move {
-                let described = ec2.describe_images().image_ids(&id).send().await;
-                let Some(out) = visible(described, "InvalidAMIID.NotFound", &id)? else {
-                    return Ok(Poll::NotYetVisible);
-                };
-                Ok(Poll::Ready(
-                    out.images().first().map(snapshot_ids).unwrap_or_default(),
-                ))
-            }
-        },
-    )
-    .await?;
-    deregister_image(clients.clone(), id).await?;
-    for snapshot in snapshots {
-        delete_snapshot(clients.clone(), snapshot).await?;
-    }
-    Ok(())
 }
 
 /// What this build made under a name EC2 keeps unique (an AMI, a security group), found

@@ -43,7 +43,7 @@ use amibake::host::extract;
 use amibake::sandbox::{self, credential_guard, Isolation};
 
 /// `ids:BASE` (root in the sandbox is host id BASE) or `compat` (root).
-fn isolation(arg: &str) -> Result<Isolation, String> {
+fn isolation(arg: &str) -> Result<Isolation, sandbox::IsolationArgError> {
     Isolation::from_arg(arg)
 }
 

@@ -20,9 +20,9 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::channel::{self, ChannelError};
-use crate::artifact::{STATE_BUILDING, TAG_BUILD_ID, TAG_STATE};
-use crate::aws::{filter, resources, AwsError, AwsOptions, Clients};
-use crate::engine::{error_chain, EventSink, Progress};
+use crate::artifact::{STATE_BUILDING, TAG_STATE};
+use crate::aws::{self, AwsError, AwsOptions, Clients};
+use crate::engine::{error_chain, BoxError, EventSink, Progress};
 use crate::host::{loop_device, mount, run_lock};
 use crate::sandbox::credential_guard;
 
@@ -116,28 +116,31 @@ impl Collected {
     }
 }
 
+/// Why a run's leftovers are spared.
+#[derive(Debug, Clone, thiserror::Error)]
+enum SparedBecause {
+    #[error("running on this machine")]
+    Running,
+    #[error("started {} ago, less than --older-than {}", humantime::format_duration(*.age), humantime::format_duration(*.older_than))]
+    Young { age: Duration, older_than: Duration },
+    #[error("its build id does not say when it started")]
+    NoStart,
+}
+
 /// Whether a run is over, or why it is spared.
-fn judge(build_id: &str, older_than: Duration) -> Result<(), String> {
+fn judge(build_id: &str, older_than: Duration) -> Result<(), SparedBecause> {
     if run_lock::is_held(build_id) {
-        return Err("running on this machine".into());
+        return Err(SparedBecause::Running);
     }
-    match started(build_id) {
-        Some(started) => {
-            let age = time::OffsetDateTime::now_utc() - started;
-            if age < time::Duration::try_from(older_than).unwrap_or(time::Duration::MAX) {
-                Err(format!(
-                    "started {} ago, less than --older-than {}",
-                    humantime::format_duration(Duration::from_secs(
-                        age.whole_seconds().max(0) as u64
-                    )),
-                    humantime::format_duration(older_than)
-                ))
-            } else {
-                Ok(())
-            }
-        }
-        None => Err("its build id does not say when it started".into()),
+    let started = started(build_id).ok_or(SparedBecause::NoStart)?;
+    let age = time::OffsetDateTime::now_utc() - started;
+    if age < time::Duration::try_from(older_than).unwrap_or(time::Duration::MAX) {
+        return Err(SparedBecause::Young {
+            age: Duration::from_secs(age.whole_seconds().max(0) as u64),
+            older_than,
+        });
     }
+    Ok(())
 }
 
 /// When a run started, from its build id (`ab-YYYYMMDDHHMMSS-xxxxxxxx`).
@@ -195,7 +198,7 @@ pub async fn gc(
 ) -> Result<Collected, ChannelError> {
     let clients = channel::clients(&options.aws).await?;
     let regions = if options.all_regions {
-        enabled_regions(&clients)
+        aws::enabled_regions(&clients)
             .await?
             .iter()
             .map(|r| clients.in_region(r))
@@ -204,7 +207,7 @@ pub async fn gc(
         vec![clients.clone()]
     };
     let progress = Progress::new(sink, "gc");
-    let mut verdicts: BTreeMap<String, Result<(), String>> = BTreeMap::new();
+    let mut verdicts: BTreeMap<String, Result<(), SparedBecause>> = BTreeMap::new();
     let mut leftovers: Vec<Leftover> = Vec::new();
     // With --apply, another look after each pass: what removing one thing shows (a call
     // the killed run made that EC2 carried out late, a snapshot its image held), until a
@@ -213,19 +216,7 @@ pub async fn gc(
     // it) is named as failed, and the others are still swept.
     let mut unread: BTreeMap<String, String> = BTreeMap::new();
     for _pass in 0..PASSES {
-        let mut found = machine_leftovers(options.cache_dir.as_deref());
-        for clients in &regions {
-            match cloud_leftovers(clients).await {
-                Ok(more) => found.extend(more),
-                Err(e) if options.all_regions => {
-                    unread.insert(clients.region.clone(), error_chain(&e));
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-        if let Some(only) = &options.build_id {
-            found.retain(|l| l.build_id == *only);
-        }
+        let found = look(options, &regions, &mut unread).await?;
         for l in &found {
             // A leftover named by a process rather than a run (a cache fetch's partial
             // entry) is listed only once that process is gone. A run named by
@@ -260,23 +251,7 @@ pub async fn gc(
             leftovers.append(&mut new);
             break;
         }
-        // Machine first (a mounted volume is unmounted before it is detached), then the
-        // cloud in dependency order: instances before their groups, volumes detached
-        // before they are deleted.
-        for kind in ORDER {
-            for l in new.iter_mut().filter(|l| l.kind == *kind) {
-                let home = l
-                    .region
-                    .as_ref()
-                    .and_then(|r| regions.iter().find(|c| &c.region == r))
-                    .unwrap_or(&clients);
-                let removed = remove(home, l, &progress).await;
-                l.outcome = Some(match removed {
-                    Ok(()) => "removed".into(),
-                    Err(e) => format!("failed: {e}"),
-                });
-            }
-        }
+        remove_in_order(&mut new, (&clients, &regions), &progress).await;
         leftovers.append(&mut new);
     }
     let spared = verdicts
@@ -284,7 +259,7 @@ pub async fn gc(
         .filter_map(|(id, v)| {
             v.as_ref().err().map(|why| Spared {
                 build_id: id.clone(),
-                why: why.clone(),
+                why: why.to_string(),
             })
         })
         .collect();
@@ -401,180 +376,134 @@ fn machine_leftovers(cache_dir: Option<&Path>) -> Vec<Leftover> {
     found
 }
 
-/// The regions this account has enabled.
-async fn enabled_regions(clients: &Clients) -> Result<Vec<String>, AwsError> {
-    let out = clients
-        .ec2
-        .describe_regions()
-        .send()
-        .await
-        .map_err(|e| AwsError::new("list the account's regions", &e))?;
-    let mut regions: Vec<String> = out
-        .regions()
-        .iter()
-        .filter_map(|r| r.region_name().map(str::to_string))
-        .collect();
-    regions.sort();
-    Ok(regions)
+/// One look for leftovers: this machine's, and the cloud's in each region (with
+/// `--all-regions`, a region that cannot be read is noted in `unread`, and the others are
+/// still looked at).
+async fn look(
+    options: &GcOptions,
+    regions: &[Clients],
+    unread: &mut BTreeMap<String, String>,
+) -> Result<Vec<Leftover>, ChannelError> {
+    let mut found = machine_leftovers(options.cache_dir.as_deref());
+    for clients in regions {
+        match cloud_leftovers(clients).await {
+            Ok(more) => found.extend(more),
+            Err(e) if options.all_regions => {
+                unread.insert(clients.region.clone(), error_chain(&e));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if let Some(only) = &options.build_id {
+        found.retain(|l| l.build_id == *only);
+    }
+    Ok(found)
+}
+
+/// Removes `leftovers`, noting each outcome: this machine's first (a mounted volume is
+/// unmounted before it is detached), then the cloud's in dependency order (instances
+/// before their groups, volumes detached before they are deleted), each in its own region.
+async fn remove_in_order(
+    leftovers: &mut [Leftover],
+    (own, regions): (&Clients, &[Clients]),
+    progress: &Progress,
+) {
+    for kind in ORDER {
+        for l in leftovers.iter_mut().filter(|l| l.kind == *kind) {
+            let home = l
+                .region
+                .as_ref()
+                .and_then(|r| regions.iter().find(|c| &c.region == r))
+                .unwrap_or(own);
+            let removed = remove(home, l, progress).await;
+            l.outcome = Some(match removed {
+                Ok(()) => "removed".into(),
+                Err(e) => format!("failed: {}", error_chain(e.as_ref())),
+            });
+        }
+    }
 }
 
 /// Everything tagged with a build id that only a run in progress should have: instances
 /// not terminated, volumes, key pairs, security groups, images in `failed`, snapshots no
 /// image uses.
 async fn cloud_leftovers(clients: &Clients) -> Result<Vec<Leftover>, AwsError> {
-    let tagged = || filter("tag-key", TAG_BUILD_ID);
-    let build_id = |tags: &[aws_sdk_ec2::types::Tag]| {
-        tags.iter()
-            .find(|t| t.key() == Some(TAG_BUILD_ID))
-            .and_then(|t| t.value())
-            .map(str::to_string)
-    };
-    let mut found = Vec::new();
-    let mut add = |id: Option<String>, kind, resource: Option<&str>| {
-        if let (Some(build_id), Some(resource)) = (id, resource) {
-            found.push(Leftover {
-                build_id,
-                kind,
-                id: resource.to_string(),
-                region: Some(clients.region.clone()),
-                outcome: None,
-            });
+    let leftover = |kind| {
+        move |(build_id, id): (String, String)| Leftover {
+            build_id,
+            kind,
+            id,
+            region: Some(clients.region.clone()),
+            outcome: None,
         }
     };
-    let ec2 = &clients.ec2;
-    let instances = ec2
-        .describe_instances()
-        .filters(tagged())
-        .filters(
-            aws_sdk_ec2::types::Filter::builder()
-                .name("instance-state-name")
-                .set_values(Some(
-                    ["pending", "running", "stopping", "stopped", "shutting-down"]
-                        .map(String::from)
-                        .to_vec(),
-                ))
-                .build(),
-        )
-        .send()
-        .await
-        .map_err(|e| AwsError::new("list the instances of amibake runs", &e))?;
-    for i in instances.reservations().iter().flat_map(|r| r.instances()) {
-        add(build_id(i.tags()), "instance", i.instance_id());
-    }
-    let volumes = ec2
-        .describe_volumes()
-        .filters(tagged())
-        .send()
-        .await
-        .map_err(|e| AwsError::new("list the volumes of amibake runs", &e))?;
-    for v in volumes.volumes() {
-        add(build_id(v.tags()), "volume", v.volume_id());
-    }
-    let keys = ec2
-        .describe_key_pairs()
-        .filters(tagged())
-        .send()
-        .await
-        .map_err(|e| AwsError::new("list the key pairs of amibake runs", &e))?;
-    for k in keys.key_pairs() {
-        add(build_id(k.tags()), "key pair", k.key_name());
-    }
-    let groups = ec2
-        .describe_security_groups()
-        .filters(tagged())
-        .send()
-        .await
-        .map_err(|e| AwsError::new("list the security groups of amibake runs", &e))?;
-    for g in groups.security_groups() {
-        add(build_id(g.tags()), "security group", g.group_id());
-    }
-    let images = ec2
-        .describe_images()
-        .owners("self")
-        .include_disabled(true)
-        .include_deprecated(true)
-        .send()
-        .await
-        .map_err(|e| AwsError::new("list this account's images", &e))?;
+    let mut found: Vec<Leftover> = Vec::new();
+    let instances = aws::instance::of_runs(clients).await?;
+    found.extend(instances.into_iter().map(leftover("instance")));
+    let volumes = aws::volume::of_runs(clients).await?;
+    found.extend(volumes.into_iter().map(leftover("volume")));
+    let key_pairs = aws::key_pair::of_runs(clients).await?;
+    found.extend(key_pairs.into_iter().map(leftover("key pair")));
+    let groups = aws::security_group::of_runs(clients).await?;
+    found.extend(groups.into_iter().map(leftover("security group")));
     let mut used = BTreeSet::new();
-    for image in images.images() {
-        used.extend(
-            image
-                .block_device_mappings()
-                .iter()
-                .filter_map(|m| m.ebs()?.snapshot_id().map(str::to_string)),
-        );
+    for image in aws::image::of_account(clients).await? {
+        used.extend(aws::image::snapshot_ids(&image));
         let failed = image.state().is_some_and(|s| s.as_str() == "failed");
         let unfinished = image
             .tags()
             .iter()
             .any(|t| t.key() == Some(TAG_STATE) && t.value() == Some(STATE_BUILDING));
-        if failed || unfinished {
-            add(build_id(image.tags()), "image", image.image_id());
+        let made = aws::resources::build_id_of(image.tags()).zip(image.image_id());
+        if let (true, Some((build_id, id))) = (failed || unfinished, made) {
+            found.push(leftover("image")((build_id, id.to_string())));
         }
     }
-    let snapshots = ec2
-        .describe_snapshots()
-        .owner_ids("self")
-        .filters(tagged())
-        .send()
-        .await
-        .map_err(|e| AwsError::new("list the snapshots of amibake runs", &e))?;
-    for s in snapshots.snapshots() {
-        if s.snapshot_id().is_some_and(|id| !used.contains(id)) {
-            add(build_id(s.tags()), "snapshot", s.snapshot_id());
-        }
-    }
+    let snapshots = aws::snapshot::of_runs(clients).await?;
+    found.extend(
+        snapshots
+            .into_iter()
+            .filter(|(_, id)| !used.contains(id))
+            .map(leftover("snapshot")),
+    );
     Ok(found)
 }
 
-async fn remove(clients: &Clients, l: &Leftover, progress: &Progress) -> Result<(), String> {
+async fn remove(clients: &Clients, l: &Leftover, progress: &Progress) -> Result<(), BoxError> {
     let (c, id) = (clients.clone(), l.id.clone());
-    let text = |e: &(dyn std::error::Error + 'static)| error_chain(e);
     match l.kind {
-        "cgroup" => {
-            credential_guard::remove_leftover(Path::new(&id)).map_err(|e| format!("{id}: {e}"))
-        }
-        "mount" => mount::unmount(Path::new(&id)).map_err(|e| text(&e)),
-        "loop device" => loop_device::detach(Path::new(&id)).map_err(|e| text(&e)),
-        "file" => remove_local(Path::new(&id)).map_err(|e| format!("{id}: {e}")),
-        "instance" => resources::terminate_instance(c, id, progress.clone())
+        "cgroup" => Ok(credential_guard::remove_leftover(Path::new(&id))?),
+        "mount" => Ok(mount::unmount(Path::new(&id))?),
+        "loop device" => Ok(loop_device::detach(Path::new(&id))?),
+        "file" => Ok(remove_local(Path::new(&id))?),
+        "instance" => crate::aws::instance::terminate(c, id, progress.clone())
             .await
-            .map_err(|e| text(&e)),
+            .map_err(Into::into),
         "volume" => {
-            let described = clients.ec2.describe_volumes().volume_ids(&id).send().await;
-            // Listed a moment ago, so NotFound now is a volume gone with its instance
-            // (an instance's root is deleted on termination).
-            let described = match described {
-                Err(e) if resources::code(&e) == Some("InvalidVolume.NotFound") => return Ok(()),
-                other => other.map_err(|e| text(&AwsError::new(format!("describe {id}"), &e)))?,
+            // Listed a moment ago, so unknown now is a volume gone with its instance (an
+            // instance's root is deleted on termination).
+            let Some(attached) = aws::volume::attached_to(clients, &id).await? else {
+                return Ok(());
             };
-            let attached = described
-                .volumes()
-                .iter()
-                .flat_map(|v| v.attachments())
-                .filter_map(|a| a.instance_id().map(str::to_string))
-                .collect::<Vec<_>>();
             for instance in attached {
-                resources::detach_volume(c.clone(), id.clone(), instance, progress.clone())
-                    .await
-                    .map_err(|e| text(&e))?;
+                crate::aws::volume::detach(c.clone(), id.clone(), instance, progress.clone())
+                    .await?;
             }
-            resources::delete_volume(c, id).await.map_err(|e| text(&e))
+            Ok(crate::aws::volume::delete(c, id).await?)
         }
-        "key pair" => resources::delete_key_pair(c, id)
+        "key pair" => crate::aws::key_pair::delete(c, id)
             .await
-            .map_err(|e| text(&e)),
-        "security group" => resources::delete_security_group(c, id)
+            .map_err(Into::into),
+        "security group" => crate::aws::security_group::delete(c, id)
             .await
-            .map_err(|e| text(&e)),
-        "image" => resources::deregister_image(c, id)
+            .map_err(Into::into),
+        "image" => crate::aws::image::deregister(c, id)
             .await
-            .map_err(|e| text(&e)),
-        "snapshot" => resources::delete_snapshot(c, id)
+            .map_err(Into::into),
+        "snapshot" => crate::aws::snapshot::delete(c, id)
             .await
-            .map_err(|e| text(&e)),
-        other => Err(format!("no way to remove a {other}")),
+            .map_err(Into::into),
+        other => Err(format!("no way to remove a {other}").into()),
     }
 }
 
@@ -633,7 +562,9 @@ mod tests {
         assert!(judge("ab-20261203015529-09e26fd9", Duration::ZERO).is_ok());
         let now = crate::run_id::timestamp_now();
         let recent = format!("ab-{now}-00000000");
-        let why = judge(&recent, Duration::from_secs(3600)).unwrap_err();
+        let why = judge(&recent, Duration::from_secs(3600))
+            .unwrap_err()
+            .to_string();
         assert!(why.contains("less than --older-than 1h"), "{why}");
         assert!(judge("ab-notatime-00000000", Duration::ZERO).is_err());
     }

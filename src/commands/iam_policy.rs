@@ -160,12 +160,12 @@ pub fn policy(template: &Template, modes: &[Mode], backends: &[Backend]) -> Poli
 }
 
 fn base(grants: &mut Grants, plan: &BasePlan) {
-    ami_ref(grants, &plan.source_ami);
-    temporary_instance(grants, &plan.instance);
+    ami_ref(grants, &plan.build.source_ami);
+    temporary_instance(grants, &plan.build.instance);
     grants.allow(Scope::Owned, &[INSTANCE], &["ec2:StopInstances"]);
     grants.create("ec2:CreateImage", &[IMAGE, SNAPSHOT], &[INSTANCE], &[]);
-    publish(grants, plan.publish.as_ref());
-    distribution(grants, &plan.distribution);
+    publish(grants, plan.image.publish.as_ref());
+    distribution(grants, &plan.image.distribution);
 }
 
 /// A temporary instance: a base build's, or the one a new image is tested on.
@@ -210,8 +210,8 @@ fn temporary_instance(grants: &mut Grants, plan: &InstancePlan) {
 }
 
 fn bake(grants: &mut Grants, plan: &BakePlan, backends: &[Backend]) {
-    ami_ref(grants, &plan.base_ami);
-    if let Some(key) = &plan.kms_key_id {
+    ami_ref(grants, &plan.build.base_ami);
+    if let Some(key) = &plan.build.kms_key_id {
         kms(grants, key);
     }
     grants.allow(Scope::Any, &["*"], &["ec2:DescribeSnapshots"]);
@@ -262,11 +262,11 @@ fn bake(grants: &mut Grants, plan: &BakePlan, backends: &[Backend]) {
         }
     }
     grants.create("ec2:RegisterImage", &[IMAGE], &[], &[SNAPSHOT]);
-    if let (false, Some(instance)) = (plan.tests.is_empty(), &plan.test_instance) {
+    if let (false, Some(instance)) = (plan.image.tests.is_empty(), &plan.build.test_instance) {
         temporary_instance(grants, instance);
     }
-    publish(grants, plan.publish.as_ref());
-    distribution(grants, &plan.distribution);
+    publish(grants, plan.image.publish.as_ref());
+    distribution(grants, &plan.image.distribution);
 }
 
 /// What resolving a base or source reference reads.

@@ -18,9 +18,12 @@ use aws_sdk_ec2::types::Image;
 use serde::Serialize;
 
 use super::channel::{self, ChannelError};
-use crate::artifact::{TAG_BASE_AMI, TAG_BUILD_ID, TAG_CHANNEL, TAG_COMMIT, TAG_SOURCE_AMI};
+use crate::artifact::{TAG_BASE_AMI, TAG_CHANNEL, TAG_COMMIT, TAG_SOURCE_AMI};
+use crate::aws::image as aws_image;
+use crate::aws::resources::ResourceError;
 use crate::aws::ssm::{self, SsmError};
-use crate::aws::{filter, AwsError, AwsOptions, Clients};
+use crate::aws::wait::WaitError;
+use crate::aws::{launch_template, AwsError, AwsOptions, Clients};
 use crate::template::{self, Commit, LoadOptions, TemplateError};
 
 /// Which images a prune looks at.
@@ -246,11 +249,11 @@ fn scope(selection: &Selection) -> Result<(Vec<Group>, Vec<String>), PruneError>
                 loaded
                     .base
                     .as_ref()
-                    .map(|b| (&b.name, &b.publish, TAG_SOURCE_AMI)),
+                    .map(|b| (&b.image.name, &b.image.publish, TAG_SOURCE_AMI)),
                 loaded
                     .bake
                     .as_ref()
-                    .map(|b| (&b.name, &b.publish, TAG_COMMIT)),
+                    .map(|b| (&b.image.name, &b.image.publish, TAG_COMMIT)),
             ];
             for (name, publish, tag) in sections.into_iter().flatten() {
                 groups.push(Group {
@@ -270,10 +273,12 @@ fn scope(selection: &Selection) -> Result<(Vec<Group>, Vec<String>), PruneError>
     }
 }
 
+/// Judges every image amibake made in the selection, then (with `apply`) removes those no
+/// reason keeps, one by one.
 pub async fn prune(options: &PruneOptions) -> Result<Pruned, PruneError> {
     let (groups, mut channels) = scope(&options.selection)?;
     let clients = channel::clients(&options.aws).await?;
-    let all = amibake_images(&clients).await?;
+    let all = aws_image::made_by_amibake(&clients).await?;
     let mut candidates: Vec<&Image> = all
         .iter()
         .filter(|i| groups.iter().any(|g| g.holds(i)))
@@ -295,107 +300,35 @@ pub async fn prune(options: &PruneOptions) -> Result<Pruned, PruneError> {
     channels.sort();
     channels.dedup();
 
-    let mut keep: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    let mut because = |id: &str, why: String| keep.entry(id.to_string()).or_default().push(why);
-    for group in &groups {
-        let newest = candidates
-            .iter()
-            .filter(|i| group.holds(i))
-            .take(options.keep);
-        for image in newest {
-            because(
-                image.image_id().unwrap_or_default(),
-                format!("one of the newest {} named {}*", options.keep, group.prefix),
-            );
-        }
-    }
+    let mut keep = Reasons::default();
+    keep.newest(&groups, &candidates, options.keep);
     if let Some(age) = options.older_than {
-        let cutoff = SystemTime::now() - age;
-        for image in &candidates {
-            let created = image
-                .creation_date()
-                .and_then(|d| humantime::parse_rfc3339_weak(d.trim_end_matches('Z')).ok());
-            if created.is_none_or(|c| c > cutoff) {
-                because(
-                    image.image_id().unwrap_or_default(),
-                    format!("newer than {}", humantime::format_duration(age)),
-                );
-            }
-        }
+        keep.younger_than(&candidates, age);
     }
-    for parameter in &channels {
-        let history = match ssm::history(&clients, parameter).await {
-            Ok(history) => history,
-            Err(SsmError::NoParameter { .. }) => continue,
-            Err(e) => return Err(e.into()),
-        };
-        for v in history.iter().rev().take(options.keep) {
-            because(
-                &v.value,
-                format!(
-                    "version {} of {parameter} (one of its newest {})",
-                    v.version, options.keep
-                ),
-            );
-        }
-        for v in &history {
-            for label in &v.labels {
-                because(
-                    &v.value,
-                    format!("label `{label}` of {parameter} (version {})", v.version),
-                );
-            }
-        }
-    }
-    for (image, why) in references(&clients, &ids).await? {
-        because(&image, why);
+    keep.in_channels(&clients, &channels, options.keep).await?;
+    for (image, why) in aws_image::references(&clients, &ids).await? {
+        keep.add(&image, why);
     }
     for (image, why) in launch_template_images(&clients).await? {
-        because(&image, why);
+        keep.add(&image, why);
     }
     if !options.include_shared {
         let unkept: Vec<&Image> = candidates
             .iter()
-            .filter(|i| !keep.contains_key(i.image_id().unwrap_or_default()))
+            .filter(|i| !keep.holds(i.image_id().unwrap_or_default()))
             .copied()
             .collect();
         for (image, why) in shared(&clients, &unkept).await? {
-            keep.entry(image).or_default().push(why);
+            keep.add(&image, why);
         }
     }
-    // The base of an image that stays stays, and so on down the line.
-    loop {
-        let staying_bases: Vec<(String, String)> = all
-            .iter()
-            .filter(|i| {
-                let id = i.image_id().unwrap_or_default();
-                !ids.iter().any(|c| c == id) || keep.contains_key(id)
-            })
-            .filter_map(|i| {
-                let base = i
-                    .tags()
-                    .iter()
-                    .find(|t| t.key() == Some(TAG_BASE_AMI))?
-                    .value()?;
-                Some((base.to_string(), i.image_id()?.to_string()))
-            })
-            .filter(|(base, _)| ids.contains(base) && !keep.contains_key(base))
-            .collect();
-        if staying_bases.is_empty() {
-            break;
-        }
-        for (base, child) in staying_bases {
-            keep.entry(base)
-                .or_default()
-                .push(format!("the base of {child}, which stays"));
-        }
-    }
+    keep.bases_of_staying(&all, &ids);
 
     let mut images: Vec<Judged> = candidates
         .iter()
         .map(|i| {
             let id = i.image_id().unwrap_or_default().to_string();
-            let (decision, reasons) = match keep.get(&id) {
+            let (decision, reasons) = match keep.0.get(&id) {
                 Some(reasons) => (Decision::Keep, reasons.clone()),
                 None => (Decision::Remove, vec![removal_reason(options)]),
             };
@@ -405,28 +338,15 @@ pub async fn prune(options: &PruneOptions) -> Result<Pruned, PruneError> {
                 created: i.creation_date().unwrap_or("-").to_string(),
                 decision,
                 reasons,
-                snapshots: snapshots_of(i),
+                snapshots: aws_image::snapshot_ids(i),
                 outcome: None,
             }
         })
         .collect();
-    let mut failed = Vec::new();
-    if options.apply {
-        let mut gone = BTreeSet::new();
-        for judged in images.iter_mut().filter(|j| j.decision == Decision::Remove) {
-            let done = remove(&clients, judged, options.removal, &all, &gone).await;
-            judged.outcome = Some(match done {
-                Ok(outcome) => {
-                    gone.insert(judged.ami_id.clone());
-                    outcome
-                }
-                Err(e) => {
-                    failed.push(format!("{}: {e}", judged.ami_id));
-                    format!("failed: {e}")
-                }
-            });
-        }
-    }
+    let failed = match options.apply {
+        true => remove_all(&clients, &mut images, options.removal, &all).await,
+        false => Vec::new(),
+    };
     Ok(Pruned {
         region: clients.region.clone(),
         apply: options.apply,
@@ -438,6 +358,132 @@ pub async fn prune(options: &PruneOptions) -> Result<Pruned, PruneError> {
     })
 }
 
+/// Why each image stays, by image id; an image with no reason goes.
+#[derive(Default)]
+struct Reasons(BTreeMap<String, Vec<String>>);
+
+impl Reasons {
+    fn add(&mut self, id: &str, why: String) {
+        self.0.entry(id.to_string()).or_default().push(why);
+    }
+
+    fn holds(&self, id: &str) -> bool {
+        self.0.contains_key(id)
+    }
+
+    /// The newest `keep` of each name prefix (`candidates` are newest first).
+    fn newest(&mut self, groups: &[Group], candidates: &[&Image], keep: usize) {
+        for group in groups {
+            let newest = candidates.iter().filter(|i| group.holds(i)).take(keep);
+            for image in newest {
+                self.add(
+                    image.image_id().unwrap_or_default(),
+                    format!("one of the newest {keep} named {}*", group.prefix),
+                );
+            }
+        }
+    }
+
+    /// Those made less than `age` ago (or whose age EC2 does not say).
+    fn younger_than(&mut self, candidates: &[&Image], age: Duration) {
+        let cutoff = SystemTime::now() - age;
+        for image in candidates {
+            let created = image
+                .creation_date()
+                .and_then(|d| humantime::parse_rfc3339_weak(d.trim_end_matches('Z')).ok());
+            if created.is_none_or(|c| c > cutoff) {
+                self.add(
+                    image.image_id().unwrap_or_default(),
+                    format!("newer than {}", humantime::format_duration(age)),
+                );
+            }
+        }
+    }
+
+    /// What the newest `keep` versions of each channel name, and every labelled version.
+    async fn in_channels(
+        &mut self,
+        clients: &Clients,
+        channels: &[String],
+        keep: usize,
+    ) -> Result<(), PruneError> {
+        for parameter in channels {
+            let history = match ssm::history(clients, parameter).await {
+                Ok(history) => history,
+                Err(SsmError::NoParameter { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            for v in history.iter().rev().take(keep) {
+                let why = format!(
+                    "version {} of {parameter} (one of its newest {keep})",
+                    v.version
+                );
+                self.add(&v.value, why);
+            }
+            for v in &history {
+                for label in &v.labels {
+                    let why = format!("label `{label}` of {parameter} (version {})", v.version);
+                    self.add(&v.value, why);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The base of an image that stays stays, and so on down the line.
+    fn bases_of_staying(&mut self, all: &[Image], candidates: &[String]) {
+        loop {
+            let staying_bases: Vec<(String, String)> = all
+                .iter()
+                .filter(|i| {
+                    let id = i.image_id().unwrap_or_default();
+                    !candidates.iter().any(|c| c == id) || self.holds(id)
+                })
+                .filter_map(|i| {
+                    let base = i
+                        .tags()
+                        .iter()
+                        .find(|t| t.key() == Some(TAG_BASE_AMI))?
+                        .value()?;
+                    Some((base.to_string(), i.image_id()?.to_string()))
+                })
+                .filter(|(base, _)| candidates.contains(base) && !self.holds(base))
+                .collect();
+            if staying_bases.is_empty() {
+                return;
+            }
+            for (base, child) in staying_bases {
+                self.add(&base, format!("the base of {child}, which stays"));
+            }
+        }
+    }
+}
+
+/// Removes every image judged `Remove`, noting each outcome; answers what failed.
+async fn remove_all(
+    clients: &Clients,
+    images: &mut [Judged],
+    removal: Removal,
+    all: &[Image],
+) -> Vec<String> {
+    let mut failed = Vec::new();
+    let mut gone = BTreeSet::new();
+    for judged in images.iter_mut().filter(|j| j.decision == Decision::Remove) {
+        let done = remove(clients, judged, removal, all, &gone).await;
+        judged.outcome = Some(match done {
+            Ok(outcome) => {
+                gone.insert(judged.ami_id.clone());
+                outcome
+            }
+            Err(e) => {
+                failed.push(format!("{}: {e}", judged.ami_id));
+                format!("failed: {e}")
+            }
+        });
+    }
+    failed
+}
+
 fn removal_reason(options: &PruneOptions) -> String {
     let mut why = format!("not among the newest {}", options.keep);
     if let Some(age) = options.older_than {
@@ -447,138 +493,33 @@ fn removal_reason(options: &PruneOptions) -> String {
     why
 }
 
-/// Every image of this account that amibake made, disabled and deprecated ones included.
-async fn amibake_images(clients: &Clients) -> Result<Vec<Image>, AwsError> {
-    let mut images = Vec::new();
-    let mut pages = clients
-        .ec2
-        .describe_images()
-        .owners("self")
-        .filters(filter("tag-key", TAG_BUILD_ID))
-        .include_deprecated(true)
-        .include_disabled(true)
-        .into_paginator()
-        .send();
-    while let Some(page) = pages.next().await {
-        let page = page.map_err(|e| AwsError::new("list the images amibake made", &e))?;
-        images.extend(page.images().iter().cloned());
-    }
-    Ok(images)
-}
-
-fn snapshots_of(image: &Image) -> Vec<String> {
-    image
-        .block_device_mappings()
-        .iter()
-        .filter_map(|m| m.ebs()?.snapshot_id().map(str::to_string))
-        .collect()
-}
-
-/// What EC2 itself says uses each image: instances (any state but terminated), the newest
-/// versions of launch templates, SSM parameters' current values.
-async fn references(clients: &Clients, ids: &[String]) -> Result<Vec<(String, String)>, AwsError> {
-    // DescribeImageReferences takes at most 1,000 image ids.
-    const IDS_PER_CALL: usize = 1000;
-    let mut found = Vec::new();
-    for chunk in ids.chunks(IDS_PER_CALL) {
-        let mut pages = clients
-            .ec2
-            .describe_image_references()
-            .set_image_ids(Some(chunk.to_vec()))
-            .include_all_resource_types(true)
-            .into_paginator()
-            .send();
-        while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| AwsError::new("ask EC2 what uses the images", &e))?;
-            for r in page.image_references() {
-                let (Some(image), Some(arn)) = (r.image_id(), r.arn()) else {
-                    continue;
-                };
-                let kind = r.resource_type().map_or("resource", |t| t.as_str());
-                found.push((image.to_string(), format!("used by {kind} {arn}")));
-            }
-        }
-    }
-    Ok(found)
-}
-
 /// The images every version of every launch template names, a `resolve:ssm:` image
-/// resolved to what it names now: an Auto Scaling group or a fleet may launch any version,
-/// and EC2's references look only at the newest 20.
+/// resolved to what it names now (EC2's references look only at the newest 20 versions).
 async fn launch_template_images(clients: &Clients) -> Result<Vec<(String, String)>, ChannelError> {
-    let mut templates = Vec::new();
-    let mut pages = clients
-        .ec2
-        .describe_launch_templates()
-        .max_results(200)
-        .into_paginator()
-        .send();
-    while let Some(page) = pages.next().await {
-        let page = page.map_err(|e| AwsError::new("list the launch templates", &e))?;
-        templates.extend(page.launch_templates().iter().filter_map(|t| {
-            Some((
-                t.launch_template_id()?.to_string(),
-                t.launch_template_name().unwrap_or_default().to_string(),
-            ))
-        }));
-    }
     let mut resolved: BTreeMap<String, Option<String>> = BTreeMap::new();
     let mut found = Vec::new();
-    for (id, name) in templates {
-        let mut pages = clients
-            .ec2
-            .describe_launch_template_versions()
-            .launch_template_id(&id)
-            .max_results(200)
-            .into_paginator()
-            .send();
-        while let Some(page) = pages.next().await {
-            let page = match page {
-                Ok(page) => page,
-                // Deleted since it was listed: nothing of it launches any more.
-                Err(e)
-                    if e.as_service_error()
-                        .and_then(|s| aws_sdk_ec2::error::ProvideErrorMetadata::code(s))
-                        .is_some_and(|c| c.starts_with("InvalidLaunchTemplate")) =>
-                {
-                    break
+    for v in launch_template::version_images(clients).await? {
+        let image = match v.image.strip_prefix("resolve:ssm:") {
+            Some(parameter) => {
+                if !resolved.contains_key(parameter) {
+                    let value = ssm::value(clients, parameter).await?;
+                    resolved.insert(parameter.to_string(), value);
                 }
-                Err(e) => {
-                    let what = format!("read the versions of launch template {name}");
-                    return Err(AwsError::new(what, &e).into());
+                match &resolved[parameter] {
+                    Some(value) => value.clone(),
+                    None => continue,
                 }
-            };
-            for v in page.launch_template_versions() {
-                let Some(image) = v.launch_template_data().and_then(|d| d.image_id()) else {
-                    continue;
-                };
-                let image = match image.strip_prefix("resolve:ssm:") {
-                    Some(parameter) => {
-                        if !resolved.contains_key(parameter) {
-                            let value = ssm::value(clients, parameter).await?;
-                            resolved.insert(parameter.to_string(), value);
-                        }
-                        match &resolved[parameter] {
-                            Some(value) => value.clone(),
-                            None => continue,
-                        }
-                    }
-                    None => image.to_string(),
-                };
-                let default = if v.default_version() == Some(true) {
-                    ", its default"
-                } else {
-                    ""
-                };
-                found.push((
-                    image,
-                    format!(
-                        "version {} of launch template {name}{default}",
-                        v.version_number().unwrap_or_default()
-                    ),
-                ));
             }
-        }
+            None => v.image.clone(),
+        };
+        let default = if v.default { ", its default" } else { "" };
+        found.push((
+            image,
+            format!(
+                "version {} of launch template {}{default}",
+                v.version, v.template
+            ),
+        ));
     }
     Ok(found)
 }
@@ -593,28 +534,10 @@ async fn shared(clients: &Clients, images: &[&Image]) -> Result<Vec<(String, Str
             found.push((id.to_string(), "public: any account may launch it".into()));
             continue;
         }
-        let attribute = clients
-            .ec2
-            .describe_image_attribute()
-            .image_id(id)
-            .attribute(aws_sdk_ec2::types::ImageAttributeName::LaunchPermission)
-            .send()
-            .await
-            .map_err(|e| AwsError::new(format!("read who may launch {id}"), &e))?;
-        let with: Vec<String> = attribute
-            .launch_permissions()
+        let with: Vec<String> = aws_image::launch_permissions(clients, id)
+            .await?
             .iter()
-            .filter_map(|p| {
-                if let Some(account) = p.user_id() {
-                    Some(format!("account {account}"))
-                } else if let Some(org) = p.organization_arn() {
-                    Some(format!("organization {org}"))
-                } else if let Some(unit) = p.organizational_unit_arn() {
-                    Some(format!("organizational unit {unit}"))
-                } else {
-                    p.group().map(|_| "everyone".to_string())
-                }
-            })
+            .map(ToString::to_string)
             .collect();
         if !with.is_empty() {
             found.push((
@@ -637,60 +560,38 @@ async fn remove(
     removal: Removal,
     all: &[Image],
     gone: &BTreeSet<String>,
-) -> Result<String, AwsError> {
+) -> Result<String, ResourceError> {
     let id = &judged.ami_id;
     match removal {
         Removal::Disable => {
-            clients
-                .ec2
-                .disable_image()
-                .image_id(id)
-                .send()
+            aws_image::disable(clients, id)
                 .await
-                .map_err(|e| AwsError::new(format!("disable {id}"), &e))?;
+                .map_err(WaitError::Poll)?;
             Ok("disabled".into())
         }
         Removal::Deprecate => {
             // EC2 refuses a time in the past; a minute from now is the soonest it takes.
             let at = aws_smithy_types::DateTime::from(SystemTime::now() + Duration::from_secs(60));
-            clients
-                .ec2
-                .enable_image_deprecation()
-                .image_id(id)
-                .deprecate_at(at)
-                .send()
+            let deprecate = aws_image::Setting::DeprecateAt(at);
+            aws_image::set(clients, id, deprecate)
                 .await
-                .map_err(|e| AwsError::new(format!("deprecate {id}"), &e))?;
+                .map_err(WaitError::Poll)?;
             Ok("deprecated".into())
         }
         Removal::Deregister => {
-            clients
-                .ec2
-                .deregister_image()
-                .image_id(id)
-                .send()
-                .await
-                .map_err(|e| AwsError::new(format!("deregister {id}"), &e))?;
+            aws_image::deregister(clients.clone(), id.clone()).await?;
             let mut deleted = Vec::new();
             for snapshot in &judged.snapshots {
                 let shared = all.iter().any(|other| {
                     let other_id = other.image_id().unwrap_or_default();
                     other_id != id
                         && !gone.contains(other_id)
-                        && snapshots_of(other).contains(snapshot)
+                        && aws_image::snapshot_ids(other).contains(snapshot)
                 });
                 if shared {
                     continue;
                 }
-                clients
-                    .ec2
-                    .delete_snapshot()
-                    .snapshot_id(snapshot)
-                    .send()
-                    .await
-                    .map_err(|e| {
-                        AwsError::new(format!("delete snapshot {snapshot} of {id}"), &e)
-                    })?;
+                crate::aws::snapshot::delete(clients.clone(), snapshot.clone()).await?;
                 deleted.push(snapshot.clone());
             }
             Ok(if deleted.is_empty() {

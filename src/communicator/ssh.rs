@@ -94,19 +94,44 @@ pub struct Handshake {
     host_key: HostKey,
 }
 
+/// Why one attempt to reach an SSH server failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("cannot resolve {host}: {source}")]
+    Resolve {
+        host: String,
+        source: std::io::Error,
+    },
+    #[error("{host} resolves to no address")]
+    NoAddress { host: String },
+    #[error(transparent)]
+    Connect(std::io::Error),
+    #[error("SSH session: {0}")]
+    Session(ssh2::Error),
+    #[error("SSH handshake: {0}")]
+    Handshake(ssh2::Error),
+    #[error("SSH handshake: the server offered no host key")]
+    NoHostKey,
+    #[error("key authentication as {user}: {source}")]
+    Authenticate { user: String, source: ssh2::Error },
+}
+
 impl Handshake {
     pub fn host_key(&self) -> &HostKey {
         &self.host_key
     }
 
     /// Authenticates with the target's key.
-    pub fn authenticate(self) -> Result<Ssh, String> {
+    pub fn authenticate(self) -> Result<Ssh, ConnectError> {
         let Handshake {
             target, session, ..
         } = self;
         session
             .userauth_pubkey_file(&target.user, None, &target.private_key, None)
-            .map_err(|e| format!("key authentication as {}: {e}", target.user))?;
+            .map_err(|source| ConnectError::Authenticate {
+                user: target.user.clone(),
+                source,
+            })?;
         Ok(Ssh {
             sudo: target.user != "root",
             target,
@@ -120,26 +145,28 @@ impl Ssh {
     /// Connects and exchanges keys. One attempt, bounded by `timeout`: the caller decides
     /// how often to retry while an instance boots, and whether the host key is the
     /// instance's before it authenticates.
-    pub fn handshake(target: &SshTarget, timeout: Duration) -> Result<Handshake, String> {
+    pub fn handshake(target: &SshTarget, timeout: Duration) -> Result<Handshake, ConnectError> {
+        let host = || target.host.clone();
         let address: SocketAddr = (target.host.as_str(), target.port)
             .to_socket_addrs()
-            .map_err(|e| format!("cannot resolve {}: {e}", target.host))?
+            .map_err(|source| ConnectError::Resolve {
+                host: host(),
+                source,
+            })?
             .next()
-            .ok_or_else(|| format!("{} resolves to no address", target.host))?;
-        let tcp = TcpStream::connect_timeout(&address, timeout).map_err(|e| e.to_string())?;
-        let mut session = Session::new().map_err(|e| e.to_string())?;
+            .ok_or_else(|| ConnectError::NoAddress { host: host() })?;
+        let tcp = TcpStream::connect_timeout(&address, timeout).map_err(ConnectError::Connect)?;
+        let mut session = Session::new().map_err(ConnectError::Session)?;
         session.set_timeout(millis(timeout));
         session.set_tcp_stream(tcp);
-        session
-            .handshake()
-            .map_err(|e| format!("SSH handshake: {e}"))?;
+        session.handshake().map_err(ConnectError::Handshake)?;
         // A provisioner silent for minutes (a large apt-get) must not lose its connection
         // to an idle-timeout on the way; the read loop sends these when they are due.
         session.set_keepalive(false, KEEPALIVE_SECONDS);
         let host_key = session
             .host_key()
             .map(|(blob, kind)| HostKey::of(blob, kind))
-            .ok_or("SSH handshake: the server offered no host key")?;
+            .ok_or(ConnectError::NoHostKey)?;
         Ok(Handshake {
             target: target.clone(),
             session,

@@ -135,6 +135,8 @@ impl RunReport {
 /// Runs `steps` in order over `state`, then cleans up. Never returns early: whatever happens,
 /// the undo stack is unwound before the report comes back, unless a step failed and
 /// `on_failure` says to keep what the run made.
+/// Long, and kept whole: every way out of a run (a step's failure, a signal, the end) and
+/// the cleanup each takes are read in one place.
 pub async fn run<S: Send>(
     mode: &str,
     build_id: &str,

@@ -222,6 +222,7 @@ impl Default for TerminalBars {
 const SPINNER_TICK: Duration = Duration::from_millis(120);
 
 impl EventSink for TerminalBars {
+    /// One arm per kind of event, each short: long only because there are many kinds.
     fn emit(&self, event: &Event) {
         let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
         match event {

@@ -6,16 +6,13 @@
 
 use std::time::Duration;
 
-use aws_sdk_ec2::types::{
-    AttributeValue, ImageAttributeName, LaunchPermission, LaunchPermissionModifications,
-    ResourceType, Tag, TagSpecification,
-};
+use aws_sdk_ec2::types::Tag;
 use tokio::task::JoinSet;
 
-use super::support::{created_or_found, failed, mark_finished, publish, undo_with, waited};
+use super::support::{failed, mark_finished, publish, undo_with, waited};
 use super::ModeError;
 use crate::artifact::{RegionCopy, TAG_BUILD_ID, TAG_FINGERPRINT};
-use crate::aws::resources::{self, Unique};
+use crate::aws::image::{self, Grantee, Setting, IMDS_V2};
 use crate::aws::wait::WaitPolicy;
 use crate::aws::{ami, kms, AwsError, Clients};
 use crate::engine::{Keep, StepContext, StepError};
@@ -100,6 +97,8 @@ pub async fn deliver(
 /// Copies the image to every region of `plan` at once, then waits for all of them. Each
 /// copy's undo (deregister it, delete its snapshots) is registered as soon as its id is
 /// known, before any wait, so a copy that fails or an interrupt leaves none behind.
+/// Kept whole: the start of every copy, the registration of its undo and the one wait for
+/// all, with their order, are what makes a failure leave nothing.
 async fn copy(
     source: Source<'_>,
     plan: &Distribution,
@@ -146,7 +145,7 @@ async fn copy(
                         &image_id,
                         "deregister copy and delete its snapshots",
                         Keep::OnSuccess,
-                        resources::deregister_image_and_snapshots,
+                        crate::aws::image::deregister_with_snapshots,
                     );
                 }
                 copies.push(RegionImage {
@@ -180,7 +179,7 @@ async fn copy(
         let (cancel, progress) = (ctx.cancel.clone(), ctx.progress.clone());
         waits.spawn(async move {
             let waited =
-                resources::wait_image(&clients, &id, WaitPolicy::LONG, &cancel, &progress).await;
+                crate::aws::image::wait(&clients, &id, WaitPolicy::LONG, &cancel, &progress).await;
             (i, waited)
         });
     }
@@ -244,39 +243,17 @@ impl CopyRequest {
                 return Ok((earlier.id, true));
             }
         }
-        let tagged = |kind| {
-            TagSpecification::builder()
-                .resource_type(kind)
-                .set_tags(Some(self.tags.clone()))
-                .build()
+        let copy = image::Copy {
+            source_region: &self.source_region,
+            source_image_id: &self.image_id,
+            name: &self.name,
+            description: self.description.as_deref(),
+            kms_key_id: self.kms_key_id.as_deref(),
+            tags: &self.tags,
         };
-        let out = clients
-            .ec2
-            .copy_image()
-            .source_region(&self.source_region)
-            .source_image_id(&self.image_id)
-            .name(&self.name)
-            .set_description(self.description.clone())
-            // Encrypted with the region's key when the template names one; otherwise as the
-            // source is (an encrypted source gives an encrypted copy with the default key).
-            .set_encrypted(self.kms_key_id.as_ref().map(|_| true))
-            .set_kms_key_id(self.kms_key_id.clone())
-            // One copy per run and region, however often the SDK retries the call.
-            .client_token(format!("{}-{}", self.build_id, clients.region))
-            // Tagged in the call itself, so even a run killed right after can be found.
-            .tag_specifications(tagged(ResourceType::Image))
-            .tag_specifications(tagged(ResourceType::Snapshot))
-            .send()
-            .await;
-        let id = created_or_found(
-            out,
-            |o| o.image_id(),
-            &format!("copy {} to {}", self.image_id, clients.region),
-            ("InvalidAMIName.Duplicate", Unique::Image, &self.name),
-            (clients, &self.build_id),
-            progress,
-        )
-        .await?;
+        let id = image::copy(clients, copy, &self.build_id, progress)
+            .await
+            .map_err(waited)?;
         progress.note(format!("copying to {}: {id}", clients.region));
         Ok((id, false))
     }
@@ -318,59 +295,42 @@ async fn apply(
     plan: &Distribution,
     deprecate_at: Option<aws_smithy_types::DateTime>,
 ) -> Result<(), StepError> {
-    let on = |what: &str| format!("{what} on {image_id} in {}", clients.region);
     if let Some(at) = deprecate_at {
-        clients
-            .ec2
-            .enable_image_deprecation()
-            .image_id(image_id)
-            .deprecate_at(at)
-            .send()
+        image::set(clients, image_id, Setting::DeprecateAt(at))
             .await
-            .map_err(call_failed(on("set the deprecation time")))?;
+            .map_err(failed)?;
     }
     if plan.imds_v2_only {
-        clients
-            .ec2
-            .modify_image_attribute()
-            .image_id(image_id)
-            .imds_support(AttributeValue::builder().value(IMDS_V2).build())
-            .send()
+        image::set(clients, image_id, Setting::RequireImdsV2)
             .await
-            .map_err(call_failed(on("require IMDSv2")))?;
+            .map_err(failed)?;
     }
     if !plan.share_with_accounts.is_empty() {
-        let add = plan
-            .share_with_accounts
-            .iter()
-            .map(|a| LaunchPermission::builder().user_id(a).build())
-            .collect();
-        clients
-            .ec2
-            .modify_image_attribute()
-            .image_id(image_id)
-            .launch_permission(
-                LaunchPermissionModifications::builder()
-                    .set_add(Some(add))
-                    .build(),
-            )
-            .send()
+        let accounts = Setting::ShareWith(&plan.share_with_accounts);
+        image::set(clients, image_id, accounts)
             .await
-            .map_err(call_failed(on("share")))?;
+            .map_err(failed)?;
     }
     Ok(())
 }
 
-const IMDS_V2: &str = "v2.0";
-
-/// An SDK call's failure as the step's, named by what it did.
-fn call_failed<E>(
-    what: String,
-) -> impl FnOnce(aws_sdk_ec2::error::SdkError<E, aws_sdk_ec2::config::http::HttpResponse>) -> StepError
-where
-    E: aws_sdk_ec2::error::ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-{
-    move |e| failed(AwsError::new(what, &e))
+/// A distribution setting EC2 did not keep, found reading the image back.
+#[derive(Debug, thiserror::Error)]
+enum Unsettled {
+    #[error(transparent)]
+    Aws(AwsError),
+    #[error("EC2 no longer knows it")]
+    Gone,
+    #[error("it is {0}")]
+    State(String),
+    #[error("it lacks amibake's tags")]
+    Untagged,
+    #[error("it does not require IMDSv2")]
+    NotImdsV2,
+    #[error("its deprecation time is {0}")]
+    Deprecation(String),
+    #[error("{0} may not launch it")]
+    NotShared(String),
 }
 
 /// What EC2 holds for the image against what the run asked for; the first difference.
@@ -379,25 +339,21 @@ async fn verify(
     image_id: &str,
     plan: &Distribution,
     deprecate_at: Option<aws_smithy_types::DateTime>,
-) -> Result<(), String> {
-    let out = clients
-        .ec2
-        .describe_images()
-        .image_ids(image_id)
-        .send()
+) -> Result<(), Unsettled> {
+    let image = image::describe(clients, image_id)
         .await
-        .map_err(|e| AwsError::new("describe it", &e).to_string())?;
-    let image = out.images().first().ok_or("EC2 no longer knows it")?;
+        .map_err(Unsettled::Aws)?
+        .ok_or(Unsettled::Gone)?;
     let state = image.state().map_or("unknown", |s| s.as_str());
     if state != "available" {
-        return Err(format!("it is {state}"));
+        return Err(Unsettled::State(state.to_string()));
     }
     let has_tag = |key: &str| image.tags().iter().any(|t| t.key() == Some(key));
     if !has_tag(TAG_BUILD_ID) || !has_tag(TAG_FINGERPRINT) {
-        return Err("it lacks amibake's tags".into());
+        return Err(Unsettled::Untagged);
     }
     if plan.imds_v2_only && image.imds_support().map(|s| s.as_str()) != Some(IMDS_V2) {
-        return Err("it does not require IMDSv2".into());
+        return Err(Unsettled::NotImdsV2);
     }
     if let Some(at) = deprecate_at {
         let held = image.deprecation_time().and_then(|t| {
@@ -408,34 +364,23 @@ async fn verify(
             .map(|h| (h.secs() - at.secs()).abs() > 60)
             .unwrap_or(true)
         {
-            return Err(format!(
-                "its deprecation time is {}",
-                image.deprecation_time().unwrap_or("not set")
+            return Err(Unsettled::Deprecation(
+                image.deprecation_time().unwrap_or("not set").to_string(),
             ));
         }
     }
     if !plan.share_with_accounts.is_empty() {
-        let out = clients
-            .ec2
-            .describe_image_attribute()
-            .image_id(image_id)
-            .attribute(ImageAttributeName::LaunchPermission)
-            .send()
+        let granted = image::launch_permissions(clients, image_id)
             .await
-            .map_err(|e| AwsError::new("read its launch permissions", &e).to_string())?;
-        let granted: Vec<&str> = out
-            .launch_permissions()
-            .iter()
-            .filter_map(|p| p.user_id())
-            .collect();
+            .map_err(Unsettled::Aws)?;
         let missing: Vec<&str> = plan
             .share_with_accounts
             .iter()
             .map(String::as_str)
-            .filter(|a| !granted.contains(a))
+            .filter(|a| !granted.contains(&Grantee::Account(a.to_string())))
             .collect();
         if !missing.is_empty() {
-            return Err(format!("{} may not launch it", missing.join(", ")));
+            return Err(Unsettled::NotShared(missing.join(", ")));
         }
     }
     Ok(())

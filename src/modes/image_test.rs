@@ -6,26 +6,12 @@
 use super::instance::{Launch, Role, TemporaryInstance};
 use super::support::{earlier, failed};
 use crate::artifact::{TAG_TESTED, TESTED_PASSED};
-use crate::aws::{AwsError, Clients};
+use crate::aws::Clients;
 use crate::engine::{StepContext, StepError};
 use crate::provision::{self, Entries, ProvisionError};
-use crate::template::{InstancePlan, Provisioner};
+use crate::template::Provisioner;
 
-/// What the test step of either mode knows.
-pub struct ImageTest<'a> {
-    pub clients: &'a Clients,
-    pub build_id: &'a str,
-    pub image_id: &'a str,
-    /// The image's root device, for a root size or type from the instance settings.
-    pub root_device_name: &'a str,
-    /// How the image is booted; set by the template check wherever there are tests.
-    pub instance: Option<&'a InstancePlan>,
-    pub tests: &'a [Provisioner],
-    /// `--no-test`.
-    pub skip: bool,
-    /// The run's facts, in every test's environment beside `AMIBAKE_AMI_ID`.
-    pub facts: Vec<(&'static str, String)>,
-}
+use super::image::ImageState;
 
 /// A test that failed, with the image it failed on: the run removes that image.
 #[derive(Debug, thiserror::Error)]
@@ -38,45 +24,40 @@ pub struct TestFailed {
 }
 
 async fn mark_tested(clients: &Clients, image_id: &str) -> Result<(), StepError> {
-    clients
-        .ec2
-        .create_tags()
-        .resources(image_id)
-        .tags(
-            aws_sdk_ec2::types::Tag::builder()
-                .key(TAG_TESTED)
-                .value(TESTED_PASSED)
-                .build(),
-        )
-        .send()
-        .await
-        .map_err(|e| failed(AwsError::new(format!("tag {image_id} tested"), &e)))?;
-    Ok(())
+    crate::aws::image::tag(
+        clients,
+        vec![image_id.to_string()],
+        (TAG_TESTED, TESTED_PASSED),
+    )
+    .await
+    .map_err(failed)
 }
 
-pub async fn run(test: ImageTest<'_>, ctx: &mut StepContext) -> Result<(), StepError> {
-    let count = test.tests.len();
+/// Boots `image` and runs its tests on it; nothing when it has none or `--no-test`.
+pub async fn run(image: &ImageState, ctx: &mut StepContext) -> Result<(), StepError> {
+    let image_id = earlier(&image.image_id, "image")?;
+    let count = image.plan.tests.len();
     if count == 0 {
         ctx.progress
             .note("no [[base.test]] or [[bake.test]] in the template: the image is not booted");
         return Ok(());
     }
-    if test.skip {
+    if image.skip_tests {
         ctx.progress.note(format!(
             "--no-test: {count} test(s) skipped, {} is not booted",
-            test.image_id
+            image_id
         ));
         return Ok(());
     }
-    let plan = earlier(&test.instance.cloned(), "test instance settings")?;
+    let plan = earlier(&image.origin.test_instance, "test instance settings")?;
     let launch = Launch {
-        image_id: test.image_id.to_string(),
-        root_device_name: test.root_device_name.to_string(),
+        image_id: image_id.clone(),
+        root_device_name: image.origin.root_device_name.clone(),
         plan,
         role: Role::Test,
     };
     let mut instance =
-        TemporaryInstance::new(test.clients, test.build_id, launch).map_err(failed)?;
+        TemporaryInstance::new(&image.clients, &image.build_id, launch).map_err(failed)?;
     instance.create_key_pair(ctx).await?;
     instance.create_security_group(ctx).await?;
     instance.launch(ctx).await?;
@@ -84,11 +65,12 @@ pub async fn run(test: ImageTest<'_>, ctx: &mut StepContext) -> Result<(), StepE
     let instance_id = instance.id()?;
     let mut facts: Vec<(String, String)> = vec![
         ("AMIBAKE_STAGE".into(), "test".into()),
-        ("AMIBAKE_AMI_ID".into(), test.image_id.to_string()),
+        ("AMIBAKE_AMI_ID".into(), image_id.clone()),
         ("AMIBAKE_INSTANCE_ID".into(), instance_id.clone()),
     ];
-    facts.extend(test.facts.into_iter().map(|(k, v)| (k.to_string(), v)));
-    let tests: Vec<Provisioner> = test
+    facts.extend(image.facts().into_iter().map(|(k, v)| (k.to_string(), v)));
+    let tests: Vec<Provisioner> = image
+        .plan
         .tests
         .iter()
         .cloned()
@@ -111,17 +93,17 @@ pub async fn run(test: ImageTest<'_>, ctx: &mut StepContext) -> Result<(), StepE
         Ok(()) => {
             ctx.progress.note(format!(
                 "{} passed {count} test(s) on {instance_id}",
-                test.image_id
+                image_id
             ));
             // Said on the image, so a run that reuses it does not boot it again.
-            mark_tested(test.clients, test.image_id).await?;
+            mark_tested(&image.clients, &image_id).await?;
             // The session ends, then the instance, its group and key pair go now rather
             // than at the end of the run.
             instance.remove(ctx).await
         }
         Err(ProvisionError::Interrupted { .. }) => Err(StepError::Interrupted),
         Err(source) => Err(failed(TestFailed {
-            image_id: test.image_id.to_string(),
+            image_id,
             instance_id,
             source,
         })),

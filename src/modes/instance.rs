@@ -8,19 +8,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use aws_sdk_ec2::types::{
-    BlockDeviceMapping, EbsBlockDevice, HttpTokensState, IamInstanceProfileSpecification,
-    InstanceMetadataEndpointState, InstanceMetadataOptionsRequest,
-    InstanceNetworkInterfaceSpecification, InstanceType, IpPermission, IpRange, KeyType,
-    ResourceType, TagSpecification, VolumeType,
-};
 use tokio::time::Instant;
 
-use super::support::{created_or_found, earlier, failed, tags, undo_with, waited};
+use super::support::{earlier, failed, tags, undo_with, waited};
 use super::ModeError;
 use crate::artifact::TAG_BUILD_ID;
-use crate::aws::resources::{self, wait_instance};
-use crate::aws::{console, AwsError, Clients};
+use crate::aws::key_pair::KeyPairError;
+use crate::aws::{console, Clients};
 use crate::communicator::ssh::{HostKey, Ssh, SshTarget};
 use crate::engine::{Keep, StepContext, StepError, UndoId};
 use crate::template::{InstancePlan, SshInterface};
@@ -32,6 +26,16 @@ const SSH_RETRY_PAUSE: Duration = Duration::from_secs(1);
 /// A note about the wait at most this often: retries are otherwise quiet.
 const SSH_NOTE_EVERY: Duration = Duration::from_secs(15);
 const PRIVATE_KEY_FILE: &str = "id_ed25519";
+
+/// The instance's SSH server never let the run in within the template's timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("no SSH answer from {target} within {seconds}s (`ssh_timeout_seconds`); last attempt")]
+pub struct NoSshAnswer {
+    target: String,
+    seconds: u64,
+    #[source]
+    last: crate::communicator::ssh::ConnectError,
+}
 
 /// What an instance is for: it names and tags what is made for it, so a base build's
 /// instance and its test instance never take each other's names or launch tokens.
@@ -148,28 +152,11 @@ impl TemporaryInstance {
             return Ok(());
         }
         let name = self.temporary_name();
-        let out = self
-            .clients
-            .ec2
-            .create_key_pair()
-            .key_name(&name)
-            .key_type(KeyType::Ed25519)
-            .tag_specifications(
-                TagSpecification::builder()
-                    .resource_type(ResourceType::KeyPair)
-                    .set_tags(Some(self.build_tags("key pair")))
-                    .build(),
-            )
-            .send()
-            .await;
+        let made =
+            crate::aws::key_pair::create(&self.clients, &name, &self.build_tags("key pair")).await;
         // It exists when the call answered, and also when the SDK's retry was refused as
-        // a duplicate: the name is this build's own, so an attempt whose answer was lost
-        // made it (and its private key went with that answer). Either way it goes.
-        let made = match &out {
-            Ok(_) => true,
-            Err(e) => resources::code(e) == Some("InvalidKeyPair.Duplicate"),
-        };
-        if made {
+        // a duplicate (see `KeyPairError::Exists`). Either way it goes.
+        if !matches!(made, Err(KeyPairError::Aws(_))) {
             self.delete_key_pair = Some(undo_with(
                 ctx,
                 &self.clients,
@@ -177,14 +164,11 @@ impl TemporaryInstance {
                 &name,
                 "delete key pair",
                 Keep::Never,
-                resources::delete_key_pair,
+                crate::aws::key_pair::delete,
             ));
         }
-        let out = out.map_err(|e| failed(AwsError::new(format!("create key pair {name}"), &e)))?;
+        let material = made.map_err(failed)?;
         self.key_name = Some(name.clone());
-        let material = out
-            .key_material()
-            .ok_or_else(|| failed("CreateKeyPair returned no private key"))?;
         let path = self.key_dir.path().join(PRIVATE_KEY_FILE);
         write_private(&path, material.as_bytes())
             .map_err(|e| failed(format!("cannot keep the private key: {e}")))?;
@@ -203,51 +187,25 @@ impl TemporaryInstance {
         }
         // In the subnet's VPC; without a subnet, EC2 uses the default VPC for both.
         let vpc_id = match &plan.subnet_id {
-            Some(subnet) => self
-                .clients
-                .ec2
-                .describe_subnets()
-                .subnet_ids(subnet)
-                .send()
+            Some(subnet) => crate::aws::security_group::vpc_of_subnet(&self.clients, subnet)
                 .await
-                .map_err(|e| failed(AwsError::new(format!("describe subnet {subnet}"), &e)))?
-                .subnets()
-                .first()
-                .and_then(|n| n.vpc_id().map(str::to_string)),
+                .map_err(failed)?,
             None => None,
         };
         let name = self.temporary_name();
-        let out = self
-            .clients
-            .ec2
-            .create_security_group()
-            .group_name(&name)
-            .description(format!(
-                "amibake build {}: SSH from the runner",
-                self.build_id
-            ))
-            .set_vpc_id(vpc_id)
-            .tag_specifications(
-                TagSpecification::builder()
-                    .resource_type(ResourceType::SecurityGroup)
-                    .set_tags(Some(self.build_tags("security group")))
-                    .build(),
-            )
-            .send()
-            .await;
-        let group_id = created_or_found(
-            out,
-            |o| o.group_id(),
-            &format!("create security group {name}"),
+        let group_id = crate::aws::security_group::create(
+            &self.clients,
             (
-                "InvalidGroup.Duplicate",
-                resources::Unique::SecurityGroup,
                 &name,
+                format!("amibake build {}: SSH from the runner", self.build_id),
             ),
-            (&self.clients, &self.build_id),
+            vpc_id,
+            &self.build_tags("security group"),
+            &self.build_id,
             &ctx.progress,
         )
-        .await?;
+        .await
+        .map_err(waited)?;
         self.delete_security_group = Some(undo_with(
             ctx,
             &self.clients,
@@ -255,7 +213,7 @@ impl TemporaryInstance {
             &group_id,
             "delete security group",
             Keep::Never,
-            resources::delete_security_group,
+            crate::aws::security_group::delete,
         ));
         self.security_group_ids = vec![group_id.clone()];
         self.temporary_group = Some(group_id.clone());
@@ -268,36 +226,10 @@ impl TemporaryInstance {
     }
 
     async fn allow_ssh(&self, group_id: &str, cidrs: &[String]) -> Result<(), StepError> {
-        let ranges = cidrs
-            .iter()
-            .map(|c| {
-                IpRange::builder()
-                    .cidr_ip(c)
-                    .description(format!("amibake build {}", self.build_id))
-                    .build()
-            })
-            .collect();
-        self.clients
-            .ec2
-            .authorize_security_group_ingress()
-            .group_id(group_id)
-            .ip_permissions(
-                IpPermission::builder()
-                    .ip_protocol("tcp")
-                    .from_port(i32::from(SSH_PORT))
-                    .to_port(i32::from(SSH_PORT))
-                    .set_ip_ranges(Some(ranges))
-                    .build(),
-            )
-            .send()
+        let why = format!("amibake build {}", self.build_id);
+        crate::aws::security_group::allow_tcp(&self.clients, group_id, SSH_PORT, cidrs, &why)
             .await
-            .map_err(|e| {
-                failed(AwsError::new(
-                    format!("allow SSH into {group_id} from {}", cidrs.join(", ")),
-                    &e,
-                ))
-            })?;
-        Ok(())
+            .map_err(failed)
     }
 
     /// Launches the instance, waits until it runs and picks the address to reach it at.
@@ -314,87 +246,29 @@ impl TemporaryInstance {
             Role::Build => self.build_id.clone(),
             Role::Test => format!("{}-test", self.build_id),
         };
-        let mut request = self
-            .clients
-            .ec2
-            .run_instances()
-            .client_token(client_token)
-            .image_id(image_id)
-            .instance_type(InstanceType::from(plan.instance_type.as_str()))
-            .min_count(1)
-            .max_count(1)
-            .key_name(&key_name)
-            .metadata_options(
-                InstanceMetadataOptionsRequest::builder()
-                    .http_tokens(HttpTokensState::Required)
-                    .http_endpoint(InstanceMetadataEndpointState::Enabled)
-                    .build(),
-            )
-            .tag_specifications(
-                TagSpecification::builder()
-                    .resource_type(ResourceType::Instance)
-                    .set_tags(Some(self.build_tags("instance")))
-                    .build(),
-            )
-            .tag_specifications(
-                TagSpecification::builder()
-                    .resource_type(ResourceType::Volume)
-                    .set_tags(Some(self.build_tags("instance volume")))
-                    .build(),
-            );
-        request = match plan.associate_public_ip {
-            // Choosing the public address takes a network interface specification.
-            Some(public) => request.network_interfaces(
-                InstanceNetworkInterfaceSpecification::builder()
-                    .device_index(0)
-                    .set_subnet_id(plan.subnet_id.clone())
-                    .set_groups(Some(self.security_group_ids.clone()))
-                    .associate_public_ip_address(public)
-                    .delete_on_termination(true)
-                    .build(),
-            ),
-            None => request
-                .set_subnet_id(plan.subnet_id.clone())
-                .set_security_group_ids(Some(self.security_group_ids.clone())),
+        let root = (plan.root_volume_size_gb.is_some() || plan.root_volume_type.is_some())
+            .then_some((
+                root_device_name.as_str(),
+                plan.root_volume_size_gb,
+                plan.root_volume_type.as_deref(),
+            ));
+        let spec = crate::aws::instance::InstanceSpec {
+            client_token,
+            image_id,
+            instance_type: &plan.instance_type,
+            key_name: &key_name,
+            tags: &self.build_tags("instance"),
+            volume_tags: &self.build_tags("instance volume"),
+            subnet_id: plan.subnet_id.as_deref(),
+            security_group_ids: &self.security_group_ids,
+            associate_public_ip: plan.associate_public_ip,
+            root,
+            iam_instance_profile: plan.iam_instance_profile.as_deref(),
+            user_data: plan.user_data.as_deref(),
         };
-        if plan.root_volume_size_gb.is_some() || plan.root_volume_type.is_some() {
-            request = request.block_device_mappings(
-                BlockDeviceMapping::builder()
-                    .device_name(root_device_name)
-                    .ebs(
-                        EbsBlockDevice::builder()
-                            .set_volume_size(plan.root_volume_size_gb)
-                            .set_volume_type(plan.root_volume_type.as_deref().map(VolumeType::from))
-                            .delete_on_termination(true)
-                            .build(),
-                    )
-                    .build(),
-            );
-        }
-        if let Some(profile) = &plan.iam_instance_profile {
-            let spec = IamInstanceProfileSpecification::builder();
-            let spec = if profile.starts_with("arn:") {
-                spec.arn(profile)
-            } else {
-                spec.name(profile)
-            };
-            request = request.iam_instance_profile(spec.build());
-        }
-        if let Some(user_data) = &plan.user_data {
-            request = request.user_data(aws_smithy_types::base64::encode(user_data));
-        }
-        let out = request.send().await.map_err(|e| {
-            failed(AwsError::new(
-                format!("launch a {} from {image_id}", plan.instance_type),
-                &e,
-            ))
-        })?;
-        let instance_id = out
-            .instances()
-            .first()
-            .and_then(|i| i.instance_id())
-            .ok_or_else(|| failed("RunInstances returned no instance"))?
-            .to_string();
+        let instance_id = crate::aws::instance::launch(&self.clients, spec)
+            .await
+            .map_err(failed)?;
         self.instance_id = Some(instance_id.clone());
         let progress = ctx.progress.clone();
         let terminate = undo_with(
@@ -404,7 +278,7 @@ impl TemporaryInstance {
             &instance_id,
             "terminate instance",
             Keep::Never,
-            move |clients, id| resources::terminate_instance(clients, id, progress.clone()),
+            move |clients, id| crate::aws::instance::terminate(clients, id, progress.clone()),
         );
         self.terminate = Some(terminate);
         if let Some(delete_group) = self.delete_security_group {
@@ -421,7 +295,7 @@ impl TemporaryInstance {
                 Err(left) => ctx.progress.note(format!("{left}; tried again at the end")),
             }
         }
-        let instance = wait_instance(
+        let instance = crate::aws::instance::wait(
             &self.clients,
             &instance_id,
             "running",
@@ -430,15 +304,34 @@ impl TemporaryInstance {
         )
         .await
         .map_err(waited)?;
+        let host = self.reach(&instance, &instance_id, ctx).await?;
+        let plan = &self.launch.plan;
+        self.ssh_target = Some(SshTarget {
+            host,
+            port: SSH_PORT,
+            user: plan.ssh_username.clone(),
+            private_key: earlier(&self.private_key, "private key")?,
+        });
+        Ok(())
+    }
+
+    /// The address the running instance is reached at, opened to this runner when the run
+    /// made the group and the template names no CIDRs.
+    async fn reach(
+        &self,
+        instance: &aws_sdk_ec2::types::Instance,
+        instance_id: &str,
+        ctx: &mut StepContext,
+    ) -> Result<String, StepError> {
         let plan = &self.launch.plan;
         let (host, interface) = match plan.ssh_interface {
-            Some(interface) => ssh_address(&instance, interface)
+            Some(interface) => ssh_address(instance, interface)
                 .map(|host| (host, interface))
-                .ok_or_else(|| failed(no_address(&instance_id, interface)))?,
+                .ok_or_else(|| failed(no_address(instance_id, interface)))?,
             // As Packer: the public address when the instance has one, else the private.
             None => [SshInterface::PublicIp, SshInterface::PrivateIp]
                 .into_iter()
-                .find_map(|i| ssh_address(&instance, i).map(|host| (host, i)))
+                .find_map(|i| ssh_address(instance, i).map(|host| (host, i)))
                 .ok_or_else(|| failed(format!("{instance_id} has no address to connect to")))?,
         };
         if let Some(group) = self
@@ -467,13 +360,7 @@ impl TemporaryInstance {
         ctx.progress.note(format!(
             "{instance_id} is running at {host}, its {which}{chosen}"
         ));
-        self.ssh_target = Some(SshTarget {
-            host,
-            port: SSH_PORT,
-            user: plan.ssh_username.clone(),
-            private_key: earlier(&self.private_key, "private key")?,
-        });
-        Ok(())
+        Ok(host)
     }
 
     /// `--on-error=abort`: keeps the private key past the run and says how to reach the
@@ -542,13 +429,11 @@ impl TemporaryInstance {
                 Err(e) => e,
             };
             if Instant::now() >= deadline {
-                return Err(failed(format!(
-                    "no SSH answer from {}@{}:{} within {}s (`ssh_timeout_seconds`); last attempt: {error}",
-                    target.user,
-                    target.host,
-                    target.port,
-                    timeout.as_secs()
-                )));
+                return Err(failed(NoSshAnswer {
+                    target: format!("{}@{}:{}", target.user, target.host, target.port),
+                    seconds: timeout.as_secs(),
+                    last: error,
+                }));
             }
             if last_note.elapsed() >= SSH_NOTE_EVERY {
                 ctx.progress
@@ -659,19 +544,33 @@ fn no_address(instance_id: &str, interface: SshInterface) -> String {
 /// group must let in. A connected UDP socket asks the kernel's routing without sending
 /// anything. Behind NAT the instance sees another address, which this machine cannot know:
 /// that is refused, and the caller names `ssh_cidrs` and `--ssh-cidr`.
-fn runner_cidr(host: &str) -> Result<String, String> {
+fn runner_cidr(host: &str) -> Result<String, RunnerAddressError> {
     let route = || -> std::io::Result<(IpAddr, IpAddr)> {
         let socket = UdpSocket::bind("0.0.0.0:0")?;
         socket.connect((host, SSH_PORT))?;
         Ok((socket.local_addr()?.ip(), socket.peer_addr()?.ip()))
     };
-    match route().map_err(|e| e.to_string())? {
-        (IpAddr::V4(source), IpAddr::V4(target)) if crosses_nat(source, target) => Err(format!(
-            "this runner's address {source} is private and {target} is public, so the instance sees a NAT's address, not {source} (find it with `curl -fsS https://checkip.amazonaws.com`)"
-        )),
+    match route().map_err(RunnerAddressError::Route)? {
+        (IpAddr::V4(source), IpAddr::V4(target)) if crosses_nat(source, target) => {
+            Err(RunnerAddressError::BehindNat {
+                runner: source,
+                target,
+            })
+        }
         (IpAddr::V4(source), _) => Ok(format!("{source}/32")),
-        (IpAddr::V6(source), _) => Err(format!("{source} is IPv6, and the group opens IPv4 only")),
+        (IpAddr::V6(source), _) => Err(RunnerAddressError::Ipv6(source)),
     }
+}
+
+/// Why this runner cannot tell the address an instance sees it at.
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerAddressError {
+    #[error(transparent)]
+    Route(std::io::Error),
+    #[error("this runner's address {runner} is private and {target} is public, so the instance sees a NAT's address, not {runner} (find it with `curl -fsS https://checkip.amazonaws.com`)")]
+    BehindNat { runner: Ipv4Addr, target: Ipv4Addr },
+    #[error("{0} is IPv6, and the group opens IPv4 only")]
+    Ipv6(std::net::Ipv6Addr),
 }
 
 /// Whether packets from `source` to `target` are translated on the way: a private address

@@ -64,6 +64,8 @@ pub async fn run(
     Ok(())
 }
 
+/// Runs one command to its end, its timeout or an interrupt, streaming its output. Kept
+/// whole: the child, its output readers and the three ways it ends belong together.
 async fn run_one(
     stage: &'static str,
     command: &StageCommand,

@@ -5,14 +5,11 @@ use std::future::Future;
 
 use aws_sdk_ec2::types::Tag;
 
-use aws_sdk_ec2::config::http::HttpResponse;
-use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
-
-use crate::aws::resources::{self, ResourceError, Unique};
+use crate::aws::resources::ResourceError;
 use crate::aws::wait::WaitError;
-use crate::aws::{ssm, AwsError, Clients};
+use crate::aws::{ssm, Clients};
 use crate::communicator::Communicator;
-use crate::engine::{BoxError, Keep, Progress, StepContext, StepError, UndoId};
+use crate::engine::{BoxError, Keep, StepContext, StepError, UndoId};
 use crate::provision::{self, Entries, ProvisionError};
 use crate::template::{Provisioner, SsmPublish};
 
@@ -34,36 +31,6 @@ pub fn earlier<T: Clone>(value: &Option<T>, what: &str) -> Result<T, StepError> 
     value
         .clone()
         .ok_or_else(|| failed(format!("internal error: no {what} from an earlier step")))
-}
-
-/// The id a create call answered with; or, when the SDK's retry of a create whose answer
-/// was lost met the first attempt's resource under its unique name (`duplicate` is EC2's
-/// code for that), that resource, found by this build's tag. `action` names the call in
-/// errors.
-pub async fn created_or_found<O, E>(
-    answer: Result<O, SdkError<E, HttpResponse>>,
-    id_of: impl FnOnce(&O) -> Option<&str>,
-    action: &str,
-    (duplicate, kind, name): (&str, Unique, &str),
-    (clients, build_id): (&Clients, &str),
-    progress: &Progress,
-) -> Result<String, StepError>
-where
-    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-{
-    match answer {
-        Ok(out) => id_of(&out)
-            .map(str::to_string)
-            .ok_or_else(|| failed(format!("{action}: the answer holds no id"))),
-        Err(e) if resources::code(&e) == Some(duplicate) => {
-            let found = resources::made_by_this_build(clients, kind, name, build_id)
-                .await
-                .map_err(|_| failed(AwsError::new(action, &e)))?;
-            progress.note(format!("{found}: made by an attempt whose answer was lost"));
-            Ok(found)
-        }
-        Err(e) => Err(failed(AwsError::new(action, &e))),
-    }
 }
 
 pub fn tags(pairs: &[(&str, &str)]) -> Vec<Tag> {
@@ -139,7 +106,7 @@ pub async fn publish(
     let previous = ssm::value(clients, parameter).await.map_err(failed)?;
     // A rerun that found its image (and copies) leaves a channel naming it as it is.
     if previous.as_deref() == Some(image_id)
-        && super::channel_names(clients, Some(channel), image_id).await
+        && super::lifecycle::channel_names(clients, Some(channel), image_id).await
     {
         ctx.progress
             .note(format!("{parameter} names {image_id} already"));
@@ -187,23 +154,8 @@ pub async fn publish(
 /// Marks the run's image and snapshots finished (`TAG_STATE`): the last step of a build,
 /// after which nothing of the run can fail.
 pub async fn mark_finished(clients: &Clients, resources: Vec<String>) -> Result<(), StepError> {
-    clients
-        .ec2
-        .create_tags()
-        .set_resources(Some(resources.clone()))
-        .tags(
-            Tag::builder()
-                .key(crate::artifact::TAG_STATE)
-                .value(crate::artifact::STATE_FINISHED)
-                .build(),
-        )
-        .send()
+    let finished = (crate::artifact::TAG_STATE, crate::artifact::STATE_FINISHED);
+    crate::aws::image::tag(clients, resources, finished)
         .await
-        .map_err(|e| {
-            failed(AwsError::new(
-                format!("tag {} finished", resources.join(", ")),
-                &e,
-            ))
-        })?;
-    Ok(())
+        .map_err(failed)
 }

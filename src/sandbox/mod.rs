@@ -77,6 +77,11 @@ pub enum Isolation {
     Compat,
 }
 
+/// An isolation argument that is neither `ids:BASE` nor `compat`.
+#[derive(Debug, thiserror::Error)]
+#[error("`{0}`: expected ids:BASE (a number) or compat")]
+pub struct IsolationArgError(String);
+
 impl Isolation {
     /// How the internal commands are told: `ids:BASE` or `compat`.
     pub fn to_arg(self) -> String {
@@ -86,14 +91,15 @@ impl Isolation {
         }
     }
 
-    pub fn from_arg(arg: &str) -> Result<Isolation, String> {
+    pub fn from_arg(arg: &str) -> Result<Isolation, IsolationArgError> {
+        let bad = || IsolationArgError(arg.to_string());
         match arg.split_once(':') {
             None if arg == "compat" => Ok(Isolation::Compat),
             Some(("ids", base)) => base
                 .parse()
                 .map(|base| Isolation::OwnIds { base })
-                .map_err(|e| format!("`{arg}`: {e}")),
-            _ => Err(format!("`{arg}`: expected ids:BASE or compat")),
+                .map_err(|_| bad()),
+            _ => Err(bad()),
         }
     }
 }

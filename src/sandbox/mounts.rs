@@ -156,6 +156,7 @@ fn fd_path(fd: &impl AsRawFd) -> String {
 
 /// The provisioners' /proc, /sys, /dev and /run, mounted in this (private) namespace only.
 /// Each target is checked to be a real directory of the image, and mounted through its fd.
+/// Long because it is the list of mounts, in the order the walls need them.
 fn mount_provisioning_filesystems(root: &Path, owner: Option<u32>) -> std::io::Result<()> {
     let image = ImageRoot::open(root)?;
     // The sandbox's root owns its /dev, /dev/shm and /run, as the image's root would. Each

@@ -70,9 +70,35 @@ impl fmt::Display for AmiRef {
 
 const SSM_PREFIX: &str = "resolve:ssm:";
 
+/// Why a string is not an AMI reference.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AmiRefError {
+    #[error("`{0}` is not an AMI id: expected `ami-` and 8 or 17 lowercase hex digits")]
+    NotAnId(String),
+    #[error("`{0}` is not an AMI reference: use an id (`ami-…`), `resolve:ssm:/parameter[:version|:label]` or a filter table {{ owners = [...], name = \"…\" }}")]
+    NotAReference(String),
+    #[error("`{0}` is not an SSM parameter name: it must start with `/` and use only letters, digits and / _ . -")]
+    ParameterName(String),
+    #[error("empty version or label after the parameter name")]
+    EmptySelector,
+    #[error("`{0}` is not a parameter version number")]
+    VersionNumber(String),
+    #[error("parameter versions start at 1, not {0}")]
+    VersionZero(i64),
+}
+
+/// A reference whose `${…}` did not expand, or which expanded into no reference.
+#[derive(Debug, thiserror::Error)]
+pub enum InterpolatedRefError<E: std::error::Error + 'static> {
+    #[error(transparent)]
+    Expand(E),
+    #[error(transparent)]
+    Reference(#[from] AmiRefError),
+}
+
 impl AmiRef {
     /// Parses the string forms. The filter form only comes from a TOML table.
-    pub fn parse(text: &str) -> Result<AmiRef, String> {
+    pub fn parse(text: &str) -> Result<AmiRef, AmiRefError> {
         if let Some(rest) = text.strip_prefix(SSM_PREFIX) {
             return parse_ssm(rest);
         }
@@ -85,23 +111,20 @@ impl AmiRef {
             {
                 return Ok(AmiRef::Id(text.to_string()));
             }
-            return Err(format!(
-                "`{text}` is not an AMI id: expected `ami-` and 8 or 17 lowercase hex digits"
-            ));
+            return Err(AmiRefError::NotAnId(text.to_string()));
         }
-        Err(format!(
-            "`{text}` is not an AMI reference: use an id (`ami-…`), `resolve:ssm:/parameter[:version|:label]` or a filter table {{ owners = [...], name = \"…\" }}"
-        ))
+        Err(AmiRefError::NotAReference(text.to_string()))
     }
 
     /// References may contain `${...}`; those are parsed after interpolation.
-    pub fn interpolated(
+    pub fn interpolated<E: std::error::Error + 'static>(
         &self,
-        mut expand: impl FnMut(&str) -> Result<String, String>,
-    ) -> Result<AmiRef, String> {
+        mut expand: impl FnMut(&str) -> Result<String, E>,
+    ) -> Result<AmiRef, InterpolatedRefError<E>> {
+        let mut expand = |text: &str| expand(text).map_err(InterpolatedRefError::Expand);
         match self {
-            AmiRef::Id(id) => AmiRef::parse(&expand(id)?),
-            AmiRef::Ssm { .. } => AmiRef::parse(&expand(&self.to_string())?),
+            AmiRef::Id(id) => Ok(AmiRef::parse(&expand(id)?)?),
+            AmiRef::Ssm { .. } => Ok(AmiRef::parse(&expand(&self.to_string())?)?),
             AmiRef::Filter(f) => Ok(AmiRef::Filter(AmiFilter {
                 owners: f
                     .owners
@@ -116,7 +139,7 @@ impl AmiRef {
     }
 }
 
-fn parse_ssm(rest: &str) -> Result<AmiRef, String> {
+fn parse_ssm(rest: &str) -> Result<AmiRef, AmiRefError> {
     // Parameter names cannot contain ':', so the first one starts the selector.
     let (parameter, selector) = match rest.split_once(':') {
         Some((p, s)) => (p, Some(s)),
@@ -128,19 +151,17 @@ fn parse_ssm(rest: &str) -> Result<AmiRef, String> {
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "/_.-${}".contains(c));
     if !name_ok {
-        return Err(format!(
-            "`{parameter}` is not an SSM parameter name: it must start with `/` and use only letters, digits and / _ . -"
-        ));
+        return Err(AmiRefError::ParameterName(parameter.to_string()));
     }
     let selector = match selector {
         None => None,
-        Some("") => return Err("empty version or label after the parameter name".into()),
+        Some("") => return Err(AmiRefError::EmptySelector),
         Some(s) if s.starts_with(|c: char| c.is_ascii_digit()) => {
             let v: i64 = s
                 .parse()
-                .map_err(|_| format!("`{s}` is not a parameter version number"))?;
+                .map_err(|_| AmiRefError::VersionNumber(s.to_string()))?;
             if v < 1 {
-                return Err(format!("parameter versions start at 1, not {v}"));
+                return Err(AmiRefError::VersionZero(v));
             }
             Some(SsmSelector::Version(v))
         }

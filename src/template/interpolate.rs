@@ -102,8 +102,43 @@ pub fn references(text: &str) -> Vec<String> {
     found
 }
 
+/// Why a `${…}` reference cannot be expanded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InterpolateError {
+    #[error("`${{` without a closing `}}` in \"{text}\"")]
+    Unclosed { text: String },
+    #[error("unknown variable `{name}`; {}", variable_hint(.nearest))]
+    UnknownVariable {
+        name: String,
+        nearest: Option<String>,
+    },
+    #[error("environment variable `{name}` is not set (used as ${{env.{name}}}); `validate --syntax-only` checks a template without it")]
+    EnvUnset { name: String },
+    #[error("`${{commit}}` exists only in [bake]: a base image is not built from a commit")]
+    CommitNotHere,
+    #[error("unknown reference `${{{reference}}}`; {}", reference_hint(.nearest))]
+    UnknownReference {
+        reference: String,
+        nearest: Option<String>,
+    },
+}
+
+fn variable_hint(nearest: &Option<String>) -> String {
+    match nearest {
+        Some(best) => format!("did you mean `{best}`?"),
+        None => "declare it under [variables] or pass --var".into(),
+    }
+}
+
+fn reference_hint(nearest: &Option<String>) -> String {
+    match nearest {
+        Some(best) => format!("did you mean `${{{best}}}`?"),
+        None => "use ${var.NAME}, ${env.NAME}, ${commit}, ${timestamp} or ${build_id}".into(),
+    }
+}
+
 /// Expands every reference in `text`, or says what is wrong with the first bad one.
-pub fn interpolate(text: &str, ctx: &Context) -> Result<String, String> {
+pub fn interpolate(text: &str, ctx: &Context) -> Result<String, InterpolateError> {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(pos) = rest.find('$') {
@@ -113,9 +148,9 @@ pub fn interpolate(text: &str, ctx: &Context) -> Result<String, String> {
             out.push_str("${");
             rest = tail;
         } else if let Some(tail) = after.strip_prefix("${") {
-            let end = tail
-                .find('}')
-                .ok_or_else(|| format!("`${{` without a closing `}}` in \"{text}\""))?;
+            let end = tail.find('}').ok_or_else(|| InterpolateError::Unclosed {
+                text: text.to_string(),
+            })?;
             out.push_str(&resolve_reference(tail[..end].trim(), ctx)?);
             rest = &tail[end + 1..];
         } else {
@@ -127,16 +162,16 @@ pub fn interpolate(text: &str, ctx: &Context) -> Result<String, String> {
     Ok(out)
 }
 
-fn resolve_reference(reference: &str, ctx: &Context) -> Result<String, String> {
+fn resolve_reference(reference: &str, ctx: &Context) -> Result<String, InterpolateError> {
     if let Some(name) = reference.strip_prefix("var.") {
-        return ctx.vars.get(name).cloned().ok_or_else(|| {
-            let mut msg = format!("unknown variable `{name}`");
-            match nearest(name, ctx.vars.keys().map(String::as_str)) {
-                Some(best) => msg.push_str(&format!("; did you mean `{best}`?")),
-                None => msg.push_str("; declare it under [variables] or pass --var"),
-            }
-            msg
-        });
+        return ctx
+            .vars
+            .get(name)
+            .cloned()
+            .ok_or_else(|| InterpolateError::UnknownVariable {
+                name: name.to_string(),
+                nearest: nearest(name, ctx.vars.keys().map(String::as_str)).map(str::to_string),
+            });
     }
     if let Some(name) = reference.strip_prefix("env.") {
         return match (std::env::var(name), &ctx.unset_env) {
@@ -145,9 +180,9 @@ fn resolve_reference(reference: &str, ctx: &Context) -> Result<String, String> {
                 unset.borrow_mut().insert(name.to_string());
                 Ok(format!("sample-{name}"))
             }
-            (Err(_), None) => Err(format!(
-                "environment variable `{name}` is not set (used as ${{env.{name}}}); `validate --syntax-only` checks a template without it"
-            )),
+            (Err(_), None) => Err(InterpolateError::EnvUnset {
+                name: name.to_string(),
+            }),
         };
     }
     match reference {
@@ -156,20 +191,12 @@ fn resolve_reference(reference: &str, ctx: &Context) -> Result<String, String> {
         "commit" => match &ctx.commit {
             Commit::Known(sha) => Ok(sha.clone()),
             Commit::Placeholder => Ok(PLACEHOLDER_COMMIT.into()),
-            Commit::NotInThisSection => Err(
-                "`${commit}` exists only in [bake]: a base image is not built from a commit".into(),
-            ),
+            Commit::NotInThisSection => Err(InterpolateError::CommitNotHere),
         },
-        other => {
-            let known = ["timestamp", "build_id", "commit"];
-            let mut msg = format!(
-                "unknown reference `${{{other}}}`; use ${{var.NAME}}, ${{env.NAME}}, ${{commit}}, ${{timestamp}} or ${{build_id}}"
-            );
-            if let Some(best) = nearest(other, known) {
-                msg = format!("unknown reference `${{{other}}}`; did you mean `${{{best}}}`?");
-            }
-            Err(msg)
-        }
+        other => Err(InterpolateError::UnknownReference {
+            reference: other.to_string(),
+            nearest: nearest(other, ["timestamp", "build_id", "commit"]).map(str::to_string),
+        }),
     }
 }
 
@@ -221,7 +248,7 @@ mod tests {
     fn an_unset_env_is_an_error_unless_the_check_is_secret_free() {
         let mut c = ctx();
         let err = interpolate("${env.AMIBAKE_TEST_NEVER_SET}", &c).unwrap_err();
-        assert!(err.contains("is not set"), "{err}");
+        assert!(err.to_string().contains("is not set"), "{err}");
         c.unset_env = Some(Default::default());
         assert_eq!(
             interpolate("${env.AMIBAKE_TEST_NEVER_SET}", &c).unwrap(),
@@ -252,13 +279,17 @@ mod tests {
     #[test]
     fn unknown_variable_suggests_the_nearest() {
         let err = interpolate("${var.ap}", &ctx()).unwrap_err();
-        assert_eq!(err, "unknown variable `ap`; did you mean `app`?");
+        assert_eq!(
+            err.to_string(),
+            "unknown variable `ap`; did you mean `app`?"
+        );
     }
 
     #[test]
     fn unclosed_reference_is_an_error() {
         assert!(interpolate("x-${var.app", &ctx())
             .unwrap_err()
+            .to_string()
             .contains("without a closing"));
     }
 
@@ -268,12 +299,13 @@ mod tests {
         c.commit = Commit::NotInThisSection;
         assert!(interpolate("${commit}", &c)
             .unwrap_err()
+            .to_string()
             .contains("only in [bake]"));
     }
 
     #[test]
     fn misspelt_builtin_is_named() {
-        let err = interpolate("${timestmp}", &ctx()).unwrap_err();
+        let err = interpolate("${timestmp}", &ctx()).unwrap_err().to_string();
         assert!(err.contains("did you mean `${timestamp}`"), "{err}");
     }
 }

@@ -42,13 +42,27 @@ pub struct Template {
     pub needed_at_run_time: Vec<String>,
 }
 
+/// A section checked into a plan: the image it makes, which both modes describe, deliver
+/// and publish the same way, and how its mode builds it.
 #[derive(Debug, Clone, Serialize)]
-pub struct BasePlan {
+pub struct Plan<B> {
+    #[serde(flatten)]
+    pub image: ImagePlan,
+    #[serde(flatten)]
+    pub build: B,
+}
+
+/// `[base]`, checked.
+pub type BasePlan = Plan<BaseBuild>;
+/// `[bake]`, checked.
+pub type BakePlan = Plan<BakeBuild>;
+
+/// What the two sections share: the image's name and tags, where it goes, who publishes
+/// it, and the commands run in it, around it and on it once booted.
+#[derive(Debug, Clone, Serialize)]
+pub struct ImagePlan {
     pub name: String,
     pub description: Option<String>,
-    pub source_ami: AmiRef,
-    /// The instance the base is provisioned on.
-    pub instance: InstancePlan,
     pub publish: Option<SsmPublish>,
     pub distribution: Distribution,
     pub tags: BTreeMap<String, String>,
@@ -59,6 +73,14 @@ pub struct BasePlan {
     pub tests: Vec<Provisioner>,
     /// Set by `for_variant`: normal until a run asks for `--destructive`.
     pub variant: Variant,
+}
+
+/// How `base` builds: an instance of the source AMI, provisioned over SSH.
+#[derive(Debug, Clone, Serialize)]
+pub struct BaseBuild {
+    pub source_ami: AmiRef,
+    /// The instance the base is provisioned on, and its tests' instance.
+    pub instance: InstancePlan,
 }
 
 /// How a temporary instance is launched and reached over SSH.
@@ -103,10 +125,9 @@ impl SandboxMode {
     }
 }
 
+/// How `bake` builds: the tarball and provisioners put into an image of the base AMI.
 #[derive(Debug, Clone, Serialize)]
-pub struct BakePlan {
-    pub name: String,
-    pub description: Option<String>,
+pub struct BakeBuild {
     pub base_ami: AmiRef,
     pub dest: String,
     pub owner: Option<String>,
@@ -119,16 +140,6 @@ pub struct BakePlan {
     /// What the image is booted on for its tests: `[bake.test_instance]`, else the
     /// `[base]` table's instance. Set whenever there are tests.
     pub test_instance: Option<InstancePlan>,
-    pub publish: Option<SsmPublish>,
-    pub distribution: Distribution,
-    pub tags: BTreeMap<String, String>,
-    pub provisioners: Vec<Provisioner>,
-    pub pre: Vec<StageCommand>,
-    pub post: Vec<StageCommand>,
-    /// Run over SSH on an instance of the new image before it is published.
-    pub tests: Vec<Provisioner>,
-    /// Set by `for_variant`: normal until a run asks for `--destructive`.
-    pub variant: Variant,
 }
 
 /// Where a finished image goes beyond the region it was made in, and who may launch it.
@@ -238,42 +249,18 @@ impl Variant {
     }
 }
 
-impl BasePlan {
-    /// The plan as `variant` runs it: only its provisioners and stage commands.
-    pub fn for_variant(mut self, variant: Variant) -> BasePlan {
-        keep_variant(
-            variant,
-            [&mut self.provisioners, &mut self.tests],
-            [&mut self.pre, &mut self.post],
-        );
-        self.variant = variant;
+impl<B> Plan<B> {
+    /// The plan as `variant` runs it: only its provisioners, tests and stage commands.
+    pub fn for_variant(mut self, variant: Variant) -> Plan<B> {
+        let image = &mut self.image;
+        for list in [&mut image.provisioners, &mut image.tests] {
+            list.retain(|p| p.when.runs_in(variant));
+        }
+        for list in [&mut image.pre, &mut image.post] {
+            list.retain(|c| c.when.runs_in(variant));
+        }
+        image.variant = variant;
         self
-    }
-}
-
-impl BakePlan {
-    /// The plan as `variant` runs it: only its provisioners and stage commands.
-    pub fn for_variant(mut self, variant: Variant) -> BakePlan {
-        keep_variant(
-            variant,
-            [&mut self.provisioners, &mut self.tests],
-            [&mut self.pre, &mut self.post],
-        );
-        self.variant = variant;
-        self
-    }
-}
-
-fn keep_variant(
-    variant: Variant,
-    provisioners: [&mut Vec<Provisioner>; 2],
-    stages: [&mut Vec<StageCommand>; 2],
-) {
-    for list in provisioners {
-        list.retain(|p| p.when.runs_in(variant));
-    }
-    for list in stages {
-        list.retain(|c| c.when.runs_in(variant));
     }
 }
 

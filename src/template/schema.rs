@@ -67,110 +67,138 @@ impl<'de> Deserialize<'de> for Variable {
     }
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BaseSection {
-    pub name: Spanned<String>,
-    pub description: Option<Spanned<String>>,
-    pub source_ami: Spanned<AmiRef>,
-    pub instance_type: Spanned<String>,
-    pub ssh_username: Spanned<String>,
-    pub ssh_interface: Option<Spanned<SshInterface>>,
-    pub ssh_timeout_seconds: Option<Spanned<u64>>,
-    /// An existing key pair, with its private key file, instead of a temporary one.
-    pub ssh_keypair_name: Option<Spanned<String>>,
-    pub ssh_private_key_file: Option<Spanned<String>>,
-    /// Who may reach port 22 on the temporary security group. Default: this runner's address.
-    pub ssh_cidrs: Option<Spanned<Vec<Spanned<String>>>>,
-    pub subnet_id: Option<Spanned<String>>,
-    pub security_group_ids: Option<Spanned<Vec<Spanned<String>>>>,
-    pub associate_public_ip: Option<bool>,
-    pub iam_instance_profile: Option<Spanned<String>>,
-    pub user_data: Option<Spanned<String>>,
-    pub root_volume_size_gb: Option<Spanned<i32>>,
-    pub root_volume_type: Option<Spanned<String>>,
-    pub publish_ssm: Option<Spanned<String>>,
-    pub publish_label: Option<Spanned<String>>,
-    /// Other regions the image is copied to; each has its own channel version.
-    pub copy_to_regions: Option<Spanned<Vec<Spanned<String>>>>,
-    /// Accounts given launch permission on the image and on every copy.
-    pub share_with_accounts: Option<Spanned<Vec<Spanned<String>>>>,
-    /// A KMS key per copy region, to encrypt that region's copy with.
-    #[serde(default)]
-    pub kms_key_ids: BTreeMap<String, Spanned<String>>,
-    /// How long the image (and every copy) is current: `90d`, `12w`.
-    pub deprecate_after: Option<Spanned<String>>,
-    /// `v2.0`: instances of the image answer only IMDSv2.
-    pub imds_support: Option<Spanned<String>>,
-    #[serde(default)]
-    pub tags: BTreeMap<String, Spanned<String>>,
-    #[serde(default, rename = "provisioner")]
-    pub provisioners: Vec<Spanned<ProvisionerEntry>>,
-    /// Commands on this machine before anything is made.
-    #[serde(default)]
-    pub pre: Vec<Spanned<StageEntry>>,
-    /// Commands on this machine once the image is registered and published.
-    #[serde(default)]
-    pub post: Vec<Spanned<StageEntry>>,
-    /// Run over SSH on an instance of the new image before it is published; a failure
-    /// removes the image.
-    #[serde(default, rename = "test")]
-    pub tests: Vec<Spanned<ProvisionerEntry>>,
+/// A mode's table: its own keys, then the image keys both tables share (declared here,
+/// once), with `image_keys()` to hand those to the one check of them. serde cannot
+/// flatten a struct into one that refuses unknown keys, so they are spelled into each.
+macro_rules! section_with_image_keys {
+    ($(#[$meta:meta])* pub struct $name:ident { $($own:tt)* }) => {
+        $(#[$meta])*
+        #[derive(Debug, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct $name {
+            pub name: Spanned<String>,
+            pub description: Option<Spanned<String>>,
+            $($own)*
+            /// The channel: each build writes its AMI as a new version of this parameter.
+            pub publish_ssm: Option<Spanned<String>>,
+            pub publish_label: Option<Spanned<String>>,
+            /// Other regions the image is copied to; each has its own channel version.
+            pub copy_to_regions: Option<Spanned<Vec<Spanned<String>>>>,
+            /// Accounts given launch permission on the image and on every copy.
+            pub share_with_accounts: Option<Spanned<Vec<Spanned<String>>>>,
+            /// A KMS key per copy region, to encrypt that region's copy with.
+            #[serde(default)]
+            pub kms_key_ids: BTreeMap<String, Spanned<String>>,
+            /// How long the image (and every copy) is current: `90d`, `12w`.
+            pub deprecate_after: Option<Spanned<String>>,
+            /// `v2.0`: instances of the image answer only IMDSv2.
+            pub imds_support: Option<Spanned<String>>,
+            #[serde(default)]
+            pub tags: BTreeMap<String, Spanned<String>>,
+            #[serde(default, rename = "provisioner")]
+            pub provisioners: Vec<Spanned<ProvisionerEntry>>,
+            /// Commands on this machine before anything is made.
+            #[serde(default)]
+            pub pre: Vec<Spanned<StageEntry>>,
+            /// Commands on this machine once the image is registered and published.
+            #[serde(default)]
+            pub post: Vec<Spanned<StageEntry>>,
+            /// Run over SSH on an instance of the new image before it is published; a
+            /// failure removes the image.
+            #[serde(default, rename = "test")]
+            pub tests: Vec<Spanned<ProvisionerEntry>>,
+        }
+
+        impl $name {
+            pub fn image_keys(&self) -> ImageKeys<'_> {
+                ImageKeys {
+                    name: &self.name,
+                    description: &self.description,
+                    publish_ssm: &self.publish_ssm,
+                    publish_label: &self.publish_label,
+                    copy_to_regions: &self.copy_to_regions,
+                    share_with_accounts: &self.share_with_accounts,
+                    kms_key_ids: &self.kms_key_ids,
+                    deprecate_after: &self.deprecate_after,
+                    imds_support: &self.imds_support,
+                    tags: &self.tags,
+                    provisioners: &self.provisioners,
+                    pre: &self.pre,
+                    post: &self.post,
+                    tests: &self.tests,
+                }
+            }
+        }
+    };
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BakeSection {
-    pub name: Spanned<String>,
-    pub description: Option<Spanned<String>>,
-    pub base_ami: Spanned<AmiRef>,
-    pub dest: Spanned<String>,
-    /// `user` or `user:group` of the image that will own the extracted files.
-    pub owner: Option<Spanned<String>>,
-    /// Keep setuid and setgid bits of the tarball's files (dropped by default).
-    pub keep_setuid: Option<Spanned<bool>>,
-    /// `"compat"`: run the sandbox without its own user namespace, on kernels before 5.12.
-    pub sandbox: Option<Spanned<String>>,
-    /// Partition that holds the root filesystem; 0 is the whole device. Default: found by
-    /// looking at the volume.
-    pub root_partition: Option<Spanned<u32>>,
-    /// The new image's root volume, as `[base]` names it; `volume_type` and
-    /// `volume_size_gb`, the names before, still read.
-    #[serde(alias = "volume_type")]
-    pub root_volume_type: Option<Spanned<String>>,
-    #[serde(alias = "volume_size_gb")]
-    pub root_volume_size_gb: Option<Spanned<i32>>,
-    pub kms_key_id: Option<Spanned<String>>,
-    /// The instance `[[bake.test]]` boots the image on; unset: the `[base]` table's.
-    pub test_instance: Option<TestInstanceSection>,
-    /// The deployment channel: each bake writes its AMI as a new version of this parameter.
-    pub publish_ssm: Option<Spanned<String>>,
-    pub publish_label: Option<Spanned<String>>,
-    /// Other regions the image is copied to; each has its own channel version.
-    pub copy_to_regions: Option<Spanned<Vec<Spanned<String>>>>,
-    /// Accounts given launch permission on the image and on every copy.
-    pub share_with_accounts: Option<Spanned<Vec<Spanned<String>>>>,
-    /// A KMS key per copy region, to encrypt that region's copy with.
-    #[serde(default)]
-    pub kms_key_ids: BTreeMap<String, Spanned<String>>,
-    /// How long the image (and every copy) is current: `90d`, `12w`.
-    pub deprecate_after: Option<Spanned<String>>,
-    /// `v2.0`: instances of the image answer only IMDSv2.
-    pub imds_support: Option<Spanned<String>>,
-    #[serde(default)]
-    pub tags: BTreeMap<String, Spanned<String>>,
-    #[serde(default, rename = "provisioner")]
-    pub provisioners: Vec<Spanned<ProvisionerEntry>>,
-    /// Commands on this machine before anything is made.
-    #[serde(default)]
-    pub pre: Vec<Spanned<StageEntry>>,
-    /// Commands on this machine once the image is registered and published.
-    #[serde(default)]
-    pub post: Vec<Spanned<StageEntry>>,
-    /// Run over SSH on an instance of the new image before it is published; a failure
-    /// removes the image.
-    #[serde(default, rename = "test")]
-    pub tests: Vec<Spanned<ProvisionerEntry>>,
+/// The image keys of either table, as written.
+pub struct ImageKeys<'a> {
+    pub name: &'a Spanned<String>,
+    pub description: &'a Option<Spanned<String>>,
+    pub publish_ssm: &'a Option<Spanned<String>>,
+    pub publish_label: &'a Option<Spanned<String>>,
+    pub copy_to_regions: &'a Option<Spanned<Vec<Spanned<String>>>>,
+    pub share_with_accounts: &'a Option<Spanned<Vec<Spanned<String>>>>,
+    pub kms_key_ids: &'a BTreeMap<String, Spanned<String>>,
+    pub deprecate_after: &'a Option<Spanned<String>>,
+    pub imds_support: &'a Option<Spanned<String>>,
+    pub tags: &'a BTreeMap<String, Spanned<String>>,
+    pub provisioners: &'a [Spanned<ProvisionerEntry>],
+    pub pre: &'a [Spanned<StageEntry>],
+    pub post: &'a [Spanned<StageEntry>],
+    pub tests: &'a [Spanned<ProvisionerEntry>],
+}
+
+section_with_image_keys! {
+    /// `[base]` as written.
+    pub struct BaseSection {
+        pub source_ami: Spanned<AmiRef>,
+        pub instance_type: Spanned<String>,
+        pub ssh_username: Spanned<String>,
+        pub ssh_interface: Option<Spanned<SshInterface>>,
+        pub ssh_timeout_seconds: Option<Spanned<u64>>,
+        /// An existing key pair, with its private key file, instead of a temporary one.
+        pub ssh_keypair_name: Option<Spanned<String>>,
+        pub ssh_private_key_file: Option<Spanned<String>>,
+        /// Who may reach port 22 on the temporary security group. Default: this runner's
+        /// address.
+        pub ssh_cidrs: Option<Spanned<Vec<Spanned<String>>>>,
+        pub subnet_id: Option<Spanned<String>>,
+        pub security_group_ids: Option<Spanned<Vec<Spanned<String>>>>,
+        pub associate_public_ip: Option<bool>,
+        pub iam_instance_profile: Option<Spanned<String>>,
+        pub user_data: Option<Spanned<String>>,
+        pub root_volume_size_gb: Option<Spanned<i32>>,
+        pub root_volume_type: Option<Spanned<String>>,
+    }
+}
+
+section_with_image_keys! {
+    /// `[bake]` as written.
+    pub struct BakeSection {
+        pub base_ami: Spanned<AmiRef>,
+        pub dest: Spanned<String>,
+        /// `user` or `user:group` of the image that will own the extracted files.
+        pub owner: Option<Spanned<String>>,
+        /// Keep setuid and setgid bits of the tarball's files (dropped by default).
+        pub keep_setuid: Option<Spanned<bool>>,
+        /// `"compat"`: run the sandbox without its own user namespace, on kernels before
+        /// 5.12.
+        pub sandbox: Option<Spanned<String>>,
+        /// Partition that holds the root filesystem; 0 is the whole device. Default: found
+        /// by looking at the volume.
+        pub root_partition: Option<Spanned<u32>>,
+        /// The new image's root volume, as `[base]` names it; `volume_type` and
+        /// `volume_size_gb`, the names before, still read.
+        #[serde(alias = "volume_type")]
+        pub root_volume_type: Option<Spanned<String>>,
+        #[serde(alias = "volume_size_gb")]
+        pub root_volume_size_gb: Option<Spanned<i32>>,
+        pub kms_key_id: Option<Spanned<String>>,
+        /// The instance `[[bake.test]]` boots the image on; unset: the `[base]` table's.
+        pub test_instance: Option<TestInstanceSection>,
+    }
 }
 
 /// `[bake.test_instance]`: how the image is booted for its tests, with the keys `[base]`

@@ -177,12 +177,11 @@ impl LocalCloud {
     /// A completed snapshot of the new volume `volume_id`, as a base of the account is
     /// made: the volume is waited for, snapshotted and deleted.
     pub async fn snapshot_of_volume(clients: &amibake::aws::Clients, volume_id: &str) -> String {
-        use amibake::aws::resources;
         let (progress, never) = (
             Self::quiet_progress(),
             tokio_util::sync::CancellationToken::new(),
         );
-        resources::wait_volume(clients, volume_id, "available", &never, &progress)
+        amibake::aws::volume::wait(clients, volume_id, "available", &never, &progress)
             .await
             .unwrap();
         let snapshot = clients
@@ -193,7 +192,7 @@ impl LocalCloud {
             .await
             .unwrap();
         let snapshot_id = snapshot.snapshot_id().unwrap().to_string();
-        resources::wait_snapshot(clients, &snapshot_id, &never, &progress)
+        amibake::aws::snapshot::wait(clients, &snapshot_id, &never, &progress)
             .await
             .unwrap();
         clients
@@ -247,7 +246,7 @@ impl LocalCloud {
             .await
             .unwrap();
         let image_id = image.image_id().unwrap().to_string();
-        amibake::aws::resources::wait_image(
+        amibake::aws::image::wait(
             clients,
             &image_id,
             amibake::aws::wait::WaitPolicy::REGISTERED,

@@ -5,24 +5,22 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use aws_sdk_ec2::types::{ResourceType, TagSpecification, VolumeType};
 
 use super::steps::{
-    loop_root, Distribute, ExtractTarball, MarkFinished, MountImage, PrepareChroot, PublishSsm,
-    RegisterImage, RunProvisioners, TestImage, UnmountImage,
+    loop_root, ExtractTarball, MountImage, PrepareChroot, RegisterImage, RunProvisioners,
+    UnmountImage,
 };
 use super::{Backend, BakeState};
 use crate::artifact::TAG_BUILD_ID;
 use crate::aws::host::HostIdentity;
-use crate::aws::resources::{self, wait_snapshot, wait_volume};
-use crate::aws::{filter, AwsError};
 use crate::engine::{Keep, Step, StepContext, StepError, UndoId};
 use crate::host::device::{self, DeviceName};
+use crate::modes::image;
 use crate::modes::support::{earlier, failed, tags, undo_now, undo_with, waited};
 
 /// The steps, in order: a bake on a build host reads as this list.
 pub fn steps() -> Vec<Box<dyn Step<BakeState<Attach>>>> {
-    vec![
+    let mut steps: Vec<Box<dyn Step<BakeState<_>>>> = vec![
         Box::new(CreateVolume),
         Box::new(AttachVolume),
         Box::new(MountImage),
@@ -35,14 +33,9 @@ pub fn steps() -> Vec<Box<dyn Step<BakeState<Attach>>>> {
         Box::new(DetachVolume),
         Box::new(SnapshotVolume),
         Box::new(RegisterImage),
-        // Before it goes anywhere: an image that fails its tests is removed.
-        Box::new(TestImage),
-        Box::new(Distribute),
-        // Finished before it is published: a run killed while publishing leaves a
-        // complete image, which the next run with its fingerprint reuses and publishes.
-        Box::new(MarkFinished),
-        Box::new(PublishSsm),
-    ]
+    ];
+    steps.extend(image::tail(true));
+    steps
 }
 
 /// What only this backend has: the build host, and the volume attached to it.
@@ -87,54 +80,37 @@ impl Step<BakeState<Attach>> for CreateVolume {
     async fn run(&self, s: &mut BakeState<Attach>, ctx: &mut StepContext) -> Result<(), StepError> {
         let base = &s.base;
         let size = s
-            .plan
+            .build
             .root_volume_size_gb
             .unwrap_or(0)
             .max(base.root_volume_size_gb);
-        let mut request = s
-            .clients
-            .ec2
-            .create_volume()
-            .snapshot_id(&base.root_snapshot_id)
-            .availability_zone(&s.backend.host.availability_zone)
-            // A retry of this create (after a lost answer) gets the same volume, not a second.
-            .client_token(format!("{}-volume", s.build_id))
-            .size(size)
-            .volume_type(VolumeType::from(
-                s.plan.root_volume_type.as_deref().unwrap_or("gp3"),
-            ))
-            .tag_specifications(
-                TagSpecification::builder()
-                    .resource_type(ResourceType::Volume)
-                    .set_tags(Some(tags(&[
-                        ("Name", &format!("amibake work volume {}", s.build_id)),
-                        (TAG_BUILD_ID, &s.build_id),
-                    ])))
-                    .build(),
-            );
-        if let Some(key) = &s.plan.kms_key_id {
-            request = request.encrypted(true).kms_key_id(key);
-        }
-        let out = request
-            .send()
+        let new = crate::aws::volume::NewVolume {
+            snapshot_id: &base.root_snapshot_id,
+            availability_zone: &s.backend.host.availability_zone,
+            size_gb: size,
+            volume_type: s.build.root_volume_type.as_deref().unwrap_or("gp3"),
+            kms_key_id: s.build.kms_key_id.as_deref(),
+            client_token: format!("{}-volume", s.image.build_id),
+            tags: &tags(&[
+                ("Name", &format!("amibake work volume {}", s.image.build_id)),
+                (TAG_BUILD_ID, &s.image.build_id),
+            ]),
+        };
+        let volume_id = crate::aws::volume::create(&s.image.clients, new)
             .await
-            .map_err(|e| failed(AwsError::new("create volume", &e)))?;
-        let volume_id = out
-            .volume_id()
-            .ok_or_else(|| failed("CreateVolume returned no volume id"))?
-            .to_string();
+            .map_err(failed)?;
         s.backend.volume_id = Some(volume_id.clone());
         s.backend.delete_volume = Some(undo_with(
             ctx,
-            &s.clients,
+            &s.image.clients,
             volume_id.clone(),
             &volume_id,
             "delete volume",
             Keep::Never,
-            resources::delete_volume,
+            crate::aws::volume::delete,
         ));
-        wait_volume(
-            &s.clients,
+        crate::aws::volume::wait(
+            &s.image.clients,
             &volume_id,
             "available",
             &ctx.cancel,
@@ -147,27 +123,6 @@ impl Step<BakeState<Attach>> for CreateVolume {
 
 pub struct AttachVolume;
 
-/// Whether `volume_id` is attached (or attaching) to `host` as `device_name`.
-async fn attached_as(
-    clients: &crate::aws::Clients,
-    volume_id: &str,
-    host: &str,
-    device_name: &str,
-) -> Result<bool, StepError> {
-    let described = clients
-        .ec2
-        .describe_volumes()
-        .volume_ids(volume_id)
-        .send()
-        .await
-        .map_err(|e| failed(AwsError::new(format!("describe {volume_id}"), &e)))?;
-    Ok(described
-        .volumes()
-        .iter()
-        .flat_map(|v| v.attachments())
-        .any(|a| a.instance_id() == Some(host) && a.device() == Some(device_name)))
-}
-
 #[async_trait]
 impl Step<BakeState<Attach>> for AttachVolume {
     fn name(&self) -> &'static str {
@@ -176,21 +131,9 @@ impl Step<BakeState<Attach>> for AttachVolume {
     async fn run(&self, s: &mut BakeState<Attach>, ctx: &mut StepContext) -> Result<(), StepError> {
         let volume_id = earlier(&s.backend.volume_id, "volume")?;
         let host = s.backend.host.instance_id.clone();
-        let described = s
-            .clients
-            .ec2
-            .describe_instances()
-            .instance_ids(&host)
-            .send()
+        let in_use = crate::aws::instance::device_names(&s.image.clients, &host)
             .await
-            .map_err(|e| failed(AwsError::new(format!("describe the build host {host}"), &e)))?;
-        let in_use = described
-            .reservations()
-            .iter()
-            .flat_map(|r| r.instances())
-            .flat_map(|i| i.block_device_mappings())
-            .filter_map(|m| m.device_name().map(str::to_string))
-            .collect();
+            .map_err(failed)?;
         let name = device::claim_free_name(&s.backend.lock_dir, &in_use).map_err(failed)?;
         let device_name = name.name.clone();
         s.backend.device_name = Some(Arc::new(name));
@@ -198,11 +141,11 @@ impl Step<BakeState<Attach>> for AttachVolume {
         // detached (a detach of a volume not attached is nothing to do).
         let (instance, progress) = (host.clone(), ctx.progress.clone());
         let detach = move |clients, id| {
-            resources::detach_volume(clients, id, instance.clone(), progress.clone())
+            crate::aws::volume::detach(clients, id, instance.clone(), progress.clone())
         };
         let detach = undo_with(
             ctx,
-            &s.clients,
+            &s.image.clients,
             format!("{volume_id} on {host}"),
             &volume_id,
             "detach volume",
@@ -213,28 +156,11 @@ impl Step<BakeState<Attach>> for AttachVolume {
             ctx.undo.require(delete, detach);
         }
         s.backend.detach = Some(detach);
-        let sent = s
-            .clients
-            .ec2
-            .attach_volume()
-            .volume_id(&volume_id)
-            .instance_id(&host)
-            .device(&device_name)
-            .send()
-            .await;
-        if let Err(e) = sent {
-            // The SDK's retry of an attach EC2 carried out, whose answer was lost.
-            let lost_answer = resources::code(&e) == Some("VolumeInUse")
-                && attached_as(&s.clients, &volume_id, &host, &device_name).await?;
-            if !lost_answer {
-                return Err(failed(AwsError::new(
-                    format!("attach {volume_id} to {host} as {device_name}"),
-                    &e,
-                )));
-            }
-        }
-        wait_volume(
-            &s.clients,
+        crate::aws::volume::attach(&s.image.clients, &volume_id, &host, &device_name)
+            .await
+            .map_err(failed)?;
+        crate::aws::volume::wait(
+            &s.image.clients,
             &volume_id,
             "attached",
             &ctx.cancel,
@@ -247,7 +173,7 @@ impl Step<BakeState<Attach>> for AttachVolume {
                 .await
                 .map_err(failed)?;
         let root =
-            device::root_filesystem(&volume_id, &found, s.plan.root_partition).map_err(failed)?;
+            device::root_filesystem(&volume_id, &found, s.build.root_partition).map_err(failed)?;
         // A root partition of a volume larger than the base's grows to the end of it, as
         // the direct backend's does. The kernel keeps the partition's old size until it
         // re-reads the table, which it may refuse for a disk in use, so the grown root is a
@@ -255,7 +181,7 @@ impl Step<BakeState<Attach>> for AttachVolume {
         if root != found && s.root_grows() {
             ctx.progress
                 .note(format!("{volume_id} is {}", found.display()));
-            let grown = loop_root(&found, s.plan.root_partition, true, ctx).await?;
+            let grown = loop_root(&found, s.build.root_partition, true, ctx).await?;
             if let Some(detach) = s.backend.detach {
                 ctx.undo.require(detach, grown.release);
             }
@@ -303,39 +229,28 @@ impl Step<BakeState<Attach>> for SnapshotVolume {
     }
     async fn run(&self, s: &mut BakeState<Attach>, ctx: &mut StepContext) -> Result<(), StepError> {
         let volume_id = earlier(&s.backend.volume_id, "volume")?;
-        let out = s
-            .clients
-            .ec2
-            .create_snapshot()
-            .volume_id(&volume_id)
-            .description(format!(
+        let snapshot_id = crate::aws::snapshot::create_of_volume(
+            &s.image.clients,
+            &volume_id,
+            format!(
                 "{} root, baked by amibake build {}",
-                s.plan.name, s.build_id
-            ))
-            .tag_specifications(
-                TagSpecification::builder()
-                    .resource_type(ResourceType::Snapshot)
-                    .set_tags(Some(s.artifact_tags()))
-                    .build(),
-            )
-            .send()
-            .await
-            .map_err(|e| failed(AwsError::new(format!("snapshot {volume_id}"), &e)))?;
-        let snapshot_id = out
-            .snapshot_id()
-            .ok_or_else(|| failed("CreateSnapshot returned no snapshot id"))?
-            .to_string();
+                s.image.plan.name, s.image.build_id
+            ),
+            &s.image.artifact_tags(),
+        )
+        .await
+        .map_err(failed)?;
         s.snapshot_id = Some(snapshot_id.clone());
         s.delete_snapshot = Some(undo_with(
             ctx,
-            &s.clients,
+            &s.image.clients,
             snapshot_id.clone(),
             &snapshot_id,
             "delete snapshot",
             Keep::OnSuccess,
-            resources::delete_snapshot,
+            crate::aws::snapshot::delete,
         ));
-        wait_snapshot(&s.clients, &snapshot_id, &ctx.cancel, &ctx.progress)
+        crate::aws::snapshot::wait(&s.image.clients, &snapshot_id, &ctx.cancel, &ctx.progress)
             .await
             .map_err(waited)?;
         remove_lost_snapshots(s, &volume_id, &snapshot_id, ctx).await
@@ -351,38 +266,22 @@ async fn remove_lost_snapshots(
     kept: &str,
     ctx: &mut StepContext,
 ) -> Result<(), StepError> {
-    let found = s
-        .clients
-        .ec2
-        .describe_snapshots()
-        .owner_ids("self")
-        .filters(filter(format!("tag:{TAG_BUILD_ID}"), &s.build_id))
-        .filters(filter("volume-id", volume_id))
-        .send()
-        .await
-        .map_err(|e| {
-            failed(AwsError::new(
-                format!("look for other snapshots of {volume_id}"),
-                &e,
-            ))
-        })?;
-    for orphan in found
-        .snapshots()
-        .iter()
-        .filter_map(|snap| snap.snapshot_id())
-        .filter(|id| *id != kept)
-    {
+    let found =
+        crate::aws::snapshot::of_volume_by_build(&s.image.clients, volume_id, &s.image.build_id)
+            .await
+            .map_err(failed)?;
+    for orphan in found.iter().filter(|id| *id != kept) {
         ctx.progress.note(format!(
             "{orphan}: a second snapshot of {volume_id} from a create whose answer was lost; deleting it"
         ));
         undo_with(
             ctx,
-            &s.clients,
-            orphan.to_string(),
+            &s.image.clients,
+            orphan.clone(),
             orphan,
             "delete snapshot",
             Keep::Never,
-            resources::delete_snapshot,
+            crate::aws::snapshot::delete,
         );
     }
     Ok(())

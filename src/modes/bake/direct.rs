@@ -8,27 +8,26 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use aws_sdk_ec2::types::{ResourceType, TagSpecification};
 
 use super::steps::{
-    loop_root, Distribute, ExtractTarball, MarkFinished, MountImage, PrepareChroot, PublishSsm,
-    RegisterImage, RunProvisioners, TestImage, UnmountImage,
+    loop_root, ExtractTarball, MountImage, PrepareChroot, RegisterImage, RunProvisioners,
+    UnmountImage,
 };
 use super::{Backend, BakeState};
 use crate::artifact::TAG_BUILD_ID;
 use crate::aws::ami::BaseImage;
 use crate::aws::ebs::{self, NewSnapshot, Ran, BLOCKS_IN_FLIGHT, BLOCK_SIZE};
-use crate::aws::resources::{self, wait_snapshot};
 use crate::aws::{AwsError, Clients};
 use crate::engine::{Keep, Step, StepContext, StepError, UndoId, Unit};
 use crate::host::disk_image::{self, CopiedBy};
 use crate::host::ext4_journal;
 use crate::host::image_cache::{BlockDigests, CacheError, CachedImage, ImageCache};
+use crate::modes::image;
 use crate::modes::support::{earlier, failed, tags, undo_now, undo_with, waited};
 
 /// The steps, in order: a bake with no build host reads as this list.
 pub fn steps() -> Vec<Box<dyn Step<BakeState<Direct>>>> {
-    vec![
+    let mut steps: Vec<Box<dyn Step<BakeState<_>>>> = vec![
         Box::new(FetchBaseImage),
         Box::new(CopyBaseImage),
         Box::new(AttachLoopDevice),
@@ -42,14 +41,9 @@ pub fn steps() -> Vec<Box<dyn Step<BakeState<Direct>>>> {
         Box::new(DetachLoopDevice),
         Box::new(UploadSnapshot),
         Box::new(RegisterImage),
-        // Before it goes anywhere: an image that fails its tests is removed.
-        Box::new(TestImage),
-        Box::new(Distribute),
-        // Finished before it is published: a run killed while publishing leaves a
-        // complete image, which the next run with its fingerprint reuses and publishes.
-        Box::new(MarkFinished),
-        Box::new(PublishSsm),
-    ]
+    ];
+    steps.extend(image::tail(true));
+    steps
 }
 
 /// How the new snapshot will be written, decided before anything is made.
@@ -75,18 +69,7 @@ pub async fn plan_upload(
 ) -> Result<UploadPlan, AwsError> {
     let snapshot_id = &base.root_snapshot_id;
     let account = clients.account_id().await?;
-    let described = clients
-        .ec2
-        .describe_snapshots()
-        .snapshot_ids(snapshot_id)
-        .send()
-        .await
-        .map_err(|e| AwsError::new(format!("describe the base's snapshot {snapshot_id}"), &e))?;
-    let snapshot = described.snapshots().first().ok_or_else(|| AwsError {
-        code: None,
-        action: format!("describe the base's snapshot {snapshot_id}"),
-        detail: "EC2 answered no snapshot".into(),
-    })?;
+    let snapshot = crate::aws::snapshot::describe(clients, snapshot_id).await?;
     let full = |readable: bool, why: String| UploadPlan {
         parent: None,
         kms_key_arn: template_key_arn.map(str::to_string),
@@ -107,18 +90,12 @@ pub async fn plan_upload(
                 parent_key.unwrap_or("unencrypted")
             )));
         }
-    } else if snapshot.encrypted() != Some(true) {
-        let by_default = clients
-            .ec2
-            .get_ebs_encryption_by_default()
-            .send()
-            .await
-            .map_err(|e| AwsError::new("GetEbsEncryptionByDefault", &e))?;
-        if by_default.ebs_encryption_by_default() == Some(true) {
-            return Ok(full(true, format!(
-                "EBS encryption by default is on and the base's snapshot {snapshot_id} is not encrypted, which EBS refuses as a parent: every block is uploaded with no parent, encrypted with the account's default key"
-            )));
-        }
+    } else if snapshot.encrypted() != Some(true)
+        && crate::aws::snapshot::encrypted_by_default(clients).await?
+    {
+        return Ok(full(true, format!(
+            "EBS encryption by default is on and the base's snapshot {snapshot_id} is not encrypted, which EBS refuses as a parent: every block is uploaded with no parent, encrypted with the account's default key"
+        )));
     }
     Ok(UploadPlan {
         parent: Some(snapshot_id.clone()),
@@ -159,7 +136,7 @@ impl Backend for Direct {
 
 fn size_bytes(s: &BakeState<Direct>) -> u64 {
     let gib = s
-        .plan
+        .build
         .root_volume_size_gb
         .unwrap_or(0)
         .max(s.base.root_volume_size_gb);
@@ -211,7 +188,13 @@ impl Step<BakeState<Direct>> for FetchBaseImage {
         let fetched = s
             .backend
             .cache
-            .fetch(&s.clients, &snapshot_id, read_from, &on_block, &ctx.cancel)
+            .fetch(
+                &s.image.clients,
+                &snapshot_id,
+                read_from,
+                &on_block,
+                &ctx.cancel,
+            )
             .await;
         let entry = match fetched {
             Ok(entry) => entry,
@@ -239,45 +222,33 @@ async fn copy_for_reading(
     snapshot_id: &str,
     ctx: &mut StepContext,
 ) -> Result<(String, UndoId), StepError> {
-    let out = s
-        .clients
-        .ec2
-        .copy_snapshot()
-        .source_snapshot_id(snapshot_id)
-        .source_region(&s.clients.region)
-        .description(format!(
+    let copy = crate::aws::snapshot::copy(
+        &s.image.clients,
+        snapshot_id,
+        format!(
             "amibake build {}: {snapshot_id}, copied to be read",
-            s.build_id
-        ))
-        .tag_specifications(
-            TagSpecification::builder()
-                .resource_type(ResourceType::Snapshot)
-                .set_tags(Some(tags(&[
-                    ("Name", &format!("amibake copy of {snapshot_id}")),
-                    (TAG_BUILD_ID, &s.build_id),
-                ])))
-                .build(),
-        )
-        .send()
-        .await
-        .map_err(|e| failed(AwsError::new(format!("copy {snapshot_id}"), &e)))?;
-    let copy = out
-        .snapshot_id()
-        .ok_or_else(|| failed("CopySnapshot returned no snapshot id"))?
-        .to_string();
+            s.image.build_id
+        ),
+        &tags(&[
+            ("Name", &format!("amibake copy of {snapshot_id}")),
+            (TAG_BUILD_ID, &s.image.build_id),
+        ]),
+    )
+    .await
+    .map_err(failed)?;
     let delete = undo_with(
         ctx,
-        &s.clients,
+        &s.image.clients,
         copy.clone(),
         &copy,
         "delete snapshot",
         Keep::Never,
-        resources::delete_snapshot,
+        crate::aws::snapshot::delete,
     );
     ctx.progress.note(format!(
         "{copy}: a copy of {snapshot_id} this account can read"
     ));
-    wait_snapshot(&s.clients, &copy, &ctx.cancel, &ctx.progress)
+    crate::aws::snapshot::wait(&s.image.clients, &copy, &ctx.cancel, &ctx.progress)
         .await
         .map_err(waited)?;
     Ok((copy, delete))
@@ -295,7 +266,7 @@ impl Step<BakeState<Direct>> for CopyBaseImage {
         let (path, copied) = s
             .backend
             .cache
-            .working_copy(&entry, &s.build_id, size_bytes(s))
+            .working_copy(&entry, &s.image.build_id, size_bytes(s))
             .map_err(failed)?;
         let p = path.clone();
         s.backend.remove_copy = Some(ctx.undo.push(
@@ -336,7 +307,7 @@ impl Step<BakeState<Direct>> for AttachLoopDevice {
         let copy = earlier(&s.backend.working_copy, "working copy")?;
         // The copy is already the volume's size; a root partition grows into it here, and
         // its filesystem once mounted.
-        let root = loop_root(&copy, s.plan.root_partition, s.root_grows(), ctx).await?;
+        let root = loop_root(&copy, s.build.root_partition, s.root_grows(), ctx).await?;
         s.backend.release_loop = Some(root.release);
         // The copy goes once the kernel has let go of it (and is removed even if not).
         if let Some(remove) = s.backend.remove_copy {
@@ -377,7 +348,7 @@ impl Step<BakeState<Direct>> for UploadSnapshot {
         let upload = s.backend.upload.clone();
         let parent_digests = upload.parent.as_ref().map(|_| base.digests.clone());
         if parent_digests.is_some() {
-            let restored = restore_base_journal(&copy, &base.image, s.plan.root_partition).await?;
+            let restored = restore_base_journal(&copy, &base.image, s.build.root_partition).await?;
             if restored > 0 {
                 ctx.progress.note(format!(
                     "{} KiB of the journal put back to the base's: it was clean after the \
@@ -392,10 +363,11 @@ impl Step<BakeState<Direct>> for UploadSnapshot {
             kms_key_arn: upload.kms_key_arn.clone(),
             description: format!(
                 "{} root, baked by amibake build {}",
-                s.plan.name, s.build_id
+                s.image.plan.name, s.image.build_id
             ),
-            client_token: format!("{}-snapshot", s.build_id),
+            client_token: format!("{}-snapshot", s.image.build_id),
             tags: s
+                .image
                 .artifact_tags()
                 .iter()
                 .map(|t| {
@@ -406,22 +378,22 @@ impl Step<BakeState<Direct>> for UploadSnapshot {
                 })
                 .collect(),
         };
-        let snapshot_id = ebs::start_snapshot(&s.clients, &new)
+        let snapshot_id = ebs::start_snapshot(&s.image.clients, &new)
             .await
             .map_err(failed)?;
         s.snapshot_id = Some(snapshot_id.clone());
         s.delete_snapshot = Some(undo_with(
             ctx,
-            &s.clients,
+            &s.image.clients,
             snapshot_id.clone(),
             &snapshot_id,
             "delete snapshot",
             Keep::OnSuccess,
-            resources::delete_snapshot,
+            crate::aws::snapshot::delete,
         ));
         let changed = put_changed_blocks(s, &snapshot_id, &copy, parent_digests, ctx).await?;
         let checksum = ebs::linear_checksum(changed.iter().map(|c| &c.digest));
-        ebs::complete_snapshot(&s.clients, &snapshot_id, changed.len(), &checksum)
+        ebs::complete_snapshot(&s.image.clients, &snapshot_id, changed.len(), &checksum)
             .await
             .map_err(failed)?;
         ctx.progress.note(match &upload.parent {
@@ -436,7 +408,7 @@ impl Step<BakeState<Direct>> for UploadSnapshot {
                 mib(changed.len())
             ),
         });
-        wait_snapshot(&s.clients, &snapshot_id, &ctx.cancel, &ctx.progress)
+        crate::aws::snapshot::wait(&s.image.clients, &snapshot_id, &ctx.cancel, &ctx.progress)
             .await
             .map_err(waited)
     }
@@ -525,7 +497,7 @@ async fn put_changed_blocks(
         .map_err(|e| failed(format!("read {}: {e}", path.display())))
     });
     let put = |(block, data): (disk_image::ChangedBlock, Vec<u8>)| {
-        let (clients, snapshot_id) = (s.clients.clone(), snapshot_id.to_string());
+        let (clients, snapshot_id) = (s.image.clients.clone(), snapshot_id.to_string());
         async move {
             ebs::put_block(&clients, &snapshot_id, block.index, data, &block.digest)
                 .await
@@ -548,7 +520,14 @@ async fn put_changed_blocks(
     // The stream, and with it the receiving end, is gone: the reading ends at its next block.
     let changed = reading.await.expect("a read does not panic");
     match ran? {
-        Ran::All => changed,
+        Ran::All => {
+            // The last put may come before the reading has seen the image's end: the total,
+            // known now, is said once more with everything put.
+            let changed = changed?;
+            let total = (changed.len() * BLOCK_SIZE) as u64;
+            ctx.progress.advance(total, Some(total), Unit::Bytes, None);
+            Ok(changed)
+        }
         Ran::Interrupted => Err(StepError::Interrupted),
     }
 }

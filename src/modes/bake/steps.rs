@@ -7,23 +7,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use aws_sdk_ec2::types::{
-    BlockDeviceMapping, EbsBlockDevice, ResourceType, Tag, TagSpecification, VolumeType,
-};
+use aws_sdk_ec2::types::{BlockDeviceMapping, EbsBlockDevice, VolumeType};
 
-use crate::modes::distribute;
-use crate::modes::image_test::{self, ImageTest};
-use crate::modes::support::{
-    created_or_found, earlier, failed, mark_finished, provision, publish, tags, undo_now,
-    undo_with, waited,
-};
+use crate::modes::support::{earlier, failed, provision, undo_now, undo_with, waited};
 
 use super::{Backend, BakeState};
-use crate::artifact::{
-    STATE_BUILDING, TAG_BASE_AMI, TAG_BUILD_ID, TAG_CHANNEL, TAG_COMMIT, TAG_FINGERPRINT,
-    TAG_SANDBOX, TAG_STATE, TAG_TARBALL_SHA256, TAG_VARIANT,
-};
-use crate::aws::resources::{self, wait_image};
 use crate::aws::wait::WaitPolicy;
 use crate::communicator::chroot::Chroot;
 use crate::engine::{Keep, Step, StepContext, StepError, UndoId, Unit};
@@ -199,9 +187,9 @@ impl<B: Backend> Step<BakeState<B>> for ExtractTarball {
         // Progress is told in bytes of the tarball read, against its size: a true fraction.
         let tarball_size = std::fs::metadata(&s.tarball).ok().map(|m| m.len());
         let spec = extract::ExtractSpec {
-            dest: s.plan.dest.clone(),
-            owner: s.plan.owner.clone(),
-            keep_setuid: s.plan.keep_setuid,
+            dest: s.build.dest.clone(),
+            owner: s.build.owner.clone(),
+            keep_setuid: s.build.keep_setuid,
         };
         let done = extract::extract_into_image(
             &s.amibake_exe,
@@ -217,7 +205,7 @@ impl<B: Backend> Step<BakeState<B>> for ExtractTarball {
             Ok(done) => {
                 ctx.progress.note(format!(
                     "{} entries, {} bytes into {}",
-                    done.files, done.bytes, s.plan.dest
+                    done.files, done.bytes, s.build.dest
                 ));
                 if done.setuid_dropped > 0 {
                     ctx.progress.note(format!(
@@ -242,8 +230,19 @@ impl<B: Backend> Step<BakeState<B>> for RunProvisioners {
         "run provisioners"
     }
     async fn run(&self, s: &mut BakeState<B>, ctx: &mut StepContext) -> Result<(), StepError> {
-        let chroot = Chroot::new(&s.amibake_exe, &s.mount_point, s.isolation, &s.build_id);
-        provision(&chroot, Entries::Provisioners, &s.plan.provisioners, ctx).await
+        let chroot = Chroot::new(
+            &s.amibake_exe,
+            &s.mount_point,
+            s.isolation,
+            &s.image.build_id,
+        );
+        provision(
+            &chroot,
+            Entries::Provisioners,
+            &s.image.plan.provisioners,
+            ctx,
+        )
+        .await
     }
 }
 
@@ -293,6 +292,8 @@ impl<B: Backend> Step<BakeState<B>> for RegisterImage {
     }
     async fn run(&self, s: &mut BakeState<B>, ctx: &mut StepContext) -> Result<(), StepError> {
         let snapshot_id = earlier(&s.snapshot_id, "snapshot")?;
+        // Finished with the image, and named in the manifest.
+        s.image.snapshot_ids = vec![snapshot_id.clone()];
         let base = &s.base;
         // The base's layout, with only the root's snapshot (and size) changed.
         let mappings = base.mappings.iter().map(|m| {
@@ -303,13 +304,13 @@ impl<B: Backend> Step<BakeState<B>> for RegisterImage {
             let ebs = EbsBlockDevice::builder()
                 .snapshot_id(&snapshot_id)
                 .volume_size(
-                    s.plan
+                    s.build
                         .root_volume_size_gb
                         .unwrap_or(0)
                         .max(base.root_volume_size_gb),
                 )
                 .set_volume_type(
-                    s.plan
+                    s.build
                         .root_volume_type
                         .as_deref()
                         .map(VolumeType::from)
@@ -322,61 +323,38 @@ impl<B: Backend> Step<BakeState<B>> for RegisterImage {
                 .ebs(ebs)
                 .build()
         });
-        let out = s
-            .clients
-            .ec2
-            .register_image()
-            .name(&s.plan.name)
-            .set_description(s.plan.description.clone())
-            .architecture(base.architecture.clone())
-            .root_device_name(&base.root_device_name)
-            .set_virtualization_type(
-                base.virtualization_type
-                    .as_ref()
-                    .map(|v| v.as_str().to_string()),
-            )
-            .set_boot_mode(base.boot_mode.clone())
-            .set_ena_support(base.ena_support)
-            .set_sriov_net_support(base.sriov_net_support.clone())
-            .set_block_device_mappings(Some(mappings.collect()))
-            // Tagged in the call itself, so even a run killed right after can be found.
-            .tag_specifications(
-                TagSpecification::builder()
-                    .resource_type(ResourceType::Image)
-                    .set_tags(Some(s.artifact_tags()))
-                    .build(),
-            )
-            .send()
-            .await;
-        let image_id = created_or_found(
-            out,
-            |o| o.image_id(),
-            &format!("register image {}", s.plan.name),
-            (
-                "InvalidAMIName.Duplicate",
-                resources::Unique::Image,
-                &s.plan.name,
-            ),
-            (&s.clients, &s.build_id),
+        let image = &s.image;
+        let registration = crate::aws::image::Registration {
+            name: &image.plan.name,
+            description: image.plan.description.as_deref(),
+            base,
+            mappings: mappings.collect(),
+            tags: &image.artifact_tags(),
+        };
+        let image_id = crate::aws::image::register(
+            &image.clients,
+            registration,
+            &image.build_id,
             &ctx.progress,
         )
-        .await?;
-        s.image_id = Some(image_id.clone());
+        .await
+        .map_err(waited)?;
+        s.image.image_id = Some(image_id.clone());
         let deregister = undo_with(
             ctx,
-            &s.clients,
+            &s.image.clients,
             image_id.clone(),
             &image_id,
             "deregister image",
             Keep::OnSuccess,
-            resources::deregister_image,
+            crate::aws::image::deregister,
         );
         if let Some(delete_snapshot) = s.delete_snapshot {
             ctx.undo.require(delete_snapshot, deregister);
         }
         // RegisterImage over the snapshot this bake saw completed.
-        wait_image(
-            &s.clients,
+        crate::aws::image::wait(
+            &s.image.clients,
             &image_id,
             WaitPolicy::REGISTERED,
             &ctx.cancel,
@@ -388,143 +366,12 @@ impl<B: Backend> Step<BakeState<B>> for RegisterImage {
     }
 }
 
-/// The new image booted and tested, before it is delivered or published.
-pub struct TestImage;
-
-#[async_trait]
-impl<B: Send + Sync> Step<BakeState<B>> for TestImage {
-    fn name(&self) -> &'static str {
-        "test image"
-    }
-    async fn run(&self, s: &mut BakeState<B>, ctx: &mut StepContext) -> Result<(), StepError> {
-        let image_id = earlier(&s.image_id, "image")?;
-        let test = ImageTest {
-            clients: &s.clients,
-            build_id: &s.build_id,
-            image_id: &image_id,
-            root_device_name: &s.base.root_device_name,
-            instance: s.plan.test_instance.as_ref(),
-            tests: &s.plan.tests,
-            skip: s.skip_tests,
-            facts: vec![
-                ("AMIBAKE_BUILD_ID", s.build_id.clone()),
-                ("AMIBAKE_REGION", s.clients.region.clone()),
-                ("AMIBAKE_VARIANT", s.plan.variant.name().to_string()),
-                ("AMIBAKE_COMMIT", s.commit.clone()),
-                ("AMIBAKE_BASE_AMI", s.base.id.clone()),
-            ],
-        };
-        image_test::run(test, ctx).await
-    }
-}
-
-/// The image tagged finished, so later bakes may reuse it and `gc` leaves it.
-pub struct MarkFinished;
-
-#[async_trait]
-impl<B: Send + Sync> Step<BakeState<B>> for MarkFinished {
-    fn name(&self) -> &'static str {
-        "mark finished"
-    }
-    async fn run(&self, s: &mut BakeState<B>, _ctx: &mut StepContext) -> Result<(), StepError> {
-        let mut resources = vec![earlier(&s.image_id, "image")?];
-        resources.extend(s.snapshot_id.iter().cloned());
-        mark_finished(&s.clients, resources).await?;
-        distribute::mark_copies_finished(&s.copies).await
-    }
-}
-
-/// A reused image, delivered and published as a new one would be; booted and tested
-/// first when no test has passed on it yet.
-pub fn reuse<B: Send + Sync + 'static>(test_first: bool) -> Vec<Box<dyn Step<BakeState<B>>>> {
-    let mut list: Vec<Box<dyn Step<BakeState<B>>>> = Vec::new();
-    if test_first {
-        list.push(Box::new(TestImage));
-    }
-    list.push(Box::new(Distribute));
-    list.push(Box::new(MarkFinished));
-    list.push(Box::new(PublishSsm));
-    list
-}
-
-/// The image beyond its region and account: copies, deprecation, IMDSv2-only, sharing.
-pub struct Distribute;
-
-#[async_trait]
-impl<B: Send + Sync> Step<BakeState<B>> for Distribute {
-    fn name(&self) -> &'static str {
-        "distribute"
-    }
-    async fn run(&self, s: &mut BakeState<B>, ctx: &mut StepContext) -> Result<(), StepError> {
-        let image_id = earlier(&s.image_id, "image")?;
-        let source = distribute::Source {
-            clients: &s.clients,
-            image_id: &image_id,
-            name: &s.plan.name,
-            description: s.plan.description.as_deref(),
-            tags: s.artifact_tags(),
-            build_id: &s.build_id,
-            fingerprint: &s.fingerprint,
-            // Only a run that made the image has a snapshot of its own.
-            reused: s.snapshot_id.is_none(),
-        };
-        s.copies = distribute::deliver(source, &s.plan.distribution, ctx).await?;
-        Ok(())
-    }
-}
-
-/// The new image as the newest version of the template's channel.
-pub struct PublishSsm;
-
-#[async_trait]
-impl<B: Send + Sync> Step<BakeState<B>> for PublishSsm {
-    fn name(&self) -> &'static str {
-        "publish to ssm"
-    }
-    async fn run(&self, s: &mut BakeState<B>, ctx: &mut StepContext) -> Result<(), StepError> {
-        let image_id = earlier(&s.image_id, "image")?;
-        let description = format!(
-            "{} commit {} (amibake build {})",
-            s.plan.name, s.commit, s.build_id
-        );
-        s.ssm_version = publish(
-            &s.clients,
-            s.plan.publish.as_ref(),
-            &image_id,
-            &description,
-            ctx,
-        )
-        .await?;
-        distribute::publish_copies(&mut s.copies, s.plan.publish.as_ref(), &description, ctx).await
-    }
-}
-
 impl<B> BakeState<B> {
     /// Whether the template asks for a larger volume than the base's: room for the tarball
     /// once the root (its partition, then its filesystem) is grown to fill it.
     pub fn root_grows(&self) -> bool {
-        self.plan
+        self.build
             .root_volume_size_gb
             .is_some_and(|gb| gb > self.base.root_volume_size_gb)
-    }
-
-    /// Tags on the image and its snapshot: what it is, what it came from, which build made it.
-    pub fn artifact_tags(&self) -> Vec<Tag> {
-        let mut pairs: Vec<(&str, &str)> = vec![
-            ("Name", &self.plan.name),
-            (TAG_COMMIT, &self.commit),
-            (TAG_TARBALL_SHA256, &self.tarball_sha256),
-            (TAG_BASE_AMI, &self.base.id),
-            (TAG_BUILD_ID, &self.build_id),
-            (TAG_FINGERPRINT, &self.fingerprint),
-            (TAG_STATE, STATE_BUILDING),
-            (TAG_VARIANT, self.plan.variant.name()),
-            (TAG_SANDBOX, self.sandbox_mode.name()),
-        ];
-        if let Some(publish) = &self.plan.publish {
-            pairs.push((TAG_CHANNEL, &publish.parameter));
-        }
-        pairs.extend(self.plan.tags.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        tags(&pairs)
     }
 }

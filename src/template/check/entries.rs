@@ -45,6 +45,8 @@ impl Checker<'_> {
             .collect()
     }
 
+    /// One `[[…provisioner]]` or `[[…test]]` entry, checked key by key in the order they
+    /// are documented: long because an entry has many keys.
     pub(super) fn provisioner(
         &mut self,
         key: &str,

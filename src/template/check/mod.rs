@@ -23,16 +23,19 @@ use super::diagnostic::{nearest, Diagnostic, SourceMap, TemplateErrors};
 use super::interpolate::{self, interpolate, Commit, Context, Secrets};
 use super::read::{holds, Parsed};
 use super::schema::{
-    BakeSection, BaseSection, ProvisionerEntry, SshInterface, StageEntry, Variable,
+    BakeSection, BaseSection, ImageKeys, ProvisionerEntry, SshInterface, StageEntry, Variable,
 };
 use super::variables::{self, VariableInputs};
 use super::{
-    AmiRef, BakePlan, BasePlan, Distribution, ExistingKeyPair, InstancePlan, LoadOptions, Network,
-    Provisioner, ProvisionerAction, SandboxMode, SsmPublish, StageCommand, Template, Variant, When,
+    AmiRef, BakeBuild, BakePlan, BaseBuild, BasePlan, Distribution, ExistingKeyPair, ImagePlan,
+    InstancePlan, LoadOptions, Network, Plan, Provisioner, ProvisionerAction, SandboxMode,
+    SsmPublish, StageCommand, Template, Variant, When,
 };
 
 /// Checks every section and resolves it into a plan.
 /// `options.commit` applies to `[bake]`; `[base]` never has one.
+/// Long because it is the order of the whole check: variables, sections, what depends on
+/// both, then the secrets and what a `--syntax-only` check did without.
 pub fn resolve(
     path: &Path,
     map: &SourceMap,
@@ -80,7 +83,7 @@ pub fn resolve(
     let base = file.base.map(|s| checker.base(s));
     if let (Some(plan), Some(span)) = (bake.as_mut(), untested_at) {
         match &base {
-            Some(base) => plan.test_instance = Some(base.instance.clone()),
+            Some(base) => plan.build.test_instance = Some(base.build.instance.clone()),
             None => checker.error(
                 Some(span),
                 "bake.test",
@@ -175,8 +178,8 @@ impl Checker<'_> {
     fn text(&mut self, key: &str, value: &Spanned<String>) -> String {
         match interpolate(value.get_ref(), &self.ctx) {
             Ok(resolved) => resolved,
-            Err(message) => {
-                self.error(Some(value.span()), key, message);
+            Err(e) => {
+                self.error(Some(value.span()), key, e.to_string());
                 value.get_ref().clone()
             }
         }
@@ -187,7 +190,8 @@ impl Checker<'_> {
     }
 
     /// Gives every declared variable its value, weakest source first (see `variables`),
-    /// and notes the sensitive ones.
+    /// and notes the sensitive ones. Long because every source of a value is weighed here,
+    /// in one order, so the precedence reads top to bottom.
     fn variables(
         &mut self,
         declared: &BTreeMap<String, Spanned<Variable>>,
@@ -312,8 +316,8 @@ impl Checker<'_> {
         if self.errors.len() > errors_before {
             return name;
         }
-        if let Err(message) = check_ami_name(&name) {
-            self.error(Some(value.span()), key, message);
+        if let Err(e) = check_ami_name(&name) {
+            self.error(Some(value.span()), key, e.to_string());
         }
         name
     }
@@ -322,8 +326,8 @@ impl Checker<'_> {
         let ctx = &self.ctx;
         match value.get_ref().interpolated(|s| interpolate(s, ctx)) {
             Ok(resolved) => resolved,
-            Err(message) => {
-                self.error(Some(value.span()), key, message);
+            Err(e) => {
+                self.error(Some(value.span()), key, e.to_string());
                 value.get_ref().clone()
             }
         }

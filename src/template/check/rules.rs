@@ -1,22 +1,34 @@
 //! AWS's naming rules and the small shapes a template's values take.
 
+const AMI_NAME_MIN: usize = 3;
+const AMI_NAME_MAX: usize = 128;
+
+/// A name EC2 would refuse for an AMI.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AmiNameError {
+    #[error("AMI names are {AMI_NAME_MIN} to {AMI_NAME_MAX} characters; \"{name}\" has {len}")]
+    Length { name: String, len: usize },
+    #[error("AMI names may not contain `{bad}` (allowed: letters, digits and ( ) [ ] space . / - ' @ _); got \"{name}\"")]
+    Character { name: String, bad: char },
+}
+
 /// EC2's rule for AMI names: 3 to 128 characters of letters, digits and ( ) [ ] space . / - ' @ _
-pub fn check_ami_name(name: &str) -> Result<(), String> {
-    const MIN: usize = 3;
-    const MAX: usize = 128;
+pub fn check_ami_name(name: &str) -> Result<(), AmiNameError> {
     let len = name.chars().count();
-    if !(MIN..=MAX).contains(&len) {
-        return Err(format!(
-            "AMI names are {MIN} to {MAX} characters; \"{name}\" has {len}"
-        ));
+    if !(AMI_NAME_MIN..=AMI_NAME_MAX).contains(&len) {
+        return Err(AmiNameError::Length {
+            name: name.to_string(),
+            len,
+        });
     }
     if let Some(bad) = name
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || "()[] ./-'@_".contains(*c)))
     {
-        return Err(format!(
-            "AMI names may not contain `{bad}` (allowed: letters, digits and ( ) [ ] space . / - ' @ _); got \"{name}\""
-        ));
+        return Err(AmiNameError::Character {
+            name: name.to_string(),
+            bad,
+        });
     }
     Ok(())
 }
@@ -61,9 +73,18 @@ mod tests {
     #[test]
     fn ami_name_rules() {
         assert!(check_ami_name("shop-abc-20261123 (web) [x] ./'@_").is_ok());
-        assert!(check_ami_name("ab").unwrap_err().contains("3 to 128"));
+        assert!(check_ami_name("ab")
+            .unwrap_err()
+            .to_string()
+            .contains("3 to 128"));
         assert!(check_ami_name(&"a".repeat(129)).is_err());
-        assert!(check_ami_name("shop:1").unwrap_err().contains("`:`"));
+        assert_eq!(
+            check_ami_name("shop:1"),
+            Err(AmiNameError::Character {
+                name: "shop:1".into(),
+                bad: ':'
+            })
+        );
     }
 
     #[test]

@@ -10,8 +10,7 @@ const DEFAULT_SSH_TIMEOUT: Duration = Duration::from_secs(300);
 
 impl Checker<'_> {
     pub(super) fn base(&mut self, s: BaseSection) -> BasePlan {
-        let name = self.ami_name("base.name", &s.name);
-        let description = self.opt_public_text("base.description", &s.description);
+        let image = self.image("base", s.image_keys());
         let source_ami = self.ami_ref("base.source_ami", &s.source_ami);
         let instance = self.instance(
             "base",
@@ -32,34 +31,33 @@ impl Checker<'_> {
                 root_volume_type: &s.root_volume_type,
             },
         );
-        let publish = self.publish("base", &s.publish_ssm, &s.publish_label);
-        let distribution = self.distribution(
-            "base",
-            DistributionKeys {
-                copy_to_regions: &s.copy_to_regions,
-                share_with_accounts: &s.share_with_accounts,
-                kms_key_ids: &s.kms_key_ids,
-                deprecate_after: &s.deprecate_after,
-                imds_support: &s.imds_support,
+        Plan {
+            image,
+            build: BaseBuild {
+                source_ami,
+                instance,
             },
-        );
-        BasePlan {
-            name,
-            description,
-            source_ami,
-            instance,
-            publish,
-            distribution,
-            tags: self.tags("base", &s.tags),
-            provisioners: self.provisioners("base", &s.provisioners),
-            pre: self.stage("base.pre", &s.pre),
-            post: self.stage("base.post", &s.post),
-            tests: self.tests("base", &s.tests),
+        }
+    }
+
+    /// The keys both sections share, checked once; `section` prefixes every key.
+    fn image(&mut self, section: &str, keys: ImageKeys) -> ImagePlan {
+        ImagePlan {
+            name: self.ami_name(&format!("{section}.name"), keys.name),
+            description: self.opt_public_text(&format!("{section}.description"), keys.description),
+            publish: self.publish(section, keys.publish_ssm, keys.publish_label),
+            distribution: self.distribution(section, &keys),
+            tags: self.tags(section, keys.tags),
+            provisioners: self.provisioners(section, keys.provisioners),
+            pre: self.stage(&format!("{section}.pre"), keys.pre),
+            post: self.stage(&format!("{section}.post"), keys.post),
+            tests: self.tests(section, keys.tests),
             variant: Variant::default(),
         }
     }
 
     /// How a temporary instance is launched and reached; `section` prefixes every key.
+    /// Long because an instance has many keys, each checked in turn.
     fn instance(&mut self, section: &str, s: InstanceKeys) -> InstancePlan {
         let key = |name: &str| format!("{section}.{name}");
         let instance_type = self.text(&key("instance_type"), s.instance_type);
@@ -267,7 +265,7 @@ impl Checker<'_> {
 
     /// Where the image goes beyond its own region and who may launch it; the keys are the
     /// same in both sections.
-    fn distribution(&mut self, section: &str, keys: DistributionKeys) -> Distribution {
+    fn distribution(&mut self, section: &str, keys: &ImageKeys) -> Distribution {
         let copy_to_regions = self.distinct_list(
             &format!("{section}.copy_to_regions"),
             keys.copy_to_regions.as_ref(),
@@ -357,8 +355,7 @@ impl Checker<'_> {
     }
 
     pub(super) fn bake(&mut self, s: BakeSection) -> BakePlan {
-        let name = self.ami_name("bake.name", &s.name);
-        let description = self.opt_public_text("bake.description", &s.description);
+        let image = self.image("bake", s.image_keys());
         let base_ami = self.ami_ref("bake.base_ami", &s.base_ami);
         let dest = self.text("bake.dest", &s.dest);
         if !dest.starts_with('/') || dest.split('/').any(|part| part == ".." || part == ".") {
@@ -414,41 +411,24 @@ impl Checker<'_> {
                 },
             )
         });
-        let distribution = self.distribution(
-            "bake",
-            DistributionKeys {
-                copy_to_regions: &s.copy_to_regions,
-                share_with_accounts: &s.share_with_accounts,
-                kms_key_ids: &s.kms_key_ids,
-                deprecate_after: &s.deprecate_after,
-                imds_support: &s.imds_support,
+        Plan {
+            image,
+            build: BakeBuild {
+                base_ami,
+                // `/` stays itself: a tarball may lay files over the whole image.
+                dest: match dest.trim_end_matches('/') {
+                    "" => "/".to_string(),
+                    trimmed => trimmed.to_string(),
+                },
+                owner,
+                keep_setuid: s.keep_setuid.map(|k| *k.get_ref()).unwrap_or(false),
+                sandbox: self.sandbox_mode(&s.sandbox),
+                root_partition: s.root_partition.map(|p| *p.get_ref()),
+                root_volume_type,
+                root_volume_size_gb,
+                kms_key_id: self.opt_text("bake.kms_key_id", &s.kms_key_id),
+                test_instance,
             },
-        );
-        BakePlan {
-            name,
-            description,
-            base_ami,
-            // `/` stays itself: a tarball may lay files over the whole image.
-            dest: match dest.trim_end_matches('/') {
-                "" => "/".to_string(),
-                trimmed => trimmed.to_string(),
-            },
-            owner,
-            keep_setuid: s.keep_setuid.map(|k| *k.get_ref()).unwrap_or(false),
-            sandbox: self.sandbox_mode(&s.sandbox),
-            root_partition: s.root_partition.map(|p| *p.get_ref()),
-            root_volume_type,
-            root_volume_size_gb,
-            kms_key_id: self.opt_text("bake.kms_key_id", &s.kms_key_id),
-            test_instance,
-            publish: self.publish("bake", &s.publish_ssm, &s.publish_label),
-            distribution,
-            tags: self.tags("bake", &s.tags),
-            provisioners: self.provisioners("bake", &s.provisioners),
-            pre: self.stage("bake.pre", &s.pre),
-            post: self.stage("bake.post", &s.post),
-            tests: self.tests("bake", &s.tests),
-            variant: Variant::default(),
         }
     }
 }
@@ -469,13 +449,4 @@ struct InstanceKeys<'a> {
     user_data: &'a Option<Spanned<String>>,
     root_volume_size_gb: &'a Option<Spanned<i32>>,
     root_volume_type: &'a Option<Spanned<String>>,
-}
-
-/// The distribution keys of a section, as written.
-struct DistributionKeys<'a> {
-    copy_to_regions: &'a Option<Spanned<Vec<Spanned<String>>>>,
-    share_with_accounts: &'a Option<Spanned<Vec<Spanned<String>>>>,
-    kms_key_ids: &'a BTreeMap<String, Spanned<String>>,
-    deprecate_after: &'a Option<Spanned<String>>,
-    imds_support: &'a Option<Spanned<String>>,
 }

@@ -1,0 +1,328 @@
+//! Putting the code tarball into the image, resolving every path as the booted image would
+//! and never reaching the build host.
+//!
+//! The unpacking runs in a child process (this binary, `internal-extract`) that first leaves
+//! the host's namespaces and chroots into the image with only the capabilities to create and
+//! own files (`sandbox`), before any host filesystem is mounted into the image. Inside, every
+//! path goes through `image_root`: `dest` is resolved as the image resolves it (its
+//! `/var/www -> /srv/www` leads to its own `/srv/www`), and each entry is placed below
+//! `dest` with `RESOLVE_BENEATH`, so neither `..`, an absolute path, a symlink from the
+//! tarball or one already in the image, nor a `/proc/<pid>/root` magic link can take a write
+//! anywhere else. Device nodes and FIFOs are refused; setuid and setgid bits are dropped
+//! unless the template keeps them.
+//!
+//! `entry` judges each entry from the tarball alone, `writer` places it, `child` runs both
+//! in their sandboxed child processes.
+
+mod child;
+mod entry;
+mod writer;
+
+pub use child::{check_child_main, check_tarball, child_main, extract_into_image, Tarball};
+pub use entry::EntryError;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read};
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+
+use rustix::fs::{Mode, OFlags};
+use serde::{Deserialize, Serialize};
+use tar::EntryType;
+
+use super::image_root::ImageRoot;
+use crate::engine::events::printable;
+use crate::sandbox;
+use entry::admit;
+use writer::{set_owner, Writer};
+
+/// A user and group of the image, by number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Owner {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// What an extraction put into the image.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Extracted {
+    pub files: u64,
+    pub bytes: u64,
+    /// Files whose setuid or setgid bit was dropped.
+    #[serde(default)]
+    pub setuid_dropped: u64,
+}
+
+/// How the tarball goes into the image: the template's `dest`, `owner`, `keep_setuid`.
+#[derive(Debug, Clone, Default)]
+pub struct ExtractSpec {
+    /// The destination directory, as the image names it.
+    pub dest: String,
+    /// `user` or `user:group` of the image, for every entry, `dest` and the directories
+    /// made on the way to it.
+    pub owner: Option<String>,
+    pub keep_setuid: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExtractError {
+    /// `reason` is shown with its control characters escaped: it may quote the tarball.
+    #[error("tarball entry {index} ({path}): {}", printable(&.reason.to_string()))]
+    Entry {
+        index: u64,
+        path: String,
+        reason: EntryError,
+    },
+    #[error("tarball is damaged or not a tar archive: {0}")]
+    Corrupt(String),
+    /// No bake means to deliver nothing: an empty artifact is a build that went wrong.
+    #[error("the tarball holds no entries: an empty file, or only an archive's end")]
+    Empty,
+    #[error("owner `{spec}`: {reason}")]
+    Owner { spec: String, reason: String },
+    #[error(transparent)]
+    Sandbox(#[from] sandbox::SandboxError),
+    #[error("cannot create {dest} in the image: {reason}")]
+    Dest { dest: String, reason: String },
+    /// The child could not start, ended on a signal, or failed other than on the tarball.
+    #[error("{0}")]
+    Child(String),
+    /// What a child said of a tarball it refused (an entry, a damaged archive, no entries).
+    #[error("{0}")]
+    Refused(String),
+    #[error("cannot read the tarball {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+// Magic numbers at the start of a compressed stream.
+const GZIP_MAGIC: &[u8] = &[0x1f, 0x8b];
+const ZSTD_MAGIC: &[u8] = &[0x28, 0xb5, 0x2f, 0xfd];
+
+/// Mode of the directories made on the way to an entry the tarball does not list itself.
+pub(crate) const IMPLIED_DIR_MODE: u32 = 0o755;
+/// The setuid and setgid bits.
+pub(crate) const SET_ID_BITS: u32 = 0o6000;
+
+/// Wraps `input` in the decompressor its first bytes call for: gzip, zstd, or none.
+fn decompressed<'a>(input: impl Read + 'a) -> Result<Box<dyn Read + 'a>, ExtractError> {
+    let mut input = BufReader::new(input);
+    let head = input
+        .fill_buf()
+        .map_err(|e| ExtractError::Corrupt(e.to_string()))?
+        .to_vec();
+    Ok(if head.starts_with(GZIP_MAGIC) {
+        Box::new(flate2::read::MultiGzDecoder::new(input))
+    } else if head.starts_with(ZSTD_MAGIC) {
+        Box::new(
+            zstd::stream::read::Decoder::with_buffer(input)
+                .map_err(|e| ExtractError::Corrupt(e.to_string()))?,
+        )
+    } else {
+        Box::new(input)
+    })
+}
+
+/// Unpacks a tar stream into `spec.dest` of `image`. `on_progress` hears the running totals
+/// after each entry.
+pub fn unpack(
+    input: impl Read,
+    image: &ImageRoot,
+    spec: &ExtractSpec,
+    owner: Option<Owner>,
+    mut on_progress: impl FnMut(Extracted),
+) -> Result<Extracted, ExtractError> {
+    let dest_error = |reason: String| ExtractError::Dest {
+        dest: spec.dest.clone(),
+        reason,
+    };
+    let (dest, made) = image
+        .create_dirs(&spec.dest, IMPLIED_DIR_MODE)
+        .map_err(|e| dest_error(e.to_string()))?;
+    if let Some(owner) = owner {
+        // `dest` itself and every directory made on the way to it belong to the owner too.
+        for path in made.iter().map(String::as_str).chain([spec.dest.as_str()]) {
+            let dir = image
+                .open_at(path, OFlags::PATH | OFlags::DIRECTORY, Mode::empty())
+                .map_err(|e| dest_error(format!("{path}: {e}")))?;
+            set_owner(dir.as_fd(), "", owner).map_err(|e| dest_error(format!("{path}: {e}")))?;
+        }
+    }
+    let mut writer = Writer {
+        dest,
+        owner,
+        keep_setuid: spec.keep_setuid,
+        parent: None,
+        dir_times: Vec::new(),
+    };
+    let mut done = Extracted::default();
+    each_entry(input, |entry, path| {
+        let size = entry.header().size().unwrap_or(0);
+        let admitted = admit(entry, path)?;
+        let placed = writer.place(entry, admitted)?;
+        done.setuid_dropped += u64::from(placed.setuid_dropped);
+        done.files += 1;
+        done.bytes += size;
+        on_progress(done);
+        Ok(())
+    })?;
+    writer.finish().map_err(|e| dest_error(e.to_string()))?;
+    Ok(done)
+}
+
+/// Reads a whole tarball as `unpack` would and writes nothing: every check that needs no
+/// image (`admit`), and every entry's data read to its end, so a damaged or cut-short
+/// tarball is refused too, as is one with no entries. Answers what it holds.
+pub fn check_entries(
+    input: impl Read,
+    on_progress: &mut dyn FnMut(Extracted),
+) -> Result<Extracted, ExtractError> {
+    let mut held = Extracted::default();
+    each_entry(input, |entry, path| {
+        admit(entry, path)?;
+        let size = entry.header().size().unwrap_or(0);
+        std::io::copy(entry, &mut std::io::sink()).map_err(EntryError::Unreadable)?;
+        held.files += 1;
+        held.bytes += size;
+        on_progress(held);
+        Ok(())
+    })?;
+    if held.files == 0 {
+        return Err(ExtractError::Empty);
+    }
+    Ok(held)
+}
+
+/// Reads the tar stream in `input` (compressed or not) entry by entry. `on_entry` gets each
+/// entry and its path; what it refuses is named by the entry's number (from 1) and path.
+fn each_entry<'a>(
+    input: impl Read + 'a,
+    mut on_entry: impl FnMut(&mut tar::Entry<'_, Box<dyn Read + 'a>>, &str) -> Result<(), EntryError>,
+) -> Result<(), ExtractError> {
+    let mut archive = tar::Archive::new(decompressed(input)?);
+    let entries = archive
+        .entries()
+        .map_err(|e| ExtractError::Corrupt(printable(&e.to_string())))?;
+    for (index, entry) in entries.enumerate() {
+        let index = index as u64 + 1;
+        let mut entry = entry.map_err(|e| {
+            ExtractError::Corrupt(format!("at entry {index}: {}", printable(&e.to_string())))
+        })?;
+        if entry.header().entry_type() == EntryType::XGlobalHeader {
+            // `git archive` puts the commit here; it names no file.
+            continue;
+        }
+        let path = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+        on_entry(&mut entry, &path).map_err(|reason| ExtractError::Entry {
+            index,
+            path: printable(&path),
+            reason,
+        })?;
+    }
+    Ok(())
+}
+
+/// `user` or `user:group`, by name or number, looked up in the image's own /etc/passwd and
+/// /etc/group, which `read_etc` reads by name.
+pub fn resolve_owner(
+    spec: &str,
+    read_etc: impl Fn(&str) -> std::io::Result<Vec<u8>>,
+) -> Result<Owner, ExtractError> {
+    let fail = |reason: String| ExtractError::Owner {
+        spec: spec.into(),
+        reason,
+    };
+    let table = |file: &str| -> Result<HashMap<String, (u32, u32)>, ExtractError> {
+        let bytes = read_etc(file)
+            .map_err(|e| fail(format!("cannot read the image's /etc/{file}: {e}")))?;
+        Ok(String::from_utf8_lossy(&bytes)
+            .lines()
+            .filter_map(|line| {
+                let fields: Vec<&str> = line.split(':').collect();
+                let id = fields.get(2)?.parse().ok()?;
+                let group = fields.get(3).and_then(|g| g.parse().ok()).unwrap_or(id);
+                Some((fields[0].to_string(), (id, group)))
+            })
+            .collect())
+    };
+    let (user, group) = match spec.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (spec, None),
+    };
+    let (uid, primary_gid) = match user.parse::<u32>() {
+        Ok(uid) => (uid, uid),
+        Err(_) => *table("passwd")?
+            .get(user)
+            .ok_or_else(|| fail(format!("no user `{user}` in the image's /etc/passwd")))?,
+    };
+    let gid = match group {
+        None => primary_gid,
+        Some(g) => match g.parse::<u32>() {
+            Ok(gid) => gid,
+            Err(_) => {
+                table("group")?
+                    .get(g)
+                    .ok_or_else(|| fail(format!("no group `{g}` in the image's /etc/group")))?
+                    .0
+            }
+        },
+    };
+    Ok(Owner { uid, gid })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn etc_with(
+        passwd: &'static str,
+        group: &'static str,
+    ) -> impl Fn(&str) -> std::io::Result<Vec<u8>> + Copy {
+        move |file: &str| match file {
+            "passwd" => Ok(passwd.as_bytes().to_vec()),
+            "group" => Ok(group.as_bytes().to_vec()),
+            _ => Err(std::io::ErrorKind::NotFound.into()),
+        }
+    }
+
+    #[test]
+    fn owners_come_from_the_image_files() {
+        let etc = etc_with("root:x:0:0::/root:/bin/sh\nwww-data:x:33:33::/var/www:/bin/sh\napp:x:4242:100::/srv:/bin/sh\n", "users:x:100:\nweb:x:5000:\n");
+        assert_eq!(
+            resolve_owner("www-data", etc).unwrap(),
+            Owner { uid: 33, gid: 33 }
+        );
+        assert_eq!(
+            resolve_owner("app", etc).unwrap(),
+            Owner {
+                uid: 4242,
+                gid: 100
+            }
+        );
+        assert_eq!(
+            resolve_owner("app:web", etc).unwrap(),
+            Owner {
+                uid: 4242,
+                gid: 5000
+            }
+        );
+        assert_eq!(
+            resolve_owner("1001:1002", etc).unwrap(),
+            Owner {
+                uid: 1001,
+                gid: 1002
+            }
+        );
+        let err = resolve_owner("nobody-here", etc).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "owner `nobody-here`: no user `nobody-here` in the image's /etc/passwd"
+        );
+        assert!(resolve_owner("app:nogroup", etc)
+            .unwrap_err()
+            .to_string()
+            .contains("no group `nogroup`"));
+    }
+}

@@ -1,0 +1,229 @@
+//! The image's tail, the same for both modes: once a mode has made its image (or found an
+//! earlier run's), it is booted and tested, delivered, marked finished and published, over
+//! an `ImageState` that each mode's own state embeds.
+
+use async_trait::async_trait;
+use aws_sdk_ec2::types::Tag;
+
+use super::distribute::{self, RegionImage};
+use super::image_test;
+use super::support::{earlier, mark_finished, publish, tags};
+use crate::artifact::{
+    self, STATE_BUILDING, TAG_BUILD_ID, TAG_CHANNEL, TAG_FINGERPRINT, TAG_STATE, TAG_VARIANT,
+};
+use crate::aws::Clients;
+use crate::engine::{RunReport, Step, StepContext, StepError};
+use crate::template::{ImagePlan, InstancePlan};
+
+/// What a mode says of where its image comes from, for every place the image is described.
+pub struct Origin {
+    /// Tags naming its inputs (the source AMI; the base AMI, commit and tarball digest).
+    pub tags: Vec<(&'static str, String)>,
+    /// The run's facts in the environment of pre commands and tests, beside the build id,
+    /// region and variant.
+    pub facts: Vec<(&'static str, String)>,
+    /// Said after the image's name in its channel's version description (` commit abc`).
+    pub version_note: String,
+    /// How a test boots the image: set by the template check wherever there are tests.
+    pub test_instance: Option<InstancePlan>,
+    /// The image's root device, for a root size or type from the instance settings.
+    pub root_device_name: String,
+}
+
+/// The image of a run, whichever mode made it: what it is to be, and what became of it.
+pub struct ImageState {
+    pub clients: Clients,
+    pub build_id: String,
+    pub fingerprint: String,
+    pub plan: ImagePlan,
+    pub origin: Origin,
+    /// `--no-test`.
+    pub skip_tests: bool,
+    /// An earlier run's image, found by its fingerprint: it has no snapshots of this run's,
+    /// and its copies may exist already.
+    pub reused: bool,
+    pub image_id: Option<String>,
+    /// The snapshots this run made for the image.
+    pub snapshot_ids: Vec<String>,
+    /// The channel's version naming the image, once published.
+    pub ssm_version: Option<i64>,
+    /// The image in the template's other regions.
+    pub copies: Vec<RegionImage>,
+}
+
+impl ImageState {
+    /// Tags on the image, its snapshots and its copies: what it is, what it came from,
+    /// which build made it.
+    pub fn artifact_tags(&self) -> Vec<Tag> {
+        let mut pairs: Vec<(&str, &str)> = vec![("Name", &self.plan.name)];
+        pairs.extend(self.origin.tags.iter().map(|(k, v)| (*k, v.as_str())));
+        pairs.extend([
+            (TAG_BUILD_ID, self.build_id.as_str()),
+            (TAG_FINGERPRINT, &self.fingerprint),
+            (TAG_STATE, STATE_BUILDING),
+            (TAG_VARIANT, self.plan.variant.name()),
+        ]);
+        if let Some(publish) = &self.plan.publish {
+            pairs.push((TAG_CHANNEL, &publish.parameter));
+        }
+        pairs.extend(self.plan.tags.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        tags(&pairs)
+    }
+
+    /// The run's facts, as pre commands and tests see them.
+    pub fn facts(&self) -> Vec<(&'static str, String)> {
+        let mut facts = vec![
+            ("AMIBAKE_BUILD_ID", self.build_id.clone()),
+            ("AMIBAKE_REGION", self.clients.region.clone()),
+            ("AMIBAKE_VARIANT", self.plan.variant.name().to_string()),
+        ];
+        facts.extend(self.origin.facts.iter().cloned());
+        facts
+    }
+
+    /// What the manifest says of the image, once the run has one.
+    pub fn record(&self, report: &RunReport) -> Option<ImageRecord> {
+        Some(ImageRecord {
+            ami_id: self.image_id.clone()?,
+            region: self.clients.region.clone(),
+            name: self.plan.name.clone(),
+            fingerprint: self.fingerprint.clone(),
+            build_id: self.build_id.clone(),
+            reused: self.reused,
+            variant: self.plan.variant.name(),
+            snapshot_ids: self.snapshot_ids.clone(),
+            ssm_parameter: self
+                .ssm_version
+                .and(self.plan.publish.as_ref().map(|p| p.parameter.clone())),
+            ssm_version: self.ssm_version,
+            copies: self.copies.iter().map(RegionImage::manifest).collect(),
+            step_seconds: report.step_seconds(),
+        })
+    }
+}
+
+/// What both modes' manifests say of the image itself.
+pub struct ImageRecord {
+    pub ami_id: String,
+    pub region: String,
+    pub name: String,
+    pub fingerprint: String,
+    pub build_id: String,
+    pub reused: bool,
+    pub variant: &'static str,
+    pub snapshot_ids: Vec<String>,
+    pub ssm_parameter: Option<String>,
+    pub ssm_version: Option<i64>,
+    pub copies: Vec<artifact::RegionCopy>,
+    pub step_seconds: std::collections::BTreeMap<String, f64>,
+}
+
+/// A mode's state, which the tail's steps reach the image through.
+pub trait HasImage: Send + Sync + 'static {
+    fn image(&mut self) -> &mut ImageState;
+}
+
+impl HasImage for ImageState {
+    fn image(&mut self) -> &mut ImageState {
+        self
+    }
+}
+
+/// The steps after the image exists, in order; `test` when it is to be booted and tested
+/// first (always for a new image: the step itself knows when there is nothing to run).
+pub fn tail<S: HasImage>(test: bool) -> Vec<Box<dyn Step<S>>> {
+    let mut list: Vec<Box<dyn Step<S>>> = Vec::new();
+    // Before it goes anywhere: an image that fails its tests is removed.
+    if test {
+        list.push(Box::new(TestImage));
+    }
+    list.push(Box::new(Distribute));
+    // Finished before it is published: a run killed while publishing leaves a complete
+    // image, which the next run with its fingerprint reuses and publishes.
+    list.push(Box::new(MarkFinished));
+    list.push(Box::new(PublishSsm));
+    list
+}
+
+/// The new image booted and tested, before it is delivered or published.
+pub struct TestImage;
+
+#[async_trait]
+impl<S: HasImage> Step<S> for TestImage {
+    fn name(&self) -> &'static str {
+        "test image"
+    }
+    async fn run(&self, s: &mut S, ctx: &mut StepContext) -> Result<(), StepError> {
+        image_test::run(s.image(), ctx).await
+    }
+}
+
+/// The image beyond its region and account: copies, deprecation, IMDSv2-only, sharing.
+pub struct Distribute;
+
+#[async_trait]
+impl<S: HasImage> Step<S> for Distribute {
+    fn name(&self) -> &'static str {
+        "distribute"
+    }
+    async fn run(&self, s: &mut S, ctx: &mut StepContext) -> Result<(), StepError> {
+        let s = s.image();
+        let image_id = earlier(&s.image_id, "image")?;
+        let source = distribute::Source {
+            clients: &s.clients,
+            image_id: &image_id,
+            name: &s.plan.name,
+            description: s.plan.description.as_deref(),
+            tags: s.artifact_tags(),
+            build_id: &s.build_id,
+            fingerprint: &s.fingerprint,
+            reused: s.reused,
+        };
+        s.copies = distribute::deliver(source, &s.plan.distribution, ctx).await?;
+        Ok(())
+    }
+}
+
+/// The image tagged finished, so later runs may reuse it and `gc` leaves it.
+pub struct MarkFinished;
+
+#[async_trait]
+impl<S: HasImage> Step<S> for MarkFinished {
+    fn name(&self) -> &'static str {
+        "mark finished"
+    }
+    async fn run(&self, s: &mut S, _ctx: &mut StepContext) -> Result<(), StepError> {
+        let s = s.image();
+        let mut resources = vec![earlier(&s.image_id, "image")?];
+        resources.extend(s.snapshot_ids.iter().cloned());
+        mark_finished(&s.clients, resources).await?;
+        distribute::mark_copies_finished(&s.copies).await
+    }
+}
+
+/// The image as the newest version of the template's channel, in every region it is in.
+pub struct PublishSsm;
+
+#[async_trait]
+impl<S: HasImage> Step<S> for PublishSsm {
+    fn name(&self) -> &'static str {
+        "publish to ssm"
+    }
+    async fn run(&self, s: &mut S, ctx: &mut StepContext) -> Result<(), StepError> {
+        let s = s.image();
+        let image_id = earlier(&s.image_id, "image")?;
+        let description = format!(
+            "{}{} (amibake build {})",
+            s.plan.name, s.origin.version_note, s.build_id
+        );
+        s.ssm_version = publish(
+            &s.clients,
+            s.plan.publish.as_ref(),
+            &image_id,
+            &description,
+            ctx,
+        )
+        .await?;
+        distribute::publish_copies(&mut s.copies, s.plan.publish.as_ref(), &description, ctx).await
+    }
+}
