@@ -1,15 +1,13 @@
 //! `amibake bake` end to end through the real binary against the local cloud: a deployment AMI
 //! from the Debian vendor AMI and a code tarball, its reuse, and failures that leave nothing.
 
-mod util;
-
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 
-use util::localcloud::{LocalCloud, PARTITION_1_OFFSET};
-use util::tarballs::{assert_composer_like_at, composer_like, gzip};
-use util::Run;
+use crate::util::localcloud::{LocalCloud, PARTITION_1_OFFSET};
+use crate::util::tarballs::{assert_composer_like_at, composer_like, gzip};
+use crate::util::Run;
 
 /// `amibake --output json bake TEMPLATE --tarball app.tar.gz --commit c0ffee1`
 fn bake_command(cloud: &LocalCloud, dir: &Path, template: &str) -> Command {
@@ -40,8 +38,8 @@ fn bake(cloud: &LocalCloud, dir: &Path, template: &str, extra: &[&str]) -> Run {
 fn manifest(run: &Run) -> serde_json::Value {
     let manifest = serde_json::from_str(run.stdout().lines().last().expect("a manifest line"))
         .unwrap_or_else(|e| panic!("{e}\n{}", run.dump()));
-    util::schema::assert_valid("bake-manifest", &manifest);
-    util::schema::assert_events_valid(&run.stderr());
+    crate::util::schema::assert_valid("bake-manifest", &manifest);
+    crate::util::schema::assert_events_valid(&run.stderr());
     manifest
 }
 
@@ -137,6 +135,7 @@ fn assert_layout_and_tags(cloud: &LocalCloud, m: &serde_json::Value) {
 /// from the environment each run is given.
 #[test]
 fn bake_builds_reuses_and_cleans_up_after_failures() {
+    let _module = crate::util::module_turn(module_path!());
     let cloud = LocalCloud::start("quick");
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
@@ -548,7 +547,7 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
     // run cleans up and exits 130.
     template(dir, "slow", debian, "\"echo started-sleeping; sleep 600\"");
     let slow = bake_command(&cloud, dir, "slow.toml");
-    let run = util::interrupt_when(slow, "amibake bake slow.toml, interrupted", |line| {
+    let run = crate::util::interrupt_when(slow, "amibake bake slow.toml, interrupted", |line| {
         line.contains("\"line\":\"started-sleeping\"")
     });
     run.expect_code(130);
@@ -645,6 +644,7 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
 /// direct calls are throttled: every one succeeds, and each image holds its own tarball.
 #[test]
 fn eight_bakes_at_once_under_throttling_each_hold_their_own_tarball() {
+    let _module = crate::util::module_turn(module_path!());
     let cloud = LocalCloud::start("quick");
     let work = tempfile::tempdir().unwrap();
     let dir = work.path();
@@ -662,7 +662,7 @@ fn eight_bakes_at_once_under_throttling_each_hold_their_own_tarball() {
     .unwrap();
     let mut digests = BTreeMap::new();
     for n in 0..8 {
-        let tar = util::tarballs::tarball(|b| {
+        let tar = crate::util::tarballs::tarball(|b| {
             let body = format!("bake {n}\n");
             let mut header = tar::Header::new_gnu();
             header.set_size(body.len() as u64);

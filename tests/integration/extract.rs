@@ -3,20 +3,18 @@
 //! Runs the real binary's chrooted child (`amibake internal-extract`) against an image root
 //! made in a temp dir, with a canary on the host that must never change.
 
-mod util;
-
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
+use crate::util::tarballs::{
+    append_raw, assert_composer_like_at, composer_like, gzip, refused_on_their_own, tarball, Canary,
+};
 use amibake::host::extract::{
     check_tarball, extract_into_image, ExtractError, ExtractSpec, Extracted, Tarball,
 };
 use tar::EntryType;
 use tokio_util::sync::CancellationToken;
-use util::tarballs::{
-    append_raw, assert_composer_like_at, composer_like, gzip, refused_on_their_own, tarball, Canary,
-};
 
 /// A minimal image root: its own users, and an absolute symlink as real images have.
 struct Image {
@@ -51,7 +49,7 @@ fn spec(dest: &str) -> ExtractSpec {
     }
 }
 
-fn extract(image: &Image, dest: &str, owner: Option<&str>, tarball: &[u8]) -> util::Run {
+fn extract(image: &Image, dest: &str, owner: Option<&str>, tarball: &[u8]) -> crate::util::Run {
     extract_at(image.root(), dest, owner, &[], tarball)
 }
 
@@ -61,7 +59,7 @@ fn extract_at(
     owner: Option<&str>,
     extra: &[&str],
     tarball: &[u8],
-) -> util::Run {
+) -> crate::util::Run {
     let mut args = vec![
         "internal-extract".to_string(),
         "--root".into(),
@@ -69,7 +67,7 @@ fn extract_at(
         "--dest".into(),
         dest.into(),
         "--isolation".into(),
-        util::isolation().to_arg(),
+        crate::util::isolation().to_arg(),
     ];
     if let Some(o) = owner {
         args.extend(["--owner".into(), o.into()]);
@@ -91,7 +89,7 @@ fn extract_at(
     });
     let output = child.wait_with_output().unwrap();
     feeder.join().unwrap();
-    util::Run {
+    crate::util::Run {
         command: format!("amibake {}", args.join(" ")),
         output,
     }
@@ -99,6 +97,7 @@ fn extract_at(
 
 #[test]
 fn a_composer_like_tarball_lands_byte_for_byte_where_the_image_resolves_dest() {
+    let _module = crate::util::module_turn(module_path!());
     let (tar_bytes, files) = composer_like();
     let zstd_bytes = zstd::encode_all(tar_bytes.as_slice(), 3).unwrap();
     for (dest, bytes) in [
@@ -120,6 +119,7 @@ fn a_composer_like_tarball_lands_byte_for_byte_where_the_image_resolves_dest() {
 
 #[test]
 fn hostile_and_broken_tarballs_are_refused_or_contained_and_the_host_is_never_touched() {
+    let _module = crate::util::module_turn(module_path!());
     let canary = Canary::new();
     let canary_dir = canary.path().display().to_string();
     let canary_file = canary.file().display().to_string();
@@ -227,6 +227,7 @@ fn hostile_and_broken_tarballs_are_refused_or_contained_and_the_host_is_never_to
 
 #[test]
 fn a_symlink_already_in_the_image_to_a_host_path_stays_inside_the_image() {
+    let _module = crate::util::module_turn(module_path!());
     let canary = Canary::new();
     let image = Image::new();
     std::fs::create_dir_all(image.root().join("srv/www/app")).unwrap();
@@ -256,6 +257,7 @@ fn a_symlink_already_in_the_image_to_a_host_path_stays_inside_the_image() {
 
 #[test]
 fn an_unknown_owner_is_named() {
+    let _module = crate::util::module_turn(module_path!());
     let image = Image::new();
     let run = extract(&image, "/srv/www/app", Some("deploy"), &tarball(|_| {}));
     run.expect_code(1);
@@ -269,6 +271,7 @@ fn an_unknown_owner_is_named() {
 
 #[tokio::test]
 async fn the_parent_side_reports_progress_and_errors() {
+    let _module = crate::util::module_turn(module_path!());
     let (tar_bytes, files) = composer_like();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("app.tar.gz");
@@ -282,7 +285,7 @@ async fn the_parent_side_reports_progress_and_errors() {
         image.root(),
         &spec("/var/www/app"),
         &Tarball::File(file),
-        util::isolation(),
+        crate::util::isolation(),
         |p, read| seen.push((p, read)),
         &CancellationToken::new(),
     )
@@ -308,7 +311,7 @@ async fn the_parent_side_reports_progress_and_errors() {
         image.root(),
         &spec("/var/www/app"),
         &Tarball::File(dir.path().join("missing.tar")),
-        util::isolation(),
+        crate::util::isolation(),
         |_, _| {},
         &CancellationToken::new(),
     )
@@ -331,7 +334,7 @@ async fn the_parent_side_reports_progress_and_errors() {
         image.root(),
         &spec("/var/www/app"),
         &Tarball::File(bad),
-        util::isolation(),
+        crate::util::isolation(),
         |_, _| {},
         &CancellationToken::new(),
     )
@@ -345,6 +348,7 @@ async fn the_parent_side_reports_progress_and_errors() {
 
 #[test]
 fn dest_root_takes_files_but_magic_links_to_the_host_are_refused() {
+    let _module = crate::util::module_turn(module_path!());
     let canary = Canary::new();
     let image = Image::new();
     let target = format!(
@@ -375,6 +379,7 @@ fn dest_root_takes_files_but_magic_links_to_the_host_are_refused() {
 
 #[test]
 fn an_image_whose_dest_or_etc_links_to_the_host_keeps_every_write_inside() {
+    let _module = crate::util::module_turn(module_path!());
     let canary = Canary::new();
     let pid = std::process::id();
     let magic = format!("/proc/{pid}/root{}", canary.path().display());
@@ -417,13 +422,14 @@ fn an_image_whose_dest_or_etc_links_to_the_host_keeps_every_write_inside() {
 
 #[test]
 fn setuid_bits_are_dropped_unless_kept_and_the_owner_takes_dest_and_its_new_parents() {
+    let _module = crate::util::module_turn(module_path!());
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let bytes = tarball(|b| {
-        let mut h = util::tarballs::header(EntryType::Regular, 2, 0o4755);
+        let mut h = crate::util::tarballs::header(EntryType::Regular, 2, 0o4755);
         b.append_data(&mut h, "bin/su-like", &b"#!"[..]).unwrap();
-        let mut h = util::tarballs::header(EntryType::Regular, 2, 0o2755);
+        let mut h = crate::util::tarballs::header(EntryType::Regular, 2, 0o2755);
         b.append_data(&mut h, "bin/sg-like", &b"#!"[..]).unwrap();
-        let mut h = util::tarballs::header(EntryType::Directory, 0, 0o2775);
+        let mut h = crate::util::tarballs::header(EntryType::Directory, 0, 0o2775);
         b.append_data(&mut h, "shared", std::io::empty()).unwrap();
     });
     let mode = |root: &Path, path: &str| {
@@ -489,6 +495,7 @@ impl Drop for SmallFilesystem {
 
 #[test]
 fn running_out_of_space_names_the_entry_the_space_needed_and_the_space_free() {
+    let _module = crate::util::module_turn(module_path!());
     let small = SmallFilesystem::new("1m");
     let big = vec![7u8; 3 << 20];
     let bytes = tarball(|b| {
@@ -555,6 +562,7 @@ fn run_ok(command: &mut Command) -> Vec<u8> {
 
 #[test]
 fn tarballs_as_ci_makes_them_unpack_byte_for_byte() {
+    let _module = crate::util::module_turn(module_path!());
     // A source tree with what real builds have: long and UTF-8 names, links, an
     // executable, a large sparse file, and names past ustar's limits.
     let src = tempfile::tempdir().unwrap();
@@ -679,7 +687,7 @@ async fn check(dir: &Path, name: &str, bytes: &[u8]) -> Result<Extracted, Extrac
         Path::new(env!("CARGO_BIN_EXE_amibake")),
         &empty,
         &file,
-        util::isolation(),
+        crate::util::isolation(),
         &CancellationToken::new(),
     )
     .await
@@ -687,6 +695,7 @@ async fn check(dir: &Path, name: &str, bytes: &[u8]) -> Result<Extracted, Extrac
 
 #[tokio::test]
 async fn the_check_refuses_what_the_tarball_alone_shows_and_passes_the_rest() {
+    let _module = crate::util::module_turn(module_path!());
     let dir = tempfile::tempdir().unwrap();
     let canary = Canary::new();
     let (tar_bytes, _) = composer_like();
@@ -703,7 +712,7 @@ async fn the_check_refuses_what_the_tarball_alone_shows_and_passes_the_rest() {
             std::fs::write(&f, &tar_bytes).unwrap();
             f
         }),
-        util::isolation(),
+        crate::util::isolation(),
         |_, _| {},
         &CancellationToken::new(),
     )
@@ -761,7 +770,7 @@ async fn the_check_refuses_what_the_tarball_alone_shows_and_passes_the_rest() {
         Path::new(env!("CARGO_BIN_EXE_amibake")),
         &dir.path().join("empty"),
         &dir.path().join("missing.tar"),
-        util::isolation(),
+        crate::util::isolation(),
         &CancellationToken::new(),
     )
     .await

@@ -3,32 +3,24 @@
 //! `post` commands once the image is registered and published; normal and destructive
 //! variants of one commit.
 
-mod util;
-
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
 
-use util::localcloud::{LocalCloud, PARTITION_1_OFFSET};
-use util::tarballs::write_revision_tarball;
-use util::Run;
+use crate::util::localcloud::PARTITION_1_OFFSET;
+use crate::util::{Run, Story};
 
-struct World {
-    cloud: LocalCloud,
-    dir: tempfile::TempDir,
+/// The story's world, with what this module adds to it.
+struct World(Story);
+
+impl std::ops::Deref for World {
+    type Target = Story;
+    fn deref(&self) -> &Story {
+        &self.0
+    }
 }
 
 impl World {
     fn new() -> World {
-        let world = World {
-            cloud: LocalCloud::start("quick"),
-            dir: tempfile::tempdir().unwrap(),
-        };
-        write_revision_tarball(&world.dir().join("app.tar.gz"), "one\n");
-        world
-    }
-
-    fn dir(&self) -> &Path {
-        self.dir.path()
+        World(Story::new("quick"))
     }
 
     /// An executable script beside the template.
@@ -40,10 +32,7 @@ impl World {
 
     /// A [bake] table with `extra` (stage and provisioner tables) after it.
     fn template(&self, extra: &str) {
-        let vendor = self.cloud.ls()["vendor_amis"]["partitioned"]
-            .as_str()
-            .unwrap()
-            .to_string();
+        let vendor = self.vendor_ami();
         let text = format!(
             "[bake]\nname = \"shop-${{commit}}-${{timestamp}}\"\nbase_ami = \"{vendor}\"\n\
              dest = \"/srv/shop\"\n\n{extra}"
@@ -94,6 +83,7 @@ fn manifest(run: &Run) -> serde_json::Value {
 
 #[test]
 fn pre_and_post_commands_run_around_the_bake_with_its_facts() {
+    let _module = crate::util::module_turn(module_path!());
     let world = World::new();
     world.script(
         "check.sh",
@@ -219,6 +209,7 @@ fn pre_and_post_commands_run_around_the_bake_with_its_facts() {
 
 #[test]
 fn normal_and_destructive_bakes_of_one_commit_are_two_images() {
+    let _module = crate::util::module_turn(module_path!());
     let world = World::new();
     world.template(
         "[[bake.provisioner]]\ninline = [\"echo kept > /etc/variant-normal\"]\nwhen = \"normal\"\n\n\
@@ -276,6 +267,7 @@ fn normal_and_destructive_bakes_of_one_commit_are_two_images() {
 /// nothing was made, and the run exits as a signalled one does.
 #[test]
 fn a_signal_during_a_pre_command_stops_it_and_exits_as_signalled() {
+    let _module = crate::util::module_turn(module_path!());
     let world = World::new();
     world.script("wait.sh", "echo waiting\nexec sleep 300");
     // Its own timeout only bounds this test, should the signal never come.
@@ -286,7 +278,7 @@ fn a_signal_during_a_pre_command_stops_it_and_exits_as_signalled() {
         let before = world.cloud.calls().len();
         let mut command = world.cloud.amibake(world.dir());
         command.args(World::bake_args(&[]));
-        let (run, _) = util::signal_when(
+        let (run, _) = crate::util::signal_when(
             command,
             signal,
             &format!("amibake bake, {signal} during a pre command"),

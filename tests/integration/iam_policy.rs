@@ -7,13 +7,11 @@
 //! it, an SSM parameter among the policy's. And every action the policy allows must have
 //! been called.
 
-mod util;
-
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use util::localcloud::LocalCloud;
-use util::tarballs::write_revision_tarball;
+use crate::util::localcloud::LocalCloud;
+use crate::util::tarballs::write_revision_tarball;
 
 const TAG: &str = "amibake:build-id";
 const DEBIAN: &str = "/aws/service/debian/release/12/latest/amd64";
@@ -175,6 +173,7 @@ fn prove(
 
 #[test]
 fn the_base_policy_allows_exactly_what_a_base_build_calls() {
+    let _module = crate::util::module_turn(module_path!());
     prove(
         &format!(
             "[base]\nname = \"base-${{timestamp}}\"\nsource_ami = \"resolve:ssm:{DEBIAN}\"\n\
@@ -191,6 +190,7 @@ fn the_base_policy_allows_exactly_what_a_base_build_calls() {
 
 #[test]
 fn the_attach_policy_allows_exactly_what_an_attach_bake_calls() {
+    let _module = crate::util::module_turn(module_path!());
     prove(
         &format!(
             "[bake]\nname = \"shop-${{commit}}-${{timestamp}}\"\nbase_ami = \"resolve:ssm:{DEBIAN}\"\n\
@@ -208,6 +208,7 @@ fn the_attach_policy_allows_exactly_what_an_attach_bake_calls() {
 
 #[test]
 fn the_direct_policy_allows_exactly_what_a_tested_delivering_direct_bake_calls() {
+    let _module = crate::util::module_turn(module_path!());
     prove(
         &format!(
             "[variables]\nbase = \"resolve:ssm:{DEBIAN}\"\n\n\

@@ -3,50 +3,32 @@
 //! deprecation time and IMDSv2-only on every image, each region's channel naming its own
 //! copy; a copy that fails takes every copy and publication with it.
 
-mod util;
-
-use std::path::Path;
-
-use util::localcloud::LocalCloud;
-use util::tarballs::write_revision_tarball;
-use util::Run;
+use crate::util::localcloud::LocalCloud;
+use crate::util::tarballs::write_revision_tarball;
+use crate::util::{Run, Story};
 
 const CHANNEL: &str = "/amibake/shop/deploy";
 const SHARED_WITH: &str = "210987654321";
 const COPY_REGIONS: [&str; 2] = ["eu-west-1", "us-west-2"];
 
-struct World {
-    cloud: LocalCloud,
-    dir: tempfile::TempDir,
-    runtime: tokio::runtime::Runtime,
-    clients: amibake::aws::Clients,
+/// The story's world, with what this module adds to it.
+struct World(Story);
+
+impl std::ops::Deref for World {
+    type Target = Story;
+    fn deref(&self) -> &Story {
+        &self.0
+    }
 }
 
 impl World {
     fn new() -> World {
-        let cloud = LocalCloud::start("quick");
-        let runtime = tokio::runtime::Runtime::new().unwrap();
-        let clients = runtime.block_on(cloud.clients());
-        let world = World {
-            cloud,
-            dir: tempfile::tempdir().unwrap(),
-            runtime,
-            clients,
-        };
-        write_revision_tarball(&world.dir().join("app.tar.gz"), "one\n");
-        world
-    }
-
-    fn dir(&self) -> &Path {
-        self.dir.path()
+        World(Story::new("quick"))
     }
 
     /// A template delivering to `regions`, with `extra` lines in its [bake] table.
     fn template(&self, regions: &[&str], extra: &str) {
-        let vendor = self.cloud.ls()["vendor_amis"]["partitioned"]
-            .as_str()
-            .unwrap()
-            .to_string();
+        let vendor = self.vendor_ami();
         let regions: Vec<String> = regions.iter().map(|r| format!("\"{r}\"")).collect();
         let text = format!(
             "[bake]\nname = \"shop-${{commit}}-${{timestamp}}\"\nbase_ami = \"{vendor}\"\n\
@@ -217,6 +199,7 @@ fn assert_delivered(world: &World, clients: &amibake::aws::Clients, id: &str, bu
 
 #[test]
 fn a_bake_is_copied_shared_deprecated_and_published_in_every_region() {
+    let _module = crate::util::module_turn(module_path!());
     let world = World::new();
     let west = world
         .runtime
@@ -312,6 +295,7 @@ fn a_bake_is_copied_shared_deprecated_and_published_in_every_region() {
 
 #[test]
 fn a_copy_that_fails_takes_every_copy_and_publication_with_it() {
+    let _module = crate::util::module_turn(module_path!());
     let world = World::new();
     world.template(&COPY_REGIONS, "");
 

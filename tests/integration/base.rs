@@ -2,13 +2,11 @@
 //! from the Debian vendor AMI provisioned over SSH, published to SSM, baked upon, reused when
 //! nothing changed and rebuilt when a script did.
 
-mod util;
-
 use std::path::Path;
 use std::process::Command;
 
-use util::localcloud::{LocalCloud, PARTITION_1_OFFSET};
-use util::Run;
+use crate::util::localcloud::{LocalCloud, PARTITION_1_OFFSET};
+use crate::util::Run;
 
 const PARAMETER: &str = "/amibake/shop/base";
 
@@ -31,15 +29,15 @@ fn manifest(run: &Run) -> serde_json::Value {
     } else {
         "base"
     };
-    util::schema::assert_valid(&format!("{mode}-manifest"), &manifest);
-    util::schema::assert_events_valid(&run.stderr());
+    crate::util::schema::assert_valid(&format!("{mode}-manifest"), &manifest);
+    crate::util::schema::assert_events_valid(&run.stderr());
     manifest
 }
 
 /// The shop's template, with the repository's provisioner script and pool file copied beside
 /// it so a test can change them.
 fn shop_template(dir: &Path) {
-    let repo = util::repo_root();
+    let repo = crate::util::repo_root();
     std::fs::create_dir_all(dir.join("files")).unwrap();
     std::fs::copy(
         repo.join("provisioners/app-user.sh"),
@@ -116,6 +114,7 @@ fn assert_nothing_temporary(cloud: &LocalCloud, build_host: &str) {
 
 #[test]
 fn base_builds_publishes_chains_into_bake_and_skips_when_unchanged() {
+    let _module = crate::util::module_turn(module_path!());
     let cloud = LocalCloud::start("quick");
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let clients = runtime.block_on(cloud.clients());

@@ -1,14 +1,12 @@
 //! `amibake prune` through the real binary on the local cloud: ten bakes, of which only
 //! what nothing uses goes, and a dry run that changes nothing.
 
-mod util;
-
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use util::localcloud::LocalCloud;
-use util::tarballs::{gzip, tarball};
-use util::Run;
+use crate::util::localcloud::LocalCloud;
+use crate::util::tarballs::{gzip, tarball};
+use crate::util::Run;
 
 const CHANNEL: &str = "/amibake/shop/deploy";
 /// A channel images reach only by `promote`.
@@ -117,6 +115,7 @@ fn mutating(calls: &[serde_json::Value]) -> Vec<String> {
 
 #[test]
 fn prune_keeps_what_is_used_and_the_newest_and_removes_the_rest_with_their_snapshots() {
+    let _module = crate::util::module_turn(module_path!());
     let cloud = LocalCloud::start("quick");
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
@@ -214,7 +213,7 @@ fn prune_keeps_what_is_used_and_the_newest_and_removes_the_rest_with_their_snaps
         Vec::<String>::new()
     );
     let judged: serde_json::Value = serde_json::from_str(dry.stdout().trim()).unwrap();
-    util::schema::assert_valid("prune", &judged);
+    crate::util::schema::assert_valid("prune", &judged);
     assert_eq!(judged["apply"], false);
     let images = judged["images"].as_array().unwrap();
     assert_eq!(images.len(), 10, "only this template's images: {judged}");
@@ -275,7 +274,7 @@ fn prune_keeps_what_is_used_and_the_newest_and_removes_the_rest_with_their_snaps
         &["prune", "shop.toml", "--keep", "2", "--apply"],
     );
     applied.expect_code(0);
-    util::schema::assert_valid(
+    crate::util::schema::assert_valid(
         "prune",
         &serde_json::from_str(applied.stdout().trim()).unwrap(),
     );
@@ -361,6 +360,7 @@ fn prune_keeps_what_is_used_and_the_newest_and_removes_the_rest_with_their_snaps
 /// an instance of the 3rd, the 5th shared with another account, the 6th the newest.
 #[test]
 fn prune_by_name_prefix_alone_removes_only_what_nothing_anywhere_uses() {
+    let _module = crate::util::module_turn(module_path!());
     let cloud = LocalCloud::start("quick");
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();

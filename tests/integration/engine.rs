@@ -132,6 +132,7 @@ async fn run_steps_with(
 /// a run that succeeds still removes its temporary resources.
 #[tokio::test]
 async fn a_failed_run_told_to_keep_undoes_nothing_and_names_what_it_kept() {
+    let _module = crate::util::module_turn(module_path!());
     let failing = || -> Vec<Box<dyn Step<Journal>>> {
         vec![
             step("launch", "i-1"),
@@ -172,6 +173,7 @@ async fn a_failed_run_told_to_keep_undoes_nothing_and_names_what_it_kept() {
 
 #[tokio::test]
 async fn a_failure_undoes_everything_in_reverse_and_reports_what_stayed() {
+    let _module = crate::util::module_turn(module_path!());
     let steps: Vec<Box<dyn Step<Journal>>> = vec![
         step("create volume", "vol-1"),
         Box::new(MakeThing {
@@ -233,6 +235,7 @@ async fn a_failure_undoes_everything_in_reverse_and_reports_what_stayed() {
 
 #[tokio::test]
 async fn success_keeps_the_artifact_and_removes_the_temporary() {
+    let _module = crate::util::module_turn(module_path!());
     let steps: Vec<Box<dyn Step<Journal>>> = vec![
         step("create volume", "vol-1"),
         Box::new(MakeThing {
@@ -251,6 +254,7 @@ async fn success_keeps_the_artifact_and_removes_the_temporary() {
 
 #[tokio::test]
 async fn a_success_that_leaves_a_resource_behind_is_not_exit_0() {
+    let _module = crate::util::module_turn(module_path!());
     let steps: Vec<Box<dyn Step<Journal>>> = vec![Box::new(MakeThing {
         name: "create key pair",
         resource: "key-1",
@@ -285,6 +289,7 @@ fn three_steps() -> Vec<Box<dyn Step<Journal>>> {
 
 #[tokio::test]
 async fn json_renderer_gets_every_event_as_a_line() {
+    let _module = crate::util::module_turn(module_path!());
     let buf = SharedBuf::default();
     run_steps(
         three_steps(),
@@ -318,6 +323,7 @@ async fn json_renderer_gets_every_event_as_a_line() {
 
 #[tokio::test]
 async fn plain_renderer_writes_timestamped_lines() {
+    let _module = crate::util::module_turn(module_path!());
     let buf = SharedBuf::default();
     run_steps(
         three_steps(),
@@ -348,6 +354,7 @@ async fn plain_renderer_writes_timestamped_lines() {
 
 #[tokio::test]
 async fn plain_renderer_shows_notes_when_verbose() {
+    let _module = crate::util::module_turn(module_path!());
     let buf = SharedBuf::default();
     run_steps(
         three_steps(),
@@ -363,6 +370,7 @@ async fn plain_renderer_shows_notes_when_verbose() {
 
 #[tokio::test]
 async fn terminal_renderer_draws_steps_and_cleanup() {
+    let _module = crate::util::module_turn(module_path!());
     let term = indicatif::InMemoryTerm::new(40, 120);
     let target = indicatif::ProgressDrawTarget::term_like(Box::new(term.clone()));
     run_steps(three_steps(), Arc::new(TerminalBars::with_target(target))).await;
@@ -387,6 +395,7 @@ async fn terminal_renderer_draws_steps_and_cleanup() {
 #[test]
 #[ignore = "child process of sigint_and_sigterm_run_the_undos_and_exit_130_and_143"]
 fn sigint_child() {
+    let _module = crate::util::module_turn(module_path!());
     let log_path = std::env::var("AMIBAKE_TEST_UNDO_LOG").expect("started by the parent test");
     struct WaitForever;
     #[async_trait]
@@ -434,14 +443,18 @@ fn sigint_child() {
 
 #[test]
 fn sigint_and_sigterm_run_the_undos_and_exit_130_and_143() {
+    let _module = crate::util::module_turn(module_path!());
     for (signal, code) in [("-INT", 130), ("-TERM", 143)] {
         let tmp = tempfile::tempdir().unwrap();
         let log_path = tmp.path().join("undo.log");
+        // The child test by its full name in this binary: `engine::sigint_child`.
+        let module = module_path!().split_once("::").map_or("", |(_, m)| m);
+        let child_test = format!("{module}::sigint_child");
         let mut child = Command::new(std::env::current_exe().unwrap())
             .args([
                 "--ignored",
                 "--exact",
-                "sigint_child",
+                &child_test,
                 "--nocapture",
                 "--test-threads=1",
             ])
@@ -477,6 +490,7 @@ fn sigint_and_sigterm_run_the_undos_and_exit_130_and_143() {
 
 #[tokio::test]
 async fn extraction_progress_shows_bytes_against_the_tarball_and_files() {
+    let _module = crate::util::module_turn(module_path!());
     let progress_of = |sink: &dyn EventSink| {
         sink.emit(&Event::StepStarted {
             step: "extract tarball".into(),

@@ -2,12 +2,11 @@
 //! names: finding an attached volume's device and root filesystem, mounting it as a chroot,
 //! running provisioners in it, and putting it all back.
 
-mod util;
-
 use std::collections::HashSet;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+use crate::util::localcloud::LocalCloud;
 use amibake::aws::{ami, Clients};
 use amibake::communicator::chroot::Chroot;
 use amibake::engine::{Event, EventSink, Progress};
@@ -19,7 +18,6 @@ use amibake::provision::{self, Entries};
 use amibake::template::{AmiFilter, AmiRef};
 use amibake::template::{Network, Provisioner, ProvisionerAction};
 use tokio_util::sync::CancellationToken;
-use util::localcloud::LocalCloud;
 
 async fn volume_from(clients: &Clients, name_glob: &str) -> String {
     let filter = AmiRef::Filter(AmiFilter {
@@ -84,13 +82,13 @@ async fn provision_in_chroot(root: &Path) {
     let chroot = Chroot::new(
         env!("CARGO_BIN_EXE_amibake"),
         root,
-        util::isolation(),
+        crate::util::isolation(),
         "ab-20261204000000-0a1b2c3d",
     );
     let sink = Arc::new(Collect(Mutex::new(Vec::new())));
     let progress = Progress::new(sink.clone(), "provision");
     let cancel = CancellationToken::new();
-    let upload_source = util::repo_root().join("provisioners/files/php-fpm-pool.conf");
+    let upload_source = crate::util::repo_root().join("provisioners/files/php-fpm-pool.conf");
     let good = [
         provisioner(
             "inline",
@@ -102,7 +100,7 @@ async fn provision_in_chroot(root: &Path) {
         ),
         provisioner(
             "unit",
-            ProvisionerAction::Script(util::repo_root().join("provisioners/worker-unit.sh")),
+            ProvisionerAction::Script(crate::util::repo_root().join("provisioners/worker-unit.sh")),
             &[("APP", "worker")],
         ),
         provisioner(
@@ -222,6 +220,7 @@ impl MountDir {
 /// One test, one cloud: the SDK reads its endpoint from process environment variables.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attached_volumes_are_found_mounted_as_a_chroot_provisioned_and_put_back() {
+    let _module = crate::util::module_turn(module_path!());
     let cloud = LocalCloud::start("quick");
     let clients = cloud.clients().await;
     let locks = tempfile::tempdir().unwrap();
@@ -298,7 +297,7 @@ async fn attached_volumes_are_found_mounted_as_a_chroot_provisioned_and_put_back
     let inside = std::process::Command::new(env!("CARGO_BIN_EXE_amibake"))
         .args(["internal-sandbox", "--root"])
         .arg(mnt.path())
-        .args(["--isolation", &util::isolation().to_arg()])
+        .args(["--isolation", &crate::util::isolation().to_arg()])
         .args(["--", "/bin/sh", "-c", "cat /etc/resolv.conf; test -d /proc/self && test -c /dev/null && test -d /sys/class && test -d /dev/pts && /usr/sbin/policy-rc.d; echo policy=$?"])
         .output()
         .unwrap();

@@ -9,16 +9,75 @@ pub mod tarballs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// A run kept with `--on-error=abort` leaves, until its gc, what the other stories of its
-/// test binary assert is gone: such a story runs alone, the others beside each other.
+/// A run kept with `--on-error=abort` leaves, until its gc, what every other story asserts
+/// is gone: such a story runs alone (`alone`), the others beside each other. Every story
+/// with a local cloud takes its turn beside the others when the cloud starts, unless its
+/// thread has a turn already.
 static KEPT_RUNS: std::sync::RwLock<()> = std::sync::RwLock::new(());
 
-pub fn beside_others() -> std::sync::RwLockReadGuard<'static, ()> {
-    KEPT_RUNS.read().unwrap_or_else(|e| e.into_inner())
+thread_local! {
+    /// Whether this thread holds a turn: a second read of the lock could wait behind a
+    /// story waiting to run alone, which waits for this one.
+    static HAS_TURN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-pub fn alone() -> std::sync::RwLockWriteGuard<'static, ()> {
-    KEPT_RUNS.write().unwrap_or_else(|e| e.into_inner())
+/// A story's turn, held until it is dropped.
+pub enum Turn {
+    Beside(std::sync::RwLockReadGuard<'static, ()>),
+    Alone(std::sync::RwLockWriteGuard<'static, ()>),
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        HAS_TURN.with(|t| t.set(false));
+    }
+}
+
+pub fn beside_others() -> Turn {
+    let guard = KEPT_RUNS.read().unwrap_or_else(|e| e.into_inner());
+    HAS_TURN.with(|t| t.set(true));
+    Turn::Beside(guard)
+}
+
+pub fn alone() -> Turn {
+    let guard = KEPT_RUNS.write().unwrap_or_else(|e| e.into_inner());
+    HAS_TURN.with(|t| t.set(true));
+    Turn::Alone(guard)
+}
+
+/// A turn beside the others, unless this thread has one.
+pub fn turn_unless_held() -> Option<Turn> {
+    (!HAS_TURN.with(|t| t.get())).then(beside_others)
+}
+
+/// Which module's stories have the machine, and how many of them run now.
+static MODULE_TURN: std::sync::Mutex<(&str, usize)> = std::sync::Mutex::new(("", 0));
+static MODULE_TURN_CHANGED: std::sync::Condvar = std::sync::Condvar::new();
+
+/// A module's turn on the machine, held by each of its stories while it runs.
+pub struct ModuleTurn;
+
+impl Drop for ModuleTurn {
+    fn drop(&mut self) {
+        let mut turn = MODULE_TURN.lock().unwrap_or_else(|e| e.into_inner());
+        turn.1 -= 1;
+        MODULE_TURN_CHANGED.notify_all();
+    }
+}
+
+/// Waits until no story of another module runs, then runs beside those of `module`. A
+/// module's stories were written to run beside each other; several assert what the whole
+/// machine holds (mounts, loop devices, /dev links, processes), which another module's story
+/// would change under them.
+pub fn module_turn(module: &'static str) -> ModuleTurn {
+    let mut turn = MODULE_TURN.lock().unwrap_or_else(|e| e.into_inner());
+    while turn.1 > 0 && turn.0 != module {
+        turn = MODULE_TURN_CHANGED
+            .wait(turn)
+            .unwrap_or_else(|e| e.into_inner());
+    }
+    *turn = (module, turn.1 + 1);
+    ModuleTurn
 }
 
 pub fn repo_root() -> PathBuf {
@@ -193,4 +252,42 @@ pub fn isolation() -> amibake::sandbox::Isolation {
     static RANGE: std::sync::OnceLock<amibake::sandbox::ids::IdRange> = std::sync::OnceLock::new();
     let range = RANGE.get_or_init(|| amibake::sandbox::ids::IdRange::pick().expect("host ids"));
     amibake::sandbox::Isolation::OwnIds { base: range.base() }
+}
+
+/// One story's world: its own local cloud, a directory for its templates and tarballs
+/// (`app.tar.gz`, revision "one"), and amibake's clients for the cloud.
+pub struct Story {
+    pub cloud: localcloud::LocalCloud,
+    dir: tempfile::TempDir,
+    pub runtime: tokio::runtime::Runtime,
+    pub clients: amibake::aws::Clients,
+}
+
+impl Story {
+    /// `latency`: none, quick or realistic.
+    pub fn new(latency: &str) -> Story {
+        let cloud = localcloud::LocalCloud::start(latency);
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let clients = runtime.block_on(cloud.clients());
+        let story = Story {
+            cloud,
+            dir: tempfile::tempdir().unwrap(),
+            runtime,
+            clients,
+        };
+        tarballs::write_revision_tarball(&story.dir().join("app.tar.gz"), "one\n");
+        story
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The local cloud's vendor image, partitioned as vendors' are.
+    pub fn vendor_ami(&self) -> String {
+        self.cloud.ls()["vendor_amis"]["partitioned"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
 }

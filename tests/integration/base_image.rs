@@ -1,14 +1,12 @@
 //! What `bake` learns before it creates anything, against the local cloud: the build host from
 //! IMDSv2, and the base AMI from each form of reference a template may use.
 
-mod util;
-
+use crate::util::localcloud::LocalCloud;
 use amibake::aws::ami::{self, AmiError};
 use amibake::aws::host;
 use amibake::template::{AmiFilter, AmiRef, SsmSelector};
 use aws_sdk_ec2::types::{ArchitectureValues, BootModeValues};
 use aws_sdk_ssm::types::ParameterType;
-use util::localcloud::LocalCloud;
 
 const DEBIAN_OWNER: &str = "136693071363";
 
@@ -31,6 +29,7 @@ fn ssm(parameter: &str, selector: Option<SsmSelector>) -> AmiRef {
 /// One test, one cloud: the SDK reads its endpoint from process environment variables.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_host_and_the_base_image_are_found_every_way_a_template_names_them() {
+    let _module = crate::util::module_turn(module_path!());
     let cloud = LocalCloud::start("quick");
     let clients = cloud.clients().await;
 

@@ -5,18 +5,17 @@
 //! One test, one cloud: the SDK is configured from process environment variables, which a
 //! second test in this binary would have to share.
 
-mod util;
-
+use crate::util::localcloud::LocalCloud;
 use amibake::aws::wait::{wait_for, Poll, WaitPolicy};
 use amibake::aws::AwsError;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use util::localcloud::LocalCloud;
 
 const DEBIAN_OWNER: &str = "136693071363";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_aws_layer_works_against_the_local_cloud() {
+    let _module = crate::util::module_turn(module_path!());
     let cloud = LocalCloud::start("quick");
     let clients = cloud.clients().await;
     assert_eq!(clients.region, "us-east-1");

@@ -4,13 +4,11 @@
 //! no image of the build remains, the published parameter is as it was, and the error says
 //! what failed where.
 
-mod util;
-
 use std::path::Path;
 use std::process::Command;
 
-use util::localcloud::LocalCloud;
-use util::Run;
+use crate::util::localcloud::LocalCloud;
+use crate::util::Run;
 
 const PARAMETER: &str = "/amibake/failures/base";
 const TEMPLATE: &str = r#"[variables]
@@ -221,7 +219,8 @@ fn setup() -> (World, tempfile::TempDir) {
 
 #[test]
 fn every_failure_of_a_base_build_cleans_up_and_says_where() {
-    let _turn = util::beside_others();
+    let _module = crate::util::module_turn(module_path!());
+    let _turn = crate::util::beside_others();
     let (world, dir) = setup();
     let dir = dir.path();
 
@@ -270,7 +269,7 @@ fn every_failure_of_a_base_build_cleans_up_and_says_where() {
     // SIGTERM right after the launch, while the instance is still NotFound: its removal
     // waits until EC2 knows it, never taking NotFound for "already gone".
     world.cloud.cli(&["fault", "RunInstances", "--delay", "1"]);
-    let (run, _) = util::signal_when(
+    let (run, _) = crate::util::signal_when(
         base_command(&world.cloud, dir, "failures.toml", &[]),
         "-TERM",
         "amibake base, terminated just after its launch",
@@ -459,7 +458,7 @@ fn every_failure_of_a_base_build_cleans_up_and_says_where() {
                 .cloud
                 .cli(&["fault", first_call, "--delay", "2", "--after", &after]);
         }
-        let (run, after_signal) = util::signal_when(
+        let (run, after_signal) = crate::util::signal_when(
             base_command(&world.cloud, dir, "failures.toml", vars),
             "-TERM",
             &format!("amibake base failures.toml, terminated during {step}"),
@@ -480,7 +479,7 @@ fn every_failure_of_a_base_build_cleans_up_and_says_where() {
     }
 
     // Ctrl-C is the same interrupt, with its own exit code.
-    let run = util::interrupt_when(
+    let run = crate::util::interrupt_when(
         base_command(
             &world.cloud,
             dir,
@@ -499,7 +498,8 @@ fn every_failure_of_a_base_build_cleans_up_and_says_where() {
 /// printed ssh command works), and `gc --build-id` then removes all of it however young.
 #[test]
 fn on_error_abort_keeps_the_instance_to_look_at_and_gc_build_id_removes_it() {
-    let _turn = util::alone();
+    let _module = crate::util::module_turn(module_path!());
+    let _turn = crate::util::alone();
     let (world, dir) = setup();
     let dir = dir.path();
     let mut command = base_command(&world.cloud, dir, "failures.toml", &["command=exit 3"]);

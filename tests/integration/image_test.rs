@@ -4,49 +4,29 @@
 //! A test that fails or hangs leaves no image, snapshot, instance, key pair or group, and
 //! the channel as it was; one that passes publishes the image.
 
-mod util;
-
-use std::path::Path;
-
-use util::localcloud::LocalCloud;
-use util::tarballs::write_revision_tarball;
-use util::Run;
+use crate::util::{Run, Story};
 
 const CHANNEL: &str = "/amibake/shop/deploy";
 
-struct World {
-    cloud: LocalCloud,
-    dir: tempfile::TempDir,
-    runtime: tokio::runtime::Runtime,
-    clients: amibake::aws::Clients,
+/// The story's world, with what this module adds to it.
+struct World(Story);
+
+impl std::ops::Deref for World {
+    type Target = Story;
+    fn deref(&self) -> &Story {
+        &self.0
+    }
 }
 
 impl World {
     fn new() -> World {
-        let cloud = LocalCloud::start("quick");
-        let runtime = tokio::runtime::Runtime::new().unwrap();
-        let clients = runtime.block_on(cloud.clients());
-        let world = World {
-            cloud,
-            dir: tempfile::tempdir().unwrap(),
-            runtime,
-            clients,
-        };
-        write_revision_tarball(&world.dir().join("app.tar.gz"), "one\n");
-        world
-    }
-
-    fn dir(&self) -> &Path {
-        self.dir.path()
+        World(Story::new("quick"))
     }
 
     /// A bake of the vendor image that installs a health check exiting with `health_exit`,
     /// tested by running it; `extra` adds tables after it.
     fn template(&self, health_exit: u32, extra: &str) {
-        let vendor = self.cloud.ls()["vendor_amis"]["partitioned"]
-            .as_str()
-            .unwrap()
-            .to_string();
+        let vendor = self.vendor_ami();
         let text = format!(
             r#"[bake]
 name = "shop-${{commit}}-${{timestamp}}"
@@ -166,6 +146,7 @@ fn manifest(run: &Run) -> serde_json::Value {
 
 #[test]
 fn an_image_is_published_only_once_an_instance_of_it_passes_its_tests() {
+    let _module = crate::util::module_turn(module_path!());
     let world = World::new();
 
     // Passing: the image is booted, tested with the run's facts, then published.
@@ -273,6 +254,7 @@ fn an_image_is_published_only_once_an_instance_of_it_passes_its_tests() {
 
 #[test]
 fn a_test_that_hangs_is_cut_by_its_timeout_and_leaves_nothing() {
+    let _module = crate::util::module_turn(module_path!());
     let world = World::new();
     world.template(
         0,

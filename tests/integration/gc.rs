@@ -3,14 +3,11 @@
 //! everything each left, in the cloud and on this machine, and never touches a run that is
 //! still going.
 
-mod util;
-
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
-use util::localcloud::LocalCloud;
-use util::tarballs::{composer_like, gzip};
-use util::Run;
+use crate::util::tarballs::{composer_like, gzip};
+use crate::util::{Run, Story};
 
 /// A port nothing listens on: this machine has no instance metadata, so bakes go direct.
 const NO_IMDS: &str = "http://127.0.0.1:9";
@@ -19,18 +16,20 @@ const NO_IMDS: &str = "http://127.0.0.1:9";
 /// start), the kinds of leftover gc must find at least)
 type Row<'a> = (&'a str, &'a str, &'a str, &'a [&'a str]);
 
+/// The story's world, and the volumes there are before any run: the build host's own.
 struct World {
-    cloud: LocalCloud,
-    dir: tempfile::TempDir,
-    /// The volumes there are before any run: the build host's own.
+    story: Story,
     volumes_before: Vec<serde_json::Value>,
 }
 
-impl World {
-    fn dir(&self) -> &Path {
-        self.dir.path()
+impl std::ops::Deref for World {
+    type Target = Story;
+    fn deref(&self) -> &Story {
+        &self.story
     }
+}
 
+impl World {
     fn cache(&self) -> PathBuf {
         self.dir().join("amibake")
     }
@@ -59,8 +58,8 @@ impl World {
         };
         let found = serde_json::from_str(run.stdout().trim())
             .unwrap_or_else(|e| panic!("{e}\n{}", run.dump()));
-        util::schema::assert_valid("gc", &found);
-        util::schema::assert_events_valid(&run.stderr());
+        crate::util::schema::assert_valid("gc", &found);
+        crate::util::schema::assert_events_valid(&run.stderr());
         (run, found)
     }
 
@@ -176,7 +175,7 @@ impl World {
 /// was held in a call, waits until the cloud has carried that call out.
 fn kill_when(command: Command, what: &str, mut when: impl FnMut(&str) -> bool, held: bool) -> Run {
     // A held call is 2 s long: the kill lands a second into the step, inside it.
-    let (run, _) = util::signal_when(command, "-KILL", what, |line| {
+    let (run, _) = crate::util::signal_when(command, "-KILL", what, |line| {
         let now = when(line);
         if now && held {
             std::thread::sleep(std::time::Duration::from_secs(1));
@@ -216,18 +215,15 @@ fn assert_found(found: &serde_json::Value, kinds: &[&str], step: &str, killed: &
 
 #[test]
 fn gc_removes_what_killed_runs_left_and_spares_a_live_one() {
-    let cloud = LocalCloud::start("quick");
-    let volumes_before = cloud.ls()["volumes"].as_array().unwrap().clone();
+    let _module = crate::util::module_turn(module_path!());
+    let story = Story::new("quick");
+    let volumes_before = story.cloud.ls()["volumes"].as_array().unwrap().clone();
     let world = World {
-        cloud,
-        dir: tempfile::tempdir().unwrap(),
+        story,
         volumes_before,
     };
     let dir = world.dir();
-    let vendor = world.cloud.ls()["vendor_amis"]["partitioned"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let vendor = world.vendor_ami();
     let (tar, _) = composer_like();
     std::fs::write(dir.join("app.tar.gz"), gzip(&tar)).unwrap();
     let bake_template = |name: &str, command: &str, network: &str| {

@@ -2,15 +2,13 @@
 //! local cloud's EBS direct APIs: no instance metadata, no volume, only changed blocks put,
 //! the cache, a base this account does not own, and failures that leave nothing.
 
-mod util;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
+use crate::util::localcloud::{LocalCloud, PARTITION_1_OFFSET};
+use crate::util::tarballs::{append_raw, assert_composer_like_at, composer_like, gzip, tarball};
+use crate::util::Run;
 use tar::EntryType;
-use util::localcloud::{LocalCloud, PARTITION_1_OFFSET};
-use util::tarballs::{append_raw, assert_composer_like_at, composer_like, gzip, tarball};
-use util::Run;
 
 /// A port nothing listens on: this machine has no instance metadata.
 const NO_IMDS: &str = "http://127.0.0.1:9";
@@ -270,6 +268,7 @@ fn ok_count(calls: &[serde_json::Value], action: &str) -> usize {
 
 #[test]
 fn direct_bakes_without_imds_or_volumes_and_puts_only_changed_blocks() {
+    let _module = crate::util::module_turn(module_path!());
     let story = Story::new();
     let base = story.owned_base("partitioned");
     let base_snapshot = story.root_snapshot(&base);
@@ -367,7 +366,7 @@ fn direct_bakes_without_imds_or_volumes_and_puts_only_changed_blocks() {
             String::from_utf8_lossy(&out.stderr)
         );
         let answer = serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap();
-        util::schema::assert_valid(&format!("cache-{}", args[0]), &answer);
+        crate::util::schema::assert_valid(&format!("cache-{}", args[0]), &answer);
         answer
     };
     let listed = ls(&["ls"]);
@@ -573,6 +572,7 @@ fn direct_bakes_without_imds_or_volumes_and_puts_only_changed_blocks() {
 
 #[test]
 fn direct_failures_leave_nothing_and_throttling_is_ridden_out() {
+    let _module = crate::util::module_turn(module_path!());
     let story = Story::new();
     let base = story.owned_base("partitioned");
     story.template("owned", &base);
@@ -887,7 +887,7 @@ fn direct_failures_leave_nothing_and_throttling_is_ridden_out() {
         let (snapshots, images) = (story.snapshot_ids(), story.image_ids());
         let command = story.bake_command(template, &["--force", "--commit", "c7r1c"]);
         let this_step = format!("\"step\":\"{step}\"");
-        let run = util::interrupt_when(
+        let run = crate::util::interrupt_when(
             command,
             &format!("amibake bake, Ctrl-C in {step}"),
             |line| match signal_at {

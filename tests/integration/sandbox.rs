@@ -5,8 +5,6 @@
 //! image it leaves behind still has the owners, modes and package database a provisioner
 //! gave it. Then bases and pre commands that would hang, flood or swap a bake.
 
-mod util;
-
 use std::io::Read;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::linux::net::SocketAddrExt;
@@ -15,10 +13,10 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use crate::util::localcloud::{LocalCloud, PARTITION_1_OFFSET};
+use crate::util::tarballs::{gzip, tarball, Canary};
 use sha2::Digest;
 use tar::EntryType;
-use util::localcloud::{LocalCloud, PARTITION_1_OFFSET};
-use util::tarballs::{gzip, tarball, Canary};
 
 /// The program a provisioner runs from the tarball. Each way out it tries prints `held …`
 /// or `CROSSED …`; any crossing fails the bake. It then names itself `amibake-probe` and
@@ -332,6 +330,7 @@ fn stat(root: &Path, path: &str) -> (u32, u32, u32) {
 
 #[test]
 fn a_tarball_program_in_an_operators_terminal_reaches_nothing_of_the_host() {
+    let _module = crate::util::module_turn(module_path!());
     let cloud = LocalCloud::start("none");
     let work = tempfile::tempdir().unwrap();
     let dir = work.path();
@@ -538,7 +537,12 @@ fn image_tags(
 
 /// Runs a bake to its end, or stops it after `limit` (SIGTERM, so it cleans up, then
 /// SIGKILL) and fails: a hang is a failure too.
-fn bake_within(cloud: &LocalCloud, dir: &Path, template: &str, limit: Duration) -> util::Run {
+fn bake_within(
+    cloud: &LocalCloud,
+    dir: &Path,
+    template: &str,
+    limit: Duration,
+) -> crate::util::Run {
     let mut child = cloud
         .amibake(dir)
         .env("TMPDIR", dir)
@@ -569,7 +573,7 @@ fn bake_within(cloud: &LocalCloud, dir: &Path, template: &str, limit: Duration) 
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    util::Run {
+    crate::util::Run {
         command: format!("amibake bake {template}"),
         output: child.wait_with_output().unwrap(),
     }
@@ -577,16 +581,17 @@ fn bake_within(cloud: &LocalCloud, dir: &Path, template: &str, limit: Duration) 
 
 #[test]
 fn a_base_or_a_pre_command_cannot_hang_flood_or_swap_a_bake() {
+    let _module = crate::util::module_turn(module_path!());
     let cloud = LocalCloud::start("none");
     let work = tempfile::tempdir().unwrap();
     let dir = work.path();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let clients = runtime.block_on(cloud.clients());
     let original = gzip(&tarball(|b| {
-        util::tarballs::append_raw(b, EntryType::Regular, "VERSION", None, b"checked\n")
+        crate::util::tarballs::append_raw(b, EntryType::Regular, "VERSION", None, b"checked\n")
     }));
     let swapped = gzip(&tarball(|b| {
-        util::tarballs::append_raw(b, EntryType::Regular, "VERSION", None, b"swapped\n")
+        crate::util::tarballs::append_raw(b, EntryType::Regular, "VERSION", None, b"swapped\n")
     }));
     std::fs::write(dir.join("app.tar.gz"), &original).unwrap();
     std::fs::write(dir.join("swapped.tar.gz"), &swapped).unwrap();
@@ -633,7 +638,7 @@ fn a_base_or_a_pre_command_cannot_hang_flood_or_swap_a_bake() {
     // The opt-in for kernels before 5.12, by flag over the template: said, and recorded in
     // the manifest, the summary and the tags.
     template("compat", debian, "");
-    let run = util::Run {
+    let run = crate::util::Run {
         command: "amibake bake compat.toml --sandbox compat".into(),
         output: cloud
             .amibake(dir)

@@ -4,16 +4,14 @@
 //! volume, attachment, image or snapshot of the build, the host no mount or loop device,
 //! and the error names the step and the resource.
 
-mod util;
-
 use std::io::Write;
 use std::path::Path;
 use std::process::Command;
 
+use crate::util::localcloud::LocalCloud;
+use crate::util::tarballs::{append_raw, gzip, refused_on_their_own, tarball, Canary};
+use crate::util::Run;
 use tar::EntryType;
-use util::localcloud::LocalCloud;
-use util::tarballs::{append_raw, gzip, refused_on_their_own, tarball, Canary};
-use util::Run;
 
 const TEMPLATE: &str = r#"[variables]
 command = "true"
@@ -150,7 +148,8 @@ fn story_dir() -> tempfile::TempDir {
 
 #[test]
 fn every_failure_of_a_bake_cleans_up_and_says_where() {
-    let _turn = util::beside_others();
+    let _module = crate::util::module_turn(module_path!());
+    let _turn = crate::util::beside_others();
     let cloud = LocalCloud::start("quick");
     let dir = story_dir();
     let dir = dir.path();
@@ -185,7 +184,7 @@ fn every_failure_of_a_bake_cleans_up_and_says_where() {
     // SIGTERM right after CreateVolume, while the volume is still NotFound: its removal
     // waits until EC2 knows it, never taking NotFound for "already gone".
     cloud.cli(&["fault", "CreateVolume", "--delay", "1"]);
-    let (run, _) = util::signal_when(
+    let (run, _) = crate::util::signal_when(
         bake_command(&cloud, dir, "app.tar.gz", &[]),
         "-TERM",
         "amibake bake, terminated just after CreateVolume",
@@ -223,7 +222,7 @@ fn every_failure_of_a_bake_cleans_up_and_says_where() {
     // Ctrl-C while the tarball is being extracted: the child stops, the volume goes, 130.
     let big = dir.join("big.tar.zst");
     big_tarball(&big);
-    let run = util::interrupt_when(
+    let run = crate::util::interrupt_when(
         bake_command(&cloud, dir, "big.tar.zst", &[]),
         "amibake bake big.tar.zst, interrupted while extracting",
         |line| {
@@ -262,7 +261,7 @@ fn every_failure_of_a_bake_cleans_up_and_says_where() {
             cloud.cli(&["fault", first_call, "--delay", "2"]);
         }
         let this_step = format!("\"step\":\"{step}\"");
-        let (run, after_signal) = util::signal_when(
+        let (run, after_signal) = crate::util::signal_when(
             bake_command(&cloud, dir, "app.tar.gz", vars),
             "-TERM",
             &format!("amibake bake, terminated during {step}"),
@@ -290,7 +289,7 @@ fn every_failure_of_a_bake_cleans_up_and_says_where() {
     // mount are named.
     let mut holder = None;
     // SIGCONT: a signal that changes nothing, sent once the holder is in place.
-    let run = util::signal_when(
+    let run = crate::util::signal_when(
         bake_command(
             &cloud,
             dir,
@@ -548,7 +547,8 @@ fn clean_volumes_by_hand(cloud: &LocalCloud) {
 /// manifest file.
 #[test]
 fn variables_come_from_env_files_and_flags_and_a_sensitive_one_is_never_printed() {
-    let _turn = util::beside_others();
+    let _module = crate::util::module_turn(module_path!());
+    let _turn = crate::util::beside_others();
     const SECRET: &str = "tok-5ens1tive-9f3c";
     let cloud = LocalCloud::start("quick");
     let dir = tempfile::tempdir().unwrap();
@@ -657,7 +657,8 @@ inline = ["echo \"the token is $TOKEN\"", "echo token ${var.token} >&2; exit 3"]
 /// tarball in it, to look at; `gc --build-id` then removes the mount, the volume and all.
 #[test]
 fn on_error_abort_keeps_the_mounted_image_and_gc_build_id_removes_it() {
-    let _turn = util::alone();
+    let _module = crate::util::module_turn(module_path!());
+    let _turn = crate::util::alone();
     let cloud = LocalCloud::start("quick");
     let dir = story_dir();
     let dir = dir.path();

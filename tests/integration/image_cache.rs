@@ -1,15 +1,13 @@
 //! The `direct` backend's base-image cache, against the local cloud's EBS direct APIs: a
 //! base fetched once and byte for byte, never trusted half-made, fetched again from disk.
 
-mod util;
-
 use std::collections::BTreeSet;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
+use crate::util::localcloud::LocalCloud;
 use amibake::host::image_cache::ImageCache;
 use tokio_util::sync::CancellationToken;
-use util::localcloud::LocalCloud;
 
 /// A completed snapshot of this account holding the Debian root: EBS direct reads no
 /// public snapshot, so the vendor's goes through a volume first.
@@ -60,6 +58,7 @@ fn gets(cloud: &LocalCloud, since: usize) -> usize {
 
 #[test]
 fn a_base_is_fetched_once_byte_for_byte_and_never_trusted_half_made() {
+    let _module = crate::util::module_turn(module_path!());
     let cloud = LocalCloud::start("quick");
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let clients = runtime.block_on(cloud.clients());

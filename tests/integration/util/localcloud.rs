@@ -19,16 +19,23 @@ pub struct LocalCloud {
     key_dirs_before: std::collections::BTreeSet<String>,
     /// Likewise the credential guard's cgroups.
     cgroups_before: std::collections::BTreeSet<PathBuf>,
+    /// Held for the cloud's life: no story that keeps a run to look at (`util::alone`)
+    /// runs meanwhile, as what it keeps is what this story asserts is gone.
+    _turn: Option<super::Turn>,
 }
 
-/// A base build keeps its private key on tmpfs, in a directory named for its build.
+/// A base build keeps its private key on tmpfs, in a directory named for its build; a run
+/// still holding its lock (a story beside this one) is not done with it.
 fn private_key_dirs() -> std::collections::BTreeSet<String> {
+    use amibake::commands::gc::build_id_in;
+    use amibake::host::run_lock::is_held;
     std::fs::read_dir("/dev/shm")
         .into_iter()
         .flatten()
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|n| n.starts_with("amibake-ab-"))
+        .filter(|n| build_id_in(n).is_none_or(|run| !is_held(&run)))
         .collect()
 }
 
@@ -66,6 +73,7 @@ fn localcloud_bin() -> PathBuf {
 impl LocalCloud {
     /// `latency`: none, quick or realistic.
     pub fn start(latency: &str) -> LocalCloud {
+        let turn = super::turn_unless_held();
         let state = tempfile::Builder::new()
             .prefix("amibake-localcloud-")
             .tempdir()
@@ -92,6 +100,7 @@ impl LocalCloud {
             info,
             key_dirs_before: private_key_dirs(),
             cgroups_before: guard_cgroups(),
+            _turn: turn,
         }
     }
 

@@ -2,13 +2,11 @@
 //! parameter with a label; `history`, `promote` and `rollback` read and move it, and refuse
 //! images that can no longer be launched or that amibake did not make.
 
-mod util;
-
 use std::path::Path;
 
-use util::localcloud::LocalCloud;
-use util::tarballs::{gzip, tarball};
-use util::Run;
+use crate::util::localcloud::LocalCloud;
+use crate::util::tarballs::{gzip, tarball};
+use crate::util::Run;
 
 const CHANNEL: &str = "/amibake/shop/deploy";
 
@@ -86,7 +84,7 @@ impl Channel {
         let run = self.amibake(&["history", CHANNEL]);
         run.expect_code(0);
         let found: serde_json::Value = serde_json::from_str(run.stdout().trim()).unwrap();
-        util::schema::assert_valid("history", &found);
+        crate::util::schema::assert_valid("history", &found);
         assert_eq!(found["parameter"], CHANNEL);
         found["versions"].as_array().unwrap().clone()
     }
@@ -125,6 +123,7 @@ fn labels(names: &[&str]) -> Vec<String> {
 
 #[test]
 fn bakes_publish_and_history_promote_rollback_move_the_channel() {
+    let _module = crate::util::module_turn(module_path!());
     let ch = Channel::new();
     let a = ch.bake("aaaa1111");
     let b = ch.bake("bbbb2222");
@@ -181,7 +180,7 @@ fn bakes_publish_and_history_promote_rollback_move_the_channel() {
     let run = ch.amibake(&["rollback", CHANNEL, "--label", "prod"]);
     run.expect_code(0);
     let moved: serde_json::Value = serde_json::from_str(run.stdout().trim()).unwrap();
-    util::schema::assert_valid("rollback", &moved);
+    crate::util::schema::assert_valid("rollback", &moved);
     assert_eq!(moved["before"]["version"], 3);
     assert_eq!(moved["after"]["version"], 2);
     assert_eq!(moved["after"]["ami_id"], b_ami.as_str());
@@ -216,7 +215,7 @@ fn bakes_publish_and_history_promote_rollback_move_the_channel() {
     let again = ch.amibake(&["promote", CHANNEL, &c_ami]);
     again.expect_code(0);
     let again: serde_json::Value = serde_json::from_str(again.stdout().trim()).unwrap();
-    util::schema::assert_valid("promote", &again);
+    crate::util::schema::assert_valid("promote", &again);
     assert_eq!(again["changed"], false, "{again}");
     assert_eq!(ch.versions().len(), 6);
 
@@ -321,6 +320,7 @@ fn bakes_publish_and_history_promote_rollback_move_the_channel() {
 
 #[test]
 fn a_full_history_whose_oldest_version_is_labelled_is_refused_before_any_write() {
+    let _module = crate::util::module_turn(module_path!());
     let ch = Channel::new();
     let baked = ch.bake("dddd4444");
     let image = baked["ami_id"].as_str().unwrap().to_string();

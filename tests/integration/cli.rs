@@ -1,9 +1,7 @@
 //! The command line and the template checks, through the real binary.
 
-mod util;
-
-use util::tarballs::{append_raw, tarball};
-use util::{amibake, amibake_in, repo_root};
+use crate::util::tarballs::{append_raw, tarball};
+use crate::util::{amibake, amibake_in, repo_root};
 
 /// A tarball that passes the check before any AWS call, for runs meant to fail after it.
 fn one_file_tarball() -> Vec<u8> {
@@ -12,6 +10,7 @@ fn one_file_tarball() -> Vec<u8> {
 
 #[test]
 fn example_templates_validate() {
+    let _module = crate::util::module_turn(module_path!());
     let run = amibake(&["validate", "templates/shop.toml", "templates/worker.toml"]);
     run.expect_code(0);
     assert!(
@@ -32,6 +31,7 @@ fn example_templates_validate() {
 /// `# expect: LINE:COL: KEY: MESSAGE`. Each must exit 2 with exactly that, naming the file.
 #[test]
 fn every_malformed_template_is_refused_with_its_location_and_key() {
+    let _module = crate::util::module_turn(module_path!());
     let dir = repo_root().join("tests/templates/invalid");
     let mut files: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()
@@ -73,6 +73,7 @@ fn every_malformed_template_is_refused_with_its_location_and_key() {
 
 #[test]
 fn json_output_gives_one_object_per_template() {
+    let _module = crate::util::module_turn(module_path!());
     let run = amibake(&[
         "--output",
         "json",
@@ -88,7 +89,7 @@ fn json_output_gives_one_object_per_template() {
         .collect();
     assert_eq!(lines.len(), 2, "{}", run.dump());
     for line in &lines {
-        util::schema::assert_valid("validate", line);
+        crate::util::schema::assert_valid("validate", line);
     }
     assert_eq!(lines[0]["errors"].as_array().unwrap().len(), 0);
     let err = lines[1]["errors"][0].as_str().unwrap();
@@ -100,6 +101,7 @@ fn json_output_gives_one_object_per_template() {
 
 #[test]
 fn several_problems_are_all_reported_at_once() {
+    let _module = crate::util::module_turn(module_path!());
     let tmp = tempfile::tempdir().unwrap();
     std::fs::write(
         tmp.path().join("t.toml"),
@@ -134,6 +136,7 @@ fn several_problems_are_all_reported_at_once() {
 /// reported in one run, each with its place, and nothing that only follows from them.
 #[test]
 fn wrong_keys_and_types_are_all_reported_at_once_in_plain_words() {
+    let _module = crate::util::module_turn(module_path!());
     let tmp = tempfile::tempdir().unwrap();
     std::fs::write(
         tmp.path().join("t.toml"),
@@ -165,6 +168,7 @@ fn wrong_keys_and_types_are_all_reported_at_once_in_plain_words() {
 
 #[test]
 fn variables_can_be_overridden_but_not_invented() {
+    let _module = crate::util::module_turn(module_path!());
     let ok = amibake(&["validate", "--var", "app=cart", "templates/shop.toml"]);
     ok.expect_code(0);
     let bad = amibake(&["validate", "--var", "ap=cart", "templates/shop.toml"]);
@@ -189,6 +193,7 @@ fn variables_can_be_overridden_but_not_invented() {
 /// id from the environment) is not held against the template.
 #[test]
 fn environment_references_must_be_set_unless_the_check_is_secret_free() {
+    let _module = crate::util::module_turn(module_path!());
     let tmp = tempfile::tempdir().unwrap();
     std::fs::write(
         tmp.path().join("t.toml"),
@@ -258,6 +263,7 @@ fn environment_references_must_be_set_unless_the_check_is_secret_free() {
 /// where AWS shows it to everyone who can list images.
 #[test]
 fn variables_files_and_the_environment_set_variables_and_sensitive_ones_stay_out_of_names() {
+    let _module = crate::util::module_turn(module_path!());
     let tmp = tempfile::tempdir().unwrap();
     let template = "[variables]\napp = { description = \"the application\" }\n\
                     token = { default = \"t0ken-default\", sensitive = true }\n\n\
@@ -320,6 +326,7 @@ fn variables_files_and_the_environment_set_variables_and_sensitive_ones_stay_out
 
 #[test]
 fn an_unreadable_template_names_the_file() {
+    let _module = crate::util::module_turn(module_path!());
     let run = amibake(&["validate", "templates/no-such.toml"]);
     run.expect_code(2);
     assert!(
@@ -333,6 +340,7 @@ fn an_unreadable_template_names_the_file() {
 /// `--version` names the release and the commit the binary was built from.
 #[test]
 fn version_names_the_release_and_the_commit() {
+    let _module = crate::util::module_turn(module_path!());
     let run = amibake(&["--version"]);
     run.expect_code(0);
     let head = std::process::Command::new("git")
@@ -353,6 +361,7 @@ fn version_names_the_release_and_the_commit() {
 /// commands `bake` runs itself as are offered nowhere.
 #[test]
 fn bash_completes_commands_flags_and_values_and_never_the_internal_ones() {
+    let _module = crate::util::module_turn(module_path!());
     let run = amibake(&["completions", "bash"]);
     run.expect_code(0);
     let tmp = tempfile::tempdir().unwrap();
@@ -430,6 +439,7 @@ fn all_help() -> String {
 /// said once, as what still reads.
 #[test]
 fn the_readme_help_and_templates_speak_one_vocabulary() {
+    let _module = crate::util::module_turn(module_path!());
     let help = all_help();
     let readme = std::fs::read_to_string(repo_root().join("README.md")).unwrap();
     let command_block = readme
@@ -513,6 +523,7 @@ fn the_readme_help_and_templates_speak_one_vocabulary() {
 /// schemas/ holds exactly what `amibake schema NAME` prints for each of its names.
 #[test]
 fn the_schema_files_are_what_amibake_prints() {
+    let _module = crate::util::module_turn(module_path!());
     let listed = amibake(&["schema"]);
     listed.expect_code(0);
     let names: Vec<String> = listed
@@ -576,6 +587,7 @@ fn actionlint(files: &[std::path::PathBuf]) -> Vec<String> {
 /// Actions examples pass it too, but for the label of the example's own build hosts.
 #[test]
 fn the_release_workflow_passes_actionlint_and_installs_as_the_readme_says() {
+    let _module = crate::util::module_turn(module_path!());
     let workflow = repo_root().join(".github/workflows/release.yml");
     assert_eq!(
         actionlint(std::slice::from_ref(&workflow)),
@@ -646,6 +658,7 @@ fn the_release_workflow_passes_actionlint_and_installs_as_the_readme_says() {
 /// `amibake man --dir` writes a page for amibake and each command, and each renders.
 #[test]
 fn man_pages_render() {
+    let _module = crate::util::module_turn(module_path!());
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_str().unwrap();
     amibake(&["man", "--dir", dir]).expect_code(0);
@@ -679,6 +692,7 @@ fn man_pages_render() {
 
 #[test]
 fn every_subcommand_help_has_an_example() {
+    let _module = crate::util::module_turn(module_path!());
     for sub in [
         "base",
         "bake",
@@ -704,6 +718,7 @@ fn every_subcommand_help_has_an_example() {
 
 #[test]
 fn usage_errors_exit_2() {
+    let _module = crate::util::module_turn(module_path!());
     amibake(&["bake", "templates/shop.toml"]).expect_code(2); // --tarball is required
     amibake(&["frobnicate"]).expect_code(2);
     amibake(&["--output", "yaml", "validate", "templates/shop.toml"]).expect_code(2);
@@ -754,6 +769,7 @@ fn usage_errors_exit_2() {
 
 #[test]
 fn a_provisioner_with_the_outside_needs_pasta_before_anything_is_made() {
+    let _module = crate::util::module_turn(module_path!());
     let work = tempfile::tempdir().unwrap();
     let dir = work.path();
     std::fs::write(dir.join("app.tar"), one_file_tarball()).unwrap();
@@ -775,8 +791,8 @@ fn a_provisioner_with_the_outside_needs_pasta_before_anything_is_made() {
         ])
         .current_dir(dir)
         .env("PATH", dir)
-        .env("AWS_ENDPOINT_URL", util::NOWHERE)
-        .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", util::NOWHERE)
+        .env("AWS_ENDPOINT_URL", crate::util::NOWHERE)
+        .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", crate::util::NOWHERE)
         .env("AWS_REGION", "us-east-1")
         .env("AWS_ACCESS_KEY_ID", "test")
         .env("AWS_SECRET_ACCESS_KEY", "test")
@@ -794,6 +810,7 @@ fn a_provisioner_with_the_outside_needs_pasta_before_anything_is_made() {
 
 #[test]
 fn a_mode_needs_its_own_section() {
+    let _module = crate::util::module_turn(module_path!());
     let run = amibake(&["base", "templates/worker.toml"]);
     run.expect_code(2);
     assert!(
@@ -806,6 +823,7 @@ fn a_mode_needs_its_own_section() {
 
 #[test]
 fn bake_refuses_an_invalid_template_with_exit_2() {
+    let _module = crate::util::module_turn(module_path!());
     let run = amibake(&[
         "bake",
         "tests/templates/invalid/relative_dest.toml",
@@ -827,6 +845,7 @@ fn bake_refuses_an_invalid_template_with_exit_2() {
 /// no AWS to reach. `--backend attach` needs a build host, and says so.
 #[test]
 fn bake_off_a_build_host_goes_direct_and_attach_says_it_needs_one() {
+    let _module = crate::util::module_turn(module_path!());
     let cases: [(&[&str], &str); 2] = [
         (
             &[],
@@ -860,6 +879,7 @@ fn bake_off_a_build_host_goes_direct_and_attach_says_it_needs_one() {
 /// amibake make: both refused before any AWS call, naming the flag.
 #[test]
 fn ssh_cidr_is_checked_before_anything_is_made() {
+    let _module = crate::util::module_turn(module_path!());
     let dir = tempfile::tempdir().unwrap();
     let run = amibake_in(
         dir.path(),
@@ -897,6 +917,7 @@ fn ssh_cidr_is_checked_before_anything_is_made() {
 /// from a CI secret) is printed masked, as every other line of a run is.
 #[test]
 fn an_error_before_the_steps_masks_the_templates_secrets() {
+    let _module = crate::util::module_turn(module_path!());
     const SECRET: &str = "tok-8c1f2e9a";
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
@@ -935,6 +956,7 @@ fn an_error_before_the_steps_masks_the_templates_secrets() {
 /// sensitive value too short to mask is refused.
 #[test]
 fn an_invalid_templates_errors_mask_its_secrets() {
+    let _module = crate::util::module_turn(module_path!());
     const SECRET: &str = "tok-0f5e2d";
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
@@ -950,7 +972,7 @@ fn an_invalid_templates_errors_mask_its_secrets() {
         .env("AMIBAKE_CLI_TEST_ERR_SECRET", SECRET)
         .output()
         .unwrap();
-    let run = util::Run {
+    let run = crate::util::Run {
         command: "amibake validate t.toml".into(),
         output: run,
     };
@@ -976,6 +998,7 @@ fn an_invalid_templates_errors_mask_its_secrets() {
 
 #[test]
 fn base_that_cannot_reach_aws_names_the_lookup_that_failed() {
+    let _module = crate::util::module_turn(module_path!());
     let run = amibake(&["base", "templates/shop.toml"]);
     run.expect_code(1);
     let wanted = "error: read SSM parameter /aws/service/debian/release/12/latest/amd64 failed: dispatch failure";
@@ -985,7 +1008,7 @@ fn base_that_cannot_reach_aws_names_the_lookup_that_failed() {
 /// Every file under templates/ci, subdirectories included.
 fn ci_files() -> Vec<std::path::PathBuf> {
     let mut files = Vec::new();
-    let mut dirs = vec![util::repo_root().join("templates/ci")];
+    let mut dirs = vec![crate::util::repo_root().join("templates/ci")];
     while let Some(dir) = dirs.pop() {
         for entry in std::fs::read_dir(&dir).unwrap() {
             let path = entry.unwrap().path();
@@ -1003,6 +1026,7 @@ fn ci_files() -> Vec<std::path::PathBuf> {
 /// templates that validate: an example that drifted from the tool would mislead its reader.
 #[test]
 fn ci_examples_use_real_commands_flags_and_templates() {
+    let _module = crate::util::module_turn(module_path!());
     const COMMANDS: [&str; 4] = ["base", "bake", "validate", "iam-policy"];
     let mut checked = 0;
     for path in ci_files() {
@@ -1054,7 +1078,8 @@ fn ci_examples_use_real_commands_flags_and_templates() {
 /// passes cfn-lint; its bake action runs the buildspec beside it.
 #[test]
 fn the_pipeline_stack_carries_the_printed_policy_and_passes_cfn_lint() {
-    let stack = util::repo_root().join("templates/ci/codebuild/pipeline.yml");
+    let _module = crate::util::module_turn(module_path!());
+    let stack = crate::util::repo_root().join("templates/ci/codebuild/pipeline.yml");
     let text = std::fs::read_to_string(&stack).unwrap();
     let named = text
         .find("- PolicyName: amibake")
@@ -1086,7 +1111,7 @@ fn the_pipeline_stack_carries_the_printed_policy_and_passes_cfn_lint() {
         bake_project.contains("HostKernel: LINUX_KERNEL_6"),
         "the bake project selects the Amazon Linux 2023 host kernel"
     );
-    assert!(util::repo_root()
+    assert!(crate::util::repo_root()
         .join("templates/ci/codebuild/buildspec.yml")
         .is_file());
     let lint = std::process::Command::new("cfn-lint")

@@ -30,6 +30,7 @@ fn listener(ip: Ipv4Addr) -> (TcpListener, u16) {
 
 #[test]
 fn a_guarded_process_reaches_everything_but_the_credential_endpoints() {
+    let _module = crate::util::module_turn(module_path!());
     let (_metadata, metadata_port) = listener(Ipv4Addr::new(127, 0, 0, 1));
     let (_other_service, other_port) = listener(Ipv4Addr::new(127, 0, 0, 1));
     let (_whole_address, any_port) = listener(Ipv4Addr::new(127, 0, 0, 2));
@@ -71,6 +72,7 @@ fn a_guarded_process_reaches_everything_but_the_credential_endpoints() {
 
 #[test]
 fn the_endpoints_include_the_metadata_service_and_the_container_credentials() {
+    let _module = crate::util::module_turn(module_path!());
     let endpoints = credential_endpoints();
     for ip in ["169.254.169.254", "169.254.170.2", "fd00:ec2::254"] {
         assert!(
