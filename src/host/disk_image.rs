@@ -11,7 +11,7 @@ use std::path::Path;
 use rustix::fs::SeekFrom;
 
 use crate::aws::ebs::{block_digest, BLOCK_SIZE};
-use crate::host::image_cache::BlockDigests;
+use crate::host::block_digests::BlockDigests;
 
 const SECTOR: u64 = 512;
 

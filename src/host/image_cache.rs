@@ -10,7 +10,6 @@
 //! directory (`.work-*`, so the filesystem can share the copy's extents), gone after the
 //! bake, and removed by a later one if its process was killed.
 
-use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -20,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::aws::ebs::{self, Ran, BLOCK_SIZE};
 use crate::aws::{AwsError, Clients};
+use crate::host::block_digests::BlockDigests;
 use crate::host::disk_image::{copy_sparse, CopiedBy};
 
 const IMAGE: &str = "image";
@@ -39,34 +39,6 @@ pub enum CacheError {
     Aws(#[from] AwsError),
     #[error("interrupted while fetching {snapshot_id}")]
     Interrupted { snapshot_id: String },
-}
-
-/// The SHA-256 digest of each block an image holds, by block index.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct BlockDigests(pub BTreeMap<u64, [u8; 32]>);
-
-impl BlockDigests {
-    /// Stored as 40 bytes a block: the index (little-endian u64), then the digest.
-    fn to_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.0.len() * 40);
-        for (index, digest) in &self.0 {
-            out.extend_from_slice(&index.to_le_bytes());
-            out.extend_from_slice(digest);
-        }
-        out
-    }
-
-    fn from_bytes(bytes: &[u8]) -> Option<BlockDigests> {
-        if !bytes.len().is_multiple_of(40) {
-            return None;
-        }
-        let blocks = bytes.chunks(40).map(|chunk| {
-            let index = u64::from_le_bytes(chunk[..8].try_into().expect("8 bytes"));
-            let digest: [u8; 32] = chunk[8..].try_into().expect("32 bytes");
-            (index, digest)
-        });
-        Some(BlockDigests(blocks.collect()))
-    }
 }
 
 /// A complete entry: the base image and its digests.

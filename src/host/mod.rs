@@ -1,6 +1,7 @@
 //! The machine side of `bake`: block devices (attached volumes, loop devices over cached
 //! images) and mounts; the code and the provisioners reach the image through `crate::sandbox`.
 
+pub mod block_digests;
 pub mod device;
 pub mod disk_image;
 pub mod ext4_journal;

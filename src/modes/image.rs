@@ -1,18 +1,26 @@
 //! The image's tail, the same for both modes: once a mode has made its image (or found an
 //! earlier run's), it is booted and tested, delivered, marked finished and published, over
 //! an `ImageState` that each mode's own state embeds.
+//!
+//! The booted test: an instance of the new image, launched and reached as a base build's
+//! instance is, runs the template's `[[base.test]]` or `[[bake.test]]` entries over SSH
+//! before the image is delivered or published. A failing test fails the run, whose cleanup
+//! removes the image; the instance, its key pair and its group go either way.
 
 use async_trait::async_trait;
 use aws_sdk_ec2::types::Tag;
 
 use super::distribute::{self, RegionImage};
-use super::image_test;
-use super::support::{earlier, mark_finished, publish, tags};
+use super::instance::{Launch, Role, TemporaryInstance};
+use super::support::{earlier, failed, mark_finished, publish, tags};
 use crate::artifact::{
-    self, STATE_BUILDING, TAG_BUILD_ID, TAG_CHANNEL, TAG_FINGERPRINT, TAG_STATE, TAG_VARIANT,
+    self, STATE_BUILDING, TAG_BUILD_ID, TAG_CHANNEL, TAG_FINGERPRINT, TAG_STATE, TAG_TESTED,
+    TAG_VARIANT, TESTED_PASSED,
 };
 use crate::aws::Clients;
 use crate::engine::{RunReport, Step, StepContext, StepError};
+use crate::provision::{self, Entries, ProvisionError};
+use crate::template::Provisioner;
 use crate::template::{ImagePlan, InstancePlan};
 
 /// What a mode says of where its image comes from, for every place the image is described.
@@ -154,7 +162,7 @@ impl<S: HasImage> Step<S> for TestImage {
         "test image"
     }
     async fn run(&self, s: &mut S, ctx: &mut StepContext) -> Result<(), StepError> {
-        image_test::run(s.image(), ctx).await
+        boot_and_test(s.image(), ctx).await
     }
 }
 
@@ -225,5 +233,102 @@ impl<S: HasImage> Step<S> for PublishSsm {
         )
         .await?;
         distribute::publish_copies(&mut s.copies, s.plan.publish.as_ref(), &description, ctx).await
+    }
+}
+
+/// A test that failed, with the image it failed on: the run removes that image.
+#[derive(Debug, thiserror::Error)]
+#[error("{image_id} failed its test on {instance_id}, so it is not kept")]
+pub struct TestFailed {
+    image_id: String,
+    instance_id: String,
+    #[source]
+    source: ProvisionError,
+}
+
+async fn mark_tested(clients: &Clients, image_id: &str) -> Result<(), StepError> {
+    crate::aws::image::tag(
+        clients,
+        vec![image_id.to_string()],
+        (TAG_TESTED, TESTED_PASSED),
+    )
+    .await
+    .map_err(failed)
+}
+
+/// Boots `image` and runs its tests on it; nothing when it has none or `--no-test`.
+async fn boot_and_test(image: &ImageState, ctx: &mut StepContext) -> Result<(), StepError> {
+    let image_id = earlier(&image.image_id, "image")?;
+    let count = image.plan.tests.len();
+    if count == 0 {
+        ctx.progress
+            .note("no [[base.test]] or [[bake.test]] in the template: the image is not booted");
+        return Ok(());
+    }
+    if image.skip_tests {
+        ctx.progress.note(format!(
+            "--no-test: {count} test(s) skipped, {} is not booted",
+            image_id
+        ));
+        return Ok(());
+    }
+    let plan = earlier(&image.origin.test_instance, "test instance settings")?;
+    let launch = Launch {
+        image_id: image_id.clone(),
+        root_device_name: image.origin.root_device_name.clone(),
+        plan,
+        role: Role::Test,
+    };
+    let mut instance =
+        TemporaryInstance::new(&image.clients, &image.build_id, launch).map_err(failed)?;
+    instance.create_key_pair(ctx).await?;
+    instance.create_security_group(ctx).await?;
+    instance.launch(ctx).await?;
+    instance.wait_for_ssh(ctx).await?;
+    let instance_id = instance.id()?;
+    let mut facts: Vec<(String, String)> = vec![
+        ("AMIBAKE_STAGE".into(), "test".into()),
+        ("AMIBAKE_AMI_ID".into(), image_id.clone()),
+        ("AMIBAKE_INSTANCE_ID".into(), instance_id.clone()),
+    ];
+    facts.extend(image.facts().into_iter().map(|(k, v)| (k.to_string(), v)));
+    let tests: Vec<Provisioner> = image
+        .plan
+        .tests
+        .iter()
+        .cloned()
+        .map(|mut t| {
+            t.env.extend(facts.iter().cloned());
+            t
+        })
+        .collect();
+    let ssh = instance.ssh()?;
+    let outcome = provision::run_all(
+        ssh.as_ref(),
+        Entries::Tests,
+        &tests,
+        &ctx.progress,
+        &ctx.cancel,
+    )
+    .await;
+    drop(ssh);
+    match outcome {
+        Ok(()) => {
+            ctx.progress.note(format!(
+                "{} passed {count} test(s) on {instance_id}",
+                image_id
+            ));
+            // Said on the image, so a run that reuses it does not boot it again.
+            mark_tested(&image.clients, &image_id).await?;
+            // The session ends, then the instance, its group and key pair go now rather
+            // than at the end of the run.
+            instance.remove(ctx).await
+        }
+        Err(ProvisionError::Interrupted { .. }) => Err(StepError::Interrupted),
+        Err(source) => Err(failed(TestFailed {
+            image_id,
+            instance_id,
+            source,
+        })),
     }
 }

@@ -10,13 +10,14 @@ use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
 use super::image::{self, ImageRecord, ImageState, Origin};
+use super::support::channel_names;
 use super::{distribute, stages, BuildResult, CommonOptions, ModeError, RunError};
 use crate::artifact;
 use crate::aws::{sdk_config, Clients};
 use crate::engine::{self, EventSink, RunReport};
 use crate::template::{
-    self, Commit, ImagePlan, InstancePlan, LoadOptions, Plan, Provisioner, Secrets, SsmPublish,
-    StageCommand, Template,
+    self, Commit, ImagePlan, InstancePlan, LoadOptions, Plan, Provisioner, Secrets, StageCommand,
+    Template,
 };
 
 /// What one mode owns of a run; `run` does the rest.
@@ -373,27 +374,6 @@ async fn reusable(
         test_first,
         finished,
     }))
-}
-
-/// Whether the template's channel already names `image`: its newest version, and its
-/// label where it has one. True when there is no channel; a lookup that fails counts as
-/// not named, so the publish step runs and reports it.
-pub async fn channel_names(clients: &Clients, publish: Option<&SsmPublish>, image: &str) -> bool {
-    let Some(publish) = publish else {
-        return true;
-    };
-    let mut names = vec![publish.parameter.clone()];
-    if let Some(label) = &publish.label {
-        names.push(format!("{}:{label}", publish.parameter));
-    }
-    for name in names {
-        // A label that names no version yet is a channel to publish to, not an error.
-        let value = crate::aws::ssm::value(clients, &name).await;
-        if !matches!(value, Ok(Some(v)) if v == image) {
-            return false;
-        }
-    }
-    true
 }
 
 /// The part of a fingerprint the provisioners make: commands as written, the bytes of every

@@ -5,7 +5,6 @@ pub mod bake;
 pub mod base;
 mod distribute;
 mod image;
-mod image_test;
 mod instance;
 mod lifecycle;
 mod stages;

@@ -106,7 +106,7 @@ pub async fn publish(
     let previous = ssm::value(clients, parameter).await.map_err(failed)?;
     // A rerun that found its image (and copies) leaves a channel naming it as it is.
     if previous.as_deref() == Some(image_id)
-        && super::lifecycle::channel_names(clients, Some(channel), image_id).await
+        && channel_names(clients, Some(channel), image_id).await
     {
         ctx.progress
             .note(format!("{parameter} names {image_id} already"));
@@ -158,4 +158,25 @@ pub async fn mark_finished(clients: &Clients, resources: Vec<String>) -> Result<
     crate::aws::image::tag(clients, resources, finished)
         .await
         .map_err(failed)
+}
+
+/// Whether the template's channel already names `image`: its newest version, and its
+/// label where it has one. True when there is no channel; a lookup that fails counts as
+/// not named, so the publish step runs and reports it.
+pub async fn channel_names(clients: &Clients, publish: Option<&SsmPublish>, image: &str) -> bool {
+    let Some(publish) = publish else {
+        return true;
+    };
+    let mut names = vec![publish.parameter.clone()];
+    if let Some(label) = &publish.label {
+        names.push(format!("{}:{label}", publish.parameter));
+    }
+    for name in names {
+        // A label that names no version yet is a channel to publish to, not an error.
+        let value = crate::aws::ssm::value(clients, &name).await;
+        if !matches!(value, Ok(Some(v)) if v == image) {
+            return false;
+        }
+    }
+    true
 }

@@ -19,9 +19,10 @@ use crate::aws::ami::BaseImage;
 use crate::aws::ebs::{self, NewSnapshot, Ran, BLOCKS_IN_FLIGHT, BLOCK_SIZE};
 use crate::aws::{AwsError, Clients};
 use crate::engine::{Keep, Step, StepContext, StepError, UndoId, Unit};
+use crate::host::block_digests::BlockDigests;
 use crate::host::disk_image::{self, CopiedBy};
 use crate::host::ext4_journal;
-use crate::host::image_cache::{BlockDigests, CacheError, CachedImage, ImageCache};
+use crate::host::image_cache::{CacheError, CachedImage, ImageCache};
 use crate::modes::image;
 use crate::modes::support::{earlier, failed, tags, undo_now, undo_with, waited};
 

@@ -3,12 +3,17 @@
 //! the instance itself are the run's own, tagged with its build id, and each one's removal
 //! is registered the moment it exists.
 
-use std::net::{IpAddr, Ipv4Addr, UdpSocket};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
+
+mod address;
+mod key_dir;
+
+use address::{no_address, runner_cidr, ssh_address};
+use key_dir::{write_private, KeyDir};
 
 use super::support::{earlier, failed, tags, undo_with, waited};
 use super::ModeError;
@@ -504,158 +509,5 @@ impl TemporaryInstance {
                 .map_err(|left| failed(left.to_string()))?;
         }
         Ok(())
-    }
-}
-
-/// Writes a file only its owner can read, refusing to follow or reuse an existing path.
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?;
-    file.write_all(bytes)
-}
-
-fn ssh_address(instance: &aws_sdk_ec2::types::Instance, interface: SshInterface) -> Option<String> {
-    let address = match interface {
-        SshInterface::PublicIp => instance.public_ip_address(),
-        SshInterface::PrivateIp => instance.private_ip_address(),
-        SshInterface::PublicDns => instance.public_dns_name(),
-        SshInterface::PrivateDns => instance.private_dns_name(),
-    };
-    address.filter(|a| !a.is_empty()).map(str::to_string)
-}
-
-fn no_address(instance_id: &str, interface: SshInterface) -> String {
-    match interface {
-        SshInterface::PublicIp | SshInterface::PublicDns => format!(
-            "{instance_id} has no public address: set `associate_public_ip = true`, or `ssh_interface = \"private_ip\"` when this runner is in the same network"
-        ),
-        SshInterface::PrivateIp | SshInterface::PrivateDns => {
-            format!("{instance_id} has no private address")
-        }
-    }
-}
-
-/// The address this machine's packets to `host` leave from, as a /32: what the security
-/// group must let in. A connected UDP socket asks the kernel's routing without sending
-/// anything. Behind NAT the instance sees another address, which this machine cannot know:
-/// that is refused, and the caller names `ssh_cidrs` and `--ssh-cidr`.
-fn runner_cidr(host: &str) -> Result<String, RunnerAddressError> {
-    let route = || -> std::io::Result<(IpAddr, IpAddr)> {
-        let socket = UdpSocket::bind("0.0.0.0:0")?;
-        socket.connect((host, SSH_PORT))?;
-        Ok((socket.local_addr()?.ip(), socket.peer_addr()?.ip()))
-    };
-    match route().map_err(RunnerAddressError::Route)? {
-        (IpAddr::V4(source), IpAddr::V4(target)) if crosses_nat(source, target) => {
-            Err(RunnerAddressError::BehindNat {
-                runner: source,
-                target,
-            })
-        }
-        (IpAddr::V4(source), _) => Ok(format!("{source}/32")),
-        (IpAddr::V6(source), _) => Err(RunnerAddressError::Ipv6(source)),
-    }
-}
-
-/// Why this runner cannot tell the address an instance sees it at.
-#[derive(Debug, thiserror::Error)]
-pub enum RunnerAddressError {
-    #[error(transparent)]
-    Route(std::io::Error),
-    #[error("this runner's address {runner} is private and {target} is public, so the instance sees a NAT's address, not {runner} (find it with `curl -fsS https://checkip.amazonaws.com`)")]
-    BehindNat { runner: Ipv4Addr, target: Ipv4Addr },
-    #[error("{0} is IPv6, and the group opens IPv4 only")]
-    Ipv6(std::net::Ipv6Addr),
-}
-
-/// Whether packets from `source` to `target` are translated on the way: a private address
-/// (RFC 1918, or the shared range carriers and CI clouds NAT from) reaching a public one.
-fn crosses_nat(source: Ipv4Addr, target: Ipv4Addr) -> bool {
-    let shared = |a: Ipv4Addr| a.octets()[0] == 100 && (a.octets()[1] & 0xc0) == 64;
-    let private = |a: Ipv4Addr| a.is_private() || shared(a);
-    let public = !(private(target)
-        || target.is_loopback()
-        || target.is_link_local()
-        || target.is_unspecified()
-        || target.is_broadcast());
-    private(source) && public
-}
-
-/// A private (0700) directory for the temporary private key, on tmpfs where there is one so
-/// the key never reaches a disk; removed with the key when the value is dropped, unless
-/// kept for a look at a failed run (its name carries the build id, so gc finds it).
-struct KeyDir {
-    dir: Option<tempfile::TempDir>,
-    path: PathBuf,
-}
-
-impl KeyDir {
-    fn new(build_id: &str) -> Result<KeyDir, ModeError> {
-        let shm = Path::new("/dev/shm");
-        let parent = if shm.is_dir() {
-            shm.to_path_buf()
-        } else {
-            std::env::temp_dir()
-        };
-        // tempfile leaves a directory's mode to the umask: say 0700 outright.
-        use std::os::unix::fs::PermissionsExt;
-        tempfile::Builder::new()
-            .prefix(&format!("amibake-{build_id}-key-"))
-            .permissions(std::fs::Permissions::from_mode(0o700))
-            .tempdir_in(parent)
-            .map(|dir| KeyDir {
-                path: dir.path().to_path_buf(),
-                dir: Some(dir),
-            })
-            .map_err(ModeError::local("cannot make a private key directory"))
-    }
-
-    fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Leaves the directory when this value goes.
-    fn keep(&mut self) {
-        if let Some(dir) = self.dir.take() {
-            let _ = dir.keep();
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_private_key_directory_is_the_owners_alone() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = KeyDir::new("ab-20261203000000-0badcafe").unwrap();
-        let mode = std::fs::metadata(dir.path()).unwrap().permissions().mode();
-        assert_eq!(mode & 0o777, 0o700, "{mode:o}");
-        let path = dir.path().to_path_buf();
-        drop(dir);
-        assert!(!path.exists(), "removed with the run");
-    }
-
-    #[test]
-    fn only_a_private_runner_reaching_a_public_address_crosses_a_nat() {
-        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
-        // A hosted runner (private, or the carriers' shared range) to a public instance.
-        assert!(crosses_nat(ip("10.1.0.4"), ip("54.12.3.4")));
-        assert!(crosses_nat(ip("172.17.0.2"), ip("3.8.1.1")));
-        assert!(crosses_nat(ip("100.64.3.9"), ip("18.2.2.2")));
-        // A runner in the instance's network, one with a public address, the local cloud.
-        assert!(!crosses_nat(ip("10.1.0.4"), ip("10.1.2.7")));
-        assert!(!crosses_nat(ip("198.51.100.20"), ip("54.12.3.4")));
-        assert!(!crosses_nat(ip("127.0.0.1"), ip("127.0.2.5")));
-        assert!(
-            !crosses_nat(ip("100.128.0.1"), ip("54.12.3.4")),
-            "outside 100.64/10"
-        );
     }
 }
