@@ -78,24 +78,24 @@ fn backing_file(device: &Path) -> Option<String> {
 }
 
 /// Detaches `device`, asking again while it is busy; done once the kernel has let go of it.
+/// Done too once the device is backed by another file: the moment it is free, another bake
+/// may set it up over its own file, and asking again would take that one away from it.
 pub fn detach(device: &Path) -> Result<(), LoopError> {
     let name = device.to_string_lossy();
-    let mut backing = String::new();
+    let Some(ours) = backing_file(device) else {
+        return Ok(());
+    };
     for _ in 0..DETACH_ATTEMPTS {
-        match backing_file(device) {
-            None => return Ok(()),
-            Some(file) => backing = file,
-        }
-        // Failures are told by the device staying set up, checked above.
+        // Failures are told by the device staying set up over our file, checked below.
         let _ = losetup(&["--detach", &name]);
-        if backing_file(device).is_none() {
+        if backing_file(device).is_none_or(|file| file != ours) {
             return Ok(());
         }
         std::thread::sleep(DETACH_PAUSE);
     }
     Err(LoopError::Busy {
         device: name.into_owned(),
-        backing,
+        backing: ours,
     })
 }
 

@@ -511,8 +511,13 @@ impl Drop for MountedSnapshot {
         let name = self.loop_dev.trim_start_matches("/dev/");
         let backing = format!("/sys/block/{name}/loop/backing_file");
         let deadline = std::time::Instant::now() + LOOP_GONE_WITHIN;
-        // Until it is gone, so a test's "nothing left" check that follows sees it gone.
-        while Path::new(&backing).exists() && std::time::Instant::now() < deadline {
+        // Until it is gone, so a test's "nothing left" check that follows sees it gone; but
+        // never once another story has set the freed device up over its own file.
+        let ours = std::fs::read_to_string(&backing).ok();
+        while ours.is_some()
+            && std::fs::read_to_string(&backing).ok() == ours
+            && std::time::Instant::now() < deadline
+        {
             let _ = Command::new("losetup")
                 .args(["-d", &self.loop_dev])
                 .status();

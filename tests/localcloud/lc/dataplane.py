@@ -191,10 +191,13 @@ class DataPlane:
             if link.is_symlink():
                 link.unlink()
         errors = []
+        ours = str(self.volume_file(att.volume_id))
         for loop in reversed(att.loops):
             for _ in range(DETACH_ATTEMPTS):
                 subprocess.run(["losetup", "-d", loop], capture_output=True)
-                if not loop_in_use(loop):
+                # Free, or already set up by another cloud over its own file: asking again
+                # would detach theirs.
+                if not (loop_backing(loop) or "").startswith(ours):
                     break
                 time.sleep(DETACH_PAUSE)
             else:
@@ -222,9 +225,12 @@ class DataPlane:
         return failures
 
 
-def loop_in_use(loop: str) -> bool:
+def loop_backing(loop: str) -> str | None:
+    """The file `loop` is set up over, or None when it is free."""
     r = subprocess.run(["losetup", "--json", loop], capture_output=True, text=True)
-    return r.returncode == 0 and bool(r.stdout.strip())
+    if r.returncode != 0 or not r.stdout.strip():
+        return None
+    return json.loads(r.stdout)["loopdevices"][0].get("back-file") or ""
 
 
 def backing_files():
