@@ -50,33 +50,72 @@ pub fn turn_unless_held() -> Option<Turn> {
     (!HAS_TURN.with(|t| t.get())).then(beside_others)
 }
 
-/// Which module's stories have the machine, and how many of them run now.
-static MODULE_TURN: std::sync::Mutex<(&str, usize)> = std::sync::Mutex::new(("", 0));
-static MODULE_TURN_CHANGED: std::sync::Condvar = std::sync::Condvar::new();
+/// Who has the machine: nobody, the sharing modules, or one machine-wide module.
+#[derive(Clone, Copy, PartialEq)]
+enum Holder {
+    Nobody,
+    Sharing,
+    Module(&'static str),
+}
 
-/// A module's turn on the machine, held by each of its stories while it runs.
+struct Machine {
+    holder: Holder,
+    running: usize,
+    /// Machine-wide stories waiting: sharing stories let them go first, so that a stream of
+    /// sharing stories never keeps them out.
+    wide_waiting: usize,
+}
+
+static MACHINE: std::sync::Mutex<Machine> = std::sync::Mutex::new(Machine {
+    holder: Holder::Nobody,
+    running: 0,
+    wide_waiting: 0,
+});
+static MACHINE_CHANGED: std::sync::Condvar = std::sync::Condvar::new();
+
+/// A story's turn on the machine, held while it runs.
 pub struct ModuleTurn;
 
 impl Drop for ModuleTurn {
     fn drop(&mut self) {
-        let mut turn = MODULE_TURN.lock().unwrap_or_else(|e| e.into_inner());
-        turn.1 -= 1;
-        MODULE_TURN_CHANGED.notify_all();
+        let mut machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
+        machine.running -= 1;
+        if machine.running == 0 {
+            machine.holder = Holder::Nobody;
+        }
+        MACHINE_CHANGED.notify_all();
     }
 }
 
-/// Waits until no story of another module runs, then runs beside those of `module`. A
-/// module's stories were written to run beside each other; several assert what the whole
-/// machine holds (mounts, loop devices, /dev links, processes), which another module's story
-/// would change under them.
+/// Waits for the story's turn: a machine-wide module's stories run only beside each other,
+/// the other modules' stories beside one another.
 pub fn module_turn(module: &'static str) -> ModuleTurn {
-    let mut turn = MODULE_TURN.lock().unwrap_or_else(|e| e.into_inner());
-    while turn.1 > 0 && turn.0 != module {
-        turn = MODULE_TURN_CHANGED
-            .wait(turn)
+    // The modules under `machine_wide` look at, or sweep, what every run on the machine made.
+    let wide = module.contains("::machine_wide::");
+    let mut machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
+    if wide {
+        machine.wide_waiting += 1;
+    }
+    loop {
+        let free = match machine.holder {
+            Holder::Nobody => true,
+            Holder::Sharing => !wide && machine.wide_waiting == 0,
+            Holder::Module(holder) => holder == module,
+        };
+        if free {
+            break;
+        }
+        machine = MACHINE_CHANGED
+            .wait(machine)
             .unwrap_or_else(|e| e.into_inner());
     }
-    *turn = (module, turn.1 + 1);
+    if wide {
+        machine.wide_waiting -= 1;
+        machine.holder = Holder::Module(module);
+    } else {
+        machine.holder = Holder::Sharing;
+    }
+    machine.running += 1;
     ModuleTurn
 }
 
