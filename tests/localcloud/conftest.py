@@ -41,8 +41,8 @@ class Cloud:
         return json.loads(self.cli("ls").stdout)
 
 
-def start(state: Path, latency="quick") -> Cloud:
-    out = localcloud(state, "up", "--latency", latency)
+def start(state: Path, latency="quick", vendors=()) -> Cloud:
+    out = localcloud(state, "up", "--latency", latency, *(f"--vendor={v}" for v in vendors))
     env = dict(line[len("export "):].split("=", 1) for line in out.stdout.splitlines() if line.startswith("export "))
     return Cloud(state, env)
 
@@ -104,13 +104,15 @@ def cloud():
 
 
 @contextmanager
-def mounted(image: Path, offset=0, readonly=True):
-    """Mounts a raw image (optionally at a partition's byte offset); always undone."""
-    loop = subprocess.run(["losetup", "--find", "--show", *(["--read-only"] if readonly else []), "--offset", str(offset), str(image)],
+def mounted(image: Path, offset=0, readonly=True, size=None, options=()):
+    """Mounts a raw image (optionally a partition's byte range); always undone."""
+    limit = ["--sizelimit", str(size)] if size else []
+    loop = subprocess.run(["losetup", "--find", "--show", *(["--read-only"] if readonly else []), "--offset", str(offset), *limit, str(image)],
                           check=True, capture_output=True, text=True).stdout.strip()
     target = Path(tempfile.mkdtemp(prefix="amibake-inspect-"))
+    options = [*(["ro"] if readonly else []), *options]
     try:
-        subprocess.run(["mount", *(["-o", "ro"] if readonly else []), loop, str(target)], check=True, capture_output=True)
+        subprocess.run(["mount", *(["-o", ",".join(options)] if options else []), loop, str(target)], check=True, capture_output=True)
         try:
             yield target
         finally:

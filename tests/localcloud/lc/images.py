@@ -3,6 +3,11 @@
 Debian 12 is built with debootstrap (minbase plus what the real Debian AMI has: openssh-server,
 sudo and an `admin` user) into a directory, then laid into two raw disk images: a partitioned
 one (GPT, root on partition 1, as the real vendor image) and an unpartitioned one.
+
+The catalogue (`LAYOUTS`) lays the same Debian content out as other distributions lay out their
+AMIs' disks: partition numbers, types and names, filesystem types, labels and UUIDs, `/etc/fstab`,
+a separate `/boot` and `/boot/efi`, the default user and os-release. A bake tool finds its way
+through the layout, never the content, so the content may stay Debian's.
 """
 
 import hashlib
@@ -12,6 +17,8 @@ import re
 import shutil
 import subprocess
 import tempfile
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 CACHE = Path(os.environ.get("AMIBAKE_LOCALCLOUD_CACHE", "/var/cache/amibake-localcloud"))
@@ -124,5 +131,223 @@ def build_disk(rootfs: Path, path: Path, partitioned: bool):
         tmp_path.unlink(missing_ok=True)
 
 
+# -- the catalogue: other distributions' disk layouts ----------------------------------------
+
+# GPT partition type GUIDs.
+LINUX_FS = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
+BIOS_BOOT = "21686148-6449-6E6F-744E-656564454649"
+EFI_SYSTEM = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
+XBOOTLDR = "BC13C2FF-59E6-4262-A352-B275FD6F7172"
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Partition:
+    number: int
+    start_mib: int
+    size_mib: int
+    type: str
+    name: str
+    fs: str | None = None  # ext4, xfs or vfat; None: no filesystem (BIOS boot)
+    mount: str | None = None  # where the image's fstab mounts it
+    label: str | None = None
+    # A filesystem UUID the distribution gives every image (AL2023's root), else derived.
+    uuid: str | None = None
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a distribution lays out its AMI's root disk, and what its image says of itself."""
+
+    family: str
+    name_prefix: str
+    owner: str
+    description: str
+    user: str
+    os_release: str
+    partitions: tuple
+    fstab_by: str  # UUID or LABEL
+    parameter: str | None = None  # the public SSM parameter users find the image by
+    imds_support: str | None = None  # "v2.0": IMDSv2 only, as AL2023 registers it
+    boot_mode: str = "uefi-preferred"
+    architecture: str = "x86_64"
+    volume_size_gib: int = 8
+    tags: dict = field(default_factory=dict)
+
+    def root(self) -> Partition:
+        return next(p for p in self.partitions if p.mount == "/")
+
+    def filesystem_uuid(self, part: Partition) -> str:
+        """Fixed where the distribution fixes it, else the same on every build of the recipe."""
+        if part.uuid:
+            return part.uuid
+        derived = uuid.uuid5(uuid.NAMESPACE_URL, f"amibake-localcloud/{self.family}/{recipe_key()}/{part.number}")
+        # A FAT volume id is 32 bits, written XXXX-XXXX.
+        return f"{derived.hex[:4]}-{derived.hex[4:8]}".upper() if part.fs == "vfat" else str(derived)
+
+    def fstab(self) -> str:
+        lines = []
+        options = {"ext4": "defaults", "xfs": "defaults,noatime", "vfat": "umask=0077"}
+        for part in sorted((p for p in self.partitions if p.mount), key=lambda p: p.mount.count("/") + len(p.mount)):
+            source = f"LABEL={part.label}" if self.fstab_by == "LABEL" else f"UUID={self.filesystem_uuid(part)}"
+            passno = 1 if part.mount == "/" else 2
+            lines.append(f"{source}\t{part.mount}\t{part.fs}\t{options[part.fs]}\t0 {passno}")
+        return "\n".join(lines) + "\n"
+
+
+def _os_release(pretty, ident, version_id, like=""):
+    like_line = f'ID_LIKE="{like}"\n' if like else ""
+    return f'NAME="{pretty.split(" ")[0]}"\nPRETTY_NAME="{pretty}"\nID={ident}\n{like_line}VERSION_ID="{version_id}"\n'
+
+
+LAYOUTS = {
+    # AL2023: root on partition 1 although it sits after the BIOS boot (127) and EFI (128)
+    # partitions; the root's XFS UUID is the same in every AL2023 image, so an AL2023 build host
+    # already has it mounted.
+    "al2023": Layout(
+        family="al2023",
+        name_prefix="al2023-ami-2023.6.20241212.0-kernel-6.1-x86_64",
+        owner="137112412989",
+        description="Amazon Linux 2023 AMI 2023.6.20241212.0 x86_64 HVM kernel-6.1",
+        user="ec2-user",
+        os_release=_os_release("Amazon Linux 2023.6.20241212", "amzn", "2023", "fedora"),
+        partitions=(
+            Partition(127, 1, 2, BIOS_BOOT, "BIOS Boot Partition"),
+            Partition(128, 3, 10, EFI_SYSTEM, "EFI System Partition", "vfat", "/boot/efi"),
+            Partition(1, 13, 2048, LINUX_FS, "Linux", "xfs", "/", "/", "3aa4f5a4-9b57-4cb5-a2fa-12e4a7b5cb0f"),
+        ),
+        fstab_by="UUID",
+        parameter="/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64",
+        imds_support="v2.0",
+    ),
+    # Ubuntu 24.04: root (1) last on the disk, after BIOS boot (14), EFI (15) and /boot (16).
+    "ubuntu-24.04": Layout(
+        family="ubuntu-24.04",
+        name_prefix="ubuntu/images/hvm-ssd-gp3/ubuntu-noble-24.04-amd64-server-20241206",
+        owner="099720109477",
+        description="Canonical, Ubuntu, 24.04, amd64 noble image",
+        user="ubuntu",
+        os_release=_os_release("Ubuntu 24.04.1 LTS", "ubuntu", "24.04", "debian"),
+        partitions=(
+            Partition(14, 1, 4, BIOS_BOOT, ""),
+            Partition(15, 5, 106, EFI_SYSTEM, "", "vfat", "/boot/efi", "UEFI"),
+            Partition(16, 111, 913, XBOOTLDR, "", "ext4", "/boot", "BOOT"),
+            Partition(1, 1024, 2048, LINUX_FS, "", "ext4", "/", "cloudimg-rootfs"),
+        ),
+        fstab_by="LABEL",
+        parameter="/aws/service/canonical/ubuntu/server/24.04/stable/current/amd64/hvm/ebs-gp3/ami-id",
+    ),
+    # RHEL 9: BIOS boot (1), EFI (2), an XFS /boot (3) and the XFS root (4), found by owner and name.
+    "rhel-9": Layout(
+        family="rhel-9",
+        name_prefix="RHEL-9.5.0_HVM-20241211-x86_64-0-Hourly2-GP3",
+        owner="309956199498",
+        description="Provided by Red Hat, Inc.",
+        user="ec2-user",
+        os_release=_os_release("Red Hat Enterprise Linux 9.5 (Plow)", '"rhel"', "9.5", "fedora"),
+        partitions=(
+            Partition(1, 1, 1, BIOS_BOOT, ""),
+            Partition(2, 2, 200, EFI_SYSTEM, "", "vfat", "/boot/efi"),
+            Partition(3, 202, 600, XBOOTLDR, "", "xfs", "/boot", "boot"),
+            Partition(4, 802, 2048, LINUX_FS, "", "xfs", "/", "root"),
+        ),
+        fstab_by="UUID",
+        volume_size_gib=10,
+    ),
+}
+
+
+def ensure_vendor(family: str, log=print) -> Path:
+    """The raw disk image of `family`'s layout, built from the Debian content once per recipe."""
+    layout = LAYOUTS[family]
+    path = cache_dir() / f"{family}.img"
+    if path.exists():
+        return path
+    ensure_images(log)  # the Debian root filesystem the content comes from
+    log(f"laying the Debian content out as {family} does (once per recipe)")
+    with tempfile.TemporaryDirectory(dir=cache_dir(), prefix=f"{family}-") as work:
+        tree = Path(work) / "tree"
+        run("cp", "-a", "--reflink=auto", str(cache_dir() / "rootfs"), str(tree))
+        dress(tree, layout)
+        tmp = Path(work) / "disk.img"
+        lay_out(tree, layout, tmp, Path(work))
+        tmp.rename(path)
+    return path
+
+
+def dress(tree: Path, layout: Layout):
+    """What the distribution's image says of itself: its user, os-release and fstab."""
+    subprocess.run(["chroot", str(tree), "userdel", "-r", RECIPE["user"]], check=True, capture_output=True)
+    subprocess.run(["chroot", str(tree), "useradd", "-m", "-s", "/bin/bash", layout.user], check=True, capture_output=True)
+    (tree / "etc/sudoers.d/90-cloud-init-users").write_text(f"{layout.user} ALL=(ALL) NOPASSWD:ALL\n")
+    (tree / "etc/os-release").unlink(missing_ok=True)  # a link into /usr/lib on Debian
+    (tree / "etc/os-release").write_text(layout.os_release)
+    (tree / "etc/fstab").write_text(layout.fstab())
+    # The boot loader's files live where the distribution keeps them, in their own partitions.
+    (tree / "boot/efi/EFI/BOOT").mkdir(parents=True, exist_ok=True)
+    (tree / "boot/efi/EFI/BOOT/BOOTX64.EFI").write_bytes(b"localcloud: stands for the shim\n")
+    (tree / "boot/grub").mkdir(parents=True, exist_ok=True)
+    (tree / "boot/grub/grub.cfg").write_text(f"# {layout.family}: root {layout.fstab().split()[0]}\n")
+
+
+def lay_out(tree: Path, layout: Layout, disk: Path, work: Path):
+    """A sparse disk partitioned as `layout`, each filesystem made from its part of `tree`."""
+    with open(disk, "wb") as f:
+        f.truncate(layout.volume_size_gib << 30)
+    table = "label: gpt\n" + "".join(
+        f"{disk}{p.number} : start={p.start_mib * MIB // SECTOR}, size={p.size_mib * MIB // SECTOR}, type={p.type}"
+        + (f', name="{p.name}"' if p.name else "") + "\n"
+        for p in layout.partitions
+    )
+    subprocess.run(["sfdisk", "-q", str(disk)], input=table, text=True, check=True, capture_output=True)
+    # Deepest mount first, so /boot/efi leaves /boot before /boot leaves the root.
+    parts = sorted((p for p in layout.partitions if p.fs), key=lambda p: -len(p.mount))
+    for part in parts:
+        content = work / f"part{part.number}"
+        source = tree / part.mount.lstrip("/")
+        if part.mount == "/":
+            content = tree
+        else:
+            source.rename(content)
+            source.mkdir()
+        image = work / f"fs{part.number}.img"
+        make_filesystem(part, layout.filesystem_uuid(part), content, image, part.size_mib * MIB)
+        run("dd", f"if={image}", f"of={disk}", "bs=1M", f"seek={part.start_mib}", "conv=notrunc,sparse", "status=none")
+        image.unlink()
+
+
+def make_filesystem(part: Partition, fs_uuid: str, content: Path, image: Path, size: int):
+    with open(image, "wb") as f:
+        f.truncate(size)
+    label = part.label or ""
+    if part.fs == "ext4":
+        run("mkfs.ext4", "-q", "-F", *(["-L", label] if label else []), "-U", fs_uuid, "-d", str(content), str(image))
+    elif part.fs == "vfat":
+        run("mkfs.vfat", *(["-n", label] if label else []), "-i", fs_uuid.replace("-", ""), str(image))
+        entries = [str(e) for e in content.iterdir()]
+        if entries:
+            run("mcopy", "-s", "-p", "-i", str(image), *entries, "::/", env={**os.environ, "MTOOLS_SKIP_CHECK": "1"})
+    elif part.fs == "xfs":
+        run("mkfs.xfs", "-q", "-f", *(["-L", label] if label else []), "-m", f"uuid={fs_uuid}", str(image))
+        fill_by_mount(image, content, ["-o", "nouuid"])
+    else:
+        raise ValueError(f"no filesystem {part.fs}")
+
+
+def fill_by_mount(image: Path, content: Path, options: list):
+    """mkfs.xfs cannot fill a filesystem from a directory: mount it, copy, unmount, always."""
+    target = Path(tempfile.mkdtemp(prefix="amibake-localcloud-fill-"))
+    try:
+        run("mount", "-o", "loop", *options, str(image), str(target))
+        try:
+            run("cp", "-a", f"{content}/.", str(target))
+        finally:
+            run("umount", "-d", str(target))
+    finally:
+        target.rmdir()
+
+
 if __name__ == "__main__":
-    print(json.dumps({k: str(v) for k, v in ensure_images().items()}))
+    built = {k: str(v) for k, v in ensure_images().items()}
+    built.update({family: str(ensure_vendor(family)) for family in LAYOUTS})
+    print(json.dumps(built))

@@ -154,35 +154,54 @@ class LocalCloud:
 
     # -- set-up ---------------------------------------------------------------------------
 
-    def seed(self):
-        """Vendor AMIs backed by real Debian images, their SSM parameter, the build host."""
+    def seed(self, vendors=()):
+        """Vendor AMIs backed by real Debian images, their SSM parameter, the build host; and
+        the catalogue's other distributions named in `vendors`."""
         built = images.ensure_images(log=lambda m: print(m, flush=True))
         self.vendor_amis = {}
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M")
         for kind, image in built.items():
-            volume = self.ec2.create_volume(size=images.RECIPE["volume_size_gib"], zone_name=ZONE)
-            snapshot = self.ec2.create_snapshot(volume.id, f"Debian 12 {kind} root")
-            self.ec2.delete_volume(volume.id)
-            snapshot.owner_id = DEBIAN_OWNER
-            self.dataplane.import_snapshot(snapshot.id, image)
             name = f"debian-12-amd64-{stamp}" if kind == "partitioned" else f"debian-12-amd64-unpartitioned-{stamp}"
-            ami = self.ec2.register_image(name, f"Debian 12 (bookworm), {kind} root disk")
-            patches._drop_auto_snapshot(self.ec2, ami)
-            ami.owner_id = DEBIAN_OWNER
-            ami.launch_permissions.append({"Group": "all"})
-            ami.root_device_name = "/dev/xvda"
-            ami.root_device_type = "ebs"
-            ami.architecture = "x86_64"
-            ami.virtualization_type = "hvm"
-            ami.boot_mode = "uefi-preferred"
-            ami.ena_support = True
-            ami.sriov_net_support = "simple"
-            ami.__dict__["_mappings"] = [
-                {"DeviceName": "/dev/xvda", "Ebs": {"SnapshotId": snapshot.id, "VolumeSize": images.RECIPE["volume_size_gib"], "DeleteOnTermination": True, "VolumeType": "gp3", "Encrypted": False}}
-            ]
-            self.vendor_amis[kind] = ami.id
+            self.vendor_amis[kind] = self._register_vendor(
+                image, name, f"Debian 12 (bookworm), {kind} root disk", DEBIAN_OWNER, images.RECIPE["volume_size_gib"]
+            )
         self._put_public_parameter(DEBIAN_SSM_PARAMETER, self.vendor_amis["partitioned"])
+        for family in vendors:
+            layout = images.LAYOUTS[family]
+            image = images.ensure_vendor(family, log=lambda m: print(m, flush=True))
+            self.vendor_amis[family] = self._register_vendor(
+                image, layout.name_prefix, layout.description, layout.owner, layout.volume_size_gib,
+                architecture=layout.architecture, boot_mode=layout.boot_mode, imds_support=layout.imds_support,
+            )
+            if layout.parameter:
+                self._put_public_parameter(layout.parameter, self.vendor_amis[family])
         self.build_host = self._start_build_host()
+
+    def _register_vendor(self, image, name, description, owner, size_gib, architecture="x86_64", boot_mode="uefi-preferred",
+                         imds_support=None):
+        """A public AMI of `owner` whose root snapshot holds `image`, as the vendor registers it."""
+        volume = self.ec2.create_volume(size=size_gib, zone_name=ZONE)
+        snapshot = self.ec2.create_snapshot(volume.id, f"{name} root")
+        self.ec2.delete_volume(volume.id)
+        snapshot.owner_id = owner
+        self.dataplane.import_snapshot(snapshot.id, image)
+        ami = self.ec2.register_image(name, description)
+        patches._drop_auto_snapshot(self.ec2, ami)
+        ami.owner_id = owner
+        ami.launch_permissions.append({"Group": "all"})
+        ami.root_device_name = "/dev/xvda"
+        ami.root_device_type = "ebs"
+        ami.architecture = architecture
+        ami.virtualization_type = "hvm"
+        ami.boot_mode = boot_mode
+        ami.ena_support = True
+        ami.sriov_net_support = "simple"
+        if imds_support:
+            ami.imds_support = imds_support
+        ami.__dict__["_mappings"] = [
+            {"DeviceName": "/dev/xvda", "Ebs": {"SnapshotId": snapshot.id, "VolumeSize": size_gib, "DeleteOnTermination": True, "VolumeType": "gp3", "Encrypted": False}}
+        ]
+        return ami.id
 
     def _put_public_parameter(self, name, value):
         # Names under /aws/ are reserved over the API, so they are put in place directly.
@@ -517,9 +536,9 @@ def take_network():
     raise RuntimeError("every loopback network 127.0-249.0.0/16 is held by another local cloud")
 
 
-def serve(state_dir: Path, latency: str):
+def serve(state_dir: Path, latency: str, vendors):
     cloud = LocalCloud(state_dir, latency)
-    cloud.seed()
+    cloud.seed(vendors)
     api = make_server("127.0.0.1", 0, cloud.app, threaded=True)
     imds = make_server("127.0.0.1", 0, cloud.app, threaded=True)
     stop = threading.Event()
@@ -558,9 +577,10 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--state", required=True, type=Path)
     parser.add_argument("--latency", default="none", choices=sorted(patches.PROFILES))
+    parser.add_argument("--vendor", action="append", default=[], choices=sorted(images.LAYOUTS))
     args = parser.parse_args()
     args.state.mkdir(parents=True, exist_ok=True)
-    serve(args.state, args.latency)
+    serve(args.state, args.latency, args.vendor)
 
 
 if __name__ == "__main__":
