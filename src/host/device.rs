@@ -42,6 +42,11 @@ pub enum DeviceError {
         partition: u32,
         looked_for: String,
     },
+    #[error("{volume_id}: {source}")]
+    Layout {
+        volume_id: String,
+        source: super::partitions::PartitionError,
+    },
 }
 
 /// A device name this process holds until dropped; other bakes on the host skip it.
@@ -167,36 +172,39 @@ fn partition_path(device: &Path, n: u32) -> PathBuf {
     }
 }
 
-/// The device holding the root filesystem: partition `wanted` (0: the whole device), or when
-/// the template does not say, partition 1 if the volume is partitioned and the whole device if
-/// not.
+/// The device holding the root filesystem: partition `wanted` (0: the whole device) as the
+/// kernel names it, or when the template does not say, the partition the volume's own layout
+/// shows (`partitions::root_partition`), the whole device if it has no partition table.
 pub fn root_filesystem(
     volume_id: &str,
     device: &Path,
     wanted: Option<u32>,
 ) -> Result<PathBuf, DeviceError> {
-    match wanted {
-        Some(0) => Ok(device.to_path_buf()),
-        Some(n) => {
-            let path = partition_path(device, n);
-            if is_block_device(&path) {
-                Ok(path)
-            } else {
-                Err(DeviceError::NoPartition {
-                    volume_id: volume_id.into(),
-                    partition: n,
-                    looked_for: path.display().to_string(),
-                })
-            }
-        }
+    let n = match wanted {
+        Some(0) => return Ok(device.to_path_buf()),
+        Some(n) => n,
         None => {
-            let first = partition_path(device, 1);
-            Ok(if is_block_device(&first) {
-                first
-            } else {
-                device.to_path_buf()
-            })
+            let found = super::partitions::root_partition(device, None).map_err(|source| {
+                DeviceError::Layout {
+                    volume_id: volume_id.into(),
+                    source,
+                }
+            })?;
+            let Some(n) = found else {
+                return Ok(device.to_path_buf());
+            };
+            n
         }
+    };
+    let path = partition_path(device, n);
+    if is_block_device(&path) {
+        Ok(path)
+    } else {
+        Err(DeviceError::NoPartition {
+            volume_id: volume_id.into(),
+            partition: n,
+            looked_for: path.display().to_string(),
+        })
     }
 }
 

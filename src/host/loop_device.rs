@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use super::disk_image::Extent;
+use super::partitions::Extent;
 
 /// A busy loop device (a filesystem just unmounted, udev probing it) is asked again.
 const DETACH_ATTEMPTS: u32 = 50;

@@ -78,7 +78,13 @@ pub fn mount_root(device: &Path, target: &Path) -> Result<(), MountError> {
         reason: e.to_string(),
     })?;
     let device_text = device.display().to_string();
-    run_mount(&["-o", "noatime", &device_text], &device_text, target)
+    // Every Amazon Linux 2023 image's XFS root has one UUID, the build host's own among them,
+    // and XFS refuses a second mount of a UUID in use unless told `nouuid`.
+    let xfs = std::fs::File::open(device)
+        .and_then(|d| super::filesystem::probe(&d, 0))
+        .is_ok_and(|fs| fs.is_some_and(|fs| fs.kind == super::filesystem::FsKind::Xfs));
+    let options = if xfs { "noatime,nouuid" } else { "noatime" };
+    run_mount(&["-o", options, &device_text], &device_text, target)
 }
 
 /// Grows the root filesystem on `device` to fill it, so a `volume_size_gb` larger than

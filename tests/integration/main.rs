@@ -22,5 +22,6 @@ mod extract;
 mod iam_policy;
 mod image_cache;
 mod image_test;
+mod layouts;
 mod prune;
 mod stages;

@@ -172,8 +172,13 @@ impl Step<BakeState<Attach>> for AttachVolume {
             device::wait_for_device(&volume_id, &device_name, device::DEVICE_APPEAR_TIMEOUT)
                 .await
                 .map_err(failed)?;
-        let root =
-            device::root_filesystem(&volume_id, &found, s.build.root_partition).map_err(failed)?;
+        // Reads the volume's table and superblocks: blocking reads, of a volume EBS may
+        // still be loading.
+        let (id, dev, wanted) = (volume_id.clone(), found.clone(), s.build.root_partition);
+        let root = tokio::task::spawn_blocking(move || device::root_filesystem(&id, &dev, wanted))
+            .await
+            .map_err(failed)?
+            .map_err(failed)?;
         // A root partition of a volume larger than the base's grows to the end of it, as
         // the direct backend's does. The kernel keeps the partition's old size until it
         // re-reads the table, which it may refuse for a disk in use, so the grown root is a

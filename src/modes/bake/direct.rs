@@ -23,6 +23,7 @@ use crate::host::block_digests::BlockDigests;
 use crate::host::disk_image::{self, CopiedBy};
 use crate::host::ext4_journal;
 use crate::host::image_cache::{CacheError, CachedImage, ImageCache};
+use crate::host::partitions;
 use crate::modes::image;
 use crate::modes::support::{earlier, failed, tags, undo_now, undo_with, waited};
 
@@ -424,7 +425,7 @@ async fn restore_base_journal(
 ) -> Result<u64, StepError> {
     let (c, b) = (copy.to_path_buf(), base.to_path_buf());
     tokio::task::spawn_blocking(move || {
-        let offset = disk_image::root_extent(&c, wanted)
+        let offset = partitions::root_extent(&c, wanted)
             .map_err(failed)?
             .map_or(0, |e| e.offset);
         let io = |what: &std::path::Path| {

@@ -15,7 +15,7 @@ use super::{Backend, BakeState};
 use crate::aws::wait::WaitPolicy;
 use crate::communicator::chroot::Chroot;
 use crate::engine::{Keep, Step, StepContext, StepError, UndoId, Unit};
-use crate::host::disk_image;
+use crate::host::partitions;
 use crate::host::{extract, loop_device, mount};
 use crate::provision::Entries;
 
@@ -38,9 +38,9 @@ pub async fn loop_root(
     let d = disk.to_path_buf();
     let extent = tokio::task::spawn_blocking(move || {
         if grow {
-            disk_image::grow_root_partition(&d, wanted)
+            partitions::grow_root_partition(&d, wanted)
         } else {
-            disk_image::root_extent(&d, wanted)
+            partitions::root_extent(&d, wanted)
         }
     })
     .await

@@ -73,13 +73,21 @@ fn localcloud_bin() -> PathBuf {
 impl LocalCloud {
     /// `latency`: none, quick or realistic.
     pub fn start(latency: &str) -> LocalCloud {
+        LocalCloud::start_with(latency, &[])
+    }
+
+    /// A cloud whose catalogue also holds these vendors' images (`localcloud up --vendor`),
+    /// in `ls()["vendor_amis"][family]`.
+    pub fn start_with(latency: &str, vendors: &[&str]) -> LocalCloud {
         let turn = super::turn_unless_held();
         let state = tempfile::Builder::new()
             .prefix("amibake-localcloud-")
             .tempdir()
             .expect("temp dir")
             .keep();
-        let out = run(&state, &["up", "--latency", latency]);
+        let mut args = vec!["up".to_string(), "--latency".into(), latency.into()];
+        args.extend(vendors.iter().map(|v| format!("--vendor={v}")));
+        let out = run(&state, &args.iter().map(String::as_str).collect::<Vec<_>>());
         assert!(
             out.status.success(),
             "localcloud up failed:\n{}",
@@ -267,26 +275,31 @@ impl LocalCloud {
         image_id
     }
 
+    /// The snapshot of the image's root volume.
+    pub async fn root_snapshot(clients: &amibake::aws::Clients, image_id: &str) -> String {
+        let image = clients
+            .ec2
+            .describe_images()
+            .image_ids(image_id)
+            .send()
+            .await
+            .unwrap()
+            .images()[0]
+            .clone();
+        image.block_device_mappings()[0]
+            .ebs()
+            .and_then(|e| e.snapshot_id())
+            .unwrap()
+            .to_string()
+    }
+
     /// A new volume, in the cloud's zone, of the Debian vendor image's root snapshot: its id.
     pub async fn vendor_root_volume(&self, clients: &amibake::aws::Clients) -> String {
         let vendor = self.ls()["vendor_amis"]["partitioned"]
             .as_str()
             .unwrap()
             .to_string();
-        let image = clients
-            .ec2
-            .describe_images()
-            .image_ids(&vendor)
-            .send()
-            .await
-            .unwrap()
-            .images()[0]
-            .clone();
-        let snapshot = image.block_device_mappings()[0]
-            .ebs()
-            .and_then(|e| e.snapshot_id())
-            .unwrap()
-            .to_string();
+        let snapshot = Self::root_snapshot(clients, &vendor).await;
         let volume = clients
             .ec2
             .create_volume()
@@ -495,8 +508,18 @@ impl MountedSnapshot {
             root: root.to_path_buf(),
             loop_dev,
         };
+        // An XFS of a UUID in use (an Amazon Linux 2023 root) mounts only with nouuid.
+        let xfs = std::fs::File::open(&mounted.loop_dev)
+            .and_then(|d| amibake::host::filesystem::probe(&d, 0))
+            .unwrap()
+            .is_some_and(|fs| fs.kind == amibake::host::filesystem::FsKind::Xfs);
+        let options = if xfs {
+            format!("{mode},nouuid")
+        } else {
+            mode.to_string()
+        };
         assert!(Command::new("mount")
-            .args(["-o", mode, &mounted.loop_dev])
+            .args(["-o", &options, &mounted.loop_dev])
             .arg(&mounted.root)
             .status()
             .unwrap()

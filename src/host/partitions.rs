@@ -1,0 +1,619 @@
+//! A disk's partitions, from its GPT or MBR table, and which of them holds the root: the one
+//! the template names, or the one the image's own layout shows. For disk images (the
+//! `direct` backend) and whole block devices (`attach`) alike.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use crate::host::filesystem::{self, Filesystem};
+
+const SECTOR: u64 = 512;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub offset: u64,
+    pub size: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PartitionError {
+    #[error("cannot read the partition table of {image}: {source}")]
+    Read { image: String, source: io::Error },
+    #[error("{image} has no partition table, so no partition {wanted} (root_partition = 0 names the whole disk)")]
+    NotPartitioned { image: String, wanted: u32 },
+    #[error("{image} has no partition {wanted} (its table lists {listed})")]
+    NoPartition {
+        image: String,
+        wanted: u32,
+        listed: String,
+    },
+    #[error("{image} holds no filesystem a root can live on (ext4 or XFS outside /boot and EFI partitions); its partitions: {listed}")]
+    NoRoot { image: String, listed: String },
+    #[error("{image} has several filesystems that could hold the root: {candidates}; set bake.root_partition to the root's number")]
+    SeveralRoots { image: String, candidates: String },
+    #[error("cannot grow partition {partition} of {image}: sfdisk {args}: {reason}")]
+    Grow {
+        image: String,
+        partition: u32,
+        args: String,
+        reason: String,
+    },
+}
+
+/// `root_extent`, after growing the root's partition to the end of the disk: for a copy
+/// made larger than the base (`volume_size_gb`), so that its filesystem can fill it, as
+/// cloud-init's growpart would at first boot. GPT's backup header moves to the new end
+/// first. A partition that has another after it cannot grow, and keeps its size.
+pub fn grow_root_partition(
+    image: &Path,
+    wanted: Option<u32>,
+) -> Result<Option<Extent>, PartitionError> {
+    let Some(partition) = root_partition(image, wanted)? else {
+        return Ok(None);
+    };
+    let sfdisk = |args: &[&str], input: &str| {
+        let fail = |reason: String| PartitionError::Grow {
+            image: image.display().to_string(),
+            partition,
+            args: args.join(" "),
+            reason,
+        };
+        let mut child = std::process::Command::new("sfdisk")
+            .args(["--no-reread", "--no-tell-kernel", "--quiet"])
+            .args(args)
+            .arg(image)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| fail(format!("cannot run it: {e}")))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            std::io::Write::write_all(&mut stdin, input.as_bytes())
+                .map_err(|e| fail(e.to_string()))?;
+        }
+        let out = child.wait_with_output().map_err(|e| fail(e.to_string()))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(fail(
+                String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            ))
+        }
+    };
+    sfdisk(&["--relocate", "gpt-bak-std"], "")?;
+    // `, +`: the same start, as large as the free space after it allows.
+    sfdisk(&["-N", &partition.to_string()], ", +\n")?;
+    root_extent(image, Some(partition))
+}
+
+/// The extent of the root filesystem in `image` (`root_partition`'s). `None` is the whole disk.
+pub fn root_extent(image: &Path, wanted: Option<u32>) -> Result<Option<Extent>, PartitionError> {
+    let Some(number) = root_partition(image, wanted)? else {
+        return Ok(None);
+    };
+    let partitions = read_partitions(image)?.unwrap_or_default();
+    match partitions.iter().find(|p| p.number == number) {
+        Some(p) => Ok(Some(p.extent)),
+        None => Err(PartitionError::NoPartition {
+            image: image.display().to_string(),
+            wanted: number,
+            listed: numbers(&partitions),
+        }),
+    }
+}
+
+/// The partition of `image` (a disk image or a whole block device) that holds the root
+/// filesystem: `wanted` (0: the whole disk, `None` returned), or when the template does not
+/// say, the one the image's own layout shows (`root_of_layout`); the whole disk if it has no
+/// partition table.
+pub fn root_partition(image: &Path, wanted: Option<u32>) -> Result<Option<u32>, PartitionError> {
+    if wanted == Some(0) {
+        return Ok(None);
+    }
+    let name = image.display().to_string();
+    let partitions = read_partitions(image)?;
+    match (wanted, partitions) {
+        (None, None) => Ok(None),
+        (Some(n), None) => Err(PartitionError::NotPartitioned {
+            image: name,
+            wanted: n,
+        }),
+        (Some(n), Some(partitions)) => {
+            if partitions.iter().any(|p| p.number == n) {
+                Ok(Some(n))
+            } else {
+                Err(PartitionError::NoPartition {
+                    image: name,
+                    wanted: n,
+                    listed: if partitions.is_empty() {
+                        "none".into()
+                    } else {
+                        numbers(&partitions)
+                    },
+                })
+            }
+        }
+        (None, Some(partitions)) => {
+            let disk = File::open(image).map_err(|source| PartitionError::Read {
+                image: name.clone(),
+                source,
+            })?;
+            root_of_layout(&disk, &name, &partitions).map(Some)
+        }
+    }
+}
+
+fn read_partitions(image: &Path) -> Result<Option<Vec<Partition>>, PartitionError> {
+    let read = |source| PartitionError::Read {
+        image: image.display().to_string(),
+        source,
+    };
+    partitions(&File::open(image).map_err(read)?).map_err(read)
+}
+
+fn numbers(partitions: &[Partition]) -> String {
+    partitions
+        .iter()
+        .map(|p| p.number.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+// GPT partition types a root never lives in.
+const BIOS_BOOT: &str = "21686148-6449-6E6F-744E-656564454649";
+const EFI_SYSTEM: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
+const XBOOTLDR: &str = "BC13C2FF-59E6-4262-A352-B275FD6F7172";
+const LINUX_SWAP: &str = "0657FD6D-A4AB-43C4-84E5-0933C84B4F4F";
+const NOT_ROOT_GPT: [&str; 4] = [BIOS_BOOT, EFI_SYSTEM, XBOOTLDR, LINUX_SWAP];
+// MBR types a root never lives in: swap, EFI.
+const NOT_ROOT_MBR: [u8; 2] = [0x82, 0xEF];
+// MBR extended partitions: containers of logical partitions, never a filesystem.
+const EXTENDED_MBR: [u8; 3] = [0x05, 0x0F, 0x85];
+// The Discoverable Partitions Specification's root types, x86-64 and arm64.
+const ROOT_TYPES: [&str; 2] = [
+    "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709",
+    "B921B045-1DF0-41C3-AF44-4C6F280D3FAE",
+];
+
+/// The root's partition from the disk's own layout, as vendors lay their images out: root
+/// after BIOS boot and EFI partitions (Amazon Linux 2023: 127, 128, root on 1), beside a
+/// separate `/boot` (Ubuntu: root 1, /boot 16; RHEL: /boot 3, root 4). Partitions typed BIOS
+/// boot, EFI, extended boot (/boot) or swap are never the root; of the rest, those holding
+/// ext4 or XFS could be, and so could those holding a filesystem this does not read (btrfs,
+/// LVM): the one GPT types as a root wins, or else the only one. Several: the template must
+/// say, rather than the bake writing into a /boot while the real root goes untouched.
+fn root_of_layout(
+    disk: &File,
+    image: &str,
+    partitions: &[Partition],
+) -> Result<u32, PartitionError> {
+    let read = |source| PartitionError::Read {
+        image: image.into(),
+        source,
+    };
+    let mut held = Vec::new();
+    for p in partitions {
+        held.push((p, filesystem::probe(disk, p.extent.offset).map_err(read)?));
+    }
+    let never_root = |p: &Partition| match (&p.type_guid, p.mbr_type) {
+        (Some(t), _) => NOT_ROOT_GPT.contains(&t.as_str()),
+        (None, t) => NOT_ROOT_MBR.contains(&t),
+    };
+    let could_be_root = |(p, fs): &&(&Partition, Option<Filesystem>)| {
+        !never_root(p) && fs.as_ref().is_none_or(|fs| fs.kind.can_hold_a_root())
+    };
+    let candidates: Vec<_> = held.iter().filter(could_be_root).collect();
+    let readable = |(_, fs): &&&(&Partition, Option<Filesystem>)| fs.is_some();
+    let typed_root: Vec<u32> = candidates
+        .iter()
+        .filter(readable)
+        .filter(|(p, _)| {
+            p.type_guid
+                .as_deref()
+                .is_some_and(|t| ROOT_TYPES.contains(&t))
+        })
+        .map(|(p, _)| p.number)
+        .collect();
+    let readable_count = candidates.iter().filter(readable).count();
+    match (candidates.as_slice(), typed_root.as_slice()) {
+        (_, [number]) => Ok(*number),
+        ([(p, Some(_))], _) => Ok(p.number),
+        _ if readable_count == 0 => Err(PartitionError::NoRoot {
+            image: image.into(),
+            listed: describe(&held),
+        }),
+        (several, _) => Err(PartitionError::SeveralRoots {
+            image: image.into(),
+            candidates: describe(
+                &several
+                    .iter()
+                    .map(|(p, fs)| (*p, fs.clone()))
+                    .collect::<Vec<_>>(),
+            ),
+        }),
+    }
+}
+
+/// "1 (ext4 `cloudimg-rootfs`, 2048 MiB), 14 (no filesystem amibake reads, 4 MiB)"
+fn describe(held: &[(&Partition, Option<Filesystem>)]) -> String {
+    held.iter()
+        .map(|(p, fs)| {
+            let what = match fs {
+                Some(fs) if fs.label.is_empty() => fs.kind.to_string(),
+                Some(fs) => format!("{} `{}`", fs.kind, fs.label),
+                None => "no filesystem amibake reads".into(),
+            };
+            format!("{} ({what}, {} MiB)", p.number, p.extent.size >> 20)
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A numbered partition, with its GPT type (`None` on an MBR disk) or its MBR type byte
+/// (0 on a GPT disk).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Partition {
+    pub number: u32,
+    pub extent: Extent,
+    pub type_guid: Option<String>,
+    pub mbr_type: u8,
+}
+
+/// The numbered partitions of a GPT or MBR disk (primary MBR partitions only), or `None`
+/// when the disk has no partition table.
+fn partitions(disk: &File) -> io::Result<Option<Vec<Partition>>> {
+    let mut mbr = [0u8; 512];
+    if disk.read_at(&mut mbr, 0)? < 512 || mbr[510..512] != [0x55, 0xAA] {
+        return Ok(None);
+    }
+    let entries: Vec<&[u8]> = mbr[446..510].chunks(16).collect();
+    // As the kernel reads it: a boot flag other than 0 or 0x80 means these 64 bytes are not
+    // a partition table (a filesystem's own boot sector on an unpartitioned disk).
+    if entries.iter().any(|e| e[0] != 0 && e[0] != 0x80) {
+        return Ok(None);
+    }
+    if entries.iter().any(|e| e[4] == 0xEE) {
+        return gpt_partitions(disk).map(Some);
+    }
+    let mut found = Vec::new();
+    for (i, entry) in entries.iter().enumerate() {
+        let start = u32::from_le_bytes(entry[8..12].try_into().expect("4 bytes")) as u64;
+        let sectors = u32::from_le_bytes(entry[12..16].try_into().expect("4 bytes")) as u64;
+        if entry[4] != 0 && !EXTENDED_MBR.contains(&entry[4]) && sectors > 0 {
+            found.push(Partition {
+                number: i as u32 + 1,
+                extent: Extent {
+                    offset: start * SECTOR,
+                    size: sectors * SECTOR,
+                },
+                type_guid: None,
+                mbr_type: entry[4],
+            });
+        }
+    }
+    Ok(Some(found))
+}
+
+fn gpt_partitions(disk: &File) -> io::Result<Vec<Partition>> {
+    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("GPT: {what}"));
+    let mut header = [0u8; 92];
+    disk.read_exact_at(&mut header, SECTOR)?;
+    if &header[..8] != b"EFI PART" {
+        return Err(bad("no header signature at LBA 1"));
+    }
+    let u64_at = |b: &[u8], at: usize| u64::from_le_bytes(b[at..at + 8].try_into().expect("8"));
+    let u32_at = |b: &[u8], at: usize| u32::from_le_bytes(b[at..at + 4].try_into().expect("4"));
+    let (table_lba, count, size) = (
+        u64_at(&header, 72),
+        u32_at(&header, 80),
+        u32_at(&header, 84),
+    );
+    if !(128..=4096).contains(&size) || count > 1024 {
+        return Err(bad("implausible partition entry count or size"));
+    }
+    let mut table = vec![0u8; count as usize * size as usize];
+    let bytes = |lba: u64| {
+        lba.checked_mul(SECTOR)
+            .ok_or_else(|| bad("an LBA past any disk"))
+    };
+    disk.read_exact_at(&mut table, bytes(table_lba)?)?;
+    let mut found = Vec::new();
+    for (i, entry) in table.chunks(size as usize).enumerate() {
+        if entry[..16].iter().all(|b| *b == 0) {
+            continue;
+        }
+        let (first, last) = (u64_at(entry, 32), u64_at(entry, 40));
+        if last < first {
+            return Err(bad(&format!("partition {} ends before it starts", i + 1)));
+        }
+        found.push(Partition {
+            number: i as u32 + 1,
+            extent: Extent {
+                offset: bytes(first)?,
+                size: bytes(last - first)?
+                    .checked_add(SECTOR)
+                    .ok_or_else(|| bad("a partition past any disk"))?,
+            },
+            type_guid: Some(guid_text(&entry[..16])),
+            mbr_type: 0,
+        });
+    }
+    Ok(found)
+}
+
+/// A GPT GUID as written: its first three fields are stored little-endian.
+fn guid_text(b: &[u8]) -> String {
+    let hex = |bytes: &[u8]| bytes.iter().map(|x| format!("{x:02X}")).collect::<String>();
+    let rev = |bytes: &[u8]| hex(&bytes.iter().rev().copied().collect::<Vec<_>>());
+    format!(
+        "{}-{}-{}-{}-{}",
+        rev(&b[..4]),
+        rev(&b[4..6]),
+        rev(&b[6..8]),
+        hex(&b[8..10]),
+        hex(&b[10..16])
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn blank_disk(dir: &Path, len: u64) -> std::path::PathBuf {
+        let path = dir.join("disk.img");
+        File::create(&path).unwrap().set_len(len).unwrap();
+        path
+    }
+
+    fn write_mbr(path: &Path, entries: &[(u8, u32, u32)]) {
+        let mut mbr = [0u8; 512];
+        for (i, (kind, start, sectors)) in entries.iter().enumerate() {
+            let e = &mut mbr[446 + i * 16..446 + (i + 1) * 16];
+            e[4] = *kind;
+            e[8..12].copy_from_slice(&start.to_le_bytes());
+            e[12..16].copy_from_slice(&sectors.to_le_bytes());
+        }
+        mbr[510] = 0x55;
+        mbr[511] = 0xAA;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .write_all_at(&mbr, 0)
+            .unwrap();
+    }
+
+    #[test]
+    fn root_extent_follows_the_table_and_the_setting() {
+        let dir = tempfile::tempdir().unwrap();
+        let whole = blank_disk(dir.path(), 2 << 20);
+        assert_eq!(root_extent(&whole, None).unwrap(), None);
+        assert!(matches!(
+            root_extent(&whole, Some(1)),
+            Err(PartitionError::NotPartitioned { wanted: 1, .. })
+        ));
+        write_mbr(&whole, &[(0x83, 2048, 4096), (0x82, 8192, 100)]);
+        ext_magic_at(&whole, 2048 * 512);
+        assert_eq!(
+            root_extent(&whole, None).unwrap(),
+            Some(Extent {
+                offset: 2048 * 512,
+                size: 4096 * 512
+            })
+        );
+        assert_eq!(
+            root_extent(&whole, Some(2)).unwrap().unwrap().offset,
+            8192 * 512
+        );
+        assert_eq!(root_extent(&whole, Some(0)).unwrap(), None);
+        let err = root_extent(&whole, Some(3)).unwrap_err().to_string();
+        assert!(
+            err.contains("no partition 3") && err.contains("lists 1, 2"),
+            "{err}"
+        );
+    }
+
+    fn ext_magic_at(disk: &Path, offset: u64) {
+        let file = std::fs::OpenOptions::new().write(true).open(disk).unwrap();
+        file.write_all_at(&[0x53, 0xEF], offset + 1024 + 0x38)
+            .unwrap();
+    }
+
+    /// A GPT disk of 64 MiB with these (number, first MiB, MiB, type) partitions, made by sfdisk.
+    fn gpt_disk(path: &Path, parts: &[(u32, u64, u64, &str)]) {
+        std::fs::File::create(path)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
+        let mut script = String::from("label: gpt\n");
+        for (number, first, size, kind) in parts {
+            script += &format!(
+                "{}{number} : start={}, size={}, type={kind}\n",
+                path.display(),
+                first * 2048,
+                size * 2048
+            );
+        }
+        let mut sfdisk = std::process::Command::new("sfdisk")
+            .args(["-q", &path.display().to_string()])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut stdin = sfdisk.stdin.take().unwrap();
+        std::io::Write::write_all(&mut stdin, script.as_bytes()).unwrap();
+        drop(stdin);
+        assert!(sfdisk.wait().unwrap().success());
+    }
+
+    const LINUX: &str = "0FC63DAF-8483-4772-8E79-3D69D8477DE4";
+
+    #[test]
+    fn the_root_is_found_from_the_images_own_layout() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = dir.path().join("disk.img");
+        // RHEL's order: BIOS boot, EFI, /boot, root; /boot holds a filesystem as the root does.
+        let rhel = [
+            (1, 1, 1, BIOS_BOOT),
+            (2, 2, 8, EFI_SYSTEM),
+            (3, 10, 20, XBOOTLDR),
+            (4, 30, 30, LINUX),
+        ];
+        gpt_disk(&disk, &rhel);
+        let err = root_partition(&disk, None).unwrap_err().to_string();
+        assert!(
+            err.contains("no filesystem a root can live on")
+                && err.contains("1 (no filesystem amibake reads, 1 MiB)"),
+            "{err}"
+        );
+        ext_magic_at(&disk, 10 << 20);
+        ext_magic_at(&disk, 30 << 20);
+        assert_eq!(root_partition(&disk, None).unwrap(), Some(4));
+        assert_eq!(root_extent(&disk, None).unwrap().unwrap().offset, 30 << 20);
+        assert_eq!(
+            root_partition(&disk, Some(3)).unwrap(),
+            Some(3),
+            "the template's word wins"
+        );
+        // A /boot typed as any Linux filesystem leaves two candidates: the template must say...
+        gpt_disk(
+            &disk,
+            &[(1, 1, 1, BIOS_BOOT), (3, 10, 20, LINUX), (4, 30, 30, LINUX)],
+        );
+        ext_magic_at(&disk, 10 << 20);
+        ext_magic_at(&disk, 30 << 20);
+        let err = root_partition(&disk, None).unwrap_err().to_string();
+        assert!(
+            err.contains("3 (ext4, 20 MiB), 4 (ext4, 30 MiB)")
+                && err.contains("bake.root_partition"),
+            "{err}"
+        );
+        // ...unless one is typed as a root.
+        gpt_disk(&disk, &[(3, 10, 20, LINUX), (4, 30, 30, ROOT_TYPES[0])]);
+        ext_magic_at(&disk, 10 << 20);
+        ext_magic_at(&disk, 30 << 20);
+        assert_eq!(root_partition(&disk, None).unwrap(), Some(4));
+        // AL2023's order: the root is 1 although it sits after 127 and 128.
+        gpt_disk(
+            &disk,
+            &[
+                (127, 1, 2, BIOS_BOOT),
+                (128, 3, 7, EFI_SYSTEM),
+                (1, 10, 50, LINUX),
+            ],
+        );
+        ext_magic_at(&disk, 10 << 20);
+        assert_eq!(root_partition(&disk, None).unwrap(), Some(1));
+    }
+
+    #[test]
+    fn a_partition_whose_filesystem_is_unread_could_be_the_root() {
+        // An LVM or btrfs root beside an ext4 /boot typed as plain Linux: asking beats writing
+        // the code into /boot while the real root goes untouched.
+        let dir = tempfile::tempdir().unwrap();
+        let disk = dir.path().join("disk.img");
+        gpt_disk(&disk, &[(1, 1, 20, LINUX), (2, 30, 30, LINUX)]);
+        ext_magic_at(&disk, 1 << 20);
+        let err = root_partition(&disk, None).unwrap_err().to_string();
+        assert!(
+            err.contains("1 (ext4, 20 MiB), 2 (no filesystem amibake reads, 30 MiB)"),
+            "{err}"
+        );
+        // Swap is never the root.
+        gpt_disk(&disk, &[(1, 1, 20, LINUX), (2, 30, 30, LINUX_SWAP)]);
+        ext_magic_at(&disk, 1 << 20);
+        assert_eq!(root_partition(&disk, None).unwrap(), Some(1));
+    }
+
+    #[test]
+    fn a_crafted_table_is_an_error_never_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = dir.path().join("disk.img");
+        gpt_disk(&disk, &[(1, 1, 20, LINUX)]);
+        let file = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+        // Entry 1 from LBA 0 to the last u64: its size overflows.
+        file.write_all_at(&0u64.to_le_bytes(), 2 * 512 + 32)
+            .unwrap();
+        file.write_all_at(&u64::MAX.to_le_bytes(), 2 * 512 + 40)
+            .unwrap();
+        let err = root_partition(&disk, None).unwrap_err().to_string();
+        assert!(err.contains("past any disk"), "{err}");
+        // The entries' table at an LBA no disk has.
+        file.write_all_at(&(1u64 << 60).to_le_bytes(), 512 + 72)
+            .unwrap();
+        let err = root_partition(&disk, Some(1)).unwrap_err().to_string();
+        assert!(err.contains("past any disk"), "{err}");
+        assert_eq!(
+            root_partition(&disk, Some(0)).unwrap(),
+            None,
+            "0 reads nothing"
+        );
+    }
+
+    #[test]
+    fn a_boot_sector_is_no_partition_table() {
+        // A whole-disk filesystem's boot code ends in 55 AA too; its "entries" carry boot
+        // flags the kernel refuses, and the disk is unpartitioned.
+        let dir = tempfile::tempdir().unwrap();
+        let disk = blank_disk(dir.path(), 4 << 20);
+        write_mbr(&disk, &[(0x83, 2048, 4096)]);
+        let file = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+        file.write_all_at(&[0x12], 446).unwrap();
+        assert_eq!(root_partition(&disk, None).unwrap(), None);
+        // An extended partition holds logical ones, never a filesystem.
+        file.write_all_at(&[0x00], 446).unwrap();
+        write_mbr(&disk, &[(0x83, 2048, 2048), (0x05, 4096, 2048)]);
+        ext_magic_at(&disk, 2048 * 512);
+        let err = root_extent(&disk, Some(2)).unwrap_err().to_string();
+        assert!(err.contains("lists 1"), "{err}");
+    }
+
+    #[test]
+    fn gpt_partitions_are_read_from_the_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = blank_disk(dir.path(), 4 << 20);
+        write_mbr(&disk, &[(0xEE, 1, 8191)]);
+        let mut header = [0u8; 92];
+        header[..8].copy_from_slice(b"EFI PART");
+        header[72..80].copy_from_slice(&2u64.to_le_bytes());
+        header[80..84].copy_from_slice(&128u32.to_le_bytes());
+        header[84..88].copy_from_slice(&128u32.to_le_bytes());
+        let file = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+        file.write_all_at(&header, 512).unwrap();
+        // Entry 1 unused; entry 2 at LBA 2048..=6143; entry 14 at 34..=2047.
+        for (slot, first, last) in [(1usize, 2048u64, 6143u64), (13, 34, 2047)] {
+            let mut entry = [0u8; 128];
+            entry[0] = 0xAF;
+            entry[32..40].copy_from_slice(&first.to_le_bytes());
+            entry[40..48].copy_from_slice(&last.to_le_bytes());
+            file.write_all_at(&entry, 2 * 512 + slot as u64 * 128)
+                .unwrap();
+        }
+        assert_eq!(
+            root_extent(&disk, Some(2)).unwrap(),
+            Some(Extent {
+                offset: 2048 * 512,
+                size: 4096 * 512
+            })
+        );
+        assert_eq!(
+            root_extent(&disk, Some(14)).unwrap().unwrap().offset,
+            34 * 512
+        );
+        // Untold, a partition of a type this does not know and a filesystem it does not read
+        // could be the root as well as the ext4 one.
+        ext_magic_at(&disk, 2048 * 512);
+        let err = root_partition(&disk, None).unwrap_err().to_string();
+        assert!(
+            err.contains("2 (ext4, 2 MiB), 14 (no filesystem amibake reads, 0 MiB)"),
+            "{err}"
+        );
+        let err = root_extent(&disk, Some(1)).unwrap_err().to_string();
+        assert!(
+            err.contains("no partition 1") && err.contains("lists 2, 14"),
+            "{err}"
+        );
+    }
+}
