@@ -10,6 +10,7 @@ a separate `/boot` and `/boot/efi`, the default user and os-release. A bake tool
 through the layout, never the content, so the content may stay Debian's.
 """
 
+import fcntl
 import hashlib
 import json
 import os
@@ -18,6 +19,7 @@ import shutil
 import subprocess
 import tempfile
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,10 +65,27 @@ def cache_dir():
     return CACHE / f"debian-12-{recipe_key()}"
 
 
+@contextmanager
+def one_builder():
+    """Clouds starting side by side on a fresh machine would otherwise debootstrap into one
+    directory together: the first builds, the others wait and find its work done."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def ensure_images(log=print):
     """Returns {"partitioned": path, "flat": path}, building what is missing."""
     out = cache_dir()
     images = {"partitioned": out / "partitioned.img", "flat": out / "flat.img"}
+    if all(p.exists() for p in images.values()):
+        return images
+    with one_builder():
+        return _build_images(out, images, log)
+
+
+def _build_images(out, images, log):
     if all(p.exists() for p in images.values()):
         return images
     out.mkdir(parents=True, exist_ok=True)
@@ -264,6 +283,14 @@ def ensure_vendor(family: str, log=print) -> Path:
     if path.exists():
         return path
     ensure_images(log)  # the Debian root filesystem the content comes from
+    with one_builder():
+        if not path.exists():
+            _build_vendor(layout, path, log)
+    return path
+
+
+def _build_vendor(layout, path, log):
+    family = layout.family
     log(f"laying the Debian content out as {family} does (once per recipe)")
     with tempfile.TemporaryDirectory(dir=cache_dir(), prefix=f"{family}-") as work:
         tree = Path(work) / "tree"
@@ -272,7 +299,6 @@ def ensure_vendor(family: str, log=print) -> Path:
         tmp = Path(work) / "disk.img"
         lay_out(tree, layout, tmp, Path(work))
         tmp.rename(path)
-    return path
 
 
 def dress(tree: Path, layout: Layout):
