@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use crate::util::localcloud::LocalCloud;
+use crate::util::localcloud::{LocalCloud, MountedSnapshot};
 use crate::util::tarballs::{assert_composer_like_at, composer_like, gzip};
 use crate::util::Run;
 
@@ -27,45 +27,6 @@ fn partition_offset(raw: &Path, number: u32) -> u64 {
     partition["start"].as_u64().unwrap() * 512
 }
 
-/// A filesystem of a disk image mounted as a host mounts its own root: without `nouuid`, so
-/// its UUID is taken on this host until dropped.
-struct HostsOwn {
-    target: tempfile::TempDir,
-    loop_dev: String,
-}
-
-impl HostsOwn {
-    fn mount(raw: &Path, offset: u64) -> HostsOwn {
-        let out = Command::new("losetup")
-            .args(["--find", "--show", "--read-only", "--offset"])
-            .arg(offset.to_string())
-            .arg(raw)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "losetup: {out:?}");
-        let own = HostsOwn {
-            target: tempfile::tempdir().unwrap(),
-            loop_dev: String::from_utf8(out.stdout).unwrap().trim().to_string(),
-        };
-        let mount = Command::new("mount")
-            .args(["-o", "ro", &own.loop_dev])
-            .arg(own.target.path())
-            .output()
-            .unwrap();
-        assert!(mount.status.success(), "mount: {mount:?}");
-        own
-    }
-}
-
-impl Drop for HostsOwn {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(self.target.path()).status();
-        let _ = Command::new("losetup")
-            .args(["-d", &self.loop_dev])
-            .status();
-    }
-}
-
 /// A bake of a composer-like tarball onto `family`'s vendor image with each backend: the
 /// code lands on partition `root`, the image's root, and nothing is left. With
 /// `host_holds_its_uuid`, this host has the vendor's root filesystem mounted as its own
@@ -84,7 +45,7 @@ fn bakes_onto(family: &str, root: u32, host_holds_its_uuid: bool) {
             .block_on(async { LocalCloud::root_snapshot(&cloud.clients().await, &vendor).await });
         let raw = dir.join("vendor.img");
         cloud.cli(&["export-snapshot", &snapshot, raw.to_str().unwrap()]);
-        HostsOwn::mount(&raw, partition_offset(&raw, root))
+        MountedSnapshot::mount_as_hosts_own(&raw, partition_offset(&raw, root), &dir.join("host"))
     });
     let (tar, files) = composer_like();
     std::fs::write(dir.join("app.tar.gz"), gzip(&tar)).unwrap();

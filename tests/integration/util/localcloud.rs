@@ -490,9 +490,26 @@ pub struct MountedSnapshot {
 const LOOP_GONE_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl MountedSnapshot {
+    /// The filesystem at `offset` of the disk image `file`, mounted read-only at `root` as a
+    /// host mounts its own root: an XFS without `nouuid`, so its UUID is taken on this host
+    /// until dropped (as an Amazon Linux 2023 build host's root takes every AL2023 root's).
+    pub fn mount_as_hosts_own(file: &Path, offset: u64, root: &Path) -> MountedSnapshot {
+        MountedSnapshot::mount_with(file, offset, root, "ro", false)
+    }
+
     /// The filesystem at `offset` of the disk image `file`, mounted at `root` with `mode`
     /// (`ro` or `rw`) through a loop device of its own.
     fn mount(file: &Path, offset: u64, root: &Path, mode: &str) -> MountedSnapshot {
+        MountedSnapshot::mount_with(file, offset, root, mode, true)
+    }
+
+    fn mount_with(
+        file: &Path,
+        offset: u64,
+        root: &Path,
+        mode: &str,
+        nouuid_for_xfs: bool,
+    ) -> MountedSnapshot {
         let mut losetup = Command::new("losetup");
         losetup
             .args(["--find", "--show", "--offset"])
@@ -509,10 +526,11 @@ impl MountedSnapshot {
             loop_dev,
         };
         // An XFS of a UUID in use (an Amazon Linux 2023 root) mounts only with nouuid.
-        let xfs = std::fs::File::open(&mounted.loop_dev)
-            .and_then(|d| amibake::host::filesystem::probe(&d, 0))
-            .unwrap()
-            .is_some_and(|fs| fs.kind == amibake::host::filesystem::FsKind::Xfs);
+        let xfs = nouuid_for_xfs
+            && std::fs::File::open(&mounted.loop_dev)
+                .and_then(|d| amibake::host::filesystem::probe(&d, 0))
+                .unwrap()
+                .is_some_and(|fs| fs.kind == amibake::host::filesystem::FsKind::Xfs);
         let options = if xfs {
             format!("{mode},nouuid")
         } else {
