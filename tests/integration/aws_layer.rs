@@ -22,8 +22,18 @@ async fn the_aws_layer_works_against_the_local_cloud() {
     let clients = cloud.clients().await;
     assert_eq!(clients.region, "us-east-1");
 
-    // aws-config's IMDS client speaks IMDSv2 only and needs the token TTL header.
-    let imds = aws_config::imds::Client::builder().build();
+    // aws-config's IMDS client speaks IMDSv2 only and needs the token TTL header. Its
+    // endpoint is this cloud's, named here: the process environment is every story's.
+    let endpoint = cloud
+        .env
+        .iter()
+        .find(|(k, _)| k == "AWS_EC2_METADATA_SERVICE_ENDPOINT")
+        .map(|(_, v)| v.clone())
+        .unwrap();
+    let imds = aws_config::imds::Client::builder()
+        .endpoint(endpoint)
+        .unwrap()
+        .build();
     let instance_id = imds
         .get("/latest/meta-data/instance-id")
         .await
