@@ -72,7 +72,7 @@ pub async fn resolve(clients: &Clients, reference: &AmiRef) -> Result<String, Am
                 .name(&name)
                 .send()
                 .await
-                .map_err(|e| AwsError::new(format!("read SSM parameter {name}"), &e))?;
+                .map_err(|e| AwsError::new(format!("read SSM parameter {name}"), e))?;
             let value = out
                 .parameter()
                 .and_then(|p| p.value())
@@ -107,7 +107,7 @@ async fn newest_matching(
     let out = request
         .send()
         .await
-        .map_err(|e| AwsError::new(format!("find {reference}"), &e))?;
+        .map_err(|e| AwsError::new(format!("find {reference}"), e))?;
     let mut images: Vec<&Image> = out
         .images()
         .iter()
@@ -141,7 +141,7 @@ pub async fn describe(clients: &Clients, image_id: &str) -> Result<BaseImage, Am
         .image_ids(image_id)
         .send()
         .await
-        .map_err(|e| AwsError::new(format!("describe {image_id}"), &e))?;
+        .map_err(|e| AwsError::new(format!("describe {image_id}"), e))?;
     let image = out.images().first().ok_or_else(|| AmiError::NotFound {
         image: image_id.into(),
     })?;
@@ -216,7 +216,7 @@ pub async fn add_channel_tag(
         .image_ids(image_id)
         .send()
         .await
-        .map_err(|e| AwsError::new(format!("describe {image_id}"), &e))?;
+        .map_err(|e| AwsError::new(format!("describe {image_id}"), e))?;
     let now = described
         .images()
         .iter()
@@ -241,7 +241,7 @@ pub async fn add_channel_tag(
         .tags(Tag::builder().key(TAG_CHANNEL).value(value).build())
         .send()
         .await
-        .map_err(|e| AwsError::new(format!("tag {image_id} with channel {channel}"), &e))?;
+        .map_err(|e| AwsError::new(format!("tag {image_id} with channel {channel}"), e))?;
     Ok(())
 }
 
@@ -257,7 +257,7 @@ pub async fn find_by_fingerprint(
         .filters(super::filter("state", "available"))
         .send()
         .await
-        .map_err(|e| AwsError::new("look for an identical earlier build", &e))?;
+        .map_err(|e| AwsError::new("look for an identical earlier build", e))?;
     // Only a finished run's image: a killed run's may lack what came after it.
     let building = |i: &Image| {
         i.tags()
@@ -321,7 +321,7 @@ pub async fn facts(
             .into_paginator()
             .send();
         while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| AwsError::new("describe the channel's images", &e))?;
+            let page = page.map_err(|e| AwsError::new("describe the channel's images", e))?;
             for image in page.images() {
                 let Some(id) = image.image_id() else { continue };
                 found.insert(

@@ -94,16 +94,14 @@ pub async fn printed_host_keys(
             .instance_id(instance_id)
             .send()
             .await
-            .map_err(|e| AwsError::new(action(), &e))?,
-        Err(e) => return Err(AwsError::new(action(), &e)),
+            .map_err(|e| AwsError::new(action(), e))?,
+        Err(e) => return Err(AwsError::new(action(), e)),
     };
     let Some(encoded) = answer.output() else {
         return Ok(PrintedHostKeys::default());
     };
-    let text = aws_smithy_types::base64::decode(encoded).map_err(|e| AwsError {
-        code: None,
-        action: action(),
-        detail: format!("the console output is not base64: {e}"),
+    let text = aws_smithy_types::base64::decode(encoded).map_err(|e| {
+        AwsError::answer(action(), format!("the console output is not base64: {e}"))
     })?;
     Ok(PrintedHostKeys::parse(&String::from_utf8_lossy(&text)))
 }

@@ -174,7 +174,7 @@ pub async fn list_blocks(clients: &Clients, snapshot_id: &str) -> Result<BlockLi
             .set_next_token(token.take())
             .send()
             .await
-            .map_err(|e| AwsError::new(format!("ListSnapshotBlocks {snapshot_id}"), &e))?;
+            .map_err(|e| AwsError::new(format!("ListSnapshotBlocks {snapshot_id}"), e))?;
         if let Some(gib) = page.volume_size() {
             listing.volume_size_gib = gib as u64;
         }
@@ -182,11 +182,10 @@ pub async fn list_blocks(clients: &Clients, snapshot_id: &str) -> Result<BlockLi
             .block_size()
             .is_some_and(|size| size as usize != BLOCK_SIZE)
         {
-            return Err(AwsError {
-                code: None,
-                action: format!("ListSnapshotBlocks {snapshot_id}"),
-                detail: format!("blocks of {:?} bytes, not {BLOCK_SIZE}", page.block_size()),
-            });
+            return Err(AwsError::answer(
+                format!("ListSnapshotBlocks {snapshot_id}"),
+                format!("blocks of {:?} bytes, not {BLOCK_SIZE}", page.block_size()),
+            ));
         }
         listing.blocks.extend(
             page.blocks()
@@ -223,7 +222,7 @@ pub async fn get_block(
             .block_token(token)
             .send()
             .await
-            .map_err(|e| AwsError::new(action(), &e))?;
+            .map_err(|e| AwsError::new(action(), e))?;
         let expected = answer.checksum().map(str::to_string);
         let received = answer
             .block_data
@@ -249,14 +248,13 @@ pub async fn get_block(
             (None, Ok(data)) => return Ok(data),
             (Some(_), _) if attempt < DAMAGED_BLOCK_ATTEMPTS => attempt += 1,
             (damage, _) => {
-                return Err(AwsError {
-                    code: None,
-                    action: action(),
-                    detail: format!(
+                return Err(AwsError::answer(
+                    action(),
+                    format!(
                         "{}; fetched {attempt} times",
                         damage.unwrap_or_else(|| "no data".into())
                     ),
-                })
+                ))
             }
         }
     }
@@ -304,19 +302,14 @@ pub async fn start_snapshot(clients: &Clients, new: &NewSnapshot) -> Result<Stri
     let out = request
         .send()
         .await
-        .map_err(|e| AwsError::new(&action, &e))?;
+        .map_err(|e| AwsError::new(&action, e))?;
     match (out.snapshot_id(), out.status()) {
         (Some(id), Some(Status::Pending) | None) => Ok(id.to_string()),
-        (Some(id), Some(status)) => Err(AwsError {
-            code: None,
+        (Some(id), Some(status)) => Err(AwsError::answer(
             action,
-            detail: format!("{id} is {}, not pending", status.as_str()),
-        }),
-        (None, _) => Err(AwsError {
-            code: None,
-            action,
-            detail: "the answer holds no snapshot id".into(),
-        }),
+            format!("{id} is {}, not pending", status.as_str()),
+        )),
+        (None, _) => Err(AwsError::answer(action, "the answer holds no snapshot id")),
     }
 }
 
@@ -345,7 +338,7 @@ pub async fn put_block(
         .send()
         .await
         .map(|_| ())
-        .map_err(|e| AwsError::new(format!("PutSnapshotBlock {snapshot_id} block {index}"), &e))
+        .map_err(|e| AwsError::new(format!("PutSnapshotBlock {snapshot_id} block {index}"), e))
 }
 
 /// The checksum of a whole write, aggregated as EBS's LINEAR method does: the SHA-256 of
@@ -384,16 +377,15 @@ pub async fn complete_snapshot(
             return completed_already(clients, snapshot_id)
                 .await?
                 .then_some(())
-                .ok_or_else(|| AwsError::new(format!("CompleteSnapshot {snapshot_id}"), &e));
+                .ok_or_else(|| AwsError::new(format!("CompleteSnapshot {snapshot_id}"), e));
         }
-        Err(e) => return Err(AwsError::new(format!("CompleteSnapshot {snapshot_id}"), &e)),
+        Err(e) => return Err(AwsError::new(format!("CompleteSnapshot {snapshot_id}"), e)),
     };
     match out.status() {
-        Some(Status::Error) => Err(AwsError {
-            code: None,
-            action: format!("CompleteSnapshot {snapshot_id}"),
-            detail: "EBS answered that the snapshot is in error".into(),
-        }),
+        Some(Status::Error) => Err(AwsError::answer(
+            format!("CompleteSnapshot {snapshot_id}"),
+            "EBS answered that the snapshot is in error",
+        )),
         _ => Ok(()),
     }
 }
@@ -416,7 +408,7 @@ async fn completed_already(clients: &Clients, snapshot_id: &str) -> Result<bool,
         .snapshot_ids(snapshot_id)
         .send()
         .await
-        .map_err(|e| AwsError::new(format!("describe snapshot {snapshot_id}"), &e))?;
+        .map_err(|e| AwsError::new(format!("describe snapshot {snapshot_id}"), e))?;
     Ok(described.snapshots().iter().any(|s| {
         matches!(
             s.state(),

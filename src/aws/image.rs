@@ -251,7 +251,7 @@ pub async fn tag(
         .tags(Tag::builder().key(key).value(value).build())
         .send()
         .await
-        .map_err(|e| AwsError::new(format!("tag {} {key}={value}", resources.join(", ")), &e))?;
+        .map_err(|e| AwsError::new(format!("tag {} {key}={value}", resources.join(", ")), e))?;
     Ok(())
 }
 
@@ -263,7 +263,7 @@ pub async fn describe(clients: &Clients, id: &str) -> Result<Option<Image>, AwsE
         .image_ids(id)
         .send()
         .await
-        .map_err(|e| AwsError::new(format!("describe {id}"), &e))?;
+        .map_err(|e| AwsError::new(format!("describe {id}"), e))?;
     Ok(out.images().first().cloned())
 }
 
@@ -297,7 +297,7 @@ pub async fn launch_permissions(clients: &Clients, id: &str) -> Result<Vec<Grant
         .attribute(ImageAttributeName::LaunchPermission)
         .send()
         .await
-        .map_err(|e| AwsError::new(format!("read who may launch {id}"), &e))?;
+        .map_err(|e| AwsError::new(format!("read who may launch {id}"), e))?;
     Ok(out
         .launch_permissions()
         .iter()
@@ -329,7 +329,7 @@ pub async fn made_by_amibake(clients: &Clients) -> Result<Vec<Image>, AwsError> 
         .into_paginator()
         .send();
     while let Some(page) = pages.next().await {
-        let page = page.map_err(|e| AwsError::new("list the images amibake made", &e))?;
+        let page = page.map_err(|e| AwsError::new("list the images amibake made", e))?;
         images.extend(page.images().iter().cloned());
     }
     Ok(images)
@@ -354,7 +354,7 @@ pub async fn references(
             .into_paginator()
             .send();
         while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| AwsError::new("ask EC2 what uses the images", &e))?;
+            let page = page.map_err(|e| AwsError::new("ask EC2 what uses the images", e))?;
             for r in page.image_references() {
                 let (Some(image), Some(arn)) = (r.image_id(), r.arn()) else {
                     continue;
@@ -375,7 +375,7 @@ pub async fn disable(clients: &Clients, id: &str) -> Result<(), AwsError> {
         .image_id(id)
         .send()
         .await
-        .map_err(|e| AwsError::new(format!("disable {id}"), &e))?;
+        .map_err(|e| AwsError::new(format!("disable {id}"), e))?;
     Ok(())
 }
 
@@ -400,7 +400,7 @@ pub async fn set(clients: &Clients, id: &str, setting: Setting<'_>) -> Result<()
             .send()
             .await
             .map(|_| ())
-            .map_err(|e| AwsError::new(on("set the deprecation time"), &e)),
+            .map_err(|e| AwsError::new(on("set the deprecation time"), e)),
         Setting::RequireImdsV2 => clients
             .ec2
             .modify_image_attribute()
@@ -409,7 +409,7 @@ pub async fn set(clients: &Clients, id: &str, setting: Setting<'_>) -> Result<()
             .send()
             .await
             .map(|_| ())
-            .map_err(|e| AwsError::new(on("require IMDSv2"), &e)),
+            .map_err(|e| AwsError::new(on("require IMDSv2"), e)),
         Setting::ShareWith(accounts) => {
             let add = accounts
                 .iter()
@@ -427,7 +427,7 @@ pub async fn set(clients: &Clients, id: &str, setting: Setting<'_>) -> Result<()
                 .send()
                 .await
                 .map(|_| ())
-                .map_err(|e| AwsError::new(on("share"), &e))
+                .map_err(|e| AwsError::new(on("share"), e))
         }
     }
 }
@@ -442,6 +442,6 @@ pub async fn of_account(clients: &Clients) -> Result<Vec<Image>, AwsError> {
         .include_deprecated(true)
         .send()
         .await
-        .map_err(|e| AwsError::new("list this account's images", &e))?;
+        .map_err(|e| AwsError::new("list this account's images", e))?;
     Ok(out.images().to_vec())
 }

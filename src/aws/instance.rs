@@ -202,16 +202,12 @@ pub async fn launch(clients: &Clients, spec: InstanceSpec<'_>) -> Result<String,
     let out = request
         .send()
         .await
-        .map_err(|e| AwsError::new(action(), &e))?;
+        .map_err(|e| AwsError::new(action(), e))?;
     out.instances()
         .first()
         .and_then(|i| i.instance_id())
         .map(str::to_string)
-        .ok_or_else(|| AwsError {
-            action: action(),
-            code: None,
-            detail: "RunInstances returned no instance".into(),
-        })
+        .ok_or_else(|| AwsError::answer(action(), "RunInstances returned no instance"))
 }
 
 /// Stops an instance (the wait is `wait(…, "stopped", …)`).
@@ -222,7 +218,7 @@ pub async fn stop(clients: &Clients, id: &str) -> Result<(), AwsError> {
         .instance_ids(id)
         .send()
         .await
-        .map_err(|e| AwsError::new(format!("stop {id}"), &e))?;
+        .map_err(|e| AwsError::new(format!("stop {id}"), e))?;
     Ok(())
 }
 
@@ -237,7 +233,7 @@ pub async fn device_names(
         .instance_ids(id)
         .send()
         .await
-        .map_err(|e| AwsError::new(format!("describe the build host {id}"), &e))?;
+        .map_err(|e| AwsError::new(format!("describe the build host {id}"), e))?;
     Ok(out
         .reservations()
         .iter()
@@ -247,31 +243,31 @@ pub async fn device_names(
         .collect())
 }
 
+/// Every state but terminated.
+const NOT_GONE: [&str; 5] = ["pending", "running", "stopping", "stopped", "shutting-down"];
+
 /// Instances of amibake runs that are not terminated, as (build id, instance id).
 pub async fn of_runs(clients: &Clients) -> Result<Vec<(String, String)>, AwsError> {
-    let not_gone = ["pending", "running", "stopping", "stopped", "shutting-down"];
-    let out = clients
+    let mut found = Vec::new();
+    let mut pages = clients
         .ec2
         .describe_instances()
         .filters(super::resources::of_runs())
         .filters(
             aws_sdk_ec2::types::Filter::builder()
                 .name("instance-state-name")
-                .set_values(Some(not_gone.map(String::from).to_vec()))
+                .set_values(Some(NOT_GONE.map(String::from).to_vec()))
                 .build(),
         )
-        .send()
-        .await
-        .map_err(|e| AwsError::new("list the instances of amibake runs", &e))?;
-    Ok(out
-        .reservations()
-        .iter()
-        .flat_map(|r| r.instances())
-        .filter_map(|i| {
-            Some((
-                super::resources::build_id_of(i.tags())?,
-                i.instance_id()?.to_string(),
-            ))
-        })
-        .collect())
+        .into_paginator()
+        .send();
+    while let Some(page) = pages.next().await {
+        let page = page.map_err(|e| AwsError::new("list the instances of amibake runs", e))?;
+        found.extend(super::resources::by_build_id(
+            page.reservations().iter().flat_map(|r| r.instances()),
+            |r| r.tags(),
+            |r| r.instance_id(),
+        ));
+    }
+    Ok(found)
 }

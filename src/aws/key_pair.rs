@@ -47,7 +47,7 @@ pub async fn delete(clients: Clients, name: String) -> Result<(), ResourceError>
             Some("InvalidKeyPair.NotFound") => Ok(()),
             _ => Err(WaitError::Poll(AwsError::new(
                 format!("delete key pair {name}"),
-                &e,
+                e,
             ))),
         })
 }
@@ -81,8 +81,8 @@ pub async fn create(clients: &Clients, name: &str, tags: &[Tag]) -> Result<Strin
             .map(str::to_string)
             .ok_or(KeyPairError::NoPrivateKey),
         Err(e) => {
-            let error = AwsError::new(format!("create key pair {name}"), &e);
-            Err(match code(&e) {
+            let error = AwsError::new(format!("create key pair {name}"), e);
+            Err(match error.code.as_deref() {
                 Some("InvalidKeyPair.Duplicate") => KeyPairError::Exists(error),
                 _ => KeyPairError::Aws(error),
             })
@@ -90,7 +90,8 @@ pub async fn create(clients: &Clients, name: &str, tags: &[Tag]) -> Result<Strin
     }
 }
 
-/// Key pairs of amibake runs, as (build id, key pair name).
+/// Key pairs of amibake runs, as (build id, key pair name). (DescribeKeyPairs answers all
+/// in one page.)
 pub async fn of_runs(clients: &Clients) -> Result<Vec<(String, String)>, AwsError> {
     let out = clients
         .ec2
@@ -98,15 +99,10 @@ pub async fn of_runs(clients: &Clients) -> Result<Vec<(String, String)>, AwsErro
         .filters(super::resources::of_runs())
         .send()
         .await
-        .map_err(|e| AwsError::new("list the key pairs of amibake runs", &e))?;
-    Ok(out
-        .key_pairs()
-        .iter()
-        .filter_map(|k| {
-            Some((
-                super::resources::build_id_of(k.tags())?,
-                k.key_name()?.to_string(),
-            ))
-        })
-        .collect())
+        .map_err(|e| AwsError::new("list the key pairs of amibake runs", e))?;
+    Ok(super::resources::by_build_id(
+        out.key_pairs(),
+        |k| k.tags(),
+        |k| k.key_name(),
+    ))
 }

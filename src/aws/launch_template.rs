@@ -21,7 +21,7 @@ pub async fn version_images(clients: &Clients) -> Result<Vec<VersionImage>, AwsE
         .into_paginator()
         .send();
     while let Some(page) = pages.next().await {
-        let page = page.map_err(|e| AwsError::new("list the launch templates", &e))?;
+        let page = page.map_err(|e| AwsError::new("list the launch templates", e))?;
         templates.extend(page.launch_templates().iter().filter_map(|t| {
             Some((
                 t.launch_template_id()?.to_string(),
@@ -50,7 +50,7 @@ pub async fn version_images(clients: &Clients) -> Result<Vec<VersionImage>, AwsE
                 }
                 Err(e) => {
                     let what = format!("read the versions of launch template {name}");
-                    return Err(AwsError::new(what, &e));
+                    return Err(AwsError::new(what, e));
                 }
             };
             for v in page.launch_template_versions() {

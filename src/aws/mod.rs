@@ -134,12 +134,10 @@ impl Clients {
             .get_caller_identity()
             .send()
             .await
-            .map_err(|e| AwsError::new("GetCallerIdentity", &e))?;
-        out.account().map(str::to_string).ok_or_else(|| AwsError {
-            code: None,
-            action: "GetCallerIdentity".into(),
-            detail: "the answer names no account".into(),
-        })
+            .map_err(|e| AwsError::new("GetCallerIdentity", e))?;
+        out.account()
+            .map(str::to_string)
+            .ok_or_else(|| AwsError::answer("GetCallerIdentity", "the answer names no account"))
     }
 }
 
@@ -154,7 +152,7 @@ pub async fn enabled_regions(clients: &Clients) -> Result<Vec<String>, AwsError>
         .describe_regions()
         .send()
         .await
-        .map_err(|e| AwsError::new("list the account's regions", &e))?;
+        .map_err(|e| AwsError::new("list the account's regions", e))?;
     let mut regions: Vec<String> = out
         .regions()
         .iter()
@@ -193,27 +191,62 @@ where
 }
 
 /// An SDK call that failed, named by what it was doing, with AWS's error code when AWS
-/// answered one, so callers tell kinds apart by code, never by text.
+/// answered one, so callers tell kinds apart by code, never by text. The SDK's own error is
+/// its source, for a caller that needs more than the code.
 #[derive(Debug, thiserror::Error)]
 #[error("{action} failed: {detail}")]
 pub struct AwsError {
     pub action: String,
     pub code: Option<String>,
     pub detail: String,
+    #[source]
+    sdk: Option<SdkCause>,
+}
+
+/// The SDK's error behind an [`AwsError`]. Its message is the one line `describe` made of
+/// it, which the `AwsError`'s already shows, so a chain printed as one line says it once;
+/// the whole error is at [`SdkCause::error`].
+#[derive(Debug, thiserror::Error)]
+#[error("{line}")]
+pub struct SdkCause {
+    line: String,
+    error: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl SdkCause {
+    /// The SDK's error as it came, to downcast to `SdkError<E, HttpResponse>`.
+    pub fn error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        self.error.as_ref()
+    }
 }
 
 impl AwsError {
-    pub fn new<E>(action: impl Into<String>, err: &SdkError<E, HttpResponse>) -> AwsError
+    pub fn new<E>(action: impl Into<String>, err: SdkError<E, HttpResponse>) -> AwsError
     where
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     {
+        let line = describe(&err);
         AwsError {
             action: action.into(),
             code: err
                 .as_service_error()
                 .and_then(|e| e.code())
                 .map(str::to_string),
-            detail: describe(err),
+            detail: line.clone(),
+            sdk: Some(SdkCause {
+                line,
+                error: Box::new(err),
+            }),
+        }
+    }
+
+    /// A call the SDK carried out whose answer lacks what it must hold.
+    pub fn answer(action: impl Into<String>, detail: impl Into<String>) -> AwsError {
+        AwsError {
+            action: action.into(),
+            code: None,
+            detail: detail.into(),
+            sdk: None,
         }
     }
 

@@ -38,7 +38,7 @@ where
     match result {
         Ok(out) => Ok(Some(out)),
         Err(e) if code(&e) == Some(not_found) => Ok(None),
-        Err(e) => Err(AwsError::new(format!("describe {id}"), &e)),
+        Err(e) => Err(AwsError::new(format!("describe {id}"), e)),
     }
 }
 
@@ -66,7 +66,7 @@ where
                 Ok(_) => Ok(Poll::Ready(())),
                 Err(e) if code(&e) == Some(not_found) => Ok(Poll::NotYetVisible),
                 Err(e) if code(&e).is_some_and(|c| done.contains(&c)) => Ok(Poll::Ready(())),
-                Err(e) => Err(AwsError::new(action, &e)),
+                Err(e) => Err(AwsError::new(action, e)),
             }
         }
     };
@@ -100,6 +100,18 @@ pub fn of_runs() -> aws_sdk_ec2::types::Filter {
     filter("tag-key", crate::artifact::TAG_BUILD_ID)
 }
 
+/// (build id, id) of each listed resource that carries a build id: what gc goes through.
+pub fn by_build_id<'a, T: 'a>(
+    listed: impl IntoIterator<Item = &'a T>,
+    tags: impl Fn(&'a T) -> &'a [Tag],
+    id: impl Fn(&'a T) -> Option<&'a str>,
+) -> Vec<(String, String)> {
+    listed
+        .into_iter()
+        .filter_map(|r| Some((build_id_of(tags(r))?, id(r)?.to_string())))
+        .collect()
+}
+
 /// Tags for what a create call makes, given in the call itself, so that even a run killed
 /// right after can be found.
 pub fn tagged(kind: ResourceType, tags: &[Tag]) -> TagSpecification {
@@ -126,20 +138,19 @@ where
 {
     match answer {
         Ok(out) => id_of(&out).map(str::to_string).ok_or_else(|| {
-            WaitError::Poll(AwsError {
-                action: action.to_string(),
-                code: None,
-                detail: "the answer holds no id".into(),
-            })
+            WaitError::Poll(AwsError::answer(
+                action.to_string(),
+                "the answer holds no id",
+            ))
         }),
         Err(e) if code(&e) == Some(duplicate) => {
             let found = made_by_this_build(clients, kind, name, build_id)
                 .await
-                .map_err(|_| WaitError::Poll(AwsError::new(action, &e)))?;
+                .map_err(|_| WaitError::Poll(AwsError::new(action, e)))?;
             progress.note(format!("{found}: made by an attempt whose answer was lost"));
             Ok(found)
         }
-        Err(e) => Err(WaitError::Poll(AwsError::new(action, &e))),
+        Err(e) => Err(WaitError::Poll(AwsError::new(action, e))),
     }
 }
 
@@ -171,7 +182,7 @@ pub async fn made_by_this_build(
                         .filters(by_build)
                         .send()
                         .await
-                        .map_err(|e| AwsError::new(format!("look for image {name}"), &e))?
+                        .map_err(|e| AwsError::new(format!("look for image {name}"), e))?
                         .images()
                         .first()
                         .and_then(|i| i.image_id().map(str::to_string)),
@@ -181,7 +192,7 @@ pub async fn made_by_this_build(
                         .filters(by_build)
                         .send()
                         .await
-                        .map_err(|e| AwsError::new(format!("look for security group {name}"), &e))?
+                        .map_err(|e| AwsError::new(format!("look for security group {name}"), e))?
                         .security_groups()
                         .first()
                         .and_then(|g| g.group_id().map(str::to_string)),

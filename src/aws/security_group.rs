@@ -30,7 +30,7 @@ pub async fn delete(clients: Clients, id: String) -> Result<(), AwsError> {
                 tokio::time::sleep(std::time::Duration::from_secs(2)).await;
             }
             Ok(_) => return Ok(()),
-            Err(e) => return Err(AwsError::new(format!("delete security group {id}"), &e)),
+            Err(e) => return Err(AwsError::new(format!("delete security group {id}"), e)),
         }
     }
 }
@@ -43,7 +43,7 @@ pub async fn vpc_of_subnet(clients: &Clients, subnet: &str) -> Result<Option<Str
         .subnet_ids(subnet)
         .send()
         .await
-        .map_err(|e| AwsError::new(format!("describe subnet {subnet}"), &e))?;
+        .map_err(|e| AwsError::new(format!("describe subnet {subnet}"), e))?;
     Ok(out
         .subnets()
         .first()
@@ -110,7 +110,7 @@ pub async fn allow_tcp(
         .map_err(|e| {
             AwsError::new(
                 format!("allow port {port} into {group} from {}", cidrs.join(", ")),
-                &e,
+                e,
             )
         })?;
     Ok(())
@@ -118,21 +118,21 @@ pub async fn allow_tcp(
 
 /// Security groups of amibake runs, as (build id, group id).
 pub async fn of_runs(clients: &Clients) -> Result<Vec<(String, String)>, AwsError> {
-    let out = clients
+    let mut found = Vec::new();
+    let mut pages = clients
         .ec2
         .describe_security_groups()
         .filters(super::resources::of_runs())
-        .send()
-        .await
-        .map_err(|e| AwsError::new("list the security groups of amibake runs", &e))?;
-    Ok(out
-        .security_groups()
-        .iter()
-        .filter_map(|g| {
-            Some((
-                super::resources::build_id_of(g.tags())?,
-                g.group_id()?.to_string(),
-            ))
-        })
-        .collect())
+        .into_paginator()
+        .send();
+    while let Some(page) = pages.next().await {
+        let page =
+            page.map_err(|e| AwsError::new("list the security groups of amibake runs", e))?;
+        found.extend(super::resources::by_build_id(
+            page.security_groups(),
+            |r| r.tags(),
+            |r| r.group_id(),
+        ));
+    }
+    Ok(found)
 }

@@ -75,14 +75,13 @@ pub async fn create_of_volume(
         .tag_specifications(tagged(ResourceType::Snapshot, tags))
         .send()
         .await
-        .map_err(|e| AwsError::new(format!("snapshot {volume_id}"), &e))?;
-    out.snapshot_id()
-        .map(str::to_string)
-        .ok_or_else(|| AwsError {
-            action: format!("snapshot {volume_id}"),
-            code: None,
-            detail: "CreateSnapshot returned no snapshot id".into(),
-        })
+        .map_err(|e| AwsError::new(format!("snapshot {volume_id}"), e))?;
+    out.snapshot_id().map(str::to_string).ok_or_else(|| {
+        AwsError::answer(
+            format!("snapshot {volume_id}"),
+            "CreateSnapshot returned no snapshot id",
+        )
+    })
 }
 
 /// This build's snapshots of `volume_id`.
@@ -102,7 +101,7 @@ pub async fn of_volume_by_build(
         .filters(filter("volume-id", volume_id))
         .send()
         .await
-        .map_err(|e| AwsError::new(format!("look for other snapshots of {volume_id}"), &e))?;
+        .map_err(|e| AwsError::new(format!("look for other snapshots of {volume_id}"), e))?;
     Ok(found
         .snapshots()
         .iter()
@@ -122,12 +121,11 @@ pub async fn describe(
         .snapshot_ids(id)
         .send()
         .await
-        .map_err(|e| AwsError::new(action(), &e))?;
-    out.snapshots().first().cloned().ok_or_else(|| AwsError {
-        code: None,
-        action: action(),
-        detail: "EC2 answered no snapshot".into(),
-    })
+        .map_err(|e| AwsError::new(action(), e))?;
+    out.snapshots()
+        .first()
+        .cloned()
+        .ok_or_else(|| AwsError::answer(action(), "EC2 answered no snapshot"))
 }
 
 /// A copy of a snapshot in the same region, tagged in the call (the wait is `wait`).
@@ -147,14 +145,10 @@ pub async fn copy(
         .tag_specifications(tagged(ResourceType::Snapshot, tags))
         .send()
         .await
-        .map_err(|e| AwsError::new(action(), &e))?;
+        .map_err(|e| AwsError::new(action(), e))?;
     out.snapshot_id()
         .map(str::to_string)
-        .ok_or_else(|| AwsError {
-            action: action(),
-            code: None,
-            detail: "CopySnapshot returned no snapshot id".into(),
-        })
+        .ok_or_else(|| AwsError::answer(action(), "CopySnapshot returned no snapshot id"))
 }
 
 /// Whether EBS encrypts new volumes and snapshots by default in this region.
@@ -164,28 +158,27 @@ pub async fn encrypted_by_default(clients: &Clients) -> Result<bool, AwsError> {
         .get_ebs_encryption_by_default()
         .send()
         .await
-        .map_err(|e| AwsError::new("GetEbsEncryptionByDefault", &e))?;
+        .map_err(|e| AwsError::new("GetEbsEncryptionByDefault", e))?;
     Ok(out.ebs_encryption_by_default() == Some(true))
 }
 
 /// Snapshots of amibake runs, as (build id, snapshot id).
 pub async fn of_runs(clients: &Clients) -> Result<Vec<(String, String)>, AwsError> {
-    let out = clients
+    let mut found = Vec::new();
+    let mut pages = clients
         .ec2
         .describe_snapshots()
-        .owner_ids("self")
         .filters(super::resources::of_runs())
-        .send()
-        .await
-        .map_err(|e| AwsError::new("list the snapshots of amibake runs", &e))?;
-    Ok(out
-        .snapshots()
-        .iter()
-        .filter_map(|s| {
-            Some((
-                super::resources::build_id_of(s.tags())?,
-                s.snapshot_id()?.to_string(),
-            ))
-        })
-        .collect())
+        .owner_ids("self")
+        .into_paginator()
+        .send();
+    while let Some(page) = pages.next().await {
+        let page = page.map_err(|e| AwsError::new("list the snapshots of amibake runs", e))?;
+        found.extend(super::resources::by_build_id(
+            page.snapshots(),
+            |r| r.tags(),
+            |r| r.snapshot_id(),
+        ));
+    }
+    Ok(found)
 }

@@ -101,7 +101,7 @@ pub async fn value(clients: &Clients, name: &str) -> Result<Option<String>, AwsE
         {
             Ok(None)
         }
-        Err(e) => Err(AwsError::new(format!("read SSM parameter {name}"), &e)),
+        Err(e) => Err(AwsError::new(format!("read SSM parameter {name}"), e)),
     }
 }
 
@@ -124,7 +124,7 @@ pub async fn history(clients: &Clients, name: &str) -> Result<Vec<Version>, SsmE
             {
                 return Err(SsmError::NoParameter { name: name.into() })
             }
-            Err(e) => return Err(AwsError::new(format!("read the history of {name}"), &e).into()),
+            Err(e) => return Err(AwsError::new(format!("read the history of {name}"), e).into()),
         };
         versions.extend(page.parameters().iter().map(|p| Version {
             version: p.version(),
@@ -242,7 +242,7 @@ pub async fn put_image(
                 }
                 tokio::time::sleep(PUT_BACKOFF * 2u32.pow(attempt.min(5))).await;
             }
-            Err(e) => return Err(AwsError::new(format!("publish {image} to {name}"), &e).into()),
+            Err(e) => return Err(AwsError::new(format!("publish {image} to {name}"), e).into()),
         }
     };
     read_back(clients, name, version, image, cancel).await?;
@@ -338,7 +338,7 @@ pub async fn label(
         .labels(label)
         .send()
         .await
-        .map_err(|e| AwsError::new(format!("label {name} version {version} `{label}`"), &e))?;
+        .map_err(|e| AwsError::new(format!("label {name} version {version} `{label}`"), e))?;
     Ok(())
 }
 
@@ -358,7 +358,7 @@ pub async fn restore(
                     .as_service_error()
                     .is_some_and(|s| s.is_parameter_not_found()) =>
             {
-                Err(AwsError::new(format!("delete SSM parameter {name}"), &e))
+                Err(AwsError::new(format!("delete SSM parameter {name}"), e))
             }
             _ => Ok(()),
         };
@@ -373,7 +373,7 @@ pub async fn restore(
         .overwrite(true)
         .send()
         .await
-        .map_err(|e| AwsError::new(format!("put {name} back to {value}"), &e))?;
+        .map_err(|e| AwsError::new(format!("put {name} back to {value}"), e))?;
     if let Some(label) = label {
         self::label(&clients, &name, out.version(), &label).await?;
     }

@@ -137,12 +137,10 @@ pub async fn create(clients: &Clients, v: NewVolume<'_>) -> Result<String, AwsEr
     let out = request
         .send()
         .await
-        .map_err(|e| AwsError::new("create volume", &e))?;
-    out.volume_id().map(str::to_string).ok_or_else(|| AwsError {
-        action: "create volume".into(),
-        code: None,
-        detail: "CreateVolume returned no volume id".into(),
-    })
+        .map_err(|e| AwsError::new("create volume", e))?;
+    out.volume_id()
+        .map(str::to_string)
+        .ok_or_else(|| AwsError::answer("create volume", "CreateVolume returned no volume id"))
 }
 
 /// The instances a volume is attached to; None when EC2 does not know it.
@@ -173,7 +171,7 @@ async fn attached_as(
         .volume_ids(id)
         .send()
         .await
-        .map_err(|e| AwsError::new(format!("describe {id}"), &e))?;
+        .map_err(|e| AwsError::new(format!("describe {id}"), e))?;
     Ok(described
         .volumes()
         .iter()
@@ -203,7 +201,7 @@ pub async fn attach(clients: &Clients, id: &str, host: &str, device: &str) -> Re
             } else {
                 Err(AwsError::new(
                     format!("attach {id} to {host} as {device}"),
-                    &e,
+                    e,
                 ))
             }
         }
@@ -212,21 +210,20 @@ pub async fn attach(clients: &Clients, id: &str, host: &str, device: &str) -> Re
 
 /// Volumes of amibake runs, as (build id, volume id).
 pub async fn of_runs(clients: &Clients) -> Result<Vec<(String, String)>, AwsError> {
-    let out = clients
+    let mut found = Vec::new();
+    let mut pages = clients
         .ec2
         .describe_volumes()
         .filters(super::resources::of_runs())
-        .send()
-        .await
-        .map_err(|e| AwsError::new("list the volumes of amibake runs", &e))?;
-    Ok(out
-        .volumes()
-        .iter()
-        .filter_map(|v| {
-            Some((
-                super::resources::build_id_of(v.tags())?,
-                v.volume_id()?.to_string(),
-            ))
-        })
-        .collect())
+        .into_paginator()
+        .send();
+    while let Some(page) = pages.next().await {
+        let page = page.map_err(|e| AwsError::new("list the volumes of amibake runs", e))?;
+        found.extend(super::resources::by_build_id(
+            page.volumes(),
+            |r| r.tags(),
+            |r| r.volume_id(),
+        ));
+    }
+    Ok(found)
 }

@@ -126,11 +126,29 @@ async fn the_aws_layer_works_against_the_local_cloud() {
         .send()
         .await
         .unwrap_err();
-    let text = AwsError::new(format!("delete volume {volume_id}"), &err).to_string();
+    let error = AwsError::new(format!("delete volume {volume_id}"), err);
+    let text = error.to_string();
     assert!(
         text.starts_with(&format!("delete volume {volume_id} failed: VolumeInUse: injected by the local cloud into DeleteVolume (request id ")),
         "{text}"
     );
+    // The SDK's own error is the source, whole, for a caller that needs more than the code;
+    // the error as one line still says it once.
+    let cause = std::error::Error::source(&error)
+        .and_then(|s| s.downcast_ref::<amibake::aws::SdkCause>())
+        .expect("the SDK's error as the source");
+    let sdk = cause
+        .error()
+        .downcast_ref::<aws_sdk_ec2::error::SdkError<
+            aws_sdk_ec2::operation::delete_volume::DeleteVolumeError,
+            aws_sdk_ec2::config::http::HttpResponse,
+        >>()
+        .expect("an SdkError of DeleteVolume");
+    assert_eq!(
+        sdk.as_service_error().and_then(|e| e.meta().code()),
+        Some("VolumeInUse")
+    );
+    assert_eq!(amibake::engine::error_chain(&error), text);
     clients
         .ec2
         .delete_volume()
