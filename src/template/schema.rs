@@ -150,27 +150,95 @@ pub struct ImageKeys<'a> {
     pub tests: &'a [Spanned<ProvisionerEntry>],
 }
 
-section_with_image_keys! {
-    /// `[base]` as written.
-    pub struct BaseSection {
-        pub source_ami: Spanned<AmiRef>,
-        pub instance_type: Spanned<String>,
-        pub ssh_username: Spanned<String>,
-        pub ssh_interface: Option<Spanned<SshInterface>>,
-        pub ssh_timeout_seconds: Option<Spanned<u64>>,
-        /// An existing key pair, with its private key file, instead of a temporary one.
-        pub ssh_keypair_name: Option<Spanned<String>>,
-        pub ssh_private_key_file: Option<Spanned<String>>,
-        /// Who may reach port 22 on the temporary security group. Default: this runner's
-        /// address.
-        pub ssh_cidrs: Option<Spanned<Vec<Spanned<String>>>>,
-        pub subnet_id: Option<Spanned<String>>,
-        pub security_group_ids: Option<Spanned<Vec<Spanned<String>>>>,
-        pub associate_public_ip: Option<bool>,
-        pub iam_instance_profile: Option<Spanned<String>>,
-        pub user_data: Option<Spanned<String>>,
-        pub root_volume_size_gb: Option<Spanned<i32>>,
-        pub root_volume_type: Option<Spanned<String>>,
+/// The keys of a temporary instance, spelled into a table made by `$section!`, with
+/// `instance_keys()` to hand them to their one check: `[base]` launches its build instance
+/// with them, `[bake.test_instance]` the instance its tests boot.
+macro_rules! with_instance_keys {
+    ($section:ident! { $(#[$meta:meta])* pub struct $name:ident { $($own:tt)* } }) => {
+        $section! {
+            $(#[$meta])*
+            pub struct $name {
+                $($own)*
+                pub instance_type: Spanned<String>,
+                pub ssh_username: Spanned<String>,
+                pub ssh_interface: Option<Spanned<SshInterface>>,
+                pub ssh_timeout_seconds: Option<Spanned<u64>>,
+                /// An existing key pair, with its private key file, instead of a temporary
+                /// one.
+                pub ssh_keypair_name: Option<Spanned<String>>,
+                pub ssh_private_key_file: Option<Spanned<String>>,
+                /// Who may reach port 22 on the temporary security group. Default: this
+                /// runner's address.
+                pub ssh_cidrs: Option<Spanned<Vec<Spanned<String>>>>,
+                pub subnet_id: Option<Spanned<String>>,
+                pub security_group_ids: Option<Spanned<Vec<Spanned<String>>>>,
+                pub associate_public_ip: Option<bool>,
+                pub iam_instance_profile: Option<Spanned<String>>,
+                pub user_data: Option<Spanned<String>>,
+                pub root_volume_size_gb: Option<Spanned<i32>>,
+                pub root_volume_type: Option<Spanned<String>>,
+            }
+        }
+
+        impl $name {
+            pub fn instance_keys(&self) -> InstanceKeys<'_> {
+                InstanceKeys {
+                    instance_type: &self.instance_type,
+                    ssh_username: &self.ssh_username,
+                    ssh_interface: &self.ssh_interface,
+                    ssh_timeout_seconds: &self.ssh_timeout_seconds,
+                    ssh_keypair_name: &self.ssh_keypair_name,
+                    ssh_private_key_file: &self.ssh_private_key_file,
+                    ssh_cidrs: &self.ssh_cidrs,
+                    subnet_id: &self.subnet_id,
+                    security_group_ids: &self.security_group_ids,
+                    associate_public_ip: self.associate_public_ip,
+                    iam_instance_profile: &self.iam_instance_profile,
+                    user_data: &self.user_data,
+                    root_volume_size_gb: &self.root_volume_size_gb,
+                    root_volume_type: &self.root_volume_type,
+                }
+            }
+        }
+    };
+}
+
+/// A table with its own keys only.
+macro_rules! plain_section {
+    ($(#[$meta:meta])* pub struct $name:ident { $($own:tt)* }) => {
+        $(#[$meta])*
+        #[derive(Debug, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct $name {
+            $($own)*
+        }
+    };
+}
+
+/// The instance keys of either table, as written.
+pub struct InstanceKeys<'a> {
+    pub instance_type: &'a Spanned<String>,
+    pub ssh_username: &'a Spanned<String>,
+    pub ssh_interface: &'a Option<Spanned<SshInterface>>,
+    pub ssh_timeout_seconds: &'a Option<Spanned<u64>>,
+    pub ssh_keypair_name: &'a Option<Spanned<String>>,
+    pub ssh_private_key_file: &'a Option<Spanned<String>>,
+    pub ssh_cidrs: &'a Option<Spanned<Vec<Spanned<String>>>>,
+    pub subnet_id: &'a Option<Spanned<String>>,
+    pub security_group_ids: &'a Option<Spanned<Vec<Spanned<String>>>>,
+    pub associate_public_ip: Option<bool>,
+    pub iam_instance_profile: &'a Option<Spanned<String>>,
+    pub user_data: &'a Option<Spanned<String>>,
+    pub root_volume_size_gb: &'a Option<Spanned<i32>>,
+    pub root_volume_type: &'a Option<Spanned<String>>,
+}
+
+with_instance_keys! {
+    section_with_image_keys! {
+        /// `[base]` as written.
+        pub struct BaseSection {
+            pub source_ami: Spanned<AmiRef>,
+        }
     }
 }
 
@@ -201,25 +269,12 @@ section_with_image_keys! {
     }
 }
 
-/// `[bake.test_instance]`: how the image is booted for its tests, with the keys `[base]`
-/// launches its instance with.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TestInstanceSection {
-    pub instance_type: Spanned<String>,
-    pub ssh_username: Spanned<String>,
-    pub ssh_interface: Option<Spanned<SshInterface>>,
-    pub ssh_timeout_seconds: Option<Spanned<u64>>,
-    pub ssh_keypair_name: Option<Spanned<String>>,
-    pub ssh_private_key_file: Option<Spanned<String>>,
-    pub ssh_cidrs: Option<Spanned<Vec<Spanned<String>>>>,
-    pub subnet_id: Option<Spanned<String>>,
-    pub security_group_ids: Option<Spanned<Vec<Spanned<String>>>>,
-    pub associate_public_ip: Option<bool>,
-    pub iam_instance_profile: Option<Spanned<String>>,
-    pub user_data: Option<Spanned<String>>,
-    pub root_volume_size_gb: Option<Spanned<i32>>,
-    pub root_volume_type: Option<Spanned<String>>,
+with_instance_keys! {
+    plain_section! {
+        /// `[bake.test_instance]`: how the image is booted for its tests, with the keys
+        /// `[base]` launches its instance with.
+        pub struct TestInstanceSection {}
+    }
 }
 
 /// One `[[…provisioner]]` or `[[…test]]` table as written; exactly one of `script`, `inline`, `file` is set,

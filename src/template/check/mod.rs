@@ -23,7 +23,7 @@ use super::diagnostic::{nearest, Diagnostic, SourceMap, TemplateErrors};
 use super::interpolate::{self, interpolate, Commit, Context, Secrets};
 use super::read::{holds, Parsed};
 use super::schema::{
-    BakeSection, BaseSection, ImageKeys, ProvisionerEntry, SshInterface, StageEntry, Variable,
+    BakeSection, BaseSection, ImageKeys, InstanceKeys, ProvisionerEntry, StageEntry, Variable,
 };
 use super::variables::{self, VariableInputs};
 use super::{

@@ -12,25 +12,7 @@ impl Checker<'_> {
     pub(super) fn base(&mut self, s: BaseSection) -> BasePlan {
         let image = self.image("base", s.image_keys());
         let source_ami = self.ami_ref("base.source_ami", &s.source_ami);
-        let instance = self.instance(
-            "base",
-            InstanceKeys {
-                instance_type: &s.instance_type,
-                ssh_username: &s.ssh_username,
-                ssh_interface: &s.ssh_interface,
-                ssh_timeout_seconds: &s.ssh_timeout_seconds,
-                ssh_keypair_name: &s.ssh_keypair_name,
-                ssh_private_key_file: &s.ssh_private_key_file,
-                ssh_cidrs: &s.ssh_cidrs,
-                subnet_id: &s.subnet_id,
-                security_group_ids: &s.security_group_ids,
-                associate_public_ip: s.associate_public_ip,
-                iam_instance_profile: &s.iam_instance_profile,
-                user_data: &s.user_data,
-                root_volume_size_gb: &s.root_volume_size_gb,
-                root_volume_type: &s.root_volume_type,
-            },
-        );
+        let instance = self.instance("base", s.instance_keys());
         Plan {
             image,
             build: BaseBuild {
@@ -390,27 +372,10 @@ impl Checker<'_> {
             &s.root_volume_size_gb,
             &s.root_volume_type,
         );
-        let test_instance = s.test_instance.as_ref().map(|t| {
-            self.instance(
-                "bake.test_instance",
-                InstanceKeys {
-                    instance_type: &t.instance_type,
-                    ssh_username: &t.ssh_username,
-                    ssh_interface: &t.ssh_interface,
-                    ssh_timeout_seconds: &t.ssh_timeout_seconds,
-                    ssh_keypair_name: &t.ssh_keypair_name,
-                    ssh_private_key_file: &t.ssh_private_key_file,
-                    ssh_cidrs: &t.ssh_cidrs,
-                    subnet_id: &t.subnet_id,
-                    security_group_ids: &t.security_group_ids,
-                    associate_public_ip: t.associate_public_ip,
-                    iam_instance_profile: &t.iam_instance_profile,
-                    user_data: &t.user_data,
-                    root_volume_size_gb: &t.root_volume_size_gb,
-                    root_volume_type: &t.root_volume_type,
-                },
-            )
-        });
+        let test_instance = s
+            .test_instance
+            .as_ref()
+            .map(|t| self.instance("bake.test_instance", t.instance_keys()));
         Plan {
             image,
             build: BakeBuild {
@@ -431,22 +396,4 @@ impl Checker<'_> {
             },
         }
     }
-}
-
-/// The keys of a temporary instance, as `[base]` and `[bake.test_instance]` both write them.
-struct InstanceKeys<'a> {
-    instance_type: &'a Spanned<String>,
-    ssh_username: &'a Spanned<String>,
-    ssh_interface: &'a Option<Spanned<SshInterface>>,
-    ssh_timeout_seconds: &'a Option<Spanned<u64>>,
-    ssh_keypair_name: &'a Option<Spanned<String>>,
-    ssh_private_key_file: &'a Option<Spanned<String>>,
-    ssh_cidrs: &'a Option<Spanned<Vec<Spanned<String>>>>,
-    subnet_id: &'a Option<Spanned<String>>,
-    security_group_ids: &'a Option<Spanned<Vec<Spanned<String>>>>,
-    associate_public_ip: Option<bool>,
-    iam_instance_profile: &'a Option<Spanned<String>>,
-    user_data: &'a Option<Spanned<String>>,
-    root_volume_size_gb: &'a Option<Spanned<i32>>,
-    root_volume_type: &'a Option<Spanned<String>>,
 }
