@@ -52,7 +52,7 @@ fn bake(cloud: &LocalCloud, dir: &Path, tarball: &str, vars: &[&str]) -> Run {
 
 /// Nothing of a failed bake: only the build host's own root volume, no attachment (the local
 /// cloud's loop devices and /dev links exist only for those), no image or snapshot of ours,
-/// nothing mounted for a bake on this machine.
+/// no mount of a run that is over.
 fn assert_clean(cloud: &LocalCloud, run: &Run) {
     let ls = cloud.ls();
     let volumes: Vec<_> = ls["volumes"]
@@ -76,11 +76,8 @@ fn assert_clean(cloud: &LocalCloud, run: &Run) {
             .collect();
         assert!(ours.is_empty(), "{kind} left: {ours:?}\n{}", run.dump());
     }
-    let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
-    assert!(
-        !mounts.lines().any(|l| l.contains("amibake-ab-")),
-        "a bake mount is left:\n{mounts}"
-    );
+    let left = crate::util::localcloud::bake_mounts_left();
+    assert!(left.is_empty(), "a bake mount is left: {left:#?}");
 }
 
 /// After a bake that succeeded: exactly its image and snapshot are left of it; removes them,
@@ -147,7 +144,7 @@ fn story_dir() -> tempfile::TempDir {
 }
 
 #[test]
-fn every_failure_of_a_bake_cleans_up_and_says_where() {
+fn a_failure_at_each_aws_call_of_a_bake_cleans_up_and_names_its_step() {
     let _module = crate::util::module_turn(module_path!());
     let _turn = crate::util::beside_others();
     let cloud = LocalCloud::start("quick");
@@ -176,6 +173,15 @@ fn every_failure_of_a_bake_cleans_up_and_says_where() {
         run.expect_failure(&injected, *step);
         assert_clean(&cloud, &run);
     }
+}
+
+#[test]
+fn eventual_consistency_and_lost_answers_leave_one_image_and_one_snapshot() {
+    let _module = crate::util::module_turn(module_path!());
+    let _turn = crate::util::beside_others();
+    let cloud = LocalCloud::start("quick");
+    let dir = story_dir();
+    let dir = dir.path();
 
     // EC2's eventual consistency: every new resource NotFound for 2 s. The bake waits it
     // out and succeeds, leaving only its image and snapshot.
@@ -206,6 +212,15 @@ fn every_failure_of_a_bake_cleans_up_and_says_where() {
         cloud.cli(&["fault", action, "--lose-answer"]);
         take_back(&cloud, &bake(&cloud, dir, "app.tar.gz", &[]));
     }
+}
+
+#[test]
+fn cleanups_that_fail_name_what_they_could_not_remove() {
+    let _module = crate::util::module_turn(module_path!());
+    let _turn = crate::util::beside_others();
+    let cloud = LocalCloud::start("quick");
+    let dir = story_dir();
+    let dir = dir.path();
 
     // Cleanups that fail: the run names what it could not remove, by id.
     for (action, after_failing, left_kind) in [
@@ -218,71 +233,17 @@ fn every_failure_of_a_bake_cleans_up_and_says_where() {
         clean_volumes_by_hand(&cloud);
         assert_clean(&cloud, &run);
     }
+}
 
-    // Ctrl-C while the tarball is being extracted: the child stops, the volume goes, 130.
-    let big = dir.join("big.tar.zst");
-    big_tarball(&big);
-    let run = crate::util::interrupt_when(
-        bake_command(&cloud, dir, "big.tar.zst", &[]),
-        "amibake bake big.tar.zst, interrupted while extracting",
-        |line| {
-            line.contains("\"event\":\"progress\"") && line.contains("\"step\":\"extract tarball\"")
-        },
-    );
-    run.expect_code(130);
-    assert!(
-        run.stderr()
-            .contains("error: interrupted during extract tarball; cleaned up"),
-        "{}",
-        run.dump()
-    );
-    assert_clean(&cloud, &run);
-
-    // SIGTERM, as a CI system stops a job, in each step that waits on something: exit 143
-    // well inside the 10 s such a system gives before it kills, the step named exactly (its
-    // first call is held while the signal lands), and nothing left. (Mounting and preparing
-    // the chroot take milliseconds on this host: a signal then is reported at the next step.)
-    const KILL_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
-    let steps: &[(&str, &str, &[&str], &str)] = &[
-        ("create volume", "CreateVolume", &[], ""),
-        ("attach volume", "DescribeInstances", &[], ""),
-        (
-            "run provisioners",
-            "",
-            &["command=echo sleeping; sleep 600"],
-            "\"line\":\"sleeping\"",
-        ),
-        ("detach volume", "DetachVolume", &[], ""),
-        ("snapshot", "CreateSnapshot", &[], ""),
-        ("register image", "RegisterImage", &[], ""),
-    ];
-    for (step, first_call, vars, signal_at) in steps {
-        if !first_call.is_empty() {
-            cloud.cli(&["fault", first_call, "--delay", "2"]);
-        }
-        let this_step = format!("\"step\":\"{step}\"");
-        let (run, after_signal) = crate::util::signal_when(
-            bake_command(&cloud, dir, "app.tar.gz", vars),
-            "-TERM",
-            &format!("amibake bake, terminated during {step}"),
-            |line| match *signal_at {
-                "" => line.contains("\"event\":\"step_started\"") && line.contains(&this_step),
-                output => line.contains(output),
-            },
-        );
-        run.expect_code(143);
-        assert!(
-            run.stderr()
-                .contains(&format!("error: interrupted during {step}; cleaned up")),
-            "signalled in {step}\n{}",
-            run.dump()
-        );
-        assert!(
-            after_signal < KILL_WINDOW,
-            "{step}: cleaned up in {after_signal:?}"
-        );
-        assert_clean(&cloud, &run);
-    }
+/// Its mount outlives its run, until the story takes it down: the stories beside it would
+/// count it as theirs, so it runs alone.
+#[test]
+fn an_unmount_that_fails_keeps_the_volume_attached_and_names_both() {
+    let _module = crate::util::module_turn(module_path!());
+    let _turn = crate::util::alone();
+    let cloud = LocalCloud::start("quick");
+    let dir = story_dir();
+    let dir = dir.path();
 
     // An unmount that fails (a process on the host works in the mounted image): the volume
     // is never detached under the live filesystem; it stays attached, and both it and the
@@ -352,6 +313,89 @@ fn every_failure_of_a_bake_cleans_up_and_says_where() {
     std::fs::remove_dir(Path::new(&root).parent().unwrap()).unwrap();
     clean_volumes_by_hand(&cloud);
     assert_clean(&cloud, &run);
+}
+
+#[test]
+fn a_signal_in_each_step_of_a_bake_cleans_up_inside_the_kill_window() {
+    let _module = crate::util::module_turn(module_path!());
+    let _turn = crate::util::beside_others();
+    let cloud = LocalCloud::start("quick");
+    let dir = story_dir();
+    let dir = dir.path();
+
+    // Ctrl-C while the tarball is being extracted: the child stops, the volume goes, 130.
+    let big = dir.join("big.tar.zst");
+    big_tarball(&big);
+    let run = crate::util::interrupt_when(
+        bake_command(&cloud, dir, "big.tar.zst", &[]),
+        "amibake bake big.tar.zst, interrupted while extracting",
+        |line| {
+            line.contains("\"event\":\"progress\"") && line.contains("\"step\":\"extract tarball\"")
+        },
+    );
+    run.expect_code(130);
+    assert!(
+        run.stderr()
+            .contains("error: interrupted during extract tarball; cleaned up"),
+        "{}",
+        run.dump()
+    );
+    assert_clean(&cloud, &run);
+
+    // SIGTERM, as a CI system stops a job, in each step that waits on something: exit 143
+    // well inside the 10 s such a system gives before it kills, the step named exactly (its
+    // first call is held while the signal lands), and nothing left. (Mounting and preparing
+    // the chroot take milliseconds on this host: a signal then is reported at the next step.)
+    const KILL_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
+    let steps: &[(&str, &str, &[&str], &str)] = &[
+        ("create volume", "CreateVolume", &[], ""),
+        ("attach volume", "DescribeInstances", &[], ""),
+        (
+            "run provisioners",
+            "",
+            &["command=echo sleeping; sleep 600"],
+            "\"line\":\"sleeping\"",
+        ),
+        ("detach volume", "DetachVolume", &[], ""),
+        ("snapshot", "CreateSnapshot", &[], ""),
+        ("register image", "RegisterImage", &[], ""),
+    ];
+    for (step, first_call, vars, signal_at) in steps {
+        if !first_call.is_empty() {
+            cloud.cli(&["fault", first_call, "--delay", "2"]);
+        }
+        let this_step = format!("\"step\":\"{step}\"");
+        let (run, after_signal) = crate::util::signal_when(
+            bake_command(&cloud, dir, "app.tar.gz", vars),
+            "-TERM",
+            &format!("amibake bake, terminated during {step}"),
+            |line| match *signal_at {
+                "" => line.contains("\"event\":\"step_started\"") && line.contains(&this_step),
+                output => line.contains(output),
+            },
+        );
+        run.expect_code(143);
+        assert!(
+            run.stderr()
+                .contains(&format!("error: interrupted during {step}; cleaned up")),
+            "signalled in {step}\n{}",
+            run.dump()
+        );
+        assert!(
+            after_signal < KILL_WINDOW,
+            "{step}: cleaned up in {after_signal:?}"
+        );
+        assert_clean(&cloud, &run);
+    }
+}
+
+#[test]
+fn hostile_tarballs_are_refused_before_aws_or_contained_in_the_image() {
+    let _module = crate::util::module_turn(module_path!());
+    let _turn = crate::util::beside_others();
+    let cloud = LocalCloud::start("quick");
+    let dir = story_dir();
+    let dir = dir.path();
 
     // What the tarball alone shows is wrong is refused before any AWS call, the entry
     // named (or where the archive breaks off), with the exit code of bad input.

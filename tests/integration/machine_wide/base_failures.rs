@@ -218,7 +218,7 @@ fn setup() -> (World, tempfile::TempDir) {
 }
 
 #[test]
-fn every_failure_of_a_base_build_cleans_up_and_says_where() {
+fn a_failure_at_each_aws_call_of_a_base_build_cleans_up_and_names_its_step() {
     let _module = crate::util::module_turn(module_path!());
     let _turn = crate::util::beside_others();
     let (world, dir) = setup();
@@ -261,6 +261,14 @@ fn every_failure_of_a_base_build_cleans_up_and_says_where() {
         run.expect_failure(&injected, *step);
         world.assert_clean(&run);
     }
+}
+
+#[test]
+fn eventual_consistency_and_lost_answers_leave_one_base_image() {
+    let _module = crate::util::module_turn(module_path!());
+    let _turn = crate::util::beside_others();
+    let (world, dir) = setup();
+    let dir = dir.path();
 
     // EC2's eventual consistency: every new resource NotFound for 2 s. The build waits it
     // out and succeeds, leaving only its image.
@@ -299,6 +307,14 @@ fn every_failure_of_a_base_build_cleans_up_and_says_where() {
             world.assert_clean(&run);
         }
     }
+}
+
+#[test]
+fn a_failing_provisioner_test_cleanup_or_instance_is_named() {
+    let _module = crate::util::module_turn(module_path!());
+    let _turn = crate::util::beside_others();
+    let (world, dir) = setup();
+    let dir = dir.path();
 
     // A provisioner that exits 3: its command, exit code and output are in the error.
     let run = base(&world.cloud, dir, &["command=echo about to fail; exit 3"]);
@@ -418,6 +434,14 @@ fn every_failure_of_a_base_build_cleans_up_and_says_where() {
         "{console}"
     );
     world.assert_clean(&run);
+}
+
+#[test]
+fn a_signal_in_each_step_of_a_base_build_cleans_up_inside_the_kill_window() {
+    let _module = crate::util::module_turn(module_path!());
+    let _turn = crate::util::beside_others();
+    let (world, dir) = setup();
+    let dir = dir.path();
 
     // SIGTERM, as a CI system stops a job, during each step: exit 143 well inside the 10 s
     // such a system waits before it kills, and everything made so far is removed. Each

@@ -39,6 +39,23 @@ fn private_key_dirs() -> std::collections::BTreeSet<String> {
         .collect()
 }
 
+/// Mounts of runs that are over: a run still holding its lock (a story beside this one) is
+/// not done with its mounts.
+pub fn bake_mounts_left() -> Vec<String> {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+    mounts
+        .lines()
+        .filter(|l| {
+            let point = Path::new(l.split(' ').nth(1).unwrap_or_default());
+            point
+                .iter()
+                .find_map(|n| amibake::commands::gc::build_id_in(&n.to_string_lossy()))
+                .is_some_and(|run| !amibake::host::run_lock::is_held(&run))
+        })
+        .map(str::to_string)
+        .collect()
+}
+
 /// The credential guard's cgroups (`amibake-provisioner-*`) anywhere in the cgroup2 tree.
 fn guard_cgroups() -> std::collections::BTreeSet<PathBuf> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
@@ -343,18 +360,7 @@ impl LocalCloud {
             .collect();
         assert!(volumes.is_empty(), "work volumes left: {volumes:?}");
         assert_eq!(ls["attachments"].as_array().unwrap().len(), 0);
-        // A run still holding its lock (a test beside this one) is not done with its mount.
-        let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
-        let left: Vec<&str> = mounts
-            .lines()
-            .filter(|l| {
-                let point = Path::new(l.split(' ').nth(1).unwrap_or_default());
-                point
-                    .iter()
-                    .find_map(|n| amibake::commands::gc::build_id_in(&n.to_string_lossy()))
-                    .is_some_and(|run| !amibake::host::run_lock::is_held(&run))
-            })
-            .collect();
+        let left = bake_mounts_left();
         assert!(left.is_empty(), "a bake mount is left: {left:#?}");
         let cgroups = self.guard_cgroups_left();
         assert!(cgroups.is_empty(), "provisioner cgroups left: {cgroups:?}");
