@@ -2,6 +2,7 @@
 //! images) and mounts; the code and the provisioners reach the image through `crate::sandbox`.
 
 pub mod block_digests;
+pub mod boot_mounts;
 pub mod device;
 pub mod disk_image;
 pub mod ext4_journal;

@@ -21,7 +21,8 @@ pub fn make_root(
     userns: Option<&OwnedFd>,
     owner: Option<u32>,
 ) -> std::io::Result<()> {
-    rustix::mount::mount_bind(root, root)?;
+    // Recursive: the image's own /boot and /boot/efi are mounts under its root.
+    rustix::mount::mount_bind_recursive(root, root)?;
     if let Purpose::Provision { .. } = purpose {
         // Made now, on the image as it is: through an idmapped mount, a directory made by
         // the host's root would have an owner the image cannot name.
@@ -84,14 +85,16 @@ const MOUNT_ATTR_NOSUID: u64 = 0x2;
 const MOUNT_ATTR_NODEV: u64 = 0x4;
 const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
 
-/// Puts over `root` a copy of its mount idmapped through `userns`, nodev and nosuid: root of
+/// Puts over `root` a copy of its mounts idmapped through `userns`, nodev and nosuid: root of
 /// that namespace is root of the image's files, the host's root is nobody in them, and no
 /// device node or set-id bit the image holds means anything.
 fn idmap(root: &Path, userns: &OwnedFd) -> std::io::Result<()> {
     let tree = rustix::mount::open_tree(
         rustix::fs::CWD,
         root,
-        OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC,
+        OpenTreeFlags::OPEN_TREE_CLONE
+            | OpenTreeFlags::OPEN_TREE_CLOEXEC
+            | OpenTreeFlags::AT_RECURSIVE,
     )?;
     let attr = MountAttr {
         attr_set: MOUNT_ATTR_IDMAP | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOSUID,
@@ -105,7 +108,8 @@ fn idmap(root: &Path, userns: &OwnedFd) -> std::io::Result<()> {
             libc::SYS_mount_setattr,
             tree.as_raw_fd(),
             c"".as_ptr(),
-            libc::AT_EMPTY_PATH,
+            // Every mount of the tree: the image's /boot and /boot/efi too.
+            libc::AT_EMPTY_PATH | libc::AT_RECURSIVE,
             &attr as *const MountAttr,
             std::mem::size_of::<MountAttr>(),
         )

@@ -1,11 +1,12 @@
 //! Bakes onto the disk layouts our users start from (the local cloud's catalogue): the root
 //! is found from each image's own layout, whatever its partition number, its filesystem or
-//! the partitions beside it, with both backends.
+//! the partitions beside it, and the image's own /boot and /boot/efi are where provisioners
+//! write, with both backends.
 
 use std::path::Path;
 use std::process::Command;
 
-use crate::util::localcloud::{LocalCloud, MountedSnapshot};
+use crate::util::localcloud::{assert_filesystem_clean, LocalCloud, MountedSnapshot};
 use crate::util::tarballs::{assert_composer_like_at, composer_like, gzip};
 use crate::util::Run;
 
@@ -27,11 +28,51 @@ fn partition_offset(raw: &Path, number: u32) -> u64 {
     partition["start"].as_u64().unwrap() * 512
 }
 
-/// A bake of a composer-like tarball onto `family`'s vendor image with each backend: the
-/// code lands on partition `root`, the image's root, and nothing is left. With
-/// `host_holds_its_uuid`, this host has the vendor's root filesystem mounted as its own
-/// the whole time, as an AL2023 build host has.
-fn bakes_onto(family: &str, root: u32, host_holds_its_uuid: bool) {
+/// Where a vendor lays out its image.
+struct Layout {
+    family: &'static str,
+    root: u32,
+    /// `/boot`'s own partition, when it has one.
+    boot: Option<u32>,
+    efi: u32,
+}
+
+/// Whether this host's kernel mounts FAT, which an EFI system partition is.
+fn kernel_has_vfat() -> bool {
+    std::fs::read_to_string("/proc/filesystems")
+        .unwrap()
+        .lines()
+        .any(|l| l.split_whitespace().last() == Some("vfat"))
+}
+
+/// A file of the FAT filesystem at `offset` of the disk image `raw`, read with mtools (a
+/// kernel without vfat cannot mount it).
+fn fat_file(raw: &Path, offset: u64, path: &str) -> Option<String> {
+    let out = Command::new("mtype")
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .arg("-i")
+        .arg(format!("{}@@{offset}", raw.display()))
+        .arg(format!("::{path}"))
+        .output()
+        .unwrap();
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A bake of a composer-like tarball onto the vendor image with each backend, with a
+/// provisioner that writes `/boot/marker` and `/boot/efi/marker`: the code lands on the
+/// image's root partition, each marker in the filesystem the image mounts there (its own
+/// /boot partition, absent from the root's /boot), every filesystem checks clean, and
+/// nothing is left. With `host_holds_its_uuid`, this host has the vendor's root filesystem
+/// mounted as its own the whole time, as an AL2023 build host has.
+fn bakes_onto(layout: Layout, host_holds_its_uuid: bool) {
+    let Layout {
+        family,
+        root,
+        boot,
+        efi,
+    } = layout;
     let cloud = LocalCloud::start_with("quick", &[family]);
     let work = tempfile::tempdir().unwrap();
     let dir = work.path();
@@ -53,7 +94,9 @@ fn bakes_onto(family: &str, root: u32, host_holds_its_uuid: bool) {
         dir.join("app.toml"),
         format!(
             "[bake]\nname = \"app-${{commit}}-${{timestamp}}\"\nbase_ami = \"{vendor}\"\n\
-             dest = \"/srv/app\"\nowner = \"www-data\"\n"
+             dest = \"/srv/app\"\nowner = \"www-data\"\n\
+             [[bake.provisioner]]\ninline = [\"echo boot > /boot/marker\", \
+             \"mkdir -p /boot/efi\", \"echo efi > /boot/efi/marker\"]\n"
         ),
     )
     .unwrap();
@@ -78,7 +121,79 @@ fn bakes_onto(family: &str, root: u32, host_holds_its_uuid: bool) {
         cloud.cli(&["export-snapshot", snapshot, raw.to_str().unwrap()]);
         let image = cloud.mount_snapshot(snapshot, dir, partition_offset(&raw, root));
         assert_composer_like_at(&image.root.join("srv/app"), &files, 33);
+        let root_boot_marker = std::fs::read_to_string(image.root.join("boot/marker")).ok();
+        let root_efi_marker = std::fs::read_to_string(image.root.join("boot/efi/marker")).ok();
         drop(image);
+        // /boot: on its own partition where the image has one, and then not in the root's.
+        let boot_efi_marker = match boot {
+            Some(number) => {
+                let offset = partition_offset(&raw, number);
+                let mounted = MountedSnapshot::mount_read_only(
+                    &raw,
+                    offset,
+                    &dir.join(format!("{snapshot}.boot")),
+                );
+                let marker = std::fs::read_to_string(mounted.root.join("marker")).ok();
+                let efi_marker = std::fs::read_to_string(mounted.root.join("efi/marker")).ok();
+                drop(mounted);
+                assert_eq!(
+                    marker.as_deref(),
+                    Some("boot\n"),
+                    "{family} {backend}: /boot/marker on partition {number}\n{}",
+                    run.dump()
+                );
+                assert_eq!(
+                    root_boot_marker, None,
+                    "{family} {backend}: not in the root's own /boot"
+                );
+                assert_filesystem_clean(&raw, offset, &format!("{family} {backend} /boot"));
+                efi_marker
+            }
+            None => {
+                assert_eq!(
+                    root_boot_marker.as_deref(),
+                    Some("boot\n"),
+                    "{family} {backend}\n{}",
+                    run.dump()
+                );
+                root_efi_marker
+            }
+        };
+        // /boot/efi: on the EFI system partition where this kernel can mount FAT; elsewhere
+        // the bake says it is not mounted, and the marker stays in the directory under it.
+        let efi_offset = partition_offset(&raw, efi);
+        let on_esp = fat_file(&raw, efi_offset, "/marker");
+        if kernel_has_vfat() {
+            assert_eq!(
+                on_esp.as_deref(),
+                Some("efi\n"),
+                "{family} {backend}: /boot/efi/marker on partition {efi}\n{}",
+                run.dump()
+            );
+            assert_eq!(
+                boot_efi_marker, None,
+                "{family} {backend}: not under the ESP's mount point"
+            );
+        } else {
+            assert_eq!(on_esp, None, "{family} {backend}: the ESP untouched");
+            assert!(
+                run.stderr().contains(&format!(
+                    "/boot/efi of the image (partition {efi}, vfat) is not mounted: this host's kernel cannot mount vfat"
+                )),
+                "{family} {backend}: the bake says /boot/efi is not mounted\n{}",
+                run.dump()
+            );
+            assert_eq!(
+                boot_efi_marker.as_deref(),
+                Some("efi\n"),
+                "{family} {backend}"
+            );
+        }
+        assert_filesystem_clean(
+            &raw,
+            partition_offset(&raw, root),
+            &format!("{family} {backend} root"),
+        );
         cloud.assert_no_bake_left();
     }
 }
@@ -88,19 +203,109 @@ fn bakes_onto(family: &str, root: u32, host_holds_its_uuid: bool) {
 #[test]
 fn a_bake_onto_amazon_linux_2023_finds_its_xfs_root_beside_the_hosts_own() {
     let _module = crate::util::module_turn(module_path!());
-    bakes_onto("al2023", 1, true);
+    bakes_onto(
+        Layout {
+            family: "al2023",
+            root: 1,
+            boot: None,
+            efi: 128,
+        },
+        true,
+    );
 }
 
-/// ext4 root on partition 1, beside an ext4 /boot on 16 that could pass for a root.
+/// ext4 root on partition 1, beside an ext4 /boot on 16 that could pass for a root, and
+/// mounted under it for the provisioners.
 #[test]
 fn a_bake_onto_ubuntu_24_04_finds_its_root_beside_its_boot() {
     let _module = crate::util::module_turn(module_path!());
-    bakes_onto("ubuntu-24.04", 1, false);
+    bakes_onto(
+        Layout {
+            family: "ubuntu-24.04",
+            root: 1,
+            boot: Some(16),
+            efi: 15,
+        },
+        false,
+    );
 }
 
-/// XFS root on partition 4, after BIOS boot, EFI and an XFS /boot.
+/// XFS root on partition 4, after BIOS boot, EFI and an XFS /boot (mounted under it).
 #[test]
 fn a_bake_onto_rhel_9_finds_its_root_on_partition_4() {
     let _module = crate::util::module_turn(module_path!());
-    bakes_onto("rhel-9", 4, false);
+    bakes_onto(
+        Layout {
+            family: "rhel-9",
+            root: 4,
+            boot: Some(3),
+            efi: 2,
+        },
+        false,
+    );
+}
+
+/// A base whose `/boot` is a symlink to a directory of this host, with its fstab naming a
+/// /boot partition: the bake refuses to mount anything there, names it, and leaves
+/// nothing; the host's directory is untouched. (Made in two bakes: the first takes the
+/// /boot lines out of the fstab, so the second's provisioner can replace the root's own
+/// /boot, no longer a mount point, and put them back.)
+#[test]
+fn a_base_whose_boot_leads_to_the_host_is_refused() {
+    let _module = crate::util::module_turn(module_path!());
+    let cloud = LocalCloud::start_with("quick", &["ubuntu-24.04"]);
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+    let canary = crate::util::tarballs::Canary::new();
+    std::fs::write(dir.join("app.tar.gz"), gzip(&composer_like().0)).unwrap();
+    let bake = |base: &str, command: &str, commit: &str| {
+        std::fs::write(
+            dir.join("app.toml"),
+            format!(
+                "[bake]\nname = \"app-${{commit}}-${{timestamp}}\"\nbase_ami = \"{base}\"\n\
+                 dest = \"/srv/app\"\n[[bake.provisioner]]\ninline = [{command:?}]\n"
+            ),
+        )
+        .unwrap();
+        Run {
+            command: format!("amibake bake app.toml from {base}: {command}"),
+            output: cloud
+                .amibake(dir)
+                .args(["bake", "app.toml", "--tarball", "app.tar.gz"])
+                .args(["--commit", commit, "--backend", "direct"])
+                .output()
+                .unwrap(),
+        }
+    };
+    let ami = |run: &Run| -> String {
+        run.expect_code(0);
+        let manifest: serde_json::Value =
+            serde_json::from_str(run.stdout().lines().last().unwrap()).unwrap();
+        manifest["ami_id"].as_str().unwrap().to_string()
+    };
+    let vendor = cloud.ls()["vendor_amis"]["ubuntu-24.04"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let unlisted = ami(&bake(
+        &vendor,
+        "cp /etc/fstab /etc/fstab.orig && grep -v '[[:space:]]/boot' /etc/fstab.orig > /etc/fstab",
+        "b0071",
+    ));
+    let hostile = ami(&bake(
+        &unlisted,
+        &format!(
+            "rm -rf /boot && ln -s {} /boot && cp /etc/fstab.orig /etc/fstab",
+            canary.path().display()
+        ),
+        "b0072",
+    ));
+    let run = bake(&hostile, "echo must not run", "b0073");
+    run.expect_failure(
+        "/boot of the image: /boot in the image is a symlink or not a directory",
+        Some("mount image"),
+    );
+    assert!(!run.stderr().contains("must not run"), "{}", run.dump());
+    canary.assert_untouched("a base's /boot made a link to the host");
+    cloud.assert_no_bake_left();
 }

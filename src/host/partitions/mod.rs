@@ -93,7 +93,7 @@ pub fn root_extent(image: &Path, wanted: Option<u32>) -> Result<Option<Extent>, 
     let Some(number) = root_partition(image, wanted)? else {
         return Ok(None);
     };
-    let partitions = read_partitions(image)?.unwrap_or_default();
+    let partitions = table(image)?.unwrap_or_default();
     match partitions.iter().find(|p| p.number == number) {
         Some(p) => Ok(Some(p.extent)),
         None => Err(PartitionError::NoPartition {
@@ -113,7 +113,7 @@ pub fn root_partition(image: &Path, wanted: Option<u32>) -> Result<Option<u32>, 
         return Ok(None);
     }
     let name = image.display().to_string();
-    let partitions = read_partitions(image)?;
+    let partitions = table(image)?;
     match (wanted, partitions) {
         (None, None) => Ok(None),
         (Some(n), None) => Err(PartitionError::NotPartitioned {
@@ -145,7 +145,8 @@ pub fn root_partition(image: &Path, wanted: Option<u32>) -> Result<Option<u32>, 
     }
 }
 
-fn read_partitions(image: &Path) -> Result<Option<Vec<Partition>>, PartitionError> {
+/// The numbered partitions of `image`, or `None` when it has no partition table.
+pub fn table(image: &Path) -> Result<Option<Vec<Partition>>, PartitionError> {
     let read = |source| PartitionError::Read {
         image: image.display().to_string(),
         source,
@@ -258,6 +259,8 @@ pub struct Partition {
     pub number: u32,
     pub extent: Extent,
     pub type_guid: Option<String>,
+    /// The GPT partition's own GUID, as fstab's `PARTUUID=` names it.
+    pub unique_guid: Option<String>,
     pub mbr_type: u8,
 }
 
@@ -289,6 +292,7 @@ fn partitions(disk: &File) -> io::Result<Option<Vec<Partition>>> {
                     size: sectors * SECTOR,
                 },
                 type_guid: None,
+                unique_guid: None,
                 mbr_type: entry[4],
             });
         }
@@ -337,6 +341,7 @@ fn gpt_partitions(disk: &File) -> io::Result<Vec<Partition>> {
                     .ok_or_else(|| bad("a partition past any disk"))?,
             },
             type_guid: Some(guid_text(&entry[..16])),
+            unique_guid: Some(guid_text(&entry[16..32])),
             mbr_type: 0,
         });
     }

@@ -13,7 +13,7 @@ use super::steps::{
 use super::{Backend, BakeState};
 use crate::artifact::TAG_BUILD_ID;
 use crate::aws::host::HostIdentity;
-use crate::engine::{Keep, Step, StepContext, StepError, UndoId};
+use crate::engine::{Keep, Step, StepContext, StepError, UndoId, UndoStack};
 use crate::host::device::{self, DeviceName};
 use crate::modes::image;
 use crate::modes::support::{earlier, failed, tags, undo_now, undo_with, waited};
@@ -67,6 +67,12 @@ impl Attach {
 impl Backend for Attach {
     fn device_release(&self) -> Option<UndoId> {
         self.release_loop.or(self.detach)
+    }
+    /// The volume is never detached under a loop device still over it.
+    fn disk_waits_for(&self, undo: &mut UndoStack, user: UndoId) {
+        if let Some(detach) = self.detach {
+            undo.require(detach, user);
+        }
     }
 }
 
@@ -172,6 +178,7 @@ impl Step<BakeState<Attach>> for AttachVolume {
             device::wait_for_device(&volume_id, &device_name, device::DEVICE_APPEAR_TIMEOUT)
                 .await
                 .map_err(failed)?;
+        s.disk = Some(found.clone());
         // Reads the volume's table and superblocks: blocking reads, of a volume EBS may
         // still be loading.
         let (id, dev, wanted) = (volume_id.clone(), found.clone(), s.build.root_partition);

@@ -18,7 +18,7 @@ use crate::artifact::TAG_BUILD_ID;
 use crate::aws::ami::BaseImage;
 use crate::aws::ebs::{self, NewSnapshot, Ran, BLOCKS_IN_FLIGHT, BLOCK_SIZE};
 use crate::aws::{AwsError, Clients};
-use crate::engine::{Keep, Step, StepContext, StepError, UndoId, Unit};
+use crate::engine::{Keep, Step, StepContext, StepError, UndoId, UndoStack, Unit};
 use crate::host::block_digests::BlockDigests;
 use crate::host::disk_image::{self, CopiedBy};
 use crate::host::ext4_journal;
@@ -133,6 +133,12 @@ impl Direct {
 impl Backend for Direct {
     fn device_release(&self) -> Option<UndoId> {
         self.release_loop
+    }
+    /// The copy goes once the kernel has let go of it (and is removed even if not).
+    fn disk_waits_for(&self, undo: &mut UndoStack, user: UndoId) {
+        if let Some(remove) = self.remove_copy {
+            undo.order(remove, user);
+        }
     }
 }
 
@@ -311,10 +317,8 @@ impl Step<BakeState<Direct>> for AttachLoopDevice {
         // its filesystem once mounted.
         let root = loop_root(&copy, s.build.root_partition, s.root_grows(), ctx).await?;
         s.backend.release_loop = Some(root.release);
-        // The copy goes once the kernel has let go of it (and is removed even if not).
-        if let Some(remove) = s.backend.remove_copy {
-            ctx.undo.order(remove, root.release);
-        }
+        s.backend.disk_waits_for(&mut ctx.undo, root.release);
+        s.disk = Some(copy);
         s.root_device = Some(root.device);
         Ok(())
     }

@@ -30,7 +30,7 @@ use crate::artifact::{
 use crate::aws::ami::{self, BaseImage};
 use crate::aws::host;
 use crate::aws::{kms, Clients};
-use crate::engine::{self, EventSink, RunReport, UndoId};
+use crate::engine::{self, EventSink, RunReport, UndoId, UndoStack};
 use crate::host::extract::Extracted;
 use crate::host::image_cache::ImageCache;
 use crate::sandbox::Isolation;
@@ -114,6 +114,9 @@ pub trait Backend: Send + Sync + 'static {
     /// The undo that gives the image's block device back (a volume's detach, a loop
     /// device's release): it waits for the unmount, never running under a live filesystem.
     fn device_release(&self) -> Option<UndoId>;
+    /// Makes the undo that gives the whole disk back wait for `user`'s, a loop device over
+    /// part of it.
+    fn disk_waits_for(&self, undo: &mut UndoStack, user: UndoId);
 }
 
 /// Everything the steps share, typed; `backend` is what only one backend has.
@@ -126,9 +129,14 @@ pub struct BakeState<B> {
     amibake_exe: PathBuf,
     /// Who root in the sandbox is on this host.
     isolation: Isolation,
+    /// The image's whole disk on this host (an attached volume, a working copy), once the
+    /// backend has one.
+    disk: Option<PathBuf>,
     /// The block device the image's root filesystem is on, once the backend has one.
     root_device: Option<PathBuf>,
     unmount_root: Option<UndoId>,
+    /// The image's own /boot and /boot/efi mounted under the root, parents first.
+    boot_mounts: Vec<steps::BootMount>,
     restore_files: Option<UndoId>,
     extracted: Extracted,
     /// The snapshot the image is registered from.
@@ -362,8 +370,10 @@ impl Mode for BakeMode<'_> {
             mount_point: local.work.path().join(MOUNT_POINT),
             amibake_exe: self.options.amibake_exe.clone(),
             isolation: local.isolation,
+            disk: None,
             root_device: None,
             unmount_root: None,
+            boot_mounts: Vec::new(),
             restore_files: None,
             extracted: Extracted::default(),
             snapshot_id: None,
@@ -459,8 +469,10 @@ impl BakeState<()> {
             mount_point: self.mount_point,
             amibake_exe: self.amibake_exe,
             isolation: self.isolation,
+            disk: self.disk,
             root_device: self.root_device,
             unmount_root: self.unmount_root,
+            boot_mounts: self.boot_mounts,
             restore_files: self.restore_files,
             extracted: self.extracted,
             snapshot_id: self.snapshot_id,

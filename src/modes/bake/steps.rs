@@ -15,8 +15,7 @@ use super::{Backend, BakeState};
 use crate::aws::wait::WaitPolicy;
 use crate::communicator::chroot::Chroot;
 use crate::engine::{Keep, Step, StepContext, StepError, UndoId, Unit};
-use crate::host::partitions;
-use crate::host::{extract, loop_device, mount};
+use crate::host::{boot_mounts, extract, loop_device, mount, partitions};
 use crate::provision::Entries;
 
 /// The root filesystem of `disk` (a working copy, or an attached volume's whole device) on
@@ -51,19 +50,7 @@ pub async fn loop_root(
         .await
         .map_err(failed)?
         .map_err(failed)?;
-    let l = device.clone();
-    let release = ctx.undo.push(
-        device.display().to_string(),
-        "detach loop device",
-        Keep::Never,
-        move || {
-            let l = l.clone();
-            async move {
-                tokio::task::spawn_blocking(move || loop_device::detach(&l)).await??;
-                Ok(())
-            }
-        },
-    );
+    let release = undo_loop_device(ctx, &device);
     ctx.progress.note(match extent {
         Some(e) => format!(
             "root filesystem on {} (the partition at {} MiB of {})",
@@ -78,6 +65,121 @@ pub async fn loop_root(
         ),
     });
     Ok(LoopRoot { device, release })
+}
+
+/// Registers the release of the loop device `device`.
+fn undo_loop_device(ctx: &mut StepContext, device: &Path) -> UndoId {
+    let l = device.to_path_buf();
+    ctx.undo.push(
+        device.display().to_string(),
+        "detach loop device",
+        Keep::Never,
+        move || {
+            let l = l.clone();
+            async move {
+                tokio::task::spawn_blocking(move || loop_device::detach(&l)).await??;
+                Ok(())
+            }
+        },
+    )
+}
+
+/// Registers the unmount of `target`, a mount of the image on this host.
+fn undo_mount(ctx: &mut StepContext, target: &Path) -> UndoId {
+    let t = target.to_path_buf();
+    ctx.undo.push(
+        target.display().to_string(),
+        "unmount",
+        Keep::Never,
+        move || {
+            let t = t.clone();
+            async move {
+                tokio::task::spawn_blocking(move || mount::unmount(&t)).await??;
+                Ok(())
+            }
+        },
+    )
+}
+
+/// A boot filesystem of the image mounted under its root: how to take it down.
+pub struct BootMount {
+    unmount: UndoId,
+    release_loop: UndoId,
+}
+
+/// The image's own /boot and /boot/efi, as its fstab names them, each on a loop device over
+/// its partition of the disk, mounted under the root (`boot_mounts`); unmounted before it.
+/// A filesystem this host's kernel cannot mount at all (vfat where the kernel lacks it) is
+/// left out with a note, since no bake on this host could do otherwise.
+async fn mount_boot_partitions<B: Backend>(
+    s: &mut BakeState<B>,
+    ctx: &mut StepContext,
+) -> Result<(), StepError> {
+    let Some(disk) = s.disk.clone() else {
+        return Ok(());
+    };
+    let (root, wanted, d) = (s.mount_point.clone(), s.build.root_partition, disk.clone());
+    let planned = tokio::task::spawn_blocking(move || {
+        let root_partition = partitions::root_partition(&d, wanted).map_err(failed)?;
+        boot_mounts::plan(&root, &d, root_partition.unwrap_or(0)).map_err(failed)
+    })
+    .await
+    .map_err(failed)??;
+    for (entry, found) in planned {
+        let number = found.partition.number;
+        let Some(filesystem) = found.filesystem else {
+            return Err(failed(format!(
+                "the image's /etc/fstab line {} mounts {} from partition {number} of {},                  which holds no filesystem amibake can mount (ext4, XFS or vfat)",
+                entry.line,
+                entry.mount_point,
+                disk.display()
+            )));
+        };
+        let (d, extent) = (disk.clone(), found.partition.extent);
+        let device = tokio::task::spawn_blocking(move || loop_device::attach(&d, Some(extent)))
+            .await
+            .map_err(failed)?
+            .map_err(failed)?;
+        let release_loop = undo_loop_device(ctx, &device);
+        s.backend.disk_waits_for(&mut ctx.undo, release_loop);
+        let (root, point, dev) = (
+            s.mount_point.clone(),
+            entry.mount_point.clone(),
+            device.clone(),
+        );
+        let mounted = tokio::task::spawn_blocking(move || {
+            boot_mounts::mount(&root, &point, &dev, number, filesystem.kind)
+        })
+        .await
+        .map_err(failed)?;
+        match mounted {
+            Ok(target) => {
+                let unmount = undo_mount(ctx, &target);
+                ctx.undo.require(release_loop, unmount);
+                s.boot_mounts.push(BootMount {
+                    unmount,
+                    release_loop,
+                });
+                ctx.progress.note(format!(
+                    "{} of the image: partition {number} ({}) on {}",
+                    entry.mount_point,
+                    filesystem.kind,
+                    device.display()
+                ));
+            }
+            Err(e) if boot_mounts::kernel_lacks_filesystem(&e) => {
+                undo_now(ctx, release_loop).await?;
+                ctx.progress.note(format!(
+                    "{} of the image (partition {number}, {}) is not mounted: this host's kernel \
+                     cannot mount {}; what provisioners write there stays in the image's \
+                     directory under it",
+                    entry.mount_point, filesystem.kind, filesystem.kind
+                ));
+            }
+            Err(e) => return Err(failed(e)),
+        }
+    }
+    Ok(())
 }
 
 pub struct MountImage;
@@ -103,24 +205,8 @@ impl<B: Backend> Step<BakeState<B>> for MountImage {
         })
         .await
         .map_err(failed)?;
-        let t = target.clone();
-        let unmount_root = ctx.undo.push(
-            target.display().to_string(),
-            "unmount",
-            Keep::Never,
-            move || {
-                let t = t.clone();
-                async move {
-                    tokio::task::spawn_blocking(move || {
-                        mount::unmount(&t)?;
-                        let _ = std::fs::remove_dir(&t);
-                        Ok::<_, mount::MountError>(())
-                    })
-                    .await??;
-                    Ok(())
-                }
-            },
-        );
+        // Its directory goes with the run's work directory.
+        let unmount_root = undo_mount(ctx, &target);
         // Never give the device back under a live filesystem (detach a volume, release a
         // loop device): if the unmount fails, the device stays and is named.
         if let Some(release) = s.backend.device_release() {
@@ -135,7 +221,7 @@ impl<B: Backend> Step<BakeState<B>> for MountImage {
                 size as f64 / f64::from(1u32 << 30)
             ));
         }
-        Ok(())
+        mount_boot_partitions(s, ctx).await
     }
 }
 
@@ -275,6 +361,12 @@ impl<B: Backend> Step<BakeState<B>> for UnmountImage {
                     "cannot write the image's changes out ahead of the unmount: {e}"
                 ));
             }
+        }
+        // The boot filesystems first, children before parents; each loop device goes once
+        // its filesystem is off it.
+        while let Some(boot) = s.boot_mounts.pop() {
+            undo_now(ctx, boot.unmount).await?;
+            undo_now(ctx, boot.release_loop).await?;
         }
         if let Some(unmount) = s.unmount_root.take() {
             undo_now(ctx, unmount).await?;

@@ -503,6 +503,11 @@ impl MountedSnapshot {
         MountedSnapshot::mount_with(file, offset, root, "ro", false)
     }
 
+    /// The filesystem at `offset` of the disk image `file`, mounted read-only at `root`.
+    pub fn mount_read_only(file: &Path, offset: u64, root: &Path) -> MountedSnapshot {
+        MountedSnapshot::mount(file, offset, root, "ro")
+    }
+
     /// The filesystem at `offset` of the disk image `file`, mounted at `root` with `mode`
     /// (`ro` or `rw`) through a loop device of its own.
     fn mount(file: &Path, offset: u64, root: &Path, mode: &str) -> MountedSnapshot {
@@ -552,10 +557,46 @@ impl MountedSnapshot {
     }
 }
 
-impl Drop for MountedSnapshot {
+/// Asserts the filesystem at `offset` of the disk image `file` is consistent as its own
+/// checker sees it, without changing it: `e2fsck -fn` for ext4, `xfs_repair -n` for XFS.
+pub fn assert_filesystem_clean(file: &Path, offset: u64, what: &str) {
+    let out = Command::new("losetup")
+        .args(["--find", "--show", "--read-only", "--offset"])
+        .arg(offset.to_string())
+        .arg(file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "losetup {}", file.display());
+    let device = LoopDevice(String::from_utf8(out.stdout).unwrap().trim().to_string());
+    let kind = std::fs::File::open(&device.0)
+        .and_then(|d| amibake::host::filesystem::probe(&d, 0))
+        .unwrap()
+        .unwrap_or_else(|| panic!("{what}: no filesystem at {offset} of {}", file.display()))
+        .kind;
+    let (checker, args): (&str, &[&str]) = match kind {
+        amibake::host::filesystem::FsKind::Ext => ("e2fsck", &["-f", "-n"]),
+        amibake::host::filesystem::FsKind::Xfs => ("xfs_repair", &["-n"]),
+        amibake::host::filesystem::FsKind::Vfat => return,
+    };
+    let check = Command::new(checker)
+        .args(args)
+        .arg(&device.0)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{checker} of {what}: {}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+}
+
+/// A loop device of a test's own, detached when dropped.
+struct LoopDevice(String);
+
+impl Drop for LoopDevice {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.root).status();
-        let name = self.loop_dev.trim_start_matches("/dev/");
+        let name = self.0.trim_start_matches("/dev/");
         let backing = format!("/sys/block/{name}/loop/backing_file");
         let deadline = std::time::Instant::now() + LOOP_GONE_WITHIN;
         // Until it is gone, so a test's "nothing left" check that follows sees it gone; but
@@ -565,11 +606,16 @@ impl Drop for MountedSnapshot {
             && std::fs::read_to_string(&backing).ok() == ours
             && std::time::Instant::now() < deadline
         {
-            let _ = Command::new("losetup")
-                .args(["-d", &self.loop_dev])
-                .status();
+            let _ = Command::new("losetup").args(["-d", &self.0]).status();
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
+    }
+}
+
+impl Drop for MountedSnapshot {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.root).status();
+        drop(LoopDevice(std::mem::take(&mut self.loop_dev)));
     }
 }
 
