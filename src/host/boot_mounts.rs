@@ -11,7 +11,7 @@
 //! `/boot` leads anywhere on the host is refused. These functions block.
 
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use rustix::mount::MountFlags;
 
@@ -42,6 +42,34 @@ pub enum BootMountError {
         disk: String,
         listed: String,
     },
+    #[error(
+        "the image's /etc/fstab line {line} mounts {mount_point} from {spec}, which \
+         partitions {numbers} of {disk} all answer to: name one by PARTUUID"
+    )]
+    Ambiguous {
+        line: usize,
+        mount_point: String,
+        spec: String,
+        disk: String,
+        numbers: String,
+    },
+    #[error("the image's /etc/fstab mounts {mount_point} twice (lines {first} and {second})")]
+    Twice {
+        mount_point: String,
+        first: usize,
+        second: usize,
+    },
+    #[error(
+        "the image's /etc/fstab line {line} mounts {mount_point} from partition {partition} \
+         of {disk}, which overlaps partition {other}: a filesystem mounted twice is corrupted"
+    )]
+    Overlaps {
+        line: usize,
+        mount_point: String,
+        partition: u32,
+        other: u32,
+        disk: String,
+    },
     #[error("{mount_point} of the image: {source}")]
     MountPoint {
         mount_point: String,
@@ -71,7 +99,10 @@ pub struct FstabEntry {
 /// The entries of `fstab` that mount `/boot` or `/boot/efi`, parents first. fstab escapes
 /// a space in a field as `\040`.
 pub fn boot_entries(fstab: &str) -> Vec<FstabEntry> {
-    let unescape = |field: &str| field.replace("\\040", " ").replace("\\011", "\t");
+    // What the image wrote reaches errors and the terminal: printable only.
+    let unescape = |field: &str| {
+        crate::engine::events::printable(&field.replace("\\040", " ").replace("\\011", "\t"))
+    };
     let mut entries: Vec<FstabEntry> = fstab
         .lines()
         .enumerate()
@@ -104,10 +135,10 @@ pub struct Probed {
     pub filesystem: Option<Filesystem>,
 }
 
-/// The partition an fstab `spec` names: `UUID=`, `LABEL=`, `PARTUUID=`, their
-/// `/dev/disk/by-*/` links, or a kernel name ending in the partition number (`/dev/xvda3`,
-/// `/dev/nvme0n1p3`, `/dev/sda16`).
-pub fn resolve<'a>(spec: &str, probed: &'a [Probed]) -> Option<&'a Probed> {
+/// The partitions an fstab `spec` names: `UUID=`, `LABEL=`, `PARTUUID=`, their
+/// `/dev/disk/by-*/` links, or a kernel name of the boot disk ending in the partition number
+/// (`/dev/xvda3`, `/dev/nvme0n1p3`, `/dev/sda16`). More than one is the image's ambiguity.
+pub fn resolve<'a>(spec: &str, probed: &'a [Probed]) -> Vec<&'a Probed> {
     let (key, value) = match spec.split_once('=') {
         Some((key, value)) => (key, value.trim_matches('"')),
         None => match spec.strip_prefix("/dev/disk/by-") {
@@ -115,35 +146,40 @@ pub fn resolve<'a>(spec: &str, probed: &'a [Probed]) -> Option<&'a Probed> {
                 Some(("uuid", v)) => ("UUID", v),
                 Some(("label", v)) => ("LABEL", v),
                 Some(("partuuid", v)) => ("PARTUUID", v),
-                _ => return None,
+                _ => return Vec::new(),
             },
-            None => return by_kernel_name(spec, probed),
+            None => return by_kernel_name(spec, probed).into_iter().collect(),
         },
     };
-    probed.iter().find(|p| match key {
-        "UUID" => p
-            .filesystem
-            .as_ref()
-            .is_some_and(|f| f.uuid.eq_ignore_ascii_case(value)),
-        "LABEL" => p.filesystem.as_ref().is_some_and(|f| f.label == value),
-        "PARTUUID" => p
-            .partition
-            .unique_guid
-            .as_deref()
-            .is_some_and(|g| g.eq_ignore_ascii_case(value)),
-        _ => false,
-    })
+    probed
+        .iter()
+        .filter(|p| match key {
+            "UUID" => p
+                .filesystem
+                .as_ref()
+                .is_some_and(|f| f.uuid.eq_ignore_ascii_case(value)),
+            "LABEL" => p.filesystem.as_ref().is_some_and(|f| f.label == value),
+            "PARTUUID" => p
+                .partition
+                .unique_guid
+                .as_deref()
+                .is_some_and(|g| g.eq_ignore_ascii_case(value)),
+            _ => false,
+        })
+        .collect()
 }
+
+/// The names an instance gives its boot disk, each followed by a partition number; a name
+/// of another disk (`/dev/sdb1`) is not this image's.
+const BOOT_DISK_NAMES: [&str; 5] = ["xvda", "sda", "vda", "nvme0n1p", "hda"];
 
 fn by_kernel_name<'a>(spec: &str, probed: &'a [Probed]) -> Option<&'a Probed> {
     let name = spec.strip_prefix("/dev/")?;
-    let digits = name.len() - name.trim_end_matches(|c: char| c.is_ascii_digit()).len();
-    let stem = &name[..name.len() - digits];
-    // `nvme0n1` alone is a disk, not partition 1: its partitions are `nvme0n1pN`.
-    if digits == 0 || (stem.starts_with("nvme") && !stem.ends_with('p')) {
-        return None;
-    }
-    let number: u32 = name[name.len() - digits..].parse().ok()?;
+    let number = BOOT_DISK_NAMES
+        .iter()
+        .find_map(|disk| name.strip_prefix(disk))
+        .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))?;
+    let number: u32 = number.parse().ok()?;
     probed.iter().find(|p| p.partition.number == number)
 }
 
@@ -172,12 +208,17 @@ pub fn probe_disk(disk: &Path) -> Result<Vec<Probed>, BootMountError> {
 }
 
 /// What is to be mounted where: each boot entry of the image mounted at `root` with its
-/// partition of `disk`, skipping the one that is the root itself.
+/// partition of `disk`. An entry on the root's own partition is skipped; one that overlaps
+/// the root or another entry is refused, since a filesystem mounted twice read-write is
+/// corrupted; a root on the whole disk has no boot partitions beside it.
 pub fn plan(
     root: &Path,
     disk: &Path,
-    root_partition: u32,
+    root_partition: Option<u32>,
 ) -> Result<Vec<(FstabEntry, Probed)>, BootMountError> {
+    let Some(root_partition) = root_partition else {
+        return Ok(Vec::new());
+    };
     let image = ImageRoot::open(root).map_err(BootMountError::Fstab)?;
     let fstab = match image.read("/etc/fstab") {
         Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
@@ -185,26 +226,77 @@ pub fn plan(
         Err(e) => return Err(BootMountError::Fstab(e)),
     };
     let entries = boot_entries(&fstab);
+    for pair in entries.windows(2) {
+        if pair[0].mount_point == pair[1].mount_point {
+            let (a, b) = (
+                pair[0].line.min(pair[1].line),
+                pair[0].line.max(pair[1].line),
+            );
+            return Err(BootMountError::Twice {
+                mount_point: pair[0].mount_point.clone(),
+                first: a,
+                second: b,
+            });
+        }
+    }
     if entries.is_empty() {
         return Ok(Vec::new());
     }
     let probed = probe_disk(disk)?;
+    let disk_name = disk.display().to_string();
+    let mut taken: Vec<&Partition> = probed
+        .iter()
+        .filter(|p| p.partition.number == root_partition)
+        .map(|p| &p.partition)
+        .collect();
     let mut planned = Vec::new();
     for entry in entries {
-        let Some(found) = resolve(&entry.spec, &probed) else {
-            return Err(BootMountError::NotFound {
+        let found = match resolve(&entry.spec, &probed)[..] {
+            [found] => found,
+            [] => {
+                return Err(BootMountError::NotFound {
+                    line: entry.line,
+                    mount_point: entry.mount_point,
+                    spec: entry.spec,
+                    disk: disk_name,
+                    listed: listed(&probed),
+                })
+            }
+            ref several => {
+                return Err(BootMountError::Ambiguous {
+                    line: entry.line,
+                    mount_point: entry.mount_point,
+                    spec: entry.spec,
+                    disk: disk_name,
+                    numbers: several
+                        .iter()
+                        .map(|p| p.partition.number.to_string())
+                        .collect::<Vec<_>>()
+                        .join(" and "),
+                })
+            }
+        };
+        if found.partition.number == root_partition {
+            continue;
+        }
+        if let Some(other) = taken.iter().find(|t| overlap(t, &found.partition)) {
+            return Err(BootMountError::Overlaps {
                 line: entry.line,
                 mount_point: entry.mount_point,
-                spec: entry.spec,
-                disk: disk.display().to_string(),
-                listed: listed(&probed),
+                partition: found.partition.number,
+                other: other.number,
+                disk: disk_name,
             });
-        };
-        if found.partition.number != root_partition {
-            planned.push((entry, found.clone()));
         }
+        taken.push(&found.partition);
+        planned.push((entry, found.clone()));
     }
     Ok(planned)
+}
+
+fn overlap(a: &Partition, b: &Partition) -> bool {
+    let end = |p: &Partition| p.extent.offset.saturating_add(p.extent.size);
+    a.extent.offset < end(b) && b.extent.offset < end(a)
 }
 
 fn listed(probed: &[Probed]) -> String {
@@ -226,14 +318,13 @@ fn listed(probed: &[Probed]) -> String {
 
 /// Mounts `device` (partition `partition`, holding `kind`) on `mount_point` of the image at
 /// `root`: nodev and nosuid, noatime as the root is, `nouuid` for XFS as the root is.
-/// Returns the mount's path on the host.
 pub fn mount(
     root: &Path,
     mount_point: &str,
     device: &Path,
     partition: u32,
     kind: FsKind,
-) -> Result<PathBuf, BootMountError> {
+) -> Result<(), BootMountError> {
     let image = ImageRoot::open(root).map_err(|source| BootMountError::MountPoint {
         mount_point: mount_point.into(),
         source,
@@ -262,8 +353,7 @@ pub fn mount(
         kind,
         mount_point: mount_point.into(),
         source: e.into(),
-    })?;
-    Ok(root.join(mount_point.trim_start_matches('/')))
+    })
 }
 
 /// Whether a mount failed because this kernel has no driver for the filesystem at all.
@@ -275,6 +365,7 @@ pub fn kernel_lacks_filesystem(e: &BootMountError) -> bool {
 mod tests {
     use super::*;
     use crate::host::partitions::Extent;
+    use std::path::PathBuf;
 
     fn probed(number: u32, kind: FsKind, uuid: &str, label: &str) -> Probed {
         Probed {
@@ -303,7 +394,8 @@ mod tests {
                      LABEL=UEFI /boot/efi vfat umask=0077 0 1\n\
                      \n\
                      LABEL=BOOT /boot/ ext4 defaults 0 2\n\
-                     /dev/sdb1 /mnt/data\\040dir ext4 defaults 0 2\n";
+                     /dev/sdb1 /mnt/data\\040dir ext4 defaults 0 2\n\
+                     LABEL=\x1b[2J /boot/efi vfat defaults 0 0\n";
         let entries = boot_entries(fstab);
         assert_eq!(
             entries,
@@ -318,7 +410,62 @@ mod tests {
                     spec: "LABEL=UEFI".into(),
                     mount_point: "/boot/efi".into()
                 },
+                FstabEntry {
+                    line: 7,
+                    spec: "LABEL=\\u{1b}[2J".into(),
+                    mount_point: "/boot/efi".into()
+                },
             ]
+        );
+    }
+
+    /// An image root holding `fstab`, and a disk of two MBR partitions over the same sectors.
+    fn image_with(fstab: &str) -> (tempfile::TempDir, PathBuf, PathBuf) {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir_all(root.join("etc")).unwrap();
+        std::fs::write(root.join("etc/fstab"), fstab).unwrap();
+        let disk = dir.path().join("disk.img");
+        let file = std::fs::File::create(&disk).unwrap();
+        file.set_len(16 << 20).unwrap();
+        let mut mbr = [0u8; 512];
+        for i in 0..2 {
+            let e = &mut mbr[446 + i * 16..446 + (i + 1) * 16];
+            e[4] = 0x83;
+            e[8..12].copy_from_slice(&2048u32.to_le_bytes());
+            e[12..16].copy_from_slice(&8192u32.to_le_bytes());
+        }
+        mbr[510..].copy_from_slice(&[0x55, 0xAA]);
+        file.write_all_at(&mbr, 0).unwrap();
+        (dir, root, disk)
+    }
+
+    #[test]
+    fn a_boot_partition_over_the_root_or_a_mount_point_named_twice_is_refused() {
+        let (_dir, root, disk) = image_with("/dev/xvda2 /boot ext4 defaults 0 2\n");
+        let overlap = plan(&root, &disk, Some(1)).unwrap_err().to_string();
+        assert!(
+            overlap.contains("line 1 mounts /boot from partition 2")
+                && overlap.contains("overlaps partition 1"),
+            "{overlap}"
+        );
+        // A root on the whole disk has no partitions beside it.
+        assert!(plan(&root, &disk, None).unwrap().is_empty());
+
+        let (_dir, root, disk) =
+            image_with("/dev/xvda2 /boot ext4 defaults 0 2\n/dev/xvda3 /boot/ ext4 defaults 0 2\n");
+        let twice = plan(&root, &disk, Some(1)).unwrap_err().to_string();
+        assert_eq!(
+            twice,
+            "the image's /etc/fstab mounts /boot twice (lines 1 and 2)"
+        );
+        let (_dir, root, disk) = image_with("LABEL=BOOT /boot ext4 defaults 0 2\n");
+        let missing = plan(&root, &disk, Some(1)).unwrap_err().to_string();
+        assert!(
+            missing.contains("mounts /boot from LABEL=BOOT, which no partition of")
+                && missing.contains("1 (no filesystem read), 2 (no filesystem read)"),
+            "{missing}"
         );
     }
 
@@ -339,7 +486,11 @@ mod tests {
                 "BOOT",
             ),
         ];
-        let number = |spec: &str| resolve(spec, &disk).map(|p| p.partition.number);
+        let number = |spec: &str| match resolve(spec, &disk)[..] {
+            [one] => Some(one.partition.number),
+            [] => None,
+            _ => panic!("{spec} names several"),
+        };
         assert_eq!(number("UUID=abcd-1234"), Some(15));
         assert_eq!(
             number("UUID=\"66666666-7777-8888-9999-000000000000\""),
@@ -360,6 +511,8 @@ mod tests {
         assert_eq!(number("/dev/nvme0n1p15"), Some(15));
         assert_eq!(number("/dev/nvme0n1"), None, "a whole NVMe disk");
         assert_eq!(number("/dev/xvda"), None);
+        assert_eq!(number("/dev/sdb1"), None, "another disk's partition");
+        assert_eq!(number("/dev/xvda15"), Some(15));
         assert_eq!(number("UUID=00000000-0000-0000-0000-000000000000"), None);
         assert_eq!(number("tmpfs"), None);
     }

@@ -121,15 +121,19 @@ async fn mount_boot_partitions<B: Backend>(
     let (root, wanted, d) = (s.mount_point.clone(), s.build.root_partition, disk.clone());
     let planned = tokio::task::spawn_blocking(move || {
         let root_partition = partitions::root_partition(&d, wanted).map_err(failed)?;
-        boot_mounts::plan(&root, &d, root_partition.unwrap_or(0)).map_err(failed)
+        boot_mounts::plan(&root, &d, root_partition).map_err(failed)
     })
     .await
     .map_err(failed)??;
     for (entry, found) in planned {
+        if ctx.cancel.is_cancelled() {
+            return Err(StepError::Interrupted);
+        }
         let number = found.partition.number;
         let Some(filesystem) = found.filesystem else {
             return Err(failed(format!(
-                "the image's /etc/fstab line {} mounts {} from partition {number} of {},                  which holds no filesystem amibake can mount (ext4, XFS or vfat)",
+                "the image's /etc/fstab line {} mounts {} from partition {number} of {}, \
+                 which holds no filesystem amibake can mount (ext4, XFS or vfat)",
                 entry.line,
                 entry.mount_point,
                 disk.display()
@@ -142,6 +146,17 @@ async fn mount_boot_partitions<B: Backend>(
             .map_err(failed)?;
         let release_loop = undo_loop_device(ctx, &device);
         s.backend.disk_waits_for(&mut ctx.undo, release_loop);
+        // Registered before the mount, which an interrupt may cut short (an unmount of what
+        // is not mounted is nothing); the parent's unmount waits for this one.
+        let target = s
+            .mount_point
+            .join(entry.mount_point.trim_start_matches('/'));
+        let unmount = undo_mount(ctx, &target);
+        ctx.undo.require(release_loop, unmount);
+        let parent = s.boot_mounts.last().map(|b| b.unmount).or(s.unmount_root);
+        if let Some(parent) = parent {
+            ctx.undo.require(parent, unmount);
+        }
         let (root, point, dev) = (
             s.mount_point.clone(),
             entry.mount_point.clone(),
@@ -153,9 +168,7 @@ async fn mount_boot_partitions<B: Backend>(
         .await
         .map_err(failed)?;
         match mounted {
-            Ok(target) => {
-                let unmount = undo_mount(ctx, &target);
-                ctx.undo.require(release_loop, unmount);
+            Ok(()) => {
                 s.boot_mounts.push(BootMount {
                     unmount,
                     release_loop,
@@ -168,11 +181,12 @@ async fn mount_boot_partitions<B: Backend>(
                 ));
             }
             Err(e) if boot_mounts::kernel_lacks_filesystem(&e) => {
+                undo_now(ctx, unmount).await?;
                 undo_now(ctx, release_loop).await?;
                 ctx.progress.note(format!(
-                    "{} of the image (partition {number}, {}) is not mounted: this host's kernel \
-                     cannot mount {}; what provisioners write there stays in the image's \
-                     directory under it",
+                    "{} of the image (partition {number}, {}) is not mounted: this host's \
+                     kernel cannot mount {}; what provisioners write there stays in the \
+                     image's directory under it",
                     entry.mount_point, filesystem.kind, filesystem.kind
                 ));
             }
