@@ -178,7 +178,9 @@ impl Step<BakeState<Attach>> for AttachVolume {
             device::wait_for_device(&volume_id, &device_name, device::DEVICE_APPEAR_TIMEOUT)
                 .await
                 .map_err(failed)?;
-        s.disk = Some(found.clone());
+        // The device itself, not the link to it: udev rebuilds a by-id link on every change
+        // event of its device, and the boot partitions are read from the disk later.
+        s.disk = Some(std::fs::canonicalize(&found).unwrap_or_else(|_| found.clone()));
         // Reads the volume's table and superblocks: blocking reads, of a volume EBS may
         // still be loading.
         let (id, dev, wanted) = (volume_id.clone(), found.clone(), s.build.root_partition);
