@@ -11,20 +11,24 @@ fn one_file_tarball() -> Vec<u8> {
 #[test]
 fn example_templates_validate() {
     let _module = crate::util::module_turn(module_path!());
-    let run = amibake(&["validate", "templates/shop.toml", "templates/worker.toml"]);
+    let examples = [
+        ("templates/shop.toml", "[base] and [bake]"),
+        ("templates/worker.toml", "[bake]"),
+        ("templates/al2023.toml", "[base] and [bake]"),
+        ("templates/ubuntu-24.04.toml", "[base] and [bake]"),
+    ];
+    let mut args = vec!["validate"];
+    args.extend(examples.iter().map(|(file, _)| *file));
+    let run = amibake(&args);
     run.expect_code(0);
-    assert!(
-        run.stdout()
-            .contains("templates/shop.toml: valid ([base] and [bake])"),
-        "{}",
-        run.dump()
-    );
-    assert!(
-        run.stdout()
-            .contains("templates/worker.toml: valid ([bake])"),
-        "{}",
-        run.dump()
-    );
+    for (file, sections) in examples {
+        assert!(
+            run.stdout()
+                .contains(&format!("{file}: valid ({sections})")),
+            "{}",
+            run.dump()
+        );
+    }
 }
 
 /// Every file in tests/templates/invalid states on its first line the error it must give:
