@@ -309,3 +309,97 @@ fn a_base_whose_boot_leads_to_the_host_is_refused() {
     canary.assert_untouched("a base's /boot made a link to the host");
     cloud.assert_no_bake_left();
 }
+
+/// `amibake base` from each vendor's image logs in as that vendor's default user and
+/// provisions as root; the base it publishes keeps the vendor's layout, and a bake on it
+/// finds its root there and lands the code beside what the base installed.
+#[test]
+fn a_base_from_each_vendor_layout_with_its_user_is_what_a_bake_builds_on() {
+    let _module = crate::util::module_turn(module_path!());
+    let families = [
+        ("al2023", "ec2-user", 1),
+        ("ubuntu-24.04", "ubuntu", 1),
+        ("rhel-9", "ec2-user", 4),
+    ];
+    let cloud = LocalCloud::start_with("quick", &families.map(|(f, _, _)| f));
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+    let (tar, files) = composer_like();
+    std::fs::write(dir.join("app.tar.gz"), gzip(&tar)).unwrap();
+    for (family, user, root) in families {
+        let vendor = cloud.ls()["vendor_amis"][family]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let channel = format!("/amibake/layouts/{family}");
+        std::fs::write(
+            dir.join("base.toml"),
+            format!(
+                "[base]\nname = \"{family}-base-${{timestamp}}\"\nsource_ami = \"{vendor}\"\n\
+                 instance_type = \"t3.small\"\nssh_username = \"{user}\"\n\
+                 publish_ssm = \"{channel}\"\n\
+                 [[base.provisioner]]\ninline = [\"test \\\"$(whoami)\\\" = root\", \
+                 \"echo {family} > /etc/layout-base\"]\n"
+            ),
+        )
+        .unwrap();
+        let base = Run {
+            command: format!("amibake base base.toml ({family}, as {user})"),
+            output: cloud
+                .amibake(dir)
+                .args(["base", "base.toml"])
+                .output()
+                .unwrap(),
+        };
+        base.expect_code(0);
+        let ls = cloud.ls();
+        let build_host = cloud.build_host();
+        let alive: Vec<_> = ls["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|i| i["id"] != build_host && i["state"] != "terminated")
+            .collect();
+        assert!(alive.is_empty(), "instances left: {alive:?}");
+        assert_eq!(ls["key_pairs"], serde_json::json!([]));
+        assert_eq!(ls["security_groups"], serde_json::json!([]));
+        assert!(
+            base.stderr().contains(&format!("{user}@127.")),
+            "logged in as {user}\n{}",
+            base.dump()
+        );
+        std::fs::write(
+            dir.join("app.toml"),
+            format!(
+                "[bake]\nname = \"{family}-app-${{commit}}-${{timestamp}}\"\n\
+                 base_ami = \"resolve:ssm:{channel}\"\ndest = \"/srv/app\"\n"
+            ),
+        )
+        .unwrap();
+        let bake = Run {
+            command: format!("amibake bake app.toml on the {family} base"),
+            output: cloud
+                .amibake(dir)
+                .args(["bake", "app.toml", "--tarball", "app.tar.gz"])
+                .args(["--commit", "ba5e1", "--backend", "direct"])
+                .output()
+                .unwrap(),
+        };
+        bake.expect_code(0);
+        let manifest: serde_json::Value =
+            serde_json::from_str(bake.stdout().lines().last().unwrap()).unwrap();
+        let snapshot = manifest["snapshot_id"].as_str().unwrap();
+        let raw = dir.join(format!("{snapshot}.img"));
+        cloud.cli(&["export-snapshot", snapshot, raw.to_str().unwrap()]);
+        let image = cloud.mount_snapshot(snapshot, dir, partition_offset(&raw, root));
+        assert_eq!(
+            std::fs::read_to_string(image.root.join("etc/layout-base")).unwrap(),
+            format!("{family}\n"),
+            "the base's work is on the root the bake found\n{}",
+            bake.dump()
+        );
+        assert_composer_like_at(&image.root.join("srv/app"), &files, 0);
+        drop(image);
+        cloud.assert_no_bake_left();
+    }
+}

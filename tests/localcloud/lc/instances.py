@@ -57,15 +57,17 @@ class Instances:
             if instance_id in self.running:
                 return
             image = self.dataplane.volume_file(volume_id)
-            parts = partitions(image)
-            offset_args = ["--offset", str(parts[0][1]), "--sizelimit", str(parts[0][2])] if parts else []
+            part = root_partition(image)
+            offset_args = ["--offset", str(part[1]), "--sizelimit", str(part[2])] if part else []
             root = self.dir / instance_id / "root"
             root.mkdir(parents=True, exist_ok=True)
             loop = sh("losetup", "--find", "--show", *offset_args, str(image))
             run = Running(instance_id, root, loop)
             self.running[instance_id] = run
             try:
-                self._mount(run, [loop, str(root)])
+                # Every AL2023 root has one XFS UUID, which the host may hold already.
+                xfs = filesystem_type(loop) == "xfs"
+                self._mount(run, [*(["-o", "nouuid"] if xfs else []), loop, str(root)])
                 console = self.dir / instance_id / "console.log"
                 first_boot(root, instance_id, private_ip, public_key, console)
                 if self.impostors > 0:
@@ -143,6 +145,31 @@ class Instances:
             except Exception as e:
                 failures.append(str(e))
         return failures
+
+
+def filesystem_type(device: str) -> str:
+    r = subprocess.run(["blkid", "-p", "-o", "value", "-s", "TYPE", device], capture_output=True, text=True)
+    return r.stdout.strip()
+
+
+def root_partition(image: Path):
+    """(number, offset, size) of the partition an instance boots as its root, or None for an
+    unpartitioned disk: on every vendor's layout the root is the largest partition holding
+    ext4 or XFS (Ubuntu's /boot on 16 and RHEL's on 3 are smaller), as the boot loader's
+    `root=` names it there."""
+    parts = partitions(image)
+    if not parts:
+        return None
+    roots = []
+    for number, offset, size in parts:
+        r = subprocess.run(["blkid", "-p", "-o", "value", "-s", "TYPE", "--offset", str(offset), str(image)],
+                           capture_output=True, text=True)
+        if r.stdout.strip() in ("ext4", "xfs"):
+            roots.append((size, number, offset))
+    if not roots:
+        return parts[0]
+    size, number, offset = max(roots)
+    return number, offset, size
 
 
 def default_user(root: Path):
