@@ -182,17 +182,7 @@ impl Story {
         drop(image);
         // Consistent as e2fsck sees it, the journal the base's again (see below) included.
         let raw = self.dir().join(format!("{snapshot}.img"));
-        let fsck = std::process::Command::new("e2fsck")
-            .arg("-fn")
-            .arg(format!("{}?offset={offset}", raw.display()))
-            .output()
-            .unwrap();
-        assert!(
-            fsck.status.success(),
-            "e2fsck of {snapshot}: {}{}",
-            String::from_utf8_lossy(&fsck.stdout),
-            String::from_utf8_lossy(&fsck.stderr)
-        );
+        crate::util::localcloud::assert_filesystem_clean(&raw, offset, snapshot);
         let _ = std::fs::remove_file(raw);
     }
 

@@ -194,6 +194,23 @@ impl Run {
         self
     }
 
+    /// Asserts a run sent SIGTERM during `step` stopped there, cleaned up and exited 143
+    /// well inside the 10 s a CI system gives between SIGTERM and SIGKILL.
+    pub fn expect_terminated_in(&self, step: &str, after_signal: std::time::Duration) {
+        const KILL_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
+        self.expect_code(143);
+        assert!(
+            self.stderr()
+                .contains(&format!("error: interrupted during {step}; cleaned up")),
+            "signalled in {step}\n{}",
+            self.dump()
+        );
+        assert!(
+            after_signal < KILL_WINDOW,
+            "{step}: cleaned up in {after_signal:?}"
+        );
+    }
+
     pub fn expect_code(&self, code: i32) -> &Self {
         assert_eq!(self.code(), code, "unexpected exit code\n{}", self.dump());
         self
