@@ -403,3 +403,98 @@ fn a_base_from_each_vendor_layout_with_its_user_is_what_a_bake_builds_on() {
         cloud.assert_no_bake_left();
     }
 }
+
+/// A `root_volume_size_gb` larger than the vendor's grows the root partition wherever it sits
+/// (AL2023's 1 after 127 and 128, Ubuntu's 1 after 14 to 16, RHEL's 4) to the end of the
+/// volume, and its filesystem, ext4 or XFS, to fill it, with both backends; the /boot beside
+/// it is where it was, and every filesystem checks clean.
+#[test]
+fn a_larger_volume_grows_each_vendors_root_where_it_sits() {
+    let _module = crate::util::module_turn(module_path!());
+    const GIB: u64 = 1 << 30;
+    let families = [
+        ("al2023", 1, None),
+        ("ubuntu-24.04", 1, Some(16)),
+        ("rhel-9", 4, Some(3)),
+    ];
+    let cloud = LocalCloud::start_with("quick", &families.map(|(f, _, _)| f));
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+    std::fs::write(dir.join("app.tar.gz"), gzip(&composer_like().0)).unwrap();
+    let table = |raw: &Path| -> serde_json::Value {
+        let out = Command::new("sfdisk")
+            .arg("--json")
+            .arg(raw)
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let extent = |table: &serde_json::Value, raw: &Path, number: u32| -> (u64, u64) {
+        let node = format!("{}{number}", raw.display());
+        let p = table["partitiontable"]["partitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["node"] == node.as_str())
+            .unwrap_or_else(|| panic!("no partition {number}: {table}"));
+        (
+            p["start"].as_u64().unwrap() * 512,
+            p["size"].as_u64().unwrap() * 512,
+        )
+    };
+    for (family, root, boot) in families {
+        let vendor = cloud.ls()["vendor_amis"][family]
+            .as_str()
+            .unwrap()
+            .to_string();
+        std::fs::write(
+            dir.join("app.toml"),
+            format!(
+                "[bake]\nname = \"{family}-grown-${{commit}}-${{timestamp}}\"\n\
+                 base_ami = \"{vendor}\"\ndest = \"/srv/app\"\nroot_volume_size_gb = 16\n"
+            ),
+        )
+        .unwrap();
+        for backend in ["attach", "direct"] {
+            let run = Run {
+                command: format!("amibake bake app.toml --backend {backend} ({family}, 16 GiB)"),
+                output: cloud
+                    .amibake(dir)
+                    .args(["bake", "app.toml", "--tarball", "app.tar.gz", "--force"])
+                    .args(["--commit", "9r0w", "--backend", backend])
+                    .output()
+                    .unwrap(),
+            };
+            run.expect_code(0);
+            let manifest: serde_json::Value =
+                serde_json::from_str(run.stdout().lines().last().unwrap()).unwrap();
+            let snapshot = manifest["snapshot_id"].as_str().unwrap();
+            let raw = dir.join(format!("{snapshot}.img"));
+            cloud.cli(&["export-snapshot", snapshot, raw.to_str().unwrap()]);
+            let disk = std::fs::metadata(&raw).unwrap().len();
+            assert_eq!(disk, 16 * GIB, "{family} {backend}: the volume's size");
+            let table = table(&raw);
+            let (start, size) = extent(&table, &raw, root);
+            assert!(
+                start + size > disk - (2 << 20),
+                "{family} {backend}: partition {root} reaches the end of the disk: {table}"
+            );
+            let image =
+                MountedSnapshot::mount_read_only(&raw, start, &dir.join(format!("{snapshot}.mnt")));
+            let fs = rustix::fs::statvfs(&image.root).unwrap();
+            assert!(
+                fs.f_blocks * fs.f_frsize > size / 100 * 95,
+                "{family} {backend}: the filesystem fills its {size}-byte partition\n{}",
+                run.dump()
+            );
+            drop(image);
+            assert_filesystem_clean(&raw, start, &format!("{family} {backend} grown root"));
+            if let Some(boot) = boot {
+                let (boot_start, _) = extent(&table, &raw, boot);
+                assert_filesystem_clean(&raw, boot_start, &format!("{family} {backend} /boot"));
+            }
+            let _ = std::fs::remove_file(&raw);
+            cloud.assert_no_bake_left();
+        }
+    }
+}
