@@ -13,15 +13,20 @@ For `direct`: the 512 KiB blocks it put, against the blocks that differ between 
 snapshot and the new one (the local cloud's own count), and against the blocks the extracted
 tree itself occupies (its files' and directories' extents, mapped to 512 KiB blocks of the
 disk). Then `direct` warm again at other tarball sizes: its peak memory must not grow with
-the tarball.
+the tarball. Last, per vendor layout of the local cloud's catalogue (`--layouts`), `direct`
+warm's blocks put against the blocks that differ and the tree's, as above: what the layout
+itself costs (an XFS root's log, written at each clean unmount, against ext4's journal, which
+the bake puts back as the base had it).
 
-    benches/backends.py [--mib 100] [--memory-sizes 25,400] [--latency realistic] [--no-packer] [--release]
+    benches/backends.py [--mib 100] [--memory-sizes 25,400] [--latency realistic] [--no-packer]
+                        [--layouts al2023,ubuntu-24.04,rhel-9] [--release]
 
 Run as root (loop devices, mounts). Not a test: it prints figures.
 """
 
 import argparse
 import array
+import errno
 import fcntl
 import json
 import os
@@ -81,6 +86,17 @@ def wait_for(describe, state, what):
         time.sleep(0.2)
 
 
+# The partition each catalogue layout keeps its root on (tests/localcloud/lc/images.py).
+LAYOUT_ROOTS = {"partitioned": 1, "al2023": 1, "ubuntu-24.04": 1, "rhel-9": 4}
+
+
+def partition_offset(raw: Path, number: int) -> int:
+    table = json.loads(subprocess.run(["sfdisk", "--json", str(raw)], check=True, capture_output=True,
+                                      text=True).stdout)["partitiontable"]
+    node = f"{raw}{number}"
+    return next(p["start"] for p in table["partitions"] if p["node"] == node) * table.get("sectorsize", 512)
+
+
 def owned_base(ec2, vendor_image) -> str:
     """A base AMI of this account, as `amibake base` makes them: the vendor's root through a
     volume into a snapshot of our own, which the EBS direct APIs serve and a bake can be a
@@ -93,9 +109,10 @@ def owned_base(ec2, vendor_image) -> str:
     wait_for(lambda: ec2.describe_snapshots(SnapshotIds=[snapshot])["Snapshots"][0]["State"], "completed", snapshot)
     ec2.delete_volume(VolumeId=volume)
     image = ec2.register_image(
-        Name="bench-base", Architecture="x86_64", RootDeviceName="/dev/xvda", VirtualizationType="hvm",
+        Name=f"bench-base-{vendor_image}", Architecture="x86_64", RootDeviceName="/dev/xvda", VirtualizationType="hvm",
         EnaSupport=True, BlockDeviceMappings=[{"DeviceName": "/dev/xvda", "Ebs": {
-            "SnapshotId": snapshot, "VolumeSize": 8, "DeleteOnTermination": True}}])["ImageId"]
+            "SnapshotId": snapshot, "VolumeSize": vendor["BlockDeviceMappings"][0]["Ebs"]["VolumeSize"],
+            "DeleteOnTermination": True}}])["ImageId"]
     wait_for(lambda: ec2.describe_images(ImageIds=[image])["Images"][0]["State"], "available", image)
     return image
 
@@ -130,30 +147,42 @@ def extents(path: Path):
 
 
 def blocks_of_tree(root: Path, partition_offset: int) -> int:
-    """The 512 KiB blocks of the disk that the tree's files and directories occupy."""
+    """The 512 KiB blocks of the disk that the tree's files and directories occupy (on XFS,
+    which maps no directory through FIEMAP, its files')."""
     blocks = set()
     for dirpath, dirnames, filenames in os.walk(root):
         for name in [*dirnames, *filenames, "."]:
             path = Path(dirpath) / name
             if path.is_symlink():
                 continue
-            for physical, length in extents(path):
+            try:
+                mapped = list(extents(path))
+            except OSError as e:
+                # XFS maps no directory through FIEMAP: its files still count.
+                if e.errno == errno.EOPNOTSUPP and path.is_dir():
+                    continue
+                raise
+            for physical, length in mapped:
                 first = (partition_offset + physical) // BLOCK
                 last = (partition_offset + physical + length - 1) // BLOCK
                 blocks.update(range(first, last + 1))
     return len(blocks)
 
 
-def tree_blocks_in_snapshot(state, snapshot, scratch) -> int:
+def tree_blocks_in_snapshot(state, snapshot, scratch, root_partition=1) -> int:
     raw, mnt = scratch / "tree.img", scratch / "tree.mnt"
     cli(state, "export-snapshot", snapshot, str(raw))
+    offset = partition_offset(raw, root_partition) if root_partition else PARTITION_1_OFFSET
     mnt.mkdir(exist_ok=True)
-    loop = subprocess.run(["losetup", "--find", "--show", "--read-only", "--offset", str(PARTITION_1_OFFSET), str(raw)],
+    loop = subprocess.run(["losetup", "--find", "--show", "--read-only", "--offset", str(offset), str(raw)],
                           check=True, capture_output=True, text=True).stdout.strip()
     try:
-        subprocess.run(["mount", "-o", "ro", loop, str(mnt)], check=True)
+        kind = subprocess.run(["blkid", "-p", "-o", "value", "-s", "TYPE", loop], capture_output=True,
+                              text=True).stdout.strip()
+        # An AL2023 root's UUID may be this host's own.
+        subprocess.run(["mount", "-o", "ro,nouuid" if kind == "xfs" else "ro", loop, str(mnt)], check=True)
         try:
-            return blocks_of_tree(mnt / "srv/app", PARTITION_1_OFFSET)
+            return blocks_of_tree(mnt / "srv/app", offset)
         finally:
             subprocess.run(["umount", str(mnt)], check=True)
     finally:
@@ -177,6 +206,8 @@ def main():
                         help="more tarball sizes for direct warm's peak memory (default: %(default)s; empty: none)")
     parser.add_argument("--latency", default="realistic", choices=["none", "quick", "realistic"])
     parser.add_argument("--no-packer", action="store_true", help="leave Packer out (it takes the longest)")
+    parser.add_argument("--layouts", default="al2023,ubuntu-24.04,rhel-9",
+                        help="catalogue layouts whose blocks are counted, comma-separated; empty: none")
     parser.add_argument("--release", action="store_true", help=RELEASE_HELP)
     args = parser.parse_args()
 
@@ -185,7 +216,9 @@ def main():
     state, cache = work / "localcloud", work / "cache"
     env = dict(os.environ, HOME=str(work), CHECKPOINT_DISABLE="1", PACKER_CACHE_DIR=str(work / "packer_cache"))
     try:
-        for line in cli(state, "up", "--latency", args.latency).splitlines():
+        layouts = [name for name in args.layouts.split(",") if name]
+        vendors = [arg for name in layouts for arg in ("--vendor", name)]
+        for line in cli(state, "up", "--latency", args.latency, *vendors).splitlines():
             if line.startswith("export "):
                 key, value = line[len("export "):].split("=", 1)
                 env[key] = value
@@ -197,8 +230,8 @@ def main():
         tarball = work / "app.tar.gz"
         files = make_tarball(tarball, args.mib, work)
 
-        def amibake(backend, commit, tar=tarball):
-            command = [str(amibake_exe), "--output", "json", "bake", str(work / "bench.toml"), "--tarball", str(tar),
+        def amibake(backend, commit, tar=tarball, template="bench.toml"):
+            command = [str(amibake_exe), "--output", "json", "bake", str(work / template), "--tarball", str(tar),
                        "--commit", commit, "--force", "--backend", backend, "--cache-dir", str(cache)]
             before = len(cli(state, "calls").splitlines())
             start = time.monotonic()
@@ -264,6 +297,23 @@ def main():
             print(f"{name:<23} {ok(calls, 'GetSnapshotBlock'):>10} {put:>6} {differ:>7} {tree:>6} {put / tree:>9.2f}")
         print("(put: PutSnapshotBlock calls; differ: blocks the new snapshot differs from the base's in, by the "
               "local cloud's count; tree: blocks the extracted tree's files and directories occupy; goal put/tree <= 1.1)")
+
+        if layouts:
+            print(f"\nblocks (512 KiB) by layout, direct warm {'put':>6} {'differ':>7} {'tree':>6} {'put/tree':>9}")
+            vendor_amis = json.loads(cli(state, "ls"))["vendor_amis"]
+            for name in layouts:
+                layout_base = owned_base(ec2, vendor_amis[name])
+                layout_snapshot = ec2.describe_images(ImageIds=[layout_base])["Images"][0][
+                    "BlockDeviceMappings"][0]["Ebs"]["SnapshotId"]
+                (work / f"{name}.toml").write_text(TEMPLATE.format(base=layout_base))
+                amibake("direct", f"{name}-cold", template=f"{name}.toml")
+                _, _, manifest, calls = amibake("direct", f"{name}-warm", template=f"{name}.toml")
+                put = ok(calls, "PutSnapshotBlock")
+                differ = int(cli(state, "changed-blocks", layout_snapshot, manifest["snapshot_id"]).strip())
+                tree = tree_blocks_in_snapshot(state, manifest["snapshot_id"], work, LAYOUT_ROOTS[name])
+                print(f"  {name:<37} {put:>6} {differ:>7} {tree:>6} {put / tree:>9.2f}")
+            print("(the same tarball; put beyond differ would be blocks written back unchanged, "
+                  "differ beyond tree the filesystem's own: its log or journal, inodes, allocation maps)")
 
         sizes = [int(s) for s in args.memory_sizes.split(",") if s]
         if sizes:
