@@ -13,6 +13,8 @@
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
+use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags, StatxFlags};
+use rustix::io::Errno;
 use rustix::mount::MountFlags;
 
 use super::filesystem::{self, Filesystem, FsKind};
@@ -72,6 +74,11 @@ pub enum BootMountError {
     },
     #[error("{mount_point} of the image: {source}")]
     MountPoint {
+        mount_point: String,
+        source: std::io::Error,
+    },
+    #[error("unmount {mount_point} of the image: {source}")]
+    Unmount {
         mount_point: String,
         source: std::io::Error,
     },
@@ -324,7 +331,7 @@ pub fn mount(
     device: &Path,
     partition: u32,
     kind: FsKind,
-) -> Result<(), BootMountError> {
+) -> Result<u64, BootMountError> {
     let image = ImageRoot::open(root).map_err(|source| BootMountError::MountPoint {
         mount_point: mount_point.into(),
         source,
@@ -353,7 +360,61 @@ pub fn mount(
         kind,
         mount_point: mount_point.into(),
         source: e.into(),
+    })?;
+    // What is now at the mount point, reached as above, is the new mount's root.
+    mount_id_at(&image, mount_point).map_err(|source| BootMountError::MountPoint {
+        mount_point: mount_point.into(),
+        source,
     })
+}
+
+/// The kernel's id of the mount whose root is at `mount_point` of the image, reached with no
+/// symlink on the way.
+fn mount_id_at(image: &ImageRoot, mount_point: &str) -> std::io::Result<u64> {
+    let dir = rustix::fs::openat2(
+        image.fd(),
+        mount_point.trim_start_matches('/'),
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+    )?;
+    let found = rustix::fs::statx(&dir, "", AtFlags::EMPTY_PATH, StatxFlags::MNT_ID)?;
+    Ok(found.stx_mnt_id)
+}
+
+/// How often, and how far apart, an unmount is retried while the mount is busy.
+const UNMOUNT_ATTEMPTS: u32 = 20;
+const UNMOUNT_PAUSE: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Unmounts the mount `mount_id` made on `mount_point` of the image at `root`, found where the
+/// kernel says it is now (/proc/self/mountinfo), never by the image's path: a provisioner may
+/// since have put a link to the host where a directory was, and umount given that path
+/// would follow it to a mount of the host's. Gone already is nothing to do; found anywhere
+/// but under `root` is an error, left as it is. Retries while busy.
+pub fn unmount(root: &Path, mount_point: &str, mount_id: u64) -> Result<(), BootMountError> {
+    let fail = |source: std::io::Error| BootMountError::Unmount {
+        mount_point: mount_point.into(),
+        source,
+    };
+    let mut reason = None;
+    for _ in 0..UNMOUNT_ATTEMPTS {
+        let Some(now) = super::mount::mount_point_of(mount_id).map_err(fail)? else {
+            return Ok(());
+        };
+        if !now.starts_with(root) {
+            return Err(fail(std::io::Error::other(format!(
+                "the mount is now at {}, outside the image",
+                now.display()
+            ))));
+        }
+        match rustix::mount::unmount(&now, rustix::mount::UnmountFlags::NOFOLLOW) {
+            Ok(()) => return Ok(()),
+            Err(e @ Errno::BUSY) => reason = Some(e),
+            Err(e) => return Err(fail(e.into())),
+        }
+        std::thread::sleep(UNMOUNT_PAUSE);
+    }
+    Err(fail(reason.unwrap_or(Errno::BUSY).into()))
 }
 
 /// Whether a mount failed because this kernel has no driver for the filesystem at all.

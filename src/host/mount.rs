@@ -239,6 +239,21 @@ pub fn mount_points() -> Vec<PathBuf> {
 }
 
 /// /proc/mounts writes space, tab, newline and backslash as octal escapes.
+/// Where the mount `mount_id` is now, as /proc/self/mountinfo says (a path with no symlink in
+/// it), or None when it is gone.
+pub fn mount_point_of(mount_id: u64) -> std::io::Result<Option<PathBuf>> {
+    let table = std::fs::read_to_string("/proc/self/mountinfo")?;
+    Ok(table.lines().find_map(|line| {
+        let mut fields = line.split(' ');
+        let id: u64 = fields.next()?.parse().ok()?;
+        if id != mount_id {
+            return None;
+        }
+        // After the id: the parent's id, the device, the root within it, the mount point.
+        fields.nth(3).map(unescape_mount_path)
+    }))
+}
+
 fn unescape_mount_path(field: &str) -> PathBuf {
     PathBuf::from(
         field

@@ -146,17 +146,6 @@ async fn mount_boot_partitions<B: Backend>(
             .map_err(failed)?;
         let release_loop = undo_loop_device(ctx, &device);
         s.backend.disk_waits_for(&mut ctx.undo, release_loop);
-        // Registered before the mount, which an interrupt may cut short (an unmount of what
-        // is not mounted is nothing); the parent's unmount waits for this one.
-        let target = s
-            .mount_point
-            .join(entry.mount_point.trim_start_matches('/'));
-        let unmount = undo_mount(ctx, &target);
-        ctx.undo.require(release_loop, unmount);
-        let parent = s.boot_mounts.last().map(|b| b.unmount).or(s.unmount_root);
-        if let Some(parent) = parent {
-            ctx.undo.require(parent, unmount);
-        }
         let (root, point, dev) = (
             s.mount_point.clone(),
             entry.mount_point.clone(),
@@ -168,7 +157,9 @@ async fn mount_boot_partitions<B: Backend>(
         .await
         .map_err(failed)?;
         match mounted {
-            Ok(()) => {
+            Ok(mount_id) => {
+                let unmount = undo_boot_mount(ctx, s, &entry.mount_point, mount_id);
+                ctx.undo.require(release_loop, unmount);
                 s.boot_mounts.push(BootMount {
                     unmount,
                     release_loop,
@@ -181,7 +172,6 @@ async fn mount_boot_partitions<B: Backend>(
                 ));
             }
             Err(e) if boot_mounts::kernel_lacks_filesystem(&e) => {
-                undo_now(ctx, unmount).await?;
                 undo_now(ctx, release_loop).await?;
                 ctx.progress.note(format!(
                     "{} of the image (partition {number}, {}) is not mounted: this host's \
@@ -194,6 +184,38 @@ async fn mount_boot_partitions<B: Backend>(
         }
     }
     Ok(())
+}
+
+/// Registers the unmount of the boot mount `mount_id`, by the mount itself, never by the
+/// image's path (`boot_mounts::unmount`); the parent's unmount (the root's, or /boot's for
+/// /boot/efi) waits for it.
+fn undo_boot_mount<B: Backend>(
+    ctx: &mut StepContext,
+    s: &BakeState<B>,
+    mount_point: &str,
+    mount_id: u64,
+) -> UndoId {
+    let (root, point) = (s.mount_point.clone(), mount_point.to_string());
+    let unmount = ctx.undo.push(
+        s.mount_point
+            .join(point.trim_start_matches('/'))
+            .display()
+            .to_string(),
+        "unmount",
+        Keep::Never,
+        move || {
+            let (root, point) = (root.clone(), point.clone());
+            async move {
+                tokio::task::spawn_blocking(move || boot_mounts::unmount(&root, &point, mount_id))
+                    .await??;
+                Ok(())
+            }
+        },
+    );
+    if let Some(parent) = s.boot_mounts.last().map(|b| b.unmount).or(s.unmount_root) {
+        ctx.undo.require(parent, unmount);
+    }
+    unmount
 }
 
 pub struct MountImage;
