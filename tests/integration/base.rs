@@ -95,30 +95,12 @@ owner = "${{var.app}}"
     std::fs::write(dir.join("shop.toml"), text).unwrap();
 }
 
-/// Nothing temporary of any base build is left: instances terminated, no key pair, no
-/// security group of ours, no private key on this machine.
-fn assert_nothing_temporary(cloud: &LocalCloud, build_host: &str) {
-    let ls = cloud.ls();
-    let alive: Vec<_> = ls["instances"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|i| i["id"] != build_host && i["state"] != "terminated")
-        .collect();
-    assert!(alive.is_empty(), "instances left: {alive:?}");
-    assert_eq!(ls["key_pairs"], serde_json::json!([]), "{ls}");
-    assert_eq!(ls["security_groups"], serde_json::json!([]), "{ls}");
-    let keys = cloud.private_key_dirs_left();
-    assert!(keys.is_empty(), "private key directories left: {keys:?}");
-}
-
 #[test]
 fn base_builds_publishes_chains_into_bake_and_skips_when_unchanged() {
     let _module = crate::util::module_turn(module_path!());
     let cloud = LocalCloud::start("quick");
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let clients = runtime.block_on(cloud.clients());
-    let build_host = cloud.build_host().to_string();
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
     shop_template(dir);
@@ -330,7 +312,7 @@ fn base_builds_publishes_chains_into_bake_and_skips_when_unchanged() {
         Some(&aws_sdk_ec2::types::HttpTokensState::Required),
         "IMDSv2 required on the build instance"
     );
-    assert_nothing_temporary(&cloud, &build_host);
+    cloud.assert_no_base_left();
 
     // 2. A bake on top of it, found through the published parameter's label.
     std::fs::create_dir_all(dir.join("app")).unwrap();
@@ -463,7 +445,7 @@ fn base_builds_publishes_chains_into_bake_and_skips_when_unchanged() {
     assert_ne!(rm["ami_id"], ami.as_str());
     assert_ne!(rm["fingerprint"], m["fingerprint"]);
     assert_eq!(rm["ssm_version"].as_i64(), Some(parameter_version + 1));
-    assert_nothing_temporary(&cloud, &build_host);
+    cloud.assert_no_base_left();
 
     // 5. The template brings its own key pair and who may reach SSH: both are used as given,
     // and the key pair is not the run's to delete.

@@ -390,17 +390,7 @@ fn a_base_from_each_vendor_layout_with_its_user_is_what_a_bake_builds_on() {
                 .unwrap(),
         };
         base.expect_code(0);
-        let ls = cloud.ls();
-        let build_host = cloud.build_host();
-        let alive: Vec<_> = ls["instances"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|i| i["id"] != build_host && i["state"] != "terminated")
-            .collect();
-        assert!(alive.is_empty(), "instances left: {alive:?}");
-        assert_eq!(ls["key_pairs"], serde_json::json!([]));
-        assert_eq!(ls["security_groups"], serde_json::json!([]));
+        cloud.assert_no_base_left();
         assert!(
             base.stderr().contains(&format!("{user}@127.")),
             "logged in as {user}\n{}",

@@ -349,6 +349,24 @@ impl LocalCloud {
 
     /// What a bake may leave: nothing but the image and its snapshot. No work volume,
     /// attachment, mount, provisioner cgroup or loop device over a device.
+    /// Nothing temporary of any base build is left: instances terminated but the build host,
+    /// no key pair, no security group of ours, no private key on this machine.
+    pub fn assert_no_base_left(&self) {
+        let ls = self.ls();
+        let build_host = self.build_host();
+        let alive: Vec<_> = ls["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|i| i["id"] != build_host && i["state"] != "terminated")
+            .collect();
+        assert!(alive.is_empty(), "instances left: {alive:?}");
+        assert_eq!(ls["key_pairs"], serde_json::json!([]), "{ls}");
+        assert_eq!(ls["security_groups"], serde_json::json!([]), "{ls}");
+        let keys = self.private_key_dirs_left();
+        assert!(keys.is_empty(), "private key directories left: {keys:?}");
+    }
+
     pub fn assert_no_bake_left(&self) {
         let build_host = self.build_host();
         let ls = self.ls();
