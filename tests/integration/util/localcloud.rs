@@ -382,12 +382,25 @@ impl LocalCloud {
         assert!(left.is_empty(), "a bake mount is left: {left:#?}");
         let cgroups = self.guard_cgroups_left();
         assert!(cgroups.is_empty(), "provisioner cgroups left: {cgroups:?}");
-        // A grown partitioned root is a loop device over the attached volume's device.
+        // A partition of the image (a grown root, a /boot) is a loop device over the attached
+        // volume's device, itself a loop device over this cloud's volume file: only those are
+        // this cloud's (the stories beside this one have their own).
+        let state = std::fs::canonicalize(&self.state).unwrap();
+        let backing_of = |block: &Path| {
+            std::fs::read_to_string(block.join("loop/backing_file"))
+                .ok()
+                .map(|b| b.trim_end().to_string())
+        };
         let over_devices: Vec<String> = std::fs::read_dir("/sys/block")
             .unwrap()
             .flatten()
-            .filter_map(|e| std::fs::read_to_string(e.path().join("loop/backing_file")).ok())
-            .filter(|backing| backing.starts_with("/dev/"))
+            .filter_map(|e| backing_of(&e.path()))
+            .filter(|backing| {
+                backing
+                    .strip_prefix("/dev/")
+                    .and_then(|device| backing_of(&Path::new("/sys/block").join(device)))
+                    .is_some_and(|file| Path::new(&file).starts_with(&state))
+            })
             .collect();
         assert!(
             over_devices.is_empty(),
