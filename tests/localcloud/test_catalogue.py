@@ -39,7 +39,19 @@ EXPECTED = {
         "os_id": '"rhel"',
         "imds": None,
     },
+    "debian-12-arm64": {
+        "find": ("name", "debian-12-arm64-*"),
+        "owner": "136693071363",
+        "partitions": {1: ("ext4", "/"), 15: ("vfat", "/boot/efi")},
+        "user": "admin",
+        "os_id": "debian",
+        "imds": None,
+        "architecture": "arm64",
+    },
 }
+# ELF's e_machine of each architecture's programs.
+ELF_MACHINE = {"x86_64": 0x3E, "arm64": 0xB7}
+EFI_LOADER = {"x86_64": "BOOTX64.EFI", "arm64": "BOOTAA64.EFI"}
 AL2023_ROOT_UUID = "3aa4f5a4-9b57-4cb5-a2fa-12e4a7b5cb0f"
 
 
@@ -94,7 +106,7 @@ def test_each_vendor_image_is_found_as_users_find_it_with_its_attributes(catalog
     expected = EXPECTED[family]
     assert image["OwnerId"] == expected["owner"]
     assert image["Public"] is True
-    assert image["Architecture"] == "x86_64"
+    assert image["Architecture"] == expected.get("architecture", "x86_64")
     assert image["RootDeviceName"] == "/dev/xvda"
     assert image["EnaSupport"] is True
     assert image.get("ImdsSupport") == expected["imds"]
@@ -131,6 +143,10 @@ def test_each_vendor_disk_is_laid_out_as_its_vendor_lays_it_out(catalogue, famil
         assert f"ID={EXPECTED[family]['os_id']}" in (root / "etc/os-release").read_text().splitlines()
         assert any(line.startswith(f"{EXPECTED[family]['user']}:") for line in (root / "etc/passwd").read_text().splitlines())
         assert (root / "home" / EXPECTED[family]["user"]).is_dir()
+        # The content is of the image's architecture: its programs are that machine's.
+        architecture = EXPECTED[family].get("architecture", "x86_64")
+        elf = (root / "usr/bin/true").read_bytes()[:20]
+        assert elf[:4] == b"\x7fELF" and int.from_bytes(elf[18:20], "little") == ELF_MACHINE[architecture]
         separate_boot = "/boot" in mounts
         # A separate /boot leaves only its mount point in the root: the kernel lives in its own partition.
         assert (list((root / "boot").iterdir()) == []) == separate_boot
@@ -139,7 +155,7 @@ def test_each_vendor_disk_is_laid_out_as_its_vendor_lays_it_out(catalogue, famil
             assert (boot / "grub/grub.cfg").is_file()
             assert (boot / "efi").is_dir() and list((boot / "efi").iterdir()) == []
     efi = parts[mounts["/boot/efi"]]
-    assert "::/EFI/BOOT/BOOTX64.EFI" in fat_files(raw, efi["start"] * SECTOR)
+    assert f"::/EFI/BOOT/{EFI_LOADER[architecture]}" in fat_files(raw, efi["start"] * SECTOR)
 
 
 def fat_files(raw: Path, offset: int) -> list:

@@ -7,7 +7,8 @@ one (GPT, root on partition 1, as the real vendor image) and an unpartitioned on
 The catalogue (`LAYOUTS`) lays the same Debian content out as other distributions lay out their
 AMIs' disks: partition numbers, types and names, filesystem types, labels and UUIDs, `/etc/fstab`,
 a separate `/boot` and `/boot/efi`, the default user and os-release. A bake tool finds its way
-through the layout, never the content, so the content may stay Debian's.
+through the layout, never the content, so the content may stay Debian's: amd64, or arm64 for
+the arm64 images (debootstrap's foreign stage, then its second stage through qemu-user-static).
 """
 
 import fcntl
@@ -18,6 +19,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -109,11 +111,97 @@ def _build_images(out, images, log):
     return images
 
 
-def first_boot_layout(rootfs: Path):
+# Debian's arm64 content: debootstrap's foreign stage unpacks it here; its second stage runs
+# arm64 programs through qemu-user-static, registered with binfmt_misc in a user namespace of
+# its own (Linux 6.7 and later), so this host's own binfmt_misc is never touched.
+ARM64_RECIPE = {"suite": "bookworm", "variant": "minbase", "include": ["sudo"], "recipe_version": 1}
+QEMU_AARCH64 = Path("/usr/bin/qemu-aarch64-static")
+# qemu's own registration of aarch64 ELF programs, with F: the interpreter is opened when it is
+# registered, so it works inside a chroot that does not hold it.
+AARCH64_BINFMT = (
+    r":qemu-aarch64:M::\x7f\x45\x4c\x46\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\xb7\x00"
+    r":\xff\xff\xff\xff\xff\xff\xff\x00\xff\xff\xff\xff\xff\xff\xff\xff\xfe\xff\xff\xff"
+    f":{QEMU_AARCH64}:F"
+)
+# Run in the namespace: mount its binfmt_misc, register, then the command.
+_IN_FOREIGN_NAMESPACE = """read go
+mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
+printf '%s' "$1" > /proc/sys/fs/binfmt_misc/register
+shift
+exec "$@"
+"""
+
+
+def run_arm64(*argv):
+    """Runs `argv` (typically `chroot TREE ...`) where arm64 programs run, as root with this
+    host's ids (a user namespace mapping every id to itself), in mount and PID namespaces
+    that end with it."""
+    own = os.readlink("/proc/self/ns/user")
+    proc = subprocess.Popen(
+        ["unshare", "--user", "--mount", "--propagation", "private", "--pid", "--fork", "--mount-proc",
+         "--", "sh", "-c", _IN_FOREIGN_NAMESPACE, "sh", AARCH64_BINFMT, *argv],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        # debootstrap's second stage would otherwise test mknod, which a user namespace refuses;
+        # the nodes it needs were made by the first stage.
+        env={**os.environ, "container": "lxc"},
+    )
+    try:
+        while os.readlink(f"/proc/{proc.pid}/ns/user") == own:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.01)
+        else:
+            for map_file in ("uid_map", "gid_map"):
+                Path(f"/proc/{proc.pid}/{map_file}").write_text("0 0 4294967295\n")
+        out, _ = proc.communicate(b"go\n")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, argv))} (arm64, through qemu) failed with {proc.returncode}:\n{out.decode(errors='replace')}")
+
+
+def arm64_rootfs_dir():
+    key = hashlib.sha256(json.dumps([RECIPE, ARM64_RECIPE], sort_keys=True).encode()).hexdigest()[:16]
+    return CACHE / f"debian-12-arm64-{key}"
+
+
+def ensure_arm64_rootfs(log=print) -> Path:
+    """Debian 12's arm64 root filesystem, with the vendor's user, built once per recipe."""
+    out = arm64_rootfs_dir()
+    rootfs = out / "rootfs"
+    if (out / "rootfs.complete").exists():
+        return rootfs
+    with one_builder():
+        if (out / "rootfs.complete").exists():
+            return rootfs
+        if not QEMU_AARCH64.exists():
+            raise RuntimeError(f"{QEMU_AARCH64} is missing: apt-get install qemu-user-static")
+        log(f"building the Debian 12 arm64 vendor image with debootstrap --foreign into {rootfs} (once per recipe)")
+        shutil.rmtree(rootfs, ignore_errors=True)
+        out.mkdir(parents=True, exist_ok=True)
+        run(
+            "debootstrap", "--foreign", "--arch=arm64",
+            f"--variant={ARM64_RECIPE['variant']}",
+            f"--include={','.join(ARM64_RECIPE['include'])}",
+            ARM64_RECIPE["suite"], str(rootfs), debian_mirror(),
+        )
+        run_arm64("chroot", str(rootfs), "/debootstrap/debootstrap", "--second-stage")
+        first_boot_layout(rootfs, run_in=run_arm64)
+        (out / "rootfs.complete").write_text("ok\n")
+    return rootfs
+
+
+def run_amd64(*argv):
+    subprocess.run(argv, check=True, capture_output=True)
+
+
+def first_boot_layout(rootfs: Path, run_in=run_amd64):
     """What the vendor image ships: the default user with passwordless sudo, no host keys
     (cloud-init makes them on first boot), apt lists removed."""
     user = RECIPE["user"]
-    subprocess.run(["chroot", str(rootfs), "useradd", "-m", "-s", "/bin/bash", user], check=True)
+    run_in("chroot", str(rootfs), "useradd", "-m", "-s", "/bin/bash", user)
     sudoers = rootfs / "etc/sudoers.d/90-cloud-init-users"
     sudoers.write_text(f"{user} ALL=(ALL) NOPASSWD:ALL\n")
     sudoers.chmod(0o440)
@@ -189,7 +277,7 @@ class Layout:
     parameter: str | None = None  # the public SSM parameter users find the image by
     imds_support: str | None = None  # "v2.0": IMDSv2 only, as AL2023 registers it
     boot_mode: str = "uefi-preferred"
-    architecture: str = "x86_64"
+    architecture: str = "x86_64"  # arm64: Debian's arm64 content
     volume_size_gib: int = 8
     tags: dict = field(default_factory=dict)
 
@@ -273,28 +361,51 @@ LAYOUTS = {
         fstab_by="UUID",
         volume_size_gib=10,
     ),
+    # Debian 12 for Graviton: the root on partition 1 after the EFI system partition (15),
+    # no BIOS boot partition (arm64 boots UEFI only). Its content is Debian's arm64 build.
+    "debian-12-arm64": Layout(
+        family="debian-12-arm64",
+        name_prefix="debian-12-arm64-20241201-1948",
+        owner="136693071363",
+        description="Debian 12 (20241201-1948)",
+        user="admin",
+        os_release=_os_release("Debian GNU/Linux 12 (bookworm)", "debian", "12"),
+        partitions=(
+            Partition(15, 1, 126, EFI_SYSTEM, "", "vfat", "/boot/efi"),
+            Partition(1, 128, 2048, LINUX_FS, "", "ext4", "/"),
+        ),
+        fstab_by="UUID",
+        boot_mode="uefi",
+        architecture="arm64",
+    ),
 }
 
 
 def ensure_vendor(family: str, log=print) -> Path:
     """The raw disk image of `family`'s layout, built from the Debian content once per recipe."""
     layout = LAYOUTS[family]
-    path = cache_dir() / f"{family}.img"
+    # Beside the content it is made from, so a new recipe of either makes it anew.
+    path = (arm64_rootfs_dir() if layout.architecture == "arm64" else cache_dir()) / f"{family}.img"
     if path.exists():
         return path
-    ensure_images(log)  # the Debian root filesystem the content comes from
+    # The Debian root filesystem the content comes from.
+    if layout.architecture == "arm64":
+        content = ensure_arm64_rootfs(log)
+    else:
+        ensure_images(log)
+        content = cache_dir() / "rootfs"
     with one_builder():
         if not path.exists():
-            _build_vendor(layout, path, log)
+            _build_vendor(layout, content, path, log)
     return path
 
 
-def _build_vendor(layout, path, log):
+def _build_vendor(layout, content, path, log):
     family = layout.family
     log(f"laying the Debian content out as {family} does (once per recipe)")
     with tempfile.TemporaryDirectory(dir=cache_dir(), prefix=f"{family}-") as work:
         tree = Path(work) / "tree"
-        run("cp", "-a", "--reflink=auto", str(cache_dir() / "rootfs"), str(tree))
+        run("cp", "-a", "--reflink=auto", str(content), str(tree))
         dress(tree, layout)
         tmp = Path(work) / "disk.img"
         lay_out(tree, layout, tmp, Path(work))
@@ -303,15 +414,17 @@ def _build_vendor(layout, path, log):
 
 def dress(tree: Path, layout: Layout):
     """What the distribution's image says of itself: its user, os-release and fstab."""
-    subprocess.run(["chroot", str(tree), "userdel", "-r", RECIPE["user"]], check=True, capture_output=True)
-    subprocess.run(["chroot", str(tree), "useradd", "-m", "-s", "/bin/bash", layout.user], check=True, capture_output=True)
+    run_in = run_arm64 if layout.architecture == "arm64" else run_amd64
+    run_in("chroot", str(tree), "userdel", "-r", RECIPE["user"])
+    run_in("chroot", str(tree), "useradd", "-m", "-s", "/bin/bash", layout.user)
     (tree / "etc/sudoers.d/90-cloud-init-users").write_text(f"{layout.user} ALL=(ALL) NOPASSWD:ALL\n")
     (tree / "etc/os-release").unlink(missing_ok=True)  # a link into /usr/lib on Debian
     (tree / "etc/os-release").write_text(layout.os_release)
     (tree / "etc/fstab").write_text(layout.fstab())
     # The boot loader's files live where the distribution keeps them, in their own partitions.
     (tree / "boot/efi/EFI/BOOT").mkdir(parents=True, exist_ok=True)
-    (tree / "boot/efi/EFI/BOOT/BOOTX64.EFI").write_bytes(b"localcloud: stands for the shim\n")
+    loader = "BOOTAA64.EFI" if layout.architecture == "arm64" else "BOOTX64.EFI"
+    (tree / "boot/efi/EFI/BOOT" / loader).write_bytes(b"localcloud: stands for the shim\n")
     (tree / "boot/grub").mkdir(parents=True, exist_ok=True)
     (tree / "boot/grub/grub.cfg").write_text(f"# {layout.family}: root {layout.fstab().split()[0]}\n")
 
