@@ -28,6 +28,8 @@ pub const STATE_FINISHED: &str = "finished";
 /// `private` (root in the image was nobody on the build host) or `compat` (it was root,
 /// held by the sandbox's other walls): how the image's provisioners were confined.
 pub const TAG_SANDBOX: &str = "amibake:sandbox";
+/// The image's architecture (`x86_64`, `arm64`), as AWS names it.
+pub const TAG_ARCHITECTURE: &str = "amibake:architecture";
 /// The channels (SSM parameters, space-separated) the image is published to: the template's
 /// when it is made, and each one `promote` puts it in. So `prune` knows every channel whose
 /// versions and labels may name an image, even when it is not told them.
@@ -96,6 +98,8 @@ pub struct BakeManifest {
     pub name: String,
     pub snapshot_id: Option<String>,
     pub base_ami: String,
+    /// The image's architecture, the base's (`x86_64`, `arm64`).
+    pub architecture: String,
     pub commit: String,
     pub tarball_sha256: String,
     pub fingerprint: String,
@@ -237,6 +241,7 @@ mod tests {
             name: "shop-abc".into(),
             snapshot_id: Some("snap-1".into()),
             base_ami: "ami-0".into(),
+            architecture: "x86_64".into(),
             commit: "abc1234".into(),
             tarball_sha256: String::new(),
             fingerprint: String::new(),

@@ -40,7 +40,7 @@ pub fn run(internal: Internal) -> i32 {
 
 use amibake::exit;
 use amibake::host::extract;
-use amibake::sandbox::{self, credential_guard, Isolation};
+use amibake::sandbox::{self, credential_guard, emulator::Emulator, Isolation};
 
 /// `ids:BASE` (root in the sandbox is host id BASE) or `compat` (root).
 fn isolation(arg: &str) -> Result<Isolation, sandbox::IsolationArgError> {
@@ -66,6 +66,13 @@ pub struct InternalSandboxArgs {
     /// A cgroup to join first: the one that keeps the command from the host's credentials.
     #[arg(long)]
     pub cgroup: Option<PathBuf>,
+    /// The image's architecture, when this host's is another: its programs run through
+    /// `--emulator`.
+    #[arg(long, requires = "emulator")]
+    pub emulated_architecture: Option<String>,
+    /// With `--emulated-architecture`: qemu's user-mode emulator of it, an absolute path.
+    #[arg(long, requires = "emulated_architecture")]
+    pub emulator: Option<PathBuf>,
     /// The command and its arguments.
     #[arg(last = true, required = true)]
     pub command: Vec<String>,
@@ -140,11 +147,26 @@ pub fn sandbox(args: &InternalSandboxArgs) -> ! {
             std::process::exit(exit::BUILD_FAILED);
         }
     }
+    let emulator = match (&args.emulated_architecture, &args.emulator) {
+        (Some(architecture), Some(interpreter)) => {
+            match Emulator::from_args(architecture, interpreter.clone()) {
+                Some(emulator) => Some(emulator),
+                None => {
+                    eprintln!(
+                        "error: --emulated-architecture {architecture}: not one amibake emulates"
+                    );
+                    std::process::exit(exit::USAGE);
+                }
+            }
+        }
+        _ => None,
+    };
     let purpose = sandbox::Purpose::Provision {
         outside: args.network.then(|| sandbox::network::Outside {
             pasta: args.pasta.clone().unwrap_or_else(|| "pasta".into()),
             host_ports: args.host_ports.clone(),
         }),
+        emulator,
     };
     if let Err(e) = sandbox::enter(&args.root, &purpose, args.isolation) {
         eprintln!("error: {e}");

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{CommError, Communicator};
 use crate::sandbox::credential_guard::{credential_endpoints, CredentialGuard, Endpoint};
+use crate::sandbox::emulator::Emulator;
 use crate::sandbox::Isolation;
 use crate::template::Network;
 
@@ -25,6 +26,8 @@ pub struct Chroot {
     amibake_exe: PathBuf,
     root: PathBuf,
     isolation: Isolation,
+    /// How the image's programs run, when they are of another architecture than this host's.
+    emulator: Option<Emulator>,
     /// The run's build id, which names the guards' cgroups for `gc`.
     build_id: String,
 }
@@ -34,12 +37,14 @@ impl Chroot {
         amibake_exe: impl Into<PathBuf>,
         root: impl Into<PathBuf>,
         isolation: Isolation,
+        emulator: Option<Emulator>,
         build_id: &str,
     ) -> Chroot {
         Chroot {
             amibake_exe: amibake_exe.into(),
             root: root.into(),
             isolation,
+            emulator,
             build_id: build_id.to_string(),
         }
     }
@@ -58,6 +63,13 @@ impl Chroot {
             .arg(&self.root)
             .arg("--isolation")
             .arg(self.isolation.to_arg());
+        if let Some(emulator) = &self.emulator {
+            command
+                .arg("--emulated-architecture")
+                .arg(&emulator.architecture)
+                .arg("--emulator")
+                .arg(&emulator.interpreter);
+        }
         let guard = match network {
             Network::None => None,
             Network::Outside {

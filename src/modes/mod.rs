@@ -82,6 +82,9 @@ pub enum ModeError {
     /// The sandbox cannot be had as the run asks (the kernel, the host's ids).
     #[error(transparent)]
     Sandbox(#[from] crate::sandbox::ids::IdsError),
+    /// The base image's programs cannot run on this host (found before anything is made).
+    #[error(transparent)]
+    Emulator(#[from] crate::sandbox::emulator::EmulatorError),
     /// A provisioner asks for the outside, and this host cannot give it.
     #[error("provisioner `{provisioner}`: {source}")]
     Network {
@@ -107,6 +110,7 @@ impl ModeError {
         match self {
             ModeError::Template(_)
             | ModeError::Usage(_)
+            | ModeError::Emulator(_)
             | ModeError::Tarball {
                 source: crate::host::extract::ExtractError::Refused(_),
                 ..

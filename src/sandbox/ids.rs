@@ -112,7 +112,8 @@ pub fn check_kernel() -> Result<(), IdsError> {
         release: release.clone(),
         why: why.into(),
     };
-    if !has_idmapped_mounts(&release) {
+    // Idmapped mounts of ext4 and XFS.
+    if !kernel_at_least(&release, (5, 12)) {
         return Err(fail("idmapped mounts need Linux 5.12"));
     }
     let max = std::fs::read_to_string("/proc/sys/user/max_user_namespaces").unwrap_or_default();
@@ -126,12 +127,12 @@ pub fn check_kernel() -> Result<(), IdsError> {
     Ok(())
 }
 
-/// Whether a kernel of `release` (uname -r) has idmapped mounts of ext4 and XFS: 5.12 on.
-fn has_idmapped_mounts(release: &str) -> bool {
+/// Whether a kernel of `release` (uname -r) is `version` (major, minor) or later.
+pub(super) fn kernel_at_least(release: &str, version: (u32, u32)) -> bool {
     let mut numbers = release
         .split(|c: char| !c.is_ascii_digit())
         .map(|n| n.parse::<u32>().unwrap_or(0));
-    (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0)) >= (5, 12)
+    (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0)) >= version
 }
 
 /// A user namespace whose ids 0..IDS are host ids `base..base+IDS`, as an fd for an idmapped
@@ -213,7 +214,7 @@ mod tests {
             "5.11.0",
             "",
         ] {
-            assert!(!has_idmapped_mounts(old), "{old}");
+            assert!(!kernel_at_least(old, (5, 12)), "{old}");
         }
         for new in [
             "5.12.0",
@@ -221,7 +222,7 @@ mod tests {
             "6.8.0-1018-aws",
             "6.18.44-fc-v1272",
         ] {
-            assert!(has_idmapped_mounts(new), "{new}");
+            assert!(kernel_at_least(new, (5, 12)), "{new}");
         }
     }
 

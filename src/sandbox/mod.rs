@@ -27,6 +27,8 @@
 //!   read-only directory.
 //! - **Few capabilities**: a provisioner keeps what a package install needs; the extraction
 //!   what creating and owning files needs; the check none.
+//! - **Another architecture's programs** run through qemu registered in the sandbox's own
+//!   binfmt_misc (`emulator`), never the host's.
 //!
 //! `Isolation::Compat`, for kernels before 5.12, keeps every wall but the first: root in the
 //! sandbox is then root on the host, held by the others. A run says so and records it.
@@ -35,6 +37,7 @@
 //! runtime starts): they fork.
 
 pub mod credential_guard;
+pub mod emulator;
 pub mod ids;
 mod mounts;
 pub mod network;
@@ -64,8 +67,12 @@ pub enum Purpose {
     Check,
     /// Run a provisioner's command, as root of the image; with `outside`, its network
     /// reaches the world through pasta (and `credential_guard`, joined by the caller, keeps
-    /// it from the host's credentials unless allowed).
-    Provision { outside: Option<network::Outside> },
+    /// it from the host's credentials unless allowed); with `emulator`, the image's programs
+    /// are of another architecture and run through it.
+    Provision {
+        outside: Option<network::Outside>,
+        emulator: Option<emulator::Emulator>,
+    },
 }
 
 /// Who root in the sandbox is on the host.
@@ -161,9 +168,24 @@ pub fn enter(root: &Path, purpose: &Purpose, isolation: Isolation) -> Result<(),
         ),
         Isolation::Compat => (None, None),
     };
+    // Opened while the host's tree is in view; registered once in the user namespace.
+    let emulator = match purpose {
+        Purpose::Provision {
+            emulator: Some(emulator),
+            ..
+        } => Some((
+            emulator,
+            emulator
+                .open()
+                .map_err(fail("open the emulator of the image's architecture"))?,
+        )),
+        _ => None,
+    };
     // The host's network namespace, where pasta must start.
     let host_net = match purpose {
-        Purpose::Provision { outside: Some(_) } => Some(OwnedFd::from(
+        Purpose::Provision {
+            outside: Some(_), ..
+        } => Some(OwnedFd::from(
             std::fs::File::open("/proc/self/ns/net")
                 .map_err(fail("open the host's network namespace"))?,
         )),
@@ -184,6 +206,7 @@ pub fn enter(root: &Path, purpose: &Purpose, isolation: Isolation) -> Result<(),
     if let (
         Purpose::Provision {
             outside: Some(outside),
+            ..
         },
         Some(host_net),
     ) = (purpose, host_net)
@@ -201,6 +224,11 @@ pub fn enter(root: &Path, purpose: &Purpose, isolation: Isolation) -> Result<(),
         .map_err(fail("make the image the root"))?;
     if let Some(userns) = userns {
         ids::become_root_in(&userns).map_err(fail("become root of its user namespace"))?;
+    }
+    if let Some((emulator, interpreter)) = emulator {
+        emulator
+            .register(&interpreter)
+            .map_err(fail("register the emulator of the image's architecture"))?;
     }
     // After the change of ids, which clears it; then whether the parent died meanwhile (its
     // parent is outside the new PID namespace, so getppid cannot tell).

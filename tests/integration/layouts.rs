@@ -516,3 +516,201 @@ fn a_larger_volume_grows_each_vendors_root_where_it_sits() {
         }
     }
 }
+
+/// This host's binfmt_misc, as the host sees it: whether it is mounted, what is registered,
+/// and whether the program `foreign` (of another architecture) runs here.
+fn host_binfmt(foreign: &Path) -> (bool, Vec<String>, Option<i32>) {
+    let mounted = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .any(|l| l.contains(" - binfmt_misc "));
+    let mut entries: Vec<String> = std::fs::read_dir("/proc/sys/fs/binfmt_misc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    entries.sort();
+    let runs = Command::new(foreign).status().map_err(|e| e.raw_os_error());
+    (mounted, entries, runs.err().flatten())
+}
+
+/// An arm64 image baked on this x86_64 host, with both backends: its provisioners' programs
+/// are the image's own arm64 ones, run through qemu registered in the sandbox's own
+/// binfmt_misc, which they cannot change, and never this host's; the image, the manifest and
+/// the tags say arm64. Without the emulator, the run stops with exit 2 naming the package:
+/// before any AWS call where the template names the architecture, before anything is made
+/// where only the image says it.
+#[test]
+fn an_arm64_image_is_baked_on_this_x86_64_host_through_qemu() {
+    assert_eq!(
+        std::env::consts::ARCH,
+        "x86_64",
+        "the story is of a host of another architecture"
+    );
+    let cloud = LocalCloud::start_with("quick", &["debian-12-arm64"]);
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+    let vendor = cloud.ls()["vendor_amis"]["debian-12-arm64"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let clients = runtime.block_on(cloud.clients());
+    // One of the image's own programs, to try on this host.
+    let foreign = dir.join("arm64-true");
+    {
+        let snapshot = runtime.block_on(LocalCloud::root_snapshot(&clients, &vendor));
+        let raw = dir.join("vendor.img");
+        cloud.cli(&["export-snapshot", &snapshot, raw.to_str().unwrap()]);
+        let root =
+            MountedSnapshot::mount_read_only(&raw, partition_offset(&raw, 1), &dir.join("vendor"));
+        std::fs::copy(root.root.join("usr/bin/true"), &foreign).unwrap();
+        drop(root);
+        std::fs::remove_file(&raw).unwrap();
+    }
+    let host_before = host_binfmt(&foreign);
+    assert_eq!(
+        host_before.2,
+        Some(8),
+        "this host runs no arm64 program (ENOEXEC)"
+    );
+    let (tar, files) = composer_like();
+    std::fs::write(dir.join("app.tar.gz"), gzip(&tar)).unwrap();
+    let provisioner = "[[bake.provisioner]]\ninline = [\
+        \"sleep 1\", \"uname -m > /etc/baked-on\", \
+        \"dpkg --print-architecture >> /etc/baked-on\", \
+        \"head -n 1 /proc/sys/fs/binfmt_misc/amibake-aarch64 >> /etc/baked-on\", \
+        \"if echo -1 > /proc/sys/fs/binfmt_misc/amibake-aarch64; then echo removed; else echo kept; fi >> /etc/baked-on\"]\n";
+    let template = |base_ami: &str| {
+        format!(
+            "[bake]\nname = \"app-${{commit}}-${{timestamp}}\"\nbase_ami = {base_ami}\n\
+             dest = \"/srv/app\"\nowner = \"www-data\"\n{provisioner}"
+        )
+    };
+    let by_filter =
+        "{ owners = [\"136693071363\"], name = \"debian-12-arm64-*\", architecture = \"arm64\" }";
+    std::fs::write(dir.join("filter.toml"), template(by_filter)).unwrap();
+    std::fs::write(dir.join("by-id.toml"), template(&format!("\"{vendor}\""))).unwrap();
+
+    for (backend, commit) in [("attach", "a77ac4"), ("direct", "d14ec7")] {
+        // While the provisioners run (`sleep` holds them a while), this host tries the image's
+        // program again and again: a registration in the host's own binfmt_misc, even one that
+        // ends with the sandbox, would run it.
+        let baking = std::sync::atomic::AtomicBool::new(true);
+        let (run, host_ran_it) = std::thread::scope(|scope| {
+            let watcher = scope.spawn(|| {
+                let mut ran = false;
+                while baking.load(std::sync::atomic::Ordering::Relaxed) {
+                    ran |= Command::new(&foreign).status().is_ok();
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                ran
+            });
+            let run = Run {
+                command: format!("amibake bake filter.toml --backend {backend} (arm64)"),
+                output: cloud
+                    .amibake(dir)
+                    .args(["bake", "filter.toml", "--tarball", "app.tar.gz"])
+                    .args(["--commit", commit, "--backend", backend, "--force"])
+                    .output()
+                    .unwrap(),
+            };
+            baking.store(false, std::sync::atomic::Ordering::Relaxed);
+            (run, watcher.join().unwrap())
+        });
+        run.expect_code(0);
+        assert!(
+            !host_ran_it,
+            "{backend}: this host ran an arm64 program while the bake ran"
+        );
+        let manifest: serde_json::Value =
+            serde_json::from_str(run.stdout().lines().last().unwrap()).unwrap();
+        assert_eq!(manifest["architecture"], "arm64", "{}", run.dump());
+        let image = runtime
+            .block_on(
+                clients
+                    .ec2
+                    .describe_images()
+                    .image_ids(manifest["ami_id"].as_str().unwrap())
+                    .send(),
+            )
+            .unwrap()
+            .images()[0]
+            .clone();
+        assert_eq!(image.architecture().map(|a| a.as_str()), Some("arm64"));
+        let tag = image
+            .tags()
+            .iter()
+            .find(|t| t.key() == Some("amibake:architecture"))
+            .and_then(|t| t.value());
+        assert_eq!(tag, Some("arm64"), "{image:?}");
+
+        let snapshot = manifest["snapshot_id"].as_str().unwrap();
+        let raw = dir.join(format!("{snapshot}.img"));
+        cloud.cli(&["export-snapshot", snapshot, raw.to_str().unwrap()]);
+        let root = cloud.mount_snapshot(snapshot, dir, partition_offset(&raw, 1));
+        assert_composer_like_at(&root.root.join("srv/app"), &files, 33);
+        assert_eq!(
+            std::fs::read_to_string(root.root.join("etc/baked-on")).unwrap(),
+            "aarch64\narm64\nenabled\nkept\n",
+            "{backend}: the image's own arm64 programs ran, and could not remove their \
+             emulator\n{}",
+            run.dump()
+        );
+        drop(root);
+        assert_filesystem_clean(&raw, partition_offset(&raw, 1), &format!("arm64 {backend}"));
+        std::fs::remove_file(&raw).unwrap();
+        assert_eq!(
+            host_binfmt(&foreign),
+            host_before,
+            "{backend}: this host's binfmt_misc is as it was, and runs no arm64 program"
+        );
+        cloud.assert_no_bake_left();
+    }
+
+    // No emulator on PATH.
+    let no_emulator = tempfile::tempdir().unwrap();
+    let without_emulator = |template: &str| Run {
+        command: format!("amibake bake {template} (no qemu on PATH)"),
+        output: cloud
+            .amibake(dir)
+            .env("PATH", no_emulator.path())
+            .args([
+                "bake",
+                template,
+                "--tarball",
+                "app.tar.gz",
+                "--commit",
+                "0e0e0e",
+            ])
+            .output()
+            .unwrap(),
+    };
+    let before = cloud.calls().len();
+    let run = without_emulator("filter.toml");
+    run.expect_code(2);
+    for named in [
+        "the base image is arm64",
+        "qemu-aarch64-static",
+        "qemu-user-static",
+    ] {
+        assert!(run.stderr().contains(named), "{named}:\n{}", run.dump());
+    }
+    assert_eq!(cloud.calls().len(), before, "no AWS call:\n{}", run.dump());
+
+    let run = without_emulator("by-id.toml");
+    run.expect_code(2);
+    assert!(
+        run.stderr().contains("qemu-aarch64-static"),
+        "{}",
+        run.dump()
+    );
+    let made: Vec<String> = cloud.calls()[before..]
+        .iter()
+        .map(|c| c["action"].as_str().unwrap().to_string())
+        .filter(|a| !a.starts_with("Describe") && !a.starts_with("Get"))
+        .collect();
+    assert!(made.is_empty(), "nothing is made: {made:?}\n{}", run.dump());
+    cloud.assert_no_bake_left();
+}

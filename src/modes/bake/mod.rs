@@ -25,7 +25,7 @@ use super::image::{HasImage, ImageRecord, ImageState, Origin};
 use super::lifecycle::{self, provisioner_fingerprint_parts, EngineRun, Mode, Resolved};
 use super::{BuildResult, CommonOptions, ModeError, RunError};
 use crate::artifact::{
-    self, BakeManifest, TAG_BASE_AMI, TAG_COMMIT, TAG_SANDBOX, TAG_TARBALL_SHA256,
+    self, BakeManifest, TAG_ARCHITECTURE, TAG_BASE_AMI, TAG_COMMIT, TAG_SANDBOX, TAG_TARBALL_SHA256,
 };
 use crate::aws::ami::{self, BaseImage};
 use crate::aws::host;
@@ -33,8 +33,10 @@ use crate::aws::{kms, Clients};
 use crate::engine::{self, EventSink, RunReport, UndoId, UndoStack};
 use crate::host::extract::Extracted;
 use crate::host::image_cache::ImageCache;
-use crate::sandbox::Isolation;
-use crate::template::{BakeBuild, BakePlan, Commit, InstancePlan, Network, SandboxMode, Template};
+use crate::sandbox::{emulator, emulator::Emulator, Isolation};
+use crate::template::{
+    AmiFilter, AmiRef, BakeBuild, BakePlan, Commit, InstancePlan, Network, SandboxMode, Template,
+};
 use tarball::{WorkDir, MOUNT_POINT};
 
 #[derive(Debug, Clone)]
@@ -129,6 +131,8 @@ pub struct BakeState<B> {
     amibake_exe: PathBuf,
     /// Who root in the sandbox is on this host.
     isolation: Isolation,
+    /// How the image's programs run here, when it is of another architecture.
+    emulator: Option<Emulator>,
     /// The image's whole disk on this host (an attached volume, a working copy), once the
     /// backend has one.
     disk: Option<PathBuf>,
@@ -184,6 +188,7 @@ pub async fn run(
         local: None,
         resolved: None,
         base_id: String::new(),
+        architecture: String::new(),
         backend_name: "",
         extracted: Extracted::default(),
     };
@@ -205,8 +210,10 @@ struct BakeMode<'a> {
     local: Option<Local>,
     /// What `resolve` found, until `build` takes it.
     resolved: Option<BakeSource>,
-    /// For the manifest: the base AMI, and the backend that would make a new image.
+    /// For the manifest: the base AMI and its architecture, and the backend that would make
+    /// a new image.
     base_id: String,
+    architecture: String,
     backend_name: &'static str,
     /// What the extraction put into the image, once a new image was made.
     extracted: Extracted,
@@ -227,6 +234,7 @@ struct Local {
 /// What `resolve` found: the base, its key, and the backend.
 struct BakeSource {
     base: BaseImage,
+    emulator: Option<Emulator>,
     key_arn: Option<String>,
     backend: Chosen,
     why_backend: String,
@@ -264,6 +272,15 @@ impl Mode for BakeMode<'_> {
         let options = self.options;
         let sandbox_mode = options.sandbox.unwrap_or(plan.build.sandbox);
         let (isolation, ids) = crate::sandbox::for_run(sandbox_mode == SandboxMode::Compat)?;
+        // Where the template names the base's architecture, whether this host can run its
+        // programs is known before any AWS call; else once `resolve` has described it.
+        if let AmiRef::Filter(AmiFilter {
+            architecture: Some(architecture),
+            ..
+        }) = &plan.build.base_ami
+        {
+            emulator::for_image(architecture, isolation)?;
+        }
         if let Some(p) = plan
             .image
             .provisioners
@@ -310,6 +327,8 @@ impl Mode for BakeMode<'_> {
         let (backend, why_backend) = choose_backend(self.options.backend).await?;
         let base_id = ami::resolve(clients, &plan.build.base_ami).await?;
         let base = ami::describe(clients, &base_id).await?;
+        let architecture = base.architecture.as_str().to_string();
+        let emulator = emulator::for_image(&architecture, self.local().isolation)?;
         let key_arn = match &plan.build.kms_key_id {
             Some(key) => Some(kms::usable_for_ebs(clients, "bake.kms_key_id", key).await?),
             None => None,
@@ -323,6 +342,7 @@ impl Mode for BakeMode<'_> {
                     (TAG_TARBALL_SHA256, local.tarball_sha256.clone()),
                     (TAG_BASE_AMI, base.id.clone()),
                     (TAG_SANDBOX, local.sandbox_mode.name().to_string()),
+                    (TAG_ARCHITECTURE, architecture.clone()),
                 ],
                 facts: vec![
                     ("AMIBAKE_COMMIT", self.commit.clone()),
@@ -335,9 +355,11 @@ impl Mode for BakeMode<'_> {
             },
         };
         self.base_id = base.id.clone();
+        self.architecture = architecture;
         self.backend_name = backend.name();
         self.resolved = Some(BakeSource {
             base,
+            emulator,
             key_arn,
             backend,
             why_backend,
@@ -353,6 +375,7 @@ impl Mode for BakeMode<'_> {
     ) -> Result<(RunReport, ImageState), ModeError> {
         let BakeSource {
             base,
+            emulator,
             key_arn,
             backend,
             why_backend,
@@ -370,6 +393,7 @@ impl Mode for BakeMode<'_> {
             mount_point: local.work.path().join(MOUNT_POINT),
             amibake_exe: self.options.amibake_exe.clone(),
             isolation: local.isolation,
+            emulator,
             disk: None,
             root_device: None,
             unmount_root: None,
@@ -414,6 +438,7 @@ impl Mode for BakeMode<'_> {
             name: image.name,
             snapshot_id: image.snapshot_ids.into_iter().next(),
             base_ami: self.base_id.clone(),
+            architecture: self.architecture.clone(),
             commit: self.commit.clone(),
             tarball_sha256: local.tarball_sha256.clone(),
             fingerprint: image.fingerprint,
@@ -469,6 +494,7 @@ impl BakeState<()> {
             mount_point: self.mount_point,
             amibake_exe: self.amibake_exe,
             isolation: self.isolation,
+            emulator: self.emulator,
             disk: self.disk,
             root_device: self.root_device,
             unmount_root: self.unmount_root,

@@ -356,6 +356,7 @@ impl<B: Backend> Step<BakeState<B>> for RunProvisioners {
             &s.amibake_exe,
             &s.mount_point,
             s.isolation,
+            s.emulator.clone(),
             &s.image.build_id,
         );
         provision(

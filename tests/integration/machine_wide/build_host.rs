@@ -83,6 +83,7 @@ async fn provision_in_chroot(root: &Path) {
         env!("CARGO_BIN_EXE_amibake"),
         root,
         crate::util::isolation(),
+        None,
         "ab-20261204000000-0a1b2c3d",
     );
     let sink = Arc::new(Collect(Mutex::new(Vec::new())));
