@@ -162,6 +162,8 @@ pub struct BaseManifest {
     pub name: String,
     pub snapshot_ids: Vec<String>,
     pub source_ami: String,
+    /// The image's architecture, the source's (`x86_64`, `arm64`).
+    pub architecture: String,
     pub fingerprint: String,
     pub build_id: String,
     /// True when an image with the same fingerprint existed and was reused.

@@ -14,8 +14,8 @@ use super::distribute::{self, RegionImage};
 use super::instance::{Launch, Role, TemporaryInstance};
 use super::support::{earlier, failed, mark_finished, publish, tags};
 use crate::artifact::{
-    self, STATE_BUILDING, TAG_BUILD_ID, TAG_CHANNEL, TAG_FINGERPRINT, TAG_STATE, TAG_TESTED,
-    TAG_VARIANT, TESTED_PASSED,
+    self, STATE_BUILDING, TAG_ARCHITECTURE, TAG_BUILD_ID, TAG_CHANNEL, TAG_FINGERPRINT, TAG_STATE,
+    TAG_TESTED, TAG_VARIANT, TESTED_PASSED,
 };
 use crate::aws::Clients;
 use crate::engine::{RunReport, Step, StepContext, StepError};
@@ -36,6 +36,8 @@ pub struct Origin {
     pub test_instance: Option<InstancePlan>,
     /// The image's root device, for a root size or type from the instance settings.
     pub root_device_name: String,
+    /// The image's architecture, its source's (`x86_64`, `arm64`).
+    pub architecture: String,
 }
 
 /// The image of a run, whichever mode made it: what it is to be, and what became of it.
@@ -66,6 +68,7 @@ impl ImageState {
         let mut pairs: Vec<(&str, &str)> = vec![("Name", &self.plan.name)];
         pairs.extend(self.origin.tags.iter().map(|(k, v)| (*k, v.as_str())));
         pairs.extend([
+            (TAG_ARCHITECTURE, self.origin.architecture.as_str()),
             (TAG_BUILD_ID, self.build_id.as_str()),
             (TAG_FINGERPRINT, &self.fingerprint),
             (TAG_STATE, STATE_BUILDING),
@@ -99,6 +102,7 @@ impl ImageState {
             build_id: self.build_id.clone(),
             reused: self.reused,
             variant: self.plan.variant.name(),
+            architecture: self.origin.architecture.clone(),
             snapshot_ids: self.snapshot_ids.clone(),
             ssm_parameter: self
                 .ssm_version
@@ -119,6 +123,7 @@ pub struct ImageRecord {
     pub build_id: String,
     pub reused: bool,
     pub variant: &'static str,
+    pub architecture: String,
     pub snapshot_ids: Vec<String>,
     pub ssm_parameter: Option<String>,
     pub ssm_version: Option<i64>,

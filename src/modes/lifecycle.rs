@@ -160,6 +160,7 @@ async fn run_loaded<M: Mode>(
             build_id,
             reused: true,
             variant: image.plan.variant.name(),
+            architecture: image.origin.architecture.clone(),
             snapshot_ids: Vec::new(),
             ssm_parameter: None,
             ssm_version: None,

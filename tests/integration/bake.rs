@@ -76,6 +76,10 @@ fn assert_layout_and_tags(cloud: &LocalCloud, m: &serde_json::Value) {
     );
     assert_eq!(image.root_device_name(), base.root_device_name());
     assert_eq!(image.architecture(), base.architecture());
+    assert_eq!(
+        Some(m["architecture"].as_str().unwrap()),
+        base.architecture().map(|a| a.as_str())
+    );
     assert_eq!(image.boot_mode(), base.boot_mode());
     assert_eq!(image.ena_support(), base.ena_support());
     assert_eq!(image.sriov_net_support(), base.sriov_net_support());
@@ -105,6 +109,7 @@ fn assert_layout_and_tags(cloud: &LocalCloud, m: &serde_json::Value) {
             m["tarball_sha256"].as_str().unwrap(),
         ),
         ("amibake:base-ami", m["base_ami"].as_str().unwrap()),
+        ("amibake:architecture", "x86_64"),
         ("amibake:build-id", m["build_id"].as_str().unwrap()),
         ("amibake:fingerprint", m["fingerprint"].as_str().unwrap()),
         ("team", "web"),

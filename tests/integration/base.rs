@@ -206,6 +206,8 @@ fn base_builds_publishes_chains_into_bake_and_skips_when_unchanged() {
         m["fingerprint"].as_str().map(String::from)
     );
     assert_eq!(tag("team").as_deref(), Some("web"));
+    assert_eq!(tag("amibake:architecture").as_deref(), Some("x86_64"));
+    assert_eq!(m["architecture"], "x86_64");
     let snapshots: Vec<String> = m["snapshot_ids"]
         .as_array()
         .unwrap()

@@ -25,7 +25,7 @@ use super::image::{HasImage, ImageRecord, ImageState, Origin};
 use super::lifecycle::{self, provisioner_fingerprint_parts, EngineRun, Mode, Resolved};
 use super::{BuildResult, CommonOptions, ModeError, RunError};
 use crate::artifact::{
-    self, BakeManifest, TAG_ARCHITECTURE, TAG_BASE_AMI, TAG_COMMIT, TAG_SANDBOX, TAG_TARBALL_SHA256,
+    self, BakeManifest, TAG_BASE_AMI, TAG_COMMIT, TAG_SANDBOX, TAG_TARBALL_SHA256,
 };
 use crate::aws::ami::{self, BaseImage};
 use crate::aws::host;
@@ -188,7 +188,6 @@ pub async fn run(
         local: None,
         resolved: None,
         base_id: String::new(),
-        architecture: String::new(),
         backend_name: "",
         extracted: Extracted::default(),
     };
@@ -210,10 +209,8 @@ struct BakeMode<'a> {
     local: Option<Local>,
     /// What `resolve` found, until `build` takes it.
     resolved: Option<BakeSource>,
-    /// For the manifest: the base AMI and its architecture, and the backend that would make
-    /// a new image.
+    /// For the manifest: the base AMI, and the backend that would make a new image.
     base_id: String,
-    architecture: String,
     backend_name: &'static str,
     /// What the extraction put into the image, once a new image was made.
     extracted: Extracted,
@@ -342,7 +339,6 @@ impl Mode for BakeMode<'_> {
                     (TAG_TARBALL_SHA256, local.tarball_sha256.clone()),
                     (TAG_BASE_AMI, base.id.clone()),
                     (TAG_SANDBOX, local.sandbox_mode.name().to_string()),
-                    (TAG_ARCHITECTURE, architecture.clone()),
                 ],
                 facts: vec![
                     ("AMIBAKE_COMMIT", self.commit.clone()),
@@ -352,10 +348,10 @@ impl Mode for BakeMode<'_> {
                 version_note: format!(" commit {}", self.commit),
                 test_instance: plan.build.test_instance.clone(),
                 root_device_name: base.root_device_name.clone(),
+                architecture: architecture.clone(),
             },
         };
         self.base_id = base.id.clone();
-        self.architecture = architecture;
         self.backend_name = backend.name();
         self.resolved = Some(BakeSource {
             base,
@@ -438,7 +434,7 @@ impl Mode for BakeMode<'_> {
             name: image.name,
             snapshot_id: image.snapshot_ids.into_iter().next(),
             base_ami: self.base_id.clone(),
-            architecture: self.architecture.clone(),
+            architecture: image.architecture,
             commit: self.commit.clone(),
             tarball_sha256: local.tarball_sha256.clone(),
             fingerprint: image.fingerprint,

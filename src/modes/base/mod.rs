@@ -111,6 +111,7 @@ impl Mode for BaseMode {
                 // The build instance's session is over by then: its tests boot a fresh one.
                 test_instance: Some(plan.build.instance.clone()),
                 root_device_name: source.root_device_name.clone(),
+                architecture: source.architecture.as_str().to_string(),
             },
         };
         self.source = Some(source);
@@ -159,6 +160,7 @@ impl Mode for BaseMode {
             name: image.name,
             snapshot_ids: image.snapshot_ids,
             source_ami: self.source().id.clone(),
+            architecture: image.architecture,
             fingerprint: image.fingerprint,
             build_id: image.build_id,
             reused: image.reused,
