@@ -62,12 +62,19 @@ pub struct Emulator {
 
 #[derive(Debug, thiserror::Error)]
 pub enum EmulatorError {
-    #[error("the base image is {image} and this host is {host}: its programs run here through qemu's user-mode emulator, and `{binary}` is on no directory of PATH: install the `qemu-user-static` package (Debian, Ubuntu; `qemu-user-static-{qemu}` on Fedora and RHEL)")]
+    #[error("the base image is {image} and this host is {host}: its programs run here through qemu's user-mode emulator, and `{binary}` is in no absolute directory of PATH: install the `qemu-user-static` package (Debian, Ubuntu, Fedora)")]
     Missing {
         image: String,
         host: &'static str,
         binary: String,
-        qemu: &'static str,
+    },
+    /// An emulator that would run every program of the image, and that another user than
+    /// root could have changed, or that needs libraries the image does not hold.
+    #[error("the base image is {image}: {path} would run its programs, but {why}")]
+    Unfit {
+        image: String,
+        path: String,
+        why: String,
     },
     #[error("the base image is {image}: this {host} host cannot run its programs (amibake emulates arm64 and x86_64)")]
     Unsupported { image: String, host: &'static str },
@@ -77,7 +84,7 @@ pub enum EmulatorError {
         host: &'static str,
         release: String,
     },
-    #[error("the base image is {image} and this host is {host}: its programs run only in the sandbox's own user namespace, which sandbox = \"compat\" does without")]
+    #[error("the base image is {image} and this host is {host}: its programs run only in the sandbox's own user namespace, which sandbox = \"compat\" does without: leave out `sandbox = \"compat\"` (bake.sandbox) and `--sandbox compat`")]
     Compat { image: String, host: &'static str },
 }
 
@@ -112,11 +119,15 @@ pub fn for_image(
         });
     }
     let binary = format!("qemu-{}-static", foreign.qemu);
-    let interpreter = on_path(&binary).ok_or_else(|| EmulatorError::Missing {
+    let found = on_path(&binary).ok_or_else(|| EmulatorError::Missing {
         image: image.clone(),
         host,
         binary,
-        qemu: foreign.qemu,
+    })?;
+    let interpreter = fit_interpreter(&found).map_err(|why| EmulatorError::Unfit {
+        image: image.clone(),
+        path: found.display().to_string(),
+        why,
     })?;
     Ok(Some(Emulator {
         architecture: image,
@@ -128,10 +139,12 @@ fn find(architecture: &str) -> Option<&'static Foreign> {
     ARCHITECTURES.iter().find(|f| f.aws == architecture)
 }
 
-/// The first executable file named `binary` in PATH's directories.
+/// The first executable file named `binary` in PATH's absolute directories (a relative one
+/// would name another file in each directory the run is started from).
 fn on_path(binary: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
+        .filter(|dir| dir.is_absolute())
         .map(|dir| dir.join(binary))
         .find(|candidate| {
             rustix::fs::access(candidate, rustix::fs::Access::EXEC_OK).is_ok()
@@ -139,10 +152,74 @@ fn on_path(binary: &str) -> Option<PathBuf> {
         })
 }
 
+/// The emulator's real path, if it is fit to run every program of the image: owned by root
+/// and writable by nobody else (whoever could change it could change every image baked
+/// through it), and a static program of this host's machine (after `pivot_root`, a dynamic
+/// one would look for its libraries in the image).
+fn fit_interpreter(found: &Path) -> Result<PathBuf, String> {
+    use std::os::unix::fs::MetadataExt;
+    let real = std::fs::canonicalize(found).map_err(|e| format!("it cannot be resolved: {e}"))?;
+    let meta = std::fs::metadata(&real).map_err(|e| format!("{}: {e}", real.display()))?;
+    if meta.uid() != 0 || meta.mode() & 0o022 != 0 {
+        return Err(format!(
+            "{} is owned by uid {} with mode {:o}: it must be root's, writable by root alone",
+            real.display(),
+            meta.uid(),
+            meta.mode() & 0o7777
+        ));
+    }
+    // The ELF header and its program headers, which follow it.
+    let mut head = Vec::new();
+    std::fs::File::open(&real)
+        .and_then(|f| std::io::Read::read_to_end(&mut std::io::Read::take(f, 64 << 10), &mut head))
+        .map_err(|e| format!("{}: {e}", real.display()))?;
+    match elf_needs_interpreter(&head, host_machine()) {
+        Some(false) => Ok(real),
+        Some(true) => Err(format!(
+            "{} is linked dynamically: install the static build (`qemu-user-static`)",
+            real.display()
+        )),
+        None => Err(format!(
+            "{} is not a 64-bit program of this host's machine",
+            real.display()
+        )),
+    }
+}
+
+/// ELF's e_machine of this host's programs.
+fn host_machine() -> u16 {
+    match std::env::consts::ARCH {
+        "aarch64" => 0xb7,
+        _ => 0x3e,
+    }
+}
+
+/// Whether the 64-bit little-endian ELF program `elf`, of machine `machine`, asks for a
+/// program interpreter (PT_INTERP: it is linked dynamically); `None` when it is not such a
+/// program.
+fn elf_needs_interpreter(elf: &[u8], machine: u16) -> Option<bool> {
+    const PT_INTERP: u32 = 3;
+    let u16_at = |at: usize| Some(u16::from_le_bytes(elf.get(at..at + 2)?.try_into().ok()?));
+    let u32_at = |at: usize| Some(u32::from_le_bytes(elf.get(at..at + 4)?.try_into().ok()?));
+    let u64_at = |at: usize| Some(u64::from_le_bytes(elf.get(at..at + 8)?.try_into().ok()?));
+    // Magic, 64-bit, little-endian; then e_machine.
+    if elf.get(..6)? != b"\x7fELF\x02\x01" || u16_at(18)? != machine {
+        return None;
+    }
+    let (phoff, phentsize, phnum) = (u64_at(32)?, u16_at(54)?, u16_at(56)?);
+    let mut needs = false;
+    for i in 0..usize::from(phnum) {
+        let at = usize::try_from(phoff).ok()? + i * usize::from(phentsize);
+        needs |= u32_at(at)? == PT_INTERP;
+    }
+    Some(needs)
+}
+
 impl Emulator {
-    /// The emulator of `architecture` at `interpreter`, as the internal command is told.
+    /// The emulator of `architecture` at `interpreter` (an absolute path), as the internal
+    /// command is told.
     pub fn from_args(architecture: &str, interpreter: PathBuf) -> Option<Emulator> {
-        find(architecture).map(|_| Emulator {
+        (find(architecture).is_some() && interpreter.is_absolute()).then(|| Emulator {
             architecture: architecture.to_string(),
             interpreter,
         })
@@ -223,6 +300,40 @@ mod tests {
     fn an_architecture_amibake_cannot_emulate_is_named() {
         let err = for_image("i386", Isolation::OwnIds { base: 1 << 20 }).unwrap_err();
         assert!(err.to_string().contains("the base image is i386"), "{err}");
+    }
+
+    #[test]
+    fn a_static_emulator_is_told_from_a_dynamic_one_and_from_another_machines() {
+        // The smallest 64-bit ELF header with one program header at 64 of type `p_type`.
+        let elf = |machine: u16, p_type: u32| {
+            let mut e = vec![0u8; 64 + 56];
+            e[..6].copy_from_slice(b"\x7fELF\x02\x01");
+            e[18..20].copy_from_slice(&machine.to_le_bytes());
+            e[32..40].copy_from_slice(&64u64.to_le_bytes());
+            e[54..56].copy_from_slice(&56u16.to_le_bytes());
+            e[56..58].copy_from_slice(&1u16.to_le_bytes());
+            e[64..68].copy_from_slice(&p_type.to_le_bytes());
+            e
+        };
+        assert_eq!(elf_needs_interpreter(&elf(0x3e, 1), 0x3e), Some(false));
+        assert_eq!(elf_needs_interpreter(&elf(0x3e, 3), 0x3e), Some(true));
+        assert_eq!(elf_needs_interpreter(&elf(0xb7, 1), 0x3e), None);
+        assert_eq!(elf_needs_interpreter(b"#!/bin/sh\nexec qemu", 0x3e), None);
+        // Program headers said to lie past the end of the file.
+        let mut short = elf(0x3e, 1);
+        short.truncate(66);
+        assert_eq!(elf_needs_interpreter(&short, 0x3e), None);
+    }
+
+    #[test]
+    fn an_emulator_another_user_could_change_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let copy = dir.path().join("qemu-aarch64-static");
+        std::fs::write(&copy, b"").unwrap();
+        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let why = fit_interpreter(&copy).unwrap_err();
+        assert!(why.contains("writable by root alone"), "{why}");
     }
 
     #[test]

@@ -168,17 +168,37 @@ pub fn enter(root: &Path, purpose: &Purpose, isolation: Isolation) -> Result<(),
         ),
         Isolation::Compat => (None, None),
     };
-    // Opened while the host's tree is in view; registered once in the user namespace.
-    let emulator = match purpose {
-        Purpose::Provision {
-            emulator: Some(emulator),
-            ..
-        } => Some((
+    // Opened while the host's tree is in view; registered once in the user namespace, and
+    // never without one: root of the host's own would register it for the whole host.
+    let emulator = match (purpose, &userns) {
+        (
+            Purpose::Provision {
+                emulator: Some(emulator),
+                ..
+            },
+            Some(_),
+        ) => Some((
             emulator,
-            emulator
-                .open()
-                .map_err(fail("open the emulator of the image's architecture"))?,
+            emulator.open().map_err(fail(&format!(
+                "open {}, the emulator of its {} programs",
+                emulator.interpreter.display(),
+                emulator.architecture
+            )))?,
         )),
+        (
+            Purpose::Provision {
+                emulator: Some(emulator),
+                ..
+            },
+            None,
+        ) => {
+            return Err(fail(&format!(
+                "run its {} programs",
+                emulator.architecture
+            ))(std::io::Error::other(
+                "an emulator is registered only in a user namespace of the sandbox's own (not with sandbox compat)",
+            )))
+        }
         _ => None,
     };
     // The host's network namespace, where pasta must start.
@@ -226,9 +246,11 @@ pub fn enter(root: &Path, purpose: &Purpose, isolation: Isolation) -> Result<(),
         ids::become_root_in(&userns).map_err(fail("become root of its user namespace"))?;
     }
     if let Some((emulator, interpreter)) = emulator {
-        emulator
-            .register(&interpreter)
-            .map_err(fail("register the emulator of the image's architecture"))?;
+        emulator.register(&interpreter).map_err(fail(&format!(
+            "register {} for its {} programs in the sandbox's binfmt_misc",
+            emulator.interpreter.display(),
+            emulator.architecture
+        )))?;
     }
     // After the change of ids, which clears it; then whether the parent died meanwhile (its
     // parent is outside the new PID namespace, so getppid cannot tell).

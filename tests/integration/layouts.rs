@@ -699,6 +699,33 @@ fn an_arm64_image_is_baked_on_this_x86_64_host_through_qemu() {
     }
     assert_eq!(cloud.calls().len(), before, "no AWS call:\n{}", run.dump());
 
+    // compat has no user namespace of its own to register the emulator in.
+    let compat = cloud.run_amibake(
+        dir,
+        &[
+            "bake",
+            "filter.toml",
+            "--tarball",
+            "app.tar.gz",
+            "--commit",
+            "0e0e0e",
+            "--sandbox",
+            "compat",
+        ],
+    );
+    compat.expect_code(2);
+    assert!(
+        compat.stderr().contains("sandbox = \"compat\""),
+        "{}",
+        compat.dump()
+    );
+    assert_eq!(
+        cloud.calls().len(),
+        before,
+        "no AWS call:\n{}",
+        compat.dump()
+    );
+
     let run = without_emulator("by-id.toml");
     run.expect_code(2);
     assert!(
