@@ -535,23 +535,21 @@ fn host_binfmt(foreign: &Path) -> (bool, Vec<String>, Option<i32>) {
     (mounted, entries, runs.err().flatten())
 }
 
-/// An arm64 image baked on this x86_64 host, with both backends: its provisioners' programs
-/// are the image's own arm64 ones, run through qemu registered in the sandbox's own
-/// binfmt_misc, which they cannot change, and never this host's; the image, the manifest and
-/// the tags say arm64. Without the emulator, the run stops with exit 2 naming the package:
-/// before any AWS call where the template names the architecture, before anything is made
-/// where only the image says it.
-#[test]
-fn an_arm64_image_is_baked_on_this_x86_64_host_through_qemu() {
+/// An arm64 image of `family` (found by `owner` and `name`, with its architecture) baked on
+/// this x86_64 host, with both backends: its provisioners' programs are the image's own arm64
+/// ones, run through qemu registered in the sandbox's own binfmt_misc, which they cannot
+/// change, and never this host's; the image, the manifest and the tags say arm64. Returns
+/// the cloud and the work directory, holding `filter.toml` and `by-id.toml`.
+fn bakes_arm64(family: &str, owner: &str, name: &str) -> (LocalCloud, tempfile::TempDir) {
     assert_eq!(
         std::env::consts::ARCH,
         "x86_64",
         "the story is of a host of another architecture"
     );
-    let cloud = LocalCloud::start_with("quick", &["debian-12-arm64"]);
+    let cloud = LocalCloud::start_with("quick", &[family]);
     let work = tempfile::tempdir().unwrap();
     let dir = work.path();
-    let vendor = cloud.ls()["vendor_amis"]["debian-12-arm64"]
+    let vendor = cloud.ls()["vendor_amis"][family]
         .as_str()
         .unwrap()
         .to_string();
@@ -589,8 +587,8 @@ fn an_arm64_image_is_baked_on_this_x86_64_host_through_qemu() {
         )
     };
     let by_filter =
-        "{ owners = [\"136693071363\"], name = \"debian-12-arm64-*\", architecture = \"arm64\" }";
-    std::fs::write(dir.join("filter.toml"), template(by_filter)).unwrap();
+        format!("{{ owners = [\"{owner}\"], name = \"{name}\", architecture = \"arm64\" }}");
+    std::fs::write(dir.join("filter.toml"), template(&by_filter)).unwrap();
     std::fs::write(dir.join("by-id.toml"), template(&format!("\"{vendor}\""))).unwrap();
 
     for (backend, commit) in [("attach", "a77ac4"), ("direct", "d14ec7")] {
@@ -608,7 +606,7 @@ fn an_arm64_image_is_baked_on_this_x86_64_host_through_qemu() {
                 ran
             });
             let run = Run {
-                command: format!("amibake bake filter.toml --backend {backend} (arm64)"),
+                command: format!("amibake bake filter.toml --backend {backend} ({family})"),
                 output: cloud
                     .amibake(dir)
                     .args(["bake", "filter.toml", "--tarball", "app.tar.gz"])
@@ -668,6 +666,23 @@ fn an_arm64_image_is_baked_on_this_x86_64_host_through_qemu() {
         );
         cloud.assert_no_bake_left();
     }
+
+    (cloud, work)
+}
+
+#[test]
+fn an_arm64_al2023_is_baked_on_this_x86_64_host_through_qemu() {
+    let (cloud, _work) = bakes_arm64("al2023-arm64", "137112412989", "al2023-ami-2023.*-arm64");
+    cloud.assert_no_bake_left();
+}
+
+/// Debian's arm64 image bakes as AL2023's does; without the emulator, or with the sandbox's
+/// compat, the run stops with exit 2 naming the fix: before any AWS call where the template
+/// names the architecture, before anything is made where only the image says it.
+#[test]
+fn an_arm64_debian_is_baked_on_this_x86_64_host_through_qemu_and_never_without_it() {
+    let (cloud, work) = bakes_arm64("debian-12-arm64", "136693071363", "debian-12-arm64-*");
+    let dir = work.path();
 
     // No emulator on PATH.
     let no_emulator = tempfile::tempdir().unwrap();

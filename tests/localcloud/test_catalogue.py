@@ -39,6 +39,15 @@ EXPECTED = {
         "os_id": '"rhel"',
         "imds": None,
     },
+    "al2023-arm64": {
+        "find": ("parameter", "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-arm64"),
+        "owner": "137112412989",
+        "partitions": {1: ("xfs", "/"), 128: ("vfat", "/boot/efi")},
+        "user": "ec2-user",
+        "os_id": "amzn",
+        "imds": "v2.0",
+        "architecture": "arm64",
+    },
     "debian-12-arm64": {
         "find": ("name", "debian-12-arm64-*"),
         "owner": "136693071363",
@@ -127,7 +136,7 @@ def test_each_vendor_disk_is_laid_out_as_its_vendor_lays_it_out(catalogue, famil
         if fs is None:
             assert parts[number]["type"] == BIOS_BOOT
     root_number = next(n for n, (_, mount) in expected.items() if mount == "/")
-    if family == "al2023":
+    if family.startswith("al2023"):
         assert probes[root_number]["UUID"] == AL2023_ROOT_UUID
 
     def mount(number):

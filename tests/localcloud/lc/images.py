@@ -361,6 +361,25 @@ LAYOUTS = {
         fstab_by="UUID",
         volume_size_gib=10,
     ),
+    # AL2023 for Graviton: as on x86_64 but with no BIOS boot partition (arm64 boots UEFI only);
+    # its XFS root has the same fixed UUID.
+    "al2023-arm64": Layout(
+        family="al2023-arm64",
+        name_prefix="al2023-ami-2023.6.20241212.0-kernel-6.1-arm64",
+        owner="137112412989",
+        description="Amazon Linux 2023 AMI 2023.6.20241212.0 arm64 HVM kernel-6.1",
+        user="ec2-user",
+        os_release=_os_release("Amazon Linux 2023.6.20241212", "amzn", "2023", "fedora"),
+        partitions=(
+            Partition(128, 1, 10, EFI_SYSTEM, "EFI System Partition", "vfat", "/boot/efi"),
+            Partition(1, 13, 2048, LINUX_FS, "Linux", "xfs", "/", "/", "3aa4f5a4-9b57-4cb5-a2fa-12e4a7b5cb0f"),
+        ),
+        fstab_by="UUID",
+        parameter="/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-arm64",
+        imds_support="v2.0",
+        boot_mode="uefi",
+        architecture="arm64",
+    ),
     # Debian 12 for Graviton: the root on partition 1 after the EFI system partition (15),
     # no BIOS boot partition (arm64 boots UEFI only). Its content is Debian's arm64 build.
     "debian-12-arm64": Layout(
