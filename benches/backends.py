@@ -16,7 +16,9 @@ disk). Then `direct` warm again at other tarball sizes: its peak memory must not
 the tarball. Last, per vendor layout of the local cloud's catalogue (`--layouts`), `direct`
 warm's blocks put against the blocks that differ and the tree's, as above: what the layout
 itself costs (an XFS root's log, written at each clean unmount, against ext4's journal, which
-the bake puts back as the base had it).
+the bake puts back as the base had it). With Packer, its amazon-chroot bakes the AL2023 layout as
+well, on a host that holds the AL2023 root's UUID (as every AL2023 build host does): as shipped,
+and with the `mount_options = ["nouuid"]` a Packer user would add.
 
     benches/backends.py [--mib 100] [--memory-sizes 25,400] [--latency realistic] [--no-packer]
                         [--layouts al2023,ubuntu-24.04,rhel-9] [--release]
@@ -95,6 +97,30 @@ def partition_offset(raw: Path, number: int) -> int:
                                       text=True).stdout)["partitiontable"]
     node = f"{raw}{number}"
     return next(p["start"] for p in table["partitions"] if p["node"] == node) * table.get("sectorsize", 512)
+
+
+class HostsOwnRoot:
+    """The root filesystem at partition `number` of the disk image `raw`, mounted read-only on
+    this host as a host mounts its own (an XFS without nouuid: its UUID is then taken here),
+    unmounted and detached on exit."""
+
+    def __init__(self, raw: Path, number: int, target: Path):
+        self.raw, self.number, self.target, self.loop = raw, number, target, None
+
+    def __enter__(self):
+        table = json.loads(subprocess.run(["sfdisk", "--json", str(self.raw)], check=True, capture_output=True,
+                                          text=True).stdout)["partitiontable"]
+        part = next(p for p in table["partitions"] if p["node"] == f"{self.raw}{self.number}")
+        self.loop = subprocess.run(["losetup", "--find", "--show", "--read-only", "--offset", str(part["start"] * 512),
+                                    "--sizelimit", str(part["size"] * 512), str(self.raw)],
+                                   check=True, capture_output=True, text=True).stdout.strip()
+        self.target.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["mount", "-o", "ro", self.loop, str(self.target)], check=True, capture_output=True)
+        return self
+
+    def __exit__(self, *_):
+        subprocess.run(["umount", str(self.target)], capture_output=True)
+        subprocess.run(["losetup", "-d", self.loop], capture_output=True)
 
 
 def owned_base(ec2, vendor_image) -> str:
@@ -241,15 +267,18 @@ def main():
                 sys.exit(f"bake --backend {backend} failed:\n{stderr[-3000:]}")
             return wall, peak, json.loads(stdout.splitlines()[-1]), calls_since(state, before)
 
-        def packer(poll):
+        def packer(poll, source=base, template="chroot.json", may_fail=False):
+            """Wall time and peak memory; with `may_fail`, the last error line when it fails."""
             packer_env = dict(env, AWS_POLL_DELAY_SECONDS=poll) if poll else env
             start = time.monotonic()
             code, peak, stdout, stderr = run_measured(
-                ["packer", "build", "-machine-readable", f"-var=source_ami={base}", f"-var=tarball={tarball}",
-                 str(work / "chroot.json")], packer_env, work)
-            if code != 0:
+                ["packer", "build", "-machine-readable", f"-var=source_ami={source}", f"-var=tarball={tarball}",
+                 str(work / template)], packer_env, work)
+            if code != 0 and not may_fail:
                 sys.exit(f"packer amazon-chroot failed:\n{stdout[-3000:]}{stderr[-2000:]}")
-            return time.monotonic() - start, peak
+            errors = [line.split(",", 4)[-1] for line in stdout.splitlines() if ",error," in line]
+            return time.monotonic() - start, peak, (errors[-1].replace("%!(PACKER_COMMA)", ",")[:300]
+                                                    if code != 0 else None)
 
         print(f"latency profile: {args.latency}; tarball: {args.mib} MiB of composer-like files "
               f"({tarball.stat().st_size / (1 << 20):.0f} MiB gzip'd, {files} files); amibake: {build}")
@@ -263,10 +292,10 @@ def main():
         rows.append(("attach", wall, peak))
         attach = wall
         if not args.no_packer:
-            wall, peak = packer(None)
+            wall, peak, _ = packer(None)
             rows.append(("packer chroot (as shipped)", wall, peak))
             packer_stock = wall
-            wall, peak = packer("1")
+            wall, peak, _ = packer("1")
             rows.append(("packer chroot (1 s polls)", wall, peak))
             packer_tuned = wall
 
@@ -298,11 +327,12 @@ def main():
         print("(put: PutSnapshotBlock calls; differ: blocks the new snapshot differs from the base's in, by the "
               "local cloud's count; tree: blocks the extracted tree's files and directories occupy; goal put/tree <= 1.1)")
 
+        layout_bases = {}
         if layouts:
             print(f"\nblocks (512 KiB) by layout, direct warm {'put':>6} {'differ':>7} {'tree':>6} {'put/tree':>9}")
             vendor_amis = json.loads(cli(state, "ls"))["vendor_amis"]
             for name in layouts:
-                layout_base = owned_base(ec2, vendor_amis[name])
+                layout_base = layout_bases[name] = owned_base(ec2, vendor_amis[name])
                 layout_snapshot = ec2.describe_images(ImageIds=[layout_base])["Images"][0][
                     "BlockDeviceMappings"][0]["Ebs"]["SnapshotId"]
                 (work / f"{name}.toml").write_text(TEMPLATE.format(base=layout_base))
@@ -314,6 +344,25 @@ def main():
                 print(f"  {name:<37} {put:>6} {differ:>7} {tree:>6} {put / tree:>9.2f}")
             print("(the same tarball; put beyond differ would be blocks written back unchanged, "
                   "differ beyond tree the filesystem's own: its log or journal, inodes, allocation maps)")
+
+        if "al2023" in layouts and not args.no_packer:
+            print("\nAL2023 on a host holding its root's UUID (1 s polls), wall and peak memory")
+            al2023_base = layout_bases["al2023"]
+            snapshot = ec2.describe_images(ImageIds=[al2023_base])["Images"][0]["BlockDeviceMappings"][0]["Ebs"]["SnapshotId"]
+            raw = work / "al2023-host-root.img"
+            cli(state, "export-snapshot", snapshot, str(raw))
+            with HostsOwnRoot(raw, LAYOUT_ROOTS["al2023"], work / "al2023-host-root"):
+                for name, extra in (("packer chroot, as shipped", {}),
+                                    ("packer chroot, nouuid", {"mount_options": ["nouuid"]})):
+                    template = json.loads(json.dumps(PACKER_CHROOT))
+                    template["builders"][0].update(extra)
+                    (work / "al2023-chroot.json").write_text(json.dumps(template))
+                    wall, peak, error = packer("1", al2023_base, "al2023-chroot.json", may_fail=True)
+                    print(f"  {name:<28} {wall:7.1f}s {peak / 1024:9.0f} MiB  "
+                          + (f"failed: {error}" if error else "ok"))
+                wall, peak, _, _ = amibake("direct", "al2023-beside-host", template="al2023.toml")
+                print(f"  {'amibake direct, warm':<28} {wall:7.1f}s {peak / 1024:9.0f} MiB  ok")
+            raw.unlink()
 
         sizes = [int(s) for s in args.memory_sizes.split(",") if s]
         if sizes:
