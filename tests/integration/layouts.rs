@@ -3,7 +3,7 @@
 //! the partitions beside it, and the image's own /boot and /boot/efi are where provisioners
 //! write, with both backends.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::util::localcloud::{assert_filesystem_clean, LocalCloud, MountedSnapshot};
@@ -35,6 +35,56 @@ fn partition_extent(raw: &Path, number: u32) -> (u64, u64) {
 /// The byte offset of partition `number` in the disk image `raw`.
 fn partition_offset(raw: &Path, number: u32) -> u64 {
     partition_extent(raw, number).0
+}
+
+/// `amibake bake TEMPLATE` of `app.tar.gz` in `dir` with `backend`, for `commit`; `--force`,
+/// so a bake of the same tarball makes a new image rather than reusing one. `what` names it.
+fn bake(
+    cloud: &LocalCloud,
+    dir: &Path,
+    template: &str,
+    backend: &str,
+    commit: &str,
+    what: &str,
+) -> Run {
+    Run {
+        command: format!("amibake bake {template} --backend {backend} ({what})"),
+        output: cloud
+            .amibake(dir)
+            .args(["bake", template, "--tarball", "app.tar.gz", "--force"])
+            .args(["--commit", commit, "--backend", backend])
+            .output()
+            .unwrap(),
+    }
+}
+
+/// A bake that succeeded: its manifest, its new snapshot and that snapshot exported as the
+/// raw disk `raw` in the work directory.
+struct Baked {
+    run: Run,
+    manifest: serde_json::Value,
+    snapshot: String,
+    raw: PathBuf,
+}
+
+impl Baked {
+    fn exported(cloud: &LocalCloud, dir: &Path, run: Run) -> Baked {
+        run.expect_code(0);
+        let manifest: serde_json::Value =
+            serde_json::from_str(run.stdout().lines().last().unwrap()).unwrap();
+        let snapshot = manifest["snapshot_id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no new snapshot: {manifest}"))
+            .to_string();
+        let raw = dir.join(format!("{snapshot}.img"));
+        cloud.cli(&["export-snapshot", &snapshot, raw.to_str().unwrap()]);
+        Baked {
+            run,
+            manifest,
+            snapshot,
+            raw,
+        }
+    }
 }
 
 /// Where a vendor lays out its image.
@@ -110,24 +160,14 @@ fn bakes_onto(layout: Layout, host_holds_its_uuid: bool) {
     )
     .unwrap();
     for (backend, commit) in [("attach", "a77ac4"), ("direct", "d14ec7")] {
-        let run = Run {
-            command: format!("amibake bake app.toml --backend {backend} ({family})"),
-            output: cloud
-                .amibake(dir)
-                .args(["bake", "app.toml", "--tarball", "app.tar.gz"])
-                // --force: the second would reuse the first's image, of the same tarball.
-                .args(["--commit", commit, "--backend", backend, "--force"])
-                .output()
-                .unwrap(),
-        };
-        run.expect_code(0);
-        let manifest: serde_json::Value =
-            serde_json::from_str(run.stdout().lines().last().unwrap()).unwrap();
-        let snapshot = manifest["snapshot_id"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no new snapshot: {manifest}"));
-        let raw = dir.join(format!("{snapshot}.img"));
-        cloud.cli(&["export-snapshot", snapshot, raw.to_str().unwrap()]);
+        let Baked {
+            run, snapshot, raw, ..
+        } = Baked::exported(
+            &cloud,
+            dir,
+            bake(&cloud, dir, "app.toml", backend, commit, family),
+        );
+        let snapshot = snapshot.as_str();
         let image = cloud.mount_snapshot(snapshot, dir, partition_offset(&raw, root));
         assert_composer_like_at(&image.root.join("srv/app"), &files, 33);
         let root_boot_marker = std::fs::read_to_string(image.root.join("boot/marker")).ok();
@@ -413,22 +453,18 @@ fn a_base_from_each_vendor_layout_with_its_user_is_what_a_bake_builds_on() {
             ),
         )
         .unwrap();
-        let bake = Run {
-            command: format!("amibake bake app.toml on the {family} base"),
-            output: cloud
-                .amibake(dir)
-                .args(["bake", "app.toml", "--tarball", "app.tar.gz"])
-                .args(["--commit", "ba5e1", "--backend", "direct"])
-                .output()
-                .unwrap(),
-        };
-        bake.expect_code(0);
-        let manifest: serde_json::Value =
-            serde_json::from_str(bake.stdout().lines().last().unwrap()).unwrap();
-        let snapshot = manifest["snapshot_id"].as_str().unwrap();
-        let raw = dir.join(format!("{snapshot}.img"));
-        cloud.cli(&["export-snapshot", snapshot, raw.to_str().unwrap()]);
-        let image = cloud.mount_snapshot(snapshot, dir, partition_offset(&raw, root));
+        let what = format!("on the {family} base");
+        let Baked {
+            run: bake,
+            snapshot,
+            raw,
+            ..
+        } = Baked::exported(
+            &cloud,
+            dir,
+            bake(&cloud, dir, "app.toml", "direct", "ba5e1", &what),
+        );
+        let image = cloud.mount_snapshot(&snapshot, dir, partition_offset(&raw, root));
         assert_eq!(
             std::fs::read_to_string(image.root.join("etc/layout-base")).unwrap(),
             format!("{family}\n"),
@@ -472,21 +508,15 @@ fn a_larger_volume_grows_each_vendors_root_where_it_sits() {
         )
         .unwrap();
         for backend in ["attach", "direct"] {
-            let run = Run {
-                command: format!("amibake bake app.toml --backend {backend} ({family}, 16 GiB)"),
-                output: cloud
-                    .amibake(dir)
-                    .args(["bake", "app.toml", "--tarball", "app.tar.gz", "--force"])
-                    .args(["--commit", "9r0w", "--backend", backend])
-                    .output()
-                    .unwrap(),
-            };
-            run.expect_code(0);
-            let manifest: serde_json::Value =
-                serde_json::from_str(run.stdout().lines().last().unwrap()).unwrap();
-            let snapshot = manifest["snapshot_id"].as_str().unwrap();
-            let raw = dir.join(format!("{snapshot}.img"));
-            cloud.cli(&["export-snapshot", snapshot, raw.to_str().unwrap()]);
+            let what = format!("{family}, 16 GiB");
+            let Baked {
+                run, snapshot, raw, ..
+            } = Baked::exported(
+                &cloud,
+                dir,
+                bake(&cloud, dir, "app.toml", backend, "9r0w", &what),
+            );
+            let snapshot = snapshot.as_str();
             let disk = std::fs::metadata(&raw).unwrap().len();
             assert_eq!(disk, 16 * GIB, "{family} {backend}: the volume's size");
             let (start, size) = partition_extent(&raw, root);
@@ -605,25 +635,20 @@ fn bakes_arm64(family: &str, owner: &str, name: &str) -> (LocalCloud, tempfile::
                 }
                 ran
             });
-            let run = Run {
-                command: format!("amibake bake filter.toml --backend {backend} ({family})"),
-                output: cloud
-                    .amibake(dir)
-                    .args(["bake", "filter.toml", "--tarball", "app.tar.gz"])
-                    .args(["--commit", commit, "--backend", backend, "--force"])
-                    .output()
-                    .unwrap(),
-            };
+            let run = bake(&cloud, dir, "filter.toml", backend, commit, family);
             baking.store(false, std::sync::atomic::Ordering::Relaxed);
             (run, watcher.join().unwrap())
         });
-        run.expect_code(0);
+        let Baked {
+            run,
+            manifest,
+            snapshot,
+            raw,
+        } = Baked::exported(&cloud, dir, run);
         assert!(
             !host_ran_it,
             "{backend}: this host ran an arm64 program while the bake ran"
         );
-        let manifest: serde_json::Value =
-            serde_json::from_str(run.stdout().lines().last().unwrap()).unwrap();
         assert_eq!(manifest["architecture"], "arm64", "{}", run.dump());
         let image = runtime
             .block_on(
@@ -644,10 +669,7 @@ fn bakes_arm64(family: &str, owner: &str, name: &str) -> (LocalCloud, tempfile::
             .and_then(|t| t.value());
         assert_eq!(tag, Some("arm64"), "{image:?}");
 
-        let snapshot = manifest["snapshot_id"].as_str().unwrap();
-        let raw = dir.join(format!("{snapshot}.img"));
-        cloud.cli(&["export-snapshot", snapshot, raw.to_str().unwrap()]);
-        let root = cloud.mount_snapshot(snapshot, dir, partition_offset(&raw, 1));
+        let root = cloud.mount_snapshot(&snapshot, dir, partition_offset(&raw, 1));
         assert_composer_like_at(&root.root.join("srv/app"), &files, 33);
         assert_eq!(
             std::fs::read_to_string(root.root.join("etc/baked-on")).unwrap(),
