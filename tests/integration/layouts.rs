@@ -398,22 +398,24 @@ fn a_base_whose_boot_leads_to_the_host_is_refused() {
 }
 
 /// `amibake base` from each vendor's image logs in as that vendor's default user and
-/// provisions as root; the base it publishes keeps the vendor's layout, and a bake on it
-/// finds its root there and lands the code beside what the base installed.
+/// provisions as root, on an instance whose /boot is its own partition where the vendor's
+/// is (as its boot mounts it); the base it publishes keeps the vendor's layout, and a bake on
+/// it finds its root there and lands the code beside what the base installed.
 #[test]
 fn a_base_from_each_vendor_layout_with_its_user_is_what_a_bake_builds_on() {
     let _module = crate::util::module_turn(module_path!());
+    // Each family's default user, root partition and /boot partition where it has its own.
     let families = [
-        ("al2023", "ec2-user", 1),
-        ("ubuntu-24.04", "ubuntu", 1),
-        ("rhel-9", "ec2-user", 4),
+        ("al2023", "ec2-user", 1, None),
+        ("ubuntu-24.04", "ubuntu", 1, Some(16)),
+        ("rhel-9", "ec2-user", 4, Some(3)),
     ];
-    let cloud = LocalCloud::start_with("quick", &families.map(|(f, _, _)| f));
+    let cloud = LocalCloud::start_with("quick", &families.map(|(f, _, _, _)| f));
     let work = tempfile::tempdir().unwrap();
     let dir = work.path();
     let (tar, files) = composer_like();
     std::fs::write(dir.join("app.tar.gz"), gzip(&tar)).unwrap();
-    for (family, user, root) in families {
+    for (family, user, root, boot) in families {
         let vendor = cloud.ls()["vendor_amis"][family]
             .as_str()
             .unwrap()
@@ -426,7 +428,7 @@ fn a_base_from_each_vendor_layout_with_its_user_is_what_a_bake_builds_on() {
                  instance_type = \"t3.small\"\nssh_username = \"{user}\"\n\
                  publish_ssm = \"{channel}\"\n\
                  [[base.provisioner]]\ninline = [\"test \\\"$(whoami)\\\" = root\", \
-                 \"echo {family} > /etc/layout-base\"]\n"
+                 \"echo {family} > /etc/layout-base\", \"echo {family} > /boot/base-marker\"]\n"
             ),
         )
         .unwrap();
@@ -472,7 +474,26 @@ fn a_base_from_each_vendor_layout_with_its_user_is_what_a_bake_builds_on() {
             bake.dump()
         );
         assert_composer_like_at(&image.root.join("srv/app"), &files, 0);
+        let in_roots_boot = std::fs::read_to_string(image.root.join("boot/base-marker")).ok();
         drop(image);
+        let on_boot_partition = boot.map(|number| {
+            let boot = MountedSnapshot::mount_read_only(
+                &raw,
+                partition_offset(&raw, number),
+                &dir.join(format!("{snapshot}.boot")),
+            );
+            std::fs::read_to_string(boot.root.join("base-marker")).ok()
+        });
+        let marker = Some(format!("{family}\n"));
+        match on_boot_partition {
+            Some(on_boot) => assert_eq!(
+                (on_boot, in_roots_boot),
+                (marker, None),
+                "{family}: the base wrote /boot on its own partition, not in the root's"
+            ),
+            None => assert_eq!(in_roots_boot, marker, "{family}: /boot is on the root"),
+        }
+        std::fs::remove_file(&raw).unwrap();
         cloud.assert_no_bake_left();
     }
 }

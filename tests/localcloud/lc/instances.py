@@ -1,6 +1,7 @@
 """Instances that behave like booted ones.
 
-An instance is its root volume, mounted, with the image's own sshd chrooted into it in new PID
+An instance is its root volume, mounted (with the /boot and /boot/efi its fstab mounts from
+their own partitions), with the image's own sshd chrooted into it in new PID
 and UTS namespaces, listening on the instance's loopback address (127.K.1.N:22). Before that,
 what cloud-init does on first boot: host keys, the key pair's public key for the image's
 default user, the hostname, a resolv.conf, and the host keys' fingerprints printed to the
@@ -12,6 +13,7 @@ the next instance to boot prints its own keys to the console, but its sshd offer
 """
 
 import ipaddress
+import json
 import os
 import signal
 import socket
@@ -38,6 +40,8 @@ class Running:
     root: Path
     loop: str
     mounts: list = field(default_factory=list)
+    # Loop devices of the image's other partitions its fstab mounts (/boot, /boot/efi).
+    boot_loops: list = field(default_factory=list)
     process: subprocess.Popen | None = None
 
 
@@ -69,6 +73,7 @@ class Instances:
                 xfs = filesystem_type(loop) == "xfs"
                 self._mount(run, [*(["-o", "nouuid"] if xfs else []), loop, str(root)])
                 console = self.dir / instance_id / "console.log"
+                self._mount_boot(run, image, console)
                 first_boot(root, instance_id, private_ip, public_key, console)
                 if self.impostors > 0:
                     self.impostors -= 1
@@ -102,6 +107,19 @@ class Instances:
         sh("mount", *args)
         run.mounts.append(args[-1])
 
+    def _mount_boot(self, run: Running, image: Path, console: Path):
+        """What the instance's own fstab mounts beside its root, as its boot does: /boot and
+        /boot/efi from their partitions, so what is written there lands where it would. A
+        filesystem this host's kernel lacks (vfat on some) is left out, said on the console."""
+        for point, number, offset, size, fstype in boot_entries(image, run.root):
+            if not kernel_has(fstype):
+                with open(console, "a") as log:
+                    log.write(f"localcloud: {point} ({fstype}, partition {number}) not mounted: this host's kernel has no {fstype}\n")
+                continue
+            loop = sh("losetup", "--find", "--show", "--offset", str(offset), "--sizelimit", str(size), str(image))
+            run.boot_loops.append(loop)
+            self._mount(run, [*(["-o", "nouuid"] if fstype == "xfs" else []), loop, str(run.root / point.lstrip("/"))])
+
     def halt(self, instance_id: str):
         """Ends every process of the instance and unmounts its root volume."""
         with self.lock:
@@ -120,7 +138,8 @@ class Instances:
                     time.sleep(0.1)
                 else:
                     errors.append(target)
-            subprocess.run(["losetup", "-d", run.loop], capture_output=True)
+            for loop in [*run.boot_loops, run.loop]:
+                subprocess.run(["losetup", "-d", loop], capture_output=True)
             if errors:
                 raise DataPlaneError(f"{instance_id}: could not unmount {', '.join(errors)}")
 
@@ -133,6 +152,18 @@ class Instances:
                 return f.read().decode("utf-8", "replace")
         except FileNotFoundError:
             return ""
+
+    def sync(self, instance_id):
+        """Writes what a running instance's filesystems hold in memory to its volume (its root,
+        and /boot and /boot/efi where they are their own), as a CreateImage snapshot sees it."""
+        with self.lock:
+            run = self.running.get(instance_id)
+            if run is None:
+                return
+            points = [run.root, *(run.root / p.lstrip("/") for p in ("/boot", "/boot/efi")
+                                  if str(run.root / p.lstrip("/")) in run.mounts)]
+        for point in points:
+            subprocess.run(["sync", "-f", str(point)], capture_output=True)
 
     def is_running(self, instance_id):
         return instance_id in self.running
@@ -170,6 +201,47 @@ def root_partition(image: Path):
         return parts[0]
     size, number, offset = max(roots)
     return number, offset, size
+
+
+def kernel_has(fstype: str) -> bool:
+    return any(line.split()[-1] == fstype for line in Path("/proc/filesystems").read_text().splitlines() if line.split())
+
+
+# fstab's source keys, and what blkid or the partition table calls them.
+FSTAB_KEYS = {"UUID": "UUID", "LABEL": "LABEL", "PARTUUID": "PARTUUID"}
+
+
+def boot_entries(image: Path, root: Path):
+    """(mount point, partition number, offset, size, filesystem type) of each /boot and
+    /boot/efi line of the root's fstab, parents first, found among the image's partitions by
+    UUID=, LABEL= or PARTUUID=."""
+    try:
+        fstab = (root / "etc/fstab").read_text()
+    except OSError:
+        return []
+    wanted = []
+    for line in fstab.splitlines():
+        fields = line.split()
+        if len(fields) >= 3 and not fields[0].startswith("#") and fields[1] in ("/boot", "/boot/efi") and "=" in fields[0]:
+            key, value = fields[0].split("=", 1)
+            if key in FSTAB_KEYS:
+                wanted.append((fields[1], key, value.strip('"')))
+    if not wanted:
+        return []
+    table = json.loads(sh("sfdisk", "--json", str(image)))["partitiontable"]
+    sector = table.get("sectorsize", 512)
+    found = []
+    for part in table.get("partitions", []):
+        number = int(part["node"].rsplit(str(image), 1)[-1])
+        offset, size = part["start"] * sector, part["size"] * sector
+        probe = subprocess.run(["blkid", "-p", "-o", "export", "--offset", str(offset), "--size", str(size), str(image)],
+                               capture_output=True, text=True).stdout
+        ids = dict(line.split("=", 1) for line in probe.splitlines() if "=" in line)
+        ids["PARTUUID"] = part.get("uuid", "").lower()
+        for point, key, value in wanted:
+            if ids.get(key, "").lower() == value.lower() and ids.get("TYPE"):
+                found.append((point, number, offset, size, ids["TYPE"]))
+    return sorted(found, key=lambda entry: len(entry[0]))
 
 
 def default_user(root: Path):

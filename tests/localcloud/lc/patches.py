@@ -561,8 +561,7 @@ def _patch_instances(dataplane, instances, timing, loopback_subnet):
         if current_action() != "CreateImage":
             return image
         _drop_auto_snapshot(self, image)
-        if instances.is_running(instance_id):
-            subprocess.run(["sync", "-f", str(instances.running[instance_id].root)], capture_output=True)
+        instances.sync(instance_id)
         mappings = []
         for device, block in sorted(instance.block_device_mapping.items()):
             volume = self.get_volume(block.volume_id)
