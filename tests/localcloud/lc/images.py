@@ -38,7 +38,8 @@ RECIPE = {
     # The device is larger than the filesystem, as on a real AMI before growpart runs.
     "volume_size_gib": 8,
     "first_partition_sector": 2048,
-    "recipe_version": 1,
+    # 2: the SSM agent's stand-in.
+    "recipe_version": 2,
 }
 SECTOR = 512
 
@@ -199,7 +200,8 @@ def run_amd64(*argv):
 
 def first_boot_layout(rootfs: Path, run_in=run_amd64):
     """What the vendor image ships: the default user with passwordless sudo, no host keys
-    (cloud-init makes them on first boot), apt lists removed."""
+    (cloud-init makes them on first boot), apt lists removed, and the SSM agent (a stand-in:
+    the local cloud's `ssm_agent` runs what is sent to it, once it finds it in the image)."""
     user = RECIPE["user"]
     run_in("chroot", str(rootfs), "useradd", "-m", "-s", "/bin/bash", user)
     sudoers = rootfs / "etc/sudoers.d/90-cloud-init-users"
@@ -210,6 +212,9 @@ def first_boot_layout(rootfs: Path, run_in=run_amd64):
     (rootfs / "etc/hostname").write_text("localhost\n")
     (rootfs / "etc/resolv.conf").unlink(missing_ok=True)
     (rootfs / "etc/resolv.conf").write_text("# the image's own resolv.conf\nnameserver 169.254.169.253\n")
+    agent = rootfs / "usr/bin/amazon-ssm-agent"
+    agent.write_text("#!/bin/sh\n# localcloud: stands for the SSM agent, whose work the local cloud does\nexit 0\n")
+    agent.chmod(0o755)
     shutil.rmtree(rootfs / "var/lib/apt/lists", ignore_errors=True)
     (rootfs / "var/lib/apt/lists/partial").mkdir(parents=True, exist_ok=True)
 

@@ -43,6 +43,8 @@ class Running:
     # Loop devices of the image's other partitions its fstab mounts (/boot, /boot/efi).
     boot_loops: list = field(default_factory=list)
     process: subprocess.Popen | None = None
+    # When it finished booting (monotonic): its SSM agent starts from there.
+    booted_at: float = float("inf")
 
 
 class Instances:
@@ -99,6 +101,7 @@ class Instances:
                 )
                 for address in filter(None, (private_ip, public_ip)):
                     wait_for_port(address, 22, run.process, SSH_READY_TIMEOUT)
+                run.booted_at = time.monotonic()
             except Exception:
                 self.halt(instance_id)
                 raise

@@ -34,11 +34,11 @@ def set_current_action(action):
 # of its times; "quick" is a tenth of that, so tests exercise every waiter in little time.
 PROFILES = {
     "none": dict(volume_creating=0, attaching=0, detaching=0, snapshot_base=0, snapshot_per_10mb=0, ami_extra=0,
-                 instance_pending=0, instance_stopping=0, shutting_down=0),
+                 instance_pending=0, instance_stopping=0, shutting_down=0, agent_start=0, command_pickup=0),
     "quick": dict(volume_creating=0.3, attaching=0.2, detaching=0.2, snapshot_base=0.5, snapshot_per_10mb=0.1, ami_extra=0.5,
-                  instance_pending=0.5, instance_stopping=0.5, shutting_down=0.3),
+                  instance_pending=0.5, instance_stopping=0.5, shutting_down=0.3, agent_start=0.5, command_pickup=0.1),
     "realistic": dict(volume_creating=3, attaching=2, detaching=2, snapshot_base=5, snapshot_per_10mb=1, ami_extra=5,
-                      instance_pending=5, instance_stopping=5, shutting_down=3),
+                      instance_pending=5, instance_stopping=5, shutting_down=3, agent_start=5, command_pickup=0.5),
 }
 
 
@@ -87,6 +87,7 @@ def install(dataplane, instances, timing, loopback_subnet):
     _patch_console(instances)
     _patch_kms()
     _patch_ssm()
+    _patch_run_command(instances, timing)
     _patch_image_lifecycle()
     _patch_launch_template_pages()
     _patch_copy_image(timing)
@@ -661,6 +662,65 @@ def _patch_ssm():
         return new
 
     SimpleSystemManagerBackend.put_parameter = patched_put_parameter
+
+
+def _patch_run_command(instances, timing):
+    """Run Command for real, through each instance's agent (`ssm_agent`): SendCommand and
+    GetCommandInvocation replaced, DescribeInstanceInformation and CancelCommand added."""
+    from moto.core.exceptions import JsonRESTError
+    from moto.core.responses import ActionResult
+    from moto.ec2.models import ec2_backends
+    from moto.ssm.models import SimpleSystemManagerBackend
+    from moto.ssm.responses import SimpleSystemManagerResponse
+
+    from .ssm_agent import Agent, RunCommandError
+
+    def role_policies(instance_id):
+        for account in ec2_backends.values():
+            for ec2 in account.values():
+                association = ec2.iam_instance_profile_associations.get(instance_id)
+                if association is not None:
+                    roles = association.iam_instance_profile.roles
+                    return [arn for role in roles for arn in role.managed_policies]
+        return None
+
+    agent = Agent(instances, timing.profile, role_policies)
+    send_command = SimpleSystemManagerBackend.send_command
+
+    def answered(call):
+        try:
+            return call()
+        except RunCommandError as e:
+            raise JsonRESTError(e.code, str(e))
+
+    def patched_send_command(self, comment, document_name, timeout_seconds, instance_ids, *args, parameters, **kwargs):
+        answered(lambda: agent.check(document_name, instance_ids, parameters))
+        # moto extends the list it is given in place (with the targets' instances): a copy.
+        command = send_command(self, comment, document_name, timeout_seconds, list(instance_ids), *args,
+                               parameters=parameters, **kwargs)
+        command.status = "InProgress"
+        agent.send(command.command_id, list(dict.fromkeys(instance_ids)), comment, parameters)
+        return command
+
+    def patched_get_command_invocation(self, command_id, instance_id, plugin_name):
+        return answered(lambda: agent.invocation(command_id, instance_id))
+
+    def describe_instance_information(self):
+        wanted = []
+        for f in self._get_param("Filters", []) + self._get_param("InstanceInformationFilterList", []):
+            if f.get("Key") in ("InstanceIds", "instanceIds"):
+                wanted += f.get("Values", []) or f.get("valueSet", [])
+        running = list(wanted or instances.running)
+        return ActionResult({"InstanceInformationList": agent.information(running)})
+
+    def cancel_command(self):
+        answered(lambda: agent.cancel(self._get_param("CommandId"), self._get_param("InstanceIds")))
+        return ActionResult({})
+
+    SimpleSystemManagerBackend.send_command = patched_send_command
+    SimpleSystemManagerBackend.get_command_invocation = patched_get_command_invocation
+    SimpleSystemManagerResponse.describe_instance_information = describe_instance_information
+    SimpleSystemManagerResponse.cancel_command = cancel_command
 
 
 # -- what EC2 knows of an image's life: disabled, deprecated, referenced -----------------------

@@ -30,6 +30,9 @@ CREDENTIALS = {"AWS_ACCESS_KEY_ID": "localcloud", "AWS_SECRET_ACCESS_KEY": "loca
 MAX_TOKEN_TTL = 21600
 
 os.environ.setdefault("MOTO_ALLOW_NONEXISTENT_REGION", "false")
+# AWS's managed policies (AmazonSSMManagedInstanceCore, which lets an instance's agent register
+# with Systems Manager), as an account has them.
+os.environ.setdefault("MOTO_IAM_LOAD_MANAGED_POLICIES", "true")
 # An empty default-AMI list keeps region start-up fast; the vendor AMIs are ours.
 _AMIS_FILE = Path(os.environ.get("TMPDIR", "/tmp")) / "amibake-localcloud-no-default-amis.json"
 _AMIS_FILE.write_text("[]")

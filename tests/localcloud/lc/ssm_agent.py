@@ -1,0 +1,211 @@
+"""Systems Manager's agent on the local cloud's instances, and Run Command through it.
+
+moto stores a SendCommand and answers Success at once, running nothing; it has no
+DescribeInstanceInformation and no CancelCommand. Here, as on AWS:
+
+- An instance is a managed node (DescribeInstanceInformation, PingStatus Online) once it runs,
+  its image holds the agent (`AGENT`), and its instance profile's role has AWS's
+  AmazonSSMManagedInstanceCore policy; the agent registers `agent_start` seconds (the latency
+  profile's) after boot. Without any of these, it never registers.
+- SendCommand of AWS-RunShellScript to managed nodes only (else InvalidInstanceId): the
+  commands run as one script, as root, inside the instance (its PID and UTS namespaces,
+  chrooted into its root), in `workingDirectory`, cut at `executionTimeout` seconds.
+- GetCommandInvocation: InvocationDoesNotExist until the agent has taken the command; then
+  Pending, InProgress, and Success, Failed, TimedOut or Cancelled with the exit code, the first
+  24,000 characters of standard output and the first 8,000 of standard error (empty until it
+  ends, as AWS returns them).
+- CancelCommand ends the command's processes; its invocations are Cancelled.
+"""
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+# Where AL2023 keeps the agent; the local cloud looks for it in every image.
+AGENT = "usr/bin/amazon-ssm-agent"
+MANAGED_POLICY = "arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore"
+STDOUT_LIMIT = 24_000
+STDERR_LIMIT = 8_000
+DEFAULT_EXECUTION_TIMEOUT = 3600
+
+
+class RunCommandError(Exception):
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Invocation:
+    command_id: str
+    instance_id: str
+    comment: str
+    taken_at: float  # monotonic: when the agent takes it
+    status: str = "Pending"
+    details: str = "Pending"
+    response_code: int = -1
+    stdout: str = ""
+    stderr: str = ""
+    started: datetime | None = None
+    ended: datetime | None = None
+    process: subprocess.Popen | None = None
+    cancelled: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def answer(self):
+        with self.lock:
+            done = self.status in ("Success", "Failed", "TimedOut", "Cancelled")
+            return {
+                "CommandId": self.command_id,
+                "InstanceId": self.instance_id,
+                "Comment": self.comment,
+                "DocumentName": "AWS-RunShellScript",
+                "DocumentVersion": "$DEFAULT",
+                "PluginName": "aws:runShellScript",
+                "ResponseCode": self.response_code,
+                "ExecutionStartDateTime": self.started.isoformat() if self.started else "",
+                "ExecutionEndDateTime": self.ended.isoformat() if self.ended else "",
+                "Status": self.status,
+                "StatusDetails": self.details,
+                "StandardOutputContent": self.stdout[:STDOUT_LIMIT] if done else "",
+                "StandardOutputUrl": "",
+                "StandardErrorContent": self.stderr[:STDERR_LIMIT] if done else "",
+                "StandardErrorUrl": "",
+            }
+
+
+class Agent:
+    """Every instance's agent: registration, and the commands sent to them."""
+
+    def __init__(self, instances, profile: dict, role_policies):
+        """`profile`: the latency profile's seconds, `agent_start` after boot until the agent
+        registers, `command_pickup` after SendCommand until it takes the command (until then
+        GetCommandInvocation answers InvocationDoesNotExist). `role_policies(instance_id)`: the
+        policy ARNs of the role of the instance's profile, or None when it has none."""
+        self.instances = instances
+        self.agent_start = profile["agent_start"]
+        self.pickup = profile["command_pickup"]
+        self.role_policies = role_policies
+        self.invocations: dict[tuple, Invocation] = {}
+        self.lock = threading.Lock()
+
+    def managed(self, instance_id) -> bool:
+        """Whether the instance is a managed node: running, its image holding the agent, its
+        role allowed to reach Systems Manager, and the agent up."""
+        run = self.instances.running.get(instance_id)
+        if run is None or not (run.root / AGENT).exists():
+            return False
+        if MANAGED_POLICY not in (self.role_policies(instance_id) or []):
+            return False
+        return time.monotonic() >= run.booted_at + self.agent_start
+
+    def information(self, instance_ids):
+        now = datetime.now(timezone.utc).isoformat()
+        return [
+            {"InstanceId": i, "PingStatus": "Online", "LastPingDateTime": now, "AgentVersion": "3.3.1142.0",
+             "IsLatestVersion": True, "PlatformType": "Linux", "PlatformName": "Amazon Linux", "ResourceType": "EC2Instance",
+             "AssociationStatus": "Success"}
+            for i in instance_ids if self.managed(i)
+        ]
+
+    def check(self, document_name, instance_ids, parameters):
+        """What SendCommand refuses before it makes a command."""
+        if document_name != "AWS-RunShellScript":
+            raise RunCommandError("InvalidDocument", f"the local cloud runs AWS-RunShellScript only, not {document_name}")
+        if not parameters.get("commands"):
+            raise RunCommandError("InvalidParameters", "AWS-RunShellScript needs the parameter commands")
+        unmanaged = [i for i in instance_ids if not self.managed(i)]
+        if unmanaged or not instance_ids:
+            raise RunCommandError("InvalidInstanceId", f"Instances {unmanaged} not in a valid state for account")
+
+    def send(self, command_id, instance_ids, comment, parameters):
+        """Hands a checked command to each instance's agent."""
+        commands = parameters["commands"]
+        timeout = int((parameters.get("executionTimeout") or [DEFAULT_EXECUTION_TIMEOUT])[0])
+        directory = (parameters.get("workingDirectory") or [""])[0] or "/"
+        script = "\n".join(commands) + "\n"
+        for instance_id in instance_ids:
+            invocation = Invocation(command_id, instance_id, comment, time.monotonic() + self.pickup)
+            with self.lock:
+                self.invocations[(command_id, instance_id)] = invocation
+            threading.Thread(target=self._run, args=(invocation, script, directory, timeout), daemon=True).start()
+
+    def invocation(self, command_id, instance_id):
+        with self.lock:
+            invocation = self.invocations.get((command_id, instance_id))
+        if invocation is None or time.monotonic() < invocation.taken_at:
+            raise RunCommandError("InvocationDoesNotExist", "")
+        return invocation.answer()
+
+    def cancel(self, command_id, instance_ids=None):
+        with self.lock:
+            found = [v for (c, i), v in self.invocations.items()
+                     if c == command_id and (not instance_ids or i in instance_ids)]
+        if not found:
+            raise RunCommandError("InvalidCommandId", "")
+        for invocation in found:
+            with invocation.lock:
+                invocation.cancelled = True
+                process = invocation.process
+                if invocation.status in ("Pending", "InProgress"):
+                    invocation.status, invocation.details = "Cancelling", "Cancelling"
+            if process and process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+
+    def _run(self, invocation: Invocation, script: str, directory: str, timeout: int):
+        time.sleep(max(0.0, invocation.taken_at - time.monotonic()))
+        run = self.instances.running.get(invocation.instance_id)
+        init = instance_init(run)
+        with invocation.lock:
+            if invocation.cancelled:
+                invocation.status = invocation.details = "Cancelled"
+                return
+            if init is None:
+                invocation.status, invocation.details = "Failed", "Undeliverable"
+                return
+            invocation.status = invocation.details = "InProgress"
+            invocation.started = datetime.now(timezone.utc)
+            # The instance's own PID and UTS namespaces, its root; a session of its own, so a
+            # cancel or a timeout ends every process the script started.
+            invocation.process = subprocess.Popen(
+                ["nsenter", f"--target={init}", "--pid", "--uts", "--", "chroot", str(run.root),
+                 "/bin/sh", "-c", 'cd "$1" && exec /bin/sh -c "$2"', "_script.sh", directory, script],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                env={"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"},
+            )
+        timed_out = False
+        try:
+            out, err = invocation.process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            os.killpg(invocation.process.pid, signal.SIGKILL)
+            out, err = invocation.process.communicate()
+        with invocation.lock:
+            invocation.ended = datetime.now(timezone.utc)
+            invocation.stdout = out.decode("utf-8", "replace")
+            invocation.stderr = err.decode("utf-8", "replace")
+            code = invocation.process.returncode
+            if invocation.cancelled:
+                invocation.status = invocation.details = "Cancelled"
+            elif timed_out:
+                invocation.status, invocation.details = "TimedOut", "ExecutionTimedOut"
+            elif code == 0:
+                invocation.status = invocation.details = "Success"
+            else:
+                invocation.status, invocation.details = "Failed", "Failed"
+            invocation.response_code = code if code >= 0 else -1
+
+
+def instance_init(run):
+    """PID 1 of a running instance's PID namespace: the first child of its `unshare`."""
+    if run is None or run.process is None or run.process.poll() is not None:
+        return None
+    try:
+        children = open(f"/proc/{run.process.pid}/task/{run.process.pid}/children").read().split()
+    except OSError:
+        return None
+    return int(children[0]) if children else None

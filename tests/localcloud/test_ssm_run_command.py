@@ -1,0 +1,167 @@
+"""Run Command on the local cloud, through boto3 as any SDK calls it: an instance is a managed
+node only with the agent in its image, a profile whose role has AmazonSSMManagedInstanceCore,
+and its agent up; what is sent runs as root inside the instance, with its status, exit code
+and output as GetCommandInvocation answers them; timeouts and cancels end it."""
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+from botocore.exceptions import ClientError
+
+from conftest import leftovers, start, state_dir
+
+MANAGED_POLICY = "arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore"
+
+
+@pytest.fixture(scope="module")
+def cloud():
+    with state_dir("amibake-localcloud-ssm-") as state:
+        cloud = start(state)
+        try:
+            yield cloud
+        finally:
+            cloud.cli("down", check=False)
+        assert leftovers(state) == []
+
+
+def profile(cloud, name, policies):
+    iam = cloud.client("iam")
+    iam.create_role(RoleName=name, AssumeRolePolicyDocument=json.dumps({
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}]}))
+    for arn in policies:
+        iam.attach_role_policy(RoleName=name, PolicyArn=arn)
+    iam.create_instance_profile(InstanceProfileName=name)
+    iam.add_role_to_instance_profile(InstanceProfileName=name, RoleName=name)
+    return name
+
+
+def launch(cloud, profile_name=None):
+    ec2 = cloud.client("ec2")
+    ami = json.loads(cloud.cli("ls").stdout)["vendor_amis"]["partitioned"]
+    extra = {"IamInstanceProfile": {"Name": profile_name}} if profile_name else {}
+    instance = ec2.run_instances(ImageId=ami, MinCount=1, MaxCount=1, InstanceType="t3.micro", **extra)["Instances"][0]["InstanceId"]
+    ec2.get_waiter("instance_running").wait(InstanceIds=[instance], WaiterConfig={"Delay": 1, "MaxAttempts": 60})
+    return instance
+
+
+def managed(ssm, instance):
+    answer = ssm.describe_instance_information(Filters=[{"Key": "InstanceIds", "Values": [instance]}])
+    return [i["InstanceId"] for i in answer["InstanceInformationList"] if i["PingStatus"] == "Online"]
+
+
+def wait_managed(ssm, instance, seconds=20):
+    deadline = time.monotonic() + seconds
+    while not managed(ssm, instance):
+        assert time.monotonic() < deadline, f"{instance} never registered"
+        time.sleep(0.2)
+
+
+def run(ssm, instance, commands, **parameters):
+    """Sends `commands`; the invocation once it has ended."""
+    params = {"commands": commands, **{k: [str(v)] for k, v in parameters.items()}}
+    command_id = ssm.send_command(InstanceIds=[instance], DocumentName="AWS-RunShellScript", Parameters=params)["Command"]["CommandId"]
+    return command_id, ended(ssm, command_id, instance)
+
+
+def ended(ssm, command_id, instance, seconds=30):
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            answer = ssm.get_command_invocation(CommandId=command_id, InstanceId=instance)
+            if answer["Status"] in ("Success", "Failed", "TimedOut", "Cancelled"):
+                return answer
+        except ClientError as e:
+            assert e.response["Error"]["Code"] == "InvocationDoesNotExist", e
+        assert time.monotonic() < deadline, f"{command_id} never ended"
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def node(cloud):
+    instance = launch(cloud, profile(cloud, "ssm-core", [MANAGED_POLICY]))
+    wait_managed(cloud.client("ssm"), instance)
+    yield instance
+    cloud.client("ec2").terminate_instances(InstanceIds=[instance])
+
+
+def test_without_a_suitable_profile_an_instance_never_registers_and_is_refused(cloud):
+    ssm = cloud.client("ssm")
+    bare = launch(cloud)
+    weak = launch(cloud, profile(cloud, "no-ssm", ["arn:aws:iam::aws:policy/ReadOnlyAccess"]))
+    time.sleep(1.5)  # longer than the quick profile's agent start
+    for instance in (bare, weak):
+        assert managed(ssm, instance) == []
+        with pytest.raises(ClientError) as refused:
+            ssm.send_command(InstanceIds=[instance], DocumentName="AWS-RunShellScript", Parameters={"commands": ["true"]})
+        assert refused.value.response["Error"]["Code"] == "InvalidInstanceId"
+    cloud.client("ec2").terminate_instances(InstanceIds=[bare, weak])
+
+
+def test_a_command_runs_as_root_inside_the_instance_with_its_output_and_code(cloud, node):
+    ssm = cloud.client("ssm")
+    _, answer = run(ssm, node, ["id -u", "hostname", "echo oops >&2", "echo written > /root/ssm-was-here"])
+    assert answer["Status"] == "Success" and answer["ResponseCode"] == 0, answer
+    uid, hostname = answer["StandardOutputContent"].split()
+    assert uid == "0"
+    assert hostname.startswith("ip-127-"), "the instance's own hostname"
+    assert answer["StandardErrorContent"] == "oops\n"
+    root = cloud.state / "instances" / node / "root"
+    assert (root / "root/ssm-was-here").read_text() == "written\n", "it ran in the instance's root"
+
+    _, failed = run(ssm, node, ["echo before", "exit 3"])
+    assert (failed["Status"], failed["ResponseCode"], failed["StandardOutputContent"]) == ("Failed", 3, "before\n")
+
+    _, where = run(ssm, node, ["pwd"], workingDirectory="/etc")
+    assert where["StandardOutputContent"] == "/etc\n"
+
+
+def test_output_is_cut_at_24000_characters_of_stdout_and_8000_of_stderr(cloud, node):
+    _, answer = run(cloud.client("ssm"), node, ["head -c 30000 /dev/zero | tr '\\0' o", "head -c 9000 /dev/zero | tr '\\0' e >&2"])
+    assert len(answer["StandardOutputContent"]) == 24000
+    assert len(answer["StandardErrorContent"]) == 8000
+
+
+def test_a_command_past_its_timeout_or_cancelled_is_ended_with_its_processes(cloud, node):
+    ssm = cloud.client("ssm")
+    _, timed_out = run(ssm, node, ["sleep 60 &", "echo $! > /root/sleeper", "wait"], executionTimeout=1)
+    assert timed_out["Status"] == "TimedOut", timed_out
+    root = cloud.state / "instances" / node / "root"
+    assert processes_in(root, b"sleep\x0060\x00") == [], "the timed-out command's background sleep"
+
+    command_id = ssm.send_command(InstanceIds=[node], DocumentName="AWS-RunShellScript",
+                                  Parameters={"commands": ["echo $$ > /root/cancelled", "sleep 60"]})["Command"]["CommandId"]
+    deadline = time.monotonic() + 10
+    while not (root / "root/cancelled").exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    ssm.cancel_command(CommandId=command_id, InstanceIds=[node])
+    assert ended(ssm, command_id, node)["Status"] == "Cancelled"
+    # Nothing the two commands started is left in the instance.
+    assert processes_in(root, b"sleep\x0060\x00") == []
+
+
+def processes_in(root, cmdline):
+    """This host's processes whose root is `root` and whose command line is `cmdline`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and os.readlink(proc / "root") == str(root) and (proc / "cmdline").read_bytes() == cmdline:
+                found.append(int(proc.name))
+        except OSError:
+            pass
+    return found
+
+
+def test_a_fault_injected_into_send_command_is_answered_and_runs_nothing(cloud, node):
+    # Two: a client that does not retry still tries twice (`max_attempts` counts the retries).
+    ssm = cloud.client("ssm", retries=False)
+    cloud.cli("fault", "SendCommand", "--error", "ThrottlingException", "--times", "2")
+    with pytest.raises(ClientError) as throttled:
+        ssm.send_command(InstanceIds=[node], DocumentName="AWS-RunShellScript", Parameters={"commands": ["touch /root/never"]})
+    assert throttled.value.response["Error"]["Code"] == "ThrottlingException"
+    time.sleep(0.5)
+    assert not (cloud.state / "instances" / node / "root/root/never").exists()
