@@ -103,10 +103,11 @@ def test_without_a_suitable_profile_an_instance_never_registers_and_is_refused(c
 
 def test_a_command_runs_as_root_inside_the_instance_with_its_output_and_code(cloud, node):
     ssm = cloud.client("ssm")
-    _, answer = run(ssm, node, ["id -u", "hostname", "echo oops >&2", "echo written > /root/ssm-was-here"])
+    _, answer = run(ssm, node, ["id -u", "hostname", "echo oops >&2", "echo written > /root/ssm-was-here",
+                                "echo $AWS_SSM_INSTANCE_ID"])
     assert answer["Status"] == "Success" and answer["ResponseCode"] == 0, answer
-    uid, hostname = answer["StandardOutputContent"].split()
-    assert uid == "0"
+    uid, hostname, instance_id = answer["StandardOutputContent"].split()
+    assert (uid, instance_id) == ("0", node)
     assert hostname.startswith("ip-127-"), "the instance's own hostname"
     assert answer["StandardErrorContent"] == "oops\n"
     root = cloud.state / "instances" / node / "root"
@@ -114,6 +115,7 @@ def test_a_command_runs_as_root_inside_the_instance_with_its_output_and_code(clo
 
     _, failed = run(ssm, node, ["echo before", "exit 3"])
     assert (failed["Status"], failed["ResponseCode"], failed["StandardOutputContent"]) == ("Failed", 3, "before\n")
+    assert failed["StandardErrorContent"] == "failed to run commands: exit status 3\n"
 
     _, where = run(ssm, node, ["pwd"], workingDirectory="/etc")
     assert where["StandardOutputContent"] == "/etc\n"
@@ -127,8 +129,8 @@ def test_output_is_cut_at_24000_characters_of_stdout_and_8000_of_stderr(cloud, n
 
 def test_a_command_past_its_timeout_or_cancelled_is_ended_with_its_processes(cloud, node):
     ssm = cloud.client("ssm")
-    _, timed_out = run(ssm, node, ["sleep 60 &", "echo $! > /root/sleeper", "wait"], executionTimeout=1)
-    assert timed_out["Status"] == "TimedOut", timed_out
+    _, timed_out = run(ssm, node, ["sleep 60 &", "echo $! > /root/sleeper", "wait"], executionTimeout=5)
+    assert (timed_out["Status"], timed_out["StatusDetails"], timed_out["ResponseCode"]) == ("TimedOut", "ExecutionTimedOut", 137)
     root = cloud.state / "instances" / node / "root"
     assert processes_in(root, b"sleep\x0060\x00") == [], "the timed-out command's background sleep"
 
@@ -139,7 +141,8 @@ def test_a_command_past_its_timeout_or_cancelled_is_ended_with_its_processes(clo
         assert time.monotonic() < deadline
         time.sleep(0.1)
     ssm.cancel_command(CommandId=command_id, InstanceIds=[node])
-    assert ended(ssm, command_id, node)["Status"] == "Cancelled"
+    cancelled = ended(ssm, command_id, node)
+    assert (cancelled["Status"], cancelled["ResponseCode"]) == ("Cancelled", 137)
     # Nothing the two commands started is left in the instance.
     assert processes_in(root, b"sleep\x0060\x00") == []
 
@@ -154,6 +157,17 @@ def processes_in(root, cmdline):
         except OSError:
             pass
     return found
+
+
+def test_parameters_the_document_lacks_are_refused_and_a_timeout_out_of_bounds_is_the_default(cloud, node):
+    ssm = cloud.client("ssm")
+    for parameters in ({"commands": ["true"], "shell": ["bash"]}, {"commands": ["true"], "executionTimeout": ["soon"]}):
+        with pytest.raises(ClientError) as refused:
+            ssm.send_command(InstanceIds=[node], DocumentName="AWS-RunShellScript", Parameters=parameters)
+        assert refused.value.response["Error"]["Code"] == "InvalidParameters"
+    # Below the agent's 5 seconds: the default hour, so a 2 s command ends on its own.
+    _, answer = run(ssm, node, ["sleep 2", "echo done"], executionTimeout=1)
+    assert (answer["Status"], answer["StandardOutputContent"]) == ("Success", "done\n")
 
 
 def test_a_fault_injected_into_send_command_is_answered_and_runs_nothing(cloud, node):

@@ -699,7 +699,7 @@ def _patch_run_command(instances, timing):
         command = send_command(self, comment, document_name, timeout_seconds, list(instance_ids), *args,
                                parameters=parameters, **kwargs)
         command.status = "InProgress"
-        agent.send(command.command_id, list(dict.fromkeys(instance_ids)), comment, parameters)
+        agent.send(command.command_id, list(dict.fromkeys(instance_ids)), comment, parameters, self.region_name)
         return command
 
     def patched_get_command_invocation(self, command_id, instance_id, plugin_name):
@@ -707,9 +707,13 @@ def _patch_run_command(instances, timing):
 
     def describe_instance_information(self):
         wanted = []
-        for f in self._get_param("Filters", []) + self._get_param("InstanceInformationFilterList", []):
-            if f.get("Key") in ("InstanceIds", "instanceIds"):
-                wanted += f.get("Values", []) or f.get("valueSet", [])
+        # Filters: Key and Values; the older InstanceInformationFilterList: key and valueSet.
+        for f in self._get_param("Filters", []):
+            if f.get("Key") == "InstanceIds":
+                wanted += f.get("Values", [])
+        for f in self._get_param("InstanceInformationFilterList", []):
+            if f.get("key") == "InstanceIds":
+                wanted += f.get("valueSet", [])
         running = list(wanted or instances.running)
         return ActionResult({"InstanceInformationList": agent.information(running)})
 

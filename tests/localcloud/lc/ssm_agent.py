@@ -8,12 +8,15 @@ DescribeInstanceInformation and no CancelCommand. Here, as on AWS:
   AmazonSSMManagedInstanceCore policy; the agent registers `agent_start` seconds (the latency
   profile's) after boot. Without any of these, it never registers.
 - SendCommand of AWS-RunShellScript to managed nodes only (else InvalidInstanceId): the
-  commands run as one script, as root, inside the instance (its PID and UTS namespaces,
-  chrooted into its root), in `workingDirectory`, cut at `executionTimeout` seconds.
+  commands are written as one script into the instance and run by `sh`, as root, inside the
+  instance (its PID and UTS namespaces, chrooted into its root), in `workingDirectory`, with
+  AWS_SSM_INSTANCE_ID and AWS_SSM_REGION_NAME set, cut at `executionTimeout` seconds (5 to
+  172,800; another value is the default 3,600, as the agent does).
 - GetCommandInvocation: InvocationDoesNotExist until the agent has taken the command; then
   Pending, InProgress, and Success, Failed, TimedOut or Cancelled with the exit code, the first
   24,000 characters of standard output and the first 8,000 of standard error (empty until it
-  ends, as AWS returns them).
+  ends, as AWS returns them; a failure adds the agent's `failed to run commands: exit status
+  N`); a command killed at its timeout or cancelled answers 137, as the agent does.
 - CancelCommand ends the command's processes; its invocations are Cancelled.
 """
 
@@ -30,7 +33,14 @@ AGENT = "usr/bin/amazon-ssm-agent"
 MANAGED_POLICY = "arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore"
 STDOUT_LIMIT = 24_000
 STDERR_LIMIT = 8_000
+# The agent's bounds: a timeout outside them is replaced by the default.
 DEFAULT_EXECUTION_TIMEOUT = 3600
+EXECUTION_TIMEOUT_BOUNDS = (5, 172_800)
+# What the agent reports for a command it killed (timeout or cancel), as SIGKILL's shell code.
+KILLED = 137
+PARAMETERS = {"commands", "workingDirectory", "executionTimeout"}
+# Where the agent writes each command's script, inside the instance.
+SCRIPTS = "var/lib/amazon/ssm"
 
 
 class RunCommandError(Exception):
@@ -69,6 +79,8 @@ class Invocation:
                 "ResponseCode": self.response_code,
                 "ExecutionStartDateTime": self.started.isoformat() if self.started else "",
                 "ExecutionEndDateTime": self.ended.isoformat() if self.ended else "",
+                "ExecutionElapsedTime": f"PT{((self.ended or datetime.now(timezone.utc)) - self.started).total_seconds():.3f}S"
+                if self.started else "",
                 "Status": self.status,
                 "StatusDetails": self.details,
                 "StandardOutputContent": self.stdout[:STDOUT_LIMIT] if done else "",
@@ -118,21 +130,30 @@ class Agent:
             raise RunCommandError("InvalidDocument", f"the local cloud runs AWS-RunShellScript only, not {document_name}")
         if not parameters.get("commands"):
             raise RunCommandError("InvalidParameters", "AWS-RunShellScript needs the parameter commands")
+        unknown = sorted(set(parameters) - PARAMETERS)
+        if unknown:
+            raise RunCommandError("InvalidParameters", f"only supply values to parameters defined in the document: {unknown}")
+        timeout = (parameters.get("executionTimeout") or [str(DEFAULT_EXECUTION_TIMEOUT)])[0]
+        if not str(timeout).isdigit():
+            raise RunCommandError("InvalidParameters", f"executionTimeout {timeout!r} is not a number of seconds")
         unmanaged = [i for i in instance_ids if not self.managed(i)]
         if unmanaged or not instance_ids:
             raise RunCommandError("InvalidInstanceId", f"Instances {unmanaged} not in a valid state for account")
 
-    def send(self, command_id, instance_ids, comment, parameters):
+    def send(self, command_id, instance_ids, comment, parameters, region):
         """Hands a checked command to each instance's agent."""
         commands = parameters["commands"]
         timeout = int((parameters.get("executionTimeout") or [DEFAULT_EXECUTION_TIMEOUT])[0])
+        low, high = EXECUTION_TIMEOUT_BOUNDS
+        if not low <= timeout <= high:
+            timeout = DEFAULT_EXECUTION_TIMEOUT
         directory = (parameters.get("workingDirectory") or [""])[0] or "/"
         script = "\n".join(commands) + "\n"
         for instance_id in instance_ids:
             invocation = Invocation(command_id, instance_id, comment, time.monotonic() + self.pickup)
             with self.lock:
                 self.invocations[(command_id, instance_id)] = invocation
-            threading.Thread(target=self._run, args=(invocation, script, directory, timeout), daemon=True).start()
+            threading.Thread(target=self._run, args=(invocation, script, directory, timeout, region), daemon=True).start()
 
     def invocation(self, command_id, instance_id):
         with self.lock:
@@ -156,7 +177,7 @@ class Agent:
             if process and process.poll() is None:
                 os.killpg(process.pid, signal.SIGKILL)
 
-    def _run(self, invocation: Invocation, script: str, directory: str, timeout: int):
+    def _run(self, invocation: Invocation, script: str, directory: str, timeout: int, region: str):
         time.sleep(max(0.0, invocation.taken_at - time.monotonic()))
         run = self.instances.running.get(invocation.instance_id)
         init = instance_init(run)
@@ -169,13 +190,20 @@ class Agent:
                 return
             invocation.status = invocation.details = "InProgress"
             invocation.started = datetime.now(timezone.utc)
+            # The script as the agent writes it, in the instance.
+            inside = f"/{SCRIPTS}/{invocation.instance_id}/document/orchestration/{invocation.command_id}/awsrunShellScript/0.awsrunShellScript/_script.sh"
+            path = run.root / inside.lstrip("/")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(script)
+            path.chmod(0o700)
             # The instance's own PID and UTS namespaces, its root; a session of its own, so a
             # cancel or a timeout ends every process the script started.
             invocation.process = subprocess.Popen(
                 ["nsenter", f"--target={init}", "--pid", "--uts", "--", "chroot", str(run.root),
-                 "/bin/sh", "-c", 'cd "$1" && exec /bin/sh -c "$2"', "_script.sh", directory, script],
+                 "/bin/sh", "-c", 'cd "$1" && exec /bin/sh -c "$2"', "agent", directory, inside],
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                env={"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"},
+                env={"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root",
+                     "AWS_SSM_INSTANCE_ID": invocation.instance_id, "AWS_SSM_REGION_NAME": region},
             )
         timed_out = False
         try:
@@ -189,15 +217,19 @@ class Agent:
             invocation.stdout = out.decode("utf-8", "replace")
             invocation.stderr = err.decode("utf-8", "replace")
             code = invocation.process.returncode
+            # The agent tells a kill from a failure by its code alone: 137 is a timeout unless
+            # the command was cancelled.
+            code = KILLED if code < 0 else code
+            invocation.response_code = code
             if invocation.cancelled:
                 invocation.status = invocation.details = "Cancelled"
-            elif timed_out:
+            elif timed_out or code == KILLED:
                 invocation.status, invocation.details = "TimedOut", "ExecutionTimedOut"
             elif code == 0:
                 invocation.status = invocation.details = "Success"
             else:
                 invocation.status, invocation.details = "Failed", "Failed"
-            invocation.response_code = code if code >= 0 else -1
+                invocation.stderr += f"failed to run commands: exit status {code}\n"
 
 
 def instance_init(run):
