@@ -87,6 +87,16 @@ impl Baked {
     }
 }
 
+/// A local cloud with `family`'s vendor image, a work directory, and that image's id.
+fn cloud_with_vendor(family: &str) -> (LocalCloud, tempfile::TempDir, String) {
+    let cloud = LocalCloud::start_with("quick", &[family]);
+    let vendor = cloud.ls()["vendor_amis"][family]
+        .as_str()
+        .unwrap()
+        .to_string();
+    (cloud, tempfile::tempdir().unwrap(), vendor)
+}
+
 /// Where a vendor lays out its image.
 struct Layout {
     family: &'static str,
@@ -132,13 +142,8 @@ fn bakes_onto(layout: Layout, host_holds_its_uuid: bool) {
         boot,
         efi,
     } = layout;
-    let cloud = LocalCloud::start_with("quick", &[family]);
-    let work = tempfile::tempdir().unwrap();
+    let (cloud, work, vendor) = cloud_with_vendor(family);
     let dir = work.path();
-    let vendor = cloud.ls()["vendor_amis"][family]
-        .as_str()
-        .unwrap()
-        .to_string();
     let _hosts_own = host_holds_its_uuid.then(|| {
         let runtime = tokio::runtime::Runtime::new().unwrap();
         let snapshot = runtime
@@ -597,13 +602,8 @@ fn bakes_arm64(family: &str, owner: &str, name: &str) -> (LocalCloud, tempfile::
         "x86_64",
         "the story is of a host of another architecture"
     );
-    let cloud = LocalCloud::start_with("quick", &[family]);
-    let work = tempfile::tempdir().unwrap();
+    let (cloud, work, vendor) = cloud_with_vendor(family);
     let dir = work.path();
-    let vendor = cloud.ls()["vendor_amis"][family]
-        .as_str()
-        .unwrap()
-        .to_string();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let clients = runtime.block_on(cloud.clients());
     // One of the image's own programs, to try on this host.

@@ -22,7 +22,7 @@ import tempfile
 import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 CACHE = Path(os.environ.get("AMIBAKE_LOCALCLOUD_CACHE", "/var/cache/amibake-localcloud"))
@@ -366,25 +366,6 @@ LAYOUTS = {
         fstab_by="UUID",
         volume_size_gib=10,
     ),
-    # AL2023 for Graviton: as on x86_64 but with no BIOS boot partition (arm64 boots UEFI only);
-    # its XFS root has the same fixed UUID.
-    "al2023-arm64": Layout(
-        family="al2023-arm64",
-        name_prefix="al2023-ami-2023.6.20241212.0-kernel-6.1-arm64",
-        owner="137112412989",
-        description="Amazon Linux 2023 AMI 2023.6.20241212.0 arm64 HVM kernel-6.1",
-        user="ec2-user",
-        os_release=_os_release("Amazon Linux 2023.6.20241212", "amzn", "2023", "fedora"),
-        partitions=(
-            Partition(128, 1, 10, EFI_SYSTEM, "EFI System Partition", "vfat", "/boot/efi"),
-            Partition(1, 13, 2048, LINUX_FS, "Linux", "xfs", "/", "/", "3aa4f5a4-9b57-4cb5-a2fa-12e4a7b5cb0f"),
-        ),
-        fstab_by="UUID",
-        parameter="/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-arm64",
-        imds_support="v2.0",
-        boot_mode="uefi",
-        architecture="arm64",
-    ),
     # Debian 12 for Graviton: the root on partition 1 after the EFI system partition (15),
     # no BIOS boot partition (arm64 boots UEFI only). Its content is Debian's arm64 build.
     "debian-12-arm64": Layout(
@@ -405,11 +386,27 @@ LAYOUTS = {
 }
 
 
+# AL2023 for Graviton: as on x86_64 but with no BIOS boot partition (arm64 boots UEFI only), found
+# by its own parameter; its XFS root has the same fixed UUID.
+LAYOUTS["al2023-arm64"] = replace(
+    LAYOUTS["al2023"],
+    family="al2023-arm64",
+    name_prefix=LAYOUTS["al2023"].name_prefix.replace("x86_64", "arm64"),
+    description=LAYOUTS["al2023"].description.replace("x86_64", "arm64"),
+    partitions=tuple(p for p in LAYOUTS["al2023"].partitions if p.type != BIOS_BOOT),
+    parameter="/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-arm64",
+    boot_mode="uefi",
+    architecture="arm64",
+)
+
+
 def ensure_vendor(family: str, log=print) -> Path:
     """The raw disk image of `family`'s layout, built from the Debian content once per recipe."""
     layout = LAYOUTS[family]
-    # Beside the content it is made from, so a new recipe of either makes it anew.
-    path = (arm64_rootfs_dir() if layout.architecture == "arm64" else cache_dir()) / f"{family}.img"
+    # Beside the content it is made from, named by its layout: a new recipe or layout makes it
+    # anew.
+    layout_key = hashlib.sha256(repr(layout).encode()).hexdigest()[:12]
+    path = (arm64_rootfs_dir() if layout.architecture == "arm64" else cache_dir()) / f"{family}-{layout_key}.img"
     if path.exists():
         return path
     # The Debian root filesystem the content comes from.
