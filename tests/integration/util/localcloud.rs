@@ -637,7 +637,11 @@ impl Drop for LoopDevice {
             && std::fs::read_to_string(&backing).ok() == ours
             && std::time::Instant::now() < deadline
         {
-            let _ = Command::new("losetup").args(["-d", &self.0]).status();
+            // Quiet: a retry finds the device already going (ENXIO), which is what it waits for.
+            let _ = Command::new("losetup")
+                .args(["-d", &self.0])
+                .stderr(std::process::Stdio::null())
+                .status();
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
     }
