@@ -41,8 +41,8 @@ class Cloud:
         return json.loads(self.cli("ls").stdout)
 
 
-def start(state: Path, latency="quick", vendors=()) -> Cloud:
-    out = localcloud(state, "up", "--latency", latency, *(f"--vendor={v}" for v in vendors))
+def start(state: Path, latency="quick", vendors=(), *extra) -> Cloud:
+    out = localcloud(state, "up", "--latency", latency, *(f"--vendor={v}" for v in vendors), *extra)
     env = dict(line[len("export "):].split("=", 1) for line in out.stdout.splitlines() if line.startswith("export "))
     return Cloud(state, env)
 

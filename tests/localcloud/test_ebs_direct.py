@@ -2,6 +2,7 @@
 
 import base64
 import hashlib
+import time
 
 import pytest
 from botocore.exceptions import ClientError
@@ -204,3 +205,55 @@ def test_a_started_snapshot_the_account_deletes_is_gone_to_ebs_too(cloud):
     assert error(lambda: put(ebs, snap, 0, b"\x04" * BLOCK))[0] == "ResourceNotFoundException"
     assert not (cloud.state / "snapshots" / f"{snap}.img").exists()
 
+
+
+def test_block_calls_take_their_latency_side_by_side_and_their_rate_is_per_snapshot_or_per_account(tmp_path):
+    """A cloud of its own: a block call takes 0.3 s, and more than 4 block calls a second are
+    throttled: puts per snapshot, gets per account (EBS's quotas)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from conftest import leftovers, start, state_dir
+
+    with state_dir("amibake-localcloud-blocks-") as state:
+        cloud = start(state, "none", (), "--block-latency=0.3", "--block-rate=4")
+        try:
+            import boto3
+            from botocore.config import Config
+
+            ec2 = cloud.client("ec2")
+            # One attempt in all: a retry, after its backoff, could land in the next second.
+            ebs = boto3.client("ebs", endpoint_url=cloud.env["AWS_ENDPOINT_URL"], region_name=cloud.env["AWS_REGION"],
+                               aws_access_key_id="localcloud", aws_secret_access_key="localcloud",
+                               config=Config(retries={"total_max_attempts": 1, "mode": "standard"}))
+            parent = owned_snapshot(ec2)
+            started = time.monotonic()
+            ebs.get_snapshot_block(SnapshotId=parent, BlockIndex=0,
+                                   BlockToken=ebs.list_snapshot_blocks(SnapshotId=parent)["Blocks"][0]["BlockToken"])
+            assert time.monotonic() - started >= 0.3, "a block call takes the latency"
+
+            # Puts: 4 a second on each snapshot, side by side (4 calls in well under 4 x 0.3 s).
+            time.sleep(1.1)
+            one, two = (ebs.start_snapshot(VolumeSize=1)["SnapshotId"] for _ in range(2))
+            data = {i: bytes([i + 1]) * BLOCK for i in range(5)}
+            with ThreadPoolExecutor(4) as pool:
+                started = time.monotonic()
+                list(pool.map(lambda i: put(ebs, one, i, data[i]), range(4)))
+                side_by_side = time.monotonic() - started
+            assert side_by_side < 4 * 0.3, f"4 calls in flight took {side_by_side:.2f} s"
+            assert error(lambda: put(ebs, one, 4, data[4]))[0] == "RequestThrottledException", "the 5th within the second"
+            put(ebs, two, 0, data[0])  # another snapshot's own rate
+
+            # Gets: 4 a second for the whole account: 2 of each of two snapshots, then a third of
+            # one of them is over the account's rate (it would not be over a snapshot's).
+            complete(ebs, two, {0: data[0]})
+            wait_until(lambda: snapshot_state(ec2, two), lambda s: s == "completed")
+            time.sleep(1.1)
+            blocks = [(snap, b) for snap in (parent, two) for b in ebs.list_snapshot_blocks(SnapshotId=snap)["Blocks"][:1]]
+            get = lambda sb: ebs.get_snapshot_block(SnapshotId=sb[0], BlockIndex=sb[1]["BlockIndex"], BlockToken=sb[1]["BlockToken"])
+            time.sleep(1.1)
+            with ThreadPoolExecutor(4) as pool:
+                list(pool.map(get, blocks * 2))
+            assert error(lambda: get(blocks[0]))[0] == "RequestThrottledException"
+        finally:
+            cloud.cli("down", check=False)
+        assert leftovers(state) == []

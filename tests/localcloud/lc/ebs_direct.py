@@ -12,7 +12,8 @@ blocks written, as CreateSnapshot's does.
 Validation follows EBS: the block size, the SHA-256 checksum and its algorithm, the index
 range, puts only while pending, reads only of completed snapshots the account owns (public
 snapshots are not served), a parent that is completed and owned, encryption that a child
-takes from its parent. Request rates are throttled per snapshot as EBS's quotas say.
+takes from its parent. Request rates are throttled per snapshot or per account as EBS's quotas
+say, and each block call takes the latency profile's `block_call` (100 ms in "realistic").
 """
 
 import base64
@@ -28,10 +29,12 @@ BLOCKS_PER_GIB = (1 << 30) // BLOCK_SIZE
 MAX_VOLUME_GIB = 64 * 1024
 DEFAULT_TIMEOUT_MINUTES = 60
 TOKEN_LIFETIME = 7 * 24 * 3600
-# Requests per second EBS serves before it throttles: per snapshot for blocks, per account
-# for the rest (the service quotas' defaults).
+# Requests per second EBS serves before it throttles (the service quotas' defaults): per
+# snapshot for PutSnapshotBlock and the listings, per account for GetSnapshotBlock and the rest.
 RATE_LIMITS = {"PutSnapshotBlock": 1000, "GetSnapshotBlock": 1000, "ListSnapshotBlocks": 50,
                "ListChangedBlocks": 50, "StartSnapshot": 10, "CompleteSnapshot": 10}
+PER_SNAPSHOT = {"PutSnapshotBlock", "ListSnapshotBlocks", "ListChangedBlocks", "CompleteSnapshot"}
+BLOCK_CALLS = {"PutSnapshotBlock", "GetSnapshotBlock"}
 # EBS-direct snapshots have no volume; EC2 describes them with this one.
 NO_VOLUME = "vol-ffffffff"
 
@@ -76,9 +79,11 @@ class Started:
 
 
 class EbsDirect:
-    def __init__(self, dataplane, timing, ec2_backend):
+    def __init__(self, dataplane, timing, ec2_backend, block_rate=None):
         self.dataplane = dataplane
         self.timing = timing
+        # `localcloud up --block-rate N`: the block calls' limit, lowered so a test reaches it.
+        self.limits = {**RATE_LIMITS, **({a: block_rate for a in BLOCK_CALLS} if block_rate else {})}
         self.ec2 = ec2_backend  # () -> the region's moto EC2 backend
         self.lock = threading.RLock()
         self.started: dict[str, Started] = {}
@@ -108,7 +113,10 @@ class EbsDirect:
 
     def handle(self, action, ids, request):
         """(status, headers, body) for one request, or raises EbsError."""
-        self.throttle(action, ids.get("SnapshotId", "account"))
+        self.throttle(action, ids.get("SnapshotId", "account") if action in PER_SNAPSHOT else "account")
+        if action in BLOCK_CALLS and self.timing.profile["block_call"]:
+            # The call's round trip, which calls in flight together spend side by side.
+            time.sleep(self.timing.profile["block_call"])
         handler = {
             "StartSnapshot": self.start_snapshot,
             "PutSnapshotBlock": self.put_snapshot_block,
@@ -122,7 +130,7 @@ class EbsDirect:
             return handler(ids, request)
 
     def throttle(self, action, scope):
-        limit = RATE_LIMITS.get(action)
+        limit = self.limits.get(action)
         if not limit:
             return
         with self.lock:

@@ -139,10 +139,10 @@ IDEMPOTENT = {"CreateVolume", "RunInstances"}
 
 
 class LocalCloud:
-    def __init__(self, state_dir: Path, latency: str):
+    def __init__(self, state_dir: Path, latency: str, block_latency=None, block_rate=None):
         self.state_dir = state_dir
         self.dataplane = DataPlane(state_dir)
-        self.timing = patches.Timing(latency)
+        self.timing = patches.Timing(latency, block_latency)
         self.calls = CallLog()
         self.faults = Faults()
         self.tokens = {}
@@ -152,7 +152,7 @@ class LocalCloud:
         self.subnet = None
         patches.install(self.dataplane, self.instances, self.timing, lambda: self.subnet)
         self.ec2 = ec2_backends[ACCOUNT][REGION]
-        self.ebs_direct = EbsDirect(self.dataplane, self.timing, lambda: self.ec2)
+        self.ebs_direct = EbsDirect(self.dataplane, self.timing, lambda: self.ec2, block_rate)
         self.ssm = ssm_backends[ACCOUNT][REGION]
 
     # -- set-up ---------------------------------------------------------------------------
@@ -539,8 +539,8 @@ def take_network():
     raise RuntimeError("every loopback network 127.0-249.0.0/16 is held by another local cloud")
 
 
-def serve(state_dir: Path, latency: str, vendors):
-    cloud = LocalCloud(state_dir, latency)
+def serve(state_dir: Path, latency: str, vendors, block_latency=None, block_rate=None):
+    cloud = LocalCloud(state_dir, latency, block_latency, block_rate)
     cloud.seed(vendors)
     api = make_server("127.0.0.1", 0, cloud.app, threaded=True)
     imds = make_server("127.0.0.1", 0, cloud.app, threaded=True)
@@ -581,9 +581,11 @@ def main():
     parser.add_argument("--state", required=True, type=Path)
     parser.add_argument("--latency", default="none", choices=sorted(patches.PROFILES))
     parser.add_argument("--vendor", action="append", default=[], choices=sorted(images.LAYOUTS))
+    parser.add_argument("--block-latency", type=float)
+    parser.add_argument("--block-rate", type=int)
     args = parser.parse_args()
     args.state.mkdir(parents=True, exist_ok=True)
-    serve(args.state, args.latency, args.vendor)
+    serve(args.state, args.latency, args.vendor, args.block_latency, args.block_rate)
 
 
 if __name__ == "__main__":
