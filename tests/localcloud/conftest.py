@@ -56,18 +56,27 @@ def leftovers(state: Path):
             if str(state) in (d.get("back-file") or ""):
                 found.append(f"loop {d['name']} -> {d['back-file']}")
     by_id = Path("/dev/disk/by-id")
-    if by_id.exists():
-        found += [f"link {p}" for p in by_id.glob("nvme-Amazon_Elastic_Block_Store_*")]
-    for name in os.listdir("/dev"):
-        p = Path("/dev") / name
-        if p.is_symlink() and (name.startswith("sd") or name.startswith("xvd")):
-            found.append(f"link {p}")
+    links = list(by_id.glob("nvme-Amazon_Elastic_Block_Store_*")) if by_id.exists() else []
+    links += [Path("/dev") / n for n in os.listdir("/dev") if n.startswith(("sd", "xvd")) and (Path("/dev") / n).is_symlink()]
+    # A link to this cloud's loop device, or to none set up (nobody's); not one of another
+    # cloud running beside it.
+    found += [f"link {p}" for p in links if str(state) in (link_backing(p) or str(state))]
     pid_file = state / "server.pid"
     if pid_file.exists():
         found.append(f"server pid file {pid_file}")
     with open("/proc/mounts") as mounts:
         found += [f"mount {line.split()[1]}" for line in mounts if str(state) in line]
     return found
+
+
+def link_backing(link: Path):
+    """The file behind the loop device `link` leads to, or None (dangling, or free)."""
+    from lc.dataplane import loop_backing
+
+    try:
+        return loop_backing(os.path.realpath(link, strict=True))
+    except OSError:
+        return None
 
 
 def mounts_under(path: Path):

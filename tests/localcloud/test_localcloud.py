@@ -161,6 +161,27 @@ def test_volume_states_take_time_and_attach_makes_nitro_device_names(cloud):
     ec2.delete_volume(VolumeId=volume_id)
 
 
+def test_a_cloud_going_down_leaves_the_devices_of_a_cloud_beside_it(cloud):
+    """`down` removes its own /dev/disk/by-id links and dangling ones, never another live
+    cloud's (stories run side by side)."""
+    from conftest import leftovers, start, state_dir
+
+    ec2 = cloud.client("ec2")
+    volume_id = ec2.create_volume(SnapshotId=root_snapshot(vendor_image(ec2)), AvailabilityZone="us-east-1a")["VolumeId"]
+    wait_until(lambda: ec2.describe_volumes(VolumeIds=[volume_id])["Volumes"][0]["State"], lambda s: s == "available")
+    attach(cloud, ec2, volume_id, "/dev/sdh")
+    by_id = Path(f"/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_{volume_id.replace('-', '')}")
+    assert by_id.exists()
+    with state_dir("amibake-localcloud-beside-") as state:
+        beside = start(state)
+        beside.cli("down")
+        assert leftovers(state) == []
+    assert by_id.exists() and Path(f"{by_id}-part1").exists(), "the other cloud's links are left to it"
+    ec2.detach_volume(VolumeId=volume_id)
+    wait_until(lambda: ec2.describe_volumes(VolumeIds=[volume_id])["Volumes"][0]["State"], lambda s: s == "available")
+    ec2.delete_volume(VolumeId=volume_id)
+
+
 def test_attach_is_refused_while_creating_and_device_names_are_not_shared(cloud):
     ec2 = cloud.client("ec2", retries=False)
     snap = root_snapshot(vendor_image(ec2))

@@ -227,10 +227,11 @@ class DataPlane:
 
 def loop_backing(loop: str) -> str | None:
     """The file `loop` is set up over, or None when it is free."""
-    r = subprocess.run(["losetup", "--json", loop], capture_output=True, text=True)
+    # --list: without it, losetup prints one device in its plain format whatever --json says.
+    r = subprocess.run(["losetup", "--json", "--list", loop], capture_output=True, text=True)
     if r.returncode != 0 or not r.stdout.strip():
         return None
-    return json.loads(r.stdout)["loopdevices"][0].get("back-file") or ""
+    return json.loads(r.stdout)["loopdevices"][0].get("back-file") or None
 
 
 def backing_files():
