@@ -173,7 +173,7 @@ fn fit_interpreter(found: &Path) -> Result<PathBuf, String> {
     std::fs::File::open(&real)
         .and_then(|f| std::io::Read::read_to_end(&mut std::io::Read::take(f, 64 << 10), &mut head))
         .map_err(|e| format!("{}: {e}", real.display()))?;
-    match elf_needs_interpreter(&head, host_machine()) {
+    match host_machine().and_then(|machine| elf_needs_interpreter(&head, machine)) {
         Some(false) => Ok(real),
         Some(true) => Err(format!(
             "{} is linked dynamically: install the static build (`qemu-user-static`)",
@@ -186,12 +186,9 @@ fn fit_interpreter(found: &Path) -> Result<PathBuf, String> {
     }
 }
 
-/// ELF's e_machine of this host's programs.
-fn host_machine() -> u16 {
-    match std::env::consts::ARCH {
-        "aarch64" => 0xb7,
-        _ => 0x3e,
-    }
+/// ELF's e_machine of this host's programs, as the magic of its architecture has it.
+fn host_machine() -> Option<u16> {
+    find(host_architecture()).map(|f| u16::from_le_bytes([f.magic[18], f.magic[19]]))
 }
 
 /// Whether the 64-bit little-endian ELF program `elf`, of machine `machine`, asks for a
@@ -315,6 +312,12 @@ mod tests {
             e[64..68].copy_from_slice(&p_type.to_le_bytes());
             e
         };
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!(
+            host_machine(),
+            Some(0x3e),
+            "x86_64's e_machine, from its magic"
+        );
         assert_eq!(elf_needs_interpreter(&elf(0x3e, 1), 0x3e), Some(false));
         assert_eq!(elf_needs_interpreter(&elf(0x3e, 3), 0x3e), Some(true));
         assert_eq!(elf_needs_interpreter(&elf(0xb7, 1), 0x3e), None);

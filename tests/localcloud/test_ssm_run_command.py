@@ -11,20 +11,7 @@ from pathlib import Path
 import pytest
 from botocore.exceptions import ClientError
 
-from conftest import leftovers, start, state_dir
-
 MANAGED_POLICY = "arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore"
-
-
-@pytest.fixture(scope="module")
-def cloud():
-    with state_dir("amibake-localcloud-ssm-") as state:
-        cloud = start(state)
-        try:
-            yield cloud
-        finally:
-            cloud.cli("down", check=False)
-        assert leftovers(state) == []
 
 
 def profile(cloud, name, policies):

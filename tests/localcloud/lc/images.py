@@ -194,11 +194,7 @@ def ensure_arm64_rootfs(log=print) -> Path:
     return rootfs
 
 
-def run_amd64(*argv):
-    subprocess.run(argv, check=True, capture_output=True)
-
-
-def first_boot_layout(rootfs: Path, run_in=run_amd64):
+def first_boot_layout(rootfs: Path, run_in=run):
     """What the vendor image ships: the default user with passwordless sudo, no host keys
     (cloud-init makes them on first boot), apt lists removed, and the SSM agent (a stand-in:
     the local cloud's `ssm_agent` runs what is sent to it, once it finds it in the image)."""
@@ -435,7 +431,7 @@ def _build_vendor(layout, content, path, log):
 
 def dress(tree: Path, layout: Layout):
     """What the distribution's image says of itself: its user, os-release and fstab."""
-    run_in = run_arm64 if layout.architecture == "arm64" else run_amd64
+    run_in = run_arm64 if layout.architecture == "arm64" else run
     run_in("chroot", str(tree), "userdel", "-r", RECIPE["user"])
     run_in("chroot", str(tree), "useradd", "-m", "-s", "/bin/bash", layout.user)
     (tree / "etc/sudoers.d/90-cloud-init-users").write_text(f"{layout.user} ALL=(ALL) NOPASSWD:ALL\n")
