@@ -74,7 +74,8 @@ pub enum EmulatorError {
     Unfit {
         image: String,
         path: String,
-        why: String,
+        #[source]
+        why: Unfitness,
     },
     #[error("the base image is {image}: this {host} host cannot run its programs (amibake emulates arm64 and x86_64)")]
     Unsupported { image: String, host: &'static str },
@@ -86,6 +87,22 @@ pub enum EmulatorError {
     },
     #[error("the base image is {image} and this host is {host}: its programs run only in the sandbox's own user namespace, which sandbox = \"compat\" does without: leave out `sandbox = \"compat\"` (bake.sandbox) and `--sandbox compat`")]
     Compat { image: String, host: &'static str },
+}
+
+/// Why an emulator found on PATH is not one to run an image's programs through.
+#[derive(Debug, thiserror::Error)]
+pub enum Unfitness {
+    #[error("{path} cannot be read: {source}")]
+    Unreadable {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path} is owned by uid {uid} with mode {mode:o}: it must be root's, writable by root alone")]
+    Writable { path: String, uid: u32, mode: u32 },
+    #[error("{path} is linked dynamically: install the static build (`qemu-user-static`)")]
+    Dynamic { path: String },
+    #[error("{path} is not a 64-bit program of this host's machine")]
+    NotThisMachine { path: String },
 }
 
 /// Whether, and how, a sandbox with `isolation` runs the programs of an image of
@@ -156,33 +173,31 @@ fn on_path(binary: &str) -> Option<PathBuf> {
 /// and writable by nobody else (whoever could change it could change every image baked
 /// through it), and a static program of this host's machine (after `pivot_root`, a dynamic
 /// one would look for its libraries in the image).
-fn fit_interpreter(found: &Path) -> Result<PathBuf, String> {
+fn fit_interpreter(found: &Path) -> Result<PathBuf, Unfitness> {
     use std::os::unix::fs::MetadataExt;
-    let real = std::fs::canonicalize(found).map_err(|e| format!("it cannot be resolved: {e}"))?;
-    let meta = std::fs::metadata(&real).map_err(|e| format!("{}: {e}", real.display()))?;
+    let unreadable = |path: &Path| {
+        let path = path.display().to_string();
+        move |source| Unfitness::Unreadable { path, source }
+    };
+    let real = std::fs::canonicalize(found).map_err(unreadable(found))?;
+    let path = real.display().to_string();
+    let meta = std::fs::metadata(&real).map_err(unreadable(&real))?;
     if meta.uid() != 0 || meta.mode() & 0o022 != 0 {
-        return Err(format!(
-            "{} is owned by uid {} with mode {:o}: it must be root's, writable by root alone",
-            real.display(),
-            meta.uid(),
-            meta.mode() & 0o7777
-        ));
+        return Err(Unfitness::Writable {
+            path,
+            uid: meta.uid(),
+            mode: meta.mode() & 0o7777,
+        });
     }
     // The ELF header and its program headers, which follow it.
     let mut head = Vec::new();
     std::fs::File::open(&real)
         .and_then(|f| std::io::Read::read_to_end(&mut std::io::Read::take(f, 64 << 10), &mut head))
-        .map_err(|e| format!("{}: {e}", real.display()))?;
+        .map_err(unreadable(&real))?;
     match host_machine().and_then(|machine| elf_needs_interpreter(&head, machine)) {
         Some(false) => Ok(real),
-        Some(true) => Err(format!(
-            "{} is linked dynamically: install the static build (`qemu-user-static`)",
-            real.display()
-        )),
-        None => Err(format!(
-            "{} is not a 64-bit program of this host's machine",
-            real.display()
-        )),
+        Some(true) => Err(Unfitness::Dynamic { path }),
+        None => Err(Unfitness::NotThisMachine { path }),
     }
 }
 
@@ -336,7 +351,11 @@ mod tests {
         std::fs::write(&copy, b"").unwrap();
         std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o777)).unwrap();
         let why = fit_interpreter(&copy).unwrap_err();
-        assert!(why.contains("writable by root alone"), "{why}");
+        assert!(
+            matches!(why, Unfitness::Writable { mode: 0o777, .. }),
+            "{why}"
+        );
+        assert!(why.to_string().contains("writable by root alone"), "{why}");
     }
 
     #[test]
