@@ -192,6 +192,8 @@ pub fn build_id_in(name: &str) -> Option<String> {
     is_build_id(id).then(|| id.to_string())
 }
 
+/// Finds what runs that are over left behind, in this region or all of them, and with
+/// `apply` removes it, looking again after each pass.
 pub async fn gc(
     options: &GcOptions,
     sink: std::sync::Arc<dyn EventSink>,
@@ -254,7 +256,21 @@ pub async fn gc(
         remove_in_order(&mut new, (&clients, &regions), &progress).await;
         leftovers.append(&mut new);
     }
-    let spared = verdicts
+    let spared = spared(&verdicts);
+    let failed = failures(&leftovers, unread);
+    Ok(Collected {
+        region: clients.region.clone(),
+        regions: regions.iter().map(|c| c.region.clone()).collect(),
+        apply: options.apply,
+        leftovers,
+        spared,
+        failed,
+    })
+}
+
+/// The runs whose leftovers were not touched, and why.
+fn spared(verdicts: &BTreeMap<String, Result<(), SparedBecause>>) -> Vec<Spared> {
+    verdicts
         .iter()
         .filter_map(|(id, v)| {
             v.as_ref().err().map(|why| Spared {
@@ -262,7 +278,12 @@ pub async fn gc(
                 why: why.to_string(),
             })
         })
-        .collect();
+        .collect()
+}
+
+/// What the sweep could not do: each leftover it failed to remove, each region it could
+/// not read.
+fn failures(leftovers: &[Leftover], unread: BTreeMap<String, String>) -> Vec<String> {
     let mut failed: Vec<String> = leftovers
         .iter()
         .filter_map(|l| {
@@ -275,14 +296,7 @@ pub async fn gc(
             .into_iter()
             .map(|(region, why)| format!("what is left in {region} (not read): {why}")),
     );
-    Ok(Collected {
-        region: clients.region.clone(),
-        regions: regions.iter().map(|c| c.region.clone()).collect(),
-        apply: options.apply,
-        leftovers,
-        spared,
-        failed,
-    })
+    failed
 }
 
 /// Looks at what is left, at most, with --apply.

@@ -226,26 +226,7 @@ pub fn plan(
     let Some(root_partition) = root_partition else {
         return Ok(Vec::new());
     };
-    let image = ImageRoot::open(root).map_err(BootMountError::Fstab)?;
-    let fstab = match image.read("/etc/fstab") {
-        Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(BootMountError::Fstab(e)),
-    };
-    let entries = boot_entries(&fstab);
-    for pair in entries.windows(2) {
-        if pair[0].mount_point == pair[1].mount_point {
-            let (a, b) = (
-                pair[0].line.min(pair[1].line),
-                pair[0].line.max(pair[1].line),
-            );
-            return Err(BootMountError::Twice {
-                mount_point: pair[0].mount_point.clone(),
-                first: a,
-                second: b,
-            });
-        }
-    }
+    let entries = image_boot_entries(root)?;
     if entries.is_empty() {
         return Ok(Vec::new());
     }
@@ -299,6 +280,32 @@ pub fn plan(
         planned.push((entry, found.clone()));
     }
     Ok(planned)
+}
+
+/// The boot entries of the fstab of the image mounted at `root` (none without an fstab);
+/// a mount point named twice is refused, as its second mount would hide the first.
+fn image_boot_entries(root: &Path) -> Result<Vec<FstabEntry>, BootMountError> {
+    let image = ImageRoot::open(root).map_err(BootMountError::Fstab)?;
+    let fstab = match image.read("/etc/fstab") {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(BootMountError::Fstab(e)),
+    };
+    let entries = boot_entries(&fstab);
+    for pair in entries.windows(2) {
+        if pair[0].mount_point == pair[1].mount_point {
+            let (a, b) = (
+                pair[0].line.min(pair[1].line),
+                pair[0].line.max(pair[1].line),
+            );
+            return Err(BootMountError::Twice {
+                mount_point: pair[0].mount_point.clone(),
+                first: a,
+                second: b,
+            });
+        }
+    }
+    Ok(entries)
 }
 
 fn overlap(a: &Partition, b: &Partition) -> bool {

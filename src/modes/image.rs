@@ -62,6 +62,30 @@ pub struct ImageState {
 }
 
 impl ImageState {
+    /// A run's image before anything is made of it.
+    pub fn new(
+        clients: Clients,
+        build_id: String,
+        fingerprint: String,
+        plan: ImagePlan,
+        origin: Origin,
+        skip_tests: bool,
+    ) -> ImageState {
+        ImageState {
+            clients,
+            build_id,
+            fingerprint,
+            plan,
+            origin,
+            skip_tests,
+            reused: false,
+            image_id: None,
+            snapshot_ids: Vec::new(),
+            ssm_version: None,
+            copies: Vec::new(),
+        }
+    }
+
     /// Tags on the image, its snapshots and its copies: what it is, what it came from,
     /// which build made it.
     pub fn artifact_tags(&self) -> Vec<Tag> {
@@ -93,11 +117,13 @@ impl ImageState {
     }
 
     /// What the manifest says of the image, once the run has one.
-    pub fn record(&self, report: &RunReport) -> Option<ImageRecord> {
+    /// What the manifest says of the image, once it has one; `made_as` names an earlier
+    /// run's image by the name it was made with. `report` is `None` where no step ran.
+    pub fn record(&self, made_as: Option<&str>, report: Option<&RunReport>) -> Option<ImageRecord> {
         Some(ImageRecord {
             ami_id: self.image_id.clone()?,
             region: self.clients.region.clone(),
-            name: self.plan.name.clone(),
+            name: made_as.unwrap_or(&self.plan.name).to_string(),
             fingerprint: self.fingerprint.clone(),
             build_id: self.build_id.clone(),
             reused: self.reused,
@@ -109,7 +135,7 @@ impl ImageState {
                 .and(self.plan.publish.as_ref().map(|p| p.parameter.clone())),
             ssm_version: self.ssm_version,
             copies: self.copies.iter().map(RegionImage::manifest).collect(),
-            step_seconds: report.step_seconds(),
+            step_seconds: report.map(RunReport::step_seconds).unwrap_or_default(),
         })
     }
 }

@@ -126,19 +126,14 @@ async fn run_loaded<M: Mode>(
         image: image_plan,
         build,
     } = plan;
-    let mut image = ImageState {
-        clients: clients.clone(),
-        build_id: build_id.clone(),
+    let mut image = ImageState::new(
+        clients.clone(),
+        build_id.clone(),
         fingerprint,
-        plan: image_plan,
+        image_plan,
         origin,
-        skip_tests: common.skip_tests,
-        reused: false,
-        image_id: None,
-        snapshot_ids: Vec::new(),
-        ssm_version: None,
-        copies: Vec::new(),
-    };
+        common.skip_tests,
+    );
 
     let sink = engine::Masked::wrap(sink, &secrets);
     let mut vars = vec![("AMIBAKE_STAGE", "pre".to_string())];
@@ -152,23 +147,10 @@ async fn run_loaded<M: Mode>(
         image.image_id = Some(reuse.earlier.id.clone());
     }
     if let Some(Reuse { earlier, .. }) = reuse.as_ref().filter(|r| r.finished) {
-        let record = ImageRecord {
-            ami_id: earlier.id.clone(),
-            region: clients.region.clone(),
-            name: earlier.name.clone(),
-            fingerprint: image.fingerprint.clone(),
-            build_id,
-            reused: true,
-            variant: image.plan.variant.name(),
-            architecture: image.origin.architecture.clone(),
-            snapshot_ids: Vec::new(),
-            ssm_parameter: None,
-            ssm_version: None,
-            copies: Vec::new(),
-            step_seconds: Default::default(),
-        };
         return Ok(BuildResult {
-            manifest: Some(mode.manifest(record)),
+            manifest: image
+                .record(Some(&earlier.name), None)
+                .map(|record| mode.manifest(record)),
             report: None,
             post_failed: None,
         });
@@ -203,18 +185,13 @@ async fn run_loaded<M: Mode>(
         report.to_look.push(report.gc_kept(&clients.region));
     }
     let report = report.masked(&secrets);
-    let record = match report.outcome {
-        engine::Outcome::Succeeded => image.record(&report),
+    let manifest = match report.outcome {
+        // A reused image keeps the name it was made with.
+        engine::Outcome::Succeeded => image
+            .record(reuse_name.as_deref(), Some(&report))
+            .map(|record| mode.manifest(record)),
         _ => None,
     };
-    let manifest = record.map(|record| match &reuse_name {
-        // The image keeps the name it was made with.
-        Some(name) => mode.manifest(ImageRecord {
-            name: name.clone(),
-            ..record
-        }),
-        None => mode.manifest(record),
-    });
     Ok(BuildResult {
         manifest,
         report: Some(report),

@@ -151,15 +151,7 @@ const EXTRACT_CAPABILITIES: CapabilitySet = CapabilitySet::CHOWN
 /// sandboxed process (PID 1 of its namespace); the process that called it waits for that
 /// one and exits with its status, so the caller's parent sees one child as before.
 pub fn enter(root: &Path, purpose: &Purpose, isolation: Isolation) -> Result<(), SandboxError> {
-    let fail = |action: &str| {
-        let root = root.display().to_string();
-        let action = action.to_string();
-        move |source: std::io::Error| SandboxError {
-            root: root.clone(),
-            action: action.clone(),
-            source,
-        }
-    };
+    let fail = |action: &str| failure(root, action);
     close_inherited_descriptors().map_err(fail("close inherited descriptors"))?;
     let (userns, owner) = match isolation {
         Isolation::OwnIds { base } => (
@@ -168,39 +160,7 @@ pub fn enter(root: &Path, purpose: &Purpose, isolation: Isolation) -> Result<(),
         ),
         Isolation::Compat => (None, None),
     };
-    // Opened while the host's tree is in view; registered once in the user namespace, and
-    // never without one: root of the host's own would register it for the whole host.
-    let emulator = match (purpose, &userns) {
-        (
-            Purpose::Provision {
-                emulator: Some(emulator),
-                ..
-            },
-            Some(_),
-        ) => Some((
-            emulator,
-            emulator.open().map_err(fail(&format!(
-                "open {}, the emulator of its {} programs",
-                emulator.interpreter.display(),
-                emulator.architecture
-            )))?,
-        )),
-        (
-            Purpose::Provision {
-                emulator: Some(emulator),
-                ..
-            },
-            None,
-        ) => {
-            return Err(fail(&format!(
-                "run its {} programs",
-                emulator.architecture
-            ))(std::io::Error::other(
-                "an emulator is registered only in a user namespace of the sandbox's own (not with sandbox compat)",
-            )))
-        }
-        _ => None,
-    };
+    let emulator = open_emulator(root, purpose, userns.is_some())?;
     // The host's network namespace, where pasta must start.
     let host_net = match purpose {
         Purpose::Provision {
@@ -268,6 +228,50 @@ pub fn enter(root: &Path, purpose: &Purpose, isolation: Isolation) -> Result<(),
     };
     keep_only(keep).map_err(fail("drop capabilities"))?;
     Ok(())
+}
+
+/// How `enter` fails at `action`.
+fn failure(root: &Path, action: &str) -> impl Fn(std::io::Error) -> SandboxError {
+    let root = root.display().to_string();
+    let action = action.to_string();
+    move |source: std::io::Error| SandboxError {
+        root: root.clone(),
+        action: action.clone(),
+        source,
+    }
+}
+
+/// The emulator a provisioning sandbox runs the image's programs through, opened while the
+/// host's tree is in view. It is registered only in a user namespace of the sandbox's own:
+/// root of the host's own would register it for the whole host.
+fn open_emulator<'a>(
+    root: &Path,
+    purpose: &'a Purpose,
+    own_user_namespace: bool,
+) -> Result<Option<(&'a emulator::Emulator, OwnedFd)>, SandboxError> {
+    let Purpose::Provision {
+        emulator: Some(emulator),
+        ..
+    } = purpose
+    else {
+        return Ok(None);
+    };
+    if !own_user_namespace {
+        return Err(failure(root, &format!("run its {} programs", emulator.architecture))(
+            std::io::Error::other(
+                "an emulator is registered only in a user namespace of the sandbox's own (not with sandbox compat)",
+            ),
+        ));
+    }
+    let interpreter = emulator.open().map_err(failure(
+        root,
+        &format!(
+            "open {}, the emulator of its {} programs",
+            emulator.interpreter.display(),
+            emulator.architecture
+        ),
+    ))?;
+    Ok(Some((emulator, interpreter)))
 }
 
 /// Closes every descriptor but stdin, stdout and stderr: whatever this binary's own caller

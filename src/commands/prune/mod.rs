@@ -329,22 +329,7 @@ pub async fn prune(options: &PruneOptions) -> Result<Pruned, PruneError> {
 
     let mut images: Vec<Judged> = candidates
         .iter()
-        .map(|i| {
-            let id = i.image_id().unwrap_or_default().to_string();
-            let (decision, reasons) = match keep.0.get(&id) {
-                Some(reasons) => (Decision::Keep, reasons.clone()),
-                None => (Decision::Remove, vec![removal_reason(options)]),
-            };
-            Judged {
-                ami_id: id,
-                name: i.name().unwrap_or_default().to_string(),
-                created: i.creation_date().unwrap_or("-").to_string(),
-                decision,
-                reasons,
-                snapshots: aws_image::snapshot_ids(i),
-                outcome: None,
-            }
-        })
+        .map(|i| judged(i, &keep, options))
         .collect();
     let failed = match options.apply {
         true => remove_all(&clients, &mut images, options.removal, &all).await,
@@ -359,6 +344,25 @@ pub async fn prune(options: &PruneOptions) -> Result<Pruned, PruneError> {
         images,
         failed,
     })
+}
+
+/// The verdict on one image: kept for the reasons found, or removed for the one the options
+/// give.
+fn judged(image: &Image, keep: &Reasons, options: &PruneOptions) -> Judged {
+    let id = image.image_id().unwrap_or_default().to_string();
+    let (decision, reasons) = match keep.0.get(&id) {
+        Some(reasons) => (Decision::Keep, reasons.clone()),
+        None => (Decision::Remove, vec![removal_reason(options)]),
+    };
+    Judged {
+        ami_id: id,
+        name: image.name().unwrap_or_default().to_string(),
+        created: image.creation_date().unwrap_or("-").to_string(),
+        decision,
+        reasons,
+        snapshots: aws_image::snapshot_ids(image),
+        outcome: None,
+    }
 }
 
 /// Removes every image judged `Remove`, noting each outcome; answers what failed.

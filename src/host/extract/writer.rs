@@ -64,14 +64,10 @@ impl Writer {
             mode &= !SET_ID_BITS;
             setuid_dropped = true;
         }
+        let owner = self.owner;
         match kind {
             EntryType::Directory => {
-                make_dir(parent, leaf)?;
-                let dir = open_entry(parent, leaf, OFlags::RDONLY | OFlags::DIRECTORY)?;
-                if let Some(owner) = self.owner {
-                    set_owner(dir.as_fd(), "", owner).map_err(EntryError::io(CHOWN))?;
-                }
-                rustix::fs::fchmod(&dir, Mode::from_raw_mode(mode)).map_err(sys(CHMOD))?;
+                place_directory(parent, leaf, owner, mode)?;
                 let rel = if parent_path.is_empty() {
                     leaf.to_string()
                 } else {
@@ -81,66 +77,19 @@ impl Writer {
             }
             EntryType::Symlink => {
                 let target = symlink_target.expect("admit gives every symlink its target");
-                clear_for(parent, leaf)?;
-                rustix::fs::symlinkat(target.as_slice(), parent, leaf)
-                    .map_err(sys("cannot make the symlink"))?;
-                if let Some(owner) = self.owner {
-                    set_owner(parent, leaf, owner).map_err(EntryError::io(CHOWN))?;
-                }
-                rustix::fs::utimensat(parent, leaf, &times(mtime), AtFlags::SYMLINK_NOFOLLOW)
-                    .map_err(sys(DATE))?;
+                place_symlink(parent, leaf, &target, owner, mtime)?;
             }
             EntryType::Link => {
-                let LinkTarget {
-                    dir,
-                    leaf: target_leaf,
-                    named: target,
-                } = link_target.expect("admit gives every hard link its target");
-                let target_dir = image_root::open_below(
-                    self.dest.as_fd(),
-                    &dir,
-                    OFlags::PATH | OFlags::DIRECTORY,
-                )
-                .map_err(EntryError::below(&format!("its link target {target}")))?;
-                clear_for(parent, leaf)?;
-                rustix::fs::linkat(
-                    &target_dir,
-                    target_leaf.as_str(),
-                    parent,
-                    leaf,
-                    AtFlags::empty(),
-                )
-                .map_err(|e| match e {
-                    Errno::NOENT => EntryError::LinkTargetMissing(target.clone()),
-                    e => sys(&format!("cannot make the hard link to {target}"))(e),
-                })?;
+                let target = link_target.expect("admit gives every hard link its target");
+                place_hard_link(self.dest.as_fd(), parent, leaf, target)?;
             }
             _ => {
-                clear_for(parent, leaf)?;
-                let fd = rustix::fs::openat(
-                    parent,
-                    leaf,
-                    OFlags::WRONLY
-                        | OFlags::CREATE
-                        | OFlags::EXCL
-                        | OFlags::NOFOLLOW
-                        | OFlags::CLOEXEC,
-                    Mode::from_raw_mode(0o600),
-                )
-                .map_err(sys("cannot create it"))?;
-                let mut file = std::fs::File::from(fd);
-                let size = header.size().unwrap_or(0);
-                let written = match sparse {
-                    Some(map) => write_sparse(entry, &mut file, &map),
-                    None => std::io::copy(entry, &mut file).map(|_| ()),
+                let file = File {
+                    mode,
+                    mtime,
+                    sparse,
                 };
-                written.map_err(|e| write_error(e, &file, size))?;
-                if let Some(owner) = self.owner {
-                    // Before the mode: a change of owner clears setuid bits.
-                    set_owner(file.as_fd(), "", owner).map_err(EntryError::io(CHOWN))?;
-                }
-                rustix::fs::fchmod(&file, Mode::from_raw_mode(mode)).map_err(sys(CHMOD))?;
-                rustix::fs::futimens(&file, &times(mtime)).map_err(sys(DATE))?;
+                place_file(parent, leaf, entry, file, owner)?;
             }
         }
         Ok(Placed { setuid_dropped })
@@ -186,6 +135,101 @@ impl Writer {
 }
 
 /// Running out of space names what was needed and what was left.
+fn place_directory(
+    parent: BorrowedFd<'_>,
+    leaf: &str,
+    owner: Option<Owner>,
+    mode: u32,
+) -> Result<(), EntryError> {
+    make_dir(parent, leaf)?;
+    let dir = open_entry(parent, leaf, OFlags::RDONLY | OFlags::DIRECTORY)?;
+    if let Some(owner) = owner {
+        set_owner(dir.as_fd(), "", owner).map_err(EntryError::io(CHOWN))?;
+    }
+    rustix::fs::fchmod(&dir, Mode::from_raw_mode(mode)).map_err(sys(CHMOD))
+}
+
+fn place_symlink(
+    parent: BorrowedFd<'_>,
+    leaf: &str,
+    target: &[u8],
+    owner: Option<Owner>,
+    mtime: u64,
+) -> Result<(), EntryError> {
+    clear_for(parent, leaf)?;
+    rustix::fs::symlinkat(target, parent, leaf).map_err(sys("cannot make the symlink"))?;
+    if let Some(owner) = owner {
+        set_owner(parent, leaf, owner).map_err(EntryError::io(CHOWN))?;
+    }
+    rustix::fs::utimensat(parent, leaf, &times(mtime), AtFlags::SYMLINK_NOFOLLOW).map_err(sys(DATE))
+}
+
+/// A hard link to an entry already placed below `dest`, opened from `dest` as every
+/// entry is, so a link cannot name a file outside it.
+fn place_hard_link(
+    dest: BorrowedFd<'_>,
+    parent: BorrowedFd<'_>,
+    leaf: &str,
+    target: LinkTarget,
+) -> Result<(), EntryError> {
+    let LinkTarget {
+        dir,
+        leaf: target_leaf,
+        named,
+    } = target;
+    let target_dir = image_root::open_below(dest, &dir, OFlags::PATH | OFlags::DIRECTORY)
+        .map_err(EntryError::below(&format!("its link target {named}")))?;
+    clear_for(parent, leaf)?;
+    rustix::fs::linkat(
+        &target_dir,
+        target_leaf.as_str(),
+        parent,
+        leaf,
+        AtFlags::empty(),
+    )
+    .map_err(|e| match e {
+        Errno::NOENT => EntryError::LinkTargetMissing(named.clone()),
+        e => sys(&format!("cannot make the hard link to {named}"))(e),
+    })
+}
+
+/// What a regular file's header says of it.
+struct File {
+    mode: u32,
+    mtime: u64,
+    sparse: Option<SparseMap>,
+}
+
+fn place_file(
+    parent: BorrowedFd<'_>,
+    leaf: &str,
+    entry: &mut tar::Entry<impl Read>,
+    file: File,
+    owner: Option<Owner>,
+) -> Result<(), EntryError> {
+    clear_for(parent, leaf)?;
+    let fd = rustix::fs::openat(
+        parent,
+        leaf,
+        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    )
+    .map_err(sys("cannot create it"))?;
+    let mut out = std::fs::File::from(fd);
+    let size = entry.header().size().unwrap_or(0);
+    let written = match file.sparse {
+        Some(map) => write_sparse(entry, &mut out, &map),
+        None => std::io::copy(entry, &mut out).map(|_| ()),
+    };
+    written.map_err(|e| write_error(e, &out, size))?;
+    if let Some(owner) = owner {
+        // Before the mode: a change of owner clears setuid bits.
+        set_owner(out.as_fd(), "", owner).map_err(EntryError::io(CHOWN))?;
+    }
+    rustix::fs::fchmod(&out, Mode::from_raw_mode(file.mode)).map_err(sys(CHMOD))?;
+    rustix::fs::futimens(&out, &times(file.mtime)).map_err(sys(DATE))
+}
+
 fn write_error(e: std::io::Error, file: &std::fs::File, size: u64) -> EntryError {
     if e.raw_os_error() == Some(Errno::NOSPC.raw_os_error()) {
         let free = rustix::fs::fstatvfs(file)

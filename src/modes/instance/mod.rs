@@ -289,17 +289,7 @@ impl TemporaryInstance {
         if let Some(delete_group) = self.delete_security_group {
             ctx.undo.require(delete_group, terminate);
         }
-        // The instance has the public key from its launch: the temporary key pair is of no
-        // more use, and one less thing a killed run can leave. A failure here is tried
-        // again at the end.
-        if let Some(delete) = self.delete_key_pair.take() {
-            match ctx.undo.release(delete).await {
-                Ok(()) => ctx.progress.note(format!(
-                    "deleted key pair {key_name}: {instance_id} has its public key"
-                )),
-                Err(left) => ctx.progress.note(format!("{left}; tried again at the end")),
-            }
-        }
+        self.delete_key_pair(ctx, &key_name, &instance_id).await;
         let instance = crate::aws::instance::wait(
             &self.clients,
             &instance_id,
@@ -318,6 +308,20 @@ impl TemporaryInstance {
             private_key: earlier(&self.private_key, "private key")?,
         });
         Ok(())
+    }
+
+    /// The instance has the public key from its launch: the temporary key pair is of no more
+    /// use, and one less thing a killed run can leave. A failure here is tried again at the
+    /// end.
+    async fn delete_key_pair(&mut self, ctx: &mut StepContext, key_name: &str, instance_id: &str) {
+        if let Some(delete) = self.delete_key_pair.take() {
+            match ctx.undo.release(delete).await {
+                Ok(()) => ctx.progress.note(format!(
+                    "deleted key pair {key_name}: {instance_id} has its public key"
+                )),
+                Err(left) => ctx.progress.note(format!("{left}; tried again at the end")),
+            }
+        }
     }
 
     /// The address the running instance is reached at, opened to this runner when the run
