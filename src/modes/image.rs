@@ -40,6 +40,12 @@ pub struct Origin {
     pub architecture: String,
 }
 
+/// What a mode's `resolve` found: the image's fingerprint and where it comes from.
+pub struct Resolved {
+    pub fingerprint: String,
+    pub origin: Origin,
+}
+
 /// The image of a run, whichever mode made it: what it is to be, and what became of it.
 pub struct ImageState {
     pub clients: Clients,
@@ -66,17 +72,16 @@ impl ImageState {
     pub fn new(
         clients: Clients,
         build_id: String,
-        fingerprint: String,
+        resolved: Resolved,
         plan: ImagePlan,
-        origin: Origin,
         skip_tests: bool,
     ) -> ImageState {
         ImageState {
             clients,
             build_id,
-            fingerprint,
+            fingerprint: resolved.fingerprint,
             plan,
-            origin,
+            origin: resolved.origin,
             skip_tests,
             reused: false,
             image_id: None,

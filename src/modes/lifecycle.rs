@@ -9,7 +9,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
-use super::image::{self, ImageRecord, ImageState, Origin};
+use super::image::{self, ImageRecord, ImageState, Resolved};
 use super::support::channel_names;
 use super::{distribute, stages, BuildResult, CommonOptions, ModeError, RunError};
 use crate::artifact;
@@ -68,12 +68,6 @@ pub trait Mode: Send {
     fn manifest(&self, image: ImageRecord) -> Self::Manifest;
 }
 
-/// What `Mode::resolve` found.
-pub struct Resolved {
-    pub fingerprint: String,
-    pub origin: Origin,
-}
-
 /// How the engine is to run a mode's steps.
 pub struct EngineRun {
     pub sink: Arc<dyn EventSink>,
@@ -117,10 +111,7 @@ async fn run_loaded<M: Mode>(
     let _run_lock = hold_run_lock(&build_id)?;
     mode.prepare(&plan, &build_id, &sink, &cancel).await?;
     let clients = Clients::new(&sdk_config(&common.aws).await)?;
-    let Resolved {
-        fingerprint,
-        origin,
-    } = mode.resolve(&clients, &plan).await?;
+    let resolved = mode.resolve(&clients, &plan).await?;
     distribute::check(&clients, &plan.image.distribution, M::SECTION).await?;
     let Plan {
         image: image_plan,
@@ -129,16 +120,17 @@ async fn run_loaded<M: Mode>(
     let mut image = ImageState::new(
         clients.clone(),
         build_id.clone(),
-        fingerprint,
+        resolved,
         image_plan,
-        origin,
         common.skip_tests,
     );
 
     let sink = engine::Masked::wrap(sink, &secrets);
-    let mut vars = vec![("AMIBAKE_STAGE", "pre".to_string())];
-    vars.extend(image.facts());
-    vars.push(("AMIBAKE_FINGERPRINT", image.fingerprint.clone()));
+    let mut vars = image.facts();
+    vars.extend([
+        ("AMIBAKE_STAGE", "pre".to_string()),
+        ("AMIBAKE_FINGERPRINT", image.fingerprint.clone()),
+    ]);
     stages::run("pre", &image.plan.pre, &vars, &sink, &cancel).await?;
 
     let reuse = reusable(&clients, common, &image).await?;
@@ -163,22 +155,7 @@ async fn run_loaded<M: Mode>(
     };
     let reuse_name = reuse.as_ref().map(|r| r.earlier.name.clone());
     let (mut report, image) = match reuse {
-        // Delivered and published as a new one would be; booted and tested first when no
-        // test has passed on it yet.
-        Some(reuse) => {
-            let steps = image::tail(reuse.test_first);
-            let report = engine::run(
-                M::SECTION,
-                &build_id,
-                &steps,
-                &mut image,
-                run.sink,
-                run.cancel,
-                run.on_failure,
-            )
-            .await;
-            (report, image)
-        }
+        Some(reuse) => deliver_earlier::<M>(image, reuse.test_first, run).await,
         None => mode.build(build, image, run).await?,
     };
     if !report.kept.is_empty() {
@@ -197,6 +174,28 @@ async fn run_loaded<M: Mode>(
         report: Some(report),
         post_failed: None,
     })
+}
+
+/// An earlier run's image, delivered and published as a new one would be; booted and
+/// tested first when no test has passed on it yet.
+async fn deliver_earlier<M: Mode>(
+    mut image: ImageState,
+    test_first: bool,
+    run: EngineRun,
+) -> (RunReport, ImageState) {
+    let steps = image::tail(test_first);
+    let build_id = image.build_id.clone();
+    let report = engine::run(
+        M::SECTION,
+        &build_id,
+        &steps,
+        &mut image,
+        run.sink,
+        run.cancel,
+        run.on_failure,
+    )
+    .await;
+    (report, image)
 }
 
 /// The template's post commands, once a run has its image: its id, region and manifest (a

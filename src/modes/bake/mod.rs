@@ -21,8 +21,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
-use super::image::{HasImage, ImageRecord, ImageState, Origin};
-use super::lifecycle::{self, provisioner_fingerprint_parts, EngineRun, Mode, Resolved};
+use super::image::{HasImage, ImageRecord, ImageState, Origin, Resolved};
+use super::lifecycle::{self, provisioner_fingerprint_parts, EngineRun, Mode};
 use super::{BuildResult, CommonOptions, ModeError, RunError};
 use crate::artifact::{
     self, BakeManifest, TAG_BASE_AMI, TAG_COMMIT, TAG_SANDBOX, TAG_TARBALL_SHA256,

@@ -13,9 +13,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
-use super::image::{self, HasImage, ImageRecord, ImageState, Origin};
+use super::image::{self, HasImage, ImageRecord, ImageState, Origin, Resolved};
 use super::instance::{Launch, Role, TemporaryInstance};
-use super::lifecycle::{self, provisioner_fingerprint_parts, EngineRun, Mode, Resolved};
+use super::lifecycle::{self, provisioner_fingerprint_parts, EngineRun, Mode};
 use super::{BuildResult, CommonOptions, ModeError, RunError};
 use crate::artifact::{self, BaseManifest, TAG_SOURCE_AMI};
 use crate::aws::ami::{self, BaseImage};
