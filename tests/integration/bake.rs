@@ -186,7 +186,7 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
     let calls = cloud.calls();
     assert!(calls.iter().any(|c| c["action"] == "DetachVolume" && c["ids"]["InstanceId"] == build_host.as_str()), "detach names the instance");
     assert_layout_and_tags(&cloud, &m);
-    cloud.assert_no_bake_left();
+    cloud.assert_nothing_temporary();
 
     let image = cloud.mount_snapshot(&snapshot, dir, PARTITION_1_OFFSET);
     let mnt = &image.root;
@@ -267,7 +267,7 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
             cm["ami_id"].as_str().unwrap().into(),
         ))
         .unwrap();
-    cloud.assert_no_bake_left();
+    cloud.assert_nothing_temporary();
 
     // 3. A provisioner that fails stops the bake, says where, and leaves nothing.
     template(dir, "failing", debian, "\"echo migrating\", \"exit 3\"");
@@ -279,7 +279,7 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
         "{}",
         run.dump()
     );
-    cloud.assert_no_bake_left();
+    cloud.assert_nothing_temporary();
 
     // 4. A failed AWS call after the snapshot exists: the snapshot is removed too.
     cloud.cli(&["fault", "RegisterImage", "--error", "InvalidParameterValue"]);
@@ -312,7 +312,7 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
         1,
         "only the first bake's snapshot remains: {snapshots:?}"
     );
-    cloud.assert_no_bake_left();
+    cloud.assert_nothing_temporary();
 
     // 5. Two bakes at once on one host: both succeed, on different devices.
     template(dir, "twin-a", debian, "\"echo a > /etc/twin\"");
@@ -356,7 +356,7 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
         devices[0], devices[1],
         "two bakes on one host use different device names"
     );
-    cloud.assert_no_bake_left();
+    cloud.assert_nothing_temporary();
 
     // 6. An unpartitioned base: the root is the whole device.
     let flat = "{ owners = [\"136693071363\"], name = \"debian-12-amd64-unpartitioned-*\" }";
@@ -378,7 +378,7 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
         "the root filesystem fills the 10 GiB volume: {size} bytes"
     );
     drop(image);
-    cloud.assert_no_bake_left();
+    cloud.assert_nothing_temporary();
 
     // 6b. A larger volume on the partitioned base: the root partition grows to the end of
     //     the volume and its filesystem fills it, as on the direct backend.
@@ -393,7 +393,7 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
         .replace("inline = [\"true\"]", "inline = [\"false\"]");
     std::fs::write(dir.join("bigger-failing.toml"), failing).unwrap();
     bake(&cloud, dir, "bigger-failing.toml", &[]).expect_code(1);
-    cloud.assert_no_bake_left();
+    cloud.assert_nothing_temporary();
     let run = bake(&cloud, dir, "bigger.toml", &[]);
     run.expect_code(0);
     assert!(
@@ -406,7 +406,7 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
     assert_composer_like_at(&image.root.join("var/www/shop"), &files, 33);
     drop(image);
     let _ = std::fs::remove_file(dir.join(format!("{snapshot}.img")));
-    cloud.assert_no_bake_left();
+    cloud.assert_nothing_temporary();
 
     // 8. The tarball on standard input, as `build | amibake bake --tarball -` gives it.
     template(
@@ -436,7 +436,7 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
         "the same bytes, the same digest"
     );
     assert!(manifest(&piped)["files"].as_u64().unwrap() > files.len() as u64);
-    cloud.assert_no_bake_left();
+    cloud.assert_nothing_temporary();
 
     // 9. A provisioner that leaves a daemon running (setsid escapes its process group): the
     // daemon is ended before the unmount, and the bake succeeds.
@@ -459,7 +459,7 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
         .output()
         .unwrap();
     assert!(!sleeping.status.success(), "the daemon is gone");
-    cloud.assert_no_bake_left();
+    cloud.assert_nothing_temporary();
 
     // 10. A KMS key of the account: the work volume, and so the snapshot and the image, are
     // encrypted with it.
@@ -510,7 +510,7 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
         )
         .unwrap();
     assert_eq!(described.snapshots()[0].kms_key_id(), Some(key));
-    cloud.assert_no_bake_left();
+    cloud.assert_nothing_temporary();
 
     // A key the account does not have, or one that is disabled, is refused before anything
     // is made, naming the setting: EBS itself would take it, answer `creating`, and drop the
@@ -545,7 +545,7 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
             .cloned()
             .collect();
         assert!(made.is_empty(), "nothing is made: {made:?}");
-        cloud.assert_no_bake_left();
+        cloud.assert_nothing_temporary();
     }
 
     // 7. Ctrl-C while a provisioner runs: the command and what it started end at once, the
@@ -580,7 +580,7 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
         !sleeping.status.success(),
         "the provisioner's command is gone"
     );
-    cloud.assert_no_bake_left();
+    cloud.assert_nothing_temporary();
 
     // 11. Provisioners cannot reach the build host: not its instance metadata (and so not
     // its credentials), not its processes, its disks or its environment. Each check fails
@@ -642,7 +642,7 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
     std::fs::write(dir.join("contained.toml"), text).unwrap();
     let run = bake(&cloud, dir, "contained.toml", &[]);
     run.expect_code(0);
-    cloud.assert_no_bake_left();
+    cloud.assert_nothing_temporary();
 }
 
 /// Eight bakes at once on one machine, four per backend, while half of all EC2, SSM and EBS
@@ -731,5 +731,5 @@ fn eight_bakes_at_once_under_throttling_each_hold_their_own_tarball() {
             "bake {n} holds its own tarball"
         );
     }
-    cloud.assert_no_bake_left();
+    cloud.assert_nothing_temporary();
 }

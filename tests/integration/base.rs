@@ -314,7 +314,7 @@ fn base_builds_publishes_chains_into_bake_and_skips_when_unchanged() {
         Some(&aws_sdk_ec2::types::HttpTokensState::Required),
         "IMDSv2 required on the build instance"
     );
-    cloud.assert_no_base_left();
+    cloud.assert_nothing_temporary();
 
     // 2. A bake on top of it, found through the published parameter's label.
     std::fs::create_dir_all(dir.join("app")).unwrap();
@@ -447,7 +447,7 @@ fn base_builds_publishes_chains_into_bake_and_skips_when_unchanged() {
     assert_ne!(rm["ami_id"], ami.as_str());
     assert_ne!(rm["fingerprint"], m["fingerprint"]);
     assert_eq!(rm["ssm_version"].as_i64(), Some(parameter_version + 1));
-    cloud.assert_no_base_left();
+    cloud.assert_nothing_temporary();
 
     // 5. The template brings its own key pair and who may reach SSH: both are used as given,
     // and the key pair is not the run's to delete.

@@ -5,27 +5,17 @@
 
 use crate::util::localcloud::LocalCloud;
 use crate::util::tarballs::write_revision_tarball;
-use crate::util::{Run, Story};
+use crate::util::Run;
 
 const CHANNEL: &str = "/amibake/shop/deploy";
 const SHARED_WITH: &str = "210987654321";
 const COPY_REGIONS: [&str; 2] = ["eu-west-1", "us-west-2"];
 
-/// The story's world, with what this module adds to it.
-struct World(Story);
-
-impl std::ops::Deref for World {
-    type Target = Story;
-    fn deref(&self) -> &Story {
-        &self.0
-    }
-}
+/// This module's story.
+struct Distribution;
+type World = crate::util::World<Distribution>;
 
 impl World {
-    fn new() -> World {
-        World(Story::new("quick"))
-    }
-
     /// A template delivering to `regions`, with `extra` lines in its [bake] table.
     fn template(&self, regions: &[&str], extra: &str) {
         let vendor = self.vendor_ami();
@@ -200,7 +190,7 @@ fn assert_delivered(world: &World, clients: &amibake::aws::Clients, id: &str, bu
 #[test]
 fn a_bake_is_copied_shared_deprecated_and_published_in_every_region() {
     let _module = crate::util::module_turn(module_path!());
-    let world = World::new();
+    let world = World::new("quick");
     let west = world
         .runtime
         .block_on(world.cloud.clients_in(Some(COPY_REGIONS[0])));
@@ -296,7 +286,7 @@ fn a_bake_is_copied_shared_deprecated_and_published_in_every_region() {
 #[test]
 fn a_copy_that_fails_takes_every_copy_and_publication_with_it() {
     let _module = crate::util::module_turn(module_path!());
-    let world = World::new();
+    let world = World::new("quick");
     world.template(&COPY_REGIONS, "");
 
     // The second copy call fails: the first copy, the image and its snapshot all go.

@@ -4,25 +4,15 @@
 //! A test that fails or hangs leaves no image, snapshot, instance, key pair or group, and
 //! the channel as it was; one that passes publishes the image.
 
-use crate::util::{Run, Story};
+use crate::util::Run;
 
 const CHANNEL: &str = "/amibake/shop/deploy";
 
-/// The story's world, with what this module adds to it.
-struct World(Story);
-
-impl std::ops::Deref for World {
-    type Target = Story;
-    fn deref(&self) -> &Story {
-        &self.0
-    }
-}
+/// This module's story.
+struct ImageTest;
+type World = crate::util::World<ImageTest>;
 
 impl World {
-    fn new() -> World {
-        World(Story::new("quick"))
-    }
-
     /// A bake of the vendor image that installs a health check exiting with `health_exit`,
     /// tested by running it; `extra` adds tables after it.
     fn template(&self, health_exit: u32, extra: &str) {
@@ -103,41 +93,6 @@ inline = ["/usr/local/bin/shop-health"]
             .ok()?;
         out.parameter()?.value().map(str::to_string)
     }
-
-    /// No test instance, key pair, group or private key is left.
-    fn assert_nothing_temporary(&self, run: &Run) {
-        let ls = self.cloud.ls();
-        let build_host = self.cloud.build_host();
-        let alive: Vec<_> = ls["instances"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|i| {
-                i["id"] != build_host && (i["state"] != "terminated" || i["booted"] == true)
-            })
-            .collect();
-        assert!(
-            alive.is_empty(),
-            "instances left: {alive:?}\n{}",
-            run.dump()
-        );
-        assert_eq!(ls["key_pairs"], serde_json::json!([]), "{}", run.dump());
-        assert_eq!(
-            ls["security_groups"],
-            serde_json::json!([]),
-            "{}",
-            run.dump()
-        );
-        // This run's own: the other test of this binary may hold one right now.
-        let build_id = run.build_id().expect("the run's build id");
-        let keys: Vec<String> = self
-            .cloud
-            .private_key_dirs_left()
-            .into_iter()
-            .filter(|d| d.contains(&build_id))
-            .collect();
-        assert!(keys.is_empty(), "private key directories left: {keys:?}");
-    }
 }
 
 fn manifest(run: &Run) -> serde_json::Value {
@@ -147,7 +102,7 @@ fn manifest(run: &Run) -> serde_json::Value {
 #[test]
 fn an_image_is_published_only_once_an_instance_of_it_passes_its_tests() {
     let _module = crate::util::module_turn(module_path!());
-    let world = World::new();
+    let world = World::new("quick");
 
     // Passing: the image is booted, tested with the run's facts, then published.
     world.template(0, "");
@@ -176,7 +131,7 @@ fn an_image_is_published_only_once_an_instance_of_it_passes_its_tests() {
     );
     assert!(m["step_seconds"]["test image"].as_f64().is_some(), "{m}");
     assert_eq!(world.channel(), Some(ami.clone()));
-    world.assert_nothing_temporary(&run);
+    world.cloud.left().assert_nothing_temporary(&run.dump());
     let published = world.images();
     let snapshots = world.snapshots();
 
@@ -205,7 +160,7 @@ fn an_image_is_published_only_once_an_instance_of_it_passes_its_tests() {
     assert_eq!(world.images(), published, "only the first image remains");
     assert_eq!(world.snapshots(), snapshots, "its snapshot is deleted too");
     assert_eq!(world.channel(), Some(ami.clone()), "nothing was published");
-    world.assert_nothing_temporary(&run);
+    world.cloud.left().assert_nothing_temporary(&run.dump());
 
     // --no-test: the same failing image is not booted, and is published.
     let from = world.cloud.calls().len();
@@ -219,7 +174,7 @@ fn an_image_is_published_only_once_an_instance_of_it_passes_its_tests() {
     );
     let untested = manifest(&run)["ami_id"].as_str().unwrap().to_string();
     assert_eq!(world.channel(), Some(untested.clone()));
-    world.assert_nothing_temporary(&run);
+    world.cloud.left().assert_nothing_temporary(&run.dump());
 
     // The first image again (same fingerprint): it passed its tests, so it is reused and
     // published without a boot.
@@ -249,13 +204,13 @@ fn an_image_is_published_only_once_an_instance_of_it_passes_its_tests() {
         "an earlier run's image is not this run's to remove"
     );
     assert_eq!(world.channel(), Some(ami.clone()));
-    world.assert_nothing_temporary(&run);
+    world.cloud.left().assert_nothing_temporary(&run.dump());
 }
 
 #[test]
 fn a_test_that_hangs_is_cut_by_its_timeout_and_leaves_nothing() {
     let _module = crate::util::module_turn(module_path!());
-    let world = World::new();
+    let world = World::new("quick");
     world.template(
         0,
         "[[bake.test]]\nname = \"warm-up\"\ntimeout_seconds = 2\ninline = [\"echo waiting for the cache; sleep 600\"]\n",
@@ -275,5 +230,5 @@ fn a_test_that_hangs_is_cut_by_its_timeout_and_leaves_nothing() {
     assert_eq!(world.images(), images);
     assert_eq!(world.snapshots(), snapshots);
     assert_eq!(world.channel(), None, "nothing was published");
-    world.assert_nothing_temporary(&run);
+    world.cloud.left().assert_nothing_temporary(&run.dump());
 }

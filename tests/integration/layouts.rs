@@ -248,7 +248,7 @@ fn bakes_onto(layout: Layout, host_holds_its_uuid: bool) {
             partition_offset(&raw, root),
             &format!("{family} {backend} root"),
         );
-        cloud.assert_no_bake_left();
+        cloud.assert_nothing_temporary();
     }
 }
 
@@ -399,7 +399,7 @@ fn a_base_whose_boot_leads_to_the_host_is_refused() {
     );
     assert!(!run.stderr().contains("must not run"), "{}", run.dump());
     hosts_own.assert_untouched();
-    cloud.assert_no_bake_left();
+    cloud.assert_nothing_temporary();
 }
 
 /// `amibake base` from each vendor's image logs in as that vendor's default user and
@@ -446,7 +446,7 @@ fn a_base_from_each_vendor_layout_with_its_user_is_what_a_bake_builds_on() {
                 .unwrap(),
         };
         base.expect_code(0);
-        cloud.assert_no_base_left();
+        cloud.assert_nothing_temporary();
         assert!(
             base.stderr().contains(&format!("{user}@127.")),
             "logged in as {user}\n{}",
@@ -499,7 +499,7 @@ fn a_base_from_each_vendor_layout_with_its_user_is_what_a_bake_builds_on() {
             None => assert_eq!(in_roots_boot, marker, "{family}: /boot is on the root"),
         }
         std::fs::remove_file(&raw).unwrap();
-        cloud.assert_no_bake_left();
+        cloud.assert_nothing_temporary();
     }
 }
 
@@ -568,7 +568,7 @@ fn a_larger_volume_grows_each_vendors_root_where_it_sits() {
                 );
             }
             let _ = std::fs::remove_file(&raw);
-            cloud.assert_no_bake_left();
+            cloud.assert_nothing_temporary();
         }
     }
 }
@@ -707,7 +707,7 @@ fn bakes_arm64(family: &str, owner: &str, name: &str) -> (LocalCloud, tempfile::
             host_before,
             "{backend}: this host's binfmt_misc is as it was, and runs no arm64 program"
         );
-        cloud.assert_no_bake_left();
+        cloud.assert_nothing_temporary();
     }
 
     (cloud, work)
@@ -716,7 +716,7 @@ fn bakes_arm64(family: &str, owner: &str, name: &str) -> (LocalCloud, tempfile::
 #[test]
 fn an_arm64_al2023_is_baked_on_this_x86_64_host_through_qemu() {
     let (cloud, _work) = bakes_arm64("al2023-arm64", "137112412989", "al2023-ami-2023.*-arm64");
-    cloud.assert_no_bake_left();
+    cloud.assert_nothing_temporary();
 }
 
 /// Debian's arm64 image bakes as AL2023's does; without the emulator, or with the sandbox's
@@ -797,5 +797,5 @@ fn an_arm64_debian_is_baked_on_this_x86_64_host_through_qemu_and_never_without_i
         .filter(|a| !a.starts_with("Describe") && !a.starts_with("Get"))
         .collect();
     assert!(made.is_empty(), "nothing is made: {made:?}\n{}", run.dump());
-    cloud.assert_no_bake_left();
+    cloud.assert_nothing_temporary();
 }

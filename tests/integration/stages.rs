@@ -6,23 +6,13 @@
 use std::os::unix::fs::PermissionsExt;
 
 use crate::util::localcloud::PARTITION_1_OFFSET;
-use crate::util::{Run, Story};
+use crate::util::Run;
 
-/// The story's world, with what this module adds to it.
-struct World(Story);
-
-impl std::ops::Deref for World {
-    type Target = Story;
-    fn deref(&self) -> &Story {
-        &self.0
-    }
-}
+/// This module's story.
+struct Stages;
+type World = crate::util::World<Stages>;
 
 impl World {
-    fn new() -> World {
-        World(Story::new("quick"))
-    }
-
     /// An executable script beside the template.
     fn script(&self, name: &str, body: &str) {
         let path = self.dir().join(name);
@@ -84,7 +74,7 @@ fn manifest(run: &Run) -> serde_json::Value {
 #[test]
 fn pre_and_post_commands_run_around_the_bake_with_its_facts() {
     let _module = crate::util::module_turn(module_path!());
-    let world = World::new();
+    let world = World::new("quick");
     world.script(
         "check.sh",
         "echo \"checking $AMIBAKE_COMMIT on $AMIBAKE_BASE_AMI\"\n\
@@ -210,7 +200,7 @@ fn pre_and_post_commands_run_around_the_bake_with_its_facts() {
 #[test]
 fn normal_and_destructive_bakes_of_one_commit_are_two_images() {
     let _module = crate::util::module_turn(module_path!());
-    let world = World::new();
+    let world = World::new("quick");
     world.template(
         "[[bake.provisioner]]\ninline = [\"echo kept > /etc/variant-normal\"]\nwhen = \"normal\"\n\n\
          [[bake.provisioner]]\ninline = [\"echo reset > /etc/variant-destructive\"]\nwhen = \"destructive\"\n\n\
@@ -268,7 +258,7 @@ fn normal_and_destructive_bakes_of_one_commit_are_two_images() {
 #[test]
 fn a_signal_during_a_pre_command_stops_it_and_exits_as_signalled() {
     let _module = crate::util::module_turn(module_path!());
-    let world = World::new();
+    let world = World::new("quick");
     world.script("wait.sh", "echo waiting\nexec sleep 300");
     // Its own timeout only bounds this test, should the signal never come.
     world.template(

@@ -50,38 +50,8 @@ fn bake(cloud: &LocalCloud, dir: &Path, tarball: &str, vars: &[&str]) -> Run {
     }
 }
 
-/// Nothing of a failed bake: only the build host's own root volume, no attachment (the local
-/// cloud's loop devices and /dev links exist only for those), no image or snapshot of ours,
-/// no mount of a run that is over.
-fn assert_clean(cloud: &LocalCloud, run: &Run) {
-    let ls = cloud.ls();
-    let volumes: Vec<_> = ls["volumes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|v| v["attached_to"] != ls["build_host"] || v["device"] != "/dev/xvda")
-        .collect();
-    assert!(
-        volumes.is_empty(),
-        "volumes left: {volumes:?}\n{}",
-        run.dump()
-    );
-    assert_eq!(ls["attachments"], serde_json::json!([]), "{}", run.dump());
-    for kind in ["images", "snapshots"] {
-        let ours: Vec<_> = ls[kind]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|x| x["owner"] == "123456789012")
-            .collect();
-        assert!(ours.is_empty(), "{kind} left: {ours:?}\n{}", run.dump());
-    }
-    let left = crate::util::localcloud::bake_mounts_left();
-    assert!(left.is_empty(), "a bake mount is left: {left:#?}");
-}
-
 /// After a bake that succeeded: exactly its image and snapshot are left of it; removes them,
-/// so `assert_clean` can follow.
+/// so nothing is left after.
 fn take_back(cloud: &LocalCloud, run: &Run) {
     run.expect_code(0);
     let manifest: serde_json::Value =
@@ -118,7 +88,7 @@ fn take_back(cloud: &LocalCloud, run: &Run) {
         .await
         .unwrap();
     });
-    assert_clean(cloud, run);
+    cloud.left().assert_nothing(&run.dump());
 }
 
 fn error_line(run: &Run) -> String {
@@ -171,7 +141,7 @@ fn a_failure_at_each_aws_call_of_a_bake_cleans_up_and_names_its_step() {
         let injected = cloud.fail_once(service, action, *after);
         let run = bake(&cloud, dir, "app.tar.gz", &[]);
         run.expect_failure(&injected, *step);
-        assert_clean(&cloud, &run);
+        cloud.left().assert_nothing(&run.dump());
     }
 }
 
@@ -197,7 +167,7 @@ fn eventual_consistency_and_lost_answers_leave_one_image_and_one_snapshot() {
         |line| line.contains("\"step_started\"") && line.contains("\"step\":\"create volume\""),
     );
     run.expect_code(143);
-    assert_clean(&cloud, &run);
+    cloud.left().assert_nothing(&run.dump());
     cloud.cli(&["consistency", "0"]);
 
     // A create whose answer is lost (carried out, then HTTP 500: the SDK retries): a client
@@ -231,7 +201,7 @@ fn cleanups_that_fail_name_what_they_could_not_remove() {
         let run = bake(&cloud, dir, "app.tar.gz", &[after_failing]);
         run.expect_leftover(&[left_kind, "UnauthorizedOperation"]);
         clean_volumes_by_hand(&cloud);
-        assert_clean(&cloud, &run);
+        cloud.left().assert_nothing(&run.dump());
     }
 }
 
@@ -312,7 +282,7 @@ fn an_unmount_that_fails_keeps_the_volume_attached_and_names_both() {
     // And the run's work directory, which could not go while its mount was there.
     std::fs::remove_dir(Path::new(&root).parent().unwrap()).unwrap();
     clean_volumes_by_hand(&cloud);
-    assert_clean(&cloud, &run);
+    cloud.left().assert_nothing(&run.dump());
 }
 
 #[test]
@@ -340,7 +310,7 @@ fn a_signal_in_each_step_of_a_bake_cleans_up_inside_the_kill_window() {
         "{}",
         run.dump()
     );
-    assert_clean(&cloud, &run);
+    cloud.left().assert_nothing(&run.dump());
 
     // SIGTERM, as a CI system stops a job, in each step that waits on something: exit 143
     // well inside the 10 s such a system gives before it kills, the step named exactly (its
@@ -374,7 +344,7 @@ fn a_signal_in_each_step_of_a_bake_cleans_up_inside_the_kill_window() {
             },
         );
         run.expect_terminated_in(step, after_signal);
-        assert_clean(&cloud, &run);
+        cloud.left().assert_nothing(&run.dump());
     }
 }
 
@@ -408,7 +378,7 @@ fn hostile_tarballs_are_refused_before_aws_or_contained_in_the_image() {
             run.dump()
         );
         canary.assert_untouched(name);
-        assert_clean(&cloud, &run);
+        cloud.left().assert_nothing(&run.dump());
     }
 
     // From standard input, it is named as given.
@@ -430,7 +400,7 @@ fn hostile_tarballs_are_refused_before_aws_or_contained_in_the_image() {
         "{}",
         run.dump()
     );
-    assert_clean(&cloud, &run);
+    cloud.left().assert_nothing(&run.dump());
 
     // Hostile tarballs that only the image can tell from good ones, through whole bakes:
     // refused in the extraction with the entry named, or contained in the image; the
@@ -491,7 +461,7 @@ fn hostile_tarballs_are_refused_before_aws_or_contained_in_the_image() {
             "{name}: wanted {refused_with:?} in {error}"
         );
         canary.assert_untouched(name);
-        assert_clean(&cloud, &run);
+        cloud.left().assert_nothing(&run.dump());
     }
 
     // A provisioner that turns the image's own paths into links to the host before amibake
@@ -507,7 +477,7 @@ fn hostile_tarballs_are_refused_before_aws_or_contained_in_the_image() {
         run.dump()
     );
     canary.assert_untouched("resolv.conf made a link to the host");
-    assert_clean(&cloud, &run);
+    cloud.left().assert_nothing(&run.dump());
     let etc_to_host = format!("command=mv /etc /etc.image && ln -s {canary_dir} /etc");
     let run = bake(&cloud, dir, "app.tar.gz", &[&etc_to_host]);
     run.expect_code(1);
@@ -518,7 +488,7 @@ fn hostile_tarballs_are_refused_before_aws_or_contained_in_the_image() {
         run.dump()
     );
     canary.assert_untouched("/etc made a link to the host");
-    assert_clean(&cloud, &run);
+    cloud.left().assert_nothing(&run.dump());
 }
 
 /// 800 MiB in 1 MiB files, zstd-compressed to almost nothing: quick to make, long enough to
@@ -683,7 +653,7 @@ inline = ["echo \"the token is $TOKEN\"", "echo token ${var.token} >&2; exit 3"]
     if let Ok(manifest) = std::fs::read_to_string(dir.join("manifest.json")) {
         assert!(!manifest.contains(SECRET), "{manifest}");
     }
-    assert_clean(&cloud, &failed);
+    cloud.left().assert_nothing(&failed.dump());
 }
 
 /// `--on-error=abort` on a bake: the image stays mounted where the run says, with the
@@ -736,6 +706,6 @@ fn on_error_abort_keeps_the_mounted_image_and_gc_build_id_removes_it() {
             .unwrap(),
     };
     gc.expect_code(0);
-    assert_clean(&cloud, &gc);
+    cloud.left().assert_nothing(&gc.dump());
     assert!(!Path::new(&mounted).exists(), "{}", gc.dump());
 }

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use crate::util::tarballs::{composer_like, gzip};
-use crate::util::{Run, Story};
+use crate::util::Run;
 
 /// A port nothing listens on: this machine has no instance metadata, so bakes go direct.
 const NO_IMDS: &str = "http://127.0.0.1:9";
@@ -16,18 +16,9 @@ const NO_IMDS: &str = "http://127.0.0.1:9";
 /// start), the kinds of leftover gc must find at least)
 type Row<'a> = (&'a str, &'a str, &'a str, &'a [&'a str]);
 
-/// The story's world, and the volumes there are before any run: the build host's own.
-struct World {
-    story: Story,
-    volumes_before: Vec<serde_json::Value>,
-}
-
-impl std::ops::Deref for World {
-    type Target = Story;
-    fn deref(&self) -> &Story {
-        &self.story
-    }
-}
+/// This module's story.
+struct Gc;
+type World = crate::util::World<Gc>;
 
 impl World {
     fn cache(&self) -> PathBuf {
@@ -92,38 +83,7 @@ impl World {
     /// no key pair, no group, no image or snapshot of the account; no mount, loop device,
     /// work or key directory, or cache copy on this machine.
     fn assert_nothing_left(&self, after: &str) {
-        let ls = self.cloud.ls();
-        let ours = |kind: &str| -> Vec<serde_json::Value> {
-            ls[kind]
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter(|x| x["owner"] == "123456789012")
-                .cloned()
-                .collect()
-        };
-        assert_eq!(ours("images"), Vec::<serde_json::Value>::new(), "{after}");
-        assert_eq!(
-            ours("snapshots"),
-            Vec::<serde_json::Value>::new(),
-            "{after}"
-        );
-        let alive: Vec<&serde_json::Value> = ls["instances"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|i| i["id"] != self.cloud.build_host() && i["state"] != "terminated")
-            .collect();
-        assert!(alive.is_empty(), "{after}: instances {alive:?}");
-        let volumes: Vec<&serde_json::Value> = ls["volumes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|v| !self.volumes_before.iter().any(|b| b["id"] == v["id"]))
-            .collect();
-        assert!(volumes.is_empty(), "{after}: volumes {volumes:?}");
-        assert_eq!(ls["key_pairs"], serde_json::json!([]), "{after}");
-        assert_eq!(ls["security_groups"], serde_json::json!([]), "{after}");
+        self.cloud.left().assert_nothing(after);
         let dir = self.dir().to_string_lossy().into_owned();
         let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
         assert!(
@@ -151,9 +111,6 @@ impl World {
             let name = entry.file_name().to_string_lossy().into_owned();
             assert!(!name.starts_with('.'), "{after}: the cache holds {name}");
         }
-        // The cgroups that guarded a killed run's provisioners, wherever in the hierarchy.
-        let guards = self.cloud.guard_cgroups_left();
-        assert!(guards.is_empty(), "{after}: cgroups left: {guards:?}");
         assert!(
             !Command::new("pgrep")
                 .args(["-f", "pasta --runas 0"])
@@ -161,12 +118,6 @@ impl World {
                 .unwrap()
                 .success(),
             "{after}: a pasta outlived its sandbox"
-        );
-        // A base build's private key lives on tmpfs.
-        let keys = self.cloud.private_key_dirs_left();
-        assert!(
-            keys.is_empty(),
-            "{after}: private key directories left: {keys:?}"
         );
     }
 }
@@ -216,12 +167,7 @@ fn assert_found(found: &serde_json::Value, kinds: &[&str], step: &str, killed: &
 #[test]
 fn gc_removes_what_killed_runs_left_and_spares_a_live_one() {
     let _module = crate::util::module_turn(module_path!());
-    let story = Story::new("quick");
-    let volumes_before = story.cloud.ls()["volumes"].as_array().unwrap().clone();
-    let world = World {
-        story,
-        volumes_before,
-    };
+    let world = World::new("quick");
     let dir = world.dir();
     let vendor = world.vendor_ami();
     let (tar, _) = composer_like();

@@ -517,7 +517,7 @@ fn a_tarball_program_in_an_operators_terminal_reaches_nothing_of_the_host() {
             "the base's node is still there, only powerless"
         );
         drop(image);
-        cloud.assert_no_bake_left();
+        cloud.assert_nothing_temporary();
     }
 }
 
@@ -737,6 +737,6 @@ fn a_base_or_a_pre_command_cannot_hang_flood_or_swap_a_bake() {
         );
         run.expect_code(1);
         assert!(run.stderr().contains(said), "{name}: {}", run.dump());
-        cloud.assert_no_bake_left();
+        cloud.assert_nothing_temporary();
     }
 }

@@ -7,10 +7,13 @@ use std::process::{Command, Output};
 /// Where the vendor image's root partition (partition 1) starts on its disk.
 pub const PARTITION_1_OFFSET: u64 = 2048 * 512;
 
+/// The account the local cloud's credentials are of: its images and snapshots are a run's.
+pub const ACCOUNT: &str = "123456789012";
+
 pub struct LocalCloud {
     /// Not a TempDir: it is removed only once nothing is mounted beneath it (an instance's
     /// root holds a bind of /dev, and a recursive delete would walk into the host's).
-    state: PathBuf,
+    pub(super) state: PathBuf,
     /// The `export` lines of `localcloud up`: what every AWS SDK reads.
     pub env: Vec<(String, String)>,
     info: serde_json::Value,
@@ -345,67 +348,6 @@ impl LocalCloud {
             edit(&mounted.root);
         }
         Self::image_of_volume(clients, &volume_id, name).await
-    }
-
-    /// What a bake may leave: nothing but the image and its snapshot. No work volume,
-    /// attachment, mount, provisioner cgroup or loop device over a device.
-    /// Nothing temporary of any base build is left: instances terminated but the build host,
-    /// no key pair, no security group of ours, no private key on this machine.
-    pub fn assert_no_base_left(&self) {
-        let ls = self.ls();
-        let build_host = self.build_host();
-        let alive: Vec<_> = ls["instances"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|i| i["id"] != build_host && i["state"] != "terminated")
-            .collect();
-        assert!(alive.is_empty(), "instances left: {alive:?}");
-        assert_eq!(ls["key_pairs"], serde_json::json!([]), "{ls}");
-        assert_eq!(ls["security_groups"], serde_json::json!([]), "{ls}");
-        let keys = self.private_key_dirs_left();
-        assert!(keys.is_empty(), "private key directories left: {keys:?}");
-    }
-
-    pub fn assert_no_bake_left(&self) {
-        let build_host = self.build_host();
-        let ls = self.ls();
-        let volumes: Vec<_> = ls["volumes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|v| v["attached_to"] != build_host || v["device"] != "/dev/xvda")
-            .collect();
-        assert!(volumes.is_empty(), "work volumes left: {volumes:?}");
-        assert_eq!(ls["attachments"].as_array().unwrap().len(), 0);
-        let left = bake_mounts_left();
-        assert!(left.is_empty(), "a bake mount is left: {left:#?}");
-        let cgroups = self.guard_cgroups_left();
-        assert!(cgroups.is_empty(), "provisioner cgroups left: {cgroups:?}");
-        // A partition of the image (a grown root, a /boot) is a loop device over the attached
-        // volume's device, itself a loop device over this cloud's volume file: only those are
-        // this cloud's (the stories beside this one have their own).
-        let state = std::fs::canonicalize(&self.state).unwrap();
-        let backing_of = |block: &Path| {
-            std::fs::read_to_string(block.join("loop/backing_file"))
-                .ok()
-                .map(|b| b.trim_end().to_string())
-        };
-        let over_devices: Vec<String> = std::fs::read_dir("/sys/block")
-            .unwrap()
-            .flatten()
-            .filter_map(|e| backing_of(&e.path()))
-            .filter(|backing| {
-                backing
-                    .strip_prefix("/dev/")
-                    .and_then(|device| backing_of(&Path::new("/sys/block").join(device)))
-                    .is_some_and(|file| Path::new(&file).starts_with(&state))
-            })
-            .collect();
-        assert!(
-            over_devices.is_empty(),
-            "loop devices over a device left: {over_devices:?}"
-        );
     }
 
     pub fn build_host(&self) -> &str {

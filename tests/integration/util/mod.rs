@@ -2,6 +2,7 @@
 
 #![allow(dead_code)]
 
+pub mod left;
 pub mod localcloud;
 pub mod schema;
 pub mod tarballs;
@@ -308,6 +309,31 @@ pub fn isolation() -> amibake::sandbox::Isolation {
     static RANGE: std::sync::OnceLock<amibake::sandbox::ids::IdRange> = std::sync::OnceLock::new();
     let range = RANGE.get_or_init(|| amibake::sandbox::ids::IdRange::pick().expect("host ids"));
     amibake::sandbox::Isolation::OwnIds { base: range.base() }
+}
+
+/// A story with what one module adds to it: the module names itself with a type of its own
+/// (`struct Stages; type World = util::World<Stages>;`) and writes its helpers in
+/// `impl World`.
+pub struct World<Module> {
+    story: Story,
+    module: std::marker::PhantomData<Module>,
+}
+
+impl<Module> World<Module> {
+    /// `latency`: none, quick or realistic.
+    pub fn new(latency: &str) -> Self {
+        World {
+            story: Story::new(latency),
+            module: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<Module> std::ops::Deref for World<Module> {
+    type Target = Story;
+    fn deref(&self) -> &Story {
+        &self.story
+    }
 }
 
 /// One story's world: its own local cloud, a directory for its templates and tarballs
