@@ -125,7 +125,8 @@ pub struct InstanceSpec<'a> {
     pub client_token: String,
     pub image_id: &'a str,
     pub instance_type: &'a str,
-    pub key_name: &'a str,
+    /// None: no key pair (the instance is reached through SSM).
+    pub key_name: Option<&'a str>,
     pub tags: &'a [Tag],
     pub volume_tags: &'a [Tag],
     pub subnet_id: Option<&'a str>,
@@ -149,7 +150,7 @@ pub async fn launch(clients: &Clients, spec: InstanceSpec<'_>) -> Result<String,
         .instance_type(InstanceType::from(spec.instance_type))
         .min_count(1)
         .max_count(1)
-        .key_name(spec.key_name)
+        .set_key_name(spec.key_name.map(str::to_string))
         .metadata_options(
             InstanceMetadataOptionsRequest::builder()
                 .http_tokens(HttpTokensState::Required)

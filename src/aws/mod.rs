@@ -11,6 +11,7 @@ pub mod key_pair;
 pub mod kms;
 pub mod launch_template;
 pub mod resources;
+pub mod run_command;
 pub mod security_group;
 pub mod snapshot;
 pub mod ssm;

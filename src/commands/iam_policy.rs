@@ -14,7 +14,7 @@ use serde_json::json;
 
 use crate::artifact::TAG_BUILD_ID;
 use crate::template::{
-    AmiRef, BakePlan, BasePlan, Distribution, InstancePlan, SsmPublish, Template,
+    AmiRef, BakePlan, BasePlan, CommunicatorKind, Distribution, InstancePlan, SsmPublish, Template,
 };
 
 /// Which runs the policy is for.
@@ -207,6 +207,34 @@ fn temporary_instance(grants: &mut Grants, plan: &InstancePlan) {
         &[IMAGE, SUBNET, SECURITY_GROUP, KEY_PAIR],
     );
     grants.allow(Scope::Owned, &[INSTANCE], &["ec2:TerminateInstances"]);
+    if let Some(profile) = &plan.iam_instance_profile {
+        // Launching with a profile passes its role to EC2. IAM names the role, not the
+        // profile: this is the role of the profile's own name, as the console makes them.
+        let role = profile.rsplit('/').next().unwrap_or(profile);
+        grants.allow(
+            Scope::Any,
+            &[&format!("arn:aws:iam::*:role/{role}")],
+            &["iam:PassRole"],
+        );
+    }
+    if plan.communicator == CommunicatorKind::Ssm {
+        grants.allow(
+            Scope::Any,
+            &["*"],
+            &[
+                "ssm:DescribeInstanceInformation",
+                "ssm:GetCommandInvocation",
+            ],
+        );
+        // The shell document, on the run's own instance only.
+        grants.allow(
+            Scope::Any,
+            &["arn:aws:ssm:*::document/AWS-RunShellScript"],
+            &["ssm:SendCommand"],
+        );
+        grants.allow(Scope::Owned, &[INSTANCE], &["ssm:SendCommand"]);
+        grants.allow(Scope::Any, &["*"], &["ssm:CancelCommand"]);
+    }
 }
 
 fn bake(grants: &mut Grants, plan: &BakePlan, backends: &[Backend]) {

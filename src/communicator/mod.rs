@@ -1,8 +1,10 @@
-//! How provisioners reach the machine they provision: a chroot on the build host (`bake`) or
-//! SSH to a temporary instance (`base`). The provisioner code runs the same over either.
+//! How provisioners reach the machine they provision: a chroot on the build host (`bake`),
+//! or SSH or SSM Run Command to a temporary instance (`base`, booted tests). The provisioner
+//! code runs the same over each.
 
 pub mod chroot;
 pub mod ssh;
+pub mod ssm;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -56,4 +58,9 @@ pub trait Communicator: Send + Sync {
             reason: reason.to_string(),
         }
     }
+}
+
+/// `value` as one single-quoted shell word.
+pub(crate) fn quote(value: &str) -> String {
+    format!("'{}'", value.replace('\'', r"'\''"))
 }

@@ -17,7 +17,7 @@ use ssh2::{ExtendedData, Session};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{CommError, Communicator};
+use super::{quote, CommError, Communicator};
 use crate::template::Network;
 
 /// How often a running command's reader looks at the cancel token.
@@ -358,11 +358,6 @@ fn millis(d: Duration) -> u32 {
 fn text_line(bytes: &[u8]) -> String {
     let text = String::from_utf8_lossy(bytes);
     text.trim_end_matches(['\n', '\r']).to_string()
-}
-
-/// `value` as one single-quoted shell word.
-fn quote(value: &str) -> String {
-    format!("'{}'", value.replace('\'', r"'\''"))
 }
 
 #[cfg(test)]

@@ -320,7 +320,7 @@ async fn boot_and_test(image: &ImageState, ctx: &mut StepContext) -> Result<(), 
     instance.create_key_pair(ctx).await?;
     instance.create_security_group(ctx).await?;
     instance.launch(ctx).await?;
-    instance.wait_for_ssh(ctx).await?;
+    instance.connect(ctx).await?;
     let instance_id = instance.id()?;
     let mut facts: Vec<(String, String)> = vec![
         ("AMIBAKE_STAGE".into(), "test".into()),
@@ -338,16 +338,16 @@ async fn boot_and_test(image: &ImageState, ctx: &mut StepContext) -> Result<(), 
             t
         })
         .collect();
-    let ssh = instance.ssh()?;
+    let session = instance.session()?;
     let outcome = provision::run_all(
-        ssh.as_ref(),
+        session.as_ref(),
         Entries::Tests,
         &tests,
         &ctx.progress,
         &ctx.cancel,
     )
     .await;
-    drop(ssh);
+    drop(session);
     match outcome {
         Ok(()) => {
             ctx.progress.note(format!(

@@ -16,8 +16,8 @@ use crate::artifact;
 use crate::aws::{sdk_config, Clients};
 use crate::engine::{self, EventSink, RunReport};
 use crate::template::{
-    self, Commit, ImagePlan, InstancePlan, LoadOptions, Plan, Provisioner, Secrets, StageCommand,
-    Template,
+    self, Commit, CommunicatorKind, ImagePlan, InstancePlan, LoadOptions, Plan, Provisioner,
+    Secrets, StageCommand, Template,
 };
 
 /// What one mode owns of a run; `run` does the rest.
@@ -308,6 +308,12 @@ fn with_ssh_cidrs(
     if instance.security_group_ids.is_some() {
         return Err(ModeError::Usage(format!(
             "--ssh-cidr shapes the temporary security group, which `security_group_ids` in {} replaces: use one of them",
+            path.display()
+        )));
+    }
+    if instance.communicator == CommunicatorKind::Ssm {
+        return Err(ModeError::Usage(format!(
+            "--ssh-cidr opens SSH to the instance, which {} reaches through SSM (`communicator = \"ssm\"`) with no port open: leave it out",
             path.display()
         )));
     }

@@ -23,7 +23,7 @@ pub use ami_ref::{AmiFilter, AmiRef, SsmSelector};
 pub use check::is_ipv4_cidr;
 pub use diagnostic::{Diagnostic, TemplateErrors};
 pub use interpolate::{Commit, Context, Secrets};
-pub use schema::SshInterface;
+pub use schema::{CommunicatorKind, SshInterface};
 pub use variables::VariableInputs;
 
 /// A template that passed every check, with every reference resolved.
@@ -87,10 +87,15 @@ pub struct BaseBuild {
 #[derive(Debug, Clone, Serialize)]
 pub struct InstancePlan {
     pub instance_type: String,
+    /// How the run reaches the instance.
+    pub communicator: CommunicatorKind,
+    /// Empty with `communicator = "ssm"`, which logs in as nobody.
     pub ssh_username: String,
     /// None: the public address when the instance has one, else the private one.
     pub ssh_interface: Option<SshInterface>,
-    pub ssh_timeout: Duration,
+    /// How long the instance may take to answer over SSH, or its agent to register with
+    /// SSM.
+    pub reach_timeout: Duration,
     /// Set when the template names its key pair; otherwise a temporary one is made.
     pub ssh_keypair: Option<ExistingKeyPair>,
     pub ssh_cidrs: Option<Vec<String>>,

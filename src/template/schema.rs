@@ -160,7 +160,12 @@ macro_rules! with_instance_keys {
             pub struct $name {
                 $($own)*
                 pub instance_type: Spanned<String>,
-                pub ssh_username: Spanned<String>,
+                /// `ssh` (the default) or `ssm`: how the run reaches the instance.
+                pub communicator: Option<Spanned<CommunicatorKind>>,
+                /// With `ssm`: how long the instance's agent may take to register it.
+                pub agent_timeout_seconds: Option<Spanned<u64>>,
+                /// With `ssh`, the user to log in as.
+                pub ssh_username: Option<Spanned<String>>,
                 pub ssh_interface: Option<Spanned<SshInterface>>,
                 pub ssh_timeout_seconds: Option<Spanned<u64>>,
                 /// An existing key pair, with its private key file, instead of a temporary
@@ -184,6 +189,8 @@ macro_rules! with_instance_keys {
             pub fn instance_keys(&self) -> InstanceKeys<'_> {
                 InstanceKeys {
                     instance_type: &self.instance_type,
+                    communicator: &self.communicator,
+                    agent_timeout_seconds: &self.agent_timeout_seconds,
                     ssh_username: &self.ssh_username,
                     ssh_interface: &self.ssh_interface,
                     ssh_timeout_seconds: &self.ssh_timeout_seconds,
@@ -218,7 +225,9 @@ macro_rules! plain_section {
 /// The instance keys of either table, as written.
 pub struct InstanceKeys<'a> {
     pub instance_type: &'a Spanned<String>,
-    pub ssh_username: &'a Spanned<String>,
+    pub communicator: &'a Option<Spanned<CommunicatorKind>>,
+    pub agent_timeout_seconds: &'a Option<Spanned<u64>>,
+    pub ssh_username: &'a Option<Spanned<String>>,
     pub ssh_interface: &'a Option<Spanned<SshInterface>>,
     pub ssh_timeout_seconds: &'a Option<Spanned<u64>>,
     pub ssh_keypair_name: &'a Option<Spanned<String>>,
@@ -314,6 +323,16 @@ pub struct StageEntry {
     pub env: BTreeMap<String, Spanned<String>>,
     pub when: Option<Spanned<String>>,
     pub timeout_seconds: Option<Spanned<u64>>,
+}
+
+/// How a run reaches its temporary instance: over SSH from this runner, or through SSM Run
+/// Command, with no key pair and no port open to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CommunicatorKind {
+    #[default]
+    Ssh,
+    Ssm,
 }
 
 /// Which of the instance's addresses `base` connects to. Unset: the public address when

@@ -24,4 +24,5 @@ mod image_cache;
 mod image_test;
 mod layouts;
 mod prune;
+mod ssm;
 mod stages;

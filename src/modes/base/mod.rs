@@ -21,7 +21,9 @@ use crate::artifact::{self, BaseManifest, TAG_SOURCE_AMI};
 use crate::aws::ami::{self, BaseImage};
 use crate::aws::Clients;
 use crate::engine::{self, EventSink, RunReport, Step};
-use crate::template::{BaseBuild, BasePlan, Commit, InstancePlan, Plan, Template};
+use crate::template::{
+    BaseBuild, BasePlan, Commit, CommunicatorKind, InstancePlan, Plan, Template,
+};
 
 #[derive(Debug, Clone)]
 pub struct BaseOptions {
@@ -29,17 +31,22 @@ pub struct BaseOptions {
     pub common: CommonOptions,
 }
 
-/// The steps, in order: the base build reads as this list.
-fn steps() -> Vec<Box<dyn Step<BaseState>>> {
-    let mut steps: Vec<Box<dyn Step<BaseState>>> = vec![
-        Box::new(steps::CreateKeyPair),
-        Box::new(steps::CreateSecurityGroup),
-        Box::new(steps::LaunchInstance),
-        Box::new(steps::WaitForSsh),
-        Box::new(steps::RunProvisioners),
-        Box::new(steps::StopInstance),
-        Box::new(steps::CreateImage),
-    ];
+/// The steps, in order: the base build reads as this list. Through SSM, there is no key
+/// pair, and the instance is reached once its agent registers.
+fn steps(communicator: CommunicatorKind) -> Vec<Box<dyn Step<BaseState>>> {
+    let mut steps: Vec<Box<dyn Step<BaseState>>> = Vec::new();
+    if communicator == CommunicatorKind::Ssh {
+        steps.push(Box::new(steps::CreateKeyPair));
+    }
+    steps.push(Box::new(steps::CreateSecurityGroup));
+    steps.push(Box::new(steps::LaunchInstance));
+    steps.push(Box::new(steps::WaitToReach(match communicator {
+        CommunicatorKind::Ssh => "wait for ssh",
+        CommunicatorKind::Ssm => "wait for agent",
+    })));
+    steps.push(Box::new(steps::RunProvisioners));
+    steps.push(Box::new(steps::StopInstance));
+    steps.push(Box::new(steps::CreateImage));
     steps.extend(image::tail(true));
     steps
 }
@@ -125,6 +132,7 @@ impl Mode for BaseMode {
         run: EngineRun,
     ) -> Result<(RunReport, ImageState), ModeError> {
         let source = self.source();
+        let communicator = build.instance.communicator;
         let instance = TemporaryInstance::new(
             &image.clients,
             &image.build_id,
@@ -140,7 +148,7 @@ impl Mode for BaseMode {
         let mut report = engine::run(
             Self::SECTION,
             &build_id,
-            &steps(),
+            &steps(communicator),
             &mut state,
             run.sink,
             run.cancel,

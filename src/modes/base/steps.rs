@@ -44,15 +44,17 @@ impl Step<BaseState> for LaunchInstance {
     }
 }
 
-pub struct WaitForSsh;
+/// Until the instance can be reached: its SSH server answers ("wait for ssh"), or its SSM
+/// agent registers it ("wait for agent"). The step is named for what it waits on.
+pub struct WaitToReach(pub &'static str);
 
 #[async_trait]
-impl Step<BaseState> for WaitForSsh {
+impl Step<BaseState> for WaitToReach {
     fn name(&self) -> &'static str {
-        "wait for ssh"
+        self.0
     }
     async fn run(&self, s: &mut BaseState, ctx: &mut StepContext) -> Result<(), StepError> {
-        s.instance.wait_for_ssh(ctx).await
+        s.instance.connect(ctx).await
     }
 }
 
@@ -64,9 +66,9 @@ impl Step<BaseState> for RunProvisioners {
         "run provisioners"
     }
     async fn run(&self, s: &mut BaseState, ctx: &mut StepContext) -> Result<(), StepError> {
-        let ssh = s.instance.ssh()?;
+        let session = s.instance.session()?;
         provision(
-            ssh.as_ref(),
+            session.as_ref(),
             Entries::Provisioners,
             &s.image.plan.provisioners,
             ctx,

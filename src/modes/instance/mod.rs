@@ -1,16 +1,17 @@
-//! A temporary instance a run launches and reaches over SSH: the one a base is provisioned
-//! on, and the one a new image is booted on to be tested. Its key pair, security group and
-//! the instance itself are the run's own, tagged with its build id, and each one's removal
-//! is registered the moment it exists.
+//! A temporary instance a run launches and reaches, over SSH or through SSM Run Command: the
+//! one a base is provisioned on, and the one a new image is booted on to be tested. Its key
+//! pair (SSH only), security group and the instance itself are the run's own, tagged with
+//! its build id, and each one's removal is registered the moment it exists. Through SSM,
+//! there is no key pair and the group lets nothing in.
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::time::Instant;
 
 mod address;
 mod key_dir;
+mod ssh;
 
 use address::{no_address, runner_cidr, ssh_address};
 use key_dir::{write_private, KeyDir};
@@ -19,27 +20,23 @@ use super::support::{earlier, failed, tags, undo_with, waited};
 use super::ModeError;
 use crate::artifact::TAG_BUILD_ID;
 use crate::aws::key_pair::KeyPairError;
-use crate::aws::{console, Clients};
-use crate::communicator::ssh::{HostKey, Ssh, SshTarget};
+use crate::aws::Clients;
+use crate::communicator::ssh::SshTarget;
+use crate::communicator::ssm::Ssm;
+use crate::communicator::Communicator;
 use crate::engine::{Keep, StepContext, StepError, UndoId};
-use crate::template::{InstancePlan, SshInterface};
+use crate::template::{CommunicatorKind, InstancePlan, SshInterface};
 
 const SSH_PORT: u16 = 22;
-/// One connection attempt while the instance boots; the wait's total is the template's.
-const SSH_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
-const SSH_RETRY_PAUSE: Duration = Duration::from_secs(1);
-/// A note about the wait at most this often: retries are otherwise quiet.
-const SSH_NOTE_EVERY: Duration = Duration::from_secs(15);
 const PRIVATE_KEY_FILE: &str = "id_ed25519";
 
-/// The instance's SSH server never let the run in within the template's timeout.
+/// The instance's SSM agent never registered it within the template's bound.
 #[derive(Debug, thiserror::Error)]
-#[error("no SSH answer from {target} within {seconds}s (`ssh_timeout_seconds`); last attempt")]
-pub struct NoSshAnswer {
-    target: String,
+#[error("{instance_id} never registered with SSM within {seconds}s (`agent_timeout_seconds`): SSM manages an instance once its agent runs (Amazon Linux, Ubuntu and Windows images hold it, not every image), its instance profile ({profile}) has a role with AWS's AmazonSSMManagedInstanceCore policy, and it reaches SSM's endpoints (a NAT gateway, or VPC endpoints for ssm, ssmmessages and ec2messages)")]
+pub struct NoAgent {
+    instance_id: String,
     seconds: u64,
-    #[source]
-    last: crate::communicator::ssh::ConnectError,
+    profile: String,
 }
 
 /// What an instance is for: it names and tags what is made for it, so a base build's
@@ -83,7 +80,8 @@ pub struct TemporaryInstance {
     /// Stopped for its image: what `keep_for_a_look` says.
     stopped: bool,
     ssh_target: Option<SshTarget>,
-    ssh: Option<Arc<Ssh>>,
+    /// Once the instance answers: its SSH session, or its SSM agent.
+    session: Option<Arc<dyn Communicator>>,
 }
 
 impl TemporaryInstance {
@@ -107,7 +105,7 @@ impl TemporaryInstance {
             terminate: None,
             stopped: false,
             ssh_target: None,
-            ssh: None,
+            session: None,
         })
     }
 
@@ -116,14 +114,18 @@ impl TemporaryInstance {
         earlier(&self.instance_id, "instance")
     }
 
-    /// The SSH session, once the instance answered.
-    pub fn ssh(&self) -> Result<Arc<Ssh>, StepError> {
-        earlier(&self.ssh, "SSH session")
+    /// How the provisioners reach the instance, once it answered.
+    pub fn session(&self) -> Result<Arc<dyn Communicator>, StepError> {
+        earlier(&self.session, "session with the instance")
     }
 
-    /// Ends the SSH session: before the machine stops or goes.
+    /// Ends the session: before the machine stops or goes.
     pub fn disconnect(&mut self) {
-        self.ssh = None;
+        self.session = None;
+    }
+
+    fn over_ssm(&self) -> bool {
+        self.launch.plan.communicator == CommunicatorKind::Ssm
     }
 
     /// `amibake-BUILD` for a build instance's key pair and group, `amibake-BUILD-test` for
@@ -147,8 +149,12 @@ impl TemporaryInstance {
         ])
     }
 
-    /// The template's key pair, or a temporary one whose private key stays on tmpfs.
+    /// The template's key pair, or a temporary one whose private key stays on tmpfs; none
+    /// through SSM.
     pub async fn create_key_pair(&mut self, ctx: &mut StepContext) -> Result<(), StepError> {
+        if self.over_ssm() {
+            return Ok(());
+        }
         if let Some(existing) = &self.launch.plan.ssh_keypair {
             ctx.progress
                 .note(format!("using the template's key pair {}", existing.name));
@@ -198,12 +204,13 @@ impl TemporaryInstance {
             None => None,
         };
         let name = self.temporary_name();
+        let purpose = match self.over_ssm() {
+            true => "no ingress, reached through SSM",
+            false => "SSH from the runner",
+        };
         let group_id = crate::aws::security_group::create(
             &self.clients,
-            (
-                &name,
-                format!("amibake build {}: SSH from the runner", self.build_id),
-            ),
+            (&name, format!("amibake build {}: {purpose}", self.build_id)),
             vpc_id,
             &self.build_tags("security group"),
             &self.build_id,
@@ -223,8 +230,14 @@ impl TemporaryInstance {
         self.security_group_ids = vec![group_id.clone()];
         self.temporary_group = Some(group_id.clone());
         // Without CIDRs from the template, the runner's own address is known only once the
-        // instance has its address (see `launch`).
-        if let Some(cidrs) = self.launch.plan.ssh_cidrs.clone() {
+        // instance has its address (see `launch`). Through SSM, nothing is let in.
+        if let Some(cidrs) = self
+            .launch
+            .plan
+            .ssh_cidrs
+            .clone()
+            .filter(|_| !self.over_ssm())
+        {
             self.allow_ssh(&group_id, &cidrs).await?;
         }
         Ok(())
@@ -239,7 +252,10 @@ impl TemporaryInstance {
 
     /// Launches the instance, waits until it runs and picks the address to reach it at.
     pub async fn launch(&mut self, ctx: &mut StepContext) -> Result<(), StepError> {
-        let key_name = earlier(&self.key_name, "key pair")?;
+        let key_name = match self.over_ssm() {
+            true => None,
+            false => Some(earlier(&self.key_name, "key pair")?),
+        };
         let Launch {
             image_id,
             root_device_name,
@@ -261,7 +277,7 @@ impl TemporaryInstance {
             client_token,
             image_id,
             instance_type: &plan.instance_type,
-            key_name: &key_name,
+            key_name: key_name.as_deref(),
             tags: &self.build_tags("instance"),
             volume_tags: &self.build_tags("instance volume"),
             subnet_id: plan.subnet_id.as_deref(),
@@ -289,7 +305,9 @@ impl TemporaryInstance {
         if let Some(delete_group) = self.delete_security_group {
             ctx.undo.require(delete_group, terminate);
         }
-        self.delete_key_pair(ctx, &key_name, &instance_id).await;
+        if let Some(key_name) = &key_name {
+            self.delete_key_pair(ctx, key_name, &instance_id).await;
+        }
         let instance = crate::aws::instance::wait(
             &self.clients,
             &instance_id,
@@ -299,6 +317,12 @@ impl TemporaryInstance {
         )
         .await
         .map_err(waited)?;
+        if self.over_ssm() {
+            ctx.progress.note(format!(
+                "{instance_id} is running; it is reached through SSM, once its agent registers"
+            ));
+            return Ok(());
+        }
         let host = self.reach(&instance, &instance_id, ctx).await?;
         let plan = &self.launch.plan;
         self.ssh_target = Some(SshTarget {
@@ -386,6 +410,13 @@ impl TemporaryInstance {
                 t.host
             )
         });
+        if self.over_ssm() {
+            let start = format!("aws ssm start-session --target {id}");
+            return Some(match self.stopped {
+                false => format!("instance {id} runs: {start}"),
+                true => format!("instance {id} was stopped after provisioning: `aws ec2 start-instances --instance-ids {id}`, then {start}"),
+            });
+        }
         Some(match (ssh, self.stopped) {
             (Some(ssh), false) => format!("instance {id} runs: {ssh}"),
             (Some(ssh), true) => format!(
@@ -401,97 +432,48 @@ impl TemporaryInstance {
         self.stopped = true;
     }
 
-    /// Connects over SSH once the instance answers, within the template's `ssh_timeout`.
-    pub async fn wait_for_ssh(&mut self, ctx: &mut StepContext) -> Result<(), StepError> {
-        let target = earlier(&self.ssh_target, "SSH address")?;
-        let timeout = self.launch.plan.ssh_timeout;
-        let started = Instant::now();
-        let deadline = started + timeout;
-        let mut last_note = started;
-        loop {
-            let attempt = target.clone();
-            let handshake =
-                tokio::task::spawn_blocking(move || Ssh::handshake(&attempt, SSH_ATTEMPT_TIMEOUT))
-                    .await
-                    .map_err(failed)?;
-            let error = match handshake {
-                Ok(handshake) => {
-                    self.trust_host_key(handshake.host_key(), &target.host, ctx)
-                        .await?;
-                    match tokio::task::spawn_blocking(move || handshake.authenticate())
-                        .await
-                        .map_err(failed)?
-                    {
-                        Ok(ssh) => {
-                            ctx.progress.note(format!(
-                                "{}@{} answered after {}s",
-                                target.user,
-                                target.host,
-                                started.elapsed().as_secs()
-                            ));
-                            self.ssh = Some(Arc::new(ssh));
-                            return Ok(());
-                        }
-                        Err(e) => e,
-                    }
-                }
-                Err(e) => e,
-            };
-            if Instant::now() >= deadline {
-                return Err(failed(NoSshAnswer {
-                    target: format!("{}@{}:{}", target.user, target.host, target.port),
-                    seconds: timeout.as_secs(),
-                    last: error,
-                }));
-            }
-            if last_note.elapsed() >= SSH_NOTE_EVERY {
-                ctx.progress
-                    .note(format!("still waiting for SSH on {}: {error}", target.host));
-                last_note = Instant::now();
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(SSH_RETRY_PAUSE) => {}
-                _ = ctx.cancel.cancelled() => return Err(StepError::Interrupted),
-            }
+    /// Waits until the instance can be reached: its SSH server answers, or its SSM agent
+    /// registers it, within the template's bound.
+    pub async fn connect(&mut self, ctx: &mut StepContext) -> Result<(), StepError> {
+        match self.launch.plan.communicator {
+            CommunicatorKind::Ssh => self.wait_for_ssh(ctx).await,
+            CommunicatorKind::Ssm => self.wait_for_agent(ctx).await,
         }
     }
 
-    /// Accepts the host key an instance's SSH server offered only if the instance printed
-    /// it to its console, as cloud-init does at first boot; a key it did not print means
-    /// another machine answers at that address, and nothing is sent to it. An instance that
-    /// printed none (yet) gets its key accepted as offered, and the key is shown.
-    async fn trust_host_key(
-        &self,
-        offered: &HostKey,
-        host: &str,
-        ctx: &mut StepContext,
-    ) -> Result<(), StepError> {
+    /// Waits until the instance's SSM agent has registered it as a managed node.
+    async fn wait_for_agent(&mut self, ctx: &mut StepContext) -> Result<(), StepError> {
         let instance_id = self.id()?;
-        let key = format!("{} ({})", offered.fingerprint, offered.kind);
-        match console::printed_host_keys(&self.clients, &instance_id).await {
-            Ok(printed) if printed.is_empty() => ctx.progress.note(format!(
-                "{instance_id} has printed no SSH host keys to its console yet: accepting {key} from {host} as offered"
-            )),
-            Ok(printed) if printed.names(&offered.blob_base64, &offered.fingerprint) => ctx
-                .progress
-                .note(format!("{host} offered host key {key}, which {instance_id} printed to its console")),
-            Ok(printed) => {
-                return Err(failed(format!(
-                    "{host} offered the SSH host key {key}, which is none of those {instance_id} printed to its console ({}): another machine is answering at that address. Nothing was sent to it; check `ssh_interface` and the network between this runner and the instance",
-                    printed
-                        .fingerprints
-                        .iter()
-                        .chain(printed.keys.iter())
-                        .take(4)
-                        .cloned()
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )))
+        let plan = &self.launch.plan;
+        let started = Instant::now();
+        let waited_for = crate::aws::run_command::wait_for_agent(
+            &self.clients,
+            &instance_id,
+            plan.reach_timeout,
+            &ctx.cancel,
+            &ctx.progress,
+        )
+        .await;
+        match waited_for {
+            Ok(()) => {}
+            Err(crate::aws::wait::WaitError::TimedOut { .. }) => {
+                return Err(failed(NoAgent {
+                    instance_id,
+                    seconds: plan.reach_timeout.as_secs(),
+                    profile: plan.iam_instance_profile.clone().unwrap_or_default(),
+                }))
             }
-            Err(e) => ctx.progress.note(format!(
-                "cannot read {instance_id}'s console to check its SSH host key ({e}): accepting {key} from {host} as offered"
-            )),
+            Err(e) => return Err(waited(e)),
         }
+        ctx.progress.note(format!(
+            "{instance_id}'s SSM agent registered after {}s",
+            started.elapsed().as_secs()
+        ));
+        self.session = Some(Arc::new(Ssm::new(
+            &self.clients,
+            &instance_id,
+            &self.build_id,
+        )));
         Ok(())
     }
 

@@ -287,12 +287,17 @@ impl Checker<'_> {
     /// and tags to anyone who may list it; an instance's user data to anyone who may
     /// describe it): a sensitive variable there would be masked in our output and in the
     /// clear everywhere else, so it is refused.
-    fn public_text(&mut self, key: &str, value: &Spanned<String>) -> String {
-        let leaked: Vec<String> = interpolate::references(value.get_ref())
+    /// The sensitive variables `text` names.
+    fn sensitive_references(&self, text: &str) -> Vec<String> {
+        interpolate::references(text)
             .into_iter()
             .filter_map(|r| r.strip_prefix("var.").map(str::to_string))
             .filter(|name| self.sensitive.contains(name))
-            .collect();
+            .collect()
+    }
+
+    fn public_text(&mut self, key: &str, value: &Spanned<String>) -> String {
+        let leaked = self.sensitive_references(value.get_ref());
         for name in leaked {
             self.error(
                 Some(value.span()),

@@ -3,16 +3,28 @@
 
 use super::rules::{is_account_name, is_region_name};
 use super::*;
+use crate::template::CommunicatorKind;
 
-/// How long `base` waits for SSH when the template does not say: vendor images on small
-/// instance types can take minutes to boot.
-const DEFAULT_SSH_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a run waits for SSH, or for the SSM agent to register, when the template does
+/// not say: vendor images on small instance types can take minutes to boot.
+const DEFAULT_REACH_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// How a temporary instance is reached, as its keys say.
+struct Reach {
+    communicator: CommunicatorKind,
+    ssh_username: String,
+    reach_timeout: Duration,
+}
 
 impl Checker<'_> {
     pub(super) fn base(&mut self, s: BaseSection) -> BasePlan {
         let image = self.image("base", s.image_keys());
         let source_ami = self.ami_ref("base.source_ami", &s.source_ami);
         let instance = self.instance("base", s.instance_keys());
+        if instance.communicator == CommunicatorKind::Ssm {
+            self.kept_by_ssm("base.provisioner", &s.provisioners);
+            self.kept_by_ssm("base.test", &s.tests);
+        }
         Plan {
             image,
             build: BaseBuild {
@@ -53,26 +65,11 @@ impl Checker<'_> {
                 format!("`{instance_type}` is not an instance type like `t3.small`"),
             );
         }
-        let ssh_username = self.text(&key("ssh_username"), s.ssh_username);
-        if ssh_username.is_empty() {
-            self.error(
-                Some(s.ssh_username.span()),
-                &key("ssh_username"),
-                "the SSH user cannot be empty".into(),
-            );
-        }
-        let ssh_timeout = match s.ssh_timeout_seconds {
-            Some(t) if *t.get_ref() == 0 => {
-                self.error(
-                    Some(t.span()),
-                    &key("ssh_timeout_seconds"),
-                    "must be more than 0".into(),
-                );
-                DEFAULT_SSH_TIMEOUT
-            }
-            Some(t) => Duration::from_secs(*t.get_ref()),
-            None => DEFAULT_SSH_TIMEOUT,
-        };
+        let Reach {
+            communicator,
+            ssh_username,
+            reach_timeout,
+        } = self.reach(section, &s);
         let ssh_keypair = match (s.ssh_keypair_name, s.ssh_private_key_file) {
             (Some(name), Some(file)) => {
                 let name = self.text(&key("ssh_keypair_name"), name);
@@ -143,9 +140,10 @@ impl Checker<'_> {
         );
         InstancePlan {
             instance_type,
+            communicator,
             ssh_username,
             ssh_interface: s.ssh_interface.as_ref().map(|i| *i.get_ref()),
-            ssh_timeout,
+            reach_timeout,
             ssh_keypair,
             ssh_cidrs,
             subnet_id,
@@ -157,6 +155,115 @@ impl Checker<'_> {
             user_data: self.opt_public_text(&key("user_data"), s.user_data),
             root_volume_size_gb,
             root_volume_type,
+        }
+    }
+
+    /// The communicator and what goes with it: SSH needs its user, and SSM an instance
+    /// profile and none of SSH's keys (it opens no port and logs in as nobody).
+    fn reach(&mut self, section: &str, s: &InstanceKeys) -> Reach {
+        let key = |name: &str| format!("{section}.{name}");
+        let communicator = s
+            .communicator
+            .as_ref()
+            .map(|c| *c.get_ref())
+            .unwrap_or_default();
+        let timeout = |checker: &mut Self, name: &str, value: &Option<Spanned<u64>>| match value {
+            Some(t) if *t.get_ref() == 0 => {
+                checker.error(Some(t.span()), &key(name), "must be more than 0".into());
+                DEFAULT_REACH_TIMEOUT
+            }
+            Some(t) => Duration::from_secs(*t.get_ref()),
+            None => DEFAULT_REACH_TIMEOUT,
+        };
+        if communicator == CommunicatorKind::Ssh {
+            if let Some(t) = s.agent_timeout_seconds {
+                self.error(
+                    Some(t.span()),
+                    &key("agent_timeout_seconds"),
+                    "the SSM agent's wait goes with `communicator = \"ssm\"`; over SSH it is `ssh_timeout_seconds`".into(),
+                );
+            }
+            let ssh_username = match s.ssh_username {
+                Some(user) => self.text(&key("ssh_username"), user),
+                None => String::new(),
+            };
+            if ssh_username.is_empty() {
+                self.error(
+                    s.ssh_username.as_ref().map(|u| u.span()),
+                    &key("ssh_username"),
+                    "the user to log in as over SSH (`admin`, `ec2-user`, `ubuntu`): set it, or reach the instance with `communicator = \"ssm\"`".into(),
+                );
+            }
+            return Reach {
+                communicator,
+                ssh_username,
+                reach_timeout: timeout(self, "ssh_timeout_seconds", s.ssh_timeout_seconds),
+            };
+        }
+        let ssh_only: [(&str, Option<Range<usize>>); 6] = [
+            ("ssh_username", s.ssh_username.as_ref().map(|v| v.span())),
+            ("ssh_interface", s.ssh_interface.as_ref().map(|v| v.span())),
+            (
+                "ssh_timeout_seconds",
+                s.ssh_timeout_seconds.as_ref().map(|v| v.span()),
+            ),
+            (
+                "ssh_keypair_name",
+                s.ssh_keypair_name.as_ref().map(|v| v.span()),
+            ),
+            (
+                "ssh_private_key_file",
+                s.ssh_private_key_file.as_ref().map(|v| v.span()),
+            ),
+            ("ssh_cidrs", s.ssh_cidrs.as_ref().map(|v| v.span())),
+        ];
+        for (name, span) in ssh_only {
+            if span.is_some() {
+                self.error(
+                    span,
+                    &key(name),
+                    "has no use with `communicator = \"ssm\"`, which opens no port, makes no key pair and runs commands as root".into(),
+                );
+            }
+        }
+        if s.iam_instance_profile.is_none() {
+            self.error(
+                s.communicator.as_ref().map(|c| c.span()),
+                &key("communicator"),
+                "SSM reaches an instance through its instance profile: name one whose role has AWS's AmazonSSMManagedInstanceCore policy in `iam_instance_profile`".into(),
+            );
+        }
+        Reach {
+            communicator,
+            ssh_username: String::new(),
+            reach_timeout: timeout(self, "agent_timeout_seconds", s.agent_timeout_seconds),
+        }
+    }
+
+    /// Over SSM, every command sent is kept by SSM, readable with ListCommands for weeks:
+    /// no sensitive variable may reach the entries' environment or inline commands.
+    fn kept_by_ssm(&mut self, list_key: &str, entries: &[Spanned<ProvisionerEntry>]) {
+        for (i, entry) in entries.iter().enumerate() {
+            let e = entry.get_ref();
+            let env = e
+                .env
+                .iter()
+                .map(|(k, v)| (format!("{list_key}[{i}].env.{k}"), v));
+            let inline = e
+                .inline
+                .iter()
+                .flat_map(|list| list.get_ref().iter().enumerate());
+            let inline = inline.map(|(j, v)| (format!("{list_key}[{i}].inline[{j}]"), v));
+            let values: Vec<(String, &Spanned<String>)> = env.chain(inline).collect();
+            for (key, value) in values {
+                for name in self.sensitive_references(value.get_ref()) {
+                    self.error(
+                        Some(value.span()),
+                        &key,
+                        format!("`${{var.{name}}}` is sensitive, and SSM keeps every command it runs, readable with ListCommands for weeks: over `communicator = \"ssm\"` a sensitive value cannot reach a command (yet)"),
+                    );
+                }
+            }
         }
     }
 
@@ -376,6 +483,12 @@ impl Checker<'_> {
             .test_instance
             .as_ref()
             .map(|t| self.instance("bake.test_instance", t.instance_keys()));
+        if test_instance
+            .as_ref()
+            .is_some_and(|t| t.communicator == CommunicatorKind::Ssm)
+        {
+            self.kept_by_ssm("bake.test", &s.tests);
+        }
         Plan {
             image,
             build: BakeBuild {

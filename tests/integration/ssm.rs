@@ -1,0 +1,350 @@
+//! `communicator = "ssm"`: a base built, and a new base image tested, with no inbound SSH,
+//! through the real binary on the local cloud. The instance is reached only through SSM Run
+//! Command: no key pair, a security group with no ingress rule, its agent registered
+//! through its instance profile. What fails, hangs or is refused leaves nothing.
+
+use crate::util::localcloud::PARTITION_1_OFFSET;
+use crate::util::Run;
+
+/// A profile whose role SSM lets manage the instance, and one whose role it does not.
+const PROFILE: &str = "amibake-ssm";
+const PROFILE_WITHOUT_SSM: &str = "amibake-no-ssm";
+
+/// This module's story.
+struct Ssm;
+type World = crate::util::World<Ssm>;
+
+impl World {
+    fn with_profiles() -> World {
+        let world = World::new("quick");
+        world.cloud.cli(&["instance-profile", PROFILE]);
+        world
+            .cloud
+            .cli(&["instance-profile", PROFILE_WITHOUT_SSM, "--without-ssm"]);
+        std::fs::write(
+            world.dir().join("pool.conf"),
+            "[www]\nlisten = /run/php-fpm.sock\n",
+        )
+        .unwrap();
+        std::fs::write(
+            world.dir().join("setup.sh"),
+            "#!/bin/sh\nset -e\necho \"script as $(id -u) for $APP\" > /etc/amibake-script\n",
+        )
+        .unwrap();
+        world
+    }
+
+    /// A base over SSM with `provisioners` (TOML tables) and `extra` lines in `[base]`.
+    fn template(&self, profile: &str, extra: &str, provisioners: &str) {
+        let text = format!(
+            "[variables]\ntoken = {{ default = \"s3cr3t-t0ken\", sensitive = true }}\n\n\
+             [base]\nname = \"ssm-base-${{timestamp}}\"\n\
+             source_ami = \"resolve:ssm:/aws/service/debian/release/12/latest/amd64\"\n\
+             instance_type = \"t3.small\"\ncommunicator = \"ssm\"\n\
+             iam_instance_profile = \"{profile}\"\n{extra}\n{provisioners}"
+        );
+        std::fs::write(self.dir().join("t.toml"), text).unwrap();
+    }
+
+    fn base(&self) -> Run {
+        self.cloud.run_amibake(self.dir(), &["base", "t.toml"])
+    }
+
+    fn calls_since(&self, from: usize) -> Vec<serde_json::Value> {
+        self.cloud.calls().split_off(from)
+    }
+}
+
+const PROVISIONERS: &str = "[[base.provisioner]]\n\
+     inline = [\"echo \\\"inline as $(id -u) for $APP\\\" > /etc/amibake-inline\", \"echo provisioned-line\"]\n\
+     env = { APP = \"shop\" }\n\n\
+     [[base.provisioner]]\nscript = \"setup.sh\"\nenv = { APP = \"shop\" }\n\n\
+     [[base.provisioner]]\nfile = \"pool.conf\"\ndestination = \"/etc/amibake-pool.conf\"\n\n\
+     [[base.test]]\nname = \"provisioned\"\ninline = [\"test -f /etc/amibake-pool.conf\", \"echo tested-over-ssm\"]\n";
+
+fn actions(calls: &[serde_json::Value]) -> Vec<&str> {
+    calls.iter().filter_map(|c| c["action"].as_str()).collect()
+}
+
+#[test]
+fn a_base_over_ssm_makes_no_key_pair_opens_no_port_and_provisions_as_over_ssh() {
+    let _module = crate::util::module_turn(module_path!());
+    let world = World::with_profiles();
+    world.template(PROFILE, "", PROVISIONERS);
+    let from = world.cloud.calls().len();
+    let run = world.base();
+    run.expect_code(0);
+    let calls = world.calls_since(from);
+    let called = actions(&calls);
+    for never in [
+        "CreateKeyPair",
+        "AuthorizeSecurityGroupIngress",
+        "ImportKeyPair",
+    ] {
+        assert!(!called.contains(&never), "{never} was called: {called:?}");
+    }
+    for needed in [
+        "CreateSecurityGroup",
+        "DescribeInstanceInformation",
+        "SendCommand",
+        "GetCommandInvocation",
+    ] {
+        assert!(called.contains(&needed), "no {needed}: {called:?}");
+    }
+    let launch = calls
+        .iter()
+        .find(|c| c["action"] == "RunInstances")
+        .expect("a launch");
+    assert!(
+        launch["ids"].get("KeyName").is_none(),
+        "launched with a key pair: {launch}"
+    );
+    assert!(
+        run.stderr().contains("provisioned-line"),
+        "the provisioner's output is shown\n{}",
+        run.dump()
+    );
+    // The booted test ran on an instance of the new image, reached the same way.
+    assert_eq!(
+        called.iter().filter(|a| **a == "RunInstances").count(),
+        2,
+        "a build instance and a test instance: {called:?}"
+    );
+    assert!(run.stderr().contains("tested-over-ssm"), "{}", run.dump());
+
+    // What the provisioners wrote, as root, is in the image.
+    let manifest: serde_json::Value =
+        serde_json::from_str(run.stdout().lines().last().unwrap()).unwrap();
+    let snapshot = manifest["snapshot_ids"][0].as_str().unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let mounted = world
+        .cloud
+        .mount_snapshot(snapshot, root.path(), PARTITION_1_OFFSET);
+    let read = |path: &str| std::fs::read_to_string(mounted.root.join(path)).unwrap();
+    assert_eq!(read("etc/amibake-inline"), "inline as 0 for shop\n");
+    assert_eq!(read("etc/amibake-script"), "script as 0 for shop\n");
+    assert_eq!(
+        read("etc/amibake-pool.conf"),
+        "[www]\nlisten = /run/php-fpm.sock\n"
+    );
+    drop(mounted);
+    world.cloud.assert_nothing_temporary();
+}
+
+#[test]
+fn a_failing_or_hung_provisioner_over_ssm_fails_the_build_naming_it_and_leaves_nothing() {
+    let _module = crate::util::module_turn(module_path!());
+    let world = World::with_profiles();
+
+    world.template(
+        PROFILE,
+        "",
+        "[[base.provisioner]]\nname = \"migrate\"\ninline = [\"echo before-the-end; exit 3\"]\n",
+    );
+    let run = world.base();
+    run.expect_code(1);
+    let stderr = run.stderr();
+    assert!(stderr.contains("migrate"), "{}", run.dump());
+    assert!(stderr.contains("before-the-end"), "{}", run.dump());
+    world.cloud.left().assert_nothing(&run.dump());
+
+    // A booted test that fails over SSM fails the build as over SSH: no image is left.
+    world.template(
+        PROFILE,
+        "",
+        "[[base.provisioner]]\ninline = [\"true\"]\n\n\
+         [[base.test]]\nname = \"health\"\ninline = [\"echo unhealthy; exit 4\"]\n",
+    );
+    let run = world.base();
+    run.expect_code(1);
+    assert!(
+        run.stderr().contains("health") && run.stderr().contains("unhealthy"),
+        "{}",
+        run.dump()
+    );
+    world.cloud.left().assert_nothing(&run.dump());
+
+    world.template(
+        PROFILE,
+        "",
+        "[[base.provisioner]]\nname = \"hangs\"\ninline = [\"echo started; sleep 600\"]\ntimeout_seconds = 3\n",
+    );
+    let from = world.cloud.calls().len();
+    let run = world.base();
+    run.expect_code(1);
+    assert!(
+        run.stderr().contains("was still running after 3s"),
+        "{}",
+        run.dump()
+    );
+    let called = world.calls_since(from);
+    assert!(
+        actions(&called).contains(&"CancelCommand"),
+        "the hung command is cancelled: {:?}",
+        actions(&called)
+    );
+    world.cloud.left().assert_nothing(&run.dump());
+}
+
+#[test]
+fn an_instance_ssm_cannot_manage_is_refused_or_given_up_on_and_leaves_nothing() {
+    let _module = crate::util::module_turn(module_path!());
+    let world = World::with_profiles();
+
+    // No profile at all: the template check refuses it, before any call.
+    let text = "[base]\nname = \"ssm-base\"\n\
+                source_ami = \"resolve:ssm:/aws/service/debian/release/12/latest/amd64\"\n\
+                instance_type = \"t3.small\"\ncommunicator = \"ssm\"\n";
+    std::fs::write(world.dir().join("t.toml"), text).unwrap();
+    let from = world.cloud.calls().len();
+    let run = world.base();
+    run.expect_code(2);
+    assert!(
+        run.stderr().contains("t.toml:5:16: base.communicator:")
+            && run.stderr().contains("iam_instance_profile"),
+        "{}",
+        run.dump()
+    );
+    assert_eq!(world.calls_since(from), Vec::<serde_json::Value>::new());
+
+    // A sensitive value would be kept by SSM with the command: refused, before any call.
+    world.template(
+        PROFILE,
+        "",
+        "[[base.provisioner]]\ninline = [\"true\"]\nenv = { TOKEN = \"${var.token}\" }\n",
+    );
+    let run = world.base();
+    run.expect_code(2);
+    assert!(
+        run.stderr().contains("base.provisioner[0].env.TOKEN:")
+            && run.stderr().contains("SSM keeps"),
+        "{}",
+        run.dump()
+    );
+    assert!(!run.dump().contains("s3cr3t-t0ken"), "{}", run.dump());
+    assert_eq!(world.calls_since(from), Vec::<serde_json::Value>::new());
+
+    // A profile whose role SSM may not use: the agent never registers, and the wait gives
+    // up at its bound, saying what the instance needs.
+    world.template(
+        PROFILE_WITHOUT_SSM,
+        "agent_timeout_seconds = 4",
+        "[[base.provisioner]]\ninline = [\"true\"]\n",
+    );
+    // Nor does --ssh-cidr open what SSM keeps shut.
+    let opened = world.cloud.run_amibake(
+        world.dir(),
+        &["base", "t.toml", "--ssh-cidr", "203.0.113.7/32"],
+    );
+    opened.expect_code(2);
+    assert!(
+        opened
+            .stderr()
+            .contains("--ssh-cidr opens SSH to the instance"),
+        "{}",
+        opened.dump()
+    );
+    assert_eq!(world.calls_since(from), Vec::<serde_json::Value>::new());
+    let run = world.base();
+    run.expect_code(1);
+    let stderr = run.stderr();
+    assert!(
+        stderr.contains("never registered with SSM within 4s")
+            && stderr.contains("AmazonSSMManagedInstanceCore"),
+        "{}",
+        run.dump()
+    );
+    world.cloud.left().assert_nothing(&run.dump());
+}
+
+#[test]
+fn a_fault_at_each_ssm_call_or_an_interrupt_leaves_nothing() {
+    let _module = crate::util::module_turn(module_path!());
+    let world = World::with_profiles();
+    world.template(PROFILE, "", PROVISIONERS);
+    for (action, step) in [
+        ("DescribeInstanceInformation", "wait for agent"),
+        ("SendCommand", "run provisioners"),
+        ("GetCommandInvocation", "run provisioners"),
+    ] {
+        let injected = world.cloud.fail_once("ssm", action, 0);
+        let run = world.base();
+        run.expect_failure(&injected, Some(step));
+        world.cloud.left().assert_nothing(&run.dump());
+    }
+
+    world.template(
+        PROFILE,
+        "",
+        "[[base.provisioner]]\ninline = [\"echo started; sleep 600\"]\n",
+    );
+    for step in ["launch instance", "wait for agent", "run provisioners"] {
+        let started = format!("\"step\":\"{step}\"");
+        let mut command = world.cloud.amibake(world.dir());
+        command.args(["base", "t.toml"]);
+        let run = crate::util::interrupt_when(
+            command,
+            &format!("amibake base over SSM, interrupted in {step}"),
+            |line| line.contains("\"step_started\"") && line.contains(&started),
+        );
+        run.expect_code(130);
+        world.cloud.left().assert_nothing(&run.dump());
+    }
+}
+
+/// A bake's booted test over SSM: its test instance has no key pair and no open port, and
+/// a failing test removes the image as over SSH.
+#[test]
+fn a_bakes_booted_test_over_ssm_passes_and_fails_as_over_ssh() {
+    let _module = crate::util::module_turn(module_path!());
+    let world = World::with_profiles();
+    // `--force`: the test is no part of the image's fingerprint, and an image that passed
+    // would be reused.
+    let bake_with_test = |exit: u32| {
+        let vendor = world.vendor_ami();
+        let text = format!(
+            "[bake]\nname = \"shop-${{commit}}-${{timestamp}}\"\nbase_ami = \"{vendor}\"\n\
+             dest = \"/srv/shop\"\n\n\
+             [bake.test_instance]\ninstance_type = \"t3.micro\"\ncommunicator = \"ssm\"\n\
+             iam_instance_profile = \"{PROFILE}\"\n\n\
+             [[bake.test]]\nname = \"code in place\"\n\
+             inline = [\"test \\\"$(cat /srv/shop/REVISION)\\\" = one\", \"echo test-exit-{exit}\", \"exit {exit}\"]\n"
+        );
+        std::fs::write(world.dir().join("shop.toml"), text).unwrap();
+        let args = [
+            "bake",
+            "shop.toml",
+            "--tarball",
+            "app.tar.gz",
+            "--commit",
+            "c0ffee1",
+            "--backend",
+            "direct",
+            "--force",
+        ];
+        let from = world.cloud.calls().len();
+        let run = world.cloud.run_amibake(world.dir(), &args);
+        (run, world.calls_since(from))
+    };
+
+    let (run, calls) = bake_with_test(0);
+    run.expect_code(0);
+    let called = actions(&calls);
+    assert!(run.stderr().contains("test-exit-0"), "{}", run.dump());
+    for never in ["CreateKeyPair", "AuthorizeSecurityGroupIngress"] {
+        assert!(!called.contains(&never), "{never} was called: {called:?}");
+    }
+    assert!(called.contains(&"SendCommand"), "{called:?}");
+    world.cloud.assert_nothing_temporary();
+
+    let (run, _) = bake_with_test(5);
+    run.expect_code(1);
+    assert!(
+        run.stderr().contains("code in place") && run.stderr().contains("test-exit-5"),
+        "{}",
+        run.dump()
+    );
+    // Only the first bake's image is left: the failed one went with its snapshot.
+    assert_eq!(world.cloud.left().images.len(), 1, "{}", run.dump());
+    world.cloud.assert_nothing_temporary();
+}
