@@ -170,16 +170,17 @@ fn base(grants: &mut Grants, plan: &BasePlan) {
 
 /// A temporary instance: a base build's, or the one a new image is tested on.
 fn temporary_instance(grants: &mut Grants, plan: &InstancePlan) {
-    grants.allow(
-        Scope::Any,
-        &["*"],
-        &[
-            "ec2:DescribeInstances",
-            "ec2:DescribeKeyPairs",
-            "ec2:GetConsoleOutput",
-        ],
-    );
-    if plan.ssh_keypair.is_none() {
+    let over_ssh = plan.communicator == CommunicatorKind::Ssh;
+    grants.allow(Scope::Any, &["*"], &["ec2:DescribeInstances"]);
+    if over_ssh {
+        // The key pair, and the host key the instance printed to its console.
+        grants.allow(
+            Scope::Any,
+            &["*"],
+            &["ec2:DescribeKeyPairs", "ec2:GetConsoleOutput"],
+        );
+    }
+    if over_ssh && plan.ssh_keypair.is_none() {
         grants.create("ec2:CreateKeyPair", &[KEY_PAIR], &[], &[]);
         grants.allow(Scope::Owned, &[KEY_PAIR], &["ec2:DeleteKeyPair"]);
     }
@@ -194,17 +195,25 @@ fn temporary_instance(grants: &mut Grants, plan: &InstancePlan) {
         grants.allow(
             Scope::Owned,
             &[SECURITY_GROUP],
-            &[
-                "ec2:AuthorizeSecurityGroupIngress",
-                "ec2:DeleteSecurityGroup",
-            ],
+            &["ec2:DeleteSecurityGroup"],
         );
+        if over_ssh {
+            grants.allow(
+                Scope::Owned,
+                &[SECURITY_GROUP],
+                &["ec2:AuthorizeSecurityGroupIngress"],
+            );
+        }
     }
+    let uses: &[&str] = match over_ssh {
+        true => &[IMAGE, SUBNET, SECURITY_GROUP, KEY_PAIR],
+        false => &[IMAGE, SUBNET, SECURITY_GROUP],
+    };
     grants.create(
         "ec2:RunInstances",
         &[INSTANCE, VOLUME, NETWORK_INTERFACE],
         &[],
-        &[IMAGE, SUBNET, SECURITY_GROUP, KEY_PAIR],
+        uses,
     );
     grants.allow(Scope::Owned, &[INSTANCE], &["ec2:TerminateInstances"]);
     if let Some(profile) = &plan.iam_instance_profile {

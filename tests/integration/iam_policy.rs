@@ -104,8 +104,8 @@ fn assert_allowed(policy: &serde_json::Value, calls: &[serde_json::Value]) -> BT
                 );
             }
         }
-        // SSM: only the template's parameters.
-        if call["service"] == "ssm" {
+        // SSM's parameters: only the template's.
+        if call["service"] == "ssm" && call["action"].as_str().unwrap().contains("Parameter") {
             // `NAME:3` and `NAME:label` are the parameter NAME to IAM.
             let name = call["ids"]["Name"].as_str().unwrap_or_default();
             let name = name.split(':').next().unwrap_or_default();
@@ -132,15 +132,21 @@ fn allowed_actions(policy: &serde_json::Value) -> BTreeSet<String> {
 /// A failing run (its last call refused, everything undone, the channel deleted again),
 /// then a successful one; the policy must allow exactly what they called.
 /// `lost` names create calls whose answer is lost in the successful run (so the run finds
-/// what they made); `more` runs after it, given its manifest.
+/// what they made); `more` runs after it, given its manifest. `profile` names an instance
+/// profile the account holds, made first (its calls are an administrator's, not the run's).
 fn prove(
     template: &str,
     run: &[&str],
     policy_args: &[&str],
     lost: &[&str],
+    profile: Option<&str>,
     more: impl Fn(&LocalCloud, &Path, &serde_json::Value),
 ) {
     let cloud = LocalCloud::start("quick");
+    if let Some(profile) = profile {
+        cloud.cli(&["instance-profile", profile]);
+    }
+    let before = cloud.calls().len();
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
     write_revision_tarball(&dir.join("app.tar.gz"), "one\n");
@@ -156,8 +162,12 @@ fn prove(
     succeeded.expect_code(0);
     let manifest: serde_json::Value = serde_json::from_str(succeeded.stdout().trim()).unwrap();
     more(&cloud, dir, &manifest);
-    let calls = cloud.calls();
-    let called = assert_allowed(&printed, &calls);
+    let calls = cloud.calls().split_off(before);
+    let mut called = assert_allowed(&printed, &calls);
+    // Not a call of its own: IAM checks it within a launch that names a profile.
+    if profile.is_some() && called.contains("ec2:RunInstances") {
+        called.insert("iam:PassRole".to_string());
+    }
     let unused: Vec<String> = allowed_actions(&printed)
         .difference(&called)
         .cloned()
@@ -184,7 +194,32 @@ fn the_base_policy_allows_exactly_what_a_base_build_calls() {
         &["base", "t.toml"],
         &["--mode", "base"],
         &["CreateSecurityGroup"],
+        None,
         |_, _, _| {},
+    );
+}
+
+#[test]
+fn the_ssm_base_policy_allows_exactly_what_a_base_over_ssm_calls() {
+    let _module = crate::util::module_turn(module_path!());
+    prove(
+        &format!(
+            "[base]\nname = \"base-${{timestamp}}\"\nsource_ami = \"resolve:ssm:{DEBIAN}\"\n\
+             instance_type = \"t3.small\"\ncommunicator = \"ssm\"\niam_instance_profile = \"amibake-build\"\n\
+             publish_ssm = \"/amibake/shop/base\"\npublish_label = \"latest\"\n\n\
+             [[base.provisioner]]\ninline = [\"true\"]\n"
+        ),
+        &["base", "t.toml"],
+        &["--mode", "base"],
+        &["CreateSecurityGroup"],
+        Some("amibake-build"),
+        // A provisioner cut at its timeout: its command is cancelled.
+        |cloud, dir, _| {
+            let template = std::fs::read_to_string(dir.join("t.toml")).unwrap();
+            let hung = template.replace("inline = [\"true\"]", "inline = [\"sleep 30\"]\ntimeout_seconds = 1");
+            std::fs::write(dir.join("t.toml"), hung).unwrap();
+            cloud.run_amibake(dir, &["base", "t.toml"]).expect_code(1);
+        },
     );
 }
 
@@ -202,6 +237,7 @@ fn the_attach_policy_allows_exactly_what_an_attach_bake_calls() {
         ],
         &["--mode", "bake", "--backend", "attach"],
         &[],
+        None,
         |_, _, _| {},
     );
 }
@@ -228,6 +264,7 @@ fn the_direct_policy_allows_exactly_what_a_tested_delivering_direct_bake_calls()
         &["--mode", "bake", "--backend", "direct"],
         // The test instance's group, found by its tag when the create's answer is lost.
         &["CreateSecurityGroup"],
+        None,
         // A base of the account's own (unencrypted) takes the other path: its snapshot is
         // the parent, once EBS encryption by default is known to be off.
         |cloud, dir, manifest| {
