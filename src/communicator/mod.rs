@@ -47,6 +47,12 @@ pub trait Communicator: Send + Sync {
     /// Copies the local file `source` to `destination` on the target, with `mode`.
     async fn upload(&self, source: &Path, destination: &str, mode: u32) -> Result<(), CommError>;
 
+    /// Removes what reaching the machine left on it, before its disk becomes an image:
+    /// nothing over SSH or in a chroot; SSM's agent keeps every command it ran.
+    async fn clear_traces(&self) -> Result<(), CommError> {
+        Ok(())
+    }
+
     /// The error for `action` failing on this target.
     fn failed(&self, action: impl Into<String>, reason: impl ToString) -> CommError
     where

@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
 use super::{quote, CommError, Communicator};
-use crate::aws::run_command::{self, Invocation, STDOUT_KEPT};
+use crate::aws::run_command::{self, Invocation, STDERR_KEPT, STDOUT_KEPT};
 use crate::aws::wait::{wait_for, Poll, WaitError, WaitPolicy};
 use crate::aws::Clients;
 use crate::template::Network;
@@ -33,6 +33,21 @@ const CANCELLED: WaitPolicy = WaitPolicy {
     max_interval: Duration::from_secs(1),
     total: Duration::from_secs(60),
 };
+
+/// A command of amibake's own (a piece of a file, the clearing of traces) ends in seconds;
+/// one that does not within this bound has lost its agent.
+const HOUSEKEEPING: WaitPolicy = WaitPolicy {
+    first_poll: Duration::from_millis(200),
+    max_interval: Duration::from_secs(2),
+    total: Duration::from_secs(10 * 60),
+};
+
+/// What the agent keeps of each command it ran (the document with its commands, the script,
+/// its output), under its own directory: removed before the instance is imaged, but for the
+/// directory of the command that removes them, which holds that command alone.
+const CLEAR_TRACES: &str = r#"for kept in /var/lib/amazon/ssm/*/document/orchestration/* /var/lib/amazon/ssm/*/document/state/completed/*; do
+  case "$0" in "$kept"/*) ;; *) rm -rf -- "$kept" ;; esac
+done"#;
 
 /// A file goes to the instance in pieces this large, each a command of its own: a command's
 /// text is bounded.
@@ -57,11 +72,13 @@ impl Ssm {
     }
 
     /// Sends `script` and follows it to its end: its status, exit code and output. On
-    /// `cancel`, the command is cancelled and followed until SSM says it is over.
+    /// `cancel`, or when it cannot be followed within `policy`, the command is cancelled and
+    /// followed until SSM says it is over.
     async fn run_script(
         &self,
         script: &str,
         action: &str,
+        policy: WaitPolicy,
         cancel: &CancellationToken,
     ) -> Result<(String, i32, String, String), CommError> {
         let clients = &self.clients;
@@ -69,25 +86,21 @@ impl Ssm {
         let command_id = run_command::send(clients, id, script, &self.comment)
             .await
             .map_err(|e| self.failed(action, e))?;
-        let followed = follow(clients, &command_id, id, COMMAND, cancel).await;
+        let followed = follow(clients, &command_id, id, policy, cancel).await;
+        if followed.is_ok() {
+            return followed.map_err(|e| self.failed(action, e));
+        }
+        // Whatever stopped the following (an interrupt, a timeout, a call that failed), the
+        // command is cancelled and followed to its end, so nothing of it runs on once the
+        // step is over; the instance goes next either way.
+        let _ = run_command::cancel(clients, &command_id, id).await;
+        let never = CancellationToken::new();
+        let _ = follow(clients, &command_id, id, CANCELLED, &never).await;
         match followed {
-            Ok(ended) => Ok(ended),
-            Err(WaitError::Interrupted { .. }) => {
-                let _ = run_command::cancel(clients, &command_id, id).await;
-                // Followed to its end, so nothing of it runs on once the step is over.
-                let _ = follow(
-                    clients,
-                    &command_id,
-                    id,
-                    CANCELLED,
-                    &CancellationToken::new(),
-                )
-                .await;
-                Err(CommError::Interrupted {
-                    target: self.target(),
-                })
-            }
-            Err(e) => Err(self.failed(action, e)),
+            Err(WaitError::Interrupted { .. }) => Err(CommError::Interrupted {
+                target: self.target(),
+            }),
+            other => other.map_err(|e| self.failed(action, e)),
         }
     }
 }
@@ -157,16 +170,21 @@ impl Communicator for Ssm {
         cancel: &CancellationToken,
     ) -> Result<i32, CommError> {
         let (status, code, stdout, stderr) = self
-            .run_script(&script(command, env), "run a command", cancel)
+            .run_script(&script(command, env), "run a command", COMMAND, cancel)
             .await?;
         // SSM hands the output over once the command has ended.
         for line in stdout.lines().chain(stderr.lines()) {
             on_line(line);
         }
-        if stdout.len() >= STDOUT_KEPT {
-            on_line(&format!(
-                "(SSM keeps the first {STDOUT_KEPT} characters of a command's output: the rest is not shown)"
-            ));
+        for (kept, limit, stream) in [
+            (stdout.len(), STDOUT_KEPT, "output"),
+            (stderr.len(), STDERR_KEPT, "error output"),
+        ] {
+            if kept >= limit {
+                on_line(&format!(
+                    "(SSM keeps the first {limit} characters of a command's {stream}: the rest is not shown)"
+                ));
+            }
         }
         match status.as_str() {
             "Success" | "Failed" => Ok(code),
@@ -200,8 +218,12 @@ impl Communicator for Ssm {
         };
         let never = CancellationToken::new();
         for (i, piece) in pieces.iter().enumerate() {
+            // As over SSH, the destination's directory is made as needed.
             let fresh = match i {
-                0 => format!("umask 077; rm -f -- {staged}; "),
+                0 => format!(
+                    "umask 077; mkdir -p -- \"$(dirname -- {})\"; rm -f -- {staged}; ",
+                    quote(destination)
+                ),
                 _ => String::new(),
             };
             let encoded = aws_smithy_types::base64::encode(piece);
@@ -215,7 +237,9 @@ impl Communicator for Ssm {
                     quote(destination)
                 ));
             }
-            let (status, code, stdout, stderr) = self.run_script(&script, &action, &never).await?;
+            let (status, code, stdout, stderr) = self
+                .run_script(&script, &action, HOUSEKEEPING, &never)
+                .await?;
             if status != "Success" || code != 0 {
                 let said = format!("{stdout}{stderr}");
                 return Err(self.failed(
@@ -225,6 +249,24 @@ impl Communicator for Ssm {
             }
         }
         Ok(())
+    }
+
+    async fn clear_traces(&self) -> Result<(), CommError> {
+        let action = "clear the SSM agent's record of the commands it ran";
+        let never = CancellationToken::new();
+        let (status, code, stdout, stderr) = self
+            .run_script(CLEAR_TRACES, action, HOUSEKEEPING, &never)
+            .await?;
+        match (status.as_str(), code) {
+            ("Success", 0) => Ok(()),
+            _ => Err(self.failed(
+                action,
+                format!(
+                    "{status}, exit code {code}: {}",
+                    format!("{stdout}{stderr}").trim()
+                ),
+            )),
+        }
     }
 }
 

@@ -10,6 +10,13 @@ use crate::util::Run;
 const PROFILE: &str = "amibake-ssm";
 const PROFILE_WITHOUT_SSM: &str = "amibake-no-ssm";
 
+/// A file that goes to the instance in several pieces.
+fn pool_conf() -> String {
+    (0..2000)
+        .map(|i| format!("; pool line {i:05} of a long php-fpm configuration\n"))
+        .collect()
+}
+
 /// This module's story.
 struct Ssm;
 type World = crate::util::World<Ssm>;
@@ -21,11 +28,7 @@ impl World {
         world
             .cloud
             .cli(&["instance-profile", PROFILE_WITHOUT_SSM, "--without-ssm"]);
-        std::fs::write(
-            world.dir().join("pool.conf"),
-            "[www]\nlisten = /run/php-fpm.sock\n",
-        )
-        .unwrap();
+        std::fs::write(world.dir().join("pool.conf"), pool_conf()).unwrap();
         std::fs::write(
             world.dir().join("setup.sh"),
             "#!/bin/sh\nset -e\necho \"script as $(id -u) for $APP\" > /etc/amibake-script\n",
@@ -59,8 +62,8 @@ const PROVISIONERS: &str = "[[base.provisioner]]\n\
      inline = [\"echo \\\"inline as $(id -u) for $APP\\\" > /etc/amibake-inline\", \"echo provisioned-line\"]\n\
      env = { APP = \"shop\" }\n\n\
      [[base.provisioner]]\nscript = \"setup.sh\"\nenv = { APP = \"shop\" }\n\n\
-     [[base.provisioner]]\nfile = \"pool.conf\"\ndestination = \"/etc/amibake-pool.conf\"\n\n\
-     [[base.test]]\nname = \"provisioned\"\ninline = [\"test -f /etc/amibake-pool.conf\", \"echo tested-over-ssm\"]\n";
+     [[base.provisioner]]\nfile = \"pool.conf\"\ndestination = \"/etc/amibake/pool.d/pool.conf\"\n\n\
+     [[base.test]]\nname = \"provisioned\"\ninline = [\"test -f /etc/amibake/pool.d/pool.conf\", \"echo tested-over-ssm\"]\n";
 
 fn actions(calls: &[serde_json::Value]) -> Vec<&str> {
     calls.iter().filter_map(|c| c["action"].as_str()).collect()
@@ -123,10 +126,37 @@ fn a_base_over_ssm_makes_no_key_pair_opens_no_port_and_provisions_as_over_ssh() 
     let read = |path: &str| std::fs::read_to_string(mounted.root.join(path)).unwrap();
     assert_eq!(read("etc/amibake-inline"), "inline as 0 for shop\n");
     assert_eq!(read("etc/amibake-script"), "script as 0 for shop\n");
-    assert_eq!(
-        read("etc/amibake-pool.conf"),
-        "[www]\nlisten = /run/php-fpm.sock\n"
+    // In pieces, into a directory made for it, nothing staged left beside it.
+    assert_eq!(read("etc/amibake/pool.d/pool.conf"), pool_conf());
+    let beside: Vec<_> = std::fs::read_dir(mounted.root.join("etc/amibake/pool.d"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(beside, ["pool.conf"]);
+    // The agent's record of the commands (their scripts, with the file's pieces) is not
+    // baked into the image: only the command that cleared it is left.
+    let mut kept = Vec::new();
+    let mut dirs = vec![mounted.root.join("var/lib/amazon/ssm")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else {
+                kept.push(std::fs::read_to_string(&path).unwrap_or_default());
+            }
+        }
+    }
+    assert!(
+        !kept.is_empty(),
+        "the local cloud's agent keeps its scripts there"
     );
+    for text in &kept {
+        assert!(
+            !text.contains("amibake-inline") && !text.contains("base64"),
+            "a command's record is in the image: {text}"
+        );
+    }
     drop(mounted);
     world.cloud.assert_nothing_temporary();
 }
@@ -224,6 +254,27 @@ fn an_instance_ssm_cannot_manage_is_refused_or_given_up_on_and_leaves_nothing() 
     assert!(!run.dump().contains("s3cr3t-t0ken"), "{}", run.dump());
     assert_eq!(world.calls_since(from), Vec::<serde_json::Value>::new());
 
+    // Nor in an inline command, nor a value from the environment (a CI secret, as a rule),
+    // nor in the tests of a bake that boot on [base]'s instance.
+    world.template(
+        PROFILE,
+        "",
+        "[[base.provisioner]]\ninline = [\"echo ${var.token}\", \"echo ${env.HOME}\"]\n\n\
+         [bake]\nname = \"shop-${commit}\"\nbase_ami = \"ami-0123456789abcdef0\"\ndest = \"/srv\"\n\n\
+         [[bake.test]]\ninline = [\"true\"]\nenv = { TOKEN = \"${var.token}\" }\n",
+    );
+    let run = world
+        .cloud
+        .run_amibake(world.dir(), &["validate", "t.toml"]);
+    run.expect_code(2);
+    for key in [
+        "base.provisioner[0].inline[0]:",
+        "base.provisioner[0].inline[1]:",
+        "bake.test[0].env.TOKEN:",
+    ] {
+        assert!(run.stdout().contains(key), "{key}\n{}", run.dump());
+    }
+
     // A profile whose role SSM may not use: the agent never registers, and the wait gives
     // up at its bound, saying what the instance needs.
     world.template(
@@ -290,6 +341,23 @@ fn a_fault_at_each_ssm_call_or_an_interrupt_leaves_nothing() {
         run.expect_code(130);
         world.cloud.left().assert_nothing(&run.dump());
     }
+    // The command running at the interrupt was cancelled, not left to the instance's end.
+    let last_send = world
+        .cloud
+        .calls()
+        .iter()
+        .rposition(|c| c["action"] == "SendCommand")
+        .expect("a command was sent");
+    let after: Vec<String> = world.cloud.calls()[last_send..]
+        .iter()
+        .filter_map(|c| c["action"].as_str().map(str::to_string))
+        .collect();
+    let cancelled = after.iter().position(|a| a == "CancelCommand");
+    let terminated = after.iter().position(|a| a == "TerminateInstances");
+    assert!(
+        cancelled.is_some() && cancelled < terminated,
+        "cancelled before the instance went: {after:?}"
+    );
 }
 
 /// A bake's booted test over SSM: its test instance has no key pair and no open port, and

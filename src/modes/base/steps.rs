@@ -73,7 +73,9 @@ impl Step<BaseState> for RunProvisioners {
             &s.image.plan.provisioners,
             ctx,
         )
-        .await
+        .await?;
+        // The instance's disk becomes the image next.
+        session.clear_traces().await.map_err(failed)
     }
 }
 

@@ -77,7 +77,14 @@ pub fn resolve(
         .as_ref()
         .filter(|b| b.test_instance.is_none())
         .and_then(|b| b.tests.first().map(|t| t.span()));
-    let mut bake = file.bake.map(|s| checker.bake(s));
+    // Where the bake's tests run without an instance of their own, they are sent as its are.
+    let base_communicator = file
+        .base
+        .as_ref()
+        .and_then(|b| b.communicator.as_ref())
+        .map(|c| *c.get_ref())
+        .unwrap_or_default();
+    let mut bake = file.bake.map(|s| checker.bake(s, base_communicator));
     // A base image is not built from a commit, so `${commit}` has no value there.
     checker.ctx.commit = Commit::NotInThisSection;
     let base = file.base.map(|s| checker.base(s));
@@ -283,10 +290,6 @@ impl Checker<'_> {
         }
     }
 
-    /// The value of a key AWS stores and shows in the clear (an image's name, description
-    /// and tags to anyone who may list it; an instance's user data to anyone who may
-    /// describe it): a sensitive variable there would be masked in our output and in the
-    /// clear everywhere else, so it is refused.
     /// The sensitive variables `text` names.
     fn sensitive_references(&self, text: &str) -> Vec<String> {
         interpolate::references(text)
@@ -296,6 +299,10 @@ impl Checker<'_> {
             .collect()
     }
 
+    /// The value of a key AWS stores and shows in the clear (an image's name, description
+    /// and tags to anyone who may list it; an instance's user data to anyone who may
+    /// describe it): a sensitive variable there would be masked in our output and in the
+    /// clear everywhere else, so it is refused.
     fn public_text(&mut self, key: &str, value: &Spanned<String>) -> String {
         let leaked = self.sensitive_references(value.get_ref());
         for name in leaked {

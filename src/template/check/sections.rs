@@ -187,12 +187,19 @@ impl Checker<'_> {
                 Some(user) => self.text(&key("ssh_username"), user),
                 None => String::new(),
             };
-            if ssh_username.is_empty() {
-                self.error(
-                    s.ssh_username.as_ref().map(|u| u.span()),
+            match s.ssh_username {
+                Some(user) if ssh_username.is_empty() => self.error(
+                    Some(user.span()),
                     &key("ssh_username"),
-                    "the user to log in as over SSH (`admin`, `ec2-user`, `ubuntu`): set it, or reach the instance with `communicator = \"ssm\"`".into(),
-                );
+                    "the SSH user cannot be empty".into(),
+                ),
+                Some(_) => {}
+                // Said where the instance is described: the key has no place of its own.
+                None => self.error(
+                    Some(s.instance_type.span()),
+                    &key("ssh_username"),
+                    "missing: the user to log in as over SSH (`admin`, `ec2-user`, `ubuntu`), or `communicator = \"ssm\"` to reach the instance without SSH".into(),
+                ),
             }
             return Reach {
                 communicator,
@@ -241,26 +248,35 @@ impl Checker<'_> {
     }
 
     /// Over SSM, every command sent is kept by SSM, readable with ListCommands for weeks:
-    /// no sensitive variable may reach the entries' environment or inline commands.
+    /// no sensitive variable and no `${env.…}` (a CI secret, as a rule, masked wherever
+    /// amibake prints) may reach the entries' environment, inline commands or destinations.
     fn kept_by_ssm(&mut self, list_key: &str, entries: &[Spanned<ProvisionerEntry>]) {
         for (i, entry) in entries.iter().enumerate() {
             let e = entry.get_ref();
-            let env = e
-                .env
-                .iter()
-                .map(|(k, v)| (format!("{list_key}[{i}].env.{k}"), v));
+            let at = |name: String| format!("{list_key}[{i}].{name}");
+            let env = e.env.iter().map(|(k, v)| (at(format!("env.{k}")), v));
             let inline = e
                 .inline
                 .iter()
-                .flat_map(|list| list.get_ref().iter().enumerate());
-            let inline = inline.map(|(j, v)| (format!("{list_key}[{i}].inline[{j}]"), v));
-            let values: Vec<(String, &Spanned<String>)> = env.chain(inline).collect();
+                .flat_map(|list| list.get_ref().iter().enumerate())
+                .map(|(j, v)| (at(format!("inline[{j}]")), v));
+            let destination = e.destination.iter().map(|v| (at("destination".into()), v));
+            let values: Vec<(String, &Spanned<String>)> =
+                env.chain(inline).chain(destination).collect();
             for (key, value) in values {
-                for name in self.sensitive_references(value.get_ref()) {
+                let kept: Vec<String> = interpolate::references(value.get_ref())
+                    .into_iter()
+                    .filter(|r| {
+                        r.starts_with("env.")
+                            || r.strip_prefix("var.")
+                                .is_some_and(|n| self.sensitive.contains(n))
+                    })
+                    .collect();
+                for reference in kept {
                     self.error(
                         Some(value.span()),
                         &key,
-                        format!("`${{var.{name}}}` is sensitive, and SSM keeps every command it runs, readable with ListCommands for weeks: over `communicator = \"ssm\"` a sensitive value cannot reach a command (yet)"),
+                        format!("`${{{reference}}}` may be a secret, and SSM keeps every command it runs, readable with ListCommands for weeks: over `communicator = \"ssm\"` neither a sensitive variable nor `${{env.…}}` may reach a command (yet)"),
                     );
                 }
             }
@@ -443,7 +459,9 @@ impl Checker<'_> {
         }
     }
 
-    pub(super) fn bake(&mut self, s: BakeSection) -> BakePlan {
+    /// `[bake]`; `base_communicator` is how `[base]`'s instance is reached, which tests
+    /// without a `[bake.test_instance]` boot on.
+    pub(super) fn bake(&mut self, s: BakeSection, base_communicator: CommunicatorKind) -> BakePlan {
         let image = self.image("bake", s.image_keys());
         let base_ami = self.ami_ref("bake.base_ami", &s.base_ami);
         let dest = self.text("bake.dest", &s.dest);
@@ -483,10 +501,10 @@ impl Checker<'_> {
             .test_instance
             .as_ref()
             .map(|t| self.instance("bake.test_instance", t.instance_keys()));
-        if test_instance
+        let tests_over = test_instance
             .as_ref()
-            .is_some_and(|t| t.communicator == CommunicatorKind::Ssm)
-        {
+            .map_or(base_communicator, |t| t.communicator);
+        if tests_over == CommunicatorKind::Ssm {
             self.kept_by_ssm("bake.test", &s.tests);
         }
         Plan {
