@@ -278,6 +278,19 @@ def test_throttling_answers_request_limit_exceeded(cloud):
     ec2.describe_images(Owners=["self"])
 
 
+def test_throttling_can_be_of_some_actions_only(cloud):
+    ec2 = cloud.client("ec2", retries=False)
+    cloud.cli("fault", "--throttle", "100", "--throttle-only", "DescribeSnapshots")
+    try:
+        ec2.describe_images(Owners=["self"])
+        with pytest.raises(ClientError) as err:
+            ec2.describe_snapshots(OwnerIds=["self"])
+        assert err.value.response["Error"]["Code"] == "RequestLimitExceeded"
+    finally:
+        cloud.cli("fault", "--throttle", "0")
+    ec2.describe_snapshots(OwnerIds=["self"])
+
+
 def test_the_call_log_names_actions_ids_and_results(cloud):
     ec2 = cloud.client("ec2", retries=False)
     before = len(cloud.calls())

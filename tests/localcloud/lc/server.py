@@ -77,12 +77,13 @@ class Faults:
     """Injected failures: after M calls of an action pass, the next N fail with a code; or
     are held some seconds and then carried out (a slow answer); or are carried out and
     their answer lost (HTTP 500, as a dropped connection looks to a client, which retries).
-    P% of all calls throttled."""
+    P% of all calls throttled, or of some actions' calls only."""
 
     def __init__(self):
         self.lock = threading.Lock()
         self.by_action = {}
         self.throttle_percent = 0.0
+        self.throttle_only = None  # a set of actions, or None for all
 
     def take(self, action):
         with self.lock:
@@ -98,7 +99,8 @@ class Faults:
                 if fault.get("corrupt"):
                     return ("corrupt", None)
                 return fault["code"]
-            if self.throttle_percent and random.random() * 100 < self.throttle_percent:
+            throttled = self.throttle_only is None or action in self.throttle_only
+            if self.throttle_percent and throttled and random.random() * 100 < self.throttle_percent:
                 return "RequestLimitExceeded"
         return None
 
@@ -414,6 +416,7 @@ class LocalCloud:
             with self.faults.lock:
                 if "throttle" in spec:
                     self.faults.throttle_percent = float(spec["throttle"])
+                    self.faults.throttle_only = set(spec["throttle_only"]) if spec.get("throttle_only") else None
                 if spec.get("action"):
                     self.faults.by_action[spec["action"]] = {"times": int(spec.get("times", 1)), "after": int(spec.get("after", 0)),
                                                            "code": spec.get("code", "InternalError"),
