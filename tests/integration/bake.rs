@@ -36,8 +36,7 @@ fn bake(cloud: &LocalCloud, dir: &Path, template: &str, extra: &[&str]) -> Run {
 
 /// The run's manifest, held (with its progress events) against the published schemas.
 fn manifest(run: &Run) -> serde_json::Value {
-    let manifest = serde_json::from_str(run.stdout().lines().last().expect("a manifest line"))
-        .unwrap_or_else(|e| panic!("{e}\n{}", run.dump()));
+    let manifest = run.json();
     crate::util::schema::assert_valid("bake-manifest", &manifest);
     crate::util::schema::assert_events_valid(&run.stderr());
     manifest

@@ -21,9 +21,7 @@ fn amibake(cloud: &LocalCloud, dir: &Path, args: &[&str]) -> Run {
 /// The run's manifest (a base's, or a bake's on it), held with its progress events against
 /// the published schemas.
 fn manifest(run: &Run) -> serde_json::Value {
-    let manifest: serde_json::Value =
-        serde_json::from_str(run.stdout().lines().last().expect("a manifest line"))
-            .unwrap_or_else(|e| panic!("{e}\n{}", run.dump()));
+    let manifest: serde_json::Value = run.json();
     let mode = if manifest.get("commit").is_some() {
         "bake"
     } else {

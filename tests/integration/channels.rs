@@ -77,13 +77,13 @@ impl Channel {
         std::fs::write(self.dir().join(&name), gzip(&tar)).unwrap();
         let run = self.amibake(&["bake", "shop.toml", "--tarball", &name, "--commit", commit]);
         run.expect_code(0);
-        serde_json::from_str(run.stdout().trim()).unwrap()
+        run.json()
     }
 
     fn history(&self) -> Vec<serde_json::Value> {
         let run = self.amibake(&["history", CHANNEL]);
         run.expect_code(0);
-        let found: serde_json::Value = serde_json::from_str(run.stdout().trim()).unwrap();
+        let found: serde_json::Value = run.json();
         crate::util::schema::assert_valid("history", &found);
         assert_eq!(found["parameter"], CHANNEL);
         found["versions"].as_array().unwrap().clone()
@@ -163,7 +163,7 @@ fn bakes_publish_and_history_promote_rollback_move_the_channel() {
         ]
     );
     let limited = ch.amibake(&["history", CHANNEL, "--limit", "2"]);
-    let limited: serde_json::Value = serde_json::from_str(limited.stdout().trim()).unwrap();
+    let limited: serde_json::Value = limited.json();
     assert_eq!(limited["versions"].as_array().unwrap().len(), 2);
     // For people: a header and a line a version, newest first.
     let human = ch.amibake_human(&["history", CHANNEL]);
@@ -179,7 +179,7 @@ fn bakes_publish_and_history_promote_rollback_move_the_channel() {
     // Rollback of the label: it moves back onto version 2, no version is written.
     let run = ch.amibake(&["rollback", CHANNEL, "--label", "prod"]);
     run.expect_code(0);
-    let moved: serde_json::Value = serde_json::from_str(run.stdout().trim()).unwrap();
+    let moved: serde_json::Value = run.json();
     crate::util::schema::assert_valid("rollback", &moved);
     assert_eq!(moved["before"]["version"], 3);
     assert_eq!(moved["after"]["version"], 2);
@@ -214,7 +214,7 @@ fn bakes_publish_and_history_promote_rollback_move_the_channel() {
     assert_eq!(ch.versions()[0], (6, c_ami.clone(), labels(&[])));
     let again = ch.amibake(&["promote", CHANNEL, &c_ami]);
     again.expect_code(0);
-    let again: serde_json::Value = serde_json::from_str(again.stdout().trim()).unwrap();
+    let again: serde_json::Value = again.json();
     crate::util::schema::assert_valid("promote", &again);
     assert_eq!(again["changed"], false, "{again}");
     assert_eq!(ch.versions().len(), 6);

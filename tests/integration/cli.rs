@@ -237,7 +237,7 @@ fn environment_references_must_be_set_unless_the_check_is_secret_free() {
         tmp.path(),
         &["--output", "json", "validate", "--syntax-only", "t.toml"],
     );
-    let checked: serde_json::Value = serde_json::from_str(json.stdout().trim()).unwrap();
+    let checked: serde_json::Value = json.json();
     assert_eq!(
         checked["needed_at_run_time"],
         serde_json::json!([

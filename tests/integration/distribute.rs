@@ -205,7 +205,7 @@ fn a_bake_is_copied_shared_deprecated_and_published_in_every_region() {
 
     let run = world.bake("c0ffee1");
     run.expect_code(0);
-    let m: serde_json::Value = serde_json::from_str(run.stdout().trim()).unwrap();
+    let m: serde_json::Value = run.json();
     let build_id = m["build_id"].as_str().unwrap();
     let source = m["ami_id"].as_str().unwrap();
     let source_snapshot = m["snapshot_id"].as_str().unwrap();
@@ -265,7 +265,7 @@ fn a_bake_is_copied_shared_deprecated_and_published_in_every_region() {
     // no channel gets another version.
     let again = world.bake("c0ffee1");
     again.expect_code(0);
-    let r: serde_json::Value = serde_json::from_str(again.stdout().trim()).unwrap();
+    let r: serde_json::Value = again.json();
     assert_eq!(r["reused"], true, "{}", again.dump());
     assert_eq!(r["ami_id"], m["ami_id"]);
     for (copy, before) in r["copies"].as_array().unwrap().iter().zip(copies) {

@@ -160,7 +160,7 @@ fn prove(
     }
     let succeeded = cloud.run_amibake(dir, run);
     succeeded.expect_code(0);
-    let manifest: serde_json::Value = serde_json::from_str(succeeded.stdout().trim()).unwrap();
+    let manifest: serde_json::Value = succeeded.json();
     more(&cloud, dir, &manifest);
     let calls = cloud.calls().split_off(before);
     let mut called = assert_allowed(&printed, &calls);

@@ -95,10 +95,6 @@ inline = ["/usr/local/bin/shop-health"]
     }
 }
 
-fn manifest(run: &Run) -> serde_json::Value {
-    serde_json::from_str(run.stdout().trim()).unwrap_or_else(|e| panic!("{e}\n{}", run.dump()))
-}
-
 #[test]
 fn an_image_is_published_only_once_an_instance_of_it_passes_its_tests() {
     let _module = crate::util::module_turn(module_path!());
@@ -109,7 +105,7 @@ fn an_image_is_published_only_once_an_instance_of_it_passes_its_tests() {
     let from = world.cloud.calls().len();
     let run = world.bake(&[]);
     run.expect_code(0);
-    let m = manifest(&run);
+    let m = run.json();
     let ami = m["ami_id"].as_str().unwrap().to_string();
     assert_eq!(
         world.launched_since(from),
@@ -172,7 +168,7 @@ fn an_image_is_published_only_once_an_instance_of_it_passes_its_tests() {
         "{}",
         run.dump()
     );
-    let untested = manifest(&run)["ami_id"].as_str().unwrap().to_string();
+    let untested = run.json()["ami_id"].as_str().unwrap().to_string();
     assert_eq!(world.channel(), Some(untested.clone()));
     world.cloud.left().assert_nothing_temporary(&run.dump());
 
@@ -182,8 +178,8 @@ fn an_image_is_published_only_once_an_instance_of_it_passes_its_tests() {
     let from = world.cloud.calls().len();
     let run = world.bake(&[]);
     run.expect_code(0);
-    assert_eq!(manifest(&run)["ami_id"], ami.as_str());
-    assert_eq!(manifest(&run)["reused"], true);
+    assert_eq!(run.json()["ami_id"], ami.as_str());
+    assert_eq!(run.json()["reused"], true);
     assert!(world.launched_since(from).is_empty(), "{}", run.dump());
     assert_eq!(world.channel(), Some(ami.clone()));
 

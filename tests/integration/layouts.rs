@@ -70,8 +70,7 @@ struct Baked {
 impl Baked {
     fn exported(cloud: &LocalCloud, dir: &Path, run: Run) -> Baked {
         run.expect_code(0);
-        let manifest: serde_json::Value =
-            serde_json::from_str(run.stdout().lines().last().unwrap()).unwrap();
+        let manifest: serde_json::Value = run.json();
         let snapshot = manifest["snapshot_id"]
             .as_str()
             .unwrap_or_else(|| panic!("no new snapshot: {manifest}"))
@@ -371,8 +370,7 @@ fn a_base_whose_boot_leads_to_the_host_is_refused() {
     };
     let ami = |run: &Run| -> String {
         run.expect_code(0);
-        let manifest: serde_json::Value =
-            serde_json::from_str(run.stdout().lines().last().unwrap()).unwrap();
+        let manifest: serde_json::Value = run.json();
         manifest["ami_id"].as_str().unwrap().to_string()
     };
     let vendor = cloud.ls()["vendor_amis"]["ubuntu-24.04"]

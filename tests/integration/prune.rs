@@ -39,7 +39,7 @@ fn bake(cloud: &LocalCloud, dir: &Path, commit: &str) -> (String, String) {
         ],
     );
     run.expect_code(0);
-    let manifest: serde_json::Value = serde_json::from_str(run.stdout().trim()).unwrap();
+    let manifest: serde_json::Value = run.json();
     (
         manifest["ami_id"].as_str().unwrap().to_string(),
         manifest["snapshot_id"].as_str().unwrap().to_string(),
@@ -144,7 +144,7 @@ fn prune_keeps_what_is_used_and_the_newest_and_removes_the_rest_with_their_snaps
         ],
     );
     other.expect_code(0);
-    let other: serde_json::Value = serde_json::from_str(other.stdout().trim()).unwrap();
+    let other: serde_json::Value = other.json();
     let other = other["ami_id"].as_str().unwrap().to_string();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let clients = runtime.block_on(cloud.clients());
@@ -212,7 +212,7 @@ fn prune_keeps_what_is_used_and_the_newest_and_removes_the_rest_with_their_snaps
         mutating(&cloud.calls()[calls_before..]),
         Vec::<String>::new()
     );
-    let judged: serde_json::Value = serde_json::from_str(dry.stdout().trim()).unwrap();
+    let judged: serde_json::Value = dry.json();
     crate::util::schema::assert_valid("prune", &judged);
     assert_eq!(judged["apply"], false);
     let images = judged["images"].as_array().unwrap();
@@ -274,10 +274,7 @@ fn prune_keeps_what_is_used_and_the_newest_and_removes_the_rest_with_their_snaps
         &["prune", "shop.toml", "--keep", "2", "--apply"],
     );
     applied.expect_code(0);
-    crate::util::schema::assert_valid(
-        "prune",
-        &serde_json::from_str(applied.stdout().trim()).unwrap(),
-    );
+    crate::util::schema::assert_valid("prune", &applied.json());
     let (images, snapshots) = what_is_left(&cloud, &runtime, &clients);
     assert!(images.contains(&other) && images.contains(&base_like));
     for (n, (image, snapshot)) in baked.iter().enumerate() {
@@ -447,7 +444,7 @@ fn prune_by_name_prefix_alone_removes_only_what_nothing_anywhere_uses() {
         mutating(&cloud.calls()[calls_before..]),
         Vec::<String>::new()
     );
-    let judged: serde_json::Value = serde_json::from_str(dry.stdout().trim()).unwrap();
+    let judged: serde_json::Value = dry.json();
     assert_eq!(
         judged["channels"],
         serde_json::json!([CHANNEL, PROMOTED]),
@@ -480,7 +477,7 @@ fn prune_by_name_prefix_alone_removes_only_what_nothing_anywhere_uses() {
     // Shared images are judged like the others when asked.
     let including = amibake(&cloud, dir, &[&prune[..], &["--include-shared"]].concat());
     including.expect_code(0);
-    let including: serde_json::Value = serde_json::from_str(including.stdout().trim()).unwrap();
+    let including: serde_json::Value = including.json();
     let fifth = including["images"]
         .as_array()
         .unwrap()

@@ -116,8 +116,7 @@ fn a_base_over_ssm_makes_no_key_pair_opens_no_port_and_provisions_as_over_ssh() 
     assert!(run.stderr().contains("tested-over-ssm"), "{}", run.dump());
 
     // What the provisioners wrote, as root, is in the image.
-    let manifest: serde_json::Value =
-        serde_json::from_str(run.stdout().lines().last().unwrap()).unwrap();
+    let manifest: serde_json::Value = run.json();
     let snapshot = manifest["snapshot_ids"][0].as_str().unwrap();
     let root = tempfile::tempdir().unwrap();
     let mounted = world

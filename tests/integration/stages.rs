@@ -67,10 +67,6 @@ impl World {
     }
 }
 
-fn manifest(run: &Run) -> serde_json::Value {
-    serde_json::from_str(run.stdout().trim()).unwrap_or_else(|e| panic!("{e}\n{}", run.dump()))
-}
-
 #[test]
 fn pre_and_post_commands_run_around_the_bake_with_its_facts() {
     let _module = crate::util::module_turn(module_path!());
@@ -124,7 +120,7 @@ fn pre_and_post_commands_run_around_the_bake_with_its_facts() {
     world.template(&stages(0, 0));
     let run = world.bake(&[]);
     run.expect_code(0);
-    let m = manifest(&run);
+    let m = run.json();
     let ami = m["ami_id"].as_str().unwrap();
     let post = std::fs::read_to_string(world.dir().join("post.out")).unwrap();
     assert_eq!(post.trim(), format!("post {ami} us-east-1"));
@@ -139,7 +135,7 @@ fn pre_and_post_commands_run_around_the_bake_with_its_facts() {
     world.template(&stages(0, 4));
     let run = world.bake(&["--force"]);
     run.expect_failure("post command `./announce.sh 4` exited with status 4", None);
-    let kept = manifest(&run);
+    let kept = run.json();
     let kept_ami = kept["ami_id"].as_str().unwrap();
     assert!(
         run.stderr()
@@ -210,7 +206,7 @@ fn normal_and_destructive_bakes_of_one_commit_are_two_images() {
     normal.expect_code(0);
     let destructive = world.bake(&["--destructive"]);
     destructive.expect_code(0);
-    let (n, d) = (manifest(&normal), manifest(&destructive));
+    let (n, d) = (normal.json(), destructive.json());
     assert_ne!(n["ami_id"], d["ami_id"], "{}", destructive.dump());
     assert_ne!(n["fingerprint"], d["fingerprint"]);
     assert_eq!(n["variant"], "normal");
@@ -249,8 +245,8 @@ fn normal_and_destructive_bakes_of_one_commit_are_two_images() {
     // Each variant finds its own image again.
     let again = world.bake(&["--destructive"]);
     again.expect_code(0);
-    assert_eq!(manifest(&again)["ami_id"], d["ami_id"]);
-    assert_eq!(manifest(&again)["reused"], true);
+    assert_eq!(again.json()["ami_id"], d["ami_id"]);
+    assert_eq!(again.json()["reused"], true);
 }
 
 /// Ctrl-C, or a CI system's SIGTERM, while a pre command runs: the command is stopped,

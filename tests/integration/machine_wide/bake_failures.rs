@@ -54,8 +54,7 @@ fn bake(cloud: &LocalCloud, dir: &Path, tarball: &str, vars: &[&str]) -> Run {
 /// so nothing is left after.
 fn take_back(cloud: &LocalCloud, run: &Run) {
     run.expect_code(0);
-    let manifest: serde_json::Value =
-        serde_json::from_str(run.stdout().lines().last().expect("a manifest")).unwrap();
+    let manifest: serde_json::Value = run.json();
     let ls = cloud.ls();
     let ours = |kind: &str| -> Vec<String> {
         ls[kind]

@@ -70,8 +70,7 @@ impl World {
     /// of it; removes them and puts the parameter back, so `assert_clean` can follow.
     fn take_back(&self, run: &Run) {
         run.expect_code(0);
-        let manifest: serde_json::Value =
-            serde_json::from_str(run.stdout().lines().last().expect("a manifest")).unwrap();
+        let manifest: serde_json::Value = run.json();
         let image = manifest["ami_id"].as_str().unwrap().to_string();
         let images: Vec<_> = self.cloud.ls()["images"]
             .as_array()

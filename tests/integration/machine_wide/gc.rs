@@ -47,8 +47,7 @@ impl World {
             command: format!("amibake gc --older-than 0s {extra:?}"),
             output,
         };
-        let found = serde_json::from_str(run.stdout().trim())
-            .unwrap_or_else(|e| panic!("{e}\n{}", run.dump()));
+        let found = run.json();
         crate::util::schema::assert_valid("gc", &found);
         crate::util::schema::assert_events_valid(&run.stderr());
         (run, found)

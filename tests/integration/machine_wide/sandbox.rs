@@ -616,7 +616,7 @@ fn a_base_or_a_pre_command_cannot_hang_flood_or_swap_a_bake() {
     );
     let run = bake_within(&cloud, dir, "swap.toml", Duration::from_secs(120));
     run.expect_code(0);
-    let m: serde_json::Value = serde_json::from_str(run.stdout().lines().last().unwrap()).unwrap();
+    let m: serde_json::Value = run.json();
     let checked_sha = format!("{:x}", sha2::Sha256::digest(&original));
     assert_eq!(m["tarball_sha256"], checked_sha.as_str());
     assert_eq!(std::fs::read(dir.join("app.tar.gz")).unwrap(), swapped);
@@ -656,7 +656,7 @@ fn a_base_or_a_pre_command_cannot_hang_flood_or_swap_a_bake() {
             .unwrap(),
     };
     run.expect_code(0);
-    let m: serde_json::Value = serde_json::from_str(run.stdout().lines().last().unwrap()).unwrap();
+    let m: serde_json::Value = run.json();
     assert_eq!(m["sandbox"], "compat", "{}", run.dump());
     assert!(
         run.stderr()
@@ -671,8 +671,7 @@ fn a_base_or_a_pre_command_cannot_hang_flood_or_swap_a_bake() {
     // A private run of the same inputs does not take the compat image for its own.
     let run = bake_within(&cloud, dir, "compat.toml", Duration::from_secs(120));
     run.expect_code(0);
-    let private: serde_json::Value =
-        serde_json::from_str(run.stdout().lines().last().unwrap()).unwrap();
+    let private: serde_json::Value = run.json();
     assert_eq!(private["reused"], false, "{}", run.dump());
     assert_ne!(private["fingerprint"], m["fingerprint"]);
 

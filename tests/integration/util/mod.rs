@@ -166,6 +166,15 @@ impl Run {
     pub fn code(&self) -> i32 {
         self.output.status.code().unwrap_or(-1)
     }
+
+    /// What the run answered as JSON on stdout: all of it, or its last line (a manifest
+    /// after other output). Panics with the run's output when there is none.
+    pub fn json(&self) -> serde_json::Value {
+        let stdout = self.stdout();
+        serde_json::from_str(stdout.trim())
+            .or_else(|_| serde_json::from_str(stdout.lines().last().unwrap_or_default()))
+            .unwrap_or_else(|e| panic!("no JSON answer: {e}\n{}", self.dump()))
+    }
     pub fn stdout(&self) -> String {
         String::from_utf8_lossy(&self.output.stdout).into_owned()
     }
