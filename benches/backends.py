@@ -221,6 +221,13 @@ def calls_since(state, before):
     return [json.loads(line) for line in lines[before:]]
 
 
+def per_second(calls, action) -> float:
+    """Calls of `action` a second, from the first to the last (the local cloud's clock)."""
+    times = [c["time"] for c in calls if c["action"] == action]
+    span = max(times) - min(times) if len(times) > 1 else 0.0
+    return len(times) / span if span > 0 else 0.0
+
+
 def ok(calls, action):
     return sum(1 for c in calls if c["action"] == action and (c.get("status") or 500) < 300)
 
@@ -317,15 +324,19 @@ def main():
             print(f"  {step:<22}" + "".join(
                 f"{m['step_seconds'][step]:13.2f}s" if step in m["step_seconds"] else f"{'':>14}" for _, m in runs))
 
-        print(f"\nblocks (512 KiB)        {'downloaded':>10} {'put':>6} {'differ':>7} {'tree':>6} {'put/tree':>9}")
+        print(f"\nblocks (512 KiB)        {'downloaded':>10} {'put':>6} {'differ':>7} {'tree':>6} {'put/tree':>9}"
+              f" {'gets/s':>7} {'puts/s':>7}")
         for name, manifest, calls in (("direct, cold cache", cold, cold_calls), ("direct, warm cache", warm, warm_calls)):
             snapshot = manifest["snapshot_id"]
             put = ok(calls, "PutSnapshotBlock")
             differ = int(cli(state, "changed-blocks", base_snapshot, snapshot).strip())
             tree = tree_blocks_in_snapshot(state, snapshot, work)
-            print(f"{name:<23} {ok(calls, 'GetSnapshotBlock'):>10} {put:>6} {differ:>7} {tree:>6} {put / tree:>9.2f}")
+            print(f"{name:<23} {ok(calls, 'GetSnapshotBlock'):>10} {put:>6} {differ:>7} {tree:>6} {put / tree:>9.2f}"
+                  f" {per_second(calls, 'GetSnapshotBlock'):>7.0f} {per_second(calls, 'PutSnapshotBlock'):>7.0f}")
         print("(put: PutSnapshotBlock calls; differ: blocks the new snapshot differs from the base's in, by the "
-              "local cloud's count; tree: blocks the extracted tree's files and directories occupy; goal put/tree <= 1.1)")
+              "local cloud's count; tree: blocks the extracted tree's files and directories occupy; goal put/tree <= 1.1;"
+              " gets/s, puts/s: block calls a second, throttled ones included, from the first to the last, against"
+              " EBS's 1,000 a second)")
 
         layout_bases = {}
         if layouts:

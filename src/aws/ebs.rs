@@ -6,13 +6,16 @@
 //! every AWS call, plus the "snapshot not found" a put can meet right after StartSnapshot
 //! while the new snapshot is not yet visible everywhere.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use aws_sdk_ebs::config::interceptors::InterceptorContext;
+use aws_sdk_ebs::config::interceptors::{FinalizerInterceptorContextRef, InterceptorContext};
 use aws_sdk_ebs::config::retry::{
     ClassifyRetry, RetryAction, RetryConfig, RetryPartition, TokenBucket,
 };
 use aws_sdk_ebs::config::timeout::TimeoutConfig;
+use aws_sdk_ebs::config::{ConfigBag, Intercept, RuntimeComponents};
+use aws_sdk_ebs::error::BoxError;
 use aws_sdk_ebs::operation::complete_snapshot::CompleteSnapshotError;
 use aws_sdk_ebs::operation::put_snapshot_block::PutSnapshotBlockError;
 use aws_sdk_ebs::primitives::ByteStream;
@@ -57,7 +60,40 @@ pub fn client_config(config: &aws_config::SdkConfig) -> aws_sdk_ebs::Config {
                 .build(),
         )
         .retry_classifier(StartedSnapshotNotYetVisible)
+        .interceptor(CountThrottles)
         .build()
+}
+
+/// Block call attempts EBS throttled, in this process: what paces the calls in flight.
+static THROTTLED_ATTEMPTS: AtomicU64 = AtomicU64::new(0);
+
+/// Counts each block call attempt EBS answered with a throttle, retried or not.
+#[derive(Debug)]
+struct CountThrottles;
+
+impl Intercept for CountThrottles {
+    fn name(&self) -> &'static str {
+        "count throttled block calls"
+    }
+
+    fn read_after_attempt(
+        &self,
+        context: &FinalizerInterceptorContextRef<'_>,
+        _components: &RuntimeComponents,
+        _config: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        let throttled = context.response().is_some_and(|response| {
+            response.status().as_u16() == 429
+                || response
+                    .headers()
+                    .get("x-amzn-ErrorType")
+                    .is_some_and(|kind| kind.contains("Throttl"))
+        });
+        if throttled {
+            THROTTLED_ATTEMPTS.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
 }
 
 /// Classifies a put or completion that finds no snapshot as transient: EBS may not yet
@@ -96,8 +132,51 @@ impl ClassifyRetry for StartedSnapshotNotYetVisible {
 /// EBS snapshots are read and written in blocks of 512 KiB.
 pub const BLOCK_SIZE: usize = 512 * 1024;
 
-/// Block calls in flight at once: EBS serves 1,000 a second per snapshot.
+/// Block calls in flight at first. EBS serves 1,000 a second (puts per snapshot, gets per
+/// account); at its usual 100 ms a call that takes 100 in flight, so the pace grows from here.
 pub const BLOCKS_IN_FLIGHT: usize = 32;
+/// The most in flight: past EBS's rate at its usual latency, and 64 MiB of block data.
+pub const MOST_BLOCKS_IN_FLIGHT: usize = 128;
+/// The fewest, however much EBS throttles.
+const FEWEST_BLOCKS_IN_FLIGHT: usize = 4;
+
+/// How many block calls go at once, judged once a round (as many calls as the limit): a
+/// round with no throttled attempt means latency is what holds the calls back, and the
+/// limit grows by a quarter; one with a throttle means EBS's rate is, and it halves.
+#[derive(Debug)]
+struct Pace {
+    limit: usize,
+    done_in_round: usize,
+    throttled_before_round: u64,
+}
+
+impl Pace {
+    fn new(throttled: u64) -> Pace {
+        Pace {
+            limit: BLOCKS_IN_FLIGHT,
+            done_in_round: 0,
+            throttled_before_round: throttled,
+        }
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// A call ended; `throttled` is the count of throttled attempts so far.
+    fn call_ended(&mut self, throttled: u64) {
+        self.done_in_round += 1;
+        if self.done_in_round < self.limit {
+            return;
+        }
+        self.limit = match throttled > self.throttled_before_round {
+            true => (self.limit / 2).max(FEWEST_BLOCKS_IN_FLIGHT),
+            false => (self.limit + self.limit.div_ceil(4)).min(MOST_BLOCKS_IN_FLIGHT),
+        };
+        self.done_in_round = 0;
+        self.throttled_before_round = throttled;
+    }
+}
 
 /// How a run of block calls ended, when none failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,9 +185,10 @@ pub enum Ran {
     Interrupted,
 }
 
-/// Runs `call` on each of `items`, `BLOCKS_IN_FLIGHT` at a time, and hands each result to
-/// `done` as it comes. Only that many calls exist at once (an SDK call's future is large),
-/// so memory stays flat however many blocks there are. `items` may come as they are found
+/// Runs `call` on each of `items`, as many at a time as the `Pace` allows (from
+/// `BLOCKS_IN_FLIGHT` to `MOST_BLOCKS_IN_FLIGHT`, as EBS throttles or not), and hands each
+/// result to `done` as it comes. Only that many calls exist at once (an SDK call's future is
+/// large, and a put holds its block), so memory stays flat however many blocks there are. `items` may come as they are found
 /// (a stream): calls start as soon as an item is there and a place is free. Stops at the
 /// first error, of a call or of `done`, and at `cancel`; what is still in flight is aborted.
 pub async fn each_block<I, T, E, Fut>(
@@ -125,6 +205,7 @@ where
     let mut items = std::pin::pin!(items);
     let mut no_more_items = false;
     let mut in_flight = tokio::task::JoinSet::new();
+    let mut pace = Pace::new(THROTTLED_ATTEMPTS.load(Ordering::Relaxed));
     loop {
         if no_more_items && in_flight.is_empty() {
             return Ok(Ran::All);
@@ -134,7 +215,7 @@ where
                 in_flight.abort_all();
                 return Ok(Ran::Interrupted);
             }
-            item = items.next(), if !no_more_items && in_flight.len() < BLOCKS_IN_FLIGHT => {
+            item = items.next(), if !no_more_items && in_flight.len() < pace.limit() => {
                 match item {
                     Some(item) => {
                         in_flight.spawn(call(item));
@@ -143,7 +224,10 @@ where
                 }
             }
             Some(joined) = in_flight.join_next() => match joined {
-                Ok(result) => done(result?)?,
+                Ok(result) => {
+                    pace.call_ended(THROTTLED_ATTEMPTS.load(Ordering::Relaxed));
+                    done(result?)?
+                }
                 // Tasks are only aborted above, and a block call does not panic.
                 Err(e) => std::panic::resume_unwind(e.into_panic()),
             },
@@ -478,7 +562,38 @@ mod tests {
         done.sort();
         assert_eq!(done, (0..200).collect::<Vec<_>>());
         let most = most.load(Ordering::SeqCst);
-        assert!(most > 1 && most <= BLOCKS_IN_FLIGHT, "{most} at once");
+        assert!(most > 1 && most <= MOST_BLOCKS_IN_FLIGHT, "{most} at once");
+    }
+
+    #[test]
+    fn the_pace_grows_while_nothing_is_throttled_and_halves_when_something_is() {
+        let mut pace = Pace::new(7);
+        let round = |pace: &mut Pace, throttled: u64| {
+            for _ in 0..pace.limit() {
+                pace.call_ended(throttled);
+            }
+            pace.limit()
+        };
+        // Latency is the limit: a quarter more each round, up to the most.
+        assert_eq!(round(&mut pace, 7), 40);
+        assert_eq!(round(&mut pace, 7), 50);
+        let mut limits = Vec::new();
+        for _ in 0..20 {
+            limits.push(round(&mut pace, 7));
+        }
+        assert_eq!(limits.last(), Some(&MOST_BLOCKS_IN_FLIGHT));
+        assert!(limits.windows(2).all(|w| w[0] <= w[1]), "{limits:?}");
+        // A throttle within a round halves it, once for that round.
+        assert_eq!(round(&mut pace, 9), MOST_BLOCKS_IN_FLIGHT / 2);
+        // Unthrottled again: it grows back.
+        assert_eq!(round(&mut pace, 9), 80);
+        // Throttled round after round: down to the fewest, never below.
+        let mut throttled = 9;
+        for _ in 0..10 {
+            throttled += 1;
+            round(&mut pace, throttled);
+        }
+        assert_eq!(pace.limit(), FEWEST_BLOCKS_IN_FLIGHT);
     }
 
     #[tokio::test(start_paused = true)]

@@ -16,7 +16,7 @@ use super::steps::{
 use super::{Backend, BakeState};
 use crate::artifact::TAG_BUILD_ID;
 use crate::aws::ami::BaseImage;
-use crate::aws::ebs::{self, NewSnapshot, Ran, BLOCKS_IN_FLIGHT, BLOCK_SIZE};
+use crate::aws::ebs::{self, NewSnapshot, Ran, BLOCK_SIZE};
 use crate::aws::{AwsError, Clients};
 use crate::engine::{Keep, Step, StepContext, StepError, UndoId, UndoStack, Unit};
 use crate::host::block_digests::BlockDigests;
@@ -464,10 +464,14 @@ impl ToPut {
     }
 }
 
+/// Blocks read ahead of the calls that put them: a read takes far less than a put.
+const READ_AHEAD: usize = 8;
+
 /// Puts the blocks of `image` that differ from the parent's `parent_digests` (every block
-/// holding data with no parent) as the reading finds them, `BLOCKS_IN_FLIGHT` at a time: the
-/// reading and the uploads overlap, and a block's bytes are held only from its read to its
-/// put, so memory stays flat. Answers the blocks put, in index order.
+/// holding data with no parent) as the reading finds them, as many at a time as EBS takes
+/// (`ebs::each_block`): the reading and the uploads overlap, the reading at most
+/// `READ_AHEAD` blocks ahead of the calls, and a block's bytes are held only from its read
+/// to its put, so memory stays flat. Answers the blocks put, in index order.
 async fn put_changed_blocks(
     s: &BakeState<Direct>,
     snapshot_id: &str,
@@ -476,7 +480,7 @@ async fn put_changed_blocks(
     ctx: &mut StepContext,
 ) -> Result<Vec<disk_image::ChangedBlock>, StepError> {
     let (found_tx, mut found) =
-        tokio::sync::mpsc::channel::<(disk_image::ChangedBlock, Vec<u8>)>(BLOCKS_IN_FLIGHT);
+        tokio::sync::mpsc::channel::<(disk_image::ChangedBlock, Vec<u8>)>(READ_AHEAD);
     let path = image.to_path_buf();
     // The upload's total is known once the reading has found every changed block; until
     // then the progress shows what is put and how fast.

@@ -23,7 +23,10 @@ struct Story {
 
 impl Story {
     fn new() -> Story {
-        let cloud = LocalCloud::start("quick");
+        Story::on(LocalCloud::start("quick"))
+    }
+
+    fn on(cloud: LocalCloud) -> Story {
         let dir = tempfile::tempdir().unwrap();
         let (tar, files) = composer_like();
         std::fs::write(dir.path().join("app.tar.gz"), gzip(&tar)).unwrap();
@@ -137,7 +140,7 @@ impl Story {
 
     /// Removes the image a successful `run` made, with its snapshots.
     fn take_back(&self, run: &Run) {
-        let ami = manifest(run)["ami_id"].as_str().unwrap().to_string();
+        let ami = run.json()["ami_id"].as_str().unwrap().to_string();
         self.runtime
             .block_on(amibake::aws::image::deregister_with_snapshots(
                 self.clients.clone(),
@@ -240,11 +243,6 @@ fn ids(list: &serde_json::Value) -> BTreeSet<String> {
         .collect()
 }
 
-fn manifest(run: &Run) -> serde_json::Value {
-    serde_json::from_str(run.stdout().lines().last().expect("a manifest line"))
-        .unwrap_or_else(|e| panic!("{e}\n{}", run.dump()))
-}
-
 fn count(calls: &[serde_json::Value], action: &str) -> usize {
     calls.iter().filter(|c| c["action"] == action).count()
 }
@@ -274,7 +272,7 @@ fn direct_bakes_without_imds_or_volumes_and_puts_only_changed_blocks() {
         "the choice is said\n{}",
         run.dump()
     );
-    let m = manifest(&run);
+    let m = run.json();
     assert_eq!(m["backend"], "direct");
     let calls = story.calls_since(before);
     for action in [
@@ -336,7 +334,7 @@ fn direct_bakes_without_imds_or_volumes_and_puts_only_changed_blocks() {
     let calls = story.calls_since(before);
     assert_eq!(count(&calls, "GetSnapshotBlock"), 0, "{calls:?}");
     assert_eq!(count(&calls, "ListSnapshotBlocks"), 0);
-    let m2 = manifest(&again);
+    let m2 = again.json();
     assert_eq!(
         story.snapshot(m2["snapshot_id"].as_str().unwrap())["parent"],
         base_snapshot.as_str()
@@ -373,7 +371,7 @@ fn direct_bakes_without_imds_or_volumes_and_puts_only_changed_blocks() {
     story.template("flat", &flat);
     let run = story.bake("flat.toml", &["--commit", "c0ffee3", "--backend", "direct"]);
     run.expect_code(0);
-    let m3 = manifest(&run);
+    let m3 = run.json();
     assert_eq!(
         story.snapshot(m3["snapshot_id"].as_str().unwrap())["parent"],
         story.root_snapshot(&flat).as_str()
@@ -386,7 +384,7 @@ fn direct_bakes_without_imds_or_volumes_and_puts_only_changed_blocks() {
     story.template_with("bigger", &base, "root_volume_size_gb = 10\n");
     let run = story.bake("bigger.toml", &["--commit", "c0ffee6"]);
     run.expect_code(0);
-    let snapshot = manifest(&run)["snapshot_id"].as_str().unwrap().to_string();
+    let snapshot = run.json()["snapshot_id"].as_str().unwrap().to_string();
     let mounted = story
         .cloud
         .mount_grown_root(&snapshot, story.dir(), 10 << 30);
@@ -412,11 +410,11 @@ fn direct_bakes_without_imds_or_volumes_and_puts_only_changed_blocks() {
     .unwrap();
     let run = story.bake("aged.toml", &["--commit", "c0ffee7"]);
     run.expect_code(0);
-    let aged = manifest(&run)["ami_id"].as_str().unwrap().to_string();
+    let aged = run.json()["ami_id"].as_str().unwrap().to_string();
     story.template("on-aged", &aged);
     let run = story.bake("on-aged.toml", &["--commit", "c0ffee8"]);
     run.expect_code(0);
-    let snapshot = manifest(&run)["snapshot_id"].as_str().unwrap().to_string();
+    let snapshot = run.json()["snapshot_id"].as_str().unwrap().to_string();
     let image = story
         .cloud
         .mount_snapshot(&snapshot, story.dir(), PARTITION_1_OFFSET);
@@ -451,7 +449,7 @@ fn direct_bakes_without_imds_or_volumes_and_puts_only_changed_blocks() {
         "{}",
         run.dump()
     );
-    let m4 = manifest(&run);
+    let m4 = run.json();
     let calls = story.calls_since(before);
     assert_eq!(ok_count(&calls, "CopySnapshot"), 1);
     let snapshot = m4["snapshot_id"].as_str().unwrap();
@@ -488,7 +486,7 @@ fn direct_bakes_without_imds_or_volumes_and_puts_only_changed_blocks() {
         story.template_with(name, &encrypted, &format!("kms_key_id = \"{key}\"\n"));
         let run = story.bake(&format!("{name}.toml"), &["--commit", "c0ffee5"]);
         run.expect_code(0);
-        let snapshot = manifest(&run)["snapshot_id"].as_str().unwrap().to_string();
+        let snapshot = run.json()["snapshot_id"].as_str().unwrap().to_string();
         let described = story.snapshot(&snapshot);
         assert_eq!(described["encrypted"], true, "{name}: {described}");
         assert_eq!(described["kms_key_id"], key.as_str(), "{name}: {described}");
@@ -538,7 +536,7 @@ fn direct_bakes_without_imds_or_volumes_and_puts_only_changed_blocks() {
             output: child.wait_with_output().unwrap(),
         };
         run.expect_code(0);
-        let m = manifest(&run);
+        let m = run.json();
         assert_eq!(m["backend"], *backend, "{}", run.dump());
         let snapshot = m["snapshot_id"].as_str().unwrap();
         let image = story
@@ -788,7 +786,7 @@ fn direct_failures_leave_nothing_and_throttling_is_ridden_out() {
             .collect();
         assert_eq!(
             made,
-            [manifest(&run)["snapshot_id"].as_str().unwrap()],
+            [run.json()["snapshot_id"].as_str().unwrap()],
             "{action}: {}",
             run.dump()
         );
@@ -926,11 +924,54 @@ fn direct_failures_leave_nothing_and_throttling_is_ridden_out() {
         throttled > 10,
         "throttling was on: {throttled} calls throttled"
     );
-    let m = manifest(&run);
+    let m = run.json();
     story.assert_holds_the_app(
         m["snapshot_id"].as_str().unwrap(),
         PARTITION_1_OFFSET,
         "throttled",
+    );
+    story.assert_nothing_left_here();
+}
+
+/// At EBS's own 100 ms a block call, with half of all block calls throttled: the calls in
+/// flight back off, the SDK's retries ride the throttles out, cold cache and all, and the
+/// image holds the tarball byte for byte.
+#[test]
+fn half_the_block_calls_throttled_at_ebs_latency_still_bake_the_tree_byte_for_byte() {
+    let _module = crate::util::module_turn(module_path!());
+    let story = Story::on(LocalCloud::start_with_block_latency("quick", 0.1));
+    let base = story.owned_base("partitioned");
+    story.template("owned", &base);
+    let _ = std::fs::remove_dir_all(story.cache());
+    story.cloud.cli(&[
+        "fault",
+        "--throttle",
+        "50",
+        "--throttle-only",
+        "GetSnapshotBlock",
+        "--throttle-only",
+        "PutSnapshotBlock",
+    ]);
+    let before = story.cloud.calls().len();
+    let run = story.bake("owned.toml", &["--commit", "halved"]);
+    story.cloud.cli(&["fault", "--throttle", "0"]);
+    run.expect_code(0);
+    let calls = story.calls_since(before);
+    let throttled: BTreeSet<&str> = calls
+        .iter()
+        .filter(|c| c["code"] == "RequestThrottledException")
+        .filter_map(|c| c["action"].as_str())
+        .collect();
+    assert_eq!(
+        throttled,
+        BTreeSet::from(["GetSnapshotBlock", "PutSnapshotBlock"]),
+        "both the fetch and the upload were throttled"
+    );
+    let m = run.json();
+    story.assert_holds_the_app(
+        m["snapshot_id"].as_str().unwrap(),
+        PARTITION_1_OFFSET,
+        "halved",
     );
     story.assert_nothing_left_here();
 }

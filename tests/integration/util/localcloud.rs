@@ -99,6 +99,17 @@ impl LocalCloud {
     /// A cloud whose catalogue also holds these vendors' images (`localcloud up --vendor`),
     /// in `ls()["vendor_amis"][family]`.
     pub fn start_with(latency: &str, vendors: &[&str]) -> LocalCloud {
+        let vendors: Vec<String> = vendors.iter().map(|v| format!("--vendor={v}")).collect();
+        LocalCloud::up(latency, &vendors)
+    }
+
+    /// A cloud whose block calls take `seconds` each, as EBS's do (`--block-latency`).
+    pub fn start_with_block_latency(latency: &str, seconds: f64) -> LocalCloud {
+        LocalCloud::up(latency, &[format!("--block-latency={seconds}")])
+    }
+
+    /// `localcloud up --latency LATENCY` with `more` of its flags.
+    fn up(latency: &str, more: &[String]) -> LocalCloud {
         let turn = super::turn_unless_held();
         let state = tempfile::Builder::new()
             .prefix("amibake-localcloud-")
@@ -106,7 +117,7 @@ impl LocalCloud {
             .expect("temp dir")
             .keep();
         let mut args = vec!["up".to_string(), "--latency".into(), latency.into()];
-        args.extend(vendors.iter().map(|v| format!("--vendor={v}")));
+        args.extend(more.iter().cloned());
         let out = run(&state, &args.iter().map(String::as_str).collect::<Vec<_>>());
         assert!(
             out.status.success(),
