@@ -17,6 +17,7 @@ use aws_sdk_ebs::config::timeout::TimeoutConfig;
 use aws_sdk_ebs::config::{ConfigBag, Intercept, RuntimeComponents};
 use aws_sdk_ebs::error::BoxError;
 use aws_sdk_ebs::operation::complete_snapshot::CompleteSnapshotError;
+use aws_sdk_ebs::operation::get_snapshot_block::GetSnapshotBlockError;
 use aws_sdk_ebs::operation::put_snapshot_block::PutSnapshotBlockError;
 use aws_sdk_ebs::primitives::ByteStream;
 use aws_sdk_ebs::types::{
@@ -67,7 +68,14 @@ pub fn client_config(config: &aws_config::SdkConfig) -> aws_sdk_ebs::Config {
 /// Block call attempts EBS throttled, in this process: what paces the calls in flight.
 static THROTTLED_ATTEMPTS: AtomicU64 = AtomicU64::new(0);
 
-/// Counts each block call attempt EBS answered with a throttle, retried or not.
+/// Block call attempts EBS throttled so far in this process: a step says how many of its
+/// own were.
+pub fn throttled_attempts() -> u64 {
+    THROTTLED_ATTEMPTS.load(Ordering::Relaxed)
+}
+
+/// Counts each block call attempt (a get or a put) EBS answered with a throttle, retried or
+/// not.
 #[derive(Debug)]
 struct CountThrottles;
 
@@ -82,13 +90,19 @@ impl Intercept for CountThrottles {
         _components: &RuntimeComponents,
         _config: &mut ConfigBag,
     ) -> Result<(), BoxError> {
-        let throttled = context.response().is_some_and(|response| {
-            response.status().as_u16() == 429
-                || response
-                    .headers()
-                    .get("x-amzn-ErrorType")
-                    .is_some_and(|kind| kind.contains("Throttl"))
-        });
+        let Some(Err(error)) = context.output_or_error() else {
+            return Ok(());
+        };
+        let Some(error) = error.as_operation_error() else {
+            return Ok(());
+        };
+        let throttled = matches!(
+            error.downcast_ref::<PutSnapshotBlockError>(),
+            Some(PutSnapshotBlockError::RequestThrottledException(_))
+        ) || matches!(
+            error.downcast_ref::<GetSnapshotBlockError>(),
+            Some(GetSnapshotBlockError::RequestThrottledException(_))
+        );
         if throttled {
             THROTTLED_ATTEMPTS.fetch_add(1, Ordering::Relaxed);
         }
@@ -141,12 +155,15 @@ pub const MOST_BLOCKS_IN_FLIGHT: usize = 128;
 const FEWEST_BLOCKS_IN_FLIGHT: usize = 4;
 
 /// How many block calls go at once, judged once a round (as many calls as the limit): a
-/// round with no throttled attempt means latency is what holds the calls back, and the
-/// limit grows by a quarter; one with a throttle means EBS's rate is, and it halves.
+/// round with a throttled attempt means EBS's rate holds the calls back, and the limit
+/// halves; one that filled the limit with none means latency does, and it grows by a
+/// quarter. A round that never filled it (the items came slower than the calls) says
+/// nothing, and the limit stays.
 #[derive(Debug)]
 struct Pace {
     limit: usize,
     done_in_round: usize,
+    filled_in_round: bool,
     throttled_before_round: u64,
 }
 
@@ -155,6 +172,7 @@ impl Pace {
         Pace {
             limit: BLOCKS_IN_FLIGHT,
             done_in_round: 0,
+            filled_in_round: false,
             throttled_before_round: throttled,
         }
     }
@@ -163,17 +181,24 @@ impl Pace {
         self.limit
     }
 
+    /// A call started, making `in_flight` calls.
+    fn call_started(&mut self, in_flight: usize) {
+        self.filled_in_round |= in_flight >= self.limit;
+    }
+
     /// A call ended; `throttled` is the count of throttled attempts so far.
     fn call_ended(&mut self, throttled: u64) {
         self.done_in_round += 1;
         if self.done_in_round < self.limit {
             return;
         }
-        self.limit = match throttled > self.throttled_before_round {
-            true => (self.limit / 2).max(FEWEST_BLOCKS_IN_FLIGHT),
-            false => (self.limit + self.limit.div_ceil(4)).min(MOST_BLOCKS_IN_FLIGHT),
-        };
+        if throttled > self.throttled_before_round {
+            self.limit = (self.limit / 2).max(FEWEST_BLOCKS_IN_FLIGHT);
+        } else if self.filled_in_round {
+            self.limit = (self.limit + self.limit.div_ceil(4)).min(MOST_BLOCKS_IN_FLIGHT);
+        }
         self.done_in_round = 0;
+        self.filled_in_round = false;
         self.throttled_before_round = throttled;
     }
 }
@@ -188,8 +213,8 @@ pub enum Ran {
 /// Runs `call` on each of `items`, as many at a time as the `Pace` allows (from
 /// `BLOCKS_IN_FLIGHT` to `MOST_BLOCKS_IN_FLIGHT`, as EBS throttles or not), and hands each
 /// result to `done` as it comes. Only that many calls exist at once (an SDK call's future is
-/// large, and a put holds its block), so memory stays flat however many blocks there are. `items` may come as they are found
-/// (a stream): calls start as soon as an item is there and a place is free. Stops at the
+/// large, and a put holds its block), so memory stays flat however many blocks there are.
+/// `items` may come as they are found (a stream): calls start as soon as an item is there and a place is free. Stops at the
 /// first error, of a call or of `done`, and at `cancel`; what is still in flight is aborted.
 pub async fn each_block<I, T, E, Fut>(
     items: impl Stream<Item = I>,
@@ -219,6 +244,7 @@ where
                 match item {
                     Some(item) => {
                         in_flight.spawn(call(item));
+                        pace.call_started(in_flight.len());
                     }
                     None => no_more_items = true,
                 }
@@ -568,12 +594,19 @@ mod tests {
     #[test]
     fn the_pace_grows_while_nothing_is_throttled_and_halves_when_something_is() {
         let mut pace = Pace::new(7);
+        // A round whose calls all go at once, the limit filled.
         let round = |pace: &mut Pace, throttled: u64| {
-            for _ in 0..pace.limit() {
-                pace.call_ended(throttled);
-            }
+            let limit = pace.limit();
+            (1..=limit).for_each(|n| pace.call_started(n));
+            (0..limit).for_each(|_| pace.call_ended(throttled));
             pace.limit()
         };
+        // Items too slow to fill it: the limit is not what holds the calls back.
+        for _ in 0..BLOCKS_IN_FLIGHT {
+            pace.call_started(1);
+            pace.call_ended(7);
+        }
+        assert_eq!(pace.limit(), BLOCKS_IN_FLIGHT);
         // Latency is the limit: a quarter more each round, up to the most.
         assert_eq!(round(&mut pace, 7), 40);
         assert_eq!(round(&mut pace, 7), 50);

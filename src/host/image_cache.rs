@@ -135,9 +135,9 @@ impl ImageCache {
     }
 
     /// The entry for `snapshot_id`, fetched first if it is not here: every allocated block
-    /// of `read_from` (the snapshot itself, or a copy of it this account can read),
-    /// as many at a time as EBS takes (`ebs::each_block`), each checked against its checksum. `on_block` hears
-    /// of each block written, for progress.
+    /// of `read_from` (the snapshot itself, or a copy of it this account can read), as many
+    /// at a time as EBS takes (`ebs::each_block`), each checked against its checksum.
+    /// `on_block` hears of each block written, for progress.
     pub async fn fetch(
         &self,
         clients: &Clients,

@@ -193,6 +193,7 @@ impl Step<BakeState<Direct>> for FetchBaseImage {
                 None,
             )
         };
+        let throttled_before = ebs::throttled_attempts();
         let fetched = s
             .backend
             .cache
@@ -210,10 +211,11 @@ impl Step<BakeState<Direct>> for FetchBaseImage {
             Err(e) => return Err(failed(e)),
         };
         ctx.progress.note(format!(
-            "downloaded {} blocks ({:.0} MiB) of {snapshot_id} into the cache in {}",
+            "downloaded {} blocks ({:.0} MiB) of {snapshot_id} into the cache in {}{}",
             entry.downloaded,
             mib(entry.downloaded),
-            s.backend.cache.dir().display()
+            s.backend.cache.dir().display(),
+            throttled_since(throttled_before, "reads"),
         ));
         s.backend.base_image = Some(entry);
         if let Some((_, delete_copy)) = copy {
@@ -397,19 +399,21 @@ impl Step<BakeState<Direct>> for UploadSnapshot {
             Keep::OnSuccess,
             crate::aws::snapshot::delete,
         ));
+        let throttled_before = ebs::throttled_attempts();
         let changed = put_changed_blocks(s, &snapshot_id, &copy, parent_digests, ctx).await?;
         let checksum = ebs::linear_checksum(changed.iter().map(|c| &c.digest));
         ebs::complete_snapshot(&s.image.clients, &snapshot_id, changed.len(), &checksum)
             .await
             .map_err(failed)?;
+        let throttled = throttled_since(throttled_before, "puts");
         ctx.progress.note(match &upload.parent {
             Some(parent) => format!(
-                "{} blocks ({:.0} MiB) put into {snapshot_id}, the rest of it {parent}'s",
+                "{} blocks ({:.0} MiB) put into {snapshot_id}, the rest of it {parent}'s{throttled}",
                 changed.len(),
                 mib(changed.len())
             ),
             None => format!(
-                "{} blocks ({:.0} MiB) put into {snapshot_id}, every block holding data",
+                "{} blocks ({:.0} MiB) put into {snapshot_id}, every block holding data{throttled}",
                 changed.len(),
                 mib(changed.len())
             ),
@@ -461,6 +465,14 @@ impl ToPut {
         self.read_all
             .load(Ordering::Relaxed)
             .then(|| self.blocks.load(Ordering::Relaxed) * BLOCK_SIZE as u64)
+    }
+}
+
+/// What EBS throttled of a step's block calls since `before`, said after what the step did.
+fn throttled_since(before: u64, calls: &str) -> String {
+    match ebs::throttled_attempts().saturating_sub(before) {
+        0 => String::new(),
+        n => format!("; EBS throttled {n} of the {calls}, retried with fewer at once"),
     }
 }
 

@@ -229,10 +229,6 @@ impl Story {
             "no volume is made"
         );
     }
-
-    fn calls_since(&self, before: usize) -> Vec<serde_json::Value> {
-        self.cloud.calls()[before..].to_vec()
-    }
 }
 
 fn ids(list: &serde_json::Value) -> BTreeSet<String> {
@@ -274,7 +270,7 @@ fn direct_bakes_without_imds_or_volumes_and_puts_only_changed_blocks() {
     );
     let m = run.json();
     assert_eq!(m["backend"], "direct");
-    let calls = story.calls_since(before);
+    let calls = story.cloud.calls_since(before);
     for action in [
         "CreateVolume",
         "AttachVolume",
@@ -331,7 +327,7 @@ fn direct_bakes_without_imds_or_volumes_and_puts_only_changed_blocks() {
     let before = story.cloud.calls().len();
     let again = story.bake("owned.toml", &["--commit", "c0ffee2"]);
     again.expect_code(0);
-    let calls = story.calls_since(before);
+    let calls = story.cloud.calls_since(before);
     assert_eq!(count(&calls, "GetSnapshotBlock"), 0, "{calls:?}");
     assert_eq!(count(&calls, "ListSnapshotBlocks"), 0);
     let m2 = again.json();
@@ -450,7 +446,7 @@ fn direct_bakes_without_imds_or_volumes_and_puts_only_changed_blocks() {
         run.dump()
     );
     let m4 = run.json();
-    let calls = story.calls_since(before);
+    let calls = story.cloud.calls_since(before);
     assert_eq!(ok_count(&calls, "CopySnapshot"), 1);
     let snapshot = m4["snapshot_id"].as_str().unwrap();
     assert_eq!(story.snapshot(snapshot)["parent"], serde_json::Value::Null);
@@ -916,6 +912,7 @@ fn direct_failures_leave_nothing_and_throttling_is_ridden_out() {
     story.cloud.cli(&["fault", "--throttle", "0"]);
     run.expect_code(0);
     let throttled = story
+        .cloud
         .calls_since(before)
         .iter()
         .filter(|c| c["code"] == "RequestThrottledException")
@@ -956,7 +953,7 @@ fn half_the_block_calls_throttled_at_ebs_latency_still_bake_the_tree_byte_for_by
     let run = story.bake("owned.toml", &["--commit", "halved"]);
     story.cloud.cli(&["fault", "--throttle", "0"]);
     run.expect_code(0);
-    let calls = story.calls_since(before);
+    let calls = story.cloud.calls_since(before);
     let throttled: BTreeSet<&str> = calls
         .iter()
         .filter(|c| c["code"] == "RequestThrottledException")
@@ -967,6 +964,17 @@ fn half_the_block_calls_throttled_at_ebs_latency_still_bake_the_tree_byte_for_by
         BTreeSet::from(["GetSnapshotBlock", "PutSnapshotBlock"]),
         "both the fetch and the upload were throttled"
     );
+    // amibake saw them (the pace halves on what it counts) and says so.
+    for calls in ["reads", "puts"] {
+        assert!(
+            run.stderr()
+                .lines()
+                .any(|l| l.contains("EBS throttled ")
+                    && l.contains(&format!("of the {calls}, retried"))),
+            "the {calls} throttled are counted\n{}",
+            run.dump()
+        );
+    }
     let m = run.json();
     story.assert_holds_the_app(
         m["snapshot_id"].as_str().unwrap(),

@@ -467,6 +467,11 @@ impl LocalCloud {
             .map(|l| serde_json::from_str(l).unwrap())
             .collect()
     }
+
+    /// The calls made since the call log held `from` of them.
+    pub fn calls_since(&self, from: usize) -> Vec<serde_json::Value> {
+        self.calls().split_off(from)
+    }
 }
 
 /// An exported snapshot's filesystem, mounted read-only at `root`.
