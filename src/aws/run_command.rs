@@ -117,13 +117,18 @@ pub enum Invocation {
     NotTaken,
     /// Pending, InProgress, Delayed or Cancelling: its status.
     Running(String),
-    /// It has ended: its status, its exit code, and the output SSM kept.
-    Ended {
-        status: String,
-        code: i32,
-        stdout: String,
-        stderr: String,
-    },
+    /// It has ended.
+    Ended(Ended),
+}
+
+/// A command that has ended: its status, its exit code, and the output SSM kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ended {
+    /// Success, Failed, Cancelled, TimedOut, DeliveryTimedOut, Undeliverable, Terminated.
+    pub status: String,
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
 }
 
 /// Where command `command_id` stands on `instance_id`.
@@ -163,12 +168,12 @@ pub async fn invocation(
         | CommandInvocationStatus::InProgress
         | CommandInvocationStatus::Delayed
         | CommandInvocationStatus::Cancelling => Invocation::Running(status.as_str().into()),
-        ended => Invocation::Ended {
+        ended => Invocation::Ended(Ended {
             status: ended.as_str().into(),
             code: out.response_code(),
             stdout: out.standard_output_content().unwrap_or_default().into(),
             stderr: out.standard_error_content().unwrap_or_default().into(),
-        },
+        }),
     })
 }
 

@@ -238,7 +238,10 @@ fn temporary_instance(grants: &mut Grants, plan: &InstancePlan) {
         // The shell document, on the run's own instance only.
         grants.allow(
             Scope::Any,
-            &["arn:aws:ssm:*::document/AWS-RunShellScript"],
+            &[&format!(
+                "arn:aws:ssm:*::document/{}",
+                crate::aws::run_command::SHELL_DOCUMENT
+            )],
             &["ssm:SendCommand"],
         );
         grants.allow(Scope::Owned, &[INSTANCE], &["ssm:SendCommand"]);

@@ -66,6 +66,13 @@ pub trait Communicator: Send + Sync {
     }
 }
 
+/// `env` as shell assignments, a line each, every value quoted.
+pub(crate) fn assignments(env: &BTreeMap<String, String>) -> String {
+    env.iter()
+        .map(|(k, v)| format!("{k}={}\n", quote(v)))
+        .collect()
+}
+
 /// `value` as one single-quoted shell word.
 pub(crate) fn quote(value: &str) -> String {
     format!("'{}'", value.replace('\'', r"'\''"))

@@ -17,7 +17,7 @@ use ssh2::{ExtendedData, Session};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{quote, CommError, Communicator};
+use super::{assignments, quote, CommError, Communicator};
 use crate::template::Network;
 
 /// How often a running command's reader looks at the cancel token.
@@ -233,10 +233,7 @@ impl Communicator for Ssh {
         // sshd passes on only the variables it is told to accept, and a command line is
         // seen by every process and logged by sudo: the variables travel on the command's
         // standard input instead, read by the shell before the command runs.
-        let assignments: String = env
-            .iter()
-            .map(|(k, v)| format!("{k}={}\n", quote(v)))
-            .collect();
+        let assignments = assignments(env);
         let remote = if env.is_empty() {
             self.as_root(command)
         } else {

@@ -12,8 +12,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
-use super::{quote, CommError, Communicator};
-use crate::aws::run_command::{self, Invocation, STDERR_KEPT, STDOUT_KEPT};
+use super::{assignments, quote, CommError, Communicator};
+use crate::aws::run_command::{self, Ended, Invocation, STDERR_KEPT, STDOUT_KEPT};
 use crate::aws::wait::{wait_for, Poll, WaitError, WaitPolicy};
 use crate::aws::Clients;
 use crate::template::Network;
@@ -80,7 +80,7 @@ impl Ssm {
         action: &str,
         policy: WaitPolicy,
         cancel: &CancellationToken,
-    ) -> Result<(String, i32, String, String), CommError> {
+    ) -> Result<Ended, CommError> {
         let clients = &self.clients;
         let id = &self.instance_id;
         let command_id = run_command::send(clients, id, script, &self.comment)
@@ -103,6 +103,25 @@ impl Ssm {
             other => other.map_err(|e| self.failed(action, e)),
         }
     }
+
+    /// Runs one of amibake's own commands (a piece of a file, the clearing of traces), which
+    /// must succeed within `HOUSEKEEPING`.
+    async fn housekeeping(&self, script: &str, action: &str) -> Result<(), CommError> {
+        let ended = self
+            .run_script(script, action, HOUSEKEEPING, &CancellationToken::new())
+            .await?;
+        match (ended.status.as_str(), ended.code) {
+            ("Success", 0) => Ok(()),
+            (status, code) => Err(self.failed(
+                action,
+                format!(
+                    "{status}, exit code {code}: {}{}",
+                    ended.stdout.trim(),
+                    ended.stderr.trim()
+                ),
+            )),
+        }
+    }
 }
 
 /// Polls command `command_id` on `instance_id` until it has ended.
@@ -112,7 +131,7 @@ async fn follow(
     instance_id: &str,
     policy: WaitPolicy,
     cancel: &CancellationToken,
-) -> Result<(String, i32, String, String), WaitError<crate::aws::AwsError>> {
+) -> Result<Ended, WaitError<crate::aws::AwsError>> {
     wait_for(
         "command",
         command_id,
@@ -130,12 +149,7 @@ async fn follow(
                         state: status,
                         percent: None,
                     },
-                    Invocation::Ended {
-                        status,
-                        code,
-                        stdout,
-                        stderr,
-                    } => Poll::Ready((status, code, stdout, stderr)),
+                    Invocation::Ended(ended) => Poll::Ready(ended),
                 },
             )
         },
@@ -148,11 +162,7 @@ fn script(command: &str, env: &BTreeMap<String, String>) -> String {
     if env.is_empty() {
         return command.to_string();
     }
-    let assignments: String = env
-        .iter()
-        .map(|(k, v)| format!("{k}={}\n", quote(v)))
-        .collect();
-    format!("set -a\n{assignments}set +a\n{command}")
+    format!("set -a\n{}set +a\n{command}", assignments(env))
 }
 
 #[async_trait]
@@ -169,7 +179,12 @@ impl Communicator for Ssm {
         on_line: &mut (dyn for<'l> FnMut(&'l str) + Send),
         cancel: &CancellationToken,
     ) -> Result<i32, CommError> {
-        let (status, code, stdout, stderr) = self
+        let Ended {
+            status,
+            code,
+            stdout,
+            stderr,
+        } = self
             .run_script(&script(command, env), "run a command", COMMAND, cancel)
             .await?;
         // SSM hands the output over once the command has ended.
@@ -216,7 +231,6 @@ impl Communicator for Ssm {
             true => vec![&[]],
             false => contents.chunks(UPLOAD_PIECE).collect(),
         };
-        let never = CancellationToken::new();
         for (i, piece) in pieces.iter().enumerate() {
             // As over SSH, the destination's directory is made as needed.
             let fresh = match i {
@@ -237,36 +251,14 @@ impl Communicator for Ssm {
                     quote(destination)
                 ));
             }
-            let (status, code, stdout, stderr) = self
-                .run_script(&script, &action, HOUSEKEEPING, &never)
-                .await?;
-            if status != "Success" || code != 0 {
-                let said = format!("{stdout}{stderr}");
-                return Err(self.failed(
-                    &action,
-                    format!("{status}, exit code {code}: {}", said.trim()),
-                ));
-            }
+            self.housekeeping(&script, &action).await?;
         }
         Ok(())
     }
 
     async fn clear_traces(&self) -> Result<(), CommError> {
         let action = "clear the SSM agent's record of the commands it ran";
-        let never = CancellationToken::new();
-        let (status, code, stdout, stderr) = self
-            .run_script(CLEAR_TRACES, action, HOUSEKEEPING, &never)
-            .await?;
-        match (status.as_str(), code) {
-            ("Success", 0) => Ok(()),
-            _ => Err(self.failed(
-                action,
-                format!(
-                    "{status}, exit code {code}: {}",
-                    format!("{stdout}{stderr}").trim()
-                ),
-            )),
-        }
+        self.housekeeping(CLEAR_TRACES, action).await
     }
 }
 

@@ -121,7 +121,6 @@ impl ImageState {
         facts
     }
 
-    /// What the manifest says of the image, once the run has one.
     /// What the manifest says of the image, once it has one; `made_as` names an earlier
     /// run's image by the name it was made with. `report` is `None` where no step ran.
     pub fn record(&self, made_as: Option<&str>, report: Option<&RunReport>) -> Option<ImageRecord> {

@@ -162,7 +162,7 @@ fn prove(
     succeeded.expect_code(0);
     let manifest: serde_json::Value = succeeded.json();
     more(&cloud, dir, &manifest);
-    let calls = cloud.calls().split_off(before);
+    let calls = cloud.calls_since(before);
     let mut called = assert_allowed(&printed, &calls);
     // Not a call of its own: IAM checks it within a launch that names a profile.
     if profile.is_some() && called.contains("ec2:RunInstances") {

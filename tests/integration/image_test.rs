@@ -178,8 +178,9 @@ fn an_image_is_published_only_once_an_instance_of_it_passes_its_tests() {
     let from = world.cloud.calls().len();
     let run = world.bake(&[]);
     run.expect_code(0);
-    assert_eq!(run.json()["ami_id"], ami.as_str());
-    assert_eq!(run.json()["reused"], true);
+    let reused = run.json();
+    assert_eq!(reused["ami_id"], ami.as_str());
+    assert_eq!(reused["reused"], true);
     assert!(world.launched_since(from).is_empty(), "{}", run.dump());
     assert_eq!(world.channel(), Some(ami.clone()));
 

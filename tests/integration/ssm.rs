@@ -52,10 +52,6 @@ impl World {
     fn base(&self) -> Run {
         self.cloud.run_amibake(self.dir(), &["base", "t.toml"])
     }
-
-    fn calls_since(&self, from: usize) -> Vec<serde_json::Value> {
-        self.cloud.calls().split_off(from)
-    }
 }
 
 const PROVISIONERS: &str = "[[base.provisioner]]\n\
@@ -77,7 +73,7 @@ fn a_base_over_ssm_makes_no_key_pair_opens_no_port_and_provisions_as_over_ssh() 
     let from = world.cloud.calls().len();
     let run = world.base();
     run.expect_code(0);
-    let calls = world.calls_since(from);
+    let calls = world.cloud.calls_since(from);
     let called = actions(&calls);
     for never in [
         "CreateKeyPair",
@@ -206,7 +202,7 @@ fn a_failing_or_hung_provisioner_over_ssm_fails_the_build_naming_it_and_leaves_n
         "{}",
         run.dump()
     );
-    let called = world.calls_since(from);
+    let called = world.cloud.calls_since(from);
     assert!(
         actions(&called).contains(&"CancelCommand"),
         "the hung command is cancelled: {:?}",
@@ -234,7 +230,10 @@ fn an_instance_ssm_cannot_manage_is_refused_or_given_up_on_and_leaves_nothing() 
         "{}",
         run.dump()
     );
-    assert_eq!(world.calls_since(from), Vec::<serde_json::Value>::new());
+    assert_eq!(
+        world.cloud.calls_since(from),
+        Vec::<serde_json::Value>::new()
+    );
 
     // A sensitive value would be kept by SSM with the command: refused, before any call.
     world.template(
@@ -251,7 +250,10 @@ fn an_instance_ssm_cannot_manage_is_refused_or_given_up_on_and_leaves_nothing() 
         run.dump()
     );
     assert!(!run.dump().contains("s3cr3t-t0ken"), "{}", run.dump());
-    assert_eq!(world.calls_since(from), Vec::<serde_json::Value>::new());
+    assert_eq!(
+        world.cloud.calls_since(from),
+        Vec::<serde_json::Value>::new()
+    );
 
     // Nor in an inline command, nor a value from the environment (a CI secret, as a rule),
     // nor in the tests of a bake that boot on [base]'s instance.
@@ -294,7 +296,10 @@ fn an_instance_ssm_cannot_manage_is_refused_or_given_up_on_and_leaves_nothing() 
         "{}",
         opened.dump()
     );
-    assert_eq!(world.calls_since(from), Vec::<serde_json::Value>::new());
+    assert_eq!(
+        world.cloud.calls_since(from),
+        Vec::<serde_json::Value>::new()
+    );
     let run = world.base();
     run.expect_code(1);
     let stderr = run.stderr();
@@ -391,7 +396,7 @@ fn a_bakes_booted_test_over_ssm_passes_and_fails_as_over_ssh() {
         ];
         let from = world.cloud.calls().len();
         let run = world.cloud.run_amibake(world.dir(), &args);
-        (run, world.calls_since(from))
+        (run, world.cloud.calls_since(from))
     };
 
     let (run, calls) = bake_with_test(0);

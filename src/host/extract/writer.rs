@@ -134,7 +134,6 @@ impl Writer {
     }
 }
 
-/// Running out of space names what was needed and what was left.
 fn place_directory(
     parent: BorrowedFd<'_>,
     leaf: &str,
@@ -230,6 +229,7 @@ fn place_file(
     rustix::fs::futimens(&out, &times(file.mtime)).map_err(sys(DATE))
 }
 
+/// Running out of space names what was needed and what was left.
 fn write_error(e: std::io::Error, file: &std::fs::File, size: u64) -> EntryError {
     if e.raw_os_error() == Some(Errno::NOSPC.raw_os_error()) {
         let free = rustix::fs::fstatvfs(file)

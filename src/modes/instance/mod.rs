@@ -230,14 +230,9 @@ impl TemporaryInstance {
         self.security_group_ids = vec![group_id.clone()];
         self.temporary_group = Some(group_id.clone());
         // Without CIDRs from the template, the runner's own address is known only once the
-        // instance has its address (see `launch`). Through SSM, nothing is let in.
-        if let Some(cidrs) = self
-            .launch
-            .plan
-            .ssh_cidrs
-            .clone()
-            .filter(|_| !self.over_ssm())
-        {
+        // instance has its address (see `launch`). Through SSM there are none: the template
+        // check and --ssh-cidr refuse them.
+        if let Some(cidrs) = self.launch.plan.ssh_cidrs.clone() {
             self.allow_ssh(&group_id, &cidrs).await?;
         }
         Ok(())

@@ -28,7 +28,7 @@ pub struct NoSshAnswer {
 }
 
 impl TemporaryInstance {
-    /// Connects over SSH once the instance answers, within the template's `ssh_timeout`.
+    /// Connects over SSH once the instance answers, within the template's `ssh_timeout_seconds`.
     pub(super) async fn wait_for_ssh(&mut self, ctx: &mut StepContext) -> Result<(), StepError> {
         let target = earlier(&self.ssh_target, "SSH address")?;
         let timeout = self.launch.plan.reach_timeout;

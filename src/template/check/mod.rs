@@ -94,7 +94,7 @@ pub fn resolve(
             None => checker.error(
                 Some(span),
                 "bake.test",
-                "a test runs on an instance of the new image: add [bake.test_instance] with `instance_type` and `ssh_username` (a [base] table's instance is used when there is one)".into(),
+                "a test runs on an instance of the new image: add [bake.test_instance] with `instance_type` and `ssh_username` or `communicator = \"ssm\"` (a [base] table's instance is used when there is one)".into(),
             ),
         }
     }
@@ -295,8 +295,12 @@ impl Checker<'_> {
         interpolate::references(text)
             .into_iter()
             .filter_map(|r| r.strip_prefix("var.").map(str::to_string))
-            .filter(|name| self.sensitive.contains(name))
+            .filter(|name| self.is_sensitive(name))
             .collect()
+    }
+
+    fn is_sensitive(&self, variable: &str) -> bool {
+        self.sensitive.contains(variable)
     }
 
     /// The value of a key AWS stores and shows in the clear (an image's name, description

@@ -268,8 +268,7 @@ impl Checker<'_> {
                     .into_iter()
                     .filter(|r| {
                         r.starts_with("env.")
-                            || r.strip_prefix("var.")
-                                .is_some_and(|n| self.sensitive.contains(n))
+                            || r.strip_prefix("var.").is_some_and(|n| self.is_sensitive(n))
                     })
                     .collect();
                 for reference in kept {
