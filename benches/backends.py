@@ -221,6 +221,22 @@ def calls_since(state, before):
     return [json.loads(line) for line in lines[before:]]
 
 
+def cloud_waits(state, start, end) -> float:
+    """Seconds of [start, end] (wall clock) in which some resource of the local cloud was in a
+    transitional state by the cloud's own account (`localcloud waits`): a volume creating or
+    attaching, a snapshot pending, an image pending, an instance starting. Overlapping waits
+    count once."""
+    spans = sorted((max(w["start"], start), min(w["end"], end))
+                   for w in map(json.loads, cli(state, "waits").splitlines()))
+    total, reach = 0.0, start
+    for first, last in spans:
+        if last <= reach:
+            continue
+        total += last - max(first, reach)
+        reach = last
+    return total
+
+
 def per_second(calls, action) -> float:
     """Calls of `action` a second, from the first to the last (the local cloud's clock)."""
     times = [c["time"] for c in calls if c["action"] == action]
@@ -263,15 +279,19 @@ def main():
         tarball = work / "app.tar.gz"
         files = make_tarball(tarball, args.mib, work)
 
+        # Per bake: its wall time less the cloud's waits, by the cloud's own account.
+        own = {}
+
         def amibake(backend, commit, tar=tarball, template="bench.toml"):
             command = [str(amibake_exe), "--output", "json", "bake", str(work / template), "--tarball", str(tar),
                        "--commit", commit, "--force", "--backend", backend, "--cache-dir", str(cache)]
             before = len(cli(state, "calls").splitlines())
-            start = time.monotonic()
+            start, started_at = time.monotonic(), time.time()
             code, peak, stdout, stderr = run_measured(command, env, work)
             wall = time.monotonic() - start
             if code != 0:
                 sys.exit(f"bake --backend {backend} failed:\n{stderr[-3000:]}")
+            own[backend, commit] = wall - cloud_waits(state, started_at, time.time())
             return wall, peak, json.loads(stdout.splitlines()[-1]), calls_since(state, before)
 
         def packer(poll, source=base, template="chroot.json", may_fail=False):
@@ -291,24 +311,27 @@ def main():
               f"({tarball.stat().st_size / (1 << 20):.0f} MiB gzip'd, {files} files); amibake: {build}")
         rows = []
         wall, peak, cold, cold_calls = amibake("direct", "cold")
-        rows.append(("direct, cold cache", wall, peak))
+        rows.append(("direct, cold cache", wall, peak, own["direct", "cold"]))
         wall, peak, warm, warm_calls = amibake("direct", "warm")
-        rows.append(("direct, warm cache", wall, peak))
+        rows.append(("direct, warm cache", wall, peak, own["direct", "warm"]))
         direct_warm = wall
         wall, peak, attached, _ = amibake("attach", "attach")
-        rows.append(("attach", wall, peak))
+        rows.append(("attach", wall, peak, own["attach", "attach"]))
         attach = wall
         if not args.no_packer:
             wall, peak, _ = packer(None)
-            rows.append(("packer chroot (as shipped)", wall, peak))
+            rows.append(("packer chroot (as shipped)", wall, peak, None))
             packer_stock = wall
             wall, peak, _ = packer("1")
-            rows.append(("packer chroot (1 s polls)", wall, peak))
+            rows.append(("packer chroot (1 s polls)", wall, peak, None))
             packer_tuned = wall
 
-        print(f"\n{'bake':<28} {'wall':>8} {'peak memory':>12}")
-        for name, wall, peak in rows:
-            print(f"{name:<28} {wall:7.1f}s {peak / 1024:9.0f} MiB")
+        print(f"\n{'bake':<28} {'wall':>8} {'own':>7} {'peak memory':>12}")
+        for name, wall, peak, ours in rows:
+            ours = f"{ours:6.1f}s" if ours is not None else f"{'':>7}"
+            print(f"{name:<28} {wall:7.1f}s {ours} {peak / 1024:9.0f} MiB")
+        print("(own: the wall time less the cloud's waits by its own account, a volume, snapshot, image or "
+              "instance in a transitional state; goal for direct warm at 100 MiB: <= 1.5 s)")
         print(f"\ndirect warm / attach: {direct_warm / attach:.2f} (goal <= 0.75)")
         if not args.no_packer:
             print(f"direct warm / packer chroot as shipped: {direct_warm / packer_stock:.2f} (goal <= 0.3); "

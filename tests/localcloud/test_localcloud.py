@@ -847,3 +847,16 @@ def test_clouds_side_by_side_give_their_instances_addresses_of_their_own(cloud, 
         finally:
             localcloud(state, "down", check=False)
         assert leftovers(state) == []
+
+
+def test_the_cloud_accounts_for_each_wait_it_makes(cloud):
+    ec2 = cloud.client("ec2")
+    before = time.time()
+    volume = ec2.create_volume(AvailabilityZone="us-east-1a", Size=1)["VolumeId"]
+    try:
+        waits = [json.loads(line) for line in cloud.cli("waits").stdout.splitlines()]
+        mine = [w for w in waits if w["id"] == volume]
+        assert [w["kind"] for w in mine] == ["volume"], waits
+        assert before - 1 <= mine[0]["start"] <= mine[0]["end"] <= time.time() + 60
+    finally:
+        ec2.delete_volume(VolumeId=volume)

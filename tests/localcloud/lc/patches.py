@@ -73,6 +73,13 @@ class Timing:
         self.started_at[key] = now
         self.ready_at[key] = now + seconds
 
+    def waits(self):
+        """Every transitional state so far, by the cloud's own account: its kind, its id, and
+        when it began and ended (wall clock, seconds since the epoch)."""
+        to_wall = time.time() - time.monotonic()
+        return [{"kind": key[0], "id": key[1], "start": start + to_wall, "end": self.ready_at[key] + to_wall}
+                for key, start in list(self.started_at.items())]
+
     def pending(self, key):
         return time.monotonic() < self.ready_at.get(key, 0)
 

@@ -437,6 +437,8 @@ class LocalCloud:
             return json_response({"ok": True})
         if what == "ls":
             return json_response(self.listing())
+        if what == "waits":
+            return json_response(self.timing.waits())
         if what == "export-snapshot" and request.method == "POST":
             spec = request.get_json()
             try:
