@@ -52,6 +52,22 @@ impl World {
     fn base(&self) -> Run {
         self.cloud.run_amibake(self.dir(), &["base", "t.toml"])
     }
+
+    /// `amibake ARGS` exits 2 before any AWS call, its errors holding each of `wanted`.
+    fn refused(&self, args: &[&str], wanted: &[&str]) -> Run {
+        let from = self.cloud.calls().len();
+        let run = self.cloud.run_amibake(self.dir(), args);
+        run.expect_code(2);
+        let said = format!("{}{}", run.stdout(), run.stderr());
+        for part in wanted {
+            assert!(said.contains(part), "wanted {part:?}\n{}", run.dump());
+        }
+        assert_eq!(
+            self.cloud.calls_since(from),
+            Vec::<serde_json::Value>::new()
+        );
+        run
+    }
 }
 
 const PROVISIONERS: &str = "[[base.provisioner]]\n\
@@ -221,18 +237,9 @@ fn an_instance_ssm_cannot_manage_is_refused_or_given_up_on_and_leaves_nothing() 
                 source_ami = \"resolve:ssm:/aws/service/debian/release/12/latest/amd64\"\n\
                 instance_type = \"t3.small\"\ncommunicator = \"ssm\"\n";
     std::fs::write(world.dir().join("t.toml"), text).unwrap();
-    let from = world.cloud.calls().len();
-    let run = world.base();
-    run.expect_code(2);
-    assert!(
-        run.stderr().contains("t.toml:5:16: base.communicator:")
-            && run.stderr().contains("iam_instance_profile"),
-        "{}",
-        run.dump()
-    );
-    assert_eq!(
-        world.cloud.calls_since(from),
-        Vec::<serde_json::Value>::new()
+    world.refused(
+        &["base", "t.toml"],
+        &["t.toml:5:16: base.communicator:", "iam_instance_profile"],
     );
 
     // A sensitive value would be kept by SSM with the command: refused, before any call.
@@ -241,19 +248,11 @@ fn an_instance_ssm_cannot_manage_is_refused_or_given_up_on_and_leaves_nothing() 
         "",
         "[[base.provisioner]]\ninline = [\"true\"]\nenv = { TOKEN = \"${var.token}\" }\n",
     );
-    let run = world.base();
-    run.expect_code(2);
-    assert!(
-        run.stderr().contains("base.provisioner[0].env.TOKEN:")
-            && run.stderr().contains("SSM keeps"),
-        "{}",
-        run.dump()
+    let run = world.refused(
+        &["base", "t.toml"],
+        &["base.provisioner[0].env.TOKEN:", "SSM keeps"],
     );
     assert!(!run.dump().contains("s3cr3t-t0ken"), "{}", run.dump());
-    assert_eq!(
-        world.cloud.calls_since(from),
-        Vec::<serde_json::Value>::new()
-    );
 
     // Nor in an inline command, nor a value from the environment (a CI secret, as a rule),
     // nor in the tests of a bake that boot on [base]'s instance.
@@ -264,17 +263,14 @@ fn an_instance_ssm_cannot_manage_is_refused_or_given_up_on_and_leaves_nothing() 
          [bake]\nname = \"shop-${commit}\"\nbase_ami = \"ami-0123456789abcdef0\"\ndest = \"/srv\"\n\n\
          [[bake.test]]\ninline = [\"true\"]\nenv = { TOKEN = \"${var.token}\" }\n",
     );
-    let run = world
-        .cloud
-        .run_amibake(world.dir(), &["validate", "t.toml"]);
-    run.expect_code(2);
-    for key in [
-        "base.provisioner[0].inline[0]:",
-        "base.provisioner[0].inline[1]:",
-        "bake.test[0].env.TOKEN:",
-    ] {
-        assert!(run.stdout().contains(key), "{key}\n{}", run.dump());
-    }
+    world.refused(
+        &["validate", "t.toml"],
+        &[
+            "base.provisioner[0].inline[0]:",
+            "base.provisioner[0].inline[1]:",
+            "bake.test[0].env.TOKEN:",
+        ],
+    );
 
     // A profile whose role SSM may not use: the agent never registers, and the wait gives
     // up at its bound, saying what the instance needs.
@@ -284,21 +280,9 @@ fn an_instance_ssm_cannot_manage_is_refused_or_given_up_on_and_leaves_nothing() 
         "[[base.provisioner]]\ninline = [\"true\"]\n",
     );
     // Nor does --ssh-cidr open what SSM keeps shut.
-    let opened = world.cloud.run_amibake(
-        world.dir(),
+    world.refused(
         &["base", "t.toml", "--ssh-cidr", "203.0.113.7/32"],
-    );
-    opened.expect_code(2);
-    assert!(
-        opened
-            .stderr()
-            .contains("--ssh-cidr opens SSH to the instance"),
-        "{}",
-        opened.dump()
-    );
-    assert_eq!(
-        world.cloud.calls_since(from),
-        Vec::<serde_json::Value>::new()
+        &["--ssh-cidr opens SSH to the instance"],
     );
     let run = world.base();
     run.expect_code(1);
