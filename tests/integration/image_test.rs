@@ -49,18 +49,7 @@ inline = ["/usr/local/bin/shop-health"]
     }
 
     fn bake(&self, extra: &[&str]) -> Run {
-        let mut args = vec![
-            "bake",
-            "shop.toml",
-            "--tarball",
-            "app.tar.gz",
-            "--commit",
-            "c0ffee1",
-            "--backend",
-            "direct",
-        ];
-        args.extend_from_slice(extra);
-        self.cloud.run_amibake(self.dir(), &args)
+        self.bake_shop(&[&["--backend", "direct"], extra].concat())
     }
 
     fn images(&self) -> Vec<String> {

@@ -367,19 +367,8 @@ fn a_bakes_booted_test_over_ssm_passes_and_fails_as_over_ssh() {
              inline = [\"test \\\"$(cat /srv/shop/REVISION)\\\" = one\", \"echo test-exit-{exit}\", \"exit {exit}\"]\n"
         );
         std::fs::write(world.dir().join("shop.toml"), text).unwrap();
-        let args = [
-            "bake",
-            "shop.toml",
-            "--tarball",
-            "app.tar.gz",
-            "--commit",
-            "c0ffee1",
-            "--backend",
-            "direct",
-            "--force",
-        ];
         let from = world.cloud.calls().len();
-        let run = world.cloud.run_amibake(world.dir(), &args);
+        let run = world.bake_shop(&["--backend", "direct", "--force"]);
         (run, world.cloud.calls_since(from))
     };
 

@@ -6,7 +6,6 @@
 use std::os::unix::fs::PermissionsExt;
 
 use crate::util::localcloud::PARTITION_1_OFFSET;
-use crate::util::Run;
 
 /// This module's story.
 struct Stages;
@@ -28,24 +27,6 @@ impl World {
              dest = \"/srv/shop\"\n\n{extra}"
         );
         std::fs::write(self.dir().join("shop.toml"), text).unwrap();
-    }
-
-    /// `bake shop.toml` of app.tar.gz at commit c0ffee1, with `extra` flags.
-    fn bake_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
-        let mut args = vec![
-            "bake",
-            "shop.toml",
-            "--tarball",
-            "app.tar.gz",
-            "--commit",
-            "c0ffee1",
-        ];
-        args.extend_from_slice(extra);
-        args
-    }
-
-    fn bake(&self, extra: &[&str]) -> Run {
-        self.cloud.run_amibake(self.dir(), &World::bake_args(extra))
     }
 
     fn mutating_calls_since(&self, before: usize) -> Vec<String> {
@@ -93,7 +74,7 @@ fn pre_and_post_commands_run_around_the_bake_with_its_facts() {
     // A failing pre command stops the run before anything is made.
     world.template(&stages(3, 0));
     let before = world.cloud.calls().len();
-    let run = world.bake(&[]);
+    let run = world.bake_shop(&[]);
     run.expect_failure("pre command `check` exited with status 3", None);
     assert!(
         run.stderr().contains("checking c0ffee1 on ami-"),
@@ -118,7 +99,7 @@ fn pre_and_post_commands_run_around_the_bake_with_its_facts() {
 
     // Both pass: post sees the image and the manifest.
     world.template(&stages(0, 0));
-    let run = world.bake(&[]);
+    let run = world.bake_shop(&[]);
     run.expect_code(0);
     let m = run.json();
     let ami = m["ami_id"].as_str().unwrap();
@@ -133,7 +114,7 @@ fn pre_and_post_commands_run_around_the_bake_with_its_facts() {
 
     // A failing post command fails the run, and says the image is kept, as it is.
     world.template(&stages(0, 4));
-    let run = world.bake(&["--force"]);
+    let run = world.bake_shop(&["--force"]);
     run.expect_failure("post command `./announce.sh 4` exited with status 4", None);
     let kept = run.json();
     let kept_ami = kept["ami_id"].as_str().unwrap();
@@ -157,7 +138,7 @@ fn pre_and_post_commands_run_around_the_bake_with_its_facts() {
         "[[bake.post]]\ncommand = [\"sh\", \"-c\", \"sleep 300 & echo $! > sleeper.pid; wait\"]\n\
          timeout_seconds = 1\n",
     );
-    let run = world.bake(&[]);
+    let run = world.bake_shop(&[]);
     run.expect_failure("ran past its 1 s timeout", None);
     let pid = std::fs::read_to_string(world.dir().join("sleeper.pid")).unwrap();
     // Killed, it may stay a zombie for a moment until init reaps it.
@@ -176,7 +157,7 @@ fn pre_and_post_commands_run_around_the_bake_with_its_facts() {
     // A program that does not exist is named: by the template's check when a path names
     // it, by the run when the run's PATH has none of that name.
     world.template("[[bake.pre]]\ncommand = [\"./no-such-check\"]\n");
-    let run = world.bake(&[]);
+    let run = world.bake_shop(&[]);
     run.expect_code(2);
     assert!(
         run.stderr().contains("`./no-such-check` does not exist"),
@@ -184,7 +165,7 @@ fn pre_and_post_commands_run_around_the_bake_with_its_facts() {
         run.dump()
     );
     world.template("[[bake.pre]]\ncommand = [\"amibake-no-such-check\"]\n");
-    let run = world.bake(&[]);
+    let run = world.bake_shop(&[]);
     run.expect_failure("could not run", None);
     assert!(
         run.stderr().contains("amibake-no-such-check"),
@@ -202,9 +183,9 @@ fn normal_and_destructive_bakes_of_one_commit_are_two_images() {
          [[bake.provisioner]]\ninline = [\"echo reset > /etc/variant-destructive\"]\nwhen = \"destructive\"\n\n\
          [[bake.provisioner]]\ninline = [\"echo both > /etc/variant-any\"]\n",
     );
-    let normal = world.bake(&[]);
+    let normal = world.bake_shop(&[]);
     normal.expect_code(0);
-    let destructive = world.bake(&["--destructive"]);
+    let destructive = world.bake_shop(&["--destructive"]);
     destructive.expect_code(0);
     let (n, d) = (normal.json(), destructive.json());
     assert_ne!(n["ami_id"], d["ami_id"], "{}", destructive.dump());
@@ -243,7 +224,7 @@ fn normal_and_destructive_bakes_of_one_commit_are_two_images() {
         assert!(tagged, "{variant}: {:?}", image.tags());
     }
     // Each variant finds its own image again.
-    let again = world.bake(&["--destructive"]);
+    let again = world.bake_shop(&["--destructive"]);
     again.expect_code(0);
     assert_eq!(again.json()["ami_id"], d["ami_id"]);
     assert_eq!(again.json()["reused"], true);
@@ -263,7 +244,7 @@ fn a_signal_during_a_pre_command_stops_it_and_exits_as_signalled() {
     for (signal, code) in [("-INT", 130), ("-TERM", 143)] {
         let before = world.cloud.calls().len();
         let mut command = world.cloud.amibake(world.dir());
-        command.args(World::bake_args(&[]));
+        command.args(crate::util::shop_bake_args(&[]));
         let (run, _) = crate::util::signal_when(
             command,
             signal,

@@ -345,6 +345,21 @@ impl<Module> std::ops::Deref for World<Module> {
     }
 }
 
+/// `bake shop.toml` of app.tar.gz at commit c0ffee1, with `extra` flags: the bake most
+/// stories make of a template they wrote as shop.toml.
+pub fn shop_bake_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "bake",
+        "shop.toml",
+        "--tarball",
+        "app.tar.gz",
+        "--commit",
+        "c0ffee1",
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
 /// One story's world: its own local cloud, a directory for its templates and tarballs
 /// (`app.tar.gz`, revision "one"), and amibake's clients for the cloud.
 pub struct Story {
@@ -372,6 +387,12 @@ impl Story {
 
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// `amibake bake shop.toml` of the story's app.tar.gz at commit c0ffee1, with `extra`
+    /// flags.
+    pub fn bake_shop(&self, extra: &[&str]) -> Run {
+        self.cloud.run_amibake(self.dir(), &shop_bake_args(extra))
     }
 
     /// The local cloud's vendor image, partitioned as vendors' are.
