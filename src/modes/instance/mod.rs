@@ -286,20 +286,7 @@ impl TemporaryInstance {
             .await
             .map_err(failed)?;
         self.instance_id = Some(instance_id.clone());
-        let progress = ctx.progress.clone();
-        let terminate = undo_with(
-            ctx,
-            &self.clients,
-            instance_id.clone(),
-            &instance_id,
-            "terminate instance",
-            Keep::Never,
-            move |clients, id| crate::aws::instance::terminate(clients, id, progress.clone()),
-        );
-        self.terminate = Some(terminate);
-        if let Some(delete_group) = self.delete_security_group {
-            ctx.undo.require(delete_group, terminate);
-        }
+        self.undo_launch(ctx, &instance_id);
         if let Some(key_name) = &key_name {
             self.delete_key_pair(ctx, key_name, &instance_id).await;
         }
@@ -327,6 +314,24 @@ impl TemporaryInstance {
             private_key: earlier(&self.private_key, "private key")?,
         });
         Ok(())
+    }
+
+    /// The launched instance is terminated on undo, before its security group is deleted.
+    fn undo_launch(&mut self, ctx: &mut StepContext, instance_id: &str) {
+        let progress = ctx.progress.clone();
+        let terminate = undo_with(
+            ctx,
+            &self.clients,
+            instance_id.to_string(),
+            instance_id,
+            "terminate instance",
+            Keep::Never,
+            move |clients, id| crate::aws::instance::terminate(clients, id, progress.clone()),
+        );
+        self.terminate = Some(terminate);
+        if let Some(delete_group) = self.delete_security_group {
+            ctx.undo.require(delete_group, terminate);
+        }
     }
 
     /// The instance has the public key from its launch: the temporary key pair is of no more

@@ -161,52 +161,53 @@ impl Checker<'_> {
     /// The communicator and what goes with it: SSH needs its user, and SSM an instance
     /// profile and none of SSH's keys (it opens no port and logs in as nobody).
     fn reach(&mut self, section: &str, s: &InstanceKeys) -> Reach {
-        let key = |name: &str| format!("{section}.{name}");
         let communicator = s
             .communicator
             .as_ref()
             .map(|c| *c.get_ref())
             .unwrap_or_default();
-        let timeout = |checker: &mut Self, name: &str, value: &Option<Spanned<u64>>| match value {
-            Some(t) if *t.get_ref() == 0 => {
-                checker.error(Some(t.span()), &key(name), "must be more than 0".into());
-                DEFAULT_REACH_TIMEOUT
-            }
-            Some(t) => Duration::from_secs(*t.get_ref()),
-            None => DEFAULT_REACH_TIMEOUT,
-        };
-        if communicator == CommunicatorKind::Ssh {
-            if let Some(t) = s.agent_timeout_seconds {
-                self.error(
-                    Some(t.span()),
-                    &key("agent_timeout_seconds"),
-                    "the SSM agent's wait goes with `communicator = \"ssm\"`; over SSH it is `ssh_timeout_seconds`".into(),
-                );
-            }
-            let ssh_username = match s.ssh_username {
-                Some(user) => self.text(&key("ssh_username"), user),
-                None => String::new(),
-            };
-            match s.ssh_username {
-                Some(user) if ssh_username.is_empty() => self.error(
-                    Some(user.span()),
-                    &key("ssh_username"),
-                    "the SSH user cannot be empty".into(),
-                ),
-                Some(_) => {}
-                // Said where the instance is described: the key has no place of its own.
-                None => self.error(
-                    Some(s.instance_type.span()),
-                    &key("ssh_username"),
-                    "missing: the user to log in as over SSH (`admin`, `ec2-user`, `ubuntu`), or `communicator = \"ssm\"` to reach the instance without SSH".into(),
-                ),
-            }
-            return Reach {
-                communicator,
-                ssh_username,
-                reach_timeout: timeout(self, "ssh_timeout_seconds", s.ssh_timeout_seconds),
-            };
+        match communicator {
+            CommunicatorKind::Ssh => self.reach_over_ssh(section, s),
+            CommunicatorKind::Ssm => self.reach_over_ssm(section, s),
         }
+    }
+
+    fn reach_over_ssh(&mut self, section: &str, s: &InstanceKeys) -> Reach {
+        let key = |name: &str| format!("{section}.{name}");
+        if let Some(t) = s.agent_timeout_seconds {
+            self.error(
+                Some(t.span()),
+                &key("agent_timeout_seconds"),
+                "the SSM agent's wait goes with `communicator = \"ssm\"`; over SSH it is `ssh_timeout_seconds`".into(),
+            );
+        }
+        let ssh_username = match s.ssh_username {
+            Some(user) => self.text(&key("ssh_username"), user),
+            None => String::new(),
+        };
+        match s.ssh_username {
+            Some(user) if ssh_username.is_empty() => self.error(
+                Some(user.span()),
+                &key("ssh_username"),
+                "the SSH user cannot be empty".into(),
+            ),
+            Some(_) => {}
+            // Said where the instance is described: the key has no place of its own.
+            None => self.error(
+                Some(s.instance_type.span()),
+                &key("ssh_username"),
+                "missing: the user to log in as over SSH (`admin`, `ec2-user`, `ubuntu`), or `communicator = \"ssm\"` to reach the instance without SSH".into(),
+            ),
+        }
+        Reach {
+            communicator: CommunicatorKind::Ssh,
+            ssh_username,
+            reach_timeout: self.reach_timeout(&key("ssh_timeout_seconds"), s.ssh_timeout_seconds),
+        }
+    }
+
+    fn reach_over_ssm(&mut self, section: &str, s: &InstanceKeys) -> Reach {
+        let key = |name: &str| format!("{section}.{name}");
         let ssh_only: [(&str, Option<Range<usize>>); 6] = [
             ("ssh_username", s.ssh_username.as_ref().map(|v| v.span())),
             ("ssh_interface", s.ssh_interface.as_ref().map(|v| v.span())),
@@ -241,9 +242,22 @@ impl Checker<'_> {
             );
         }
         Reach {
-            communicator,
+            communicator: CommunicatorKind::Ssm,
             ssh_username: String::new(),
-            reach_timeout: timeout(self, "agent_timeout_seconds", s.agent_timeout_seconds),
+            reach_timeout: self
+                .reach_timeout(&key("agent_timeout_seconds"), s.agent_timeout_seconds),
+        }
+    }
+
+    /// How long to wait for the instance to answer: `key`'s seconds, or the default.
+    fn reach_timeout(&mut self, key: &str, value: &Option<Spanned<u64>>) -> Duration {
+        match value {
+            Some(t) if *t.get_ref() == 0 => {
+                self.error(Some(t.span()), key, "must be more than 0".into());
+                DEFAULT_REACH_TIMEOUT
+            }
+            Some(t) => Duration::from_secs(*t.get_ref()),
+            None => DEFAULT_REACH_TIMEOUT,
         }
     }
 
