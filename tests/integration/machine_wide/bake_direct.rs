@@ -26,6 +26,14 @@ impl Story {
         Story::on(LocalCloud::start("quick"))
     }
 
+    /// A story on a new cloud with a base of its own account, and `owned.toml` baking on it.
+    fn with_owned_base() -> (Story, String) {
+        let story = Story::new();
+        let base = story.owned_base("partitioned");
+        story.template("owned", &base);
+        (story, base)
+    }
+
     fn on(cloud: LocalCloud) -> Story {
         let dir = tempfile::tempdir().unwrap();
         let (tar, files) = composer_like();
@@ -253,10 +261,8 @@ fn ok_count(calls: &[serde_json::Value], action: &str) -> usize {
 #[test]
 fn direct_bakes_without_imds_or_volumes_and_puts_only_changed_blocks() {
     let _module = crate::util::module_turn(module_path!());
-    let story = Story::new();
-    let base = story.owned_base("partitioned");
+    let (story, base) = Story::with_owned_base();
     let base_snapshot = story.root_snapshot(&base);
-    story.template("owned", &base);
 
     // 1. No instance metadata: `direct` is chosen, and a cold cache is filled.
     let before = story.cloud.calls().len();
@@ -555,11 +561,9 @@ fn direct_bakes_without_imds_or_volumes_and_puts_only_changed_blocks() {
 }
 
 #[test]
-fn direct_failures_leave_nothing_and_throttling_is_ridden_out() {
+fn a_fault_at_each_direct_call_or_a_damaged_block_leaves_nothing_and_names_its_step() {
     let _module = crate::util::module_turn(module_path!());
-    let story = Story::new();
-    let base = story.owned_base("partitioned");
-    story.template("owned", &base);
+    let (story, base) = Story::with_owned_base();
     let vendor = story.cloud.ls()["vendor_amis"]["partitioned"]
         .as_str()
         .unwrap()
@@ -758,38 +762,6 @@ fn direct_failures_leave_nothing_and_throttling_is_ridden_out() {
         .unwrap_or(0);
     assert_eq!(entries, 0, "a damaged fetch leaves no entry");
 
-    // A call carried out whose answer is lost (HTTP 500, the SDK retries) costs a retry,
-    // never the build: StartSnapshot's retry, with the same client token, answers the
-    // snapshot the first attempt started; a block put again is the same block; a completion
-    // refused as "no longer pending" is found completing. One snapshot each time.
-    for (n, action) in [
-        "StartSnapshot",
-        "PutSnapshotBlock",
-        "CompleteSnapshot",
-        "RegisterImage",
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let snapshots = story.snapshot_ids();
-        story.cloud.cli(&["fault", action, "--lose-answer"]);
-        let run = story.bake("owned.toml", &["--commit", &format!("lost000{n}")]);
-        run.expect_code(0);
-        let made: Vec<String> = story
-            .snapshot_ids()
-            .difference(&snapshots)
-            .cloned()
-            .collect();
-        assert_eq!(
-            made,
-            [run.json()["snapshot_id"].as_str().unwrap()],
-            "{action}: {}",
-            run.dump()
-        );
-        story.take_back(&run);
-        assert_eq!(story.snapshot_ids(), snapshots, "{action}");
-    }
-
     // A cleanup that fails: the started snapshot cannot be deleted, and the run names it.
     story.cloud.cli(&[
         "fault",
@@ -829,6 +801,43 @@ fn direct_failures_leave_nothing_and_throttling_is_ridden_out() {
         )
         .unwrap();
     story.assert_nothing_left_here();
+}
+
+#[test]
+fn lost_answers_cost_no_build_and_ctrl_c_or_throttling_leave_nothing() {
+    let _module = crate::util::module_turn(module_path!());
+    let (story, _) = Story::with_owned_base();
+    // A call carried out whose answer is lost (HTTP 500, the SDK retries) costs a retry,
+    // never the build: StartSnapshot's retry, with the same client token, answers the
+    // snapshot the first attempt started; a block put again is the same block; a completion
+    // refused as "no longer pending" is found completing. One snapshot each time.
+    for (n, action) in [
+        "StartSnapshot",
+        "PutSnapshotBlock",
+        "CompleteSnapshot",
+        "RegisterImage",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let snapshots = story.snapshot_ids();
+        story.cloud.cli(&["fault", action, "--lose-answer"]);
+        let run = story.bake("owned.toml", &["--commit", &format!("lost000{n}")]);
+        run.expect_code(0);
+        let made: Vec<String> = story
+            .snapshot_ids()
+            .difference(&snapshots)
+            .cloned()
+            .collect();
+        assert_eq!(
+            made,
+            [run.json()["snapshot_id"].as_str().unwrap()],
+            "{action}: {}",
+            run.dump()
+        );
+        story.take_back(&run);
+        assert_eq!(story.snapshot_ids(), snapshots, "{action}");
+    }
 
     // Ctrl-C at the start of each step. Where a step waits on the cloud (its first call
     // held), the interrupt is reported in exactly that step; the others take milliseconds
