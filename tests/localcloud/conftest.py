@@ -60,7 +60,8 @@ def leftovers(state: Path):
     links += [Path("/dev") / n for n in os.listdir("/dev") if n.startswith(("sd", "xvd")) and (Path("/dev") / n).is_symlink()]
     # A link to this cloud's loop device, or to none set up (nobody's); not one of another
     # cloud running beside it.
-    found += [f"link {p}" for p in links if str(state) in (link_backing(p) or str(state))]
+    # (A link another cloud removes while this looks is gone afterwards: not a leftover.)
+    found += [f"link {p}" for p in links if str(state) in (link_backing(p) or str(state)) and p.is_symlink()]
     pid_file = state / "server.pid"
     if pid_file.exists():
         found.append(f"server pid file {pid_file}")

@@ -139,15 +139,15 @@ def test_volume_states_take_time_and_attach_makes_nitro_device_names(cloud):
     volume_id = ec2.create_volume(SnapshotId=snap, AvailabilityZone="us-east-1a")["VolumeId"]
     states = wait_until(lambda: ec2.describe_volumes(VolumeIds=[volume_id])["Volumes"][0]["State"], lambda s: s == "available")
     assert states[0] == "creating"
-    attach_states = attach(cloud, ec2, volume_id, "/dev/sdg")
+    attach_states = attach(cloud, ec2, volume_id, "/dev/sdv")
     assert attach_states[0] == "attaching"
 
     serial = volume_id.replace("-", "")
     by_id = Path(f"/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_{serial}")
     whole = os.path.realpath(by_id)
-    assert os.path.realpath("/dev/sdg") == whole == os.path.realpath("/dev/xvdg")
+    assert os.path.realpath("/dev/sdv") == whole == os.path.realpath("/dev/xvdv")
     part = os.path.realpath(f"{by_id}-part1")
-    assert os.path.realpath("/dev/sdg1") == part == os.path.realpath("/dev/xvdg1") != whole
+    assert os.path.realpath("/dev/sdv1") == part == os.path.realpath("/dev/xvdv1") != whole
     with open(part, "rb") as dev:
         dev.seek(EXT4_MAGIC_OFFSET)
         assert struct.unpack("<H", dev.read(2))[0] == 0xEF53, "partition 1 holds the ext4 root"
@@ -156,7 +156,7 @@ def test_volume_states_take_time_and_attach_makes_nitro_device_names(cloud):
     detaching = ec2.describe_volumes(VolumeIds=[volume_id])["Volumes"][0]
     assert detaching["State"] == "in-use" and detaching["Attachments"][0]["State"] == "detaching"
     wait_until(lambda: ec2.describe_volumes(VolumeIds=[volume_id])["Volumes"][0]["State"], lambda s: s == "available")
-    assert not by_id.exists() and not Path("/dev/sdg").exists() and not Path("/dev/xvdg1").exists()
+    assert not by_id.exists() and not Path("/dev/sdv").exists() and not Path("/dev/xvdv1").exists()
     assert subprocess.run(["losetup", whole], capture_output=True).returncode != 0, "the loop device is gone"
     ec2.delete_volume(VolumeId=volume_id)
 
@@ -169,7 +169,7 @@ def test_a_cloud_going_down_leaves_the_devices_of_a_cloud_beside_it(cloud):
     ec2 = cloud.client("ec2")
     volume_id = ec2.create_volume(SnapshotId=root_snapshot(vendor_image(ec2)), AvailabilityZone="us-east-1a")["VolumeId"]
     wait_until(lambda: ec2.describe_volumes(VolumeIds=[volume_id])["Volumes"][0]["State"], lambda s: s == "available")
-    attach(cloud, ec2, volume_id, "/dev/sdh")
+    attach(cloud, ec2, volume_id, "/dev/sdw")
     by_id = Path(f"/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_{volume_id.replace('-', '')}")
     assert by_id.exists()
     with state_dir("amibake-localcloud-beside-") as state:
@@ -187,13 +187,13 @@ def test_attach_is_refused_while_creating_and_device_names_are_not_shared(cloud)
     snap = root_snapshot(vendor_image(ec2))
     volume_id = ec2.create_volume(SnapshotId=snap, AvailabilityZone="us-east-1a")["VolumeId"]
     with pytest.raises(ClientError) as err:
-        ec2.attach_volume(VolumeId=volume_id, InstanceId=cloud.info["build_host"], Device="/dev/sdh")
+        ec2.attach_volume(VolumeId=volume_id, InstanceId=cloud.info["build_host"], Device="/dev/sdw")
     assert err.value.response["Error"]["Code"] == "IncorrectState"
     other = new_volume(cloud, ec2)
     wait_until(lambda: ec2.describe_volumes(VolumeIds=[volume_id])["Volumes"][0]["State"], lambda s: s == "available")
-    attach(cloud, ec2, volume_id, "/dev/sdh")
+    attach(cloud, ec2, volume_id, "/dev/sdw")
     with pytest.raises(ClientError) as err:
-        ec2.attach_volume(VolumeId=other, InstanceId=cloud.info["build_host"], Device="/dev/sdh")
+        ec2.attach_volume(VolumeId=other, InstanceId=cloud.info["build_host"], Device="/dev/sdw")
     assert err.value.response["Error"]["Code"] == "InvalidParameterValue"
     detach(ec2, volume_id)
     for v in (volume_id, other):
@@ -203,9 +203,9 @@ def test_attach_is_refused_while_creating_and_device_names_are_not_shared(cloud)
 def test_a_snapshot_holds_what_was_written_through_the_device_and_its_progress_moves(cloud):
     ec2 = cloud.client("ec2")
     volume_id = new_volume(cloud, ec2, "flat")
-    attach(cloud, ec2, volume_id, "/dev/sdi")
+    attach(cloud, ec2, volume_id, "/dev/sdx")
     with tempfile.TemporaryDirectory() as mnt:
-        subprocess.run(["mount", "/dev/sdi", mnt], check=True)
+        subprocess.run(["mount", "/dev/sdx", mnt], check=True)
         try:
             Path(mnt, "etc/written-through-the-device").write_bytes(os.urandom(30_000_000))
             Path(mnt, "etc/marker").write_text("baked\n")
@@ -364,7 +364,7 @@ def test_down_removes_every_loop_device_link_mount_and_process(tmp_path):
         cloud = start(state, latency="none")
         try:
             ec2 = cloud.client("ec2")
-            for device in ("/dev/sdj", "/dev/sdk"):
+            for device in ("/dev/sdy", "/dev/sdz"):
                 attach(cloud, ec2, new_volume(cloud, ec2, "partitioned"), device)
             assert len(cloud.ls()["attachments"]) == 2
             instance_id, _ = launch(cloud, tmp_path, "fidelity-down")
