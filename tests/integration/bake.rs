@@ -549,7 +549,8 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
 
     // 7. Ctrl-C while a provisioner runs: the command and what it started end at once, the
     // run cleans up and exits 130.
-    template(dir, "slow", debian, "\"echo started-sleeping; sleep 600\"");
+    // A length no other story sleeps: the process check below looks at the whole machine.
+    template(dir, "slow", debian, "\"echo started-sleeping; sleep 607\"");
     let slow = bake_command(&cloud, dir, "slow.toml");
     let run = crate::util::interrupt_when(slow, "amibake bake slow.toml, interrupted", |line| {
         line.contains("\"line\":\"started-sleeping\"")
@@ -572,7 +573,7 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
         run.dump()
     );
     let sleeping = Command::new("pgrep")
-        .args(["-f", "sleep 600"])
+        .args(["-f", "sleep 607"])
         .output()
         .unwrap();
     assert!(

@@ -574,10 +574,14 @@ fn a_larger_volume_grows_each_vendors_root_where_it_sits() {
 /// This host's binfmt_misc, as the host sees it: whether it is mounted, what is registered,
 /// and whether the program `foreign` (of another architecture) runs here.
 fn host_binfmt(foreign: &Path) -> (bool, Vec<String>, Option<i32>) {
+    // Only the host's own mount point: a chroot builder beside this story (Packer mounts
+    // binfmt_misc inside its chroot) is not the host's.
     let mounted = std::fs::read_to_string("/proc/self/mountinfo")
         .unwrap()
         .lines()
-        .any(|l| l.contains(" - binfmt_misc "));
+        .any(|l| {
+            l.contains(" - binfmt_misc ") && l.split(' ').nth(4) == Some("/proc/sys/fs/binfmt_misc")
+        });
     let mut entries: Vec<String> = std::fs::read_dir("/proc/sys/fs/binfmt_misc")
         .into_iter()
         .flatten()

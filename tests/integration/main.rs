@@ -12,6 +12,7 @@ mod machine_wide;
 
 mod aws_layer;
 mod bake;
+mod bake_direct;
 mod base;
 mod base_image;
 mod channels;
