@@ -12,7 +12,6 @@ mod machine_wide;
 
 mod aws_layer;
 mod bake;
-mod bake_direct;
 mod base;
 mod base_image;
 mod channels;
