@@ -17,19 +17,15 @@ const FEWEST_BLOCKS_IN_FLIGHT: usize = 4;
 
 /// How many block calls go at once, judged once a round (as many calls as the limit): a
 /// round with a throttled attempt means EBS's rate holds the calls back, and the limit
-/// halves; one that filled the limit with none means latency does, and it grows: doubling
-/// until the first throttle (a bake of a few hundred blocks is over in a few rounds, so a
-/// slow climb would cost most of its upload), as TCP's slow start does, then by a quarter.
-/// Each run of calls (a fetch, an upload) starts over: EBS limits gets per account and puts
-/// per snapshot, so one's throttles say nothing of the other's. A round that never filled
-/// it (the items came slower than the calls) says nothing, and the limit stays.
+/// halves; one that filled the limit with none means latency does, and it grows by a
+/// quarter. A round that never filled it (the items came slower than the calls) says
+/// nothing, and the limit stays.
 #[derive(Debug)]
 struct Pace {
     limit: usize,
     done_in_round: usize,
     filled_in_round: bool,
     throttled_before_round: u64,
-    throttled_yet: bool,
 }
 
 impl Pace {
@@ -39,7 +35,6 @@ impl Pace {
             done_in_round: 0,
             filled_in_round: false,
             throttled_before_round: throttled,
-            throttled_yet: false,
         }
     }
 
@@ -60,13 +55,8 @@ impl Pace {
         }
         if throttled > self.throttled_before_round {
             self.limit = (self.limit / 2).max(FEWEST_BLOCKS_IN_FLIGHT);
-            self.throttled_yet = true;
         } else if self.filled_in_round {
-            let more = match self.throttled_yet {
-                false => self.limit,
-                true => self.limit.div_ceil(4),
-            };
-            self.limit = (self.limit + more).min(MOST_BLOCKS_IN_FLIGHT);
+            self.limit = (self.limit + self.limit.div_ceil(4)).min(MOST_BLOCKS_IN_FLIGHT);
         }
         self.done_in_round = 0;
         self.filled_in_round = false;
@@ -82,8 +72,7 @@ pub enum Ran {
 }
 
 /// Runs `call` on each of `items`, as many at a time as the `Pace` allows (from
-/// `BLOCKS_IN_FLIGHT`, between `FEWEST_BLOCKS_IN_FLIGHT` and `MOST_BLOCKS_IN_FLIGHT` as EBS
-/// throttles or not), and hands each
+/// `BLOCKS_IN_FLIGHT` to `MOST_BLOCKS_IN_FLIGHT`, as EBS throttles or not), and hands each
 /// result to `done` as it comes. Only that many calls exist at once (an SDK call's future is
 /// large, and a put holds its block), so memory stays flat however many blocks there are.
 /// `items` may come as they are found (a stream): calls start as soon as an item is there and a place is free. Stops at the
@@ -213,21 +202,19 @@ mod tests {
             pace.call_ended(7);
         }
         assert_eq!(pace.limit(), BLOCKS_IN_FLIGHT);
-        // Latency is the limit, and nothing was throttled yet: it doubles, up to the most.
-        assert_eq!(round(&mut pace, 7), 64);
-        assert_eq!(round(&mut pace, 7), MOST_BLOCKS_IN_FLIGHT);
-        assert_eq!(round(&mut pace, 7), MOST_BLOCKS_IN_FLIGHT);
-        // A throttle within a round halves it, once for that round.
-        assert_eq!(round(&mut pace, 9), MOST_BLOCKS_IN_FLIGHT / 2);
-        // Unthrottled again: it grows back, now by a quarter a round, up to the most.
-        assert_eq!(round(&mut pace, 9), 80);
-        assert_eq!(round(&mut pace, 9), 100);
+        // Latency is the limit: a quarter more each round, up to the most.
+        assert_eq!(round(&mut pace, 7), 40);
+        assert_eq!(round(&mut pace, 7), 50);
         let mut limits = Vec::new();
         for _ in 0..20 {
-            limits.push(round(&mut pace, 9));
+            limits.push(round(&mut pace, 7));
         }
         assert_eq!(limits.last(), Some(&MOST_BLOCKS_IN_FLIGHT));
         assert!(limits.windows(2).all(|w| w[0] <= w[1]), "{limits:?}");
+        // A throttle within a round halves it, once for that round.
+        assert_eq!(round(&mut pace, 9), MOST_BLOCKS_IN_FLIGHT / 2);
+        // Unthrottled again: it grows back.
+        assert_eq!(round(&mut pace, 9), 80);
         // Throttled round after round: down to the fewest, never below.
         let mut throttled = 9;
         for _ in 0..10 {
