@@ -72,7 +72,8 @@ pub enum Ran {
 }
 
 /// Runs `call` on each of `items`, as many at a time as the `Pace` allows (from
-/// `BLOCKS_IN_FLIGHT` to `MOST_BLOCKS_IN_FLIGHT`, as EBS throttles or not), and hands each
+/// `BLOCKS_IN_FLIGHT`, between `FEWEST_BLOCKS_IN_FLIGHT` and `MOST_BLOCKS_IN_FLIGHT` as EBS
+/// throttles or not), and hands each
 /// result to `done` as it comes. Only that many calls exist at once (an SDK call's future is
 /// large, and a put holds its block), so memory stays flat however many blocks there are.
 /// `items` may come as they are found (a stream): calls start as soon as an item is there and a place is free. Stops at the
