@@ -22,13 +22,9 @@ struct Story {
 }
 
 impl Story {
-    fn new() -> Story {
-        Story::on(LocalCloud::start("quick"))
-    }
-
-    /// A story on a new cloud with a base of its own account, and `owned.toml` baking on it.
-    fn with_owned_base() -> (Story, String) {
-        let story = Story::new();
+    /// A story on `cloud` with a base of its own account, and `owned.toml` baking on it.
+    fn with_owned_base(cloud: LocalCloud) -> (Story, String) {
+        let story = Story::on(cloud);
         let base = story.owned_base("partitioned");
         story.template("owned", &base);
         (story, base)
@@ -261,7 +257,7 @@ fn ok_count(calls: &[serde_json::Value], action: &str) -> usize {
 #[test]
 fn direct_bakes_without_imds_or_volumes_and_puts_only_changed_blocks() {
     let _module = crate::util::module_turn(module_path!());
-    let (story, base) = Story::with_owned_base();
+    let (story, base) = Story::with_owned_base(LocalCloud::start("quick"));
     let base_snapshot = story.root_snapshot(&base);
 
     // 1. No instance metadata: `direct` is chosen, and a cold cache is filled.
@@ -563,7 +559,7 @@ fn direct_bakes_without_imds_or_volumes_and_puts_only_changed_blocks() {
 #[test]
 fn a_fault_at_each_direct_call_or_a_damaged_block_leaves_nothing_and_names_its_step() {
     let _module = crate::util::module_turn(module_path!());
-    let (story, base) = Story::with_owned_base();
+    let (story, base) = Story::with_owned_base(LocalCloud::start("quick"));
     let vendor = story.cloud.ls()["vendor_amis"]["partitioned"]
         .as_str()
         .unwrap()
@@ -806,7 +802,7 @@ fn a_fault_at_each_direct_call_or_a_damaged_block_leaves_nothing_and_names_its_s
 #[test]
 fn lost_answers_cost_no_build_and_ctrl_c_or_throttling_leave_nothing() {
     let _module = crate::util::module_turn(module_path!());
-    let (story, _) = Story::with_owned_base();
+    let (story, _) = Story::with_owned_base(LocalCloud::start("quick"));
     // A call carried out whose answer is lost (HTTP 500, the SDK retries) costs a retry,
     // never the build: StartSnapshot's retry, with the same client token, answers the
     // snapshot the first attempt started; a block put again is the same block; a completion
@@ -945,9 +941,7 @@ fn lost_answers_cost_no_build_and_ctrl_c_or_throttling_leave_nothing() {
 #[test]
 fn half_the_block_calls_throttled_at_ebs_latency_still_bake_the_tree_byte_for_byte() {
     let _module = crate::util::module_turn(module_path!());
-    let story = Story::on(LocalCloud::start_with_block_latency("quick", 0.1));
-    let base = story.owned_base("partitioned");
-    story.template("owned", &base);
+    let (story, _) = Story::with_owned_base(LocalCloud::start_with_block_latency("quick", 0.1));
     let _ = std::fs::remove_dir_all(story.cache());
     story.cloud.cli(&[
         "fault",
