@@ -123,62 +123,51 @@ class HostsOwnRoot:
         subprocess.run(["losetup", "-d", self.loop], capture_output=True)
 
 
-def owned_base(ec2, vendor_image) -> str:
+def owned_base(ec2, vendor_image, filled_mib=0, build_host=None) -> str:
     """A base AMI of this account, as `amibake base` makes them: the vendor's root through a
     volume into a snapshot of our own, which the EBS direct APIs serve and a bake can be a
-    child of."""
+    child of. With `filled_mib`, its snapshot holds that much data beyond the vendor's, as a
+    base with gigabytes installed does: the volume is larger, attached to `build_host` (this
+    machine), and random data is written past the vendor's disk (its partitions untouched).
+    Its snapshot then completes at the profile's pace: minutes in `realistic`."""
     vendor = ec2.describe_images(ImageIds=[vendor_image])["Images"][0]
-    volume = ec2.create_volume(SnapshotId=vendor["BlockDeviceMappings"][0]["Ebs"]["SnapshotId"],
+    vendor_mapping = vendor["BlockDeviceMappings"][0]["Ebs"]
+    size_gib = vendor_mapping["VolumeSize"] + -(-filled_mib // 1024)
+    volume = ec2.create_volume(SnapshotId=vendor_mapping["SnapshotId"], Size=size_gib,
                                AvailabilityZone="us-east-1a")["VolumeId"]
     wait_for(lambda: ec2.describe_volumes(VolumeIds=[volume])["Volumes"][0]["State"], "available", volume)
+    if filled_mib:
+        fill_past(ec2, volume, build_host, vendor_mapping["VolumeSize"] << 30, filled_mib)
     snapshot = ec2.create_snapshot(VolumeId=volume)["SnapshotId"]
-    wait_for(lambda: ec2.describe_snapshots(SnapshotIds=[snapshot])["Snapshots"][0]["State"], "completed", snapshot)
+    wait_for(lambda: ec2.describe_snapshots(SnapshotIds=[snapshot])["Snapshots"][0]["State"], "completed",
+             snapshot, seconds=1800)
     ec2.delete_volume(VolumeId=volume)
     image = ec2.register_image(
-        Name=f"bench-base-{vendor_image}", Architecture="x86_64", RootDeviceName="/dev/xvda", VirtualizationType="hvm",
-        EnaSupport=True, BlockDeviceMappings=[{"DeviceName": "/dev/xvda", "Ebs": {
-            "SnapshotId": snapshot, "VolumeSize": vendor["BlockDeviceMappings"][0]["Ebs"]["VolumeSize"],
-            "DeleteOnTermination": True}}])["ImageId"]
+        Name=f"bench-base-{vendor_image}" + (f"-filled-{filled_mib}" if filled_mib else ""), Architecture="x86_64",
+        RootDeviceName="/dev/xvda", VirtualizationType="hvm", EnaSupport=True,
+        BlockDeviceMappings=[{"DeviceName": "/dev/xvda", "Ebs": {
+            "SnapshotId": snapshot, "VolumeSize": size_gib, "DeleteOnTermination": True}}])["ImageId"]
     wait_for(lambda: ec2.describe_images(ImageIds=[image])["Images"][0]["State"], "available", image)
     return image
 
 
-def filled_base(ec2, build_host, vendor_image, mib) -> str:
-    """A base AMI whose root snapshot holds `mib` MiB of data beyond the vendor's, as a base
-    with gigabytes installed does: the vendor's root on a larger volume, attached to this
-    build host, random data written past the vendor's disk (its partitions untouched), then
-    snapshotted. Its snapshot completes at the profile's pace: minutes in `realistic`."""
-    vendor = ec2.describe_images(ImageIds=[vendor_image])["Images"][0]
-    vendor_mapping = vendor["BlockDeviceMappings"][0]["Ebs"]
-    size_gib = vendor_mapping["VolumeSize"] + -(-mib // 1024)
-    volume = ec2.create_volume(SnapshotId=vendor_mapping["SnapshotId"], Size=size_gib,
-                               AvailabilityZone="us-east-1a")["VolumeId"]
-    wait_for(lambda: ec2.describe_volumes(VolumeIds=[volume])["Volumes"][0]["State"], "available", volume)
+def fill_past(ec2, volume, build_host, offset, mib):
+    """Writes `mib` MiB of random data into `volume` from `offset` on, through an attachment
+    to this build host, and detaches it again."""
     # Outside the names amibake picks (sd[f-p]) and the local cloud's tests use (sd[u-z]).
-    device = "/dev/sdq"
-    ec2.attach_volume(VolumeId=volume, InstanceId=build_host, Device=device)
+    ec2.attach_volume(VolumeId=volume, InstanceId=build_host, Device="/dev/sdq")
     wait_for(lambda: ec2.describe_volumes(VolumeIds=[volume])["Volumes"][0]["Attachments"][0]["State"],
              "attached", volume)
     # Written through the volume's own link (its serial), never a name another disk may hold.
     own_link = f"/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_{volume.replace('-', '')}"
     with open(own_link, "r+b") as disk:
-        disk.seek(vendor_mapping["VolumeSize"] << 30)
+        disk.seek(offset)
         for _ in range(mib):
             disk.write(os.urandom(1 << 20))
         disk.flush()
         os.fsync(disk.fileno())
     ec2.detach_volume(VolumeId=volume)
     wait_for(lambda: ec2.describe_volumes(VolumeIds=[volume])["Volumes"][0]["State"], "available", volume)
-    snapshot = ec2.create_snapshot(VolumeId=volume)["SnapshotId"]
-    wait_for(lambda: ec2.describe_snapshots(SnapshotIds=[snapshot])["Snapshots"][0]["State"], "completed",
-             snapshot, seconds=1800)
-    ec2.delete_volume(VolumeId=volume)
-    image = ec2.register_image(
-        Name=f"bench-filled-{mib}-{vendor_image}", Architecture="x86_64", RootDeviceName="/dev/xvda",
-        VirtualizationType="hvm", EnaSupport=True, BlockDeviceMappings=[{"DeviceName": "/dev/xvda", "Ebs": {
-            "SnapshotId": snapshot, "VolumeSize": size_gib, "DeleteOnTermination": True}}])["ImageId"]
-    wait_for(lambda: ec2.describe_images(ImageIds=[image])["Images"][0]["State"], "available", image)
-    return image
 
 
 FS_IOC_FIEMAP = 0xC020660B
@@ -442,8 +431,8 @@ def main():
 
         if args.cold_fetch_mib:
             build_host = json.loads((state / "ready.json").read_text())["build_host"]
-            filled = filled_base(ec2, build_host, json.loads(cli(state, "ls"))["vendor_amis"]["partitioned"],
-                                 args.cold_fetch_mib)
+            filled = owned_base(ec2, json.loads(cli(state, "ls"))["vendor_amis"]["partitioned"],
+                                args.cold_fetch_mib, build_host)
             (work / "filled.toml").write_text(TEMPLATE.format(base=filled))
             small = work / "app-1.tar.gz"
             make_tarball(small, 1, work)
