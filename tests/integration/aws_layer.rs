@@ -59,17 +59,7 @@ async fn the_aws_layer_works_against_the_local_cloud() {
         .snapshot_id()
         .unwrap()
         .to_string();
-    let volume_id = clients
-        .ec2
-        .create_volume()
-        .snapshot_id(&snapshot)
-        .availability_zone("us-east-1a")
-        .send()
-        .await
-        .unwrap()
-        .volume_id()
-        .unwrap()
-        .to_string();
+    let volume_id = LocalCloud::volume_of(&clients, &snapshot).await;
     let started = Instant::now();
     let mut pending_states = Vec::new();
     let ec2 = clients.ec2.clone();

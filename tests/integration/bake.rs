@@ -6,20 +6,13 @@ use std::path::Path;
 use std::process::Command;
 
 use crate::util::localcloud::{LocalCloud, PARTITION_1_OFFSET};
-use crate::util::tarballs::{assert_composer_like_at, composer_like, gzip};
-use crate::util::Run;
+use crate::util::tarballs::{assert_composer_like_at, composer_like, gzip, write_revision_tarball};
+use crate::util::{Run, Story};
 
 /// `amibake --output json bake TEMPLATE --tarball app.tar.gz --commit c0ffee1`
 fn bake_command(cloud: &LocalCloud, dir: &Path, template: &str) -> Command {
     let mut command = cloud.amibake(dir);
-    command.args([
-        "bake",
-        template,
-        "--tarball",
-        "app.tar.gz",
-        "--commit",
-        "c0ffee1",
-    ]);
+    command.args(crate::util::bake_args(template, &[]));
     command
 }
 
@@ -59,9 +52,8 @@ fn app_tarball(dir: &Path) -> BTreeMap<String, Vec<u8>> {
 
 /// The image has its base's layout and flags, its root on the new snapshot, and the tags
 /// that say what it is; the snapshot carries the same tags.
-fn assert_layout_and_tags(cloud: &LocalCloud, m: &serde_json::Value) {
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let clients = runtime.block_on(cloud.clients());
+fn assert_layout_and_tags(story: &Story, m: &serde_json::Value) {
+    let (runtime, clients) = (&story.runtime, &story.clients);
     let describe = |id: &str| {
         runtime
             .block_on(clients.ec2.describe_images().image_ids(id).send())
@@ -126,10 +118,10 @@ fn assert_layout_and_tags(cloud: &LocalCloud, m: &serde_json::Value) {
         .clone();
     for (what, tags) in [("image", image.tags()), ("snapshot", snapshot.tags())] {
         for (key, value) in wanted {
-            assert!(
-                tags.iter()
-                    .any(|t| t.key() == Some(key) && t.value() == Some(value)),
-                "{what} tag {key}={value}: {tags:?}"
+            assert_eq!(
+                crate::util::tag(tags, key),
+                Some(value),
+                "{what} tag {key}: {tags:?}"
             );
         }
     }
@@ -140,9 +132,9 @@ fn assert_layout_and_tags(cloud: &LocalCloud, m: &serde_json::Value) {
 #[test]
 fn bake_builds_reuses_and_cleans_up_after_failures() {
     let _module = crate::util::module_turn(module_path!());
-    let cloud = LocalCloud::start("quick");
-    let dir = tempfile::tempdir().unwrap();
-    let dir = dir.path();
+    let story = Story::new("quick");
+    let (cloud, runtime, clients, dir) =
+        (&story.cloud, &story.runtime, &story.clients, story.dir());
     let files = app_tarball(dir);
     let build_host = cloud.build_host().to_string();
     let debian = "\"resolve:ssm:/aws/service/debian/release/12/latest/amd64\"";
@@ -154,7 +146,7 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
     );
 
     // 1. A bake onto the partitioned Debian vendor AMI.
-    let run = bake(&cloud, dir, "good.toml", &["--manifest", "manifest.json"]);
+    let run = bake(cloud, dir, "good.toml", &["--manifest", "manifest.json"]);
     run.expect_code(0);
     let m = manifest(&run);
     assert_eq!(
@@ -184,7 +176,7 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
     }
     let calls = cloud.calls();
     assert!(calls.iter().any(|c| c["action"] == "DetachVolume" && c["ids"]["InstanceId"] == build_host.as_str()), "detach names the instance");
-    assert_layout_and_tags(&cloud, &m);
+    assert_layout_and_tags(&story, &m);
     cloud.assert_nothing_temporary();
 
     let image = cloud.mount_snapshot(&snapshot, dir, PARTITION_1_OFFSET);
@@ -211,7 +203,7 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
 
     // 2. The same inputs again: the image is reused and nothing is created.
     let before = cloud.calls().len();
-    let again = bake(&cloud, dir, "good.toml", &[]);
+    let again = bake(cloud, dir, "good.toml", &[]);
     again.expect_code(0);
     assert_eq!(
         (
@@ -238,7 +230,7 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
         .expect("the first class in the tarball");
     tar[at + 15] = b'X';
     std::fs::write(dir.join("app.tar.gz"), gzip(&tar)).unwrap();
-    let changed = bake(&cloud, dir, "good.toml", &[]);
+    let changed = bake(cloud, dir, "good.toml", &[]);
     changed.expect_code(0);
     let cm = manifest(&changed);
     assert_eq!(cm["reused"], false);
@@ -258,11 +250,9 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
     }
     app_tarball(dir);
     // Removed again: the story below counts the images it makes.
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let clients = runtime.block_on(cloud.clients());
     runtime
         .block_on(amibake::aws::image::deregister_with_snapshots(
-            clients,
+            clients.clone(),
             cm["ami_id"].as_str().unwrap().into(),
         ))
         .unwrap();
@@ -270,7 +260,7 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
 
     // 3. A provisioner that fails stops the bake, says where, and leaves nothing.
     template(dir, "failing", debian, "\"echo migrating\", \"exit 3\"");
-    let run = bake(&cloud, dir, "failing.toml", &[]);
+    let run = bake(cloud, dir, "failing.toml", &[]);
     run.expect_code(1);
     assert!(
         run.stderr()
@@ -283,7 +273,7 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
     // 4. A failed AWS call after the snapshot exists: the snapshot is removed too.
     cloud.cli(&["fault", "RegisterImage", "--error", "InvalidParameterValue"]);
     template(dir, "unlucky", debian, "\"true\"");
-    let run = bake(&cloud, dir, "unlucky.toml", &[]);
+    let run = bake(cloud, dir, "unlucky.toml", &[]);
     run.expect_code(1);
     assert!(
         run.stderr()
@@ -318,7 +308,7 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
     template(dir, "twin-b", debian, "\"echo b > /etc/twin\"");
     let before = cloud.calls().len();
     let spawn = |name: &str| {
-        bake_command(&cloud, dir, &format!("{name}.toml"))
+        bake_command(cloud, dir, &format!("{name}.toml"))
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -366,7 +356,7 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
         .unwrap()
         .replace("[bake]\n", "[bake]\nvolume_size_gb = 10\n");
     std::fs::write(dir.join("flat.toml"), text).unwrap();
-    let run = bake(&cloud, dir, "flat.toml", &[]);
+    let run = bake(cloud, dir, "flat.toml", &[]);
     run.expect_code(0);
     let image = cloud.mount_snapshot(manifest(&run)["snapshot_id"].as_str().unwrap(), dir, 0);
     assert_composer_like_at(&image.root.join("var/www/shop"), &files, 33);
@@ -391,9 +381,9 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
         .unwrap()
         .replace("inline = [\"true\"]", "inline = [\"false\"]");
     std::fs::write(dir.join("bigger-failing.toml"), failing).unwrap();
-    bake(&cloud, dir, "bigger-failing.toml", &[]).expect_code(1);
+    bake(cloud, dir, "bigger-failing.toml", &[]).expect_code(1);
     cloud.assert_nothing_temporary();
-    let run = bake(&cloud, dir, "bigger.toml", &[]);
+    let run = bake(cloud, dir, "bigger.toml", &[]);
     run.expect_code(0);
     assert!(
         run.stderr().contains("root filesystem grown to"),
@@ -445,7 +435,7 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
         debian,
         "\"setsid sh -c 'exec sleep 777' </dev/null >/dev/null 2>&1 &\"",
     );
-    let run = bake(&cloud, dir, "daemon.toml", &[]);
+    let run = bake(cloud, dir, "daemon.toml", &[]);
     run.expect_code(0);
     assert!(
         run.stderr()
@@ -462,9 +452,7 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
 
     // 10. A KMS key of the account: the work volume, and so the snapshot and the image, are
     // encrypted with it.
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let clients = runtime.block_on(cloud.clients());
-    let new_key = || runtime.block_on(LocalCloud::new_kms_key(&clients));
+    let new_key = || runtime.block_on(LocalCloud::new_kms_key(clients));
     let with_key = |name: &str, key: &str| {
         let text = std::fs::read_to_string(dir.join("good.toml"))
             .unwrap()
@@ -475,7 +463,7 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
     let key = key.as_str();
     with_key("encrypted", key);
     let before = cloud.calls().len();
-    let run = bake(&cloud, dir, "encrypted.toml", &[]);
+    let run = bake(cloud, dir, "encrypted.toml", &[]);
     run.expect_code(0);
     let created: Vec<serde_json::Value> = cloud.calls()[before..]
         .iter()
@@ -527,7 +515,7 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
     ] {
         with_key("bad-key", key);
         let before = cloud.calls().len();
-        let run = bake(&cloud, dir, "bad-key.toml", &[]);
+        let run = bake(cloud, dir, "bad-key.toml", &[]);
         run.expect_code(1);
         assert!(
             run.stderr()
@@ -551,7 +539,7 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
     // run cleans up and exits 130.
     // A length no other story sleeps: the process check below looks at the whole machine.
     template(dir, "slow", debian, "\"echo started-sleeping; sleep 607\"");
-    let slow = bake_command(&cloud, dir, "slow.toml");
+    let slow = bake_command(cloud, dir, "slow.toml");
     let run = crate::util::interrupt_when(slow, "amibake bake slow.toml, interrupted", |line| {
         line.contains("\"line\":\"started-sleeping\"")
     });
@@ -640,7 +628,7 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
         quoted(&with_metadata),
     );
     std::fs::write(dir.join("contained.toml"), text).unwrap();
-    let run = bake(&cloud, dir, "contained.toml", &[]);
+    let run = bake(cloud, dir, "contained.toml", &[]);
     run.expect_code(0);
     cloud.assert_nothing_temporary();
 }
@@ -650,13 +638,8 @@ fn bake_builds_reuses_and_cleans_up_after_failures() {
 #[test]
 fn eight_bakes_at_once_under_throttling_each_hold_their_own_tarball() {
     let _module = crate::util::module_turn(module_path!());
-    let cloud = LocalCloud::start("quick");
-    let work = tempfile::tempdir().unwrap();
-    let dir = work.path();
-    let vendor = cloud.ls()["vendor_amis"]["partitioned"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let story = Story::new("quick");
+    let (cloud, dir, vendor) = (&story.cloud, story.dir(), story.vendor_ami());
     std::fs::write(
         dir.join("load.toml"),
         format!(
@@ -667,19 +650,12 @@ fn eight_bakes_at_once_under_throttling_each_hold_their_own_tarball() {
     .unwrap();
     let mut digests = BTreeMap::new();
     for n in 0..8 {
-        let tar = crate::util::tarballs::tarball(|b| {
-            let body = format!("bake {n}\n");
-            let mut header = tar::Header::new_gnu();
-            header.set_size(body.len() as u64);
-            header.set_mode(0o644);
-            b.append_data(&mut header, "REVISION", body.as_bytes())
-                .unwrap();
-        });
-        let bytes = gzip(&tar);
+        let tarball = dir.join(format!("app{n}.tar.gz"));
+        write_revision_tarball(&tarball, &format!("bake {n}\n"));
+        let bytes = std::fs::read(&tarball).unwrap();
         let digest =
             sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(&bytes));
         digests.insert(n, format!("{digest:x}"));
-        std::fs::write(dir.join(format!("app{n}.tar.gz")), bytes).unwrap();
     }
     cloud.cli(&["fault", "--throttle", "50"]);
     let children: Vec<(usize, std::process::Child)> = (0..8)

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Command;
 
 use crate::util::localcloud::{LocalCloud, PARTITION_1_OFFSET};
-use crate::util::Run;
+use crate::util::{Run, Story};
 
 const PARAMETER: &str = "/amibake/shop/base";
 
@@ -96,15 +96,13 @@ owner = "${{var.app}}"
 #[test]
 fn base_builds_publishes_chains_into_bake_and_skips_when_unchanged() {
     let _module = crate::util::module_turn(module_path!());
-    let cloud = LocalCloud::start("quick");
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let clients = runtime.block_on(cloud.clients());
-    let dir = tempfile::tempdir().unwrap();
-    let dir = dir.path();
+    let story = Story::new("quick");
+    let (cloud, runtime, clients, dir) =
+        (&story.cloud, &story.runtime, &story.clients, story.dir());
     shop_template(dir);
 
     // 1. From the Debian vendor AMI found through its public SSM parameter.
-    let run = amibake(&cloud, dir, &["base", "shop.toml", "--manifest", "m.json"]);
+    let run = amibake(cloud, dir, &["base", "shop.toml", "--manifest", "m.json"]);
     run.expect_code(0);
     let m = manifest(&run);
     let ami = m["ami_id"].as_str().unwrap().to_string();
@@ -187,14 +185,7 @@ fn base_builds_publishes_chains_into_bake_and_skips_when_unchanged() {
         .block_on(clients.ec2.describe_images().image_ids(&ami).send())
         .unwrap();
     let image = &image.images()[0];
-    let tag = |key: &str| {
-        image
-            .tags()
-            .iter()
-            .find(|t| t.key() == Some(key))
-            .and_then(|t| t.value())
-            .map(str::to_string)
-    };
+    let tag = |key: &str| crate::util::tag(image.tags(), key).map(str::to_string);
     assert_eq!(
         tag("amibake:source-ami"),
         m["source_ami"].as_str().map(String::from)
@@ -222,11 +213,9 @@ fn base_builds_publishes_chains_into_bake_and_skips_when_unchanged() {
                 .send(),
         )
         .unwrap();
-    assert!(
-        snapshot_tags.snapshots()[0]
-            .tags()
-            .iter()
-            .any(|t| t.key() == Some("amibake:build-id") && t.value() == m["build_id"].as_str()),
+    assert_eq!(
+        crate::util::tag(snapshot_tags.snapshots()[0].tags(), "amibake:build-id"),
+        m["build_id"].as_str(),
         "the snapshot carries the build id"
     );
 
@@ -324,7 +313,7 @@ fn base_builds_publishes_chains_into_bake_and_skips_when_unchanged() {
         .unwrap()
         .success());
     let baked = amibake(
-        &cloud,
+        cloud,
         dir,
         &[
             "bake",
@@ -357,7 +346,7 @@ fn base_builds_publishes_chains_into_bake_and_skips_when_unchanged() {
 
     // 3. Nothing changed: a few lookups, nothing launched, nothing re-published.
     let before = cloud.calls().len();
-    let again = amibake(&cloud, dir, &["base", "shop.toml"]);
+    let again = amibake(cloud, dir, &["base", "shop.toml"]);
     again.expect_code(0);
     assert_eq!(
         (
@@ -406,7 +395,7 @@ fn base_builds_publishes_chains_into_bake_and_skips_when_unchanged() {
         )
         .unwrap();
     let before = cloud.calls().len();
-    let republished = amibake(&cloud, dir, &["base", "shop.toml"]);
+    let republished = amibake(cloud, dir, &["base", "shop.toml"]);
     republished.expect_code(0);
     let rp = manifest(&republished);
     assert_eq!(
@@ -438,7 +427,7 @@ fn base_builds_publishes_chains_into_bake_and_skips_when_unchanged() {
     let mut text = std::fs::read(&script).unwrap();
     text.push(b'\n');
     std::fs::write(&script, text).unwrap();
-    let rebuilt = amibake(&cloud, dir, &["base", "shop.toml"]);
+    let rebuilt = amibake(cloud, dir, &["base", "shop.toml"]);
     rebuilt.expect_code(0);
     let rm = manifest(&rebuilt);
     assert_eq!(rm["reused"], false);
@@ -474,7 +463,7 @@ fn base_builds_publishes_chains_into_bake_and_skips_when_unchanged() {
     );
     std::fs::write(dir.join("own-key.toml"), text).unwrap();
     let before = cloud.calls().len();
-    let own = amibake(&cloud, dir, &["base", "own-key.toml", "--force"]);
+    let own = amibake(cloud, dir, &["base", "own-key.toml", "--force"]);
     own.expect_code(0);
     let calls = cloud.calls()[before..].to_vec();
     assert!(!calls

@@ -5,7 +5,6 @@
 
 use crate::util::localcloud::LocalCloud;
 use crate::util::tarballs::write_revision_tarball;
-use crate::util::Run;
 
 const CHANNEL: &str = "/amibake/shop/deploy";
 const SHARED_WITH: &str = "210987654321";
@@ -28,20 +27,6 @@ impl World {
             regions.join(", ")
         );
         std::fs::write(self.dir().join("shop.toml"), text).unwrap();
-    }
-
-    fn bake(&self, commit: &str) -> Run {
-        self.cloud.run_amibake(
-            self.dir(),
-            &[
-                "bake",
-                "shop.toml",
-                "--tarball",
-                "app.tar.gz",
-                "--commit",
-                commit,
-            ],
-        )
     }
 
     fn image(&self, clients: &amibake::aws::Clients, id: &str) -> aws_sdk_ec2::types::Image {
@@ -110,15 +95,6 @@ impl World {
         std::fs::remove_file(fb).unwrap();
         same
     }
-
-    /// The actions the cloud was asked to carry out that change something.
-    fn mutating_calls_since(&self, before: usize) -> Vec<String> {
-        self.cloud.calls()[before..]
-            .iter()
-            .map(|c| c["action"].as_str().unwrap().to_string())
-            .filter(|a| !["Describe", "Get", "List"].iter().any(|p| a.starts_with(p)))
-            .collect()
-    }
 }
 
 /// The image as the template asked for it: IMDSv2 only, deprecated in about 90 days,
@@ -143,14 +119,7 @@ fn assert_delivered(world: &World, clients: &amibake::aws::Clients, id: &str, bu
         .as_secs() as i64;
     let in_days = (deprecation.secs() - now) as f64 / 86400.0;
     assert!((89.9..=90.1).contains(&in_days), "{region}: {in_days} days");
-    let tag = |key: &str| {
-        image
-            .tags()
-            .iter()
-            .find(|t| t.key() == Some(key))
-            .and_then(|t| t.value())
-            .map(str::to_string)
-    };
+    let tag = |key: &str| crate::util::tag(image.tags(), key).map(str::to_string);
     assert_eq!(
         tag("amibake:build-id").as_deref(),
         Some(build_id),
@@ -203,7 +172,7 @@ fn a_bake_is_copied_shared_deprecated_and_published_in_every_region() {
         &format!("kms_key_ids = {{ \"eu-west-1\" = \"{west_key}\" }}\n"),
     );
 
-    let run = world.bake("c0ffee1");
+    let run = world.bake_shop_at("c0ffee1");
     run.expect_code(0);
     let m: serde_json::Value = run.json();
     let build_id = m["build_id"].as_str().unwrap();
@@ -250,11 +219,11 @@ fn a_bake_is_copied_shared_deprecated_and_published_in_every_region() {
             .unwrap()
             .snapshots()[0]
             .clone();
-        let finished = described
-            .tags()
-            .iter()
-            .any(|t| t.key() == Some("amibake:state") && t.value() == Some("finished"));
-        assert!(finished, "{region}: {described:?}");
+        assert_eq!(
+            crate::util::tag(described.tags(), "amibake:state"),
+            Some("finished"),
+            "{region}: {described:?}"
+        );
         if region == "eu-west-1" {
             assert_eq!(described.kms_key_id(), Some(west_key.as_str()));
             assert_eq!(described.encrypted(), Some(true));
@@ -263,7 +232,7 @@ fn a_bake_is_copied_shared_deprecated_and_published_in_every_region() {
 
     // The same commit again: the image and its copies are found, nothing new is made and
     // no channel gets another version.
-    let again = world.bake("c0ffee1");
+    let again = world.bake_shop_at("c0ffee1");
     again.expect_code(0);
     let r: serde_json::Value = again.json();
     assert_eq!(r["reused"], true, "{}", again.dump());
@@ -291,7 +260,7 @@ fn a_copy_that_fails_takes_every_copy_and_publication_with_it() {
 
     // The second copy call fails: the first copy, the image and its snapshot all go.
     let cause = world.cloud.fail_once("ec2", "CopyImage", 1);
-    let run = world.bake("c0ffee1");
+    let run = world.bake_shop_at("c0ffee1");
     run.expect_failure(&cause, Some("distribute"));
     assert!(
         run.stderr()
@@ -307,7 +276,7 @@ fn a_copy_that_fails_takes_every_copy_and_publication_with_it() {
 
     // A copy whose answer was lost is carried out once: the retry names the same copy.
     world.cloud.cli(&["fault", "CopyImage", "--lose-answer"]);
-    let run = world.bake("c0ffee1");
+    let run = world.bake_shop_at("c0ffee1");
     run.expect_code(0);
     let ls = world.cloud.ls();
     for region in COPY_REGIONS {
@@ -337,7 +306,7 @@ fn a_copy_that_fails_takes_every_copy_and_publication_with_it() {
             .collect();
         write_revision_tarball(&world.dir().join("app.tar.gz"), &format!("lost {n}\n"));
         world.cloud.cli(&["fault", action, "--lose-answer"]);
-        let run = world.bake(&format!("10s7a{n}"));
+        let run = world.bake_shop_at(&format!("10s7a{n}"));
         run.expect_code(0);
         assert_eq!(
             world.made().len(),
@@ -376,9 +345,12 @@ fn a_copy_that_fails_takes_every_copy_and_publication_with_it() {
     ] {
         world.template(&regions, &extra);
         let before = world.cloud.calls().len();
-        let run = world.bake("c0ffee2");
+        let run = world.bake_shop_at("c0ffee2");
         assert_ne!(run.code(), 0, "{}", run.dump());
         assert!(run.stderr().contains(wanted), "{}", run.dump());
-        assert_eq!(world.mutating_calls_since(before), Vec::<String>::new());
+        assert_eq!(
+            world.cloud.mutating_calls_since(before),
+            Vec::<String>::new()
+        );
     }
 }

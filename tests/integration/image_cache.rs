@@ -59,15 +59,13 @@ fn gets(cloud: &LocalCloud, since: usize) -> usize {
 #[test]
 fn a_base_is_fetched_once_byte_for_byte_and_never_trusted_half_made() {
     let _module = crate::util::module_turn(module_path!());
-    let cloud = LocalCloud::start("quick");
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let clients = runtime.block_on(cloud.clients());
-    let snapshot = runtime.block_on(owned_snapshot(&cloud, &clients));
-    let dir = tempfile::tempdir().unwrap();
-    let cache = ImageCache::new(dir.path().join("cache"));
+    let story = crate::util::Story::new("quick");
+    let (cloud, runtime, clients, dir) =
+        (&story.cloud, &story.runtime, &story.clients, story.dir());
+    let snapshot = runtime.block_on(owned_snapshot(cloud, clients));
+    let cache = ImageCache::new(dir.join("cache"));
     let never = CancellationToken::new();
-    let fetch =
-        || runtime.block_on(cache.fetch(&clients, &snapshot, &snapshot, &|_, _| {}, &never));
+    let fetch = || runtime.block_on(cache.fetch(clients, &snapshot, &snapshot, &|_, _| {}, &never));
 
     // A block whose read fails (an error the SDK does not retry): the fetch fails naming
     // the call, and leaves neither an entry nor a partial one.
@@ -118,7 +116,7 @@ fn a_base_is_fetched_once_byte_for_byte_and_never_trusted_half_made() {
     assert!(entry.downloaded > 10);
 
     // Byte for byte what EC2 has.
-    let exported = dir.path().join("exported.img");
+    let exported = dir.join("exported.img");
     cloud.cli(&["export-snapshot", &snapshot, exported.to_str().unwrap()]);
     let blocks = allocated_blocks(&entry.image)
         .union(&allocated_blocks(&exported))
@@ -137,7 +135,7 @@ fn a_base_is_fetched_once_byte_for_byte_and_never_trusted_half_made() {
     let before = cloud.calls().len();
     let again = fetch().unwrap();
     assert_eq!(again.downloaded, 0);
-    assert_eq!(gets(&cloud, before), 0, "no GetSnapshotBlock");
+    assert_eq!(gets(cloud, before), 0, "no GetSnapshotBlock");
     assert_eq!(again.digests, entry.digests);
     assert_eq!(
         cache

@@ -8,7 +8,7 @@ use std::process::Command;
 
 use crate::util::localcloud::{assert_filesystem_clean, LocalCloud, MountedSnapshot};
 use crate::util::tarballs::{assert_composer_like_at, composer_like, gzip};
-use crate::util::Run;
+use crate::util::{Run, Story};
 
 /// The byte offset and size of partition `number` in the disk image `raw`, as sfdisk reads
 /// them.
@@ -86,14 +86,14 @@ impl Baked {
     }
 }
 
-/// A local cloud with `family`'s vendor image, a work directory, and that image's id.
-fn cloud_with_vendor(family: &str) -> (LocalCloud, tempfile::TempDir, String) {
-    let cloud = LocalCloud::start_with("quick", &[family]);
-    let vendor = cloud.ls()["vendor_amis"][family]
+/// A story on a local cloud with `family`'s vendor image, and that image's id.
+fn story_with_vendor(family: &str) -> (Story, String) {
+    let story = Story::on(LocalCloud::start_with("quick", &[family]));
+    let vendor = story.cloud.ls()["vendor_amis"][family]
         .as_str()
         .unwrap()
         .to_string();
-    (cloud, tempfile::tempdir().unwrap(), vendor)
+    (story, vendor)
 }
 
 /// Where a vendor lays out its image.
@@ -141,12 +141,12 @@ fn bakes_onto(layout: Layout, host_holds_its_uuid: bool) {
         boot,
         efi,
     } = layout;
-    let (cloud, work, vendor) = cloud_with_vendor(family);
-    let dir = work.path();
+    let (story, vendor) = story_with_vendor(family);
+    let (cloud, dir) = (&story.cloud, story.dir());
     let _hosts_own = host_holds_its_uuid.then(|| {
-        let runtime = tokio::runtime::Runtime::new().unwrap();
-        let snapshot = runtime
-            .block_on(async { LocalCloud::root_snapshot(&cloud.clients().await, &vendor).await });
+        let snapshot = story
+            .runtime
+            .block_on(LocalCloud::root_snapshot(&story.clients, &vendor));
         let raw = dir.join("vendor.img");
         cloud.cli(&["export-snapshot", &snapshot, raw.to_str().unwrap()]);
         MountedSnapshot::mount_as_hosts_own(&raw, partition_offset(&raw, root), &dir.join("host"))
@@ -167,9 +167,9 @@ fn bakes_onto(layout: Layout, host_holds_its_uuid: bool) {
         let Baked {
             run, snapshot, raw, ..
         } = Baked::exported(
-            &cloud,
+            cloud,
             dir,
-            bake(&cloud, dir, "app.toml", backend, commit, family),
+            bake(cloud, dir, "app.toml", backend, commit, family),
         );
         let snapshot = snapshot.as_str();
         let image = cloud.mount_snapshot(snapshot, dir, partition_offset(&raw, root));
@@ -598,20 +598,19 @@ fn host_binfmt(foreign: &Path) -> (bool, Vec<String>, Option<i32>) {
 /// ones, run through qemu registered in the sandbox's own binfmt_misc, which they cannot
 /// change, and never this host's; the image, the manifest and the tags say arm64. Returns
 /// the cloud and the work directory, holding `filter.toml` and `by-id.toml`.
-fn bakes_arm64(family: &str, owner: &str, name: &str) -> (LocalCloud, tempfile::TempDir) {
+fn bakes_arm64(family: &str, owner: &str, name: &str) -> Story {
     assert_eq!(
         std::env::consts::ARCH,
         "x86_64",
         "the story is of a host of another architecture"
     );
-    let (cloud, work, vendor) = cloud_with_vendor(family);
-    let dir = work.path();
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let clients = runtime.block_on(cloud.clients());
+    let (story, vendor) = story_with_vendor(family);
+    let (cloud, runtime, clients, dir) =
+        (&story.cloud, &story.runtime, &story.clients, story.dir());
     // One of the image's own programs, to try on this host.
     let foreign = dir.join("arm64-true");
     {
-        let snapshot = runtime.block_on(LocalCloud::root_snapshot(&clients, &vendor));
+        let snapshot = runtime.block_on(LocalCloud::root_snapshot(clients, &vendor));
         let raw = dir.join("vendor.img");
         cloud.cli(&["export-snapshot", &snapshot, raw.to_str().unwrap()]);
         let root =
@@ -658,7 +657,7 @@ fn bakes_arm64(family: &str, owner: &str, name: &str) -> (LocalCloud, tempfile::
                 }
                 ran
             });
-            let run = bake(&cloud, dir, "filter.toml", backend, commit, family);
+            let run = bake(cloud, dir, "filter.toml", backend, commit, family);
             baking.store(false, std::sync::atomic::Ordering::Relaxed);
             (run, watcher.join().unwrap())
         });
@@ -667,7 +666,7 @@ fn bakes_arm64(family: &str, owner: &str, name: &str) -> (LocalCloud, tempfile::
             manifest,
             snapshot,
             raw,
-        } = Baked::exported(&cloud, dir, run);
+        } = Baked::exported(cloud, dir, run);
         assert!(
             !host_ran_it,
             "{backend}: this host ran an arm64 program while the bake ran"
@@ -685,12 +684,11 @@ fn bakes_arm64(family: &str, owner: &str, name: &str) -> (LocalCloud, tempfile::
             .images()[0]
             .clone();
         assert_eq!(image.architecture().map(|a| a.as_str()), Some("arm64"));
-        let tag = image
-            .tags()
-            .iter()
-            .find(|t| t.key() == Some("amibake:architecture"))
-            .and_then(|t| t.value());
-        assert_eq!(tag, Some("arm64"), "{image:?}");
+        assert_eq!(
+            crate::util::tag(image.tags(), "amibake:architecture"),
+            Some("arm64"),
+            "{image:?}"
+        );
 
         let root = cloud.mount_snapshot(&snapshot, dir, partition_offset(&raw, 1));
         assert_composer_like_at(&root.root.join("srv/app"), &files, 33);
@@ -712,13 +710,13 @@ fn bakes_arm64(family: &str, owner: &str, name: &str) -> (LocalCloud, tempfile::
         cloud.assert_nothing_temporary();
     }
 
-    (cloud, work)
+    story
 }
 
 #[test]
 fn an_arm64_al2023_is_baked_on_this_x86_64_host_through_qemu() {
-    let (cloud, _work) = bakes_arm64("al2023-arm64", "137112412989", "al2023-ami-2023.*-arm64");
-    cloud.assert_nothing_temporary();
+    let story = bakes_arm64("al2023-arm64", "137112412989", "al2023-ami-2023.*-arm64");
+    story.cloud.assert_nothing_temporary();
 }
 
 /// Debian's arm64 image bakes as AL2023's does; without the emulator, or with the sandbox's
@@ -726,8 +724,8 @@ fn an_arm64_al2023_is_baked_on_this_x86_64_host_through_qemu() {
 /// names the architecture, before anything is made where only the image says it.
 #[test]
 fn an_arm64_debian_is_baked_on_this_x86_64_host_through_qemu_and_never_without_it() {
-    let (cloud, work) = bakes_arm64("debian-12-arm64", "136693071363", "debian-12-arm64-*");
-    let dir = work.path();
+    let story = bakes_arm64("debian-12-arm64", "136693071363", "debian-12-arm64-*");
+    let (cloud, dir) = (&story.cloud, story.dir());
 
     // No emulator on PATH.
     let no_emulator = tempfile::tempdir().unwrap();
@@ -773,12 +771,7 @@ fn an_arm64_debian_is_baked_on_this_x86_64_host_through_qemu_and_never_without_i
             "compat",
         ],
     );
-    compat.expect_code(2);
-    assert!(
-        compat.stderr().contains("sandbox = \"compat\""),
-        "{}",
-        compat.dump()
-    );
+    compat.expect_refused("sandbox = \"compat\"");
     assert_eq!(
         cloud.calls().len(),
         before,
@@ -787,12 +780,7 @@ fn an_arm64_debian_is_baked_on_this_x86_64_host_through_qemu_and_never_without_i
     );
 
     let run = without_emulator("by-id.toml");
-    run.expect_code(2);
-    assert!(
-        run.stderr().contains("qemu-aarch64-static"),
-        "{}",
-        run.dump()
-    );
+    run.expect_refused("qemu-aarch64-static");
     let made: Vec<String> = cloud.calls()[before..]
         .iter()
         .map(|c| c["action"].as_str().unwrap().to_string())

@@ -2,69 +2,68 @@
 //! what nothing uses goes, and a dry run that changes nothing.
 
 use std::collections::BTreeSet;
-use std::path::Path;
 
-use crate::util::localcloud::LocalCloud;
-use crate::util::tarballs::{gzip, tarball};
-use crate::util::Run;
+use crate::util::tarballs::write_revision_tarball;
 
 const CHANNEL: &str = "/amibake/shop/deploy";
 /// A channel images reach only by `promote`.
 const PROMOTED: &str = "/amibake/shop/live";
 
-fn amibake(cloud: &LocalCloud, dir: &Path, args: &[&str]) -> Run {
-    cloud.run_amibake(dir, args)
-}
+/// This module's story: bakes of one template, published to `CHANNEL`, to prune.
+struct Prune;
+type World = crate::util::World<Prune>;
 
-fn bake(cloud: &LocalCloud, dir: &Path, commit: &str) -> (String, String) {
-    let tar = tarball(|b| {
-        let body = format!("{commit}\n");
-        let mut header = tar::Header::new_gnu();
-        header.set_size(body.len() as u64);
-        header.set_mode(0o644);
-        b.append_data(&mut header, "REVISION", body.as_bytes())
-            .unwrap();
-    });
-    std::fs::write(dir.join("app.tar.gz"), gzip(&tar)).unwrap();
-    let run = amibake(
-        cloud,
-        dir,
-        &[
-            "bake",
-            "shop.toml",
-            "--tarball",
-            "app.tar.gz",
-            "--commit",
-            commit,
-        ],
-    );
-    run.expect_code(0);
-    let manifest: serde_json::Value = run.json();
-    (
-        manifest["ami_id"].as_str().unwrap().to_string(),
-        manifest["snapshot_id"].as_str().unwrap().to_string(),
-    )
-}
+impl World {
+    /// A bake of shop.toml at `commit`, its tarball's REVISION the commit: its image and
+    /// snapshot.
+    fn bake(&self, commit: &str) -> (String, String) {
+        write_revision_tarball(&self.dir().join("app.tar.gz"), &format!("{commit}\n"));
+        let run = self.bake_shop_at(commit);
+        run.expect_code(0);
+        let manifest: serde_json::Value = run.json();
+        (
+            manifest["ami_id"].as_str().unwrap().to_string(),
+            manifest["snapshot_id"].as_str().unwrap().to_string(),
+        )
+    }
 
-/// `shop.toml` in `dir`, a bake of the vendor image published to `CHANNEL`, and `count`
-/// bakes of it, oldest first: the vendor image, and each bake's image and snapshot.
-fn shop_bakes(cloud: &LocalCloud, dir: &Path, count: usize) -> (String, Vec<(String, String)>) {
-    let vendor = cloud.ls()["vendor_amis"]["partitioned"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    std::fs::write(
-        dir.join("shop.toml"),
-        format!(
-            "[bake]\nname = \"shop-${{commit}}-${{timestamp}}\"\nbase_ami = \"{vendor}\"\n\
-             dest = \"/srv/shop\"\npublish_ssm = \"{CHANNEL}\"\n"
-        ),
-    )
-    .unwrap();
-    let baked = (1..=count)
-        .map(|n| bake(cloud, dir, &format!("c0mm1t{n:02}")))
-        .collect();
-    (vendor, baked)
+    /// A story whose shop.toml bakes the vendor image, published to `CHANNEL`, baked
+    /// `count` times: the vendor image, and each bake's image and snapshot, oldest first.
+    fn with_shop_bakes(count: usize) -> (World, String, Vec<(String, String)>) {
+        let world = World::new("quick");
+        let vendor = world.vendor_ami();
+        std::fs::write(
+            world.dir().join("shop.toml"),
+            format!(
+                "[bake]\nname = \"shop-${{commit}}-${{timestamp}}\"\nbase_ami = \"{vendor}\"\n\
+                 dest = \"/srv/shop\"\npublish_ssm = \"{CHANNEL}\"\n"
+            ),
+        )
+        .unwrap();
+        let baked = (1..=count)
+            .map(|n| world.bake(&format!("c0mm1t{n:02}")))
+            .collect();
+        (world, vendor, baked)
+    }
+
+    /// The account's images and every snapshot of the cloud, by id.
+    fn what_is_left(&self) -> (BTreeSet<String>, BTreeSet<String>) {
+        let images = self
+            .runtime
+            .block_on(self.clients.ec2.describe_images().owners("self").send())
+            .unwrap()
+            .images()
+            .iter()
+            .map(|i| i.image_id().unwrap().to_string())
+            .collect();
+        let snapshots = self.cloud.ls()["snapshots"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["id"].as_str().unwrap().to_string())
+            .collect();
+        (images, snapshots)
+    }
 }
 
 /// An instance of `image`, which uses it as long as it is not terminated.
@@ -81,46 +80,13 @@ async fn launch(clients: &amibake::aws::Clients, image: &str) {
         .unwrap();
 }
 
-/// The account's images and every snapshot of the cloud, by id.
-fn what_is_left(
-    cloud: &LocalCloud,
-    runtime: &tokio::runtime::Runtime,
-    clients: &amibake::aws::Clients,
-) -> (BTreeSet<String>, BTreeSet<String>) {
-    let images = runtime
-        .block_on(clients.ec2.describe_images().owners("self").send())
-        .unwrap()
-        .images()
-        .iter()
-        .map(|i| i.image_id().unwrap().to_string())
-        .collect();
-    let snapshots = cloud.ls()["snapshots"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["id"].as_str().unwrap().to_string())
-        .collect();
-    (images, snapshots)
-}
-
-/// The mutating calls in a stretch of the call log: anything but reads.
-fn mutating(calls: &[serde_json::Value]) -> Vec<String> {
-    calls
-        .iter()
-        .filter_map(|c| c["action"].as_str())
-        .filter(|a| !["Describe", "Get", "List"].iter().any(|p| a.starts_with(p)))
-        .map(str::to_string)
-        .collect()
-}
-
 #[test]
 fn prune_keeps_what_is_used_and_the_newest_and_removes_the_rest_with_their_snapshots() {
     let _module = crate::util::module_turn(module_path!());
-    let cloud = LocalCloud::start("quick");
-    let dir = tempfile::tempdir().unwrap();
-    let dir = dir.path();
     // Ten bakes, oldest first.
-    let (vendor, baked) = shop_bakes(&cloud, dir, 10);
+    let (world, vendor, baked) = World::with_shop_bakes(10);
+    let (cloud, runtime, clients, dir) =
+        (&world.cloud, &world.runtime, &world.clients, world.dir());
     let ami = |n: usize| baked[n - 1].0.clone();
     // What prune of shop.toml must not count: another template's bake, and a base image
     // whose name starts as the bakes' do.
@@ -131,23 +97,17 @@ fn prune_keeps_what_is_used_and_the_newest_and_removes_the_rest_with_their_snaps
         ),
     )
     .unwrap();
-    let other = amibake(
-        &cloud,
-        dir,
-        &[
-            "bake",
-            "other.toml",
-            "--tarball",
-            "app.tar.gz",
-            "--commit",
-            "0th3r1",
-        ],
-    );
+    let other = world.run_amibake(&[
+        "bake",
+        "other.toml",
+        "--tarball",
+        "app.tar.gz",
+        "--commit",
+        "0th3r1",
+    ]);
     other.expect_code(0);
     let other: serde_json::Value = other.json();
     let other = other["ami_id"].as_str().unwrap().to_string();
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let clients = runtime.block_on(cloud.clients());
     // What still uses some of them: a launch template the oldest, a label the fourth, an
     // instance the fifth.
     runtime.block_on(async {
@@ -164,14 +124,11 @@ fn prune_keeps_what_is_used_and_the_newest_and_removes_the_rest_with_their_snaps
             .send()
             .await
             .unwrap();
-        launch(&clients, &ami(5)).await;
+        launch(clients, &ami(5)).await;
     });
-    amibake(
-        &cloud,
-        dir,
-        &["promote", CHANNEL, &ami(4), "--label", "prod"],
-    )
-    .expect_code(0);
+    world
+        .run_amibake(&["promote", CHANNEL, &ami(4), "--label", "prod"])
+        .expect_code(0);
     let base_like = runtime.block_on(async {
         let tag = |k: &str, v: &str| aws_sdk_ec2::types::Tag::builder().key(k).value(v).build();
         clients
@@ -206,10 +163,10 @@ fn prune_keeps_what_is_used_and_the_newest_and_removes_the_rest_with_their_snaps
 
     // The dry run says what it would do and does nothing.
     let calls_before = cloud.calls().len();
-    let dry = amibake(&cloud, dir, &["prune", "shop.toml", "--keep", "2"]);
+    let dry = world.run_amibake(&["prune", "shop.toml", "--keep", "2"]);
     dry.expect_code(0);
     assert_eq!(
-        mutating(&cloud.calls()[calls_before..]),
+        cloud.mutating_calls_since(calls_before),
         Vec::<String>::new()
     );
     let judged: serde_json::Value = dry.json();
@@ -268,14 +225,10 @@ fn prune_keeps_what_is_used_and_the_newest_and_removes_the_rest_with_their_snaps
     );
 
     // Applied: exactly those go, with their snapshots; the rest stay whole.
-    let applied = amibake(
-        &cloud,
-        dir,
-        &["prune", "shop.toml", "--keep", "2", "--apply"],
-    );
+    let applied = world.run_amibake(&["prune", "shop.toml", "--keep", "2", "--apply"]);
     applied.expect_code(0);
     crate::util::schema::assert_valid("prune", &applied.json());
-    let (images, snapshots) = what_is_left(&cloud, &runtime, &clients);
+    let (images, snapshots) = world.what_is_left();
     assert!(images.contains(&other) && images.contains(&base_like));
     for (n, (image, snapshot)) in baked.iter().enumerate() {
         let stays = kept.contains(image);
@@ -289,11 +242,7 @@ fn prune_keeps_what_is_used_and_the_newest_and_removes_the_rest_with_their_snaps
     }
 
     // Disable and deprecate instead: with --keep 1 the ninth is no longer kept.
-    let run = amibake(
-        &cloud,
-        dir,
-        &["prune", "shop.toml", "--keep", "1", "--disable", "--apply"],
-    );
+    let run = world.run_amibake(&["prune", "shop.toml", "--keep", "1", "--disable", "--apply"]);
     run.expect_code(0);
     let state = |id: &str| {
         runtime
@@ -311,44 +260,33 @@ fn prune_keeps_what_is_used_and_the_newest_and_removes_the_rest_with_their_snaps
     };
     assert_eq!(state(&ami(9)).state().unwrap().as_str(), "disabled");
     assert_eq!(state(&ami(10)).state().unwrap().as_str(), "available");
-    amibake(
-        &cloud,
-        dir,
-        &[
+    world
+        .run_amibake(&[
             "prune",
             "shop.toml",
             "--keep",
             "1",
             "--deprecate",
             "--apply",
-        ],
-    )
-    .expect_code(0);
+        ])
+        .expect_code(0);
     assert!(state(&ami(9)).deprecation_time().is_some());
     assert!(state(&ami(10)).deprecation_time().is_none());
 
     // Bad selections are refused before any call.
-    amibake(&cloud, dir, &["prune", "--keep", "2"]).expect_code(2);
-    amibake(
-        &cloud,
-        dir,
-        &[
+    world.run_amibake(&["prune", "--keep", "2"]).expect_code(2);
+    world
+        .run_amibake(&[
             "prune",
             "shop.toml",
             "--keep",
             "2",
             "--disable",
             "--deprecate",
-        ],
-    )
-    .expect_code(2);
-    let short = amibake(&cloud, dir, &["prune", "--name-prefix", "s", "--keep", "2"]);
-    short.expect_code(2);
-    assert!(
-        short.stderr().contains("`s` is too short"),
-        "{}",
-        short.dump()
-    );
+        ])
+        .expect_code(2);
+    let short = world.run_amibake(&["prune", "--name-prefix", "s", "--keep", "2"]);
+    short.expect_refused("`s` is too short");
 }
 
 /// `prune --name-prefix` alone, told no template and no channel: what keeps an image is found
@@ -358,13 +296,9 @@ fn prune_keeps_what_is_used_and_the_newest_and_removes_the_rest_with_their_snaps
 #[test]
 fn prune_by_name_prefix_alone_removes_only_what_nothing_anywhere_uses() {
     let _module = crate::util::module_turn(module_path!());
-    let cloud = LocalCloud::start("quick");
-    let dir = tempfile::tempdir().unwrap();
-    let dir = dir.path();
-    let (_, baked) = shop_bakes(&cloud, dir, 6);
+    let (world, _, baked) = World::with_shop_bakes(6);
+    let (cloud, runtime, clients) = (&world.cloud, &world.runtime, &world.clients);
     let ami = |n: usize| baked[n - 1].0.clone();
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let clients = runtime.block_on(cloud.clients());
     runtime.block_on(async {
         let data = |image: String| {
             aws_sdk_ec2::types::RequestLaunchTemplateData::builder()
@@ -404,7 +338,7 @@ fn prune_by_name_prefix_alone_removes_only_what_nothing_anywhere_uses() {
             .send()
             .await
             .unwrap();
-        launch(&clients, &ami(3)).await;
+        launch(clients, &ami(3)).await;
         clients
             .ec2
             .modify_image_attribute()
@@ -422,26 +356,20 @@ fn prune_by_name_prefix_alone_removes_only_what_nothing_anywhere_uses() {
             .await
             .unwrap();
     });
-    amibake(
-        &cloud,
-        dir,
-        &["promote", CHANNEL, &ami(2), "--label", "prod"],
-    )
-    .expect_code(0);
+    world
+        .run_amibake(&["promote", CHANNEL, &ami(2), "--label", "prod"])
+        .expect_code(0);
     // Promoted into a channel of its own, which no template names: the image says so.
-    amibake(
-        &cloud,
-        dir,
-        &["promote", PROMOTED, &ami(1), "--label", "live"],
-    )
-    .expect_code(0);
+    world
+        .run_amibake(&["promote", PROMOTED, &ami(1), "--label", "live"])
+        .expect_code(0);
 
     let prune = ["prune", "--name-prefix", "shop-", "--keep", "1"];
     let calls_before = cloud.calls().len();
-    let dry = amibake(&cloud, dir, &prune);
+    let dry = world.run_amibake(&prune);
     dry.expect_code(0);
     assert_eq!(
-        mutating(&cloud.calls()[calls_before..]),
+        cloud.mutating_calls_since(calls_before),
         Vec::<String>::new()
     );
     let judged: serde_json::Value = dry.json();
@@ -475,7 +403,7 @@ fn prune_by_name_prefix_alone_removes_only_what_nothing_anywhere_uses() {
     assert!(reasons(4).starts_with("\"remove\""), "{}", reasons(4));
 
     // Shared images are judged like the others when asked.
-    let including = amibake(&cloud, dir, &[&prune[..], &["--include-shared"]].concat());
+    let including = world.run_amibake(&[&prune[..], &["--include-shared"]].concat());
     including.expect_code(0);
     let including: serde_json::Value = including.json();
     let fifth = including["images"]
@@ -486,9 +414,9 @@ fn prune_by_name_prefix_alone_removes_only_what_nothing_anywhere_uses() {
         .unwrap();
     assert_eq!(fifth["decision"], "remove", "{including}");
 
-    let applied = amibake(&cloud, dir, &[&prune[..], &["--apply"]].concat());
+    let applied = world.run_amibake(&[&prune[..], &["--apply"]].concat());
     applied.expect_code(0);
-    let (left, snapshots) = what_is_left(&cloud, &runtime, &clients);
+    let (left, snapshots) = world.what_is_left();
     for (n, (image, snapshot)) in baked.iter().enumerate() {
         let stays = n + 1 != 4;
         assert_eq!(left.contains(image), stays, "image {} ({image})", n + 1);

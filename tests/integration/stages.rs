@@ -29,14 +29,6 @@ impl World {
         std::fs::write(self.dir().join("shop.toml"), text).unwrap();
     }
 
-    fn mutating_calls_since(&self, before: usize) -> Vec<String> {
-        self.cloud.calls()[before..]
-            .iter()
-            .map(|c| c["action"].as_str().unwrap().to_string())
-            .filter(|a| !["Describe", "Get", "List"].iter().any(|p| a.starts_with(p)))
-            .collect()
-    }
-
     fn images(&self) -> Vec<serde_json::Value> {
         self.cloud.ls()["images"]
             .as_array()
@@ -81,7 +73,10 @@ fn pre_and_post_commands_run_around_the_bake_with_its_facts() {
         "its output is the run's\n{}",
         run.dump()
     );
-    assert_eq!(world.mutating_calls_since(before), Vec::<String>::new());
+    assert_eq!(
+        world.cloud.mutating_calls_since(before),
+        Vec::<String>::new()
+    );
     assert!(world.images().is_empty());
     assert!(!world.dir().join("post.out").exists());
     let pre = std::fs::read_to_string(world.dir().join("pre.out")).unwrap();
@@ -158,12 +153,7 @@ fn pre_and_post_commands_run_around_the_bake_with_its_facts() {
     // it, by the run when the run's PATH has none of that name.
     world.template("[[bake.pre]]\ncommand = [\"./no-such-check\"]\n");
     let run = world.bake_shop(&[]);
-    run.expect_code(2);
-    assert!(
-        run.stderr().contains("`./no-such-check` does not exist"),
-        "{}",
-        run.dump()
-    );
+    run.expect_refused("`./no-such-check` does not exist");
     world.template("[[bake.pre]]\ncommand = [\"amibake-no-such-check\"]\n");
     let run = world.bake_shop(&[]);
     run.expect_failure("could not run", None);
@@ -204,11 +194,11 @@ fn normal_and_destructive_bakes_of_one_commit_are_two_images() {
             std::fs::read_to_string(etc.join("variant-any")).unwrap(),
             "both\n"
         );
-        let runtime = tokio::runtime::Runtime::new().unwrap();
-        let clients = runtime.block_on(world.cloud.clients());
-        let image = runtime
+        let image = world
+            .runtime
             .block_on(
-                clients
+                world
+                    .clients
                     .ec2
                     .describe_images()
                     .image_ids(m["ami_id"].as_str().unwrap())
@@ -217,11 +207,12 @@ fn normal_and_destructive_bakes_of_one_commit_are_two_images() {
             .unwrap()
             .images()[0]
             .clone();
-        let tagged = image
-            .tags()
-            .iter()
-            .any(|t| t.key() == Some("amibake:variant") && t.value() == Some(variant));
-        assert!(tagged, "{variant}: {:?}", image.tags());
+        assert_eq!(
+            crate::util::tag(image.tags(), "amibake:variant"),
+            Some(variant),
+            "{variant}: {:?}",
+            image.tags()
+        );
     }
     // Each variant finds its own image again.
     let again = world.bake_shop(&["--destructive"]);
@@ -258,7 +249,10 @@ fn a_signal_during_a_pre_command_stops_it_and_exits_as_signalled() {
             "{}",
             run.dump()
         );
-        assert_eq!(world.mutating_calls_since(before), Vec::<String>::new());
+        assert_eq!(
+            world.cloud.mutating_calls_since(before),
+            Vec::<String>::new()
+        );
         assert!(world.images().is_empty());
     }
 }

@@ -2,8 +2,8 @@
 //! local cloud's EBS direct APIs: no instance metadata, no volume, only changed blocks put,
 //! the cache, a base this account does not own, and failures that leave nothing.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::collections::BTreeSet;
+use std::path::PathBuf;
 
 use crate::util::localcloud::{LocalCloud, PARTITION_1_OFFSET};
 use crate::util::tarballs::{append_raw, assert_composer_like_at, composer_like, gzip, tarball};
@@ -13,40 +13,18 @@ use tar::EntryType;
 /// A port nothing listens on: this machine has no instance metadata.
 const NO_IMDS: &str = "http://127.0.0.1:9";
 
-struct Story {
-    cloud: LocalCloud,
-    dir: tempfile::TempDir,
-    files: BTreeMap<String, Vec<u8>>,
-    runtime: tokio::runtime::Runtime,
-    clients: amibake::aws::Clients,
-}
+/// This module's story: bakes with no build host, of a composer-like app.tar.gz.
+struct BakeDirect;
+type World = crate::util::World<BakeDirect>;
 
-impl Story {
+impl World {
     /// A story on `cloud` with a base of its own account, and `owned.toml` baking on it.
-    fn with_owned_base(cloud: LocalCloud) -> (Story, String) {
-        let story = Story::on(cloud);
+    fn with_owned_base(cloud: LocalCloud) -> (World, String) {
+        let story = World::on(cloud);
+        std::fs::write(story.dir().join("app.tar.gz"), gzip(&composer_like().0)).unwrap();
         let base = story.owned_base("partitioned");
         story.template("owned", &base);
         (story, base)
-    }
-
-    fn on(cloud: LocalCloud) -> Story {
-        let dir = tempfile::tempdir().unwrap();
-        let (tar, files) = composer_like();
-        std::fs::write(dir.path().join("app.tar.gz"), gzip(&tar)).unwrap();
-        let runtime = tokio::runtime::Runtime::new().unwrap();
-        let clients = runtime.block_on(cloud.clients());
-        Story {
-            cloud,
-            dir,
-            files,
-            runtime,
-            clients,
-        }
-    }
-
-    fn dir(&self) -> &Path {
-        self.dir.path()
     }
 
     /// The cache every bake here uses: `$XDG_CACHE_HOME/amibake`, with XDG_CACHE_HOME the
@@ -175,7 +153,7 @@ impl Story {
     fn assert_holds_the_app(&self, snapshot: &str, offset: u64, commit: &str) {
         let image = self.cloud.mount_snapshot(snapshot, self.dir(), offset);
         let app = image.root.join("var/www/shop");
-        assert_composer_like_at(&app, &self.files, 33);
+        assert_composer_like_at(&app, &composer_like().1, 33);
         assert_eq!(
             std::fs::read_to_string(app.join("REVISION")).unwrap(),
             format!("{commit}\n")
@@ -257,7 +235,7 @@ fn ok_count(calls: &[serde_json::Value], action: &str) -> usize {
 #[test]
 fn direct_bakes_without_imds_or_volumes_and_puts_only_changed_blocks() {
     let _module = crate::util::module_turn(module_path!());
-    let (story, base) = Story::with_owned_base(LocalCloud::start("quick"));
+    let (story, base) = World::with_owned_base(LocalCloud::start("quick"));
     let base_snapshot = story.root_snapshot(&base);
 
     // 1. No instance metadata: `direct` is chosen, and a cold cache is filled.
@@ -559,7 +537,7 @@ fn direct_bakes_without_imds_or_volumes_and_puts_only_changed_blocks() {
 #[test]
 fn a_fault_at_each_direct_call_or_a_damaged_block_leaves_nothing_and_names_its_step() {
     let _module = crate::util::module_turn(module_path!());
-    let (story, base) = Story::with_owned_base(LocalCloud::start("quick"));
+    let (story, base) = World::with_owned_base(LocalCloud::start("quick"));
     let vendor = story.cloud.ls()["vendor_amis"]["partitioned"]
         .as_str()
         .unwrap()
@@ -802,7 +780,7 @@ fn a_fault_at_each_direct_call_or_a_damaged_block_leaves_nothing_and_names_its_s
 #[test]
 fn lost_answers_cost_no_build_and_ctrl_c_or_throttling_leave_nothing() {
     let _module = crate::util::module_turn(module_path!());
-    let (story, _) = Story::with_owned_base(LocalCloud::start("quick"));
+    let (story, _) = World::with_owned_base(LocalCloud::start("quick"));
     // A call carried out whose answer is lost (HTTP 500, the SDK retries) costs a retry,
     // never the build: StartSnapshot's retry, with the same client token, answers the
     // snapshot the first attempt started; a block put again is the same block; a completion
@@ -941,7 +919,7 @@ fn lost_answers_cost_no_build_and_ctrl_c_or_throttling_leave_nothing() {
 #[test]
 fn half_the_block_calls_throttled_at_ebs_latency_still_bake_the_tree_byte_for_byte() {
     let _module = crate::util::module_turn(module_path!());
-    let (story, _) = Story::with_owned_base(LocalCloud::start_with_block_latency("quick", 0.1));
+    let (story, _) = World::with_owned_base(LocalCloud::start_with_block_latency("quick", 0.1));
     let _ = std::fs::remove_dir_all(story.cache());
     story.cloud.cli(&[
         "fault",

@@ -56,16 +56,55 @@ fn base_with(cloud: &LocalCloud, dir: &Path, template: &str, vars: &[&str]) -> R
     }
 }
 
-struct World {
-    cloud: LocalCloud,
-    runtime: tokio::runtime::Runtime,
-    clients: amibake::aws::Clients,
-    build_host: String,
-    /// What the parameter held before any of these builds: it must hold it after each.
-    published: String,
-}
+/// This module's story: a base published to `PARAMETER` (labelled `latest`) that every
+/// failed build must leave as it was.
+struct BaseFailures;
+type World = crate::util::World<BaseFailures>;
 
 impl World {
+    /// A story whose failures.toml (and impatient.toml, whose SSH gives up after 3 s) build a
+    /// base published to `PARAMETER`, which holds the vendor image as an earlier base, as on
+    /// any day but the first.
+    fn publishing_a_base() -> World {
+        let world = World::new("quick");
+        std::fs::write(world.dir().join("failures.toml"), TEMPLATE).unwrap();
+        std::fs::write(
+            world.dir().join("impatient.toml"),
+            TEMPLATE.replace("ssh_timeout_seconds = 120", "ssh_timeout_seconds = 3"),
+        )
+        .unwrap();
+        let published = world.published();
+        world.runtime.block_on(async {
+            let put = world
+                .clients
+                .ssm
+                .put_parameter()
+                .name(PARAMETER)
+                .value(&published)
+                .r#type(aws_sdk_ssm::types::ParameterType::String)
+                .data_type("aws:ec2:image")
+                .send()
+                .await
+                .unwrap();
+            world
+                .clients
+                .ssm
+                .label_parameter_version()
+                .name(PARAMETER)
+                .parameter_version(put.version())
+                .labels("latest")
+                .send()
+                .await
+                .unwrap();
+        });
+        world
+    }
+
+    /// What the parameter held before any of these builds: it must hold it after each.
+    fn published(&self) -> String {
+        self.vendor_ami()
+    }
+
     /// After a build that succeeded: exactly its image (and that image's snapshots) is left
     /// of it; removes them and puts the parameter back, so `assert_clean` can follow.
     fn take_back(&self, run: &Run) {
@@ -92,7 +131,7 @@ impl World {
             amibake::aws::ssm::restore(
                 self.clients.clone(),
                 PARAMETER.into(),
-                Some(self.published.clone()),
+                Some(self.published()),
                 Some("latest".into()),
             )
             .await
@@ -114,73 +153,25 @@ impl World {
         self.cloud.left().assert_nothing(&run.dump());
         assert_eq!(
             self.parameter(PARAMETER).as_ref(),
-            Some(&self.published),
+            Some(&self.published()),
             "{}",
             run.dump()
         );
         assert_eq!(
             self.parameter(&format!("{PARAMETER}:latest")).as_ref(),
-            Some(&self.published),
+            Some(&self.published()),
             "the label is back on the old value\n{}",
             run.dump()
         );
     }
 }
 
-fn setup() -> (World, tempfile::TempDir) {
-    let cloud = LocalCloud::start("quick");
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let clients = runtime.block_on(cloud.clients());
-    let build_host = cloud.build_host().to_string();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("failures.toml"), TEMPLATE).unwrap();
-    std::fs::write(
-        dir.path().join("impatient.toml"),
-        TEMPLATE.replace("ssh_timeout_seconds = 120", "ssh_timeout_seconds = 3"),
-    )
-    .unwrap();
-    // An earlier base is published, as on any day but the first.
-    let published = cloud.ls()["vendor_amis"]["partitioned"]
-        .as_str()
-        .expect("the vendor AMI")
-        .to_string();
-    runtime.block_on(async {
-        let put = clients
-            .ssm
-            .put_parameter()
-            .name(PARAMETER)
-            .value(&published)
-            .r#type(aws_sdk_ssm::types::ParameterType::String)
-            .data_type("aws:ec2:image")
-            .send()
-            .await
-            .unwrap();
-        clients
-            .ssm
-            .label_parameter_version()
-            .name(PARAMETER)
-            .parameter_version(put.version())
-            .labels("latest")
-            .send()
-            .await
-            .unwrap();
-    });
-    let world = World {
-        cloud,
-        runtime,
-        clients,
-        build_host,
-        published,
-    };
-    (world, dir)
-}
-
 #[test]
 fn a_failure_at_each_aws_call_of_a_base_build_cleans_up_and_names_its_step() {
     let _module = crate::util::module_turn(module_path!());
     let _turn = crate::util::beside_others();
-    let (world, dir) = setup();
-    let dir = dir.path();
+    let world = World::publishing_a_base();
+    let dir = world.dir();
 
     // A failure at each AWS call the build makes: (call, calls of it let through first,
     // the step the error names, or none when it fails before the engine starts).
@@ -225,8 +216,8 @@ fn a_failure_at_each_aws_call_of_a_base_build_cleans_up_and_names_its_step() {
 fn eventual_consistency_and_lost_answers_leave_one_base_image() {
     let _module = crate::util::module_turn(module_path!());
     let _turn = crate::util::beside_others();
-    let (world, dir) = setup();
-    let dir = dir.path();
+    let world = World::publishing_a_base();
+    let dir = world.dir();
 
     // EC2's eventual consistency: every new resource NotFound for 2 s. The build waits it
     // out and succeeds, leaving only its image.
@@ -271,8 +262,8 @@ fn eventual_consistency_and_lost_answers_leave_one_base_image() {
 fn a_failing_provisioner_test_cleanup_or_instance_is_named() {
     let _module = crate::util::module_turn(module_path!());
     let _turn = crate::util::beside_others();
-    let (world, dir) = setup();
-    let dir = dir.path();
+    let world = World::publishing_a_base();
+    let dir = world.dir();
 
     // A provisioner that exits 3: its command, exit code and output are in the error.
     let run = base(&world.cloud, dir, &["command=echo about to fail; exit 3"]);
@@ -398,8 +389,8 @@ fn a_failing_provisioner_test_cleanup_or_instance_is_named() {
 fn a_signal_in_each_step_of_a_base_build_cleans_up_inside_the_kill_window() {
     let _module = crate::util::module_turn(module_path!());
     let _turn = crate::util::beside_others();
-    let (world, dir) = setup();
-    let dir = dir.path();
+    let world = World::publishing_a_base();
+    let dir = world.dir();
 
     // SIGTERM, as a CI system stops a job, during each step: exit 143 well inside the 10 s
     // such a system waits before it kills, and everything made so far is removed. Each
@@ -470,8 +461,8 @@ fn a_signal_in_each_step_of_a_base_build_cleans_up_inside_the_kill_window() {
 fn on_error_abort_keeps_the_instance_to_look_at_and_gc_build_id_removes_it() {
     let _module = crate::util::module_turn(module_path!());
     let _turn = crate::util::alone();
-    let (world, dir) = setup();
-    let dir = dir.path();
+    let world = World::publishing_a_base();
+    let dir = world.dir();
     let mut command = base_command(&world.cloud, dir, "failures.toml", &["command=exit 3"]);
     command.args(["--on-error", "abort"]);
     let run = Run {
@@ -500,7 +491,7 @@ fn on_error_abort_keeps_the_instance_to_look_at_and_gc_build_id_removes_it() {
         .as_array()
         .unwrap()
         .iter()
-        .filter(|i| i["id"] != world.build_host.as_str() && i["state"] == "running")
+        .filter(|i| i["id"] != world.cloud.build_host() && i["state"] == "running")
         .cloned()
         .collect();
     assert_eq!(alive.len(), 1, "the instance runs\n{}", run.dump());
@@ -578,7 +569,7 @@ fn clean_by_hand(world: &World) {
     let ec2 = &world.clients.ec2;
     world.runtime.block_on(async {
         for instance in ls["instances"].as_array().unwrap() {
-            if instance["id"] != world.build_host.as_str() && instance["state"] != "terminated" {
+            if instance["id"] != world.cloud.build_host() && instance["state"] != "terminated" {
                 ec2.terminate_instances()
                     .instance_ids(instance["id"].as_str().unwrap())
                     .send()

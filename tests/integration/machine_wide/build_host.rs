@@ -29,17 +29,7 @@ async fn volume_from(clients: &Clients, name_glob: &str) -> String {
     let image = ami::describe(clients, &ami::resolve(clients, &filter).await.unwrap())
         .await
         .unwrap();
-    let id = clients
-        .ec2
-        .create_volume()
-        .snapshot_id(image.root_snapshot_id)
-        .availability_zone("us-east-1a")
-        .send()
-        .await
-        .unwrap()
-        .volume_id()
-        .unwrap()
-        .to_string();
+    let id = LocalCloud::volume_of(clients, &image.root_snapshot_id).await;
     wait_state(clients, &id, "available").await;
     id
 }

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use crate::util::localcloud::{LocalCloud, PARTITION_1_OFFSET};
 use crate::util::tarballs::{gzip, tarball, Canary};
+use crate::util::{tag, Story};
 use sha2::Digest;
 use tar::EntryType;
 
@@ -331,14 +332,12 @@ fn stat(root: &Path, path: &str) -> (u32, u32, u32) {
 #[test]
 fn a_tarball_program_in_an_operators_terminal_reaches_nothing_of_the_host() {
     let _module = crate::util::module_turn(module_path!());
-    let cloud = LocalCloud::start("none");
-    let work = tempfile::tempdir().unwrap();
-    let dir = work.path();
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let clients = runtime.block_on(cloud.clients());
+    let story = Story::new("none");
+    let (cloud, runtime, clients, dir) =
+        (&story.cloud, &story.runtime, &story.clients, story.dir());
     let disk = HostDisk::new();
     let (major, minor) = disk.numbers();
-    let base = runtime.block_on(cloud.edited_base(&clients, "device-node-base", |root| {
+    let base = runtime.block_on(cloud.edited_base(clients, "device-node-base", |root| {
         let node = root.join("opt/d");
         let made = Command::new("mknod")
             .arg(&node)
@@ -417,7 +416,7 @@ fn a_tarball_program_in_an_operators_terminal_reaches_nothing_of_the_host() {
         // script might), then what an operator's shell would do next: read a line from its
         // terminal and run it. A command pushed into the terminal would run there.
         let screen = in_a_terminal(
-            &cloud,
+            cloud,
             dir,
             &format!(
                 "exec 3<>/dev/tty; unshare --mount --propagation private -- sh -c \
@@ -546,14 +545,7 @@ fn bake_within(
     let mut child = cloud
         .amibake(dir)
         .env("TMPDIR", dir)
-        .args([
-            "bake",
-            template,
-            "--tarball",
-            "app.tar.gz",
-            "--commit",
-            "c0ffee1",
-        ])
+        .args(crate::util::bake_args(template, &[]))
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -582,11 +574,9 @@ fn bake_within(
 #[test]
 fn a_base_or_a_pre_command_cannot_hang_flood_or_swap_a_bake() {
     let _module = crate::util::module_turn(module_path!());
-    let cloud = LocalCloud::start("none");
-    let work = tempfile::tempdir().unwrap();
-    let dir = work.path();
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let clients = runtime.block_on(cloud.clients());
+    let story = Story::new("none");
+    let (cloud, runtime, clients, dir) =
+        (&story.cloud, &story.runtime, &story.clients, story.dir());
     let original = gzip(&tarball(|b| {
         crate::util::tarballs::append_raw(b, EntryType::Regular, "VERSION", None, b"checked\n")
     }));
@@ -614,7 +604,7 @@ fn a_base_or_a_pre_command_cannot_hang_flood_or_swap_a_bake() {
         debian,
         "\n[[bake.pre]]\ncommand = [\"sh\", \"-c\", \"cat swapped.tar.gz > app.tar.gz\"]\n",
     );
-    let run = bake_within(&cloud, dir, "swap.toml", Duration::from_secs(120));
+    let run = bake_within(cloud, dir, "swap.toml", Duration::from_secs(120));
     run.expect_code(0);
     let m: serde_json::Value = run.json();
     let checked_sha = format!("{:x}", sha2::Sha256::digest(&original));
@@ -626,14 +616,12 @@ fn a_base_or_a_pre_command_cannot_hang_flood_or_swap_a_bake() {
         "checked\n"
     );
     drop(image);
-    let tags = image_tags(&runtime, &clients, m["ami_id"].as_str().unwrap());
-    assert!(tags
-        .iter()
-        .any(|t| t.key() == Some("amibake:tarball-sha256")
-            && t.value() == Some(checked_sha.as_str())));
-    assert!(tags
-        .iter()
-        .any(|t| t.key() == Some("amibake:sandbox") && t.value() == Some("private")));
+    let tags = image_tags(runtime, clients, m["ami_id"].as_str().unwrap());
+    assert_eq!(
+        tag(&tags, "amibake:tarball-sha256"),
+        Some(checked_sha.as_str())
+    );
+    assert_eq!(tag(&tags, "amibake:sandbox"), Some("private"));
 
     // The opt-in for kernels before 5.12, by flag over the template: said, and recorded in
     // the manifest, the summary and the tags.
@@ -664,19 +652,17 @@ fn a_base_or_a_pre_command_cannot_hang_flood_or_swap_a_bake() {
         "{}",
         run.dump()
     );
-    let tags = image_tags(&runtime, &clients, m["ami_id"].as_str().unwrap());
-    assert!(tags
-        .iter()
-        .any(|t| t.key() == Some("amibake:sandbox") && t.value() == Some("compat")));
+    let tags = image_tags(runtime, clients, m["ami_id"].as_str().unwrap());
+    assert_eq!(tag(&tags, "amibake:sandbox"), Some("compat"));
     // A private run of the same inputs does not take the compat image for its own.
-    let run = bake_within(&cloud, dir, "compat.toml", Duration::from_secs(120));
+    let run = bake_within(cloud, dir, "compat.toml", Duration::from_secs(120));
     run.expect_code(0);
     let private: serde_json::Value = run.json();
     assert_eq!(private["reused"], false, "{}", run.dump());
     assert_ne!(private["fingerprint"], m["fingerprint"]);
 
     // Bases whose files the host side reads would hang the bake or fill its memory.
-    let fifo = runtime.block_on(cloud.edited_base(&clients, "fifo-passwd", |root| {
+    let fifo = runtime.block_on(cloud.edited_base(clients, "fifo-passwd", |root| {
         std::fs::remove_file(root.join("etc/passwd")).unwrap();
         rustix::fs::mknodat(
             rustix::fs::CWD,
@@ -687,7 +673,7 @@ fn a_base_or_a_pre_command_cannot_hang_flood_or_swap_a_bake() {
         )
         .unwrap();
     }));
-    let zero = runtime.block_on(cloud.edited_base(&clients, "zero-passwd", |root| {
+    let zero = runtime.block_on(cloud.edited_base(clients, "zero-passwd", |root| {
         std::fs::remove_file(root.join("etc/passwd")).unwrap();
         std::os::unix::fs::symlink("/dev/zero", root.join("etc/passwd")).unwrap();
         let _ = std::fs::remove_file(root.join("dev/zero"));
@@ -700,7 +686,7 @@ fn a_base_or_a_pre_command_cannot_hang_flood_or_swap_a_bake() {
         )
         .unwrap();
     }));
-    let huge = runtime.block_on(cloud.edited_base(&clients, "huge-resolv", |root| {
+    let huge = runtime.block_on(cloud.edited_base(clients, "huge-resolv", |root| {
         let path = root.join("etc/resolv.conf");
         let _ = std::fs::remove_file(&path);
         std::fs::File::create(&path)
@@ -729,7 +715,7 @@ fn a_base_or_a_pre_command_cannot_hang_flood_or_swap_a_bake() {
             if owner { "owner = \"www-data\"\n" } else { "" },
         );
         let run = bake_within(
-            &cloud,
+            cloud,
             dir,
             &format!("{name}.toml"),
             Duration::from_secs(120),

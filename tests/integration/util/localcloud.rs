@@ -331,15 +331,22 @@ impl LocalCloud {
             .unwrap()
             .to_string();
         let snapshot = Self::root_snapshot(clients, &vendor).await;
-        let volume = clients
+        Self::volume_of(clients, &snapshot).await
+    }
+
+    /// A new volume, in the cloud's zone, of `snapshot`: its id.
+    pub async fn volume_of(clients: &amibake::aws::Clients, snapshot: &str) -> String {
+        clients
             .ec2
             .create_volume()
             .snapshot_id(snapshot)
             .availability_zone("us-east-1a")
             .send()
             .await
-            .unwrap();
-        volume.volume_id().unwrap().to_string()
+            .unwrap()
+            .volume_id()
+            .unwrap()
+            .to_string()
     }
 
     /// A base image of this account made from the Debian vendor image with `edit` applied
@@ -465,6 +472,17 @@ impl LocalCloud {
         String::from_utf8_lossy(&self.cli(&["calls"]).stdout)
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    /// The actions the cloud was asked to carry out since the call log held `from` calls
+    /// that change something: anything but reads.
+    pub fn mutating_calls_since(&self, from: usize) -> Vec<String> {
+        self.calls_since(from)
+            .iter()
+            .filter_map(|c| c["action"].as_str())
+            .filter(|a| !["Describe", "Get", "List"].iter().any(|p| a.starts_with(p)))
+            .map(str::to_string)
             .collect()
     }
 

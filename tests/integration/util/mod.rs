@@ -120,6 +120,13 @@ pub fn module_turn(module: &'static str) -> ModuleTurn {
     ModuleTurn
 }
 
+/// The value of the EC2 tag `key` among `tags` (an image's, a snapshot's).
+pub fn tag<'a>(tags: &'a [aws_sdk_ec2::types::Tag], key: &str) -> Option<&'a str> {
+    tags.iter()
+        .find(|t| t.key() == Some(key))
+        .and_then(|t| t.value())
+}
+
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -161,6 +168,17 @@ impl Run {
             (event["event"] == "run_started")
                 .then(|| event["build_id"].as_str().map(str::to_string))?
         })
+    }
+
+    /// Asserts the run was refused (exit 2), saying `what` on stderr.
+    pub fn expect_refused(&self, what: &str) -> &Self {
+        self.expect_code(2);
+        assert!(
+            self.stderr().contains(what),
+            "wanted {what:?} on stderr\n{}",
+            self.dump()
+        );
+        self
     }
 
     pub fn code(&self) -> i32 {
@@ -331,8 +349,13 @@ pub struct World<Module> {
 impl<Module> World<Module> {
     /// `latency`: none, quick or realistic.
     pub fn new(latency: &str) -> Self {
+        World::on(localcloud::LocalCloud::start(latency))
+    }
+
+    /// A story on `cloud`: one started with more than a latency (vendors, block latency).
+    pub fn on(cloud: localcloud::LocalCloud) -> Self {
         World {
-            story: Story::new(latency),
+            story: Story::on(cloud),
             module: std::marker::PhantomData,
         }
     }
@@ -345,12 +368,12 @@ impl<Module> std::ops::Deref for World<Module> {
     }
 }
 
-/// `bake shop.toml` of app.tar.gz at commit c0ffee1, with `extra` flags: the bake most
-/// stories make of a template they wrote as shop.toml.
-pub fn shop_bake_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+/// `bake TEMPLATE` of app.tar.gz at commit c0ffee1, with `extra` flags: the bake most
+/// stories make.
+pub fn bake_args<'a>(template: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec![
         "bake",
-        "shop.toml",
+        template,
         "--tarball",
         "app.tar.gz",
         "--commit",
@@ -360,6 +383,11 @@ pub fn shop_bake_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
     args
 }
 
+/// `bake_args` of a template the story wrote as shop.toml.
+pub fn shop_bake_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    bake_args("shop.toml", extra)
+}
+
 /// One story's world: its own local cloud, a directory for its templates and tarballs
 /// (`app.tar.gz`, revision "one"), and amibake's clients for the cloud.
 pub struct Story {
@@ -367,12 +395,17 @@ pub struct Story {
     dir: tempfile::TempDir,
     pub runtime: tokio::runtime::Runtime,
     pub clients: amibake::aws::Clients,
+    /// Read from the cloud once: a cloud's catalogue never changes.
+    vendor_ami: std::sync::OnceLock<String>,
 }
 
 impl Story {
     /// `latency`: none, quick or realistic.
     pub fn new(latency: &str) -> Story {
-        let cloud = localcloud::LocalCloud::start(latency);
+        Story::on(localcloud::LocalCloud::start(latency))
+    }
+
+    pub fn on(cloud: localcloud::LocalCloud) -> Story {
         let runtime = tokio::runtime::Runtime::new().unwrap();
         let clients = runtime.block_on(cloud.clients());
         let story = Story {
@@ -380,6 +413,7 @@ impl Story {
             dir: tempfile::tempdir().unwrap(),
             runtime,
             clients,
+            vendor_ami: std::sync::OnceLock::new(),
         };
         tarballs::write_revision_tarball(&story.dir().join("app.tar.gz"), "one\n");
         story
@@ -389,17 +423,38 @@ impl Story {
         self.dir.path()
     }
 
+    /// `amibake --output json ARGS` run to its end in the story's directory.
+    pub fn run_amibake(&self, args: &[&str]) -> Run {
+        self.cloud.run_amibake(self.dir(), args)
+    }
+
     /// `amibake bake shop.toml` of the story's app.tar.gz at commit c0ffee1, with `extra`
     /// flags.
     pub fn bake_shop(&self, extra: &[&str]) -> Run {
-        self.cloud.run_amibake(self.dir(), &shop_bake_args(extra))
+        self.run_amibake(&shop_bake_args(extra))
+    }
+
+    /// `amibake bake shop.toml` of the story's app.tar.gz at `commit`.
+    pub fn bake_shop_at(&self, commit: &str) -> Run {
+        self.run_amibake(&[
+            "bake",
+            "shop.toml",
+            "--tarball",
+            "app.tar.gz",
+            "--commit",
+            commit,
+        ])
     }
 
     /// The local cloud's vendor image, partitioned as vendors' are.
     pub fn vendor_ami(&self) -> String {
-        self.cloud.ls()["vendor_amis"]["partitioned"]
-            .as_str()
-            .unwrap()
-            .to_string()
+        self.vendor_ami
+            .get_or_init(|| {
+                self.cloud.ls()["vendor_amis"]["partitioned"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .clone()
     }
 }
