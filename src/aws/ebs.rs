@@ -200,6 +200,13 @@ pub async fn list_blocks(clients: &Clients, snapshot_id: &str) -> Result<BlockLi
 /// damaged on its way is fetched again; the same damage every time fails the run.
 const DAMAGED_BLOCK_ATTEMPTS: u32 = 3;
 
+/// One block as it arrived, and its SHA-256: computed once, to check it against EBS's
+/// checksum and for whoever keeps the block's digest.
+pub struct FetchedBlock {
+    pub data: Vec<u8>,
+    pub digest: [u8; 32],
+}
+
 /// The data of one block, checked against the SHA-256 checksum EBS answered with, and
 /// fetched again when it arrives damaged.
 pub async fn get_block(
@@ -207,7 +214,7 @@ pub async fn get_block(
     snapshot_id: &str,
     index: u64,
     token: &str,
-) -> Result<Vec<u8>, AwsError> {
+) -> Result<FetchedBlock, AwsError> {
     let action = || format!("GetSnapshotBlock {snapshot_id} block {index}");
     let mut attempt = 1;
     loop {
@@ -226,23 +233,26 @@ pub async fn get_block(
             .collect()
             .await
             .map(|d| d.into_bytes().to_vec());
+        let received = received.map(|data| FetchedBlock {
+            digest: block_digest(&data),
+            data,
+        });
         let damage = match &received {
-            Ok(data) => {
-                let actual = aws_smithy_types::base64::encode(Sha256::digest(data));
-                (expected.as_deref() != Some(actual.as_str()) || data.len() != BLOCK_SIZE).then(
-                    || {
+            Ok(block) => {
+                let actual = aws_smithy_types::base64::encode(block.digest);
+                (expected.as_deref() != Some(actual.as_str()) || block.data.len() != BLOCK_SIZE)
+                    .then(|| {
                         format!(
                             "the {} bytes received do not match the checksum EBS sent ({})",
-                            data.len(),
+                            block.data.len(),
                             expected.as_deref().unwrap_or("none")
                         )
-                    },
-                )
+                    })
             }
             Err(e) => Some(format!("reading the block: {e}")),
         };
         match (damage, received) {
-            (None, Ok(data)) => return Ok(data),
+            (None, Ok(block)) => return Ok(block),
             (Some(_), _) if attempt < DAMAGED_BLOCK_ATTEMPTS => attempt += 1,
             (damage, _) => {
                 return Err(AwsError::answer(

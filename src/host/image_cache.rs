@@ -14,7 +14,6 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use crate::aws::ebs::{self, Ran, BLOCK_SIZE};
@@ -209,8 +208,8 @@ impl ImageCache {
             let (clients, snapshot_id) = (clients.clone(), snapshot_id.to_string());
             let (image, dir) = (image.clone(), dir.clone());
             async move {
-                let data = ebs::get_block(&clients, &snapshot_id, index, &token).await?;
-                let digest: [u8; 32] = Sha256::digest(&data).into();
+                let ebs::FetchedBlock { data, digest } =
+                    ebs::get_block(&clients, &snapshot_id, index, &token).await?;
                 tokio::task::spawn_blocking(move || {
                     image.write_all_at(&data, index * BLOCK_SIZE as u64)
                 })
