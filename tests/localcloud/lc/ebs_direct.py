@@ -127,7 +127,12 @@ class EbsDirect:
         }[action]
         with self.lock:
             self.expire()
-            return handler(ids, request)
+            if action not in BLOCK_CALLS:
+                return handler(ids, request)
+        # A block's data is read or written, and hashed, outside the lock (hashlib lets other
+        # threads run meanwhile), as EBS serves block calls side by side; each takes the lock
+        # for what it reads or changes of the snapshots' state.
+        return handler(ids, request)
 
     def throttle(self, action, scope):
         limit = self.limits.get(action)
@@ -361,7 +366,8 @@ class EbsDirect:
 
     def put_snapshot_block(self, ids, request):
         snapshot_id = ids["SnapshotId"]
-        started = self.pending_started(snapshot_id)
+        with self.lock:
+            started = self.pending_started(snapshot_id)
         try:
             index = int(ids["BlockIndex"])
         except ValueError:
@@ -384,7 +390,8 @@ class EbsDirect:
                 os.pwrite(fd, data, index * BLOCK_SIZE)
             finally:
                 os.close(fd)
-        started.digests[index] = digest
+        with self.lock:
+            started.digests[index] = digest
         headers = {"x-amz-Checksum": base64.b64encode(digest).decode(), "x-amz-Checksum-Algorithm": "SHA256"}
         return 201, headers, None
 
@@ -452,7 +459,8 @@ class EbsDirect:
 
     def get_snapshot_block(self, ids, request):
         snapshot_id = ids["SnapshotId"]
-        self.readable(snapshot_id)
+        with self.lock:
+            self.readable(snapshot_id)
         try:
             index = int(ids["BlockIndex"])
         except ValueError:

@@ -7,6 +7,7 @@ SIGTERM removes every loop device, link and file it made before exiting.
 
 import argparse
 import json
+import logging
 import re
 import os
 import random
@@ -547,6 +548,10 @@ def take_network():
 def serve(state_dir: Path, latency: str, vendors, block_latency=None, block_rate=None):
     cloud = LocalCloud(state_dir, latency, block_latency, block_rate)
     cloud.seed(vendors)
+    # No access log: the call log (`localcloud calls`) holds every call, and a log line per
+    # request was a tenth of the server's time under a block fetch (its one interpreter
+    # lock serves every request).
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     api = make_server("127.0.0.1", 0, cloud.app, threaded=True)
     imds = make_server("127.0.0.1", 0, cloud.app, threaded=True)
     stop = threading.Event()
