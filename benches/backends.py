@@ -253,8 +253,13 @@ def cloud_waits(state, start, end) -> float:
     transitional state by the cloud's own account (`localcloud waits`): a volume creating or
     attaching, a snapshot pending, an image pending, an instance starting. Overlapping waits
     count once."""
-    spans = sorted((max(w["start"], start), min(w["end"], end))
-                   for w in map(json.loads, cli(state, "waits").splitlines()))
+    return waited([json.loads(line) for line in cli(state, "waits").splitlines()], start, end)
+
+
+def waited(waits, start, end) -> float:
+    """Seconds of [start, end] covered by `waits` (each a start and an end), overlaps once."""
+    spans = sorted((max(w["start"], start), min(w["end"], end)) for w in waits
+                   if w["start"] < end and w["end"] > start)
     total, reach = 0.0, start
     for first, last in spans:
         if last <= reach:
@@ -262,6 +267,24 @@ def cloud_waits(state, start, end) -> float:
         total += last - max(first, reach)
         reach = last
     return total
+
+
+def own_by_step(state, started_at, ended_at, stderr):
+    """Our own seconds in each part of a run, in order: before its first step (starting,
+    checking the template, finding the base), each step, and after its last (cleanup, exit):
+    each part's seconds less the cloud's waits inside it. The steps run back to back from
+    the engine's start, which is the run's end less the engine's own account of its time."""
+    events = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    steps = [(e["step"], e["seconds"]) for e in events if e.get("event") == "step_finished"]
+    engine = next(e["seconds"] for e in events if e.get("event") == "run_finished")
+    waits = [json.loads(line) for line in cli(state, "waits").splitlines()]
+    parts, at = [], ended_at - engine
+    parts.append(("(before the steps)", at - started_at - waited(waits, started_at, at)))
+    for step, seconds in steps:
+        parts.append((step, seconds - waited(waits, at, at + seconds)))
+        at += seconds
+    parts.append(("(after the steps)", max(ended_at - at, 0.0) - waited(waits, at, ended_at)))
+    return parts
 
 
 def per_second(calls, action, served_only=False) -> float:
@@ -310,8 +333,9 @@ def main():
         tarball = work / "app.tar.gz"
         files = make_tarball(tarball, args.mib, work)
 
-        # Per bake: its wall time less the cloud's waits, by the cloud's own account.
-        own = {}
+        # Per bake: its wall time less the cloud's waits, by the cloud's own account; and
+        # that by part of the run.
+        own, own_parts = {}, {}
 
         def amibake(backend, commit, tar=tarball, template="bench.toml"):
             command = [str(amibake_exe), "--output", "json", "bake", str(work / template), "--tarball", str(tar),
@@ -322,7 +346,9 @@ def main():
             wall = time.monotonic() - start
             if code != 0:
                 sys.exit(f"bake --backend {backend} failed:\n{stderr[-3000:]}")
-            own[backend, commit] = wall - cloud_waits(state, started_at, time.time())
+            ended_at = time.time()
+            own[backend, commit] = wall - cloud_waits(state, started_at, ended_at)
+            own_parts[backend, commit] = own_by_step(state, started_at, ended_at, stderr)
             return wall, peak, json.loads(stdout.splitlines()[-1]), calls_since(state, before)
 
         def packer(poll, source=base, template="chroot.json", may_fail=False):
@@ -363,6 +389,17 @@ def main():
             print(f"{name:<28} {wall:7.1f}s {ours} {peak / 1024:9.0f} MiB")
         print("(own: the wall time less the cloud's waits by its own account, a volume, snapshot, image or "
               "instance in a transitional state; goal for direct warm at 100 MiB: <= 1.5 s)")
+        print("\nown seconds by part of the run (the step's seconds less the cloud's waits inside it)")
+        runs = (("direct, cold", ("direct", "cold")), ("direct, warm", ("direct", "warm")),
+                ("attach", ("attach", "attach")))
+        parts = []
+        for _, key in runs:
+            parts += [part for part, _ in own_parts[key] if part not in parts]
+        print(f"  {'part':<22}" + "".join(f"{name:>14}" for name, _ in runs))
+        for part in parts:
+            print(f"  {part:<22}" + "".join(
+                next((f"{seconds:13.2f}s" for p, seconds in own_parts[key] if p == part), f"{'':>14}")
+                for _, key in runs))
         print(f"\ndirect warm / attach: {direct_warm / attach:.2f} (goal <= 0.75)")
         if not args.no_packer:
             print(f"direct warm / packer chroot as shipped: {direct_warm / packer_stock:.2f} (goal <= 0.3); "
