@@ -34,9 +34,13 @@ os.environ.setdefault("MOTO_ALLOW_NONEXISTENT_REGION", "false")
 # AWS's managed policies (AmazonSSMManagedInstanceCore, which lets an instance's agent register
 # with Systems Manager), as an account has them.
 os.environ.setdefault("MOTO_IAM_LOAD_MANAGED_POLICIES", "true")
-# An empty default-AMI list keeps region start-up fast; the vendor AMIs are ours.
+# An empty default-AMI list keeps region start-up fast; the vendor AMIs are ours. The file is
+# shared by every cloud on the machine and replaced whole: rewritten in place, a cloud
+# starting beside another read it empty between the truncation and the write.
 _AMIS_FILE = Path(os.environ.get("TMPDIR", "/tmp")) / "amibake-localcloud-no-default-amis.json"
-_AMIS_FILE.write_text("[]")
+_AMIS_WRITING = _AMIS_FILE.with_name(f"{_AMIS_FILE.name}.{os.getpid()}")
+_AMIS_WRITING.write_text("[]")
+os.replace(_AMIS_WRITING, _AMIS_FILE)
 os.environ["MOTO_AMIS_PATH"] = str(_AMIS_FILE)
 for k, v in CREDENTIALS.items():
     os.environ.setdefault(k, v)
