@@ -384,13 +384,18 @@ class EbsDirect:
         digest = hashlib.sha256(data).digest()
         if request.headers.get("x-amz-Checksum") != base64.b64encode(digest).decode():
             raise invalid("INVALID_PARAMETER_VALUE", f"The checksum does not match the data of block {index}")
-        with self.dataplane.lock:
-            fd = os.open(self.dataplane.snapshot_file(snapshot_id), os.O_WRONLY)
-            try:
-                os.pwrite(fd, data, index * BLOCK_SIZE)
-            finally:
-                os.close(fd)
+        # Checked again with the write: CompleteSnapshot, the snapshot's timeout or its
+        # deletion may have come while the block was read and hashed, and a block is never
+        # written into a snapshot that is no longer pending.
         with self.lock:
+            self.expire()
+            started = self.pending_started(snapshot_id)
+            with self.dataplane.lock:
+                fd = os.open(self.dataplane.snapshot_file(snapshot_id), os.O_WRONLY)
+                try:
+                    os.pwrite(fd, data, index * BLOCK_SIZE)
+                finally:
+                    os.close(fd)
             started.digests[index] = digest
         headers = {"x-amz-Checksum": base64.b64encode(digest).decode(), "x-amz-Checksum-Algorithm": "SHA256"}
         return 201, headers, None
@@ -466,7 +471,10 @@ class EbsDirect:
         except ValueError:
             raise invalid("INVALID_BLOCK", f"The block index {ids['BlockIndex']!r} is not a number")
         self.check_token(request.args.get("blockToken", ""), snapshot_id, index)
-        data = self.read_block(snapshot_id, index)
+        try:
+            data = self.read_block(snapshot_id, index)
+        except FileNotFoundError:  # deleted since it was found readable
+            raise not_found(snapshot_id)
         headers = {"x-amz-Data-Length": str(len(data)), "x-amz-Checksum-Algorithm": "SHA256",
                    "x-amz-Checksum": base64.b64encode(hashlib.sha256(data).digest()).decode(),
                    "Content-Type": "application/octet-stream"}
