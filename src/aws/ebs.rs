@@ -207,7 +207,7 @@ pub struct FetchedBlock {
     pub digest: [u8; 32],
 }
 
-/// The data of one block, checked against the SHA-256 checksum EBS answered with, and
+/// One block and its digest, checked against the SHA-256 checksum EBS answered with, and
 /// fetched again when it arrives damaged.
 pub async fn get_block(
     clients: &Clients,
