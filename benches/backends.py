@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -248,16 +249,15 @@ def calls_since(state, before):
     return [json.loads(line) for line in lines[before:]]
 
 
-def cloud_waits(state, start, end) -> float:
-    """Seconds of [start, end] (wall clock) in which some resource of the local cloud was in a
-    transitional state by the cloud's own account (`localcloud waits`): a volume creating or
-    attaching, a snapshot pending, an image pending, an instance starting. Overlapping waits
-    count once."""
-    return waited([json.loads(line) for line in cli(state, "waits").splitlines()], start, end)
+def cloud_waits(state):
+    """Every span (start and end, wall clock) in which some resource of the local cloud was in
+    a transitional state by the cloud's own account (`localcloud waits`): a volume creating
+    or attaching, a snapshot pending, an image pending, an instance starting."""
+    return [json.loads(line) for line in cli(state, "waits").splitlines()]
 
 
 def waited(waits, start, end) -> float:
-    """Seconds of [start, end] covered by `waits` (each a start and an end), overlaps once."""
+    """Seconds of [start, end] covered by `waits`, overlapping ones counted once."""
     spans = sorted((max(w["start"], start), min(w["end"], end)) for w in waits
                    if w["start"] < end and w["end"] > start)
     total, reach = 0.0, start
@@ -269,22 +269,23 @@ def waited(waits, start, end) -> float:
     return total
 
 
-def own_by_step(state, started_at, ended_at, stderr):
+def own_by_part(waits, started_at, ended_at, stderr):
     """Our own seconds in each part of a run, in order: before its first step (starting,
-    checking the template, finding the base), each step, and after its last (cleanup, exit):
-    each part's seconds less the cloud's waits inside it. The steps run back to back from
-    the engine's start, which is the run's end less the engine's own account of its time."""
+    checking the template, finding the base), each step, and after its last (cleanup,
+    manifest, exit): each part's wall time less the cloud's `waits` inside it. The parts are
+    placed by the times the run's own events carry."""
     events = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
-    steps = [(e["step"], e["seconds"]) for e in events if e.get("event") == "step_finished"]
-    engine = next(e["seconds"] for e in events if e.get("event") == "run_finished")
-    waits = [json.loads(line) for line in cli(state, "waits").splitlines()]
-    parts, at = [], ended_at - engine
-    parts.append(("(before the steps)", at - started_at - waited(waits, started_at, at)))
-    for step, seconds in steps:
-        parts.append((step, seconds - waited(waits, at, at + seconds)))
-        at += seconds
-    parts.append(("(after the steps)", max(ended_at - at, 0.0) - waited(waits, at, ended_at)))
-    return parts
+    at = {e["step"]: wall_clock(e["time"]) for e in events if e.get("event") == "step_started"}
+    steps = [(e["step"], at[e["step"]], at[e["step"]] + e["seconds"])
+             for e in events if e.get("event") == "step_finished"]
+    first = next(wall_clock(e["time"]) for e in events if e.get("event") == "run_started")
+    spans = [("(before the steps)", started_at, first), *steps, ("(after the steps)", steps[-1][2], ended_at)]
+    return [(part, (end - start) - waited(waits, start, end)) for part, start, end in spans]
+
+
+def wall_clock(stamp: str) -> float:
+    """An event's `time` (RFC 3339, UTC) as seconds since the epoch."""
+    return datetime.fromisoformat(stamp).timestamp()
 
 
 def per_second(calls, action, served_only=False) -> float:
@@ -346,9 +347,8 @@ def main():
             wall = time.monotonic() - start
             if code != 0:
                 sys.exit(f"bake --backend {backend} failed:\n{stderr[-3000:]}")
-            ended_at = time.time()
-            own[backend, commit] = wall - cloud_waits(state, started_at, ended_at)
-            own_parts[backend, commit] = own_by_step(state, started_at, ended_at, stderr)
+            own_parts[backend, commit] = own_by_part(cloud_waits(state), started_at, time.time(), stderr)
+            own[backend, commit] = sum(seconds for _, seconds in own_parts[backend, commit])
             return wall, peak, json.loads(stdout.splitlines()[-1]), calls_since(state, before)
 
         def packer(poll, source=base, template="chroot.json", may_fail=False):
