@@ -41,25 +41,7 @@ async fn the_aws_layer_works_against_the_local_cloud() {
     assert_eq!(instance_id.as_ref(), cloud.build_host());
 
     // The wait helper on a volume that really is `creating` for a while.
-    let images = clients
-        .ec2
-        .describe_images()
-        .owners(DEBIAN_OWNER)
-        .send()
-        .await
-        .unwrap();
-    let image = images
-        .images()
-        .iter()
-        .find(|i| i.name().is_some_and(|n| n.starts_with("debian-12-amd64-2")))
-        .unwrap();
-    let snapshot = image.block_device_mappings()[0]
-        .ebs()
-        .unwrap()
-        .snapshot_id()
-        .unwrap()
-        .to_string();
-    let volume_id = LocalCloud::volume_of(&clients, &snapshot).await;
+    let volume_id = cloud.vendor_root_volume(&clients).await;
     let started = Instant::now();
     let mut pending_states = Vec::new();
     let ec2 = clients.ec2.clone();

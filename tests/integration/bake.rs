@@ -12,7 +12,7 @@ use crate::util::{Run, Story};
 /// `amibake --output json bake TEMPLATE --tarball app.tar.gz --commit c0ffee1`
 fn bake_command(cloud: &LocalCloud, dir: &Path, template: &str) -> Command {
     let mut command = cloud.amibake(dir);
-    command.args(crate::util::bake_args(template, &[]));
+    command.args(crate::util::bake_args(template, "c0ffee1", &[]));
     command
 }
 

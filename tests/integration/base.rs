@@ -215,7 +215,7 @@ fn base_builds_publishes_chains_into_bake_and_skips_when_unchanged() {
         .unwrap();
     assert_eq!(
         crate::util::tag(snapshot_tags.snapshots()[0].tags(), "amibake:build-id"),
-        m["build_id"].as_str(),
+        Some(m["build_id"].as_str().unwrap()),
         "the snapshot carries the build id"
     );
 

@@ -211,10 +211,7 @@ fn bakes_publish_and_history_promote_rollback_move_the_channel() {
     assert_eq!(ch.history()[5]["state"], "deregistered");
 
     // Only images amibake made are promoted.
-    let vendor = ch.cloud.ls()["vendor_amis"]["partitioned"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let vendor = ch.vendor_ami();
     let refused = ch.run_amibake(&["promote", CHANNEL, &vendor]);
     refused.expect_failure("amibake did not make it", None);
     assert_eq!(ch.versions(), before);

@@ -597,7 +597,7 @@ fn host_binfmt(foreign: &Path) -> (bool, Vec<String>, Option<i32>) {
 /// this x86_64 host, with both backends: its provisioners' programs are the image's own arm64
 /// ones, run through qemu registered in the sandbox's own binfmt_misc, which they cannot
 /// change, and never this host's; the image, the manifest and the tags say arm64. Returns
-/// the cloud and the work directory, holding `filter.toml` and `by-id.toml`.
+/// the story, whose directory holds `filter.toml` and `by-id.toml`.
 fn bakes_arm64(family: &str, owner: &str, name: &str) -> Story {
     assert_eq!(
         std::env::consts::ARCH,

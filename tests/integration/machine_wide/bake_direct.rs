@@ -75,16 +75,8 @@ impl World {
     }
 
     fn root_snapshot(&self, ami: &str) -> String {
-        let images = self
-            .runtime
-            .block_on(self.clients.ec2.describe_images().image_ids(ami).send())
-            .unwrap();
-        images.images()[0].block_device_mappings()[0]
-            .ebs()
-            .unwrap()
-            .snapshot_id()
-            .unwrap()
-            .to_string()
+        self.runtime
+            .block_on(LocalCloud::root_snapshot(&self.clients, ami))
     }
 
     /// A base AMI of this account (as `amibake base` makes them) from a vendor AMI: the
@@ -410,10 +402,7 @@ fn direct_bakes_without_imds_or_volumes_and_puts_only_changed_blocks() {
 
     // 4. The vendor's public base, which EBS direct does not serve: read through a copy,
     //    which goes, and uploaded whole with no parent.
-    let vendor = story.cloud.ls()["vendor_amis"]["partitioned"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let vendor = story.vendor_ami();
     story.template("vendor", &vendor);
     let snapshots_before = story.snapshot_ids();
     let before = story.cloud.calls().len();
@@ -538,10 +527,7 @@ fn direct_bakes_without_imds_or_volumes_and_puts_only_changed_blocks() {
 fn a_fault_at_each_direct_call_or_a_damaged_block_leaves_nothing_and_names_its_step() {
     let _module = crate::util::module_turn(module_path!());
     let (story, base) = World::with_owned_base(LocalCloud::start("quick"));
-    let vendor = story.cloud.ls()["vendor_amis"]["partitioned"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let vendor = story.vendor_ami();
     story.template("vendor", &vendor);
     // The base found through its channel in SSM, and a template with a KMS key of its own.
     story

@@ -545,7 +545,7 @@ fn bake_within(
     let mut child = cloud
         .amibake(dir)
         .env("TMPDIR", dir)
-        .args(crate::util::bake_args(template, &[]))
+        .args(crate::util::bake_args(template, "c0ffee1", &[]))
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

@@ -368,24 +368,24 @@ impl<Module> std::ops::Deref for World<Module> {
     }
 }
 
-/// `bake TEMPLATE` of app.tar.gz at commit c0ffee1, with `extra` flags: the bake most
-/// stories make.
-pub fn bake_args<'a>(template: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+/// `bake TEMPLATE` of app.tar.gz at `commit`, with `extra` flags: the bake most stories
+/// make.
+pub fn bake_args<'a>(template: &'a str, commit: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec![
         "bake",
         template,
         "--tarball",
         "app.tar.gz",
         "--commit",
-        "c0ffee1",
+        commit,
     ];
     args.extend_from_slice(extra);
     args
 }
 
-/// `bake_args` of a template the story wrote as shop.toml.
+/// `bake_args` of a template the story wrote as shop.toml, at commit c0ffee1.
 pub fn shop_bake_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
-    bake_args("shop.toml", extra)
+    bake_args("shop.toml", "c0ffee1", extra)
 }
 
 /// One story's world: its own local cloud, a directory for its templates and tarballs
@@ -436,14 +436,7 @@ impl Story {
 
     /// `amibake bake shop.toml` of the story's app.tar.gz at `commit`.
     pub fn bake_shop_at(&self, commit: &str) -> Run {
-        self.run_amibake(&[
-            "bake",
-            "shop.toml",
-            "--tarball",
-            "app.tar.gz",
-            "--commit",
-            commit,
-        ])
+        self.run_amibake(&bake_args("shop.toml", commit, &[]))
     }
 
     /// The local cloud's vendor image, partitioned as vendors' are.
