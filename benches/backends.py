@@ -283,6 +283,19 @@ def own_by_part(waits, started_at, ended_at, stderr):
     return [(part, (end - start) - waited(waits, start, end)) for part, start, end in spans]
 
 
+def print_seconds_table(first_column, runs):
+    """One row a key (a step, a part of a run), in the order the runs first have them, and a
+    column of seconds a run: `runs` is (name, {key: seconds}) each; a run without a key
+    leaves its cell empty."""
+    keys = []
+    for _, seconds in runs:
+        keys += [key for key in seconds if key not in keys]
+    print(f"  {first_column:<22}" + "".join(f"{name:>14}" for name, _ in runs))
+    for key in keys:
+        print(f"  {key:<22}" + "".join(f"{seconds[key]:13.2f}s" if key in seconds else f"{'':>14}"
+                                       for _, seconds in runs))
+
+
 def wall_clock(stamp: str) -> float:
     """An event's `time` (RFC 3339, UTC) as seconds since the epoch."""
     return datetime.fromisoformat(stamp).timestamp()
@@ -390,30 +403,17 @@ def main():
         print("(own: the wall time less the cloud's waits by its own account, a volume, snapshot, image or "
               "instance in a transitional state; goal for direct warm at 100 MiB: <= 1.5 s)")
         print("\nown seconds by part of the run (the step's seconds less the cloud's waits inside it)")
-        runs = (("direct, cold", ("direct", "cold")), ("direct, warm", ("direct", "warm")),
-                ("attach", ("attach", "attach")))
-        parts = []
-        for _, key in runs:
-            parts += [part for part, _ in own_parts[key] if part not in parts]
-        print(f"  {'part':<22}" + "".join(f"{name:>14}" for name, _ in runs))
-        for part in parts:
-            print(f"  {part:<22}" + "".join(
-                next((f"{seconds:13.2f}s" for p, seconds in own_parts[key] if p == part), f"{'':>14}")
-                for _, key in runs))
+        print_seconds_table("part", [(name, dict(own_parts[key])) for name, key in
+                                     (("direct, cold", ("direct", "cold")), ("direct, warm", ("direct", "warm")),
+                                      ("attach", ("attach", "attach")))])
         print(f"\ndirect warm / attach: {direct_warm / attach:.2f} (goal <= 0.75)")
         if not args.no_packer:
             print(f"direct warm / packer chroot as shipped: {direct_warm / packer_stock:.2f} (goal <= 0.3); "
                   f"/ packer tuned: {direct_warm / packer_tuned:.2f}")
 
         print("\nseconds per step (from each manifest)")
-        runs = (("direct, cold", cold), ("direct, warm", warm), ("attach", attached))
-        steps = []
-        for _, manifest in runs:
-            steps += [step for step in manifest["step_seconds"] if step not in steps]
-        print(f"  {'step':<22}" + "".join(f"{name:>14}" for name, _ in runs))
-        for step in steps:
-            print(f"  {step:<22}" + "".join(
-                f"{m['step_seconds'][step]:13.2f}s" if step in m["step_seconds"] else f"{'':>14}" for _, m in runs))
+        print_seconds_table("step", [(name, manifest["step_seconds"]) for name, manifest in
+                                     (("direct, cold", cold), ("direct, warm", warm), ("attach", attached))])
 
         print(f"\nblocks (512 KiB)        {'downloaded':>10} {'put':>6} {'differ':>7} {'tree':>6} {'put/tree':>9}"
               f" {'gets/s':>7} {'puts/s':>7}")
