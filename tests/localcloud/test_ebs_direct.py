@@ -207,6 +207,44 @@ def test_a_started_snapshot_the_account_deletes_is_gone_to_ebs_too(cloud):
 
 
 
+def test_a_copy_holds_what_its_source_held_when_copied_and_shares_its_file_only_with_a_final_one(cloud, tmp_path):
+    """Files of snapshots no block is written into any more (a vendor's, a completed one) are
+    shared, not copied: a small disk holds the clouds of a whole test run. A snapshot EBS
+    direct is still writing is copied, so what it is given after the copy stays its own."""
+    ec2, ebs = cloud.client("ec2"), cloud.client("ebs")
+    file = lambda snapshot_id: cloud.state / "snapshots" / f"{snapshot_id}.img"
+    vendor = root_snapshot(vendor_image(ec2))
+    assert file(vendor).stat().st_nlink > 1, "a vendor's image is the image cache's file"
+
+    parent = owned_snapshot(ec2)
+    final_copy = ec2.copy_snapshot(SourceSnapshotId=parent, SourceRegion="us-east-1")["SnapshotId"]
+    assert file(final_copy).stat().st_ino == file(parent).stat().st_ino
+
+    child = ebs.start_snapshot(VolumeSize=8, ParentSnapshotId=parent)["SnapshotId"]
+    before = {0: b"\x41" * BLOCK}
+    put(ebs, child, 0, before[0])
+    pending_copy = ec2.copy_snapshot(SourceSnapshotId=child, SourceRegion="us-east-1")["SnapshotId"]
+    assert file(pending_copy).stat().st_ino != file(child).stat().st_ino
+    after = {1: b"\x5a" * BLOCK}
+    put(ebs, child, 1, after[1])
+    complete(ebs, child, before | after)
+    wait_until(lambda: snapshot_state(ec2, child), lambda s: s == "completed")
+
+    for snapshot_id, block1 in [(child, after[1]), (pending_copy, None)]:
+        raw = tmp_path / f"{snapshot_id}.img"
+        cloud.cli("export-snapshot", snapshot_id, str(raw))
+        with open(raw, "rb") as f:
+            assert f.read(BLOCK) == before[0], snapshot_id
+            if block1 is not None:
+                assert f.read(BLOCK) == block1, snapshot_id
+            else:
+                assert f.read(BLOCK) != after[1], "a block put after the copy is not the copy's"
+        raw.unlink()
+    ec2.delete_snapshot(SnapshotId=final_copy)
+    assert file(parent).stat().st_nlink == 1, "deleting a copy leaves its source's file"
+    for snapshot_id in (pending_copy, child, parent):
+        ec2.delete_snapshot(SnapshotId=snapshot_id)
+
 def test_block_calls_take_their_latency_side_by_side_and_their_rate_is_per_snapshot_or_per_account(tmp_path):
     """A cloud of its own: a block call takes 0.3 s, and more than 4 block calls a second are
     throttled: puts per snapshot, gets per account (EBS's quotas)."""

@@ -45,6 +45,16 @@ def sparse_copy(src: Path, dst: Path):
     sh("cp", "--sparse=always", "--reflink=auto", str(src), str(dst))
 
 
+def share_final(src: Path, dst: Path):
+    """`dst` holds what `src` holds, for a file never written again (a completed snapshot's):
+    a second name for it where the filesystem allows, a copy elsewhere. Every story's cloud
+    imports the same vendor images, and a cloud's copies would fill a small disk."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        sparse_copy(src, dst)
+
+
 def allocated_bytes(path: Path) -> int:
     try:
         return os.stat(path).st_blocks * 512
@@ -119,14 +129,16 @@ class DataPlane:
             parent = self.snapshot_file(parent_snapshot_id) if parent_snapshot_id else None
             return max(0, allocated_bytes(dst) - (allocated_bytes(parent) if parent else 0))
 
-    def copy_snapshot(self, source_id: str, copy_id: str) -> int:
-        """A copy of a snapshot's file; returns the bytes it holds."""
+    def copy_snapshot(self, source_id: str, copy_id: str, source_final: bool) -> int:
+        """A copy of a snapshot's file; returns the bytes it holds. `source_final`: no block
+        will be written into the source any more (it is not an EBS direct snapshot still
+        pending), so the copy may share its file."""
         with self.lock:
             src = self.snapshot_file(source_id)
             if not src.exists():
                 raise DataPlaneError(f"{source_id} has no data to copy")
             dst = self.snapshot_file(copy_id)
-            sparse_copy(src, dst)
+            (share_final if source_final else sparse_copy)(src, dst)
             return allocated_bytes(dst)
 
     def delete_snapshot(self, snapshot_id: str):
@@ -134,8 +146,10 @@ class DataPlane:
             self.snapshot_file(snapshot_id).unlink(missing_ok=True)
 
     def import_snapshot(self, snapshot_id: str, image: Path):
+        """A completed snapshot holding `image`, a file of the image cache, which is only ever
+        replaced by a rename, never written in place."""
         with self.lock:
-            sparse_copy(image, self.snapshot_file(snapshot_id))
+            share_final(image, self.snapshot_file(snapshot_id))
 
     def export_snapshot(self, snapshot_id: str, dest: Path):
         with self.lock:

@@ -317,7 +317,9 @@ def _patch_snapshots(dataplane, timing):
         snapshot.kms_key_id = kms_key_id or getattr(source, "kms_key_id", None)
         if kms_key_id:
             snapshot.encrypted = True
-        copied = dataplane.copy_snapshot(source_snapshot_id, snapshot.id)
+        # Only an EBS direct snapshot still pending sets its status "pending" itself.
+        source_final = source.__dict__.get("_status", "completed") != "pending"
+        copied = dataplane.copy_snapshot(source_snapshot_id, snapshot.id, source_final)
         seconds = timing.profile["snapshot_base"] + timing.profile["snapshot_per_10mb"] * copied / 10e6
         timing.start(("snapshot", snapshot.id), seconds)
         timing.created(snapshot.id)
