@@ -625,7 +625,28 @@ impl Drop for LoopDevice {
 
 impl Drop for MountedSnapshot {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.root).status();
+        // Found busy for a moment beside other stories once (a machine-wide pass, then
+        // unmounted by hand at once), and left mounted with its loop device: so asked again
+        // while busy, as amibake's own unmount is, and detached lazily at the end rather than
+        // left.
+        let deadline = std::time::Instant::now() + LOOP_GONE_WITHIN;
+        let unmounted = || {
+            Command::new("umount")
+                .arg(&self.root)
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        while !unmounted() {
+            if std::time::Instant::now() >= deadline {
+                let _ = Command::new("umount")
+                    .arg("--lazy")
+                    .arg(&self.root)
+                    .status();
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
         drop(LoopDevice(std::mem::take(&mut self.loop_dev)));
     }
 }
