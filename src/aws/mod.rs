@@ -5,6 +5,7 @@ pub mod ami;
 pub mod console;
 pub mod ebs;
 pub mod host;
+pub mod iam;
 pub mod image;
 pub mod instance;
 pub mod key_pair;
@@ -62,6 +63,7 @@ pub struct Clients {
     pub ec2: aws_sdk_ec2::Client,
     pub ssm: aws_sdk_ssm::Client,
     pub kms: aws_sdk_kms::Client,
+    pub iam: aws_sdk_iam::Client,
     pub ebs: aws_sdk_ebs::Client,
     pub sts: aws_sdk_sts::Client,
     pub region: String,
@@ -109,6 +111,7 @@ impl Clients {
                     .build(),
             ),
             kms: aws_sdk_kms::Client::new(config),
+            iam: aws_sdk_iam::Client::new(config),
             ebs: aws_sdk_ebs::Client::from_conf(ebs::client_config(config)),
             sts: aws_sdk_sts::Client::new(config),
             region,

@@ -219,12 +219,18 @@ fn temporary_instance(grants: &mut Grants, plan: &InstancePlan) {
     if let Some(profile) = &plan.iam_instance_profile {
         // Launching with a profile passes its role to EC2. IAM names the role, not the
         // profile: this is the role of the profile's own name, as the console makes them.
-        let role = profile.rsplit('/').next().unwrap_or(profile);
-        grants.allow(
-            Scope::Any,
-            &[&format!("arn:aws:iam::*:role/{role}")],
-            &["iam:PassRole"],
-        );
+        let name = profile.rsplit('/').next().unwrap_or(profile);
+        let role = format!("arn:aws:iam::*:role/{name}");
+        grants.allow(Scope::Any, &[&role], &["iam:PassRole"]);
+        if plan.communicator == CommunicatorKind::Ssm {
+            // Read before anything is made: the profile, and the policies of its role.
+            grants.allow(
+                Scope::Any,
+                &[&format!("arn:aws:iam::*:instance-profile/{name}")],
+                &["iam:GetInstanceProfile"],
+            );
+            grants.allow(Scope::Any, &[&role], &["iam:ListAttachedRolePolicies"]);
+        }
     }
     if plan.communicator == CommunicatorKind::Ssm {
         grants.allow(

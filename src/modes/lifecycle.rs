@@ -34,6 +34,8 @@ pub trait Mode: Send {
 
     /// The temporary instance its plan launches, if any: the one `--ssh-cidr` shapes.
     fn instance(plan: &mut Plan<Self::Build>) -> Option<&mut InstancePlan>;
+    /// The template's table that sets that instance.
+    const INSTANCE_TABLE: &'static str;
 
     /// Everything before the first AWS call (a bake's sandbox and tarball check). What it
     /// makes lives as long as the mode does: to the end of the run.
@@ -103,7 +105,7 @@ async fn run_loaded<M: Mode>(
     cancel: CancellationToken,
 ) -> Result<BuildResult<M::Manifest>, ModeError> {
     let LoadedRun {
-        plan,
+        mut plan,
         build_id,
         secrets,
     } = loaded;
@@ -113,6 +115,9 @@ async fn run_loaded<M: Mode>(
     let clients = Clients::new(&sdk_config(&common.aws).await)?;
     let resolved = mode.resolve(&clients, &plan).await?;
     distribute::check(&clients, &plan.image.distribution, M::SECTION).await?;
+    if let Some(instance) = M::instance(&mut plan) {
+        super::instance::profile::check(&clients, instance, M::INSTANCE_TABLE, &sink).await?;
+    }
     let Plan {
         image: image_plan,
         build,

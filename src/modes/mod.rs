@@ -66,6 +66,9 @@ pub enum ModeError {
     Ami(#[from] AmiError),
     #[error(transparent)]
     Key(#[from] KeyError),
+    /// The instance profile an instance reached through SSM needs.
+    #[error(transparent)]
+    Profile(#[from] crate::aws::iam::ProfileError),
     #[error(transparent)]
     Aws(#[from] AwsError),
     /// A pre command failed: nothing was made.

@@ -6,9 +6,11 @@
 use crate::util::localcloud::PARTITION_1_OFFSET;
 use crate::util::Run;
 
-/// A profile whose role SSM lets manage the instance, and one whose role it does not.
+/// A profile whose role SSM lets manage the instance, one whose role it does not, and one
+/// with no role at all.
 const PROFILE: &str = "amibake-ssm";
 const PROFILE_WITHOUT_SSM: &str = "amibake-no-ssm";
+const PROFILE_WITHOUT_ROLE: &str = "amibake-no-role";
 
 /// A file that goes to the instance in several pieces.
 fn pool_conf() -> String {
@@ -28,6 +30,9 @@ impl World {
         world
             .cloud
             .cli(&["instance-profile", PROFILE_WITHOUT_SSM, "--without-ssm"]);
+        world
+            .cloud
+            .cli(&["instance-profile", PROFILE_WITHOUT_ROLE, "--without-role"]);
         std::fs::write(world.dir().join("pool.conf"), pool_conf()).unwrap();
         std::fs::write(
             world.dir().join("setup.sh"),
@@ -272,8 +277,33 @@ fn an_instance_ssm_cannot_manage_is_refused_or_given_up_on_and_leaves_nothing() 
         ],
     );
 
-    // A profile whose role SSM may not use: the agent never registers, and the wait gives
-    // up at its bound, saying what the instance needs.
+    // A profile IAM does not have, or one with no role: refused once IAM has said so,
+    // before anything is made.
+    for (profile, wanted) in [
+        (
+            "amibake-nowhere",
+            "IAM has no instance profile of that name",
+        ),
+        (PROFILE_WITHOUT_ROLE, "the instance profile has no role"),
+    ] {
+        world.template(profile, "", "[[base.provisioner]]\ninline = [\"true\"]\n");
+        let from = world.cloud.calls().len();
+        let run = world.base();
+        run.expect_code(1);
+        assert!(
+            run.stderr().contains(&format!(
+                "base.iam_instance_profile = \"{profile}\": {wanted}"
+            )),
+            "{}",
+            run.dump()
+        );
+        let calls = world.cloud.calls_since(from);
+        assert!(actions(&calls).contains(&"GetInstanceProfile"), "{calls:?}");
+        assert_eq!(world.cloud.mutating_calls_since(from), Vec::<String>::new());
+    }
+
+    // A profile whose role SSM may not use: said before anything is made; the agent never
+    // registers, and the wait gives up at its bound, saying what the instance needs.
     world.template(
         PROFILE_WITHOUT_SSM,
         "agent_timeout_seconds = 4",
@@ -284,12 +314,34 @@ fn an_instance_ssm_cannot_manage_is_refused_or_given_up_on_and_leaves_nothing() 
         &["base", "t.toml", "--ssh-cidr", "203.0.113.7/32"],
         &["--ssh-cidr opens SSH to the instance"],
     );
+    // Credentials that may not read the profile: said, and the launch goes on.
+    world
+        .cloud
+        .cli(&["fault", "GetInstanceProfile", "--error", "AccessDenied"]);
+    let run = world.base();
+    run.expect_code(1);
+    assert!(
+        run.stderr().contains(
+            "base.iam_instance_profile: not checked before the launch, as these credentials may not read it (AccessDenied"
+        ) && run.stderr().contains("never registered with SSM within 4s"),
+        "{}",
+        run.dump()
+    );
+    world.cloud.left().assert_nothing(&run.dump());
+
     let run = world.base();
     run.expect_code(1);
     let stderr = run.stderr();
     assert!(
         stderr.contains("never registered with SSM within 4s")
             && stderr.contains("AmazonSSMManagedInstanceCore"),
+        "{}",
+        run.dump()
+    );
+    assert!(
+        stderr.contains(&format!(
+            "base.iam_instance_profile: its role {PROFILE_WITHOUT_SSM} has no AmazonSSMManagedInstanceCore policy attached"
+        )),
         "{}",
         run.dump()
     );

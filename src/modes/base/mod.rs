@@ -95,6 +95,7 @@ impl BaseMode {
 #[async_trait]
 impl Mode for BaseMode {
     const SECTION: &'static str = "base";
+    const INSTANCE_TABLE: &'static str = "base";
     type Build = BaseBuild;
     type Manifest = BaseManifest;
 

@@ -11,6 +11,7 @@ use tokio::time::Instant;
 
 mod address;
 mod key_dir;
+pub mod profile;
 mod ssh;
 
 use address::{no_address, runner_cidr, ssh_address};

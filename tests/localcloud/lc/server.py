@@ -514,7 +514,7 @@ def fault_response(service, code, message, status=None):
     if service in ("ssm", "kms"):
         return Response(json.dumps({"__type": code, "message": message}), status=status, content_type="application/x-amz-json-1.1",
                         headers={"x-amzn-RequestId": request_id})
-    if service == "sts":
+    if service in ("sts", "iam"):
         body = f"<ErrorResponse><Error><Type>Sender</Type><Code>{code}</Code><Message>{message}</Message></Error><RequestId>{request_id}</RequestId></ErrorResponse>"
         return Response(body, status=status, content_type="text/xml", headers={"x-amzn-RequestId": request_id})
     body = f"<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error><Code>{code}</Code><Message>{message}</Message></Error></Errors><RequestID>{request_id}</RequestID></Response>"
