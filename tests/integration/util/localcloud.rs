@@ -14,7 +14,8 @@ pub struct LocalCloud {
     /// Not a TempDir: it is removed only once nothing is mounted beneath it (an instance's
     /// root holds a bind of /dev, and a recursive delete would walk into the host's).
     pub(super) state: PathBuf,
-    /// The `export` lines of `localcloud up`: what every AWS SDK reads.
+    /// The `export` lines of `localcloud up`: what every AWS SDK reads; and where amibake
+    /// keeps its image cache, within the cloud's state.
     pub env: Vec<(String, String)>,
     info: serde_json::Value,
     /// This machine's private-key directories when the cloud started: what a run killed
@@ -124,12 +125,19 @@ impl LocalCloud {
             "localcloud up failed:\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let env = String::from_utf8_lossy(&out.stdout)
+        let mut env: Vec<(String, String)> = String::from_utf8_lossy(&out.stdout)
             .lines()
             .filter_map(|l| l.strip_prefix("export "))
             .filter_map(|l| l.split_once('='))
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
+        // The direct backend's base images, kept by default in ~/.cache/amibake: there a
+        // test run's bakes of new snapshot ids piled up by the hundred (63 GB here, until a
+        // CI run found its disk full). Here they go with the cloud.
+        env.push((
+            "XDG_CACHE_HOME".into(),
+            state.join("cache").to_string_lossy().into_owned(),
+        ));
         let info =
             serde_json::from_str(&std::fs::read_to_string(state.join("ready.json")).unwrap())
                 .unwrap();
