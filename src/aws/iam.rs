@@ -5,8 +5,11 @@
 use super::{describe, resources::code, Clients};
 
 /// AWS's managed policies that let SSM's agent register an instance (the second is the
-/// older one, deprecated but still attached in many accounts).
-const SSM_AGENT_POLICIES: [&str; 2] = ["AmazonSSMManagedInstanceCore", "AmazonEC2RoleforSSM"];
+/// older one, deprecated but still attached in many accounts), in every partition.
+const SSM_AGENT_POLICIES: [&str; 2] = [
+    ":iam::aws:policy/AmazonSSMManagedInstanceCore",
+    ":iam::aws:policy/service-role/AmazonEC2RoleforSSM",
+];
 
 #[derive(Debug, thiserror::Error)]
 #[error("{setting} = \"{profile}\": {problem}")]
@@ -16,22 +19,19 @@ pub struct ProfileError {
     pub problem: String,
 }
 
-/// A role of the profile, as far as SSM's agent is concerned.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ProfileRole {
-    pub name: String,
-    /// One of AWS's policies for SSM's agent is attached to it. Without, the role's own
-    /// policies may still allow the agent: IAM does not say so without evaluating them.
-    pub has_ssm_agent_policy: bool,
-}
-
-/// What IAM says of the profile.
+/// What IAM says of the profile. Only what IAM answered for certain refuses a run: a read
+/// that failed otherwise (denied, throttled, no route to IAM) leaves the launch to tell.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Profile {
-    /// It exists, with this role (a profile holds at most one).
-    Role(ProfileRole),
-    /// These credentials may not read it: the launch will tell.
+    /// Its role has one of AWS's policies for SSM's agent.
+    Ready,
+    /// Its role has none of them; its own policies may still allow the agent, which IAM
+    /// does not say without evaluating them.
+    WithoutAgentPolicy { role: String },
+    /// The profile could not be read.
     Unreadable { detail: String },
+    /// The profile was read, its role's policies could not be listed.
+    PoliciesUnreadable { role: String, detail: String },
 }
 
 /// The profile named `profile` (a name or an ARN) in `setting`: an error when IAM has no such
@@ -56,19 +56,16 @@ pub async fn instance_profile(
         .await
     {
         Ok(answer) => answer,
-        Err(e) if code(&e) == Some("AccessDenied") => {
+        Err(e) if code(&e) == Some("NoSuchEntity") => {
+            return Err(problem(format!(
+                "IAM has no instance profile of that name in this account ({}); SSM reaches an instance only through its profile's role",
+                describe(&e)
+            )))
+        }
+        Err(e) => {
             return Ok(Profile::Unreadable {
                 detail: describe(&e),
             })
-        }
-        Err(e) => {
-            return Err(problem(match code(&e) {
-                Some("NoSuchEntity") => format!(
-                    "IAM has no instance profile of that name in this account ({}); SSM reaches an instance only through its profile's role",
-                    describe(&e)
-                ),
-                _ => format!("cannot read the instance profile: {}", describe(&e)),
-            }))
         }
     };
     let role = answer
@@ -89,24 +86,19 @@ pub async fn instance_profile(
         .await;
     let attached = match attached {
         Ok(attached) => attached,
-        Err(e) if code(&e) == Some("AccessDenied") => {
-            return Ok(Profile::Unreadable {
+        Err(e) => {
+            return Ok(Profile::PoliciesUnreadable {
+                role,
                 detail: describe(&e),
             })
         }
-        Err(e) => {
-            return Err(problem(format!(
-                "cannot list the policies of its role {role}: {}",
-                describe(&e)
-            )))
-        }
     };
-    let has_ssm_agent_policy = attached
+    let has_agent_policy = attached
         .iter()
-        .filter_map(|p| p.policy_name())
-        .any(|name| SSM_AGENT_POLICIES.contains(&name));
-    Ok(Profile::Role(ProfileRole {
-        name: role,
-        has_ssm_agent_policy,
-    }))
+        .filter_map(|p| p.policy_arn())
+        .any(|arn| SSM_AGENT_POLICIES.iter().any(|p| arn.ends_with(p)));
+    Ok(match has_agent_policy {
+        true => Profile::Ready,
+        false => Profile::WithoutAgentPolicy { role },
+    })
 }

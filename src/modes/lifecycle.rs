@@ -34,8 +34,9 @@ pub trait Mode: Send {
 
     /// The temporary instance its plan launches, if any: the one `--ssh-cidr` shapes.
     fn instance(plan: &mut Plan<Self::Build>) -> Option<&mut InstancePlan>;
-    /// The template's table that sets that instance.
-    const INSTANCE_TABLE: &'static str;
+    /// Whether it builds its image on an instance it launches (a base does; a bake launches
+    /// one only for its tests).
+    const BUILDS_ON_INSTANCE: bool;
 
     /// Everything before the first AWS call (a bake's sandbox and tarball check). What it
     /// makes lives as long as the mode does: to the end of the run.
@@ -105,7 +106,7 @@ async fn run_loaded<M: Mode>(
     cancel: CancellationToken,
 ) -> Result<BuildResult<M::Manifest>, ModeError> {
     let LoadedRun {
-        mut plan,
+        plan,
         build_id,
         secrets,
     } = loaded;
@@ -115,9 +116,6 @@ async fn run_loaded<M: Mode>(
     let clients = Clients::new(&sdk_config(&common.aws).await)?;
     let resolved = mode.resolve(&clients, &plan).await?;
     distribute::check(&clients, &plan.image.distribution, M::SECTION).await?;
-    if let Some(instance) = M::instance(&mut plan) {
-        super::instance::profile::check(&clients, instance, M::INSTANCE_TABLE, &sink).await?;
-    }
     let Plan {
         image: image_plan,
         build,
@@ -151,6 +149,17 @@ async fn run_loaded<M: Mode>(
             report: None,
             post_failed: None,
         });
+    }
+
+    // Where the run will launch an instance, its profile is read before anything is made:
+    // a base's build instance, or a test instance for the tests a run owes.
+    let tests_due = !image.plan.tests.is_empty() && !common.skip_tests;
+    let launches = match &reuse {
+        Some(reuse) => reuse.test_first,
+        None => M::BUILDS_ON_INSTANCE || tests_due,
+    };
+    if let (true, Some(instance)) = (launches, &image.origin.test_instance) {
+        super::instance::profile::check(&clients, instance, &sink).await?;
     }
 
     let run = EngineRun {

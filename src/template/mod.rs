@@ -86,6 +86,9 @@ pub struct BaseBuild {
 /// How a temporary instance is launched and reached over SSH.
 #[derive(Debug, Clone, Serialize)]
 pub struct InstancePlan {
+    /// The template's table that sets it (`base`, `bake.test_instance`), for what is said of
+    /// its settings.
+    pub table: String,
     pub instance_type: String,
     /// How the run reaches the instance.
     pub communicator: CommunicatorKind,

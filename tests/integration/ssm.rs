@@ -322,7 +322,7 @@ fn an_instance_ssm_cannot_manage_is_refused_or_given_up_on_and_leaves_nothing() 
     run.expect_code(1);
     assert!(
         run.stderr().contains(
-            "base.iam_instance_profile: not checked before the launch, as these credentials may not read it (AccessDenied"
+            "base.iam_instance_profile: not checked before the launch, as IAM did not answer for it (AccessDenied"
         ) && run.stderr().contains("never registered with SSM within 4s"),
         "{}",
         run.dump()
@@ -408,23 +408,45 @@ fn a_bakes_booted_test_over_ssm_passes_and_fails_as_over_ssh() {
     let world = World::with_profiles();
     // `--force`: the test is no part of the image's fingerprint, and an image that passed
     // would be reused.
-    let bake_with_test = |exit: u32| {
+    let bake_with_test = |exit: u32, profile: &str, more: &[&str]| {
         let vendor = world.vendor_ami();
         let text = format!(
             "[bake]\nname = \"shop-${{commit}}-${{timestamp}}\"\nbase_ami = \"{vendor}\"\n\
              dest = \"/srv/shop\"\n\n\
              [bake.test_instance]\ninstance_type = \"t3.micro\"\ncommunicator = \"ssm\"\n\
-             iam_instance_profile = \"{PROFILE}\"\n\n\
+             iam_instance_profile = \"{profile}\"\n\n\
              [[bake.test]]\nname = \"code in place\"\n\
              inline = [\"test \\\"$(cat /srv/shop/REVISION)\\\" = one\", \"echo test-exit-{exit}\", \"exit {exit}\"]\n"
         );
         std::fs::write(world.dir().join("shop.toml"), text).unwrap();
         let from = world.cloud.calls().len();
-        let run = world.bake_shop(&["--backend", "direct", "--force"]);
+        let run = world.bake_shop(&[&["--backend", "direct", "--force"], more].concat());
         (run, world.cloud.calls_since(from))
     };
 
-    let (run, calls) = bake_with_test(0);
+    // A test instance's profile IAM does not have: refused before anything is made, but
+    // only where the run would launch it (not with --no-test).
+    let (run, calls) = bake_with_test(0, "amibake-nowhere", &[]);
+    run.expect_code(1);
+    assert!(
+        run.stderr().contains(
+            "bake.test_instance.iam_instance_profile = \"amibake-nowhere\": IAM has no instance profile"
+        ),
+        "{}",
+        run.dump()
+    );
+    assert!(
+        !actions(&calls).iter().any(|a| a.starts_with("Create")),
+        "{calls:?}"
+    );
+    let (run, calls) = bake_with_test(0, "amibake-nowhere", &["--no-test"]);
+    run.expect_code(0);
+    assert!(
+        !actions(&calls).contains(&"GetInstanceProfile"),
+        "{calls:?}"
+    );
+
+    let (run, calls) = bake_with_test(0, PROFILE, &[]);
     run.expect_code(0);
     let called = actions(&calls);
     assert!(run.stderr().contains("test-exit-0"), "{}", run.dump());
@@ -434,14 +456,15 @@ fn a_bakes_booted_test_over_ssm_passes_and_fails_as_over_ssh() {
     assert!(called.contains(&"SendCommand"), "{called:?}");
     world.cloud.assert_nothing_temporary();
 
-    let (run, _) = bake_with_test(5);
+    let (run, _) = bake_with_test(5, PROFILE, &[]);
     run.expect_code(1);
     assert!(
         run.stderr().contains("code in place") && run.stderr().contains("test-exit-5"),
         "{}",
         run.dump()
     );
-    // Only the first bake's image is left: the failed one went with its snapshot.
-    assert_eq!(world.cloud.left().images.len(), 1, "{}", run.dump());
+    // Only the passing bakes' images are left (--no-test's, and the first tested one):
+    // the failed one went with its snapshot.
+    assert_eq!(world.cloud.left().images.len(), 2, "{}", run.dump());
     world.cloud.assert_nothing_temporary();
 }

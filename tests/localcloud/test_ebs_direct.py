@@ -2,11 +2,13 @@
 
 import base64
 import hashlib
+import os
 import time
 
 import pytest
 from botocore.exceptions import ClientError
 
+from lc.images import CACHE
 from test_localcloud import root_snapshot, vendor_image, wait_until
 
 BLOCK = 512 * 1024
@@ -214,7 +216,9 @@ def test_a_copy_holds_what_its_source_held_when_copied_and_shares_its_file_only_
     ec2, ebs = cloud.client("ec2"), cloud.client("ebs")
     file = lambda snapshot_id: cloud.state / "snapshots" / f"{snapshot_id}.img"
     vendor = root_snapshot(vendor_image(ec2))
-    assert file(vendor).stat().st_nlink > 1, "a vendor's image is the image cache's file"
+    # A second name only where the cache and the state share a filesystem, else a copy.
+    if os.stat(CACHE).st_dev == cloud.state.stat().st_dev:
+        assert file(vendor).stat().st_nlink > 1, "a vendor's image is the image cache's file"
 
     parent = owned_snapshot(ec2)
     final_copy = ec2.copy_snapshot(SourceSnapshotId=parent, SourceRegion="us-east-1")["SnapshotId"]

@@ -246,8 +246,7 @@ impl BakeMode<'_> {
 #[async_trait]
 impl Mode for BakeMode<'_> {
     const SECTION: &'static str = "bake";
-    /// Or `[base]`, whose instance a bake's tests boot on when it has none of its own.
-    const INSTANCE_TABLE: &'static str = "bake.test_instance";
+    const BUILDS_ON_INSTANCE: bool = false;
     type Build = BakeBuild;
     type Manifest = BakeManifest;
 

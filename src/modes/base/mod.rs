@@ -95,7 +95,7 @@ impl BaseMode {
 #[async_trait]
 impl Mode for BaseMode {
     const SECTION: &'static str = "base";
-    const INSTANCE_TABLE: &'static str = "base";
+    const BUILDS_ON_INSTANCE: bool = true;
     type Build = BaseBuild;
     type Manifest = BaseManifest;
 

@@ -1,6 +1,6 @@
 //! The instance profile of an instance reached through SSM, checked with IAM before the run
 //! makes anything: a profile that does not exist or has no role is refused; a role without
-//! AWS's policy for SSM's agent, or a profile these credentials may not read, is said.
+//! AWS's policy for SSM's agent, or a profile these credentials cannot read, is said.
 
 use std::sync::Arc;
 
@@ -10,33 +10,32 @@ use crate::engine::{Event, EventSink};
 use crate::modes::ModeError;
 use crate::template::{CommunicatorKind, InstancePlan};
 
-/// `plan`'s profile, when SSM reaches its instance; `table` is where the template sets it.
+/// `plan`'s profile, when SSM reaches its instance.
 pub async fn check(
     clients: &Clients,
     plan: &InstancePlan,
-    table: &str,
     sink: &Arc<dyn EventSink>,
 ) -> Result<(), ModeError> {
     let (CommunicatorKind::Ssm, Some(profile)) = (plan.communicator, &plan.iam_instance_profile)
     else {
         return Ok(());
     };
-    let setting = format!("{table}.iam_instance_profile");
-    let note = |message: String| {
-        sink.emit(&Event::Note {
-            step: String::new(),
-            message,
-        })
+    let setting = format!("{}.iam_instance_profile", plan.table);
+    let message = match instance_profile(clients, &setting, profile).await? {
+        Profile::Ready => return Ok(()),
+        Profile::WithoutAgentPolicy { role } => format!(
+            "{setting}: its role {role} has no AmazonSSMManagedInstanceCore policy attached; unless its own policies allow SSM's agent, the instance never registers and the run gives up after `agent_timeout_seconds`"
+        ),
+        Profile::Unreadable { detail } => format!(
+            "{setting}: not checked before the launch, as IAM did not answer for it ({detail})"
+        ),
+        Profile::PoliciesUnreadable { role, detail } => format!(
+            "{setting}: the policies of its role {role} were not checked before the launch, as IAM did not list them ({detail})"
+        ),
     };
-    match instance_profile(clients, &setting, profile).await? {
-        Profile::Role(role) if role.has_ssm_agent_policy => {}
-        Profile::Role(role) => note(format!(
-            "{setting}: its role {} has no AmazonSSMManagedInstanceCore policy attached; unless its own policies allow SSM's agent, the instance never registers and the run gives up after `agent_timeout_seconds`",
-            role.name
-        )),
-        Profile::Unreadable { detail } => note(format!(
-            "{setting}: not checked before the launch, as these credentials may not read it ({detail})"
-        )),
-    }
+    sink.emit(&Event::Note {
+        step: String::new(),
+        message,
+    });
     Ok(())
 }

@@ -139,6 +139,7 @@ impl Checker<'_> {
             s.root_volume_type,
         );
         InstancePlan {
+            table: section.to_string(),
             instance_type,
             communicator,
             ssh_username,

@@ -241,7 +241,6 @@ fn in_a_terminal(cloud: &LocalCloud, dir: &Path, script: &str) -> Vec<u8> {
         .current_dir(dir)
         .env("AMIBAKE", env!("CARGO_BIN_EXE_amibake"))
         .env("TMPDIR", dir)
-        .env("XDG_CACHE_HOME", dir)
         .envs(cloud.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .stdin(slave.try_clone().unwrap())
         .stdout(slave.try_clone().unwrap())

@@ -181,7 +181,8 @@ impl LocalCloud {
     pub async fn clients_in(&self, region: Option<&str>) -> amibake::aws::Clients {
         static ENVIRONMENT: std::sync::Mutex<()> = std::sync::Mutex::new(());
         let _held = ENVIRONMENT.lock().unwrap_or_else(|e| e.into_inner());
-        for (key, value) in &self.env {
+        // The AWS variables only: the rest of `env` is for amibake's own runs.
+        for (key, value) in self.env.iter().filter(|(k, _)| k.starts_with("AWS_")) {
             std::env::set_var(key, value);
         }
         // Built on a thread of its own, so the lock is not held across an await here.
@@ -638,15 +639,19 @@ impl Drop for MountedSnapshot {
         // while busy, as amibake's own unmount is, and detached lazily at the end rather than
         // left.
         let deadline = std::time::Instant::now() + LOOP_GONE_WITHIN;
-        let unmounted = || {
-            Command::new("umount")
+        let root = self.root.to_string_lossy().into_owned();
+        let mounted = || {
+            std::fs::read_to_string("/proc/self/mounts")
+                .unwrap_or_default()
+                .lines()
+                .any(|l| l.split(' ').nth(1) == Some(root.as_str()))
+        };
+        while mounted() {
+            let _ = Command::new("umount")
                 .arg(&self.root)
                 .stderr(std::process::Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        };
-        while !unmounted() {
-            if std::time::Instant::now() >= deadline {
+                .status();
+            if mounted() && std::time::Instant::now() >= deadline {
                 let _ = Command::new("umount")
                     .arg("--lazy")
                     .arg(&self.root)

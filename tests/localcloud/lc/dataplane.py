@@ -7,6 +7,7 @@ and `/dev/xvdX`. This kernel has no partition tables on loop devices, so each pa
 loop device of its own (`losetup --offset --sizelimit`) under the names udev would give it.
 """
 
+import errno
 import json
 import os
 import shutil
@@ -51,7 +52,11 @@ def share_final(src: Path, dst: Path):
     imports the same vendor images, and a cloud's copies would fill a small disk."""
     try:
         os.link(src, dst)
-    except OSError:
+    except OSError as e:
+        # Another filesystem, or one without hard links: a copy. Anything else (`dst` there
+        # already) is an error, never a copy written into a file that may be shared.
+        if e.errno not in (errno.EXDEV, errno.EMLINK, errno.EPERM, errno.EOPNOTSUPP):
+            raise
         sparse_copy(src, dst)
 
 
