@@ -42,12 +42,16 @@ owner = "www-data"
 """
 
 
-def make_tarball(path: Path, mib: int, scratch: Path):
-    """A composer-like tree of about `mib` MiB of incompressible files, gzip'd like CI does."""
+def make_tarball(path: Path, mib: int, scratch: Path, files: int | None = None):
+    """A composer-like tree of about `mib` MiB of incompressible files, gzip'd like CI does;
+    with `files`, about that many (the same mix of sizes, scaled)."""
     tree = scratch / f"tree-{mib}"
+    scale = 1.0
+    if files:
+        scale = (mib << 20) / files / (sum(FILE_SIZES) / len(FILE_SIZES))
     total, i = 0, 0
     while total < mib << 20:
-        size = FILE_SIZES[i % len(FILE_SIZES)]
+        size = int(FILE_SIZES[i % len(FILE_SIZES)] * scale)
         file = tree / f"vendor/pkg{i % 97}/src/Sub{i % 13}/File{i}.php"
         file.parent.mkdir(parents=True, exist_ok=True)
         file.write_bytes(os.urandom(size))
@@ -65,7 +69,7 @@ def allocated(path: Path) -> int:
     return os.stat(path).st_blocks * 512
 
 
-def gnu_tar_seconds(cloud_state: Path, snapshot: str, tarball: Path, scratch: Path) -> float:
+def gnu_tar_seconds(cloud_state: Path, snapshot: str, tarball: Path, scratch: Path, dest="srv/app") -> float:
     raw = scratch / "tar-x.img"
     cli(cloud_state, "export-snapshot", snapshot, str(raw))
     mnt = scratch / "tar-x.mnt"
@@ -75,7 +79,7 @@ def gnu_tar_seconds(cloud_state: Path, snapshot: str, tarball: Path, scratch: Pa
     try:
         subprocess.run(["mount", loop, str(mnt)], check=True)
         try:
-            dest = mnt / "srv/app"
+            dest = mnt / dest
             dest.mkdir(parents=True)
             # Timed like amibake's extract step: the page cache is flushed by the unmount,
             # outside the timing, for both.
