@@ -104,6 +104,7 @@ fn a_base_over_ssm_makes_no_key_pair_opens_no_port_and_provisions_as_over_ssh() 
         assert!(!called.contains(&never), "{never} was called: {called:?}");
     }
     for needed in [
+        "GetInstanceProfile",
         "CreateSecurityGroup",
         "DescribeInstanceInformation",
         "SendCommand",
@@ -111,6 +112,12 @@ fn a_base_over_ssm_makes_no_key_pair_opens_no_port_and_provisions_as_over_ssh() 
     ] {
         assert!(called.contains(&needed), "no {needed}: {called:?}");
     }
+    // Its role has AWS's policy for the agent: the profile's check says nothing.
+    assert!(
+        !run.stderr().contains("base.iam_instance_profile:"),
+        "{}",
+        run.dump()
+    );
     let launch = calls
         .iter()
         .find(|c| c["action"] == "RunInstances")
