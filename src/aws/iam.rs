@@ -34,6 +34,12 @@ pub enum Profile {
     PoliciesUnreadable { role: String, detail: String },
 }
 
+/// The name of a profile a template names by name or by ARN: an ARN's last segment, after
+/// any path.
+pub fn profile_name(profile: &str) -> &str {
+    profile.rsplit('/').next().unwrap_or(profile)
+}
+
 /// The profile named `profile` (a name or an ARN) in `setting`: an error when IAM has no such
 /// profile, or it has no role (its instance would have no credentials for the agent).
 pub async fn instance_profile(
@@ -46,8 +52,7 @@ pub async fn instance_profile(
         profile: profile.to_string(),
         problem,
     };
-    // An ARN's name is its last segment, after any path.
-    let name = profile.rsplit('/').next().unwrap_or(profile);
+    let name = profile_name(profile);
     let answer = match clients
         .iam
         .get_instance_profile()

@@ -219,7 +219,7 @@ fn temporary_instance(grants: &mut Grants, plan: &InstancePlan) {
     if let Some(profile) = &plan.iam_instance_profile {
         // Launching with a profile passes its role to EC2. IAM names the role, not the
         // profile: this is the role of the profile's own name, as the console makes them.
-        let name = profile.rsplit('/').next().unwrap_or(profile);
+        let name = crate::aws::iam::profile_name(profile);
         let role = format!("arn:aws:iam::*:role/{name}");
         grants.allow(Scope::Any, &[&role], &["iam:PassRole"]);
         if plan.communicator == CommunicatorKind::Ssm {

@@ -91,6 +91,11 @@ impl ImageState {
         }
     }
 
+    /// The template has tests and `--no-test` does not skip them.
+    pub fn tests_due(&self) -> bool {
+        !self.plan.tests.is_empty() && !self.skip_tests
+    }
+
     /// Tags on the image, its snapshots and its copies: what it is, what it came from,
     /// which build made it.
     pub fn artifact_tags(&self) -> Vec<Tag> {

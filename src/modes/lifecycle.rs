@@ -153,10 +153,9 @@ async fn run_loaded<M: Mode>(
 
     // Where the run will launch an instance, its profile is read before anything is made:
     // a base's build instance, or a test instance for the tests a run owes.
-    let tests_due = !image.plan.tests.is_empty() && !common.skip_tests;
     let launches = match &reuse {
         Some(reuse) => reuse.test_first,
-        None => M::BUILDS_ON_INSTANCE || tests_due,
+        None => M::BUILDS_ON_INSTANCE || image.tests_due(),
     };
     if let (true, Some(instance)) = (launches, &image.origin.test_instance) {
         super::instance::profile::check(&clients, instance, &sink).await?;
@@ -362,7 +361,7 @@ async fn reusable(
         return Ok(None);
     };
     let plan: &ImagePlan = &image.plan;
-    let test_first = !earlier.tested && !plan.tests.is_empty() && !common.skip_tests;
+    let test_first = !earlier.tested && image.tests_due();
     let finished = !test_first
         && plan.distribution.is_empty()
         && channel_names(clients, plan.publish.as_ref(), &earlier.id).await;
