@@ -166,3 +166,60 @@ def test_a_fault_injected_into_send_command_is_answered_and_runs_nothing(cloud, 
     assert throttled.value.response["Error"]["Code"] == "ThrottlingException"
     time.sleep(0.5)
     assert not (cloud.state / "instances" / node / "root/root/never").exists()
+
+
+LOG_POLICY = "arn:aws:iam::aws:policy/CloudWatchAgentServerPolicy"
+
+
+def log_lines(logs, group, stream):
+    try:
+        events = logs.get_log_events(logGroupName=group, logStreamName=stream, startFromHead=True)["events"]
+    except ClientError as e:
+        assert e.response["Error"]["Code"] == "ResourceNotFoundException", e
+        return []
+    return [e["message"] for e in events]
+
+
+def test_output_streams_into_cloudwatch_logs_while_the_command_runs(cloud):
+    ssm, logs = cloud.client("ssm"), cloud.client("logs")
+    node = launch(cloud, profile(cloud, "ssm-logs", [MANAGED_POLICY, LOG_POLICY]))
+    wait_managed(ssm, node)
+    gate = cloud.state / "instances" / node / "root/root/go"
+    command_id = ssm.send_command(
+        InstanceIds=[node], DocumentName="AWS-RunShellScript",
+        Parameters={"commands": ["echo first", "echo", "echo warned >&2", "while [ ! -e /root/go ]; do sleep 0.1; done", "echo last"]},
+        CloudWatchOutputConfig={"CloudWatchOutputEnabled": True, "CloudWatchLogGroupName": "/amibake/builds"},
+    )["Command"]
+    assert command_id["CloudWatchOutputConfig"] == {"CloudWatchLogGroupName": "/amibake/builds", "CloudWatchOutputEnabled": True}
+    command_id = command_id["CommandId"]
+    stdout = f"{command_id}/{node}/aws-runShellScript/stdout"
+    stderr = f"{command_id}/{node}/aws-runShellScript/stderr"
+    # The first lines are there while the command still waits at its gate.
+    deadline = time.monotonic() + 20
+    while log_lines(logs, "/amibake/builds", stdout) != ["first"] or log_lines(logs, "/amibake/builds", stderr) != ["warned"]:
+        assert time.monotonic() < deadline, "the first lines never reached the log group"
+        time.sleep(0.1)
+    assert ssm.get_command_invocation(CommandId=command_id, InstanceId=node)["Status"] == "InProgress"
+    gate.touch()
+    answer = ended(ssm, command_id, node)
+    assert answer["Status"] == "Success"
+    assert answer["StandardOutputContent"] == "first\n\nlast\n"
+    assert answer["CloudWatchOutputConfig"]["CloudWatchLogGroupName"] == "/amibake/builds"
+    # Blank lines are not events: CloudWatch Logs takes no empty message.
+    assert log_lines(logs, "/amibake/builds", stdout) == ["first", "last"]
+    # Without a group named, the agent's default one.
+    command_id = ssm.send_command(InstanceIds=[node], DocumentName="AWS-RunShellScript", Parameters={"commands": ["echo here"]},
+                                  CloudWatchOutputConfig={"CloudWatchOutputEnabled": True})["Command"]["CommandId"]
+    ended(ssm, command_id, node)
+    assert log_lines(logs, "aws/ssm/AWS-RunShellScript", f"{command_id}/{node}/aws-runShellScript/stdout") == ["here"]
+    cloud.client("ec2").terminate_instances(InstanceIds=[node])
+
+
+def test_a_role_that_may_not_write_logs_streams_nothing_and_the_invocation_holds_the_output(cloud, node):
+    ssm, logs = cloud.client("ssm"), cloud.client("logs")
+    command_id = ssm.send_command(InstanceIds=[node], DocumentName="AWS-RunShellScript", Parameters={"commands": ["echo kept"]},
+                                  CloudWatchOutputConfig={"CloudWatchOutputEnabled": True, "CloudWatchLogGroupName": "/amibake/denied"})["Command"]["CommandId"]
+    answer = ended(ssm, command_id, node)
+    assert answer["StandardOutputContent"] == "kept\n"
+    assert log_lines(logs, "/amibake/denied", f"{command_id}/{node}/aws-runShellScript/stdout") == []
+    assert "/amibake/denied" not in [g["logGroupName"] for g in logs.describe_log_groups()["logGroups"]]

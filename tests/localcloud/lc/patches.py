@@ -689,7 +689,9 @@ def _patch_run_command(instances, timing):
     from moto.ssm.models import SimpleSystemManagerBackend
     from moto.ssm.responses import SimpleSystemManagerResponse
 
-    from .ssm_agent import Agent, RunCommandError
+    from moto.logs.models import logs_backends
+
+    from .ssm_agent import DEFAULT_LOG_GROUP, Agent, RunCommandError
 
     def role_policies(instance_id):
         for account in ec2_backends.values():
@@ -709,14 +711,40 @@ def _patch_run_command(instances, timing):
         except RunCommandError as e:
             raise JsonRESTError(e.code, str(e))
 
-    def patched_send_command(self, comment, document_name, timeout_seconds, instance_ids, *args, parameters, **kwargs):
+    def patched_send_command(self, comment, document_name, timeout_seconds, instance_ids, *args, parameters,
+                             cloudwatch_output=None, **kwargs):
         answered(lambda: agent.check(document_name, instance_ids, parameters))
         # moto extends the list it is given in place (with the targets' instances): a copy.
         command = send_command(self, comment, document_name, timeout_seconds, list(instance_ids), *args,
                                parameters=parameters, **kwargs)
         command.status = "InProgress"
-        agent.send(command.command_id, list(dict.fromkeys(instance_ids)), comment, parameters, self.region_name)
+        log_group = None
+        if (cloudwatch_output or {}).get("CloudWatchOutputEnabled"):
+            log_group = cloudwatch_output.get("CloudWatchLogGroupName") or DEFAULT_LOG_GROUP
+        command.cloudwatch_output = {"CloudWatchLogGroupName": log_group or "", "CloudWatchOutputEnabled": log_group is not None}
+        agent.send(command.command_id, list(dict.fromkeys(instance_ids)), comment, parameters, self.region_name,
+                   log_group, logs_backends[self.account_id][self.region_name])
         return command
+
+    def send_command_response(self):
+        """moto's own, reading CloudWatchOutputConfig too, and answering it as SSM does."""
+        command = self.ssm_backend.send_command(
+            comment=self._get_param("Comment", ""),
+            document_name=self._get_param("DocumentName"),
+            timeout_seconds=self._get_int_param("TimeoutSeconds"),
+            instance_ids=self._get_param("InstanceIds", []),
+            max_concurrency=self._get_param("MaxConcurrency", "50"),
+            max_errors=self._get_param("MaxErrors", "0"),
+            notification_config=self._get_param("NotificationConfig"),
+            output_s3_bucket_name=self._get_param("OutputS3BucketName", ""),
+            output_s3_key_prefix=self._get_param("OutputS3KeyPrefix", ""),
+            output_s3_region=self._get_param("OutputS3Region", ""),
+            parameters=self._get_param("Parameters", {}),
+            service_role_arn=self._get_param("ServiceRoleArn", ""),
+            targets=self._get_param("Targets", []),
+            cloudwatch_output=self._get_param("CloudWatchOutputConfig"),
+        )
+        return ActionResult({"Command": {**command.response_object(), "CloudWatchOutputConfig": command.cloudwatch_output}})
 
     def patched_get_command_invocation(self, command_id, instance_id, plugin_name):
         return answered(lambda: agent.invocation(command_id, instance_id))
@@ -738,6 +766,7 @@ def _patch_run_command(instances, timing):
         return ActionResult({})
 
     SimpleSystemManagerBackend.send_command = patched_send_command
+    SimpleSystemManagerResponse.send_command = send_command_response
     SimpleSystemManagerBackend.get_command_invocation = patched_get_command_invocation
     SimpleSystemManagerResponse.describe_instance_information = describe_instance_information
     SimpleSystemManagerResponse.cancel_command = cancel_command

@@ -283,7 +283,7 @@ class LocalCloud:
         service, action, params = "ec2", None, {}
         target = request.headers.get("X-Amz-Target", "")
         if target:
-            service = "kms" if target.startswith("TrentService.") else "ssm"
+            service = {"TrentService": "kms", "Logs_20140328": "logs"}.get(target.split(".")[0], "ssm")
             action = target.split(".")[-1]
             try:
                 params = {k: v for k, v in json.loads(body or b"{}").items() if isinstance(v, str)}
@@ -511,7 +511,7 @@ def fault_response(service, code, message, status=None):
     if service == "ebs":
         return Response(json.dumps({"message": message}), status=status, content_type="application/json",
                         headers={"x-amzn-ErrorType": code, "x-amzn-RequestId": request_id})
-    if service in ("ssm", "kms"):
+    if service in ("ssm", "kms", "logs"):
         return Response(json.dumps({"__type": code, "message": message}), status=status, content_type="application/x-amz-json-1.1",
                         headers={"x-amzn-RequestId": request_id})
     if service in ("sts", "iam"):

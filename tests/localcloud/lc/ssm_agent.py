@@ -18,6 +18,12 @@ DescribeInstanceInformation and no CancelCommand. Here, as on AWS:
   ends, as AWS returns them; a failure adds the agent's `failed to run commands: exit status
   N`); a command killed at its timeout or cancelled answers 137, as the agent does.
 - CancelCommand ends the command's processes; its invocations are Cancelled.
+- CloudWatchOutputConfig: with CloudWatchOutputEnabled, the agent streams the command's output
+  as it is written into the log group (`aws/ssm/AWS-RunShellScript` when none is named; made
+  when missing), one event per non-blank line, in the streams
+  `{CommandId}/{InstanceId}/aws-runShellScript/stdout` and `.../stderr`, made at their first
+  line. It does so only when the instance's role may write logs (`LOG_POLICIES`); otherwise the
+  output reaches GetCommandInvocation alone, as the real agent's upload fails on its own.
 """
 
 import os
@@ -31,6 +37,10 @@ from datetime import datetime, timezone
 # Where AL2023 keeps the agent; the local cloud looks for it in every image.
 AGENT = "usr/bin/amazon-ssm-agent"
 MANAGED_POLICY = "arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore"
+# AWS's managed policies that let the agent write a command's output to CloudWatch Logs.
+LOG_POLICIES = ("arn:aws:iam::aws:policy/CloudWatchAgentServerPolicy", "arn:aws:iam::aws:policy/CloudWatchLogsFullAccess")
+DEFAULT_LOG_GROUP = "aws/ssm/AWS-RunShellScript"
+PLUGIN_ID = "aws-runShellScript"
 STDOUT_LIMIT = 24_000
 STDERR_LIMIT = 8_000
 # The agent's bounds: a timeout outside them is replaced by the default.
@@ -64,6 +74,8 @@ class Invocation:
     ended: datetime | None = None
     process: subprocess.Popen | None = None
     cancelled: bool = False
+    # The log group the output streams into, when the command asked for it.
+    log_group: str | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def answer(self):
@@ -87,6 +99,8 @@ class Invocation:
                 "StandardOutputUrl": "",
                 "StandardErrorContent": self.stderr[:STDERR_LIMIT] if done else "",
                 "StandardErrorUrl": "",
+                "CloudWatchOutputConfig": {"CloudWatchLogGroupName": self.log_group or "",
+                                           "CloudWatchOutputEnabled": self.log_group is not None},
             }
 
 
@@ -140,8 +154,9 @@ class Agent:
         if unmanaged or not instance_ids:
             raise RunCommandError("InvalidInstanceId", f"Instances {unmanaged} not in a valid state for account")
 
-    def send(self, command_id, instance_ids, comment, parameters, region):
-        """Hands a checked command to each instance's agent."""
+    def send(self, command_id, instance_ids, comment, parameters, region, log_group=None, logs=None):
+        """Hands a checked command to each instance's agent; with `log_group`, its output is
+        streamed into it through `logs`, the account's CloudWatch Logs in the region."""
         commands = parameters["commands"]
         timeout = int((parameters.get("executionTimeout") or [DEFAULT_EXECUTION_TIMEOUT])[0])
         low, high = EXECUTION_TIMEOUT_BOUNDS
@@ -150,10 +165,14 @@ class Agent:
         directory = (parameters.get("workingDirectory") or [""])[0] or "/"
         script = "\n".join(commands) + "\n"
         for instance_id in instance_ids:
-            invocation = Invocation(command_id, instance_id, comment, time.monotonic() + self.pickup)
+            invocation = Invocation(command_id, instance_id, comment, time.monotonic() + self.pickup,
+                                    log_group=log_group)
+            may_write_logs = any(p in LOG_POLICIES for p in self.role_policies(instance_id) or [])
+            streams = LogStreams(logs, log_group, command_id, instance_id) if log_group and may_write_logs else None
             with self.lock:
                 self.invocations[(command_id, instance_id)] = invocation
-            threading.Thread(target=self._run, args=(invocation, script, directory, timeout, region), daemon=True).start()
+            threading.Thread(target=self._run, args=(invocation, script, directory, timeout, region, streams),
+                             daemon=True).start()
 
     def invocation(self, command_id, instance_id):
         with self.lock:
@@ -177,7 +196,7 @@ class Agent:
             if process and process.poll() is None:
                 os.killpg(process.pid, signal.SIGKILL)
 
-    def _run(self, invocation: Invocation, script: str, directory: str, timeout: int, region: str):
+    def _run(self, invocation: Invocation, script: str, directory: str, timeout: int, region: str, streams):
         time.sleep(max(0.0, invocation.taken_at - time.monotonic()))
         run = self.instances.running.get(invocation.instance_id)
         init = instance_init(run)
@@ -205,17 +224,26 @@ class Agent:
                 env={"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root",
                      "AWS_SSM_INSTANCE_ID": invocation.instance_id, "AWS_SSM_REGION_NAME": region},
             )
+        # Each stream read line by line as it is written, kept whole for GetCommandInvocation
+        # and streamed to CloudWatch Logs when asked.
+        kept = {"stdout": [], "stderr": []}
+        readers = [threading.Thread(target=read_lines, args=(pipe, kept[name], name, streams), daemon=True)
+                   for name, pipe in (("stdout", invocation.process.stdout), ("stderr", invocation.process.stderr))]
+        for reader in readers:
+            reader.start()
         timed_out = False
         try:
-            out, err = invocation.process.communicate(timeout=timeout)
+            invocation.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             timed_out = True
             os.killpg(invocation.process.pid, signal.SIGKILL)
-            out, err = invocation.process.communicate()
+            invocation.process.wait()
+        for reader in readers:
+            reader.join()
         with invocation.lock:
             invocation.ended = datetime.now(timezone.utc)
-            invocation.stdout = out.decode("utf-8", "replace")
-            invocation.stderr = err.decode("utf-8", "replace")
+            invocation.stdout = b"".join(kept["stdout"]).decode("utf-8", "replace")
+            invocation.stderr = b"".join(kept["stderr"]).decode("utf-8", "replace")
             code = invocation.process.returncode
             # The agent tells a kill from a failure by its code alone: 137 is a timeout unless
             # the command was cancelled.
@@ -230,6 +258,35 @@ class Agent:
             else:
                 invocation.status, invocation.details = "Failed", "Failed"
                 invocation.stderr += f"failed to run commands: exit status {code}\n"
+
+
+def read_lines(pipe, kept: list, name: str, streams):
+    """Reads `pipe` to its end into `kept`, streaming each line to `streams` when given."""
+    for line in iter(pipe.readline, b""):
+        kept.append(line)
+        if streams is not None:
+            streams.put(name, line.decode("utf-8", "replace").rstrip("\n"))
+    pipe.close()
+
+
+class LogStreams:
+    """A command's output streams in CloudWatch Logs, as the agent writes them."""
+
+    def __init__(self, logs, group, command_id, instance_id):
+        self.logs = logs
+        self.group = group
+        self.prefix = f"{command_id}/{instance_id}/{PLUGIN_ID}"
+        self.lock = threading.Lock()
+
+    def put(self, stream, line):
+        # CloudWatch Logs takes no empty message.
+        if not line.strip():
+            return
+        name = f"{self.prefix}/{stream}"
+        with self.lock:
+            self.logs.ensure_log_group(self.group)
+            self.logs.ensure_log_stream(self.group, name)
+            self.logs.put_log_events(self.group, name, [{"timestamp": int(time.time() * 1000), "message": line}])
 
 
 def instance_init(run):
