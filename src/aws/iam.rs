@@ -11,6 +11,12 @@ const SSM_AGENT_POLICIES: [&str; 2] = [
     ":iam::aws:policy/service-role/AmazonEC2RoleforSSM",
 ];
 
+/// AWS's managed policies that let the agent write a command's output to CloudWatch Logs.
+const LOG_WRITING_POLICIES: [&str; 2] = [
+    ":iam::aws:policy/CloudWatchAgentServerPolicy",
+    ":iam::aws:policy/CloudWatchLogsFullAccess",
+];
+
 #[derive(Debug, thiserror::Error)]
 #[error("{setting} = \"{profile}\": {problem}")]
 pub struct ProfileError {
@@ -23,11 +29,16 @@ pub struct ProfileError {
 /// that failed otherwise (denied, throttled, no route to IAM) leaves the launch to tell.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Profile {
-    /// Its role has one of AWS's policies for SSM's agent.
-    Ready,
-    /// Its role has none of them; its own policies may still allow the agent, which IAM
-    /// does not say without evaluating them.
-    WithoutAgentPolicy { role: String },
+    /// The profile and its role's attached policies were read. A role without AWS's
+    /// policies may still be allowed by its own, which IAM does not say without evaluating
+    /// them.
+    Read {
+        role: String,
+        /// One of AWS's policies for SSM's agent is attached.
+        agent_policy: bool,
+        /// One of AWS's policies that let the agent write logs is attached.
+        log_policy: bool,
+    },
     /// The profile could not be read.
     Unreadable { detail: String },
     /// The profile was read, its role's policies could not be listed.
@@ -98,12 +109,15 @@ pub async fn instance_profile(
             })
         }
     };
-    let has_agent_policy = attached
-        .iter()
-        .filter_map(|p| p.policy_arn())
-        .any(|arn| SSM_AGENT_POLICIES.iter().any(|p| arn.ends_with(p)));
-    Ok(match has_agent_policy {
-        true => Profile::Ready,
-        false => Profile::WithoutAgentPolicy { role },
+    let attached = |policies: &[&str]| {
+        attached
+            .iter()
+            .filter_map(|p| p.policy_arn())
+            .any(|arn| policies.iter().any(|p| arn.ends_with(p)))
+    };
+    Ok(Profile::Read {
+        agent_policy: attached(&SSM_AGENT_POLICIES),
+        log_policy: attached(&LOG_WRITING_POLICIES),
+        role,
     })
 }

@@ -11,6 +11,7 @@ pub mod instance;
 pub mod key_pair;
 pub mod kms;
 pub mod launch_template;
+pub mod logs;
 pub mod resources;
 pub mod run_command;
 pub mod security_group;
@@ -64,6 +65,7 @@ pub struct Clients {
     pub ssm: aws_sdk_ssm::Client,
     pub kms: aws_sdk_kms::Client,
     pub iam: aws_sdk_iam::Client,
+    pub logs: aws_sdk_cloudwatchlogs::Client,
     pub ebs: aws_sdk_ebs::Client,
     pub sts: aws_sdk_sts::Client,
     pub region: String,
@@ -112,6 +114,7 @@ impl Clients {
             ),
             kms: aws_sdk_kms::Client::new(config),
             iam: aws_sdk_iam::Client::new(config),
+            logs: aws_sdk_cloudwatchlogs::Client::new(config),
             ebs: aws_sdk_ebs::Client::from_conf(ebs::client_config(config)),
             sts: aws_sdk_sts::Client::new(config),
             region,

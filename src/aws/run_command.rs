@@ -7,7 +7,9 @@
 
 use std::time::Duration;
 
-use aws_sdk_ssm::types::{CommandInvocationStatus, InstanceInformationStringFilter};
+use aws_sdk_ssm::types::{
+    CloudWatchOutputConfig, CommandInvocationStatus, InstanceInformationStringFilter,
+};
 use tokio_util::sync::CancellationToken;
 
 use super::resources::ResourceError;
@@ -81,18 +83,33 @@ pub async fn wait_for_agent(
     .await
 }
 
+/// The log stream the agent writes a command's `stdout` or `stderr` into, in the group the
+/// command named (SSM's naming: command, instance, the shell plugin's id, the stream).
+pub fn output_stream(command_id: &str, instance_id: &str, stream: &str) -> String {
+    format!("{command_id}/{instance_id}/aws-runShellScript/{stream}")
+}
+
 /// Sends `script` to the instance's agent to run with `sh` as root; answers the command's
-/// id. `comment` says which run sent it, in SSM's list of commands.
+/// id. `comment` says which run sent it, in SSM's list of commands; with `log_group`, the
+/// agent streams the output into that CloudWatch Logs group as it is written.
 pub async fn send(
     clients: &Clients,
     instance_id: &str,
     script: &str,
     comment: &str,
+    log_group: Option<&str>,
 ) -> Result<String, AwsError> {
     let comment: String = comment.chars().take(COMMENT_LIMIT).collect();
+    let streamed = log_group.map(|group| {
+        CloudWatchOutputConfig::builder()
+            .cloud_watch_output_enabled(true)
+            .cloud_watch_log_group_name(group)
+            .build()
+    });
     let out = clients
         .ssm
         .send_command()
+        .set_cloud_watch_output_config(streamed)
         .document_name(SHELL_DOCUMENT)
         .instance_ids(instance_id)
         .parameters("commands", vec![script.to_string()])

@@ -253,6 +253,14 @@ fn temporary_instance(grants: &mut Grants, plan: &InstancePlan) {
         grants.allow(Scope::Owned, &[INSTANCE], &["ssm:SendCommand"]);
         grants.allow(Scope::Any, &["*"], &["ssm:CancelCommand"]);
     }
+    if let Some(group) = &plan.ssm_log_group {
+        // The output the agent streams there, read as it comes.
+        grants.allow(
+            Scope::Any,
+            &[&format!("arn:aws:logs:*:*:log-group:{group}:log-stream:*")],
+            &["logs:GetLogEvents"],
+        );
+    }
 }
 
 fn bake(grants: &mut Grants, plan: &BakePlan, backends: &[Backend]) {

@@ -2,6 +2,11 @@
 //! to it: each command is a script sent to the instance's agent (SendCommand), followed
 //! until it ends (GetCommandInvocation) and cancelled on interrupt or timeout.
 //!
+//! SSM answers a command's output only once it has ended. With a log group, the agent also
+//! streams it into CloudWatch Logs as it is written, and the run shows it from there as it
+//! comes; what did not come that way (the instance's role may not write logs, the runner
+//! may not read them) is shown from SSM's answer at the end.
+//!
 //! SSM keeps what it is sent (ListCommands) and what it answers: the template check keeps
 //! sensitive values out of every command sent here (see `template::check`).
 
@@ -10,9 +15,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use super::{assignments, quote, CommError, Communicator};
+use crate::aws::logs::Follower;
 use crate::aws::run_command::{self, Ended, Invocation, STDERR_KEPT, STDOUT_KEPT};
 use crate::aws::wait::{wait_for, Poll, WaitError, WaitPolicy};
 use crate::aws::Clients;
@@ -60,33 +67,50 @@ pub struct Ssm {
     instance_id: String,
     /// In SSM's list of commands, which run sent each.
     comment: String,
+    /// Where the agent streams the output of the template's commands.
+    log_group: Option<String>,
 }
 
 impl Ssm {
-    pub fn new(clients: &Clients, instance_id: &str, build_id: &str) -> Ssm {
+    pub fn new(
+        clients: &Clients,
+        instance_id: &str,
+        build_id: &str,
+        log_group: Option<&str>,
+    ) -> Ssm {
         Ssm {
             clients: clients.clone(),
             instance_id: instance_id.to_string(),
             comment: format!("amibake build {build_id}"),
+            log_group: log_group.map(str::to_string),
         }
     }
 
     /// Sends `script` and follows it to its end: its status, exit code and output. On
     /// `cancel`, or when it cannot be followed within `policy`, the command is cancelled and
     /// followed until SSM says it is over.
+    ///
+    /// With `output`, the command's output streams into the log group and is handed to it
+    /// as it comes.
     async fn run_script(
         &self,
         script: &str,
         action: &str,
         policy: WaitPolicy,
         cancel: &CancellationToken,
+        mut output: Option<&mut Output<'_>>,
     ) -> Result<Ended, CommError> {
         let clients = &self.clients;
         let id = &self.instance_id;
-        let command_id = run_command::send(clients, id, script, &self.comment)
+        let log_group = output.as_ref().map(|o| o.group.as_str());
+        let command_id = run_command::send(clients, id, script, &self.comment, log_group)
             .await
             .map_err(|e| self.failed(action, e))?;
-        let followed = follow(clients, &command_id, id, policy, cancel).await;
+        if let Some(output) = output.as_deref_mut() {
+            output.follow(&command_id, id);
+        }
+        let output = output.map(Mutex::new);
+        let followed = follow(clients, &command_id, id, policy, cancel, output.as_ref()).await;
         if followed.is_ok() {
             return followed.map_err(|e| self.failed(action, e));
         }
@@ -95,7 +119,7 @@ impl Ssm {
         // step is over; the instance goes next either way.
         let _ = run_command::cancel(clients, &command_id, id).await;
         let never = CancellationToken::new();
-        let _ = follow(clients, &command_id, id, CANCELLED, &never).await;
+        let _ = follow(clients, &command_id, id, CANCELLED, &never, None).await;
         match followed {
             Err(WaitError::Interrupted { .. }) => Err(CommError::Interrupted {
                 target: self.target(),
@@ -108,7 +132,13 @@ impl Ssm {
     /// must succeed within `HOUSEKEEPING`.
     async fn housekeeping(&self, script: &str, action: &str) -> Result<(), CommError> {
         let ended = self
-            .run_script(script, action, HOUSEKEEPING, &CancellationToken::new())
+            .run_script(
+                script,
+                action,
+                HOUSEKEEPING,
+                &CancellationToken::new(),
+                None,
+            )
             .await?;
         match (ended.status.as_str(), ended.code) {
             ("Success", 0) => Ok(()),
@@ -124,13 +154,15 @@ impl Ssm {
     }
 }
 
-/// Polls command `command_id` on `instance_id` until it has ended.
+/// Polls command `command_id` on `instance_id` until it has ended, handing what its log
+/// streams gained to `output` at each poll.
 async fn follow(
     clients: &Clients,
     command_id: &str,
     instance_id: &str,
     policy: WaitPolicy,
     cancel: &CancellationToken,
+    output: Option<&Mutex<&mut Output<'_>>>,
 ) -> Result<Ended, WaitError<crate::aws::AwsError>> {
     wait_for(
         "command",
@@ -139,6 +171,9 @@ async fn follow(
         cancel,
         |_, _| {},
         || async {
+            if let Some(output) = output {
+                output.lock().await.read(clients).await;
+            }
             Ok(
                 match run_command::invocation(clients, command_id, instance_id).await? {
                     Invocation::NotTaken => Poll::Pending {
@@ -155,6 +190,92 @@ async fn follow(
         },
     )
     .await
+}
+
+/// A command's output as the run shows it: from its log streams as the agent writes them,
+/// then from SSM's answer for what they did not bring.
+struct Output<'a> {
+    group: String,
+    /// stdout's stream, then stderr's, each with the lines shown from it that were not
+    /// blank (CloudWatch Logs keeps no empty line).
+    streams: Vec<(Follower, usize)>,
+    /// Set once a read failed: the streams are not read again.
+    broken: bool,
+    on_line: &'a mut (dyn for<'l> FnMut(&'l str) + Send),
+}
+
+impl<'a> Output<'a> {
+    fn new(group: &str, on_line: &'a mut (dyn for<'l> FnMut(&'l str) + Send)) -> Output<'a> {
+        Output {
+            group: group.to_string(),
+            streams: Vec::new(),
+            broken: false,
+            on_line,
+        }
+    }
+
+    fn follow(&mut self, command_id: &str, instance_id: &str) {
+        self.streams = ["stdout", "stderr"]
+            .into_iter()
+            .map(|stream| {
+                let name = run_command::output_stream(command_id, instance_id, stream);
+                (Follower::new(&self.group, &name), 0)
+            })
+            .collect();
+    }
+
+    /// Shows what the streams gained since the last read. A read that fails (the runner may
+    /// not read the group) ends the reading: the output then comes when the command ends.
+    async fn read(&mut self, clients: &Clients) {
+        if self.broken {
+            return;
+        }
+        for (follower, shown) in &mut self.streams {
+            match follower.new_lines(clients).await {
+                Ok(lines) => {
+                    for line in lines {
+                        *shown += usize::from(!line.trim().is_empty());
+                        (self.on_line)(&line);
+                    }
+                }
+                Err(e) => {
+                    (self.on_line)(&format!("(the output is shown when the command ends: {e})"));
+                    self.broken = true;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Once the command has ended: the streams' last lines, then what SSM kept beyond
+    /// what they brought. Answers whether anything came from SSM's answer.
+    async fn finish(&mut self, clients: &Clients, ended: &Ended) -> bool {
+        self.read(clients).await;
+        let mut from_answer = false;
+        let kept = [ended.stdout.as_str(), ended.stderr.as_str()];
+        for (i, text) in kept.into_iter().enumerate() {
+            let shown = self.streams.get(i).map_or(0, |(_, shown)| *shown);
+            let rest = unshown(text, shown);
+            from_answer |= !rest.is_empty();
+            for line in rest {
+                (self.on_line)(line);
+            }
+        }
+        from_answer
+    }
+}
+
+/// The lines of `text` (what SSM kept of a stream) after the first `shown` that were not
+/// blank, which its log stream brought already; all of them when it brought none.
+fn unshown(text: &str, shown: usize) -> Vec<&str> {
+    match shown {
+        0 => text.lines().collect(),
+        _ => text
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .skip(shown)
+            .collect(),
+    }
 }
 
 /// `command` after the assignments of `env`, exported to it.
@@ -179,24 +300,30 @@ impl Communicator for Ssm {
         on_line: &mut (dyn for<'l> FnMut(&'l str) + Send),
         cancel: &CancellationToken,
     ) -> Result<i32, CommError> {
+        let mut output = Output::new(self.log_group.as_deref().unwrap_or_default(), on_line);
+        let streamed = self.log_group.is_some().then_some(&mut output);
+        let ended = self
+            .run_script(
+                &script(command, env),
+                "run a command",
+                COMMAND,
+                cancel,
+                streamed,
+            )
+            .await?;
+        let from_answer = output.finish(&self.clients, &ended).await;
         let Ended {
             status,
             code,
             stdout,
             stderr,
-        } = self
-            .run_script(&script(command, env), "run a command", COMMAND, cancel)
-            .await?;
-        // SSM hands the output over once the command has ended.
-        for line in stdout.lines().chain(stderr.lines()) {
-            on_line(line);
-        }
+        } = ended;
         for (kept, limit, stream) in [
             (stdout.len(), STDOUT_KEPT, "output"),
             (stderr.len(), STDERR_KEPT, "error output"),
         ] {
-            if kept >= limit {
-                on_line(&format!(
+            if kept >= limit && from_answer {
+                (output.on_line)(&format!(
                     "(SSM keeps the first {limit} characters of a command's {stream}: the rest is not shown)"
                 ));
             }
@@ -265,6 +392,17 @@ impl Communicator for Ssm {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_ssm_kept_is_shown_after_the_lines_the_log_stream_brought() {
+        let kept = "first\n\nsecond\nthird\n";
+        assert_eq!(unshown(kept, 0), ["first", "", "second", "third"]);
+        // The stream holds no blank line: two lines shown are `first` and `second`.
+        assert_eq!(unshown(kept, 2), ["third"]);
+        assert!(unshown(kept, 3).is_empty());
+        // SSM cut its copy shorter than what the stream brought.
+        assert!(unshown(kept, 10).is_empty());
+    }
 
     #[test]
     fn the_environment_is_exported_before_the_command_and_quoted() {

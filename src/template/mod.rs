@@ -99,6 +99,8 @@ pub struct InstancePlan {
     /// How long the instance may take to answer over SSH, or its agent to register with
     /// SSM.
     pub reach_timeout: Duration,
+    /// Over SSM: the CloudWatch Logs group each command's output streams into.
+    pub ssm_log_group: Option<String>,
     /// Set when the template names its key pair; otherwise a temporary one is made.
     pub ssh_keypair: Option<ExistingKeyPair>,
     pub ssh_cidrs: Option<Vec<String>>,

@@ -164,6 +164,9 @@ macro_rules! with_instance_keys {
                 pub communicator: Option<Spanned<CommunicatorKind>>,
                 /// With `ssm`: how long the instance's agent may take to register it.
                 pub agent_timeout_seconds: Option<Spanned<u64>>,
+                /// With `ssm`: a CloudWatch Logs group the agent streams each command's
+                /// output into, for the run to show it as it comes.
+                pub ssm_log_group: Option<Spanned<String>>,
                 /// With `ssh`, the user to log in as.
                 pub ssh_username: Option<Spanned<String>>,
                 pub ssh_interface: Option<Spanned<SshInterface>>,
@@ -191,6 +194,7 @@ macro_rules! with_instance_keys {
                     instance_type: &self.instance_type,
                     communicator: &self.communicator,
                     agent_timeout_seconds: &self.agent_timeout_seconds,
+                    ssm_log_group: &self.ssm_log_group,
                     ssh_username: &self.ssh_username,
                     ssh_interface: &self.ssh_interface,
                     ssh_timeout_seconds: &self.ssh_timeout_seconds,
@@ -227,6 +231,7 @@ pub struct InstanceKeys<'a> {
     pub instance_type: &'a Spanned<String>,
     pub communicator: &'a Option<Spanned<CommunicatorKind>>,
     pub agent_timeout_seconds: &'a Option<Spanned<u64>>,
+    pub ssm_log_group: &'a Option<Spanned<String>>,
     pub ssh_username: &'a Option<Spanned<String>>,
     pub ssh_interface: &'a Option<Spanned<SshInterface>>,
     pub ssh_timeout_seconds: &'a Option<Spanned<u64>>,

@@ -206,6 +206,7 @@ fn the_ssm_base_policy_allows_exactly_what_a_base_over_ssm_calls() {
         &format!(
             "[base]\nname = \"base-${{timestamp}}\"\nsource_ami = \"resolve:ssm:{DEBIAN}\"\n\
              instance_type = \"t3.small\"\ncommunicator = \"ssm\"\niam_instance_profile = \"amibake-build\"\n\
+             ssm_log_group = \"/amibake/builds\"\n\
              publish_ssm = \"/amibake/shop/base\"\npublish_label = \"latest\"\n\n\
              [[base.provisioner]]\ninline = [\"true\"]\n"
         ),

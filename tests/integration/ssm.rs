@@ -11,6 +11,8 @@ use crate::util::Run;
 const PROFILE: &str = "amibake-ssm";
 const PROFILE_WITHOUT_SSM: &str = "amibake-no-ssm";
 const PROFILE_WITHOUT_ROLE: &str = "amibake-no-role";
+/// A profile whose role may also write CloudWatch Logs: the agent streams output there.
+const PROFILE_WITH_LOGS: &str = "amibake-ssm-logs";
 
 /// A file that goes to the instance in several pieces.
 fn pool_conf() -> String {
@@ -33,6 +35,9 @@ impl World {
         world
             .cloud
             .cli(&["instance-profile", PROFILE_WITHOUT_ROLE, "--without-role"]);
+        world
+            .cloud
+            .cli(&["instance-profile", PROFILE_WITH_LOGS, "--with-logs"]);
         std::fs::write(world.dir().join("pool.conf"), pool_conf()).unwrap();
         std::fs::write(
             world.dir().join("setup.sh"),
@@ -254,6 +259,29 @@ fn an_instance_ssm_cannot_manage_is_refused_or_given_up_on_and_leaves_nothing() 
         &["t.toml:5:16: base.communicator:", "iam_instance_profile"],
     );
 
+    // A log group CloudWatch Logs would refuse, and one over SSH: refused, before any call.
+    world.template(
+        PROFILE,
+        "ssm_log_group = \"/amibake/build logs\"",
+        "[[base.provisioner]]\ninline = [\"true\"]\n",
+    );
+    world.refused(
+        &["base", "t.toml"],
+        &["t.toml:10:17: base.ssm_log_group:", "holds ` `"],
+    );
+    let text = "[base]\nname = \"ssh-base\"\n\
+                source_ami = \"resolve:ssm:/aws/service/debian/release/12/latest/amd64\"\n\
+                instance_type = \"t3.small\"\nssh_username = \"admin\"\n\
+                ssm_log_group = \"/amibake/builds\"\n";
+    std::fs::write(world.dir().join("t.toml"), text).unwrap();
+    world.refused(
+        &["base", "t.toml"],
+        &[
+            "t.toml:6:17: base.ssm_log_group:",
+            "goes with `communicator = \"ssm\"`",
+        ],
+    );
+
     // A sensitive value would be kept by SSM with the command: refused, before any call.
     world.template(
         PROFILE,
@@ -353,6 +381,132 @@ fn an_instance_ssm_cannot_manage_is_refused_or_given_up_on_and_leaves_nothing() 
         run.dump()
     );
     world.cloud.left().assert_nothing(&run.dump());
+}
+
+/// A provisioner's one command that prints, then waits at a gate in the instance until the
+/// test opens it, then prints again.
+const GATED: &str = "[[base.provisioner]]\nname = \"gated\"\n\
+     inline = [\"echo early-line; echo; echo early-error >&2; \
+     while [ ! -e /root/gate ]; do sleep 0.2; done; rm /root/gate; echo late-line\"]\n\
+     timeout_seconds = 60\n";
+
+/// How many times the run showed `line` as a provisioner's output.
+fn shown(run: &Run, line: &str) -> usize {
+    let wanted = format!("\"line\":\"{line}\"");
+    run.stderr().lines().filter(|l| l.contains(&wanted)).count()
+}
+
+/// The instance whose agent the run said registered, from the lines it printed.
+fn registered_instance(lines: &[String]) -> String {
+    let note = lines
+        .iter()
+        .find(|l| l.contains("'s SSM agent registered"))
+        .expect("the run says when the agent registered");
+    let at = note.find("i-").unwrap();
+    note[at..].split('\'').next().unwrap().to_string()
+}
+
+/// `amibake base` until both early lines are shown, then `act`, then to its end.
+fn base_gated(world: &World, act: impl FnOnce(&str)) -> Run {
+    let mut command = world.cloud.amibake(world.dir());
+    // `--force`: the same provisioners would reuse the image an earlier run made.
+    command
+        .args(["base", "t.toml", "--force"])
+        .env("TMPDIR", world.dir());
+    let (mut out, mut err) = (false, false);
+    let (run, _) = crate::util::act_when(
+        command,
+        "amibake base over SSM, its output gated",
+        |line| {
+            out |= line.contains("\"line\":\"early-line\"");
+            err |= line.contains("\"line\":\"early-error\"");
+            out && err
+        },
+        |_, lines| act(&registered_instance(lines)),
+    );
+    run
+}
+
+#[test]
+fn a_commands_output_over_ssm_streams_from_a_log_group_as_it_is_written() {
+    let _module = crate::util::module_turn(module_path!());
+    let world = World::with_profiles();
+    let open_gate = |instance: &str| {
+        std::fs::write(world.cloud.instance_root(instance).join("root/gate"), "").unwrap()
+    };
+
+    // The early lines are shown while the command waits at its gate: read from the log
+    // group, as SSM itself answers no output before a command ends. Each line once.
+    world.template(
+        PROFILE_WITH_LOGS,
+        "ssm_log_group = \"/amibake/builds\"",
+        GATED,
+    );
+    let from = world.cloud.calls().len();
+    let run = base_gated(&world, open_gate);
+    run.expect_code(0);
+    for line in ["early-line", "early-error", "late-line"] {
+        assert_eq!(shown(&run, line), 1, "{line}\n{}", run.dump());
+    }
+    let calls = world.cloud.calls_since(from);
+    assert!(actions(&calls).contains(&"GetLogEvents"), "{}", run.dump());
+    assert!(
+        !run.stderr().contains("CloudWatchAgentServerPolicy"),
+        "{}",
+        run.dump()
+    );
+    world.cloud.assert_nothing_temporary();
+
+    // A role that may not write logs: said before the launch; the output is shown once,
+    // when the command ends (without streaming the gate would never open).
+    world.template(
+        PROFILE,
+        "ssm_log_group = \"/amibake/builds\"",
+        "[[base.provisioner]]\ninline = [\"echo first-line\", \"echo\", \"echo last-line\"]\n",
+    );
+    let run = world.base();
+    run.expect_code(0);
+    assert!(
+        run.stderr().contains(&format!(
+            "base.iam_instance_profile: its role {PROFILE} has no CloudWatchAgentServerPolicy attached"
+        )),
+        "{}",
+        run.dump()
+    );
+    for line in ["first-line", "last-line"] {
+        assert_eq!(shown(&run, line), 1, "{line}\n{}", run.dump());
+    }
+
+    // The log group turns unreadable mid-command: the lines streamed so far are not shown
+    // again, and the rest comes from SSM's answer.
+    world.template(
+        PROFILE_WITH_LOGS,
+        "ssm_log_group = \"/amibake/builds\"",
+        GATED,
+    );
+    let run = base_gated(&world, |instance| {
+        world.cloud.cli(&[
+            "fault",
+            "GetLogEvents",
+            "--error",
+            "AccessDeniedException",
+            "--times",
+            "1000",
+        ]);
+        open_gate(instance);
+    });
+    run.expect_code(0);
+    assert!(
+        run.stderr()
+            .contains("(the output is shown when the command ends:")
+            && run.stderr().contains("AccessDeniedException"),
+        "{}",
+        run.dump()
+    );
+    for line in ["early-line", "early-error", "late-line"] {
+        assert_eq!(shown(&run, line), 1, "{line}\n{}", run.dump());
+    }
+    world.cloud.assert_nothing_temporary();
 }
 
 #[test]

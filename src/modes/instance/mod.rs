@@ -474,6 +474,7 @@ impl TemporaryInstance {
             &self.clients,
             &instance_id,
             &self.build_id,
+            plan.ssm_log_group.as_deref(),
         )));
         Ok(())
     }

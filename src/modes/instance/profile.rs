@@ -1,6 +1,7 @@
 //! The instance profile of an instance reached through SSM, checked with IAM before the run
 //! makes anything: a profile that does not exist or has no role is refused; a role without
-//! AWS's policy for SSM's agent, or a profile these credentials cannot read, is said.
+//! AWS's policy for SSM's agent (or, with a log group, for writing logs), or a profile these
+//! credentials cannot read, is said.
 
 use std::sync::Arc;
 
@@ -21,21 +22,38 @@ pub async fn check(
         return Ok(());
     };
     let setting = format!("{}.iam_instance_profile", plan.table);
-    let message = match instance_profile(clients, &setting, profile).await? {
-        Profile::Ready => return Ok(()),
-        Profile::WithoutAgentPolicy { role } => format!(
-            "{setting}: its role {role} has no AmazonSSMManagedInstanceCore policy attached; unless its own policies allow SSM's agent, the instance never registers and the run gives up after `agent_timeout_seconds`"
-        ),
-        Profile::Unreadable { detail } => format!(
+    let notes = match instance_profile(clients, &setting, profile).await? {
+        Profile::Read {
+            role,
+            agent_policy,
+            log_policy,
+        } => {
+            let mut notes = Vec::new();
+            if !agent_policy {
+                notes.push(format!(
+                    "{setting}: its role {role} has no AmazonSSMManagedInstanceCore policy attached; unless its own policies allow SSM's agent, the instance never registers and the run gives up after `agent_timeout_seconds`"
+                ));
+            }
+            if let (Some(group), false) = (&plan.ssm_log_group, log_policy) {
+                notes.push(format!(
+                    "{setting}: its role {role} has no CloudWatchAgentServerPolicy attached; unless its own policies let the agent write to {group} (`{}.ssm_log_group`), each command's output is shown when it ends",
+                    plan.table
+                ));
+            }
+            notes
+        }
+        Profile::Unreadable { detail } => vec![format!(
             "{setting}: not checked before the launch, as IAM did not answer for it ({detail})"
-        ),
-        Profile::PoliciesUnreadable { role, detail } => format!(
+        )],
+        Profile::PoliciesUnreadable { role, detail } => vec![format!(
             "{setting}: the policies of its role {role} were not checked before the launch, as IAM did not list them ({detail})"
-        ),
+        )],
     };
-    sink.emit(&Event::Note {
-        step: String::new(),
-        message,
-    });
+    for message in notes {
+        sink.emit(&Event::Note {
+            step: String::new(),
+            message,
+        });
+    }
     Ok(())
 }

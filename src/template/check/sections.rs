@@ -14,6 +14,7 @@ struct Reach {
     communicator: CommunicatorKind,
     ssh_username: String,
     reach_timeout: Duration,
+    ssm_log_group: Option<String>,
 }
 
 impl Checker<'_> {
@@ -69,6 +70,7 @@ impl Checker<'_> {
             communicator,
             ssh_username,
             reach_timeout,
+            ssm_log_group,
         } = self.reach(section, &s);
         let ssh_keypair = match (s.ssh_keypair_name, s.ssh_private_key_file) {
             (Some(name), Some(file)) => {
@@ -145,6 +147,7 @@ impl Checker<'_> {
             ssh_username,
             ssh_interface: s.ssh_interface.as_ref().map(|i| *i.get_ref()),
             reach_timeout,
+            ssm_log_group,
             ssh_keypair,
             ssh_cidrs,
             subnet_id,
@@ -182,6 +185,13 @@ impl Checker<'_> {
                 "the SSM agent's wait goes with `communicator = \"ssm\"`; over SSH it is `ssh_timeout_seconds`".into(),
             );
         }
+        if let Some(group) = s.ssm_log_group {
+            self.error(
+                Some(group.span()),
+                &key("ssm_log_group"),
+                "goes with `communicator = \"ssm\"`: over SSH a command's output comes as it is written".into(),
+            );
+        }
         let ssh_username = match s.ssh_username {
             Some(user) => self.text(&key("ssh_username"), user),
             None => String::new(),
@@ -204,6 +214,7 @@ impl Checker<'_> {
             communicator: CommunicatorKind::Ssh,
             ssh_username,
             reach_timeout: self.reach_timeout(&key("ssh_timeout_seconds"), s.ssh_timeout_seconds),
+            ssm_log_group: None,
         }
     }
 
@@ -242,12 +253,39 @@ impl Checker<'_> {
                 "SSM reaches an instance through its instance profile: name one whose role has AWS's AmazonSSMManagedInstanceCore policy in `iam_instance_profile`".into(),
             );
         }
+        let ssm_log_group = s
+            .ssm_log_group
+            .as_ref()
+            .map(|group| self.log_group(&key("ssm_log_group"), group));
         Reach {
             communicator: CommunicatorKind::Ssm,
             ssh_username: String::new(),
             reach_timeout: self
                 .reach_timeout(&key("agent_timeout_seconds"), s.agent_timeout_seconds),
+            ssm_log_group,
         }
+    }
+
+    /// A CloudWatch Logs group's name, as CloudWatch Logs takes it: 1 to 512 of letters,
+    /// digits and `_-./#`.
+    fn log_group(&mut self, key: &str, value: &Spanned<String>) -> String {
+        let name = self.text(key, value);
+        let bad = name
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || "_-./#".contains(*c)));
+        let problem = match bad {
+            _ if name.is_empty() || name.len() > 512 => {
+                Some(format!("`{name}` is not 1 to 512 characters long"))
+            }
+            Some(c) => Some(format!(
+                "`{name}` holds `{c}`: a log group's name is letters, digits and `_-./#`"
+            )),
+            None => None,
+        };
+        if let Some(problem) = problem {
+            self.error(Some(value.span()), key, problem);
+        }
+        name
     }
 
     /// How long to wait for the instance to answer: `key`'s seconds, or the default.

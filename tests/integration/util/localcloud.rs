@@ -392,6 +392,11 @@ impl LocalCloud {
         out
     }
 
+    /// The root filesystem of instance `instance_id` while it runs, as its programs see it.
+    pub fn instance_root(&self, instance_id: &str) -> PathBuf {
+        self.state.join("instances").join(instance_id).join("root")
+    }
+
     /// `amibake --output json` run in `dir` against this cloud, found as every SDK finds it:
     /// through the environment. Add the subcommand and its arguments.
     pub fn amibake(&self, dir: &Path) -> Command {

@@ -284,10 +284,29 @@ pub fn interrupt_when(command: Command, what: &str, when: impl FnMut(&str) -> bo
 /// Like `interrupt_when`, with `signal` for kill(1) (`-TERM`, `-INT`); also returns how long
 /// the run went on after the signal.
 pub fn signal_when(
-    mut command: Command,
+    command: Command,
     signal: &str,
     what: &str,
+    when: impl FnMut(&str) -> bool,
+) -> (Run, std::time::Duration) {
+    act_when(command, what, when, |pid, _| {
+        let sent = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill {signal} {pid}");
+    })
+}
+
+/// Runs `command` (its progress as JSON lines on stderr) and, once a line of its stderr
+/// satisfies `when`, calls `act` with its pid and the lines so far; the run then goes on to
+/// its end. Also returns how long it went on after `act`. Panics if the run ends before any
+/// line satisfies `when`.
+pub fn act_when(
+    mut command: Command,
+    what: &str,
     mut when: impl FnMut(&str) -> bool,
+    act: impl FnOnce(u32, &[String]),
 ) -> (Run, std::time::Duration) {
     use std::io::BufRead;
     let mut child = command
@@ -297,24 +316,20 @@ pub fn signal_when(
         .expect("amibake binary runs");
     let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
     let mut seen = Vec::new();
-    let mut signalled = None;
+    let mut acted = None;
     for line in lines.by_ref() {
         let line = line.unwrap();
         let now = when(&line);
         seen.push(line);
         if now {
-            let sent = Command::new("kill")
-                .args([signal, &child.id().to_string()])
-                .status()
-                .unwrap();
-            assert!(sent.success(), "kill {signal} {}", child.id());
-            signalled = Some(std::time::Instant::now());
+            act(child.id(), &seen);
+            acted = Some(std::time::Instant::now());
             break;
         }
     }
     seen.extend(lines.map(|l| l.unwrap()));
     let output = child.wait_with_output().unwrap();
-    let after_signal = signalled.map(|at| at.elapsed()).unwrap_or_default();
+    let after = acted.map(|at| at.elapsed()).unwrap_or_default();
     let run = Run {
         command: what.to_string(),
         output: Output {
@@ -323,11 +338,11 @@ pub fn signal_when(
         },
     };
     assert!(
-        signalled.is_some(),
+        acted.is_some(),
         "the awaited line never came\n{}",
         run.dump()
     );
-    (run, after_signal)
+    (run, after)
 }
 
 /// The sandbox's own host ids for tests that run the sandbox's children directly, as a bake
