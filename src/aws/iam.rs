@@ -11,10 +11,12 @@ const SSM_AGENT_POLICIES: [&str; 2] = [
     ":iam::aws:policy/service-role/AmazonEC2RoleforSSM",
 ];
 
-/// AWS's managed policies that let the agent write a command's output to CloudWatch Logs.
-const LOG_WRITING_POLICIES: [&str; 2] = [
+/// AWS's managed policies that let the agent write a command's output to CloudWatch Logs
+/// (the older policy for the agent grants it too).
+const LOG_WRITING_POLICIES: [&str; 3] = [
     ":iam::aws:policy/CloudWatchAgentServerPolicy",
     ":iam::aws:policy/CloudWatchLogsFullAccess",
+    ":iam::aws:policy/service-role/AmazonEC2RoleforSSM",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -109,15 +111,15 @@ pub async fn instance_profile(
             })
         }
     };
-    let attached = |policies: &[&str]| {
+    let has_one_of = |policies: &[&str]| {
         attached
             .iter()
             .filter_map(|p| p.policy_arn())
             .any(|arn| policies.iter().any(|p| arn.ends_with(p)))
     };
     Ok(Profile::Read {
-        agent_policy: attached(&SSM_AGENT_POLICIES),
-        log_policy: attached(&LOG_WRITING_POLICIES),
+        agent_policy: has_one_of(&SSM_AGENT_POLICIES),
+        log_policy: has_one_of(&LOG_WRITING_POLICIES),
         role,
     })
 }

@@ -254,10 +254,11 @@ fn temporary_instance(grants: &mut Grants, plan: &InstancePlan) {
         grants.allow(Scope::Any, &["*"], &["ssm:CancelCommand"]);
     }
     if let Some(group) = &plan.ssm_log_group {
-        // The output the agent streams there, read as it comes.
+        // The output the agent streams there, read as it comes: on the group's streams
+        // (`log-group:NAME:*` covers them, whichever of the two IAM checks the call against).
         grants.allow(
             Scope::Any,
-            &[&format!("arn:aws:logs:*:*:log-group:{group}:log-stream:*")],
+            &[&format!("arn:aws:logs:*:*:log-group:{group}:*")],
             &["logs:GetLogEvents"],
         );
     }

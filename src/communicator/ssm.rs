@@ -109,6 +109,8 @@ impl Ssm {
         if let Some(output) = output.as_deref_mut() {
             output.follow(&command_id, id);
         }
+        // Each poll of the command reads the streams too: the poll's future borrows the
+        // output only while it runs, through a lock no one else waits on.
         let output = output.map(Mutex::new);
         let followed = follow(clients, &command_id, id, policy, cancel, output.as_ref()).await;
         if followed.is_ok() {
@@ -172,7 +174,14 @@ async fn follow(
         |_, _| {},
         || async {
             if let Some(output) = output {
-                output.lock().await.read(clients).await;
+                let mut output = output.lock().await;
+                // A slow or throttled read holds up neither an interrupt nor the command's
+                // own timeout: what it had not read comes at the next poll.
+                tokio::select! {
+                    _ = output.read(clients) => {}
+                    _ = cancel.cancelled() => {}
+                    _ = tokio::time::sleep(READ_BOUND) => {}
+                }
             }
             Ok(
                 match run_command::invocation(clients, command_id, instance_id).await? {
@@ -192,16 +201,32 @@ async fn follow(
     .await
 }
 
+/// How many pages of each stream one read goes through at most; the rest comes at the next.
+const PAGES_PER_READ: usize = 5;
+/// How long one read of the streams may hold up the following of the command.
+const READ_BOUND: Duration = Duration::from_secs(5);
+/// Once a command has ended, how long its streams may take to bring the rest of what SSM cut
+/// (the agent sends its last lines after the status is final): read this often, until they
+/// have brought nothing for `QUIET`, for `CATCH_UP` at most.
+const CATCH_UP: Duration = Duration::from_secs(10);
+const CATCH_UP_POLL: Duration = Duration::from_millis(500);
+const QUIET: Duration = Duration::from_secs(3);
+
 /// A command's output as the run shows it: from its log streams as the agent writes them,
 /// then from SSM's answer for what they did not bring.
 struct Output<'a> {
     group: String,
-    /// stdout's stream, then stderr's, each with the lines shown from it that were not
-    /// blank (CloudWatch Logs keeps no empty line).
-    streams: Vec<(Follower, usize)>,
+    /// stdout's stream, then stderr's.
+    streams: Vec<Stream>,
     /// Set once a read failed: the streams are not read again.
     broken: bool,
     on_line: &'a mut (dyn for<'l> FnMut(&'l str) + Send),
+}
+
+struct Stream {
+    follower: Follower,
+    /// The lines shown from it that were not blank (CloudWatch Logs keeps no empty line).
+    shown: usize,
 }
 
 impl<'a> Output<'a> {
@@ -217,52 +242,82 @@ impl<'a> Output<'a> {
     fn follow(&mut self, command_id: &str, instance_id: &str) {
         self.streams = ["stdout", "stderr"]
             .into_iter()
-            .map(|stream| {
-                let name = run_command::output_stream(command_id, instance_id, stream);
-                (Follower::new(&self.group, &name), 0)
+            .map(|stream| Stream {
+                follower: Follower::new(
+                    &self.group,
+                    &run_command::output_stream(command_id, instance_id, stream),
+                ),
+                shown: 0,
             })
             .collect();
     }
 
     /// Shows what the streams gained since the last read. A read that fails (the runner may
     /// not read the group) ends the reading: the output then comes when the command ends.
+    /// Cancel-safe: a line is shown as soon as its page is read.
     async fn read(&mut self, clients: &Clients) {
         if self.broken {
             return;
         }
-        for (follower, shown) in &mut self.streams {
-            match follower.new_lines(clients).await {
-                Ok(lines) => {
-                    for line in lines {
-                        *shown += usize::from(!line.trim().is_empty());
-                        (self.on_line)(&line);
+        for stream in &mut self.streams {
+            for _ in 0..PAGES_PER_READ {
+                match stream.follower.next_page(clients).await {
+                    Ok(page) => {
+                        for line in &page.lines {
+                            stream.shown += usize::from(!line.trim().is_empty());
+                            (self.on_line)(line);
+                        }
+                        if page.at_end {
+                            break;
+                        }
                     }
-                }
-                Err(e) => {
-                    (self.on_line)(&format!("(the output is shown when the command ends: {e})"));
-                    self.broken = true;
-                    return;
+                    Err(e) => {
+                        (self.on_line)(&format!(
+                            "(the output is shown when the command ends: {e})"
+                        ));
+                        self.broken = true;
+                        return;
+                    }
                 }
             }
         }
     }
 
-    /// Once the command has ended: the streams' last lines, then what SSM kept beyond
-    /// what they brought. Answers whether anything came from SSM's answer.
-    async fn finish(&mut self, clients: &Clients, ended: &Ended) -> bool {
-        self.read(clients).await;
-        let mut from_answer = false;
+    /// Once the command has ended: the streams' last lines, then what SSM kept beyond what
+    /// they brought. Where SSM cut a stream, only its streamed copy holds the rest, and it
+    /// is awaited (see `CATCH_UP`). Answers, per stream, whether what was shown may lack
+    /// what SSM cut.
+    async fn finish(&mut self, clients: &Clients, ended: &Ended) -> [bool; 2] {
         let kept = [ended.stdout.as_str(), ended.stderr.as_str()];
-        for (i, text) in kept.into_iter().enumerate() {
-            let shown = self.streams.get(i).map_or(0, |(_, shown)| *shown);
-            let rest = unshown(text, shown);
-            from_answer |= !rest.is_empty();
-            for line in rest {
-                (self.on_line)(line);
+        let cut = [kept[0].len() >= STDOUT_KEPT, kept[1].len() >= STDERR_KEPT];
+        self.read(clients).await;
+        if !self.streams.is_empty() && cut.contains(&true) {
+            let started = tokio::time::Instant::now();
+            let mut last_news = started;
+            while !self.broken && last_news.elapsed() < QUIET && started.elapsed() < CATCH_UP {
+                tokio::time::sleep(CATCH_UP_POLL).await;
+                let before: usize = self.streams.iter().map(|s| s.shown).sum();
+                self.read(clients).await;
+                if self.streams.iter().map(|s| s.shown).sum::<usize>() > before {
+                    last_news = tokio::time::Instant::now();
+                }
             }
         }
-        from_answer
+        let mut lacking = [false; 2];
+        for (i, text) in kept.into_iter().enumerate() {
+            let shown = self.streams.get(i).map_or(0, |s| s.shown);
+            for line in unshown(text, shown) {
+                (self.on_line)(line);
+            }
+            // The stream brought no more than SSM's cut copy holds.
+            lacking[i] = cut[i] && shown <= non_blank(text);
+        }
+        lacking
     }
+}
+
+fn non_blank(text: &str) -> usize {
+    text.lines().filter(|l| !l.trim().is_empty()).count()
 }
 
 /// The lines of `text` (what SSM kept of a stream) after the first `shown` that were not
@@ -311,18 +366,13 @@ impl Communicator for Ssm {
                 streamed,
             )
             .await?;
-        let from_answer = output.finish(&self.clients, &ended).await;
-        let Ended {
-            status,
-            code,
-            stdout,
-            stderr,
-        } = ended;
-        for (kept, limit, stream) in [
-            (stdout.len(), STDOUT_KEPT, "output"),
-            (stderr.len(), STDERR_KEPT, "error output"),
+        let lacking = output.finish(&self.clients, &ended).await;
+        let Ended { status, code, .. } = ended;
+        for (lacking, limit, stream) in [
+            (lacking[0], STDOUT_KEPT, "output"),
+            (lacking[1], STDERR_KEPT, "error output"),
         ] {
-            if kept >= limit && from_answer {
+            if lacking {
                 (output.on_line)(&format!(
                     "(SSM keeps the first {limit} characters of a command's {stream}: the rest is not shown)"
                 ));

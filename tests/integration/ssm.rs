@@ -269,6 +269,15 @@ fn an_instance_ssm_cannot_manage_is_refused_or_given_up_on_and_leaves_nothing() 
         &["base", "t.toml"],
         &["t.toml:10:17: base.ssm_log_group:", "holds ` `"],
     );
+    world.template(
+        PROFILE,
+        "ssm_log_group = \"aws/ssm/builds\"",
+        "[[base.provisioner]]\ninline = [\"true\"]\n",
+    );
+    world.refused(
+        &["base", "t.toml"],
+        &["base.ssm_log_group:", "start with `aws/` are AWS's own"],
+    );
     let text = "[base]\nname = \"ssh-base\"\n\
                 source_ami = \"resolve:ssm:/aws/service/debian/release/12/latest/amd64\"\n\
                 instance_type = \"t3.small\"\nssh_username = \"admin\"\n\
@@ -449,7 +458,12 @@ fn a_commands_output_over_ssm_streams_from_a_log_group_as_it_is_written() {
         assert_eq!(shown(&run, line), 1, "{line}\n{}", run.dump());
     }
     let calls = world.cloud.calls_since(from);
-    assert!(actions(&calls).contains(&"GetLogEvents"), "{}", run.dump());
+    assert!(
+        calls
+            .iter()
+            .any(|c| c["action"] == "GetLogEvents" && c["code"] == "OK"),
+        "the streams were read: {calls:?}"
+    );
     assert!(
         !run.stderr().contains("CloudWatchAgentServerPolicy"),
         "{}",
@@ -457,8 +471,26 @@ fn a_commands_output_over_ssm_streams_from_a_log_group_as_it_is_written() {
     );
     world.cloud.assert_nothing_temporary();
 
+    // Output past what SSM keeps (24,000 characters) comes whole from the group, though the
+    // agent sends its last lines after the command's status is final.
+    world.template(
+        PROFILE_WITH_LOGS,
+        "ssm_log_group = \"/amibake/builds\"",
+        "[[base.provisioner]]\ninline = [\"seq -f 'counted-%05g' 1 3000; echo final-line\"]\n",
+    );
+    let run = world.base();
+    run.expect_code(0);
+    for line in ["counted-00001", "counted-03000", "final-line"] {
+        assert_eq!(shown(&run, line), 1, "{line}\n{}", run.dump());
+    }
+    assert!(
+        !run.stderr().contains("SSM keeps the first"),
+        "{}",
+        run.dump()
+    );
+
     // A role that may not write logs: said before the launch; the output is shown once,
-    // when the command ends (without streaming the gate would never open).
+    // from SSM's answer when the command ends.
     world.template(
         PROFILE,
         "ssm_log_group = \"/amibake/builds\"",

@@ -267,9 +267,10 @@ impl Checker<'_> {
     }
 
     /// A CloudWatch Logs group's name, as CloudWatch Logs takes it: 1 to 512 of letters,
-    /// digits and `_-./#`.
+    /// digits and `_-./#`, not in AWS's own `aws/`. Public: it is part of every command SSM
+    /// keeps, and of the IAM policy.
     fn log_group(&mut self, key: &str, value: &Spanned<String>) -> String {
-        let name = self.text(key, value);
+        let name = self.public_text(key, value);
         let bad = name
             .chars()
             .find(|c| !(c.is_ascii_alphanumeric() || "_-./#".contains(*c)));
@@ -277,6 +278,9 @@ impl Checker<'_> {
             _ if name.is_empty() || name.len() > 512 => {
                 Some(format!("`{name}` is not 1 to 512 characters long"))
             }
+            _ if name.starts_with("aws/") => Some(format!(
+                "`{name}`: names that start with `aws/` are AWS's own, and CloudWatch Logs makes no such group"
+            )),
             Some(c) => Some(format!(
                 "`{name}` holds `{c}`: a log group's name is letters, digits and `_-./#`"
             )),

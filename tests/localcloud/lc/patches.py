@@ -33,17 +33,18 @@ def set_current_action(action):
 # Seconds each transitional state lasts. "realistic" keeps EC2's proportions at about a tenth
 # of its times; "quick" is a tenth of that, so tests exercise every waiter in little time.
 # `block_call`: what one PutSnapshotBlock or GetSnapshotBlock takes, AWS's own sizing figure
-# in "realistic" (`localcloud up --block-latency` sets another).
+# in "realistic" (`localcloud up --block-latency` sets another). `log_upload`: how often the
+# SSM agent sends a command's output to CloudWatch Logs.
 PROFILES = {
     "none": dict(volume_creating=0, attaching=0, detaching=0, snapshot_base=0, snapshot_per_10mb=0, ami_extra=0,
                  instance_pending=0, instance_stopping=0, shutting_down=0, agent_start=0, command_pickup=0,
-                 block_call=0),
+                 block_call=0, log_upload=0),
     "quick": dict(volume_creating=0.3, attaching=0.2, detaching=0.2, snapshot_base=0.5, snapshot_per_10mb=0.1, ami_extra=0.5,
                   instance_pending=0.5, instance_stopping=0.5, shutting_down=0.3, agent_start=0.5, command_pickup=0.1,
-                  block_call=0),
+                  block_call=0, log_upload=0.5),
     "realistic": dict(volume_creating=3, attaching=2, detaching=2, snapshot_base=5, snapshot_per_10mb=1, ami_extra=5,
                       instance_pending=5, instance_stopping=5, shutting_down=3, agent_start=5, command_pickup=0.5,
-                      block_call=0.1),
+                      block_call=0.1, log_upload=1),
 }
 
 

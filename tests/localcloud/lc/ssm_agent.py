@@ -19,11 +19,14 @@ DescribeInstanceInformation and no CancelCommand. Here, as on AWS:
   N`); a command killed at its timeout or cancelled answers 137, as the agent does.
 - CancelCommand ends the command's processes; its invocations are Cancelled.
 - CloudWatchOutputConfig: with CloudWatchOutputEnabled, the agent streams the command's output
-  as it is written into the log group (`aws/ssm/AWS-RunShellScript` when none is named; made
-  when missing), one event per non-blank line, in the streams
-  `{CommandId}/{InstanceId}/aws-runShellScript/stdout` and `.../stderr`, made at their first
-  line. It does so only when the instance's role may write logs (`LOG_POLICIES`); otherwise the
-  output reaches GetCommandInvocation alone, as the real agent's upload fails on its own.
+  into the log group (`aws/ssm/AWS-RunShellScript` when none is named; made when missing),
+  one event per non-blank line, in the streams `{CommandId}/{InstanceId}/aws-runShellScript/stdout`
+  and `.../stderr`, made at their first line. It sends what was written every `log_upload`
+  seconds of the latency profile, and the last lines that long after GetCommandInvocation
+  first answered the final status (at the latest `LAST_LINES_WAIT` after it was final): a
+  reader of the streams must not take the status for the end of the output. It
+  streams only when the instance's role may write logs (`LOG_POLICIES`); otherwise the output
+  reaches GetCommandInvocation alone, as the real agent's upload fails on its own.
 """
 
 import os
@@ -38,8 +41,11 @@ from datetime import datetime, timezone
 AGENT = "usr/bin/amazon-ssm-agent"
 MANAGED_POLICY = "arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore"
 # AWS's managed policies that let the agent write a command's output to CloudWatch Logs.
-LOG_POLICIES = ("arn:aws:iam::aws:policy/CloudWatchAgentServerPolicy", "arn:aws:iam::aws:policy/CloudWatchLogsFullAccess")
+LOG_POLICIES = ("arn:aws:iam::aws:policy/CloudWatchAgentServerPolicy", "arn:aws:iam::aws:policy/CloudWatchLogsFullAccess",
+                "arn:aws:iam::aws:policy/service-role/AmazonEC2RoleforSSM")
 DEFAULT_LOG_GROUP = "aws/ssm/AWS-RunShellScript"
+# How long the last lines of a command wait for its final status to be read, at most.
+LAST_LINES_WAIT = 30
 PLUGIN_ID = "aws-runShellScript"
 STDOUT_LIMIT = 24_000
 STDERR_LIMIT = 8_000
@@ -76,6 +82,8 @@ class Invocation:
     cancelled: bool = False
     # The log group the output streams into, when the command asked for it.
     log_group: str | None = None
+    # Set once GetCommandInvocation answered the final status.
+    final_read: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def answer(self):
@@ -115,6 +123,7 @@ class Agent:
         self.instances = instances
         self.agent_start = profile["agent_start"]
         self.pickup = profile["command_pickup"]
+        self.log_upload = profile["log_upload"]
         self.role_policies = role_policies
         self.invocations: dict[tuple, Invocation] = {}
         self.lock = threading.Lock()
@@ -168,7 +177,8 @@ class Agent:
             invocation = Invocation(command_id, instance_id, comment, time.monotonic() + self.pickup,
                                     log_group=log_group)
             may_write_logs = any(p in LOG_POLICIES for p in self.role_policies(instance_id) or [])
-            streams = LogStreams(logs, log_group, command_id, instance_id) if log_group and may_write_logs else None
+            streams = (LogStreams(logs, log_group, command_id, instance_id, self.log_upload)
+                       if log_group and may_write_logs else None)
             with self.lock:
                 self.invocations[(command_id, instance_id)] = invocation
             threading.Thread(target=self._run, args=(invocation, script, directory, timeout, region, streams),
@@ -179,7 +189,10 @@ class Agent:
             invocation = self.invocations.get((command_id, instance_id))
         if invocation is None or time.monotonic() < invocation.taken_at:
             raise RunCommandError("InvocationDoesNotExist", "")
-        return invocation.answer()
+        answer = invocation.answer()
+        if answer["Status"] in ("Success", "Failed", "TimedOut", "Cancelled"):
+            invocation.final_read.set()
+        return answer
 
     def cancel(self, command_id, instance_ids=None):
         with self.lock:
@@ -197,6 +210,14 @@ class Agent:
                 os.killpg(process.pid, signal.SIGKILL)
 
     def _run(self, invocation: Invocation, script: str, directory: str, timeout: int, region: str, streams):
+        try:
+            self._run_command(invocation, script, directory, timeout, region, streams)
+        finally:
+            # The last lines go out after the status is final, as late as the agent sends them.
+            if streams is not None:
+                streams.close(invocation.final_read)
+
+    def _run_command(self, invocation: Invocation, script: str, directory: str, timeout: int, region: str, streams):
         time.sleep(max(0.0, invocation.taken_at - time.monotonic()))
         run = self.instances.running.get(invocation.instance_id)
         init = instance_init(run)
@@ -260,6 +281,7 @@ class Agent:
                 invocation.stderr += f"failed to run commands: exit status {code}\n"
 
 
+
 def read_lines(pipe, kept: list, name: str, streams):
     """Reads `pipe` to its end into `kept`, streaming each line to `streams` when given."""
     for line in iter(pipe.readline, b""):
@@ -270,20 +292,46 @@ def read_lines(pipe, kept: list, name: str, streams):
 
 
 class LogStreams:
-    """A command's output streams in CloudWatch Logs, as the agent writes them."""
+    """A command's output streams in CloudWatch Logs, sent as the agent sends them: what was
+    written, every `interval` seconds, and the rest that long after `close`."""
 
-    def __init__(self, logs, group, command_id, instance_id):
+    def __init__(self, logs, group, command_id, instance_id, interval):
         self.logs = logs
         self.group = group
         self.prefix = f"{command_id}/{instance_id}/{PLUGIN_ID}"
+        # Never a busy loop, even where the latency profile charges nothing.
+        self.interval = max(interval, 0.05)
+        self.pending = []
+        self.closed = threading.Event()
         self.lock = threading.Lock()
+        threading.Thread(target=self._send_every_interval, daemon=True).start()
 
     def put(self, stream, line):
         # CloudWatch Logs takes no empty message.
-        if not line.strip():
-            return
-        name = f"{self.prefix}/{stream}"
+        if line.strip():
+            with self.lock:
+                self.pending.append((stream, line))
+
+    def close(self, final_read: threading.Event):
+        """The command is over: the rest goes `interval` after `final_read` is set."""
+        self.final_read = final_read
+        self.closed.set()
+
+    def _send_every_interval(self):
+        while True:
+            closed = self.closed.wait(self.interval)
+            if closed:
+                self.final_read.wait(LAST_LINES_WAIT)
+                time.sleep(self.interval)
+            self._send()
+            if closed:
+                return
+
+    def _send(self):
         with self.lock:
+            pending, self.pending = self.pending, []
+        for stream, line in pending:
+            name = f"{self.prefix}/{stream}"
             self.logs.ensure_log_group(self.group)
             self.logs.ensure_log_stream(self.group, name)
             self.logs.put_log_events(self.group, name, [{"timestamp": int(time.time() * 1000), "message": line}])
