@@ -304,6 +304,18 @@ def wall_clock(stamp: str) -> float:
     return datetime.fromisoformat(stamp).timestamp()
 
 
+def most_in_flight(calls, action) -> int:
+    """The most `action` calls the local cloud was serving at once (from when each reached it
+    to its answer)."""
+    edges = sorted(edge for c in calls if c["action"] == action and "started" in c
+                   for edge in ((c["started"], 1), (c["time"], -1)))
+    most = now = 0
+    for _, step in edges:
+        now += step
+        most = max(most, now)
+    return most
+
+
 def per_second(calls, action, served_only=False) -> float:
     """Calls of `action` a second, from the first to the last (the local cloud's clock); with
     `served_only`, only those answered with success."""
@@ -356,13 +368,16 @@ def main():
         # Per bake: its wall time less the cloud's waits, by the cloud's own account; and
         # that by part of the run.
         own, own_parts = {}, {}
+        # Per bake: the peak anonymous memory of its processes (the heap, without the code's
+        # pages that the resident set counts).
+        heaps = {}
 
         def amibake(backend, commit, tar=tarball, template="bench.toml"):
             command = [str(amibake_exe), "--output", "json", "bake", str(work / template), "--tarball", str(tar),
                        "--commit", commit, "--force", "--backend", backend, "--cache-dir", str(cache)]
             before = len(cli(state, "calls").splitlines())
             start, started_at = time.monotonic(), time.time()
-            code, peak, stdout, stderr = run_measured(command, env, work)
+            code, peak, heaps[backend, commit], stdout, stderr = run_measured(command, env, work)
             wall = time.monotonic() - start
             if code != 0:
                 sys.exit(f"bake --backend {backend} failed:\n{stderr[-3000:]}")
@@ -374,7 +389,7 @@ def main():
             """Wall time and peak memory; with `may_fail`, the last error line when it fails."""
             packer_env = dict(env, AWS_POLL_DELAY_SECONDS=poll) if poll else env
             start = time.monotonic()
-            code, peak, stdout, stderr = run_measured(
+            code, peak, _, stdout, stderr = run_measured(
                 ["packer", "build", "-machine-readable", f"-var=source_ami={source}", f"-var=tarball={tarball}",
                  str(work / template)], packer_env, work)
             if code != 0 and not may_fail:
@@ -388,7 +403,8 @@ def main():
         rows = []
         wall, peak, cold, cold_calls = amibake("direct", "cold")
         rows.append(("direct, cold cache", wall, peak, own["direct", "cold"]))
-        wall, peak, warm, warm_calls = amibake("direct", "warm")
+        wall, warm_peak, warm, warm_calls = amibake("direct", "warm")
+        peak = warm_peak
         rows.append(("direct, warm cache", wall, peak, own["direct", "warm"]))
         direct_warm = wall
         wall, peak, attached, _ = amibake("attach", "attach")
@@ -503,7 +519,10 @@ def main():
             goal = 1.2 * (tar + puts / 1000)
             print(f"\ndirect warm at scale: {args.scale_mib} MiB, {files} files "
                   f"({big.stat().st_size / (1 << 20):.0f} MiB gzip'd), the root grown to 10 GiB")
-            print(f"  wall {wall:.1f}s, own {ours:.1f}s, peak memory {peak / 1024:.0f} MiB; {puts} blocks put at "
+            flight = most_in_flight(calls, "PutSnapshotBlock")
+            print(f"  wall {wall:.1f}s, own {ours:.1f}s, peak memory {peak / 1024:.0f} MiB resident, "
+                  f"{heaps['direct', 'scale'] / 1024:.0f} MiB heap (goal <= {24 + flight / 2:.0f} MiB at its {flight} "
+                  f"puts in flight); {puts} blocks put at "
                   f"{per_second(calls, 'PutSnapshotBlock', served_only=True):.0f} a second served")
             print(f"  GNU tar -x of the same tarball into the same kind of filesystem: {tar:.1f}s; goal for own: "
                   f"<= 1.2 x (tar + puts at 1,000 a second) = {goal:.1f}s; uploads >= 800 a second")
@@ -512,13 +531,22 @@ def main():
 
         sizes = [int(s) for s in args.memory_sizes.split(",") if s]
         if sizes:
-            print(f"\ndirect warm, peak memory by tarball size:")
+            print("\ndirect warm, peak memory by tarball size")
+            print(f"  {'tarball':>8} {'resident':>9} {'heap':>6} {'puts in flight':>15} {'goal':>6}")
+            measured = [(mib, peak, heaps["direct", commit], calls) for mib, (peak, commit, calls) in
+                        ((args.mib, (warm_peak, "warm", warm_calls)),)]
             for mib in sizes:
                 other = work / f"app-{mib}.tar.gz"
                 make_tarball(other, mib, work)
-                _, peak, _, _ = amibake("direct", f"mem{mib}", other)
-                print(f"  {mib:>5} MiB: {peak / 1024:6.0f} MiB")
+                _, peak, _, calls = amibake("direct", f"mem{mib}", other)
+                measured.append((mib, peak, heaps["direct", f"mem{mib}"], calls))
                 other.unlink()
+            for mib, peak, heap, calls in sorted(measured):
+                flight = most_in_flight(calls, "PutSnapshotBlock")
+                print(f"  {mib:>4} MiB {peak / 1024:>5.0f} MiB {heap / 1024:>2.0f} MiB {flight:>15} {24 + flight / 2:>2.0f} MiB")
+            print("  (resident: the largest resident set of its processes, the program's code and libraries included;"
+                  " heap: their anonymous memory together; puts in flight: the most the local cloud served at once;"
+                  " goal: <= 24 MiB + 0.5 MiB per call in flight, flat)")
     finally:
         subprocess.run([str(REPO / "tests/localcloud/localcloud"), "--state", str(state), "down"], capture_output=True)
         # Only once nothing is mounted there: a recursive delete must never walk into a mount.

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -128,7 +129,7 @@ def main():
             tarball = work / f"app-{mib}.tar.gz"
             files = make_tarball(tarball, mib, work)
             start = time.monotonic()
-            code, peak_kib, stdout, stderr = run_measured(
+            code, peak_kib, _, stdout, stderr = run_measured(
                 [str(amibake_exe), "--output", "json", "bake", str(work / "bench.toml"), "--tarball", str(tarball),
                  "--commit", f"bench{mib}", "--force"], env, work)
             wall = time.monotonic() - start
@@ -179,18 +180,43 @@ def build_amibake(release):
 
 def run_measured(command, env, work):
     """Runs `command`; its exit code, the peak resident set (KiB) of it and every process it
-    waited for (the extraction child among them), and its output.
+    waited for (the extraction child among them), its peak heap (KiB), and its output.
 
-    Measured by GNU time (Debian's `time`), not by this script's own wait4: a child forked
-    from this Python process starts with its resident set, which wait4 would report as the
-    floor of every figure."""
+    The resident set is measured by GNU time (Debian's `time`), not by this script's own
+    wait4: a child forked from this Python process starts with its resident set, which wait4
+    would report as the floor of every figure. It counts the pages of the program's code and
+    libraries too (tens of MiB for a debug build); the heap is the anonymous memory of the
+    whole process tree, sampled every 50 ms from /proc."""
     if not Path(GNU_TIME).exists():
         sys.exit(f"{GNU_TIME} is missing: apt-get install time")
     out, err, peak = work / "run.out", work / "run.err", work / "run.peak"
     with open(out, "w") as stdout, open(err, "w") as stderr:
-        code = subprocess.run([GNU_TIME, "--format=%M", f"--output={peak}", *command], env=env,
-                              stdout=stdout, stderr=stderr).returncode
-    return code, int(peak.read_text().split()[-1]), out.read_text(), err.read_text()
+        process = subprocess.Popen([GNU_TIME, "--format=%M", f"--output={peak}", *command], env=env,
+                                   stdout=stdout, stderr=stderr)
+        heap = [0]
+        sampler = threading.Thread(target=sample_heap, args=(process, heap), daemon=True)
+        sampler.start()
+        code = process.wait()
+        sampler.join()
+    return code, int(peak.read_text().split()[-1]), heap[0], out.read_text(), err.read_text()
+
+
+def sample_heap(process, peak):
+    """The largest anonymous memory (KiB) of `process` and its descendants together, until it
+    ends, into `peak[0]`."""
+    while process.poll() is None:
+        pids, total = [process.pid], 0
+        while pids:
+            pid = pids.pop()
+            try:
+                pids += [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+                for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                    if line.startswith("Anonymous:"):
+                        total += int(line.split()[1])
+            except (OSError, ValueError):
+                continue
+        peak[0] = max(peak[0], total)
+        time.sleep(0.05)
 
 
 def root_snapshot(env, image_id) -> str:

@@ -67,15 +67,16 @@ class CallLog:
         self.lock = threading.Lock()
         self.calls = []
 
-    def add(self, service, action, params, status, code, iam=None):
+    def add(self, service, action, params, status, code, iam=None, started=None):
         """`iam`: what an IAM policy's tag conditions would judge the call by (see
         `Server.iam_facts`): the region, the tag keys the request carries, and the tag keys
-        each resource it names carried before it."""
+        each resource it names carried before it. `started`: when the call reached the cloud,
+        for a block call (the benchmark counts the calls in flight from it)."""
         ids = {k: v for k, v in params.items() if k in self.ID_PARAMS or k.startswith(("VolumeId.", "InstanceId.", "ImageId.", "SnapshotId."))
                or k.endswith(".CidrIp")}
         with self.lock:
             self.calls.append({"time": time.time(), "service": service, "action": action, "ids": ids, "status": status, "code": code,
-                               **(iam or {})})
+                               **(iam or {}), **({"started": started} if started else {})})
 
 
 class Faults:
@@ -248,6 +249,7 @@ class LocalCloud:
 
     def ebs(self, request):
         """An EBS direct API call: the same faults, throttling and call log as EC2's."""
+        started = time.time()
         action, ids = EbsDirect.action_of(request.method, request.path)
         iam = self.iam_facts(request, ids, ebs_body=request.get_data(cache=True) if action == "StartSnapshot" else None)
         if action is None:
@@ -261,18 +263,18 @@ class LocalCloud:
         if code:
             code = "RequestThrottledException" if code == "RequestLimitExceeded" else code
             status = 500 if code == "InternalServerException" else 400
-            self.calls.add("ebs", action, ids, status, code, iam)
+            self.calls.add("ebs", action, ids, status, code, iam, started)
             return fault_response("ebs", code, f"injected by the local cloud into {action}", status)
         try:
             status, headers, body = self.ebs_direct.handle(action, ids, request)
         except EbsError as e:
-            self.calls.add("ebs", action, ids, e.status, e.code, iam)
+            self.calls.add("ebs", action, ids, e.status, e.code, iam, started)
             return Response(error_body(e), status=e.status, content_type="application/json",
                             headers={"x-amzn-ErrorType": e.code, "x-amzn-RequestId": str(uuid.uuid4())})
         if lose_answer:
-            self.calls.add("ebs", action, ids, status, "OK (answer lost)", iam)
+            self.calls.add("ebs", action, ids, status, "OK (answer lost)", iam, started)
             return fault_response("ebs", "InternalServerException", "the answer was lost on its way", 500)
-        self.calls.add("ebs", action, ids, status, "OK", iam)
+        self.calls.add("ebs", action, ids, status, "OK", iam, started)
         headers = {**headers, "x-amzn-RequestId": str(uuid.uuid4())}
         if isinstance(body, dict):
             return Response(json.dumps(body), status=status, content_type="application/json", headers=headers)
