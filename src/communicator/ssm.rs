@@ -285,9 +285,14 @@ impl<'a> Output<'a> {
 
     /// Once the command has ended: the streams' last lines, then what SSM kept beyond what
     /// they brought. Where SSM cut a stream, only its streamed copy holds the rest, and it
-    /// is awaited (see `CATCH_UP`). Answers, per stream, whether what was shown may lack
-    /// what SSM cut.
-    async fn finish(&mut self, clients: &Clients, ended: &Ended) -> [bool; 2] {
+    /// is awaited (see `CATCH_UP`), unless `cancel` ends the wait. Answers, per stream,
+    /// whether what was shown may lack what SSM cut.
+    async fn finish(
+        &mut self,
+        clients: &Clients,
+        ended: &Ended,
+        cancel: &CancellationToken,
+    ) -> [bool; 2] {
         let kept = [ended.stdout.as_str(), ended.stderr.as_str()];
         let cut = [kept[0].len() >= STDOUT_KEPT, kept[1].len() >= STDERR_KEPT];
         self.read(clients).await;
@@ -295,7 +300,10 @@ impl<'a> Output<'a> {
             let started = tokio::time::Instant::now();
             let mut last_news = started;
             while !self.broken && last_news.elapsed() < QUIET && started.elapsed() < CATCH_UP {
-                tokio::time::sleep(CATCH_UP_POLL).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(CATCH_UP_POLL) => {}
+                    _ = cancel.cancelled() => break,
+                }
                 let before: usize = self.streams.iter().map(|s| s.shown).sum();
                 self.read(clients).await;
                 if self.streams.iter().map(|s| s.shown).sum::<usize>() > before {
@@ -366,7 +374,7 @@ impl Communicator for Ssm {
                 streamed,
             )
             .await?;
-        let lacking = output.finish(&self.clients, &ended).await;
+        let lacking = output.finish(&self.clients, &ended, cancel).await;
         let Ended { status, code, .. } = ended;
         for (lacking, limit, stream) in [
             (lacking[0], STDOUT_KEPT, "output"),

@@ -489,6 +489,46 @@ fn a_commands_output_over_ssm_streams_from_a_log_group_as_it_is_written() {
         run.dump()
     );
 
+    // Ctrl-C while the run waits for those last lines ends the wait: no stream is read
+    // after the signal but the read it was in.
+    let mut command = world.cloud.amibake(world.dir());
+    command
+        .args(["base", "t.toml", "--force"])
+        .env("TMPDIR", world.dir());
+    let mut signalled = 0.0;
+    let (run, _) = crate::util::act_when(
+        command,
+        "amibake base over SSM, interrupted while its last lines are awaited",
+        |line| line.contains("\"line\":\"counted-00001\""),
+        |pid, _| {
+            signalled = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs_f64();
+            let sent = std::process::Command::new("kill")
+                .args(["-INT", &pid.to_string()])
+                .status()
+                .unwrap();
+            assert!(sent.success());
+        },
+    );
+    run.expect_code(130);
+    let reads_after: Vec<f64> = world
+        .cloud
+        .calls()
+        .iter()
+        .filter(|c| c["action"] == "GetLogEvents")
+        .filter_map(|c| c["time"].as_f64())
+        .filter(|t| *t > signalled + 1.0)
+        .collect();
+    assert!(
+        reads_after.is_empty(),
+        "read after the signal: {reads_after:?}\n{}",
+        run.dump()
+    );
+    // The images of the bakes above stay; nothing of this one.
+    world.cloud.assert_nothing_temporary();
+
     // A role that may not write logs: said before the launch; the output is shown once,
     // from SSM's answer when the command ends.
     world.template(
