@@ -264,7 +264,7 @@ impl<'a> Output<'a> {
                 match stream.follower.next_page(clients).await {
                     Ok(page) => {
                         for line in &page.lines {
-                            stream.shown += usize::from(!line.trim().is_empty());
+                            stream.shown += usize::from(!is_blank(line));
                             (self.on_line)(line);
                         }
                         if page.at_end {
@@ -324,8 +324,13 @@ impl<'a> Output<'a> {
     }
 }
 
+/// A line CloudWatch Logs does not keep: the streams are counted without them.
+fn is_blank(line: &str) -> bool {
+    line.trim().is_empty()
+}
+
 fn non_blank(text: &str) -> usize {
-    text.lines().filter(|l| !l.trim().is_empty()).count()
+    text.lines().filter(|l| !is_blank(l)).count()
 }
 
 /// The lines of `text` (what SSM kept of a stream) after the first `shown` that were not
@@ -333,11 +338,7 @@ fn non_blank(text: &str) -> usize {
 fn unshown(text: &str, shown: usize) -> Vec<&str> {
     match shown {
         0 => text.lines().collect(),
-        _ => text
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .skip(shown)
-            .collect(),
+        _ => text.lines().filter(|l| !is_blank(l)).skip(shown).collect(),
     }
 }
 

@@ -495,23 +495,16 @@ fn a_commands_output_over_ssm_streams_from_a_log_group_as_it_is_written() {
     command
         .args(["base", "t.toml", "--force"])
         .env("TMPDIR", world.dir());
-    let mut signalled = 0.0;
-    let (run, _) = crate::util::act_when(
+    let (run, after_signal) = crate::util::signal_when(
         command,
+        "-INT",
         "amibake base over SSM, interrupted while its last lines are awaited",
         |line| line.contains("\"line\":\"counted-00001\""),
-        |pid, _| {
-            signalled = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_secs_f64();
-            let sent = std::process::Command::new("kill")
-                .args(["-INT", &pid.to_string()])
-                .status()
-                .unwrap();
-            assert!(sent.success());
-        },
     );
+    let signalled = (std::time::SystemTime::now() - after_signal)
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
     run.expect_code(130);
     let reads_after: Vec<f64> = world
         .cloud

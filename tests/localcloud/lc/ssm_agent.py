@@ -52,6 +52,8 @@ STDERR_LIMIT = 8_000
 # The agent's bounds: a timeout outside them is replaced by the default.
 DEFAULT_EXECUTION_TIMEOUT = 3600
 EXECUTION_TIMEOUT_BOUNDS = (5, 172_800)
+# The statuses of a command that has ended.
+ENDED = ("Success", "Failed", "TimedOut", "Cancelled")
 # What the agent reports for a command it killed (timeout or cancel), as SIGKILL's shell code.
 KILLED = 137
 PARAMETERS = {"commands", "workingDirectory", "executionTimeout"}
@@ -88,7 +90,7 @@ class Invocation:
 
     def answer(self):
         with self.lock:
-            done = self.status in ("Success", "Failed", "TimedOut", "Cancelled")
+            done = self.status in ENDED
             return {
                 "CommandId": self.command_id,
                 "InstanceId": self.instance_id,
@@ -190,7 +192,7 @@ class Agent:
         if invocation is None or time.monotonic() < invocation.taken_at:
             raise RunCommandError("InvocationDoesNotExist", "")
         answer = invocation.answer()
-        if answer["Status"] in ("Success", "Failed", "TimedOut", "Cancelled"):
+        if answer["Status"] in ENDED:
             invocation.final_read.set()
         return answer
 
