@@ -3,7 +3,8 @@
 //! (DescribeInstanceInformation), with no key pair and no port open to it.
 //!
 //! SSM keeps each command's text, readable with ListCommands and GetCommandInvocation for
-//! weeks after: nothing secret may be part of a script sent here.
+//! weeks after: nothing secret may be part of a script sent here in the clear (the
+//! communicator seals the template's commands; see `communicator::sealed`).
 
 use std::time::Duration;
 

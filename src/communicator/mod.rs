@@ -3,6 +3,7 @@
 //! code runs the same over each.
 
 pub mod chroot;
+mod sealed;
 pub mod ssh;
 pub mod ssm;
 

@@ -7,8 +7,10 @@
 //! comes; what did not come that way (the instance's role may not write logs, the runner
 //! may not read them) is shown from SSM's answer at the end.
 //!
-//! SSM keeps what it is sent (ListCommands) and what it answers: the template check keeps
-//! sensitive values out of every command sent here (see `template::check`).
+//! SSM keeps what it is sent (ListCommands, for weeks): the template's commands and files
+//! are sent sealed to a key the instance made (see `sealed`), so a secret among them reaches
+//! the instance and nothing SSM keeps can open it. What a command prints, SSM keeps as it
+//! was printed.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -18,6 +20,7 @@ use async_trait::async_trait;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
+use super::sealed::{self, Recipient};
 use super::{assignments, quote, CommError, Communicator};
 use crate::aws::logs::Follower;
 use crate::aws::run_command::{self, Ended, Invocation, STDERR_KEPT, STDOUT_KEPT};
@@ -57,8 +60,9 @@ const CLEAR_TRACES: &str = r#"for kept in /var/lib/amazon/ssm/*/document/orchest
 done"#;
 
 /// A file goes to the instance in pieces this large, each a command of its own: a command's
-/// text is bounded.
-const UPLOAD_PIECE: usize = 24 << 10;
+/// text is bounded. Base64 inside the sealed script, sealed and in base64 again, a piece
+/// takes about 32 KiB of a command.
+const UPLOAD_PIECE: usize = 18 << 10;
 /// The largest file sent through commands.
 pub const LARGEST_UPLOAD: u64 = 1 << 20;
 
@@ -69,6 +73,8 @@ pub struct Ssm {
     comment: String,
     /// Where the agent streams the output of the template's commands.
     log_group: Option<String>,
+    /// The certificate of the key the instance made at the first sealed command.
+    recipient: tokio::sync::OnceCell<Recipient>,
 }
 
 impl Ssm {
@@ -83,7 +89,21 @@ impl Ssm {
             instance_id: instance_id.to_string(),
             comment: format!("amibake build {build_id}"),
             log_group: log_group.map(str::to_string),
+            recipient: tokio::sync::OnceCell::new(),
         }
+    }
+
+    /// `script` sealed for the instance; the first call has the instance make its key.
+    async fn seal(&self, script: &str, action: &str) -> Result<String, CommError> {
+        let recipient = self
+            .recipient
+            .get_or_try_init(|| async {
+                let action = "make the instance's key for sealed commands";
+                let certificate = self.housekeeping(sealed::MAKE_KEY, action).await?;
+                Recipient::from_pem(&certificate).map_err(|e| self.failed(action, e))
+            })
+            .await?;
+        recipient.seal(script).map_err(|e| self.failed(action, e))
     }
 
     /// Sends `script` and follows it to its end: its status, exit code and output. On
@@ -131,8 +151,8 @@ impl Ssm {
     }
 
     /// Runs one of amibake's own commands (a piece of a file, the clearing of traces), which
-    /// must succeed within `HOUSEKEEPING`.
-    async fn housekeeping(&self, script: &str, action: &str) -> Result<(), CommError> {
+    /// must succeed within `HOUSEKEEPING`. Answers its output.
+    async fn housekeeping(&self, script: &str, action: &str) -> Result<String, CommError> {
         let ended = self
             .run_script(
                 script,
@@ -143,7 +163,7 @@ impl Ssm {
             )
             .await?;
         match (ended.status.as_str(), ended.code) {
-            ("Success", 0) => Ok(()),
+            ("Success", 0) => Ok(ended.stdout),
             (status, code) => Err(self.failed(
                 action,
                 format!(
@@ -366,14 +386,9 @@ impl Communicator for Ssm {
     ) -> Result<i32, CommError> {
         let mut output = Output::new(self.log_group.as_deref().unwrap_or_default(), on_line);
         let streamed = self.log_group.is_some().then_some(&mut output);
+        let sealed = self.seal(&script(command, env), "run a command").await?;
         let ended = self
-            .run_script(
-                &script(command, env),
-                "run a command",
-                COMMAND,
-                cancel,
-                streamed,
-            )
+            .run_script(&sealed, "run a command", COMMAND, cancel, streamed)
             .await?;
         let lacking = output.finish(&self.clients, &ended, cancel).await;
         let Ended { status, code, .. } = ended;
@@ -437,14 +452,16 @@ impl Communicator for Ssm {
                     quote(destination)
                 ));
             }
-            self.housekeeping(&script, &action).await?;
+            self.housekeeping(&self.seal(&script, &action).await?, &action)
+                .await?;
         }
         Ok(())
     }
 
     async fn clear_traces(&self) -> Result<(), CommError> {
-        let action = "clear the SSM agent's record of the commands it ran";
-        self.housekeeping(CLEAR_TRACES, action).await
+        let action = "clear the SSM agent's record of the commands it ran, and the instance's key";
+        let script = format!("{CLEAR_TRACES}\n{}", sealed::FORGET_KEY);
+        self.housekeeping(&script, action).await.map(drop)
     }
 }
 

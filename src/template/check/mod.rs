@@ -77,14 +77,7 @@ pub fn resolve(
         .as_ref()
         .filter(|b| b.test_instance.is_none())
         .and_then(|b| b.tests.first().map(|t| t.span()));
-    // Where the bake's tests run without an instance of their own, they are sent as its are.
-    let base_communicator = file
-        .base
-        .as_ref()
-        .and_then(|b| b.communicator.as_ref())
-        .map(|c| *c.get_ref())
-        .unwrap_or_default();
-    let mut bake = file.bake.map(|s| checker.bake(s, base_communicator));
+    let mut bake = file.bake.map(|s| checker.bake(s));
     // A base image is not built from a commit, so `${commit}` has no value there.
     checker.ctx.commit = Commit::NotInThisSection;
     let base = file.base.map(|s| checker.base(s));

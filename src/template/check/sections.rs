@@ -22,10 +22,6 @@ impl Checker<'_> {
         let image = self.image("base", s.image_keys());
         let source_ami = self.ami_ref("base.source_ami", &s.source_ami);
         let instance = self.instance("base", s.instance_keys());
-        if instance.communicator == CommunicatorKind::Ssm {
-            self.kept_by_ssm("base.provisioner", &s.provisioners);
-            self.kept_by_ssm("base.test", &s.tests);
-        }
         Plan {
             image,
             build: BaseBuild {
@@ -304,41 +300,6 @@ impl Checker<'_> {
         }
     }
 
-    /// Over SSM, every command sent is kept by SSM, readable with ListCommands for weeks:
-    /// no sensitive variable and no `${env.…}` (a CI secret, as a rule, masked wherever
-    /// amibake prints) may reach the entries' environment, inline commands or destinations.
-    fn kept_by_ssm(&mut self, list_key: &str, entries: &[Spanned<ProvisionerEntry>]) {
-        for (i, entry) in entries.iter().enumerate() {
-            let e = entry.get_ref();
-            let at = |name: String| format!("{list_key}[{i}].{name}");
-            let env = e.env.iter().map(|(k, v)| (at(format!("env.{k}")), v));
-            let inline = e
-                .inline
-                .iter()
-                .flat_map(|list| list.get_ref().iter().enumerate())
-                .map(|(j, v)| (at(format!("inline[{j}]")), v));
-            let destination = e.destination.iter().map(|v| (at("destination".into()), v));
-            let values: Vec<(String, &Spanned<String>)> =
-                env.chain(inline).chain(destination).collect();
-            for (key, value) in values {
-                let kept: Vec<String> = interpolate::references(value.get_ref())
-                    .into_iter()
-                    .filter(|r| {
-                        r.starts_with("env.")
-                            || r.strip_prefix("var.").is_some_and(|n| self.is_sensitive(n))
-                    })
-                    .collect();
-                for reference in kept {
-                    self.error(
-                        Some(value.span()),
-                        &key,
-                        format!("`${{{reference}}}` may be a secret, and SSM keeps every command it runs, readable with ListCommands for weeks: over `communicator = \"ssm\"` neither a sensitive variable nor `${{env.…}}` may reach a command (yet)"),
-                    );
-                }
-            }
-        }
-    }
-
     fn prefixed_id(&mut self, key: &str, value: &Spanned<String>, prefix: &str) -> String {
         let v = self.text(key, value);
         if !v.starts_with(prefix) {
@@ -515,9 +476,8 @@ impl Checker<'_> {
         }
     }
 
-    /// `[bake]`; `base_communicator` is how `[base]`'s instance is reached, which tests
-    /// without a `[bake.test_instance]` boot on.
-    pub(super) fn bake(&mut self, s: BakeSection, base_communicator: CommunicatorKind) -> BakePlan {
+    /// `[bake]`.
+    pub(super) fn bake(&mut self, s: BakeSection) -> BakePlan {
         let image = self.image("bake", s.image_keys());
         let base_ami = self.ami_ref("bake.base_ami", &s.base_ami);
         let dest = self.text("bake.dest", &s.dest);
@@ -557,12 +517,6 @@ impl Checker<'_> {
             .test_instance
             .as_ref()
             .map(|t| self.instance("bake.test_instance", t.instance_keys()));
-        let tests_over = test_instance
-            .as_ref()
-            .map_or(base_communicator, |t| t.communicator);
-        if tests_over == CommunicatorKind::Ssm {
-            self.kept_by_ssm("bake.test", &s.tests);
-        }
         Plan {
             image,
             build: BakeBuild {
