@@ -194,14 +194,7 @@ async fn follow(
         |_, _| {},
         || async {
             if let Some(output) = output {
-                let mut output = output.lock().await;
-                // A slow or throttled read holds up neither an interrupt nor the command's
-                // own timeout: what it had not read comes at the next poll.
-                tokio::select! {
-                    _ = output.read(clients) => {}
-                    _ = cancel.cancelled() => {}
-                    _ = tokio::time::sleep(READ_BOUND) => {}
-                }
+                output.lock().await.read(clients, cancel).await;
             }
             Ok(
                 match run_command::invocation(clients, command_id, instance_id).await? {
@@ -272,10 +265,21 @@ impl<'a> Output<'a> {
             .collect();
     }
 
-    /// Shows what the streams gained since the last read. A read that fails (the runner may
-    /// not read the group) ends the reading: the output then comes when the command ends.
-    /// Cancel-safe: a line is shown as soon as its page is read.
-    async fn read(&mut self, clients: &Clients) {
+    /// Shows what the streams gained since the last read, for `READ_BOUND` at most and
+    /// until `cancel`: a slow or throttled read holds up neither an interrupt nor the
+    /// command's own timeout, and what it had not read comes at the next.
+    async fn read(&mut self, clients: &Clients, cancel: &CancellationToken) {
+        tokio::select! {
+            _ = self.read_pages(clients) => {}
+            _ = cancel.cancelled() => {}
+            _ = tokio::time::sleep(READ_BOUND) => {}
+        }
+    }
+
+    /// What the streams gained. A read that fails (the runner may not read the group) ends
+    /// the reading: the output then comes when the command ends. Cancel-safe: a line is
+    /// shown as soon as its page is read.
+    async fn read_pages(&mut self, clients: &Clients) {
         if self.broken {
             return;
         }
@@ -315,7 +319,7 @@ impl<'a> Output<'a> {
     ) -> [bool; 2] {
         let kept = [ended.stdout.as_str(), ended.stderr.as_str()];
         let cut = [kept[0].len() >= STDOUT_KEPT, kept[1].len() >= STDERR_KEPT];
-        self.read(clients).await;
+        self.read(clients, cancel).await;
         if !self.streams.is_empty() && cut.contains(&true) {
             let started = tokio::time::Instant::now();
             let mut last_news = started;
@@ -325,7 +329,7 @@ impl<'a> Output<'a> {
                     _ = cancel.cancelled() => break,
                 }
                 let before: usize = self.streams.iter().map(|s| s.shown).sum();
-                self.read(clients).await;
+                self.read(clients, cancel).await;
                 if self.streams.iter().map(|s| s.shown).sum::<usize>() > before {
                     last_news = tokio::time::Instant::now();
                 }

@@ -611,6 +611,33 @@ fn a_commands_output_over_ssm_streams_from_a_log_group_as_it_is_written() {
         assert_eq!(shown(&run, line), 1, "{line}\n{}", run.dump());
     }
     world.cloud.assert_nothing_temporary();
+
+    // The log group answers nothing (each read held for a minute): neither the command's
+    // end nor the run's waits for it. Each read is given up after a few seconds, and the
+    // lines come from SSM's answer, once. The local cloud logs a call once answered: the
+    // run ended before any read was.
+    world.template(
+        PROFILE_WITH_LOGS,
+        "ssm_log_group = \"/amibake/builds\"",
+        "[[base.provisioner]]\ninline = [\"echo held-first; sleep 1; echo held-last\"]\n",
+    );
+    world
+        .cloud
+        .cli(&["fault", "GetLogEvents", "--delay", "60", "--times", "1000"]);
+    let from = world.cloud.calls().len();
+    let run = world.base();
+    run.expect_code(0);
+    for line in ["held-first", "held-last"] {
+        assert_eq!(shown(&run, line), 1, "{line}\n{}", run.dump());
+    }
+    let calls = world.cloud.calls_since(from);
+    assert!(
+        !actions(&calls).contains(&"GetLogEvents"),
+        "the run waited for a held read: {:?}\n{}",
+        actions(&calls),
+        run.dump()
+    );
+    world.cloud.assert_nothing_temporary();
 }
 
 #[test]
