@@ -232,3 +232,42 @@ def test_a_role_that_may_not_write_logs_streams_nothing_and_the_invocation_holds
     assert answer["StandardOutputContent"] == "kept\n"
     assert log_lines(logs, "/amibake/denied", f"{command_id}/{node}/aws-runShellScript/stdout") == []
     assert "/amibake/denied" not in [g["logGroupName"] for g in logs.describe_log_groups()["logGroups"]]
+
+
+def download(ssm, instance, source_info, destination):
+    command_id = ssm.send_command(InstanceIds=[instance], DocumentName="AWS-DownloadContent", Parameters={
+        "sourceType": ["S3"], "sourceInfo": [json.dumps(source_info)], "destinationPath": [destination]})["Command"]["CommandId"]
+    return ended(ssm, command_id, instance)
+
+
+def test_download_content_fetches_an_object_with_the_instances_role_into_the_instance(cloud, node):
+    ssm, s3 = cloud.client("ssm"), cloud.client("s3")
+    s3.create_bucket(Bucket="lc-downloads")
+    s3.put_object(Bucket="lc-downloads", Key="runs/1/blob", Body=b"\x00payload\xff")
+    reader = launch(cloud, profile(cloud, "ssm-s3", [MANAGED_POLICY, "arn:aws:iam::aws:policy/AmazonS3ReadOnlyAccess"]))
+    wait_managed(ssm, reader)
+    try:
+        answer = download(ssm, reader, {"path": "https://s3.amazonaws.com/lc-downloads/runs/1/blob"}, "/run/fetched")
+        assert (answer["Status"], answer["PluginName"], answer["DocumentName"]) == ("Success", "aws:downloadContent", "AWS-DownloadContent")
+        _, inside = run(ssm, reader, ["od -An -c /run/fetched/blob"])
+        assert "p   a   y   l   o   a   d" in inside["StandardOutputContent"]
+        # An object that is not there fails the invocation, naming it.
+        missing = download(ssm, reader, {"path": "https://lc-downloads.s3.amazonaws.com/runs/1/gone"}, "/run/fetched")
+        assert missing["Status"] == "Failed" and "runs/1/gone" in missing["StandardErrorContent"]
+    finally:
+        cloud.client("ec2").terminate_instances(InstanceIds=[reader])
+    # A role without a policy that reads S3: the agent is refused, and nothing arrives.
+    denied = download(ssm, node, {"path": "https://s3.amazonaws.com/lc-downloads/runs/1/blob"}, "/run/denied")
+    assert denied["Status"] == "Failed" and "AccessDenied" in denied["StandardErrorContent"]
+    _, inside = run(ssm, node, ["ls /run/denied 2>&1 || echo absent"])
+    assert "absent" in inside["StandardOutputContent"]
+    # Only S3 sources, and only the document's parameters.
+    for parameters in ({"sourceType": ["GitHub"], "sourceInfo": ["{}"]}, {"sourceType": ["S3"], "sourceInfo": ["not json"]},
+                       {"sourceType": ["S3"], "sourceInfo": ['{"path": "https://s3.amazonaws.com/b/k"}'], "commands": ["true"]}):
+        with pytest.raises(ClientError) as refused:
+            ssm.send_command(InstanceIds=[node], DocumentName="AWS-DownloadContent", Parameters=parameters)
+        assert refused.value.response["Error"]["Code"] == "InvalidParameters"
+    # The call log names S3's actions and what they named, as for every other service.
+    calls = [json.loads(line) for line in cloud.cli("calls").stdout.splitlines()]
+    puts = [c for c in calls if c["service"] == "s3" and c["action"] == "PutObject"]
+    assert puts and puts[-1]["ids"] == {"Bucket": "lc-downloads", "Key": "runs/1/blob"}

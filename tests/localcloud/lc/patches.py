@@ -703,7 +703,21 @@ def _patch_run_command(instances, timing):
                     return [arn for role in roles for arn in role.managed_policies]
         return None
 
-    agent = Agent(instances, timing.profile, role_policies)
+    def fetch_object(bucket, key):
+        from moto.core import DEFAULT_ACCOUNT_ID
+        from moto.s3.exceptions import MissingBucket, MissingKey
+        from moto.s3.models import s3_backends
+
+        # The local cloud's one account, in the aws partition.
+        try:
+            found = s3_backends[DEFAULT_ACCOUNT_ID]["aws"].get_object(bucket, key)
+        except (MissingBucket, MissingKey):
+            found = None
+        if found is None:
+            raise KeyError(key)
+        return found.value
+
+    agent = Agent(instances, timing.profile, role_policies, fetch_object)
     send_command = SimpleSystemManagerBackend.send_command
 
     def answered(call):
@@ -723,8 +737,8 @@ def _patch_run_command(instances, timing):
         if (cloudwatch_output or {}).get("CloudWatchOutputEnabled"):
             log_group = cloudwatch_output.get("CloudWatchLogGroupName") or DEFAULT_LOG_GROUP
         command.cloudwatch_output = {"CloudWatchLogGroupName": log_group or "", "CloudWatchOutputEnabled": log_group is not None}
-        agent.send(command.command_id, list(dict.fromkeys(instance_ids)), comment, parameters, self.region_name,
-                   log_group, logs_backends[self.account_id][self.region_name])
+        agent.send(command.command_id, list(dict.fromkeys(instance_ids)), comment, document_name, parameters,
+                   self.region_name, log_group, logs_backends[self.account_id][self.region_name])
         return command
 
     def send_command_response(self):

@@ -61,7 +61,7 @@ class CallLog:
     """Every API call: action, the main ids it named (and any CIDR it opens), the result code."""
 
     ID_PARAMS = ("VolumeId", "InstanceId", "ImageId", "SnapshotId", "SourceSnapshotId", "Name", "KeyName", "GroupId", "Device",
-                 "KmsKeyId", "Encrypted")
+                 "KmsKeyId", "Encrypted", "Bucket", "Key")
 
     def __init__(self):
         self.lock = threading.Lock()
@@ -291,6 +291,9 @@ class LocalCloud:
                 params = {k: v for k, v in json.loads(body or b"{}").items() if isinstance(v, str)}
             except ValueError:
                 params = {}
+        elif signed_service(request) == "s3":
+            service = "s3"
+            action, params = s3_call(request)
         else:
             form = parse_qs(body.decode("utf-8", "replace"))
             form.update(parse_qs(request.query_string.decode()))
@@ -474,10 +477,18 @@ class LocalCloud:
                                      "ingress": sorted(r.cidr_ipv4 for r in g.ingress_rules if r.cidr_ipv4)}
                                     for g in ec2.describe_security_groups() if g.name != "default"],
                 "attachments": [{"volume": a.volume_id, "device": a.device, "loops": a.loops, "links": [str(p) for p in a.links]} for a in self.dataplane.attachments.values()],
+                "objects": self.objects(),
                 "build_host": self.build_host.id,
                 "vendor_amis": self.vendor_amis,
                 "other_regions": self.other_regions(),
             }
+
+    def objects(self):
+        """Every object in every bucket of the account, as `BUCKET/KEY`."""
+        from moto.s3.models import s3_backends
+
+        buckets = s3_backends[ACCOUNT]["aws"].buckets
+        return sorted(f"{name}/{key}" for name, bucket in list(buckets.items()) for key in list(bucket.keys.keys()))
 
     def other_regions(self):
         """Images and snapshots in regions other than the cloud's own (copies), per region.
@@ -503,6 +514,24 @@ def signed_service(request):
     return parts[3] if len(parts) == 5 else None
 
 
+def s3_call(request):
+    """The action of an S3 REST request, path-style (`/BUCKET/KEY`), and what it names."""
+    bucket, _, key = request.path.lstrip("/").partition("/")
+    query = parse_qs(request.query_string.decode(), keep_blank_values=True)
+    method = request.method
+    if not bucket:
+        action = "ListBuckets"
+    elif key:
+        action = {"PUT": "CopyObject" if "x-amz-copy-source" in request.headers else "PutObject",
+                  "GET": "GetObject", "HEAD": "HeadObject", "DELETE": "DeleteObject"}.get(method)
+    elif method == "POST" and "delete" in query:
+        action = "DeleteObjects"
+    else:
+        action = {"PUT": "CreateBucket", "HEAD": "HeadBucket", "DELETE": "DeleteBucket",
+                  "GET": "ListObjectsV2" if query.get("list-type") == ["2"] else "ListObjects"}.get(method)
+    return action, {k: v for k, v in (("Bucket", bucket), ("Key", key)) if v}
+
+
 def json_response(value, status=200):
     return Response(json.dumps(value, default=str), status=status, content_type="application/json")
 
@@ -516,6 +545,9 @@ def fault_response(service, code, message, status=None):
     if service in ("ssm", "kms", "logs"):
         return Response(json.dumps({"__type": code, "message": message}), status=status, content_type="application/x-amz-json-1.1",
                         headers={"x-amzn-RequestId": request_id})
+    if service == "s3":
+        body = f"<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{code}</Code><Message>{message}</Message><RequestId>{request_id}</RequestId></Error>"
+        return Response(body, status=status, content_type="application/xml", headers={"x-amz-request-id": request_id})
     if service in ("sts", "iam"):
         body = f"<ErrorResponse><Error><Type>Sender</Type><Code>{code}</Code><Message>{message}</Message></Error><RequestId>{request_id}</RequestId></ErrorResponse>"
         return Response(body, status=status, content_type="text/xml", headers={"x-amzn-RequestId": request_id})

@@ -27,7 +27,15 @@ DescribeInstanceInformation and no CancelCommand. Here, as on AWS:
   reader of the streams must not take the status for the end of the output. It
   streams only when the instance's role may write logs (`LOG_POLICIES`); otherwise the output
   reaches GetCommandInvocation alone, as the real agent's upload fails on its own.
+- AWS-DownloadContent with sourceType S3: the agent fetches the object named by sourceInfo's
+  `path` (`https://s3.amazonaws.com/BUCKET/KEY`, or the bucket's own or regional host) with the
+  instance's role, into the directory `destinationPath` inside the instance (made when missing),
+  under the key's last part. The role must be allowed to read S3 (`S3_READ_POLICIES`);
+  otherwise, or when the object is not there, the invocation Fails with the agent's message.
 """
+
+import json
+import re
 
 import os
 import signal
@@ -56,7 +64,15 @@ EXECUTION_TIMEOUT_BOUNDS = (5, 172_800)
 ENDED = ("Success", "Failed", "TimedOut", "Cancelled")
 # What the agent reports for a command it killed (timeout or cancel), as SIGKILL's shell code.
 KILLED = 137
-PARAMETERS = {"commands", "workingDirectory", "executionTimeout"}
+SHELL_DOCUMENT = "AWS-RunShellScript"
+DOWNLOAD_DOCUMENT = "AWS-DownloadContent"
+# Each document's parameters, and its one plugin.
+PARAMETERS = {SHELL_DOCUMENT: {"commands", "workingDirectory", "executionTimeout"},
+              DOWNLOAD_DOCUMENT: {"sourceType", "sourceInfo", "destinationPath"}}
+PLUGINS = {SHELL_DOCUMENT: "aws:runShellScript", DOWNLOAD_DOCUMENT: "aws:downloadContent"}
+# AWS's managed policies that let the agent read an object from any bucket.
+S3_READ_POLICIES = ("arn:aws:iam::aws:policy/AmazonS3ReadOnlyAccess", "arn:aws:iam::aws:policy/AmazonS3FullAccess",
+                    "arn:aws:iam::aws:policy/service-role/AmazonEC2RoleforSSM")
 # Where the agent writes each command's script, inside the instance.
 SCRIPTS = "var/lib/amazon/ssm"
 
@@ -84,6 +100,7 @@ class Invocation:
     cancelled: bool = False
     # The log group the output streams into, when the command asked for it.
     log_group: str | None = None
+    document: str = SHELL_DOCUMENT
     # Set once GetCommandInvocation answered the final status.
     final_read: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -95,9 +112,9 @@ class Invocation:
                 "CommandId": self.command_id,
                 "InstanceId": self.instance_id,
                 "Comment": self.comment,
-                "DocumentName": "AWS-RunShellScript",
+                "DocumentName": self.document,
                 "DocumentVersion": "$DEFAULT",
-                "PluginName": "aws:runShellScript",
+                "PluginName": PLUGINS[self.document],
                 "ResponseCode": self.response_code,
                 "ExecutionStartDateTime": self.started.isoformat() if self.started else "",
                 "ExecutionEndDateTime": self.ended.isoformat() if self.ended else "",
@@ -117,11 +134,13 @@ class Invocation:
 class Agent:
     """Every instance's agent: registration, and the commands sent to them."""
 
-    def __init__(self, instances, profile: dict, role_policies):
+    def __init__(self, instances, profile: dict, role_policies, fetch_object):
         """`profile`: the latency profile's seconds, `agent_start` after boot until the agent
         registers, `command_pickup` after SendCommand until it takes the command (until then
         GetCommandInvocation answers InvocationDoesNotExist). `role_policies(instance_id)`: the
-        policy ARNs of the role of the instance's profile, or None when it has none."""
+        policy ARNs of the role of the instance's profile, or None when it has none.
+        `fetch_object(bucket, key)`: the object's bytes, from the account's S3, or KeyError."""
+        self.fetch_object = fetch_object
         self.instances = instances
         self.agent_start = profile["agent_start"]
         self.pickup = profile["command_pickup"]
@@ -151,40 +170,43 @@ class Agent:
 
     def check(self, document_name, instance_ids, parameters):
         """What SendCommand refuses before it makes a command."""
-        if document_name != "AWS-RunShellScript":
-            raise RunCommandError("InvalidDocument", f"the local cloud runs AWS-RunShellScript only, not {document_name}")
-        if not parameters.get("commands"):
-            raise RunCommandError("InvalidParameters", "AWS-RunShellScript needs the parameter commands")
-        unknown = sorted(set(parameters) - PARAMETERS)
+        if document_name not in PARAMETERS:
+            raise RunCommandError("InvalidDocument", f"the local cloud runs {' and '.join(PARAMETERS)} only, not {document_name}")
+        unknown = sorted(set(parameters) - PARAMETERS[document_name])
         if unknown:
             raise RunCommandError("InvalidParameters", f"only supply values to parameters defined in the document: {unknown}")
-        timeout = (parameters.get("executionTimeout") or [str(DEFAULT_EXECUTION_TIMEOUT)])[0]
-        if not str(timeout).isdigit():
-            raise RunCommandError("InvalidParameters", f"executionTimeout {timeout!r} is not a number of seconds")
+        if document_name == DOWNLOAD_DOCUMENT:
+            source_type = (parameters.get("sourceType") or [""])[0]
+            if source_type != "S3":
+                raise RunCommandError("InvalidParameters", f"the local cloud downloads from S3 only, not {source_type!r}")
+            if s3_location((parameters.get("sourceInfo") or [""])[0]) is None:
+                raise RunCommandError("InvalidParameters", "sourceInfo must be JSON with the object's `path` URL")
+        else:
+            if not parameters.get("commands"):
+                raise RunCommandError("InvalidParameters", "AWS-RunShellScript needs the parameter commands")
+            timeout = (parameters.get("executionTimeout") or [str(DEFAULT_EXECUTION_TIMEOUT)])[0]
+            if not str(timeout).isdigit():
+                raise RunCommandError("InvalidParameters", f"executionTimeout {timeout!r} is not a number of seconds")
         unmanaged = [i for i in instance_ids if not self.managed(i)]
         if unmanaged or not instance_ids:
             raise RunCommandError("InvalidInstanceId", f"Instances {unmanaged} not in a valid state for account")
 
-    def send(self, command_id, instance_ids, comment, parameters, region, log_group=None, logs=None):
-        """Hands a checked command to each instance's agent; with `log_group`, its output is
-        streamed into it through `logs`, the account's CloudWatch Logs in the region."""
-        commands = parameters["commands"]
-        timeout = int((parameters.get("executionTimeout") or [DEFAULT_EXECUTION_TIMEOUT])[0])
-        low, high = EXECUTION_TIMEOUT_BOUNDS
-        if not low <= timeout <= high:
-            timeout = DEFAULT_EXECUTION_TIMEOUT
-        directory = (parameters.get("workingDirectory") or [""])[0] or "/"
-        script = "\n".join(commands) + "\n"
+    def send(self, command_id, instance_ids, comment, document_name, parameters, region, log_group=None, logs=None):
+        """Hands a checked command to each instance's agent; with `log_group`, a script's output
+        is streamed into it through `logs`, the account's CloudWatch Logs in the region."""
         for instance_id in instance_ids:
             invocation = Invocation(command_id, instance_id, comment, time.monotonic() + self.pickup,
-                                    log_group=log_group)
-            may_write_logs = any(p in LOG_POLICIES for p in self.role_policies(instance_id) or [])
-            streams = (LogStreams(logs, log_group, command_id, instance_id, self.log_upload)
-                       if log_group and may_write_logs else None)
+                                    log_group=log_group, document=document_name)
             with self.lock:
                 self.invocations[(command_id, instance_id)] = invocation
-            threading.Thread(target=self._run, args=(invocation, script, directory, timeout, region, streams),
-                             daemon=True).start()
+            if document_name == DOWNLOAD_DOCUMENT:
+                work = (self._download, invocation, parameters)
+            else:
+                may_write_logs = any(p in LOG_POLICIES for p in self.role_policies(instance_id) or [])
+                streams = (LogStreams(logs, log_group, command_id, instance_id, self.log_upload)
+                           if log_group and may_write_logs else None)
+                work = (self._run, invocation, parameters, region, streams)
+            threading.Thread(target=work[0], args=work[1:], daemon=True).start()
 
     def invocation(self, command_id, instance_id):
         with self.lock:
@@ -211,7 +233,50 @@ class Agent:
             if process and process.poll() is None:
                 os.killpg(process.pid, signal.SIGKILL)
 
-    def _run(self, invocation: Invocation, script: str, directory: str, timeout: int, region: str, streams):
+    def _download(self, invocation: Invocation, parameters):
+        """AWS-DownloadContent: the object, fetched with the instance's role, into the instance."""
+        time.sleep(max(0.0, invocation.taken_at - time.monotonic()))
+        bucket, key = s3_location(parameters["sourceInfo"][0])
+        directory = (parameters.get("destinationPath") or [""])[0]
+        with invocation.lock:
+            if invocation.cancelled:
+                invocation.status = invocation.details = "Cancelled"
+                return
+            invocation.status = invocation.details = "InProgress"
+            invocation.started = datetime.now(timezone.utc)
+        run = self.instances.running.get(invocation.instance_id)
+        failure = None
+        if not any(p in S3_READ_POLICIES for p in self.role_policies(invocation.instance_id) or []):
+            failure = f"AccessDenied: the instance's role may not read s3://{bucket}/{key}"
+        elif run is None or not directory.startswith("/"):
+            failure = f"destinationPath {directory!r} is not an absolute path on a running instance"
+        else:
+            try:
+                data = self.fetch_object(bucket, key)
+            except KeyError:
+                failure = f"NoSuchKey: s3://{bucket}/{key} does not exist"
+        if failure is None:
+            target = run.root / directory.lstrip("/")
+            target.mkdir(parents=True, exist_ok=True)
+            (target / key.rsplit("/", 1)[-1]).write_bytes(data)
+        with invocation.lock:
+            invocation.ended = datetime.now(timezone.utc)
+            if failure is None:
+                invocation.status = invocation.details = "Success"
+                invocation.response_code = 0
+                invocation.stdout = f"Content downloaded to {directory}\n"
+            else:
+                invocation.status = invocation.details = "Failed"
+                invocation.response_code = 1
+                invocation.stderr = f"failed to download content: {failure}\n"
+
+    def _run(self, invocation: Invocation, parameters, region: str, streams):
+        timeout = int((parameters.get("executionTimeout") or [DEFAULT_EXECUTION_TIMEOUT])[0])
+        low, high = EXECUTION_TIMEOUT_BOUNDS
+        if not low <= timeout <= high:
+            timeout = DEFAULT_EXECUTION_TIMEOUT
+        directory = (parameters.get("workingDirectory") or [""])[0] or "/"
+        script = "\n".join(parameters["commands"]) + "\n"
         try:
             self._run_command(invocation, script, directory, timeout, region, streams)
         finally:
@@ -282,6 +347,18 @@ class Agent:
                 invocation.status, invocation.details = "Failed", "Failed"
                 invocation.stderr += f"failed to run commands: exit status {code}\n"
 
+
+
+def s3_location(source_info: str):
+    """(bucket, key) of AWS-DownloadContent's sourceInfo `{"path": URL}`, path-style or the
+    bucket's own host; None when it names no object."""
+    try:
+        url = json.loads(source_info).get("path", "")
+    except (ValueError, AttributeError):
+        return None
+    m = re.fullmatch(r"https://s3(?:[.-][a-z0-9-]+)?\.amazonaws\.com/([^/]+)/(.+)", url) or \
+        re.fullmatch(r"https://([^/]+)\.s3(?:[.-][a-z0-9-]+)?\.amazonaws\.com/(.+)", url)
+    return (m.group(1), m.group(2)) if m else None
 
 
 def read_lines(pipe, kept: list, name: str, streams):
