@@ -19,6 +19,14 @@ const LOG_WRITING_POLICIES: [&str; 3] = [
     ":iam::aws:policy/service-role/AmazonEC2RoleforSSM",
 ];
 
+/// AWS's managed policies that let the agent read an object from any bucket (the older
+/// policy for the agent grants it too).
+const S3_READING_POLICIES: [&str; 3] = [
+    ":iam::aws:policy/AmazonS3ReadOnlyAccess",
+    ":iam::aws:policy/AmazonS3FullAccess",
+    ":iam::aws:policy/service-role/AmazonEC2RoleforSSM",
+];
+
 #[derive(Debug, thiserror::Error)]
 #[error("{setting} = \"{profile}\": {problem}")]
 pub struct ProfileError {
@@ -40,6 +48,8 @@ pub enum Profile {
         agent_policy: bool,
         /// One of AWS's policies that let the agent write logs is attached.
         log_policy: bool,
+        /// One of AWS's policies that let the agent read S3 is attached.
+        s3_policy: bool,
     },
     /// The profile could not be read.
     Unreadable { detail: String },
@@ -120,6 +130,7 @@ pub async fn instance_profile(
     Ok(Profile::Read {
         agent_policy: has_one_of(&SSM_AGENT_POLICIES),
         log_policy: has_one_of(&LOG_WRITING_POLICIES),
+        s3_policy: has_one_of(&S3_READING_POLICIES),
         role,
     })
 }

@@ -14,6 +14,7 @@ pub mod launch_template;
 pub mod logs;
 pub mod resources;
 pub mod run_command;
+pub mod s3;
 pub mod security_group;
 pub mod snapshot;
 pub mod ssm;
@@ -66,6 +67,7 @@ pub struct Clients {
     pub kms: aws_sdk_kms::Client,
     pub iam: aws_sdk_iam::Client,
     pub logs: aws_sdk_cloudwatchlogs::Client,
+    pub s3: aws_sdk_s3::Client,
     pub ebs: aws_sdk_ebs::Client,
     pub sts: aws_sdk_sts::Client,
     pub region: String,
@@ -115,6 +117,7 @@ impl Clients {
             kms: aws_sdk_kms::Client::new(config),
             iam: aws_sdk_iam::Client::new(config),
             logs: aws_sdk_cloudwatchlogs::Client::new(config),
+            s3: aws_sdk_s3::Client::new(config),
             ebs: aws_sdk_ebs::Client::from_conf(ebs::client_config(config)),
             sts: aws_sdk_sts::Client::new(config),
             region,

@@ -20,6 +20,20 @@ use crate::engine::Progress;
 
 /// The shell document every command runs through.
 pub const SHELL_DOCUMENT: &str = "AWS-RunShellScript";
+/// The document whose agent fetches a file itself, with the instance's role.
+pub const DOWNLOAD_DOCUMENT: &str = "AWS-DownloadContent";
+
+/// What a command does on the instance.
+#[derive(Debug, Clone, Copy)]
+pub enum Command<'a> {
+    /// A shell script, run as root; with a log group, its output streams there.
+    Script {
+        script: &'a str,
+        log_group: Option<&'a str>,
+    },
+    /// The S3 object at `url`, fetched by the agent into the directory `into`.
+    Download { url: &'a str, into: &'a str },
+}
 
 /// The agent's bounds for a command's `executionTimeout`; outside them it takes its default
 /// of an hour. A command is cut sooner by cancelling it.
@@ -96,29 +110,39 @@ pub fn output_stream(command_id: &str, instance_id: &str, stream: &str) -> Strin
 pub async fn send(
     clients: &Clients,
     instance_id: &str,
-    script: &str,
+    command: Command<'_>,
     comment: &str,
-    log_group: Option<&str>,
 ) -> Result<String, AwsError> {
     let comment: String = comment.chars().take(COMMENT_LIMIT).collect();
-    let streamed = log_group.map(|group| {
-        CloudWatchOutputConfig::builder()
-            .cloud_watch_output_enabled(true)
-            .cloud_watch_log_group_name(group)
-            .build()
-    });
-    let out = clients
+    let request = clients
         .ssm
         .send_command()
-        .set_cloud_watch_output_config(streamed)
-        .document_name(SHELL_DOCUMENT)
         .instance_ids(instance_id)
-        .parameters("commands", vec![script.to_string()])
-        .parameters(
-            "executionTimeout",
-            vec![LONGEST_EXECUTION.as_secs().to_string()],
-        )
-        .comment(comment)
+        .comment(comment);
+    let request = match command {
+        Command::Script { script, log_group } => request
+            .set_cloud_watch_output_config(log_group.map(|group| {
+                CloudWatchOutputConfig::builder()
+                    .cloud_watch_output_enabled(true)
+                    .cloud_watch_log_group_name(group)
+                    .build()
+            }))
+            .document_name(SHELL_DOCUMENT)
+            .parameters("commands", vec![script.to_string()])
+            .parameters(
+                "executionTimeout",
+                vec![LONGEST_EXECUTION.as_secs().to_string()],
+            ),
+        Command::Download { url, into } => request
+            .document_name(DOWNLOAD_DOCUMENT)
+            .parameters("sourceType", vec!["S3".to_string()])
+            .parameters(
+                "sourceInfo",
+                vec![serde_json::json!({ "path": url }).to_string()],
+            )
+            .parameters("destinationPath", vec![into.to_string()]),
+    };
+    let out = request
         .send()
         .await
         .map_err(|e| AwsError::new(format!("send a command to {instance_id}"), e))?;

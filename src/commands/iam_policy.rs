@@ -241,17 +241,31 @@ fn temporary_instance(grants: &mut Grants, plan: &InstancePlan) {
                 "ssm:GetCommandInvocation",
             ],
         );
-        // The shell document, on the run's own instance only.
+        // The shell document (and, with a bucket, the download), on the run's own instance
+        // only.
+        let mut documents = vec![crate::aws::run_command::SHELL_DOCUMENT];
+        if plan.ssm_bucket.is_some() {
+            documents.push(crate::aws::run_command::DOWNLOAD_DOCUMENT);
+        }
+        let documents: Vec<String> = documents
+            .iter()
+            .map(|d| format!("arn:aws:ssm:*::document/{d}"))
+            .collect();
+        let documents: Vec<&str> = documents.iter().map(String::as_str).collect();
+        grants.allow(Scope::Any, &documents, &["ssm:SendCommand"]);
+        grants.allow(Scope::Owned, &[INSTANCE], &["ssm:SendCommand"]);
+        grants.allow(Scope::Any, &["*"], &["ssm:CancelCommand"]);
+    }
+    if let Some(bucket) = &plan.ssm_bucket {
+        // The sealed files staged there for the agent, under the run's own prefix.
         grants.allow(
             Scope::Any,
             &[&format!(
-                "arn:aws:ssm:*::document/{}",
-                crate::aws::run_command::SHELL_DOCUMENT
+                "arn:aws:s3:::{bucket}/{}*",
+                crate::aws::s3::PREFIX
             )],
-            &["ssm:SendCommand"],
+            &["s3:PutObject", "s3:DeleteObject"],
         );
-        grants.allow(Scope::Owned, &[INSTANCE], &["ssm:SendCommand"]);
-        grants.allow(Scope::Any, &["*"], &["ssm:CancelCommand"]);
     }
     if let Some(group) = &plan.ssm_log_group {
         // The output the agent streams there, read as it comes: on the group's streams

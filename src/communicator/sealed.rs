@@ -10,16 +10,24 @@
 //! becomes an image (`FORGET_KEY`), or goes with the instance. What SSM kept is then
 //! ciphertext no one can open.
 //!
+//! A file too large for a command goes through S3 (see `ssm`): it is sealed with AES-256
+//! under a key of its own, and that key travels only inside a sealed command. A bucket
+//! that keeps old versions of its objects keeps ciphertext.
+//!
 //! The instance needs `openssl` and `base64`; the usual EC2 images of the major
 //! distributions carry both.
 
+use std::io::{Read, Write};
+use std::path::Path;
+
 use openssl::cms::{CMSOptions, CmsContentInfo};
 use openssl::stack::Stack;
-use openssl::symm::Cipher;
+use openssl::symm::{Cipher, Crypter, Mode};
 use openssl::x509::X509;
 
-/// Where the instance keeps its key and the opened commands, readable by root alone.
-const KEY_DIR: &str = "/run/amibake-sealed";
+/// Where the instance keeps its key, the opened commands and the files fetched for it,
+/// readable by root alone.
+pub const DIR: &str = "/run/amibake-sealed";
 
 /// Makes the instance's key pair afresh and prints its certificate (the public key, which
 /// CMS takes in a certificate); only the certificate is ever printed.
@@ -71,8 +79,8 @@ impl Recipient {
         Ok(format!(
             r#"set -e
 umask 077
-opened=$(mktemp {KEY_DIR}/command.XXXXXX)
-printf %s '{encoded}' | base64 -d | openssl cms -decrypt -binary -inform DER -inkey {KEY_DIR}/key.pem -out "$opened" || {{
+opened=$(mktemp {DIR}/command.XXXXXX)
+printf %s '{encoded}' | base64 -d | openssl cms -decrypt -binary -inform DER -inkey {DIR}/key.pem -out "$opened" || {{
   echo "this command was sealed to a key this instance no longer holds" >&2
   exit {UNOPENED}
 }}
@@ -85,6 +93,57 @@ exit $code"#
     }
 }
 
+/// The key a file was sealed with, for the command that opens it on the instance.
+pub struct FileKey {
+    key: [u8; 32],
+    iv: [u8; 16],
+}
+
+/// Seals the file at `source` into `into` as it is read, under a key made for it alone.
+pub fn seal_file(source: &Path, into: &mut impl Write) -> Result<FileKey, String> {
+    let mut sealed = FileKey {
+        key: [0; 32],
+        iv: [0; 16],
+    };
+    openssl::rand::rand_bytes(&mut sealed.key).map_err(|e| e.to_string())?;
+    openssl::rand::rand_bytes(&mut sealed.iv).map_err(|e| e.to_string())?;
+    let cipher = Cipher::aes_256_cbc();
+    let mut crypter = Crypter::new(cipher, Mode::Encrypt, &sealed.key, Some(&sealed.iv))
+        .map_err(|e| e.to_string())?;
+    let mut file = std::fs::File::open(source)
+        .map_err(|e| format!("cannot read {}: {e}", source.display()))?;
+    let mut plain = vec![0; 64 << 10];
+    let mut out = vec![0; plain.len() + cipher.block_size()];
+    loop {
+        let read = file
+            .read(&mut plain)
+            .map_err(|e| format!("cannot read {}: {e}", source.display()))?;
+        let written = match read {
+            0 => crypter.finalize(&mut out),
+            n => crypter.update(&plain[..n], &mut out),
+        }
+        .map_err(|e| e.to_string())?;
+        into.write_all(&out[..written])
+            .map_err(|e| format!("cannot write the sealed copy: {e}"))?;
+        if read == 0 {
+            return Ok(sealed);
+        }
+    }
+}
+
+impl FileKey {
+    /// The command that opens the sealed file `sealed` into `out` (both shell words) on
+    /// the instance: the key is in it, so it goes only inside a sealed command.
+    pub fn open_command(&self, sealed: &str, out: &str) -> String {
+        let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+        format!(
+            "openssl enc -d -aes-256-cbc -K {} -iv {} -in {sealed} -out {out}",
+            hex(&self.key),
+            hex(&self.iv)
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -93,7 +152,7 @@ mod tests {
     /// `MAKE_KEY` and `seal`'s command with the key directory moved under `dir`, run with
     /// this machine's `sh` and `openssl`.
     fn in_dir(script: &str, dir: &std::path::Path) -> String {
-        script.replace(KEY_DIR, &dir.join("sealed").to_string_lossy())
+        script.replace(DIR, &dir.join("sealed").to_string_lossy())
     }
 
     fn sh(script: &str) -> std::process::Output {
@@ -157,6 +216,30 @@ mod tests {
         let said = String::from_utf8_lossy(&made.stderr);
         assert!(said.contains("the image has no `openssl`"), "{said}");
         assert!(made.stdout.is_empty());
+    }
+
+    #[test]
+    fn a_sealed_file_opens_whole_with_its_own_key_and_is_not_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        // Not a whole number of AES blocks, nor of the read buffer.
+        let contents: Vec<u8> = (0..200_003u32).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(dir.path().join("plain"), &contents).unwrap();
+        let mut sealed = Vec::new();
+        let key = seal_file(&dir.path().join("plain"), &mut sealed).unwrap();
+        assert_eq!(sealed.len(), (contents.len() / 16 + 1) * 16);
+        assert!(!sealed.windows(64).any(|w| w == &contents[..64]));
+        std::fs::write(dir.path().join("sealed"), &sealed).unwrap();
+        let opened = dir.path().join("opened");
+        let command = key.open_command(
+            &dir.path().join("sealed").to_string_lossy(),
+            &opened.to_string_lossy(),
+        );
+        let ran = sh(&command);
+        assert!(ran.status.success(), "{ran:?}");
+        assert_eq!(std::fs::read(&opened).unwrap(), contents);
+        // Each file has a key of its own.
+        let other = seal_file(&dir.path().join("plain"), &mut Vec::new()).unwrap();
+        assert_ne!(other.key, key.key);
     }
 
     #[test]

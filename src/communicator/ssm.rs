@@ -23,7 +23,8 @@ use tokio_util::sync::CancellationToken;
 use super::sealed::{self, Recipient};
 use super::{assignments, quote, CommError, Communicator};
 use crate::aws::logs::Follower;
-use crate::aws::run_command::{self, Ended, Invocation, STDERR_KEPT, STDOUT_KEPT};
+use crate::aws::run_command::{self, Command, Ended, Invocation, STDERR_KEPT, STDOUT_KEPT};
+use crate::aws::s3;
 use crate::aws::wait::{wait_for, Poll, WaitError, WaitPolicy};
 use crate::aws::Clients;
 use crate::template::Network;
@@ -65,6 +66,9 @@ done"#;
 const UPLOAD_PIECE: usize = 18 << 10;
 /// The largest file sent through commands.
 pub const LARGEST_UPLOAD: u64 = 1 << 20;
+/// With a bucket, a file larger than this goes through it: one object and two commands
+/// instead of a command a piece.
+const THROUGH_BUCKET_ABOVE: u64 = 4 * UPLOAD_PIECE as u64;
 
 pub struct Ssm {
     clients: Clients,
@@ -73,6 +77,11 @@ pub struct Ssm {
     comment: String,
     /// Where the agent streams the output of the template's commands.
     log_group: Option<String>,
+    /// Where a file too large for commands waits for the agent to fetch it.
+    bucket: Option<String>,
+    build_id: String,
+    /// The files sent through the bucket so far, each staged under its own key.
+    staged: std::sync::atomic::AtomicU32,
     /// The certificate of the key the instance made at the first sealed command.
     recipient: tokio::sync::OnceCell<Recipient>,
 }
@@ -83,12 +92,16 @@ impl Ssm {
         instance_id: &str,
         build_id: &str,
         log_group: Option<&str>,
+        bucket: Option<&str>,
     ) -> Ssm {
         Ssm {
             clients: clients.clone(),
             instance_id: instance_id.to_string(),
             comment: format!("amibake build {build_id}"),
             log_group: log_group.map(str::to_string),
+            bucket: bucket.map(str::to_string),
+            build_id: build_id.to_string(),
+            staged: Default::default(),
             recipient: tokio::sync::OnceCell::new(),
         }
     }
@@ -106,15 +119,15 @@ impl Ssm {
         recipient.seal(script).map_err(|e| self.failed(action, e))
     }
 
-    /// Sends `script` and follows it to its end: its status, exit code and output. On
+    /// Sends `command` and follows it to its end: its status, exit code and output. On
     /// `cancel`, or when it cannot be followed within `policy`, the command is cancelled and
     /// followed until SSM says it is over.
     ///
-    /// With `output`, the command's output streams into the log group and is handed to it
-    /// as it comes.
-    async fn run_script(
+    /// With `output` (for a script that names its log group), what the command writes is
+    /// handed to it as it comes.
+    async fn send_and_follow(
         &self,
-        script: &str,
+        command: Command<'_>,
         action: &str,
         policy: WaitPolicy,
         cancel: &CancellationToken,
@@ -122,8 +135,7 @@ impl Ssm {
     ) -> Result<Ended, CommError> {
         let clients = &self.clients;
         let id = &self.instance_id;
-        let log_group = output.as_ref().map(|o| o.group.as_str());
-        let command_id = run_command::send(clients, id, script, &self.comment, log_group)
+        let command_id = run_command::send(clients, id, command, &self.comment)
             .await
             .map_err(|e| self.failed(action, e))?;
         if let Some(output) = output.as_deref_mut() {
@@ -153,9 +165,22 @@ impl Ssm {
     /// Runs one of amibake's own commands (a piece of a file, the clearing of traces), which
     /// must succeed within `HOUSEKEEPING`. Answers its output.
     async fn housekeeping(&self, script: &str, action: &str) -> Result<String, CommError> {
+        let script = Command::Script {
+            script,
+            log_group: None,
+        };
+        self.housekeeping_command(script, action).await
+    }
+
+    /// Runs `command`, one of amibake's own, which must succeed within `HOUSEKEEPING`.
+    async fn housekeeping_command(
+        &self,
+        command: Command<'_>,
+        action: &str,
+    ) -> Result<String, CommError> {
         let ended = self
-            .run_script(
-                script,
+            .send_and_follow(
+                command,
                 action,
                 HOUSEKEEPING,
                 &CancellationToken::new(),
@@ -174,6 +199,105 @@ impl Ssm {
             )),
         }
     }
+}
+
+impl Ssm {
+    /// Sends the file at `source` through the bucket: sealed into a private temporary file
+    /// as it is read (memory stays flat whatever its size), staged as an object of the
+    /// run's, fetched by the agent with the instance's role, opened and installed by a
+    /// sealed command. The object is deleted whatever became of it, or named as left.
+    async fn upload_through_bucket(
+        &self,
+        bucket: &str,
+        source: &Path,
+        destination: &str,
+        mode: u32,
+        action: &str,
+    ) -> Result<(), CommError> {
+        let name = format!(
+            "file-{}",
+            self.staged
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                + 1
+        );
+        let key = s3::staged_key(&self.build_id, &name);
+        let from = source.to_path_buf();
+        let (copy, file_key) = tokio::task::spawn_blocking(move || {
+            let mut copy = tempfile::NamedTempFile::new()
+                .map_err(|e| format!("cannot make the sealed copy: {e}"))?;
+            let mut writer = std::io::BufWriter::new(copy.as_file_mut());
+            let file_key = sealed::seal_file(&from, &mut writer)?;
+            std::io::Write::flush(&mut writer)
+                .map_err(|e| format!("cannot write the sealed copy: {e}"))?;
+            drop(writer);
+            Ok::<_, String>((copy, file_key))
+        })
+        .await
+        .map_err(|e| self.failed(action, e))?
+        .map_err(|e| self.failed(action, e))?;
+        // The key the instance opens it with goes in a sealed command, made first: the
+        // instance's key directory, where the agent puts the file, is made with its key.
+        let fetched = quote(&format!("{}/{name}", sealed::DIR));
+        let install = format!(
+            "set -e; {}{}; rm -f -- {fetched}{}",
+            fresh_staged(destination),
+            file_key.open_command(&fetched, &staged_path(destination)),
+            install_staged(destination, mode)
+        );
+        let install = self.seal(&install, action).await?;
+        let url = s3::object_url(&self.clients.region, bucket, &key);
+        let fetch = Command::Download {
+            url: &url,
+            into: sealed::DIR,
+        };
+        // A put whose answer was lost may have made the object: it is deleted either way.
+        let delivered = match s3::put_file(&self.clients, bucket, &key, copy.path()).await {
+            Ok(()) => match self.housekeeping_command(fetch, action).await {
+                Ok(_) => self.housekeeping(&install, action).await.map(drop),
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(self.failed(action, e)),
+        };
+        drop(copy);
+        let deleted = s3::delete_object(&self.clients, bucket, &key).await;
+        match (delivered, deleted) {
+            (delivered, Ok(())) => delivered,
+            (delivered, Err(e)) => Err(self.failed(
+                action,
+                format!(
+                    "{}s3://{bucket}/{key} is left (sealed): {e}",
+                    delivered
+                        .err()
+                        .map(|d| format!("{d}; "))
+                        .unwrap_or_default()
+                ),
+            )),
+        }
+    }
+}
+
+/// Where a file is put together before it is installed at `destination`.
+fn staged_path(destination: &str) -> String {
+    quote(&format!("{destination}.amibake-upload"))
+}
+
+/// Makes `destination`'s directory as needed (as over SSH) and removes whatever stood at
+/// its staging path: the file is put together in a fresh, private one.
+fn fresh_staged(destination: &str) -> String {
+    format!(
+        "umask 077; mkdir -p -- \"$(dirname -- {})\"; rm -f -- {}; ",
+        quote(destination),
+        staged_path(destination)
+    )
+}
+
+/// Gives the staged file its mode and moves it to `destination`.
+fn install_staged(destination: &str, mode: u32) -> String {
+    let staged = staged_path(destination);
+    format!(
+        "; chmod {mode:o} {staged}; mv -f -- {staged} {}",
+        quote(destination)
+    )
 }
 
 /// Polls command `command_id` on `instance_id` until it has ended, handing what its log
@@ -391,8 +515,12 @@ impl Communicator for Ssm {
         let mut output = Output::new(self.log_group.as_deref().unwrap_or_default(), on_line);
         let streamed = self.log_group.is_some().then_some(&mut output);
         let sealed = self.seal(&script(command, env), "run a command").await?;
+        let command = Command::Script {
+            script: &sealed,
+            log_group: self.log_group.as_deref(),
+        };
         let ended = self
-            .run_script(&sealed, "run a command", COMMAND, cancel, streamed)
+            .send_and_follow(command, "run a command", COMMAND, cancel, streamed)
             .await?;
         let lacking = output.finish(&self.clients, &ended, cancel).await;
         let Ended { status, code, .. } = ended;
@@ -417,32 +545,39 @@ impl Communicator for Ssm {
 
     async fn upload(&self, source: &Path, destination: &str, mode: u32) -> Result<(), CommError> {
         let action = format!("copy {} to {destination}", source.display());
+        let size = tokio::fs::metadata(source)
+            .await
+            .map_err(|e| self.failed(&action, e))?
+            .len();
+        match &self.bucket {
+            Some(bucket) if size > THROUGH_BUCKET_ABOVE => {
+                return self
+                    .upload_through_bucket(bucket, source, destination, mode, &action)
+                    .await
+            }
+            None if size > LARGEST_UPLOAD => {
+                return Err(self.failed(
+                    &action,
+                    format!(
+                        "it is {size} bytes, and over SSM a file of at most {LARGEST_UPLOAD} goes through commands: name an S3 bucket for larger ones in `ssm_bucket`"
+                    ),
+                ))
+            }
+            _ => {}
+        }
         let contents = tokio::fs::read(source)
             .await
             .map_err(|e| self.failed(&action, e))?;
-        if contents.len() as u64 > LARGEST_UPLOAD {
-            return Err(self.failed(
-                &action,
-                format!(
-                    "it is {} bytes, and over SSM a file of at most {LARGEST_UPLOAD} goes through commands (an output bucket for larger ones is not supported yet)",
-                    contents.len()
-                ),
-            ));
-        }
-        // Each piece is appended to a fresh private file (whatever stood at its path is
-        // removed first), installed where it belongs once whole.
-        let staged = quote(&format!("{destination}.amibake-upload"));
+        // Each piece is appended to a fresh private file, installed where it belongs once
+        // whole.
+        let staged = staged_path(destination);
         let pieces: Vec<&[u8]> = match contents.is_empty() {
             true => vec![&[]],
             false => contents.chunks(UPLOAD_PIECE).collect(),
         };
         for (i, piece) in pieces.iter().enumerate() {
-            // As over SSH, the destination's directory is made as needed.
             let fresh = match i {
-                0 => format!(
-                    "umask 077; mkdir -p -- \"$(dirname -- {})\"; rm -f -- {staged}; ",
-                    quote(destination)
-                ),
+                0 => fresh_staged(destination),
                 _ => String::new(),
             };
             let encoded = aws_smithy_types::base64::encode(piece);
@@ -451,10 +586,7 @@ impl Communicator for Ssm {
                 quote(&encoded)
             );
             if i + 1 == pieces.len() {
-                script.push_str(&format!(
-                    "; chmod {mode:o} {staged}; mv -f -- {staged} {}",
-                    quote(destination)
-                ));
+                script.push_str(&install_staged(destination, mode));
             }
             self.housekeeping(&self.seal(&script, &action).await?, &action)
                 .await?;

@@ -101,6 +101,8 @@ pub struct InstancePlan {
     pub reach_timeout: Duration,
     /// Over SSM: the CloudWatch Logs group each command's output streams into.
     pub ssm_log_group: Option<String>,
+    /// Over SSM: the S3 bucket that files too large for commands go through.
+    pub ssm_bucket: Option<String>,
     /// Set when the template names its key pair; otherwise a temporary one is made.
     pub ssh_keypair: Option<ExistingKeyPair>,
     pub ssh_cidrs: Option<Vec<String>>,

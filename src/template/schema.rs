@@ -167,6 +167,8 @@ macro_rules! with_instance_keys {
                 /// With `ssm`: a CloudWatch Logs group the agent streams each command's
                 /// output into, for the run to show it as it comes.
                 pub ssm_log_group: Option<Spanned<String>>,
+                /// With `ssm`: an S3 bucket that files too large for commands go through.
+                pub ssm_bucket: Option<Spanned<String>>,
                 /// With `ssh`, the user to log in as.
                 pub ssh_username: Option<Spanned<String>>,
                 pub ssh_interface: Option<Spanned<SshInterface>>,
@@ -195,6 +197,7 @@ macro_rules! with_instance_keys {
                     communicator: &self.communicator,
                     agent_timeout_seconds: &self.agent_timeout_seconds,
                     ssm_log_group: &self.ssm_log_group,
+                    ssm_bucket: &self.ssm_bucket,
                     ssh_username: &self.ssh_username,
                     ssh_interface: &self.ssh_interface,
                     ssh_timeout_seconds: &self.ssh_timeout_seconds,
@@ -232,6 +235,7 @@ pub struct InstanceKeys<'a> {
     pub communicator: &'a Option<Spanned<CommunicatorKind>>,
     pub agent_timeout_seconds: &'a Option<Spanned<u64>>,
     pub ssm_log_group: &'a Option<Spanned<String>>,
+    pub ssm_bucket: &'a Option<Spanned<String>>,
     pub ssh_username: &'a Option<Spanned<String>>,
     pub ssh_interface: &'a Option<Spanned<SshInterface>>,
     pub ssh_timeout_seconds: &'a Option<Spanned<u64>>,

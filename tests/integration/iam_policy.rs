@@ -116,6 +116,21 @@ fn assert_allowed(policy: &serde_json::Value, calls: &[serde_json::Value]) -> BT
                 .any(|r| r.ends_with(&arn_tail));
             assert!(named, "{action} on {name} is not allowed: {call}");
         }
+        // S3's objects: only under the prefixes the policy names.
+        if call["service"] == "s3" {
+            let arn = format!(
+                "arn:aws:s3:::{}/{}",
+                call["ids"]["Bucket"].as_str().unwrap_or_default(),
+                call["ids"]["Key"].as_str().unwrap_or_default()
+            );
+            let named = with.iter().flat_map(|s| strings(&s["Resource"])).any(|r| {
+                match r.strip_suffix('*') {
+                    Some(prefix) => arn.starts_with(prefix),
+                    None => arn == r,
+                }
+            });
+            assert!(named, "{action} on {arn} is not allowed: {call}");
+        }
     }
     called
 }
@@ -132,24 +147,27 @@ fn allowed_actions(policy: &serde_json::Value) -> BTreeSet<String> {
 /// A failing run (its last call refused, everything undone, the channel deleted again),
 /// then a successful one; the policy must allow exactly what they called.
 /// `lost` names create calls whose answer is lost in the successful run (so the run finds
-/// what they made); `more` runs after it, given its manifest. `profile` names an instance
-/// profile the account holds, made first (its calls are an administrator's, not the run's).
+/// what they made); `more` runs after it, given its manifest. `admin` are `localcloud` calls
+/// that make what the account holds first (an instance profile, a bucket): an
+/// administrator's calls, not the run's. Beside the template lie a revision's tarball and
+/// `big.bin`, larger than SSM's commands carry.
 fn prove(
     template: &str,
     run: &[&str],
     policy_args: &[&str],
     lost: &[&str],
-    profile: Option<&str>,
+    admin: &[&[&str]],
     more: impl Fn(&LocalCloud, &Path, &serde_json::Value),
 ) {
     let cloud = LocalCloud::start("quick");
-    if let Some(profile) = profile {
-        cloud.cli(&["instance-profile", profile]);
+    for call in admin {
+        cloud.cli(call);
     }
     let before = cloud.calls().len();
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
     write_revision_tarball(&dir.join("app.tar.gz"), "one\n");
+    std::fs::write(dir.join("big.bin"), vec![7u8; 200 << 10]).unwrap();
     std::fs::write(dir.join("t.toml"), template).unwrap();
     let printed = policy(&cloud, dir, policy_args);
 
@@ -165,7 +183,8 @@ fn prove(
     let calls = cloud.calls_since(before);
     let mut called = assert_allowed(&printed, &calls);
     // Not a call of its own: IAM checks it within a launch that names a profile.
-    if profile.is_some() && called.contains("ec2:RunInstances") {
+    let profiled = admin.iter().any(|call| call[0] == "instance-profile");
+    if profiled && called.contains("ec2:RunInstances") {
         called.insert("iam:PassRole".to_string());
     }
     let unused: Vec<String> = allowed_actions(&printed)
@@ -194,7 +213,7 @@ fn the_base_policy_allows_exactly_what_a_base_build_calls() {
         &["base", "t.toml"],
         &["--mode", "base"],
         &["CreateSecurityGroup"],
-        None,
+        &[],
         |_, _, _| {},
     );
 }
@@ -206,14 +225,18 @@ fn the_ssm_base_policy_allows_exactly_what_a_base_over_ssm_calls() {
         &format!(
             "[base]\nname = \"base-${{timestamp}}\"\nsource_ami = \"resolve:ssm:{DEBIAN}\"\n\
              instance_type = \"t3.small\"\ncommunicator = \"ssm\"\niam_instance_profile = \"amibake-build\"\n\
-             ssm_log_group = \"/amibake/builds\"\n\
+             ssm_log_group = \"/amibake/builds\"\nssm_bucket = \"amibake-staging\"\n\
              publish_ssm = \"/amibake/shop/base\"\npublish_label = \"latest\"\n\n\
+             [[base.provisioner]]\nfile = \"big.bin\"\ndestination = \"/opt/big.bin\"\n\n\
              [[base.provisioner]]\ninline = [\"true\"]\n"
         ),
         &["base", "t.toml"],
         &["--mode", "base"],
         &["CreateSecurityGroup"],
-        Some("amibake-build"),
+        &[
+            &["instance-profile", "amibake-build", "--with-s3"],
+            &["bucket", "amibake-staging"],
+        ],
         // A provisioner cut at its timeout: its command is cancelled.
         |cloud, dir, _| {
             let template = std::fs::read_to_string(dir.join("t.toml")).unwrap();
@@ -238,7 +261,7 @@ fn the_attach_policy_allows_exactly_what_an_attach_bake_calls() {
         ],
         &["--mode", "bake", "--backend", "attach"],
         &[],
-        None,
+        &[],
         |_, _, _| {},
     );
 }
@@ -265,7 +288,7 @@ fn the_direct_policy_allows_exactly_what_a_tested_delivering_direct_bake_calls()
         &["--mode", "bake", "--backend", "direct"],
         // The test instance's group, found by its tag when the create's answer is lost.
         &["CreateSecurityGroup"],
-        None,
+        &[],
         // A base of the account's own (unencrypted) takes the other path: its snapshot is
         // the parent, once EBS encryption by default is known to be off.
         |cloud, dir, manifest| {

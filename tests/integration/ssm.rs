@@ -13,6 +13,10 @@ const PROFILE_WITHOUT_SSM: &str = "amibake-no-ssm";
 const PROFILE_WITHOUT_ROLE: &str = "amibake-no-role";
 /// A profile whose role may also write CloudWatch Logs: the agent streams output there.
 const PROFILE_WITH_LOGS: &str = "amibake-ssm-logs";
+/// A profile whose role may also read S3: the agent fetches files from the bucket.
+const PROFILE_WITH_S3: &str = "amibake-ssm-s3";
+/// The account's bucket for files too large for commands.
+const BUCKET: &str = "amibake-staging";
 
 /// A file that goes to the instance in several pieces.
 fn pool_conf() -> String {
@@ -38,6 +42,10 @@ impl World {
         world
             .cloud
             .cli(&["instance-profile", PROFILE_WITH_LOGS, "--with-logs"]);
+        world
+            .cloud
+            .cli(&["instance-profile", PROFILE_WITH_S3, "--with-s3"]);
+        world.cloud.cli(&["bucket", BUCKET]);
         std::fs::write(world.dir().join("pool.conf"), pool_conf()).unwrap();
         std::fs::write(
             world.dir().join("setup.sh"),
@@ -258,6 +266,108 @@ fn a_secret_reaches_the_instance_over_ssm_and_nothing_ssm_keeps_can_show_it() {
     world.cloud.assert_nothing_temporary();
 }
 
+/// 3 MiB, a secret's line among bytes of every value: far more than commands carry.
+fn large_file() -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(3 << 20);
+    let mut i = 0u32;
+    while bytes.len() < 3 << 20 {
+        bytes.extend_from_slice(b"password = hunter2-in-a-large-file\n");
+        bytes.extend((0..220u32).map(|j| ((i * 31 + j * 7) % 256) as u8));
+        i += 1;
+    }
+    bytes.truncate(3 << 20);
+    bytes
+}
+
+fn calls_of<'c>(calls: &'c [serde_json::Value], action: &str) -> Vec<&'c serde_json::Value> {
+    calls.iter().filter(|c| c["action"] == action).collect()
+}
+
+#[test]
+fn a_file_too_large_for_commands_goes_through_the_bucket_sealed_and_leaves_nothing() {
+    let _module = crate::util::module_turn(module_path!());
+    let world = World::with_profiles();
+    std::fs::write(world.dir().join("big.bin"), large_file()).unwrap();
+    let provisioners =
+        "[[base.provisioner]]\nfile = \"big.bin\"\ndestination = \"/opt/amibake/big.bin\"\n";
+    let with_bucket = format!("ssm_bucket = \"{BUCKET}\"");
+
+    // Without a bucket: refused for its size, naming the key that would take it.
+    world.template(PROFILE, "", provisioners);
+    let run = world.base();
+    run.expect_failure("it is 3145728 bytes", Some("run provisioners"));
+    assert!(run.stderr().contains("`ssm_bucket`"), "{}", run.dump());
+    world.cloud.left().assert_nothing(&run.dump());
+
+    // With one: a single object of the run's, fetched by the agent and deleted; no piece
+    // goes through a command; the image holds the file whole.
+    world.template(PROFILE_WITH_S3, &with_bucket, provisioners);
+    let from = world.cloud.calls().len();
+    let run = world.base();
+    run.expect_code(0);
+    let calls = world.cloud.calls_since(from);
+    let (puts, deletes) = (
+        calls_of(&calls, "PutObject"),
+        calls_of(&calls, "DeleteObject"),
+    );
+    assert_eq!((puts.len(), deletes.len()), (1, 1), "{:?}", actions(&calls));
+    assert_eq!(puts[0]["ids"], deletes[0]["ids"]);
+    assert_eq!(puts[0]["ids"]["Bucket"], BUCKET);
+    assert!(puts[0]["ids"]["Key"]
+        .as_str()
+        .unwrap()
+        .starts_with("amibake/"));
+    // The key, the fetch, the install, the clearing of traces.
+    assert_eq!(
+        calls_of(&calls, "SendCommand").len(),
+        4,
+        "{:?}",
+        actions(&calls)
+    );
+    let manifest: serde_json::Value = run.json();
+    let snapshot = manifest["snapshot_ids"][0].as_str().unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let mounted = world
+        .cloud
+        .mount_snapshot(snapshot, root.path(), PARTITION_1_OFFSET);
+    let copied = std::fs::read(mounted.root.join("opt/amibake/big.bin")).unwrap();
+    assert!(copied == large_file(), "the file is not whole in the image");
+    drop(mounted);
+    world.cloud.assert_nothing_temporary();
+
+    // A role that may not read the bucket: said before the launch; the agent's refusal
+    // fails the build, naming it, and the object is deleted all the same.
+    world.template(PROFILE, &with_bucket, provisioners);
+    let run = world.base();
+    run.expect_failure("AccessDenied", Some("run provisioners"));
+    assert!(
+        run.stderr()
+            .contains("has no AmazonS3ReadOnlyAccess attached"),
+        "{}",
+        run.dump()
+    );
+    world.cloud.left().assert_nothing_temporary(&run.dump());
+
+    // The object cannot be deleted: the run fails naming it, and what it left is sealed.
+    // (`--force`: the image built above would be reused.)
+    world.template(PROFILE_WITH_S3, &with_bucket, provisioners);
+    let injected = world.cloud.fail_once("s3", "DeleteObject", 0);
+    let run = world
+        .cloud
+        .run_amibake(world.dir(), &["base", "t.toml", "--force"]);
+    run.expect_failure("is left (sealed)", Some("run provisioners"));
+    assert!(run.stderr().contains(&injected), "{}", run.dump());
+    let kept: serde_json::Value = serde_json::from_str(&ssm_kept(&world)).unwrap();
+    let objects = kept["objects"].as_object().unwrap();
+    assert_eq!(objects.len(), 1, "{objects:?}");
+    let (name, body) = objects.iter().next().unwrap();
+    assert!(run.stderr().contains(name.as_str()), "{}", run.dump());
+    assert!(
+        !body.as_str().unwrap().contains("hunter2"),
+        "the staged object is not sealed"
+    );
+}
+
 #[test]
 fn a_failing_or_hung_provisioner_over_ssm_fails_the_build_naming_it_and_leaves_nothing() {
     let _module = crate::util::module_turn(module_path!());
@@ -356,6 +466,29 @@ fn an_instance_ssm_cannot_manage_is_refused_or_given_up_on_and_leaves_nothing() 
         &["base", "t.toml"],
         &[
             "t.toml:6:17: base.ssm_log_group:",
+            "goes with `communicator = \"ssm\"`",
+        ],
+    );
+
+    // A bucket S3 would refuse to name, and one over SSH: refused, before any call.
+    world.template(
+        PROFILE,
+        "ssm_bucket = \"Amibake_Staging\"",
+        "[[base.provisioner]]\ninline = [\"true\"]\n",
+    );
+    world.refused(
+        &["base", "t.toml"],
+        &["t.toml:10:14: base.ssm_bucket:", "holds `A`"],
+    );
+    let text = "[base]\nname = \"ssh-base\"\n\
+                source_ami = \"resolve:ssm:/aws/service/debian/release/12/latest/amd64\"\n\
+                instance_type = \"t3.small\"\nssh_username = \"admin\"\n\
+                ssm_bucket = \"amibake-staging\"\n";
+    std::fs::write(world.dir().join("t.toml"), text).unwrap();
+    world.refused(
+        &["base", "t.toml"],
+        &[
+            "t.toml:6:14: base.ssm_bucket:",
             "goes with `communicator = \"ssm\"`",
         ],
     );

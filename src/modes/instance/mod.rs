@@ -475,6 +475,7 @@ impl TemporaryInstance {
             &instance_id,
             &self.build_id,
             plan.ssm_log_group.as_deref(),
+            plan.ssm_bucket.as_deref(),
         )));
         Ok(())
     }

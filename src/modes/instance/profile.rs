@@ -27,6 +27,7 @@ pub async fn check(
             role,
             agent_policy,
             log_policy,
+            s3_policy,
         } => {
             let mut notes = Vec::new();
             if !agent_policy {
@@ -37,6 +38,12 @@ pub async fn check(
             if let (Some(group), false) = (&plan.ssm_log_group, log_policy) {
                 notes.push(format!(
                     "{setting}: its role {role} has no CloudWatchAgentServerPolicy attached; unless its own policies let the agent write to {group} (`{}.ssm_log_group`), each command's output is shown when it ends",
+                    plan.table
+                ));
+            }
+            if let (Some(bucket), false) = (&plan.ssm_bucket, s3_policy) {
+                notes.push(format!(
+                    "{setting}: its role {role} has no AmazonS3ReadOnlyAccess attached; unless its own policies let the agent read s3://{bucket}/amibake/* (`{}.ssm_bucket`), a file sent through the bucket fails",
                     plan.table
                 ));
             }

@@ -15,6 +15,7 @@ struct Reach {
     ssh_username: String,
     reach_timeout: Duration,
     ssm_log_group: Option<String>,
+    ssm_bucket: Option<String>,
 }
 
 impl Checker<'_> {
@@ -67,6 +68,7 @@ impl Checker<'_> {
             ssh_username,
             reach_timeout,
             ssm_log_group,
+            ssm_bucket,
         } = self.reach(section, &s);
         let ssh_keypair = match (s.ssh_keypair_name, s.ssh_private_key_file) {
             (Some(name), Some(file)) => {
@@ -144,6 +146,7 @@ impl Checker<'_> {
             ssh_interface: s.ssh_interface.as_ref().map(|i| *i.get_ref()),
             reach_timeout,
             ssm_log_group,
+            ssm_bucket,
             ssh_keypair,
             ssh_cidrs,
             subnet_id,
@@ -188,6 +191,13 @@ impl Checker<'_> {
                 "goes with `communicator = \"ssm\"`: over SSH a command's output comes as it is written".into(),
             );
         }
+        if let Some(bucket) = s.ssm_bucket {
+            self.error(
+                Some(bucket.span()),
+                &key("ssm_bucket"),
+                "goes with `communicator = \"ssm\"`: over SSH a file of any size goes straight to the instance".into(),
+            );
+        }
         let ssh_username = match s.ssh_username {
             Some(user) => self.text(&key("ssh_username"), user),
             None => String::new(),
@@ -211,6 +221,7 @@ impl Checker<'_> {
             ssh_username,
             reach_timeout: self.reach_timeout(&key("ssh_timeout_seconds"), s.ssh_timeout_seconds),
             ssm_log_group: None,
+            ssm_bucket: None,
         }
     }
 
@@ -253,13 +264,49 @@ impl Checker<'_> {
             .ssm_log_group
             .as_ref()
             .map(|group| self.log_group(&key("ssm_log_group"), group));
+        let ssm_bucket = s
+            .ssm_bucket
+            .as_ref()
+            .map(|bucket| self.bucket(&key("ssm_bucket"), bucket));
         Reach {
             communicator: CommunicatorKind::Ssm,
             ssh_username: String::new(),
             reach_timeout: self
                 .reach_timeout(&key("agent_timeout_seconds"), s.agent_timeout_seconds),
             ssm_log_group,
+            ssm_bucket,
         }
+    }
+
+    /// An S3 bucket's name, as S3 names a new one: 3 to 63 lowercase letters, digits, `.`
+    /// and `-`, starting and ending with a letter or digit, with no `..` and not shaped like
+    /// an IP address. Public: it is part of the IAM policy and of commands SSM keeps.
+    fn bucket(&mut self, key: &str, value: &Spanned<String>) -> String {
+        let name = self.public_text(key, value);
+        let bad = name
+            .chars()
+            .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || ".-".contains(*c)));
+        let ends_well = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+        let problem = match bad {
+            _ if !(3..=63).contains(&name.len()) => {
+                Some(format!("`{name}` is not 3 to 63 characters long"))
+            }
+            Some(c) => Some(format!(
+                "`{name}` holds `{c}`: a bucket's name is lowercase letters, digits, `.` and `-`"
+            )),
+            None if !ends_well(name.chars().next()) || !ends_well(name.chars().last()) => Some(
+                format!("`{name}` must start and end with a letter or a digit"),
+            ),
+            None if name.contains("..") => Some(format!("`{name}` holds `..`")),
+            None if name.parse::<std::net::Ipv4Addr>().is_ok() => {
+                Some(format!("`{name}` is an IP address, not a bucket's name"))
+            }
+            None => None,
+        };
+        if let Some(problem) = problem {
+            self.error(Some(value.span()), key, problem);
+        }
+        name
     }
 
     /// A CloudWatch Logs group's name, as CloudWatch Logs takes it: 1 to 512 of letters,

@@ -32,6 +32,8 @@ pub struct Left {
     pub loops_over_devices: Vec<String>,
     /// Private-key directories made since the cloud started.
     pub private_keys: Vec<String>,
+    /// S3 objects, as `BUCKET/KEY`: a run's are staging only.
+    pub objects: Vec<Value>,
 }
 
 impl LocalCloud {
@@ -65,6 +67,7 @@ impl LocalCloud {
             cgroups: self.guard_cgroups_left(),
             loops_over_devices: loops_over_devices_of(&self.state),
             private_keys: self.private_key_dirs_left(),
+            objects: list("objects", &|_| true),
         }
     }
 
@@ -106,6 +109,7 @@ impl Left {
             &self.loops_over_devices,
         );
         listed(&mut found, "private key directories", &self.private_keys);
+        listed(&mut found, "S3 objects", &self.objects);
         found
     }
 }

@@ -425,10 +425,10 @@ impl LocalCloud {
     /// Makes the next call of `action` (after `after` calls of it pass) fail with an error
     /// the SDK does not retry. Returns the text a run's error must repeat.
     pub fn fail_once(&self, service: &str, action: &str, after: u32) -> String {
-        let code = if service == "ssm" {
-            "AccessDeniedException"
-        } else {
-            "UnauthorizedOperation"
+        let code = match service {
+            "ssm" => "AccessDeniedException",
+            "s3" => "AccessDenied",
+            _ => "UnauthorizedOperation",
         };
         self.cli(&[
             "fault",
