@@ -26,10 +26,12 @@ pub const DOWNLOAD_DOCUMENT: &str = "AWS-DownloadContent";
 /// What a command does on the instance.
 #[derive(Debug, Clone, Copy)]
 pub enum Command<'a> {
-    /// A shell script, run as root; with a log group, its output streams there.
+    /// A shell script, run as root; with a log group, its output streams there; with an
+    /// output bucket (bucket, key prefix), the agent puts its whole output there at its end.
     Script {
         script: &'a str,
         log_group: Option<&'a str>,
+        output_bucket: Option<(&'a str, &'a str)>,
     },
     /// The S3 object at `url`, fetched by the agent into the directory `into`.
     Download { url: &'a str, into: &'a str },
@@ -120,13 +122,19 @@ pub async fn send(
         .instance_ids(instance_id)
         .comment(comment);
     let request = match command {
-        Command::Script { script, log_group } => request
+        Command::Script {
+            script,
+            log_group,
+            output_bucket,
+        } => request
             .set_cloud_watch_output_config(log_group.map(|group| {
                 CloudWatchOutputConfig::builder()
                     .cloud_watch_output_enabled(true)
                     .cloud_watch_log_group_name(group)
                     .build()
             }))
+            .set_output_s3_bucket_name(output_bucket.map(|(bucket, _)| bucket.to_string()))
+            .set_output_s3_key_prefix(output_bucket.map(|(_, prefix)| prefix.to_string()))
             .document_name(SHELL_DOCUMENT)
             .parameters("commands", vec![script.to_string()])
             .parameters(

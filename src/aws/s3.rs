@@ -1,5 +1,6 @@
 //! S3, for SSM: a file too large for a command's text waits in the template's bucket, sealed,
-//! until the instance's agent has fetched it (AWS-DownloadContent), and is deleted then.
+//! until the instance's agent has fetched it (AWS-DownloadContent), and is deleted then; the
+//! agent puts each command's whole output there, read where SSM cut its own and deleted.
 
 use std::path::Path;
 
@@ -41,6 +42,37 @@ pub async fn put_file(
         .await
         .map_err(|e| AwsError::new(action, e))?;
     Ok(())
+}
+
+/// Where the agent puts a script's whole output, per stream, under `prefix` (SendCommand's
+/// OutputS3KeyPrefix): standard output, then standard error.
+pub fn output_copies(prefix: &str, command_id: &str, instance_id: &str) -> [String; 2] {
+    ["stdout", "stderr"].map(|stream| {
+        format!(
+            "{prefix}/{command_id}/{instance_id}/awsrunShellScript/0.awsrunShellScript/{stream}"
+        )
+    })
+}
+
+/// The object `key` of `bucket` as text, or None when there is no such object.
+pub async fn get_text(
+    clients: &Clients,
+    bucket: &str,
+    key: &str,
+) -> Result<Option<String>, AwsError> {
+    let action = format!("get s3://{bucket}/{key}");
+    let answer = match clients.s3.get_object().bucket(bucket).key(key).send().await {
+        Ok(answer) => answer,
+        Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => return Ok(None),
+        Err(e) => return Err(AwsError::new(action, e)),
+    };
+    let bytes = answer
+        .body
+        .collect()
+        .await
+        .map_err(|e| AwsError::answer(&action, e.to_string()))?
+        .into_bytes();
+    Ok(Some(String::from_utf8_lossy(&bytes).into_owned()))
 }
 
 /// Deletes `key` of `bucket`; an object already gone is deleted.

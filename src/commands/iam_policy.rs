@@ -257,14 +257,15 @@ fn temporary_instance(grants: &mut Grants, plan: &InstancePlan) {
         grants.allow(Scope::Any, &["*"], &["ssm:CancelCommand"]);
     }
     if let Some(bucket) = &plan.ssm_bucket {
-        // The sealed files staged there for the agent, under the run's own prefix.
+        // The sealed files staged there for the agent, and the whole output it puts there,
+        // under the run's own prefix.
         grants.allow(
             Scope::Any,
             &[&format!(
                 "arn:aws:s3:::{bucket}/{}*",
                 crate::aws::s3::PREFIX
             )],
-            &["s3:PutObject", "s3:DeleteObject"],
+            &["s3:PutObject", "s3:GetObject", "s3:DeleteObject"],
         );
     }
     if let Some(group) = &plan.ssm_log_group {

@@ -168,6 +168,7 @@ impl Ssm {
         let script = Command::Script {
             script,
             log_group: None,
+            output_bucket: None,
         };
         self.housekeeping_command(script, action).await
     }
@@ -350,11 +351,16 @@ const CATCH_UP_POLL: Duration = Duration::from_millis(500);
 const QUIET: Duration = Duration::from_secs(3);
 
 /// A command's output as the run shows it: from its log streams as the agent writes them,
-/// then from SSM's answer for what they did not bring.
+/// then from SSM's answer for what they did not bring, or from the whole copy the agent put
+/// in the output bucket where SSM cut its own.
 struct Output<'a> {
-    group: String,
-    /// stdout's stream, then stderr's.
+    group: Option<String>,
+    /// The output bucket and the key prefix the agent puts the whole output under.
+    bucket: Option<(String, String)>,
+    /// stdout's stream, then stderr's (with a log group).
     streams: Vec<Stream>,
+    /// stdout's whole copy, then stderr's (with an output bucket).
+    copies: Option<(String, [String; 2])>,
     /// Set once a read failed: the streams are not read again.
     broken: bool,
     on_line: &'a mut (dyn for<'l> FnMut(&'l str) + Send),
@@ -367,26 +373,63 @@ struct Stream {
 }
 
 impl<'a> Output<'a> {
-    fn new(group: &str, on_line: &'a mut (dyn for<'l> FnMut(&'l str) + Send)) -> Output<'a> {
+    fn new(
+        group: Option<&str>,
+        bucket: Option<(&str, &str)>,
+        on_line: &'a mut (dyn for<'l> FnMut(&'l str) + Send),
+    ) -> Output<'a> {
         Output {
-            group: group.to_string(),
+            group: group.map(str::to_string),
+            bucket: bucket.map(|(b, p)| (b.to_string(), p.to_string())),
             streams: Vec::new(),
+            copies: None,
             broken: false,
             on_line,
         }
     }
 
     fn follow(&mut self, command_id: &str, instance_id: &str) {
-        self.streams = ["stdout", "stderr"]
-            .into_iter()
-            .map(|stream| Stream {
-                follower: Follower::new(
-                    &self.group,
-                    &run_command::output_stream(command_id, instance_id, stream),
-                ),
-                shown: 0,
-            })
-            .collect();
+        if let Some(group) = &self.group {
+            self.streams = ["stdout", "stderr"]
+                .into_iter()
+                .map(|stream| Stream {
+                    follower: Follower::new(
+                        group,
+                        &run_command::output_stream(command_id, instance_id, stream),
+                    ),
+                    shown: 0,
+                })
+                .collect();
+        }
+        self.copies = self.bucket.as_ref().map(|(bucket, prefix)| {
+            (
+                bucket.clone(),
+                s3::output_copies(prefix, command_id, instance_id),
+            )
+        });
+    }
+
+    /// The agent's whole copy of stream `i` from the output bucket, when there is one (its
+    /// role may not write there). Ends at `cancel`, and after `READ_BOUND` × 6.
+    async fn whole_copy(
+        &mut self,
+        clients: &Clients,
+        i: usize,
+        cancel: &CancellationToken,
+    ) -> Option<String> {
+        let (bucket, keys) = self.copies.as_ref()?;
+        let read = tokio::select! {
+            read = s3::get_text(clients, bucket, &keys[i]) => read,
+            _ = cancel.cancelled() => return None,
+            _ = tokio::time::sleep(READ_BOUND * 6) => return None,
+        };
+        match read {
+            Ok(copy) => copy,
+            Err(e) => {
+                (self.on_line)(&format!("(the whole output was not read: {e})"));
+                None
+            }
+        }
     }
 
     /// Shows what the streams gained since the last read, for `READ_BOUND` at most and
@@ -460,15 +503,43 @@ impl<'a> Output<'a> {
             }
         }
         let mut lacking = [false; 2];
-        for (i, text) in kept.into_iter().enumerate() {
+        for (i, kept) in kept.into_iter().enumerate() {
             let shown = self.streams.get(i).map_or(0, |s| s.shown);
+            // The stream brought no more than SSM's cut copy holds: the agent's whole copy
+            // holds the rest, when it could put one.
+            let short = cut[i] && shown <= non_blank(kept);
+            let whole = match short {
+                true => self.whole_copy(clients, i, cancel).await,
+                false => None,
+            };
+            let text = whole.as_deref().unwrap_or(kept);
             for line in unshown(text, shown) {
                 (self.on_line)(line);
             }
-            // The stream brought no more than SSM's cut copy holds.
-            lacking[i] = cut[i] && shown <= non_blank(text);
+            lacking[i] = short && whole.is_none();
         }
         lacking
+    }
+}
+
+/// Deletes the whole copies the agent put in the output bucket (`Output::copies`); names
+/// what is left.
+async fn remove_copies(
+    clients: &Clients,
+    copies: Option<(String, [String; 2])>,
+) -> Result<(), String> {
+    let Some((bucket, keys)) = copies else {
+        return Ok(());
+    };
+    let mut left = Vec::new();
+    for key in keys {
+        if let Err(e) = s3::delete_object(clients, &bucket, &key).await {
+            left.push(format!("s3://{bucket}/{key} is left: {e}"));
+        }
+    }
+    match left.is_empty() {
+        true => Ok(()),
+        false => Err(left.join("; ")),
     }
 }
 
@@ -512,33 +583,51 @@ impl Communicator for Ssm {
         on_line: &mut (dyn for<'l> FnMut(&'l str) + Send),
         cancel: &CancellationToken,
     ) -> Result<i32, CommError> {
-        let mut output = Output::new(self.log_group.as_deref().unwrap_or_default(), on_line);
-        let streamed = self.log_group.is_some().then_some(&mut output);
+        // The agent's whole copies go under the run's own prefix, and are deleted once read.
+        let prefix = s3::staged_key(&self.build_id, "output");
+        let bucket = self.bucket.as_deref().map(|b| (b, prefix.as_str()));
+        let mut output = Output::new(self.log_group.as_deref(), bucket, on_line);
         let sealed = self.seal(&script(command, env), "run a command").await?;
         let command = Command::Script {
             script: &sealed,
             log_group: self.log_group.as_deref(),
+            output_bucket: bucket,
         };
         let ended = self
-            .send_and_follow(command, "run a command", COMMAND, cancel, streamed)
-            .await?;
-        let lacking = output.finish(&self.clients, &ended, cancel).await;
-        let Ended { status, code, .. } = ended;
-        for (lacking, limit, stream) in [
-            (lacking[0], STDOUT_KEPT, "output"),
-            (lacking[1], STDERR_KEPT, "error output"),
-        ] {
-            if lacking {
-                (output.on_line)(&format!(
-                    "(SSM keeps the first {limit} characters of a command's {stream}: the rest is not shown)"
-                ));
+            .send_and_follow(command, "run a command", COMMAND, cancel, Some(&mut output))
+            .await;
+        let result = match ended {
+            Err(e) => Err(e),
+            Ok(ended) => {
+                let lacking = output.finish(&self.clients, &ended, cancel).await;
+                for (lacking, limit, stream) in [
+                    (lacking[0], STDOUT_KEPT, "output"),
+                    (lacking[1], STDERR_KEPT, "error output"),
+                ] {
+                    if lacking {
+                        (output.on_line)(&format!(
+                            "(SSM keeps the first {limit} characters of a command's {stream}: the rest is not shown)"
+                        ));
+                    }
+                }
+                let Ended { status, code, .. } = ended;
+                match status.as_str() {
+                    "Success" | "Failed" => Ok(code),
+                    other => Err(self.failed(
+                        "run a command",
+                        format!("SSM says the command is {other} (exit code {code})"),
+                    )),
+                }
             }
-        }
-        match status.as_str() {
-            "Success" | "Failed" => Ok(code),
-            other => Err(self.failed(
+        };
+        match remove_copies(&self.clients, output.copies.take()).await {
+            Ok(()) => result,
+            Err(left) => Err(self.failed(
                 "run a command",
-                format!("SSM says the command is {other} (exit code {code})"),
+                match result {
+                    Err(e) => format!("{e}; {left}"),
+                    Ok(_) => left,
+                },
             )),
         }
     }

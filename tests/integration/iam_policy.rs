@@ -228,6 +228,7 @@ fn the_ssm_base_policy_allows_exactly_what_a_base_over_ssm_calls() {
              ssm_log_group = \"/amibake/builds\"\nssm_bucket = \"amibake-staging\"\n\
              publish_ssm = \"/amibake/shop/base\"\npublish_label = \"latest\"\n\n\
              [[base.provisioner]]\nfile = \"big.bin\"\ndestination = \"/opt/big.bin\"\n\n\
+             [[base.provisioner]]\ninline = [\"seq 1 9000\"]\n\n\
              [[base.provisioner]]\ninline = [\"true\"]\n"
         ),
         &["base", "t.toml"],

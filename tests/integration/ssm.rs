@@ -13,7 +13,8 @@ const PROFILE_WITHOUT_SSM: &str = "amibake-no-ssm";
 const PROFILE_WITHOUT_ROLE: &str = "amibake-no-role";
 /// A profile whose role may also write CloudWatch Logs: the agent streams output there.
 const PROFILE_WITH_LOGS: &str = "amibake-ssm-logs";
-/// A profile whose role may also read S3: the agent fetches files from the bucket.
+/// A profile whose role may also use S3: the agent fetches files from the bucket, and puts
+/// a command's whole output there.
 const PROFILE_WITH_S3: &str = "amibake-ssm-s3";
 /// The account's bucket for files too large for commands.
 const BUCKET: &str = "amibake-staging";
@@ -347,6 +348,25 @@ fn a_file_too_large_for_commands_goes_through_the_bucket_sealed_and_leaves_nothi
         run.dump()
     );
     world.cloud.left().assert_nothing_temporary(&run.dump());
+
+    // Output past what SSM keeps comes whole from the agent's copy in the bucket, each line
+    // once; the copies are deleted.
+    world.template(
+        PROFILE_WITH_S3,
+        &with_bucket,
+        "[[base.provisioner]]\ninline = [\"seq -f 'whole line %g' 1 3000\"]\n",
+    );
+    let run = world.base();
+    run.expect_code(0);
+    for line in ["whole line 1", "whole line 1500", "whole line 3000"] {
+        assert_eq!(shown(&run, line), 1, "{line}\n{}", run.dump());
+    }
+    assert!(
+        !run.stderr().contains("SSM keeps the first"),
+        "{}",
+        run.dump()
+    );
+    world.cloud.assert_nothing_temporary();
 
     // The object cannot be deleted: the run fails naming it, and what it left is sealed.
     // (`--force`: the image built above would be reused.)

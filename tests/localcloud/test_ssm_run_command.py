@@ -271,3 +271,31 @@ def test_download_content_fetches_an_object_with_the_instances_role_into_the_ins
     calls = [json.loads(line) for line in cloud.cli("calls").stdout.splitlines()]
     puts = [c for c in calls if c["service"] == "s3" and c["action"] == "PutObject"]
     assert puts and puts[-1]["ids"] == {"Bucket": "lc-downloads", "Key": "runs/1/blob"}
+
+
+def test_a_scripts_whole_output_goes_to_the_output_bucket_when_the_role_may_write_there(cloud, node):
+    ssm, s3 = cloud.client("ssm"), cloud.client("s3")
+    s3.create_bucket(Bucket="lc-output")
+    writer = launch(cloud, profile(cloud, "ssm-s3-write", [MANAGED_POLICY, "arn:aws:iam::aws:policy/AmazonS3FullAccess"]))
+    wait_managed(ssm, writer)
+    script = ["for i in $(seq 1 3000); do echo \"line $i of a long output\"; done", "echo oops >&2"]
+    try:
+        for instance, written in ((writer, True), (node, False)):
+            command_id = ssm.send_command(InstanceIds=[instance], DocumentName="AWS-RunShellScript", Parameters={"commands": script},
+                                          OutputS3BucketName="lc-output", OutputS3KeyPrefix="runs/out")["Command"]["CommandId"]
+            answer = ended(ssm, command_id, instance)
+            assert len(answer["StandardOutputContent"]) == 24_000
+            key = f"runs/out/{command_id}/{instance}/awsrunShellScript/0.awsrunShellScript/stdout"
+            if written:
+                whole = s3.get_object(Bucket="lc-output", Key=key)["Body"].read().decode()
+                assert whole.splitlines()[-1] == "line 3000 of a long output"
+                assert answer["StandardOutputUrl"].endswith(f"/lc-output/{key}")
+                error = s3.get_object(Bucket="lc-output", Key=key.replace("/stdout", "/stderr"))["Body"].read()
+                assert error == b"oops\n"
+            else:
+                # A role that may not write S3: the output reaches GetCommandInvocation alone.
+                with pytest.raises(ClientError):
+                    s3.get_object(Bucket="lc-output", Key=key)
+                assert answer["StandardOutputUrl"] == ""
+    finally:
+        cloud.client("ec2").terminate_instances(InstanceIds=[writer])

@@ -717,7 +717,17 @@ def _patch_run_command(instances, timing):
             raise KeyError(key)
         return found.value
 
-    agent = Agent(instances, timing.profile, role_policies, fetch_object)
+    def store_object(bucket, key, data):
+        from moto.core import DEFAULT_ACCOUNT_ID
+        from moto.s3.exceptions import MissingBucket
+        from moto.s3.models import s3_backends
+
+        try:
+            s3_backends[DEFAULT_ACCOUNT_ID]["aws"].put_object(bucket, key, data)
+        except MissingBucket:
+            raise KeyError(bucket)
+
+    agent = Agent(instances, timing.profile, role_policies, fetch_object, store_object)
     send_command = SimpleSystemManagerBackend.send_command
 
     def answered(call):
@@ -737,8 +747,10 @@ def _patch_run_command(instances, timing):
         if (cloudwatch_output or {}).get("CloudWatchOutputEnabled"):
             log_group = cloudwatch_output.get("CloudWatchLogGroupName") or DEFAULT_LOG_GROUP
         command.cloudwatch_output = {"CloudWatchLogGroupName": log_group or "", "CloudWatchOutputEnabled": log_group is not None}
+        bucket = kwargs.get("output_s3_bucket_name")
+        output_s3 = (bucket, kwargs.get("output_s3_key_prefix") or "") if bucket else None
         agent.send(command.command_id, list(dict.fromkeys(instance_ids)), comment, document_name, parameters,
-                   self.region_name, log_group, logs_backends[self.account_id][self.region_name])
+                   self.region_name, log_group, logs_backends[self.account_id][self.region_name], output_s3)
         return command
 
     def send_command_response(self):

@@ -27,6 +27,11 @@ DescribeInstanceInformation and no CancelCommand. Here, as on AWS:
   reader of the streams must not take the status for the end of the output. It
   streams only when the instance's role may write logs (`LOG_POLICIES`); otherwise the output
   reaches GetCommandInvocation alone, as the real agent's upload fails on its own.
+- OutputS3BucketName (and OutputS3KeyPrefix): once a script has ended, before its status is
+  final, the agent puts its whole output, uncut, as `{prefix}/{CommandId}/{InstanceId}/
+  awsrunShellScript/0.awsrunShellScript/stdout` and `.../stderr` (a stream it wrote nothing to
+  is not put), and GetCommandInvocation answers their URLs; only when the instance's role may
+  write S3 (`S3_WRITE_POLICIES`), as the real agent's upload fails on its own otherwise.
 - AWS-DownloadContent with sourceType S3: the agent fetches the object named by sourceInfo's
   `path` (`https://s3.amazonaws.com/BUCKET/KEY`, or the bucket's own or regional host) with the
   instance's role, into the directory `destinationPath` inside the instance (made when missing),
@@ -71,6 +76,7 @@ PARAMETERS = {SHELL_DOCUMENT: {"commands", "workingDirectory", "executionTimeout
               DOWNLOAD_DOCUMENT: {"sourceType", "sourceInfo", "destinationPath"}}
 PLUGINS = {SHELL_DOCUMENT: "aws:runShellScript", DOWNLOAD_DOCUMENT: "aws:downloadContent"}
 # AWS's managed policies that let the agent read an object from any bucket.
+S3_WRITE_POLICIES = ("arn:aws:iam::aws:policy/AmazonS3FullAccess", "arn:aws:iam::aws:policy/service-role/AmazonEC2RoleforSSM")
 S3_READ_POLICIES = ("arn:aws:iam::aws:policy/AmazonS3ReadOnlyAccess", "arn:aws:iam::aws:policy/AmazonS3FullAccess",
                     "arn:aws:iam::aws:policy/service-role/AmazonEC2RoleforSSM")
 # Where the agent writes each command's script, inside the instance.
@@ -101,6 +107,9 @@ class Invocation:
     # The log group the output streams into, when the command asked for it.
     log_group: str | None = None
     document: str = SHELL_DOCUMENT
+    # (bucket, prefix) the script's output goes to once it has ended, and the URLs it went to.
+    output_s3: tuple | None = None
+    output_urls: dict = field(default_factory=dict)
     # Set once GetCommandInvocation answered the final status.
     final_read: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -123,9 +132,9 @@ class Invocation:
                 "Status": self.status,
                 "StatusDetails": self.details,
                 "StandardOutputContent": self.stdout[:STDOUT_LIMIT] if done else "",
-                "StandardOutputUrl": "",
+                "StandardOutputUrl": self.output_urls.get("stdout", "") if done else "",
                 "StandardErrorContent": self.stderr[:STDERR_LIMIT] if done else "",
-                "StandardErrorUrl": "",
+                "StandardErrorUrl": self.output_urls.get("stderr", "") if done else "",
                 "CloudWatchOutputConfig": {"CloudWatchLogGroupName": self.log_group or "",
                                            "CloudWatchOutputEnabled": self.log_group is not None},
             }
@@ -134,13 +143,15 @@ class Invocation:
 class Agent:
     """Every instance's agent: registration, and the commands sent to them."""
 
-    def __init__(self, instances, profile: dict, role_policies, fetch_object):
+    def __init__(self, instances, profile: dict, role_policies, fetch_object, store_object):
         """`profile`: the latency profile's seconds, `agent_start` after boot until the agent
         registers, `command_pickup` after SendCommand until it takes the command (until then
         GetCommandInvocation answers InvocationDoesNotExist). `role_policies(instance_id)`: the
         policy ARNs of the role of the instance's profile, or None when it has none.
-        `fetch_object(bucket, key)`: the object's bytes, from the account's S3, or KeyError."""
+        `fetch_object(bucket, key)`: the object's bytes, from the account's S3, or KeyError;
+        `store_object(bucket, key, data)` puts one, or raises KeyError for a missing bucket."""
         self.fetch_object = fetch_object
+        self.store_object = store_object
         self.instances = instances
         self.agent_start = profile["agent_start"]
         self.pickup = profile["command_pickup"]
@@ -191,12 +202,13 @@ class Agent:
         if unmanaged or not instance_ids:
             raise RunCommandError("InvalidInstanceId", f"Instances {unmanaged} not in a valid state for account")
 
-    def send(self, command_id, instance_ids, comment, document_name, parameters, region, log_group=None, logs=None):
+    def send(self, command_id, instance_ids, comment, document_name, parameters, region, log_group=None, logs=None,
+             output_s3=None):
         """Hands a checked command to each instance's agent; with `log_group`, a script's output
         is streamed into it through `logs`, the account's CloudWatch Logs in the region."""
         for instance_id in instance_ids:
             invocation = Invocation(command_id, instance_id, comment, time.monotonic() + self.pickup,
-                                    log_group=log_group, document=document_name)
+                                    log_group=log_group, document=document_name, output_s3=output_s3)
             with self.lock:
                 self.invocations[(command_id, instance_id)] = invocation
             if document_name == DOWNLOAD_DOCUMENT:
@@ -328,6 +340,18 @@ class Agent:
             invocation.process.wait()
         for reader in readers:
             reader.join()
+        if invocation.output_s3 and any(p in S3_WRITE_POLICIES for p in self.role_policies(invocation.instance_id) or []):
+            bucket, prefix = invocation.output_s3
+            for name in ("stdout", "stderr"):
+                if not kept[name]:
+                    continue
+                key = "/".join(part for part in (prefix.strip("/"), invocation.command_id, invocation.instance_id,
+                                                 "awsrunShellScript", "0.awsrunShellScript", name) if part)
+                try:
+                    self.store_object(bucket, key, b"".join(kept[name]))
+                    invocation.output_urls[name] = f"https://s3.{region}.amazonaws.com/{bucket}/{key}"
+                except KeyError:
+                    pass
         with invocation.lock:
             invocation.ended = datetime.now(timezone.utc)
             invocation.stdout = b"".join(kept["stdout"]).decode("utf-8", "replace")
