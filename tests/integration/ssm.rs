@@ -368,6 +368,38 @@ fn a_file_too_large_for_commands_goes_through_the_bucket_sealed_and_leaves_nothi
     );
     world.cloud.assert_nothing_temporary();
 
+    // A fault at the put, or at the read of the whole output: the put fails the build and
+    // leaves nothing; a read that fails is said, SSM's cut copy is shown, and the copies are
+    // deleted all the same.
+    world.template(PROFILE_WITH_S3, &with_bucket, provisioners);
+    let injected = world.cloud.fail_once("s3", "PutObject", 0);
+    let run = world
+        .cloud
+        .run_amibake(world.dir(), &["base", "t.toml", "--force"]);
+    run.expect_failure(&injected, Some("run provisioners"));
+    world.cloud.left().assert_nothing_temporary(&run.dump());
+    world.template(
+        PROFILE_WITH_S3,
+        &with_bucket,
+        "[[base.provisioner]]\ninline = [\"seq -f 'whole line %g' 1 3000\"]\n",
+    );
+    let injected = world.cloud.fail_once("s3", "GetObject", 0);
+    let run = world
+        .cloud
+        .run_amibake(world.dir(), &["base", "t.toml", "--force"]);
+    run.expect_code(0);
+    assert!(
+        run.stderr().contains("(the whole output was not read:")
+            && run.stderr().contains(&injected)
+            && run
+                .stderr()
+                .contains("SSM keeps the first 24000 characters"),
+        "{}",
+        run.dump()
+    );
+    assert_eq!(shown(&run, "whole line 1"), 1, "{}", run.dump());
+    world.cloud.assert_nothing_temporary();
+
     // The object cannot be deleted: the run fails naming it, and what it left is sealed.
     // (`--force`: the image built above would be reused.)
     world.template(PROFILE_WITH_S3, &with_bucket, provisioners);
