@@ -98,11 +98,12 @@ pub async fn run_all(
                 comm.upload(path, &remote, 0o755)
                     .await
                     .map_err(comm_error)?;
-                let result = run_one(comm, kind, p, &remote, progress, cancel).await;
+                let quoted = crate::communicator::quote(&remote);
+                let result = run_one(comm, kind, p, &quoted, progress, cancel).await;
                 // The script is not part of the image; removed even after an interrupt.
                 let never = tokio_util::sync::CancellationToken::new();
                 comm.run(
-                    &format!("rm -f '{remote}'"),
+                    &format!("rm -f -- {quoted}"),
                     &Default::default(),
                     &Network::None,
                     &mut |_| {},

@@ -41,7 +41,8 @@ pub enum Command<'a> {
 /// of an hour. A command is cut sooner by cancelling it.
 pub const LONGEST_EXECUTION: Duration = Duration::from_secs(172_800);
 
-/// What SSM keeps of a command's standard output and error without an output bucket.
+/// What SSM answers of a command's standard output and error (GetCommandInvocation); an
+/// output bucket and a log group get them whole.
 pub const STDOUT_KEPT: usize = 24_000;
 pub const STDERR_KEPT: usize = 8_000;
 

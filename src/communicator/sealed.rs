@@ -11,8 +11,9 @@
 //! ciphertext no one can open.
 //!
 //! A file too large for a command goes through S3 (see `ssm`): it is sealed with AES-256
-//! under a key of its own, and that key travels only inside a sealed command. A bucket
-//! that keeps old versions of its objects keeps ciphertext.
+//! under a key of its own (`openssl enc -pbkdf2`'s format, opened from a file so the key is
+//! never a process's argument), and that key travels only inside a sealed command, with
+//! the sealed copy's SHA-256: a copy changed in the bucket is refused, not opened.
 //!
 //! The instance needs `openssl` and `base64`; the usual EC2 images of the major
 //! distributions carry both.
@@ -21,9 +22,13 @@ use std::io::{Read, Write};
 use std::path::Path;
 
 use openssl::cms::{CMSOptions, CmsContentInfo};
+use openssl::hash::MessageDigest;
 use openssl::stack::Stack;
 use openssl::symm::{Cipher, Crypter, Mode};
 use openssl::x509::X509;
+use sha2::{Digest, Sha256};
+
+use super::quote;
 
 /// Where the instance keeps its key, the opened commands and the files fetched for it,
 /// readable by root alone.
@@ -61,8 +66,12 @@ impl Recipient {
     }
 
     /// `script` sealed for the instance, in a command that opens it into a private file,
-    /// runs it with `/bin/sh`, removes it and exits with its code.
+    /// removes the file once the shell holds it open (a command killed midway leaves no
+    /// plaintext behind), and runs it with `/bin/sh` under the agent's own umask.
     pub fn seal(&self, script: &str) -> Result<String, String> {
+        // The script closes the wrapper's hold on it; on its first line, so that the line
+        // numbers of its errors stay its own.
+        let script = format!("exec 3<&- ; {script}");
         let mut recipients = Stack::new().map_err(|e| e.to_string())?;
         recipients
             .push(self.certificate.clone())
@@ -77,39 +86,66 @@ impl Recipient {
         .map_err(|e| format!("cannot seal a command: {e}"))?;
         let encoded = aws_smithy_types::base64::encode(&sealed);
         Ok(format!(
-            r#"set -e
-umask 077
-opened=$(mktemp {DIR}/command.XXXXXX)
-printf %s '{encoded}' | base64 -d | openssl cms -decrypt -binary -inform DER -inkey {DIR}/key.pem -out "$opened" || {{
-  echo "this command was sealed to a key this instance no longer holds" >&2
+            r#"unopened() {{
+  echo "this command was sealed to a key this instance no longer holds (was it restarted?)" >&2
   exit {UNOPENED}
 }}
-set +e
-/bin/sh "$opened"
-code=$?
+[ -r {DIR}/key.pem ] || unopened
+opened=$(mktemp {DIR}/command.XXXXXX) || unopened
+printf %s '{encoded}' | base64 -d | openssl cms -decrypt -binary -inform DER -inkey {DIR}/key.pem -out "$opened" || {{
+  rm -f -- "$opened"
+  unopened
+}}
+exec 3<"$opened"
 rm -f -- "$opened"
-exit $code"#
+exec /bin/sh /dev/fd/3"#
         ))
     }
 }
 
-/// The key a file was sealed with, for the command that opens it on the instance.
+/// `openssl enc -pbkdf2`'s defaults, spelt out on both sides.
+const PBKDF2_ITERATIONS: usize = 10_000;
+const SALTED: &[u8] = b"Salted__";
+
+/// What opens a sealed file: its password (a key of its own, made for it alone) and the
+/// sealed copy's SHA-256.
 pub struct FileKey {
-    key: [u8; 32],
-    iv: [u8; 16],
+    password: String,
+    digest: String,
 }
 
-/// Seals the file at `source` into `into` as it is read, under a key made for it alone.
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Seals the file at `source` into `into` as it is read, as `openssl enc -aes-256-cbc
+/// -pbkdf2` would under a random password.
 pub fn seal_file(source: &Path, into: &mut impl Write) -> Result<FileKey, String> {
-    let mut sealed = FileKey {
-        key: [0; 32],
-        iv: [0; 16],
-    };
-    openssl::rand::rand_bytes(&mut sealed.key).map_err(|e| e.to_string())?;
-    openssl::rand::rand_bytes(&mut sealed.iv).map_err(|e| e.to_string())?;
+    let mut secret = [0u8; 32];
+    let mut salt = [0u8; 8];
+    openssl::rand::rand_bytes(&mut secret).map_err(|e| e.to_string())?;
+    openssl::rand::rand_bytes(&mut salt).map_err(|e| e.to_string())?;
+    let password = hex(&secret);
+    let mut key_iv = [0u8; 48];
+    openssl::pkcs5::pbkdf2_hmac(
+        password.as_bytes(),
+        &salt,
+        PBKDF2_ITERATIONS,
+        MessageDigest::sha256(),
+        &mut key_iv,
+    )
+    .map_err(|e| e.to_string())?;
     let cipher = Cipher::aes_256_cbc();
-    let mut crypter = Crypter::new(cipher, Mode::Encrypt, &sealed.key, Some(&sealed.iv))
+    let mut crypter = Crypter::new(cipher, Mode::Encrypt, &key_iv[..32], Some(&key_iv[32..]))
         .map_err(|e| e.to_string())?;
+    let mut digest = Sha256::new();
+    let mut write = |bytes: &[u8]| {
+        digest.update(bytes);
+        into.write_all(bytes)
+            .map_err(|e| format!("cannot write the sealed copy: {e}"))
+    };
+    write(SALTED)?;
+    write(&salt)?;
     let mut file = std::fs::File::open(source)
         .map_err(|e| format!("cannot read {}: {e}", source.display()))?;
     let mut plain = vec![0; 64 << 10];
@@ -123,23 +159,31 @@ pub fn seal_file(source: &Path, into: &mut impl Write) -> Result<FileKey, String
             n => crypter.update(&plain[..n], &mut out),
         }
         .map_err(|e| e.to_string())?;
-        into.write_all(&out[..written])
-            .map_err(|e| format!("cannot write the sealed copy: {e}"))?;
+        write(&out[..written])?;
         if read == 0 {
-            return Ok(sealed);
+            break;
         }
     }
+    Ok(FileKey {
+        password,
+        digest: hex(&digest.finalize()),
+    })
 }
 
 impl FileKey {
-    /// The command that opens the sealed file `sealed` into `out` (both shell words) on
-    /// the instance: the key is in it, so it goes only inside a sealed command.
+    /// The command that checks the sealed file at `sealed` (a path) is the one sealed here
+    /// and opens it into `out` (a shell word) on the instance. The password is in it, so
+    /// it goes only inside a sealed command; on the instance it passes through a private
+    /// file beside the copy, never a process's arguments.
     pub fn open_command(&self, sealed: &str, out: &str) -> String {
-        let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+        let (file, password) = (quote(sealed), quote(&format!("{sealed}.password")));
         format!(
-            "openssl enc -d -aes-256-cbc -K {} -iv {} -in {sealed} -out {out}",
-            hex(&self.key),
-            hex(&self.iv)
+            "printf '%s  %s\\n' {digest} {file} | sha256sum -c --status - || {{ echo \"the copy fetched from the bucket is not the one sealed for this instance\" >&2; exit 1; }}; \
+             (umask 077; printf '%s\\n' {pass} > {password}); \
+             openssl enc -d -aes-256-cbc -pbkdf2 -iter {PBKDF2_ITERATIONS} -md sha256 -pass file:{password} -in {file} -out {out}; \
+             rm -f -- {password}",
+            digest = self.digest,
+            pass = self.password,
         )
     }
 }
@@ -176,17 +220,25 @@ mod tests {
         let recipient = Recipient::from_pem(&printed).unwrap();
 
         let secret = "s3cr3t-t0ken";
+        // What the command finds while it runs: its umask, and what else the key's
+        // directory holds.
+        let sealed_dir = dir.path().join("sealed");
         let command = recipient
-            .seal(&format!("TOKEN='{secret}'\necho \"got $TOKEN\"\nexit 7"))
+            .seal(&format!(
+                "TOKEN='{secret}'\necho \"got $TOKEN\"\numask\nls {}\nexit 7",
+                sealed_dir.display()
+            ))
             .unwrap();
         assert!(!command.contains(secret), "{command}");
-        let ran = sh(&in_dir(&command, dir.path()));
+        let ran = sh(&format!("umask 022; {}", in_dir(&command, dir.path())));
         assert_eq!(ran.status.code(), Some(7), "{ran:?}");
+        // The agent's umask, and the opened command already removed while it runs: a
+        // command killed midway leaves no plaintext.
         assert_eq!(
             String::from_utf8_lossy(&ran.stdout),
-            format!("got {secret}\n")
+            format!("got {secret}\n0022\nkey.pem\n")
         );
-        // The opened command is removed once it ran: the key alone is left.
+        // Nothing of it is left once it ran: the key alone.
         let left: Vec<_> = std::fs::read_dir(dir.path().join("sealed"))
             .unwrap()
             .map(|e| e.unwrap().file_name())
@@ -226,20 +278,36 @@ mod tests {
         std::fs::write(dir.path().join("plain"), &contents).unwrap();
         let mut sealed = Vec::new();
         let key = seal_file(&dir.path().join("plain"), &mut sealed).unwrap();
-        assert_eq!(sealed.len(), (contents.len() / 16 + 1) * 16);
+        // openssl enc's header, then whole blocks.
+        assert_eq!(&sealed[..8], b"Salted__");
+        assert_eq!(sealed.len(), 16 + (contents.len() / 16 + 1) * 16);
         assert!(!sealed.windows(64).any(|w| w == &contents[..64]));
-        std::fs::write(dir.path().join("sealed"), &sealed).unwrap();
+        let copy = dir.path().join("sealed copy");
+        std::fs::write(&copy, &sealed).unwrap();
         let opened = dir.path().join("opened");
-        let command = key.open_command(
-            &dir.path().join("sealed").to_string_lossy(),
-            &opened.to_string_lossy(),
+        let command = key.open_command(&copy.to_string_lossy(), &quote(&opened.to_string_lossy()));
+        // The password is never a process's argument.
+        assert!(
+            !command.contains("-K ") && command.contains("-pass file:"),
+            "{command}"
         );
-        let ran = sh(&command);
+        let ran = sh(&format!("set -e; {command}"));
         assert!(ran.status.success(), "{ran:?}");
         assert_eq!(std::fs::read(&opened).unwrap(), contents);
-        // Each file has a key of its own.
+        assert!(!dir.path().join("sealed copy.password").exists());
+        // Each file has a password of its own.
         let other = seal_file(&dir.path().join("plain"), &mut Vec::new()).unwrap();
-        assert_ne!(other.key, key.key);
+        assert_ne!(other.password, key.password);
+
+        // A copy changed in the bucket (one bit of one block) is refused, not opened.
+        std::fs::remove_file(&opened).unwrap();
+        let mut changed = sealed.clone();
+        changed[40] ^= 1;
+        std::fs::write(&copy, &changed).unwrap();
+        let refused = sh(&format!("set -e; {command}"));
+        assert!(!refused.status.success(), "{refused:?}");
+        assert!(String::from_utf8_lossy(&refused.stderr).contains("is not the one sealed"));
+        assert!(!opened.exists());
     }
 
     #[test]

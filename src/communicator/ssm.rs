@@ -12,8 +12,9 @@
 //! the instance and nothing SSM keeps can open it. What a command prints, SSM keeps as it
 //! was printed.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -77,8 +78,9 @@ pub struct Ssm {
     comment: String,
     /// Where the agent streams the output of the template's commands.
     log_group: Option<String>,
-    /// Where a file too large for commands waits for the agent to fetch it.
-    bucket: Option<String>,
+    /// Where a file too large for commands waits for the agent to fetch it, and the
+    /// objects of the run's there until deleted.
+    bucket: Option<StagedObjects>,
     build_id: String,
     /// The files sent through the bucket so far, each staged under its own key.
     staged: std::sync::atomic::AtomicU32,
@@ -99,11 +101,17 @@ impl Ssm {
             instance_id: instance_id.to_string(),
             comment: format!("amibake build {build_id}"),
             log_group: log_group.map(str::to_string),
-            bucket: bucket.map(str::to_string),
+            bucket: bucket.map(StagedObjects::new),
             build_id: build_id.to_string(),
             staged: Default::default(),
             recipient: tokio::sync::OnceCell::new(),
         }
+    }
+
+    /// The objects this session has in the bucket: the run's cleanup deletes what a step
+    /// cut short left there.
+    pub fn staged_objects(&self) -> Option<StagedObjects> {
+        self.bucket.clone()
     }
 
     /// `script` sealed for the instance; the first call has the instance make its key.
@@ -193,9 +201,12 @@ impl Ssm {
             (status, code) => Err(self.failed(
                 action,
                 format!(
-                    "{status}, exit code {code}: {}{}",
-                    ended.stdout.trim(),
-                    ended.stderr.trim()
+                    "{status}, exit code {code}: {}",
+                    [ended.stdout.trim(), ended.stderr.trim()]
+                        .into_iter()
+                        .filter(|said| !said.is_empty())
+                        .collect::<Vec<_>>()
+                        .join("; ")
                 ),
             )),
         }
@@ -209,7 +220,7 @@ impl Ssm {
     /// sealed command. The object is deleted whatever became of it, or named as left.
     async fn upload_through_bucket(
         &self,
-        bucket: &str,
+        staged: &StagedObjects,
         source: &Path,
         destination: &str,
         mode: u32,
@@ -238,20 +249,24 @@ impl Ssm {
         .map_err(|e| self.failed(action, e))?;
         // The key the instance opens it with goes in a sealed command, made first: the
         // instance's key directory, where the agent puts the file, is made with its key.
-        let fetched = quote(&format!("{}/{name}", sealed::DIR));
+        let fetched = format!("{}/{name}", sealed::DIR);
         let install = format!(
-            "set -e; {}{}; rm -f -- {fetched}{}",
+            "set -e; {}{}; rm -f -- {}{}",
             fresh_staged(destination),
             file_key.open_command(&fetched, &staged_path(destination)),
+            quote(&fetched),
             install_staged(destination, mode)
         );
         let install = self.seal(&install, action).await?;
+        let bucket = staged.bucket.as_str();
         let url = s3::object_url(&self.clients.region, bucket, &key);
         let fetch = Command::Download {
             url: &url,
             into: sealed::DIR,
         };
-        // A put whose answer was lost may have made the object: it is deleted either way.
+        // A put whose answer was lost may have made the object: it is deleted either way,
+        // and by the run's cleanup when this step is cut short.
+        staged.record(&key);
         let delivered = match s3::put_file(&self.clients, bucket, &key, copy.path()).await {
             Ok(()) => match self.housekeeping_command(fetch, action).await {
                 Ok(_) => self.housekeeping(&install, action).await.map(drop),
@@ -260,13 +275,13 @@ impl Ssm {
             Err(e) => Err(self.failed(action, e)),
         };
         drop(copy);
-        let deleted = s3::delete_object(&self.clients, bucket, &key).await;
+        let deleted = staged.delete(&self.clients, &key).await;
         match (delivered, deleted) {
             (delivered, Ok(())) => delivered,
             (delivered, Err(e)) => Err(self.failed(
                 action,
                 format!(
-                    "{}s3://{bucket}/{key} is left (sealed): {e}",
+                    "{}s3://{bucket}/{key} (sealed) was not deleted, the run's cleanup tries again: {e}",
                     delivered
                         .err()
                         .map(|d| format!("{d}; "))
@@ -282,13 +297,14 @@ fn staged_path(destination: &str) -> String {
     quote(&format!("{destination}.amibake-upload"))
 }
 
-/// Makes `destination`'s directory as needed (as over SSH) and removes whatever stood at
-/// its staging path: the file is put together in a fresh, private one.
+/// Makes `destination`'s directory as needed (under the agent's umask, as over SSH) and
+/// puts the file together in a fresh, private one at its staging path: whatever stood
+/// there is removed, and the new one is made only if nothing took its place meanwhile.
 fn fresh_staged(destination: &str) -> String {
+    let staged = staged_path(destination);
     format!(
-        "umask 077; mkdir -p -- \"$(dirname -- {})\"; rm -f -- {}; ",
+        "mkdir -p -- \"$(dirname -- {})\"; rm -f -- {staged}; (umask 077; set -C; : > {staged}); ",
         quote(destination),
-        staged_path(destination)
     )
 }
 
@@ -356,11 +372,11 @@ const QUIET: Duration = Duration::from_secs(3);
 struct Output<'a> {
     group: Option<String>,
     /// The output bucket and the key prefix the agent puts the whole output under.
-    bucket: Option<(String, String)>,
+    bucket: Option<(StagedObjects, String)>,
     /// stdout's stream, then stderr's (with a log group).
     streams: Vec<Stream>,
     /// stdout's whole copy, then stderr's (with an output bucket).
-    copies: Option<(String, [String; 2])>,
+    copies: Option<[String; 2]>,
     /// Set once a read failed: the streams are not read again.
     broken: bool,
     on_line: &'a mut (dyn for<'l> FnMut(&'l str) + Send),
@@ -375,12 +391,12 @@ struct Stream {
 impl<'a> Output<'a> {
     fn new(
         group: Option<&str>,
-        bucket: Option<(&str, &str)>,
+        bucket: Option<(&StagedObjects, &str)>,
         on_line: &'a mut (dyn for<'l> FnMut(&'l str) + Send),
     ) -> Output<'a> {
         Output {
             group: group.map(str::to_string),
-            bucket: bucket.map(|(b, p)| (b.to_string(), p.to_string())),
+            bucket: bucket.map(|(b, p)| (b.clone(), p.to_string())),
             streams: Vec::new(),
             copies: None,
             broken: false,
@@ -401,11 +417,11 @@ impl<'a> Output<'a> {
                 })
                 .collect();
         }
-        self.copies = self.bucket.as_ref().map(|(bucket, prefix)| {
-            (
-                bucket.clone(),
-                s3::output_copies(prefix, command_id, instance_id),
-            )
+        // Recorded before the command is followed: the agent may put them at any time.
+        self.copies = self.bucket.as_ref().map(|(staged, prefix)| {
+            let copies = s3::output_copies(prefix, command_id, instance_id);
+            copies.iter().for_each(|key| staged.record(key));
+            copies
         });
     }
 
@@ -417,16 +433,18 @@ impl<'a> Output<'a> {
         i: usize,
         cancel: &CancellationToken,
     ) -> Option<String> {
-        let (bucket, keys) = self.copies.as_ref()?;
+        let (keys, (staged, _)) = (self.copies.as_ref()?, self.bucket.as_ref()?);
         let read = tokio::select! {
-            read = s3::get_text(clients, bucket, &keys[i]) => read,
+            read = s3::get_text(clients, &staged.bucket, &keys[i]) => read,
             _ = cancel.cancelled() => return None,
             _ = tokio::time::sleep(READ_BOUND * 6) => return None,
         };
         match read {
             Ok(copy) => copy,
             Err(e) => {
-                (self.on_line)(&format!("(the whole output was not read: {e})"));
+                (self.on_line)(&format!(
+                    "(the whole output was not read: {e}; the instance's role may not have put it in the bucket, or this runner may not read it there)"
+                ));
                 None
             }
         }
@@ -485,7 +503,11 @@ impl<'a> Output<'a> {
         cancel: &CancellationToken,
     ) -> [bool; 2] {
         let kept = [ended.stdout.as_str(), ended.stderr.as_str()];
-        let cut = [kept[0].len() >= STDOUT_KEPT, kept[1].len() >= STDERR_KEPT];
+        // SSM counts characters, not bytes.
+        let cut = [
+            kept[0].chars().count() >= STDOUT_KEPT,
+            kept[1].chars().count() >= STDERR_KEPT,
+        ];
         self.read(clients, cancel).await;
         if !self.streams.is_empty() && cut.contains(&true) {
             let started = tokio::time::Instant::now();
@@ -505,10 +527,11 @@ impl<'a> Output<'a> {
         let mut lacking = [false; 2];
         for (i, kept) in kept.into_iter().enumerate() {
             let shown = self.streams.get(i).map_or(0, |s| s.shown);
-            // The stream brought no more than SSM's cut copy holds: the agent's whole copy
-            // holds the rest, when it could put one.
+            // The stream brought no more than SSM's cut copy holds.
             let short = cut[i] && shown <= non_blank(kept);
-            let whole = match short {
+            // Where SSM cut its copy, the agent's whole one holds the rest, whatever the
+            // stream brought, when it could put one.
+            let whole = match cut[i] {
                 true => self.whole_copy(clients, i, cancel).await,
                 false => None,
             };
@@ -522,24 +545,71 @@ impl<'a> Output<'a> {
     }
 }
 
-/// Deletes the whole copies the agent put in the output bucket (`Output::copies`); names
-/// what is left.
-async fn remove_copies(
-    clients: &Clients,
-    copies: Option<(String, [String; 2])>,
-) -> Result<(), String> {
-    let Some((bucket, keys)) = copies else {
-        return Ok(());
-    };
-    let mut left = Vec::new();
-    for key in keys {
-        if let Err(e) = s3::delete_object(clients, &bucket, &key).await {
-            left.push(format!("s3://{bucket}/{key} is left: {e}"));
+/// The objects a session has in its bucket (staged files, the agent's copies of outputs),
+/// recorded before they may exist and forgotten once deleted; shared with the run's
+/// cleanup, which deletes what a step cut short (an interrupt past its grace) left.
+#[derive(Clone)]
+pub struct StagedObjects {
+    bucket: String,
+    keys: Arc<std::sync::Mutex<BTreeSet<String>>>,
+}
+
+impl StagedObjects {
+    fn new(bucket: &str) -> StagedObjects {
+        StagedObjects {
+            bucket: bucket.to_string(),
+            keys: Default::default(),
         }
     }
-    match left.is_empty() {
-        true => Ok(()),
-        false => Err(left.join("; ")),
+
+    fn keys(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
+        self.keys
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn record(&self, key: &str) {
+        self.keys().insert(key.to_string());
+    }
+
+    /// Deletes `key`, and forgets it once it is gone.
+    async fn delete(&self, clients: &Clients, key: &str) -> Result<(), crate::aws::AwsError> {
+        s3::delete_object(clients, &self.bucket, key).await?;
+        self.keys().remove(key);
+        Ok(())
+    }
+
+    /// Deletes every object still recorded; names those left.
+    pub async fn delete_all(&self, clients: &Clients) -> Result<(), String> {
+        let keys: Vec<String> = self.keys().iter().cloned().collect();
+        self.delete_each(clients, keys).await
+    }
+
+    /// Deletes each of `keys`, all tried; names those left.
+    async fn delete_each(
+        &self,
+        clients: &Clients,
+        keys: impl IntoIterator<Item = String>,
+    ) -> Result<(), String> {
+        let mut left = Vec::new();
+        for key in keys {
+            if let Err(e) = self.delete(clients, &key).await {
+                left.push(format!("s3://{}/{key} is left: {e}", self.bucket));
+            }
+        }
+        match left.is_empty() {
+            true => Ok(()),
+            false => Err(left.join("; ")),
+        }
+    }
+
+    /// What the run's cleanup names it by.
+    pub fn describe(&self, build_id: &str) -> String {
+        format!(
+            "the objects of the run in s3://{}/{}",
+            self.bucket,
+            s3::staged_key(build_id, "")
+        )
     }
 }
 
@@ -585,13 +655,13 @@ impl Communicator for Ssm {
     ) -> Result<i32, CommError> {
         // The agent's whole copies go under the run's own prefix, and are deleted once read.
         let prefix = s3::staged_key(&self.build_id, "output");
-        let bucket = self.bucket.as_deref().map(|b| (b, prefix.as_str()));
+        let bucket = self.bucket.as_ref().map(|b| (b, prefix.as_str()));
         let mut output = Output::new(self.log_group.as_deref(), bucket, on_line);
         let sealed = self.seal(&script(command, env), "run a command").await?;
         let command = Command::Script {
             script: &sealed,
             log_group: self.log_group.as_deref(),
-            output_bucket: bucket,
+            output_bucket: bucket.map(|(staged, prefix)| (staged.bucket.as_str(), prefix)),
         };
         let ended = self
             .send_and_follow(command, "run a command", COMMAND, cancel, Some(&mut output))
@@ -620,7 +690,12 @@ impl Communicator for Ssm {
                 }
             }
         };
-        match remove_copies(&self.clients, output.copies.take()).await {
+        // The agent's copies hold what the command printed: deleted once shown.
+        let removed = match (&self.bucket, output.copies.take()) {
+            (Some(staged), Some(copies)) => staged.delete_each(&self.clients, copies).await,
+            _ => Ok(()),
+        };
+        match removed {
             Ok(()) => result,
             Err(left) => Err(self.failed(
                 "run a command",
@@ -639,9 +714,9 @@ impl Communicator for Ssm {
             .map_err(|e| self.failed(&action, e))?
             .len();
         match &self.bucket {
-            Some(bucket) if size > THROUGH_BUCKET_ABOVE => {
+            Some(staged) if size > THROUGH_BUCKET_ABOVE => {
                 return self
-                    .upload_through_bucket(bucket, source, destination, mode, &action)
+                    .upload_through_bucket(staged, source, destination, mode, &action)
                     .await
             }
             None if size > LARGEST_UPLOAD => {

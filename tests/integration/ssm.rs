@@ -162,6 +162,19 @@ fn a_base_over_ssm_makes_no_key_pair_opens_no_port_and_provisions_as_over_ssh() 
         .mount_snapshot(snapshot, root.path(), PARTITION_1_OFFSET);
     let read = |path: &str| std::fs::read_to_string(mounted.root.join(path)).unwrap();
     assert_eq!(read("etc/amibake-inline"), "inline as 0 for shop\n");
+    // Made under the agent's umask, as over SSH: services that are not root read them.
+    use std::os::unix::fs::PermissionsExt;
+    for (path, wanted) in [
+        ("etc/amibake-inline", 0o644),
+        ("etc/amibake", 0o755),
+        ("etc/amibake/pool.d", 0o755),
+    ] {
+        let mode = std::fs::metadata(mounted.root.join(path))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, wanted, "{path}: {:o}", mode & 0o777);
+    }
     assert_eq!(read("etc/amibake-script"), "script as 0 for shop\n");
     // In pieces, into a directory made for it, nothing staged left beside it.
     assert_eq!(read("etc/amibake/pool.d/pool.conf"), pool_conf());
@@ -400,15 +413,53 @@ fn a_file_too_large_for_commands_goes_through_the_bucket_sealed_and_leaves_nothi
     assert_eq!(shown(&run, "whole line 1"), 1, "{}", run.dump());
     world.cloud.assert_nothing_temporary();
 
-    // The object cannot be deleted: the run fails naming it, and what it left is sealed.
+    // Ctrl-C while the agent's fetch is held past the interrupt's grace: the step is cut
+    // short mid-upload, and the run's cleanup deletes the object it staged.
+    world.template(PROFILE_WITH_S3, &with_bucket, provisioners);
+    // The first command makes the instance's key; the second is the fetch.
+    world
+        .cloud
+        .cli(&["fault", "SendCommand", "--after", "1", "--delay", "60"]);
+    let mut command = world.cloud.amibake(world.dir());
+    command.args(["base", "t.toml", "--force"]);
+    let run = crate::util::interrupt_when(
+        command,
+        "amibake base over SSM, interrupted in a bucket upload",
+        |line| line.contains("upload /opt/amibake/big.bin"),
+    );
+    run.expect_code(130);
+    world.cloud.left().assert_nothing_temporary(&run.dump());
+
+    // The object cannot be deleted at once: the run fails, and its cleanup deletes it.
     // (`--force`: the image built above would be reused.)
     world.template(PROFILE_WITH_S3, &with_bucket, provisioners);
     let injected = world.cloud.fail_once("s3", "DeleteObject", 0);
     let run = world
         .cloud
         .run_amibake(world.dir(), &["base", "t.toml", "--force"]);
-    run.expect_failure("is left (sealed)", Some("run provisioners"));
+    run.expect_failure("the run's cleanup tries again", Some("run provisioners"));
     assert!(run.stderr().contains(&injected), "{}", run.dump());
+    world.cloud.left().assert_nothing_temporary(&run.dump());
+
+    // Nor by the cleanup: the run names the object it left, and that object is sealed.
+    world.cloud.cli(&[
+        "fault",
+        "DeleteObject",
+        "--times",
+        "2",
+        "--error",
+        "AccessDenied",
+    ]);
+    let run = world
+        .cloud
+        .run_amibake(world.dir(), &["base", "t.toml", "--force"]);
+    run.expect_failure("the run's cleanup tries again", Some("run provisioners"));
+    assert!(
+        run.stderr()
+            .contains("could not clean up the objects of the run in s3://"),
+        "{}",
+        run.dump()
+    );
     let kept: serde_json::Value = serde_json::from_str(&ssm_kept(&world)).unwrap();
     let objects = kept["objects"].as_object().unwrap();
     assert_eq!(objects.len(), 1, "{objects:?}");

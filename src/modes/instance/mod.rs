@@ -470,13 +470,28 @@ impl TemporaryInstance {
             "{instance_id}'s SSM agent registered after {}s",
             started.elapsed().as_secs()
         ));
-        self.session = Some(Arc::new(Ssm::new(
+        let session = Ssm::new(
             &self.clients,
             &instance_id,
             &self.build_id,
             plan.ssm_log_group.as_deref(),
             plan.ssm_bucket.as_deref(),
-        )));
+        );
+        // A step cut short (an interrupt past its grace) may leave objects in the bucket:
+        // the cleanup deletes what the session has not.
+        if let Some(staged) = session.staged_objects() {
+            let clients = self.clients.clone();
+            ctx.undo.push(
+                staged.describe(&self.build_id),
+                "delete",
+                Keep::Never,
+                move || {
+                    let (staged, clients) = (staged.clone(), clients.clone());
+                    async move { staged.delete_all(&clients).await.map_err(Into::into) }
+                },
+            );
+        }
+        self.session = Some(Arc::new(session));
         Ok(())
     }
 
