@@ -15,8 +15,8 @@
 //! never a process's argument), and that key travels only inside a sealed command, with
 //! the sealed copy's SHA-256: a copy changed in the bucket is refused, not opened.
 //!
-//! The instance needs `openssl` and `base64`; the usual EC2 images of the major
-//! distributions carry both.
+//! The instance needs `openssl`, and coreutils' `base64`, `dd` and `sha256sum`; the usual
+//! EC2 images of the major distributions carry them.
 
 use std::io::{Read, Write};
 use std::path::Path;
@@ -38,7 +38,7 @@ pub const DIR: &str = "/run/amibake-sealed";
 /// CMS takes in a certificate); only the certificate is ever printed.
 pub const MAKE_KEY: &str = r#"set -e
 umask 077
-for tool in openssl base64 mktemp; do
+for tool in openssl base64 mktemp dd sha256sum; do
   command -v "$tool" >/dev/null || { echo "the image has no \`$tool\`, which receiving commands sealed to the instance's own key needs" >&2; exit 127; }
 done
 rm -rf -- /run/amibake-sealed
@@ -114,7 +114,7 @@ pub struct FileKey {
     digest: String,
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(super) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 

@@ -17,6 +17,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use sha2::{Digest, Sha256};
+
 use async_trait::async_trait;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
@@ -732,9 +734,11 @@ impl Communicator for Ssm {
         let contents = tokio::fs::read(source)
             .await
             .map_err(|e| self.failed(&action, e))?;
-        // Each piece is appended to a fresh private file, installed where it belongs once
-        // whole.
+        // Each piece is written at its own offset of a fresh private file (a command SSM
+        // was sent twice, its answer lost, writes it twice in place), and the file is
+        // installed where it belongs once whole, as its SHA-256 says.
         let staged = staged_path(destination);
+        let digest = sealed::hex(&Sha256::digest(&contents));
         let pieces: Vec<&[u8]> = match contents.is_empty() {
             true => vec![&[]],
             false => contents.chunks(UPLOAD_PIECE).collect(),
@@ -746,11 +750,14 @@ impl Communicator for Ssm {
             };
             let encoded = aws_smithy_types::base64::encode(piece);
             let mut script = format!(
-                "set -e; {fresh}printf %s {} | base64 -d >> {staged}",
+                "set -e; {fresh}printf %s {} | base64 -d | dd of={staged} bs={UPLOAD_PIECE} seek={i} conv=notrunc iflag=fullblock status=none",
                 quote(&encoded)
             );
             if i + 1 == pieces.len() {
-                script.push_str(&install_staged(destination, mode));
+                script.push_str(&format!(
+                    "; printf '%s  %s\\n' {digest} {staged} | sha256sum -c --status - || {{ echo \"the file put together on the instance is not the one sent\" >&2; exit 1; }}{}",
+                    install_staged(destination, mode)
+                ));
             }
             self.housekeeping(&self.seal(&script, &action).await?, &action)
                 .await?;

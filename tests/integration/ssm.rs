@@ -926,6 +926,34 @@ fn a_fault_at_each_ssm_call_or_an_interrupt_leaves_nothing() {
         cancelled.is_some() && cancelled < terminated,
         "cancelled before the instance went: {after:?}"
     );
+
+    // A piece of a file whose command's answer is lost runs twice (the SDK sends it again):
+    // each piece is written at its own offset, and the file is whole all the same.
+    world.template(
+        PROFILE,
+        "",
+        "[[base.provisioner]]\nfile = \"pool.conf\"\ndestination = \"/etc/amibake/pool.conf\"\n",
+    );
+    // The first command makes the instance's key, the next two are pieces.
+    world
+        .cloud
+        .cli(&["fault", "SendCommand", "--after", "2", "--lose-answer"]);
+    let run = world.base();
+    run.expect_code(0);
+    let manifest: serde_json::Value = run.json();
+    let snapshot = manifest["snapshot_ids"][0].as_str().unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let mounted = world
+        .cloud
+        .mount_snapshot(snapshot, root.path(), PARTITION_1_OFFSET);
+    let copied = std::fs::read_to_string(mounted.root.join("etc/amibake/pool.conf")).unwrap();
+    assert!(
+        copied == pool_conf(),
+        "the file is not whole: {} bytes",
+        copied.len()
+    );
+    drop(mounted);
+    world.cloud.assert_nothing_temporary();
 }
 
 /// A bake's booted test over SSM: its test instance has no key pair and no open port, and
