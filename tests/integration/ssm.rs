@@ -49,7 +49,8 @@ impl World {
         world.cloud.cli(&["bucket", BUCKET]);
         std::fs::write(world.dir().join("pool.conf"), pool_conf()).unwrap();
         std::fs::write(
-            world.dir().join("setup.sh"),
+            // A name with a space and a quote: the path it is run at is one word.
+            world.dir().join("set up's.sh"),
             "#!/bin/sh\nset -e\necho \"script as $(id -u) for $APP\" > /etc/amibake-script\n",
         )
         .unwrap();
@@ -92,7 +93,7 @@ impl World {
 const PROVISIONERS: &str = "[[base.provisioner]]\n\
      inline = [\"echo \\\"inline as $(id -u) for $APP\\\" > /etc/amibake-inline\", \"echo provisioned-line\"]\n\
      env = { APP = \"shop\" }\n\n\
-     [[base.provisioner]]\nscript = \"setup.sh\"\nenv = { APP = \"shop\" }\n\n\
+     [[base.provisioner]]\nscript = \"set up's.sh\"\nenv = { APP = \"shop\" }\n\n\
      [[base.provisioner]]\nfile = \"pool.conf\"\ndestination = \"/etc/amibake/pool.d/pool.conf\"\n\n\
      [[base.test]]\nname = \"provisioned\"\ninline = [\"test -f /etc/amibake/pool.d/pool.conf\", \"echo tested-over-ssm\"]\n";
 
