@@ -240,9 +240,7 @@ fn a_secret_reaches_the_instance_over_ssm_and_nothing_ssm_keeps_can_show_it() {
     );
     let run = world.base();
     run.expect_code(0);
-    for line in ["token-delivered", "token-tested"] {
-        assert_eq!(shown(&run, line), 1, "{}", run.dump());
-    }
+    assert_shown_once(&run, &["token-delivered", "token-tested"]);
     assert!(!run.dump().contains("s3cr3t-t0ken"), "{}", run.dump());
 
     // The commands went through SSM, and what it keeps of them holds neither secret.
@@ -372,9 +370,10 @@ fn a_file_too_large_for_commands_goes_through_the_bucket_sealed_and_leaves_nothi
     );
     let run = world.base();
     run.expect_code(0);
-    for line in ["whole line 1", "whole line 1500", "whole line 3000"] {
-        assert_eq!(shown(&run, line), 1, "{line}\n{}", run.dump());
-    }
+    assert_shown_once(
+        &run,
+        &["whole line 1", "whole line 1500", "whole line 3000"],
+    );
     assert!(
         !run.stderr().contains("SSM keeps the first"),
         "{}",
@@ -681,6 +680,13 @@ fn shown(run: &Run, line: &str) -> usize {
     run.stderr().lines().filter(|l| l.contains(&wanted)).count()
 }
 
+/// Each of `lines` was shown once as a provisioner's output.
+fn assert_shown_once(run: &Run, lines: &[&str]) {
+    for line in lines {
+        assert_eq!(shown(run, line), 1, "{line}\n{}", run.dump());
+    }
+}
+
 /// The instance whose agent the run said registered, from the lines it printed.
 fn registered_instance(lines: &[String]) -> String {
     let note = lines
@@ -730,9 +736,7 @@ fn a_commands_output_over_ssm_streams_from_a_log_group_as_it_is_written() {
     let from = world.cloud.calls().len();
     let run = base_gated(&world, open_gate);
     run.expect_code(0);
-    for line in ["early-line", "early-error", "late-line"] {
-        assert_eq!(shown(&run, line), 1, "{line}\n{}", run.dump());
-    }
+    assert_shown_once(&run, &["early-line", "early-error", "late-line"]);
     let calls = world.cloud.calls_since(from);
     assert!(
         calls
@@ -756,9 +760,7 @@ fn a_commands_output_over_ssm_streams_from_a_log_group_as_it_is_written() {
     );
     let run = world.base();
     run.expect_code(0);
-    for line in ["counted-00001", "counted-03000", "final-line"] {
-        assert_eq!(shown(&run, line), 1, "{line}\n{}", run.dump());
-    }
+    assert_shown_once(&run, &["counted-00001", "counted-03000", "final-line"]);
     assert!(
         !run.stderr().contains("SSM keeps the first"),
         "{}",
@@ -814,9 +816,7 @@ fn a_commands_output_over_ssm_streams_from_a_log_group_as_it_is_written() {
         "{}",
         run.dump()
     );
-    for line in ["first-line", "last-line"] {
-        assert_eq!(shown(&run, line), 1, "{line}\n{}", run.dump());
-    }
+    assert_shown_once(&run, &["first-line", "last-line"]);
 
     // The log group turns unreadable mid-command: the lines streamed so far are not shown
     // again, and the rest comes from SSM's answer.
@@ -844,9 +844,7 @@ fn a_commands_output_over_ssm_streams_from_a_log_group_as_it_is_written() {
         "{}",
         run.dump()
     );
-    for line in ["early-line", "early-error", "late-line"] {
-        assert_eq!(shown(&run, line), 1, "{line}\n{}", run.dump());
-    }
+    assert_shown_once(&run, &["early-line", "early-error", "late-line"]);
     world.cloud.assert_nothing_temporary();
 
     // The log group answers nothing (each read held for a minute): neither the command's
@@ -864,9 +862,7 @@ fn a_commands_output_over_ssm_streams_from_a_log_group_as_it_is_written() {
     let from = world.cloud.calls().len();
     let run = world.base();
     run.expect_code(0);
-    for line in ["held-first", "held-last"] {
-        assert_eq!(shown(&run, line), 1, "{line}\n{}", run.dump());
-    }
+    assert_shown_once(&run, &["held-first", "held-last"]);
     let calls = world.cloud.calls_since(from);
     assert!(
         !actions(&calls).contains(&"GetLogEvents"),
