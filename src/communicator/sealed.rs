@@ -50,7 +50,7 @@ openssl req -new -x509 -key /run/amibake-sealed/key.pem -subj /CN=amibake-sealed
 pub const FORGET_KEY: &str = "rm -rf -- /run/amibake-sealed";
 
 /// The exit code of a command the instance could not open.
-pub const UNOPENED: i32 = 125;
+const UNOPENED: i32 = 125;
 
 /// The certificate the instance answered: what its commands are sealed for.
 pub struct Recipient {

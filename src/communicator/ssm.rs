@@ -68,7 +68,7 @@ done"#;
 /// takes about 32 KiB of a command.
 const UPLOAD_PIECE: usize = 18 << 10;
 /// The largest file sent through commands.
-pub const LARGEST_UPLOAD: u64 = 1 << 20;
+const LARGEST_UPLOAD: u64 = 1 << 20;
 /// With a bucket, a file larger than this goes through it: one object and two commands
 /// instead of a command a piece.
 const THROUGH_BUCKET_ABOVE: u64 = 4 * UPLOAD_PIECE as u64;
@@ -85,7 +85,7 @@ pub struct Ssm {
     bucket: Option<StagedObjects>,
     build_id: String,
     /// The files sent through the bucket so far, each staged under its own key.
-    staged: std::sync::atomic::AtomicU32,
+    files_through_bucket: std::sync::atomic::AtomicU32,
     /// The certificate of the key the instance made at the first sealed command.
     recipient: tokio::sync::OnceCell<Recipient>,
 }
@@ -105,7 +105,7 @@ impl Ssm {
             log_group: log_group.map(str::to_string),
             bucket: bucket.map(StagedObjects::new),
             build_id: build_id.to_string(),
-            staged: Default::default(),
+            files_through_bucket: Default::default(),
             recipient: tokio::sync::OnceCell::new(),
         }
     }
@@ -230,7 +230,7 @@ impl Ssm {
     ) -> Result<(), CommError> {
         let name = format!(
             "file-{}",
-            self.staged
+            self.files_through_bucket
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
                 + 1
         );

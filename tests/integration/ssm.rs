@@ -3,7 +3,7 @@
 //! Command: no key pair, a security group with no ingress rule, its agent registered
 //! through its instance profile. What fails, hangs or is refused leaves nothing.
 
-use crate::util::localcloud::PARTITION_1_OFFSET;
+use crate::util::localcloud::{MountedSnapshot, PARTITION_1_OFFSET};
 use crate::util::Run;
 
 /// A profile whose role SSM lets manage the instance, one whose role it does not, and one
@@ -67,6 +67,14 @@ impl World {
              iam_instance_profile = \"{profile}\"\n{extra}\n{provisioners}"
         );
         std::fs::write(self.dir().join("t.toml"), text).unwrap();
+    }
+
+    /// The root filesystem of the image `run` (a base that succeeded) made, mounted at
+    /// `dir` until dropped.
+    fn mount_image(&self, run: &Run, dir: &std::path::Path) -> MountedSnapshot {
+        let manifest: serde_json::Value = run.json();
+        let snapshot = manifest["snapshot_ids"][0].as_str().unwrap();
+        self.cloud.mount_snapshot(snapshot, dir, PARTITION_1_OFFSET)
     }
 
     fn base(&self) -> Run {
@@ -155,12 +163,8 @@ fn a_base_over_ssm_makes_no_key_pair_opens_no_port_and_provisions_as_over_ssh() 
     assert!(run.stderr().contains("tested-over-ssm"), "{}", run.dump());
 
     // What the provisioners wrote, as root, is in the image.
-    let manifest: serde_json::Value = run.json();
-    let snapshot = manifest["snapshot_ids"][0].as_str().unwrap();
     let root = tempfile::tempdir().unwrap();
-    let mounted = world
-        .cloud
-        .mount_snapshot(snapshot, root.path(), PARTITION_1_OFFSET);
+    let mounted = world.mount_image(&run, root.path());
     let read = |path: &str| std::fs::read_to_string(mounted.root.join(path)).unwrap();
     assert_eq!(read("etc/amibake-inline"), "inline as 0 for shop\n");
     // Made under the agent's umask, as over SSH: services that are not root read them.
@@ -256,12 +260,8 @@ fn a_secret_reaches_the_instance_over_ssm_and_nothing_ssm_keeps_can_show_it() {
     }
 
     // The instance got both, and its key is not in the image.
-    let manifest: serde_json::Value = run.json();
-    let snapshot = manifest["snapshot_ids"][0].as_str().unwrap();
     let root = tempfile::tempdir().unwrap();
-    let mounted = world
-        .cloud
-        .mount_snapshot(snapshot, root.path(), PARTITION_1_OFFSET);
+    let mounted = world.mount_image(&run, root.path());
     let read = |path: &str| std::fs::read_to_string(mounted.root.join(path)).unwrap();
     assert_eq!(read("etc/amibake-token"), "s3cr3t-t0ken");
     assert_eq!(read("etc/amibake/secret.conf"), format!("{file_secret}\n"));
@@ -337,12 +337,8 @@ fn a_file_too_large_for_commands_goes_through_the_bucket_sealed_and_leaves_nothi
         "{:?}",
         actions(&calls)
     );
-    let manifest: serde_json::Value = run.json();
-    let snapshot = manifest["snapshot_ids"][0].as_str().unwrap();
     let root = tempfile::tempdir().unwrap();
-    let mounted = world
-        .cloud
-        .mount_snapshot(snapshot, root.path(), PARTITION_1_OFFSET);
+    let mounted = world.mount_image(&run, root.path());
     let copied = std::fs::read(mounted.root.join("opt/amibake/big.bin")).unwrap();
     assert!(copied == large_file(), "the file is not whole in the image");
     drop(mounted);
@@ -937,12 +933,8 @@ fn a_fault_at_each_ssm_call_or_an_interrupt_leaves_nothing() {
         .cli(&["fault", "SendCommand", "--after", "2", "--lose-answer"]);
     let run = world.base();
     run.expect_code(0);
-    let manifest: serde_json::Value = run.json();
-    let snapshot = manifest["snapshot_ids"][0].as_str().unwrap();
     let root = tempfile::tempdir().unwrap();
-    let mounted = world
-        .cloud
-        .mount_snapshot(snapshot, root.path(), PARTITION_1_OFFSET);
+    let mounted = world.mount_image(&run, root.path());
     let copied = std::fs::read_to_string(mounted.root.join("etc/amibake/pool.conf")).unwrap();
     assert!(
         copied == pool_conf(),
