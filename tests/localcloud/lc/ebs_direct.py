@@ -22,7 +22,7 @@ import json
 import os
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 
 BLOCK_SIZE = 512 * 1024
 BLOCKS_PER_GIB = (1 << 30) // BLOCK_SIZE
@@ -88,7 +88,7 @@ class EbsDirect:
         self.lock = threading.RLock()
         self.started: dict[str, Started] = {}
         self.by_token: dict[str, str] = {}
-        self.rates = defaultdict(list)  # (action, scope) -> recent request times
+        self.rates = defaultdict(deque)  # (action, scope) -> request times of the last second, oldest first
 
     # -- routing ---------------------------------------------------------------------------
 
@@ -140,13 +140,13 @@ class EbsDirect:
             return
         with self.lock:
             now = time.monotonic()
-            recent = [t for t in self.rates[(action, scope)] if now - t < 1.0]
+            recent = self.rates[(action, scope)]
+            while recent and now - recent[0] >= 1.0:
+                recent.popleft()
             if len(recent) >= limit:
-                self.rates[(action, scope)] = recent
                 raise EbsError(400, "RequestThrottledException", "RESOURCE_LEVEL_THROTTLE",
                                f"{action} on {scope} is over {limit} requests per second")
             recent.append(now)
-            self.rates[(action, scope)] = recent
 
     def expire(self):
         """A started snapshot not completed within its Timeout goes to `error`."""

@@ -19,7 +19,7 @@ import time
 import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, parse_qsl, unquote
 
 ACCOUNT = "123456789012"
 REGION = "us-east-1"
@@ -48,7 +48,7 @@ for k, v in CREDENTIALS.items():
 from moto.ec2.models import ec2_backends  # noqa: E402
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app  # noqa: E402
 from moto.ssm.models import Parameter, ssm_backends  # noqa: E402
-from werkzeug.serving import make_server  # noqa: E402
+from werkzeug.serving import DechunkedInput, WSGIRequestHandler, make_server  # noqa: E402
 from werkzeug.wrappers import Request, Response  # noqa: E402
 
 from . import images, patches  # noqa: E402
@@ -243,17 +243,16 @@ class LocalCloud:
             return self.imds(request)(environ, start_response)
         if path.startswith("/_localcloud/"):
             return self.control(request)(environ, start_response)
-        if path.startswith("/snapshots"):
-            return self.ebs(request)(environ, start_response)
         return self.aws(request, environ, start_response)
 
     def ebs(self, request):
-        """An EBS direct API call: the same faults, throttling and call log as EC2's."""
+        """An EBS direct API call: the same faults, throttling and call log as EC2's.
+        (status, headers, body bytes)."""
         started = time.time()
         action, ids = EbsDirect.action_of(request.method, request.path)
         iam = self.iam_facts(request, ids, ebs_body=request.get_data(cache=True) if action == "StartSnapshot" else None)
         if action is None:
-            return fault_response("ebs", "ValidationException", f"no EBS direct action at {request.method} {request.path}")
+            return ebs_fault("ValidationException", f"no EBS direct action at {request.method} {request.path}")
         code, effect = self.faults.apply(action)
         lose_answer = effect == "lose"
         if effect == "corrupt":
@@ -264,21 +263,21 @@ class LocalCloud:
             code = "RequestThrottledException" if code == "RequestLimitExceeded" else code
             status = 500 if code == "InternalServerException" else 400
             self.calls.add("ebs", action, ids, status, code, iam, started)
-            return fault_response("ebs", code, f"injected by the local cloud into {action}", status)
+            return ebs_fault(code, f"injected by the local cloud into {action}", status)
         try:
             status, headers, body = self.ebs_direct.handle(action, ids, request)
         except EbsError as e:
             self.calls.add("ebs", action, ids, e.status, e.code, iam, started)
-            return Response(error_body(e), status=e.status, content_type="application/json",
-                            headers={"x-amzn-ErrorType": e.code, "x-amzn-RequestId": str(uuid.uuid4())})
+            return e.status, {"Content-Type": "application/json", "x-amzn-ErrorType": e.code,
+                              "x-amzn-RequestId": str(uuid.uuid4())}, error_body(e).encode()
         if lose_answer:
             self.calls.add("ebs", action, ids, status, "OK (answer lost)", iam, started)
-            return fault_response("ebs", "InternalServerException", "the answer was lost on its way", 500)
+            return ebs_fault("InternalServerException", "the answer was lost on its way", 500)
         self.calls.add("ebs", action, ids, status, "OK", iam, started)
         headers = {**headers, "x-amzn-RequestId": str(uuid.uuid4())}
         if isinstance(body, dict):
-            return Response(json.dumps(body), status=status, content_type="application/json", headers=headers)
-        return Response(body or b"", status=status, headers=headers)
+            return status, {**headers, "Content-Type": "application/json"}, json.dumps(body).encode()
+        return status, headers, body or b""
 
     def aws(self, request, environ, start_response):
         body = request.get_data(cache=True)
@@ -539,9 +538,6 @@ def json_response(value, status=200):
 def fault_response(service, code, message, status=None):
     request_id = str(uuid.uuid4())
     status = status or (503 if code == "RequestLimitExceeded" else 400)
-    if service == "ebs":
-        return Response(json.dumps({"message": message}), status=status, content_type="application/json",
-                        headers={"x-amzn-ErrorType": code, "x-amzn-RequestId": request_id})
     if service in ("ssm", "kms", "logs"):
         return Response(json.dumps({"__type": code, "message": message}), status=status, content_type="application/x-amz-json-1.1",
                         headers={"x-amzn-RequestId": request_id})
@@ -553,6 +549,66 @@ def fault_response(service, code, message, status=None):
         return Response(body, status=status, content_type="text/xml", headers={"x-amzn-RequestId": request_id})
     body = f"<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error><Code>{code}</Code><Message>{message}</Message></Error></Errors><RequestID>{request_id}</RequestID></Response>"
     return Response(body, status=status, content_type="text/xml", headers={"x-amzn-RequestId": request_id})
+
+
+def ebs_fault(code, message, status=400):
+    """An EBS direct error answer, as `LocalCloud.ebs` gives them: (status, headers, body)."""
+    return status, {"Content-Type": "application/json", "x-amzn-ErrorType": code,
+                    "x-amzn-RequestId": str(uuid.uuid4())}, json.dumps({"message": message}).encode()
+
+
+class EbsRequest:
+    """What `LocalCloud.ebs` and `EbsDirect` read of a request (werkzeug's names), made
+    from the HTTP handler's parse without werkzeug's WSGI environ."""
+
+    def __init__(self, method, target, headers, body):
+        path, _, query = target.partition("?")
+        self.method = method
+        self.path = unquote(path)
+        self.headers = headers  # http.server's: .get() is case-insensitive
+        self.args = dict(parse_qsl(query))
+        self.environ = {}
+        self.body = body
+
+    def get_data(self, cache=True):
+        return self.body
+
+
+class Handler(WSGIRequestHandler):
+    """werkzeug's handler, with the EBS direct APIs served on connections kept alive
+    (HTTP/1.1), as EBS serves them. werkzeug closes every connection after one answer:
+    a new connection and a new thread per block call was most of what one interpreter
+    spent serving blocks, and bounded a fetch far below EBS's rate. Every other request
+    goes through werkzeug as before, its connection closed after the answer."""
+
+    protocol_version = "HTTP/1.1"
+    cloud = None  # set by `handler_for`
+
+    def __getattr__(self, name):
+        # http.server calls do_<METHOD>; werkzeug answers every method with run_wsgi.
+        if name.startswith("do_"):
+            return self.route
+        return super().__getattr__(name)
+
+    def route(self):
+        if not self.path.startswith("/snapshots"):
+            return self.run_wsgi()
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            body = DechunkedInput(self.rfile).readall()
+        else:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        status, headers, payload = self.cloud.ebs(EbsRequest(self.command, self.path, self.headers, body))
+        self.send_response_only(status)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(payload)
+
+
+def handler_for(cloud):
+    return type("CloudHandler", (Handler,), {"cloud": cloud})
 
 
 def error_code(body: bytes) -> str:
@@ -590,7 +646,7 @@ def serve(state_dir: Path, latency: str, vendors, block_latency=None, block_rate
     # request was a tenth of the server's time under a block fetch (its one interpreter
     # lock serves every request).
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    api = make_server("127.0.0.1", 0, cloud.app, threaded=True)
+    api = make_server("127.0.0.1", 0, cloud.app, threaded=True, request_handler=handler_for(cloud))
     imds = make_server("127.0.0.1", 0, cloud.app, threaded=True)
     stop = threading.Event()
 
