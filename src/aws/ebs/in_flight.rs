@@ -1,31 +1,48 @@
-//! How many block calls go at once: a pace that grows while latency holds the calls back
-//! and halves when EBS throttles them, and the loop that keeps that many in flight.
+//! How many block calls go at once: a pace that grows while latency holds the calls back,
+//! never past what EBS's rate allows at the latency seen, and halves when EBS throttles
+//! them; and the loop that keeps that many in flight.
 
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use futures_util::{Stream, StreamExt};
+use tokio::time::Instant;
 
 use super::THROTTLED_ATTEMPTS;
 
 /// Block calls in flight at first. EBS serves 1,000 a second (puts per snapshot, gets per
 /// account); at its usual 100 ms a call that takes 100 in flight, so the pace grows from here.
 pub const BLOCKS_IN_FLIGHT: usize = 32;
-/// The most in flight: past EBS's rate at its usual latency, and 64 MiB of block data.
+/// The most in flight, whatever the latency: 64 MiB of block data.
 pub const MOST_BLOCKS_IN_FLIGHT: usize = 128;
 /// The fewest, however much EBS throttles.
 const FEWEST_BLOCKS_IN_FLIGHT: usize = 4;
+/// EBS's block-call rate: PutSnapshotBlock per snapshot, GetSnapshotBlock per account
+/// (the service quotas' defaults).
+const EBS_BLOCK_CALLS_PER_SECOND: f64 = 1000.0;
+/// The share of that rate the pace aims at: calls in flight times latency is the rate only
+/// on average, and a second over the quota is throttled.
+const RATE_AIMED_AT: f64 = 0.9;
 
-/// How many block calls go at once, judged once a round (as many calls as the limit): a
-/// round with a throttled attempt means EBS's rate holds the calls back, and the limit
-/// halves; one that filled the limit with none means latency does, and it grows by a
-/// quarter. A round that never filled it (the items came slower than the calls) says
-/// nothing, and the limit stays.
+/// How many block calls go at once, judged once a round (as many calls as the limit).
+/// - A round with a throttled attempt: EBS's rate holds the calls back, and the limit
+///   halves.
+/// - A round that filled the limit with none: latency does. Until the first throttle the
+///   limit doubles (a bake's few hundred blocks are put in a few rounds); after one it grows
+///   by a quarter, since another client may be spending the same quota.
+/// - Either way never past the calls that EBS's rate allows at the latency seen (rate ×
+///   latency, less a margin): more would only be throttled, and hold blocks meanwhile.
+/// - A round that never filled it (the items came slower than the calls) says nothing, and
+///   the limit stays.
 #[derive(Debug)]
 struct Pace {
     limit: usize,
     done_in_round: usize,
     filled_in_round: bool,
     throttled_before_round: u64,
+    ever_throttled: bool,
+    /// The calls' latency, averaged (exponentially, over about the last ten calls).
+    latency: Option<Duration>,
 }
 
 impl Pace {
@@ -35,6 +52,8 @@ impl Pace {
             done_in_round: 0,
             filled_in_round: false,
             throttled_before_round: throttled,
+            ever_throttled: false,
+            latency: None,
         }
     }
 
@@ -47,16 +66,35 @@ impl Pace {
         self.filled_in_round |= in_flight >= self.limit;
     }
 
-    /// A call ended; `throttled` is the count of throttled attempts so far.
-    fn call_ended(&mut self, throttled: u64) {
+    /// The most calls in flight that EBS's rate allows at the latency seen.
+    fn rate_allows(&self) -> usize {
+        let latency = self.latency.map_or(0.0, |l| l.as_secs_f64());
+        let calls = (EBS_BLOCK_CALLS_PER_SECOND * RATE_AIMED_AT * latency) as usize;
+        calls.clamp(FEWEST_BLOCKS_IN_FLIGHT, MOST_BLOCKS_IN_FLIGHT)
+    }
+
+    /// A call ended after `took`; `throttled` is the count of throttled attempts so far.
+    fn call_ended(&mut self, throttled: u64, took: Duration) {
+        self.latency = Some(match self.latency {
+            None => took,
+            Some(average) => average.mul_f64(0.9) + took.mul_f64(0.1),
+        });
         self.done_in_round += 1;
         if self.done_in_round < self.limit {
             return;
         }
         if throttled > self.throttled_before_round {
+            self.ever_throttled = true;
             self.limit = (self.limit / 2).max(FEWEST_BLOCKS_IN_FLIGHT);
         } else if self.filled_in_round {
-            self.limit = (self.limit + self.limit.div_ceil(4)).min(MOST_BLOCKS_IN_FLIGHT);
+            let grown = if self.ever_throttled {
+                self.limit + self.limit.div_ceil(4)
+            } else {
+                self.limit * 2
+            };
+            // Never shrunk by a latency that fell: a round without a throttle says the
+            // limit it had was not too many.
+            self.limit = grown.min(self.rate_allows()).max(self.limit);
         }
         self.done_in_round = 0;
         self.filled_in_round = false;
@@ -105,15 +143,19 @@ where
             item = items.next(), if !no_more_items && in_flight.len() < pace.limit() => {
                 match item {
                     Some(item) => {
-                        in_flight.spawn(call(item));
+                        let call = call(item);
+                        in_flight.spawn(async move {
+                            let started = Instant::now();
+                            (call.await, started.elapsed())
+                        });
                         pace.call_started(in_flight.len());
                     }
                     None => no_more_items = true,
                 }
             }
             Some(joined) = in_flight.join_next() => match joined {
-                Ok(result) => {
-                    pace.call_ended(THROTTLED_ATTEMPTS.load(Ordering::Relaxed));
+                Ok((result, took)) => {
+                    pace.call_ended(THROTTLED_ATTEMPTS.load(Ordering::Relaxed), took);
                     done(result?)?
                 }
                 // Tasks are only aborted above, and a block call does not panic.
@@ -187,40 +229,57 @@ mod tests {
         assert!(most > 1 && most <= MOST_BLOCKS_IN_FLIGHT, "{most} at once");
     }
 
+    /// A round whose calls all go at once, the limit filled, each taking `took`.
+    fn round(pace: &mut Pace, throttled: u64, took: Duration) -> usize {
+        let limit = pace.limit();
+        (1..=limit).for_each(|n| pace.call_started(n));
+        (0..limit).for_each(|_| pace.call_ended(throttled, took));
+        pace.limit()
+    }
+
+    const EBS_LATENCY: Duration = Duration::from_millis(100);
+
     #[test]
-    fn the_pace_grows_while_nothing_is_throttled_and_halves_when_something_is() {
+    fn the_pace_doubles_up_to_what_the_rate_allows_at_the_latency_seen() {
         let mut pace = Pace::new(7);
-        // A round whose calls all go at once, the limit filled.
-        let round = |pace: &mut Pace, throttled: u64| {
-            let limit = pace.limit();
-            (1..=limit).for_each(|n| pace.call_started(n));
-            (0..limit).for_each(|_| pace.call_ended(throttled));
-            pace.limit()
-        };
         // Items too slow to fill it: the limit is not what holds the calls back.
         for _ in 0..BLOCKS_IN_FLIGHT {
             pace.call_started(1);
-            pace.call_ended(7);
+            pace.call_ended(7, EBS_LATENCY);
         }
         assert_eq!(pace.limit(), BLOCKS_IN_FLIGHT);
-        // Latency is the limit: a quarter more each round, up to the most.
-        assert_eq!(round(&mut pace, 7), 40);
-        assert_eq!(round(&mut pace, 7), 50);
-        let mut limits = Vec::new();
-        for _ in 0..20 {
-            limits.push(round(&mut pace, 7));
-        }
+        // At 100 ms a call, 90 in flight are 900 a second: 90 % of EBS's 1,000.
+        assert_eq!(round(&mut pace, 7, EBS_LATENCY), 64);
+        assert_eq!(round(&mut pace, 7, EBS_LATENCY), 90);
+        assert_eq!(round(&mut pace, 7, EBS_LATENCY), 90);
+        // Slower calls allow more, up to the most.
+        let limits: Vec<_> = (0..10)
+            .map(|_| round(&mut pace, 7, Duration::from_secs(1)))
+            .collect();
         assert_eq!(limits.last(), Some(&MOST_BLOCKS_IN_FLIGHT));
         assert!(limits.windows(2).all(|w| w[0] <= w[1]), "{limits:?}");
+        // Faster ones do not shrink it: only a throttle does.
+        assert_eq!(
+            round(&mut pace, 7, Duration::from_millis(1)),
+            MOST_BLOCKS_IN_FLIGHT
+        );
+    }
+
+    #[test]
+    fn a_throttle_halves_the_pace_and_it_grows_back_slowly() {
+        let mut pace = Pace::new(0);
+        while round(&mut pace, 0, EBS_LATENCY) < 90 {}
         // A throttle within a round halves it, once for that round.
-        assert_eq!(round(&mut pace, 9), MOST_BLOCKS_IN_FLIGHT / 2);
-        // Unthrottled again: it grows back.
-        assert_eq!(round(&mut pace, 9), 80);
+        assert_eq!(round(&mut pace, 1, EBS_LATENCY), 45);
+        // Unthrottled again: a quarter more a round (another client may share the quota),
+        // up to the rate's 90 again.
+        assert_eq!(round(&mut pace, 1, EBS_LATENCY), 57);
+        assert_eq!(round(&mut pace, 1, EBS_LATENCY), 72);
+        assert_eq!(round(&mut pace, 1, EBS_LATENCY), 90);
+        assert_eq!(round(&mut pace, 1, EBS_LATENCY), 90);
         // Throttled round after round: down to the fewest, never below.
-        let mut throttled = 9;
-        for _ in 0..10 {
-            throttled += 1;
-            round(&mut pace, throttled);
+        for throttled in 2..12 {
+            round(&mut pace, throttled, EBS_LATENCY);
         }
         assert_eq!(pace.limit(), FEWEST_BLOCKS_IN_FLIGHT);
     }
