@@ -15,6 +15,7 @@ fn main() -> ExitCode {
         return exit_code(cli::internal::run(cli::internal::Internal::parse()));
     }
     let cli = Cli::parse();
+    amibake::aws::ebs::map_blocks_apart();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
