@@ -500,8 +500,11 @@ def main():
             throttled = sum(1 for c in calls if c["action"] == "GetSnapshotBlock" and c.get("code") == "RequestThrottledException")
             print(f"\ncold fetch of a base with {args.cold_fetch_mib} MiB more than the vendor's (direct, 1 MiB tarball)")
             seconds = manifest["step_seconds"]["fetch base image"]
+            flight = most_in_flight(calls, "GetSnapshotBlock")
             print(f"  {gets} blocks in {seconds:.1f}s: {per_second(calls, 'GetSnapshotBlock', served_only=True):.0f} "
-                  f"block reads served a second ({throttled} more throttled and retried), peak memory {peak / 1024:.0f} MiB")
+                  f"block reads served a second ({throttled} more throttled and retried); peak memory {peak / 1024:.0f} MiB "
+                  f"resident, {heaps['direct', 'fetch-cold'] / 1024:.0f} MiB heap (goal <= {24 + flight / 2:.0f} MiB at its "
+                  f"{flight} gets in flight)")
             print("  (goal: >= 800 a second, 80 % of EBS's 1,000 GetSnapshotBlock a second per account)")
             small.unlink()
 
