@@ -299,3 +299,32 @@ def test_block_calls_take_their_latency_side_by_side_and_their_rate_is_per_snaps
         finally:
             cloud.cli("down", check=False)
         assert leftovers(state) == []
+
+
+def test_ebs_keeps_a_connection_alive_across_block_calls_and_ec2_closes_its_own(cloud):
+    """As EBS does, and every SDK's client counts on: block calls on one connection, each
+    answered whole, an error as well; the EC2 API's answers close theirs, as before."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    ebs = cloud.client("ebs")
+    snap = ebs.start_snapshot(VolumeSize=1)["SnapshotId"]
+    url = urlsplit(cloud.env["AWS_ENDPOINT_URL"])
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
+    answers, sockets = [], set()
+    for index, data in ((0, b"\x04" * BLOCK), (1, b"\x05" * BLOCK), (2, b"short")):
+        conn.request("PUT", f"/snapshots/{snap}/blocks/{index}", body=data, headers={
+            "x-amz-Data-Length": str(BLOCK), "x-amz-Checksum": checksum(data), "x-amz-Checksum-Algorithm": "SHA256"})
+        sockets.add(id(conn.sock))
+        response = conn.getresponse()
+        answers.append((response.status, response.read(), response.will_close))
+    assert [(status, close) for status, _, close in answers] == [(201, False), (201, False), (400, False)], answers
+    assert b"A block is 524288 bytes" in answers[2][1]
+    assert len(sockets) == 1, "every call went on the first connection"
+    conn.request("GET", "/?Action=DescribeRegions&Version=2016-11-15")
+    response = conn.getresponse()
+    response.read()
+    assert response.status == 200 and response.will_close
+    conn.close()
+    # Both blocks were written: CompleteSnapshot checks their count and linear checksum.
+    complete(ebs, snap, {0: b"\x04" * BLOCK, 1: b"\x05" * BLOCK})
