@@ -5,6 +5,8 @@
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -21,16 +23,17 @@ struct Report {
     read: u64,
 }
 
-/// Counts what passes through, so progress can be told against the tarball's size.
+/// Counts what passes through, so progress can be told against the tarball's size (the
+/// decompressor's thread reads, the reporting thread tells).
 struct Counting<R> {
     inner: R,
-    read: std::rc::Rc<std::cell::Cell<u64>>,
+    read: Arc<AtomicU64>,
 }
 
 impl<R: std::io::Read> std::io::Read for Counting<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.read.set(self.read.get() + n as u64);
+        self.read.fetch_add(n as u64, Ordering::Relaxed);
         Ok(n)
     }
 }
@@ -70,23 +73,27 @@ pub fn check_child_main(
 /// Runs `work` over standard input, reporting its running totals and how much of the input
 /// it has read as JSON lines on stdout, every `PROGRESS_EVERY` and once at the end.
 fn report_progress(
-    work: impl FnOnce(&mut dyn Read, &mut dyn FnMut(Extracted)) -> Result<Extracted, ExtractError>,
+    work: impl FnOnce(
+        &mut (dyn Read + Send),
+        &mut dyn FnMut(Extracted),
+    ) -> Result<Extracted, ExtractError>,
 ) -> Result<Extracted, ExtractError> {
     let mut out = std::io::stdout().lock();
     let mut last_report = std::time::Instant::now();
-    let read = std::rc::Rc::new(std::cell::Cell::new(0));
+    let read = Arc::new(AtomicU64::new(0));
     let report = |done: Extracted, out: &mut std::io::StdoutLock| {
         let _ = serde_json::to_writer(
             &mut *out,
             &Report {
                 done,
-                read: read.get(),
+                read: read.load(Ordering::Relaxed),
             },
         );
         let _ = writeln!(out);
     };
     let mut input = Counting {
-        inner: std::io::stdin().lock(),
+        // Not `stdin().lock()`, whose guard stays on the thread that took it.
+        inner: std::io::stdin(),
         read: read.clone(),
     };
     let done = work(&mut input, &mut |done| {

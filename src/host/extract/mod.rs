@@ -106,29 +106,125 @@ pub(crate) const IMPLIED_DIR_MODE: u32 = 0o755;
 /// The setuid and setgid bits.
 pub(crate) const SET_ID_BITS: u32 = 0o6000;
 
-/// Wraps `input` in the decompressor its first bytes call for: gzip, zstd, or none.
-fn decompressed<'a>(input: impl Read + 'a) -> Result<Box<dyn Read + 'a>, ExtractError> {
-    let mut input = BufReader::new(input);
+/// How much of the tarball is read at once, and how much inflated data a piece holds.
+const PIECE: usize = 256 * 1024;
+/// Pieces the decompressor may be ahead of the tar reader: 1 MiB at most.
+const PIECES_AHEAD: usize = 4;
+
+/// Reads `input` through the decompressor its first bytes call for (gzip, zstd, or none)
+/// and hands the tar stream to `read`. Inflating is most of an extraction's CPU and
+/// writing the files the rest, so a compressed tarball is inflated on a thread of its own,
+/// a few pieces ahead of `read`, and the two share the machine's cores.
+fn decompressed<'i, T>(
+    input: impl Read + Send + 'i,
+    read: impl FnOnce(Box<dyn Read + '_>) -> Result<T, ExtractError>,
+) -> Result<T, ExtractError> {
+    let mut input = BufReader::with_capacity(PIECE, input);
     let head = input
         .fill_buf()
-        .map_err(|e| ExtractError::Corrupt(e.to_string()))?
-        .to_vec();
-    Ok(if head.starts_with(GZIP_MAGIC) {
-        Box::new(flate2::read::MultiGzDecoder::new(input))
-    } else if head.starts_with(ZSTD_MAGIC) {
-        Box::new(
-            zstd::stream::read::Decoder::with_buffer(input)
-                .map_err(|e| ExtractError::Corrupt(e.to_string()))?,
-        )
-    } else {
-        Box::new(input)
+        .map_err(|e| ExtractError::Corrupt(e.to_string()))?;
+    let gzip = head.starts_with(GZIP_MAGIC);
+    if !gzip && !head.starts_with(ZSTD_MAGIC) {
+        return read(Box::new(input));
+    }
+    let decoder = move || -> std::io::Result<Box<dyn Read + 'i>> {
+        Ok(if gzip {
+            Box::new(flate2::read::MultiGzDecoder::new(input))
+        } else {
+            Box::new(zstd::stream::read::Decoder::with_buffer(input)?)
+        })
+    };
+    let (pieces, inflated) = std::sync::mpsc::sync_channel(PIECES_AHEAD);
+    std::thread::scope(|scope| {
+        scope.spawn(move || inflate_into(decoder, pieces));
+        // Dropping the receiver when `read` is done (or failed) ends the decompressor at
+        // its next piece.
+        read(Box::new(Pieces {
+            inflated,
+            piece: Vec::new(),
+            at: 0,
+        }))
     })
+}
+
+/// The decompressor's thread: reads pieces of the tar stream until its end, an error
+/// (sent on, for the reader to meet where the stream breaks), or a reader gone.
+fn inflate_into<'i>(
+    decoder: impl FnOnce() -> std::io::Result<Box<dyn Read + 'i>>,
+    pieces: std::sync::mpsc::SyncSender<std::io::Result<Vec<u8>>>,
+) {
+    let mut decoder = match decoder() {
+        Ok(decoder) => decoder,
+        Err(e) => {
+            let _ = pieces.send(Err(e));
+            return;
+        }
+    };
+    loop {
+        let mut piece = vec![0; PIECE];
+        let (filled, error) = read_up_to(&mut decoder, &mut piece);
+        piece.truncate(filled);
+        // What was inflated before an error goes first: the reader meets the error where
+        // the stream breaks, as it would reading the decompressor itself.
+        if filled > 0 && pieces.send(Ok(piece)).is_err() {
+            return;
+        }
+        match error {
+            Some(e) => {
+                let _ = pieces.send(Err(e));
+                return;
+            }
+            None if filled < PIECE => return,
+            None => {}
+        }
+    }
+}
+
+/// Fills `buf` as far as `input` goes: fewer bytes only at its end or an error, which
+/// comes with what was read before it.
+fn read_up_to(input: &mut dyn Read, buf: &mut [u8]) -> (usize, Option<std::io::Error>) {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match input.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return (filled, Some(e)),
+        }
+    }
+    (filled, None)
+}
+
+/// The tar stream as the decompressor's thread inflates it, piece by piece.
+struct Pieces {
+    inflated: std::sync::mpsc::Receiver<std::io::Result<Vec<u8>>>,
+    piece: Vec<u8>,
+    at: usize,
+}
+
+impl Read for Pieces {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.at == self.piece.len() {
+            match self.inflated.recv() {
+                Ok(piece) => {
+                    self.piece = piece?;
+                    self.at = 0;
+                }
+                // The thread is done: the stream's end.
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.piece.len() - self.at);
+        buf[..n].copy_from_slice(&self.piece[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
 }
 
 /// Unpacks a tar stream into `spec.dest` of `image`. `on_progress` hears the running totals
 /// after each entry.
 pub fn unpack(
-    input: impl Read,
+    input: impl Read + Send,
     image: &ImageRoot,
     spec: &ExtractSpec,
     owner: Option<Owner>,
@@ -176,7 +272,7 @@ pub fn unpack(
 /// image (`admit`), and every entry's data read to its end, so a damaged or cut-short
 /// tarball is refused too, as is one with no entries. Answers what it holds.
 pub fn check_entries(
-    input: impl Read,
+    input: impl Read + Send,
     on_progress: &mut dyn FnMut(Extracted),
 ) -> Result<Extracted, ExtractError> {
     let mut held = Extracted::default();
@@ -197,11 +293,19 @@ pub fn check_entries(
 
 /// Reads the tar stream in `input` (compressed or not) entry by entry. `on_entry` gets each
 /// entry and its path; what it refuses is named by the entry's number (from 1) and path.
-fn each_entry<'a>(
-    input: impl Read + 'a,
-    mut on_entry: impl FnMut(&mut tar::Entry<'_, Box<dyn Read + 'a>>, &str) -> Result<(), EntryError>,
+fn each_entry(
+    input: impl Read + Send,
+    mut on_entry: impl FnMut(&mut tar::Entry<'_, Box<dyn Read + '_>>, &str) -> Result<(), EntryError>,
 ) -> Result<(), ExtractError> {
-    let mut archive = tar::Archive::new(decompressed(input)?);
+    decompressed(input, |tar_stream| {
+        each_entry_of(tar::Archive::new(tar_stream), &mut on_entry)
+    })
+}
+
+fn each_entry_of<'a>(
+    mut archive: tar::Archive<Box<dyn Read + 'a>>,
+    on_entry: &mut impl FnMut(&mut tar::Entry<'_, Box<dyn Read + 'a>>, &str) -> Result<(), EntryError>,
+) -> Result<(), ExtractError> {
     let entries = archive
         .entries()
         .map_err(|e| ExtractError::Corrupt(printable(&e.to_string())))?;
