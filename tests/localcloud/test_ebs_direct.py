@@ -311,16 +311,26 @@ def test_ebs_keeps_a_connection_alive_across_block_calls_and_ec2_closes_its_own(
     snap = ebs.start_snapshot(VolumeSize=1)["SnapshotId"]
     url = urlsplit(cloud.env["AWS_ENDPOINT_URL"])
     conn = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
-    answers, sockets = [], set()
+    answers, ends = [], set()
     for index, data in ((0, b"\x04" * BLOCK), (1, b"\x05" * BLOCK), (2, b"short")):
         conn.request("PUT", f"/snapshots/{snap}/blocks/{index}", body=data, headers={
             "x-amz-Data-Length": str(BLOCK), "x-amz-Checksum": checksum(data), "x-amz-Checksum-Algorithm": "SHA256"})
-        sockets.add(id(conn.sock))
+        ends.add(conn.sock.getsockname())
         response = conn.getresponse()
         answers.append((response.status, response.read(), response.will_close))
     assert [(status, close) for status, _, close in answers] == [(201, False), (201, False), (400, False)], answers
     assert b"A block is 524288 bytes" in answers[2][1]
-    assert len(sockets) == 1, "every call went on the first connection"
+    assert len(ends) == 1, "every call went on the first connection"
+    # A body whose length cannot be told: answered, and the connection closed, since what
+    # follows on it could be read as the next call.
+    conn.putrequest("PUT", f"/snapshots/{snap}/blocks/3")
+    conn.putheader("Content-Length", "nope")
+    conn.endheaders()
+    response = conn.getresponse()
+    assert (response.status, response.will_close) == (400, True), response.read()
+    assert b"is not a length" in response.read()
+    conn.close()
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
     conn.request("GET", "/?Action=DescribeRegions&Version=2016-11-15")
     response = conn.getresponse()
     response.read()
@@ -328,3 +338,12 @@ def test_ebs_keeps_a_connection_alive_across_block_calls_and_ec2_closes_its_own(
     conn.close()
     # Both blocks were written: CompleteSnapshot checks their count and linear checksum.
     complete(ebs, snap, {0: b"\x04" * BLOCK, 1: b"\x05" * BLOCK})
+    wait_until(lambda: snapshot_state(cloud.client("ec2"), snap), lambda s: s == "completed")
+    # A parameter EBS would refuse is refused as EBS does, on a connection kept alive.
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
+    conn.request("GET", f"/snapshots/{snap}/blocks?maxResults=many")
+    response = conn.getresponse()
+    assert (response.status, response.will_close) == (400, False), response.read()
+    assert b"maxResults 'many' is not a number" in response.read()
+    conn.close()
+    cloud.client("ec2").delete_snapshot(SnapshotId=snap)

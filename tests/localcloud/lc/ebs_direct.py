@@ -253,8 +253,14 @@ class EbsDirect:
             except (ValueError, KeyError, TypeError):
                 raise invalid("INVALID_PAGE_TOKEN", "The page token is not valid")
         else:
-            start = int(request.args.get("startingBlockIndex", 0))
-        size = int(request.args.get("maxResults", 10000))
+            start = request.args.get("startingBlockIndex", "0")
+            if not start.isdigit():
+                raise invalid("INVALID_PARAMETER_VALUE", f"startingBlockIndex {start!r} is not a block index")
+            start = int(start)
+        size = request.args.get("maxResults", "10000")
+        if not size.isdigit():
+            raise invalid("INVALID_PARAMETER_VALUE", f"maxResults {size!r} is not a number")
+        size = int(size)
         if not 100 <= size <= 10000:
             raise invalid("INVALID_PARAMETER_VALUE", f"maxResults {size} is not between 100 and 10000")
         return start, size
@@ -376,7 +382,7 @@ class EbsDirect:
             raise invalid("INVALID_BLOCK", f"The block index {index} is outside the snapshot's {started.size_gib * BLOCKS_PER_GIB} blocks")
         data = damaged(request, request.get_data())
         declared = request.headers.get("x-amz-Data-Length")
-        if declared is None or int(declared) != BLOCK_SIZE or len(data) != BLOCK_SIZE:
+        if declared != str(BLOCK_SIZE) or len(data) != BLOCK_SIZE:
             raise invalid("INVALID_PARAMETER_VALUE", f"A block is {BLOCK_SIZE} bytes; got {len(data)} (x-amz-Data-Length {declared})")
         algorithm = request.headers.get("x-amz-Checksum-Algorithm")
         if algorithm != "SHA256":

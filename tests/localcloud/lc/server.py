@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -593,11 +594,28 @@ class Handler(WSGIRequestHandler):
     def route(self):
         if not self.path.startswith("/snapshots"):
             return self.run_wsgi()
-        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-            body = DechunkedInput(self.rfile).readall()
-        else:
-            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        status, headers, payload = self.cloud.ebs(EbsRequest(self.command, self.path, self.headers, body))
+        try:
+            length = self.headers.get("Content-Length") or "0"
+            if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+                body = DechunkedInput(self.rfile).readall()
+            elif not length.isdigit():
+                # What follows on the connection cannot be told from this body: answer, close.
+                self.close_connection = True
+                status, headers, payload = ebs_fault("ValidationException", f"Content-Length {length!r} is not a length")
+                return self.answer(status, {**headers, "Connection": "close"}, payload)
+            else:
+                body = self.rfile.read(int(length))
+            status, headers, payload = self.cloud.ebs(EbsRequest(self.command, self.path, self.headers, body))
+        except Exception:
+            # As werkzeug answers an app's failure: a 500, never a dropped connection; the
+            # trace on the server's log.
+            traceback.print_exc()
+            self.close_connection = True
+            status, headers, payload = ebs_fault("InternalServerException", "the local cloud failed on this call", 500)
+            headers["Connection"] = "close"
+        self.answer(status, headers, payload)
+
+    def answer(self, status, headers, payload):
         self.send_response_only(status)
         for key, value in headers.items():
             self.send_header(key, value)
