@@ -41,8 +41,11 @@ struct Pace {
     filled_in_round: bool,
     throttled_before_round: u64,
     ever_throttled: bool,
-    /// The calls' latency, averaged (exponentially, over about the last ten calls).
+    /// The fastest call of the last round: EBS's own latency. A slower call waited besides
+    /// (retries after a throttle, a queue at the service), and the average of whole calls
+    /// would grow with the calls in flight themselves and lift the cap past any use.
     latency: Option<Duration>,
+    fastest_in_round: Option<Duration>,
 }
 
 impl Pace {
@@ -54,6 +57,7 @@ impl Pace {
             throttled_before_round: throttled,
             ever_throttled: false,
             latency: None,
+            fastest_in_round: None,
         }
     }
 
@@ -75,14 +79,12 @@ impl Pace {
 
     /// A call ended after `took`; `throttled` is the count of throttled attempts so far.
     fn call_ended(&mut self, throttled: u64, took: Duration) {
-        self.latency = Some(match self.latency {
-            None => took,
-            Some(average) => average.mul_f64(0.9) + took.mul_f64(0.1),
-        });
+        self.fastest_in_round = Some(self.fastest_in_round.map_or(took, |f| f.min(took)));
         self.done_in_round += 1;
         if self.done_in_round < self.limit {
             return;
         }
+        self.latency = self.fastest_in_round.take();
         if throttled > self.throttled_before_round {
             self.ever_throttled = true;
             self.limit = (self.limit / 2).max(FEWEST_BLOCKS_IN_FLIGHT);
@@ -252,6 +254,12 @@ mod tests {
         assert_eq!(round(&mut pace, 7, EBS_LATENCY), 64);
         assert_eq!(round(&mut pace, 7, EBS_LATENCY), 90);
         assert_eq!(round(&mut pace, 7, EBS_LATENCY), 90);
+        // Calls that waited besides (a retry's backoff, a queue): EBS's latency is its
+        // fastest call's, and the cap holds.
+        (1..=90).for_each(|n| pace.call_started(n));
+        pace.call_ended(7, EBS_LATENCY);
+        (1..90).for_each(|_| pace.call_ended(7, Duration::from_secs(2)));
+        assert_eq!(pace.limit(), 90);
         // Slower calls allow more, up to the most.
         let limits: Vec<_> = (0..10)
             .map(|_| round(&mut pace, 7, Duration::from_secs(1)))
