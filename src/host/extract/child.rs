@@ -114,6 +114,9 @@ const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(100
 #[derive(Debug, Clone)]
 pub enum Tarball {
     File(PathBuf),
+    /// Our own standard input. After a refusal the child's decompressor still reads on, up
+    /// to a piece or the input's end, before the child exits: a pipe that stays open and
+    /// silent would hold it. A bake spools its tarball to a file first.
     Stdin,
 }
 

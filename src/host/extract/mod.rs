@@ -108,7 +108,8 @@ pub(crate) const SET_ID_BITS: u32 = 0o6000;
 
 /// How much of the tarball is read at once, and how much inflated data a piece holds.
 const PIECE: usize = 256 * 1024;
-/// Pieces the decompressor may be ahead of the tar reader: 1 MiB at most.
+/// Pieces queued between the decompressor and the tar reader: with the piece each holds,
+/// 1.5 MiB at most, whatever the tarball.
 const PIECES_AHEAD: usize = 4;
 
 /// Reads `input` through the decompressor its first bytes call for (gzip, zstd, or none)

@@ -227,6 +227,8 @@ pub fn refused_on_their_own() -> Vec<(&'static str, Vec<u8>, &'static str)> {
             "cut-short",
             gzipped[..gzipped.len() / 2].to_vec(),
             // The decompressor says where the stream ends too soon: in this entry's data.
+            // Which entry follows from the compressor's output (`gzip`, flate2 at the
+            // locked zlib-rs): another compressor may cut elsewhere.
             "tarball entry 1211 (vendor/pkg27/src/Sub0/Class32.php): its data cannot be read to its end: incomplete deflate stream",
         ),
         (
