@@ -41,10 +41,9 @@ struct Pace {
     filled_in_round: bool,
     throttled_before_round: u64,
     ever_throttled: bool,
-    /// The fastest call of the last round: EBS's own latency. A slower call waited besides
-    /// (retries after a throttle, a queue at the service), and the average of whole calls
-    /// would grow with the calls in flight themselves and lift the cap past any use.
-    latency: Option<Duration>,
+    /// The fastest call of the round so far: EBS's own latency. A slower call waited
+    /// besides (retries after a throttle, a queue at the service), and the average of whole
+    /// calls would grow with the calls in flight themselves and lift the cap past any use.
     fastest_in_round: Option<Duration>,
 }
 
@@ -56,7 +55,6 @@ impl Pace {
             filled_in_round: false,
             throttled_before_round: throttled,
             ever_throttled: false,
-            latency: None,
             fastest_in_round: None,
         }
     }
@@ -70,21 +68,21 @@ impl Pace {
         self.filled_in_round |= in_flight >= self.limit;
     }
 
-    /// The most calls in flight that EBS's rate allows at the latency seen.
-    fn rate_allows(&self) -> usize {
-        let latency = self.latency.map_or(0.0, |l| l.as_secs_f64());
-        let calls = (EBS_BLOCK_CALLS_PER_SECOND * RATE_AIMED_AT * latency) as usize;
+    /// The most calls in flight that EBS's rate allows at `latency`.
+    fn rate_allows(latency: Duration) -> usize {
+        let calls = (EBS_BLOCK_CALLS_PER_SECOND * RATE_AIMED_AT * latency.as_secs_f64()) as usize;
         calls.clamp(FEWEST_BLOCKS_IN_FLIGHT, MOST_BLOCKS_IN_FLIGHT)
     }
 
     /// A call ended after `took`; `throttled` is the count of throttled attempts so far.
     fn call_ended(&mut self, throttled: u64, took: Duration) {
-        self.fastest_in_round = Some(self.fastest_in_round.map_or(took, |f| f.min(took)));
+        let fastest = self.fastest_in_round.map_or(took, |f| f.min(took));
+        self.fastest_in_round = Some(fastest);
         self.done_in_round += 1;
         if self.done_in_round < self.limit {
             return;
         }
-        self.latency = self.fastest_in_round.take();
+        self.fastest_in_round = None;
         if throttled > self.throttled_before_round {
             self.ever_throttled = true;
             self.limit = (self.limit / 2).max(FEWEST_BLOCKS_IN_FLIGHT);
@@ -96,7 +94,7 @@ impl Pace {
             };
             // Never shrunk by a latency that fell: a round without a throttle says the
             // limit it had was not too many.
-            self.limit = grown.min(self.rate_allows()).max(self.limit);
+            self.limit = grown.min(Pace::rate_allows(fastest)).max(self.limit);
         }
         self.done_in_round = 0;
         self.filled_in_round = false;
