@@ -18,6 +18,12 @@ pub enum LoopError {
     Spawn(std::io::Error),
     #[error("losetup {args}: {stderr}")]
     Failed { args: String, stderr: String },
+    #[error("cannot write `{to}` to {setting}: {source}")]
+    WriteCache {
+        setting: String,
+        to: &'static str,
+        source: std::io::Error,
+    },
     #[error(
         "{device} is still in use after {DETACH_ATTEMPTS} detach attempts (backing file {backing})"
     )]
@@ -39,8 +45,43 @@ fn losetup(args: &[&str]) -> Result<String, LoopError> {
     }
 }
 
-/// A new loop device over `image` (or the `extent` of it); answers its path.
-pub fn attach(image: &Path, extent: Option<Extent>) -> Result<PathBuf, LoopError> {
+/// Where the writes of a filesystem on a loop device must get to before it is done with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Writes {
+    /// The backing device or file's storage: an attached volume, which the cloud
+    /// snapshots from what reached it.
+    Durable,
+    /// This host's page cache: a scratch copy that this host reads back itself. The
+    /// filesystem's cache flushes are dropped (the device says its cache writes through),
+    /// so its syncs and unmount do not wait for the disk to write what is only read back
+    /// from memory, and then removed.
+    Cached,
+}
+
+/// A loop device set up.
+#[derive(Debug)]
+pub struct Attached {
+    pub device: PathBuf,
+    /// Why its writes reach the disk after all, where `Writes::Cached` was asked and the
+    /// kernel would not have it: only slower, so the bake goes on and says so.
+    pub durable_because: Option<LoopError>,
+}
+
+/// A new loop device over `image` (or the `extent` of it), whose writes get as far as
+/// `writes` asks.
+pub fn attach(image: &Path, extent: Option<Extent>, writes: Writes) -> Result<Attached, LoopError> {
+    let device = set_up(image, extent)?;
+    let durable_because = match writes {
+        Writes::Cached => write_through(&device).err(),
+        Writes::Durable => None,
+    };
+    Ok(Attached {
+        device,
+        durable_because,
+    })
+}
+
+fn set_up(image: &Path, extent: Option<Extent>) -> Result<PathBuf, LoopError> {
     let image = image.to_string_lossy();
     let (offset, size) = extent.map_or((String::new(), String::new()), |e| {
         (e.offset.to_string(), e.size.to_string())
@@ -51,6 +92,39 @@ pub fn attach(image: &Path, extent: Option<Extent>) -> Result<PathBuf, LoopError
     }
     args.push(&image);
     losetup(&args).map(PathBuf::from)
+}
+
+/// Tells the block layer that `device` has no volatile cache, so it drops the flushes
+/// a filesystem sends it instead of having the loop driver fsync the backing file.
+fn write_through(device: &Path) -> Result<(), LoopError> {
+    set_write_cache(device, WRITE_THROUGH)
+}
+
+const WRITE_THROUGH: &str = "write through";
+/// A loop device's own setting: its flushes fsync the backing file.
+const WRITE_BACK: &str = "write back";
+
+fn set_write_cache(device: &Path, to: &'static str) -> Result<(), LoopError> {
+    let setting = write_cache_setting(device);
+    std::fs::write(&setting, to).map_err(|e| LoopError::WriteCache {
+        setting,
+        to,
+        source: e,
+    })
+}
+
+fn write_cache_setting(device: &Path) -> String {
+    let name = device.file_name().unwrap_or_default().to_string_lossy();
+    format!("/sys/block/{name}/queue/write_cache")
+}
+
+/// The kernel keeps a loop device's write cache setting after it is detached: whoever
+/// sets it up next would have its flushes dropped too. Put back before the detach.
+fn restore_write_back(device: &Path) -> Result<(), LoopError> {
+    match std::fs::read_to_string(write_cache_setting(device)) {
+        Ok(now) if now.trim() == WRITE_THROUGH => set_write_cache(device, WRITE_BACK),
+        _ => Ok(()),
+    }
 }
 
 /// Every loop device set up on this machine, with its backing file.
@@ -85,11 +159,13 @@ pub fn detach(device: &Path) -> Result<(), LoopError> {
     let Some(ours) = backing_file(device) else {
         return Ok(());
     };
+    // Said once the device is detached, which matters more.
+    let restored = restore_write_back(device);
     for _ in 0..DETACH_ATTEMPTS {
         // Failures are told by the device staying set up over our file, checked below.
         let _ = losetup(&["--detach", &name]);
         if backing_file(device).is_none_or(|file| file != ours) {
-            return Ok(());
+            return restored;
         }
         std::thread::sleep(DETACH_PAUSE);
     }
@@ -102,6 +178,7 @@ pub fn detach(device: &Path) -> Result<(), LoopError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::FileExt;
 
     #[test]
     fn a_loop_device_covers_the_extent_and_is_gone_after_detach() {
@@ -115,8 +192,9 @@ mod tests {
                 offset: 1 << 20,
                 size: 2 << 20,
             }),
+            Writes::Durable,
         ) {
-            Ok(device) => device,
+            Ok(attached) => attached.device,
             // Loop devices need root; the suite runs as root, a developer's `cargo test`
             // may not.
             Err(e) if !rustix::process::geteuid().is_root() => {
@@ -130,6 +208,7 @@ mod tests {
             device.file_name().unwrap().to_string_lossy()
         ))
         .unwrap();
+        let cache = write_cache(&device);
         let detached = detach(&device);
         detached.unwrap();
         assert_eq!(
@@ -137,7 +216,65 @@ mod tests {
             ((2 << 20) / 512).to_string(),
             "sectors of the extent"
         );
+        assert_eq!(
+            cache, "write back",
+            "a durable device's flushes reach its file"
+        );
         assert!(backing_file(&device).is_none());
         detach(&device).expect("detaching what is gone is nothing");
+    }
+
+    fn write_cache(device: &Path) -> String {
+        let name = device.file_name().unwrap().to_string_lossy();
+        std::fs::read_to_string(format!("/sys/block/{name}/queue/write_cache"))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    #[test]
+    fn a_cached_loop_device_drops_flushes_and_still_writes_its_file() {
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("skipped: loop devices need root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("disk.img");
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(4 << 20)
+            .unwrap();
+        let attached = attach(&image, None, Writes::Cached).unwrap();
+        assert!(attached.durable_because.is_none(), "{attached:?}");
+        let device = attached.device;
+        let cache = write_cache(&device);
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&device)
+            .and_then(|d| {
+                d.write_all_at(b"through the page cache", 3 << 20)?;
+                // A flush the block layer now drops: it must still succeed.
+                d.sync_all()
+            });
+        detach(&device).unwrap();
+        written.unwrap();
+        assert_eq!(
+            cache, "write through",
+            "the block layer drops the flushes of a device that writes through"
+        );
+        assert_eq!(
+            write_cache(&device),
+            "write back",
+            "whoever sets the device up next has its flushes kept"
+        );
+        let mut back = [0u8; 22];
+        std::fs::File::open(&image)
+            .unwrap()
+            .read_exact_at(&mut back, 3 << 20)
+            .unwrap();
+        assert_eq!(
+            &back, b"through the page cache",
+            "the file holds what was written"
+        );
     }
 }

@@ -15,6 +15,7 @@ use crate::artifact::TAG_BUILD_ID;
 use crate::aws::host::HostIdentity;
 use crate::engine::{Keep, Step, StepContext, StepError, UndoId, UndoStack};
 use crate::host::device::{self, DeviceName};
+use crate::host::loop_device::Writes;
 use crate::modes::image;
 use crate::modes::support::{earlier, failed, tags, undo_now, undo_with, waited};
 
@@ -73,6 +74,10 @@ impl Backend for Attach {
         if let Some(detach) = self.detach {
             undo.require(detach, user);
         }
+    }
+    /// The volume is snapshotted by EC2 from what reached it.
+    fn image_writes(&self) -> Writes {
+        Writes::Durable
     }
 }
 
@@ -195,7 +200,14 @@ impl Step<BakeState<Attach>> for AttachVolume {
         if root != found && s.root_grows() {
             ctx.progress
                 .note(format!("{volume_id} is {}", found.display()));
-            let grown = loop_root(&found, s.build.root_partition, true, ctx).await?;
+            let grown = loop_root(
+                &found,
+                s.build.root_partition,
+                true,
+                s.backend.image_writes(),
+                ctx,
+            )
+            .await?;
             if let Some(detach) = s.backend.detach {
                 ctx.undo.require(detach, grown.release);
             }

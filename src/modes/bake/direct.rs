@@ -23,6 +23,7 @@ use crate::host::block_digests::BlockDigests;
 use crate::host::disk_image::{self, CopiedBy};
 use crate::host::ext4_journal;
 use crate::host::image_cache::{CacheError, CachedImage, ImageCache};
+use crate::host::loop_device::Writes;
 use crate::host::partitions;
 use crate::modes::image;
 use crate::modes::support::{earlier, failed, tags, undo_now, undo_with, waited};
@@ -139,6 +140,11 @@ impl Backend for Direct {
         if let Some(remove) = self.remove_copy {
             undo.order(remove, user);
         }
+    }
+    /// The working copy is read back through this host's page cache by the upload, then
+    /// removed: it never needs to reach the disk.
+    fn image_writes(&self) -> Writes {
+        Writes::Cached
     }
 }
 
@@ -317,7 +323,14 @@ impl Step<BakeState<Direct>> for AttachLoopDevice {
         let copy = earlier(&s.backend.working_copy, "working copy")?;
         // The copy is already the volume's size; a root partition grows into it here, and
         // its filesystem once mounted.
-        let root = loop_root(&copy, s.build.root_partition, s.root_grows(), ctx).await?;
+        let root = loop_root(
+            &copy,
+            s.build.root_partition,
+            s.root_grows(),
+            s.backend.image_writes(),
+            ctx,
+        )
+        .await?;
         s.backend.release_loop = Some(root.release);
         s.backend.disk_waits_for(&mut ctx.undo, root.release);
         s.disk = Some(copy);

@@ -33,6 +33,7 @@ use crate::aws::{kms, Clients};
 use crate::engine::{self, EventSink, RunReport, UndoId, UndoStack};
 use crate::host::extract::Extracted;
 use crate::host::image_cache::ImageCache;
+use crate::host::loop_device::Writes;
 use crate::sandbox::{emulator, emulator::Emulator, Isolation};
 use crate::template::{
     AmiFilter, AmiRef, BakeBuild, BakePlan, Commit, InstancePlan, Network, SandboxMode, Template,
@@ -119,6 +120,8 @@ pub trait Backend: Send + Sync + 'static {
     /// Makes the undo that gives the whole disk back wait for `user`'s, a loop device over
     /// part of it.
     fn disk_waits_for(&self, undo: &mut UndoStack, user: UndoId);
+    /// Where the image's writes must get to before its snapshot is taken.
+    fn image_writes(&self) -> Writes;
 }
 
 /// Everything the steps share, typed; `backend` is what only one backend has.

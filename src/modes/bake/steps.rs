@@ -15,13 +15,15 @@ use super::{Backend, BakeState};
 use crate::aws::wait::WaitPolicy;
 use crate::communicator::chroot::Chroot;
 use crate::engine::{Keep, Step, StepContext, StepError, UndoId, Unit};
-use crate::host::{boot_mounts, extract, loop_device, mount, partitions};
+use crate::host::loop_device::{self, Writes};
+use crate::host::partitions::{self, Extent};
+use crate::host::{boot_mounts, extract, mount};
 use crate::provision::Entries;
 
 /// The root filesystem of `disk` (a working copy, or an attached volume's whole device) on
-/// a loop device of its own: partition `wanted` of it, or the whole of it. With `grow`, the
-/// root partition first grows to the end of the disk, which is then larger than the base's.
-/// The loop device is ours, so it needs no partition re-read by the kernel (which a loop
+/// a loop device of its own: partition `wanted` of it, or the whole of it, its writes
+/// getting as far as `writes` asks. With `grow`, the root partition first grows to the end
+/// of the disk, which is then larger than the base's. The loop device is ours, so it needs no partition re-read by the kernel (which a loop
 /// device here, or a disk in use, may not do). Registers its release.
 pub struct LoopRoot {
     pub device: PathBuf,
@@ -32,6 +34,7 @@ pub async fn loop_root(
     disk: &Path,
     wanted: Option<u32>,
     grow: bool,
+    writes: Writes,
     ctx: &mut StepContext,
 ) -> Result<LoopRoot, StepError> {
     let d = disk.to_path_buf();
@@ -45,12 +48,7 @@ pub async fn loop_root(
     .await
     .map_err(failed)?
     .map_err(failed)?;
-    let d = disk.to_path_buf();
-    let device = tokio::task::spawn_blocking(move || loop_device::attach(&d, extent))
-        .await
-        .map_err(failed)?
-        .map_err(failed)?;
-    let release = undo_loop_device(ctx, &device);
+    let (device, release) = attach_loop_device(disk, extent, writes, ctx).await?;
     ctx.progress.note(match extent {
         Some(e) => format!(
             "root filesystem on {} (the partition at {} MiB of {})",
@@ -65,6 +63,28 @@ pub async fn loop_root(
         ),
     });
     Ok(LoopRoot { device, release })
+}
+
+/// A loop device over `extent` of `disk` (all of it with none), whose writes get as far
+/// as `writes` asks; registers its release.
+async fn attach_loop_device(
+    disk: &Path,
+    extent: Option<Extent>,
+    writes: Writes,
+    ctx: &mut StepContext,
+) -> Result<(PathBuf, UndoId), StepError> {
+    let d = disk.to_path_buf();
+    let attached = tokio::task::spawn_blocking(move || loop_device::attach(&d, extent, writes))
+        .await
+        .map_err(failed)?
+        .map_err(failed)?;
+    let release = undo_loop_device(ctx, &attached.device);
+    if let Some(e) = attached.durable_because {
+        ctx.progress.note(format!(
+            "{e}: the image's changes are written to this host's disk before they are read back"
+        ));
+    }
+    Ok((attached.device, release))
 }
 
 /// Registers the release of the loop device `device`.
@@ -139,12 +159,13 @@ async fn mount_boot_partitions<B: Backend>(
                 disk.display()
             )));
         };
-        let (d, extent) = (disk.clone(), found.partition.extent);
-        let device = tokio::task::spawn_blocking(move || loop_device::attach(&d, Some(extent)))
-            .await
-            .map_err(failed)?
-            .map_err(failed)?;
-        let release_loop = undo_loop_device(ctx, &device);
+        let (device, release_loop) = attach_loop_device(
+            &disk,
+            Some(found.partition.extent),
+            s.backend.image_writes(),
+            ctx,
+        )
+        .await?;
         s.backend.disk_waits_for(&mut ctx.undo, release_loop);
         let (root, point, dev) = (
             s.mount_point.clone(),
@@ -383,8 +404,9 @@ impl<B: Backend> Step<BakeState<B>> for UnmountImage {
             undo_now(ctx, restore).await?;
         }
         // The unmount waits for every change to reach the disk: written first, with how
-        // much is left to write shown, the unmount itself is quick.
-        if s.unmount_root.is_some() {
+        // much is left to write shown, the unmount itself is quick. Changes that need only
+        // reach this host's page cache are there once the unmount has written them.
+        if s.unmount_root.is_some() && s.backend.image_writes() == Writes::Durable {
             let (target, progress) = (s.mount_point.clone(), ctx.progress.clone());
             let flushed = tokio::task::spawn_blocking(move || {
                 mount::flush(&target, |done, total| {
