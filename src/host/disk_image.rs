@@ -32,6 +32,16 @@ pub fn data_ranges(file: &File) -> io::Result<Vec<(u64, u64)>> {
     Ok(ranges)
 }
 
+/// Whether `file` holds any data between `start` and `end`, or only a hole.
+pub fn holds_data(file: &File, start: u64, end: u64) -> io::Result<bool> {
+    match rustix::fs::seek(file, SeekFrom::Data(start)) {
+        Ok(at) => Ok(at < end),
+        // ENXIO: no data at or after `start`.
+        Err(rustix::io::Errno::NXIO) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// The indices of the 512 KiB blocks that hold any data.
 pub fn data_blocks(file: &File) -> io::Result<BTreeSet<u64>> {
     let block = BLOCK_SIZE as u64;
@@ -85,6 +95,8 @@ pub fn copy_sparse(src: &Path, dst: &Path, len: u64) -> io::Result<CopiedBy> {
     };
     let len = len.max(source.metadata()?.len());
     target.set_len(len)?;
+    // Written out here, where the copy's time is shown: the kernel would write it out
+    // anyway as a loop device is set up over it.
     target.sync_all()?;
     Ok(copied)
 }

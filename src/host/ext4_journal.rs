@@ -12,7 +12,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 
-use crate::host::disk_image::read_or_zeros;
+use crate::host::disk_image::{holds_data, read_or_zeros};
 
 const SUPERBLOCK_AT: u64 = 1024;
 const EXT4_MAGIC: u16 = 0xEF53;
@@ -105,7 +105,8 @@ pub fn clean_journal(image: &File, fs_offset: u64) -> io::Result<Option<CleanJou
 
 /// Puts `base`'s journal back into `copy` (the same disk after a bake), where both hold the
 /// same clean journal of the filesystem at `fs_offset`. Answers the bytes put back: only
-/// where the two differ, so holes the bake left alone stay holes.
+/// where the two differ, so holes the bake left alone stay holes (and are not read). Not
+/// synced: `copy` is read back through this host's page cache.
 pub fn restore_base_journal(copy: &File, base: &File, fs_offset: u64) -> io::Result<u64> {
     let (Some(ours), Some(theirs)) = (
         clean_journal(copy, fs_offset)?,
@@ -123,6 +124,11 @@ pub fn restore_base_journal(copy: &File, base: &File, fs_offset: u64) -> io::Res
         let mut at = 0;
         while at < len {
             let n = CHUNK.min((len - at) as usize);
+            let (from, to) = (start + at, start + at + n as u64);
+            if !holds_data(base, from, to)? && !holds_data(copy, from, to)? {
+                at += n as u64;
+                continue;
+            }
             read_or_zeros(base, &mut was[..n], start + at)?;
             read_or_zeros(copy, &mut now[..n], start + at)?;
             if was[..n] != now[..n] {
@@ -132,7 +138,6 @@ pub fn restore_base_journal(copy: &File, base: &File, fs_offset: u64) -> io::Res
             at += n as u64;
         }
     }
-    copy.sync_data()?;
     Ok(restored)
 }
 
@@ -208,6 +213,33 @@ mod tests {
         assert_eq!(now[outside..outside + 512], [0xCD; 512], "kept outside");
         assert_eq!(now[..outside], was[..outside], "the journal is the base's");
         assert_eq!(now[outside + 512..], was[outside + 512..]);
+    }
+
+    #[test]
+    fn what_a_bake_wrote_where_the_base_journal_is_a_hole_is_put_back_as_zeros() {
+        const MIB: u64 = 1 << 20;
+        let dir = tempfile::tempdir().unwrap();
+        let base = disk(dir.path(), "base.img");
+        let (start, len) = clean_journal(&base, PAD).unwrap().unwrap().ranges[0];
+        assert_eq!(len, 4 * MIB);
+        // All but the journal's first MiB a hole in both, as an unwritten journal is; its
+        // third MiB holds no data at all (the edges of the hole are zeroed, not freed, where
+        // they cut this host's blocks), and the bake writes into the fourth.
+        let punch = rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE;
+        rustix::fs::fallocate(&base, punch, start + MIB, len - MIB).unwrap();
+        let copy = copy_of(dir.path(), "base.img", "copy.img");
+        rustix::fs::fallocate(&copy, punch, start + MIB, len - MIB).unwrap();
+        copy.write_all_at(&[0xAB; 4096], start + 3 * MIB + 8192)
+            .unwrap();
+        let restored = restore_base_journal(&copy, &base, PAD).unwrap();
+        assert_eq!(restored, MIB, "the one MiB written, and no other");
+        assert_eq!(bytes(&copy), bytes(&base), "the journal is the base's");
+        // Less the end, whose host block the write of the fourth MiB shares.
+        let third = (start + 2 * MIB, start + 3 * MIB - 4096);
+        assert!(
+            !crate::host::disk_image::holds_data(&copy, third.0, third.1).unwrap(),
+            "a hole the bake left alone stays a hole"
+        );
     }
 
     #[test]
