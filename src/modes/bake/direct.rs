@@ -431,6 +431,12 @@ impl Step<BakeState<Direct>> for UploadSnapshot {
                 mib(changed.len())
             ),
         });
+        // Every block is read: the copy goes while EC2 completes the snapshot, rather than
+        // after the bake, where its removal (the page cache of a whole image to drop) would
+        // keep the user waiting.
+        if let Some(remove) = s.backend.remove_copy.take() {
+            undo_now(ctx, remove).await?;
+        }
         crate::aws::snapshot::wait(&s.image.clients, &snapshot_id, &ctx.cancel, &ctx.progress)
             .await
             .map_err(waited)
