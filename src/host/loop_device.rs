@@ -225,8 +225,7 @@ mod tests {
     }
 
     fn write_cache(device: &Path) -> String {
-        let name = device.file_name().unwrap().to_string_lossy();
-        std::fs::read_to_string(format!("/sys/block/{name}/queue/write_cache"))
+        std::fs::read_to_string(write_cache_setting(device))
             .unwrap()
             .trim()
             .to_string()
