@@ -68,12 +68,20 @@ pub struct Attached {
 }
 
 /// A new loop device over `image` (or the `extent` of it), whose writes get as far as
-/// `writes` asks.
+/// `writes` asks. A durable one is refused (and detached) unless its flushes are kept:
+/// the kernel keeps a device's setting from whoever had it before, who may have been
+/// detached without putting it back.
 pub fn attach(image: &Path, extent: Option<Extent>, writes: Writes) -> Result<Attached, LoopError> {
     let device = set_up(image, extent)?;
     let durable_because = match writes {
         Writes::Cached => write_through(&device).err(),
-        Writes::Durable => None,
+        Writes::Durable => {
+            if let Err(e) = restore_write_back(&device) {
+                let _ = detach(&device);
+                return Err(e);
+            }
+            None
+        }
     };
     Ok(Attached {
         device,
@@ -119,7 +127,8 @@ fn write_cache_setting(device: &Path) -> String {
 }
 
 /// The kernel keeps a loop device's write cache setting after it is detached: whoever
-/// sets it up next would have its flushes dropped too. Put back before the detach.
+/// sets it up next would have its flushes dropped too. Put back before the detach, and
+/// checked again as a durable device is set up.
 fn restore_write_back(device: &Path) -> Result<(), LoopError> {
     match std::fs::read_to_string(write_cache_setting(device)) {
         Ok(now) if now.trim() == WRITE_THROUGH => set_write_cache(device, WRITE_BACK),
@@ -157,6 +166,9 @@ fn backing_file(device: &Path) -> Option<String> {
 pub fn detach(device: &Path) -> Result<(), LoopError> {
     let name = device.to_string_lossy();
     let Some(ours) = backing_file(device) else {
+        // Detached by someone else (by hand, after a failed unmount): the setting is still
+        // worth putting back for the next user, and failing at it is theirs to see.
+        let _ = restore_write_back(device);
         return Ok(());
     };
     // Said once the device is detached, which matters more.
@@ -182,6 +194,7 @@ mod tests {
 
     #[test]
     fn a_loop_device_covers_the_extent_and_is_gone_after_detach() {
+        let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         let dir = tempfile::tempdir().unwrap();
         let image = dir.path().join("disk.img");
         let file = std::fs::File::create(&image).unwrap();
@@ -224,6 +237,44 @@ mod tests {
         detach(&device).expect("detaching what is gone is nothing");
     }
 
+    /// Loop devices are the machine's: these tests take turns, so none sees another's.
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    #[test]
+    fn a_device_detached_by_hand_or_set_up_durable_again_has_its_flushes_kept() {
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("skipped: loop devices need root");
+            return;
+        }
+        let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("disk.img");
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(4 << 20)
+            .unwrap();
+        let name = |d: &Path| d.to_string_lossy().into_owned();
+        // Detached by hand, as after a failed unmount: the kernel keeps "write through".
+        let device = attach(&image, None, Writes::Cached).unwrap().device;
+        losetup(&["--detach", &name(&device)]).unwrap();
+        let kept_by_kernel = write_cache(&device);
+        detach(&device).expect("detaching what is gone is nothing");
+        assert_eq!(kept_by_kernel, "write through");
+        assert_eq!(
+            write_cache(&device),
+            "write back",
+            "put back though it was gone"
+        );
+        // Handed on with "write through" all the same: a durable set-up puts it back.
+        let device = attach(&image, None, Writes::Cached).unwrap().device;
+        losetup(&["--detach", &name(&device)]).unwrap();
+        let durable = attach(&image, None, Writes::Durable).unwrap().device;
+        let cache = write_cache(&durable);
+        detach(&durable).unwrap();
+        let _ = detach(&device);
+        assert_eq!(cache, "write back", "a durable device's flushes are kept");
+    }
+
     fn write_cache(device: &Path) -> String {
         std::fs::read_to_string(write_cache_setting(device))
             .unwrap()
@@ -237,6 +288,7 @@ mod tests {
             eprintln!("skipped: loop devices need root");
             return;
         }
+        let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         let dir = tempfile::tempdir().unwrap();
         let image = dir.path().join("disk.img");
         std::fs::File::create(&image)
