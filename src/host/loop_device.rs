@@ -240,19 +240,32 @@ mod tests {
     /// Loop devices are the machine's: these tests take turns, so none sees another's.
     static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-    #[test]
-    fn a_device_detached_by_hand_or_set_up_durable_again_has_its_flushes_kept() {
+    /// This test's turn with loop devices, and a 4 MiB image in a directory of its own;
+    /// none where loop devices cannot be had (a developer's `cargo test` not as root).
+    fn a_turn_and_an_image() -> Option<(
+        std::sync::MutexGuard<'static, ()>,
+        tempfile::TempDir,
+        PathBuf,
+    )> {
         if !rustix::process::geteuid().is_root() {
             eprintln!("skipped: loop devices need root");
-            return;
+            return None;
         }
-        let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        let turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         let dir = tempfile::tempdir().unwrap();
         let image = dir.path().join("disk.img");
         std::fs::File::create(&image)
             .unwrap()
             .set_len(4 << 20)
             .unwrap();
+        Some((turn, dir, image))
+    }
+
+    #[test]
+    fn a_device_detached_by_hand_or_set_up_durable_again_has_its_flushes_kept() {
+        let Some((_turn, _dir, image)) = a_turn_and_an_image() else {
+            return;
+        };
         let name = |d: &Path| d.to_string_lossy().into_owned();
         // Detached by hand, as after a failed unmount: the kernel keeps "write through".
         let device = attach(&image, None, Writes::Cached).unwrap().device;
@@ -284,17 +297,9 @@ mod tests {
 
     #[test]
     fn a_cached_loop_device_drops_flushes_and_still_writes_its_file() {
-        if !rustix::process::geteuid().is_root() {
-            eprintln!("skipped: loop devices need root");
+        let Some((_turn, _dir, image)) = a_turn_and_an_image() else {
             return;
-        }
-        let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-        let dir = tempfile::tempdir().unwrap();
-        let image = dir.path().join("disk.img");
-        std::fs::File::create(&image)
-            .unwrap()
-            .set_len(4 << 20)
-            .unwrap();
+        };
         let attached = attach(&image, None, Writes::Cached).unwrap();
         assert!(attached.durable_because.is_none(), "{attached:?}");
         let device = attached.device;
