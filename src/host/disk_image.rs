@@ -19,11 +19,8 @@ pub fn data_ranges(file: &File) -> io::Result<Vec<(u64, u64)>> {
     let mut ranges = Vec::new();
     let mut at = 0;
     while at < len {
-        let start = match rustix::fs::seek(file, SeekFrom::Data(at)) {
-            Ok(start) => start,
-            // ENXIO: no data at or after `at`.
-            Err(rustix::io::Errno::NXIO) => break,
-            Err(e) => return Err(e.into()),
+        let Some(start) = next_data(file, at)? else {
+            break;
         };
         let end = rustix::fs::seek(file, SeekFrom::Hole(start))?;
         ranges.push((start, end));
@@ -34,10 +31,15 @@ pub fn data_ranges(file: &File) -> io::Result<Vec<(u64, u64)>> {
 
 /// Whether `file` holds any data between `start` and `end`, or only a hole.
 pub fn holds_data(file: &File, start: u64, end: u64) -> io::Result<bool> {
-    match rustix::fs::seek(file, SeekFrom::Data(start)) {
-        Ok(at) => Ok(at < end),
-        // ENXIO: no data at or after `start`.
-        Err(rustix::io::Errno::NXIO) => Ok(false),
+    Ok(next_data(file, start)?.is_some_and(|at| at < end))
+}
+
+/// Where `file`'s first data at or after `from` starts; none where only a hole follows.
+fn next_data(file: &File, from: u64) -> io::Result<Option<u64>> {
+    match rustix::fs::seek(file, SeekFrom::Data(from)) {
+        Ok(at) => Ok(Some(at)),
+        // ENXIO: no data at or after `from`.
+        Err(rustix::io::Errno::NXIO) => Ok(None),
         Err(e) => Err(e.into()),
     }
 }

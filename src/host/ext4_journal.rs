@@ -237,7 +237,7 @@ mod tests {
         // Less the end, whose host block the write of the fourth MiB shares.
         let third = (start + 2 * MIB, start + 3 * MIB - 4096);
         assert!(
-            !crate::host::disk_image::holds_data(&copy, third.0, third.1).unwrap(),
+            !holds_data(&copy, third.0, third.1).unwrap(),
             "a hole the bake left alone stays a hole"
         );
     }
