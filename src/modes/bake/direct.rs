@@ -433,9 +433,8 @@ impl Step<BakeState<Direct>> for UploadSnapshot {
         });
         // Every block is read: the copy goes while EC2 completes the snapshot, rather than
         // after the bake, where its removal (the page cache of a whole image to drop) would
-        // keep the user waiting.
-        // A copy that cannot be removed fails nothing here: it stays for the final cleanup,
-        // which names it.
+        // keep the user waiting. One that cannot be removed fails nothing here: it stays
+        // for the final cleanup, which names it.
         if let Some(remove) = s.backend.remove_copy.take() {
             if let Err(left) = ctx.undo.release(remove).await {
                 ctx.progress

@@ -23,8 +23,9 @@ use crate::provision::Entries;
 /// The root filesystem of `disk` (a working copy, or an attached volume's whole device) on
 /// a loop device of its own: partition `wanted` of it, or the whole of it, its writes
 /// getting as far as `writes` asks. With `grow`, the root partition first grows to the end
-/// of the disk, which is then larger than the base's. The loop device is ours, so it needs no partition re-read by the kernel (which a loop
-/// device here, or a disk in use, may not do). Registers its release.
+/// of the disk, which is then larger than the base's. The loop device is ours, so it needs
+/// no partition re-read by the kernel (which a loop device here, or a disk in use, may not
+/// do). Registers its release.
 pub struct LoopRoot {
     pub device: PathBuf,
     pub release: UndoId,
