@@ -137,16 +137,25 @@ fn decompressed<'i, T>(
     };
     let (pieces, inflated) = std::sync::mpsc::sync_channel(PIECES_AHEAD);
     std::thread::scope(|scope| {
-        scope.spawn(move || inflate_into(decoder, pieces));
+        let inflating = scope.spawn(move || inflate_into(decoder, pieces));
         // Dropping the receiver when `read` is done (or failed) ends the decompressor at
         // its next piece.
-        read(Box::new(Pieces {
+        let read = read(Box::new(Pieces {
             inflated,
             piece: Vec::new(),
             at: 0,
-        }))
+            ended: false,
+        }));
+        match inflating.join() {
+            Ok(()) => read,
+            Err(_) => Err(ExtractError::Corrupt(DECOMPRESSOR_FAILED.into())),
+        }
     })
 }
+
+/// What the reader meets where the decompressor's thread stopped without reaching the
+/// stream's end: said, never read as a shorter tarball.
+const DECOMPRESSOR_FAILED: &str = "the decompressor stopped before the end of the stream";
 
 /// The decompressor's thread: reads pieces of the tar stream until its end, an error
 /// (sent on, for the reader to meet where the stream breaks), or a reader gone.
@@ -175,7 +184,11 @@ fn inflate_into<'i>(
                 let _ = pieces.send(Err(e));
                 return;
             }
-            None if filled < PIECE => return,
+            None if filled < PIECE => {
+                // An empty piece marks the end; a thread gone without one failed.
+                let _ = pieces.send(Ok(Vec::new()));
+                return;
+            }
             None => {}
         }
     }
@@ -196,23 +209,29 @@ fn read_up_to(input: &mut dyn Read, buf: &mut [u8]) -> (usize, Option<std::io::E
     (filled, None)
 }
 
-/// The tar stream as the decompressor's thread inflates it, piece by piece.
+/// The tar stream as the decompressor's thread inflates it, piece by piece, up to the
+/// empty piece that marks its end.
 struct Pieces {
     inflated: std::sync::mpsc::Receiver<std::io::Result<Vec<u8>>>,
     piece: Vec<u8>,
     at: usize,
+    ended: bool,
 }
 
 impl Read for Pieces {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         while self.at == self.piece.len() {
+            if self.ended {
+                return Ok(0);
+            }
             match self.inflated.recv() {
                 Ok(piece) => {
                     self.piece = piece?;
                     self.at = 0;
+                    self.ended = self.piece.is_empty();
                 }
-                // The thread is done: the stream's end.
-                Err(_) => return Ok(0),
+                // The thread is gone before the end: it panicked.
+                Err(_) => return Err(std::io::Error::other(DECOMPRESSOR_FAILED)),
             }
         }
         let n = buf.len().min(self.piece.len() - self.at);
@@ -380,6 +399,67 @@ pub fn resolve_owner(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A tarball file that breaks the decompressor's thread after its first read: the
+    /// reader must hear of it, not take the bytes before it for the whole stream.
+    struct BreaksAfterFirstRead(std::io::Cursor<Vec<u8>>, bool);
+
+    impl Read for BreaksAfterFirstRead {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            assert!(!self.1, "the tarball's file broke under the decompressor");
+            self.1 = true;
+            let first = buf.len().min(4096);
+            self.0.read(&mut buf[..first])
+        }
+    }
+
+    #[test]
+    fn a_decompressor_that_dies_midway_is_an_error_not_a_shorter_stream() {
+        let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        // Bytes that do not compress, so the stream outlasts the first read by far.
+        let mut noise = 0x9e37_79b9_u32;
+        let plain: Vec<u8> = (0..1 << 20)
+            .map(|_| {
+                noise ^= noise << 13;
+                noise ^= noise >> 17;
+                noise ^= noise << 5;
+                noise as u8
+            })
+            .collect();
+        std::io::Write::write_all(&mut gzip, &plain).unwrap();
+        let input = BreaksAfterFirstRead(std::io::Cursor::new(gzip.finish().unwrap()), false);
+        let read = decompressed(input, |mut stream| {
+            let mut all = Vec::new();
+            stream
+                .read_to_end(&mut all)
+                .map_err(|e| ExtractError::Corrupt(e.to_string()))?;
+            Ok(all.len())
+        });
+        match read {
+            Err(ExtractError::Corrupt(reason)) => assert_eq!(reason, DECOMPRESSOR_FAILED),
+            other => panic!("a broken decompressor read as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_whole_stream_reads_to_its_end_through_the_decompressor() {
+        let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        let plain: Vec<u8> = (0..3 * PIECE + 17).map(|i| (i % 251) as u8).collect();
+        std::io::Write::write_all(&mut gzip, &plain).unwrap();
+        let read = decompressed(
+            std::io::Cursor::new(gzip.finish().unwrap()),
+            |mut stream| {
+                let mut all = Vec::new();
+                stream
+                    .read_to_end(&mut all)
+                    .map_err(|e| ExtractError::Corrupt(e.to_string()))?;
+                // Past the end, the stream stays at its end.
+                assert_eq!(stream.read(&mut [0; 8]).unwrap(), 0);
+                Ok(all)
+            },
+        );
+        assert!(read.unwrap() == plain, "the stream came back changed");
+    }
 
     fn etc_with(
         passwd: &'static str,
