@@ -23,6 +23,7 @@ use aws_sdk_ebs::primitives::ByteStream;
 use aws_sdk_ebs::types::{
     ChecksumAggregationMethod, ChecksumAlgorithm, ResourceNotFoundExceptionReason, Status, Tag,
 };
+use aws_smithy_types::byte_stream::Length;
 use sha2::{Digest, Sha256};
 
 use super::{AwsError, Clients, RETRY_QUOTA};
@@ -350,14 +351,28 @@ pub fn block_digest(data: &[u8]) -> [u8; 32] {
     Sha256::digest(data).into()
 }
 
-/// PutSnapshotBlock of one 512 KiB block, with its checksum.
+/// PutSnapshotBlock of block `index` of the disk image at `image`, with its checksum. The
+/// block's bytes are read from the image as the call sends them, 64 KiB at a time (the
+/// SDK's buffer), and read again for a retry: a call in flight holds that buffer rather
+/// than its 512 KiB block.
+/// Should the image no longer hold what `digest` was taken of, EBS refuses the block.
 pub async fn put_block(
     clients: &Clients,
     snapshot_id: &str,
     index: u64,
-    data: Vec<u8>,
+    image: &std::path::Path,
     digest: &[u8; 32],
 ) -> Result<(), AwsError> {
+    let action = || format!("PutSnapshotBlock {snapshot_id} block {index}");
+    let data = ByteStream::read_from()
+        .path(image)
+        .offset(index * BLOCK_SIZE as u64)
+        .length(Length::Exact(BLOCK_SIZE as u64))
+        .build()
+        .await
+        .map_err(|e| {
+            AwsError::answer(action(), format!("read it from {}: {e}", image.display()))
+        })?;
     clients
         .ebs
         .put_snapshot_block()
@@ -366,11 +381,11 @@ pub async fn put_block(
         .data_length(BLOCK_SIZE as i32)
         .checksum(aws_smithy_types::base64::encode(digest))
         .checksum_algorithm(ChecksumAlgorithm::ChecksumAlgorithmSha256)
-        .block_data(ByteStream::from(data))
+        .block_data(data)
         .send()
         .await
         .map(|_| ())
-        .map_err(|e| AwsError::new(format!("PutSnapshotBlock {snapshot_id} block {index}"), e))
+        .map_err(|e| AwsError::new(action(), e))
 }
 
 /// The checksum of a whole write, aggregated as EBS's LINEAR method does: the SHA-256 of

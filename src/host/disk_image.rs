@@ -112,7 +112,7 @@ pub struct ChangedBlock {
 }
 
 /// Reads `image` and hands `each` every block to put into a new snapshot, in index order,
-/// with its bytes. Against a parent whose blocks have `parent` digests: every block whose
+/// with its digest. Against a parent whose blocks have `parent` digests: every block whose
 /// content differs, a block the bake freed (now a hole, reading as zeros) included. With no
 /// parent (`None`): every block that is not all zeros. Stops early, with what it has
 /// handed on, once `keep_going` says no: it is asked before each block is read.
@@ -120,7 +120,7 @@ pub fn changed_blocks(
     image: &Path,
     parent: Option<&BlockDigests>,
     keep_going: impl Fn() -> bool,
-    mut each: impl FnMut(ChangedBlock, &[u8]),
+    mut each: impl FnMut(ChangedBlock),
 ) -> io::Result<()> {
     let file = File::open(image)?;
     let zeros = vec![0u8; BLOCK_SIZE];
@@ -144,7 +144,7 @@ pub fn changed_blocks(
         let digest = block_digest(bytes);
         let before = parent.map_or(zero, |p| p.0.get(&index).copied().unwrap_or(zero));
         if digest != before {
-            each(ChangedBlock { index, digest }, bytes);
+            each(ChangedBlock { index, digest });
         }
     }
     Ok(())
@@ -250,40 +250,42 @@ mod tests {
         .unwrap();
         let changed = all_changed(&work, Some(&parent));
         assert_eq!(
-            changed.iter().map(|(c, _)| c.index).collect::<Vec<_>>(),
+            changed.iter().map(|c| c.index).collect::<Vec<_>>(),
             [0, 5, 7]
         );
-        for (block, data) in &changed {
+        // A put reads its block from the image itself: each digest is of the image's bytes
+        // at its index.
+        let bytes = |index: u64| {
+            let mut buf = vec![0u8; BLOCK_SIZE];
+            read_block(&File::open(&work).unwrap(), index, &mut buf).unwrap();
+            buf
+        };
+        for block in &changed {
             assert_eq!(
                 block.digest,
-                block_digest(data),
-                "each block with its own bytes"
+                block_digest(&bytes(block.index)),
+                "block {} with its own bytes",
+                block.index
             );
         }
         assert!(
-            changed[1].1.iter().all(|b| *b == 0),
+            bytes(5).iter().all(|b| *b == 0),
             "a freed block is put as zeros"
         );
-        assert!(changed[2].1.starts_with(b"new"));
+        assert!(bytes(7).starts_with(b"new"));
         let zero = block_digest(&[0u8; BLOCK_SIZE]);
         let full = all_changed(&work, None);
         assert_eq!(
-            full.iter().map(|(c, _)| c.index).collect::<Vec<_>>(),
+            full.iter().map(|c| c.index).collect::<Vec<_>>(),
             [0, 2, 7],
             "with no parent, every block holding data"
         );
-        assert!(full.iter().all(|(c, _)| c.digest != zero));
+        assert!(full.iter().all(|c| c.digest != zero));
     }
 
-    fn all_changed(image: &Path, parent: Option<&BlockDigests>) -> Vec<(ChangedBlock, Vec<u8>)> {
+    fn all_changed(image: &Path, parent: Option<&BlockDigests>) -> Vec<ChangedBlock> {
         let mut found = Vec::new();
-        changed_blocks(
-            image,
-            parent,
-            || true,
-            |c, data| found.push((c, data.to_vec())),
-        )
-        .unwrap();
+        changed_blocks(image, parent, || true, |c| found.push(c)).unwrap();
         found
     }
 
@@ -304,7 +306,7 @@ mod tests {
                 asked.set(asked.get() + 1);
                 asked.get() <= 2
             },
-            |c, _| seen.push(c.index),
+            |c| seen.push(c.index),
         )
         .unwrap();
         assert_eq!(seen, [0, 3], "no block read once told to stop");

@@ -499,14 +499,16 @@ fn throttled_since(before: u64, calls: &str) -> String {
     }
 }
 
-/// Blocks read ahead of the calls that put them: a read takes far less than a put.
-const READ_AHEAD: usize = 8;
+/// Changed blocks found ahead of the calls that put them: a block found is its index and
+/// digest, and a read takes far less than a put.
+const FOUND_AHEAD: usize = 256;
 
 /// Puts the blocks of `image` that differ from the parent's `parent_digests` (every block
 /// holding data with no parent) as the reading finds them, as many at a time as EBS takes
 /// (`ebs::each_block`): the reading and the uploads overlap, the reading at most
-/// `READ_AHEAD` blocks ahead of the calls, and a block's bytes are held only from its read
-/// to its put, so memory stays flat. Answers the blocks put, in index order.
+/// `FOUND_AHEAD` blocks ahead of the calls. Each put reads its block from the image again
+/// as it sends it (`ebs::put_block`), so memory stays flat in the calls in flight as in the
+/// image. Answers the blocks put, in index order.
 async fn put_changed_blocks(
     s: &BakeState<Direct>,
     snapshot_id: &str,
@@ -514,8 +516,7 @@ async fn put_changed_blocks(
     parent_digests: Option<BlockDigests>,
     ctx: &mut StepContext,
 ) -> Result<Vec<disk_image::ChangedBlock>, StepError> {
-    let (found_tx, mut found) =
-        tokio::sync::mpsc::channel::<(disk_image::ChangedBlock, Vec<u8>)>(READ_AHEAD);
+    let (found_tx, mut found) = tokio::sync::mpsc::channel::<disk_image::ChangedBlock>(FOUND_AHEAD);
     let path = image.to_path_buf();
     // The upload's total is known once the reading has found every changed block; until
     // then the progress shows what is put and how fast.
@@ -528,8 +529,8 @@ async fn put_changed_blocks(
             parent_digests.as_ref(),
             // The uploads stopped (a failure or an interrupt): so does the reading.
             || !found_tx.is_closed(),
-            |block, data| {
-                if found_tx.blocking_send((block, data.to_vec())).is_ok() {
+            |block| {
+                if found_tx.blocking_send(block).is_ok() {
                     changed.push(block);
                     counted.blocks.fetch_add(1, Ordering::Relaxed);
                 }
@@ -541,10 +542,11 @@ async fn put_changed_blocks(
         })
         .map_err(|e| failed(format!("read {}: {e}", path.display())))
     });
-    let put = |(block, data): (disk_image::ChangedBlock, Vec<u8>)| {
+    let put = |block: disk_image::ChangedBlock| {
         let (clients, snapshot_id) = (s.image.clients.clone(), snapshot_id.to_string());
+        let image = image.to_path_buf();
         async move {
-            ebs::put_block(&clients, &snapshot_id, block.index, data, &block.digest)
+            ebs::put_block(&clients, &snapshot_id, block.index, &image, &block.digest)
                 .await
                 .map_err(failed)
         }
