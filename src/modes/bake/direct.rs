@@ -499,9 +499,10 @@ fn throttled_since(before: u64, calls: &str) -> String {
     }
 }
 
-/// Changed blocks found ahead of the calls that put them: a block found is its index and
-/// digest, and a read takes far less than a put.
-const FOUND_AHEAD: usize = 256;
+/// Changed blocks found ahead of the calls that put them: a read takes far less than a
+/// put. Few, as each put reads its block again: what the reading just read is still in the
+/// page cache then, even on a small machine.
+const FOUND_AHEAD: usize = 32;
 
 /// Puts the blocks of `image` that differ from the parent's `parent_digests` (every block
 /// holding data with no parent) as the reading finds them, as many at a time as EBS takes
