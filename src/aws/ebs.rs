@@ -6,7 +6,9 @@
 //! every AWS call, plus the "snapshot not found" a put can meet right after StartSnapshot
 //! while the new snapshot is not yet visible everywhere.
 
+use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use aws_sdk_ebs::config::interceptors::{FinalizerInterceptorContextRef, InterceptorContext};
@@ -216,21 +218,25 @@ pub async fn list_blocks(clients: &Clients, snapshot_id: &str) -> Result<BlockLi
 /// damaged on its way is fetched again; the same damage every time fails the run.
 const DAMAGED_BLOCK_ATTEMPTS: u32 = 3;
 
-/// One block as it arrived, and its SHA-256: computed once, to check it against EBS's
-/// checksum and for whoever keeps the block's digest.
-pub struct FetchedBlock {
-    pub data: Vec<u8>,
-    pub digest: [u8; 32],
+/// Why a block could not be fetched into its place: EBS's answer, or the image's write.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error(transparent)]
+    Aws(#[from] AwsError),
+    #[error("write block {index}: {source}")]
+    Write { index: u64, source: std::io::Error },
 }
 
-/// One block and its digest, checked against the SHA-256 checksum EBS answered with, and
-/// fetched again when it arrives damaged.
+/// Block `index` of a snapshot, written into its place in `image` as it arrives, checked
+/// against the SHA-256 checksum EBS answered with, and fetched again (written over) when it
+/// arrives damaged. Answers its digest, computed once on the way: for whoever keeps it.
 pub async fn get_block(
     clients: &Clients,
     snapshot_id: &str,
     index: u64,
     token: &str,
-) -> Result<FetchedBlock, AwsError> {
+    image: &Arc<std::fs::File>,
+) -> Result<[u8; 32], FetchError> {
     let action = || format!("GetSnapshotBlock {snapshot_id} block {index}");
     let mut attempt = 1;
     loop {
@@ -244,53 +250,79 @@ pub async fn get_block(
             .await
             .map_err(|e| AwsError::new(action(), e))?;
         let expected = answer.checksum().map(str::to_string);
-        let received = read_block_data(answer.block_data).await;
-        let received = received.map(|data| FetchedBlock {
-            digest: block_digest(&data),
-            data,
-        });
-        let damage = match &received {
-            Ok(block) => {
-                let actual = aws_smithy_types::base64::encode(block.digest);
-                (expected.as_deref() != Some(actual.as_str()) || block.data.len() != BLOCK_SIZE)
-                    .then(|| {
-                        format!(
-                            "the {} bytes received do not match the checksum EBS sent ({})",
-                            block.data.len(),
-                            expected.as_deref().unwrap_or("none")
-                        )
-                    })
+        let damage = match receive_into(answer.block_data, image, index).await {
+            Ok((length, digest)) => {
+                let actual = aws_smithy_types::base64::encode(digest);
+                if expected.as_deref() == Some(actual.as_str()) && length == BLOCK_SIZE {
+                    return Ok(digest);
+                }
+                format!(
+                    "the {length} bytes received do not match the checksum EBS sent ({})",
+                    expected.as_deref().unwrap_or("none")
+                )
             }
-            Err(e) => Some(format!("reading the block: {e}")),
+            Err(Received::Body(e)) => format!("reading the block: {e}"),
+            Err(Received::Write(source)) => return Err(FetchError::Write { index, source }),
         };
-        match (damage, received) {
-            (None, Ok(block)) => return Ok(block),
-            (Some(_), _) if attempt < DAMAGED_BLOCK_ATTEMPTS => attempt += 1,
-            (damage, _) => {
-                return Err(AwsError::answer(
-                    action(),
-                    format!(
-                        "{}; fetched {attempt} times",
-                        damage.unwrap_or_else(|| "no data".into())
-                    ),
-                ))
-            }
+        if attempt == DAMAGED_BLOCK_ATTEMPTS {
+            return Err(
+                AwsError::answer(action(), format!("{damage}; fetched {attempt} times")).into(),
+            );
         }
+        attempt += 1;
     }
 }
 
-/// A block's data as it arrives, copied once into a buffer of a block's size: what a call
-/// in flight holds is its block, not the HTTP client's pieces of it and a copy besides.
-/// More than a block is not read on (the length check then fails the answer).
-async fn read_block_data(mut body: ByteStream) -> Result<Vec<u8>, String> {
-    let mut data = Vec::with_capacity(BLOCK_SIZE);
-    while let Some(piece) = body.next().await {
-        data.extend_from_slice(&piece.map_err(|e| e.to_string())?);
-        if data.len() > BLOCK_SIZE {
-            break;
+/// How much of a block arriving is held before it is written: a call in flight holds this,
+/// not its 512 KiB block.
+const WRITE_RUN: usize = 64 * 1024;
+
+/// What broke the receiving of a block: its body (damage, fetched again) or the write.
+enum Received {
+    Body(String),
+    Write(std::io::Error),
+}
+
+/// A block's data as it arrives, hashed on the way and written into its place in `image`
+/// `WRITE_RUN` bytes at a time, off the async runtime's threads (a write may wait for the
+/// disk). Answers the bytes received and their digest. Nothing past the block's own 512 KiB
+/// is written: more than a block ends the reading, and the length check fails the answer.
+async fn receive_into(
+    mut body: ByteStream,
+    image: &Arc<std::fs::File>,
+    index: u64,
+) -> Result<(usize, [u8; 32]), Received> {
+    let mut hasher = Sha256::new();
+    let (mut received, mut written) = (0, 0);
+    let mut run = Vec::with_capacity(WRITE_RUN);
+    loop {
+        let piece = body
+            .next()
+            .await
+            .transpose()
+            .map_err(|e| Received::Body(e.to_string()))?;
+        let ended = piece.is_none();
+        if let Some(piece) = &piece {
+            received += piece.len();
+            if received > BLOCK_SIZE {
+                return Ok((received, [0; 32]));
+            }
+            hasher.update(piece);
+            run.extend_from_slice(piece);
+        }
+        if run.len() >= WRITE_RUN || (ended && !run.is_empty()) {
+            let (image, at) = (image.clone(), index * BLOCK_SIZE as u64 + written as u64);
+            let full = std::mem::replace(&mut run, Vec::with_capacity(WRITE_RUN));
+            written += full.len();
+            tokio::task::spawn_blocking(move || image.write_all_at(&full, at))
+                .await
+                .expect("a write does not panic")
+                .map_err(Received::Write)?;
+        }
+        if ended {
+            return Ok((received, hasher.finalize().into()));
         }
     }
-    Ok(data)
 }
 
 /// How a new snapshot is started: from a parent (whose blocks it begins with, and whose

@@ -10,13 +10,12 @@
 //! directory (`.work-*`, so the filesystem can share the copy's extents), gone after the
 //! bake, and removed by a later one if its process was killed.
 
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::aws::ebs::{self, Ran, BLOCK_SIZE};
+use crate::aws::ebs::{self, Ran};
 use crate::aws::{AwsError, Clients};
 use crate::host::block_digests::BlockDigests;
 use crate::host::disk_image::{copy_sparse, CopiedBy};
@@ -208,18 +207,16 @@ impl ImageCache {
             let (clients, snapshot_id) = (clients.clone(), snapshot_id.to_string());
             let (image, dir) = (image.clone(), dir.clone());
             async move {
-                let ebs::FetchedBlock { data, digest } =
-                    ebs::get_block(&clients, &snapshot_id, index, &token).await?;
-                tokio::task::spawn_blocking(move || {
-                    image.write_all_at(&data, index * BLOCK_SIZE as u64)
-                })
-                .await
-                .expect("the write does not panic")
-                .map_err(|source| CacheError::Io {
-                    dir,
-                    action: format!("write block {index}"),
-                    source,
-                })?;
+                let digest = ebs::get_block(&clients, &snapshot_id, index, &token, &image)
+                    .await
+                    .map_err(|e| match e {
+                        ebs::FetchError::Aws(e) => CacheError::from(e),
+                        ebs::FetchError::Write { index, source } => CacheError::Io {
+                            dir,
+                            action: format!("write block {index}"),
+                            source,
+                        },
+                    })?;
                 Ok::<_, CacheError>((index, digest))
             }
         };

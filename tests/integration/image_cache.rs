@@ -118,18 +118,43 @@ fn a_base_is_fetched_once_byte_for_byte_and_never_trusted_half_made() {
     // Byte for byte what EC2 has.
     let exported = dir.join("exported.img");
     cloud.cli(&["export-snapshot", &snapshot, exported.to_str().unwrap()]);
-    let blocks = allocated_blocks(&entry.image)
-        .union(&allocated_blocks(&exported))
-        .copied()
-        .collect::<Vec<_>>();
-    assert!(blocks.len() >= entry.downloaded);
-    for index in blocks {
-        assert_eq!(
-            block(&entry.image, index),
-            block(&exported, index),
-            "block {index} of the cached image is the snapshot's"
-        );
-    }
+    let is_the_snapshot = |image: &Path| {
+        let blocks = allocated_blocks(image)
+            .union(&allocated_blocks(&exported))
+            .copied()
+            .collect::<Vec<_>>();
+        assert!(blocks.len() >= entry.downloaded);
+        for index in blocks {
+            assert_eq!(
+                block(image, index),
+                block(&exported, index),
+                "block {index} of the cached image is the snapshot's"
+            );
+        }
+    };
+    is_the_snapshot(&entry.image);
+
+    // Blocks damaged on their way down are written into place as they arrive, then
+    // fetched again and written over: the entry is still the snapshot, byte for byte.
+    cache.prune(None).unwrap();
+    cloud.cli(&[
+        "fault",
+        "GetSnapshotBlock",
+        "--corrupt",
+        "--after",
+        "3",
+        "--times",
+        "2",
+    ]);
+    let before = cloud.calls().len();
+    let refetched = fetch().unwrap();
+    assert_eq!(
+        gets(cloud, before),
+        refetched.downloaded + 2,
+        "the two damaged blocks fetched again"
+    );
+    assert_eq!(refetched.digests, entry.digests);
+    is_the_snapshot(&refetched.image);
 
     // The next fetch comes from disk: no block is downloaded.
     let before = cloud.calls().len();

@@ -13,8 +13,8 @@ use super::THROTTLED_ATTEMPTS;
 /// Block calls in flight at first. EBS serves 1,000 a second (puts per snapshot, gets per
 /// account); at its usual 100 ms a call that takes 100 in flight, so the pace grows from here.
 pub const BLOCKS_IN_FLIGHT: usize = 32;
-/// The most in flight, whatever the latency: 64 MiB of block data for gets, each holding
-/// its block as it arrives.
+/// The most in flight, whatever the latency: each holds an SDK call's state and 64 KiB of
+/// its block (a put's read buffer, a get's run before it is written), 8 MiB in all.
 pub const MOST_BLOCKS_IN_FLIGHT: usize = 128;
 /// The fewest, however much EBS throttles.
 const FEWEST_BLOCKS_IN_FLIGHT: usize = 4;
@@ -114,7 +114,7 @@ pub enum Ran {
 /// `BLOCKS_IN_FLIGHT`, between `FEWEST_BLOCKS_IN_FLIGHT` and `MOST_BLOCKS_IN_FLIGHT` as EBS
 /// throttles or not), and hands each
 /// result to `done` as it comes. Only that many calls exist at once (an SDK call's future is
-/// large, and a get holds its block), so memory stays flat however many blocks there are.
+/// large), so memory stays flat however many blocks there are.
 /// `items` may come as they are found (a stream): calls start as soon as an item is there and a place is free. Stops at the
 /// first error, of a call or of `done`, and at `cancel`; what is still in flight is aborted.
 pub async fn each_block<I, T, E, Fut>(
