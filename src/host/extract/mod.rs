@@ -413,10 +413,10 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_decompressor_that_dies_midway_is_an_error_not_a_shorter_stream() {
+    /// A gzip stream of 1 MiB that does not compress, so it outlasts a first read by far,
+    /// on a file that breaks after that first read.
+    fn gzip_that_breaks_midway() -> BreaksAfterFirstRead {
         let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        // Bytes that do not compress, so the stream outlasts the first read by far.
         let mut noise = 0x9e37_79b9_u32;
         let plain: Vec<u8> = (0..1 << 20)
             .map(|_| {
@@ -427,8 +427,12 @@ mod tests {
             })
             .collect();
         std::io::Write::write_all(&mut gzip, &plain).unwrap();
-        let input = BreaksAfterFirstRead(std::io::Cursor::new(gzip.finish().unwrap()), false);
-        let read = decompressed(input, |mut stream| {
+        BreaksAfterFirstRead(std::io::Cursor::new(gzip.finish().unwrap()), false)
+    }
+
+    #[test]
+    fn a_decompressor_that_dies_midway_is_an_error_not_a_shorter_stream() {
+        let read = decompressed(gzip_that_breaks_midway(), |mut stream| {
             let mut all = Vec::new();
             stream
                 .read_to_end(&mut all)
@@ -439,6 +443,37 @@ mod tests {
             Err(ExtractError::Corrupt(reason)) => assert_eq!(reason, DECOMPRESSOR_FAILED),
             other => panic!("a broken decompressor read as {other:?}"),
         }
+    }
+
+    /// The thread's failure is said even to a reader that took the stream's end for good.
+    #[test]
+    fn a_decompressor_that_dies_midway_fails_a_reader_that_ignores_read_errors() {
+        let read = decompressed(gzip_that_breaks_midway(), |mut stream| {
+            let _ = stream.read_to_end(&mut Vec::new());
+            Ok(())
+        });
+        match read {
+            Err(ExtractError::Corrupt(reason)) => assert_eq!(reason, DECOMPRESSOR_FAILED),
+            other => panic!("a broken decompressor read as {other:?}"),
+        }
+    }
+
+    /// The reader itself tells a thread gone before the end-of-stream mark from the end.
+    #[test]
+    fn pieces_without_their_end_mark_read_as_an_error_after_what_came() {
+        let (pieces, inflated) = std::sync::mpsc::sync_channel(PIECES_AHEAD);
+        pieces.send(Ok(b"part".to_vec())).unwrap();
+        drop(pieces);
+        let mut stream = Pieces {
+            inflated,
+            piece: Vec::new(),
+            at: 0,
+            ended: false,
+        };
+        let mut all = Vec::new();
+        let error = stream.read_to_end(&mut all).unwrap_err();
+        assert_eq!(all, b"part");
+        assert_eq!(error.to_string(), DECOMPRESSOR_FAILED);
     }
 
     #[test]
