@@ -273,8 +273,8 @@ pub async fn get_block(
     }
 }
 
-/// How much of a block arriving is held before it is written: a call in flight holds this,
-/// not its 512 KiB block.
+/// How much of a block arriving in small pieces is gathered before it is written: a call in
+/// flight holds this, and the piece the HTTP client is handing over, not its 512 KiB block.
 const WRITE_RUN: usize = 64 * 1024;
 
 /// What broke the receiving of a block: its body (damage, fetched again) or the write.
@@ -283,46 +283,54 @@ enum Received {
     Write(std::io::Error),
 }
 
-/// A block's data as it arrives, hashed on the way and written into its place in `image`
-/// `WRITE_RUN` bytes at a time, off the async runtime's threads (a write may wait for the
-/// disk). Answers the bytes received and their digest. Nothing past the block's own 512 KiB
-/// is written: more than a block ends the reading, and the length check fails the answer.
+/// A block's data as it arrives, hashed on the way and written into its place in `image`,
+/// off the async runtime's threads (a write may wait for the disk): small pieces gathered
+/// into runs of at most `WRITE_RUN` bytes, a larger piece as the HTTP client handed it over.
+/// Answers the bytes received and their digest. Nothing past the block's own 512 KiB is
+/// written: more than a block ends the reading, and the length check fails the answer.
 async fn receive_into(
     mut body: ByteStream,
     image: &Arc<std::fs::File>,
     index: u64,
 ) -> Result<(usize, [u8; 32]), Received> {
     let mut hasher = Sha256::new();
-    let (mut received, mut written) = (0, 0);
+    let (mut received, start) = (0, index * BLOCK_SIZE as u64);
     let mut run = Vec::with_capacity(WRITE_RUN);
-    loop {
-        let piece = body
-            .next()
-            .await
-            .transpose()
-            .map_err(|e| Received::Body(e.to_string()))?;
-        let ended = piece.is_none();
-        if let Some(piece) = &piece {
-            received += piece.len();
-            if received > BLOCK_SIZE {
-                return Ok((received, [0; 32]));
-            }
-            hasher.update(piece);
-            run.extend_from_slice(piece);
+    while let Some(piece) = body.next().await {
+        let piece = piece.map_err(|e| Received::Body(e.to_string()))?;
+        let at = start + received as u64;
+        received += piece.len();
+        if received > BLOCK_SIZE {
+            return Ok((received, [0; 32]));
         }
-        if run.len() >= WRITE_RUN || (ended && !run.is_empty()) {
-            let (image, at) = (image.clone(), index * BLOCK_SIZE as u64 + written as u64);
+        hasher.update(&piece);
+        if run.len() + piece.len() > WRITE_RUN && !run.is_empty() {
             let full = std::mem::replace(&mut run, Vec::with_capacity(WRITE_RUN));
-            written += full.len();
-            tokio::task::spawn_blocking(move || image.write_all_at(&full, at))
-                .await
-                .expect("a write does not panic")
-                .map_err(Received::Write)?;
+            write_at(image, at - full.len() as u64, full).await?;
         }
-        if ended {
-            return Ok((received, hasher.finalize().into()));
+        if piece.len() >= WRITE_RUN {
+            write_at(image, at, piece).await?;
+        } else {
+            run.extend_from_slice(&piece);
         }
     }
+    if !run.is_empty() {
+        let at = start + (received - run.len()) as u64;
+        write_at(image, at, run).await?;
+    }
+    Ok((received, hasher.finalize().into()))
+}
+
+async fn write_at(
+    image: &Arc<std::fs::File>,
+    at: u64,
+    data: impl AsRef<[u8]> + Send + 'static,
+) -> Result<(), Received> {
+    let image = image.clone();
+    tokio::task::spawn_blocking(move || image.write_all_at(data.as_ref(), at))
+        .await
+        .expect("a write does not panic")
+        .map_err(Received::Write)
 }
 
 /// How a new snapshot is started: from a parent (whose blocks it begins with, and whose

@@ -13,8 +13,9 @@ use super::THROTTLED_ATTEMPTS;
 /// Block calls in flight at first. EBS serves 1,000 a second (puts per snapshot, gets per
 /// account); at its usual 100 ms a call that takes 100 in flight, so the pace grows from here.
 pub const BLOCKS_IN_FLIGHT: usize = 32;
-/// The most in flight, whatever the latency: each holds an SDK call's state and 64 KiB of
-/// its block (a put's read buffer, a get's run before it is written), 8 MiB in all.
+/// The most in flight, whatever the latency: each holds an SDK call's state, at most 64 KiB
+/// of its block in amibake's own buffers (a put's read buffer, a get's run before it is
+/// written), and what the HTTP client reads ahead on its connection.
 pub const MOST_BLOCKS_IN_FLIGHT: usize = 128;
 /// The fewest, however much EBS throttles.
 const FEWEST_BLOCKS_IN_FLIGHT: usize = 4;
