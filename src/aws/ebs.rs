@@ -321,6 +321,7 @@ async fn receive_into(
     Ok((received, hasher.finalize().into()))
 }
 
+/// `data` written into `image` at `at`, on a thread of the blocking pool.
 async fn write_at(
     image: &Arc<std::fs::File>,
     at: u64,
@@ -394,8 +395,8 @@ pub fn block_digest(data: &[u8]) -> [u8; 32] {
 /// PutSnapshotBlock of block `index` of the disk image at `image`, with its checksum. The
 /// block's bytes are read from the image as the call sends them, 64 KiB at a time (the
 /// SDK's buffer), and read again for a retry: a call in flight holds that buffer rather
-/// than its 512 KiB block.
-/// Should the image no longer hold what `digest` was taken of, EBS refuses the block.
+/// than its 512 KiB block. Should the image no longer hold what `digest` was taken of, EBS
+/// refuses the block.
 pub async fn put_block(
     clients: &Clients,
     snapshot_id: &str,

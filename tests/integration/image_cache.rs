@@ -137,15 +137,7 @@ fn a_base_is_fetched_once_byte_for_byte_and_never_trusted_half_made() {
     // Blocks damaged on their way down are written into place as they arrive, then
     // fetched again and written over: the entry is still the snapshot, byte for byte.
     cache.prune(None).unwrap();
-    cloud.cli(&[
-        "fault",
-        "GetSnapshotBlock",
-        "--corrupt",
-        "--after",
-        "3",
-        "--times",
-        "2",
-    ]);
+    cloud.damage_blocks("GetSnapshotBlock", 3, 2);
     let before = cloud.calls().len();
     let refetched = fetch().unwrap();
     assert_eq!(

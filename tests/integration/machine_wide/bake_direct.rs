@@ -677,23 +677,13 @@ fn a_fault_at_each_direct_call_or_a_damaged_block_leaves_nothing_and_names_its_s
     // A block damaged on its way down: fetched again, the bake goes on. Damaged every time:
     // the run fails naming the block and the snapshot, and nothing of it is cached.
     let _ = std::fs::remove_dir_all(story.cache());
-    story
-        .cloud
-        .cli(&["fault", "GetSnapshotBlock", "--corrupt", "--after", "3"]);
+    story.cloud.damage_blocks("GetSnapshotBlock", 3, 1);
     let run = story.bake("owned.toml", &["--commit", "damaged1"]);
     run.expect_code(0);
     story.take_back(&run);
     let _ = std::fs::remove_dir_all(story.cache());
     let (snapshots, images) = (story.snapshot_ids(), story.image_ids());
-    story.cloud.cli(&[
-        "fault",
-        "GetSnapshotBlock",
-        "--corrupt",
-        "--after",
-        "3",
-        "--times",
-        "1000",
-    ]);
+    story.cloud.damage_blocks("GetSnapshotBlock", 3, 1000);
     let run = story.bake("owned.toml", &["--commit", "damaged2"]);
     assert_eq!(run.code(), 1, "{}", run.dump());
     let error = run

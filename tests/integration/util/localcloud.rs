@@ -441,6 +441,20 @@ impl LocalCloud {
         format!("{code}: injected by the local cloud into {action}")
     }
 
+    /// Damages the block data of `times` calls of `action` (a block call) once `after` calls
+    /// of it pass: a byte flipped on its way, the checksum sent as it was.
+    pub fn damage_blocks(&self, action: &str, after: u32, times: u32) {
+        self.cli(&[
+            "fault",
+            action,
+            "--corrupt",
+            "--after",
+            &after.to_string(),
+            "--times",
+            &times.to_string(),
+        ]);
+    }
+
     /// `localcloud ls` as JSON.
     pub fn ls(&self) -> serde_json::Value {
         serde_json::from_slice(&self.cli(&["ls"]).stdout).unwrap()
