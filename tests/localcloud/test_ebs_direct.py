@@ -347,3 +347,52 @@ def test_ebs_keeps_a_connection_alive_across_block_calls_and_ec2_closes_its_own(
     assert b"maxResults 'many' is not a number" in response.read()
     conn.close()
     cloud.client("ec2").delete_snapshot(SnapshotId=snap)
+
+
+def test_a_block_sent_in_pieces_is_read_whole_and_one_cut_short_is_never_written(cloud):
+    """The server reads a body as the network hands it over: with the headers, in pieces
+    after a pause, and the next call right behind it on the same connection. A body whose
+    connection closes before its end is no block, and the server serves on."""
+    import socket
+    from urllib.parse import urlsplit
+
+    ebs = cloud.client("ebs")
+    snap = ebs.start_snapshot(VolumeSize=1)["SnapshotId"]
+    url = urlsplit(cloud.env["AWS_ENDPOINT_URL"])
+
+    def request(index, data, length=BLOCK):
+        return (f"PUT /snapshots/{snap}/blocks/{index} HTTP/1.1\r\nHost: {url.hostname}\r\n"
+                f"Content-Length: {length}\r\nx-amz-Data-Length: {BLOCK}\r\n"
+                f"x-amz-Checksum: {checksum(data)}\r\nx-amz-Checksum-Algorithm: SHA256\r\n\r\n").encode()
+
+    first, second = os.urandom(BLOCK), os.urandom(BLOCK)
+    with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
+        sock.sendall(request(0, first) + first[:1000])
+        time.sleep(0.2)
+        sock.sendall(first[1000:300_000])
+        time.sleep(0.2)
+        # The first body's end and the whole second call in one send.
+        sock.sendall(first[300_000:] + request(1, second) + second)
+        answers = b""
+        while answers.count(b"HTTP/1.1 ") < 2 or not answers.endswith(b"\r\n\r\n"):
+            piece = sock.recv(65536)
+            assert piece, f"the server closed the connection: {answers!r}"
+            answers += piece
+    assert [line for line in answers.split(b"\r\n") if line.startswith(b"HTTP/")] == [b"HTTP/1.1 201 Created"] * 2, answers
+
+    cut = os.urandom(BLOCK)
+    with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
+        sock.sendall(request(2, cut) + cut[:100_000])
+    # The server serves on; CompleteSnapshot counts the two whole blocks only, and refuses
+    # a count that takes in the cut one.
+    assert error(lambda: complete(ebs, snap, {0: first, 1: second, 2: cut}))[0] == "ValidationException"
+    complete(ebs, snap, {0: first, 1: second})
+    wait_until(lambda: snapshot_state(cloud.client("ec2"), snap), lambda s: s == "completed")
+    assert ebs.get_snapshot_block(SnapshotId=snap, BlockIndex=1,
+                                  BlockToken=block_token(ebs, snap, 1))["BlockData"].read() == second
+    cloud.client("ec2").delete_snapshot(SnapshotId=snap)
+
+
+def block_token(ebs, snapshot_id, index):
+    return next(b["BlockToken"] for b in ebs.list_snapshot_blocks(SnapshotId=snapshot_id)["Blocks"]
+                if b["BlockIndex"] == index)
