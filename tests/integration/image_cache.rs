@@ -148,6 +148,25 @@ fn a_base_is_fetched_once_byte_for_byte_and_never_trusted_half_made() {
     assert_eq!(refetched.digests, entry.digests);
     is_the_snapshot(&refetched.image);
 
+    // A block cut short, and one grown past its end: fetched again, and nothing of the
+    // longer one written past its own 512 KiB. The last block asked for is damaged: the
+    // highest allocated, whose next block is the snapshot's zeros, so a write past its end
+    // would show in the entry.
+    let last_get = u32::try_from(entry.downloaded - 1).unwrap();
+    for kind in ["short", "long"] {
+        cache.prune(None).unwrap();
+        cloud.damage_blocks_by("GetSnapshotBlock", kind, last_get, 1);
+        let before = cloud.calls().len();
+        let refetched = fetch().unwrap();
+        assert_eq!(
+            gets(cloud, before),
+            refetched.downloaded + 1,
+            "the {kind} block fetched again"
+        );
+        assert_eq!(refetched.digests, entry.digests, "{kind}");
+        is_the_snapshot(&refetched.image);
+    }
+
     // The next fetch comes from disk: no block is downloaded.
     let before = cloud.calls().len();
     let again = fetch().unwrap();

@@ -179,14 +179,21 @@ def test_a_damaged_block_is_refused_on_its_way_in_and_shows_on_its_way_out(cloud
     cloud.cli("fault", "PutSnapshotBlock", "--corrupt")
     assert error(lambda: put(ebs, snap, 1, b"\x06" * BLOCK)) == ("ValidationException", "INVALID_PARAMETER_VALUE")
     put(ebs, snap, 1, b"\x06" * BLOCK)
+    # Cut short or grown on its way in: refused for its length.
+    for kind in ("short", "long"):
+        cloud.cli("fault", "PutSnapshotBlock", "--corrupt", kind)
+        assert error(lambda: put(ebs, snap, 2, b"\x07" * BLOCK)) == ("ValidationException", "INVALID_PARAMETER_VALUE"), kind
     complete(ebs, snap, {0: b"\x05" * BLOCK, 1: b"\x06" * BLOCK})
     wait_until(lambda: snapshot_state(ec2, snap), lambda s: s == "completed")
     token = {b["BlockIndex"]: b["BlockToken"] for b in ebs.list_snapshot_blocks(SnapshotId=snap)["Blocks"]}
-    # Damaged on its way out: the checksum names the block as stored, the data differs.
-    cloud.cli("fault", "GetSnapshotBlock", "--corrupt")
-    got = ebs.get_snapshot_block(SnapshotId=snap, BlockIndex=1, BlockToken=token[1])
-    data = got["BlockData"].read()
-    assert got["Checksum"] == checksum(b"\x06" * BLOCK) and checksum(data) != got["Checksum"] and len(data) == BLOCK
+    # Damaged on its way out: the checksum names the block as stored, the data differs: a
+    # byte flipped, cut short, or grown past the block's end.
+    for kind, length in (("flip", BLOCK), ("short", BLOCK - 65536), ("long", BLOCK + 65536)):
+        cloud.cli("fault", "GetSnapshotBlock", "--corrupt", kind)
+        got = ebs.get_snapshot_block(SnapshotId=snap, BlockIndex=1, BlockToken=token[1])
+        data = got["BlockData"].read()
+        assert got["Checksum"] == checksum(b"\x06" * BLOCK) and checksum(data) != got["Checksum"], kind
+        assert (len(data), got["DataLength"]) == (length, BLOCK), kind
     got = ebs.get_snapshot_block(SnapshotId=snap, BlockIndex=1, BlockToken=token[1])
     assert got["BlockData"].read() == b"\x06" * BLOCK
     ec2.delete_snapshot(SnapshotId=snap)

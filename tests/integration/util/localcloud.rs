@@ -444,10 +444,17 @@ impl LocalCloud {
     /// Damages the block data of `times` calls of `action` (a block call) once `after` calls
     /// of it pass: a byte flipped on its way, the checksum sent as it was.
     pub fn damage_blocks(&self, action: &str, after: u32, times: u32) {
+        self.damage_blocks_by(action, "flip", after, times);
+    }
+
+    /// As `damage_blocks`, the data damaged as `kind` says: `flip` (a byte), `short` (its
+    /// last 64 KiB cut off), `long` (64 KiB more after its end).
+    pub fn damage_blocks_by(&self, action: &str, kind: &str, after: u32, times: u32) {
         self.cli(&[
             "fault",
             action,
             "--corrupt",
+            kind,
             "--after",
             &after.to_string(),
             "--times",

@@ -487,10 +487,21 @@ class EbsDirect:
         return 200, headers, damaged(request, data)
 
 
+# How a block's data is damaged on its way (`localcloud fault ACTION --corrupt KIND`).
+DAMAGE = ("flip", "short", "long")
+DAMAGED_BY = 64 * 1024
+
+
 def damaged(request, data):
-    """`data` with its middle byte flipped when the call carries the `corrupt` fault."""
-    if not request.environ.get("localcloud.damaged") or not data:
+    """`data` as the call's `corrupt` fault damages it: its middle byte flipped, its last
+    64 KiB cut off, or 64 KiB more after its end."""
+    kind = request.environ.get("localcloud.damaged")
+    if not kind or not data:
         return data
+    if kind == "short":
+        return data[:-DAMAGED_BY]
+    if kind == "long":
+        return data + b"\xa5" * DAMAGED_BY
     middle = len(data) // 2
     return data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1:]
 

@@ -55,7 +55,7 @@ from werkzeug.wrappers import Request, Response  # noqa: E402
 
 from . import images, patches  # noqa: E402
 from .dataplane import DataPlane  # noqa: E402
-from .ebs_direct import EbsDirect, EbsError, error_body  # noqa: E402
+from .ebs_direct import DAMAGE, EbsDirect, EbsError, error_body  # noqa: E402
 from .instances import Instances  # noqa: E402
 
 
@@ -105,7 +105,7 @@ class Faults:
                 if fault.get("lose_answer"):
                     return ("lose", None)
                 if fault.get("corrupt"):
-                    return ("corrupt", None)
+                    return ("corrupt", fault["corrupt"])
                 return fault["code"]
             throttled = self.throttle_only is None or action in self.throttle_only
             if self.throttle_percent and throttled and random.random() * 100 < self.throttle_percent:
@@ -115,14 +115,15 @@ class Faults:
     def apply(self, action):
         """Takes the fault for a call of `action`, holding it if it is a delay. Returns the
         error code to answer with (or None) and what happens to a call carried out: None,
-        "lose" (its answer is lost) or "corrupt" (its block data is damaged on the way)."""
+        "lose" (its answer is lost), or "flip", "short" or "long" (its block data is damaged
+        on the way, as `ebs_direct.damaged` does)."""
         fault = self.take(action) if action else None
         if isinstance(fault, tuple):
             kind, value = fault
             if kind == "delay":
                 time.sleep(value)
                 return None, None
-            return None, kind
+            return None, value if kind == "corrupt" else kind
         return fault, None
 
 
@@ -257,10 +258,10 @@ class LocalCloud:
             return ebs_fault("ValidationException", f"no EBS direct action at {request.method} {request.path}")
         code, effect = self.faults.apply(action)
         lose_answer = effect == "lose"
-        if effect == "corrupt":
-            # The block's bytes damaged on their way: one byte of the data put, or of the
-            # data got (whose checksum header still names the block as it is stored).
-            request.environ["localcloud.damaged"] = True
+        if effect in DAMAGE:
+            # The block's bytes damaged on their way: the data put, or the data got (whose
+            # checksum header still names the block as it is stored).
+            request.environ["localcloud.damaged"] = effect
         if code:
             code = "RequestThrottledException" if code == "RequestLimitExceeded" else code
             status = 500 if code == "InternalServerException" else 400
@@ -433,7 +434,7 @@ class LocalCloud:
                                                            "code": spec.get("code", "InternalError"),
                                                            "delay": float(spec.get("delay", 0)),
                                                            "lose_answer": bool(spec.get("lose_answer")),
-                                                           "corrupt": bool(spec.get("corrupt"))}
+                                                           "corrupt": spec.get("corrupt")}
             return json_response({"ok": True})
         if what == "changed-blocks" and request.method == "POST":
             spec = request.get_json()
