@@ -3,7 +3,7 @@
 //! the cache, a base this account does not own, and failures that leave nothing.
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::util::localcloud::{LocalCloud, PARTITION_1_OFFSET};
 use crate::util::tarballs::{append_raw, assert_composer_like_at, composer_like, gzip, tarball};
@@ -712,6 +712,28 @@ fn a_fault_at_each_direct_call_or_a_damaged_block_leaves_nothing_and_names_its_s
         .unwrap_or(0);
     assert_eq!(entries, 0, "a damaged fetch leaves no entry");
 
+    // A cache whose disk fills as the base comes down (a tmpfs of 16 MiB, the base's
+    // blocks are some 200 MiB): the run fails naming the block it could not write, and
+    // leaves nothing, in the cloud or in the cache.
+    let _ = std::fs::remove_dir_all(story.cache());
+    let full = SmallDisk::mount(&story.cache(), "16m");
+    let run = story.bake("owned.toml", &["--commit", "full0001"]);
+    run.expect_failure("No space left on device", Some("fetch base image"));
+    assert!(error_line(&run).contains("write block "), "{}", run.dump());
+    let entries: Vec<_> = std::fs::read_dir(story.cache())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(
+        entries.is_empty(),
+        "a fetch that could not be written leaves {entries:?}"
+    );
+    drop(full);
+    assert_eq!(story.snapshot_ids(), snapshots);
+    assert_eq!(story.image_ids(), images);
+    story.assert_nothing_left_here();
+
     // A cleanup that fails: the started snapshot cannot be deleted, and the run names it.
     story.cloud.cli(&[
         "fault",
@@ -939,4 +961,40 @@ fn half_the_block_calls_throttled_at_ebs_latency_still_bake_the_tree_byte_for_by
         "halved",
     );
     story.assert_nothing_left_here();
+}
+
+fn error_line(run: &Run) -> String {
+    run.stderr()
+        .lines()
+        .find(|l| l.starts_with("error: "))
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// A tmpfs of `size` mounted on a directory until dropped: a disk that fills.
+struct SmallDisk(PathBuf);
+
+impl SmallDisk {
+    fn mount(at: &Path, size: &str) -> SmallDisk {
+        std::fs::create_dir_all(at).unwrap();
+        let status = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size}"),
+                "amibake-test-small-disk",
+            ])
+            .arg(at)
+            .status()
+            .unwrap();
+        assert!(status.success(), "mount a tmpfs on {}", at.display());
+        SmallDisk(at.to_path_buf())
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
 }
