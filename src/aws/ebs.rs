@@ -31,7 +31,7 @@ use sha2::{Digest, Sha256};
 use super::{AwsError, Clients, RETRY_QUOTA};
 
 mod in_flight;
-pub use in_flight::{each_block, Ran};
+pub use in_flight::{each_block, Quota, Ran};
 
 /// One attempt of one block call: 512 KiB from outside EC2 on a slow link, with room.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(60);

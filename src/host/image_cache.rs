@@ -221,6 +221,7 @@ impl ImageCache {
             }
         };
         let ran = ebs::each_block(
+            ebs::Quota::Account,
             futures_util::stream::iter(listing.blocks),
             cancel,
             fetch,

@@ -10,9 +10,12 @@ use tokio::time::Instant;
 
 use super::THROTTLED_ATTEMPTS;
 
-/// Block calls in flight at first. EBS serves 1,000 a second (puts per snapshot, gets per
-/// account); at its usual 100 ms a call that takes 100 in flight, so the pace grows from here.
+/// Block calls in flight at first where the rate's quota is shared (`Quota::Account`). EBS
+/// serves 1,000 a second; at its usual 100 ms a call that takes 100 in flight, so the pace
+/// grows from here.
 pub const BLOCKS_IN_FLIGHT: usize = 32;
+/// EBS's usual latency for a block call, by its own sizing example.
+const USUAL_LATENCY: Duration = Duration::from_millis(100);
 /// The most in flight, whatever the latency: each holds an SDK call's state, at most 64 KiB
 /// of its block in amibake's own buffers (a put's read buffer, a get's run before it is
 /// written), and what the HTTP client reads ahead on its connection.
@@ -25,6 +28,18 @@ const EBS_BLOCK_CALLS_PER_SECOND: f64 = 1000.0;
 /// The share of that rate the pace aims at: calls in flight times latency is the rate only
 /// on average, and a second over the quota is throttled.
 const RATE_AIMED_AT: f64 = 0.9;
+
+/// Whose share of EBS's block-call rate the calls spend: it decides how many go at first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quota {
+    /// PutSnapshotBlock's, per snapshot: the new snapshot's, this run's alone. The calls
+    /// start at what that rate allows at EBS's usual latency: a bake's few hundred blocks
+    /// go in a few rounds rather than the first of them spent growing the pace.
+    Snapshot,
+    /// GetSnapshotBlock's, per account: other clients of the account may be spending it
+    /// too, so the calls start at `BLOCKS_IN_FLIGHT` and grow while none is throttled.
+    Account,
+}
 
 /// How many block calls go at once, judged once a round (as many calls as the limit).
 /// - A round with a throttled attempt: EBS's rate holds the calls back, and the limit
@@ -50,9 +65,12 @@ struct Pace {
 }
 
 impl Pace {
-    fn new(throttled: u64) -> Pace {
+    fn new(quota: Quota, throttled: u64) -> Pace {
         Pace {
-            limit: BLOCKS_IN_FLIGHT,
+            limit: match quota {
+                Quota::Snapshot => Pace::rate_allows(USUAL_LATENCY),
+                Quota::Account => BLOCKS_IN_FLIGHT,
+            },
             done_in_round: 0,
             filled_in_round: false,
             throttled_before_round: throttled,
@@ -111,14 +129,15 @@ pub enum Ran {
     Interrupted,
 }
 
-/// Runs `call` on each of `items`, as many at a time as the `Pace` allows (from
-/// `BLOCKS_IN_FLIGHT`, between `FEWEST_BLOCKS_IN_FLIGHT` and `MOST_BLOCKS_IN_FLIGHT` as EBS
+/// Runs `call` on each of `items`, as many at a time as the `Pace` allows (from what
+/// `quota` starts at, between `FEWEST_BLOCKS_IN_FLIGHT` and `MOST_BLOCKS_IN_FLIGHT` as EBS
 /// throttles or not), and hands each
 /// result to `done` as it comes. Only that many calls exist at once (an SDK call's future is
 /// large), so memory stays flat however many blocks there are.
 /// `items` may come as they are found (a stream): calls start as soon as an item is there and a place is free. Stops at the
 /// first error, of a call or of `done`, and at `cancel`; what is still in flight is aborted.
 pub async fn each_block<I, T, E, Fut>(
+    quota: Quota,
     items: impl Stream<Item = I>,
     cancel: &tokio_util::sync::CancellationToken,
     mut call: impl FnMut(I) -> Fut,
@@ -132,7 +151,7 @@ where
     let mut items = std::pin::pin!(items);
     let mut no_more_items = false;
     let mut in_flight = tokio::task::JoinSet::new();
-    let mut pace = Pace::new(THROTTLED_ATTEMPTS.load(Ordering::Relaxed));
+    let mut pace = Pace::new(quota, THROTTLED_ATTEMPTS.load(Ordering::Relaxed));
     loop {
         if no_more_items && in_flight.is_empty() {
             return Ok(Ran::All);
@@ -214,6 +233,7 @@ mod tests {
         let (now, most) = (Arc::default(), Arc::new(AtomicUsize::new(0)));
         let mut done = Vec::new();
         let ran = each_block(
+            Quota::Account,
             futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)),
             &CancellationToken::new(),
             counting_call(now, most.clone()),
@@ -239,11 +259,11 @@ mod tests {
         pace.limit()
     }
 
-    const EBS_LATENCY: Duration = Duration::from_millis(100);
+    const EBS_LATENCY: Duration = USUAL_LATENCY;
 
     #[test]
     fn the_pace_doubles_up_to_what_the_rate_allows_at_the_latency_seen() {
-        let mut pace = Pace::new(7);
+        let mut pace = Pace::new(Quota::Account, 7);
         // Items too slow to fill it: the limit is not what holds the calls back.
         for _ in 0..BLOCKS_IN_FLIGHT {
             pace.call_started(1);
@@ -273,9 +293,29 @@ mod tests {
         );
     }
 
+    /// A snapshot's puts spend its own rate: they start at what it allows at EBS's usual
+    /// latency, all of them in the first round. An account's gets start lower.
+    #[tokio::test(start_paused = true)]
+    async fn puts_start_at_their_snapshots_rate_and_gets_lower() {
+        for (quota, first_round) in [(Quota::Snapshot, 90), (Quota::Account, BLOCKS_IN_FLIGHT)] {
+            let (now, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+            let ran = each_block(
+                quota,
+                futures_util::stream::iter(0..first_round as u64),
+                &CancellationToken::new(),
+                counting_call(now, most.clone()),
+                |_| Ok::<_, String>(()),
+            )
+            .await;
+            assert_eq!(ran, Ok(Ran::All));
+            assert_eq!(most.load(Ordering::SeqCst), first_round, "{quota:?}");
+        }
+        assert_eq!(Pace::new(Quota::Snapshot, 0).limit(), 90);
+    }
+
     #[test]
     fn a_throttle_halves_the_pace_and_it_grows_back_slowly() {
-        let mut pace = Pace::new(0);
+        let mut pace = Pace::new(Quota::Account, 0);
         while round(&mut pace, 0, EBS_LATENCY) < 90 {}
         // A throttle within a round halves it, once for that round.
         assert_eq!(round(&mut pace, 1, EBS_LATENCY), 45);
@@ -297,6 +337,7 @@ mod tests {
         let (now, most) = (Arc::new(AtomicUsize::new(0)), Arc::default());
         let mut done = 0;
         let ran = each_block(
+            Quota::Account,
             futures_util::stream::iter(990..2000),
             &CancellationToken::new(),
             counting_call(now.clone(), most),
@@ -312,6 +353,7 @@ mod tests {
         let cancel = CancellationToken::new();
         cancel.cancel();
         let ran = each_block(
+            Quota::Account,
             futures_util::stream::pending::<u64>(),
             &cancel,
             counting_call(Arc::default(), Arc::default()),

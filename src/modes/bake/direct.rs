@@ -555,6 +555,7 @@ async fn put_changed_blocks(
     let progress = ctx.progress.clone();
     let mut done = 0u64;
     let ran = ebs::each_block(
+        ebs::Quota::Snapshot,
         futures_util::stream::poll_fn(move |cx| found.poll_recv(cx)),
         &ctx.cancel,
         put,
