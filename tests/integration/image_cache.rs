@@ -136,32 +136,23 @@ fn a_base_is_fetched_once_byte_for_byte_and_never_trusted_half_made() {
 
     // Blocks damaged on their way down are written into place as they arrive, then
     // fetched again and written over: the entry is still the snapshot, byte for byte.
-    cache.prune(None).unwrap();
-    cloud.damage_blocks("GetSnapshotBlock", 3, 2);
-    let before = cloud.calls().len();
-    let refetched = fetch().unwrap();
-    assert_eq!(
-        gets(cloud, before),
-        refetched.downloaded + 2,
-        "the two damaged blocks fetched again"
-    );
-    assert_eq!(refetched.digests, entry.digests);
-    is_the_snapshot(&refetched.image);
-
-    // A block cut short, and one grown past its end: fetched again, and nothing of the
-    // longer one written past its own 512 KiB. The last block asked for is damaged: the
-    // highest allocated, whose next block is the snapshot's zeros, so a write past its end
-    // would show in the entry.
+    // Two with a byte flipped; then the last block asked for cut short, and grown past its
+    // end: the highest allocated, whose next block is the snapshot's zeros, so a write past
+    // its own 512 KiB would show in the entry.
     let last_get = u32::try_from(entry.downloaded - 1).unwrap();
-    for kind in ["short", "long"] {
+    for (kind, after, times) in [
+        ("flip", 3, 2),
+        ("short", last_get, 1),
+        ("long", last_get, 1),
+    ] {
         cache.prune(None).unwrap();
-        cloud.damage_blocks_by("GetSnapshotBlock", kind, last_get, 1);
+        cloud.damage_blocks_by("GetSnapshotBlock", kind, after, times);
         let before = cloud.calls().len();
         let refetched = fetch().unwrap();
         assert_eq!(
             gets(cloud, before),
-            refetched.downloaded + 1,
-            "the {kind} block fetched again"
+            refetched.downloaded + times as usize,
+            "the {kind} blocks fetched again"
         );
         assert_eq!(refetched.digests, entry.digests, "{kind}");
         is_the_snapshot(&refetched.image);
