@@ -425,6 +425,8 @@ class LocalCloud:
                 return json_response(self.calls.calls)
         if what == "fault" and request.method == "POST":
             spec = request.get_json()
+            if spec.get("corrupt") not in (None, *DAMAGE):
+                return json_response({"error": f"corrupt {spec['corrupt']!r}: one of {', '.join(DAMAGE)}"}, 400)
             with self.faults.lock:
                 if "throttle" in spec:
                     self.faults.throttle_percent = float(spec["throttle"])
@@ -606,12 +608,13 @@ class Handler(WSGIRequestHandler):
                 status, headers, payload = ebs_fault("ValidationException", f"Content-Length {length!r} is not a length")
                 return self.answer(status, {**headers, "Connection": "close"}, payload)
             else:
-                body = self.read_body(int(length))
+                try:
+                    body = self.read_body(int(length))
+                except ConnectionError:
+                    # The client went before its request's end: nobody to answer.
+                    self.close_connection = True
+                    return
             status, headers, payload = self.cloud.ebs(EbsRequest(self.command, self.path, self.headers, body))
-        except ConnectionError:
-            # The client went before its request's end: nobody to answer.
-            self.close_connection = True
-            return
         except Exception:
             # As werkzeug answers an app's failure: a 500, never a dropped connection; the
             # trace on the server's log.
@@ -626,18 +629,18 @@ class Handler(WSGIRequestHandler):
         in one receive that waits for all of it. Read through the buffered file, a block's
         512 KiB came in a receive per segment, each giving up and taking back the one
         interpreter lock that 128 connections share: most of what a put cost the server."""
-        head = self.rfile.read1(length) if length else b""
+        head = self.rfile.read1(length)
         if len(head) == length:
             return head
         body = bytearray(length)
         body[:len(head)] = head
         view = memoryview(body)[len(head):]
         while view:
-            received = self.connection.recv_into(view, len(view), socket.MSG_WAITALL)
+            received = self.connection.recv_into(view, flags=socket.MSG_WAITALL)
             if received == 0:
                 raise ConnectionError(f"the connection closed {len(view)} bytes before the body's end")
             view = view[received:]
-        return bytes(body)
+        return body
 
     def answer(self, status, headers, payload):
         self.send_response_only(status)
