@@ -7,6 +7,7 @@ use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
+use crate::util::small_filesystem::SmallFilesystem;
 use crate::util::tarballs::{
     append_raw, assert_composer_like_at, composer_like, gzip, refused_on_their_own, tarball, Canary,
 };
@@ -470,29 +471,6 @@ fn setuid_bits_are_dropped_unless_kept_and_the_owner_takes_dest_and_its_new_pare
     assert_eq!(mode(image.root(), "opt/app/bin/sg-like"), 0o2755);
 }
 
-/// A mount of a small tmpfs, unmounted on drop.
-struct SmallFilesystem(tempfile::TempDir);
-
-impl SmallFilesystem {
-    fn new(size: &str) -> SmallFilesystem {
-        let dir = tempfile::tempdir().unwrap();
-        let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir.path())
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "mount a tmpfs");
-        SmallFilesystem(dir)
-    }
-}
-
-impl Drop for SmallFilesystem {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(self.0.path()).status();
-    }
-}
-
 #[test]
 fn running_out_of_space_names_the_entry_the_space_needed_and_the_space_free() {
     let _module = crate::util::module_turn(module_path!());
@@ -502,7 +480,7 @@ fn running_out_of_space_names_the_entry_the_space_needed_and_the_space_free() {
         append_raw(b, EntryType::Regular, "small.txt", None, b"fits");
         append_raw(b, EntryType::Regular, "assets/big.bin", None, &big);
     });
-    let run = extract_at(small.0.path(), "/app", None, &[], &bytes);
+    let run = extract_at(small.path(), "/app", None, &[], &bytes);
     run.expect_code(1);
     let err = run.stderr();
     assert!(

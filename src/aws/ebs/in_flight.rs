@@ -259,25 +259,23 @@ mod tests {
         pace.limit()
     }
 
-    const EBS_LATENCY: Duration = USUAL_LATENCY;
-
     #[test]
     fn the_pace_doubles_up_to_what_the_rate_allows_at_the_latency_seen() {
         let mut pace = Pace::new(Quota::Account, 7);
         // Items too slow to fill it: the limit is not what holds the calls back.
         for _ in 0..BLOCKS_IN_FLIGHT {
             pace.call_started(1);
-            pace.call_ended(7, EBS_LATENCY);
+            pace.call_ended(7, USUAL_LATENCY);
         }
         assert_eq!(pace.limit(), BLOCKS_IN_FLIGHT);
         // At 100 ms a call, 90 in flight are 900 a second: 90 % of EBS's 1,000.
-        assert_eq!(round(&mut pace, 7, EBS_LATENCY), 64);
-        assert_eq!(round(&mut pace, 7, EBS_LATENCY), 90);
-        assert_eq!(round(&mut pace, 7, EBS_LATENCY), 90);
+        assert_eq!(round(&mut pace, 7, USUAL_LATENCY), 64);
+        assert_eq!(round(&mut pace, 7, USUAL_LATENCY), 90);
+        assert_eq!(round(&mut pace, 7, USUAL_LATENCY), 90);
         // Calls that waited besides (a retry's backoff, a queue): EBS's latency is its
         // fastest call's, and the cap holds.
         (1..=90).for_each(|n| pace.call_started(n));
-        pace.call_ended(7, EBS_LATENCY);
+        pace.call_ended(7, USUAL_LATENCY);
         (1..90).for_each(|_| pace.call_ended(7, Duration::from_secs(2)));
         assert_eq!(pace.limit(), 90);
         // Slower calls allow more, up to the most.
@@ -310,24 +308,23 @@ mod tests {
             assert_eq!(ran, Ok(Ran::All));
             assert_eq!(most.load(Ordering::SeqCst), first_round, "{quota:?}");
         }
-        assert_eq!(Pace::new(Quota::Snapshot, 0).limit(), 90);
     }
 
     #[test]
     fn a_throttle_halves_the_pace_and_it_grows_back_slowly() {
         let mut pace = Pace::new(Quota::Account, 0);
-        while round(&mut pace, 0, EBS_LATENCY) < 90 {}
+        while round(&mut pace, 0, USUAL_LATENCY) < 90 {}
         // A throttle within a round halves it, once for that round.
-        assert_eq!(round(&mut pace, 1, EBS_LATENCY), 45);
+        assert_eq!(round(&mut pace, 1, USUAL_LATENCY), 45);
         // Unthrottled again: a quarter more a round (another client may share the quota),
         // up to the rate's 90 again.
-        assert_eq!(round(&mut pace, 1, EBS_LATENCY), 57);
-        assert_eq!(round(&mut pace, 1, EBS_LATENCY), 72);
-        assert_eq!(round(&mut pace, 1, EBS_LATENCY), 90);
-        assert_eq!(round(&mut pace, 1, EBS_LATENCY), 90);
+        assert_eq!(round(&mut pace, 1, USUAL_LATENCY), 57);
+        assert_eq!(round(&mut pace, 1, USUAL_LATENCY), 72);
+        assert_eq!(round(&mut pace, 1, USUAL_LATENCY), 90);
+        assert_eq!(round(&mut pace, 1, USUAL_LATENCY), 90);
         // Throttled round after round: down to the fewest, never below.
         for throttled in 2..12 {
-            round(&mut pace, throttled, EBS_LATENCY);
+            round(&mut pace, throttled, USUAL_LATENCY);
         }
         assert_eq!(pace.limit(), FEWEST_BLOCKS_IN_FLIGHT);
     }

@@ -3,9 +3,10 @@
 //! the cache, a base this account does not own, and failures that leave nothing.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use crate::util::localcloud::{LocalCloud, PARTITION_1_OFFSET};
+use crate::util::small_filesystem::SmallFilesystem;
 use crate::util::tarballs::{append_raw, assert_composer_like_at, composer_like, gzip, tarball};
 use crate::util::Run;
 use tar::EntryType;
@@ -716,10 +717,10 @@ fn a_fault_at_each_direct_call_or_a_damaged_block_leaves_nothing_and_names_its_s
     // blocks are some 200 MiB): the run fails naming the block it could not write, and
     // leaves nothing, in the cloud or in the cache.
     let _ = std::fs::remove_dir_all(story.cache());
-    let full = SmallDisk::mount(&story.cache(), "16m");
+    let full = SmallFilesystem::mount_at(&story.cache(), "16m");
     let run = story.bake("owned.toml", &["--commit", "full0001"]);
-    run.expect_failure("No space left on device", Some("fetch base image"));
-    assert!(error_line(&run).contains("write block "), "{}", run.dump());
+    run.expect_failure("No space left on device", Some("fetch base image"))
+        .expect_failure("write block ", None);
     let entries: Vec<_> = std::fs::read_dir(story.cache())
         .unwrap()
         .flatten()
@@ -961,40 +962,4 @@ fn half_the_block_calls_throttled_at_ebs_latency_still_bake_the_tree_byte_for_by
         "halved",
     );
     story.assert_nothing_left_here();
-}
-
-fn error_line(run: &Run) -> String {
-    run.stderr()
-        .lines()
-        .find(|l| l.starts_with("error: "))
-        .unwrap_or_default()
-        .to_string()
-}
-
-/// A tmpfs of `size` mounted on a directory until dropped: a disk that fills.
-struct SmallDisk(PathBuf);
-
-impl SmallDisk {
-    fn mount(at: &Path, size: &str) -> SmallDisk {
-        std::fs::create_dir_all(at).unwrap();
-        let status = std::process::Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size}"),
-                "amibake-test-small-disk",
-            ])
-            .arg(at)
-            .status()
-            .unwrap();
-        assert!(status.success(), "mount a tmpfs on {}", at.display());
-        SmallDisk(at.to_path_buf())
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(&self.0).status();
-    }
 }

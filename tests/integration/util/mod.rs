@@ -5,6 +5,7 @@
 pub mod left;
 pub mod localcloud;
 pub mod schema;
+pub mod small_filesystem;
 pub mod tarballs;
 
 use std::path::{Path, PathBuf};
