@@ -664,28 +664,7 @@ impl Drop for MountedSnapshot {
         // unmounted by hand at once), and left mounted with its loop device: so asked again
         // while busy, as amibake's own unmount is, and detached lazily at the end rather than
         // left.
-        let deadline = std::time::Instant::now() + LOOP_GONE_WITHIN;
-        let root = self.root.to_string_lossy().into_owned();
-        let mounted = || {
-            std::fs::read_to_string("/proc/self/mounts")
-                .unwrap_or_default()
-                .lines()
-                .any(|l| l.split(' ').nth(1) == Some(root.as_str()))
-        };
-        while mounted() {
-            let _ = Command::new("umount")
-                .arg(&self.root)
-                .stderr(std::process::Stdio::null())
-                .status();
-            if mounted() && std::time::Instant::now() >= deadline {
-                let _ = Command::new("umount")
-                    .arg("--lazy")
-                    .arg(&self.root)
-                    .status();
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
+        crate::util::unmount_or_detach(&self.root, LOOP_GONE_WITHIN);
         drop(LoopDevice(std::mem::take(&mut self.loop_dev)));
     }
 }

@@ -467,3 +467,27 @@ impl Story {
             .clone()
     }
 }
+
+/// Unmounts `target`, asked again while it is busy (a process of the test still leaving
+/// it), and detached lazily once `within` has passed rather than left mounted.
+pub fn unmount_or_detach(target: &Path, within: std::time::Duration) {
+    let deadline = std::time::Instant::now() + within;
+    let path = target.to_string_lossy().into_owned();
+    let mounted = || {
+        std::fs::read_to_string("/proc/self/mounts")
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.split(' ').nth(1) == Some(path.as_str()))
+    };
+    while mounted() {
+        let _ = Command::new("umount")
+            .arg(target)
+            .stderr(std::process::Stdio::null())
+            .status();
+        if mounted() && std::time::Instant::now() >= deadline {
+            let _ = Command::new("umount").arg("--lazy").arg(target).status();
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// How long an unmount is asked again while the tmpfs is busy (a process of the test still
 /// leaving it), before it is detached lazily rather than left.
@@ -53,27 +53,6 @@ impl SmallFilesystem {
 
 impl Drop for SmallFilesystem {
     fn drop(&mut self) {
-        let path = self.path.to_string_lossy().into_owned();
-        let mounted = || {
-            std::fs::read_to_string("/proc/self/mounts")
-                .unwrap_or_default()
-                .lines()
-                .any(|l| l.split(' ').nth(1) == Some(path.as_str()))
-        };
-        let deadline = Instant::now() + UNMOUNT_WITHIN;
-        while mounted() {
-            let _ = Command::new("umount")
-                .arg(&self.path)
-                .stderr(std::process::Stdio::null())
-                .status();
-            if mounted() && Instant::now() >= deadline {
-                let _ = Command::new("umount")
-                    .arg("--lazy")
-                    .arg(&self.path)
-                    .status();
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        crate::util::unmount_or_detach(&self.path, UNMOUNT_WITHIN);
     }
 }
