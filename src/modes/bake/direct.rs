@@ -524,23 +524,19 @@ async fn put_changed_blocks(
     let to_put = Arc::new(ToPut::default());
     let counted = to_put.clone();
     let reading = tokio::task::spawn_blocking(move || {
-        let mut changed = Vec::new();
         disk_image::changed_blocks(
             &path,
             parent_digests.as_ref(),
+            disk_image::readers(),
             // The uploads stopped (a failure or an interrupt): so does the reading.
             || !found_tx.is_closed(),
             |block| {
                 if found_tx.blocking_send(block).is_ok() {
-                    changed.push(block);
                     counted.blocks.fetch_add(1, Ordering::Relaxed);
                 }
             },
         )
-        .map(|()| {
-            counted.read_all.store(true, Ordering::Relaxed);
-            changed
-        })
+        .inspect(|_| counted.read_all.store(true, Ordering::Relaxed))
         .map_err(|e| failed(format!("read {}: {e}", path.display())))
     });
     let put = |block: disk_image::ChangedBlock| {
