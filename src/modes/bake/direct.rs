@@ -399,9 +399,16 @@ impl Step<BakeState<Direct>> for UploadSnapshot {
                 })
                 .collect(),
         };
-        let snapshot_id = ebs::start_snapshot(&s.image.clients, &new)
-            .await
-            .map_err(failed)?;
+        // The reading has a head start of StartSnapshot's round trip: every block it reads
+        // is final, the image being detached and its journal put back.
+        let reading = ChangedBlocks::start(&copy, parent_digests);
+        let snapshot_id = match ebs::start_snapshot(&s.image.clients, &new).await {
+            Ok(id) => id,
+            Err(e) => {
+                reading.stop().await;
+                return Err(failed(e));
+            }
+        };
         s.snapshot_id = Some(snapshot_id.clone());
         s.delete_snapshot = Some(undo_with(
             ctx,
@@ -413,7 +420,7 @@ impl Step<BakeState<Direct>> for UploadSnapshot {
             crate::aws::snapshot::delete,
         ));
         let throttled_before = ebs::throttled_attempts();
-        let changed = put_changed_blocks(s, &snapshot_id, &copy, parent_digests, ctx).await?;
+        let changed = put_changed_blocks(s, &snapshot_id, &copy, reading, ctx).await?;
         let checksum = ebs::linear_checksum(changed.iter().map(|c| &c.digest));
         ebs::complete_snapshot(&s.image.clients, &snapshot_id, changed.len(), &checksum)
             .await
@@ -504,41 +511,72 @@ fn throttled_since(before: u64, calls: &str) -> String {
 /// page cache then, even on a small machine.
 const FOUND_AHEAD: usize = 32;
 
-/// Puts the blocks of `image` that differ from the parent's `parent_digests` (every block
-/// holding data with no parent) as the reading finds them, as many at a time as EBS takes
-/// (`ebs::each_block`): the reading and the uploads overlap, the reading at most
-/// `FOUND_AHEAD` blocks ahead of the calls. Each put reads its block from the image again
-/// as it sends it (`ebs::put_block`), so memory stays flat in the calls in flight as in the
-/// image. Answers the blocks put, in index order.
+/// The reading of the image for the blocks that differ from the parent's digests (every
+/// block holding data with no parent), on a thread of its own, at most `FOUND_AHEAD`
+/// blocks ahead of whoever takes them.
+struct ChangedBlocks {
+    found: tokio::sync::mpsc::Receiver<disk_image::ChangedBlock>,
+    to_put: Arc<ToPut>,
+    /// Answers every changed block, in index order, once the reading has ended.
+    reading: tokio::task::JoinHandle<Result<Vec<disk_image::ChangedBlock>, StepError>>,
+}
+
+impl ChangedBlocks {
+    fn start(image: &std::path::Path, parent_digests: Option<BlockDigests>) -> ChangedBlocks {
+        let (found_tx, found) = tokio::sync::mpsc::channel(FOUND_AHEAD);
+        let path = image.to_path_buf();
+        // The upload's total is known once the reading has found every changed block;
+        // until then the progress shows what is put and how fast.
+        let to_put = Arc::new(ToPut::default());
+        let counted = to_put.clone();
+        let reading = tokio::task::spawn_blocking(move || {
+            disk_image::changed_blocks(
+                &path,
+                parent_digests.as_ref(),
+                disk_image::readers(),
+                // Whoever took the blocks stopped (a failure or an interrupt): so does the
+                // reading.
+                || !found_tx.is_closed(),
+                |block| {
+                    if found_tx.blocking_send(block).is_ok() {
+                        counted.blocks.fetch_add(1, Ordering::Relaxed);
+                    }
+                },
+            )
+            .inspect(|_| counted.read_all.store(true, Ordering::Relaxed))
+            .map_err(|e| failed(format!("read {}: {e}", path.display())))
+        });
+        ChangedBlocks {
+            found,
+            to_put,
+            reading,
+        }
+    }
+
+    /// Stops the reading at its next block and waits for it: nothing reads the image
+    /// once this answers.
+    async fn stop(self) {
+        drop(self.found);
+        let _ = self.reading.await;
+    }
+}
+
+/// Puts the blocks the `reading` finds as it finds them, as many at a time as EBS takes
+/// (`ebs::each_block`): the reading and the uploads overlap. Each put reads its block from
+/// the image again as it sends it (`ebs::put_block`), so memory stays flat in the calls in
+/// flight as in the image. Answers the blocks put, in index order.
 async fn put_changed_blocks(
     s: &BakeState<Direct>,
     snapshot_id: &str,
     image: &std::path::Path,
-    parent_digests: Option<BlockDigests>,
+    reading: ChangedBlocks,
     ctx: &mut StepContext,
 ) -> Result<Vec<disk_image::ChangedBlock>, StepError> {
-    let (found_tx, mut found) = tokio::sync::mpsc::channel::<disk_image::ChangedBlock>(FOUND_AHEAD);
-    let path = image.to_path_buf();
-    // The upload's total is known once the reading has found every changed block; until
-    // then the progress shows what is put and how fast.
-    let to_put = Arc::new(ToPut::default());
-    let counted = to_put.clone();
-    let reading = tokio::task::spawn_blocking(move || {
-        disk_image::changed_blocks(
-            &path,
-            parent_digests.as_ref(),
-            disk_image::readers(),
-            // The uploads stopped (a failure or an interrupt): so does the reading.
-            || !found_tx.is_closed(),
-            |block| {
-                if found_tx.blocking_send(block).is_ok() {
-                    counted.blocks.fetch_add(1, Ordering::Relaxed);
-                }
-            },
-        )
-        .inspect(|_| counted.read_all.store(true, Ordering::Relaxed))
-        .map_err(|e| failed(format!("read {}: {e}", path.display())))
-    });
+    let ChangedBlocks {
+        mut found,
+        to_put,
+        reading,
+    } = reading;
     let put = |block: disk_image::ChangedBlock| {
         let (clients, snapshot_id) = (s.image.clients.clone(), snapshot_id.to_string());
         let image = image.to_path_buf();
