@@ -140,12 +140,7 @@ fn decompressed<'i, T>(
         let inflating = scope.spawn(move || inflate_into(decoder, pieces));
         // Dropping the receiver when `read` is done (or failed) ends the decompressor at
         // its next piece.
-        let read = read(Box::new(Pieces {
-            inflated,
-            piece: Vec::new(),
-            at: 0,
-            ended: false,
-        }));
+        let read = read(Box::new(Pieces::new(inflated)));
         match inflating.join() {
             Ok(()) => read,
             Err(_) => Err(ExtractError::Corrupt(DECOMPRESSOR_FAILED.into())),
@@ -216,22 +211,43 @@ struct Pieces {
     piece: Vec<u8>,
     at: usize,
     ended: bool,
+    /// Why the stream broke, said again to a reader that reads on: the thread that sent it
+    /// is gone, and its absence would otherwise read as a different failure.
+    broke: Option<(std::io::ErrorKind, String)>,
+}
+
+impl Pieces {
+    fn new(inflated: std::sync::mpsc::Receiver<std::io::Result<Vec<u8>>>) -> Pieces {
+        Pieces {
+            inflated,
+            piece: Vec::new(),
+            at: 0,
+            ended: false,
+            broke: None,
+        }
+    }
 }
 
 impl Read for Pieces {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         while self.at == self.piece.len() {
+            if let Some((kind, why)) = &self.broke {
+                return Err(std::io::Error::new(*kind, why.clone()));
+            }
             if self.ended {
                 return Ok(0);
             }
             match self.inflated.recv() {
-                Ok(piece) => {
-                    self.piece = piece?;
+                Ok(Ok(piece)) => {
+                    self.piece = piece;
                     self.at = 0;
                     self.ended = self.piece.is_empty();
                 }
+                Ok(Err(e)) => self.broke = Some((e.kind(), e.to_string())),
                 // The thread is gone before the end: it panicked.
-                Err(_) => return Err(std::io::Error::other(DECOMPRESSOR_FAILED)),
+                Err(_) => {
+                    self.broke = Some((std::io::ErrorKind::Other, DECOMPRESSOR_FAILED.into()))
+                }
             }
         }
         let n = buf.len().min(self.piece.len() - self.at);
@@ -464,16 +480,35 @@ mod tests {
         let (pieces, inflated) = std::sync::mpsc::sync_channel(PIECES_AHEAD);
         pieces.send(Ok(b"part".to_vec())).unwrap();
         drop(pieces);
-        let mut stream = Pieces {
-            inflated,
-            piece: Vec::new(),
-            at: 0,
-            ended: false,
-        };
+        let mut stream = Pieces::new(inflated);
         let mut all = Vec::new();
         let error = stream.read_to_end(&mut all).unwrap_err();
         assert_eq!(all, b"part");
         assert_eq!(error.to_string(), DECOMPRESSOR_FAILED);
+    }
+
+    /// A damaged stream's error is said again to a reader that reads on past it, not
+    /// taken for the thread's absence.
+    #[test]
+    fn a_damaged_streams_error_is_said_again_to_a_reader_that_reads_on() {
+        let (pieces, inflated) = std::sync::mpsc::sync_channel(PIECES_AHEAD);
+        pieces.send(Ok(b"part".to_vec())).unwrap();
+        pieces
+            .send(Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "corrupt deflate stream",
+            )))
+            .unwrap();
+        drop(pieces);
+        let mut stream = Pieces::new(inflated);
+        let mut all = Vec::new();
+        let first = stream.read_to_end(&mut all).unwrap_err();
+        assert_eq!(all, b"part");
+        let again = stream.read(&mut [0; 8]).unwrap_err();
+        for error in [first, again] {
+            assert_eq!(error.kind(), std::io::ErrorKind::InvalidData);
+            assert_eq!(error.to_string(), "corrupt deflate stream");
+        }
     }
 
     #[test]
