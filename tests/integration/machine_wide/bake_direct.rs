@@ -225,6 +225,27 @@ fn ok_count(calls: &[serde_json::Value], action: &str) -> usize {
         .count()
 }
 
+/// `command` in a mount namespace of its own whose /sys is read-only: the kernel refuses
+/// a loop device's settings there as it would where sysfs is not writable.
+fn read_only_sys(command: std::process::Command) -> std::process::Command {
+    let mut wrapped = std::process::Command::new("unshare");
+    wrapped
+        .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+        .arg(r#"mount -o remount,bind,ro /sys && exec "$0" "$@""#)
+        .arg(command.get_program())
+        .args(command.get_args());
+    for (key, value) in command.get_envs() {
+        match value {
+            Some(value) => wrapped.env(key, value),
+            None => wrapped.env_remove(key),
+        };
+    }
+    if let Some(dir) = command.get_current_dir() {
+        wrapped.current_dir(dir);
+    }
+    wrapped
+}
+
 #[test]
 fn direct_bakes_without_imds_or_volumes_and_puts_only_changed_blocks() {
     let _module = crate::util::module_turn(module_path!());
@@ -313,6 +334,30 @@ fn direct_bakes_without_imds_or_volumes_and_puts_only_changed_blocks() {
         PARTITION_1_OFFSET,
         "c0ffee2",
     );
+
+    // 3. Where the kernel will not drop the image's flushes (here /sys is read-only, in a
+    //    mount namespace of the bake's own), the bake goes on, its writes reaching this
+    //    host's disk, and says why.
+    let command = read_only_sys(story.bake_command("owned.toml", &["--commit", "c0ffee3"]));
+    let flushed = Run {
+        command: "amibake bake owned.toml (with /sys read-only)".into(),
+        output: { command }.output().unwrap(),
+    };
+    flushed.expect_code(0);
+    assert!(
+        flushed.stderr().contains("write_cache")
+            && flushed
+                .stderr()
+                .contains("written to this host's disk before they are read back"),
+        "the slower way is said\n{}",
+        flushed.dump()
+    );
+    story.assert_holds_the_app(
+        flushed.json()["snapshot_id"].as_str().unwrap(),
+        PARTITION_1_OFFSET,
+        "c0ffee3",
+    );
+    story.assert_nothing_left_here();
 
     // `cache ls` shows the one entry; `cache prune` with an age keeps it, without removes it.
     let ls = |args: &[&str]| {
