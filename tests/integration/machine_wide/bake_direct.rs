@@ -225,6 +225,30 @@ fn ok_count(calls: &[serde_json::Value], action: &str) -> usize {
         .count()
 }
 
+/// A directory made immutable (`chattr +i`: no entry added or removed) while this lives.
+struct Immutable(PathBuf);
+
+impl Immutable {
+    fn new(dir: &std::path::Path) -> Immutable {
+        let made = std::process::Command::new("chattr")
+            .arg("+i")
+            .arg(dir)
+            .status()
+            .unwrap();
+        assert!(made.success(), "chattr +i {}", dir.display());
+        Immutable(dir.to_path_buf())
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("chattr")
+            .arg("-i")
+            .arg(&self.0)
+            .status();
+    }
+}
+
 /// `command` in a mount namespace of its own whose /sys is read-only: the kernel refuses
 /// a loop device's settings there as it would where sysfs is not writable.
 fn read_only_sys(command: std::process::Command) -> std::process::Command {
@@ -357,6 +381,47 @@ fn direct_bakes_without_imds_or_volumes_and_puts_only_changed_blocks() {
         PARTITION_1_OFFSET,
         "c0ffee3",
     );
+    story.assert_nothing_left_here();
+
+    // 4. A working copy that cannot be removed (its directory made immutable once the copy
+    //    is there) fails nothing early: the bake registers its image, tries again after it,
+    //    and names the copy it could not clean.
+    let cache_dir = story.cache();
+    let immutable = std::cell::RefCell::new(None);
+    let (kept, _) = crate::util::act_when(
+        story.bake_command("owned.toml", &["--commit", "c0ffee4"]),
+        "amibake bake owned.toml (its working copy's directory immutable)",
+        |line| line.contains(r#""event":"step_started""#) && line.contains("extract tarball"),
+        |_, _| *immutable.borrow_mut() = Some(Immutable::new(&cache_dir)),
+    );
+    drop(immutable.take());
+    kept.expect_code(1);
+    let copy = std::fs::read_dir(&cache_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with(".work-")
+        })
+        .unwrap_or_else(|| panic!("the copy is still there\n{}", kept.dump()));
+    let named = copy.display().to_string();
+    let stderr = kept.stderr();
+    assert!(
+        stderr.contains("tried again after the bake")
+            && stderr
+                .lines()
+                .any(|l| l.starts_with("error: could not clean up") && l.contains(&named)),
+        "{}",
+        kept.dump()
+    );
+    story.assert_holds_the_app(
+        kept.json()["snapshot_id"].as_str().unwrap(),
+        PARTITION_1_OFFSET,
+        "c0ffee4",
+    );
+    std::fs::remove_file(&copy).unwrap();
     story.assert_nothing_left_here();
 
     // `cache ls` shows the one entry; `cache prune` with an age keeps it, without removes it.
