@@ -145,24 +145,36 @@ fn a_base_is_fetched_once_byte_for_byte_and_never_trusted_half_made() {
 
     // Blocks damaged on their way down are written into place as they arrive, then
     // fetched again and written over: the entry is still the snapshot, byte for byte.
-    // Two with a byte flipped; then the last block asked for cut short, and grown past its
-    // end: the highest allocated, whose next block is the snapshot's zeros, so a write past
-    // its own 512 KiB would show in the entry.
-    let last_get = u32::try_from(downloaded - 1).unwrap();
-    for (kind, after, times) in [
-        ("flip", 3, 2),
-        ("short", last_get, 1),
-        ("long", last_get, 1),
+    // Two with a byte flipped; then the highest allocated block, whose next block is the
+    // snapshot's zeros (so a write past its own 512 KiB would show in the entry), cut short,
+    // and grown past its end.
+    let highest = *digests.0.keys().max().unwrap();
+    for (kind, aimed_at) in [
+        ("flip", None),
+        ("short", Some(highest)),
+        ("long", Some(highest)),
     ] {
         cache.prune(None).unwrap();
-        cloud.damage_blocks_by("GetSnapshotBlock", kind, after, times);
+        match aimed_at {
+            Some(block) => cloud.damage_block("GetSnapshotBlock", kind, block),
+            None => cloud.damage_blocks_by("GetSnapshotBlock", kind, 3, 2),
+        }
         let before = cloud.calls().len();
         let refetched = fetch().unwrap();
+        let damaged = if aimed_at.is_some() { 1 } else { 2 };
         assert_eq!(
             gets(cloud, before),
-            refetched.downloaded + times as usize,
+            refetched.downloaded + damaged,
             "the {kind} blocks fetched again"
         );
+        if let Some(block) = aimed_at {
+            let fetched = cloud.calls()[before..]
+                .iter()
+                .filter(|c| c["action"] == "GetSnapshotBlock")
+                .filter(|c| c["ids"]["BlockIndex"] == block.to_string().as_str())
+                .count();
+            assert_eq!(fetched, 2, "block {block}, {kind}, fetched again");
+        }
         assert_eq!(refetched.digests, digests, "{kind}");
         is_the_snapshot(&refetched.image);
     }

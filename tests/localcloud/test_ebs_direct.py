@@ -196,6 +196,14 @@ def test_a_damaged_block_is_refused_on_its_way_in_and_shows_on_its_way_out(cloud
         assert (len(data), got["DataLength"]) == (length, BLOCK), kind
     got = ebs.get_snapshot_block(SnapshotId=snap, BlockIndex=1, BlockToken=token[1])
     assert got["BlockData"].read() == b"\x06" * BLOCK
+    # Aimed at one block: the calls naming others pass untouched and are not counted; the
+    # call log names each call's block.
+    before = len(cloud.calls())
+    cloud.cli("fault", "GetSnapshotBlock", "--corrupt", "long", "--block", "1", "--after", "1")
+    read = lambda i: ebs.get_snapshot_block(SnapshotId=snap, BlockIndex=i, BlockToken=token[i])["BlockData"].read()
+    assert [len(read(i)) for i in (0, 0, 1, 0, 1, 1)] == [BLOCK, BLOCK, BLOCK, BLOCK, BLOCK + 65536, BLOCK]
+    gets = [c for c in cloud.calls()[before:] if c["action"] == "GetSnapshotBlock"]
+    assert [c["ids"]["BlockIndex"] for c in gets] == ["0", "0", "1", "0", "1", "1"]
     ec2.delete_snapshot(SnapshotId=snap)
 
 

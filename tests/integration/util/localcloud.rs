@@ -462,6 +462,19 @@ impl LocalCloud {
         ]);
     }
 
+    /// As `damage_blocks_by`, counting only the calls that name block `block`: the next
+    /// one is damaged.
+    pub fn damage_block(&self, action: &str, kind: &str, block: u64) {
+        self.cli(&[
+            "fault",
+            action,
+            "--corrupt",
+            kind,
+            "--block",
+            &block.to_string(),
+        ]);
+    }
+
     /// `localcloud ls` as JSON.
     pub fn ls(&self) -> serde_json::Value {
         serde_json::from_slice(&self.cli(&["ls"]).stdout).unwrap()

@@ -63,7 +63,7 @@ class CallLog:
     """Every API call: action, the main ids it named (and any CIDR it opens), the result code."""
 
     ID_PARAMS = ("VolumeId", "InstanceId", "ImageId", "SnapshotId", "SourceSnapshotId", "Name", "KeyName", "GroupId", "Device",
-                 "KmsKeyId", "Encrypted", "Bucket", "Key")
+                 "KmsKeyId", "Encrypted", "Bucket", "Key", "BlockIndex")
 
     def __init__(self):
         self.lock = threading.Lock()
@@ -85,7 +85,8 @@ class Faults:
     """Injected failures: after M calls of an action pass, the next N fail with a code; or
     are held some seconds and then carried out (a slow answer); or are carried out and
     their answer lost (HTTP 500, as a dropped connection looks to a client, which retries).
-    P% of all calls throttled, or of some actions' calls only."""
+    A block call's fault may count only the calls naming one block. P% of all calls
+    throttled, or of some actions' calls only."""
 
     def __init__(self):
         self.lock = threading.Lock()
@@ -93,9 +94,11 @@ class Faults:
         self.throttle_percent = 0.0
         self.throttle_only = None  # a set of actions, or None for all
 
-    def take(self, action):
+    def take(self, action, block=None):
         with self.lock:
             fault = self.by_action.get(action)
+            if fault and fault.get("block") is not None and fault["block"] != block:
+                fault = None
             if fault and fault["after"] > 0:
                 fault["after"] -= 1
             elif fault and fault["times"] > 0:
@@ -112,12 +115,13 @@ class Faults:
                 return "RequestLimitExceeded"
         return None
 
-    def apply(self, action):
-        """Takes the fault for a call of `action`, holding it if it is a delay. Returns the
+    def apply(self, action, block=None):
+        """Takes the fault for a call of `action` (naming `block`, for a block call), holding
+        it if it is a delay. Returns the
         error code to answer with (or None) and what happens to a call carried out: None,
         "lose" (its answer is lost), or "flip", "short" or "long" (its block data is damaged
         on the way, as `ebs_direct.damaged` does)."""
-        fault = self.take(action) if action else None
+        fault = self.take(action, block) if action else None
         if isinstance(fault, tuple):
             kind, value = fault
             if kind == "delay":
@@ -256,7 +260,8 @@ class LocalCloud:
         iam = self.iam_facts(request, ids, ebs_body=request.get_data(cache=True) if action == "StartSnapshot" else None)
         if action is None:
             return ebs_fault("ValidationException", f"no EBS direct action at {request.method} {request.path}")
-        code, effect = self.faults.apply(action)
+        block = int(ids["BlockIndex"]) if ids.get("BlockIndex", "").isdigit() else None
+        code, effect = self.faults.apply(action, block)
         lose_answer = effect == "lose"
         if effect in DAMAGE:
             # The block's bytes damaged on their way: the data put, or the data got (whose
@@ -436,7 +441,8 @@ class LocalCloud:
                                                            "code": spec.get("code", "InternalError"),
                                                            "delay": float(spec.get("delay", 0)),
                                                            "lose_answer": bool(spec.get("lose_answer")),
-                                                           "corrupt": spec.get("corrupt")}
+                                                           "corrupt": spec.get("corrupt"),
+                                                           "block": None if spec.get("block") is None else int(spec["block"])}
             return json_response({"ok": True})
         if what == "changed-blocks" and request.method == "POST":
             spec = request.get_json()
