@@ -9,19 +9,9 @@
 //! fetch removes once its process is gone. A bake works on a copy of an entry in the same
 //! directory (`.work-*`, so the filesystem can share the copy's extents), gone after the
 //! bake, and removed by a later one if its process was killed.
-//!
-//! Whoever uses a part of the cache holds a lock on it (flock, which the kernel drops when
-//! the process dies, however it dies): a bake a shared one on the entry it reads, a fetch
-//! or a bake an exclusive one on its `.partial-*` directory or `.work-*` copy. A pid alone
-//! cannot tell: runs in other containers sharing the cache have pids this one cannot see.
-//! `prune` keeps an entry a bake is using; the sweep removes only what nobody holds.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
-
-use rustix::fs::{flock, FlockOperation};
 
 use tokio_util::sync::CancellationToken;
 
@@ -57,27 +47,7 @@ pub struct CachedImage {
     pub digests: BlockDigests,
     /// Blocks this call downloaded: 0 when the entry was already here.
     pub downloaded: usize,
-    /// The entry's shared lock, for as long as any copy of this lives: `prune` keeps it.
-    _in_use: Option<Arc<Hold>>,
 }
-
-/// A lock on a part of the cache, held while this lives.
-#[derive(Debug)]
-pub struct Hold(#[allow(dead_code)] File);
-
-impl Hold {
-    /// `path`'s lock (a file or a directory), taken without waiting; none while another
-    /// holds one that conflicts, or when `path` is gone.
-    fn try_take(path: &Path, how: FlockOperation) -> Option<Hold> {
-        let file = File::open(path).ok()?;
-        flock(&file, how).ok()?;
-        Some(Hold(file))
-    }
-}
-
-/// How long a `.partial-*` or `.work-*` nobody holds is left alone after it last changed:
-/// its maker takes the lock a moment after making it.
-const SWEEP_GRACE: Duration = Duration::from_secs(60);
 
 /// One complete entry, as `list` shows it.
 #[derive(Debug, Clone, serde::Serialize, schemars::JsonSchema)]
@@ -100,15 +70,6 @@ fn serialize_time<S: serde::Serializer>(
     s: S,
 ) -> Result<S::Ok, S::Error> {
     s.serialize_str(&humantime::format_rfc3339_seconds(*t).to_string())
-}
-
-/// What `prune` did.
-#[derive(Debug, Default)]
-pub struct Pruned {
-    /// (snapshot id, bytes freed)
-    pub removed: Vec<(String, u64)>,
-    /// Entries it would have removed but a bake on this machine is using.
-    pub in_use: Vec<String>,
 }
 
 pub struct ImageCache {
@@ -142,16 +103,9 @@ impl ImageCache {
         }
     }
 
-    /// The complete entry for `snapshot_id`, if there is one, held in use while the answer
-    /// (or a clone of it) lives. Reading it marks it used. An entry `prune` is removing is
-    /// not there.
+    /// The complete entry for `snapshot_id`, if there is one. Reading it marks it used.
     pub fn entry(&self, snapshot_id: &str) -> Option<CachedImage> {
-        let in_use = Hold::try_take(
-            &self.dir.join(snapshot_id),
-            FlockOperation::NonBlockingLockShared,
-        )?;
-        let mut found = self.peek(snapshot_id)?;
-        found._in_use = Some(Arc::new(in_use));
+        let found = self.peek(snapshot_id)?;
         if let Ok(file) = std::fs::File::options()
             .append(true)
             .open(self.used_marker(snapshot_id))
@@ -175,7 +129,6 @@ impl ImageCache {
             image,
             digests,
             downloaded: 0,
-            _in_use: None,
         })
     }
 
@@ -201,7 +154,6 @@ impl ImageCache {
             .join(format!("{PARTIAL}{snapshot_id}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&partial);
         std::fs::create_dir(&partial).map_err(self.io(format!("create {}", partial.display())))?;
-        let making = Hold::try_take(&partial, FlockOperation::NonBlockingLockExclusive);
         let fetched = self
             .fetch_into(clients, read_from, &partial, on_block, cancel)
             .await;
@@ -212,9 +164,6 @@ impl ImageCache {
                 return Err(e);
             }
         };
-        // Let go before it becomes the entry, whose users take shared locks; the sweep
-        // leaves what was just written alone.
-        drop(making);
         match std::fs::rename(&partial, self.dir.join(snapshot_id)) {
             Ok(()) => {}
             // Another bake on this machine completed the same entry first: use that one.
@@ -294,8 +243,8 @@ impl ImageCache {
         Ok(total)
     }
 
-    /// `.partial-*` directories and `.work-*` copies nobody holds, whose process is not
-    /// seen, and untouched for `SWEEP_GRACE`: what a killed fetch or bake left.
+    /// `.partial-*` directories and `.work-*` copies whose process is gone: what a killed
+    /// fetch or bake left.
     fn remove_abandoned_partials(&self) {
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return;
@@ -308,77 +257,58 @@ impl ImageCache {
             else {
                 continue;
             };
-            let process_seen = rest
+            let alive = rest
                 .rsplit_once('-')
                 .and_then(|(_, pid)| pid.parse::<u32>().ok())
                 .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
-            let path = entry.path();
-            let recent = std::fs::symlink_metadata(&path)
-                .and_then(|m| m.modified())
-                .is_ok_and(|at| {
-                    SystemTime::now().duration_since(at).unwrap_or_default() < SWEEP_GRACE
-                });
-            if process_seen || recent {
-                continue;
-            }
-            // Removed under the lock, so no run takes it meanwhile.
-            if let Some(_abandoned) =
-                Hold::try_take(&path, FlockOperation::NonBlockingLockExclusive)
-            {
+            if !alive {
+                let path = entry.path();
                 let _ = std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
             }
         }
     }
 
     /// A copy of `entry`'s image for one bake to write, `len` bytes long (grown when the
-    /// bake's volume is larger than the base's), held while the answered `Hold` lives. Its
-    /// extents are shared with the entry where the filesystem can (reflink), else only its
-    /// data is copied.
+    /// bake's volume is larger than the base's). Its extents are shared with the entry
+    /// where the filesystem can (reflink), else only its data is copied.
     pub fn working_copy(
         &self,
         entry: &CachedImage,
         build_id: &str,
         len: u64,
-    ) -> Result<(PathBuf, CopiedBy, Hold), CacheError> {
+    ) -> Result<(PathBuf, CopiedBy), CacheError> {
         self.remove_abandoned_partials();
         let path = self
             .dir
             .join(format!("{WORK}{build_id}-{}", std::process::id()));
-        let failed = |e| {
+        let copied = copy_sparse(&entry.image, &path, len).map_err(|e| {
             let _ = std::fs::remove_file(&path);
             self.io(format!(
                 "copy {} to {}",
                 entry.image.display(),
                 path.display()
             ))(e)
-        };
-        let copied = copy_sparse(&entry.image, &path, len).map_err(failed)?;
-        let hold = Hold::try_take(&path, FlockOperation::NonBlockingLockExclusive)
-            .ok_or_else(|| failed(std::io::Error::other("another process holds it")))?;
-        Ok((path, copied, hold))
+        })?;
+        Ok((path, copied))
     }
 
-    /// Removes the entries not used since `cutoff` (all of them with `None`) but those a
-    /// bake is using.
-    pub fn prune(&self, cutoff: Option<SystemTime>) -> Result<Pruned, CacheError> {
+    /// Removes the entries not used since `cutoff` (all of them with `None`); answers
+    /// what was removed and the bytes freed.
+    pub fn prune(
+        &self,
+        cutoff: Option<std::time::SystemTime>,
+    ) -> Result<Vec<(String, u64)>, CacheError> {
         self.remove_abandoned_partials();
-        let mut pruned = Pruned::default();
+        let mut removed = Vec::new();
         for listed in self.list() {
             if cutoff.is_some_and(|cutoff| listed.last_used >= cutoff) {
                 continue;
             }
-            let dir = self.dir.join(&listed.snapshot_id);
-            // Removed under the lock: no bake takes the entry meanwhile.
-            let Some(_removing) = Hold::try_take(&dir, FlockOperation::NonBlockingLockExclusive)
-            else {
-                pruned.in_use.push(listed.snapshot_id);
-                continue;
-            };
-            std::fs::remove_dir_all(&dir)
+            std::fs::remove_dir_all(self.dir.join(&listed.snapshot_id))
                 .map_err(self.io(format!("remove the entry of {}", listed.snapshot_id)))?;
-            pruned.removed.push((listed.snapshot_id, listed.bytes));
+            removed.push((listed.snapshot_id, listed.bytes));
         }
-        Ok(pruned)
+        Ok(removed)
     }
 
     /// Complete entries: what each takes on disk and when it was last used, newest use
@@ -412,77 +342,5 @@ impl ImageCache {
                 .then(a.snapshot_id.cmp(&b.snapshot_id))
         });
         listed
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// No process here has this pid: as a run in another container sharing the cache.
-    const UNSEEN_PID: &str = "4294967294";
-
-    fn left_long_ago(path: &Path) {
-        File::open(path)
-            .unwrap()
-            .set_modified(SystemTime::now() - 2 * SWEEP_GRACE)
-            .unwrap();
-    }
-
-    #[test]
-    fn the_sweep_removes_only_what_nobody_holds_whatever_the_pid() {
-        let dir = tempfile::tempdir().unwrap();
-        let cache = ImageCache::new(dir.path());
-        let copy = dir.path().join(format!("{WORK}build-{UNSEEN_PID}"));
-        let partial = dir.path().join(format!("{PARTIAL}snap-1-{UNSEEN_PID}"));
-        std::fs::write(&copy, b"image").unwrap();
-        std::fs::create_dir(&partial).unwrap();
-        std::fs::write(partial.join(IMAGE), b"half").unwrap();
-        // Held by their runs, whose pids this process cannot see.
-        let held: Vec<Hold> = [&copy, &partial]
-            .iter()
-            .map(|p| Hold::try_take(p, FlockOperation::NonBlockingLockExclusive).unwrap())
-            .collect();
-        left_long_ago(&copy);
-        left_long_ago(&partial);
-        cache.remove_abandoned_partials();
-        assert!(copy.exists() && partial.exists(), "held: kept");
-        drop(held);
-        cache.remove_abandoned_partials();
-        assert!(!copy.exists() && !partial.exists(), "let go: removed");
-    }
-
-    #[test]
-    fn the_sweep_leaves_what_was_just_made_before_its_maker_holds_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let cache = ImageCache::new(dir.path());
-        let copy = dir.path().join(format!("{WORK}build-{UNSEEN_PID}"));
-        std::fs::write(&copy, b"image").unwrap();
-        cache.remove_abandoned_partials();
-        assert!(copy.exists(), "just made");
-        left_long_ago(&copy);
-        cache.remove_abandoned_partials();
-        assert!(!copy.exists(), "left long ago, held by nobody");
-    }
-
-    #[test]
-    fn a_working_copy_is_held_while_its_bake_lives() {
-        let dir = tempfile::tempdir().unwrap();
-        let cache = ImageCache::new(dir.path());
-        let entry_dir = dir.path().join("snap-1");
-        std::fs::create_dir(&entry_dir).unwrap();
-        std::fs::write(entry_dir.join(IMAGE), b"base").unwrap();
-        std::fs::write(entry_dir.join(DIGESTS), BlockDigests::default().to_bytes()).unwrap();
-        let entry = cache.entry("snap-1").unwrap();
-        let (path, _, held) = cache.working_copy(&entry, "build", 4096).unwrap();
-        left_long_ago(&path);
-        cache.remove_abandoned_partials();
-        assert!(path.exists(), "a live bake's copy stays");
-        assert!(
-            Hold::try_take(&path, FlockOperation::NonBlockingLockShared).is_none(),
-            "held"
-        );
-        drop(held);
-        assert!(Hold::try_take(&path, FlockOperation::NonBlockingLockShared).is_some());
     }
 }

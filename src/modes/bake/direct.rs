@@ -22,7 +22,7 @@ use crate::engine::{Keep, Step, StepContext, StepError, UndoId, UndoStack, Unit}
 use crate::host::block_digests::BlockDigests;
 use crate::host::disk_image::{self, CopiedBy};
 use crate::host::ext4_journal;
-use crate::host::image_cache::{CacheError, CachedImage, Hold, ImageCache};
+use crate::host::image_cache::{CacheError, CachedImage, ImageCache};
 use crate::host::loop_device::Writes;
 use crate::host::partitions;
 use crate::modes::image;
@@ -114,8 +114,6 @@ pub struct Direct {
     upload: UploadPlan,
     base_image: Option<CachedImage>,
     working_copy: Option<PathBuf>,
-    /// The working copy's lock: no other run's sweep of the cache removes it.
-    _working_copy_held: Option<Hold>,
     remove_copy: Option<UndoId>,
     release_loop: Option<UndoId>,
 }
@@ -127,7 +125,6 @@ impl Direct {
             upload,
             base_image: None,
             working_copy: None,
-            _working_copy_held: None,
             remove_copy: None,
             release_loop: None,
         }
@@ -282,7 +279,7 @@ impl Step<BakeState<Direct>> for CopyBaseImage {
     }
     async fn run(&self, s: &mut BakeState<Direct>, ctx: &mut StepContext) -> Result<(), StepError> {
         let entry = earlier(&s.backend.base_image, "base image")?;
-        let (path, copied, held) = s
+        let (path, copied) = s
             .backend
             .cache
             .working_copy(&entry, &s.image.build_id, size_bytes(s))
@@ -311,7 +308,6 @@ impl Step<BakeState<Direct>> for CopyBaseImage {
             }
         ));
         s.backend.working_copy = Some(path);
-        s.backend._working_copy_held = Some(held);
         Ok(())
     }
 }
