@@ -258,13 +258,7 @@ mod tests {
             8 * B,
             &[(0, b"boot"), (2 * B, b"keep"), (5 * B, b"gone")],
         );
-        let file = File::open(&base).unwrap();
-        let mut parent = BlockDigests::default();
-        let mut buf = vec![0u8; BLOCK_SIZE];
-        for index in data_blocks(&file).unwrap() {
-            read_block(&file, index, &mut buf).unwrap();
-            parent.0.insert(index, block_digest(&buf));
-        }
+        let parent = digests_of(&base);
         // The bake: block 0 rewritten, block 5 freed (punched), block 7 new; 2 untouched.
         let work = dir.path().join("work");
         copy_sparse(&base, &work, 0).unwrap();
@@ -313,6 +307,18 @@ mod tests {
         assert!(full.iter().all(|c| c.digest != zero));
     }
 
+    /// The digest of every block of `image` holding data, read here, as a cache entry's.
+    fn digests_of(image: &Path) -> BlockDigests {
+        let file = File::open(image).unwrap();
+        let mut digests = BlockDigests::default();
+        let mut buf = vec![0u8; BLOCK_SIZE];
+        for index in data_blocks(&file).unwrap() {
+            read_block(&file, index, &mut buf).unwrap();
+            digests.0.insert(index, block_digest(&buf));
+        }
+        digests
+    }
+
     fn all_changed(image: &Path, parent: Option<&BlockDigests>) -> Vec<ChangedBlock> {
         changed_blocks(image, parent, 1, || true, |_| ()).unwrap()
     }
@@ -352,13 +358,7 @@ mod tests {
             .collect();
         let writes: Vec<(u64, &[u8])> = writes.iter().map(|(at, d)| (*at, d.as_slice())).collect();
         let base = sparse(dir.path(), 128 * B, &writes);
-        let file = File::open(&base).unwrap();
-        let mut parent = BlockDigests::default();
-        let mut buf = vec![0u8; BLOCK_SIZE];
-        for index in data_blocks(&file).unwrap() {
-            read_block(&file, index, &mut buf).unwrap();
-            parent.0.insert(index, block_digest(&buf));
-        }
+        let parent = digests_of(&base);
         // Every fourth block rewritten, and two new ones.
         let work = dir.path().join("work");
         copy_sparse(&base, &work, 0).unwrap();
