@@ -512,8 +512,8 @@ fn throttled_since(before: u64, calls: &str) -> String {
 const FOUND_AHEAD: usize = 32;
 
 /// The reading of the image for the blocks that differ from the parent's digests (every
-/// block holding data with no parent), on a thread of its own, at most `FOUND_AHEAD`
-/// blocks ahead of whoever takes them.
+/// block holding data with no parent), on threads of its own (`disk_image::readers`), at
+/// most `FOUND_AHEAD` blocks ahead of whoever takes them.
 struct ChangedBlocks {
     found: tokio::sync::mpsc::Receiver<disk_image::ChangedBlock>,
     to_put: Arc<ToPut>,
