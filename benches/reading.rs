@@ -45,7 +45,7 @@ fn main() {
             .collect(),
     );
     let work = dir.path().join("work");
-    copy_sparse(&base, &work, 0).unwrap();
+    copy_sparse(&base, &File::create(&work).unwrap(), 0).unwrap();
     let w = std::fs::OpenOptions::new().write(true).open(&work).unwrap();
     for i in 0..BASE_BLOCKS / 4 {
         fill(&mut block);

@@ -43,6 +43,8 @@ pub struct Pruned {
     pub cache_dir: PathBuf,
     /// (snapshot id, bytes freed)
     pub removed: Vec<(String, u64)>,
+    /// Entries old enough to go that a bake is using: kept.
+    pub in_use: Vec<String>,
     pub freed_bytes: u64,
     pub kept: usize,
 }
@@ -53,12 +55,13 @@ pub fn prune(
     older_than: Option<Duration>,
 ) -> Result<Pruned, CacheCommandError> {
     let cutoff = older_than.map(|age| SystemTime::now() - age);
-    let removed = cache.prune(cutoff)?;
+    let pruned = cache.prune(cutoff)?;
     Ok(Pruned {
         cache_dir: cache.dir().to_path_buf(),
-        freed_bytes: removed.iter().map(|(_, b)| b).sum(),
+        freed_bytes: pruned.removed.iter().map(|(_, b)| b).sum(),
         kept: cache.list().len(),
-        removed,
+        removed: pruned.removed,
+        in_use: pruned.in_use,
     })
 }
 
@@ -110,6 +113,11 @@ impl Pruned {
             .removed
             .iter()
             .map(|(id, bytes)| format!("removed {id} ({})", human_bytes(*bytes)))
+            .chain(
+                self.in_use
+                    .iter()
+                    .map(|id| format!("kept {id}: a bake is using it")),
+            )
             .collect();
         lines.push(format!(
             "freed {} in {}; {} base images kept",

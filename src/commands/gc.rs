@@ -23,6 +23,7 @@ use super::channel::{self, ChannelError};
 use crate::artifact::{STATE_BUILDING, TAG_STATE};
 use crate::aws::{self, AwsError, AwsOptions, Clients};
 use crate::engine::{error_chain, BoxError, EventSink, Progress};
+use crate::host::image_cache::{self, ImageCache};
 use crate::host::{loop_device, mount, run_lock};
 use crate::sandbox::credential_guard;
 
@@ -31,7 +32,7 @@ pub struct GcOptions {
     pub aws: AwsOptions,
     pub older_than: Duration,
     pub apply: bool,
-    /// The direct backend's image cache, whose `.work-*` copies a killed bake leaves.
+    /// The direct backend's image cache, whose copies and partial entries killed runs leave.
     pub cache_dir: Option<PathBuf>,
     /// Look in every region the account has enabled, not only the run's: copies a killed
     /// bake was making live in the regions it copied to.
@@ -169,23 +170,12 @@ pub fn is_build_id(text: &str) -> bool {
             .is_some_and(|hex| hex.len() == 8 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
-/// The process of a cache's partial entry (`.partial-<snapshot>-<pid>`), when it is gone:
-/// a fetch killed before it could rename its entry complete.
-fn dead_fetcher(name: &str) -> Option<u32> {
-    let pid: u32 = name
-        .strip_prefix(".partial-")?
-        .rsplit('-')
-        .next()?
-        .parse()
-        .ok()?;
-    (!Path::new(&format!("/proc/{pid}")).exists()).then_some(pid)
-}
-
 /// The build id a local path of amibake's names: `amibake-<id>-…` (work and key
-/// directories) or `.work-<id>-<pid>` (a cache copy).
+/// directories) or `.copy-<id>-…` (a cache copy; `.work-<id>-<pid>` before locks).
 pub fn build_id_in(name: &str) -> Option<String> {
     let rest = name
         .strip_prefix("amibake-")
+        .or_else(|| name.strip_prefix(".copy-"))
         .or_else(|| name.strip_prefix(".work-"))?;
     // `ab-` + 14 digits + `-` + 8 hex digits.
     let id = rest.get(..26)?;
@@ -220,8 +210,8 @@ pub async fn gc(
     for _pass in 0..PASSES {
         let found = look(options, &regions, &mut unread).await?;
         for l in &found {
-            // A leftover named by a process rather than a run (a cache fetch's partial
-            // entry) is listed only once that process is gone. A run named by
+            // A leftover of no run (a partial entry of the image cache) is listed only
+            // once nobody holds it, whatever its age. A run named by
             // --build-id is over once it no longer holds its lock, however young.
             verdicts.entry(l.build_id.clone()).or_insert_with(|| {
                 match (is_build_id(&l.build_id), &options.build_id) {
@@ -362,24 +352,24 @@ fn machine_leftovers(cache_dir: Option<&Path>) -> Vec<Leftover> {
             ));
         }
     }
-    let mut dirs = vec![std::env::temp_dir(), PathBuf::from("/dev/shm")];
-    dirs.extend(cache_dir.map(Path::to_path_buf));
+    // What killed runs left in the cache is what its own sweep would remove: a copy or a
+    // partial entry nobody holds, whichever container its run was in.
+    for path in cache_dir
+        .map(ImageCache::new)
+        .map_or(Vec::new(), |c| c.abandoned())
+    {
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        let by = build_id_in(&name).unwrap_or_else(|| "image cache".to_string());
+        found.push(leftover(by, "file", path.to_string_lossy().into_owned()));
+    }
     let mut seen = BTreeSet::new();
-    for dir in dirs {
+    for dir in [std::env::temp_dir(), PathBuf::from("/dev/shm")] {
         let Ok(entries) = std::fs::read_dir(&dir) else {
             continue;
         };
         for entry in entries.flatten() {
             let path = entry.path();
             let name = entry.file_name().to_string_lossy().into_owned();
-            if let Some(pid) = dead_fetcher(&name) {
-                found.push(leftover(
-                    format!("pid {pid}"),
-                    "file",
-                    path.to_string_lossy().into_owned(),
-                ));
-                continue;
-            }
             if let Some(id) = build_id_in(&name) {
                 if seen.insert(path.clone()) {
                     found.push(leftover(id, "file", path.to_string_lossy().into_owned()));
@@ -489,7 +479,15 @@ async fn remove(clients: &Clients, l: &Leftover, progress: &Progress) -> Result<
         "cgroup" => Ok(credential_guard::remove_leftover(Path::new(&id))?),
         "mount" => Ok(mount::unmount(Path::new(&id))?),
         "loop device" => Ok(loop_device::detach(Path::new(&id))?),
-        "file" => Ok(remove_local(Path::new(&id))?),
+        "file" => {
+            let path = Path::new(&id);
+            let named = path.file_name().unwrap_or_default().to_string_lossy();
+            if image_cache::is_leftover(&named) {
+                Ok(image_cache::remove_leftover(path)?)
+            } else {
+                Ok(remove_local(path)?)
+            }
+        }
         "instance" => crate::aws::instance::terminate(c, id, progress.clone())
             .await
             .map_err(Into::into),
@@ -559,6 +557,10 @@ mod tests {
         );
         assert_eq!(
             build_id_in(&format!("amibake-{id}-key-Q1w2e3")).as_deref(),
+            Some(id)
+        );
+        assert_eq!(
+            build_id_in(&format!(".copy-{id}-aB3xYz")).as_deref(),
             Some(id)
         );
         assert_eq!(

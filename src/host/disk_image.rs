@@ -64,15 +64,18 @@ pub enum CopiedBy {
     Extents,
 }
 
-/// Copies `src` to a new file `dst` of `len` bytes (at least the source's length): a
-/// reflink where the filesystem can, else its data ranges only.
-pub fn copy_sparse(src: &Path, dst: &Path, len: u64) -> io::Result<CopiedBy> {
+/// Copies `src` into `target`, a file just made and still empty, making it `len` bytes
+/// long (at least the source's length): a reflink where the filesystem can, else its data
+/// ranges only.
+pub fn copy_sparse(src: &Path, target: &File, len: u64) -> io::Result<CopiedBy> {
     let source = File::open(src)?;
-    let target = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(dst)?;
-    let copied = if rustix::fs::ioctl_ficlone(&target, &source).is_ok() {
+    if target.metadata()?.len() != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            "the copy's file is not empty",
+        ));
+    }
+    let copied = if rustix::fs::ioctl_ficlone(target, &source).is_ok() {
         CopiedBy::Reflink
     } else {
         for (start, end) in data_ranges(&source)? {
@@ -82,7 +85,7 @@ pub fn copy_sparse(src: &Path, dst: &Path, len: u64) -> io::Result<CopiedBy> {
                 let n = rustix::fs::copy_file_range(
                     &source,
                     Some(&mut from),
-                    &target,
+                    target,
                     Some(&mut to),
                     left,
                 )?;
@@ -233,7 +236,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let src = sparse(dir.path(), 16 * B, &[(B, b"hello"), (9 * B, b"world")]);
         let dst = dir.path().join("copy");
-        copy_sparse(&src, &dst, 32 * B).unwrap();
+        copy_sparse(&src, &File::create(&dst).unwrap(), 32 * B).unwrap();
         let copy = File::open(&dst).unwrap();
         assert_eq!(
             copy.metadata().unwrap().len(),
@@ -245,8 +248,8 @@ mod tests {
         read_block(&copy, 9, &mut buf).unwrap();
         assert_eq!(&buf[..5], b"world");
         assert!(
-            copy_sparse(&src, &dst, 0).is_err(),
-            "never over an existing file"
+            copy_sparse(&src, &File::options().write(true).open(&dst).unwrap(), 0).is_err(),
+            "never over a file holding data"
         );
     }
 
@@ -261,7 +264,7 @@ mod tests {
         let parent = digests_of(&base);
         // The bake: block 0 rewritten, block 5 freed (punched), block 7 new; 2 untouched.
         let work = dir.path().join("work");
-        copy_sparse(&base, &work, 0).unwrap();
+        copy_sparse(&base, &File::create(&work).unwrap(), 0).unwrap();
         let w = std::fs::OpenOptions::new().write(true).open(&work).unwrap();
         w.write_all_at(b"BOOT", 0).unwrap();
         w.write_all_at(b"new", 7 * B).unwrap();
@@ -361,7 +364,7 @@ mod tests {
         let parent = digests_of(&base);
         // Every fourth block rewritten, and two new ones.
         let work = dir.path().join("work");
-        copy_sparse(&base, &work, 0).unwrap();
+        copy_sparse(&base, &File::create(&work).unwrap(), 0).unwrap();
         let w = std::fs::OpenOptions::new().write(true).open(&work).unwrap();
         for i in (0..40u64).step_by(4) {
             w.write_all_at(b"changed", i * 3 * B).unwrap();

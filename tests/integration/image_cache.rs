@@ -83,7 +83,7 @@ fn a_base_is_fetched_once_byte_for_byte_and_never_trusted_half_made() {
             && failed.contains("AccessDeniedException"),
         "{failed}"
     );
-    assert!(cache.entry(&snapshot).is_none());
+    assert!(cache.entry(&snapshot).unwrap().is_none());
     let left: Vec<_> = std::fs::read_dir(cache.dir())
         .unwrap()
         .map(|e| e.unwrap().file_name())
@@ -93,13 +93,26 @@ fn a_base_is_fetched_once_byte_for_byte_and_never_trusted_half_made() {
         "nothing of the failed fetch is left: {left:?}"
     );
 
-    // What a killed fetch leaves (a partial entry of a process that is gone) is removed,
-    // and an entry without its digests is not trusted.
-    let abandoned = cache.dir().join(format!(".partial-{snapshot}-4000000"));
+    // What a killed fetch leaves (a partial entry nobody holds) is removed, and an entry
+    // without its digests is not trusted.
+    let abandoned = cache.dir().join(format!(".fetching-{snapshot}-Q1w2e3"));
     std::fs::create_dir_all(&abandoned).unwrap();
     std::fs::write(abandoned.join("image"), b"half").unwrap();
+    std::fs::write(abandoned.join("lock"), b"").unwrap();
     std::fs::create_dir_all(cache.dir().join("snap-0000000000000000a")).unwrap();
-    assert!(cache.entry("snap-0000000000000000a").is_none());
+    assert!(cache.entry("snap-0000000000000000a").unwrap().is_none());
+
+    // Another run's live fetch of the same snapshot, in a container whose pids this one
+    // cannot see: held by its lock, it is left alone.
+    let live = cache.dir().join(format!(".fetching-{snapshot}-aB3xYz"));
+    std::fs::create_dir_all(&live).unwrap();
+    std::fs::write(live.join("image"), b"another run's").unwrap();
+    let live_lock = std::fs::File::create(live.join("lock")).unwrap();
+    rustix::fs::flock(
+        &live_lock,
+        rustix::fs::FlockOperation::NonBlockingLockExclusive,
+    )
+    .unwrap();
 
     // With 30 % of the calls throttled, the fetch still completes (the SDK retries them).
     cloud.cli(&["fault", "--throttle", "30"]);
@@ -107,6 +120,13 @@ fn a_base_is_fetched_once_byte_for_byte_and_never_trusted_half_made() {
     let entry = fetch().unwrap();
     cloud.cli(&["fault", "--throttle", "0"]);
     assert!(!abandoned.exists(), "the abandoned partial entry is gone");
+    assert_eq!(
+        std::fs::read(live.join("image")).unwrap(),
+        b"another run's",
+        "a live fetch's partial entry is untouched"
+    );
+    drop(live_lock);
+    std::fs::remove_dir_all(&live).unwrap();
     let listed = cloud.calls()[before..]
         .iter()
         .filter(|c| c["action"] == "GetSnapshotBlock" && c["code"] == "OK")
@@ -118,12 +138,13 @@ fn a_base_is_fetched_once_byte_for_byte_and_never_trusted_half_made() {
     // Byte for byte what EC2 has.
     let exported = dir.join("exported.img");
     cloud.cli(&["export-snapshot", &snapshot, exported.to_str().unwrap()]);
+    let downloaded = entry.downloaded;
     let is_the_snapshot = |image: &Path| {
         let blocks = allocated_blocks(image)
             .union(&allocated_blocks(&exported))
             .copied()
             .collect::<Vec<_>>();
-        assert!(blocks.len() >= entry.downloaded);
+        assert!(blocks.len() >= downloaded);
         for index in blocks {
             assert_eq!(
                 block(image, index),
@@ -140,12 +161,15 @@ fn a_base_is_fetched_once_byte_for_byte_and_never_trusted_half_made() {
     // snapshot's zeros (so a write past its own 512 KiB would show in the entry), cut short,
     // and grown past its end.
     let highest = *entry.digests.0.keys().max().unwrap();
+    // Let go: prune keeps an entry in use.
+    let digests = entry.digests.clone();
+    drop(entry);
     for (kind, aimed_at) in [
         ("flip", None),
         ("short", Some(highest)),
         ("long", Some(highest)),
     ] {
-        cache.prune(None).unwrap();
+        assert_eq!(cache.prune(None).unwrap().removed.len(), 1, "{kind}");
         match aimed_at {
             Some(block) => cloud.damage_block("GetSnapshotBlock", kind, block),
             None => cloud.damage_blocks_by("GetSnapshotBlock", kind, 3, 2),
@@ -166,7 +190,7 @@ fn a_base_is_fetched_once_byte_for_byte_and_never_trusted_half_made() {
                 .count();
             assert_eq!(fetched, 2, "block {block}, {kind}, fetched again");
         }
-        assert_eq!(refetched.digests, entry.digests, "{kind}");
+        assert_eq!(refetched.digests, digests, "{kind}");
         is_the_snapshot(&refetched.image);
     }
 
@@ -175,7 +199,7 @@ fn a_base_is_fetched_once_byte_for_byte_and_never_trusted_half_made() {
     let again = fetch().unwrap();
     assert_eq!(again.downloaded, 0);
     assert_eq!(gets(cloud, before), 0, "no GetSnapshotBlock");
-    assert_eq!(again.digests, entry.digests);
+    assert_eq!(again.digests, digests);
     assert_eq!(
         cache
             .list()

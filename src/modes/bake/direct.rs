@@ -173,7 +173,7 @@ impl Step<BakeState<Direct>> for FetchBaseImage {
         if let Some(why) = &s.backend.upload.why_no_parent {
             ctx.progress.note(why.clone());
         }
-        if let Some(entry) = s.backend.cache.entry(&snapshot_id) {
+        if let Some(entry) = s.backend.cache.entry(&snapshot_id).map_err(failed)? {
             ctx.progress.note(format!(
                 "{snapshot_id} from the cache in {} ({} blocks; none downloaded)",
                 s.backend.cache.dir().display(),
@@ -279,24 +279,21 @@ impl Step<BakeState<Direct>> for CopyBaseImage {
     }
     async fn run(&self, s: &mut BakeState<Direct>, ctx: &mut StepContext) -> Result<(), StepError> {
         let entry = earlier(&s.backend.base_image, "base image")?;
-        let (path, copied) = s
-            .backend
-            .cache
-            .working_copy(&entry, &s.image.build_id, size_bytes(s))
-            .map_err(failed)?;
-        let p = path.clone();
+        let copy = Arc::new(
+            s.backend
+                .cache
+                .working_copy(&entry, &s.image.build_id, size_bytes(s))
+                .map_err(failed)?,
+        );
+        let (path, copied) = (copy.path.clone(), copy.copied);
+        // The undo owns the copy and its lock: the lock goes with the file, not before.
         s.backend.remove_copy = Some(ctx.undo.push(
             path.display().to_string(),
             "remove the working copy",
             Keep::Never,
             move || {
-                let p = p.clone();
-                async move {
-                    match std::fs::remove_file(&p) {
-                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
-                        _ => Ok(()),
-                    }
-                }
+                let copy = copy.clone();
+                async move { copy.remove().map_err(Into::into) }
             },
         ));
         ctx.progress.note(format!(

@@ -403,7 +403,7 @@ fn direct_bakes_without_imds_or_volumes_and_puts_only_changed_blocks() {
             p.file_name()
                 .unwrap()
                 .to_string_lossy()
-                .starts_with(".work-")
+                .starts_with(".copy-")
         })
         .unwrap_or_else(|| panic!("the copy is still there\n{}", kept.dump()));
     let named = copy.display().to_string();
