@@ -477,7 +477,7 @@ async fn remove(clients: &Clients, l: &Leftover, progress: &Progress) -> Result<
     let (c, id) = (clients.clone(), l.id.clone());
     match l.kind {
         "cgroup" => Ok(credential_guard::remove_leftover(Path::new(&id))?),
-        "mount" => Ok(mount::unmount(Path::new(&id))?),
+        "mount" => Ok(mount::unmount(Path::new(&id), None)?),
         "loop device" => Ok(loop_device::detach(Path::new(&id))?),
         "file" => {
             let path = Path::new(&id);

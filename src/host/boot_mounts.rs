@@ -19,6 +19,7 @@ use rustix::mount::MountFlags;
 
 use super::filesystem::{self, Filesystem, FsKind};
 use super::image_root::ImageRoot;
+use super::mount;
 use super::partitions::{self, Partition};
 
 /// The mount points mounted, parents first.
@@ -404,8 +405,9 @@ pub fn unmount(root: &Path, mount_point: &str, mount_id: u64) -> Result<(), Boot
         source,
     };
     let mut reason = None;
+    let device = mount::device_of_mount(|id, _| id == mount_id);
     for _ in 0..UNMOUNT_ATTEMPTS {
-        let Some(now) = super::mount::mount_point_of(mount_id).map_err(fail)? else {
+        let Some(now) = mount::mount_point_of(mount_id).map_err(fail)? else {
             return Ok(());
         };
         if !now.starts_with(root) {
@@ -415,7 +417,17 @@ pub fn unmount(root: &Path, mount_point: &str, mount_id: u64) -> Result<(), Boot
             ))));
         }
         match rustix::mount::unmount(&now, rustix::mount::UnmountFlags::NOFOLLOW) {
-            Ok(()) => return Ok(()),
+            Ok(()) => {
+                let Some(device) = &device else {
+                    return Ok(());
+                };
+                return mount::wait_released(device, mount::RELEASE_WAIT).map_err(|holders| {
+                    fail(std::io::Error::other(format!(
+                        "{} (held by {holders})",
+                        mount::LIVES_ON
+                    )))
+                });
+            }
             Err(e @ Errno::BUSY) => reason = Some(e),
             Err(e) => return Err(fail(e.into())),
         }

@@ -8,7 +8,8 @@
 //! starting services. Both are put and taken back through `image_root`, as the image
 //! resolves their paths and never through a link to the host, restoring the image's own
 //! files exactly. Unmounting retries while busy and names who holds a mount that will not
-//! let go.
+//! let go; it is done once the filesystem is written out, which a copy of the mount in
+//! another mount namespace can hold off (`wait_released`).
 //!
 //! These functions block (they run mount(8) and wait between retries): async callers run them
 //! with `tokio::task::spawn_blocking`.
@@ -175,12 +176,29 @@ fn waiting_bytes(meminfo: &str) -> u64 {
         * 1024
 }
 
-/// Unmounts `target`, retrying while it is busy; the last error names who holds it.
-pub fn unmount(target: &Path) -> Result<(), MountError> {
+/// Unmounts `target`, retrying while it is busy; the last error names who holds it. Done
+/// once its filesystem is written out and let go of everywhere (`wait_released`): that of
+/// `device` where the caller knows it (then waited for even when `target` is unmounted
+/// already, as after a wait that ran out), else of what is mounted there.
+pub fn unmount(target: &Path, device: Option<&Path>) -> Result<(), MountError> {
     let mut reason = String::new();
+    let device = device.and_then(MountedDevice::of_node).or_else(|| {
+        let target = target.canonicalize().ok()?;
+        device_of_mount(|_, point| point == target)
+    });
+    let released = |device: Option<MountedDevice>| match device {
+        Some(device) => {
+            wait_released(&device, RELEASE_WAIT).map_err(|holders| MountError::Unmount {
+                target: target.into(),
+                reason: LIVES_ON.into(),
+                holders: format!(" (held by {holders})"),
+            })
+        }
+        None => Ok(()),
+    };
     for attempt in 0..UNMOUNT_ATTEMPTS {
         if !is_mount_point(target) {
-            return Ok(());
+            return released(device);
         }
         let out = Command::new("umount")
             .arg(target)
@@ -191,7 +209,7 @@ pub fn unmount(target: &Path) -> Result<(), MountError> {
                 holders: String::new(),
             })?;
         if out.status.success() {
-            return Ok(());
+            return released(device);
         }
         reason = String::from_utf8_lossy(&out.stderr).trim().to_string();
         if attempt + 1 < UNMOUNT_ATTEMPTS {
@@ -254,6 +272,168 @@ pub fn mount_point_of(mount_id: u64) -> std::io::Result<Option<PathBuf>> {
     }))
 }
 
+/// How long an unmounted filesystem may live on in another mount namespace before its
+/// unmount is called failed, and how often that is looked at.
+pub const RELEASE_WAIT: Duration = Duration::from_secs(20);
+const RELEASE_POLL: Duration = Duration::from_millis(20);
+
+/// Why an unmount that succeeded here failed.
+pub const LIVES_ON: &str = "unmounted here, but its filesystem lives on in another mount \
+     namespace (one made while it was mounted), and is not written out until that lets go";
+
+/// A block device a filesystem is mounted from: its number as mountinfo writes it
+/// (`7:3`), and its node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountedDevice {
+    number: String,
+    node: PathBuf,
+}
+
+impl MountedDevice {
+    /// The block device at `node`; none for anything else.
+    pub fn of_node(node: &Path) -> Option<MountedDevice> {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let meta = std::fs::metadata(node).ok()?;
+        meta.file_type().is_block_device().then(|| MountedDevice {
+            number: format!(
+                "{}:{}",
+                rustix::fs::major(meta.rdev()),
+                rustix::fs::minor(meta.rdev())
+            ),
+            node: node.to_path_buf(),
+        })
+    }
+}
+
+/// The block device of the first mount of this namespace that `which` (its id, its mount
+/// point) picks, as /proc/self/mountinfo says; none for what is not on a block device.
+pub fn device_of_mount(which: impl Fn(u64, &Path) -> bool) -> Option<MountedDevice> {
+    let table = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    table.lines().find_map(|line| {
+        let (mount, fs) = line.split_once(" - ")?;
+        let fields: Vec<&str> = mount.split(' ').collect();
+        let id: u64 = fields.first()?.parse().ok()?;
+        let point = unescape_mount_path(fields.get(4)?);
+        if !which(id, &point) {
+            return None;
+        }
+        let number = fields.get(2)?.to_string();
+        let source = unescape_mount_path(fs.split(' ').nth(1)?);
+        node_of(&number, &source).map(|node| MountedDevice { number, node })
+    })
+}
+
+/// The block device node numbered `number`: the mount's source if it is that one, else
+/// the name the kernel gives it.
+fn node_of(number: &str, source: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let (major, minor) = number.split_once(':')?;
+    let wanted = rustix::fs::makedev(major.parse().ok()?, minor.parse().ok()?);
+    let is_it = |path: &Path| {
+        std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device() && m.rdev() == wanted)
+    };
+    if is_it(source) {
+        return Some(source.to_path_buf());
+    }
+    let uevent = std::fs::read_to_string(format!("/sys/dev/block/{number}/uevent")).ok()?;
+    let name = uevent.lines().find_map(|l| l.strip_prefix("DEVNAME="))?;
+    let node = Path::new("/dev").join(name);
+    is_it(&node).then_some(node)
+}
+
+/// After an unmount here: waits until no mount namespace holds `device`'s filesystem any
+/// more, up to `limit`. A namespace made while it was mounted (another bake's sandbox as it
+/// starts, a service's private namespace) holds a copy of the mount that an unmount here
+/// does not reach, and the filesystem is written out only once that goes: until then its
+/// journal needs recovery, and a snapshot, a detach or a journal put back would take it
+/// half written. The kernel says so by refusing the device to an exclusive open. Answers
+/// who still holds it when the wait ends; nothing to wait for while this namespace still
+/// mounts it elsewhere.
+pub fn wait_released(device: &MountedDevice, limit: Duration) -> Result<(), String> {
+    if !namespaces_mounting(&device.number, true).is_empty() {
+        return Ok(());
+    }
+    let since = std::time::Instant::now();
+    loop {
+        let open = rustix::fs::open(
+            &device.node,
+            OFlags::RDONLY | OFlags::EXCL | OFlags::CLOEXEC | OFlags::NONBLOCK,
+            Mode::empty(),
+        );
+        match open {
+            Err(rustix::io::Errno::BUSY) if since.elapsed() < limit => {
+                std::thread::sleep(RELEASE_POLL)
+            }
+            Err(rustix::io::Errno::BUSY) => {
+                let holders = namespaces_mounting(&device.number, false);
+                return Err(if holders.is_empty() {
+                    format!("something this host cannot see, {}", device.node.display())
+                } else {
+                    holders.join(", ")
+                });
+            }
+            // Free, or not a device this host can open to tell: nothing to wait for.
+            _ => return Ok(()),
+        }
+    }
+}
+
+/// A process of each mount namespace that mounts the device numbered `number`, "pid 42
+/// (sleep)"; with `own`, only this process's namespace is looked at.
+fn namespaces_mounting(number: &str, own: bool) -> Vec<String> {
+    let mounts = |table: &str| {
+        table
+            .lines()
+            .any(|line| line.split(' ').nth(2) == Some(number))
+    };
+    if own {
+        let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        return if mounts(&table) {
+            vec!["this process".into()]
+        } else {
+            Vec::new()
+        };
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    let mut found = Vec::new();
+    for (pid, p) in processes() {
+        let Ok(namespace) = std::fs::read_link(p.join("ns/mnt")) else {
+            continue;
+        };
+        if seen.contains(&namespace) {
+            continue;
+        }
+        let table = std::fs::read_to_string(p.join("mountinfo")).unwrap_or_default();
+        if mounts(&table) {
+            seen.insert(namespace);
+            found.push(process_named(&pid, &p));
+        }
+    }
+    found
+}
+
+/// Every process this host shows: its pid and its directory in /proc.
+fn processes() -> Vec<(String, PathBuf)> {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .flatten()
+        .filter_map(|p| {
+            let pid = p.file_name().to_string_lossy().into_owned();
+            pid.chars()
+                .all(|c| c.is_ascii_digit())
+                .then(|| (pid, p.path()))
+        })
+        .collect()
+}
+
+/// "pid 42 (php-fpm)".
+fn process_named(pid: &str, dir: &Path) -> String {
+    let name = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+    format!("pid {pid} ({})", name.trim())
+}
+
 fn unescape_mount_path(field: &str) -> PathBuf {
     PathBuf::from(
         field
@@ -269,26 +449,17 @@ fn holders_of(target: &Path) -> Vec<String> {
     let Ok(target) = target.canonicalize() else {
         return Vec::new();
     };
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    let mut found = Vec::new();
-    for proc_dir in procs.flatten() {
-        let pid = proc_dir.file_name().to_string_lossy().into_owned();
-        if !pid.chars().all(|c| c.is_ascii_digit()) {
-            continue;
-        }
-        let p = proc_dir.path();
-        let under = |link: PathBuf| std::fs::read_link(link).is_ok_and(|t| t.starts_with(&target));
-        let open_files = std::fs::read_dir(p.join("fd"))
-            .map(|fds| fds.flatten().any(|fd| under(fd.path())))
-            .unwrap_or(false);
-        if under(p.join("root")) || under(p.join("cwd")) || open_files {
-            let name = std::fs::read_to_string(p.join("comm")).unwrap_or_default();
-            found.push(format!("pid {pid} ({})", name.trim()));
-        }
-    }
-    found
+    let under = |link: PathBuf| std::fs::read_link(link).is_ok_and(|t| t.starts_with(&target));
+    processes()
+        .into_iter()
+        .filter(|(_, p)| {
+            let open_files = std::fs::read_dir(p.join("fd"))
+                .map(|fds| fds.flatten().any(|fd| under(fd.path())))
+                .unwrap_or(false);
+            under(p.join("root")) || under(p.join("cwd")) || open_files
+        })
+        .map(|(pid, p)| process_named(&pid, &p))
+        .collect()
 }
 
 /// Files amibake puts into the image while it works, and what they replaced. Holds no fd
@@ -480,5 +651,102 @@ mod tests {
             unescape_mount_path("/mnt/with\\040space"),
             PathBuf::from("/mnt/with space")
         );
+    }
+
+    /// A small ext4 on a loop device of its own, mounted; all of it undone on drop, and
+    /// the pin (a process in a mount namespace of its own) killed first.
+    struct Mounted {
+        dir: tempfile::TempDir,
+        loop_device: PathBuf,
+        pin: Option<std::process::Child>,
+    }
+
+    impl Mounted {
+        fn new() -> Mounted {
+            let dir = tempfile::tempdir().unwrap();
+            let image = dir.path().join("image");
+            std::fs::File::create(&image)
+                .unwrap()
+                .set_len(16 << 20)
+                .unwrap();
+            let run = |command: &mut Command| {
+                let out = command.output().unwrap();
+                assert!(out.status.success(), "{command:?}: {out:?}");
+                String::from_utf8(out.stdout).unwrap().trim().to_string()
+            };
+            run(Command::new("mkfs.ext4").arg("-q").arg(&image));
+            let loop_device = PathBuf::from(run(Command::new("losetup")
+                .args(["--find", "--show"])
+                .arg(&image)));
+            let mounted = Mounted {
+                loop_device,
+                pin: None,
+                dir,
+            };
+            std::fs::create_dir(mounted.root()).unwrap();
+            run(Command::new("mount")
+                .arg(&mounted.loop_device)
+                .arg(mounted.root()));
+            std::fs::write(mounted.root().join("file"), b"written").unwrap();
+            mounted
+        }
+
+        fn root(&self) -> PathBuf {
+            self.dir.path().join("root")
+        }
+    }
+
+    impl Drop for Mounted {
+        fn drop(&mut self) {
+            if let Some(mut pin) = self.pin.take() {
+                let _ = pin.kill();
+                let _ = pin.wait();
+            }
+            let _ = Command::new("umount").arg(self.root()).status();
+            let _ = Command::new("losetup")
+                .arg("--detach")
+                .arg(&self.loop_device)
+                .status();
+        }
+    }
+
+    #[test]
+    fn an_unmount_waits_while_another_mount_namespace_holds_the_filesystem() {
+        let mut mounted = Mounted::new();
+        let device = MountedDevice::of_node(&mounted.loop_device).unwrap();
+        let root = mounted.root().canonicalize().unwrap();
+        assert_eq!(
+            device_of_mount(|_, point| point == root),
+            Some(device.clone())
+        );
+        // Mounted here: nothing to wait for yet.
+        assert_eq!(wait_released(&device, Duration::ZERO), Ok(()));
+
+        let pin = Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sleep", "60"])
+            .spawn()
+            .unwrap();
+        let pin_id = pin.id();
+        mounted.pin = Some(pin);
+        // Its namespace holds a copy of the mount once unshare has made it.
+        let pinned = std::time::Instant::now();
+        while !std::fs::read_to_string(format!("/proc/{pin_id}/mountinfo"))
+            .unwrap_or_default()
+            .contains(&format!(" {} ", device.number))
+            || std::fs::read_link(format!("/proc/{pin_id}/ns/mnt")).ok()
+                == std::fs::read_link("/proc/self/ns/mnt").ok()
+        {
+            assert!(pinned.elapsed() < Duration::from_secs(10), "no pin");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let out = Command::new("umount").arg(&root).output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let held = wait_released(&device, Duration::from_millis(200)).unwrap_err();
+        assert!(held.contains(&format!("pid {pin_id} (sleep)")), "{held}");
+
+        let mut pin = mounted.pin.take().unwrap();
+        pin.kill().unwrap();
+        pin.wait().unwrap();
+        assert_eq!(wait_released(&device, Duration::from_secs(10)), Ok(()));
     }
 }

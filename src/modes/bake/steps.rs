@@ -106,16 +106,16 @@ fn undo_loop_device(ctx: &mut StepContext, device: &Path) -> UndoId {
 }
 
 /// Registers the unmount of `target`, a mount of the image on this host.
-fn undo_mount(ctx: &mut StepContext, target: &Path) -> UndoId {
-    let t = target.to_path_buf();
+fn undo_mount(ctx: &mut StepContext, target: &Path, device: &Path) -> UndoId {
+    let (t, d) = (target.to_path_buf(), device.to_path_buf());
     ctx.undo.push(
         target.display().to_string(),
         "unmount",
         Keep::Never,
         move || {
-            let t = t.clone();
+            let (t, d) = (t.clone(), d.clone());
             async move {
-                tokio::task::spawn_blocking(move || mount::unmount(&t)).await??;
+                tokio::task::spawn_blocking(move || mount::unmount(&t, Some(&d))).await??;
                 Ok(())
             }
         },
@@ -249,6 +249,7 @@ impl<B: Backend> Step<BakeState<B>> for MountImage {
     }
     async fn run(&self, s: &mut BakeState<B>, ctx: &mut StepContext) -> Result<(), StepError> {
         let device = earlier(&s.root_device, "root device")?;
+        let root_device = device.clone();
         let target = s.mount_point.clone();
         // A larger volume than the base's is room for the tarball only once the filesystem
         // fills it.
@@ -264,7 +265,7 @@ impl<B: Backend> Step<BakeState<B>> for MountImage {
         .await
         .map_err(failed)?;
         // Its directory goes with the run's work directory.
-        let unmount_root = undo_mount(ctx, &target);
+        let unmount_root = undo_mount(ctx, &target, &root_device);
         // Never give the device back under a live filesystem (detach a volume, release a
         // loop device): if the unmount fails, the device stays and is named.
         if let Some(release) = s.backend.device_release() {

@@ -284,6 +284,73 @@ fn an_unmount_that_fails_keeps_the_volume_attached_and_names_both() {
     cloud.left().assert_nothing(&run.dump());
 }
 
+/// A process that makes a mount namespace of its own while the bake's image is mounted
+/// (another bake's sandbox as it starts, a service with a private namespace) holds a copy
+/// of the image's mount for as long as it lives: `sleep SECONDS` in one. The unmount in the
+/// host's namespace succeeds, and the filesystem is written out only once the copy goes.
+fn pin_in_another_namespace(seconds: u32) -> std::process::Child {
+    Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sleep"])
+        .arg(seconds.to_string())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn an_image_held_in_another_mount_namespace_is_snapshotted_only_once_written_out() {
+    let _module = crate::util::module_turn(module_path!());
+    // Its copies of the mount table would hold any other test's images too.
+    let _turn = crate::util::alone();
+    let cloud = LocalCloud::start("quick");
+    let dir = story_dir();
+    let dir = dir.path();
+    let pinning = |seconds: u32| {
+        let pin = std::cell::RefCell::new(None);
+        let (run, _) = crate::util::act_when(
+            bake_command(
+                &cloud,
+                dir,
+                "app.tar.gz",
+                &["command=echo pinning; sleep 1"],
+            ),
+            &format!("amibake bake, its image held in another namespace for {seconds} s"),
+            |line| line.contains("\"line\":\"pinning\""),
+            |_, _| *pin.borrow_mut() = Some(pin_in_another_namespace(seconds)),
+        );
+        (run, pin.into_inner().expect("the pin started"))
+    };
+
+    // Held for a few seconds past the unmount: the bake waits for the filesystem to be
+    // written out before it gives the volume back, and its snapshot is clean (a journal
+    // that needs recovery cannot be mounted read-only) and holds the app.
+    let (run, mut pin) = pinning(6);
+    run.expect_code(0);
+    pin.wait().unwrap();
+    let snapshot = run.json()["snapshot_id"].as_str().unwrap().to_string();
+    let image = cloud.mount_snapshot(&snapshot, dir, crate::util::localcloud::PARTITION_1_OFFSET);
+    assert!(
+        image.root.join("srv/app/index.php").is_file(),
+        "{}",
+        run.dump()
+    );
+    drop(image);
+    take_back(&cloud, &run);
+
+    // Held past the wait: the unmount fails naming who holds the filesystem, and the
+    // volume stays attached under it, named.
+    let (run, mut pin) = pinning(120);
+    let held_by = format!("held by pid {} (sleep)", pin.id());
+    run.expect_leftover(&["unmount failed", "lives on in another mount", &held_by]);
+    run.expect_leftover(&[
+        "detach volume failed: not tried, as",
+        "(unmount) did not succeed first",
+    ]);
+    pin.kill().unwrap();
+    pin.wait().unwrap();
+    clean_volumes_by_hand(&cloud);
+    cloud.left().assert_nothing(&run.dump());
+}
+
 #[test]
 fn a_signal_in_each_step_of_a_bake_cleans_up_inside_the_kill_window() {
     let _module = crate::util::module_turn(module_path!());
