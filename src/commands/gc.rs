@@ -477,7 +477,12 @@ async fn remove(clients: &Clients, l: &Leftover, progress: &Progress) -> Result<
     let (c, id) = (clients.clone(), l.id.clone());
     match l.kind {
         "cgroup" => Ok(credential_guard::remove_leftover(Path::new(&id))?),
-        "mount" => Ok(mount::unmount(Path::new(&id), None)?),
+        "mount" => {
+            let unmounted = tokio::task::spawn_blocking(move || {
+                mount::unmount(Path::new(&id), None, mount::RELEASE_WAIT)
+            });
+            Ok(unmounted.await??)
+        }
         "loop device" => Ok(loop_device::detach(Path::new(&id))?),
         "file" => {
             let path = Path::new(&id);

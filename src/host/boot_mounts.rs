@@ -397,18 +397,33 @@ const UNMOUNT_PAUSE: std::time::Duration = std::time::Duration::from_millis(250)
 /// Unmounts the mount `mount_id` made on `mount_point` of the image at `root`, found where the
 /// kernel says it is now (/proc/self/mountinfo), never by the image's path: a provisioner may
 /// since have put a link to the host where a directory was, and umount given that path
-/// would follow it to a mount of the host's. Gone already is nothing to do; found anywhere
-/// but under `root` is an error, left as it is. Retries while busy.
-pub fn unmount(root: &Path, mount_point: &str, mount_id: u64) -> Result<(), BootMountError> {
+/// would follow it to a mount of the host's. Found anywhere but under `root` is an error,
+/// left as it is. Retries while busy. Done once `device`'s filesystem is let go of
+/// everywhere, waiting up to `wait` (`mount::wait_released`), gone already or not.
+pub fn unmount(
+    root: &Path,
+    mount_point: &str,
+    mount_id: u64,
+    device: &Path,
+    wait: std::time::Duration,
+) -> Result<(), BootMountError> {
     let fail = |source: std::io::Error| BootMountError::Unmount {
         mount_point: mount_point.into(),
         source,
     };
+    let released = || match mount::MountedDevice::of_node(device) {
+        Some(device) => mount::wait_released(&device, wait).map_err(|holders| {
+            fail(std::io::Error::other(format!(
+                "{} (held by {holders})",
+                mount::LIVES_ON
+            )))
+        }),
+        None => Ok(()),
+    };
     let mut reason = None;
-    let device = mount::device_of_mount(|id, _| id == mount_id);
     for _ in 0..UNMOUNT_ATTEMPTS {
         let Some(now) = mount::mount_point_of(mount_id).map_err(fail)? else {
-            return Ok(());
+            return released();
         };
         if !now.starts_with(root) {
             return Err(fail(std::io::Error::other(format!(
@@ -417,17 +432,7 @@ pub fn unmount(root: &Path, mount_point: &str, mount_id: u64) -> Result<(), Boot
             ))));
         }
         match rustix::mount::unmount(&now, rustix::mount::UnmountFlags::NOFOLLOW) {
-            Ok(()) => {
-                let Some(device) = &device else {
-                    return Ok(());
-                };
-                return mount::wait_released(device, mount::RELEASE_WAIT).map_err(|holders| {
-                    fail(std::io::Error::other(format!(
-                        "{} (held by {holders})",
-                        mount::LIVES_ON
-                    )))
-                });
-            }
+            Ok(()) => return released(),
             Err(e @ Errno::BUSY) => reason = Some(e),
             Err(e) => return Err(fail(e.into())),
         }

@@ -188,7 +188,7 @@ pub fn detach(device: &Path) -> Result<(), LoopError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::os::unix::fs::FileExt;
 
@@ -242,7 +242,7 @@ mod tests {
 
     /// This test's turn with loop devices, and a 4 MiB image in a directory of its own;
     /// none where loop devices cannot be had (a developer's `cargo test` not as root).
-    fn a_turn_and_an_image() -> Option<(
+    pub(crate) fn a_turn_and_an_image() -> Option<(
         std::sync::MutexGuard<'static, ()>,
         tempfile::TempDir,
         PathBuf,

@@ -177,24 +177,27 @@ fn waiting_bytes(meminfo: &str) -> u64 {
 }
 
 /// Unmounts `target`, retrying while it is busy; the last error names who holds it. Done
-/// once its filesystem is written out and let go of everywhere (`wait_released`): that of
-/// `device` where the caller knows it (then waited for even when `target` is unmounted
-/// already, as after a wait that ran out), else of what is mounted there.
-pub fn unmount(target: &Path, device: Option<&Path>) -> Result<(), MountError> {
+/// once its filesystem is written out and let go of everywhere, waiting up to `wait`
+/// (`wait_released`): that of `device` where the caller knows it, waited for even when
+/// `target` is unmounted already (a cleanup after a wait that ran out); else that of what
+/// is mounted there, unless this namespace mounts it elsewhere too (a bind mount).
+pub fn unmount(target: &Path, device: Option<&Path>, wait: Duration) -> Result<(), MountError> {
     let mut reason = String::new();
-    let device = device.and_then(MountedDevice::of_node).or_else(|| {
+    let known = device.and_then(MountedDevice::of_node);
+    let strict = known.is_some();
+    let device = known.or_else(|| {
         let target = target.canonicalize().ok()?;
         device_of_mount(|_, point| point == target)
     });
     let released = |device: Option<MountedDevice>| match device {
-        Some(device) => {
-            wait_released(&device, RELEASE_WAIT).map_err(|holders| MountError::Unmount {
+        Some(device) if strict || namespaces_mounting(&device.number, true).is_empty() => {
+            wait_released(&device, wait).map_err(|holders| MountError::Unmount {
                 target: target.into(),
                 reason: LIVES_ON.into(),
                 holders: format!(" (held by {holders})"),
             })
         }
-        None => Ok(()),
+        _ => Ok(()),
     };
     for attempt in 0..UNMOUNT_ATTEMPTS {
         if !is_mount_point(target) {
@@ -273,9 +276,33 @@ pub fn mount_point_of(mount_id: u64) -> std::io::Result<Option<PathBuf>> {
 }
 
 /// How long an unmounted filesystem may live on in another mount namespace before its
-/// unmount is called failed, and how often that is looked at.
-pub const RELEASE_WAIT: Duration = Duration::from_secs(20);
+/// unmount is called failed (inside the 10 s a CI gives a run between SIGTERM and
+/// SIGKILL), and how often that is looked at. A cleanup after a wait that ran out looks
+/// once more, briefly.
+pub const RELEASE_WAIT: Duration = Duration::from_secs(10);
+pub const RELEASE_RECHECK: Duration = Duration::from_secs(1);
 const RELEASE_POLL: Duration = Duration::from_millis(20);
+
+/// How long an unmount's undo waits for its filesystem to be let go of: in full the first
+/// time, briefly once a wait has run out (the cleanup after it then only looks again).
+#[derive(Debug, Default, Clone)]
+pub struct ReleaseWaits(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl ReleaseWaits {
+    pub fn next(&self) -> Duration {
+        if self.0.load(std::sync::atomic::Ordering::Relaxed) {
+            RELEASE_RECHECK
+        } else {
+            RELEASE_WAIT
+        }
+    }
+
+    pub fn record<T, E>(&self, result: &Result<T, E>) {
+        if result.is_err() {
+            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
 
 /// Why an unmount that succeeded here failed.
 pub const LIVES_ON: &str = "unmounted here, but its filesystem lives on in another mount \
@@ -290,17 +317,19 @@ pub struct MountedDevice {
 }
 
 impl MountedDevice {
-    /// The block device at `node`; none for anything else.
+    /// The block device at `node` (a link to one is resolved now: udev rewrites links),
+    /// none for anything else.
     pub fn of_node(node: &Path) -> Option<MountedDevice> {
         use std::os::unix::fs::{FileTypeExt, MetadataExt};
-        let meta = std::fs::metadata(node).ok()?;
+        let node = node.canonicalize().ok()?;
+        let meta = std::fs::metadata(&node).ok()?;
         meta.file_type().is_block_device().then(|| MountedDevice {
             number: format!(
                 "{}:{}",
                 rustix::fs::major(meta.rdev()),
                 rustix::fs::minor(meta.rdev())
             ),
-            node: node.to_path_buf(),
+            node,
         })
     }
 }
@@ -346,13 +375,10 @@ fn node_of(number: &str, source: &Path) -> Option<PathBuf> {
 /// starts, a service's private namespace) holds a copy of the mount that an unmount here
 /// does not reach, and the filesystem is written out only once that goes: until then its
 /// journal needs recovery, and a snapshot, a detach or a journal put back would take it
-/// half written. The kernel says so by refusing the device to an exclusive open. Answers
-/// who still holds it when the wait ends; nothing to wait for while this namespace still
-/// mounts it elsewhere.
+/// half written. The kernel says so by refusing the device to an exclusive open; where it
+/// cannot be opened to tell, every namespace's mount table says. Answers who still holds it
+/// when the wait ends.
 pub fn wait_released(device: &MountedDevice, limit: Duration) -> Result<(), String> {
-    if !namespaces_mounting(&device.number, true).is_empty() {
-        return Ok(());
-    }
     let since = std::time::Instant::now();
     loop {
         let open = rustix::fs::open(
@@ -360,26 +386,46 @@ pub fn wait_released(device: &MountedDevice, limit: Duration) -> Result<(), Stri
             OFlags::RDONLY | OFlags::EXCL | OFlags::CLOEXEC | OFlags::NONBLOCK,
             Mode::empty(),
         );
-        match open {
-            Err(rustix::io::Errno::BUSY) if since.elapsed() < limit => {
-                std::thread::sleep(RELEASE_POLL)
-            }
-            Err(rustix::io::Errno::BUSY) => {
-                let holders = namespaces_mounting(&device.number, false);
-                return Err(if holders.is_empty() {
-                    format!("something this host cannot see, {}", device.node.display())
-                } else {
-                    holders.join(", ")
-                });
-            }
-            // Free, or not a device this host can open to tell: nothing to wait for.
-            _ => return Ok(()),
+        let held = match open {
+            Ok(_) => false,
+            Err(rustix::io::Errno::BUSY) => true,
+            Err(_) => !namespaces_mounting(&device.number, false).is_empty(),
+        };
+        if !held {
+            return Ok(());
         }
+        if since.elapsed() >= limit {
+            return Err(holders_of_device(device));
+        }
+        std::thread::sleep(RELEASE_POLL);
+    }
+}
+
+/// Who keeps `device` from an exclusive open: a process of each mount namespace mounting
+/// it, else the kernel's own holders of it (device-mapper, md).
+fn holders_of_device(device: &MountedDevice) -> String {
+    let mut holders = namespaces_mounting(&device.number, false);
+    if holders.is_empty() {
+        let listed = std::fs::read_dir(format!("/sys/dev/block/{}/holders", device.number));
+        holders = listed
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|h| format!("/dev/{}", h.file_name().to_string_lossy()))
+            .collect();
+    }
+    if holders.is_empty() {
+        format!(
+            "an exclusive opener of {} this host does not name",
+            device.node.display()
+        )
+    } else {
+        holders.join(", ")
     }
 }
 
 /// A process of each mount namespace that mounts the device numbered `number`, "pid 42
-/// (sleep)"; with `own`, only this process's namespace is looked at.
+/// (sleep)"; with `own`, whether this process's namespace does.
 fn namespaces_mounting(number: &str, own: bool) -> Vec<String> {
     let mounts = |table: &str| {
         table
@@ -653,100 +699,111 @@ mod tests {
         );
     }
 
-    /// A small ext4 on a loop device of its own, mounted; all of it undone on drop, and
-    /// the pin (a process in a mount namespace of its own) killed first.
-    struct Mounted {
+    /// An ext4 on a loop device of its own, mounted, with a pin (a process in a mount
+    /// namespace of its own, made while it is mounted); all of it undone on drop, the pin
+    /// killed first.
+    struct Pinned {
+        _turn: std::sync::MutexGuard<'static, ()>,
         dir: tempfile::TempDir,
-        loop_device: PathBuf,
+        device: PathBuf,
         pin: Option<std::process::Child>,
     }
 
-    impl Mounted {
-        fn new() -> Mounted {
-            let dir = tempfile::tempdir().unwrap();
-            let image = dir.path().join("image");
-            std::fs::File::create(&image)
-                .unwrap()
-                .set_len(16 << 20)
-                .unwrap();
-            let run = |command: &mut Command| {
-                let out = command.output().unwrap();
-                assert!(out.status.success(), "{command:?}: {out:?}");
-                String::from_utf8(out.stdout).unwrap().trim().to_string()
-            };
-            run(Command::new("mkfs.ext4").arg("-q").arg(&image));
-            let loop_device = PathBuf::from(run(Command::new("losetup")
-                .args(["--find", "--show"])
-                .arg(&image)));
-            let mounted = Mounted {
-                loop_device,
-                pin: None,
-                dir,
-            };
-            std::fs::create_dir(mounted.root()).unwrap();
-            run(Command::new("mount")
-                .arg(&mounted.loop_device)
-                .arg(mounted.root()));
-            std::fs::write(mounted.root().join("file"), b"written").unwrap();
-            mounted
-        }
-
+    impl Pinned {
         fn root(&self) -> PathBuf {
             self.dir.path().join("root")
         }
-    }
 
-    impl Drop for Mounted {
-        fn drop(&mut self) {
+        fn unpin(&mut self) {
             if let Some(mut pin) = self.pin.take() {
                 let _ = pin.kill();
                 let _ = pin.wait();
             }
-            let _ = Command::new("umount").arg(self.root()).status();
-            let _ = Command::new("losetup")
-                .arg("--detach")
-                .arg(&self.loop_device)
-                .status();
         }
     }
 
-    #[test]
-    fn an_unmount_waits_while_another_mount_namespace_holds_the_filesystem() {
-        let mut mounted = Mounted::new();
-        let device = MountedDevice::of_node(&mounted.loop_device).unwrap();
-        let root = mounted.root().canonicalize().unwrap();
-        assert_eq!(
-            device_of_mount(|_, point| point == root),
-            Some(device.clone())
-        );
-        // Mounted here: nothing to wait for yet.
-        assert_eq!(wait_released(&device, Duration::ZERO), Ok(()));
+    impl Drop for Pinned {
+        fn drop(&mut self) {
+            self.unpin();
+            let _ = Command::new("umount").arg(self.root()).status();
+            let _ = crate::host::loop_device::detach(&self.device);
+        }
+    }
 
+    fn pinned() -> Option<Pinned> {
+        use crate::host::loop_device::{self, tests::a_turn_and_an_image, Writes};
+        let (turn, dir, image) = a_turn_and_an_image()?;
+        let made = Command::new("mkfs.ext4").arg("-q").arg(&image).status();
+        assert!(made.unwrap().success());
+        let device = loop_device::attach(&image, None, Writes::Durable)
+            .unwrap()
+            .device;
+        let mut pinned = Pinned {
+            _turn: turn,
+            dir,
+            device,
+            pin: None,
+        };
+        std::fs::create_dir(pinned.root()).unwrap();
+        let mounted = Command::new("mount")
+            .arg(&pinned.device)
+            .arg(pinned.root())
+            .status();
+        assert!(mounted.unwrap().success());
+        std::fs::write(pinned.root().join("file"), b"written").unwrap();
         let pin = Command::new("unshare")
             .args(["--mount", "--propagation", "private", "sleep", "60"])
             .spawn()
             .unwrap();
         let pin_id = pin.id();
-        mounted.pin = Some(pin);
-        // Its namespace holds a copy of the mount once unshare has made it.
-        let pinned = std::time::Instant::now();
-        while !std::fs::read_to_string(format!("/proc/{pin_id}/mountinfo"))
-            .unwrap_or_default()
-            .contains(&format!(" {} ", device.number))
-            || std::fs::read_link(format!("/proc/{pin_id}/ns/mnt")).ok()
-                == std::fs::read_link("/proc/self/ns/mnt").ok()
+        pinned.pin = Some(pin);
+        // In place once unshare has made the namespace private and become sleep.
+        let since = std::time::Instant::now();
+        while std::fs::read_to_string(format!("/proc/{pin_id}/comm")).unwrap_or_default()
+            != "sleep\n"
         {
-            assert!(pinned.elapsed() < Duration::from_secs(10), "no pin");
+            assert!(since.elapsed() < Duration::from_secs(10), "no pin");
             std::thread::sleep(Duration::from_millis(10));
         }
-        let out = Command::new("umount").arg(&root).output().unwrap();
-        assert!(out.status.success(), "{out:?}");
-        let held = wait_released(&device, Duration::from_millis(200)).unwrap_err();
-        assert!(held.contains(&format!("pid {pin_id} (sleep)")), "{held}");
+        Some(pinned)
+    }
 
-        let mut pin = mounted.pin.take().unwrap();
-        pin.kill().unwrap();
-        pin.wait().unwrap();
-        assert_eq!(wait_released(&device, Duration::from_secs(10)), Ok(()));
+    #[test]
+    fn an_unmount_is_done_once_no_other_mount_namespace_holds_the_filesystem() {
+        let Some(mut pinned) = pinned() else {
+            return;
+        };
+        let (root, device) = (pinned.root(), pinned.device.clone());
+        let pin_id = pinned.pin.as_ref().unwrap().id();
+        let known = MountedDevice::of_node(&device).unwrap();
+        let canonical = root.canonicalize().unwrap();
+        assert_eq!(
+            device_of_mount(|_, point| point == canonical),
+            Some(known.clone())
+        );
+
+        // Unmounted here, held there: the unmount fails naming the holder, and again
+        // once the mount here is gone (a cleanup's retry).
+        for _ in 0..2 {
+            let held = unmount(&root, Some(&device), Duration::from_millis(200))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                held.contains(LIVES_ON) && held.contains(&format!("pid {pin_id} (sleep)")),
+                "{held}"
+            );
+            assert!(!is_mount_point(&root));
+        }
+        // Where the device cannot be opened to tell, every namespace's table tells.
+        let unopenable = MountedDevice {
+            number: known.number.clone(),
+            node: pinned.dir.path().join("no such node"),
+        };
+        assert!(wait_released(&unopenable, Duration::ZERO).is_err());
+
+        pinned.unpin();
+        unmount(&root, Some(&device), Duration::from_secs(10)).unwrap();
+        assert_eq!(wait_released(&known, Duration::ZERO), Ok(()));
+        assert_eq!(wait_released(&unopenable, Duration::ZERO), Ok(()));
     }
 }

@@ -105,18 +105,26 @@ fn undo_loop_device(ctx: &mut StepContext, device: &Path) -> UndoId {
     )
 }
 
-/// Registers the unmount of `target`, a mount of the image on this host.
+/// Registers the unmount of `target`, a mount of the image on this host from `device`
+/// (resolved now: udev rewrites a link to it on every change event).
 fn undo_mount(ctx: &mut StepContext, target: &Path, device: &Path) -> UndoId {
-    let (t, d) = (target.to_path_buf(), device.to_path_buf());
+    let t = target.to_path_buf();
+    let d = device
+        .canonicalize()
+        .unwrap_or_else(|_| device.to_path_buf());
+    let waits = mount::ReleaseWaits::default();
     ctx.undo.push(
         target.display().to_string(),
         "unmount",
         Keep::Never,
         move || {
-            let (t, d) = (t.clone(), d.clone());
+            let (t, d, waits) = (t.clone(), d.clone(), waits.clone());
             async move {
-                tokio::task::spawn_blocking(move || mount::unmount(&t, Some(&d))).await??;
-                Ok(())
+                let wait = waits.next();
+                let unmounted =
+                    tokio::task::spawn_blocking(move || mount::unmount(&t, Some(&d), wait)).await?;
+                waits.record(&unmounted);
+                Ok(unmounted?)
             }
         },
     )
@@ -180,7 +188,7 @@ async fn mount_boot_partitions<B: Backend>(
         .map_err(failed)?;
         match mounted {
             Ok(mount_id) => {
-                let unmount = undo_boot_mount(ctx, s, &entry.mount_point, mount_id);
+                let unmount = undo_boot_mount(ctx, s, &entry.mount_point, mount_id, &device);
                 ctx.undo.require(release_loop, unmount);
                 s.boot_mounts.push(BootMount {
                     unmount,
@@ -216,8 +224,10 @@ fn undo_boot_mount<B: Backend>(
     s: &BakeState<B>,
     mount_point: &str,
     mount_id: u64,
+    device: &Path,
 ) -> UndoId {
     let (root, point) = (s.mount_point.clone(), mount_point.to_string());
+    let (device, waits) = (device.to_path_buf(), mount::ReleaseWaits::default());
     let unmount = ctx.undo.push(
         s.mount_point
             .join(point.trim_start_matches('/'))
@@ -226,11 +236,16 @@ fn undo_boot_mount<B: Backend>(
         "unmount",
         Keep::Never,
         move || {
-            let (root, point) = (root.clone(), point.clone());
+            let (root, point, device) = (root.clone(), point.clone(), device.clone());
+            let waits = waits.clone();
             async move {
-                tokio::task::spawn_blocking(move || boot_mounts::unmount(&root, &point, mount_id))
-                    .await??;
-                Ok(())
+                let wait = waits.next();
+                let unmounted = tokio::task::spawn_blocking(move || {
+                    boot_mounts::unmount(&root, &point, mount_id, &device, wait)
+                })
+                .await?;
+                waits.record(&unmounted);
+                Ok(unmounted?)
             }
         },
     );

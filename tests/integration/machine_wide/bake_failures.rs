@@ -284,16 +284,37 @@ fn an_unmount_that_fails_keeps_the_volume_attached_and_names_both() {
     cloud.left().assert_nothing(&run.dump());
 }
 
-/// A process that makes a mount namespace of its own while the bake's image is mounted
-/// (another bake's sandbox as it starts, a service with a private namespace) holds a copy
-/// of the image's mount for as long as it lives: `sleep SECONDS` in one. The unmount in the
-/// host's namespace succeeds, and the filesystem is written out only once the copy goes.
-fn pin_in_another_namespace(seconds: u32) -> std::process::Child {
-    Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "sleep"])
-        .arg(seconds.to_string())
-        .spawn()
-        .unwrap()
+/// A process that made a mount namespace of its own while the bake's image was mounted
+/// (another bake's sandbox as it starts, a service with a private namespace): it holds a
+/// copy of the image's mount for as long as it lives. The unmount in the host's namespace
+/// succeeds, and the filesystem is written out only once the copy goes. Killed on drop.
+struct Pin(std::process::Child);
+
+impl Pin {
+    /// `sleep SECONDS` in a namespace of its own, once in place (unshare has made it and
+    /// become sleep).
+    fn hold_for(seconds: u32) -> Pin {
+        let child = Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sleep"])
+            .arg(seconds.to_string())
+            .spawn()
+            .unwrap();
+        let comm = format!("/proc/{}/comm", child.id());
+        let pin = Pin(child);
+        let since = std::time::Instant::now();
+        while std::fs::read_to_string(&comm).unwrap_or_default() != "sleep\n" {
+            assert!(since.elapsed().as_secs() < 10, "the pin never took hold");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        pin
+    }
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 #[test]
@@ -304,6 +325,7 @@ fn an_image_held_in_another_mount_namespace_is_snapshotted_only_once_written_out
     let cloud = LocalCloud::start("quick");
     let dir = story_dir();
     let dir = dir.path();
+    // The pin takes hold while a provisioner sleeps, before the unmount.
     let pinning = |seconds: u32| {
         let pin = std::cell::RefCell::new(None);
         let (run, _) = crate::util::act_when(
@@ -311,21 +333,25 @@ fn an_image_held_in_another_mount_namespace_is_snapshotted_only_once_written_out
                 &cloud,
                 dir,
                 "app.tar.gz",
-                &["command=echo pinning; sleep 1"],
+                &["command=echo pinning; sleep 2"],
             ),
             &format!("amibake bake, its image held in another namespace for {seconds} s"),
             |line| line.contains("\"line\":\"pinning\""),
-            |_, _| *pin.borrow_mut() = Some(pin_in_another_namespace(seconds)),
+            |_, _| *pin.borrow_mut() = Some(Pin::hold_for(seconds)),
         );
-        (run, pin.into_inner().expect("the pin started"))
+        (run, pin.into_inner().expect("the pin took hold"))
     };
 
-    // Held for a few seconds past the unmount: the bake waits for the filesystem to be
+    // Held a few seconds past the unmount: the bake waits for the filesystem to be
     // written out before it gives the volume back, and its snapshot is clean (a journal
     // that needs recovery cannot be mounted read-only) and holds the app.
     let (run, mut pin) = pinning(6);
     run.expect_code(0);
-    pin.wait().unwrap();
+    assert!(
+        pin.0.try_wait().unwrap().is_some(),
+        "the bake ended before the pin let go\n{}",
+        run.dump()
+    );
     let snapshot = run.json()["snapshot_id"].as_str().unwrap().to_string();
     let image = cloud.mount_snapshot(&snapshot, dir, crate::util::localcloud::PARTITION_1_OFFSET);
     assert!(
@@ -338,15 +364,14 @@ fn an_image_held_in_another_mount_namespace_is_snapshotted_only_once_written_out
 
     // Held past the wait: the unmount fails naming who holds the filesystem, and the
     // volume stays attached under it, named.
-    let (run, mut pin) = pinning(120);
-    let held_by = format!("held by pid {} (sleep)", pin.id());
+    let (run, pin) = pinning(120);
+    let held_by = format!("held by pid {} (sleep)", pin.0.id());
     run.expect_leftover(&["unmount failed", "lives on in another mount", &held_by]);
     run.expect_leftover(&[
         "detach volume failed: not tried, as",
         "(unmount) did not succeed first",
     ]);
-    pin.kill().unwrap();
-    pin.wait().unwrap();
+    drop(pin);
     clean_volumes_by_hand(&cloud);
     cloud.left().assert_nothing(&run.dump());
 }

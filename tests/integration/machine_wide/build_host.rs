@@ -316,7 +316,9 @@ async fn attached_volumes_are_found_mounted_as_a_chroot_provisioned_and_put_back
         .current_dir(mnt.path().join("tmp"))
         .spawn()
         .unwrap();
-    let err = mount::unmount(mnt.path(), None).unwrap_err().to_string();
+    let err = mount::unmount(mnt.path(), None, mount::RELEASE_WAIT)
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains(&format!("held by pid {} (sleep)", holder.id())),
         "{err}"
@@ -335,7 +337,7 @@ async fn attached_volumes_are_found_mounted_as_a_chroot_provisioned_and_put_back
         "the image's own file is back"
     );
     assert!(!mnt.path().join("usr/sbin/policy-rc.d").exists());
-    mount::unmount(mnt.path(), None).unwrap();
+    mount::unmount(mnt.path(), None, mount::RELEASE_WAIT).unwrap();
     assert!(!mount::is_mount_point(mnt.path()));
     std::fs::remove_dir(mnt.path()).unwrap();
 
