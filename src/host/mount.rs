@@ -185,18 +185,14 @@ pub fn unmount(target: &Path, device: Option<&Path>, wait: Duration) -> Result<(
     let mut reason = String::new();
     let known = device.and_then(MountedDevice::of_node);
     let strict = known.is_some();
-    let device = known.or_else(|| {
-        let target = target.canonicalize().ok()?;
-        device_of_mount(|_, point| point == target)
-    });
+    let device = known.or_else(|| device_mounted_at(&target.canonicalize().ok()?));
     let released = |device: Option<MountedDevice>| match device {
-        Some(device) if strict || namespaces_mounting(&device.number, true).is_empty() => {
-            wait_released(&device, wait).map_err(|holders| MountError::Unmount {
+        Some(device) if strict || !mounted_here(&device.number) => wait_released(&device, wait)
+            .map_err(|holders| MountError::Unmount {
                 target: target.into(),
                 reason: LIVES_ON.into(),
                 holders: format!(" (held by {holders})"),
-            })
-        }
+            }),
         _ => Ok(()),
     };
     for attempt in 0..UNMOUNT_ATTEMPTS {
@@ -334,40 +330,26 @@ impl MountedDevice {
     }
 }
 
-/// The block device of the first mount of this namespace that `which` (its id, its mount
-/// point) picks, as /proc/self/mountinfo says; none for what is not on a block device.
-pub fn device_of_mount(which: impl Fn(u64, &Path) -> bool) -> Option<MountedDevice> {
+/// The block device mounted at `target` (canonical), as /proc/self/mountinfo says; none
+/// for what is not on a block device.
+fn device_mounted_at(target: &Path) -> Option<MountedDevice> {
     let table = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    table.lines().find_map(|line| {
+    let (number, source) = table.lines().find_map(|line| {
         let (mount, fs) = line.split_once(" - ")?;
         let fields: Vec<&str> = mount.split(' ').collect();
-        let id: u64 = fields.first()?.parse().ok()?;
-        let point = unescape_mount_path(fields.get(4)?);
-        if !which(id, &point) {
-            return None;
-        }
-        let number = fields.get(2)?.to_string();
-        let source = unescape_mount_path(fs.split(' ').nth(1)?);
-        node_of(&number, &source).map(|node| MountedDevice { number, node })
+        (unescape_mount_path(fields.get(4)?) == target).then(|| {
+            let source = unescape_mount_path(fs.split(' ').nth(1).unwrap_or_default());
+            (fields.get(2).map(|n| n.to_string()), source)
+        })
+    })?;
+    let number = number?;
+    let is_it = |node: &Path| MountedDevice::of_node(node).filter(|d| d.number == number);
+    // The mount's source, else the name the kernel gives the device.
+    is_it(&source).or_else(|| {
+        let uevent = std::fs::read_to_string(format!("/sys/dev/block/{number}/uevent")).ok()?;
+        let name = uevent.lines().find_map(|l| l.strip_prefix("DEVNAME="))?;
+        is_it(&Path::new("/dev").join(name))
     })
-}
-
-/// The block device node numbered `number`: the mount's source if it is that one, else
-/// the name the kernel gives it.
-fn node_of(number: &str, source: &Path) -> Option<PathBuf> {
-    use std::os::unix::fs::{FileTypeExt, MetadataExt};
-    let (major, minor) = number.split_once(':')?;
-    let wanted = rustix::fs::makedev(major.parse().ok()?, minor.parse().ok()?);
-    let is_it = |path: &Path| {
-        std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device() && m.rdev() == wanted)
-    };
-    if is_it(source) {
-        return Some(source.to_path_buf());
-    }
-    let uevent = std::fs::read_to_string(format!("/sys/dev/block/{number}/uevent")).ok()?;
-    let name = uevent.lines().find_map(|l| l.strip_prefix("DEVNAME="))?;
-    let node = Path::new("/dev").join(name);
-    is_it(&node).then_some(node)
 }
 
 /// After an unmount here: waits until no mount namespace holds `device`'s filesystem any
@@ -389,7 +371,7 @@ pub fn wait_released(device: &MountedDevice, limit: Duration) -> Result<(), Stri
         let held = match open {
             Ok(_) => false,
             Err(rustix::io::Errno::BUSY) => true,
-            Err(_) => !namespaces_mounting(&device.number, false).is_empty(),
+            Err(_) => !namespaces_mounting(&device.number).is_empty(),
         };
         if !held {
             return Ok(());
@@ -404,7 +386,7 @@ pub fn wait_released(device: &MountedDevice, limit: Duration) -> Result<(), Stri
 /// Who keeps `device` from an exclusive open: a process of each mount namespace mounting
 /// it, else the kernel's own holders of it (device-mapper, md).
 fn holders_of_device(device: &MountedDevice) -> String {
-    let mut holders = namespaces_mounting(&device.number, false);
+    let mut holders = namespaces_mounting(&device.number);
     if holders.is_empty() {
         let listed = std::fs::read_dir(format!("/sys/dev/block/{}/holders", device.number));
         holders = listed
@@ -424,22 +406,22 @@ fn holders_of_device(device: &MountedDevice) -> String {
     }
 }
 
+/// Whether a mount table lists the device numbered `number`.
+fn lists_device(table: &str, number: &str) -> bool {
+    table
+        .lines()
+        .any(|line| line.split(' ').nth(2) == Some(number))
+}
+
+/// Whether this process's mount namespace mounts the device numbered `number`.
+fn mounted_here(number: &str) -> bool {
+    let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    lists_device(&table, number)
+}
+
 /// A process of each mount namespace that mounts the device numbered `number`, "pid 42
-/// (sleep)"; with `own`, whether this process's namespace does.
-fn namespaces_mounting(number: &str, own: bool) -> Vec<String> {
-    let mounts = |table: &str| {
-        table
-            .lines()
-            .any(|line| line.split(' ').nth(2) == Some(number))
-    };
-    if own {
-        let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        return if mounts(&table) {
-            vec!["this process".into()]
-        } else {
-            Vec::new()
-        };
-    }
+/// (sleep)".
+fn namespaces_mounting(number: &str) -> Vec<String> {
     let mut seen = std::collections::BTreeSet::new();
     let mut found = Vec::new();
     for (pid, p) in processes() {
@@ -450,7 +432,7 @@ fn namespaces_mounting(number: &str, own: bool) -> Vec<String> {
             continue;
         }
         let table = std::fs::read_to_string(p.join("mountinfo")).unwrap_or_default();
-        if mounts(&table) {
+        if lists_device(&table, number) {
             seen.insert(namespace);
             found.push(process_named(&pid, &p));
         }
@@ -777,10 +759,7 @@ mod tests {
         let pin_id = pinned.pin.as_ref().unwrap().id();
         let known = MountedDevice::of_node(&device).unwrap();
         let canonical = root.canonicalize().unwrap();
-        assert_eq!(
-            device_of_mount(|_, point| point == canonical),
-            Some(known.clone())
-        );
+        assert_eq!(device_mounted_at(&canonical), Some(known.clone()));
 
         // Unmounted here, held there: the unmount fails naming the holder, and again
         // once the mount here is gone (a cleanup's retry).

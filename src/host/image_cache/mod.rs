@@ -45,7 +45,8 @@ const COPY: &str = ".copy-";
 const TRIES: usize = 3;
 /// An entry is held alone for a moment only: a fetch handing it over, a prune renaming it
 /// aside. Longer, and that process was stopped midway: said, rather than waited on.
-const HANDOVER: Wait = Wait::UpTo(Duration::from_secs(30));
+const HANDOVER_SECONDS: u64 = 30;
+const HANDOVER: Wait = Wait::UpTo(Duration::from_secs(HANDOVER_SECONDS));
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
@@ -173,10 +174,10 @@ impl ImageCache {
     }
 
     fn held_alone(&self, snapshot_id: &str) -> CacheError {
-        self.io(format!("use the entry of {snapshot_id}"))(io::Error::other(
-            "another process has held it alone for 30 s (a prune removing it, or a fetch \
-             completing it, stopped midway)",
-        ))
+        self.io(format!("use the entry of {snapshot_id}"))(io::Error::other(format!(
+            "another process has held it alone for {HANDOVER_SECONDS} s (a prune removing it, \
+             or a fetch completing it, stopped midway)"
+        )))
     }
 
     fn held_entry(&self, snapshot_id: &str, in_use: Hold) -> Option<CachedImage> {
