@@ -705,6 +705,46 @@ mod tests {
         assert_eq!(cache.prune(None).unwrap().removed.len(), 1);
     }
 
+    /// `dir` bind-mounted read-only over itself while this lives.
+    struct ReadOnly(PathBuf);
+
+    impl ReadOnly {
+        fn over(dir: &Path) -> ReadOnly {
+            use rustix::mount::{mount_bind, mount_remount, MountFlags};
+            mount_bind(dir, dir).unwrap();
+            let read_only = ReadOnly(dir.to_path_buf());
+            mount_remount(dir, MountFlags::BIND | MountFlags::RDONLY, "").unwrap();
+            read_only
+        }
+    }
+
+    impl Drop for ReadOnly {
+        fn drop(&mut self) {
+            let _ = rustix::mount::unmount(&self.0, rustix::mount::UnmountFlags::empty());
+        }
+    }
+
+    #[test]
+    fn an_entry_in_a_read_only_cache_is_still_read() {
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("skipped: a read-only bind mount needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ImageCache::new(dir.path());
+        complete_entry(&cache, "snap-1");
+        complete_entry(&cache, "snap-2");
+        // snap-2 was read before, so its lock file is there; snap-1's never was made.
+        drop(entry(&cache, "snap-2"));
+        let _read_only = ReadOnly::over(dir.path());
+        assert_eq!(entry(&cache, "snap-1").digests, BlockDigests::default());
+        let held = entry(&cache, "snap-2");
+        assert!(
+            held._in_use.as_ref().is_some_and(|h| h.is_lock()),
+            "a shared lock needs no write access"
+        );
+    }
+
     #[test]
     fn partial_entries_of_one_snapshot_never_share_a_name() {
         let dir = tempfile::tempdir().unwrap();
