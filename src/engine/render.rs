@@ -49,9 +49,16 @@ impl EventSink for JsonLines {
         if let Some(map) = value.as_object_mut() {
             map.insert("time".into(), now_rfc3339().into());
         }
-        if let Ok(mut out) = self.out.lock() {
-            let _ = writeln!(out, "{value}");
-        }
+        write_line(&self.out, format!("{value}\n"));
+    }
+}
+
+/// One write a line: an unbuffered stderr would otherwise take a line a token at a time
+/// (tens of system calls an event, hundreds of events an upload), and a line written in
+/// one piece of at most PIPE_BUF bytes reaches a pipe shared with other writers whole.
+fn write_line(out: &Mutex<Box<dyn Write + Send>>, line: String) {
+    if let Ok(mut out) = out.lock() {
+        let _ = out.write_all(line.as_bytes());
     }
 }
 
@@ -97,9 +104,7 @@ impl PlainLines {
     }
 
     fn line(&self, text: &str) {
-        if let Ok(mut out) = self.out.lock() {
-            let _ = writeln!(out, "{} {text}", now_rfc3339());
-        }
+        write_line(&self.out, format!("{} {text}\n", now_rfc3339()));
     }
 
     fn progress_worth_a_line(&self, step: &str, done: u64, total: Option<u64>) -> bool {
@@ -328,6 +333,53 @@ impl EventSink for TerminalBars {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+
+    /// Keeps each write call's bytes apart, as a pipe shared with other writers would see them.
+    #[derive(Clone, Default)]
+    struct Writes(Arc<Mutex<Vec<Vec<u8>>>>);
+
+    impl Write for Writes {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().push(buf.to_vec());
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn each_event_reaches_the_output_as_one_whole_line() {
+        let note = Event::Note {
+            step: "upload snapshot".into(),
+            message: "286 blocks put, \"quoted\"".into(),
+        };
+        let json = Writes::default();
+        let sink = JsonLines::new(Box::new(json.clone()));
+        sink.emit(&note);
+        sink.emit(&note);
+        let plain = Writes::default();
+        let sink = PlainLines::new(Box::new(plain.clone()), true);
+        sink.emit(&note);
+        for (sink, writes) in [("json", json), ("plain", plain)] {
+            let writes = writes.0.lock().unwrap();
+            assert!(!writes.is_empty(), "{sink}: nothing written");
+            for write in writes.iter() {
+                let line = String::from_utf8_lossy(write);
+                assert!(
+                    line.ends_with('\n') && line.matches('\n').count() == 1,
+                    "{sink}: a write that is not one whole line: {line:?}"
+                );
+                assert!(line.contains("286 blocks put"), "{sink}: {line:?}");
+            }
+            if sink == "json" {
+                assert_eq!(writes.len(), 2, "one write an event");
+                let value: serde_json::Value = serde_json::from_slice(&writes[0]).unwrap();
+                assert_eq!(value["step"], "upload snapshot");
+            }
+        }
+    }
 
     #[test]
     fn pace_tells_the_rate_and_once_the_total_is_known_the_time_left() {
