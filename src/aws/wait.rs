@@ -93,12 +93,18 @@ pub enum WaitError<E: std::error::Error + 'static> {
     Poll(E),
 }
 
-/// How long until 100 %, at the pace from the start of the wait to `percent` after
-/// `elapsed`; none before there is any progress to go by.
+/// The shortest interval between polls near a predicted end: each poll's overshoot of the
+/// end is seconds of the bake.
+const NEAR_END: Duration = Duration::from_millis(100);
+
+/// The earliest the wait can end, at the pace from its start to `percent` after `elapsed`;
+/// none before there is any progress to go by. EC2's percentage is a whole number, cut
+/// short (a fifth of a second of a 20 s snapshot): the progress may be up to one more.
 fn time_left(elapsed: Duration, percent: u8) -> Option<Duration> {
-    (1..100)
-        .contains(&percent)
-        .then(|| elapsed.mul_f64(f64::from(100 - percent) / f64::from(percent)))
+    (1..100).contains(&percent).then(|| {
+        let at_most_done = f64::from(percent) + 1.0;
+        elapsed.mul_f64((100.0 - at_most_done) / at_most_done)
+    })
 }
 
 /// Polls until `poll` says Ready, with the growing interval of `policy`, polling sooner
@@ -122,6 +128,7 @@ where
     let started = Instant::now();
     let mut interval = policy.first_poll;
     let mut done_in: Option<Duration> = None;
+    let mut near_end = NEAR_END;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
@@ -170,8 +177,18 @@ where
             .min(policy.max_interval)
             .min(policy.total - waited);
         // Progress says when it will be done: poll then, not up to a whole backoff later.
+        // Within a first poll of the end, the poll comes as close as the progress tells, at
+        // least `near_end` after the last; twice that each time it is not done yet, so a
+        // progress stuck short of 100 % costs a few more calls, never a stream of them.
         if let Some(eta) = done_in.take() {
-            interval = interval.min(eta.max(policy.first_poll));
+            let floor = if eta < policy.first_poll {
+                let floor = near_end;
+                near_end = (near_end * 2).min(policy.first_poll);
+                floor
+            } else {
+                policy.first_poll
+            };
+            interval = interval.min(eta.max(floor));
         }
     }
 }
@@ -271,6 +288,72 @@ mod tests {
         assert!(*polls.borrow() <= 20, "{} polls", polls.borrow());
     }
 
+    /// When a snapshot whose progress EC2 gives in whole percents, on pace to end at
+    /// `done_at` but stuck at 99 % until `stuck_until`, is seen done; and how many polls
+    /// that took.
+    async fn snapshot_seen_done(done_at: Duration, stuck_until: Duration) -> (Duration, usize) {
+        let started = Instant::now();
+        let polls = RefCell::new(0);
+        let result: Result<(), WaitError<DescribeFailed>> = wait_for(
+            "snapshot",
+            "snap-1",
+            WaitPolicy::LONG,
+            &CancellationToken::new(),
+            |_, _| {},
+            || {
+                *polls.borrow_mut() += 1;
+                let elapsed = started.elapsed();
+                async move {
+                    Ok(if elapsed >= done_at.max(stuck_until) {
+                        Poll::Ready(())
+                    } else {
+                        let percent = elapsed.as_secs_f64() / done_at.as_secs_f64() * 100.0;
+                        Poll::Pending {
+                            state: "pending".into(),
+                            percent: Some((percent as u8).min(99)),
+                        }
+                    })
+                }
+            },
+        )
+        .await;
+        result.unwrap();
+        (started.elapsed(), polls.into_inner())
+    }
+
+    /// The bake's own seconds include the time between a snapshot's end and the poll that
+    /// sees it: near the predicted end, polls come closer than a first poll's interval.
+    #[tokio::test(start_paused = true)]
+    async fn near_its_end_a_snapshot_is_seen_done_within_a_fifth_of_a_second() {
+        for done_ms in [4_300, 9_750, 20_300, 21_000, 33_100, 61_900] {
+            let done_at = Duration::from_millis(done_ms);
+            let (seen_at, polls) = snapshot_seen_done(done_at, Duration::ZERO).await;
+            assert!(
+                seen_at >= done_at && seen_at - done_at <= Duration::from_millis(200),
+                "done at {done_at:?}, seen at {seen_at:?}"
+            );
+            assert!(polls <= 24, "done at {done_at:?}: {polls} polls");
+        }
+    }
+
+    /// Progress that stays at 99 % (as EC2's can) draws no stream of calls: after a few
+    /// near the predicted end, two a second at most, as before the end was near.
+    #[tokio::test(start_paused = true)]
+    async fn a_snapshot_stuck_at_99_percent_is_polled_at_most_twice_a_second() {
+        let (done_at, stuck_until) = (Duration::from_secs(20), Duration::from_secs(50));
+        let (seen_at, polls) = snapshot_seen_done(done_at, stuck_until).await;
+        assert!(seen_at >= stuck_until && seen_at - stuck_until <= Duration::from_millis(500));
+        let stuck_for = (stuck_until - done_at).as_secs_f64();
+        assert!(
+            (polls as f64) <= 24.0 + stuck_for * 2.0,
+            "{polls} polls in {seen_at:?}"
+        );
+        assert!(
+            polls as f64 >= stuck_for * 2.0 - 2.0,
+            "a stuck snapshot is still seen at once when done: {polls} polls"
+        );
+    }
+
     /// When a wait without progress is seen to end, under `policy`, for something ready at
     /// `done_at`; and how many polls it took.
     async fn seen_done(policy: WaitPolicy, done_at: Duration) -> (Duration, usize) {
@@ -328,15 +411,17 @@ mod tests {
     }
 
     #[test]
-    fn time_left_follows_the_pace_so_far() {
+    fn time_left_is_the_earliest_end_a_whole_percentage_allows() {
         assert_eq!(
-            time_left(Duration::from_secs(10), 50),
-            Some(Duration::from_secs(10))
+            time_left(Duration::from_secs(51), 50),
+            Some(Duration::from_secs(49)),
+            "50 % may be 50.99 %"
         );
         assert_eq!(
-            time_left(Duration::from_secs(6), 75),
+            time_left(Duration::from_secs(6), 74),
             Some(Duration::from_secs(2))
         );
+        assert_eq!(time_left(Duration::from_secs(60), 99), Some(Duration::ZERO));
         assert_eq!(time_left(Duration::from_secs(6), 0), None, "no pace yet");
         assert_eq!(time_left(Duration::from_secs(6), 100), None);
     }
