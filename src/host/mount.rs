@@ -166,6 +166,61 @@ pub fn flush(target: &Path, mut written: impl FnMut(u64, u64)) -> std::io::Resul
         .map_err(std::io::Error::from)
 }
 
+/// Writes out, every `WritingOut::EVERY` until stopped, what the filesystem mounted at a
+/// target holds in memory: the writing an unmount would do at the end is done meanwhile,
+/// on the core the extraction leaves (the kernel itself starts only once a tenth of the
+/// machine's memory waits to be written, or after 30 s).
+pub struct WritingOut {
+    stop: tokio_util::sync::CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl WritingOut {
+    pub const EVERY: Duration = Duration::from_millis(500);
+
+    /// Starts on the filesystem mounted at `target` (its root directory, never a link).
+    pub fn start(target: &Path) -> std::io::Result<WritingOut> {
+        let root = std::sync::Arc::new(rustix::fs::open(
+            target,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let stopped = stop.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(Self::EVERY) => {}
+                    _ = stopped.cancelled() => return,
+                }
+                let root = root.clone();
+                // What fails to be written here, the unmount meets again and says.
+                let _ = tokio::task::spawn_blocking(move || rustix::fs::syncfs(&*root)).await;
+            }
+        });
+        Ok(WritingOut {
+            stop,
+            task: Some(task),
+        })
+    }
+
+    /// Stops once a write-out under way has ended: nothing of it holds the filesystem
+    /// after (an open directory would make the unmount busy).
+    pub async fn stop(mut self) {
+        self.stop.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for WritingOut {
+    /// Not stopped (a step's future dropped): the task ends at its next turn.
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
 /// Bytes the kernel has yet to write out: Dirty plus Writeback, from /proc/meminfo's text.
 fn waiting_bytes(meminfo: &str) -> u64 {
     meminfo
@@ -713,26 +768,7 @@ mod tests {
     }
 
     fn pinned() -> Option<Pinned> {
-        use crate::host::loop_device::{self, tests::a_turn_and_an_image, Writes};
-        let (turn, dir, image) = a_turn_and_an_image()?;
-        let made = Command::new("mkfs.ext4").arg("-q").arg(&image).status();
-        assert!(made.unwrap().success());
-        let device = loop_device::attach(&image, None, Writes::Durable)
-            .unwrap()
-            .device;
-        let mut pinned = Pinned {
-            _turn: turn,
-            dir,
-            device,
-            pin: None,
-        };
-        std::fs::create_dir(pinned.root()).unwrap();
-        let mounted = Command::new("mount")
-            .arg(&pinned.device)
-            .arg(pinned.root())
-            .status();
-        assert!(mounted.unwrap().success());
-        std::fs::write(pinned.root().join("file"), b"written").unwrap();
+        let mut pinned = mounted()?;
         let pin = Command::new("unshare")
             .args(["--mount", "--propagation", "private", "sleep", "60"])
             .spawn()
@@ -748,6 +784,63 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         Some(pinned)
+    }
+
+    /// An ext4 on a loop device of its own, mounted, with a file written; no pin yet.
+    fn mounted() -> Option<Pinned> {
+        use crate::host::loop_device::{self, tests::a_turn_and_an_image, Writes};
+        let (turn, dir, image) = a_turn_and_an_image()?;
+        let made = Command::new("mkfs.ext4").arg("-q").arg(&image).status();
+        assert!(made.unwrap().success());
+        let device = loop_device::attach(&image, None, Writes::Durable)
+            .unwrap()
+            .device;
+        let mounted = Pinned {
+            _turn: turn,
+            dir,
+            device,
+            pin: None,
+        };
+        std::fs::create_dir(mounted.root()).unwrap();
+        let mount = Command::new("mount")
+            .arg(&mounted.device)
+            .arg(mounted.root())
+            .status();
+        assert!(mount.unwrap().success());
+        std::fs::write(mounted.root().join("file"), b"written").unwrap();
+        Some(mounted)
+    }
+
+    /// What a bake writes reaches the image while it is still writing, not only at the
+    /// unmount (the kernel alone would hold it 30 s); once stopped, nothing of the
+    /// writing out holds the filesystem.
+    #[tokio::test]
+    async fn writing_out_puts_the_writes_on_the_device_meanwhile_and_lets_go_when_stopped() {
+        let Some(mounted) = mounted() else {
+            return;
+        };
+        let root = mounted.root();
+        let image = mounted.dir.path().join("disk.img");
+        let extracted: Vec<u8> = (0..64 * 1024u32).map(|i| (i * 7 % 251) as u8).collect();
+        let on_the_device = || {
+            let bytes = std::fs::read(&image).unwrap();
+            bytes.windows(4096).any(|w| w == &extracted[..4096])
+        };
+        let writing_out = WritingOut::start(&root).unwrap();
+        std::fs::write(root.join("extracted"), &extracted).unwrap();
+        assert!(!on_the_device(), "written out before any write-out");
+        let since = std::time::Instant::now();
+        while !on_the_device() {
+            assert!(
+                since.elapsed() < WritingOut::EVERY * 8,
+                "not on the device {:?} after it was written",
+                since.elapsed()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        writing_out.stop().await;
+        let unmounted = Command::new("umount").arg(&root).status().unwrap();
+        assert!(unmounted.success(), "the unmount is not held");
     }
 
     #[test]

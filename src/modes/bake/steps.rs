@@ -351,6 +351,8 @@ impl<B: Backend> Step<BakeState<B>> for ExtractTarball {
             owner: s.build.owner.clone(),
             keep_setuid: s.build.keep_setuid,
         };
+        let writing_out = mount::WritingOut::start(&s.mount_point)
+            .map_err(|e| failed(format!("cannot open {}: {e}", s.mount_point.display())))?;
         let done = extract::extract_into_image(
             &s.amibake_exe,
             &s.mount_point,
@@ -361,6 +363,7 @@ impl<B: Backend> Step<BakeState<B>> for ExtractTarball {
             &ctx.cancel,
         )
         .await;
+        writing_out.stop().await;
         match done {
             Ok(done) => {
                 ctx.progress.note(format!(
