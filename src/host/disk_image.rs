@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use rustix::fs::SeekFrom;
 
 use crate::aws::ebs::{block_digest, BLOCK_SIZE};
+use crate::host::block_digests::BlockDigests;
 
 /// The byte ranges (start, end) of a file that hold data; the rest are holes.
 pub fn data_ranges(file: &File) -> io::Result<Vec<(u64, u64)>> {
@@ -113,34 +114,32 @@ pub struct ChangedBlock {
     pub digest: [u8; 32],
 }
 
-/// Threads that compare and digest an image's blocks at once: one a core, up to 4. A
-/// block's digest is most of its reading, and a core digests some 1.3 GB a second, so one
-/// alone would hold back puts going at EBS's 1,000 a second.
+/// Threads that read and digest an image's blocks at once: one a core, up to 4. A block's
+/// digest is most of its reading, and a core digests some 1.5 GB a second, so one alone
+/// would hold back puts going at EBS's 1,000 a second.
 pub fn readers() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
 }
 
 /// Reads `image` on up to `readers` threads and hands `each` every block to put into a new
 /// snapshot with its digest, as found (nearly in index order); answers them all, in index
-/// order. Against a `parent` (the image the new snapshot's parent holds, as a file): every
-/// block whose bytes differ from the parent's, a block the bake freed (now a hole, reading
-/// as zeros) included. With no parent: every block that is not all zeros. Stops early,
-/// with what it has handed on, once `keep_going` says no: it is asked before each block is
-/// read.
+/// order. Against a parent whose blocks have `parent` digests: every block whose content
+/// differs, a block the bake freed (now a hole, reading as zeros) included. With no parent
+/// (`None`): every block that is not all zeros. Stops early, with what it has handed on,
+/// once `keep_going` says no: it is asked before each block is read.
 pub fn changed_blocks(
     image: &Path,
-    parent: Option<&Path>,
+    parent: Option<&BlockDigests>,
     readers: usize,
     keep_going: impl Fn() -> bool + Sync,
     each: impl Fn(ChangedBlock) + Sync,
 ) -> io::Result<Vec<ChangedBlock>> {
-    let image = MappedFile::open(image)?;
-    let parent = parent.map(MappedFile::open).transpose()?;
-    let zero = block_digest(&ZEROS);
-    // A block neither file holds data in reads as zeros in both.
-    let mut candidates = data_blocks(&image.file)?;
-    if let Some(parent) = &parent {
-        candidates.extend(data_blocks(&parent.file)?);
+    let file = File::open(image)?;
+    let zero = block_digest(&[0u8; BLOCK_SIZE]);
+    let data = data_blocks(&file)?;
+    let mut candidates = data.clone();
+    if let Some(parent) = parent {
+        candidates.extend(parent.0.keys().copied());
     }
     let candidates: Vec<u64> = candidates.into_iter().collect();
     // Each reader takes the next candidate: the readers go through the image together.
@@ -148,32 +147,26 @@ pub fn changed_blocks(
     let failed = AtomicBool::new(false);
     let read = || -> io::Result<Vec<ChangedBlock>> {
         let mut found = Vec::new();
+        let mut buf = vec![0u8; BLOCK_SIZE];
         while !failed.load(Ordering::Relaxed) && keep_going() {
             let Some(&index) = candidates.get(next.fetch_add(1, Ordering::Relaxed)) else {
                 break;
             };
-            let block = image.block(index).inspect_err(|_| {
-                failed.store(true, Ordering::Relaxed);
-            })?;
-            let unchanged = match &parent {
-                Some(parent) => {
-                    let before = parent.block(index).inspect_err(|_| {
-                        failed.store(true, Ordering::Relaxed);
-                    })?;
-                    *block == *before
-                }
-                None => false,
+            // A block holding no data reads as zeros.
+            let digest = if data.contains(&index) {
+                read_block(&file, index, &mut buf).inspect_err(|_| {
+                    failed.store(true, Ordering::Relaxed);
+                })?;
+                block_digest(&buf)
+            } else {
+                zero
             };
-            if unchanged {
-                continue;
+            let before = parent.map_or(zero, |p| p.0.get(&index).copied().unwrap_or(zero));
+            if digest != before {
+                let block = ChangedBlock { index, digest };
+                each(block);
+                found.push(block);
             }
-            let digest = block_digest(&block);
-            if parent.is_none() && digest == zero {
-                continue;
-            }
-            let block = ChangedBlock { index, digest };
-            each(block);
-            found.push(block);
         }
         Ok(found)
     };
@@ -188,69 +181,6 @@ pub fn changed_blocks(
     })?;
     changed.sort_unstable_by_key(|block| block.index);
     Ok(changed)
-}
-
-/// A block of zeros: what an image holds past its end.
-static ZEROS: [u8; BLOCK_SIZE] = [0; BLOCK_SIZE];
-
-/// An image file whose blocks are mapped one at a time rather than read: the comparison
-/// and the digest then read the page cache in place, where a read first copies it, which
-/// on these machines was most of the time (740 blocks: 445 ms read and digested, 94 ms
-/// mapped and compared with the parent's, 290 ms mapped and digested). One block at a
-/// time, so the resident set holds a block a reader, not the image.
-struct MappedFile {
-    file: File,
-    len: u64,
-}
-
-/// A block of an image: mapped, or zeros (padded where the file ends within it).
-enum Block {
-    Mapped(memmap2::Mmap),
-    Zeros,
-    Padded(Vec<u8>),
-}
-
-impl std::ops::Deref for Block {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        match self {
-            Block::Mapped(map) => map,
-            Block::Zeros => &ZEROS,
-            Block::Padded(bytes) => bytes,
-        }
-    }
-}
-
-impl MappedFile {
-    fn open(path: &Path) -> io::Result<MappedFile> {
-        let file = File::open(path)?;
-        let len = file.metadata()?.len();
-        Ok(MappedFile { file, len })
-    }
-
-    fn block(&self, index: u64) -> io::Result<Block> {
-        let start = index * BLOCK_SIZE as u64;
-        let Some(left) = self.len.checked_sub(start).filter(|left| *left > 0) else {
-            return Ok(Block::Zeros);
-        };
-        let len = left.min(BLOCK_SIZE as u64) as usize;
-        // SAFETY: a mapping is only unsound to read if the file shrinks under it (the read
-        // would fault). These are the run's own working copy and the cache entry it holds
-        // shared: a prune renames an entry aside and a removal unlinks it; nothing
-        // truncates either while the run lives.
-        let map = unsafe {
-            memmap2::MmapOptions::new()
-                .offset(start)
-                .len(len)
-                .map(&self.file)?
-        };
-        if len == BLOCK_SIZE {
-            return Ok(Block::Mapped(map));
-        }
-        let mut padded = vec![0u8; BLOCK_SIZE];
-        padded[..len].copy_from_slice(&map);
-        Ok(Block::Padded(padded))
-    }
 }
 
 /// Block `index` of `file` into `buf`; past the end of the file reads as zeros.
@@ -331,6 +261,7 @@ mod tests {
             8 * B,
             &[(0, b"boot"), (2 * B, b"keep"), (5 * B, b"gone")],
         );
+        let parent = digests_of(&base);
         // The bake: block 0 rewritten, block 5 freed (punched), block 7 new; 2 untouched.
         let work = dir.path().join("work");
         copy_sparse(&base, &File::create(&work).unwrap(), 0).unwrap();
@@ -344,7 +275,7 @@ mod tests {
             B,
         )
         .unwrap();
-        let changed = all_changed(&work, Some(&base));
+        let changed = all_changed(&work, Some(&parent));
         assert_eq!(
             changed.iter().map(|c| c.index).collect::<Vec<_>>(),
             [0, 5, 7]
@@ -379,32 +310,20 @@ mod tests {
         assert!(full.iter().all(|c| c.digest != zero));
     }
 
-    fn all_changed(image: &Path, parent: Option<&Path>) -> Vec<ChangedBlock> {
-        changed_blocks(image, parent, 1, || true, |_| ()).unwrap()
+    /// The digest of every block of `image` holding data, read here, as a cache entry's.
+    fn digests_of(image: &Path) -> BlockDigests {
+        let file = File::open(image).unwrap();
+        let mut digests = BlockDigests::default();
+        let mut buf = vec![0u8; BLOCK_SIZE];
+        for index in data_blocks(&file).unwrap() {
+            read_block(&file, index, &mut buf).unwrap();
+            digests.0.insert(index, block_digest(&buf));
+        }
+        digests
     }
 
-    /// A root grown past its base's size: past the parent's end its blocks read as zeros,
-    /// and an image ending within a block reads as zeros to that block's end.
-    #[test]
-    fn past_a_parents_end_blocks_are_compared_with_zeros() {
-        let dir = tempfile::tempdir().unwrap();
-        let base = sparse(dir.path(), 4 * B, &[(B, b"base")]);
-        let work = dir.path().join("work");
-        copy_sparse(&base, &File::create(&work).unwrap(), 8 * B + 100).unwrap();
-        let w = std::fs::OpenOptions::new().write(true).open(&work).unwrap();
-        w.write_all_at(b"grown", 6 * B).unwrap();
-        w.write_all_at(b"tail", 8 * B).unwrap();
-        // Written past the parent's end, but zeros, as the parent reads there.
-        w.write_all_at(&[0u8; 4096], 5 * B).unwrap();
-        let changed = all_changed(&work, Some(&base));
-        assert_eq!(changed.iter().map(|c| c.index).collect::<Vec<_>>(), [6, 8]);
-        let mut tail = vec![0u8; BLOCK_SIZE];
-        tail[..4].copy_from_slice(b"tail");
-        assert_eq!(changed[1].digest, block_digest(&tail), "padded with zeros");
-        // The other way round: the image is the shorter one.
-        let shorter = all_changed(&base, Some(&work));
-        assert_eq!(shorter.iter().map(|c| c.index).collect::<Vec<_>>(), [6, 8]);
-        assert!(shorter.iter().all(|c| c.digest == block_digest(&ZEROS)));
+    fn all_changed(image: &Path, parent: Option<&BlockDigests>) -> Vec<ChangedBlock> {
+        changed_blocks(image, parent, 1, || true, |_| ()).unwrap()
     }
 
     #[test]
@@ -442,6 +361,7 @@ mod tests {
             .collect();
         let writes: Vec<(u64, &[u8])> = writes.iter().map(|(at, d)| (*at, d.as_slice())).collect();
         let base = sparse(dir.path(), 128 * B, &writes);
+        let parent = digests_of(&base);
         // Every fourth block rewritten, and two new ones.
         let work = dir.path().join("work");
         copy_sparse(&base, &File::create(&work).unwrap(), 0).unwrap();
@@ -451,12 +371,12 @@ mod tests {
         }
         w.write_all_at(b"new", 121 * B).unwrap();
         w.write_all_at(b"new", 127 * B).unwrap();
-        let alone = all_changed(&work, Some(&base));
+        let alone = all_changed(&work, Some(&parent));
         assert_eq!(alone.len(), 12);
         let heard = std::sync::Mutex::new(Vec::new());
         let together = changed_blocks(
             &work,
-            Some(&base),
+            Some(&parent),
             4,
             || true,
             |c| heard.lock().unwrap().push(c),

@@ -19,6 +19,7 @@ use crate::aws::ami::BaseImage;
 use crate::aws::ebs::{self, NewSnapshot, Ran, BLOCK_SIZE};
 use crate::aws::{AwsError, Clients};
 use crate::engine::{Keep, Step, StepContext, StepError, UndoId, UndoStack, Unit};
+use crate::host::block_digests::BlockDigests;
 use crate::host::disk_image::{self, CopiedBy};
 use crate::host::ext4_journal;
 use crate::host::image_cache::{CacheError, CachedImage, ImageCache};
@@ -363,8 +364,8 @@ impl Step<BakeState<Direct>> for UploadSnapshot {
         let copy = earlier(&s.backend.working_copy, "working copy")?;
         let base = earlier(&s.backend.base_image, "base image")?;
         let upload = s.backend.upload.clone();
-        let parent_image = upload.parent.as_ref().map(|_| base.image.clone());
-        if parent_image.is_some() {
+        let parent_digests = upload.parent.as_ref().map(|_| base.digests.clone());
+        if parent_digests.is_some() {
             let restored = restore_base_journal(&copy, &base.image, s.build.root_partition).await?;
             if restored > 0 {
                 ctx.progress.note(format!(
@@ -397,7 +398,7 @@ impl Step<BakeState<Direct>> for UploadSnapshot {
         };
         // The reading has a head start of StartSnapshot's round trip: every block it reads
         // is final, the image being detached and its journal put back.
-        let reading = ChangedBlocks::start(&copy, parent_image);
+        let reading = ChangedBlocks::start(&copy, parent_digests);
         let snapshot_id = match ebs::start_snapshot(&s.image.clients, &new).await {
             Ok(id) => id,
             Err(e) => {
@@ -507,8 +508,8 @@ fn throttled_since(before: u64, calls: &str) -> String {
 /// page cache then, even on a small machine.
 const FOUND_AHEAD: usize = 32;
 
-/// The reading of the image for the blocks that differ from the parent's (the base's
-/// image in the cache; every block holding data with no parent), on threads of its own (`disk_image::readers`), at
+/// The reading of the image for the blocks that differ from the parent's digests (every
+/// block holding data with no parent), on threads of its own (`disk_image::readers`), at
 /// most `FOUND_AHEAD` blocks ahead of whoever takes them.
 struct ChangedBlocks {
     found: tokio::sync::mpsc::Receiver<disk_image::ChangedBlock>,
@@ -518,7 +519,7 @@ struct ChangedBlocks {
 }
 
 impl ChangedBlocks {
-    fn start(image: &std::path::Path, parent_image: Option<PathBuf>) -> ChangedBlocks {
+    fn start(image: &std::path::Path, parent_digests: Option<BlockDigests>) -> ChangedBlocks {
         let (found_tx, found) = tokio::sync::mpsc::channel(FOUND_AHEAD);
         let path = image.to_path_buf();
         // The upload's total is known once the reading has found every changed block;
@@ -528,7 +529,7 @@ impl ChangedBlocks {
         let reading = tokio::task::spawn_blocking(move || {
             disk_image::changed_blocks(
                 &path,
-                parent_image.as_deref(),
+                parent_digests.as_ref(),
                 disk_image::readers(),
                 // Whoever took the blocks stopped (a failure or an interrupt): so does the
                 // reading.
