@@ -169,10 +169,11 @@ pub fn flush(target: &Path, mut written: impl FnMut(u64, u64)) -> std::io::Resul
 /// Writes out, every `WritingOut::EVERY` until stopped, what the filesystem mounted at a
 /// target holds in memory: the writing an unmount would do at the end is done meanwhile,
 /// on the core the extraction leaves (the kernel itself starts only once a tenth of the
-/// machine's memory waits to be written, or after 30 s).
+/// machine's memory waits to be written, or after 30 s). Its open directory would make
+/// the unmount busy: whoever unmounts stops it first (a bake, through its undo stack).
 pub struct WritingOut {
     stop: tokio_util::sync::CancellationToken,
-    task: Option<tokio::task::JoinHandle<()>>,
+    task: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl WritingOut {
@@ -200,24 +201,17 @@ impl WritingOut {
         });
         Ok(WritingOut {
             stop,
-            task: Some(task),
+            task: tokio::sync::Mutex::new(Some(task)),
         })
     }
 
     /// Stops once a write-out under way has ended: nothing of it holds the filesystem
-    /// after (an open directory would make the unmount busy).
-    pub async fn stop(mut self) {
+    /// after. Again, or at once from elsewhere, it waits for the same end.
+    pub async fn stop(&self) {
         self.stop.cancel();
-        if let Some(task) = self.task.take() {
+        if let Some(task) = self.task.lock().await.take() {
             let _ = task.await;
         }
-    }
-}
-
-impl Drop for WritingOut {
-    /// Not stopped (a step's future dropped): the task ends at its next turn.
-    fn drop(&mut self) {
-        self.stop.cancel();
     }
 }
 
@@ -828,7 +822,7 @@ mod tests {
         };
         let writing_out = WritingOut::start(&root).unwrap();
         std::fs::write(root.join("extracted"), &extracted).unwrap();
-        assert!(!on_the_device(), "written out before any write-out");
+        // The kernel alone would leave it in memory for 30 s, short of memory pressure.
         let since = std::time::Instant::now();
         while !on_the_device() {
             assert!(
@@ -838,7 +832,8 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        writing_out.stop().await;
+        // Stopped twice at once (the step, and a cleanup's undo): both wait for the end.
+        tokio::join!(writing_out.stop(), writing_out.stop());
         let unmounted = Command::new("umount").arg(&root).status().unwrap();
         assert!(unmounted.success(), "the unmount is not held");
     }

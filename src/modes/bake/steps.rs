@@ -351,8 +351,24 @@ impl<B: Backend> Step<BakeState<B>> for ExtractTarball {
             owner: s.build.owner.clone(),
             keep_setuid: s.build.keep_setuid,
         };
-        let writing_out = mount::WritingOut::start(&s.mount_point)
-            .map_err(|e| failed(format!("cannot open {}: {e}", s.mount_point.display())))?;
+        let writing_out = Arc::new(
+            mount::WritingOut::start(&s.mount_point)
+                .map_err(|e| failed(format!("cannot open {}: {e}", s.mount_point.display())))?,
+        );
+        // Stopped before the unmount, which a cleanup runs after it, should the step end
+        // early: its open directory would make the unmount busy.
+        let stop_writing_out = ctx.undo.push(
+            s.mount_point.display().to_string(),
+            "stop writing the image out",
+            Keep::Never,
+            move || {
+                let writing_out = writing_out.clone();
+                async move {
+                    writing_out.stop().await;
+                    Ok(())
+                }
+            },
+        );
         let done = extract::extract_into_image(
             &s.amibake_exe,
             &s.mount_point,
@@ -363,7 +379,7 @@ impl<B: Backend> Step<BakeState<B>> for ExtractTarball {
             &ctx.cancel,
         )
         .await;
-        writing_out.stop().await;
+        undo_now(ctx, stop_writing_out).await?;
         match done {
             Ok(done) => {
                 ctx.progress.note(format!(
