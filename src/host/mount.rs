@@ -754,9 +754,17 @@ mod tests {
     }
 
     impl Drop for Pinned {
+        /// Also after a failed test, whose writing out may still hold the filesystem: then
+        /// detached lazily, and the loop device goes once the test's process has ended.
         fn drop(&mut self) {
             self.unpin();
-            let _ = Command::new("umount").arg(self.root()).status();
+            let unmounted = Command::new("umount").arg(self.root()).status();
+            if !unmounted.is_ok_and(|status| status.success()) && is_mount_point(&self.root()) {
+                let _ = Command::new("umount")
+                    .arg("--lazy")
+                    .arg(self.root())
+                    .status();
+            }
             let _ = crate::host::loop_device::detach(&self.device);
         }
     }
