@@ -254,72 +254,23 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn progress_brings_the_last_poll_close_to_the_end() {
         const DONE_AT: Duration = Duration::from_secs(21);
-        let started = Instant::now();
-        let polls = RefCell::new(0);
-        let result: Result<(), WaitError<DescribeFailed>> = wait_for(
-            "snapshot",
-            "snap-1",
-            WaitPolicy::LONG,
-            &CancellationToken::new(),
-            |_, _| {},
-            || {
-                *polls.borrow_mut() += 1;
-                let elapsed = started.elapsed();
-                async move {
-                    Ok(if elapsed >= DONE_AT {
-                        Poll::Ready(())
-                    } else {
-                        Poll::Pending {
-                            state: "pending".into(),
-                            percent: Some(
-                                (elapsed.as_secs_f64() / DONE_AT.as_secs_f64() * 100.0) as u8,
-                            ),
-                        }
-                    })
-                }
-            },
-        )
-        .await;
-        result.unwrap();
-        let seen_at = started.elapsed();
+        let (seen_at, polls) = snapshot_seen_done(DONE_AT, Duration::ZERO).await;
         assert!(
             seen_at >= DONE_AT && seen_at <= DONE_AT + WaitPolicy::LONG.first_poll,
             "done at {DONE_AT:?}, seen at {seen_at:?}"
         );
-        assert!(*polls.borrow() <= 20, "{} polls", polls.borrow());
+        assert!(polls <= 20, "{polls} polls");
     }
 
     /// When a snapshot whose progress EC2 gives in whole percents, on pace to end at
     /// `done_at` but stuck at 99 % until `stuck_until`, is seen done; and how many polls
     /// that took.
     async fn snapshot_seen_done(done_at: Duration, stuck_until: Duration) -> (Duration, usize) {
-        let started = Instant::now();
-        let polls = RefCell::new(0);
-        let result: Result<(), WaitError<DescribeFailed>> = wait_for(
-            "snapshot",
-            "snap-1",
-            WaitPolicy::LONG,
-            &CancellationToken::new(),
-            |_, _| {},
-            || {
-                *polls.borrow_mut() += 1;
-                let elapsed = started.elapsed();
-                async move {
-                    Ok(if elapsed >= done_at.max(stuck_until) {
-                        Poll::Ready(())
-                    } else {
-                        let percent = elapsed.as_secs_f64() / done_at.as_secs_f64() * 100.0;
-                        Poll::Pending {
-                            state: "pending".into(),
-                            percent: Some((percent as u8).min(99)),
-                        }
-                    })
-                }
-            },
-        )
-        .await;
-        result.unwrap();
-        (started.elapsed(), polls.into_inner())
+        seen_done_with(WaitPolicy::LONG, done_at.max(stuck_until), |elapsed| {
+            let percent = elapsed.as_secs_f64() / done_at.as_secs_f64() * 100.0;
+            Some((percent as u8).min(99))
+        })
+        .await
     }
 
     /// The bake's own seconds include the time between a snapshot's end and the poll that
@@ -358,27 +309,36 @@ mod tests {
     /// When a wait without progress is seen to end, under `policy`, for something ready at
     /// `done_at`; and how many polls it took.
     async fn seen_done(policy: WaitPolicy, done_at: Duration) -> (Duration, usize) {
+        seen_done_with(policy, done_at, |_| None).await
+    }
+
+    /// When something ready at `done_at` is seen done under `policy`, pending until then
+    /// with the progress `percent_at` gives for the time elapsed; and how many polls it took.
+    async fn seen_done_with(
+        policy: WaitPolicy,
+        done_at: Duration,
+        percent_at: impl Fn(Duration) -> Option<u8>,
+    ) -> (Duration, usize) {
         let started = Instant::now();
         let polls = RefCell::new(0);
         let result: Result<(), WaitError<DescribeFailed>> = wait_for(
-            "image",
-            "ami-1",
+            "resource",
+            "id-1",
             policy,
             &CancellationToken::new(),
             |_, _| {},
             || {
                 *polls.borrow_mut() += 1;
-                let ready = started.elapsed() >= done_at;
-                async move {
-                    Ok(if ready {
-                        Poll::Ready(())
-                    } else {
-                        Poll::Pending {
-                            state: "pending".into(),
-                            percent: None,
-                        }
-                    })
-                }
+                let elapsed = started.elapsed();
+                let poll = if elapsed >= done_at {
+                    Poll::Ready(())
+                } else {
+                    Poll::Pending {
+                        state: "pending".into(),
+                        percent: percent_at(elapsed),
+                    }
+                };
+                async move { Ok(poll) }
             },
         )
         .await;
