@@ -49,7 +49,12 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
         }
         hasher.update(&buf[..n]);
     }
-    Ok(hex(&hasher.finalize()))
+    Ok(sha256_hex(hasher))
+}
+
+/// A SHA-256 digest as lowercase hex, as the tags and manifests carry it.
+pub fn sha256_hex(hasher: Sha256) -> String {
+    hex(&hasher.finalize())
 }
 
 fn hex(bytes: &[u8]) -> String {

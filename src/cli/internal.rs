@@ -103,12 +103,15 @@ pub struct InternalCheckTarballArgs {
     pub root: PathBuf,
     #[arg(long, value_parser = isolation)]
     pub isolation: Isolation,
+    /// The most bytes of the tar stream kept on standard output.
+    #[arg(long)]
+    pub keep_at_most: u64,
 }
 
-/// Reads the tarball on standard input through every check that needs no image; exits
-/// with `exit::USAGE` where the tarball is at fault.
+/// Reads the tarball on standard input through every check that needs no image, keeping
+/// the tar stream on standard output; exits with `exit::USAGE` where the tarball is at fault.
 pub fn check_tarball(args: &InternalCheckTarballArgs) -> i32 {
-    match extract::check_child_main(&args.root, args.isolation) {
+    match extract::check_child_main(&args.root, args.isolation, args.keep_at_most) {
         Ok(_) => exit::OK,
         Err(e) => {
             eprintln!("error: {e}");

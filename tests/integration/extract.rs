@@ -12,8 +12,9 @@ use crate::util::tarballs::{
     append_raw, assert_composer_like_at, composer_like, gzip, refused_on_their_own, tarball, Canary,
 };
 use amibake::host::extract::{
-    check_tarball, extract_into_image, ExtractError, ExtractSpec, Extracted, Tarball,
+    check_tarball, extract_into_image, ExtractError, ExtractSpec, Tarball,
 };
+use sha2::Digest;
 use tar::EntryType;
 use tokio_util::sync::CancellationToken;
 
@@ -100,15 +101,10 @@ fn extract_at(
 fn a_composer_like_tarball_lands_byte_for_byte_where_the_image_resolves_dest() {
     let _module = crate::util::module_turn(module_path!());
     let (tar_bytes, files) = composer_like();
-    let zstd_bytes = zstd::encode_all(tar_bytes.as_slice(), 3).unwrap();
-    for (dest, bytes) in [
-        ("/var/www/shop", gzip(&tar_bytes)),
-        ("/var/www/plain", tar_bytes.clone()),
-        ("/opt/zstd", zstd_bytes),
-    ] {
+    for dest in ["/var/www/shop", "/opt/app"] {
         let image = Image::new();
         let canary = Canary::new();
-        extract(&image, dest, Some("www-data"), &bytes).expect_code(0);
+        extract(&image, dest, Some("www-data"), &tar_bytes).expect_code(0);
         // The image's /var/www is a link to /srv/www: the files are where the image sees them.
         let landed = image
             .root()
@@ -132,7 +128,7 @@ fn hostile_and_broken_tarballs_are_refused_or_contained_and_the_host_is_never_to
     }
     let mut corrupted = tarball(|b| append_raw(b, EntryType::Regular, "ok.txt", None, b"fine"));
     corrupted[150] ^= 0xff; // inside the header's checksummed bytes
-    let full = gzip(&composer_like().0);
+    let full = composer_like().0;
     let cases = vec![
         Case { name: "dot-dot path", bytes: tarball(|b| append_raw(b, EntryType::Regular, "../../escape.txt", None, b"out")), refused_with: Some("tarball entry 1 (../../escape.txt): its path leaves the destination") },
         Case { name: "absolute path", bytes: tarball(|b| append_raw(b, EntryType::Regular, "/etc/amibake-absolute", None, b"abs")), refused_with: None },
@@ -184,7 +180,10 @@ fn hostile_and_broken_tarballs_are_refused_or_contained_and_the_host_is_never_to
         Case { name: "hard link to a host file", bytes: tarball(|b| append_raw(b, EntryType::Link, "hl", Some(&canary_file), b"")), refused_with: Some("tarball entry 1 (hl)") },
         Case { name: "device node", bytes: tarball(|b| append_raw(b, EntryType::Char, "dev-null", None, b"")), refused_with: Some("tarball entry 1 (dev-null): device nodes are not allowed") },
         Case { name: "fifo", bytes: tarball(|b| append_raw(b, EntryType::Fifo, "pipe", None, b"")), refused_with: Some("tarball entry 1 (pipe): FIFOs are not allowed") },
-        Case { name: "truncated gzip", bytes: full[..full.len() / 2].to_vec(), refused_with: Some("tarball") },
+        Case { name: "truncated", bytes: full[..full.len() / 2].to_vec(), refused_with: Some("tarball") },
+        // Only the check inflates: the extraction reads the tar stream the check kept, and a
+        // compressed stream there is not a tar archive, whatever it would inflate to.
+        Case { name: "a compressed stream", bytes: gzip(&tarball(|b| append_raw(b, EntryType::Regular, "../../escape.txt", None, b"out"))), refused_with: Some("tarball is damaged or not a tar archive") },
         Case { name: "checksum error", bytes: corrupted, refused_with: Some("damaged or not a tar archive") },
     ];
     for case in cases {
@@ -275,9 +274,8 @@ async fn the_parent_side_reports_progress_and_errors() {
     let _module = crate::util::module_turn(module_path!());
     let (tar_bytes, files) = composer_like();
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("app.tar.gz");
-    let gzipped = gzip(&tar_bytes);
-    std::fs::write(&file, &gzipped).unwrap();
+    let file = dir.path().join("app.tar");
+    std::fs::write(&file, &tar_bytes).unwrap();
     let image = Image::new();
     let exe = Path::new(env!("CARGO_BIN_EXE_amibake"));
     let mut seen = Vec::new();
@@ -285,7 +283,7 @@ async fn the_parent_side_reports_progress_and_errors() {
         exe,
         image.root(),
         &spec("/var/www/app"),
-        &Tarball::File(file),
+        &file,
         crate::util::isolation(),
         |p, read| seen.push((p, read)),
         &CancellationToken::new(),
@@ -300,8 +298,8 @@ async fn the_parent_side_reports_progress_and_errors() {
     assert_eq!(last, done);
     assert_eq!(
         read,
-        gzipped.len() as u64,
-        "the whole tarball was read, counted as given (compressed)"
+        tar_bytes.len() as u64,
+        "the whole tar stream was read"
     );
     assert!(seen
         .windows(2)
@@ -311,7 +309,7 @@ async fn the_parent_side_reports_progress_and_errors() {
         exe,
         image.root(),
         &spec("/var/www/app"),
-        &Tarball::File(dir.path().join("missing.tar")),
+        &dir.path().join("missing.tar"),
         crate::util::isolation(),
         |_, _| {},
         &CancellationToken::new(),
@@ -334,7 +332,7 @@ async fn the_parent_side_reports_progress_and_errors() {
         exe,
         image.root(),
         &spec("/var/www/app"),
-        &Tarball::File(bad),
+        &bad,
         crate::util::isolation(),
         |_, _| {},
         &CancellationToken::new(),
@@ -629,7 +627,7 @@ fn tarballs_as_ci_makes_them_unpack_byte_for_byte() {
     ];
     for (flavour, bytes) in flavours {
         let image = Image::new();
-        let run = extract(&image, "/srv/app", None, &bytes);
+        let run = extract(&image, "/srv/app", None, &as_checked(&bytes));
         run.expect_code(0);
         let got = tree(&image.root().join("srv/app"));
         assert_eq!(got, expected, "{flavour}");
@@ -655,47 +653,57 @@ fn tarballs_as_ci_makes_them_unpack_byte_for_byte() {
 }
 
 /// The tarball's check before any AWS call (`amibake internal-check-tarball`, through its
-/// parent side): writes `bytes` as `name` and checks it.
-async fn check(dir: &Path, name: &str, bytes: &[u8]) -> Result<Extracted, ExtractError> {
+/// parent side): writes `bytes` as `name` and checks it, keeping at most `most` bytes of
+/// its tar stream. Answers the digest and the tar stream kept.
+async fn check_keeping(
+    dir: &Path,
+    name: &str,
+    bytes: &[u8],
+    most: u64,
+) -> Result<(String, Vec<u8>), ExtractError> {
     let empty = dir.join("empty");
     let _ = std::fs::create_dir(&empty);
     let file = dir.join(name);
     std::fs::write(&file, bytes).unwrap();
-    check_tarball(
+    let kept = dir.join(format!("{name}.kept"));
+    let _ = std::fs::remove_file(&kept);
+    let digest = check_tarball(
         Path::new(env!("CARGO_BIN_EXE_amibake")),
         &empty,
-        &file,
+        &Tarball::File(file),
+        &kept,
+        most,
         crate::util::isolation(),
         &CancellationToken::new(),
     )
-    .await
+    .await?;
+    Ok((digest, std::fs::read(&kept).unwrap()))
+}
+
+async fn check(dir: &Path, name: &str, bytes: &[u8]) -> Result<(String, Vec<u8>), ExtractError> {
+    check_keeping(dir, name, bytes, u64::MAX).await
+}
+
+/// The tar stream the check keeps of `bytes`: what a bake's extraction reads.
+fn as_checked(bytes: &[u8]) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let checked = runtime.block_on(check(dir.path(), "given", bytes));
+    checked.unwrap_or_else(|e| panic!("the check: {e}")).1
 }
 
 #[tokio::test]
-async fn the_check_refuses_what_the_tarball_alone_shows_and_passes_the_rest() {
+async fn the_check_refuses_what_the_tarball_alone_shows_and_keeps_the_rest_inflated() {
     let _module = crate::util::module_turn(module_path!());
     let dir = tempfile::tempdir().unwrap();
     let canary = Canary::new();
-    let (tar_bytes, _) = composer_like();
+    let (tar_bytes, files) = composer_like();
 
-    // A good tarball, however compressed, is read to its end and counted as the
-    // extraction counts it.
-    let image = Image::new();
-    let placed = extract_into_image(
-        Path::new(env!("CARGO_BIN_EXE_amibake")),
-        image.root(),
-        &spec("/srv/www/other"),
-        &Tarball::File({
-            let f = dir.path().join("for-extraction.tar");
-            std::fs::write(&f, &tar_bytes).unwrap();
-            f
-        }),
-        crate::util::isolation(),
-        |_, _| {},
-        &CancellationToken::new(),
-    )
-    .await
-    .unwrap();
+    // A good tarball, however compressed, is inflated once, by the check: it keeps the tar
+    // stream, which the extraction places byte for byte; the digest is of the bytes given.
     for (name, bytes) in [
         ("plain.tar", tar_bytes.clone()),
         ("app.tar.gz", gzip(&tar_bytes)),
@@ -704,14 +712,35 @@ async fn the_check_refuses_what_the_tarball_alone_shows_and_passes_the_rest() {
             zstd::encode_all(tar_bytes.as_slice(), 3).unwrap(),
         ),
     ] {
-        let held = check(dir.path(), name, &bytes)
+        let (digest, kept) = check(dir.path(), name, &bytes)
             .await
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(
-            (held.files, held.bytes),
-            (placed.files, placed.bytes),
-            "{name}: the entries and bytes the extraction placed"
+            digest,
+            format!("{:x}", sha2::Sha256::digest(&bytes)),
+            "{name}"
         );
+        let (end, padding) = tar_bytes.split_at(kept.len().min(tar_bytes.len()));
+        assert!(
+            end == kept.as_slice() && padding.iter().all(|&b| b == 0),
+            "{name}: {} bytes kept of a tar stream of {}: all of it to the archive's end",
+            kept.len(),
+            tar_bytes.len()
+        );
+        let image = Image::new();
+        let stream = dir.path().join(format!("{name}.kept"));
+        extract_into_image(
+            Path::new(env!("CARGO_BIN_EXE_amibake")),
+            image.root(),
+            &spec("/srv/www/app"),
+            &stream,
+            crate::util::isolation(),
+            |_, _| {},
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_composer_like_at(&image.root().join("srv/www/app"), &files, 0);
     }
 
     // What the tarball alone shows is wrong: refused, the entry named as the extraction
@@ -747,7 +776,9 @@ async fn the_check_refuses_what_the_tarball_alone_shows_and_passes_the_rest() {
     let err = check_tarball(
         Path::new(env!("CARGO_BIN_EXE_amibake")),
         &dir.path().join("empty"),
-        &dir.path().join("missing.tar"),
+        &Tarball::File(dir.path().join("missing.tar")),
+        &dir.path().join("missing.kept"),
+        u64::MAX,
         crate::util::isolation(),
         &CancellationToken::new(),
     )
@@ -757,4 +788,36 @@ async fn the_check_refuses_what_the_tarball_alone_shows_and_passes_the_rest() {
         matches!(err, ExtractError::Read { .. }) && err.to_string().contains("missing.tar"),
         "{err}"
     );
+}
+
+/// A tarball that inflates without end (a gzip bomb: 64 MiB of zeros in a few dozen KiB)
+/// must not fill the disk the run works on: the check keeps the tar stream only up to its
+/// bound, and says so.
+#[tokio::test]
+async fn a_tarball_that_inflates_past_the_room_for_its_stream_is_stopped_there() {
+    let _module = crate::util::module_turn(module_path!());
+    let dir = tempfile::tempdir().unwrap();
+    let bomb = gzip(&tarball(|b| {
+        append_raw(b, EntryType::Regular, "zeros", None, &vec![0u8; 64 << 20])
+    }));
+    assert!(bomb.len() < 1 << 20, "{} bytes", bomb.len());
+    let most = 4 << 20;
+    let Err(err) = check_keeping(dir.path(), "bomb.tar.gz", &bomb, most).await else {
+        panic!("a tarball inflating past {most} bytes kept whole");
+    };
+    assert!(
+        matches!(err, ExtractError::Child(_))
+            && err
+                .to_string()
+                .contains(&format!("inflates past {most} bytes")),
+        "{err:?}"
+    );
+    let kept = std::fs::metadata(dir.path().join("bomb.tar.gz.kept")).unwrap();
+    assert!(kept.len() <= most, "{} bytes kept", kept.len());
+
+    // The same tarball with room for it passes.
+    let (_, kept) = check_keeping(dir.path(), "bomb.tar.gz", &bomb, 65 << 20)
+        .await
+        .unwrap();
+    assert!(kept.len() > 64 << 20);
 }

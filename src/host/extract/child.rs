@@ -1,16 +1,19 @@
 //! The extraction and the tarball's check as child processes of this binary: the child's
-//! side (enter the sandbox, read standard input, report progress as JSON lines) and the
-//! parent's (start it, follow its progress, kill it on interrupt, read why it failed).
+//! side (enter the sandbox, read standard input; the extraction reports progress as JSON
+//! lines, the check keeps the tar stream) and the parent's (feed it, follow its progress,
+//! kill it on interrupt, read why it failed).
 
 use std::io::{Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
-use super::{check_entries, resolve_owner, unpack, ExtractError, ExtractSpec, Extracted};
+use super::{check_entries, resolve_owner, unpack, ExtractError, ExtractSpec, Extracted, Kept};
 use crate::host::image_root::ImageRoot;
 use crate::sandbox;
 
@@ -19,7 +22,7 @@ use crate::sandbox;
 struct Report {
     #[serde(flatten)]
     done: Extracted,
-    /// Of the tarball as given (compressed): how far the extraction has read.
+    /// Of the tar stream: how far the extraction has read.
     read: u64,
 }
 
@@ -61,13 +64,21 @@ pub fn child_main(
 
 /// The child's side of the tarball's check (`amibake internal-check-tarball`): leave the host
 /// for a sandbox rooted in the empty directory `root`, with no capabilities, then read
-/// standard input through `check_entries`, reporting as `child_main` does.
+/// standard input through `check_entries`, keeping the tar stream it reads on standard
+/// output (a file the parent opened), at most `keep_at_most` bytes of it.
 pub fn check_child_main(
     root: &Path,
     isolation: sandbox::Isolation,
+    keep_at_most: u64,
 ) -> Result<Extracted, ExtractError> {
     sandbox::enter(root, &sandbox::Purpose::Check, isolation)?;
-    report_progress(|input, on_progress| check_entries(input, on_progress))
+    // Written straight to the descriptor: `stdout()` would look for line ends in it.
+    let out = std::io::stdout()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(ExtractError::Keep)?;
+    let mut keep = Kept::new(std::fs::File::from(out), keep_at_most);
+    check_entries(std::io::stdin(), &mut keep)
 }
 
 /// Runs `work` over standard input, reporting its running totals and how much of the input
@@ -110,29 +121,39 @@ fn report_progress(
 /// tarball of many small files does not become a flood of events.
 const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
-/// Where the tarball comes from.
+/// Where the tarball comes from: a file, or our own standard input (`--tarball -`).
 #[derive(Debug, Clone)]
 pub enum Tarball {
     File(PathBuf),
-    /// Our own standard input. After a refusal the child's decompressor still reads on, up
-    /// to a piece or the input's end, before the child exits: a pipe that stays open and
-    /// silent would hold it. A bake spools its tarball to a file first.
     Stdin,
 }
 
-/// The parent's side of the extraction: unpacks `tarball` as `spec` says inside the image
-/// mounted at `root`, through a sandboxed child run from `amibake_exe` (this binary:
-/// `std::env::current_exe()`). `on_progress` hears the running totals and how many bytes of
-/// the tarball (as given, compressed) have been read; `cancel` kills the child.
+impl Tarball {
+    fn name(&self) -> PathBuf {
+        match self {
+            Tarball::File(path) => path.clone(),
+            Tarball::Stdin => PathBuf::from("-"),
+        }
+    }
+}
+
+/// The parent's side of the extraction: unpacks `tar_stream` (the tar stream the check kept)
+/// as `spec` says inside the image mounted at `root`, through a sandboxed child run from
+/// `amibake_exe` (this binary: `std::env::current_exe()`). `on_progress` hears the running
+/// totals and how many bytes of the stream have been read; `cancel` kills the child.
 pub async fn extract_into_image(
     amibake_exe: &Path,
     root: &Path,
     spec: &ExtractSpec,
-    tarball: &Tarball,
+    tar_stream: &Path,
     isolation: sandbox::Isolation,
     on_progress: impl FnMut(Extracted, u64),
     cancel: &tokio_util::sync::CancellationToken,
 ) -> Result<Extracted, ExtractError> {
+    let input = std::fs::File::open(tar_stream).map_err(|source| ExtractError::Read {
+        path: tar_stream.to_path_buf(),
+        source,
+    })?;
     let mut command = tokio::process::Command::new(amibake_exe);
     command
         .arg("internal-extract")
@@ -148,93 +169,155 @@ pub async fn extract_into_image(
     if spec.keep_setuid {
         command.arg("--keep-setuid");
     }
-    run_child("the extraction", command, tarball, on_progress, cancel).await
+    command.stdin(input).stdout(Stdio::piped());
+    run_child("the extraction", command, on_progress, cancel).await
 }
 
-/// The parent's side of the tarball's check, before any AWS call: reads `tarball` through
-/// `check_entries` in a sandboxed child (run from `amibake_exe`) whose root is the empty
-/// directory `empty_root` and which holds no capabilities, so the decompressor and the tar
-/// parser meet a hostile tarball with nothing to reach. Answers what the tarball holds;
-/// `ExtractError::Refused` when the tarball itself is at fault.
+/// The parent's side of the tarball's check, before any AWS call. `tarball` is read once,
+/// here, digested on the way and fed to `check_entries` in a sandboxed child (run from
+/// `amibake_exe`) whose root is the empty directory `empty_root` and which holds no
+/// capabilities, so the decompressor and the tar parser meet a hostile tarball with nothing
+/// to reach. The child keeps the tar stream it read in `keep_at`, a new file, at most
+/// `keep_at_most` bytes: the one copy the extraction reads, so what it places is what was
+/// checked, whatever becomes of the tarball meanwhile. Answers the SHA-256 of the
+/// tarball's bytes as given; `ExtractError::Refused` when the tarball itself is at fault.
 pub async fn check_tarball(
     amibake_exe: &Path,
     empty_root: &Path,
-    tarball: &Path,
+    tarball: &Tarball,
+    keep_at: &Path,
+    keep_at_most: u64,
     isolation: sandbox::Isolation,
     cancel: &tokio_util::sync::CancellationToken,
-) -> Result<Extracted, ExtractError> {
+) -> Result<String, ExtractError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let kept = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(keep_at)
+        .map_err(ExtractError::Keep)?;
+    let (child_reads, parent_writes) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+        .map_err(|e| ExtractError::Child(format!("cannot start the tarball's check: {e}")))?;
     let mut command = tokio::process::Command::new(amibake_exe);
     command
         .arg("internal-check-tarball")
         .arg("--root")
         .arg(empty_root)
         .arg("--isolation")
-        .arg(isolation.to_arg());
-    let tarball = Tarball::File(tarball.to_path_buf());
-    run_child("the tarball's check", command, &tarball, |_, _| {}, cancel).await
+        .arg(isolation.to_arg())
+        .arg("--keep-at-most")
+        .arg(keep_at_most.to_string())
+        .stdin(child_reads)
+        .stdout(kept);
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut feeding = tokio::task::spawn_blocking({
+        let (tarball, stop) = (tarball.clone(), stop.clone());
+        move || feed(&tarball, parent_writes, &stop)
+    });
+    let checked = run_child("the tarball's check", command, |_, _| {}, cancel).await;
+    if checked.is_err() {
+        stop.store(true, Ordering::Relaxed);
+        // A tarball that could not be read reads as cut short to the check: its reading's
+        // own error is the cause.
+        let fed = tokio::time::timeout(FEED_ENDS_WITHIN, &mut feeding).await;
+        if let Ok(Ok(Err(unread @ ExtractError::Read { .. }))) = fed {
+            return Err(unread);
+        }
+    }
+    checked?;
+    feeding.await.expect("the feed does not panic")
 }
 
-/// Runs `what`, a child of this binary that reads `tarball` on its standard input and
-/// reports as `report_progress` does; `cancel` kills it. A child that exits with
-/// `exit::USAGE` refused the tarball (`ExtractError::Refused`).
+/// How long a feed stopped by a failed check has to say whether it failed first.
+const FEED_ENDS_WITHIN: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Reads `tarball` to its end, a piece at a time: each piece digested, and written to the
+/// check until it stops reading (it has what it needs, it refused the tarball, or it was
+/// killed). Ends early at `stop`. Answers the digest of every byte read.
+fn feed(tarball: &Tarball, to_check: OwnedFd, stop: &AtomicBool) -> Result<String, ExtractError> {
+    let unread = |source| ExtractError::Read {
+        path: tarball.name(),
+        source,
+    };
+    let mut source: Box<dyn Read> = match tarball {
+        Tarball::File(path) => Box::new(std::fs::File::open(path).map_err(unread)?),
+        Tarball::Stdin => Box::new(std::io::stdin()),
+    };
+    let mut to_check = Some(std::fs::File::from(to_check));
+    let mut digest = Sha256::new();
+    let mut piece = vec![0; super::PIECE];
+    while !stop.load(Ordering::Relaxed) {
+        let n = match source.read(&mut piece) {
+            Ok(0) => return Ok(crate::artifact::sha256_hex(digest)),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(unread(e)),
+        };
+        digest.update(&piece[..n]);
+        if to_check
+            .as_mut()
+            .is_some_and(|out| out.write_all(&piece[..n]).is_err())
+        {
+            // The check stopped reading: the rest is only digested.
+            to_check = None;
+        }
+    }
+    Err(ExtractError::Child(
+        "the tarball's check was stopped".into(),
+    ))
+}
+
+/// Runs `what`, a child of this binary, with the standard input and output `command` gives
+/// it: where its output is piped, it reports as `report_progress` does. `cancel` kills it.
+/// A child that exits with `exit::USAGE` refused the tarball (`ExtractError::Refused`).
 async fn run_child(
     what: &str,
     mut command: tokio::process::Command,
-    tarball: &Tarball,
     mut on_progress: impl FnMut(Extracted, u64),
     cancel: &tokio_util::sync::CancellationToken,
 ) -> Result<Extracted, ExtractError> {
     use tokio::io::AsyncBufReadExt;
 
     crate::sandbox::detach_and_die_with_parent(&mut command);
-    // The tarball file, or our own standard input, is the child's standard input.
-    let input = match tarball {
-        Tarball::File(path) => {
-            Stdio::from(
-                std::fs::File::open(path).map_err(|source| ExtractError::Read {
-                    path: path.clone(),
-                    source,
-                })?,
-            )
-        }
-        Tarball::Stdin => Stdio::inherit(),
-    };
-    let mut child = command
-        .stdin(input)
-        .stdout(Stdio::piped())
+    let spawned = command
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .map_err(|e| ExtractError::Child(format!("cannot start {what}: {e}")))?;
+        .map_err(|e| ExtractError::Child(format!("cannot start {what}: {e}")));
+    // The command holds our copies of the child's descriptors: closed now, so that a pipe's
+    // writer hears when the child stops reading.
+    drop(command);
+    let mut child = spawned?;
     let mut stderr = child.stderr.take().expect("piped");
     let errors = tokio::spawn(async move {
         let mut text = String::new();
         let _ = tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut text).await;
         text
     });
-    let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("piped")).lines();
+    let reports = child.stdout.take();
     let mut last = Extracted::default();
-    loop {
-        tokio::select! {
-            line = lines.next_line() => match line {
-                Ok(Some(line)) => {
-                    if let Ok(report) = serde_json::from_str::<Report>(&line) {
-                        last = report.done;
-                        on_progress(last, report.read);
-                    }
+    let ended = async {
+        if let Some(reports) = reports {
+            let mut lines = tokio::io::BufReader::new(reports).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Ok(report) = serde_json::from_str::<Report>(&line) {
+                    last = report.done;
+                    on_progress(last, report.read);
                 }
-                _ => break,
-            },
-            _ = cancel.cancelled() => {
-                let _ = child.kill().await;
-                return Err(ExtractError::Child(format!("{what} was interrupted")));
             }
         }
-    }
-    let status = child
-        .wait()
-        .await
-        .map_err(|e| ExtractError::Child(format!("{what}: {e}")))?;
+        child.wait().await
+    };
+    let ended = tokio::select! {
+        status = ended => Some(status),
+        _ = cancel.cancelled() => None,
+    };
+    let Some(status) = ended else {
+        let _ = child.kill().await;
+        return Err(ExtractError::Child(format!("{what} was interrupted")));
+    };
+    let status = status.map_err(|e| ExtractError::Child(format!("{what}: {e}")))?;
     let message = errors.await.unwrap_or_default();
     if !status.success() {
         let message = message.trim().trim_start_matches("error: ");

@@ -11,18 +11,24 @@
 //! anywhere else. Device nodes and FIFOs are refused; setuid and setgid bits are dropped
 //! unless the template keeps them.
 //!
+//! The tarball is inflated once, by its check before any AWS call, which keeps the tar
+//! stream it read (`check_entries`); the extraction reads that stream and never decompresses
+//! (`unpack`): what it places is what was checked, whatever its first bytes look like.
+//!
 //! `entry` judges each entry from the tarball alone, `writer` places it, `child` runs both
 //! in their sandboxed child processes.
 
 mod child;
 mod entry;
+mod kept;
 mod writer;
 
 pub use child::{check_child_main, check_tarball, child_main, extract_into_image, Tarball};
 pub use entry::EntryError;
+pub use kept::Kept;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 
@@ -95,6 +101,9 @@ pub enum ExtractError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// The check could not keep the tar stream it read for the extraction.
+    #[error("cannot keep the tarball's tar stream for the extraction: {0}")]
+    Keep(std::io::Error),
 }
 
 // Magic numbers at the start of a compressed stream.
@@ -257,8 +266,8 @@ impl Read for Pieces {
     }
 }
 
-/// Unpacks a tar stream into `spec.dest` of `image`. `on_progress` hears the running totals
-/// after each entry.
+/// Unpacks a tar stream (as the check kept it: never decompressed here) into `spec.dest` of
+/// `image`. `on_progress` hears the running totals after each entry.
 pub fn unpack(
     input: impl Read + Send,
     image: &ImageRoot,
@@ -290,7 +299,8 @@ pub fn unpack(
         dir_times: Vec::new(),
     };
     let mut done = Extracted::default();
-    each_entry(input, |entry, path| {
+    let tar_stream: Box<dyn Read + '_> = Box::new(BufReader::with_capacity(PIECE, input));
+    each_entry_of(tar::Archive::new(tar_stream), &mut |entry, path| {
         let size = entry.header().size().unwrap_or(0);
         let admitted = admit(entry, path)?;
         let placed = writer.place(entry, admitted)?;
@@ -304,40 +314,42 @@ pub fn unpack(
     Ok(done)
 }
 
-/// Reads a whole tarball as `unpack` would and writes nothing: every check that needs no
-/// image (`admit`), and every entry's data read to its end, so a damaged or cut-short
-/// tarball is refused too, as is one with no entries. Answers what it holds.
+/// Reads a whole tarball (gzip, zstd or a plain tar stream, told by its first bytes) as
+/// `unpack` would, placing nothing: every check that needs no image (`admit`), and every
+/// entry's data read to its end, so a damaged or cut-short tarball is refused too, as is one
+/// with no entries. Every byte of the tar stream it reads goes to `keep` (to the archive's
+/// end, where `unpack` stops too): the extraction reads that, and never inflates again.
+/// Answers what it holds.
 pub fn check_entries(
     input: impl Read + Send,
-    on_progress: &mut dyn FnMut(Extracted),
+    keep: &mut Kept<impl Write>,
 ) -> Result<Extracted, ExtractError> {
     let mut held = Extracted::default();
-    each_entry(input, |entry, path| {
-        admit(entry, path)?;
-        let size = entry.header().size().unwrap_or(0);
-        std::io::copy(entry, &mut std::io::sink()).map_err(EntryError::Unreadable)?;
-        held.files += 1;
-        held.bytes += size;
-        on_progress(held);
-        Ok(())
-    })?;
+    let checked = decompressed(input, |tar_stream| {
+        let kept: Box<dyn Read + '_> = Box::new(keep.tee(tar_stream));
+        each_entry_of(tar::Archive::new(kept), &mut |entry, path| {
+            admit(entry, path)?;
+            let size = entry.header().size().unwrap_or(0);
+            std::io::copy(entry, &mut std::io::sink()).map_err(EntryError::Unreadable)?;
+            held.files += 1;
+            held.bytes += size;
+            Ok(())
+        })
+    });
+    // A write that failed reads as a broken stream to the tar reader: said as what it is.
+    if let Some(e) = keep.failure() {
+        return Err(ExtractError::Keep(e));
+    }
+    checked?;
     if held.files == 0 {
         return Err(ExtractError::Empty);
     }
+    keep.finish().map_err(ExtractError::Keep)?;
     Ok(held)
 }
 
-/// Reads the tar stream in `input` (compressed or not) entry by entry. `on_entry` gets each
-/// entry and its path; what it refuses is named by the entry's number (from 1) and path.
-fn each_entry(
-    input: impl Read + Send,
-    mut on_entry: impl FnMut(&mut tar::Entry<'_, Box<dyn Read + '_>>, &str) -> Result<(), EntryError>,
-) -> Result<(), ExtractError> {
-    decompressed(input, |tar_stream| {
-        each_entry_of(tar::Archive::new(tar_stream), &mut on_entry)
-    })
-}
-
+/// Reads the tar stream in `archive` entry by entry. `on_entry` gets each entry and its
+/// path; what it refuses is named by the entry's number (from 1) and path.
 fn each_entry_of<'a>(
     mut archive: tar::Archive<Box<dyn Read + 'a>>,
     on_entry: &mut impl FnMut(&mut tar::Entry<'_, Box<dyn Read + 'a>>, &str) -> Result<(), EntryError>,

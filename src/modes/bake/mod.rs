@@ -129,7 +129,8 @@ pub struct BakeState<B> {
     image: ImageState,
     build: BakeBuild,
     base: BaseImage,
-    tarball: PathBuf,
+    /// The tarball's tar stream, as its check kept it.
+    tar_stream: PathBuf,
     mount_point: PathBuf,
     amibake_exe: PathBuf,
     /// Who root in the sandbox is on this host.
@@ -222,8 +223,8 @@ struct BakeMode<'a> {
 /// What `prepare` made on this machine, held until the run ends.
 struct Local {
     work: WorkDir,
-    /// The tarball's one copy, which every later reading reads.
-    tarball: PathBuf,
+    /// The tarball's tar stream as its check read it: what the extraction reads.
+    tar_stream: PathBuf,
     tarball_sha256: String,
     isolation: Isolation,
     sandbox_mode: SandboxMode,
@@ -262,7 +263,8 @@ impl Mode for BakeMode<'_> {
     }
 
     /// Before the tarball is read: the sandbox, as its check already runs in it. Then the
-    /// tarball is copied once into the run's work directory, checked and digested.
+    /// tarball is read once, checked and digested, its tar stream kept in the run's work
+    /// directory.
     async fn prepare(
         &mut self,
         plan: &BakePlan,
@@ -300,23 +302,18 @@ impl Mode for BakeMode<'_> {
             });
         }
         let work = WorkDir::new(build_id)?;
-        let tarball = tarball::spool(&options.tarball, work.path())?;
-        let (checked, tarball_sha256) = tokio::join!(
-            tarball::check(
-                &options.amibake_exe,
-                &work,
-                &tarball,
-                &options.tarball,
-                isolation,
-                cancel
-            ),
-            tarball::digest(&tarball)
-        );
-        checked?;
+        let checked = tarball::check(
+            &options.amibake_exe,
+            &work,
+            &options.tarball,
+            isolation,
+            cancel,
+        )
+        .await?;
         self.local = Some(Local {
             work,
-            tarball,
-            tarball_sha256: tarball_sha256?,
+            tar_stream: checked.tar_stream,
+            tarball_sha256: checked.sha256,
             isolation,
             sandbox_mode,
             _ids: ids,
@@ -389,7 +386,7 @@ impl Mode for BakeMode<'_> {
             image,
             build,
             base,
-            tarball: local.tarball.clone(),
+            tar_stream: local.tar_stream.clone(),
             mount_point: local.work.path().join(MOUNT_POINT),
             amibake_exe: self.options.amibake_exe.clone(),
             isolation: local.isolation,
@@ -490,7 +487,7 @@ impl BakeState<()> {
             image: self.image,
             build: self.build,
             base: self.base,
-            tarball: self.tarball,
+            tar_stream: self.tar_stream,
             mount_point: self.mount_point,
             amibake_exe: self.amibake_exe,
             isolation: self.isolation,

@@ -344,8 +344,8 @@ impl<B: Backend> Step<BakeState<B>> for ExtractTarball {
     }
     async fn run(&self, s: &mut BakeState<B>, ctx: &mut StepContext) -> Result<(), StepError> {
         let progress = ctx.progress.clone();
-        // Progress is told in bytes of the tarball read, against its size: a true fraction.
-        let tarball_size = std::fs::metadata(&s.tarball).ok().map(|m| m.len());
+        // Progress is told in bytes of the tar stream read, against its size: a true fraction.
+        let stream_size = std::fs::metadata(&s.tar_stream).ok().map(|m| m.len());
         let spec = extract::ExtractSpec {
             dest: s.build.dest.clone(),
             owner: s.build.owner.clone(),
@@ -373,9 +373,9 @@ impl<B: Backend> Step<BakeState<B>> for ExtractTarball {
             &s.amibake_exe,
             &s.mount_point,
             &spec,
-            &extract::Tarball::File(s.tarball.clone()),
+            &s.tar_stream,
             s.isolation,
-            |p, read| progress.advance(read, tarball_size, Unit::Bytes, Some(p.files)),
+            |p, read| progress.advance(read, stream_size, Unit::Bytes, Some(p.files)),
             &ctx.cancel,
         )
         .await;
